@@ -1,0 +1,3 @@
+from unicom.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The ``unicom`` command: a thin layer that parses arguments and calls the library.
+
+Subcommands live in :mod:`unicom.commands`, one module each, listed in ``COMMANDS`` as
+data. A module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported
+only when its subcommand runs, so ``unicom --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from unicom import __version__
+from unicom.errors import InputError
+
+# name -> (module, one-line help). Order is the order shown by ``unicom --help``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "embed": ("unicom.commands.embed", "embed images (and captions) into the img_emb/text_emb/metadata layout"),
+    "cluster": ("unicom.commands.cluster", "k-means pseudo-labels from image/text embeddings"),
+    "train": ("unicom.commands.train", "cluster-discrimination pre-training or retrieval fine-tuning"),
+    "probe": ("unicom.commands.probe", "train a projection head on a frozen foundation model (UniFEx)"),
+    "evaluate": ("unicom.commands.evaluate", "retrieval benchmarks, compact dimensions, linear probe and kNN"),
+    "index": ("unicom.commands.index", "build or extend a faiss index from embedding folders"),
+    "search": ("unicom.commands.search", "query an index with images"),
+    "serve": ("unicom.commands.serve", "web page and HTTP API over an index"),
+    "convert": ("unicom.commands.convert", "convert released Unicom checkpoints to and from this project's format"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {name: entry for name, entry in COMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unicom",
+        description="Universal and compact image embeddings: extract, cluster, train, evaluate, search.",
+    )
+    parser.add_argument("--version", action="version", version=f"unicom {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in _available().items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available()
+    if not argv or argv[0] not in commands:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # prints --help/--version or the usage error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(commands[name][0])
+    parser = argparse.ArgumentParser(prog=f"unicom {name}", description=commands[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except InputError as error:  # a problem with what the user gave us: no traceback
+        print(f"unicom {name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""File helpers shared by every stage: atomic writes and numbered part files.
+
+Every output of the pipeline is written under a temporary name in the same folder and
+renamed into place, so a killed job never leaves a half-written file under a final name.
+Part files (``img_emb_7.npy``, ``labels_00012.parquet``) are ordered by the number in
+their name, parsed as an integer, so zero-padded and unpadded names sort alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from unicom.errors import InputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    The temporary file keeps ``path``'s suffix (so libraries that look at it, like numpy
+    or pyarrow, behave) and is removed if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_npy_atomic(path: str | os.PathLike, array) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_parquet_atomic(path: str | os.PathLike, table) -> None:
+    """Write a ``pyarrow.Table`` (or a pandas DataFrame) to parquet atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+_NUMBER = re.compile(r"(\d+)")
+
+
+def part_number(path: str | os.PathLike, prefix: str = "") -> int:
+    """The integer in a part file's name: ``img_emb_0012.npy`` -> 12.
+
+    With ``prefix``, the number must follow it directly (``prefix`` = ``"img_emb_"``).
+    """
+    name = Path(path).name
+    if prefix:
+        if not name.startswith(prefix):
+            raise InputError(f"{path}: expected a name starting with {prefix!r}")
+        match = _NUMBER.match(name[len(prefix):])
+    else:
+        found = _NUMBER.findall(name)
+        match = _NUMBER.match(found[-1]) if found else None
+    if match is None:
+        raise InputError(f"{path}: no part number in the file name (expected e.g. {prefix or 'part_'}0.npy)")
+    return int(match.group(1))
+
+
+def numbered_files(folder: str | os.PathLike, prefix: str, suffix: str) -> list[tuple[int, Path]]:
+    """``(number, path)`` of every ``{prefix}{number}{suffix}`` in ``folder``, by number.
+
+    Raises :class:`InputError` if the folder is missing or two files share a number
+    (``x_7.npy`` and ``x_007.npy``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found (expected files named {prefix}<N>{suffix})")
+    pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")
+    parts: dict[int, Path] = {}
+    for entry in folder.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_file():
+            continue
+        number = int(match.group(1))
+        if number in parts:
+            raise InputError(
+                f"{folder}: {parts[number].name} and {entry.name} have the same part number {number}; keep one"
+            )
+        parts[number] = entry
+    return sorted(parts.items())

@@ -1,0 +1,27 @@
+"""Progress bars with rate and ETA for long work (extraction, k-means, training).
+
+Shown on rank 0 only, and turned off with ``UNICOM_PROGRESS=0`` (logs of batch jobs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+def progress_enabled() -> bool:
+    if os.environ.get("UNICOM_PROGRESS", "1") in ("0", "false", "no"):
+        return False
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def progress(iterable: Iterable[T] | None = None, *, total: int | float | None = None, desc: str = "", unit: str = "it", **kwargs):
+    """A ``tqdm`` bar (rate and ETA) over ``iterable``; use ``.update(n)`` when it is None."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 1.0)
+    kwargs.setdefault("smoothing", 0.1)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress_enabled(), **kwargs)

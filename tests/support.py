@@ -70,3 +70,88 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _worker_entry(fn, rank, world_size, port, args, queue):
+    import os
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException as error:  # report every failure to the parent, with its trace
+        queue.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_workers(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return results by rank.
+
+    ``fn`` must be a module-level function and return picklable values (numpy arrays, not
+    tensors). A worker that raises makes this raise with its traceback; a hang is killed
+    after ``timeout`` seconds and reported.
+    """
+    import multiprocessing as mp
+    import queue as queue_module
+
+    context = mp.get_context("spawn")
+    results_queue = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_worker_entry, args=(fn, rank, world_size, port, args, results_queue))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, tuple[str, object]] = {}
+    try:
+        while len(results) < world_size:
+            try:
+                rank, status, value = results_queue.get(timeout=timeout)
+            except queue_module.Empty:
+                raise TimeoutError(f"workers {sorted(set(range(world_size)) - set(results))} did not finish in {timeout} s")
+            results[rank] = (status, value)
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    return [results[rank] for rank in range(world_size)]
+
+
+def random_unicom_vit(settings, seed: int = 0):
+    """An ``UnicomViT`` in eval mode with random weights and BatchNorm statistics.
+
+    Every value is exactly representable in float16, so a float16 copy of its state dict
+    (the released files' dtype) loads back to the very same module. ``mlp.fc1`` biases
+    reach beyond ±6 so that ReLU6 clips on both sides; BatchNorm variances span 1e-4..2.
+    """
+    import torch
+
+    from unicom.models.released import UnicomViT
+
+    model = UnicomViT(settings).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                # down to 1e-4, where BatchNorm's eps (2e-5) visibly matters
+                values = 10 ** (torch.rand(tensor.shape, generator=generator) * 4.3 - 4)
+            elif name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+                values = 1 + 0.1 * torch.randn(tensor.shape, generator=generator)
+            elif name.endswith("fc1.bias"):
+                values = torch.rand(tensor.shape, generator=generator) * 20 - 10
+            else:
+                values = 0.1 * torch.randn(tensor.shape, generator=generator)
+            tensor.copy_(values.half().float())
+    return model

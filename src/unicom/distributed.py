@@ -62,3 +62,23 @@ def local_device() -> torch.device:
 def barrier(group=None) -> None:
     if is_initialized():
         dist.barrier(group)
+
+
+def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``tensor`` (rows along dim 0) of every rank of ``group``, in rank order."""
+    world_size = get_world_size(group)
+    tensor = tensor.contiguous()
+    out = torch.empty((world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    gather(out, tensor, group=group)
+    return out
+
+
+def reduce_scatter_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks and return this rank's block of rows."""
+    world_size = get_world_size(group)
+    tensor = tensor.contiguous()
+    out = torch.empty((tensor.shape[0] // world_size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, tensor, group=group)
+    return out

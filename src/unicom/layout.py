@@ -92,9 +92,16 @@ class EmbeddingFolders:
                 )
         return sorted(reference)
 
+    def path(self, kind: str, number: int) -> Path:
+        """The file of part ``number`` of ``kind``, its number zero-padded or not."""
+        path = part_path(self.folder(kind), kind, number)
+        if path.is_file():
+            return path
+        return self.files(kind).get(number, path)
+
     def load(self, kind: str, number: int, mmap: bool = True):
         """Part ``number`` of ``kind``: a (memory-mapped) array, or a ``pyarrow.Table``."""
-        path = part_path(self.folder(kind), kind, number)
+        path = self.path(kind, number)
         if not path.is_file():
             raise InputError(f"{path}: file not found")
         if kind == "metadata":
@@ -116,7 +123,7 @@ class EmbeddingFolders:
         if kind == "metadata":
             import pyarrow.parquet as pq
 
-            return pq.ParquetFile(part_path(self.folder(kind), kind, number)).metadata.num_rows
+            return pq.ParquetFile(self.path(kind, number)).metadata.num_rows
         return int(self.load(kind, number).shape[0])
 
 

@@ -1,0 +1,68 @@
+"""``unicom convert``: released Unicom checkpoints to and from this project's model format.
+
+    unicom convert released-to-unicom ViT-B/32 models/vit-b32
+    unicom convert released-to-unicom FP16-ViT-B-32.pt models/vit-b32
+    unicom convert unicom-to-released models/vit-b32-sop FP16-ViT-B-32-sop.pt --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unicom.errors import InputError
+
+DTYPES = {"keep": None, "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    to_unicom = sub.add_parser(
+        "released-to-unicom",
+        help="a released checkpoint (name or .pt file) -> a model folder (unicom_model.json + model.safetensors)",
+    )
+    to_unicom.add_argument("source", help="a released name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a .pt file")
+    to_unicom.add_argument("output", type=Path, help="the model folder to write")
+    to_unicom.add_argument("--arch", help="architecture of a file whose shapes are ambiguous: a released name")
+    to_unicom.add_argument("--download-root", type=Path, help="cache folder for released files (default ~/.cache/unicom)")
+    to_unicom.add_argument("--overwrite", action="store_true", help="replace a model already in OUTPUT")
+
+    to_released = sub.add_parser(
+        "unicom-to-released",
+        help="a model folder of the released architecture -> a .pt state dict with the official key names",
+    )
+    to_released.add_argument("model", type=Path, help="a model folder written by this project")
+    to_released.add_argument("output", type=Path, help="the .pt file to write")
+    to_released.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="keep",
+        help="cast floating-point tensors (the released files are float16); default: keep the stored dtypes",
+    )
+    to_released.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from unicom.models import export, released
+
+    if args.direction == "released-to-unicom":
+        if (args.output / export.CONFIG_NAME).exists() and not args.overwrite:
+            raise InputError(f"{args.output} already holds a model; pass --overwrite to replace it")
+        folder = released.released_to_unicom(args.source, args.output, arch=args.arch, download_root=args.download_root)
+        config = export.read_config(folder)
+        settings = config["settings"]
+        origin = config["provenance"].get("released_name") or "custom size"
+        print(
+            f"wrote {folder}: {config['architecture']} ({origin}; {settings['image_size']} px, patch "
+            f"{settings['patch_size']}, width {settings['width']}, depth {settings['depth']}), "
+            f"{config['embedding_dim']}-d embeddings"
+        )
+        return 0
+
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output} exists; pass --overwrite to replace it")
+    import torch
+
+    dtype = DTYPES[args.dtype]
+    path = released.unicom_to_released(args.model, args.output, dtype=getattr(torch, dtype) if dtype else None)
+    print(f"wrote {path} (state dict with the released key names; load it with unicom.load({str(path)!r}))")
+    return 0

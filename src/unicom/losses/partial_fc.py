@@ -1,0 +1,370 @@
+"""Margin softmax over a sharded prototype matrix with random class and feature selection.
+
+The classification layer of Unicom (Partial FC design): the prototypes, one row per class,
+are split into contiguous blocks over the ranks of a process group; each step
+
+1. the embeddings and labels of every rank are all-gathered (the backward returns to each
+   rank the exact gradient of the global loss with respect to its own embeddings);
+2. each shard keeps every positive class of the global batch plus uniformly random
+   negatives, ``max(ceil(sample_rate · classes on the shard), positives on the shard)``
+   prototypes in all (random negative-class selection, r1);
+3. one random subset of ``round(feature_rate · d)`` feature indices, the same for every
+   sample and every rank, is kept; embeddings and prototypes are restricted to it and then
+   L2-normalised (random feature selection, r2);
+4. the margin head turns cosines into logits, and the softmax cross-entropy is computed
+   across the shards with all-reduced maxima and sums: no rank holds the logits of all
+   classes.
+
+Only the selected prototypes receive a gradient; it is a sparse tensor (rows = selected
+classes), which :class:`unicom.optim.SparseAdamW` applies to those rows only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from unicom.distributed import all_gather_tensor, reduce_scatter_tensor
+from unicom.errors import InputError
+from unicom.losses.margins import ArcFace, MarginContext
+
+# Prototypes are initialised in blocks of this many classes, each from its own seed, so the
+# global matrix is the same whatever the number of ranks it is split over.
+_INIT_BLOCK = 65536
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(first class, number of classes)`` held by ``rank``: contiguous, sizes differ by <= 1."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, base + (1 if rank < extra else 0)
+
+
+def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: int, std: float = 0.01) -> None:
+    """Fill ``weight`` ((classes · centers, d), rows of classes ``class_start`` on) in place.
+
+    Row values depend only on ``seed`` and the global class, never on the sharding.
+    """
+    num_local = weight.shape[0] // centers
+    d = weight.shape[1]
+    first_block = class_start // _INIT_BLOCK
+    last_block = (class_start + num_local - 1) // _INIT_BLOCK if num_local else first_block - 1
+    with torch.no_grad():
+        for block in range(first_block, last_block + 1):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+            values = torch.randn(_INIT_BLOCK * centers, d, generator=generator) * std
+            block_start = block * _INIT_BLOCK
+            lo, hi = max(class_start, block_start), min(class_start + num_local, block_start + _INIT_BLOCK)
+            src = values[(lo - block_start) * centers : (hi - block_start) * centers]
+            weight[(lo - class_start) * centers : (hi - class_start) * centers].copy_(src)
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate a (B, ...) tensor of every rank; backward: the sum of the ranks' gradients
+    for this rank's rows (each rank's loss part contributes to every rank's embeddings)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, world_size, rank):
+        ctx.group, ctx.world_size, ctx.rank = group, world_size, rank
+        return all_gather_tensor(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        rows = grad.shape[0] // ctx.world_size
+        if dist.get_backend(ctx.group) == "nccl":  # gloo has no reduce-scatter
+            return reduce_scatter_tensor(grad, ctx.group), None, None, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * rows : (ctx.rank + 1) * rows], None, None, None
+
+
+class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of a softmax whose columns are split over the ranks.
+
+    ``logits`` (N, C_local) float; ``targets`` (N,) column of the target on this rank or -1.
+    Every row's target lives on exactly one rank. Forward: global max and sum of
+    exponentials by all-reduce; loss = mean(max + log Σ exp(z − max) − z_target).
+    Backward: (softmax − one_hot) / N on the local columns, recomputed from the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, world_size):
+        with torch.no_grad():
+            row_max = logits.max(dim=1, keepdim=True).values
+            if world_size > 1:
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            sum_exp = torch.exp(logits - row_max).sum(dim=1, keepdim=True)
+            has_target = targets >= 0
+            target_logit = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
+            target_logit[has_target, 0] = logits[has_target, targets[has_target]]
+            if world_size > 1:
+                packed = torch.cat([sum_exp, target_logit], dim=1)
+                dist.all_reduce(packed, group=group)
+                sum_exp, target_logit = packed[:, :1], packed[:, 1:]
+            loss = (row_max + sum_exp.log() - target_logit).mean()
+        ctx.save_for_backward(logits, targets, row_max, sum_exp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, row_max, sum_exp = ctx.saved_tensors
+        grad = torch.exp(logits - row_max).div_(sum_exp)
+        has_target = torch.nonzero(targets >= 0).squeeze(1)
+        grad[has_target, targets[has_target]] -= 1.0
+        grad.mul_(grad_loss / logits.shape[0])
+        return grad, None, None, None
+
+
+class PartialFC(nn.Module):
+    """Margin softmax over ``num_classes`` prototypes sharded over a process group.
+
+    Args:
+        embedding_size: d, the size of the embeddings.
+        num_classes: K, the number of classes (all ranks together).
+        margin: a margin head from :mod:`unicom.losses.margins` (default ``ArcFace(0.3, 64)``).
+        sample_rate: r1 in (0, 1], the fraction of each shard's classes used per step
+            (positives always included). 1.0 uses every class.
+        feature_rate: r2 in (0, 1], the fraction of feature dimensions used per step.
+        centers: prototypes per class (sub-center ArcFace takes the max over them).
+        process_group: the ranks over which prototypes are sharded (default: the world
+            when ``torch.distributed`` is initialised, else none).
+        seed: seeds the prototypes' initialisation and the feature selection, which must
+            agree over ranks (default: drawn on rank 0 and broadcast).
+        sparse_gradient: give the prototypes a row-sparse gradient (only selected rows);
+            False gives a dense gradient of the full matrix (for dense optimisers).
+        check_inputs: validate labels, shapes, finiteness and cross-rank agreement each step
+            (one small all-gather); errors are raised on every rank, so none hangs.
+
+    Call ``loss = pfc(embeddings, labels)`` with embeddings (B, d) and labels (B,) int64
+    global class ids; every rank must pass the same B. The loss is the mean over the global
+    batch (B · world_size rows), identical on every rank.
+
+    With DDP around the backbone: the gradient that reaches each rank's embeddings is the
+    exact gradient of the global loss, so the backbone's gradients must be *summed* over
+    ranks, not averaged (see ``unicom.train``); PartialFC itself must not be wrapped in DDP.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: nn.Module | None = None,
+        sample_rate: float = 1.0,
+        feature_rate: float = 1.0,
+        centers: int = 1,
+        process_group=None,
+        seed: int | None = None,
+        sparse_gradient: bool = True,
+        check_inputs: bool = True,
+    ):
+        super().__init__()
+        for name, rate in (("sample_rate", sample_rate), ("feature_rate", feature_rate)):
+            if not (0.0 < float(rate) <= 1.0):
+                raise InputError(f"PartialFC: {name} must be in (0, 1], got {rate}")
+        if int(embedding_size) < 1 or int(num_classes) < 1 or int(centers) < 1:
+            raise InputError(
+                f"PartialFC: embedding_size, num_classes and centers must be positive, "
+                f"got {embedding_size}, {num_classes}, {centers}"
+            )
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.margin = margin if margin is not None else ArcFace(0.3, 64.0)
+        self.sample_rate = float(sample_rate)
+        self.feature_rate = float(feature_rate)
+        self.centers = int(centers)
+        self.sparse_gradient = bool(sparse_gradient)
+        self.check_inputs = bool(check_inputs)
+        self.num_features = max(1, round(self.feature_rate * self.embedding_size))
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.process_group = process_group if process_group is not None else (dist.group.WORLD if distributed else None)
+        self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
+        self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
+        if self.num_classes < self.world_size:
+            raise InputError(f"PartialFC: {self.num_classes} classes cannot be split over {self.world_size} ranks")
+        self.class_start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            if self.world_size > 1:
+                holder = torch.tensor([seed], dtype=torch.int64)
+                # gloo takes CPU tensors; NCCL groups need CUDA ones
+                if dist.get_backend(self.process_group) == "nccl":
+                    holder = holder.cuda()
+                dist.broadcast(holder, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
+                seed = int(holder.item())
+        self.seed = int(seed)
+
+        self.prototypes = nn.Parameter(torch.empty(self.num_local * self.centers, self.embedding_size))
+        init_prototypes(self.prototypes.data, self.class_start, self.centers, self.seed)
+
+        self._feature_generator: torch.Generator | None = None
+        self._class_generator: torch.Generator | None = None
+        self.last_class_index: torch.Tensor | None = None  # global ids of the classes of the last step
+        self.last_feature_index: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"classes_on_rank={self.class_start}..{self.class_start + self.num_local - 1}, "
+            f"sample_rate={self.sample_rate}, feature_rate={self.feature_rate}, centers={self.centers}"
+        )
+
+    # -- random selection -------------------------------------------------------------
+
+    def _generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        if self._feature_generator is None or self._feature_generator.device != device:
+            self._feature_generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+            self._class_generator = torch.Generator(device=device).manual_seed(self.seed + 2 + self.rank)
+        return self._feature_generator, self._class_generator
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The selection generators' states (to resume a run exactly)."""
+        if self._feature_generator is None:
+            return {}
+        return {"feature": self._feature_generator.get_state(), "classes": self._class_generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        feature, classes = self._generators(torch.device(device))
+        if "feature" in state:
+            feature.set_state(state["feature"])
+        if "classes" in state:
+            classes.set_state(state["classes"])
+
+    def select_features(self, device: torch.device) -> torch.Tensor | None:
+        """(round(feature_rate · d),) sorted feature indices for this step, or None for all."""
+        if self.num_features == self.embedding_size:
+            return None
+        feature_generator, _ = self._generators(device)
+        perm = torch.randperm(self.embedding_size, generator=feature_generator, device=device)
+        return perm[: self.num_features].sort().values
+
+    def select_classes(self, local_labels: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local class indices used this step, or None for all classes on the shard.
+
+        ``local_labels`` (N,) are the global batch's labels minus ``class_start``;
+        ``in_shard`` (N,) marks those that belong to this shard.
+        """
+        if self.sample_rate >= 1.0:
+            return None
+        device = local_labels.device
+        _, class_generator = self._generators(device)
+        positives = torch.unique(local_labels[in_shard])
+        num_sample = max(math.ceil(self.sample_rate * self.num_local), int(positives.numel()))
+        if num_sample >= self.num_local:
+            return torch.arange(self.num_local, device=device)
+        scores = torch.rand(self.num_local, generator=class_generator, device=device)
+        scores[positives] = 2.0  # above every random score: positives always kept
+        return torch.topk(scores, num_sample, sorted=False).indices.sort().values
+
+    # -- checks -----------------------------------------------------------------------
+
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor, feature_index: torch.Tensor | None) -> None:
+        """Validate on every rank with one all-gather, then raise the same error everywhere."""
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise InputError(f"PartialFC: labels must be integers, got {labels.dtype}")
+        if embeddings.dim() != 2 or labels.dim() != 1:
+            raise InputError(
+                f"PartialFC: expected embeddings (B, d) and labels (B,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+            )
+        batch = embeddings.shape[0]
+        with torch.no_grad():
+            # one device-to-host copy for everything computed on the embeddings' device
+            nonfinite = (~torch.isfinite(embeddings).all(dim=1)).sum() if batch else labels.new_zeros(())
+            label_min = labels.min() if batch else labels.new_zeros(())
+            label_max = labels.max() if batch else labels.new_zeros(())
+            feature_sum = feature_index.sum() if feature_index is not None else labels.new_full((), -1)
+            measured = torch.stack([nonfinite.double(), label_min.double(), label_max.double(), feature_sum.double()]).cpu()
+        configured = torch.tensor(
+            [batch, embeddings.shape[1], labels.shape[0], self.num_classes, self.embedding_size,
+             self.sample_rate, self.feature_rate, self.centers],
+            dtype=torch.float64,
+        )
+        status = torch.cat([configured[:3], measured[:3], configured[3:], measured[3:]])
+        if self.world_size > 1:
+            device = embeddings.device if dist.get_backend(self.process_group) == "nccl" else torch.device("cpu")
+            table = all_gather_tensor(status.to(device), self.process_group).view(self.world_size, -1).cpu()
+        else:
+            table = status[None]
+        problems = []
+        for rank, row in enumerate(table.tolist()):
+            b, d, n_labels, nonfinite, lo, hi, k, e, r1, r2, centers, fsum = row
+            where = f" on rank {rank}" if self.world_size > 1 else ""
+            if n_labels != b:
+                problems.append(f"{int(b)} embeddings but {int(n_labels)} labels{where}")
+            if d != self.embedding_size:
+                problems.append(f"embeddings have dimension {int(d)}{where}, expected embedding_size={self.embedding_size}")
+            if nonfinite:
+                problems.append(f"{int(nonfinite)} of {int(b)} embedding rows contain NaN or Inf{where}")
+            if b and (lo < 0 or hi >= self.num_classes):
+                problems.append(
+                    f"labels range from {int(lo)} to {int(hi)}{where}; they must lie in 0..{self.num_classes - 1}"
+                )
+        first = table[0]
+        names = ["batch size", None, None, None, None, None, "num_classes", "embedding_size", "sample_rate", "feature_rate", "centers", "feature selection"]
+        for column, name in enumerate(names):
+            if name is not None and not torch.all(table[:, column] == first[column]):
+                values = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(table[:, column].tolist()))
+                problems.append(f"{name} differs across ranks ({values}); it must be the same on every rank")
+        if problems:
+            raise InputError("PartialFC: " + "; ".join(problems))
+
+    # -- forward ----------------------------------------------------------------------
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss (scalar) for embeddings (B, d) and labels (B,) of this rank."""
+        feature_index = self.select_features(embeddings.device)
+        if self.check_inputs:
+            self._check(embeddings, labels, feature_index)
+        labels = labels.long()
+        if self.world_size > 1:
+            embeddings = _AllGather.apply(embeddings, self.process_group, self.world_size, self.rank)
+            labels = all_gather_tensor(labels, self.process_group)
+
+        local_labels = labels - self.class_start
+        in_shard = (local_labels >= 0) & (local_labels < self.num_local)
+        class_index = self.select_classes(local_labels, in_shard)
+        if class_index is None:
+            targets = torch.where(in_shard, local_labels, torch.full_like(local_labels, -1))
+            prototypes = self.prototypes
+            column_classes = torch.arange(self.class_start, self.class_start + self.num_local, device=labels.device)
+        else:
+            position = torch.searchsorted(class_index, local_labels.clamp(0, self.num_local - 1))
+            targets = torch.where(in_shard, position, torch.full_like(local_labels, -1))
+            rows = class_index
+            if self.centers > 1:
+                rows = (class_index[:, None] * self.centers + torch.arange(self.centers, device=rows.device)).flatten()
+            if self.sparse_gradient:
+                prototypes = F.embedding(rows, self.prototypes, sparse=True)
+            else:
+                prototypes = self.prototypes[rows]
+            column_classes = class_index + self.class_start
+        self.last_class_index = column_classes.detach()
+        self.last_feature_index = feature_index
+
+        norms = embeddings.detach().float().norm(dim=1)
+        if feature_index is not None:
+            embeddings = embeddings.index_select(1, feature_index)
+            prototypes = prototypes.index_select(1, feature_index)
+        cosines = F.linear(F.normalize(embeddings, dim=1), F.normalize(prototypes, dim=1))
+        if self.centers > 1:
+            cosines = cosines.view(cosines.shape[0], -1, self.centers).amax(dim=2)
+        context = MarginContext(
+            class_ids=labels,
+            column_classes=column_classes,
+            norms=norms,
+            group=self.process_group,
+            world_size=self.world_size,
+        )
+        logits = self.margin(cosines, targets, context)
+        return _ShardedSoftmaxCrossEntropy.apply(logits, targets, self.process_group, self.world_size)
+
+    # -- prototypes in a rank-independent layout ----------------------------------------
+
+    def prototype_block(self) -> tuple[int, torch.Tensor]:
+        """``(first class, (classes on this rank, centers, d) tensor)`` for checkpoints."""
+        return self.class_start, self.prototypes.detach().view(self.num_local, self.centers, self.embedding_size)

@@ -1,0 +1,115 @@
+"""Optimisers: AdamW that updates only the rows present in a sparse gradient.
+
+With random negative-class selection only ~10 % of the prototype rows take part in a step.
+A dense optimiser would still decay, and move by its momentum, every row of a matrix that
+can hold a billion numbers; :class:`SparseAdamW` touches the sampled rows only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+
+class SparseAdamW(Optimizer):
+    """AdamW (decoupled weight decay, Loshchilov & Hutter) applied row by row.
+
+    For a parameter whose gradient is sparse (``torch.sparse_coo``, rows along dim 0, as
+    produced by ``F.embedding(..., sparse=True)`` and :class:`unicom.losses.PartialFC`), only
+    the rows present in the gradient change: their value, their moments and their step
+    count. Every other row, and its optimiser state, stays bit-identical. Each row keeps its
+    own step count, so a row's trajectory is exactly AdamW's over the steps in which it took
+    part. For a dense gradient every row is present and the update is plain AdamW.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator for numerical stability.
+        weight_decay: decoupled weight decay (the parameter is multiplied by 1 − lr·wd).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid eps {eps} or weight_decay {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _state_for(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            rows = param.shape[0] if param.dim() > 0 else 1
+            state["step"] = torch.zeros(rows, dtype=torch.int64, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            # while every row has taken every step (dense gradients only), their common
+            # count as a Python int: scalar bias corrections and no device sync
+            state["common_step"] = 0
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                state = self._state_for(param)
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows = grad.indices()[0]
+                    if rows.numel() == 0:
+                        continue
+                    values = grad.values()
+                    p_rows = param.index_select(0, rows)
+                    m_rows = state["exp_avg"].index_select(0, rows)
+                    v_rows = state["exp_avg_sq"].index_select(0, rows)
+                    steps = state["step"].index_select(0, rows) + 1
+                    state["common_step"] = None
+                    _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay)
+                    param.index_copy_(0, rows, p_rows)
+                    state["exp_avg"].index_copy_(0, rows, m_rows)
+                    state["exp_avg_sq"].index_copy_(0, rows, v_rows)
+                    state["step"].index_copy_(0, rows, steps)
+                else:
+                    state["step"] += 1
+                    if state["common_step"] is not None:
+                        state["common_step"] += 1
+                    view = (lambda t: t.view(1)) if param.dim() == 0 else (lambda t: t)
+                    _adamw_update(
+                        view(param), view(state["exp_avg"]), view(state["exp_avg_sq"]), view(grad),
+                        state["common_step"] if state["common_step"] is not None else state["step"],
+                        lr, beta1, beta2, eps, weight_decay,
+                    )
+        return loss
+
+
+def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay) -> None:
+    """In-place AdamW on rows. ``steps`` is the step count after this one: an int shared by
+    all rows, or a (rows,) tensor with each row's own count.
+
+    The order of operations follows ``torch.optim.AdamW``'s single-tensor path.
+    """
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if isinstance(steps, int):
+        bias_correction1 = 1 - beta1**steps
+        bias_correction2_sqrt = (1 - beta2**steps) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        return
+    shape = (-1,) + (1,) * (param.dim() - 1)
+    steps = steps.to(torch.float64)
+    bias_correction1 = (1 - torch.pow(beta1, steps)).to(param.dtype).view(shape)
+    bias_correction2_sqrt = (1 - torch.pow(beta2, steps)).sqrt().to(param.dtype).view(shape)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.sub_(exp_avg / denom * (lr / bias_correction1))

@@ -1,0 +1,151 @@
+"""The project's model folder: unicom_model.json + model.safetensors, architectures as data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from support import random_unicom_vit
+from torch import nn
+
+from unicom.errors import InputError
+from unicom.models import export
+from unicom.models.encoders import load_encoder
+from unicom.models.released import ViTSettings, clip_preprocess
+
+TINY = ViTSettings(image_size=32, patch_size=16, width=64, depth=2, heads=1, mlp_dim=256, embedding_dim=24)
+
+
+class MeanColour(nn.Module):
+    """A toy architecture: mean RGB -> Linear -> (B, dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embedding_dim = dim
+        self.proj = nn.Linear(3, dim)
+
+    def forward(self, images):
+        return self.proj(images.mean(dim=(2, 3)))
+
+
+def build_mean_colour(settings):
+    return MeanColour(settings["dim"])
+
+
+@pytest.fixture
+def toy_architecture(monkeypatch):
+    monkeypatch.setitem(export.ARCHITECTURES, "mean_colour", build_mean_colour)
+
+
+SQUASH = {"size": 4, "resize_mode": "squash", "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def test_saved_model_loads_back_with_the_same_outputs_and_transform(tmp_path):
+    model = random_unicom_vit(TINY, seed=5)
+    export.save_model(tmp_path / "m", model, "unicom_vit", TINY, clip_preprocess(32), provenance={"run": "test"})
+    loaded, transform = export.load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not loaded.training
+    assert transform(Image.new("RGB", (40, 36))).shape == (3, 32, 32)
+
+
+def test_config_records_architecture_settings_preprocessing_and_provenance(tmp_path):
+    export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32), provenance={"run": "r1"})
+    config = json.loads((tmp_path / "m" / "unicom_model.json").read_text())
+    assert config["format"] == "unicom-model" and config["format_version"] == 1
+    assert config["architecture"] == "unicom_vit"
+    assert config["settings"] == {"image_size": 32, "patch_size": 16, "width": 64, "depth": 2, "heads": 1, "mlp_dim": 256, "embedding_dim": 24, "in_chans": 3}
+    assert config["embedding_dim"] == 24
+    assert config["preprocess"] == clip_preprocess(32)
+    assert config["provenance"]["run"] == "r1" and "created" in config["provenance"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors", "unicom_model.json"]
+
+
+def test_tensors_are_stored_as_given_and_loaded_as_float32(tmp_path):
+    state = {k: v.half() for k, v in random_unicom_vit(TINY).state_dict().items()}
+    export.save_model(tmp_path / "m", state, "unicom_vit", TINY.to_dict(), clip_preprocess(32))
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert stored.keys() == state.keys() and all(torch.equal(stored[k], state[k]) and stored[k].dtype == state[k].dtype for k in state)
+    loaded, _ = export.load_model(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_weights_that_do_not_fit_the_settings_are_refused_before_writing(tmp_path):
+    model = random_unicom_vit(TINY)
+    with pytest.raises(InputError, match=r"wrong shapes: pos_embed \(1, 4, 64\) \(expected \(1, 16, 64\)\)"):
+        export.save_model(tmp_path / "m", model, "unicom_vit", {**TINY.to_dict(), "image_size": 64}, clip_preprocess(64))
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_registered_architecture_round_trips(tmp_path, toy_architecture):
+    model = MeanColour(5)
+    export.save_model(tmp_path / "toy", model, "mean_colour", {"dim": 5}, SQUASH)
+    encoder = load_encoder(str(tmp_path / "toy"))
+    assert encoder.embedding_dim == 5
+    x = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_architectures_can_be_named_as_module_and_function(tmp_path, monkeypatch):
+    monkeypatch.setitem(export.ARCHITECTURES, "toy_by_name", f"{__name__}:build_mean_colour")
+    export.save_model(tmp_path / "toy", MeanColour(2), "toy_by_name", {"dim": 2}, SQUASH)
+    model, _ = export.load_model(tmp_path / "toy")
+    assert isinstance(model, MeanColour)
+
+
+def test_unknown_architecture_lists_the_known_ones(tmp_path):
+    with pytest.raises(InputError, match=r"unknown architecture 'vit_giant'; known: \[.*'unicom_vit'"):
+        export.save_model(tmp_path / "m", MeanColour(2), "vit_giant", {}, SQUASH)
+
+
+def test_register_architecture_refuses_to_replace_silently(toy_architecture):
+    with pytest.raises(ValueError, match="already registered"):
+        export.register_architecture("mean_colour", MeanColour)
+    export.register_architecture("mean_colour", MeanColour, overwrite=True)
+    assert export.ARCHITECTURES["mean_colour"] is MeanColour
+
+
+def test_folder_without_config_is_not_a_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(InputError, match="no unicom_model.json"):
+        export.load_model(tmp_path / "m")
+
+
+def test_newer_format_version_asks_for_an_upgrade(tmp_path, toy_architecture):
+    export.save_model(tmp_path / "toy", MeanColour(2), "mean_colour", {"dim": 2}, SQUASH)
+    path = tmp_path / "toy" / "unicom_model.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 2}))
+    with pytest.raises(InputError, match="format_version 2 is not supported.*upgrade unicom"):
+        export.load_model(tmp_path / "toy")
+
+
+def test_bad_preprocess_names_the_field(tmp_path, toy_architecture):
+    with pytest.raises(InputError, match=r"resize_mode='crop'"):
+        export.save_model(tmp_path / "toy", MeanColour(2), "mean_colour", {"dim": 2}, {**SQUASH, "resize_mode": "crop"})
+    assert not (tmp_path / "toy").exists()
+
+
+def test_squash_preprocessing_resizes_both_sides():
+    pixels = np.random.default_rng(2).integers(0, 256, (7, 10, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    out = export.build_transform(SQUASH)(image)
+    expected = (np.asarray(image.resize((4, 4), Image.BILINEAR), dtype=np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(out.numpy(), expected.transpose(2, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_exported_folder_loads_through_unicom_load(tmp_path):
+    import unicom
+
+    model = random_unicom_vit(TINY, seed=7)
+    export.save_model(tmp_path / "m", model, "unicom_vit", TINY, clip_preprocess(32))
+    loaded, _ = unicom.load(str(tmp_path / "m"))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,85 @@
+"""``unicom convert``: released checkpoint <-> model folder, with identical tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from support import random_unicom_vit
+
+from unicom.cli import main
+from unicom.models.encoders import load_encoder
+from unicom.models.released import ViTSettings
+
+TINY = ViTSettings(image_size=32, patch_size=8, width=64, depth=2, heads=1, mlp_dim=256, embedding_dim=16)
+
+
+@pytest.fixture
+def released_file(tmp_path):
+    path = tmp_path / "FP16-ViT-tiny.pt"
+    torch.save({k: v.half() for k, v in random_unicom_vit(TINY, seed=11).state_dict().items()}, path)
+    return path
+
+
+def test_released_to_unicom_and_back_gives_identical_tensors(released_file, tmp_path, capsys):
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")]) == 0
+    assert "16-d embeddings" in capsys.readouterr().out
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "back.pt")]) == 0
+    original = torch.load(released_file, weights_only=True)
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert list(back) == list(original)  # same keys, in the module's order
+    for key, tensor in original.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
+
+
+def test_converted_folder_embeds_like_the_released_file(released_file, tmp_path):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    from_file, from_folder = load_encoder(str(released_file)), load_encoder(str(tmp_path / "model"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder.encode_image(x), from_file.encode_image(x), rtol=1e-5, atol=1e-5)
+    assert from_folder.embedding_dim == from_file.embedding_dim == 16
+
+
+def test_provenance_names_the_source_file_and_its_checksum(released_file, tmp_path):
+    import hashlib
+
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    provenance = json.loads((tmp_path / "model" / "unicom_model.json").read_text())["provenance"]
+    assert provenance["source"] == released_file.name
+    assert provenance["sha256"] == hashlib.sha256(released_file.read_bytes()).hexdigest()
+    assert provenance["released_name"] is None  # custom sizes, not one of the four releases
+
+
+def test_float32_model_is_cast_to_float16_on_request(tmp_path):
+    from unicom.models.export import save_model
+    from unicom.models.released import clip_preprocess
+
+    model = random_unicom_vit(TINY, seed=12)
+    save_model(tmp_path / "model", model, "unicom_vit", TINY, clip_preprocess(32))
+    main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out.pt"), "--dtype", "float16"])
+    state = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert state["pos_embed"].dtype == torch.float16
+    assert state["feature.1.num_batches_tracked"].dtype == torch.int64  # only floating tensors are cast
+    assert torch.equal(state["pos_embed"].float(), model.pos_embed.detach())  # the weights are fp16-exact
+
+
+def test_existing_outputs_are_not_replaced_without_overwrite(released_file, tmp_path, capsys):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")]) == 2
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model"), "--overwrite"]) == 0
+
+
+def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys):
+    from torch import nn
+
+    from unicom.models import export
+
+    monkeypatch.setitem(export.ARCHITECTURES, "linear", lambda s: nn.Linear(2, 2))
+    preprocess = {"size": 4, "resize_mode": "squash", "interpolation": "bilinear", "mean": [0, 0, 0], "std": [1, 1, 1]}
+    export.save_model(tmp_path / "m", nn.Linear(2, 2), "linear", {}, preprocess, embedding_dim=2)
+    assert main(["convert", "unicom-to-released", str(tmp_path / "m"), str(tmp_path / "out.pt")]) == 2
+    assert "architecture 'linear' has no released-checkpoint form" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()

@@ -1,0 +1,119 @@
+"""SparseAdamW: untouched rows stay bit-identical; present rows follow AdamW exactly."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unicom.losses import PartialFC
+from unicom.optim import SparseAdamW
+
+
+def test_dense_gradients_give_plain_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(7, 5))
+    b = torch.nn.Parameter(a.detach().clone())
+    bias_a = torch.nn.Parameter(torch.randn(5))
+    bias_b = torch.nn.Parameter(bias_a.detach().clone())
+    ours = SparseAdamW([a, bias_a], lr=1e-2, weight_decay=0.05)
+    reference = torch.optim.AdamW([b, bias_b], lr=1e-2, weight_decay=0.05)
+    for step in range(25):
+        grad = torch.randn(7, 5)
+        bias_grad = torch.randn(5)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        bias_a.grad, bias_b.grad = bias_grad.clone(), bias_grad.clone()
+        ours.step()
+        reference.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias_a, bias_b, rtol=1e-6, atol=1e-7)
+
+
+
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_sparse_rows_follow_adamw_over_the_steps_they_take_part_in():
+    torch.manual_seed(1)
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    optimizer = SparseAdamW([weight], lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1)
+    # row 2 takes part in steps 0, 1, 3; a separate AdamW sees only those gradients
+    shadow = torch.nn.Parameter(weight.detach()[2].clone())
+    shadow_optimizer = torch.optim.AdamW([shadow], lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1)
+    schedule = [[0, 2, 5], [2, 3], [1], [2, 4]]
+    for rows in schedule:
+        index = torch.tensor(rows)
+        values = torch.randn(len(rows), 4)
+        weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape)
+        optimizer.step()
+        if 2 in rows:
+            shadow.grad = values[rows.index(2)].clone()
+            shadow_optimizer.step()
+    torch.testing.assert_close(weight.detach()[2], shadow.detach(), rtol=1e-6, atol=1e-7)
+    assert optimizer.state[weight]["step"].tolist() == [1, 1, 3, 1, 1, 1]
+
+
+def test_never_sampled_prototypes_stay_bit_identical():
+    classes = 500
+    pfc = PartialFC(16, classes, sample_rate=0.05, seed=3)
+    backbone = torch.nn.Linear(16, 16)
+    optimizer = SparseAdamW(pfc.parameters(), lr=0.1, weight_decay=0.5)
+    initial = pfc.prototypes.detach().clone()
+    ever_selected = torch.zeros(classes, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x = backbone(torch.randn(8, 16, generator=generator))
+        labels = torch.randint(0, 100, (8,), generator=generator)  # classes 100.. only ever negatives
+        loss = pfc(x, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ever_selected[pfc.last_class_index] = True
+    assert 0 < int(ever_selected[100:].sum()) < classes - 100
+    untouched = ~ever_selected
+    assert torch.equal(pfc.prototypes.detach()[untouched], initial[untouched])
+    state = optimizer.state[pfc.prototypes]
+    assert torch.all(state["exp_avg"][untouched] == 0) and torch.all(state["exp_avg_sq"][untouched] == 0)
+    assert torch.all(state["step"][untouched] == 0)
+    assert not torch.equal(pfc.prototypes.detach()[ever_selected], initial[ever_selected])
+
+
+def test_sparse_gradient_with_every_row_equals_dense_adamw():
+    torch.manual_seed(2)
+    weight = torch.nn.Parameter(torch.randn(5, 3))
+    reference = torch.nn.Parameter(weight.detach().clone())
+    ours = SparseAdamW([weight], lr=1e-2, weight_decay=0.01)
+    theirs = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.01)
+    for _ in range(10):
+        index = torch.arange(5)
+        out = F.embedding(index, weight, sparse=True)
+        target = torch.randn(5, 3)
+        ((out - target) ** 2).sum().backward()
+        ((reference - target) ** 2).sum().backward()
+        assert weight.grad.is_sparse
+        ours.step()
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+    torch.testing.assert_close(weight, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_state_dict_round_trip_resumes_identically():
+    torch.manual_seed(4)
+    w1 = torch.nn.Parameter(torch.randn(10, 3))
+    opt1 = SparseAdamW([w1], lr=1e-2)
+    grads = [(torch.tensor([1, 4]), torch.randn(2, 3)) for _ in range(6)]
+
+    def apply(weight, optimizer, steps):
+        for index, values in steps:
+            weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape)
+            optimizer.step()
+
+    apply(w1, opt1, grads[:3])
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    opt2 = SparseAdamW([w2], lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))  # as through a checkpoint file
+    apply(w1, opt1, grads[3:])
+    apply(w2, opt2, grads[3:])
+    assert torch.equal(w1, w2)

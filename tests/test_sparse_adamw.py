@@ -32,7 +32,6 @@ def test_dense_gradients_give_plain_adamw():
 
 
 
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_sparse_rows_follow_adamw_over_the_steps_they_take_part_in():
     torch.manual_seed(1)
     weight = torch.nn.Parameter(torch.randn(6, 4))
@@ -44,7 +43,7 @@ def test_sparse_rows_follow_adamw_over_the_steps_they_take_part_in():
     for rows in schedule:
         index = torch.tensor(rows)
         values = torch.randn(len(rows), 4)
-        weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape)
+        weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape, check_invariants=True)
         optimizer.step()
         if 2 in rows:
             shadow.grad = values[rows.index(2)].clone()
@@ -98,7 +97,6 @@ def test_sparse_gradient_with_every_row_equals_dense_adamw():
     torch.testing.assert_close(weight, reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_state_dict_round_trip_resumes_identically():
     torch.manual_seed(4)
     w1 = torch.nn.Parameter(torch.randn(10, 3))
@@ -107,7 +105,7 @@ def test_state_dict_round_trip_resumes_identically():
 
     def apply(weight, optimizer, steps):
         for index, values in steps:
-            weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape)
+            weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape, check_invariants=True)
             optimizer.step()
 
     apply(w1, opt1, grads[:3])
@@ -117,3 +115,15 @@ def test_state_dict_round_trip_resumes_identically():
     apply(w1, opt1, grads[3:])
     apply(w2, opt2, grads[3:])
     assert torch.equal(w1, w2)
+
+
+def test_repeated_rows_of_an_uncoalesced_gradient_are_summed():
+    weight = torch.nn.Parameter(torch.zeros(4, 2))
+    twin = torch.nn.Parameter(torch.zeros(4, 2))
+    first, second = SparseAdamW([weight], lr=0.1, weight_decay=0.0), SparseAdamW([twin], lr=0.1, weight_decay=0.0)
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.tensor([[1.0, -2.0], [0.5, 0.5], [1.0, 4.0]]), (4, 2))
+    twin.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([[0.5, 0.5], [2.0, 2.0]]), (4, 2))
+    first.step()
+    second.step()
+    assert torch.equal(weight, twin)
+    assert weight[0].tolist() == [0.0, 0.0]

@@ -64,11 +64,9 @@ class SparseAdamW(Optimizer):
                     continue
                 state = self._state_for(param)
                 if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows = grad.indices()[0]
+                    rows, values = _unique_rows(grad)
                     if rows.numel() == 0:
                         continue
-                    values = grad.values()
                     p_rows = param.index_select(0, rows)
                     m_rows = state["exp_avg"].index_select(0, rows)
                     v_rows = state["exp_avg_sq"].index_select(0, rows)
@@ -92,6 +90,20 @@ class SparseAdamW(Optimizer):
         return loss
 
 
+def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, values)`` of a sparse gradient with each row once.
+
+    Autograd's accumulation drops the "coalesced" flag even when the rows are already
+    sorted and unique (as PartialFC produces them); checking that is far cheaper than
+    coalescing, which sorts and copies every value.
+    """
+    rows = grad._indices()[0]
+    if grad.is_coalesced() or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return rows, grad._values()
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
 def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay) -> None:
     """In-place AdamW on rows. ``steps`` is the step count after this one: an int shared by
     all rows, or a (rows,) tensor with each row's own count.
@@ -111,5 +123,5 @@ def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps
     steps = steps.to(torch.float64)
     bias_correction1 = (1 - torch.pow(beta1, steps)).to(param.dtype).view(shape)
     bias_correction2_sqrt = (1 - torch.pow(beta2, steps)).sqrt().to(param.dtype).view(shape)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.sub_(exp_avg / denom * (lr / bias_correction1))
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    param.sub_(denom.reciprocal_().mul_(exp_avg).mul_(lr / bias_correction1))

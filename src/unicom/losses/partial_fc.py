@@ -63,6 +63,33 @@ def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: 
             weight[(lo - class_start) * centers : (hi - class_start) * centers].copy_(src)
 
 
+def _uniform_negatives(num_classes: int, positives: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct classes drawn uniformly from ``0..num_classes-1`` minus ``positives``.
+
+    For small fractions: draw slightly more than needed with replacement, keep the distinct
+    non-positive values (given their number, a uniformly random subset) and take a uniformly
+    random ``count`` of them; this avoids a full permutation or top-k over every class. For
+    large fractions: the first ``count`` non-positives of a random permutation.
+    """
+    device = positives.device
+    is_positive = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    is_positive[positives] = True
+    free = num_classes - positives.numel()
+    if count == 0:
+        return positives.new_empty(0)
+    if 2 * count > free:
+        perm = torch.randperm(num_classes, generator=generator, device=device)
+        return perm[~is_positive[perm]][:count]
+    while True:
+        draws = count + (count * count) // (2 * free) + 4 * math.isqrt(count) + 16
+        candidates = torch.unique(torch.randint(0, num_classes, (draws,), generator=generator, device=device))
+        candidates = candidates[~is_positive[candidates]]
+        if candidates.numel() >= count:
+            break
+    keep = torch.randperm(candidates.numel(), generator=generator, device=device)[:count]
+    return candidates[keep]
+
+
 class _AllGather(torch.autograd.Function):
     """Concatenate a (B, ...) tensor of every rank; backward: the sum of the ranks' gradients
     for this rank's rows (each rank's loss part contributes to every rank's embeddings)."""
@@ -80,6 +107,73 @@ class _AllGather(torch.autograd.Function):
             return reduce_scatter_tensor(grad, ctx.group), None, None, None
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * rows : (ctx.rank + 1) * rows], None, None, None
+
+
+class _PrototypeCosines(torch.autograd.Function):
+    """Cosines between normalised embeddings and a row/column selection of the prototypes.
+
+    ``embeddings`` (N, d') are already L2-normalised and restricted to ``features``;
+    ``prototypes`` (R, d) is the whole local matrix, of which rows ``rows`` (sorted, unique;
+    None = all) and columns ``features`` (None = all) take part. Forward: gather once,
+    cos = (E Wᵀ) / |w| (each selected prototype normalised through a column scale, not a
+    normalised copy). Backward, with G = dL/dcos:
+
+        dL/dE = (G / |w|) W
+        dL/dw_j = Σ_b G_bj e_b / |w_j| − w_j Σ_b G_bj cos_bj / |w_j|²
+
+    returned for the selected rows only: a coalesced sparse COO gradient when ``sparse``,
+    else dense. Under CUDA autocast the two backward products run in the autocast dtype.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, embeddings, prototypes, rows, features, sparse):
+        weight = prototypes.detach()
+        if rows is not None and features is not None:
+            selected = weight[rows[:, None], features[None, :]]
+        elif rows is not None:
+            selected = weight.index_select(0, rows)
+        elif features is not None:
+            selected = weight.index_select(1, features)
+        else:
+            selected = weight
+        norms = torch.linalg.vector_norm(selected, dim=1).clamp_min_(1e-12)
+        cosines = F.linear(embeddings, selected)
+        cosines = cosines.div_(norms.to(cosines.dtype))
+        ctx.save_for_backward(embeddings, selected, norms, cosines, rows, features)
+        ctx.sparse = sparse
+        ctx.shape = prototypes.shape
+        return cosines
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        embeddings, selected, norms, cosines, rows, features = ctx.saved_tensors
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        grad = grad.to(dtype)
+        row_term = (grad * cosines.to(dtype)).sum(dim=0).div_(norms * norms)  # (R',)
+        scaled = grad / norms  # G / |w|
+        grad_embeddings = grad_selected = None
+        if ctx.needs_input_grad[0]:
+            grad_embeddings = F.linear(scaled, selected.t().to(dtype)).to(embeddings.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_selected = F.linear(scaled.t(), embeddings.t().to(dtype)).to(dtype)
+            grad_selected.sub_(selected * row_term[:, None])
+            grad_selected = grad_selected.to(selected.dtype)
+            if features is not None:
+                width = torch.zeros(grad_selected.shape[0], ctx.shape[1], dtype=grad_selected.dtype, device=grad_selected.device)
+                width[:, features] = grad_selected
+                grad_selected = width
+            if rows is None:
+                pass
+            elif ctx.sparse:
+                grad_selected = torch.sparse_coo_tensor(
+                    rows[None], grad_selected, ctx.shape, is_coalesced=True, check_invariants=False
+                )
+            else:
+                full = torch.zeros(ctx.shape, dtype=grad_selected.dtype, device=grad_selected.device)
+                grad_selected = full.index_copy_(0, rows, grad_selected)
+        return grad_embeddings, grad_selected, None, None, None
 
 
 class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
@@ -257,9 +351,8 @@ class PartialFC(nn.Module):
         num_sample = max(math.ceil(self.sample_rate * self.num_local), int(positives.numel()))
         if num_sample >= self.num_local:
             return torch.arange(self.num_local, device=device)
-        scores = torch.rand(self.num_local, generator=class_generator, device=device)
-        scores[positives] = 2.0  # above every random score: positives always kept
-        return torch.topk(scores, num_sample, sorted=False).indices.sort().values
+        negatives = _uniform_negatives(self.num_local, positives, num_sample - positives.numel(), class_generator)
+        return torch.cat([positives, negatives]).sort().values
 
     # -- checks -----------------------------------------------------------------------
 
@@ -330,7 +423,7 @@ class PartialFC(nn.Module):
         class_index = self.select_classes(local_labels, in_shard)
         if class_index is None:
             targets = torch.where(in_shard, local_labels, torch.full_like(local_labels, -1))
-            prototypes = self.prototypes
+            rows = None
             column_classes = torch.arange(self.class_start, self.class_start + self.num_local, device=labels.device)
         else:
             position = torch.searchsorted(class_index, local_labels.clamp(0, self.num_local - 1))
@@ -338,19 +431,16 @@ class PartialFC(nn.Module):
             rows = class_index
             if self.centers > 1:
                 rows = (class_index[:, None] * self.centers + torch.arange(self.centers, device=rows.device)).flatten()
-            if self.sparse_gradient:
-                prototypes = F.embedding(rows, self.prototypes, sparse=True)
-            else:
-                prototypes = self.prototypes[rows]
             column_classes = class_index + self.class_start
         self.last_class_index = column_classes.detach()
         self.last_feature_index = feature_index
 
-        norms = embeddings.detach().float().norm(dim=1)
+        norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=1)
         if feature_index is not None:
             embeddings = embeddings.index_select(1, feature_index)
-            prototypes = prototypes.index_select(1, feature_index)
-        cosines = F.linear(F.normalize(embeddings, dim=1), F.normalize(prototypes, dim=1))
+        cosines = _PrototypeCosines.apply(
+            F.normalize(embeddings, dim=1), self.prototypes, rows, feature_index, self.sparse_gradient
+        )
         if self.centers > 1:
             cosines = cosines.view(cosines.shape[0], -1, self.centers).amax(dim=2)
         context = MarginContext(

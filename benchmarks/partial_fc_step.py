@@ -1,0 +1,164 @@
+"""One training step of the classification layer: PartialFC + SparseAdamW vs the usual ways.
+
+For K classes (1,000,000 and 100,000), d = 512, batch 256, each variant runs in its own
+process (so peak memory is its own) and times forward + backward + optimiser step:
+
+  (a) PartialFC, sample_rate 0.1, SparseAdamW (row-sparse update)
+  (b) PartialFC, sample_rate 1.0, SparseAdamW (dense update of every row)
+  (c) pytorch-metric-learning ArcFaceLoss + torch.optim.AdamW (the full classifier)
+  (d) PartialFC, sample_rate 0.1, dense gradient + torch.optim.AdamW over the whole matrix
+      (what the reference Partial FC code does)
+
+Usage: python benchmarks/partial_fc_step.py [--device cuda] [--classes 1000000 100000]
+Writes benchmarks/results/partial_fc_step_{cpu,cuda}.txt. On CUDA the step runs under bf16
+autocast and memory is torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "a": "PartialFC r1=0.1 + SparseAdamW",
+    "b": "PartialFC r1=1.0 + SparseAdamW",
+    "c": "pml ArcFaceLoss + AdamW (full)",
+    "d": "PartialFC r1=0.1 + dense AdamW",
+}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, device: str) -> dict:
+    import torch
+
+    from unicom.losses import ArcFace, PartialFC
+    from unicom.optim import SparseAdamW
+
+    torch.manual_seed(0)
+    cuda = device == "cuda"
+    if variant == "c":
+        from pytorch_metric_learning.losses import ArcFaceLoss
+
+        head = ArcFaceLoss(classes, dim, margin=math.degrees(0.3), scale=64).to(device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+    else:
+        sample_rate = 1.0 if variant == "b" else 0.1
+        head = PartialFC(dim, classes, ArcFace(0.3, 64.0), sample_rate=sample_rate, seed=0,
+                         sparse_gradient=(variant != "d")).to(device)
+        optimizer_class = torch.optim.AdamW if variant == "d" else SparseAdamW
+        optimizer = optimizer_class(head.parameters(), lr=1e-3, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(1)
+    inputs = [
+        (torch.randn(batch, dim, generator=generator).to(device), torch.randint(0, classes, (batch,), generator=generator).to(device))
+        for _ in range(steps + 1)
+    ]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    setup_rss = peak_rss_bytes()
+    times = []
+    for i, (x, labels) in enumerate(inputs):
+        x = x.requires_grad_()
+        start = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
+            loss = head(x, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i > 0:  # the first step allocates optimiser state
+            times.append(time.perf_counter() - start)
+    times.sort()
+    result = {
+        "variant": variant,
+        "classes": classes,
+        "seconds_per_step": times[len(times) // 2],
+        "loss": float(loss.detach()),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+        "setup_memory_bytes": None if cuda else setup_rss,
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--classes", type=int, nargs="+", default=[1_000_000, 100_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    if args.variant:  # child process: one variant, one size
+        print(json.dumps(run_variant(args.variant, args.classes[0], args.dim, args.batch, args.steps, args.device)))
+        return
+
+    import torch
+
+    lines = [
+        f"# PartialFC step benchmark ({args.device})",
+        f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"threads {torch.get_num_threads()}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        f"d = {args.dim}, batch = {args.batch}, median of {args.steps} steps after one warm-up step; "
+        f"each variant in its own process; memory = "
+        + ("torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS of the process"),
+        "",
+    ]
+    for classes in args.classes:
+        results = {}
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, "--variant", variant, "--classes", str(classes), "--dim", str(args.dim),
+                       "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+            output = subprocess.run(command, capture_output=True, text=True)
+            if output.returncode != 0:
+                results[variant] = None
+                print(output.stderr, file=sys.stderr)
+                continue
+            results[variant] = json.loads(output.stdout.strip().splitlines()[-1])
+        lines.append(f"## K = {classes:,}")
+        lines.append("")
+        lines.append("| variant | s / step | peak memory (GiB) | loss |")
+        lines.append("|---|---:|---:|---:|")
+        for variant, label in VARIANTS.items():
+            r = results[variant]
+            if r is None:
+                lines.append(f"| ({variant}) {label} | failed | | |")
+                continue
+            lines.append(f"| ({variant}) {label} | {r['seconds_per_step']:.3f} | {r['peak_memory_bytes'] / 2**30:.2f} | {r['loss']:.3f} |")
+        a, c, d = results["a"], results["c"], results["d"]
+        lines.append("")
+        if a and c:
+            lines.append(f"a/c time = {a['seconds_per_step'] / c['seconds_per_step']:.3f}   "
+                         f"a/c memory = {a['peak_memory_bytes'] / c['peak_memory_bytes']:.3f}")
+        if a and d:
+            lines.append(f"a/d time = {a['seconds_per_step'] / d['seconds_per_step']:.3f}")
+        if classes == 1_000_000 and a and c and d:
+            ok = (a["seconds_per_step"] / c["seconds_per_step"] <= 0.12 and a["seconds_per_step"] / d["seconds_per_step"] <= 0.4
+                  and a["peak_memory_bytes"] < c["peak_memory_bytes"])
+            lines.append(f"targets at K = 1M (a/c <= 0.12, a/d <= 0.4, memory a < c): {'met' if ok else 'NOT met'}")
+        lines.append("")
+        print("\n".join(lines[-12:]), flush=True)
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out or Path(__file__).parent / "results" / f"partial_fc_step_{args.device}.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,72 +27,58 @@ def _embeddings(batch, dim, seed=0):
 # -- exactness against pytorch-metric-learning ------------------------------------------
 
 
-@pytest.mark.parametrize("margin", [0.3, 0.5])
-def test_full_partial_fc_equals_pml_arcface(margin):
-    batch, dim, classes = 24, 64, 100
-    pfc = PartialFC(dim, classes, ArcFace(margin, 64.0), seed=3)
-    reference = ArcFaceLoss(classes, dim, margin=math.degrees(margin), scale=64)
+def _assert_same_as_reference(pfc, reference, x, labels):
+    """Loss and gradients of ``pfc`` equal those of a pml loss holding W = prototypesᵀ."""
     reference.W.data = pfc.prototypes.data.t().clone()
-    x = _embeddings(batch, dim).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1))
-
-    loss = pfc(x, labels)
-    loss.backward()
-    loss_ref = reference(x_ref, labels)
-    loss_ref.backward()
-
-    _close(loss.detach(), loss_ref.detach())
-    _close(x.grad, x_ref.grad)
-    _close(pfc.prototypes.grad, reference.W.grad.t())
-
-
-def test_full_partial_fc_equals_pml_in_the_fallback_region():
-    # embeddings pointing away from their class prototype: θ + m > π for several rows
-    dim, classes = 16, 10
-    pfc = PartialFC(dim, classes, ArcFace(0.5, 64.0), seed=0)
-    labels = torch.arange(classes)
-    x = (-pfc.prototypes.detach() + 0.001 * _embeddings(classes, dim)).requires_grad_()
-    reference = ArcFaceLoss(classes, dim, margin=math.degrees(0.5), scale=64)
-    reference.W.data = pfc.prototypes.data.t().clone()
+    x = x.clone().requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     loss, loss_ref = pfc(x, labels), reference(x_ref, labels)
     loss.backward()
     loss_ref.backward()
     _close(loss.detach(), loss_ref.detach())
     _close(x.grad, x_ref.grad)
+    _close(pfc.prototypes.grad, reference.W.grad.t())
+
+
+@pytest.mark.parametrize("margin", [0.3, 0.5])
+def test_full_partial_fc_equals_pml_arcface(margin):
+    batch, dim, classes = 24, 64, 100
+    labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1))
+    _assert_same_as_reference(
+        PartialFC(dim, classes, ArcFace(margin, 64.0), seed=3),
+        ArcFaceLoss(classes, dim, margin=math.degrees(margin), scale=64),
+        _embeddings(batch, dim),
+        labels,
+    )
+
+
+def test_full_partial_fc_equals_pml_in_the_fallback_region():
+    # embeddings pointing away from their class prototype: θ + m > π for every row
+    dim, classes = 16, 10
+    pfc = PartialFC(dim, classes, ArcFace(0.5, 64.0), seed=0)
+    x = -pfc.prototypes.detach() + 0.001 * _embeddings(classes, dim)
+    _assert_same_as_reference(pfc, ArcFaceLoss(classes, dim, margin=math.degrees(0.5), scale=64), x, torch.arange(classes))
 
 
 def test_cosface_equals_pml_cosface():
     batch, dim, classes = 16, 32, 40
-    pfc = PartialFC(dim, classes, CosFace(0.35, 64.0), seed=5)
-    reference = CosFaceLoss(classes, dim, margin=0.35, scale=64)
-    reference.W.data = pfc.prototypes.data.t().clone()
-    x = _embeddings(batch, dim).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    labels = torch.randint(0, classes, (batch,))
-    loss, loss_ref = pfc(x, labels), reference(x_ref, labels)
-    loss.backward()
-    loss_ref.backward()
-    _close(loss.detach(), loss_ref.detach())
-    _close(x.grad, x_ref.grad)
-    _close(pfc.prototypes.grad, reference.W.grad.t())
+    _assert_same_as_reference(
+        PartialFC(dim, classes, CosFace(0.35, 64.0), seed=5),
+        CosFaceLoss(classes, dim, margin=0.35, scale=64),
+        _embeddings(batch, dim),
+        torch.randint(0, classes, (batch,)),
+    )
 
 
 def test_sub_centers_equal_pml_sub_center_arcface():
     batch, dim, classes, centers = 16, 32, 20, 3
-    pfc = PartialFC(dim, classes, ArcFace(0.3, 64.0), centers=centers, seed=2)
-    reference = SubCenterArcFaceLoss(num_classes=classes, embedding_size=dim, margin=math.degrees(0.3), scale=64, sub_centers=centers)
-    reference.W.data = pfc.prototypes.data.t().clone()  # both: column = class · centers + c
-    x = _embeddings(batch, dim).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    labels = torch.randint(0, classes, (batch,))
-    loss, loss_ref = pfc(x, labels), reference(x_ref, labels)
-    loss.backward()
-    loss_ref.backward()
-    _close(loss.detach(), loss_ref.detach())
-    _close(x.grad, x_ref.grad)
-    _close(pfc.prototypes.grad, reference.W.grad.t())
+    # both order the columns as class · centers + c
+    _assert_same_as_reference(
+        PartialFC(dim, classes, ArcFace(0.3, 64.0), centers=centers, seed=2),
+        SubCenterArcFaceLoss(num_classes=classes, embedding_size=dim, margin=math.degrees(0.3), scale=64, sub_centers=centers),
+        _embeddings(batch, dim),
+        torch.randint(0, classes, (batch,)),
+    )
 
 
 def test_gradcheck_float64():

@@ -76,3 +76,93 @@ def test_heads_do_not_modify_their_input():
     before = cosines.clone()
     ArcFace()(cosines, torch.tensor([0]))
     assert torch.equal(cosines, before)
+
+
+# -- margins that need more than the cosines ------------------------------------------------
+
+from unicom.losses import AdaCos, AdaFace, CurricularFace, DynMArcFace, LiArcFace, MarginContext  # noqa: E402
+
+
+def test_dynm_arcface_margins_follow_the_formula():
+    counts = torch.tensor([1, 5, 10, 10])
+    head = DynMArcFace(counts, m_max=0.6, m_min=0.2)
+    normalised = [0.0, 4 / 9, 1.0, 1.0]
+    expected = [0.2 + 0.5 * 0.4 * (1 + math.cos(math.pi * n)) for n in normalised]
+    assert head.margins.tolist() == pytest.approx(expected, rel=1e-6)
+    assert head.margins[0].item() == pytest.approx(0.6) and head.margins[2].item() == pytest.approx(0.2)
+
+
+def test_dynm_arcface_uses_the_margin_of_each_rows_class():
+    head = DynMArcFace(torch.tensor([1, 10]), scale=1.0)
+    cosines = torch.tensor([[0.5, 0.2], [0.1, 0.7]])
+    logits = head(cosines, torch.tensor([0, 1]))
+    assert logits[0, 0].item() == pytest.approx(math.cos(math.acos(0.5) + 0.6), abs=1e-6)
+    assert logits[1, 1].item() == pytest.approx(math.cos(math.acos(0.7) + 0.2), abs=1e-6)
+
+
+def test_dynm_arcface_equal_counts_give_m_max():
+    assert DynMArcFace([3, 3, 3]).margins.tolist() == pytest.approx([0.6] * 3)
+
+
+def test_adacos_fixed_scale():
+    head = AdaCos(num_classes=11, dynamic=False)
+    cosines = torch.tensor([[0.3, -0.1, 0.2]])
+    logits = head(cosines, torch.tensor([0]))
+    s = math.sqrt(2) * math.log(10)
+    torch.testing.assert_close(logits, cosines * s)
+
+
+def test_adacos_dynamic_scale_update_by_hand():
+    head = AdaCos(num_classes=3)
+    s0 = math.sqrt(2) * math.log(2)
+    cosines = torch.tensor([[0.8, 0.1, -0.2], [0.3, 0.6, 0.0]])
+    labels = torch.tensor([0, 1])
+    logits = head(cosines, labels)
+    b_avg = ((math.exp(s0 * 0.1) + math.exp(s0 * -0.2)) + (math.exp(s0 * 0.3) + math.exp(s0 * 0.0))) / 2
+    theta_median = min(math.acos(0.8), math.acos(0.6))  # lower median of two values
+    s1 = math.log(b_avg) / math.cos(min(math.pi / 4, theta_median))
+    assert head.scale == pytest.approx(s1, rel=1e-6)
+    torch.testing.assert_close(logits, cosines * s1)
+    head.eval()
+    head(cosines, labels)
+    assert head.scale == pytest.approx(s1, rel=1e-6)  # no update outside training
+
+
+def test_li_arcface_is_linear_in_the_angle():
+    head = LiArcFace(margin=0.45, scale=2.0)
+    cosines = torch.tensor([[0.5, -0.3]])
+    logits = head(cosines, torch.tensor([0]))
+    expected = [2 * (math.pi - 2 * (math.acos(0.5) + 0.45)) / math.pi, 2 * (math.pi - 2 * math.acos(-0.3)) / math.pi]
+    assert logits[0].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_curricular_face_reweights_hard_negatives_by_hand():
+    head = CurricularFace(margin=0.5, scale=1.0)
+    cosines = torch.tensor([[0.5, 0.9, 0.01]])
+    logits = head(cosines, torch.tensor([0]))
+    t = 0.01 * 0.5
+    target = math.cos(math.acos(0.5) + 0.5)  # 0.0236
+    assert head.t.item() == pytest.approx(t)
+    assert logits[0].tolist() == pytest.approx([target, 0.9 * (t + 0.9), 0.01], rel=1e-5)
+
+
+def test_adaface_margin_by_hand():
+    head = AdaFace(margin=0.4, h=0.333, scale=1.0, t_alpha=0.5)
+    cosines = torch.tensor([[0.6, 0.1], [0.2, 0.7]])
+    labels = torch.tensor([0, 1])
+    norms = torch.tensor([30.0, 10.0])
+    context = MarginContext(class_ids=labels, column_classes=torch.arange(2), norms=norms)
+    logits = head(cosines, labels, context)
+    mean = 0.5 * 20.0 + 0.5 * 20.0
+    std = 0.5 * 100.0 + 0.5 * float(norms.std())
+    assert head.batch_mean.item() == pytest.approx(mean) and head.batch_std.item() == pytest.approx(std)
+    for row, (cos, norm) in enumerate([(0.6, 30.0), (0.7, 10.0)]):
+        g = max(-1.0, min(1.0, 0.333 * (norm - mean) / (std + 1e-3)))
+        expected = math.cos(math.acos(cos) - 0.4 * g) - (0.4 + 0.4 * g)
+        assert logits[row, row].item() == pytest.approx(expected, rel=1e-5)
+    assert logits[0, 1].item() == pytest.approx(0.1) and logits[1, 0].item() == pytest.approx(0.2)
+
+
+def test_adaface_without_norms_is_a_clear_error():
+    with pytest.raises(ValueError, match="AdaFace needs the embedding norms"):
+        AdaFace()(torch.tensor([[0.5]]), torch.tensor([0]))

@@ -10,7 +10,7 @@ from scipy import stats
 
 from support import run_workers
 from unicom.errors import InputError
-from unicom.losses import ArcFace, CosFace, PartialFC, shard_range
+from unicom.losses import AdaCos, AdaFace, ArcFace, CosFace, CurricularFace, DynMArcFace, LiArcFace, PartialFC, shard_range
 
 
 def _close(actual, expected, tol=1e-5):
@@ -317,6 +317,21 @@ def test_shard_ranges_cover_every_class_once():
 
 DIM, CLASSES, BATCH = 24, 37, 6
 RATE_CASES = [(1.0, 1.0), (0.3, 1.0), (0.3, 0.5)]
+
+
+def _head(name):
+    """Margin heads whose logits depend on more than their own shard's cosines."""
+    return {
+        "arcface": lambda: ArcFace(0.3, 64.0),
+        "dynm": lambda: DynMArcFace(torch.arange(1, CLASSES + 1)),
+        "adacos": lambda: AdaCos(CLASSES),
+        "curricular": lambda: CurricularFace(),
+        "adaface": lambda: AdaFace(),
+        "liarcface": lambda: LiArcFace(),
+    }[name]()
+
+
+HEAD_CASES = ["dynm", "adacos", "curricular", "adaface", "liarcface"]
 ERROR_CASES = {
     "batch": "batch size differs across ranks \\(rank 0: 4, rank 1: 5\\)",
     "rate": "feature_rate differs across ranks",
@@ -331,8 +346,8 @@ def _global_inputs():
     return x, labels
 
 
-def _sharded_step(rank, sample_rate, feature_rate):
-    pfc = PartialFC(DIM, CLASSES, ArcFace(0.3, 64.0), sample_rate=sample_rate, feature_rate=feature_rate, seed=42)
+def _sharded_step(rank, sample_rate, feature_rate, head="arcface"):
+    pfc = PartialFC(DIM, CLASSES, _head(head), sample_rate=sample_rate, feature_rate=feature_rate, seed=42)
     x, labels = _global_inputs()
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     x_local = x[mine].clone().requires_grad_()
@@ -347,6 +362,7 @@ def _sharded_step(rank, sample_rate, feature_rate):
         "prototype_grad": grad.numpy(),
         "classes": pfc.last_class_index.numpy(),
         "features": None if pfc.last_feature_index is None else pfc.last_feature_index.numpy(),
+        "buffers": {name: b.numpy() for name, b in pfc.margin.named_buffers()},
     }
 
 
@@ -367,6 +383,7 @@ def _mismatched_step(rank, what):
 def _all_cases(rank, world_size):
     return {
         "rates": {case: _sharded_step(rank, *case) for case in RATE_CASES},
+        "heads": {head: _sharded_step(rank, 0.3, 1.0, head) for head in HEAD_CASES},
         "errors": {what: _mismatched_step(rank, what) for what in ERROR_CASES},
     }
 
@@ -392,22 +409,15 @@ class _FixedSelection(PartialFC):
         return self._features
 
 
-@pytest.mark.parametrize("sample_rate, feature_rate", RATE_CASES)
-def test_two_processes_equal_one_process(two_ranks, sample_rate, feature_rate):
-    ranks = [rank["rates"][(sample_rate, feature_rate)] for rank in two_ranks]
+def _assert_single_process_agrees(ranks, sample_rate, feature_rate, head="arcface"):
     # the same loss on both ranks; the same feature selection
     assert ranks[0]["loss"] == pytest.approx(ranks[1]["loss"], rel=1e-6)
     if feature_rate < 1:
         assert np.array_equal(ranks[0]["features"], ranks[1]["features"])
 
-    # prototypes initialised independently of the sharding
-    single_init = PartialFC(DIM, CLASSES, seed=42)
-    gathered = np.concatenate([r["prototypes"] for r in ranks])
-    assert np.array_equal(gathered, single_init.prototypes.detach().numpy())
-
     classes = torch.from_numpy(np.concatenate([r["classes"] for r in ranks]))
     features = None if ranks[0]["features"] is None else torch.from_numpy(ranks[0]["features"])
-    single = _FixedSelection(DIM, CLASSES, ArcFace(0.3, 64.0), sample_rate=sample_rate, feature_rate=feature_rate,
+    single = _FixedSelection(DIM, CLASSES, _head(head), sample_rate=sample_rate, feature_rate=feature_rate,
                              seed=42, classes=None if sample_rate == 1 else classes, features=features)
     x, labels = _global_inputs()
     x = x.requires_grad_()
@@ -419,6 +429,24 @@ def test_two_processes_equal_one_process(two_ranks, sample_rate, feature_rate):
     grad = single.prototypes.grad
     grad = grad.to_dense() if grad.is_sparse else grad
     _close(torch.from_numpy(np.concatenate([r["prototype_grad"] for r in ranks])), grad)
+    for name, value in single.margin.named_buffers():  # running statistics agree on every rank
+        for rank in ranks:
+            np.testing.assert_allclose(rank["buffers"][name], value.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sample_rate, feature_rate", RATE_CASES)
+def test_two_processes_equal_one_process(two_ranks, sample_rate, feature_rate):
+    ranks = [rank["rates"][(sample_rate, feature_rate)] for rank in two_ranks]
+    # prototypes initialised independently of the sharding
+    single_init = PartialFC(DIM, CLASSES, seed=42)
+    gathered = np.concatenate([r["prototypes"] for r in ranks])
+    assert np.array_equal(gathered, single_init.prototypes.detach().numpy())
+    _assert_single_process_agrees(ranks, sample_rate, feature_rate)
+
+
+@pytest.mark.parametrize("head", HEAD_CASES)
+def test_every_margin_head_gives_the_same_result_sharded(two_ranks, head):
+    _assert_single_process_agrees([rank["heads"][head] for rank in two_ranks], 0.3, 1.0, head)
 
 
 @pytest.mark.parametrize("what", list(ERROR_CASES))

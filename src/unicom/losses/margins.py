@@ -101,6 +101,17 @@ def _angle(cos: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
 
 
+def angular_margin(cos_target: torch.Tensor, m1: float, m2, m3: float = 0.0) -> torch.Tensor:
+    """cos(m1·θ + m2) − m3 with θ = arccos(cos_target); ``m2`` a float or a per-row tensor.
+
+    Where m1·θ + m2 > π the value falls back to cos θ − m3 − m2·sin(m2), the monotonic
+    continuation used by ArcFace implementations, so a worse angle never scores better.
+    """
+    angle = m1 * _angle(cos_target) + m2
+    fallback = cos_target - m3 - m2 * (torch.sin(m2) if torch.is_tensor(m2) else math.sin(m2))
+    return torch.where(angle <= math.pi, torch.cos(angle) - m3, fallback)
+
+
 class CombinedMargin(MarginHead):
     """cos(m1·θ + m2) − m3 on the target class, logits scaled by ``scale``.
 
@@ -119,9 +130,7 @@ class CombinedMargin(MarginHead):
     def target_logit(self, cos_target, rows, context):
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cos_target - self.m3
-        angle = self.m1 * _angle(cos_target) + self.m2
-        fallback = cos_target - self.m3 - self.m2 * math.sin(self.m2)
-        return torch.where(angle <= math.pi, torch.cos(angle) - self.m3, fallback)
+        return angular_margin(cos_target, self.m1, self.m2, self.m3)
 
     def extra_repr(self) -> str:
         return f"m1={self.m1}, m2={self.m2}, m3={self.m3}, scale={self.scale}"
@@ -147,3 +156,175 @@ class CosFace(CombinedMargin):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, scale={self.scale}"
+
+
+class DynMArcFace(MarginHead):
+    """ArcFace with a margin per class that grows as the class gets rarer.
+
+    m(n) = m_min + ½ (m_max − m_min) (1 + cos(π · n̂)), n̂ = (n − n_min) / (n_max − n_min)
+    the min-max normalised training count of the class: the rarest class gets m_max, the
+    most frequent m_min (n̂ = 0 for all when every class has the same count).
+
+    Args:
+        class_counts: (K,) number of training samples of each class.
+    """
+
+    def __init__(self, class_counts, m_max: float = 0.6, m_min: float = 0.2, scale: float = 64.0):
+        super().__init__()
+        counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten()
+        if counts.numel() == 0 or bool((counts < 0).any()):
+            raise ValueError("class_counts must be a non-empty vector of non-negative counts")
+        spread = counts.max() - counts.min()
+        normalised = (counts - counts.min()) / spread if spread > 0 else torch.zeros_like(counts)
+        margins = m_min + 0.5 * (m_max - m_min) * (1 + torch.cos(math.pi * normalised))
+        self.register_buffer("margins", margins.float())
+        self.m_max, self.m_min, self.scale = float(m_max), float(m_min), float(scale)
+
+    def target_logit(self, cos_target, rows, context):
+        margin = self.margins[context.class_ids[rows]].to(cos_target.dtype)
+        return angular_margin(cos_target, 1.0, margin)
+
+    def extra_repr(self) -> str:
+        return f"classes={self.margins.numel()}, m_max={self.m_max}, m_min={self.m_min}, scale={self.scale}"
+
+
+class AdaCos(MarginHead):
+    """No margin; an adaptive scale (Zhang et al. 2019).
+
+    Fixed: s = √2 · ln(K − 1). Dynamic (default): every training step, before the logits,
+
+        B_avg = mean over rows of Σ_{j ≠ y} exp(s · cos θ_j)   (over the columns in use)
+        s ← ln(B_avg) / cos(min(π/4, median of the target angles θ_y))
+
+    With PartialFC the sums and the target angles are gathered over the shards; with
+    sample_rate < 1 the non-target sum runs over the sampled classes only.
+
+    Args:
+        num_classes: K.
+    """
+
+    def __init__(self, num_classes: int, dynamic: bool = True):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError("AdaCos needs at least 2 classes")
+        self.num_classes, self.dynamic = int(num_classes), bool(dynamic)
+        self.register_buffer("scale_value", torch.tensor(math.sqrt(2.0) * math.log(num_classes - 1), dtype=torch.float64))
+
+    @property
+    def scale(self) -> float:
+        return float(self.scale_value)
+
+    def forward(self, cosines, labels, context=None):
+        if context is None:
+            context = local_context(cosines, labels)
+        logits = _float_logits(cosines)
+        if self.dynamic and self.training:
+            with torch.no_grad():
+                target = context.target_cosine(logits, labels)
+                has_target = labels >= 0
+                exp = torch.exp(self.scale_value.to(logits.dtype) * logits)
+                non_target = exp.sum(dim=1)
+                non_target[has_target] -= exp[has_target, labels[has_target]]
+                b_avg = context.all_reduce_sum(non_target).mean()
+                theta_median = torch.median(_angle(target))
+                self.scale_value.copy_(torch.log(b_avg) / torch.cos(theta_median.clamp(max=math.pi / 4)))
+        return logits * self.scale_value.to(logits.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dynamic={self.dynamic}, scale={self.scale:.4f}"
+
+
+class LiArcFace(MarginHead):
+    """Linear angular logits (Li et al. 2019, "AirFace"): s · (π − 2(θ + m·[j = y])) / π.
+
+    Every logit is a linear function of its angle, so no fallback is needed past π.
+    """
+
+    def __init__(self, margin: float = 0.45, scale: float = 64.0):
+        super().__init__()
+        self.margin, self.scale = float(margin), float(scale)
+
+    def forward(self, cosines, labels, context=None):
+        angles = _angle(_float_logits(cosines))
+        rows = torch.nonzero(labels >= 0).squeeze(1)
+        angles[rows, labels[rows]] += self.margin
+        return self.scale * (math.pi - 2 * angles) / math.pi
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, scale={self.scale}"
+
+
+class CurricularFace(MarginHead):
+    """ArcFace target with adaptively weighted hard negatives (Huang et al. 2020).
+
+    Target: cos(θ_y + m) (ArcFace fallback past π). A negative j of row i is hard when
+    cos θ_ij > cos(θ_iy + m); its logit becomes cos θ_ij · (t + cos θ_ij). ``t`` follows the
+    mean target cosine: t ← 0.01 · mean_i cos θ_iy + 0.99 · t (a buffer, updated in
+    training, gathered over the shards with PartialFC).
+    """
+
+    def __init__(self, margin: float = 0.5, scale: float = 64.0, momentum: float = 0.01):
+        super().__init__()
+        self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    def forward(self, cosines, labels, context=None):
+        if context is None:
+            context = local_context(cosines, labels)
+        logits = _float_logits(cosines)
+        with torch.no_grad():
+            target = context.target_cosine(logits, labels)  # every row, whichever shard holds it
+            if self.training:
+                self.t.mul_(1 - self.momentum).add_(self.momentum * target.mean().to(self.t.dtype))
+        target_with_margin = angular_margin(target, 1.0, self.margin)
+        hard = logits > target_with_margin[:, None]
+        t = self.t.to(logits.dtype)
+        logits = torch.where(hard, logits * (t + logits), logits)
+        rows = torch.nonzero(labels >= 0).squeeze(1)
+        columns = labels[rows]
+        logits[rows, columns] = angular_margin(cosines[rows, columns].to(logits.dtype), 1.0, self.margin)
+        return logits * self.scale
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, scale={self.scale}, t={float(self.t):.4f}"
+
+
+class AdaFace(MarginHead):
+    """Margin adapted to image quality through the embedding norm (Kim et al. 2022).
+
+    With the norms ‖z_i‖ (clipped to [0.001, 100]) and running batch statistics μ, σ
+    (μ ← α·mean + (1 − α)·μ, σ ← α·std + (1 − α)·σ in training; α = ``t_alpha``):
+
+        ĝ_i = clip(h · (‖z_i‖ − μ) / (σ + 1e-3), −1, 1)
+        target logit = cos(clip(θ_y − m·ĝ_i, ε, π − ε)) − (m + m·ĝ_i)
+
+    Non-target logits are s · cos θ. The norms come from ``PartialFC`` (the context); called
+    directly, pass a :class:`MarginContext` with ``norms``.
+    """
+
+    def __init__(self, margin: float = 0.4, h: float = 0.333, scale: float = 64.0, t_alpha: float = 0.01):
+        super().__init__()
+        self.margin, self.h, self.scale, self.t_alpha = float(margin), float(h), float(scale), float(t_alpha)
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    def target_logit(self, cos_target, rows, context):
+        if context.norms is None:
+            raise ValueError("AdaFace needs the embedding norms: use it inside PartialFC or pass a MarginContext with norms")
+        norms = context.norms[rows].to(cos_target.dtype).clamp(0.001, 100)
+        margin_scaler = ((norms - self.batch_mean) / (self.batch_std + 1e-3) * self.h).clamp(-1, 1)
+        eps = 1e-7 if cos_target.dtype == torch.float32 else 1e-12
+        theta = (_angle(cos_target) - self.margin * margin_scaler).clamp(eps, math.pi - eps)
+        return torch.cos(theta) - (self.margin + self.margin * margin_scaler)
+
+    def forward(self, cosines, labels, context=None):
+        if context is not None and context.norms is not None and self.training:
+            with torch.no_grad():
+                norms = context.norms.float().clamp(0.001, 100)
+                std = norms.std() if norms.numel() > 1 else torch.zeros((), device=norms.device)
+                self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * norms.mean())
+                self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * std)
+        return super().forward(cosines, labels, context)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, h={self.h}, scale={self.scale}, t_alpha={self.t_alpha}"

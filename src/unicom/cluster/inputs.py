@@ -1,0 +1,337 @@
+"""What k-means reads: embedding shards checked, fused into unit rows, streamed in chunks.
+
+Shards are memory-mapped one row chunk at a time and the mapping is dropped after each
+chunk, so the resident memory of a pass is one chunk, whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from unicom.errors import InputError
+from unicom.layout import KEY_COLUMNS, EmbeddingFolders
+from unicom.progress import progress
+
+# fusion -> the embedding kinds it reads
+FUSIONS: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "text": ("text",),
+    "image+text": ("image", "text"),
+}
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def _unit_rows(rows: np.ndarray, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalise ``rows`` (n, d) as float32 (in place when ``copy`` is False and they are
+    float32 already); rows that cannot be normalised are zeroed.
+
+    Returns ``(unit, valid)``: ``valid[i]`` is False for rows holding NaN/Inf values or of
+    zero length (or a length that overflows float32).
+    """
+    unit = np.array(rows, dtype=np.float32, copy=copy or rows.dtype != np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", unit, unit))
+    valid = np.isfinite(norms) & (norms > 0)
+    unit /= np.where(valid, norms, 1.0)[:, None]
+    if not valid.all():
+        unit[~valid] = 0.0
+    return unit, valid
+
+
+def fuse(image: np.ndarray | None = None, text: np.ndarray | None = None, fusion: str = "image+text") -> tuple[np.ndarray, np.ndarray]:
+    """The fused representation Φ of each sample, as unit rows.
+
+    ``image`` and ``text`` are (n, d) arrays of any float dtype (rows aligned). ``image``
+    and ``text`` fusions L2-normalise one of them; ``image+text`` averages the normalised
+    image and text rows and normalises the mean again (the paper's joint embedding; the
+    factor ½ vanishes in the normalisation). Returns ``(rows, valid)``: (n, d) float32
+    unit rows and a (n,) bool mask, False where a row had NaN/Inf values or zero length
+    (those rows are zeros).
+    """
+    if fusion not in FUSIONS:
+        raise InputError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    given = {"image": image, "text": text}
+    for kind in FUSIONS[fusion]:
+        if given[kind] is None:
+            raise InputError(f"fusion {fusion!r} needs {kind} embeddings")
+    if fusion != "image+text":
+        return _unit_rows(given[fusion])
+    if image.shape != text.shape:
+        raise InputError(f"image rows {image.shape} and text rows {text.shape} differ; image+text needs equal shapes")
+    image_unit, image_valid = _unit_rows(image)
+    text_unit, text_valid = _unit_rows(text)
+    image_unit += text_unit
+    del text_unit
+    fused, fused_valid = _unit_rows(image_unit, copy=False)
+    return fused, image_valid & text_valid & fused_valid
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One part of the collection: its number (from the file names) and its row count."""
+
+    number: int
+    rows: int
+
+
+@dataclass
+class ClusterInputs:
+    """The shards to cluster, checked before anything is computed or written.
+
+    ``folders`` must hold the embeddings that ``fusion`` reads and the metadata (whose
+    ``key_column`` names each sample in the labels). ``key_column=None`` takes the first of
+    ``key``, ``image_path``, ``url`` that the metadata has. Checks: the same part numbers
+    in every folder, equal row counts of the files of one part, float embeddings of one
+    dimension across shards (and between image and text for ``image+text``), the key
+    column in every metadata file. Rows themselves are checked by :func:`scan`.
+    """
+
+    folders: EmbeddingFolders
+    fusion: str = "image+text"
+    key_column: str | None = None
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    shards: list[Shard] = field(init=False)
+    dimension: int = field(init=False)
+    dtypes: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise InputError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if self.chunk_rows < 1:
+            raise InputError(f"chunk_rows must be positive, got {self.chunk_rows}")
+        self.kinds = FUSIONS[self.fusion]
+        for kind in (*self.kinds, "metadata"):
+            if getattr(self.folders, kind) is None:
+                flag = {"image": "--image-emb", "text": "--text-emb", "metadata": "--metadata"}[kind]
+                why = "the keys of the labels come from it" if kind == "metadata" else f"fusion {self.fusion!r} reads it"
+                raise InputError(f"no {kind} folder was given ({flag}); {why}")
+        numbers = self.folders.numbers([*self.kinds, "metadata"])
+        self._files = {kind: self.folders.files(kind) for kind in (*self.kinds, "metadata")}
+        shards, dimensions, dtypes = [], {}, {}
+        for number in numbers:
+            counts = {}
+            for kind in self.kinds:
+                array = self.folders.load(kind, number)
+                path = self.path(kind, number)
+                if array.dtype.kind != "f":
+                    raise InputError(f"{path}: dtype {array.dtype} is not a float type; expected float16 or float32 embeddings")
+                counts[kind] = array.shape[0]
+                dimension = int(array.shape[1])
+                first = dimensions.setdefault(kind, (dimension, path))
+                if dimension != first[0]:
+                    raise InputError(
+                        f"{path}: dimension {dimension}, but {first[1]} has {first[0]}; "
+                        "every shard must come from the same model"
+                    )
+                dtypes.setdefault(kind, str(array.dtype))
+                del array
+            counts["metadata"] = self._metadata_rows(number)
+            if len(set(counts.values())) != 1:
+                listing = ", ".join(f"{self.path(k, number).name} has {n}" for k, n in counts.items())
+                raise InputError(
+                    f"part {number}: {listing} rows; the files of one part must describe the same samples row by row"
+                )
+            shards.append(Shard(number, counts["metadata"]))
+        if self.fusion == "image+text" and dimensions["image"][0] != dimensions["text"][0]:
+            raise InputError(
+                f"image embeddings are {dimensions['image'][0]}-d ({dimensions['image'][1]}) and text embeddings "
+                f"{dimensions['text'][0]}-d ({dimensions['text'][1]}); image+text averages them, so both must come "
+                "from the same CLIP model (or choose --fusion image or --fusion text)"
+            )
+        self.shards = shards
+        self.dimension = dimensions[self.kinds[0]][0]
+        self.dtypes = dtypes
+        if self.num_rows == 0:
+            raise InputError(f"{self.folders.folder(self.kinds[0])}: the shards hold no samples")
+
+    def _metadata_rows(self, number: int) -> int:
+        import pyarrow.parquet as pq
+
+        path = self.path("metadata", number)
+        try:
+            schema = pq.read_schema(path)
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as error:  # pyarrow raises several types for damaged files
+            raise InputError(f"{path}: not a readable parquet file ({error})") from error
+        if self.key_column is None:
+            present = [name for name in KEY_COLUMNS if name in schema.names]
+            if not present:
+                raise InputError(
+                    f"{path}: none of the key columns {', '.join(KEY_COLUMNS)} is present (columns: "
+                    f"{', '.join(schema.names)}); add one or name it with --key-column"
+                )
+            self.key_column = present[0]
+        elif self.key_column not in schema.names:
+            raise InputError(
+                f"{path}: no key column {self.key_column!r} (columns: {', '.join(schema.names)}); "
+                f"choose another with --key-column"
+            )
+        return rows
+
+    @property
+    def num_rows(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    def shard(self, number: int) -> Shard:
+        for shard in self.shards:
+            if shard.number == number:
+                return shard
+        raise InputError(f"no part {number} in {self.folders.folder(self.kinds[0])}")
+
+    def path(self, kind: str, number: int) -> Path:
+        return self._files[kind][number]
+
+    def fingerprint(self) -> dict:
+        """What identifies these inputs in an output folder's records (paths excluded, so
+        that nodes mounting the data elsewhere agree)."""
+        return {
+            "fusion": self.fusion,
+            "key_column": self.key_column,
+            "dimension": self.dimension,
+            "shards": {str(shard.number): shard.rows for shard in self.shards},
+        }
+
+    def _rows(self, kind: str, number: int, start: int, stop: int) -> np.ndarray:
+        # A fresh mapping per chunk (fusion copies the rows out of it): once the chunk is
+        # dropped, its pages leave the resident set, so RSS stays one chunk whatever N is.
+        return np.load(self.path(kind, number), mmap_mode="r", allow_pickle=False)[start:stop]
+
+    def chunks(self, shard: Shard) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(start, rows, valid)`` per chunk of ``shard``: fused (n, d) float32 unit rows of
+        samples ``start .. start + n`` and their validity mask (see :func:`fuse`)."""
+        for start in range(0, shard.rows, self.chunk_rows):
+            stop = min(start + self.chunk_rows, shard.rows)
+            arrays = {kind: self._rows(kind, shard.number, start, stop) for kind in self.kinds}
+            rows, valid = fuse(fusion=self.fusion, **arrays)
+            del arrays
+            yield start, rows, valid
+
+    def keys(self, shard: Shard):
+        """The key column of ``shard``'s metadata, a ``pyarrow.Array`` in row order."""
+        import pyarrow.parquet as pq
+
+        path = self.path("metadata", shard.number)
+        try:
+            column = pq.read_table(path, columns=[self.key_column]).column(0)
+        except Exception as error:
+            raise InputError(f"{path}: cannot read column {self.key_column!r} ({error})") from error
+        return column.combine_chunks()
+
+    def explain_invalid(self, shard: Shard, rows: np.ndarray, null_keys: np.ndarray) -> str:
+        """Which file holds the bad ``rows`` of ``shard``, and what is wrong with them."""
+        problems = []
+        if len(null_keys):
+            problems.append(
+                f"{self.path('metadata', shard.number)}: no {self.key_column!r} (null) at {_rows_text(null_keys)}; "
+                "every sample needs a key to be joined with its label"
+            )
+        vector_rows = np.setdiff1d(rows, null_keys)
+        found = False
+        for kind in self.kinds:
+            bad = []
+            for start in range(0, len(vector_rows), self.chunk_rows):
+                batch = vector_rows[start:start + self.chunk_rows]
+                array = np.load(self.path(kind, shard.number), mmap_mode="r", allow_pickle=False)
+                _, valid = _unit_rows(array[batch])
+                bad.extend(batch[~valid].tolist())
+            if bad:
+                found = True
+                problems.append(f"{self.path(kind, shard.number)}: NaN/Inf values or an all-zero vector at {_rows_text(np.asarray(bad))}")
+        if len(vector_rows) and not found:  # each row is fine alone, but image and text cancel out
+            problems.append(f"part {shard.number}: image and text embeddings that cancel out (sum to zero) at {_rows_text(vector_rows)}")
+        return "; ".join(problems)
+
+
+def _rows_text(rows: np.ndarray, show: int = 5) -> str:
+    listed = ", ".join(str(int(r)) for r in rows[:show])
+    more = f" and {len(rows) - show} more" if len(rows) > show else ""
+    return f"row{'s' if len(rows) > 1 else ''} {listed}{more}"
+
+
+def plan_sample(rows: list[int], size: int, seed) -> list[np.ndarray]:
+    """A uniform sample without replacement of ``size`` rows from shards of ``rows`` rows.
+
+    Returns, per shard, the sorted row numbers drawn (all rows when ``size`` is at least
+    the total). Memory is that of the largest shard, not of the whole collection.
+    """
+    total = int(sum(rows))
+    if size >= total:
+        return [np.arange(n, dtype=np.int64) for n in rows]
+    rng = np.random.default_rng(seed)
+    counts = rng.multivariate_hypergeometric(np.asarray(rows, dtype=np.int64), size, method="marginals")
+    return [np.sort(rng.choice(n, c, replace=False)).astype(np.int64) for n, c in zip(rows, counts)]
+
+
+@dataclass
+class ScanResult:
+    """What one pass over the shards found.
+
+    ``invalid`` maps a shard number to its sorted invalid rows (NaN/Inf, zero length, or a
+    null key); ``sample`` is the (n, d) float32 training sample of valid unit rows, or None.
+    ``planned`` is the sample size drawn before invalid rows were left out.
+    """
+
+    invalid: dict[int, np.ndarray]
+    sample: np.ndarray | None = None
+    planned: int = 0
+
+    @property
+    def num_invalid(self) -> int:
+        return int(sum(len(rows) for rows in self.invalid.values()))
+
+
+def scan(
+    inputs: ClusterInputs,
+    shards: list[Shard],
+    *,
+    skip_invalid: bool = False,
+    sample_size: int = 0,
+    seed=0,
+    desc: str = "check",
+) -> ScanResult:
+    """Read ``shards`` once: check every row and key, and draw the training sample.
+
+    Raises :class:`InputError` at the first shard with an invalid row unless
+    ``skip_invalid``, in which case invalid rows are counted and left out. With
+    ``sample_size`` > 0, a uniform random sample of that many rows (``seed``) is gathered
+    as unit rows while the shards stream by.
+    """
+    plan = plan_sample([s.rows for s in shards], sample_size, seed) if sample_size > 0 else None
+    planned = sum(len(p) for p in plan) if plan is not None else 0
+    sample = np.empty((planned, inputs.dimension), dtype=np.float32) if plan is not None else None
+    filled = 0
+    invalid: dict[int, np.ndarray] = {}
+    bar = progress(total=sum(s.rows for s in shards), desc=desc, unit="sample")
+    try:
+        for position, shard in enumerate(shards):
+            key_valid = ~np.asarray(inputs.keys(shard).is_null(), dtype=bool)
+            null_keys = np.flatnonzero(~key_valid)
+            if len(null_keys) and not skip_invalid:
+                raise InputError(inputs.explain_invalid(shard, np.empty(0, np.int64), null_keys) + _INVALID_HINT)
+            wanted = plan[position] if plan is not None else None
+            bad = [null_keys]
+            for start, rows, valid in inputs.chunks(shard):
+                stop = start + len(rows)
+                if not valid.all():
+                    bad.append(start + np.flatnonzero(~valid))
+                if wanted is not None:
+                    lo, hi = np.searchsorted(wanted, [start, stop])
+                    picked = wanted[lo:hi] - start
+                    picked = picked[valid[picked] & key_valid[start + picked]]
+                    sample[filled:filled + len(picked)] = rows[picked]
+                    filled += len(picked)
+                bar.update(len(rows))
+            bad_rows = np.unique(np.concatenate(bad)).astype(np.int64)
+            if len(bad_rows) and not skip_invalid:
+                raise InputError(inputs.explain_invalid(shard, bad_rows, null_keys) + _INVALID_HINT)
+            if len(bad_rows):
+                invalid[shard.number] = bad_rows
+    finally:
+        bar.close()
+    return ScanResult(invalid, None if sample is None else sample[:filled], planned)
+
+
+_INVALID_HINT = "; fix or remove these rows, or pass --skip-invalid to leave them out (they are counted and reported)"

@@ -1,0 +1,615 @@
+"""Clustering runs: resumable stages that meet only through the files under ``OUT``.
+
+::
+
+    OUT/centroids.npy               (k, d) float32 centroids (unit rows when spherical)
+    OUT/centroids.json              how they were trained: settings, inputs, training points
+    OUT/assignment.json             which inputs the labels describe (checked on resume)
+    OUT/labels/labels_{i}.parquet   one per input part i: key, label (int64), similarity (float32)
+    OUT/cluster_sizes.npy           (k,) int64 samples per cluster
+    OUT/cluster_sizes.png           their histogram
+    OUT/clusters.json               the summary
+    OUT/parts/part_{p}.npy          hierarchical mode: part p's centroids (k_p, d) float32,
+    OUT/parts/part_{p}_sizes.npy    (k_p,) int64 training points per centroid,
+    OUT/parts/part_{p}.json         and its record (written last: the part is done)
+
+Every file is written under a temporary name and renamed. A stage that finds its output
+(with a record of the same settings) skips it, so a killed run started again continues;
+a record with other settings is an error rather than a silent mix of two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample, scan
+from unicom.cluster.kmeans import INITS, CentroidSearch, train_kmeans, use_gpu
+from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
+from unicom.errors import InputError
+from unicom.files import numbered_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
+from unicom.progress import progress
+
+LABEL_METADATA_KEY = b"unicom.labels"
+
+
+@dataclass(frozen=True)
+class KMeansSettings:
+    """The k-means of one run: ``k`` clusters trained on ``k · points_per_centroid``
+    random samples (all of them when fewer) for ``iterations`` Lloyd iterations."""
+
+    k: int
+    iterations: int = 20
+    points_per_centroid: int = 256
+    seed: int = 0
+    spherical: bool = True
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        for name in ("k", "iterations", "points_per_centroid"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.init not in INITS:
+            raise InputError(f"unknown k-means initialisation {self.init!r}; choose one of {', '.join(INITS)}")
+
+    @property
+    def sample_size(self) -> int:
+        return self.k * self.points_per_centroid
+
+
+class ClusterFolder:
+    """The paths of one run's output folder (see the module docstring)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.centroids = self.root / "centroids.npy"
+        self.centroids_record = self.root / "centroids.json"
+        self.assignment_record = self.root / "assignment.json"
+        self.labels = self.root / "labels"
+        self.sizes = self.root / "cluster_sizes.npy"
+        self.histogram = self.root / "cluster_sizes.png"
+        self.summary = self.root / "clusters.json"
+        self.parts = self.root / "parts"
+
+    def label_path(self, number: int) -> Path:
+        return self.labels / f"labels_{number}.parquet"
+
+    def part_paths(self, part: int) -> tuple[Path, Path, Path]:
+        """Centroids, sizes and record of hierarchical part ``part``."""
+        return (self.parts / f"part_{part}.npy", self.parts / f"part_{part}_sizes.npy", self.parts / f"part_{part}.json")
+
+    def read_record(self) -> dict:
+        """``centroids.json``: how the centroids were trained."""
+        if not (self.centroids.is_file() and self.centroids_record.is_file()):
+            raise InputError(
+                f"{self.root}: no trained centroids (centroids.npy and centroids.json); run `unicom cluster` "
+                "or, in hierarchical mode, `unicom cluster part` and `unicom cluster merge` first"
+            )
+        return _read_json(self.centroids_record)
+
+    def read_centroids(self) -> tuple[np.ndarray, dict]:
+        """The (k, d) float32 centroids and their record, checked against each other."""
+        record = self.read_record()
+        centroids = np.load(self.centroids, allow_pickle=False)
+        if centroids.shape != (record["k"], record["dimension"]):
+            raise InputError(
+                f"{self.centroids}: shape {centroids.shape}, but {self.centroids_record.name} says "
+                f"({record['k']}, {record['dimension']}); the folder was altered, run again into a new --out"
+            )
+        return centroids, record
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable JSON record ({error}); delete it to redo its stage") from error
+
+
+def _check_record(path: Path, expected: dict) -> dict | None:
+    """The record at ``path`` if it exists and agrees with ``expected``; an error if it
+    disagrees (a resumed run must not mix two settings); None if there is none."""
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    differences = [_difference(key, record.get(key), value) for key, value in expected.items() if record.get(key) != value]
+    if differences:
+        raise InputError(
+            f"{path} was written by a run with other settings ({'; '.join(differences)}); "
+            f"use another --out, or delete {path} and what was made from it to start over"
+        )
+    return record
+
+
+def _difference(key: str, there, now) -> str:
+    if isinstance(there, dict) and isinstance(now, dict):  # name the fields, not whole listings
+        keys = [k for k in {**there, **now} if there.get(k) != now.get(k)]
+        return "; ".join(_difference(f"{key}.{k}", there.get(k), now.get(k)) for k in keys[:5])
+    there_text, now_text = json.dumps(there), json.dumps(now)
+    if len(there_text) + len(now_text) > 120:
+        return f"{key} differs"
+    return f"{key} {there_text} there, {now_text} now"
+
+
+def sample_seed(settings: KMeansSettings, part: int | None = None) -> tuple:
+    """Seed of the training sample of a single run (``part`` None) or of one part."""
+    return (settings.seed, 0) if part is None else (settings.seed, 0, part + 1)
+
+
+def kmeans_seed(settings: KMeansSettings, part: int | None = None) -> tuple:
+    """Seed of the initial centroids (and of faiss) of a single run or of one part."""
+    return (settings.seed, 1) if part is None else (settings.seed, 1, part + 1)
+
+
+def training_sample(
+    inputs: ClusterInputs,
+    settings: KMeansSettings,
+    shards: list[Shard] | None = None,
+    *,
+    part: int | None = None,
+    skip_invalid: bool = False,
+) -> ScanResult:
+    """Check ``shards`` (default all) and draw the training sample of ``settings``: the
+    scan whose ``sample`` a run trains on (``part`` selects a hierarchical part's seed)."""
+    shards = list(inputs.shards) if shards is None else shards
+    desc = "read" if part is None else f"read part {part}"
+    return scan(inputs, shards, skip_invalid=skip_invalid, sample_size=settings.sample_size, seed=sample_seed(settings, part), desc=desc)
+
+
+def _training_record(trained, result: ScanResult, settings: KMeansSettings, gpu: bool, read_seconds: float) -> dict:
+    return {
+        "training_points": trained.training_points,
+        "planned_training_points": result.planned,
+        "points_per_centroid_used": trained.training_points / settings.k,
+        "invalid_rows": result.num_invalid,
+        "mean_similarity": trained.mean_similarity,
+        "mean_squared_distance": trained.mean_squared_distance,
+        "objective_per_iteration": trained.objective,
+        "empty_clusters_on_training_points": trained.empty_clusters,
+        "device": "gpu" if gpu else "cpu",
+        "seconds": {"read": read_seconds, "kmeans": trained.seconds},
+    }
+
+
+def _train_on(
+    inputs: ClusterInputs,
+    shards: list[Shard],
+    settings: KMeansSettings,
+    *,
+    part: int | None,
+    skip_invalid: bool,
+    device: str,
+) -> tuple:
+    """Check ``shards``, sample and train: (KMeansResult, ScanResult, record fields)."""
+    where = "" if part is None else f" of part {part}"
+    rows = sum(s.rows for s in shards)
+    if settings.k > rows:
+        raise InputError(f"k = {settings.k} is larger than the {rows} samples{where}; lower --k")
+    gpu = use_gpu(device)
+    started = time.perf_counter()
+    result = training_sample(inputs, settings, shards, part=part, skip_invalid=skip_invalid)
+    read_seconds = time.perf_counter() - started
+    valid = rows - result.num_invalid
+    if settings.k > valid:
+        raise InputError(f"k = {settings.k} is larger than the {valid} valid samples{where}; lower --k")
+    trained = train_kmeans(
+        result.sample, settings.k, iterations=settings.iterations, seed=kmeans_seed(settings, part),
+        spherical=settings.spherical, init=settings.init, gpu=gpu,
+        desc="k-means" if part is None else f"k-means part {part}",
+    )
+    result.sample = None  # the sample is the largest thing in memory: let it go now
+    fields = {
+        "k": settings.k,
+        "dimension": inputs.dimension,
+        "fusion": inputs.fusion,
+        "key_column": inputs.key_column,
+        "spherical": settings.spherical,
+        "samples": rows,
+        "valid_samples": valid,
+        **_training_record(trained, result, settings, gpu, read_seconds),
+    }
+    return trained, result, fields
+
+
+def train_centroids(
+    inputs: ClusterInputs,
+    out,
+    settings: KMeansSettings,
+    *,
+    skip_invalid: bool = False,
+    device: str = "auto",
+) -> tuple[dict, ScanResult | None]:
+    """Stage 1 on one machine: check every shard, sample, train, write the centroids.
+
+    Returns the centroids record and the scan (None when finished centroids were found,
+    so nothing was read). Nothing is written before every shard has been checked.
+    """
+    folder = ClusterFolder(out)
+    expected = {"mode": "single", "settings": asdict(settings), "inputs": inputs.fingerprint()}
+    record = _check_record(folder.centroids_record, expected)
+    if record is not None and folder.centroids.is_file():
+        return record, None
+    trained, result, fields = _train_on(inputs, inputs.shards, settings, part=None, skip_invalid=skip_invalid, device=device)
+    record = {**expected, **fields}
+    save_npy_atomic(folder.centroids, trained.centroids)
+    write_json_atomic(folder.centroids_record, record)  # last: the centroids are complete
+    return record, result
+
+
+def _select(inputs: ClusterInputs, numbers: list[int] | None) -> list[Shard]:
+    if numbers is None:
+        return list(inputs.shards)
+    return [inputs.shard(number) for number in numbers]
+
+
+def assign_labels(
+    inputs: ClusterInputs,
+    out,
+    *,
+    shards: list[int] | None = None,
+    skip_invalid: bool = False,
+    device: str = "auto",
+    scan_result: ScanResult | None = None,
+    on_shard_done: Callable[[int], None] | None = None,
+) -> dict:
+    """Stage 2: label every sample of ``shards`` (part numbers; default all) with its
+    nearest centroid, one ``labels_{i}.parquet`` per part, skipping parts already labelled.
+
+    The parts to label are checked first (unless ``scan_result`` from this run covers
+    them), so a bad row stops the run before a label file is written. ``on_shard_done``
+    is called with each part number once its file is in place.
+    """
+    folder = ClusterFolder(out)
+    centroids, record = folder.read_centroids()
+    if record["fusion"] != inputs.fusion:
+        raise InputError(
+            f"{folder.centroids_record}: the centroids were trained on {record['fusion']} rows, these inputs are "
+            f"fused as {inputs.fusion}; use --fusion {record['fusion']}"
+        )
+    if record["dimension"] != inputs.dimension:
+        raise InputError(
+            f"the centroids in {folder.centroids} are {record['dimension']}-d but the embeddings are {inputs.dimension}-d; "
+            "assign with embeddings of the model the centroids were trained on"
+        )
+    expected = {"inputs": inputs.fingerprint()}
+    assignment = _check_record(folder.assignment_record, expected)
+    selected = _select(inputs, shards)
+    pending = [shard for shard in selected if not folder.label_path(shard.number).is_file()]
+    report = {"parts": len(selected), "written": [s.number for s in pending], "rows": sum(s.rows for s in pending)}
+    if not pending:
+        report.update(invalid_rows=0, seconds=0.0)
+        return report
+    if scan_result is None:
+        scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
+    if assignment is None:
+        write_json_atomic(folder.assignment_record, {**expected, "dropped_below": 0})
+    search = CentroidSearch(centroids, spherical=record["spherical"], gpu=use_gpu(device))
+    started = time.perf_counter()
+    bar = progress(total=report["rows"], desc="assign", unit="sample")
+    try:
+        for shard in pending:
+            _assign_shard(inputs, folder, shard, search, scan_result.invalid.get(shard.number), bar)
+            if on_shard_done is not None:
+                on_shard_done(shard.number)
+    finally:
+        bar.close()
+    report.update(
+        invalid_rows=int(sum(len(scan_result.invalid.get(s.number, ())) for s in pending)),
+        seconds=time.perf_counter() - started,
+    )
+    return report
+
+
+def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, search: CentroidSearch, invalid, bar) -> None:
+    import pyarrow as pa
+
+    keep = np.ones(shard.rows, dtype=bool)
+    if invalid is not None:
+        keep[invalid] = False
+    keys = inputs.keys(shard)
+    labels = np.empty(shard.rows, dtype=np.int64)
+    similarity = np.empty(shard.rows, dtype=np.float32)
+    for start, rows, valid in inputs.chunks(shard):
+        stop = start + len(rows)
+        if (~valid & keep[start:stop]).any():
+            raise InputError(
+                f"part {shard.number}: rows {(start + np.flatnonzero(~valid & keep[start:stop]))[:5].tolist()} became "
+                "invalid (NaN/Inf or zero) after the part was checked; was the file changed during the run?"
+            )
+        labels[start:stop], similarity[start:stop] = search.search(rows)
+        bar.update(len(rows))
+    mask = pa.array(keep)
+    table = pa.table({"key": keys.filter(mask), "label": labels[keep], "similarity": similarity[keep]})
+    facts = {"rows": shard.rows, "invalid": int(shard.rows - keep.sum()), "key_column": inputs.key_column}
+    table = table.replace_schema_metadata({LABEL_METADATA_KEY: json.dumps(facts).encode()})
+    write_parquet_atomic(folder.label_path(shard.number), table)
+
+
+def _label_facts(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    if LABEL_METADATA_KEY not in metadata:
+        raise InputError(f"{path}: not a label file written by unicom cluster (no {LABEL_METADATA_KEY.decode()} metadata)")
+    return json.loads(metadata[LABEL_METADATA_KEY])
+
+
+def summarize(
+    out, *, tiny_cluster_size: int = 10, min_cluster_size: int = 0, plot: bool = True, seconds: dict | None = None
+) -> dict:
+    """Stage 3: cluster sizes, their histogram and ``clusters.json``, once every part is
+    labelled; with ``min_cluster_size``, drop from the label files the samples of the
+    clusters smaller than that (label ids are kept, so they still index the centroids).
+    ``seconds`` (the stage timings of this run) is recorded as it is."""
+    import pyarrow.parquet as pq
+
+    folder = ClusterFolder(out)
+    record = folder.read_record()
+    if not folder.assignment_record.is_file():
+        raise InputError(f"{folder.root}: no labels yet; run `unicom cluster assign` first")
+    assignment = _read_json(folder.assignment_record)
+    numbers = sorted(int(n) for n in assignment["inputs"]["shards"])
+    missing = [n for n in numbers if not folder.label_path(n).is_file()]
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise InputError(f"{len(missing)} of {len(numbers)} parts have no labels yet (parts {listed}); run `unicom cluster assign` for them")
+    applied = int(assignment.get("dropped_below", 0))
+    if 0 < min_cluster_size < applied:
+        raise InputError(
+            f"the labels in {folder.labels} were already filtered with --min-cluster-size {applied}; "
+            f"to use {min_cluster_size}, delete {folder.labels} and {folder.assignment_record} and assign again"
+        )
+    k = record["k"]
+    facts = {n: _label_facts(folder.label_path(n)) for n in numbers}
+    if applied == 0:  # the files hold every labelled sample: count them
+        sizes = np.zeros(k, dtype=np.int64)
+        similarity_sum = 0.0
+        for n in numbers:
+            table = pq.read_table(folder.label_path(n), columns=["label", "similarity"])
+            sizes += np.bincount(table.column("label").to_numpy(), minlength=k)
+            similarity_sum += float(np.sum(table.column("similarity").to_numpy(), dtype=np.float64))
+        save_npy_atomic(folder.sizes, sizes)
+        assignment["mean_similarity"] = similarity_sum / max(int(sizes.sum()), 1)
+    else:  # some files may be filtered already: the sizes were saved before filtering
+        if not folder.sizes.is_file():
+            raise InputError(
+                f"{folder.sizes} is missing but the labels were filtered with --min-cluster-size {applied}; "
+                f"delete {folder.labels} and {folder.assignment_record} and assign again"
+            )
+        sizes = np.load(folder.sizes, allow_pickle=False)
+    threshold = max(applied, min_cluster_size)
+    if threshold > applied:  # recorded before the first file changes, so a resumed run knows
+        assignment["dropped_below"] = threshold
+        write_json_atomic(folder.assignment_record, assignment)
+    if threshold > 0:
+        _drop_small_clusters(folder, numbers, sizes, threshold)
+    statistics = size_statistics(sizes, tiny_cluster_size)
+    small = sizes < threshold
+    summary = {
+        "mode": record["mode"],
+        "k": k,
+        "dimension": record["dimension"],
+        "fusion": record["fusion"],
+        "key_column": facts[numbers[0]]["key_column"],
+        "spherical": record["spherical"],
+        "seed": record["settings"]["seed"],
+        "iterations": record["settings"]["iterations"],
+        "init": record["settings"]["init"],
+        "points_per_centroid": record["settings"]["points_per_centroid"],
+        "training_points": record["training_points"],
+        "objective": {
+            "mean_similarity_training": record["mean_similarity"],
+            "mean_squared_distance_training": record["mean_squared_distance"],
+            "per_iteration": record["objective_per_iteration"],
+        },
+        "mean_similarity": assignment.get("mean_similarity"),
+        "samples": int(sum(f["rows"] for f in facts.values())),
+        "invalid_rows": int(sum(f["invalid"] for f in facts.values())),
+        "labelled": int(sizes.sum()),
+        "min_cluster_size": threshold,
+        "dropped_clusters": int((small & (sizes > 0)).sum()),
+        "dropped_samples": int(sizes[small].sum()),
+        "cluster_sizes": statistics,
+        "histogram": folder.histogram.name if plot else None,
+        "parts": len(numbers),
+    }
+    if record["mode"] == "hierarchical":
+        summary["hierarchical"] = record["hierarchical"]
+    if seconds is not None:
+        summary["seconds"] = seconds
+    if plot:
+        plot_cluster_sizes(sizes, folder.histogram, tiny_cluster_size=tiny_cluster_size, min_cluster_size=threshold or None)
+    write_json_atomic(folder.summary, summary)
+    return summary
+
+
+def _drop_small_clusters(folder: ClusterFolder, numbers: list[int], sizes: np.ndarray, threshold: int) -> None:
+    # Idempotent: a file already filtered holds no row of a small cluster and is left alone,
+    # so a run killed half-way through simply filters the rest when started again.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    small = np.flatnonzero(sizes < threshold)
+    if len(small) == 0:
+        return
+    for n in numbers:
+        path = folder.label_path(n)
+        table = pq.read_table(path)
+        drop = pc.is_in(table.column("label"), value_set=pa.array(small))
+        if pc.any(drop).as_py():
+            write_parquet_atomic(path, table.filter(pc.invert(drop)).replace_schema_metadata(table.schema.metadata))
+
+
+def cluster(
+    inputs: ClusterInputs,
+    out,
+    settings: KMeansSettings,
+    *,
+    skip_invalid: bool = False,
+    device: str = "auto",
+    tiny_cluster_size: int = 10,
+    min_cluster_size: int = 0,
+    plot: bool = True,
+    on_shard_done: Callable[[int], None] | None = None,
+) -> dict:
+    """The whole of stage 1 on one machine: train, assign every part, summarise.
+
+    Returns the summary written to ``OUT/clusters.json``, with this run's stage timings
+    in seconds: ``read`` (checking every row and gathering the sample) and ``kmeans`` make
+    up ``train``; ``assign`` is the streaming pass (read, fuse, search, write).
+    """
+    started = time.perf_counter()
+    record, result = train_centroids(inputs, out, settings, skip_invalid=skip_invalid, device=device)
+    trained = time.perf_counter()
+    assignment = assign_labels(inputs, out, skip_invalid=skip_invalid, device=device, scan_result=result, on_shard_done=on_shard_done)
+    seconds = {
+        # 0 when the centroids of an earlier run were found
+        "read": record["seconds"]["read"] if result is not None else 0.0,
+        "kmeans": record["seconds"]["kmeans"] if result is not None else 0.0,
+        "train": trained - started if result is not None else 0.0,
+        "assign": assignment["seconds"],
+    }
+    return summarize(out, tiny_cluster_size=tiny_cluster_size, min_cluster_size=min_cluster_size, plot=plot, seconds=seconds)
+
+
+# ---- hierarchical mode: parts cluster slices of the shards, a merge clusters their union
+
+
+def split_shards(shards: list[Shard], part: int, num_parts: int) -> list[Shard]:
+    """Part ``part`` of ``num_parts`` contiguous, near-equal slices of ``shards``."""
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise InputError(f"--part {part}/{num_parts}: expected 0 <= part < parts (parts are numbered from 0)")
+    if num_parts > len(shards):
+        raise InputError(f"{num_parts} parts but only {len(shards)} shards; use at most {len(shards)} parts")
+    size, extra = divmod(len(shards), num_parts)
+    start = part * size + min(part, extra)
+    return shards[start:start + size + (part < extra)]
+
+
+def train_part(
+    inputs: ClusterInputs,
+    out,
+    settings: KMeansSettings,
+    part: int,
+    num_parts: int,
+    *,
+    skip_invalid: bool = False,
+    device: str = "auto",
+) -> dict:
+    """Cluster part ``part`` of ``num_parts`` (its slice of the shards) into ``settings.k``
+    centroids; writes ``OUT/parts/part_{part}.*``. Independent of every other part."""
+    folder = ClusterFolder(out)
+    centroids_path, sizes_path, record_path = folder.part_paths(part)
+    shards = split_shards(inputs.shards, part, num_parts)
+    expected = {"part": part, "num_parts": num_parts, "settings": asdict(settings), "inputs": inputs.fingerprint()}
+    record = _check_record(record_path, expected)
+    if record is not None:
+        return record
+    trained, _, fields = _train_on(inputs, shards, settings, part=part, skip_invalid=skip_invalid, device=device)
+    record = {**expected, "shards": [s.number for s in shards], **fields}
+    save_npy_atomic(centroids_path, trained.centroids)
+    save_npy_atomic(sizes_path, trained.sizes)
+    write_json_atomic(record_path, record)  # last: the part is complete
+    return record
+
+
+def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
+    """Cluster the union of all parts' centroids into ``settings.k`` final centroids.
+
+    Each part centroid weighs as many samples as it stands for (its training points,
+    scaled by the part's valid samples over its training points). The union is sampled
+    to ``k · points_per_centroid`` centroids when larger. Writes ``centroids.npy``/``.json``.
+    """
+    folder = ClusterFolder(out)
+    listing = numbered_files(folder.parts, "part_", ".json") if folder.parts.is_dir() else []
+    if not listing:
+        raise InputError(f"{folder.parts}: no part results; run `unicom cluster part --part P/N ...` for every part first")
+    records = {number: _read_json(path) for number, path in listing}
+    first = next(iter(records.values()))
+    num_parts = first["num_parts"]
+    for number, part in records.items():
+        for key in ("num_parts", "inputs", "dimension", "spherical"):
+            if part[key] != first[key]:
+                raise InputError(
+                    f"{folder.part_paths(number)[2]}: {key} {json.dumps(part[key])} differs from "
+                    f"{json.dumps(first[key])} of part {next(iter(records))}; every part must come from the same run"
+                )
+    missing = sorted(set(range(num_parts)) - set(records))
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise InputError(
+            f"{len(missing)} of {num_parts} parts are not finished (parts {listed}); run "
+            f"`unicom cluster part --part P/{num_parts} ...` for each"
+        )
+    if settings.spherical != first["spherical"]:
+        raise InputError(f"the parts were trained with spherical={first['spherical']}; merge with the same (--euclidean or not)")
+    part_ks = [records[p]["k"] for p in range(num_parts)]
+    union = int(sum(part_ks))
+    hierarchical = {
+        "num_parts": num_parts,
+        "part_settings": first["settings"],
+        "union_centroids": union,
+    }
+    expected = {"mode": "hierarchical", "settings": asdict(settings), "inputs": first["inputs"], "hierarchical": hierarchical}
+    record = _check_record(folder.centroids_record, expected)
+    if record is not None and folder.centroids.is_file():
+        return record
+    if settings.k > union:
+        raise InputError(f"k = {settings.k} is larger than the {union} centroids of the {num_parts} parts; lower --k or raise the parts' k")
+    gpu = use_gpu(device)
+    started = time.perf_counter()
+    plan = plan_sample(part_ks, settings.sample_size, (settings.seed, 2))
+    points = np.empty((sum(len(rows) for rows in plan), first["dimension"]), dtype=np.float32)
+    weights = np.empty(len(points), dtype=np.float32)
+    filled = 0
+    for p, rows in enumerate(plan):
+        centroids_path, sizes_path, _ = folder.part_paths(p)
+        centroids = np.load(centroids_path, mmap_mode="r", allow_pickle=False)
+        sizes = np.load(sizes_path, allow_pickle=False)
+        if centroids.shape != (part_ks[p], first["dimension"]) or sizes.shape != (part_ks[p],):
+            raise InputError(f"{centroids_path}: shape {centroids.shape} (sizes {sizes.shape}) does not match its record; redo part {p}")
+        scale = records[p]["valid_samples"] / records[p]["training_points"]
+        points[filled:filled + len(rows)] = centroids[rows]
+        weights[filled:filled + len(rows)] = sizes[rows] * scale
+        filled += len(rows)
+        del centroids
+    read_seconds = time.perf_counter() - started
+    trained = train_kmeans(
+        points, settings.k, iterations=settings.iterations, seed=(settings.seed, 3), spherical=settings.spherical,
+        init=settings.init, weights=weights, gpu=gpu, desc="k-means merge",
+    )
+    result = ScanResult(invalid={}, planned=len(points))
+    record = {
+        **expected,
+        "k": settings.k,
+        "dimension": first["dimension"],
+        "fusion": first["fusion"],
+        "key_column": first["key_column"],
+        "spherical": settings.spherical,
+        "samples": int(sum(r["samples"] for r in records.values())),
+        "valid_samples": int(sum(r["valid_samples"] for r in records.values())),
+        **_training_record(trained, result, settings, gpu, read_seconds),
+        "invalid_rows": int(sum(r["invalid_rows"] for r in records.values())),
+        "part_training_points": int(sum(r["training_points"] for r in records.values())),
+    }
+    save_npy_atomic(folder.centroids, trained.centroids)
+    write_json_atomic(folder.centroids_record, record)
+    return record
+
+
+def load_labels(out, columns: list[str] | None = None):
+    """Every label file of ``OUT/labels`` in part order, as one ``pyarrow.Table``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = ClusterFolder(out)
+    files = numbered_files(folder.labels, "labels_", ".parquet")
+    if not files:
+        raise InputError(f"{folder.labels}: no labels_<N>.parquet files; run `unicom cluster` first")
+    return pa.concat_tables([pq.read_table(path, columns=columns) for _, path in files])

@@ -1,0 +1,182 @@
+"""``unicom cluster``: k-means pseudo-labels from image/text embeddings.
+
+One machine::
+
+    unicom cluster --image-emb IMG --text-emb TXT --metadata META --k 100000 --out OUT
+
+Many machines (each part clusters a slice of the shards; parts numbered from 0)::
+
+    unicom cluster part   --embeddings EMB --k 1000000 --part P/N --out OUT   # on every node
+    unicom cluster merge  --k 1000000 --out OUT                              # once
+    unicom cluster assign --embeddings EMB --part P/N --out OUT              # on every node
+    unicom cluster assign --embeddings EMB --out OUT                         # once: statistics
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from unicom.errors import InputError
+
+STAGES = {
+    "run": "train, assign and summarise on this machine (the default)",
+    "part": "hierarchical mode: cluster part P of N (a slice of the shards) into --k centroids",
+    "merge": "hierarchical mode: cluster the union of all parts' centroids into the final --k",
+    "assign": "label samples with OUT's centroids (a slice with --part); summarise when all are labelled",
+    "stats": "recompute the statistics and histogram of a labelled OUT (and apply --min-cluster-size)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "stages:\n" + "\n".join(f"  {name:7s} {text}" for name, text in STAGES.items()) + "\n\n" + __doc__.split("\n", 2)[2]
+    parser.add_argument("stage", nargs="?", choices=list(STAGES), default="run", help="what to do (default: run)")
+    inputs = parser.add_argument_group("inputs (the embedding folder layout; LAION's released embeddings work as they are)")
+    inputs.add_argument("--embeddings", metavar="ROOT", help="a folder with img_emb/, text_emb/ and metadata/ (unicom embed's output)")
+    inputs.add_argument("--image-emb", metavar="DIR", help="folder of img_emb_{i}.npy (float16 or float32)")
+    inputs.add_argument("--text-emb", metavar="DIR", help="folder of text_emb_{i}.npy")
+    inputs.add_argument("--metadata", metavar="DIR", help="folder of metadata_{i}.parquet, rows aligned with the npy files")
+    inputs.add_argument("--fusion", choices=["image", "text", "image+text"], default=None,
+                        help="what is clustered: image, text, or the mean of both after L2 normalisation "
+                             "(default image+text; assign uses the centroids' fusion)")
+    inputs.add_argument("--key-column", default=None, metavar="NAME",
+                        help="metadata column that names each sample in the labels (default: the first of key, image_path, url)")
+    inputs.add_argument("--skip-invalid", action="store_true",
+                        help="leave out rows with NaN/Inf values, zero length or no key (counted and reported) instead of stopping")
+    kmeans = parser.add_argument_group("k-means")
+    kmeans.add_argument("--k", type=int, help="number of clusters (pseudo-classes); for `part`, each part's number")
+    kmeans.add_argument("--points-per-centroid", type=int, metavar="N", default=256,
+                        help="train on a random sample of k x this many samples (all when fewer; default 256)")
+    kmeans.add_argument("--iterations", type=int, metavar="N", default=20, help="Lloyd iterations (default 20)")
+    kmeans.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the sample and the initial centroids (default 0)")
+    kmeans.add_argument("--init", choices=["random", "kmeans++"], default="random",
+                        help="initial centroids: random samples (default, as faiss) or greedy k-means++ (better for small k)")
+    kmeans.add_argument("--euclidean", action="store_true", help="plain (L2) k-means instead of spherical (cosine) k-means")
+    kmeans.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="auto: faiss's GPUs when it has any (default)")
+    parser.add_argument("--part", metavar="P/N", help="this process's part P of N (0 <= P < N): `part` and `assign`")
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument("--tiny-cluster-size", type=int, metavar="N", default=10, help="report clusters with fewer samples than this (default 10)")
+    stats.add_argument("--min-cluster-size", type=int, metavar="N", default=0,
+                       help="drop from the labels the samples of clusters smaller than this (default 0: keep all)")
+    parser.add_argument("--chunk-rows", type=int, metavar="N", default=65536, help="rows read and assigned at once (default 65536)")
+    parser.add_argument("--out", required=True, metavar="OUT", help="output folder (a run into an existing OUT resumes)")
+
+
+def _part(text: str | None, stage: str) -> tuple[int, int] | None:
+    if text is None:
+        if stage == "part":
+            raise InputError("`unicom cluster part` needs --part P/N (this process's part P of N, from 0)")
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise InputError(f"--part {text!r}: expected P/N, e.g. --part 3/160 (parts are numbered from 0)")
+    part, num_parts = int(match.group(1)), int(match.group(2))
+    if not 0 <= part < num_parts:
+        raise InputError(f"--part {text}: P must be between 0 and N - 1")
+    return part, num_parts
+
+
+def _inputs(args, fusion: str):
+    from unicom.cluster import ClusterInputs
+    from unicom.layout import EmbeddingFolders
+
+    explicit = {"image": args.image_emb, "text": args.text_emb, "metadata": args.metadata}
+    if args.embeddings:
+        folders = EmbeddingFolders.from_root(args.embeddings)
+        for kind, path in explicit.items():  # an explicit folder overrides the root's
+            if path:
+                setattr(folders, kind, path)
+    elif any(explicit.values()):
+        folders = EmbeddingFolders(**{kind: path for kind, path in explicit.items() if path})
+    else:
+        raise InputError("no inputs: give --embeddings ROOT, or --image-emb/--text-emb with --metadata")
+    return ClusterInputs(folders, fusion=fusion, key_column=args.key_column, chunk_rows=args.chunk_rows)
+
+
+def _settings(args):
+    from unicom.cluster import KMeansSettings
+
+    if args.k is None:
+        raise InputError(f"`unicom cluster {args.stage}` needs --k (the number of clusters)")
+    return KMeansSettings(
+        k=args.k, iterations=args.iterations, points_per_centroid=args.points_per_centroid,
+        seed=args.seed, spherical=not args.euclidean, init=args.init,
+    )
+
+
+def _print_training(record: dict, what: str) -> None:
+    seconds = record["seconds"]
+    print(
+        f"{what}: {record['k']:,} centroids from {record['training_points']:,} training points "
+        f"({record['points_per_centroid_used']:.1f} per centroid) in {seconds['read'] + seconds['kmeans']:.1f} s "
+        f"on the {record['device']}; mean cosine to the centroid {record['mean_similarity']:.4f}"
+    )
+    if record["points_per_centroid_used"] < 39:
+        print(f"  note: fewer than 39 training points per centroid; the centroids may be noisy (lower --k or give more samples)")
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    sizes = summary["cluster_sizes"]
+    print(
+        f"labelled {summary['labelled']:,} of {summary['samples']:,} samples in {summary['parts']} parts "
+        f"({summary['invalid_rows']:,} invalid rows skipped); mean cosine to the centroid {summary['mean_similarity']:.4f}"
+    )
+    print(
+        f"cluster sizes: min {sizes['min']:,}, median {sizes['percentiles']['50']:,.0f}, max {sizes['max']:,}; "
+        f"{sizes['empty']:,} empty, {sizes['tiny']:,} with fewer than {sizes['tiny_threshold']} samples"
+    )
+    if summary["min_cluster_size"]:
+        print(
+            f"dropped {summary['dropped_samples']:,} samples of {summary['dropped_clusters']:,} clusters smaller than "
+            f"{summary['min_cluster_size']}"
+        )
+    written = ["labels/labels_<i>.parquet", "centroids.npy", "cluster_sizes.npy", "clusters.json"]
+    if summary["histogram"]:
+        written.append(summary["histogram"])
+    print(f"wrote {', '.join(written)} in {out}")
+
+
+def run(args) -> int:
+    from unicom.cluster import assign_labels, cluster, merge_parts, summarize, train_part
+    from unicom.cluster.pipeline import ClusterFolder
+
+    part = _part(args.part, args.stage)
+    if part is not None and args.stage not in ("part", "assign"):
+        raise InputError(f"--part applies to `part` and `assign`, not `{args.stage}`")
+    if args.stage == "run":
+        inputs = _inputs(args, args.fusion or "image+text")
+        summary = cluster(
+            inputs, args.out, _settings(args), skip_invalid=args.skip_invalid, device=args.device,
+            tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size,
+        )
+        _print_training(ClusterFolder(args.out).read_record(), "trained")
+        _print_summary(summary, args.out)
+    elif args.stage == "part":
+        inputs = _inputs(args, args.fusion or "image+text")
+        record = train_part(inputs, args.out, _settings(args), *part, skip_invalid=args.skip_invalid, device=args.device)
+        _print_training(record, f"part {part[0]}/{part[1]} (shards {record['shards'][0]}..{record['shards'][-1]})")
+    elif args.stage == "merge":
+        record = merge_parts(args.out, _settings(args), device=args.device)
+        _print_training(record, f"merged {record['hierarchical']['num_parts']} parts")
+    elif args.stage == "assign":
+        record = ClusterFolder(args.out).read_record()
+        if args.fusion and args.fusion != record["fusion"]:
+            raise InputError(f"the centroids in {args.out} were trained on {record['fusion']} rows; use --fusion {record['fusion']}")
+        inputs = _inputs(args, record["fusion"])
+        numbers = None
+        if part is not None:
+            from unicom.cluster import split_shards
+
+            numbers = [s.number for s in split_shards(inputs.shards, *part)]
+        report = assign_labels(inputs, args.out, shards=numbers, skip_invalid=args.skip_invalid, device=args.device)
+        print(f"labelled {len(report['written'])} of {report['parts']} parts ({report['rows']:,} samples) in {report['seconds']:.1f} s")
+        if part is None:
+            _print_summary(summarize(args.out, tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size), args.out)
+        else:
+            print("when every part is labelled, run `unicom cluster assign` once without --part for the statistics")
+    else:
+        summary = summarize(args.out, tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size)
+        _print_summary(summary, args.out)
+    return 0

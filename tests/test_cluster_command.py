@@ -1,0 +1,135 @@
+"""`unicom cluster`: one machine, and the hierarchical part / merge / assign stages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from unicom.cli import main
+from unicom.cluster import Shard, load_labels, split_shards
+from unicom.errors import InputError
+from unicom.layout import write_part
+
+
+@pytest.fixture
+def collection(tmp_path):
+    """600 image–text pairs of 6 classes in 6 shards (float16, LAION-like), and the truth."""
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.standard_normal((32, 12)))[0].T  # 12 orthonormal directions
+    truth = rng.integers(0, 6, 600)
+    image = centres[truth] + 0.1 * rng.standard_normal((600, 32))
+    text = centres[6 + truth] + 0.1 * rng.standard_normal((600, 32))
+    for number in range(6):
+        rows = slice(100 * number, 100 * (number + 1))
+        write_part(
+            tmp_path / "emb", number,
+            image=image[rows].astype(np.float16), text=text[rows].astype(np.float16),
+            metadata=pa.table({"key": [f"{number:05d}{r:04d}" for r in range(100)], "caption": ["a photo"] * 100}),
+        )
+    return tmp_path / "emb", truth
+
+
+def ari(out, truth) -> float:
+    labels = load_labels(out)
+    rows = [int(key[:5]) * 100 + int(key[5:]) for key in labels.column("key").to_pylist()]
+    return adjusted_rand_score(truth[rows], labels.column("label").to_numpy())
+
+
+def test_one_machine_run_with_laion_style_folders(collection, tmp_path, capsys):
+    root, truth = collection
+    code = main([
+        "cluster", "--image-emb", str(root / "img_emb"), "--text-emb", str(root / "text_emb"),
+        "--metadata", str(root / "metadata"), "--k", "6", "--fusion", "image+text", "--init", "kmeans++",
+        "--out", str(tmp_path / "out"),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "6 centroids from 600 training points" in printed
+    assert "labelled 600 of 600 samples in 6 parts (0 invalid rows skipped)" in printed
+    assert ari(tmp_path / "out", truth) >= 0.95
+    summary = json.loads((tmp_path / "out" / "clusters.json").read_text())
+    assert (summary["fusion"], summary["k"], summary["dimension"], summary["mode"]) == ("image+text", 6, 32, "single")
+
+
+def test_bad_input_is_printed_without_a_traceback(collection, tmp_path, capsys):
+    root, _ = collection
+    code = main(["cluster", "--embeddings", str(root), "--k", "601", "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("unicom cluster: error: k = 601 is larger than the 600 samples")
+    assert "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_hierarchical_parts_merge_and_assign_label_every_sample(collection, tmp_path, capsys):
+    root, truth = collection
+    out = str(tmp_path / "out")
+    for part in range(3):  # what each node runs, independently
+        assert main(["cluster", "part", "--embeddings", str(root), "--k", "12", "--part", f"{part}/3", "--out", out]) == 0
+    assert main(["cluster", "merge", "--k", "6", "--init", "kmeans++", "--out", out]) == 0
+    for part in range(2):
+        assert main(["cluster", "assign", "--embeddings", str(root), "--part", f"{part}/2", "--out", out]) == 0
+    assert not (tmp_path / "out" / "clusters.json").exists()
+    assert main(["cluster", "assign", "--embeddings", str(root), "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "merged 3 parts: 6 centroids from 36 training points" in printed
+    assert "labelled 0 of 6 parts" in printed and "labelled 600 of 600 samples" in printed
+    records = [json.loads((tmp_path / "out" / "parts" / f"part_{p}.json").read_text()) for p in range(3)]
+    assert [r["shards"] for r in records] == [[0, 1], [2, 3], [4, 5]]
+    assert all(r["training_points"] == 200 for r in records)
+    summary = json.loads((tmp_path / "out" / "clusters.json").read_text())
+    assert summary["mode"] == "hierarchical" and summary["hierarchical"]["union_centroids"] == 36
+    assert ari(tmp_path / "out", truth) >= 0.95
+
+
+def test_merge_names_the_parts_still_missing(collection, tmp_path, capsys):
+    root, _ = collection
+    out = str(tmp_path / "out")
+    main(["cluster", "part", "--embeddings", str(root), "--k", "4", "--part", "1/3", "--out", out])
+    assert main(["cluster", "merge", "--k", "4", "--out", out]) == 2
+    assert "2 of 3 parts are not finished (parts 0, 2); run `unicom cluster part --part P/3" in capsys.readouterr().err
+
+
+def test_statistics_wait_until_every_part_is_labelled(collection, tmp_path, capsys):
+    root, _ = collection
+    out = str(tmp_path / "out")
+    main(["cluster", "part", "--embeddings", str(root), "--k", "6", "--part", "0/1", "--out", out])
+    main(["cluster", "merge", "--k", "6", "--out", out])
+    main(["cluster", "assign", "--embeddings", str(root), "--part", "0/3", "--out", out])
+    assert main(["cluster", "stats", "--out", out]) == 2
+    assert "4 of 6 parts have no labels yet (parts 2, 3, 4, 5)" in capsys.readouterr().err
+
+
+def test_assign_keeps_the_fusion_of_the_centroids(collection, tmp_path, capsys):
+    root, _ = collection
+    out = str(tmp_path / "out")
+    main(["cluster", "--embeddings", str(root), "--k", "6", "--fusion", "text", "--out", out])
+    assert main(["cluster", "assign", "--embeddings", str(root), "--fusion", "image", "--out", out]) == 2
+    assert "trained on text rows; use --fusion text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cluster", "part", "--k", "3"], "needs --part P/N"),
+    (["cluster", "part", "--k", "3", "--part", "3/3"], "P must be between 0 and N - 1"),
+    (["cluster", "part", "--k", "3", "--part", "three"], "expected P/N"),
+    (["cluster", "merge", "--part", "0/2"], "--part applies to `part` and `assign`"),
+    (["cluster", "--k", "3"], "no inputs: give --embeddings ROOT"),
+    (["cluster", "--embeddings", "EMB"], "needs --k"),
+])
+def test_command_line_mistakes(collection, tmp_path, capsys, argv, message):
+    root, _ = collection
+    argv = [str(root) if a == "EMB" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_split_shards_gives_every_shard_to_exactly_one_part():
+    shards = [Shard(number, 10) for number in (0, 1, 2, 5, 9, 10, 11)]
+    slices = [split_shards(shards, part, 3) for part in range(3)]
+    assert [[s.number for s in part] for part in slices] == [[0, 1, 2], [5, 9], [10, 11]]
+    with pytest.raises(InputError, match="8 parts but only 7 shards"):
+        split_shards(shards, 0, 8)

@@ -155,3 +155,36 @@ def random_unicom_vit(settings, seed: int = 0):
                 values = 0.1 * torch.randn(tensor.shape, generator=generator)
             tensor.copy_(values.half().float())
     return model
+
+
+def embedded_image_collection(root: Path, labels=(0, 1, 2, 3), per_class: int = 6, rows_per_part: int = 8) -> dict:
+    """Class images embedded by ``unicom embed``'s library call with a random-weight timm
+    ``test_vit`` saved as a local checkpoint (the ``--pretrained FILE`` path).
+
+    Returns ``{"images": [paths], "checkpoint": path, "emb": embedding folder}``; the same
+    checkpoint gives the same embeddings when a test loads it again.
+    """
+    import timm
+    import torch
+
+    from unicom.embed import embed_to_folder
+
+    root = Path(root)
+    torch.manual_seed(0)
+    checkpoint = root / "test_vit.pth"
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), checkpoint)
+    images = write_class_folder(root / "images", list(labels), per_class)
+    embed_to_folder([str(root / "images")], root / "emb", "timm/test_vit", pretrained=str(checkpoint),
+                    rows_per_part=rows_per_part, num_workers=0, dtype="float32")
+    return {"images": images, "checkpoint": checkpoint, "emb": root / "emb"}
+
+
+def indexed_image_collection(root: Path) -> dict:
+    """:func:`embedded_image_collection` plus its exact ``unicom.Index`` (``"index"``) and the
+    reloaded model (``"encoder"``)."""
+    from unicom.models.encoders import load_encoder
+    from unicom.search.index import Index
+
+    found = embedded_image_collection(root)
+    index = Index.build(found["emb"], Path(root) / "index")
+    return {**found, "index": index, "encoder": load_encoder("timm/test_vit", str(found["checkpoint"]))}

@@ -1,0 +1,88 @@
+"""``unicom index``: a faiss index from embedding folders; adds new parts to an existing one.
+
+Examples::
+
+    unicom index --emb EMB/ --dims 256 --out INDEX/
+    unicom index --emb EMB/ --out INDEX/ --memory 2GB --recall 0.95
+    unicom index --emb EMB/ --out INDEX/          # again, after `unicom embed` wrote new parts
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--emb", required=True, help="embedding folder (img_emb/, metadata/) written by `unicom embed`")
+    parser.add_argument("--out", required=True, help="index folder; if it holds an index, the new parts of --emb are added")
+    parser.add_argument("--dims", type=int, default=None, help="keep the first DIMS dimensions, re-normalised (default: all)")
+    parser.add_argument("--type", dest="index_type", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto",
+                        help="index type (default: auto, chosen from --memory and --recall)")
+    parser.add_argument("--memory", default=None,
+                        help="memory budget of the index, e.g. 512MB or 2GiB (default: no limit)")
+    parser.add_argument("--recall", type=float, default=0.9,
+                        help="recall@k target on the held-out sample, against exact search (default: 0.9)")
+    parser.add_argument("-k", type=int, default=10, help="k of the recall target (default: 10)")
+    parser.add_argument("--heldout", type=int, default=1000,
+                        help="rows held out of quantizer training to measure recall (default: 1000, at most a tenth)")
+    parser.add_argument("--exact-max-rows", type=int, default=100_000,
+                        help="with --type auto, exact search up to this many rows when it fits --memory (default: 100000)")
+    parser.add_argument("--nlist", type=int, default=None, help="ivfpq: inverted lists (default: a power of two near 4·sqrt(N))")
+    parser.add_argument("--pq-m", type=int, default=None, help="ivfpq: sub-quantizers, i.e. code bytes (default: the largest that fits --memory)")
+    parser.add_argument("--nbits", type=int, default=None, help="ivfpq: bits per sub-quantizer code (default: 8)")
+    parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per vector and layer (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out and training samples (default: 0)")
+    parser.add_argument("--rebuild", action="store_true", help="build anew even if --out holds an index")
+
+
+def run(args: argparse.Namespace) -> int:
+    from unicom.search.index import CONFIG_FILE, Index, format_size
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    out = Path(args.out)
+    if (out / CONFIG_FILE).is_file() and not args.rebuild:
+        index = Index.load(out)
+        if args.dims is not None and args.dims != index.dims:
+            from unicom.errors import InputError
+
+            raise InputError(f"{out}: the index keeps {index.dims} dimensions, not --dims {args.dims}; use --rebuild to change it")
+        added = index.add_parts(args.emb)
+        if not added:
+            print(f"{out}: up to date ({len(index)} vectors, parts {_numbers(index)})")
+            return 0
+        print(f"added parts {added} to {out}")
+    else:
+        index = Index.build(
+            args.emb,
+            out,
+            dims=args.dims,
+            index_type=args.index_type,
+            memory_budget=args.memory,
+            recall_target=args.recall,
+            k=args.k,
+            heldout=args.heldout,
+            exact_max_rows=args.exact_max_rows,
+            nlist=args.nlist,
+            pq_m=args.pq_m,
+            nbits=args.nbits,
+            hnsw_m=args.hnsw_m,
+            seed=args.seed,
+            overwrite=args.rebuild,
+        )
+    config = index.config
+    selection = config["selection"]
+    search = ", ".join(f"{key}={value}" for key, value in config["search"].items())
+    print(
+        f"{out}: {config['type']} index ({config['structure']}{', ' + search if search else ''}) of {len(index)} vectors, "
+        f"{index.dims} dimensions, {format_size(config['bytes'])}; recall@{selection['k']} "
+        f"{selection['recall']:.4f} on {selection['heldout']} held-out rows (target {selection['recall_target']})"
+    )
+    return 0
+
+
+def _numbers(index) -> str:
+    numbers = [part.number for part in index.parts]
+    return f"{numbers[0]}..{numbers[-1]}" if len(numbers) > 3 else str(numbers)

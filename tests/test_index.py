@@ -1,0 +1,407 @@
+"""unicom.Index: exact and compressed indexes over embedding folders, ids, metadata, adding parts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import unicom
+from unicom.errors import InputError
+from unicom.layout import write_part
+from unicom.search.index import (
+    CONFIG_FILE,
+    HELDOUT_FILE,
+    Index,
+    first_dims,
+    flat_memory,
+    ivfpq_candidate,
+    ivfpq_memory,
+    parse_size,
+    plan,
+    recall_at_k,
+)
+
+
+def clustered(n: int, d: int, seed: int, clusters: int = 40, rank: int = 8) -> np.ndarray:
+    """Unit vectors from a Gaussian mixture in a rank-``rank`` subspace plus a little isotropic noise."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(np.random.default_rng(99).standard_normal((d, rank)))[0].T
+    centres = np.random.default_rng(98).standard_normal((clusters, rank))
+    latent = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, rank))
+    x = latent @ basis + 0.05 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_collection(root, parts: dict[int, np.ndarray], metadata: bool = True):
+    for number, array in parts.items():
+        table = None
+        if metadata:
+            rows = len(array)
+            table = pa.table({
+                "key": [f"p{number}-r{r}" for r in range(rows)],
+                "caption": [f"caption {number}/{r}" for r in range(rows)],
+            })
+        write_part(root, number, image=array, metadata=table)
+    return root
+
+
+def brute_force(collection: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ collection.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_first_dims_keeps_the_leading_dimensions_and_renormalises():
+    x = np.array([[3.0, 4.0, 12.0], [0.0, 2.0, 1.0]])
+    np.testing.assert_allclose(first_dims(x, 2), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+
+
+def test_first_dims_names_the_row_that_cannot_be_normalised():
+    x = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(InputError, match="part_7.npy: row 11 is zero in its first 2 dimensions"):
+        first_dims(x, 2, "part_7.npy", 10)
+    with pytest.raises(InputError, match="row 4 holds NaN"):
+        first_dims(np.array([[np.nan, 1.0]]), 2, "q", 4)
+
+
+def test_parse_size_reads_decimal_and_binary_units():
+    assert parse_size("512MB") == 512_000_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("1000") == 1000
+    with pytest.raises(InputError, match="not understood"):
+        parse_size("lots")
+
+
+def test_recall_at_k_counts_the_shared_neighbours():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, 1], [0, 0, 0, 5]])
+    assert recall_at_k(found, truth) == pytest.approx((3 / 4 + 1 / 4) / 2)
+
+
+def test_memory_estimates_follow_the_code_sizes():
+    assert flat_memory(1000, 64) == 256_000
+    # 1000 codes of 16 bytes + 8-byte ids, centroids (64 lists + 256 PQ centroids) x 32 dims, 64x32 rotation
+    assert ivfpq_memory(1000, 64, 64, 16, 8, 32) == 24_000 + 4 * 32 * 320 + 4 * 64 * 32 + 48 * 64
+
+
+def test_ivfpq_takes_the_largest_code_that_fits_the_budget():
+    n, d = 100_000, 256
+    fixed = ivfpq_memory(0, d, 1024, 0, 8, d)
+    budget = fixed + n * (8 + 100)  # room for 100-byte codes: the largest multiple of 4 is 100
+    candidate = ivfpq_candidate(n, d, budget, nlist=1024)
+    assert candidate.params == {"nlist": 1024, "m": 100, "nbits": 8, "rotated_dims": 200}
+    assert candidate.memory <= budget
+    assert ivfpq_candidate(n, d, n * 8, nlist=1024) is None  # the ids alone fill that budget
+
+
+def test_plan_is_exact_for_small_collections_and_ordered_for_large_ones():
+    assert [c.type for c in plan(50_000, 256)] == ["flat"]
+    assert [c.type for c in plan(1_000_000, 256)] == ["hnsw", "ivfpq", "flat"]
+    assert [c.type for c in plan(1_000_000, 256, memory_budget=parse_size("200MB"))] == ["ivfpq"]
+    with pytest.raises(InputError, match="no index type fits"):
+        plan(1_000_000, 256, memory_budget=1_000_000)
+
+
+# --------------------------------------------------------------------------- exact index
+
+
+def test_exact_index_returns_the_brute_force_neighbours_of_the_truncated_vectors(tmp_path):
+    parts = {0: clustered(300, 48, seed=1), 1: clustered(250, 48, seed=2)}
+    write_collection(tmp_path / "emb", parts)
+    index = Index.build(tmp_path / "emb", tmp_path / "index", dims=32)
+    assert index.type == "flat" and len(index) == 550 and index.dims == 32
+    collection = first_dims(np.concatenate(list(parts.values())), 32)
+    queries = clustered(20, 48, seed=3)
+    scores, ids = index.search(queries, k=7)
+    want_scores, want_ids = brute_force(collection, first_dims(queries, 32), 7)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (20, 7)
+
+
+def test_ids_are_row_numbers_in_part_order_and_metadata_follows_them(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = {number: rng.standard_normal((rows, 16)).astype(np.float32) for number, rows in ((10, 3), (2, 4), (0, 5))}
+    write_collection(tmp_path / "emb", parts)
+    index = unicom.Index.build(tmp_path / "emb", tmp_path / "index")
+    assert [(p.number, p.rows, p.first_id) for p in index.parts] == [(0, 5, 0), (2, 4, 5), (10, 3, 9)]
+    # part 2's row 1 is id 6: searching with it finds it first
+    scores, ids = index.search(parts[2][1], k=1)
+    assert ids.tolist() == [[6]] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert index.metadata(6) == {"id": 6, "key": "p2-r1", "caption": "caption 2/1"}
+    rows = index.metadata(np.array([[11, -1], [0, 5]]))
+    assert [[r and r["key"] for r in query] for query in rows] == [["p10-r2", None], ["p0-r0", "p2-r0"]]
+    with pytest.raises(InputError, match="id 12 is not in this index"):
+        index.metadata([12])
+
+
+def test_index_folder_holds_ids_metadata_and_a_readable_configuration(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(40, 8, seed=0), 1: clustered(30, 8, seed=1)})
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    config = json.loads((tmp_path / "index" / CONFIG_FILE).read_text())
+    assert config["type"] == "flat" and config["count"] == 70 and config["structure"] == "Flat"
+    assert config["parts"] == [{"number": 0, "rows": 40, "first_id": 0}, {"number": 1, "rows": 30, "first_id": 40}]
+    assert (tmp_path / "index" / config["file"]).is_file()
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "index" / "metadata" / "metadata_1.parquet")
+    assert table.column("id").to_pylist() == list(range(40, 70))
+    assert table.column("key").to_pylist()[0] == "p1-r0"
+    assert not list((tmp_path / "index").glob(".*tmp*"))
+
+
+def test_a_source_id_column_is_kept_as_source_id(tmp_path):
+    write_part(tmp_path / "emb", 0, image=clustered(3, 8, seed=0), metadata=pa.table({"key": ["a", "b", "c"], "id": [7, 8, 9]}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    assert index.metadata(2) == {"id": 2, "key": "c", "source_id": 9}
+
+
+# --------------------------------------------------------------------------- compressed index
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compressed")
+    parts = {0: clustered(2000, 32, seed=10), 1: clustered(2000, 32, seed=11)}
+    write_collection(root / "emb", parts)
+    index = Index.build(root / "emb", root / "index", index_type="ivfpq", pq_m=16, recall_target=0.75, heldout=200)
+    return root, parts, index
+
+
+def test_compressed_index_meets_its_recall_target_on_the_held_out_rows(compressed):
+    root, parts, index = compressed
+    assert index.type == "ivfpq" and index.config["structure"] == "PR32,IVF64,PQ16x6"
+    collection = first_dims(np.concatenate(list(parts.values())), 32)
+    heldout = np.load(root / "index" / HELDOUT_FILE)
+    assert len(heldout) == 200 and len(index) == 4000
+    # independent measurement: numpy brute force over the rows that are not held out ...
+    others = np.setdiff1d(np.arange(4000), heldout)
+    _, exact = brute_force(collection[others], collection[heldout], 10)
+    truth = others[exact]
+    # ... against the index without the held-out rows, which joined it last: for inverted
+    # lists that is the full index's ranking with them filtered out
+    _, found = index.search(collection[heldout], k=10 + 200)
+    found = np.array([[j for j in row if j not in set(heldout.tolist())][:10] for row in found])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+    assert recall >= 0.75
+    assert recall == pytest.approx(index.config["selection"]["recall"], abs=0.005)
+    # the chosen nprobe is the smallest that reaches the target
+    steps = index.config["selection"]["tried"][0]["steps"]
+    assert [s["recall"] >= 0.75 for s in steps] == [False] * (len(steps) - 1) + [True]
+    assert steps[-1]["nprobe"] == index.config["search"]["nprobe"]
+
+
+def test_compressed_index_is_smaller_than_the_exact_one(compressed):
+    _, _, index = compressed
+    # 4000 codes of 16 x 6 bits and 8-byte ids, 64 + 64 centroids and a 32 x 32 rotation, in float32
+    assert index.config["params"] == {"nlist": 64, "m": 16, "nbits": 6, "rotated_dims": 32}
+    assert index.config["bytes"] < flat_memory(4000, 32) / 4
+    assert index.config["selection"]["tried"][0]["estimated_bytes"] == 4000 * (12 + 8) + 4 * 32 * 128 + 4 * 32 * 32 + 48 * 64
+
+
+def test_the_held_out_rows_never_train_the_quantizers(compressed, monkeypatch):
+    root, parts, _ = compressed
+    import faiss
+
+    seen = []
+    original = faiss.IndexPreTransform.train
+
+    def recording_train(self, x):
+        seen.append(np.array(x))
+        return original(self, x)
+
+    monkeypatch.setattr(faiss.IndexPreTransform, "train", recording_train)
+    index = Index.build(root / "emb", root / "again", index_type="ivfpq", pq_m=16, recall_target=0.5, heldout=200)
+    heldout = np.load(root / "again" / HELDOUT_FILE)
+    rows = [row.tobytes() for row in first_dims(np.concatenate(list(parts.values())), 32)]
+    trained = {row.tobytes() for row in seen[0]}
+    # fewer rows than the 4096 wanted: every row but the held-out ones trains
+    assert trained == {row for i, row in enumerate(rows) if i not in set(heldout.tolist())}
+    assert index.type == "ivfpq"
+
+
+def test_auto_type_picks_a_compressed_index_within_the_memory_budget(compressed, tmp_path):
+    root, _, _ = compressed
+    budget = flat_memory(4000, 32) // 3
+    index = Index.build(root / "emb", tmp_path / "index", memory_budget=budget, recall_target=0.7, heldout=200)
+    selection = index.config["selection"]
+    assert index.type == "ivfpq" and selection["memory_budget"] == budget
+    assert [t["type"] for t in selection["tried"]] == ["ivfpq"]
+    assert selection["tried"][0]["estimated_bytes"] <= budget and index.config["bytes"] <= budget
+    assert selection["recall"] >= 0.7
+
+
+def test_an_unreachable_target_is_an_error_and_writes_nothing(compressed, tmp_path):
+    root, _, _ = compressed
+    fixed = ivfpq_memory(0, 32, 16, 0, 6, 32)
+    budget = 4000 * (8 + 2) + fixed + 2000  # only 2-byte codes fit
+    with pytest.raises(InputError, match=r"no index within .* reaches recall@10 0.99 .*ivfpq .*'m': 2"):
+        Index.build(root / "emb", tmp_path / "index", memory_budget=budget, recall_target=0.99, heldout=200, nlist=16)
+    assert not (tmp_path / "index").exists()
+
+
+def test_hnsw_index_raises_ef_search_until_the_target(compressed, tmp_path):
+    root, parts, _ = compressed
+    index = Index.build(root / "emb", tmp_path / "index", index_type="hnsw", hnsw_m=8, recall_target=0.95, heldout=200)
+    assert index.type == "hnsw" and index.config["structure"] == "HNSW8"
+    steps = index.config["selection"]["tried"][0]["steps"]
+    assert [s["efSearch"] for s in steps] == [16, 32, 64, 128, 256, 512, 1024, 2048][: len(steps)]
+    assert steps[-1]["recall"] >= 0.95 and all(s["recall"] < 0.95 for s in steps[:-1])
+    assert index.config["search"] == {"efSearch": steps[-1]["efSearch"]}
+    collection = first_dims(np.concatenate(list(parts.values())), 32)
+    scores, ids = index.search(collection[:5], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    # the held-out rows joined the graph after the measurement, under their own ids
+    heldout = np.load(tmp_path / "index" / HELDOUT_FILE)
+    _, ids = index.search(collection[heldout[:20]], 1)
+    assert ids[:, 0].tolist() == heldout[:20].tolist()
+
+
+# --------------------------------------------------------------------------- adding parts
+
+
+def test_adding_a_part_equals_building_from_scratch(tmp_path):
+    parts = {0: clustered(200, 24, seed=30), 1: clustered(150, 24, seed=31), 5: clustered(120, 24, seed=32)}
+    write_collection(tmp_path / "emb", {n: parts[n] for n in (0, 1)})
+    grown = Index.build(tmp_path / "emb", tmp_path / "grown", dims=16)
+    write_collection(tmp_path / "emb", {5: parts[5]})
+    assert grown.add_parts() == [5]
+    scratch = Index.build(tmp_path / "emb", tmp_path / "scratch", dims=16)
+    queries = clustered(30, 24, seed=33)
+    for got, want in zip(grown.search(queries, 12), scratch.search(queries, 12)):
+        np.testing.assert_array_equal(got, want)
+    assert grown.config["parts"] == scratch.config["parts"]
+    reloaded = Index.load(tmp_path / "grown")
+    ids = np.arange(len(scratch))
+    assert reloaded.metadata(ids) == scratch.metadata(ids)
+    assert reloaded.config["generation"] == 1 and sorted(p.name for p in (tmp_path / "grown").glob("*.faiss")) == ["index_1.faiss"]
+
+
+def test_adding_to_a_compressed_index_keeps_the_quantizers_and_measures_again(compressed, tmp_path):
+    import shutil
+
+    import faiss
+
+    root, _, _ = compressed
+    shutil.copytree(root / "emb", tmp_path / "emb")
+    shutil.copytree(root / "index", tmp_path / "index")
+    index = Index.load(tmp_path / "index")
+    trained = faiss.serialize_index(index.faiss_index)
+    new = clustered(1000, 32, seed=12)
+    write_collection(tmp_path / "emb", {2: new})
+    assert index.add_parts(tmp_path / "emb") == [2]
+    assert len(index) == 5000
+    # the new rows are encoded by the build's quantizers: the same as adding them to the saved index
+    reference = faiss.deserialize_index(trained)
+    reference.add(first_dims(new, 32))
+    probe = clustered(50, 32, seed=13)
+    _, got = index.search(probe, 10, nprobe=8)
+    _, want = reference.search(probe, 10, params=faiss.SearchParametersPreTransform(
+        index_params=faiss.SearchParametersIVF(nprobe=8)))
+    np.testing.assert_array_equal(got, want)
+    # a held-out sample of the new rows measured the recall again
+    heldout = np.load(tmp_path / "index" / HELDOUT_FILE)
+    assert len(heldout) == 100 and heldout.min() >= 4000 and heldout.max() < 5000
+    assert index.config["selection"]["heldout_after_add"] == 100
+    assert "steps_after_add" in index.config["selection"] and index.config["selection"]["recall"] >= 0.75
+
+
+def test_a_new_part_before_the_indexed_ones_is_refused(tmp_path):
+    write_collection(tmp_path / "emb", {3: clustered(20, 8, seed=0)})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    write_collection(tmp_path / "emb", {1: clustered(20, 8, seed=1)})
+    with pytest.raises(InputError, match=r"new parts \[1\] come before indexed part 3"):
+        index.add_parts()
+
+
+def test_a_changed_indexed_part_is_refused(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(20, 8, seed=0)})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    write_collection(tmp_path / "emb", {0: clustered(25, 8, seed=0)})
+    with pytest.raises(InputError, match="25 rows, but the index holds 20 of this part"):
+        index.add_parts()
+
+
+def test_nothing_new_adds_nothing(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(20, 8, seed=0)})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    assert index.add_parts() == [] and index.config["generation"] == 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_nan_row_is_named_and_nothing_is_written(tmp_path):
+    bad = clustered(30, 8, seed=0)
+    bad[17, 3] = np.nan
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=1), 4: bad})
+    with pytest.raises(InputError, match=r"img_emb_4\.npy: row 17 holds NaN"):
+        Index.build(tmp_path / "emb", tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
+def test_unfinished_parts_are_left_out(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    write_part(tmp_path / "emb", 1, image=clustered(10, 8, seed=1))  # no metadata yet: still being written
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    assert [p.number for p in index.parts] == [0] and len(index) == 10
+
+
+def test_metadata_rows_must_match_the_embeddings(tmp_path):
+    write_part(tmp_path / "emb", 0, image=clustered(10, 8, seed=0), metadata=pa.table({"key": list("abc")}))
+    with pytest.raises(InputError, match=r"metadata_0\.parquet: 3 rows, but img_emb_0\.npy has 10"):
+        Index.build(tmp_path / "emb", tmp_path / "index")
+
+
+def test_more_dims_than_the_embeddings_have_is_an_error(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    with pytest.raises(InputError, match="--dims 9: the embeddings have 8 dimensions"):
+        Index.build(tmp_path / "emb", tmp_path / "index", dims=9)
+
+
+def test_queries_need_at_least_the_index_dimensions(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    index = Index.build(tmp_path / "emb", tmp_path / "index", dims=6)
+    with pytest.raises(InputError, match="query embeddings have 4 dimensions, the index needs at least 6"):
+        index.search(np.ones((1, 4)), 3)
+
+
+def test_an_existing_index_is_not_overwritten_without_asking(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    with pytest.raises(InputError, match="already holds an index"):
+        Index.build(tmp_path / "emb", tmp_path / "index")
+    rebuilt = Index.build(tmp_path / "emb", tmp_path / "index", dims=4, overwrite=True)
+    assert rebuilt.dims == 4 and [p.name for p in (tmp_path / "index").glob("*.faiss")] == ["index_1.faiss"]
+
+
+def test_a_failed_write_leaves_the_previous_index_intact(tmp_path, monkeypatch):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    write_collection(tmp_path / "emb", {1: clustered(10, 8, seed=1)})
+    import faiss
+
+    def broken_write(index, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        Index.load(tmp_path / "index").add_parts()
+    monkeypatch.undo()
+    index = Index.load(tmp_path / "index")
+    assert len(index) == 10 and sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        HELDOUT_FILE, CONFIG_FILE, "index_0.faiss", "metadata"]
+
+
+def test_loading_a_folder_without_an_index_says_how_to_build_one(tmp_path):
+    with pytest.raises(InputError, match="no index.json inside; build an index with `unicom index"):
+        Index.load(tmp_path)

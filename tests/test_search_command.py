@@ -1,0 +1,89 @@
+"""`unicom index` and `unicom search` on a small real collection embedded by a saved random timm model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unicom.cli import main
+from unicom.layout import write_part
+from unicom.search.index import Index
+
+from support import embedded_image_collection
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    found = embedded_image_collection(root)
+    assert main(["index", "--emb", str(found["emb"]), "--out", str(root / "index")]) == 0
+    return {**found, "index": root / "index"}
+
+
+def test_index_command_builds_an_index_that_records_its_model(collection, capsys):
+    index = Index.load(collection["index"])
+    assert len(index) == 24 and index.type == "flat"
+    assert index.config["model"] == {"spec": "timm/test_vit", "pretrained": str(collection["checkpoint"].resolve())}
+
+
+def test_search_prints_the_query_image_itself_first(collection, capsys):
+    query = collection["images"][9]  # class_001/0003.jpg
+    code = main(["search", "--index", str(collection["index"]), "--model", "timm/test_vit",
+                 "--pretrained", str(collection["checkpoint"]), str(query), "-k", "3"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{query}:"
+    assert lines[1].split()[:3] == ["rank", "score", "key"]
+    rank, score, key, *_ = lines[2].split()
+    assert (rank, key) == ("1", "class_001/0003.jpg") and float(score) == pytest.approx(1.0, abs=1e-4)
+    assert str(query) in lines[2] and len(lines) == 5
+
+
+def test_search_json_lists_every_query_with_its_results(collection, capsys):
+    first, second = collection["images"][0], collection["images"][20]
+    code = main(["search", "--index", str(collection["index"]), str(first), str(second), "-k", "2", "--json"])
+    assert code == 0  # the model comes from the index's record
+    answer = json.loads(capsys.readouterr().out)
+    assert [entry["query"] for entry in answer] == [str(first), str(second)]
+    top = [entry["results"][0] for entry in answer]
+    assert [hit["id"] for hit in top] == [0, 20]
+    assert [hit["image_path"] for hit in top] == [str(first), str(second)]
+    assert [hit["rank"] for hit in answer[0]["results"]] == [1, 2]
+    assert answer[0]["results"][0]["score"] >= answer[0]["results"][1]["score"]
+
+
+def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_path, capsys):
+    missing = tmp_path / "nope.jpg"
+    code = main(["search", "--index", str(collection["index"]), "--model", "timm/no_such_net", str(missing)])
+    assert code == 2
+    assert f"{missing}: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:timm/test_resnet")
+def test_a_model_of_another_dimension_is_refused(collection, capsys):
+    code = main(["search", "--index", str(collection["index"]), "--model", "timm/test_resnet", str(collection["images"][0])])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "was built from 64-dimensional ones; query with the model that embedded the collection (timm/test_vit)" in err
+
+
+def test_index_command_adds_new_parts_on_a_second_run(collection, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+
+    shutil.copytree(collection["emb"], tmp_path / "emb")
+    out = tmp_path / "index"
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(out), "--dims", "32"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(out)]) == 0
+    assert "up to date (24 vectors" in capsys.readouterr().out
+    rows = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    write_part(tmp_path / "emb", 3, image=rows, metadata=pa.table({"key": [f"new{i}" for i in range(5)]}))
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "added parts [3]" in printed and "flat index (Flat) of 29 vectors, 32 dimensions" in printed
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(out), "--dims", "16"]) == 2
+    assert "keeps 32 dimensions, not --dims 16" in capsys.readouterr().err

@@ -1,0 +1,255 @@
+"""The HTTP API of `unicom serve`: good and bad requests, thumbnails, batching of concurrent queries."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from unicom.search.index import Index
+from unicom.search.service import QueryBatcher, create_app
+
+from support import class_image, encode_image, indexed_image_collection, write_tar_shard
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    found = indexed_image_collection(tmp_path_factory.mktemp("serve"))
+    app = create_app(found["index"], found["encoder"], max_upload_bytes=200_000, max_k=20)
+    with TestClient(app) as client:
+        yield {**found, "client": client}
+
+
+def upload(client, data: bytes, name: str = "query.jpg", kind: str = "image/jpeg", field: str = "image", **form):
+    return client.post("/search", files={field: (name, data, kind)}, data=form)
+
+
+def test_healthz_describes_the_index_and_model(served):
+    health = served["client"].get("/healthz").json()
+    assert health["status"] == "ok"
+    assert (health["count"], health["dims"], health["type"]) == (24, 64, "flat")
+    assert health["model"].startswith("timm/test_vit") and health["image_search"] is True
+
+
+def test_an_uploaded_image_finds_itself_first(served):
+    path = served["images"][14]
+    response = upload(served["client"], path.read_bytes(), k="4")
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["k"] == 4 and len(answer["results"]) == 4
+    top = answer["results"][0]
+    assert top["id"] == 14 and top["rank"] == 1 and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert top["key"] == "class_002/0002.jpg" and top["image_path"] == str(path)
+    assert top["thumbnail"] == "/thumbnail/14"
+    assert [hit["rank"] for hit in answer["results"]] == [1, 2, 3, 4]
+
+
+def test_a_png_upload_is_accepted(served):
+    response = upload(served["client"], encode_image(class_image(1, 0), "PNG"), "q.png", "image/png")
+    assert response.status_code == 200 and len(response.json()["results"]) == 10
+
+
+def test_an_embedding_query_equals_the_python_api(served):
+    index = served["index"]
+    vector = np.random.default_rng(0).standard_normal(64)
+    response = served["client"].post("/search", json={"embedding": vector.tolist(), "k": 5})
+    assert response.status_code == 200
+    scores, ids = index.search(vector, 5)
+    assert [hit["id"] for hit in response.json()["results"]] == ids[0].tolist()
+    np.testing.assert_allclose([hit["score"] for hit in response.json()["results"]], scores[0], rtol=1e-5)
+
+
+def test_the_thumbnail_is_a_small_jpeg_of_the_indexed_image(served):
+    response = served["client"].get("/thumbnail/3")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "JPEG" and max(image.size) <= 256
+    original = np.asarray(Image.open(served["images"][3]).convert("RGB").resize(image.size), dtype=float)
+    assert np.abs(np.asarray(image, dtype=float) - original).mean() < 12
+
+
+def test_the_page_and_its_assets_are_served(served):
+    page = served["client"].get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<script src="/static/app.js">' in page.text and "http" not in page.text.replace("http-equiv", "")
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert served["client"].get(asset).status_code == 200
+
+
+# --------------------------------------------------------------------------- bad requests
+
+
+def test_a_non_image_upload_is_415(served):
+    response = upload(served["client"], b"%PDF-1.4 not an image", "doc.jpg")
+    assert response.status_code == 415
+    assert response.json()["detail"].startswith("doc.jpg: not an image; upload a JPEG, PNG")
+
+
+def test_a_declared_non_image_type_is_415(served):
+    response = upload(served["client"], b"hello", "notes.txt", "text/plain")
+    assert response.status_code == 415 and "content type text/plain is not an image" in response.json()["detail"]
+
+
+def test_an_image_format_outside_the_list_is_415(served):
+    buffer = io.BytesIO()
+    class_image(0, 0).save(buffer, format="TIFF")
+    response = upload(served["client"], buffer.getvalue(), "scan.tif", "image/tiff")
+    assert response.status_code == 415 and "TIFF images are not accepted" in response.json()["detail"]
+
+
+def test_an_empty_body_is_400(served):
+    response = served["client"].post("/search", content=b"", headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert response.status_code == 400 and response.json()["detail"].startswith("empty request body")
+    response = served["client"].post("/search", content=b"", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+
+
+def test_an_empty_file_is_400(served):
+    response = upload(served["client"], b"", "empty.jpg")
+    assert response.status_code == 400 and "the uploaded file is empty" in response.json()["detail"]
+
+
+def test_an_oversized_upload_is_413_before_decoding(served):
+    big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    data = encode_image(Image.fromarray(big), "PNG")
+    assert len(data) > 200_000 + 64 * 1024
+    response = upload(served["client"], data, "big.png", "image/png")
+    assert response.status_code == 413 and "larger than the limit" in response.json()["detail"]
+
+
+def test_a_file_just_over_the_limit_is_413(served):
+    data = encode_image(class_image(0, 0, size=64), "PNG") + b"\0" * 200_000  # trailing bytes: still a PNG
+    response = upload(served["client"], data, "padded.png", "image/png")
+    assert response.status_code == 413 and "larger than the limit of 200000 bytes" in response.json()["detail"]
+
+
+def test_a_wrong_field_name_is_400_naming_the_fields(served):
+    response = upload(served["client"], served["images"][0].read_bytes(), field="file")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "no field 'image' in the form (got ['file']); send the image as the field 'image'"
+
+
+def test_a_text_field_instead_of_a_file_is_400(served):
+    response = served["client"].post("/search", data={"image": "cat.jpg"}, files={"other": ("x", b"1", "text/plain")})
+    assert response.status_code == 400 and "must be a file upload" in response.json()["detail"]
+
+
+def test_a_bad_k_is_400(served):
+    data = served["images"][0].read_bytes()
+    assert upload(served["client"], data, k="0").status_code == 400
+    response = upload(served["client"], data, k="21")
+    assert response.status_code == 400 and response.json()["detail"] == "k must be between 1 and 20, got 21"
+    assert upload(served["client"], data, k="ten").status_code == 400
+
+
+def test_bad_embeddings_are_400(served):
+    client = served["client"]
+    short = client.post("/search", json={"embedding": [0.1] * 10})
+    assert short.status_code == 400 and "has 10 numbers, the index needs at least 64" in short.json()["detail"]
+    assert client.post("/search", json={"vector": [0.1] * 64}).status_code == 400
+    assert client.post("/search", json={"embedding": ["a"] * 64}).status_code == 400
+    assert client.post("/search", json={"embedding": [0.0] * 64}).status_code == 400
+    broken = client.post("/search", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["detail"]
+
+
+def test_another_content_type_is_415(served):
+    response = served["client"].post("/search", content=b"x", headers={"content-type": "text/plain"})
+    assert response.status_code == 415 and "multipart/form-data" in response.json()["detail"]
+
+
+def test_path_traversal_on_the_thumbnail_route_reads_no_file(served):
+    client = served["client"]
+    for attempt in ("/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd", "/thumbnail/%2e%2e/%2e%2e/etc/passwd",
+                    "/thumbnail/-1", "/thumbnail/1.jpg", "/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+                    "/thumbnail/" + str(served["images"][0])):
+        response = client.get(attempt)
+        assert response.status_code == 404, attempt
+        assert b"root:" not in response.content and b"JFIF" not in response.content
+    missing = client.get("/thumbnail/24")
+    assert missing.status_code == 404 and missing.json()["detail"] == "no item 24 in this index (ids 0..23)"
+
+
+def test_an_item_without_a_local_image_has_no_thumbnail(tmp_path):
+    import pyarrow as pa
+
+    from unicom.layout import write_part
+
+    rows = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a", "b"], "url": ["http://x/a.jpg", None]}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    with TestClient(create_app(index)) as client:
+        response = client.get("/thumbnail/1")
+        assert response.status_code == 404 and response.json()["detail"] == "item 1 has no local image in the index metadata"
+        hits = client.post("/search", json={"embedding": rows[0].tolist(), "k": 1}).json()["results"]
+        assert hits[0]["url"] == "http://x/a.jpg" and hits[0]["thumbnail"] is None
+        # without a model, image queries are refused with a hint
+        refused = upload(client, encode_image(class_image(0, 0)))
+        assert refused.status_code == 503 and '{"embedding": [...]}' in refused.json()["detail"]
+
+
+def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+
+    from unicom.layout import write_part
+
+    samples = [{"key": f"{i:09d}", "jpg": encode_image(class_image(i, 0)), "txt": f"caption {i}"} for i in range(3)]
+    write_tar_shard(tmp_path / "shards" / "00007.tar", samples)
+    plain = (tmp_path / "shards" / "00007.tar").read_bytes()
+    (tmp_path / "shards" / "00008.tar.gz").write_bytes(gzip.compress(plain))
+    rows = np.random.default_rng(0).standard_normal((7, 8)).astype(np.float32)
+    shards = ["00007.tar"] * 3 + ["00008.tar.gz"] * 2 + ["00007.tar", "../shards/00007.tar"]
+    keys = [f"{i:09d}" for i in (0, 1, 2, 1, 2)] + ["missing", "000000000"]
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": keys, "shard": shards}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    with TestClient(create_app(index, shards=tmp_path / "shards")) as client:
+        for item, label in ((1, 1), (2, 2), (4, 2)):
+            response = client.get(f"/thumbnail/{item}")
+            assert response.status_code == 200
+            got = np.asarray(Image.open(io.BytesIO(response.content)), dtype=float)
+            assert np.abs(got - np.asarray(class_image(label, 0), dtype=float)).mean() < 12
+        assert client.get("/thumbnail/5").json()["detail"] == "the image of item 5 is not in its shard 00007.tar"
+        assert client.get("/thumbnail/6").status_code == 404  # a shard name that is a path is never opened
+        hits = client.post("/search", json={"embedding": rows[3].tolist(), "k": 1}).json()["results"]
+        assert hits[0]["id"] == 3 and hits[0]["thumbnail"] == "/thumbnail/3"
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_concurrent_queries_share_batches_and_keep_their_own_results():
+    calls = []
+
+    def double(items):
+        calls.append(list(items))
+        return [2 * item for item in items]
+
+    async def scenario():
+        batcher = QueryBatcher(double, max_batch=4, max_wait=0.05)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        await batcher.close()
+        return results, batcher
+
+    results, batcher = asyncio.run(scenario())
+    assert results == [2 * i for i in range(10)]
+    assert [len(batch) for batch in calls] == [4, 4, 2]
+    assert (batcher.queries, batcher.batches, batcher.largest_batch) == (10, 3, 4)
+
+
+def test_a_failing_batch_fails_each_of_its_queries():
+    def broken(items):
+        raise RuntimeError("model crashed")
+
+    async def scenario():
+        batcher = QueryBatcher(broken, max_batch=4, max_wait=0.01)
+        outcome = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+        await batcher.close()
+        return outcome
+
+    assert [str(error) for error in asyncio.run(scenario())] == ["model crashed", "model crashed"]

@@ -1,0 +1,182 @@
+"""`unicom serve` on a real loopback socket: the page in a headless Chromium, and a short load test."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from unicom.search.service import create_app
+
+from support import free_port, indexed_image_collection
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the networking switches Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    found = indexed_image_collection(tmp_path_factory.mktemp("live"))
+    app = create_app(found["index"], found["encoder"], batch_size=16, max_wait_ms=5)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield {**found, "url": f"http://127.0.0.1:{port}", "app": app}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
+    if not CHROMIUM.exists() and shutil.which("chromium") is None:
+        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
+    return sync_playwright, str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
+
+
+@pytest.mark.browser
+def test_the_page_shows_the_results_of_an_uploaded_image(server):
+    sync_playwright, executable = _browser_or_skip()
+    query = server["images"][20]  # class_003/0002.jpg
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            failed = []
+            page.on("requestfailed", lambda request: failed.append(request.url))
+            page.goto(server["url"] + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('24 items')", timeout=15_000)
+            page.fill("#k", "5")
+            page.set_input_files("#file", str(query))
+            page.wait_for_selector("#results .result >> nth=4", timeout=30_000)
+            cards = page.locator("#results .result")
+            assert cards.count() == 5
+            first = cards.nth(0)
+            assert first.locator(".key").inner_text() == "class_003/0002.jpg"
+            assert first.locator(".rank").inner_text() == "#1"
+            assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
+            # the thumbnail was fetched from the server and decoded by the browser
+            thumbnail = first.locator("img")
+            assert thumbnail.get_attribute("src") == "/thumbnail/20"
+            page.wait_for_function("document.querySelector('#results .result img').naturalWidth > 0", timeout=10_000)
+            assert page.locator("#preview").is_visible()
+            assert not page.locator("#error").is_visible()
+            assert failed == []
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+def test_the_page_shows_the_error_of_a_non_image(server, tmp_path):
+    sync_playwright, executable = _browser_or_skip()
+    fake = tmp_path / "notes.jpg"
+    fake.write_bytes(b"this is text")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server["url"] + "/")
+            page.set_input_files("#file", str(fake))
+            page.wait_for_selector("#error:not([hidden])", timeout=15_000)
+            assert page.locator("#error").inner_text().startswith("notes.jpg: not an image")
+            assert page.locator("#results .result").count() == 0
+        finally:
+            browser.close()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def test_a_short_load_on_loopback_has_no_errors(server, capsys):
+    """200 queries (a quarter of them images), 16 at a time, within 120 s: no errors; p50/p99 printed."""
+    images = [path.read_bytes() for path in server["images"]]
+    vectors = np.random.default_rng(0).standard_normal((150, 64)).tolist()
+    total, concurrency = 200, 16
+    latencies: list[float] = []
+    failures: list[str] = []
+    health_before = httpx.get(server["url"] + "/healthz").json()
+
+    async def one(client: httpx.AsyncClient, number: int) -> None:
+        start = time.perf_counter()
+        if number % 4 == 0:
+            data = images[number % len(images)]
+            response = await client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "5"})
+        else:
+            response = await client.post("/search", json={"embedding": vectors[number % len(vectors)], "k": 5})
+        latencies.append(time.perf_counter() - start)
+        if response.status_code != 200 or len(response.json()["results"]) != 5:
+            failures.append(f"{number}: {response.status_code} {response.text[:200]}")
+
+    async def load() -> float:
+        limit = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60) as client:
+
+            async def bounded(number: int) -> None:
+                async with limit:
+                    await one(client, number)
+
+            start = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(bounded(i) for i in range(total))), timeout=120)
+            return time.perf_counter() - start
+
+    seconds = asyncio.run(load())
+    health = httpx.get(server["url"] + "/healthz").json()
+    queries = health["queries"] - health_before["queries"]
+    batches = health["batches"] - health_before["batches"]
+    with capsys.disabled():
+        print(
+            f"\nload test: {total} queries, {concurrency} concurrent, {seconds:.2f} s ({total / seconds:.0f} queries/s), "
+            f"latency p50 {1000 * _percentile(latencies, 50):.1f} ms, p99 {1000 * _percentile(latencies, 99):.1f} ms, "
+            f"{queries} queries in {batches} batches"
+        )
+    assert failures == []
+    assert len(latencies) == total and queries == total
+    assert batches < total  # concurrent queries shared batches
+
+
+def test_the_serve_command_answers_on_loopback_with_the_recorded_model(server):
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "unicom", "serve", "--index", str(server["index"].path), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"unicom serve did not start:\n{process.stdout.read()}")
+                time.sleep(0.2)
+        assert health["count"] == 24 and health["model"].startswith("timm/test_vit")
+        answer = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": ("q.jpg", server["images"][5].read_bytes())})
+        assert answer.json()["results"][0]["id"] == 5
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert f"unicom search on http://127.0.0.1:{port}/ (24 items)" in output

@@ -1,0 +1,103 @@
+"""``unicom evaluate``: retrieval benchmarks, compact dimensions, linear probe and kNN.
+
+Examples::
+
+    unicom evaluate --model ViT-B/32 --dataset cub --root data/CUB_200_2011 --out runs/eval/cub
+    unicom evaluate --model ViT-B-32 --pretrained laion400m_e32 --dataset cifar10 --root data --out runs/eval/c10
+    unicom evaluate --embeddings runs/eval/cub/embeddings/query --out runs/eval/cub-again
+    unicom evaluate --embeddings emb/test --train-embeddings emb/train --task classification --out runs/eval/mine
+
+Writes ``OUT/metrics.json``, ``OUT/metrics.md`` and, for retrieval with ``--dims``,
+``OUT/recall_vs_dimension.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unicom.errors import InputError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "0"):
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model the project can load: released name or .pt, exported folder, "
+                                        "timm/<name>, open_clip name")
+    source.add_argument("--embeddings", type=Path, help="an embedding folder (img_emb/ + metadata/ with keys)")
+    parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
+    parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
+                                          f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
+    parser.add_argument("--root", type=Path, help="the dataset's folder (or the CSV for --dataset csv)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, metrics.md, the PNG and embeddings")
+    parser.add_argument("--ks", type=_int_list, help="K of Recall@K, e.g. 1,2,4,8 (default: the benchmark's)")
+    parser.add_argument("--dims", type=_int_list, default=(32, 64, 128, 256),
+                        help="dimensions of the compact-dimension curve (default 32,64,128,256; 'none' to skip)")
+    parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")
+    parser.add_argument("--pca-samples", type=int, default=50_000, help="train images the PCA is fitted on (seeded draw)")
+    parser.add_argument("--chunk-size", type=int, help="queries searched at once (default: ~256 MiB of similarities)")
+
+    embedding = parser.add_argument_group("embedding with --model")
+    embedding.add_argument("--batch-size", type=int, default=64)
+    embedding.add_argument("--num-workers", type=int, help="image decoding processes (default: by device)")
+    embedding.add_argument("--device", help="cuda, cuda:1 or cpu (default: this rank's GPU, else CPU)")
+    embedding.add_argument("--download", action="store_true", help="let torchvision download a classification dataset")
+
+    folders = parser.add_argument_group("precomputed embeddings without --dataset")
+    folders.add_argument("--labels", type=Path, help="CSV/parquet with key,label (default: metadata's label column)")
+    folders.add_argument("--gallery-embeddings", type=Path, help="gallery folder (default: leave-one-out on --embeddings)")
+    folders.add_argument("--train-embeddings", type=Path, help="train split: PCA baseline, or probe/kNN training")
+    folders.add_argument("--task", choices=("retrieval", "classification"), default="retrieval")
+
+    classification = parser.add_argument_group("classification (linear probe and kNN)")
+    classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    classification.add_argument("--no-knn", action="store_true", help="skip kNN classification")
+    classification.add_argument("--knn-k", type=int, default=20)
+    classification.add_argument("--temperature", type=float, default=0.07)
+
+
+def run(args: argparse.Namespace) -> int:
+    from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
+    from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, classification_markdown, retrieval_markdown
+
+    if args.dataset is not None:
+        if args.root is None:
+            raise InputError(f"--dataset {args.dataset} needs --root, the dataset's folder")
+        report = evaluate_benchmark(
+            args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
+            embeddings=args.embeddings, ks=args.ks, dims=args.dims, pca=not args.no_pca, pca_samples=args.pca_samples,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
+            download=args.download, probe=not args.no_probe, knn=not args.no_knn, knn_k=args.knn_k,
+            temperature=args.temperature,
+        )
+    elif args.embeddings is not None:
+        report = evaluate_embedding_folders(
+            args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
+            train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=args.dims,
+            pca=not args.no_pca, pca_samples=args.pca_samples, probe=not args.no_probe, knn=not args.no_knn,
+            knn_k=args.knn_k, temperature=args.temperature, out=args.out, chunk_size=args.chunk_size,
+        )
+    else:
+        raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
+    table = classification_markdown(report) if "linear_probe" in report or "knn" in report else retrieval_markdown(report)
+    print(table, end="")
+    if report.get("note"):
+        print(f"\nnote: {report['note']}")
+    written = [args.out / JSON_NAME, args.out / MARKDOWN_NAME]
+    if report.get("dimensions"):
+        written.append(args.out / PLOT_NAME)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,135 @@
+"""Benchmark datasets in their official layouts, as data: name -> reader, protocol, metric.
+
+Retrieval (:data:`RETRIEVAL_BENCHMARKS`): ``load_retrieval_benchmark(name, root)`` returns
+a :class:`RetrievalProtocol` (query, gallery or ``None`` for leave-one-out, train, the k's
+of Recall@K, the headline metric, and relevance lists where the benchmark has them).
+
+Classification (:data:`CLASSIFICATION_BENCHMARKS`, the 13 linear-probe datasets):
+``load_classification_benchmark(name, root)`` returns the train and test splits through
+torchvision's dataset classes (never downloading unless ``download=True``).
+
+Add a dataset by adding a row: a reader ``"module:function"`` taking the folder (plus the
+row's ``options``) and returning :class:`~unicom.data.benchmarks.retrieval.Splits`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from unicom.data.lists import ImageList
+from unicom.errors import InputError
+
+
+@dataclass(frozen=True)
+class RetrievalBenchmark:
+    """One registry row: where to read it and how it is scored."""
+
+    reader: str
+    ks: tuple[int, ...]
+    metric: str
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_R = "unicom.data.benchmarks.retrieval:"
+RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
+    "cub": RetrievalBenchmark(
+        _R + "read_cub", (1, 2, 4, 8), "recall@1", "CUB-200-2011, classes 101-200, leave-one-out"),
+    "cars196": RetrievalBenchmark(
+        _R + "read_cars196", (1, 2, 4, 8), "recall@1", "Cars196, classes 99-196, leave-one-out"),
+    "sop": RetrievalBenchmark(
+        _R + "read_sop", (1, 10, 100, 1000), "recall@1", "Stanford Online Products, Ebay_test, leave-one-out"),
+    "inshop": RetrievalBenchmark(
+        _R + "read_inshop", (1, 10, 20, 30, 40, 50), "recall@1", "DeepFashion In-Shop, query vs gallery"),
+    "inaturalist": RetrievalBenchmark(
+        _R + "read_inaturalist", (1, 4, 16, 32), "recall@1", "iNaturalist 2018 metric split, leave-one-out"),
+    "vehicleid-small": RetrievalBenchmark(
+        _R + "read_vehicleid", (1, 5), "recall@1", "PKU VehicleID, 800 vehicles, leave-one-out", {"size": "small"}),
+    "vehicleid-medium": RetrievalBenchmark(
+        _R + "read_vehicleid", (1, 5), "recall@1", "PKU VehicleID, 1600 vehicles, leave-one-out", {"size": "medium"}),
+    "vehicleid-large": RetrievalBenchmark(
+        _R + "read_vehicleid", (1, 5), "recall@1", "PKU VehicleID, 2400 vehicles, leave-one-out", {"size": "large"}),
+    "gldv2": RetrievalBenchmark(
+        _R + "read_gldv2", (1, 10, 100), "map@100", "Google Landmarks v2 retrieval, Public/Private vs index"),
+    "folder": RetrievalBenchmark(
+        _R + "read_folder", (1, 2, 4, 8), "recall@1", "a folder with one sub-folder per class, leave-one-out"),
+    "csv": RetrievalBenchmark(
+        _R + "read_csv", (1, 2, 4, 8), "recall@1", "a CSV/parquet of path,label[,split]"),
+}
+ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "inshop", "inat": "inaturalist",
+           "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2"}
+
+
+@dataclass
+class RetrievalProtocol:
+    """A retrieval benchmark ready to score.
+
+    ``gallery is None``: leave-one-out over ``query``. ``relevant`` (GLDv2): per query, the
+    gallery rows that count as relevant, instead of labels. ``subsets``: query rows
+    reported separately (GLDv2 ``public``/``private``). ``train`` feeds fine-tuning and
+    the PCA baseline.
+    """
+
+    name: str
+    query: ImageList
+    gallery: ImageList | None
+    train: ImageList | None
+    ks: tuple[int, ...]
+    metric: str
+    relevant: list[np.ndarray] | None = None
+    subsets: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _resolve(target: str):
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def canonical_name(name: str) -> str:
+    name = name.lower()
+    return ALIASES.get(name, name)
+
+
+def load_retrieval_benchmark(name: str, root: str | os.PathLike) -> RetrievalProtocol:
+    """Read benchmark ``name`` (a key of :data:`RETRIEVAL_BENCHMARKS`) from ``root``."""
+    key = canonical_name(name)
+    if key not in RETRIEVAL_BENCHMARKS:
+        raise InputError(f"unknown retrieval benchmark {name!r}; known: {', '.join(RETRIEVAL_BENCHMARKS)}")
+    spec = RETRIEVAL_BENCHMARKS[key]
+    splits = _resolve(spec.reader)(root, **spec.options)
+    return RetrievalProtocol(
+        name=key,
+        query=splits.query,
+        gallery=splits.gallery,
+        train=splits.train,
+        ks=spec.ks,
+        metric=spec.metric,
+        relevant=splits.relevant,
+        subsets=splits.subsets,
+    )
+
+
+from unicom.data.benchmarks.classification import (  # noqa: E402  (the table lives with its readers)
+    CLASSIFICATION_BENCHMARKS,
+    ClassificationBenchmark,
+    ClassificationSplit,
+    load_classification_benchmark,
+)
+
+__all__ = [
+    "RETRIEVAL_BENCHMARKS",
+    "CLASSIFICATION_BENCHMARKS",
+    "ALIASES",
+    "RetrievalBenchmark",
+    "RetrievalProtocol",
+    "ClassificationBenchmark",
+    "ClassificationSplit",
+    "canonical_name",
+    "load_retrieval_benchmark",
+    "load_classification_benchmark",
+]

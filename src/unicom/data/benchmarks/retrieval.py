@@ -1,0 +1,419 @@
+"""Readers for retrieval benchmarks in the layouts their authors distribute.
+
+Each reader takes the dataset's folder and returns :class:`Splits`: the query images, the
+gallery (``None`` for leave-one-out: every query searches all the other queries), the
+training images, and for GLDv2 the relevance lists and the Public/Private subsets. The
+k's and the headline metric of each benchmark live in the registry
+(:data:`unicom.data.benchmarks.RETRIEVAL_BENCHMARKS`).
+
+Labels of all splits share one vocabulary with the training classes first, so a train
+split's labels are always ``0..C_train-1`` (ready for fine-tuning) and query and gallery
+labels are directly comparable. Keys are image paths relative to the dataset folder.
+A missing index file raises :class:`InputError` naming it and the expected layout;
+missing evaluation images are listed (first five and a count) before anything runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from unicom.data.lists import ImageList, read_image_folder, read_table
+from unicom.errors import InputError
+
+
+@dataclass
+class Splits:
+    """What a reader found. ``relevant[q]``: gallery rows relevant to query q (GLDv2);
+    ``subsets``: named arrays of query rows reported separately (GLDv2 Public/Private)."""
+
+    query: ImageList
+    gallery: ImageList | None = None
+    train: ImageList | None = None
+    relevant: list[np.ndarray] | None = None
+    subsets: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _natural(text: str):
+    """Sort key that orders "class_2" before "class_10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _require(path: Path, layout: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{path}: not found; expected layout:\n{layout}")
+    return path
+
+
+def _first_existing(root: Path, candidates: Sequence[str], layout: str) -> Path:
+    """The first of ``root/candidate`` that exists (datasets unpack with or without a top folder)."""
+    for candidate in candidates:
+        if (root / candidate).exists():
+            return root / candidate
+    raise InputError(f"{root / candidates[0]}: not found; expected layout:\n{layout}")
+
+
+def _check_images(paths: Iterable[str], layout: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        raise InputError(
+            f"{len(missing)} images listed by the dataset are missing, e.g.:\n  {shown}\nexpected layout:\n{layout}"
+        )
+
+
+def _lines(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str) -> dict[str, ImageList]:
+    """``records``: (path relative to ``root``, class name, split name) -> one ImageList per split.
+
+    The vocabulary lists the training classes first, each group in natural order; images
+    of the evaluation splits (all but ``train``) are checked to exist.
+    """
+    train_classes = sorted({c for _, c, s in records if s == "train"}, key=_natural)
+    other_classes = sorted({c for _, c, s in records if s != "train"} - set(train_classes), key=_natural)
+    class_names = train_classes + other_classes
+    lookup = {name: i for i, name in enumerate(class_names)}
+    out: dict[str, ImageList] = {}
+    for split in dict.fromkeys(s for _, _, s in records):
+        rows = [(p, c) for p, c, s in records if s == split]
+        paths = [str(root / p) for p, _ in rows]
+        if split != "train":
+            _check_images(paths, layout)
+        out[split] = ImageList(
+            paths=paths,
+            keys=[p for p, _ in rows],
+            labels=np.asarray([lookup[c] for _, c in rows], dtype=np.int64),
+            class_names=class_names,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- CUB, Cars
+
+
+CUB_LAYOUT = """  CUB_200_2011/images.txt              "<image id> <class folder>/<file>.jpg"
+  CUB_200_2011/image_class_labels.txt  "<image id> <class id 1..200>"
+  CUB_200_2011/classes.txt             "<class id> <class folder>" (optional)
+  CUB_200_2011/images/<class folder>/<file>.jpg"""
+
+
+def read_cub(root: str | os.PathLike) -> Splits:
+    """CUB-200-2011: classes 1-100 train, 101-200 test (leave-one-out).
+
+    ``root`` is the ``CUB_200_2011`` folder or its parent. The official
+    ``train_test_split.txt`` is not used: the metric-learning protocol splits by class.
+    """
+    root = Path(root)
+    if not (root / "images.txt").exists() and (root / "CUB_200_2011").is_dir():
+        root = root / "CUB_200_2011"
+    images = _lines(_require(root / "images.txt", CUB_LAYOUT))
+    labels = dict(line.split()[:2] for line in _lines(_require(root / "image_class_labels.txt", CUB_LAYOUT)))
+    names = {}
+    if (root / "classes.txt").exists():
+        names = {i: name for i, name in (line.split(maxsplit=1) for line in _lines(root / "classes.txt"))}
+    records = []
+    for number, line in enumerate(images, 1):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or parts[0] not in labels:
+            raise InputError(
+                f"{root / 'images.txt'}: line {number} ({line!r}) has no '<id> <path>' with a class in "
+                "image_class_labels.txt"
+            )
+        image_id, path = parts
+        class_id = int(labels[image_id])
+        split = "train" if class_id <= 100 else "test"
+        records.append((f"images/{path}", names.get(str(class_id), str(class_id)), split))
+    _require_test_classes(records, "images.txt")
+    splits = _labelled_splits(root, records, CUB_LAYOUT)
+    return Splits(query=splits["test"], train=splits.get("train"))
+
+
+def _require_test_classes(records, source: str) -> None:
+    if not any(s == "test" for _, _, s in records):
+        raise InputError(f"{source}: no image of the test classes; is the file complete?")
+
+
+CARS_LAYOUT = """  cars_annos.mat   annotations: relative_im_path, class (1..196), test; class_names
+  car_ims/<file>.jpg"""
+
+
+def read_cars196(root: str | os.PathLike) -> Splits:
+    """Cars196 (``cars_annos.mat``): classes 1-98 train, 99-196 test (leave-one-out), all images."""
+    from scipy.io import loadmat
+
+    root = Path(root)
+    mat_path = _require(root / "cars_annos.mat", CARS_LAYOUT)
+    try:
+        mat = loadmat(str(mat_path), squeeze_me=True)
+    except Exception as error:  # scipy raises several types for damaged files
+        raise InputError(f"{mat_path}: not a readable MATLAB file ({error})") from error
+    if "annotations" not in mat:
+        raise InputError(f"{mat_path}: no 'annotations' variable; expected layout:\n{CARS_LAYOUT}")
+    annotations = np.atleast_1d(mat["annotations"])
+    class_names = [str(n) for n in np.atleast_1d(mat["class_names"])] if "class_names" in mat else []
+    records = []
+    for row in annotations:
+        class_id = int(row["class"])
+        name = class_names[class_id - 1] if class_id <= len(class_names) else str(class_id)
+        records.append((str(row["relative_im_path"]), name, "train" if class_id <= 98 else "test"))
+    _require_test_classes(records, str(mat_path))
+    splits = _labelled_splits(root, records, CARS_LAYOUT)
+    return Splits(query=splits["test"], train=splits.get("train"))
+
+
+# --------------------------------------------------------------------------- SOP, In-Shop
+
+
+SOP_LAYOUT = """  Ebay_train.txt, Ebay_test.txt   header "image_id class_id super_class_id path", then one image per line
+  <super class>_final/<file>.JPG"""
+
+
+def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
+    lines = _lines(_require(path, SOP_LAYOUT))
+    if not lines or lines[0].split()[:4] != ["image_id", "class_id", "super_class_id", "path"]:
+        raise InputError(f"{path}: expected the header 'image_id class_id super_class_id path'")
+    records = []
+    for number, line in enumerate(lines[1:], 2):
+        parts = line.split()
+        if len(parts) != 4:
+            raise InputError(f"{path}: line {number} ({line!r}) does not have 4 fields")
+        records.append((parts[3], parts[1], split))
+    return records
+
+
+def read_sop(root: str | os.PathLike) -> Splits:
+    """Stanford Online Products: ``Ebay_test.txt`` leave-one-out, ``Ebay_train.txt`` train."""
+    root = Path(root)
+    records = _read_ebay(root / "Ebay_train.txt", "train") + _read_ebay(root / "Ebay_test.txt", "test")
+    splits = _labelled_splits(root, records, SOP_LAYOUT)
+    return Splits(query=splits["test"], train=splits["train"])
+
+
+INSHOP_LAYOUT = """  list_eval_partition.txt (or Eval/list_eval_partition.txt): a count line, the header
+      "image_name item_id evaluation_status", then "<img/...jpg> <item id> <train|query|gallery>"
+  img/<...>.jpg"""
+
+
+def read_inshop(root: str | os.PathLike) -> Splits:
+    """DeepFashion In-Shop: query images against gallery images; item ids are the classes."""
+    root = Path(root)
+    path = _first_existing(root, ["list_eval_partition.txt", "Eval/list_eval_partition.txt"], INSHOP_LAYOUT)
+    lines = _lines(path)
+    if len(lines) < 2 or not lines[0].isdigit() or lines[1].split() != ["image_name", "item_id", "evaluation_status"]:
+        raise InputError(f"{path}: expected a count line and the header 'image_name item_id evaluation_status'")
+    records = []
+    for number, line in enumerate(lines[2:], 3):
+        parts = line.split()
+        if len(parts) != 3 or parts[2] not in ("train", "query", "gallery"):
+            raise InputError(f"{path}: line {number} ({line!r}) is not '<image> <item id> train|query|gallery'")
+        records.append((parts[0], parts[1], parts[2]))
+    if int(lines[0]) != len(records):
+        raise InputError(f"{path}: the first line announces {lines[0]} images but {len(records)} are listed")
+    splits = _labelled_splits(root, records, INSHOP_LAYOUT)
+    for split in ("query", "gallery"):
+        if split not in splits:
+            raise InputError(f"{path}: no image has evaluation_status {split!r}")
+    return Splits(query=splits["query"], gallery=splits["gallery"], train=splits.get("train"))
+
+
+# --------------------------------------------------------------------------- iNaturalist, VehicleID
+
+
+INAT_LAYOUT = """  Inaturalist_train_set1.txt, Inaturalist_test_set1.txt   one image path per line:
+      train_val2018/<supercategory>/<category>/<file>.jpg
+  train_val2018/..."""
+
+
+def read_inaturalist(root: str | os.PathLike) -> Splits:
+    """iNaturalist 2018, metric-learning split: class = ``<supercategory>/<category>``."""
+    root = Path(root)
+    records = []
+    for split, name in (("train", "Inaturalist_train_set1.txt"), ("test", "Inaturalist_test_set1.txt")):
+        path = _require(root / name, INAT_LAYOUT)
+        for number, line in enumerate(_lines(path), 1):
+            parts = line.split("/")
+            if len(parts) < 4:
+                raise InputError(f"{path}: line {number} ({line!r}) is not <folder>/<supercategory>/<category>/<file>")
+            records.append((line, f"{parts[-3]}/{parts[-2]}", split))
+    splits = _labelled_splits(root, records, INAT_LAYOUT)
+    return Splits(query=splits["test"], train=splits["train"])
+
+
+VEHICLEID_LAYOUT = """  train_test_split/train_list.txt, test_list_800.txt, test_list_1600.txt, test_list_2400.txt
+      "<image name> <vehicle id>" per line
+  image/<image name>.jpg"""
+VEHICLEID_SIZES = {"small": 800, "medium": 1600, "large": 2400}
+
+
+def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
+    """PKU VehicleID: one test list (small 800, medium 1600, large 2400 vehicles), leave-one-out."""
+    if size not in VEHICLEID_SIZES:
+        raise InputError(f"VehicleID size must be one of {list(VEHICLEID_SIZES)}, got {size!r}")
+    root = Path(root)
+    records = []
+    for split, name in (("train", "train_list.txt"), ("test", f"test_list_{VEHICLEID_SIZES[size]}.txt")):
+        path = _require(root / "train_test_split" / name, VEHICLEID_LAYOUT)
+        for number, line in enumerate(_lines(path), 1):
+            parts = line.split()
+            if len(parts) != 2:
+                raise InputError(f"{path}: line {number} ({line!r}) is not '<image name> <vehicle id>'")
+            records.append((f"image/{parts[0]}.jpg", parts[1], split))
+    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT)
+    return Splits(query=splits["test"], train=splits["train"])
+
+
+# --------------------------------------------------------------------------- GLDv2
+
+
+GLDV2_LAYOUT = """  index.csv, test.csv                   column "id" (16 hex characters)
+  retrieval_solution_v2.1.csv           "id,images,Usage": test id, relevant index ids
+                                        separated by spaces, Public|Private|Ignored
+  index/<a>/<b>/<c>/<id>.jpg, test/<a>/<b>/<c>/<id>.jpg   (a, b, c: the id's first characters)
+  train_clean.csv ("landmark_id,images") or train.csv ("id,url,landmark_id") and
+  train/<a>/<b>/<c>/<id>.jpg            optional, for fine-tuning"""
+
+
+def _gld_path(folder: str, image_id: str) -> str:
+    return f"{folder}/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+
+
+def _csv_ids(path: Path) -> list[str]:
+    with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "id" not in reader.fieldnames:
+            raise InputError(f"{path}: no 'id' column; expected layout:\n{GLDV2_LAYOUT}")
+        return [row["id"] for row in reader]
+
+
+def _gld_train(root: Path) -> ImageList | None:
+    if (root / "train_clean.csv").exists():
+        rows = []
+        with open(root / "train_clean.csv", newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
+    elif (root / "train.csv").exists():
+        with open(root / "train.csv", newline="", encoding="utf-8") as f:
+            rows = [(row["id"], row["landmark_id"]) for row in csv.DictReader(f)]
+    else:
+        return None
+    classes = sorted({label for _, label in rows}, key=_natural)
+    lookup = {name: i for i, name in enumerate(classes)}
+    keys = [_gld_path("train", image_id) for image_id, _ in rows]
+    return ImageList(
+        paths=[str(root / key) for key in keys],
+        keys=keys,
+        labels=np.asarray([lookup[label] for _, label in rows], dtype=np.int64),
+        class_names=classes,
+    )
+
+
+def read_gldv2(root: str | os.PathLike) -> Splits:
+    """GLDv2 retrieval: Public and Private test queries (``Ignored`` dropped) against the index.
+
+    Relevance comes from ``retrieval_solution_v2.1.csv``; ``train`` is the clean or full
+    training list when present.
+    """
+    root = Path(root)
+    index_ids = _csv_ids(root / "index.csv")
+    test_ids = set(_csv_ids(root / "test.csv"))
+    position = {image_id: i for i, image_id in enumerate(index_ids)}
+    solution = _require(root / "retrieval_solution_v2.1.csv", GLDV2_LAYOUT)
+    queries, relevant, usage = [], [], []
+    with open(solution, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"id", "images", "Usage"} <= set(reader.fieldnames):
+            raise InputError(f"{solution}: expected the columns id,images,Usage")
+        for number, row in enumerate(reader, 2):
+            if row["Usage"] == "Ignored":
+                continue
+            if row["Usage"] not in ("Public", "Private"):
+                raise InputError(f"{solution}: line {number} has Usage {row['Usage']!r}; expected Public, Private or Ignored")
+            if row["id"] not in test_ids:
+                raise InputError(f"{solution}: line {number}: test id {row['id']} is not in test.csv")
+            items = []
+            for image_id in row["images"].split():
+                if image_id not in position:
+                    raise InputError(f"{solution}: line {number}: index id {image_id} is not in index.csv")
+                items.append(position[image_id])
+            queries.append(row["id"])
+            relevant.append(np.asarray(items, dtype=np.int64))
+            usage.append(row["Usage"])
+    if not queries:
+        raise InputError(f"{solution}: no Public or Private query")
+    query_keys = [_gld_path("test", image_id) for image_id in queries]
+    gallery_keys = [_gld_path("index", image_id) for image_id in index_ids]
+    query = ImageList([str(root / k) for k in query_keys], query_keys)
+    gallery = ImageList([str(root / k) for k in gallery_keys], gallery_keys)
+    _check_images(query.paths, GLDV2_LAYOUT)
+    _check_images(gallery.paths, GLDV2_LAYOUT)
+    usage = np.asarray(usage)
+    subsets = {name.lower(): np.flatnonzero(usage == name) for name in ("Public", "Private")}
+    return Splits(query=query, gallery=gallery, train=_gld_train(root), relevant=relevant, subsets=subsets)
+
+
+# --------------------------------------------------------------------------- generic
+
+
+FOLDER_LAYOUT = "  <class>/<image files>, one sub-folder per class"
+TABLE_LAYOUT = """  a CSV or parquet table with columns path, label and optionally split
+      (train | test | query | gallery); paths relative to the table's folder"""
+
+
+def read_folder(root: str | os.PathLike) -> Splits:
+    """Any folder with one sub-folder per class: leave-one-out over all its images."""
+    return Splits(query=read_image_folder(root))
+
+
+def read_csv(path: str | os.PathLike) -> Splits:
+    """A table of (path, label[, split]). Without ``split``: leave-one-out over all rows.
+
+    With ``split``: ``query`` rows against ``gallery`` rows, or ``test`` rows leave-one-out;
+    ``train`` rows form the train split.
+    """
+    path = Path(path)
+    images = read_table(path, caption_column=None)
+    if images.labels is None:
+        raise InputError(f"{path}: no 'label' column; evaluation needs a class per image")
+    split = _split_column(path)
+    if split is None:
+        return Splits(query=images)
+    known = {"train", "test", "query", "gallery"}
+    unknown = sorted(set(split) - known)
+    if unknown:
+        raise InputError(f"{path}: column 'split' holds {unknown}; use train, test, query or gallery")
+    parts = {name: images.subset(split == name) for name in known if (split == name).any()}
+    if "query" in parts or "gallery" in parts:
+        if not {"query", "gallery"} <= set(parts):
+            raise InputError(f"{path}: rows marked query need rows marked gallery, and the reverse")
+        return Splits(query=parts["query"], gallery=parts["gallery"], train=parts.get("train"))
+    if "test" not in parts:
+        raise InputError(f"{path}: no row is marked test (or query/gallery); nothing to evaluate")
+    return Splits(query=parts["test"], train=parts.get("train"))
+
+
+def _split_column(path: Path) -> np.ndarray | None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        names = pq.ParquetFile(path).schema_arrow.names
+        table = pq.read_table(path, columns=["split"]) if "split" in names else None
+    else:
+        table = pacsv.read_csv(path)
+        table = table.select(["split"]) if "split" in table.column_names else None
+    if table is None:
+        return None
+    return np.asarray([str(v).strip().lower() for v in table.column("split").to_pylist()])

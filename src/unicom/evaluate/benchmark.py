@@ -1,0 +1,406 @@
+"""Benchmark runs: a model (or precomputed embeddings) on a benchmark, end to end.
+
+This is what ``unicom evaluate`` calls. With a model, each split is embedded with the
+model's own ``image_transform`` (:func:`unicom.embed.embed_images`) into
+``OUT/embeddings/<split>/`` in the embedding-folder layout (:mod:`unicom.layout`), in
+parts of :data:`PART_ROWS` images: a killed run resumes at the first missing part, and
+the folders can be given back later as ``--embeddings``. With embeddings, rows are found
+by their metadata ``key`` (the reader's keys: paths relative to the dataset folder), or
+by an absolute ``path``/``image_path`` column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from unicom.errors import InputError
+from unicom.files import write_json_atomic
+from unicom.layout import EmbeddingFolders, part_complete, part_path, write_part
+from unicom.progress import progress
+
+PART_ROWS = 10_000
+CACHE_CONFIG = "evaluate_embeddings.json"
+PCA_SEED = 0
+
+
+# --------------------------------------------------------------------------- embedding folders
+
+
+def read_embedding_folder(root: str | os.PathLike):
+    """All parts of an embedding folder: (embeddings float32 (N, D), metadata pyarrow.Table or None)."""
+    import pyarrow as pa
+
+    folders = EmbeddingFolders.from_root(root)
+    if folders.image is None:
+        raise InputError(f"{root}: no img_emb/ folder; evaluation needs image embeddings")
+    kinds = ["image"] + (["metadata"] if folders.metadata is not None else [])
+    numbers = folders.numbers(kinds)
+    arrays = [np.asarray(folders.load("image", i), dtype=np.float32) for i in numbers]
+    tables = [folders.load("metadata", i) for i in numbers] if folders.metadata is not None else None
+    for i, array, table in zip(numbers, arrays, tables or [None] * len(arrays)):
+        if table is not None and table.num_rows != len(array):
+            raise InputError(f"{root}: part {i} has {len(array)} embeddings but {table.num_rows} metadata rows")
+    if any(a.shape[1] != arrays[0].shape[1] for a in arrays):
+        raise InputError(f"{root}: parts have different embedding dimensions")
+    metadata = pa.concat_tables(tables, promote_options="default") if tables else None
+    return np.concatenate(arrays), metadata
+
+
+def _key_column(metadata, root) -> list[str]:
+    from unicom.layout import KEY_COLUMNS
+
+    if metadata is None:
+        raise InputError(f"{root}: no metadata/ folder, so rows have no keys to match images or labels with")
+    for column in KEY_COLUMNS:
+        if column in metadata.column_names:
+            return [str(v) for v in metadata.column(column).to_pylist()]
+    raise InputError(f"{root}: metadata has none of the key columns {KEY_COLUMNS}")
+
+
+def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, label_column: str = "label") -> np.ndarray:
+    """Labels of an embedding folder's rows: from ``labels_file`` (key,label) or its metadata."""
+    keys = _key_column(metadata, root)
+    if labels_file is not None:
+        from unicom.data.lists import read_table
+
+        table = read_table(labels_file, path_column="key", label_column=label_column, caption_column=None, key_column=None)
+        if table.labels is None:
+            raise InputError(f"{labels_file}: no {label_column!r} column")
+        lookup = dict(zip(table.keys, table.labels.tolist()))
+        missing = [k for k in keys if k not in lookup]
+        if missing:
+            raise InputError(f"{labels_file}: no label for {len(missing)} keys of {root}, e.g. {missing[:3]}")
+        return np.asarray([lookup[k] for k in keys])
+    if label_column not in metadata.column_names:
+        raise InputError(f"{root}: metadata has no {label_column!r} column; give --labels FILE with key,label columns")
+    values = metadata.column(label_column).to_pylist()
+    missing = [keys[i] for i, v in enumerate(values) if v is None]
+    if missing:
+        raise InputError(f"{root}: rows {missing[:3]} have no {label_column!r}")
+    return np.asarray(values)
+
+
+class _RowIndex:
+    """key -> row and absolute path -> row of an embedding folder."""
+
+    def __init__(self, metadata, root):
+        self.root = root
+        self.by_key = {k: i for i, k in enumerate(_key_column(metadata, root))}
+        self.by_path = {}
+        for column in ("path", "image_path"):
+            if column in metadata.column_names:
+                for i, p in enumerate(metadata.column(column).to_pylist()):
+                    if p:
+                        self.by_path.setdefault(os.path.realpath(p), i)
+
+    def rows(self, keys: Sequence[str], paths: Sequence[str], split: str, required: bool = True) -> np.ndarray:
+        rows = []
+        missing = []
+        for key, path in zip(keys, paths):
+            row = self.by_key.get(key)
+            if row is None and path:
+                row = self.by_path.get(os.path.realpath(path))
+            if row is None:
+                missing.append(key)
+            rows.append(-1 if row is None else row)
+        rows = np.asarray(rows, dtype=np.int64)
+        if missing and required:
+            raise InputError(
+                f"{self.root}: {len(missing)} {split} images of the benchmark have no embedding (by key or path), "
+                f"e.g. {missing[:3]}; embed the whole dataset folder, or evaluate with --model"
+            )
+        return rows
+
+
+# --------------------------------------------------------------------------- embedding with a model
+
+
+def embed_cached(
+    encoder,
+    images: Sequence[Any],
+    keys: Sequence[str],
+    folder: str | os.PathLike,
+    config: dict,
+    *,
+    labels: Sequence[int] | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    desc: str = "embed",
+) -> np.ndarray:
+    """Embeddings float32 (N, D) of ``images`` (paths or PIL images), cached under ``folder``.
+
+    The folder is an embedding folder: metadata holds ``key`` (and ``label`` when given),
+    so it can be evaluated again with ``--embeddings``. Parts of :data:`PART_ROWS` rows
+    already written by an earlier run with the same ``config`` and keys are read back
+    instead of recomputed.
+    """
+    import pyarrow as pa
+
+    from unicom.embed import embed_images
+
+    folder = Path(folder)
+    config = dict(config, images=len(images))
+    config_path = folder / CACHE_CONFIG
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        if previous != config:
+            raise InputError(
+                f"{folder} holds embeddings made with {previous}, not {config}; use another --out or delete that folder"
+            )
+    write_json_atomic(config_path, config)
+    parts = []
+    bar = progress(total=len(images), desc=desc, unit="img")
+    try:
+        for number, start in enumerate(range(0, len(images), PART_ROWS)):
+            stop = min(start + PART_ROWS, len(images))
+            part_keys = [str(k) for k in keys[start:stop]]
+            if part_complete(folder, number, ["image", "metadata"]):
+                import pyarrow.parquet as pq
+
+                stored = pq.read_table(part_path(folder / "metadata", "metadata", number), columns=["key"])
+                if stored.column("key").to_pylist() == part_keys:
+                    parts.append(np.load(part_path(folder / "img_emb", "image", number)))
+                    bar.update(stop - start)
+                    continue
+            embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
+            columns = {"key": part_keys}
+            if labels is not None:
+                columns["label"] = [int(v) for v in labels[start:stop]]
+            write_part(folder, number, image=embeddings, metadata=pa.table(columns))
+            parts.append(embeddings)
+            bar.update(stop - start)
+    finally:
+        bar.close()
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.embedding_dim), np.float32)
+
+
+def _sample(n: int, limit: int) -> np.ndarray:
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(PCA_SEED).choice(n, limit, replace=False))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _parse_dims(dims) -> tuple[int, ...]:
+    return tuple(int(d) for d in dims or ())
+
+
+def evaluate_benchmark(
+    dataset: str,
+    root: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    model: str | None = None,
+    pretrained: str | None = None,
+    embeddings: str | os.PathLike | None = None,
+    ks: Sequence[int] | None = None,
+    dims: Sequence[int] = (32, 64, 128, 256),
+    pca: bool = True,
+    pca_samples: int = 50_000,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | None = None,
+    chunk_size: int | None = None,
+    download: bool = False,
+    probe: bool = True,
+    knn: bool = True,
+    knn_k: int = 20,
+    temperature: float = 0.07,
+) -> dict:
+    """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
+
+    Retrieval benchmarks write metrics, the markdown table and the Recall@1-vs-dimension
+    PNG under ``out``; classification datasets the linear probe and kNN results.
+    """
+    from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
+    from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
+
+    if (model is None) == (embeddings is None):
+        raise InputError("give either a model or an embeddings folder")
+    name = canonical_name(dataset)
+    classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
+    if name in RETRIEVAL_BENCHMARKS:
+        return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
+                                    batch_size, num_workers, device, chunk_size)
+    if classification in CLASSIFICATION_BENCHMARKS:
+        return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
+                                         num_workers, device, download, probe, knn, knn_k, temperature)
+    raise InputError(
+        f"unknown dataset {dataset!r}; retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
+        f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
+    )
+
+
+def _encoder(model, pretrained, device):
+    from unicom import distributed
+    from unicom.models.encoders import load_encoder
+
+    return load_encoder(model, pretrained, device or distributed.local_device())
+
+
+def _model_info(model, pretrained, embeddings) -> dict:
+    if model is not None:
+        return {"model": model, "pretrained": pretrained}
+    return {"embeddings": str(embeddings)}
+
+
+def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
+                         num_workers, device, chunk_size) -> dict:
+    from unicom.data.benchmarks import load_retrieval_benchmark
+    from unicom.evaluate.report import evaluate_retrieval
+
+    protocol = load_retrieval_benchmark(name, root)
+    out = Path(out)
+    splits = {"query": protocol.query, "gallery": protocol.gallery}
+    train = protocol.train if (pca and dims and protocol.train is not None and len(protocol.train) >= 2) else None
+    train_rows = None if train is None else _sample(len(train), pca_samples)
+    vectors: dict[str, np.ndarray | None] = {}
+    if model is not None:
+        encoder = _encoder(model, pretrained, device)
+        config = {"model": model, "pretrained": pretrained, "dataset": name}
+        for split, images in splits.items():
+            vectors[split] = None if images is None else embed_cached(
+                encoder, images.paths, images.keys, out / "embeddings" / split, dict(config, split=split),
+                labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
+        if train is not None:
+            vectors["train"] = embed_cached(
+                encoder, [train.paths[i] for i in train_rows], [train.keys[i] for i in train_rows],
+                out / "embeddings" / "train", dict(config, split="train", sample=int(pca_samples)),
+                batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} train (PCA)")
+    else:
+        x, metadata = read_embedding_folder(embeddings)
+        index = _RowIndex(metadata, embeddings)
+        for split, images in splits.items():
+            vectors[split] = None if images is None else x[index.rows(images.keys, images.paths, split)]
+        if train is not None:
+            rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
+                              required=False)
+            rows = rows[rows >= 0]
+            vectors["train"] = x[rows] if len(rows) >= 2 else None
+    info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
+    if dims and vectors.get("train") is None:
+        info["note"] = "no train-split embeddings: the PCA baseline is left out"
+    gallery = protocol.gallery
+    return evaluate_retrieval(
+        vectors["query"],
+        protocol.query.labels,
+        vectors["gallery"],
+        None if gallery is None else gallery.labels,
+        relevant=protocol.relevant,
+        subsets=protocol.subsets or None,
+        train=vectors.get("train"),
+        ks=tuple(ks) if ks else protocol.ks,
+        metric=protocol.metric,
+        dims=_parse_dims(dims),
+        chunk_size=chunk_size,
+        out=out,
+        info=info,
+    )
+
+
+def _classification_benchmark(name, root, out, model, pretrained, embeddings, batch_size, num_workers, device,
+                              download, probe, knn, knn_k, temperature) -> dict:
+    from unicom.data.benchmarks import load_classification_benchmark
+    from unicom.evaluate.report import evaluate_classification
+
+    train, test, metric = load_classification_benchmark(name, root, download=download)
+    out = Path(out)
+    parts = {"train": train, "test": test}
+    keys = {split: [_split_key(split, image, i, root) for i, image in enumerate(part.images)] for split, part in parts.items()}
+    vectors = {}
+    if model is not None:
+        encoder = _encoder(model, pretrained, device)
+        config = {"model": model, "pretrained": pretrained, "dataset": name}
+        for split, part in parts.items():
+            vectors[split] = embed_cached(encoder, part.images, keys[split], out / "embeddings" / split,
+                                          dict(config, split=split), labels=part.labels, batch_size=batch_size,
+                                          num_workers=num_workers, desc=f"embed {name} {split}")
+    else:
+        x, metadata = read_embedding_folder(embeddings)
+        index = _RowIndex(metadata, embeddings)
+        for split, part in parts.items():
+            paths = [image if isinstance(image, str) else "" for image in part.images]
+            vectors[split] = x[index.rows(keys[split], paths, split)]
+    return evaluate_classification(
+        vectors["train"], train.labels, vectors["test"], test.labels, metric=metric, probe=probe, knn=knn, knn_k=knn_k,
+        temperature=temperature, out=out, info={"dataset": name, **_model_info(model, pretrained, embeddings)},
+    )
+
+
+def _split_key(split: str, image, i: int, root) -> str:
+    """Paths relative to the dataset folder; in-memory images (CIFAR) as ``<split>/<index>``."""
+    if isinstance(image, str):
+        try:
+            return Path(image).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            return image
+    return f"{split}/{i}"
+
+
+def evaluate_embedding_folders(
+    embeddings: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    gallery_embeddings: str | os.PathLike | None = None,
+    train_embeddings: str | os.PathLike | None = None,
+    task: str = "retrieval",
+    ks: Sequence[int] = (1, 2, 4, 8),
+    dims: Sequence[int] = (32, 64, 128, 256),
+    pca: bool = True,
+    pca_samples: int = 50_000,
+    chunk_size: int | None = None,
+    probe: bool = True,
+    knn: bool = True,
+    knn_k: int = 20,
+    temperature: float = 0.07,
+) -> dict:
+    """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
+
+    Retrieval: ``embeddings`` are the queries, searched leave-one-out, or against
+    ``gallery_embeddings``; ``train_embeddings`` fit the PCA baseline. Classification:
+    ``train_embeddings`` train the linear probe and kNN, ``embeddings`` are the test set.
+    """
+    from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
+
+    x, metadata = read_embedding_folder(embeddings)
+    y = labels_of(metadata, embeddings, labels)
+    info = {"embeddings": str(embeddings)}
+    if task == "classification":
+        if train_embeddings is None:
+            raise InputError("classification needs --train-embeddings (the train split) besides --embeddings (the test split)")
+        train_x, train_metadata = read_embedding_folder(train_embeddings)
+        train_y = labels_of(train_metadata, train_embeddings, labels)
+        train_y, y = _shared_ids(train_y, y)
+        return evaluate_classification(train_x, train_y, x, y, probe=probe, knn=knn, knn_k=knn_k,
+                                       temperature=temperature, out=out, info=info)
+    if task != "retrieval":
+        raise InputError(f"task must be 'retrieval' or 'classification', got {task!r}")
+    gallery = gallery_y = None
+    if gallery_embeddings is not None:
+        gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
+        gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels)
+    train = None
+    if pca and dims and train_embeddings is not None:
+        train, _ = read_embedding_folder(train_embeddings)
+        train = train[_sample(len(train), pca_samples)]
+    if dims and train is None:
+        info["note"] = "no train embeddings: the PCA baseline is left out"
+    return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
+                              chunk_size=chunk_size, out=out, info=info)
+
+
+def _shared_ids(*label_arrays):
+    """Label arrays -> int64 ids in one vocabulary (labels may be names)."""
+    arrays = [np.asarray(a) for a in label_arrays]
+    if not all(np.issubdtype(a.dtype, np.integer) for a in arrays):
+        arrays = [a.astype(str) for a in arrays]
+    _, inverse = np.unique(np.concatenate(arrays), return_inverse=True)
+    return np.split(inverse.astype(np.int64), np.cumsum([len(a) for a in arrays])[:-1])

@@ -1,0 +1,133 @@
+"""Dimension-constrained retrieval: the first d dimensions, and a PCA-to-d baseline.
+
+Unicom's random feature selection trains the leading dimensions to carry the embedding, so
+the first d dimensions, re-normalised, are a compact embedding by themselves (the paper's
+Fig. 1a). The baseline projects onto the d leading principal components of the train
+split's embeddings, centred, then re-normalised. Both are scored with the same metrics
+as the full embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from unicom.errors import InputError
+from unicom.evaluate.metrics import as_embeddings, retrieval_metrics, retrieval_metrics_from_relevance
+
+
+def first_dimensions(x, d: int) -> np.ndarray:
+    """The first ``d`` coordinates of each row, float32 (N, d) (re-normalised when scored)."""
+    x = np.asarray(x)
+    if not 1 <= d <= x.shape[1]:
+        raise InputError(f"cannot keep {d} of {x.shape[1]} dimensions")
+    return np.ascontiguousarray(x[:, :d], dtype=np.float32)
+
+
+@dataclass
+class PCA:
+    """Principal axes of a set of embeddings.
+
+    ``mean``: (D,) float64; ``components``: (D, D) float64, one axis per row, by decreasing
+    explained variance, each signed so that its largest coordinate is positive;
+    ``explained_variance``: (D,).
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+
+    @classmethod
+    def fit(cls, x, block_rows: int = 65_536) -> "PCA":
+        """Fit on (N, D) embeddings (L2-normalised first, as they are scored), N >= 2.
+
+        The covariance is accumulated in float64 over blocks of rows, so memory stays
+        O(D^2 + block_rows x D) for any N.
+        """
+        import torch
+
+        n = len(x)
+        if n < 2:
+            raise InputError(f"PCA needs at least 2 training embeddings, got {n}")
+        total = None
+        outer = None
+        for start in range(0, n, block_rows):
+            block = as_embeddings(np.asarray(x[start:start + block_rows]), "train embeddings").double()
+            total = block.sum(0) if total is None else total + block.sum(0)
+            outer = block.T @ block if outer is None else outer + block.T @ block
+        mean = total / n
+        covariance = outer / n - torch.outer(mean, mean)
+        variance, axes = torch.linalg.eigh(covariance)
+        order = torch.argsort(variance, descending=True)
+        components = axes[:, order].T.contiguous()
+        largest = components.abs().argmax(1)
+        signs = torch.sign(components[torch.arange(len(components)), largest])
+        components = components * signs[:, None]
+        return cls(mean.numpy(), components.numpy(), variance[order].clamp(min=0).numpy())
+
+    def transform(self, x, d: int, block_rows: int = 65_536) -> np.ndarray:
+        """(N, D) embeddings -> (N, d) float32 coordinates on the d leading axes, centred."""
+        if not 1 <= d <= len(self.components):
+            raise InputError(f"cannot project onto {d} of {len(self.components)} principal axes")
+        axes = self.components[:d].T
+        out = np.empty((len(x), d), dtype=np.float32)
+        for start in range(0, len(x), block_rows):
+            block = as_embeddings(np.asarray(x[start:start + block_rows]), "embeddings").double().numpy()
+            out[start:start + len(block)] = (block - self.mean) @ axes
+        return out
+
+
+def score(
+    query,
+    query_labels=None,
+    gallery=None,
+    gallery_labels=None,
+    *,
+    relevant=None,
+    ks: Sequence[int] = (1,),
+    chunk_size: int | None = None,
+    per_query: bool = False,
+) -> dict:
+    """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given."""
+    if relevant is not None:
+        return retrieval_metrics_from_relevance(query, gallery, relevant, ks, chunk_size, per_query=per_query)
+    return retrieval_metrics(query, query_labels, gallery, gallery_labels, ks, chunk_size, per_query=per_query)
+
+
+def dimension_curve(
+    query,
+    query_labels=None,
+    gallery=None,
+    gallery_labels=None,
+    *,
+    dims: Sequence[int] = (32, 64, 128, 256),
+    train=None,
+    relevant=None,
+    ks: Sequence[int] = (1,),
+    chunk_size: int | None = None,
+) -> list[dict]:
+    """Metrics of the first d dimensions and of PCA-to-d, for each d in ``dims`` and full D.
+
+    Returns rows ``{"dimension": d, "method": "first" | "pca", **metrics}``, ``first``
+    rows first, each by increasing d. The ``pca`` rows need ``train`` (embeddings of the
+    train split; the axes are fitted on them) and are absent without it. Dimensions above
+    D are skipped.
+    """
+    full = np.asarray(query).shape[1]
+    wanted = sorted({int(d) for d in dims if 1 <= int(d) < full} | {full})
+    rows = []
+    for d in wanted:
+        q = first_dimensions(query, d)
+        g = None if gallery is None else first_dimensions(gallery, d)
+        metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size)
+        rows.append({"dimension": d, "method": "first", **metrics})
+    if train is not None:
+        pca = PCA.fit(train)
+        for d in wanted:
+            q = pca.transform(query, d)
+            g = None if gallery is None else pca.transform(gallery, d)
+            metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size)
+            rows.append({"dimension": d, "method": "pca", **metrics})
+    return rows

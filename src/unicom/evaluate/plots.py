@@ -1,0 +1,50 @@
+"""The Recall@1-versus-dimension figure (the Unicom paper's Fig. 1a), as a PNG.
+
+Drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, so it neither needs a
+display nor changes pyplot's global backend in the caller's process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from unicom.files import atomic_path
+
+LABELS = {"first": "first d dimensions", "pca": "PCA to d (fitted on train)"}
+STYLES = {"first": {"marker": "o", "color": "#1f77b4"}, "pca": {"marker": "s", "linestyle": "--", "color": "#7f7f7f"}}
+
+
+def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str = "recall@1", title: str = "") -> Path:
+    """Write ``metric`` (in %) against the dimension for each method in ``rows``.
+
+    ``rows``: ``dimension_curve`` output. The x axis is logarithmic with a tick at every
+    evaluated dimension. Written atomically; returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.2, 3.8), dpi=150)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    dimensions = sorted({row["dimension"] for row in rows})
+    for method in LABELS:
+        points = sorted((row["dimension"], row[metric]) for row in rows if row["method"] == method)
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, [100 * y for y in ys], label=LABELS[method], **STYLES[method])
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(dimensions)
+    axes.set_xticklabels([str(d) for d in dimensions])
+    axes.minorticks_off()
+    axes.set_xlabel("embedding dimension d")
+    axes.set_ylabel(f"{metric} (%)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right")
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path

@@ -1,0 +1,358 @@
+"""Benchmark readers on tiny trees in the official layouts (real JPEG files, official split files)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import class_image, encode_image
+
+from unicom.data.benchmarks import (
+    CLASSIFICATION_BENCHMARKS,
+    RETRIEVAL_BENCHMARKS,
+    load_classification_benchmark,
+    load_retrieval_benchmark,
+)
+from unicom.errors import InputError
+
+
+def jpeg(path: Path, label: int = 0, index: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_image(class_image(label, index, size=16)))
+    return path
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def class_counts(images) -> dict[str, int]:
+    names, counts = np.unique([images.class_names[i] for i in images.labels], return_counts=True)
+    return dict(zip(names.tolist(), counts.tolist()))
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def test_cub_splits_by_class_id_not_by_the_official_split_file(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    classes = {1: 2, 2: 1, 100: 2, 101: 3, 150: 1, 200: 2}  # class id -> images
+    images, labels, names = [], [], []
+    image_id = 0
+    for class_id, count in classes.items():
+        folder = f"{class_id:03d}.Bird_{class_id}"
+        names.append(f"{class_id} {folder}")
+        for i in range(count):
+            image_id += 1
+            jpeg(root / "images" / folder / f"Bird_{i}.jpg", class_id, i)
+            images.append(f"{image_id} {folder}/Bird_{i}.jpg")
+            labels.append(f"{image_id} {class_id}")
+    write(root / "images.txt", "\n".join(images) + "\n")
+    write(root / "image_class_labels.txt", "\n".join(labels) + "\n")
+    write(root / "classes.txt", "\n".join(names) + "\n")
+    write(root / "train_test_split.txt", "\n".join(f"{i} 1" for i in range(1, image_id + 1)))  # ignored
+
+    protocol = load_retrieval_benchmark("cub", tmp_path)  # the parent folder works too
+    assert protocol.gallery is None and protocol.ks == (1, 2, 4, 8) and protocol.metric == "recall@1"
+    assert class_counts(protocol.train) == {"001.Bird_1": 2, "002.Bird_2": 1, "100.Bird_100": 2}
+    assert class_counts(protocol.query) == {"101.Bird_101": 3, "150.Bird_150": 1, "200.Bird_200": 2}
+    assert sorted(set(protocol.train.labels)) == [0, 1, 2]  # train labels are 0..C_train-1
+    assert protocol.query.keys[0] == "images/101.Bird_101/Bird_0.jpg"
+    assert Path(protocol.query.paths[0]).is_file()
+
+
+def test_cars196_from_cars_annos_mat(tmp_path):
+    from scipy.io import savemat
+
+    class_ids = [1, 1, 98, 99, 99, 196]
+    annotations = np.zeros(len(class_ids), dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")])
+    for i, class_id in enumerate(class_ids):
+        path = f"car_ims/{i + 1:06d}.jpg"
+        jpeg(tmp_path / path, class_id, i)
+        annotations[i] = (path, class_id, i % 2)  # the official test flag is not the protocol's split
+    names = np.array([f"Car {c}" for c in range(1, 197)], dtype=object)
+    savemat(tmp_path / "cars_annos.mat", {"annotations": annotations[None, :], "class_names": names[None, :]})
+
+    protocol = load_retrieval_benchmark("cars196", tmp_path)
+    assert class_counts(protocol.train) == {"Car 1": 2, "Car 98": 1}
+    assert class_counts(protocol.query) == {"Car 99": 2, "Car 196": 1}
+    assert protocol.query.keys == ["car_ims/000004.jpg", "car_ims/000005.jpg", "car_ims/000006.jpg"]
+
+
+def test_sop_reads_ebay_lists(tmp_path):
+    header = "image_id class_id super_class_id path\n"
+    train = [(1, 1, 1, "bicycle_final/111_0.JPG"), (2, 1, 1, "bicycle_final/111_1.JPG"), (3, 2, 2, "chair_final/222_0.JPG")]
+    test = [(4, 11319, 1, "bicycle_final/333_0.JPG"), (5, 11319, 1, "bicycle_final/333_1.JPG"),
+            (6, 11320, 3, "sofa_final/444_0.JPG"), (7, 11320, 3, "sofa_final/444_1.JPG")]
+    for rows, name in ((train, "Ebay_train.txt"), (test, "Ebay_test.txt")):
+        write(tmp_path / name, header + "".join(f"{a} {b} {c} {d}\n" for a, b, c, d in rows))
+        for _, class_id, _, path in rows:
+            jpeg(tmp_path / path, class_id)
+    protocol = load_retrieval_benchmark("sop", tmp_path)
+    assert protocol.ks == (1, 10, 100, 1000) and protocol.gallery is None
+    assert (len(protocol.train), len(protocol.query)) == (3, 4)
+    assert class_counts(protocol.query) == {"11319": 2, "11320": 2}
+    assert protocol.train.labels.tolist() == [0, 0, 1]
+
+
+def test_inshop_query_and_gallery_share_item_labels(tmp_path):
+    rows = [
+        ("img/WOMEN/Dresses/id_00000002/02_1_front.jpg", "id_00000002", "train"),
+        ("img/WOMEN/Dresses/id_00000002/02_2_side.jpg", "id_00000002", "train"),
+        ("img/MEN/Denim/id_00000080/01_1_front.jpg", "id_00000080", "query"),
+        ("img/MEN/Denim/id_00000080/01_2_side.jpg", "id_00000080", "gallery"),
+        ("img/MEN/Denim/id_00000080/01_3_back.jpg", "id_00000080", "gallery"),
+        ("img/WOMEN/Tees/id_00000091/03_1_front.jpg", "id_00000091", "query"),
+        ("img/WOMEN/Tees/id_00000091/03_2_side.jpg", "id_00000091", "gallery"),
+    ]
+    text = f"{len(rows)}\nimage_name item_id evaluation_status\n" + "".join(f"{p}    {i}    {s}\n" for p, i, s in rows)
+    write(tmp_path / "Eval" / "list_eval_partition.txt", text)
+    for n, (path, _, _) in enumerate(rows):
+        jpeg(tmp_path / path, n)
+    protocol = load_retrieval_benchmark("inshop", tmp_path)
+    assert protocol.ks == (1, 10, 20, 30, 40, 50)
+    assert (len(protocol.train), len(protocol.query), len(protocol.gallery)) == (2, 2, 3)
+    assert [protocol.query.class_names[i] for i in protocol.query.labels] == ["id_00000080", "id_00000091"]
+    assert [protocol.gallery.class_names[i] for i in protocol.gallery.labels] == ["id_00000080", "id_00000080", "id_00000091"]
+    assert protocol.query.labels[0] == protocol.gallery.labels[0]
+
+
+def test_inaturalist_classes_are_supercategory_and_category(tmp_path):
+    train = ["train_val2018/Plantae/7477/a.jpg", "train_val2018/Plantae/7477/b.jpg", "train_val2018/Aves/2000/c.jpg"]
+    test = ["train_val2018/Aves/3000/d.jpg", "train_val2018/Aves/3000/e.jpg", "train_val2018/Insecta/3000/f.jpg"]
+    write(tmp_path / "Inaturalist_train_set1.txt", "\n".join(train) + "\n")
+    write(tmp_path / "Inaturalist_test_set1.txt", "\n".join(test) + "\n")
+    for n, path in enumerate(train + test):
+        jpeg(tmp_path / path, n)
+    protocol = load_retrieval_benchmark("inaturalist", tmp_path)
+    assert protocol.ks == (1, 4, 16, 32)
+    assert class_counts(protocol.train) == {"Aves/2000": 1, "Plantae/7477": 2}
+    # the same category number under two supercategories is two classes
+    assert class_counts(protocol.query) == {"Aves/3000": 2, "Insecta/3000": 1}
+
+
+@pytest.mark.parametrize("size,listed", [("small", 800), ("medium", 1600), ("large", 2400)])
+def test_vehicleid_reads_each_test_list(tmp_path, size, listed):
+    split_dir = tmp_path / "train_test_split"
+    write(split_dir / "train_list.txt", "0001 1\n0002 1\n0003 2\n")
+    for n in (800, 1600, 2400):
+        vehicles = {800: [10, 10, 11], 1600: [10, 10, 11, 11, 12], 2400: [10, 11, 12, 13, 13, 13, 13]}[n]
+        write(split_dir / f"test_list_{n}.txt", "".join(f"{n}{i:03d} {v}\n" for i, v in enumerate(vehicles)))
+        for i, v in enumerate(vehicles):
+            jpeg(tmp_path / "image" / f"{n}{i:03d}.jpg", v, i)
+    protocol = load_retrieval_benchmark(f"vehicleid-{size}", tmp_path)
+    assert protocol.gallery is None and protocol.ks == (1, 5)
+    expected = {800: {"10": 2, "11": 1}, 1600: {"10": 2, "11": 2, "12": 1}, 2400: {"10": 1, "11": 1, "12": 1, "13": 4}}
+    assert class_counts(protocol.query) == expected[listed]
+    assert protocol.query.keys[0] == f"image/{listed}000.jpg"
+    assert len(protocol.train) == 3
+
+
+def test_gldv2_relevance_subsets_and_ignored_queries(tmp_path):
+    index_ids = ["0123456789abcdef", "1123456789abcdef", "2223456789abcdef", "3333456789abcdef"]
+    test_ids = ["a000000000000001", "b000000000000002", "c000000000000003"]
+    write(tmp_path / "index.csv", "id\n" + "\n".join(index_ids) + "\n")
+    write(tmp_path / "test.csv", "id\n" + "\n".join(test_ids) + "\n")
+    write(tmp_path / "retrieval_solution_v2.1.csv",
+          "id,images,Usage\n"
+          f"{test_ids[0]},{index_ids[1]} {index_ids[3]},Public\n"
+          f"{test_ids[1]},None,Ignored\n"
+          f"{test_ids[2]},{index_ids[0]},Private\n")
+    for n, image_id in enumerate(index_ids):
+        jpeg(tmp_path / "index" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", n)
+    for n, image_id in enumerate(test_ids):
+        jpeg(tmp_path / "test" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", n)
+    protocol = load_retrieval_benchmark("gldv2", tmp_path)
+    assert protocol.metric == "map@100" and protocol.train is None
+    assert protocol.query.keys == ["test/a/0/0/a000000000000001.jpg", "test/c/0/0/c000000000000003.jpg"]
+    assert len(protocol.gallery) == 4
+    assert [r.tolist() for r in protocol.relevant] == [[1, 3], [0]]
+    assert {k: v.tolist() for k, v in protocol.subsets.items()} == {"public": [0], "private": [1]}
+
+
+def test_generic_folder_and_csv_with_split_column(tmp_path):
+    from support import write_class_folder
+
+    write_class_folder(tmp_path / "folder", [0, 1, 2], per_class=2, size=16)
+    protocol = load_retrieval_benchmark("folder", tmp_path / "folder")
+    assert len(protocol.query) == 6 and protocol.gallery is None and protocol.train is None
+
+    rows = ["path,label,split"]
+    for n, (label, split) in enumerate([("cat", "train"), ("cat", "train"), ("dog", "query"), ("dog", "gallery"),
+                                         ("cow", "gallery")]):
+        jpeg(tmp_path / "table" / f"{n}.jpg", n)
+        rows.append(f"{n}.jpg,{label},{split}")
+    write(tmp_path / "table" / "list.csv", "\n".join(rows) + "\n")
+    protocol = load_retrieval_benchmark("csv", tmp_path / "table" / "list.csv")
+    assert (len(protocol.train), len(protocol.query), len(protocol.gallery)) == (2, 1, 2)
+    assert protocol.query.class_names[protocol.query.labels[0]] == "dog"
+
+
+def test_missing_index_file_names_it_and_shows_the_layout(tmp_path):
+    with pytest.raises(InputError, match=r"Ebay_train\.txt: not found; expected layout:\n.*image_id class_id"):
+        load_retrieval_benchmark("sop", tmp_path)
+
+
+def test_missing_images_are_listed_before_anything_runs(tmp_path):
+    header = "image_id class_id super_class_id path\n"
+    write(tmp_path / "Ebay_train.txt", header + "1 1 1 a_final/1.JPG\n")
+    write(tmp_path / "Ebay_test.txt", header + "2 2 1 a_final/2.JPG\n3 2 1 a_final/3.JPG\n")
+    jpeg(tmp_path / "a_final" / "2.JPG")
+    with pytest.raises(InputError, match=r"1 images listed by the dataset are missing, e\.g\.:\n.*a_final/3\.JPG"):
+        load_retrieval_benchmark("sop", tmp_path)
+
+
+def test_registry_rows_name_importable_readers():
+    import importlib
+
+    for name, spec in RETRIEVAL_BENCHMARKS.items():
+        module, function = spec.reader.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+        assert spec.metric in {"recall@1", "map@100"}
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def test_cifar10_from_pickled_batches(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    # torchvision checks the official files' MD5 sums; these batches are tiny stand-ins
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n, offset in [(f"data_batch_{i}", 2, i) for i in range(1, 6)] + [("test_batch", 3, 7)]:
+        labels = [(offset + j) % 10 for j in range(n)]
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+    train, test, metric = load_classification_benchmark("cifar10", tmp_path)
+    assert metric == "accuracy"
+    assert (len(train), len(test)) == (10, 3)
+    assert train.labels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert test.labels.tolist() == [7, 8, 9] and test.class_names[9] == "class9"
+    assert train.images[0].size == (32, 32)
+    first = np.asarray(train.images[0]).transpose(2, 0, 1).reshape(-1)  # CHW order in the batch
+    with open(folder / "data_batch_1", "rb") as f:
+        assert np.array_equal(first, pickle.load(f)["data"][0])
+
+
+def test_eurosat_is_split_two_thirds_one_third(tmp_path):
+    for c, name in enumerate(["Forest", "River", "SeaLake"]):
+        for i in range(4):
+            jpeg(tmp_path / "eurosat" / "2750" / name / f"{name}_{i}.jpg", c, i)
+    train, test, _ = load_classification_benchmark("eurosat", tmp_path)
+    assert (len(train), len(test)) == (8, 4)
+    assert not set(train.images) & set(test.images)
+    assert train.class_names == ["Forest", "River", "SeaLake"]
+    assert all(Path(p).parent.name == train.class_names[y] for p, y in zip(train.images, train.labels))
+
+
+def test_dtd_train_is_train_plus_val_of_partition_1(tmp_path):
+    base = tmp_path / "dtd" / "dtd"
+    files = {"train1.txt": ["banded/banded_0001.jpg", "dotted/dotted_0001.jpg"],
+             "val1.txt": ["banded/banded_0002.jpg"], "test1.txt": ["dotted/dotted_0002.jpg", "banded/banded_0003.jpg"]}
+    for name, lines in files.items():
+        write(base / "labels" / name, "\n".join(lines) + "\n")
+        for line in lines:
+            jpeg(base / "images" / line)
+    train, test, metric = load_classification_benchmark("dtd", tmp_path)
+    assert metric == "accuracy"
+    assert [Path(p).name for p in train.images] == ["banded_0001.jpg", "dotted_0001.jpg", "banded_0002.jpg"]
+    assert [train.class_names[y] for y in test.labels] == ["dotted", "banded"]
+
+
+def test_food101_from_meta_json(tmp_path):
+    base = tmp_path / "food-101"
+    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]},
+            "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5", "ramen/6"]}}
+    for split, classes in meta.items():
+        write(base / "meta" / f"{split}.json", json.dumps(classes))
+        for items in classes.values():
+            for item in items:
+                jpeg(base / "images" / f"{item}.jpg")
+    train, test, _ = load_classification_benchmark("food101", tmp_path)
+    assert train.labels.tolist() == [0, 0, 1] and test.labels.tolist() == [0, 1, 1]
+    assert all(Path(p).is_file() for p in train.images + test.images)
+
+
+def test_pets_trainval_and_test_lists(tmp_path):
+    base = tmp_path / "oxford-iiit-pet"
+    write(base / "annotations" / "trainval.txt", "Abyssinian_1 1 1 1\nbasset_hound_2 2 2 1\nAbyssinian_3 1 1 1\n")
+    write(base / "annotations" / "test.txt", "basset_hound_4 2 2 1\n")
+    for name in ("Abyssinian_1", "basset_hound_2", "Abyssinian_3", "basset_hound_4"):
+        jpeg(base / "images" / f"{name}.jpg")
+    train, test, metric = load_classification_benchmark("pets", tmp_path)
+    assert metric == "mean_per_class"
+    assert train.labels.tolist() == [0, 1, 0] and test.labels.tolist() == [1]
+    assert train.class_names == ["Abyssinian", "Basset Hound"]
+    assert Path(test.images[0]).name == "basset_hound_4.jpg"
+
+
+def test_caltech101_keeps_30_per_class_for_training(tmp_path):
+    base = tmp_path / "caltech101" / "101_ObjectCategories"
+    for c, (name, count) in enumerate([("BACKGROUND_Google", 3), ("accordion", 32), ("ant", 31)]):
+        for i in range(1, count + 1):
+            jpeg(base / name / f"image_{i:04d}.jpg", c, i)
+    train, test, metric = load_classification_benchmark("caltech101", tmp_path)
+    assert metric == "mean_per_class" and train.class_names == ["accordion", "ant"]
+    assert np.bincount(train.labels).tolist() == [30, 30]
+    assert np.bincount(test.labels).tolist() == [2, 1]
+    assert not set(train.images) & set(test.images)
+
+
+def test_sun397_uses_partition_1(tmp_path):
+    base = tmp_path / "SUN397"
+    write(base / "ClassName.txt", "/a/abbey\n/b/beach\n")
+    names = {"/a/abbey/sun_aaa.jpg": 0, "/a/abbey/sun_aab.jpg": 0, "/b/beach/sun_bba.jpg": 1, "/b/beach/sun_bbb.jpg": 1,
+             "/b/beach/sun_bbc.jpg": 1}
+    for n, name in enumerate(names):
+        jpeg(base / name.lstrip("/"), names[name], n)
+    write(tmp_path / "Partitions" / "Training_01.txt", "/a/abbey/sun_aaa.jpg\n/b/beach/sun_bba.jpg\n")
+    write(tmp_path / "Partitions" / "Testing_01.txt", "/a/abbey/sun_aab.jpg\n/b/beach/sun_bbb.jpg\n")
+    train, test, _ = load_classification_benchmark("sun397", tmp_path)
+    assert sorted(Path(p).name for p in train.images) == ["sun_aaa.jpg", "sun_bba.jpg"]
+    assert sorted(zip((Path(p).name for p in test.images), test.labels.tolist())) == [("sun_aab.jpg", 0), ("sun_bbb.jpg", 1)]
+
+
+def test_fgvc_aircraft_variants(tmp_path):
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    write(data / "variants.txt", "707-320\n727-200\n")
+    write(data / "images_variant_trainval.txt", "1000001 707-320\n1000002 727-200\n")
+    write(data / "images_variant_test.txt", "1000003 727-200\n")
+    for n in (1, 2, 3):
+        jpeg(data / "images" / f"100000{n}.jpg", n)
+    train, test, metric = load_classification_benchmark("fgvc_aircraft", tmp_path)
+    assert metric == "mean_per_class"
+    assert train.labels.tolist() == [0, 1] and test.labels.tolist() == [1]
+
+
+def test_birdsnap_from_its_file_list_skips_images_not_downloaded(tmp_path):
+    header = "url\tmd5\tpath\tspecies_id\tbb_x1\n"
+    rows = [("Blue_Jay/1.jpg", 7), ("Blue_Jay/2.jpg", 7), ("Barn_Owl/3.jpg", 3), ("Barn_Owl/4.jpg", 3), ("Barn_Owl/5.jpg", 3)]
+    write(tmp_path / "images.txt", header + "".join(f"http://x/{p}\t0\t{p}\t{s}\t1\n" for p, s in rows))
+    write(tmp_path / "test_images.txt", "path\nBlue_Jay/2.jpg\nBarn_Owl/4.jpg\n")
+    write(tmp_path / "species.txt", "id\tcommon\tscientific\tdir\n3\tBarn Owl\tTyto alba\tBarn_Owl\n7\tBlue Jay\tC. cristata\tBlue_Jay\n")
+    for path, species in rows[:4]:  # 5.jpg was never downloaded
+        jpeg(tmp_path / "download" / "images" / path, species)
+    with pytest.warns(UserWarning, match="1 of 5 images"):
+        train, test, _ = load_classification_benchmark("birdsnap", tmp_path)
+    assert train.class_names == ["Barn Owl", "Blue Jay"]
+    assert sorted(Path(p).name for p in train.images) == ["1.jpg", "3.jpg"]
+    assert sorted(zip((Path(p).name for p in test.images), test.labels.tolist())) == [("2.jpg", 1), ("4.jpg", 0)]
+
+
+def test_classification_dataset_not_found_shows_the_layout(tmp_path):
+    with pytest.raises(InputError, match="Food101 not found under .*\n.*food-101/meta"):
+        load_classification_benchmark("food101", tmp_path)
+    assert len(CLASSIFICATION_BENCHMARKS) == 13

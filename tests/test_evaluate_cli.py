@@ -1,0 +1,205 @@
+"""``unicom evaluate`` end to end: precomputed embedding folders, benchmark folders, a real model file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from unicom.cli import main
+from unicom.evaluate import retrieval_metrics
+from unicom.evaluate.dims import PCA
+from unicom.layout import write_part
+
+
+def clustered(n, dim, classes, noise, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    x = rng.standard_normal((classes, dim))[labels] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def embedding_folder(root: Path, x: np.ndarray, keys, labels=None, parts: int = 2) -> Path:
+    """``x`` written as ``parts`` layout parts, metadata with key (and label)."""
+    for number, rows in enumerate(np.array_split(np.arange(len(x)), parts)):
+        columns = {"key": [keys[i] for i in rows]}
+        if labels is not None:
+            columns["label"] = [labels[i] for i in rows]
+        write_part(root, number, image=x[rows].astype(np.float16), metadata=pa.table(columns))
+    return root
+
+
+def test_embeddings_folder_leave_one_out_with_dimension_curve(tmp_path, capsys):
+    x, labels = clustered(90, 48, 9, 0.9, seed=0)
+    train, _ = clustered(200, 48, 20, 0.9, seed=1)
+    embedding_folder(tmp_path / "test", x, [f"img{i}" for i in range(90)], labels.tolist())
+    embedding_folder(tmp_path / "train", train, [f"t{i}" for i in range(200)])
+    out = tmp_path / "report"
+    code = main(["evaluate", "--embeddings", str(tmp_path / "test"), "--train-embeddings", str(tmp_path / "train"),
+                 "--dims", "8,16,32", "--ks", "1,5", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "metrics.json").read_text())
+    stored = x.astype(np.float16).astype(np.float32)  # the folder holds float16
+    expected = retrieval_metrics(stored, labels, ks=(1, 5))
+    assert report["metrics"] == pytest.approx(expected)
+    assert report["protocol"]["leave_one_out"] and report["protocol"]["embedding_dim"] == 48
+
+    rows = {(r["method"], r["dimension"]): r for r in report["dimensions"]}
+    assert set(rows) == {(m, d) for m in ("first", "pca") for d in (8, 16, 32, 48)}
+    assert rows[("first", 16)]["recall@1"] == pytest.approx(retrieval_metrics(stored[:, :16], labels, ks=(1,))["recall@1"])
+    pca = PCA.fit(train.astype(np.float16).astype(np.float32))
+    expected_pca = retrieval_metrics(pca.transform(stored, 8), labels, ks=(1,))
+    assert rows[("pca", 8)]["recall@1"] == pytest.approx(expected_pca["recall@1"])
+    assert rows[("first", 48)]["recall@1"] == pytest.approx(expected["recall@1"])
+
+    with Image.open(out / "recall_vs_dimension.png") as image:
+        assert image.format == "PNG" and image.width > 400
+    markdown = (out / "metrics.md").read_text()
+    assert f"| all | {100 * expected['recall@1']:.2f} |" in markdown
+    assert "| 16 |" in markdown and "PCA to d" in markdown
+    assert "recall@1" in capsys.readouterr().out
+
+
+def test_labels_file_and_gallery_folder(tmp_path):
+    x, labels = clustered(60, 16, 6, 0.8, seed=2)
+    keys = [f"k{i}" for i in range(60)]
+    embedding_folder(tmp_path / "query", x[:20], keys[:20], parts=1)
+    embedding_folder(tmp_path / "gallery", x[20:], keys[20:], parts=3)
+    names = np.array(["cat", "dog", "cow", "eel", "fox", "gnu"])
+    (tmp_path / "labels.csv").write_text("key,label\n" + "".join(f"{k},{names[y]}\n" for k, y in zip(keys, labels)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--labels", str(tmp_path / "labels.csv"), "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    stored = x.astype(np.float16).astype(np.float32)
+    expected = retrieval_metrics(stored[:20], labels[:20], stored[20:], labels[20:], ks=(1, 2, 4, 8))
+    assert report["metrics"] == pytest.approx(expected)
+    assert report["protocol"]["gallery"] == 40
+    assert not (out / "recall_vs_dimension.png").exists() and "dimensions" not in report
+
+
+def test_benchmark_rows_are_matched_by_key(tmp_path):
+    # a SOP tree, and embeddings of its images keyed by path relative to the dataset folder
+    root = tmp_path / "sop"
+    header = "image_id class_id super_class_id path\n"
+    test_rows = [(i, 11319 + i // 3, f"chair_final/{i}.JPG") for i in range(12)]
+    (root / "chair_final").mkdir(parents=True)
+    (root / "Ebay_train.txt").write_text(header + "100 1 1 chair_final/t.JPG\n")
+    (root / "Ebay_test.txt").write_text(header + "".join(f"{i} {c} 1 {p}\n" for i, c, p in test_rows))
+    for _, _, path in test_rows:
+        Image.new("RGB", (4, 4)).save(root / path, format="JPEG")
+    x, _ = clustered(12, 16, 4, 0.5, seed=3)
+    shuffled = np.random.default_rng(0).permutation(12)  # stored in another order than the lists
+    embedding_folder(tmp_path / "emb", x[shuffled], [test_rows[i][2] for i in shuffled])
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "sop", "--root", str(root),
+                 "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    expected = retrieval_metrics(x.astype(np.float16).astype(np.float32), np.arange(12) // 3, ks=(1, 10, 100, 1000))
+    assert report["metrics"] == pytest.approx(expected) and report["dataset"] == "sop"
+
+
+def test_classification_on_embedding_folders(tmp_path):
+    x, labels = clustered(120, 16, 4, 0.6, seed=4)
+    embedding_folder(tmp_path / "train", x[:80], [f"a{i}" for i in range(80)], labels[:80].tolist())
+    embedding_folder(tmp_path / "test", x[80:], [f"b{i}" for i in range(40)], labels[80:].tolist())
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), "--train-embeddings", str(tmp_path / "train"),
+                 "--task", "classification", "--knn-k", "5", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["knn"]["k"] == 5
+    assert report["linear_probe"]["accuracy"] == 1.0 and report["knn"]["accuracy"] == 1.0
+    assert "| linear probe | 100.00 |" in (out / "metrics.md").read_text()
+
+
+def test_bad_input_is_reported_and_nothing_is_written(tmp_path, capsys):
+    x, _ = clustered(10, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(10)])  # no labels anywhere
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--out", str(out)]) == 2
+    assert "no 'label' column; give --labels FILE" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_model_file_is_embedded_with_its_own_transform_and_cached(tmp_path):
+    import torch
+    from support import random_unicom_vit, write_class_folder
+
+    from unicom.embed import embed_images
+    from unicom.models.encoders import load_encoder
+    from unicom.models.released import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
+    checkpoint = tmp_path / "FP16-ViT-tiny.pt"
+    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=0).state_dict().items()}, checkpoint)
+    paths = write_class_folder(tmp_path / "images", [0, 1, 2, 3], per_class=3, size=40)
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
+            "--dims", "4,8", "--batch-size", "5", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    expected_x = embed_images(load_encoder(str(checkpoint)), [str(p) for p in paths], num_workers=0)
+    expected = retrieval_metrics(expected_x, np.repeat(np.arange(4), 3), ks=(1, 2, 4, 8))
+    assert report["metrics"] == pytest.approx(expected)
+    assert report["model"] == str(checkpoint)
+    assert [r["dimension"] for r in report["dimensions"]] == [4, 8, 16]  # no train split: no PCA rows
+    assert "PCA baseline is left out" in report["note"]
+
+    cached = out / "embeddings" / "query" / "img_emb" / "img_emb_0.npy"
+    np.testing.assert_allclose(np.load(cached), expected_x, atol=1e-6)
+    stamp = cached.stat().st_mtime_ns
+    assert main(args) == 0  # a second run reads the cached embeddings back
+    assert cached.stat().st_mtime_ns == stamp
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == report["metrics"]
+    # the cache is an embedding folder with labels: it can be evaluated on its own
+    again = tmp_path / "again"
+    assert main(["evaluate", "--embeddings", str(out / "embeddings" / "query"), "--dims", "none",
+                 "--out", str(again)]) == 0
+    assert json.loads((again / "metrics.json").read_text())["metrics"] == pytest.approx(report["metrics"])
+
+
+def test_relevance_protocol_reports_each_subset_like_a_separate_run(tmp_path):
+    from unicom.evaluate import evaluate_retrieval, retrieval_metrics_from_relevance
+
+    rng = np.random.default_rng(6)
+    gallery = rng.standard_normal((50, 12)).astype(np.float32)
+    query = gallery[:8] + 0.3 * rng.standard_normal((8, 12)).astype(np.float32)
+    relevant = [np.array([i, (i + 7) % 50]) for i in range(8)]
+    subsets = {"public": np.array([0, 2, 4]), "private": np.array([1, 3, 5, 6, 7])}
+    report = evaluate_retrieval(query, gallery=gallery, relevant=relevant, subsets=subsets, ks=(1, 10), metric="map@100",
+                                dims=(4,), out=tmp_path)
+    for name, rows in subsets.items():
+        alone = retrieval_metrics_from_relevance(query[rows], gallery, [relevant[i] for i in rows], ks=(1, 10))
+        assert report["subsets"][name] == pytest.approx(alone), name
+    assert [r["dimension"] for r in report["dimensions"]] == [4, 12]
+    assert "| public |" in (tmp_path / "metrics.md").read_text()
+    assert (tmp_path / "recall_vs_dimension.png").is_file()
+
+
+def test_classification_dataset_with_a_model(tmp_path):
+    import torch
+    from support import class_image, encode_image, random_unicom_vit
+
+    from unicom.models.released import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
+    checkpoint = tmp_path / "FP16-ViT-tiny.pt"
+    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=0).state_dict().items()}, checkpoint)
+    for c, name in enumerate(["Forest", "River", "SeaLake"]):
+        folder = tmp_path / "data" / "eurosat" / "2750" / name
+        folder.mkdir(parents=True)
+        for i in range(8):
+            (folder / f"{name}_{i}.jpg").write_bytes(encode_image(class_image(c, i, size=32)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "eurosat", "--root", str(tmp_path / "data"),
+                 "--knn-k", "3", "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["protocol"]["train"] == 16 and report["protocol"]["test"] == 8
+    assert 0 <= report["linear_probe"]["accuracy"] <= 1 and report["knn"]["k"] == 3
+    keys = json.loads((out / "embeddings" / "train" / "evaluate_embeddings.json").read_text())
+    assert keys["dataset"] == "eurosat" and keys["images"] == 16

@@ -1,0 +1,189 @@
+"""Inputs of extraction as numbered *parts*: one per webdataset shard, or row chunks of a list.
+
+Each part becomes one output part (``img_emb_{number}.npy`` ...). A shard keeps the
+number in its file name (``00012.tar`` -> part 12), so outputs line up with the shards and
+with img2dataset's own per-shard files; an image folder or a CSV/parquet list is cut into
+parts of ``rows_per_part`` rows, numbered from 0.
+
+A part yields :class:`Record` s: what to decode plus the metadata columns of its row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from unicom.data.lists import IMAGE_SUFFIXES, ImageList, read_image_folder, read_table
+from unicom.data.shards import SHARD_SUFFIXES, ShardReadError, expand_shards, read_tar_samples
+from unicom.errors import InputError
+from unicom.files import part_number
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass
+class Record:
+    """One sample of a part.
+
+    ``index`` is its position in the part (failed samples included), ``image`` encoded
+    bytes, a file path, a PIL image, or None when the sample has no image; ``columns`` the
+    metadata values of its output row besides key, caption, width and height.
+    """
+
+    index: int
+    key: str
+    image: Any
+    caption: str | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """A webdataset tar shard. Metadata columns: ``url`` (from the json) and ``shard``."""
+
+    number: int
+    path: Path
+    columns = (("url", "string"), ("shard", "string"))
+    has_captions = True
+    size = None  # samples: unknown until the tar is read
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def records(self) -> Iterator[Record]:
+        """Records in tar order; raises :class:`ShardReadError` after the last one of a damaged tar."""
+        shard = self.path.name
+        for index, sample in enumerate(read_tar_samples(self.path)):
+            info = sample.json()
+            caption = sample.caption()
+            if caption is None and isinstance(info.get("caption"), str):
+                caption = info["caption"]
+            url = info.get("url")
+            columns = {"url": None if url is None else str(url), "shard": shard}
+            yield Record(index, sample.key, sample.image_bytes(), caption, columns)
+
+
+@dataclass(frozen=True)
+class ListPart:
+    """Rows ``start:stop`` of an :class:`ImageList`. Metadata: ``image_path`` and ``label``."""
+
+    number: int
+    images: ImageList
+    start: int
+    stop: int
+    source: str
+
+    @property
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        columns = [("image_path", "string")]
+        if self.images.labels is not None:
+            columns.append(("label", "int64"))
+        return tuple(columns)
+
+    @property
+    def has_captions(self) -> bool:
+        return self.images.captions is not None
+
+    @property
+    def name(self) -> str:
+        return f"{self.source} rows {self.start}-{self.stop - 1}"
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def records(self) -> Iterator[Record]:
+        images = self.images
+        for index, row in enumerate(range(self.start, self.stop)):
+            columns = {"image_path": images.paths[row]}
+            if images.labels is not None:
+                columns["label"] = int(images.labels[row])
+            caption = None if images.captions is None else images.captions[row]
+            yield Record(index, images.keys[row], images.paths[row], caption, columns)
+
+
+@dataclass(frozen=True)
+class ItemsPart:
+    """In-memory items (paths or PIL images) as one part; keys are the positions ``"0"``, ``"1"``..."""
+
+    items: Sequence[Any]
+    number: int = 0
+    columns = ()
+    has_captions = False
+    name = "images"
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+    def records(self) -> Iterator[Record]:
+        for index, item in enumerate(self.items):
+            yield Record(index, str(index), item)
+
+
+def list_parts(images: ImageList, rows_per_part: int, source: str) -> list[ListPart]:
+    """Cut ``images`` into parts of ``rows_per_part`` rows, numbered 0, 1, ..."""
+    if rows_per_part < 1:
+        raise InputError(f"rows per part must be at least 1, got {rows_per_part}")
+    return [
+        ListPart(number, images, start, min(start + rows_per_part, len(images)), source)
+        for number, start in enumerate(range(0, len(images), rows_per_part))
+    ]
+
+
+def read_flat_folder(root: str | os.PathLike) -> ImageList:
+    """Every image under ``root`` (recursively), keyed by its path relative to ``root``."""
+    root = Path(root)
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+    return ImageList([str(p) for p in paths], [p.relative_to(root).as_posix() for p in paths])
+
+
+def _folder_list(root: Path) -> ImageList:
+    """A class folder (``root/<class>/<images>``) with labels, else a flat listing."""
+    has_top_images = any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
+    has_sub_folders = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    if has_sub_folders and not has_top_images:
+        return read_image_folder(root)
+    return read_flat_folder(root)
+
+
+def open_parts(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    rows_per_part: int = 100_000,
+    table_options: dict[str, Any] | None = None,
+) -> list[ShardPart] | list[ListPart]:
+    """The parts of ``inputs``, in part-number order.
+
+    ``inputs`` is one of: shard paths / brace patterns / globs (``.tar``), a folder of
+    shards, an image folder (class sub-folders give a ``label`` column), or one CSV/parquet
+    list (``table_options`` go to :func:`unicom.data.lists.read_table`).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [os.fspath(i) for i in inputs]
+    if not inputs:
+        raise InputError("no input was given")
+    if len(inputs) == 1:
+        only = inputs[0]
+        if only.lower().endswith(TABLE_SUFFIXES):
+            images = read_table(only, **(table_options or {}))
+            return list_parts(images, rows_per_part, only)
+        if os.path.isdir(only) and not any(p.name.endswith(SHARD_SUFFIXES) for p in Path(only).iterdir()):
+            return list_parts(_folder_list(Path(only)), rows_per_part, only)
+    shards = expand_shards(inputs)
+    foreign = [p for p in shards if not p.name.endswith(SHARD_SUFFIXES)]
+    if foreign:
+        raise InputError(
+            f"{foreign[0]}: not a shard ({'/'.join(SHARD_SUFFIXES)}); give webdataset shards, one image folder, "
+            "or one CSV/parquet list"
+        )
+    return [ShardPart(part_number(p), p) for p in shards]
+
+
+__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "ShardReadError", "open_parts", "list_parts", "read_flat_folder"]

@@ -1,0 +1,552 @@
+"""The extraction engine: images (and captions) in, L2-normalised embeddings out.
+
+Two ways in:
+
+* :func:`embed_images` / :func:`embed_texts`: a list of images, paths or captions ->
+  ``np.ndarray`` float32 (N, D), rows L2-normalised, in the order given.
+* :func:`embed_to_folder` (``unicom embed``): webdataset shards, an image folder or a
+  CSV/parquet list -> the embedding-folder layout of :mod:`unicom.layout`, one output part
+  per input part, float16 by default. Finished parts are skipped, so a killed job resumes
+  where it stopped; under ``torchrun`` the parts are split over the ranks.
+
+Samples whose image cannot be decoded are left out of the outputs, counted, and listed per
+part in ``failures/failures_{i}.parquet`` (part, index, key, source, reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unicom import distributed
+from unicom.data.loading import Batch, BatchStream, plan_units
+from unicom.data.sources import ItemsPart, open_parts
+from unicom.data.transforms import draft_size
+from unicom.errors import InputError
+from unicom.files import write_json_atomic, write_parquet_atomic
+from unicom.layout import part_complete, write_part
+from unicom.models.encoders import Encoder, load_encoder
+from unicom.progress import progress
+
+MODALITIES = ("image", "text")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DTYPES = ("float16", "float32")
+CONFIG_FILE = "embed_config.json"
+FAILURES_FOLDER = "failures"
+FAILURES_SHOWN = 20
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Decoding processes per rank.
+
+    On a GPU the model waits for images: every CPU of this rank but one decodes (at most
+    16). On the CPU the model already keeps every core busy and a decoding process only
+    preempts its threads, so small machines decode in the main process between batches (a
+    few percent of the time of a forward pass); larger ones give one core in eight to
+    decoding.
+    """
+    cpus = available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        return max(1, min(16, cpus - 1))
+    return 0 if cpus <= 4 else cpus // 8
+
+
+def _device_of(encoder: Encoder) -> torch.device:
+    for tensor in encoder.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, precision: str):
+    """Mixed precision on GPU (fp16 by default); exact float32 on CPU unless asked."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _normalized(embeddings: torch.Tensor) -> np.ndarray:
+    """(B, D) any float dtype -> float32 numpy, rows L2-normalised (zero rows stay zero)."""
+    return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
+
+
+def _encode_images(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str, prepare=None) -> np.ndarray:
+    """``prepare``: the device half of the transform (uint8 pixels -> model input), if any."""
+    with torch.inference_mode():
+        images = images.to(device, non_blocking=True)
+        if prepare is not None:
+            images = prepare(images)
+        with _autocast(device, precision):
+            return _normalized(encoder.encode_image(images))
+
+
+def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+    with torch.inference_mode(), _autocast(device, precision):
+        return _normalized(encoder.encode_text(tokens.to(device, non_blocking=True)))
+
+
+def _loader(stream: BatchStream, workers: int, device: torch.device):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_encoder(spec: str, pretrained: str | None, device: str) -> Encoder:
+    return load_encoder(spec, pretrained, device)
+
+
+def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder:
+    """An :class:`Encoder` as given, or built from a spec (kept for the next call)."""
+    if isinstance(model, Encoder):
+        if device is not None:
+            model.to(device)
+        return model
+    if not isinstance(model, str):
+        raise TypeError(f"model must be an Encoder or a model spec string, got {type(model).__name__}")
+    device = torch.device(device) if device is not None else distributed.local_device()
+    return _cached_encoder(model, None if pretrained is None else str(pretrained), str(device))
+
+
+# --------------------------------------------------------------------------- Python API
+
+
+def embed_images(
+    model: Encoder | str,
+    images_or_paths: Sequence[Any],
+    batch_size: int = 64,
+    *,
+    pretrained: str | None = None,
+    device: str | torch.device | None = None,
+    num_workers: int | None = None,
+    draft: bool = False,
+    precision: str = "auto",
+) -> np.ndarray:
+    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised, in order.
+
+    ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
+    (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
+    (default: :func:`default_num_workers`). Raises :class:`InputError` naming the first
+    image that cannot be decoded.
+    """
+    if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
+        images_or_paths = [images_or_paths]
+    items = list(images_or_paths)
+    encoder = _as_encoder(model, pretrained, device)
+    device = _device_of(encoder)
+    if not items:
+        return np.zeros((0, encoder.embedding_dim), dtype=np.float32)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    workers = min(workers, math.ceil(len(items) / batch_size))
+    transform = encoder.image_transform
+    stream = BatchStream(
+        plan_units([ItemsPart(items)], workers), batch_size, transform, None, draft_size(transform) if draft else None
+    )
+    out: np.ndarray | None = None
+    for batch in _loader(stream, workers, device):
+        if batch.failures:
+            failure = batch.failures[0]
+            more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
+            raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
+        if not batch.indices:
+            continue
+        embeddings = _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device)
+        if out is None:
+            out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
+        out[batch.indices] = embeddings
+    return out
+
+
+def embed_texts(
+    model: Encoder | str,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    *,
+    pretrained: str | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+) -> np.ndarray:
+    """Embed captions with the model's text tower: float32 (N, D), rows L2-normalised."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    encoder = _as_encoder(model, pretrained, device)
+    if not encoder.has_text:
+        raise InputError(f"{encoder.name} has no text tower; embed texts with a CLIP model such as ViT-B-32")
+    device = _device_of(encoder)
+    chunks = [
+        _encode_tokens(encoder, encoder.tokenize(texts[start:start + batch_size]), device, precision)
+        for start in range(0, len(texts), batch_size)
+    ]
+    if not chunks:
+        dim = _encode_tokens(encoder, encoder.tokenize([""]), device, precision).shape[1]
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.concatenate(chunks)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+@dataclass
+class EmbedSummary:
+    """What one run did (summed over ranks by :func:`embed_to_folder`)."""
+
+    parts: int = 0
+    skipped: int = 0
+    written: int = 0
+    samples: int = 0
+    failed: int = 0
+    broken_shards: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.samples + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def merge(self, other: "EmbedSummary") -> "EmbedSummary":
+        return EmbedSummary(
+            parts=self.parts,
+            skipped=self.skipped,
+            written=self.written + other.written,
+            samples=self.samples + other.samples,
+            failed=self.failed + other.failed,
+            broken_shards=self.broken_shards + other.broken_shards,
+            seconds=max(self.seconds, other.seconds),
+            failures=(self.failures + other.failures)[:FAILURES_SHOWN],
+        )
+
+
+class _PendingPart:
+    """Results of one part collected from its units until the last one ends."""
+
+    def __init__(self, part, units: int):
+        self.part = part
+        self.open_units = units
+        self.read = 0
+        self.indices: list[int] = []
+        self.rows: list[dict] = []
+        self.image: list[np.ndarray] = []
+        self.text: list[np.ndarray] = []
+        self.failures: list[dict] = []
+
+    def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
+        self.indices.extend(batch.indices)
+        self.rows.extend(batch.rows)
+        if image is not None:
+            self.image.append(image)
+        if text is not None:
+            self.text.append(text)
+
+    def finish(self, batch: Batch) -> bool:
+        """Count the end of a unit; True when the part is complete."""
+        self.read = max(self.read, batch.read)  # every slice reads the whole part
+        self.open_units -= 1
+        return self.open_units == 0
+
+
+def _metadata_table(part, rows: list[dict], with_images: bool):
+    """key, caption, url|image_path, width, height and the part's other columns, as a pyarrow table."""
+    import pyarrow as pa
+
+    types = {"key": pa.string(), "caption": pa.string(), "width": pa.int32(), "height": pa.int32()}
+    types.update({name: getattr(pa, kind)() for name, kind in part.columns})
+    names = ["key"]
+    if part.has_captions:
+        names.append("caption")
+    names += [name for name, _ in part.columns if name in ("url", "image_path")]
+    if with_images:
+        names += ["width", "height"]
+    names += [name for name, _ in part.columns if name not in names]
+    return pa.table({name: pa.array([row.get(name) for row in rows], type=types[name]) for name in names})
+
+
+def _failures_path(out: Path, number: int) -> Path:
+    return out / FAILURES_FOLDER / f"failures_{number}.parquet"
+
+
+def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str) -> None:
+    """Sort the part's rows back into input order and write it (failures first, metadata last)."""
+    import pyarrow as pa
+
+    part = pending.part
+    embedded, failed = len(pending.indices), sum(1 for f in pending.failures if f["index"] >= 0)
+    if embedded + failed != pending.read:
+        raise RuntimeError(f"{part.name}: read {pending.read} samples but accounted for {embedded} + {failed} failures")
+    order = np.argsort(np.asarray(pending.indices, dtype=np.int64), kind="stable")
+    arrays = {}
+    for kind, chunks in (("image", pending.image), ("text", pending.text)):
+        if kind in modalities:
+            stacked = np.concatenate(chunks) if chunks else np.zeros((0, dims[kind]), dtype=np.float32)
+            arrays[kind] = stacked[order].astype(dtype)
+    rows = [pending.rows[i] for i in order]
+    report = _failures_path(out, part.number)
+    if pending.failures:
+        failures = sorted(pending.failures, key=lambda f: f["index"])
+        write_parquet_atomic(
+            report,
+            pa.table({
+                "part": pa.array([part.number] * len(failures), type=pa.int64()),
+                "index": pa.array([f["index"] for f in failures], type=pa.int64()),
+                "key": pa.array([f["key"] for f in failures], type=pa.string()),
+                "source": pa.array([f["source"] for f in failures], type=pa.string()),
+                "reason": pa.array([f["reason"] for f in failures], type=pa.string()),
+            }),
+        )
+    else:
+        report.unlink(missing_ok=True)  # a stale report of an earlier run of this part
+    write_part(out, part.number, **arrays, metadata=_metadata_table(part, rows, "image" in modalities))
+
+
+def _check_config(out: Path, config: dict) -> bool:
+    """Compare with the configuration a previous run left in ``out``; True if there was one."""
+    import json
+
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(f"{path}: unreadable ({error}); delete it if {out} holds no parts") from error
+    different = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+    if different:
+        details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
+        raise InputError(
+            f"{out} holds embeddings of another configuration ({details}); mixing them would make the parts "
+            "incomparable: use another --out, or run with the same options"
+        )
+    return True
+
+
+def _text_dim(encoder: Encoder, device: torch.device, precision: str) -> int:
+    return _encode_tokens(encoder, encoder.tokenize([""]), device, precision).shape[1]
+
+
+def _checked_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(modalities, str):
+        modalities = modalities.split(",")
+    unknown = [m for m in modalities if m not in MODALITIES]
+    chosen = tuple(m for m in MODALITIES if m in modalities)
+    if unknown or not chosen:
+        raise InputError(f"modalities {list(modalities)}: choose one or both of {', '.join(MODALITIES)}")
+    return chosen
+
+
+def embed_parts(
+    parts: Sequence[Any],
+    encoder: Encoder,
+    out: str | os.PathLike,
+    *,
+    modalities: Sequence[str] = ("image",),
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    dtype: str = "float16",
+    draft: bool = False,
+    precision: str = "auto",
+    config: dict | None = None,
+) -> EmbedSummary:
+    """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
+
+    Parts whose files are all present are skipped. Under ``torch.distributed`` the
+    remaining parts are dealt round-robin over the ranks; the returned summary is this
+    rank's (``parts``/``skipped`` are global). ``config`` (model, weights, modalities,
+    dtype) is stored in ``out/embed_config.json`` and must match on a rerun.
+    """
+    out = Path(out)
+    modalities = _checked_modalities(modalities)
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if "text" in modalities and not encoder.has_text:
+        raise InputError(f"{encoder.name} has no text tower; use --modalities image, or a CLIP model for texts")
+    numbers = [part.number for part in parts]
+    if len(set(numbers)) != len(numbers):
+        raise InputError("two inputs map to the same output part number; give distinct shard numbers")
+    config = dict(config or {"model": encoder.name})
+    config.update(modalities=list(modalities), dtype=dtype)
+    had_config = _check_config(out, config)
+
+    kinds = list(modalities) + ["metadata"]
+    pending = [part for part in parts if not part_complete(out, part.number, kinds)]
+    summary = EmbedSummary(parts=len(parts), skipped=len(parts) - len(pending))
+    # every rank lists the finished parts before any rank writes a new one, so all agree
+    distributed.barrier()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if rank == 0 and not had_config:
+        write_json_atomic(out / CONFIG_FILE, config)
+    mine = pending[rank::world]
+    if mine:
+        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision)
+    return summary
+
+
+def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision) -> None:
+    """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
+    device = _device_of(encoder)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    units = plan_units(parts, workers)
+    slices = {unit.part.number: unit.slices for unit in units}
+    transform = encoder.image_transform if "image" in modalities else None
+    stream = BatchStream(
+        units,
+        batch_size,
+        transform,
+        encoder.tokenize if "text" in modalities else None,
+        draft_size(transform) if (draft and transform is not None) else None,
+    )
+    dims = {"image": encoder.embedding_dim}
+    if "text" in modalities:
+        dims["text"] = _text_dim(encoder, device, precision)
+
+    by_number = {part.number: part for part in parts}
+    sizes = [part.size for part in parts]
+    collecting: dict[int, _PendingPart] = {}
+    read_per_part: list[int] = []
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0 and threads > 4:
+        # many model threads stall on any one that a decoding process preempts: leave the
+        # workers their cores. With few cores that would cost the model more than decoding.
+        torch.set_num_threads(max(threads // 2, threads - workers))
+    start = time.perf_counter()
+    bar = progress(total=None if None in sizes else sum(sizes), desc=f"embed {len(parts)} parts", unit="img")
+    try:
+        for batch in _loader(stream, workers, device):
+            pending = collecting.get(batch.part)
+            if pending is None:
+                pending = collecting[batch.part] = _PendingPart(by_number[batch.part], slices[batch.part])
+            if batch.indices:
+                image = (
+                    _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device)
+                    if "image" in modalities else None
+                )
+                text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
+                pending.add(batch, image, text)
+            pending.failures.extend(batch.failures)
+            failed = sum(1 for f in batch.failures if f["index"] >= 0)
+            summary.failed += failed
+            summary.broken_shards += len(batch.failures) - failed
+            summary.samples += len(batch.indices)
+            summary.failures.extend(batch.failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
+            bar.update(len(batch.indices) + failed)
+            if batch.last and pending.finish(batch):
+                _write_pending(out, pending, modalities, dims, dtype)
+                del collecting[batch.part]
+                summary.written += 1
+                read_per_part.append(pending.read)
+                if None in sizes:  # shards: the total is estimated from the parts done so far
+                    bar.total = int(sum(read_per_part) / len(read_per_part) * len(parts))
+                bar.set_postfix(parts=f"{summary.written}/{len(parts)}", refresh=False)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    summary.seconds = time.perf_counter() - start
+
+
+def gather_summary(summary: EmbedSummary) -> EmbedSummary:
+    """The summaries of all ranks merged (every rank gets the result)."""
+    if distributed.get_world_size() == 1:
+        return summary
+    import torch.distributed as dist
+
+    everyone: list[EmbedSummary | None] = [None] * distributed.get_world_size()
+    dist.all_gather_object(everyone, summary)
+    merged = everyone[0]
+    for other in everyone[1:]:
+        merged = merged.merge(other)
+    return merged
+
+
+def _weights_for_config(pretrained: str | None) -> str | None:
+    if pretrained is not None and os.path.isfile(pretrained):
+        return os.path.realpath(pretrained)
+    return pretrained
+
+
+def embed_to_folder(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    model: Encoder | str,
+    *,
+    pretrained: str | None = None,
+    modalities: Sequence[str] = ("image",),
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    dtype: str = "float16",
+    rows_per_part: int = 100_000,
+    table_options: dict | None = None,
+    draft: bool = False,
+    precision: str = "auto",
+    device: str | torch.device | None = None,
+) -> EmbedSummary:
+    """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
+
+    Inputs and the folder's previous configuration are checked before the model is built
+    and before anything is written. Returns the summary of all ranks.
+    """
+    modalities = _checked_modalities(modalities)
+    parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
+    name = model if isinstance(model, str) else model.name
+    config = {"model": name, "pretrained": _weights_for_config(pretrained)}
+    check = dict(config, modalities=list(modalities), dtype=dtype)
+    if _check_config(Path(out), check):
+        kinds = check["modalities"] + ["metadata"]
+        if all(part_complete(out, part.number, kinds) for part in parts):  # nothing to do: no model to build
+            return EmbedSummary(parts=len(parts), skipped=len(parts))
+    if isinstance(model, str):
+        device = torch.device(device) if device is not None else distributed.local_device()
+        encoder = load_encoder(model, pretrained, device)
+    else:
+        encoder = _as_encoder(model, None, device)
+    summary = embed_parts(
+        parts,
+        encoder,
+        out,
+        modalities=modalities,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        dtype=dtype,
+        draft=draft,
+        precision=precision,
+        config=config,
+    )
+    return gather_summary(summary)
+
+
+__all__ = [
+    "embed_images",
+    "embed_texts",
+    "embed_parts",
+    "embed_to_folder",
+    "EmbedSummary",
+    "default_num_workers",
+]

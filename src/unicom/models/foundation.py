@@ -1,0 +1,211 @@
+"""Frozen foundation models as :class:`~unicom.models.encoders.Encoder`: open_clip and timm.
+
+Specs (see :func:`unicom.models.encoders.load_encoder`):
+
+* open_clip: a model name from ``open_clip.list_models()`` (``ViT-B-32``) or an
+  ``hf-hub:``/``local-dir:`` reference; ``pretrained`` is a tag (``laion400m_e32``, fetched
+  by open_clip into its cache) or a local checkpoint file (``.pt``/``.pth``/``.bin`` state
+  dict, also inside ``{"state_dict": ...}``, or ``.safetensors``). Files are read with
+  ``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+* timm: ``timm/<name>`` or ``timm:<name>`` (``timm/vit_base_patch16_224``); ``pretrained`` is
+  a tag (``augreg_in21k``), a local checkpoint file, or ``None``/``"none"`` for random
+  weights. A tag written into the name (``timm/convnext_tiny.fb_in1k``) also loads weights.
+  The classifier is removed: the encoder returns the pooled features (``num_classes=0``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import torch
+
+from unicom.errors import InputError
+from unicom.models.encoders import Encoder
+
+_NO_WEIGHTS = (None, "", "none", "random")
+_TIMM_PREFIXES = ("timm/", "timm:")
+_OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def _is_random(pretrained: str | None) -> bool:
+    return pretrained is None or str(pretrained).lower() in _NO_WEIGHTS
+
+
+# --------------------------------------------------------------------------- open_clip
+
+
+class OpenClipEncoder(Encoder):
+    """An open_clip CLIP model: image tower and text tower.
+
+    ``encode_image``: float (B, 3, H, W) -> (B, D); ``encode_text``: int64 tokens (B, L) ->
+    (B, D). Outputs are the projected embeddings, not normalised.
+    """
+
+    has_text = True
+
+    def __init__(self, model: torch.nn.Module, image_transform, tokenizer, name: str):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.name = name
+        self.embedding_dim = int(model.visual.output_dim)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+
+def accepts_open_clip(spec: str, pretrained: str | None = None) -> bool:
+    """True for an open_clip model name (``ViT-B-32``) or an ``hf-hub:``/``local-dir:`` spec."""
+    if spec.startswith(_OPEN_CLIP_SCHEMAS):
+        return True
+    import open_clip
+
+    return spec in open_clip.list_models()
+
+
+def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> OpenClipEncoder:
+    """Build an open_clip model with its evaluation transform and tokenizer.
+
+    ``pretrained`` is a tag known to open_clip, a local checkpoint file, or None for random
+    weights (a warning says so: embeddings of random weights are only useful for tests).
+    """
+    import open_clip
+
+    if spec.startswith(_OPEN_CLIP_SCHEMAS):
+        weights = None  # the schema names the weights; open_clip ignores ``pretrained``
+    elif _is_random(pretrained):
+        warnings.warn(f"{spec}: no --pretrained given, the model has random weights", stacklevel=2)
+        weights = None
+    else:
+        weights = str(pretrained)
+        is_tag = open_clip.get_pretrained_cfg(spec, weights) != {}
+        if not is_tag and not os.path.isfile(weights):
+            tags = open_clip.list_pretrained_tags_by_model(spec)
+            raise InputError(
+                f"{weights}: not a file and not a pretrained tag of {spec}; "
+                f"give a local checkpoint file or one of the tags {tags}"
+            )
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(
+            spec, pretrained=weights, device=device, weights_only=True
+        )
+    except RuntimeError as error:
+        message = str(error)
+        if "download" in message.lower():
+            raise InputError(
+                f"{spec} {weights}: the weights could not be fetched ({message}); "
+                "download them where there is a network and pass the file with --pretrained"
+            ) from error
+        if weights is not None and os.path.isfile(weights):
+            raise InputError(f"{weights}: does not hold {spec} weights ({message.splitlines()[0]})") from error
+        raise
+    except (OSError, ValueError) as error:  # unreadable files, unpickling refused by weights_only
+        raise InputError(f"{weights or spec}: cannot be loaded as {spec} weights ({error})") from error
+    tokenizer = open_clip.get_tokenizer(spec)
+    label = spec if weights is None else f"{spec} ({weights})"
+    return OpenClipEncoder(model, transform, tokenizer, label)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+class TimmEncoder(Encoder):
+    """A timm image model without its classifier: float (B, 3, H, W) -> pooled features (B, D)."""
+
+    def __init__(self, model: torch.nn.Module, image_transform, name: str):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.name = name
+        self.embedding_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def accepts_timm(spec: str, pretrained: str | None = None) -> bool:
+    """True for ``timm/<name>`` and ``timm:<name>``."""
+    return spec.startswith(_TIMM_PREFIXES)
+
+
+def _load_timm_file(model: torch.nn.Module, path: str) -> None:
+    """Load a timm checkpoint file into ``model`` (built with ``num_classes=0``), strictly.
+
+    The classifier weights of the file are dropped; every other tensor must match.
+    """
+    from timm.models import load_state_dict
+
+    try:
+        state_dict = load_state_dict(path, use_ema=True, weights_only=True)
+    except Exception as error:  # torch/safetensors raise many types for foreign files
+        raise InputError(f"{path}: not a readable checkpoint file ({error})") from error
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    if isinstance(classifiers, str):
+        classifiers = (classifiers,)
+    own = model.state_dict()
+    for name in classifiers:
+        for suffix in (".weight", ".bias"):
+            if name + suffix not in own:
+                state_dict.pop(name + suffix, None)
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as error:  # shape mismatches
+        raise InputError(f"{path}: does not fit {model.pretrained_cfg.get('architecture')} ({error})") from error
+    if missing or unexpected:
+        raise InputError(
+            f"{path}: does not fit {model.pretrained_cfg.get('architecture')}: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+
+
+def timm_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> TimmEncoder:
+    """Build ``timm/<name>`` with ``num_classes=0`` and its evaluation transform."""
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    name = spec[len("timm/"):] if spec.startswith("timm/") else spec[len("timm:"):]
+    base, _, tag = name.partition(".")
+    if not timm.is_model(base):
+        raise InputError(f"{spec}: timm has no model {base!r}; see timm.list_models()")
+    weights_file = None
+    if not _is_random(pretrained) and os.path.isfile(str(pretrained)):
+        weights_file, download = str(pretrained), False
+    elif not _is_random(pretrained):
+        if os.sep in str(pretrained) or str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise InputError(f"{pretrained}: file not found (the --pretrained checkpoint for {spec})")
+        name, download = f"{base}.{pretrained}", True
+    else:
+        download = bool(tag)
+    try:
+        model = timm.create_model(name, pretrained=download, num_classes=0)
+    except RuntimeError as error:
+        raise InputError(
+            f"{spec}: no weights for {name!r} could be loaded ({error}); check the tag in "
+            "timm.list_pretrained(), or pass a local checkpoint file with --pretrained"
+        ) from error
+    except Exception as error:  # network errors come from huggingface_hub / urllib
+        if not download:
+            raise
+        raise InputError(
+            f"{spec}: the weights of {name!r} could not be fetched ({error}); download them where "
+            "there is a network and pass the file with --pretrained"
+        ) from error
+    if weights_file is not None:
+        _load_timm_file(model, weights_file)
+    elif not download:
+        warnings.warn(f"{spec}: no --pretrained given, the model has random weights", stacklevel=2)
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    label = spec if weights_file is None else f"{spec} ({weights_file})"
+    return TimmEncoder(model.to(device), transform, label)

@@ -1,0 +1,104 @@
+"""Webdataset shards: patterns, numeric order, samples grouped by key, damaged tars."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+from support import class_image, encode_image, write_tar_shard
+
+from unicom.data.shards import ShardReadError, TarSample, expand_shards, read_tar_samples
+from unicom.errors import InputError
+
+
+def _empty_shards(folder, names):
+    for name in names:
+        write_tar_shard(folder / name, [{"key": "a", "txt": "x"}])
+
+
+def test_brace_pattern_expands_in_numeric_order(tmp_path):
+    _empty_shards(tmp_path, ["8.tar", "9.tar", "10.tar", "11.tar"])
+    shards = expand_shards(str(tmp_path / "{8..11}.tar"))
+    assert [p.name for p in shards] == ["8.tar", "9.tar", "10.tar", "11.tar"]
+
+
+def test_zero_padded_brace_pattern_and_list_of_patterns(tmp_path):
+    _empty_shards(tmp_path, ["00000.tar", "00001.tar", "00002.tar"])
+    shards = expand_shards([str(tmp_path / "{00001..00002}.tar"), str(tmp_path / "00000.tar")])
+    assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+
+
+def test_glob_and_folder_are_sorted_by_number_not_by_text(tmp_path):
+    _empty_shards(tmp_path, ["shard-2.tar", "shard-10.tar", "shard-1.tar"])
+    expected = ["shard-1.tar", "shard-2.tar", "shard-10.tar"]
+    assert [p.name for p in expand_shards(str(tmp_path / "*.tar"))] == expected
+    assert [p.name for p in expand_shards(str(tmp_path))] == expected
+
+
+def test_missing_shard_in_a_pattern_is_named(tmp_path):
+    _empty_shards(tmp_path, ["00000.tar", "00002.tar"])
+    with pytest.raises(InputError, match="00001.tar: shard not found"):
+        expand_shards(str(tmp_path / "{00000..00002}.tar"))
+
+
+def test_two_shards_with_the_same_number_are_refused(tmp_path):
+    _empty_shards(tmp_path / "a", ["00003.tar"])
+    _empty_shards(tmp_path / "b", ["00003.tar"])
+    with pytest.raises(InputError, match="same number 3"):
+        expand_shards([str(tmp_path / "a" / "00003.tar"), str(tmp_path / "b" / "00003.tar")])
+
+
+def test_samples_are_grouped_by_key_in_tar_order(tmp_path):
+    jpeg = encode_image(class_image(1, 0, 16), "JPEG")
+    png = encode_image(class_image(2, 0, 16), "PNG")
+    shard = write_tar_shard(tmp_path / "0.tar", [
+        {"key": "dir/000", "jpg": jpeg, "txt": "a red thing", "json": {"url": "http://a/0.jpg"}},
+        {"key": "dir/001", "png": png, "txt": "a blue thing"},
+        {"key": "dir/002", "txt": "caption only"},
+    ])
+    samples = list(read_tar_samples(shard))
+    assert [s.key for s in samples] == ["dir/000", "dir/001", "dir/002"]
+    assert samples[0].image_bytes() == jpeg and samples[1].image_bytes() == png
+    assert samples[2].image_bytes() is None
+    assert [s.caption() for s in samples] == ["a red thing", "a blue thing", "caption only"]
+    assert samples[0].json() == {"url": "http://a/0.jpg"} and samples[1].json() == {}
+
+
+def test_key_is_the_name_up_to_the_first_dot(tmp_path):
+    path = tmp_path / "0.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("x1.seg.png", b"p"), ("x1.jpg", b"j"), ("README", b"no extension")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(read_tar_samples(path))
+    assert len(samples) == 1
+    assert samples[0].files == {"seg.png": b"p", "jpg": b"j"}
+
+
+def test_unreadable_json_reads_as_empty():
+    assert TarSample("k", {"json": b"{not json"}).json() == {}
+
+
+def test_truncated_tar_yields_the_samples_before_the_damage(tmp_path):
+    big = encode_image(class_image(0, 0, 64), "PNG")
+    shard = write_tar_shard(tmp_path / "0.tar", [
+        {"key": f"{i:03d}", "png": big, "txt": f"caption {i}"} for i in range(4)
+    ])
+    data = shard.read_bytes()
+    cut = data.index(b"003.png")  # the header of the last image, then cut inside its data
+    shard.write_bytes(data[: cut + 512 + 100])
+    seen = []
+    with pytest.raises(ShardReadError) as error:
+        for sample in read_tar_samples(shard):
+            seen.append(sample.key)
+    assert seen == ["000", "001", "002"]
+    assert error.value.path == shard and error.value.samples == 3
+
+
+def test_a_file_that_is_not_a_tar_raises_shard_read_error(tmp_path):
+    path = tmp_path / "0.tar"
+    path.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(ShardReadError, match="unreadable after 0 samples"):
+        list(read_tar_samples(path))

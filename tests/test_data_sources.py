@@ -1,0 +1,190 @@
+"""Inputs of extraction: parts, records, decoding with draft, batches and failure records."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support import class_image, encode_image, write_class_folder, write_tar_shard
+from torchvision import transforms as T
+
+from unicom.data.loading import BatchStream, plan_units
+from unicom.data.sources import ItemsPart, ListPart, ShardPart, open_parts
+from unicom.data.transforms import DecodeError, decode_image, draft_size
+from unicom.errors import InputError
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def test_shards_become_parts_numbered_like_their_files(tmp_path):
+    for number in (3, 12):
+        write_tar_shard(tmp_path / f"{number:05d}.tar", [{"key": "k", "txt": "x"}])
+    parts = open_parts(str(tmp_path / "*.tar"))
+    assert [(type(p), p.number) for p in parts] == [(ShardPart, 3), (ShardPart, 12)]
+
+
+def test_class_folder_becomes_parts_of_rows_with_labels(tmp_path):
+    paths = write_class_folder(tmp_path / "data", labels=[0, 1], per_class=3, size=16)
+    parts = open_parts(tmp_path / "data", rows_per_part=4)
+    assert [(type(p), p.number, p.start, p.stop) for p in parts] == [(ListPart, 0, 0, 4), (ListPart, 1, 4, 6)]
+    records = [r for p in parts for r in p.records()]
+    assert [r.image for r in records] == [str(p) for p in paths]
+    assert [r.columns["label"] for r in records] == [0, 0, 0, 1, 1, 1]
+    assert [r.index for r in records] == [0, 1, 2, 3, 0, 1]  # positions inside each part
+    assert records[0].key == "class_000/0000.jpg"
+
+
+def test_flat_folder_is_listed_without_labels(tmp_path):
+    for i in range(3):
+        class_image(0, i, 16).save(tmp_path / f"{i}.png")
+    (part,) = open_parts(tmp_path)
+    assert [r.key for r in part.records()] == ["0.png", "1.png", "2.png"]
+    assert [name for name, _ in part.columns] == ["image_path"]
+
+
+def test_csv_list_keeps_captions_and_keys(tmp_path):
+    class_image(0, 0, 16).save(tmp_path / "a.jpg")
+    class_image(1, 0, 16).save(tmp_path / "b.jpg")
+    (tmp_path / "list.csv").write_text("path,caption,key\na.jpg,first,ka\nb.jpg,second,kb\n")
+    (part,) = open_parts(tmp_path / "list.csv")
+    records = list(part.records())
+    assert [(r.key, r.caption) for r in records] == [("ka", "first"), ("kb", "second")]
+    assert records[1].image == str(tmp_path / "b.jpg")
+
+
+def test_shard_record_takes_url_from_json_and_caption_from_txt(tmp_path):
+    shard = write_tar_shard(tmp_path / "7.tar", [{"key": "s0", "jpg": b"x", "txt": "hello", "json": {"url": "http://u"}}])
+    (record,) = ShardPart(7, shard).records()
+    assert (record.key, record.caption, record.columns) == ("s0", "hello", {"url": "http://u", "shard": "7.tar"})
+
+
+def test_a_list_of_other_files_is_not_taken_for_shards(tmp_path):
+    (tmp_path / "0.zip").write_bytes(b"x")
+    (tmp_path / "1.zip").write_bytes(b"x")
+    with pytest.raises(InputError, match="not a shard"):
+        open_parts([str(tmp_path / "0.zip"), str(tmp_path / "1.zip")])
+
+
+def test_draft_size_follows_the_first_resize():
+    assert draft_size(T.Compose([T.Resize(224), T.CenterCrop(224)])) == (224, 224)
+    assert draft_size(T.Compose([T.Resize((160, 200)), T.ToTensor()])) == (200, 160)
+    assert draft_size(T.Compose([T.CenterCrop(224), T.Resize(224)])) is None
+
+
+def test_draft_decodes_large_jpegs_smaller_but_not_below_the_target():
+    data = encode_image(class_image(0, 0, 1000), "JPEG")
+    image, size = decode_image(data, draft=(224, 224))
+    assert size == (1000, 1000)  # the stored size is reported
+    assert image.size == (250, 250)  # scale 4: the largest of 2, 4, 8 that keeps >= 224
+    full, _ = decode_image(data)
+    assert full.size == (1000, 1000)
+
+
+def test_draft_leaves_png_alone():
+    data = encode_image(class_image(0, 0, 600), "PNG")
+    image, _ = decode_image(data, draft=(224, 224))
+    assert image.size == (600, 600)
+
+
+def test_grey_and_palette_images_are_converted_to_rgb():
+    grey = io.BytesIO()
+    Image.new("L", (8, 6), 100).save(grey, format="PNG")
+    image, size = decode_image(grey.getvalue())
+    assert image.mode == "RGB" and size == (8, 6)
+    assert image.getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_undecodable_bytes_and_truncated_jpeg_give_reasons(tmp_path):
+    with pytest.raises(DecodeError, match="not an image"):
+        decode_image(b"garbage bytes")
+    data = encode_image(class_image(0, 0, 64), "JPEG")
+    with pytest.raises(DecodeError, match="cannot decode"):
+        decode_image(data[: len(data) // 2])
+    with pytest.raises(DecodeError, match="file not found"):
+        decode_image(tmp_path / "missing.jpg")
+
+
+def test_batches_cover_every_sample_once_and_record_failures(tmp_path):
+    good = [encode_image(class_image(i, i, 16), "PNG") for i in range(5)]
+    samples = [{"key": f"k{i}", "png": data, "txt": f"c{i}"} for i, data in enumerate(good)]
+    samples.insert(2, {"key": "broken", "jpg": b"\xff\xd8 broken jpeg", "txt": "b"})
+    samples.append({"key": "text-only", "txt": "no image"})
+    part = ShardPart(0, write_tar_shard(tmp_path / "0.tar", samples))
+    batches = list(BatchStream(plan_units([part], 1), 3, _to_tensor))
+    assert [b.indices for b in batches] == [[0, 1], [3, 4, 5], [], []]
+    assert [b.last for b in batches] == [False, False, False, True] and batches[-1].read == 7
+    failures = [f for b in batches for f in b.failures]
+    assert [(f["index"], f["key"], f["source"]) for f in failures] == [(2, "broken", str(part.path)), (6, "text-only", str(part.path))]
+    assert failures[1]["reason"] == "no image in the sample"
+    rows = [row for b in batches for row in b.rows]
+    assert [(r["key"], r["caption"], r["width"], r["height"]) for r in rows] == [(f"k{i}", f"c{i}", 16, 16) for i in range(5)]
+    expected = torch.stack([_to_tensor(Image.open(io.BytesIO(d)).convert("RGB")) for d in good[:2]])
+    assert torch.equal(batches[0].images, expected)
+
+
+def test_slices_split_a_part_into_the_same_batches():
+    items = [class_image(0, i, 8) for i in range(10)]
+    whole = [b.indices for b in BatchStream(plan_units([ItemsPart(items)], 1), 3, _to_tensor) if b.indices]
+    units = plan_units([ItemsPart(items)], 2)
+    assert [(u.slice, u.slices) for u in units] == [(0, 2), (1, 2)]
+    stream = BatchStream(units, 3, _to_tensor)
+    sliced = [[b.indices for b in stream.unit_batches(u) if b.indices] for u in units]
+    assert sliced == [[whole[0], whole[2]], [whole[1], whole[3]]]
+    assert whole == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_text_only_batches_skip_decoding(tmp_path):
+    part = ShardPart(0, write_tar_shard(tmp_path / "0.tar", [{"key": "a", "jpg": b"not decoded", "txt": "one"}, {"key": "b", "json": {"url": "u"}}]))
+    tokenize = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731
+    (batch, end) = BatchStream(plan_units([part], 1), 4, None, tokenize)
+    assert batch.images is None and batch.indices == [0, 1] and not batch.failures
+    assert batch.tokens.tolist() == [[3], [0]]  # a sample without caption has the empty caption
+    assert end.last
+
+
+def test_split_transform_gives_the_transforms_numbers_bit_for_bit():
+    from unicom.data.transforms import SplitTransform
+
+    transform = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                           T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    split = SplitTransform(transform)
+    images = [class_image(i, i, 50) for i in range(3)]
+    pixels = torch.stack([split.on_worker(image) for image in images])
+    assert split.split and pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 32, 32)
+    assert torch.equal(split.on_device(pixels), torch.stack([transform(image) for image in images]))
+
+
+def test_other_transforms_run_whole_on_the_worker():
+    from unicom.data.transforms import SplitTransform
+
+    transform = T.Compose([T.ToTensor(), T.Resize(16), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    split = SplitTransform(transform)
+    image = class_image(1, 1, 20)
+    out = split.on_worker(image)
+    assert not split.split and out.dtype == torch.float32
+    assert torch.equal(split.on_device(out[None]), transform(image)[None])
+
+
+def test_plan_units_slices_only_the_parts_left_over_after_full_waves():
+    parts = [ItemsPart([], number=n) for n in range(5)]
+    plan = [(u.part.number, u.slice, u.slices) for u in plan_units(parts, 2)]
+    assert plan == [(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 2), (4, 1, 2)]
+    assert [(u.part.number, u.slices) for u in plan_units(parts[:4], 2)] == [(n, 1) for n in range(4)]
+    assert [(u.part.number, u.slice) for u in plan_units(parts[:2], 3)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(u.part.number, u.slices) for u in plan_units(parts, 0)] == [(n, 1) for n in range(5)]
+
+
+def test_workers_share_the_units_and_every_batch_arrives_once():
+    from torch.utils.data import DataLoader
+
+    parts = [ItemsPart([class_image(0, i, 8) for i in range(n)], number=n) for n in (5, 1, 7, 3)]
+    stream = BatchStream(plan_units(parts, 2), 2, _to_tensor)
+    seen = {}
+    for batch in DataLoader(stream, batch_size=None, num_workers=2):
+        seen.setdefault(batch.part, []).extend(batch.indices)
+    assert {part: sorted(indices) for part, indices in seen.items()} == {n: list(range(n)) for n in (5, 1, 7, 3)}

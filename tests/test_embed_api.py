@@ -1,0 +1,90 @@
+"""``unicom.embed_images``: order kept, rows normalised, failures named, specs or encoders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from support import class_image, encode_image
+
+import unicom
+from unicom.errors import InputError
+from unicom.models.encoders import load_encoder
+
+
+@pytest.fixture(scope="module")
+def encoder_and_file(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("timm") / "test_vit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return load_encoder("timm/test_vit", str(path)), path
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i in range(7):
+        path = folder / (f"{i}.jpg" if i % 2 else f"{i}.png")
+        path.write_bytes(encode_image(class_image(i, i, 48), "JPEG" if i % 2 else "PNG"))
+        paths.append(path)
+    return paths
+
+
+def _reference(encoder, images):
+    with torch.no_grad():
+        features = encoder.encode_image(torch.stack([encoder.image_transform(i) for i in images]))
+    return torch.nn.functional.normalize(features, dim=-1).numpy()
+
+
+def test_rows_follow_the_input_order_with_any_workers_and_batches(encoder_and_file, image_files):
+    encoder, _ = encoder_and_file
+    from PIL import Image
+
+    expected = _reference(encoder, [Image.open(p).convert("RGB") for p in image_files])
+    for workers, batch_size in ((0, 7), (2, 2), (1, 3)):
+        got = unicom.embed_images(encoder, image_files, batch_size=batch_size, num_workers=workers)
+        assert got.shape == (7, encoder.embedding_dim) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+def test_pil_images_strings_and_a_spec_with_weights(encoder_and_file, image_files):
+    encoder, path = encoder_and_file
+    from_paths = unicom.embed_images(encoder, [str(p) for p in image_files[:3]])
+    from_spec = unicom.embed_images("timm/test_vit", image_files[:3], pretrained=str(path), device="cpu")
+    np.testing.assert_array_equal(from_paths, from_spec)
+    images = [class_image(9, i, 40) for i in range(2)]
+    np.testing.assert_allclose(unicom.embed_images(encoder, images), _reference(encoder, images), atol=1e-5)
+
+
+def test_a_single_path_gives_one_row(encoder_and_file, image_files):
+    encoder, _ = encoder_and_file
+    assert unicom.embed_images(encoder, image_files[0]).shape == (1, encoder.embedding_dim)
+
+
+def test_no_images_give_an_empty_matrix(encoder_and_file):
+    encoder, _ = encoder_and_file
+    assert unicom.embed_images(encoder, []).shape == (0, encoder.embedding_dim)
+
+
+def test_an_undecodable_file_is_named(encoder_and_file, image_files, tmp_path):
+    encoder, _ = encoder_and_file
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="bad.jpg: image 2 cannot be used: not an image"):
+        unicom.embed_images(encoder, [*image_files[:2], bad], num_workers=0)
+    with pytest.raises(InputError, match="gone.jpg: image 0 cannot be used: file not found"):
+        unicom.embed_images(encoder, [tmp_path / "gone.jpg"])
+
+
+def test_draft_decoding_keeps_embeddings_close_on_large_jpegs(encoder_and_file, tmp_path):
+    encoder, _ = encoder_and_file
+    path = tmp_path / "large.jpg"
+    path.write_bytes(encode_image(class_image(3, 0, 800), "JPEG"))
+    exact = unicom.embed_images(encoder, [path], draft=False)
+    fast = unicom.embed_images(encoder, [path], draft=True)
+    assert float(exact[0] @ fast[0]) > 0.99

@@ -1,0 +1,156 @@
+"""``unicom embed`` on webdataset shards with an open_clip model loaded from the user's own file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from support import class_image, encode_image, write_tar_shard
+
+from unicom.cli import main
+
+# shard number -> [(key, format, width, height)], "bad" is not an image
+SHARDS = {
+    0: [("00000000", "JPEG", 64, 48), ("00000001", "JPEG", 40, 40), ("00000002", "PNG", 32, 64), ("00000003", "JPEG", 50, 30)],
+    1: [("00010000", "PNG", 48, 48), ("00010001", "BAD", 0, 0), ("00010002", "WEBP", 36, 52), ("00010003", "JPEG", 64, 64)],
+    2: [("00020000", "PNG", 30, 40), ("00020001", "JPEG", 64, 32), ("00020002", "JPEG", 44, 44)],
+}
+EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BAD": "jpg"}
+
+
+def _image(key: str, width: int, height: int) -> Image.Image:
+    return class_image(int(key) % 7, int(key), max(width, height)).resize((width, height))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Shards with real JPEG/PNG/WebP files and one corrupt file, and a ViT-B-32 checkpoint."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("embed")
+    for number, samples in SHARDS.items():
+        records = []
+        for key, fmt, width, height in samples:
+            data = b"\xff\xd8\xff\xe0 truncated" if fmt == "BAD" else encode_image(_image(key, width, height), fmt)
+            records.append({"key": key, EXT[fmt]: data, "txt": f"caption of {key}", "json": {"url": f"https://example.org/{key}"}})
+        write_tar_shard(root / "shards" / f"{number:05d}.tar", records)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+    checkpoint = root / "my-vit-b-32.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return root, checkpoint, model.eval(), preprocess
+
+
+def _embed(root, checkpoint, out, *extra):
+    pattern = str(root / "shards" / "{00000..00002}.tar")
+    return main(["embed", "--input", pattern, "--model", "ViT-B-32", "--pretrained", str(checkpoint),
+                 "--modalities", "image,text", "--out", str(out), "--batch-size", "3", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    root, checkpoint, _, _ = setup
+    out = root / "EMB"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNICOM_PROGRESS", "0")
+        assert _embed(root, checkpoint, out) == 0
+    return out
+
+
+def _load(out, number):
+    return (
+        np.load(out / "img_emb" / f"img_emb_{number}.npy"),
+        np.load(out / "text_emb" / f"text_emb_{number}.npy"),
+        pq.read_table(out / "metadata" / f"metadata_{number}.parquet").to_pylist(),
+    )
+
+
+def test_one_row_per_good_sample_with_keys_aligned(first_run):
+    for number, samples in SHARDS.items():
+        image, text, metadata = _load(first_run, number)
+        good = [(key, w, h) for key, fmt, w, h in samples if fmt != "BAD"]
+        assert image.shape == (len(good), 512) and text.shape == (len(good), 512)
+        assert image.dtype == np.float16 and text.dtype == np.float16
+        assert [row["key"] for row in metadata] == [key for key, _, _ in good]
+        assert [(row["width"], row["height"]) for row in metadata] == [(w, h) for _, w, h in good]
+        assert [row["caption"] for row in metadata] == [f"caption of {key}" for key, _, _ in good]
+        assert [row["url"] for row in metadata] == [f"https://example.org/{key}" for key, _, _ in good]
+        assert {row["shard"] for row in metadata} == {f"{number:05d}.tar"}
+
+
+def test_rows_are_the_models_embeddings_l2_normalised(setup, first_run):
+    import open_clip
+
+    root, _, model, preprocess = setup
+    for number, samples in SHARDS.items():
+        image, text, metadata = _load(first_run, number)
+        np.testing.assert_allclose(np.linalg.norm(image.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        np.testing.assert_allclose(np.linalg.norm(text.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        fmt = {key: (f, w, h) for key, f, w, h in samples}
+        pixels = torch.stack([preprocess(_decoded(row["key"], *fmt[row["key"]])) for row in metadata])
+        tokens = open_clip.get_tokenizer("ViT-B-32")([row["caption"] for row in metadata])
+        with torch.no_grad():
+            expected_image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+            expected_text = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1).numpy()
+        np.testing.assert_allclose(image.astype(np.float32), expected_image, atol=2e-3)
+        np.testing.assert_allclose(text.astype(np.float32), expected_text, atol=2e-3)
+
+
+def _decoded(key, fmt, width, height):
+    """The image as the shard stores it (lossy formats included), decoded again."""
+    return Image.open(io.BytesIO(encode_image(_image(key, width, height), fmt))).convert("RGB")
+
+
+def test_the_corrupt_sample_is_reported_with_key_shard_and_reason(setup, first_run):
+    report = pq.read_table(first_run / "failures" / "failures_1.parquet").to_pylist()
+    assert len(report) == 1
+    assert report[0]["key"] == "00010001" and report[0]["index"] == 1 and report[0]["part"] == 1
+    assert report[0]["source"].endswith("00001.tar")
+    assert "cannot decode" in report[0]["reason"] or "not an image" in report[0]["reason"]
+    assert not (first_run / "failures" / "failures_0.parquet").exists()
+
+
+def test_deleting_one_part_recomputes_only_that_part_identically(setup, first_run, capsys):
+    root, checkpoint, _, _ = setup
+    before = {n: _load(first_run, n) for n in SHARDS}
+    files = sorted(p for p in first_run.rglob("*") if p.is_file())
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    (first_run / "img_emb" / "img_emb_1.npy").unlink()
+    capsys.readouterr()
+    assert _embed(root, checkpoint, first_run) == 0
+    captured = capsys.readouterr()
+    assert "embedded 3 samples into 1 parts" in captured.out and "2 of 3 parts were already finished" in captured.out
+    assert "00010001" in captured.err  # the corrupt sample is reported again
+    changed = {p.relative_to(first_run).as_posix() for p in files if p.exists() and p.stat().st_mtime_ns != stamps[p]}
+    assert changed == {
+        "img_emb/img_emb_1.npy", "text_emb/text_emb_1.npy", "metadata/metadata_1.parquet", "failures/failures_1.parquet"
+    }
+    after = _load(first_run, 1)
+    np.testing.assert_array_equal(after[0], before[1][0])
+    np.testing.assert_array_equal(after[1], before[1][1])
+    assert after[2] == before[1][2]
+
+
+def test_a_finished_folder_is_left_alone_and_another_configuration_refused(setup, first_run, capsys):
+    root, checkpoint, _, _ = setup
+    files = {p: p.stat().st_mtime_ns for p in first_run.rglob("*") if p.is_file()}
+    assert _embed(root, checkpoint, first_run) == 0
+    assert "0 parts" in capsys.readouterr().out
+    pattern = str(root / "shards" / "{00000..00002}.tar")
+    code = main(["embed", "--input", pattern, "--model", "ViT-B-32", "--pretrained", str(checkpoint), "--out", str(first_run)])
+    assert code == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in first_run.rglob("*") if p.is_file()} == files
+
+
+def test_missing_shard_is_an_error_before_anything_is_written(setup, capsys):
+    root, checkpoint, _, _ = setup
+    out = root / "never"
+    code = main(["embed", "--input", str(root / "shards" / "{00000..00005}.tar"), "--model", "ViT-B-32",
+                 "--pretrained", str(checkpoint), "--out", str(out)])
+    assert code == 2 and "00003.tar: shard not found" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,33 @@
+"""Damaged shards: the samples before the damage are kept, the damage is reported, the run goes on."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import timm
+import torch
+from support import class_image, encode_image, write_tar_shard
+
+from unicom.cli import main
+
+
+def test_truncated_and_foreign_shards_are_reported_and_the_rest_embedded(tmp_path, capsys):
+    png = [encode_image(class_image(i, i, 48), "PNG") for i in range(4)]
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"a{i}", "png": png[i]} for i in range(2)])
+    truncated = write_tar_shard(tmp_path / "shards" / "00001.tar", [{"key": f"b{i}", "png": png[i]} for i in range(4)])
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: data.index(b"b3.png") + 600])  # inside the last image
+    (tmp_path / "shards" / "00002.tar").write_bytes(b"not a tar at all" * 64)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+
+    code = main(["embed", "--input", str(tmp_path / "shards" / "{00000..00002}.tar"), "--model", "timm/test_vit",
+                 "--pretrained", str(weights), "--out", str(tmp_path / "EMB"), "--workers", "0"])
+    assert code == 0
+    keys = {n: pq.read_table(tmp_path / "EMB" / "metadata" / f"metadata_{n}.parquet").column("key").to_pylist() for n in range(3)}
+    assert keys == {0: ["a0", "a1"], 1: ["b0", "b1", "b2"], 2: []}
+    report = pq.read_table(tmp_path / "EMB" / "failures").to_pylist()
+    assert [(r["part"], r["index"], r["key"]) for r in report] == [(1, -1, ""), (2, -1, "")]
+    assert report[0]["reason"].startswith("shard unreadable after 3 samples")
+    assert report[1]["reason"].startswith("shard unreadable after 0 samples")
+    assert "2 shards could not be read to the end" in capsys.readouterr().err

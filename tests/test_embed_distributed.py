@@ -1,0 +1,49 @@
+"""``torchrun ... unicom embed``: two ranks (gloo) split the shards without overlap or loss."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import timm
+import torch
+from support import class_image, encode_image, free_port, write_tar_shard
+
+from unicom.cli import main
+
+SHARDS = {3: 5, 4: 4, 7: 6, 11: 3, 12: 2}  # shard number -> samples
+
+
+def test_two_ranks_write_every_part_once_and_as_one_process_would(tmp_path, capsys):
+    for number, count in SHARDS.items():
+        write_tar_shard(tmp_path / "shards" / f"{number:05d}.tar", [
+            {"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 40)), "txt": f"c{i}"}
+            for i in range(count)
+        ])
+    torch.manual_seed(0)
+    weights = tmp_path / "test_vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    common = ["--input", str(tmp_path / "shards"), "--model", "timm/test_vit", "--pretrained", str(weights), "--batch-size", "2"]
+
+    # CPU ranks over gloo, also on a machine with one GPU
+    env = dict(os.environ, UNICOM_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "unicom.cli", "embed", *common, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the summary adds up the ranks: an overlap would count parts twice, a loss would miss some
+    assert f"embedded {sum(SHARDS.values())} samples into {len(SHARDS)} parts" in result.stdout
+
+    assert main(["embed", *common, "--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    for number in SHARDS:
+        for kind, name in (("img_emb", "img_emb_{}.npy"), ("metadata", "metadata_{}.parquet")):
+            assert (tmp_path / "two" / kind / name.format(number)).is_file()
+        two = np.load(tmp_path / "two" / "img_emb" / f"img_emb_{number}.npy")
+        one = np.load(tmp_path / "one" / "img_emb" / f"img_emb_{number}.npy")
+        np.testing.assert_array_equal(two, one)
+        keys = pq.read_table(tmp_path / "two" / "metadata" / f"metadata_{number}.parquet").column("key").to_pylist()
+        assert keys == [f"{number}-{i}" for i in range(SHARDS[number])]
+    assert sorted(p.name for p in (tmp_path / "two" / "img_emb").iterdir()) == sorted(f"img_emb_{n}.npy" for n in SHARDS)

@@ -1,0 +1,70 @@
+"""``unicom embed`` on image folders and CSV lists: parts of rows, labels, paths, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from support import class_image, write_class_folder
+
+from unicom.cli import main
+from unicom.layout import EmbeddingFolders
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("weights") / "test_vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), path)
+    return str(path)
+
+
+def test_class_folder_gives_parts_of_rows_with_labels_and_paths(tmp_path, weights):
+    paths = write_class_folder(tmp_path / "data", labels=[0, 1, 2], per_class=3, size=24)
+    broken = tmp_path / "data" / "class_001" / "0001.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), "--rows-per-part", "4", "--workers", "0"])
+    assert code == 0
+    folders = EmbeddingFolders.from_root(tmp_path / "EMB")
+    assert folders.numbers() == [0, 1, 2]  # 9 rows in parts of 4
+    rows = [row for n in folders.numbers() for row in folders.load("metadata", n).to_pylist()]
+    good = [p for p in paths if p != broken]
+    assert [row["image_path"] for row in rows] == [str(p) for p in good]
+    assert [row["key"] for row in rows] == [p.relative_to(tmp_path / "data").as_posix() for p in good]
+    assert [row["label"] for row in rows] == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert {(row["width"], row["height"]) for row in rows} == {(24, 24)}
+    assert list(rows[0]) == ["key", "image_path", "width", "height", "label"]
+    assert sum(folders.num_rows("image", n) for n in folders.numbers()) == 8
+    (failure,) = pq.read_table(tmp_path / "EMB" / "failures" / "failures_1.parquet").to_pylist()
+    assert (failure["source"], failure["index"], failure["part"]) == (str(broken), 0, 1)
+
+
+def test_csv_list_keeps_its_keys_and_captions(tmp_path, weights):
+    for name in ("a", "b", "c"):
+        class_image(ord(name), 0, 20).save(tmp_path / f"{name}.png")
+    (tmp_path / "list.csv").write_text("path,caption,key\na.png,first,ka\nb.png,second,kb\nc.png,third,kc\n")
+    assert main(["embed", "--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), "--dtype", "float32"]) == 0
+    rows = pq.read_table(tmp_path / "EMB" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert [(r["key"], r["caption"]) for r in rows] == [("ka", "first"), ("kb", "second"), ("kc", "third")]
+    image = np.load(tmp_path / "EMB" / "img_emb" / "img_emb_0.npy")
+    assert image.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-6)
+
+
+def test_text_with_an_image_only_model_fails_before_writing(tmp_path, weights, capsys):
+    write_class_folder(tmp_path / "data", labels=[0], per_class=2, size=16)
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--modalities", "image,text", "--out", str(tmp_path / "EMB")])
+    assert code == 2 and "no text tower" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()
+
+
+def test_unknown_modality_is_refused(tmp_path, weights, capsys):
+    write_class_folder(tmp_path / "data", labels=[0], per_class=1, size=16)
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--modalities", "audio",
+                 "--out", str(tmp_path / "EMB")])
+    assert code == 2 and "choose one or both of image, text" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""open_clip and timm encoders: names, local checkpoint files, safe loading, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from support import class_image
+
+from unicom.embed import embed_images, embed_texts
+from unicom.errors import InputError
+from unicom.models.encoders import load_encoder
+from unicom.models.foundation import OpenClipEncoder, TimmEncoder, accepts_open_clip, accepts_timm
+
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(tmp_path_factory):
+    """A test_vit with a 1000-class head, random weights, saved as a plain state dict."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit")
+    path = tmp_path_factory.mktemp("timm") / "test_vit.pth"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def open_clip_checkpoint(tmp_path_factory):
+    """An open_clip ViT-B-32 with random weights, saved as the user's own checkpoint file."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32")
+    path = tmp_path_factory.mktemp("open_clip") / "vit-b-32.pt"
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def open_clip_loaded(open_clip_checkpoint):
+    path, reference = open_clip_checkpoint
+    return load_encoder("ViT-B-32", str(path)), reference
+
+
+def test_spec_forms_pick_the_backend():
+    assert accepts_timm("timm/resnet50") and accepts_timm("timm:resnet50") and not accepts_timm("ViT-B-32")
+    assert accepts_open_clip("ViT-B-32") and accepts_open_clip("hf-hub:org/model") and not accepts_open_clip("timm/resnet50")
+
+
+def test_timm_file_loads_every_weight_but_the_classifier(timm_checkpoint):
+    path, reference = timm_checkpoint
+    encoder = load_encoder("timm/test_vit", str(path))
+    assert isinstance(encoder, TimmEncoder) and not encoder.training
+    loaded = encoder.model.state_dict()
+    expected = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert encoder.embedding_dim == reference.num_features
+
+
+def test_timm_embeddings_equal_the_pooled_features_normalised(timm_checkpoint):
+    path, reference = timm_checkpoint
+    images = [class_image(i, i, 200) for i in range(3)]
+    got = embed_images("timm/test_vit", images, batch_size=2, pretrained=str(path), num_workers=0, device="cpu")
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(reference))
+    with torch.no_grad():
+        features = reference.forward_head(reference.forward_features(torch.stack([transform(i) for i in images])), pre_logits=True)
+    expected = features.numpy() / np.linalg.norm(features.numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_timm_checkpoint_inside_a_training_dict_with_module_prefix(tmp_path, timm_checkpoint):
+    path, reference = timm_checkpoint
+    wrapped = tmp_path / "train.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in torch.load(path).items()}, "epoch": 3}, wrapped)
+    encoder = load_encoder("timm/test_vit", str(wrapped))
+    assert torch.equal(encoder.model.pos_embed, reference.pos_embed)
+
+
+def test_timm_file_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    with pytest.raises(InputError, match="does not fit test_vit"):
+        load_encoder("timm/test_vit", str(path))
+
+
+def test_timm_missing_file_and_unknown_model_are_named(tmp_path):
+    with pytest.raises(InputError, match="missing.pth: file not found"):
+        load_encoder("timm/test_vit", str(tmp_path / "missing.pth"))
+    with pytest.raises(InputError, match="timm has no model 'no_such_net'"):
+        load_encoder("timm:no_such_net")
+
+
+def test_timm_without_weights_warns_of_random_init():
+    with pytest.warns(UserWarning, match="random weights"):
+        encoder = load_encoder("timm/test_vit", "none")
+    assert not encoder.has_text
+
+
+def test_checkpoints_that_need_unpickling_code_are_refused(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {}, "config": OpaqueConfig()}, path)
+    with pytest.raises(InputError, match="pickled.pt"):
+        load_encoder("timm/test_vit", str(path))
+
+
+class OpaqueConfig:
+    """An arbitrary object: only a full (unsafe) unpickling could restore it."""
+
+
+def test_open_clip_local_checkpoint_loads_the_users_weights(open_clip_loaded):
+    encoder, reference = open_clip_loaded
+    assert isinstance(encoder, OpenClipEncoder) and encoder.has_text and encoder.embedding_dim == 512
+    loaded, expected = encoder.model.state_dict(), reference.state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_open_clip_text_embeddings_match_the_model(open_clip_loaded):
+    import open_clip
+
+    encoder, reference = open_clip_loaded
+    texts = ["a photo of a cat", "a diagram", "", "a photo of a dog"]
+    got = embed_texts(encoder, texts, batch_size=3)
+    with torch.no_grad():
+        expected = reference.eval().encode_text(open_clip.get_tokenizer("ViT-B-32")(texts))
+    expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_open_clip_unknown_tag_lists_the_known_ones():
+    with pytest.raises(InputError, match="not a file and not a pretrained tag of ViT-B-32.*laion400m_e32"):
+        load_encoder("ViT-B-32", "no-such-tag")
+
+
+def test_open_clip_file_of_another_model_is_refused(timm_checkpoint):
+    path, _ = timm_checkpoint
+    with pytest.raises(InputError, match="does not hold ViT-B-32 weights"):
+        load_encoder("ViT-B-32", str(path))
+
+
+def test_texts_need_a_text_tower(timm_checkpoint):
+    encoder = load_encoder("timm/test_vit", str(timm_checkpoint[0]))
+    with pytest.raises(InputError, match="no text tower"):
+        embed_texts(encoder, ["a caption"])

@@ -27,6 +27,14 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MEMBER = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a webdataset member name (``"dir/000123.jpg"`` ->
+    ``("dir/000123", "jpg")``): the key ends at the first dot of the file name, the
+    extension (lower-cased) is everything after it; None for names without one."""
+    match = _MEMBER.match(name)
+    return None if match is None else (match.group(1), match.group(2).lower())
+
+
 def _expand_one(pattern: str) -> list[Path]:
     from braceexpand import braceexpand
 
@@ -127,10 +135,10 @@ def read_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
             for member in tar:
                 if not member.isfile():
                     continue
-                match = _MEMBER.match(member.name)
-                if match is None:
+                split = split_member_name(member.name)
+                if split is None:
                     continue
-                key, ext = match.group(1), match.group(2).lower()
+                key, ext = split
                 if current is not None and key != current.key:
                     yield current
                     count += 1

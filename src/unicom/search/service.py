@@ -152,14 +152,14 @@ class ShardImages:
         self._lock = threading.Lock()
 
     def _list(self, path: Path) -> dict:
-        from unicom.data.shards import _MEMBER, IMAGE_EXTENSIONS
+        from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
 
         members = {}
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                match = _MEMBER.match(member.name) if member.isfile() else None
-                if match is not None and match.group(2).lower() in IMAGE_EXTENSIONS:
-                    members.setdefault(match.group(1), (member.offset_data, member.size))
+                split = split_member_name(member.name) if member.isfile() else None
+                if split is not None and split[1] in IMAGE_EXTENSIONS:
+                    members.setdefault(split[0], (member.offset_data, member.size))
         return members
 
     def read(self, shard: str, key: str) -> bytes | None:

@@ -405,3 +405,23 @@ def test_a_failed_write_leaves_the_previous_index_intact(tmp_path, monkeypatch):
 def test_loading_a_folder_without_an_index_says_how_to_build_one(tmp_path):
     with pytest.raises(InputError, match="no index.json inside; build an index with `unicom index"):
         Index.load(tmp_path)
+
+
+def test_search_parameters_survive_faiss_torch_utils(tmp_path):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which patches Index.search."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, faiss, faiss.contrib.torch_utils\n"
+        "from unicom.search.index import _search\n"
+        "x = np.random.default_rng(0).standard_normal((500, 16)).astype('float32')\n"
+        "x /= np.linalg.norm(x, axis=1, keepdims=True)\n"
+        "index = faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT)\n"
+        "index.add(x)\n"
+        "scores, ids = _search(index, 'hnsw', {'efSearch': 64}, x[:3], 2)\n"
+        "print(ids[:, 0].tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 1, 2]"

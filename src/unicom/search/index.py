@@ -473,10 +473,12 @@ def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -
 
     params = search_parameters(index_type, search)
     if params is not None and isinstance(index, faiss.IndexPreTransform):
-        inner = params
-        params = faiss.SearchParametersPreTransform(index_params=inner)
-        return index.search(queries, k, params=params)
-    return index.search(queries, k, params=params)
+        params = faiss.SearchParametersPreTransform(index_params=params)
+    # faiss.contrib.torch_utils (imported by other libraries, e.g. pytorch-metric-learning)
+    # replaces Index.search with a version without `params`; it keeps faiss's own numpy
+    # search as `search_numpy`
+    search_numpy = getattr(index, "search_numpy", index.search)
+    return search_numpy(queries, k, params=params)
 
 
 def _search_steps(candidate: Candidate, k: int) -> list[dict]:

@@ -53,10 +53,14 @@ def test_full_partial_fc_equals_pml_arcface(margin):
 
 
 def test_full_partial_fc_equals_pml_in_the_fallback_region():
-    # embeddings pointing away from their class prototype: θ + m > π for every row
+    # embeddings pointing away from their class prototype: θ + m > π for every row, with
+    # cos θ clear of −1 (where arccos has no finite gradient and rounding decides the result)
     dim, classes = 16, 10
     pfc = PartialFC(dim, classes, ArcFace(0.5, 64.0), seed=0)
-    x = -pfc.prototypes.detach() + 0.001 * _embeddings(classes, dim)
+    away = -torch.nn.functional.normalize(pfc.prototypes.detach(), dim=1)
+    x = away + 0.05 * torch.nn.functional.normalize(_embeddings(classes, dim, seed=1), dim=1)  # seed 0 drew the prototypes
+    cos = torch.nn.functional.cosine_similarity(x, pfc.prototypes.detach(), dim=1)
+    assert (cos > -0.9999).all() and (torch.arccos(cos) + 0.5 > math.pi).all()
     _assert_same_as_reference(pfc, ArcFaceLoss(classes, dim, margin=math.degrees(0.5), scale=64), x, torch.arange(classes))
 
 

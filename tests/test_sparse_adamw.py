@@ -127,3 +127,25 @@ def test_repeated_rows_of_an_uncoalesced_gradient_are_summed():
     second.step()
     assert torch.equal(weight, twin)
     assert weight[0].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_state_saved_on_the_cpu_resumes_on_the_gpu():
+    # torch.optim leaves "step" entries where they were saved; the per-row counts must follow
+    torch.manual_seed(5)
+    grads = [(torch.tensor([0, 3]), torch.randn(2, 3)) for _ in range(4)]
+    cpu = torch.nn.Parameter(torch.randn(6, 3))
+    opt_cpu = SparseAdamW([cpu], lr=1e-2)
+    for index, values in grads[:2]:
+        cpu.grad = torch.sparse_coo_tensor(index[None], values, cpu.shape)
+        opt_cpu.step()
+    gpu = torch.nn.Parameter(cpu.detach().cuda())
+    opt_gpu = SparseAdamW([gpu], lr=1e-2)
+    opt_gpu.load_state_dict(copy.deepcopy(opt_cpu.state_dict()))
+    assert opt_gpu.state[gpu]["step"].device == gpu.device
+    for index, values in grads[2:]:
+        cpu.grad = torch.sparse_coo_tensor(index[None], values, cpu.shape)
+        gpu.grad = torch.sparse_coo_tensor(index[None].cuda(), values.cuda(), gpu.shape)
+        opt_cpu.step()
+        opt_gpu.step()
+    torch.testing.assert_close(gpu.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)

@@ -47,16 +47,26 @@ def init_from_env(backend: str | None = None, timeout_minutes: float = 30.0) -> 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device())
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
 
 
 def local_device() -> torch.device:
-    """The CUDA device of this local rank when CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """The CUDA device of this local rank when CUDA is present, else the CPU.
+
+    Raises :class:`InputError` when the node runs more processes than it has GPUs.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        from unicom.errors import InputError
+
+        raise InputError(
+            f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s): start at most {count} "
+            f"process(es) per node (torchrun --nproc_per_node {count}), or run on the CPU")
+    return torch.device("cuda", local_rank)
 
 
 def barrier(group=None) -> None:

@@ -50,6 +50,15 @@ class SparseAdamW(Optimizer):
             state["common_step"] = 0
         return state
 
+    def load_state_dict(self, state_dict) -> None:
+        """As ``torch.optim.Optimizer``'s, but the per-row step counts follow their parameter
+        onto its device (the base class leaves every ``step`` entry where it was saved,
+        usually the CPU)."""
+        super().load_state_dict(state_dict)
+        for param, state in self.state.items():
+            if isinstance(state.get("step"), torch.Tensor) and state["step"].device != param.device:
+                state["step"] = state["step"].to(param.device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -46,6 +46,8 @@ WEIGHTS_NAME = "model.safetensors"
 # architecture name -> builder, or "module:function" imported on first use
 ARCHITECTURES: dict[str, str | Callable[[Mapping[str, Any]], nn.Module]] = {
     "unicom_vit": "unicom.models.released:build_unicom_vit",
+    "clip_vit": "unicom.models.vit:build_clip_vit",
+    "unifex": "unicom.unifex.model:build_unifex",
 }
 
 RESIZE_MODES = ("shortest", "squash")  # short side to size + centre crop | both sides to size
@@ -83,9 +85,10 @@ def _convert_to_rgb(image):
 def build_transform(preprocess: Mapping[str, Any]):
     """PIL image -> float32 tensor (3, size, size), from a ``preprocess`` description.
 
-    ``resize_mode`` ``"shortest"``: resize the short side to ``size`` (the long side to
-    ``int(size * long / short)``), then centre crop ``size``; ``"squash"``: resize both
-    sides to ``size``. Then RGB, values / 255, ``(x - mean) / std`` per channel.
+    ``resize_mode`` ``"shortest"``: resize the short side to ``resize_size`` (optional,
+    default ``size``; the long side to ``int(resize_size * long / short)``), then centre
+    crop ``size``; ``"squash"``: resize both sides to ``size``. Then RGB, values / 255,
+    ``(x - mean) / std`` per channel.
     """
     from torchvision import transforms
 
@@ -105,9 +108,12 @@ def build_transform(preprocess: Mapping[str, Any]):
     interpolation = field("interpolation", lambda v: v in INTERPOLATIONS, f"one of {INTERPOLATIONS}")
     mean = field("mean", is_triple, "3 numbers")
     std = field("std", lambda v: is_triple(v) and all(x > 0 for x in v), "3 positive numbers")
+    resize_size = size
+    if "resize_size" in preprocess:  # timm's crop_pct: the short side before the centre crop
+        resize_size = field("resize_size", lambda v: isinstance(v, int) and v >= size, f"an integer >= size ({size})")
     interpolation = transforms.InterpolationMode(interpolation)
     if mode == "shortest":
-        resize = [transforms.Resize(size, interpolation=interpolation), transforms.CenterCrop(size)]
+        resize = [transforms.Resize(resize_size, interpolation=interpolation), transforms.CenterCrop(size)]
     else:
         resize = [transforms.Resize((size, size), interpolation=interpolation)]
     # Resize before the RGB conversion, as the released models' own preprocessing does.

@@ -1,0 +1,353 @@
+"""Training throughput of `unicom train`'s step (backbone + PartialFC + both optimisers).
+
+CPU (``--device cpu``, the default): a small configuration to catch regressions. A
+CLIP-shaped ViT (64 px, patches of 8, width 192, depth 6, 3 heads, 128-d embedding),
+batch 32, PartialFC over 10,000 classes with sample_rate 0.1, fp32. Side by side: the base
+step on 1 and on all threads, sample_rate 1.0, gradient checkpointing, and the whole
+`train()` loop reading webdataset shards + pseudo-labels (decoding and augmentation
+included) against the bare step.
+
+CUDA (``--device cuda``): the issue's configuration. ViT-B/16 at 224 px under bf16 autocast,
+PartialFC over 1,000,000 classes of 768-d prototypes at sample_rate 0.1 with SparseAdamW,
+fused AdamW for the backbone; for gradient checkpointing off and on, the largest batch
+that fits (doubling, then the sizes between), images/s and model FLOPs utilisation. Data
+loading is not part of it: batches are random tensors already on the GPU.
+
+MFU = model FLOPs per second / peak dense bf16 FLOPs of the GPU. Model FLOPs per image are
+3x the forward FLOPs (forward + backward), counted by torch's FlopCounterMode on one
+training step (matrix products and attention); recomputation under gradient checkpointing
+is not counted (it is hardware work, not model work). Peak: 989.4 TFLOP/s for H100/H200
+SXM (dense bf16), 312 for A100; ``--peak-tflops`` for others.
+
+Usage: python benchmarks/train_step.py [--device cuda] [--out FILE]
+Writes benchmarks/results/train_step_{cpu,cuda}.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def build(model_name: str, overrides: dict, classes: int, sample_rate: float, device: torch.device, precision: str,
+          checkpointing: bool, seed: int = 0):
+    """The trainer's own pieces: model, PartialFC, optimisers, TrainStep."""
+    from unicom.losses import ArcFace, PartialFC
+    from unicom.models.vit import create_model
+    from unicom.optim import SparseAdamW
+    from unicom.train.trainer import TrainStep, backbone_optimizer
+
+    torch.manual_seed(seed)
+    created = create_model(model_name, overrides=overrides)
+    backbone = created.module.to(device).train()
+    backbone.set_grad_checkpointing(checkpointing)
+    partial_fc = PartialFC(created.embedding_dim, classes, ArcFace(0.3, 64.0), sample_rate=sample_rate, seed=seed).to(device)
+    step = TrainStep(backbone, partial_fc, backbone_optimizer(backbone, 1e-3, 0.05, (0.9, 0.999), 1e-8, device),
+                     SparseAdamW(partial_fc.parameters(), lr=1e-3, weight_decay=0.05), device, precision)
+    return created, step
+
+
+def random_batch(batch: int, size: int, classes: int, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=generator).to(device)
+    return images, labels
+
+
+def time_steps(step, batches, warmup: int, timed: int, device: torch.device) -> list[float]:
+    """Seconds of each timed step (the step includes its host sync, as in training)."""
+    times = []
+    for i in range(warmup + timed):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = step([batches[i % len(batches)]])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        assert result.finite, result
+    return times
+
+
+# ------------------------------------------------------------------------------- CPU
+
+CPU_MODEL = {"image_size": 64, "patch_size": 8, "width": 192, "depth": 6, "heads": 3, "embedding_dim": 128}
+CPU_BATCH, CPU_CLASSES = 32, 10_000
+
+
+def cpu_step_case(threads: int, sample_rate: float = 0.1, checkpointing: bool = False, steps: int = 12) -> dict:
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    _, step = build("ViT-B-32", CPU_MODEL, CPU_CLASSES, sample_rate, cpu, "fp32", checkpointing)
+    batches = [random_batch(CPU_BATCH, 64, CPU_CLASSES, cpu, seed) for seed in range(4)]
+    times = time_steps(step, batches, warmup=2, timed=steps, device=cpu)
+    median = statistics.median(times)
+    return {"seconds_per_step": median, "steps_per_second": 1 / median, "images_per_second": CPU_BATCH / median}
+
+
+def write_shards(root: Path, shards: int = 4, per_shard: int = 128, classes: int = CPU_CLASSES) -> None:
+    """Webdataset shards of 64 px JPEGs and `unicom cluster`-style labels for them."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "clusters" / "labels").mkdir(parents=True)
+    for shard in range(shards):
+        keys, labels = [], []
+        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
+            for index in range(per_shard):
+                key = f"{shard:05d}{index:05d}"
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(info, buffer)
+                keys.append(key)
+                labels.append(int(rng.integers(0, classes)))
+        pq.write_table(pa.table({"key": keys, "label": pa.array(labels, pa.int64()), "similarity": pa.array([1.0] * per_shard, pa.float32())}),
+                       root / "clusters" / "labels" / f"labels_{shard}.parquet")
+    (root / "clusters" / "centroids.json").write_text(json.dumps({"k": classes}))
+
+
+def cpu_pipeline_case(threads: int, steps: int = 40) -> dict:
+    """The whole `train()` loop on shards: images/s between its first and last log line."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_shards(root)
+        model = [f"model.{k}={v}" for k, v in CPU_MODEL.items()]
+        config = load_config(None, [
+            f"out={root / 'run'}", f"data.shards={root}", f"data.labels={root / 'clusters'}", f"data.batch_size={CPU_BATCH}",
+            "data.workers=0", "data.shuffle_buffer=256", *model, f"train.steps={steps}", "log.every=10",
+            "log.tensorboard=false", f"checkpoint.every={steps}",
+        ])
+        with open(os.devnull, "w") as quiet:
+            train(config, console=quiet)
+        records = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
+    rates = [r["images_per_second"] for r in records if r["event"] == "step" and r["step"] > 10]
+    waits = [r["data_wait"] for r in records if r["event"] == "step" and r["step"] > 10]
+    images_per_second = statistics.median(rates)
+    return {"images_per_second": images_per_second, "steps_per_second": images_per_second / CPU_BATCH,
+            "data_wait": statistics.median(waits)}
+
+
+def run_cpu() -> list[str]:
+    threads = torch.get_num_threads()
+    cases = [
+        ("step, 1 thread (base)", lambda: cpu_step_case(1)),
+        (f"step, {threads} threads", lambda: cpu_step_case(threads)),
+        ("step, 1 thread, sample_rate 1.0", lambda: cpu_step_case(1, sample_rate=1.0)),
+        ("step, 1 thread, gradient checkpointing", lambda: cpu_step_case(1, checkpointing=True)),
+        ("train() on shards, 1 thread, decoding in the loop", lambda: cpu_pipeline_case(1)),
+    ]
+    lines = [
+        "# Training step throughput (cpu)",
+        f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+        f"ViT {CPU_MODEL}, batch {CPU_BATCH}, PartialFC {CPU_CLASSES:,} classes (ArcFace 0.3/64), fp32; "
+        "median of 12 steps after 2 warm-up steps (train(): median images/s of its log lines after step 10)",
+        "",
+        "| case | steps/s | images/s | vs base |",
+        "|---|---:|---:|---:|",
+    ]
+    base = None
+    for label, case in cases:
+        result = case()
+        base = base or result["steps_per_second"]
+        extra = f" (data wait {100 * result['data_wait']:.0f}% of the loop)" if "data_wait" in result else ""
+        lines.append(f"| {label}{extra} | {result['steps_per_second']:.2f} | {result['images_per_second']:.1f} | "
+                     f"{result['steps_per_second'] / base:.2f} |")
+        print(lines[-1], flush=True)
+    torch.set_num_threads(threads)
+    return lines
+
+
+# ------------------------------------------------------------------------------- CUDA
+
+GPU_MODEL, GPU_CLASSES, GPU_SAMPLE_RATE = "ViT-B-16", 1_000_000, 0.1
+GPU_BATCHES = [64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+
+
+def model_flops_per_image(device: torch.device) -> tuple[float, float]:
+    """(counted, analytic) training FLOPs per image of the ViT-B/16 + PartialFC step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unicom.models.vit import CLIP_VITS
+
+    batch = 8
+    _, step = build(GPU_MODEL, {}, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", False)
+    images, labels = random_batch(batch, 224, GPU_CLASSES, device, 0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step.partial_fc(step.backbone(images), labels)
+        loss.backward()
+    counted = counter.get_total_flops() / batch
+    del step
+    torch.cuda.empty_cache()
+    s = CLIP_VITS[GPU_MODEL]
+    tokens = (s.image_size // s.patch_size) ** 2 + 1
+    width, mlp = s.width, int(s.width * s.mlp_ratio)
+    per_block = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+    forward = s.depth * per_block + 2 * (tokens - 1) * width * 3 * s.patch_size**2 + 2 * width * s.embedding_dim
+    forward += 2 * s.embedding_dim * GPU_CLASSES * GPU_SAMPLE_RATE  # cosines against the sampled prototypes
+    return counted, 3.0 * forward
+
+
+def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[int] | None = None) -> list[dict]:
+    """Time the step at the largest batch that fits (and at 256 for comparison), one model
+    built; with ``batches``, at those sizes without searching."""
+    import gc
+
+    device = torch.device("cuda")
+    _, step = build(GPU_MODEL, {}, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", checkpointing)
+    if compile_model:
+        step.backbone.compile()
+    largest = max(batches) if batches else None
+    for batch in [] if batches else GPU_BATCHES:
+        try:
+            time_steps(step, [random_batch(batch, 224, GPU_CLASSES, device, 0)], warmup=2, timed=0, device=device)
+            largest = batch
+            print(f"  checkpointing={checkpointing}: batch {batch} fits", flush=True)
+        except torch.cuda.OutOfMemoryError:
+            fitted = False
+        else:
+            fitted = True
+        step.backbone_optimizer.zero_grad(set_to_none=True)
+        step.prototype_optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if not fitted:
+            break
+    if largest is None:
+        raise SystemExit(f"not even batch {GPU_BATCHES[0]} fits")
+    results = []
+    for batch in sorted(set(batches) if batches else {256, largest}):
+        torch.cuda.reset_peak_memory_stats()
+        batches = [random_batch(batch, 224, GPU_CLASSES, device, seed) for seed in range(2)]
+        median = statistics.median(time_steps(step, batches, warmup=3, timed=10, device=device))
+        results.append({"batch": batch, "largest": batch == largest, "seconds_per_step": median,
+                        "images_per_second": batch / median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        del batches
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def backbone_only(batch: int) -> float:
+    """Seconds per step of the backbone alone (fused AdamW, a squared-norm loss): the
+    share of the step that PartialFC and SparseAdamW do not account for."""
+    from unicom.models.vit import create_model
+    from unicom.train.trainer import backbone_optimizer
+
+    device = torch.device("cuda")
+    backbone = create_model(GPU_MODEL).module.to(device).train()
+    optimizer = backbone_optimizer(backbone, 1e-3, 0.05, (0.9, 0.999), 1e-8, device)
+    images, _ = random_batch(batch, 224, 10, device, 0)
+    times = []
+    for i in range(13):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = backbone(images).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    del backbone, optimizer
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def run_cuda(peak_tflops: float | None, compile_model: bool = False) -> list[str]:
+    import timm
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name()
+    if peak_tflops is None:
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    counted, analytic = model_flops_per_image(device)
+    lines = [
+        "# Training step throughput (cuda)",
+        f"{name}, python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
+        f"{GPU_MODEL} at 224 px (clip_vit), bf16 autocast, PartialFC {GPU_CLASSES:,} classes x 768-d, sample_rate "
+        f"{GPU_SAMPLE_RATE} (SparseAdamW), fused AdamW; random batches on the GPU (no data loading); "
+        "median of 10 steps after 3 warm-up steps",
+        f"model FLOPs per image (forward + backward): {counted / 1e9:.1f} GFLOP counted by FlopCounterMode, "
+        f"{analytic / 1e9:.1f} GFLOP by formula; MFU uses the counted value and a peak of "
+        + (f"{peak_tflops} TFLOP/s (dense bf16)" if peak_tflops else "unknown (give --peak-tflops)"),
+        "",
+        "| gradient checkpointing | batch | s/step | images/s | model TFLOP/s | MFU | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    plans = [("off", False, False, None), ("on", True, False, None)]
+    largest_plain = None
+    for label, checkpointing, compiled, sizes in plans + ([("off, torch.compile", False, True, "plain")] if compile_model else []):
+        if sizes == "plain":
+            sizes = sorted({256, largest_plain})
+        for result in gpu_cases(checkpointing, compiled, sizes):
+            if label == "off" and result["largest"]:
+                largest_plain = result["batch"]
+            tflops = result["images_per_second"] * counted / 1e12
+            mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "?"
+            batch = f"{result['batch']}{' (largest)' if result['largest'] and sizes is None else ''}"
+            lines.append(f"| {label} | {batch} | {result['seconds_per_step']:.3f} | "
+                         f"{result['images_per_second']:,.0f} | {tflops:.1f} | {mfu} | {result['peak_gib']:.1f} |")
+            print(lines[-1], flush=True)
+    alone = backbone_only(largest_plain)
+    lines += ["", f"backbone alone (fused AdamW, no PartialFC) at batch {largest_plain}, checkpointing off: "
+              f"{alone:.3f} s/step, {largest_plain / alone:,.0f} images/s",
+              "largest: the largest of " + ", ".join(map(str, GPU_BATCHES)) + " whose step fits in memory.",
+              "Target MFU >= 40%."]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: known GPUs)")
+    parser.add_argument("--out", default=None, help="result file (default: benchmarks/results/train_step_<device>.txt)")
+    parser.add_argument("--compile", action="store_true", help="cuda: also time the backbone under torch.compile")
+    parser.add_argument("--smoke", action="store_true", help="cuda: a quick check of this script (10,000 classes, small batches)")
+    args = parser.parse_args()
+    if args.smoke:
+        global GPU_CLASSES, GPU_BATCHES
+        GPU_CLASSES, GPU_BATCHES = 10_000, [64, 128]
+    os.environ.setdefault("UNICOM_PROGRESS", "0")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    lines = run_cuda(args.peak_tflops, args.compile) if args.device == "cuda" else run_cpu()
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"train_step_{args.device}.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""``unicom probe``: a projection head on a frozen foundation model (UniFEx), from a recipe.
+
+Examples::
+
+    unicom probe --config configs/unifex_siglip_so400m_m4d35k.yaml data.train=[m4d35k/train.csv] \\
+        data.root=m4d35k eval.query=[guiec/query.csv] eval.index=[guiec/index.csv] out=runs/siglip
+    unicom probe --config configs/unifex_clip_b16.yaml data.train=[lists/train.csv] out=runs/b16 loss.head=dynm_arcface
+    unicom probe --config configs/unifex_clip_b16.yaml ... --cache-only      # features only (e.g. on the GPU box)
+    unicom probe --config configs/unifex_clip_b16.yaml ... train.mode=direct # the backbone in the loop
+
+A rerun with the same out= resumes: finished cache parts and epochs are kept. The model
+is exported to OUT/model, which `unicom embed`, `evaluate` and `search` take as --model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from unicom.commands import add_recipe_arguments
+
+    add_recipe_arguments(parser, "neck.embedding_dim=64 loss.head=adaface", "configs/unifex_*.yaml")
+    parser.epilog = __doc__.split("\n", 2)[2]
+    parser.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_keys:
+        from unicom.unifex.config import default_values
+
+        print("\n".join(f"{key} = {value!r}" for key, value in default_values().items()))
+        return 0
+    from unicom.train.config import to_yaml
+    from unicom.unifex.config import load_probe_config
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    config = load_probe_config(args.config, overrides)  # every key and value checked before any work
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+
+    from unicom.train.trainer import TrainingStopped
+    from unicom.unifex.trainer import probe
+
+    try:
+        probe(config, cache_only=args.cache_only)
+    except TrainingStopped as stop:
+        print(f"unicom probe: {stop}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,89 @@
+"""``unicom train``: cluster-discrimination pre-training or retrieval fine-tuning from a recipe.
+
+Examples::
+
+    unicom train --config configs/pretrain_vit_b32.yaml data.shards='laion/{00000..41407}.tar' \\
+        data.labels=clusters/ out=runs/b32
+    torchrun --nnodes 16 --nproc_per_node 8 ... -m unicom.train --config configs/pretrain_vit_b32.yaml ...
+    unicom train --config configs/finetune_sop.yaml model.init=ViT-B/32 data.root=data/SOP out=runs/sop
+    unicom train --config configs/finetune_sop.yaml out=runs/sop --resume     # after a crash (automatic too)
+    unicom train --export-from runs/b32 --model-out models/b32                # any checkpoint as a model folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from unicom.commands import add_recipe_arguments
+
+    add_recipe_arguments(parser, "optim.lr=5e-4 data.batch_size=64", "configs/*.yaml")
+    parser.epilog = __doc__.split("\n", 2)[2]
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                        help="resume the newest intact checkpoint of the output folder (the default when there is one), "
+                             "or the given checkpoint or run folder")
+    parser.add_argument("--export-from", metavar="RUN_OR_CHECKPOINT",
+                        help="export a run's newest intact checkpoint (or the given checkpoint) as a model folder and exit")
+    parser.add_argument("--model-out", metavar="DIR", help="with --export-from: the model folder to write")
+
+
+def _list_keys() -> str:
+    import dataclasses
+
+    from unicom.train.config import TrainConfig, valid_keys
+
+    defaults = dataclasses.asdict(TrainConfig())
+    lines = []
+    for key in valid_keys():
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        lines.append(f"{key} = {value!r}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from unicom.errors import InputError
+
+    if args.list_keys:
+        print(_list_keys())
+        return 0
+    if args.export_from:
+        from unicom.train.checkpoint import export_checkpoint
+
+        if not args.model_out:
+            raise InputError("--export-from needs --model-out DIR (the model folder to write)")
+        folder = export_checkpoint(args.export_from, args.model_out)
+        print(f"exported {args.export_from} to {folder}")
+        return 0
+
+    from unicom.train.config import load_config, to_yaml
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    config = load_config(args.config, overrides)  # every key and value checked before any work
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+
+    from unicom import distributed
+    from unicom.train.trainer import TrainingStopped, train
+
+    # NCCL for GPU runs; gloo when the run is told to stay on the CPU (or there is no GPU)
+    distributed.init_from_env("gloo" if config.train.device == "cpu" else None)
+    try:
+        train(config)
+    except TrainingStopped as stop:
+        print(f"unicom train: {stop}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed.is_initialized():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,485 @@
+"""CLIP-shaped Vision Transformers (built with timm) and the factory of trainable models.
+
+:class:`ClipViT` is CLIP's image tower: patch embedding without bias, a class token, a
+learned position embedding for the class token and every patch, a LayerNorm before the
+blocks (``ln_pre``), pre-norm blocks with GELU (QuickGELU for OpenAI's weights), a final
+LayerNorm on the class token and a linear projection without bias to the embedding
+(``(B, 3, S, S) -> (B, D)``, D configurable). The sizes of the models of the Unicom paper
+are data in :data:`CLIP_VITS`; a new size is a new row (or :func:`register_clip_vit`).
+
+:func:`create_model` builds any trainable model by name and optionally initialises it:
+
+* names of :data:`CLIP_VITS` (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``)
+  build a :class:`ClipViT` (architecture ``clip_vit`` of :mod:`unicom.models.export`);
+* names of the released checkpoints (``ViT-B/32`` ... ``ViT-L/14@336px``) build the
+  released architecture (:class:`unicom.models.released.UnicomViT`, ``unicom_vit``);
+* ``init`` is a released name (its weights, downloaded and verified), a released-format
+  ``.pt`` file, an exported model folder, an open_clip checkpoint file (``visual.*`` keys)
+  or a training checkpoint of ``unicom train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from unicom.errors import InputError
+
+ARCHITECTURE = "clip_vit"  # the name of ClipViT in unicom.models.export.ARCHITECTURES
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclass(frozen=True)
+class ClipViTSettings:
+    """The sizes of a :class:`ClipViT`.
+
+    ``image_size`` and ``patch_size`` in pixels; ``width`` the token dimension; ``heads``
+    attention heads; ``mlp_ratio`` the MLP's hidden size over ``width``; ``embedding_dim``
+    D, the output size; ``act`` the MLP activation (``gelu``, or ``quick_gelu`` as in
+    OpenAI's CLIP weights).
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    embedding_dim: int = 512
+    act: str = "gelu"
+    in_chans: int = 3
+
+    def __post_init__(self):
+        from unicom.models.released import ViTSettings
+
+        if self.act not in ACTIVATIONS:
+            raise InputError(f"ViT setting act={self.act!r}: expected one of {ACTIVATIONS}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
+            raise InputError(f"ViT setting mlp_ratio={self.mlp_ratio!r}: expected a positive number")
+        # the integer sizes obey the same rules as the released architecture's
+        ViTSettings(self.image_size, self.patch_size, self.width, self.depth, self.heads,
+                    max(1, round(self.width * self.mlp_ratio)), self.embedding_dim, self.in_chans)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> "ClipViTSettings":
+        """Settings from a JSON object; unknown keys are an error (as for the released architecture)."""
+        from unicom.models.released import ViTSettings
+
+        return ViTSettings.from_dict.__func__(cls, settings)
+
+
+# name -> sizes: CLIP's image towers as trained in the Unicom paper, with its embedding
+# sizes (512 for B/32, 768 for the others).
+CLIP_VITS: dict[str, ClipViTSettings] = {
+    "ViT-B-32": ClipViTSettings(224, 32, 768, 12, 12, 4.0, 512),
+    "ViT-B-16": ClipViTSettings(224, 16, 768, 12, 12, 4.0, 768),
+    "ViT-L-14": ClipViTSettings(224, 14, 1024, 24, 16, 4.0, 768),
+    "ViT-L-14-336": ClipViTSettings(336, 14, 1024, 24, 16, 4.0, 768),
+}
+
+
+def register_clip_vit(name: str, settings: ClipViTSettings | Mapping[str, Any], overwrite: bool = False) -> None:
+    """Add a size to :data:`CLIP_VITS` (a dict of settings is accepted)."""
+    if not isinstance(settings, ClipViTSettings):
+        settings = ClipViTSettings.from_dict(settings)
+    if name in CLIP_VITS and not overwrite and CLIP_VITS[name] != settings:
+        raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
+    CLIP_VITS[name] = settings
+
+
+class ClipViT(nn.Module):
+    """CLIP's image tower with a projection to ``embedding_dim``: ``(B, 3, S, S) -> (B, D)``.
+
+    ``trunk`` is a timm ``VisionTransformer`` (``num_classes=0``: it returns the final
+    LayerNorm of the class token, CLIP's ``ln_post``); ``projection`` is CLIP's ``proj``
+    as a Linear without bias. Outputs are not L2-normalised.
+
+    Args:
+        settings: the sizes (:class:`ClipViTSettings`).
+        drop_path_rate: stochastic depth for training (timm's linear rule over the blocks).
+    """
+
+    def __init__(self, settings: ClipViTSettings, drop_path_rate: float = 0.0):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.settings = settings
+        self.embedding_dim = settings.embedding_dim
+        self.trunk = VisionTransformer(
+            img_size=settings.image_size,
+            patch_size=settings.patch_size,
+            in_chans=settings.in_chans,
+            num_classes=0,
+            global_pool="token",
+            embed_dim=settings.width,
+            depth=settings.depth,
+            num_heads=settings.heads,
+            mlp_ratio=settings.mlp_ratio,
+            qkv_bias=True,
+            class_token=True,
+            pre_norm=True,  # CLIP's ln_pre; timm then drops the patch embedding's bias, as CLIP has none
+            norm_layer=partial(nn.LayerNorm, eps=1e-5),
+            act_layer=settings.act,
+            drop_path_rate=drop_path_rate,
+        )
+        self.projection = nn.Linear(settings.width, settings.embedding_dim, bias=False)
+        if not self.projection.weight.is_meta:
+            self.reset_projection()
+
+    @torch.no_grad()
+    def reset_projection(self) -> None:
+        """CLIP's initialisation of ``proj``: normal with std width^-0.5."""
+        nn.init.normal_(self.projection.weight, std=self.settings.width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.trunk(images))
+
+
+def build_clip_vit(settings: Mapping[str, Any]) -> ClipViT:
+    """Builder of the ``clip_vit`` architecture in :mod:`unicom.models.export`."""
+    return ClipViT(ClipViTSettings.from_dict(settings))
+
+
+# ------------------------------------------------------------------ open_clip weights
+
+# open_clip / OpenAI key (after ``visual.``) -> ClipViT key; ``{i}`` is a block index.
+_OPEN_CLIP_KEYS = {
+    "class_embedding": "trunk.cls_token",
+    "positional_embedding": "trunk.pos_embed",
+    "conv1.weight": "trunk.patch_embed.proj.weight",
+    "ln_pre.weight": "trunk.norm_pre.weight",
+    "ln_pre.bias": "trunk.norm_pre.bias",
+    "ln_post.weight": "trunk.norm.weight",
+    "ln_post.bias": "trunk.norm.bias",
+    "proj": "projection.weight",
+}
+_OPEN_CLIP_BLOCK_KEYS = {
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.proj.weight",
+    "attn.out_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_BLOCK_PREFIX = "transformer.resblocks."
+
+
+def is_open_clip_state(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds an open_clip / OpenAI CLIP image tower (``visual.*`` keys)."""
+    return "visual.conv1.weight" in state_dict
+
+
+def open_clip_settings(state_dict: Mapping[str, torch.Tensor], act: str = "gelu", source: str = "checkpoint") -> ClipViTSettings:
+    """The :class:`ClipViTSettings` of an open_clip image tower, read off its tensor shapes.
+
+    The head count is width / 64 (every CLIP ViT); the activation is not in any shape:
+    ``act`` (``quick_gelu`` for OpenAI's weights, ``gelu`` for open_clip's LAION ones).
+    """
+    try:
+        width, in_chans, patch, _ = state_dict["visual.conv1.weight"].shape
+        tokens = state_dict["visual.positional_embedding"].shape[0]
+        mlp = state_dict[f"visual.{_BLOCK_PREFIX}0.mlp.c_fc.weight"].shape[0]
+    except (KeyError, ValueError) as error:
+        raise InputError(f"{source}: not an open_clip ViT image tower ({error})") from error
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1:
+        raise InputError(f"{source}: {tokens} position embeddings do not form a square grid plus a class token")
+    depth = len({key.split(".")[3] for key in state_dict if key.startswith(f"visual.{_BLOCK_PREFIX}")})
+    embedding_dim = state_dict["visual.proj"].shape[1] if "visual.proj" in state_dict else width
+    return ClipViTSettings(grid * patch, patch, width, depth, max(1, width // 64), mlp / width, embedding_dim, act, in_chans)
+
+
+def open_clip_to_clip_vit(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename (and reshape) the image tower of an open_clip state dict into :class:`ClipViT` keys.
+
+    Text-tower keys are ignored; an image-tower key that has no counterpart is an error
+    (an attention-pooling or other non-standard tower this model cannot represent).
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if not key.startswith("visual."):
+            continue
+        name = key[len("visual."):]
+        if name.startswith(_BLOCK_PREFIX):
+            index, rest = name[len(_BLOCK_PREFIX):].split(".", 1)
+            target = _OPEN_CLIP_BLOCK_KEYS.get(rest)
+            if target is None:
+                unknown.append(key)
+                continue
+            out[f"trunk.blocks.{index}.{target}"] = value
+            continue
+        target = _OPEN_CLIP_KEYS.get(name)
+        if target is None:
+            unknown.append(key)
+            continue
+        if name == "class_embedding":
+            value = value.reshape(1, 1, -1)
+        elif name == "positional_embedding":
+            value = value.unsqueeze(0)
+        elif name == "proj":
+            value = value.t()  # CLIP computes x @ proj; a Linear computes x @ weight.T
+        out[target] = value
+    if unknown:
+        raise InputError(f"{source}: image-tower keys without a counterpart in a CLIP ViT: {unknown[:10]}")
+    return out
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def model_names() -> list[str]:
+    """Every name :func:`create_model` accepts: the CLIP-shaped sizes and the released models."""
+    from unicom.models.released import RELEASED
+
+    return [*CLIP_VITS, *RELEASED]
+
+
+def named_settings(name: str) -> tuple[str, dict[str, Any]]:
+    """``(architecture, settings)`` of a model name (see :func:`model_names`)."""
+    from unicom.models.released import RELEASED
+
+    if name in CLIP_VITS:
+        return ARCHITECTURE, CLIP_VITS[name].to_dict()
+    if name in RELEASED:
+        return "unicom_vit", RELEASED[name].settings.to_dict()
+    raise InputError(f"unknown model {name!r}; known: {model_names()}")
+
+
+@dataclass
+class CreatedModel:
+    """A model ready to train: the module, its architecture and settings (for export),
+    where its weights came from, and the names of tensors that were freshly initialised."""
+
+    module: nn.Module
+    architecture: str
+    settings: dict[str, Any]
+    init: str | None = None
+    init_kind: str = "random"
+    reinitialised: list[str] = dataclasses.field(default_factory=list)
+    prototypes_from: Path | None = None  # a training checkpoint whose prototypes can be loaded too
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.settings["embedding_dim"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.settings["image_size"])
+
+    def preprocess(self) -> dict[str, Any]:
+        """The evaluation transform as data (CLIP's: bicubic shortest side, centre crop, CLIP mean/std)."""
+        from unicom.models.released import clip_preprocess
+
+        return clip_preprocess(self.image_size)
+
+
+def _build(architecture: str, settings: dict[str, Any], drop_path_rate: float) -> nn.Module:
+    if architecture == ARCHITECTURE:
+        return ClipViT(ClipViTSettings.from_dict(settings), drop_path_rate=drop_path_rate)
+    if architecture == "unicom_vit":
+        from unicom.models.released import UnicomViT, ViTSettings
+
+        return UnicomViT(ViTSettings.from_dict(settings), drop_path_rate=drop_path_rate)
+    raise InputError(f"architecture {architecture!r} cannot be trained; use one of {model_names()}")
+
+
+def _merge(architecture: str, base: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    settings = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in settings:
+            raise InputError(f"{source}: the {architecture} architecture has no setting {key!r}; its settings are {sorted(settings)}")
+        settings[key] = value
+    return settings
+
+
+def _head_keys(architecture: str) -> tuple[str, ...]:
+    """The tensors that map to the embedding: re-initialised when its size changes."""
+    if architecture == ARCHITECTURE:
+        return ("projection.",)
+    return ("feature.2.", "feature.3.")
+
+
+def _init_source(init: str) -> tuple[str, Path | None]:
+    """What ``init`` names: ``released``, ``folder`` (exported), ``checkpoint`` (training), ``run``, ``file``."""
+    from unicom.models.export import CONFIG_NAME
+    from unicom.models.released import RELEASED
+
+    if init in RELEASED:
+        return "released", None
+    path = Path(init).expanduser()
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            return "folder", path
+        if (path / "checkpoint.json").is_file():
+            return "checkpoint", path
+        if (path / "checkpoints").is_dir():
+            return "run", path
+        raise InputError(
+            f"{init}: a folder that is neither an exported model (no {CONFIG_NAME}), a training checkpoint "
+            "(no checkpoint.json) nor a training run (no checkpoints/)"
+        )
+    if path.is_file():
+        return "file", path
+    raise InputError(
+        f"model.init={init!r}: not a released model ({', '.join(RELEASED)}), nor an existing file or folder"
+    )
+
+
+def create_model(
+    name: str | None = None,
+    *,
+    init: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    drop_path_rate: float = 0.0,
+    act: str | None = None,
+) -> CreatedModel:
+    """Build a trainable model by ``name`` and/or from the weights of ``init``.
+
+    Args:
+        name: a name of :func:`model_names`; may be None when ``init`` fixes the architecture
+            (a released model, a released-format file, an exported folder, a checkpoint).
+        init: where the starting weights come from (module docstring); None: random.
+        overrides: settings that replace the named ones (``embedding_dim``, ``image_size``...).
+            With ``init``, only ``embedding_dim`` may differ from the weights: the head that
+            produces the embedding is then initialised afresh (listed in ``reinitialised``).
+        drop_path_rate: stochastic depth for training.
+        act: for open_clip weights, the activation (``quick_gelu`` for OpenAI's weights).
+
+    Every tensor of the module is either loaded from ``init`` or listed in ``reinitialised``;
+    a key of ``init`` that fits nowhere, or a shape that differs, is an :class:`InputError`.
+    """
+    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+    if act is not None:
+        overrides.setdefault("act", act)
+    if init is None:
+        if name is None:
+            raise InputError("model.name is required when model.init is not given")
+        architecture, base = named_settings(name)
+        settings = _merge(architecture, base, overrides, f"model {name}")
+        return CreatedModel(_build(architecture, settings, drop_path_rate), architecture, settings)
+
+    init = os.fspath(init)
+    kind, path = _init_source(init)
+    prototypes_from = None
+    if kind == "released":
+        from unicom.models.released import load_state
+
+        state_dict, released_settings, _ = load_state(init)
+        architecture, base = "unicom_vit", released_settings.to_dict()
+    elif kind == "folder":
+        from unicom.models.export import read_config, read_weights
+
+        config = read_config(path)
+        architecture, base, state_dict = config["architecture"], dict(config["settings"]), read_weights(path)
+    elif kind in ("checkpoint", "run"):
+        from unicom.train.checkpoint import read_model_checkpoint
+
+        architecture, base, state_dict, prototypes_from = read_model_checkpoint(path)
+    else:
+        from unicom.models.released import infer_settings, read_state_dict
+
+        state_dict = read_state_dict(path)
+        if is_open_clip_state(state_dict):
+            inferred = open_clip_settings(state_dict, act=overrides.get("act", "gelu"), source=init)
+            if name is not None:
+                named_arch, named = named_settings(name)
+                if named_arch != ARCHITECTURE:
+                    raise InputError(f"{init}: open_clip weights fit a CLIP ViT (e.g. ViT-B-16), not {name!r}")
+                named = _merge(named_arch, named, {k: v for k, v in overrides.items() if k != "embedding_dim"}, init)
+                mismatched = [
+                    f"{k} {inferred.to_dict()[k]} in the file, {named[k]} for {name}"
+                    for k in ("image_size", "patch_size", "width", "depth")
+                    if named[k] != inferred.to_dict()[k]
+                ]
+                if mismatched:
+                    raise InputError(f"{init}: the weights are not a {name}: {'; '.join(mismatched)}")
+                inferred = dataclasses.replace(inferred, heads=named["heads"], act=named["act"])
+            architecture, base = ARCHITECTURE, inferred.to_dict()
+            state_dict = open_clip_to_clip_vit(state_dict, init)
+        elif "patch_embed.proj.weight" in state_dict and "feature.0.weight" in state_dict:
+            architecture, base = "unicom_vit", infer_settings(state_dict, init).to_dict()
+        else:
+            raise InputError(
+                f"{init}: neither an open_clip checkpoint (visual.* keys) nor a released Unicom checkpoint "
+                f"(patch_embed.*, blocks.*, feature.*); its first keys are {sorted(state_dict)[:6]}"
+            )
+
+    if name is not None and kind != "file":
+        named_arch, named = named_settings(name)
+        fixed = {k: v for k, v in named.items() if k not in ("embedding_dim",)}
+        differs = [k for k, v in fixed.items() if base.get(k) != v]
+        if named_arch != architecture or differs:
+            raise InputError(
+                f"model.name={name!r} does not describe the weights of model.init={init!r} "
+                f"({architecture} {base}); leave model.name empty to take the architecture from model.init"
+            )
+    fixed_overrides = {k: v for k, v in overrides.items() if k not in ("embedding_dim", "act")}
+    for key, value in fixed_overrides.items():
+        if base.get(key) != value:
+            raise InputError(
+                f"model.{key}={value!r} differs from the weights of {init} ({key}={base.get(key)!r}); "
+                "only embedding_dim can be changed when starting from weights"
+            )
+    settings = _merge(architecture, base, overrides, init)
+    module = _build(architecture, settings, drop_path_rate)
+    expected = module.state_dict()
+    reinitialised = []
+    if settings["embedding_dim"] != base["embedding_dim"]:
+        head = _head_keys(architecture)
+        reinitialised = sorted(k for k in expected if k.startswith(head))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+    if architecture == ARCHITECTURE and "projection.weight" not in state_dict and "projection.weight" not in reinitialised:
+        reinitialised.append("projection.weight")  # an open_clip tower saved without proj
+    from unicom.models.export import OPTIONAL_KEY_SUFFIXES, check_state_dict
+
+    check_state_dict({k: v for k, v in expected.items() if k not in reinitialised}, state_dict, init)
+    loaded = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    for key in expected:
+        if key not in loaded and key not in reinitialised and key.endswith(OPTIONAL_KEY_SUFFIXES):
+            loaded[key] = expected[key]
+    missing, _ = module.load_state_dict(loaded, strict=False)
+    assert set(missing) <= set(reinitialised), missing
+    return CreatedModel(module, architecture, settings, init, kind, reinitialised, prototypes_from)
+
+
+__all__ = [
+    "ClipViT",
+    "ClipViTSettings",
+    "CLIP_VITS",
+    "CreatedModel",
+    "build_clip_vit",
+    "create_model",
+    "model_names",
+    "named_settings",
+    "open_clip_settings",
+    "open_clip_to_clip_vit",
+    "register_clip_vit",
+]

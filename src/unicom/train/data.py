@@ -1,0 +1,602 @@
+"""Training batches with labels: shards joined with pseudo-labels, or labelled image lists.
+
+Two sources, one stream:
+
+* :class:`ShardSource`: webdataset shards (``unicom embed``'s input) joined by key with the
+  ``labels/labels_{i}.parquet`` that ``unicom cluster`` wrote for them (shard ``i``, labels
+  ``i``). Samples without a label are counted and skipped.
+* :class:`ListSource`: an image folder, a CSV/parquet list, or the training split of a
+  benchmark, with its own labels or joined with pseudo-labels by key.
+
+Each rank reads its part through ``roles`` readers (the DataLoader's workers; one in the
+main process when there are none). A reader's records form an endless sequence of
+*passes*; in pass ``p``:
+
+* shards: the shard list is permuted by ``(seed, p)``; rank ``r`` of ``R`` takes every
+  R-th shard from ``r``, reader ``w`` of ``W`` every W-th of those from ``w``, reads them in
+  turn and shuffles their labelled samples through a buffer seeded by ``(seed, p, r, w)``;
+* lists: the rows are permuted by ``(seed, p)``; rank ``r`` takes ``perm[r::R]`` cut to
+  ``N // R`` rows, in chunks of ``batch_size``; reader ``w`` takes chunks ``w, w + W, ...``.
+  Without decoding failures a global batch (all ranks' batch ``s``) is then the same set of
+  images whatever the number of ranks: ``perm[s·G:(s+1)·G]``.
+
+Every image is decoded and augmented with random generators seeded by ``(seed, p, sample)``,
+so an image's augmentation does not depend on which process handles it. Images that fail
+to decode are counted, reported and replaced by the reader's next records, so every batch
+holds exactly ``batch_size`` images (every rank must pass the same number to PartialFC).
+
+A batch carries ``(role, pass, cursor)``: the records its reader had consumed in that pass.
+Saving the last consumed ``(pass, cursor)`` of every reader and the next reader in turn is
+enough to restart the stream exactly where it stopped: readers skip ``cursor`` records
+without decoding them, and the DataLoader's round-robin over its workers is rotated so
+that the reader in turn comes first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from unicom.errors import InputError
+
+FAILURES_PER_BATCH = 8  # failure details carried per batch (all are counted)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Record:
+    """One labelled sample before decoding. ``uid`` ``(a, b)``: (shard number, index in the
+    shard) or (-1, row of the list); it seeds the sample's augmentation."""
+
+    uid: tuple[int, int]
+    image: Any  # encoded bytes, a path, or a PIL image
+    label: int
+    key: str
+    origin: str
+
+
+@dataclass
+class Counters:
+    """What a reader skipped since it last handed a batch over."""
+
+    unlabelled: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def take(self) -> tuple[int, int, list[dict]]:
+        """The counts and details so far; zero them (in place: the readers hold this object)."""
+        taken = (self.unlabelled, self.failed, self.failures)
+        self.unlabelled, self.failed, self.failures = 0, 0, []
+        return taken
+
+    def fail(self, record_key: str, origin: str, reason: str) -> None:
+        self.failed += 1
+        if len(self.failures) < FAILURES_PER_BATCH:
+            self.failures.append({"key": record_key, "source": origin, "reason": reason})
+
+
+def _generator_seed(*values: int) -> int:
+    """A 32-bit seed mixed from non-negative integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
+
+
+def permutation(n: int, *seed: int) -> np.ndarray:
+    """A permutation of ``range(n)`` that depends only on ``seed``."""
+    return np.random.default_rng(_generator_seed(*seed)).permutation(n)
+
+
+class ShardSource:
+    """Webdataset shards joined with pseudo-labels by key.
+
+    Args:
+        shards: ``(number, path)`` of every shard, numbers as in ``labels_{number}.parquet``.
+        label_files: number -> labels parquet (columns ``key``, ``label``).
+        labelled: labelled samples over all shards (the rows of the label files).
+        num_classes: k, the number of pseudo-classes.
+    """
+
+    kind = "shards"
+
+    def __init__(self, shards: Sequence[tuple[int, Path]], label_files: dict[int, Path], labelled: int, num_classes: int,
+                 shuffle_buffer: int = 2000):
+        self.shards = list(shards)
+        self.label_files = label_files
+        self.labelled = int(labelled)
+        self.num_classes = int(num_classes)
+        self.shuffle_buffer = int(shuffle_buffer)
+
+    @property
+    def samples(self) -> int:
+        return self.labelled
+
+    def describe(self) -> str:
+        return f"{len(self.shards)} shards, {self.labelled:,} labelled samples, {self.num_classes:,} classes"
+
+    def max_readers(self, world_size: int, batch_size: int) -> int:
+        """Readers per rank that this data keeps busy: every reader needs a shard."""
+        return max(1, len(self.shards) // world_size)
+
+    def check_readers(self, world_size: int, roles: int, batch_size: int = 1) -> None:
+        if len(self.shards) < world_size * roles:
+            raise InputError(
+                f"{len(self.shards)} shards cannot feed {world_size} ranks x {roles} readers = {world_size * roles} readers "
+                "(every reader needs at least one shard per pass): lower data.workers or split the data into more shards"
+            )
+
+    def _labels(self, number: int) -> dict[str, int]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.label_files[number], columns=["key", "label"])
+        return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+
+    def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
+                counters: Counters) -> Iterator[Record]:
+        from unicom.data.shards import ShardReadError, read_tar_samples
+
+        order = permutation(len(self.shards), seed, pass_)
+        mine = [self.shards[i] for i in order[rank::world_size][role::roles]]
+
+        def labelled() -> Iterator[Record]:
+            for number, path in mine:
+                labels = self._labels(number)
+                try:
+                    for index, sample in enumerate(read_tar_samples(path)):
+                        label = labels.get(sample.key)
+                        if label is None:
+                            counters.unlabelled += 1
+                            continue
+                        yield Record((number, index), sample.image_bytes(), int(label), sample.key, path.name)
+                except ShardReadError as error:
+                    counters.fail("", str(path), f"shard broke off after {error.samples} samples: {error.reason}")
+
+        buffer: list[Record] = []
+        rng = random.Random(_generator_seed(seed, pass_, rank, role, 0x5EED))
+        for record in labelled():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(record)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], record = record, buffer[j]
+            yield record
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class ListSource:
+    """A labelled image list (paths or PIL images, int labels 0..num_classes-1, keys)."""
+
+    kind = "list"
+
+    def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str):
+        self.images = list(images)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.keys = list(keys)
+        self.num_classes = int(num_classes)
+        self.origin = origin
+        self.unlabelled = 0  # rows of the list without a pseudo-label (counted when joining)
+
+    @property
+    def samples(self) -> int:
+        return len(self.images)
+
+    def describe(self) -> str:
+        skipped = f", {self.unlabelled:,} without a label skipped" if self.unlabelled else ""
+        return f"{self.origin}: {len(self.images):,} images, {self.num_classes:,} classes{skipped}"
+
+    def max_readers(self, world_size: int, batch_size: int) -> int:
+        """Readers per rank that this data keeps busy: every reader needs a batch per pass."""
+        return max(1, len(self.images) // world_size // batch_size)
+
+    def check_readers(self, world_size: int, roles: int, batch_size: int = 1) -> None:
+        chunks = len(self.images) // world_size // batch_size
+        if chunks < roles:
+            raise InputError(
+                f"{self.origin}: {len(self.images)} images make {chunks} batches of {batch_size} per rank for {world_size} "
+                f"rank(s), fewer than the {roles} readers per rank; lower data.batch_size or data.workers"
+            )
+
+    def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
+                counters: Counters) -> Iterator[Record]:
+        perm = permutation(len(self.images), seed, pass_)
+        per_rank = len(self.images) // world_size
+        stream = perm[rank::world_size][:per_rank]
+        chunks = per_rank // batch_size
+        for chunk in range(role, chunks, roles):
+            for row in stream[chunk * batch_size : (chunk + 1) * batch_size]:
+                row = int(row)
+                image = self.images[row]
+                origin = os.fspath(image) if isinstance(image, (str, os.PathLike)) else self.origin
+                yield Record((-1, row), image, int(self.labels[row]), self.keys[row], origin)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class TrainBatch:
+    """``images`` float (B, 3, S, S); ``labels`` int64 (B,); the reader's position after it;
+    what the reader skipped on the way (counts, and a few failure details)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    role: int
+    pass_: int
+    cursor: int
+    unlabelled: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def pin_memory(self) -> "TrainBatch":
+        self.images = self.images.pin_memory()
+        self.labels = self.labels.pin_memory()
+        return self
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a transform with torch's CPU generator, ``random`` and numpy's global generator
+    seeded by ``seed``; the previous states are restored afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class TrainStream(IterableDataset):
+    """Endless batches of one rank (module docstring).
+
+    Args:
+        source: a :class:`ShardSource` or :class:`ListSource`.
+        transform: PIL image -> float tensor (3, S, S), random (seeded per sample).
+        batch_size: images per batch.
+        seed, rank, world_size: the run's seed and this rank.
+        roles: readers of this rank (the DataLoader's ``num_workers``, or 1 without workers).
+        positions: per reader, ``(pass, cursor)`` to start from (default: all ``(0, 0)``).
+        first_role: the reader whose batch comes first (the DataLoader's worker 0 plays it).
+    """
+
+    def __init__(self, source, transform: Callable, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 roles: int = 1, positions: Sequence[Sequence[int]] | None = None, first_role: int = 0):
+        super().__init__()
+        self.source = source
+        self.transform = transform
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank, self.world_size, self.roles = int(rank), int(world_size), max(1, int(roles))
+        self.positions = [tuple(p) for p in positions] if positions is not None else [(0, 0)] * self.roles
+        if len(self.positions) != self.roles:
+            raise ValueError(f"{len(self.positions)} reader positions for {self.roles} readers")
+        self.first_role = int(first_role) % self.roles
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        workers = info.num_workers if info is not None else 1
+        if workers != self.roles:
+            raise RuntimeError(f"the stream was planned for {self.roles} readers but runs in {workers}")
+        role = (worker + self.first_role) % self.roles
+        return self.reader(role)
+
+    def reader(self, role: int) -> Iterator[TrainBatch]:
+        """The endless batches of reader ``role``."""
+        from unicom.data.transforms import DecodeError, decode_image
+
+        pass_, skip = self.positions[role]
+        counters = Counters()  # kept across passes: what the dropped tail of a pass skipped still counts
+        while True:
+            images: list[torch.Tensor] = []
+            labels: list[int] = []
+            cursor = 0
+            for record in self.source.records(self.seed, pass_, self.rank, self.world_size, role, self.roles,
+                                              self.batch_size, counters):
+                cursor += 1
+                if cursor <= skip:  # consumed before the restart: not decoded again
+                    if cursor == skip:
+                        counters.take()  # what was skipped on the way was reported before
+                    continue
+                try:
+                    image, _ = decode_image(record.image)
+                    with seeded(_generator_seed(self.seed, pass_, record.uid[0] + 1, record.uid[1])):
+                        tensor = self.transform(image)
+                except DecodeError as error:
+                    counters.fail(record.key, record.origin, str(error))
+                    continue
+                except Exception as error:  # a transform that rejects this image
+                    counters.fail(record.key, record.origin, f"transform failed: {type(error).__name__}: {error}")
+                    continue
+                images.append(tensor)
+                labels.append(record.label)
+                if len(images) == self.batch_size:
+                    unlabelled, failed, failures = counters.take()
+                    yield TrainBatch(
+                        torch.stack(images), torch.tensor(labels, dtype=torch.int64), role, pass_, cursor,
+                        unlabelled, failed, failures,
+                    )
+                    images, labels = [], []
+            if cursor == 0:
+                raise InputError(
+                    f"reader {role} of rank {self.rank} found no labelled sample in pass {pass_}; "
+                    f"check that the labels were made from these inputs ({self.source.describe()})"
+                )
+            pass_, skip = pass_ + 1, 0
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def train_transform(config, image_size: int, mean=None, std=None):
+    """The training transform of a recipe's ``augment`` section (timm's ``create_transform``),
+    normalised with ``mean`` and ``std`` (default: CLIP's, like the evaluation transform)."""
+    from timm.data import create_transform
+
+    from unicom.models.released import CLIP_MEAN, CLIP_STD
+
+    augment = config.augment
+    return create_transform(
+        image_size,
+        is_training=True,
+        scale=tuple(augment.crop_scale),
+        ratio=tuple(augment.crop_ratio),
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter or None,
+        auto_augment=augment.randaugment,
+        re_prob=augment.random_erasing,
+        re_mode=augment.random_erasing_mode,
+        interpolation=augment.interpolation,
+        mean=CLIP_MEAN if mean is None else tuple(mean),
+        std=CLIP_STD if std is None else tuple(std),
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _labels_folder(path: str | os.PathLike) -> Path:
+    """The folder holding ``labels_{i}.parquet``: ``PATH/labels`` (a cluster run) or ``PATH``."""
+    path = Path(path)
+    if (path / "labels").is_dir():
+        return path / "labels"
+    if path.is_dir() and any(path.glob("labels_*.parquet")):
+        return path
+    raise InputError(f"{path}: no labels/labels_<i>.parquet inside; give the output folder of `unicom cluster`")
+
+
+def _cluster_classes(path: str | os.PathLike) -> int | None:
+    """k of a clustering run (``centroids.json``), without reading the centroids."""
+    for name in ("centroids.json", "clusters.json"):
+        record = Path(path) / name
+        if record.is_file():
+            try:
+                return int(json.loads(record.read_text())["k"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise InputError(f"{record}: unreadable clustering record ({error})") from error
+    return None
+
+
+def _label_range(files: Sequence[Path]) -> tuple[int, int, int]:
+    """(rows, min label, max label) over label files, from the parquet statistics when present."""
+    import pyarrow.parquet as pq
+
+    rows, low, high = 0, None, None
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception as error:  # pyarrow raises several types for damaged files
+            raise InputError(f"{path}: not a readable parquet file ({error})") from error
+        names = meta.schema.names
+        if "key" not in names or "label" not in names:
+            raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), found {names}")
+        rows += meta.num_rows
+        column = names.index("label")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                values = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+                if len(values):
+                    low = int(values.min()) if low is None else min(low, int(values.min()))
+                    high = int(values.max()) if high is None else max(high, int(values.max()))
+                break
+            low = int(stats.min) if low is None else min(low, int(stats.min))
+            high = int(stats.max) if high is None else max(high, int(stats.max))
+    return rows, (0 if low is None else low), (-1 if high is None else high)
+
+
+def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, origin: str) -> int:
+    classes = num_classes or clustered or high + 1
+    if high >= classes:
+        raise InputError(f"{origin}: labels reach {high}, but there are only {classes} classes (loss.num_classes); raise it")
+    if clustered is not None and num_classes is not None and num_classes != clustered:
+        raise InputError(f"loss.num_classes={num_classes} but {origin} was clustered into k={clustered}; leave loss.num_classes empty")
+    return classes
+
+
+def _shard_source(data, num_classes: int | None) -> ShardSource:
+    from unicom.data.shards import SHARD_SUFFIXES, expand_shards
+    from unicom.files import numbered_files, part_number
+
+    shards = [(part_number(path), path) for path in expand_shards(data.shards)]
+    foreign = [str(p) for _, p in shards if not p.name.endswith(SHARD_SUFFIXES)]
+    if foreign:
+        raise InputError(f"{foreign[0]}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)})")
+    folder = _labels_folder(data.labels)
+    available = dict(numbered_files(folder, "labels_", ".parquet"))
+    missing = [n for n, _ in shards if n not in available]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise InputError(
+            f"{folder}: no labels for {len(missing)} of {len(shards)} shards (numbers {shown}); shard <i>.tar is joined "
+            "with labels_<i>.parquet: cluster the embeddings of these shards, or leave them out of data.shards"
+        )
+    files = {n: available[n] for n, _ in shards}
+    rows, low, high = _label_range(list(files.values()))
+    if low < 0:
+        raise InputError(f"{folder}: negative labels ({low}); labels must be class ids 0..k-1")
+    if rows == 0:
+        raise InputError(f"{folder}: the label files of these shards hold no rows")
+    classes = _resolve_classes(num_classes, _cluster_classes(data.labels), high, str(folder))
+    source = ShardSource(shards, files, rows, classes, data.shuffle_buffer)
+    _check_keys_match(source)
+    return source
+
+
+def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
+    """Fail early when the first shard's keys are absent from its labels (mismatched inputs)."""
+    from unicom.data.shards import ShardReadError, read_tar_samples
+
+    number, path = source.shards[0]
+    labels = source._labels(number)
+    keys = []
+    try:
+        for sample in read_tar_samples(path):
+            keys.append(sample.key)
+            if len(keys) >= probe:
+                break
+    except ShardReadError:
+        pass
+    if keys and labels and not any(key in labels for key in keys):
+        raise InputError(
+            f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {source.label_files[number].name} "
+            f"(keys like {next(iter(labels))!r}); the labels were made from other inputs"
+        )
+
+
+def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> ListSource:
+    """Give the rows of an image list the pseudo-labels of a cluster run, by key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unicom.files import numbered_files
+
+    folder = _labels_folder(data.labels)
+    files = [path for _, path in numbered_files(folder, "labels_", ".parquet")]
+    if not files:
+        raise InputError(f"{folder}: no labels_<i>.parquet files")
+    _, low, high = _label_range(files)
+    table = pa.concat_tables([pq.read_table(path, columns=["key", "label"]) for path in files])
+    lookup = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+    rows = [i for i, key in enumerate(images.keys) if key in lookup]
+    if not rows:
+        raise InputError(
+            f"{origin}: none of its keys (e.g. {images.keys[0]!r}) is in the labels of {folder} "
+            f"(keys like {next(iter(lookup))!r}); the labels were made from other inputs"
+        )
+    labels = np.asarray([lookup[images.keys[i]] for i in rows], dtype=np.int64)
+    classes = _resolve_classes(num_classes, _cluster_classes(data.labels), high, str(folder))
+    source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
+    source.unlabelled = len(images) - len(rows)
+    return source
+
+
+def _contiguous(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Labels renumbered 0..C-1 in sorted order of their values, and C."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    return inverse.astype(np.int64), len(values)
+
+
+def _list_source(data, num_classes: int | None) -> ListSource:
+    from unicom.data.lists import read_table
+
+    if data.benchmark:
+        return _benchmark_source(data, num_classes)
+    if data.folder:
+        from unicom.data.lists import read_image_folder
+        from unicom.data.sources import read_flat_folder
+
+        root = Path(data.folder)
+        if not root.is_dir():
+            raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
+        # keys are paths relative to the folder either way, as `unicom embed` writes them
+        images, origin = (read_flat_folder(root) if data.labels else read_image_folder(root)), str(root)
+    else:
+        images = read_table(data.table, path_column=data.path_column, label_column=data.label_column,
+                            key_column=data.key_column or "key")
+        origin = str(data.table)
+    if data.labels:
+        return _join_pseudo_labels(images, data, num_classes, origin)
+    if images.labels is None:
+        raise InputError(
+            f"{origin}: the images have no labels (a flat folder, or no {data.label_column!r} column); "
+            "use class sub-folders, a label column, or data.labels from `unicom cluster`"
+        )
+    labels, classes = _contiguous(images.labels)
+    if num_classes is not None and num_classes < classes:
+        raise InputError(f"{origin}: {classes} classes, more than loss.num_classes={num_classes}")
+    return ListSource(images.paths, labels, images.keys, num_classes or classes, origin)
+
+
+def _benchmark_source(data, num_classes: int | None) -> ListSource:
+    from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
+    from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
+
+    name = data.benchmark.lower()
+    if canonical_name(name) in RETRIEVAL_BENCHMARKS:
+        from unicom.data.benchmarks import load_retrieval_benchmark
+
+        protocol = load_retrieval_benchmark(name, data.root)
+        if protocol.train is None or protocol.train.labels is None:
+            raise InputError(f"{data.benchmark}: this benchmark has no labelled training split to fine-tune on")
+        images, keys, raw = protocol.train.paths, protocol.train.keys, protocol.train.labels
+    elif CLASSIFICATION_ALIASES.get(name, name) in CLASSIFICATION_BENCHMARKS:
+        from unicom.data.benchmarks import load_classification_benchmark
+
+        train, _, _ = load_classification_benchmark(name, data.root)
+        images, raw = train.images, train.labels
+        keys = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else str(n) for n, i in enumerate(images)]
+    else:
+        raise InputError(
+            f"data.benchmark={data.benchmark!r}: not a retrieval benchmark ({', '.join(RETRIEVAL_BENCHMARKS)}) "
+            f"nor a classification dataset ({', '.join(CLASSIFICATION_BENCHMARKS)})"
+        )
+    labels, classes = _contiguous(np.asarray(raw))
+    if num_classes is not None and num_classes < classes:
+        raise InputError(f"{data.benchmark}: {classes} training classes, more than loss.num_classes={num_classes}")
+    return ListSource(images, labels, keys, num_classes or classes, f"{data.benchmark} ({data.root}) train split")
+
+
+def build_source(config):
+    """The training source of a recipe: checked (files, labels, keys) before any training."""
+    if config.data.shards:
+        return _shard_source(config.data, config.loss.num_classes)
+    return _list_source(config.data, config.loss.num_classes)
+
+
+def steps_per_epoch(source, world_size: int, batch_size: int, accumulation: int, samples_per_epoch: int | None = None) -> int:
+    """Optimiser steps in one pass over the labelled samples (at least 1)."""
+    if isinstance(source, ListSource) and samples_per_epoch is None:
+        batches = len(source.images) // world_size // batch_size
+    else:
+        batches = (samples_per_epoch or source.samples) // (world_size * batch_size)
+    return max(1, batches // accumulation)
+
+
+def make_loader(stream: TrainStream, num_workers: int, device: torch.device):
+    """A DataLoader over ``stream``: ``num_workers`` processes, one per reader, or the main
+    process for a single reader when ``num_workers`` is 0."""
+    from torch.utils.data import DataLoader
+
+    if max(1, num_workers) != stream.roles:
+        raise ValueError(f"{num_workers} workers for a stream of {stream.roles} readers")
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,100 @@
+"""What a training run reports: a console line, ``log.jsonl`` and TensorBoard scalars (rank 0).
+
+``OUT/log.jsonl`` holds one JSON object per line: ``{"event": "step", ...}`` every
+``log.every`` steps (loss, learning rates, gradient norm, images/s, skipped steps, samples
+without a label, images that failed to decode, loss scale), and one line for each other
+event (``start``, ``resume``, ``skipped``, ``checkpoint``, ``stopped``, ``end``).
+``OUT/failures_rank{r}.jsonl`` lists the images each rank could not use (key, source,
+reason).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from unicom import distributed
+
+LOG_FILE = "log.jsonl"
+TENSORBOARD_FOLDER = "tensorboard"
+TENSORBOARD_SCALARS = ("loss", "lr", "prototype_lr", "grad_norm", "images_per_second", "loss_scale")
+
+
+def format_duration(seconds: float) -> str:
+    """``3h07m``, ``12m05s`` or ``42s``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class RunLog:
+    """Rank 0 writes the console line, the JSONL and TensorBoard; other ranks only their failures."""
+
+    def __init__(self, out: Path, tensorboard: bool = True, console: TextIO | None = None):
+        self.out = Path(out)
+        self.rank = distributed.get_rank()
+        self.main = self.rank == 0
+        self.console = console or sys.stdout
+        self._jsonl = open(self.out / LOG_FILE, "a", encoding="utf-8") if self.main else None
+        self._failures = None
+        self._writer = None
+        if self.main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.print("note: TensorBoard logging is off: install the tensorboard package (pip install 'unicom[tensorboard]')")
+            else:
+                self._writer = SummaryWriter(str(self.out / TENSORBOARD_FOLDER))
+
+    def print(self, text: str) -> None:
+        if self.main:
+            print(text, file=self.console, flush=True)
+
+    def event(self, name: str, **fields: Any) -> None:
+        if self._jsonl is None:
+            return
+        record = {"event": name, "time": round(time.time(), 3), **fields}
+        self._jsonl.write(json.dumps(record, default=_jsonable) + "\n")
+        self._jsonl.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        for name in TENSORBOARD_SCALARS:
+            value = values.get(name)
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(f"train/{name}", value, step)
+        self._writer.flush()
+
+    def failures(self, records: list[dict], step: int) -> None:
+        if not records:
+            return
+        if self._failures is None:
+            self._failures = open(self.out / f"failures_rank{self.rank}.jsonl", "a", encoding="utf-8")
+        for record in records:
+            self._failures.write(json.dumps({"step": step, **record}) + "\n")
+        self._failures.flush()
+
+    def close(self) -> None:
+        for handle in (self._jsonl, self._failures):
+            if handle is not None:
+                handle.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

@@ -1,0 +1,722 @@
+"""The training program: cluster-discrimination pre-training and retrieval fine-tuning.
+
+:func:`train` runs a recipe (:class:`~unicom.train.config.TrainConfig`) on one process or
+under ``torchrun``: the backbone in DistributedDataParallel with summed gradients, the
+prototypes sharded by :class:`~unicom.losses.PartialFC` and updated by
+:class:`~unicom.optim.SparseAdamW`. :class:`TrainStep` is one optimiser step (micro-steps,
+mixed precision, unscaling, the global gradient norm, the non-finite check, clipping),
+shared with ``benchmarks/train_step.py``.
+
+Order of work: the recipe is validated, the inputs are read and checked, the model is
+built, a checkpoint to resume from is found and verified, and only then is anything
+written under ``out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unicom import distributed
+from unicom.errors import InputError
+from unicom.train import checkpoint as ckpt
+from unicom.train.config import TrainConfig, to_yaml
+from unicom.train.logging import RunLog, format_duration
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (repeated non-finite steps); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------ parts
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is present, else the CPU."""
+    if name == "auto":
+        return distributed.local_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"train.device={name!r}: not a torch device ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that support it (fp16 on older ones), fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases, position embeddings and the class token are not decayed."""
+    return param.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token"))
+
+
+def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas, eps: float, device: torch.device):
+    """AdamW with two groups: decayed weights and the :func:`no_decay` parameters."""
+    decay, plain = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (plain if no_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
+
+
+def margin_head(config) -> nn.Module:
+    from unicom.losses import ArcFace, CosFace
+
+    heads = {"arcface": ArcFace, "cosface": CosFace}
+    return heads[config.loss.head](config.loss.margin, config.loss.scale)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: halve the scale after a non-finite step, double it
+    after ``growth_interval`` finite ones in a row. Disabled, the scale is 1."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale = max(self.scale * 0.5, 1.0)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self.good_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.enabled and state:
+            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+    clipped: bool = False
+
+
+def _grads(params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(dense gradients, coalesced sparse gradients) of ``params``; sparse ones are
+    coalesced in place so that their values can be scaled."""
+    dense, sparse = [], []
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            if not grad.is_coalesced():
+                param.grad = grad = grad.coalesce()
+            sparse.append(grad)
+        else:
+            dense.append(grad)
+    return dense, sparse
+
+
+def _squared_norm(dense: list[torch.Tensor], sparse: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if dense:
+        norms = torch._foreach_norm(dense)
+        total = total + torch.stack([n.float() for n in norms]).square().sum()
+    for grad in sparse:
+        total = total + grad._values().float().square().sum()
+    return total
+
+
+def _scale_grads(dense: list[torch.Tensor], sparse: list[torch.Tensor], factor: float) -> None:
+    if dense:
+        torch._foreach_mul_(dense, factor)
+    for grad in sparse:
+        grad._values().mul_(factor)
+
+
+class TrainStep:
+    """One optimiser step over ``accumulation`` micro-batches.
+
+    The backbone (possibly DDP with summed gradients) maps images to embeddings under
+    autocast; PartialFC gives the loss. The gradients are unscaled (fp16), the global norm
+    is computed over the backbone (identical on every rank after DDP's all-reduce) and the
+    prototype shards (all-reduced), and a non-finite loss or norm skips the step on every
+    rank alike; otherwise the gradients are clipped (optional) and both optimisers step.
+    """
+
+    def __init__(self, backbone: nn.Module, partial_fc: nn.Module, backbone_optimizer, prototype_optimizer,
+                 device: torch.device, precision: str, clip_grad_norm: float | None = None):
+        self.backbone = backbone
+        self.partial_fc = partial_fc
+        self.backbone_optimizer = backbone_optimizer
+        self.prototype_optimizer = prototype_optimizer
+        self.device = device
+        self.precision = precision
+        self.clip_grad_norm = clip_grad_norm
+        self.scaler = LossScaler(precision == "fp16")
+        # PartialFC's input checks cost a collective per step: the trainer turns them on for its first step
+        partial_fc.check_inputs = False
+        self._backbone_params = [p for p in backbone.parameters() if p.requires_grad]
+        self._prototype_params = list(partial_fc.parameters())
+        self.distributed = distributed.get_world_size() > 1
+
+    def set_learning_rates(self, backbone_lr: float, prototype_lr: float) -> None:
+        for group in self.backbone_optimizer.param_groups:
+            group["lr"] = backbone_lr
+        for group in self.prototype_optimizer.param_groups:
+            group["lr"] = prototype_lr
+
+    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        count = len(micro_batches)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for index, (images, labels) in enumerate(micro_batches):
+            last = index == count - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.backbone, "no_sync") else self.backbone.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    embeddings = self.backbone(images)
+                    loss = self.partial_fc(embeddings, labels)
+                (loss * (self.scaler.scale / count)).backward()
+            loss_sum += loss.detach().float()
+
+        dense, sparse = _grads(self._backbone_params)
+        proto_dense, proto_sparse = _grads(self._prototype_params)
+        if self.scaler.enabled:
+            inverse = 1.0 / self.scaler.scale
+            _scale_grads(dense + proto_dense, sparse + proto_sparse, inverse)
+        backbone_sq = _squared_norm(dense, sparse, self.device)
+        prototype_sq = _squared_norm(proto_dense, proto_sparse, self.device)
+        if self.distributed:  # prototype shards are disjoint: their squared norms add up
+            import torch.distributed as dist
+
+            dist.all_reduce(prototype_sq)
+        loss_value, norm_value = torch.stack([loss_sum / count, (backbone_sq + prototype_sq).sqrt()]).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        clipped = False
+        if finite:
+            if self.clip_grad_norm is not None and norm_value > self.clip_grad_norm:
+                _scale_grads(dense + proto_dense, sparse + proto_sparse, self.clip_grad_norm / (norm_value + 1e-6))
+                clipped = True
+            self.backbone_optimizer.step()
+            self.prototype_optimizer.step()
+        self.scaler.update(finite)
+        self.backbone_optimizer.zero_grad(set_to_none=True)
+        self.prototype_optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, norm_value, finite, clipped)
+
+
+# -------------------------------------------------------------------------- the state
+
+
+@dataclass
+class RunState:
+    """Counters of a run, stored in every checkpoint's manifest."""
+
+    step: int = 0
+    images: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    unlabelled: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    loss_scale: dict = field(default_factory=dict)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(int(v) for v in python_state["state"].tolist()), python_state["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass
+class Run:
+    """Everything :func:`train` builds before its loop (see :func:`prepare`)."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str
+    source: Any
+    created: Any
+    backbone: nn.Module
+    partial_fc: nn.Module
+    step_fn: TrainStep
+    workers: int
+    roles: int
+    steps_per_epoch: int
+    total_steps: int
+    resume_from: Path | None
+
+
+def _find_resume(config: TrainConfig, log) -> Path | None:
+    """The checkpoint to resume from (collective), or None to start afresh."""
+    out = Path(config.out)
+    setting = config.checkpoint.resume
+    if setting == "never":
+        found = distributed_broadcast(ckpt.complete_checkpoints(out)) if out.exists() else []
+        if found:
+            raise InputError(
+                f"{out} holds checkpoints (newest {found[0].name}) and checkpoint.resume=never: "
+                "use another out, delete its checkpoints/, or resume (checkpoint.resume=auto)"
+            )
+        return None
+    if setting == "auto":
+        candidates = distributed_broadcast(ckpt.complete_checkpoints(out))
+        if not candidates:
+            return None
+    else:
+        path = Path(setting)
+        if (path / ckpt.MANIFEST).is_file():
+            candidates = [path]
+        elif (path / ckpt.CHECKPOINTS).is_dir():
+            candidates = distributed_broadcast(ckpt.complete_checkpoints(path))
+        else:
+            raise InputError(f"checkpoint.resume={setting!r}: neither a checkpoint folder (with {ckpt.MANIFEST}) nor a run folder")
+    chosen = ckpt.find_valid_checkpoint(candidates, log=log)
+    if chosen is None:
+        raise InputError(
+            f"no intact checkpoint among {', '.join(str(c) for c in candidates)}; "
+            "delete them (or use another out) to start afresh"
+        )
+    return chosen
+
+
+def distributed_broadcast(value):
+    return ckpt._broadcast_object(value)
+
+
+def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
+    """Validate, read inputs, build the model, loss and optimisers, find the checkpoint."""
+    from unicom.losses import PartialFC
+    from unicom.models.vit import create_model
+    from unicom.optim import SparseAdamW
+    from unicom.train.data import build_source, steps_per_epoch
+    from unicom.train.distributed import wrap_backbone
+
+    config.validate()
+    say = log.print if log is not None else (lambda text: print(text) if distributed.get_rank() == 0 else None)
+    device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    world = distributed.get_world_size()
+
+    source = build_source(config)
+    if config.data.workers is not None:
+        workers = config.data.workers
+    else:  # as many as the data can keep busy
+        from unicom.embed import default_num_workers
+
+        workers = min(default_num_workers(device), source.max_readers(world, config.data.batch_size))
+        workers = 0 if workers <= 1 and device.type == "cpu" else workers
+    roles = max(1, workers)
+    source.check_readers(world, roles, config.data.batch_size)
+    per_epoch = steps_per_epoch(source, world, config.data.batch_size, config.train.accumulation, config.data.samples_per_epoch)
+    total = config.train.steps or max(1, int(round(config.train.epochs * per_epoch)))
+
+    _seed_everything(config.seed)  # the same initial weights on every rank
+    created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides(),
+                           drop_path_rate=config.model.drop_path_rate)
+    _seed_everything(config.seed + 1 + distributed.get_rank())  # stochastic depth differs over ranks
+    backbone = created.module.to(device).train()
+    if config.model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    partial_fc = PartialFC(
+        created.embedding_dim, source.num_classes, margin_head(config),
+        sample_rate=config.loss.sample_rate, feature_rate=config.loss.feature_rate, centers=config.loss.centers,
+        seed=config.seed, sparse_gradient=True,
+    ).to(device)
+    resume_from = _find_resume(config, say)
+    if resume_from is None and created.prototypes_from is not None:
+        _warm_start_prototypes(partial_fc, created.prototypes_from, say)
+    if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
+        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
+    if config.model.compile:
+        backbone.compile()
+    wrapped = wrap_backbone(backbone, device)
+    optim = config.optim
+    backbone_opt = backbone_optimizer(backbone, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
+    prototype_wd = optim.weight_decay if optim.prototype_weight_decay is None else optim.prototype_weight_decay
+    prototype_opt = SparseAdamW(partial_fc.parameters(), lr=optim.lr * optim.prototype_lr_scale, betas=tuple(optim.betas),
+                                eps=optim.eps, weight_decay=prototype_wd)
+    step_fn = TrainStep(wrapped, partial_fc, backbone_opt, prototype_opt, device, precision, optim.clip_grad_norm)
+    return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
+               workers, roles, per_epoch, total, resume_from)
+
+
+def _warm_start_prototypes(partial_fc, path: Path, say) -> None:
+    """Start the prototypes from a training checkpoint given as model.init, when they fit."""
+    manifest = ckpt.read_manifest(path)
+    fits = (manifest.get("num_classes") == partial_fc.num_classes and manifest.get("centers") == partial_fc.centers
+            and manifest.get("embedding_dim") == partial_fc.embedding_size)
+    if not fits:
+        say(f"prototypes start afresh: {path} has {manifest.get('num_classes')} classes x {manifest.get('centers')} "
+            f"center(s) x {manifest.get('embedding_dim')} dims, this run {partial_fc.num_classes} x {partial_fc.centers} "
+            f"x {partial_fc.embedding_size}")
+        return
+    block = ckpt.load_prototypes(path, partial_fc.class_start, partial_fc.num_local, partial_fc.centers, partial_fc.embedding_size)
+    with torch.no_grad():
+        partial_fc.prototypes.copy_(block["weight"])
+    say(f"prototypes start from {path}")
+
+
+def _data_positions(run: Run, resume_state: dict | None, manifest: dict | None, say) -> tuple[list[tuple[int, int]], int]:
+    """Readers' ``(pass, cursor)`` and the next reader, restored or re-planned."""
+    fresh = [(0, 0)] * run.roles, 0
+    if manifest is None:  # a fresh start
+        return fresh
+    world = distributed.get_world_size()
+    data = resume_state.get("data") if resume_state else None
+    if data is not None and manifest["world_size"] == world and data["roles"] == run.roles:
+        return [tuple(p) for p in data["positions"]], int(data["next_role"])
+    # another number of ranks or readers: keep the amount of data consumed in the pass in progress
+    old = [ckpt.load_rank_state(run.resume_from, r) for r in range(manifest["world_size"])]
+    positions = [tuple(p) for state in old if state for p in state["data"]["positions"]]
+    if not positions:
+        return fresh
+    first_pass = min(p for p, _ in positions)
+    consumed = sum(c for p, c in positions if p == first_pass)
+    cursor = consumed // (world * run.roles)
+    say(f"note: the checkpoint was written by {manifest['world_size']} rank(s) x {manifest['roles']} reader(s); with "
+        f"{world} x {run.roles} the data order differs from an uninterrupted run: every reader restarts pass "
+        f"{first_pass} after {cursor} records")
+    return [(first_pass, cursor)] * run.roles, 0
+
+
+def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
+    """Load the checkpoint to resume from into the run; returns its counters and states."""
+    path = run.resume_from
+    manifest = ckpt.read_manifest(path)
+    expected = {"architecture": run.created.architecture, "settings": run.created.settings,
+                "num_classes": run.partial_fc.num_classes, "centers": run.partial_fc.centers}
+    differences = [f"{key}: {manifest.get(key)!r} there, {value!r} now" for key, value in expected.items() if manifest.get(key) != value]
+    if differences:
+        raise InputError(f"{path} belongs to another configuration ({'; '.join(differences)}); use another out")
+    run.backbone.load_state_dict(ckpt.load_model_state(path))
+    optimizer_state = ckpt.load_optimizer_state(path)
+    if optimizer_state is not None:
+        run.step_fn.backbone_optimizer.load_state_dict(optimizer_state)
+    pfc = run.partial_fc
+    block = ckpt.load_prototypes(path, pfc.class_start, pfc.num_local, pfc.centers, pfc.embedding_size)
+    with torch.no_grad():
+        pfc.prototypes.copy_(block["weight"].to(pfc.prototypes.device))
+    if "exp_avg" in block:
+        device = pfc.prototypes.device
+        run.step_fn.prototype_optimizer.state[pfc.prototypes] = {
+            "step": block["step"].to(device),
+            "exp_avg": block["exp_avg"].to(device),
+            "exp_avg_sq": block["exp_avg_sq"].to(device),
+            "common_step": block["common_step"],
+        }
+    run_state = RunState(**manifest["state"])
+    run.step_fn.scaler.load_state_dict(run_state.loss_scale)
+    world = distributed.get_world_size()
+    rank_state = ckpt.load_rank_state(path, distributed.get_rank()) if manifest["world_size"] == world else None
+    if rank_state is not None:
+        _set_rng_state(rank_state["rng"], run.device)
+        pfc.set_rng_state(rank_state["partial_fc"], run.device)
+    else:
+        # another number of ranks: the feature selection is common to all ranks (rank 0's);
+        # the class selection and augmentation generators are seeded anew for this rank
+        rank0 = ckpt.load_rank_state(path, 0)
+        _seed_everything(run.config.seed + 7919 * (run_state.step + 1) + distributed.get_rank())
+        feature = rank0["partial_fc"].get("feature") if rank0 else None
+        if feature is not None:
+            pfc.set_rng_state({"feature": feature}, run.device)
+            _, classes = pfc._generators(run.device)
+            classes.manual_seed(run.config.seed + 2 + pfc.rank + 7919 * (run_state.step + 1))
+    say(f"resumed from {path} at step {run_state.step}")
+    return run_state, rank_state, manifest
+
+
+def _save(run: Run, state: RunState, positions, next_role: int, epoch: float) -> Path:
+    pfc = run.partial_fc
+    opt_state = run.step_fn.prototype_optimizer.state.get(pfc.prototypes, {})
+    prototypes = {
+        "class_start": pfc.class_start,
+        "classes": pfc.num_local,
+        "centers": pfc.centers,
+        "weight": pfc.prototypes,
+        "exp_avg": opt_state.get("exp_avg"),
+        "exp_avg_sq": opt_state.get("exp_avg_sq"),
+        "step": opt_state.get("step"),
+        "common_step": opt_state.get("common_step"),
+    }
+    rank_state = {
+        "rng": _rng_state(run.device),
+        "partial_fc": pfc.rng_state(),
+        "data": {"roles": run.roles, "positions": [list(p) for p in positions], "next_role": next_role},
+    }
+    state.loss_scale = run.step_fn.scaler.state_dict()
+    main = distributed.get_rank() == 0
+    manifest = {
+        "epoch": epoch,
+        "architecture": run.created.architecture,
+        "settings": run.created.settings,
+        "embedding_dim": run.created.embedding_dim,
+        "num_classes": pfc.num_classes,
+        "centers": pfc.centers,
+        "roles": run.roles,
+        "state": asdict(state),
+        "config": run.config.to_dict(),
+    }
+    return ckpt.save_checkpoint(
+        run.out, state.step,
+        model_state=run.backbone.state_dict() if main else None,
+        optimizer_state=run.step_fn.backbone_optimizer.state_dict() if main else None,
+        prototypes=prototypes, rank_state=rank_state, manifest=manifest, keep=run.config.checkpoint.keep,
+    )
+
+
+def export_model(run: Run, folder: Path, step: int) -> Path:
+    """Write the backbone as an exported model folder (rank 0)."""
+    from unicom.models.export import save_model
+
+    provenance = {
+        "trained_by": "unicom train",
+        "run": str(run.out.resolve()),
+        "step": step,
+        "init": run.config.model.init,
+        "data": run.source.describe(),
+        "loss": {"head": run.config.loss.head, "margin": run.config.loss.margin, "scale": run.config.loss.scale,
+                 "sample_rate": run.config.loss.sample_rate, "feature_rate": run.config.loss.feature_rate,
+                 "num_classes": run.partial_fc.num_classes},
+    }
+    return save_model(folder, run.backbone.state_dict(), run.created.architecture, run.created.settings,
+                      run.created.preprocess(), provenance=provenance)
+
+
+def _all_reduce_counts(values: list[int], device: torch.device) -> list[int]:
+    if distributed.get_world_size() == 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor)
+    return [int(v) for v in tensor.tolist()]
+
+
+def train(config: TrainConfig, console=None) -> dict[str, Any]:
+    """Run a recipe to the end (or resume it); returns the run's summary.
+
+    The trained backbone is exported to ``out/model`` (``unicom_model.json`` +
+    ``model.safetensors``), loadable by ``unicom embed``/``evaluate``/``index`` and
+    :func:`unicom.load`.
+    """
+    from unicom.files import write_json_atomic, write_text_atomic
+    from unicom.train.data import TrainStream, make_loader, train_transform
+    from unicom.train.schedule import lr_factor, warmup_steps
+
+    run = prepare(config)
+    out, rank, world = run.out, distributed.get_rank(), distributed.get_world_size()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(config))
+    distributed.barrier()
+    log = RunLog(out, tensorboard=config.log.tensorboard, console=console)
+    say = log.print
+
+    state, rank_state, manifest = (RunState(), None, None)
+    if run.resume_from is not None:
+        state, rank_state, manifest = _restore(run, say)
+        log.event("resume", checkpoint=str(run.resume_from), step=state.step)
+    positions, next_role = _data_positions(run, rank_state, manifest, say)
+    batch, accumulation = config.data.batch_size, config.train.accumulation
+    global_batch = world * batch * accumulation
+    schedule = config.schedule
+    warmup = warmup_steps(run.total_steps, schedule.warmup_fraction, schedule.warmup_steps)
+    say(f"unicom train: {run.created.architecture} {run.created.settings} (weights: {run.created.init_kind}"
+        f"{' ' + str(run.created.init) if run.created.init else ''}), {run.partial_fc.num_classes:,} classes, "
+        f"sample_rate {config.loss.sample_rate}, feature_rate {config.loss.feature_rate}")
+    if run.created.reinitialised:
+        say(f"  initialised afresh: {', '.join(run.created.reinitialised)}")
+    say(f"  data: {run.source.describe()}; {world} rank(s) x {batch} images x {accumulation} micro-step(s) = "
+        f"{global_batch} per step, {run.steps_per_epoch} steps per epoch, {run.total_steps} steps, "
+        f"{run.workers} decoding worker(s) per rank; {run.precision} on {run.device}")
+    log.event("start", step=state.step, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
+              global_batch=global_batch, world_size=world, device=str(run.device), precision=run.precision,
+              architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
+              data=run.source.describe())
+
+    stream = TrainStream(run.source, train_transform(config, run.created.image_size), batch, config.seed, rank, world,
+                         run.roles, positions, next_role)
+    batches = iter(make_loader(stream, run.workers, run.device))
+    positions = list(positions)
+    optim = config.optim
+    interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
+    result = None
+    last_saved = state.step if run.resume_from is not None else -1
+    try:
+        while state.step < run.total_steps:
+            factor = lr_factor(state.step, run.total_steps, schedule.kind, warmup, schedule.min_lr_ratio,
+                               schedule.onecycle_div, schedule.onecycle_final_div)
+            run.step_fn.set_learning_rates(optim.lr * factor, optim.lr * optim.prototype_lr_scale * factor)
+            micro = []
+            waited = time.perf_counter()
+            for _ in range(accumulation):
+                item = next(batches)
+                positions[item.role] = (item.pass_, item.cursor)
+                next_role = (item.role + 1) % run.roles
+                interval["unlabelled"] += item.unlabelled
+                interval["failed"] += item.failed
+                log.failures(item.failures, state.step + 1)
+                micro.append((item.images.to(run.device, non_blocking=True), item.labels.to(run.device, non_blocking=True)))
+            interval["data"] += time.perf_counter() - waited
+            if state.step == 0 or (run.resume_from is not None and state.step == manifest["step"]):
+                run.partial_fc.check_inputs = True  # labels, shapes and agreement across ranks, once
+            result = run.step_fn(micro)
+            run.partial_fc.check_inputs = False
+            state.step += 1
+            state.images += global_batch
+            interval["steps"] += 1
+            if result.finite:
+                state.consecutive_nonfinite = 0
+                interval["loss"] += result.loss
+                interval["finite"] += 1
+            else:
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                log.event("skipped", step=state.step, loss=result.loss, grad_norm=result.grad_norm,
+                          loss_scale=run.step_fn.scaler.scale, consecutive=state.consecutive_nonfinite)
+                if state.consecutive_nonfinite >= config.train.max_nonfinite_steps:
+                    message = (
+                        f"stopped at step {state.step}: the last {state.consecutive_nonfinite} steps had a non-finite loss or "
+                        f"gradient (loss {result.loss}, gradient norm {result.grad_norm}) and were skipped, so no weight holds "
+                        f"NaN. Lower optim.lr, set optim.clip_grad_norm, use train.precision=bf16 or fp32, or check the data; "
+                        f"resume from the last checkpoint in {ckpt.checkpoint_root(out)}"
+                    )
+                    log.event("stopped", step=state.step, reason=message)
+                    raise TrainingStopped(message)
+            log_now = state.step % config.log.every == 0 or state.step == run.total_steps or state.step == 1
+            if log_now:
+                _log_interval(run, log, state, interval, result, global_batch, factor)
+            ckpt.pause_if_requested("step", state.step)
+            if state.step % config.checkpoint.every == 0 or state.step == run.total_steps:
+                began = time.perf_counter()
+                saved = _save(run, state, positions, next_role, state.step / run.steps_per_epoch)
+                last_saved = state.step
+                interval["start"] += time.perf_counter() - began  # images/s without the write
+                log.event("checkpoint", step=state.step, path=str(saved), seconds=round(time.perf_counter() - began, 3))
+        if last_saved != state.step:
+            _save(run, state, positions, next_role, state.step / run.steps_per_epoch)
+        model_folder = out / "model"
+        if rank == 0:
+            export_model(run, model_folder, state.step)
+        distributed.barrier()
+        summary = {
+            "steps": state.step,
+            "images": state.images,
+            "skipped_steps": state.skipped_steps,
+            "unlabelled_samples": state.unlabelled,
+            "failed_images": state.failed,
+            "final_loss": result.loss if result is not None else None,
+            "model": str(model_folder),
+            "checkpoint": str(ckpt.checkpoint_root(out) / ckpt.step_name(state.step)),
+        }
+        if rank == 0:
+            write_json_atomic(out / "summary.json", summary)
+        log.event("end", **summary)
+        say(f"done: {state.step} steps, {state.skipped_steps} skipped; model exported to {model_folder}")
+        return summary
+    finally:
+        log.close()
+        del batches
+
+
+def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result: StepResult, global_batch: int,
+                  factor: float) -> None:
+    unlabelled, failed = _all_reduce_counts([interval["unlabelled"], interval["failed"]], run.device)
+    state.unlabelled += unlabelled
+    state.failed += failed
+    now = time.perf_counter()
+    seconds = max(now - interval["start"], 1e-9)
+    state.seconds += seconds
+    images_per_second = interval["steps"] * global_batch / seconds
+    remaining = (run.total_steps - state.step) * seconds / max(interval["steps"], 1)
+    loss = interval["loss"] / interval["finite"] if interval["finite"] else float("nan")
+    optim = run.config.optim
+    values = {
+        "step": state.step,
+        "epoch": round(state.step / run.steps_per_epoch, 4),
+        "loss": loss,
+        "lr": optim.lr * factor,
+        "prototype_lr": optim.lr * optim.prototype_lr_scale * factor,
+        "grad_norm": result.grad_norm,
+        "images_per_second": images_per_second,
+        "data_wait": interval["data"] / seconds,
+        "skipped_steps": state.skipped_steps,
+        "unlabelled": state.unlabelled,
+        "failed": state.failed,
+        "loss_scale": run.step_fn.scaler.scale if run.step_fn.scaler.enabled else None,
+    }
+    log.event("step", **values)
+    log.scalars(state.step, values)
+    extra = ""
+    if state.skipped_steps or state.unlabelled or state.failed:
+        extra = f" [skipped {state.skipped_steps}, unlabelled {state.unlabelled}, failed {state.failed}]"
+    log.print(
+        f"step {state.step}/{run.total_steps} (epoch {values['epoch']:.2f}) loss {loss:.4f} lr {values['lr']:.2e} "
+        f"grad {result.grad_norm:.3g} {images_per_second:,.0f} img/s ETA {format_duration(remaining)}{extra}"
+    )
+    interval.update(loss=0.0, steps=0, finite=0, data=0.0, start=now, unlabelled=0, failed=0)

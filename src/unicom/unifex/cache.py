@@ -1,0 +1,148 @@
+"""The feature cache: the frozen backbone's features of every image, computed once.
+
+::
+
+    CACHE/
+      cache.json                         backbone, weights, feature size, views and images per list
+      train/view_0/                      the backbone's own evaluation transform
+        img_emb/img_emb_{i}.npy          (N_i, D_in) float32 (or float16), rows L2-normalised
+        metadata/metadata_{i}.parquet    key, image_path, label (global class id), width, height
+        embed_config.json                what made the view (checked on every rerun)
+        failures/failures_{i}.parquet    images that could not be decoded (left out of the rows)
+      train/view_1/ ...                  augmented views: the augment section's random transform
+      query/view_0/  index/view_0/       the evaluation lists, when given
+
+Every view folder is an embedding folder written by :func:`unicom.embed.embed_parts`, so
+it is resumable part by part (a killed build continues where it stopped), a folder built
+with another backbone, transform or image list is refused, and ``unicom evaluate
+--embeddings`` or ``unicom index`` read it as they read any ``unicom embed`` output.
+Augmented views are random draws (seeded per view); the plain view is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from unicom.data.lists import ImageList
+from unicom.data.sources import list_parts
+from unicom.errors import InputError
+from unicom.files import write_json_atomic
+from unicom.models.encoders import Encoder
+
+MANIFEST = "cache.json"
+
+
+def view_folder(root: str | os.PathLike, split: str, view: int) -> Path:
+    """``root/<split>/view_<view>``."""
+    return Path(root) / split / f"view_{view}"
+
+
+def transform_identity(transform: Callable):
+    """What a view's transform does, comparable across runs: its preprocess description
+    when it has one, else its repr without object addresses (a function's ``at 0x…``)."""
+    from unicom.unifex.model import describe_transform
+
+    try:
+        return describe_transform(transform)
+    except InputError:
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def images_fingerprint(images: ImageList) -> str:
+    """sha256 of the keys, paths and labels of ``images``, in order: what a view's rows mean."""
+    digest = hashlib.sha256()
+    labels = images.labels if images.labels is not None else [None] * len(images)
+    for key, path, label in zip(images.keys, images.paths, labels):
+        digest.update(f"{key}\0{path}\0{label}\n".encode())
+    return digest.hexdigest()
+
+
+class _ViewEncoder(Encoder):
+    """The backbone seen through another image transform (an augmented view)."""
+
+    def __init__(self, encoder: Encoder, transform: Callable):
+        super().__init__()
+        self.encoder = encoder
+        self.image_transform = transform
+        self.embedding_dim = encoder.embedding_dim
+        self.name = encoder.name
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_image(images)
+
+
+def build_views(
+    encoder: Encoder,
+    images: ImageList,
+    root: str | os.PathLike,
+    split: str,
+    transforms: Sequence[Callable],
+    *,
+    identity: dict,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    dtype: str = "float32",
+    rows_per_part: int = 10_000,
+    precision: str = "auto",
+    seed: int = 0,
+) -> list[Path]:
+    """Embed ``images`` once per transform into ``root/<split>/view_<v>``; parts already
+    written are kept. ``transforms[0]`` should be the backbone's own evaluation transform.
+
+    ``identity`` (backbone spec and weights) goes into each view's ``embed_config.json``
+    with the view's transform and the images' fingerprint; a rerun with anything else
+    raises :class:`InputError` instead of mixing features.
+    """
+    from unicom.embed import embed_parts
+
+    fingerprint = images_fingerprint(images)
+    folders = []
+    for view, transform in enumerate(transforms):
+        folder = view_folder(root, split, view)
+        parts = list_parts(images, rows_per_part, f"{split} list")
+        config = dict(identity, view=view, transform=transform_identity(transform), images=fingerprint,
+                      rows_per_part=rows_per_part)
+        view_encoder = encoder if transform is encoder.image_transform else _ViewEncoder(encoder, transform)
+        # augmented views are random draws: seeded per view, so a rebuild from scratch repeats them
+        random.seed(seed * 1000 + view)
+        torch.manual_seed(seed * 1000 + view)
+        embed_parts(parts, view_encoder, folder, modalities=("image",), batch_size=batch_size, num_workers=num_workers,
+                    dtype=dtype, precision=precision, config=config)
+        folders.append(folder)
+    return folders
+
+
+def load_view(folder: str | os.PathLike, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the rows ``keys`` from a view folder: ``(float32 (N, D_in), present bool (N,))``;
+    rows whose image failed to decode are zeros with ``present`` False."""
+    from unicom.evaluate.benchmark import read_embedding_folder
+
+    features, metadata = read_embedding_folder(folder)
+    stored = [str(k) for k in metadata.column("key").to_pylist()]
+    row_of = {key: row for row, key in enumerate(keys)}
+    unknown = [k for k in stored if k not in row_of]
+    if unknown:
+        raise InputError(f"{folder}: holds rows of other images (e.g. {unknown[:3]}); delete the cache folder and rebuild it")
+    rows = np.asarray([row_of[k] for k in stored], dtype=np.int64)
+    out = np.zeros((len(keys), features.shape[1]), dtype=np.float32)
+    out[rows] = features
+    present = np.zeros(len(keys), dtype=bool)
+    present[rows] = True
+    return out, present
+
+
+def write_manifest(root: str | os.PathLike, identity: dict, input_dim: int, splits: dict[str, dict]) -> None:
+    """``root/cache.json``: what the cache holds (for people; the views check themselves)."""
+    write_json_atomic(Path(root) / MANIFEST, {**identity, "input_dim": int(input_dim), "splits": splits})
+
+
+__all__ = ["build_views", "load_view", "view_folder", "images_fingerprint", "transform_identity", "write_manifest",
+           "MANIFEST"]

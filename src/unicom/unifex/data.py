@@ -1,0 +1,306 @@
+"""Multi-domain training data: lists of (dataset, path, class) rows with disjoint class ids.
+
+M4D-35k and lists like it are one CSV of rows ``dataset,path,class``; a class is the pair
+(dataset, class), so class ``12`` of Products-10k and class ``12`` of GLDv2 are two
+classes. Several lists compose: their datasets are listed in order of first appearance,
+and each dataset's classes (sorted: numerically when every value is an integer) take the
+next block of global ids ``0..K-1``.
+
+Sampling per epoch (:func:`epoch_order`), seeded by ``(seed, epoch)``:
+
+* ``instance``: a random permutation of the images;
+* ``class_balanced``: as many draws as images, each a class drawn uniformly, then one of
+  its images drawn uniformly (rare classes are seen as often as frequent ones).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from unicom.data.lists import ImageList
+from unicom.errors import InputError
+
+
+@dataclass
+class DomainImages:
+    """Images of one or more datasets with global class ids.
+
+    Attributes:
+        images: paths, keys (``dataset/path as written``, unique) and ``labels`` int64 (N,)
+            global class ids in 0..K-1; ``class_names[k]`` is ``"dataset/class"``.
+        datasets: dataset names, in order of first appearance.
+        class_dataset: int64 (K,) the dataset (index into ``datasets``) of each class.
+        class_values: (K,) the class of each global id as written in its list.
+        source: int64 (N,) the list each row came from (index into the lists read).
+    """
+
+    images: ImageList
+    datasets: list[str]
+    class_dataset: np.ndarray
+    class_values: list[str]
+    source: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.images.labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_values)
+
+    def class_counts(self) -> np.ndarray:
+        """int64 (K,) images per class."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def subset(self, rows, relabel: bool = True) -> "DomainImages":
+        """Rows ``rows`` (indices or a mask); with ``relabel``, the classes left are numbered
+        0..K'-1 in their previous order (unused datasets are dropped too)."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+        images = self.images.subset(rows)
+        if not relabel:
+            return DomainImages(images, self.datasets, self.class_dataset, self.class_values, self.source[rows])
+        kept = np.unique(images.labels)
+        new_id = np.full(self.num_classes, -1, dtype=np.int64)
+        new_id[kept] = np.arange(len(kept))
+        used_datasets = np.unique(self.class_dataset[kept])
+        new_dataset = np.full(len(self.datasets), -1, dtype=np.int64)
+        new_dataset[used_datasets] = np.arange(len(used_datasets))
+        images.labels = new_id[images.labels]
+        images.class_names = [self.images.class_names[k] for k in kept]
+        return DomainImages(
+            images,
+            [self.datasets[d] for d in used_datasets],
+            new_dataset[self.class_dataset[kept]],
+            [self.class_values[k] for k in kept],
+            self.source[rows],
+        )
+
+    def summary(self) -> list[dict]:
+        """Per dataset: images, classes, the global class ids, images per class (min/median/max)."""
+        counts = self.class_counts()
+        rows = []
+        for d, name in enumerate(self.datasets):
+            classes = np.flatnonzero(self.class_dataset == d)
+            per_class = counts[classes]
+            rows.append({
+                "dataset": name,
+                "images": int(per_class.sum()),
+                "classes": int(len(classes)),
+                "first_class": int(classes.min()) if len(classes) else None,
+                "last_class": int(classes.max()) if len(classes) else None,
+                "images_per_class": {
+                    "min": int(per_class.min()) if len(classes) else 0,
+                    "median": float(np.median(per_class)) if len(classes) else 0.0,
+                    "max": int(per_class.max()) if len(classes) else 0,
+                },
+            })
+        return rows
+
+
+def format_summary(summary: list[dict]) -> str:
+    """The per-dataset summary as an aligned text table."""
+    header = f"{'dataset':<24} {'images':>9} {'classes':>8} {'class ids':>15} {'images/class min/med/max':>26}"
+    lines = [header]
+    for row in summary:
+        ids = f"{row['first_class']}..{row['last_class']}"
+        per = row["images_per_class"]
+        spread = f"{per['min']}/{per['median']:g}/{per['max']}"
+        lines.append(f"{row['dataset']:<24} {row['images']:>9,} {row['classes']:>8,} {ids:>15} {spread:>26}")
+    total_images = sum(r["images"] for r in summary)
+    total_classes = sum(r["classes"] for r in summary)
+    lines.append(f"{'all':<24} {total_images:>9,} {total_classes:>8,}")
+    return "\n".join(lines)
+
+
+def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[str] | None]:
+    """Columns of a CSV or parquet list as lists of strings (None for an absent optional column)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (expected a CSV or parquet list of dataset, path, class rows)")
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pq.read_table(path)
+        else:
+            names = [c for c in columns.values() if c]
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"{path}: cannot be read as {'parquet' if path.suffix == '.parquet' else 'CSV'} ({error})") from error
+    found = {}
+    for role, name in columns.items():
+        if name is None or name not in table.column_names:
+            if role != "dataset":
+                raise InputError(
+                    f"{path}: no {name!r} column (the {role} column); columns are {table.column_names}. "
+                    f"Name it with data.{role}_column="
+                )
+            found[role] = None
+            continue
+        values = table.column(name).cast(pa.string()).to_pylist()
+        empty = [row for row, value in enumerate(values) if value is None or value == ""]
+        if empty:
+            rows = ", ".join(str(r + 1) for r in empty[:5])
+            raise InputError(f"{path}: data rows {rows}{' …' if len(empty) > 5 else ''} have an empty {name!r}; fill them or drop the rows")
+        found[role] = values
+    return found
+
+
+def _class_order(values: set[str]) -> list[str]:
+    """Classes sorted numerically when every value is an integer, else as strings."""
+    try:
+        return sorted(values, key=int)
+    except ValueError:
+        return sorted(values)
+
+
+def read_domain_lists(
+    lists: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    root: str | os.PathLike | None = None,
+    dataset_column: str = "dataset",
+    path_column: str = "path",
+    class_column: str = "class",
+) -> DomainImages:
+    """Read and compose CSV/parquet lists of (dataset, path, class) rows.
+
+    Relative paths are resolved against ``root`` (default: each list's folder). A list
+    without ``dataset_column`` is one dataset named after its file. Every path and class
+    must be non-empty. Keys are ``dataset/path as written`` (``#2``, ``#3`` ... appended to
+    repeated rows so that keys stay unique).
+    """
+    if isinstance(lists, (str, os.PathLike)):
+        lists = [lists]
+    if not lists:
+        raise InputError("no image list was given (data.train)")
+    datasets: list[str] = []
+    classes_of: dict[str, set[str]] = {}
+    rows: list[tuple[str, str, str, str, int]] = []  # dataset, path as written, resolved path, class, source
+    for source, name in enumerate(lists):
+        path = Path(name)
+        found = _read_columns(path, {"dataset": dataset_column, "path": path_column, "class": class_column})
+        base = Path(root) if root is not None else path.parent
+        dataset_values = found["dataset"] or [path.stem] * len(found["path"])
+        for dataset, written, value in zip(dataset_values, found["path"], found["class"]):
+            if dataset not in classes_of:
+                datasets.append(dataset)
+                classes_of[dataset] = set()
+            classes_of[dataset].add(value)
+            resolved = written if os.path.isabs(written) else str(base / written)
+            rows.append((dataset, written, resolved, value, source))
+    if not rows:
+        raise InputError(f"{', '.join(str(n) for n in lists)}: no rows")
+
+    class_id: dict[tuple[str, str], int] = {}
+    class_dataset, class_values, class_names = [], [], []
+    for d, dataset in enumerate(datasets):
+        for value in _class_order(classes_of[dataset]):
+            class_id[(dataset, value)] = len(class_values)
+            class_dataset.append(d)
+            class_values.append(value)
+            class_names.append(f"{dataset}/{value}")
+    seen: dict[str, int] = {}
+    keys = []
+    for dataset, written, _, _, _ in rows:
+        key = f"{dataset}/{written}"
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    images = ImageList(
+        paths=[r[2] for r in rows],
+        keys=keys,
+        labels=np.asarray([class_id[(r[0], r[3])] for r in rows], dtype=np.int64),
+        class_names=class_names,
+    )
+    return DomainImages(
+        images, datasets, np.asarray(class_dataset, dtype=np.int64), class_values,
+        np.asarray([r[4] for r in rows], dtype=np.int64),
+    )
+
+
+def select_training(data: DomainImages, datasets: Sequence[str] | None = None, min_images_per_class: int = 1) -> DomainImages:
+    """Rows of the named ``datasets`` (all when None) in classes of at least ``min_images_per_class`` images."""
+    keep = np.ones(len(data), dtype=bool)
+    if datasets:
+        unknown = [d for d in datasets if d not in data.datasets]
+        if unknown:
+            raise InputError(f"data.datasets: {unknown} are not in the lists; they hold {data.datasets}")
+        wanted = np.isin(np.asarray(data.datasets, dtype=object), list(datasets))
+        keep &= wanted[data.class_dataset[data.labels]]
+    if min_images_per_class > 1:
+        keep &= data.class_counts()[data.labels] >= min_images_per_class
+    if not keep.any():
+        raise InputError("no training image is left after data.datasets and data.min_images_per_class")
+    return data.subset(keep) if not keep.all() else data
+
+
+def holdout_split(data: DomainImages, fraction: float, queries_per_class: int, seed: int
+                  ) -> tuple[DomainImages, DomainImages, DomainImages]:
+    """``(train, query, index)``: ``round(fraction · K)`` classes (at least 1, at most K − 1)
+    are held out of training; of each, ``queries_per_class`` random images are queries and
+    the rest goes to the index (a held-out class too small to have both is index only).
+
+    ``train`` is relabelled 0..K'-1; ``query`` and ``index`` keep the original class ids.
+    """
+    k = data.num_classes
+    if k < 2:
+        raise InputError("eval.holdout_classes needs at least 2 training classes")
+    held = min(max(1, round(fraction * k)), k - 1)
+    rng = np.random.default_rng([seed, 0x4E1D])
+    held_classes = np.sort(rng.permutation(k)[:held])
+    is_held = np.zeros(k, dtype=bool)
+    is_held[held_classes] = True
+    query_rows, index_rows = [], []
+    for c in held_classes:
+        members = rng.permutation(np.flatnonzero(data.labels == c))
+        if len(members) > queries_per_class:
+            query_rows.extend(members[:queries_per_class])
+            index_rows.extend(members[queries_per_class:])
+        else:
+            index_rows.extend(members)
+    if not query_rows:
+        raise InputError("eval.holdout_classes: no held-out class has more images than eval.queries_per_class")
+    train = data.subset(~is_held[data.labels])
+    return train, data.subset(np.sort(query_rows), relabel=False), data.subset(np.sort(index_rows), relabel=False)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SAMPLINGS = ("instance", "class_balanced")
+
+
+def epoch_order(labels: np.ndarray, epoch: int, seed: int, sampling: str = "instance") -> np.ndarray:
+    """int64 (N,) the rows of epoch ``epoch`` in training order (module docstring)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, 0x5A])
+    n = len(labels)
+    if sampling == "instance":
+        return rng.permutation(n).astype(np.int64)
+    if sampling != "class_balanced":
+        raise InputError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    by_class = np.argsort(labels, kind="stable")
+    classes, starts, counts = np.unique(labels[by_class], return_index=True, return_counts=True)
+    drawn = rng.integers(0, len(classes), size=n)
+    within = np.floor(rng.random(n) * counts[drawn]).astype(np.int64)
+    return by_class[starts[drawn] + within]
+
+
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` cut into batches of ``batch_size``; the last incomplete batch is dropped
+    (BatchNorm needs more than one row) unless it is the only one."""
+    full = len(order) // batch_size
+    if full == 0:
+        return [order] if len(order) > 1 else []
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+
+
+__all__ = ["DomainImages", "read_domain_lists", "select_training", "holdout_split", "epoch_order", "epoch_batches",
+           "format_summary", "SAMPLINGS"]

@@ -1,0 +1,254 @@
+"""The UniFEx model: a frozen foundation backbone and a small trained neck.
+
+    images (B, 3, S, S) --backbone (frozen)--> features (B, D_in), L2-normalised
+                        --neck--> embeddings (B, embedding_dim)
+
+Necks: ``linear`` (dropout on the features, a linear projection, optionally BatchNorm1d)
+or ``pooling`` (average pooling of the features down to ``embedding_dim``, nothing to
+train). The features are L2-normalised before the neck, exactly as ``unicom embed`` stores
+them, so a neck trained from the feature cache sees the same inputs as the exported model.
+
+Exported as the ``unifex`` architecture of :mod:`unicom.models.export`: the settings
+name the backbone (the spec and weights as given to :func:`unicom.models.encoders.load_encoder`)
+and ``model.safetensors`` holds the neck only, so ``load_encoder(folder)`` rebuilds
+backbone + neck without storing the backbone's weights a second time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unicom.errors import InputError
+from unicom.models.encoders import Encoder, load_encoder
+
+ARCHITECTURE = "unifex"
+NECK_KINDS = ("linear", "pooling")
+
+
+# --------------------------------------------------------------------------- necks
+
+
+class LinearNeck(nn.Module):
+    """Dropout -> Linear(D_in, D) -> BatchNorm1d(D) (optional): float (B, D_in) -> (B, D)."""
+
+    def __init__(self, in_dim: int, embedding_dim: int, batchnorm: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.proj = nn.Linear(in_dim, embedding_dim)
+        self.norm = nn.BatchNorm1d(embedding_dim) if batchnorm else nn.Identity()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(self.dropout(features)))
+
+
+class PoolingNeck(nn.Module):
+    """Average pooling over the feature axis: (B, D_in) -> (B, D), adaptive bins as
+    ``AdaptiveAvgPool1d`` (no weights)."""
+
+    def __init__(self, embedding_dim: int):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool1d(features[:, None, :], self.embedding_dim)[:, 0]
+
+
+def build_neck(in_dim: int, neck: Mapping[str, Any]) -> nn.Module:
+    """A neck from its settings ``{"kind", "embedding_dim", "batchnorm", "dropout"}``."""
+    kind = neck.get("kind", "linear")
+    if kind == "linear":
+        return LinearNeck(in_dim, int(neck["embedding_dim"]), bool(neck.get("batchnorm", False)), float(neck.get("dropout", 0.0)))
+    if kind == "pooling":
+        if int(neck["embedding_dim"]) > in_dim:
+            raise InputError(f"a pooling neck cannot enlarge {in_dim} features to {neck['embedding_dim']}")
+        return PoolingNeck(int(neck["embedding_dim"]))
+    raise InputError(f"neck kind {kind!r}: choose one of {NECK_KINDS}")
+
+
+def has_weights(neck: nn.Module) -> bool:
+    return any(True for _ in neck.parameters())
+
+
+# ------------------------------------------------------------------------- backbone
+
+
+def freeze(encoder: Encoder) -> Encoder:
+    """The backbone in inference mode with no gradient to any of its weights."""
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def backbone_features(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    """float32 (B, D_in) L2-normalised features of ``images`` (the neck's input)."""
+    return F.normalize(encoder.encode_image(images).float(), dim=-1)
+
+
+def weights_reference(pretrained: str | None) -> str | None:
+    """``pretrained`` as stored in an exported model: a local file as an absolute path, a tag as given."""
+    if pretrained is not None and os.path.isfile(pretrained):
+        return os.path.abspath(pretrained)
+    return pretrained
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class UniFExModel(nn.Module):
+    """Frozen backbone + neck: images (B, 3, S, S) -> embeddings (B, embedding_dim).
+
+    ``settings``: ``{"backbone": spec, "pretrained": weights or None, "input_dim": D_in,
+    "neck": {...}}``. The state dict holds the neck only (keys ``neck.*``); the backbone is
+    a reference to weights that live elsewhere and stays in inference mode.
+    """
+
+    def __init__(self, settings: Mapping[str, Any], backbone: Encoder | None = None):
+        super().__init__()
+        self.settings = dict(settings)
+        self.neck = build_neck(int(settings["input_dim"]), settings["neck"])
+        self.embedding_dim = int(settings["neck"]["embedding_dim"])
+        self.backbone = freeze(backbone) if backbone is not None else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backbone is None:
+            raise RuntimeError("this UniFExModel was built without its backbone (a shape check); load it with load_model")
+        return self.neck(backbone_features(self.backbone, images))
+
+    def train(self, mode: bool = True) -> "UniFExModel":
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # frozen: its dropout and normalisation statistics never change
+        return self
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        # the backbone's weights belong to its own checkpoint, named in the settings
+        return self.neck.state_dict(destination=destination, prefix=prefix + "neck.", keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        foreign = [key for key in state_dict if not key.startswith("neck.")]
+        if strict and foreign:
+            raise RuntimeError(f"unexpected keys in the UniFEx state dict: {foreign[:5]}")
+        neck_state = {key[len("neck."):]: value for key, value in state_dict.items() if key.startswith("neck.")}
+        return self.neck.load_state_dict(neck_state, strict=strict, assign=assign)
+
+
+def unifex_settings(backbone: str, pretrained: str | None, input_dim: int, neck: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "backbone": backbone,
+        "pretrained": weights_reference(pretrained),
+        "input_dim": int(input_dim),
+        "neck": {"kind": neck["kind"], "embedding_dim": int(neck["embedding_dim"]),
+                 "batchnorm": bool(neck.get("batchnorm", False)), "dropout": float(neck.get("dropout", 0.0))},
+    }
+
+
+def _building_on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+def build_unifex(settings: Mapping[str, Any]) -> UniFExModel:
+    """Builder of the ``unifex`` architecture: loads the backbone named in ``settings``.
+
+    Under ``torch.device("meta")`` (the shape check of :func:`unicom.models.export.save_model`
+    and the first pass of ``instantiate``) the backbone's weights are not read: the neck
+    is all the state dict holds. A meta placeholder buffer then marks the module as
+    incomplete, and ``instantiate`` builds it again for real.
+    """
+    if _building_on_meta():
+        model = UniFExModel(settings)
+        model.register_buffer("backbone_placeholder", torch.empty(0), persistent=False)
+        return model
+    backbone = load_encoder(settings["backbone"], settings.get("pretrained"))
+    if backbone.embedding_dim != int(settings["input_dim"]):
+        raise InputError(
+            f"{settings['backbone']} ({settings.get('pretrained')}) gives {backbone.embedding_dim} features but the "
+            f"head was trained on {settings['input_dim']}: the backbone reference points to other weights"
+        )
+    return UniFExModel(settings, backbone)
+
+
+# ---------------------------------------------------------------------- preprocessing
+
+_PASS_THROUGH = {"ToTensor", "MaybeToTensor", "MaybeConvertMode", "_convert_to_rgb", "ConvertImageDtype"}
+
+
+def describe_transform(transform: Callable, name: str = "backbone") -> dict[str, Any]:
+    """A model's evaluation transform as a model folder's ``preprocess`` (see
+    :func:`unicom.models.export.build_transform`), or :class:`InputError` when it is not one
+    of the forms that description covers (resize, centre crop, to tensor, normalise)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", [transform]))
+    described: dict[str, Any] = {}
+    resize = crop = None
+    for step in steps:
+        kind = getattr(step, "__name__", type(step).__name__)
+        if isinstance(step, T.Resize) and resize is None and step.max_size is None:
+            resize = step
+        elif isinstance(step, T.CenterCrop) and crop is None:
+            crop = step
+        elif isinstance(step, T.Normalize):
+            described["mean"] = [float(v) for v in np.asarray(step.mean, dtype=np.float64).reshape(-1)]
+            described["std"] = [float(v) for v in np.asarray(step.std, dtype=np.float64).reshape(-1)]
+        elif kind not in _PASS_THROUGH:
+            raise InputError(f"{name}: its image transform has a step the model folder cannot describe ({step!r}); "
+                             "use a backbone whose evaluation transform is resize, centre crop and normalise")
+    if resize is None or "mean" not in described:
+        raise InputError(f"{name}: its image transform ({transform!r}) has no resize or no normalisation to describe")
+    size = resize.size if isinstance(resize.size, int) else list(resize.size)
+    crop_size = None if crop is None else list(crop.size)
+    interpolation = resize.interpolation.value
+    if isinstance(size, int) or len(size) == 1:
+        short = size if isinstance(size, int) else size[0]
+        if crop_size is None or crop_size[0] != crop_size[1] or crop_size[0] > short:
+            raise InputError(f"{name}: resizing the short side to {short} needs a square centre crop no larger than it")
+        described.update(size=int(crop_size[0]), resize_mode="shortest")
+        if short != crop_size[0]:
+            described["resize_size"] = int(short)
+    else:
+        if size[0] != size[1] or (crop_size is not None and crop_size != size):
+            raise InputError(f"{name}: its transform resizes to {size}; only square outputs can be described")
+        described.update(size=int(size[0]), resize_mode="squash")
+    described["interpolation"] = interpolation
+    return described
+
+
+# ----------------------------------------------------------------------- margin heads
+
+
+def build_margin(loss, class_counts: np.ndarray) -> nn.Module:
+    """The margin head of a recipe's ``loss`` section.
+
+    Options left unset keep the head's own defaults; the arguments that come from the data
+    are filled in: ``class_counts`` (DynM-ArcFace, the training images per class) and
+    ``num_classes`` (AdaCos).
+    """
+    from unicom import losses
+    from unicom.unifex.config import HEAD_OPTIONS, MARGIN_HEADS, head_option_names
+
+    head_class = getattr(losses, MARGIN_HEADS[loss.head])
+    accepted = head_option_names(loss.head)
+    arguments = {}
+    for name in HEAD_OPTIONS:
+        value = getattr(loss, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise InputError(f"loss.{name} does not apply to loss.head={loss.head}; its options are {', '.join(accepted)}")
+        arguments[name] = value
+    if loss.head == "dynm_arcface":
+        arguments["class_counts"] = np.asarray(class_counts, dtype=np.int64)
+    if loss.head == "adacos":
+        arguments["num_classes"] = int(len(class_counts))
+    return head_class(**arguments)
+
+
+__all__ = [
+    "UniFExModel", "LinearNeck", "PoolingNeck", "build_neck", "build_unifex", "unifex_settings", "describe_transform",
+    "backbone_features", "freeze", "build_margin", "has_weights", "ARCHITECTURE",
+]

@@ -1,0 +1,127 @@
+"""Checkpoints: rank-count independent prototypes, verification, atomic writes, retention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support import run_workers
+
+from unicom.train.checkpoint import (
+    complete_checkpoints,
+    find_valid_checkpoint,
+    load_model_state,
+    load_prototypes,
+    load_rank_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+MANIFEST = {"num_classes": 7, "centers": 1, "embedding_dim": 8}
+
+
+def _prototypes(pfc, optimizer) -> dict:
+    state = optimizer.state[pfc.prototypes]
+    return {"class_start": pfc.class_start, "classes": pfc.num_local, "centers": 1, "weight": pfc.prototypes,
+            "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"], "step": state["step"],
+            "common_step": state["common_step"]}
+
+
+def _train_and_save(rank, world_size, out):
+    """Two ranks shard 7 classes (4 + 3), take one sparse SparseAdamW step and save together."""
+    from unicom.losses import PartialFC
+    from unicom.optim import SparseAdamW
+
+    pfc = PartialFC(8, 7, sample_rate=0.5, seed=3)
+    optimizer = SparseAdamW(pfc.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(rank)
+    pfc(torch.randn(4, 8, generator=generator), torch.randint(0, 7, (4,), generator=generator)).backward()
+    optimizer.step()
+    save_checkpoint(out, 5, model_state={"w": torch.arange(3.0)}, optimizer_state=None,
+                    prototypes=_prototypes(pfc, optimizer), rank_state={"rank": rank}, manifest=MANIFEST, keep=2)
+    state = optimizer.state[pfc.prototypes]
+    return {key: value.numpy().copy() for key, value in
+            (("weight", pfc.prototypes.detach()), ("exp_avg", state["exp_avg"]), ("step", state["step"]))}
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    results = run_workers(_train_and_save, 2, out, timeout=120)
+    assert all(status == "ok" for status, _ in results), results
+    return out, [value for _, value in results]
+
+
+def test_prototypes_saved_by_two_ranks_load_on_one(two_rank_checkpoint):
+    out, shards = two_rank_checkpoint
+    (path,) = complete_checkpoints(out)
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("prototypes")) == [
+        "prototypes_000000000_000000004.safetensors", "prototypes_000000004_000000007.safetensors"]
+    loaded = load_prototypes(path, 0, 7, 1, 8)
+    for key in ("weight", "exp_avg", "step"):
+        np.testing.assert_array_equal(loaded[key].numpy(), np.concatenate([shards[0][key], shards[1][key]]))
+    # only the rows that took part in the sparse step moved: their per-row step count is 1
+    assert set(loaded["step"].tolist()) == {0, 1}
+
+
+def test_prototypes_saved_by_two_ranks_load_on_three(two_rank_checkpoint):
+    from unicom.losses import shard_range
+
+    out, shards = two_rank_checkpoint
+    (path,) = complete_checkpoints(out)
+    everything = np.concatenate([shards[0]["weight"], shards[1]["weight"]])
+    for rank in range(3):
+        start, count = shard_range(7, rank, 3)  # 0-2, 3-4, 5-6: the middle block spans both files
+        np.testing.assert_array_equal(load_prototypes(path, start, count, 1, 8)["weight"].numpy(), everything[start:start + count])
+
+
+def test_every_rank_keeps_its_own_state_file(two_rank_checkpoint):
+    out, _ = two_rank_checkpoint
+    (path,) = complete_checkpoints(out)
+    assert [load_rank_state(path, r)["rank"] for r in range(2)] == [0, 1]
+    assert verify_checkpoint(path) is None
+    torch.testing.assert_close(load_model_state(path)["w"], torch.arange(3.0))
+
+
+def _save(out, step, keep=3, value=0.0):
+    weight = torch.full((7, 8), float(value))
+    prototypes = {"class_start": 0, "classes": 7, "centers": 1, "weight": weight}
+    return save_checkpoint(out, step, model_state={"w": torch.full((4,), float(value))}, optimizer_state={"lr": 0.1},
+                           prototypes=prototypes, rank_state={"step": step}, manifest=MANIFEST, keep=keep)
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    _save(tmp_path, 10, value=1)
+    newest = _save(tmp_path, 20, value=2)
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    messages = []
+    chosen = find_valid_checkpoint(complete_checkpoints(tmp_path), log=messages.append)
+    assert chosen.name == "step_00000010"
+    assert "step_00000020 is damaged" in messages[0] and "SHA-256" in messages[0]
+
+
+def test_a_truncated_file_is_detected_by_its_size(tmp_path):
+    path = _save(tmp_path, 3)
+    with open(path / "prototypes_000000000_000000007.safetensors", "r+b") as f:
+        f.truncate(10)
+    assert "10 bytes, the manifest says" in verify_checkpoint(path)
+
+
+def test_an_interrupted_write_is_ignored_and_cleared_by_the_next_one(tmp_path):
+    _save(tmp_path, 1)
+    leftover = tmp_path / "checkpoints" / ".step_00000002.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000001"]
+    _save(tmp_path, 3)
+    assert not leftover.exists()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000001"]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]

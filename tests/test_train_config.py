@@ -1,0 +1,147 @@
+"""Recipes: typed keys, overrides, validation before any work, the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unicom.errors import InputError
+from unicom.train.config import apply_overrides, from_dict, load_config, to_yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SOURCE = ["out=/tmp/unused-run", "data.folder=/tmp/unused-images"]
+
+
+def test_an_unknown_key_lists_the_valid_keys_of_its_section():
+    with pytest.raises(InputError) as error:
+        from_dict({"optim": {"learning_rate": 0.1}})
+    message = str(error.value)
+    assert "unknown key 'optim.learning_rate'" in message
+    assert "valid keys of section 'optim': lr, weight_decay, betas, eps, prototype_lr_scale" in message
+
+
+def test_an_unknown_section_lists_the_sections():
+    with pytest.raises(InputError, match="unknown key 'optimizer' \\(did you mean optim\\?\\); valid keys of the top level: out, seed, model, data"):
+        from_dict({"optimizer": {"lr": 0.1}})
+
+
+def test_a_value_of_the_wrong_type_names_the_key_the_type_and_the_value():
+    with pytest.raises(InputError, match="data.batch_size must be an integer, got 'large'"):
+        from_dict({"data": {"batch_size": "large"}})
+    with pytest.raises(InputError, match="train.precision must be one of 'auto', 'bf16', 'fp16', 'fp32', got 'fp8'"):
+        load_config(None, [*SOURCE, "train.precision=fp8"])
+    with pytest.raises(InputError, match="'model' is a section; set its keys instead: model.name"):
+        load_config(None, [*SOURCE, "model=ViT-B-32"])
+
+
+def test_overrides_are_typed_by_their_key():
+    config = load_config(None, [
+        *SOURCE, "optim.lr=5e-4", "data.batch_size=64", "augment.crop_scale=[0.2, 1]",
+        "data.shards=shards/{00000..00009}.tar", "data.folder=null", "data.labels=clusters",
+        "model.init=null", "model.grad_checkpointing=true", "optim.clip_grad_norm=1",
+    ])
+    assert config.optim.lr == 5e-4
+    assert config.data.batch_size == 64
+    assert config.augment.crop_scale == [0.2, 1.0]
+    assert config.data.shards == ["shards/{00000..00009}.tar"]  # a brace pattern is not a YAML mapping
+    assert config.data.folder is None and config.model.init is None
+    assert config.model.grad_checkpointing is True
+    assert config.optim.clip_grad_norm == 1.0
+
+
+def test_yaml_numbers_written_like_1e_3_are_numbers(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("out: run\noptim:\n  lr: 1e-3\ndata:\n  folder: images\n")
+    assert load_config(path).optim.lr == 1e-3
+
+
+def test_every_problem_of_a_recipe_is_reported_at_once():
+    with pytest.raises(InputError) as error:
+        load_config(None, ["data.batch_size=0", "loss.sample_rate=1.5", "optim.lr=-1"])
+    message = str(error.value)
+    for part in ("exactly one training source", "data.batch_size must be at least 1", "loss.sample_rate must be in (0, 1]",
+                 "optim.lr must be positive", "out is required"):
+        assert part in message
+
+
+def test_the_resolved_recipe_reads_back_identically(tmp_path):
+    config = load_config(CONFIGS / "finetune_sop.yaml", ["model.init=ViT-B/32"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(path) == config
+
+
+TRAINING_RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name.startswith(("pretrain_", "finetune_", "demo")))
+
+
+def test_the_training_recipes_are_shipped():
+    assert len(TRAINING_RECIPES) == 11
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_every_shipped_training_recipe_is_valid(name):
+    overrides = ["data.shards=shards/", "data.labels=clusters/"] if "pretrain" in name or name == "demo.yaml" else []
+    config = load_config(CONFIGS / name, [*overrides, "out=/tmp/unused-run"])
+    assert config.loss.head == "arcface" and config.loss.margin == 0.3
+
+
+@pytest.mark.parametrize("name", ["pretrain_vit_b32.yaml", "pretrain_vit_b16.yaml", "pretrain_vit_l14.yaml"])
+def test_pretraining_recipes_follow_the_paper(name):
+    config = load_config(CONFIGS / name, ["data.shards=s/", "data.labels=c/"])
+    assert (config.optim.lr, config.optim.weight_decay) == (1e-3, 0.05)
+    assert (config.loss.scale, config.loss.sample_rate, config.loss.feature_rate) == (64.0, 0.1, 1.0)
+    assert config.train.epochs == 32 and config.model.init is None
+    assert config.augment.hflip == 0.5 and config.augment.randaugment is None
+    assert config.schedule.kind == "cosine"
+
+
+def test_the_compact_recipe_selects_half_of_the_features_for_one_epoch():
+    config = load_config(CONFIGS / "pretrain_compact.yaml", ["data.shards=s/", "data.labels=c/"])
+    assert config.loss.feature_rate == 0.5 and config.train.epochs == 1 and config.model.init is not None
+
+
+@pytest.mark.parametrize("name", ["sop", "inshop", "inaturalist", "cub", "cars"])
+def test_fine_tuning_recipes_follow_the_public_fine_tuning_settings(name):
+    config = load_config(CONFIGS / f"finetune_{name}.yaml", ["model.init=ViT-B/32"])
+    assert config.model.init == "ViT-B/32" and config.model.name is None
+    assert (config.optim.lr, config.optim.prototype_lr_scale) == (1e-4, 5.0)
+    assert (config.loss.margin, config.loss.scale, config.loss.sample_rate) == (0.3, 32.0, 1.0)
+    assert (config.schedule.kind, config.schedule.warmup_fraction) == ("onecycle", 0.1)
+    assert config.data.batch_size == 128
+    assert config.augment.randaugment == "rand-m9-mstd0.5-inc1"
+    assert (config.augment.random_erasing, config.augment.color_jitter) == (0.25, 0.4)
+
+
+def test_a_bad_recipe_stops_the_command_before_anything_is_written(tmp_path, capsys):
+    from unicom.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(CONFIGS / "finetune_sop.yaml"), f"out={out}", "optim.lr_backbone=1e-4"])
+    assert code == 2
+    assert "unknown key 'optim.lr_backbone'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_overrides_must_be_key_value_pairs():
+    config = from_dict({})
+    with pytest.raises(InputError, match="expected key=value"):
+        apply_overrides(config, ["optim.lr"])
+
+
+def test_the_library_and_the_losses_do_not_import_the_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, unicom, unicom.losses, unicom.models.vit; "
+            "print(sorted(m for m in sys.modules if m.startswith('unicom.train')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_key_is_listed_with_its_default(capsys):
+    from unicom.cli import main
+
+    assert main(["train", "--list-keys"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "optim.lr = 0.001" in listed and "loss.sample_rate = 0.1" in listed and "data.shards = None" in listed

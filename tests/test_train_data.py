@@ -1,0 +1,180 @@
+"""Training batches: shards joined with pseudo-labels by key, lists, failures, exact restarts."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from support import write_tar_shard
+from torchvision.transforms import ToTensor
+
+from unicom.errors import InputError
+from unicom.train.config import load_config
+from unicom.train.data import Counters, ListSource, TrainStream, build_source, make_loader, steps_per_epoch
+
+
+def png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_collection(root: Path, shards: int = 3, per_shard: int = 12, classes: int = 4, unlabelled_every: int = 5,
+                     broken: set[str] = frozenset()) -> dict:
+    """Shards whose images are one colour, red = 10 x label; labels of all samples but every
+    ``unlabelled_every``-th, written as `unicom cluster` writes them."""
+    labels_dir = root / "clusters" / "labels"
+    labels_dir.mkdir(parents=True)
+    expected = {"labelled": 0, "unlabelled": 0}
+    for shard in range(shards):
+        samples, keys, labels = [], [], []
+        for index in range(per_shard):
+            key = f"{shard:03d}{index:04d}"
+            label = (shard * per_shard + index) % classes
+            image = b"broken" if key in broken else png((10 * label, index, shard))
+            samples.append({"key": key, "png": image, "txt": "a caption"})
+            if index % unlabelled_every == unlabelled_every - 1:
+                expected["unlabelled"] += 1
+                continue
+            keys.append(key)
+            labels.append(label)
+        expected["labelled"] += len(keys)
+        write_tar_shard(root / f"{shard:05d}.tar", samples)
+        table = pa.table({"key": keys, "label": pa.array(labels, pa.int64()), "similarity": pa.array([1.0] * len(keys), pa.float32())})
+        pq.write_table(table, labels_dir / f"labels_{shard}.parquet")
+    (root / "clusters" / "centroids.json").write_text(json.dumps({"k": classes}))
+    return expected
+
+
+def shard_config(root: Path, *extra: str):
+    return load_config(None, ["out=/tmp/unused", f"data.shards={root}", f"data.labels={root / 'clusters'}", *extra])
+
+
+def labels_of(batch) -> list[int]:
+    """The label encoded in each image's red channel."""
+    return [round(v) for v in (batch.images[:, 0, 0, 0] * 255 / 10).tolist()]
+
+
+def test_shards_are_joined_with_their_labels_by_key_and_unlabelled_samples_are_counted(tmp_path):
+    expected = write_collection(tmp_path)
+    source = build_source(shard_config(tmp_path, "data.shuffle_buffer=8"))
+    assert (source.labelled, source.num_classes) == (expected["labelled"], 4)
+    reader = TrainStream(source, ToTensor(), batch_size=5, seed=0).reader(0)
+    batches = [next(reader) for _ in range(expected["labelled"] // 5)]  # one pass
+    for batch in batches:
+        assert batch.images.shape == (5, 3, 4, 4)
+        assert batch.labels.tolist() == labels_of(batch)
+    assert sum(b.unlabelled for b in batches) == expected["unlabelled"]
+    assert {b.pass_ for b in batches} == {0}
+
+
+def test_an_image_that_cannot_be_decoded_is_counted_reported_and_replaced(tmp_path):
+    write_collection(tmp_path, broken={"0010003"})
+    source = build_source(shard_config(tmp_path))
+    reader = TrainStream(source, ToTensor(), batch_size=4, seed=0).reader(0)
+    batches = [next(reader) for _ in range(6)]
+    assert all(len(b.labels) == 4 for b in batches)
+    failures = [f for b in batches for f in b.failures]
+    assert sum(b.failed for b in batches) == 1
+    assert failures[0]["key"] == "0010003" and failures[0]["source"] == "00001.tar"
+    assert "not an image" in failures[0]["reason"]
+
+
+def test_a_reader_restarted_from_its_position_continues_exactly(tmp_path):
+    write_collection(tmp_path)
+    source = build_source(shard_config(tmp_path, "data.shuffle_buffer=6"))
+    stream = TrainStream(source, ToTensor(), batch_size=4, seed=3)
+    reader = stream.reader(0)
+    uninterrupted = [next(reader) for _ in range(12)]  # 7 batches per pass: crosses into pass 1
+    assert uninterrupted[-1].pass_ == 1
+    stop = uninterrupted[4]
+    restarted = TrainStream(source, ToTensor(), 4, 3, positions=[(stop.pass_, stop.cursor)]).reader(0)
+    for expected in uninterrupted[5:]:
+        got = next(restarted)
+        assert torch.equal(got.images, expected.images) and torch.equal(got.labels, expected.labels)
+        assert (got.pass_, got.cursor) == (expected.pass_, expected.cursor)
+
+
+def test_loader_workers_resume_in_turn(tmp_path):
+    write_collection(tmp_path, shards=4)
+    source = build_source(shard_config(tmp_path, "data.shuffle_buffer=4"))
+    stream = TrainStream(source, ToTensor(), 3, 1, roles=2)
+    uninterrupted = list(itertools.islice(make_loader(stream, 2, torch.device("cpu")), 9))
+    assert [b.role for b in uninterrupted] == [0, 1] * 4 + [0]
+    done = uninterrupted[:5]  # the last consumed batch came from reader 0
+    positions = [(0, 0), (0, 0)]
+    for batch in done:
+        positions[batch.role] = (batch.pass_, batch.cursor)
+    resumed = TrainStream(source, ToTensor(), 3, 1, roles=2, positions=positions, first_role=(done[-1].role + 1) % 2)
+    for expected, got in zip(uninterrupted[5:], make_loader(resumed, 2, torch.device("cpu"))):
+        assert got.role == expected.role and torch.equal(got.images, expected.images)
+
+
+def test_a_global_batch_is_the_same_images_on_any_number_of_ranks():
+    source = ListSource([f"img{i}.png" for i in range(50)], np.arange(50) % 5, [str(i) for i in range(50)], 5, "list")
+
+    def rows(rank, world, batch):
+        records = source.records(7, 0, rank, world, 0, 1, batch, Counters())
+        return [r.uid[1] for r in records]
+
+    one = rows(0, 1, 12)
+    two = [rows(r, 2, 6) for r in range(2)]
+    for step in range(4):  # 50 // 12 = 4 global batches in pass 0
+        assert sorted(one[step * 12:(step + 1) * 12]) == sorted(two[0][step * 6:(step + 1) * 6] + two[1][step * 6:(step + 1) * 6])
+
+
+def test_a_shard_without_labels_is_an_error_naming_it(tmp_path):
+    write_collection(tmp_path)
+    (tmp_path / "clusters" / "labels" / "labels_2.parquet").unlink()
+    with pytest.raises(InputError, match="no labels for 1 of 3 shards \\(numbers 2\\)"):
+        build_source(shard_config(tmp_path))
+
+
+def test_labels_made_from_other_shards_are_detected(tmp_path):
+    write_collection(tmp_path)
+    table = pa.table({"key": ["elsewhere1", "elsewhere2"], "label": pa.array([0, 1], pa.int64()), "similarity": pa.array([1.0, 1.0], pa.float32())})
+    pq.write_table(table, tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    with pytest.raises(InputError, match="none of its first 12 sample keys .* is in labels_0.parquet"):
+        build_source(shard_config(tmp_path))
+
+
+def test_labels_beyond_the_number_of_classes_are_an_error(tmp_path):
+    write_collection(tmp_path)
+    (tmp_path / "clusters" / "centroids.json").write_text(json.dumps({"k": 3}))
+    with pytest.raises(InputError, match="labels reach 3, but there are only 3 classes"):
+        build_source(shard_config(tmp_path))
+
+
+def test_an_epoch_is_one_pass_over_the_labelled_samples(tmp_path):
+    expected = write_collection(tmp_path)
+    source = build_source(shard_config(tmp_path))
+    assert steps_per_epoch(source, world_size=2, batch_size=2, accumulation=2) == expected["labelled"] // 8
+
+
+def test_an_image_folder_takes_pseudo_labels_by_relative_path(tmp_path):
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "images" / name)
+    (tmp_path / "clusters" / "labels").mkdir(parents=True)
+    table = pa.table({"key": ["a/1.png", "b/3.png"], "label": pa.array([1, 0], pa.int64()), "similarity": pa.array([1.0, 1.0], pa.float32())})
+    pq.write_table(table, tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    config = load_config(None, ["out=/tmp/unused", f"data.folder={tmp_path / 'images'}", f"data.labels={tmp_path / 'clusters'}"])
+    source = build_source(config)
+    assert source.keys == ["a/1.png", "b/3.png"] and source.labels.tolist() == [1, 0]
+    assert source.unlabelled == 1
+
+
+def test_a_class_folder_has_contiguous_labels_in_folder_order(tmp_path):
+    for name in ("cat/1.png", "dog/2.png", "dog/3.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    source = build_source(load_config(None, ["out=/tmp/unused", f"data.folder={tmp_path}"]))
+    assert source.labels.tolist() == [0, 1, 1] and source.num_classes == 2

@@ -1,0 +1,239 @@
+"""``unicom probe`` end to end on real images with a tiny random backbone: training, the cache,
+direct mode, resuming, evaluation and the exported model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from support import encode_image
+from unicom.cli import main
+from unicom.errors import InputError
+from unicom.unifex.config import load_probe_config
+from unicom.unifex.trainer import CHECKPOINT, probe
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CLASSES, PER_CLASS = 24, 6
+
+
+def tinted_image(label: int, index: int, size: int = 48) -> Image.Image:
+    """A class is a hue (evenly spaced over the colour circle); brightness, stripes and noise
+    vary per image and dominate the pixels, so that an untrained projection of random
+    features mixes classes and a head has to learn to look at the hue."""
+    rng = np.random.default_rng([7, label, index])
+    angle = 2 * np.pi * label / CLASSES
+    chroma = np.cos([angle, angle - 2 * np.pi / 3, angle + 2 * np.pi / 3])
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = rng.integers(3, 12)
+    stripes = (((xx if rng.random() < 0.5 else yy) + rng.integers(0, period)) // period % 2)[..., None]
+    pixels = rng.uniform(50, 205) + 60 * (stripes - 0.5) + 30 * chroma + rng.normal(0, 10, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_list(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dataset", "path", "class"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """24 hues x 6 JPEGs in two datasets whose class values overlap (a: 0-11, b: 0-11), a
+    random test_vit saved as a checkpoint file, and one cache folder shared by the runs."""
+    import timm
+
+    root = tmp_path_factory.mktemp("unifex")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), root / "test_vit.pth")
+    rows = []
+    for label in range(CLASSES):
+        folder = root / "images" / f"hue_{label:02d}"
+        folder.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            (folder / f"{i}.jpg").write_bytes(encode_image(tinted_image(label, i)))
+            rows.append(("a" if label < 12 else "b", f"images/hue_{label:02d}/{i}.jpg", label % 12))
+    return {"root": root, "train": write_list(root / "train.csv", rows), "rows": rows, "weights": root / "test_vit.pth",
+            "cache": root / "cache"}
+
+
+def recipe(collection, out, *overrides):
+    # on the CPU in fp32 wherever the tests run: the exactness checks compare float32 results
+    return load_probe_config(CONFIGS / "unifex_tiny.yaml", [
+        f"data.train=[{collection['train']}]", f"backbone.pretrained={collection['weights']}", f"out={out}",
+        f"cache.folder={collection['cache']}", "train.device=cpu", *overrides,
+    ])
+
+
+def head_weights(out: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    return {**{f"neck.{k}": v for k, v in state["neck"].items()}, "prototypes": state["partial_fc"]["prototypes"]}
+
+
+def test_trained_head_beats_the_untrained_projection_on_held_out_classes(collection, tmp_path):
+    report = probe(recipe(collection, tmp_path / "run", "eval.every=0"))
+    scores = report["evaluation"]
+    assert scores["protocol"] == "12 queries against 24 index images"  # 6 held-out hues x (2 queries + 4 indexed)
+    assert scores["trained"]["mmp@5"] > scores["untrained"]["mmp@5"] + 0.15
+    assert scores["trained"]["map@r"] > scores["untrained"]["map@r"] + 0.15
+    assert scores["trained"]["recall@1"] >= scores["untrained"]["recall@1"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["evaluation"]["trained"] == scores["trained"]
+    assert [row["dataset"] for row in report["datasets"]] == ["a", "b"]
+    assert sum(row["classes"] for row in report["datasets"]) == 18  # 24 hues minus 6 held out
+
+
+def test_the_exported_model_is_the_trained_head_on_the_backbone(collection, tmp_path):
+    from unicom.embed import embed_images
+    from unicom.models.encoders import load_encoder
+    from unicom.unifex.cache import load_view, view_folder
+    from unicom.unifex.data import read_domain_lists
+    from unicom.unifex.model import LinearNeck
+
+    out = tmp_path / "run"
+    probe(recipe(collection, out, "train.epochs=2", "eval.every=0"))
+    encoder = load_encoder(str(out / "model"))
+    paths = [str(collection["root"] / row[1]) for row in collection["rows"][:12]]
+    embedded = embed_images(encoder, paths, batch_size=8, num_workers=0, device="cpu")
+
+    # the same images through the cache and the trained neck
+    keys = read_domain_lists(collection["train"]).images.keys
+    features, present = load_view(view_folder(collection["cache"], "train", 0), keys)
+    neck = LinearNeck(64, 16, dropout=0.1).eval()
+    neck.load_state_dict(torch.load(out / CHECKPOINT, weights_only=True)["neck"])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(neck(torch.from_numpy(features[:12])), dim=-1).numpy()
+    assert present.all()
+    np.testing.assert_allclose(embedded, expected, atol=1e-5)
+
+
+def test_cache_mode_and_direct_mode_train_the_same_head(collection, tmp_path):
+    # augmentation off and the same seed: the same batches, initialisation and dropout masks
+    common = ("train.epochs=3", "eval.every=0", "neck.batchnorm=true", "loss.sample_rate=0.5")
+    probe(recipe(collection, tmp_path / "cache_mode", "train.mode=cache", *common))
+    probe(recipe(collection, tmp_path / "direct_mode", "train.mode=direct", *common))
+    cached, direct = head_weights(tmp_path / "cache_mode"), head_weights(tmp_path / "direct_mode")
+    assert sorted(cached) == sorted(direct)
+    for name in cached:
+        # tolerance: the backbone may round a feature differently in a batch of other images
+        torch.testing.assert_close(direct[name], cached[name], rtol=0, atol=1e-5, msg=name)
+    assert cached["neck.proj.weight"].abs().max() > 0.05  # trained, not a zero head
+
+
+def test_a_stopped_run_resumes_to_the_same_head(collection, tmp_path):
+    overrides = ("train.epochs=4", "eval.every=0", "loss.sample_rate=0.5", "loss.head=curricularface")
+    probe(recipe(collection, tmp_path / "straight", *overrides))
+    stopped = probe(recipe(collection, tmp_path / "resumed", *overrides), until_epoch=2)
+    assert stopped["stopped_after_epoch"] == 2 and not (tmp_path / "resumed" / "model").exists()
+    report = probe(recipe(collection, tmp_path / "resumed", *overrides))
+    assert [record["epoch"] for record in report["history"]] == [1, 2, 3, 4]
+    straight, resumed = head_weights(tmp_path / "straight"), head_weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(  # CurricularFace's running t came back too
+        torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["partial_fc"]["margin.t"],
+        torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["partial_fc"]["margin.t"])
+
+
+def test_resuming_with_other_settings_is_refused(collection, tmp_path):
+    probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.every=0"))
+    with pytest.raises(InputError, match=r"other settings \(neck.embedding_dim: 16 -> 8\)"):
+        probe(recipe(collection, tmp_path / "run", "train.epochs=1", "neck.embedding_dim=8"))
+
+
+def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path):
+    import timm
+
+    probe(recipe(collection, tmp_path / "first", "train.epochs=1", "eval.every=0"))
+    part = collection["cache"] / "train" / "view_0" / "img_emb" / "img_emb_0.npy"
+    written = part.stat().st_mtime_ns
+    probe(recipe(collection, tmp_path / "second", "train.epochs=1", "eval.every=0", "loss.head=cosface"))
+    assert part.stat().st_mtime_ns == written  # read back, not recomputed
+    # a build killed inside part 1 (its metadata, written last, is missing) redoes that part only
+    (collection["cache"] / "train" / "view_0" / "metadata" / "metadata_1.parquet").unlink()
+    probe(recipe(collection, tmp_path / "third", "train.epochs=1", "eval.every=0"))
+    assert part.stat().st_mtime_ns == written
+    assert (collection["cache"] / "train" / "view_0" / "metadata" / "metadata_1.parquet").is_file()
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), other)
+    with pytest.raises(InputError, match="holds embeddings of another configuration"):
+        probe(recipe(collection, tmp_path / "fourth", f"backbone.pretrained={other}"))
+
+
+def test_augmented_views_are_cached_beside_the_plain_one(collection, tmp_path):
+    from unicom.unifex.cache import load_view, view_folder
+    from unicom.unifex.data import read_domain_lists
+
+    cache = tmp_path / "cache"
+    report = probe(recipe(collection, tmp_path / "run", f"cache.folder={cache}", "cache.augmented_views=2",
+                          "train.augment=true", "train.epochs=2", "eval.every=0", "augment.crop_scale=[0.5,1.0]"))
+    keys = read_domain_lists(collection["train"]).images.keys
+    views = [load_view(view_folder(cache, "train", v), keys) for v in range(3)]
+    assert all(present.all() for _, present in views)
+    plain, first, second = (features for features, _ in views)
+    assert not np.allclose(plain, first, atol=1e-3) and not np.allclose(first, second, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert json.loads((cache / "cache.json").read_text())["splits"]["train"] == {"images": 144, "views": 3}
+    assert len(report["history"]) == 2
+
+
+def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collection, tmp_path):
+    rows = collection["rows"]
+    query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]])
+    index = write_list(tmp_path / "index.csv", [(d, str(collection["root"] / p), c) for i, (d, p, c) in enumerate(rows)
+                                                if i % 6])
+    report = probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0",
+                          f"eval.query=[{query}]", f"eval.index=[{index}]"))
+    # one query per hue against the other 5 images of each of the 24 hues: a:0 and b:0 are different classes
+    assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
+    assert report["evaluation"]["trained"]["n_queries"] == 24
+    assert (collection["cache"] / "query" / "view_0" / "img_emb").is_dir()
+
+
+def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
+    from unicom.models.encoders import load_encoder
+
+    report = probe(recipe(collection, tmp_path / "run", "neck.kind=pooling", "neck.embedding_dim=8", "neck.dropout=0"))
+    assert report["epochs"] == 0 and report["history"] == []
+    assert load_file(str(tmp_path / "run" / "model" / "model.safetensors")) == {}
+    assert load_encoder(str(tmp_path / "run" / "model")).embedding_dim == 8
+
+
+def test_command_line_runs_a_recipe_with_overrides(collection, tmp_path, capsys):
+    code = main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
+                 f"backbone.pretrained={collection['weights']}", f"cache.folder={collection['cache']}",
+                 "train.epochs=1", "data.sampling=class_balanced", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "images/class min/med/max" in printed and "final evaluation:" in printed
+    assert (tmp_path / "run" / "model" / "unicom_model.json").is_file()
+    assert json.loads((tmp_path / "run" / "datasets.json").read_text())["train"][0]["dataset"] == "a"
+
+
+def test_command_line_rejects_an_unknown_key_listing_the_valid_ones(capsys):
+    assert main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), "neck.size=8", "out=x", "data.train=[a.csv]"]) == 2
+    assert "unknown key 'neck.size'; valid keys of section 'neck': kind, embedding_dim, batchnorm, dropout" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["unifex_siglip_so400m_m4d35k.yaml", "unifex_clip_b16.yaml", "unifex_tiny.yaml"])
+def test_shipped_recipes_are_valid(name):
+    config = load_probe_config(CONFIGS / name, ["data.train=[lists/train.csv]", "out=runs/x"])
+    assert config.neck.embedding_dim in (16, 64)
+
+
+def test_every_bad_value_of_a_recipe_is_reported_at_once():
+    with pytest.raises(InputError) as caught:
+        load_probe_config(CONFIGS / "unifex_tiny.yaml", [
+            "out=x", "data.train=[a.csv]", "train.augment=true", "eval.holdout_classes=1.5", "loss.sample_rate=0"])
+    message = str(caught.value)
+    assert "train.augment in cache mode draws among augmented views: set cache.augmented_views" in message
+    assert "eval.holdout_classes must be in [0, 1), got 1.5" in message
+    assert "loss.sample_rate must be in (0, 1], got 0.0" in message

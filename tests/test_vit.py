@@ -1,0 +1,143 @@
+"""CLIP-shaped ViTs: shapes against open_clip, open_clip weights, export, the model factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unicom.errors import InputError
+from unicom.models.vit import CLIP_VITS, ClipViT, ClipViTSettings, create_model, open_clip_to_clip_vit
+
+
+def tiny_open_clip(embed_dim: int = 48, seed: int = 0):
+    """A small open_clip CLIP (image tower 32 px, patches of 8, width 128, 2 blocks) with random weights."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32, head_width=64)
+    text = CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    return CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text).eval()
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"])
+def test_registered_sizes_have_the_shapes_of_open_clips_image_towers(name):
+    import open_clip
+
+    with torch.device("meta"):
+        reference = open_clip.create_model(name, device="meta").visual.state_dict()
+        ours = create_model(name).module.state_dict()
+    converted = open_clip_to_clip_vit({f"visual.{k}": v for k, v in reference.items()})
+    trunk = {k: tuple(v.shape) for k, v in ours.items() if k.startswith("trunk.")}
+    assert trunk == {k: tuple(v.shape) for k, v in converted.items() if k.startswith("trunk.")}
+    # the embedding sizes of the paper: 512 for B/32, 768 for the others (CLIP's B/16 has 512)
+    assert ours["projection.weight"].shape == (CLIP_VITS[name].embedding_dim, CLIP_VITS[name].width)
+    assert CLIP_VITS[name].embedding_dim == (512 if name == "ViT-B-32" else 768)
+
+
+def test_an_open_clip_checkpoint_gives_open_clips_image_embeddings(tmp_path):
+    reference = tiny_open_clip()
+    path = tmp_path / "open_clip.pt"
+    torch.save(reference.state_dict(), path)
+    created = create_model(init=str(path))
+    assert created.architecture == "clip_vit" and created.reinitialised == []
+    assert created.settings["width"] == 128 and created.settings["depth"] == 2 and created.settings["embedding_dim"] == 48
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(created.module.eval()(images), reference.encode_image(images), rtol=1e-5, atol=1e-5)
+
+
+def test_another_embedding_size_keeps_the_tower_and_starts_a_new_projection(tmp_path):
+    reference = tiny_open_clip()
+    path = tmp_path / "open_clip.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    created = create_model(init=str(path), overrides={"embedding_dim": 16})
+    assert created.reinitialised == ["projection.weight"]
+    assert created.module.projection.weight.shape == (16, 128)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = created.module.eval().trunk(images)
+        expected = reference.visual.ln_post(_class_token(reference.visual, images))
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+
+
+def _class_token(visual, images):
+    """open_clip's tower up to the transformer output of the class token (no ln_post, no proj)."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.transformer(visual.ln_pre(x))
+    return x[:, 0]
+
+
+def test_open_clip_weights_that_do_not_fit_the_named_size_are_refused(tmp_path):
+    path = tmp_path / "open_clip.pt"
+    torch.save(tiny_open_clip().state_dict(), path)
+    with pytest.raises(InputError, match="not a ViT-B-32.*width 128 in the file, 768"):
+        create_model("ViT-B-32", init=str(path))
+
+
+def test_an_exported_clip_vit_loads_as_an_encoder_with_the_same_outputs(tmp_path):
+    from unicom.models.encoders import load_encoder
+    from unicom.models.export import save_model
+
+    settings = ClipViTSettings(image_size=32, patch_size=8, width=64, depth=2, heads=2, embedding_dim=24)
+    torch.manual_seed(1)
+    model = ClipViT(settings).eval()
+    created = create_model("ViT-B-32", overrides=settings.to_dict())
+    save_model(tmp_path / "model", model, "clip_vit", settings.to_dict(), created.preprocess())
+    encoder = load_encoder(str(tmp_path / "model"))
+    assert encoder.embedding_dim == 24
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(images), model(images))
+
+
+def test_gradient_checkpointing_leaves_the_gradients_unchanged():
+    torch.manual_seed(0)
+    model = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=64, depth=3, heads=2, embedding_dim=16))
+    images = torch.randn(4, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        model(images).square().sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_released_name_builds_the_released_architecture():
+    with torch.device("meta"):
+        created = create_model("ViT-B/32")
+    assert created.architecture == "unicom_vit"
+    assert created.settings["embedding_dim"] == 512 and created.settings["patch_size"] == 32
+    assert type(created.module).__name__ == "UnicomViT"
+
+
+def test_a_released_format_file_starts_the_released_architecture(tmp_path):
+    from support import random_unicom_vit
+
+    from unicom.models.released import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=2, heads=1, mlp_dim=128, embedding_dim=16)
+    reference = random_unicom_vit(settings)
+    path = tmp_path / "FP16-tiny.pt"
+    torch.save({k: v.half() for k, v in reference.state_dict().items()}, path)
+    created = create_model(init=str(path))
+    assert created.architecture == "unicom_vit" and created.settings == settings.to_dict()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(created.module.eval()(images), reference(images), rtol=1e-4, atol=1e-4)
+
+
+def test_settings_that_contradict_the_weights_are_an_error(tmp_path):
+    path = tmp_path / "open_clip.pt"
+    torch.save(tiny_open_clip().state_dict(), path)
+    with pytest.raises(InputError, match="model.depth=3 differs from the weights"):
+        create_model(init=str(path), overrides={"depth": 3})
+
+
+def test_an_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(InputError, match="known: .*ViT-B-32.*ViT-L/14@336px"):
+        create_model("ViT-X-99")

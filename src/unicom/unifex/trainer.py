@@ -128,6 +128,7 @@ class ImageBatches:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
 
+        from unicom.progress import progress
         from unicom.train.trainer import autocast
         from unicom.unifex.model import backbone_features
 
@@ -137,13 +138,16 @@ class ImageBatches:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
                             generator=generator, pin_memory=self.device.type == "cuda")
+        bar = progress(total=sum(len(b) for b in batches), desc=f"direct mode, epoch {epoch + 1}", unit="img", leave=False)
         for images, labels, failures in loader:
+            bar.update(len(failures) + (0 if images is None else len(images)))
             self.failures.extend(failures)
             if images is None or len(images) < 2:
                 continue
             with torch.no_grad(), autocast(self.device, self.precision):
                 features = backbone_features(self.encoder, images.to(self.device, non_blocking=True))
             yield features.float(), labels.to(self.device, non_blocking=True)
+        bar.close()
 
 
 # ------------------------------------------------------------------------- the head

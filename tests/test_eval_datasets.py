@@ -356,3 +356,64 @@ def test_classification_dataset_not_found_shows_the_layout(tmp_path):
     with pytest.raises(InputError, match="Food101 not found under .*\n.*food-101/meta"):
         load_classification_benchmark("food101", tmp_path)
     assert len(CLASSIFICATION_BENCHMARKS) == 13
+
+
+def test_stanford_cars_from_its_mat_annotations(tmp_path):
+    from scipy.io import savemat
+
+    base = tmp_path / "stanford_cars"
+    record = np.dtype([("fname", object), ("class", np.int32)])
+    annotations = {"train": [("00001.jpg", 2), ("00002.jpg", 1), ("00003.jpg", 2)], "test": [("00001.jpg", 1), ("00002.jpg", 2)]}
+    for split, rows in annotations.items():
+        for name, label in rows:
+            jpeg(base / f"cars_{split}" / name, label)
+    (base / "devkit").mkdir(parents=True)
+    savemat(base / "devkit" / "cars_train_annos.mat", {"annotations": np.array(annotations["train"], dtype=record)})
+    savemat(base / "cars_test_annos_withlabels.mat", {"annotations": np.array(annotations["test"], dtype=record)})
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object)})
+    train, test, metric = load_classification_benchmark("cars", tmp_path)
+    assert metric == "accuracy"
+    assert train.labels.tolist() == [1, 0, 1] and test.labels.tolist() == [0, 1]  # the files count classes from 1
+    assert train.class_names == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    assert [Path(p).relative_to(base).as_posix() for p in train.images] == ["cars_train/00001.jpg", "cars_train/00002.jpg", "cars_train/00003.jpg"]
+    assert Path(test.images[0]).relative_to(base).as_posix() == "cars_test/00001.jpg"
+
+
+def test_flowers102_train_is_train_plus_val_of_setid(tmp_path, monkeypatch):
+    from scipy.io import savemat
+    import torchvision.datasets.flowers102 as flowers
+
+    # torchvision checks the official files' MD5 sums; these are written by the test
+    monkeypatch.setattr(flowers, "check_integrity", lambda path, md5=None: Path(path).is_file())
+    base = tmp_path / "flowers-102"
+    labels = [3, 1, 2, 1, 3, 2, 1]  # image_00001 .. image_00007, classes counted from 1
+    for image_id, label in enumerate(labels, 1):
+        jpeg(base / "jpg" / f"image_{image_id:05d}.jpg", label)
+    savemat(base / "imagelabels.mat", {"labels": np.array(labels)})
+    savemat(base / "setid.mat", {"trnid": np.array([1, 4]), "valid": np.array([2, 7]), "tstid": np.array([3, 5, 6])})
+    train, test, metric = load_classification_benchmark("flowers", tmp_path)
+    assert metric == "mean_per_class"
+    assert [Path(p).name for p in train.images] == ["image_00001.jpg", "image_00004.jpg", "image_00002.jpg", "image_00007.jpg"]
+    assert train.labels.tolist() == [2, 0, 0, 0] and test.labels.tolist() == [1, 2, 1]
+
+
+def test_imagenet_from_its_folders_and_meta_file(tmp_path):
+    import torch
+
+    wnids = ["n01440764", "n01443537"]
+    torch.save(({"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus")},
+                ["n01443537", "n01440764"]), tmp_path / "meta.bin")
+    for label, wnid in enumerate(wnids):
+        for index in range(2):
+            jpeg(tmp_path / "train" / wnid / f"{wnid}_{index}.JPEG", label, index)
+        jpeg(tmp_path / "val" / wnid / f"ILSVRC2012_val_0000000{label + 1}.JPEG", label)
+    train, test, metric = load_classification_benchmark("imagenet-1k", tmp_path)
+    assert metric == "accuracy"
+    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
+    assert all(Path(p).parent.name == wnids[y] for p, y in zip(train.images + test.images, np.concatenate([train.labels, test.labels])))
+    assert [names[0] for names in train.class_names] == ["tench", "goldfish"]
+
+
+def test_imagenet_cannot_be_downloaded(tmp_path):
+    with pytest.raises(InputError, match="image-net.org"):
+        load_classification_benchmark("imagenet", tmp_path, download=True)

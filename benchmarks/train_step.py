@@ -7,7 +7,7 @@ step on 1 and on all threads, sample_rate 1.0, gradient checkpointing, and the w
 `train()` loop reading webdataset shards + pseudo-labels (decoding and augmentation
 included) against the bare step.
 
-CUDA (``--device cuda``): the issue's configuration. ViT-B/16 at 224 px under bf16 autocast,
+CUDA (``--device cuda``): the reference configuration. ViT-B/16 at 224 px under bf16 autocast,
 PartialFC over 1,000,000 classes of 768-d prototypes at sample_rate 0.1 with SparseAdamW,
 fused AdamW for the backbone; for gradient checkpointing off and on, the largest batch
 that fits (doubling, then the sizes between), images/s and model FLOPs utilisation. Data

@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[1_000_000, 100_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (the median is reported; memory-bound steps vary on shared machines)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

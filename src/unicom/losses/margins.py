@@ -92,7 +92,7 @@ class MarginHead(nn.Module):
         rows = torch.nonzero(labels >= 0).squeeze(1)
         columns = labels[rows]
         logits[rows, columns] = self.target_logit(logits[rows, columns], rows, context)
-        return logits * self.scale
+        return logits.mul_(self.scale)  # in place: the (B, C) logits are the largest tensors of the step
 
 
 def _angle(cos: torch.Tensor) -> torch.Tensor:
@@ -228,7 +228,7 @@ class AdaCos(MarginHead):
                 b_avg = context.all_reduce_sum(non_target).mean()
                 theta_median = torch.median(_angle(target))
                 self.scale_value.copy_(torch.log(b_avg) / torch.cos(theta_median.clamp(max=math.pi / 4)))
-        return logits * self.scale_value.to(logits.dtype)
+        return logits.mul_(self.scale_value.to(logits.dtype))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dynamic={self.dynamic}, scale={self.scale:.4f}"
@@ -283,7 +283,7 @@ class CurricularFace(MarginHead):
         rows = torch.nonzero(labels >= 0).squeeze(1)
         columns = labels[rows]
         logits[rows, columns] = angular_margin(cosines[rows, columns].to(logits.dtype), 1.0, self.margin)
-        return logits * self.scale
+        return logits.mul_(self.scale)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, scale={self.scale}, t={float(self.t):.4f}"

@@ -191,7 +191,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             row_max = logits.max(dim=1, keepdim=True).values
             if world_size > 1:
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = torch.exp(logits - row_max).sum(dim=1, keepdim=True)
+            sum_exp = (logits - row_max).exp_().sum(dim=1, keepdim=True)
             has_target = targets >= 0
             target_logit = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
             target_logit[has_target, 0] = logits[has_target, targets[has_target]]
@@ -206,7 +206,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, row_max, sum_exp = ctx.saved_tensors
-        grad = torch.exp(logits - row_max).div_(sum_exp)
+        grad = (logits - row_max).exp_().div_(sum_exp)
         has_target = torch.nonzero(targets >= 0).squeeze(1)
         grad[has_target, targets[has_target]] -= 1.0
         grad.mul_(grad_loss / logits.shape[0])

@@ -27,20 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list_keys:
-        from unicom.unifex.config import default_values
+    from unicom.commands import resolve_recipe
+    from unicom.unifex.config import default_values, load_probe_config
 
-        print("\n".join(f"{key} = {value!r}" for key, value in default_values().items()))
-        return 0
-    from unicom.train.config import to_yaml
-    from unicom.unifex.config import load_probe_config
-
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    config = load_probe_config(args.config, overrides)  # every key and value checked before any work
-    if args.print_config:
-        print(to_yaml(config), end="")
+    config = resolve_recipe(args, load_probe_config, default_values)
+    if config is None:
         return 0
 
     from unicom.train.trainer import TrainingStopped

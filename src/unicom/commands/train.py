@@ -29,27 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-out", metavar="DIR", help="with --export-from: the model folder to write")
 
 
-def _list_keys() -> str:
-    import dataclasses
-
-    from unicom.train.config import TrainConfig, valid_keys
-
-    defaults = dataclasses.asdict(TrainConfig())
-    lines = []
-    for key in valid_keys():
-        value = defaults
-        for part in key.split("."):
-            value = value[part]
-        lines.append(f"{key} = {value!r}")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     from unicom.errors import InputError
 
-    if args.list_keys:
-        print(_list_keys())
-        return 0
     if args.export_from:
         from unicom.train.checkpoint import export_checkpoint
 
@@ -59,16 +41,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"exported {args.export_from} to {folder}")
         return 0
 
-    from unicom.train.config import load_config, to_yaml
+    from unicom.commands import resolve_recipe
+    from unicom.train.config import default_values, load_config
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    config = load_config(args.config, overrides)  # every key and value checked before any work
-    if args.print_config:
-        print(to_yaml(config), end="")
+    config = resolve_recipe(args, load_config, default_values, *([f"checkpoint.resume={args.resume}"] if args.resume else []))
+    if config is None:
         return 0
 
     from unicom import distributed

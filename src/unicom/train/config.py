@@ -402,6 +402,22 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), c
     return config.validate()
 
 
+def default_values(cls=None) -> dict[str, Any]:
+    """Every dotted key of a recipe (``cls``, default :class:`TrainConfig`) with its default value."""
+    return flatten(dataclasses.asdict((cls or TrainConfig)()))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as ``{"section.key": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def to_yaml(config: TrainConfig) -> str:
     import yaml
 
@@ -411,7 +427,8 @@ def to_yaml(config: TrainConfig) -> str:
 # -------------------------------------------------------------------- validation
 
 
-def _check(condition: bool, problems: list[str], message: str) -> None:
+def check(condition: bool, problems: list[str], message: str) -> None:
+    """Add ``message`` to ``problems`` when ``condition`` fails (validation reports them all at once)."""
     if not condition:
         problems.append(message)
 
@@ -421,61 +438,61 @@ def validate(config: TrainConfig) -> None:
     problems: list[str] = []
     data, loss, optim, schedule, train = config.data, config.loss, config.optim, config.schedule, config.train
     sources = [name for name in ("shards", "folder", "table", "benchmark") if getattr(data, name)]
-    _check(config.seed >= 0, problems, f"seed must be non-negative, got {config.seed}")
-    _check(len(sources) == 1, problems,
+    check(config.seed >= 0, problems, f"seed must be non-negative, got {config.seed}")
+    check(len(sources) == 1, problems,
            f"give exactly one training source among data.shards, data.folder, data.table, data.benchmark (got {sources or 'none'})")
-    _check(not data.shards or bool(data.labels), problems,
+    check(not data.shards or bool(data.labels), problems,
            "data.shards needs data.labels (the `unicom cluster` output folder with labels/labels_<i>.parquet)")
-    _check(not data.benchmark or bool(data.root), problems, "data.benchmark needs data.root (the benchmark's folder)")
-    _check(not (data.benchmark and data.labels), problems, "data.labels does not apply to data.benchmark (its labels are its own)")
-    _check(config.model.name is not None or config.model.init is not None, problems,
+    check(not data.benchmark or bool(data.root), problems, "data.benchmark needs data.root (the benchmark's folder)")
+    check(not (data.benchmark and data.labels), problems, "data.labels does not apply to data.benchmark (its labels are its own)")
+    check(config.model.name is not None or config.model.init is not None, problems,
            "give model.name (e.g. ViT-B-32) or model.init (weights that fix the architecture)")
-    _check(data.batch_size >= 1, problems, f"data.batch_size must be at least 1, got {data.batch_size}")
-    _check(data.workers is None or data.workers >= 0, problems, f"data.workers must be 0 or more, got {data.workers}")
-    _check(data.shuffle_buffer >= 1, problems, f"data.shuffle_buffer must be at least 1, got {data.shuffle_buffer}")
-    _check(data.samples_per_epoch is None or data.samples_per_epoch >= 1, problems, "data.samples_per_epoch must be positive")
+    check(data.batch_size >= 1, problems, f"data.batch_size must be at least 1, got {data.batch_size}")
+    check(data.workers is None or data.workers >= 0, problems, f"data.workers must be 0 or more, got {data.workers}")
+    check(data.shuffle_buffer >= 1, problems, f"data.shuffle_buffer must be at least 1, got {data.shuffle_buffer}")
+    check(data.samples_per_epoch is None or data.samples_per_epoch >= 1, problems, "data.samples_per_epoch must be positive")
     augment = config.augment
-    _check(len(augment.crop_scale) == 2 and 0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1, problems,
+    check(len(augment.crop_scale) == 2 and 0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1, problems,
            f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {augment.crop_scale}")
-    _check(len(augment.crop_ratio) == 2 and 0 < augment.crop_ratio[0] <= augment.crop_ratio[1], problems,
+    check(len(augment.crop_ratio) == 2 and 0 < augment.crop_ratio[0] <= augment.crop_ratio[1], problems,
            f"augment.crop_ratio must be [low, high] with 0 < low <= high, got {augment.crop_ratio}")
     for name in ("hflip", "random_erasing"):
         value = getattr(augment, name)
-        _check(0.0 <= value <= 1.0, problems, f"augment.{name} must be a probability in [0, 1], got {value}")
-    _check(augment.color_jitter >= 0, problems, f"augment.color_jitter must be non-negative, got {augment.color_jitter}")
+        check(0.0 <= value <= 1.0, problems, f"augment.{name} must be a probability in [0, 1], got {value}")
+    check(augment.color_jitter >= 0, problems, f"augment.color_jitter must be non-negative, got {augment.color_jitter}")
     if augment.randaugment is not None:
-        _check(augment.randaugment.startswith("rand"), problems,
+        check(augment.randaugment.startswith("rand"), problems,
                f"augment.randaugment must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, got {augment.randaugment!r}")
     for name in ("sample_rate", "feature_rate"):
         value = getattr(loss, name)
-        _check(0.0 < value <= 1.0, problems, f"loss.{name} must be in (0, 1], got {value}")
-    _check(loss.scale > 0, problems, f"loss.scale must be positive, got {loss.scale}")
-    _check(loss.margin >= 0, problems, f"loss.margin must be non-negative, got {loss.margin}")
-    _check(loss.centers >= 1, problems, f"loss.centers must be at least 1, got {loss.centers}")
-    _check(loss.num_classes is None or loss.num_classes >= 1, problems, "loss.num_classes must be positive")
-    _check(optim.lr > 0, problems, f"optim.lr must be positive, got {optim.lr}")
-    _check(optim.weight_decay >= 0, problems, f"optim.weight_decay must be non-negative, got {optim.weight_decay}")
-    _check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), problems,
+        check(0.0 < value <= 1.0, problems, f"loss.{name} must be in (0, 1], got {value}")
+    check(loss.scale > 0, problems, f"loss.scale must be positive, got {loss.scale}")
+    check(loss.margin >= 0, problems, f"loss.margin must be non-negative, got {loss.margin}")
+    check(loss.centers >= 1, problems, f"loss.centers must be at least 1, got {loss.centers}")
+    check(loss.num_classes is None or loss.num_classes >= 1, problems, "loss.num_classes must be positive")
+    check(optim.lr > 0, problems, f"optim.lr must be positive, got {optim.lr}")
+    check(optim.weight_decay >= 0, problems, f"optim.weight_decay must be non-negative, got {optim.weight_decay}")
+    check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), problems,
            f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
-    _check(optim.eps > 0, problems, "optim.eps must be positive")
-    _check(optim.prototype_lr_scale > 0, problems, "optim.prototype_lr_scale must be positive")
-    _check(optim.prototype_weight_decay is None or optim.prototype_weight_decay >= 0, problems,
+    check(optim.eps > 0, problems, "optim.eps must be positive")
+    check(optim.prototype_lr_scale > 0, problems, "optim.prototype_lr_scale must be positive")
+    check(optim.prototype_weight_decay is None or optim.prototype_weight_decay >= 0, problems,
            "optim.prototype_weight_decay must be non-negative")
-    _check(optim.clip_grad_norm is None or optim.clip_grad_norm > 0, problems, "optim.clip_grad_norm must be positive")
-    _check(0.0 <= schedule.warmup_fraction < 1.0, problems, f"schedule.warmup_fraction must be in [0, 1), got {schedule.warmup_fraction}")
-    _check(schedule.warmup_steps is None or schedule.warmup_steps >= 0, problems, "schedule.warmup_steps must be non-negative")
-    _check(0.0 <= schedule.min_lr_ratio <= 1.0, problems, f"schedule.min_lr_ratio must be in [0, 1], got {schedule.min_lr_ratio}")
-    _check(schedule.onecycle_div >= 1 and schedule.onecycle_final_div >= 1, problems,
+    check(optim.clip_grad_norm is None or optim.clip_grad_norm > 0, problems, "optim.clip_grad_norm must be positive")
+    check(0.0 <= schedule.warmup_fraction < 1.0, problems, f"schedule.warmup_fraction must be in [0, 1), got {schedule.warmup_fraction}")
+    check(schedule.warmup_steps is None or schedule.warmup_steps >= 0, problems, "schedule.warmup_steps must be non-negative")
+    check(0.0 <= schedule.min_lr_ratio <= 1.0, problems, f"schedule.min_lr_ratio must be in [0, 1], got {schedule.min_lr_ratio}")
+    check(schedule.onecycle_div >= 1 and schedule.onecycle_final_div >= 1, problems,
            "schedule.onecycle_div and schedule.onecycle_final_div must be at least 1")
-    _check(train.steps is not None or train.epochs > 0, problems, f"train.epochs must be positive, got {train.epochs}")
-    _check(train.steps is None or train.steps >= 1, problems, f"train.steps must be at least 1, got {train.steps}")
-    _check(train.accumulation >= 1, problems, f"train.accumulation must be at least 1, got {train.accumulation}")
-    _check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
-    _check(config.model.drop_path_rate >= 0 and config.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
-    _check(config.checkpoint.every >= 1, problems, f"checkpoint.every must be at least 1, got {config.checkpoint.every}")
-    _check(config.checkpoint.keep >= 1, problems, f"checkpoint.keep must be at least 1, got {config.checkpoint.keep}")
-    _check(config.log.every >= 1, problems, f"log.every must be at least 1, got {config.log.every}")
-    _check(bool(config.out), problems, "out is required: the folder for checkpoints, logs and the exported model (out=DIR or --out DIR)")
+    check(train.steps is not None or train.epochs > 0, problems, f"train.epochs must be positive, got {train.epochs}")
+    check(train.steps is None or train.steps >= 1, problems, f"train.steps must be at least 1, got {train.steps}")
+    check(train.accumulation >= 1, problems, f"train.accumulation must be at least 1, got {train.accumulation}")
+    check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
+    check(config.model.drop_path_rate >= 0 and config.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
+    check(config.checkpoint.every >= 1, problems, f"checkpoint.every must be at least 1, got {config.checkpoint.every}")
+    check(config.checkpoint.keep >= 1, problems, f"checkpoint.keep must be at least 1, got {config.checkpoint.keep}")
+    check(config.log.every >= 1, problems, f"log.every must be at least 1, got {config.log.every}")
+    check(bool(config.out), problems, "out is required: the folder for checkpoints, logs and the exported model (out=DIR or --out DIR)")
     if problems:
         raise InputError("invalid training config:\n  " + "\n  ".join(problems))
 

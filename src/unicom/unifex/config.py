@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from unicom.errors import InputError
-from unicom.train.config import AugmentConfig, OptimConfig, ScheduleConfig, load_config
+from unicom.train.config import AugmentConfig, OptimConfig, ScheduleConfig, check, load_config
+from unicom.train.config import default_values as recipe_defaults
 
 # recipe name of a margin head -> its class in unicom.losses
 MARGIN_HEADS = {
@@ -154,18 +155,7 @@ def load_probe_config(path, overrides: Sequence[str] = ()) -> ProbeConfig:
 
 def default_values() -> dict[str, Any]:
     """Every dotted key of a probe recipe with its default value."""
-    return flatten(ProbeConfig().to_dict())
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested recipe dict as ``{"section.key": value}``."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return recipe_defaults(ProbeConfig)
 
 
 def head_option_names(head: str) -> list[str]:
@@ -178,56 +168,51 @@ def head_option_names(head: str) -> list[str]:
     return [name for name in HEAD_OPTIONS if name in parameters]
 
 
-def _check(condition: bool, problems: list[str], message: str) -> None:
-    if not condition:
-        problems.append(message)
-
-
 def validate(config: ProbeConfig) -> None:
     """Raise :class:`InputError` listing every value out of range and every bad combination."""
     problems: list[str] = []
     data, neck, cache, loss, optim, train, ev = (config.data, config.neck, config.cache, config.loss, config.optim,
                                                  config.train, config.eval)
-    _check(bool(config.out), problems, "out is required: the folder for the model, metrics and cache (out=DIR or --out DIR)")
-    _check(config.seed >= 0, problems, f"seed must be non-negative, got {config.seed}")
-    _check(bool(data.train), problems, "data.train is required: CSV/parquet lists of (dataset, path, class) rows")
-    _check(data.min_images_per_class >= 1, problems, "data.min_images_per_class must be at least 1")
-    _check(data.batch_size >= 2, problems, f"data.batch_size must be at least 2, got {data.batch_size}")
-    _check(data.workers is None or data.workers >= 0, problems, "data.workers must be 0 or more")
-    _check(neck.embedding_dim >= 1, problems, f"neck.embedding_dim must be positive, got {neck.embedding_dim}")
-    _check(0.0 <= neck.dropout < 1.0, problems, f"neck.dropout must be in [0, 1), got {neck.dropout}")
-    _check(not (neck.kind == "pooling" and (neck.batchnorm or neck.dropout)), problems,
+    check(bool(config.out), problems, "out is required: the folder for the model, metrics and cache (out=DIR or --out DIR)")
+    check(config.seed >= 0, problems, f"seed must be non-negative, got {config.seed}")
+    check(bool(data.train), problems, "data.train is required: CSV/parquet lists of (dataset, path, class) rows")
+    check(data.min_images_per_class >= 1, problems, "data.min_images_per_class must be at least 1")
+    check(data.batch_size >= 2, problems, f"data.batch_size must be at least 2, got {data.batch_size}")
+    check(data.workers is None or data.workers >= 0, problems, "data.workers must be 0 or more")
+    check(neck.embedding_dim >= 1, problems, f"neck.embedding_dim must be positive, got {neck.embedding_dim}")
+    check(0.0 <= neck.dropout < 1.0, problems, f"neck.dropout must be in [0, 1), got {neck.dropout}")
+    check(not (neck.kind == "pooling" and (neck.batchnorm or neck.dropout)), problems,
            "neck.batchnorm and neck.dropout apply to the linear neck only")
-    _check(cache.augmented_views >= 0, problems, "cache.augmented_views must be 0 or more")
-    _check(cache.batch_size >= 1 and cache.rows_per_part >= 1, problems, "cache.batch_size and cache.rows_per_part must be positive")
-    _check(not (train.augment and train.mode == "cache" and cache.augmented_views == 0), problems,
+    check(cache.augmented_views >= 0, problems, "cache.augmented_views must be 0 or more")
+    check(cache.batch_size >= 1 and cache.rows_per_part >= 1, problems, "cache.batch_size and cache.rows_per_part must be positive")
+    check(not (train.augment and train.mode == "cache" and cache.augmented_views == 0), problems,
            "train.augment in cache mode draws among augmented views: set cache.augmented_views to 1 or more")
-    _check(train.epochs >= 0, problems, f"train.epochs must be 0 or more, got {train.epochs}")
+    check(train.epochs >= 0, problems, f"train.epochs must be 0 or more, got {train.epochs}")
     augment = config.augment
-    _check(len(augment.crop_scale) == 2 and 0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1, problems,
+    check(len(augment.crop_scale) == 2 and 0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1, problems,
            f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {augment.crop_scale}")
-    _check(0.0 <= augment.hflip <= 1.0 and 0.0 <= augment.random_erasing <= 1.0, problems,
+    check(0.0 <= augment.hflip <= 1.0 and 0.0 <= augment.random_erasing <= 1.0, problems,
            "augment.hflip and augment.random_erasing are probabilities in [0, 1]")
-    _check(0.0 < loss.sample_rate <= 1.0, problems, f"loss.sample_rate must be in (0, 1], got {loss.sample_rate}")
-    _check(loss.centers >= 1, problems, f"loss.centers must be at least 1, got {loss.centers}")
-    _check(loss.scale is None or loss.scale > 0, problems, "loss.scale must be positive")
+    check(0.0 < loss.sample_rate <= 1.0, problems, f"loss.sample_rate must be in (0, 1], got {loss.sample_rate}")
+    check(loss.centers >= 1, problems, f"loss.centers must be at least 1, got {loss.centers}")
+    check(loss.scale is None or loss.scale > 0, problems, "loss.scale must be positive")
     accepted = head_option_names(loss.head)
     for name in HEAD_OPTIONS:
         if getattr(loss, name) is not None and name not in accepted:
             problems.append(f"loss.{name} does not apply to loss.head={loss.head}; its options are {', '.join(accepted) or 'none'}")
-    _check(optim.lr > 0, problems, f"optim.lr must be positive, got {optim.lr}")
-    _check(optim.weight_decay >= 0, problems, "optim.weight_decay must be non-negative")
-    _check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), problems, "optim.betas must be two numbers in [0, 1)")
-    _check(optim.prototype_lr_scale > 0, problems, "optim.prototype_lr_scale must be positive")
-    _check(optim.clip_grad_norm is None or optim.clip_grad_norm > 0, problems, "optim.clip_grad_norm must be positive")
-    _check(0.0 <= config.schedule.warmup_fraction < 1.0, problems, "schedule.warmup_fraction must be in [0, 1)")
-    _check(0.0 <= config.schedule.min_lr_ratio <= 1.0, problems, "schedule.min_lr_ratio must be in [0, 1]")
-    _check(bool(ev.query) == bool(ev.index), problems, "give eval.query and eval.index together")
-    _check(0.0 <= ev.holdout_classes < 1.0, problems, f"eval.holdout_classes must be in [0, 1), got {ev.holdout_classes}")
-    _check(not (ev.query and ev.holdout_classes), problems, "give eval.query/eval.index or eval.holdout_classes, not both")
-    _check(ev.queries_per_class >= 1, problems, "eval.queries_per_class must be at least 1")
-    _check(bool(ev.ks) and all(k >= 1 for k in ev.ks), problems, f"eval.ks must be positive integers, got {ev.ks}")
-    _check(ev.every >= 0, problems, "eval.every must be 0 or more")
+    check(optim.lr > 0, problems, f"optim.lr must be positive, got {optim.lr}")
+    check(optim.weight_decay >= 0, problems, "optim.weight_decay must be non-negative")
+    check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), problems, "optim.betas must be two numbers in [0, 1)")
+    check(optim.prototype_lr_scale > 0, problems, "optim.prototype_lr_scale must be positive")
+    check(optim.clip_grad_norm is None or optim.clip_grad_norm > 0, problems, "optim.clip_grad_norm must be positive")
+    check(0.0 <= config.schedule.warmup_fraction < 1.0, problems, "schedule.warmup_fraction must be in [0, 1)")
+    check(0.0 <= config.schedule.min_lr_ratio <= 1.0, problems, "schedule.min_lr_ratio must be in [0, 1]")
+    check(bool(ev.query) == bool(ev.index), problems, "give eval.query and eval.index together")
+    check(0.0 <= ev.holdout_classes < 1.0, problems, f"eval.holdout_classes must be in [0, 1), got {ev.holdout_classes}")
+    check(not (ev.query and ev.holdout_classes), problems, "give eval.query/eval.index or eval.holdout_classes, not both")
+    check(ev.queries_per_class >= 1, problems, "eval.queries_per_class must be at least 1")
+    check(bool(ev.ks) and all(k >= 1 for k in ev.ks), problems, f"eval.ks must be positive integers, got {ev.ks}")
+    check(ev.every >= 0, problems, "eval.every must be 0 or more")
     if problems:
         raise InputError("invalid probe config:\n  " + "\n  ".join(problems))
 

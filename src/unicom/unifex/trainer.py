@@ -35,7 +35,8 @@ from torch import nn
 
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
-from unicom.unifex.config import ProbeConfig, flatten
+from unicom.train.config import flatten
+from unicom.unifex.config import ProbeConfig
 from unicom.unifex.data import DomainImages, epoch_batches, epoch_order
 
 CHECKPOINT = "checkpoint.pt"

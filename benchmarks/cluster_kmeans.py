@@ -44,7 +44,7 @@ def generate(root: Path, rows: int, seed: int = 0) -> None:
     import pyarrow as pa
 
     from unicom.files import write_json_atomic
-    from unicom.layout import write_part
+    from unicom.formats.embeddings import write_part
 
     marker = root / "complete.json"
     spec = {"rows": rows, "dim": DIM, "shards": SHARDS, "concepts": CONCEPTS, "seed": seed}
@@ -129,7 +129,7 @@ def compare_with_sklearn(root: Path, k: int, spherical_centroids: np.ndarray, ro
     from unicom.cluster import ClusterInputs, KMeansSettings, initial_centroids, train_kmeans
     from unicom.cluster.kmeans import CentroidSearch, fit_quality
     from unicom.cluster.pipeline import kmeans_seed, training_sample
-    from unicom.layout import EmbeddingFolders
+    from unicom.formats.embeddings import EmbeddingFolders
 
     inputs = ClusterInputs(EmbeddingFolders(image=root / "img_emb", metadata=root / "metadata"), fusion="image")
     settings = KMeansSettings(k=k, iterations=ITERATIONS, points_per_centroid=POINTS_PER_CENTROID)

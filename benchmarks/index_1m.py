@@ -71,7 +71,7 @@ def clustered_collection(n: int, d: int, seed: int, *, block: int = 100_000, clu
 def write_collection(root: Path, rows: int) -> None:
     import pyarrow as pa
 
-    from unicom.layout import part_complete, write_part
+    from unicom.formats.embeddings import part_complete, write_part
 
     marker = root / "generator.json"
     settings = {"rows": rows, "dims": DIMS, "parts": PARTS, **GENERATOR}
@@ -120,7 +120,8 @@ def measure(index_path: str, queries_path: str, truth_path: str) -> dict:
     """In a fresh process: load the index, measure memory, speed and recall."""
     import faiss  # noqa: F401  (imported before the baseline, like every other library)
 
-    from unicom.search.index import Index, recall_at_k
+    from unicom.search.index import Index
+    from unicom.search.planner import recall_at_k
 
     queries = np.load(queries_path)
     truth = np.load(truth_path)
@@ -165,8 +166,9 @@ def main() -> int:
     import faiss
 
     from unicom.errors import InputError
-    from unicom.layout import EmbeddingFolders
-    from unicom.search.index import Index, flat_memory
+    from unicom.formats.embeddings import EmbeddingFolders
+    from unicom.search.index import Index
+    from unicom.search.planner import flat_memory
 
     data = Path(args.data)
     lines: list[str] = []

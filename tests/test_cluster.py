@@ -24,7 +24,7 @@ from unicom.cluster import (
     use_gpu,
 )
 from unicom.errors import InputError
-from unicom.layout import EmbeddingFolders, write_part
+from unicom.formats.embeddings import EmbeddingFolders, write_part
 
 
 def mixture(rng, classes: int, rows: int, dim: int, noise: float):

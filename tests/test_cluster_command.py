@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 from unicom.cli import main
 from unicom.cluster import Shard, load_labels, split_shards
 from unicom.errors import InputError
-from unicom.layout import write_part
+from unicom.formats.embeddings import write_part
 
 
 @pytest.fixture

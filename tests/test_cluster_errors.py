@@ -9,7 +9,7 @@ import pytest
 
 from unicom.cluster import ClusterInputs, KMeansSettings, cluster
 from unicom.errors import InputError
-from unicom.layout import EmbeddingFolders, write_part
+from unicom.formats.embeddings import EmbeddingFolders, write_part
 
 
 def make(root, sizes=(30, 30), dim=8, text_dim=None, dtype=np.float32, keys=True):
@@ -130,7 +130,7 @@ def test_a_folder_the_fusion_needs_is_not_given(tmp_path):
 def test_parts_missing_from_one_folder(tmp_path):
     make(tmp_path / "emb", sizes=(5, 5, 5))
     (tmp_path / "emb" / "text_emb" / "text_emb_2.npy").unlink()
-    expect_error(tmp_path, r"hold different parts: missing \[2\]")
+    expect_error(tmp_path, r"metadata_2.parquet: part 2 has no text_emb_2.npy beside it")
 
 
 def test_no_key_column(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from support import class_image, write_class_folder
 
 from unicom.cli import main
-from unicom.layout import EmbeddingFolders
+from unicom.formats.embeddings import EmbeddingFolders
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +29,16 @@ def test_class_folder_gives_parts_of_rows_with_labels_and_paths(tmp_path, weight
                  "--out", str(tmp_path / "EMB"), "--rows-per-part", "4", "--workers", "0"])
     assert code == 0
     folders = EmbeddingFolders.from_root(tmp_path / "EMB")
-    assert folders.numbers() == [0, 1, 2]  # 9 rows in parts of 4
-    rows = [row for n in folders.numbers() for row in folders.load("metadata", n).to_pylist()]
+    contents = folders.contents(("image",))
+    assert contents.numbers == [0, 1, 2]  # 9 rows in parts of 4
+    rows = [row for n in contents.numbers for row in folders.load("metadata", n).to_pylist()]
     good = [p for p in paths if p != broken]
     assert [row["image_path"] for row in rows] == [str(p) for p in good]
     assert [row["key"] for row in rows] == [p.relative_to(tmp_path / "data").as_posix() for p in good]
     assert [row["label"] for row in rows] == [0, 0, 0, 1, 1, 2, 2, 2]
     assert {(row["width"], row["height"]) for row in rows} == {(24, 24)}
     assert list(rows[0]) == ["key", "image_path", "width", "height", "label"]
-    assert sum(folders.num_rows("image", n) for n in folders.numbers()) == 8
+    assert sum(folders.num_rows("image", n) for n in contents.numbers) == contents.num_rows == 8
     (failure,) = pq.read_table(tmp_path / "EMB" / "failures" / "failures_1.parquet").to_pylist()
     assert (failure["source"], failure["index"], failure["part"]) == (str(broken), 0, 1)
 

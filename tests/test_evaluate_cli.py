@@ -13,7 +13,7 @@ from PIL import Image
 from unicom.cli import main
 from unicom.evaluate import retrieval_metrics
 from unicom.evaluate.dims import PCA
-from unicom.layout import write_part
+from unicom.formats.embeddings import write_part
 
 
 def clustered(n, dim, classes, noise, seed):

@@ -10,19 +10,10 @@ import pytest
 
 import unicom
 from unicom.errors import InputError
-from unicom.layout import write_part
-from unicom.search.index import (
-    CONFIG_FILE,
-    HELDOUT_FILE,
-    Index,
-    first_dims,
-    flat_memory,
-    ivfpq_candidate,
-    ivfpq_memory,
-    parse_size,
-    plan,
-    recall_at_k,
-)
+from unicom.formats.embeddings import write_part
+from unicom.search.collection import first_dims
+from unicom.search.index import CONFIG_FILE, HELDOUT_FILE, Index
+from unicom.search.planner import Candidate, flat_memory, ivfpq_candidate, ivfpq_memory, parse_size, plan, recall_at_k, tune
 
 
 def clustered(n: int, d: int, seed: int, clusters: int = 40, rank: int = 8) -> np.ndarray:
@@ -107,6 +98,28 @@ def test_plan_is_exact_for_small_collections_and_ordered_for_large_ones():
     assert [c.type for c in plan(1_000_000, 256, memory_budget=parse_size("200MB"))] == ["ivfpq"]
     with pytest.raises(InputError, match="no index type fits"):
         plan(1_000_000, 256, memory_budget=1_000_000)
+
+
+def test_tune_takes_the_smallest_search_parameter_that_reaches_the_target():
+    truth = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    found = {  # what an index finds for each nprobe: 4, 6 and 8 of the 8 true neighbours
+        1: np.array([[0, 9], [2, 9], [4, 9], [6, 9]]),
+        2: np.array([[0, 1], [2, 3], [4, 9], [6, 9]]),
+        4: truth,
+    }
+    candidate = Candidate("ivfpq", {"nlist": 4, "m": 2, "nbits": 4, "rotated_dims": 4}, 0)
+    asked = []
+
+    def search(parameter: dict) -> np.ndarray:
+        asked.append(parameter["nprobe"])
+        return found[parameter["nprobe"]]
+
+    parameter, recall, steps = tune(search, candidate, truth, 2, 0.75)
+    assert parameter == {"nprobe": 2} and recall == 0.75 and asked == [1, 2]
+    assert [(step["nprobe"], step["recall"]) for step in steps] == [(1, 0.5), (2, 0.75)]
+    found[4] = found[2]  # the target is out of reach: the best step is kept
+    asked.clear()
+    assert tune(search, candidate, truth, 2, 0.9)[:2] == ({"nprobe": 2}, 0.75) and asked == [1, 2, 4]
 
 
 # --------------------------------------------------------------------------- exact index
@@ -356,7 +369,7 @@ def test_unfinished_parts_are_left_out(tmp_path):
 
 def test_metadata_rows_must_match_the_embeddings(tmp_path):
     write_part(tmp_path / "emb", 0, image=clustered(10, 8, seed=0), metadata=pa.table({"key": list("abc")}))
-    with pytest.raises(InputError, match=r"metadata_0\.parquet: 3 rows, but img_emb_0\.npy has 10"):
+    with pytest.raises(InputError, match=r"part 0: img_emb_0\.npy has 10, metadata_0\.parquet has 3 rows"):
         Index.build(tmp_path / "emb", tmp_path / "index")
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from unicom.cli import main
-from unicom.layout import write_part
+from unicom.formats.embeddings import write_part
 from unicom.search.index import Index
 
 from support import embedded_image_collection

@@ -177,7 +177,7 @@ def test_path_traversal_on_the_thumbnail_route_reads_no_file(served):
 def test_an_item_without_a_local_image_has_no_thumbnail(tmp_path):
     import pyarrow as pa
 
-    from unicom.layout import write_part
+    from unicom.formats.embeddings import write_part
 
     rows = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a", "b"], "url": ["http://x/a.jpg", None]}))
@@ -197,7 +197,7 @@ def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
 
     import pyarrow as pa
 
-    from unicom.layout import write_part
+    from unicom.formats.embeddings import write_part
 
     samples = [{"key": f"{i:09d}", "jpg": encode_image(class_image(i, 0)), "txt": f"caption {i}"} for i in range(3)]
     write_tar_shard(tmp_path / "shards" / "00007.tar", samples)

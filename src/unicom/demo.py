@@ -110,7 +110,7 @@ def write_clustering_features(shards: Path, out: Path) -> int:
 
     from unicom.data.shards import expand_shards, read_tar_samples
     from unicom.files import part_number
-    from unicom.layout import write_part
+    from unicom.formats.embeddings import write_part
 
     rows = 0
     for path in expand_shards(str(shards)):
@@ -152,7 +152,7 @@ def write_pixel_layout(images, root: Path) -> None:
     import pyarrow as pa
     from PIL import Image
 
-    from unicom.layout import write_part
+    from unicom.formats.embeddings import write_part
 
     features = pixel_features([Image.open(path) for path in images.paths])
     metadata = pa.table({"key": pa.array(images.keys, pa.string()), "label": pa.array(images.labels, pa.int64())})

@@ -5,7 +5,7 @@ Two ways in:
 * :func:`embed_images` / :func:`embed_texts`: a list of images, paths or captions ->
   ``np.ndarray`` float32 (N, D), rows L2-normalised, in the order given.
 * :func:`embed_to_folder` (``unicom embed``): webdataset shards, an image folder or a
-  CSV/parquet list -> the embedding-folder layout of :mod:`unicom.layout`, one output part
+  CSV/parquet list -> an embedding folder (:mod:`unicom.formats.embeddings`), one output part
   per input part, float16 by default. Finished parts are skipped, so a killed job resumes
   where it stopped; under ``torchrun`` the parts are split over the ranks.
 
@@ -33,16 +33,20 @@ from unicom.data.loading import Batch, BatchStream, plan_units
 from unicom.data.sources import ItemsPart, open_parts
 from unicom.data.transforms import draft_size
 from unicom.errors import InputError
-from unicom.files import write_json_atomic, write_parquet_atomic
-from unicom.layout import part_complete, write_part
+from unicom.files import write_parquet_atomic
+from unicom.formats.embeddings import (
+    failures_path,
+    part_complete,
+    read_config,
+    write_config,
+    write_part,
+)
 from unicom.models.encoders import Encoder, load_encoder
 from unicom.progress import progress
 
 MODALITIES = ("image", "text")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = ("float16", "float32")
-CONFIG_FILE = "embed_config.json"
-FAILURES_FOLDER = "failures"
 FAILURES_SHOWN = 20
 
 
@@ -291,10 +295,6 @@ def _metadata_table(part, rows: list[dict], with_images: bool):
     return pa.table({name: pa.array([row.get(name) for row in rows], type=types[name]) for name in names})
 
 
-def _failures_path(out: Path, number: int) -> Path:
-    return out / FAILURES_FOLDER / f"failures_{number}.parquet"
-
-
 def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str) -> None:
     """Sort the part's rows back into input order and write it (failures first, metadata last)."""
     import pyarrow as pa
@@ -310,7 +310,7 @@ def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], 
             stacked = np.concatenate(chunks) if chunks else np.zeros((0, dims[kind]), dtype=np.float32)
             arrays[kind] = stacked[order].astype(dtype)
     rows = [pending.rows[i] for i in order]
-    report = _failures_path(out, part.number)
+    report = failures_path(out, part.number)
     if pending.failures:
         failures = sorted(pending.failures, key=lambda f: f["index"])
         write_parquet_atomic(
@@ -330,15 +330,9 @@ def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], 
 
 def _check_config(out: Path, config: dict) -> bool:
     """Compare with the configuration a previous run left in ``out``; True if there was one."""
-    import json
-
-    path = out / CONFIG_FILE
-    if not path.is_file():
+    previous = read_config(out)
+    if previous is None:
         return False
-    try:
-        previous = json.loads(path.read_text())
-    except ValueError as error:
-        raise InputError(f"{path}: unreadable ({error}); delete it if {out} holds no parts") from error
     different = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
@@ -403,7 +397,7 @@ def embed_parts(
     distributed.barrier()
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if rank == 0 and not had_config:
-        write_json_atomic(out / CONFIG_FILE, config)
+        write_config(out, config)
     mine = pending[rank::world]
     if mine:
         _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision)

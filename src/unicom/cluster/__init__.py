@@ -6,17 +6,16 @@ with its nearest centroid in one streaming pass (:func:`assign_labels`). The who
 (:func:`cluster`) reads the shards memory-mapped in row chunks, so memory does not grow
 with the number of samples; at larger scale, independent parts cluster slices of the
 shards (:func:`train_part`) and :func:`merge_parts` clusters the union of their centroids.
-See ``docs/clustering.md`` for the commands and file formats.
+The output folder is :mod:`unicom.formats.clusters`. See ``docs/clustering.md`` for the
+commands and file formats.
 """
 
 from unicom.cluster.inputs import FUSIONS, ClusterInputs, ScanResult, Shard, fuse, plan_sample, scan
 from unicom.cluster.kmeans import CentroidSearch, KMeansResult, initial_centroids, train_kmeans, use_gpu
 from unicom.cluster.pipeline import (
-    ClusterFolder,
     KMeansSettings,
     assign_labels,
     cluster,
-    load_labels,
     merge_parts,
     split_shards,
     summarize,
@@ -24,6 +23,7 @@ from unicom.cluster.pipeline import (
     train_part,
 )
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
+from unicom.formats.clusters import ClusterFolder, load_labels
 
 __all__ = [
     "FUSIONS",

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from unicom.errors import InputError
-from unicom.layout import KEY_COLUMNS, EmbeddingFolders
+from unicom.formats.embeddings import EmbeddingFolders, key_column
 from unicom.progress import progress
 
 # fusion -> the embedding kinds it reads
@@ -83,10 +83,11 @@ class ClusterInputs:
 
     ``folders`` must hold the embeddings that ``fusion`` reads and the metadata (whose
     ``key_column`` names each sample in the labels). ``key_column=None`` takes the first of
-    ``key``, ``image_path``, ``url`` that the metadata has. Checks: the same part numbers
-    in every folder, equal row counts of the files of one part, float embeddings of one
-    dimension across shards (and between image and text for ``image+text``), the key
-    column in every metadata file. Rows themselves are checked by :func:`scan`.
+    ``key``, ``image_path``, ``url`` that the metadata has. Checks: every part complete and
+    sound (:meth:`~unicom.formats.embeddings.EmbeddingFolders.contents`: files, row counts,
+    float embeddings of one dimension), image and text of one dimension for
+    ``image+text``, the key column in every metadata file. Rows themselves are checked by
+    :func:`scan`.
     """
 
     folders: EmbeddingFolders
@@ -108,68 +109,23 @@ class ClusterInputs:
                 flag = {"image": "--image-emb", "text": "--text-emb", "metadata": "--metadata"}[kind]
                 why = "the keys of the labels come from it" if kind == "metadata" else f"fusion {self.fusion!r} reads it"
                 raise InputError(f"no {kind} folder was given ({flag}); {why}")
-        numbers = self.folders.numbers([*self.kinds, "metadata"])
-        self._files = {kind: self.folders.files(kind) for kind in (*self.kinds, "metadata")}
-        shards, dimensions, dtypes = [], {}, {}
-        for number in numbers:
-            counts = {}
-            for kind in self.kinds:
-                array = self.folders.load(kind, number)
-                path = self.path(kind, number)
-                if array.dtype.kind != "f":
-                    raise InputError(f"{path}: dtype {array.dtype} is not a float type; expected float16 or float32 embeddings")
-                counts[kind] = array.shape[0]
-                dimension = int(array.shape[1])
-                first = dimensions.setdefault(kind, (dimension, path))
-                if dimension != first[0]:
-                    raise InputError(
-                        f"{path}: dimension {dimension}, but {first[1]} has {first[0]}; "
-                        "every shard must come from the same model"
-                    )
-                dtypes.setdefault(kind, str(array.dtype))
-                del array
-            counts["metadata"] = self._metadata_rows(number)
-            if len(set(counts.values())) != 1:
-                listing = ", ".join(f"{self.path(k, number).name} has {n}" for k, n in counts.items())
-                raise InputError(
-                    f"part {number}: {listing} rows; the files of one part must describe the same samples row by row"
-                )
-            shards.append(Shard(number, counts["metadata"]))
+        contents = self.folders.contents(self.kinds, metadata=True)
+        self._contents = contents
+        for number in contents.numbers:
+            columns = contents.metadata_columns(number)
+            self.key_column = key_column(columns, contents.path("metadata", number), self.key_column, "--key-column")
+        self.shards = [Shard(part.number, part.rows) for part in contents.parts]
+        dimensions = {kind: (contents.dimensions[kind], contents.path(kind, contents.numbers[0])) for kind in self.kinds}
         if self.fusion == "image+text" and dimensions["image"][0] != dimensions["text"][0]:
             raise InputError(
                 f"image embeddings are {dimensions['image'][0]}-d ({dimensions['image'][1]}) and text embeddings "
                 f"{dimensions['text'][0]}-d ({dimensions['text'][1]}); image+text averages them, so both must come "
                 "from the same CLIP model (or choose --fusion image or --fusion text)"
             )
-        self.shards = shards
         self.dimension = dimensions[self.kinds[0]][0]
-        self.dtypes = dtypes
+        self.dtypes = contents.dtypes
         if self.num_rows == 0:
             raise InputError(f"{self.folders.folder(self.kinds[0])}: the shards hold no samples")
-
-    def _metadata_rows(self, number: int) -> int:
-        import pyarrow.parquet as pq
-
-        path = self.path("metadata", number)
-        try:
-            schema = pq.read_schema(path)
-            rows = pq.ParquetFile(path).metadata.num_rows
-        except Exception as error:  # pyarrow raises several types for damaged files
-            raise InputError(f"{path}: not a readable parquet file ({error})") from error
-        if self.key_column is None:
-            present = [name for name in KEY_COLUMNS if name in schema.names]
-            if not present:
-                raise InputError(
-                    f"{path}: none of the key columns {', '.join(KEY_COLUMNS)} is present (columns: "
-                    f"{', '.join(schema.names)}); add one or name it with --key-column"
-                )
-            self.key_column = present[0]
-        elif self.key_column not in schema.names:
-            raise InputError(
-                f"{path}: no key column {self.key_column!r} (columns: {', '.join(schema.names)}); "
-                f"choose another with --key-column"
-            )
-        return rows
 
     @property
     def num_rows(self) -> int:
@@ -182,7 +138,7 @@ class ClusterInputs:
         raise InputError(f"no part {number} in {self.folders.folder(self.kinds[0])}")
 
     def path(self, kind: str, number: int) -> Path:
-        return self._files[kind][number]
+        return self._contents.path(kind, number)
 
     def fingerprint(self) -> dict:
         """What identifies these inputs in an output folder's records (paths excluded, so
@@ -197,7 +153,7 @@ class ClusterInputs:
     def _rows(self, kind: str, number: int, start: int, stop: int) -> np.ndarray:
         # A fresh mapping per chunk (fusion copies the rows out of it): once the chunk is
         # dropped, its pages leave the resident set, so RSS stays one chunk whatever N is.
-        return np.load(self.path(kind, number), mmap_mode="r", allow_pickle=False)[start:stop]
+        return self._contents.load(kind, number)[start:stop]
 
     def chunks(self, shard: Shard) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(start, rows, valid)`` per chunk of ``shard``: fused (n, d) float32 unit rows of
@@ -211,14 +167,7 @@ class ClusterInputs:
 
     def keys(self, shard: Shard):
         """The key column of ``shard``'s metadata, a ``pyarrow.Array`` in row order."""
-        import pyarrow.parquet as pq
-
-        path = self.path("metadata", shard.number)
-        try:
-            column = pq.read_table(path, columns=[self.key_column]).column(0)
-        except Exception as error:
-            raise InputError(f"{path}: cannot read column {self.key_column!r} ({error})") from error
-        return column.combine_chunks()
+        return self._contents.load("metadata", shard.number, columns=[self.key_column]).column(0).combine_chunks()
 
     def explain_invalid(self, shard: Shard, rows: np.ndarray, null_keys: np.ndarray) -> str:
         """Which file holds the bad ``rows`` of ``shard``, and what is wrong with them."""
@@ -234,7 +183,7 @@ class ClusterInputs:
             bad = []
             for start in range(0, len(vector_rows), self.chunk_rows):
                 batch = vector_rows[start:start + self.chunk_rows]
-                array = np.load(self.path(kind, shard.number), mmap_mode="r", allow_pickle=False)
+                array = self._contents.load(kind, shard.number)
                 _, valid = _unit_rows(array[batch])
                 bad.extend(batch[~valid].tolist())
             if bad:

@@ -1,21 +1,9 @@
 """Clustering runs: resumable stages that meet only through the files under ``OUT``.
 
-::
-
-    OUT/centroids.npy               (k, d) float32 centroids (unit rows when spherical)
-    OUT/centroids.json              how they were trained: settings, inputs, training points
-    OUT/assignment.json             which inputs the labels describe (checked on resume)
-    OUT/labels/labels_{i}.parquet   one per input part i: key, label (int64), similarity (float32)
-    OUT/cluster_sizes.npy           (k,) int64 samples per cluster
-    OUT/cluster_sizes.png           their histogram
-    OUT/clusters.json               the summary
-    OUT/parts/part_{p}.npy          hierarchical mode: part p's centroids (k_p, d) float32,
-    OUT/parts/part_{p}_sizes.npy    (k_p,) int64 training points per centroid,
-    OUT/parts/part_{p}.json         and its record (written last: the part is done)
-
-Every file is written under a temporary name and renamed. A stage that finds its output
-(with a record of the same settings) skips it, so a killed run started again continues;
-a record with other settings is an error rather than a silent mix of two runs.
+The folder and its files are :mod:`unicom.formats.clusters` (:class:`ClusterFolder`
+writes and reads them). A stage that finds its output (with a record of the same
+settings) skips it, so a killed run started again continues; a record with other settings
+is an error rather than a silent mix of two runs.
 """
 
 from __future__ import annotations
@@ -23,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,10 +19,8 @@ from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample,
 from unicom.cluster.kmeans import INITS, CentroidSearch, train_kmeans, use_gpu
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
 from unicom.errors import InputError
-from unicom.files import numbered_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
+from unicom.formats.clusters import ClusterFolder, check_record
 from unicom.progress import progress
-
-LABEL_METADATA_KEY = b"unicom.labels"
 
 
 @dataclass(frozen=True)
@@ -60,80 +45,6 @@ class KMeansSettings:
     @property
     def sample_size(self) -> int:
         return self.k * self.points_per_centroid
-
-
-class ClusterFolder:
-    """The paths of one run's output folder (see the module docstring)."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.centroids = self.root / "centroids.npy"
-        self.centroids_record = self.root / "centroids.json"
-        self.assignment_record = self.root / "assignment.json"
-        self.labels = self.root / "labels"
-        self.sizes = self.root / "cluster_sizes.npy"
-        self.histogram = self.root / "cluster_sizes.png"
-        self.summary = self.root / "clusters.json"
-        self.parts = self.root / "parts"
-
-    def label_path(self, number: int) -> Path:
-        return self.labels / f"labels_{number}.parquet"
-
-    def part_paths(self, part: int) -> tuple[Path, Path, Path]:
-        """Centroids, sizes and record of hierarchical part ``part``."""
-        return (self.parts / f"part_{part}.npy", self.parts / f"part_{part}_sizes.npy", self.parts / f"part_{part}.json")
-
-    def read_record(self) -> dict:
-        """``centroids.json``: how the centroids were trained."""
-        if not (self.centroids.is_file() and self.centroids_record.is_file()):
-            raise InputError(
-                f"{self.root}: no trained centroids (centroids.npy and centroids.json); run `unicom cluster` "
-                "or, in hierarchical mode, `unicom cluster part` and `unicom cluster merge` first"
-            )
-        return _read_json(self.centroids_record)
-
-    def read_centroids(self) -> tuple[np.ndarray, dict]:
-        """The (k, d) float32 centroids and their record, checked against each other."""
-        record = self.read_record()
-        centroids = np.load(self.centroids, allow_pickle=False)
-        if centroids.shape != (record["k"], record["dimension"]):
-            raise InputError(
-                f"{self.centroids}: shape {centroids.shape}, but {self.centroids_record.name} says "
-                f"({record['k']}, {record['dimension']}); the folder was altered, run again into a new --out"
-            )
-        return centroids, record
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not a readable JSON record ({error}); delete it to redo its stage") from error
-
-
-def _check_record(path: Path, expected: dict) -> dict | None:
-    """The record at ``path`` if it exists and agrees with ``expected``; an error if it
-    disagrees (a resumed run must not mix two settings); None if there is none."""
-    if not path.is_file():
-        return None
-    record = _read_json(path)
-    differences = [_difference(key, record.get(key), value) for key, value in expected.items() if record.get(key) != value]
-    if differences:
-        raise InputError(
-            f"{path} was written by a run with other settings ({'; '.join(differences)}); "
-            f"use another --out, or delete {path} and what was made from it to start over"
-        )
-    return record
-
-
-def _difference(key: str, there, now) -> str:
-    if isinstance(there, dict) and isinstance(now, dict):  # name the fields, not whole listings
-        keys = [k for k in {**there, **now} if there.get(k) != now.get(k)]
-        return "; ".join(_difference(f"{key}.{k}", there.get(k), now.get(k)) for k in keys[:5])
-    there_text, now_text = json.dumps(there), json.dumps(now)
-    if len(there_text) + len(now_text) > 120:
-        return f"{key} differs"
-    return f"{key} {there_text} there, {now_text} now"
 
 
 def sample_seed(settings: KMeansSettings, part: int | None = None) -> tuple:
@@ -231,13 +142,12 @@ def train_centroids(
     """
     folder = ClusterFolder(out)
     expected = {"mode": "single", "settings": asdict(settings), "inputs": inputs.fingerprint()}
-    record = _check_record(folder.centroids_record, expected)
+    record = check_record(folder.centroids_record, expected)
     if record is not None and folder.centroids.is_file():
         return record, None
     trained, result, fields = _train_on(inputs, inputs.shards, settings, part=None, skip_invalid=skip_invalid, device=device)
     record = {**expected, **fields}
-    save_npy_atomic(folder.centroids, trained.centroids)
-    write_json_atomic(folder.centroids_record, record)  # last: the centroids are complete
+    folder.write_centroids(trained.centroids, record)
     return record, result
 
 
@@ -277,7 +187,7 @@ def assign_labels(
             "assign with embeddings of the model the centroids were trained on"
         )
     expected = {"inputs": inputs.fingerprint()}
-    assignment = _check_record(folder.assignment_record, expected)
+    assignment = check_record(folder.assignment_record, expected)
     selected = _select(inputs, shards)
     pending = [shard for shard in selected if not folder.label_path(shard.number).is_file()]
     report = {"parts": len(selected), "written": [s.number for s in pending], "rows": sum(s.rows for s in pending)}
@@ -287,7 +197,7 @@ def assign_labels(
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
     if assignment is None:
-        write_json_atomic(folder.assignment_record, {**expected, "dropped_below": 0})
+        folder.write_assignment({**expected, "dropped_below": 0})
     search = CentroidSearch(centroids, spherical=record["spherical"], gpu=use_gpu(device))
     started = time.perf_counter()
     bar = progress(total=report["rows"], desc="assign", unit="sample")
@@ -323,20 +233,8 @@ def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, se
             )
         labels[start:stop], similarity[start:stop] = search.search(rows)
         bar.update(len(rows))
-    mask = pa.array(keep)
-    table = pa.table({"key": keys.filter(mask), "label": labels[keep], "similarity": similarity[keep]})
     facts = {"rows": shard.rows, "invalid": int(shard.rows - keep.sum()), "key_column": inputs.key_column}
-    table = table.replace_schema_metadata({LABEL_METADATA_KEY: json.dumps(facts).encode()})
-    write_parquet_atomic(folder.label_path(shard.number), table)
-
-
-def _label_facts(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
-    if LABEL_METADATA_KEY not in metadata:
-        raise InputError(f"{path}: not a label file written by unicom cluster (no {LABEL_METADATA_KEY.decode()} metadata)")
-    return json.loads(metadata[LABEL_METADATA_KEY])
+    folder.write_labels(shard.number, keys.filter(pa.array(keep)), labels[keep], similarity[keep], facts)
 
 
 def summarize(
@@ -346,13 +244,9 @@ def summarize(
     labelled; with ``min_cluster_size``, drop from the label files the samples of the
     clusters smaller than that (label ids are kept, so they still index the centroids).
     ``seconds`` (the stage timings of this run) is recorded as it is."""
-    import pyarrow.parquet as pq
-
     folder = ClusterFolder(out)
     record = folder.read_record()
-    if not folder.assignment_record.is_file():
-        raise InputError(f"{folder.root}: no labels yet; run `unicom cluster assign` first")
-    assignment = _read_json(folder.assignment_record)
+    assignment = folder.read_assignment()
     numbers = sorted(int(n) for n in assignment["inputs"]["shards"])
     missing = [n for n in numbers if not folder.label_path(n).is_file()]
     if missing:
@@ -365,15 +259,15 @@ def summarize(
             f"to use {min_cluster_size}, delete {folder.labels} and {folder.assignment_record} and assign again"
         )
     k = record["k"]
-    facts = {n: _label_facts(folder.label_path(n)) for n in numbers}
+    facts = {n: folder.label_facts(n) for n in numbers}
     if applied == 0:  # the files hold every labelled sample: count them
         sizes = np.zeros(k, dtype=np.int64)
         similarity_sum = 0.0
         for n in numbers:
-            table = pq.read_table(folder.label_path(n), columns=["label", "similarity"])
+            table = folder.read_labels(n, ["label", "similarity"])
             sizes += np.bincount(table.column("label").to_numpy(), minlength=k)
             similarity_sum += float(np.sum(table.column("similarity").to_numpy(), dtype=np.float64))
-        save_npy_atomic(folder.sizes, sizes)
+        folder.write_sizes(sizes)
         assignment["mean_similarity"] = similarity_sum / max(int(sizes.sum()), 1)
     else:  # some files may be filtered already: the sizes were saved before filtering
         if not folder.sizes.is_file():
@@ -381,11 +275,11 @@ def summarize(
                 f"{folder.sizes} is missing but the labels were filtered with --min-cluster-size {applied}; "
                 f"delete {folder.labels} and {folder.assignment_record} and assign again"
             )
-        sizes = np.load(folder.sizes, allow_pickle=False)
+        sizes = folder.read_sizes()
     threshold = max(applied, min_cluster_size)
     if threshold > applied:  # recorded before the first file changes, so a resumed run knows
         assignment["dropped_below"] = threshold
-        write_json_atomic(folder.assignment_record, assignment)
+        folder.write_assignment(assignment)
     if threshold > 0:
         _drop_small_clusters(folder, numbers, sizes, threshold)
     statistics = size_statistics(sizes, tiny_cluster_size)
@@ -424,7 +318,7 @@ def summarize(
         summary["seconds"] = seconds
     if plot:
         plot_cluster_sizes(sizes, folder.histogram, tiny_cluster_size=tiny_cluster_size, min_cluster_size=threshold or None)
-    write_json_atomic(folder.summary, summary)
+    folder.write_summary(summary)
     return summary
 
 
@@ -433,17 +327,15 @@ def _drop_small_clusters(folder: ClusterFolder, numbers: list[int], sizes: np.nd
     # so a run killed half-way through simply filters the rest when started again.
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     small = np.flatnonzero(sizes < threshold)
     if len(small) == 0:
         return
     for n in numbers:
-        path = folder.label_path(n)
-        table = pq.read_table(path)
+        table = folder.read_labels(n)
         drop = pc.is_in(table.column("label"), value_set=pa.array(small))
         if pc.any(drop).as_py():
-            write_parquet_atomic(path, table.filter(pc.invert(drop)).replace_schema_metadata(table.schema.metadata))
+            folder.replace_labels(n, table.filter(pc.invert(drop)))
 
 
 def cluster(
@@ -505,17 +397,15 @@ def train_part(
     """Cluster part ``part`` of ``num_parts`` (its slice of the shards) into ``settings.k``
     centroids; writes ``OUT/parts/part_{part}.*``. Independent of every other part."""
     folder = ClusterFolder(out)
-    centroids_path, sizes_path, record_path = folder.part_paths(part)
+    record_path = folder.part_paths(part)[2]
     shards = split_shards(inputs.shards, part, num_parts)
     expected = {"part": part, "num_parts": num_parts, "settings": asdict(settings), "inputs": inputs.fingerprint()}
-    record = _check_record(record_path, expected)
+    record = check_record(record_path, expected)
     if record is not None:
         return record
     trained, _, fields = _train_on(inputs, shards, settings, part=part, skip_invalid=skip_invalid, device=device)
     record = {**expected, "shards": [s.number for s in shards], **fields}
-    save_npy_atomic(centroids_path, trained.centroids)
-    save_npy_atomic(sizes_path, trained.sizes)
-    write_json_atomic(record_path, record)  # last: the part is complete
+    folder.write_part(part, trained.centroids, trained.sizes, record)
     return record
 
 
@@ -527,10 +417,9 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
     to ``k · points_per_centroid`` centroids when larger. Writes ``centroids.npy``/``.json``.
     """
     folder = ClusterFolder(out)
-    listing = numbered_files(folder.parts, "part_", ".json") if folder.parts.is_dir() else []
-    if not listing:
+    records = folder.part_records()
+    if not records:
         raise InputError(f"{folder.parts}: no part results; run `unicom cluster part --part P/N ...` for every part first")
-    records = {number: _read_json(path) for number, path in listing}
     first = next(iter(records.values()))
     num_parts = first["num_parts"]
     for number, part in records.items():
@@ -557,7 +446,7 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
         "union_centroids": union,
     }
     expected = {"mode": "hierarchical", "settings": asdict(settings), "inputs": first["inputs"], "hierarchical": hierarchical}
-    record = _check_record(folder.centroids_record, expected)
+    record = check_record(folder.centroids_record, expected)
     if record is not None and folder.centroids.is_file():
         return record
     if settings.k > union:
@@ -569,11 +458,7 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
     weights = np.empty(len(points), dtype=np.float32)
     filled = 0
     for p, rows in enumerate(plan):
-        centroids_path, sizes_path, _ = folder.part_paths(p)
-        centroids = np.load(centroids_path, mmap_mode="r", allow_pickle=False)
-        sizes = np.load(sizes_path, allow_pickle=False)
-        if centroids.shape != (part_ks[p], first["dimension"]) or sizes.shape != (part_ks[p],):
-            raise InputError(f"{centroids_path}: shape {centroids.shape} (sizes {sizes.shape}) does not match its record; redo part {p}")
+        centroids, sizes = folder.read_part(p, part_ks[p], first["dimension"])
         scale = records[p]["valid_samples"] / records[p]["training_points"]
         points[filled:filled + len(rows)] = centroids[rows]
         weights[filled:filled + len(rows)] = sizes[rows] * scale
@@ -598,18 +483,5 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
         "invalid_rows": int(sum(r["invalid_rows"] for r in records.values())),
         "part_training_points": int(sum(r["training_points"] for r in records.values())),
     }
-    save_npy_atomic(folder.centroids, trained.centroids)
-    write_json_atomic(folder.centroids_record, record)
+    folder.write_centroids(trained.centroids, record)
     return record
-
-
-def load_labels(out, columns: list[str] | None = None):
-    """Every label file of ``OUT/labels`` in part order, as one ``pyarrow.Table``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = ClusterFolder(out)
-    files = numbered_files(folder.labels, "labels_", ".parquet")
-    if not files:
-        raise InputError(f"{folder.labels}: no labels_<N>.parquet files; run `unicom cluster` first")
-    return pa.concat_tables([pq.read_table(path, columns=columns) for _, path in files])

@@ -80,7 +80,7 @@ def _part(text: str | None, stage: str) -> tuple[int, int] | None:
 
 def _inputs(args, fusion: str):
     from unicom.cluster import ClusterInputs
-    from unicom.layout import EmbeddingFolders
+    from unicom.formats.embeddings import EmbeddingFolders
 
     explicit = {"image": args.image_emb, "text": args.text_emb, "metadata": args.metadata}
     if args.embeddings:
@@ -88,6 +88,7 @@ def _inputs(args, fusion: str):
         for kind, path in explicit.items():  # an explicit folder overrides the root's
             if path:
                 setattr(folders, kind, path)
+                folders.root = None  # messages then name every folder
     elif any(explicit.values()):
         folders = EmbeddingFolders(**{kind: path for kind, path in explicit.items() if path})
     else:
@@ -140,7 +141,7 @@ def _print_summary(summary: dict, out: str) -> None:
 
 def run(args) -> int:
     from unicom.cluster import assign_labels, cluster, merge_parts, summarize, train_part
-    from unicom.cluster.pipeline import ClusterFolder
+    from unicom.formats.clusters import ClusterFolder
 
     part = _part(args.part, args.stage)
     if part is not None and args.stage not in ("part", "assign"):

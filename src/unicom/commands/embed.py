@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unicom import distributed
-    from unicom.embed import FAILURES_FOLDER, embed_to_folder
+    from unicom.embed import embed_to_folder
+    from unicom.formats.embeddings import FAILURES_FOLDER
 
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     rank, _ = distributed.init_from_env()

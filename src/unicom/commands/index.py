@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unicom.search.index import CONFIG_FILE, Index, format_size
+    from unicom.search.index import CONFIG_FILE, Index
+    from unicom.search.planner import format_size
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = Path(args.out)

@@ -2,7 +2,7 @@
 
 This is what ``unicom evaluate`` calls. With a model, each split is embedded with the
 model's own ``image_transform`` (:func:`unicom.embed.embed_images`) into
-``OUT/embeddings/<split>/`` in the embedding-folder layout (:mod:`unicom.layout`), in
+``OUT/embeddings/<split>/`` as embedding folders (:mod:`unicom.formats.embeddings`), in
 parts of :data:`PART_ROWS` images: a killed run resumes at the first missing part, and
 the folders can be given back later as ``--embeddings``. With embeddings, rows are found
 by their metadata ``key`` (the reader's keys: paths relative to the dataset folder), or
@@ -20,7 +20,13 @@ import numpy as np
 
 from unicom.errors import InputError
 from unicom.files import write_json_atomic
-from unicom.layout import EmbeddingFolders, part_complete, part_path, write_part
+from unicom.formats.embeddings import (
+    EmbeddingFolders,
+    key_column,
+    part_complete,
+    read_embedding_folder,
+    write_part,
+)
 from unicom.progress import progress
 
 PART_ROWS = 10_000
@@ -31,35 +37,11 @@ PCA_SEED = 0
 # --------------------------------------------------------------------------- embedding folders
 
 
-def read_embedding_folder(root: str | os.PathLike):
-    """All parts of an embedding folder: (embeddings float32 (N, D), metadata pyarrow.Table or None)."""
-    import pyarrow as pa
-
-    folders = EmbeddingFolders.from_root(root)
-    if folders.image is None:
-        raise InputError(f"{root}: no img_emb/ folder; evaluation needs image embeddings")
-    kinds = ["image"] + (["metadata"] if folders.metadata is not None else [])
-    numbers = folders.numbers(kinds)
-    arrays = [np.asarray(folders.load("image", i), dtype=np.float32) for i in numbers]
-    tables = [folders.load("metadata", i) for i in numbers] if folders.metadata is not None else None
-    for i, array, table in zip(numbers, arrays, tables or [None] * len(arrays)):
-        if table is not None and table.num_rows != len(array):
-            raise InputError(f"{root}: part {i} has {len(array)} embeddings but {table.num_rows} metadata rows")
-    if any(a.shape[1] != arrays[0].shape[1] for a in arrays):
-        raise InputError(f"{root}: parts have different embedding dimensions")
-    metadata = pa.concat_tables(tables, promote_options="default") if tables else None
-    return np.concatenate(arrays), metadata
-
-
 def _key_column(metadata, root) -> list[str]:
-    from unicom.layout import KEY_COLUMNS
-
     if metadata is None:
         raise InputError(f"{root}: no metadata/ folder, so rows have no keys to match images or labels with")
-    for column in KEY_COLUMNS:
-        if column in metadata.column_names:
-            return [str(v) for v in metadata.column(column).to_pylist()]
-    raise InputError(f"{root}: metadata has none of the key columns {KEY_COLUMNS}")
+    column = key_column(metadata.column_names, Path(root) / "metadata")
+    return [str(v) for v in metadata.column(column).to_pylist()]
 
 
 def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, label_column: str = "label") -> np.ndarray:
@@ -160,11 +142,9 @@ def embed_cached(
             stop = min(start + PART_ROWS, len(images))
             part_keys = [str(k) for k in keys[start:stop]]
             if part_complete(folder, number, ["image", "metadata"]):
-                import pyarrow.parquet as pq
-
-                stored = pq.read_table(part_path(folder / "metadata", "metadata", number), columns=["key"])
-                if stored.column("key").to_pylist() == part_keys:
-                    parts.append(np.load(part_path(folder / "img_emb", "image", number)))
+                stored = EmbeddingFolders.from_root(folder)
+                if stored.load("metadata", number, columns=["key"]).column("key").to_pylist() == part_keys:
+                    parts.append(np.asarray(stored.load("image", number, mmap=False)))
                     bar.update(stop - start)
                     continue
             embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)

@@ -1,8 +1,9 @@
-"""A faiss index over an embedding collection, with its ids and metadata beside it.
+"""The index: a faiss index over an embedding collection, with its ids and metadata beside it.
 
-``Index.build(EMB, INDEX)`` reads the image embeddings of an embedding folder
-(:mod:`unicom.layout`), keeps the first ``dims`` dimensions of each row re-normalised to unit
-length, and writes::
+``Index.build(EMB, INDEX)`` reads the image embeddings of an embedding folder as rows
+(:mod:`unicom.search.collection`), keeps the first ``dims`` dimensions of each row
+re-normalised to unit length, chooses and tunes the index type (:mod:`unicom.search.planner`)
+and writes::
 
     INDEX/index.json                      the configuration (below); written last
     INDEX/index_{generation}.faiss        the faiss index, inner product on unit vectors
@@ -12,48 +13,38 @@ length, and writes::
 Ids are row numbers of the collection in part order: part ``i``'s row ``r`` has id
 ``first_id(i) + r``. ``index.json`` records the index type and its parameters, the search
 parameter (``nprobe`` or ``efSearch``), the parts (number, rows, first id) and how the type
-was chosen.
-
-Index types (their structure in faiss' factory notation; the metric is the inner product):
-
-* ``flat``  exact search, ``Flat``: 4·d bytes per vector.
-* ``hnsw``  a graph, ``HNSW{M}``: the vectors plus about 4·(2M+1) bytes of links and an
-  8-byte id per vector; the fastest at high recall, but larger than ``flat``.
-* ``ivfpq`` inverted lists of product-quantised residuals, ``PR{d'},IVF{nlist},PQ{m}x{nbits}``:
-  m·nbits/8 bytes of code plus an 8-byte id per vector. ``PR{d'}`` (:func:`principal_rotation`)
-  projects the vectors on their d' = s·m principal axes (s ≥ 2 dimensions per
-  sub-quantizer) and rotates them randomly, spreading the variance over the sub-quantizers.
-
-``type="auto"`` chooses from a memory budget and a recall target: the exact index for
-small collections, else the candidates that fit the budget in the order hnsw, ivfpq (the
-largest code that fits), flat; each is built, its search parameter raised until recall@k
-on the held-out sample reaches the target, and the first that reaches it is kept.
-
-recall@k is measured against exact search on a held-out sample: rows of the collection that
-train no quantizer and join the index only after the measurement, so that they are searched
-as new queries are. For each held-out row q it is the fraction of q's k exact nearest
-neighbours among the other (not held-out) rows that the index returns among its k.
+was chosen. This module owns that folder: it writes it, and :meth:`Index.load` reads and
+checks it. IVF-PQ indexes start with :func:`principal_rotation`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from unicom import __version__
 from unicom.errors import InputError
 from unicom.files import atomic_path, save_npy_atomic, write_json_atomic, write_parquet_atomic
-from unicom.layout import KINDS, EmbeddingFolders, part_path
-from unicom.progress import progress
+from unicom.formats.embeddings import part_path, read_config
+from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
+from unicom.search.planner import (
+    Candidate,
+    choose_heldout,
+    format_size,
+    heldout_size,
+    parse_size,
+    plan,
+    train_rows,
+    tune,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,355 +54,9 @@ CONFIG_FILE = "index.json"
 HELDOUT_FILE = "heldout_ids.npy"
 METADATA_FOLDER = "metadata"
 ID_COLUMN = "id"
-TYPES = ("auto", "flat", "hnsw", "ivfpq")
-
-ID_BYTES = 8  # faiss keeps one int64 id per vector in inverted lists
-MIN_IVFPQ_ROWS = 39 * 16  # 39 training rows for each of 16 centroids: the smallest IVF-PQ worth training
-BLOCK_ROWS = 65536  # rows read, normalised and added at once
-NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-EF_SEARCH_STEPS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-# --------------------------------------------------------------------------- small pieces
-
-
-def first_dims(embeddings: np.ndarray, dims: int, where: str = "embeddings", rows=0) -> np.ndarray:
-    """The first ``dims`` columns of (N, D) ``embeddings``, rows re-normalised: float32 (N, dims).
-
-    Raises :class:`InputError` naming ``where`` and the row for non-finite values or rows
-    whose first ``dims`` values are all zero; ``rows`` gives the row numbers to name (an
-    offset, or one number per row).
-    """
-    x = np.array(embeddings[:, :dims], dtype=np.float32, copy=True, order="C")
-    norms = np.linalg.norm(x, axis=1)
-    bad = ~np.isfinite(norms) | (norms == 0)
-    if bad.any():
-        position = int(np.flatnonzero(bad)[0])
-        row = int(rows[position]) if np.ndim(rows) else int(rows) + position
-        problem = "holds NaN or infinite values" if not np.isfinite(norms[position]) else (
-            f"is zero in its first {dims} dimensions and cannot be normalised")
-        raise InputError(f"{where}: row {row} {problem}; re-embed that part or drop the row")
-    x /= norms[:, None]
-    return x
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int | float) -> int:
-    """Bytes from ``"512MB"``, ``"2GiB"``, ``"1.5G"`` or a number (decimal units: 1 MB = 10^6 bytes; MiB = 2^20)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = _SIZE.match(text)
-    if match is None:
-        raise InputError(f"memory size {text!r} not understood: write e.g. 512MB, 2GiB or 1500000000")
-    value, prefix, suffix = match.groups()
-    power = "kmgt".index(prefix.lower()) + 1 if prefix else 0
-    base = 1024 if suffix.lower().startswith("i") else 1000
-    return int(float(value) * base**power)
-
-
-def format_size(num_bytes: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: binary units up to GiB."""
-    if abs(num_bytes) < 1024:
-        return f"{num_bytes:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        num_bytes /= 1024
-        if abs(num_bytes) < 1024 or unit == "GiB":
-            break
-    return f"{num_bytes:.1f} {unit}"
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over rows of |found ∩ truth| / |truth|; ``found``, ``truth``: int (Q, k), -1 = none."""
-    if len(truth) == 0:
-        return float("nan")
-    total = 0.0
-    for got, want in zip(found, truth):
-        want = want[want >= 0]
-        if len(want):
-            total += len(np.intersect1d(got[got >= 0], want)) / len(want)
-        else:
-            total += 1.0
-    return total / len(truth)
-
-
-# --------------------------------------------------------------------------- the collection
-
-
-@dataclass
-class Part:
-    number: int
-    rows: int
-    first_id: int
-
-    def as_dict(self) -> dict:
-        return {"number": self.number, "rows": self.rows, "first_id": self.first_id}
-
-
-class Collection:
-    """The complete parts of an embedding folder, in part order, with their row ids.
-
-    A part is complete when its metadata file exists (``unicom embed`` writes it last);
-    image parts without one are left out with a warning. Without a metadata folder every
-    image part counts.
-    """
-
-    def __init__(self, root: str | os.PathLike, first_id: int = 0, skip: Sequence[int] = ()):
-        self.root = Path(root)
-        self.folders = EmbeddingFolders.from_root(root)
-        if self.folders.image is None:
-            raise InputError(f"{root}: no img_emb/ folder inside; the index is built from image embeddings")
-        images = self.folders.files("image")
-        self.has_metadata = self.folders.metadata is not None
-        numbers = sorted(images)
-        if self.has_metadata:
-            metadata = dict(self._metadata_files())
-            orphans = sorted(set(metadata) - set(images))
-            if orphans:
-                raise InputError(
-                    f"{self.folders.metadata}: metadata parts {orphans[:5]} have no img_emb file beside them; "
-                    "re-run `unicom embed` for them or remove them"
-                )
-            pending = sorted(set(images) - set(metadata))
-            if pending:
-                logger.warning("%s: parts %s have no metadata yet (unfinished) and are left out", root, pending[:10])
-            numbers = sorted(metadata)
-        skipped = set(skip)
-        self.parts: list[Part] = []
-        self.dim: int | None = None
-        next_id = first_id
-        for number in numbers:
-            if number in skipped:
-                continue
-            shape = self._shape(number)
-            if self.dim is None:
-                self.dim = shape[1]
-            elif shape[1] != self.dim:
-                raise InputError(
-                    f"{images[number]}: {shape[1]} dimensions, but earlier parts have {self.dim}; "
-                    "every part must come from the same model"
-                )
-            if self.has_metadata:
-                meta_rows = self.folders.num_rows("metadata", number)
-                if meta_rows != shape[0]:
-                    raise InputError(
-                        f"{part_path(self.folders.metadata, 'metadata', number)}: {meta_rows} rows, but "
-                        f"{images[number].name} has {shape[0]}; re-run `unicom embed` for part {number}"
-                    )
-            self.parts.append(Part(number, shape[0], next_id))
-            next_id += shape[0]
-        self.all_numbers = numbers
-
-    def _metadata_files(self):
-        from unicom.files import numbered_files
-
-        _, prefix, suffix = KINDS["metadata"]
-        return numbered_files(self.folders.metadata, prefix, suffix)
-
-    def _shape(self, number: int) -> tuple[int, int]:
-        array = self.folders.load("image", number)
-        return int(array.shape[0]), int(array.shape[1])
-
-    @property
-    def num_rows(self) -> int:
-        return sum(part.rows for part in self.parts)
-
-    def where(self, number: int) -> str:
-        return str(part_path(self.folders.image, "image", number))
-
-    def blocks(self, dims: int, desc: str = "") -> Iterator[tuple[int, np.ndarray]]:
-        """(first id, float32 (B, dims) unit rows) for consecutive blocks of every part."""
-        bar = progress(total=self.num_rows, desc=desc, unit="vec") if desc else None
-        for part in self.parts:
-            array = self.folders.load("image", part.number)
-            for start in range(0, part.rows, BLOCK_ROWS):
-                block = first_dims(array[start:start + BLOCK_ROWS], dims, self.where(part.number), start)
-                yield part.first_id + start, block
-                if bar is not None:
-                    bar.update(len(block))
-        if bar is not None:
-            bar.close()
-
-    def gather(self, ids: np.ndarray, dims: int) -> np.ndarray:
-        """Rows ``ids`` (sorted int64) as float32 (len(ids), dims) unit vectors."""
-        out = np.empty((len(ids), dims), dtype=np.float32)
-        starts = np.array([part.first_id for part in self.parts], dtype=np.int64)
-        which = np.searchsorted(starts, ids, side="right") - 1
-        for index in np.unique(which):
-            part = self.parts[int(index)]
-            selected = np.flatnonzero(which == index)
-            local = ids[selected] - part.first_id
-            array = self.folders.load("image", part.number)
-            out[selected] = first_dims(array[local], dims, self.where(part.number), local)
-        return out
-
-    def metadata_table(self, part: Part):
-        """Part's metadata with the index ids in column ``id`` (a source ``id`` column becomes ``source_id``)."""
-        import pyarrow as pa
-
-        ids = pa.array(np.arange(part.first_id, part.first_id + part.rows, dtype=np.int64))
-        if not self.has_metadata:
-            return pa.table({ID_COLUMN: ids})
-        table = self.folders.load("metadata", part.number)
-        if ID_COLUMN in table.column_names:
-            table = table.rename_columns(["source_id" if name == ID_COLUMN else name for name in table.column_names])
-        return table.add_column(0, ID_COLUMN, ids)
-
-
-def exact_neighbours(collection: Collection, queries: np.ndarray, k: int, dims: int, exclude: np.ndarray) -> np.ndarray:
-    """The exact k nearest neighbours (inner product) of each query among the collection's
-    rows, leaving out the ids ``exclude`` (sorted int64: the held-out rows, queries included).
-
-    Returns int64 (Q, k) ids, -1 where fewer rows remain. One pass over the collection: each
-    block's top k is merged into the running top k, equal scores ranking the lower id first.
-    """
-    import torch
-
-    from unicom.evaluate.metrics import knn_search, ranked_top_k
-
-    best_scores = np.zeros((len(queries), 0), dtype=np.float32)
-    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
-    for first_id, block in collection.blocks(dims, desc="exact search"):
-        ids = np.arange(first_id, first_id + len(block), dtype=np.int64)
-        kept = ~np.isin(ids, exclude, assume_unique=True)
-        if not kept.any():
-            continue
-        block, ids = block[kept], ids[kept]
-        scores, local = knn_search(queries, block, min(k, len(block)))
-        scores = np.concatenate([best_scores, scores], axis=1)
-        ids = np.concatenate([best_ids, ids[local]], axis=1)
-        # earlier columns hold lower ids, so ranked_top_k's tie rule ranks lower ids first
-        best_scores, order = (t.numpy() for t in ranked_top_k(torch.from_numpy(scores), k))
-        best_ids = np.take_along_axis(ids, order, axis=1)
-    out = np.full((len(queries), k), -1, dtype=np.int64)
-    out[:, : best_ids.shape[1]] = best_ids
-    return out
-
-
-# --------------------------------------------------------------------------- index types
-
-
-@dataclass
-class Candidate:
-    """An index type with its build parameters and its estimated memory in bytes."""
-
-    type: str
-    params: dict
-    memory: int
-
-    def structure(self) -> str:
-        """The index in faiss' factory notation (``PR`` is :func:`principal_rotation`)."""
-        p = self.params
-        if self.type == "flat":
-            return "Flat"
-        if self.type == "hnsw":
-            return f"HNSW{p['M']}"
-        return f"PR{p['rotated_dims']},IVF{p['nlist']},PQ{p['m']}x{p['nbits']}"
-
-    def describe(self) -> str:
-        shown = ", ".join(f"{key}={value}" for key, value in self.params.items())
-        return f"{self.type}({shown})" if shown else self.type
-
-
-def flat_memory(n: int, d: int) -> int:
-    return 4 * n * d
-
-
-def hnsw_memory(n: int, d: int, M: int) -> int:
-    # vectors + links (2M at level 0, about 1 more on the levels above) as int32
-    # + per-vector offset (int64), level (int32) and id (int64)
-    return n * (4 * d + 4 * (2 * M + 1) + 12 + ID_BYTES)
-
-
-def ivfpq_memory(n: int, d: int, nlist: int, m: int, nbits: int, rotated_dims: int) -> int:
-    codes = n * (math.ceil(m * nbits / 8) + ID_BYTES)
-    centroids = 4 * rotated_dims * (nlist + 2**nbits)
-    rotation = 4 * d * rotated_dims
-    return codes + centroids + rotation + 48 * nlist  # two std::vectors per inverted list
-
-
-def default_nlist(n: int) -> int:
-    """A power of two near 4·sqrt(n), with at least 39 training rows per list."""
-    target = 4 * math.sqrt(max(n, 1))
-    nlist = 2 ** max(0, round(math.log2(target)))
-    while nlist > 1 and nlist * 39 > n:
-        nlist //= 2
-    return nlist
-
-
-def default_nbits(n: int) -> int:
-    """8 bits per sub-quantizer when there are 39 training rows per centroid, fewer otherwise."""
-    return int(min(8, max(4, math.floor(math.log2(max(n, 1) / 39)))))
-
-
-def ivfpq_candidate(n: int, d: int, budget: int | None, *, nlist: int | None = None, m: int | None = None,
-                    nbits: int | None = None, trainable: int | None = None) -> Candidate | None:
-    """IVF-PQ with the largest code that fits ``budget``, or with ``m`` sub-quantizers.
-
-    Each sub-quantizer codes s = floor(d/m) ≥ 2 dimensions of the rotated vector (d' = s·m
-    dimensions, at most d). With neither ``budget`` nor ``m``, m = d/4 (a code 16 times
-    smaller than the float32 vector). ``trainable``: rows available for training (default n),
-    which bound ``nlist`` and ``nbits``. None when no code fits.
-    """
-    trainable = n if trainable is None else trainable
-    nlist = nlist or default_nlist(trainable)
-    nbits = nbits or default_nbits(trainable)
-    if m is None:
-        if budget is None:
-            m = max(1, d // 4)
-        else:
-            fixed = ivfpq_memory(0, d, nlist, 0, nbits, d)
-            per_vector = (budget - fixed) // max(n, 1) - ID_BYTES
-            m = min(d // 2, int(per_vector * 8 // nbits))
-            m = m // 4 * 4 if m >= 8 else m  # multiples of 4 keep the rotated dimension tidy
-            if m < 1:
-                return None
-    if not 1 <= m <= d // 2:
-        raise InputError(f"--pq-m {m}: use 1 to {d // 2} sub-quantizers for {d} dimensions (at least 2 dimensions each)")
-    params = {"nlist": nlist, "m": m, "nbits": nbits, "rotated_dims": d // m * m}
-    memory = ivfpq_memory(n, d, nlist, m, nbits, params["rotated_dims"])
-    if budget is not None and memory > budget:
-        return None
-    return Candidate("ivfpq", params, memory)
-
-
-def plan(n: int, d: int, *, index_type: str = "auto", memory_budget: int | None = None, exact_max_rows: int = 100_000,
-         nlist: int | None = None, pq_m: int | None = None, nbits: int | None = None, hnsw_m: int = 32,
-         trainable: int | None = None) -> list[Candidate]:
-    """The index types to try, in order (see the module docstring); ``trainable``: rows not held out."""
-    if index_type not in TYPES:
-        raise InputError(f"index type {index_type!r} unknown: use one of {', '.join(TYPES)}")
-    flat = Candidate("flat", {}, flat_memory(n, d))
-    hnsw = Candidate("hnsw", {"M": hnsw_m, "efConstruction": 40}, hnsw_memory(n, d, hnsw_m))
-    if index_type == "flat":
-        return [flat]
-    if index_type == "hnsw":
-        return [hnsw]
-    ivfpq = ivfpq_candidate(n, d, None if pq_m else memory_budget, nlist=nlist, m=pq_m, nbits=nbits, trainable=trainable)
-    if index_type == "ivfpq":
-        if ivfpq is None:
-            raise InputError(
-                f"no IVF-PQ code fits {format_size(memory_budget)} for {n} vectors: raise --memory "
-                f"(about {format_size(n * (ID_BYTES + 8))} gives 8-byte codes)"
-            )
-        if n < max(MIN_IVFPQ_ROWS, 39 * ivfpq.params["nlist"]):
-            raise InputError(f"{n} vectors are too few to train IVF-PQ (at least {max(MIN_IVFPQ_ROWS, 39 * ivfpq.params['nlist'])}); "
-                             "use --type flat")
-        return [ivfpq]
-
-    def fits(candidate: Candidate | None) -> bool:
-        return candidate is not None and (memory_budget is None or candidate.memory <= memory_budget)
-
-    if n <= exact_max_rows and fits(flat):
-        return [flat]
-    chosen = [c for c in (hnsw, ivfpq if n >= MIN_IVFPQ_ROWS else None, flat) if fits(c)]
-    if not chosen:
-        raise InputError(
-            f"no index type fits {format_size(memory_budget)} for {n} vectors of {d} dimensions "
-            f"(exact: {format_size(flat.memory)}); raise --memory or index fewer --dims"
-        )
-    return chosen
+# --------------------------------------------------------------------------- faiss
 
 
 def principal_rotation(sample: np.ndarray, out_dims: int, seed: int = 0):
@@ -450,13 +95,6 @@ def _new_faiss_index(candidate: Candidate, dims: int, sample: np.ndarray | None 
     return faiss.IndexPreTransform(principal_rotation(sample, p["rotated_dims"]), ivf)
 
 
-def train_rows(candidate: Candidate) -> int:
-    """Rows sampled to train ``candidate``'s quantizers (0: nothing to train)."""
-    if candidate.type != "ivfpq":
-        return 0
-    return max(50 * candidate.params["nlist"], 64 * 2 ** candidate.params["nbits"])
-
-
 def search_parameters(index_type: str, search: dict):
     """faiss SearchParameters for ``search`` (``{"nprobe": p}`` or ``{"efSearch": e}``), or None."""
     import faiss
@@ -479,38 +117,6 @@ def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -
     # search as `search_numpy`
     search_numpy = getattr(index, "search_numpy", index.search)
     return search_numpy(queries, k, params=params)
-
-
-def _search_steps(candidate: Candidate, k: int) -> list[dict]:
-    if candidate.type == "ivfpq":
-        return [{"nprobe": p} for p in NPROBE_STEPS if p <= candidate.params["nlist"]]
-    if candidate.type == "hnsw":
-        return [{"efSearch": e} for e in EF_SEARCH_STEPS if e >= k]
-    return [{}]
-
-
-def tune(index, candidate: Candidate, queries: np.ndarray, truth: np.ndarray, k: int,
-         target: float) -> tuple[dict, float, list[dict]]:
-    """The smallest search parameter whose recall@k on the held-out queries reaches ``target``.
-
-    ``index`` holds every row but the held-out ones; ``truth`` (Q, k) are their exact
-    neighbours among those rows. Returns (search parameter, its recall, every step measured:
-    parameter, recall, queries/s); without a step reaching the target, the best step.
-    """
-    if candidate.type == "flat":
-        return {}, 1.0, []
-    steps = []
-    for search in _search_steps(candidate, k):
-        start = time.perf_counter()
-        _, ids = _search(index, candidate.type, search, queries, k)
-        seconds = time.perf_counter() - start
-        recall = recall_at_k(ids, truth)
-        steps.append({**search, "recall": round(recall, 4), "queries_per_s": round(len(queries) / max(seconds, 1e-9), 1)})
-        logger.info("%s %s: recall@%d %.4f", candidate.describe(), search, k, recall)
-        if recall >= target:
-            return search, recall, steps
-    best = max(steps, key=lambda step: step["recall"])
-    return {key: best[key] for key in ("nprobe", "efSearch") if key in best}, best["recall"], steps
 
 
 def _add(index, index_type: str, block: np.ndarray, ids: np.ndarray) -> None:
@@ -538,7 +144,7 @@ def _add_and_tune(index, candidate: Candidate, blocks, heldout_ids: np.ndarray, 
         _add(index, candidate.type, block, ids)
     if not measured:
         return {}, 1.0, []
-    result = tune(index, candidate, queries, truth, k, target)
+    result = tune(lambda search: _search(index, candidate.type, search, queries, k)[1], candidate, truth, k, target)
     _add(index, candidate.type, queries, heldout_ids)
     return result
 
@@ -558,15 +164,6 @@ class _Built:
 
 def _faiss_file(generation: int) -> str:
     return f"index_{generation}.faiss"
-
-
-def _choose_heldout(rng: np.random.Generator, first_id: int, rows: int, count: int) -> np.ndarray:
-    return np.sort(rng.choice(rows, size=min(count, rows), replace=False).astype(np.int64) + first_id)
-
-
-def _heldout_size(n: int, heldout: int) -> int:
-    # at most a tenth of a small collection, so the quantizers still see most of it
-    return int(min(heldout, max(1, n // 10))) if n > 1 else 0
 
 
 class Index:
@@ -763,11 +360,11 @@ class Index:
         dims = dims or collection.dim
         if not 1 <= dims <= collection.dim:
             raise InputError(f"--dims {dims}: the embeddings have {collection.dim} dimensions")
-        heldout_rows = _heldout_size(n, heldout)
+        heldout_rows = heldout_size(n, heldout)
         candidates = plan(n, dims, index_type=index_type, memory_budget=budget, exact_max_rows=exact_max_rows,
                           nlist=nlist, pq_m=pq_m, nbits=nbits, hnsw_m=hnsw_m, trainable=n - heldout_rows)
         rng = np.random.default_rng(seed)
-        heldout_ids = _choose_heldout(rng, 0, n, heldout_rows)
+        heldout_ids = choose_heldout(rng, 0, n, heldout_rows)
         measured = not (len(candidates) == 1 and candidates[0].type == "flat")
         queries = collection.gather(heldout_ids, dims)
         truth = exact_neighbours(collection, queries, k, dims, heldout_ids) if measured else None
@@ -872,8 +469,8 @@ class Index:
             else:
                 # a fresh held-out sample from the new rows measures the grown index
                 rng = np.random.default_rng(len(parts))
-                heldout_ids = _choose_heldout(rng, count, additions.num_rows,
-                                              _heldout_size(additions.num_rows, selection.get("heldout", 1000)))
+                heldout_ids = choose_heldout(rng, count, additions.num_rows,
+                                              heldout_size(additions.num_rows, selection.get("heldout", 1000)))
                 queries = additions.gather(heldout_ids, self.dims)
                 truth = exact_neighbours(collection, queries, k, self.dims, heldout_ids)
                 candidate = Candidate(self.type, self.config["params"], 0)
@@ -914,12 +511,12 @@ def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.
 
 def _embedding_model(emb: Path) -> dict | None:
     """The model that embedded the collection, from ``unicom embed``'s configuration file, if any."""
-    path = emb / "embed_config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = read_config(emb)
+    except InputError as error:  # only a hint for queries: the index does not need it
+        logger.warning("%s; the index will not record the model", error)
         return None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+    if config is None or not isinstance(config.get("model"), str):
         return None
     return {"spec": config["model"], "pretrained": config.get("pretrained")}
 
@@ -929,6 +526,19 @@ def _read_config(path: Path) -> dict | None:
     if not config_path.is_file():
         return None
     return json.loads(config_path.read_text())
+
+
+def _metadata_with_ids(collection: Collection, part: Part):
+    """Part's metadata with the index ids in column ``id`` (a source ``id`` column becomes ``source_id``)."""
+    import pyarrow as pa
+
+    ids = pa.array(np.arange(part.first_id, part.first_id + part.rows, dtype=np.int64))
+    table = collection.metadata(part)
+    if table is None:
+        return pa.table({ID_COLUMN: ids})
+    if ID_COLUMN in table.column_names:
+        table = table.rename_columns(["source_id" if name == ID_COLUMN else name for name in table.column_names])
+    return table.add_column(0, ID_COLUMN, ids)
 
 
 def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None, collection: Collection, parts: list[Part],
@@ -942,7 +552,7 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
 
     out.mkdir(parents=True, exist_ok=True)
     for part in parts:
-        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), collection.metadata_table(part))
+        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part))
     config["file"] = _faiss_file(config["generation"])
     with atomic_path(out / config["file"]) as tmp:
         faiss.write_index(faiss_index, str(tmp))

@@ -39,7 +39,8 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from unicom.errors import InputError
-from unicom.search.index import Index, first_dims
+from unicom.search.collection import first_dims
+from unicom.search.index import Index
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}

@@ -35,7 +35,6 @@ that the reader in turn comes first.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -135,10 +134,9 @@ class ShardSource:
             )
 
     def _labels(self, number: int) -> dict[str, int]:
-        import pyarrow.parquet as pq
+        from unicom.formats.clusters import read_label_lookup
 
-        table = pq.read_table(self.label_files[number], columns=["key", "label"])
-        return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+        return read_label_lookup(self.label_files[number])
 
     def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
                 counters: Counters) -> Iterator[Record]:
@@ -368,56 +366,6 @@ def train_transform(config, image_size: int, mean=None, std=None):
 # --------------------------------------------------------------------------- sources
 
 
-def _labels_folder(path: str | os.PathLike) -> Path:
-    """The folder holding ``labels_{i}.parquet``: ``PATH/labels`` (a cluster run) or ``PATH``."""
-    path = Path(path)
-    if (path / "labels").is_dir():
-        return path / "labels"
-    if path.is_dir() and any(path.glob("labels_*.parquet")):
-        return path
-    raise InputError(f"{path}: no labels/labels_<i>.parquet inside; give the output folder of `unicom cluster`")
-
-
-def _cluster_classes(path: str | os.PathLike) -> int | None:
-    """k of a clustering run (``centroids.json``), without reading the centroids."""
-    for name in ("centroids.json", "clusters.json"):
-        record = Path(path) / name
-        if record.is_file():
-            try:
-                return int(json.loads(record.read_text())["k"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise InputError(f"{record}: unreadable clustering record ({error})") from error
-    return None
-
-
-def _label_range(files: Sequence[Path]) -> tuple[int, int, int]:
-    """(rows, min label, max label) over label files, from the parquet statistics when present."""
-    import pyarrow.parquet as pq
-
-    rows, low, high = 0, None, None
-    for path in files:
-        try:
-            meta = pq.ParquetFile(path).metadata
-        except Exception as error:  # pyarrow raises several types for damaged files
-            raise InputError(f"{path}: not a readable parquet file ({error})") from error
-        names = meta.schema.names
-        if "key" not in names or "label" not in names:
-            raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), found {names}")
-        rows += meta.num_rows
-        column = names.index("label")
-        for g in range(meta.num_row_groups):
-            stats = meta.row_group(g).column(column).statistics
-            if stats is None or not stats.has_min_max:
-                values = pq.read_table(path, columns=["label"]).column("label").to_numpy()
-                if len(values):
-                    low = int(values.min()) if low is None else min(low, int(values.min()))
-                    high = int(values.max()) if high is None else max(high, int(values.max()))
-                break
-            low = int(stats.min) if low is None else min(low, int(stats.min))
-            high = int(stats.max) if high is None else max(high, int(stats.max))
-    return rows, (0 if low is None else low), (-1 if high is None else high)
-
-
 def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, origin: str) -> int:
     classes = num_classes or clustered or high + 1
     if high >= classes:
@@ -429,29 +377,20 @@ def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, 
 
 def _shard_source(data, num_classes: int | None) -> ShardSource:
     from unicom.data.shards import SHARD_SUFFIXES, expand_shards
-    from unicom.files import numbered_files, part_number
+    from unicom.files import part_number
+    from unicom.formats.clusters import PseudoLabels
 
     shards = [(part_number(path), path) for path in expand_shards(data.shards)]
     foreign = [str(p) for _, p in shards if not p.name.endswith(SHARD_SUFFIXES)]
     if foreign:
         raise InputError(f"{foreign[0]}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)})")
-    folder = _labels_folder(data.labels)
-    available = dict(numbered_files(folder, "labels_", ".parquet"))
-    missing = [n for n, _ in shards if n not in available]
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise InputError(
-            f"{folder}: no labels for {len(missing)} of {len(shards)} shards (numbers {shown}); shard <i>.tar is joined "
-            "with labels_<i>.parquet: cluster the embeddings of these shards, or leave them out of data.shards"
-        )
-    files = {n: available[n] for n, _ in shards}
-    rows, low, high = _label_range(list(files.values()))
-    if low < 0:
-        raise InputError(f"{folder}: negative labels ({low}); labels must be class ids 0..k-1")
-    if rows == 0:
-        raise InputError(f"{folder}: the label files of these shards hold no rows")
-    classes = _resolve_classes(num_classes, _cluster_classes(data.labels), high, str(folder))
-    source = ShardSource(shards, files, rows, classes, data.shuffle_buffer)
+    labels = PseudoLabels(data.labels)
+    files = labels.select([n for n, _ in shards])
+    found = labels.check(list(files.values()))
+    if found.rows == 0:
+        raise InputError(f"{labels.folder}: the label files of these shards hold no rows")
+    classes = _resolve_classes(num_classes, labels.num_classes, found.high, str(labels.folder))
+    source = ShardSource(shards, files, found.rows, classes, data.shuffle_buffer)
     _check_keys_match(source)
     return source
 
@@ -479,18 +418,12 @@ def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
 
 def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> ListSource:
     """Give the rows of an image list the pseudo-labels of a cluster run, by key."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from unicom.formats.clusters import PseudoLabels
 
-    from unicom.files import numbered_files
-
-    folder = _labels_folder(data.labels)
-    files = [path for _, path in numbered_files(folder, "labels_", ".parquet")]
-    if not files:
-        raise InputError(f"{folder}: no labels_<i>.parquet files")
-    _, low, high = _label_range(files)
-    table = pa.concat_tables([pq.read_table(path, columns=["key", "label"]) for path in files])
-    lookup = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+    pseudo = PseudoLabels(data.labels)
+    high = pseudo.check().high
+    lookup = pseudo.lookup()
+    folder = pseudo.folder
     rows = [i for i, key in enumerate(images.keys) if key in lookup]
     if not rows:
         raise InputError(
@@ -498,7 +431,7 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
             f"(keys like {next(iter(lookup))!r}); the labels were made from other inputs"
         )
     labels = np.asarray([lookup[images.keys[i]] for i in rows], dtype=np.int64)
-    classes = _resolve_classes(num_classes, _cluster_classes(data.labels), high, str(folder))
+    classes = _resolve_classes(num_classes, pseudo.num_classes, high, str(folder))
     source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
     source.unlabelled = len(images) - len(rows)
     return source

@@ -123,7 +123,7 @@ def build_views(
 def load_view(folder: str | os.PathLike, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Features of the rows ``keys`` from a view folder: ``(float32 (N, D_in), present bool (N,))``;
     rows whose image failed to decode are zeros with ``present`` False."""
-    from unicom.evaluate.benchmark import read_embedding_folder
+    from unicom.formats.embeddings import read_embedding_folder
 
     features, metadata = read_embedding_folder(folder)
     stored = [str(k) for k in metadata.column("key").to_pylist()]

@@ -1,0 +1,353 @@
+"""The clustering output folder: what ``unicom cluster`` writes and ``unicom train`` reads.
+
+::
+
+    OUT/centroids.npy               (k, d) float32 centroids (unit rows when spherical)
+    OUT/centroids.json              how they were trained: settings, inputs, training points
+    OUT/assignment.json             which inputs the labels describe (checked on resume)
+    OUT/labels/labels_{i}.parquet   one per input part i: key, label (int64), similarity (float32)
+    OUT/cluster_sizes.npy           (k,) int64 samples per cluster
+    OUT/cluster_sizes.png           their histogram
+    OUT/clusters.json               the summary
+    OUT/parts/part_{p}.npy          hierarchical mode: part p's centroids (k_p, d) float32,
+    OUT/parts/part_{p}_sizes.npy    (k_p,) int64 training points per centroid,
+    OUT/parts/part_{p}.json         and its record (written last: the part is done)
+
+Every file is written under a temporary name and renamed; a record is written after the
+arrays it describes, so a record on disk means its arrays are complete. A label file's
+schema metadata ``unicom.labels`` holds ``{"rows", "invalid", "key_column"}`` of its part.
+
+:class:`ClusterFolder` writes and reads the folder for ``unicom cluster``;
+:class:`PseudoLabels` is how a trainer reads the labels: the files, checked (columns
+``key`` and ``label``, class ids 0..k-1), k from the run's record, and which parts the run
+labelled. This module imports neither faiss nor torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from unicom.errors import InputError
+from unicom.files import numbered_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
+
+LABEL_METADATA_KEY = b"unicom.labels"
+LABELS_FOLDER = "labels"
+LABEL_PREFIX, LABEL_SUFFIX = "labels_", ".parquet"
+RECORDS = ("centroids.json", "clusters.json")  # where k is recorded, in the order read
+
+
+def label_files(folder: str | os.PathLike) -> dict[int, Path]:
+    """``{i: labels_{i}.parquet}`` of a labels folder, by part number (empty when it has none)."""
+    return dict(numbered_files(folder, LABEL_PREFIX, LABEL_SUFFIX))
+
+
+def read_record(path: Path) -> dict:
+    """A JSON record of the folder."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable JSON record ({error}); delete it to redo its stage") from error
+
+
+def check_record(path: Path, expected: dict) -> dict | None:
+    """The record at ``path`` if it exists and agrees with ``expected``; an error if it
+    disagrees (a resumed run must not mix two settings); None if there is none."""
+    if not path.is_file():
+        return None
+    record = read_record(path)
+    differences = [_difference(key, record.get(key), value) for key, value in expected.items() if record.get(key) != value]
+    if differences:
+        raise InputError(
+            f"{path} was written by a run with other settings ({'; '.join(differences)}); "
+            f"use another --out, or delete {path} and what was made from it to start over"
+        )
+    return record
+
+
+def _difference(key: str, there, now) -> str:
+    if isinstance(there, dict) and isinstance(now, dict):  # name the fields, not whole listings
+        keys = [k for k in {**there, **now} if there.get(k) != now.get(k)]
+        return "; ".join(_difference(f"{key}.{k}", there.get(k), now.get(k)) for k in keys[:5])
+    there_text, now_text = json.dumps(there), json.dumps(now)
+    if len(there_text) + len(now_text) > 120:
+        return f"{key} differs"
+    return f"{key} {there_text} there, {now_text} now"
+
+
+def _read_label_table(path: Path, columns: Sequence[str] | None = None):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except Exception as error:  # pyarrow raises several types for damaged files or absent columns
+        raise InputError(f"{path}: cannot read {list(columns) if columns else 'the label file'} ({error})") from error
+
+
+def read_label_lookup(path: str | os.PathLike) -> dict:
+    """``{key: label}`` of one label file."""
+    table = _read_label_table(Path(path), ["key", "label"])
+    return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+
+
+class ClusterFolder:
+    """One run's output folder (see the module docstring): its paths, writers and readers."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.centroids = self.root / "centroids.npy"
+        self.centroids_record = self.root / "centroids.json"
+        self.assignment_record = self.root / "assignment.json"
+        self.labels = self.root / LABELS_FOLDER
+        self.sizes = self.root / "cluster_sizes.npy"
+        self.histogram = self.root / "cluster_sizes.png"
+        self.summary = self.root / "clusters.json"
+        self.parts = self.root / "parts"
+
+    # ------------------------------------------------------------------ centroids
+
+    def read_record(self) -> dict:
+        """``centroids.json``: how the centroids were trained."""
+        if not (self.centroids.is_file() and self.centroids_record.is_file()):
+            raise InputError(
+                f"{self.root}: no trained centroids (centroids.npy and centroids.json); run `unicom cluster` "
+                "or, in hierarchical mode, `unicom cluster part` and `unicom cluster merge` first"
+            )
+        return read_record(self.centroids_record)
+
+    def read_centroids(self) -> tuple[np.ndarray, dict]:
+        """The (k, d) float32 centroids and their record, checked against each other."""
+        record = self.read_record()
+        centroids = np.load(self.centroids, allow_pickle=False)
+        if centroids.shape != (record["k"], record["dimension"]):
+            raise InputError(
+                f"{self.centroids}: shape {centroids.shape}, but {self.centroids_record.name} says "
+                f"({record['k']}, {record['dimension']}); the folder was altered, run again into a new --out"
+            )
+        return centroids, record
+
+    def write_centroids(self, centroids: np.ndarray, record: dict) -> None:
+        """The (k, d) centroids, then their record (last: the centroids are complete)."""
+        save_npy_atomic(self.centroids, centroids)
+        write_json_atomic(self.centroids_record, record)
+
+    # ------------------------------------------------------------------ hierarchical parts
+
+    def part_paths(self, part: int) -> tuple[Path, Path, Path]:
+        """Centroids, sizes and record of hierarchical part ``part``."""
+        return (self.parts / f"part_{part}.npy", self.parts / f"part_{part}_sizes.npy", self.parts / f"part_{part}.json")
+
+    def write_part(self, part: int, centroids: np.ndarray, sizes: np.ndarray, record: dict) -> None:
+        centroids_path, sizes_path, record_path = self.part_paths(part)
+        save_npy_atomic(centroids_path, centroids)
+        save_npy_atomic(sizes_path, sizes)
+        write_json_atomic(record_path, record)  # last: the part is complete
+
+    def part_records(self) -> dict[int, dict]:
+        """``{p: record}`` of every finished hierarchical part."""
+        listing = numbered_files(self.parts, "part_", ".json") if self.parts.is_dir() else []
+        return {number: read_record(path) for number, path in listing}
+
+    def read_part(self, part: int, k: int, dimension: int) -> tuple[np.ndarray, np.ndarray]:
+        """Part ``part``'s centroids (memory-mapped (k, dimension) float32) and sizes ((k,) int64)."""
+        centroids_path, sizes_path, _ = self.part_paths(part)
+        centroids = np.load(centroids_path, mmap_mode="r", allow_pickle=False)
+        sizes = np.load(sizes_path, allow_pickle=False)
+        if centroids.shape != (k, dimension) or sizes.shape != (k,):
+            raise InputError(f"{centroids_path}: shape {centroids.shape} (sizes {sizes.shape}) does not match its record; redo part {part}")
+        return centroids, sizes
+
+    # ------------------------------------------------------------------ labels
+
+    def label_path(self, number: int) -> Path:
+        return self.labels / f"{LABEL_PREFIX}{number}{LABEL_SUFFIX}"
+
+    def read_assignment(self) -> dict:
+        if not self.assignment_record.is_file():
+            raise InputError(f"{self.root}: no labels yet; run `unicom cluster assign` first")
+        return read_record(self.assignment_record)
+
+    def write_assignment(self, record: dict) -> None:
+        write_json_atomic(self.assignment_record, record)
+
+    def write_labels(self, number: int, keys, labels: np.ndarray, similarity: np.ndarray, facts: dict) -> None:
+        """``labels_{number}.parquet``: ``keys`` (a pyarrow array), int64 ``labels``, float32
+        ``similarity``, with ``facts`` (rows, invalid, key_column) in the schema metadata."""
+        import pyarrow as pa
+
+        table = pa.table({"key": keys, "label": np.asarray(labels, dtype=np.int64),
+                          "similarity": np.asarray(similarity, dtype=np.float32)})
+        table = table.replace_schema_metadata({LABEL_METADATA_KEY: json.dumps(facts).encode()})
+        write_parquet_atomic(self.label_path(number), table)
+
+    def replace_labels(self, number: int, table) -> None:
+        """Rewrite ``labels_{number}.parquet`` with the rows of ``table`` (read from it), its facts kept."""
+        write_parquet_atomic(self.label_path(number), table)
+
+    def read_labels(self, number: int, columns: Sequence[str] | None = None):
+        """``labels_{number}.parquet`` as a ``pyarrow.Table`` (of ``columns``, default all)."""
+        return _read_label_table(self.label_path(number), columns)
+
+    def label_facts(self, number: int) -> dict:
+        """The ``unicom.labels`` facts of ``labels_{number}.parquet``: rows, invalid, key_column."""
+        import pyarrow.parquet as pq
+
+        path = self.label_path(number)
+        metadata = pq.read_schema(path).metadata or {}
+        if LABEL_METADATA_KEY not in metadata:
+            raise InputError(f"{path}: not a label file written by unicom cluster (no {LABEL_METADATA_KEY.decode()} metadata)")
+        return json.loads(metadata[LABEL_METADATA_KEY])
+
+    def load_labels(self, columns: list[str] | None = None):
+        """Every label file in part order, as one ``pyarrow.Table``."""
+        import pyarrow as pa
+
+        files = label_files(self.labels) if self.labels.is_dir() else {}
+        if not files:
+            raise InputError(f"{self.labels}: no labels_<N>.parquet files; run `unicom cluster` first")
+        return pa.concat_tables([_read_label_table(path, columns) for path in files.values()])
+
+    # ------------------------------------------------------------------ sizes and summary
+
+    def write_sizes(self, sizes: np.ndarray) -> None:
+        save_npy_atomic(self.sizes, sizes)
+
+    def read_sizes(self) -> np.ndarray:
+        return np.load(self.sizes, allow_pickle=False)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.summary, summary)
+
+
+def load_labels(out: str | os.PathLike, columns: list[str] | None = None):
+    """Every label file of ``OUT/labels`` in part order, as one ``pyarrow.Table``."""
+    return ClusterFolder(out).load_labels(columns)
+
+
+# --------------------------------------------------------------------------- the trainer's reader
+
+
+@dataclass
+class LabelRange:
+    """What the label files of some parts hold: ``rows`` and the smallest and largest
+    label (``low`` 0 and ``high`` -1 when they hold no row)."""
+
+    rows: int
+    low: int
+    high: int
+
+
+class PseudoLabels:
+    """The pseudo-labels of a clustering run, as a trainer reads them.
+
+    ``path``: the run's output folder (``OUT``, holding ``labels/``) or a folder holding
+    ``labels_{i}.parquet`` itself. Each label file needs the columns ``key`` and ``label``
+    (class ids 0..k-1); ``num_classes`` is k from the run's record (``centroids.json``,
+    else ``clusters.json``), None without one; ``labelled_parts`` are the input parts the
+    run set out to label (``assignment.json``), None without a record.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if (path / LABELS_FOLDER).is_dir():
+            self.folder = path / LABELS_FOLDER
+        elif path.is_dir() and any(path.glob(f"{LABEL_PREFIX}*{LABEL_SUFFIX}")):
+            self.folder = path
+        else:
+            raise InputError(f"{path}: no labels/labels_<i>.parquet inside; give the output folder of `unicom cluster`")
+        self.run = ClusterFolder(path)
+        self.files = label_files(self.folder)
+        self.num_classes = self._recorded_classes()
+        self.labelled_parts = self._recorded_parts()
+
+    def _recorded_classes(self) -> int | None:
+        for name in RECORDS:
+            record = self.run.root / name
+            if record.is_file():
+                try:
+                    return int(json.loads(record.read_text())["k"])
+                except (ValueError, KeyError, TypeError) as error:
+                    raise InputError(f"{record}: unreadable clustering record ({error})") from error
+        return None
+
+    def _recorded_parts(self) -> set[int] | None:
+        if not self.run.assignment_record.is_file():
+            return None
+        record = read_record(self.run.assignment_record)
+        try:
+            return {int(number) for number in record["inputs"]["shards"]}
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"{self.run.assignment_record}: unreadable assignment record ({error})") from error
+
+    def select(self, numbers: Sequence[int], what: str = "shards") -> dict[int, Path]:
+        """``{i: labels_{i}.parquet}`` of the parts ``numbers``; an error naming the parts
+        without labels, and whether the run has not labelled them yet or never saw them."""
+        missing = [n for n in numbers if n not in self.files]
+        if missing:
+            pending = [n for n in missing if self.labelled_parts is not None and n in self.labelled_parts]
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            why = (f"the run has not labelled {len(pending)} of them yet: finish `unicom cluster assign`; "
+                   if pending else "")
+            raise InputError(
+                f"{self.folder}: no labels for {len(missing)} of {len(numbers)} {what} (numbers {shown}); {why}shard <i>.tar "
+                "is joined with labels_<i>.parquet: cluster the embeddings of these shards, or leave them out of data.shards"
+            )
+        return {n: self.files[n] for n in numbers}
+
+    def check(self, files: Sequence[Path] | None = None) -> LabelRange:
+        """Rows and label range of ``files`` (default all), from the parquet statistics when
+        present; an error for a file without ``key``/``label`` or a negative label."""
+        import pyarrow.parquet as pq
+
+        files = list(self.files.values()) if files is None else list(files)
+        if not files:
+            raise InputError(f"{self.folder}: no labels_<i>.parquet files")
+        rows, low, high = 0, None, None
+        for path in files:
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as error:  # pyarrow raises several types for damaged files
+                raise InputError(f"{path}: not a readable parquet file ({error})") from error
+            names = meta.schema.names
+            if "key" not in names or "label" not in names:
+                raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), found {names}")
+            rows += meta.num_rows
+            column = names.index("label")
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(column).statistics
+                if stats is None or not stats.has_min_max:
+                    values = _read_label_table(path, ["label"]).column("label").to_numpy()
+                    if len(values):
+                        low = int(values.min()) if low is None else min(low, int(values.min()))
+                        high = int(values.max()) if high is None else max(high, int(values.max()))
+                    break
+                low = int(stats.min) if low is None else min(low, int(stats.min))
+                high = int(stats.max) if high is None else max(high, int(stats.max))
+        if low is not None and low < 0:
+            raise InputError(f"{self.folder}: negative labels ({low}); labels must be class ids 0..k-1")
+        return LabelRange(rows, 0 if low is None else low, -1 if high is None else high)
+
+    def lookup(self) -> dict:
+        """``{key: label}`` over every label file."""
+        lookup: dict = {}
+        for path in self.files.values():
+            lookup.update(read_label_lookup(path))
+        return lookup
+
+
+__all__ = [
+    "LABEL_METADATA_KEY",
+    "ClusterFolder",
+    "LabelRange",
+    "PseudoLabels",
+    "check_record",
+    "label_files",
+    "load_labels",
+    "read_label_lookup",
+    "read_record",
+]

@@ -1,0 +1,419 @@
+"""The embedding folder: what ``unicom embed`` writes and every later stage reads.
+
+::
+
+    ROOT/img_emb/img_emb_{i}.npy          (N_i, D) float16 or float32, one row per sample
+    ROOT/text_emb/text_emb_{i}.npy        (N_i, D') the same samples, from the text tower
+    ROOT/metadata/metadata_{i}.parquet    N_i rows: key, caption, path or url, width, height
+    ROOT/failures/failures_{i}.parquet    samples of part i that could not be embedded
+    ROOT/embed_config.json                what made the embeddings (model, weights, modalities, dtype)
+
+This is clip-retrieval's layout (LAION's published embeddings are read as they are), with
+keys. Row ``r`` of every file of part ``i`` describes the same sample; the ``key`` column
+keeps that link explicit so embeddings, metadata and pseudo-labels stay aligned. Part
+numbers are integers parsed from the names (``img_emb_9`` before ``img_emb_10``).
+
+**Complete parts.** A part is complete for the kinds a reader needs when the file of every
+one of those kinds exists. :func:`write_part` writes a part's embedding files first and
+its metadata file last, so where the collection has metadata:
+
+* a part with embedding files but no metadata file is *unfinished*: a writer is at work,
+  or was killed (``unicom embed`` finishes it when run again);
+* a part with a metadata file but without an embedding file the reader needs is
+  *damaged*, as are files of one part with different row counts, unreadable files,
+  embeddings that are not 2-D float arrays, and parts of different dimensions.
+
+:meth:`EmbeddingFolders.contents` is the one reader and validator every stage lists its
+parts with, so the same folder gives the same parts, and the same damage the same error,
+in ``cluster``, ``index``, ``evaluate`` and the UniFEx feature cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from unicom.errors import InputError
+from unicom.files import numbered_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
+
+logger = logging.getLogger(__name__)
+
+# kind -> (sub-folder, file prefix, suffix)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "image": ("img_emb", "img_emb_", ".npy"),
+    "text": ("text_emb", "text_emb_", ".npy"),
+    "metadata": ("metadata", "metadata_", ".parquet"),
+}
+KEY_COLUMNS = ("key", "image_path", "url")
+CONFIG_FILE = "embed_config.json"
+FAILURES_FOLDER = "failures"
+SHOWN = 10  # part numbers listed in a message
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def part_path(folder: str | os.PathLike, kind: str, number: int) -> Path:
+    """Path of part ``number`` of ``kind`` inside ``folder`` (the kind's own folder)."""
+    _, prefix, suffix = KINDS[kind]
+    return Path(folder) / f"{prefix}{number}{suffix}"
+
+
+def failures_path(root: str | os.PathLike, number: int) -> Path:
+    """``ROOT/failures/failures_{number}.parquet``: the samples of part ``number`` left out."""
+    return Path(root) / FAILURES_FOLDER / f"failures_{number}.parquet"
+
+
+def write_part(
+    root: str | os.PathLike,
+    number: int,
+    *,
+    image: np.ndarray | None = None,
+    text: np.ndarray | None = None,
+    metadata=None,
+) -> None:
+    """Write part ``number`` under ``root`` atomically, metadata last.
+
+    The metadata file marks a finished part: a reader (or a resumed job) that sees it can
+    rely on the embedding files beside it.
+    """
+    root = Path(root)
+    for kind, array in (("image", image), ("text", text)):
+        if array is not None:
+            save_npy_atomic(part_path(root / KINDS[kind][0], kind, number), array)
+    if metadata is not None:
+        write_parquet_atomic(part_path(root / KINDS["metadata"][0], "metadata", number), metadata)
+
+
+def part_complete(root: str | os.PathLike, number: int, kinds: Sequence[str]) -> bool:
+    """Whether part ``number`` under ``root`` is complete for ``kinds`` (every file exists).
+
+    What a writer that resumes asks of its own folder; readers list parts with
+    :meth:`EmbeddingFolders.contents`, which applies the same rule and checks the files.
+    """
+    root = Path(root)
+    return all(part_path(root / KINDS[kind][0], kind, number).is_file() for kind in kinds)
+
+
+def read_config(root: str | os.PathLike) -> dict | None:
+    """``ROOT/embed_config.json`` (what made the embeddings), or None when there is none."""
+    path = Path(root) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable ({error}); delete it if {root} holds no parts") from error
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}; delete it if {root} holds no parts")
+    return config
+
+
+def write_config(root: str | os.PathLike, config: dict) -> None:
+    write_json_atomic(Path(root) / CONFIG_FILE, config)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def key_column(names: Sequence[str], where: str | os.PathLike, wanted: str | None = None, option: str | None = None) -> str:
+    """The metadata column that names each sample: ``wanted``, or the first of
+    :data:`KEY_COLUMNS` among ``names`` (the columns of the metadata file ``where``).
+    ``option``: the command-line option that names the column, for the messages."""
+    if wanted is None:
+        present = [name for name in KEY_COLUMNS if name in names]
+        if not present:
+            hint = f"add one or name it with {option}" if option else "add one"
+            raise InputError(
+                f"{where}: none of the key columns {', '.join(KEY_COLUMNS)} is present (columns: {', '.join(names)}); {hint}"
+            )
+        return present[0]
+    if wanted not in names:
+        hint = f"; choose another with {option}" if option else ""
+        raise InputError(f"{where}: no key column {wanted!r} (columns: {', '.join(names)}){hint}")
+    return wanted
+
+
+def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise InputError(f"{path}: not a readable .npy file ({error})") from error
+    if array.ndim != 2:
+        raise InputError(f"{path}: expected a 2-D array (rows, dimension), found shape {array.shape}")
+    return array
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for damaged files
+        raise InputError(f"{path}: not a readable parquet file ({error})") from error
+
+
+def _read_parquet(path: Path, columns: Sequence[str] | None = None):
+    file = _parquet_file(path)
+    try:
+        return file.read(columns=list(columns) if columns is not None else None)
+    except Exception as error:  # a missing column, a damaged row group
+        raise InputError(f"{path}: cannot read {list(columns) if columns else 'the table'} ({error})") from error
+
+
+def _listed(numbers, shown: int = SHOWN) -> str:
+    numbers = sorted(numbers)
+    return str(numbers[:shown])[:-1] + (", ...]" if len(numbers) > shown else "]")
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """One complete part: its number (from the file names) and its row count."""
+
+    number: int
+    rows: int
+
+
+@dataclass
+class EmbeddingFolders:
+    """The folders of one collection: any of image, text and metadata may be absent.
+
+    ``root`` is the folder they were found in (:meth:`from_root`), None when they were
+    given one by one (e.g. LAION's ``img_emb/`` and ``metadata/`` downloaded apart).
+    """
+
+    image: Path | None = None
+    text: Path | None = None
+    metadata: Path | None = None
+    root: Path | None = None
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike) -> "EmbeddingFolders":
+        """The sub-folders ``img_emb``, ``text_emb`` and ``metadata`` of ``root`` that exist."""
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"{root}: folder not found (expected img_emb/, text_emb/ and metadata/ inside)")
+        found = {kind: root / sub for kind, (sub, _, _) in KINDS.items() if (root / sub).is_dir()}
+        if not found:
+            raise InputError(f"{root}: none of img_emb/, text_emb/, metadata/ is inside; is this an embedding folder?")
+        return cls(**found, root=root)
+
+    def folder(self, kind: str) -> Path:
+        folder = getattr(self, kind)
+        if folder is None:
+            if self.root is not None:
+                raise InputError(f"{self.root}: no {KINDS[kind][0]}/ folder inside; this needs {kind} embeddings"
+                                 if kind != "metadata" else f"{self.root}: no metadata/ folder inside")
+            raise InputError(f"no {KINDS[kind][0]} folder was given")
+        return Path(folder)
+
+    def present(self) -> list[str]:
+        return [kind for kind in KINDS if getattr(self, kind) is not None]
+
+    def location(self) -> str:
+        """Where the collection is, for messages: its root, or its folders."""
+        if self.root is not None:
+            return str(self.root)
+        return ", ".join(str(getattr(self, kind)) for kind in self.present())
+
+    def files(self, kind: str) -> dict[int, Path]:
+        folder = self.folder(kind)
+        _, prefix, suffix = KINDS[kind]
+        parts = dict(numbered_files(folder, prefix, suffix))
+        if not parts:
+            raise InputError(f"{folder}: no {prefix}<N>{suffix} files in this folder")
+        return parts
+
+    def path(self, kind: str, number: int) -> Path:
+        """The file of part ``number`` of ``kind``, its number zero-padded or not."""
+        path = part_path(self.folder(kind), kind, number)
+        if path.is_file():
+            return path
+        return self.files(kind).get(number, path)
+
+    def load(self, kind: str, number: int, mmap: bool = True, columns: Sequence[str] | None = None):
+        """Part ``number`` of ``kind``: a (memory-mapped) 2-D array, or a ``pyarrow.Table``
+        (of ``columns``, default all)."""
+        path = self.path(kind, number)
+        if not path.is_file():
+            raise InputError(f"{path}: file not found")
+        if kind == "metadata":
+            return _read_parquet(path, columns)
+        return _load_npy(path, mmap)
+
+    def num_rows(self, kind: str, number: int) -> int:
+        path = self.path(kind, number)
+        if kind == "metadata":
+            return _parquet_file(path).metadata.num_rows
+        return int(_load_npy(path).shape[0])
+
+    # ------------------------------------------------------------------ the one listing
+
+    def contents(
+        self, embeddings: Sequence[str] = ("image",), *, metadata: bool | None = None, allow_unfinished: bool = False
+    ) -> "Contents":
+        """The complete parts for the embedding kinds ``embeddings``, every one checked.
+
+        metadata: read the metadata too (True), not (False), or when the collection has
+        it (None). allow_unfinished: leave unfinished parts out with a warning instead of
+        raising :class:`InputError` (see the module docstring for both words). Damage is
+        always an :class:`InputError` naming the file and what to do.
+        """
+        embeddings = tuple(embeddings)
+        with_metadata = self.metadata is not None if metadata is None else metadata
+        listing = {kind: self.files(kind) for kind in embeddings}
+        if with_metadata:
+            listing["metadata"] = dict(numbered_files(self.folder("metadata"), *KINDS["metadata"][1:]))
+            complete, unfinished = self._by_metadata(listing, embeddings)
+        else:
+            complete, unfinished = self._same_parts(listing, embeddings), []
+        if unfinished:
+            what = (f"{self.folder('metadata')}: parts {_listed(unfinished)} have embeddings but no metadata_<N>.parquet "
+                    "yet (`unicom embed` writes it last: they are unfinished)")
+            if not allow_unfinished:
+                raise InputError(f"{what}; let `unicom embed` finish them (it resumes where it stopped), or remove their files")
+            logger.warning("%s; they are left out", what)
+        parts, dimensions, dtypes, first = [], {}, {}, {}
+        for number in complete:
+            counts = {}
+            for kind in embeddings:
+                path = listing[kind][number]
+                array = _load_npy(path)
+                if array.dtype.kind != "f":
+                    raise InputError(f"{path}: dtype {array.dtype} is not a float type; expected float16 or float32 embeddings")
+                dimension = int(array.shape[1])
+                first.setdefault(kind, path)
+                dimensions.setdefault(kind, dimension)
+                dtypes.setdefault(kind, str(array.dtype))
+                if dimension != dimensions[kind]:
+                    raise InputError(
+                        f"{path}: dimension {dimension}, but {first[kind]} has {dimensions[kind]}; "
+                        "every part must come from the same model"
+                    )
+                counts[kind] = int(array.shape[0])
+                del array
+            if with_metadata:
+                counts["metadata"] = _parquet_file(listing["metadata"][number]).metadata.num_rows
+            if len(set(counts.values())) > 1:
+                sizes = ", ".join(f"{listing[kind][number].name} has {rows}" for kind, rows in counts.items())
+                raise InputError(
+                    f"{self.location()}: part {number}: {sizes} rows; the files of one part must describe the same "
+                    f"samples row by row: re-run `unicom embed` for part {number}"
+                )
+            parts.append(EmbeddingPart(number, next(iter(counts.values()))))
+        kinds = (*embeddings, "metadata") if with_metadata else embeddings
+        return Contents(self, kinds, parts, unfinished, dimensions, dtypes, listing)
+
+    def _by_metadata(self, listing: dict, embeddings: tuple[str, ...]) -> tuple[list[int], list[int]]:
+        """(complete, unfinished) part numbers, the metadata file marking a finished part."""
+        finished = sorted(listing["metadata"])
+        damaged = {n: [kind for kind in embeddings if n not in listing[kind]] for n in finished}
+        damaged = {n: kinds for n, kinds in damaged.items() if kinds}
+        if damaged:
+            number, kinds = next(iter(damaged.items()))
+            missing = part_path(self.folder(kinds[0]), kinds[0], number)
+            more = f" (and parts {_listed(list(damaged)[1:])})" if len(damaged) > 1 else ""
+            raise InputError(
+                f"{listing['metadata'][number]}: part {number} has no {missing.name} beside it in {missing.parent}{more}; "
+                "`unicom embed` writes a part's metadata last, so that file was removed or the folders hold different "
+                f"collections: re-run `unicom embed` for part {number}, or remove its metadata file"
+            )
+        started = set().union(*(listing[kind] for kind in embeddings))
+        return finished, sorted(started - set(finished))
+
+    def _same_parts(self, listing: dict, embeddings: tuple[str, ...]) -> list[int]:
+        """Part numbers without a metadata folder: every kind read must have the same."""
+        reference_kind = embeddings[0]
+        reference = set(listing[reference_kind])
+        for kind in embeddings[1:]:
+            other = set(listing[kind])
+            if other != reference:
+                raise InputError(
+                    f"{self.folder(kind)} and {self.folder(reference_kind)} hold different parts: missing "
+                    f"{_listed(reference - other, 5)}, extra {_listed(other - reference, 5)}; every part needs all of "
+                    f"{list(embeddings)}"
+                )
+        return sorted(reference)
+
+
+@dataclass
+class Contents:
+    """The complete, checked parts of a collection for the kinds one reader needs.
+
+    ``kinds``: the kinds read (``"metadata"`` last when it is); ``parts``: the complete
+    parts in part order; ``unfinished``: the numbers of the parts left out;
+    ``dimensions`` and ``dtypes``: per embedding kind.
+    """
+
+    folders: EmbeddingFolders
+    kinds: tuple[str, ...]
+    parts: list[EmbeddingPart]
+    unfinished: list[int]
+    dimensions: dict[str, int]
+    dtypes: dict[str, str]
+    files: dict[str, dict[int, Path]]
+
+    @property
+    def numbers(self) -> list[int]:
+        return [part.number for part in self.parts]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(part.rows for part in self.parts)
+
+    def path(self, kind: str, number: int) -> Path:
+        return self.files[kind][number]
+
+    def load(self, kind: str, number: int, columns: Sequence[str] | None = None):
+        """Part ``number`` of ``kind``: a fresh memory-mapped 2-D array, or a ``pyarrow.Table``
+        (of ``columns``, default all)."""
+        if kind == "metadata":
+            return _read_parquet(self.path(kind, number), columns)
+        return _load_npy(self.path(kind, number))
+
+    def metadata_columns(self, number: int) -> list[str]:
+        """The column names of part ``number``'s metadata."""
+        return list(_parquet_file(self.path("metadata", number)).schema_arrow.names)
+
+
+def read_embedding_folder(root: str | os.PathLike):
+    """Every part of an embedding folder in memory: (image embeddings float32 (N, D), the
+    metadata as one ``pyarrow.Table``, or None without a metadata folder). Unfinished
+    parts are an error: their rows would be missing."""
+    import pyarrow as pa
+
+    folders = EmbeddingFolders.from_root(root)
+    contents = folders.contents(("image",))
+    if not contents.parts:
+        raise InputError(f"{root}: no complete part to read")
+    arrays = [np.asarray(_load_npy(contents.path("image", n)), dtype=np.float32) for n in contents.numbers]
+    metadata = None
+    if "metadata" in contents.kinds:
+        tables = [_read_parquet(contents.path("metadata", n)) for n in contents.numbers]
+        metadata = pa.concat_tables(tables, promote_options="default")
+    return np.concatenate(arrays), metadata
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "FAILURES_FOLDER",
+    "KEY_COLUMNS",
+    "KINDS",
+    "Contents",
+    "EmbeddingFolders",
+    "EmbeddingPart",
+    "failures_path",
+    "key_column",
+    "part_complete",
+    "part_path",
+    "read_config",
+    "read_embedding_folder",
+    "write_config",
+    "write_part",
+]

@@ -1,0 +1,84 @@
+"""The clustering output folder: written by `unicom cluster`, read by the trainer through one owner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from unicom.cluster import ClusterInputs, KMeansSettings, cluster
+from unicom.errors import InputError
+from unicom.formats.clusters import ClusterFolder, PseudoLabels
+from unicom.formats.embeddings import EmbeddingFolders, write_part
+
+
+@pytest.fixture()
+def run(tmp_path):
+    """A clustering run of 3 parts of 40 samples into k = 4."""
+    rng = np.random.default_rng(0)
+    for number in range(3):
+        write_part(tmp_path / "emb", number, image=rng.standard_normal((40, 6)).astype(np.float32),
+                   metadata=pa.table({"key": [f"p{number}-{r}" for r in range(40)]}))
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=4, init="kmeans++"), plot=False)
+    return tmp_path / "out"
+
+
+def test_the_trainer_reads_a_run_as_pyarrow_sees_it(run):
+    labels = PseudoLabels(run)
+    tables = {n: pq.read_table(run / "labels" / f"labels_{n}.parquet") for n in range(3)}
+    assert labels.folder == run / "labels" and sorted(labels.files) == [0, 1, 2]
+    assert labels.num_classes == np.load(run / "centroids.npy").shape[0] == 4
+    assert labels.labelled_parts == {0, 1, 2}
+    values = np.concatenate([t.column("label").to_numpy() for t in tables.values()])
+    found = labels.check()
+    assert (found.rows, found.low, found.high) == (len(values), int(values.min()), int(values.max()))
+    expected = {k: v for t in tables.values() for k, v in zip(t.column("key").to_pylist(), t.column("label").to_pylist())}
+    assert labels.lookup() == expected and len(expected) == 120
+
+
+def test_the_labels_folder_alone_has_no_record_of_k(run):
+    labels = PseudoLabels(run / "labels")
+    assert sorted(labels.files) == [0, 1, 2] and labels.num_classes is None and labels.labelled_parts is None
+
+
+def test_parts_the_run_has_not_labelled_yet_are_told_apart_from_parts_it_never_saw(run):
+    (run / "labels" / "labels_1.parquet").unlink()
+    labels = PseudoLabels(run)
+    assert sorted(labels.select([0, 2])) == [0, 2]
+    with pytest.raises(InputError, match=r"no labels for 1 of 3 shards \(numbers 1\); the run has not labelled 1 of them "
+                                         r"yet: finish `unicom cluster assign`"):
+        labels.select([0, 1, 2])
+    with pytest.raises(InputError, match=r"no labels for 1 of 2 shards \(numbers 7\); shard <i>\.tar is joined"):
+        labels.select([0, 7])
+
+
+def test_the_writer_records_the_facts_of_each_label_file(run):
+    folder = ClusterFolder(run)
+    facts = folder.label_facts(0)
+    stored = json.loads(pq.read_schema(folder.label_path(0)).metadata[b"unicom.labels"])
+    assert facts == stored == {"rows": 40, "invalid": 0, "key_column": "key"}
+    assert folder.read_labels(0).schema.names == ["key", "label", "similarity"]
+
+
+def test_label_files_without_key_and_label_or_with_negative_labels_are_refused(tmp_path):
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"key": ["a", "b"], "label": [0, -2]}), tmp_path / "labels" / "labels_0.parquet")
+    with pytest.raises(InputError, match=r"labels: negative labels \(-2\); labels must be class ids 0..k-1"):
+        PseudoLabels(tmp_path).check()
+    pq.write_table(pa.table({"key": ["a"], "cluster": [0]}), tmp_path / "labels" / "labels_0.parquet")
+    with pytest.raises(InputError, match=r"labels_0\.parquet: expected columns key and label"):
+        PseudoLabels(tmp_path).check()
+
+
+def test_the_format_owners_import_neither_faiss_nor_torch_nor_a_stage():
+    code = ("import sys, unicom.formats.clusters, unicom.formats.embeddings; "
+            "print(sorted(m for m in sys.modules if m in ('faiss', 'torch', 'pyarrow') "
+            "or m.startswith(('unicom.cluster', 'unicom.train', 'unicom.search', 'unicom.evaluate'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

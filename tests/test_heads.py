@@ -114,3 +114,15 @@ def test_the_probe_lists_the_new_loss_keys(capsys):
     assert main(["probe", "--list-keys"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert "loss.feature_rate = 1.0" in listed and "loss.margin_gradient = 'exact'" in listed
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_a_built_heads_settings_rebuild_the_same_head(name):
+    from unicom.losses.heads import head_settings
+
+    options = {"scale": 20.0} if "scale" in HEADS[name].options else {"dynamic": False}
+    settings = head_settings(build_margin_head(name, options, num_classes=4, class_counts=[1, 2, 3, 4]))
+    assert settings["head"] == name and {k: settings[k] for k in options} == options
+    rebuilt = build_margin_head(name, {k: v for k, v in settings.items() if k != "head"}, num_classes=4,
+                                class_counts=[1, 2, 3, 4])
+    assert head_settings(rebuilt) == settings

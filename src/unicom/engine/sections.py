@@ -43,7 +43,8 @@ class AugmentConfig:
         check(self.color_jitter >= 0, problems, f"{name}.color_jitter must be non-negative, got {self.color_jitter}")
         if self.randaugment is not None:
             check(self.randaugment.startswith("rand"), problems,
-                  f"{name}.randaugment must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, got {self.randaugment!r}")
+                  f"{name}.randaugment must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, "
+                  f"got {self.randaugment!r}")
 
     def transform(self, image_size: int, mean=None, std=None):
         """The random training transform at ``image_size``, normalised with ``mean`` and
@@ -76,7 +77,7 @@ class LossConfig:
     does not take is an error.
     """
 
-    head: Literal[HEAD_NAMES] = "arcface"  # arcface, cosface, combined, dynm_arcface, adacos, li_arcface, curricularface, adaface
+    head: Literal[HEAD_NAMES] = "arcface"  # a head of the table unicom.losses.heads (arcface, cosface, adaface ...)
     margin: float | None = None  # arcface 0.3, cosface 0.35, li_arcface 0.45, curricularface 0.5, adaface 0.4
     scale: float | None = None  # every head but adacos (64)
     m1: float | None = None  # combined: cos(m1*theta + m2) - m3

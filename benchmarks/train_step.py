@@ -45,8 +45,8 @@ def build(model_name: str, overrides: dict, classes: int, sample_rate: float, de
     """The trainer's own pieces: model, PartialFC, optimisers, TrainStep."""
     from unicom.losses import ArcFace, PartialFC
     from unicom.models.vit import create_model
+    from unicom.engine.step import TrainStep, backbone_optimizer
     from unicom.optim import SparseAdamW
-    from unicom.train.trainer import TrainStep, backbone_optimizer
 
     torch.manual_seed(seed)
     created = create_model(model_name, overrides=overrides)
@@ -258,8 +258,8 @@ def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[in
 def backbone_only(batch: int) -> float:
     """Seconds per step of the backbone alone (fused AdamW, a squared-norm loss): the
     share of the step that PartialFC and SparseAdamW do not account for."""
+    from unicom.engine.step import backbone_optimizer
     from unicom.models.vit import create_model
-    from unicom.train.trainer import backbone_optimizer
 
     device = torch.device("cuda")
     backbone = create_model(GPU_MODEL).module.to(device).train()

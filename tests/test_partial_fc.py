@@ -336,6 +336,7 @@ def _head(name):
 
 
 HEAD_CASES = ["dynm", "adacos", "curricular", "adaface", "liarcface"]
+STRAIGHT_THROUGH_CASES = ["arcface", "curricular", "adaface"]  # margin_gradient="straight_through"
 ERROR_CASES = {
     "batch": "batch size differs across ranks \\(rank 0: 4, rank 1: 5\\)",
     "rate": "feature_rate differs across ranks",
@@ -350,8 +351,9 @@ def _global_inputs():
     return x, labels
 
 
-def _sharded_step(rank, sample_rate, feature_rate, head="arcface"):
-    pfc = PartialFC(DIM, CLASSES, _head(head), sample_rate=sample_rate, feature_rate=feature_rate, seed=42)
+def _sharded_step(rank, sample_rate, feature_rate, head="arcface", margin_gradient="exact"):
+    pfc = PartialFC(DIM, CLASSES, _head(head), sample_rate=sample_rate, feature_rate=feature_rate, seed=42,
+                    margin_gradient=margin_gradient)
     x, labels = _global_inputs()
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     x_local = x[mine].clone().requires_grad_()
@@ -388,6 +390,8 @@ def _all_cases(rank, world_size):
     return {
         "rates": {case: _sharded_step(rank, *case) for case in RATE_CASES},
         "heads": {head: _sharded_step(rank, 0.3, 1.0, head) for head in HEAD_CASES},
+        "straight_through": {head: _sharded_step(rank, 0.3, 1.0, head, "straight_through")
+                             for head in STRAIGHT_THROUGH_CASES},
         "errors": {what: _mismatched_step(rank, what) for what in ERROR_CASES},
     }
 
@@ -413,7 +417,7 @@ class _FixedSelection(PartialFC):
         return self._features
 
 
-def _assert_single_process_agrees(ranks, sample_rate, feature_rate, head="arcface"):
+def _assert_single_process_agrees(ranks, sample_rate, feature_rate, head="arcface", margin_gradient="exact"):
     # the same loss on both ranks; the same feature selection
     assert ranks[0]["loss"] == pytest.approx(ranks[1]["loss"], rel=1e-6)
     if feature_rate < 1:
@@ -422,7 +426,8 @@ def _assert_single_process_agrees(ranks, sample_rate, feature_rate, head="arcfac
     classes = torch.from_numpy(np.concatenate([r["classes"] for r in ranks]))
     features = None if ranks[0]["features"] is None else torch.from_numpy(ranks[0]["features"])
     single = _FixedSelection(DIM, CLASSES, _head(head), sample_rate=sample_rate, feature_rate=feature_rate,
-                             seed=42, classes=None if sample_rate == 1 else classes, features=features)
+                             seed=42, classes=None if sample_rate == 1 else classes, features=features,
+                             margin_gradient=margin_gradient)
     x, labels = _global_inputs()
     x = x.requires_grad_()
     loss = single(x, labels)
@@ -451,6 +456,15 @@ def test_two_processes_equal_one_process(two_ranks, sample_rate, feature_rate):
 @pytest.mark.parametrize("head", HEAD_CASES)
 def test_every_margin_head_gives_the_same_result_sharded(two_ranks, head):
     _assert_single_process_agrees([rank["heads"][head] for rank in two_ranks], 0.3, 1.0, head)
+
+
+@pytest.mark.parametrize("head", STRAIGHT_THROUGH_CASES)
+def test_the_straight_through_gradient_is_the_same_sharded(two_ranks, head):
+    ranks = [rank["straight_through"][head] for rank in two_ranks]
+    _assert_single_process_agrees(ranks, 0.3, 1.0, head, "straight_through")
+    exact = [rank["heads"][head]["x_grad"] for rank in two_ranks] if head in HEAD_CASES else None
+    if exact is not None:  # and it is not the exact one
+        assert not np.allclose(np.concatenate(exact), np.concatenate([r["x_grad"] for r in ranks]), atol=1e-6)
 
 
 @pytest.mark.parametrize("what", list(ERROR_CASES))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from support import run_workers
 
-from unicom.train.checkpoint import (
+from unicom.engine.checkpoint import (
     complete_checkpoints,
     find_valid_checkpoint,
     load_model_state,

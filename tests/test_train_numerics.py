@@ -13,7 +13,7 @@ from support import write_class_folder
 from unicom.losses import ArcFace, PartialFC
 from unicom.models.vit import ClipViT, ClipViTSettings
 from unicom.optim import SparseAdamW
-from unicom.train.trainer import LossScaler, TrainStep, backbone_optimizer
+from unicom.engine.step import LossScaler, TrainStep, backbone_optimizer
 
 CPU = torch.device("cpu")
 
@@ -97,8 +97,9 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 
 
 def test_repeated_non_finite_steps_stop_training_with_a_clear_message(tmp_path):
+    from unicom.engine.step import TrainingStopped
     from unicom.train.config import load_config
-    from unicom.train.trainer import TrainingStopped, train
+    from unicom.train.trainer import train
 
     write_class_folder(tmp_path / "images", [0, 1, 2], 6, size=16)
     config = load_config(None, [

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unicom.train.schedule import lr_factor, warmup_steps
+from unicom.engine.schedule import lr_factor, warmup_steps
 
 
 def test_cosine_warms_up_linearly_then_follows_half_a_cosine_to_the_floor():

@@ -17,7 +17,6 @@ from unicom.unifex.model import (
     PoolingNeck,
     UniFExModel,
     backbone_features,
-    build_margin,
     describe_transform,
     unifex_settings,
 )
@@ -138,7 +137,7 @@ def recipe(*overrides):
 
 def test_dynm_arcface_margins_follow_the_class_counts_of_the_data():
     counts = np.array([2, 10, 6, 2, 4])
-    head = build_margin(recipe("loss.head=dynm_arcface", "loss.m_max=0.5", "loss.m_min=0.1").loss, counts)
+    head = recipe("loss.head=dynm_arcface", "loss.m_max=0.5", "loss.m_min=0.1").loss.margin_head(len(counts), counts)
     normalised = (counts - 2) / (10 - 2)
     expected = [0.1 + 0.5 * (0.5 - 0.1) * (1 + math.cos(math.pi * n)) for n in normalised]
     np.testing.assert_allclose(head.margins.numpy(), expected, rtol=1e-6)
@@ -148,12 +147,12 @@ def test_dynm_arcface_margins_follow_the_class_counts_of_the_data():
 def test_head_options_left_unset_keep_the_heads_defaults():
     from unicom.losses import AdaCos, AdaFace, CurricularFace
 
-    adacos = build_margin(recipe("loss.head=adacos", "loss.dynamic=false").loss, np.ones(9, dtype=np.int64))
+    adacos = recipe("loss.head=adacos", "loss.dynamic=false").loss.margin_head(9, np.ones(9, dtype=np.int64))
     assert isinstance(adacos, AdaCos) and adacos.num_classes == 9 and not adacos.dynamic
     assert adacos.scale == pytest.approx(math.sqrt(2) * math.log(8))
-    adaface = build_margin(recipe("loss.head=adaface", "loss.h=0.5").loss, np.ones(3, dtype=np.int64))
+    adaface = recipe("loss.head=adaface", "loss.h=0.5").loss.margin_head(3)
     assert isinstance(adaface, AdaFace) and adaface.h == 0.5 and adaface.margin == AdaFace().margin
-    curricular = build_margin(recipe("loss.head=curricularface", "loss.scale=30").loss, np.ones(3, dtype=np.int64))
+    curricular = recipe("loss.head=curricularface", "loss.scale=30").loss.margin_head(3)
     assert isinstance(curricular, CurricularFace) and curricular.scale == 30.0 and curricular.margin == 0.5
 
 

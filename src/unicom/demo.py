@@ -139,9 +139,9 @@ def untrained_model(config, folder: Path) -> Path:
     """The run's starting weights (the trainer seeds the same way before building), exported."""
     from unicom.models.export import save_model
     from unicom.models.vit import create_model
-    from unicom.train.trainer import _seed_everything
+    from unicom.engine.seeding import seed_everything
 
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides())
     return save_model(folder, created.module, created.architecture, created.settings, created.preprocess(),
                       provenance={"note": "random initialisation of the demo run"})

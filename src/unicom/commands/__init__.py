@@ -26,7 +26,7 @@ def resolve_recipe(args, load, defaults, *extra: str):
     overrides = [*args.overrides, *([f"out={args.out}"] if args.out else []), *extra]
     config = load(args.config, overrides)
     if args.print_config:
-        from unicom.train.config import to_yaml
+        from unicom.engine.recipe import to_yaml
 
         print(to_yaml(config), end="")
         return None

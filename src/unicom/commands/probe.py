@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         return 0
 
-    from unicom.train.trainer import TrainingStopped
+    from unicom.engine.step import TrainingStopped
     from unicom.unifex.trainer import probe
 
     try:

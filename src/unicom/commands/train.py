@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from unicom.errors import InputError
 
     if args.export_from:
-        from unicom.train.checkpoint import export_checkpoint
+        from unicom.engine.checkpoint import export_checkpoint
 
         if not args.model_out:
             raise InputError("--export-from needs --model-out DIR (the model folder to write)")
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from unicom import distributed
-    from unicom.train.trainer import TrainingStopped, train
+    from unicom.engine.step import TrainingStopped
+    from unicom.train.trainer import train
 
     # NCCL for GPU runs; gloo when the run is told to stay on the CPU (or there is no GPU)
     distributed.init_from_env("gloo" if config.train.device == "cpu" else None)

@@ -95,6 +95,37 @@ class MarginHead(nn.Module):
         return logits.mul_(self.scale)  # in place: the (B, C) logits are the largest tensors of the step
 
 
+class _ScaledIdentityGradient(torch.autograd.Function):
+    """Forward: ``logits`` as computed (without a graph) by a head; backward: ``scale`` times
+    the incoming gradient, to ``cosines``: d logit / d cos = s for every entry."""
+
+    @staticmethod
+    def forward(ctx, cosines, logits, scale):
+        ctx.scale, ctx.dtype = scale, cosines.dtype
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * ctx.scale).to(ctx.dtype), None, None
+
+
+def straight_through(head: nn.Module, cosines: torch.Tensor, labels: torch.Tensor,
+                     context: MarginContext | None = None) -> torch.Tensor:
+    """``head(cosines, labels, context)`` with the margin treated as a constant in the backward.
+
+    The forward values are the head's own, bit for bit. The gradient treats every logit as
+    ``s · cos`` (s the head's scale after the call: AdaCos may update it): d logit / d cos
+    = s for the target and every other column alike. This is what the reference Partial FC
+    code does when it applies the ArcFace margin in place under ``torch.no_grad()``; the
+    exact gradient (the head called directly) also differentiates the margin function,
+    e.g. d s·cos(θ + m) / d cos θ = s · sin(θ + m) / sin θ for the target of ArcFace.
+    Nothing of the head's computation is kept for the backward.
+    """
+    with torch.no_grad():
+        logits = head(cosines, labels, context)
+    return _ScaledIdentityGradient.apply(cosines, logits, float(head.scale))
+
+
 def _angle(cos: torch.Tensor) -> torch.Tensor:
     # acos has an infinite derivative at +-1; keep strictly inside
     eps = 1e-7 if cos.dtype == torch.float32 else 1e-12

@@ -30,7 +30,8 @@ from torch import nn
 
 from unicom.distributed import all_gather_tensor, reduce_scatter_tensor
 from unicom.errors import InputError
-from unicom.losses.margins import ArcFace, MarginContext
+from unicom.losses.heads import MARGIN_GRADIENTS
+from unicom.losses.margins import ArcFace, MarginContext, straight_through
 
 # Prototypes are initialised in blocks of this many classes, each from its own seed, so the
 # global matrix is the same whatever the number of ranks it is split over.
@@ -232,6 +233,10 @@ class PartialFC(nn.Module):
             False gives a dense gradient of the full matrix (for dense optimisers).
         check_inputs: validate labels, shapes, finiteness and cross-rank agreement each step
             (one small all-gather); errors are raised on every rank, so none hangs.
+        margin_gradient: ``"exact"`` differentiates the margin function; ``"straight_through"``
+            applies it as a constant (d logit / d cos = scale for every logit), as the
+            reference Partial FC code does (:func:`unicom.losses.margins.straight_through`).
+            The loss is the same either way.
 
     Call ``loss = pfc(embeddings, labels)`` with embeddings (B, d) and labels (B,) int64
     global class ids; every rank must pass the same B. The loss is the mean over the global
@@ -239,7 +244,7 @@ class PartialFC(nn.Module):
 
     With DDP around the backbone: the gradient that reaches each rank's embeddings is the
     exact gradient of the global loss, so the backbone's gradients must be *summed* over
-    ranks, not averaged (see ``unicom.train``); PartialFC itself must not be wrapped in DDP.
+    ranks, not averaged (see :mod:`unicom.engine.ddp`); PartialFC itself must not be wrapped in DDP.
     """
 
     def __init__(
@@ -254,8 +259,11 @@ class PartialFC(nn.Module):
         seed: int | None = None,
         sparse_gradient: bool = True,
         check_inputs: bool = True,
+        margin_gradient: str = "exact",
     ):
         super().__init__()
+        if margin_gradient not in MARGIN_GRADIENTS:
+            raise InputError(f"PartialFC: margin_gradient must be one of {', '.join(MARGIN_GRADIENTS)}, got {margin_gradient!r}")
         for name, rate in (("sample_rate", sample_rate), ("feature_rate", feature_rate)):
             if not (0.0 < float(rate) <= 1.0):
                 raise InputError(f"PartialFC: {name} must be in (0, 1], got {rate}")
@@ -272,6 +280,7 @@ class PartialFC(nn.Module):
         self.centers = int(centers)
         self.sparse_gradient = bool(sparse_gradient)
         self.check_inputs = bool(check_inputs)
+        self.margin_gradient = margin_gradient
         self.num_features = max(1, round(self.feature_rate * self.embedding_size))
 
         distributed = dist.is_available() and dist.is_initialized()
@@ -306,6 +315,7 @@ class PartialFC(nn.Module):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"classes_on_rank={self.class_start}..{self.class_start + self.num_local - 1}, "
             f"sample_rate={self.sample_rate}, feature_rate={self.feature_rate}, centers={self.centers}"
+            + (f", margin_gradient={self.margin_gradient}" if self.margin_gradient != "exact" else "")
         )
 
     # -- random selection -------------------------------------------------------------
@@ -450,7 +460,10 @@ class PartialFC(nn.Module):
             group=self.process_group,
             world_size=self.world_size,
         )
-        logits = self.margin(cosines, targets, context)
+        if self.margin_gradient == "straight_through":
+            logits = straight_through(self.margin, cosines, targets, context)
+        else:
+            logits = self.margin(cosines, targets, context)
         return _ShardedSoftmaxCrossEntropy.apply(logits, targets, self.process_group, self.world_size)
 
     # -- prototypes in a rank-independent layout ----------------------------------------

@@ -400,7 +400,7 @@ def create_model(
         config = read_config(path)
         architecture, base, state_dict = config["architecture"], dict(config["settings"]), read_weights(path)
     elif kind in ("checkpoint", "run"):
-        from unicom.train.checkpoint import read_model_checkpoint
+        from unicom.engine.checkpoint import read_model_checkpoint
 
         architecture, base, state_dict, prototypes_from = read_model_checkpoint(path)
     else:

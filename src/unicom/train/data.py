@@ -133,6 +133,16 @@ class ShardSource:
                 "(every reader needs at least one shard per pass): lower data.workers or split the data into more shards"
             )
 
+    def class_counts(self) -> np.ndarray:
+        """(num_classes,) int64 labelled samples per class: the rows of the label files."""
+        import pyarrow.parquet as pq
+
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for path in self.label_files.values():
+            labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+            counts += np.bincount(labels, minlength=self.num_classes)
+        return counts
+
     def _labels(self, number: int) -> dict[str, int]:
         from unicom.formats.clusters import read_label_lookup
 
@@ -191,6 +201,10 @@ class ListSource:
     def describe(self) -> str:
         skipped = f", {self.unlabelled:,} without a label skipped" if self.unlabelled else ""
         return f"{self.origin}: {len(self.images):,} images, {self.num_classes:,} classes{skipped}"
+
+    def class_counts(self) -> np.ndarray:
+        """(num_classes,) int64 images per class."""
+        return np.bincount(self.labels, minlength=self.num_classes)
 
     def max_readers(self, world_size: int, batch_size: int) -> int:
         """Readers per rank that this data keeps busy: every reader needs a batch per pass."""
@@ -334,33 +348,6 @@ class TrainStream(IterableDataset):
                     f"check that the labels were made from these inputs ({self.source.describe()})"
                 )
             pass_, skip = pass_ + 1, 0
-
-
-# --------------------------------------------------------------------------- transforms
-
-
-def train_transform(config, image_size: int, mean=None, std=None):
-    """The training transform of a recipe's ``augment`` section (timm's ``create_transform``),
-    normalised with ``mean`` and ``std`` (default: CLIP's, like the evaluation transform)."""
-    from timm.data import create_transform
-
-    from unicom.models.released import CLIP_MEAN, CLIP_STD
-
-    augment = config.augment
-    return create_transform(
-        image_size,
-        is_training=True,
-        scale=tuple(augment.crop_scale),
-        ratio=tuple(augment.crop_ratio),
-        hflip=augment.hflip,
-        color_jitter=augment.color_jitter or None,
-        auto_augment=augment.randaugment,
-        re_prob=augment.random_erasing,
-        re_mode=augment.random_erasing_mode,
-        interpolation=augment.interpolation,
-        mean=CLIP_MEAN if mean is None else tuple(mean),
-        std=CLIP_STD if std is None else tuple(std),
-    )
 
 
 # --------------------------------------------------------------------------- sources

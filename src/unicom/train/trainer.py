@@ -1,11 +1,12 @@
 """The training program: cluster-discrimination pre-training and retrieval fine-tuning.
 
 :func:`train` runs a recipe (:class:`~unicom.train.config.TrainConfig`) on one process or
-under ``torchrun``: the backbone in DistributedDataParallel with summed gradients, the
-prototypes sharded by :class:`~unicom.losses.PartialFC` and updated by
-:class:`~unicom.optim.SparseAdamW`. :class:`TrainStep` is one optimiser step (micro-steps,
-mixed precision, unscaling, the global gradient norm, the non-finite check, clipping),
-shared with ``benchmarks/train_step.py``.
+under ``torchrun``: the backbone in DistributedDataParallel with summed gradients
+(:mod:`unicom.engine.ddp`), the prototypes sharded by :class:`~unicom.losses.PartialFC`
+and updated by :class:`~unicom.optim.SparseAdamW`, one optimiser step at a time by the
+training core's :class:`~unicom.engine.step.TrainStep`. This module adds what only this
+program does: the data stream, the run's counters, checkpoints of every rank, resuming
+and the export of the backbone.
 
 Order of work: the recipe is validated, the inputs are read and checked, the model is
 built, a checkpoint to resume from is found and verified, and only then is anything
@@ -14,224 +15,23 @@ written under ``out``.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from unicom import distributed
+from unicom.engine import checkpoint as ckpt
+from unicom.engine.device import resolve_device, resolve_precision
+from unicom.engine.recipe import to_yaml
+from unicom.engine.runlog import RunLog, format_duration
+from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
+from unicom.engine.step import StepResult, TrainingStopped, TrainStep, build_train_step
 from unicom.errors import InputError
-from unicom.train import checkpoint as ckpt
-from unicom.train.config import TrainConfig, to_yaml
-from unicom.train.logging import RunLog, format_duration
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (repeated non-finite steps); the message says what to do."""
-
-
-# ------------------------------------------------------------------------------ parts
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's GPU when CUDA is present, else the CPU."""
-    if name == "auto":
-        return distributed.local_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise InputError(f"train.device={name!r}: not a torch device ({error})") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it (fp16 on older ones), fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm weights, biases, position embeddings and the class token are not decayed."""
-    return param.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token"))
-
-
-def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas, eps: float, device: torch.device):
-    """AdamW with two groups: decayed weights and the :func:`no_decay` parameters."""
-    decay, plain = [], []
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            (plain if no_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
-
-
-def margin_head(config) -> nn.Module:
-    from unicom.losses import ArcFace, CosFace
-
-    heads = {"arcface": ArcFace, "cosface": CosFace}
-    return heads[config.loss.head](config.loss.margin, config.loss.scale)
-
-
-class LossScaler:
-    """Dynamic loss scaling for fp16: halve the scale after a non-finite step, double it
-    after ``growth_interval`` finite ones in a row. Disabled, the scale is 1."""
-
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
-        self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
-        self.growth_interval = growth_interval
-        self.good_steps = 0
-
-    def update(self, finite: bool) -> None:
-        if not self.enabled:
-            return
-        if not finite:
-            self.scale = max(self.scale * 0.5, 1.0)
-            self.good_steps = 0
-            return
-        self.good_steps += 1
-        if self.good_steps >= self.growth_interval:
-            self.scale *= 2.0
-            self.good_steps = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "good_steps": self.good_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.enabled and state:
-            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    finite: bool
-    clipped: bool = False
-
-
-def _grads(params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(dense gradients, coalesced sparse gradients) of ``params``; sparse ones are
-    coalesced in place so that their values can be scaled."""
-    dense, sparse = [], []
-    for param in params:
-        grad = param.grad
-        if grad is None:
-            continue
-        if grad.is_sparse:
-            if not grad.is_coalesced():
-                param.grad = grad = grad.coalesce()
-            sparse.append(grad)
-        else:
-            dense.append(grad)
-    return dense, sparse
-
-
-def _squared_norm(dense: list[torch.Tensor], sparse: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    if dense:
-        norms = torch._foreach_norm(dense)
-        total = total + torch.stack([n.float() for n in norms]).square().sum()
-    for grad in sparse:
-        total = total + grad._values().float().square().sum()
-    return total
-
-
-def _scale_grads(dense: list[torch.Tensor], sparse: list[torch.Tensor], factor: float) -> None:
-    if dense:
-        torch._foreach_mul_(dense, factor)
-    for grad in sparse:
-        grad._values().mul_(factor)
-
-
-class TrainStep:
-    """One optimiser step over ``accumulation`` micro-batches.
-
-    The backbone (possibly DDP with summed gradients) maps images to embeddings under
-    autocast; PartialFC gives the loss. The gradients are unscaled (fp16), the global norm
-    is computed over the backbone (identical on every rank after DDP's all-reduce) and the
-    prototype shards (all-reduced), and a non-finite loss or norm skips the step on every
-    rank alike; otherwise the gradients are clipped (optional) and both optimisers step.
-    """
-
-    def __init__(self, backbone: nn.Module, partial_fc: nn.Module, backbone_optimizer, prototype_optimizer,
-                 device: torch.device, precision: str, clip_grad_norm: float | None = None):
-        self.backbone = backbone
-        self.partial_fc = partial_fc
-        self.backbone_optimizer = backbone_optimizer
-        self.prototype_optimizer = prototype_optimizer
-        self.device = device
-        self.precision = precision
-        self.clip_grad_norm = clip_grad_norm
-        self.scaler = LossScaler(precision == "fp16")
-        # PartialFC's input checks cost a collective per step: the trainer turns them on for its first step
-        partial_fc.check_inputs = False
-        self._backbone_params = [p for p in backbone.parameters() if p.requires_grad]
-        self._prototype_params = list(partial_fc.parameters())
-        self.distributed = distributed.get_world_size() > 1
-
-    def set_learning_rates(self, backbone_lr: float, prototype_lr: float) -> None:
-        for group in self.backbone_optimizer.param_groups:
-            group["lr"] = backbone_lr
-        for group in self.prototype_optimizer.param_groups:
-            group["lr"] = prototype_lr
-
-    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        count = len(micro_batches)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for index, (images, labels) in enumerate(micro_batches):
-            last = index == count - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.backbone, "no_sync") else self.backbone.no_sync()
-            with sync:
-                with autocast(self.device, self.precision):
-                    embeddings = self.backbone(images)
-                    loss = self.partial_fc(embeddings, labels)
-                (loss * (self.scaler.scale / count)).backward()
-            loss_sum += loss.detach().float()
-
-        dense, sparse = _grads(self._backbone_params)
-        proto_dense, proto_sparse = _grads(self._prototype_params)
-        if self.scaler.enabled:
-            inverse = 1.0 / self.scaler.scale
-            _scale_grads(dense + proto_dense, sparse + proto_sparse, inverse)
-        backbone_sq = _squared_norm(dense, sparse, self.device)
-        prototype_sq = _squared_norm(proto_dense, proto_sparse, self.device)
-        if self.distributed:  # prototype shards are disjoint: their squared norms add up
-            import torch.distributed as dist
-
-            dist.all_reduce(prototype_sq)
-        loss_value, norm_value = torch.stack([loss_sum / count, (backbone_sq + prototype_sq).sqrt()]).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        clipped = False
-        if finite:
-            if self.clip_grad_norm is not None and norm_value > self.clip_grad_norm:
-                _scale_grads(dense + proto_dense, sparse + proto_sparse, self.clip_grad_norm / (norm_value + 1e-6))
-                clipped = True
-            self.backbone_optimizer.step()
-            self.prototype_optimizer.step()
-        self.scaler.update(finite)
-        self.backbone_optimizer.zero_grad(set_to_none=True)
-        self.prototype_optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, norm_value, finite, clipped)
+from unicom.train.config import TrainConfig
 
 
 # -------------------------------------------------------------------------- the state
@@ -249,37 +49,6 @@ class RunState:
     failed: int = 0
     seconds: float = 0.0
     loss_scale: dict = field(default_factory=dict)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    version, python_state, gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
-        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(int(v) for v in python_state["state"].tolist()), python_state["gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
 
 
 # ---------------------------------------------------------------------------- training
@@ -344,11 +113,9 @@ def distributed_broadcast(value):
 
 def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     """Validate, read inputs, build the model, loss and optimisers, find the checkpoint."""
-    from unicom.losses import PartialFC
+    from unicom.engine.ddp import wrap_backbone
     from unicom.models.vit import create_model
-    from unicom.optim import SparseAdamW
     from unicom.train.data import build_source, steps_per_epoch
-    from unicom.train.distributed import wrap_backbone
 
     config.validate()
     say = log.print if log is not None else (lambda text: print(text) if distributed.get_rank() == 0 else None)
@@ -375,18 +142,16 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     per_epoch = steps_per_epoch(source, world, config.data.batch_size, config.train.accumulation, config.data.samples_per_epoch)
     total = config.train.steps or max(1, int(round(config.train.epochs * per_epoch)))
 
-    _seed_everything(config.seed)  # the same initial weights on every rank
+    seed_everything(config.seed)  # the same initial weights on every rank
     created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides(),
                            drop_path_rate=config.model.drop_path_rate)
-    _seed_everything(config.seed + 1 + distributed.get_rank())  # stochastic depth differs over ranks
+    seed_everything(config.seed + 1 + distributed.get_rank())  # stochastic depth differs over ranks
     backbone = created.module.to(device).train()
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
-    partial_fc = PartialFC(
-        created.embedding_dim, source.num_classes, margin_head(config),
-        sample_rate=config.loss.sample_rate, feature_rate=config.loss.feature_rate, centers=config.loss.centers,
-        seed=config.seed, sparse_gradient=True,
-    ).to(device)
+    # DynM-ArcFace's margins come from the training images per class
+    class_counts = source.class_counts() if config.loss.needs_class_counts else None
+    partial_fc = config.loss.partial_fc(created.embedding_dim, source.num_classes, class_counts, seed=config.seed).to(device)
     resume_from = _find_resume(config, say)
     if resume_from is None and created.prototypes_from is not None:
         _warm_start_prototypes(partial_fc, created.prototypes_from, say)
@@ -394,13 +159,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
     if config.model.compile:
         backbone.compile()
-    wrapped = wrap_backbone(backbone, device)
-    optim = config.optim
-    backbone_opt = backbone_optimizer(backbone, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
-    prototype_wd = optim.weight_decay if optim.prototype_weight_decay is None else optim.prototype_weight_decay
-    prototype_opt = SparseAdamW(partial_fc.parameters(), lr=optim.lr * optim.prototype_lr_scale, betas=tuple(optim.betas),
-                                eps=optim.eps, weight_decay=prototype_wd)
-    step_fn = TrainStep(wrapped, partial_fc, backbone_opt, prototype_opt, device, precision, optim.clip_grad_norm)
+    step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device))
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
                workers, roles, per_epoch, total, resume_from)
 
@@ -474,13 +233,13 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
     world = distributed.get_world_size()
     rank_state = ckpt.load_rank_state(path, distributed.get_rank()) if manifest["world_size"] == world else None
     if rank_state is not None:
-        _set_rng_state(rank_state["rng"], run.device)
+        set_rng_state(rank_state["rng"], run.device)
         pfc.set_rng_state(rank_state["partial_fc"], run.device)
     else:
         # another number of ranks: the feature selection is common to all ranks (rank 0's);
         # the class selection and augmentation generators are seeded anew for this rank
         rank0 = ckpt.load_rank_state(path, 0)
-        _seed_everything(run.config.seed + 7919 * (run_state.step + 1) + distributed.get_rank())
+        seed_everything(run.config.seed + 7919 * (run_state.step + 1) + distributed.get_rank())
         feature = rank0["partial_fc"].get("feature") if rank0 else None
         if feature is not None:
             pfc.set_rng_state({"feature": feature}, run.device)
@@ -504,7 +263,7 @@ def _save(run: Run, state: RunState, positions, next_role: int, epoch: float) ->
         "common_step": opt_state.get("common_step"),
     }
     rank_state = {
-        "rng": _rng_state(run.device),
+        "rng": rng_state(run.device),
         "partial_fc": pfc.rng_state(),
         "data": {"roles": run.roles, "positions": [list(p) for p in positions], "next_role": next_role},
     }
@@ -531,17 +290,18 @@ def _save(run: Run, state: RunState, positions, next_role: int, epoch: float) ->
 
 def export_model(run: Run, folder: Path, step: int) -> Path:
     """Write the backbone as an exported model folder (rank 0)."""
+    from unicom.losses.heads import head_settings
     from unicom.models.export import save_model
 
+    pfc = run.partial_fc
     provenance = {
         "trained_by": "unicom train",
         "run": str(run.out.resolve()),
         "step": step,
         "init": run.config.model.init,
         "data": run.source.describe(),
-        "loss": {"head": run.config.loss.head, "margin": run.config.loss.margin, "scale": run.config.loss.scale,
-                 "sample_rate": run.config.loss.sample_rate, "feature_rate": run.config.loss.feature_rate,
-                 "num_classes": run.partial_fc.num_classes},
+        "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
+                 "centers": pfc.centers, "margin_gradient": pfc.margin_gradient, "num_classes": pfc.num_classes},
     }
     return save_model(folder, run.backbone.state_dict(), run.created.architecture, run.created.settings,
                       run.created.preprocess(), provenance=provenance)
@@ -565,8 +325,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     :func:`unicom.load`.
     """
     from unicom.files import write_json_atomic, write_text_atomic
-    from unicom.train.data import TrainStream, make_loader, train_transform
-    from unicom.train.schedule import lr_factor, warmup_steps
+    from unicom.train.data import TrainStream, make_loader
 
     run = prepare(config)
     out, rank, world = run.out, distributed.get_rank(), distributed.get_world_size()
@@ -584,11 +343,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     positions, next_role = _data_positions(run, rank_state, manifest, say)
     batch, accumulation = config.data.batch_size, config.train.accumulation
     global_batch = world * batch * accumulation
-    schedule = config.schedule
-    warmup = warmup_steps(run.total_steps, schedule.warmup_fraction, schedule.warmup_steps)
     say(f"unicom train: {run.created.architecture} {run.created.settings} (weights: {run.created.init_kind}"
         f"{' ' + str(run.created.init) if run.created.init else ''}), {run.partial_fc.num_classes:,} classes, "
-        f"sample_rate {config.loss.sample_rate}, feature_rate {config.loss.feature_rate}")
+        f"{run.partial_fc.margin!r} head, sample_rate {config.loss.sample_rate}, feature_rate {config.loss.feature_rate}"
+        + (f", margin_gradient {config.loss.margin_gradient}" if config.loss.margin_gradient != "exact" else ""))
     if run.created.reinitialised:
         say(f"  initialised afresh: {', '.join(run.created.reinitialised)}")
     say(f"  data: {run.source.describe()}; {world} rank(s) x {batch} images x {accumulation} micro-step(s) = "
@@ -599,19 +357,17 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
               architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
               data=run.source.describe())
 
-    stream = TrainStream(run.source, train_transform(config, run.created.image_size), batch, config.seed, rank, world,
+    stream = TrainStream(run.source, config.augment.transform(run.created.image_size), batch, config.seed, rank, world,
                          run.roles, positions, next_role)
     batches = iter(make_loader(stream, run.workers, run.device))
     positions = list(positions)
-    optim = config.optim
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
     result = None
     last_saved = state.step if run.resume_from is not None else -1
     try:
         while state.step < run.total_steps:
-            factor = lr_factor(state.step, run.total_steps, schedule.kind, warmup, schedule.min_lr_ratio,
-                               schedule.onecycle_div, schedule.onecycle_final_div)
-            run.step_fn.set_learning_rates(optim.lr * factor, optim.lr * optim.prototype_lr_scale * factor)
+            factor = config.schedule.factor(state.step, run.total_steps)
+            run.step_fn.set_learning_rates(*config.optim.learning_rates(factor))
             micro = []
             waited = time.perf_counter()
             for _ in range(accumulation):
@@ -695,13 +451,13 @@ def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result
     images_per_second = interval["steps"] * global_batch / seconds
     remaining = (run.total_steps - state.step) * seconds / max(interval["steps"], 1)
     loss = interval["loss"] / interval["finite"] if interval["finite"] else float("nan")
-    optim = run.config.optim
+    lr, prototype_lr = run.config.optim.learning_rates(factor)
     values = {
         "step": state.step,
         "epoch": round(state.step / run.steps_per_epoch, 4),
         "loss": loss,
-        "lr": optim.lr * factor,
-        "prototype_lr": optim.lr * optim.prototype_lr_scale * factor,
+        "lr": lr,
+        "prototype_lr": prototype_lr,
         "grad_norm": result.grad_norm,
         "images_per_second": images_per_second,
         "data_wait": interval["data"] / seconds,

@@ -218,37 +218,7 @@ def describe_transform(transform: Callable, name: str = "backbone") -> dict[str,
     return described
 
 
-# ----------------------------------------------------------------------- margin heads
-
-
-def build_margin(loss, class_counts: np.ndarray) -> nn.Module:
-    """The margin head of a recipe's ``loss`` section.
-
-    Options left unset keep the head's own defaults; the arguments that come from the data
-    are filled in: ``class_counts`` (DynM-ArcFace, the training images per class) and
-    ``num_classes`` (AdaCos).
-    """
-    from unicom import losses
-    from unicom.unifex.config import HEAD_OPTIONS, MARGIN_HEADS, head_option_names
-
-    head_class = getattr(losses, MARGIN_HEADS[loss.head])
-    accepted = head_option_names(loss.head)
-    arguments = {}
-    for name in HEAD_OPTIONS:
-        value = getattr(loss, name)
-        if value is None:
-            continue
-        if name not in accepted:
-            raise InputError(f"loss.{name} does not apply to loss.head={loss.head}; its options are {', '.join(accepted)}")
-        arguments[name] = value
-    if loss.head == "dynm_arcface":
-        arguments["class_counts"] = np.asarray(class_counts, dtype=np.int64)
-    if loss.head == "adacos":
-        arguments["num_classes"] = int(len(class_counts))
-    return head_class(**arguments)
-
-
 __all__ = [
     "UniFExModel", "LinearNeck", "PoolingNeck", "build_neck", "build_unifex", "unifex_settings", "describe_transform",
-    "backbone_features", "freeze", "build_margin", "has_weights", "ARCHITECTURE",
+    "backbone_features", "freeze", "has_weights", "ARCHITECTURE",
 ]

@@ -1,7 +1,8 @@
 """``unicom probe``: train a UniFEx head on a frozen backbone, evaluate it, export it.
 
-Two ways to feed the head, one training step (:class:`unicom.train.trainer.TrainStep`:
-the neck and :class:`~unicom.losses.PartialFC` with AdamW / SparseAdamW):
+Two ways to feed the head, one training step (the training core's
+:class:`~unicom.engine.step.TrainStep`: the neck and :class:`~unicom.losses.PartialFC`
+with AdamW / SparseAdamW):
 
 * **cache** (default): the backbone embeds every training image once (and optionally
   several augmented views) into the feature cache (:mod:`unicom.unifex.cache`); each
@@ -33,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from unicom.engine.device import autocast
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
-from unicom.train.config import flatten
 from unicom.unifex.config import ProbeConfig
 from unicom.unifex.data import DomainImages, epoch_batches, epoch_order
 
@@ -130,7 +131,6 @@ class ImageBatches:
         from torch.utils.data import DataLoader
 
         from unicom.progress import progress
-        from unicom.train.trainer import autocast
         from unicom.unifex.model import backbone_features
 
         batches = [b.tolist() for b in epoch_batches(epoch_order(self._labels, epoch, self.seed, self.sampling), self.batch_size)]
@@ -160,7 +160,7 @@ class Head:
 
     neck: nn.Module
     partial_fc: nn.Module
-    step_fn: Any  # unicom.train.trainer.TrainStep
+    step_fn: Any  # unicom.engine.step.TrainStep
     neck_optimizer: Any
     prototype_optimizer: Any
 
@@ -168,22 +168,14 @@ class Head:
 def build_head(config: ProbeConfig, input_dim: int, class_counts: np.ndarray, device: torch.device) -> Head:
     """Neck, margin head and PartialFC, seeded by ``config.seed`` (the global torch
     generator is seeded here: the neck's initialisation and dropout draw from it)."""
-    from unicom.losses import PartialFC
-    from unicom.optim import SparseAdamW
-    from unicom.train.trainer import TrainStep, backbone_optimizer
-    from unicom.unifex.model import build_margin, build_neck
+    from unicom.engine.step import build_train_step
+    from unicom.unifex.model import build_neck
 
-    optim, loss = config.optim, config.loss
     torch.manual_seed(config.seed)
     neck = build_neck(input_dim, _neck_settings(config)).to(device)
-    partial_fc = PartialFC(config.neck.embedding_dim, len(class_counts), margin=build_margin(loss, class_counts),
-                           sample_rate=loss.sample_rate, centers=loss.centers, seed=config.seed).to(device)
-    neck_optimizer = backbone_optimizer(neck, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
-    prototype_decay = optim.weight_decay if optim.prototype_weight_decay is None else optim.prototype_weight_decay
-    prototype_optimizer = SparseAdamW(partial_fc.parameters(), lr=optim.lr * optim.prototype_lr_scale,
-                                      betas=tuple(optim.betas), eps=optim.eps, weight_decay=prototype_decay)
-    step_fn = TrainStep(neck, partial_fc, neck_optimizer, prototype_optimizer, device, "fp32", optim.clip_grad_norm)
-    return Head(neck, partial_fc, step_fn, neck_optimizer, prototype_optimizer)
+    partial_fc = config.loss.partial_fc(config.neck.embedding_dim, len(class_counts), class_counts, seed=config.seed).to(device)
+    step_fn = build_train_step(neck, partial_fc, config.optim, device, "fp32")
+    return Head(neck, partial_fc, step_fn, step_fn.backbone_optimizer, step_fn.prototype_optimizer)
 
 
 def _neck_settings(config: ProbeConfig) -> dict:
@@ -194,19 +186,14 @@ def _neck_settings(config: ProbeConfig) -> dict:
 def train_epoch(head: Head, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], config: ProbeConfig, first_step: int,
                 total_steps: int, check_first: bool = False) -> dict:
     """One epoch of steps; returns ``{"loss", "steps", "skipped", "images", "seconds", "lr"}``."""
-    from unicom.train.schedule import lr_factor, warmup_steps
-
-    schedule, optim = config.schedule, config.optim
-    warmup = warmup_steps(total_steps, schedule.warmup_fraction, schedule.warmup_steps)
     start = time.perf_counter()
     losses, steps, skipped, images, factor = [], 0, 0, 0, 0.0
     head.neck.train()
     head.partial_fc.train()
     for features, labels in batches:
         step = first_step + steps
-        factor = lr_factor(step, total_steps, schedule.kind, warmup, schedule.min_lr_ratio, schedule.onecycle_div,
-                           schedule.onecycle_final_div)
-        head.step_fn.set_learning_rates(optim.lr * factor, optim.lr * optim.prototype_lr_scale * factor)
+        factor = config.schedule.factor(step, total_steps)
+        head.step_fn.set_learning_rates(*config.optim.learning_rates(factor))
         head.partial_fc.check_inputs = check_first and steps == 0  # labels and shapes, once per run
         result = head.step_fn([(features, labels)])
         head.partial_fc.check_inputs = False
@@ -217,13 +204,13 @@ def train_epoch(head: Head, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
         else:
             skipped += 1
     if steps and not losses:
-        from unicom.train.trainer import TrainingStopped
+        from unicom.engine.step import TrainingStopped
 
         raise TrainingStopped("every step of the epoch had a non-finite loss or gradient and was skipped; "
                               "lower optim.lr or set optim.clip_grad_norm")
     seconds = time.perf_counter() - start
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps, "skipped": skipped,
-            "images": images, "seconds": seconds, "lr": optim.lr * factor}
+            "images": images, "seconds": seconds, "lr": config.optim.learning_rates(factor)[0]}
 
 
 # --------------------------------------------------------------------- evaluation
@@ -266,11 +253,11 @@ class EvalSplit:
 
 
 def _check_resumable(stored: dict, config: ProbeConfig, path: Path) -> None:
-    before, now = flatten(stored), flatten(config.to_dict())
-    changed = [key for key in sorted(set(before) | set(now))
-               if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    from unicom.engine.recipe import changed_keys
+
+    changed = changed_keys(stored, config, ignore=RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:8])
         raise InputError(f"{path} was written by a run with other settings ({details}); "
                          f"use another out=, or delete {path} to train from the start")
 
@@ -356,13 +343,6 @@ def read_probe_data(config: ProbeConfig) -> ProbeData:
 def _rows_of(keys: Sequence[str], subset: DomainImages) -> np.ndarray:
     row_of = {key: row for row, key in enumerate(keys)}
     return np.asarray([row_of[k] for k in subset.images.keys], dtype=np.int64)
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    """The backbone's forward: ``auto`` is fp16 on a GPU (as ``unicom embed``), fp32 on the CPU."""
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def _print_scores(say, rows: list[tuple[str, dict]], ks: Sequence[int]) -> None:
@@ -480,24 +460,25 @@ def direct_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone) -> Fee
 def load_backbone(config: ProbeConfig) -> Backbone:
     """The frozen encoder on its device, with its transform checked for export (before any work)."""
     from unicom.embed import default_num_workers
+    from unicom.engine.device import resolve_device, resolve_precision
     from unicom.models.encoders import load_encoder
-    from unicom.train.trainer import resolve_device
     from unicom.unifex.model import describe_transform, freeze
 
     device = resolve_device(config.train.device)
     encoder = freeze(load_encoder(config.backbone.model, config.backbone.pretrained, device))
     preprocess = describe_transform(encoder.image_transform, config.backbone.model)
     workers = default_num_workers(device) if config.data.workers is None else config.data.workers
-    backbone = Backbone(encoder, preprocess, device, _resolve_precision(config.backbone.precision, device), workers)
+    # the frozen backbone only infers: auto is fp16 on a GPU, as `unicom embed`
+    precision = resolve_precision(config.backbone.precision, device, training=False)
+    backbone = Backbone(encoder, preprocess, device, precision, workers)
     if config.train.augment or config.cache.augmented_views:
-        from unicom.train.data import train_transform
-
-        backbone.augment_transform = train_transform(config, preprocess["size"], preprocess["mean"], preprocess["std"])
+        backbone.augment_transform = config.augment.transform(preprocess["size"], preprocess["mean"], preprocess["std"])
     return backbone
 
 
 def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, counts: np.ndarray, epochs: int) -> Path:
     """The head and the backbone reference as a model folder (``out/model``)."""
+    from unicom.losses.heads import head_settings
     from unicom.models.export import save_model
     from unicom.unifex.model import ARCHITECTURE, unifex_settings
 
@@ -508,7 +489,9 @@ def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, count
         backbone.preprocess, embedding_dim=config.neck.embedding_dim,
         provenance={"trained_by": "unicom probe", "train_lists": [str(p) for p in config.data.train],
                     "classes": int(len(counts)), "images": int(counts.sum()), "epochs": epochs,
-                    "loss": config.loss.head, "centers": config.loss.centers},
+                    "loss": {**head_settings(head.partial_fc.margin), "centers": config.loss.centers,
+                             "sample_rate": config.loss.sample_rate, "feature_rate": config.loss.feature_rate,
+                             "margin_gradient": config.loss.margin_gradient}},
     )
 
 
@@ -519,9 +502,9 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     feature cache and stop. Returns the report written to ``out/metrics.json`` (or, with
     ``cache_only``, the cache's description).
     """
+    from unicom.engine.recipe import to_yaml
+    from unicom.engine.runlog import RunLog
     from unicom.files import write_json_atomic, write_text_atomic
-    from unicom.train.config import to_yaml
-    from unicom.train.logging import RunLog
     from unicom.unifex.data import format_summary
     from unicom.unifex.model import has_weights
 

@@ -22,6 +22,10 @@ checkpoint is skipped for the previous one.
 Prototype files are named by the classes they hold, not by the rank that wrote them: a
 rank of a resumed job reads the rows of its own class range from whichever files hold
 them, so a job resumes on any number of ranks.
+
+This module is the format's one owner: ``unicom train`` writes and resumes through it,
+:mod:`unicom.models.vit` reads a backbone from it (``model.init``) with
+:func:`read_model_checkpoint`, and :func:`export_checkpoint` turns one into a model folder.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """What a training run reports: a console line, ``log.jsonl`` and TensorBoard scalars (rank 0).
 
-``OUT/log.jsonl`` holds one JSON object per line: ``{"event": "step", ...}`` every
-``log.every`` steps (loss, learning rates, gradient norm, images/s, skipped steps, samples
-without a label, images that failed to decode, loss scale), and one line for each other
-event (``start``, ``resume``, ``skipped``, ``checkpoint``, ``stopped``, ``end``).
+``OUT/log.jsonl`` holds one JSON object per line, ``{"event": name, "time": ..., ...}``.
+``unicom train`` writes a ``step`` line every ``log.every`` steps (loss, learning rates,
+gradient norm, images/s, skipped steps, samples without a label, images that failed to
+decode, loss scale) and one line for each other event (``start``, ``resume``,
+``skipped``, ``checkpoint``, ``stopped``, ``end``); ``unicom probe`` an ``epoch`` line per
+epoch.
 ``OUT/failures_rank{r}.jsonl`` lists the images each rank could not use (key, source,
 reason).
 """

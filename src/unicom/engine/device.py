@@ -1,0 +1,68 @@
+"""Where a run computes and in which floating-point format: one choice for every program.
+
+``precision`` is one of :data:`PRECISIONS`. ``auto`` is fp32 on the CPU; on a GPU it is
+bf16 for training (fp16 on GPUs without bf16) and fp16 for inference (the backbone of
+``unicom probe``, as ``unicom embed``). ``bf16`` and ``fp16`` run under
+``torch.autocast``: matrix products in the low precision, reductions and the loss in
+float32.
+
+Importing this module does not import torch (recipes read :data:`PRECISIONS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from unicom.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto``: this rank's GPU when CUDA is present, else the CPU; otherwise the named
+    device, checked (``key`` names the recipe key in errors)."""
+    import torch
+
+    from unicom import distributed
+
+    if name == "auto":
+        return distributed.local_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"{key}={name!r}: not a torch device ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{key}={name!r} but CUDA is not available; use {key}=cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device, training: bool = True) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` for ``precision`` on ``device`` (module docstring)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    if not training:
+        return "fp16"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    """A context that runs its block in ``precision`` (resolved: bf16, fp16 or fp32) on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast"]

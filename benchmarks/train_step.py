@@ -192,7 +192,8 @@ def model_flops_per_image(device: torch.device) -> tuple[float, float]:
     """(counted, analytic) training FLOPs per image of the ViT-B/16 + PartialFC step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from unicom.models.vit import CLIP_VITS
+    from unicom.models.registry import model_cfg
+    from unicom.models.vit import ClipViTSettings
 
     batch = 8
     _, step = build(GPU_MODEL, {}, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", False)
@@ -205,7 +206,7 @@ def model_flops_per_image(device: torch.device) -> tuple[float, float]:
     counted = counter.get_total_flops() / batch
     del step
     torch.cuda.empty_cache()
-    s = CLIP_VITS[GPU_MODEL]
+    s = ClipViTSettings.from_dict(model_cfg(GPU_MODEL).settings)
     tokens = (s.image_size // s.patch_size) ** 2 + 1
     width, mlp = s.width, int(s.width * s.mlp_ratio)
     per_block = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width

@@ -136,7 +136,7 @@ def random_unicom_vit(settings, seed: int = 0):
     """
     import torch
 
-    from unicom.models.released import UnicomViT
+    from unicom.models.unicom_vit import UnicomViT
 
     model = UnicomViT(settings).eval()
     generator = torch.Generator().manual_seed(seed)

@@ -63,16 +63,16 @@ def test_the_demo_runs_every_stage_and_reports_recall_on_held_out_digits(tmp_pat
 
 
 def test_the_untrained_network_is_the_training_runs_starting_point(tmp_path):
-    from safetensors.torch import load_file
     from support import write_class_folder
 
     from unicom.demo import repository_config, untrained_model
+    from unicom.models.export import read_weights
     from unicom.train.config import load_config
     from unicom.train.trainer import prepare
 
     write_class_folder(tmp_path / "images", [0, 1], 64, size=32)
     config = load_config(repository_config(), [f"out={tmp_path / 'run'}", f"data.folder={tmp_path / 'images'}"])
     start = prepare(config).backbone.state_dict()
-    saved = load_file(str(untrained_model(config, tmp_path / "untrained") / "model.safetensors"))
+    saved = read_weights(untrained_model(config, tmp_path / "untrained"))
     assert saved.keys() == start.keys()
     assert all(torch.equal(saved[k], start[k]) for k in saved)

@@ -132,7 +132,7 @@ def test_model_file_is_embedded_with_its_own_transform_and_cached(tmp_path):
 
     from unicom.embed import embed_images
     from unicom.models.encoders import load_encoder
-    from unicom.models.released import ViTSettings
+    from unicom.models.unicom_vit import ViTSettings
 
     settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
     checkpoint = tmp_path / "FP16-ViT-tiny.pt"
@@ -185,7 +185,7 @@ def test_classification_dataset_with_a_model(tmp_path):
     import torch
     from support import class_image, encode_image, random_unicom_vit
 
-    from unicom.models.released import ViTSettings
+    from unicom.models.unicom_vit import ViTSettings
 
     settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
     checkpoint = tmp_path / "FP16-ViT-tiny.pt"

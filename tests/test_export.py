@@ -13,9 +13,10 @@ from support import random_unicom_vit
 from torch import nn
 
 from unicom.errors import InputError
-from unicom.models import export
+from unicom.models import export, registry
 from unicom.models.encoders import load_encoder
-from unicom.models.released import ViTSettings, clip_preprocess
+from unicom.models.registry import clip_preprocess
+from unicom.models.unicom_vit import ViTSettings
 
 TINY = ViTSettings(image_size=32, patch_size=16, width=64, depth=2, heads=1, mlp_dim=256, embedding_dim=24)
 
@@ -38,7 +39,7 @@ def build_mean_colour(settings):
 
 @pytest.fixture
 def toy_architecture(monkeypatch):
-    monkeypatch.setitem(export.ARCHITECTURES, "mean_colour", build_mean_colour)
+    monkeypatch.setitem(registry.ARCHITECTURES, "mean_colour", registry.Architecture("mean_colour", build_mean_colour))
 
 
 SQUASH = {"size": 4, "resize_mode": "squash", "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
@@ -59,7 +60,7 @@ def test_config_records_architecture_settings_preprocessing_and_provenance(tmp_p
     export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32), provenance={"run": "r1"})
     config = json.loads((tmp_path / "m" / "unicom_model.json").read_text())
     assert config["format"] == "unicom-model" and config["format_version"] == 1
-    assert config["architecture"] == "unicom_vit"
+    assert config["architecture"] == "unicom_vit" and config["architecture_module"] == "unicom.models.unicom_vit"
     assert config["settings"] == {"image_size": 32, "patch_size": 16, "width": 64, "depth": 2, "heads": 1, "mlp_dim": 256, "embedding_dim": 24, "in_chans": 3}
     assert config["embedding_dim"] == 24
     assert config["preprocess"] == clip_preprocess(32)
@@ -94,7 +95,7 @@ def test_a_registered_architecture_round_trips(tmp_path, toy_architecture):
 
 
 def test_architectures_can_be_named_as_module_and_function(tmp_path, monkeypatch):
-    monkeypatch.setitem(export.ARCHITECTURES, "toy_by_name", f"{__name__}:build_mean_colour")
+    monkeypatch.setitem(registry.ARCHITECTURES, "toy_by_name", registry.Architecture("toy_by_name", f"{__name__}:build_mean_colour"))
     export.save_model(tmp_path / "toy", MeanColour(2), "toy_by_name", {"dim": 2}, SQUASH)
     model, _ = export.load_model(tmp_path / "toy")
     assert isinstance(model, MeanColour)
@@ -107,9 +108,9 @@ def test_unknown_architecture_lists_the_known_ones(tmp_path):
 
 def test_register_architecture_refuses_to_replace_silently(toy_architecture):
     with pytest.raises(ValueError, match="already registered"):
-        export.register_architecture("mean_colour", MeanColour)
-    export.register_architecture("mean_colour", MeanColour, overwrite=True)
-    assert export.ARCHITECTURES["mean_colour"] is MeanColour
+        registry.register_architecture("mean_colour", MeanColour)
+    registry.register_architecture("mean_colour", MeanColour, overwrite=True)
+    assert registry.ARCHITECTURES["mean_colour"].builder is MeanColour
 
 
 def test_folder_without_config_is_not_a_model(tmp_path):
@@ -121,8 +122,8 @@ def test_folder_without_config_is_not_a_model(tmp_path):
 def test_newer_format_version_asks_for_an_upgrade(tmp_path, toy_architecture):
     export.save_model(tmp_path / "toy", MeanColour(2), "mean_colour", {"dim": 2}, SQUASH)
     path = tmp_path / "toy" / "unicom_model.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 2}))
-    with pytest.raises(InputError, match="format_version 2 is not supported.*upgrade unicom"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": export.FORMAT_VERSION + 1}))
+    with pytest.raises(InputError, match=f"format_version {export.FORMAT_VERSION + 1} is not supported.*upgrade unicom"):
         export.load_model(tmp_path / "toy")
 
 

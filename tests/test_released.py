@@ -16,12 +16,22 @@ from support import random_unicom_vit
 import unicom
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder, load_encoder
-from unicom.models.released import RELEASED, UnicomViT, ViTSettings, infer_settings
+from unicom.models.export import build_transform
+from unicom.models.registry import MODELS, available_models, clip_preprocess
+from unicom.models.unicom_vit import UnicomViT, ViTSettings, infer_settings
 
 # 48 px, patch 16 -> 9 tokens of width 128 (two 64-d heads), 2 blocks, 32-d embeddings
 TINY = ViTSettings(image_size=48, patch_size=16, width=128, depth=2, heads=2, mlp_dim=512, embedding_dim=32)
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def released_settings(name: str) -> ViTSettings:
+    return ViTSettings.from_dict(MODELS[name].settings)
+
+
+def image_transform(n_px: int):
+    return build_transform(clip_preprocess(n_px))
 
 
 @pytest.fixture
@@ -156,15 +166,18 @@ def test_unknown_name_lists_the_released_names():
         unicom.load("ViT-H/14")
 
 
-@pytest.mark.parametrize("name", list(RELEASED))
+@pytest.mark.parametrize("name", available_models())
 def test_architecture_is_inferred_for_every_released_shape(name):
     with torch.device("meta"):  # shapes only: no memory for up to 900M parameters
-        state = UnicomViT(RELEASED[name].settings).state_dict()
-    assert infer_settings(state) == RELEASED[name].settings
+        state = UnicomViT(released_settings(name)).state_dict()
+    assert infer_settings(state) == released_settings(name)
 
 
 def test_released_sizes_follow_the_published_description():
-    sizes = {name: (e.settings.width, e.settings.depth, e.settings.heads, e.settings.embedding_dim, e.settings.image_size) for name, e in RELEASED.items()}
+    sizes = {}
+    for name in available_models():
+        s = released_settings(name)
+        sizes[name] = (s.width, s.depth, s.heads, s.embedding_dim, s.image_size)
     assert sizes == {
         "ViT-B/32": (768, 12, 12, 512, 224),
         "ViT-B/16": (768, 12, 12, 768, 224),
@@ -195,8 +208,6 @@ def _expected(image: Image.Image, size: tuple[int, int], box: tuple[int, int, in
     ],
 )
 def test_transform_resizes_short_side_bicubic_crops_centre_and_normalises(width, height, size, box):
-    from unicom.models.released import image_transform
-
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     image = Image.fromarray(pixels, "RGB")
     out = image_transform(4)(image)
@@ -205,8 +216,6 @@ def test_transform_resizes_short_side_bicubic_crops_centre_and_normalises(width,
 
 
 def test_transform_turns_grey_images_into_three_equal_channels():
-    from unicom.models.released import image_transform
-
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (6, 6), dtype=np.uint8), "L")
     out = image_transform(4)(image)
     np.testing.assert_allclose(out.numpy(), _expected(image, (4, 4), (0, 0, 4, 4)), rtol=0, atol=1e-6)
@@ -221,16 +230,14 @@ def test_released_file_is_an_encoder(model, checkpoint):
     assert encoder.image_transform(Image.new("RGB", (48, 48))).shape == (3, 48, 48)
 
 
-def test_released_names_go_to_this_backend_only_without_pretrained():
-    from unicom.models.released import accepts_released
+def test_released_names_are_this_projects_and_sizes_without_weights_are_open_clips():
+    from unicom.models.factory import is_unicom_spec
 
-    assert accepts_released("ViT-L/14@336px", None)
-    assert not accepts_released("ViT-B/32", "openai")  # an open_clip spec
+    assert is_unicom_spec("ViT-L/14@336px")
+    assert not is_unicom_spec("ViT-B-32")  # a size to train here; as a --model it is open_clip's ViT-B-32
 
 
 def test_pickle_of_the_transform_survives_for_dataloader_workers():
-    from unicom.models.released import image_transform
-
     transform = pickle.loads(pickle.dumps(image_transform(8)))
     assert transform(Image.new("RGB", (10, 8))).shape == (3, 8, 8)
 

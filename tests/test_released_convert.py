@@ -10,7 +10,7 @@ from support import random_unicom_vit
 
 from unicom.cli import main
 from unicom.models.encoders import load_encoder
-from unicom.models.released import ViTSettings
+from unicom.models.unicom_vit import ViTSettings
 
 TINY = ViTSettings(image_size=32, patch_size=8, width=64, depth=2, heads=1, mlp_dim=256, embedding_dim=16)
 
@@ -54,7 +54,7 @@ def test_provenance_names_the_source_file_and_its_checksum(released_file, tmp_pa
 
 def test_float32_model_is_cast_to_float16_on_request(tmp_path):
     from unicom.models.export import save_model
-    from unicom.models.released import clip_preprocess
+    from unicom.models.registry import clip_preprocess
 
     model = random_unicom_vit(TINY, seed=12)
     save_model(tmp_path / "model", model, "unicom_vit", TINY, clip_preprocess(32))
@@ -75,9 +75,9 @@ def test_existing_outputs_are_not_replaced_without_overwrite(released_file, tmp_
 def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys):
     from torch import nn
 
-    from unicom.models import export
+    from unicom.models import export, registry
 
-    monkeypatch.setitem(export.ARCHITECTURES, "linear", lambda s: nn.Linear(2, 2))
+    monkeypatch.setitem(registry.ARCHITECTURES, "linear", registry.Architecture("linear", lambda s: nn.Linear(2, 2)))
     preprocess = {"size": 4, "resize_mode": "squash", "interpolation": "bilinear", "mean": [0, 0, 0], "std": [1, 1, 1]}
     export.save_model(tmp_path / "m", nn.Linear(2, 2), "linear", {}, preprocess, embedding_dim=2)
     assert main(["convert", "unicom-to-released", str(tmp_path / "m"), str(tmp_path / "out.pt")]) == 2

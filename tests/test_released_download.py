@@ -1,6 +1,6 @@
 """Downloading released checkpoints: checksums, cache, mirrors, offline use.
 
-A real HTTP server on 127.0.0.1 (a thread) serves the files; the table of releases gets a
+A real HTTP server on 127.0.0.1 (a thread) serves the files; the model registry gets a
 test entry pointing at it.
 """
 
@@ -17,11 +17,17 @@ from support import random_unicom_vit
 
 import unicom
 from unicom.errors import InputError
-from unicom.models import released
-from unicom.models.released import RELEASED, ReleasedCheckpoint, ViTSettings
+from unicom.models import hub
+from unicom.models.registry import MODELS, ModelCfg, clip_preprocess
+from unicom.models.unicom_vit import ViTSettings
 
 TINY = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=128, embedding_dim=16)
 FILE = "FP16-ViT-tiny.pt"
+
+
+def tiny_release(url: str, sha256: str) -> ModelCfg:
+    """A registry entry like the four releases, for the tiny model at ``url``."""
+    return ModelCfg("tiny", "unicom_vit", TINY.to_dict(), clip_preprocess(32), url, sha256)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -56,7 +62,7 @@ def published(server, monkeypatch):
     model = random_unicom_vit(TINY, seed=3)
     torch.save({k: v.half() for k, v in model.state_dict().items()}, folder / FILE)
     sha256 = hashlib.sha256((folder / FILE).read_bytes()).hexdigest()
-    monkeypatch.setitem(RELEASED, "tiny", ReleasedCheckpoint("tiny", f"{base_url}/{FILE}", sha256, TINY))
+    monkeypatch.setitem(MODELS, "tiny", tiny_release(f"{base_url}/{FILE}", sha256))
     monkeypatch.delenv("UNICOM_BASE_URL", raising=False)
     monkeypatch.delenv("UNICOM_OFFLINE", raising=False)
     return sha256, model
@@ -75,8 +81,7 @@ def test_right_checksum_is_accepted_and_cached(published, server, tmp_path):
 
 
 def test_wrong_checksum_is_rejected_and_nothing_is_kept(published, monkeypatch, tmp_path):
-    entry = RELEASED["tiny"]
-    monkeypatch.setitem(RELEASED, "tiny", ReleasedCheckpoint("tiny", entry.url, "0" * 64, TINY))
+    monkeypatch.setitem(MODELS, "tiny", tiny_release(MODELS["tiny"].url, "0" * 64))
     cache = tmp_path / "cache"
     with pytest.raises(InputError, match=f"SHA-256 {published[0]}, expected {'0' * 64}; it was not kept"):
         unicom.load("tiny", download_root=cache)
@@ -96,7 +101,7 @@ def test_offline_a_cached_file_loads(published, monkeypatch, tmp_path):
     cache = tmp_path / "cache"
     unicom.load("tiny", download_root=cache)
     monkeypatch.setenv("UNICOM_OFFLINE", "1")
-    monkeypatch.setitem(RELEASED, "tiny", ReleasedCheckpoint("tiny", "http://127.0.0.1:9/gone/" + FILE, published[0], TINY))
+    monkeypatch.setitem(MODELS, "tiny", tiny_release("http://127.0.0.1:9/gone/" + FILE, published[0]))
     model, _ = unicom.load("tiny", download_root=cache)
     assert model.embedding_dim == 16
 
@@ -111,13 +116,13 @@ def test_offline_a_missing_file_says_where_to_put_it(published, monkeypatch, tmp
 
 def test_unreachable_server_says_where_to_put_the_file(published, server, monkeypatch, tmp_path):
     base_url = server[1]
-    monkeypatch.setitem(RELEASED, "tiny", ReleasedCheckpoint("tiny", f"{base_url}/missing/{FILE}", published[0], TINY))
+    monkeypatch.setitem(MODELS, "tiny", tiny_release(f"{base_url}/missing/{FILE}", published[0]))
     with pytest.raises(InputError, match=f"could not download {base_url}/missing/{FILE} .*put the file"):
         unicom.load("tiny", download_root=tmp_path / "cache")
 
 
 def test_mirror_from_the_environment_replaces_the_release_host(published, server, monkeypatch, tmp_path):
-    monkeypatch.setitem(RELEASED, "tiny", ReleasedCheckpoint("tiny", f"https://invalid.example/tiny/{FILE}", published[0], TINY))
+    monkeypatch.setitem(MODELS, "tiny", tiny_release(f"https://invalid.example/tiny/{FILE}", published[0]))
     monkeypatch.setenv("UNICOM_BASE_URL", server[1] + "/")
     unicom.load("tiny", download_root=tmp_path / "cache")
     assert server[2] == [f"/{FILE}"]
@@ -125,17 +130,17 @@ def test_mirror_from_the_environment_replaces_the_release_host(published, server
 
 def test_release_urls_default_to_the_official_host(monkeypatch):
     monkeypatch.delenv("UNICOM_BASE_URL", raising=False)
-    assert released.checkpoint_url("ViT-L/14@336px") == (
+    assert hub.weights_url("ViT-L/14@336px") == (
         "https://github.com/deepglint/unicom/releases/download/l14_336px/FP16-ViT-L-14-336px.pt"
     )
-    assert released.checkpoint_url("ViT-B/32", base_url="file:///mnt/models") == "file:///mnt/models/FP16-ViT-B-32.pt"
+    assert hub.weights_url("ViT-B/32", base_url="file:///mnt/models") == "file:///mnt/models/FP16-ViT-B-32.pt"
 
 
 def test_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "models"))
-    assert released.cache_dir() == tmp_path / "models"
-    assert released.cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert hub.cache_dir() == tmp_path / "models"
+    assert hub.cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("UNICOM_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert released.cache_dir() == tmp_path / ".cache" / "unicom"
+    assert hub.cache_dir() == tmp_path / ".cache" / "unicom"

@@ -194,7 +194,7 @@ def test_a_two_rank_run_resumes_on_one_rank(images, tmp_path):
 
 def test_fine_tuning_starts_from_a_released_checkpoint_file(images, tmp_path):
     import unicom
-    from unicom.models.released import ViTSettings
+    from unicom.models.unicom_vit import ViTSettings
     from unicom.train.config import load_config
     from unicom.train.trainer import train
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from unicom.errors import InputError
-from unicom.models.vit import CLIP_VITS, ClipViT, ClipViTSettings, create_model, open_clip_to_clip_vit
+from unicom.models.registry import MODELS
+from unicom.models.vit import ClipViT, ClipViTSettings, create_model, open_clip_to_clip_vit
 
 
 def tiny_open_clip(embed_dim: int = 48, seed: int = 0):
@@ -30,8 +31,9 @@ def test_registered_sizes_have_the_shapes_of_open_clips_image_towers(name):
     trunk = {k: tuple(v.shape) for k, v in ours.items() if k.startswith("trunk.")}
     assert trunk == {k: tuple(v.shape) for k, v in converted.items() if k.startswith("trunk.")}
     # the embedding sizes of the paper: 512 for B/32, 768 for the others (CLIP's B/16 has 512)
-    assert ours["projection.weight"].shape == (CLIP_VITS[name].embedding_dim, CLIP_VITS[name].width)
-    assert CLIP_VITS[name].embedding_dim == (512 if name == "ViT-B-32" else 768)
+    sizes = MODELS[name].settings
+    assert ours["projection.weight"].shape == (sizes["embedding_dim"], sizes["width"])
+    assert sizes["embedding_dim"] == (512 if name == "ViT-B-32" else 768)
 
 
 def test_an_open_clip_checkpoint_gives_open_clips_image_embeddings(tmp_path):
@@ -118,7 +120,7 @@ def test_a_released_name_builds_the_released_architecture():
 def test_a_released_format_file_starts_the_released_architecture(tmp_path):
     from support import random_unicom_vit
 
-    from unicom.models.released import ViTSettings
+    from unicom.models.unicom_vit import ViTSettings
 
     settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=2, heads=1, mlp_dim=128, embedding_dim=16)
     reference = random_unicom_vit(settings)

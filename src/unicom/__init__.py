@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 # public name -> "module:attribute", imported on first access
 _LAZY = {
-    "load": "unicom.models.released:load",
-    "available_models": "unicom.models.released:available_models",
+    "load": "unicom.models.factory:load",
+    "available_models": "unicom.models.registry:available_models",
     "embed_images": "unicom.embed:embed_images",
     "embed_texts": "unicom.embed:embed_texts",
     "load_encoder": "unicom.models.encoders:load_encoder",

@@ -42,12 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unicom.models import export, released
+    from unicom.models import convert, export
 
     if args.direction == "released-to-unicom":
         if (args.output / export.CONFIG_NAME).exists() and not args.overwrite:
             raise InputError(f"{args.output} already holds a model; pass --overwrite to replace it")
-        folder = released.released_to_unicom(args.source, args.output, arch=args.arch, download_root=args.download_root)
+        folder = convert.released_to_unicom(args.source, args.output, arch=args.arch, download_root=args.download_root)
         config = export.read_config(folder)
         settings = config["settings"]
         origin = config["provenance"].get("released_name") or "custom size"
@@ -63,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     dtype = DTYPES[args.dtype]
-    path = released.unicom_to_released(args.model, args.output, dtype=getattr(torch, dtype) if dtype else None)
+    path = convert.unicom_to_released(args.model, args.output, dtype=getattr(torch, dtype) if dtype else None)
     print(f"wrote {path} (state dict with the released key names; load it with unicom.load({str(path)!r}))")
     return 0

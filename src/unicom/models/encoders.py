@@ -1,23 +1,21 @@
 """One interface for every model that embeds images (and maybe texts).
 
-``load_encoder(spec, pretrained=None, device="cpu")`` resolves ``spec`` through the
-``BACKENDS`` table below, in order; the first backend whose ``accepts(spec, pretrained)``
-is true builds the encoder. Stages (``embed``, ``evaluate``, ``index``/``search``, the
-UniFEx cache) only ever see an :class:`Encoder`, so any model the project can load works
-in all of them.
+Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ever see an
+:class:`Encoder`, so any model the project can load works in all of them.
+``load_encoder(spec, pretrained=None, device="cpu")`` understands, in this order:
 
-Specs understood (each backend documents its own):
-
-* a released Unicom name (``ViT-B/32``, ``ViT-L/14@336px``) or a released ``.pt`` file;
-* a folder exported by ``unicom train`` or ``unicom probe`` (it holds ``unicom_model.json``);
-* ``timm/<name>`` or ``timm:<name>`` for timm image models;
-* an open_clip model name (``ViT-B-32``), with ``pretrained`` a tag or a local file.
+* without ``pretrained``, this project's models (:func:`unicom.models.factory.load`): a
+  registered name with released weights (``ViT-B/32``, ``ViT-L/14@336px``), a model
+  folder (``unicom_model.json``), a released-format checkpoint file, or
+  ``hf-hub:org/repo`` when that Hub repository holds a model folder;
+* ``timm/<name>`` or ``timm:<name>`` for timm image models
+  (:mod:`unicom.models.foundation`);
+* an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an
+  open_clip ``hf-hub:``/``local-dir:`` reference.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Callable, Sequence
 
 import torch
@@ -56,28 +54,44 @@ class Encoder(nn.Module):
         return self.encode_image(images)
 
 
-# (module, accepts, build), tried in order: ``module.accepts(spec, pretrained) -> bool``
-# and ``module.build(spec, pretrained, device) -> Encoder``. A module that is not
-# installed is skipped.
-BACKENDS: list[tuple[str, str, str]] = [
-    ("unicom.models.released", "accepts_released", "released_encoder"),
-    ("unicom.models.export", "accepts_export", "exported_encoder"),
-    ("unicom.models.foundation", "accepts_timm", "timm_encoder"),
-    ("unicom.models.foundation", "accepts_open_clip", "open_clip_encoder"),
-]
+class ModelEncoder(Encoder):
+    """An image model ``(B, 3, S, S) -> (B, D)`` with its transform, as an :class:`Encoder`."""
+
+    def __init__(self, model: nn.Module, transform: Callable, embedding_dim: int, name: str):
+        super().__init__()
+        self.model = model
+        self.image_transform = transform
+        self.embedding_dim = embedding_dim
+        self.name = name
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
 
 
 def load_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Encoder:
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
-    tried = []
-    for module_name, accepts, build in BACKENDS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        tried.append(module_name)
-        if getattr(module, accepts)(spec, pretrained):
-            return getattr(module, build)(spec, pretrained, device).eval()
+    from unicom.models import factory, foundation, hub
+
+    if pretrained is None and factory.is_unicom_spec(spec):
+        return ModelEncoder(*factory.load_described(spec, device=device)).eval()
+    if pretrained is None and hub.is_hf_spec(spec):
+        try:
+            folder = hub.hf_model_folder(spec)
+        except hub.NotAModelFolder:
+            pass  # a repository without unicom_model.json: open_clip's hf-hub: below
+        except hub.NotInCache as missing:  # offline: open_clip's files may be in the cache
+            try:
+                return foundation.open_clip_encoder(spec, None, device).eval()
+            except Exception:
+                raise missing from None
+        else:
+            return ModelEncoder(*factory.load_described(str(folder), device=device, label=spec)).eval()
+    if foundation.accepts_timm(spec, pretrained):
+        return foundation.timm_encoder(spec, pretrained, device).eval()
+    if foundation.accepts_open_clip(spec, pretrained):
+        return foundation.open_clip_encoder(spec, pretrained, device).eval()
     raise InputError(
-        f"no model matches {spec!r} (looked in {', '.join(tried)}): give a released Unicom name, "
-        "an exported model folder, timm/<name>, or an open_clip model name with --pretrained"
+        f"no model matches {spec!r}: give a released Unicom name ({', '.join(factory.available_models())}), a model "
+        "folder, a checkpoint file, hf-hub:<owner>/<repository>, timm/<name>, or an open_clip model name with --pretrained"
     )
+

@@ -1,19 +1,23 @@
-"""The project's own model format: a folder that any stage can load without the trainer.
+"""The model folder: the one format in which every stage hands a model to another.
 
 ::
 
     MODEL_DIR/
-      unicom_model.json    format, format_version, architecture, settings, embedding_dim,
-                           preprocess, provenance (written last: its presence marks a
-                           complete folder)
-      model.safetensors    the module's state dict, tensors stored as given
+      unicom_model.json    format, format_version, architecture, architecture_module,
+                           settings, embedding_dim, preprocess, weights_layout (optional),
+                           provenance (written last: its presence marks a complete folder)
+      model.safetensors    the module's tensors, as given (dtypes kept)
+      config.json          timm's config, when timm can build the architecture
 
-``architecture`` names an entry of :data:`ARCHITECTURES`, a table of builders kept as
-data: ``builder(settings) -> nn.Module`` where ``settings`` is the JSON object saved in
-the folder. A built module maps images ``(B, 3, S, S)`` to embeddings
-``(B, embedding_dim)``, and ``model.safetensors`` holds exactly its ``state_dict()``.
-A new architecture is one line in the table (``"name": "module:function"``, imported
-only when used) or a call to :func:`register_architecture`.
+``architecture`` names an entry of :data:`unicom.models.registry.ARCHITECTURES` and
+``architecture_module`` the module that registers it (imported on load when it belongs to
+this package). A built module maps images ``(B, 3, S, S)`` to embeddings
+``(B, embedding_dim)``. ``model.safetensors`` holds its ``state_dict()`` under the
+module's own keys, or, with ``"weights_layout": "timm"`` (format version 2), under the keys
+of the timm model that ``config.json`` describes, so that
+``timm.create_model("local-dir:MODEL_DIR", pretrained=True)`` (or ``hf-hub:`` on the
+Hub) builds and loads the same network. :func:`read_weights` always returns the
+module's keys.
 
 ``preprocess`` describes the eval transform as data (:func:`build_transform`)::
 
@@ -25,55 +29,29 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from unicom.errors import InputError
 from unicom.files import atomic_path, write_json_atomic
-from unicom.models.encoders import Encoder
+from unicom.models.registry import get_architecture
+from unicom.models.weights import check_state_dict, instantiate, read_safetensors
 
 FORMAT = "unicom-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.safetensors may follow a weights_layout; 1: the module's keys
 CONFIG_NAME = "unicom_model.json"
 WEIGHTS_NAME = "model.safetensors"
-
-# architecture name -> builder, or "module:function" imported on first use
-ARCHITECTURES: dict[str, str | Callable[[Mapping[str, Any]], nn.Module]] = {
-    "unicom_vit": "unicom.models.released:build_unicom_vit",
-    "clip_vit": "unicom.models.vit:build_clip_vit",
-    "unifex": "unicom.unifex.model:build_unifex",
-}
+TIMM_CONFIG_NAME = "config.json"
+WEIGHTS_LAYOUTS = ("timm",)
 
 RESIZE_MODES = ("shortest", "squash")  # short side to size + centre crop | both sides to size
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-
-# Keys that a state dict may omit: BatchNorm's batch counter does not change any output.
-OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
-
-
-def register_architecture(name: str, builder: str | Callable[[Mapping[str, Any]], nn.Module], overwrite: bool = False) -> None:
-    """Add ``name -> builder`` to :data:`ARCHITECTURES` (``builder`` may be ``"module:function"``)."""
-    if name in ARCHITECTURES and not overwrite and ARCHITECTURES[name] != builder:
-        raise ValueError(f"architecture {name!r} is already registered; pass overwrite=True to replace it")
-    ARCHITECTURES[name] = builder
-
-
-def get_builder(name: str) -> Callable[[Mapping[str, Any]], nn.Module]:
-    """The builder registered as ``name``, importing it if it is given as ``"module:function"``."""
-    builder = ARCHITECTURES.get(name)
-    if builder is None:
-        raise InputError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
-    if isinstance(builder, str):
-        module_name, attribute = builder.split(":")
-        builder = getattr(importlib.import_module(module_name), attribute)
-    return builder
-
 
 # ---------------------------------------------------------------------- preprocessing
 
@@ -120,65 +98,30 @@ def build_transform(preprocess: Mapping[str, Any]):
     return transforms.Compose([*resize, _convert_to_rgb, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-# ------------------------------------------------------------------------- weights
+def timm_data_config(preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """``preprocess`` in the terms of timm's ``pretrained_cfg`` (the same transform).
 
-
-def _listing(items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", … and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`InputError` listing missing, unexpected and mis-shaped keys.
-
-    ``expected`` is a module's ``state_dict()`` (meta tensors suffice: only shapes are
-    read). Keys ending in :data:`OPTIONAL_KEY_SUFFIXES` may be missing.
+    timm resizes to ``floor(size / crop_pct)``; ``crop_pct`` is chosen so that this is
+    exactly ``resize_size``. ``squash`` is timm's ``crop_mode="squash"`` at ``crop_pct`` 1.
     """
-    missing = [k for k in expected if k not in given and not k.endswith(OPTIONAL_KEY_SUFFIXES)]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [
-        f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in expected
-        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label}: {_listing(keys)}"
-            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
-            if keys
-        ]
-        raise InputError(f"{source}: the weights do not match the architecture; " + "; ".join(problems))
-
-
-def instantiate(
-    builder: Callable[[Mapping[str, Any]], nn.Module],
-    settings: Mapping[str, Any],
-    state_dict: Mapping[str, torch.Tensor],
-    source: str,
-    dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """``builder(settings)`` with ``state_dict`` loaded strictly, floats cast to ``dtype``, in eval mode.
-
-    The module is first built on the meta device, which skips the random initialisation
-    of weights that are about to be replaced (up to 900M parameters for L/14@336px).
-    A module that keeps tensors outside its state dict is built again normally.
-    """
-    with torch.device("meta"):
-        model = builder(settings)
-    expected = model.state_dict()
-    check_state_dict(expected, state_dict, source)
-    tensors = {}
-    for key, reference in expected.items():
-        if key not in state_dict:  # an optional counter
-            tensors[key] = torch.zeros(reference.shape, dtype=reference.dtype)
-            continue
-        target = dtype if reference.is_floating_point() else reference.dtype
-        tensors[key] = state_dict[key].to(target)
-    model.load_state_dict(tensors, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = builder(settings)
-        model.load_state_dict(tensors)
-    return model.eval()
+    size = int(preprocess["size"])
+    if preprocess["resize_mode"] == "squash":
+        crop_pct, crop_mode = 1.0, "squash"
+    else:
+        resize = int(preprocess.get("resize_size", size))
+        crop_pct, crop_mode = size / resize, "center"
+        while math.floor(size / crop_pct) > resize:  # floating-point rounding in the quotient
+            crop_pct = math.nextafter(crop_pct, 1.0)
+        while math.floor(size / crop_pct) < resize:
+            crop_pct = math.nextafter(crop_pct, 0.0)
+    return {
+        "input_size": [3, size, size],
+        "interpolation": preprocess["interpolation"],
+        "mean": list(preprocess["mean"]),
+        "std": list(preprocess["std"]),
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+    }
 
 
 # ---------------------------------------------------------------------------- folder
@@ -194,38 +137,42 @@ def save_model(
     embedding_dim: int | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (a module or its state dict) as an exported model folder.
+    """Write ``model`` (a module or its state dict) as a model folder.
 
     Args:
-        folder: created if needed; an existing model there is replaced.
-        arch: a name in :data:`ARCHITECTURES`.
+        folder: created if needed; a model already there is replaced.
+        arch: a name in :data:`unicom.models.registry.ARCHITECTURES`.
         settings: the builder's argument (a JSON-able dict, or a dataclass).
         preprocess: the eval transform as data (see :func:`build_transform`).
         embedding_dim: D; read from the built module's ``embedding_dim`` when omitted.
         provenance: free-form facts about the origin (source file, checksum, run, data).
 
     Everything is checked before anything is written: the weights must load strictly
-    into ``builder(settings)``. The weights are written first, the JSON last.
+    into the architecture built with ``settings``. The weights are written first, then
+    timm's ``config.json`` (architectures timm can build), the JSON last.
     """
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)
     settings = dict(settings)
     state_dict = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    builder = get_builder(arch)
+    architecture = get_architecture(arch)
     with torch.device("meta"):
-        reference = builder(settings)
+        reference = architecture.build(settings)
     check_state_dict(reference.state_dict(), state_dict, f"{arch} {settings}")
     embedding_dim = embedding_dim or getattr(reference, "embedding_dim", None)
     if not isinstance(embedding_dim, int) or embedding_dim <= 0:
         raise InputError(f"{arch}: pass embedding_dim= (the module has no integer embedding_dim attribute)")
     build_transform(preprocess)  # validates the description
+    timm_form = architecture.timm_form()
     config = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if timm_form else 1,  # version 1 readers can read the rest
         "architecture": arch,
+        "architecture_module": architecture.module,
         "settings": settings,
         "embedding_dim": embedding_dim,
         "preprocess": dict(preprocess),
+        **({"weights_layout": "timm"} if timm_form else {}),
         "provenance": {
             **(provenance or {}),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -239,12 +186,20 @@ def save_model(
 
     from safetensors.torch import save_file
 
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    if timm_form:
+        tensors = timm_form.to_timm(tensors)
+        timm_config = timm_form.config(settings, embedding_dim, timm_data_config(preprocess))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    replacing = (folder / CONFIG_NAME).exists()
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the JSON is back
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    if replacing:
+        (folder / TIMM_CONFIG_NAME).unlink(missing_ok=True)  # the replaced model's, if it had one
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if timm_form:
+        write_json_atomic(folder / TIMM_CONFIG_NAME, timm_config)
     write_json_atomic(folder / CONFIG_NAME, config)
     return folder
 
@@ -256,10 +211,10 @@ def _version() -> str:
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The validated ``unicom_model.json`` of an exported model folder."""
+    """The validated ``unicom_model.json`` of a model folder."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise InputError(f"{folder}: no {CONFIG_NAME}; not an exported unicom model (or its export did not finish)")
+        raise InputError(f"{folder}: no {CONFIG_NAME}; not a unicom model folder (or its export did not finish)")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -274,57 +229,52 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("architecture", str), ("settings", dict), ("embedding_dim", int), ("preprocess", dict)):
         if not isinstance(config.get(key), kind):
             raise InputError(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(config.get("architecture_module", ""), str):
+        raise InputError(f"{path}: 'architecture_module' is not a string")
+    layout = config.get("weights_layout")
+    if layout is not None and layout not in WEIGHTS_LAYOUTS:
+        raise InputError(f"{path}: weights_layout {layout!r} is not one of {WEIGHTS_LAYOUTS}; upgrade unicom")
     return config
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``model.safetensors``, as stored."""
-    from safetensors.torch import load_file
-
+    """The tensors of ``model.safetensors`` under the module's keys, dtypes as stored."""
+    config = read_config(folder)
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise InputError(f"{folder}: {WEIGHTS_NAME} is missing")
+    tensors = read_safetensors(path)
+    if config.get("weights_layout") is None:
+        return tensors
+    timm_form = _architecture(config).timm_form()
+    if timm_form is None:
+        raise InputError(f"{path}: stored in timm's layout, but architecture {config['architecture']!r} has no timm form")
+    return timm_form.from_timm(tensors, str(path))
+
+
+def _architecture(config: Mapping[str, Any]):
+    module = config.get("architecture_module")
     try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types
-        raise InputError(f"{path}: not a readable safetensors file ({error})") from error
+        return get_architecture(config["architecture"], module)
+    except InputError as error:
+        if module:
+            raise
+        raise InputError(
+            f"{error}. The folder does not name the module that registers it (written by an earlier unicom): "
+            f"import that module first, or add \"architecture_module\": \"<module>\" to its {CONFIG_NAME}"
+        ) from error
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``(model, transform)`` from an exported folder: the module in eval mode with
-    float32 weights on ``device``, and its PIL -> tensor preprocessing."""
+    """``(model, transform)`` from a model folder: the module in eval mode with float32
+    weights on ``device``, and its PIL -> tensor preprocessing."""
     config = read_config(folder)
-    builder = get_builder(config["architecture"])
-    model = instantiate(builder, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME))
+    architecture = _architecture(config)
+    model = instantiate(architecture.build, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME))
     return model.to(device), build_transform(config["preprocess"])
 
 
-# --------------------------------------------------------------------------- encoder
-
-
-class ModelEncoder(Encoder):
-    """An image model ``(B, 3, S, S) -> (B, D)`` with its transform, as an :class:`Encoder`."""
-
-    def __init__(self, model: nn.Module, transform: Callable, embedding_dim: int, name: str):
-        super().__init__()
-        self.model = model
-        self.image_transform = transform
-        self.embedding_dim = embedding_dim
-        self.name = name
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-
-def accepts_export(spec: str, pretrained: str | None) -> bool:
-    """Backend test for :func:`unicom.models.encoders.load_encoder`: a folder holding ``unicom_model.json``."""
-    return pretrained is None and (Path(spec).expanduser() / CONFIG_NAME).is_file()
-
-
-def exported_encoder(spec: str, pretrained: str | None, device: str | torch.device = "cpu") -> ModelEncoder:
-    folder = Path(spec).expanduser()
-    config = read_config(folder)
-    model, transform = load_model(folder, device=device)
-    origin = config.get("provenance", {}).get("released_name")
-    name = f"{config['architecture']} {origin or ''} ({folder})".replace("  ", " ")
-    return ModelEncoder(model, transform, config["embedding_dim"], name)
+__all__ = [
+    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TIMM_CONFIG_NAME", "WEIGHTS_NAME", "build_transform", "load_model",
+    "read_config", "read_weights", "save_model", "timm_data_config",
+]

@@ -5,17 +5,20 @@ learned position embedding for the class token and every patch, a LayerNorm befo
 blocks (``ln_pre``), pre-norm blocks with GELU (QuickGELU for OpenAI's weights), a final
 LayerNorm on the class token and a linear projection without bias to the embedding
 (``(B, 3, S, S) -> (B, D)``, D configurable). The sizes of the models of the Unicom paper
-are data in :data:`CLIP_VITS`; a new size is a new row (or :func:`register_clip_vit`).
+are rows of :data:`unicom.models.registry.MODELS`; a new size is
+:func:`unicom.models.registry.register_model`. ``ClipViT`` is a timm ``VisionTransformer``
+plus a projection, so its model folders also carry timm's config (:data:`TIMM_FORM`).
 
-:func:`create_model` builds any trainable model by name and optionally initialises it:
+:func:`create_model` builds any trainable model of the registry by name and optionally
+initialises it:
 
-* names of :data:`CLIP_VITS` (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``)
-  build a :class:`ClipViT` (architecture ``clip_vit`` of :mod:`unicom.models.export`);
-* names of the released checkpoints (``ViT-B/32`` ... ``ViT-L/14@336px``) build the
-  released architecture (:class:`unicom.models.released.UnicomViT`, ``unicom_vit``);
-* ``init`` is a released name (its weights, downloaded and verified), a released-format
-  ``.pt`` file, an exported model folder, an open_clip checkpoint file (``visual.*`` keys)
-  or a training checkpoint of ``unicom train``.
+* the CLIP-shaped sizes (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``) build
+  a :class:`ClipViT` (architecture ``clip_vit``);
+* the released checkpoints (``ViT-B/32`` ... ``ViT-L/14@336px``) build their architecture
+  (:class:`unicom.models.unicom_vit.UnicomViT`, ``unicom_vit``);
+* ``init`` is a registered name with weights (downloaded and verified), a released-format
+  ``.pt`` file, a model folder, an open_clip checkpoint file (``visual.*`` keys) or a
+  training checkpoint of ``unicom train``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import torch
 from torch import nn
 
 from unicom.errors import InputError
+from unicom.models.registry import TimmForm
 
-ARCHITECTURE = "clip_vit"  # the name of ClipViT in unicom.models.export.ARCHITECTURES
+ARCHITECTURE = "clip_vit"  # the name of ClipViT in unicom.models.registry.ARCHITECTURES
 ACTIVATIONS = ("gelu", "quick_gelu")
 
 
@@ -58,7 +62,7 @@ class ClipViTSettings:
     in_chans: int = 3
 
     def __post_init__(self):
-        from unicom.models.released import ViTSettings
+        from unicom.models.unicom_vit import ViTSettings
 
         if self.act not in ACTIVATIONS:
             raise InputError(f"ViT setting act={self.act!r}: expected one of {ACTIVATIONS}")
@@ -78,28 +82,9 @@ class ClipViTSettings:
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> "ClipViTSettings":
         """Settings from a JSON object; unknown keys are an error (as for the released architecture)."""
-        from unicom.models.released import ViTSettings
+        from unicom.models.unicom_vit import ViTSettings
 
         return ViTSettings.from_dict.__func__(cls, settings)
-
-
-# name -> sizes: CLIP's image towers as trained in the Unicom paper, with its embedding
-# sizes (512 for B/32, 768 for the others).
-CLIP_VITS: dict[str, ClipViTSettings] = {
-    "ViT-B-32": ClipViTSettings(224, 32, 768, 12, 12, 4.0, 512),
-    "ViT-B-16": ClipViTSettings(224, 16, 768, 12, 12, 4.0, 768),
-    "ViT-L-14": ClipViTSettings(224, 14, 1024, 24, 16, 4.0, 768),
-    "ViT-L-14-336": ClipViTSettings(336, 14, 1024, 24, 16, 4.0, 768),
-}
-
-
-def register_clip_vit(name: str, settings: ClipViTSettings | Mapping[str, Any], overwrite: bool = False) -> None:
-    """Add a size to :data:`CLIP_VITS` (a dict of settings is accepted)."""
-    if not isinstance(settings, ClipViTSettings):
-        settings = ClipViTSettings.from_dict(settings)
-    if name in CLIP_VITS and not overwrite and CLIP_VITS[name] != settings:
-        raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
-    CLIP_VITS[name] = settings
 
 
 class ClipViT(nn.Module):
@@ -154,9 +139,80 @@ class ClipViT(nn.Module):
         return self.projection(self.trunk(images))
 
 
-def build_clip_vit(settings: Mapping[str, Any]) -> ClipViT:
-    """Builder of the ``clip_vit`` architecture in :mod:`unicom.models.export`."""
-    return ClipViT(ClipViTSettings.from_dict(settings))
+def build_clip_vit(settings: Mapping[str, Any], drop_path_rate: float = 0.0) -> ClipViT:
+    """Builder of the ``clip_vit`` architecture (:mod:`unicom.models.registry`)."""
+    return ClipViT(ClipViTSettings.from_dict(settings), drop_path_rate=drop_path_rate)
+
+
+# ----------------------------------------------------------------------- timm's form
+
+_TIMM_SIZES = {768: "base", 1024: "large", 1280: "huge"}
+
+
+def _timm_entry_point(settings: ClipViTSettings) -> str:
+    """A timm CLIP ViT of these sizes if timm names one, else its B/16. Every size is
+    given again in the config's ``model_args``; the entry point only contributes CLIP's
+    pre-norm and LayerNorm (eps 1e-5), which all of them share."""
+    import timm
+
+    act = "quickgelu_" if settings.act == "quick_gelu" else ""
+    name = f"vit_{_TIMM_SIZES.get(settings.width, 'base')}_patch{settings.patch_size}_clip_{act}{settings.image_size}"
+    return name if timm.is_model(name) else "vit_base_patch16_clip_224"
+
+
+def timm_config(settings: Mapping[str, Any], embedding_dim: int, data_config: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's ``config.json`` for a :class:`ClipViT`: a ``VisionTransformer`` with
+    ``num_classes=embedding_dim`` whose ``head`` is the projection (its bias zero)."""
+    s = ClipViTSettings.from_dict(settings)
+    return {
+        "architecture": _timm_entry_point(s),
+        "num_classes": embedding_dim,
+        "num_features": s.width,
+        "global_pool": "token",
+        "model_args": {
+            "img_size": s.image_size, "patch_size": s.patch_size, "in_chans": s.in_chans, "embed_dim": s.width,
+            "depth": s.depth, "num_heads": s.heads, "mlp_ratio": s.mlp_ratio, "act_layer": s.act,
+            "class_token": True, "global_pool": "token", "pre_norm": True, "qkv_bias": True,
+        },
+        "pretrained_cfg": {
+            **data_config,
+            "input_size": [s.in_chans, s.image_size, s.image_size],
+            "fixed_input_size": True,
+            "num_classes": embedding_dim,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
+def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:class:`ClipViT` keys -> timm ``VisionTransformer`` keys: ``trunk.`` dropped, the
+    projection as ``head.weight`` with a zero ``head.bias``."""
+    out = {key[len("trunk."):]: value for key, value in state_dict.items() if key.startswith("trunk.")}
+    projection = state_dict["projection.weight"]
+    out["head.weight"] = projection
+    out["head.bias"] = torch.zeros(projection.shape[0], dtype=projection.dtype)
+    return out
+
+
+def from_timm(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """timm ``VisionTransformer`` keys -> :class:`ClipViT` keys (the inverse of :func:`to_timm`)."""
+    bias = state_dict.get("head.bias")
+    if bias is not None and bool(bias.count_nonzero()):
+        raise InputError(
+            f"{source}: head.bias is not zero, but a ClipViT's projection has no bias; these are not the weights "
+            "this folder's unicom_model.json describes"
+        )
+    out = {}
+    for key, value in state_dict.items():
+        if key == "head.weight":
+            out["projection.weight"] = value
+        elif key != "head.bias":
+            out[f"trunk.{key}"] = value
+    return out
+
+
+TIMM_FORM = TimmForm(timm_config, to_timm, from_timm)
 
 
 # ------------------------------------------------------------------ open_clip weights
@@ -254,21 +310,19 @@ def open_clip_to_clip_vit(state_dict: Mapping[str, torch.Tensor], source: str = 
 
 
 def model_names() -> list[str]:
-    """Every name :func:`create_model` accepts: the CLIP-shaped sizes and the released models."""
-    from unicom.models.released import RELEASED
+    """Every name :func:`create_model` accepts: the registered models of trainable architectures."""
+    from unicom.models.registry import MODELS, get_architecture
 
-    return [*CLIP_VITS, *RELEASED]
+    return [name for name, cfg in MODELS.items() if get_architecture(cfg.architecture).trainable]
 
 
 def named_settings(name: str) -> tuple[str, dict[str, Any]]:
     """``(architecture, settings)`` of a model name (see :func:`model_names`)."""
-    from unicom.models.released import RELEASED
+    from unicom.models.registry import MODELS
 
-    if name in CLIP_VITS:
-        return ARCHITECTURE, CLIP_VITS[name].to_dict()
-    if name in RELEASED:
-        return "unicom_vit", RELEASED[name].settings.to_dict()
-    raise InputError(f"unknown model {name!r}; known: {model_names()}")
+    if name not in model_names():
+        raise InputError(f"unknown model {name!r}; known: {model_names()}")
+    return MODELS[name].architecture, dict(MODELS[name].settings)
 
 
 @dataclass
@@ -283,6 +337,7 @@ class CreatedModel:
     init_kind: str = "random"
     reinitialised: list[str] = dataclasses.field(default_factory=list)
     prototypes_from: Path | None = None  # a training checkpoint whose prototypes can be loaded too
+    registered_preprocess: dict[str, Any] | None = None  # the registry entry's, when a name chose the model
 
     @property
     def embedding_dim(self) -> int:
@@ -293,20 +348,28 @@ class CreatedModel:
         return int(self.settings["image_size"])
 
     def preprocess(self) -> dict[str, Any]:
-        """The evaluation transform as data (CLIP's: bicubic shortest side, centre crop, CLIP mean/std)."""
-        from unicom.models.released import clip_preprocess
+        """The evaluation transform as data: the registry entry's for a registered name at
+        its own image size, else CLIP's (bicubic shortest side, centre crop, CLIP mean/std)."""
+        from unicom.models.registry import clip_preprocess
 
+        if self.registered_preprocess is not None and self.registered_preprocess["size"] == self.image_size:
+            return dict(self.registered_preprocess)
         return clip_preprocess(self.image_size)
 
 
 def _build(architecture: str, settings: dict[str, Any], drop_path_rate: float) -> nn.Module:
-    if architecture == ARCHITECTURE:
-        return ClipViT(ClipViTSettings.from_dict(settings), drop_path_rate=drop_path_rate)
-    if architecture == "unicom_vit":
-        from unicom.models.released import UnicomViT, ViTSettings
+    from unicom.models.registry import get_architecture
 
-        return UnicomViT(ViTSettings.from_dict(settings), drop_path_rate=drop_path_rate)
-    raise InputError(f"architecture {architecture!r} cannot be trained; use one of {model_names()}")
+    found = get_architecture(architecture)
+    if not found.trainable:
+        raise InputError(f"architecture {architecture!r} cannot be trained; use one of {model_names()}")
+    return found.build(settings, drop_path_rate=drop_path_rate)
+
+
+def _registered_preprocess(name: str | None) -> dict[str, Any] | None:
+    from unicom.models.registry import MODELS
+
+    return dict(MODELS[name].preprocess) if name in MODELS else None
 
 
 def _merge(architecture: str, base: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -322,17 +385,18 @@ def _merge(architecture: str, base: dict[str, Any], overrides: Mapping[str, Any]
 
 def _head_keys(architecture: str) -> tuple[str, ...]:
     """The tensors that map to the embedding: re-initialised when its size changes."""
-    if architecture == ARCHITECTURE:
-        return ("projection.",)
-    return ("feature.2.", "feature.3.")
+    from unicom.models.registry import get_architecture
+
+    return get_architecture(architecture).embedding_head
 
 
 def _init_source(init: str) -> tuple[str, Path | None]:
-    """What ``init`` names: ``released``, ``folder`` (exported), ``checkpoint`` (training), ``run``, ``file``."""
+    """What ``init`` names: ``released`` (a registered name with weights), ``folder``
+    (a model folder), ``checkpoint`` (training), ``run``, ``file``."""
     from unicom.models.export import CONFIG_NAME
-    from unicom.models.released import RELEASED
+    from unicom.models.registry import available_models
 
-    if init in RELEASED:
+    if init in available_models():
         return "released", None
     path = Path(init).expanduser()
     if path.is_dir():
@@ -343,13 +407,13 @@ def _init_source(init: str) -> tuple[str, Path | None]:
         if (path / "checkpoints").is_dir():
             return "run", path
         raise InputError(
-            f"{init}: a folder that is neither an exported model (no {CONFIG_NAME}), a training checkpoint "
+            f"{init}: a folder that is neither a model folder (no {CONFIG_NAME}), a training checkpoint "
             "(no checkpoint.json) nor a training run (no checkpoints/)"
         )
     if path.is_file():
         return "file", path
     raise InputError(
-        f"model.init={init!r}: not a released model ({', '.join(RELEASED)}), nor an existing file or folder"
+        f"model.init={init!r}: not a released model ({', '.join(available_models())}), nor an existing file or folder"
     )
 
 
@@ -365,7 +429,7 @@ def create_model(
 
     Args:
         name: a name of :func:`model_names`; may be None when ``init`` fixes the architecture
-            (a released model, a released-format file, an exported folder, a checkpoint).
+            (a released model, a released-format file, a model folder, a checkpoint).
         init: where the starting weights come from (module docstring); None: random.
         overrides: settings that replace the named ones (``embedding_dim``, ``image_size``...).
             With ``init``, only ``embedding_dim`` may differ from the weights: the head that
@@ -384,16 +448,19 @@ def create_model(
             raise InputError("model.name is required when model.init is not given")
         architecture, base = named_settings(name)
         settings = _merge(architecture, base, overrides, f"model {name}")
-        return CreatedModel(_build(architecture, settings, drop_path_rate), architecture, settings)
+        return CreatedModel(_build(architecture, settings, drop_path_rate), architecture, settings,
+                            registered_preprocess=_registered_preprocess(name))
 
     init = os.fspath(init)
     kind, path = _init_source(init)
     prototypes_from = None
     if kind == "released":
-        from unicom.models.released import load_state
+        from unicom.models.hub import weights_path
+        from unicom.models.registry import model_cfg
+        from unicom.models.weights import read_state_dict
 
-        state_dict, released_settings, _ = load_state(init)
-        architecture, base = "unicom_vit", released_settings.to_dict()
+        state_dict = read_state_dict(weights_path(init))
+        architecture, base = model_cfg(init).architecture, dict(model_cfg(init).settings)
     elif kind == "folder":
         from unicom.models.export import read_config, read_weights
 
@@ -404,7 +471,9 @@ def create_model(
 
         architecture, base, state_dict, prototypes_from = read_model_checkpoint(path)
     else:
-        from unicom.models.released import infer_settings, read_state_dict
+        from unicom.models.unicom_vit import ARCHITECTURE as UNICOM_VIT
+        from unicom.models.unicom_vit import infer_settings
+        from unicom.models.weights import read_state_dict
 
         state_dict = read_state_dict(path)
         if is_open_clip_state(state_dict):
@@ -425,7 +494,7 @@ def create_model(
             architecture, base = ARCHITECTURE, inferred.to_dict()
             state_dict = open_clip_to_clip_vit(state_dict, init)
         elif "patch_embed.proj.weight" in state_dict and "feature.0.weight" in state_dict:
-            architecture, base = "unicom_vit", infer_settings(state_dict, init).to_dict()
+            architecture, base = UNICOM_VIT, infer_settings(state_dict, init).to_dict()
         else:
             raise InputError(
                 f"{init}: neither an open_clip checkpoint (visual.* keys) nor a released Unicom checkpoint "
@@ -458,7 +527,7 @@ def create_model(
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head)}
     if architecture == ARCHITECTURE and "projection.weight" not in state_dict and "projection.weight" not in reinitialised:
         reinitialised.append("projection.weight")  # an open_clip tower saved without proj
-    from unicom.models.export import OPTIONAL_KEY_SUFFIXES, check_state_dict
+    from unicom.models.weights import OPTIONAL_KEY_SUFFIXES, check_state_dict
 
     check_state_dict({k: v for k, v in expected.items() if k not in reinitialised}, state_dict, init)
     loaded = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
@@ -467,19 +536,19 @@ def create_model(
             loaded[key] = expected[key]
     missing, _ = module.load_state_dict(loaded, strict=False)
     assert set(missing) <= set(reinitialised), missing
-    return CreatedModel(module, architecture, settings, init, kind, reinitialised, prototypes_from)
+    registered = _registered_preprocess(init if kind == "released" else name)
+    return CreatedModel(module, architecture, settings, init, kind, reinitialised, prototypes_from, registered)
 
 
 __all__ = [
     "ClipViT",
     "ClipViTSettings",
-    "CLIP_VITS",
     "CreatedModel",
+    "TIMM_FORM",
     "build_clip_vit",
     "create_model",
     "model_names",
     "named_settings",
     "open_clip_settings",
     "open_clip_to_clip_vit",
-    "register_clip_vit",
 ]

@@ -26,6 +26,7 @@ from torch import nn
 
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder, load_encoder
+from unicom.models.registry import register_architecture
 
 ARCHITECTURE = "unifex"
 NECK_KINDS = ("linear", "pooling")
@@ -170,6 +171,9 @@ def build_unifex(settings: Mapping[str, Any]) -> UniFExModel:
             f"head was trained on {settings['input_dim']}: the backbone reference points to other weights"
         )
     return UniFExModel(settings, backbone)
+
+
+register_architecture(ARCHITECTURE, build_unifex)  # model folders name it; loading imports this module
 
 
 # ---------------------------------------------------------------------- preprocessing

@@ -1,0 +1,141 @@
+"""Reading weights safely and loading them strictly.
+
+* :func:`read_state_dict`: the tensors of a checkpoint file (``.safetensors``, or a
+  PyTorch file read with ``torch.load(weights_only=True)``: nothing is unpickled);
+* :func:`check_state_dict`: every key and shape against a module's, with an error that
+  lists what is missing, unexpected or mis-shaped;
+* :func:`instantiate`: build a module and load a state dict into it strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from unicom.errors import InputError
+
+# Keys that a state dict may omit: BatchNorm's batch counter does not change any output.
+OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, read safely (no arbitrary unpickling).
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``. A dict that wraps the weights under ``state_dict``
+    or ``model`` is unwrapped, and a prefix carried by every key (``module.`` from
+    DistributedDataParallel, ``model.`` from the public fine-tuning script) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as error:
+        if "unsupported global" not in str(error).lower():  # not pickled objects: bytes that are no checkpoint
+            raise InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)") from error
+        raise InputError(
+            f"{path}: holds Python objects besides tensors, which are not unpickled for safety; "
+            "re-save it as a plain state dict: torch.save(model.state_dict(), path)"
+        ) from error
+    except Exception as error:  # a damaged or foreign file: torch raises many types
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    return _tensor_dict(obj, path)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, as stored."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise InputError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise InputError(f"{path}: expected a state dict (key -> tensor); found keys {sorted(map(str, obj))[:10]}")
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{path}: expected a non-empty state dict (key -> tensor), got {type(obj).__name__}")
+    state_dict = dict(obj)
+    for prefix in ("module.", "model."):
+        if all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", … and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`InputError` listing missing, unexpected and mis-shaped keys.
+
+    ``expected`` is a module's ``state_dict()`` (meta tensors suffice: only shapes are
+    read). Keys ending in :data:`OPTIONAL_KEY_SUFFIXES` may be missing.
+    """
+    missing = [k for k in expected if k not in given and not k.endswith(OPTIONAL_KEY_SUFFIXES)]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [
+        f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label}: {_listing(keys)}"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
+            if keys
+        ]
+        raise InputError(f"{source}: the weights do not match the architecture; " + "; ".join(problems))
+
+
+def instantiate(
+    builder: Callable[[Mapping[str, Any]], nn.Module],
+    settings: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """``builder(settings)`` with ``state_dict`` loaded strictly, floats cast to ``dtype``, in eval mode.
+
+    The module is first built on the meta device, which skips the random initialisation
+    of weights that are about to be replaced (up to 900M parameters for L/14@336px).
+    A module that keeps tensors outside its state dict is built again normally.
+    """
+    with torch.device("meta"):
+        model = builder(settings)
+    expected = model.state_dict()
+    check_state_dict(expected, state_dict, source)
+    tensors = {}
+    for key, reference in expected.items():
+        if key not in state_dict:  # an optional counter
+            tensors[key] = torch.zeros(reference.shape, dtype=reference.dtype)
+            continue
+        target = dtype if reference.is_floating_point() else reference.dtype
+        tensors[key] = state_dict[key].to(target)
+    model.load_state_dict(tensors, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = builder(settings)
+        model.load_state_dict(tensors)
+    return model.eval()
+
+
+__all__ = ["OPTIONAL_KEY_SUFFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict"]

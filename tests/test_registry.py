@@ -100,11 +100,14 @@ def test_a_size_without_weights_is_not_loadable_and_says_which_are(forget_models
         unicom.load("ViT-L-14")
 
 
-def test_the_unifex_architecture_registers_itself_when_a_folder_names_its_module():
+@pytest.mark.parametrize("module", ["'unicom.unifex.model'", "None"], ids=["named-module", "entry-point"])
+def test_the_unifex_architecture_registers_itself_on_first_use(module):
+    # a folder names the module that registers its architecture; folders written before
+    # `architecture_module` existed do not, and the package's entry point declares it
     code = (
         "import sys; from unicom.models import registry; "
         "assert 'unifex' not in registry.ARCHITECTURES and 'unicom.unifex.model' not in sys.modules; "
-        "found = registry.get_architecture('unifex', 'unicom.unifex.model'); "
+        f"found = registry.get_architecture('unifex', {module}); "
         "print(found.module, found.builder.__name__)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

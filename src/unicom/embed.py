@@ -32,6 +32,7 @@ from unicom import distributed
 from unicom.data.loading import Batch, BatchStream, plan_units
 from unicom.data.sources import ItemsPart, open_parts
 from unicom.data.transforms import draft_size
+from unicom.engine.device import autocast, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
@@ -45,7 +46,6 @@ from unicom.models.encoders import Encoder, load_encoder
 from unicom.progress import progress
 
 MODALITIES = ("image", "text")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
 
@@ -81,18 +81,6 @@ def _device_of(encoder: Encoder) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device, precision: str):
-    """Mixed precision on GPU (fp16 by default); exact float32 on CPU unless asked."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _normalized(embeddings: torch.Tensor) -> np.ndarray:
     """(B, D) any float dtype -> float32 numpy, rows L2-normalised (zero rows stay zero)."""
     return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
@@ -104,12 +92,12 @@ def _encode_images(encoder: Encoder, images: torch.Tensor, device: torch.device,
         images = images.to(device, non_blocking=True)
         if prepare is not None:
             images = prepare(images)
-        with _autocast(device, precision):
+        with autocast(device, resolve_precision(precision, device, training=False)):
             return _normalized(encoder.encode_image(images))
 
 
 def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), autocast(device, resolve_precision(precision, device, training=False)):
         return _normalized(encoder.encode_text(tokens.to(device, non_blocking=True)))
 
 

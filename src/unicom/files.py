@@ -9,6 +9,7 @@ their name, parsed as an integer, so zero-padded and unpadded names sort alike.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -119,3 +120,12 @@ def numbered_files(folder: str | os.PathLike, prefix: str, suffix: str) -> list[
             )
         parts[number] = entry
     return sorted(parts.items())
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 8 << 20) -> str:
+    """The SHA-256 of a file's bytes, as lowercase hex, read in ``chunk_size`` pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from unicom.engine.device import PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes per rank (default: the CPUs of this rank less one on GPU, at most 16; none on CPUs of up to 4 cores)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored embedding type (default: float16)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="compute precision (default: fp16 autocast on GPU, fp32 on CPU)")
     parser.add_argument("--draft", action="store_true",
                         help="decode large JPEGs at 1/2, 1/4 or 1/8 scale inside the decoder (never below the model's input "

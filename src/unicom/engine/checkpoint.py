@@ -30,7 +30,6 @@ This module is the format's one owner: ``unicom train`` writes and resumes throu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ import torch
 
 from unicom import distributed
 from unicom.errors import InputError
-from unicom.files import write_json_atomic
+from unicom.files import file_sha256, write_json_atomic
 
 FORMAT = "unicom-train-checkpoint"
 FORMAT_VERSION = 1
@@ -79,14 +78,6 @@ def step_name(step: int) -> str:
 
 def prototype_file_name(class_start: int, classes: int) -> str:
     return f"prototypes_{class_start:09d}_{class_start + classes:09d}.safetensors"
-
-
-def file_sha256(path: Path, chunk_size: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -362,7 +353,7 @@ def read_model_checkpoint(path: str | os.PathLike) -> tuple[str, dict, dict[str,
 def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Export the backbone of a checkpoint (or of a run's newest intact one) as a model folder."""
     from unicom.models.export import save_model
-    from unicom.models.released import clip_preprocess
+    from unicom.models.registry import clip_preprocess
 
     architecture, settings, state_dict, source = read_model_checkpoint(path)
     manifest = read_manifest(source)

@@ -51,7 +51,7 @@ class AugmentConfig:
         ``std`` (default: CLIP's, like the evaluation transform of the CLIP-shaped ViTs)."""
         from timm.data import create_transform
 
-        from unicom.models.released import CLIP_MEAN, CLIP_STD
+        from unicom.models.registry import CLIP_MEAN, CLIP_STD
 
         return create_transform(
             image_size,

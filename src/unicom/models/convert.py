@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from unicom.errors import InputError
-from unicom.files import atomic_path
+from unicom.files import atomic_path, file_sha256
 from unicom.models.registry import clip_preprocess, released_name
 from unicom.models.unicom_vit import ARCHITECTURE, ViTSettings, build_unicom_vit
 
@@ -34,7 +34,6 @@ def released_to_unicom(
     """
     from unicom.models.export import save_model
     from unicom.models.factory import load_state
-    from unicom.models.hub import file_sha256
 
     state_dict, settings, path = load_state(name_or_path, download_root, arch)
     provenance = {"source": path.name, "sha256": file_sha256(path), "released_name": released_name(ARCHITECTURE, settings.to_dict())}

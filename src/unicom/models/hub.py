@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from unicom.errors import InputError
-from unicom.files import atomic_path
+from unicom.files import atomic_path, file_sha256
 
 HF_PREFIX = "hf-hub:"
 
@@ -43,14 +43,6 @@ def cache_dir(download_root: str | os.PathLike | None = None) -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "unicom"
     return Path("~/.cache/unicom").expanduser()
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _offline() -> bool:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 from unicom.errors import InputError
 
 # CLIP's normalisation, used by every model in the table (the released checkpoints too).
+ENTRY_POINT_GROUP = "unicom.architectures"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -213,9 +214,25 @@ def get_architecture(name: str, module: str | None = None) -> Architecture:
         importlib.import_module(module)
         architecture = ARCHITECTURES.get(name)
     if architecture is None:
+        architecture = _from_entry_points(name)
+    if architecture is None:
         hint = f"; it is defined in {module!r}: import that module first" if module else ""
         raise InputError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}{hint}")
     return architecture
+
+
+def _from_entry_points(name: str) -> Architecture | None:
+    """An architecture that an installed package declares in its metadata (the entry-point
+    group ``unicom.architectures``, ``name = "module"``): its module is imported, which
+    registers it. Packages declare their architectures so; folders that do not name their
+    module (written before ``architecture_module`` existed) load through it too."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        importlib.import_module(entry.module)
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    return None
 
 
 # ------------------------------------------------------------------------ registration

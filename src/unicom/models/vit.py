@@ -393,6 +393,7 @@ def _head_keys(architecture: str) -> tuple[str, ...]:
 def _init_source(init: str) -> tuple[str, Path | None]:
     """What ``init`` names: ``released`` (a registered name with weights), ``folder``
     (a model folder), ``checkpoint`` (training), ``run``, ``file``."""
+    from unicom.engine.checkpoint import CHECKPOINTS, MANIFEST
     from unicom.models.export import CONFIG_NAME
     from unicom.models.registry import available_models
 
@@ -402,13 +403,13 @@ def _init_source(init: str) -> tuple[str, Path | None]:
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
             return "folder", path
-        if (path / "checkpoint.json").is_file():
+        if (path / MANIFEST).is_file():
             return "checkpoint", path
-        if (path / "checkpoints").is_dir():
+        if (path / CHECKPOINTS).is_dir():
             return "run", path
         raise InputError(
             f"{init}: a folder that is neither a model folder (no {CONFIG_NAME}), a training checkpoint "
-            "(no checkpoint.json) nor a training run (no checkpoints/)"
+            f"(no {MANIFEST}) nor a training run (no {CHECKPOINTS}/)"
         )
     if path.is_file():
         return "file", path

@@ -13,7 +13,19 @@ from unicom.errors import InputError
 from unicom.formats.embeddings import write_part
 from unicom.search.collection import first_dims
 from unicom.search.index import CONFIG_FILE, HELDOUT_FILE, Index
-from unicom.search.planner import Candidate, flat_memory, ivfpq_candidate, ivfpq_memory, parse_size, plan, recall_at_k, tune
+from unicom.search.planner import (
+    KNEE_GAIN,
+    Candidate,
+    flat_memory,
+    ivfpq_candidate,
+    ivfpq_memory,
+    ivfsq_memory,
+    parse_size,
+    plan,
+    recall_at_k,
+    search_steps,
+    tune,
+)
 
 
 def clustered(n: int, d: int, seed: int, clusters: int = 40, rank: int = 8) -> np.ndarray:
@@ -94,10 +106,65 @@ def test_ivfpq_takes_the_largest_code_that_fits_the_budget():
 
 def test_plan_is_exact_for_small_collections_and_ordered_for_large_ones():
     assert [c.type for c in plan(50_000, 256)] == ["flat"]
-    assert [c.type for c in plan(1_000_000, 256)] == ["hnsw", "ivfpq", "flat"]
-    assert [c.type for c in plan(1_000_000, 256, memory_budget=parse_size("200MB"))] == ["ivfpq"]
+    assert [c.type for c in plan(1_000_000, 256)] == ["hnsw", "ivfsq", "flat"]
+    assert [c.type for c in plan(1_000_000, 256, memory_budget=parse_size("200MB"))] == ["ivfsq"]
     with pytest.raises(InputError, match="no index type fits"):
         plan(1_000_000, 256, memory_budget=1_000_000)
+
+
+def test_a_budget_alone_is_spent_on_the_largest_code_that_fits():
+    n, d = 500_000, 256
+    for fraction in (8, 4):
+        budget = flat_memory(n, d) // fraction
+        [chosen] = plan(n, d, memory_budget=budget)
+        p = chosen.params
+        # 8-bit codes of the leading axes: as many as fit, 4 more would not
+        assert chosen.type == "ivfsq" and p["bits"] == 8 and chosen.memory <= budget
+        assert ivfsq_memory(n, d, p["nlist"], p["rotated_dims"] + 4, 8) > budget
+    # a budget for 2 bytes per dimension takes 16-bit floats of every axis
+    [chosen] = plan(n, d, memory_budget=flat_memory(n, d) * 3 // 5)
+    assert chosen.structure() == "PR256,IVF2048,SQfp16"
+    # below d/4 bytes a vector, product quantization codes more axes more coarsely
+    [chosen] = plan(n, d, memory_budget=n * (8 + 48))
+    assert chosen.type == "ivfpq" and chosen.code_bytes < d / 4 and chosen.memory <= n * (8 + 48)
+
+
+def test_a_recall_target_tries_codes_from_the_smallest_up_to_the_budget_then_exact():
+    n, d = 500_000, 256
+    candidates = plan(n, d, recall_target=0.95)
+    memories = [c.memory for c in candidates]
+    assert memories == sorted(memories) and candidates[-1].type == "flat"
+    assert [c.code_bytes for c in candidates[:-1]] == [16, 32, 64, 128, 256, 512]
+    assert [c.type for c in candidates[:-1]] == ["ivfpq", "ivfpq", "ivfsq", "ivfsq", "ivfsq", "ivfsq"]
+    budget = flat_memory(n, d) // 4
+    within = plan(n, d, recall_target=0.95, memory_budget=budget)
+    assert all(c.memory <= budget for c in within) and within[-1].structure() == plan(n, d, memory_budget=budget)[0].structure()
+
+
+def test_search_steps_of_an_automatic_index_scan_at_most_an_eighth_of_the_lists():
+    candidate = Candidate("ivfsq", {"nlist": 2048, "rotated_dims": 64, "bits": 8}, 0)
+    assert search_steps(candidate, 10, capped=True)[-1] == {"nprobe": 256}
+    assert search_steps(candidate, 10)[-1] == {"nprobe": 2048}
+
+
+def test_without_a_target_the_search_parameter_stops_where_doubling_it_adds_little():
+    truth = np.arange(100 * 10).reshape(100, 10)
+    # nprobe 1, 2, 4, 8, 16 find 50, 80, 92, 92.5 and 99 % of the true neighbours
+    shares = {1: 5.0, 2: 8.0, 4: 9.2, 8: 9.25, 16: 9.9}
+
+    def search(parameter: dict) -> np.ndarray:
+        found = truth.copy()
+        whole, extra = divmod(shares[parameter["nprobe"]] * 100, 100)  # hits per row, spread over the rows
+        for row in range(100):
+            hits = int(whole) + (1 if row < extra else 0)
+            found[row, hits:] = -1
+        return found
+
+    candidate = Candidate("ivfpq", {"nlist": 16, "m": 2, "nbits": 4, "rotated_dims": 4}, 0)
+    parameter, recall, steps = tune(search, candidate, truth, 10, None)
+    # 4 -> 8 adds 0.005 < KNEE_GAIN: nprobe 4 is kept (8 was measured, 16 never)
+    assert KNEE_GAIN == 0.01 and parameter == {"nprobe": 4} and recall == pytest.approx(0.92)
+    assert [step["nprobe"] for step in steps] == [1, 2, 4, 8]
 
 
 def test_tune_takes_the_smallest_search_parameter_that_reaches_the_target():
@@ -240,22 +307,67 @@ def test_the_held_out_rows_never_train_the_quantizers(compressed, monkeypatch):
     assert index.type == "ivfpq"
 
 
-def test_auto_type_picks_a_compressed_index_within_the_memory_budget(compressed, tmp_path):
-    root, _, _ = compressed
+def held_out_recall(index, root, vectors: np.ndarray, k: int = 10) -> float:
+    """recall@k of the held-out rows, measured apart from the index's own record: numpy brute
+    force over the other rows against the index's results with the held-out rows filtered out."""
+    heldout = np.load(root / HELDOUT_FILE)
+    others = np.setdiff1d(np.arange(len(vectors)), heldout)
+    truth = others[brute_force(vectors[others], vectors[heldout], k)[1]]
+    _, found = index.search(vectors[heldout], k=k + len(heldout))
+    skip = set(heldout.tolist())
+    found = [[j for j in row if j not in skip][:k] for row in found]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+
+
+def test_a_recall_target_keeps_the_smallest_index_within_the_budget_that_reaches_it(compressed, tmp_path):
+    root, parts, _ = compressed
     budget = flat_memory(4000, 32) // 3
-    index = Index.build(root / "emb", tmp_path / "index", memory_budget=budget, recall_target=0.7, heldout=200)
+    index = Index.build(root / "emb", tmp_path / "index", memory_budget=budget, recall_target=0.8, heldout=200)
     selection = index.config["selection"]
-    assert index.type == "ivfpq" and selection["memory_budget"] == budget
-    assert [t["type"] for t in selection["tried"]] == ["ivfpq"]
-    assert selection["tried"][0]["estimated_bytes"] <= budget and index.config["bytes"] <= budget
-    assert selection["recall"] >= 0.7
+    assert selection["objective"] == "size" and selection["memory_budget"] == budget
+    tried = selection["tried"]
+    # codes of growing size, each below the target but the last, which is the index kept
+    assert [t["estimated_bytes"] for t in tried] == sorted(t["estimated_bytes"] for t in tried) and len(tried) > 1
+    assert all(t["recall"] < 0.8 for t in tried[:-1]) and tried[-1]["recall"] >= 0.8
+    assert index.config["structure"] == tried[-1]["structure"] and index.config["bytes"] <= budget
+    vectors = first_dims(np.concatenate(list(parts.values())), 32)
+    assert held_out_recall(index, tmp_path / "index", vectors) == pytest.approx(selection["recall"], abs=0.005)
+
+
+def test_a_budget_without_a_target_is_spent_on_recall(compressed, tmp_path):
+    root, parts, _ = compressed
+    budget = flat_memory(4000, 32) // 2
+    index = Index.build(root / "emb", tmp_path / "index", memory_budget=budget, heldout=200)
+    selection = index.config["selection"]
+    # 8-bit codes of all 32 axes fit: the largest code within the budget
+    assert selection["objective"] == "recall" and selection["recall_target"] is None
+    assert index.config["structure"] == "PR32,IVF64,SQ8" and index.config["bytes"] <= budget
+    steps = selection["tried"][0]["steps"]
+    kept = [step["nprobe"] for step in steps].index(index.config["search"]["nprobe"])
+    assert all(b["recall"] - a["recall"] >= KNEE_GAIN for a, b in zip(steps[:kept], steps[1:kept + 1]))
+    assert kept == len(steps) - 1 or steps[kept + 1]["recall"] - steps[kept]["recall"] < KNEE_GAIN
+    vectors = first_dims(np.concatenate(list(parts.values())), 32)
+    assert held_out_recall(index, tmp_path / "index", vectors) == pytest.approx(selection["recall"], abs=0.005)
+
+
+def test_scalar_codes_return_inner_products_close_to_the_exact_ones(compressed, tmp_path):
+    root, parts, _ = compressed
+    index = Index.build(root / "emb", tmp_path / "index", index_type="ivfsq", heldout=200)
+    assert index.config["structure"] == "PR32,IVF64,SQ8"
+    vectors = first_dims(np.concatenate(list(parts.values())), 32)
+    queries = first_dims(clustered(50, 32, seed=14), 32)
+    scores, ids = index.search(queries, 10, nprobe=64)
+    exact = np.einsum("qd,qkd->qk", queries, vectors[ids])
+    assert np.abs(scores - exact).max() < 0.02
+    _, want = brute_force(vectors, queries, 10)
+    assert recall_at_k(ids, want) >= 0.95
 
 
 def test_an_unreachable_target_is_an_error_and_writes_nothing(compressed, tmp_path):
     root, _, _ = compressed
     fixed = ivfpq_memory(0, 32, 16, 0, 6, 32)
     budget = 4000 * (8 + 2) + fixed + 2000  # only 2-byte codes fit
-    with pytest.raises(InputError, match=r"no index within .* reaches recall@10 0.99 .*ivfpq .*'m': 2"):
+    with pytest.raises(InputError, match=r"no index within .* reaches recall@10 0.99 .*PR32,IVF16,PQ2x6 .*: recall@10 0\."):
         Index.build(root / "emb", tmp_path / "index", memory_budget=budget, recall_target=0.99, heldout=200, nlist=16)
     assert not (tmp_path / "index").exists()
 
@@ -416,7 +528,7 @@ def test_a_failed_write_leaves_the_previous_index_intact(tmp_path, monkeypatch):
 
 
 def test_loading_a_folder_without_an_index_says_how_to_build_one(tmp_path):
-    with pytest.raises(InputError, match="no index.json inside; build an index with `unicom index"):
+    with pytest.raises(InputError, match="no index.json inside .*nor image.index / text.index .*; build an index with `unicom index"):
         Index.load(tmp_path)
 
 

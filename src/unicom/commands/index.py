@@ -3,7 +3,9 @@
 Examples::
 
     unicom index --emb EMB/ --dims 256 --out INDEX/
-    unicom index --emb EMB/ --out INDEX/ --memory 2GB --recall 0.95
+    unicom index --emb EMB/ --out INDEX/ --memory 2GB                 # the best recall within 2 GB
+    unicom index --emb EMB/ --out INDEX/ --target-recall 0.95         # the smallest index that reaches 0.95
+    unicom index --emb EMB/ --out INDEX/ --layout clip-retrieval      # image.index, text.index, metadata/
     unicom index --emb EMB/ --out INDEX/          # again, after `unicom embed` wrote new parts
 """
 
@@ -19,12 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emb", required=True, help="embedding folder (img_emb/, metadata/) written by `unicom embed`")
     parser.add_argument("--out", required=True, help="index folder; if it holds an index, the new parts of --emb are added")
     parser.add_argument("--dims", type=int, default=None, help="keep the first DIMS dimensions, re-normalised (default: all)")
-    parser.add_argument("--type", dest="index_type", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto",
-                        help="index type (default: auto, chosen from --memory and --recall)")
+    parser.add_argument("--type", dest="index_type", choices=("auto", "flat", "hnsw", "ivfsq", "ivfpq"), default="auto",
+                        help="index type (default: auto, chosen from --memory and --target-recall)")
     parser.add_argument("--memory", default=None,
-                        help="memory budget of the index, e.g. 512MB or 2GiB (default: no limit)")
-    parser.add_argument("--recall", type=float, default=0.9,
-                        help="recall@k target on the held-out sample, against exact search (default: 0.9)")
+                        help="memory budget of the index, e.g. 512MB or 2GiB; without --target-recall it is spent on "
+                             "recall (default: no limit)")
+    parser.add_argument("--target-recall", "--recall", dest="target_recall", type=float, default=None,
+                        help="recall@k to reach on the held-out sample, against exact search: --type auto keeps the "
+                             "smallest index that reaches it (default: none; without --memory either, tuned to 0.9)")
+    parser.add_argument("--layout", choices=("unicom", "clip-retrieval"), default="unicom",
+                        help="folder layout: unicom's, or clip-retrieval's (image.index, text.index, metadata/), which "
+                             "`clip-retrieval back` serves (default: unicom)")
     parser.add_argument("-k", type=int, default=10, help="k of the recall target (default: 10)")
     parser.add_argument("--heldout", type=int, default=1000,
                         help="rows held out of quantizer training to measure recall (default: 1000, at most a tenth)")
@@ -39,12 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unicom.search.clip_layout import is_clip_folder
     from unicom.search.index import CONFIG_FILE, Index
     from unicom.search.planner import format_size
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = Path(args.out)
-    if (out / CONFIG_FILE).is_file() and not args.rebuild:
+    if ((out / CONFIG_FILE).is_file() or is_clip_folder(out)) and not args.rebuild:
         index = Index.load(out)
         if args.dims is not None and args.dims != index.dims:
             from unicom.errors import InputError
@@ -62,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             dims=args.dims,
             index_type=args.index_type,
             memory_budget=args.memory,
-            recall_target=args.recall,
+            recall_target=args.target_recall,
             k=args.k,
             heldout=args.heldout,
             exact_max_rows=args.exact_max_rows,
@@ -72,15 +80,20 @@ def run(args: argparse.Namespace) -> int:
             hnsw_m=args.hnsw_m,
             seed=args.seed,
             overwrite=args.rebuild,
+            layout=args.layout,
         )
     config = index.config
-    selection = config["selection"]
-    search = ", ".join(f"{key}={value}" for key, value in config["search"].items())
-    print(
-        f"{out}: {config['type']} index ({config['structure']}{', ' + search if search else ''}) of {len(index)} vectors, "
-        f"{index.dims} dimensions, {format_size(config['bytes'])}; recall@{selection['k']} "
-        f"{selection['recall']:.4f} on {selection['heldout']} held-out rows (target {selection['recall_target']})"
-    )
+    for modality in index.modalities:
+        described = (config.get("modalities") or {}).get(modality, config)
+        selection = described.get("selection") or config["selection"]
+        search = ", ".join(f"{key}={value}" for key, value in described["search"].items())
+        goal = (f"target {selection['recall_target']}" if selection.get("objective") != "recall" else
+                f"the best within {format_size(selection['memory_budget'])}")
+        print(
+            f"{out}: {modality} {described['type']} index ({described['structure']}{', ' + search if search else ''}) of "
+            f"{len(index)} vectors, {described['dims']} dimensions, {format_size(described.get('bytes', config['bytes']))}; recall@{selection['k']} "
+            f"{selection['recall']:.4f} on {selection['heldout']} held-out rows ({goal})"
+        )
     return 0
 
 

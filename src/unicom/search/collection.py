@@ -1,6 +1,6 @@
-"""The collection an index is built from: an embedding folder's image embeddings as rows.
+"""The collection an index is built from: an embedding folder's embeddings as rows.
 
-Rows are the image embeddings of the complete parts of an embedding folder
+Rows are the image (or text) embeddings of the complete parts of an embedding folder
 (:mod:`unicom.formats.embeddings`, which lists and checks the parts), in part order.
 Ids are row numbers in that order: part ``i``'s row ``r`` has id ``first_id(i) + r``.
 Every row is read as its first ``dims`` dimensions re-normalised to unit length
@@ -9,6 +9,7 @@ Every row is read as its first ``dims`` dimensions re-normalised to unit length
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +46,17 @@ def first_dims(embeddings: np.ndarray, dims: int, where: str = "embeddings", row
 
 @dataclass
 class Part:
-    """One part of the collection in the index: its number, rows and the id of its first row."""
+    """One part of the collection in the index: its number, rows and the id of its first row;
+    ``file``: its metadata file in the index folder, when the layout does not derive it from the number."""
 
     number: int
     rows: int
     first_id: int
+    file: str | None = None
 
     def as_dict(self) -> dict:
-        return {"number": self.number, "rows": self.rows, "first_id": self.first_id}
+        shown = {"number": self.number, "rows": self.rows, "first_id": self.first_id}
+        return shown if self.file is None else {**shown, "file": self.file}
 
 
 class Collection:
@@ -63,14 +67,19 @@ class Collection:
     warning, so an index can be built while ``unicom embed`` runs and grow later; damaged
     parts are an error. Without a metadata folder every image part counts. ``skip``: part
     numbers to leave out (those an index holds already); ids start at ``first_id``.
+    ``modalities``: the embedding kinds read (``image``, ``text``; every part needs each);
+    rows are those of ``modality`` (the first), :meth:`with_modality` gives the others.
     """
 
-    def __init__(self, root: str | os.PathLike, first_id: int = 0, skip: Sequence[int] = ()):
+    def __init__(self, root: str | os.PathLike, first_id: int = 0, skip: Sequence[int] = (),
+                 modalities: Sequence[str] = ("image",)):
         self.root = Path(root)
         self.folders = EmbeddingFolders.from_root(root)
-        self.contents = self.folders.contents(("image",), allow_unfinished=True)
+        self.modalities = tuple(modalities)
+        self.modality = self.modalities[0]
+        self.contents = self.folders.contents(self.modalities, allow_unfinished=True)
         self.has_metadata = "metadata" in self.contents.kinds
-        self.dim: int | None = self.contents.dimensions.get("image")
+        self.dim: int | None = self.contents.dimensions.get(self.modality)
         skipped = set(skip)
         self.parts: list[Part] = []
         next_id = first_id
@@ -83,14 +92,23 @@ class Collection:
     def num_rows(self) -> int:
         return sum(part.rows for part in self.parts)
 
+    def with_modality(self, modality: str) -> "Collection":
+        """The same parts and ids, with the rows of ``modality`` (one of :attr:`modalities`)."""
+        if modality not in self.modalities:
+            raise InputError(f"{self.root}: {modality} embeddings were not read; list them in modalities")
+        other = copy.copy(self)
+        other.modality = modality
+        other.dim = self.contents.dimensions.get(modality)
+        return other
+
     def where(self, number: int) -> str:
-        return str(self.contents.path("image", number))
+        return str(self.contents.path(self.modality, number))
 
     def blocks(self, dims: int, desc: str = "") -> Iterator[tuple[int, np.ndarray]]:
         """(first id, float32 (B, dims) unit rows) for consecutive blocks of every part."""
         bar = progress(total=self.num_rows, desc=desc, unit="vec") if desc else None
         for part in self.parts:
-            array = self.contents.load("image", part.number)
+            array = self.contents.load(self.modality, part.number)
             for start in range(0, part.rows, BLOCK_ROWS):
                 block = first_dims(array[start:start + BLOCK_ROWS], dims, self.where(part.number), start)
                 yield part.first_id + start, block
@@ -108,7 +126,7 @@ class Collection:
             part = self.parts[int(index)]
             selected = np.flatnonzero(which == index)
             local = ids[selected] - part.first_id
-            array = self.contents.load("image", part.number)
+            array = self.contents.load(self.modality, part.number)
             out[selected] = first_dims(array[local], dims, self.where(part.number), local)
         return out
 

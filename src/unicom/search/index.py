@@ -1,20 +1,27 @@
-"""The index: a faiss index over an embedding collection, with its ids and metadata beside it.
+"""The index: faiss indexes over an embedding collection, with ids and metadata beside them.
 
-``Index.build(EMB, INDEX)`` reads the image embeddings of an embedding folder as rows
+``Index.build(EMB, INDEX)`` reads the embeddings of an embedding folder as rows
 (:mod:`unicom.search.collection`), keeps the first ``dims`` dimensions of each row
 re-normalised to unit length, chooses and tunes the index type (:mod:`unicom.search.planner`)
-and writes::
+and writes the folder in one of two layouts. unicom's own (``layout="unicom"``)::
 
     INDEX/index.json                      the configuration (below); written last
-    INDEX/index_{generation}.faiss        the faiss index, inner product on unit vectors
+    INDEX/index_{generation}.faiss        the faiss index of the image embeddings, inner product
     INDEX/metadata/metadata_{i}.parquet   part i's metadata, with the row ids in column ``id``
     INDEX/heldout_ids.npy                 the held-out sample that measured the recall
 
+or clip-retrieval's (``layout="clip-retrieval"``, :mod:`unicom.search.clip_layout`):
+``image.index`` and, when the folder has text embeddings, ``text.index``, autofaiss'
+``image.json`` / ``text.json``, ``metadata/metadata_{i:0Nd}.parquet`` (the collection's
+metadata as it is), plus ``index.json`` and ``heldout_ids.npy``, which clip-retrieval ignores.
+:meth:`Index.load` opens both, and also a folder written by clip-retrieval / autofaiss.
+
 Ids are row numbers of the collection in part order: part ``i``'s row ``r`` has id
 ``first_id(i) + r``. ``index.json`` records the index type and its parameters, the search
-parameter (``nprobe`` or ``efSearch``), the parts (number, rows, first id) and how the type
-was chosen. This module owns that folder: it writes it, and :meth:`Index.load` reads and
-checks it. IVF-PQ indexes start with :func:`principal_rotation`.
+parameter (``nprobe`` or ``efSearch``, also stored in the faiss file), the parts (number,
+rows, first id) and how the type was chosen. This module owns both layouts through
+:mod:`~unicom.search.clip_layout`: it writes them, and :meth:`Index.load` reads and checks
+them. Compressed indexes start with :func:`principal_rotation`.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ import numpy as np
 from unicom import __version__
 from unicom.errors import InputError
 from unicom.files import atomic_path, save_npy_atomic, write_json_atomic, write_parquet_atomic
-from unicom.formats.embeddings import part_path, read_config
+from unicom.formats.embeddings import EmbeddingFolders, part_path, read_config
+from unicom.search import clip_layout
 from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
 from unicom.search.planner import (
+    DEFAULT_RECALL,
     Candidate,
     choose_heldout,
     format_size,
     heldout_size,
+    objective,
     parse_size,
     plan,
     train_rows,
@@ -49,7 +59,8 @@ from unicom.search.planner import (
 logger = logging.getLogger(__name__)
 
 FORMAT = "unicom-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layouts (clip-retrieval's beside unicom's), modalities, ivfsq, objectives
+LAYOUTS = ("unicom", clip_layout.LAYOUT)
 CONFIG_FILE = "index.json"
 HELDOUT_FILE = "heldout_ids.npy"
 METADATA_FOLDER = "metadata"
@@ -75,11 +86,17 @@ def principal_rotation(sample: np.ndarray, out_dims: int, seed: int = 0):
     transform = faiss.LinearTransform(sample.shape[1], out_dims, False)
     faiss.copy_array_to_vector(np.ascontiguousarray(rotation @ projection, dtype=np.float32).ravel(), transform.A)
     transform.is_trained = True
+    transform.set_is_orthonormal()  # orthonormal rows: reconstruct() maps codes back (faiss re-checks on reading)
     return transform
 
 
-def _new_faiss_index(candidate: Candidate, dims: int, sample: np.ndarray | None = None):
-    """An empty faiss index for ``candidate``; IVF-PQ fits its rotation on ``sample`` (and still needs training)."""
+IVF_TYPES = ("ivfpq", "ivfsq", "ivf")  # "ivf": other inverted lists, in indexes from elsewhere
+
+
+def _new_faiss_index(candidate: Candidate, dims: int, sample: np.ndarray | None = None, *, reconstructible: bool = False):
+    """An empty faiss index for ``candidate``; compressed types fit their rotation on ``sample``
+    (and still need training). reconstructible: ids that ``reconstruct`` can map back (clip-retrieval's
+    back end calls ``search_and_reconstruct``)."""
     import faiss
 
     if candidate.type == "flat":
@@ -87,23 +104,37 @@ def _new_faiss_index(candidate: Candidate, dims: int, sample: np.ndarray | None 
     if candidate.type == "hnsw":
         graph = faiss.IndexHNSWFlat(dims, candidate.params["M"], faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = candidate.params["efConstruction"]
-        return faiss.IndexIDMap(graph)  # explicit ids: the held-out rows join the graph last
+        # explicit ids: the held-out rows join the graph last
+        return faiss.IndexIDMap2(graph) if reconstructible else faiss.IndexIDMap(graph)
     p = candidate.params
     quantizer = faiss.IndexFlatIP(p["rotated_dims"])
-    ivf = faiss.IndexIVFPQ(quantizer, p["rotated_dims"], p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
-    ivf.do_polysemous_training = False  # polysemous codes serve Hamming filtering, unused here
+    if candidate.type == "ivfsq":
+        kind = faiss.ScalarQuantizer.QT_fp16 if p["bits"] == 16 else faiss.ScalarQuantizer.QT_8bit
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, p["rotated_dims"], p["nlist"], kind, faiss.METRIC_INNER_PRODUCT)
+    else:
+        ivf = faiss.IndexIVFPQ(quantizer, p["rotated_dims"], p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
+        ivf.do_polysemous_training = False  # polysemous codes serve Hamming filtering, unused here
     return faiss.IndexPreTransform(principal_rotation(sample, p["rotated_dims"]), ivf)
 
 
 def search_parameters(index_type: str, search: dict):
-    """faiss SearchParameters for ``search`` (``{"nprobe": p}`` or ``{"efSearch": e}``), or None."""
+    """faiss SearchParameters for ``search`` (``{"nprobe": p}`` or ``{"efSearch": e}``), or None
+    (the parameters stored in the index)."""
     import faiss
 
-    if index_type == "ivfpq":
+    if index_type in IVF_TYPES and "nprobe" in search:
         return faiss.SearchParametersIVF(nprobe=int(search["nprobe"]))
-    if index_type == "hnsw":
+    if index_type == "hnsw" and "efSearch" in search:
         return faiss.SearchParametersHNSW(efSearch=int(search["efSearch"]))
     return None
+
+
+def _store_search(index, search: dict) -> None:
+    """Set ``search`` as the index's own parameters, saved with it (what other tools search with)."""
+    import faiss
+
+    if search:
+        faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{key}={value}" for key, value in search.items()))
 
 
 def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +159,7 @@ def _add(index, index_type: str, block: np.ndarray, ids: np.ndarray) -> None:
 
 
 def _add_and_tune(index, candidate: Candidate, blocks, heldout_ids: np.ndarray, queries: np.ndarray,
-                  truth: np.ndarray | None, k: int, target: float) -> tuple[dict, float, list[dict]]:
+                  truth: np.ndarray | None, k: int, target: float | None, capped: bool) -> tuple[dict, float, list[dict]]:
     """Add ``blocks`` ((first id, rows)) but the held-out rows, tune on those, then add them too.
 
     The held-out rows join the index only after the measurement, so that they are measured
@@ -144,7 +175,7 @@ def _add_and_tune(index, candidate: Candidate, blocks, heldout_ids: np.ndarray, 
         _add(index, candidate.type, block, ids)
     if not measured:
         return {}, 1.0, []
-    result = tune(lambda search: _search(index, candidate.type, search, queries, k)[1], candidate, truth, k, target)
+    result = tune(lambda search: _search(index, candidate.type, search, queries, k)[1], candidate, truth, k, target, capped)
     _add(index, candidate.type, queries, heldout_ids)
     return result
 
@@ -171,30 +202,38 @@ class Index:
 
     ``Index.load(path)``, ``index.search(embeddings, k) -> (scores, ids)``,
     ``index.metadata(ids)``, ``Index.build(emb, out, ...)``, ``index.add_parts(emb)``.
+    ``index.modalities``: the embeddings it can search, ``("image",)`` or, in clip-retrieval's
+    layout, ``("image", "text")`` (either alone too); ``index.faiss_indexes[modality]``.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict, faiss_index):
+    def __init__(self, path: str | os.PathLike, config: dict, faiss_indexes: dict[str, Any] | Any):
         self.path = Path(path)
-        self.faiss_index = faiss_index
+        self.faiss_indexes = dict(faiss_indexes) if isinstance(faiss_indexes, dict) else {"image": faiss_indexes}
         self._tables: dict[int, Any] = {}
         self._set_config(config)
 
     def _set_config(self, config: dict) -> None:
         self.config = config
-        self.parts = [Part(p["number"], p["rows"], p["first_id"]) for p in config["parts"]]
+        self.parts = [Part(p["number"], p["rows"], p["first_id"], p.get("file")) for p in config["parts"]]
         self._starts = np.array([p.first_id for p in self.parts], dtype=np.int64)
 
     # ------------------------------------------------------------------ reading
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Index":
-        """Open the index folder ``path`` written by :meth:`build`."""
+        """Open the index folder ``path``: written by :meth:`build` in either layout, or by
+        clip-retrieval / autofaiss (``image.index``, ``text.index``, ``metadata/``)."""
         import faiss
 
         path = Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
-            raise InputError(f"{path}: no {CONFIG_FILE} inside; build an index with `unicom index --emb EMB --out {path}`")
+            if clip_layout.is_clip_folder(path):
+                return cls._open_clip_folder(path)
+            raise InputError(
+                f"{path}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index (clip-retrieval's); "
+                f"build an index with `unicom index --emb EMB --out {path}`"
+            )
         try:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as error:
@@ -203,21 +242,81 @@ class Index:
             raise InputError(f"{config_path}: not a unicom index configuration (format {config.get('format')!r})")
         if config.get("format_version", 0) > FORMAT_VERSION:
             raise InputError(f"{config_path}: written by a newer unicom (format {config['format_version']}); upgrade unicom")
-        faiss_path = path / config["file"]
-        if not faiss_path.is_file():
-            raise InputError(f"{faiss_path}: file not found; the index folder is incomplete, rebuild it")
-        faiss_index = faiss.read_index(str(faiss_path))
-        if faiss_index.ntotal != config["count"]:
-            raise InputError(
-                f"{faiss_path}: holds {faiss_index.ntotal} vectors but {CONFIG_FILE} says {config['count']}; rebuild the index"
-            )
-        return cls(path, config, faiss_index)
+        if config.get("layout", "unicom") == clip_layout.LAYOUT:
+            opened = clip_layout.open_folder(path)
+            listed = [(file.file, file.rows) for file in opened.files]
+            recorded = [(part["file"], part["rows"]) for part in config["parts"]] if config.get("has_metadata") else []
+            if listed != recorded or set(opened.faiss_indexes) != set(config["modalities"]):
+                raise InputError(f"{path}: its files differ from what {CONFIG_FILE} records (another tool rewrote them?); "
+                                 "rebuild the index with --rebuild, or delete index.json to open the folder as it is")
+            indexes = opened.faiss_indexes
+        else:
+            faiss_path = path / config["file"]
+            if not faiss_path.is_file():
+                raise InputError(f"{faiss_path}: file not found; the index folder is incomplete, rebuild it")
+            indexes = {"image": faiss.read_index(str(faiss_path))}
+        for modality, faiss_index in indexes.items():
+            if faiss_index.ntotal != config["count"]:
+                raise InputError(f"{path}: the {modality} index holds {faiss_index.ntotal} vectors but {CONFIG_FILE} says "
+                                 f"{config['count']}; rebuild the index")
+        return cls(path, config, indexes)
+
+    @classmethod
+    def _open_clip_folder(cls, path: Path) -> "Index":
+        """An index folder written by clip-retrieval / autofaiss: a configuration read from its files."""
+        opened = clip_layout.open_folder(path)
+        modalities = {}
+        for modality, faiss_index in opened.faiss_indexes.items():
+            kind, stored = clip_layout.describe(faiss_index)
+            infos = opened.infos.get(modality, {})
+            modalities[modality] = {
+                "file": clip_layout.index_file(modality), "type": kind, "structure": infos.get("index_key") or kind,
+                "params": {}, "search": {}, "stored_search": stored, "dims": int(faiss_index.d), "infos": infos,
+            }
+        first = next(iter(modalities.values()))
+        count = int(next(iter(opened.faiss_indexes.values())).ntotal)
+        parts = [Part(_file_number(file.file, position), file.rows, file.first_id, file.file)
+                 for position, file in enumerate(opened.files)]
+        if not parts:
+            parts = [Part(0, count, 0)]
+        config = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "layout": clip_layout.LAYOUT, "written_by": "another tool",
+            "type": first["type"], "structure": first["structure"], "metric": "inner_product", "params": {},
+            "search": {}, "dims": first["dims"], "source_dims": first["dims"], "count": count,
+            "parts": [part.as_dict() for part in parts], "has_metadata": bool(opened.files), "model": None,
+            "modalities": modalities, "file": first["file"], "bytes": (path / first["file"]).stat().st_size,
+            "selection": None, "generation": 0,
+        }
+        return cls(path, config, opened.faiss_indexes)
 
     def __len__(self) -> int:
         return int(self.config["count"])
 
     def __repr__(self) -> str:
-        return f"Index({str(self.path)!r}, type={self.type!r}, count={len(self)}, dims={self.dims})"
+        return (f"Index({str(self.path)!r}, layout={self.layout!r}, modalities={self.modalities}, type={self.type!r}, "
+                f"count={len(self)}, dims={self.dims})")
+
+    @property
+    def layout(self) -> str:
+        """``"unicom"`` or ``"clip-retrieval"``."""
+        return str(self.config.get("layout", "unicom"))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The embeddings this index searches: ``"image"``, ``"text"``; the first is the default."""
+        return tuple(self.faiss_indexes)
+
+    @property
+    def faiss_index(self):
+        """The faiss index of the first modality."""
+        return self.faiss_indexes[self.modalities[0]]
+
+    def _modality(self, modality: str | None) -> tuple[str, dict]:
+        modality = modality or self.modalities[0]
+        if modality not in self.faiss_indexes:
+            raise InputError(f"{self.path} holds no {modality} index (it searches {', '.join(self.modalities)} embeddings)")
+        recorded = (self.config.get("modalities") or {}).get(modality)
+        return modality, recorded if recorded is not None else self.config
 
     @property
     def dims(self) -> int:
@@ -227,31 +326,35 @@ class Index:
     def type(self) -> str:
         return str(self.config["type"])
 
-    def search(self, embeddings, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None):
+    def search(self, embeddings, k: int = 10, *, modality: str | None = None, nprobe: int | None = None,
+               ef_search: int | None = None):
         """The k nearest indexed rows of each query.
 
         embeddings: (Q, D) or (D,) floats with D ≥ ``dims`` (the first ``dims`` are used,
         re-normalised). Returns (scores float32 (Q, k), ids int64 (Q, k)), best first;
         scores are inner products (cosine similarities, approximate for compressed types);
-        ids are -1 (score -inf) past the end of a small index. ``nprobe`` / ``ef_search``
-        override the recorded search parameter.
+        ids are -1 (score -inf) past the end of a small index. ``modality``: which index
+        (default: the first of :attr:`modalities`). ``nprobe`` / ``ef_search`` override the
+        recorded search parameter.
         """
+        modality, recorded = self._modality(modality)
+        dims = int(recorded["dims"])
         x = np.asarray(embeddings)
         if x.ndim == 1:
             x = x[None, :]
         if x.ndim != 2:
             raise InputError(f"query embeddings: expected (queries, dimension), got shape {x.shape}")
-        if x.shape[1] < self.dims:
-            raise InputError(f"query embeddings have {x.shape[1]} dimensions, the index needs at least {self.dims}")
+        if x.shape[1] < dims:
+            raise InputError(f"query embeddings have {x.shape[1]} dimensions, the index needs at least {dims}")
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
-        queries = first_dims(x, self.dims, "query embeddings")
-        search = dict(self.config.get("search", {}))
+        queries = first_dims(x, dims, "query embeddings")
+        search = dict(recorded.get("search", {}))
         if nprobe is not None:
             search["nprobe"] = nprobe
         if ef_search is not None:
             search["efSearch"] = ef_search
-        scores, ids = _search(self.faiss_index, self.type, search, queries, k)
+        scores, ids = _search(self.faiss_indexes[modality], recorded["type"], search, queries, k)
         return scores, ids.astype(np.int64, copy=False)
 
     def search_images(self, encoder, images: Sequence[Any], k: int = 10, *, batch_size: int = 32):
@@ -259,7 +362,7 @@ class Index:
         from unicom.embed import embed_images
 
         self.check_encoder(encoder)
-        return self.search(embed_images(encoder, images, batch_size=batch_size), k)
+        return self.search(embed_images(encoder, images, batch_size=batch_size), k, modality="image")
 
     def check_encoder(self, encoder) -> None:
         """Raise :class:`InputError` if ``encoder``'s embeddings cannot be the collection's."""
@@ -286,7 +389,8 @@ class Index:
         if table is None:
             import pyarrow.parquet as pq
 
-            path = part_path(self.path / METADATA_FOLDER, "metadata", self.parts[index].number)
+            part = self.parts[index]
+            path = self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)
             try:
                 table = pq.read_table(path)
             except FileNotFoundError as error:
@@ -298,6 +402,7 @@ class Index:
         """The metadata rows of ``ids`` as dicts (with ``id``), nested like ``ids``; None for -1.
 
         ``ids``: an int, or an int array of any shape (e.g. the (Q, k) ids of :meth:`search`).
+        A column of the source named ``id`` is given as ``source_id``.
         """
         array = np.asarray(ids, dtype=np.int64)
         flat = array.reshape(-1)
@@ -307,10 +412,18 @@ class Index:
             raise InputError(f"id {int(bad[0])} is not in this index (ids 0..{len(self) - 1})")
         valid = np.flatnonzero(flat >= 0)
         which = np.searchsorted(self._starts, flat[valid], side="right") - 1
+        with_ids = self.layout == "unicom"  # unicom's metadata copies carry the ids; clip-retrieval's are the source's
         for index in np.unique(which):
             positions = valid[which == index]
             rows = flat[positions] - self.parts[int(index)].first_id
-            for position, row in zip(positions, self._table(int(index)).take(rows).to_pylist()):
+            if self.config.get("has_metadata", True) or with_ids:
+                found = self._table(int(index)).take(rows).to_pylist()
+            else:
+                found = [{} for _ in rows]
+            for position, row in zip(positions, found):
+                if not with_ids:
+                    row = {ID_COLUMN: int(flat[position]),
+                           **{("source_id" if key == ID_COLUMN else key): value for key, value in row.items()}}
                 out[position] = row
         if array.ndim == 0:
             return out[0]
@@ -329,7 +442,7 @@ class Index:
         dims: int | None = None,
         index_type: str = "auto",
         memory_budget: int | str | None = None,
-        recall_target: float = 0.9,
+        recall_target: float | None = None,
         k: int = 10,
         heldout: int = 1000,
         exact_max_rows: int = 100_000,
@@ -339,85 +452,83 @@ class Index:
         hnsw_m: int = 32,
         seed: int = 0,
         overwrite: bool = False,
+        layout: str = "unicom",
     ) -> "Index":
         """Build an index of the embedding folder ``emb`` into the folder ``out``.
 
         dims: keep the first ``dims`` dimensions (re-normalised); default all.
         memory_budget: bytes (or ``"2GB"``) the index may take in memory; default no limit.
-        recall_target: recall@k on the held-out sample that the search parameter must reach.
+        recall_target: recall@k on the held-out sample to reach; with ``index_type="auto"``
+        the smallest index that reaches it is kept. Without a target, a budget is spent on
+        recall, and without either the index is tuned to recall 0.9 (the objectives of
+        :mod:`unicom.search.planner`).
+        layout: ``"unicom"`` or ``"clip-retrieval"`` (``image.index`` and, when ``emb`` has
+        text embeddings, ``text.index``: what clip-retrieval's back end serves).
         overwrite: replace an index already in ``out`` (otherwise an error: use :meth:`add_parts`).
         """
         out = Path(out)
-        if (out / CONFIG_FILE).exists() and not overwrite:
+        if layout not in LAYOUTS:
+            raise InputError(f"layout {layout!r} unknown: use one of {', '.join(LAYOUTS)}")
+        if ((out / CONFIG_FILE).exists() or clip_layout.is_clip_folder(out)) and not overwrite:
             raise InputError(f"{out}: already holds an index; add new parts to it, or rebuild it with --rebuild")
-        if not 0 < recall_target <= 1:
+        if recall_target is not None and not 0 < recall_target <= 1:
             raise InputError(f"the recall target must be in (0, 1], got {recall_target}")
         budget = None if memory_budget is None else parse_size(memory_budget)
-        collection = Collection(emb)
+        modalities = ("image",)
+        if layout == clip_layout.LAYOUT and EmbeddingFolders.from_root(emb).text is not None:
+            modalities = ("image", "text")
+        collection = Collection(emb, modalities=modalities)
         n = collection.num_rows
         if n == 0:
             raise InputError(f"{emb}: the collection has no rows to index")
+        if layout == clip_layout.LAYOUT and dims not in (None, collection.dim):
+            raise InputError(f"--dims {dims}: clip-retrieval's back end searches whole embeddings ({collection.dim} "
+                             "dimensions); leave --dims out with --layout clip-retrieval")
         dims = dims or collection.dim
         if not 1 <= dims <= collection.dim:
             raise InputError(f"--dims {dims}: the embeddings have {collection.dim} dimensions")
-        heldout_rows = heldout_size(n, heldout)
-        candidates = plan(n, dims, index_type=index_type, memory_budget=budget, exact_max_rows=exact_max_rows,
-                          nlist=nlist, pq_m=pq_m, nbits=nbits, hnsw_m=hnsw_m, trainable=n - heldout_rows)
-        rng = np.random.default_rng(seed)
-        heldout_ids = choose_heldout(rng, 0, n, heldout_rows)
-        measured = not (len(candidates) == 1 and candidates[0].type == "flat")
-        queries = collection.gather(heldout_ids, dims)
-        truth = exact_neighbours(collection, queries, k, dims, heldout_ids) if measured else None
-        tried, built = [], None
-        for candidate in candidates:
-            attempt = _build_one(collection, candidate, dims, rng, heldout_ids, queries, truth, k, recall_target)
-            tried.append({"type": candidate.type, "params": candidate.params, "estimated_bytes": candidate.memory,
-                          "search": attempt.search, "recall": round(attempt.recall, 4), "build_seconds": round(attempt.seconds, 1),
-                          "steps": attempt.steps})
-            if attempt.recall >= recall_target or index_type != "auto":
-                built = attempt
-                break
-        if built is None:
-            summary = "; ".join(f"{t['type']} {t['params']}: recall@{k} {t['recall']}" for t in tried)
-            raise InputError(
-                f"no index within {format_size(budget) if budget else 'any memory'} reaches recall@{k} "
-                f"{recall_target} on the held-out sample ({summary}); raise --memory or lower --recall"
-            )
-        if built.recall < recall_target:
-            logger.warning("%s reaches recall@%d %.4f only, below the target %s", built.candidate.describe(), k,
-                           built.recall, recall_target)
+        heldout_ids = choose_heldout(np.random.default_rng(seed), 0, n, heldout_size(n, heldout))
+        choice = dict(index_type=index_type, budget=budget, recall_target=recall_target, k=k, exact_max_rows=exact_max_rows,
+                      nlist=nlist, pq_m=pq_m, nbits=nbits, hnsw_m=hnsw_m, seed=seed,
+                      reconstructible=layout == clip_layout.LAYOUT)
+        built: dict[str, tuple[_Built, dict]] = {}
+        for modality in modalities:
+            rows = collection.with_modality(modality)
+            modality_dims = dims if modality == modalities[0] else rows.dim
+            built[modality] = _choose(rows, modality_dims, heldout_ids, **choice)
+        first, selection = built[modalities[0]]
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "type": built.candidate.type,
-            "structure": built.candidate.structure(),
+            "layout": layout,
+            **_describe(first, dims),
             "metric": "inner_product",
-            "params": built.candidate.params,
-            "search": built.search,
-            "dims": dims,
             "source_dims": collection.dim,
             "count": n,
             "parts": [part.as_dict() for part in collection.parts],
             "source": str(Path(emb).resolve()),
             "has_metadata": collection.has_metadata,
             "model": _embedding_model(Path(emb)),
-            "selection": {
-                "index_type": index_type,
-                "memory_budget": budget,
-                "recall_target": recall_target,
-                "k": k,
-                "heldout": int(len(heldout_ids)),
-                "recall": round(built.recall, 4),
-                "tried": tried,
-            },
+            "selection": selection,
             "generation": 0,
             "unicom_version": __version__,
         }
         previous = _read_config(out) if overwrite else None
         if previous is not None:
-            config["generation"] = previous["generation"] + 1
-        _write(out, config, built.index, heldout_ids, collection, collection.parts, previous)
-        return cls(out, config, built.index)
+            config["generation"] = previous.get("generation", 0) + 1
+        indexes = {modality: attempt.index for modality, (attempt, _) in built.items()}
+        if layout == clip_layout.LAYOUT:
+            width = len(str(max(part.number for part in collection.parts)))
+            parts = [Part(part.number, part.rows, part.first_id, clip_layout.metadata_name(part.number, width))
+                     for part in collection.parts] if collection.has_metadata else collection.parts
+            config["parts"] = [part.as_dict() for part in parts]
+            config["modalities"] = {modality: {**_describe(attempt, dims if modality == modalities[0] else attempt.index.d),
+                                               "file": clip_layout.index_file(modality), "selection": chosen}
+                                    for modality, (attempt, chosen) in built.items()}
+            _write_clip(out, config, indexes, heldout_ids, collection, parts, previous)
+        else:
+            _write(out, config, indexes["image"], heldout_ids, collection, collection.parts, previous)
+        return cls(out, config, indexes)
 
     def add_parts(self, emb: str | os.PathLike | None = None) -> list[int]:
         """Add the parts of ``emb`` (default: the folder the index was built from) that it
@@ -426,9 +537,15 @@ class Index:
         New parts must come after the indexed ones (ids are row numbers in part order), and
         the indexed parts must be unchanged. They are encoded with the quantizers trained at
         build time. For the compressed types a held-out sample of the new rows (added after
-        the measurement) measures recall@k again, and the search parameter is raised if
-        needed to keep the recall target.
+        the measurement) measures recall@k again, and the search parameter is tuned again as
+        at build time. An index in clip-retrieval's layout is rebuilt instead.
         """
+        if self.layout != "unicom":
+            raise InputError(
+                f"{self.path}: an index in clip-retrieval's layout is not grown in place (its metadata files are "
+                f"numbered for the parts it holds); rebuild it: `unicom index --emb EMB --out {self.path} "
+                "--layout clip-retrieval --rebuild`"
+            )
         emb = Path(emb or self.config["source"])
         indexed = {part.number: part for part in self.parts}
         collection = Collection(emb)
@@ -475,24 +592,89 @@ class Index:
                 truth = exact_neighbours(collection, queries, k, self.dims, heldout_ids)
                 candidate = Candidate(self.type, self.config["params"], 0)
                 blocks = additions.blocks(self.dims, desc="adding")
-                search, recall, steps = _add_and_tune(index, candidate, blocks, heldout_ids, queries, truth, k, target)
-                if recall < target:
+                search, recall, steps = _add_and_tune(index, candidate, blocks, heldout_ids, queries, truth, k, target,
+                                                      selection.get("index_type") == "auto")
+                if target is not None and recall < target:
                     logger.warning("after adding parts %s recall@%d is %.4f, below the target %s; rebuild with --rebuild "
                                    "to train the quantizers on the grown collection", new, k, recall, target)
+                _store_search(index, search)
                 config["search"] = search
                 config["selection"] = {**selection, "recall": round(recall, 4), "heldout_after_add": int(len(heldout_ids)),
                                        "steps_after_add": steps}
             _write(self.path, config, index, heldout_ids, additions, additions.parts, self.config)
         except BaseException:
             # the in-memory index may hold part of the new rows: take the one on disk again
-            self.faiss_index = Index.load(self.path).faiss_index
+            self.faiss_indexes = Index.load(self.path).faiss_indexes
             raise
         self._set_config(config)
         return [part.number for part in additions.parts]
 
 
+def _file_number(file: str, position: int) -> int:
+    """The part number in a metadata file name (``metadata_0007.parquet``), else its position."""
+    match = re.search(r"(\d+)\.parquet$", file)
+    return int(match.group(1)) if match else position
+
+
+def _describe(built: _Built, dims: int) -> dict:
+    """The configuration keys that describe one built index."""
+    return {"type": built.candidate.type, "structure": built.candidate.structure(), "params": built.candidate.params,
+            "search": built.search, "dims": int(dims)}
+
+
+def _choose(collection: Collection, dims: int, heldout_ids: np.ndarray, *, index_type: str, budget: int | None,
+            recall_target: float | None, k: int, exact_max_rows: int, nlist: int | None, pq_m: int | None,
+            nbits: int | None, hnsw_m: int, seed: int, reconstructible: bool) -> tuple[_Built, dict]:
+    """Plan, build and tune the candidates for ``collection``'s rows until one is kept
+    (module docstring of :mod:`unicom.search.planner`); returns it and the selection record."""
+    n = collection.num_rows
+    goal = objective(budget, recall_target)
+    target = recall_target if goal == "size" else (DEFAULT_RECALL if goal == "speed" else None)
+    capped = index_type == "auto"
+    candidates = plan(n, dims, index_type=index_type, memory_budget=budget, recall_target=recall_target,
+                      exact_max_rows=exact_max_rows, nlist=nlist, pq_m=pq_m, nbits=nbits, hnsw_m=hnsw_m,
+                      trainable=n - len(heldout_ids))
+    rng = np.random.default_rng(seed + 1)
+    measured = not (len(candidates) == 1 and candidates[0].type == "flat")
+    queries = collection.gather(heldout_ids, dims)
+    truth = exact_neighbours(collection, queries, k, dims, heldout_ids) if measured else None
+    tried, built = [], None
+    for candidate in candidates:
+        attempt = _build_one(collection, candidate, dims, rng, heldout_ids, queries, truth, k, target, capped,
+                             reconstructible)
+        tried.append({"type": candidate.type, "structure": candidate.structure(), "params": candidate.params,
+                      "estimated_bytes": candidate.memory, "search": attempt.search, "recall": round(attempt.recall, 4),
+                      "build_seconds": round(attempt.seconds, 1), "steps": attempt.steps})
+        if target is None or attempt.recall >= target or index_type != "auto":
+            built = attempt
+            break
+    if built is None:
+        summary = "; ".join(f"{t['structure']} ({format_size(t['estimated_bytes'])}): recall@{k} {t['recall']}" for t in tried)
+        raise InputError(
+            f"no index within {format_size(budget) if budget else 'any memory'} reaches recall@{k} "
+            f"{target} on the held-out sample of {collection.modality} embeddings ({summary}); raise --memory or lower "
+            "--target-recall"
+        )
+    if target is not None and built.recall < target:
+        logger.warning("%s reaches recall@%d %.4f only, below the target %s", built.candidate.describe(), k,
+                       built.recall, target)
+    _store_search(built.index, built.search)
+    selection = {
+        "index_type": index_type,
+        "objective": goal,
+        "memory_budget": budget,
+        "recall_target": target,
+        "k": k,
+        "heldout": int(len(heldout_ids)),
+        "recall": round(built.recall, 4),
+        "tried": tried,
+    }
+    return built, selection
+
+
 def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.random.Generator, heldout_ids: np.ndarray,
-               queries: np.ndarray, truth: np.ndarray | None, k: int, target: float) -> _Built:
+               queries: np.ndarray, truth: np.ndarray | None, k: int, target: float | None, capped: bool,
+               reconstructible: bool = False) -> _Built:
     start = time.perf_counter()
     wanted = train_rows(candidate)
     if wanted:
@@ -500,12 +682,12 @@ def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.
         rows = np.sort(rng.choice(pool, size=min(wanted, len(pool)), replace=False))
         logger.info("training %s on %d rows", candidate.describe(), len(rows))
         sample = collection.gather(rows, dims)
-        index = _new_faiss_index(candidate, dims, sample)
+        index = _new_faiss_index(candidate, dims, sample, reconstructible=reconstructible)
         index.train(sample)
     else:
-        index = _new_faiss_index(candidate, dims)
+        index = _new_faiss_index(candidate, dims, reconstructible=reconstructible)
     blocks = collection.blocks(dims, desc=f"adding ({candidate.type})")
-    search, recall, steps = _add_and_tune(index, candidate, blocks, heldout_ids, queries, truth, k, target)
+    search, recall, steps = _add_and_tune(index, candidate, blocks, heldout_ids, queries, truth, k, target, capped)
     return _Built(index, candidate, search, recall, steps, time.perf_counter() - start)
 
 
@@ -560,10 +742,51 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
     if heldout_ids is not None:
         save_npy_atomic(out / HELDOUT_FILE, heldout_ids)
     write_json_atomic(out / CONFIG_FILE, config)
-    if previous is not None and previous.get("file") and previous["file"] != config["file"]:
-        (out / previous["file"]).unlink(missing_ok=True)
+    _remove_previous(out, config, previous)
     kept = {part["number"] for part in config["parts"]}
-    for stale in (out / METADATA_FOLDER).glob("metadata_*.parquet"):
+    for stale in (out / METADATA_FOLDER).glob("*.parquet"):
         match = re.fullmatch(r"metadata_(\d+)\.parquet", stale.name)
-        if match and int(match.group(1)) not in kept:
+        if match is None or int(match.group(1)) not in kept or stale.name != f"metadata_{int(match.group(1))}.parquet":
             stale.unlink()
+
+
+def _write_clip(out: Path, config: dict, indexes: dict, heldout_ids: np.ndarray, collection: Collection, parts: list[Part],
+                previous: dict | None) -> None:
+    """clip-retrieval's layout: the collection's metadata as it is (zero-padded names), one
+    faiss file and autofaiss' description per modality, the held-out ids, then ``index.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if collection.has_metadata:
+        for part in parts:
+            clip_layout.write_metadata(out, part.file, collection.metadata(part))
+    for modality, faiss_index in indexes.items():
+        path = clip_layout.write_index(out, modality, faiss_index)
+        described = config["modalities"][modality]
+        described["bytes"] = path.stat().st_size
+        extra = {"unicom": {"recall@k": described["selection"]["recall"], "k": described["selection"]["k"],
+                            "heldout": described["selection"]["heldout"], "structure": described["structure"]}}
+        clip_layout.write_infos(out, modality, clip_layout.infos(faiss_index, described["structure"], described["search"],
+                                                                 path, extra))
+    for modality in clip_layout.MODALITIES:
+        if modality not in indexes:  # left from an earlier build with text embeddings
+            (out / clip_layout.index_file(modality)).unlink(missing_ok=True)
+            (out / clip_layout.infos_file(modality)).unlink(missing_ok=True)
+    config["file"] = clip_layout.index_file(next(iter(indexes)))
+    config["bytes"] = (out / config["file"]).stat().st_size
+    save_npy_atomic(out / HELDOUT_FILE, heldout_ids)
+    write_json_atomic(out / CONFIG_FILE, config)
+    _remove_previous(out, config, previous)
+    for stale in clip_layout.stale_metadata(out, {part.file for part in parts if part.file}):
+        stale.unlink()
+
+
+def _remove_previous(out: Path, config: dict, previous: dict | None) -> None:
+    """The previous generation's faiss file, once the new configuration is in place."""
+    if previous is None:
+        return
+    if previous.get("layout", "unicom") == "unicom":
+        if previous.get("file") and previous["file"] != config["file"]:
+            (out / previous["file"]).unlink(missing_ok=True)
+    elif config["layout"] == "unicom":  # clip-retrieval's files, replaced by unicom's layout
+        for modality in previous.get("modalities", {}):
+            (out / clip_layout.index_file(modality)).unlink(missing_ok=True)
+            (out / clip_layout.infos_file(modality)).unlink(missing_ok=True)

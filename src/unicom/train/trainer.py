@@ -366,7 +366,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     last_saved = state.step if run.resume_from is not None else -1
     try:
         while state.step < run.total_steps:
-            factor = config.schedule.factor(state.step, run.total_steps)
+            factor = config.schedule.factor(state.step, run.total_steps, run.steps_per_epoch)
             run.step_fn.set_learning_rates(*config.optim.learning_rates(factor))
             micro = []
             waited = time.perf_counter()

@@ -143,7 +143,6 @@ class OptimConfig:
     ``torch.optim.Adam(model.parameters(), weight_decay=...)`` (the UniFEx code).
     """
 
-    optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05  # adamw: not applied to norms, biases, position embeddings and the class token
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -151,6 +150,7 @@ class OptimConfig:
     prototype_lr_scale: float = 1.0  # the prototypes' learning rate is lr times this
     prototype_weight_decay: float | None = None  # default: weight_decay
     clip_grad_norm: float | None = None  # clip the global gradient norm (module and prototypes) to this
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adam: coupled L2 on every parameter (the UniFEx code)
 
     def check(self, problems: list[str], name: str = "optim") -> None:
         check(self.lr > 0, problems, f"{name}.lr must be positive, got {self.lr}")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from unicom.data.lists import ImageList
+from unicom.data.lists import COLUMN_ALIASES, ImageList
 from unicom.errors import InputError
 
 
@@ -123,7 +123,7 @@ def format_summary(summary: list[dict]) -> str:
 
 
 # the column names tried, in order, when a recipe does not name the column
-DEFAULT_COLUMNS = {"path": ("path", "img_path", "image_path"), "class": ("class", "label")}
+DEFAULT_COLUMNS = {"path": ("path", *COLUMN_ALIASES["path"]), "class": ("class", "label")}
 
 
 def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[str] | None]:

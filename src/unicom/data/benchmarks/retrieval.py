@@ -8,7 +8,8 @@ k's and the headline metric of each benchmark live in the registry
 
 Labels of all splits share one vocabulary with the training classes first, so a train
 split's labels are always ``0..C_train-1`` (ready for fine-tuning) and query and gallery
-labels are directly comparable. Keys are image paths as the dataset's own lists write them.
+labels are directly comparable. Keys are image paths relative to the dataset's folder (the
+one holding its list files: ``--root`` itself, or the archive's top folder inside it).
 
 ``root`` is the dataset's folder as downloaded and unpacked (In-Shop's ``Img/img/``,
 iNaturalist's ``Inat_dataset_splits/``, GLDv2's ``index/index.csv`` and
@@ -96,7 +97,6 @@ def _lines(path: Path) -> list[str]:
 
 def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str) -> dict[str, ImageList]:
     """``records``: (path relative to ``root``, class name, split name) -> one ImageList per split.
-    Keys are the paths as given; files are ``root / path``.
 
     The vocabulary lists the training classes first, each group in natural order; images
     of the evaluation splits (all but ``train``) are checked to exist.
@@ -237,7 +237,8 @@ def read_inshop(root: str | os.PathLike) -> Splits:
     """DeepFashion In-Shop: query images against gallery images; item ids are the classes.
 
     The list names images ``img/...``: they are looked for under ``Img/`` (the download,
-    ``Img/img.zip`` unpacked in place) and under the dataset folder itself.
+    ``Img/img.zip`` unpacked in place; keys ``Img/img/...``) and under the dataset folder
+    itself (keys ``img/...``).
     """
     root = _dataset_folder(Path(root), INSHOP_LISTS, ["Inshop_Clothes", "InShop", "In-shop Clothes Retrieval Benchmark"],
                            INSHOP_LAYOUT)
@@ -254,11 +255,12 @@ def read_inshop(root: str | os.PathLike) -> Splits:
     if int(lines[0]) != len(records):
         raise InputError(f"{path}: the first line announces {lines[0]} images but {len(records)} are listed")
     probe = next((p for p, _, s in records if s != "train"), records[0][0] if records else "")
-    images = next((root / folder for folder in INSHOP_IMAGE_FOLDERS if (root / folder / probe).is_file()), None)
-    if images is None:
-        looked = "\n  ".join(str((root / folder / probe).resolve()) for folder in INSHOP_IMAGE_FOLDERS)
+    folder = next((f for f in INSHOP_IMAGE_FOLDERS if (root / f / probe).is_file()), None)
+    if folder is None:
+        looked = "\n  ".join(str((root / f / probe).resolve()) for f in INSHOP_IMAGE_FOLDERS)
         raise InputError(f"{path} lists {probe}, found in none of:\n  {looked}\nexpected layout:\n{INSHOP_LAYOUT}")
-    splits = _labelled_splits(images, records, INSHOP_LAYOUT)
+    prefix = "" if folder == "." else f"{folder}/"
+    splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT)
     for split in ("query", "gallery"):
         if split not in splits:
             raise InputError(f"{path}: no image has evaluation_status {split!r}")

@@ -31,6 +31,7 @@ class AugmentConfig:
     random_erasing: float = 0.0  # probability
     random_erasing_mode: Literal["const", "rand", "pixel"] = "const"  # fill: zeros, one random colour, random pixels
     interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    enabled: bool = True  # false: no random augmentation, the short side resized and a centre crop (CLIP's own)
 
     def check(self, problems: list[str], name: str = "augment") -> None:
         check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, problems,
@@ -48,10 +49,21 @@ class AugmentConfig:
 
     def transform(self, image_size: int, mean=None, std=None):
         """The random training transform at ``image_size``, normalised with ``mean`` and
-        ``std`` (default: CLIP's, like the evaluation transform of the CLIP-shaped ViTs)."""
+        ``std`` (default: CLIP's, like the evaluation transform of the CLIP-shaped ViTs).
+        Not ``enabled``: the short side resized to ``image_size`` and a centre crop, the
+        evaluation transform of the CLIP-shaped ViTs (the public fine-tuning code's
+        ``--transform origin_clip``)."""
         from timm.data import create_transform
 
         from unicom.models.registry import CLIP_MEAN, CLIP_STD
+
+        if not self.enabled:
+            from unicom.models.export import build_transform
+
+            return build_transform({
+                "size": int(image_size), "resize_mode": "shortest",
+                "interpolation": "bicubic" if self.interpolation == "random" else self.interpolation,
+                "mean": list(CLIP_MEAN if mean is None else mean), "std": list(CLIP_STD if std is None else std)})
 
         return create_transform(
             image_size,

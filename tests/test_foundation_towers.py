@@ -18,7 +18,7 @@ from unicom.models.foundation import open_clip_encoder, visual_output_dim
 
 
 def meta_encoder(spec: str):
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.device("meta"):  # no initialisation, no memory
         warnings.simplefilter("ignore")
         return open_clip_encoder(spec, None, "meta")
 

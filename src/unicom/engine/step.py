@@ -188,7 +188,8 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
     """A :class:`TrainStep` with the optimisers of a recipe's ``optim`` section
     (:class:`unicom.engine.sections.OptimConfig`): AdamW over the trainable parameters of
     ``module`` and SparseAdamW over the prototypes at ``prototype_lr_scale`` times the
-    rate; with ``optimizer: adam``, Adam with coupled L2 for both. ``wrapped``: the module as the step calls it (e.g. in DDP), default ``module``."""
+    rate; with ``optimizer: adam``, Adam with coupled L2 for both. ``wrapped``: the module
+    as the step calls it (e.g. in DDP), default ``module``."""
     from unicom.optim import SparseAdamW
 
     coupled = getattr(optim, "optimizer", "adamw") == "adam"

@@ -59,6 +59,8 @@ def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: 
     """
     if kind not in PROTOTYPE_INITS:
         raise InputError(f"prototype init must be one of {', '.join(PROTOTYPE_INITS)}, got {kind!r}")
+    if kind == "xavier" and num_classes is None:
+        raise ValueError("xavier initialisation needs num_classes, the classes of all ranks together")
     num_local = weight.shape[0] // centers
     d = weight.shape[1]
     first_block = class_start // _INIT_BLOCK

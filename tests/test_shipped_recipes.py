@@ -8,7 +8,7 @@ schedule and augmentation are built from the recipe. Where the size allows on 2 
 a real step runs: the demo trains end to end, every UniFEx head takes real steps on
 features of its backbone's size, and the tiny backbone runs for real.
 
-With --run-slow every recipe also runs for real end to end with random weights: one
+With --run-heavy (``make test-all``) every recipe also runs for real end to end with random weights: one
 training step of each backbone (ViT-B/16 to ViT-L/14), and ``unicom probe`` on the full
 SigLIP SoViT-400m and CLIP ViT-B/16 (each image through the random backbone).
 """
@@ -119,7 +119,7 @@ def test_the_demo_recipe_trains_a_step(folder, tmp_path):
     assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", [n for n in TRAINING if n != "demo.yaml"])
 def test_a_training_recipe_runs_a_step_with_random_weights(name, folder, tmp_path):
     from unicom.train.config import load_config
@@ -195,7 +195,7 @@ def test_a_probe_recipe_builds_its_backbone_and_its_head_trains(name, published_
     assert record["steps"] == steps and np.isfinite(record["loss"]) and record["lr"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", [n for n in PROBE if n != "unifex_tiny.yaml"])
 def test_a_probe_recipe_runs_end_to_end_with_random_weights(name, published_list, tmp_path):
     from unicom.cli import main

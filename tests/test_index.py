@@ -550,3 +550,19 @@ def test_search_parameters_survive_faiss_torch_utils(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[0, 1, 2]"
+
+
+def test_an_index_written_before_layouts_and_objectives_still_opens_and_grows(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(20, 8, seed=0)})
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    path = tmp_path / "index" / CONFIG_FILE
+    config = json.loads(path.read_text())
+    del config["layout"], config["selection"]["objective"]
+    config.update(format_version=1)
+    config["selection"]["recall_target"] = 0.9
+    path.write_text(json.dumps(config))
+    index = Index.load(tmp_path / "index")
+    assert index.layout == "unicom" and index.modalities == ("image",)
+    assert index.search(clustered(1, 8, seed=0), 1)[1].shape == (1, 1)
+    write_collection(tmp_path / "emb", {1: clustered(5, 8, seed=1)})
+    assert index.add_parts() == [1] and len(Index.load(tmp_path / "index")) == 25

@@ -103,6 +103,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=ROWS, help=f"collection size (default {ROWS:,}; smaller for a trial run)")
     parser.add_argument("--runs", default="unicom,autofaiss,unicom-0.95",
                         help="comma-separated builds: unicom, autofaiss, unicom-0.95, unicom-pq")
+    parser.add_argument("--budgets", default="8,4", help="comma-separated fractions of the exact memory (default: 8,4)")
     parser.add_argument("--again", action="store_true", help="rebuild and measure runs measured before")
     args = parser.parse_args()
     os.environ.setdefault("UNICOM_PROGRESS", "0")
@@ -141,7 +142,8 @@ def main() -> int:
     np.save(data / "truth.npy", truth)
     exact_bytes = flat_memory(rows, DIMS)
     results = []
-    for fraction in (8, 4):
+    fractions = [int(value) for value in args.budgets.split(",")]
+    for fraction in fractions:
         budget = exact_bytes // fraction
         for run in runs:
             if run == "unicom-0.95" and fraction != 4:
@@ -196,7 +198,7 @@ def main() -> int:
     say()
     say(f"budget: a fraction of the exact index ({exact_bytes / 2**20:.1f} MiB). RSS: resident growth while Index.load "
         "opens the folder (autofaiss' too). batch q/s: 1,000 queries in one call.")
-    for fraction in (8, 4):
+    for fraction in fractions:
         by_run = {run: (seconds, m) for f, run, _, _, seconds, m, _ in results if f == fraction}
         if "unicom" in by_run and "autofaiss" in by_run:
             (ours_s, ours), (af_s, af) = by_run["unicom"], by_run["autofaiss"]

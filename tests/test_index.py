@@ -118,9 +118,9 @@ def test_a_budget_alone_is_spent_on_the_largest_code_that_fits():
         budget = flat_memory(n, d) // fraction
         [chosen] = plan(n, d, memory_budget=budget)
         p = chosen.params
-        # 8-bit codes of the leading axes: as many as fit, 4 more would not
-        assert chosen.type == "ivfsq" and p["bits"] == 8 and chosen.memory <= budget
-        assert ivfsq_memory(n, d, p["nlist"], p["rotated_dims"] + 4, 8) > budget
+        # 8-bit codes of the leading axes: as many as fit in steps of 8 (faiss' SIMD width), 8 more would not
+        assert chosen.type == "ivfsq" and p["bits"] == 8 and chosen.memory <= budget and p["rotated_dims"] % 8 == 0
+        assert ivfsq_memory(n, d, p["nlist"], p["rotated_dims"] + 8, 8) > budget
     # a budget for 2 bytes per dimension takes 16-bit floats of every axis
     [chosen] = plan(n, d, memory_budget=flat_memory(n, d) * 3 // 5)
     assert chosen.structure() == "PR256,IVF2048,SQfp16"

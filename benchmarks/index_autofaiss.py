@@ -198,6 +198,9 @@ def main() -> int:
     say()
     say(f"budget: a fraction of the exact index ({exact_bytes / 2**20:.1f} MiB). RSS: resident growth while Index.load "
         "opens the folder (autofaiss' too). batch q/s: 1,000 queries in one call.")
+    say(f"Runs kept from earlier invocations (lines '# ... measured by an earlier run') were built and measured at "
+        f"other times: on a shared machine build s and q/s then depend on its load (load average now "
+        f"{os.getloadavg()[0]:.1f}); recall@10 does not.")
     for fraction in fractions:
         by_run = {run: (seconds, m) for f, run, _, _, seconds, m, _ in results if f == fraction}
         if "unicom" in by_run and "autofaiss" in by_run:

@@ -14,8 +14,8 @@ Each index is built by ``unicom.Index.build`` (the library path of ``unicom inde
 
 * ``flat``  exact search;
 * ``hnsw``  HNSW32, efSearch tuned to recall@10 >= 0.9 on the held-out sample;
-* ``auto``  ``--memory`` = 1/8 of the exact index and ``--recall 0.9``: the type chosen
-  from the budget (IVF-PQ here) with its parameters and nprobe.
+* ``auto``  ``--memory`` = 1/8 of the exact index and ``--target-recall 0.9``: the smallest
+  index within the budget that reaches it, with its parameters and nprobe.
 
 Each is then loaded in a fresh process that measures its resident memory (RSS growth while
 ``Index.load`` runs), queries/s for a batch of 1,000 queries and for one query at a time,

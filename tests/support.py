@@ -188,3 +188,85 @@ def indexed_image_collection(root: Path) -> dict:
     found = embedded_image_collection(root)
     index = Index.build(found["emb"], Path(root) / "index")
     return {**found, "index": index, "encoder": load_encoder("timm/test_vit", str(found["checkpoint"]))}
+
+
+class HostSyncRecorder:
+    """Records, while active, the operations that make the host wait for a CUDA device.
+
+    On a GPU such an operation stops the CPU until every queued kernel has run, so the
+    next kernels are launched late and the GPU idles. Here it is detected on any device
+    (the CPU included), from the operator: reading a value on the host
+    (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()``), operators whose
+    output size depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean
+    indexing, ``repeat_interleave`` without ``output_size``, ``bincount``, sparse
+    ``coalesce``), comparisons returning a Python bool (``equal``), and the Python-level
+    reads ``.tolist()``, ``.numpy()``, ``.cpu()``. ``recorded`` lists ``(name, where)``
+    pairs, ``where`` being the innermost frame outside torch.
+    """
+
+    def __init__(self):
+        self.recorded: list[tuple[str, str]] = []
+
+    @staticmethod
+    def _caller() -> str:
+        import sys
+
+        frame = sys._getframe(2)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if "/torch/" not in name and "support.py" not in name:
+                return f"{name}:{frame.f_lineno}"
+            frame = frame.f_back
+        return "?"
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        always = {
+            aten._local_scalar_dense.default, aten.nonzero.default, aten.argwhere.default, aten.masked_select.default,
+            aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+            aten.unique_dim_consecutive.default, aten._coalesce.default, aten.bincount.default, aten.equal.default,
+            aten.is_nonzero.default,
+        }
+        indexing = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = None
+                if func in always:
+                    name = str(func)
+                elif func in indexing and any(
+                    t is not None and t.dtype in (torch.bool, torch.uint8) for t in (args[1] if len(args) > 1 else [])
+                ):
+                    name = f"{func} with a boolean mask"
+                elif func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None:
+                    name = f"{func} without output_size"
+                if name is not None:
+                    recorder.recorded.append((name, recorder._caller()))
+                return func(*args, **kwargs)
+
+        self._patched = {}
+        for method in ("tolist", "numpy", "cpu"):
+            original = getattr(torch.Tensor, method)
+
+            def patched(tensor, *args, _original=original, _method=method, **kwargs):
+                recorder.recorded.append((f"Tensor.{_method}", recorder._caller()))
+                return _original(tensor, *args, **kwargs)
+
+            self._patched[method] = original
+            setattr(torch.Tensor, method, patched)
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self._mode.__exit__(*exc)
+        for method, original in self._patched.items():
+            setattr(torch.Tensor, method, original)
+        return False

@@ -158,6 +158,9 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
     if config.model.compile:
+        from unicom.engine.device import compile_cache
+
+        compile_cache()  # compiled graphs outlive the process: a restart skips the compilation
         backbone.compile()
     step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device))
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,

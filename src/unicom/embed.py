@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from unicom import distributed
 from unicom.data.loading import Batch, BatchStream, plan_units
 from unicom.data.sources import ItemsPart, open_parts
-from unicom.data.transforms import draft_size
+from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
@@ -86,12 +86,13 @@ def _normalized(embeddings: torch.Tensor) -> np.ndarray:
     return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
 
 
-def _encode_images(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str, prepare=None) -> np.ndarray:
-    """``prepare``: the device half of the transform (uint8 pixels -> model input), if any."""
+def _encode_images(encoder: Encoder, stream: BatchStream, batch: Batch, device: torch.device, precision: str) -> np.ndarray | None:
+    """The batch's image embeddings; its images are made model input on ``device`` first
+    (decoded there, or normalised there), which may move samples to its failures."""
     with torch.inference_mode():
-        images = images.to(device, non_blocking=True)
-        if prepare is not None:
-            images = prepare(images)
+        images = stream.model_input(batch, device)
+        if images is None or len(images) == 0:
+            return None
         with autocast(device, resolve_precision(precision, device, training=False)):
             return _normalized(encoder.encode_image(images))
 
@@ -143,13 +144,15 @@ def embed_images(
     num_workers: int | None = None,
     draft: bool = False,
     precision: str = "auto",
+    decode: str = "auto",
 ) -> np.ndarray:
     """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised, in order.
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
-    (default: :func:`default_num_workers`). Raises :class:`InputError` naming the first
-    image that cannot be decoded.
+    (default: :func:`default_num_workers`), or JPEGs on the model's GPU (``decode``, see
+    :func:`unicom.data.transforms.resolve_decode`). Raises :class:`InputError` naming the
+    first image that cannot be decoded.
     """
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
         images_or_paths = [images_or_paths]
@@ -162,17 +165,18 @@ def embed_images(
     workers = min(workers, math.ceil(len(items) / batch_size))
     transform = encoder.image_transform
     stream = BatchStream(
-        plan_units([ItemsPart(items)], workers), batch_size, transform, None, draft_size(transform) if draft else None
+        plan_units([ItemsPart(items)], workers), batch_size, transform, None, draft_size(transform) if draft else None,
+        device_decode=resolve_decode(decode, device, transform),
     )
     out: np.ndarray | None = None
     for batch in _loader(stream, workers, device):
+        embeddings = _encode_images(encoder, stream, batch, device, precision) if batch.indices else None
         if batch.failures:
             failure = batch.failures[0]
             more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
             raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
-        if not batch.indices:
+        if embeddings is None:
             continue
-        embeddings = _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device)
         if out is None:
             out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
         out[batch.indices] = embeddings
@@ -357,6 +361,7 @@ def embed_parts(
     draft: bool = False,
     precision: str = "auto",
     config: dict | None = None,
+    decode: str = "auto",
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
 
@@ -388,11 +393,12 @@ def embed_parts(
         write_config(out, config)
     mine = pending[rank::world]
     if mine:
-        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision)
+        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, decode)
     return summary
 
 
-def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision) -> None:
+def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
+                    decode="auto") -> None:
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
     device = _device_of(encoder)
     workers = default_num_workers(device) if num_workers is None else num_workers
@@ -405,6 +411,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         transform,
         encoder.tokenize if "text" in modalities else None,
         draft_size(transform) if (draft and transform is not None) else None,
+        device_decode=resolve_decode(decode, device, transform),
     )
     dims = {"image": encoder.embedding_dim}
     if "text" in modalities:
@@ -427,12 +434,10 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
             if pending is None:
                 pending = collecting[batch.part] = _PendingPart(by_number[batch.part], slices[batch.part])
             if batch.indices:
-                image = (
-                    _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device)
-                    if "image" in modalities else None
-                )
-                text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
-                pending.add(batch, image, text)
+                image = _encode_images(encoder, stream, batch, device, precision) if "image" in modalities else None
+                if batch.indices:  # unless no decoder could read any of its JPEGs
+                    text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
+                    pending.add(batch, image, text)
             pending.failures.extend(batch.failures)
             failed = sum(1 for f in batch.failures if f["index"] >= 0)
             summary.failed += failed
@@ -489,6 +494,7 @@ def embed_to_folder(
     draft: bool = False,
     precision: str = "auto",
     device: str | torch.device | None = None,
+    decode: str = "auto",
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
 
@@ -520,6 +526,7 @@ def embed_to_folder(
         draft=draft,
         precision=precision,
         config=config,
+        decode=decode,
     )
     return gather_summary(summary)
 

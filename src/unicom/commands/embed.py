@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode large JPEGs at 1/2, 1/4 or 1/8 scale inside the decoder (never below the model's input "
                              "size): several times faster on big photos, embeddings differ slightly from the model's reference "
                              "preprocessing (default: full decoding)")
+    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where JPEGs are decoded and resized: gpu (nvJPEG on the model's GPU, the workers only read "
+                             "bytes; other formats and JPEGs it refuses take the CPU path per sample), cpu (Pillow in the "
+                             "workers), auto (gpu on a GPU when the model's transform is resize, crop, normalise; default)")
     parser.add_argument("--rows-per-part", type=int, default=100_000, help="rows per output part for folders and lists (default: 100000)")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
     parser.add_argument("--caption-column", default="caption", help="list column with captions, if any (default: caption)")
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             draft=args.draft,
             precision=args.precision,
             device=args.device,
+            decode=args.decode,
         )
     finally:
         if distributed.is_initialized():

@@ -10,6 +10,7 @@ pixels within a stated tolerance, embeddings of a ViT-B/32-shaped model within c
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -227,3 +228,70 @@ def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_
     finally:
         vit_b32_encoder.to("cpu")
     assert (cpu * gpu).sum(axis=1).min() >= 0.999
+
+
+# -- training batches ---------------------------------------------------------------------
+
+
+def _training_stream(images, device_decode: bool, batch_size: int = 4):
+    from unicom.engine.sections import AugmentConfig
+    from unicom.train.data import ListSource, TrainStream
+
+    labels = np.arange(len(images)) % 3
+    source = ListSource(images, labels, [f"k{i}" for i in range(len(images))], 3, "list")
+    return TrainStream(source, AugmentConfig().transform(64), batch_size, seed=5, device_decode=device_decode)
+
+
+def test_training_batches_decoded_on_the_device_match_the_pillow_batches(tmp_path):
+    paths = []
+    for i, (w, h) in enumerate(sizes(8, seed=3)):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(encode_image(photo(i, w, h)))
+    paths.append(tmp_path / "png.png")  # a PNG in the batch: the CPU path, in its place
+    paths[-1].write_bytes(encode_image(photo(30, 200, 150), "PNG"))
+    cpu_stream, device_stream = _training_stream(paths, False), _training_stream(paths, True)
+    for cpu_batch, device_batch in itertools.islice(zip(cpu_stream.reader(0), device_stream.reader(0)), 2):
+        assert device_batch.jpegs is not None  # JPEGs left encoded (the PNG, when in the batch, decoded)
+        cpu_images, cpu_labels = cpu_stream.to_device(cpu_batch, torch.device("cpu"))
+        images, labels = device_stream.to_device(device_batch, torch.device("cpu"))
+        assert torch.equal(labels, cpu_labels)
+        std = torch.tensor(device_stream.tensor.std).view(-1, 1, 1)
+        levels = ((images - cpu_images) * std * 255).abs()
+        assert float(levels.max()) <= MAX_LEVELS and float(levels.mean()) <= MEAN_LEVELS
+
+
+def test_a_jpeg_no_decoder_reads_is_replaced_in_its_training_batch_and_reported(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(encode_image(photo(i, 90, 80)))
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 3])  # the header is fine, the image data ends early
+    stream = _training_stream(paths, True)
+    batch = next(stream.reader(0))
+    assert len(batch.jpegs) == 4  # the reader only looked at the header
+    images, labels = stream.to_device(batch, torch.device("cpu"))
+    assert images.shape == (4, 3, 64, 64) and labels.shape == (4,)
+    assert batch.failed == 1 and batch.failures[0]["source"].endswith("1.jpg")
+    assert "replaced in its batch" in batch.failures[0]["reason"]
+    copies = [i for i in range(4) for j in range(4) if i < j and torch.equal(images[i], images[j])]
+    assert len(copies) == 1  # one image appears twice, with its own label both times
+    i = copies[0]
+    j = next(j for j in range(4) if j != i and torch.equal(images[i], images[j]))
+    assert labels[i] == labels[j]
+
+
+def test_training_with_decoding_on_the_device_runs_end_to_end(tmp_path):
+    from support import write_class_folder
+
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    write_class_folder(tmp_path / "images", [0, 1, 2], 6, size=40)
+    config = load_config(None, [
+        f"out={tmp_path / 'run'}", f"data.folder={tmp_path / 'images'}", "data.batch_size=6", "data.workers=0",
+        "data.decode=gpu", "model.image_size=32", "model.patch_size=16", "model.width=32", "model.depth=1",
+        "model.heads=2", "model.embedding_dim=8", "train.steps=3", "checkpoint.every=100", "log.tensorboard=false",
+    ])
+    summary = train(config, console=io.StringIO())
+    assert summary["steps"] == 3 and summary["failed_images"] == 0

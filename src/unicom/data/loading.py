@@ -18,14 +18,21 @@ import math
 import multiprocessing
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unicom.data.shards import ShardReadError
-from unicom.data.transforms import DecodeError, EncodedJpegs, SplitTransform, TensorTransform, decode_image, jpeg_size
+from unicom.data.transforms import (
+    DecodeError,
+    EncodedJpegs,
+    SplitTransform,
+    TensorTransform,
+    decode_image,
+    encoded_bytes,
+    jpeg_size,
+)
 
 
 @dataclass(frozen=True)
@@ -181,7 +188,7 @@ class BatchStream(IterableDataset):
                     batch.failures.append(_failure(record, source, "no image in the sample"))
                     continue
                 try:
-                    data = self._jpeg_bytes(record.image) if self.tensor_transform is not None else None
+                    data = encoded_bytes(record.image) if self.tensor_transform is not None else None
                     size = jpeg_size(data) if data is not None else None
                     if size is not None:  # decoded where the model runs
                         row["width"], row["height"] = size
@@ -210,20 +217,6 @@ class BatchStream(IterableDataset):
         if self.tokenize is not None and captions:
             batch.tokens = self.tokenize(captions)
         return batch
-
-    @staticmethod
-    def _jpeg_bytes(image) -> bytes | None:
-        """The encoded bytes of a sample's image when they may be a JPEG (else None: CPU path)."""
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return bytes(image)
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                return Path(image).read_bytes()
-            except FileNotFoundError as error:
-                raise DecodeError(f"file not found: {error.filename}") from error
-            except OSError as error:
-                raise DecodeError(f"cannot read image: {type(error).__name__}: {error}") from error
-        return None
 
     def model_input(self, batch: Batch, device: torch.device) -> torch.Tensor | None:
         """The batch's images as the model's float input on ``device``; samples whose JPEG no

@@ -147,6 +147,22 @@ def jpeg_size(data) -> tuple[int, int] | None:
         return None
 
 
+def encoded_bytes(image) -> bytes | None:
+    """The encoded bytes of a sample's image (bytes as given, or a file read), or None for a
+    decoded (PIL) image. Raises :class:`DecodeError` for a file that cannot be read."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with open(os.fspath(image), "rb") as file:
+                return file.read()
+        except FileNotFoundError as error:
+            raise DecodeError(f"file not found: {error.filename}") from error
+        except OSError as error:
+            raise DecodeError(f"cannot read image: {type(error).__name__}: {error}") from error
+    return None
+
+
 def resolve_decode(decode: str, device, transform: Callable | None) -> bool:
     """Whether images are decoded where the model runs (True) or by Pillow in the workers.
 
@@ -338,16 +354,18 @@ class EncodedJpegs:
     ``data``: their bytes concatenated (one uint8 tensor: one shared-memory block from a
     worker, however many images); ``ends``: where each ends; ``plans``: their
     :meth:`TensorTransform.plan`; ``slots``: their positions among the batch's samples;
-    ``sources``: where each came from (named in failure reports).
+    ``sources`` and ``keys``: where each came from and its key (named in failure reports).
     """
 
-    def __init__(self, chunks: list[bytes], plans: list[tuple], slots: list[int], sources: list[str]):
+    def __init__(self, chunks: list[bytes], plans: list[tuple], slots: list[int], sources: list[str],
+                 keys: list[str] | None = None):
         import numpy as np
         import torch
 
         self.ends = np.cumsum([len(c) for c in chunks]).tolist()
         self.data = torch.from_numpy(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy())
         self.plans, self.slots, self.sources = list(plans), list(slots), list(sources)
+        self.keys = list(keys) if keys is not None else [""] * len(self.slots)
 
     def __len__(self) -> int:
         return len(self.slots)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from unicom import distributed
+from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import resolve_device, resolve_precision
 from unicom.engine.recipe import to_yaml
@@ -360,8 +361,9 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
               architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
               data=run.source.describe())
 
-    stream = TrainStream(run.source, config.augment.transform(run.created.image_size), batch, config.seed, rank, world,
-                         run.roles, positions, next_role)
+    transform = config.augment.transform(run.created.image_size)
+    stream = TrainStream(run.source, transform, batch, config.seed, rank, world, run.roles, positions, next_role,
+                         device_decode=resolve_decode(config.data.decode, run.device, transform))
     batches = iter(make_loader(stream, run.workers, run.device))
     positions = list(positions)
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
@@ -377,10 +379,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
                 item = next(batches)
                 positions[item.role] = (item.pass_, item.cursor)
                 next_role = (item.role + 1) % run.roles
+                micro.append(stream.to_device(item, run.device))  # decodes there (data.decode); may add failures
                 interval["unlabelled"] += item.unlabelled
                 interval["failed"] += item.failed
                 log.failures(item.failures, state.step + 1)
-                micro.append((item.images.to(run.device, non_blocking=True), item.labels.to(run.device, non_blocking=True)))
             interval["data"] += time.perf_counter() - waited
             if state.step == 0 or (run.resume_from is not None and state.step == manifest["step"]):
                 run.partial_fc.check_inputs = True  # labels, shapes and agreement across ranks, once

@@ -93,13 +93,16 @@ def build_views(
     rows_per_part: int = 10_000,
     precision: str = "auto",
     seed: int = 0,
+    decode: str = "auto",
 ) -> list[Path]:
     """Embed ``images`` once per transform into ``root/<split>/view_<v>``; parts already
     written are kept. ``transforms[0]`` should be the backbone's own evaluation transform.
 
     ``identity`` (backbone spec and weights) goes into each view's ``embed_config.json``
     with the view's transform and the images' fingerprint; a rerun with anything else
-    raises :class:`InputError` instead of mixing features.
+    raises :class:`InputError` instead of mixing features. ``decode``: where JPEGs are
+    decoded (:func:`unicom.data.transforms.resolve_decode`; a view whose transform cannot
+    run on tensors is decoded on the CPU under ``auto``).
     """
     from unicom.embed import embed_parts
 
@@ -115,7 +118,7 @@ def build_views(
         random.seed(seed * 1000 + view)
         torch.manual_seed(seed * 1000 + view)
         embed_parts(parts, view_encoder, folder, modalities=("image",), batch_size=batch_size, num_workers=num_workers,
-                    dtype=dtype, precision=precision, config=config)
+                    dtype=dtype, precision=precision, config=config, decode=decode)
         folders.append(folder)
     return folders
 

@@ -51,6 +51,7 @@ class DataConfig:
     sampling: Literal["instance", "class_balanced"] = "instance"
     batch_size: int = 128
     workers: int | None = None  # image decoding processes (cache build, direct mode); default: by device
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # feature cache and evaluation features: JPEGs decoded on the GPU (auto: on CUDA)
 
 
 @dataclass

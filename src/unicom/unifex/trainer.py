@@ -393,7 +393,7 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     identity = {"model": config.backbone.model, "pretrained": weights_reference(config.backbone.pretrained)}
     options = dict(identity=identity, batch_size=config.cache.batch_size, num_workers=backbone.workers,
                    dtype=config.cache.dtype, rows_per_part=config.cache.rows_per_part, precision=backbone.precision,
-                   seed=config.seed)
+                   seed=config.seed, decode=config.data.decode)
     plain = backbone.encoder.image_transform
     transforms = [plain] + [backbone.augment_transform] * config.cache.augmented_views
     began = time.perf_counter()
@@ -451,7 +451,7 @@ def direct_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone) -> Fee
         from unicom.embed import embed_images
 
         query, index = (embed_images(backbone.encoder, subset.images.paths, config.cache.batch_size,
-                                     num_workers=backbone.workers, precision=backbone.precision)
+                                     num_workers=backbone.workers, precision=backbone.precision, decode=config.data.decode)
                         for subset in (data.query, data.index))
         split = _to_split(query, data.query.labels, index, data.index.labels, backbone.device)
     return Feed(batches, data.train.class_counts(), split)

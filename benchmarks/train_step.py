@@ -19,8 +19,11 @@ training step (matrix products and attention); recomputation under gradient chec
 is not counted (it is hardware work, not model work). Peak: 989.4 TFLOP/s for H100/H200
 SXM (dense bf16), 312 for A100; ``--peak-tflops`` for others.
 
-Usage: python benchmarks/train_step.py [--device cuda] [--out FILE]
-Writes benchmarks/results/train_step_{cpu,cuda}.txt.
+Usage: python benchmarks/train_step.py [--device cuda] [--compile] [--batches 256 512] [--out FILE]
+Writes benchmarks/results/train_step_{cpu,cuda}.txt. ``--batches`` times those sizes only
+(no search for the largest, no gradient checkpointing): the quick form that
+benchmarks/gpu_suite.sh runs. Compiled graphs go to unicom's persistent compile cache
+(:func:`unicom.engine.device.compile_cache`), so a second run skips the compilation.
 """
 
 from __future__ import annotations
@@ -223,6 +226,9 @@ def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[in
     device = torch.device("cuda")
     _, step = build(GPU_MODEL, {}, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", checkpointing)
     if compile_model:
+        from unicom.engine.device import compile_cache
+
+        compile_cache()
         step.backbone.compile()
     largest = max(batches) if batches else None
     for batch in [] if batches else GPU_BATCHES:
@@ -283,7 +289,7 @@ def backbone_only(batch: int) -> float:
     return statistics.median(times)
 
 
-def run_cuda(peak_tflops: float | None, compile_model: bool = False) -> list[str]:
+def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: list[int] | None = None) -> list[str]:
     import timm
 
     device = torch.device("cuda")
@@ -306,10 +312,12 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False) -> list[str
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     plans = [("off", False, False, None), ("on", True, False, None)]
-    largest_plain = None
+    if batches:  # the quick form: the given sizes, no search, no gradient checkpointing
+        plans = [("off", False, False, batches)]
+    largest_plain = max(batches) if batches else None
     for label, checkpointing, compiled, sizes in plans + ([("off, torch.compile", False, True, "plain")] if compile_model else []):
         if sizes == "plain":
-            sizes = sorted({256, largest_plain})
+            sizes = batches or sorted({256, largest_plain})
         for result in gpu_cases(checkpointing, compiled, sizes):
             if label == "off" and result["largest"]:
                 largest_plain = result["batch"]
@@ -334,6 +342,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="result file (default: benchmarks/results/train_step_<device>.txt)")
     parser.add_argument("--compile", action="store_true", help="cuda: also time the backbone under torch.compile")
     parser.add_argument("--smoke", action="store_true", help="cuda: a quick check of this script (10,000 classes, small batches)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="cuda: time these batch sizes only (no search, no gradient checkpointing)")
     args = parser.parse_args()
     if args.smoke:
         global GPU_CLASSES, GPU_BATCHES
@@ -342,7 +352,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
-    lines = run_cuda(args.peak_tflops, args.compile) if args.device == "cuda" else run_cpu()
+    lines = run_cuda(args.peak_tflops, args.compile, args.batches) if args.device == "cuda" else run_cpu()
     text = "\n".join(lines) + "\n"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"train_step_{args.device}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,8 +93,13 @@ def _encode_images(encoder: Encoder, stream: BatchStream, batch: Batch, device: 
         images = stream.model_input(batch, device)
         if images is None or len(images) == 0:
             return None
-        with autocast(device, resolve_precision(precision, device, training=False)):
-            return _normalized(encoder.encode_image(images))
+        return _encode_model_input(encoder, images, device, precision)
+
+
+def _encode_model_input(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+    """Float model input (B, 3, H, W) on ``device`` -> L2-normalised float32 embeddings."""
+    with torch.inference_mode(), autocast(device, resolve_precision(precision, device, training=False)):
+        return _normalized(encoder.encode_image(images))
 
 
 def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:

@@ -28,7 +28,7 @@ def default_restarts(k: int) -> int:
 
     From ``benchmarks/results/kmeans_restarts.txt``: with 20 classes and k = 40, one
     random start in three merges classes (10 of 30 seeds; 1 of 30 with 3 restarts); at
-    k = 2,000 three restarts improved the fit by 0.1% for 2.4 times the training, and at
+    k = 2,000 three restarts improved the fit by 0.1% for 3.3 times the training, and at
     LAION's k = 1M each restart would be hours of GPU time.
     """
     return 3 if k < 1000 else 1

@@ -1,0 +1,514 @@
+
+#include <torch/csrc/inductor/cpp_prefix.h>
+extern "C"  void  kernel(float* in_out_ptr0,
+                       const at::BFloat16* in_ptr0,
+                       const at::BFloat16* in_ptr1,
+                       const float* in_ptr2,
+                       const float* in_ptr3,
+                       const float* in_ptr4,
+                       const float* in_ptr5,
+                       const float* in_ptr6,
+                       const float* in_ptr7,
+                       const float* in_ptr8,
+                       const float* in_ptr9,
+                       const at::BFloat16* in_ptr10,
+                       const float* in_ptr11,
+                       at::BFloat16* out_ptr0,
+                       float* out_ptr1,
+                       float* out_ptr2,
+                       float* out_ptr3,
+                       float* out_ptr4,
+                       float* out_ptr5,
+                       float* out_ptr6,
+                       float* out_ptr7,
+                       float* out_ptr8,
+                       float* out_ptr9,
+                       float* out_ptr10,
+                       float* out_ptr11,
+                       float* out_ptr12,
+                       float* out_ptr13,
+                       float* out_ptr14,
+                       at::BFloat16* out_ptr15)
+{
+    std::atomic<int> inductor_cpu_integer_div_error{0};
+    inductor_cpu_integer_div_error_flag = &inductor_cpu_integer_div_error;
+    #pragma omp parallel
+    {
+        int tid = omp_get_thread_num();
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(192L); x0+=static_cast<int64_t>(32L))
+            {
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::VectorizedN<float,2> tmp_acc0_vec = at::vec::VectorizedN<float,2>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(40L); x1+=static_cast<int64_t>(1L))
+                    {
+                        {
+                            if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(192L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<at::BFloat16>::loadu(in_ptr0 + static_cast<int64_t>(x0 + 192L*x1), static_cast<int64_t>(32));
+                                auto tmp1 = at::vec::convert<float,2,at::BFloat16,1>(tmp0);
+                                tmp_acc0_vec = tmp_acc0_vec + tmp1;
+                            }
+                        }
+                    }
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(192L)))
+                    {
+                        auto at_BFloat16_tmp_acc0_vec = at::vec::convert<at::BFloat16,1,float,2>(tmp_acc0_vec);
+                        at_BFloat16_tmp_acc0_vec.store(out_ptr0 + static_cast<int64_t>(x0), static_cast<int64_t>(32));
+                    }
+                }
+                {
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(192L)))
+                    {
+                        auto tmp0 = at::vec::Vectorized<at::BFloat16>::loadu(out_ptr0 + static_cast<int64_t>(x0), static_cast<int64_t>(32));
+                        auto tmp1 = at::vec::convert<float,2,at::BFloat16,1>(tmp0);
+                        tmp1.store(out_ptr1 + static_cast<int64_t>(x0));
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(12288L); x0+=static_cast<int64_t>(32L))
+            {
+                {
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(12288L)))
+                    {
+                        auto tmp0 = at::vec::Vectorized<at::BFloat16>::loadu(in_ptr1 + static_cast<int64_t>(x0), static_cast<int64_t>(32));
+                        auto tmp1 = at::vec::convert<float,2,at::BFloat16,1>(tmp0);
+                        tmp1.store(out_ptr2 + static_cast<int64_t>(x0));
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(8L); x0+=static_cast<int64_t>(1L))
+            {
+                #pragma GCC ivdep
+                for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(5L); x1+=static_cast<int64_t>(1L))
+                {
+                    for(int64_t x2=static_cast<int64_t>(0L); x2<static_cast<int64_t>(64L); x2+=static_cast<int64_t>(16L))
+                    {
+                        {
+                            if(C10_LIKELY(x2 >= static_cast<int64_t>(0) && x2 < static_cast<int64_t>(64L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<float>::loadu(in_ptr2 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0), static_cast<int64_t>(16));
+                                auto tmp1 = at::vec::Vectorized<float>::loadu(in_ptr3 + static_cast<int64_t>(x2 + 64L*x1), static_cast<int64_t>(16));
+                                auto tmp3 = in_ptr4[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp6 = in_ptr5[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp9 = at::vec::Vectorized<float>::loadu(in_ptr6 + static_cast<int64_t>(x2), static_cast<int64_t>(16));
+                                auto tmp11 = at::vec::Vectorized<float>::loadu(in_ptr7 + static_cast<int64_t>(x2), static_cast<int64_t>(16));
+                                auto tmp13 = in_ptr8[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp16 = in_ptr9[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp2 = tmp0 + tmp1;
+                                auto tmp4 = at::vec::Vectorized<float>(tmp3);
+                                auto tmp5 = tmp2 - tmp4;
+                                auto tmp7 = at::vec::Vectorized<float>(tmp6);
+                                auto tmp8 = tmp5 * tmp7;
+                                auto tmp10 = tmp8 * tmp9;
+                                auto tmp12 = tmp10 + tmp11;
+                                auto tmp14 = at::vec::Vectorized<float>(tmp13);
+                                auto tmp15 = tmp12 - tmp14;
+                                auto tmp17 = at::vec::Vectorized<float>(tmp16);
+                                auto tmp18 = tmp15 * tmp17;
+                                tmp18.store(out_ptr3 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(40L); x0+=static_cast<int64_t>(1L))
+            {
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::VectorizedN<float,2> tmp_acc0_vec = at::vec::VectorizedN<float,2>(0);
+                    float tmp_acc1 = 0;
+                    at::vec::VectorizedN<float,2> tmp_acc1_vec = at::vec::VectorizedN<float,2>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(64L); x1+=static_cast<int64_t>(32L))
+                    {
+                        {
+                            if(C10_LIKELY(x1 >= static_cast<int64_t>(0) && x1 < static_cast<int64_t>(64L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<at::BFloat16>::loadu(in_ptr10 + static_cast<int64_t>(x1 + 64L*x0), static_cast<int64_t>(32));
+                                auto tmp2 = at::vec::VectorizedN<float,2>::loadu(in_ptr11 + static_cast<int64_t>(x1), static_cast<int64_t>(32));
+                                auto tmp4 = at::vec::VectorizedN<float,2>::loadu(out_ptr3 + static_cast<int64_t>(x1 + 64L*x0), static_cast<int64_t>(32));
+                                auto tmp1 = at::vec::convert<float,2,at::BFloat16,1>(tmp0);
+                                auto tmp3 = tmp1 * tmp2;
+                                auto tmp5 = tmp3 * tmp4;
+                                tmp_acc0_vec = tmp_acc0_vec + tmp3;
+                                tmp_acc1_vec = tmp_acc1_vec + tmp5;
+                            }
+                        }
+                    }
+                    tmp_acc0 = tmp_acc0 + at::vec::vec_reduce_all<float, 2>([](at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& y) { return x + y; }, tmp_acc0_vec);
+                    out_ptr4[static_cast<int64_t>(x0)] = static_cast<float>(tmp_acc0);
+                    tmp_acc1 = tmp_acc1 + at::vec::vec_reduce_all<float, 2>([](at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& y) { return x + y; }, tmp_acc1_vec);
+                    out_ptr5[static_cast<int64_t>(x0)] = static_cast<float>(tmp_acc1);
+                }
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(64L); x1+=static_cast<int64_t>(16L))
+                    {
+                        {
+                            if(C10_LIKELY(x1 >= static_cast<int64_t>(0) && x1 < static_cast<int64_t>(64L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<float>::loadu(in_out_ptr0 + static_cast<int64_t>(x1 + 64L*x0), static_cast<int64_t>(16));
+                                auto tmp1 = in_ptr9[static_cast<int64_t>(x0)];
+                                auto tmp4 = at::vec::Vectorized<at::BFloat16>::loadu(in_ptr10 + static_cast<int64_t>(x1 + 64L*x0), static_cast<int64_t>(16));
+                                auto tmp6 = at::vec::Vectorized<float>::loadu(in_ptr11 + static_cast<int64_t>(x1), static_cast<int64_t>(16));
+                                auto tmp10 = out_ptr4[static_cast<int64_t>(x0)];
+                                auto tmp13 = at::vec::Vectorized<float>::loadu(out_ptr3 + static_cast<int64_t>(x1 + 64L*x0), static_cast<int64_t>(16));
+                                auto tmp14 = out_ptr5[static_cast<int64_t>(x0)];
+                                auto tmp21 = at::vec::Vectorized<float>::loadu(in_ptr6 + static_cast<int64_t>(x1), static_cast<int64_t>(16));
+                                auto tmp2 = static_cast<float>(64.0);
+                                auto tmp3 = tmp1 / tmp2;
+                                auto tmp5 = at::vec::convert<float>(tmp4);
+                                auto tmp7 = tmp5 * tmp6;
+                                auto tmp8 = at::vec::Vectorized<float>(tmp2);
+                                auto tmp9 = tmp7 * tmp8;
+                                auto tmp11 = at::vec::Vectorized<float>(tmp10);
+                                auto tmp12 = tmp9 - tmp11;
+                                auto tmp15 = at::vec::Vectorized<float>(tmp14);
+                                auto tmp16 = tmp13 * tmp15;
+                                auto tmp17 = tmp12 - tmp16;
+                                auto tmp18 = at::vec::Vectorized<float>(tmp3);
+                                auto tmp19 = tmp18 * tmp17;
+                                auto tmp20 = tmp0 + tmp19;
+                                auto tmp22 = tmp20 * tmp21;
+                                tmp20.store(in_out_ptr0 + static_cast<int64_t>(x1 + 64L*x0));
+                                tmp_acc0_vec = tmp_acc0_vec + tmp22;
+                            }
+                        }
+                    }
+                    tmp_acc0 = tmp_acc0 + at::vec::vec_reduce_all<float, 1>([](at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& y) { return x + y; }, tmp_acc0_vec);
+                    out_ptr6[static_cast<int64_t>(x0)] = static_cast<float>(tmp_acc0);
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(32L))
+            {
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::VectorizedN<float,2> tmp_acc0_vec = at::vec::VectorizedN<float,2>(0);
+                    float tmp_acc1 = 0;
+                    at::vec::VectorizedN<float,2> tmp_acc1_vec = at::vec::VectorizedN<float,2>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(40L); x1+=static_cast<int64_t>(1L))
+                    {
+                        {
+                            if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<at::BFloat16>::loadu(in_ptr10 + static_cast<int64_t>(x0 + 64L*x1), static_cast<int64_t>(32));
+                                auto tmp2 = at::vec::VectorizedN<float,2>::loadu(out_ptr3 + static_cast<int64_t>(x0 + 64L*x1), static_cast<int64_t>(32));
+                                auto tmp1 = at::vec::convert<float,2,at::BFloat16,1>(tmp0);
+                                auto tmp3 = tmp1 * tmp2;
+                                tmp_acc0_vec = tmp_acc0_vec + tmp3;
+                                tmp_acc1_vec = tmp_acc1_vec + tmp1;
+                            }
+                        }
+                    }
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                    {
+                        tmp_acc0_vec.store(out_ptr7 + static_cast<int64_t>(x0));
+                        tmp_acc1_vec.store(out_ptr8 + static_cast<int64_t>(x0));
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(8L); x0+=static_cast<int64_t>(1L))
+            {
+                #pragma GCC ivdep
+                for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(5L); x1+=static_cast<int64_t>(1L))
+                {
+                    {
+                        float tmp_acc0 = 0;
+                        at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);
+                        for(int64_t x2=static_cast<int64_t>(0L); x2<static_cast<int64_t>(64L); x2+=static_cast<int64_t>(16L))
+                        {
+                            {
+                                if(C10_LIKELY(x2 >= static_cast<int64_t>(0) && x2 < static_cast<int64_t>(64L)))
+                                {
+                                    auto tmp0 = at::vec::Vectorized<float>::loadu(in_out_ptr0 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0), static_cast<int64_t>(16));
+                                    auto tmp1 = at::vec::Vectorized<float>::loadu(in_ptr6 + static_cast<int64_t>(x2), static_cast<int64_t>(16));
+                                    auto tmp3 = at::vec::Vectorized<float>::loadu(in_ptr2 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0), static_cast<int64_t>(16));
+                                    auto tmp4 = at::vec::Vectorized<float>::loadu(in_ptr3 + static_cast<int64_t>(x2 + 64L*x1), static_cast<int64_t>(16));
+                                    auto tmp6 = in_ptr4[static_cast<int64_t>(x1 + 5L*x0)];
+                                    auto tmp9 = in_ptr5[static_cast<int64_t>(x1 + 5L*x0)];
+                                    auto tmp2 = tmp0 * tmp1;
+                                    auto tmp5 = tmp3 + tmp4;
+                                    auto tmp7 = at::vec::Vectorized<float>(tmp6);
+                                    auto tmp8 = tmp5 - tmp7;
+                                    auto tmp10 = at::vec::Vectorized<float>(tmp9);
+                                    auto tmp11 = tmp8 * tmp10;
+                                    auto tmp12 = tmp2 * tmp11;
+                                    tmp_acc0_vec = tmp_acc0_vec + tmp12;
+                                }
+                            }
+                        }
+                        tmp_acc0 = tmp_acc0 + at::vec::vec_reduce_all<float, 1>([](at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& y) { return x + y; }, tmp_acc0_vec);
+                        out_ptr9[static_cast<int64_t>(x1 + 5L*x0)] = static_cast<float>(tmp_acc0);
+                    }
+                    for(int64_t x2=static_cast<int64_t>(0L); x2<static_cast<int64_t>(64L); x2+=static_cast<int64_t>(16L))
+                    {
+                        {
+                            if(C10_LIKELY(x2 >= static_cast<int64_t>(0) && x2 < static_cast<int64_t>(64L)))
+                            {
+                                auto tmp0 = in_ptr5[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp3 = at::vec::Vectorized<float>::loadu(in_out_ptr0 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0), static_cast<int64_t>(16));
+                                auto tmp4 = at::vec::Vectorized<float>::loadu(in_ptr6 + static_cast<int64_t>(x2), static_cast<int64_t>(16));
+                                auto tmp8 = out_ptr6[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp11 = at::vec::Vectorized<float>::loadu(in_ptr2 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0), static_cast<int64_t>(16));
+                                auto tmp12 = at::vec::Vectorized<float>::loadu(in_ptr3 + static_cast<int64_t>(x2 + 64L*x1), static_cast<int64_t>(16));
+                                auto tmp14 = in_ptr4[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp19 = out_ptr9[static_cast<int64_t>(x1 + 5L*x0)];
+                                auto tmp1 = static_cast<float>(64.0);
+                                auto tmp2 = tmp0 / tmp1;
+                                auto tmp5 = tmp3 * tmp4;
+                                auto tmp6 = at::vec::Vectorized<float>(tmp1);
+                                auto tmp7 = tmp5 * tmp6;
+                                auto tmp9 = at::vec::Vectorized<float>(tmp8);
+                                auto tmp10 = tmp7 - tmp9;
+                                auto tmp13 = tmp11 + tmp12;
+                                auto tmp15 = at::vec::Vectorized<float>(tmp14);
+                                auto tmp16 = tmp13 - tmp15;
+                                auto tmp17 = at::vec::Vectorized<float>(tmp0);
+                                auto tmp18 = tmp16 * tmp17;
+                                auto tmp20 = at::vec::Vectorized<float>(tmp19);
+                                auto tmp21 = tmp18 * tmp20;
+                                auto tmp22 = tmp10 - tmp21;
+                                auto tmp23 = at::vec::Vectorized<float>(tmp2);
+                                auto tmp24 = tmp23 * tmp22;
+                                tmp24.store(out_ptr10 + static_cast<int64_t>(x2 + 64L*x1 + 320L*x0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(16L))
+            {
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(8L); x1+=static_cast<int64_t>(1L))
+                    {
+                        for(int64_t x2=static_cast<int64_t>(0L); x2<static_cast<int64_t>(5L); x2+=static_cast<int64_t>(1L))
+                        {
+                            {
+                                if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                                {
+                                    auto tmp0 = at::vec::Vectorized<float>::loadu(in_out_ptr0 + static_cast<int64_t>(x0 + 64L*x2 + 320L*x1), static_cast<int64_t>(16));
+                                    auto tmp1 = at::vec::Vectorized<float>::loadu(in_ptr2 + static_cast<int64_t>(x0 + 64L*x2 + 320L*x1), static_cast<int64_t>(16));
+                                    auto tmp2 = at::vec::Vectorized<float>::loadu(in_ptr3 + static_cast<int64_t>(x0 + 64L*x2), static_cast<int64_t>(16));
+                                    auto tmp4 = in_ptr4[static_cast<int64_t>(x2 + 5L*x1)];
+                                    auto tmp7 = in_ptr5[static_cast<int64_t>(x2 + 5L*x1)];
+                                    auto tmp3 = tmp1 + tmp2;
+                                    auto tmp5 = at::vec::Vectorized<float>(tmp4);
+                                    auto tmp6 = tmp3 - tmp5;
+                                    auto tmp8 = at::vec::Vectorized<float>(tmp7);
+                                    auto tmp9 = tmp6 * tmp8;
+                                    auto tmp10 = tmp0 * tmp9;
+                                    tmp_acc0_vec = tmp_acc0_vec + tmp10;
+                                }
+                            }
+                        }
+                    }
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                    {
+                        tmp_acc0_vec.store(out_ptr11 + static_cast<int64_t>(x0));
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(16L))
+            {
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(40L); x1+=static_cast<int64_t>(1L))
+                    {
+                        {
+                            if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<float>::loadu(in_out_ptr0 + static_cast<int64_t>(x0 + 64L*x1), static_cast<int64_t>(16));
+                                tmp_acc0_vec = tmp_acc0_vec + tmp0;
+                            }
+                        }
+                    }
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                    {
+                        tmp_acc0_vec.store(out_ptr12 + static_cast<int64_t>(x0));
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(320L); x0+=static_cast<int64_t>(16L))
+            {
+                {
+                    float tmp_acc0 = 0;
+                    at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);
+                    for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(8L); x1+=static_cast<int64_t>(1L))
+                    {
+                        {
+                            if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(320L)))
+                            {
+                                auto tmp0 = at::vec::Vectorized<float>::loadu(out_ptr10 + static_cast<int64_t>(x0 + 320L*x1), static_cast<int64_t>(16));
+                                tmp_acc0_vec = tmp_acc0_vec + tmp0;
+                            }
+                        }
+                    }
+                    if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(320L)))
+                    {
+                        tmp_acc0_vec.store(out_ptr13 + static_cast<int64_t>(x0));
+                    }
+                }
+            }
+        }
+        #pragma omp single
+        {
+            {
+                for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(64L); x0+=static_cast<int64_t>(16L))
+                {
+                    {
+                        float tmp_acc0 = 0;
+                        at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);
+                        for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(8L); x1+=static_cast<int64_t>(1L))
+                        {
+                            {
+                                if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                                {
+                                    auto tmp0 = at::vec::Vectorized<float>::loadu(out_ptr10 + static_cast<int64_t>(x0 + 320L*x1), static_cast<int64_t>(16));
+                                    tmp_acc0_vec = tmp_acc0_vec + tmp0;
+                                }
+                            }
+                        }
+                        if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(64L)))
+                        {
+                            tmp_acc0_vec.store(out_ptr14 + static_cast<int64_t>(x0));
+                        }
+                    }
+                }
+            }
+        }
+        {
+            #pragma omp for
+            for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(8L); x0+=static_cast<int64_t>(1L))
+            {
+                for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(256L); x1+=static_cast<int64_t>(32L))
+                {
+                    {
+                        if(C10_LIKELY(x1 >= static_cast<int64_t>(0) && x1 < static_cast<int64_t>(256L)))
+                        {
+                            auto tmp0 = at::vec::VectorizedN<float,2>::loadu(out_ptr10 + static_cast<int64_t>(64L + x1 + 320L*x0), static_cast<int64_t>(32));
+                            auto tmp1 = at::vec::convert<at::BFloat16,1,float,2>(tmp0);
+                            tmp1.store(out_ptr15 + static_cast<int64_t>(x1 + 256L*x0), static_cast<int64_t>(32));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    inductor_cpu_integer_div_error_flag = nullptr;
+    inductor_cpu_throw_if_integer_div_error(inductor_cpu_integer_div_error);
+}
+
+// Python bindings to call kernel():
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <sstream>
+#include <cstdlib>
+#include <cerrno>
+
+// This is defined in guards.cpp so we don't need to import PyTorch headers that are slooow.
+// We manually link it below to workaround issues with fbcode build.
+static void* (*_torchinductor_pyobject_tensor_data_ptr)(PyObject* obj);
+
+template <typename T> static inline T parse_arg(PyObject* args, size_t n) {
+    static_assert(std::is_pointer_v<T>, "arg type must be pointer or long");
+    return static_cast<T>(_torchinductor_pyobject_tensor_data_ptr(PyTuple_GET_ITEM(args, n)));
+}
+template <> inline int64_t parse_arg<int64_t>(PyObject* args, size_t n) {
+    auto result = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, n));
+    if(result == -1 && PyErr_Occurred()) [[unlikely]]
+        throw std::runtime_error("expected int arg");
+    return result;
+}
+template <> inline uintptr_t parse_arg<uintptr_t>(PyObject* args, size_t n) {
+    auto result = PyLong_AsVoidPtr(PyTuple_GET_ITEM(args, n));
+    if(result == reinterpret_cast<void*>(-1) && PyErr_Occurred()) [[unlikely]]
+        throw std::runtime_error("expected int arg");
+    return reinterpret_cast<uintptr_t>(result);
+}
+template <> inline float parse_arg<float>(PyObject* args, size_t n) {
+    auto result = PyFloat_AsDouble(PyTuple_GET_ITEM(args, n));
+    if(result == -1.0 && PyErr_Occurred()) [[unlikely]]
+        throw std::runtime_error("expected float arg");
+    return static_cast<float>(result);
+}
+
+
+
+static PyObject* kernel_py(PyObject* self, PyObject* args) {
+    try {
+        if(!PyTuple_CheckExact(args)) [[unlikely]]
+            throw std::runtime_error("tuple args required");
+        if(PyTuple_GET_SIZE(args) != 29) [[unlikely]]
+            throw std::runtime_error("requires 29 args");
+        kernel(parse_arg<float*>(args, 0), parse_arg<at::BFloat16*>(args, 1), parse_arg<at::BFloat16*>(args, 2), parse_arg<float*>(args, 3), parse_arg<float*>(args, 4), parse_arg<float*>(args, 5), parse_arg<float*>(args, 6), parse_arg<float*>(args, 7), parse_arg<float*>(args, 8), parse_arg<float*>(args, 9), parse_arg<float*>(args, 10), parse_arg<at::BFloat16*>(args, 11), parse_arg<float*>(args, 12), parse_arg<at::BFloat16*>(args, 13), parse_arg<float*>(args, 14), parse_arg<float*>(args, 15), parse_arg<float*>(args, 16), parse_arg<float*>(args, 17), parse_arg<float*>(args, 18), parse_arg<float*>(args, 19), parse_arg<float*>(args, 20), parse_arg<float*>(args, 21), parse_arg<float*>(args, 22), parse_arg<float*>(args, 23), parse_arg<float*>(args, 24), parse_arg<float*>(args, 25), parse_arg<float*>(args, 26), parse_arg<float*>(args, 27), parse_arg<at::BFloat16*>(args, 28)); Py_RETURN_NONE;
+    } catch(std::exception const& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+        return nullptr;
+    } catch(...) {
+        PyErr_SetString(PyExc_RuntimeError, "unhandled error");
+        return nullptr;
+    }
+}
+
+static PyMethodDef py_methods[] = {
+    {"kernel", kernel_py, METH_VARARGS, ""},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef py_module =
+    {PyModuleDef_HEAD_INIT, "kernel", NULL, -1, py_methods};
+
+PyMODINIT_FUNC PyInit_kernel(void) {
+    const char* str_addr = std::getenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR");
+    if(!str_addr) {
+        PyErr_SetString(PyExc_RuntimeError, "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR must be set");
+        return nullptr;
+    }
+
+    char* endptr = nullptr;
+    errno = 0;
+    uintptr_t addr = std::strtoull(str_addr, &endptr, 10);
+    if(errno != 0 || endptr == str_addr || addr == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Failed to parse _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR");
+        return nullptr;
+    }
+    _torchinductor_pyobject_tensor_data_ptr =
+        reinterpret_cast<decltype(_torchinductor_pyobject_tensor_data_ptr)>(addr);
+    PyObject* module = PyModule_Create(&py_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    #ifdef Py_GIL_DISABLED
+        PyUnstable_Module_SetGIL(module, Py_MOD_GIL_NOT_USED);
+    #endif
+    return module;
+}

@@ -61,14 +61,13 @@ def check_model(index, encoder) -> None:
     if actual == recorded:
         return
     spec, pretrained = recorded_model.get("spec"), recorded_model.get("pretrained")
-    if pretrained is None:
-        hint = (f"{spec} had random weights that were never saved, so no model built again can query this index: "
-                f"save the model's weights, embed the collection with them (--pretrained FILE) and index it again")
-    else:
-        hint = f"query with the weights that embedded it: --model {spec} --pretrained {pretrained}"
+    options = f"--model {spec}" + (f" --pretrained {pretrained}" if pretrained else "")
     raise InputError(
-        f"{index.path}: the collection was embedded by {spec} with weights sha256 {recorded[:16]}…, but {encoder.name} "
-        f"has other weights (sha256 {actual[:16]}…); its embeddings would not be comparable. {hint}"
+        f"{index.path}: the collection was embedded by {spec}{f' ({pretrained})' if pretrained else ''} with weights "
+        f"sha256 {recorded[:16]}…, but {encoder.name} has other weights (sha256 {actual[:16]}…), whose embeddings are "
+        f"not comparable. Query with the weights that embedded it ({options}); if those were random weights that "
+        "were never saved, no model built again can query this index: save the model's weights, embed the "
+        "collection with them and index it again"
     )
 
 

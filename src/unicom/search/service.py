@@ -875,7 +875,7 @@ def create_app(
                 raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
             form = await _parse_form(request, body)
             upload = form.get("image")
-            if upload is None and not form.get("text"):
+            if upload is None and not form.get("text") and not form.get("like"):
                 fields = sorted(set(form.keys()))
                 raise _error(400, f"no field 'image' in the form (got {fields}); send the image as the field 'image'")
             image_data, image_name = None, None

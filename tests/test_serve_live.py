@@ -180,3 +180,78 @@ def test_the_serve_command_answers_on_loopback_with_the_recorded_model(server):
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert f"unicom search on http://127.0.0.1:{port}/ (24 items)" in output
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server):
+    """12 concurrent uploads of a 39.7-megapixel PNG to a real `unicom serve`: every query is
+    answered, the server's memory stays within a few hundred MB of where it started (peak and after)."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    width, height = 7280, 5450  # 39.7 MP, under the 40 MP limit
+    tile = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(tile, (height // 8 + 1, width // 8 + 1, 1))[:height, :width]).save(buffer, "PNG")
+    data = buffer.getvalue()
+    assert len(data) < 10 * 2**20
+    port = free_port()
+    command = [sys.executable, "-m", "unicom", "serve", "--index", str(server["index"].path), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"unicom serve did not start:\n{process.stderr.read()}")
+                time.sleep(0.2)
+        warm = httpx.post(url + "/search", files={"image": ("q.jpg", server["images"][0].read_bytes())}, timeout=60)
+        assert warm.status_code == 200
+        baseline = peak = _rss_mb(process.pid)
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _rss_mb(process.pid))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        async def storm() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                uploads = [client.post("/search", files={"image": ("big.png", data, "image/png")}, data={"k": "3"})
+                           for _ in range(12)]
+                return [response.status_code for response in await asyncio.wait_for(asyncio.gather(*uploads), 240)]
+
+        try:
+            statuses = asyncio.run(storm())
+            time.sleep(0.5)
+        finally:
+            done.set()
+            watcher.join()
+        after = _rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    print(f"\nupload storm: RSS baseline {baseline:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB")
+    assert statuses == [200] * 12
+    # one decoded image is 119 MB; the server decodes at most 256 MB of pixels at a time
+    assert peak - baseline < 600, (baseline, peak)
+    assert after - baseline < 300, (baseline, after)

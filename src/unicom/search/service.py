@@ -65,6 +65,7 @@ IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BM
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
 MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
+TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory goes back to the system
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
 THUMBNAIL_SIZE = 256
 PATH_COLUMNS = ("image_path", "path")
@@ -467,15 +468,43 @@ def _probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tu
     return width, height, bands
 
 
-def _decode_for_model(data: bytes, name: str, prepare: "ModelInput"):
-    """Decode to RGB at the model's input size (JPEG draft mode, then the model's resize and crop)."""
+def _decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):
+    """Decode to RGB at about the model's input size (JPEG draft mode, then the model's resize)."""
     from unicom.data.transforms import DecodeError, decode_image
 
     try:
         image = decode_image(data, draft=prepare.draft)[0]
+        small = prepare(image)
     except DecodeError as error:
         raise _error(415, f"{name}: {error}") from None
-    return prepare(image)
+    finally:
+        image = None
+    if pixels >= TRIM_PIXELS:
+        _return_free_memory()
+    return small
+
+
+def _return_free_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A large image is decoded in blocks that the C allocator keeps once freed, spread over
+    the arenas of the threads that decoded; without this, a burst of large uploads leaves
+    the process gigabytes larger than it needs to be.
+    """
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 class ModelInput:
@@ -741,9 +770,9 @@ def create_app(
         if target.encoder is None:
             raise _error(503, 'this server has no model for image queries; send {"embedding": [...]} or {"like": id} instead')
         width, height, bands = _probe_image(data, name, max_upload_bytes, max_pixels)
-        held = await decoding.acquire(width * height * (bands + 3))  # the decoded image and its RGB copy
+        held = await decoding.acquire(width * height * (bands + (3 if bands != 3 else 0)))  # decoded, and as RGB
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(None, _decode_for_model, data, name, target.model_input)
+        job = loop.run_in_executor(None, _decode_for_model, data, name, target.model_input, width * height)
         # the budget is released when decoding ends, even if this request is cancelled before
         job.add_done_callback(lambda _: asyncio.ensure_future(decoding.release(held), loop=loop))
         return await job

@@ -253,3 +253,53 @@ def brute_force(embeddings: "np.ndarray", query: "np.ndarray", k: int) -> tuple[
     scores = x @ q
     ids = np.argsort(-scores, kind="stable")[:k]
     return scores[ids], ids
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the networking switches Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def browser_or_skip():
+    """Playwright's ``sync_playwright``, or a skip saying what is missing."""
+    import pytest
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
+    if not CHROMIUM.exists():
+        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
+    return sync_playwright
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread: ``with LiveServer(app) as url: ...``."""
+
+    def __init__(self, app, port: int | None = None):
+        self.app = app
+        self.port = port or free_port()
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -19,7 +19,7 @@ from unicom.search.index import Index
 from unicom.search.queries import near_duplicates, score_digits
 from unicom.search.service import create_app
 
-from support import class_image, encode_image, indexed_image_collection
+from support import indexed_image_collection
 
 
 def plane(angle_degrees: float, axis: int, dims: int = 8) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,50 +13,19 @@ import pytest
 
 from unicom.search.service import create_app
 
-from support import free_port, indexed_image_collection
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the networking switches Chromium keeps trying to reach Google's services.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
+from support import CHROMIUM, CHROMIUM_ARGS, LiveServer, browser_or_skip, free_port, indexed_image_collection
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     found = indexed_image_collection(tmp_path_factory.mktemp("live"))
     app = create_app(found["index"], found["encoder"], batch_size=16, max_wait_ms=5)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield {**found, "url": f"http://127.0.0.1:{port}", "app": app}
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
-    if not CHROMIUM.exists() and shutil.which("chromium") is None:
-        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
-    return sync_playwright, str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
+    with LiveServer(app) as url:
+        yield {**found, "url": url, "app": app}
 
 
 @pytest.mark.browser
 def test_the_page_shows_the_results_of_an_uploaded_image(server):
-    sync_playwright, executable = _browser_or_skip()
+    sync_playwright, executable = browser_or_skip(), str(CHROMIUM)
     query = server["images"][20]  # class_003/0002.jpg
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
@@ -89,7 +57,7 @@ def test_the_page_shows_the_results_of_an_uploaded_image(server):
 
 @pytest.mark.browser
 def test_the_page_shows_the_error_of_a_non_image(server, tmp_path):
-    sync_playwright, executable = _browser_or_skip()
+    sync_playwright, executable = browser_or_skip(), str(CHROMIUM)
     fake = tmp_path / "notes.jpg"
     fake.write_bytes(b"this is text")
     with sync_playwright() as playwright:

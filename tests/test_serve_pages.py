@@ -22,26 +22,22 @@ from PIL import Image
 from unicom.models.encoders import load_encoder
 from unicom.search.service import create_app
 
-from support import brute_force, free_port, open_clip_reference, stored_embeddings, tiny_open_clip, write_class_folder
+from support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LiveServer,
+    brute_force,
+    browser_or_skip,
+    free_port,
+    open_clip_reference,
+    stored_embeddings,
+    tiny_open_clip,
+    write_class_folder,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 REPOSITORY = Path(__file__).resolve().parents[1]
 CLIP_RETRIEVAL_VERSION = "2.45.0"
 CLIP_FRONT = REPOSITORY / ".cache" / "clip-retrieval-front" / CLIP_RETRIEVAL_VERSION
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
-    if not CHROMIUM.exists():
-        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
-    return sync_playwright
 
 
 def _wait_until(page, expression: str, timeout: float = 30.0) -> None:
@@ -52,20 +48,6 @@ def _wait_until(page, expression: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"still false after {timeout} s: {expression}")
         time.sleep(0.05)
-
-
-def _serve_in_thread(app, port: int):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    return server, thread
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +67,9 @@ def live(tmp_path_factory):
     index = Index.build(root / "emb", root / "index")
     front_port, port = free_port(), free_port()
     app = create_app({"photos": index}, load_encoder(spec), cors_origins=[f"http://127.0.0.1:{front_port}"])
-    server, thread = _serve_in_thread(app, port)
-    yield {"url": f"http://127.0.0.1:{port}", "front_port": front_port, "spec": spec, "images": images,
-           "stored": stored_embeddings(root / "emb"), "index": index}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(app, port) as url:
+        yield {"url": url, "front_port": front_port, "spec": spec, "images": images,
+               "stored": stored_embeddings(root / "emb"), "index": index}
 
 
 def _text_embedding(spec: str, text: str) -> np.ndarray:
@@ -116,7 +96,7 @@ def _only_loopback(page) -> list[str]:
 
 @pytest.mark.browser
 def test_our_page_searches_a_text_and_shows_more_like_a_result(live):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     text = "stripes on red"
     scores, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 5)
     with sync_playwright() as playwright:
@@ -149,7 +129,7 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live):
 
 @pytest.mark.browser
 def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     wide_id = len(live["images"]) - 1
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -190,7 +170,7 @@ def _clip_front_or_skip() -> Path:
 
 @pytest.mark.browser
 def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     front = _clip_front_or_skip()
     config = json.dumps({"defaultBackend": live["url"], "defaultIndex": "photos", "urlColumn": "url"}).encode()
 

@@ -166,16 +166,12 @@ class IndexHealth(BaseModel):
     text_search_reason: str | None = Field(description="why text queries are refused, when they are")
 
 
-class Health(BaseModel):
+class Health(IndexHealth):
+    """The first index's description, all the indexes, the limits and the query counters."""
+
     model_config = ConfigDict(extra="allow")
 
     status: str
-    count: int
-    dims: int
-    type: str
-    model: str | None
-    image_search: bool
-    text_search: bool
     indices: list[IndexHealth]
     default_k: int
     max_k: int
@@ -825,10 +821,9 @@ def create_app(
              "text_search": s.text_reason is None, "text_search_reason": s.text_reason}
             for s in served.values()
         ]
-        first = described[0]
         return {
             "status": "ok",
-            **{key: first[key] for key in ("count", "dims", "type", "model", "image_search", "text_search")},
+            **described[0],
             "indices": described,
             "default_k": default_k,
             "max_k": max_k,

@@ -208,3 +208,25 @@ def test_the_same_saved_weights_pass_and_other_weights_are_refused(clip, tmp_pat
     assert code == 2
     assert f"Query with the weights that embedded it (--model {clip['spec']})" in capsys.readouterr().err
     assert main(["search", "--index", str(clip["index"].path), "--text", "a red car", "-k", "1"]) == 0
+
+
+def test_an_index_of_a_unicom_vit_refuses_texts_naming_the_network(tmp_path):
+    from unicom.embed import embed_to_folder
+    from unicom.models.unicom_vit import ViTSettings
+    from unicom.search.index import Index
+
+    from support import random_unicom_vit, write_class_folder
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
+    checkpoint = tmp_path / "FP16-ViT-tiny.pt"
+    torch.save({k: v.half() for k, v in random_unicom_vit(settings).state_dict().items()}, checkpoint)
+    write_class_folder(tmp_path / "images", [0, 1], per_class=2, size=40)
+    embed_to_folder([str(tmp_path / "images")], tmp_path / "emb", str(checkpoint), num_workers=0, dtype="float32")
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    with TestClient(create_app(index, load_encoder(str(checkpoint)))) as client:
+        response = client.post("/search", json={"text": "a red car"})
+        assert response.status_code == 400
+        detail = response.json()["detail"]
+        assert str(checkpoint) in detail and "(its UnicomViT network embeds images only)" in detail
+        # its images are still answered
+        assert client.post("/search", json={"like": 0, "k": 2}).json()["results"][0]["id"] == 0

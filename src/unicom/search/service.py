@@ -636,7 +636,6 @@ class Search:
 
     served: Served
     k: int
-    answer: Callable[[np.ndarray, np.ndarray, "Search"], Any]
     image: Any = None
     text: str | None = None
     vector: np.ndarray | None = None
@@ -686,7 +685,9 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
 
 
 def run_searches(batch: list[Search]) -> list[Any]:
-    """Answer a batch of searches: one model call per model and kind, one index search per index."""
+    """(scores, ids) of each search of a batch, or its error: one model call per model and kind, one
+    index search per index. The results are turned into replies outside, so that reading
+    metadata and thumbnails never holds up the model."""
     vectors = _query_vectors(batch)
     answers: list[Any] = [None] * len(batch)
     by_index: dict[str, list[int]] = {}
@@ -699,11 +700,8 @@ def run_searches(batch: list[Search]) -> list[Any]:
         served = batch[positions[0]].served
         found = queries.search(served.index, np.stack([vectors[p] for p in positions]), [batch[p].k for p in positions],
                                deduplicate=[batch[p].deduplicate for p in positions], stored=served.stored)
-        for position, (scores, ids) in zip(positions, found):
-            try:
-                answers[position] = batch[position].answer(scores, ids, batch[position])
-            except (InputError, HTTPException) as error:
-                answers[position] = error
+        for position, result in zip(positions, found):
+            answers[position] = result
     return answers
 
 
@@ -835,8 +833,7 @@ def create_app(
 
     # ------------------------------------------------------------------ our search
 
-    def search_answer(scores: np.ndarray, ids: np.ndarray, search: Search) -> dict:
-        target = search.served
+    def search_answer(scores: np.ndarray, ids: np.ndarray, target: Served) -> dict:
         hits = target.index.hits(scores[None, :], ids[None, :])[0]
         for hit in hits:
             local = images.has_image(hit)
@@ -856,7 +853,7 @@ def create_app(
         return item_id
 
     async def build_search(target: Served, *, text, image_data, image_name, like, embedding, text_weight, k, deduplicate,
-                           answer) -> Search:
+                           ) -> Search:
         given = [name for name, value in (("image", image_data), ("like", like), ("embedding", embedding)) if value is not None]
         if len(given) > 1:
             raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
@@ -869,7 +866,7 @@ def create_app(
                 queries.require_text(target.encoder)
             except InputError as error:
                 raise _error(400, str(error)) from None
-        search = Search(target, k, answer, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate)
+        search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate)
         if embedding is not None:
             search.vector = _embedding_vector(embedding, target.index.dims)
         elif like is not None:
@@ -945,8 +942,9 @@ def create_app(
                 f"content type {content_type or 'none'} not accepted: send an image as multipart/form-data "
                 'field \'image\', or application/json {"text": "..."} or {"embedding": [numbers]}',
             )
-        item = await build_search(target, image_data=image_data, image_name=image_name, answer=search_answer, **values)
-        answer = await batcher.submit(item)
+        item = await build_search(target, image_data=image_data, image_name=image_name, **values)
+        scores, ids = await batcher.submit(item)
+        answer = await asyncio.to_thread(search_answer, scores, ids, target)
         return JSONResponse({**answer, "k": item.k, "index": target.name,
                              "took_ms": round((time.perf_counter() - start) * 1000, 2)})
 
@@ -995,18 +993,15 @@ def create_app(
                 pass  # a missing or unreadable file: no picture, as clip-retrieval does
         return meta
 
-    def knn_answer(num_images: int):
-        def answer(scores: np.ndarray, ids: np.ndarray, search: Search) -> list[dict]:
-            target = search.served
-            rows = target.index.metadata(ids[:num_images]) if num_images > 0 else []
-            results = []
-            for position, (score, item_id) in enumerate(zip(scores.tolist(), ids.tolist())):
-                result = knn_metadata(target, rows[position], item_id) if position < len(rows) else {}
-                result.update(id=item_id, similarity=score)
-                results.append(result)
-            return results
+    def knn_answer(scores: np.ndarray, ids: np.ndarray, target: Served, num_images: int) -> list[dict]:
+        rows = target.index.metadata(ids[:num_images]) if num_images > 0 else []
+        results = []
+        for position, (score, item_id) in enumerate(zip(scores.tolist(), ids.tolist())):
+            result = knn_metadata(target, rows[position], item_id) if position < len(rows) else {}
+            result.update(id=item_id, similarity=score)
+            results.append(result)
+        return results
 
-        return answer
 
     @app.post(
         "/knn-service",
@@ -1052,9 +1047,9 @@ def create_app(
             values["embedding"] = knn.embedding_input
         else:
             raise _error(400, "must fill one of text, image, image_url and embedding_input")
-        item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate,
-                                  answer=knn_answer(max(0, knn.num_images)), **values)
-        results = await batcher.submit(item)
+        item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate, **values)
+        scores, ids = await batcher.submit(item)
+        results = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
         headers = {UNSUPPORTED_HEADER: ", ".join(unsupported)} if unsupported else None
         return JSONResponse(results, headers=headers)
 

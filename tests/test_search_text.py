@@ -230,3 +230,16 @@ def test_an_index_of_a_unicom_vit_refuses_texts_naming_the_network(tmp_path):
         assert str(checkpoint) in detail and "(its UnicomViT network embeds images only)" in detail
         # its images are still answered
         assert client.post("/search", json={"like": 0, "k": 2}).json()["results"][0]["id"] == 0
+
+
+def test_resuming_an_embedding_with_other_weights_is_refused(tmp_path):
+    from unicom.embed import embed_to_folder
+
+    from support import tiny_open_clip, write_class_folder
+
+    spec = tiny_open_clip(tmp_path / "clip", weights=False)  # random weights, built anew by each run
+    write_class_folder(tmp_path / "images", [0, 1], per_class=4)
+    embed_to_folder([str(tmp_path / "images")], tmp_path / "emb", spec, rows_per_part=4, num_workers=0)
+    (tmp_path / "emb" / "metadata" / "metadata_1.parquet").unlink()  # as if the run had been killed
+    with pytest.raises(InputError, match=r"weights_sha256: '[0-9a-f]{64}' before, '[0-9a-f]{64}' now"):
+        embed_to_folder([str(tmp_path / "images")], tmp_path / "emb", spec, rows_per_part=4, num_workers=0)

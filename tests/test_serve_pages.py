@@ -154,6 +154,25 @@ def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live):
             browser.close()
 
 
+@pytest.mark.browser
+def test_the_api_docs_page_renders_offline(live):
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            blocked = _only_loopback(page)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(live["url"] + "/docs")
+            page.wait_for_selector(".opblock-summary-path >> text=/knn-service", timeout=30_000)
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert {"/search", "/knn-service", "/indices-list", "/metadata"} <= {path.strip() for path in paths}
+            assert errors == [] and blocked == []
+        finally:
+            browser.close()
+
+
 # --------------------------------------------------------------------------- clip-retrieval's front end
 
 

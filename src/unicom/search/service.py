@@ -1111,7 +1111,7 @@ def _sniff(head: bytes) -> str | None:
 
 
 def _mount_docs(app: FastAPI) -> None:
-    """``/docs``: Swagger UI over ``/openapi.json``, from the swagger-ui-bundle package (no CDN)."""
+    """``/docs``: Swagger UI over ``/openapi.json``, from the swagger-ui-bundle-v2 package (no CDN)."""
     from fastapi.openapi.docs import get_swagger_ui_html
 
     try:
@@ -1119,7 +1119,7 @@ def _mount_docs(app: FastAPI) -> None:
     except ImportError:  # the page then loads Swagger UI from its CDN
         swagger_ui_path = None
     if swagger_ui_path is not None:
-        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
         assets = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
                   "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
         policy = DOCS_POLICY

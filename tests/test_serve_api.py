@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from unicom.search.index import Index
-from unicom.search.service import QueryBatcher, create_app
+from unicom.search.batching import QueryBatcher
+from unicom.search.service import create_app
 
 from support import class_image, encode_image, indexed_image_collection, write_tar_shard
 

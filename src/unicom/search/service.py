@@ -23,405 +23,50 @@ cannot answer, such as a text for a model without a text tower), 404, 413 (too l
 or pixels), 415 (not a supported image, or not multipart/JSON), 503 (no model, or too many
 queries waiting).
 
-Uploaded images are decoded straight to the model's input (JPEG draft mode, then the
-model's own resize and crop) before they wait for a batch; decoding itself may hold at
-most ``max_decode_bytes`` of pixels at a time. Concurrent queries are batched: each waits
-at most ``max_wait_ms`` for others, then up to ``batch_size`` of them go through the model
-and the index together, in one worker thread.
+Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
+before they wait for a batch; decoding may hold at most ``max_decode_bytes`` of pixels at a
+time. Concurrent queries are batched (:mod:`unicom.search.batching`): each waits at most
+``max_wait_ms`` for others, then up to ``batch_size`` of them go through the model and the
+index together, in one worker thread. Images of items come from
+:mod:`unicom.search.item_images`; the request and reply models are in
+:mod:`unicom.search.schemas`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import io
 import json
-import re
-import tarfile
-import threading
 import time
 import urllib.parse
-import urllib.request
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from unicom.errors import InputError
-from unicom.search import queries
+from unicom.search import queries, uploads
+from unicom.search.batching import ByteBudget, QueryBatcher
 from unicom.search.index import Index
+from unicom.search.item_images import ItemImages
+from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
+from unicom.search.uploads import MAX_PIXELS, ModelInput
 
 STATIC = Path(__file__).parent / "static"
-IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
-MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
-MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
 MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
-TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory goes back to the system
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
-THUMBNAIL_SIZE = 256
-PATH_COLUMNS = ("image_path", "path")
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
 PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
 DOCS_POLICY = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' 'unsafe-inline'"
 
 
-# --------------------------------------------------------------------------- request and reply models
-
-
-class SearchRequest(BaseModel):
-    """The JSON body of ``POST /search`` (multipart forms take the same keys as fields)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = Field(None, description="a text, embedded by the model's text tower")
-    image: str | None = Field(None, description="an image file, base64-encoded")
-    like: int | None = Field(None, description="an item id: more like this item")
-    embedding: list[float] | None = Field(None, description="a query embedding (at least the index's dimensions)")
-    text_weight: float | None = Field(None, description="with a text and an image/item/embedding: the text's share, 0..1 "
-                                                        f"(default {queries.TEXT_WEIGHT})")
-    k: int | None = Field(None, description="number of results")
-    deduplicate: bool = Field(False, description="drop results that nearly repeat a better one")
-    index: str | None = Field(None, description="the index to search (default: the first)")
-
-
-class Hit(BaseModel):
-    """One result, with the item's metadata columns beside these."""
-
-    model_config = ConfigDict(extra="allow")
-
-    rank: int
-    id: int
-    score: float = Field(description="inner product of unit vectors (cosine similarity)")
-    thumbnail: str | None = Field(description="URL of a thumbnail, when the image is on this server")
-    link: str | None = Field(description="URL of the full image, or the item's own http(s) url")
-
-
-class SearchReply(BaseModel):
-    results: list[Hit]
-    k: int
-    index: str
-    score_digits: int = Field(description="decimals that tell the scores apart")
-    took_ms: float
-
-
-class KnnRequest(BaseModel):
-    """clip-retrieval's ``/knn-service`` request. The first of ``text``, ``image``/``image_url``,
-    ``embedding_input`` that is given is the query, as in clip-retrieval."""
-
-    model_config = ConfigDict(extra="allow")
-
-    text: str | None = None
-    image: str | None = Field(None, description="an image file, base64-encoded")
-    image_url: str | None = Field(None, description="an http(s) URL of an image (only when the server allows it)")
-    embedding_input: list[float] | None = None
-    modality: str = Field("image", description="the embeddings searched: 'image'")
-    num_images: int = Field(100, description="results that come with their metadata")
-    num_result_ids: int | None = Field(None, description="results searched (default: num_images)")
-    indice_name: str | None = Field(None, description="a name from /indices-list (default: the first)")
-    deduplicate: bool = False
-    use_mclip: bool = Field(False, description="unsupported: there is no multilingual text model; answered with the model's own")
-    use_safety_model: bool = Field(False, description="unsupported: there is no safety model; results are not filtered")
-    use_violence_detector: bool = Field(False, description="unsupported: there is no violence detector; results are not filtered")
-    aesthetic_score: int | str | None = Field(None, description="unsupported: there are no aesthetic embeddings")
-    aesthetic_weight: float | str | None = None
-
-
-class KnnResult(BaseModel):
-    """One result of ``/knn-service``: the item's metadata (the first ``num_images``), its
-    thumbnail as base64 JPEG in ``image`` when the image is on this server, ``id`` and ``similarity``."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: int
-    similarity: float
-
-
-class MetadataRequest(BaseModel):
-    ids: list[int]
-    indice_name: str | None = None
-
-
-class MetadataItem(BaseModel):
-    id: int
-    metadata: dict[str, Any]
-
-
-class IndexHealth(BaseModel):
-    name: str
-    count: int
-    dims: int
-    type: str
-    model: str | None
-    image_search: bool
-    text_search: bool
-    text_search_reason: str | None = Field(description="why text queries are refused, when they are")
-
-
-class Health(IndexHealth):
-    """The first index's description, all the indexes, the limits and the query counters."""
-
-    model_config = ConfigDict(extra="allow")
-
-    status: str
-    indices: list[IndexHealth]
-    default_k: int
-    max_k: int
-    max_upload_bytes: int
-    max_pixels: int
-    queries: int
-    batches: int
-
-
-# --------------------------------------------------------------------------- batching
-
-
-class QueryBatcher:
-    """Runs ``fn(items) -> results`` (one result per item) over batches of concurrent submissions.
-
-    The first waiting item opens a batch; items that arrive within ``max_wait`` seconds
-    join it, up to ``max_batch``. Batches run one at a time in a worker thread, so the event
-    loop keeps accepting requests (which form the next batch) while the model works. A
-    result that is an exception is raised to that item's caller only.
-    """
-
-    def __init__(self, fn: Callable[[list], list], max_batch: int = 32, max_wait: float = 0.01, max_pending: int = 1024):
-        self.fn = fn
-        self.max_batch = max(1, max_batch)
-        self.max_wait = max(0.0, max_wait)
-        self.max_pending = max_pending
-        self.queries = 0
-        self.batches = 0
-        self.largest_batch = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unicom-search")
-        self._queue: asyncio.Queue | None = None
-        self._arrived: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-
-    def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._queue = asyncio.Queue()
-            self._arrived = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def submit(self, item: Any) -> Any:
-        self._start()
-        if self._queue.qsize() >= self.max_pending:
-            raise HTTPException(503, f"{self._queue.qsize()} queries are waiting; try again shortly")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
-        self._arrived.set()
-        return await future
-
-    async def _collect(self) -> list:
-        loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
-            while not self._queue.empty() and len(batch) < self.max_batch:
-                batch.append(self._queue.get_nowait())
-            remaining = deadline - loop.time()
-            if len(batch) >= self.max_batch or remaining <= 0:
-                break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [(item, future) for item, future in await self._collect() if not future.cancelled()]
-            if not batch:
-                continue
-            self.batches += 1
-            self.queries += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            try:
-                results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
-            except Exception as error:  # the callers answer with it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class ByteBudget:
-    """At most ``limit`` bytes held at once by the holders (asyncio); a larger request waits
-    until it is alone, so one image over the budget is still decoded."""
-
-    def __init__(self, limit: int):
-        self.limit = max(1, int(limit))
-        self.used = 0
-        self.peak = 0
-        self._changed: asyncio.Condition | None = None
-
-    async def acquire(self, size: int) -> int:
-        size = min(max(0, int(size)), self.limit)
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used + size <= self.limit)
-            self.used += size
-            self.peak = max(self.peak, self.used)
-        return size
-
-    async def release(self, size: int) -> None:
-        async with self._changed:
-            self.used -= size
-            self._changed.notify_all()
-
-
-# --------------------------------------------------------------------------- indexed images
-
-
-class ShardImages:
-    """Image bytes of webdataset samples by (shard file name, key), read from the tars in ``root``.
-
-    The first read of a shard lists its image members once (kept for ``cache`` shards);
-    uncompressed tars are then read at the member's offset.
-    """
-
-    def __init__(self, root: str | Path, cache: int = 16):
-        self.root = Path(root)
-        self.cache = cache
-        self._members: OrderedDict[str, dict] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _list(self, path: Path) -> dict:
-        from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
-
-        members = {}
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                split = split_member_name(member.name) if member.isfile() else None
-                if split is not None and split[1] in IMAGE_EXTENSIONS:
-                    members.setdefault(split[0], (member.offset_data, member.size))
-        return members
-
-    def read(self, shard: str, key: str) -> bytes | None:
-        if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
-            return None
-        path = self.root / shard
-        with self._lock:
-            members = self._members.get(shard)
-            if members is None:
-                members = self._list(path)
-                self._members[shard] = members
-                if len(self._members) > self.cache:
-                    self._members.popitem(last=False)
-            else:
-                self._members.move_to_end(shard)
-        found = members.get(key)
-        if found is None:
-            return None
-        offset, size = found
-        if path.suffix == ".tar":
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        with tarfile.open(path, "r:*") as tar:  # compressed: decompress up to the member
-            for member in tar:
-                if member.offset_data == offset:
-                    return tar.extractfile(member).read()
-        return None
-
-
-class ItemImages:
-    """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
-
-    def __init__(self, image_root: str | Path | None, shards: str | Path | None, cache: int):
-        self.image_root = Path(image_root) if image_root is not None else Path.cwd()
-        self.shards = ShardImages(shards) if shards is not None else None
-        self.cache = cache
-        self._thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def file(self, row: dict) -> Path | None:
-        for column in PATH_COLUMNS:
-            value = row.get(column)
-            if isinstance(value, str) and value:
-                path = Path(value)
-                return path if path.is_absolute() else self.image_root / path
-        return None
-
-    def in_shard(self, row: dict) -> bool:
-        return self.shards is not None and isinstance(row.get("shard"), str) and isinstance(row.get("key"), str)
-
-    def has_image(self, row: dict) -> bool:
-        return self.file(row) is not None or self.in_shard(row)
-
-    def source(self, row: dict, item_id: int):
-        """A local path or the bytes of item ``item_id``'s image; 404 when there is none."""
-        path = self.file(row)
-        if path is not None:
-            return path
-        if self.in_shard(row):
-            try:
-                data = self.shards.read(row["shard"], row["key"])
-            except (OSError, tarfile.TarError):
-                data = None
-            if data is None:
-                raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
-            return data
-        raise _error(404, f"item {item_id} has no local image in the index metadata")
-
-    def thumbnail(self, name: str, row: dict, item_id: int) -> bytes:
-        """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached)."""
-        from PIL import Image
-
-        with self._lock:
-            cached = self._thumbnails.get((name, item_id))
-            if cached is not None:
-                self._thumbnails.move_to_end((name, item_id))
-                return cached
-        source = self.source(row, item_id)
-        try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                image = image.convert("RGB")
-                image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=85)
-        except FileNotFoundError:
-            raise _error(404, f"the image file of item {item_id} is missing") from None
-        except Exception:  # a damaged file: Pillow raises several types
-            raise _error(404, f"the image file of item {item_id} cannot be read") from None
-        data = buffer.getvalue()
-        with self._lock:
-            self._thumbnails[(name, item_id)] = data
-            if len(self._thumbnails) > self.cache:
-                self._thumbnails.popitem(last=False)
-        return data
-
-
-# --------------------------------------------------------------------------- uploads
+# --------------------------------------------------------------------------- requests
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -440,113 +85,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _error(413, f"request body is larger than the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tuple[int, int, int]:
-    """(width, height, bands) from the image header, answering 413/415 for oversized or unsupported files."""
-    from PIL import Image
-
-    if len(data) > max_upload:
-        raise _error(413, f"{name}: {len(data)} bytes, larger than the limit of {max_upload} bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            kind, (width, height), bands = probe.format, probe.size, len(probe.getbands())
-    except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
-        found = re.search(r"\((\d+) pixels\)", str(error))
-        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise _error(413, f"{name}: {size}, more than the limit of {max_pixels:,} pixels") from None
-    except Exception:  # Pillow raises several types for data it cannot identify
-        raise _error(415, f"{name}: not an image; upload a {', '.join(IMAGE_FORMATS.values())} file") from None
-    if kind not in IMAGE_FORMATS:
-        raise _error(415, f"{name}: {kind} images are not accepted; upload a {', '.join(IMAGE_FORMATS.values())} file")
-    if width * height > max_pixels:
-        raise _error(413, f"{name}: {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} pixels")
-    return width, height, bands
-
-
-def _decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):
-    """Decode to RGB at about the model's input size (JPEG draft mode, then the model's resize)."""
-    from unicom.data.transforms import DecodeError, decode_image
-
-    try:
-        image = decode_image(data, draft=prepare.draft)[0]
-        small = prepare(image)
-    except DecodeError as error:
-        raise _error(415, f"{name}: {error}") from None
-    finally:
-        image = None
-    if pixels >= TRIM_PIXELS:
-        _return_free_memory()
-    return small
-
-
-def _return_free_memory() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    A large image is decoded in blocks that the C allocator keeps once freed, spread over
-    the arenas of the threads that decoded; without this, a burst of large uploads leaves
-    the process gigabytes larger than it needs to be.
-    """
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-
-
-class ModelInput:
-    """The leading resize of a model's transform, run where an upload is decoded, so that a
-    query waits for its batch at about the model's input size. The transform resizes again
-    to the same size, which is a copy: the model sees the pixels it would have seen."""
-
-    def __init__(self, transform: Callable):
-        from torchvision import transforms as T
-
-        from unicom.data.transforms import draft_size
-
-        steps = getattr(transform, "transforms", [transform])
-        self.resize = steps[0] if steps and isinstance(steps[0], T.Resize) else None
-        self.draft = draft_size(transform)
-
-    def __call__(self, image):
-        return image if self.resize is None else self.resize(image)
-
-
-def _decode_base64(text: str, name: str) -> bytes:
-    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
-        text = text.partition(",")[2]
-    try:
-        data = base64.b64decode(text, validate=False)
-    except (binascii.Error, ValueError):
-        raise _error(400, f"{name}: not valid base64") from None
-    if not data:
-        raise _error(400, f"{name}: empty")
-    return data
-
-
-def _fetch_url(url: str, limit: int) -> bytes:
-    """GET an http(s) URL (at most ``limit`` bytes, 10 s)."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise _error(400, f"image_url: only http and https URLs are fetched, got {url!r}")
-    request = urllib.request.Request(url, headers={"User-Agent": "unicom-serve"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            data = response.read(limit + 1)
-    except Exception as error:  # urllib raises many types: refused, timeouts, HTTP errors
-        raise _error(400, f"image_url: {url} could not be fetched ({error})") from None
-    if len(data) > limit:
-        raise _error(413, f"image_url: {url} is larger than the limit of {limit} bytes")
-    return data
 
 
 def _parse_k(value: Any, default: int, max_k: int, name: str = "k") -> int:
@@ -763,10 +301,10 @@ def create_app(
     async def decode_upload(data: bytes, name: str, target: Served):
         if target.encoder is None:
             raise _error(503, 'this server has no model for image queries; send {"embedding": [...]} or {"like": id} instead')
-        width, height, bands = _probe_image(data, name, max_upload_bytes, max_pixels)
+        width, height, bands = uploads.probe_image(data, name, max_upload_bytes, max_pixels)
         held = await decoding.acquire(width * height * (bands + (3 if bands != 3 else 0)))  # decoded, and as RGB
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(None, _decode_for_model, data, name, target.model_input, width * height)
+        job = loop.run_in_executor(None, uploads.decode_for_model, data, name, target.model_input, width * height)
         # the budget is released when decoding ends, even if this request is cancelled before
         job.add_done_callback(lambda _: asyncio.ensure_future(decoding.release(held), loop=loop))
         return await job
@@ -930,7 +468,7 @@ def create_app(
             except ValidationError as error:
                 raise _error(400, _validation_message(error)) from None
             target = pick(request_model.index or request.query_params.get("index"))
-            image_data = None if request_model.image is None else _decode_base64(request_model.image, "image")
+            image_data = None if request_model.image is None else uploads.decode_base64(request_model.image, "image")
             image_name = "image"
             values = dict(text=request_model.text, like=None if request_model.like is None else _parse_id(request_model.like, target),
                           embedding=request_model.embedding, text_weight=request_model.text_weight,
@@ -974,12 +512,12 @@ def create_app(
                     head = f.read(64)
             except OSError:
                 raise _error(404, f"the image file of item {item_id} is missing") from None
-        kind = _sniff(data if data is not None else head)
+        kind = uploads.sniff(data if data is not None else head)
         if kind is None:
             raise _error(404, f"the image file of item {item_id} is not an image")
         if data is not None:
-            return Response(data, media_type=MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
-        return FileResponse(source, media_type=MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
+            return Response(data, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(source, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 
@@ -1036,12 +574,12 @@ def create_app(
         if knn.text:
             values["text"] = knn.text
         elif knn.image:
-            values["image_data"] = _decode_base64(knn.image, "image")
+            values["image_data"] = uploads.decode_base64(knn.image, "image")
         elif knn.image_url:
             if not allow_image_urls:
                 raise _error(400, "image_url: this server does not fetch URLs; send the image itself as base64 in "
                                   "'image' (or start the server with --allow-image-urls)")
-            values["image_data"] = await asyncio.to_thread(_fetch_url, knn.image_url, max_upload_bytes)
+            values["image_data"] = await asyncio.to_thread(uploads.fetch_url, knn.image_url, max_upload_bytes)
             values["image_name"] = knn.image_url
         elif knn.embedding_input is not None:
             values["embedding"] = knn.embedding_input
@@ -1092,22 +630,6 @@ def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
         return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"')[0]
     except InputError as error:
         raise _error(400, str(error)) from None
-
-
-def _sniff(head: bytes) -> str | None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(head)) as probe:
-            return probe.format if probe.format in MEDIA_TYPES else None
-    except Exception:  # a header Pillow cannot read from the first bytes alone
-        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
-        for signature, kind in signatures.items():
-            if head.startswith(signature):
-                return kind
-        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-            return "WEBP"
-        return None
 
 
 def _mount_docs(app: FastAPI) -> None:

@@ -51,6 +51,29 @@ def _wait_until(page, expression: str, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the tests of this module."""
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium):
+    """A fresh page whose requests may only go to 127.0.0.1; ``page.blocked`` lists those it
+    tried elsewhere (aborted) and ``page.errors`` its JavaScript errors."""
+    context = chromium.new_context()
+    page = context.new_page()
+    page.blocked = _only_loopback(page)
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """`unicom serve`'s app over a tiny CLIP's index of 24 class images and one wide image."""
     from unicom.embed import embed_to_folder
@@ -95,82 +118,58 @@ def _only_loopback(page) -> list[str]:
 
 
 @pytest.mark.browser
-def test_our_page_searches_a_text_and_shows_more_like_a_result(live):
-    sync_playwright = browser_or_skip()
+def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
     text = "stripes on red"
     scores, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 5)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            blocked = _only_loopback(page)
-            page.goto(live["url"] + "/")
-            _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
-            page.fill("#k", "5")
-            page.fill("#text", text)
-            page.press("#text", "Enter")
-            page.wait_for_selector("#results .result >> nth=4", timeout=30_000)
-            cards = page.locator("#results .result")
-            assert [int(cards.nth(i).get_attribute("data-id")) for i in range(5)] == ids.tolist()
-            shown = [cards.nth(i).locator(".score").inner_text() for i in range(5)]
-            assert [float(value) for value in shown] == pytest.approx(scores.tolist(), abs=1e-3)
-            assert len(set(shown)) == len(set(scores.tolist()))  # as many decimals as tell them apart
-            # "more like this" on the third result: that item comes first, with score 1
-            third = int(cards.nth(2).get_attribute("data-id"))
-            page.fill("#text", "")
-            cards.nth(2).locator(".like").click()
-            _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
-            assert float(page.locator("#results .result .score").first.inner_text()) == pytest.approx(1.0, abs=1e-3)
-            assert page.locator("#source-text").inner_text().startswith("More like ")
-            assert blocked == []
-        finally:
-            browser.close()
+    page.goto(live["url"] + "/")
+    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    page.fill("#k", "5")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=4", timeout=30_000)
+    cards = page.locator("#results .result")
+    assert [int(cards.nth(i).get_attribute("data-id")) for i in range(5)] == ids.tolist()
+    shown = [cards.nth(i).locator(".score").inner_text() for i in range(5)]
+    assert [float(value) for value in shown] == pytest.approx(scores.tolist(), abs=1e-3)
+    assert len(set(shown)) == len(set(scores.tolist()))  # as many decimals as tell them apart
+    # "more like this" on the third result: that item comes first, with score 1
+    third = int(cards.nth(2).get_attribute("data-id"))
+    page.fill("#text", "")
+    cards.nth(2).locator(".like").click()
+    _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
+    assert float(page.locator("#results .result .score").first.inner_text()) == pytest.approx(1.0, abs=1e-3)
+    assert page.locator("#source-text").inner_text().startswith("More like ")
+    assert page.blocked == []
 
 
 @pytest.mark.browser
-def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live):
-    sync_playwright = browser_or_skip()
+def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
     wide_id = len(live["images"]) - 1
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto(live["url"] + "/")
-            _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
-            page.fill("#k", "1")
-            page.set_input_files("#file", str(live["images"][wide_id]))
-            page.wait_for_selector(f"#results .result[data-id='{wide_id}'] img", timeout=30_000)
-            card = page.locator("#results .result").first
-            _wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
-            box = card.locator(".thumb").bounding_box()
-            geometry = card.locator("img").evaluate(
-                "img => ({fit: getComputedStyle(img).objectFit, w: img.naturalWidth, h: img.naturalHeight})")
-            # the whole 4:1 image is shown in the square, not a cropped part of it
-            assert geometry["fit"] == "contain" and geometry["w"] / geometry["h"] == pytest.approx(4.0, rel=0.02)
-            assert box["width"] == pytest.approx(box["height"], rel=0.02)
-            assert card.locator(".thumb").get_attribute("href") == f"/image/{wide_id}"
-            page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "unicom-page-wide.png"))
-        finally:
-            browser.close()
+    page.goto(live["url"] + "/")
+    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    page.fill("#k", "1")
+    page.set_input_files("#file", str(live["images"][wide_id]))
+    page.wait_for_selector(f"#results .result[data-id='{wide_id}'] img", timeout=30_000)
+    card = page.locator("#results .result").first
+    _wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
+    box = card.locator(".thumb").bounding_box()
+    geometry = card.locator("img").evaluate(
+        "img => ({fit: getComputedStyle(img).objectFit, w: img.naturalWidth, h: img.naturalHeight})")
+    # the whole 4:1 image is shown in the square, not a cropped part of it
+    assert geometry["fit"] == "contain" and geometry["w"] / geometry["h"] == pytest.approx(4.0, rel=0.02)
+    assert box["width"] == pytest.approx(box["height"], rel=0.02)
+    assert card.locator(".thumb").get_attribute("href") == f"/image/{wide_id}"
+    page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "unicom-page-wide.png"))
+    assert page.errors == [] and page.blocked == []
 
 
 @pytest.mark.browser
-def test_the_api_docs_page_renders_offline(live):
-    sync_playwright = browser_or_skip()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            blocked = _only_loopback(page)
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(live["url"] + "/docs")
-            page.wait_for_selector(".opblock-summary-path >> text=/knn-service", timeout=30_000)
-            paths = page.locator(".opblock-summary-path").all_inner_texts()
-            assert {"/search", "/knn-service", "/indices-list", "/metadata"} <= {path.strip() for path in paths}
-            assert errors == [] and blocked == []
-        finally:
-            browser.close()
+def test_the_api_docs_page_renders_offline(live, page):
+    page.goto(live["url"] + "/docs")
+    page.wait_for_selector(".opblock-summary-path >> text=/knn-service", timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/search", "/knn-service", "/indices-list", "/metadata"} <= {path.strip() for path in paths}
+    assert page.errors == [] and page.blocked == []
 
 
 # --------------------------------------------------------------------------- clip-retrieval's front end
@@ -188,8 +187,7 @@ def _clip_front_or_skip() -> Path:
 
 
 @pytest.mark.browser
-def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live):
-    sync_playwright = browser_or_skip()
+def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
     front = _clip_front_or_skip()
     config = json.dumps({"defaultBackend": live["url"], "defaultIndex": "photos", "urlColumn": "url"}).encode()
 
@@ -223,35 +221,26 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live):
     with http.server.ThreadingHTTPServer(("127.0.0.1", live["front_port"]), FrontHandler) as static:
         threading.Thread(target=static.serve_forever, daemon=True).start()
         try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-                try:
-                    page = browser.new_page()
-                    blocked = _only_loopback(page)
-                    errors: list[str] = []
-                    page.on("pageerror", lambda error: errors.append(str(error)))
-                    page.goto(f"http://127.0.0.1:{live['front_port']}/?back={live['url']}&index=photos")
-                    page.wait_for_selector("clip-front >> #searchBar", timeout=30_000)
-                    assert page.locator("clip-front >> select").first.locator("option").all_inner_texts() == ["photos"]
-                    page.fill("clip-front >> #searchBar", text)
-                    page.press("clip-front >> #searchBar", "Enter")
-                    page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
-                    _wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
-                    # near duplicates hidden (the front end's default): in ranking order, none repeats another
-                    unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
-                    assert 1 < len(unique) < len(ranking)
-                    assert unique == [item for item in ranking.tolist() if item in unique]
-                    similarities = unit[unique] @ unit[unique].T
-                    assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
-                    # with duplicates shown, every item in the brute-force order
-                    page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
-                    _wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
-                    everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
-                    assert everything == ranking.tolist()
-                    page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))
-                    assert errors == [] and blocked == []
-                finally:
-                    browser.close()
+            page.goto(f"http://127.0.0.1:{live['front_port']}/?back={live['url']}&index=photos")
+            page.wait_for_selector("clip-front >> #searchBar", timeout=30_000)
+            assert page.locator("clip-front >> select").first.locator("option").all_inner_texts() == ["photos"]
+            page.fill("clip-front >> #searchBar", text)
+            page.press("clip-front >> #searchBar", "Enter")
+            page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
+            _wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
+            # near duplicates hidden (the front end's default): in ranking order, none repeats another
+            unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
+            assert 1 < len(unique) < len(ranking)
+            assert unique == [item for item in ranking.tolist() if item in unique]
+            similarities = unit[unique] @ unit[unique].T
+            assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
+            # with duplicates shown, every item in the brute-force order
+            page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
+            _wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
+            everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
+            assert everything == ranking.tolist()
+            page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))
+            assert page.errors == [] and page.blocked == []
         finally:
             static.shutdown()
 

@@ -36,6 +36,7 @@ from unicom.engine.device import autocast, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
+    WEIGHTS_CHECKSUM,
     failures_path,
     part_complete,
     read_config,
@@ -86,20 +87,25 @@ def _normalized(embeddings: torch.Tensor) -> np.ndarray:
     return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
 
 
-def _encode_images(encoder: Encoder, stream: BatchStream, batch: Batch, device: torch.device, precision: str) -> np.ndarray | None:
+def _encode_images(encoder: Encoder, stream: BatchStream, batch: Batch, device: torch.device, precision: str,
+                   normalize: bool = True) -> np.ndarray | None:
     """The batch's image embeddings; its images are made model input on ``device`` first
     (decoded there, or normalised there), which may move samples to its failures."""
     with torch.inference_mode():
         images = stream.model_input(batch, device)
         if images is None or len(images) == 0:
             return None
-        return _encode_model_input(encoder, images, device, precision)
+        return _encode_model_input(encoder, images, device, precision, normalize)
 
 
-def _encode_model_input(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
-    """Float model input (B, 3, H, W) on ``device`` -> L2-normalised float32 embeddings."""
-    with torch.inference_mode(), autocast(device, resolve_precision(precision, device, training=False)):
-        return _normalized(encoder.encode_image(images))
+def _encode_model_input(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str,
+                        normalize: bool = True) -> np.ndarray:
+    """Float model input (B, 3, H, W) on ``device`` -> float32 embeddings, L2-normalised
+    unless ``normalize=False`` (the encoder's features as they are)."""
+    with torch.inference_mode():
+        with autocast(device, resolve_precision(precision, device, training=False)):
+            features = encoder.encode_image(images)
+        return _normalized(features) if normalize else features.float().cpu().numpy()
 
 
 def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
@@ -149,9 +155,11 @@ def embed_images(
     num_workers: int | None = None,
     draft: bool = False,
     precision: str = "auto",
+    normalize: bool = True,
     decode: str = "auto",
 ) -> np.ndarray:
-    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised, in order.
+    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised (unless
+    ``normalize=False``), in order.
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
@@ -175,7 +183,7 @@ def embed_images(
     )
     out: np.ndarray | None = None
     for batch in _loader(stream, workers, device):
-        embeddings = _encode_images(encoder, stream, batch, device, precision) if batch.indices else None
+        embeddings = _encode_images(encoder, stream, batch, device, precision, normalize) if batch.indices else None
         if batch.failures:
             failure = batch.failures[0]
             more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
@@ -330,7 +338,9 @@ def _check_config(out: Path, config: dict) -> bool:
     previous = read_config(out)
     if previous is None:
         return False
-    different = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+    # folders written before the weights digest was recorded are compared without it
+    different = {k: (previous.get(k), v) for k, v in config.items()
+                 if previous.get(k) != v and (k in previous or k != WEIGHTS_CHECKSUM)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
         raise InputError(
@@ -366,6 +376,7 @@ def embed_parts(
     draft: bool = False,
     precision: str = "auto",
     config: dict | None = None,
+    normalize: bool = True,
     decode: str = "auto",
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
@@ -373,7 +384,8 @@ def embed_parts(
     Parts whose files are all present are skipped. Under ``torch.distributed`` the
     remaining parts are dealt round-robin over the ranks; the returned summary is this
     rank's (``parts``/``skipped`` are global). ``config`` (model, weights, modalities,
-    dtype) is stored in ``out/embed_config.json`` and must match on a rerun.
+    dtype) is stored in ``out/embed_config.json`` and must match on a rerun. ``normalize=False``
+    stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     """
     out = Path(out)
     modalities = _checked_modalities(modalities)
@@ -385,7 +397,7 @@ def embed_parts(
     if len(set(numbers)) != len(numbers):
         raise InputError("two inputs map to the same output part number; give distinct shard numbers")
     config = dict(config or {"model": encoder.name})
-    config.update(modalities=list(modalities), dtype=dtype)
+    config.update({"modalities": list(modalities), "dtype": dtype, WEIGHTS_CHECKSUM: encoder.weights_sha256()})
     had_config = _check_config(out, config)
 
     kinds = list(modalities) + ["metadata"]
@@ -398,12 +410,13 @@ def embed_parts(
         write_config(out, config)
     mine = pending[rank::world]
     if mine:
-        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, decode)
+        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,
+                        decode)
     return summary
 
 
 def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
-                    decode="auto") -> None:
+                    normalize=True, decode="auto") -> None:
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
     device = _device_of(encoder)
     workers = default_num_workers(device) if num_workers is None else num_workers
@@ -439,7 +452,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
             if pending is None:
                 pending = collecting[batch.part] = _PendingPart(by_number[batch.part], slices[batch.part])
             if batch.indices:
-                image = _encode_images(encoder, stream, batch, device, precision) if "image" in modalities else None
+                image = _encode_images(encoder, stream, batch, device, precision, normalize) if "image" in modalities else None
                 if batch.indices:  # unless no decoder could read any of its JPEGs
                     text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
                     pending.add(batch, image, text)

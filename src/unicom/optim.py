@@ -33,18 +33,22 @@ class SparseAdamW(Optimizer):
         betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator for numerical stability.
         weight_decay: decoupled weight decay (the parameter is multiplied by 1 − lr·wd).
+        decoupled_weight_decay: False adds ``weight_decay · param`` to the gradient instead
+            (L2 regularisation, ``torch.optim.Adam``'s ``weight_decay``), still row by row.
     """
 
     _step_supports_amp_scaling = True  # takes grad_scale and found_inf (torch.amp.GradScaler's protocol)
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decoupled_weight_decay: bool = True):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas {betas}")
         if eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid eps {eps} or weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay))
 
     def _state_for(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -77,6 +81,7 @@ class SparseAdamW(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            decoupled = group.get("decoupled_weight_decay", True)
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -93,7 +98,8 @@ class SparseAdamW(Optimizer):
                     steps = state["step"].index_select(0, rows)
                     state["common_step"] = None
                     values = _unscaled(values, grad_scale)
-                    steps = _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay, apply)
+                    steps = _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay,
+                                          decoupled, apply)
                     param.index_copy_(0, rows, p_rows)
                     state["exp_avg"].index_copy_(0, rows, m_rows)
                     state["exp_avg_sq"].index_copy_(0, rows, v_rows)
@@ -104,10 +110,12 @@ class SparseAdamW(Optimizer):
                     view = (lambda t: t.view(1)) if param.dim() == 0 else (lambda t: t)
                     tensors = (view(param), view(state["exp_avg"]), view(state["exp_avg_sq"]), view(_unscaled(grad, grad_scale)))
                     if state["common_step"] is not None:
-                        state["common_step"] = _adamw_update(*tensors, state["common_step"], lr, beta1, beta2, eps, weight_decay)
+                        state["common_step"] = _adamw_update(*tensors, state["common_step"], lr, beta1, beta2, eps,
+                                                             weight_decay, decoupled)
                         state["step"] += 1
                     else:
-                        state["step"] = _adamw_update(*tensors, state["step"], lr, beta1, beta2, eps, weight_decay, apply)
+                        state["step"] = _adamw_update(*tensors, state["step"], lr, beta1, beta2, eps, weight_decay,
+                                                      decoupled, apply)
         return loss
 
 
@@ -130,19 +138,28 @@ def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.indices()[0], grad.values()
 
 
-def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay, apply=None):
-    """In-place AdamW on rows; returns the step counts after it.
+def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay,
+                  decoupled: bool = True, apply=None):
+    """In-place AdamW (or, not ``decoupled``, Adam with L2) on rows; returns the step
+    counts after it.
 
     ``steps`` is the step count before this one: an int shared by all rows (then the
     update is applied), or a (rows,) int64 tensor with each row's own count. ``apply``:
     None, or a bool device scalar; False leaves every tensor unchanged (the arithmetic
     runs with neutral factors, so nothing is read on the host).
 
-    The order of operations follows ``torch.optim.AdamW``'s single-tensor path.
+    The order of operations follows ``torch.optim.AdamW``'s (``Adam``'s) single-tensor path.
     """
+    if not decoupled and weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    if apply is not None:
+        # a skipped step multiplies by 1, adds 0 and counts nothing; its gradient (maybe
+        # NaN, the reason for the skip) is replaced by 0 so that 0 · NaN cannot appear
+        grad = torch.where(apply, grad, 0.0)
     if isinstance(steps, int):
         steps += 1
-        param.mul_(1 - lr * weight_decay)
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**steps
@@ -153,17 +170,16 @@ def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps
     shape = (-1,) + (1,) * (param.dim() - 1)
     if apply is None:
         steps = steps + 1
-        param.mul_(1 - lr * weight_decay)
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = None
     else:
-        # a skipped step multiplies by 1, adds 0 and counts nothing; its gradient (maybe
-        # NaN, the reason for the skip) is replaced by 0 so that 0 · NaN cannot appear
         steps = steps + apply.long()
-        grad = torch.where(apply, grad, 0.0)
         one = torch.ones((), dtype=param.dtype, device=param.device)
-        param.mul_(torch.where(apply, one * (1 - lr * weight_decay), one))
+        if decoupled:
+            param.mul_(torch.where(apply, one * (1 - lr * weight_decay), one))
         exp_avg.lerp_(grad, torch.where(apply, one * (1 - beta1), 0.0))
         exp_avg_sq.mul_(torch.where(apply, one * beta2, one)).addcmul_(grad, grad, value=1 - beta2)
         step_size = torch.where(apply, lr, 0.0)

@@ -55,7 +55,9 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         size = image.size
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft)
-        image = image.convert("RGB")  # forces the full decode: truncated data fails here
+        image.load()  # the full decode: truncated data fails here
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except FileNotFoundError as error:
         raise DecodeError(f"file not found: {error.filename}") from error
     except Image.UnidentifiedImageError as error:
@@ -148,8 +150,8 @@ def jpeg_size(data) -> tuple[int, int] | None:
 
 
 def encoded_bytes(image) -> bytes | None:
-    """The encoded bytes of a sample's image (bytes as given, or a file read), or None for a
-    decoded (PIL) image. Raises :class:`DecodeError` for a file that cannot be read."""
+    """The encoded bytes of a sample's image (bytes as given, a file or URL read), or None for
+    a decoded (PIL) image. Raises :class:`DecodeError` for a file that cannot be read."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):

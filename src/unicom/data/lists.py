@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -49,8 +50,10 @@ class ImageList:
 def read_image_folder(root: str | os.PathLike) -> ImageList:
     """``root/<class>/<image>``: classes are the sub-folder names in sorted order.
 
-    Keys are the paths relative to ``root`` (``"cat/001.jpg"``).
+    Keys are the paths relative to ``root`` (``"cat/001.jpg"``); ``root`` may be a URL.
     """
+    if storage.is_url(root):
+        return _read_remote_image_folder(storage.text(root).rstrip("/"))
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
@@ -69,6 +72,28 @@ def read_image_folder(root: str | os.PathLike) -> ImageList:
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, [d.name for d in class_dirs])
 
 
+def _read_remote_image_folder(root: str) -> ImageList:
+    """:func:`read_image_folder` of a URL: one recursive listing; image paths are URLs."""
+    if not storage.is_dir(root):
+        raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
+    by_class: dict[str, list[str]] = {}
+    for entry in storage.find_files(root):
+        relative = storage.text(entry)[len(root) + 1:]
+        if "/" not in relative or relative.startswith(".") or Path(relative).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        by_class.setdefault(relative.split("/", 1)[0], []).append(relative)
+    if not by_class:
+        raise InputError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)}) under it")
+    class_names = sorted(by_class)
+    paths, keys, labels = [], [], []
+    for label, name in enumerate(class_names):
+        for relative in sorted(by_class[name]):
+            paths.append(f"{root}/{relative}")
+            keys.append(relative)
+            labels.append(label)
+    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, class_names)
+
+
 def read_table(
     path: str | os.PathLike,
     *,
@@ -81,7 +106,7 @@ def read_table(
     """A CSV or parquet list of images, one row each.
 
     ``path_column`` is required; relative paths are resolved against ``root`` (default: the
-    table's folder). Label and caption columns are used when present; labels that are not
+    table's folder). The table, its root and the image paths may be URLs. Label and caption columns are used when present; labels that are not
     integers are mapped to 0..C-1 in sorted order of their values (``class_names``). Keys
     come from ``key_column`` when present, else from the path as written.
     """
@@ -89,21 +114,24 @@ def read_table(
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.is_file():
+    remote = storage.is_url(path)
+    path = storage.text(path) if remote else Path(path)
+    parquet = str(path).lower().endswith(".parquet")
+    if not storage.is_file(path):
         raise InputError(f"{path}: file not found (expected a CSV or parquet list with a {path_column!r} column)")
     try:
-        table: pa.Table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+        source = storage.readable(path)
+        table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(source)
     except (pa.ArrowInvalid, OSError) as error:
-        raise InputError(f"{path}: cannot be read as {'parquet' if path.suffix == '.parquet' else 'CSV'} ({error})") from error
+        raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     if path_column not in table.column_names:
         raise InputError(f"{path}: no {path_column!r} column; columns are {table.column_names}")
-    base = Path(root) if root is not None else path.parent
+    base = root if root is not None else (path.rsplit("/", 1)[0] if remote else path.parent)
     raw_paths = [str(p) for p in table.column(path_column).to_pylist()]
     for row, value in enumerate(raw_paths):
         if value in ("", "None"):
             raise InputError(f"{path}: row {row + 1} has an empty {path_column!r}")
-    paths = [p if os.path.isabs(p) else str(base / p) for p in raw_paths]
+    paths = [p if os.path.isabs(p) or storage.is_url(p) else _resolve(base, p) for p in raw_paths]
     keys = raw_paths
     if key_column and key_column in table.column_names:
         keys = [str(k) for k in table.column(key_column).to_pylist()]
@@ -123,3 +151,10 @@ def read_table(
     if caption_column and caption_column in table.column_names:
         captions = ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
     return ImageList(paths, keys, labels, captions, class_names)
+
+
+def _resolve(base, relative: str) -> str:
+    """``relative`` (a path in a list) under ``base`` (a folder or a URL)."""
+    if storage.is_url(base):
+        return f"{storage.text(base).rstrip('/')}/{relative}"
+    return str(Path(base) / relative)

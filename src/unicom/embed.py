@@ -495,14 +495,6 @@ def _weights_for_config(pretrained: str | None) -> str | None:
     return pretrained
 
 
-def _model_for_config(name: str) -> str:
-    """A model given as a local folder or file is recorded by its absolute path, so the
-    record (``unicom search``'s default model) means the same from any working folder."""
-    if not storage.is_url(name) and os.path.exists(name):
-        return os.path.abspath(name)
-    return name
-
-
 def embed_to_folder(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -526,7 +518,8 @@ def embed_to_folder(
     """
     modalities = _checked_modalities(modalities)
     parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
-    name = _model_for_config(model if isinstance(model, str) else model.name)
+    # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
+    name = storage.recorded(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if _check_config(out, check):

@@ -113,6 +113,15 @@ def absolute(location) -> str:
     return os.path.abspath(os.fspath(_local(location)))
 
 
+def recorded(value):
+    """What a configuration record keeps of ``value``: a local file or folder that exists
+    by its absolute path (the record then means the same from any working folder), any
+    other value (a URL, a model name, None) as it is."""
+    if isinstance(value, (str, os.PathLike)) and not is_url(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
 def _local(location) -> Path:
     raw = os.fspath(location)
     return Path(raw[len("file://"):] if raw.startswith("file://") else raw)
@@ -137,8 +146,18 @@ def configure(options: str | dict | None) -> None:
     os.environ[OPTIONS_ENV] = json.dumps(options)
 
 
+# filesystems that would otherwise keep listings: other processes write the same folders
+_FRESH_LISTINGS = ("s3", "s3a", "gs", "gcs", "http", "https")
+
+
 def options_for(scheme: str) -> dict:
-    """The storage options for URLs of ``scheme`` (see :func:`configure`)."""
+    """The storage options for URLs of ``scheme`` (see :func:`configure`); listings are
+    not cached (``use_listings_cache=False``) unless the options say otherwise."""
+    defaults = {"use_listings_cache": False} if scheme in _FRESH_LISTINGS else {}
+    return {**defaults, **_given_options(scheme)}
+
+
+def _given_options(scheme: str) -> dict:
     raw = os.environ.get(OPTIONS_ENV)
     if not raw:
         return {}
@@ -209,6 +228,23 @@ def join(base, *names: str):
     return result
 
 
+def parent(location):
+    """The folder holding ``location``: a ``Path``, or a URL string."""
+    if is_url(location):
+        return text(location).rstrip("/").rsplit("/", 1)[0]
+    return _local(location).parent
+
+
+def resolve(base, written: str) -> str:
+    """A path as written in a list, resolved against the folder ``base`` (a path or URL):
+    absolute paths and URLs are kept as they are."""
+    if os.path.isabs(written) or is_url(written):
+        return written
+    if is_url(base):
+        return f"{text(base).rstrip('/')}/{written}"
+    return str(Path(base) / written)
+
+
 def writable(location) -> None:
     """An :class:`InputError` when ``location`` cannot be written (http(s), pipe:)."""
     scheme = protocol(location)
@@ -263,9 +299,14 @@ def transient(error: BaseException) -> bool:
     return any(cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__[:-2])
 
 
-def describe(error: BaseException) -> str:
-    """A one-line reason for a failure report: the error's type and message."""
+def describe(error: BaseException, location=None) -> str:
+    """A one-line reason for a failure report: the error's type and message (without
+    the location, which the report names already)."""
+    if isinstance(error, FileNotFoundError):
+        return "not found (HTTP 404)" if protocol(location) in READ_ONLY else "not found"
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if location is not None:
+        message = message.replace(text(location), "").strip(" :")
     name = type(error).__name__
     return f"{name}: {message}" if message else name
 
@@ -281,7 +322,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
                 raise
             if attempt == policy.attempts:
-                raise FetchError(text(location), describe(error), attempt) from error
+                raise FetchError(text(location), describe(error, location), attempt) from error
             time.sleep(policy.wait(attempt))
     raise AssertionError("unreachable")
 
@@ -656,7 +697,7 @@ class _ResumingStream(io.RawIOBase):
                     handle = None
                     failures += 1
                     if not transient(error) or failures >= self.policy.attempts:
-                        reason = describe(error)
+                        reason = describe(error, self.location)
                         if offset:
                             reason += f" (after {offset} bytes)"
                         self._put(FetchError(text(self.location), reason, failures))
@@ -798,10 +839,10 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY.match(name) is not None
 
 
-def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None) -> Path:
+def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
     """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
     folder (default ``$UNICOM_CACHE`` or ``~/.cache/unicom``, under ``remote/``) and
-    fetched again only when their size changed. Returns the local folder."""
+    fetched again when their size changed (``refresh``: always). Returns the local folder."""
     import hashlib
 
     root = Path(cache or os.environ.get("UNICOM_CACHE") or Path.home() / ".cache" / "unicom") / "remote"
@@ -809,10 +850,10 @@ def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = 
     local.mkdir(parents=True, exist_ok=True)
     (local / "SOURCE").write_text(text(folder) + "\n")
     base = path(folder)
+    refresh = set(refresh)
     for name in names:
         source, target = base / name, local / name
-        expected = size(source)
-        if target.is_file() and target.stat().st_size == expected:
+        if name not in refresh and target.is_file() and target.stat().st_size == size(source):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -850,6 +891,8 @@ __all__ = [
     "load_npy",
     "make_folder",
     "open_stream",
+    "parent",
+    "resolve",
     "options_for",
     "path",
     "protocol",
@@ -857,6 +900,7 @@ __all__ = [
     "read_range",
     "read_text",
     "readable",
+    "recorded",
     "remove",
     "remove_tree",
     "retries",

@@ -126,12 +126,12 @@ def read_table(
         raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     if path_column not in table.column_names:
         raise InputError(f"{path}: no {path_column!r} column; columns are {table.column_names}")
-    base = root if root is not None else (path.rsplit("/", 1)[0] if remote else path.parent)
+    base = root if root is not None else storage.parent(path)
     raw_paths = [str(p) for p in table.column(path_column).to_pylist()]
     for row, value in enumerate(raw_paths):
         if value in ("", "None"):
             raise InputError(f"{path}: row {row + 1} has an empty {path_column!r}")
-    paths = [p if os.path.isabs(p) or storage.is_url(p) else _resolve(base, p) for p in raw_paths]
+    paths = [storage.resolve(base, p) for p in raw_paths]
     keys = raw_paths
     if key_column and key_column in table.column_names:
         keys = [str(k) for k in table.column(key_column).to_pylist()]
@@ -151,10 +151,3 @@ def read_table(
     if caption_column and caption_column in table.column_names:
         captions = ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
     return ImageList(paths, keys, labels, captions, class_names)
-
-
-def _resolve(base, relative: str) -> str:
-    """``relative`` (a path in a list) under ``base`` (a folder or a URL)."""
-    if storage.is_url(base):
-        return f"{storage.text(base).rstrip('/')}/{relative}"
-    return str(Path(base) / relative)

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.data.lists import ImageList
 from unicom.errors import InputError
 
@@ -126,16 +127,18 @@ def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if not path.is_file():
+    parquet = storage.name(path).lower().endswith(".parquet")
+    if not storage.is_file(path):
         raise InputError(f"{path}: file not found (expected a CSV or parquet list of dataset, path, class rows)")
     try:
-        if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
+        if parquet:
+            table = pq.read_table(storage.readable(path))
         else:
             names = [c for c in columns.values() if c]
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+            table = pacsv.read_csv(storage.readable(path),
+                                   convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
     except (pa.ArrowInvalid, OSError) as error:
-        raise InputError(f"{path}: cannot be read as {'parquet' if path.suffix == '.parquet' else 'CSV'} ({error})") from error
+        raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     found = {}
     for role, name in columns.items():
         if name is None or name not in table.column_names:
@@ -186,16 +189,16 @@ def read_domain_lists(
     classes_of: dict[str, set[str]] = {}
     rows: list[tuple[str, str, str, str, int]] = []  # dataset, path as written, resolved path, class, source
     for source, name in enumerate(lists):
-        path = Path(name)
+        path = storage.text(name) if storage.is_url(name) else Path(name)
         found = _read_columns(path, {"dataset": dataset_column, "path": path_column, "class": class_column})
-        base = Path(root) if root is not None else path.parent
-        dataset_values = found["dataset"] or [path.stem] * len(found["path"])
+        base = root if root is not None else storage.parent(path)
+        dataset_values = found["dataset"] or [Path(storage.name(path)).stem] * len(found["path"])
         for dataset, written, value in zip(dataset_values, found["path"], found["class"]):
             if dataset not in classes_of:
                 datasets.append(dataset)
                 classes_of[dataset] = set()
             classes_of[dataset].add(value)
-            resolved = written if os.path.isabs(written) else str(base / written)
+            resolved = storage.resolve(base, written)
             rows.append((dataset, written, resolved, value, source))
     if not rows:
         raise InputError(f"{', '.join(str(n) for n in lists)}: no rows")

@@ -27,15 +27,32 @@ from support import free_port
 
 
 class S3:
-    """moto's S3 server on 127.0.0.1 (a thread of this process)."""
+    """moto's S3 server on 127.0.0.1: a thread of this process, or its own process
+    (``process=True``, so that it does not share this process's interpreter lock)."""
 
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
+    def __init__(self, process: bool = False):
         self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        if process:
+            import subprocess
+            import sys
+
+            self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+        else:
+            from moto.server import ThreadedMotoServer
+
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self.server.start()
         self.env = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -72,7 +89,11 @@ class S3:
         return f"s3://{bucket}/{prefix}"
 
     def stop(self) -> None:
-        self.server.stop()
+        if hasattr(self.server, "terminate"):
+            self.server.terminate()
+            self.server.wait()
+        else:
+            self.server.stop()
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, open_parts
+from unicom.data.sources import ItemsPart, open_parts, read_in_turn
 from unicom.data.transforms import draft_size
 from unicom.engine.device import autocast, resolve_precision
 from unicom.errors import InputError
@@ -414,6 +414,8 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
     device = _device_of(encoder)
     workers = default_num_workers(device) if num_workers is None else num_workers
+    if workers == 0:  # one reader takes the parts in order: each remote shard downloads during the one before
+        parts = read_in_turn(parts)
     units = plan_units(parts, workers)
     slices = {unit.part.number: unit.slices for unit in units}
     transform = encoder.image_transform if "image" in modalities else None
@@ -472,6 +474,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     finally:
         bar.close()
         torch.set_num_threads(threads)
+        storage.drop_prefetched()
     summary.seconds = time.perf_counter() - start
 
 

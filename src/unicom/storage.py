@@ -47,6 +47,7 @@ DELAY_ENV = "UNICOM_IO_RETRY_DELAY"
 # protocol -> (package, extra) for the backends that are not installed with fsspec
 BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 READ_ONLY = ("http", "https")
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
 CHUNK = 1 << 20  # bytes per read of a stream
 READ_AHEAD = 32 << 20  # bytes a stream downloads ahead of its reader
 # the name of a temporary file beside its destination: tempfile.mkstemp's, and ours remotely
@@ -137,13 +138,20 @@ def configure(options: str | dict | None) -> None:
     if options is None:
         return
     if isinstance(options, str):
-        try:
-            options = json.loads(options)
-        except ValueError as error:
-            raise InputError(f"--storage-options {options!r}: not valid JSON ({error})") from error
+        options = _parsed_options(options, "--storage-options")
     if not isinstance(options, dict):
         raise InputError(f"--storage-options: expected a JSON object, got {type(options).__name__}")
     os.environ[OPTIONS_ENV] = json.dumps(options)
+
+
+def _parsed_options(raw: str, where: str) -> dict:
+    try:
+        options = json.loads(raw)
+    except ValueError as error:
+        raise InputError(f"{where} {raw!r}: not valid JSON ({error})") from error
+    if not isinstance(options, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(options).__name__}")
+    return options
 
 
 # filesystems that would otherwise keep listings: other processes write the same folders
@@ -161,12 +169,7 @@ def _given_options(scheme: str) -> dict:
     raw = os.environ.get(OPTIONS_ENV)
     if not raw:
         return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as error:
-        raise InputError(f"{OPTIONS_ENV}={raw!r}: not valid JSON ({error})") from error
-    if not isinstance(options, dict):
-        raise InputError(f"{OPTIONS_ENV}: expected a JSON object, got {type(options).__name__}")
+    options = _parsed_options(raw, OPTIONS_ENV)
     if options and all(isinstance(value, dict) and _known_protocol(key) for key, value in options.items()):
         return dict(options.get(scheme, {}))
     return dict(options)
@@ -330,26 +333,25 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
 # --------------------------------------------------------------------------- reading
 
 
-def exists(location) -> bool:
+def _ask(location, question: str) -> bool:
+    """``exists``, ``is_file`` or ``is_dir`` of ``location``: pathlib's for a local path,
+    the filesystem's (retried) for a URL."""
     if not is_url(location):
-        return _local(location).exists()
-    target = path(location)
-    return retrying(location, target.exists)
+        return getattr(_local(location), question)()
+    return retrying(location, getattr(path(location), question))
+
+
+def exists(location) -> bool:
+    return _ask(location, "exists")
 
 
 def is_file(location) -> bool:
-    if not is_url(location):
-        return _local(location).is_file()
-    target = path(location)
-    return retrying(location, target.is_file)
+    return _ask(location, "is_file")
 
 
 def is_dir(location) -> bool:
     """A folder (locally), or a prefix with objects under it (object stores)."""
-    if not is_url(location):
-        return _local(location).is_dir()
-    target = path(location)
-    return retrying(location, target.is_dir)
+    return _ask(location, "is_dir")
 
 
 def read_bytes(location) -> bytes:
@@ -571,16 +573,37 @@ def readable(location):
 # --------------------------------------------------------------------------- streams
 
 
+_PREFETCHED: dict[str, Any] = {}  # URL -> a stream opened ahead of its reader (this process)
+
+
+def prefetch(location) -> None:
+    """Start downloading ``location`` now, for the :func:`open_stream` call that will read
+    it next (the next shard while this one is decoded); nothing for a local file."""
+    if location is None or not is_url(location) or text(location) in _PREFETCHED:
+        return
+    _PREFETCHED[text(location)] = open_stream(location)
+
+
+def drop_prefetched() -> None:
+    """Close the streams that were prefetched but never read (their threads stop)."""
+    while _PREFETCHED:
+        _PREFETCHED.popitem()[1].close()
+
+
 def open_stream(location, *, read_ahead: int = READ_AHEAD):
     """A binary file object that reads ``location`` front to back.
 
     A local file is opened as it is. A URL is downloaded by a thread up to ``read_ahead``
     bytes ahead of the reader (a shard is decoded while it downloads) and is resumed at the
     byte it stopped at after a transient failure; ``pipe:COMMAND`` runs the command and
-    reads its output. A failure that outlasts the retries is a :class:`FetchError`.
+    reads its output. A failure that outlasts the retries is a :class:`FetchError`. A
+    stream started by :func:`prefetch` is handed over as it is.
     """
     if not is_url(location):
         return open(_local(location), "rb")
+    early = _PREFETCHED.pop(text(location), None)
+    if early is not None:
+        return early
     if is_pipe(location):
         raw = _ResumingStream(location, _pipe_opener(text(location)[len(PIPE):]), read_ahead)
     else:
@@ -769,7 +792,11 @@ def upload_atomic(local_file: str | os.PathLike, destination) -> None:
     temporary = target.parent / temporary_name(target.name, suffix)
     try:
         retrying(destination, lambda: fs.put_file(os.fspath(local_file), temporary.path))
-        retrying(destination, lambda: fs.mv(temporary.path, target.path))
+        if protocol(destination) in _OBJECT_STORES:  # no rename: a server-side copy, then the delete
+            retrying(destination, lambda: fs.cp_file(temporary.path, target.path))
+            retrying(destination, lambda: fs.rm_file(temporary.path), missing_is_final=True)
+        else:
+            retrying(destination, lambda: fs.mv(temporary.path, target.path))
     except BaseException:
         try:
             fs.rm_file(temporary.path)
@@ -895,6 +922,8 @@ __all__ = [
     "resolve",
     "options_for",
     "path",
+    "prefetch",
+    "drop_prefetched",
     "protocol",
     "read_bytes",
     "read_range",

@@ -11,7 +11,7 @@ A part yields :class:`Record` s: what to decode plus the metadata columns of its
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -43,10 +43,12 @@ class Record:
 @dataclass(frozen=True)
 class ShardPart:
     """A webdataset tar shard: a local ``Path`` or a URL. Metadata columns: ``url`` (from
-    the json) and ``shard``."""
+    the json) and ``shard``. ``following``: the shard the same reader reads next, whose
+    download starts when this one starts (remote shards)."""
 
     number: int
     path: Path | str
+    following: Path | str | None = None
     columns = (("url", "string"), ("shard", "string"))
     has_captions = True
     size = None  # samples: unknown until the tar is read
@@ -59,7 +61,9 @@ class ShardPart:
         """Records in tar order; raises :class:`ShardReadError` after the last one of a damaged
         (or, remotely, unfetchable) tar."""
         shard = shard_name(self.path)
-        for index, sample in enumerate(read_tar_samples(self.path)):
+        samples = read_tar_samples(self.path)
+        storage.prefetch(self.following)
+        for index, sample in enumerate(samples):
             info = sample.json()
             caption = sample.caption()
             if caption is None and isinstance(info.get("caption"), str):
@@ -125,6 +129,13 @@ class ItemsPart:
     def records(self) -> Iterator[Record]:
         for index, item in enumerate(self.items):
             yield Record(index, str(index), item)
+
+
+def read_in_turn(parts: Sequence[Any]) -> list[Any]:
+    """``parts`` for one reader that reads them in this order: each remote shard names
+    the next one, which then downloads while it is decoded (see :attr:`ShardPart.following`)."""
+    return [replace(part, following=after.path) if isinstance(part, ShardPart) and isinstance(after, ShardPart) else part
+            for part, after in zip(parts, [*parts[1:], None])]
 
 
 def list_parts(images: ImageList, rows_per_part: int, source: str) -> list[ListPart]:
@@ -212,4 +223,5 @@ def open_parts(
     return [ShardPart(part_number(shard_name(p)), p) for p in shards]
 
 
-__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "ShardReadError", "open_parts", "list_parts", "read_flat_folder"]
+__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
+           "read_in_turn"]

@@ -55,6 +55,7 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^./]*)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C:// is a drive
 
 T = TypeVar("T")
+_RANDOM = random.SystemRandom()  # jitter and temporary names: never the global generator that seeded runs use
 
 
 class FetchError(OSError):
@@ -274,7 +275,7 @@ class Retries:
     max_delay: float = 30.0
 
     def wait(self, failures: int) -> float:
-        return min(self.max_delay, self.delay * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
+        return min(self.max_delay, self.delay * 2 ** (failures - 1)) * _RANDOM.uniform(0.8, 1.2)
 
 
 def retries() -> Retries:
@@ -436,6 +437,18 @@ def find_files(folder) -> list[Any]:
     prefix = base.path.rstrip("/") + "/"
     found = retrying(folder, lambda: base.fs.find(base.path))
     return [base / name[len(prefix):] for name in sorted(found) if name.startswith(prefix)]
+
+
+def gather(call: Callable[[Any], T], locations: Iterable[Any], threads: int = 16) -> list[T]:
+    """``[call(location) for location in locations]``, in order; for URLs the calls run in
+    ``threads`` threads so that their requests overlap (the first error, in order, is raised)."""
+    locations = list(locations)
+    if len(locations) < 2 or not any(is_url(location) for location in locations):
+        return [call(location) for location in locations]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(locations)), thread_name_prefix="unicom-gather") as pool:
+        return list(pool.map(call, locations))
 
 
 def braces(pattern: str) -> list[str]:
@@ -776,7 +789,7 @@ def _close_quietly(handle) -> None:
 def temporary_name(name: str, suffix: str = "") -> str:
     """A temporary name beside ``name``: ``.{name}.{8 random characters}.tmp{suffix}``,
     the pattern of ``tempfile.mkstemp`` that :func:`sweep_temporaries` recognises."""
-    token = "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789_", k=8))
+    token = "".join(_RANDOM.choices("abcdefghijklmnopqrstuvwxyz0123456789_", k=8))
     return f".{name}.{token}.tmp{suffix}"
 
 
@@ -905,6 +918,7 @@ __all__ = [
     "exists",
     "filesystem",
     "find_files",
+    "gather",
     "glob",
     "has_magic",
     "is_dir",

@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unicom.data.shards import ShardReadError
-from unicom.storage import FetchError
 from unicom.data.transforms import DecodeError, SplitTransform, decode_image
+from unicom.storage import FetchError
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,12 @@ def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     return array
 
 
+def _shape_and_dtype(path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of a part's embeddings, from the file's header (checked as :func:`_load_npy`)."""
+    array = _load_npy(path)
+    return tuple(array.shape), array.dtype
+
+
 def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
@@ -309,27 +315,31 @@ class EmbeddingFolders:
             if not allow_unfinished:
                 raise InputError(f"{what}; let `unicom embed` finish them (it resumes where it stopped), or remove their files")
             logger.warning("%s; they are left out", what)
+        # the headers and row counts of every file (at a URL, many requests at once)
+        shapes = storage.gather(_shape_and_dtype, [listing[kind][n] for n in complete for kind in embeddings])
+        shapes = {(n, kind): shapes[i * len(embeddings) + j] for i, n in enumerate(complete) for j, kind in enumerate(embeddings)}
+        metadata_rows = dict(zip(complete, storage.gather(
+            lambda path: _parquet_file(path).metadata.num_rows, [listing["metadata"][n] for n in complete]))) if with_metadata else {}
         parts, dimensions, dtypes, first = [], {}, {}, {}
         for number in complete:
             counts = {}
             for kind in embeddings:
                 path = listing[kind][number]
-                array = _load_npy(path)
-                if array.dtype.kind != "f":
-                    raise InputError(f"{path}: dtype {array.dtype} is not a float type; expected float16 or float32 embeddings")
-                dimension = int(array.shape[1])
+                shape, dtype = shapes[number, kind]
+                if dtype.kind != "f":
+                    raise InputError(f"{path}: dtype {dtype} is not a float type; expected float16 or float32 embeddings")
+                dimension = int(shape[1])
                 first.setdefault(kind, path)
                 dimensions.setdefault(kind, dimension)
-                dtypes.setdefault(kind, str(array.dtype))
+                dtypes.setdefault(kind, str(dtype))
                 if dimension != dimensions[kind]:
                     raise InputError(
                         f"{path}: dimension {dimension}, but {first[kind]} has {dimensions[kind]}; "
                         "every part must come from the same model"
                     )
-                counts[kind] = int(array.shape[0])
-                del array
+                counts[kind] = int(shape[0])
             if with_metadata:
-                counts["metadata"] = _parquet_file(listing["metadata"][number]).metadata.num_rows
+                counts["metadata"] = metadata_rows[number]
             if len(set(counts.values())) > 1:
                 sizes = ", ".join(f"{listing[kind][number].name} has {rows}" for kind, rows in counts.items())
                 raise InputError(

@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter true,$(CI)),--run-slow,)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --run-slow
+	$(PY) -m pytest -q --run-slow --run-heavy
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

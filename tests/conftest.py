@@ -1,4 +1,9 @@
-"""Shared test options: ``--run-slow`` enables tests marked ``slow``."""
+"""Shared test options.
+
+``--run-slow`` enables tests marked ``slow`` (minutes; CI runs them). ``--run-heavy``
+enables tests marked ``heavy``: full-size models with random weights, several minutes and
+gigabytes of disk each, for a machine with room to spare (``make test-all``).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,25 @@ import os
 
 import pytest
 
+OPTIONS = {
+    "slow": ("--run-slow", "UNICOM_SLOW_TESTS", "run with --run-slow (CI does) or UNICOM_SLOW_TESTS=1"),
+    "heavy": ("--run-heavy", "UNICOM_HEAVY_TESTS", "full-size models: run with --run-heavy (make test-all) or UNICOM_HEAVY_TESTS=1"),
+}
+
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+    for marker, (option, _, _) in OPTIONS.items():
+        parser.addoption(option, action="store_true", default=False, help=f"also run tests marked {marker}")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow") or os.environ.get("UNICOM_SLOW_TESTS") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow (CI does) or UNICOM_SLOW_TESTS=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    for marker, (option, variable, how) in OPTIONS.items():
+        if config.getoption(option) or os.environ.get(variable) == "1":
+            continue
+        skip = pytest.mark.skip(reason=f"{marker}: {how}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

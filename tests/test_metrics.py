@@ -42,7 +42,49 @@ def test_hand_computed_leave_one_out_with_ties_a_duplicate_and_a_lone_query():
     assert result["r_precision"] == pytest.approx(2.5 / 5)
     # mAP@100 per query: 1/3, (1/2 + 2/4)/2, same, 1, same
     assert result["map@100"] == pytest.approx((1 / 3 + 0.5 + 0.5 + 1 + 0.5) / 5)
-    assert result["mmp@5"] == pytest.approx(1.0)
+    # mMP@5 per query: only the first min(R, 5) ranks count: 0, 1/2, 1/2, 1, 1/2
+    assert result["mmp@5"] == pytest.approx((0 + 0.5 + 0.5 + 1 + 0.5) / 5)
+
+
+def published_mmp_at_5(ranked_relevance: list[list[int]], relevant_counts: list[int]) -> float:
+    """The challenge's formula, written out: (1/Q) sum_q (1/min(n_q,5)) sum_{j=1}^{min(n_q,5)} rel_q(j)."""
+    total = 0.0
+    for rel, n in zip(ranked_relevance, relevant_counts):
+        cut = min(n, 5)
+        total += sum(rel[j] for j in range(cut)) / cut
+    return total / len(ranked_relevance)
+
+
+def test_mmp_at_5_counts_only_the_first_min_n_5_results():
+    # gallery item i ranks (i+1)-th for a query at 0 degrees
+    gallery = at_angles([10 * i for i in range(9)])
+    queries = at_angles([0, 0, 0, 0])
+    relevant = [
+        [2, 3],              # n=2 found at ranks 3 and 4: outside the first 2, scores 0 (not 1)
+        [0, 4],              # n=2 at ranks 1 and 5: only rank 1 counts, 1/2
+        [0, 1, 2, 3, 5, 6, 7],  # n=7 > 5: the precision at 5 (4 of the first 5)
+        [8],                 # n=1 at rank 9: 0
+    ]
+    result = retrieval_metrics_from_relevance(queries, gallery, relevant, ks=(1,), per_query=True)
+    ranked = [[int(i in items) for i in range(9)] for items in relevant]
+    expected = published_mmp_at_5(ranked, [len(items) for items in relevant])
+    assert expected == pytest.approx((0 + 0.5 + 0.8 + 0) / 4)
+    assert result["mmp@5"] == pytest.approx(expected)
+    assert result["per_query"]["mmp@5"].tolist() == pytest.approx([0.0, 0.5, 0.8, 0.0])
+
+
+def test_mmp_at_5_with_labels_matches_the_published_formula_on_a_full_ranking():
+    x, labels = clustered(400, 16, 60, 2.0, seed=8)
+    query, gallery = x[:100], x[100:]
+    scores = query.astype(np.float64) @ gallery.T.astype(np.float64)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    rel = labels[100:][order] == labels[:100, None]
+    counts = rel.sum(1)
+    keep = counts > 0
+    expected = published_mmp_at_5(rel[keep].astype(int).tolist(), counts[keep].tolist())
+    ours = retrieval_metrics(query, labels[:100], gallery, labels[100:], ks=(1,))
+    assert 0.05 < expected < 0.95
+    assert ours["mmp@5"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_own_row_is_removed_by_index_not_by_rank():
@@ -152,7 +194,7 @@ def brute_force(x, labels, ks):
         per["map@r"].append((precision * rel)[:r].sum() / r)
         per["r_precision"].append(rel[:r].sum() / r)
         per["map@100"].append((precision * rel)[:100].sum() / min(r, 100))
-        per["mmp@5"].append(rel[:5].sum() / min(r, 5))
+        per["mmp@5"].append(rel[: min(r, 5)].sum() / min(r, 5))
         per["first"].append(int(np.argmax(rel)) + 1)
     result = {f"recall@{k}": float(np.mean(np.asarray(per["first"]) <= k)) for k in ks}
     result.update({key: float(np.mean(values)) for key, values in per.items() if key != "first"})

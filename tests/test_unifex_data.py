@@ -50,8 +50,19 @@ def test_repeated_rows_keep_unique_keys(tmp_path):
 
 def test_a_missing_column_names_the_file_and_the_key(tmp_path):
     listing = write(tmp_path / "l.csv", "dataset,image,class\nd,a.jpg,1\n")
-    with pytest.raises(InputError, match=r"l\.csv: no 'path' column .*data\.path_column="):
+    with pytest.raises(InputError, match=r"l\.csv: no path column \('path' or 'img_path'.*data\.path_column="):
         read_domain_lists(listing)
+
+
+def test_every_missing_column_is_named_at_once(tmp_path):
+    listing = write(tmp_path / "l.csv", "image,category\na.jpg,1\n")
+    with pytest.raises(InputError) as caught:
+        read_domain_lists(listing)
+    message = str(caught.value)
+    assert "no path column" in message and "no class column ('class' or 'label'" in message
+    assert "['image', 'category']" in message
+    with pytest.raises(InputError, match=r"no class column \('kind'; set data\.class_column=\)"):
+        read_domain_lists(write(tmp_path / "m.csv", "path,label\na.jpg,1\n"), class_column="kind")
 
 
 def test_an_empty_class_names_its_row(tmp_path):

@@ -89,14 +89,17 @@ def _normalized(embeddings: torch.Tensor) -> np.ndarray:
     return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
 
 
-def _encode_images(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str, prepare=None) -> np.ndarray:
-    """``prepare``: the device half of the transform (uint8 pixels -> model input), if any."""
+def _encode_images(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str, prepare=None,
+                   normalize: bool = True) -> np.ndarray:
+    """``prepare``: the device half of the transform (uint8 pixels -> model input), if any;
+    ``normalize=False`` keeps the encoder's features as they are (float32)."""
     with torch.inference_mode():
         images = images.to(device, non_blocking=True)
         if prepare is not None:
             images = prepare(images)
         with autocast(device, resolve_precision(precision, device, training=False)):
-            return _normalized(encoder.encode_image(images))
+            features = encoder.encode_image(images)
+        return _normalized(features) if normalize else features.float().cpu().numpy()
 
 
 def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
@@ -146,8 +149,10 @@ def embed_images(
     num_workers: int | None = None,
     draft: bool = False,
     precision: str = "auto",
+    normalize: bool = True,
 ) -> np.ndarray:
-    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised, in order.
+    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised (unless
+    ``normalize=False``), in order.
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
@@ -175,7 +180,7 @@ def embed_images(
             raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
         if not batch.indices:
             continue
-        embeddings = _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device)
+        embeddings = _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device, normalize)
         if out is None:
             out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
         out[batch.indices] = embeddings
@@ -371,13 +376,15 @@ def embed_parts(
     draft: bool = False,
     precision: str = "auto",
     config: dict | None = None,
+    normalize: bool = True,
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
 
     Parts whose files are all present are skipped. Under ``torch.distributed`` the
     remaining parts are dealt round-robin over the ranks; the returned summary is this
     rank's (``parts``/``skipped`` are global). ``config`` (model, weights, modalities,
-    dtype) is stored in ``out/embed_config.json`` and must match on a rerun.
+    dtype) is stored in ``out/embed_config.json`` and must match on a rerun. ``normalize=False``
+    stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     """
     out = storage.path(out)
     storage.writable(out)
@@ -406,11 +413,12 @@ def embed_parts(
         write_config(out, config)
     mine = pending[rank::world]
     if mine:
-        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision)
+        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize)
     return summary
 
 
-def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision) -> None:
+def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
+                    normalize=True) -> None:
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
     device = _device_of(encoder)
     workers = default_num_workers(device) if num_workers is None else num_workers
@@ -448,7 +456,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 pending = collecting[batch.part] = _PendingPart(by_number[batch.part], slices[batch.part])
             if batch.indices:
                 image = (
-                    _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device)
+                    _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device, normalize)
                     if "image" in modalities else None
                 )
                 text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None

@@ -27,16 +27,20 @@ class SparseAdamW(Optimizer):
         betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator for numerical stability.
         weight_decay: decoupled weight decay (the parameter is multiplied by 1 − lr·wd).
+        decoupled_weight_decay: False adds ``weight_decay · param`` to the gradient instead
+            (L2 regularisation, ``torch.optim.Adam``'s ``weight_decay``), still row by row.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decoupled_weight_decay: bool = True):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas {betas}")
         if eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid eps {eps} or weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay))
 
     def _state_for(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -67,6 +71,7 @@ class SparseAdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            decoupled = group.get("decoupled_weight_decay", True)
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -81,7 +86,7 @@ class SparseAdamW(Optimizer):
                     v_rows = state["exp_avg_sq"].index_select(0, rows)
                     steps = state["step"].index_select(0, rows) + 1
                     state["common_step"] = None
-                    _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay)
+                    _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay, decoupled)
                     param.index_copy_(0, rows, p_rows)
                     state["exp_avg"].index_copy_(0, rows, m_rows)
                     state["exp_avg_sq"].index_copy_(0, rows, v_rows)
@@ -94,7 +99,7 @@ class SparseAdamW(Optimizer):
                     _adamw_update(
                         view(param), view(state["exp_avg"]), view(state["exp_avg_sq"]), view(grad),
                         state["common_step"] if state["common_step"] is not None else state["step"],
-                        lr, beta1, beta2, eps, weight_decay,
+                        lr, beta1, beta2, eps, weight_decay, decoupled,
                     )
         return loss
 
@@ -113,13 +118,17 @@ def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.indices()[0], grad.values()
 
 
-def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay) -> None:
-    """In-place AdamW on rows. ``steps`` is the step count after this one: an int shared by
-    all rows, or a (rows,) tensor with each row's own count.
+def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay,
+                  decoupled: bool = True) -> None:
+    """In-place AdamW (or, not ``decoupled``, Adam with L2) on rows. ``steps`` is the step
+    count after this one: an int shared by all rows, or a (rows,) tensor with each row's own count.
 
-    The order of operations follows ``torch.optim.AdamW``'s single-tensor path.
+    The order of operations follows ``torch.optim.AdamW``'s (``Adam``'s) single-tensor path.
     """
-    param.mul_(1 - lr * weight_decay)
+    if decoupled:
+        param.mul_(1 - lr * weight_decay)
+    elif weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if isinstance(steps, int):

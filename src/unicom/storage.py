@@ -575,12 +575,13 @@ class RemoteArray:
 
 
 def readable(location):
-    """What pyarrow readers take for ``location``: the local path, or the fetched bytes of a URL."""
+    """What pyarrow readers take for ``location``: the local path, or the fetched bytes of
+    a URL (a ``pyarrow.Buffer``, which can be read more than once)."""
     if not is_url(location):
         return os.fspath(_local(location))
     import pyarrow as pa
 
-    return pa.BufferReader(read_bytes(location))
+    return pa.py_buffer(read_bytes(location))
 
 
 # --------------------------------------------------------------------------- streams

@@ -16,6 +16,16 @@ from unicom import storage
 from unicom.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Other names of the default columns, tried when a list lacks the default one: the lists the
+# UniFEx authors publish name their columns img_path,label.
+COLUMN_ALIASES = {"path": ("img_path", "image_path"), "label": ("class",)}
+
+
+def find_column(names, wanted: str | None) -> str | None:
+    """``wanted`` if it is among ``names``, else the first of its aliases that is, else None."""
+    if wanted is None or wanted in names:
+        return wanted
+    return next((alias for alias in COLUMN_ALIASES.get(wanted, ()) if alias in names), None)
 
 
 @dataclass
@@ -47,51 +57,82 @@ class ImageList:
         )
 
 
-def read_image_folder(root: str | os.PathLike) -> ImageList:
+class NestedClassFolders(InputError):
+    """A class folder holds its images in sub-folders (``alphabet/character/*.png``): the
+    classes could be the top-level folders or the leaf folders, and the caller must say which."""
+
+    def __init__(self, root: Path, top: int, leaves: list[str]):
+        self.root, self.top, self.leaves = root, top, leaves
+        super().__init__(
+            f"{root}: the class folders hold images in sub-folders (e.g. {leaves[0]}/): {top} top-level folders, "
+            f"{len(leaves)} folders with images; say which are the classes: the leaf folders (classes='leaf') or the "
+            f"top-level ones (classes='top')"
+        )
+
+
+FOLDER_CLASSES = ("top", "leaf")
+
+
+def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> ImageList:
     """``root/<class>/<image>``: classes are the sub-folder names in sorted order.
 
     Keys are the paths relative to ``root`` (``"cat/001.jpg"``); ``root`` may be a URL.
+    Images further down (``root/<a>/<b>/<image>``) belong to ``<a>`` with
+    ``classes="top"``; with ``"leaf"`` every folder that holds images is a class of its
+    own, named by its path (``"a/b"``); with ``None`` such a layout raises
+    :class:`NestedClassFolders`.
     """
-    if storage.is_url(root):
-        return _read_remote_image_folder(storage.text(root).rstrip("/"))
+    # (path, key, top-level class folder, folder holding the image), in class then path order
+    found, class_dirs = _remote_folder_images(root) if storage.is_url(root) else _local_folder_images(root)
+    leaves = sorted({folder for _, _, _, folder in found})
+    nested = any("/" in folder for folder in leaves)
+    if nested and classes is None:
+        raise NestedClassFolders(root, len(class_dirs), [f for f in leaves if "/" in f] + [f for f in leaves if "/" not in f])
+    if classes == "leaf":
+        names = leaves
+        lookup = {name: i for i, name in enumerate(names)}
+        labels = [lookup[folder] for _, _, _, folder in found]
+    else:
+        names = class_dirs
+        lookup = {name: i for i, name in enumerate(names)}
+        labels = [lookup[top] for _, _, top, _ in found]
+    paths = [path for path, _, _, _ in found]
+    keys = [key for _, key, _, _ in found]
+    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
+
+
+def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """The images of the class folder ``root`` on disk (see :func:`read_image_folder`) and
+    the class folder names."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise InputError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    paths, keys, labels = [], [], []
-    for label, class_dir in enumerate(class_dirs):
+    found = []
+    for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                paths.append(str(path))
-                keys.append(path.relative_to(root).as_posix())
-                labels.append(label)
-    if not paths:
+                found.append((str(path), path.relative_to(root).as_posix(), class_dir.name,
+                              path.parent.relative_to(root).as_posix()))
+    if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, [d.name for d in class_dirs])
+    return found, [d.name for d in class_dirs]
 
 
-def _read_remote_image_folder(root: str) -> ImageList:
-    """:func:`read_image_folder` of a URL: one recursive listing; image paths are URLs."""
+def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """:func:`_local_folder_images` of a URL: one recursive listing; image paths are URLs."""
+    root = storage.text(root).rstrip("/")
     if not storage.is_dir(root):
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
-    by_class: dict[str, list[str]] = {}
-    for entry in storage.find_files(root):
-        relative = storage.text(entry)[len(root) + 1:]
-        if "/" not in relative or relative.startswith(".") or Path(relative).suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        by_class.setdefault(relative.split("/", 1)[0], []).append(relative)
-    if not by_class:
+    relative = [storage.text(entry)[len(root) + 1:] for entry in storage.find_files(root)]
+    relative = sorted((r for r in relative if "/" in r and not r.startswith(".")
+                       and Path(r).suffix.lower() in IMAGE_SUFFIXES), key=lambda r: r.split("/"))
+    if not relative:
         raise InputError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)}) under it")
-    class_names = sorted(by_class)
-    paths, keys, labels = [], [], []
-    for label, name in enumerate(class_names):
-        for relative in sorted(by_class[name]):
-            paths.append(f"{root}/{relative}")
-            keys.append(relative)
-            labels.append(label)
-    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, class_names)
+    found = [(f"{root}/{r}", r, r.split("/", 1)[0], r.rsplit("/", 1)[0]) for r in relative]
+    return found, sorted({top for _, _, top, _ in found})
 
 
 def read_table(
@@ -106,16 +147,18 @@ def read_table(
     """A CSV or parquet list of images, one row each.
 
     ``path_column`` is required; relative paths are resolved against ``root`` (default: the
-    table's folder). The table, its root and the image paths may be URLs. Label and caption columns are used when present; labels that are not
-    integers are mapped to 0..C-1 in sorted order of their values (``class_names``). Keys
-    come from ``key_column`` when present, else from the path as written.
+    table's folder); the table, its root and the image paths may be URLs. A default column name that the table lacks is looked for under its
+    aliases (:data:`COLUMN_ALIASES`: ``img_path`` for ``path``, ``class`` for ``label``).
+    Label and caption columns are used when present: numeric labels are class ids as
+    written (a value that is not a whole number is an :class:`InputError` naming its rows),
+    other labels are names mapped to 0..C-1 in sorted order (``class_names``). Keys come
+    from ``key_column`` when present, else from the path as written.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    remote = storage.is_url(path)
-    path = storage.text(path) if remote else Path(path)
+    path = storage.text(path) if storage.is_url(path) else Path(path)
     parquet = str(path).lower().endswith(".parquet")
     if not storage.is_file(path):
         raise InputError(f"{path}: file not found (expected a CSV or parquet list with a {path_column!r} column)")
@@ -124,8 +167,12 @@ def read_table(
         table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(source)
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
-    if path_column not in table.column_names:
-        raise InputError(f"{path}: no {path_column!r} column; columns are {table.column_names}")
+    found_path = find_column(table.column_names, path_column)
+    if found_path is None:
+        names = " or ".join(repr(c) for c in (path_column, *COLUMN_ALIASES.get(path_column, ())))
+        raise InputError(f"{path}: no image path column ({names}); columns are {table.column_names}")
+    path_column = found_path
+    label_column = find_column(table.column_names, label_column)
     base = root if root is not None else storage.parent(path)
     raw_paths = [str(p) for p in table.column(path_column).to_pylist()]
     for row, value in enumerate(raw_paths):
@@ -141,8 +188,15 @@ def read_table(
         missing = [row + 1 for row, v in enumerate(values) if v is None]
         if missing:
             raise InputError(f"{path}: rows {missing[:5]} have no {label_column!r}; fill them or drop the rows")
-        if all(isinstance(v, int) for v in values):
-            labels = np.asarray(values, dtype=np.int64)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values):  # class ids: whole numbers, written 3 or 3.0
+            bad = [row + 1 for row, v in enumerate(values) if not float(v).is_integer()]
+            if bad:
+                raise InputError(
+                    f"{path}: data rows {bad[:5]}{' …' if len(bad) > 5 else ''} have {label_column!r} values that are "
+                    f"not whole numbers (e.g. {values[bad[0] - 1]!r}); class ids are integers"
+                )
+            labels = np.asarray(values, dtype=np.float64).astype(np.int64)
         else:
             class_names = sorted({str(v) for v in values})
             lookup = {name: i for i, name in enumerate(class_names)}

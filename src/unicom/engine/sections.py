@@ -31,6 +31,7 @@ class AugmentConfig:
     random_erasing: float = 0.0  # probability
     random_erasing_mode: Literal["const", "rand", "pixel"] = "const"  # fill: zeros, one random colour, random pixels
     interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    enabled: bool = True  # false: no random augmentation, the short side resized and a centre crop (CLIP's own)
 
     def check(self, problems: list[str], name: str = "augment") -> None:
         check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, problems,
@@ -48,10 +49,21 @@ class AugmentConfig:
 
     def transform(self, image_size: int, mean=None, std=None):
         """The random training transform at ``image_size``, normalised with ``mean`` and
-        ``std`` (default: CLIP's, like the evaluation transform of the CLIP-shaped ViTs)."""
+        ``std`` (default: CLIP's, like the evaluation transform of the CLIP-shaped ViTs).
+        Not ``enabled``: the short side resized to ``image_size`` and a centre crop, the
+        evaluation transform of the CLIP-shaped ViTs (the public fine-tuning code's
+        ``--transform origin_clip``)."""
         from timm.data import create_transform
 
         from unicom.models.registry import CLIP_MEAN, CLIP_STD
+
+        if not self.enabled:
+            from unicom.models.export import build_transform
+
+            return build_transform({
+                "size": int(image_size), "resize_mode": "shortest",
+                "interpolation": "bicubic" if self.interpolation == "random" else self.interpolation,
+                "mean": list(CLIP_MEAN if mean is None else mean), "std": list(CLIP_STD if std is None else std)})
 
         return create_transform(
             image_size,
@@ -90,6 +102,7 @@ class LossConfig:
     t_alpha: float | None = None  # adaface
     momentum: float | None = None  # curricularface
     centers: int = 1  # prototypes per class: k > 1 is sub-center (the max over the k)
+    prototype_init: Literal["normal", "xavier"] = "normal"  # N(0, 0.01²), or xavier-uniform over the whole matrix
     sample_rate: float = 1.0  # r1: fraction of the classes in each step's softmax (positives always in)
     feature_rate: float = 1.0  # r2: fraction of the feature dimensions in each step (the same for the batch)
     margin_gradient: Literal[MARGIN_GRADIENTS] = "exact"  # straight_through: d logit/d cos = scale, as the reference code
@@ -129,20 +142,27 @@ class LossConfig:
 
         return PartialFC(embedding_size, num_classes, self.margin_head(num_classes, class_counts),
                          sample_rate=self.sample_rate, feature_rate=self.feature_rate, centers=self.centers, seed=seed,
-                         sparse_gradient=sparse_gradient, margin_gradient=self.margin_gradient)
+                         sparse_gradient=sparse_gradient, margin_gradient=self.margin_gradient,
+                         prototype_init=self.prototype_init)
 
 
 @dataclass
 class OptimConfig:
-    """AdamW for the trained module, :class:`unicom.optim.SparseAdamW` for the prototypes."""
+    """AdamW for the trained module, :class:`unicom.optim.SparseAdamW` for the prototypes.
+
+    ``optimizer: adam`` is Adam with the weight decay added to the gradient (coupled L2)
+    on every trainable parameter, biases and prototypes included, as
+    ``torch.optim.Adam(model.parameters(), weight_decay=...)`` (the UniFEx code).
+    """
 
     lr: float = 1e-3
-    weight_decay: float = 0.05  # not applied to norms, biases, position embeddings and the class token
+    weight_decay: float = 0.05  # adamw: not applied to norms, biases, position embeddings and the class token
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     prototype_lr_scale: float = 1.0  # the prototypes' learning rate is lr times this
     prototype_weight_decay: float | None = None  # default: weight_decay
     clip_grad_norm: float | None = None  # clip the global gradient norm (module and prototypes) to this
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adam: coupled L2 on every parameter (the UniFEx code)
 
     def check(self, problems: list[str], name: str = "optim") -> None:
         check(self.lr > 0, problems, f"{name}.lr must be positive, got {self.lr}")
@@ -167,6 +187,8 @@ class ScheduleConfig:
     kind: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_fraction: float = 0.0  # of all steps; linear warm-up (cosine) or the rising part (onecycle)
     warmup_steps: int | None = None  # overrides warmup_fraction
+    warmup_epochs: float | None = None  # overrides warmup_fraction: the warm-up in epochs (UniFEx's warmup_steps: 1)
+    warmup_mode: Literal["before", "multiply"] = "before"  # multiply: scales the schedule from step 0 (the UniFEx code)
     min_lr_ratio: float = 0.0  # cosine: the final factor
     onecycle_div: float = 25.0  # onecycle: the start is lr / onecycle_div
     onecycle_final_div: float = 1e4  # onecycle: the end is lr / (onecycle_div * onecycle_final_div)
@@ -175,16 +197,27 @@ class ScheduleConfig:
         check(0.0 <= self.warmup_fraction < 1.0, problems,
               f"{name}.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         check(self.warmup_steps is None or self.warmup_steps >= 0, problems, f"{name}.warmup_steps must be non-negative")
+        check(self.warmup_epochs is None or self.warmup_epochs >= 0, problems, f"{name}.warmup_epochs must be non-negative")
+        check(self.warmup_steps is None or self.warmup_epochs is None, problems,
+              f"give {name}.warmup_steps or {name}.warmup_epochs, not both")
+        check(not (self.warmup_mode == "multiply" and self.kind == "onecycle"), problems,
+              f"{name}.warmup_mode multiply applies to cosine and constant; onecycle has its own warm-up")
         check(0.0 <= self.min_lr_ratio <= 1.0, problems, f"{name}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         check(self.onecycle_div >= 1 and self.onecycle_final_div >= 1, problems,
               f"{name}.onecycle_div and {name}.onecycle_final_div must be at least 1")
 
-    def factor(self, step: int, total: int) -> float:
-        """The learning-rate factor of optimiser step ``step`` (0-based) of ``total``."""
-        from unicom.engine.schedule import lr_factor, warmup_steps
+    def warmup(self, total: int, steps_per_epoch: int | None = None) -> int:
+        """The warm-up length in steps (``steps_per_epoch`` is needed with ``warmup_epochs``)."""
+        from unicom.engine.schedule import warmup_steps
 
-        warmup = warmup_steps(total, self.warmup_fraction, self.warmup_steps)
-        return lr_factor(step, total, self.kind, warmup, self.min_lr_ratio, self.onecycle_div, self.onecycle_final_div)
+        return warmup_steps(total, self.warmup_fraction, self.warmup_steps, self.warmup_epochs, steps_per_epoch)
+
+    def factor(self, step: int, total: int, steps_per_epoch: int | None = None) -> float:
+        """The learning-rate factor of optimiser step ``step`` (0-based) of ``total``."""
+        from unicom.engine.schedule import lr_factor
+
+        return lr_factor(step, total, self.kind, self.warmup(total, steps_per_epoch), self.min_lr_ratio, self.onecycle_div,
+                         self.onecycle_final_div, self.warmup_mode)
 
 
 __all__ = ["AugmentConfig", "LossConfig", "OptimConfig", "ScheduleConfig"]

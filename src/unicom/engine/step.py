@@ -188,13 +188,21 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
     """A :class:`TrainStep` with the optimisers of a recipe's ``optim`` section
     (:class:`unicom.engine.sections.OptimConfig`): AdamW over the trainable parameters of
     ``module`` and SparseAdamW over the prototypes at ``prototype_lr_scale`` times the
-    rate. ``wrapped``: the module as the step calls it (e.g. in DDP), default ``module``."""
+    rate; with ``optimizer: adam``, Adam with coupled L2 for both. ``wrapped``: the module
+    as the step calls it (e.g. in DDP), default ``module``."""
     from unicom.optim import SparseAdamW
 
-    module_optimizer = backbone_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
+    coupled = getattr(optim, "optimizer", "adamw") == "adam"
+    if coupled:  # Adam with L2 on every trainable parameter, as torch.optim.Adam(model.parameters(), weight_decay=...)
+        module_optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
+                                            betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+                                            fused=device.type == "cuda")
+    else:
+        module_optimizer = backbone_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
     prototype_decay = optim.weight_decay if optim.prototype_weight_decay is None else optim.prototype_weight_decay
     prototype_optimizer = SparseAdamW(partial_fc.parameters(), lr=optim.lr * optim.prototype_lr_scale,
-                                      betas=tuple(optim.betas), eps=optim.eps, weight_decay=prototype_decay)
+                                      betas=tuple(optim.betas), eps=optim.eps, weight_decay=prototype_decay,
+                                      decoupled_weight_decay=not coupled)
     return TrainStep(module if wrapped is None else wrapped, partial_fc, module_optimizer, prototype_optimizer, device,
                      precision, optim.clip_grad_norm)
 

@@ -21,7 +21,9 @@ R_q relevant gallery items (same class, minus q itself when q is in the gallery)
 * ``map@r``: (1/R_q) sum_{i<=R_q} P_q(i) rel_q(i)  (Musgrave et al. 2020);
 * ``r_precision``: (1/R_q) sum_{i<=R_q} rel_q(i);
 * ``map@100``: (1/min(R_q,100)) sum_{i<=100} P_q(i) rel_q(i)  (Google Landmark Retrieval);
-* ``mmp@5``: (1/min(R_q,5)) sum_{i<=5} rel_q(i)  (GUIEC);
+* ``mmp@5``: (1/min(R_q,5)) sum_{i<=min(R_q,5)} rel_q(i)  (GUIEC): only the first
+  min(R_q,5) results count, so with R_q <= 5 it is the R-precision and with more it is
+  the precision at 5;
 
 each averaged over the queries with R_q > 0; the others are counted in ``n_excluded``.
 """
@@ -302,7 +304,8 @@ def _evaluate(
         values["map@r"][block_rows] = (gained * r_cut).sum(1) / r
         values["r_precision"][block_rows] = (relevant & r_cut).sum(1).double() / r
         values["map@100"][block_rows] = gained[:, :DEEPEST_FIXED_RANK].sum(1) / r.clamp(max=100)
-        values["mmp@5"][block_rows] = relevant[:, :5].sum(1).double() / r.clamp(max=5)
+        r5 = r.clamp(max=5)
+        values["mmp@5"][block_rows] = (relevant[:, :5] & (rank[None, :5] <= r5[:, None])).sum(1).double() / r5
         found = relevant.any(1)
         first_rank[block_rows[found]] = relevant[found].int().argmax(1) + 1
         return (~found).nonzero().flatten()

@@ -45,11 +45,22 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return start, base + (1 if rank < extra else 0)
 
 
-def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: int, std: float = 0.01) -> None:
+PROTOTYPE_INITS = ("normal", "xavier")
+
+
+def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: int, std: float = 0.01,
+                    kind: str = "normal", num_classes: int | None = None) -> None:
     """Fill ``weight`` ((classes · centers, d), rows of classes ``class_start`` on) in place.
 
-    Row values depend only on ``seed`` and the global class, never on the sharding.
+    ``kind``: ``normal``, N(0, std²); ``xavier``, uniform in ±sqrt(6 / (num_classes · centers
+    + d)), ``torch.nn.init.xavier_uniform_`` over the whole (num_classes · centers, d)
+    matrix (``num_classes``: all ranks together). Row values depend only on ``seed`` and the
+    global class, never on the sharding.
     """
+    if kind not in PROTOTYPE_INITS:
+        raise InputError(f"prototype init must be one of {', '.join(PROTOTYPE_INITS)}, got {kind!r}")
+    if kind == "xavier" and num_classes is None:
+        raise ValueError("xavier initialisation needs num_classes, the classes of all ranks together")
     num_local = weight.shape[0] // centers
     d = weight.shape[1]
     first_block = class_start // _INIT_BLOCK
@@ -57,7 +68,11 @@ def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: 
     with torch.no_grad():
         for block in range(first_block, last_block + 1):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
-            values = torch.randn(_INIT_BLOCK * centers, d, generator=generator) * std
+            if kind == "xavier":
+                bound = math.sqrt(6.0 / (num_classes * centers + d))
+                values = (torch.rand(_INIT_BLOCK * centers, d, generator=generator) * 2 - 1) * bound
+            else:
+                values = torch.randn(_INIT_BLOCK * centers, d, generator=generator) * std
             block_start = block * _INIT_BLOCK
             lo, hi = max(class_start, block_start), min(class_start + num_local, block_start + _INIT_BLOCK)
             src = values[(lo - block_start) * centers : (hi - block_start) * centers]
@@ -237,6 +252,8 @@ class PartialFC(nn.Module):
             applies it as a constant (d logit / d cos = scale for every logit), as the
             reference Partial FC code does (:func:`unicom.losses.margins.straight_through`).
             The loss is the same either way.
+        prototype_init: ``"normal"`` (N(0, 0.01²)) or ``"xavier"`` (xavier-uniform over the
+            whole matrix, as the UniFEx heads); see :func:`init_prototypes`.
 
     Call ``loss = pfc(embeddings, labels)`` with embeddings (B, d) and labels (B,) int64
     global class ids; every rank must pass the same B. The loss is the mean over the global
@@ -260,6 +277,7 @@ class PartialFC(nn.Module):
         sparse_gradient: bool = True,
         check_inputs: bool = True,
         margin_gradient: str = "exact",
+        prototype_init: str = "normal",
     ):
         super().__init__()
         if margin_gradient not in MARGIN_GRADIENTS:
@@ -303,7 +321,8 @@ class PartialFC(nn.Module):
         self.seed = int(seed)
 
         self.prototypes = nn.Parameter(torch.empty(self.num_local * self.centers, self.embedding_size))
-        init_prototypes(self.prototypes.data, self.class_start, self.centers, self.seed)
+        init_prototypes(self.prototypes.data, self.class_start, self.centers, self.seed, kind=prototype_init,
+                        num_classes=self.num_classes)
 
         self._feature_generator: torch.Generator | None = None
         self._class_generator: torch.Generator | None = None

@@ -40,27 +40,87 @@ class OpenClipEncoder(Encoder):
     """An open_clip CLIP model: image tower and text tower.
 
     ``encode_image``: float (B, 3, H, W) -> (B, D); ``encode_text``: int64 tokens (B, L) ->
-    (B, D). Outputs are the projected embeddings, not normalised.
+    (B, D). Outputs are the projected embeddings, not normalised. The tokenizer is built on
+    the first :meth:`tokenize`: image features never need it (SigLIP's is a Hugging Face
+    tokenizer, which needs the ``transformers`` package and its files).
     """
 
     has_text = True
 
-    def __init__(self, model: torch.nn.Module, image_transform, tokenizer, name: str):
+    def __init__(self, model: torch.nn.Module, image_transform, tokenizer_spec: str, name: str):
         super().__init__()
         self.model = model
         self.image_transform = image_transform
-        self.tokenizer = tokenizer
+        self.tokenizer_spec = tokenizer_spec
+        self._tokenizer = None
         self.name = name
-        self.embedding_dim = int(model.visual.output_dim)
+        self.embedding_dim = visual_output_dim(model.visual)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
+        if self._tokenizer is None:
+            import open_clip
+
+            try:
+                self._tokenizer = open_clip.get_tokenizer(self.tokenizer_spec)
+            except ImportError as error:
+                raise InputError(
+                    f"{self.name}: its tokenizer needs the {error.name or 'transformers'} package "
+                    f"(pip install {error.name or 'transformers'}); image embeddings do not need it"
+                ) from error
+        return self._tokenizer(list(texts))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens)
+
+
+def visual_output_dim(visual: torch.nn.Module) -> int:
+    """The size of an open_clip image tower's output.
+
+    open_clip's own towers state it (``output_dim``); a timm tower (``TimmModel``: SigLIP,
+    ConvNeXt, EVA ...) does not: its output is the last layer of its head (a projection,
+    an MLP, an attention pool), or, with no head, the trunk's classifier when open_clip uses
+    it as the projection, else the trunk's pooled features.
+    """
+    dim = getattr(visual, "output_dim", None)
+    if dim is not None:
+        return int(dim)
+    head = getattr(visual, "head", None)
+    for layer in reversed(list(head.modules()) if head is not None else []):
+        if isinstance(layer, torch.nn.Linear):
+            return int(layer.out_features)
+        if getattr(layer, "out_features", None) is not None:  # timm's attention pools
+            return int(layer.out_features)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None:
+        return int(getattr(trunk, "num_classes", 0) or getattr(trunk, "head_hidden_size", None) or trunk.num_features)
+    raise InputError(f"cannot tell the output size of the image tower {type(visual).__name__}")
+
+
+def _tag_preprocessing(spec: str) -> dict:
+    """The preprocessing that every pretrained tag of open_clip model ``spec`` shares
+    (``image_mean``, ``image_std``, ``image_interpolation``, ``image_resize_mode``), or {}.
+
+    open_clip knows a model's preprocessing from its tag only: a local checkpoint file (or
+    random weights) would otherwise get CLIP's mean and a centre crop, which is wrong for
+    SigLIP (mean 0.5, squash). When all tags agree, their preprocessing is the model's.
+    """
+    import open_clip
+
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+            "resize_mode": "image_resize_mode"}
+    found = None
+    for tag in open_clip.list_pretrained_tags_by_model(spec):
+        cfg = open_clip.get_pretrained_cfg(spec, tag)
+        values = {arg: (tuple(cfg[key]) if isinstance(cfg.get(key), (list, tuple)) else cfg.get(key))
+                  for key, arg in keys.items() if cfg.get(key) is not None}
+        if found is None:
+            found = values
+        elif values != found:
+            return {}
+    return found or {}
 
 
 def accepts_open_clip(spec: str, pretrained: str | None = None) -> bool:
@@ -94,9 +154,12 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
                 f"{weights}: not a file and not a pretrained tag of {spec}; "
                 f"give a local checkpoint file or one of the tags {tags}"
             )
+    # a tag brings its own preprocessing; a file or random weights take the one all tags share
+    preprocessing = {} if spec.startswith(_OPEN_CLIP_SCHEMAS) or (weights is not None and not os.path.isfile(weights)) \
+        else _tag_preprocessing(spec)
     try:
         model, _, transform = open_clip.create_model_and_transforms(
-            spec, pretrained=weights, device=device, weights_only=True
+            spec, pretrained=weights, device=device, weights_only=True, **preprocessing
         )
     except RuntimeError as error:
         message = str(error)
@@ -110,9 +173,8 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
         raise
     except (OSError, ValueError) as error:  # unreadable files, unpickling refused by weights_only
         raise InputError(f"{weights or spec}: cannot be loaded as {spec} weights ({error})") from error
-    tokenizer = open_clip.get_tokenizer(spec)
     label = spec if weights is None else f"{spec} ({weights})"
-    return OpenClipEncoder(model, transform, tokenizer, label)
+    return OpenClipEncoder(model, transform, spec, label)
 
 
 # --------------------------------------------------------------------------- timm

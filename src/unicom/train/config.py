@@ -52,6 +52,7 @@ class DataConfig:
     shards: list[str] | None = None  # webdataset shards: paths, brace patterns, globs or a folder
     labels: str | None = None  # a `unicom cluster` output folder (labels/labels_{i}.parquet)
     folder: str | None = None  # one sub-folder of images per class
+    folder_classes: Literal["top", "leaf"] | None = None  # images in sub-sub-folders: the classes are these (default: refuse)
     table: str | None = None  # CSV or parquet list of images
     benchmark: str | None = None  # a retrieval benchmark (sop, inshop, inaturalist, cub, cars196) or imagenet
     root: str | None = None  # the benchmark's folder

@@ -189,13 +189,29 @@ class ListSource:
 
     kind = "list"
 
-    def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str):
+    def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str,
+                 class_labels: Sequence[str] | None = None):
         self.images = list(images)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.keys = list(keys)
         self.num_classes = int(num_classes)
         self.origin = origin
         self.unlabelled = 0  # rows of the list without a pseudo-label (counted when joining)
+        # the label as given (id or name) of each prototype row; None: pseudo-labels, the rows themselves
+        self.class_labels = None if class_labels is None else [str(c) for c in class_labels]
+
+    def classes_table(self) -> str:
+        """``prototype,label`` CSV: the given label of each prototype row that has one."""
+        lines = ["prototype,label"] + [f"{row},{_csv_field(label)}" for row, label in enumerate(self.class_labels or [])]
+        return "\n".join(lines) + "\n"
+
+    def describe_classes(self) -> str:
+        """One line: how the given labels map to prototype rows."""
+        labels = self.class_labels or []
+        if all(label == str(row) for row, label in enumerate(labels)):
+            return f"classes: the labels 0..{len(labels) - 1} are the prototype rows"
+        shown = ", ".join(f"{label} -> {row}" for row, label in enumerate(labels[:5]))
+        return f"classes: {len(labels):,} labels -> prototype rows: {shown}{', …' if len(labels) > 5 else ''}"
 
     @property
     def samples(self) -> int:
@@ -429,10 +445,47 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     return source
 
 
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
 def _contiguous(labels: np.ndarray) -> tuple[np.ndarray, int]:
     """Labels renumbered 0..C-1 in sorted order of their values, and C."""
     values, inverse = np.unique(labels, return_inverse=True)
     return inverse.astype(np.int64), len(values)
+
+
+def _prototype_rows(labels: np.ndarray, names: Sequence[str] | None, num_classes: int | None,
+                    origin: str) -> tuple[np.ndarray, list[str]]:
+    """The prototype row of every image and the given label of every row.
+
+    ``labels``: int64 (N,) class ids as written, or indices into ``names`` when the classes
+    are names (a folder's sub-folders, a label column of names, a benchmark's classes).
+    Ids must be non-negative and, when ``num_classes`` is given, below it: an id is then its
+    own row. Without ``num_classes``, ids that are already 0..C-1 are their own rows, others
+    are numbered in increasing order; names are numbered in sorted order.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if names is None:
+        negative = np.flatnonzero(labels < 0)
+        if len(negative):
+            rows = [int(r) + 1 for r in negative[:5]]
+            raise InputError(f"{origin}: data rows {rows}{' …' if len(negative) > 5 else ''} have negative labels "
+                             f"(e.g. {int(labels[negative[0]])}); class ids are 0 or more")
+        if num_classes is not None:
+            beyond = np.flatnonzero(labels >= num_classes)
+            if len(beyond):
+                rows = [int(r) + 1 for r in beyond[:5]]
+                raise InputError(f"{origin}: data rows {rows}{' …' if len(beyond) > 5 else ''} have labels beyond "
+                                 f"loss.num_classes={num_classes} (e.g. {int(labels[beyond[0]])}); ids run from 0 "
+                                 f"to {num_classes - 1}")
+            return labels, [str(i) for i in range(num_classes)]
+        rows, classes = _contiguous(labels)
+        return rows, [str(v) for v in np.unique(labels)]
+    rows, classes = _contiguous(labels)
+    if num_classes is not None and num_classes < classes:
+        raise InputError(f"{origin}: {classes} classes, more than loss.num_classes={num_classes}")
+    return rows, [str(names[i]) for i in np.unique(labels)]
 
 
 def _list_source(data, num_classes: int | None) -> ListSource:
@@ -441,16 +494,24 @@ def _list_source(data, num_classes: int | None) -> ListSource:
     if data.benchmark:
         return _benchmark_source(data, num_classes)
     if data.folder:
-        from unicom.data.lists import read_image_folder
-        from unicom.data.sources import read_flat_folder
-
         from unicom import storage
+        from unicom.data.lists import NestedClassFolders, read_image_folder
+        from unicom.data.sources import read_flat_folder
 
         root = data.folder if storage.is_url(data.folder) else Path(data.folder)
         if not storage.is_dir(root):
             raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
         # keys are paths relative to the folder either way, as `unicom embed` writes them
-        images, origin = (read_flat_folder(root) if data.labels else read_image_folder(root)), storage.text(root)
+        try:
+            images = read_flat_folder(root) if data.labels else read_image_folder(root, data.folder_classes)
+        except NestedClassFolders as nested:
+            raise InputError(
+                f"{root}: the class folders hold images in sub-folders (e.g. {nested.leaves[0]}/): {nested.top} "
+                f"top-level folders, {len(nested.leaves)} folders with images. Set data.folder_classes=leaf to train on "
+                f"the {len(nested.leaves)} leaf folders as classes, or data.folder_classes=top for the {nested.top} "
+                "top-level ones"
+            ) from None
+        origin = storage.text(root)
     else:
         images = read_table(data.table, path_column=data.path_column, label_column=data.label_column,
                             key_column=data.key_column or "key")
@@ -462,10 +523,8 @@ def _list_source(data, num_classes: int | None) -> ListSource:
             f"{origin}: the images have no labels (a flat folder, or no {data.label_column!r} column); "
             "use class sub-folders, a label column, or data.labels from `unicom cluster`"
         )
-    labels, classes = _contiguous(images.labels)
-    if num_classes is not None and num_classes < classes:
-        raise InputError(f"{origin}: {classes} classes, more than loss.num_classes={num_classes}")
-    return ListSource(images.paths, labels, images.keys, num_classes or classes, origin)
+    labels, given = _prototype_rows(images.labels, images.class_names, num_classes, origin)
+    return ListSource(images.paths, labels, images.keys, num_classes or len(given), origin, given)
 
 
 def _benchmark_source(data, num_classes: int | None) -> ListSource:
@@ -480,21 +539,21 @@ def _benchmark_source(data, num_classes: int | None) -> ListSource:
         if protocol.train is None or protocol.train.labels is None:
             raise InputError(f"{data.benchmark}: this benchmark has no labelled training split to fine-tune on")
         images, keys, raw = protocol.train.paths, protocol.train.keys, protocol.train.labels
+        names = protocol.train.class_names
     elif CLASSIFICATION_ALIASES.get(name, name) in CLASSIFICATION_BENCHMARKS:
         from unicom.data.benchmarks import load_classification_benchmark
 
         train, _, _ = load_classification_benchmark(name, data.root)
-        images, raw = train.images, train.labels
+        images, raw, names = train.images, train.labels, None
         keys = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else str(n) for n, i in enumerate(images)]
     else:
         raise InputError(
             f"data.benchmark={data.benchmark!r}: not a retrieval benchmark ({', '.join(RETRIEVAL_BENCHMARKS)}) "
             f"nor a classification dataset ({', '.join(CLASSIFICATION_BENCHMARKS)})"
         )
-    labels, classes = _contiguous(np.asarray(raw))
-    if num_classes is not None and num_classes < classes:
-        raise InputError(f"{data.benchmark}: {classes} training classes, more than loss.num_classes={num_classes}")
-    return ListSource(images, labels, keys, num_classes or classes, f"{data.benchmark} ({data.root}) train split")
+    origin = f"{data.benchmark} ({data.root}) train split"
+    labels, given = _prototype_rows(np.asarray(raw), names, num_classes, origin)
+    return ListSource(images, labels, keys, num_classes or len(given), origin, given)
 
 
 def build_source(config):

@@ -332,6 +332,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(config))
+        if getattr(run.source, "class_labels", None) is not None:  # given labels -> prototype rows
+            write_text_atomic(out / "classes.csv", run.source.classes_table())
     distributed.barrier()
     log = RunLog(out, tensorboard=config.log.tensorboard, console=console)
     say = log.print
@@ -352,6 +354,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     say(f"  data: {run.source.describe()}; {world} rank(s) x {batch} images x {accumulation} micro-step(s) = "
         f"{global_batch} per step, {run.steps_per_epoch} steps per epoch, {run.total_steps} steps, "
         f"{run.workers} decoding worker(s) per rank; {run.precision} on {run.device}")
+    if getattr(run.source, "class_labels", None) is not None:
+        say(f"  {run.source.describe_classes()} (all in {out / 'classes.csv'})")
     log.event("start", step=state.step, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
               global_batch=global_batch, world_size=world, device=str(run.device), precision=run.precision,
               architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
@@ -366,7 +370,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     last_saved = state.step if run.resume_from is not None else -1
     try:
         while state.step < run.total_steps:
-            factor = config.schedule.factor(state.step, run.total_steps)
+            factor = config.schedule.factor(state.step, run.total_steps, run.steps_per_epoch)
             run.step_fn.set_learning_rates(*config.optim.learning_rates(factor))
             micro = []
             waited = time.perf_counter()

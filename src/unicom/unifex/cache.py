@@ -6,6 +6,7 @@
       cache.json                         backbone, weights, feature size, views and images per list
       train/view_0/                      the backbone's own evaluation transform
         img_emb/img_emb_{i}.npy          (N_i, D_in) float32 (or float16), rows L2-normalised
+                                         (the backbone's raw features with neck.features=raw)
         metadata/metadata_{i}.parquet    key, image_path, label (global class id), width, height
         embed_config.json                what made the view (checked on every rerun)
         failures/failures_{i}.parquet    images that could not be decoded (left out of the rows)
@@ -94,13 +95,15 @@ def build_views(
     rows_per_part: int = 10_000,
     precision: str = "auto",
     seed: int = 0,
+    normalize: bool = True,
 ) -> list[Path]:
     """Embed ``images`` once per transform into ``root/<split>/view_<v>``; parts already
     written are kept. ``transforms[0]`` should be the backbone's own evaluation transform.
 
     ``identity`` (backbone spec and weights) goes into each view's ``embed_config.json``
     with the view's transform and the images' fingerprint; a rerun with anything else
-    raises :class:`InputError` instead of mixing features.
+    raises :class:`InputError` instead of mixing features. ``normalize=False`` stores the
+    backbone's features as it gives them (``"features": "raw"`` in the view's config).
     """
     from unicom.embed import embed_parts
 
@@ -110,13 +113,13 @@ def build_views(
         folder = view_folder(root, split, view)
         parts = list_parts(images, rows_per_part, f"{split} list")
         config = dict(identity, view=view, transform=transform_identity(transform), images=fingerprint,
-                      rows_per_part=rows_per_part)
+                      rows_per_part=rows_per_part, **({} if normalize else {"features": "raw"}))
         view_encoder = encoder if transform is encoder.image_transform else _ViewEncoder(encoder, transform)
         # augmented views are random draws: seeded per view, so a rebuild from scratch repeats them
         random.seed(seed * 1000 + view)
         torch.manual_seed(seed * 1000 + view)
         embed_parts(parts, view_encoder, folder, modalities=("image",), batch_size=batch_size, num_workers=num_workers,
-                    dtype=dtype, precision=precision, config=config)
+                    dtype=dtype, precision=precision, config=config, normalize=normalize)
         folders.append(folder)
     return folders
 

@@ -35,6 +35,7 @@ class NeckConfig:
     embedding_dim: int = 64
     batchnorm: bool = False  # BatchNorm1d after the projection
     dropout: float = 0.0  # on the backbone features, before the projection
+    features: Literal["normalized", "raw"] = "normalized"  # the backbone's features L2-normalised, or as it gives them
 
 
 @dataclass
@@ -44,12 +45,15 @@ class DataConfig:
     train: list[str] | None = None  # one or more lists; their datasets are composed
     root: str | None = None  # folder of relative paths (default: each list's own folder)
     dataset_column: str = "dataset"  # when a list has no such column, its file name is the dataset
-    path_column: str = "path"
-    class_column: str = "class"
+    path_column: str | None = None  # default: path, or img_path (the UniFEx lists)
+    class_column: str | None = None  # default: class, or label (the UniFEx lists)
     datasets: list[str] | None = None  # train on these datasets only
-    min_images_per_class: int = 1  # leave out smaller classes
+    min_images_per_class: int | list[int] = 1  # leave out smaller classes: one value, or one per list of data.train
+    max_images_per_class: int | list[int | None] | None = None  # keep a random subset (seeded) of larger classes; or one per list
     sampling: Literal["instance", "class_balanced"] = "instance"
     batch_size: int = 128
+    last_batch: Literal["drop", "keep"] = "drop"  # the last, smaller batch of an epoch (a single row is always dropped with batchnorm)
+    resize: Literal["model", "shortest", "squash"] = "model"  # training images: the backbone's own transform, or short side + centre crop, or squash
     workers: int | None = None  # image decoding processes (cache build, direct mode); default: by device
 
 
@@ -112,7 +116,12 @@ class ProbeConfig(Recipe):
         check(bool(self.out), problems, "out is required: the folder for the model, metrics and cache (out=DIR or --out DIR)")
         check(self.seed >= 0, problems, f"seed must be non-negative, got {self.seed}")
         check(bool(data.train), problems, "data.train is required: CSV/parquet lists of (dataset, path, class) rows")
-        check(data.min_images_per_class >= 1, problems, "data.min_images_per_class must be at least 1")
+        for key in ("min_images_per_class", "max_images_per_class"):
+            value = getattr(data, key)
+            values = value if isinstance(value, list) else [value]
+            check(all(v is None or v >= 1 for v in values), problems, f"data.{key} must be at least 1, got {value}")
+            check(not isinstance(value, list) or len(value) == len(data.train or []), problems,
+                  f"data.{key} gives {len(values)} values for {len(data.train or [])} lists of data.train; give one per list")
         check(data.batch_size >= 2, problems, f"data.batch_size must be at least 2, got {data.batch_size}")
         check(data.workers is None or data.workers >= 0, problems, "data.workers must be 0 or more")
         check(neck.embedding_dim >= 1, problems, f"neck.embedding_dim must be positive, got {neck.embedding_dim}")

@@ -2,7 +2,9 @@
 
 M4D-35k and lists like it are one CSV of rows ``dataset,path,class``; a class is the pair
 (dataset, class), so class ``12`` of Products-10k and class ``12`` of GLDv2 are two
-classes. Several lists compose: their datasets are listed in order of first appearance,
+classes. The lists the UniFEx authors publish (``m4d-35k_train.csv``,
+``furniture180_train.csv``, ``storefronts146_train.csv``) name their columns
+``img_path,label``, with paths relative to the list's folder: they are read as they are. Several lists compose: their datasets are listed in order of first appearance,
 and each dataset's classes (sorted: numerically when every value is an integer) take the
 next block of global ids ``0..K-1``.
 
@@ -23,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from unicom import storage
-from unicom.data.lists import ImageList
+from unicom.data.lists import COLUMN_ALIASES, ImageList
 from unicom.errors import InputError
 
 
@@ -121,8 +123,16 @@ def format_summary(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the column names tried, in order, when a recipe does not name the column
+DEFAULT_COLUMNS = {"path": ("path", *COLUMN_ALIASES["path"]), "class": ("class", "label")}
+
+
 def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[str] | None]:
-    """Columns of a CSV or parquet list as lists of strings (None for an absent optional column)."""
+    """Columns of a CSV or parquet list as lists of strings (None for an absent dataset column).
+
+    A role whose column is not named (None) takes the first of :data:`DEFAULT_COLUMNS` the
+    list has. Every missing required column is named in one error.
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -134,21 +144,25 @@ def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[
         if parquet:
             table = pq.read_table(storage.readable(path))
         else:
-            names = [c for c in columns.values() if c]
-            table = pacsv.read_csv(storage.readable(path),
-                                   convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
-    except (pa.ArrowInvalid, OSError) as error:
+            source = storage.readable(path)  # a path, or the fetched bytes (read twice)
+            with pacsv.open_csv(source) as reader:  # every column as text: class "007" stays "007"
+                names = reader.schema.names
+            table = pacsv.read_csv(source, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
         raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
-    found = {}
+    chosen, missing = {}, []
     for role, name in columns.items():
-        if name is None or name not in table.column_names:
-            if role != "dataset":
-                raise InputError(
-                    f"{path}: no {name!r} column (the {role} column); columns are {table.column_names}. "
-                    f"Name it with data.{role}_column="
-                )
-            found[role] = None
-            continue
+        candidates = (name,) if name is not None else DEFAULT_COLUMNS.get(role, ())
+        present = [c for c in candidates if c in table.column_names]
+        if present:
+            chosen[role] = present[0]
+        elif role != "dataset":
+            wanted = " or ".join(repr(c) for c in candidates)
+            missing.append(f"no {role} column ({wanted}; set data.{role}_column=)")
+    if missing:
+        raise InputError(f"{path}: {'; '.join(missing)}. Its columns are {table.column_names}")
+    found: dict[str, list[str] | None] = {"dataset": None}
+    for role, name in chosen.items():
         values = table.column(name).cast(pa.string()).to_pylist()
         empty = [row for row, value in enumerate(values) if value is None or value == ""]
         if empty:
@@ -171,14 +185,15 @@ def read_domain_lists(
     *,
     root: str | os.PathLike | None = None,
     dataset_column: str = "dataset",
-    path_column: str = "path",
-    class_column: str = "class",
+    path_column: str | None = None,
+    class_column: str | None = None,
 ) -> DomainImages:
     """Read and compose CSV/parquet lists of (dataset, path, class) rows.
 
     Relative paths are resolved against ``root`` (default: each list's folder). A list
-    without ``dataset_column`` is one dataset named after its file. Every path and class
-    must be non-empty. Keys are ``dataset/path as written`` (``#2``, ``#3`` ... appended to
+    without ``dataset_column`` is one dataset named after its file. Path and class columns
+    not named are found among :data:`DEFAULT_COLUMNS` (``path``/``img_path``,
+    ``class``/``label``). Every path and class must be non-empty. Keys are ``dataset/path as written`` (``#2``, ``#3`` ... appended to
     repeated rows so that keys stay unique).
     """
     if isinstance(lists, (str, os.PathLike)):
@@ -229,8 +244,27 @@ def read_domain_lists(
     )
 
 
-def select_training(data: DomainImages, datasets: Sequence[str] | None = None, min_images_per_class: int = 1) -> DomainImages:
-    """Rows of the named ``datasets`` (all when None) in classes of at least ``min_images_per_class`` images."""
+def _per_list(value, lists: int, key: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * lists
+    if len(values) != lists:
+        raise InputError(f"data.{key} gives {len(values)} values for {lists} lists; give one value, or one per list")
+    return values
+
+
+def select_training(data: DomainImages, datasets: Sequence[str] | None = None,
+                    min_images_per_class: int | Sequence[int] = 1,
+                    max_images_per_class: int | Sequence[int | None] | None = None, seed: int = 0) -> DomainImages:
+    """Rows of the named ``datasets`` (all when None), with each list's own class filters.
+
+    ``min_images_per_class`` and ``max_images_per_class`` are one value for every list, or
+    one per list read (``data.source``), as the UniFEx code filters each dataset (e.g.
+    Storefronts146 drops classes under 3 images, GLDv2 keeps at most 100 per class).
+    Classes are counted within their list; a class above its maximum keeps a random subset
+    of its rows (seeded by ``seed``), in list order.
+    """
+    lists = int(data.source.max()) + 1 if len(data) else 0
+    minimum = _per_list(min_images_per_class, lists, "min_images_per_class")
+    maximum = _per_list(max_images_per_class, lists, "max_images_per_class")
     keep = np.ones(len(data), dtype=bool)
     if datasets:
         unknown = [d for d in datasets if d not in data.datasets]
@@ -238,10 +272,20 @@ def select_training(data: DomainImages, datasets: Sequence[str] | None = None, m
             raise InputError(f"data.datasets: {unknown} are not in the lists; they hold {data.datasets}")
         wanted = np.isin(np.asarray(data.datasets, dtype=object), list(datasets))
         keep &= wanted[data.class_dataset[data.labels]]
-    if min_images_per_class > 1:
-        keep &= data.class_counts()[data.labels] >= min_images_per_class
+    rng = np.random.default_rng([seed, 0xF17])
+    for source in range(lists):
+        rows = np.flatnonzero((data.source == source) & keep)
+        counts = np.bincount(data.labels[rows], minlength=data.num_classes)
+        if minimum[source] is not None and minimum[source] > 1:
+            keep[rows[counts[data.labels[rows]] < minimum[source]]] = False
+        cap = maximum[source]
+        if cap is not None:
+            for c in np.flatnonzero(counts > cap):
+                members = rows[data.labels[rows] == c]
+                dropped = rng.permutation(members)[cap:]
+                keep[dropped] = False
     if not keep.any():
-        raise InputError("no training image is left after data.datasets and data.min_images_per_class")
+        raise InputError("no training image is left after data.datasets and the per-class limits")
     return data.subset(keep) if not keep.all() else data
 
 
@@ -296,13 +340,16 @@ def epoch_order(labels: np.ndarray, epoch: int, seed: int, sampling: str = "inst
     return by_class[starts[drawn] + within]
 
 
-def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """``order`` cut into batches of ``batch_size``; the last incomplete batch is dropped
-    (BatchNorm needs more than one row) unless it is the only one."""
+def epoch_batches(order: np.ndarray, batch_size: int, keep_last: bool = False, min_rows: int = 2) -> list[np.ndarray]:
+    """``order`` cut into batches of ``batch_size``. The last incomplete batch is dropped
+    unless ``keep_last`` (the UniFEx code keeps it) or it is the only one; a batch of fewer
+    than ``min_rows`` rows is never made (BatchNorm needs 2)."""
     full = len(order) // batch_size
-    if full == 0:
-        return [order] if len(order) > 1 else []
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+    batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+    rest = order[full * batch_size:]
+    if (keep_last or full == 0) and len(rest) >= min_rows:
+        batches.append(rest)
+    return batches
 
 
 __all__ = ["DomainImages", "read_domain_lists", "select_training", "holdout_split", "epoch_order", "epoch_batches",

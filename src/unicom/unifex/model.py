@@ -1,12 +1,14 @@
 """The UniFEx model: a frozen foundation backbone and a small trained neck.
 
-    images (B, 3, S, S) --backbone (frozen)--> features (B, D_in), L2-normalised
+    images (B, 3, S, S) --backbone (frozen)--> features (B, D_in), L2-normalised or raw
                         --neck--> embeddings (B, embedding_dim)
 
 Necks: ``linear`` (dropout on the features, a linear projection, optionally BatchNorm1d)
 or ``pooling`` (average pooling of the features down to ``embedding_dim``, nothing to
-train). The features are L2-normalised before the neck, exactly as ``unicom embed`` stores
-them, so a neck trained from the feature cache sees the same inputs as the exported model.
+train). By default the features are L2-normalised before the neck, exactly as ``unicom
+embed`` stores them; ``features: raw`` gives the neck the backbone's pooled features as
+they are (the UniFEx code). The feature cache stores what the neck takes, so a neck
+trained from the cache sees the same inputs as the exported model.
 
 Exported as the ``unifex`` architecture of :mod:`unicom.models.export`: the settings
 name the backbone (the spec and weights as given to :func:`unicom.models.encoders.load_encoder`)
@@ -61,8 +63,11 @@ class PoolingNeck(nn.Module):
 
 
 def build_neck(in_dim: int, neck: Mapping[str, Any]) -> nn.Module:
-    """A neck from its settings ``{"kind", "embedding_dim", "batchnorm", "dropout"}``."""
+    """A neck from its settings ``{"kind", "embedding_dim", "batchnorm", "dropout"}`` (and
+    ``features``, which says what the neck is given)."""
     kind = neck.get("kind", "linear")
+    if neck.get("features", "normalized") not in FEATURES:
+        raise InputError(f"neck features {neck['features']!r}: choose one of {FEATURES}")
     if kind == "linear":
         return LinearNeck(in_dim, int(neck["embedding_dim"]), bool(neck.get("batchnorm", False)), float(neck.get("dropout", 0.0)))
     if kind == "pooling":
@@ -85,9 +90,13 @@ def freeze(encoder: Encoder) -> Encoder:
     return encoder.eval()
 
 
-def backbone_features(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
-    """float32 (B, D_in) L2-normalised features of ``images`` (the neck's input)."""
-    return F.normalize(encoder.encode_image(images).float(), dim=-1)
+FEATURES = ("normalized", "raw")
+
+
+def backbone_features(encoder: Encoder, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """float32 (B, D_in) features of ``images`` (the neck's input), L2-normalised or raw."""
+    features = encoder.encode_image(images).float()
+    return F.normalize(features, dim=-1) if normalize else features
 
 
 def weights_reference(pretrained: str | None) -> str | None:
@@ -104,7 +113,8 @@ class UniFExModel(nn.Module):
     """Frozen backbone + neck: images (B, 3, S, S) -> embeddings (B, embedding_dim).
 
     ``settings``: ``{"backbone": spec, "pretrained": weights or None, "input_dim": D_in,
-    "neck": {...}}``. The state dict holds the neck only (keys ``neck.*``); the backbone is
+    "neck": {...}}``; ``neck["features"]`` is ``normalized`` (the default, also for folders
+    written before the key existed) or ``raw``. The state dict holds the neck only (keys ``neck.*``); the backbone is
     a reference to weights that live elsewhere and stays in inference mode.
     """
 
@@ -113,12 +123,13 @@ class UniFExModel(nn.Module):
         self.settings = dict(settings)
         self.neck = build_neck(int(settings["input_dim"]), settings["neck"])
         self.embedding_dim = int(settings["neck"]["embedding_dim"])
+        self.normalize_features = settings["neck"].get("features", "normalized") == "normalized"
         self.backbone = freeze(backbone) if backbone is not None else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.backbone is None:
             raise RuntimeError("this UniFExModel was built without its backbone (a shape check); load it with load_model")
-        return self.neck(backbone_features(self.backbone, images))
+        return self.neck(backbone_features(self.backbone, images, self.normalize_features))
 
     def train(self, mode: bool = True) -> "UniFExModel":
         super().train(mode)
@@ -144,7 +155,8 @@ def unifex_settings(backbone: str, pretrained: str | None, input_dim: int, neck:
         "pretrained": weights_reference(pretrained),
         "input_dim": int(input_dim),
         "neck": {"kind": neck["kind"], "embedding_dim": int(neck["embedding_dim"]),
-                 "batchnorm": bool(neck.get("batchnorm", False)), "dropout": float(neck.get("dropout", 0.0))},
+                 "batchnorm": bool(neck.get("batchnorm", False)), "dropout": float(neck.get("dropout", 0.0)),
+                 "features": neck.get("features", "normalized")},
     }
 
 

@@ -60,14 +60,18 @@ class FeatureBatches:
     """
 
     def __init__(self, views: torch.Tensor, labels: torch.Tensor, batch_size: int, sampling: str, seed: int,
-                 augment: bool = False):
+                 augment: bool = False, keep_last: bool = False, min_rows: int = 2):
         self.views, self.labels = views, labels
         self.batch_size, self.sampling, self.seed = batch_size, sampling, seed
         self.augment = augment and views.shape[0] > 1
+        self.keep_last, self.min_rows = keep_last, min_rows
         self._labels = labels.cpu().numpy()
 
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        return epoch_batches(order, self.batch_size, self.keep_last, self.min_rows)
+
     def __len__(self) -> int:
-        return len(epoch_batches(np.arange(len(self._labels)), self.batch_size))
+        return len(self._cut(np.arange(len(self._labels))))
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self._labels, epoch, self.seed, self.sampling)
@@ -77,7 +81,7 @@ class FeatureBatches:
             draws = np.random.default_rng([self.seed, epoch, 0x71E]).integers(0, self.views.shape[0], len(order))
             view_of = torch.from_numpy(draws).to(device)
         position = 0
-        for batch in epoch_batches(order, self.batch_size):
+        for batch in self._cut(order):
             rows = torch.from_numpy(batch).to(device)
             view = view_of[position:position + len(batch)] if view_of is not None else 0
             position += len(batch)
@@ -118,15 +122,20 @@ class ImageBatches:
     out of their batch and listed in ``failures``."""
 
     def __init__(self, encoder: Encoder, paths: Sequence[str], labels: np.ndarray, transform, batch_size: int,
-                 sampling: str, seed: int, workers: int, device: torch.device, precision: str):
+                 sampling: str, seed: int, workers: int, device: torch.device, precision: str,
+                 keep_last: bool = False, min_rows: int = 2, normalize: bool = True):
         self.encoder, self.device, self.precision = encoder, device, precision
         self.dataset = _DecodedImages(paths, np.asarray(labels), transform)
         self.batch_size, self.sampling, self.seed, self.workers = batch_size, sampling, seed, workers
+        self.keep_last, self.min_rows, self.normalize = keep_last, min_rows, normalize
         self._labels = np.asarray(labels)
         self.failures: list[dict] = []
 
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        return epoch_batches(order, self.batch_size, self.keep_last, self.min_rows)
+
     def __len__(self) -> int:
-        return len(epoch_batches(np.arange(len(self._labels)), self.batch_size))
+        return len(self._cut(np.arange(len(self._labels))))
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
@@ -134,7 +143,7 @@ class ImageBatches:
         from unicom.progress import progress
         from unicom.unifex.model import backbone_features
 
-        batches = [b.tolist() for b in epoch_batches(epoch_order(self._labels, epoch, self.seed, self.sampling), self.batch_size)]
+        batches = [b.tolist() for b in self._cut(epoch_order(self._labels, epoch, self.seed, self.sampling))]
         # its own generator: the loader must not draw from the global one, which the neck's
         # dropout uses (so that both modes draw the same masks)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -144,10 +153,10 @@ class ImageBatches:
         for images, labels, failures in loader:
             bar.update(len(failures) + (0 if images is None else len(images)))
             self.failures.extend(failures)
-            if images is None or len(images) < 2:
+            if images is None or len(images) < self.min_rows:
                 continue
             with torch.no_grad(), autocast(self.device, self.precision):
-                features = backbone_features(self.encoder, images.to(self.device, non_blocking=True))
+                features = backbone_features(self.encoder, images.to(self.device, non_blocking=True), self.normalize)
             yield features.float(), labels.to(self.device, non_blocking=True)
         bar.close()
 
@@ -181,11 +190,12 @@ def build_head(config: ProbeConfig, input_dim: int, class_counts: np.ndarray, de
 
 def _neck_settings(config: ProbeConfig) -> dict:
     neck = config.neck
-    return {"kind": neck.kind, "embedding_dim": neck.embedding_dim, "batchnorm": neck.batchnorm, "dropout": neck.dropout}
+    return {"kind": neck.kind, "embedding_dim": neck.embedding_dim, "batchnorm": neck.batchnorm, "dropout": neck.dropout,
+            "features": neck.features}
 
 
 def train_epoch(head: Head, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], config: ProbeConfig, first_step: int,
-                total_steps: int, check_first: bool = False) -> dict:
+                total_steps: int, check_first: bool = False, steps_per_epoch: int | None = None) -> dict:
     """One epoch of steps; returns ``{"loss", "steps", "skipped", "images", "seconds", "lr"}``."""
     start = time.perf_counter()
     losses, steps, skipped, images, factor = [], 0, 0, 0, 0.0
@@ -193,7 +203,7 @@ def train_epoch(head: Head, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     head.partial_fc.train()
     for features, labels in batches:
         step = first_step + steps
-        factor = config.schedule.factor(step, total_steps)
+        factor = config.schedule.factor(step, total_steps, steps_per_epoch)
         head.step_fn.set_learning_rates(*config.optim.learning_rates(factor))
         head.partial_fc.check_inputs = check_first and steps == 0  # labels and shapes, once per run
         result = head.step_fn([(features, labels)])
@@ -327,7 +337,7 @@ def read_probe_data(config: ProbeConfig) -> ProbeData:
     columns = dict(root=data.root, dataset_column=data.dataset_column, path_column=data.path_column,
                    class_column=data.class_column)
     all_train = read_domain_lists(data.train, **columns)
-    train = select_training(all_train, data.datasets, data.min_images_per_class)
+    train = select_training(all_train, data.datasets, data.min_images_per_class, data.max_images_per_class, config.seed)
     result = ProbeData(all_train, train)
     if ev.holdout_classes > 0:
         result.train, result.query, result.index = holdout_split(train, ev.holdout_classes, ev.queries_per_class, config.seed)
@@ -363,6 +373,15 @@ class Backbone:
     precision: str
     workers: int
     augment_transform: Any = None  # the augment section's random transform, when used
+    train_transform: Any = None  # the training images' plain transform (data.resize); default the encoder's own
+
+    @property
+    def plain(self):
+        return self.encoder.image_transform
+
+    @property
+    def trains_on_plain(self) -> bool:
+        return self.train_transform is None or self.train_transform is self.encoder.image_transform
 
     @property
     def input_dim(self) -> int:
@@ -394,14 +413,15 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     identity = {"model": storage.recorded(config.backbone.model), "pretrained": weights_reference(config.backbone.pretrained)}
     options = dict(identity=identity, batch_size=config.cache.batch_size, num_workers=backbone.workers,
                    dtype=config.cache.dtype, rows_per_part=config.cache.rows_per_part, precision=backbone.precision,
-                   seed=config.seed)
-    plain = backbone.encoder.image_transform
-    transforms = [plain] + [backbone.augment_transform] * config.cache.augmented_views
+                   seed=config.seed, normalize=config.neck.features == "normalized")
+    plain = backbone.plain
+    training = plain if backbone.trains_on_plain else backbone.train_transform
+    transforms = [training] + [backbone.augment_transform] * config.cache.augmented_views
     began = time.perf_counter()
     log.print(f"feature cache {root}: {len(data.all_train):,} training images x {len(transforms)} view(s)")
     feature_cache.build_views(backbone.encoder, data.all_train.images, root, "train", transforms, **options)
     contents = {"train": {"images": len(data.all_train), "views": len(transforms)}}
-    if data.eval_lists is not None:
+    if _separate_eval(data, backbone):
         for name, subset in (("query", data.query), ("index", data.index)):
             feature_cache.build_views(backbone.encoder, subset.images, root, name, [plain], **options)
             contents[name] = {"images": len(subset), "views": 1}
@@ -409,6 +429,12 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     seconds = time.perf_counter() - began
     log.event("cache", folder=storage.text(root), seconds=round(seconds, 3), **{k: v["images"] for k, v in contents.items()})
     return {"cache": storage.text(root), "seconds": seconds, "splits": contents}
+
+
+def _separate_eval(data: ProbeData, backbone: Backbone) -> bool:
+    """Whether the evaluation images need views of their own: evaluation lists, or held-out
+    classes when training images are transformed otherwise than the backbone's own way."""
+    return data.eval_lists is not None or (data.query is not None and not backbone.trains_on_plain)
 
 
 def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: dict, say) -> Feed:
@@ -428,9 +454,9 @@ def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: 
     rows, labels = rows[usable], data.train.labels[usable]
     batches = FeatureBatches(torch.from_numpy(np.stack([f[rows] for f, _ in loaded])).to(device),
                              torch.from_numpy(labels).to(device), config.data.batch_size, config.data.sampling,
-                             config.seed, augment=config.train.augment)
+                             config.seed, augment=config.train.augment, **_batching(config))
     split = None
-    if data.eval_lists is not None:
+    if _separate_eval(data, backbone):
         (query, query_ok), (index, index_ok) = (load_view(view_folder(root, name, 0), subset.images.keys)
                                                 for name, subset in (("query", data.query), ("index", data.index)))
     elif data.query is not None:  # held-out classes of the training lists: their plain view
@@ -442,17 +468,29 @@ def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: 
     return Feed(batches, np.bincount(labels, minlength=data.train.num_classes), split, cache)
 
 
+def _batching(config: ProbeConfig) -> dict:
+    """How an epoch is cut into batches: the last, smaller one kept or not; a batch of one
+    row only when the last batch is kept and the neck has no BatchNorm."""
+    keep = config.data.last_batch == "keep"
+    return {"keep_last": keep, "min_rows": 1 if keep and not config.neck.batchnorm else 2}
+
+
 def direct_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone) -> Feed:
     """Direct mode: images through the backbone every epoch; evaluation features computed once."""
-    transform = backbone.augment_transform if config.train.augment else backbone.encoder.image_transform
+    normalize = config.neck.features == "normalized"
+    if config.train.augment:
+        transform = backbone.augment_transform
+    else:
+        transform = backbone.plain if backbone.trains_on_plain else backbone.train_transform
     batches = ImageBatches(backbone.encoder, data.train.images.paths, data.train.labels, transform, config.data.batch_size,
-                           config.data.sampling, config.seed, backbone.workers, backbone.device, backbone.precision)
+                           config.data.sampling, config.seed, backbone.workers, backbone.device, backbone.precision,
+                           normalize=normalize, **_batching(config))
     split = None
     if data.query is not None:
         from unicom.embed import embed_images
 
         query, index = (embed_images(backbone.encoder, subset.images.paths, config.cache.batch_size,
-                                     num_workers=backbone.workers, precision=backbone.precision)
+                                     num_workers=backbone.workers, precision=backbone.precision, normalize=normalize)
                         for subset in (data.query, data.index))
         split = _to_split(query, data.query.labels, index, data.index.labels, backbone.device)
     return Feed(batches, data.train.class_counts(), split)
@@ -472,9 +510,23 @@ def load_backbone(config: ProbeConfig) -> Backbone:
     # the frozen backbone only infers: auto is fp16 on a GPU, as `unicom embed`
     precision = resolve_precision(config.backbone.precision, device, training=False)
     backbone = Backbone(encoder, preprocess, device, precision, workers)
+    backbone.train_transform = training_transform(encoder, preprocess, config.data.resize)
     if config.train.augment or config.cache.augmented_views:
         backbone.augment_transform = config.augment.transform(preprocess["size"], preprocess["mean"], preprocess["std"])
     return backbone
+
+
+def training_transform(encoder: Encoder, preprocess: dict, resize: str):
+    """The plain transform of the training images (``data.resize``): the encoder's own
+    (``model``), or its size, interpolation and normalisation with the short side resized
+    and a centre crop (``shortest``, the UniFEx code's training transform) or both sides
+    resized (``squash``). Evaluation and the exported model always use the encoder's own."""
+    if resize == "model" or (resize == preprocess["resize_mode"] and "resize_size" not in preprocess):
+        return encoder.image_transform
+    from unicom.models.export import build_transform
+
+    described = {key: value for key, value in preprocess.items() if key != "resize_size"}
+    return build_transform({**described, "resize_mode": resize})
 
 
 def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, counts: np.ndarray, epochs: int) -> Path:
@@ -565,7 +617,8 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
         last = epochs if until_epoch is None else min(epochs, until_epoch)
         for epoch in range(start_epoch, last):
             record = {"epoch": epoch + 1, **train_epoch(head, feed.batches.epoch(epoch), config, epoch * steps_per_epoch,
-                                                        total_steps, check_first=epoch == start_epoch)}
+                                                        total_steps, check_first=epoch == start_epoch,
+                                                        steps_per_epoch=steps_per_epoch)}
             line = (f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, {record['steps']} steps, "
                     f"{record['images'] / max(record['seconds'], 1e-9):,.0f} images/s, {record['seconds']:.2f} s")
             if split is not None and config.eval.every and (epoch + 1) % config.eval.every == 0:

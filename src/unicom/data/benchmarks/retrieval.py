@@ -8,9 +8,15 @@ k's and the headline metric of each benchmark live in the registry
 
 Labels of all splits share one vocabulary with the training classes first, so a train
 split's labels are always ``0..C_train-1`` (ready for fine-tuning) and query and gallery
-labels are directly comparable. Keys are image paths relative to the dataset folder.
-A missing index file raises :class:`InputError` naming it and the expected layout;
-missing evaluation images are listed (first five and a count) before anything runs.
+labels are directly comparable. Keys are image paths relative to the dataset's folder (the
+one holding its list files: ``--root`` itself, or the archive's top folder inside it).
+
+``root`` is the dataset's folder as downloaded and unpacked (In-Shop's ``Img/img/``,
+iNaturalist's ``Inat_dataset_splits/``, GLDv2's ``index/index.csv`` and
+``test/retrieval_solution_v2.1.csv`` ...), its parent, or the common flattened
+alternatives; each reader's ``*_LAYOUT`` lists the places it looks. A missing index file
+raises :class:`InputError` listing every place looked at and the expected layout; missing
+evaluation images are listed (first five and a count) before anything runs.
 """
 
 from __future__ import annotations
@@ -55,11 +61,24 @@ def _require(path: Path, layout: str) -> Path:
 
 
 def _first_existing(root: Path, candidates: Sequence[str], layout: str) -> Path:
-    """The first of ``root/candidate`` that exists (datasets unpack with or without a top folder)."""
+    """The first of ``root/candidate`` that exists (datasets unpack with or without a top
+    folder, with their files at the top or in sub-folders); else an error listing them all."""
     for candidate in candidates:
         if (root / candidate).exists():
             return root / candidate
-    raise InputError(f"{root / candidates[0]}: not found; expected layout:\n{layout}")
+    looked = "\n  ".join(str(root / c) for c in candidates)
+    raise InputError(f"{root / candidates[0]}: not found; looked for:\n  {looked}\nexpected layout:\n{layout}")
+
+
+def _dataset_folder(root: Path, marker: Sequence[str], tops: Sequence[str], layout: str) -> Path:
+    """``root`` itself, or the first of its sub-folders ``tops`` (the archive's own top
+    folder), that holds one of the ``marker`` files; else an error listing every place."""
+    folders = [root, *(root / top for top in tops)]
+    for folder in folders:
+        if any((folder / m).exists() for m in marker):
+            return folder
+    looked = "\n  ".join(str(folder / m) for folder in folders for m in marker)
+    raise InputError(f"{root / marker[0]}: not found; looked for:\n  {looked}\nexpected layout:\n{layout}")
 
 
 def _check_images(paths: Iterable[str], layout: str) -> None:
@@ -107,7 +126,8 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
 CUB_LAYOUT = """  CUB_200_2011/images.txt              "<image id> <class folder>/<file>.jpg"
   CUB_200_2011/image_class_labels.txt  "<image id> <class id 1..200>"
   CUB_200_2011/classes.txt             "<class id> <class folder>" (optional)
-  CUB_200_2011/images/<class folder>/<file>.jpg"""
+  CUB_200_2011/images/<class folder>/<file>.jpg
+  (--root: CUB_200_2011/ or the folder CUB_200_2011.tgz was unpacked in)"""
 
 
 def read_cub(root: str | os.PathLike) -> Splits:
@@ -116,10 +136,8 @@ def read_cub(root: str | os.PathLike) -> Splits:
     ``root`` is the ``CUB_200_2011`` folder or its parent. The official
     ``train_test_split.txt`` is not used: the metric-learning protocol splits by class.
     """
-    root = Path(root)
-    if not (root / "images.txt").exists() and (root / "CUB_200_2011").is_dir():
-        root = root / "CUB_200_2011"
-    images = _lines(_require(root / "images.txt", CUB_LAYOUT))
+    root = _dataset_folder(Path(root), ["images.txt"], ["CUB_200_2011"], CUB_LAYOUT)
+    images = _lines(root / "images.txt")
     labels = dict(line.split()[:2] for line in _lines(_require(root / "image_class_labels.txt", CUB_LAYOUT)))
     names = {}
     if (root / "classes.txt").exists():
@@ -147,15 +165,20 @@ def _require_test_classes(records, source: str) -> None:
 
 
 CARS_LAYOUT = """  cars_annos.mat   annotations: relative_im_path, class (1..196), test; class_names
-  car_ims/<file>.jpg"""
+  car_ims/<file>.jpg   (car_ims.tgz unpacked beside it)
+  (--root: that folder, or its parent holding cars196/)"""
 
 
 def read_cars196(root: str | os.PathLike) -> Splits:
-    """Cars196 (``cars_annos.mat``): classes 1-98 train, 99-196 test (leave-one-out), all images."""
+    """Cars196 (``cars_annos.mat``): classes 1-98 train, 99-196 test (leave-one-out), all images.
+
+    Classes are told apart by their number (``class``), as the metric-learning code does:
+    a name of ``class_names`` may stand for more than one class. Class names are the numbers.
+    """
     from scipy.io import loadmat
 
-    root = Path(root)
-    mat_path = _require(root / "cars_annos.mat", CARS_LAYOUT)
+    root = _dataset_folder(Path(root), ["cars_annos.mat"], ["cars196", "stanford_cars"], CARS_LAYOUT)
+    mat_path = root / "cars_annos.mat"
     try:
         mat = loadmat(str(mat_path), squeeze_me=True)
     except Exception as error:  # scipy raises several types for damaged files
@@ -163,12 +186,10 @@ def read_cars196(root: str | os.PathLike) -> Splits:
     if "annotations" not in mat:
         raise InputError(f"{mat_path}: no 'annotations' variable; expected layout:\n{CARS_LAYOUT}")
     annotations = np.atleast_1d(mat["annotations"])
-    class_names = [str(n) for n in np.atleast_1d(mat["class_names"])] if "class_names" in mat else []
     records = []
     for row in annotations:
         class_id = int(row["class"])
-        name = class_names[class_id - 1] if class_id <= len(class_names) else str(class_id)
-        records.append((str(row["relative_im_path"]), name, "train" if class_id <= 98 else "test"))
+        records.append((str(row["relative_im_path"]), str(class_id), "train" if class_id <= 98 else "test"))
     _require_test_classes(records, str(mat_path))
     splits = _labelled_splits(root, records, CARS_LAYOUT)
     return Splits(query=splits["test"], train=splits.get("train"))
@@ -178,7 +199,8 @@ def read_cars196(root: str | os.PathLike) -> Splits:
 
 
 SOP_LAYOUT = """  Ebay_train.txt, Ebay_test.txt   header "image_id class_id super_class_id path", then one image per line
-  <super class>_final/<file>.JPG"""
+  <super class>_final/<file>.JPG
+  (--root: Stanford_Online_Products/ or the folder its zip was unpacked in)"""
 
 
 def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
@@ -196,21 +218,31 @@ def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
 
 def read_sop(root: str | os.PathLike) -> Splits:
     """Stanford Online Products: ``Ebay_test.txt`` leave-one-out, ``Ebay_train.txt`` train."""
-    root = Path(root)
-    records = _read_ebay(root / "Ebay_train.txt", "train") + _read_ebay(root / "Ebay_test.txt", "test")
+    root = _dataset_folder(Path(root), ["Ebay_train.txt"], ["Stanford_Online_Products"], SOP_LAYOUT)
+    records = (_read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train")
+               + _read_ebay(_first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT), "test"))
     splits = _labelled_splits(root, records, SOP_LAYOUT)
     return Splits(query=splits["test"], train=splits["train"])
 
 
-INSHOP_LAYOUT = """  list_eval_partition.txt (or Eval/list_eval_partition.txt): a count line, the header
+INSHOP_LAYOUT = """  Eval/list_eval_partition.txt (or list_eval_partition.txt): a count line, the header
       "image_name item_id evaluation_status", then "<img/...jpg> <item id> <train|query|gallery>"
-  img/<...>.jpg"""
+  Img/img/<...>.jpg   (Img/img.zip unpacked where it lies; or img/<...>.jpg beside the list)
+  (--root: the benchmark's folder, or its parent holding Inshop_Clothes/)"""
+INSHOP_LISTS = ["Eval/list_eval_partition.txt", "list_eval_partition.txt"]
+INSHOP_IMAGE_FOLDERS = ["Img", "."]  # where the listed img/... paths start
 
 
 def read_inshop(root: str | os.PathLike) -> Splits:
-    """DeepFashion In-Shop: query images against gallery images; item ids are the classes."""
-    root = Path(root)
-    path = _first_existing(root, ["list_eval_partition.txt", "Eval/list_eval_partition.txt"], INSHOP_LAYOUT)
+    """DeepFashion In-Shop: query images against gallery images; item ids are the classes.
+
+    The list names images ``img/...``: they are looked for under ``Img/`` (the download,
+    ``Img/img.zip`` unpacked in place; keys ``Img/img/...``) and under the dataset folder
+    itself (keys ``img/...``).
+    """
+    root = _dataset_folder(Path(root), INSHOP_LISTS, ["Inshop_Clothes", "InShop", "In-shop Clothes Retrieval Benchmark"],
+                           INSHOP_LAYOUT)
+    path = _first_existing(root, INSHOP_LISTS, INSHOP_LAYOUT)
     lines = _lines(path)
     if len(lines) < 2 or not lines[0].isdigit() or lines[1].split() != ["image_name", "item_id", "evaluation_status"]:
         raise InputError(f"{path}: expected a count line and the header 'image_name item_id evaluation_status'")
@@ -222,7 +254,13 @@ def read_inshop(root: str | os.PathLike) -> Splits:
         records.append((parts[0], parts[1], parts[2]))
     if int(lines[0]) != len(records):
         raise InputError(f"{path}: the first line announces {lines[0]} images but {len(records)} are listed")
-    splits = _labelled_splits(root, records, INSHOP_LAYOUT)
+    probe = next((p for p, _, s in records if s != "train"), records[0][0] if records else "")
+    folder = next((f for f in INSHOP_IMAGE_FOLDERS if (root / f / probe).is_file()), None)
+    if folder is None:
+        looked = "\n  ".join(str((root / f / probe).resolve()) for f in INSHOP_IMAGE_FOLDERS)
+        raise InputError(f"{path} lists {probe}, found in none of:\n  {looked}\nexpected layout:\n{INSHOP_LAYOUT}")
+    prefix = "" if folder == "." else f"{folder}/"
+    splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT)
     for split in ("query", "gallery"):
         if split not in splits:
             raise InputError(f"{path}: no image has evaluation_status {split!r}")
@@ -232,17 +270,21 @@ def read_inshop(root: str | os.PathLike) -> Splits:
 # --------------------------------------------------------------------------- iNaturalist, VehicleID
 
 
-INAT_LAYOUT = """  Inaturalist_train_set1.txt, Inaturalist_test_set1.txt   one image path per line:
-      train_val2018/<supercategory>/<category>/<file>.jpg
-  train_val2018/..."""
+INAT_LAYOUT = """  Inat_dataset_splits/Inaturalist_train_set1.txt, Inaturalist_test_set1.txt (or beside
+      train_val2018/): one image path per line, train_val2018/<supercategory>/<category>/<file>.jpg
+  train_val2018/...   (train_val2018.tar.gz unpacked)
+  (--root: that folder, or its parent holding iNaturalist/)"""
+INAT_SPLIT_FOLDERS = ["Inat_dataset_splits/", ""]
 
 
 def read_inaturalist(root: str | os.PathLike) -> Splits:
-    """iNaturalist 2018, metric-learning split: class = ``<supercategory>/<category>``."""
-    root = Path(root)
+    """iNaturalist 2018, metric-learning split (Brown et al., read from ``Inat_dataset_splits/``
+    as pytorch-metric-learning and the Unicom code do): class = ``<supercategory>/<category>``."""
+    marker = [f"{folder}Inaturalist_train_set1.txt" for folder in INAT_SPLIT_FOLDERS]
+    root = _dataset_folder(Path(root), marker, ["iNaturalist", "inaturalist"], INAT_LAYOUT)
     records = []
     for split, name in (("train", "Inaturalist_train_set1.txt"), ("test", "Inaturalist_test_set1.txt")):
-        path = _require(root / name, INAT_LAYOUT)
+        path = _first_existing(root, [f"{folder}{name}" for folder in INAT_SPLIT_FOLDERS], INAT_LAYOUT)
         for number, line in enumerate(_lines(path), 1):
             parts = line.split("/")
             if len(parts) < 4:
@@ -254,7 +296,8 @@ def read_inaturalist(root: str | os.PathLike) -> Splits:
 
 VEHICLEID_LAYOUT = """  train_test_split/train_list.txt, test_list_800.txt, test_list_1600.txt, test_list_2400.txt
       "<image name> <vehicle id>" per line
-  image/<image name>.jpg"""
+  image/<image name>.jpg
+  (--root: that folder, or its parent holding VehicleID_V1.0/)"""
 VEHICLEID_SIZES = {"small": 800, "medium": 1600, "large": 2400}
 
 
@@ -262,10 +305,10 @@ def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
     """PKU VehicleID: one test list (small 800, medium 1600, large 2400 vehicles), leave-one-out."""
     if size not in VEHICLEID_SIZES:
         raise InputError(f"VehicleID size must be one of {list(VEHICLEID_SIZES)}, got {size!r}")
-    root = Path(root)
+    root = _dataset_folder(Path(root), ["train_test_split"], ["VehicleID_V1.0", "VehicleID"], VEHICLEID_LAYOUT)
     records = []
     for split, name in (("train", "train_list.txt"), ("test", f"test_list_{VEHICLEID_SIZES[size]}.txt")):
-        path = _require(root / "train_test_split" / name, VEHICLEID_LAYOUT)
+        path = _first_existing(root, [f"train_test_split/{name}"], VEHICLEID_LAYOUT)
         for number, line in enumerate(_lines(path), 1):
             parts = line.split()
             if len(parts) != 2:
@@ -278,12 +321,22 @@ def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
 # --------------------------------------------------------------------------- GLDv2
 
 
-GLDV2_LAYOUT = """  index.csv, test.csv                   column "id" (16 hex characters)
-  retrieval_solution_v2.1.csv           "id,images,Usage": test id, relevant index ids
+GLDV2_LAYOUT = """  index/index.csv (or index.csv, metadata/index.csv)   column "id" (16 hex characters)
+  test/retrieval_solution_v2.1.csv (or retrieval_solution_v2.1.csv, ground_truth/, metadata/)
+                                        "id,images,Usage": test id, relevant index ids
                                         separated by spaces, Public|Private|Ignored
+  test/test.csv (or test.csv, metadata/test.csv)   optional: the test ids, checked when present
   index/<a>/<b>/<c>/<id>.jpg, test/<a>/<b>/<c>/<id>.jpg   (a, b, c: the id's first characters)
-  train_clean.csv ("landmark_id,images") or train.csv ("id,url,landmark_id") and
-  train/<a>/<b>/<c>/<id>.jpg            optional, for fine-tuning"""
+  train_clean.csv ("landmark_id,images") or train.csv ("id,url,landmark_id") (also under
+  train/ or metadata/) and train/<a>/<b>/<c>/<id>.jpg   optional, for fine-tuning"""
+GLDV2_PLACES = {
+    "index": ["index/index.csv", "index.csv", "metadata/index.csv"],
+    "test": ["test/test.csv", "test.csv", "metadata/test.csv"],
+    "solution": ["test/retrieval_solution_v2.1.csv", "retrieval_solution_v2.1.csv",
+                 "ground_truth/retrieval_solution_v2.1.csv", "metadata/retrieval_solution_v2.1.csv"],
+    "train_clean": ["train_clean.csv", "train/train_clean.csv", "metadata/train_clean.csv"],
+    "train": ["train.csv", "train/train.csv", "metadata/train.csv"],
+}
 
 
 def _gld_path(folder: str, image_id: str) -> str:
@@ -298,14 +351,19 @@ def _csv_ids(path: Path) -> list[str]:
         return [row["id"] for row in reader]
 
 
+def _optional(root: Path, places: Sequence[str]) -> Path | None:
+    return next((root / place for place in places if (root / place).is_file()), None)
+
+
 def _gld_train(root: Path) -> ImageList | None:
-    if (root / "train_clean.csv").exists():
+    clean, full = _optional(root, GLDV2_PLACES["train_clean"]), _optional(root, GLDV2_PLACES["train"])
+    if clean is not None:
         rows = []
-        with open(root / "train_clean.csv", newline="", encoding="utf-8") as f:
+        with open(clean, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
-    elif (root / "train.csv").exists():
-        with open(root / "train.csv", newline="", encoding="utf-8") as f:
+    elif full is not None:
+        with open(full, newline="", encoding="utf-8") as f:
             rows = [(row["id"], row["landmark_id"]) for row in csv.DictReader(f)]
     else:
         return None
@@ -323,14 +381,15 @@ def _gld_train(root: Path) -> ImageList | None:
 def read_gldv2(root: str | os.PathLike) -> Splits:
     """GLDv2 retrieval: Public and Private test queries (``Ignored`` dropped) against the index.
 
-    Relevance comes from ``retrieval_solution_v2.1.csv``; ``train`` is the clean or full
-    training list when present.
+    Relevance comes from ``retrieval_solution_v2.1.csv``; ``test.csv``, when present, must
+    list every test id of it; ``train`` is the clean or full training list when present.
     """
     root = Path(root)
-    index_ids = _csv_ids(root / "index.csv")
-    test_ids = set(_csv_ids(root / "test.csv"))
+    index_ids = _csv_ids(_first_existing(root, GLDV2_PLACES["index"], GLDV2_LAYOUT))
+    test_list = _optional(root, GLDV2_PLACES["test"])
+    test_ids = set(_csv_ids(test_list)) if test_list is not None else None
     position = {image_id: i for i, image_id in enumerate(index_ids)}
-    solution = _require(root / "retrieval_solution_v2.1.csv", GLDV2_LAYOUT)
+    solution = _first_existing(root, GLDV2_PLACES["solution"], GLDV2_LAYOUT)
     queries, relevant, usage = [], [], []
     with open(solution, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -341,8 +400,8 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
                 continue
             if row["Usage"] not in ("Public", "Private"):
                 raise InputError(f"{solution}: line {number} has Usage {row['Usage']!r}; expected Public, Private or Ignored")
-            if row["id"] not in test_ids:
-                raise InputError(f"{solution}: line {number}: test id {row['id']} is not in test.csv")
+            if test_ids is not None and row["id"] not in test_ids:
+                raise InputError(f"{solution}: line {number}: test id {row['id']} is not in {test_list}")
             items = []
             for image_id in row["images"].split():
                 if image_id not in position:

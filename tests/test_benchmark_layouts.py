@@ -1,0 +1,83 @@
+"""Every retrieval benchmark read from its folder as downloaded and unpacked, and from the common
+flattened alternative: the same splits, keys and labels either way; a clear error otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from benchmark_layouts import INSHOP_ROWS, LAYOUTS, WRITERS
+
+from unicom.data.benchmarks import load_retrieval_benchmark
+from unicom.errors import InputError
+
+
+def summary(images):
+    if images is None:
+        return None
+    names = [images.class_names[i] for i in images.labels] if images.labels is not None else None
+    return images.keys, names
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_the_download_and_the_flat_layout_read_the_same(name, tmp_path):
+    protocols = {}
+    for layout in LAYOUTS:
+        root = WRITERS[name](tmp_path / layout, layout)
+        protocols[layout] = protocol = load_retrieval_benchmark(name, root)
+        for images in (protocol.query, protocol.gallery, protocol.train):
+            if images is not None and name != "gldv2":  # GLDv2's training images are optional
+                assert all(Path(p).is_file() for p in images.paths)
+    download, flat = protocols["download"], protocols["flat"]
+    for split in ("query", "gallery", "train"):
+        ours, theirs = summary(getattr(download, split)), summary(getattr(flat, split))
+        if ours is not None and name == "inshop":  # keys are relative to the dataset folder: Img/img/... there
+            ours = ([key.removeprefix("Img/") for key in ours[0]], ours[1])
+        assert ours == theirs, split
+    if name == "gldv2":
+        assert [r.tolist() for r in download.relevant] == [r.tolist() for r in flat.relevant] == [[1, 3], [0]]
+    else:
+        assert len(np.unique(download.train.labels)) == 3
+
+
+def test_inshop_images_are_found_under_img_as_img_zip_unpacks(tmp_path):
+    protocol = load_retrieval_benchmark("inshop", WRITERS["inshop"](tmp_path, "download"))
+    assert protocol.query.keys[0] == f"Img/{INSHOP_ROWS[6][0]}"  # relative to the dataset folder
+    assert protocol.query.paths[0] == str(tmp_path / "Img" / INSHOP_ROWS[6][0])
+
+
+def test_cars196_classes_are_their_numbers(tmp_path):
+    protocol = load_retrieval_benchmark("cars196", WRITERS["cars196"](tmp_path, "download"))
+    assert protocol.train.class_names[:3] == ["1", "2", "3"]
+    assert sorted({protocol.query.class_names[i] for i in protocol.query.labels}) == ["196", "99"]
+
+
+def test_gldv2_without_test_csv_takes_the_test_ids_from_the_solution(tmp_path):
+    protocol = load_retrieval_benchmark("gldv2", WRITERS["gldv2"](tmp_path, "download"))
+    assert protocol.query.keys == ["test/a/0/0/a000000000000001.jpg", "test/c/0/0/c000000000000003.jpg"]
+    assert {k: v.tolist() for k, v in protocol.subsets.items()} == {"public": [0], "private": [1]}
+
+
+@pytest.mark.parametrize("name,looked", [
+    ("inshop", ["Eval/list_eval_partition.txt", "Inshop_Clothes/Eval/list_eval_partition.txt", "/list_eval_partition.txt"]),
+    ("inaturalist", ["Inat_dataset_splits/Inaturalist_train_set1.txt", "iNaturalist/Inaturalist_train_set1.txt"]),
+    ("gldv2", ["index/index.csv", "/index.csv", "metadata/index.csv"]),
+    ("sop", ["/Ebay_train.txt", "Stanford_Online_Products/Ebay_train.txt"]),
+    ("cub", ["/images.txt", "CUB_200_2011/images.txt"]),
+    ("cars196", ["/cars_annos.mat", "cars196/cars_annos.mat"]),
+])
+def test_a_folder_without_the_dataset_lists_every_place_looked_at(name, looked, tmp_path):
+    with pytest.raises(InputError) as caught:
+        load_retrieval_benchmark(name, tmp_path)
+    message = str(caught.value)
+    assert "looked for:" in message and "expected layout:" in message
+    for place in looked:
+        assert place in message, place
+
+
+def test_inshop_images_missing_from_both_places_are_named(tmp_path):
+    WRITERS["inshop"](tmp_path, "download")
+    (tmp_path / "Img").rename(tmp_path / "Images")
+    with pytest.raises(InputError, match=r"found in none of:\n.*Img/img/MEN/Denim"):
+        load_retrieval_benchmark("inshop", tmp_path)

@@ -143,3 +143,19 @@ def test_probe_lists_in_s3_resolve_their_images_beside_them(s3, tmp_path):
     images = read_domain_lists(f"{bucket}/lists/cars.csv")
     assert images.images.paths == [f"{bucket}/lists/a/0.jpg", f"{bucket}/lists/b/1.jpg"]
     assert images.datasets == ["cars"]
+
+
+def test_a_class_folder_in_s3_reads_as_the_same_folder_on_disk(s3, tmp_path):
+    from unicom.data.lists import read_image_folder
+
+    for relative in ("cat/a.jpg", "cat/b.png", "dog/x/1.jpg", "dog/y/2.jpg", "dog/3.jpg", "dog/notes.txt"):
+        (tmp_path / "pets" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pets" / relative).write_bytes(b"")
+    bucket = s3.bucket("class-folder")
+    s3.upload_folder(tmp_path / "pets", "class-folder", "pets")
+    for classes in ("top", "leaf"):
+        local = read_image_folder(tmp_path / "pets", classes)
+        remote = read_image_folder(f"{bucket}/pets", classes)
+        assert remote.keys == local.keys and remote.class_names == local.class_names
+        assert remote.labels.tolist() == local.labels.tolist()
+        assert remote.paths == [f"{bucket}/pets/{key}" for key in local.keys]

@@ -188,3 +188,118 @@ def indexed_image_collection(root: Path) -> dict:
     found = embedded_image_collection(root)
     index = Index.build(found["emb"], Path(root) / "index")
     return {**found, "index": index, "encoder": load_encoder("timm/test_vit", str(found["checkpoint"]))}
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_open_clip(folder: Path, seed: int = 0, weights: bool = True) -> str:
+    """A tiny CLIP (both towers) as an open_clip model folder (``local-dir:``) with random
+    weights, saved in the folder unless ``weights`` is False. Returns the spec ``local-dir:FOLDER``."""
+    import warnings
+
+    import open_clip
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    spec = f"local-dir:{folder.resolve()}"
+    if weights:
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(spec)
+        torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return spec
+
+
+def open_clip_reference(spec: str):
+    """open_clip's own (model, preprocess, tokenizer) for ``spec``, in eval mode: the reference."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    return model.eval(), preprocess, open_clip.get_tokenizer(spec)
+
+
+def clip_image_collection(root: Path, labels=(0, 1, 2, 3), per_class: int = 6, weights: bool = True) -> dict:
+    """Class images embedded by ``unicom embed``'s library call with :func:`tiny_open_clip`,
+    and their exact index. Returns ``{"images", "spec", "emb", "index"}``."""
+    from unicom.embed import embed_to_folder
+    from unicom.search.index import Index
+
+    root = Path(root)
+    spec = tiny_open_clip(root / "clip", weights=weights)
+    images = write_class_folder(root / "images", list(labels), per_class)
+    embed_to_folder([str(root / "images")], root / "emb", spec, rows_per_part=8, num_workers=0, dtype="float32")
+    index = Index.build(root / "emb", root / "index")
+    return {"images": images, "spec": spec, "emb": root / "emb", "index": index}
+
+
+def stored_embeddings(emb: Path) -> "np.ndarray":
+    """The image embeddings of an embedding folder, parts in order (the ids' order): float32 (N, D)."""
+    parts = sorted((Path(emb) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return np.concatenate([np.load(p) for p in parts]).astype(np.float32)
+
+
+def brute_force(embeddings: "np.ndarray", query: "np.ndarray", k: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Exact top-k by inner product of unit rows: (scores, ids), best first."""
+    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query)
+    scores = x @ q
+    ids = np.argsort(-scores, kind="stable")[:k]
+    return scores[ids], ids
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the networking switches Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def browser_or_skip():
+    """Playwright's ``sync_playwright``, or a skip saying what is missing."""
+    import pytest
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
+    if not CHROMIUM.exists():
+        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
+    return sync_playwright
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread: ``with LiveServer(app) as url: ...``."""
+
+    def __init__(self, app, port: int | None = None):
+        self.app = app
+        self.port = port or free_port()
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -38,6 +38,7 @@ from unicom.engine.device import autocast, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
+    WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
     read_config,
@@ -340,7 +341,9 @@ def _check_config(out, config: dict) -> bool:
         value = previous.get(key)
         if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
             previous[key] = os.path.abspath(value)
-    different = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+    # folders written before the weights digest was recorded are compared without it
+    different = {k: (previous.get(k), v) for k, v in config.items()
+                 if previous.get(k) != v and (k in previous or k != WEIGHTS_CHECKSUM)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
         raise InputError(
@@ -397,7 +400,7 @@ def embed_parts(
     if len(set(numbers)) != len(numbers):
         raise InputError("two inputs map to the same output part number; give distinct shard numbers")
     config = dict(config or {"model": encoder.name})
-    config.update(modalities=list(modalities), dtype=dtype)
+    config.update({"modalities": list(modalities), "dtype": dtype, WEIGHTS_CHECKSUM: encoder.weights_sha256()})
     had_config = _check_config(out, config)
 
     kinds = list(modalities) + ["metadata"]

@@ -59,7 +59,9 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         size = image.size
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft)
-        image = image.convert("RGB")  # forces the full decode: truncated data fails here
+        image.load()  # the full decode: truncated data fails here
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except FileNotFoundError as error:
         raise DecodeError(f"file not found: {error.filename}") from error
     except Image.UnidentifiedImageError as error:

@@ -6,7 +6,14 @@
     ROOT/text_emb/text_emb_{i}.npy        (N_i, D') the same samples, from the text tower
     ROOT/metadata/metadata_{i}.parquet    N_i rows: key, caption, path or url, width, height
     ROOT/failures/failures_{i}.parquet    samples of part i that could not be embedded
-    ROOT/embed_config.json                what made the embeddings (model, weights, modalities, dtype)
+    ROOT/embed_config.json                what made the embeddings (below)
+
+``embed_config.json`` holds ``model`` (the spec given to ``unicom embed``), ``pretrained``
+(a tag, or the weights file's absolute path), ``modalities``, ``dtype`` and
+``weights_sha256`` (:data:`WEIGHTS_CHECKSUM`: the digest of the model's parameters and
+buffers, :meth:`unicom.models.encoders.Encoder.weights_sha256`), by which a later stage
+knows whether the model it loads is the one that made the embeddings, even when that
+model had random weights and no file.
 
 This is clip-retrieval's layout (LAION's published embeddings are read as they are), with
 keys. ``ROOT`` may be a URL (``s3://bucket/emb``, see :mod:`unicom.storage`): parts are
@@ -55,6 +62,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 KEY_COLUMNS = ("key", "image_path", "url")
 CONFIG_FILE = "embed_config.json"
+WEIGHTS_CHECKSUM = "weights_sha256"  # the key of the model's weights digest in CONFIG_FILE
 FAILURES_FOLDER = "failures"
 SHOWN = 10  # part numbers listed in a message
 

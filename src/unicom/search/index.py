@@ -33,7 +33,7 @@ import numpy as np
 from unicom import __version__, storage
 from unicom.errors import InputError
 from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
-from unicom.formats.embeddings import part_name, part_path, read_config
+from unicom.formats.embeddings import WEIGHTS_CHECKSUM, part_name, part_path, read_config
 from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
 from unicom.search.planner import (
     Candidate,
@@ -536,7 +536,7 @@ def _embedding_model(emb) -> dict | None:
         return None
     if config is None or not isinstance(config.get("model"), str):
         return None
-    return {"spec": config["model"], "pretrained": config.get("pretrained")}
+    return {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
 
 
 def _read_config(path: Path) -> dict | None:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from unicom import storage
 from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample, scan
 from unicom.cluster.kmeans import INITS, CentroidSearch, available_memory, compute_backend, train_kmeans, training_memory
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
@@ -184,10 +185,12 @@ def train_centroids(
     so nothing was read). Nothing is written before every shard has been checked.
     """
     folder = ClusterFolder(out)
+    storage.writable(folder.root)
     expected = {"mode": "single", "settings": asdict(settings), "inputs": inputs.fingerprint()}
     record = check_record(folder.centroids_record, expected)
-    if record is not None and folder.centroids.is_file():
+    if record is not None and storage.is_file(folder.centroids):
         return record, None
+    folder.sweep(["centroids.npy", "centroids.json"])
     trained, result, fields = _train_on(inputs, inputs.shards, settings, part=None, skip_invalid=skip_invalid, device=device)
     record = {**expected, **fields}
     folder.write_centroids(trained.centroids, record)
@@ -232,11 +235,13 @@ def assign_labels(
     expected = {"inputs": inputs.fingerprint()}
     assignment = check_record(folder.assignment_record, expected)
     selected = _select(inputs, shards)
-    pending = [shard for shard in selected if not folder.label_path(shard.number).is_file()]
+    labelled = folder.labelled_parts()
+    pending = [shard for shard in selected if shard.number not in labelled]
     report = {"parts": len(selected), "written": [s.number for s in pending], "rows": sum(s.rows for s in pending)}
     if not pending:
         report.update(invalid_rows=0, seconds=0.0)
         return report
+    folder.sweep(labels=[s.number for s in pending])
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
     if assignment is None:
@@ -291,7 +296,8 @@ def summarize(
     record = folder.read_record()
     assignment = folder.read_assignment()
     numbers = sorted(int(n) for n in assignment["inputs"]["shards"])
-    missing = [n for n in numbers if not folder.label_path(n).is_file()]
+    labelled = folder.labelled_parts()
+    missing = [n for n in numbers if n not in labelled]
     if missing:
         listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise InputError(f"{len(missing)} of {len(numbers)} parts have no labels yet (parts {listed}); run `unicom cluster assign` for them")
@@ -301,6 +307,8 @@ def summarize(
             f"the labels in {folder.labels} were already filtered with --min-cluster-size {applied}; "
             f"to use {min_cluster_size}, delete {folder.labels} and {folder.assignment_record} and assign again"
         )
+    # every part is labelled: what a killed summary (or filter) left is this stage's own
+    folder.sweep(["cluster_sizes.npy", "cluster_sizes.png", "clusters.json", "assignment.json"], labels=numbers)
     k = record["k"]
     facts = {n: folder.label_facts(n) for n in numbers}
     if applied == 0:  # the files hold every labelled sample: count them
@@ -313,7 +321,7 @@ def summarize(
         folder.write_sizes(sizes)
         assignment["mean_similarity"] = similarity_sum / max(int(sizes.sum()), 1)
     else:  # some files may be filtered already: the sizes were saved before filtering
-        if not folder.sizes.is_file():
+        if not storage.is_file(folder.sizes):
             raise InputError(
                 f"{folder.sizes} is missing but the labels were filtered with --min-cluster-size {applied}; "
                 f"delete {folder.labels} and {folder.assignment_record} and assign again"
@@ -446,6 +454,8 @@ def train_part(
     record = check_record(record_path, expected)
     if record is not None:
         return record
+    storage.writable(folder.root)
+    folder.sweep(parts=[part])
     trained, _, fields = _train_on(inputs, shards, settings, part=part, skip_invalid=skip_invalid, device=device)
     record = {**expected, "shards": [s.number for s in shards], **fields}
     folder.write_part(part, trained.centroids, trained.sizes, record)
@@ -490,8 +500,9 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
     }
     expected = {"mode": "hierarchical", "settings": asdict(settings), "inputs": first["inputs"], "hierarchical": hierarchical}
     record = check_record(folder.centroids_record, expected)
-    if record is not None and folder.centroids.is_file():
+    if record is not None and storage.is_file(folder.centroids):
         return record
+    folder.sweep(["centroids.npy", "centroids.json"])
     if settings.k > union:
         raise InputError(f"k = {settings.k} is larger than the {union} centroids of the {num_parts} parts; lower --k or raise the parts' k")
     backend = compute_backend(device)

@@ -33,6 +33,7 @@ from unicom.data.transforms import (
     encoded_bytes,
     jpeg_size,
 )
+from unicom.storage import FetchError
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,9 @@ class BatchStream(IterableDataset):
                     images.append(self.image_input.on_worker(image))
                 except DecodeError as error:
                     batch.failures.append(_failure(record, source, str(error)))
+                    continue
+                except FetchError as error:  # the part is not finished: a rerun fetches it again
+                    batch.failures.append(dict(_failure(record, source, f"fetch failed: {error}"), fetch=True))
                     continue
                 except Exception as error:  # a transform that rejects this image
                     batch.failures.append(_failure(record, source, f"transform failed: {type(error).__name__}: {error}"))

@@ -14,6 +14,8 @@ from typing import Callable
 
 from PIL import Image
 
+from unicom import storage
+
 
 class DecodeError(Exception):
     """An image that cannot be decoded; the message is the reason shown in failure reports."""
@@ -40,13 +42,15 @@ def draft_size(transform: Callable | None) -> tuple[int, int] | None:
 
 
 def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode ``source`` (encoded bytes, a file path, or a PIL image) to an RGB image.
+    """Decode ``source`` (encoded bytes, a file path or URL, or a PIL image) to an RGB image.
 
     Returns ``(image, (width, height))`` where the size is the stored image's, before any
     draft reduction. Raises :class:`DecodeError` with a readable reason.
     """
     if isinstance(source, Image.Image):
         return source.convert("RGB"), source.size
+    if isinstance(source, str) and storage.is_url(source):
+        source = storage.read_bytes(source)  # a storage.FetchError when it cannot be fetched
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(source))
@@ -154,6 +158,8 @@ def encoded_bytes(image) -> bytes | None:
     a decoded (PIL) image. Raises :class:`DecodeError` for a file that cannot be read."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
+    if isinstance(image, str) and storage.is_url(image):
+        return storage.read_bytes(image)  # a storage.FetchError when it cannot be fetched, as decode_image
     if isinstance(image, (str, os.PathLike)):
         try:
             with open(os.fspath(image), "rb") as file:

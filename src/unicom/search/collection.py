@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
 from unicom.formats.embeddings import EmbeddingFolders
 from unicom.progress import progress
@@ -66,7 +66,7 @@ class Collection:
     """
 
     def __init__(self, root: str | os.PathLike, first_id: int = 0, skip: Sequence[int] = ()):
-        self.root = Path(root)
+        self.root = storage.path(root)
         self.folders = EmbeddingFolders.from_root(root)
         self.contents = self.folders.contents(("image",), allow_unfinished=True)
         self.has_metadata = "metadata" in self.contents.kinds

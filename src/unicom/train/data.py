@@ -107,7 +107,7 @@ class ShardSource:
 
     kind = "shards"
 
-    def __init__(self, shards: Sequence[tuple[int, Path]], label_files: dict[int, Path], labelled: int, num_classes: int,
+    def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
                  shuffle_buffer: int = 2000):
         self.shards = list(shards)
         self.label_files = label_files
@@ -137,9 +137,11 @@ class ShardSource:
         """(num_classes,) int64 labelled samples per class: the rows of the label files."""
         import pyarrow.parquet as pq
 
+        from unicom import storage
+
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for path in self.label_files.values():
-            labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+            labels = pq.read_table(storage.readable(path), columns=["label"]).column("label").to_numpy()
             counts += np.bincount(labels, minlength=self.num_classes)
         return counts
 
@@ -150,7 +152,8 @@ class ShardSource:
 
     def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
                 counters: Counters) -> Iterator[Record]:
-        from unicom.data.shards import ShardReadError, read_tar_samples
+        from unicom import storage
+        from unicom.data.shards import ShardReadError, read_tar_samples, shard_name
 
         order = permutation(len(self.shards), seed, pass_)
         mine = [self.shards[i] for i in order[rank::world_size][role::roles]]
@@ -164,9 +167,9 @@ class ShardSource:
                         if label is None:
                             counters.unlabelled += 1
                             continue
-                        yield Record((number, index), sample.image_bytes(), int(label), sample.key, path.name)
+                        yield Record((number, index), sample.image_bytes(), int(label), sample.key, shard_name(path))
                 except ShardReadError as error:
-                    counters.fail("", str(path), f"shard broke off after {error.samples} samples: {error.reason}")
+                    counters.fail("", storage.text(path), f"shard broke off after {error.samples} samples: {error.reason}")
 
         buffer: list[Record] = []
         rng = random.Random(_generator_seed(seed, pass_, rank, role, 0x5EED))
@@ -438,12 +441,13 @@ def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, 
 
 
 def _shard_source(data, num_classes: int | None) -> ShardSource:
-    from unicom.data.shards import SHARD_SUFFIXES, expand_shards
+    from unicom import storage
+    from unicom.data.shards import SHARD_SUFFIXES, expand_shards, shard_name
     from unicom.files import part_number
     from unicom.formats.clusters import PseudoLabels
 
-    shards = [(part_number(path), path) for path in expand_shards(data.shards)]
-    foreign = [str(p) for _, p in shards if not p.name.endswith(SHARD_SUFFIXES)]
+    shards = [(part_number(shard_name(path)), path) for path in expand_shards(data.shards)]
+    foreign = [storage.text(p) for _, p in shards if not storage.is_pipe(p) and not shard_name(p).endswith(SHARD_SUFFIXES)]
     if foreign:
         raise InputError(f"{foreign[0]}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)})")
     labels = PseudoLabels(data.labels)
@@ -459,6 +463,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
 
 def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
     """Fail early when the first shard's keys are absent from its labels (mismatched inputs)."""
+    from unicom import storage
     from unicom.data.shards import ShardReadError, read_tar_samples
 
     number, path = source.shards[0]
@@ -473,7 +478,7 @@ def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
         pass
     if keys and labels and not any(key in labels for key in keys):
         raise InputError(
-            f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {source.label_files[number].name} "
+            f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {storage.name(source.label_files[number])} "
             f"(keys like {next(iter(labels))!r}); the labels were made from other inputs"
         )
 
@@ -548,11 +553,12 @@ def _list_source(data, num_classes: int | None) -> ListSource:
     if data.benchmark:
         return _benchmark_source(data, num_classes)
     if data.folder:
+        from unicom import storage
         from unicom.data.lists import NestedClassFolders, read_image_folder
         from unicom.data.sources import read_flat_folder
 
-        root = Path(data.folder)
-        if not root.is_dir():
+        root = data.folder if storage.is_url(data.folder) else Path(data.folder)
+        if not storage.is_dir(root):
             raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
         # keys are paths relative to the folder either way, as `unicom embed` writes them
         try:
@@ -564,7 +570,7 @@ def _list_source(data, num_classes: int | None) -> ListSource:
                 f"the {len(nested.leaves)} leaf folders as classes, or data.folder_classes=top for the {nested.top} "
                 "top-level ones"
             ) from None
-        origin = str(root)
+        origin = storage.text(root)
     else:
         images = read_table(data.table, path_column=data.path_column, label_column=data.label_column,
                             key_column=data.key_column or "key")

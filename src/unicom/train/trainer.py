@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unicom import distributed
+from unicom import distributed, storage
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import resolve_device, resolve_precision
@@ -302,7 +302,7 @@ def export_model(run: Run, folder: Path, step: int) -> Path:
         "trained_by": "unicom train",
         "run": str(run.out.resolve()),
         "step": step,
-        "init": run.config.model.init,
+        "init": storage.recorded(run.config.model.init),
         "data": run.source.describe(),
         "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
                  "centers": pfc.centers, "margin_gradient": pfc.margin_gradient, "num_classes": pfc.num_classes},

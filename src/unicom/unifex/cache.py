@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from unicom import storage
 from unicom.data.lists import ImageList
 from unicom.data.sources import list_parts
 from unicom.errors import InputError
@@ -41,9 +42,9 @@ from unicom.models.encoders import Encoder
 MANIFEST = "cache.json"
 
 
-def view_folder(root: str | os.PathLike, split: str, view: int) -> Path:
-    """``root/<split>/view_<view>``."""
-    return Path(root) / split / f"view_{view}"
+def view_folder(root, split: str, view: int) -> Path:
+    """``root/<split>/view_<view>`` (``root`` a folder or a URL)."""
+    return storage.join(root, split, f"view_{view}")
 
 
 def transform_identity(transform: Callable):
@@ -147,7 +148,7 @@ def load_view(folder: str | os.PathLike, keys: Sequence[str]) -> tuple[np.ndarra
 
 def write_manifest(root: str | os.PathLike, identity: dict, input_dim: int, splits: dict[str, dict]) -> None:
     """``root/cache.json``: what the cache holds (for people; the views check themselves)."""
-    write_json_atomic(Path(root) / MANIFEST, {**identity, "input_dim": int(input_dim), "splits": splits})
+    write_json_atomic(storage.join(root, MANIFEST), {**identity, "input_dim": int(input_dim), "splits": splits})
 
 
 __all__ = ["build_views", "load_view", "view_folder", "images_fingerprint", "transform_identity", "write_manifest",

@@ -97,10 +97,11 @@ if [ "$SMOKE" = 1 ]; then
   stage train_step 900 "$PY" benchmarks/train_step.py --device "$DEVICE" --smoke --batches 8 --compile \
     --out "$RESULTS/train_step_$SUFFIX.txt"
 else
-  stage partial_fc 100 "$PY" benchmarks/partial_fc_step.py --device cuda --classes 1000000 100000 --steps 7
+  stage partial_fc 100 "$PY" benchmarks/partial_fc_step.py --device cuda --classes 1000000 100000 --steps 7 \
+    --variants acd
   stage kmeans 60 "$PY" benchmarks/kmeans_cuda.py --device cuda
   stage embed 100 "$PY" benchmarks/embed_pipeline.py --device cuda --images 8000 --shards 8 --batch-size 256 --write
-  stage train_step 200 "$PY" benchmarks/train_step.py --device cuda --compile --batches 512
+  stage train_step 240 "$PY" benchmarks/train_step.py --device cuda --compile --batches 512
 fi
 
 echo "== done in $(( $(date +%s) - START ))s; results in $RESULTS:"

@@ -218,7 +218,8 @@ def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_
     for d, image in zip(data, decoded):
         reference = as_uint8_tensor(decode_image(d)[0])
         # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels
-        assert float((image.cpu().float() - reference.float()).abs().mean()) <= 2.0
+        assert image.shape == reference.shape
+        assert float((image.cpu().float() - reference.float()).abs().mean()) <= 4.0
     got = transform(decoded, [()] * len(decoded))
     assert got.device.type == "cuda"
     encoder = vit_b32_encoder.to("cuda")

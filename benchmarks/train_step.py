@@ -19,8 +19,11 @@ training step (matrix products and attention); recomputation under gradient chec
 is not counted (it is hardware work, not model work). Peak: 989.4 TFLOP/s for H100/H200
 SXM (dense bf16), 312 for A100; ``--peak-tflops`` for others.
 
-Usage: python benchmarks/train_step.py [--device cuda] [--out FILE]
-Writes benchmarks/results/train_step_{cpu,cuda}.txt.
+Usage: python benchmarks/train_step.py [--device cuda] [--compile] [--batches 256 512] [--out FILE]
+Writes benchmarks/results/train_step_{cpu,cuda}.txt. ``--batches`` times those sizes only
+(no search for the largest, no gradient checkpointing): the quick form that
+benchmarks/gpu_suite.sh runs. Compiled graphs go to unicom's persistent compile cache
+(:func:`unicom.engine.device.compile_cache`), so a second run skips the compilation.
 """
 
 from __future__ import annotations
@@ -186,6 +189,23 @@ def run_cpu() -> list[str]:
 
 GPU_MODEL, GPU_CLASSES, GPU_SAMPLE_RATE = "ViT-B-16", 1_000_000, 0.1
 GPU_BATCHES = [64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+GPU_DEVICE = torch.device("cuda")  # --smoke --device cpu runs this path on the CPU at toy sizes
+GPU_OVERRIDES: dict = {}
+GPU_IMAGE = 224
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
 def model_flops_per_image(device: torch.device) -> tuple[float, float]:
@@ -196,17 +216,17 @@ def model_flops_per_image(device: torch.device) -> tuple[float, float]:
     from unicom.models.vit import ClipViTSettings
 
     batch = 8
-    _, step = build(GPU_MODEL, {}, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", False)
-    images, labels = random_batch(batch, 224, GPU_CLASSES, device, 0)
+    _, step = build(GPU_MODEL, GPU_OVERRIDES, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", False)
+    images, labels = random_batch(batch, GPU_IMAGE, GPU_CLASSES, device, 0)
     counter = FlopCounterMode(display=False)
     with counter:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = step.partial_fc(step.backbone(images), labels)
         loss.backward()
     counted = counter.get_total_flops() / batch
     del step
-    torch.cuda.empty_cache()
-    s = ClipViTSettings.from_dict(model_cfg(GPU_MODEL).settings)
+    _release(device)
+    s = ClipViTSettings.from_dict({**model_cfg(GPU_MODEL).settings, **GPU_OVERRIDES})
     tokens = (s.image_size // s.patch_size) ** 2 + 1
     width, mlp = s.width, int(s.width * s.mlp_ratio)
     per_block = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
@@ -220,14 +240,17 @@ def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[in
     built; with ``batches``, at those sizes without searching."""
     import gc
 
-    device = torch.device("cuda")
-    _, step = build(GPU_MODEL, {}, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", checkpointing)
+    device = GPU_DEVICE
+    _, step = build(GPU_MODEL, GPU_OVERRIDES, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", checkpointing)
     if compile_model:
+        from unicom.engine.device import compile_cache
+
+        compile_cache()
         step.backbone.compile()
     largest = max(batches) if batches else None
     for batch in [] if batches else GPU_BATCHES:
         try:
-            time_steps(step, [random_batch(batch, 224, GPU_CLASSES, device, 0)], warmup=2, timed=0, device=device)
+            time_steps(step, [random_batch(batch, GPU_IMAGE, GPU_CLASSES, device, 0)], warmup=2, timed=0, device=device)
             largest = batch
             print(f"  checkpointing={checkpointing}: batch {batch} fits", flush=True)
         except torch.cuda.OutOfMemoryError:
@@ -237,22 +260,23 @@ def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[in
         step.backbone_optimizer.zero_grad(set_to_none=True)
         step.prototype_optimizer.zero_grad(set_to_none=True)
         gc.collect()
-        torch.cuda.empty_cache()
+        _release(device)
         if not fitted:
             break
     if largest is None:
         raise SystemExit(f"not even batch {GPU_BATCHES[0]} fits")
     results = []
     for batch in sorted(set(batches) if batches else {256, largest}):
-        torch.cuda.reset_peak_memory_stats()
-        batches = [random_batch(batch, 224, GPU_CLASSES, device, seed) for seed in range(2)]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        batches = [random_batch(batch, GPU_IMAGE, GPU_CLASSES, device, seed) for seed in range(2)]
         median = statistics.median(time_steps(step, batches, warmup=3, timed=10, device=device))
         results.append({"batch": batch, "largest": batch == largest, "seconds_per_step": median,
-                        "images_per_second": batch / median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+                        "images_per_second": batch / median, "peak_gib": _peak_gib(device)})
         del batches
     del step
     gc.collect()
-    torch.cuda.empty_cache()
+    _release(device)
     return results
 
 
@@ -262,38 +286,38 @@ def backbone_only(batch: int) -> float:
     from unicom.engine.step import backbone_optimizer
     from unicom.models.vit import create_model
 
-    device = torch.device("cuda")
-    backbone = create_model(GPU_MODEL).module.to(device).train()
+    device = GPU_DEVICE
+    backbone = create_model(GPU_MODEL, overrides=GPU_OVERRIDES).module.to(device).train()
     optimizer = backbone_optimizer(backbone, 1e-3, 0.05, (0.9, 0.999), 1e-8, device)
-    images, _ = random_batch(batch, 224, 10, device, 0)
+    images, _ = random_batch(batch, GPU_IMAGE, 10, device, 0)
     times = []
     for i in range(13):
-        torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = backbone(images).float().square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _synchronize(device)
         if i >= 3:
             times.append(time.perf_counter() - start)
     del backbone, optimizer
-    torch.cuda.empty_cache()
+    _release(device)
     return statistics.median(times)
 
 
-def run_cuda(peak_tflops: float | None, compile_model: bool = False) -> list[str]:
+def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: list[int] | None = None) -> list[str]:
     import timm
 
-    device = torch.device("cuda")
+    device = GPU_DEVICE
     torch.backends.cuda.matmul.allow_tf32 = True
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU smoke run ({GPU_OVERRIDES})"
     if peak_tflops is None:
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     counted, analytic = model_flops_per_image(device)
     lines = [
-        "# Training step throughput (cuda)",
+        f"# Training step throughput ({device.type})",
         f"{name}, python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
         f"{GPU_MODEL} at 224 px (clip_vit), bf16 autocast, PartialFC {GPU_CLASSES:,} classes x 768-d, sample_rate "
         f"{GPU_SAMPLE_RATE} (SparseAdamW), fused AdamW; random batches on the GPU (no data loading); "
@@ -306,10 +330,12 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False) -> list[str
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     plans = [("off", False, False, None), ("on", True, False, None)]
-    largest_plain = None
+    if batches:  # the quick form: the given sizes, no search, no gradient checkpointing
+        plans = [("off", False, False, batches)]
+    largest_plain = max(batches) if batches else None
     for label, checkpointing, compiled, sizes in plans + ([("off, torch.compile", False, True, "plain")] if compile_model else []):
         if sizes == "plain":
-            sizes = sorted({256, largest_plain})
+            sizes = batches or sorted({256, largest_plain})
         for result in gpu_cases(checkpointing, compiled, sizes):
             if label == "off" and result["largest"]:
                 largest_plain = result["batch"]
@@ -333,18 +359,27 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: known GPUs)")
     parser.add_argument("--out", default=None, help="result file (default: benchmarks/results/train_step_<device>.txt)")
     parser.add_argument("--compile", action="store_true", help="cuda: also time the backbone under torch.compile")
-    parser.add_argument("--smoke", action="store_true", help="cuda: a quick check of this script (10,000 classes, small batches)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick check of the GPU path: on cuda 10,000 classes and small batches; with --device cpu "
+                             "the same code on the CPU with a toy ViT and 1,000 classes")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="cuda: time these batch sizes only (no search, no gradient checkpointing)")
     args = parser.parse_args()
     if args.smoke:
-        global GPU_CLASSES, GPU_BATCHES
+        global GPU_CLASSES, GPU_BATCHES, GPU_DEVICE, GPU_OVERRIDES, GPU_IMAGE
         GPU_CLASSES, GPU_BATCHES = 10_000, [64, 128]
+        if args.device == "cpu":  # the GPU path itself, on the CPU at toy sizes
+            GPU_DEVICE, GPU_CLASSES, GPU_IMAGE = torch.device("cpu"), 1000, 32
+            GPU_OVERRIDES = {"image_size": 32, "patch_size": 16, "width": 64, "depth": 2, "heads": 2}
     os.environ.setdefault("UNICOM_PROGRESS", "0")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
-    lines = run_cuda(args.peak_tflops, args.compile) if args.device == "cuda" else run_cpu()
+    gpu_path = args.device == "cuda" or args.smoke
+    lines = run_cuda(args.peak_tflops, args.compile, args.batches) if gpu_path else run_cpu()
     text = "\n".join(lines) + "\n"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"train_step_{args.device}.txt")
+    name = f"train_step_{args.device}.txt" if not (args.smoke and args.device == "cpu") else "train_step_smoke_cpu.txt"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

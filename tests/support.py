@@ -188,3 +188,200 @@ def indexed_image_collection(root: Path) -> dict:
     found = embedded_image_collection(root)
     index = Index.build(found["emb"], Path(root) / "index")
     return {**found, "index": index, "encoder": load_encoder("timm/test_vit", str(found["checkpoint"]))}
+
+
+class HostSyncRecorder:
+    """Records, while active, the operations that make the host wait for a CUDA device.
+
+    On a GPU such an operation stops the CPU until every queued kernel has run, so the
+    next kernels are launched late and the GPU idles. Here it is detected on any device
+    (the CPU included), from the operator: reading a value on the host
+    (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()``), operators whose
+    output size depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean
+    indexing, ``repeat_interleave`` without ``output_size``, ``bincount``, sparse
+    ``coalesce``), comparisons returning a Python bool (``equal``), and the Python-level
+    reads ``.tolist()``, ``.numpy()``, ``.cpu()``. ``recorded`` lists ``(name, where)``
+    pairs, ``where`` being the innermost frame outside torch.
+    """
+
+    def __init__(self):
+        self.recorded: list[tuple[str, str]] = []
+
+    @staticmethod
+    def _caller() -> str:
+        import sys
+
+        frame = sys._getframe(2)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if "/torch/" not in name and "support.py" not in name:
+                return f"{name}:{frame.f_lineno}"
+            frame = frame.f_back
+        return "?"
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        always = {
+            aten._local_scalar_dense.default, aten.nonzero.default, aten.argwhere.default, aten.masked_select.default,
+            aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+            aten.unique_dim_consecutive.default, aten._coalesce.default, aten.bincount.default, aten.equal.default,
+            aten.is_nonzero.default,
+        }
+        indexing = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = None
+                if func in always:
+                    name = str(func)
+                elif func in indexing and any(
+                    t is not None and t.dtype in (torch.bool, torch.uint8) for t in (args[1] if len(args) > 1 else [])
+                ):
+                    name = f"{func} with a boolean mask"
+                elif func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None:
+                    name = f"{func} without output_size"
+                if name is not None:
+                    recorder.recorded.append((name, recorder._caller()))
+                return func(*args, **kwargs)
+
+        self._patched = {}
+        for method in ("tolist", "numpy", "cpu"):
+            original = getattr(torch.Tensor, method)
+
+            def patched(tensor, *args, _original=original, _method=method, **kwargs):
+                recorder.recorded.append((f"Tensor.{_method}", recorder._caller()))
+                return _original(tensor, *args, **kwargs)
+
+            self._patched[method] = original
+            setattr(torch.Tensor, method, patched)
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self._mode.__exit__(*exc)
+        for method, original in self._patched.items():
+            setattr(torch.Tensor, method, original)
+        return False
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_open_clip(folder: Path, seed: int = 0, weights: bool = True) -> str:
+    """A tiny CLIP (both towers) as an open_clip model folder (``local-dir:``) with random
+    weights, saved in the folder unless ``weights`` is False. Returns the spec ``local-dir:FOLDER``."""
+    import warnings
+
+    import open_clip
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    spec = f"local-dir:{folder.resolve()}"
+    if weights:
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(spec)
+        torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return spec
+
+
+def open_clip_reference(spec: str):
+    """open_clip's own (model, preprocess, tokenizer) for ``spec``, in eval mode: the reference."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    return model.eval(), preprocess, open_clip.get_tokenizer(spec)
+
+
+def clip_image_collection(root: Path, labels=(0, 1, 2, 3), per_class: int = 6, weights: bool = True) -> dict:
+    """Class images embedded by ``unicom embed``'s library call with :func:`tiny_open_clip`,
+    and their exact index. Returns ``{"images", "spec", "emb", "index"}``."""
+    from unicom.embed import embed_to_folder
+    from unicom.search.index import Index
+
+    root = Path(root)
+    spec = tiny_open_clip(root / "clip", weights=weights)
+    images = write_class_folder(root / "images", list(labels), per_class)
+    embed_to_folder([str(root / "images")], root / "emb", spec, rows_per_part=8, num_workers=0, dtype="float32")
+    index = Index.build(root / "emb", root / "index")
+    return {"images": images, "spec": spec, "emb": root / "emb", "index": index}
+
+
+def stored_embeddings(emb: Path) -> "np.ndarray":
+    """The image embeddings of an embedding folder, parts in order (the ids' order): float32 (N, D)."""
+    parts = sorted((Path(emb) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return np.concatenate([np.load(p) for p in parts]).astype(np.float32)
+
+
+def brute_force(embeddings: "np.ndarray", query: "np.ndarray", k: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Exact top-k by inner product of unit rows: (scores, ids), best first."""
+    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query)
+    scores = x @ q
+    ids = np.argsort(-scores, kind="stable")[:k]
+    return scores[ids], ids
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the networking switches Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def browser_or_skip():
+    """Playwright's ``sync_playwright``, or a skip saying what is missing."""
+    import pytest
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
+    if not CHROMIUM.exists():
+        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
+    return sync_playwright
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread: ``with LiveServer(app) as url: ...``."""
+
+    def __init__(self, app, port: int | None = None):
+        self.app = app
+        self.port = port or free_port()
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -327,6 +327,7 @@ def test_skip_invalid_counts_and_leaves_out_bad_rows(tmp_path):
     assert summary["training_points"] == 87
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_use_gpu_without_a_gpu_build_is_an_error():
     assert use_gpu("auto") is False and use_gpu("cpu") is False
     with pytest.raises(InputError, match="no GPU"):

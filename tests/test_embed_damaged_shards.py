@@ -1,4 +1,5 @@
-"""Damaged shards: the samples before the damage are kept, the damage is reported, the run goes on."""
+"""Damaged shards: the damage is reported, the run goes on, and the damaged parts stay unfinished
+until a rerun reads them whole."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from support import class_image, encode_image, write_tar_shard
 from unicom.cli import main
 
 
-def test_truncated_and_foreign_shards_are_reported_and_the_rest_embedded(tmp_path, capsys):
+def test_truncated_and_foreign_shards_are_reported_left_unfinished_and_redone_by_a_rerun(tmp_path, capsys):
     png = [encode_image(class_image(i, i, 48), "PNG") for i in range(4)]
     write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"a{i}", "png": png[i]} for i in range(2)])
     truncated = write_tar_shard(tmp_path / "shards" / "00001.tar", [{"key": f"b{i}", "png": png[i]} for i in range(4)])
@@ -21,13 +22,26 @@ def test_truncated_and_foreign_shards_are_reported_and_the_rest_embedded(tmp_pat
     weights = tmp_path / "w.pth"
     torch.save(timm.create_model("test_vit").state_dict(), weights)
 
-    code = main(["embed", "--input", str(tmp_path / "shards" / "{00000..00002}.tar"), "--model", "timm/test_vit",
-                 "--pretrained", str(weights), "--out", str(tmp_path / "EMB"), "--workers", "0"])
-    assert code == 0
-    keys = {n: pq.read_table(tmp_path / "EMB" / "metadata" / f"metadata_{n}.parquet").column("key").to_pylist() for n in range(3)}
-    assert keys == {0: ["a0", "a1"], 1: ["b0", "b1", "b2"], 2: []}
-    report = pq.read_table(tmp_path / "EMB" / "failures").to_pylist()
-    assert [(r["part"], r["index"], r["key"]) for r in report] == [(1, -1, ""), (2, -1, "")]
+    command = ["embed", "--input", str(tmp_path / "shards" / "{00000..00002}.tar"), "--model", "timm/test_vit",
+               "--pretrained", str(weights), "--out", str(tmp_path / "EMB"), "--workers", "0"]
+    assert main(command) == 1  # not everything is finished
+    emb = tmp_path / "EMB"
+    assert sorted(p.name for p in (emb / "metadata").iterdir()) == ["metadata_0.parquet"]
+    assert sorted(p.name for p in (emb / "img_emb").iterdir()) == ["img_emb_0.npy"]
+    assert pq.read_table(emb / "metadata" / "metadata_0.parquet").column("key").to_pylist() == ["a0", "a1"]
+    report = pq.read_table(emb / "failures").to_pylist()
+    assert [(r["part"], r["index"], r["key"], r["source"]) for r in report] == [
+        (1, -1, "", str(truncated)), (2, -1, "", str(tmp_path / "shards" / "00002.tar"))]
     assert report[0]["reason"].startswith("shard unreadable after 3 samples")
     assert report[1]["reason"].startswith("shard unreadable after 0 samples")
-    assert "2 shards could not be read to the end" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 shards could not be read to the end" in err and "2 parts are not finished" in err
+
+    # the shards are repaired: a plain rerun does the two parts, and their reports go
+    write_tar_shard(truncated, [{"key": f"b{i}", "png": png[i]} for i in range(4)])
+    write_tar_shard(tmp_path / "shards" / "00002.tar", [{"key": "c0", "png": png[0]}])
+    assert main(command) == 0
+    keys = {n: pq.read_table(emb / "metadata" / f"metadata_{n}.parquet").column("key").to_pylist() for n in range(3)}
+    assert keys == {0: ["a0", "a1"], 1: ["b0", "b1", "b2", "b3"], 2: ["c0"]}
+    assert not list((emb / "failures").iterdir())
+    assert "embedded 5 samples into 2 parts" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import pytest
 
 from unicom.cli import main
 from unicom.formats.embeddings import write_part
+from unicom.models.encoders import load_encoder
 from unicom.search.index import Index
 
 from support import embedded_image_collection
@@ -24,7 +25,11 @@ def collection(tmp_path_factory):
 def test_index_command_builds_an_index_that_records_its_model(collection, capsys):
     index = Index.load(collection["index"])
     assert len(index) == 24 and index.type == "flat"
-    assert index.config["model"] == {"spec": "timm/test_vit", "pretrained": str(collection["checkpoint"].resolve())}
+    recorded = dict(index.config["model"])
+    digest = recorded.pop("weights_sha256")
+    assert recorded == {"spec": "timm/test_vit", "pretrained": str(collection["checkpoint"].resolve())}
+    # the digest of the weights: the same for the file loaded again
+    assert digest == load_encoder("timm/test_vit", str(collection["checkpoint"])).weights_sha256()
 
 
 def test_search_prints_the_query_image_itself_first(collection, capsys):

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from unicom.search.index import Index
-from unicom.search.service import QueryBatcher, create_app
+from unicom.search.batching import QueryBatcher
+from unicom.search.service import create_app
 
 from support import class_image, encode_image, indexed_image_collection, write_tar_shard
 
@@ -99,6 +100,31 @@ def test_an_image_format_outside_the_list_is_415(served):
     class_image(0, 0).save(buffer, format="TIFF")
     response = upload(served["client"], buffer.getvalue(), "scan.tif", "image/tiff")
     assert response.status_code == 415 and "TIFF images are not accepted" in response.json()["detail"]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (RGB, 8 bits): enough for Pillow to open it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_413_with_the_pixel_limit(served):
+    response = upload(served["client"], _png_header(20000, 20000), "bomb.png", "image/png")
+    assert response.status_code == 413
+    assert response.json()["detail"] == "bomb.png: 400,000,000 pixels, more than the limit of 40,000,000 pixels"
+
+
+def test_an_image_over_the_pixel_limit_is_413_before_decoding(served):
+    response = upload(served["client"], _png_header(8000, 6000), "large.png", "image/png")
+    assert response.status_code == 413
+    assert response.json()["detail"] == "large.png: 8000x6000 = 48,000,000 pixels, more than the limit of 40,000,000 pixels"
+    assert served["client"].get("/healthz").json()["max_pixels"] == 40_000_000
 
 
 def test_an_empty_body_is_400(served):

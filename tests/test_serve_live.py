@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,50 +13,19 @@ import pytest
 
 from unicom.search.service import create_app
 
-from support import free_port, indexed_image_collection
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the networking switches Chromium keeps trying to reach Google's services.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
+from support import CHROMIUM, CHROMIUM_ARGS, LiveServer, browser_or_skip, free_port, indexed_image_collection
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     found = indexed_image_collection(tmp_path_factory.mktemp("live"))
     app = create_app(found["index"], found["encoder"], batch_size=16, max_wait_ms=5)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield {**found, "url": f"http://127.0.0.1:{port}", "app": app}
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (pip install 'unicom[dev]')")
-    if not CHROMIUM.exists() and shutil.which("chromium") is None:
-        pytest.skip("no Chromium found at /usr/bin/chromium; run scripts/install-browser.sh (Debian: apt-get install chromium)")
-    return sync_playwright, str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
+    with LiveServer(app) as url:
+        yield {**found, "url": url, "app": app}
 
 
 @pytest.mark.browser
 def test_the_page_shows_the_results_of_an_uploaded_image(server):
-    sync_playwright, executable = _browser_or_skip()
+    sync_playwright, executable = browser_or_skip(), str(CHROMIUM)
     query = server["images"][20]  # class_003/0002.jpg
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
@@ -89,7 +57,7 @@ def test_the_page_shows_the_results_of_an_uploaded_image(server):
 
 @pytest.mark.browser
 def test_the_page_shows_the_error_of_a_non_image(server, tmp_path):
-    sync_playwright, executable = _browser_or_skip()
+    sync_playwright, executable = browser_or_skip(), str(CHROMIUM)
     fake = tmp_path / "notes.jpg"
     fake.write_bytes(b"this is text")
     with sync_playwright() as playwright:
@@ -180,3 +148,78 @@ def test_the_serve_command_answers_on_loopback_with_the_recorded_model(server):
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert f"unicom search on http://127.0.0.1:{port}/ (24 items)" in output
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server):
+    """12 concurrent uploads of a 39.7-megapixel PNG to a real `unicom serve`: every query is
+    answered, the server's memory stays within a few hundred MB of where it started (peak and after)."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    width, height = 7280, 5450  # 39.7 MP, under the 40 MP limit
+    tile = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(tile, (height // 8 + 1, width // 8 + 1, 1))[:height, :width]).save(buffer, "PNG")
+    data = buffer.getvalue()
+    assert len(data) < 10 * 2**20
+    port = free_port()
+    command = [sys.executable, "-m", "unicom", "serve", "--index", str(server["index"].path), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"unicom serve did not start:\n{process.stderr.read()}")
+                time.sleep(0.2)
+        warm = httpx.post(url + "/search", files={"image": ("q.jpg", server["images"][0].read_bytes())}, timeout=60)
+        assert warm.status_code == 200
+        baseline = peak = _rss_mb(process.pid)
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _rss_mb(process.pid))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        async def storm() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                uploads = [client.post("/search", files={"image": ("big.png", data, "image/png")}, data={"k": "3"})
+                           for _ in range(12)]
+                return [response.status_code for response in await asyncio.wait_for(asyncio.gather(*uploads), 240)]
+
+        try:
+            statuses = asyncio.run(storm())
+            time.sleep(0.5)
+        finally:
+            done.set()
+            watcher.join()
+        after = _rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    print(f"\nupload storm: RSS baseline {baseline:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB")
+    assert statuses == [200] * 12
+    # one decoded image is 119 MB; the server decodes at most 256 MB of pixels at a time
+    assert peak - baseline < 600, (baseline, peak)
+    assert after - baseline < 300, (baseline, after)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from support import write_class_folder
 
+from unicom.errors import InputError
 from unicom.losses import ArcFace, PartialFC
 from unicom.models.vit import ClipViT, ClipViTSettings
 from unicom.optim import SparseAdamW
@@ -44,8 +45,34 @@ def test_a_non_finite_loss_skips_the_step_everywhere():
     assert not result.finite
     for old, new in zip(before, parameters(step)):
         assert torch.equal(old, new)
-    assert not step.backbone_optimizer.state and not step.prototype_optimizer.state
+    for optimizer in (step.backbone_optimizer, step.prototype_optimizer):  # no step counted, no moment moved
+        for state in optimizer.state.values():
+            assert torch.all(state["step"] == 0)
+            assert torch.all(state["exp_avg"] == 0) and torch.all(state["exp_avg_sq"] == 0)
     assert all(p.grad is None for p in step.backbone.parameters())
+
+
+def test_a_step_after_a_skipped_one_equals_a_first_step():
+    skipped, fresh = make_step(sample_rate=1.0), make_step(sample_rate=1.0)  # no class sampling to advance
+    images, labels = batch()
+    broken = images.clone()
+    broken[2] = float("nan")
+    assert not skipped([(broken, labels)]).finite
+    assert skipped([(images, labels)]).finite and fresh([(images, labels)]).finite
+    for a, b in zip(parameters(skipped), parameters(fresh)):
+        assert torch.equal(a, b)
+
+
+def test_labels_out_of_range_skip_the_step_and_raise_when_the_result_is_read():
+    step = make_step()
+    before = parameters(step)
+    images, labels = batch()
+    labels[0], labels[3] = 0, 12  # 12 classes: 0..11
+    result = step([(images, labels)])
+    with pytest.raises(InputError, match="labels range from 0 to 12; they must lie in 0..11"):
+        result.finite
+    for old, new in zip(before, parameters(step)):
+        assert torch.equal(old, new)
 
 
 def test_an_overflowing_loss_scale_backs_off_and_scaled_steps_equal_unscaled_ones():

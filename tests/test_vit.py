@@ -143,3 +143,22 @@ def test_settings_that_contradict_the_weights_are_an_error(tmp_path):
 def test_an_unknown_model_name_lists_the_known_ones():
     with pytest.raises(InputError, match="known: .*ViT-B-32.*ViT-L/14@336px"):
         create_model("ViT-X-99")
+
+
+def test_attention_runs_through_scaled_dot_product_attention_whatever_timm_says(monkeypatch):
+    import timm.layers.config
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)  # as TIMM_FUSED_ATTN=0 would
+    model = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=8)).eval()
+    called = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record(), torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert sum("scaled_dot_product" in name for name in called) == 2  # one per block
+    assert not any("softmax" in name for name in called)

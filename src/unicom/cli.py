@@ -59,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(commands[name][0])
     parser = argparse.ArgumentParser(prog=f"unicom {name}", description=commands[name][1])
     module.add_arguments(parser)
+    parser.add_argument("--storage-options", metavar="JSON", default=None,
+                        help="fsspec options for s3://, gs://, hf://, http(s):// paths, e.g. "
+                             "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' or '{\"s3\": {...}, \"gs\": {...}}' "
+                             "(credentials come from the usual environment variables: AWS_*, GOOGLE_APPLICATION_CREDENTIALS)")
     args = parser.parse_args(rest)
     try:
+        from unicom import storage
+
+        storage.configure(args.storage_options)
         return int(module.run(args) or 0)
     except InputError as error:  # a problem with what the user gave us: no traceback
         print(f"unicom {name}: error: {error}", file=sys.stderr)

@@ -6,8 +6,10 @@ rank 0 of a world of size 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,42 @@ def init_from_env(backend: str | None = None, timeout_minutes: float = 30.0) -> 
         torch.cuda.set_device(local_device())
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def process_group(backend: str | None = None) -> Iterator[tuple[int, int]]:
+    """:func:`init_from_env` for the length of a command, torn down cleanly at its end.
+
+    Yields ``(rank, world_size)``. When the body succeeds, every rank waits for the others
+    (a barrier) before the group is destroyed, so no rank closes its connections while a
+    peer still sends on them; the group is destroyed while the interpreter is fully alive,
+    as a group left to interpreter shutdown, its worker threads still running, aborts the
+    process ("terminate called without an active exception"). After an error the group is
+    destroyed without waiting (gloo only: NCCL's teardown is collective and would hang on
+    a dead peer; ``torchrun`` stops the other ranks). A group initialised by the caller is
+    left alone.
+    """
+    ours = not is_initialized()
+    rank, world_size = init_from_env(backend)
+    succeeded = False
+    try:
+        yield rank, world_size
+        succeeded = True
+    finally:
+        if ours and is_initialized():
+            shutdown(wait=succeeded)
+
+
+def shutdown(wait: bool = True) -> None:
+    """Destroy the default process group (and every other): after a barrier when ``wait``;
+    without one only for gloo (see :func:`process_group`)."""
+    if not is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    elif dist.get_backend() != "gloo":
+        return
+    dist.destroy_process_group()
 
 
 def local_device() -> torch.device:

@@ -7,10 +7,13 @@ Two ways in:
 * :func:`embed_to_folder` (``unicom embed``): webdataset shards, an image folder or a
   CSV/parquet list -> an embedding folder (:mod:`unicom.formats.embeddings`), one output part
   per input part, float16 by default. Finished parts are skipped, so a killed job resumes
-  where it stopped; under ``torchrun`` the parts are split over the ranks.
+  where it stopped; under ``torchrun`` the parts are split over the ranks. Inputs and the
+  output folder may be URLs (:mod:`unicom.storage`).
 
 Samples whose image cannot be decoded are left out of the outputs, counted, and listed per
-part in ``failures/failures_{i}.parquet`` (part, index, key, source, reason).
+part in ``failures/failures_{i}.parquet`` (part, index, key, source, reason). A part whose
+shard broke off or could not be fetched (after the retries) is not written at all: the
+report names the shard and the reason, and the next run tries the part again.
 """
 
 from __future__ import annotations
@@ -21,24 +24,25 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unicom import distributed
+from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, open_parts
-from unicom.data.transforms import draft_size
+from unicom.data.sources import ItemsPart, open_parts, read_in_turn
+from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
+    WEIGHTS_CHECKSUM,
+    complete_parts,
     failures_path,
-    part_complete,
     read_config,
+    sweep_writer_temporaries,
     write_config,
     write_part,
 )
@@ -86,14 +90,22 @@ def _normalized(embeddings: torch.Tensor) -> np.ndarray:
     return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
 
 
-def _encode_images(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str, prepare=None,
-                   normalize: bool = True) -> np.ndarray:
-    """``prepare``: the device half of the transform (uint8 pixels -> model input), if any;
-    ``normalize=False`` keeps the encoder's features as they are (float32)."""
+def _encode_images(encoder: Encoder, stream: BatchStream, batch: Batch, device: torch.device, precision: str,
+                   normalize: bool = True) -> np.ndarray | None:
+    """The batch's image embeddings; its images are made model input on ``device`` first
+    (decoded there, or normalised there), which may move samples to its failures."""
     with torch.inference_mode():
-        images = images.to(device, non_blocking=True)
-        if prepare is not None:
-            images = prepare(images)
+        images = stream.model_input(batch, device)
+        if images is None or len(images) == 0:
+            return None
+        return _encode_model_input(encoder, images, device, precision, normalize)
+
+
+def _encode_model_input(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str,
+                        normalize: bool = True) -> np.ndarray:
+    """Float model input (B, 3, H, W) on ``device`` -> float32 embeddings, L2-normalised
+    unless ``normalize=False`` (the encoder's features as they are)."""
+    with torch.inference_mode():
         with autocast(device, resolve_precision(precision, device, training=False)):
             features = encoder.encode_image(images)
         return _normalized(features) if normalize else features.float().cpu().numpy()
@@ -147,14 +159,16 @@ def embed_images(
     draft: bool = False,
     precision: str = "auto",
     normalize: bool = True,
+    decode: str = "auto",
 ) -> np.ndarray:
     """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised (unless
     ``normalize=False``), in order.
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
-    (default: :func:`default_num_workers`). Raises :class:`InputError` naming the first
-    image that cannot be decoded.
+    (default: :func:`default_num_workers`), or JPEGs on the model's GPU (``decode``, see
+    :func:`unicom.data.transforms.resolve_decode`). Raises :class:`InputError` naming the
+    first image that cannot be decoded.
     """
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
         images_or_paths = [images_or_paths]
@@ -167,17 +181,18 @@ def embed_images(
     workers = min(workers, math.ceil(len(items) / batch_size))
     transform = encoder.image_transform
     stream = BatchStream(
-        plan_units([ItemsPart(items)], workers), batch_size, transform, None, draft_size(transform) if draft else None
+        plan_units([ItemsPart(items)], workers), batch_size, transform, None, draft_size(transform) if draft else None,
+        device_decode=resolve_decode(decode, device, transform),
     )
     out: np.ndarray | None = None
     for batch in _loader(stream, workers, device):
+        embeddings = _encode_images(encoder, stream, batch, device, precision, normalize) if batch.indices else None
         if batch.failures:
             failure = batch.failures[0]
             more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
             raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
-        if not batch.indices:
+        if embeddings is None:
             continue
-        embeddings = _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device, normalize)
         if out is None:
             out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
         out[batch.indices] = embeddings
@@ -224,6 +239,7 @@ class EmbedSummary:
     samples: int = 0
     failed: int = 0
     broken_shards: int = 0
+    unfinished: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
 
@@ -239,6 +255,7 @@ class EmbedSummary:
             samples=self.samples + other.samples,
             failed=self.failed + other.failed,
             broken_shards=self.broken_shards + other.broken_shards,
+            unfinished=self.unfinished + other.unfinished,
             seconds=max(self.seconds, other.seconds),
             failures=(self.failures + other.failures)[:FAILURES_SHOWN],
         )
@@ -288,8 +305,10 @@ def _metadata_table(part, rows: list[dict], with_images: bool):
     return pa.table({name: pa.array([row.get(name) for row in rows], type=types[name]) for name in names})
 
 
-def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str) -> None:
-    """Sort the part's rows back into input order and write it (failures first, metadata last)."""
+def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str) -> bool:
+    """Sort the part's rows back into input order and write it (failures first, metadata
+    last). A part that could not be read to the end (a broken or unfetched shard, an image
+    that could not be fetched) gets its failure report only: False, it is not finished."""
     import pyarrow as pa
 
     part = pending.part
@@ -304,6 +323,7 @@ def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], 
             arrays[kind] = stacked[order].astype(dtype)
     rows = [pending.rows[i] for i in order]
     report = failures_path(out, part.number)
+    finished = not any(f["index"] < 0 or f.get("fetch") for f in pending.failures)
     if pending.failures:
         failures = sorted(pending.failures, key=lambda f: f["index"])
         write_parquet_atomic(
@@ -317,16 +337,24 @@ def _write_pending(out: Path, pending: _PendingPart, modalities: Sequence[str], 
             }),
         )
     else:
-        report.unlink(missing_ok=True)  # a stale report of an earlier run of this part
-    write_part(out, part.number, **arrays, metadata=_metadata_table(part, rows, "image" in modalities))
+        storage.remove(report)  # a stale report of an earlier run of this part
+    if finished:
+        write_part(out, part.number, **arrays, metadata=_metadata_table(part, rows, "image" in modalities))
+    return finished
 
 
-def _check_config(out: Path, config: dict) -> bool:
+def _check_config(out, config: dict) -> bool:
     """Compare with the configuration a previous run left in ``out``; True if there was one."""
     previous = read_config(out)
     if previous is None:
         return False
-    different = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+    for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
+        value = previous.get(key)
+        if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
+            previous[key] = os.path.abspath(value)
+    # folders written before the weights digest was recorded are compared without it
+    different = {k: (previous.get(k), v) for k, v in config.items()
+                 if previous.get(k) != v and (k in previous or k != WEIGHTS_CHECKSUM)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
         raise InputError(
@@ -363,6 +391,7 @@ def embed_parts(
     precision: str = "auto",
     config: dict | None = None,
     normalize: bool = True,
+    decode: str = "auto",
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
 
@@ -372,7 +401,8 @@ def embed_parts(
     dtype) is stored in ``out/embed_config.json`` and must match on a rerun. ``normalize=False``
     stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     """
-    out = Path(out)
+    out = storage.path(out)
+    storage.writable(out)
     modalities = _checked_modalities(modalities)
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -382,28 +412,34 @@ def embed_parts(
     if len(set(numbers)) != len(numbers):
         raise InputError("two inputs map to the same output part number; give distinct shard numbers")
     config = dict(config or {"model": encoder.name})
-    config.update(modalities=list(modalities), dtype=dtype)
+    config.update({"modalities": list(modalities), "dtype": dtype, WEIGHTS_CHECKSUM: encoder.weights_sha256()})
     had_config = _check_config(out, config)
 
     kinds = list(modalities) + ["metadata"]
-    pending = [part for part in parts if not part_complete(out, part.number, kinds)]
+    complete = complete_parts(out, numbers, kinds)
+    pending = [part for part in parts if part.number not in complete]
     summary = EmbedSummary(parts=len(parts), skipped=len(parts) - len(pending))
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if rank == 0:  # what killed runs left half-written, before any rank writes again
+        sweep_writer_temporaries(out, [part.number for part in pending])
     # every rank lists the finished parts before any rank writes a new one, so all agree
     distributed.barrier()
-    rank, world = distributed.get_rank(), distributed.get_world_size()
     if rank == 0 and not had_config:
         write_config(out, config)
     mine = pending[rank::world]
     if mine:
-        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize)
+        _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,
+                        decode)
     return summary
 
 
 def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
-                    normalize=True) -> None:
+                    normalize=True, decode="auto") -> None:
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
     device = _device_of(encoder)
     workers = default_num_workers(device) if num_workers is None else num_workers
+    if workers == 0:  # one reader takes the parts in order: each remote shard downloads during the one before
+        parts = read_in_turn(parts)
     units = plan_units(parts, workers)
     slices = {unit.part.number: unit.slices for unit in units}
     transform = encoder.image_transform if "image" in modalities else None
@@ -413,6 +449,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         transform,
         encoder.tokenize if "text" in modalities else None,
         draft_size(transform) if (draft and transform is not None) else None,
+        device_decode=resolve_decode(decode, device, transform),
     )
     dims = {"image": encoder.embedding_dim}
     if "text" in modalities:
@@ -435,12 +472,10 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
             if pending is None:
                 pending = collecting[batch.part] = _PendingPart(by_number[batch.part], slices[batch.part])
             if batch.indices:
-                image = (
-                    _encode_images(encoder, batch.images, device, precision, stream.image_input.on_device, normalize)
-                    if "image" in modalities else None
-                )
-                text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
-                pending.add(batch, image, text)
+                image = _encode_images(encoder, stream, batch, device, precision, normalize) if "image" in modalities else None
+                if batch.indices:  # unless no decoder could read any of its JPEGs
+                    text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
+                    pending.add(batch, image, text)
             pending.failures.extend(batch.failures)
             failed = sum(1 for f in batch.failures if f["index"] >= 0)
             summary.failed += failed
@@ -449,9 +484,12 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
             summary.failures.extend(batch.failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
             bar.update(len(batch.indices) + failed)
             if batch.last and pending.finish(batch):
-                _write_pending(out, pending, modalities, dims, dtype)
+                if _write_pending(out, pending, modalities, dims, dtype):
+                    summary.written += 1
+                else:
+                    summary.unfinished += 1
+                    summary.samples -= len(pending.indices)  # embedded, but not written
                 del collecting[batch.part]
-                summary.written += 1
                 read_per_part.append(pending.read)
                 if None in sizes:  # shards: the total is estimated from the parts done so far
                     bar.total = int(sum(read_per_part) / len(read_per_part) * len(parts))
@@ -459,6 +497,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     finally:
         bar.close()
         torch.set_num_threads(threads)
+        storage.drop_prefetched()
     summary.seconds = time.perf_counter() - start
 
 
@@ -497,6 +536,7 @@ def embed_to_folder(
     draft: bool = False,
     precision: str = "auto",
     device: str | torch.device | None = None,
+    decode: str = "auto",
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
 
@@ -505,12 +545,14 @@ def embed_to_folder(
     """
     modalities = _checked_modalities(modalities)
     parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
-    name = model if isinstance(model, str) else model.name
+    # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
+    name = storage.recorded(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     check = dict(config, modalities=list(modalities), dtype=dtype)
-    if _check_config(Path(out), check):
+    if _check_config(out, check):
         kinds = check["modalities"] + ["metadata"]
-        if all(part_complete(out, part.number, kinds) for part in parts):  # nothing to do: no model to build
+        numbers = [part.number for part in parts]
+        if len(complete_parts(out, numbers, kinds)) == len(set(numbers)):  # nothing to do: no model to build
             return EmbedSummary(parts=len(parts), skipped=len(parts))
     if isinstance(model, str):
         device = torch.device(device) if device is not None else distributed.local_device()
@@ -528,6 +570,7 @@ def embed_to_folder(
         draft=draft,
         precision=precision,
         config=config,
+        decode=decode,
     )
     return gather_summary(summary)
 

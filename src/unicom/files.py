@@ -2,6 +2,9 @@
 
 Every output of the pipeline is written under a temporary name in the same folder and
 renamed into place, so a killed job never leaves a half-written file under a final name.
+Destinations may be URLs (``s3://…``, see :mod:`unicom.storage`): the file is written
+locally, uploaded under a temporary name beside the destination and renamed there.
+A writer that starts again removes its own temporaries first (:func:`sweep_temporaries`).
 Part files (``img_emb_7.npy``, ``labels_00012.parquet``) are ordered by the number in
 their name, parsed as an integer, so zero-padded and unpadded names sort alike.
 """
@@ -17,16 +20,30 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from unicom import storage
 from unicom.errors import InputError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary local path; on success it becomes ``path``, whole.
 
-    The temporary file keeps ``path``'s suffix (so libraries that look at it, like numpy
-    or pyarrow, behave) and is removed if the block raises.
+    Locally the temporary file is beside ``path`` and renamed; for a URL it is uploaded
+    with :func:`unicom.storage.upload_atomic`. It keeps ``path``'s suffix (so libraries
+    that look at it, like numpy or pyarrow, behave) and is removed if the block raises.
     """
+    if storage.is_url(path):
+        storage.writable(path)
+        target = storage.path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{Path(target.name).suffix}")
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            storage.upload_atomic(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -85,7 +102,7 @@ def part_number(path: str | os.PathLike, prefix: str = "") -> int:
 
     With ``prefix``, the number must follow it directly (``prefix`` = ``"img_emb_"``).
     """
-    name = Path(path).name
+    name = storage.name(path)
     if prefix:
         if not name.startswith(prefix):
             raise InputError(f"{path}: expected a name starting with {prefix!r}")
@@ -98,34 +115,41 @@ def part_number(path: str | os.PathLike, prefix: str = "") -> int:
     return int(match.group(1))
 
 
-def numbered_files(folder: str | os.PathLike, prefix: str, suffix: str) -> list[tuple[int, Path]]:
-    """``(number, path)`` of every ``{prefix}{number}{suffix}`` in ``folder``, by number.
+def numbered_files(folder, prefix: str, suffix: str) -> list[tuple[int, Path]]:
+    """``(number, path)`` of every ``{prefix}{number}{suffix}`` in ``folder`` (a local
+    folder or a URL, listed once), by number.
 
     Raises :class:`InputError` if the folder is missing or two files share a number
     (``x_7.npy`` and ``x_007.npy``).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder not found (expected files named {prefix}<N>{suffix})")
+    entries = storage.list_files(folder)
+    if not entries and not storage.is_dir(folder):
+        raise InputError(f"{storage.text(folder)}: folder not found (expected files named {prefix}<N>{suffix})")
     pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")
     parts: dict[int, Path] = {}
-    for entry in folder.iterdir():
-        match = pattern.match(entry.name)
-        if match is None or not entry.is_file():
+    for name, entry in entries.items():
+        match = pattern.match(name)
+        if match is None:
             continue
         number = int(match.group(1))
         if number in parts:
             raise InputError(
-                f"{folder}: {parts[number].name} and {entry.name} have the same part number {number}; keep one"
+                f"{storage.text(folder)}: {parts[number].name} and {name} have the same part number {number}; keep one"
             )
         parts[number] = entry
     return sorted(parts.items())
 
 
+def sweep_temporaries(folder, names=None) -> list[str]:
+    """Remove the temporaries that killed writers of ``names`` (final file names in
+    ``folder``; None: any) left there, locally or at a URL; returns their names."""
+    return storage.sweep_temporaries(folder, names)
+
+
 def file_sha256(path: str | os.PathLike, chunk_size: int = 8 << 20) -> str:
     """The SHA-256 of a file's bytes, as lowercase hex, read in ``chunk_size`` pieces."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_stream(path) as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()

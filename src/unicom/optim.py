@@ -21,6 +21,12 @@ class SparseAdamW(Optimizer):
     own step count, so a row's trajectory is exactly AdamW's over the steps in which it took
     part. For a dense gradient every row is present and the update is plain AdamW.
 
+    Like torch's fused optimisers it takes two optional device tensors, set as attributes
+    before :meth:`step` (``torch.amp.GradScaler`` sets them): ``grad_scale``, by which the
+    gradients are divided (loss scale, clipping), and ``found_inf``, a step that is skipped
+    when it is non-zero (parameters, moments and step counts unchanged). Neither is read
+    on the host, so a step never makes the host wait for the device.
+
     Args:
         params: parameters or parameter groups.
         lr: learning rate.
@@ -30,6 +36,8 @@ class SparseAdamW(Optimizer):
         decoupled_weight_decay: False adds ``weight_decay · param`` to the gradient instead
             (L2 regularisation, ``torch.optim.Adam``'s ``weight_decay``), still row by row.
     """
+
+    _step_supports_amp_scaling = True  # takes grad_scale and found_inf (torch.amp.GradScaler's protocol)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, decoupled_weight_decay: bool = True):
@@ -69,6 +77,8 @@ class SparseAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             decoupled = group.get("decoupled_weight_decay", True)
@@ -77,6 +87,7 @@ class SparseAdamW(Optimizer):
                 if grad is None:
                     continue
                 state = self._state_for(param)
+                apply = None if found_inf is None else found_inf.to(param.device).eq(0)
                 if grad.is_sparse:
                     rows, values = _unique_rows(grad)
                     if rows.numel() == 0:
@@ -84,32 +95,41 @@ class SparseAdamW(Optimizer):
                     p_rows = param.index_select(0, rows)
                     m_rows = state["exp_avg"].index_select(0, rows)
                     v_rows = state["exp_avg_sq"].index_select(0, rows)
-                    steps = state["step"].index_select(0, rows) + 1
+                    steps = state["step"].index_select(0, rows)
                     state["common_step"] = None
-                    _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay, decoupled)
+                    values = _unscaled(values, grad_scale)
+                    steps = _adamw_update(p_rows, m_rows, v_rows, values, steps, lr, beta1, beta2, eps, weight_decay,
+                                          decoupled, apply)
                     param.index_copy_(0, rows, p_rows)
                     state["exp_avg"].index_copy_(0, rows, m_rows)
                     state["exp_avg_sq"].index_copy_(0, rows, v_rows)
                     state["step"].index_copy_(0, rows, steps)
                 else:
-                    state["step"] += 1
-                    if state["common_step"] is not None:
-                        state["common_step"] += 1
+                    if apply is not None:  # whether the step counts is known on the device only
+                        state["common_step"] = None
                     view = (lambda t: t.view(1)) if param.dim() == 0 else (lambda t: t)
-                    _adamw_update(
-                        view(param), view(state["exp_avg"]), view(state["exp_avg_sq"]), view(grad),
-                        state["common_step"] if state["common_step"] is not None else state["step"],
-                        lr, beta1, beta2, eps, weight_decay, decoupled,
-                    )
+                    tensors = (view(param), view(state["exp_avg"]), view(state["exp_avg_sq"]), view(_unscaled(grad, grad_scale)))
+                    if state["common_step"] is not None:
+                        state["common_step"] = _adamw_update(*tensors, state["common_step"], lr, beta1, beta2, eps,
+                                                             weight_decay, decoupled)
+                        state["step"] += 1
+                    else:
+                        state["step"] = _adamw_update(*tensors, state["step"], lr, beta1, beta2, eps, weight_decay,
+                                                      decoupled, apply)
         return loss
+
+
+def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    return grad if grad_scale is None else grad / grad_scale.to(grad.device)
 
 
 def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, values)`` of a sparse gradient with each row once.
 
     Autograd's accumulation drops the "coalesced" flag even when the rows are already
-    sorted and unique (as PartialFC produces them); checking that is far cheaper than
-    coalescing, which sorts and copies every value.
+    sorted and unique (as PartialFC produces them; see
+    :meth:`unicom.losses.PartialFC.flag_sorted_gradient`); checking that is far cheaper
+    than coalescing, which sorts and copies every value.
     """
     rows = grad._indices()[0]
     if grad.is_coalesced() or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
@@ -119,27 +139,54 @@ def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps, weight_decay,
-                  decoupled: bool = True) -> None:
-    """In-place AdamW (or, not ``decoupled``, Adam with L2) on rows. ``steps`` is the step
-    count after this one: an int shared by all rows, or a (rows,) tensor with each row's own count.
+                  decoupled: bool = True, apply=None):
+    """In-place AdamW (or, not ``decoupled``, Adam with L2) on rows; returns the step
+    counts after it.
+
+    ``steps`` is the step count before this one: an int shared by all rows (then the
+    update is applied), or a (rows,) int64 tensor with each row's own count. ``apply``:
+    None, or a bool device scalar; False leaves every tensor unchanged (the arithmetic
+    runs with neutral factors, so nothing is read on the host).
 
     The order of operations follows ``torch.optim.AdamW``'s (``Adam``'s) single-tensor path.
     """
-    if decoupled:
-        param.mul_(1 - lr * weight_decay)
-    elif weight_decay:
+    if not decoupled and weight_decay:
         grad = grad.add(param, alpha=weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if apply is not None:
+        # a skipped step multiplies by 1, adds 0 and counts nothing; its gradient (maybe
+        # NaN, the reason for the skip) is replaced by 0 so that 0 · NaN cannot appear
+        grad = torch.where(apply, grad, 0.0)
     if isinstance(steps, int):
+        steps += 1
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**steps
         bias_correction2_sqrt = (1 - beta2**steps) ** 0.5
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-        return
+        return steps
     shape = (-1,) + (1,) * (param.dim() - 1)
-    steps = steps.to(torch.float64)
-    bias_correction1 = (1 - torch.pow(beta1, steps)).to(param.dtype).view(shape)
-    bias_correction2_sqrt = (1 - torch.pow(beta2, steps)).sqrt().to(param.dtype).view(shape)
+    if apply is None:
+        steps = steps + 1
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = None
+    else:
+        steps = steps + apply.long()
+        one = torch.ones((), dtype=param.dtype, device=param.device)
+        if decoupled:
+            param.mul_(torch.where(apply, one * (1 - lr * weight_decay), one))
+        exp_avg.lerp_(grad, torch.where(apply, one * (1 - beta1), 0.0))
+        exp_avg_sq.mul_(torch.where(apply, one * beta2, one)).addcmul_(grad, grad, value=1 - beta2)
+        step_size = torch.where(apply, lr, 0.0)
+    counts = steps.clamp_min(1).to(torch.float64)  # a skipped row never taken before has 0 steps
+    bias_correction1 = (1 - torch.pow(beta1, counts)).to(param.dtype).view(shape)
+    bias_correction2_sqrt = (1 - torch.pow(beta2, counts)).sqrt().to(param.dtype).view(shape)
     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-    param.sub_(denom.reciprocal_().mul_(exp_avg).mul_(lr / bias_correction1))
+    lr_term = lr / bias_correction1 if step_size is None else step_size.to(param.dtype) / bias_correction1
+    param.sub_(denom.reciprocal_().mul_(exp_avg).mul_(lr_term))
+    return steps

@@ -1,7 +1,7 @@
 """Stage 1 of Unicom: multimodal k-means turns image–text embeddings into pseudo-classes.
 
 Fused, L2-normalised CLIP image and text embeddings (:func:`fuse`) are clustered with
-faiss k-means (:func:`train_kmeans`) on a random sample, then every sample is labelled
+k-means (:func:`train_kmeans`: faiss, or torch on GPUs without faiss-gpu) on a random sample, then every sample is labelled
 with its nearest centroid in one streaming pass (:func:`assign_labels`). The whole run
 (:func:`cluster`) reads the shards memory-mapped in row chunks, so memory does not grow
 with the number of samples; at larger scale, independent parts cluster slices of the
@@ -11,7 +11,7 @@ commands and file formats.
 """
 
 from unicom.cluster.inputs import FUSIONS, ClusterInputs, ScanResult, Shard, fuse, plan_sample, scan
-from unicom.cluster.kmeans import CentroidSearch, KMeansResult, initial_centroids, train_kmeans, use_gpu
+from unicom.cluster.kmeans import CentroidSearch, KMeansResult, compute_backend, initial_centroids, train_kmeans, use_gpu
 from unicom.cluster.pipeline import (
     KMeansSettings,
     assign_labels,
@@ -36,6 +36,7 @@ __all__ = [
     "Shard",
     "assign_labels",
     "cluster",
+    "compute_backend",
     "fuse",
     "initial_centroids",
     "load_labels",

@@ -1,16 +1,26 @@
-"""k-means with faiss (spherical by default, on the GPUs when faiss sees any) and the
-nearest-centroid search that turns centroids into pseudo-labels.
+"""k-means (spherical by default) and the nearest-centroid search that turns centroids
+into pseudo-labels, on one of three backends (:func:`compute_backend`):
 
-Training runs faiss's Lloyd iterations one at a time so that each shows on the progress
-bar; every iteration is exactly faiss's (assignment, centroid update, split of empty
-clusters, normalisation when spherical). faiss never subsamples here: the caller draws
-the training sample and reports its size.
+* ``cpu``: faiss on the CPU;
+* ``faiss-gpu``: faiss on every GPU it sees (a faiss-gpu build);
+* ``torch-cuda``: the same Lloyd iterations in torch on this process's GPU, for machines
+  whose faiss has no GPU support (the faiss-gpu wheels do not cover every CUDA version).
+  The assignment is a blocked float32 matrix product with a running arg-max, the update
+  a scatter-add; the objective, the split of empty clusters and the spherical
+  normalisation are faiss's.
+
+Training runs the Lloyd iterations one at a time so that each shows on the progress bar;
+on faiss every iteration is exactly faiss's (assignment, centroid update, split of empty
+clusters, normalisation when spherical). Several restarts (faiss's ``nredo``) keep the
+centroids that fit the training points best. Nothing subsamples here: the caller draws
+the training sample and reports its size (:func:`training_memory` says what it costs).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +29,8 @@ from unicom.progress import progress
 
 INITS = ("random", "kmeans++")
 DEVICES = ("auto", "cpu", "gpu")
+BACKENDS = ("cpu", "faiss-gpu", "torch-cuda", "torch-cpu")  # torch-cpu: the torch path on the CPU, for comparisons
+EMPTY_CLUSTER_EPS = 1 / 1024  # faiss's perturbation when an empty cluster takes half of another
 
 
 def faiss_gpus() -> int:
@@ -28,16 +40,37 @@ def faiss_gpus() -> int:
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
-def use_gpu(device: str = "auto") -> bool:
-    """``auto``: the GPUs when faiss sees any; ``gpu`` insists; ``cpu`` never."""
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def compute_backend(device: str = "auto") -> str:
+    """Where k-means and the nearest-centroid search run (one of :data:`BACKENDS`).
+
+    ``auto``: faiss's GPUs when faiss sees any, else this process's GPU through torch when
+    CUDA is available, else the CPU; ``gpu`` insists on one of the GPU backends; ``cpu``
+    is faiss on the CPU.
+    """
     if device not in DEVICES:
         raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "cpu":
-        return False
-    gpus = faiss_gpus()
-    if device == "gpu" and gpus == 0:
-        raise InputError("--device gpu: this faiss build sees no GPU; install faiss-gpu (or faiss-gpu-cuvs) or use --device cpu")
-    return gpus > 0
+        return "cpu"
+    if faiss_gpus() > 0:
+        return "faiss-gpu"
+    if _torch_cuda():
+        return "torch-cuda"
+    if device == "gpu":
+        raise InputError("--device gpu: no GPU here (faiss sees none and torch finds no CUDA device); use --device cpu")
+    return "cpu"
+
+
+def use_gpu(device: str = "auto") -> bool:
+    """Whether :func:`compute_backend` puts the work on a GPU."""
+    return compute_backend(device) != "cpu"
 
 
 def _flat_index(dimension: int, spherical: bool, gpu: bool):
@@ -47,6 +80,44 @@ def _flat_index(dimension: int, spherical: bool, gpu: bool):
     if gpu:
         index = faiss.index_cpu_to_all_gpus(index)  # replicas: queries are split over the GPUs
     return index
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown k-means backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take (the kernel's MemAvailable, bounded by a
+    container's cgroup limit), or None where that cannot be read."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:
+            free = int(limit) - int(usage)
+            available = free if available is None else min(available, free)
+        break
+    return available
+
+
+def training_memory(rows: int, dimension: int, k: int) -> int:
+    """Bytes that training k-means on ``rows`` points of ``dimension`` takes on the host:
+    the float32 sample, per-point assignment and distance, and the centroids with their
+    update (a few copies of k x dimension)."""
+    return rows * (4 * dimension + 16) + 4 * k * dimension * 4
 
 
 def _int_seed(seed) -> int:
@@ -102,11 +173,13 @@ def _kmeans_plus_plus(points: np.ndarray, k: int, seed) -> np.ndarray:
 class CentroidSearch:
     """The nearest centroid of each row: by cosine (spherical) or by L2 distance.
 
-    ``centroids`` is (k, d); spherical search normalises them. One faiss flat index, on
-    the GPUs when ``gpu``; its blocked matrix products run at the machine's BLAS rate.
+    ``centroids`` is (k, d); spherical search normalises them. On faiss one flat index
+    (on its GPUs for ``faiss-gpu``), whose blocked matrix products run at the machine's
+    BLAS rate; on ``torch-cuda`` the centroids stay on the GPU and each call's rows go
+    through :class:`TorchNearest`.
     """
 
-    def __init__(self, centroids: np.ndarray, spherical: bool = True, gpu: bool = False):
+    def __init__(self, centroids: np.ndarray, spherical: bool = True, backend: str = "cpu"):
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         if centroids.ndim != 2 or len(centroids) == 0:
             raise InputError(f"centroids must be a non-empty (k, d) array, got shape {centroids.shape}")
@@ -115,21 +188,84 @@ class CentroidSearch:
             centroids = centroids / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
             norms = np.linalg.norm(centroids, axis=1)
         self.centroids, self.norms, self.spherical = centroids, norms, spherical
-        self.index = _flat_index(centroids.shape[1], spherical, gpu)
-        self.index.add(centroids)
+        self.backend = _check_backend(backend)
+        if self.backend.startswith("torch"):
+            self.torch = TorchNearest(centroids, spherical, self.backend.split("-")[1])
+        else:
+            self.index = _flat_index(centroids.shape[1], spherical, self.backend == "faiss-gpu")
+            self.index.add(centroids)
 
     def search(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``rows`` (n, d) float32 -> (labels (n,) int64, cosine similarity (n,) float32)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        scores, labels = self.index.search(rows, 1)
-        labels = labels[:, 0].astype(np.int64)
+        if self.backend.startswith("torch"):
+            labels, scores = self.torch.search_numpy(rows)
+        else:
+            scores, labels = self.index.search(rows, 1)
+            labels, scores = labels[:, 0].astype(np.int64), scores[:, 0]
         if self.spherical:
-            dots = scores[:, 0]
+            dots = scores
         else:
             dots = np.einsum("ij,ij->i", rows, self.centroids[labels])
         lengths = np.sqrt(np.einsum("ij,ij->i", rows, rows)) * self.norms[labels]
         similarity = dots / np.maximum(lengths, np.finfo(np.float32).tiny)
         return labels, similarity.astype(np.float32)
+
+
+class TorchNearest:
+    """Nearest centroids by float32 matrix products in torch (any device; CUDA in practice).
+
+    Scores are ``x · c`` (spherical: inner product, as faiss's IndexFlatIP) or
+    ``x · c − |c|²/2`` (L2: the arg-max is the nearest centroid, and
+    ``|x|² − 2 · score`` its squared distance, as faiss's IndexFlatL2 returns). Rows and
+    centroids are taken in blocks so that no score tile exceeds ``tile_bytes``; the best
+    centroid so far is kept per row.
+    """
+
+    def __init__(self, centroids, spherical: bool, device, tile_bytes: int = 1 << 30):
+        import torch
+
+        self.device = torch.device(device)
+        self.spherical = spherical
+        self.tile_bytes = tile_bytes
+        self.set_centroids(torch.as_tensor(centroids, dtype=torch.float32).to(self.device))
+
+    def set_centroids(self, centroids) -> None:
+        """(k, d) float32 on the device (used as they are: normalise them first if spherical)."""
+        self.centroids = centroids
+        self.half_squared = None if self.spherical else centroids.square().sum(dim=1).mul_(0.5)
+
+    def nearest(self, rows):
+        """(n, d) float32 on the device -> (labels (n,) int64, scores (n,) float32): the inner
+        product (spherical) or the squared L2 distance to the nearest centroid."""
+        import torch
+
+        n, k = rows.shape[0], self.centroids.shape[0]
+        block = max(1, min(k, self.tile_bytes // (4 * max(n, 1))))
+        best = torch.full((n,), -torch.inf, dtype=torch.float32, device=rows.device)
+        labels = torch.zeros(n, dtype=torch.int64, device=rows.device)
+        for start in range(0, k, block):
+            scores = rows @ self.centroids[start:start + block].T
+            if self.half_squared is not None:
+                scores -= self.half_squared[start:start + block]
+            value, index = scores.max(dim=1)
+            better = value > best  # ties keep the lower centroid index, as faiss does
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index + start, labels)
+        if self.half_squared is not None:
+            best = (rows.square().sum(dim=1) - 2 * best).clamp_min_(0)
+        return labels, best
+
+    def search_numpy(self, rows: np.ndarray, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        labels, scores = [], []
+        for start in range(0, len(rows), chunk_rows):
+            chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + chunk_rows])).to(self.device)
+            index, score = self.nearest(chunk)
+            labels.append(index.cpu().numpy())
+            scores.append(score.cpu().numpy())
+        return np.concatenate(labels), np.concatenate(scores)
 
 
 @dataclass
@@ -186,17 +322,20 @@ def train_kmeans(
     spherical: bool = True,
     init: str = "random",
     weights: np.ndarray | None = None,
-    gpu: bool = False,
+    backend: str = "cpu",
+    restarts: int = 1,
     desc: str = "k-means",
 ) -> KMeansResult:
-    """Lloyd's k-means of ``points`` (n, d) float32 into ``k`` centroids with faiss.
+    """Lloyd's k-means of ``points`` (n, d) float32 into ``k`` centroids.
 
     ``spherical`` (the default) clusters by cosine: assignment by inner product, centroids
     re-normalised after each update. ``weights`` (n,) weighs the points (used to merge the
-    centroids of independent parts). Every point is used: sample before calling.
+    centroids of independent parts). ``backend``: see :func:`compute_backend`.
+    ``restarts`` runs the whole training that many times from different initial centroids
+    (restart 0 from ``seed``, restart r from ``(seed, r)``) and keeps the centroids with
+    the best fit to the points (highest mean cosine when spherical, lowest mean squared
+    distance otherwise), as faiss's ``nredo``. Every point is used: sample before calling.
     """
-    import faiss
-
     points = np.ascontiguousarray(points, dtype=np.float32)
     if points.ndim != 2:
         raise InputError(f"training points must be a (n, d) array, got shape {points.shape}")
@@ -207,34 +346,32 @@ def train_kmeans(
         raise InputError(f"k = {k} is larger than the {n} training points; lower k or give more samples")
     if iterations < 1:
         raise InputError(f"iterations must be at least 1, got {iterations}")
+    if restarts < 1:
+        raise InputError(f"restarts must be at least 1, got {restarts}")
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
             raise InputError(f"weights must be {n} finite non-negative numbers")
+    _check_backend(backend)
     started = time.perf_counter()
-    centroids = initial_centroids(points, k, seed, init)
-    parameters = faiss.ClusteringParameters()
-    parameters.niter = 1
-    parameters.seed = _int_seed(seed)
-    parameters.spherical = spherical
-    parameters.verbose = False
-    parameters.max_points_per_centroid = 1 << 30  # no silent subsampling: the caller sampled
-    parameters.min_points_per_centroid = 0  # the caller reports points per centroid itself
-    if hasattr(parameters, "check_input_data_for_NaNs"):
-        parameters.check_input_data_for_NaNs = False  # the rows were checked when read
-    index = _flat_index(d, spherical, gpu)
-    objective = []
-    bar = progress(range(iterations), total=iterations, desc=desc, unit="iter")
-    for _ in bar:
-        clustering = faiss.Clustering(d, k, parameters)
-        faiss.copy_array_to_vector(centroids.ravel(), clustering.centroids)
-        clustering.train(points, index, weights)
-        objective.append(float(clustering.iteration_stats.at(0).obj))
-        centroids = faiss.vector_float_to_array(clustering.centroids).reshape(k, d)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(objective=f"{objective[-1]:.6g}", refresh=False)
-    del index
-    sizes, similarity, distance = fit_quality(CentroidSearch(centroids, spherical, gpu), points, weights)
+    if backend.startswith("torch"):
+        lloyd = _TorchLloyd(points, weights, spherical, backend.split("-")[1])
+    else:
+        lloyd = _FaissLloyd(points, weights, spherical, backend)
+    best = None
+    for restart in range(restarts):
+        centroids = initial_centroids(points, k, seed if restart == 0 else (seed, restart), init)
+        label = desc if restarts == 1 else f"{desc} ({restart + 1}/{restarts})"
+        centroids, objective = _lloyd_iterations(lloyd, centroids, iterations, label,
+                                                 _int_seed(seed if restart == 0 else (seed, restart)))
+        search = CentroidSearch(centroids, spherical, backend)
+        sizes, similarity, distance = fit_quality(search, points, weights)
+        fit = similarity if spherical else -distance
+        if best is None or fit > best[0]:
+            best = (fit, centroids, objective, sizes, similarity, distance)
+        del search
+    lloyd.close()
+    _, centroids, objective, sizes, similarity, distance = best
     return KMeansResult(
         centroids=centroids,
         objective=objective,
@@ -244,3 +381,136 @@ def train_kmeans(
         training_points=n,
         seconds=time.perf_counter() - started,
     )
+
+
+def _lloyd_iterations(lloyd, centroids: np.ndarray, iterations: int, desc: str, seed: int) -> tuple[np.ndarray, list[float]]:
+    objective = []
+    bar = progress(range(iterations), total=iterations, desc=desc, unit="iter")
+    for _ in bar:
+        centroids, value = lloyd.iteration(centroids, seed)
+        objective.append(value)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(objective=f"{objective[-1]:.6g}", refresh=False)
+    return centroids, objective
+
+
+class _FaissLloyd:
+    """One faiss iteration at a time: faiss.Clustering with niter = 1 from given centroids."""
+
+    def __init__(self, points: np.ndarray, weights: np.ndarray | None, spherical: bool, backend: str):
+        import faiss
+
+        self.points, self.weights, self.spherical = points, weights, spherical
+        parameters = faiss.ClusteringParameters()
+        parameters.niter = 1
+        parameters.spherical = spherical
+        parameters.verbose = False
+        parameters.max_points_per_centroid = 1 << 30  # no silent subsampling: the caller sampled
+        parameters.min_points_per_centroid = 0  # the caller reports points per centroid itself
+        if hasattr(parameters, "check_input_data_for_NaNs"):
+            parameters.check_input_data_for_NaNs = False  # the rows were checked when read
+        self.parameters = parameters
+        self.index = _flat_index(points.shape[1], spherical, backend == "faiss-gpu")
+
+    def iteration(self, centroids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+        import faiss
+
+        k, d = centroids.shape
+        self.parameters.seed = seed
+        clustering = faiss.Clustering(d, k, self.parameters)
+        faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(), clustering.centroids)
+        clustering.train(self.points, self.index, self.weights)
+        return faiss.vector_float_to_array(clustering.centroids).reshape(k, d), float(clustering.iteration_stats.at(0).obj)
+
+    def close(self) -> None:
+        self.index = None
+
+
+class _TorchLloyd:
+    """faiss's Lloyd iteration in torch on this process's GPU.
+
+    The points stay on the GPU when they take at most half of its free memory, else they
+    are streamed from pinned host memory in chunks every iteration. The assignment is
+    :class:`TorchNearest`; the update sums the (weighted) points of each centroid with a
+    scatter-add; empty clusters are split as faiss splits them
+    (:func:`split_empty_clusters`); spherical centroids are re-normalised.
+    """
+
+    def __init__(self, points: np.ndarray, weights: np.ndarray | None, spherical: bool, device="cuda",
+                 chunk_rows: int = 1 << 16):
+        import torch
+
+        self.device = torch.device(device)
+        self.spherical = spherical
+        self.n = len(points)
+        self.chunk_rows = chunk_rows
+        host = torch.from_numpy(points)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        resident = free is None or points.nbytes <= free // 2
+        self.points = host.to(self.device) if resident else host.pin_memory()
+        self.weights = None if weights is None else torch.from_numpy(weights).to(self.device)
+
+    def _chunks(self):
+        for start in range(0, self.n, self.chunk_rows):
+            rows = self.points[start:start + self.chunk_rows].to(self.device, non_blocking=True)
+            weights = None if self.weights is None else self.weights[start:start + self.chunk_rows]
+            yield rows, weights
+
+    def iteration(self, centroids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+        import torch
+
+        k, d = centroids.shape
+        current = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
+        nearest = TorchNearest(current, self.spherical, self.device)
+        sums = torch.zeros(k, d, dtype=torch.float32, device=self.device)
+        counts = torch.zeros(k, dtype=torch.float32, device=self.device)
+        objective = torch.zeros((), dtype=torch.float64, device=self.device)
+        for rows, weights in self._chunks():
+            labels, scores = nearest.nearest(rows)
+            objective += scores.double().sum()
+            if weights is None:
+                sums.index_add_(0, labels, rows)
+                counts.index_add_(0, labels, torch.ones_like(scores))
+            else:
+                sums.index_add_(0, labels, rows * weights[:, None])
+                counts.index_add_(0, labels, weights)
+        hassign = counts.cpu().numpy()
+        updated = (sums / counts.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).cpu().numpy()
+        updated[hassign == 0] = 0.0
+        split_empty_clusters(updated, hassign, self.n)
+        if self.spherical:
+            updated /= np.maximum(np.linalg.norm(updated, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        return updated, float(objective)
+
+    def close(self) -> None:
+        self.points = self.weights = None
+
+
+def split_empty_clusters(centroids: np.ndarray, hassign: np.ndarray, n: int, seed: int = 1234) -> int:
+    """faiss's treatment of empty clusters, in place; returns how many were split.
+
+    Each empty cluster takes a copy of a cluster chosen by walking the clusters in turn
+    and accepting cluster j with probability (size_j − 1) / (n − k); the two copies are
+    moved apart by a factor 1 ± 1/1024 alternating over the dimensions, and the size is
+    shared between them. The random draws are numpy's, not faiss's generator.
+    """
+    k = len(centroids)
+    rng = np.random.default_rng(seed)
+    splits = 0
+    for ci in range(k):
+        if hassign[ci] != 0:
+            continue
+        cj = 0
+        if (hassign > 1).any():
+            while rng.random() >= (hassign[cj] - 1.0) / max(n - k, 1):
+                cj = (cj + 1) % k
+        else:  # weighted points may leave no cluster with more than one unit of weight
+            cj = int(np.argmax(hassign))
+        centroids[ci] = centroids[cj]
+        up = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1 + EMPTY_CLUSTER_EPS, 1 - EMPTY_CLUSTER_EPS)
+        centroids[ci] *= up
+        centroids[cj] *= 2 - up
+        hassign[ci] = hassign[cj] / 2
+        hassign[cj] -= hassign[ci]
+        splits += 1
+    return splits

@@ -15,18 +15,31 @@ from typing import Callable
 
 import numpy as np
 
+from unicom import storage
 from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample, scan
-from unicom.cluster.kmeans import INITS, CentroidSearch, train_kmeans, use_gpu
+from unicom.cluster.kmeans import INITS, CentroidSearch, available_memory, compute_backend, train_kmeans, training_memory
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
 from unicom.errors import InputError
 from unicom.formats.clusters import ClusterFolder, check_record
 from unicom.progress import progress
 
 
+def default_restarts(k: int) -> int:
+    """Restarts when none are given: 3 below k = 1,000, else 1.
+
+    From ``benchmarks/results/kmeans_restarts.txt``: with 20 classes and k = 40, one
+    random start in three merges classes (10 of 30 seeds; 1 of 30 with 3 restarts); at
+    k = 2,000 three restarts improved the fit by 0.1% for 3.3 times the training, and at
+    LAION's k = 1M each restart would be hours of GPU time.
+    """
+    return 3 if k < 1000 else 1
+
+
 @dataclass(frozen=True)
 class KMeansSettings:
     """The k-means of one run: ``k`` clusters trained on ``k · points_per_centroid``
-    random samples (all of them when fewer) for ``iterations`` Lloyd iterations."""
+    random samples (all of them when fewer) for ``iterations`` Lloyd iterations, the best
+    of ``restarts`` trainings from different initial centroids."""
 
     k: int
     iterations: int = 20
@@ -34,9 +47,12 @@ class KMeansSettings:
     seed: int = 0
     spherical: bool = True
     init: str = "random"
+    restarts: int | None = None  # None: default_restarts(k)
 
     def __post_init__(self) -> None:
-        for name in ("k", "iterations", "points_per_centroid"):
+        if self.restarts is None and isinstance(self.k, int):
+            object.__setattr__(self, "restarts", default_restarts(self.k))
+        for name in ("k", "iterations", "points_per_centroid", "restarts"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.init not in INITS:
@@ -72,7 +88,7 @@ def training_sample(
     return scan(inputs, shards, skip_invalid=skip_invalid, sample_size=settings.sample_size, seed=sample_seed(settings, part), desc=desc)
 
 
-def _training_record(trained, result: ScanResult, settings: KMeansSettings, gpu: bool, read_seconds: float) -> dict:
+def _training_record(trained, result: ScanResult, settings: KMeansSettings, backend: str, read_seconds: float) -> dict:
     return {
         "training_points": trained.training_points,
         "planned_training_points": result.planned,
@@ -82,7 +98,8 @@ def _training_record(trained, result: ScanResult, settings: KMeansSettings, gpu:
         "mean_squared_distance": trained.mean_squared_distance,
         "objective_per_iteration": trained.objective,
         "empty_clusters_on_training_points": trained.empty_clusters,
-        "device": "gpu" if gpu else "cpu",
+        "device": "cpu" if backend == "cpu" else "gpu",
+        "backend": backend,
         "seconds": {"read": read_seconds, "kmeans": trained.seconds},
     }
 
@@ -101,7 +118,8 @@ def _train_on(
     rows = sum(s.rows for s in shards)
     if settings.k > rows:
         raise InputError(f"k = {settings.k} is larger than the {rows} samples{where}; lower --k")
-    gpu = use_gpu(device)
+    backend = compute_backend(device)
+    check_training_memory(min(rows, settings.sample_size), inputs.dimension, settings, where)
     started = time.perf_counter()
     result = training_sample(inputs, settings, shards, part=part, skip_invalid=skip_invalid)
     read_seconds = time.perf_counter() - started
@@ -110,7 +128,7 @@ def _train_on(
         raise InputError(f"k = {settings.k} is larger than the {valid} valid samples{where}; lower --k")
     trained = train_kmeans(
         result.sample, settings.k, iterations=settings.iterations, seed=kmeans_seed(settings, part),
-        spherical=settings.spherical, init=settings.init, gpu=gpu,
+        spherical=settings.spherical, init=settings.init, backend=backend, restarts=settings.restarts,
         desc="k-means" if part is None else f"k-means part {part}",
     )
     result.sample = None  # the sample is the largest thing in memory: let it go now
@@ -122,9 +140,35 @@ def _train_on(
         "spherical": settings.spherical,
         "samples": rows,
         "valid_samples": valid,
-        **_training_record(trained, result, settings, gpu, read_seconds),
+        **_training_record(trained, result, settings, backend, read_seconds),
     }
     return trained, result, fields
+
+
+def check_training_memory(rows: int, dimension: int, settings: KMeansSettings, where: str = "",
+                          available: int | None = None) -> None:
+    """Refuse, before anything is read, a training sample that does not fit in memory.
+
+    ``rows`` training points of ``dimension`` take :func:`training_memory` bytes; with
+    more than the memory available (``available``, default :func:`available_memory`) the
+    error says how many points per centroid would fit and names the hierarchical mode.
+    """
+    available = available_memory() if available is None else available
+    needed = training_memory(rows, dimension, settings.k)
+    if available is None or needed <= available:
+        return
+    per_point = training_memory(1, dimension, 0)
+    fitting = max(0, (available - training_memory(0, dimension, settings.k)) // per_point)
+    fits = fitting // settings.k
+    gib = 2.0**30
+    advice = (f"lower --points-per-centroid to {fits} or less (the centroids are noisier below about 39)"
+              if fits >= 1 else "no number of points per centroid fits")
+    raise InputError(
+        f"k = {settings.k:,} x {settings.points_per_centroid} points per centroid{where} is a training sample of "
+        f"{rows:,} points x {dimension} dims, about {needed / gib:,.1f} GiB in memory, but {available / gib:,.1f} GiB "
+        f"is available: {advice}; or cluster in parts on several machines (`unicom cluster part --part P/N`, "
+        "then `unicom cluster merge`), each part training on its own slice of the shards"
+    )
 
 
 def train_centroids(
@@ -141,10 +185,12 @@ def train_centroids(
     so nothing was read). Nothing is written before every shard has been checked.
     """
     folder = ClusterFolder(out)
+    storage.writable(folder.root)
     expected = {"mode": "single", "settings": asdict(settings), "inputs": inputs.fingerprint()}
     record = check_record(folder.centroids_record, expected)
-    if record is not None and folder.centroids.is_file():
+    if record is not None and storage.is_file(folder.centroids):
         return record, None
+    folder.sweep(["centroids.npy", "centroids.json"])
     trained, result, fields = _train_on(inputs, inputs.shards, settings, part=None, skip_invalid=skip_invalid, device=device)
     record = {**expected, **fields}
     folder.write_centroids(trained.centroids, record)
@@ -189,16 +235,18 @@ def assign_labels(
     expected = {"inputs": inputs.fingerprint()}
     assignment = check_record(folder.assignment_record, expected)
     selected = _select(inputs, shards)
-    pending = [shard for shard in selected if not folder.label_path(shard.number).is_file()]
+    labelled = folder.labelled_parts()
+    pending = [shard for shard in selected if shard.number not in labelled]
     report = {"parts": len(selected), "written": [s.number for s in pending], "rows": sum(s.rows for s in pending)}
     if not pending:
         report.update(invalid_rows=0, seconds=0.0)
         return report
+    folder.sweep(labels=[s.number for s in pending])
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
     if assignment is None:
         folder.write_assignment({**expected, "dropped_below": 0})
-    search = CentroidSearch(centroids, spherical=record["spherical"], gpu=use_gpu(device))
+    search = CentroidSearch(centroids, spherical=record["spherical"], backend=compute_backend(device))
     started = time.perf_counter()
     bar = progress(total=report["rows"], desc="assign", unit="sample")
     try:
@@ -248,7 +296,8 @@ def summarize(
     record = folder.read_record()
     assignment = folder.read_assignment()
     numbers = sorted(int(n) for n in assignment["inputs"]["shards"])
-    missing = [n for n in numbers if not folder.label_path(n).is_file()]
+    labelled = folder.labelled_parts()
+    missing = [n for n in numbers if n not in labelled]
     if missing:
         listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise InputError(f"{len(missing)} of {len(numbers)} parts have no labels yet (parts {listed}); run `unicom cluster assign` for them")
@@ -258,6 +307,8 @@ def summarize(
             f"the labels in {folder.labels} were already filtered with --min-cluster-size {applied}; "
             f"to use {min_cluster_size}, delete {folder.labels} and {folder.assignment_record} and assign again"
         )
+    # every part is labelled: what a killed summary (or filter) left is this stage's own
+    folder.sweep(["cluster_sizes.npy", "cluster_sizes.png", "clusters.json", "assignment.json"], labels=numbers)
     k = record["k"]
     facts = {n: folder.label_facts(n) for n in numbers}
     if applied == 0:  # the files hold every labelled sample: count them
@@ -270,7 +321,7 @@ def summarize(
         folder.write_sizes(sizes)
         assignment["mean_similarity"] = similarity_sum / max(int(sizes.sum()), 1)
     else:  # some files may be filtered already: the sizes were saved before filtering
-        if not folder.sizes.is_file():
+        if not storage.is_file(folder.sizes):
             raise InputError(
                 f"{folder.sizes} is missing but the labels were filtered with --min-cluster-size {applied}; "
                 f"delete {folder.labels} and {folder.assignment_record} and assign again"
@@ -403,6 +454,8 @@ def train_part(
     record = check_record(record_path, expected)
     if record is not None:
         return record
+    storage.writable(folder.root)
+    folder.sweep(parts=[part])
     trained, _, fields = _train_on(inputs, shards, settings, part=part, skip_invalid=skip_invalid, device=device)
     record = {**expected, "shards": [s.number for s in shards], **fields}
     folder.write_part(part, trained.centroids, trained.sizes, record)
@@ -447,11 +500,13 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
     }
     expected = {"mode": "hierarchical", "settings": asdict(settings), "inputs": first["inputs"], "hierarchical": hierarchical}
     record = check_record(folder.centroids_record, expected)
-    if record is not None and folder.centroids.is_file():
+    if record is not None and storage.is_file(folder.centroids):
         return record
+    folder.sweep(["centroids.npy", "centroids.json"])
     if settings.k > union:
         raise InputError(f"k = {settings.k} is larger than the {union} centroids of the {num_parts} parts; lower --k or raise the parts' k")
-    gpu = use_gpu(device)
+    backend = compute_backend(device)
+    check_training_memory(min(union, settings.sample_size), first["dimension"], settings, " (merge)")
     started = time.perf_counter()
     plan = plan_sample(part_ks, settings.sample_size, (settings.seed, 2))
     points = np.empty((sum(len(rows) for rows in plan), first["dimension"]), dtype=np.float32)
@@ -467,7 +522,7 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
     read_seconds = time.perf_counter() - started
     trained = train_kmeans(
         points, settings.k, iterations=settings.iterations, seed=(settings.seed, 3), spherical=settings.spherical,
-        init=settings.init, weights=weights, gpu=gpu, desc="k-means merge",
+        init=settings.init, weights=weights, backend=backend, restarts=settings.restarts, desc="k-means merge",
     )
     result = ScanResult(invalid={}, planned=len(points))
     record = {
@@ -479,7 +534,7 @@ def merge_parts(out, settings: KMeansSettings, *, device: str = "auto") -> dict:
         "spherical": settings.spherical,
         "samples": int(sum(r["samples"] for r in records.values())),
         "valid_samples": int(sum(r["valid_samples"] for r in records.values())),
-        **_training_record(trained, result, settings, gpu, read_seconds),
+        **_training_record(trained, result, settings, backend, read_seconds),
         "invalid_rows": int(sum(r["invalid_rows"] for r in records.values())),
         "part_training_points": int(sum(r["training_points"] for r in records.values())),
     }

@@ -52,9 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kmeans.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the sample and the initial centroids (default 0)")
     kmeans.add_argument("--init", choices=["random", "kmeans++"], default="random",
                         help="initial centroids: random samples (default, as faiss) or greedy k-means++ (better for small k)")
+    kmeans.add_argument("--restarts", type=int, metavar="N", default=None,
+                        help="train N times from different initial centroids and keep the best fit (faiss's nredo); "
+                             "each restart costs a whole training (default: 3 below k = 1,000, else 1; see "
+                             "benchmarks/results/kmeans_restarts.txt)")
     kmeans.add_argument("--euclidean", action="store_true", help="plain (L2) k-means instead of spherical (cosine) k-means")
     kmeans.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                        help="auto: faiss's GPUs when it has any (default)")
+                        help="auto (default): faiss's GPUs when it has any, else this GPU through torch "
+                             "(no faiss-gpu needed), else the CPU")
     parser.add_argument("--part", metavar="P/N", help="this process's part P of N (0 <= P < N): `part` and `assign`")
     stats = parser.add_argument_group("statistics")
     stats.add_argument("--tiny-cluster-size", type=int, metavar="N", default=10, help="report clusters with fewer samples than this (default 10)")
@@ -103,7 +108,7 @@ def _settings(args):
         raise InputError(f"`unicom cluster {args.stage}` needs --k (the number of clusters)")
     return KMeansSettings(
         k=args.k, iterations=args.iterations, points_per_centroid=args.points_per_centroid,
-        seed=args.seed, spherical=not args.euclidean, init=args.init,
+        seed=args.seed, spherical=not args.euclidean, init=args.init, restarts=args.restarts,
     )
 
 
@@ -112,7 +117,9 @@ def _print_training(record: dict, what: str) -> None:
     print(
         f"{what}: {record['k']:,} centroids from {record['training_points']:,} training points "
         f"({record['points_per_centroid_used']:.1f} per centroid) in {seconds['read'] + seconds['kmeans']:.1f} s "
-        f"on the {record['device']}; mean cosine to the centroid {record['mean_similarity']:.4f}"
+        f"on the {record['device']}"
+        + (f" ({record['backend']})" if record.get("backend", "cpu") != "cpu" else "")
+        + f"; mean cosine to the centroid {record['mean_similarity']:.4f}"
     )
     if record["points_per_centroid_used"] < 39:
         print(f"  note: fewer than 39 training points per centroid; the centroids may be noisy (lower --k or give more samples)")

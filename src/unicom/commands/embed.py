@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode large JPEGs at 1/2, 1/4 or 1/8 scale inside the decoder (never below the model's input "
                              "size): several times faster on big photos, embeddings differ slightly from the model's reference "
                              "preprocessing (default: full decoding)")
+    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where JPEGs are decoded and resized: gpu (nvJPEG on the model's GPU, the workers only read "
+                             "bytes; other formats and JPEGs it refuses take the CPU path per sample), cpu (Pillow in the "
+                             "workers), auto (gpu on a GPU when the model's transform is resize, crop, normalise; default)")
     parser.add_argument("--rows-per-part", type=int, default=100_000, help="rows per output part for folders and lists (default: 100000)")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
     parser.add_argument("--caption-column", default="caption", help="list column with captions, if any (default: caption)")
@@ -49,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from unicom.formats.embeddings import FAILURES_FOLDER
 
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
-    rank, _ = distributed.init_from_env()
-    try:
+    with distributed.process_group() as (rank, _):
         summary = embed_to_folder(
             args.input,
             args.out,
@@ -70,12 +73,8 @@ def run(args: argparse.Namespace) -> int:
             draft=args.draft,
             precision=args.precision,
             device=args.device,
+            decode=args.decode,
         )
-    finally:
-        if distributed.is_initialized():
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank != 0:
         return 0
     print(
@@ -83,14 +82,22 @@ def run(args: argparse.Namespace) -> int:
         f"({summary.skipped} of {summary.parts} parts were already finished) "
         f"at {summary.images_per_second:.1f} samples/s"
     )
-    if summary.failed or summary.broken_shards:
+    if summary.failed or summary.broken_shards or summary.unfinished:
         problems = [f"{summary.failed} samples could not be used"] if summary.failed else []
         if summary.broken_shards:
-            problems.append(f"{summary.broken_shards} shards could not be read to the end (fix them and delete their parts to redo them)")
+            problems.append(f"{summary.broken_shards} shards could not be read to the end")
         print(
-            f"{' and '.join(problems)}; all are listed in {args.out}/{FAILURES_FOLDER}/failures_<part>.parquet:",
+            f"{' and '.join(problems) or 'some inputs could not be fetched'}; all are listed in "
+            f"{args.out.rstrip('/')}/{FAILURES_FOLDER}/failures_<part>.parquet:",
             file=sys.stderr,
         )
         for failure in summary.failures:
             print(f"  {failure['source']} key={failure['key']!r}: {failure['reason']}", file=sys.stderr)
+    if summary.unfinished:
+        print(
+            f"{summary.unfinished} parts are not finished (their input broke off or could not be fetched): "
+            "run the same command again to retry them once the inputs are fixed",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model the project can load: released name or .pt, exported folder, "
                                         "timm/<name>, open_clip name")
-    source.add_argument("--embeddings", type=Path, help="an embedding folder (img_emb/ + metadata/ with keys)")
+    source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL")
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedding.add_argument("--download", action="store_true", help="let torchvision download a classification dataset")
 
     folders = parser.add_argument_group("precomputed embeddings without --dataset")
-    folders.add_argument("--labels", type=Path, help="CSV/parquet with key,label (default: metadata's label column)")
-    folders.add_argument("--gallery-embeddings", type=Path, help="gallery folder (default: leave-one-out on --embeddings)")
-    folders.add_argument("--train-embeddings", type=Path, help="train split: PCA baseline, or probe/kNN training")
+    folders.add_argument("--labels", help="CSV/parquet with key,label (default: metadata's label column); a path or URL")
+    folders.add_argument("--gallery-embeddings", help="gallery folder (default: leave-one-out on --embeddings); a path or URL")
+    folders.add_argument("--train-embeddings", help="train split: PCA baseline, or probe/kNN training; a path or URL")
     folders.add_argument("--task", choices=("retrieval", "classification"), default="retrieval")
 
     classification = parser.add_argument_group("classification (linear probe and kNN)")

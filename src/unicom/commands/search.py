@@ -1,12 +1,17 @@
-"""``unicom search``: query an index with images; ranked results as a table or JSON.
+"""``unicom search``: query an index with images, texts or indexed items; ranked results as a table or JSON.
 
 Examples::
 
-    unicom search --index INDEX/ --model ViT-B-32 --pretrained laion400m_e32 query.jpg -k 10
-    unicom search --index INDEX/ photos/a.jpg photos/b.png --json > results.json
+    unicom search --index INDEX/ query.jpg -k 10
+    unicom search --index INDEX/ --text "a red car" --text "a dog on a beach" --json
+    unicom search --index INDEX/ query.jpg --text "at night" --text-weight 0.3
+    unicom search --index INDEX/ --like 1234 --deduplicate
 
-``--model`` defaults to the model that embedded the collection, when ``unicom embed``
-recorded it.
+Each image, each ``--text`` and each ``--like`` item is a query of its own. With
+``--text-weight``, images and items are combined with the texts instead (in pairs, or one
+with each of the others): ``(1 - w)·image + w·text``. ``--model`` defaults to the model that
+embedded the collection, when ``unicom embed`` recorded it; its weights must be the ones
+recorded.
 """
 
 from __future__ import annotations
@@ -17,12 +22,19 @@ import shutil
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("queries", nargs="+", metavar="QUERY", help="query image files")
+    parser.add_argument("queries", nargs="*", metavar="QUERY", help="query image files")
     parser.add_argument("--index", required=True, help="index folder written by `unicom index`")
+    parser.add_argument("--text", action="append", default=[], metavar="TEXT",
+                        help="a text query, embedded by the model's text tower (repeat for several)")
+    parser.add_argument("--like", action="append", default=[], type=int, metavar="ID",
+                        help="more like the indexed item ID (repeat for several)")
+    parser.add_argument("--text-weight", type=float, default=None, metavar="W",
+                        help="combine each image or item with a text: (1 - W)·image + W·text, W in [0, 1]")
     parser.add_argument("--model", default=None,
                         help="the model that embedded the collection (default: the one recorded in the index)")
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
     parser.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
+    parser.add_argument("--deduplicate", action="store_true", help="leave out results that nearly repeat a better one")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
@@ -40,21 +52,11 @@ def model_spec(args: argparse.Namespace, index) -> tuple[str, str | None]:
     return recorded["spec"], args.pretrained or recorded.get("pretrained")
 
 
-def run(args: argparse.Namespace) -> int:
-    from unicom.data.transforms import DecodeError, decode_image
-    from unicom.errors import InputError
+def load_checked_encoder(args: argparse.Namespace, index):
+    """The model of ``--model``/``--pretrained`` (or the index's record), checked against the index."""
     from unicom.models.encoders import load_encoder
-    from unicom.search.index import Index
+    from unicom.search.queries import check_model
 
-    if args.k < 1:
-        raise InputError(f"-k must be at least 1, got {args.k}")
-    images = []
-    for query in args.queries:  # every query is read before the model is built
-        try:
-            images.append(decode_image(query)[0])
-        except DecodeError as error:
-            raise InputError(f"{query}: {error}") from error
-    index = Index.load(args.index)
     spec, pretrained = model_spec(args, index)
     device = args.device
     if device is None:
@@ -62,27 +64,87 @@ def run(args: argparse.Namespace) -> int:
 
         device = distributed.local_device()
     encoder = load_encoder(spec, pretrained, device)
-    scores, ids = index.search_images(encoder, images, args.k, batch_size=args.batch_size)
-    results = index.hits(scores, ids)
+    check_model(index, encoder)
+    return encoder
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from unicom.data.transforms import DecodeError, decode_image
+    from unicom.errors import InputError
+    from unicom.search import queries
+    from unicom.search.index import Index
+
+    if args.k < 1:
+        raise InputError(f"-k must be at least 1, got {args.k}")
+    if not (args.queries or args.text or args.like):
+        raise InputError("nothing to search for: give query images, --text or --like")
+    texts = [text for text in args.text if text.strip()]
+    if len(texts) != len(args.text):
+        raise InputError("--text: an empty text is no query")
+    combined = args.text_weight is not None
+    if combined:
+        queries.parse_text_weight(args.text_weight, "--text-weight")
+        visual = len(args.queries) + len(args.like)
+        if not texts or not visual:
+            raise InputError("--text-weight combines images or --like items with --text: give both")
+        if visual != len(texts) and 1 not in (visual, len(texts)):
+            raise InputError(f"--text-weight pairs images and items with texts: {visual} against {len(texts)}; "
+                             "give as many of each, or one of either")
+    images = []
+    for query in args.queries:  # every query is read before the model is built
+        try:
+            images.append(decode_image(query)[0])
+        except DecodeError as error:
+            raise InputError(f"{query}: {error}") from error
+    index = Index.load(args.index)
+    stored = queries.StoredVectors(index)
+    encoder = load_checked_encoder(args, index) if images or texts else None
+    if texts:
+        queries.require_text(encoder)
+    visual_vectors = [queries.image_vectors(encoder, images, index.dims, args.batch_size)] if images else []
+    if args.like:
+        visual_vectors.append(stored(args.like))
+    visual_vectors = np.concatenate(visual_vectors) if visual_vectors else np.zeros((0, index.dims), np.float32)
+    visual_labels = [str(query) for query in args.queries] + [f"item {item}" for item in args.like]
+    text_vectors = queries.text_vectors(encoder, texts, index.dims)
+    if combined:
+        pairs = max(len(visual_labels), len(texts))
+        pick_visual = (lambda i: i) if len(visual_labels) == pairs else (lambda i: 0)
+        pick_text = (lambda i: i) if len(texts) == pairs else (lambda i: 0)
+        vectors = np.concatenate([queries.combine(visual_vectors[pick_visual(i)], text_vectors[pick_text(i)], args.text_weight)
+                                  for i in range(pairs)])
+        labels = [f"{visual_labels[pick_visual(i)]} + {texts[pick_text(i)]!r} (text weight {args.text_weight:g})"
+                  for i in range(pairs)]
+    else:
+        vectors = np.concatenate([visual_vectors, text_vectors])
+        labels = visual_labels + [repr(text) for text in texts]
+    found = queries.search(index, vectors, args.k, deduplicate=args.deduplicate, stored=stored)
+    results = [index.hits(scores[None, :], ids[None, :])[0] for scores, ids in found]
     if args.json:
-        print(json.dumps([{"query": query, "results": hits} for query, hits in zip(args.queries, results)], indent=2, default=str))
+        print(json.dumps([{"query": label, "results": hits} for label, hits in zip(labels, results)], indent=2, default=str))
         return 0
-    for number, (query, hits) in enumerate(zip(args.queries, results)):
+    for number, (label, hits) in enumerate(zip(labels, results)):
         if number:
             print()
-        print(f"{query}:")
+        print(f"{label}:")
         print(format_table(hits))
     return 0
 
 
 def format_table(hits: list[dict]) -> str:
-    """rank, score, key, caption and path or url of each hit, as aligned columns."""
+    """rank, score, key, caption and path or url of each hit, as aligned columns; the scores
+    with as many decimals as tell them apart."""
+    from unicom.search.queries import score_digits
+
     width = shutil.get_terminal_size((120, 20)).columns
+    digits = score_digits([hit["score"] for hit in hits])
     rows = [["rank", "score", "key", "caption", "path or url"]]
     for hit in hits:
         where = hit.get("image_path") or hit.get("path") or hit.get("url") or ""
         caption = hit.get("caption") or ""
-        rows.append([str(hit["rank"]), f"{hit['score']:.4f}", str(hit.get("key", hit["id"])), str(caption), str(where)])
+        rows.append([str(hit["rank"]), f"{hit['score']:.{digits}f}", str(hit.get("key", hit["id"])), str(caption), str(where)])
     caption_room = max(12, width - sum(max(len(row[i]) for row in rows) + 2 for i in (0, 1, 2, 4)) - 2)
     for row in rows[1:]:
         text = " ".join(row[3].split())

@@ -1,12 +1,19 @@
-"""``unicom serve``: the search page and HTTP API over an index (needs ``pip install 'unicom[serve]'``).
+"""``unicom serve``: the search page and HTTP API over indexes (needs ``pip install 'unicom[serve]'``).
 
 Examples::
 
-    unicom serve --index INDEX/ --model ViT-B-32 --pretrained laion400m_e32
+    unicom serve --index INDEX/
+    unicom serve --index laion=/data/laion_index --index photos=/data/photos_index --port 1234
     unicom serve --index INDEX/ --host 0.0.0.0 --port 8080 --image-root /data/images
-    unicom serve --index INDEX/ --shards /data/laion/shards
+    unicom serve --index INDEX/ --cors-origin '*'      # clip-retrieval's front end from elsewhere
 
-Then open http://127.0.0.1:8000/ , or ``curl -F image=@query.jpg http://127.0.0.1:8000/search``.
+Then open http://127.0.0.1:8000/ (API at /docs), or::
+
+    curl -F image=@query.jpg http://127.0.0.1:8000/search
+    curl -H 'content-type: application/json' -d '{"text": "a red car"}' http://127.0.0.1:8000/search
+
+clip-retrieval's front end and ``ClipClient`` talk to the same server (``/knn-service``,
+``/indices-list``, ``/metadata``); the index names are its ``indice_name``.
 """
 
 from __future__ import annotations
@@ -14,15 +21,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, help="index folder written by `unicom index`")
+    parser.add_argument("--index", required=True, action="append", metavar="[NAME=]DIR",
+                        help="index folder written by `unicom index`, optionally named (default name: the folder's); "
+                        "repeat to serve several")
     parser.add_argument("--model", default=None,
-                        help="the model that embedded the collection (default: the one recorded in the index; "
-                        "without either, only embedding queries are served)")
+                        help="the model that embedded the collections (default: the one recorded in each index; "
+                        "without either, only embedding and item queries are served)")
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -31,12 +41,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a query waits for others to share its batch (default: 10)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (default: 10)")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000,
+                        help="largest accepted image in pixels (default: 40,000,000); larger ones are answered 413")
+    parser.add_argument("--max-decode-mb", type=float, default=256.0,
+                        help="memory that uploads being decoded may take at once, in MB (default: 256)")
     parser.add_argument("-k", type=int, default=10, help="results per query unless the request says (default: 10)")
-    parser.add_argument("--max-k", type=int, default=100, help="most results a request may ask for (default: 100)")
+    parser.add_argument("--max-k", type=int, default=100, help="most results a /search request may ask for (default: 100)")
+    parser.add_argument("--max-result-ids", type=int, default=10_000,
+                        help="most results a /knn-service request may ask for (default: 10,000)")
     parser.add_argument("--image-root", default=None,
                         help="folder that relative image paths in the metadata start from (default: the current folder)")
     parser.add_argument("--shards", default=None,
                         help="folder of the webdataset shards the collection was embedded from: thumbnails of their samples")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let pages from ORIGIN (e.g. http://localhost:3005, or '*' for any) call the API from a "
+                        "browser, as clip-retrieval's front end served elsewhere does; repeat for several")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="let /knn-service fetch the image_url of a query (the server then fetches URLs its clients name)")
+
+
+def parse_indexes(values: list[str]) -> dict[str, str]:
+    """``[NAME=]DIR`` options -> names -> folders (a name defaults to the folder's name)."""
+    from unicom.errors import InputError
+
+    named: dict[str, str] = {}
+    for value in values:
+        name, separator, folder = value.partition("=")
+        if not separator or "/" in name or not name:
+            name, folder = Path(value.rstrip("/")).name or value, value
+        if name in named:
+            raise InputError(f"--index {value}: the name {name!r} is taken by {named[name]}; name them (--index NAME=DIR)")
+        named[name] = folder
+    return named
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,37 +85,45 @@ def run(args: argparse.Namespace) -> int:
         from unicom.search.service import create_app
     except ImportError as error:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
-    from unicom.commands.search import model_spec
+    from unicom.commands.search import load_checked_encoder, model_spec
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    index = Index.load(args.index)
-    encoder = None
-    if args.model or (index.config.get("model") or {}).get("spec"):
-        from unicom.models.encoders import load_encoder
+    indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
+    encoders, loaded = {}, {}
+    for name, index in indexes.items():
+        if not (args.model or (index.config.get("model") or {}).get("spec")):
+            print(f"{index.path}: no model recorded and no --model given: serving embedding and item queries only", file=sys.stderr)
+            encoders[name] = None
+            continue
+        spec = model_spec(args, index)
+        if spec not in loaded:
+            loaded[spec] = load_checked_encoder(args, index)
+        else:
+            from unicom.search.queries import check_model
 
-        spec, pretrained = model_spec(args, index)
-        device = args.device
-        if device is None:
-            from unicom import distributed
-
-            device = distributed.local_device()
-        encoder = load_encoder(spec, pretrained, device)
-    else:
-        print(f"{args.index}: no model recorded and no --model given: serving embedding queries only", file=sys.stderr)
+            check_model(index, loaded[spec])
+        encoders[name] = loaded[spec]
     app = create_app(
-        index,
-        encoder,
+        indexes,
+        encoders,
         batch_size=args.batch_size,
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=int(args.max_upload_mb * 1_000_000),
+        max_pixels=args.max_pixels,
+        max_decode_bytes=int(args.max_decode_mb * 2**20),
         default_k=args.k,
         max_k=args.max_k,
+        max_result_ids=args.max_result_ids,
         image_root=args.image_root,
         shards=args.shards,
+        cors_origins=args.cors_origin,
+        allow_image_urls=args.allow_image_urls,
     )
     if args.host not in LOOPBACK:
         print(f"listening on {args.host}: anyone who can reach this machine can query the index", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"unicom search on http://{host}:{args.port}/ ({len(index)} items)", file=sys.stderr)
+    items = ", ".join(f"{name}: {len(index)} items" for name, index in indexes.items()) if len(indexes) > 1 \
+        else f"{len(next(iter(indexes.values())))} items"
+    print(f"unicom search on http://{host}:{args.port}/ ({items})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -53,15 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from unicom.train.trainer import train
 
     # NCCL for GPU runs; gloo when the run is told to stay on the CPU (or there is no GPU)
-    distributed.init_from_env("gloo" if config.train.device == "cpu" else None)
     try:
-        train(config)
+        with distributed.process_group("gloo" if config.train.device == "cpu" else None):
+            train(config)
     except TrainingStopped as stop:
         print(f"unicom train: {stop}", file=sys.stderr)
         return 1
-    finally:
-        if distributed.is_initialized():
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return 0

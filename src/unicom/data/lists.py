@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -75,41 +76,63 @@ FOLDER_CLASSES = ("top", "leaf")
 def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> ImageList:
     """``root/<class>/<image>``: classes are the sub-folder names in sorted order.
 
-    Keys are the paths relative to ``root`` (``"cat/001.jpg"``). Images further down
-    (``root/<a>/<b>/<image>``) belong to ``<a>`` with ``classes="top"``; with ``"leaf"``
-    every folder that holds images is a class of its own, named by its path
-    (``"a/b"``); with ``None`` such a layout raises :class:`NestedClassFolders`.
+    Keys are the paths relative to ``root`` (``"cat/001.jpg"``); ``root`` may be a URL.
+    Images further down (``root/<a>/<b>/<image>``) belong to ``<a>`` with
+    ``classes="top"``; with ``"leaf"`` every folder that holds images is a class of its
+    own, named by its path (``"a/b"``); with ``None`` such a layout raises
+    :class:`NestedClassFolders`.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
-    if classes is not None and classes not in FOLDER_CLASSES:
-        raise InputError(f"classes must be one of {FOLDER_CLASSES} or None, got {classes!r}")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise InputError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    found = []  # (path, top-level class folder, folder holding the image)
-    for class_dir in class_dirs:
-        for path in sorted(class_dir.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                found.append((path, class_dir.name, path.parent.relative_to(root).as_posix()))
-    if not found:
-        raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-    leaves = sorted({folder for _, _, folder in found})
+    # (path, key, top-level class folder, folder holding the image), in class then path order
+    found, class_dirs = _remote_folder_images(root) if storage.is_url(root) else _local_folder_images(root)
+    leaves = sorted({folder for _, _, _, folder in found})
     nested = any("/" in folder for folder in leaves)
     if nested and classes is None:
         raise NestedClassFolders(root, len(class_dirs), [f for f in leaves if "/" in f] + [f for f in leaves if "/" not in f])
     if classes == "leaf":
         names = leaves
         lookup = {name: i for i, name in enumerate(names)}
-        labels = [lookup[folder] for _, _, folder in found]
+        labels = [lookup[folder] for _, _, _, folder in found]
     else:
-        names = [d.name for d in class_dirs]
+        names = class_dirs
         lookup = {name: i for i, name in enumerate(names)}
-        labels = [lookup[top] for _, top, _ in found]
-    paths = [str(path) for path, _, _ in found]
-    keys = [path.relative_to(root).as_posix() for path, _, _ in found]
+        labels = [lookup[top] for _, _, top, _ in found]
+    paths = [path for path, _, _, _ in found]
+    keys = [key for _, key, _, _ in found]
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
+
+
+def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """The images of the class folder ``root`` on disk (see :func:`read_image_folder`) and
+    the class folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise InputError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
+    found = []
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                found.append((str(path), path.relative_to(root).as_posix(), class_dir.name,
+                              path.parent.relative_to(root).as_posix()))
+    if not found:
+        raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return found, [d.name for d in class_dirs]
+
+
+def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """:func:`_local_folder_images` of a URL: one recursive listing; image paths are URLs."""
+    root = storage.text(root).rstrip("/")
+    if not storage.is_dir(root):
+        raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
+    relative = [storage.text(entry)[len(root) + 1:] for entry in storage.find_files(root)]
+    relative = sorted((r for r in relative if "/" in r and not r.startswith(".")
+                       and Path(r).suffix.lower() in IMAGE_SUFFIXES), key=lambda r: r.split("/"))
+    if not relative:
+        raise InputError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)}) under it")
+    found = [(f"{root}/{r}", r, r.split("/", 1)[0], r.rsplit("/", 1)[0]) for r in relative]
+    return found, sorted({top for _, _, top, _ in found})
 
 
 def read_table(
@@ -124,7 +147,7 @@ def read_table(
     """A CSV or parquet list of images, one row each.
 
     ``path_column`` is required; relative paths are resolved against ``root`` (default: the
-    table's folder). A default column name that the table lacks is looked for under its
+    table's folder); the table, its root and the image paths may be URLs. A default column name that the table lacks is looked for under its
     aliases (:data:`COLUMN_ALIASES`: ``img_path`` for ``path``, ``class`` for ``label``).
     Label and caption columns are used when present: numeric labels are class ids as
     written (a value that is not a whole number is an :class:`InputError` naming its rows),
@@ -135,25 +158,27 @@ def read_table(
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.is_file():
+    path = storage.text(path) if storage.is_url(path) else Path(path)
+    parquet = str(path).lower().endswith(".parquet")
+    if not storage.is_file(path):
         raise InputError(f"{path}: file not found (expected a CSV or parquet list with a {path_column!r} column)")
     try:
-        table: pa.Table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+        source = storage.readable(path)
+        table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(source)
     except (pa.ArrowInvalid, OSError) as error:
-        raise InputError(f"{path}: cannot be read as {'parquet' if path.suffix == '.parquet' else 'CSV'} ({error})") from error
+        raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     found_path = find_column(table.column_names, path_column)
     if found_path is None:
         names = " or ".join(repr(c) for c in (path_column, *COLUMN_ALIASES.get(path_column, ())))
         raise InputError(f"{path}: no image path column ({names}); columns are {table.column_names}")
     path_column = found_path
     label_column = find_column(table.column_names, label_column)
-    base = Path(root) if root is not None else path.parent
+    base = root if root is not None else storage.parent(path)
     raw_paths = [str(p) for p in table.column(path_column).to_pylist()]
     for row, value in enumerate(raw_paths):
         if value in ("", "None"):
             raise InputError(f"{path}: row {row + 1} has an empty {path_column!r}")
-    paths = [p if os.path.isabs(p) else str(base / p) for p in raw_paths]
+    paths = [storage.resolve(base, p) for p in raw_paths]
     keys = raw_paths
     if key_column and key_column in table.column_names:
         keys = [str(k) for k in table.column(key_column).to_pylist()]

@@ -24,7 +24,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unicom.data.shards import ShardReadError
-from unicom.data.transforms import DecodeError, SplitTransform, decode_image
+from unicom.data.transforms import (
+    DecodeError,
+    EncodedJpegs,
+    SplitTransform,
+    TensorTransform,
+    decode_image,
+    encoded_bytes,
+    jpeg_size,
+)
+from unicom.storage import FetchError
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class Batch:
     the samples' positions in the part; ``rows``: their metadata (key, caption, width,
     height, part columns); ``failures``: dicts (index, key, source, reason) of samples left
     out. ``last`` marks the end of a unit, with ``read`` = samples the unit went through.
+    With decoding on the model's device, ``jpegs`` holds the samples still encoded and
+    ``images`` the others (see :meth:`BatchStream.model_input`).
     """
 
     part: int
@@ -73,6 +84,7 @@ class Batch:
     failures: list[dict] = field(default_factory=list)
     last: bool = False
     read: int = 0
+    jpegs: EncodedJpegs | None = None
 
     def pin_memory(self) -> "Batch":
         if self.images is not None:
@@ -95,6 +107,8 @@ class BatchStream(IterableDataset):
             ``stream.image_input.on_device`` turns into the model's input where it runs.
         tokenize: list of captions -> int64 (B, L); None to skip texts.
         draft: (width, height) that JPEG draft decoding must keep, or None for full decoding.
+        device_decode: leave JPEGs encoded for the model's device (nvJPEG on a GPU; see
+            :func:`unicom.data.transforms.resolve_decode`); other images take the CPU path.
     """
 
     def __init__(
@@ -104,6 +118,7 @@ class BatchStream(IterableDataset):
         image_transform: Callable | None,
         tokenize: Callable[[list[str]], torch.Tensor] | None = None,
         draft: tuple[int, int] | None = None,
+        device_decode: bool = False,
     ):
         super().__init__()
         self.units = list(units)
@@ -112,6 +127,7 @@ class BatchStream(IterableDataset):
         self.image_input = SplitTransform(image_transform) if image_transform is not None else None
         self.tokenize = tokenize
         self.draft = draft
+        self.tensor_transform = TensorTransform(image_transform) if device_decode else None
         self._next_unit = multiprocessing.Value("q", 0)  # shared with the workers it is forked or sent to
 
     def __iter__(self) -> Iterator[Batch]:
@@ -164,6 +180,7 @@ class BatchStream(IterableDataset):
     def _make_batch(self, part, records: list) -> Batch:
         batch = Batch(part.number)
         images, captions = [], []
+        jpegs: tuple[list, list, list, list] = ([], [], [], [])
         for record in records:
             row = {"key": record.key, "caption": record.caption, "width": None, "height": None, **record.columns}
             if self.image_transform is not None:
@@ -172,10 +189,24 @@ class BatchStream(IterableDataset):
                     batch.failures.append(_failure(record, source, "no image in the sample"))
                     continue
                 try:
-                    image, (row["width"], row["height"]) = decode_image(record.image, self.draft)
+                    data = encoded_bytes(record.image) if self.tensor_transform is not None else None
+                    size = jpeg_size(data) if data is not None else None
+                    if size is not None:  # decoded where the model runs
+                        row["width"], row["height"] = size
+                        plan = self.tensor_transform.plan(*size)
+                        for held, value in zip(jpegs, (data, plan, len(batch.indices), str(source))):
+                            held.append(value)
+                        batch.indices.append(record.index)
+                        batch.rows.append(row)
+                        captions.append(record.caption or "")
+                        continue
+                    image, (row["width"], row["height"]) = decode_image(data or record.image, self.draft)
                     images.append(self.image_input.on_worker(image))
                 except DecodeError as error:
                     batch.failures.append(_failure(record, source, str(error)))
+                    continue
+                except FetchError as error:  # the part is not finished: a rerun fetches it again
+                    batch.failures.append(dict(_failure(record, source, f"fetch failed: {error}"), fetch=True))
                     continue
                 except Exception as error:  # a transform that rejects this image
                     batch.failures.append(_failure(record, source, f"transform failed: {type(error).__name__}: {error}"))
@@ -185,9 +216,32 @@ class BatchStream(IterableDataset):
             captions.append(record.caption or "")
         if images:
             batch.images = torch.stack(images)
+        if jpegs[0]:
+            batch.jpegs = EncodedJpegs(*jpegs)
         if self.tokenize is not None and captions:
             batch.tokens = self.tokenize(captions)
         return batch
+
+    def model_input(self, batch: Batch, device: torch.device) -> torch.Tensor | None:
+        """The batch's images as the model's float input on ``device``; samples whose JPEG no
+        decoder could read are moved from the batch's rows to its failures."""
+        from unicom.data.transforms import images_on_device
+
+        if not batch.indices or self.image_input is None:
+            return None
+        images, failed = images_on_device(len(batch.indices), batch.images, batch.jpegs, device, self.image_input,
+                                          self.tensor_transform)
+        if failed:
+            keep = [i for i in range(len(batch.indices)) if i not in failed]
+            sources = dict(zip(batch.jpegs.slots, batch.jpegs.sources))
+            for i in sorted(failed):
+                batch.failures.append({"index": batch.indices[i], "key": batch.rows[i]["key"], "source": sources[i],
+                                       "reason": failed[i]})
+            batch.indices = [batch.indices[i] for i in keep]
+            batch.rows = [batch.rows[i] for i in keep]
+            if batch.tokens is not None:
+                batch.tokens = batch.tokens[keep]
+        return images
 
 
 @contextlib.contextmanager

@@ -3,13 +3,14 @@
 A shard is a tar file; consecutive members that share a *key* (the member path up to the
 first dot of its file name, ``000012345.jpg`` -> ``000012345``) form one sample, and the
 rest of the name is the member's *extension* (``jpg``, ``txt``, ``json``). Shard lists are
-given as paths, brace patterns (``shards/{00000..00099}.tar``), globs or a folder, and are
-ordered by the number in the file name, so ``9.tar`` comes before ``10.tar``.
+given as paths, brace patterns (``shards/{00000..00099}.tar``), globs or a folder, local or
+URLs (``s3://bucket/{00000..00099}.tar``, ``https://…``, ``pipe:COMMAND``; see
+:mod:`unicom.storage`), and are ordered by the number in the file name, so ``9.tar``
+comes before ``10.tar``. A remote shard is decoded while it downloads.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from unicom import storage
 from unicom.errors import InputError
 from unicom.files import part_number
 
@@ -35,16 +37,49 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return None if match is None else (match.group(1), match.group(2).lower())
 
 
-def _expand_one(pattern: str) -> list[Path]:
-    from braceexpand import braceexpand
+def shard_name(shard) -> str:
+    """The file name of a shard location, which carries its number: the path's last
+    component (without an http query), or for ``pipe:COMMAND`` that of the command's last
+    word ending in a shard suffix (``pipe:curl -s https://host/00012.tar`` -> ``00012.tar``)."""
+    if storage.is_pipe(shard):
+        words = storage.text(shard)[len(storage.PIPE):].split()
+        named = [w for w in words if w.split("?", 1)[0].endswith(SHARD_SUFFIXES)] or words[-1:] or [""]
+        return named[-1].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    if storage.is_url(shard):
+        return storage.name(storage.text(shard).split("?", 1)[0])
+    return Path(shard).name
 
-    found: list[Path] = []
-    for path in braceexpand(pattern):
-        if glob.has_magic(path):
-            matches = sorted(glob.glob(path))
+
+def _folder_shards(folder) -> list:
+    return [entry for name, entry in sorted(storage.list_files(folder).items()) if name.endswith(SHARD_SUFFIXES)]
+
+
+def _expand_one(pattern: str) -> list:
+    found: list = []
+    listings: dict[str, set[str]] = {}  # remote folder -> its file names, listed once
+    for path in storage.braces(pattern):
+        if storage.is_pipe(path):  # a command: its output is the shard
+            found.append(path)
+        elif storage.has_magic(path):
+            matches = storage.glob(path)
             if not matches:
                 raise InputError(f"{path}: no file matches this pattern")
-            found.extend(Path(m) for m in matches)
+            found.extend(m if storage.is_url(m) else Path(m) for m in matches)
+        elif storage.is_url(path):
+            name = shard_name(path)
+            if not name.endswith(SHARD_SUFFIXES):  # a folder of shards
+                inside = _folder_shards(path)
+                if not inside:
+                    raise InputError(f"{path}: no {'/'.join(SHARD_SUFFIXES)} shards in this folder (or it does not exist)")
+                found.extend(storage.text(entry) for entry in inside)
+                continue
+            if storage.protocol(path) not in storage.READ_ONLY:  # listable: check, one listing per folder
+                folder = path[: -len(name)]
+                if folder not in listings:
+                    listings[folder] = set(storage.list_files(folder))
+                if name not in listings[folder]:
+                    raise InputError(f"{path}: shard not found (from the input {pattern!r}); check the URL or the pattern")
+            found.append(path)  # http(s): fetched (and retried) when its part is read
         elif os.path.isdir(path):
             inside = sorted(p for p in Path(path).iterdir() if p.name.endswith(SHARD_SUFFIXES))
             if not inside:
@@ -57,24 +92,25 @@ def _expand_one(pattern: str) -> list[Path]:
     return found
 
 
-def expand_shards(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Shard paths from paths, brace patterns, globs or folders, in numeric order.
+def expand_shards(patterns) -> list:
+    """Shard locations from paths, brace patterns, globs or folders, in numeric order:
+    a ``Path`` for a local shard, the URL (a ``str``) for a remote one.
 
-    Every listed file must exist; duplicates are dropped. Raises :class:`InputError` for a
-    missing shard, an empty pattern, or two shards whose names carry the same number (their
-    output parts would collide).
+    Every listed local file must exist (remote ones on a listable store too); duplicates
+    are dropped. Raises :class:`InputError` for a missing shard, an empty pattern, or two
+    shards whose names carry the same number (their output parts would collide).
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
-    paths: dict[str, Path] = {}
+    paths: dict[str, object] = {}
     for pattern in patterns:
         for path in _expand_one(os.fspath(pattern)):
-            paths.setdefault(os.path.realpath(path), path)
+            paths.setdefault(storage.text(path) if storage.is_url(path) else os.path.realpath(path), path)
     if not paths:
         raise InputError("no shards were given")
-    numbered: dict[int, Path] = {}
+    numbered: dict[int, object] = {}
     for path in paths.values():
-        number = part_number(path)
+        number = part_number(shard_name(path))
         if number in numbered:
             raise InputError(
                 f"{numbered[number]} and {path} carry the same number {number}; every shard becomes the output part "
@@ -114,24 +150,36 @@ class TarSample:
 
 
 class ShardReadError(Exception):
-    """The tar file broke off or is not a tar; ``samples`` were read before that."""
+    """The tar file broke off, is not a tar, or could not be fetched (``fetch``, after the
+    retries of :mod:`unicom.storage`); ``samples`` were read before that."""
 
-    def __init__(self, path: Path, samples: int, reason: str):
+    def __init__(self, path, samples: int, reason: str, fetch: bool = False):
         super().__init__(f"{path}: unreadable after {samples} samples ({reason})")
-        self.path, self.samples, self.reason = path, samples, reason
+        self.path, self.samples, self.reason, self.fetch = path, samples, reason, fetch
 
 
-def read_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
-    """Samples of a webdataset shard, in tar order (streamed, compressed tars included).
+def _fetch_error(error: BaseException | None) -> storage.FetchError | None:
+    """The download failure behind ``error`` (tarfile may wrap it), if any."""
+    while error is not None:
+        if isinstance(error, storage.FetchError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
-    Members without an extension, and directories, are skipped. A damaged tar yields the
-    samples before the damage, then raises :class:`ShardReadError`.
+
+def read_tar_samples(path) -> Iterator[TarSample]:
+    """Samples of a webdataset shard, in tar order (streamed, compressed tars included);
+    ``path`` is a local path, a URL or ``pipe:COMMAND`` (read while it downloads).
+
+    Members without an extension, and directories, are skipped. A damaged tar, or one
+    whose download failed for good, yields the samples before the damage, then raises
+    :class:`ShardReadError`.
     """
-    path = Path(path)
+    path = path if storage.is_url(path) else Path(path)
     current: TarSample | None = None
     count = 0
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with storage.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -151,6 +199,10 @@ def read_tar_samples(path: str | os.PathLike) -> Iterator[TarSample]:
         if current is not None and current.files:  # the members read completely before the damage
             yield current
             count += 1
+        fetch = _fetch_error(error)
+        if fetch is not None:
+            tries = f" (after {fetch.attempts} attempts)" if fetch.attempts > 1 else ""
+            raise ShardReadError(path, count, f"fetch failed: {fetch.reason}{tries}", True) from error
         raise ShardReadError(path, count, f"{type(error).__name__}: {error}") from error
     if current is not None:
         yield current

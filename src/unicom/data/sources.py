@@ -11,12 +11,13 @@ A part yields :class:`Record` s: what to decode plus the metadata columns of its
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from unicom import storage
 from unicom.data.lists import IMAGE_SUFFIXES, ImageList, read_image_folder, read_table
-from unicom.data.shards import SHARD_SUFFIXES, ShardReadError, expand_shards, read_tar_samples
+from unicom.data.shards import SHARD_SUFFIXES, ShardReadError, expand_shards, read_tar_samples, shard_name
 from unicom.errors import InputError
 from unicom.files import part_number
 
@@ -41,22 +42,28 @@ class Record:
 
 @dataclass(frozen=True)
 class ShardPart:
-    """A webdataset tar shard. Metadata columns: ``url`` (from the json) and ``shard``."""
+    """A webdataset tar shard: a local ``Path`` or a URL. Metadata columns: ``url`` (from
+    the json) and ``shard``. ``following``: the shard the same reader reads next, whose
+    download starts when this one starts (remote shards)."""
 
     number: int
-    path: Path
+    path: Path | str
+    following: Path | str | None = None
     columns = (("url", "string"), ("shard", "string"))
     has_captions = True
     size = None  # samples: unknown until the tar is read
 
     @property
     def name(self) -> str:
-        return str(self.path)
+        return storage.text(self.path)
 
     def records(self) -> Iterator[Record]:
-        """Records in tar order; raises :class:`ShardReadError` after the last one of a damaged tar."""
-        shard = self.path.name
-        for index, sample in enumerate(read_tar_samples(self.path)):
+        """Records in tar order; raises :class:`ShardReadError` after the last one of a damaged
+        (or, remotely, unfetchable) tar."""
+        shard = shard_name(self.path)
+        samples = read_tar_samples(self.path)
+        storage.prefetch(self.following)
+        for index, sample in enumerate(samples):
             info = sample.json()
             caption = sample.caption()
             if caption is None and isinstance(info.get("caption"), str):
@@ -124,6 +131,13 @@ class ItemsPart:
             yield Record(index, str(index), item)
 
 
+def read_in_turn(parts: Sequence[Any]) -> list[Any]:
+    """``parts`` for one reader that reads them in this order: each remote shard names
+    the next one, which then downloads while it is decoded (see :attr:`ShardPart.following`)."""
+    return [replace(part, following=after.path) if isinstance(part, ShardPart) and isinstance(after, ShardPart) else part
+            for part, after in zip(parts, [*parts[1:], None])]
+
+
 def list_parts(images: ImageList, rows_per_part: int, source: str) -> list[ListPart]:
     """Cut ``images`` into parts of ``rows_per_part`` rows, numbered 0, 1, ..."""
     if rows_per_part < 1:
@@ -134,8 +148,14 @@ def list_parts(images: ImageList, rows_per_part: int, source: str) -> list[ListP
     ]
 
 
-def read_flat_folder(root: str | os.PathLike) -> ImageList:
-    """Every image under ``root`` (recursively), keyed by its path relative to ``root``."""
+def read_flat_folder(root) -> ImageList:
+    """Every image under ``root`` (recursively; a folder or a URL), keyed by its path relative to ``root``."""
+    if storage.is_url(root):
+        base = storage.text(root).rstrip("/")
+        paths = [storage.text(p) for p in storage.find_files(root) if Path(storage.name(p)).suffix.lower() in IMAGE_SUFFIXES]
+        if not paths:
+            raise InputError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+        return ImageList(paths, [p[len(base) + 1:] for p in paths])
     root = Path(root)
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
@@ -143,13 +163,29 @@ def read_flat_folder(root: str | os.PathLike) -> ImageList:
     return ImageList([str(p) for p in paths], [p.relative_to(root).as_posix() for p in paths])
 
 
-def _folder_list(root: Path) -> ImageList:
+def _folder_list(root) -> ImageList:
     """A class folder (``root/<class>/<images>``) with labels, else a flat listing."""
-    has_top_images = any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
-    has_sub_folders = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    if storage.is_url(root):
+        has_top_images = any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in storage.list_files(root))
+        has_sub_folders = any(not name.startswith(".") for name in storage.list_folders(root))
+    else:
+        root = Path(root)
+        has_top_images = any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in root.iterdir())
+        has_sub_folders = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
     if has_sub_folders and not has_top_images:
         return read_image_folder(root)
     return read_flat_folder(root)
+
+
+def _is_image_folder(location: str) -> bool:
+    """A folder (local, or a URL of a listable store) that holds no shards."""
+    if storage.is_url(location):
+        if storage.is_pipe(location) or storage.protocol(location) in storage.READ_ONLY or storage.has_magic(location):
+            return False
+        if shard_name(location).endswith(SHARD_SUFFIXES) or not storage.is_dir(location):
+            return False
+        return not any(name.endswith(SHARD_SUFFIXES) for name in storage.list_files(location))
+    return os.path.isdir(location) and not any(p.name.endswith(SHARD_SUFFIXES) for p in Path(location).iterdir())
 
 
 def open_parts(
@@ -162,7 +198,8 @@ def open_parts(
 
     ``inputs`` is one of: shard paths / brace patterns / globs (``.tar``), a folder of
     shards, an image folder (class sub-folders give a ``label`` column), or one CSV/parquet
-    list (``table_options`` go to :func:`unicom.data.lists.read_table`).
+    list (``table_options`` go to :func:`unicom.data.lists.read_table`); each may be a URL
+    (:mod:`unicom.storage`).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -174,16 +211,17 @@ def open_parts(
         if only.lower().endswith(TABLE_SUFFIXES):
             images = read_table(only, **(table_options or {}))
             return list_parts(images, rows_per_part, only)
-        if os.path.isdir(only) and not any(p.name.endswith(SHARD_SUFFIXES) for p in Path(only).iterdir()):
-            return list_parts(_folder_list(Path(only)), rows_per_part, only)
+        if _is_image_folder(only):
+            return list_parts(_folder_list(only), rows_per_part, only)
     shards = expand_shards(inputs)
-    foreign = [p for p in shards if not p.name.endswith(SHARD_SUFFIXES)]
+    foreign = [p for p in shards if not storage.is_pipe(p) and not shard_name(p).endswith(SHARD_SUFFIXES)]
     if foreign:
         raise InputError(
             f"{foreign[0]}: not a shard ({'/'.join(SHARD_SUFFIXES)}); give webdataset shards, one image folder, "
             "or one CSV/parquet list"
         )
-    return [ShardPart(part_number(p), p) for p in shards]
+    return [ShardPart(part_number(shard_name(p)), p) for p in shards]
 
 
-__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "ShardReadError", "open_parts", "list_parts", "read_flat_folder"]
+__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
+           "read_in_turn"]

@@ -14,6 +14,8 @@ from typing import Callable
 
 from PIL import Image
 
+from unicom import storage
+
 
 class DecodeError(Exception):
     """An image that cannot be decoded; the message is the reason shown in failure reports."""
@@ -40,13 +42,15 @@ def draft_size(transform: Callable | None) -> tuple[int, int] | None:
 
 
 def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode ``source`` (encoded bytes, a file path, or a PIL image) to an RGB image.
+    """Decode ``source`` (encoded bytes, a file path or URL, or a PIL image) to an RGB image.
 
     Returns ``(image, (width, height))`` where the size is the stored image's, before any
     draft reduction. Raises :class:`DecodeError` with a readable reason.
     """
     if isinstance(source, Image.Image):
         return source.convert("RGB"), source.size
+    if isinstance(source, str) and storage.is_url(source):
+        source = storage.read_bytes(source)  # a storage.FetchError when it cannot be fetched
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(source))
@@ -55,7 +59,9 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         size = image.size
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft)
-        image = image.convert("RGB")  # forces the full decode: truncated data fails here
+        image.load()  # the full decode: truncated data fails here
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except FileNotFoundError as error:
         raise DecodeError(f"file not found: {error.filename}") from error
     except Image.UnidentifiedImageError as error:
@@ -117,10 +123,305 @@ class SplitTransform:
 
         if images.dtype != torch.uint8:
             return images
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-        return images.float().div(255).sub(mean).div(std)
+        return normalize_pixels(images, self.mean, self.std)
 
 
 def _as_sequence(value):
     return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+# --------------------------------------------------------------------------- decoding where the model runs
+
+DECODES = ("auto", "cpu", "gpu")
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def jpeg_size(data) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that the device decoder takes (RGB or greyscale), else None.
+
+    Reads the header only. CMYK/YCCK JPEGs, other formats and data Pillow cannot identify
+    give None: they take the CPU path, where Pillow decodes them (or names the failure).
+    """
+    if bytes(data[:3]) != JPEG_MAGIC:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            return image.size
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse goes to the CPU path
+        return None
+
+
+def encoded_bytes(image) -> bytes | None:
+    """The encoded bytes of a sample's image (bytes as given, a file or URL read), or None for
+    a decoded (PIL) image. Raises :class:`DecodeError` for a file that cannot be read."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, str) and storage.is_url(image):
+        return storage.read_bytes(image)  # a storage.FetchError when it cannot be fetched, as decode_image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with open(os.fspath(image), "rb") as file:
+                return file.read()
+        except FileNotFoundError as error:
+            raise DecodeError(f"file not found: {error.filename}") from error
+        except OSError as error:
+            raise DecodeError(f"cannot read image: {type(error).__name__}: {error}") from error
+    return None
+
+
+def resolve_decode(decode: str, device, transform: Callable | None) -> bool:
+    """Whether images are decoded where the model runs (True) or by Pillow in the workers.
+
+    ``decode``: ``cpu``; ``gpu`` (torchvision's decoder on the model's device: nvJPEG on a
+    GPU; on a CPU device libjpeg-turbo in the main process, which exists for tests);
+    ``auto``: ``gpu`` on a CUDA device when the model's transform can run on tensors.
+    Raises :class:`unicom.errors.InputError` for ``gpu`` with a transform that cannot.
+    """
+    from unicom.errors import InputError
+
+    if decode not in DECODES:
+        raise InputError(f"decode={decode!r}: choose one of {', '.join(DECODES)}")
+    if decode == "cpu" or transform is None:
+        return False
+    reason = TensorTransform.unsupported(transform)
+    if decode == "gpu" and reason is not None:
+        raise InputError(f"decode=gpu: {reason}; use decode=cpu (or auto)")
+    import torch
+
+    return reason is None and (decode == "gpu" or torch.device(device).type == "cuda")
+
+
+_RESIZE_NAMES = {"Resize"}
+_CENTER_CROP_NAMES = {"CenterCrop"}
+_RANDOM_CROP_NAMES = {"RandomResizedCrop", "RandomResizedCropAndInterpolation"}
+_FLIP_NAMES = {"RandomHorizontalFlip"}
+_RGB_NAMES = {"MaybeConvertMode", "_convert_to_rgb"}
+
+
+class TensorTransform:
+    """A model's image transform carried out on decoded uint8 tensors, on any device.
+
+    Two forms of PIL transform are recognised: evaluation, ``Resize(short side) ->
+    CenterCrop -> ToTensor -> Normalize`` (open_clip's and timm's), and training,
+    ``RandomResizedCrop -> [RandomHorizontalFlip] -> ToTensor -> Normalize`` (timm's
+    ``create_transform`` without colour or RandAugment steps). Each image gets a
+    :meth:`plan` on the host (its random crop and flip, drawn in exactly the order and from
+    the same generators as the PIL transform, so a seeded sample is cropped alike on
+    either path); :meth:`__call__` applies the plans to a list of decoded images.
+
+    Resizing uses torchvision's antialiased bicubic (or bilinear) interpolation on float
+    pixels, rounded to integers as Pillow's uint8 output is. Against Pillow on the same
+    decoded pixels the difference is at most a few levels of 255 at sharp edges and below
+    half a level on average (``tests/test_gpu_decode.py`` states the bounds); the model's
+    embeddings agree to a cosine of at least 0.999.
+    """
+
+    def __init__(self, transform: Callable):
+        reason = self.unsupported(transform)
+        if reason is not None:
+            raise ValueError(reason)
+        steps = list(transform.transforms)
+        first = steps[0]
+        self.size = _pair(first.size)  # (height, width) after the geometric steps
+        self.random_crop = type(first).__name__ in _RANDOM_CROP_NAMES
+        self.first = first
+        self.interpolation = first.interpolation
+        self.resize = first.size if not self.random_crop else None
+        crops = [s for s in steps if type(s).__name__ in _CENTER_CROP_NAMES]
+        self.crop = _pair(crops[0].size) if crops else None
+        flips = [s for s in steps if type(s).__name__ in _FLIP_NAMES]
+        self.flip_probability = float(flips[0].p) if flips else 0.0
+        normalize = steps[-1]
+        self.mean = tuple(float(m) for m in _as_sequence(normalize.mean))
+        self.std = tuple(float(s) for s in _as_sequence(normalize.std))
+        if self.crop is not None:
+            self.size = self.crop
+
+    @staticmethod
+    def unsupported(transform: Callable) -> str | None:
+        """Why ``transform`` cannot run on tensors, or None when it can."""
+        steps = list(getattr(transform, "transforms", []))
+        names = [getattr(step, "__name__", type(step).__name__) for step in steps]
+        if len(steps) < 3 or names[-2] not in _TO_TENSOR_NAMES or names[-1] != "Normalize":
+            return f"the image transform {names or type(transform).__name__} does not end in ToTensor, Normalize"
+        middle = names[:-2]
+        if middle and middle[0] in _RESIZE_NAMES:
+            rest = [n for n in middle[1:] if n not in _RGB_NAMES]
+            if rest not in ([], ["CenterCrop"]):
+                return f"the image transform's steps {middle} are not Resize, CenterCrop"
+            if not rest and len(_as_list(steps[0].size)) == 1:
+                return "a Resize of the shorter side without CenterCrop gives images of different shapes"
+        elif middle and middle[0] in _RANDOM_CROP_NAMES:
+            if [n for n in middle[1:] if n not in _RGB_NAMES] not in ([], ["RandomHorizontalFlip"]):
+                return (f"the training transform's steps {middle} are not a random resized crop and flip alone "
+                        "(colour jitter, RandAugment and random erasing run on the CPU)")
+        else:
+            return f"the image transform's steps {middle} do not start with Resize or RandomResizedCrop"
+        for step in steps[:-2]:
+            mode = getattr(step, "interpolation", None)
+            modes = mode if isinstance(mode, (list, tuple)) else [mode]
+            if mode is not None and any(getattr(m, "value", m) not in ("bicubic", "bilinear") for m in modes):
+                return f"interpolation {mode} has no antialiased tensor form"
+        resize = steps[0]
+        if middle[0] in _RESIZE_NAMES and getattr(resize, "max_size", None) is not None:
+            return "Resize with max_size is not supported on tensors"
+        return None
+
+    def plan(self, width: int, height: int) -> tuple:
+        """The geometric decisions for one image of ``width`` x ``height``: for training,
+        ``(top, left, crop height, crop width, interpolation, flip)`` drawn with the same
+        random calls, in the same order, as the PIL transform; for evaluation, ``()``."""
+        if not self.random_crop:
+            return ()
+        import random
+
+        import torch
+
+        shape = torch.empty(3, height, width, device="meta")
+        top, left, h, w = self.first.get_params(shape, self.first.scale, self.first.ratio)
+        interpolation = self.interpolation
+        if isinstance(interpolation, (list, tuple)):
+            interpolation = random.choice(interpolation)
+        flip = bool(torch.rand(1) < self.flip_probability) if self.flip_probability > 0 else False
+        return int(top), int(left), int(h), int(w), getattr(interpolation, "value", interpolation), flip
+
+    def __call__(self, images: list, plans: list[tuple]):
+        """Decoded uint8 images ((3, H, W) each, on one device) -> float32 (B, 3, h, w) model input."""
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        device = images[0].device
+        out = torch.empty(len(images), 3, *self.size, dtype=torch.float32, device=device)
+        if self.random_crop:
+            for i, (image, (top, left, h, w, mode, flip)) in enumerate(zip(images, plans)):
+                pixels = TF.resized_crop(image.float(), top, left, h, w, list(self.size), InterpolationMode(mode),
+                                         antialias=True)
+                out[i] = pixels.flip(-1) if flip else pixels
+        else:
+            # images of one size are resized together: one kernel for the group
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, image in enumerate(images):
+                groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+            for members in groups.values():
+                stack = torch.stack([images[i] for i in members]).float()
+                pixels = TF.resize(stack, _as_list(self.resize), self.interpolation, antialias=True)
+                out[members] = TF.center_crop(pixels, list(self.crop)) if self.crop else pixels
+        out.clamp_(0, 255).round_()  # Pillow resizes to uint8
+        return normalize_pixels(out, self.mean, self.std)
+
+
+def normalize_pixels(images, mean, std):
+    """Float or uint8 pixels (B, 3, H, W) in 0..255 -> ``(x / 255 - mean) / std``, float32, in place for float input."""
+    import torch
+
+    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(images.device, non_blocking=True)
+    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(images.device, non_blocking=True)
+    images = images.float() if images.dtype != torch.float32 else images
+    return images.div_(255).sub_(mean).div_(std)
+
+
+def decode_jpegs(encoded: list, device) -> list:
+    """Decode JPEG bytes (1-D uint8 CPU tensors) to RGB uint8 (3, H, W) tensors on ``device``
+    (nvJPEG on a GPU, in one batched call); an image the decoder refuses gives its
+    exception in its place (the batch is retried one image at a time to find it)."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's notice that its decoders move to TorchCodec
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            results = []
+            for data in encoded:
+                try:
+                    results.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as error:
+                    results.append(error)
+            return results
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    return (size[0], size[0]) if len(size) == 1 else size
+
+
+def _as_list(size) -> list[int]:
+    return [size] if isinstance(size, int) else list(size)
+
+
+class EncodedJpegs:
+    """The JPEGs of a batch, left encoded for the model's device.
+
+    ``data``: their bytes concatenated (one uint8 tensor: one shared-memory block from a
+    worker, however many images); ``ends``: where each ends; ``plans``: their
+    :meth:`TensorTransform.plan`; ``slots``: their positions among the batch's samples;
+    ``sources`` and ``keys``: where each came from and its key (named in failure reports).
+    """
+
+    def __init__(self, chunks: list[bytes], plans: list[tuple], slots: list[int], sources: list[str],
+                 keys: list[str] | None = None):
+        import numpy as np
+        import torch
+
+        self.ends = np.cumsum([len(c) for c in chunks]).tolist()
+        self.data = torch.from_numpy(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy())
+        self.plans, self.slots, self.sources = list(plans), list(slots), list(sources)
+        self.keys = list(keys) if keys is not None else [""] * len(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def images(self, device) -> list:
+        """Decoded uint8 (3, H, W) tensors on ``device``; an image the device decoder refuses
+        is decoded by Pillow instead, and one Pillow refuses too is its :class:`DecodeError`."""
+        import numpy as np
+        import torch
+
+        starts = [0] + self.ends[:-1]
+        encoded = [self.data[a:b] for a, b in zip(starts, self.ends)]
+        decoded = decode_jpegs(encoded, device)
+        for i, image in enumerate(decoded):
+            if isinstance(image, Exception):
+                try:
+                    pil, _ = decode_image(encoded[i].numpy().tobytes())
+                    decoded[i] = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).to(device)
+                except DecodeError as error:
+                    decoded[i] = error
+        return decoded
+
+
+def images_on_device(count: int, cpu_images, jpegs: EncodedJpegs | None, device, split: SplitTransform,
+                     tensor: TensorTransform | None):
+    """The model input of a batch whose samples took either path: float32 (n, 3, H, W) on
+    ``device`` in the order of the batch, and ``{position: reason}`` of the JPEGs that no
+    decoder could read (left out, so ``n = count - len(reasons)``).
+
+    ``cpu_images``: (count - len(jpegs), 3, H, W) from :meth:`SplitTransform.on_worker`
+    (uint8, or the transform's float output) or None; ``jpegs``: the rest, decoded here.
+    """
+    import torch
+
+    failed: dict[int, str] = {}
+    if not jpegs:
+        return split.on_device(cpu_images.to(device, non_blocking=True)), failed
+    decoded = jpegs.images(device)
+    good = [i for i, image in enumerate(decoded) if not isinstance(image, Exception)]
+    for i, image in enumerate(decoded):
+        if isinstance(image, Exception):
+            failed[jpegs.slots[i]] = str(image)
+    out = torch.empty(count, 3, *tensor.size, dtype=torch.float32, device=device)
+    if good:
+        out[[jpegs.slots[i] for i in good]] = tensor([decoded[i] for i in good], [jpegs.plans[i] for i in good])
+    if cpu_images is not None and len(cpu_images):
+        on_jpeg = set(jpegs.slots)
+        out[[i for i in range(count) if i not in on_jpeg]] = split.on_device(cpu_images.to(device, non_blocking=True))
+    if failed:
+        out = out[[i for i in range(count) if i not in failed]]
+    return out, failed

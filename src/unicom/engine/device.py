@@ -12,6 +12,8 @@ Importing this module does not import torch (recipes read :data:`PRECISIONS`).
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unicom.errors import InputError
@@ -65,4 +67,36 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast"]
+def compile_cache(folder: str | os.PathLike | None = None) -> Path:
+    """Keep what ``torch.compile`` produces in a folder that outlives the process; returns it.
+
+    Compiling a ViT step takes minutes; with the FX-graph and AOTAutograd caches in a
+    persistent folder a later run (a restart, another job on the same storage) loads the
+    compiled graphs and kernels instead. The folder is ``folder``, else
+    ``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``inductor/`` in unicom's cache folder
+    (:func:`unicom.models.hub.cache_dir`: ``$UNICOM_CACHE``, default ``~/.cache/unicom``);
+    torch's own default lives in ``/tmp`` and is lost with the machine. Call it before the
+    first compilation.
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from unicom.models.hub import cache_dir
+
+    if folder is None:
+        given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch writes its default there when it first looks
+        folder = given if given and given != default_cache_dir() else cache_dir() / "inductor"
+    folder = Path(folder).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    inductor_config.fx_graph_cache = True
+    try:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True  # the backward graphs too
+    except (ImportError, AttributeError):
+        pass
+    return folder
+
+
+__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast", "compile_cache"]

@@ -10,8 +10,6 @@ from a recipe's ``optim`` section: AdamW (:func:`backbone_optimizer`) for the mo
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,56 +29,128 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas, eps: float, device: torch.device):
-    """AdamW with two groups: decayed weights and the :func:`no_decay` parameters."""
+    """AdamW with two groups: decayed weights and the :func:`no_decay` parameters.
+
+    The fused implementation where torch has one for ``device`` (CUDA and the CPU among
+    them): one kernel per group instead of a dozen passes, and it takes the step's
+    ``grad_scale`` and ``found_inf`` on the device (see :class:`TrainStep`).
+    """
     decay, plain = [], []
     for name, param in module.named_parameters():
         if param.requires_grad:
             (plain if no_decay(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=_has_fused_adamw(device))
+
+
+def _has_fused_adamw(device: torch.device) -> bool:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: CUDA only
+        return device.type == "cuda"
 
 
 class LossScaler:
-    """Dynamic loss scaling for fp16: halve the scale after a non-finite step, double it
-    after ``growth_interval`` finite ones in a row. Disabled, the scale is 1."""
+    """Dynamic loss scaling for fp16: halve the scale after a non-finite step (not below 1),
+    double it after ``growth_interval`` finite ones in a row. Disabled, the scale is 1.
+
+    The scale lives on the device with the step (:meth:`tensor`) and :meth:`update` takes
+    the step's finiteness as a device tensor, so scaling never makes the host wait;
+    :attr:`scale` reads it (for logs and checkpoints).
+    """
 
     def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
-        self.good_steps = 0
+        self._scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float32)
+        self._good_steps = torch.zeros((), dtype=torch.int64)
 
-    def update(self, finite: bool) -> None:
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        """The scale, a float32 scalar on ``device`` (moved there once)."""
+        if self._scale.device != device:
+            self._scale, self._good_steps = self._scale.to(device), self._good_steps.to(device)
+        return self._scale
+
+    @property
+    def scale(self) -> float:
+        return float(self._scale)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = torch.full((), float(value), dtype=torch.float32, device=self._scale.device)
+
+    @property
+    def good_steps(self) -> int:
+        return int(self._good_steps)
+
+    def update(self, finite) -> None:
+        """``finite``: a bool, or a bool scalar tensor on the scale's device."""
         if not self.enabled:
             return
-        if not finite:
-            self.scale = max(self.scale * 0.5, 1.0)
-            self.good_steps = 0
-            return
-        self.good_steps += 1
-        if self.good_steps >= self.growth_interval:
-            self.scale *= 2.0
-            self.good_steps = 0
+        finite = torch.as_tensor(finite, device=self._scale.device)
+        good = torch.where(finite, self._good_steps + 1, 0)
+        grow = good >= self.growth_interval
+        self._scale = torch.where(finite, torch.where(grow, self._scale * 2.0, self._scale), (self._scale * 0.5).clamp_min(1.0))
+        self._good_steps = torch.where(grow, 0, good)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "good_steps": self.good_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.enabled and state:
-            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+            device = self._scale.device
+            self._scale = torch.tensor(float(state["scale"]), dtype=torch.float32, device=device)
+            self._good_steps = torch.tensor(int(state["good_steps"]), dtype=torch.int64, device=device)
 
 
-@dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
-    finite: bool
-    clipped: bool = False
+    """What a step did: ``loss`` (mean over micro-batches), ``grad_norm`` (global, after
+    unscaling, before clipping), ``finite`` (the step was applied), ``clipped``.
+
+    The values stay on the device until one of them is read; the first read copies all of
+    them to the host at once (the only point where the host waits for the step) and raises
+    :class:`unicom.errors.InputError` if the step's labels were out of range (the step
+    was then skipped on the device).
+    """
+
+    def __init__(self, values: torch.Tensor | list[float], check=None):
+        self._values = values
+        self._check = check
+
+    def _read(self) -> list[float]:
+        if isinstance(self._values, torch.Tensor):
+            self._values = self._values.tolist()
+        if self._check is not None:
+            check, self._check = self._check, None
+            check(self._values)
+        return self._values
+
+    @property
+    def loss(self) -> float:
+        return self._read()[0]
+
+    @property
+    def grad_norm(self) -> float:
+        return self._read()[1]
+
+    @property
+    def finite(self) -> bool:
+        return bool(self._read()[2])
+
+    @property
+    def clipped(self) -> bool:
+        return bool(self._read()[3])
+
+    def __repr__(self) -> str:
+        loss, norm, finite, clipped = self._read()[:4]
+        return f"StepResult(loss={loss}, grad_norm={norm}, finite={bool(finite)}, clipped={bool(clipped)})"
 
 
 def _grads(params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(dense gradients, coalesced sparse gradients) of ``params``; sparse ones are
-    coalesced in place so that their values can be scaled."""
+    coalesced in place (a no-op for PartialFC's single backward, flagged beforehand)."""
     dense, sparse = [], []
     for param in params:
         grad = param.grad
@@ -105,7 +175,7 @@ def _squared_norm(dense: list[torch.Tensor], sparse: list[torch.Tensor], device:
     return total
 
 
-def _scale_grads(dense: list[torch.Tensor], sparse: list[torch.Tensor], factor: float) -> None:
+def _scale_grads(dense: list[torch.Tensor], sparse: list[torch.Tensor], factor: torch.Tensor) -> None:
     if dense:
         torch._foreach_mul_(dense, factor)
     for grad in sparse:
@@ -116,10 +186,17 @@ class TrainStep:
     """One optimiser step over ``accumulation`` micro-batches.
 
     The backbone (possibly DDP with summed gradients) maps images to embeddings under
-    autocast; PartialFC gives the loss. The gradients are unscaled (fp16), the global norm
-    is computed over the backbone (identical on every rank after DDP's all-reduce) and the
-    prototype shards (all-reduced), and a non-finite loss or norm skips the step on every
-    rank alike; otherwise the gradients are clipped (optional) and both optimisers step.
+    autocast; PartialFC gives the loss. The global gradient norm is computed over the
+    backbone (identical on every rank after DDP's all-reduce) and the prototype shards
+    (all-reduced); a non-finite loss or norm, or labels out of range, skips the step on
+    every rank alike; otherwise the gradients are unscaled (fp16), clipped (optional) and
+    both optimisers step.
+
+    Nothing in it makes the host wait for the device: the loss scale, the norm, the
+    clipping factor and the decision to skip are device tensors, handed to the optimisers
+    as ``grad_scale`` and ``found_inf`` (fused AdamW and :class:`unicom.optim.SparseAdamW`
+    take them), and the returned :class:`StepResult` is read only when the caller looks.
+    Optimisers without that protocol are stepped after one read of the norm.
     """
 
     def __init__(self, backbone: nn.Module, partial_fc: nn.Module, backbone_optimizer, prototype_optimizer,
@@ -132,7 +209,8 @@ class TrainStep:
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
         self.scaler = LossScaler(precision == "fp16")
-        # PartialFC's input checks cost a collective per step: the trainer turns them on for its first step
+        # PartialFC's full input checks cost a collective and a host read per step: the
+        # trainer turns them on for its first step; the labels are checked on the device always
         partial_fc.check_inputs = False
         self._backbone_params = [p for p in backbone.parameters() if p.requires_grad]
         self._prototype_params = list(partial_fc.parameters())
@@ -146,6 +224,7 @@ class TrainStep:
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         count = len(micro_batches)
+        scale = self.scaler.tensor(self.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for index, (images, labels) in enumerate(micro_batches):
             last = index == count - 1
@@ -154,33 +233,59 @@ class TrainStep:
                 with autocast(self.device, self.precision):
                     embeddings = self.backbone(images)
                     loss = self.partial_fc(embeddings, labels)
-                (loss * (self.scaler.scale / count)).backward()
+                (loss * (scale / count) if self.scaler.enabled else loss / count).backward()
             loss_sum += loss.detach().float()
+        if count == 1 and hasattr(self.partial_fc, "flag_sorted_gradient"):
+            self.partial_fc.flag_sorted_gradient()
 
         dense, sparse = _grads(self._backbone_params)
         proto_dense, proto_sparse = _grads(self._prototype_params)
-        if self.scaler.enabled:
-            inverse = 1.0 / self.scaler.scale
-            _scale_grads(dense + proto_dense, sparse + proto_sparse, inverse)
         backbone_sq = _squared_norm(dense, sparse, self.device)
         prototype_sq = _squared_norm(proto_dense, proto_sparse, self.device)
         if self.distributed:  # prototype shards are disjoint: their squared norms add up
             import torch.distributed as dist
 
             dist.all_reduce(prototype_sq)
-        loss_value, norm_value = torch.stack([loss_sum / count, (backbone_sq + prototype_sq).sqrt()]).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        clipped = False
-        if finite:
-            if self.clip_grad_norm is not None and norm_value > self.clip_grad_norm:
-                _scale_grads(dense + proto_dense, sparse + proto_sparse, self.clip_grad_norm / (norm_value + 1e-6))
-                clipped = True
-            self.backbone_optimizer.step()
-            self.prototype_optimizer.step()
+        norm = (backbone_sq + prototype_sq).sqrt() / scale  # of the unscaled gradients
+        loss = loss_sum / count
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        bounds = self.partial_fc.take_label_bounds() if hasattr(self.partial_fc, "take_label_bounds") else None
+        apply = finite
+        if bounds is not None:
+            apply = apply & (bounds[0] >= 0) & (bounds[1] < self.partial_fc.num_classes)
+        if self.clip_grad_norm is not None:
+            clipped = finite & (norm > self.clip_grad_norm)
+            factor = torch.where(clipped, self.clip_grad_norm / (norm + 1e-6), 1.0)
+        else:
+            clipped, factor = torch.zeros((), dtype=torch.bool, device=self.device), None
+
+        optimizers = (self.backbone_optimizer, self.prototype_optimizer)
+        if all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers):
+            grad_scale = None
+            if self.scaler.enabled or factor is not None:
+                grad_scale = scale if factor is None else scale / factor  # the optimisers divide by it
+            found_inf = (~apply).float()
+            for optimizer in optimizers:
+                optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.grad_scale, optimizer.found_inf
+        elif bool(apply):  # an optimiser without grad_scale/found_inf: decide on the host
+            unscale = 1.0 / scale if factor is None else factor / scale
+            _scale_grads(dense + proto_dense, sparse + proto_sparse, unscale)
+            for optimizer in optimizers:
+                optimizer.step()
         self.scaler.update(finite)
         self.backbone_optimizer.zero_grad(set_to_none=True)
         self.prototype_optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, norm_value, finite, clipped)
+
+        values = torch.stack([loss, norm, apply.float(), clipped.float()])
+        check = None
+        if bounds is not None:
+            values = torch.cat([values, bounds.to(values.dtype)])
+            check = lambda read: self.partial_fc.check_label_bounds(read[4], read[5])  # noqa: E731
+        return StepResult(values, check)
 
 
 def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: torch.device, precision: str,
@@ -196,7 +301,7 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
     if coupled:  # Adam with L2 on every trainable parameter, as torch.optim.Adam(model.parameters(), weight_decay=...)
         module_optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
                                             betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
-                                            fused=device.type == "cuda")
+                                            fused=_has_fused_adamw(device))
     else:
         module_optimizer = backbone_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
     prototype_decay = optim.weight_decay if optim.prototype_weight_decay is None else optim.prototype_weight_decay

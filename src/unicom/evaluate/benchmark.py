@@ -18,13 +18,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
-from unicom.files import write_json_atomic
+from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
     EmbeddingFolders,
     key_column,
     part_complete,
     read_embedding_folder,
+    sweep_writer_temporaries,
     write_part,
 )
 from unicom.progress import progress
@@ -40,7 +42,7 @@ PCA_SEED = 0
 def _key_column(metadata, root) -> list[str]:
     if metadata is None:
         raise InputError(f"{root}: no metadata/ folder, so rows have no keys to match images or labels with")
-    column = key_column(metadata.column_names, Path(root) / "metadata")
+    column = key_column(metadata.column_names, storage.join(root, "metadata"))
     return [str(v) for v in metadata.column(column).to_pylist()]
 
 
@@ -128,6 +130,8 @@ def embed_cached(
     folder = Path(folder)
     config = dict(config, images=len(images))
     config_path = folder / CACHE_CONFIG
+    sweep_writer_temporaries(folder, range(-(-len(images) // PART_ROWS)))
+    sweep_temporaries(folder, [CACHE_CONFIG])
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
         if previous != config:
@@ -227,8 +231,8 @@ def _encoder(model, pretrained, device):
 
 def _model_info(model, pretrained, embeddings) -> dict:
     if model is not None:
-        return {"model": model, "pretrained": pretrained}
-    return {"embeddings": str(embeddings)}
+        return {"model": storage.recorded(model), "pretrained": storage.recorded(pretrained)}
+    return {"embeddings": storage.absolute(embeddings)}
 
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
@@ -352,7 +356,7 @@ def evaluate_embedding_folders(
 
     x, metadata = read_embedding_folder(embeddings)
     y = labels_of(metadata, embeddings, labels)
-    info = {"embeddings": str(embeddings)}
+    info = {"embeddings": storage.absolute(embeddings)}
     if task == "classification":
         if train_embeddings is None:
             raise InputError("classification needs --train-embeddings (the train split) besides --embeddings (the test split)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from unicom.evaluate.dims import dimension_curve, score
 from unicom.evaluate.metrics import METRIC_KEYS, summarize
-from unicom.files import write_json_atomic, write_text_atomic
+from unicom.files import sweep_temporaries, write_json_atomic, write_text_atomic
 
 JSON_NAME = "metrics.json"
 MARKDOWN_NAME = "metrics.md"
@@ -84,6 +84,7 @@ def write_retrieval_report(report: dict, out: str | os.PathLike) -> None:
     from unicom.evaluate.plots import plot_dimension_curve
 
     out = Path(out)
+    sweep_temporaries(out, [PLOT_NAME, MARKDOWN_NAME, JSON_NAME])  # what a killed run left
     metric = report["protocol"]["metric"]
     if report.get("dimensions"):
         title = " / ".join(str(report[k]) for k in ("dataset", "model") if report.get(k))
@@ -159,6 +160,7 @@ def evaluate_classification(
         report["knn"] = knn_accuracy(train, train_labels, test, test_labels, k=knn_k, temperature=temperature)
     if out is not None:
         out = Path(out)
+        sweep_temporaries(out, [MARKDOWN_NAME, JSON_NAME])  # what a killed run left
         write_text_atomic(out / MARKDOWN_NAME, classification_markdown(report))
         write_json_atomic(out / JSON_NAME, report)
     return report

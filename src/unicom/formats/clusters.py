@@ -14,7 +14,9 @@
     OUT/parts/part_{p}.json         and its record (written last: the part is done)
 
 Every file is written under a temporary name and renamed; a record is written after the
-arrays it describes, so a record on disk means its arrays are complete. A label file's
+arrays it describes, so a record on disk means its arrays are complete. ``OUT`` may be a
+URL (``s3://bucket/clusters``, see :mod:`unicom.storage`); each stage first removes the
+temporaries that a killed run of the same stage left (:meth:`ClusterFolder.sweep`). A label file's
 schema metadata ``unicom.labels`` holds ``{"rows", "invalid", "key_column"}`` of its part.
 
 :class:`ClusterFolder` writes and reads the folder for ``unicom cluster``;
@@ -33,8 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
-from unicom.files import numbered_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
+from unicom.files import numbered_files, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 
 LABEL_METADATA_KEY = b"unicom.labels"
 LABELS_FOLDER = "labels"
@@ -50,7 +53,7 @@ def label_files(folder: str | os.PathLike) -> dict[int, Path]:
 def read_record(path: Path) -> dict:
     """A JSON record of the folder."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: not a readable JSON record ({error}); delete it to redo its stage") from error
 
@@ -58,7 +61,7 @@ def read_record(path: Path) -> dict:
 def check_record(path: Path, expected: dict) -> dict | None:
     """The record at ``path`` if it exists and agrees with ``expected``; an error if it
     disagrees (a resumed run must not mix two settings); None if there is none."""
-    if not path.is_file():
+    if not storage.is_file(path):
         return None
     record = read_record(path)
     differences = [_difference(key, record.get(key), value) for key, value in expected.items() if record.get(key) != value]
@@ -84,22 +87,22 @@ def _read_label_table(path: Path, columns: Sequence[str] | None = None):
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+        return pq.read_table(storage.readable(path), columns=list(columns) if columns is not None else None)
     except Exception as error:  # pyarrow raises several types for damaged files or absent columns
         raise InputError(f"{path}: cannot read {list(columns) if columns else 'the label file'} ({error})") from error
 
 
 def read_label_lookup(path: str | os.PathLike) -> dict:
     """``{key: label}`` of one label file."""
-    table = _read_label_table(Path(path), ["key", "label"])
+    table = _read_label_table(path, ["key", "label"])
     return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
 
 
 class ClusterFolder:
     """One run's output folder (see the module docstring): its paths, writers and readers."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root):
+        self.root = storage.path(root)
         self.centroids = self.root / "centroids.npy"
         self.centroids_record = self.root / "centroids.json"
         self.assignment_record = self.root / "assignment.json"
@@ -109,11 +112,22 @@ class ClusterFolder:
         self.summary = self.root / "clusters.json"
         self.parts = self.root / "parts"
 
+    def sweep(self, names=(), labels=(), parts=()) -> list[str]:
+        """Remove what a killed writer left: temporaries of the files ``names`` of the
+        folder, of the label files of parts ``labels`` and of the files of hierarchical
+        parts ``parts`` (only those: other processes may be writing the rest)."""
+        removed = sweep_temporaries(self.root, names) if names else []
+        if labels:
+            removed += sweep_temporaries(self.labels, [storage.name(self.label_path(n)) for n in labels])
+        if parts:
+            removed += sweep_temporaries(self.parts, [storage.name(p) for part in parts for p in self.part_paths(part)])
+        return removed
+
     # ------------------------------------------------------------------ centroids
 
     def read_record(self) -> dict:
         """``centroids.json``: how the centroids were trained."""
-        if not (self.centroids.is_file() and self.centroids_record.is_file()):
+        if not (storage.is_file(self.centroids) and storage.is_file(self.centroids_record)):
             raise InputError(
                 f"{self.root}: no trained centroids (centroids.npy and centroids.json); run `unicom cluster` "
                 "or, in hierarchical mode, `unicom cluster part` and `unicom cluster merge` first"
@@ -123,7 +137,7 @@ class ClusterFolder:
     def read_centroids(self) -> tuple[np.ndarray, dict]:
         """The (k, d) float32 centroids and their record, checked against each other."""
         record = self.read_record()
-        centroids = np.load(self.centroids, allow_pickle=False)
+        centroids = storage.load_npy(self.centroids, mmap=False)
         if centroids.shape != (record["k"], record["dimension"]):
             raise InputError(
                 f"{self.centroids}: shape {centroids.shape}, but {self.centroids_record.name} says "
@@ -150,14 +164,14 @@ class ClusterFolder:
 
     def part_records(self) -> dict[int, dict]:
         """``{p: record}`` of every finished hierarchical part."""
-        listing = numbered_files(self.parts, "part_", ".json") if self.parts.is_dir() else []
+        listing = numbered_files(self.parts, "part_", ".json") if storage.is_dir(self.parts) else []
         return {number: read_record(path) for number, path in listing}
 
     def read_part(self, part: int, k: int, dimension: int) -> tuple[np.ndarray, np.ndarray]:
         """Part ``part``'s centroids (memory-mapped (k, dimension) float32) and sizes ((k,) int64)."""
         centroids_path, sizes_path, _ = self.part_paths(part)
-        centroids = np.load(centroids_path, mmap_mode="r", allow_pickle=False)
-        sizes = np.load(sizes_path, allow_pickle=False)
+        centroids = storage.load_npy(centroids_path, mmap=True)
+        sizes = storage.load_npy(sizes_path, mmap=False)
         if centroids.shape != (k, dimension) or sizes.shape != (k,):
             raise InputError(f"{centroids_path}: shape {centroids.shape} (sizes {sizes.shape}) does not match its record; redo part {part}")
         return centroids, sizes
@@ -167,8 +181,12 @@ class ClusterFolder:
     def label_path(self, number: int) -> Path:
         return self.labels / f"{LABEL_PREFIX}{number}{LABEL_SUFFIX}"
 
+    def labelled_parts(self) -> set[int]:
+        """The part numbers that have a label file (one listing)."""
+        return set(label_files(self.labels)) if storage.is_dir(self.labels) else set()
+
     def read_assignment(self) -> dict:
-        if not self.assignment_record.is_file():
+        if not storage.is_file(self.assignment_record):
             raise InputError(f"{self.root}: no labels yet; run `unicom cluster assign` first")
         return read_record(self.assignment_record)
 
@@ -198,7 +216,7 @@ class ClusterFolder:
         import pyarrow.parquet as pq
 
         path = self.label_path(number)
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = pq.read_schema(storage.readable(path)).metadata or {}
         if LABEL_METADATA_KEY not in metadata:
             raise InputError(f"{path}: not a label file written by unicom cluster (no {LABEL_METADATA_KEY.decode()} metadata)")
         return json.loads(metadata[LABEL_METADATA_KEY])
@@ -207,7 +225,7 @@ class ClusterFolder:
         """Every label file in part order, as one ``pyarrow.Table``."""
         import pyarrow as pa
 
-        files = label_files(self.labels) if self.labels.is_dir() else {}
+        files = label_files(self.labels) if storage.is_dir(self.labels) else {}
         if not files:
             raise InputError(f"{self.labels}: no labels_<N>.parquet files; run `unicom cluster` first")
         return pa.concat_tables([_read_label_table(path, columns) for path in files.values()])
@@ -218,7 +236,7 @@ class ClusterFolder:
         save_npy_atomic(self.sizes, sizes)
 
     def read_sizes(self) -> np.ndarray:
-        return np.load(self.sizes, allow_pickle=False)
+        return storage.load_npy(self.sizes, mmap=False)
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary, summary)
@@ -252,11 +270,11 @@ class PseudoLabels:
     run set out to label (``assignment.json``), None without a record.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if (path / LABELS_FOLDER).is_dir():
+    def __init__(self, path):
+        path = storage.path(path)
+        if storage.is_dir(path / LABELS_FOLDER):
             self.folder = path / LABELS_FOLDER
-        elif path.is_dir() and any(path.glob(f"{LABEL_PREFIX}*{LABEL_SUFFIX}")):
+        elif any(n.startswith(LABEL_PREFIX) and n.endswith(LABEL_SUFFIX) for n in storage.list_files(path)):
             self.folder = path
         else:
             raise InputError(f"{path}: no labels/labels_<i>.parquet inside; give the output folder of `unicom cluster`")
@@ -268,15 +286,15 @@ class PseudoLabels:
     def _recorded_classes(self) -> int | None:
         for name in RECORDS:
             record = self.run.root / name
-            if record.is_file():
+            if storage.is_file(record):
                 try:
-                    return int(json.loads(record.read_text())["k"])
+                    return int(json.loads(storage.read_text(record))["k"])
                 except (ValueError, KeyError, TypeError) as error:
                     raise InputError(f"{record}: unreadable clustering record ({error})") from error
         return None
 
     def _recorded_parts(self) -> set[int] | None:
-        if not self.run.assignment_record.is_file():
+        if not storage.is_file(self.run.assignment_record):
             return None
         record = read_record(self.run.assignment_record)
         try:
@@ -310,7 +328,7 @@ class PseudoLabels:
         rows, low, high = 0, None, None
         for path in files:
             try:
-                meta = pq.ParquetFile(path).metadata
+                meta = pq.ParquetFile(storage.readable(path)).metadata
             except Exception as error:  # pyarrow raises several types for damaged files
                 raise InputError(f"{path}: not a readable parquet file ({error})") from error
             names = meta.schema.names

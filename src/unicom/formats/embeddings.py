@@ -6,10 +6,19 @@
     ROOT/text_emb/text_emb_{i}.npy        (N_i, D') the same samples, from the text tower
     ROOT/metadata/metadata_{i}.parquet    N_i rows: key, caption, path or url, width, height
     ROOT/failures/failures_{i}.parquet    samples of part i that could not be embedded
-    ROOT/embed_config.json                what made the embeddings (model, weights, modalities, dtype)
+    ROOT/embed_config.json                what made the embeddings (below)
+
+``embed_config.json`` holds ``model`` (the spec given to ``unicom embed``), ``pretrained``
+(a tag, or the weights file's absolute path), ``modalities``, ``dtype`` and
+``weights_sha256`` (:data:`WEIGHTS_CHECKSUM`: the digest of the model's parameters and
+buffers, :meth:`unicom.models.encoders.Encoder.weights_sha256`), by which a later stage
+knows whether the model it loads is the one that made the embeddings, even when that
+model had random weights and no file.
 
 This is clip-retrieval's layout (LAION's published embeddings are read as they are), with
-keys. Row ``r`` of every file of part ``i`` describes the same sample; the ``key`` column
+keys. ``ROOT`` may be a URL (``s3://bucket/emb``, see :mod:`unicom.storage`): parts are
+listed with one listing per folder and embeddings are read in row ranges, as a memory map
+reads a local file. Row ``r`` of every file of part ``i`` describes the same sample; the ``key`` column
 keeps that link explicit so embeddings, metadata and pseudo-labels stay aligned. Part
 numbers are integers parsed from the names (``img_emb_9`` before ``img_emb_10``).
 
@@ -39,8 +48,9 @@ from typing import Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
-from unicom.files import numbered_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
+from unicom.files import numbered_files, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +62,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 KEY_COLUMNS = ("key", "image_path", "url")
 CONFIG_FILE = "embed_config.json"
+WEIGHTS_CHECKSUM = "weights_sha256"  # the key of the model's weights digest in CONFIG_FILE
 FAILURES_FOLDER = "failures"
 SHOWN = 10  # part numbers listed in a message
 
@@ -59,15 +70,21 @@ SHOWN = 10  # part numbers listed in a message
 # --------------------------------------------------------------------------- writing
 
 
-def part_path(folder: str | os.PathLike, kind: str, number: int) -> Path:
-    """Path of part ``number`` of ``kind`` inside ``folder`` (the kind's own folder)."""
+def part_name(kind: str, number: int) -> str:
+    """The file name of part ``number`` of ``kind``: ``img_emb_3.npy``."""
     _, prefix, suffix = KINDS[kind]
-    return Path(folder) / f"{prefix}{number}{suffix}"
+    return f"{prefix}{number}{suffix}"
 
 
-def failures_path(root: str | os.PathLike, number: int) -> Path:
-    """``ROOT/failures/failures_{number}.parquet``: the samples of part ``number`` left out."""
-    return Path(root) / FAILURES_FOLDER / f"failures_{number}.parquet"
+def part_path(folder, kind: str, number: int) -> Path:
+    """Path of part ``number`` of ``kind`` inside ``folder`` (the kind's own folder; a URL gives a ``UPath``)."""
+    return storage.join(folder, part_name(kind, number))
+
+
+def failures_path(root, number: int) -> Path:
+    """``ROOT/failures/failures_{number}.parquet``: the samples of part ``number`` left out,
+    or why the part could not be read (then the part is not written)."""
+    return storage.join(root, FAILURES_FOLDER, f"failures_{number}.parquet")
 
 
 def write_part(
@@ -83,7 +100,7 @@ def write_part(
     The metadata file marks a finished part: a reader (or a resumed job) that sees it can
     rely on the embedding files beside it.
     """
-    root = Path(root)
+    root = storage.path(root)
     for kind, array in (("image", image), ("text", text)):
         if array is not None:
             save_npy_atomic(part_path(root / KINDS[kind][0], kind, number), array)
@@ -97,17 +114,33 @@ def part_complete(root: str | os.PathLike, number: int, kinds: Sequence[str]) ->
     What a writer that resumes asks of its own folder; readers list parts with
     :meth:`EmbeddingFolders.contents`, which applies the same rule and checks the files.
     """
-    root = Path(root)
-    return all(part_path(root / KINDS[kind][0], kind, number).is_file() for kind in kinds)
+    return all(storage.is_file(part_path(storage.join(root, KINDS[kind][0]), kind, number)) for kind in kinds)
 
 
-def read_config(root: str | os.PathLike) -> dict | None:
+def complete_parts(root, numbers: Sequence[int], kinds: Sequence[str]) -> set[int]:
+    """The parts among ``numbers`` that are complete for ``kinds`` under ``root``
+    (:func:`part_complete` for many parts, with one listing per folder)."""
+    listings = {kind: storage.list_files(storage.join(root, KINDS[kind][0])) for kind in kinds}
+    return {n for n in numbers if all(part_name(kind, n) in listings[kind] for kind in kinds)}
+
+
+def sweep_writer_temporaries(root, numbers: Sequence[int]) -> list[str]:
+    """Remove what killed writers of parts ``numbers`` left under ``root``: temporaries of
+    their files, of their failure reports and of ``embed_config.json`` (no other writer's)."""
+    removed = sweep_temporaries(root, [CONFIG_FILE])
+    for kind, (sub, _, _) in KINDS.items():
+        removed += sweep_temporaries(storage.join(root, sub), [part_name(kind, n) for n in numbers])
+    removed += sweep_temporaries(storage.join(root, FAILURES_FOLDER), [f"failures_{n}.parquet" for n in numbers])
+    return removed
+
+
+def read_config(root) -> dict | None:
     """``ROOT/embed_config.json`` (what made the embeddings), or None when there is none."""
-    path = Path(root) / CONFIG_FILE
-    if not path.is_file():
+    path = storage.join(root, CONFIG_FILE)
+    if not storage.is_file(path):
         return None
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(storage.read_text(path))
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: unreadable ({error}); delete it if {root} holds no parts") from error
     if not isinstance(config, dict):
@@ -115,8 +148,8 @@ def read_config(root: str | os.PathLike) -> dict | None:
     return config
 
 
-def write_config(root: str | os.PathLike, config: dict) -> None:
-    write_json_atomic(Path(root) / CONFIG_FILE, config)
+def write_config(root, config: dict) -> None:
+    write_json_atomic(storage.join(root, CONFIG_FILE), config)
 
 
 # --------------------------------------------------------------------------- reading
@@ -141,8 +174,11 @@ def key_column(names: Sequence[str], where: str | os.PathLike, wanted: str | Non
 
 
 def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """A part's embeddings: memory-mapped (a URL: a :class:`~unicom.storage.RemoteArray`) or read."""
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        array = storage.load_npy(path, mmap)
+    except storage.FetchError as error:
+        raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error
     except (ValueError, EOFError, OSError) as error:
         raise InputError(f"{path}: not a readable .npy file ({error})") from error
     if array.ndim != 2:
@@ -150,11 +186,19 @@ def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     return array
 
 
+def _shape_and_dtype(path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of a part's embeddings, from the file's header (checked as :func:`_load_npy`)."""
+    array = _load_npy(path)
+    return tuple(array.shape), array.dtype
+
+
 def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(storage.readable(path))
+    except storage.FetchError as error:
+        raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error
     except Exception as error:  # pyarrow raises several types for damaged files
         raise InputError(f"{path}: not a readable parquet file ({error})") from error
 
@@ -194,12 +238,12 @@ class EmbeddingFolders:
     root: Path | None = None
 
     @classmethod
-    def from_root(cls, root: str | os.PathLike) -> "EmbeddingFolders":
-        """The sub-folders ``img_emb``, ``text_emb`` and ``metadata`` of ``root`` that exist."""
-        root = Path(root)
-        if not root.is_dir():
+    def from_root(cls, root) -> "EmbeddingFolders":
+        """The sub-folders ``img_emb``, ``text_emb`` and ``metadata`` of ``root`` (a folder or a URL) that exist."""
+        root = storage.path(root)
+        if not storage.is_dir(root):
             raise InputError(f"{root}: folder not found (expected img_emb/, text_emb/ and metadata/ inside)")
-        found = {kind: root / sub for kind, (sub, _, _) in KINDS.items() if (root / sub).is_dir()}
+        found = {kind: root / sub for kind, (sub, _, _) in KINDS.items() if storage.is_dir(root / sub)}
         if not found:
             raise InputError(f"{root}: none of img_emb/, text_emb/, metadata/ is inside; is this an embedding folder?")
         return cls(**found, root=root)
@@ -211,7 +255,7 @@ class EmbeddingFolders:
                 raise InputError(f"{self.root}: no {KINDS[kind][0]}/ folder inside; this needs {kind} embeddings"
                                  if kind != "metadata" else f"{self.root}: no metadata/ folder inside")
             raise InputError(f"no {KINDS[kind][0]} folder was given")
-        return Path(folder)
+        return storage.path(folder)
 
     def present(self) -> list[str]:
         return [kind for kind in KINDS if getattr(self, kind) is not None]
@@ -233,7 +277,7 @@ class EmbeddingFolders:
     def path(self, kind: str, number: int) -> Path:
         """The file of part ``number`` of ``kind``, its number zero-padded or not."""
         path = part_path(self.folder(kind), kind, number)
-        if path.is_file():
+        if storage.is_file(path):
             return path
         return self.files(kind).get(number, path)
 
@@ -241,7 +285,7 @@ class EmbeddingFolders:
         """Part ``number`` of ``kind``: a (memory-mapped) 2-D array, or a ``pyarrow.Table``
         (of ``columns``, default all)."""
         path = self.path(kind, number)
-        if not path.is_file():
+        if not storage.is_file(path):
             raise InputError(f"{path}: file not found")
         if kind == "metadata":
             return _read_parquet(path, columns)
@@ -279,27 +323,31 @@ class EmbeddingFolders:
             if not allow_unfinished:
                 raise InputError(f"{what}; let `unicom embed` finish them (it resumes where it stopped), or remove their files")
             logger.warning("%s; they are left out", what)
+        # the headers and row counts of every file (at a URL, many requests at once)
+        shapes = storage.gather(_shape_and_dtype, [listing[kind][n] for n in complete for kind in embeddings])
+        shapes = {(n, kind): shapes[i * len(embeddings) + j] for i, n in enumerate(complete) for j, kind in enumerate(embeddings)}
+        metadata_rows = dict(zip(complete, storage.gather(
+            lambda path: _parquet_file(path).metadata.num_rows, [listing["metadata"][n] for n in complete]))) if with_metadata else {}
         parts, dimensions, dtypes, first = [], {}, {}, {}
         for number in complete:
             counts = {}
             for kind in embeddings:
                 path = listing[kind][number]
-                array = _load_npy(path)
-                if array.dtype.kind != "f":
-                    raise InputError(f"{path}: dtype {array.dtype} is not a float type; expected float16 or float32 embeddings")
-                dimension = int(array.shape[1])
+                shape, dtype = shapes[number, kind]
+                if dtype.kind != "f":
+                    raise InputError(f"{path}: dtype {dtype} is not a float type; expected float16 or float32 embeddings")
+                dimension = int(shape[1])
                 first.setdefault(kind, path)
                 dimensions.setdefault(kind, dimension)
-                dtypes.setdefault(kind, str(array.dtype))
+                dtypes.setdefault(kind, str(dtype))
                 if dimension != dimensions[kind]:
                     raise InputError(
                         f"{path}: dimension {dimension}, but {first[kind]} has {dimensions[kind]}; "
                         "every part must come from the same model"
                     )
-                counts[kind] = int(array.shape[0])
-                del array
+                counts[kind] = int(shape[0])
             if with_metadata:
-                counts["metadata"] = _parquet_file(listing["metadata"][number]).metadata.num_rows
+                counts["metadata"] = metadata_rows[number]
             if len(set(counts.values())) > 1:
                 sizes = ", ".join(f"{listing[kind][number].name} has {rows}" for kind, rows in counts.items())
                 raise InputError(
@@ -410,8 +458,11 @@ __all__ = [
     "EmbeddingPart",
     "failures_path",
     "key_column",
+    "complete_parts",
     "part_complete",
+    "part_name",
     "part_path",
+    "sweep_writer_temporaries",
     "read_config",
     "read_embedding_folder",
     "write_config",

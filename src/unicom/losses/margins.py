@@ -47,9 +47,7 @@ class MarginContext:
 
     def target_cosine(self, cosines: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) the cosine of each row with its target prototype, gathered over the shards."""
-        has_target = labels >= 0
-        value = torch.zeros(labels.shape[0], dtype=cosines.dtype, device=cosines.device)
-        value[has_target] = cosines[has_target, labels[has_target]].detach()
+        value = torch.where(labels >= 0, target_entries(cosines, labels).detach(), 0.0)
         if self.world_size > 1:
             dist.all_reduce(value, group=self.group)
         return value
@@ -59,6 +57,25 @@ class MarginContext:
         if self.world_size > 1:
             dist.all_reduce(tensor, group=self.group)
         return tensor
+
+
+def target_entries(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) ``values[i, labels[i]]``, with column 0 for rows whose label is -1.
+
+    Every row is read and the caller masks the rows without a target: selecting the rows
+    first would give a data-dependent size, which makes the host wait for a GPU. (Integer
+    indexing rather than ``gather``, whose backward would keep ``values`` and so forbid
+    writing into it afterwards.)
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return values[rows, labels.clamp_min(0)]
+
+
+def set_target_entries(values: torch.Tensor, labels: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """``values[i, labels[i]] = entries[i]`` in place for the rows with a target (label >= 0)."""
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    columns = labels.clamp_min(0)
+    return values.index_put_((rows, columns), torch.where(labels >= 0, entries, values[rows, columns]))
 
 
 def local_context(cosines: torch.Tensor, labels: torch.Tensor) -> MarginContext:
@@ -89,9 +106,8 @@ class MarginHead(nn.Module):
         if context is None:
             context = local_context(cosines, labels)
         logits = _float_logits(cosines)
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        columns = labels[rows]
-        logits[rows, columns] = self.target_logit(logits[rows, columns], rows, context)
+        rows = torch.arange(labels.shape[0], device=labels.device)  # rows without a target are computed and dropped
+        set_target_entries(logits, labels, self.target_logit(target_entries(logits, labels), rows, context))
         return logits.mul_(self.scale)  # in place: the (B, C) logits are the largest tensors of the step
 
 
@@ -254,8 +270,7 @@ class AdaCos(MarginHead):
                 target = context.target_cosine(logits, labels)
                 has_target = labels >= 0
                 exp = torch.exp(self.scale_value.to(logits.dtype) * logits)
-                non_target = exp.sum(dim=1)
-                non_target[has_target] -= exp[has_target, labels[has_target]]
+                non_target = exp.sum(dim=1) - torch.where(has_target, target_entries(exp, labels), 0.0)
                 b_avg = context.all_reduce_sum(non_target).mean()
                 theta_median = torch.median(_angle(target))
                 self.scale_value.copy_(torch.log(b_avg) / torch.cos(theta_median.clamp(max=math.pi / 4)))
@@ -277,8 +292,7 @@ class LiArcFace(MarginHead):
 
     def forward(self, cosines, labels, context=None):
         angles = _angle(_float_logits(cosines))
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        angles[rows, labels[rows]] += self.margin
+        set_target_entries(angles, labels, target_entries(angles, labels) + self.margin)
         return self.scale * (math.pi - 2 * angles) / math.pi
 
     def extra_repr(self) -> str:
@@ -311,9 +325,7 @@ class CurricularFace(MarginHead):
         hard = logits > target_with_margin[:, None]
         t = self.t.to(logits.dtype)
         logits = torch.where(hard, logits * (t + logits), logits)
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        columns = labels[rows]
-        logits[rows, columns] = angular_margin(cosines[rows, columns].to(logits.dtype), 1.0, self.margin)
+        set_target_entries(logits, labels, angular_margin(target_entries(cosines, labels).to(logits.dtype), 1.0, self.margin))
         return logits.mul_(self.scale)
 
     def extra_repr(self) -> str:

@@ -79,33 +79,6 @@ def init_prototypes(weight: torch.Tensor, class_start: int, centers: int, seed: 
             weight[(lo - class_start) * centers : (hi - class_start) * centers].copy_(src)
 
 
-def _uniform_negatives(num_classes: int, positives: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` distinct classes drawn uniformly from ``0..num_classes-1`` minus ``positives``.
-
-    For small fractions: draw slightly more than needed with replacement, keep the distinct
-    non-positive values (given their number, a uniformly random subset) and take a uniformly
-    random ``count`` of them; this avoids a full permutation or top-k over every class. For
-    large fractions: the first ``count`` non-positives of a random permutation.
-    """
-    device = positives.device
-    is_positive = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    is_positive[positives] = True
-    free = num_classes - positives.numel()
-    if count == 0:
-        return positives.new_empty(0)
-    if 2 * count > free:
-        perm = torch.randperm(num_classes, generator=generator, device=device)
-        return perm[~is_positive[perm]][:count]
-    while True:
-        draws = count + (count * count) // (2 * free) + 4 * math.isqrt(count) + 16
-        candidates = torch.unique(torch.randint(0, num_classes, (draws,), generator=generator, device=device))
-        candidates = candidates[~is_positive[candidates]]
-        if candidates.numel() >= count:
-            break
-    keep = torch.randperm(candidates.numel(), generator=generator, device=device)[:count]
-    return candidates[keep]
-
-
 class _AllGather(torch.autograd.Function):
     """Concatenate a (B, ...) tensor of every rank; backward: the sum of the ranks' gradients
     for this rank's rows (each rank's loss part contributes to every rank's embeddings)."""
@@ -178,8 +151,7 @@ class _PrototypeCosines(torch.autograd.Function):
             grad_selected = grad_selected.to(selected.dtype)
             if features is not None:
                 width = torch.zeros(grad_selected.shape[0], ctx.shape[1], dtype=grad_selected.dtype, device=grad_selected.device)
-                width[:, features] = grad_selected
-                grad_selected = width
+                grad_selected = width.index_copy_(1, features, grad_selected)
             if rows is None:
                 pass
             elif ctx.sparse:
@@ -208,9 +180,10 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             if world_size > 1:
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
             sum_exp = (logits - row_max).exp_().sum(dim=1, keepdim=True)
-            has_target = targets >= 0
-            target_logit = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
-            target_logit[has_target, 0] = logits[has_target, targets[has_target]]
+            # gathered at column 0 for rows whose target is on another rank, then zeroed:
+            # no data-dependent shape, so the host never waits for the device
+            target_logit = logits.gather(1, targets.clamp_min(0)[:, None])
+            target_logit = torch.where(targets[:, None] >= 0, target_logit, 0.0)
             if world_size > 1:
                 packed = torch.cat([sum_exp, target_logit], dim=1)
                 dist.all_reduce(packed, group=group)
@@ -223,8 +196,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, targets, row_max, sum_exp = ctx.saved_tensors
         grad = (logits - row_max).exp_().div_(sum_exp)
-        has_target = torch.nonzero(targets >= 0).squeeze(1)
-        grad[has_target, targets[has_target]] -= 1.0
+        one_hot = (targets[:, None] >= 0).to(grad.dtype)  # 0 where the target is on another rank
+        grad.scatter_add_(1, targets.clamp_min(0)[:, None], one_hot.neg_())
         grad.mul_(grad_loss / logits.shape[0])
         return grad, None, None, None
 
@@ -246,8 +219,10 @@ class PartialFC(nn.Module):
             agree over ranks (default: drawn on rank 0 and broadcast).
         sparse_gradient: give the prototypes a row-sparse gradient (only selected rows);
             False gives a dense gradient of the full matrix (for dense optimisers).
-        check_inputs: validate labels, shapes, finiteness and cross-rank agreement each step
-            (one small all-gather); errors are raised on every rank, so none hangs.
+        check_inputs: validate labels, shapes, finiteness and cross-rank agreement at each
+            call (one small all-gather and a device-to-host read); errors are raised on
+            every rank, so none hangs. Without it the labels are still checked, on the
+            device: see :meth:`take_label_bounds`.
         margin_gradient: ``"exact"`` differentiates the margin function; ``"straight_through"``
             applies it as a constant (d logit / d cos = scale for every logit), as the
             reference Partial FC code does (:func:`unicom.losses.margins.straight_through`).
@@ -328,6 +303,7 @@ class PartialFC(nn.Module):
         self._class_generator: torch.Generator | None = None
         self.last_class_index: torch.Tensor | None = None  # global ids of the classes of the last step
         self.last_feature_index: torch.Tensor | None = None
+        self._label_bounds: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -371,17 +347,30 @@ class PartialFC(nn.Module):
 
         ``local_labels`` (N,) are the global batch's labels minus ``class_start``;
         ``in_shard`` (N,) marks those that belong to this shard.
+
+        Every class on the shard gets a uniform random score, the positives a score above
+        all of them; the top ``max(ceil(sample_rate · classes), positives)`` are the
+        positives plus a uniformly random subset of the negatives. When the batch has no
+        more rows than ``ceil(sample_rate · classes)`` (the usual case: a batch of
+        thousands against tens of thousands of classes or more) that count is known
+        without looking at the labels, so the selection never makes the host wait for
+        the device; otherwise the positives are counted first (one device-to-host read).
         """
         if self.sample_rate >= 1.0:
             return None
         device = local_labels.device
         _, class_generator = self._generators(device)
-        positives = torch.unique(local_labels[in_shard])
-        num_sample = max(math.ceil(self.sample_rate * self.num_local), int(positives.numel()))
+        num_sample = math.ceil(self.sample_rate * self.num_local)
+        # out-of-shard labels score into a spare slot past the last class
+        slots = torch.where(in_shard, local_labels, self.num_local)
+        if local_labels.numel() > num_sample:
+            marked = torch.zeros(self.num_local + 1, dtype=torch.int32, device=device).scatter_(0, slots, 1)
+            num_sample = max(num_sample, int(marked[: self.num_local].sum()))
         if num_sample >= self.num_local:
             return torch.arange(self.num_local, device=device)
-        negatives = _uniform_negatives(self.num_local, positives, num_sample - positives.numel(), class_generator)
-        return torch.cat([positives, negatives]).sort().values
+        scores = torch.rand(self.num_local + 1, generator=class_generator, device=device)
+        scores.scatter_(0, slots, 2.0)
+        return torch.topk(scores[: self.num_local], num_sample, sorted=False).indices.sort().values
 
     # -- checks -----------------------------------------------------------------------
 
@@ -423,9 +412,7 @@ class PartialFC(nn.Module):
             if nonfinite:
                 problems.append(f"{int(nonfinite)} of {int(b)} embedding rows contain NaN or Inf{where}")
             if b and (lo < 0 or hi >= self.num_classes):
-                problems.append(
-                    f"labels range from {int(lo)} to {int(hi)}{where}; they must lie in 0..{self.num_classes - 1}"
-                )
+                problems.append(self._label_range_problem(lo, hi, where))
         first = table[0]
         names = ["batch size", None, None, None, None, None, "num_classes", "embedding_size", "sample_rate", "feature_rate", "centers", "feature selection"]
         for column, name in enumerate(names):
@@ -434,6 +421,36 @@ class PartialFC(nn.Module):
                 problems.append(f"{name} differs across ranks ({values}); it must be the same on every rank")
         if problems:
             raise InputError("PartialFC: " + "; ".join(problems))
+
+    def _label_range_problem(self, lo: float, hi: float, where: str = "") -> str:
+        return f"labels range from {int(lo)} to {int(hi)}{where}; they must lie in 0..{self.num_classes - 1}"
+
+    def take_label_bounds(self) -> torch.Tensor | None:
+        """(2,) int64 on the device: the smallest and largest label of the calls since the
+        last :meth:`take_label_bounds` made without ``check_inputs`` (None if none).
+
+        Out-of-range labels of those calls were clamped for the computation, so their loss
+        is meaningless: :class:`unicom.engine.step.TrainStep` skips such a step on the
+        device and raises :meth:`check_label_bounds`'s error when its result is read.
+        """
+        bounds, self._label_bounds = self._label_bounds, None
+        return bounds
+
+    def check_label_bounds(self, lo: float, hi: float) -> None:
+        """Raise :class:`InputError` if labels from ``lo`` to ``hi`` are out of range."""
+        if lo < 0 or hi >= self.num_classes:
+            raise InputError("PartialFC: " + self._label_range_problem(lo, hi))
+
+    def flag_sorted_gradient(self) -> None:
+        """Mark the prototypes' sparse gradient as coalesced, as it is after ONE backward.
+
+        Its rows are sorted and unique, but autograd's accumulation into ``.grad`` drops
+        the flag, and coalescing again (a sort with a data-dependent size) would make the
+        host wait for the device. Call it only when a single backward wrote the gradient.
+        """
+        grad = self.prototypes.grad
+        if grad is not None and grad.is_sparse and not grad.is_coalesced():
+            grad._coalesced_(True)
 
     # -- forward ----------------------------------------------------------------------
 
@@ -446,6 +463,14 @@ class PartialFC(nn.Module):
         if self.world_size > 1:
             embeddings = _AllGather.apply(embeddings, self.process_group, self.world_size, self.rank)
             labels = all_gather_tensor(labels, self.process_group)
+        if not self.check_inputs and labels.numel():
+            # checked on the device: the bounds are read with the step's result (take_label_bounds)
+            bounds = torch.stack([labels.min(), labels.max()])
+            if self._label_bounds is not None:
+                bounds = torch.stack([torch.minimum(bounds[0], self._label_bounds[0]),
+                                      torch.maximum(bounds[1], self._label_bounds[1])])
+            self._label_bounds = bounds
+            labels = labels.clamp(0, self.num_classes - 1)
 
         local_labels = labels - self.class_start
         in_shard = (local_labels >= 0) & (local_labels < self.num_local)

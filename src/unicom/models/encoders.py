@@ -16,6 +16,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from typing import Callable, Sequence
 
 import torch
@@ -30,7 +32,9 @@ class Encoder(nn.Module):
     Attributes:
         embedding_dim: D, the size of ``encode_image``'s output.
         image_transform: PIL image -> float tensor (3, H, W), the model's own preprocessing.
-        has_text: whether ``tokenize`` and ``encode_text`` work.
+        has_text: whether ``tokenize`` and ``encode_text`` work, giving embeddings in the
+            space of ``encode_image``'s.
+        no_text_reason: why not, when ``has_text`` is False (for error messages).
         name: a readable description of the model (for reports and metadata).
 
     Outputs are not L2-normalised; callers normalise where the layout requires it.
@@ -39,23 +43,40 @@ class Encoder(nn.Module):
     embedding_dim: int
     image_transform: Callable
     has_text: bool = False
+    no_text_reason: str = "it embeds images only"
     name: str = "encoder"
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement encode_image")
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        raise InputError(f"{self.name} has no text tower; use --modalities image")
+        raise InputError(f"{self.name} has no text tower ({self.no_text_reason}); use --modalities image")
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise InputError(f"{self.name} has no text tower; use --modalities image")
+        raise InputError(f"{self.name} has no text tower ({self.no_text_reason}); use --modalities image")
+
+    def weights_sha256(self) -> str:
+        """SHA-256 hex digest of every parameter and buffer (name, dtype, shape and values, in
+        module order): the same weights give the same digest wherever they were loaded from,
+        and two models built with random weights never share one."""
+        digest = hashlib.sha256()
+        for name, tensor in itertools.chain(self.named_parameters(), self.named_buffers()):
+            tensor = tensor.detach()
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images)
 
 
 class ModelEncoder(Encoder):
-    """An image model ``(B, 3, S, S) -> (B, D)`` with its transform, as an :class:`Encoder`."""
+    """An image model ``(B, 3, S, S) -> (B, D)`` with its transform, as an :class:`Encoder`.
+
+    A model that also embeds texts into its image space says so with ``has_text`` and
+    provides ``tokenize`` and ``encode_text`` (a UniFEx model whose neck keeps a CLIP
+    backbone's own space does); otherwise its ``no_text_reason`` or its class names why not.
+    """
 
     def __init__(self, model: nn.Module, transform: Callable, embedding_dim: int, name: str):
         super().__init__()
@@ -63,9 +84,21 @@ class ModelEncoder(Encoder):
         self.image_transform = transform
         self.embedding_dim = embedding_dim
         self.name = name
+        self.has_text = bool(getattr(model, "has_text", False))
+        self.no_text_reason = getattr(model, "no_text_reason", None) or f"its {type(model).__name__} network embeds images only"
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if not self.has_text:
+            return super().tokenize(texts)
+        return self.model.tokenize(texts)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.has_text:
+            return super().encode_text(tokens)
+        return self.model.encode_text(tokens)
 
 
 def load_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Encoder:

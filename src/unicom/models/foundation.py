@@ -183,6 +183,8 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
 class TimmEncoder(Encoder):
     """A timm image model without its classifier: float (B, 3, H, W) -> pooled features (B, D)."""
 
+    no_text_reason = "timm's image models have no text tower"
+
     def __init__(self, model: torch.nn.Module, image_transform, name: str):
         super().__init__()
         self.model = model

@@ -122,6 +122,11 @@ class ClipViT(nn.Module):
             act_layer=settings.act,
             drop_path_rate=drop_path_rate,
         )
+        for block in self.trunk.blocks:
+            # attention through F.scaled_dot_product_attention (flash attention on GPUs),
+            # whatever timm's TIMM_FUSED_ATTN says: the explicit softmax path stores the
+            # (tokens x tokens) attention matrix of every head and runs several times slower
+            block.attn.fused_attn = True
         self.projection = nn.Linear(settings.width, settings.embedding_dim, bias=False)
         if not self.projection.weight.is_meta:
             self.reset_projection()

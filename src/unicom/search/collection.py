@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
 from unicom.formats.embeddings import EmbeddingFolders
 from unicom.progress import progress
@@ -73,7 +73,7 @@ class Collection:
 
     def __init__(self, root: str | os.PathLike, first_id: int = 0, skip: Sequence[int] = (),
                  modalities: Sequence[str] = ("image",)):
-        self.root = Path(root)
+        self.root = storage.path(root)
         self.folders = EmbeddingFolders.from_root(root)
         self.modalities = tuple(modalities)
         self.modality = self.modalities[0]

@@ -37,10 +37,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unicom import __version__
+from unicom import __version__, storage
 from unicom.errors import InputError
-from unicom.files import atomic_path, save_npy_atomic, write_json_atomic, write_parquet_atomic
-from unicom.formats.embeddings import EmbeddingFolders, part_path, read_config
+from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
+from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
 from unicom.search import clip_layout
 from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
 from unicom.search.planner import (
@@ -220,12 +220,13 @@ class Index:
     # ------------------------------------------------------------------ reading
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Index":
+    def load(cls, path) -> "Index":
         """Open the index folder ``path``: written by :meth:`build` in either layout, or by
-        clip-retrieval / autofaiss (``image.index``, ``text.index``, ``metadata/``)."""
+        clip-retrieval / autofaiss (``image.index``, ``text.index``, ``metadata/``). A URL is
+        copied into a local cache first (and fetched again only when its files changed)."""
         import faiss
 
-        path = Path(path)
+        path = _cached(path) if storage.is_url(path) else Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
             if clip_layout.is_clip_folder(path):
@@ -506,9 +507,9 @@ class Index:
             "source_dims": collection.dim,
             "count": n,
             "parts": [part.as_dict() for part in collection.parts],
-            "source": str(Path(emb).resolve()),
+            "source": storage.text(emb) if storage.is_url(emb) else str(Path(emb).resolve()),
             "has_metadata": collection.has_metadata,
-            "model": _embedding_model(Path(emb)),
+            "model": _embedding_model(emb),
             "selection": selection,
             "generation": 0,
             "unicom_version": __version__,
@@ -546,7 +547,7 @@ class Index:
                 f"numbered for the parts it holds); rebuild it: `unicom index --emb EMB --out {self.path} "
                 "--layout clip-retrieval --rebuild`"
             )
-        emb = Path(emb or self.config["source"])
+        emb = emb or self.config["source"]
         indexed = {part.number: part for part in self.parts}
         collection = Collection(emb)
         current = {part.number: part for part in collection.parts}
@@ -691,7 +692,30 @@ def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.
     return _Built(index, candidate, search, recall, steps, time.perf_counter() - start)
 
 
-def _embedding_model(emb: Path) -> dict | None:
+def _cached(url) -> Path:
+    """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`)."""
+    config_url = storage.join(url, CONFIG_FILE)
+    if not storage.is_file(config_url):
+        raise InputError(f"{storage.text(url)}: no {CONFIG_FILE} inside; is this an index folder written by `unicom index`?")
+    try:
+        config = json.loads(storage.read_text(config_url))
+    except ValueError as error:
+        raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
+    if config.get("layout", "unicom") == clip_layout.LAYOUT:
+        names = [CONFIG_FILE]
+        for modality in config.get("modalities", {}):
+            names += [clip_layout.index_file(modality), clip_layout.infos_file(modality)]
+        names += [p["file"] for p in config.get("parts", []) if p.get("file")]
+    else:
+        names = [CONFIG_FILE, str(config.get("file", ""))]
+        names += [f"{METADATA_FOLDER}/{part_name('metadata', p['number'])}" for p in config.get("parts", [])
+                  if config.get("has_metadata", True)]
+    if storage.is_file(storage.join(url, HELDOUT_FILE)):
+        names.append(HELDOUT_FILE)
+    return storage.cached_copy(url, [name for name in names if name], refresh=[CONFIG_FILE])
+
+
+def _embedding_model(emb) -> dict | None:
     """The model that embedded the collection, from ``unicom embed``'s configuration file, if any."""
     try:
         config = read_config(emb)
@@ -700,7 +724,7 @@ def _embedding_model(emb: Path) -> dict | None:
         return None
     if config is None or not isinstance(config.get("model"), str):
         return None
-    return {"spec": config["model"], "pretrained": config.get("pretrained")}
+    return {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
 
 
 def _read_config(path: Path) -> dict | None:
@@ -733,6 +757,8 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
     import faiss
 
     out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)  # what a killed build or update left: the folder is this index's alone
+    sweep_temporaries(out / METADATA_FOLDER)
     for part in parts:
         write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part))
     config["file"] = _faiss_file(config["generation"])
@@ -755,6 +781,8 @@ def _write_clip(out: Path, config: dict, indexes: dict, heldout_ids: np.ndarray,
     """clip-retrieval's layout: the collection's metadata as it is (zero-padded names), one
     faiss file and autofaiss' description per modality, the held-out ids, then ``index.json``."""
     out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)  # what a killed build left: the folder is this index's alone
+    sweep_temporaries(out / clip_layout.METADATA_FOLDER)
     if collection.has_metadata:
         for part in parts:
             clip_layout.write_metadata(out, part.file, collection.metadata(part))

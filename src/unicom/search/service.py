@@ -1,194 +1,69 @@
-"""The HTTP service of ``unicom serve``: a FastAPI app over an :class:`~unicom.search.index.Index`.
+"""The HTTP service of ``unicom serve``: a FastAPI app over one or more :class:`~unicom.search.index.Index`.
 
-Routes:
+Routes (described with their request and reply models at ``/docs`` and ``/openapi.json``):
 
 * ``GET /``                 the search page (``static/``: plain HTML, CSS and JavaScript);
-* ``GET /healthz``          ``{"status": "ok", "count", "dims", "type", "model", ...}``;
-* ``POST /search``          an image as the multipart field ``image``, or JSON
-  ``{"embedding": [floats]}``; ``k`` as a form field, JSON key or query parameter.
-  Answers ``{"results": [{"rank", "id", "score", "thumbnail", <metadata>...}], "k", "took_ms"}``;
-* ``GET /thumbnail/{id}``   a JPEG thumbnail of indexed item ``id``, read from the image path
-  in the index's metadata, or from its webdataset shard (``shard`` and ``key`` columns) in
-  the folder given as ``shards``. The client names an id, never a path.
+* ``GET /healthz``          the indexes, their models and the limits;
+* ``POST /search``          JSON ``{"text", "image" (base64), "like" (an id), "embedding",
+  "text_weight", "k", "deduplicate", "index"}``, or multipart/form-data with the image as
+  the file field ``image`` and the other keys as fields. One of ``image``/``like``/
+  ``embedding`` and/or a ``text``; given both, the query is their weighted sum
+  (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
+  "thumbnail", "link", <metadata>...}], "k", "index", "score_digits", "took_ms"}``;
+* ``GET /thumbnail/{id}``   a JPEG thumbnail (aspect ratio kept) of item ``id``;
+  ``GET /image/{id}`` the full image. Both read the image path in the index's metadata
+  (relative to ``image_root``), or the webdataset shard (``shard`` and ``key`` columns) in
+  the folder ``shards``; ``?index=NAME`` for an index but the first. The client names an
+  id, never a path;
+* clip-retrieval's back-end API, so its front end and ``ClipClient`` work unchanged:
+  ``POST /knn-service``, ``GET /indices-list``, ``POST /metadata`` (see :class:`KnnRequest`).
 
-Errors are JSON ``{"detail": "..."}`` with 400 (malformed request), 404, 413 (too large),
-415 (not a supported image, or not multipart/JSON), 503 (no model, or too many queries
-waiting).
+Errors are JSON ``{"detail": "..."}`` with 400 (malformed request, or a query the model
+cannot answer, such as a text for a model without a text tower), 404, 413 (too large: bytes
+or pixels), 415 (not a supported image, or not multipart/JSON), 503 (no model, or too many
+queries waiting).
 
-Concurrent queries are batched: each waits at most ``max_wait_ms`` for others, then up to
-``batch_size`` of them go through the model and the index together, in one worker thread.
+Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
+before they wait for a batch; decoding may hold at most ``max_decode_bytes`` of pixels at a
+time. Concurrent queries are batched (:mod:`unicom.search.batching`): each waits at most
+``max_wait_ms`` for others, then up to ``batch_size`` of them go through the model and the
+index together, in one worker thread. Images of items come from
+:mod:`unicom.search.item_images`; the request and reply models are in
+:mod:`unicom.search.schemas`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
+import base64
 import json
-import tarfile
-import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
 from unicom.errors import InputError
-from unicom.search.collection import first_dims
+from unicom.search import queries, uploads
+from unicom.search.batching import ByteBudget, QueryBatcher
 from unicom.search.index import Index
+from unicom.search.item_images import ItemImages
+from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
+from unicom.search.uploads import MAX_PIXELS, ModelInput
 
 STATIC = Path(__file__).parent / "static"
-IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
-MAX_PIXELS = 40_000_000
+MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
-THUMBNAIL_SIZE = 256
-PATH_COLUMNS = ("image_path", "path")
-
-
-# --------------------------------------------------------------------------- batching
-
-
-class QueryBatcher:
-    """Runs ``fn(items) -> results`` (one result per item) over batches of concurrent submissions.
-
-    The first waiting item opens a batch; items that arrive within ``max_wait`` seconds
-    join it, up to ``max_batch``. Batches run one at a time in a worker thread, so the event
-    loop keeps accepting requests (which form the next batch) while the model works.
-    """
-
-    def __init__(self, fn: Callable[[list], list], max_batch: int = 32, max_wait: float = 0.01, max_pending: int = 1024):
-        self.fn = fn
-        self.max_batch = max(1, max_batch)
-        self.max_wait = max(0.0, max_wait)
-        self.max_pending = max_pending
-        self.queries = 0
-        self.batches = 0
-        self.largest_batch = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unicom-search")
-        self._queue: asyncio.Queue | None = None
-        self._arrived: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-
-    def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._queue = asyncio.Queue()
-            self._arrived = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def submit(self, item: Any) -> Any:
-        self._start()
-        if self._queue.qsize() >= self.max_pending:
-            raise HTTPException(503, f"{self._queue.qsize()} queries are waiting; try again shortly")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
-        self._arrived.set()
-        return await future
-
-    async def _collect(self) -> list:
-        loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
-            while not self._queue.empty() and len(batch) < self.max_batch:
-                batch.append(self._queue.get_nowait())
-            remaining = deadline - loop.time()
-            if len(batch) >= self.max_batch or remaining <= 0:
-                break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [(item, future) for item, future in await self._collect() if not future.cancelled()]
-            if not batch:
-                continue
-            self.batches += 1
-            self.queries += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            try:
-                results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
-            except Exception as error:  # the callers answer with it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-# --------------------------------------------------------------------------- indexed images
-
-
-class ShardImages:
-    """Image bytes of webdataset samples by (shard file name, key), read from the tars in ``root``.
-
-    The first read of a shard lists its image members once (kept for ``cache`` shards);
-    uncompressed tars are then read at the member's offset.
-    """
-
-    def __init__(self, root: str | Path, cache: int = 16):
-        self.root = Path(root)
-        self.cache = cache
-        self._members: OrderedDict[str, dict] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _list(self, path: Path) -> dict:
-        from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
-
-        members = {}
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                split = split_member_name(member.name) if member.isfile() else None
-                if split is not None and split[1] in IMAGE_EXTENSIONS:
-                    members.setdefault(split[0], (member.offset_data, member.size))
-        return members
-
-    def read(self, shard: str, key: str) -> bytes | None:
-        if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
-            return None
-        path = self.root / shard
-        with self._lock:
-            members = self._members.get(shard)
-            if members is None:
-                members = self._list(path)
-                self._members[shard] = members
-                if len(self._members) > self.cache:
-                    self._members.popitem(last=False)
-            else:
-                self._members.move_to_end(shard)
-        found = members.get(key)
-        if found is None:
-            return None
-        offset, size = found
-        if path.suffix == ".tar":
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        with tarfile.open(path, "r:*") as tar:  # compressed: decompress up to the member
-            for member in tar:
-                if member.offset_data == offset:
-                    return tar.extractfile(member).read()
-        return None
+UNSUPPORTED_HEADER = "X-Unsupported-Options"
+PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
+DOCS_POLICY = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' 'unsafe-inline'"
 
 
 # --------------------------------------------------------------------------- requests
@@ -212,161 +87,343 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _open_image(data: bytes, name: str, max_upload: int):
-    """Decode an uploaded image to RGB, answering 413/415 for oversized or unsupported files."""
-    from PIL import Image
-
-    from unicom.data.transforms import DecodeError, decode_image
-
-    if len(data) > max_upload:
-        raise _error(413, f"{name}: {len(data)} bytes, larger than the limit of {max_upload} bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            kind, (width, height) = probe.format, probe.size
-    except Exception:  # Pillow raises several types for data it cannot identify
-        raise _error(415, f"{name}: not an image; upload a {', '.join(IMAGE_FORMATS.values())} file") from None
-    if kind not in IMAGE_FORMATS:
-        raise _error(415, f"{name}: {kind} images are not accepted; upload a {', '.join(IMAGE_FORMATS.values())} file")
-    if width * height > MAX_PIXELS:
-        raise _error(413, f"{name}: {width}x{height} pixels, more than the limit of {MAX_PIXELS}")
-    try:
-        return decode_image(data)[0]
-    except DecodeError as error:
-        raise _error(415, f"{name}: {error}") from None
-
-
-def _parse_k(value: Any, default: int, max_k: int) -> int:
+def _parse_k(value: Any, default: int, max_k: int, name: str = "k") -> int:
     if value is None or value == "":
         return default
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise _error(400, f"k must be an integer, got {value!r}") from None
+        raise _error(400, f"{name} must be an integer, got {value!r}") from None
     if not 1 <= k <= max_k:
-        raise _error(400, f"k must be between 1 and {max_k}, got {k}")
+        raise _error(400, f"{name} must be between 1 and {max_k}, got {k}")
     return k
 
 
-def _parse_embedding(payload: Any, dims: int) -> np.ndarray:
-    if not isinstance(payload, dict) or "embedding" not in payload:
-        keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise _error(400, f'expected a JSON object {{"embedding": [numbers], "k": 10}}, got {keys}')
-    vector = payload["embedding"]
-    if not isinstance(vector, list) or not vector or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector):
-        raise _error(400, '"embedding" must be a non-empty list of numbers')
-    if len(vector) < dims:
-        raise _error(400, f'"embedding" has {len(vector)} numbers, the index needs at least {dims}')
-    array = np.asarray(vector, dtype=np.float32)[None, :]
+def _parse_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None or value == "":
+        return False
+    if str(value).lower() in ("1", "true", "on", "yes"):
+        return True
+    if str(value).lower() in ("0", "false", "off", "no"):
+        return False
+    raise _error(400, f"{name} must be true or false, got {value!r}")
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "body"
+        message = "unknown key; the keys are " + ", ".join(SearchRequest.model_fields) if problem["type"] == "extra_forbidden" \
+            else problem["msg"]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def _json_body(body: bytes) -> Any:
     try:
-        return first_dims(array, dims, '"embedding"')[0]
-    except InputError as error:
-        raise _error(400, str(error)) from None
+        return json.loads(body)
+    except ValueError as error:
+        raise _error(400, f"the body is not valid JSON ({error})") from None
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON can carry it (bytes as text, numpy scalars as numbers)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
 
 
 # --------------------------------------------------------------------------- the app
 
 
+@dataclass
+class Served:
+    """One index of the service, with the model of its collection."""
+
+    name: str
+    index: Index
+    encoder: Any = None
+    stored: queries.StoredVectors = field(init=False)
+    model_input: ModelInput | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.stored = queries.StoredVectors(self.index)
+        if self.encoder is not None:
+            self.model_input = ModelInput(self.encoder.image_transform)
+
+    @property
+    def text_reason(self) -> str | None:
+        try:
+            queries.require_text(self.encoder)
+        except InputError as error:
+            return str(error)
+        return None
+
+
+@dataclass
+class Search:
+    """One query waiting for its batch. ``vector``: an embedding or stored item, in the index's space."""
+
+    served: Served
+    k: int
+    image: Any = None
+    text: str | None = None
+    vector: np.ndarray | None = None
+    text_weight: float = queries.TEXT_WEIGHT
+    deduplicate: bool = False
+
+
+def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
+    """One query vector per search: one model call per model for the images, one for the texts."""
+    images: dict[int, list[int]] = {}
+    texts: dict[int, list[int]] = {}
+    encoders: dict[int, Any] = {}
+    for position, search in enumerate(batch):
+        key = id(search.served.encoder)
+        encoders[key] = search.served.encoder
+        if search.image is not None:
+            images.setdefault(key, []).append(position)
+        if search.text is not None:
+            texts.setdefault(key, []).append(position)
+    image_rows: dict[int, np.ndarray] = {}
+    text_rows: dict[int, np.ndarray] = {}
+    for key, positions in images.items():
+        # the index's dims are applied below, per search (indexes sharing a model may keep different dims)
+        embedded = queries.image_vectors(encoders[key], [batch[p].image for p in positions], encoders[key].embedding_dim,
+                                         batch_size=len(positions))
+        image_rows.update(zip(positions, embedded))
+    for key, positions in texts.items():
+        embedded = queries.text_vectors(encoders[key], [batch[p].text for p in positions], encoders[key].embedding_dim)
+        text_rows.update(zip(positions, embedded))
+    vectors: list[np.ndarray | Exception] = []
+    for position, search in enumerate(batch):
+        dims = search.served.index.dims
+        try:
+            base = search.vector if search.vector is not None else image_rows.get(position)
+            if base is not None and base.shape[-1] != dims:
+                base = queries.first_dims(base[None, :], dims, "the query")[0]
+            text = text_rows.get(position)
+            if text is not None:
+                text = queries.first_dims(text[None, :], dims, "the text query")[0]
+            if base is not None and text is not None:
+                vectors.append(queries.combine(base, text, search.text_weight)[0])
+            else:
+                vectors.append(base if base is not None else text)
+        except InputError as error:
+            vectors.append(error)
+    return vectors
+
+
+def run_searches(batch: list[Search]) -> list[Any]:
+    """(scores, ids) of each search of a batch, or its error: one model call per model and kind, one
+    index search per index. The results are turned into replies outside, so that reading
+    metadata and thumbnails never holds up the model."""
+    vectors = _query_vectors(batch)
+    answers: list[Any] = [None] * len(batch)
+    by_index: dict[str, list[int]] = {}
+    for position, vector in enumerate(vectors):
+        if isinstance(vector, Exception):
+            answers[position] = vector
+        else:
+            by_index.setdefault(batch[position].served.name, []).append(position)
+    for positions in by_index.values():
+        served = batch[positions[0]].served
+        found = queries.search(served.index, np.stack([vectors[p] for p in positions]), [batch[p].k for p in positions],
+                               deduplicate=[batch[p].deduplicate for p in positions], stored=served.stored)
+        for position, result in zip(positions, found):
+            answers[position] = result
+    return answers
+
+
 def create_app(
-    index: Index,
+    index: Index | Mapping[str, Index],
     encoder=None,
     *,
     batch_size: int = 32,
     max_wait_ms: float = 10.0,
     max_upload_bytes: int = 10 * 2**20,
+    max_pixels: int = MAX_PIXELS,
+    max_decode_bytes: int = MAX_DECODE_BYTES,
     default_k: int = 10,
     max_k: int = 100,
+    max_result_ids: int = 10_000,
     image_root: str | Path | None = None,
     shards: str | Path | None = None,
     thumbnail_cache: int = 1024,
+    cors_origins: list[str] | tuple[str, ...] = (),
+    allow_image_urls: bool = False,
 ) -> FastAPI:
     """The FastAPI app of ``unicom serve`` (see the module docstring).
 
-    encoder: an :class:`~unicom.models.encoders.Encoder` for image queries, or None to accept
-    embeddings only. image_root: folder that relative image paths of the metadata are read from
-    (default: the current folder). shards: folder of the webdataset shards the collection was
-    embedded from; items with ``shard`` and ``key`` metadata get their thumbnails from there.
+    index: an :class:`Index`, or names -> indexes (the first is the default; the names are
+    clip-retrieval's ``indice_name``). encoder: the :class:`~unicom.models.encoders.Encoder`
+    of the collections (or names -> encoders), or None to accept embeddings and item ids
+    only; each is checked against its index (:func:`unicom.search.queries.check_model`).
+    image_root: folder that relative image paths of the metadata are read from (default:
+    the current folder). shards: folder of the webdataset shards the collections were
+    embedded from. cors_origins: origins whose pages may call the API (``"*"``: any), as
+    clip-retrieval's front end served from elsewhere does. allow_image_urls: let
+    ``/knn-service`` fetch ``image_url`` queries (the server then makes requests a client chose).
     """
-    if encoder is not None:
-        index.check_encoder(encoder)
-    image_root = Path(image_root) if image_root is not None else Path.cwd()
-    shard_images = ShardImages(shards) if shards is not None else None
-    thumbnails: OrderedDict[int, bytes] = OrderedDict()
+    indexes = dict(index) if isinstance(index, Mapping) else {index.path.name or "index": index}
+    if not indexes:
+        raise InputError("no index to serve")
+    encoders = dict(encoder) if isinstance(encoder, Mapping) else {name: encoder for name in indexes}
+    served: dict[str, Served] = {}
+    for name, item in indexes.items():
+        model = encoders.get(name)
+        if model is not None:
+            queries.check_model(item, model)
+        served[name] = Served(name, item, model)
+    default = next(iter(served))
+    images = ItemImages(image_root, shards, thumbnail_cache)
+    batcher = QueryBatcher(run_searches, max_batch=batch_size, max_wait=max_wait_ms / 1000)
+    decoding = ByteBudget(max_decode_bytes)
 
-    def run_batch(items: list[tuple[str, Any, int]]) -> list[list[dict]]:
-        """(kind, image or vector, k) per query -> hits per query: one model call, one index search."""
-        vectors: list[np.ndarray | None] = [item if kind == "embedding" else None for kind, item, _ in items]
-        images = [item for kind, item, _ in items if kind == "image"]
-        if images:
-            from unicom.embed import embed_images
+    def pick(name: str | None, key: str = "index") -> Served:
+        if name is None or name == "":
+            return served[default]
+        if name not in served:
+            raise _error(404, f"{key} {name!r}: no such index; the indexes are {', '.join(served)}")
+        return served[name]
 
-            embedded = first_dims(embed_images(encoder, images, batch_size=len(images), num_workers=0), index.dims)
-            rows = iter(embedded)
-            vectors = [vector if vector is not None else next(rows) for vector in vectors]
-        scores, ids = index.search(np.stack(vectors), max(k for _, _, k in items))
-        hits = index.hits(scores, ids)
-        for query_hits in hits:
-            for hit in query_hits:
-                hit["thumbnail"] = f"/thumbnail/{hit['id']}" if _has_image(hit) else None
-        return [query_hits[:k] for query_hits, (_, _, k) in zip(hits, items)]
+    def item_url(route: str, target: Served, item_id: int) -> str:
+        return f"/{route}/{item_id}" if target.name == default else f"/{route}/{item_id}?index={urllib.parse.quote(target.name)}"
 
-    batcher = QueryBatcher(run_batch, max_batch=batch_size, max_wait=max_wait_ms / 1000)
-
-    def _image_file(row: dict) -> Path | None:
-        for column in PATH_COLUMNS:
-            value = row.get(column)
-            if isinstance(value, str) and value:
-                path = Path(value)
-                return path if path.is_absolute() else image_root / path
-        return None
-
-    def _in_shard(row: dict) -> bool:
-        return shard_images is not None and isinstance(row.get("shard"), str) and isinstance(row.get("key"), str)
-
-    def _has_image(row: dict) -> bool:
-        return _image_file(row) is not None or _in_shard(row)
+    async def decode_upload(data: bytes, name: str, target: Served):
+        if target.encoder is None:
+            raise _error(503, 'this server has no model for image queries; send {"embedding": [...]} or {"like": id} instead')
+        width, height, bands = uploads.probe_image(data, name, max_upload_bytes, max_pixels)
+        held = await decoding.acquire(width * height * (bands + (3 if bands != 3 else 0)))  # decoded, and as RGB
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(None, uploads.decode_for_model, data, name, target.model_input, width * height)
+        # the budget is released when decoding ends, even if this request is cancelled before
+        job.add_done_callback(lambda _: asyncio.ensure_future(decoding.release(held), loop=loop))
+        return await job
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await batcher.close()
 
-    app = FastAPI(title="unicom search", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="unicom search",
+        description="Search an image collection by text, image, item or embedding; clip-retrieval's back-end API.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.batcher = batcher
-    app.state.index = index
+    app.state.index = served[default].index
+    app.state.decoding = decoding
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, error: InputError):
+        return JSONResponse({"detail": str(error)}, status_code=400)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'",
-        )
+        response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
         return response
+
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=[UNSUPPORTED_HEADER])
 
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _mount_docs(app)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, summary="The indexes, their models and the limits")
     async def healthz():
+        described = [
+            {"name": s.name, "count": len(s.index), "dims": s.index.dims, "type": s.index.type,
+             "model": None if s.encoder is None else s.encoder.name, "image_search": s.encoder is not None,
+             "text_search": s.text_reason is None, "text_search_reason": s.text_reason}
+            for s in served.values()
+        ]
         return {
             "status": "ok",
-            "count": len(index),
-            "dims": index.dims,
-            "type": index.type,
-            "model": None if encoder is None else encoder.name,
-            "image_search": encoder is not None,
+            **described[0],
+            "indices": described,
             "default_k": default_k,
             "max_k": max_k,
             "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
             "queries": batcher.queries,
             "batches": batcher.batches,
         }
 
-    @app.post("/search")
+    # ------------------------------------------------------------------ our search
+
+    def search_answer(scores: np.ndarray, ids: np.ndarray, target: Served) -> dict:
+        hits = target.index.hits(scores[None, :], ids[None, :])[0]
+        for hit in hits:
+            local = images.has_image(hit)
+            hit["thumbnail"] = item_url("thumbnail", target, hit["id"]) if local else None
+            url = hit.get("url")
+            hit["link"] = item_url("image", target, hit["id"]) if local else (
+                url if isinstance(url, str) and url.startswith(("http://", "https://")) else None)
+        return {"results": hits, "score_digits": queries.score_digits(scores)}
+
+    def _parse_id(value: Any, target: Served) -> int:
+        try:
+            item_id = int(value)
+        except (TypeError, ValueError):
+            raise _error(400, f"like must be an item id (an integer), got {value!r}") from None
+        if not 0 <= item_id < len(target.index):
+            raise _error(404, f"no item {item_id} in this index (ids 0..{len(target.index) - 1})")
+        return item_id
+
+    async def build_search(target: Served, *, text, image_data, image_name, like, embedding, text_weight, k, deduplicate,
+                           ) -> Search:
+        given = [name for name, value in (("image", image_data), ("like", like), ("embedding", embedding)) if value is not None]
+        if len(given) > 1:
+            raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
+        if text is not None and not text.strip():
+            text = None
+        if not given and text is None:
+            raise _error(400, 'nothing to search for: send a "text", an "image", a "like" item id or an "embedding"')
+        if text is not None:
+            try:
+                queries.require_text(target.encoder)
+            except InputError as error:
+                raise _error(400, str(error)) from None
+        search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate)
+        if embedding is not None:
+            search.vector = _embedding_vector(embedding, target.index.dims)
+        elif like is not None:
+            search.vector = (await asyncio.to_thread(target.stored, [like]))[0]
+        elif image_data is not None:
+            search.image = await decode_upload(image_data, image_name, target)
+        return search
+
+    @app.post(
+        "/search",
+        response_model=SearchReply,
+        summary="Search by text, image, item id or embedding (or an image/item/embedding with a text)",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": SearchRequest.model_json_schema()},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "image": {"type": "string", "format": "binary"},
+                **{key: {"type": "string"} for key in ("text", "like", "text_weight", "k", "deduplicate", "index")}}}},
+        }}},
+    )
     async def search(request: Request):
         start = time.perf_counter()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -374,90 +431,231 @@ def create_app(
         if content_type == "multipart/form-data":
             body = await _read_body(request, max_upload_bytes + MULTIPART_OVERHEAD)
             if not body:
-                raise _error(400, "empty request body; send an image as the multipart field 'image'")
+                raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
             form = await _parse_form(request, body)
             upload = form.get("image")
-            if upload is None:
+            if upload is None and not form.get("text") and not form.get("like"):
                 fields = sorted(set(form.keys()))
                 raise _error(400, f"no field 'image' in the form (got {fields}); send the image as the field 'image'")
-            if isinstance(upload, str):
-                raise _error(400, "the field 'image' must be a file upload, not text")
-            if encoder is None:
+            image_data, image_name = None, None
+            if upload is not None:
+                if isinstance(upload, str):
+                    raise _error(400, "the field 'image' must be a file upload, not text")
+                image_name = upload.filename or "upload"
+                declared = (upload.content_type or "").lower()
+                if declared and not declared.startswith("image/") and declared != "application/octet-stream":
+                    raise _error(415, f"{image_name}: content type {declared} is not an image")
+                image_data = await upload.read()
+                if not image_data:
+                    raise _error(400, f"{image_name}: the uploaded file is empty")
+            target = pick(form.get("index") or request.query_params.get("index"))
+            if upload is not None and target.encoder is None:
                 raise _error(503, 'this server has no model for image queries; POST JSON {"embedding": [...]} instead')
-            k = _parse_k(form.get("k", k_query), default_k, max_k)
-            name = upload.filename or "upload"
-            declared = (upload.content_type or "").lower()
-            if declared and not declared.startswith("image/") and declared != "application/octet-stream":
-                raise _error(415, f"{name}: content type {declared} is not an image")
-            data = await upload.read()
-            if not data:
-                raise _error(400, f"{name}: the uploaded file is empty")
-            # decoding takes up to a second for large images: off the event loop
-            image = await asyncio.to_thread(_open_image, data, name, max_upload_bytes)
-            item = ("image", image, k)
+            like = form.get("like")
+            like = None if like in (None, "") else _parse_id(like, target)
+            values = dict(text=form.get("text"), like=like, embedding=None, text_weight=form.get("text_weight"),
+                          k=_parse_k(form.get("k", k_query), default_k, max_k),
+                          deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"))
         elif content_type == "application/json":
-            body = await _read_body(request, max_upload_bytes)
+            body = await _read_body(request, max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD)
             if not body:
-                raise _error(400, 'empty request body; send JSON {"embedding": [numbers]}')
+                raise _error(400, 'empty request body; send JSON {"text": "..."} or {"embedding": [numbers]}')
+            payload = _json_body(body)
+            if not isinstance(payload, dict):
+                raise _error(400, f'expected a JSON object such as {{"text": "a red car", "k": 10}}, got {type(payload).__name__}')
             try:
-                payload = json.loads(body)
-            except ValueError as error:
-                raise _error(400, f"the body is not valid JSON ({error})") from None
-            vector = _parse_embedding(payload, index.dims)
-            k = _parse_k(payload.get("k", k_query), default_k, max_k)
-            item = ("embedding", vector, k)
+                request_model = SearchRequest.model_validate(payload)
+            except ValidationError as error:
+                raise _error(400, _validation_message(error)) from None
+            target = pick(request_model.index or request.query_params.get("index"))
+            image_data = None if request_model.image is None else uploads.decode_base64(request_model.image, "image")
+            image_name = "image"
+            values = dict(text=request_model.text, like=None if request_model.like is None else _parse_id(request_model.like, target),
+                          embedding=request_model.embedding, text_weight=request_model.text_weight,
+                          k=_parse_k(request_model.k if request_model.k is not None else k_query, default_k, max_k),
+                          deduplicate=request_model.deduplicate)
         else:
             raise _error(
                 415,
                 f"content type {content_type or 'none'} not accepted: send an image as multipart/form-data "
-                'field \'image\', or application/json {"embedding": [numbers]}',
+                'field \'image\', or application/json {"text": "..."} or {"embedding": [numbers]}',
             )
-        results = await batcher.submit(item)
-        return {"results": results, "k": k, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
+        item = await build_search(target, image_data=image_data, image_name=image_name, **values)
+        scores, ids = await batcher.submit(item)
+        answer = await asyncio.to_thread(search_answer, scores, ids, target)
+        return JSONResponse({**answer, "k": item.k, "index": target.name,
+                             "took_ms": round((time.perf_counter() - start) * 1000, 2)})
 
-    @app.get("/thumbnail/{item_id:int}")
-    async def thumbnail(item_id: int):
-        if not 0 <= item_id < len(index):
-            raise _error(404, f"no item {item_id} in this index (ids 0..{len(index) - 1})")
-        cached = thumbnails.get(item_id)
-        if cached is None:
-            cached = await asyncio.get_running_loop().run_in_executor(None, _make_thumbnail, item_id)
-            thumbnails[item_id] = cached
-            if len(thumbnails) > thumbnail_cache:
-                thumbnails.popitem(last=False)
-        else:
-            thumbnails.move_to_end(item_id)
-        return Response(cached, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    # ------------------------------------------------------------------ images of items
 
-    def _make_thumbnail(item_id: int) -> bytes:
-        from PIL import Image
+    async def row_of(item_id: int, name: str | None) -> tuple[Served, dict]:
+        target = pick(name)
+        if not 0 <= item_id < len(target.index):
+            raise _error(404, f"no item {item_id} in this index (ids 0..{len(target.index) - 1})")
+        return target, await asyncio.to_thread(target.index.metadata, item_id)
 
-        row = index.metadata(item_id)
-        path = _image_file(row)
-        if path is None and _in_shard(row):
+    @app.get("/thumbnail/{item_id:int}", summary="A JPEG thumbnail of an item (aspect ratio kept)",
+             responses={200: {"content": {"image/jpeg": {}}}})
+    async def thumbnail(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
+        target, row = await row_of(item_id, index)
+        data = await asyncio.to_thread(images.thumbnail, target.name, row, item_id)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/image/{item_id:int}", summary="The full image of an item", responses={200: {"content": {"image/*": {}}}})
+    async def full_image(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
+        _, row = await row_of(item_id, index)
+        source = images.source(row, item_id)
+        data = source if isinstance(source, bytes) else None
+        if data is None:
             try:
-                data = shard_images.read(row["shard"], row["key"])
-            except (OSError, tarfile.TarError):
-                data = None
-            if data is None:
-                raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
-            path = io.BytesIO(data)
-        elif path is None:
-            raise _error(404, f"item {item_id} has no local image in the index metadata")
+                with open(source, "rb") as f:
+                    head = f.read(64)
+            except OSError:
+                raise _error(404, f"the image file of item {item_id} is missing") from None
+        kind = uploads.sniff(data if data is not None else head)
+        if kind is None:
+            raise _error(404, f"the image file of item {item_id} is not an image")
+        if data is not None:
+            return Response(data, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(source, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
+
+    # ------------------------------------------------------------------ clip-retrieval's back-end API
+
+    def knn_metadata(target: Served, row: dict, item_id: int) -> dict:
+        """clip-retrieval's metadata of one item: its columns, and its image as base64 JPEG."""
+        meta = {key: _plain(value) for key, value in row.items() if key != "id"}
+        if images.has_image(row):
+            try:
+                meta["image"] = base64.b64encode(images.thumbnail(target.name, row, item_id)).decode()
+            except HTTPException:
+                pass  # a missing or unreadable file: no picture, as clip-retrieval does
+        return meta
+
+    def knn_answer(scores: np.ndarray, ids: np.ndarray, target: Served, num_images: int) -> list[dict]:
+        rows = target.index.metadata(ids[:num_images]) if num_images > 0 else []
+        results = []
+        for position, (score, item_id) in enumerate(zip(scores.tolist(), ids.tolist())):
+            result = knn_metadata(target, rows[position], item_id) if position < len(rows) else {}
+            result.update(id=item_id, similarity=score)
+            results.append(result)
+        return results
+
+
+    @app.post(
+        "/knn-service",
+        summary="clip-retrieval's k-NN query: text, image (base64), image_url or embedding_input",
+        responses={200: {"model": list[KnnResult], "description": f"results, best first; options this server cannot honour "
+                                                                  f"are named in the {UNSUPPORTED_HEADER} header"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": KnnRequest.model_json_schema()}}}},
+    )
+    async def knn_service(request: Request):
+        # clip-retrieval's front end posts JSON without a JSON content type: read any body as JSON
+        payload = _json_body(await _read_body(request, max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD))
         try:
-            with Image.open(path) as image:
-                image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                image = image.convert("RGB")
-                image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=85)
-        except FileNotFoundError:
-            raise _error(404, f"the image file of item {item_id} is missing") from None
-        except Exception:  # a damaged file: Pillow raises several types
-            raise _error(404, f"the image file of item {item_id} cannot be read") from None
-        return buffer.getvalue()
+            knn = KnnRequest.model_validate(payload)
+        except ValidationError as error:
+            raise _error(400, _validation_message(error)) from None
+        target = pick(knn.indice_name, "indice_name")
+        if knn.modality != "image":
+            raise _error(400, f"modality {knn.modality!r}: {target.name} holds image embeddings only; search modality 'image'")
+        num_result_ids = knn.num_result_ids if knn.num_result_ids is not None else knn.num_images
+        k = _parse_k(num_result_ids, knn.num_images, max_result_ids, "num_result_ids")
+        unsupported = []
+        if knn.use_safety_model:
+            unsupported.append("use_safety_model (no safety model: results are not filtered)")
+        if knn.use_violence_detector:
+            unsupported.append("use_violence_detector (no violence detector: results are not filtered)")
+        if knn.aesthetic_score not in (None, ""):
+            unsupported.append("aesthetic_score (no aesthetic embeddings: the query is not re-weighted)")
+        if knn.use_mclip and knn.text:
+            unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower)")
+        # clip-retrieval's order: a text first, then an image or its URL, then an embedding
+        values = dict(text=None, image_data=None, image_name="image", like=None, embedding=None)
+        if knn.text:
+            values["text"] = knn.text
+        elif knn.image:
+            values["image_data"] = uploads.decode_base64(knn.image, "image")
+        elif knn.image_url:
+            if not allow_image_urls:
+                raise _error(400, "image_url: this server does not fetch URLs; send the image itself as base64 in "
+                                  "'image' (or start the server with --allow-image-urls)")
+            values["image_data"] = await asyncio.to_thread(uploads.fetch_url, knn.image_url, max_upload_bytes)
+            values["image_name"] = knn.image_url
+        elif knn.embedding_input is not None:
+            values["embedding"] = knn.embedding_input
+        else:
+            raise _error(400, "must fill one of text, image, image_url and embedding_input")
+        item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate, **values)
+        scores, ids = await batcher.submit(item)
+        results = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
+        headers = {UNSUPPORTED_HEADER: ", ".join(unsupported)} if unsupported else None
+        return JSONResponse(results, headers=headers)
+
+    @app.get("/indices-list", response_model=list[str], summary="clip-retrieval's list of index names")
+    async def indices_list():
+        return list(served)
+
+    @app.post(
+        "/metadata",
+        response_model=list[MetadataItem],
+        summary="clip-retrieval's metadata of items by id",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": MetadataRequest.model_json_schema()}}}},
+    )
+    async def metadata(request: Request):
+        payload = _json_body(await _read_body(request, 1 << 20))
+        try:
+            wanted = MetadataRequest.model_validate(payload)
+        except ValidationError as error:
+            raise _error(400, _validation_message(error)) from None
+        target = pick(wanted.indice_name, "indice_name")
+        bad = [item_id for item_id in wanted.ids if not 0 <= item_id < len(target.index)]
+        if bad:
+            raise _error(404, f"no item {bad[0]} in {target.name} (ids 0..{len(target.index) - 1})")
+
+        def read() -> list[dict]:
+            rows = target.index.metadata(np.asarray(wanted.ids, dtype=np.int64)) if wanted.ids else []
+            return [{"id": item_id, "metadata": knn_metadata(target, row, item_id)} for item_id, row in zip(wanted.ids, rows)]
+
+        return JSONResponse(await asyncio.to_thread(read))
 
     return app
+
+
+def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
+    if not values:
+        raise _error(400, '"embedding" must be a non-empty list of numbers')
+    if len(values) < dims:
+        raise _error(400, f'"embedding" has {len(values)} numbers, the index needs at least {dims}')
+    try:
+        return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"')[0]
+    except InputError as error:
+        raise _error(400, str(error)) from None
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI over ``/openapi.json``, from the swagger-ui-bundle-v2 package (no CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the page then loads Swagger UI from its CDN
+        swagger_ui_path = None
+    if swagger_ui_path is not None:
+        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+        assets = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                  "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+        policy = DOCS_POLICY
+    else:
+        assets, policy = {}, None
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API", **assets)
+        if policy is not None:
+            page.headers["Content-Security-Policy"] = policy
+        else:  # the CDN's scripts and styles
+            page.headers["Content-Security-Policy"] = "default-src 'self' https:; script-src 'self' 'unsafe-inline' https:"
+        return page
 
 
 async def _parse_form(request: Request, body: bytes):

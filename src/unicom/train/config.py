@@ -61,6 +61,7 @@ class DataConfig:
     key_column: str | None = None  # table column of keys (default: the path as written)
     batch_size: int = 128  # images per rank and micro-step
     workers: int | None = None  # decoding processes per rank (default: 8 on GPU, 0-2 on CPU)
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # JPEGs decoded and cropped on the GPU (auto: on CUDA, plain crop/flip augment)
     shuffle_buffer: int = 2000  # shards: samples held for shuffling, per reader
     samples_per_epoch: int | None = None  # shards: default, the labelled samples of the label files
 

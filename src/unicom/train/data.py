@@ -107,7 +107,7 @@ class ShardSource:
 
     kind = "shards"
 
-    def __init__(self, shards: Sequence[tuple[int, Path]], label_files: dict[int, Path], labelled: int, num_classes: int,
+    def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
                  shuffle_buffer: int = 2000):
         self.shards = list(shards)
         self.label_files = label_files
@@ -137,9 +137,11 @@ class ShardSource:
         """(num_classes,) int64 labelled samples per class: the rows of the label files."""
         import pyarrow.parquet as pq
 
+        from unicom import storage
+
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for path in self.label_files.values():
-            labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+            labels = pq.read_table(storage.readable(path), columns=["label"]).column("label").to_numpy()
             counts += np.bincount(labels, minlength=self.num_classes)
         return counts
 
@@ -150,7 +152,8 @@ class ShardSource:
 
     def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
                 counters: Counters) -> Iterator[Record]:
-        from unicom.data.shards import ShardReadError, read_tar_samples
+        from unicom import storage
+        from unicom.data.shards import ShardReadError, read_tar_samples, shard_name
 
         order = permutation(len(self.shards), seed, pass_)
         mine = [self.shards[i] for i in order[rank::world_size][role::roles]]
@@ -164,9 +167,9 @@ class ShardSource:
                         if label is None:
                             counters.unlabelled += 1
                             continue
-                        yield Record((number, index), sample.image_bytes(), int(label), sample.key, path.name)
+                        yield Record((number, index), sample.image_bytes(), int(label), sample.key, shard_name(path))
                 except ShardReadError as error:
-                    counters.fail("", str(path), f"shard broke off after {error.samples} samples: {error.reason}")
+                    counters.fail("", storage.text(path), f"shard broke off after {error.samples} samples: {error.reason}")
 
         buffer: list[Record] = []
         rng = random.Random(_generator_seed(seed, pass_, rank, role, 0x5EED))
@@ -254,9 +257,13 @@ class ListSource:
 @dataclass
 class TrainBatch:
     """``images`` float (B, 3, S, S); ``labels`` int64 (B,); the reader's position after it;
-    what the reader skipped on the way (counts, and a few failure details)."""
+    what the reader skipped on the way (counts, and a few failure details).
 
-    images: torch.Tensor
+    Decoding on the model's device, ``jpegs`` holds the samples still encoded and
+    ``images`` the others (or None): :meth:`TrainStream.to_device` makes the model input.
+    """
+
+    images: torch.Tensor | None
     labels: torch.Tensor
     role: int
     pass_: int
@@ -264,9 +271,11 @@ class TrainBatch:
     unlabelled: int = 0
     failed: int = 0
     failures: list[dict] = field(default_factory=list)
+    jpegs: Any = None  # unicom.data.transforms.EncodedJpegs
 
     def pin_memory(self) -> "TrainBatch":
-        self.images = self.images.pin_memory()
+        if self.images is not None:
+            self.images = self.images.pin_memory()
         self.labels = self.labels.pin_memory()
         return self
 
@@ -298,13 +307,21 @@ class TrainStream(IterableDataset):
         roles: readers of this rank (the DataLoader's ``num_workers``, or 1 without workers).
         positions: per reader, ``(pass, cursor)`` to start from (default: all ``(0, 0)``).
         first_role: the reader whose batch comes first (the DataLoader's worker 0 plays it).
+        device_decode: leave JPEGs encoded for the model's device (see
+            :func:`unicom.data.transforms.resolve_decode`); their random crop and flip are
+            drawn by the reader, seeded per sample as on the CPU path.
     """
 
     def __init__(self, source, transform: Callable, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 roles: int = 1, positions: Sequence[Sequence[int]] | None = None, first_role: int = 0):
+                 roles: int = 1, positions: Sequence[Sequence[int]] | None = None, first_role: int = 0,
+                 device_decode: bool = False):
         super().__init__()
+        from unicom.data.transforms import SplitTransform, TensorTransform
+
         self.source = source
         self.transform = transform
+        self.split = SplitTransform(transform)
+        self.tensor = TensorTransform(transform) if device_decode else None
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank, self.world_size, self.roles = int(rank), int(world_size), max(1, int(roles))
@@ -324,12 +341,13 @@ class TrainStream(IterableDataset):
 
     def reader(self, role: int) -> Iterator[TrainBatch]:
         """The endless batches of reader ``role``."""
-        from unicom.data.transforms import DecodeError, decode_image
+        from unicom.data.transforms import DecodeError, EncodedJpegs, decode_image, encoded_bytes, jpeg_size
 
         pass_, skip = self.positions[role]
         counters = Counters()  # kept across passes: what the dropped tail of a pass skipped still counts
         while True:
             images: list[torch.Tensor] = []
+            jpegs: tuple[list, ...] = ([], [], [], [], [])  # bytes, plans, positions, origins, keys
             labels: list[int] = []
             cursor = 0
             for record in self.source.records(self.seed, pass_, self.rank, self.world_size, role, self.roles,
@@ -340,30 +358,74 @@ class TrainStream(IterableDataset):
                         counters.take()  # what was skipped on the way was reported before
                     continue
                 try:
-                    image, _ = decode_image(record.image)
+                    data = encoded_bytes(record.image) if self.tensor is not None else None
+                    size = jpeg_size(data) if data is not None else None
                     with seeded(_generator_seed(self.seed, pass_, record.uid[0] + 1, record.uid[1])):
-                        tensor = self.transform(image)
+                        if size is not None:  # decoded where the model runs, cropped as planned here
+                            plan = self.tensor.plan(*size)
+                        else:
+                            image, _ = decode_image(data or record.image)
+                            tensor = self.transform(image)
                 except DecodeError as error:
                     counters.fail(record.key, record.origin, str(error))
                     continue
                 except Exception as error:  # a transform that rejects this image
                     counters.fail(record.key, record.origin, f"transform failed: {type(error).__name__}: {error}")
                     continue
-                images.append(tensor)
+                if size is not None:
+                    for held, value in zip(jpegs, (data, plan, len(labels), record.origin, record.key)):
+                        held.append(value)
+                else:
+                    images.append(tensor)
                 labels.append(record.label)
-                if len(images) == self.batch_size:
+                if len(labels) == self.batch_size:
                     unlabelled, failed, failures = counters.take()
                     yield TrainBatch(
-                        torch.stack(images), torch.tensor(labels, dtype=torch.int64), role, pass_, cursor,
-                        unlabelled, failed, failures,
+                        torch.stack(images) if images else None, torch.tensor(labels, dtype=torch.int64), role, pass_,
+                        cursor, unlabelled, failed, failures, EncodedJpegs(*jpegs) if jpegs[0] else None,
                     )
-                    images, labels = [], []
+                    images, jpegs, labels = [], ([], [], [], [], []), []
             if cursor == 0:
                 raise InputError(
                     f"reader {role} of rank {self.rank} found no labelled sample in pass {pass_}; "
                     f"check that the labels were made from these inputs ({self.source.describe()})"
                 )
             pass_, skip = pass_ + 1, 0
+
+    def to_device(self, batch: TrainBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of ``batch`` on ``device``, decoded there when the reader left
+        them encoded. A JPEG that no decoder can read is counted and reported as a failure
+        of the batch and replaced by a copy of another of its images, with that image's
+        label: every rank must pass the same number of images to PartialFC."""
+        from unicom.data.transforms import images_on_device
+
+        labels = batch.labels.to(device, non_blocking=True)
+        if batch.jpegs is None:
+            return batch.images.to(device, non_blocking=True), labels
+        count = len(batch.labels)
+        images, failed = images_on_device(count, batch.images, batch.jpegs, device, self.split, self.tensor)
+        if failed:
+            good = [i for i in range(count) if i not in failed]
+            if not good:
+                raise InputError(f"no image of a batch of {count} could be decoded ({next(iter(failed.values()))})")
+            # position i takes row rows[i] of the decoded images: itself, or a good image in turn for a failed one
+            rows, taken, substitute = [], 0, 0
+            for i in range(count):
+                if i in failed:
+                    rows.append(substitute % len(good))
+                    substitute += 1
+                else:
+                    rows.append(taken)
+                    taken += 1
+            images = images[rows]
+            labels = labels[[good[r] if i in failed else i for i, r in enumerate(rows)]]
+            where = {slot: (key, source) for slot, key, source in zip(batch.jpegs.slots, batch.jpegs.keys, batch.jpegs.sources)}
+            batch.failed += len(failed)
+            for i, reason in sorted(failed.items()):
+                if len(batch.failures) < FAILURES_PER_BATCH:
+                    batch.failures.append({"key": where[i][0], "source": where[i][1],
+                                           "reason": f"{reason} (replaced in its batch by a copy of another image)"})
+        return images, labels
 
 
 # --------------------------------------------------------------------------- sources
@@ -379,12 +441,13 @@ def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, 
 
 
 def _shard_source(data, num_classes: int | None) -> ShardSource:
-    from unicom.data.shards import SHARD_SUFFIXES, expand_shards
+    from unicom import storage
+    from unicom.data.shards import SHARD_SUFFIXES, expand_shards, shard_name
     from unicom.files import part_number
     from unicom.formats.clusters import PseudoLabels
 
-    shards = [(part_number(path), path) for path in expand_shards(data.shards)]
-    foreign = [str(p) for _, p in shards if not p.name.endswith(SHARD_SUFFIXES)]
+    shards = [(part_number(shard_name(path)), path) for path in expand_shards(data.shards)]
+    foreign = [storage.text(p) for _, p in shards if not storage.is_pipe(p) and not shard_name(p).endswith(SHARD_SUFFIXES)]
     if foreign:
         raise InputError(f"{foreign[0]}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)})")
     labels = PseudoLabels(data.labels)
@@ -400,6 +463,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
 
 def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
     """Fail early when the first shard's keys are absent from its labels (mismatched inputs)."""
+    from unicom import storage
     from unicom.data.shards import ShardReadError, read_tar_samples
 
     number, path = source.shards[0]
@@ -414,7 +478,7 @@ def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
         pass
     if keys and labels and not any(key in labels for key in keys):
         raise InputError(
-            f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {source.label_files[number].name} "
+            f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {storage.name(source.label_files[number])} "
             f"(keys like {next(iter(labels))!r}); the labels were made from other inputs"
         )
 
@@ -489,11 +553,12 @@ def _list_source(data, num_classes: int | None) -> ListSource:
     if data.benchmark:
         return _benchmark_source(data, num_classes)
     if data.folder:
+        from unicom import storage
         from unicom.data.lists import NestedClassFolders, read_image_folder
         from unicom.data.sources import read_flat_folder
 
-        root = Path(data.folder)
-        if not root.is_dir():
+        root = data.folder if storage.is_url(data.folder) else Path(data.folder)
+        if not storage.is_dir(root):
             raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
         # keys are paths relative to the folder either way, as `unicom embed` writes them
         try:
@@ -505,7 +570,7 @@ def _list_source(data, num_classes: int | None) -> ListSource:
                 f"the {len(nested.leaves)} leaf folders as classes, or data.folder_classes=top for the {nested.top} "
                 "top-level ones"
             ) from None
-        origin = str(root)
+        origin = storage.text(root)
     else:
         images = read_table(data.table, path_column=data.path_column, label_column=data.label_column,
                             key_column=data.key_column or "key")

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from unicom import distributed
+from unicom import distributed, storage
+from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import resolve_device, resolve_precision
 from unicom.engine.recipe import to_yaml
@@ -158,6 +159,9 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
     if config.model.compile:
+        from unicom.engine.device import compile_cache
+
+        compile_cache()  # compiled graphs outlive the process: a restart skips the compilation
         backbone.compile()
     step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device))
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
@@ -298,7 +302,7 @@ def export_model(run: Run, folder: Path, step: int) -> Path:
         "trained_by": "unicom train",
         "run": str(run.out.resolve()),
         "step": step,
-        "init": run.config.model.init,
+        "init": storage.recorded(run.config.model.init),
         "data": run.source.describe(),
         "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
                  "centers": pfc.centers, "margin_gradient": pfc.margin_gradient, "num_classes": pfc.num_classes},
@@ -361,8 +365,9 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
               architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
               data=run.source.describe())
 
-    stream = TrainStream(run.source, config.augment.transform(run.created.image_size), batch, config.seed, rank, world,
-                         run.roles, positions, next_role)
+    transform = config.augment.transform(run.created.image_size)
+    stream = TrainStream(run.source, transform, batch, config.seed, rank, world, run.roles, positions, next_role,
+                         device_decode=resolve_decode(config.data.decode, run.device, transform))
     batches = iter(make_loader(stream, run.workers, run.device))
     positions = list(positions)
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
@@ -378,10 +383,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
                 item = next(batches)
                 positions[item.role] = (item.pass_, item.cursor)
                 next_role = (item.role + 1) % run.roles
+                micro.append(stream.to_device(item, run.device))  # decodes there (data.decode); may add failures
                 interval["unlabelled"] += item.unlabelled
                 interval["failed"] += item.failed
                 log.failures(item.failures, state.step + 1)
-                micro.append((item.images.to(run.device, non_blocking=True), item.labels.to(run.device, non_blocking=True)))
             interval["data"] += time.perf_counter() - waited
             if state.step == 0 or (run.resume_from is not None and state.step == manifest["step"]):
                 run.partial_fc.check_inputs = True  # labels, shapes and agreement across ranks, once

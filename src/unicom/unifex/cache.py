@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from unicom import storage
 from unicom.data.lists import ImageList
 from unicom.data.sources import list_parts
 from unicom.errors import InputError
@@ -41,9 +42,9 @@ from unicom.models.encoders import Encoder
 MANIFEST = "cache.json"
 
 
-def view_folder(root: str | os.PathLike, split: str, view: int) -> Path:
-    """``root/<split>/view_<view>``."""
-    return Path(root) / split / f"view_{view}"
+def view_folder(root, split: str, view: int) -> Path:
+    """``root/<split>/view_<view>`` (``root`` a folder or a URL)."""
+    return storage.join(root, split, f"view_{view}")
 
 
 def transform_identity(transform: Callable):
@@ -95,6 +96,7 @@ def build_views(
     precision: str = "auto",
     seed: int = 0,
     normalize: bool = True,
+    decode: str = "auto",
 ) -> list[Path]:
     """Embed ``images`` once per transform into ``root/<split>/view_<v>``; parts already
     written are kept. ``transforms[0]`` should be the backbone's own evaluation transform.
@@ -103,6 +105,8 @@ def build_views(
     with the view's transform and the images' fingerprint; a rerun with anything else
     raises :class:`InputError` instead of mixing features. ``normalize=False`` stores the
     backbone's features as it gives them (``"features": "raw"`` in the view's config).
+    ``decode``: where JPEGs are decoded (:func:`unicom.data.transforms.resolve_decode`; a
+    view whose transform cannot run on tensors is decoded on the CPU under ``auto``).
     """
     from unicom.embed import embed_parts
 
@@ -118,7 +122,7 @@ def build_views(
         random.seed(seed * 1000 + view)
         torch.manual_seed(seed * 1000 + view)
         embed_parts(parts, view_encoder, folder, modalities=("image",), batch_size=batch_size, num_workers=num_workers,
-                    dtype=dtype, precision=precision, config=config, normalize=normalize)
+                    dtype=dtype, precision=precision, config=config, normalize=normalize, decode=decode)
         folders.append(folder)
     return folders
 
@@ -144,7 +148,7 @@ def load_view(folder: str | os.PathLike, keys: Sequence[str]) -> tuple[np.ndarra
 
 def write_manifest(root: str | os.PathLike, identity: dict, input_dim: int, splits: dict[str, dict]) -> None:
     """``root/cache.json``: what the cache holds (for people; the views check themselves)."""
-    write_json_atomic(Path(root) / MANIFEST, {**identity, "input_dim": int(input_dim), "splits": splits})
+    write_json_atomic(storage.join(root, MANIFEST), {**identity, "input_dim": int(input_dim), "splits": splits})
 
 
 __all__ = ["build_views", "load_view", "view_folder", "images_fingerprint", "transform_identity", "write_manifest",

@@ -55,6 +55,7 @@ class DataConfig:
     last_batch: Literal["drop", "keep"] = "drop"  # the last, smaller batch of an epoch (a single row is always dropped with batchnorm)
     resize: Literal["model", "shortest", "squash"] = "model"  # training images: the backbone's own transform, or short side + centre crop, or squash
     workers: int | None = None  # image decoding processes (cache build, direct mode); default: by device
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # feature cache and evaluation features: JPEGs decoded on the GPU (auto: on CUDA)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.data.lists import COLUMN_ALIASES, ImageList
 from unicom.errors import InputError
 
@@ -136,17 +137,19 @@ def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if not path.is_file():
+    parquet = storage.name(path).lower().endswith(".parquet")
+    if not storage.is_file(path):
         raise InputError(f"{path}: file not found (expected a CSV or parquet list of dataset, path, class rows)")
     try:
-        if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
+        if parquet:
+            table = pq.read_table(storage.readable(path))
         else:
-            with pacsv.open_csv(path) as reader:  # every column as text: class "007" stays "007"
+            source = storage.readable(path)  # a path, or the fetched bytes (read twice)
+            with pacsv.open_csv(source) as reader:  # every column as text: class "007" stays "007"
                 names = reader.schema.names
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+            table = pacsv.read_csv(source, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
-        raise InputError(f"{path}: cannot be read as {'parquet' if path.suffix == '.parquet' else 'CSV'} ({error})") from error
+        raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     chosen, missing = {}, []
     for role, name in columns.items():
         candidates = (name,) if name is not None else DEFAULT_COLUMNS.get(role, ())
@@ -201,16 +204,16 @@ def read_domain_lists(
     classes_of: dict[str, set[str]] = {}
     rows: list[tuple[str, str, str, str, int]] = []  # dataset, path as written, resolved path, class, source
     for source, name in enumerate(lists):
-        path = Path(name)
+        path = storage.text(name) if storage.is_url(name) else Path(name)
         found = _read_columns(path, {"dataset": dataset_column, "path": path_column, "class": class_column})
-        base = Path(root) if root is not None else path.parent
-        dataset_values = found["dataset"] or [path.stem] * len(found["path"])
+        base = root if root is not None else storage.parent(path)
+        dataset_values = found["dataset"] or [Path(storage.name(path)).stem] * len(found["path"])
         for dataset, written, value in zip(dataset_values, found["path"], found["class"]):
             if dataset not in classes_of:
                 datasets.append(dataset)
                 classes_of[dataset] = set()
             classes_of[dataset].add(value)
-            resolved = written if os.path.isabs(written) else str(base / written)
+            resolved = storage.resolve(base, written)
             rows.append((dataset, written, resolved, value, source))
     if not rows:
         raise InputError(f"{', '.join(str(n) for n in lists)}: no rows")

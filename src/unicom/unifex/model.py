@@ -131,6 +131,27 @@ class UniFExModel(nn.Module):
             raise RuntimeError("this UniFExModel was built without its backbone (a shape check); load it with load_model")
         return self.neck(backbone_features(self.backbone, images, self.normalize_features))
 
+    @property
+    def has_text(self) -> bool:
+        """Texts embed into this model's space when the neck has no weights (pooling keeps the
+        backbone's own space) and the backbone has a text tower: the neck of the text features,
+        prepared as the image features are."""
+        return self.backbone is not None and self.backbone.has_text and not has_weights(self.neck)
+
+    @property
+    def no_text_reason(self) -> str:
+        backbone = self.settings["backbone"]
+        if self.backbone is None or not self.backbone.has_text:
+            return f"its backbone {backbone} has no text tower"
+        return f"its trained {self.settings['neck'].get('kind', 'linear')} neck projects {backbone}'s features away from its text space"
+
+    def tokenize(self, texts):
+        return self.backbone.tokenize(texts)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.encode_text(tokens).float()
+        return self.neck(F.normalize(features, dim=-1) if self.normalize_features else features)
+
     def train(self, mode: bool = True) -> "UniFExModel":
         super().train(mode)
         if self.backbone is not None:

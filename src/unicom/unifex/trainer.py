@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unicom import storage
 from unicom.engine.device import autocast
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
@@ -408,11 +409,11 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     from unicom.unifex import cache as feature_cache
     from unicom.unifex.model import weights_reference
 
-    root = Path(config.cache.folder) if config.cache.folder else out / "cache"
-    identity = {"model": config.backbone.model, "pretrained": weights_reference(config.backbone.pretrained)}
+    root = storage.path(config.cache.folder) if config.cache.folder else out / "cache"
+    identity = {"model": storage.recorded(config.backbone.model), "pretrained": weights_reference(config.backbone.pretrained)}
     options = dict(identity=identity, batch_size=config.cache.batch_size, num_workers=backbone.workers,
                    dtype=config.cache.dtype, rows_per_part=config.cache.rows_per_part, precision=backbone.precision,
-                   seed=config.seed, normalize=config.neck.features == "normalized")
+                   seed=config.seed, normalize=config.neck.features == "normalized", decode=config.data.decode)
     plain = backbone.plain
     training = plain if backbone.trains_on_plain else backbone.train_transform
     transforms = [training] + [backbone.augment_transform] * config.cache.augmented_views
@@ -426,8 +427,8 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
             contents[name] = {"images": len(subset), "views": 1}
     feature_cache.write_manifest(root, identity, backbone.input_dim, contents)
     seconds = time.perf_counter() - began
-    log.event("cache", folder=str(root), seconds=round(seconds, 3), **{k: v["images"] for k, v in contents.items()})
-    return {"cache": str(root), "seconds": seconds, "splits": contents}
+    log.event("cache", folder=storage.text(root), seconds=round(seconds, 3), **{k: v["images"] for k, v in contents.items()})
+    return {"cache": storage.text(root), "seconds": seconds, "splits": contents}
 
 
 def _separate_eval(data: ProbeData, backbone: Backbone) -> bool:
@@ -440,7 +441,7 @@ def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: 
     """Cache mode: the training views and the evaluation features, read from the cache into memory."""
     from unicom.unifex.cache import load_view, view_folder
 
-    root, device = Path(cache["cache"]), backbone.device
+    root, device = storage.path(cache["cache"]), backbone.device
     keys = data.all_train.images.keys
     views = cache["splits"]["train"]["views"] if config.train.augment else 1
     loaded = [load_view(view_folder(root, "train", v), keys) for v in range(views)]
@@ -489,7 +490,8 @@ def direct_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone) -> Fee
         from unicom.embed import embed_images
 
         query, index = (embed_images(backbone.encoder, subset.images.paths, config.cache.batch_size,
-                                     num_workers=backbone.workers, precision=backbone.precision, normalize=normalize)
+                                     num_workers=backbone.workers, precision=backbone.precision, normalize=normalize,
+                                     decode=config.data.decode)
                         for subset in (data.query, data.index))
         split = _to_split(query, data.query.labels, index, data.index.labels, backbone.device)
     return Feed(batches, data.train.class_counts(), split)
@@ -539,7 +541,7 @@ def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, count
     return save_model(
         out / MODEL_FOLDER, {f"neck.{k}": v for k, v in head.neck.state_dict().items()}, ARCHITECTURE, settings,
         backbone.preprocess, embedding_dim=config.neck.embedding_dim,
-        provenance={"trained_by": "unicom probe", "train_lists": [str(p) for p in config.data.train],
+        provenance={"trained_by": "unicom probe", "train_lists": [storage.absolute(p) for p in config.data.train],
                     "classes": int(len(counts)), "images": int(counts.sum()), "epochs": epochs,
                     "loss": {**head_settings(head.partial_fc.margin), "centers": config.loss.centers,
                              "sample_rate": config.loss.sample_rate, "feature_rate": config.loss.feature_rate,
@@ -570,7 +572,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", to_yaml(config))
     summary = data.train.summary()
-    write_json_atomic(out / "datasets.json", {"train": summary, "lists": [str(p) for p in config.data.train]})
+    write_json_atomic(out / "datasets.json", {"train": summary, "lists": [storage.absolute(p) for p in config.data.train]})
     log = RunLog(out, tensorboard=False, console=console)
     say = log.print
     try:

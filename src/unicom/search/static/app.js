@@ -1,38 +1,75 @@
-// The search page: choose or drop an image, POST it to /search, show the ranked results.
+// The search page: a text, an image (chosen, dropped, or "more like this" result), or both
+// with a text weight; POST /search, show the ranked results.
 "use strict";
 
-const statusLine = document.getElementById("status");
-const drop = document.getElementById("drop");
-const fileInput = document.getElementById("file");
-const preview = document.getElementById("preview");
-const dropText = document.getElementById("drop-text");
-const kInput = document.getElementById("k");
-const errorLine = document.getElementById("error");
-const summary = document.getElementById("summary");
-const results = document.getElementById("results");
-const template = document.getElementById("result-template");
+const $ = (id) => document.getElementById(id);
+const statusLine = $("status");
+const drop = $("drop");
+const fileInput = $("file");
+const preview = $("preview");
+const dropText = $("drop-text");
+const textForm = $("text-form");
+const textInput = $("text");
+const weightRow = $("weight-row");
+const weightInput = $("text-weight");
+const weightValue = $("text-weight-value");
+const sourceBox = $("source");
+const sourceText = $("source-text");
+const kInput = $("k");
+const dedupInput = $("dedup");
+const indexRow = $("index-row");
+const indexSelect = $("index");
+const errorLine = $("error");
+const summary = $("summary");
+const results = $("results");
+const template = $("result-template");
 
 let maxUpload = Infinity;
-let lastFile = null;
+let health = null;
+// What the query searches with besides the text: a file, or an indexed item ("more like this").
+let source = null; // {kind: "file", file} | {kind: "like", id, label}
 
 function showError(message) {
   errorLine.textContent = message;
   errorLine.hidden = !message;
 }
 
+function currentIndex() {
+  return health.indices.find((entry) => entry.name === indexSelect.value) || health.indices[0];
+}
+
+function describe(entry) {
+  const model = entry.model ? `model ${entry.model}` : "no model: embedding and item queries only";
+  return `${entry.count.toLocaleString()} items · ${entry.type} index · ${entry.dims} dimensions · ${model}`;
+}
+
+function applyIndex() {
+  const entry = currentIndex();
+  statusLine.textContent = describe(entry);
+  textInput.disabled = !entry.text_search;
+  textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;
+  textInput.title = entry.text_search ? "" : entry.text_search_reason;
+  drop.classList.toggle("disabled", !entry.image_search);
+  dropText.textContent = entry.image_search
+    ? "Drop an image here, or click to choose one"
+    : "This index has no model: image search is off";
+}
+
 async function loadHealth() {
   try {
     const response = await fetch("/healthz");
-    const health = await response.json();
+    health = await response.json();
     maxUpload = health.max_upload_bytes;
     kInput.max = health.max_k;
     kInput.value = Math.min(Number(kInput.value), health.max_k) || health.default_k;
-    const model = health.model ? `model ${health.model}` : "no model: embedding queries only";
-    statusLine.textContent = `${health.count.toLocaleString()} items · ${health.type} index · ${health.dims} dimensions · ${model}`;
-    if (!health.image_search) {
-      drop.classList.add("disabled");
-      dropText.textContent = "This server was started without a model: image search is off";
+    for (const entry of health.indices) {
+      const option = document.createElement("option");
+      option.value = entry.name;
+      option.textContent = entry.name;
+      indexSelect.appendChild(option);
     }
+    indexRow.hidden = health.indices.length < 2;
+    applyIndex();
   } catch (error) {
     statusLine.textContent = "The server does not answer.";
   }
@@ -44,47 +81,85 @@ function thumbnailOf(hit) {
   return null;
 }
 
+function showSource() {
+  const text = textInput.value.trim();
+  sourceBox.hidden = source === null;
+  if (source !== null) {
+    sourceText.textContent = source.kind === "file" ? `Image: ${source.file.name}` : `More like ${source.label}`;
+  }
+  if (source === null || source.kind !== "file") {
+    preview.hidden = true;
+  }
+  weightRow.hidden = !(source !== null && text);
+}
+
 function render(data, elapsed) {
   results.replaceChildren();
   summary.textContent = `${data.results.length} results in ${elapsed.toFixed(0)} ms`;
   for (const hit of data.results) {
     const item = template.content.firstElementChild.cloneNode(true);
-    const image = item.querySelector("img");
-    const source = thumbnailOf(hit);
+    const link = item.querySelector(".thumb");
+    const image = link.querySelector("img");
+    const picture = thumbnailOf(hit);
     const label = hit.key ?? String(hit.id);
-    if (source) {
-      image.src = source;
+    if (hit.link) {
+      link.href = hit.link;
+      link.title = "Open the full image";
+    } else {
+      link.removeAttribute("href");
+    }
+    if (picture) {
+      image.src = picture;
       image.alt = hit.caption || label;
       image.addEventListener("error", () => { image.replaceWith(document.createTextNode("no preview")); });
     } else {
       image.replaceWith(document.createTextNode("no preview"));
     }
     item.querySelector(".rank").textContent = `#${hit.rank}`;
-    item.querySelector(".score").textContent = hit.score.toFixed(3);
+    item.querySelector(".score").textContent = hit.score.toFixed(data.score_digits);
     item.querySelector(".caption").textContent = hit.caption || "";
     item.querySelector(".key").textContent = label;
+    item.querySelector(".like").addEventListener("click", () => {
+      source = { kind: "like", id: hit.id, label };
+      showSource();
+      search();
+    });
     item.dataset.id = hit.id;
     results.appendChild(item);
   }
 }
 
-async function search(file) {
-  if (!file) return;
-  lastFile = file;
+async function search() {
+  const text = textInput.value.trim();
   showError("");
-  if (file.size > maxUpload) {
-    showError(`${file.name} is ${(file.size / 1e6).toFixed(1)} MB; the limit is ${(maxUpload / 1e6).toFixed(1)} MB.`);
-    return;
+  showSource();
+  if (source === null && !text) return;
+  const common = { k: kInput.value, deduplicate: dedupInput.checked, index: indexSelect.value };
+  let request;
+  if (source !== null && source.kind === "file") {
+    if (source.file.size > maxUpload) {
+      showError(`${source.file.name} is ${(source.file.size / 1e6).toFixed(1)} MB; the limit is ${(maxUpload / 1e6).toFixed(1)} MB.`);
+      return;
+    }
+    const form = new FormData();
+    form.append("image", source.file, source.file.name);
+    for (const [key, value] of Object.entries(common)) form.append(key, String(value));
+    if (text) {
+      form.append("text", text);
+      form.append("text_weight", weightInput.value);
+    }
+    request = { method: "POST", body: form };
+  } else {
+    const body = { ...common, k: Number(common.k) };
+    if (text) body.text = text;
+    if (source !== null) body.like = source.id;
+    if (text && source !== null) body.text_weight = Number(weightInput.value);
+    request = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
   }
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
   summary.textContent = "Searching…";
-  const form = new FormData();
-  form.append("image", file, file.name);
-  form.append("k", kInput.value);
   const start = performance.now();
   try {
-    const response = await fetch("/search", { method: "POST", body: form });
+    const response = await fetch("/search", request);
     const data = await response.json();
     if (!response.ok) {
       summary.textContent = "";
@@ -99,8 +174,28 @@ async function search(file) {
   }
 }
 
-fileInput.addEventListener("change", () => search(fileInput.files[0]));
-kInput.addEventListener("change", () => search(lastFile));
+function chooseFile(file) {
+  if (!file) return;
+  source = { kind: "file", file };
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  search();
+}
+
+textForm.addEventListener("submit", (event) => { event.preventDefault(); search(); });
+textInput.addEventListener("input", showSource);
+weightInput.addEventListener("input", () => { weightValue.textContent = Number(weightInput.value).toFixed(2); });
+weightInput.addEventListener("change", search);
+$("clear").addEventListener("click", () => {
+  source = null;
+  fileInput.value = "";
+  showSource();
+  if (textInput.value.trim()) search();
+});
+fileInput.addEventListener("change", () => chooseFile(fileInput.files[0]));
+kInput.addEventListener("change", search);
+dedupInput.addEventListener("change", search);
+indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); fileInput.click(); }
 });
@@ -112,8 +207,7 @@ for (const name of ["dragleave", "drop"]) {
 }
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
-  const file = event.dataTransfer.files[0];
-  if (file) search(file);
+  chooseFile(event.dataTransfer.files[0]);
 });
 // Dropping an image anywhere else must not navigate away from the page.
 window.addEventListener("dragover", (event) => event.preventDefault());

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Every GPU check of unicom in one run: the CUDA tests, then each GPU benchmark, side by side
+# on one GPU, in under 8 minutes on one H100/H200. Results go to benchmarks/results/*_cuda.txt:
+#
+#   gpu_tests_cuda.txt        the CUDA-only tests (sync-free step, nvJPEG path, torch k-means, ...)
+#   partial_fc_step_cuda.txt  PartialFC + SparseAdamW step at K = 1M and 100k (targets: 1M <= 4 ms, 100k a/c <= 0.5)
+#   kmeans_cuda.txt           torch k-means assignment as a share of the float32 matrix rate (target >= 50%)
+#   embed_pipeline_cuda.txt   unicom embed, decode=gpu and decode=cpu, against the bare forward (target >= 0.7x)
+#   train_step_cuda.txt       ViT-B/16 224 px bf16 + PartialFC 1M at r1 = 0.1: MFU eager and compiled (target >= 40%)
+#
+# Usage:
+#   benchmarks/gpu_suite.sh                      # on a GPU machine
+#   benchmarks/gpu_suite.sh --device cpu --smoke # the same steps at toy sizes on the CPU (checks the script;
+#                                                # writes *_smoke_cpu.txt under $RESULTS, default /tmp/unicom-gpu-smoke)
+#
+# What it needs beyond torch, torchvision, timm, pillow, pyarrow, numpy, scipy and scikit-learn:
+# faiss-cpu, open_clip_torch (+ ftfy, wcwidth), pytorch-metric-learning, braceexpand. Missing ones are
+# installed from $WHEELS (a folder of wheels, for machines without a network) or else from the
+# package index. To prepare $WHEELS for a Python 3.12 x86-64 machine:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d WHEELS faiss-cpu open_clip_torch ftfy wcwidth pytorch-metric-learning braceexpand
+#
+# Compiled graphs are kept in $TORCHINDUCTOR_CACHE_DIR (default .cache/inductor in the repository):
+# keep that folder between runs and the second run skips most of the compilation.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+DEVICE=cuda
+SMOKE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    *) echo "unknown argument $1 (use --device cuda|cpu, --smoke)" >&2; exit 2 ;;
+  esac
+done
+if [ "$DEVICE" = cpu ]; then SMOKE=1; fi
+RESULTS=${RESULTS:-$( [ "$SMOKE" = 1 ] && echo /tmp/unicom-gpu-smoke || echo "$ROOT/benchmarks/results" )}
+mkdir -p "$RESULTS"
+SUFFIX=$( [ "$SMOKE" = 1 ] && echo "smoke_$DEVICE" || echo cuda )
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+export UNICOM_PROGRESS=0 PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}
+START=$(date +%s)
+FAILED=()
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep going on failure
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s, at $(( $(date +%s) - START ))s)"
+  if ! timeout --kill-after=10 "$limit" "$@"; then
+    echo "!! $name failed or ran past ${limit}s" >&2
+    FAILED+=("$name")
+  fi
+}
+
+# -- 1. what is missing ---------------------------------------------------------------------
+missing=$("$PY" - <<'EOF'
+import importlib.util
+need = {"faiss": "faiss-cpu", "open_clip": "open_clip_torch", "ftfy": "ftfy",
+        "pytorch_metric_learning": "pytorch-metric-learning", "braceexpand": "braceexpand"}
+print(" ".join(pip for module, pip in need.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "== installing: $missing"
+  SITE=${SITE:-/tmp/unicom-site}
+  if [ -n "${WHEELS:-}" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl || exit 1
+  else
+    "$PY" -m pip install -q --target "$SITE" $missing || exit 1
+  fi
+  export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA device here: run with --device cpu --smoke to check the script" >&2
+  exit 1
+fi
+
+# -- 2. the CUDA tests (on the CPU: every test of these files, the CUDA ones skipped) ---------
+TESTS=(tests/test_sync_free_step.py tests/test_gpu_decode.py tests/test_kmeans_backends.py tests/test_sparse_adamw.py
+       tests/test_metrics.py)
+if [ "$SMOKE" = 1 ]; then SELECT=(-k "recorder or cuda"); else SELECT=(-k "cuda or on_the_gpu"); fi
+stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
+  > >(tee "$RESULTS/gpu_tests_$SUFFIX.txt") 2>&1
+
+# -- 3. the benchmarks, cheapest first ------------------------------------------------------
+if [ "$SMOKE" = 1 ]; then
+  stage partial_fc 300 "$PY" benchmarks/partial_fc_step.py --device "$DEVICE" --classes 20000 --steps 2 \
+    --out "$RESULTS/partial_fc_step_$SUFFIX.txt"
+  stage kmeans 300 "$PY" benchmarks/kmeans_cuda.py --device "$DEVICE" --smoke --out "$RESULTS/kmeans_$SUFFIX.txt"
+  stage embed 600 "$PY" benchmarks/embed_pipeline.py --device "$DEVICE" --images 64 --shards 2 --batch-size 16 \
+    --device-decode
+  stage train_step 900 "$PY" benchmarks/train_step.py --device "$DEVICE" --smoke --batches 8 --compile \
+    --out "$RESULTS/train_step_$SUFFIX.txt"
+else
+  stage partial_fc 100 "$PY" benchmarks/partial_fc_step.py --device cuda --classes 1000000 100000 --steps 7 \
+    --variants acd
+  stage kmeans 60 "$PY" benchmarks/kmeans_cuda.py --device cuda
+  stage embed 100 "$PY" benchmarks/embed_pipeline.py --device cuda --images 8000 --shards 8 --batch-size 256 --write
+  stage train_step 240 "$PY" benchmarks/train_step.py --device cuda --compile --batches 512
+fi
+
+echo "== done in $(( $(date +%s) - START ))s; results in $RESULTS:"
+ls -l "$RESULTS"/*"$SUFFIX"*.txt 2>/dev/null
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed: ${FAILED[*]}" >&2
+  exit 1
+fi

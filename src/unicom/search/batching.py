@@ -1,0 +1,124 @@
+"""Concurrency of ``unicom serve``: queries batched through one worker thread, a byte budget for decoding."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from fastapi import HTTPException
+
+
+class QueryBatcher:
+    """Runs ``fn(items) -> results`` (one result per item) over batches of concurrent submissions.
+
+    The first waiting item opens a batch; items that arrive within ``max_wait`` seconds
+    join it, up to ``max_batch``. Batches run one at a time in a worker thread, so the event
+    loop keeps accepting requests (which form the next batch) while the model works. A
+    result that is an exception is raised to that item's caller only.
+    """
+
+    def __init__(self, fn: Callable[[list], list], max_batch: int = 32, max_wait: float = 0.01, max_pending: int = 1024):
+        self.fn = fn
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait)
+        self.max_pending = max_pending
+        self.queries = 0
+        self.batches = 0
+        self.largest_batch = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unicom-search")
+        self._queue: asyncio.Queue | None = None
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._arrived = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, item: Any) -> Any:
+        self._start()
+        if self._queue.qsize() >= self.max_pending:
+            raise HTTPException(503, f"{self._queue.qsize()} queries are waiting; try again shortly")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        self._arrived.set()
+        return await future
+
+    async def _collect(self) -> list:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            while not self._queue.empty() and len(batch) < self.max_batch:
+                batch.append(self._queue.get_nowait())
+            remaining = deadline - loop.time()
+            if len(batch) >= self.max_batch or remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [(item, future) for item, future in await self._collect() if not future.cancelled()]
+            if not batch:
+                continue
+            self.batches += 1
+            self.queries += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
+            except Exception as error:  # the callers answer with it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ByteBudget:
+    """At most ``limit`` bytes held at once by the holders (asyncio); a larger request waits
+    until it is alone, so one image over the budget is still decoded."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self.peak = 0
+        self._changed: asyncio.Condition | None = None
+
+    async def acquire(self, size: int) -> int:
+        size = min(max(0, int(size)), self.limit)
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + size <= self.limit)
+            self.used += size
+            self.peak = max(self.peak, self.used)
+        return size
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+

@@ -1,0 +1,145 @@
+"""The images of indexed items for ``unicom serve``: where each is, its bytes, JPEG thumbnails.
+
+An item's image is a local file named in the index's metadata (``image_path`` or ``path``,
+relative to ``image_root``), or a member of the webdataset shard it was embedded from
+(``shard`` and ``key`` columns, the shard a plain file name inside ``shards``). Clients name
+items by id, never by path.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from fastapi import HTTPException
+
+THUMBNAIL_SIZE = 256
+PATH_COLUMNS = ("image_path", "path")
+
+
+def _error(status: int, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+class ShardImages:
+    """Image bytes of webdataset samples by (shard file name, key), read from the tars in ``root``.
+
+    The first read of a shard lists its image members once (kept for ``cache`` shards);
+    uncompressed tars are then read at the member's offset.
+    """
+
+    def __init__(self, root: str | Path, cache: int = 16):
+        self.root = Path(root)
+        self.cache = cache
+        self._members: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _list(self, path: Path) -> dict:
+        from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
+
+        members = {}
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                split = split_member_name(member.name) if member.isfile() else None
+                if split is not None and split[1] in IMAGE_EXTENSIONS:
+                    members.setdefault(split[0], (member.offset_data, member.size))
+        return members
+
+    def read(self, shard: str, key: str) -> bytes | None:
+        if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
+            return None
+        path = self.root / shard
+        with self._lock:
+            members = self._members.get(shard)
+            if members is None:
+                members = self._list(path)
+                self._members[shard] = members
+                if len(self._members) > self.cache:
+                    self._members.popitem(last=False)
+            else:
+                self._members.move_to_end(shard)
+        found = members.get(key)
+        if found is None:
+            return None
+        offset, size = found
+        if path.suffix == ".tar":
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        with tarfile.open(path, "r:*") as tar:  # compressed: decompress up to the member
+            for member in tar:
+                if member.offset_data == offset:
+                    return tar.extractfile(member).read()
+        return None
+
+
+class ItemImages:
+    """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
+
+    def __init__(self, image_root: str | Path | None, shards: str | Path | None, cache: int):
+        self.image_root = Path(image_root) if image_root is not None else Path.cwd()
+        self.shards = ShardImages(shards) if shards is not None else None
+        self.cache = cache
+        self._thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def file(self, row: dict) -> Path | None:
+        for column in PATH_COLUMNS:
+            value = row.get(column)
+            if isinstance(value, str) and value:
+                path = Path(value)
+                return path if path.is_absolute() else self.image_root / path
+        return None
+
+    def in_shard(self, row: dict) -> bool:
+        return self.shards is not None and isinstance(row.get("shard"), str) and isinstance(row.get("key"), str)
+
+    def has_image(self, row: dict) -> bool:
+        return self.file(row) is not None or self.in_shard(row)
+
+    def source(self, row: dict, item_id: int):
+        """A local path or the bytes of item ``item_id``'s image; 404 when there is none."""
+        path = self.file(row)
+        if path is not None:
+            return path
+        if self.in_shard(row):
+            try:
+                data = self.shards.read(row["shard"], row["key"])
+            except (OSError, tarfile.TarError):
+                data = None
+            if data is None:
+                raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
+            return data
+        raise _error(404, f"item {item_id} has no local image in the index metadata")
+
+    def thumbnail(self, name: str, row: dict, item_id: int) -> bytes:
+        """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached)."""
+        from PIL import Image
+
+        with self._lock:
+            cached = self._thumbnails.get((name, item_id))
+            if cached is not None:
+                self._thumbnails.move_to_end((name, item_id))
+                return cached
+        source = self.source(row, item_id)
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+                image = image.convert("RGB")
+                image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=85)
+        except FileNotFoundError:
+            raise _error(404, f"the image file of item {item_id} is missing") from None
+        except Exception:  # a damaged file: Pillow raises several types
+            raise _error(404, f"the image file of item {item_id} cannot be read") from None
+        data = buffer.getvalue()
+        with self._lock:
+            self._thumbnails[(name, item_id)] = data
+            if len(self._thumbnails) > self.cache:
+                self._thumbnails.popitem(last=False)
+        return data
+

@@ -1,0 +1,248 @@
+"""Queries of an index: texts, images, stored items and embeddings as vectors of its space.
+
+An :class:`~unicom.search.index.Index` searches unit vectors of its ``dims`` dimensions.
+``unicom search`` and ``unicom serve`` turn every kind of query into one:
+
+* an image, embedded by the model that embedded the collection (:func:`image_vectors`);
+* a text, embedded by that model's text tower (:func:`text_vectors`), which only models
+  whose image and text embeddings share one space have (open_clip models, and model folders
+  that keep such a backbone's space); others are refused with the reason;
+* a stored item ("more like this"): its vector read back from the index
+  (:class:`StoredVectors`; exact for flat and HNSW indexes, the decoded code for IVF-PQ);
+* an embedding given as numbers;
+* an image (or item, or embedding) and a text together: ``(1 - w)·image + w·text`` of the
+  two unit vectors, re-normalised (:func:`combine`; ``w`` is the text weight).
+
+:func:`check_model` refuses a model whose weights are not the ones recorded when the
+collection was embedded. :func:`near_duplicates` finds results that repeat an earlier
+one (clip-retrieval's rule), and :func:`score_digits` how many decimals tell scores apart.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Sequence
+
+import numpy as np
+
+from unicom.errors import InputError
+from unicom.formats.embeddings import WEIGHTS_CHECKSUM
+from unicom.search.collection import first_dims
+
+TEXT_WEIGHT = 0.5  # image and text count equally in a combined query
+DUPLICATE_SIMILARITY = 0.94  # clip-retrieval's threshold for near-duplicate results
+_BLOCK = 1024  # rows per block of the similarity matrix in near_duplicates
+
+_digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weights_digest(encoder) -> str:
+    """``encoder.weights_sha256()``, computed once per encoder object."""
+    digest = _digests.get(encoder)
+    if digest is None:
+        digest = _digests[encoder] = encoder.weights_sha256()
+    return digest
+
+
+def check_model(index, encoder) -> None:
+    """Raise :class:`InputError` unless ``encoder`` can be the model that embedded ``index``'s collection.
+
+    Its embeddings must have the collection's dimension, and its weights the digest that
+    ``unicom embed`` recorded (indexes of folders without one are only checked for the
+    dimension). A model built with random weights that were never saved can never match.
+    """
+    index.check_encoder(encoder)
+    recorded_model = index.config.get("model") or {}
+    recorded = recorded_model.get(WEIGHTS_CHECKSUM)
+    if not recorded:
+        return
+    actual = weights_digest(encoder)
+    if actual == recorded:
+        return
+    spec, pretrained = recorded_model.get("spec"), recorded_model.get("pretrained")
+    options = f"--model {spec}" + (f" --pretrained {pretrained}" if pretrained else "")
+    raise InputError(
+        f"{index.path}: the collection was embedded by {spec}{f' ({pretrained})' if pretrained else ''} with weights "
+        f"sha256 {recorded[:16]}…, but {encoder.name} has other weights (sha256 {actual[:16]}…), whose embeddings are "
+        f"not comparable. Query with the weights that embedded it ({options}); if those were random weights that "
+        "were never saved, no model built again can query this index: save the model's weights, embed the "
+        "collection with them and index it again"
+    )
+
+
+def require_text(encoder) -> None:
+    """Raise :class:`InputError` naming the model and why, unless it embeds texts into its image space."""
+    if encoder is None:
+        raise InputError("this index has no model to embed texts; query with an embedding, or give the model (--model)")
+    if not encoder.has_text:
+        raise InputError(
+            f"text queries need a text tower whose embeddings share the collection's space: {encoder.name} has none "
+            f"({encoder.no_text_reason}); query with images, item ids or embeddings"
+        )
+
+
+def image_vectors(encoder, images: Sequence, dims: int, batch_size: int = 32) -> np.ndarray:
+    """PIL images or paths -> float32 (N, dims) unit rows, in the order given."""
+    from unicom.embed import embed_images
+
+    if not images:
+        return np.zeros((0, dims), dtype=np.float32)
+    return first_dims(embed_images(encoder, list(images), batch_size=batch_size, num_workers=0), dims, "image queries")
+
+
+def text_vectors(encoder, texts: Sequence[str], dims: int) -> np.ndarray:
+    """Texts -> float32 (N, dims) unit rows from the text tower (see :func:`require_text`)."""
+    from unicom.embed import embed_texts
+
+    if not texts:
+        return np.zeros((0, dims), dtype=np.float32)
+    require_text(encoder)
+    if encoder.embedding_dim < dims:  # a text tower of another width than the image tower
+        raise InputError(f"{encoder.name}: its text embeddings have {encoder.embedding_dim} dimensions, the index {dims}")
+    return first_dims(embed_texts(encoder, list(texts)), dims, "text queries")
+
+
+def combine(vector: np.ndarray, text: np.ndarray, text_weight: float = TEXT_WEIGHT) -> np.ndarray:
+    """``(1 - w)·vector + w·text`` of unit rows (N, d) and (N, d) (or (d,)), re-normalised: float32 (N, d)."""
+    if not 0 <= text_weight <= 1:
+        raise InputError(f"the text weight must be between 0 and 1, got {text_weight}")
+    mixed = (1 - text_weight) * np.atleast_2d(vector) + text_weight * np.atleast_2d(text)
+    norms = np.linalg.norm(mixed, axis=1, keepdims=True)
+    if (norms < 1e-6).any():
+        raise InputError("the image and the text point in opposite directions: their weighted sum is zero; change the text weight")
+    return (mixed / norms).astype(np.float32)
+
+
+def parse_text_weight(value, where: str = "text_weight") -> float:
+    """A text weight from a request or option: a number in [0, 1] (default :data:`TEXT_WEIGHT`)."""
+    if value is None or value == "":
+        return TEXT_WEIGHT
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where} must be a number between 0 and 1, got {value!r}") from None
+    if not 0 <= weight <= 1:
+        raise InputError(f"{where} must be between 0 and 1, got {weight}")
+    return weight
+
+
+class StoredVectors:
+    """The vectors an index holds, by id: float32 (N, dims), re-normalised.
+
+    Flat and HNSW indexes hold the vectors themselves; IVF indexes (their direct map is
+    built on first use: 8 bytes per vector) give the decoded code, and a leading
+    dimension-reducing rotation is undone, so the result lives in the index's space.
+    """
+
+    def __init__(self, index):
+        self.index = index
+        self._lock = threading.Lock()
+        self._ready = False
+        self._base = None
+        self._positions: np.ndarray | None = None  # position of each id in an id-mapped index
+
+    def _prepare(self) -> None:
+        import faiss
+
+        base = self.index.faiss_index
+        if isinstance(base, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            external = faiss.vector_to_array(base.id_map)
+            positions = np.full(int(external.max()) + 1 if len(external) else 0, -1, dtype=np.int64)
+            positions[external] = np.arange(len(external), dtype=np.int64)
+            self._positions = positions
+            base = faiss.downcast_index(base.index)
+        ivf = faiss.try_extract_index_ivf(base)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()
+        self._base = base
+        self._ready = True
+
+    def __call__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.index)):
+            bad = ids[(ids < 0) | (ids >= len(self.index))][0]
+            raise InputError(f"no item {int(bad)} in this index (ids 0..{len(self.index) - 1})")
+        with self._lock:
+            if not self._ready:
+                self._prepare()
+            positions = ids if self._positions is None else self._positions[ids]
+            vectors = self._base.reconstruct_batch(positions) if len(positions) else np.zeros((0, self.index.dims), np.float32)
+        return first_dims(vectors, self.index.dims, "stored vectors", rows=ids)
+
+
+def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: bool | Sequence[bool] = False,
+           stored: StoredVectors | None = None,
+           threshold: float = DUPLICATE_SIMILARITY) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Search ``index`` for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
+
+    ``k`` and ``deduplicate`` are one value for all queries or one per query. Results past
+    the end of a small index are left out. With ``deduplicate``, near duplicates of better
+    results (:func:`near_duplicates`, on the vectors ``stored`` reads back) are left out, and
+    the search looks further until ``k`` results remain or the index is exhausted.
+    """
+    count = len(vectors)
+    ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
+    unique = [bool(deduplicate)] * count if np.ndim(deduplicate) == 0 else [bool(value) for value in deduplicate]
+    if any(unique) and stored is None:
+        stored = StoredVectors(index)
+    total = len(index)
+    fetch = [min(total, wanted * (2 if dedup else 1)) for wanted, dedup in zip(ks, unique)]
+    if not count:
+        return []
+    scores, ids = index.search(vectors, max(1, max(fetch)))
+
+    def kept(query_scores, query_ids, dedup):
+        valid = query_ids >= 0
+        query_scores, query_ids = query_scores[valid], query_ids[valid]
+        if dedup and len(query_ids) > 1:
+            repeated = near_duplicates(stored(query_ids), threshold)
+            query_scores, query_ids = query_scores[~repeated], query_ids[~repeated]
+        return query_scores, query_ids
+
+    found = []
+    for row in range(count):
+        query_scores, query_ids = kept(scores[row], ids[row], unique[row])
+        wanted = fetch[row]
+        while len(query_ids) < ks[row] and wanted < total:  # duplicates dropped too many: look further
+            wanted = min(total, wanted * 4)
+            more_scores, more_ids = index.search(vectors[row:row + 1], wanted)
+            query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row])
+        found.append((query_scores[:ks[row]], query_ids[:ks[row]]))
+    return found
+
+
+def near_duplicates(vectors: np.ndarray, threshold: float = DUPLICATE_SIMILARITY) -> np.ndarray:
+    """Bool (N,): True for each row that repeats an earlier one.
+
+    Rows (unit vectors, best result first) are linked when their inner product is at least
+    ``threshold``; in each connected group only the first row is kept, as clip-retrieval's
+    back end deduplicates its results.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(vectors)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    x = np.asarray(vectors, dtype=np.float32)
+    rows, cols = [], []
+    for start in range(0, n, _BLOCK):
+        linked = np.nonzero(x[start:start + _BLOCK] @ x.T >= threshold)
+        rows.append(linked[0] + start)
+        cols.append(linked[1])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    return first[labels] != np.arange(n)
+
+
+def score_digits(scores, least: int = 3, most: int = 6) -> int:
+    """Decimals (``least``..``most``) with which every two different ``scores`` print differently."""
+    values = sorted({float(s) for s in np.asarray(scores, dtype=np.float64).reshape(-1) if np.isfinite(s)})
+    for digits in range(least, most + 1):
+        if len({round(v, digits) for v in values}) == len(values):
+            return digits
+    return most

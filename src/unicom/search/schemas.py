@@ -1,0 +1,119 @@
+"""The request and reply models of ``unicom serve``'s HTTP API, as its OpenAPI description declares them.
+
+Our own API (``/search``, ``/healthz``) and clip-retrieval's back-end API
+(``/knn-service``, ``/indices-list``, ``/metadata``; field names as clip-retrieval's
+``clip_back`` reads and writes them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from unicom.search.queries import TEXT_WEIGHT
+
+
+class SearchRequest(BaseModel):
+    """The JSON body of ``POST /search`` (multipart forms take the same keys as fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="a text, embedded by the model's text tower")
+    image: str | None = Field(None, description="an image file, base64-encoded")
+    like: int | None = Field(None, description="an item id: more like this item")
+    embedding: list[float] | None = Field(None, description="a query embedding (at least the index's dimensions)")
+    text_weight: float | None = Field(None, description="with a text and an image/item/embedding: the text's share, 0..1 "
+                                                        f"(default {TEXT_WEIGHT})")
+    k: int | None = Field(None, description="number of results")
+    deduplicate: bool = Field(False, description="drop results that nearly repeat a better one")
+    index: str | None = Field(None, description="the index to search (default: the first)")
+
+
+class Hit(BaseModel):
+    """One result, with the item's metadata columns beside these."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rank: int
+    id: int
+    score: float = Field(description="inner product of unit vectors (cosine similarity)")
+    thumbnail: str | None = Field(description="URL of a thumbnail, when the image is on this server")
+    link: str | None = Field(description="URL of the full image, or the item's own http(s) url")
+
+
+class SearchReply(BaseModel):
+    results: list[Hit]
+    k: int
+    index: str
+    score_digits: int = Field(description="decimals that tell the scores apart")
+    took_ms: float
+
+
+class KnnRequest(BaseModel):
+    """clip-retrieval's ``/knn-service`` request. The first of ``text``, ``image``/``image_url``,
+    ``embedding_input`` that is given is the query, as in clip-retrieval."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str | None = None
+    image: str | None = Field(None, description="an image file, base64-encoded")
+    image_url: str | None = Field(None, description="an http(s) URL of an image (only when the server allows it)")
+    embedding_input: list[float] | None = None
+    modality: str = Field("image", description="the embeddings searched: 'image'")
+    num_images: int = Field(100, description="results that come with their metadata")
+    num_result_ids: int | None = Field(None, description="results searched (default: num_images)")
+    indice_name: str | None = Field(None, description="a name from /indices-list (default: the first)")
+    deduplicate: bool = False
+    use_mclip: bool = Field(False, description="unsupported: there is no multilingual text model; answered with the model's own")
+    use_safety_model: bool = Field(False, description="unsupported: there is no safety model; results are not filtered")
+    use_violence_detector: bool = Field(False, description="unsupported: there is no violence detector; results are not filtered")
+    aesthetic_score: int | str | None = Field(None, description="unsupported: there are no aesthetic embeddings")
+    aesthetic_weight: float | str | None = None
+
+
+class KnnResult(BaseModel):
+    """One result of ``/knn-service``: the item's metadata (the first ``num_images``), its
+    thumbnail as base64 JPEG in ``image`` when the image is on this server, ``id`` and ``similarity``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    similarity: float
+
+
+class MetadataRequest(BaseModel):
+    ids: list[int]
+    indice_name: str | None = None
+
+
+class MetadataItem(BaseModel):
+    id: int
+    metadata: dict[str, Any]
+
+
+class IndexHealth(BaseModel):
+    name: str
+    count: int
+    dims: int
+    type: str
+    model: str | None
+    image_search: bool
+    text_search: bool
+    text_search_reason: str | None = Field(description="why text queries are refused, when they are")
+
+
+class Health(IndexHealth):
+    """The first index's description, all the indexes, the limits and the query counters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    indices: list[IndexHealth]
+    default_k: int
+    max_k: int
+    max_upload_bytes: int
+    max_pixels: int
+    queries: int
+    batches: int
+

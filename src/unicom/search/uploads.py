@@ -1,0 +1,152 @@
+"""Uploaded images for ``unicom serve``: checked from their header, decoded straight to the model's input.
+
+:func:`probe_image` reads the format and size from the header and answers 413 (too many
+bytes or pixels, decompression bombs included) or 415 (not an accepted image) before
+anything is decoded. :func:`decode_for_model` decodes (JPEG in draft mode) and applies the
+model's leading resize (:class:`ModelInput`), so that a query waits for its batch as a
+small image; after a large image it hands the freed memory back to the system.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import urllib.parse
+import urllib.request
+from typing import Callable
+
+from fastapi import HTTPException
+
+IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
+MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
+TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory goes back to the system
+
+
+def _error(status: int, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tuple[int, int, int]:
+    """(width, height, bands) from the image header, answering 413/415 for oversized or unsupported files."""
+    from PIL import Image
+
+    if len(data) > max_upload:
+        raise _error(413, f"{name}: {len(data)} bytes, larger than the limit of {max_upload} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            kind, (width, height), bands = probe.format, probe.size, len(probe.getbands())
+    except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise _error(413, f"{name}: {size}, more than the limit of {max_pixels:,} pixels") from None
+    except Exception:  # Pillow raises several types for data it cannot identify
+        raise _error(415, f"{name}: not an image; upload a {', '.join(IMAGE_FORMATS.values())} file") from None
+    if kind not in IMAGE_FORMATS:
+        raise _error(415, f"{name}: {kind} images are not accepted; upload a {', '.join(IMAGE_FORMATS.values())} file")
+    if width * height > max_pixels:
+        raise _error(413, f"{name}: {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} pixels")
+    return width, height, bands
+
+
+def decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):
+    """Decode to RGB at about the model's input size (JPEG draft mode, then the model's resize)."""
+    from unicom.data.transforms import DecodeError, decode_image
+
+    try:
+        image = decode_image(data, draft=prepare.draft)[0]
+        small = prepare(image)
+    except DecodeError as error:
+        raise _error(415, f"{name}: {error}") from None
+    finally:
+        image = None
+    if pixels >= TRIM_PIXELS:
+        _return_free_memory()
+    return small
+
+
+def _return_free_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A large image is decoded in blocks that the C allocator keeps once freed, spread over
+    the arenas of the threads that decoded; without this, a burst of large uploads leaves
+    the process gigabytes larger than it needs to be.
+    """
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+class ModelInput:
+    """The leading resize of a model's transform, run where an upload is decoded, so that a
+    query waits for its batch at about the model's input size. The transform resizes again
+    to the same size, which is a copy: the model sees the pixels it would have seen."""
+
+    def __init__(self, transform: Callable):
+        from torchvision import transforms as T
+
+        from unicom.data.transforms import draft_size
+
+        steps = getattr(transform, "transforms", [transform])
+        self.resize = steps[0] if steps and isinstance(steps[0], T.Resize) else None
+        self.draft = draft_size(transform)
+
+    def __call__(self, image):
+        return image if self.resize is None else self.resize(image)
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise _error(400, f"{name}: not valid base64") from None
+    if not data:
+        raise _error(400, f"{name}: empty")
+    return data
+
+
+def fetch_url(url: str, limit: int) -> bytes:
+    """GET an http(s) URL (at most ``limit`` bytes, 10 s)."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise _error(400, f"image_url: only http and https URLs are fetched, got {url!r}")
+    request = urllib.request.Request(url, headers={"User-Agent": "unicom-serve"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            data = response.read(limit + 1)
+    except Exception as error:  # urllib raises many types: refused, timeouts, HTTP errors
+        raise _error(400, f"image_url: {url} could not be fetched ({error})") from None
+    if len(data) > limit:
+        raise _error(413, f"image_url: {url} is larger than the limit of {limit} bytes")
+    return data
+
+
+def sniff(head: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(head)) as probe:
+            return probe.format if probe.format in MEDIA_TYPES else None
+    except Exception:  # a header Pillow cannot read from the first bytes alone
+        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
+        for signature, kind in signatures.items():
+            if head.startswith(signature):
+                return kind
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return "WEBP"
+        return None
+
+
+_TRIM = None

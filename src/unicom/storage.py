@@ -1,0 +1,959 @@
+"""Where data lives: local paths and fsspec URLs behind one set of calls.
+
+Every stage reads and writes its files through this module, so a local path and a URL are
+used alike: ``s3://bucket/shards/{00000..00099}.tar``, ``gs://…``, ``hf://datasets/…``,
+``http(s)://…`` (read only) and webdataset's ``pipe:COMMAND`` (a command whose standard
+output is the file, read only). Local paths take the plain ``os``/``pathlib`` calls,
+exactly as before; URLs go through `fsspec <https://filesystem-spec.readthedocs.io>`_
+(``s3fs`` and ``gcsfs`` are the extras ``unicom[s3]`` and ``unicom[gcs]``).
+
+* :func:`path` turns a location into a ``pathlib.Path`` (local) or a
+  ``upath.UPath`` (a URL), both with ``/``, ``.name``, ``.parent``, ``.is_file()``…
+* Reading retries transient failures (a 404, a connection reset mid-stream, a timeout)
+  with exponential backoff, then raises :class:`FetchError` naming the URL and the reason.
+  :func:`open_stream` reads a file front to back while a thread downloads ahead, and
+  resumes at the byte it stopped at after a failure.
+* Writing is atomic remotely too (:func:`upload_atomic`): a temporary object beside the
+  destination, then a rename (a server-side copy on object stores), so an output appears
+  whole or not at all. :func:`sweep_temporaries` removes what a killed writer left.
+* Credentials and endpoints come the standard way: the SDKs' environment variables
+  (``AWS_*`` including ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``) and the
+  JSON of ``--storage-options`` (:func:`configure`), passed to fsspec as they are.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from unicom.errors import InputError
+
+PIPE = "pipe:"
+OPTIONS_ENV = "UNICOM_STORAGE_OPTIONS"  # the JSON of --storage-options, inherited by workers and ranks
+ATTEMPTS_ENV = "UNICOM_IO_ATTEMPTS"
+DELAY_ENV = "UNICOM_IO_RETRY_DELAY"
+# protocol -> (package, extra) for the backends that are not installed with fsspec
+BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+READ_ONLY = ("http", "https")
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
+CHUNK = 1 << 20  # bytes per read of a stream
+READ_AHEAD = 32 << 20  # bytes a stream downloads ahead of its reader
+# the name of a temporary file beside its destination: tempfile.mkstemp's, and ours remotely
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^./]*)?$")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C:// is a drive
+
+T = TypeVar("T")
+_RANDOM = random.SystemRandom()  # jitter and temporary names: never the global generator that seeded runs use
+
+
+class FetchError(OSError):
+    """A remote file that could not be read after every retry; ``location`` and ``reason``."""
+
+    def __init__(self, location: str, reason: str, attempts: int = 1):
+        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+        super().__init__(f"{location}: {reason}{tries}")
+        self.location, self.reason, self.attempts = location, reason, attempts
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def protocol(location) -> str | None:
+    """The URL scheme of ``location`` (``"s3"``, ``"https"``, ``"pipe"``), None for a local path."""
+    if isinstance(location, Path):
+        return None
+    if _is_upath(location):
+        return location.protocol or None
+    text = os.fspath(location) if isinstance(location, os.PathLike) else location
+    if not isinstance(text, str):
+        return None
+    if text.startswith(PIPE):
+        return "pipe"
+    match = _SCHEME.match(text)
+    if match is None or match.group(1).lower() in ("file", "local"):
+        return None
+    return match.group(1).lower()
+
+
+def _is_upath(location) -> bool:
+    return type(location).__module__.startswith("upath")
+
+
+def is_url(location) -> bool:
+    """Whether ``location`` is a URL (``s3://…``, ``pipe:…``) rather than a local path."""
+    return protocol(location) is not None
+
+
+def is_pipe(location) -> bool:
+    return protocol(location) == "pipe"
+
+
+def text(location) -> str:
+    """``location`` as a string: ``s3://bucket/key`` for a URL, the path for a local file."""
+    if isinstance(location, Path) or not is_url(location):
+        return os.fspath(location)
+    return str(location)
+
+
+def absolute(location) -> str:
+    """An absolute form for records (configs, indexes): a URL as it is, a local path made
+    absolute, so the record means the same file from any working folder."""
+    if is_url(location):
+        return text(location)
+    return os.path.abspath(os.fspath(_local(location)))
+
+
+def recorded(value):
+    """What a configuration record keeps of ``value``: a local file or folder that exists
+    by its absolute path (the record then means the same from any working folder), any
+    other value (a URL, a model name, None) as it is."""
+    if isinstance(value, (str, os.PathLike)) and not is_url(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def _local(location) -> Path:
+    raw = os.fspath(location)
+    return Path(raw[len("file://"):] if raw.startswith("file://") else raw)
+
+
+def configure(options: str | dict | None) -> None:
+    """Set the fsspec storage options of this process and of the processes it starts.
+
+    ``options``: a JSON object (or its text) given to every URL's filesystem as it is
+    (``{"anon": true}``), or keyed by protocol (``{"s3": {"endpoint_url": "…"}, "gs":
+    {…}}``). None leaves the current options as they are.
+    """
+    if options is None:
+        return
+    if isinstance(options, str):
+        options = _parsed_options(options, "--storage-options")
+    if not isinstance(options, dict):
+        raise InputError(f"--storage-options: expected a JSON object, got {type(options).__name__}")
+    os.environ[OPTIONS_ENV] = json.dumps(options)
+
+
+def _parsed_options(raw: str, where: str) -> dict:
+    try:
+        options = json.loads(raw)
+    except ValueError as error:
+        raise InputError(f"{where} {raw!r}: not valid JSON ({error})") from error
+    if not isinstance(options, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(options).__name__}")
+    return options
+
+
+# filesystems that would otherwise keep listings: other processes write the same folders
+_FRESH_LISTINGS = ("s3", "s3a", "gs", "gcs", "http", "https")
+
+
+def options_for(scheme: str) -> dict:
+    """The storage options for URLs of ``scheme`` (see :func:`configure`); listings are
+    not cached (``use_listings_cache=False``) unless the options say otherwise."""
+    defaults = {"use_listings_cache": False} if scheme in _FRESH_LISTINGS else {}
+    return {**defaults, **_given_options(scheme)}
+
+
+def _given_options(scheme: str) -> dict:
+    raw = os.environ.get(OPTIONS_ENV)
+    if not raw:
+        return {}
+    options = _parsed_options(raw, OPTIONS_ENV)
+    if options and all(isinstance(value, dict) and _known_protocol(key) for key, value in options.items()):
+        return dict(options.get(scheme, {}))
+    return dict(options)
+
+
+def _known_protocol(name: str) -> bool:
+    from fsspec.registry import known_implementations, registry
+
+    return name in known_implementations or name in registry
+
+
+def _check_backend(scheme: str, location) -> None:
+    """An :class:`InputError` naming the extra to install when ``scheme`` has no backend."""
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as error:
+        package, extra = BACKENDS.get(scheme, (None, None))
+        if package is not None:
+            raise InputError(
+                f"{text(location)}: {scheme}:// URLs need the {package} package: pip install 'unicom[{extra}]'"
+            ) from error
+        raise InputError(f"{text(location)}: {scheme}:// URLs need a package that is missing ({error})") from error
+    except ValueError as error:
+        raise InputError(f"{text(location)}: no filesystem knows the protocol {scheme}:// ({error})") from error
+
+
+def path(location):
+    """``location`` as a path object: ``pathlib.Path`` when local (``file://`` included),
+    ``upath.UPath`` for a URL, carrying the storage options of :func:`configure`."""
+    if isinstance(location, Path):
+        return location
+    scheme = protocol(location)
+    if scheme is None:
+        return _local(location)
+    if scheme == "pipe":
+        raise InputError(f"{text(location)}: a pipe: command can only be read as a stream (webdataset shards)")
+    if _is_upath(location):
+        return location
+    _check_backend(scheme, location)
+    from upath import UPath
+
+    return UPath(text(location), **options_for(scheme))
+
+
+def name(location) -> str:
+    """The last component of a path or URL: ``s3://b/emb/img_emb_3.npy`` -> ``img_emb_3.npy``."""
+    if isinstance(location, Path) or _is_upath(location):
+        return location.name
+    return text(location).rstrip("/").rsplit("/", 1)[-1] if is_url(location) else Path(location).name
+
+
+def join(base, *names: str):
+    """``base / name / …`` as a path object (see :func:`path`)."""
+    result = path(base)
+    for name in names:
+        result = result / name
+    return result
+
+
+def parent(location):
+    """The folder holding ``location``: a ``Path``, or a URL string."""
+    if is_url(location):
+        return text(location).rstrip("/").rsplit("/", 1)[0]
+    return _local(location).parent
+
+
+def resolve(base, written: str) -> str:
+    """A path as written in a list, resolved against the folder ``base`` (a path or URL):
+    absolute paths and URLs are kept as they are."""
+    if os.path.isabs(written) or is_url(written):
+        return written
+    if is_url(base):
+        return f"{text(base).rstrip('/')}/{written}"
+    return str(Path(base) / written)
+
+
+def writable(location) -> None:
+    """An :class:`InputError` when ``location`` cannot be written (http(s), pipe:)."""
+    scheme = protocol(location)
+    if scheme in READ_ONLY or scheme == "pipe":
+        raise InputError(f"{text(location)}: {scheme} URLs are read only; write outputs to a local folder or object storage")
+
+
+def filesystem(location) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of a URL."""
+    target = path(location)
+    return target.fs, target.path
+
+
+# --------------------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How transient failures are retried: ``attempts`` in all, waiting ``delay`` seconds
+    before the second, twice that before the third, … at most ``max_delay`` (with jitter)."""
+
+    attempts: int = 5
+    delay: float = 1.0
+    max_delay: float = 30.0
+
+    def wait(self, failures: int) -> float:
+        return min(self.max_delay, self.delay * 2 ** (failures - 1)) * _RANDOM.uniform(0.8, 1.2)
+
+
+def retries() -> Retries:
+    """The retry policy: :class:`Retries` defaults, or ``UNICOM_IO_ATTEMPTS`` /
+    ``UNICOM_IO_RETRY_DELAY`` (seconds) from the environment."""
+    try:
+        attempts = int(os.environ.get(ATTEMPTS_ENV, Retries.attempts))
+        delay = float(os.environ.get(DELAY_ENV, Retries.delay))
+    except ValueError as error:
+        raise InputError(f"{ATTEMPTS_ENV}/{DELAY_ENV}: expected numbers ({error})") from error
+    return Retries(max(1, attempts), max(0.0, delay))
+
+
+_NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google", "http", "ssl", "fsspec")
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` may pass when tried again: network errors, timeouts, a file not
+    found (yet); not a refused permission, a wrong kind of file or a missing package."""
+    if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError, InputError, ImportError,
+                          NotImplementedError, FetchError)):
+        return False
+    if isinstance(error, (OSError, TimeoutError, EOFError)):
+        return True
+    return any(cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__[:-2])
+
+
+def describe(error: BaseException, location=None) -> str:
+    """A one-line reason for a failure report: the error's type and message (without
+    the location, which the report names already)."""
+    if isinstance(error, FileNotFoundError):
+        return "not found (HTTP 404)" if protocol(location) in READ_ONLY else "not found"
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if location is not None:
+        message = message.replace(text(location), "").strip(" :")
+    name = type(error).__name__
+    return f"{name}: {message}" if message else name
+
+
+def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, missing_is_final: bool = False) -> T:
+    """``call()``, tried again after transient failures; :class:`FetchError` when every
+    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once."""
+    policy = policy or retries()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except Exception as error:
+            if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
+                raise
+            if attempt == policy.attempts:
+                raise FetchError(text(location), describe(error, location), attempt) from error
+            time.sleep(policy.wait(attempt))
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _ask(location, question: str) -> bool:
+    """``exists``, ``is_file`` or ``is_dir`` of ``location``: pathlib's for a local path,
+    the filesystem's (retried) for a URL."""
+    if not is_url(location):
+        return getattr(_local(location), question)()
+    return retrying(location, getattr(path(location), question))
+
+
+def exists(location) -> bool:
+    return _ask(location, "exists")
+
+
+def is_file(location) -> bool:
+    return _ask(location, "is_file")
+
+
+def is_dir(location) -> bool:
+    """A folder (locally), or a prefix with objects under it (object stores)."""
+    return _ask(location, "is_dir")
+
+
+def read_bytes(location) -> bytes:
+    """The whole file; a URL is fetched with retries (a ``pipe:`` command's output too)."""
+    if is_pipe(location):
+        with open_stream(location) as stream:
+            return stream.read()
+    if not is_url(location):
+        return _local(location).read_bytes()
+    fs, inner = filesystem(location)
+    return retrying(location, lambda: fs.cat_file(inner))
+
+
+def read_text(location) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def read_range(location, start: int, stop: int, *, exact: bool = True) -> bytes:
+    """Bytes ``start:stop`` of a file (a ranged request for a URL); fewer at the end of
+    the file when not ``exact``."""
+    if not is_url(location):
+        with open(_local(location), "rb") as f:
+            f.seek(start)
+            data = f.read(stop - start)
+    else:
+        fs, inner = filesystem(location)
+        data = retrying(location, lambda: fs.cat_file(inner, start=start, end=stop))
+    if exact and len(data) != stop - start:
+        raise FetchError(text(location), f"asked for bytes {start}-{stop - 1}, received {len(data)} bytes")
+    return data
+
+
+def size(location) -> int:
+    if not is_url(location):
+        return _local(location).stat().st_size
+    fs, inner = filesystem(location)
+    return int(retrying(location, lambda: fs.size(inner)))
+
+
+def list_files(folder) -> dict[str, Any]:
+    """``{name: path}`` of the files directly in ``folder`` (one listing call for a URL);
+    empty when the folder does not exist."""
+    if not is_url(folder):
+        folder = _local(folder)
+        try:
+            with os.scandir(folder) as entries:
+                return {entry.name: folder / entry.name for entry in entries if entry.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+    base = path(folder)
+    fs = base.fs
+
+    def listing():
+        try:
+            return fs.ls(base.path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+
+    found = {}
+    for info in retrying(folder, listing):
+        if info.get("type") == "file":
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            found[name] = base / name
+    return found
+
+
+def list_folders(folder) -> list[str]:
+    """Names of the sub-folders directly in ``folder``, sorted."""
+    if not is_url(folder):
+        folder = _local(folder)
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    base = path(folder)
+    infos = retrying(folder, lambda: base.fs.ls(base.path, detail=True, refresh=True))
+    return sorted(info["name"].rstrip("/").rsplit("/", 1)[-1] for info in infos if info.get("type") == "directory")
+
+
+def find_files(folder) -> list[Any]:
+    """Every file under ``folder``, at any depth, sorted by path."""
+    if not is_url(folder):
+        return sorted(p for p in _local(folder).rglob("*") if p.is_file())
+    base = path(folder)
+    prefix = base.path.rstrip("/") + "/"
+    found = retrying(folder, lambda: base.fs.find(base.path))
+    return [base / name[len(prefix):] for name in sorted(found) if name.startswith(prefix)]
+
+
+def gather(call: Callable[[Any], T], locations: Iterable[Any], threads: int = 16) -> list[T]:
+    """``[call(location) for location in locations]``, in order; for URLs the calls run in
+    ``threads`` threads so that their requests overlap (the first error, in order, is raised)."""
+    locations = list(locations)
+    if len(locations) < 2 or not any(is_url(location) for location in locations):
+        return [call(location) for location in locations]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(locations)), thread_name_prefix="unicom-gather") as pool:
+        return list(pool.map(call, locations))
+
+
+def braces(pattern: str) -> list[str]:
+    """The brace expansion of ``pattern``: ``a/{0..2}.tar`` -> ``a/0.tar``, ``a/1.tar``, ``a/2.tar``."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern))
+
+
+def has_magic(pattern: str) -> bool:
+    """Whether ``pattern`` holds glob characters (``*``, ``?``, ``[``)."""
+    import glob
+
+    body = pattern.split("://", 1)[-1] if is_url(pattern) else pattern
+    return glob.has_magic(body)
+
+
+def glob(pattern: str) -> list[str]:
+    """The files matching a glob pattern, sorted, as locations (URLs keep their scheme)."""
+    if not is_url(pattern):
+        import glob as local_glob
+
+        return sorted(local_glob.glob(pattern))
+    target = path(pattern.split("?", 1)[0] if protocol(pattern) in READ_ONLY else pattern)
+    scheme = protocol(pattern)
+    found = retrying(pattern, lambda: target.fs.glob(target.path))
+    return sorted(name if "://" in name else f"{scheme}://{name}" for name in found)
+
+
+def load_npy(location, mmap: bool = True):
+    """A .npy file: memory-mapped (``mmap``) or read; a URL gives a :class:`RemoteArray`
+    (rows fetched on demand) when ``mmap``, else the array fetched whole."""
+    import numpy as np
+
+    if not is_url(location):
+        return np.load(_local(location), mmap_mode="r" if mmap else None, allow_pickle=False)
+    if mmap:
+        return RemoteArray(location)
+    return np.load(io.BytesIO(read_bytes(location)), allow_pickle=False)
+
+
+class RemoteArray:
+    """A .npy file at a URL, read like a memory map: indexing fetches only the bytes of
+    the rows asked for (one ranged request per contiguous run of rows).
+
+    Supports ``shape``, ``dtype``, ``ndim``, ``len()``, ``np.asarray``, and indexing by
+    an int, a slice of step 1 or an integer array (optionally followed by column indexes).
+    """
+
+    HEADER_BYTES = 4096
+
+    def __init__(self, location):
+        import numpy as np
+
+        self.location = location
+        head = read_range(location, 0, self.HEADER_BYTES, exact=False)
+        stream = io.BytesIO(head)
+        try:
+            version = np.lib.format.read_magic(stream)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(stream)
+        except ValueError as error:
+            raise ValueError(f"{text(location)}: not a .npy file ({error})") from error
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{text(location)}: Fortran-ordered arrays are not supported remotely")
+        if dtype.hasobject:
+            raise ValueError(f"{text(location)}: object arrays cannot be loaded")
+        self.shape, self.dtype, self.offset = tuple(shape), dtype, stream.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, start: int, stop: int):
+        import numpy as np
+
+        if stop <= start:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        data = read_range(self.location, self.offset + start * self.row_bytes, self.offset + stop * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        rest = ()
+        if isinstance(index, tuple):
+            index, rest = index[0], index[1:]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step != 1:
+                rows = self._rows(start, stop)[::step]
+            else:
+                rows = self._rows(start, stop)
+        elif isinstance(index, (int, np.integer)):
+            position = int(index) + (self.shape[0] if index < 0 else 0)
+            if not 0 <= position < self.shape[0]:
+                raise IndexError(f"index {index} is out of bounds for {self.shape[0]} rows")
+            rows = self._rows(position, position + 1)[0]
+        else:
+            wanted = np.asarray(index)
+            if wanted.dtype == bool:
+                wanted = np.flatnonzero(wanted)
+            wanted = np.where(wanted < 0, wanted + self.shape[0], wanted).astype(np.int64)
+            rows = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
+            order = np.argsort(wanted, kind="stable")
+            ordered = wanted[order]
+            # contiguous runs of wanted rows, one request each
+            breaks = np.flatnonzero(np.diff(ordered) > 1) + 1
+            for run in np.split(np.arange(len(ordered)), breaks):
+                if len(run):
+                    block = self._rows(int(ordered[run[0]]), int(ordered[run[-1]]) + 1)
+                    rows[order[run]] = block[ordered[run] - ordered[run[0]]]
+        return rows[(slice(None), *rest)] if rest else rows
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        rows = self._rows(0, self.shape[0]) if self.shape else self._rows(0, 1)
+        return rows.astype(dtype) if dtype is not None else np.array(rows)
+
+
+def readable(location):
+    """What pyarrow readers take for ``location``: the local path, or the fetched bytes of
+    a URL (a ``pyarrow.Buffer``, which can be read more than once)."""
+    if not is_url(location):
+        return os.fspath(_local(location))
+    import pyarrow as pa
+
+    return pa.py_buffer(read_bytes(location))
+
+
+# --------------------------------------------------------------------------- streams
+
+
+_PREFETCHED: dict[str, Any] = {}  # URL -> a stream opened ahead of its reader (this process)
+
+
+def prefetch(location) -> None:
+    """Start downloading ``location`` now, for the :func:`open_stream` call that will read
+    it next (the next shard while this one is decoded); nothing for a local file."""
+    if location is None or not is_url(location) or text(location) in _PREFETCHED:
+        return
+    _PREFETCHED[text(location)] = open_stream(location)
+
+
+def drop_prefetched() -> None:
+    """Close the streams that were prefetched but never read (their threads stop)."""
+    while _PREFETCHED:
+        _PREFETCHED.popitem()[1].close()
+
+
+def open_stream(location, *, read_ahead: int = READ_AHEAD):
+    """A binary file object that reads ``location`` front to back.
+
+    A local file is opened as it is. A URL is downloaded by a thread up to ``read_ahead``
+    bytes ahead of the reader (a shard is decoded while it downloads) and is resumed at the
+    byte it stopped at after a transient failure; ``pipe:COMMAND`` runs the command and
+    reads its output. A failure that outlasts the retries is a :class:`FetchError`. A
+    stream started by :func:`prefetch` is handed over as it is.
+    """
+    if not is_url(location):
+        return open(_local(location), "rb")
+    early = _PREFETCHED.pop(text(location), None)
+    if early is not None:
+        return early
+    if is_pipe(location):
+        raw = _ResumingStream(location, _pipe_opener(text(location)[len(PIPE):]), read_ahead)
+    else:
+        raw = _ResumingStream(location, _url_opener(location), read_ahead)
+    return io.BufferedReader(raw, buffer_size=CHUNK)
+
+
+class _PipeProcess:
+    """A running ``pipe:`` command: its output as a file; a non-zero exit is an error at the end."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.errors = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.errors)
+
+    def read(self, n: int) -> bytes:
+        data = self.process.stdout.read(n)
+        if not data:
+            code = self.process.wait()
+            if code != 0:
+                self.errors.seek(0)
+                tail = self.errors.read()[-500:].decode("utf-8", "replace").strip()
+                raise OSError(f"the command exited with status {code}" + (f": {tail}" if tail else ""))
+        return data
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.stdout.close()
+        self.process.wait()
+        self.errors.close()
+
+
+def _pipe_opener(command: str) -> Callable[[int], Any]:
+    def open_at(offset: int):
+        process = _PipeProcess(command)
+        _skip(process, offset)
+        return process
+
+    return open_at
+
+
+def _url_opener(location) -> Callable[[int], Any]:
+    target = path(location)
+    fs, inner = target.fs, target.path
+    scheme = protocol(location)
+
+    def open_at(offset: int):
+        if scheme in READ_ONLY:
+            # one streamed GET; a resumed one asks for the rest only (Range), and skips
+            # what it has already when the server sends the whole file again
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            handle = fs.open(inner, "rb", block_size=0, headers=headers) if headers else fs.open(inner, "rb", block_size=0)
+            status = getattr(getattr(handle, "r", None), "status", 200)
+            if offset and status != 206:
+                _skip(handle, offset)
+            return handle
+        handle = fs.open(inner, "rb", block_size=CHUNK, cache_type="none")
+        if offset:
+            handle.seek(offset)
+        return handle
+
+    return open_at
+
+
+def _skip(handle, count: int) -> None:
+    while count > 0:
+        data = handle.read(min(count, CHUNK))
+        if not data:
+            raise EOFError(f"the file ended after {count} bytes fewer than were read before")
+        count -= len(data)
+
+
+_END = object()
+
+
+class _ResumingStream(io.RawIOBase):
+    """A front-to-back reader fed by a download thread (see :func:`open_stream`)."""
+
+    def __init__(self, location, open_at: Callable[[int], Any], read_ahead: int):
+        super().__init__()
+        self.location = location
+        self.open_at = open_at
+        self.policy = retries()
+        self.chunks: queue.Queue = queue.Queue(maxsize=max(2, read_ahead // CHUNK))
+        self.stop = threading.Event()
+        self.pending = b""
+        self.finished = False
+        self.thread = threading.Thread(target=self._download, name=f"unicom-read {text(location)[-40:]}", daemon=True)
+        self.thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _download(self) -> None:
+        offset, failures, handle = 0, 0, None
+        try:
+            while not self.stop.is_set():
+                try:
+                    if handle is None:
+                        handle = self.open_at(offset)
+                    data = handle.read(CHUNK)
+                except Exception as error:
+                    _close_quietly(handle)
+                    handle = None
+                    failures += 1
+                    if not transient(error) or failures >= self.policy.attempts:
+                        reason = describe(error, self.location)
+                        if offset:
+                            reason += f" (after {offset} bytes)"
+                        self._put(FetchError(text(self.location), reason, failures))
+                        return
+                    if self.stop.wait(self.policy.wait(failures)):
+                        return
+                    continue
+                if not data:
+                    self._put(_END)
+                    return
+                failures = 0
+                offset += len(data)
+                if not self._put(data):
+                    return
+        finally:
+            _close_quietly(handle)
+
+    def readinto(self, buffer) -> int:
+        if not self.pending:
+            if self.finished:
+                return 0
+            item = self.chunks.get()
+            if item is _END:
+                self.finished = True
+                return 0
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.pending = item
+        count = min(len(buffer), len(self.pending))
+        buffer[:count] = self.pending[:count]
+        self.pending = self.pending[count:]
+        return count
+
+    def close(self) -> None:
+        if not self.closed:
+            self.stop.set()
+            self.thread.join(timeout=30)
+        super().close()
+
+
+def _close_quietly(handle) -> None:
+    if handle is not None:
+        try:
+            handle.close()
+        except Exception:  # a connection that broke already
+            pass
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def temporary_name(name: str, suffix: str = "") -> str:
+    """A temporary name beside ``name``: ``.{name}.{8 random characters}.tmp{suffix}``,
+    the pattern of ``tempfile.mkstemp`` that :func:`sweep_temporaries` recognises."""
+    token = "".join(_RANDOM.choices("abcdefghijklmnopqrstuvwxyz0123456789_", k=8))
+    return f".{name}.{token}.tmp{suffix}"
+
+
+def upload_atomic(local_file: str | os.PathLike, destination) -> None:
+    """Put ``local_file`` at the URL ``destination`` whole or not at all: upload it under
+    a temporary name beside the destination, then rename it (a server-side copy and a
+    delete on object stores). Transient failures are retried; the temporary object is
+    removed when the upload fails."""
+    writable(destination)
+    target = path(destination)
+    fs = target.fs
+    suffix = Path(target.name).suffix
+    temporary = target.parent / temporary_name(target.name, suffix)
+    try:
+        retrying(destination, lambda: fs.put_file(os.fspath(local_file), temporary.path))
+        if protocol(destination) in _OBJECT_STORES:  # no rename: a server-side copy, then the delete
+            retrying(destination, lambda: fs.cp_file(temporary.path, target.path))
+            retrying(destination, lambda: fs.rm_file(temporary.path), missing_is_final=True)
+        else:
+            retrying(destination, lambda: fs.mv(temporary.path, target.path))
+    except BaseException:
+        try:
+            fs.rm_file(temporary.path)
+        except Exception:  # never written, or the connection is gone: a later sweep removes it
+            pass
+        raise
+    fs.invalidate_cache(target.parent.path)
+
+
+def make_folder(location) -> None:
+    """Create a local folder (and its parents); nothing for object stores, which have no folders."""
+    if not is_url(location):
+        _local(location).mkdir(parents=True, exist_ok=True)
+        return
+    writable(location)
+    target = path(location)
+    if protocol(location) in BACKENDS:
+        return
+    retrying(location, lambda: target.fs.makedirs(target.path, exist_ok=True))
+
+
+def remove(location) -> bool:
+    """Delete a file; False when there was none."""
+    if not is_url(location):
+        try:
+            _local(location).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+    target = path(location)
+    try:
+        retrying(location, lambda: target.fs.rm_file(target.path), missing_is_final=True)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_tree(location) -> None:
+    """Delete a folder and everything under it (nothing when it does not exist)."""
+    if not is_url(location):
+        shutil.rmtree(_local(location), ignore_errors=True)
+        return
+    target = path(location)
+    if retrying(location, target.exists):
+        retrying(location, lambda: target.fs.rm(target.path, recursive=True))
+
+
+def sweep_temporaries(folder, names: Iterable[str] | None = None) -> list[str]:
+    """Remove the temporary files that killed writers left in ``folder``.
+
+    Only temporaries of ``names`` (the final file names this writer owns) are touched,
+    so a writer never removes another's work in progress; ``names=None`` takes every
+    temporary in ``folder``. Returns the names removed.
+    """
+    wanted = None if names is None else set(names)
+    removed = []
+    for name, entry in list_files(folder).items():
+        match = _TEMPORARY.match(name)
+        if match is None or (wanted is not None and match.group("name") not in wanted):
+            continue
+        if remove(entry):
+            removed.append(name)
+    return removed
+
+
+def is_temporary(name: str) -> bool:
+    return _TEMPORARY.match(name) is not None
+
+
+def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
+    """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
+    folder (default ``$UNICOM_CACHE`` or ``~/.cache/unicom``, under ``remote/``) and
+    fetched again when their size changed (``refresh``: always). Returns the local folder."""
+    import hashlib
+
+    root = Path(cache or os.environ.get("UNICOM_CACHE") or Path.home() / ".cache" / "unicom") / "remote"
+    local = root / hashlib.sha256(text(folder).encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "SOURCE").write_text(text(folder) + "\n")
+    base = path(folder)
+    refresh = set(refresh)
+    for name in names:
+        source, target = base / name, local / name
+        if name not in refresh and target.is_file() and target.stat().st_size == size(source):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            retrying(source, lambda: source.fs.get_file(source.path, temporary))
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    return local
+
+
+__all__ = [
+    "FetchError",
+    "Retries",
+    "RemoteArray",
+    "absolute",
+    "braces",
+    "cached_copy",
+    "configure",
+    "exists",
+    "filesystem",
+    "find_files",
+    "gather",
+    "glob",
+    "has_magic",
+    "is_dir",
+    "is_file",
+    "is_pipe",
+    "is_url",
+    "join",
+    "name",
+    "list_files",
+    "list_folders",
+    "load_npy",
+    "make_folder",
+    "open_stream",
+    "parent",
+    "resolve",
+    "options_for",
+    "path",
+    "prefetch",
+    "drop_prefetched",
+    "protocol",
+    "read_bytes",
+    "read_range",
+    "read_text",
+    "readable",
+    "recorded",
+    "remove",
+    "remove_tree",
+    "retries",
+    "retrying",
+    "size",
+    "sweep_temporaries",
+    "temporary_name",
+    "text",
+    "transient",
+    "upload_atomic",
+    "writable",
+]

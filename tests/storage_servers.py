@@ -1,0 +1,294 @@
+"""Real servers on 127.0.0.1 for the remote-storage tests: S3 (moto's server mode), a file
+server over HTTP that can be told to fail, and a TCP relay that can stop a client mid-request.
+
+* :class:`S3` starts ``moto``'s S3 server in this process; the AWS environment variables
+  (``AWS_ENDPOINT_URL`` …) point every client, ours and the processes we start, at it.
+* :class:`FileServer` serves a folder with ``Range`` support and injected faults per file:
+  ``404`` for the first N requests, a connection cut after N bytes, a latency per request
+  and a bandwidth cap.
+* :class:`Relay` forwards TCP to another server and calls a hook when a response to a
+  request matching a pattern comes back, before forwarding it (``kill -9`` a client there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+from support import free_port
+
+
+class S3:
+    """moto's S3 server on 127.0.0.1: a thread of this process, or its own process
+    (``process=True``, so that it does not share this process's interpreter lock)."""
+
+    def __init__(self, process: bool = False):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        if process:
+            import subprocess
+            import sys
+
+            self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+        else:
+            from moto.server import ThreadedMotoServer
+
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self.server.start()
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def upload_folder(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Copy every file under ``folder`` to ``s3://bucket/prefix/…``; returns that URL."""
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                self.put(bucket, f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+        return f"s3://{bucket}/{prefix}"
+
+    def stop(self) -> None:
+        if hasattr(self.server, "terminate"):
+            self.server.terminate()
+            self.server.wait()
+        else:
+            self.server.stop()
+
+
+@dataclass
+class Faults:
+    """What the file server does to one file's requests."""
+
+    missing: int = 0  # answer 404 to this many requests first
+    cut_after: int | None = None  # close the connection after this many bytes of the body…
+    cuts: int = 0  # …for this many requests
+    requests: int = 0  # requests seen
+
+
+@dataclass
+class FileServerState:
+    root: Path
+    latency: float = 0.0  # seconds added to every request
+    bandwidth: float | None = None  # bytes per second, per response
+    faults: dict[str, Faults] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state: FileServerState
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def translate_path(self, path: str) -> str:
+        relative = path.split("?", 1)[0].split("#", 1)[0].lstrip("/")
+        return str(self.state.root / relative)
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        state = self.state
+        name = self.path.split("?", 1)[0].lstrip("/")
+        with state.lock:
+            state.requests.append(f"{self.command} {name}")
+            fault = state.faults.get(name)
+            if fault is not None:
+                fault.requests += 1
+        if state.latency:
+            time.sleep(state.latency)
+        path = Path(self.translate_path(self.path))
+        if path.is_dir():
+            return self._listing(path, body)
+        if fault is not None and fault.missing > 0:
+            with state.lock:
+                fault.missing -= 1
+            return self._plain(404, b"not found (injected)", body)
+        if not path.is_file():
+            return self._plain(404, b"not found", body)
+        data = path.read_bytes()
+        start, stop, status = 0, len(data), 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if match:
+            start = int(match.group(1))
+            stop = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(stop - start))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        self.end_headers()
+        if not body:
+            return
+        cut = None
+        if fault is not None and fault.cuts > 0 and fault.cut_after is not None:
+            with state.lock:
+                fault.cuts -= 1
+            cut = start + fault.cut_after
+        position, chunk = start, 64 << 10
+        while position < stop:
+            end = min(stop, position + chunk, cut if cut is not None and cut > position else stop)
+            if cut is not None and position >= cut:
+                # reset the connection mid-stream
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.connection.close()
+                self.close_connection = True
+                return
+            self.wfile.write(data[position:end])
+            if state.bandwidth:
+                time.sleep((end - position) / state.bandwidth)
+            position = end
+
+    def _listing(self, folder: Path, body: bool) -> None:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        page = "".join(f'<a href="{name}">{name}</a>\n' for name in names).encode()
+        self._plain(200, page, body, "text/html")
+
+    def _plain(self, status: int, payload: bytes, body: bool, kind: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+
+class FileServer:
+    """A folder over HTTP on 127.0.0.1 (see the module docstring)."""
+
+    def __init__(self, root: Path, latency: float = 0.0, bandwidth: float | None = None):
+        self.state = FileServerState(Path(root), latency, bandwidth)
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fault(self, name: str, **settings) -> Faults:
+        faults = Faults(**settings)
+        self.state.faults[name] = faults
+        return faults
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "FileServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Relay:
+    """TCP from 127.0.0.1:``port`` to ``target`` port; ``on_response(request_line)`` runs
+    when the first bytes of the response to a request whose line matches ``pattern`` come
+    back, before they are forwarded (once)."""
+
+    def __init__(self, target_port: int, pattern: bytes, on_response: Callable[[bytes], None]):
+        self.target_port = target_port
+        self.pattern = re.compile(pattern)
+        self.on_response = on_response
+        self.fired = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        server = socket.create_connection(("127.0.0.1", self.target_port))
+        armed: bytes | None = None
+        try:
+            while not self.stopped.is_set():
+                ready, _, _ = select.select([client, server], [], [], 0.2)
+                for sock in ready:
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        return
+                    if sock is client:
+                        match = self.pattern.search(data)
+                        if match and not self.fired.is_set():
+                            line_end = data.find(b"\r\n", match.start())
+                            armed = data[data.rfind(b"\r\n", 0, match.start()) + 2 if data.rfind(b"\r\n", 0, match.start()) >= 0 else 0:line_end]
+                        server.sendall(data)
+                    else:
+                        if armed is not None and not data.startswith(b"HTTP/1.1 100"):
+                            self.fired.set()
+                            self.on_response(armed)
+                            armed = None
+                            return  # the client is gone: drop the response
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            server.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+def environment(**extra: str) -> dict:
+    """``os.environ`` with ``extra``, for subprocesses."""
+    return dict(os.environ, **extra)

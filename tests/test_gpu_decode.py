@@ -1,0 +1,298 @@
+"""Decoding where the model runs: JPEG bytes -> torchvision's decoder -> resize, crop and
+normalise on tensors.
+
+On a GPU the decoder is nvJPEG; here the same path runs on the CPU (torchvision's
+libjpeg-turbo), so everything but the decoder itself is checked against the Pillow path:
+pixels within a stated tolerance, embeddings of a ViT-B/32-shaped model within cosine
+0.999, the random crops of training drawn alike, and the per-sample fallbacks.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support import class_image, encode_image
+
+from unicom.data.transforms import (
+    SplitTransform,
+    TensorTransform,
+    decode_image,
+    decode_jpegs,
+    jpeg_size,
+    resolve_decode,
+)
+from unicom.errors import InputError
+
+# The resize on tensors (torchvision, antialiased bicubic on float pixels, rounded) against
+# Pillow's (antialiased bicubic on uint8): on these images the largest difference measured
+# is 2 levels of 255 and the mean about 0.16 level.
+MAX_LEVELS, MEAN_LEVELS = 3, 0.5
+
+
+def clip_transform(size: int = 224):
+    from open_clip.transform import image_transform
+
+    return image_transform(size, is_train=False)
+
+
+def photo(index: int, width: int, height: int) -> Image.Image:
+    """A class image with noise and stripes, resized to ``width`` x ``height``."""
+    return class_image(index % 7, index, size=max(width, height)).resize((width, height), Image.BICUBIC)
+
+
+def sizes(count: int, seed: int = 0) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    # smaller and larger than the model's 224 px, portrait and landscape
+    return [(int(rng.integers(120, 900)), int(rng.integers(120, 900))) for _ in range(count)]
+
+
+def as_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_levels(model_input: torch.Tensor, transform: TensorTransform) -> torch.Tensor:
+    """Model input back to pixel levels 0..255."""
+    mean = torch.tensor(transform.mean).view(-1, 1, 1)
+    std = torch.tensor(transform.std).view(-1, 1, 1)
+    return (model_input * std + mean) * 255
+
+
+def as_bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def test_jpeg_size_reads_the_header_of_jpegs_the_device_decoder_takes():
+    rgb = encode_image(photo(0, 300, 200))
+    grey = io.BytesIO()
+    photo(1, 64, 80).convert("L").save(grey, format="JPEG")
+    cmyk = io.BytesIO()
+    photo(2, 64, 64).convert("CMYK").save(cmyk, format="JPEG")
+    assert jpeg_size(rgb) == (300, 200)
+    assert jpeg_size(grey.getvalue()) == (64, 80)
+    assert jpeg_size(cmyk.getvalue()) is None  # CMYK: Pillow decodes it on the CPU path
+    assert jpeg_size(encode_image(photo(3, 50, 50), "PNG")) is None
+    assert jpeg_size(b"\xff\xd8\xff" + b"\x00" * 20) is None
+    assert jpeg_size(b"not an image") is None
+
+
+def test_torchvisions_cpu_decoder_gives_pillows_pixels():
+    for i, (w, h) in enumerate(sizes(6)):
+        data = encode_image(photo(i, w, h))
+        decoded = decode_jpegs([as_bytes_tensor(data)], "cpu")[0]
+        assert torch.equal(decoded, as_uint8_tensor(decode_image(data)[0]))
+
+
+def test_resize_and_crop_on_tensors_match_pillow_within_the_stated_tolerance():
+    transform = clip_transform()
+    split, tensor = SplitTransform(transform), TensorTransform(transform)
+    images = [photo(i, w, h) for i, (w, h) in enumerate(sizes(16))]
+    expected = torch.stack([split.on_worker(image) for image in images]).float()
+    got = to_levels(tensor([as_uint8_tensor(image) for image in images], [()] * len(images)), tensor)
+    difference = (got - expected).abs()
+    assert got.shape == (16, 3, 224, 224)
+    assert float(difference.max()) <= MAX_LEVELS
+    assert float(difference.mean()) <= MEAN_LEVELS
+
+
+def test_images_of_one_size_are_resized_together_with_the_same_result():
+    transform = TensorTransform(clip_transform())
+    images = [as_uint8_tensor(photo(i, 320, 240)) for i in range(3)] + [as_uint8_tensor(photo(9, 500, 260))]
+    together = transform(images, [()] * 4)
+    alone = torch.cat([transform([image], [()]) for image in images])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_training_crops_and_flips_are_drawn_as_the_pil_transform_draws_them():
+    from unicom.engine.sections import AugmentConfig
+    from unicom.train.data import seeded
+
+    transform = AugmentConfig().transform(64)
+    tensor = TensorTransform(transform)
+    flips = 0
+    for seed, (w, h) in enumerate(sizes(24, seed=1)):
+        image = photo(seed, w, h)
+        with seeded(seed):
+            expected = transform(image)
+        with seeded(seed):
+            plan = tensor.plan(w, h)
+        flips += plan[-1]
+        got = tensor([as_uint8_tensor(image)], [plan])[0]
+        levels = ((got - expected) * torch.tensor(tensor.std).view(-1, 1, 1) * 255).abs()
+        assert float(levels.max()) <= MAX_LEVELS, (seed, plan)
+        assert float(levels.mean()) <= MEAN_LEVELS
+    assert 0 < flips < 24
+
+
+def test_transforms_that_do_not_run_on_tensors_are_named():
+    from unicom.engine.sections import AugmentConfig
+
+    jitter = AugmentConfig(color_jitter=0.4).transform(64)
+    assert "colour jitter" in TensorTransform.unsupported(jitter)
+    with pytest.raises(InputError, match="decode=gpu: the training transform"):
+        resolve_decode("gpu", "cpu", jitter)
+    assert resolve_decode("auto", "cpu", jitter) is False
+    assert resolve_decode("auto", "cpu", clip_transform()) is False  # auto: the GPU path on CUDA only
+    assert resolve_decode("gpu", "cpu", clip_transform()) is True
+    with pytest.raises(InputError, match="decode='fast'"):
+        resolve_decode("fast", "cpu", clip_transform())
+
+
+@pytest.fixture(scope="module")
+def vit_b32_encoder():
+    """A ViT-B/32-shaped CLIP image tower with random weights and CLIP's preprocessing."""
+    from unicom.models.encoders import ModelEncoder
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    torch.manual_seed(0)
+    model = ClipViT(ClipViTSettings(image_size=224, patch_size=32, width=768, depth=12, heads=12, embedding_dim=512))
+    return ModelEncoder(model.eval(), clip_transform(), 512, "ViT-B-32 (random)")
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, (w, h) in enumerate(sizes(10, seed=2)):
+        path = folder / f"{i:02d}.jpg"
+        path.write_bytes(encode_image(photo(i, w, h)))
+        paths.append(path)
+    return paths
+
+
+def test_embeddings_of_the_device_path_match_the_pillow_path(vit_b32_encoder, photo_files):
+    from unicom.embed import embed_images
+
+    cpu = embed_images(vit_b32_encoder, photo_files, batch_size=4, num_workers=0, decode="cpu")
+    device = embed_images(vit_b32_encoder, photo_files, batch_size=4, num_workers=0, decode="gpu")
+    cosines = (cpu * device).sum(axis=1)
+    assert cosines.min() >= 0.999
+    assert not np.array_equal(cpu, device)  # the device path did run: its resize differs slightly
+
+
+def test_other_formats_take_the_cpu_path_and_broken_jpegs_are_reported(tmp_path, vit_b32_encoder, photo_files):
+    import pyarrow.parquet as pq
+
+    from unicom.embed import embed_parts
+    from unicom.data.sources import open_parts
+    from unicom.formats.embeddings import failures_path
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in photo_files[:4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "png.png").write_bytes(encode_image(photo(20, 300, 260), "PNG"))
+    cmyk = io.BytesIO()
+    photo(21, 260, 300).convert("CMYK").save(cmyk, format="JPEG")
+    (folder / "cmyk.jpg").write_bytes(cmyk.getvalue())
+    good = photo_files[4].read_bytes()
+    (folder / "broken.jpg").write_bytes(good[: len(good) // 3])  # a JPEG header, then nothing
+
+    runs = {}
+    for decode in ("cpu", "gpu"):
+        parts = open_parts([str(folder)], rows_per_part=100)
+        summary = embed_parts(parts, vit_b32_encoder, tmp_path / decode, batch_size=3, num_workers=0,
+                              dtype="float32", decode=decode)
+        failures = pq.read_table(failures_path(tmp_path / decode, 0)).to_pylist()
+        keys = pq.read_table(tmp_path / decode / "metadata" / "metadata_0.parquet").column("key").to_pylist()
+        runs[decode] = (summary, failures, keys, np.load(tmp_path / decode / "img_emb" / "img_emb_0.npy"))
+    (cpu_summary, cpu_failures, cpu_keys, cpu_emb), (gpu_summary, gpu_failures, gpu_keys, gpu_emb) = runs["cpu"], runs["gpu"]
+    assert gpu_summary.samples == cpu_summary.samples == 6 and gpu_summary.failed == cpu_summary.failed == 1
+    assert gpu_keys == cpu_keys and "png.png" in gpu_keys and "cmyk.jpg" in gpu_keys
+    assert [f["key"] for f in gpu_failures] == [f["key"] for f in cpu_failures] == ["broken.jpg"]
+    assert gpu_failures[0]["source"].endswith("broken.jpg")
+    assert (cpu_emb * gpu_emb).sum(axis=1).min() >= 0.999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_files):
+    from unicom.embed import embed_images
+
+    transform = TensorTransform(clip_transform())
+    data = [path.read_bytes() for path in photo_files]
+    decoded = decode_jpegs([as_bytes_tensor(d) for d in data], "cuda")
+    for d, image in zip(data, decoded):
+        reference = as_uint8_tensor(decode_image(d)[0])
+        # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels
+        assert image.shape == reference.shape
+        assert float((image.cpu().float() - reference.float()).abs().mean()) <= 4.0
+    got = transform(decoded, [()] * len(decoded))
+    assert got.device.type == "cuda"
+    encoder = vit_b32_encoder.to("cuda")
+    try:
+        cpu = embed_images(encoder, photo_files, batch_size=4, num_workers=0, decode="cpu", precision="fp32")
+        gpu = embed_images(encoder, photo_files, batch_size=4, num_workers=0, decode="gpu", precision="fp32")
+    finally:
+        vit_b32_encoder.to("cpu")
+    assert (cpu * gpu).sum(axis=1).min() >= 0.999
+
+
+# -- training batches ---------------------------------------------------------------------
+
+
+def _training_stream(images, device_decode: bool, batch_size: int = 4):
+    from unicom.engine.sections import AugmentConfig
+    from unicom.train.data import ListSource, TrainStream
+
+    labels = np.arange(len(images)) % 3
+    source = ListSource(images, labels, [f"k{i}" for i in range(len(images))], 3, "list")
+    return TrainStream(source, AugmentConfig().transform(64), batch_size, seed=5, device_decode=device_decode)
+
+
+def test_training_batches_decoded_on_the_device_match_the_pillow_batches(tmp_path):
+    paths = []
+    for i, (w, h) in enumerate(sizes(8, seed=3)):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(encode_image(photo(i, w, h)))
+    paths.append(tmp_path / "png.png")  # a PNG in the batch: the CPU path, in its place
+    paths[-1].write_bytes(encode_image(photo(30, 200, 150), "PNG"))
+    cpu_stream, device_stream = _training_stream(paths, False), _training_stream(paths, True)
+    for cpu_batch, device_batch in itertools.islice(zip(cpu_stream.reader(0), device_stream.reader(0)), 2):
+        assert device_batch.jpegs is not None  # JPEGs left encoded (the PNG, when in the batch, decoded)
+        cpu_images, cpu_labels = cpu_stream.to_device(cpu_batch, torch.device("cpu"))
+        images, labels = device_stream.to_device(device_batch, torch.device("cpu"))
+        assert torch.equal(labels, cpu_labels)
+        std = torch.tensor(device_stream.tensor.std).view(-1, 1, 1)
+        levels = ((images - cpu_images) * std * 255).abs()
+        assert float(levels.max()) <= MAX_LEVELS and float(levels.mean()) <= MEAN_LEVELS
+
+
+def test_a_jpeg_no_decoder_reads_is_replaced_in_its_training_batch_and_reported(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(encode_image(photo(i, 90, 80)))
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 3])  # the header is fine, the image data ends early
+    stream = _training_stream(paths, True)
+    batch = next(stream.reader(0))
+    assert len(batch.jpegs) == 4  # the reader only looked at the header
+    images, labels = stream.to_device(batch, torch.device("cpu"))
+    assert images.shape == (4, 3, 64, 64) and labels.shape == (4,)
+    assert batch.failed == 1 and batch.failures[0]["source"].endswith("1.jpg")
+    assert "replaced in its batch" in batch.failures[0]["reason"]
+    copies = [i for i in range(4) for j in range(4) if i < j and torch.equal(images[i], images[j])]
+    assert len(copies) == 1  # one image appears twice, with its own label both times
+    i = copies[0]
+    j = next(j for j in range(4) if j != i and torch.equal(images[i], images[j]))
+    assert labels[i] == labels[j]
+
+
+def test_training_with_decoding_on_the_device_runs_end_to_end(tmp_path):
+    from support import write_class_folder
+
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    write_class_folder(tmp_path / "images", [0, 1, 2], 6, size=40)
+    config = load_config(None, [
+        f"out={tmp_path / 'run'}", f"data.folder={tmp_path / 'images'}", "data.batch_size=6", "data.workers=0",
+        "data.decode=gpu", "model.image_size=32", "model.patch_size=16", "model.width=32", "model.depth=1",
+        "model.heads=2", "model.embedding_dim=8", "train.steps=3", "checkpoint.every=100", "log.tensorboard=false",
+    ])
+    summary = train(config, console=io.StringIO())
+    assert summary["steps"] == 3 and summary["failed_images"] == 0

@@ -1,0 +1,211 @@
+"""clip-retrieval's back-end API on `unicom serve`, near-duplicate removal, several indexes, OpenAPI."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import math
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+
+from unicom.formats.embeddings import write_part
+from unicom.search.index import Index
+from unicom.search.queries import near_duplicates, score_digits
+from unicom.search.service import create_app
+
+from support import indexed_image_collection
+
+
+def plane(angle_degrees: float, axis: int, dims: int = 8) -> np.ndarray:
+    """A unit vector at ``angle_degrees`` from e0 towards e_axis."""
+    v = np.zeros(dims, dtype=np.float32)
+    v[0], v[axis] = math.cos(math.radians(angle_degrees)), math.sin(math.radians(angle_degrees))
+    return v
+
+
+# A chain 0 - 1 - 2 (17° apart: cosine 0.956, above clip-retrieval's 0.94; 0 and 2 are 34°
+# apart, cosine 0.83, linked only through 1), 3 and its near copy 4 (0.5° apart), and 5.
+CHAIN = np.stack([plane(0, 1), plane(17, 1), plane(34, 1), plane(60, 2), plane(60.5, 2), plane(80, 3)])
+
+
+def test_near_duplicates_drop_every_later_member_of_a_linked_group():
+    assert near_duplicates(CHAIN).tolist() == [False, True, True, False, True, False]
+    # with a stricter threshold only the near copy goes
+    assert near_duplicates(CHAIN, threshold=0.99).tolist() == [False, False, False, False, True, False]
+
+
+def test_score_digits_are_as_many_as_tell_the_scores_apart():
+    assert score_digits([0.91, 0.85, 0.5]) == 3
+    assert score_digits([0.91231, 0.91234, 0.5]) == 5  # 0.9123 twice at 4 decimals
+    assert score_digits([0.7, 0.7, 0.7]) == 3  # equal scores need no more
+    assert score_digits([0.123456781, 0.123456789]) == 6  # float32 cannot tell more: capped
+
+
+@pytest.fixture(scope="module")
+def chain_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    keys = [f"item{i}" for i in range(len(CHAIN))]
+    write_part(root / "emb", 0, image=CHAIN, metadata=pa.table({"key": keys, "caption": [f"caption {i}" for i in range(6)],
+                                                               "url": [f"http://images.example/{i}.jpg" for i in range(6)]}))
+    return Index.build(root / "emb", root / "index")
+
+
+def test_deduplicate_drops_near_duplicates_in_our_api_and_clip_retrievals(chain_index):
+    with TestClient(create_app(chain_index)) as client:
+        query = plane(0, 1).tolist()
+        plain = client.post("/search", json={"embedding": query, "k": 3}).json()["results"]
+        assert [hit["id"] for hit in plain] == [0, 1, 2]
+        unique = client.post("/search", json={"embedding": query, "k": 3, "deduplicate": True}).json()["results"]
+        assert [hit["id"] for hit in unique] == [0, 3, 5]
+        assert [hit["rank"] for hit in unique] == [1, 2, 3]
+        knn = client.post("/knn-service", json={"embedding_input": query, "modality": "image", "num_images": 2,
+                                                "num_result_ids": 6, "indice_name": "index", "deduplicate": True}).json()
+        assert [result["id"] for result in knn] == [0, 3, 5]
+        assert knn[0]["caption"] == "caption 0" and knn[0]["url"] == "http://images.example/0.jpg" and "image" not in knn[0]
+        assert "caption" not in knn[2]  # past num_images: id and similarity only
+        np.testing.assert_allclose([result["similarity"] for result in knn], CHAIN[[0, 3, 5]] @ CHAIN[0], atol=1e-6)
+        # an item without a local image links to its own url
+        assert plain[0]["link"] == "http://images.example/0.jpg" and plain[0]["thumbnail"] is None
+
+
+# --------------------------------------------------------------------------- clip-retrieval's API
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    found = indexed_image_collection(tmp_path_factory.mktemp("knn"))
+    second = Index.build(found["emb"], found["index"].path.parent / "again", dims=32)
+    app = create_app({"photos": found["index"], "small": second}, found["encoder"], allow_image_urls=True)
+    with TestClient(app) as client:
+        yield {**found, "client": client, "second": second}
+
+
+def knn(client, **body):
+    return client.post("/knn-service", content=json.dumps(body), headers={"content-type": "text/plain;charset=UTF-8"})
+
+
+def test_indices_list_names_the_served_indexes(served):
+    assert served["client"].get("/indices-list").json() == ["photos", "small"]
+
+
+def test_an_image_as_base64_finds_itself(served):
+    data = base64.b64encode(served["images"][5].read_bytes()).decode()
+    response = knn(served["client"], image=data, modality="image", num_images=2, indice_name="photos")
+    assert response.status_code == 200
+    results = response.json()
+    assert results[0]["id"] == 5 and results[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert len(results) == 2  # num_result_ids defaults to num_images
+
+
+def test_flags_that_need_models_this_server_lacks_are_answered_unsupported(served):
+    response = knn(served["client"], embedding_input=np.ones(64).tolist(), modality="image", num_images=3,
+                   indice_name="photos", use_safety_model=True, use_violence_detector=True, aesthetic_score="9")
+    assert response.status_code == 200 and len(response.json()) == 3
+    unsupported = response.headers["X-Unsupported-Options"]
+    assert unsupported.startswith("use_safety_model (no safety model: results are not filtered)")
+    assert "use_violence_detector" in unsupported and "aesthetic_score" in unsupported
+
+
+def test_the_text_modality_and_unknown_indexes_are_refused(served):
+    body = dict(embedding_input=np.ones(64).tolist(), num_images=3)
+    text = knn(served["client"], modality="text", indice_name="photos", **body)
+    assert text.status_code == 400 and "photos holds image embeddings only" in text.json()["detail"]
+    missing = knn(served["client"], modality="image", indice_name="laion5B", **body)
+    assert missing.status_code == 404 and missing.json()["detail"] == "indice_name 'laion5B': no such index; the indexes are photos, small"
+    empty = knn(served["client"], modality="image", num_images=3)
+    assert empty.status_code == 400 and "must fill one of text, image, image_url and embedding_input" in empty.json()["detail"]
+
+
+def test_indice_name_chooses_the_index(served):
+    vector = np.random.default_rng(1).standard_normal(64)
+    answer = knn(served["client"], embedding_input=vector.tolist(), modality="image", num_images=4, indice_name="small").json()
+    scores, ids = served["second"].search(vector, 4)
+    assert [result["id"] for result in answer] == ids[0].tolist()
+    hits = served["client"].post("/search", json={"embedding": vector.tolist(), "k": 4, "index": "small"}).json()
+    assert hits["index"] == "small" and [hit["id"] for hit in hits["results"]] == ids[0].tolist()
+    assert hits["results"][0]["thumbnail"] == f"/thumbnail/{ids[0][0]}?index=small"
+    assert served["client"].get(hits["results"][0]["thumbnail"]).status_code == 200
+
+
+def test_metadata_answers_ids_in_clip_retrievals_shape(served):
+    response = served["client"].post("/metadata", content=json.dumps({"ids": [3, 0], "indice_name": "photos"}))
+    assert response.status_code == 200
+    items = response.json()
+    assert [item["id"] for item in items] == [3, 0]
+    assert items[0]["metadata"]["image_path"] == str(served["images"][3])
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(items[0]["metadata"]["image"]))).format == "JPEG"
+    assert served["client"].post("/metadata", json={"ids": []}).json() == []
+    bad = served["client"].post("/metadata", json={"ids": [99]})
+    assert bad.status_code == 404 and bad.json()["detail"] == "no item 99 in photos (ids 0..23)"
+
+
+def test_an_image_url_is_fetched_only_when_allowed(served, tmp_path):
+    (tmp_path / "q.jpg").write_bytes(served["images"][9].read_bytes())
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/q.jpg"
+        try:
+            fetched = knn(served["client"], image_url=url, modality="image", num_images=1, indice_name="photos")
+            assert fetched.status_code == 200 and fetched.json()[0]["id"] == 9
+            with TestClient(create_app(served["index"], served["encoder"])) as closed:
+                refused = knn(closed, image_url=url, modality="image", num_images=1)
+                assert refused.status_code == 400 and "does not fetch URLs" in refused.json()["detail"]
+        finally:
+            server.shutdown()
+    assert knn(served["client"], image_url="file:///etc/passwd", num_images=1).status_code == 400
+
+
+def test_cors_headers_only_for_the_origins_given(served):
+    with TestClient(create_app(served["index"], cors_origins=["http://127.0.0.1:3005"])) as client:
+        allowed = client.get("/indices-list", headers={"Origin": "http://127.0.0.1:3005"})
+        assert allowed.headers["access-control-allow-origin"] == "http://127.0.0.1:3005"
+        other = client.get("/indices-list", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    plain = served["client"].get("/indices-list", headers={"Origin": "http://127.0.0.1:3005"})
+    assert "access-control-allow-origin" not in plain.headers
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+def test_openapi_declares_the_requests_and_replies(served):
+    spec = served["client"].get("/openapi.json").json()
+    assert {"/search", "/knn-service", "/indices-list", "/metadata", "/healthz", "/thumbnail/{item_id}", "/image/{item_id}"} <= set(spec["paths"])
+    search = spec["paths"]["/search"]["post"]
+    json_body = search["requestBody"]["content"]["application/json"]["schema"]
+    assert {"text", "image", "like", "embedding", "text_weight", "k", "deduplicate", "index"} <= set(json_body["properties"])
+    assert "multipart/form-data" in search["requestBody"]["content"]
+    assert search["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchReply")
+    knn_body = spec["paths"]["/knn-service"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"text", "image", "image_url", "embedding_input", "modality", "num_images", "num_result_ids", "indice_name",
+            "deduplicate", "use_safety_model", "use_violence_detector"} <= set(knn_body["properties"])
+    assert {"SearchReply", "Hit", "KnnResult", "MetadataItem", "Health"} <= set(spec["components"]["schemas"])
+
+
+def test_the_docs_page_is_served_without_a_cdn(served):
+    page = served["client"].get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assert "/docs-assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()
+    assert served["client"].get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_the_full_image_route_serves_the_original_file(served):
+    response = served["client"].get("/image/4")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == served["images"][4].read_bytes()
+    assert served["client"].get("/image/4?index=nope").status_code == 404
+
+
+def test_a_form_may_name_an_item_instead_of_an_image(served):
+    response = served["client"].post("/search", data={"like": "7", "k": "2"}, files={"other": ("x", b"1", "text/plain")})
+    assert response.status_code == 200
+    assert [hit["id"] for hit in response.json()["results"]][0] == 7

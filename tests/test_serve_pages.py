@@ -1,0 +1,253 @@
+"""Pages in a headless Chromium against a real `unicom serve` on loopback: our page's text,
+"more like this" and letterboxed results, and clip-retrieval's own front end (from its
+released package) pointed at our server."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unicom.models.encoders import load_encoder
+from unicom.search.service import create_app
+
+from support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LiveServer,
+    brute_force,
+    browser_or_skip,
+    free_port,
+    open_clip_reference,
+    stored_embeddings,
+    tiny_open_clip,
+    write_class_folder,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+CLIP_RETRIEVAL_VERSION = "2.45.0"
+CLIP_FRONT = REPOSITORY / ".cache" / "clip-retrieval-front" / CLIP_RETRIEVAL_VERSION
+
+
+def _wait_until(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression until it is true (page.evaluate is not subject to the page's
+    Content-Security-Policy, whereas wait_for_function's polling evaluates strings in the page)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout} s: {expression}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the tests of this module."""
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium):
+    """A fresh page whose requests may only go to 127.0.0.1; ``page.blocked`` lists those it
+    tried elsewhere (aborted) and ``page.errors`` its JavaScript errors."""
+    context = chromium.new_context()
+    page = context.new_page()
+    page.blocked = _only_loopback(page)
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """`unicom serve`'s app over a tiny CLIP's index of 24 class images and one wide image."""
+    from unicom.embed import embed_to_folder
+    from unicom.search.index import Index
+
+    root = tmp_path_factory.mktemp("pages")
+    spec = tiny_open_clip(root / "clip")
+    images = write_class_folder(root / "images", [0, 1, 2, 3], 6)
+    wide = root / "images" / "class_004" / "wide.png"
+    wide.parent.mkdir()
+    Image.fromarray(np.tile(np.linspace(0, 255, 240, dtype=np.uint8)[None, :, None], (60, 1, 3))).save(wide)
+    images.append(wide)
+    embed_to_folder([str(root / "images")], root / "emb", spec, rows_per_part=8, num_workers=0, dtype="float32")
+    index = Index.build(root / "emb", root / "index")
+    front_port, port = free_port(), free_port()
+    app = create_app({"photos": index}, load_encoder(spec), cors_origins=[f"http://127.0.0.1:{front_port}"])
+    with LiveServer(app, port) as url:
+        yield {"url": url, "front_port": front_port, "spec": spec, "images": images,
+               "stored": stored_embeddings(root / "emb"), "index": index}
+
+
+def _text_embedding(spec: str, text: str) -> np.ndarray:
+    model, _, tokenizer = open_clip_reference(spec)
+    with torch.no_grad():
+        return model.encode_text(tokenizer([text]))[0].numpy()
+
+
+def _only_loopback(page) -> list[str]:
+    """Abort every request that would leave this machine; return the list of those aborted."""
+    blocked: list[str] = []
+
+    def route(request_route):
+        host = request_route.request.url.split("/")[2] if "://" in request_route.request.url else ""
+        if request_route.request.url.startswith("data:") or host.startswith("127.0.0.1"):
+            request_route.continue_()
+        else:
+            blocked.append(request_route.request.url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    return blocked
+
+
+@pytest.mark.browser
+def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
+    text = "stripes on red"
+    scores, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 5)
+    page.goto(live["url"] + "/")
+    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    page.fill("#k", "5")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=4", timeout=30_000)
+    cards = page.locator("#results .result")
+    assert [int(cards.nth(i).get_attribute("data-id")) for i in range(5)] == ids.tolist()
+    shown = [cards.nth(i).locator(".score").inner_text() for i in range(5)]
+    assert [float(value) for value in shown] == pytest.approx(scores.tolist(), abs=1e-3)
+    assert len(set(shown)) == len(set(scores.tolist()))  # as many decimals as tell them apart
+    # "more like this" on the third result: that item comes first, with score 1
+    third = int(cards.nth(2).get_attribute("data-id"))
+    page.fill("#text", "")
+    cards.nth(2).locator(".like").click()
+    _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
+    assert float(page.locator("#results .result .score").first.inner_text()) == pytest.approx(1.0, abs=1e-3)
+    assert page.locator("#source-text").inner_text().startswith("More like ")
+    assert page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
+    wide_id = len(live["images"]) - 1
+    page.goto(live["url"] + "/")
+    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    page.fill("#k", "1")
+    page.set_input_files("#file", str(live["images"][wide_id]))
+    page.wait_for_selector(f"#results .result[data-id='{wide_id}'] img", timeout=30_000)
+    card = page.locator("#results .result").first
+    _wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
+    box = card.locator(".thumb").bounding_box()
+    geometry = card.locator("img").evaluate(
+        "img => ({fit: getComputedStyle(img).objectFit, w: img.naturalWidth, h: img.naturalHeight})")
+    # the whole 4:1 image is shown in the square, not a cropped part of it
+    assert geometry["fit"] == "contain" and geometry["w"] / geometry["h"] == pytest.approx(4.0, rel=0.02)
+    assert box["width"] == pytest.approx(box["height"], rel=0.02)
+    assert card.locator(".thumb").get_attribute("href") == f"/image/{wide_id}"
+    page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "unicom-page-wide.png"))
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_the_api_docs_page_renders_offline(live, page):
+    page.goto(live["url"] + "/docs")
+    page.wait_for_selector(".opblock-summary-path >> text=/knn-service", timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/search", "/knn-service", "/indices-list", "/metadata"} <= {path.strip() for path in paths}
+    assert page.errors == [] and page.blocked == []
+
+
+# --------------------------------------------------------------------------- clip-retrieval's front end
+
+
+def _clip_front_or_skip() -> Path:
+    if not (CLIP_FRONT / "index.html").is_file():
+        script = REPOSITORY / "scripts" / "install-clip-front.sh"
+        subprocess.run(["bash", str(script)], env={**os.environ, "PYTHON": sys.executable,
+                                                   "CLIP_RETRIEVAL_VERSION": CLIP_RETRIEVAL_VERSION},
+                       check=False, timeout=300)
+    if not (CLIP_FRONT / "index.html").is_file():
+        pytest.skip(f"clip-retrieval's front end is not in {CLIP_FRONT}: run scripts/install-clip-front.sh")
+    return CLIP_FRONT
+
+
+@pytest.mark.browser
+def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
+    front = _clip_front_or_skip()
+    config = json.dumps({"defaultBackend": live["url"], "defaultIndex": "photos", "urlColumn": "url"}).encode()
+
+    class FrontHandler(http.server.SimpleHTTPRequestHandler):
+        """The released front end as files, with the configuration clip-retrieval's own server writes."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(front), **kwargs)
+
+        def do_GET(self):
+            if self.path.split("?")[0] == "/config.json":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(config)))
+                self.end_headers()
+                self.wfile.write(config)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    text = "stripes"
+    _, ranking = brute_force(live["stored"], _text_embedding(live["spec"], text), len(live["stored"]))
+    item_of = {base64.b64encode(_thumbnail(live["url"], item)).decode(): item for item in range(len(live["stored"]))}
+    unit = live["stored"] / np.linalg.norm(live["stored"], axis=1, keepdims=True)
+    shown_items = (
+        "Array.from(document.querySelector('clip-front').shadowRoot.querySelectorAll('figure img.pic'))"
+        ".map(img => img.getAttribute('src'))"
+    )
+    with http.server.ThreadingHTTPServer(("127.0.0.1", live["front_port"]), FrontHandler) as static:
+        threading.Thread(target=static.serve_forever, daemon=True).start()
+        try:
+            page.goto(f"http://127.0.0.1:{live['front_port']}/?back={live['url']}&index=photos")
+            page.wait_for_selector("clip-front >> #searchBar", timeout=30_000)
+            assert page.locator("clip-front >> select").first.locator("option").all_inner_texts() == ["photos"]
+            page.fill("clip-front >> #searchBar", text)
+            page.press("clip-front >> #searchBar", "Enter")
+            page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
+            _wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
+            # near duplicates hidden (the front end's default): in ranking order, none repeats another
+            unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
+            assert 1 < len(unique) < len(ranking)
+            assert unique == [item for item in ranking.tolist() if item in unique]
+            similarities = unit[unique] @ unit[unique].T
+            assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
+            # with duplicates shown, every item in the brute-force order
+            page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
+            _wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
+            everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
+            assert everything == ranking.tolist()
+            page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))
+            assert page.errors == [] and page.blocked == []
+        finally:
+            static.shutdown()
+
+
+def _thumbnail(url: str, item: int) -> bytes:
+    import httpx
+
+    response = httpx.get(f"{url}/thumbnail/{item}")
+    assert response.status_code == 200
+    return response.content

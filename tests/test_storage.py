@@ -1,0 +1,156 @@
+"""The I/O module: URLs read and written like local paths, against real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from storage_servers import FileServer
+
+from unicom import files, storage
+from unicom.data.shards import expand_shards
+from unicom.errors import InputError
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "4")
+
+
+def _payload(size: int) -> bytes:
+    return np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def test_local_paths_are_plain_paths_and_urls_keep_their_scheme(tmp_path):
+    assert storage.path(str(tmp_path)) == tmp_path and not storage.is_url(tmp_path)
+    assert storage.path(f"file://{tmp_path}") == tmp_path
+    assert storage.text(storage.join("s3://bucket/emb", "img_emb", "img_emb_3.npy")) == "s3://bucket/emb/img_emb/img_emb_3.npy"
+    assert storage.is_url("pipe:cat x.tar") and storage.is_url("hf://datasets/a/b") and not storage.is_url("C://x")
+    assert storage.name("https://host/a/00012.tar") == "00012.tar"
+
+
+def test_a_stream_cut_mid_transfer_resumes_at_the_byte_it_stopped_at(tmp_path, fast_retries):
+    data = _payload(700_000)
+    (tmp_path / "a.tar").write_bytes(data)
+    with FileServer(tmp_path) as server:
+        fault = server.fault("a.tar", cut_after=150_000, cuts=2)
+        with storage.open_stream(f"{server.url}/a.tar") as stream:
+            assert stream.read() == data
+        assert fault.cuts == 0 and fault.requests >= 3  # two cut responses, then the rest
+
+
+def test_a_file_missing_at_first_is_read_after_retries(tmp_path, fast_retries):
+    (tmp_path / "late.bin").write_bytes(b"here now")
+    with FileServer(tmp_path) as server:
+        server.fault("late.bin", missing=2)
+        assert storage.read_bytes(f"{server.url}/late.bin") == b"here now"
+
+
+def test_a_file_that_stays_missing_is_a_fetch_error_naming_the_url_and_the_attempts(tmp_path, fast_retries):
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/gone.tar"
+        with pytest.raises(storage.FetchError) as error:
+            with storage.open_stream(url) as stream:
+                stream.read()
+        assert error.value.location == url and error.value.attempts == 4
+        assert url in str(error.value) and "after 4 attempts" in str(error.value)
+        assert server.state.requests.count("HEAD gone.tar") + server.state.requests.count("GET gone.tar") >= 4
+
+
+def test_pipe_streams_the_command_output_and_a_failing_command_is_a_fetch_error(tmp_path, fast_retries):
+    data = _payload(300_000)
+    (tmp_path / "x.tar").write_bytes(data)
+    with storage.open_stream(f"pipe:cat {tmp_path / 'x.tar'}") as stream:
+        assert stream.read() == data
+    with pytest.raises(storage.FetchError, match="exited with status 3"):
+        with storage.open_stream("pipe:echo partial; exit 3") as stream:
+            stream.read()
+
+
+def test_remote_array_reads_rows_as_a_memory_map_would(s3, tmp_path):
+    bucket = s3.bucket("arrays")
+    array = np.random.default_rng(0).standard_normal((257, 7)).astype(np.float16)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    s3.put("arrays", "a.npy", buffer.getvalue())
+    remote = storage.load_npy(f"{bucket}/a.npy")
+    assert remote.shape == (257, 7) and remote.dtype == np.float16 and len(remote) == 257
+    np.testing.assert_array_equal(remote[10:20], array[10:20])
+    np.testing.assert_array_equal(remote[[250, 3, 4, 5, 100]], array[[250, 3, 4, 5, 100]])
+    np.testing.assert_array_equal(remote[-1], array[-1])
+    np.testing.assert_array_equal(np.asarray(remote, dtype=np.float32), array.astype(np.float32))
+    np.testing.assert_array_equal(storage.load_npy(f"{bucket}/a.npy", mmap=False), array)
+
+
+def test_an_atomic_write_to_s3_appears_whole_and_leaves_no_temporary(s3):
+    bucket = s3.bucket("atomic")
+    files.write_json_atomic(f"{bucket}/run/record.json", {"k": 3})
+    files.save_npy_atomic(f"{bucket}/run/x.npy", np.arange(5))
+    assert s3.keys("atomic") == ["run/record.json", "run/x.npy"]
+    assert json.loads(s3.get("atomic", "run/record.json")) == {"k": 3}
+    assert storage.is_file(f"{bucket}/run/x.npy") and storage.is_dir(f"{bucket}/run") and not storage.is_file(f"{bucket}/run/y")
+
+
+def test_sweeping_removes_only_the_writers_own_temporaries_locally_and_on_s3(s3, tmp_path):
+    names = [".img_emb_0.npy.abcd1234.tmp.npy", ".img_emb_9.npy.x1y2z3w4.tmp.npy", ".notes.txt.abcd1234.tmp.txt",
+             "img_emb_0.npy", ".img_emb_0.npy.keep"]
+    s3.bucket("sweep")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        s3.put("sweep", f"emb/{name}", b"x")
+    for folder in (tmp_path, "s3://sweep/emb"):
+        assert files.sweep_temporaries(folder, ["img_emb_0.npy"]) == [".img_emb_0.npy.abcd1234.tmp.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    assert s3.keys("sweep") == sorted(f"emb/{name}" for name in names[1:])
+
+
+def test_http_brace_patterns_expand_without_a_request_in_numeric_order(tmp_path):
+    with FileServer(tmp_path) as server:
+        shards = expand_shards([f"{server.url}/{{9..11}}.tar", f"{server.url}/{{00001..00002}}.tar"])
+        assert shards == [f"{server.url}/{name}.tar" for name in ("00001", "00002", "9", "10", "11")]
+        assert server.state.requests == []
+
+
+def test_s3_shards_expand_from_patterns_globs_and_folders_and_a_missing_one_is_named(s3):
+    s3.bucket("shards")
+    for number in (0, 1, 2, 10):
+        s3.put("shards", f"laion/{number:05d}.tar", b"")
+    s3.put("shards", "laion/notes.txt", b"")
+    expected = [f"s3://shards/laion/{n:05d}.tar" for n in (0, 1, 2, 10)]
+    assert expand_shards("s3://shards/laion/*.tar") == expected
+    assert expand_shards("s3://shards/laion") == expected
+    assert expand_shards("s3://shards/laion/{00000..00002}.tar") == expected[:3]
+    with pytest.raises(InputError, match=r"s3://shards/laion/00003.tar: shard not found"):
+        expand_shards("s3://shards/laion/{00000..00003}.tar")
+
+
+def test_storage_options_reach_the_filesystem(s3, monkeypatch):
+    s3.bucket("options")
+    s3.put("options", "a.txt", b"configured")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage.configure(json.dumps({"s3": {"endpoint_url": s3.endpoint}, "gs": {"token": "anon"}}))
+    assert storage.options_for("s3") == {"use_listings_cache": False, "endpoint_url": s3.endpoint}
+    assert storage.read_text("s3://options/a.txt") == "configured"
+    with pytest.raises(InputError, match="not valid JSON"):
+        storage.configure("{endpoint")
+
+
+def test_a_missing_backend_names_the_extra_to_install(tmp_path):
+    script = ("import sys; sys.modules['s3fs'] = None; sys.modules['gcsfs'] = None\n"
+              "from unicom.cli import main\n"
+              "sys.exit(main(['cluster', '--embeddings', 's3://bucket/emb', '--k', '2', '--out', str(sys.argv[1])]))")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                            env=dict(os.environ), timeout=120)
+    assert result.returncode == 2
+    assert "s3://bucket/emb: s3:// URLs need the s3fs package: pip install 'unicom[s3]'" in result.stderr
+
+
+def test_http_urls_are_read_only(tmp_path):
+    with pytest.raises(InputError, match="read only"):
+        files.write_text_atomic("https://example.invalid/out/x.txt", "x")

@@ -202,12 +202,20 @@ def main() -> int:
         f"other times: on a shared machine build s and q/s then depend on its load (load average now "
         f"{os.getloadavg()[0]:.1f}); recall@10 does not.")
     for fraction in fractions:
-        by_run = {run: (seconds, m) for f, run, _, _, seconds, m, _ in results if f == fraction}
+        by_run = {run: m for f, run, _, _, _, m, _ in results if f == fraction}
         if "unicom" in by_run and "autofaiss" in by_run:
-            (ours_s, ours), (af_s, af) = by_run["unicom"], by_run["autofaiss"]
+            ours, af = by_run["unicom"], by_run["autofaiss"]
             say(f"1/{fraction}: unicom recall@10 {ours['recall']:.4f} vs autofaiss {af['recall']:.4f}; "
-                f"{ours['batch_qps'] / af['batch_qps']:.1f}x the batch queries/s, build {af_s / ours_s:.1f}x faster, "
+                f"{ours['batch_qps'] / af['batch_qps']:.1f}x the batch queries/s, "
                 f"{ours['file_bytes'] / af['file_bytes']:.2f}x the memory")
+    for fraction, run, _, _, _, _, check in results:
+        if check:
+            say(f"1/{fraction}: Index.load on autofaiss' folder against faiss' own search of image.index: ids equal "
+                f"{check['ids_equal']}, largest score difference {check['max_score_difference']:.2g}")
+        if run == "unicom-0.95":
+            tried = json.loads((data / f"{run}-{fraction}" / "index.json").read_text())["selection"]["tried"]
+            say(f"1/{fraction}: unicom-0.95 tried, smallest first (held-out recall@10): "
+                + "; ".join(f"{t['structure']} {t['search']} {t['recall']}" for t in tried))
     # the same autofaiss codes searched as widely as unicom's index is: the code, apart from the speed bound
     from unicom.search.planner import recall_at_k
 

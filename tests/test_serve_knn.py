@@ -115,7 +115,7 @@ def test_flags_that_need_models_this_server_lacks_are_answered_unsupported(serve
 def test_the_text_modality_and_unknown_indexes_are_refused(served):
     body = dict(embedding_input=np.ones(64).tolist(), num_images=3)
     text = knn(served["client"], modality="text", indice_name="photos", **body)
-    assert text.status_code == 400 and "photos holds image embeddings only" in text.json()["detail"]
+    assert text.status_code == 400 and "photos searches image embeddings only" in text.json()["detail"]
     missing = knn(served["client"], modality="image", indice_name="laion5B", **body)
     assert missing.status_code == 404 and missing.json()["detail"] == "indice_name 'laion5B': no such index; the indexes are photos, small"
     empty = knn(served["client"], modality="image", num_images=3)
@@ -209,3 +209,32 @@ def test_a_form_may_name_an_item_instead_of_an_image(served):
     response = served["client"].post("/search", data={"like": "7", "k": "2"}, files={"other": ("x", b"1", "text/plain")})
     assert response.status_code == 200
     assert [hit["id"] for hit in response.json()["results"]][0] == 7
+
+
+def test_knn_service_searches_the_caption_embeddings_of_a_clip_retrieval_folder(tmp_path):
+    # image and caption embeddings point in different directions, so each modality's answer is its own
+    rng = np.random.default_rng(3)
+    image, text = (rng.normal(size=(40, 16)).astype(np.float32) for _ in range(2))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    write_part(tmp_path / "emb", 0, image=image, text=text,
+               metadata=pa.table({"key": [f"k{i}" for i in range(40)], "caption": [f"caption {i}" for i in range(40)]}))
+    Index.build(tmp_path / "emb", tmp_path / "index", layout="clip-retrieval")
+    index = Index.load(tmp_path / "index")
+    assert index.modalities == ("image", "text")
+    query = text[11] + 0.1 * image[5]
+    with TestClient(create_app(index)) as client:
+        replies = {}
+        for modality, rows in (("image", image), ("text", text)):
+            reply = client.post("/knn-service", json={"embedding_input": query.tolist(), "modality": modality,
+                                                      "num_images": 5, "num_result_ids": 5, "indice_name": "index"})
+            assert reply.status_code == 200, reply.text
+            expected = np.argsort(-(rows @ (query / np.linalg.norm(query))), kind="stable")[:5]
+            assert [hit["id"] for hit in reply.json()] == expected.tolist()
+            replies[modality] = reply.json()
+        assert replies["text"][0]["id"] == 11 and replies["text"][0]["caption"] == "caption 11"
+        assert replies["image"][0]["id"] != 11
+        # deduplication reads back the vectors of the modality it searched
+        unique = client.post("/knn-service", json={"embedding_input": text[11].tolist(), "modality": "text",
+                                                   "num_images": 3, "indice_name": "index", "deduplicate": True})
+        assert unique.status_code == 200 and unique.json()[0]["id"] == 11

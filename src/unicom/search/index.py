@@ -323,6 +323,10 @@ class Index:
     def dims(self) -> int:
         return int(self.config["dims"])
 
+    def modality_dims(self, modality: str | None = None) -> int:
+        """The dimensions the ``modality`` index searches (default: the first modality's)."""
+        return int(self._modality(modality)[1]["dims"])
+
     @property
     def type(self) -> str:
         return str(self.config["type"])

@@ -135,8 +135,9 @@ class StoredVectors:
     dimension-reducing rotation is undone, so the result lives in the index's space.
     """
 
-    def __init__(self, index):
+    def __init__(self, index, modality: str | None = None):
         self.index = index
+        self.modality = modality or index.modalities[0]
         self._lock = threading.Lock()
         self._ready = False
         self._base = None
@@ -145,7 +146,7 @@ class StoredVectors:
     def _prepare(self) -> None:
         import faiss
 
-        base = self.index.faiss_index
+        base = self.index.faiss_indexes[self.modality]
         if isinstance(base, (faiss.IndexIDMap, faiss.IndexIDMap2)):
             external = faiss.vector_to_array(base.id_map)
             positions = np.full(int(external.max()) + 1 if len(external) else 0, -1, dtype=np.int64)
@@ -172,9 +173,10 @@ class StoredVectors:
 
 
 def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: bool | Sequence[bool] = False,
-           stored: StoredVectors | None = None,
+           stored: StoredVectors | None = None, modality: str | None = None,
            threshold: float = DUPLICATE_SIMILARITY) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Search ``index`` for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
+    """Search ``index`` (its ``modality`` index: image or text embeddings, default the first)
+    for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
 
     ``k`` and ``deduplicate`` are one value for all queries or one per query. Results past
     the end of a small index are left out. With ``deduplicate``, near duplicates of better
@@ -185,12 +187,12 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
     unique = [bool(deduplicate)] * count if np.ndim(deduplicate) == 0 else [bool(value) for value in deduplicate]
     if any(unique) and stored is None:
-        stored = StoredVectors(index)
+        stored = StoredVectors(index, modality)
     total = len(index)
     fetch = [min(total, wanted * (2 if dedup else 1)) for wanted, dedup in zip(ks, unique)]
     if not count:
         return []
-    scores, ids = index.search(vectors, max(1, max(fetch)))
+    scores, ids = index.search(vectors, max(1, max(fetch)), modality=modality)
 
     def kept(query_scores, query_ids, dedup):
         valid = query_ids >= 0
@@ -206,7 +208,7 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
         wanted = fetch[row]
         while len(query_ids) < ks[row] and wanted < total:  # duplicates dropped too many: look further
             wanted = min(total, wanted * 4)
-            more_scores, more_ids = index.search(vectors[row:row + 1], wanted)
+            more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
             query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row])
         found.append((query_scores[:ks[row]], query_ids[:ks[row]]))
     return found

@@ -60,7 +60,8 @@ class KnnRequest(BaseModel):
     image: str | None = Field(None, description="an image file, base64-encoded")
     image_url: str | None = Field(None, description="an http(s) URL of an image (only when the server allows it)")
     embedding_input: list[float] | None = None
-    modality: str = Field("image", description="the embeddings searched: 'image'")
+    modality: str = Field("image", description="the embeddings searched: 'image', or 'text' where the index "
+                                                "holds caption embeddings (clip-retrieval's text.index)")
     num_images: int = Field(100, description="results that come with their metadata")
     num_result_ids: int | None = Field(None, description="results searched (default: num_images)")
     indice_name: str | None = Field(None, description="a name from /indices-list (default: the first)")

@@ -151,11 +151,12 @@ class Served:
     name: str
     index: Index
     encoder: Any = None
-    stored: queries.StoredVectors = field(init=False)
+    stored: dict[str, queries.StoredVectors] = field(init=False)
     model_input: ModelInput | None = field(init=False, default=None)
 
     def __post_init__(self):
-        self.stored = queries.StoredVectors(self.index)
+        # the vectors of each searched modality, read back for "more like this" and deduplication
+        self.stored = {modality: queries.StoredVectors(self.index, modality) for modality in self.index.modalities}
         if self.encoder is not None:
             self.model_input = ModelInput(self.encoder.image_transform)
 
@@ -179,6 +180,7 @@ class Search:
     vector: np.ndarray | None = None
     text_weight: float = queries.TEXT_WEIGHT
     deduplicate: bool = False
+    modality: str | None = None  # the index searched: image or text embeddings (default: the first)
 
 
 def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
@@ -205,7 +207,7 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
         text_rows.update(zip(positions, embedded))
     vectors: list[np.ndarray | Exception] = []
     for position, search in enumerate(batch):
-        dims = search.served.index.dims
+        dims = search.served.index.modality_dims(search.modality)
         try:
             base = search.vector if search.vector is not None else image_rows.get(position)
             if base is not None and base.shape[-1] != dims:
@@ -228,16 +230,19 @@ def run_searches(batch: list[Search]) -> list[Any]:
     metadata and thumbnails never holds up the model."""
     vectors = _query_vectors(batch)
     answers: list[Any] = [None] * len(batch)
-    by_index: dict[str, list[int]] = {}
+    by_index: dict[tuple[str, str], list[int]] = {}
     for position, vector in enumerate(vectors):
         if isinstance(vector, Exception):
             answers[position] = vector
         else:
-            by_index.setdefault(batch[position].served.name, []).append(position)
-    for positions in by_index.values():
+            search = batch[position]
+            modality = search.modality or search.served.index.modalities[0]
+            by_index.setdefault((search.served.name, modality), []).append(position)
+    for (_, modality), positions in by_index.items():
         served = batch[positions[0]].served
         found = queries.search(served.index, np.stack([vectors[p] for p in positions]), [batch[p].k for p in positions],
-                               deduplicate=[batch[p].deduplicate for p in positions], stored=served.stored)
+                               deduplicate=[batch[p].deduplicate for p in positions], stored=served.stored[modality],
+                               modality=modality)
         for position, result in zip(positions, found):
             answers[position] = result
     return answers
@@ -408,7 +413,7 @@ def create_app(
         if embedding is not None:
             search.vector = _embedding_vector(embedding, target.index.dims)
         elif like is not None:
-            search.vector = (await asyncio.to_thread(target.stored, [like]))[0]
+            search.vector = (await asyncio.to_thread(target.stored[target.index.modalities[0]], [like]))[0]
         elif image_data is not None:
             search.image = await decode_upload(image_data, image_name, target)
         return search
@@ -556,8 +561,9 @@ def create_app(
         except ValidationError as error:
             raise _error(400, _validation_message(error)) from None
         target = pick(knn.indice_name, "indice_name")
-        if knn.modality != "image":
-            raise _error(400, f"modality {knn.modality!r}: {target.name} holds image embeddings only; search modality 'image'")
+        if knn.modality not in target.index.modalities:
+            raise _error(400, f"modality {knn.modality!r}: {target.name} searches {' and '.join(target.index.modalities)} "
+                              f"embeddings only; search modality {target.index.modalities[0]!r}")
         num_result_ids = knn.num_result_ids if knn.num_result_ids is not None else knn.num_images
         k = _parse_k(num_result_ids, knn.num_images, max_result_ids, "num_result_ids")
         unsupported = []
@@ -586,6 +592,7 @@ def create_app(
         else:
             raise _error(400, "must fill one of text, image, image_url and embedding_input")
         item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate, **values)
+        item.modality = knn.modality
         scores, ids = await batcher.submit(item)
         results = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
         headers = {UNSUPPORTED_HEADER: ", ".join(unsupported)} if unsupported else None

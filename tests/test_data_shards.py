@@ -102,3 +102,19 @@ def test_a_file_that_is_not_a_tar_raises_shard_read_error(tmp_path):
     path.write_bytes(b"this is not a tar file" * 100)
     with pytest.raises(ShardReadError, match="unreadable after 0 samples"):
         list(read_tar_samples(path))
+
+
+def test_only_the_wanted_samples_are_read_and_reading_stops_after_the_last(tmp_path):
+    shard = write_tar_shard(tmp_path / "0.tar", [
+        {"key": f"{i:03d}", "txt": f"caption {i}", "json": {"i": i}} for i in range(6)
+    ])
+    data = shard.read_bytes()
+    members = list(tarfile.open(shard))
+    # cut the tar inside sample 004: reading 001 and 003 never reaches the damage
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: members[8].offset_data + 2])
+    samples = list(read_tar_samples(cut, keys={"003", "001"}))
+    assert [s.key for s in samples] == ["001", "003"]
+    assert [s.caption() for s in samples] == ["caption 1", "caption 3"] and samples[1].json() == {"i": 3}
+    with pytest.raises(ShardReadError):
+        list(read_tar_samples(cut, keys={"001", "005"}))

@@ -6,10 +6,12 @@ with its nearest centroid in one streaming pass (:func:`assign_labels`). The who
 (:func:`cluster`) reads the shards memory-mapped in row chunks, so memory does not grow
 with the number of samples; at larger scale, independent parts cluster slices of the
 shards (:func:`train_part`) and :func:`merge_parts` clusters the union of their centroids.
-The output folder is :mod:`unicom.formats.clusters`. See ``docs/clustering.md`` for the
+The output folder is :mod:`unicom.formats.clusters`; :func:`build_contact_sheet` draws
+sample images of chosen clusters beside their nearest clusters (``unicom cluster show``). See ``docs/clustering.md`` for the
 commands and file formats.
 """
 
+from unicom.cluster.contact_sheet import build_contact_sheet, write_contact_sheet
 from unicom.cluster.inputs import FUSIONS, ClusterInputs, ScanResult, Shard, fuse, plan_sample, scan
 from unicom.cluster.kmeans import CentroidSearch, KMeansResult, compute_backend, initial_centroids, train_kmeans, use_gpu
 from unicom.cluster.pipeline import (
@@ -35,6 +37,7 @@ __all__ = [
     "ScanResult",
     "Shard",
     "assign_labels",
+    "build_contact_sheet",
     "cluster",
     "compute_backend",
     "fuse",
@@ -51,4 +54,5 @@ __all__ = [
     "train_kmeans",
     "train_part",
     "use_gpu",
+    "write_contact_sheet",
 ]

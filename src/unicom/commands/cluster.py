@@ -10,6 +10,11 @@ Many machines (each part clusters a slice of the shards; parts numbered from 0):
     unicom cluster merge  --k 1000000 --out OUT                              # once
     unicom cluster assign --embeddings EMB --part P/N --out OUT              # on every node
     unicom cluster assign --embeddings EMB --out OUT                         # once: statistics
+
+Look at the pseudo-classes (a PNG and an HTML page; --input: the shards the embeddings came from)::
+
+    unicom cluster show --embeddings EMB --input 'shards/{00000..00099}.tar' --clusters 3,17 --out OUT
+    unicom cluster show --embeddings EMB --input 'shards/{00000..00099}.tar' --random 12 --out OUT
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ STAGES = {
     "merge": "hierarchical mode: cluster the union of all parts' centroids into the final --k",
     "assign": "label samples with OUT's centroids (a slice with --part); summarise when all are labelled",
     "stats": "recompute the statistics and histogram of a labelled OUT (and apply --min-cluster-size)",
+    "show": "contact sheet of chosen (--clusters) or random (--random) clusters beside their nearest clusters",
 }
 
 
@@ -65,8 +71,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("--tiny-cluster-size", type=int, metavar="N", default=10, help="report clusters with fewer samples than this (default 10)")
     stats.add_argument("--min-cluster-size", type=int, metavar="N", default=0,
                        help="drop from the labels the samples of clusters smaller than this (default 0: keep all)")
+    show = parser.add_argument_group("show (a contact sheet of OUT's clusters)")
+    show.add_argument("--clusters", type=_ids, metavar="IDS", help="cluster ids to show, e.g. 3,17")
+    show.add_argument("--random", type=int, metavar="N", help="show N random non-empty clusters (drawn with --seed)")
+    show.add_argument("--samples", type=int, metavar="N", default=8, help="images per cluster (a seeded draw; default 8)")
+    show.add_argument("--neighbours", type=int, metavar="N", default=4,
+                      help="nearest clusters (centroid cosine) shown beside each cluster (default 4)")
+    show.add_argument("--input", nargs="+", metavar="INPUT",
+                      help="the shards the embeddings were made from (paths, patterns, folders or URLs, as given to "
+                           "`unicom embed`), or the folder an image folder's images are in now")
+    show.add_argument("--thumbnail", type=int, metavar="PX", default=128, help="thumbnail side in pixels (default 128)")
+    show.add_argument("--sheet", metavar="PATH.png",
+                      help="where to write the PNG; the HTML page goes beside it (default OUT/contact_sheet.png)")
     parser.add_argument("--chunk-rows", type=int, metavar="N", default=65536, help="rows read and assigned at once (default 65536)")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder (a run into an existing OUT resumes)")
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated cluster ids, got {text!r}") from None
 
 
 def _part(text: str | None, stage: str) -> tuple[int, int] | None:
@@ -184,7 +209,34 @@ def run(args) -> int:
             _print_summary(summarize(args.out, tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size), args.out)
         else:
             print("when every part is labelled, run `unicom cluster assign` once without --part for the statistics")
+    elif args.stage == "show":
+        _show(args)
     else:
         summary = summarize(args.out, tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size)
         _print_summary(summary, args.out)
     return 0
+
+
+def _show(args) -> None:
+    from unicom import storage
+    from unicom.cluster.contact_sheet import build_contact_sheet, write_contact_sheet
+    from unicom.formats.embeddings import EmbeddingFolders
+
+    if args.embeddings:
+        folders = EmbeddingFolders.from_root(args.embeddings)
+        if args.metadata:
+            folders.metadata, folders.root = args.metadata, None
+    elif args.metadata:
+        folders = EmbeddingFolders(metadata=args.metadata)
+    else:
+        raise InputError("`unicom cluster show` needs --embeddings ROOT (or --metadata DIR): the metadata says where "
+                         "each sample came from")
+    sheet = build_contact_sheet(
+        args.out, folders, clusters=args.clusters, random=args.random, samples=args.samples,
+        neighbours=args.neighbours, seed=args.seed, inputs=args.input, thumbnail=args.thumbnail,
+    )
+    for block in sheet.blocks:
+        near = ", ".join(f"{row.cluster} (cos {row.similarity:.3f})" for row in block[1:])
+        print(f"cluster {block[0].cluster} ({block[0].size:,} samples)" + (f": nearest {near}" if near else ""))
+    png, page = write_contact_sheet(sheet, args.sheet or storage.join(args.out, "contact_sheet.png"))
+    print(f"wrote {png} and {page}")

@@ -167,15 +167,17 @@ def _fetch_error(error: BaseException | None) -> storage.FetchError | None:
     return None
 
 
-def read_tar_samples(path) -> Iterator[TarSample]:
+def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     """Samples of a webdataset shard, in tar order (streamed, compressed tars included);
     ``path`` is a local path, a URL or ``pipe:COMMAND`` (read while it downloads).
 
-    Members without an extension, and directories, are skipped. A damaged tar, or one
-    whose download failed for good, yields the samples before the damage, then raises
-    :class:`ShardReadError`.
+    Members without an extension, and directories, are skipped. ``keys``: read only the
+    samples with these keys (the data of other members is skipped, not kept) and stop
+    once all of them are read. A damaged tar, or one whose download failed for good,
+    yields the samples before the damage, then raises :class:`ShardReadError`.
     """
     path = path if storage.is_url(path) else Path(path)
+    remaining = None if keys is None else set(keys)
     current: TarSample | None = None
     count = 0
     try:
@@ -191,8 +193,14 @@ def read_tar_samples(path) -> Iterator[TarSample]:
                     yield current
                     count += 1
                     current = None
+                    if remaining is not None and not remaining:
+                        return
+                if current is None and remaining is not None and key not in remaining:
+                    continue  # tarfile skips the member's data
                 if current is None:
                     current = TarSample(key)
+                    if remaining is not None:
+                        remaining.discard(key)
                 handle = tar.extractfile(member)
                 current.files[ext] = handle.read() if handle is not None else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
@@ -206,4 +214,3 @@ def read_tar_samples(path) -> Iterator[TarSample]:
         raise ShardReadError(path, count, f"{type(error).__name__}: {error}") from error
     if current is not None:
         yield current
-

@@ -134,10 +134,11 @@ class ClusterFolder:
             )
         return read_record(self.centroids_record)
 
-    def read_centroids(self) -> tuple[np.ndarray, dict]:
-        """The (k, d) float32 centroids and their record, checked against each other."""
+    def read_centroids(self, mmap: bool = False) -> tuple[np.ndarray, dict]:
+        """The (k, d) float32 centroids and their record, checked against each other;
+        ``mmap``: memory-mapped (a URL: rows fetched as they are indexed)."""
         record = self.read_record()
-        centroids = storage.load_npy(self.centroids, mmap=False)
+        centroids = storage.load_npy(self.centroids, mmap=mmap)
         if centroids.shape != (record["k"], record["dimension"]):
             raise InputError(
                 f"{self.centroids}: shape {centroids.shape}, but {self.centroids_record.name} says "
@@ -236,6 +237,9 @@ class ClusterFolder:
         save_npy_atomic(self.sizes, sizes)
 
     def read_sizes(self) -> np.ndarray:
+        """(k,) int64 samples per cluster."""
+        if not storage.is_file(self.sizes):
+            raise InputError(f"{self.root}: no cluster_sizes.npy yet; run `unicom cluster assign` (or `unicom cluster stats`) first")
         return storage.load_npy(self.sizes, mmap=False)
 
     def write_summary(self, summary: dict) -> None:

@@ -1,0 +1,212 @@
+"""`unicom cluster show`: contact sheets of clusters beside their nearest clusters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support import encode_image, write_tar_shard
+from unicom.cli import main
+from unicom.cluster import load_labels
+
+SHARDS, PER_SHARD, FAMILIES = 3, 10, 4
+THUMB, SAMPLES, NEIGHBOURS = 32, 3, 2
+# the documented geometry of the sheet (unicom.cluster.contact_sheet)
+LABEL_WIDTH, GAP, BLOCK_GAP = 160, 4, 12
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    """A solid colour per sample: four families of hues, each sample its own shade."""
+    family = index % FAMILIES
+    base = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)][family]
+    shade = index // FAMILIES
+    return tuple(min(255, c + 3 * shade) if c > 100 else c + 2 * shade for c in base)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Shards of solid-colour PNGs, embedded by `unicom embed`'s library call with a
+    random-weight timm test_vit, clustered by `unicom cluster` into 4 clusters."""
+    import timm
+    import torch
+
+    from unicom.embed import embed_to_folder
+
+    root = tmp_path_factory.mktemp("show")
+    samples = {}
+    for number in range(SHARDS):
+        shard = []
+        for i in range(PER_SHARD):
+            index = number * PER_SHARD + i
+            key = f"{number:05d}{i:04d}"
+            samples[key] = {"colour": colour(index), "caption": f"swatch number {index}"}
+            image = Image.new("RGB", (48, 48), colour(index))
+            shard.append({"key": key, "png": encode_image(image, "PNG"), "txt": samples[key]["caption"],
+                          "json": {"url": f"http://example.com/{key}.png"}})
+        write_tar_shard(root / "shards" / f"{number:05d}.tar", shard)
+    torch.manual_seed(0)
+    checkpoint = root / "test_vit.pth"
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), checkpoint)
+    embed_to_folder([str(root / "shards")], root / "emb", "timm/test_vit", pretrained=str(checkpoint),
+                    num_workers=0, dtype="float32")
+    assert main(["cluster", "--embeddings", str(root / "emb"), "--fusion", "image", "--k", "4", "--init", "kmeans++",
+                 "--out", str(root / "clusters")]) == 0
+    return {"root": root, "samples": samples}
+
+
+class Page(HTMLParser):
+    """The sections, rows and figures of the sheet's HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections = []
+        self.text = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append({"cluster": int(attrs["data-cluster"]), "rows": []})
+        elif tag == "div" and "row" in attrs.get("class", "").split():
+            self.sections[-1]["rows"].append({"cluster": int(attrs["data-cluster"]),
+                                              "similarity": attrs.get("data-similarity"), "keys": []})
+        elif tag == "figure":
+            self.sections[-1]["rows"][-1]["keys"].append(attrs["data-key"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def show(run, *extra, sheet="sheet.png"):
+    root = run["root"]
+    return main(["cluster", "show", "--embeddings", str(root / "emb"), "--input", str(root / "shards"),
+                 "--samples", str(SAMPLES), "--neighbours", str(NEIGHBOURS), "--thumbnail", str(THUMB),
+                 "--out", str(root / "clusters"), "--sheet", str(root / sheet), *extra])
+
+
+def nearest_by_numpy(centroids: np.ndarray, cluster: int, count: int):
+    unit = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    cos = unit @ unit[cluster]
+    others = [c for c in range(len(centroids)) if c != cluster]
+    ranked = sorted(others, key=lambda c: (-cos[c], c))[:count]
+    return ranked, cos[ranked]
+
+
+def test_sheet_shows_the_chosen_clusters_their_samples_and_their_nearest_clusters(run, capsys):
+    root = run["root"]
+    assert show(run, "--clusters", "1,3") == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "sheet.png" in printed and "sheet.html" in printed
+
+    labels = load_labels(root / "clusters")
+    label_of = dict(zip(labels.column("key").to_pylist(), labels.column("label").to_pylist()))
+    sizes = np.bincount(list(label_of.values()), minlength=4)
+    centroids = np.load(root / "clusters" / "centroids.npy")
+
+    page = Page()
+    page.feed((root / "sheet.html").read_text())
+    assert [section["cluster"] for section in page.sections] == [1, 3]
+    for section in page.sections:
+        rows = section["rows"]
+        assert rows[0]["cluster"] == section["cluster"] and rows[0]["similarity"] is None
+        expected, cosines = nearest_by_numpy(centroids, section["cluster"], NEIGHBOURS)
+        assert [row["cluster"] for row in rows[1:]] == expected
+        np.testing.assert_allclose([float(row["similarity"]) for row in rows[1:]], cosines, atol=1e-5)
+        for row in rows:
+            assert len(row["keys"]) == min(SAMPLES, sizes[row["cluster"]])
+            assert len(set(row["keys"])) == len(row["keys"])
+            assert all(label_of[key] == row["cluster"] for key in row["keys"])
+    text = "".join(page.text)
+    shown = [key for section in page.sections for row in section["rows"] for key in row["keys"]]
+    assert all(run["samples"][key]["caption"] in text for key in shown)
+
+    sheet = Image.open(root / "sheet.png").convert("RGB")
+    rows = sum(len(section["rows"]) for section in page.sections)
+    cell = THUMB + GAP
+    assert sheet.size == (LABEL_WIDTH + SAMPLES * cell + GAP, GAP + rows * cell + BLOCK_GAP * (len(page.sections) - 1))
+    top = GAP
+    for section in page.sections:
+        for r, row in enumerate(section["rows"]):
+            for j in range(SAMPLES):
+                x = LABEL_WIDTH + GAP + j * cell + THUMB // 2
+                y = top + r * cell + THUMB // 2
+                pixel = sheet.getpixel((x, y))
+                if j < len(row["keys"]):
+                    assert pixel == run["samples"][row["keys"][j]]["colour"]
+                else:
+                    assert pixel == (255, 255, 255)  # a cluster with fewer samples leaves the cell empty
+        top += len(section["rows"]) * cell + BLOCK_GAP
+
+
+def test_random_clusters_are_a_seeded_draw(run):
+    assert show(run, "--random", "2", "--seed", "5", sheet="a.png") == 0
+    assert show(run, "--random", "2", "--seed", "5", sheet="b.png") == 0
+    root = run["root"]
+    assert (root / "a.png").read_bytes() == (root / "b.png").read_bytes()
+    page = Page()
+    page.feed((root / "a.html").read_text())
+    assert len(page.sections) == 2 and len({s["cluster"] for s in page.sections}) == 2
+
+
+def test_a_missing_cluster_id_is_named(run, capsys):
+    assert show(run, "--clusters", "2,9") == 2
+    err = capsys.readouterr().err
+    assert "no cluster 9" in err and "k = 4" in err
+
+
+def test_a_shard_that_is_gone_is_named(run, capsys, tmp_path):
+    root = run["root"]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "shards", moved)
+    (moved / "00001.tar").unlink()
+    code = main(["cluster", "show", "--embeddings", str(root / "emb"), "--input", str(moved), "--clusters", "0,1,2,3",
+                 "--samples", "10", "--neighbours", "0", "--out", str(root / "clusters"), "--sheet",
+                 str(tmp_path / "s.png")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "00001.tar" in err and "--input" in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_shards_are_needed_to_show_samples_read_from_shards(run, capsys, tmp_path):
+    root = run["root"]
+    code = main(["cluster", "show", "--embeddings", str(root / "emb"), "--clusters", "0", "--out", str(root / "clusters"),
+                 "--sheet", str(tmp_path / "s.png")])
+    assert code == 2
+    assert "give --input with the shards" in capsys.readouterr().err
+
+
+def test_a_shard_that_is_not_the_one_embedded_is_named(run, capsys, tmp_path):
+    root = run["root"]
+    other = tmp_path / "other"
+    shutil.copytree(root / "shards", other)
+    write_tar_shard(other / "00002.tar", [{"key": "unrelated", "png": encode_image(Image.new("RGB", (8, 8)), "PNG")}])
+    code = main(["cluster", "show", "--embeddings", str(root / "emb"), "--input", str(other), "--clusters", "0,1,2,3",
+                 "--samples", "10", "--neighbours", "0", "--out", str(root / "clusters"), "--sheet",
+                 str(tmp_path / "s.png")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "00002.tar: no sample with key 00002" in err
+
+
+def test_image_folder_samples_are_read_from_their_paths(tmp_path):
+    """Embeddings of an image folder record each image's path; the sheet shows those files."""
+    from support import embedded_image_collection
+
+    found = embedded_image_collection(tmp_path, labels=(0, 1), per_class=4, rows_per_part=3)
+    assert main(["cluster", "--embeddings", str(found["emb"]), "--fusion", "image", "--k", "2", "--init", "kmeans++",
+                 "--out", str(tmp_path / "clusters")]) == 0
+    assert main(["cluster", "show", "--embeddings", str(found["emb"]), "--clusters", "0,1", "--samples", "8",
+                 "--neighbours", "1", "--out", str(tmp_path / "clusters")]) == 0
+    page = Page()
+    page.feed((tmp_path / "clusters" / "contact_sheet.html").read_text())
+    labels = load_labels(tmp_path / "clusters")
+    label_of = dict(zip(labels.column("key").to_pylist(), labels.column("label").to_pylist()))
+    shown = {row["cluster"]: row["keys"] for section in page.sections for row in section["rows"][:1]}
+    assert sorted(k for keys in shown.values() for k in keys) == sorted(label_of)  # every image, each once
+    assert all(label_of[key] == cluster for cluster, keys in shown.items() for key in keys)
+    assert json.loads((tmp_path / "clusters" / "clusters.json").read_text())["k"] == 2

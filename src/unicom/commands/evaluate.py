@@ -31,6 +31,26 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def class_list(text: str | None, option: str) -> list[str] | None:
+    """``A,B,C`` -> the names; ``@FILE`` (a path or URL) -> its lines, blank lines and
+    ``#`` comments left out."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        from unicom import storage
+
+        try:
+            lines = storage.read_text(text[1:]).splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"{option} {text}: cannot read the class list ({error})") from error
+        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    else:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise InputError(f"{option} {text!r}: no class named")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS
 
@@ -49,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")
     parser.add_argument("--pca-samples", type=int, default=50_000, help="train images the PCA is fitted on (seeded draw)")
     parser.add_argument("--chunk-size", type=int, help="queries searched at once (default: ~256 MiB of similarities)")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--classes", metavar="A,B,...",
+                        help="retrieval: score only these classes (labels or class names), queries and gallery alike; "
+                             "@FILE reads one class per line")
+    subset.add_argument("--exclude-classes", metavar="A,B,...",
+                        help="retrieval: score all classes but these (as --classes)")
 
     embedding = parser.add_argument_group("embedding with --model")
     embedding.add_argument("--batch-size", type=int, default=64)
@@ -73,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
     from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, classification_markdown, retrieval_markdown
 
+    subset = {"classes": class_list(args.classes, "--classes"),
+              "exclude_classes": class_list(args.exclude_classes, "--exclude-classes")}
+
     if args.dataset is not None:
         if args.root is None:
             raise InputError(f"--dataset {args.dataset} needs --root, the dataset's folder")
@@ -81,14 +110,14 @@ def run(args: argparse.Namespace) -> int:
             embeddings=args.embeddings, ks=args.ks, dims=args.dims, pca=not args.no_pca, pca_samples=args.pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, probe=not args.no_probe, knn=not args.no_knn, knn_k=args.knn_k,
-            temperature=args.temperature,
+            temperature=args.temperature, **subset,
         )
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=args.dims,
             pca=not args.no_pca, pca_samples=args.pca_samples, probe=not args.no_probe, knn=not args.no_knn,
-            knn_k=args.knn_k, temperature=args.temperature, out=args.out, chunk_size=args.chunk_size,
+            knn_k=args.knn_k, temperature=args.temperature, out=args.out, chunk_size=args.chunk_size, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")

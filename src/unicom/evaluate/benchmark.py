@@ -197,11 +197,15 @@ def evaluate_benchmark(
     knn: bool = True,
     knn_k: int = 20,
     temperature: float = 0.07,
+    classes: Sequence[str] | None = None,
+    exclude_classes: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
     Retrieval benchmarks write metrics, the markdown table and the Recall@1-vs-dimension
     PNG under ``out``; classification datasets the linear probe and kNN results.
+    ``classes``/``exclude_classes``: score a subset of a retrieval benchmark's classes
+    (by label or class name; :func:`unicom.evaluate.report.select_classes`).
     """
     from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
@@ -212,8 +216,9 @@ def evaluate_benchmark(
     classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
-                                    batch_size, num_workers, device, chunk_size)
+                                    batch_size, num_workers, device, chunk_size, classes, exclude_classes)
     if classification in CLASSIFICATION_BENCHMARKS:
+        _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
                                          num_workers, device, download, probe, knn, knn_k, temperature)
     raise InputError(
@@ -235,8 +240,14 @@ def _model_info(model, pretrained, embeddings) -> dict:
     return {"embeddings": storage.absolute(embeddings)}
 
 
+def _retrieval_only(classes, exclude_classes) -> None:
+    if classes is not None or exclude_classes is not None:
+        raise InputError("--classes and --exclude-classes score a subset of a retrieval protocol; they do not apply "
+                         "to classification")
+
+
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
-                         num_workers, device, chunk_size) -> dict:
+                         num_workers, device, chunk_size, classes=None, exclude_classes=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import evaluate_retrieval
 
@@ -286,6 +297,9 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         chunk_size=chunk_size,
         out=out,
         info=info,
+        classes=classes,
+        exclude_classes=exclude_classes,
+        class_names=protocol.query.class_names,
     )
 
 
@@ -345,12 +359,16 @@ def evaluate_embedding_folders(
     knn: bool = True,
     knn_k: int = 20,
     temperature: float = 0.07,
+    classes: Sequence[str] | None = None,
+    exclude_classes: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
     Retrieval: ``embeddings`` are the queries, searched leave-one-out, or against
     ``gallery_embeddings``; ``train_embeddings`` fit the PCA baseline. Classification:
     ``train_embeddings`` train the linear probe and kNN, ``embeddings`` are the test set.
+    ``classes``/``exclude_classes`` (retrieval): score only the queries and gallery items
+    of these classes (labels as text), or of all but these.
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
@@ -358,6 +376,7 @@ def evaluate_embedding_folders(
     y = labels_of(metadata, embeddings, labels)
     info = {"embeddings": storage.absolute(embeddings)}
     if task == "classification":
+        _retrieval_only(classes, exclude_classes)
         if train_embeddings is None:
             raise InputError("classification needs --train-embeddings (the train split) besides --embeddings (the test split)")
         train_x, train_metadata = read_embedding_folder(train_embeddings)
@@ -378,7 +397,8 @@ def evaluate_embedding_folders(
     if dims and train is None:
         info["note"] = "no train embeddings: the PCA baseline is left out"
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
-                              chunk_size=chunk_size, out=out, info=info)
+                              chunk_size=chunk_size, out=out, info=info, classes=classes,
+                              exclude_classes=exclude_classes)
 
 
 def _shared_ids(*label_arrays):

@@ -9,6 +9,7 @@ as the full embedding.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,6 +17,9 @@ import numpy as np
 
 from unicom.errors import InputError
 from unicom.evaluate.metrics import as_embeddings, retrieval_metrics, retrieval_metrics_from_relevance
+
+logger = logging.getLogger(__name__)
+SHOWN_ROWS = 5  # rows named in a message
 
 
 def first_dimensions(x, d: int) -> np.ndarray:
@@ -113,21 +117,45 @@ def dimension_curve(
     Returns rows ``{"dimension": d, "method": "first" | "pca", **metrics}``, ``first``
     rows first, each by increasing d. The ``pca`` rows need ``train`` (embeddings of the
     train split; the axes are fitted on them) and are absent without it. Dimensions above
-    D are skipped.
+    D are skipped. A d at which some rows are all zeros (no direction to rank by) is not
+    scored: its row is ``{"dimension": d, "method": ..., "skipped": why}``, naming the
+    rows, and a warning says so; the other dimensions are scored.
     """
     full = np.asarray(query).shape[1]
     wanted = sorted({int(d) for d in dims if 1 <= int(d) < full} | {full})
     rows = []
-    for d in wanted:
-        q = first_dimensions(query, d)
-        g = None if gallery is None else first_dimensions(gallery, d)
-        metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size)
-        rows.append({"dimension": d, "method": "first", **metrics})
+    methods = {"first": first_dimensions}
     if train is not None:
-        pca = PCA.fit(train)
+        methods["pca"] = PCA.fit(train).transform
+    for method, reduce in methods.items():
         for d in wanted:
-            q = pca.transform(query, d)
-            g = None if gallery is None else pca.transform(gallery, d)
+            q = reduce(query, d)
+            g = None if gallery is None else reduce(gallery, d)
+            why = _without_direction(q, g, d, method)
+            if why:
+                logger.warning("%s", why)
+                rows.append({"dimension": d, "method": method, "skipped": why})
+                continue
             metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size)
-            rows.append({"dimension": d, "method": "pca", **metrics})
+            rows.append({"dimension": d, "method": method, **metrics})
     return rows
+
+
+def _without_direction(query: np.ndarray, gallery: np.ndarray | None, d: int, method: str) -> str:
+    """Why ``d`` cannot be scored: the rows of ``query``/``gallery`` (reduced to d) that are
+    all zeros; empty when there are none."""
+    problems, count = [], 0
+    for name, x in (("query", query), ("gallery", gallery)):
+        if x is None:
+            continue
+        zero = np.flatnonzero(~np.any(x != 0, axis=1))
+        count += len(zero)
+        if len(zero):
+            listed = ", ".join(str(int(r)) for r in zero[:SHOWN_ROWS])
+            more = f" and {len(zero) - SHOWN_ROWS} more" if len(zero) > SHOWN_ROWS else ""
+            problems.append(f"{name} row{'s' if len(zero) > 1 else ''} {listed}{more}")
+    if not problems:
+        return ""
+    what = f"first {d} coordinates" if method == "first" else f"projection onto the first {d} principal axes"
+    return (f"dimension {d} ({method}) skipped: {' and '.join(problems)} {'is' if count == 1 else 'are'} all zeros in their {what}, with no "
+            "direction to rank by; the other dimensions are scored")

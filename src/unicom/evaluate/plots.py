@@ -18,8 +18,8 @@ STYLES = {"first": {"marker": "o", "color": "#1f77b4"}, "pca": {"marker": "s", "
 def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str = "recall@1", title: str = "") -> Path:
     """Write ``metric`` (in %) against the dimension for each method in ``rows``.
 
-    ``rows``: ``dimension_curve`` output. The x axis is logarithmic with a tick at every
-    evaluated dimension. Written atomically; returns the path.
+    ``rows``: ``dimension_curve`` output; skipped dimensions are left out. The x axis is
+    logarithmic with a tick at every evaluated dimension. Written atomically; returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -29,7 +29,7 @@ def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str 
     axes = figure.add_subplot()
     dimensions = sorted({row["dimension"] for row in rows})
     for method in LABELS:
-        points = sorted((row["dimension"], row[metric]) for row in rows if row["method"] == method)
+        points = sorted((row["dimension"], row[metric]) for row in rows if row["method"] == method and metric in row)
         if points:
             xs, ys = zip(*points)
             axes.plot(xs, [100 * y for y in ys], label=LABELS[method], **STYLES[method])

@@ -15,12 +15,65 @@ from typing import Any, Sequence
 import numpy as np
 
 from unicom.evaluate.dims import dimension_curve, score
+from unicom.errors import InputError
 from unicom.evaluate.metrics import METRIC_KEYS, summarize
 from unicom.files import sweep_temporaries, write_json_atomic, write_text_atomic
 
 JSON_NAME = "metrics.json"
 MARKDOWN_NAME = "metrics.md"
 PLOT_NAME = "recall_vs_dimension.png"
+SHOWN_CLASSES = 10  # class names listed in a message
+
+
+def select_classes(
+    query_labels,
+    gallery_labels=None,
+    *,
+    classes: Sequence[str] | None = None,
+    exclude_classes: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The query rows and gallery rows whose class is one of ``classes`` (or none of
+    ``exclude_classes``), and what was chosen, for the report.
+
+    A class is named by its label as text (``"3"``, ``"cat"``) or, when ``class_names``
+    are given (``class_names[label]``), by its name. Names that match no class of the
+    queries or the gallery are an :class:`InputError` naming them. Returns (query rows
+    int64, gallery rows int64 or None without a gallery, ``{"classes" | "exclude_classes":
+    the names given, "scored_classes": n, "all_classes": n}``).
+    """
+    if (classes is None) == (exclude_classes is None):
+        raise InputError("give the classes to score or the classes to leave out, not both")
+    option, given = ("--classes", classes) if classes is not None else ("--exclude-classes", exclude_classes)
+    given = [str(name) for name in given]
+    if not given:
+        raise InputError(f"{option}: no class was named")
+    query_labels = np.asarray(query_labels)
+    labels = [query_labels] if gallery_labels is None else [query_labels, np.asarray(gallery_labels)]
+    present = np.unique(np.concatenate(labels))
+    lookup = {str(value): value for value in present.tolist()}
+    if class_names is not None and np.issubdtype(present.dtype, np.integer):
+        for value in present.tolist():
+            if 0 <= value < len(class_names):
+                lookup.setdefault(str(class_names[value]), value)
+    unknown = [name for name in given if name not in lookup]
+    if unknown:
+        examples = ", ".join(sorted(lookup)[:SHOWN_CLASSES])
+        raise InputError(
+            f"{option}: no class {', '.join(map(repr, unknown[:SHOWN_CLASSES]))}"
+            f"{' ...' if len(unknown) > SHOWN_CLASSES else ''} among the {len(present)} classes of the queries and "
+            f"gallery (e.g. {examples}); name a class by its label{' or its name' if class_names is not None else ''}"
+        )
+    chosen = np.asarray(sorted({lookup[name] for name in given}), dtype=present.dtype)
+    keep = np.isin(present, chosen, invert=classes is None)
+    rows = [np.flatnonzero(np.isin(array, present[keep])) for array in labels]
+    what = {"classes" if classes is not None else "exclude_classes": given, "scored_classes": int(keep.sum()),
+            "all_classes": int(len(present))}
+    if len(rows[0]) == 0:
+        raise InputError(f"{option}: no query belongs to the {what['scored_classes']} classes left to score")
+    if gallery_labels is not None and len(rows[1]) == 0:
+        raise InputError(f"{option}: no gallery item belongs to the {what['scored_classes']} classes left to score")
+    return rows[0], rows[1] if gallery_labels is not None else None, what
 
 
 def evaluate_retrieval(
@@ -38,6 +91,9 @@ def evaluate_retrieval(
     chunk_size: int | None = None,
     out: str | os.PathLike | None = None,
     info: dict[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    exclude_classes: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """Score a retrieval protocol on embeddings; optionally write the report under ``out``.
 
@@ -49,10 +105,23 @@ def evaluate_retrieval(
         metric: the headline metric, drawn against the dimension.
         dims: dimensions d of the compact-dimension curve (empty: no curve).
         info: extra fields for the report (dataset, model, ...).
+        classes, exclude_classes: score only the queries and gallery items of these
+            classes, or of all but these (:func:`select_classes`; ``class_names`` lets
+            them be named); the report's ``class_subset`` says which.
 
     Returns the report: ``{**info, "protocol": {...}, "metrics": {...}, "subsets":
-    {name: metrics}, "dimensions": [rows of dimension_curve]}``.
+    {name: metrics}, "dimensions": [rows of dimension_curve], "class_subset": {...}}``.
     """
+    subset = None
+    if classes is not None or exclude_classes is not None:
+        if relevant is not None or query_labels is None:
+            raise InputError("--classes and --exclude-classes need class labels; this protocol ranks by lists of "
+                             "relevant gallery items")
+        query_rows, gallery_rows, subset = select_classes(
+            query_labels, gallery_labels, classes=classes, exclude_classes=exclude_classes, class_names=class_names)
+        query, query_labels = np.asarray(query)[query_rows], np.asarray(query_labels)[query_rows]
+        if gallery is not None:
+            gallery, gallery_labels = np.asarray(gallery)[gallery_rows], np.asarray(gallery_labels)[gallery_rows]
     full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size,
                  per_query=bool(subsets))
     per_query = full.pop("per_query", None)
@@ -67,6 +136,8 @@ def evaluate_retrieval(
         "ks": [int(k) for k in ks],
         "metric": metric,
     }
+    if subset is not None:
+        report["class_subset"] = subset
     report["metrics"] = full
     if subsets:
         report["subsets"] = {name: summarize(per_query, ks, rows) for name, rows in subsets.items()}
@@ -110,6 +181,8 @@ def retrieval_markdown(report: dict) -> str:
         f"{metrics['n_queries']} scored, {metrics['n_excluded']} without a relevant item excluded.",
         "",
     ]
+    if report.get("class_subset"):
+        lines[-1:-1] = ["", _class_subset_line(report["class_subset"])]
     columns = [f"recall@{k}" for k in protocol["ks"]] + list(METRIC_KEYS)
     rows = [("all", metrics)] + list(report.get("subsets", {}).items())
     lines += ["| queries | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -117,16 +190,32 @@ def retrieval_markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
     if report.get("dimensions"):
         metric = protocol["metric"]
-        by = {(row["method"], row["dimension"]): row[metric] for row in report["dimensions"]}
+        by = {(row["method"], row["dimension"]): row for row in report["dimensions"]}
         dims = sorted({row["dimension"] for row in report["dimensions"]})
         has_pca = any(method == "pca" for method, _ in by)
         lines += ["", f"## {metric} (%) by embedding dimension", ""]
         lines += ["| dimension | first d dimensions |" + (" PCA to d |" if has_pca else ""),
                   "|---|---|" + ("---|" if has_pca else "")]
         for d in dims:
-            cells = [_percent(by[("first", d)])] + ([_percent(by[("pca", d)])] if has_pca else [])
+            cells = [_curve_cell(by.get((method, d)), metric) for method in ("first", "pca")[: 1 + has_pca]]
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        skipped = [row["skipped"] for row in report["dimensions"] if "skipped" in row]
+        lines += [""] + [f"- {why}" for why in skipped] if skipped else []
     return "\n".join(lines) + "\n"
+
+
+def _class_subset_line(subset: dict) -> str:
+    only = "classes" in subset
+    names = subset["classes" if only else "exclude_classes"]
+    listed = ", ".join(names[:SHOWN_CLASSES]) + (f" and {len(names) - SHOWN_CLASSES} more" if len(names) > SHOWN_CLASSES else "")
+    scored = f"{subset['scored_classes']} of {subset['all_classes']} classes"
+    return f"Scored on {scored}: {'only' if only else 'all but'} {listed} (queries and gallery alike)."
+
+
+def _curve_cell(row: dict | None, metric: str) -> str:
+    if row is None:
+        return ""
+    return "skipped" if "skipped" in row else _percent(row[metric])
 
 
 def evaluate_classification(

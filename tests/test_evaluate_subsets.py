@@ -1,0 +1,134 @@
+"""`unicom evaluate`: scoring a subset of the classes, and dimensions at which rows vanish."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from unicom.cli import main
+from unicom.formats.embeddings import write_part
+
+
+def folder(root, x, labels, prefix):
+    for number, rows in enumerate(np.array_split(np.arange(len(x)), 2)):
+        write_part(root, number, image=x[rows].astype(np.float16),
+                   metadata=pa.table({"key": [f"{prefix}{i}" for i in rows], "label": [labels[i] for i in rows]}))
+    return root
+
+
+def data(n, dim, classes, noise, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    x = rng.standard_normal((classes, dim))[labels] + noise * rng.standard_normal((n, dim))
+    return x.astype(np.float32), labels
+
+
+def by_numpy(q, ql, g=None, gl=None, ks=(1, 4)):
+    """Recall@K and R-precision by brute force: rank the gallery by cosine, read the labels."""
+    leave_one_out = g is None
+    if leave_one_out:
+        g, gl = q, ql
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    sims = qn @ gn.T
+    if leave_one_out:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    if leave_one_out:
+        order = order[:, :-1]  # the query itself, ranked last
+    relevant = gl[order] == ql[:, None]
+    r = relevant.sum(1)
+    scored = r > 0
+    result = {f"recall@{k}": relevant[scored, :k].any(1).mean() for k in ks}
+    result["r_precision"] = np.mean([relevant[i, :r[i]].sum() / r[i] for i in np.flatnonzero(scored)])
+    result["n_queries"] = int(scored.sum())
+    return result
+
+
+def stored(x):
+    return x.astype(np.float16).astype(np.float32)  # the folders hold float16
+
+
+def test_classes_limit_queries_and_gallery(tmp_path, capsys):
+    q, ql = data(60, 16, 6, 1.6, seed=0)
+    g, gl = data(120, 16, 6, 1.6, seed=0)
+    g = g + 0.3 * np.random.default_rng(1).standard_normal(g.shape).astype(np.float32)
+    folder(tmp_path / "q", q, ql.tolist(), "q")
+    folder(tmp_path / "g", g, gl.tolist(), "g")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 "--classes", "2,5", "--ks", "1,4", "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    qm, gm = np.isin(ql, [2, 5]), np.isin(gl, [2, 5])
+    expected = by_numpy(stored(q)[qm], ql[qm], stored(g)[gm], gl[gm])
+    for name, value in expected.items():
+        assert report["metrics"][name] == pytest.approx(value), name
+    whole_gallery = by_numpy(stored(q)[qm], ql[qm], stored(g), gl)
+    assert report["metrics"]["r_precision"] != pytest.approx(whole_gallery["r_precision"])  # the gallery is limited too
+    assert report["protocol"]["queries"] == qm.sum() and report["protocol"]["gallery"] == gm.sum()
+    assert report["class_subset"] == {"classes": ["2", "5"], "scored_classes": 2, "all_classes": 6}
+    assert "Scored on 2 of 6 classes: only 2, 5" in (out / "metrics.md").read_text()
+
+
+def test_excluded_classes_from_a_file_leave_one_out(tmp_path):
+    x, labels = data(80, 12, 8, 1.2, seed=2)
+    names = np.array(["cat", "dog", "owl", "elk", "emu", "yak", "ant", "bee"])[labels]
+    folder(tmp_path / "q", x, names.tolist(), "q")
+    (tmp_path / "drop.txt").write_text("# classes too easy to count\ndog\n\nowl\n")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--exclude-classes", f"@{tmp_path / 'drop.txt'}",
+                 "--ks", "1,4", "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    keep = ~np.isin(names, ["dog", "owl"])
+    expected = by_numpy(stored(x)[keep], names[keep])
+    for name, value in expected.items():
+        assert report["metrics"][name] == pytest.approx(value), name
+    assert report["class_subset"] == {"exclude_classes": ["dog", "owl"], "scored_classes": 6, "all_classes": 8}
+
+
+def test_unknown_classes_are_named(tmp_path, capsys):
+    x, labels = data(40, 8, 4, 1.0, seed=3)
+    folder(tmp_path / "q", x, labels.tolist(), "q")
+    code = main(["evaluate", "--embeddings", str(tmp_path / "q"), "--classes", "1,7,zebra", "--dims", "none",
+                 "--out", str(tmp_path / "report")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--classes: no class '7', 'zebra'" in err and "4 classes" in err
+    assert not (tmp_path / "report" / "metrics.json").exists()
+
+
+def test_class_names_of_a_benchmark_select_classes():
+    from unicom.evaluate.report import select_classes
+
+    query_rows, gallery_rows, what = select_classes(np.array([0, 1, 2, 1]), np.array([2, 2, 0, 1, 1]),
+                                                    classes=["river", "2"], class_names=["forest", "river", "lake"])
+    assert query_rows.tolist() == [1, 2, 3] and gallery_rows.tolist() == [0, 1, 3, 4]
+    assert what["scored_classes"] == 2
+
+
+def test_a_dimension_where_rows_vanish_is_skipped_and_the_others_are_scored(tmp_path, caplog):
+    x, labels = data(50, 32, 5, 0.8, seed=4)
+    x[[2, 7], :16] = 0  # rows 2 and 7 have nothing in their first 16 coordinates
+    folder(tmp_path / "q", x, labels.tolist(), "q")
+    out = tmp_path / "report"
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--dims", "8,16,24", "--ks", "1,4",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    rows = {row["dimension"]: row for row in report["dimensions"]}
+    assert sorted(rows) == [8, 16, 24, 32]
+    for d in (8, 16):
+        assert "recall@1" not in rows[d]
+        assert rows[d]["skipped"].startswith(f"dimension {d} (first) skipped: query rows 2, 7 are all zeros")
+        assert any(rows[d]["skipped"] == record.getMessage() for record in caplog.records)
+    for d in (24, 32):
+        expected = by_numpy(stored(x)[:, :d], labels)
+        assert rows[d]["recall@1"] == pytest.approx(expected["recall@1"])
+        assert rows[d]["r_precision"] == pytest.approx(expected["r_precision"])
+    table = (out / "metrics.md").read_text()
+    assert "| 16 | skipped |" in table and "dimension 8 (first) skipped" in table
+    assert (out / "recall_vs_dimension.png").is_file()

@@ -210,3 +210,27 @@ def test_image_folder_samples_are_read_from_their_paths(tmp_path):
     assert sorted(k for keys in shown.values() for k in keys) == sorted(label_of)  # every image, each once
     assert all(label_of[key] == cluster for cluster, keys in shown.items() for key in keys)
     assert json.loads((tmp_path / "clusters" / "clusters.json").read_text())["k"] == 2
+
+
+def test_remote_shards_give_the_sheet_of_local_ones(run, monkeypatch, capsys):
+    from storage_servers import FileServer
+
+    root = run["root"]
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "1")
+    assert show(run, "--clusters", "0,2", sheet="local.png") == 0
+    with FileServer(root) as server:
+        remote = f"{server.url}/shards/{{00000..00002}}.tar"
+        assert main(["cluster", "show", "--embeddings", str(root / "emb"), "--input", remote, "--clusters", "0,2",
+                     "--samples", str(SAMPLES), "--neighbours", str(NEIGHBOURS), "--thumbnail", str(THUMB),
+                     "--out", str(root / "clusters"), "--sheet", str(root / "remote.png")]) == 0
+        assert (root / "remote.png").read_bytes() == (root / "local.png").read_bytes()
+        assert (root / "remote.html").read_text() == (root / "local.html").read_text()
+
+        server.fault("shards/00001.tar", missing=10)
+        code = main(["cluster", "show", "--embeddings", str(root / "emb"), "--input", remote, "--clusters", "0,1,2,3",
+                     "--samples", "10", "--neighbours", "0", "--out", str(root / "clusters"), "--sheet",
+                     str(root / "gone.png")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{server.url}/shards/00001.tar: the shard cannot be read" in err and "404" in err
+    assert not (root / "gone.png").exists()

@@ -340,7 +340,10 @@ def build_contact_sheet(
     folder = ClusterFolder(out)
     centroids, record = folder.read_centroids(mmap=True)
     k = record["k"]
-    sizes = folder.read_sizes() if random is not None else None
+    sizes = None
+    if random is not None:  # clusters left without samples by --min-cluster-size are not drawn
+        sizes = folder.read_sizes()
+        sizes = np.where(sizes >= int(folder.read_assignment().get("dropped_below", 0)), sizes, 0)
     chosen = choose_clusters(k, clusters, random, sizes, seed, str(folder.root))
     sims, ids = nearest_clusters(centroids, chosen, neighbours)
     shown = sorted(set(chosen) | set(ids.ravel().tolist()))

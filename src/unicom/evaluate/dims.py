@@ -157,5 +157,6 @@ def _without_direction(query: np.ndarray, gallery: np.ndarray | None, d: int, me
     if not problems:
         return ""
     what = f"first {d} coordinates" if method == "first" else f"projection onto the first {d} principal axes"
-    return (f"dimension {d} ({method}) skipped: {' and '.join(problems)} {'is' if count == 1 else 'are'} all zeros in their {what}, with no "
-            "direction to rank by; the other dimensions are scored")
+    verb = "is" if count == 1 else "are"
+    return (f"dimension {d} ({method}) skipped: {' and '.join(problems)} {verb} all zeros in their {what}, "
+            "with no direction to rank by; the other dimensions are scored")

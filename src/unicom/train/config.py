@@ -152,9 +152,9 @@ class TrainConfig(Recipe):
         check(bool(self.out), problems, "out is required: the folder for checkpoints, logs and the exported model (out=DIR or --out DIR)")
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True) -> TrainConfig:
     """Read a training recipe (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
-    return recipe.load(TrainConfig, path, overrides)
+    return recipe.load(TrainConfig, path, overrides, validate)
 
 
 def from_dict(data, source: str = "config") -> TrainConfig:

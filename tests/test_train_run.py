@@ -111,6 +111,42 @@ def test_a_tiny_vit_learns_pseudo_classes_and_exports_a_loadable_model(images, t
         assert encoder.encode_image(probe).shape == (2, 16)
 
 
+def test_zero_steps_export_the_network_the_recipe_and_seed_start_from(images, tmp_path):
+    import unicom
+    from unicom.engine.seeding import seed_everything
+    from unicom.models.export import read_config, read_weights
+    from unicom.models.vit import create_model
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    config = load_config(None, overrides(images, tmp_path / "run", "train.steps=0", "seed=5", "data.workers=2"))
+    summary = train(config)
+    assert summary["steps"] == 0 and summary["checkpoint"] is None
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    exported = read_weights(tmp_path / "run" / "model")
+    seed_everything(5)
+    reference = create_model("ViT-B-32", overrides=config.model.overrides()).module.state_dict()
+    assert_identical(exported, reference)
+    seed_everything(6)
+    other = create_model("ViT-B-32", overrides=config.model.overrides()).module.state_dict()
+    assert not all(torch.equal(exported[key], other[key]) for key in exported)  # the seed decides
+    provenance = read_config(tmp_path / "run" / "model")["provenance"]
+    assert provenance["seed"] == 5 and provenance["step"] == 0
+    model, _ = unicom.load(str(tmp_path / "run" / "model"))
+    assert_identical(model.state_dict(), reference)
+
+
+def test_zero_steps_never_overwrite_the_model_of_a_run(images, tmp_path):
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=2")))
+    trained = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(InputError, match="train.steps=0 exports the untrained network .* holds a run .* use another out"):
+        train(load_config(None, overrides(images, tmp_path / "run", "train.steps=0")))
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == trained
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_follow_the_single_process_loss_curve(images, tmp_path):
     """Same global batch (2 x 8 against 1 x 16), every class in every step: the losses agree

@@ -84,7 +84,7 @@ class TrainSection:
     """Length, precision and numerics."""
 
     epochs: float = 32.0
-    steps: int | None = None  # overrides epochs
+    steps: int | None = None  # overrides epochs; 0: export the initial (untrained) network and stop
     accumulation: int = 1  # micro-steps per optimiser step
     precision: Literal[PRECISIONS] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_nonfinite_steps: int = 20  # stop after this many consecutive skipped steps
@@ -142,7 +142,7 @@ class TrainConfig(Recipe):
         check(data.shuffle_buffer >= 1, problems, f"data.shuffle_buffer must be at least 1, got {data.shuffle_buffer}")
         check(data.samples_per_epoch is None or data.samples_per_epoch >= 1, problems, "data.samples_per_epoch must be positive")
         check(train.steps is not None or train.epochs > 0, problems, f"train.epochs must be positive, got {train.epochs}")
-        check(train.steps is None or train.steps >= 1, problems, f"train.steps must be at least 1, got {train.steps}")
+        check(train.steps is None or train.steps >= 0, problems, f"train.steps must be 0 or more, got {train.steps}")
         check(train.accumulation >= 1, problems, f"train.accumulation must be at least 1, got {train.accumulation}")
         check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
         check(0 <= self.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")

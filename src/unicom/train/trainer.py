@@ -108,6 +108,14 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
     return chosen
 
 
+def _refuse_trained_out(out: Path) -> None:
+    """``train.steps=0`` writes the untrained network to ``out/model``: never over a run's."""
+    found = distributed_broadcast(ckpt.complete_checkpoints(out)) if out.exists() else []
+    if found:
+        raise InputError(f"train.steps=0 exports the untrained network to {out / 'model'}, but {out} holds a run "
+                         f"(newest checkpoint {found[0].name}): use another out")
+
+
 def distributed_broadcast(value):
     return ckpt._broadcast_object(value)
 
@@ -141,7 +149,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     roles = max(1, workers)
     source.check_readers(world, roles, config.data.batch_size)
     per_epoch = steps_per_epoch(source, world, config.data.batch_size, config.train.accumulation, config.data.samples_per_epoch)
-    total = config.train.steps or max(1, int(round(config.train.epochs * per_epoch)))
+    total = config.train.steps if config.train.steps is not None else max(1, int(round(config.train.epochs * per_epoch)))
 
     seed_everything(config.seed)  # the same initial weights on every rank
     created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides(),
@@ -153,7 +161,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     # DynM-ArcFace's margins come from the training images per class
     class_counts = source.class_counts() if config.loss.needs_class_counts else None
     partial_fc = config.loss.partial_fc(created.embedding_dim, source.num_classes, class_counts, seed=config.seed).to(device)
-    resume_from = _find_resume(config, say)
+    resume_from = _find_resume(config, say) if total > 0 else _refuse_trained_out(Path(config.out))
     if resume_from is None and created.prototypes_from is not None:
         _warm_start_prototypes(partial_fc, created.prototypes_from, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
@@ -302,6 +310,7 @@ def export_model(run: Run, folder: Path, step: int) -> Path:
         "trained_by": "unicom train",
         "run": str(run.out.resolve()),
         "step": step,
+        "seed": run.config.seed,
         "init": storage.recorded(run.config.model.init),
         "data": run.source.describe(),
         "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
@@ -368,7 +377,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     transform = config.augment.transform(run.created.image_size)
     stream = TrainStream(run.source, transform, batch, config.seed, rank, world, run.roles, positions, next_role,
                          device_decode=resolve_decode(config.data.decode, run.device, transform))
-    batches = iter(make_loader(stream, run.workers, run.device))
+    # train.steps=0 reads no data: no decoding workers to start
+    batches = iter(make_loader(stream, run.workers, run.device)) if state.step < run.total_steps else iter(())
     positions = list(positions)
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
     result = None
@@ -423,12 +433,13 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
                 last_saved = state.step
                 interval["start"] += time.perf_counter() - began  # images/s without the write
                 log.event("checkpoint", step=state.step, path=str(saved), seconds=round(time.perf_counter() - began, 3))
-        if last_saved != state.step:
+        if last_saved != state.step and state.step > 0:
             _save(run, state, positions, next_role, state.step / run.steps_per_epoch)
         model_folder = out / "model"
         if rank == 0:
             export_model(run, model_folder, state.step)
         distributed.barrier()
+        untrained = state.step == 0
         summary = {
             "steps": state.step,
             "images": state.images,
@@ -437,12 +448,15 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             "failed_images": state.failed,
             "final_loss": result.loss if result is not None else None,
             "model": str(model_folder),
-            "checkpoint": str(ckpt.checkpoint_root(out) / ckpt.step_name(state.step)),
+            "checkpoint": None if untrained else str(ckpt.checkpoint_root(out) / ckpt.step_name(state.step)),
         }
         if rank == 0:
             write_json_atomic(out / "summary.json", summary)
         log.event("end", **summary)
-        say(f"done: {state.step} steps, {state.skipped_steps} skipped; model exported to {model_folder}")
+        if untrained:
+            say(f"train.steps=0: the initial network (seed {config.seed}) exported to {model_folder}, untrained")
+        else:
+            say(f"done: {state.step} steps, {state.skipped_steps} skipped; model exported to {model_folder}")
         return summary
     finally:
         log.close()

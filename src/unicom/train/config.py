@@ -97,6 +97,9 @@ class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # checkpoints kept (the newest)
     resume: str = "auto"  # auto: the newest valid checkpoint of `out`, if any; never; or a checkpoint folder
+    # keep: a resumed run keeps the checkpoint's images per step (global batch) on any number of ranks by
+    # changing train.accumulation, and refuses when no whole accumulation does; change: the recipe's batch as given
+    resume_batch: Literal["keep", "change"] = "keep"
 
 
 @dataclass

@@ -52,3 +52,28 @@ def test_losses_do_not_import_the_trainer_or_the_server():
     code = "import sys, unicom.losses, unicom.optim; print([m for m in sys.modules if m.startswith(('unicom.train', 'fastapi', 'matplotlib'))])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_index_does_not_print_how_faiss_picked_its_build(tmp_path):
+    """faiss's loader reports at INFO each build it tries ("Could not load library with
+    AVX512 support ..."): not a failure, so `unicom index` does not show it."""
+    import numpy as np
+
+    from unicom.formats.embeddings import write_part
+
+    vectors = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    result = subprocess.run([sys.executable, "-m", "unicom", "index", "--emb", str(tmp_path / "emb"),
+                             "--out", str(tmp_path / "index")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "flat index" in result.stderr + result.stdout  # the command's own report still shows
+    assert "Loading faiss" not in result.stderr and "Could not load library" not in result.stderr
+
+
+def test_faiss_warnings_still_show_after_the_commands_configure_logging():
+    code = ("import logging; from unicom.commands import configure_logging; configure_logging(); import faiss; "
+            "logging.getLogger('faiss.loader').warning('a real faiss.loader warning'); "
+            "logging.getLogger('faiss').info('another faiss logger')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert "a real faiss.loader warning" in result.stderr and "another faiss logger" in result.stderr
+    assert "Loading faiss" not in result.stderr

@@ -113,7 +113,7 @@ def test_the_probe_lists_the_new_loss_keys(capsys):
 
     assert main(["probe", "--list-keys"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert "loss.feature_rate = 1.0" in listed and "loss.margin_gradient = 'exact'" in listed
+    assert "loss.feature_rate = 1.0" in listed and "loss.margin_gradient = exact" in listed
 
 
 @pytest.mark.parametrize("name", list(HEADS))

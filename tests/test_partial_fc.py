@@ -156,6 +156,47 @@ def test_sampling_takes_all_positives_when_they_exceed_the_rate():
     assert pfc.last_class_index.tolist() == list(range(20))
 
 
+def test_classes_per_step_counts_distinct_labels_by_enumeration():
+    """2 of 3 uniform labels: 9 equally likely batches, 3 with one distinct label, 6 with two."""
+    import itertools
+
+    from unicom.losses import classes_per_step
+
+    batches = list(itertools.product(range(3), repeat=2))
+    expected = sum(len(set(b)) for b in batches) / len(batches)
+    assert expected == 15 / 9
+    assert classes_per_step(3, 2, 1.0).positives == pytest.approx(expected)
+
+
+def test_classes_per_step_samples_per_shard():
+    """10 classes over 3 ranks hold 4, 3, 3; at r1 = 0.3 they sample ceil(1.2) + ceil(0.9) + ceil(0.9) = 4."""
+    from unicom.losses import classes_per_step
+
+    selection = classes_per_step(10, 2, 0.3, world_size=3)
+    assert selection.sampled == 4 and not selection.all_classes
+    assert classes_per_step(10, 2, 0.95).all_classes  # ceil(9.5) = 10: r1 keeps every class
+
+
+def test_a_small_k_and_r1_leave_the_batchs_positives_only():
+    """k = 136, batch 32, r1 = 0.1: ceil(13.6) = 14 sampled, ~28.6 distinct labels; the
+    selection of PartialFC itself then takes exactly the positives, as many as predicted."""
+    from unicom.losses import classes_per_step
+
+    selection = classes_per_step(136, 32, 0.1)
+    assert selection.sampled == 14 and selection.positives_only
+    assert selection.positives == pytest.approx(136 * (1 - (135 / 136) ** 32))
+    pfc = PartialFC(8, 136, sample_rate=0.1, seed=0)
+    counts = []
+    for step in range(300):
+        labels = torch.randint(0, 136, (32,), generator=torch.Generator().manual_seed(step))
+        positives = torch.unique(labels)
+        selected = pfc.select_classes(labels, torch.ones_like(labels, dtype=torch.bool))
+        if positives.numel() >= 14:
+            assert torch.equal(selected, positives)
+        counts.append(selected.numel())
+    assert sum(counts) / len(counts) == pytest.approx(selection.used, abs=0.5)
+
+
 def test_negatives_are_sampled_uniformly():
     classes, rate, steps = 200, 0.1, 600
     pfc = PartialFC(8, classes, sample_rate=rate, seed=11, check_inputs=False)

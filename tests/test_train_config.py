@@ -182,4 +182,38 @@ def test_every_key_is_listed_with_its_default(capsys):
 
     assert main(["train", "--list-keys"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert "optim.lr = 0.001" in listed and "loss.sample_rate = 0.1" in listed and "data.shards = None" in listed
+    assert "optim.lr = 0.001" in listed and "loss.sample_rate = 0.1" in listed
+
+
+def test_listed_defaults_are_written_as_yaml_and_read_back_as_overrides(capsys):
+    import yaml
+
+    from unicom.cli import main
+    from unicom.train.config import default_values, load_config
+
+    assert main(["train", "--list-keys"]) == 0
+    listed = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
+    assert listed["data.shards"] == "null" and listed["model.sync_batchnorm"] == "true"
+    assert listed["model.compile"] == "false" and listed["optim.betas"] == "[0.9, 0.999]"
+    assert {key: yaml.safe_load(text) for key, text in listed.items()} == default_values()
+    overrides = [f"{key}={text}" for key, text in listed.items()]
+    assert load_config(None, overrides, validate=False).to_dict() == load_config(None, [], validate=False).to_dict()
+
+
+def test_print_config_needs_no_data_source_and_says_what_is_missing(capsys):
+    import yaml
+
+    from unicom.cli import main
+
+    assert main(["train", "--print-config", "optim.lr=5e-4"]) == 0
+    captured = capsys.readouterr()
+    printed = yaml.safe_load(captured.out)
+    assert printed["optim"]["lr"] == 5e-4 and printed["data"]["folder"] is None and printed["out"] is None
+    assert "give exactly one training source" in captured.err and "out is required" in captured.err
+
+
+def test_print_config_still_refuses_an_unknown_key(capsys):
+    from unicom.cli import main
+
+    assert main(["train", "--print-config", "optim.lr_backbone=1e-4"]) == 2
+    assert "unknown key 'optim.lr_backbone'" in capsys.readouterr().err

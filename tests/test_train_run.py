@@ -45,14 +45,24 @@ def overrides(images: Path, out: Path, *extra: str) -> list[str]:
     return [f"out={out}", f"data.folder={images}", *TINY, *extra]
 
 
-def losses(out: Path) -> list[float]:
+def events(out: Path, name: str) -> list[dict]:
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["event"] == "step"]
+    return [r for r in records if r["event"] == name]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in events(out, "step")]
 
 
 def run_command(args: list[str], env_extra: dict | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (prefix or [sys.executable, "-m", "unicom.train"]) + args
     return subprocess.run(command, env={**ENV, **(env_extra or {})}, capture_output=True, text=True, timeout=300)
+
+
+def torchrun() -> list[str]:
+    """The command that starts ``unicom train`` on two gloo processes (a fresh port each time)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "unicom.train"]
 
 
 def run_until_paused_then_kill(args: list[str], pause: str) -> str:
@@ -111,6 +121,74 @@ def test_a_tiny_vit_learns_pseudo_classes_and_exports_a_loadable_model(images, t
         assert encoder.encode_image(probe).shape == (2, 16)
 
 
+def test_the_start_says_which_classes_a_step_uses_and_the_first_line_gives_no_eta(images, tmp_path, capsys):
+    """8 classes, 16 images a step, r1 = 0.5: ceil(4) sampled against ~7.1 distinct labels."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=3", "log.every=2")))
+    lines = capsys.readouterr().out.splitlines()
+    assert "  classes per step: ~7 of 8, the batch's positives only" in lines
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert "loss.sample_rate=0.5 has no effect: a batch of 16 images holds ~7 distinct labels" in warning
+    assert "raise loss.sample_rate above ~0.88" in warning
+    first, second, last = [line for line in lines if line.startswith("step ")]
+    assert first.startswith("step 1/3 ") and "with start-up, ETA from the next line" in first and "img/s" not in first
+    assert second.startswith("step 2/3 ") and " img/s ETA " in second and last.startswith("step 3/3 ")
+    records = events(tmp_path / "run", "step")
+    assert records[0]["images_per_second"] is None and records[0]["startup_seconds"] > 0
+    assert records[1]["images_per_second"] > 0 and "startup_seconds" not in records[1]
+    assert events(tmp_path / "run", "start")[0]["classes_per_step"] == round(8 * (1 - (7 / 8) ** 16), 1)
+
+
+def test_the_start_line_names_every_class_or_the_random_negatives():
+    from unicom.losses import classes_per_step
+    from unicom.train.trainer import _describe_selection
+
+    assert _describe_selection(classes_per_step(8, 16, 1.0), 16, 1.0) == ["  classes per step: all 8"]
+    lines = _describe_selection(classes_per_step(10, 16, 0.95), 16, 0.95)
+    assert lines[0] == "  classes per step: all 10" and lines[1].startswith("warning: loss.sample_rate=0.95 keeps every class")
+    # 100 000 classes, 1024 images: ~1019 positives and 10 000 - 1019 random negatives
+    assert _describe_selection(classes_per_step(100_000, 1024, 0.1), 1024, 0.1) == [
+        "  classes per step: ~10,000 of 100,000 (the batch's ~1,019 positives and ~8,981 random negatives)"]
+
+
+def test_zero_steps_export_the_network_the_recipe_and_seed_start_from(images, tmp_path):
+    import unicom
+    from unicom.engine.seeding import seed_everything
+    from unicom.models.export import read_config, read_weights
+    from unicom.models.vit import create_model
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    config = load_config(None, overrides(images, tmp_path / "run", "train.steps=0", "seed=5", "data.workers=2"))
+    summary = train(config)
+    assert summary["steps"] == 0 and summary["checkpoint"] is None
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    exported = read_weights(tmp_path / "run" / "model")
+    seed_everything(5)
+    reference = create_model("ViT-B-32", overrides=config.model.overrides()).module.state_dict()
+    assert_identical(exported, reference)
+    seed_everything(6)
+    other = create_model("ViT-B-32", overrides=config.model.overrides()).module.state_dict()
+    assert not all(torch.equal(exported[key], other[key]) for key in exported)  # the seed decides
+    provenance = read_config(tmp_path / "run" / "model")["provenance"]
+    assert provenance["seed"] == 5 and provenance["step"] == 0
+    model, _ = unicom.load(str(tmp_path / "run" / "model"))
+    assert_identical(model.state_dict(), reference)
+
+
+def test_zero_steps_never_overwrite_the_model_of_a_run(images, tmp_path):
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=2")))
+    trained = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(InputError, match="train.steps=0 exports the untrained network .* holds a run .* use another out"):
+        train(load_config(None, overrides(images, tmp_path / "run", "train.steps=0")))
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == trained
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_follow_the_single_process_loss_curve(images, tmp_path):
     """Same global batch (2 x 8 against 1 x 16), every class in every step: the losses agree
@@ -118,9 +196,7 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(images, tmp_pat
     common = ["loss.sample_rate=1.0"]
     single = run_command(overrides(images, tmp_path / "one", *common))
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                "-m", "unicom.train"]
-    double = run_command(overrides(images, tmp_path / "two", *common, "data.batch_size=8"), prefix=torchrun)
+    double = run_command(overrides(images, tmp_path / "two", *common, "data.batch_size=8"), prefix=torchrun())
     assert double.returncode == 0, (double.stdout + double.stderr)[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 40
@@ -177,9 +253,7 @@ def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp
 
 @pytest.mark.slow
 def test_a_two_rank_run_resumes_on_one_rank(images, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                "-m", "unicom.train"]
-    first = run_command(overrides(images, tmp_path / "run", "data.batch_size=8", "train.steps=20"), prefix=torchrun)
+    first = run_command(overrides(images, tmp_path / "run", "data.batch_size=8", "train.steps=20"), prefix=torchrun())
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_command(overrides(images, tmp_path / "run", "data.batch_size=16", "train.steps=30"))
     assert second.returncode == 0, second.stderr[-3000:]
@@ -187,6 +261,74 @@ def test_a_two_rank_run_resumes_on_one_rank(images, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 30
     blocks = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000030").glob("prototypes_*"))
     assert blocks == ["prototypes_000000000_000000008.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_resumed_on_one_rank_and_back_keeps_its_global_batch_and_epochs(images, tmp_path):
+    """2 ranks x 8, then 1 rank x 8 (accumulation 2), then 2 ranks x 8 with a recipe saying
+    accumulation 2 (back to 1): 16 images and 1/8 epoch per step throughout."""
+    out = tmp_path / "run"
+    first = run_command(overrides(images, out, "data.batch_size=8", "train.steps=10", "checkpoint.every=5"), prefix=torchrun())
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    second = run_command(overrides(images, out, "data.batch_size=8", "train.steps=20", "checkpoint.every=5"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "train.accumulation=2 instead of 1: 1 rank(s) x 8 images x 2 micro-step(s) keep the checkpoint's global batch " \
+           "of 16 (2 rank(s) x 8 images x 1 micro-step(s))" in second.stdout
+    third = run_command(overrides(images, out, "data.batch_size=8", "train.accumulation=2", "train.steps=30",
+                                  "checkpoint.every=5"), prefix=torchrun())
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert "train.accumulation=1 instead of 2" in third.stdout
+    starts = events(out, "start")
+    assert [s["global_batch"] for s in starts] == [16, 16, 16] and [s["steps_per_epoch"] for s in starts] == [8, 8, 8]
+    steps = events(out, "step")
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert [r["epoch"] for r in steps] == [round(step / 8, 4) for step in range(1, 31)]
+    manifest = json.loads((out / "checkpoints" / "step_00000020" / "checkpoint.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["global_batch"] == 16 and manifest["config"]["train"]["accumulation"] == 2
+
+
+def _checkpointed_run(images: Path, out: Path) -> None:
+    """A run of 4 steps of 1 rank x 16 images, checkpointed at 2 and 4 (half an epoch)."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    train(load_config(None, overrides(images, out, "train.steps=4", "checkpoint.every=2")))
+
+
+def test_a_batch_no_whole_accumulation_makes_up_is_refused_with_what_would(images, tmp_path):
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    with pytest.raises(InputError, match=r"global batch of 16 \(1 rank\(s\) x 16 images x 1 micro-step\(s\)\); 1 rank\(s\) x "
+                                         r"data.batch_size=12 .* Use data.batch_size=8 .* checkpoint.resume_batch=change"):
+        train(load_config(None, overrides(images, tmp_path / "run", "train.steps=6", "data.batch_size=12")))
+
+
+def test_a_smaller_batch_on_the_same_ranks_accumulates_to_the_checkpoints_batch(images, tmp_path, capsys):
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=6", "data.batch_size=8")))
+    assert "train.accumulation=2 instead of 1" in capsys.readouterr().out
+    assert [r["epoch"] for r in events(tmp_path / "run", "step")] == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+    assert "accumulation: 2" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_an_allowed_batch_change_counts_epochs_on_from_the_checkpoint(images, tmp_path, capsys):
+    """Half an epoch at 16 images a step, then 8 a step (16 steps an epoch): one epoch in all
+    takes 8 more steps, and step 5 ends epoch 0.5 + 1/16."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    summary = train(load_config(None, overrides(images, tmp_path / "run", "train.steps=null", "train.epochs=1",
+                                                "data.batch_size=8", "checkpoint.resume_batch=change")))
+    assert "this run steps with 8 (1 x 8 x 1), as checkpoint.resume_batch=change allows" in capsys.readouterr().out
+    assert summary["steps"] == 12
+    epochs = [r["epoch"] for r in events(tmp_path / "run", "step")]
+    assert epochs[4:] == [round(0.5 + (step - 4) / 16, 4) for step in range(5, 13)] and epochs[-1] == 1.0
 
 
 # ----------------------------------------------------------------- fine-tuning and export

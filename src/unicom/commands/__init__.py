@@ -1,5 +1,20 @@
 
 
+def configure_logging() -> None:
+    """Progress of the library's loggers on stderr, one message a line, for the commands
+    that report through ``logging`` (``index``, ``serve``).
+
+    faiss's loader reports at INFO how it picked its build ("Loading faiss with AVX512
+    support.", "Could not load library with AVX512 support due to: ..."), which reads as a
+    failure and is not one: that logger shows warnings and errors only; every other faiss
+    logger is untouched."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
 def add_recipe_arguments(parser, example: str, recipes: str) -> None:
     """The arguments shared by the recipe-driven commands (``train``, ``probe``): ``KEY=VALUE``
     overrides, ``--config``, ``--out``, ``--list-keys`` and ``--print-config``; the command's
@@ -17,17 +32,28 @@ def add_recipe_arguments(parser, example: str, recipes: str) -> None:
 
 def resolve_recipe(args, load, defaults, *extra: str):
     """The recipe of a recipe-driven command, or None when ``--list-keys`` or
-    ``--print-config`` answered already. ``load(path, overrides)`` reads and checks it
-    (every key and value before any work); ``defaults()`` gives ``{key: default}``;
-    ``extra`` are overrides the command derived from its own options."""
+    ``--print-config`` answered already. ``load(path, overrides, validate)`` reads and
+    checks it (every key and value before any work); ``defaults()`` gives ``{key: default}``;
+    ``extra`` are overrides the command derived from its own options.
+
+    ``--list-keys`` writes the defaults as YAML (``null``, ``true``), the way a recipe and an
+    override spell them. ``--print-config`` needs no data source or output folder: it
+    prints the recipe as resolved so far and then, on stderr, what it still lacks to run."""
+    import sys
+
+    from unicom.engine.recipe import to_yaml, yaml_value
+    from unicom.errors import InputError
+
     if args.list_keys:
-        print("\n".join(f"{key} = {value!r}" for key, value in defaults().items()))
+        print("\n".join(f"{key} = {yaml_value(value)}" for key, value in defaults().items()))
         return None
     overrides = [*args.overrides, *([f"out={args.out}"] if args.out else []), *extra]
-    config = load(args.config, overrides)
+    config = load(args.config, overrides, validate=not args.print_config)
     if args.print_config:
-        from unicom.engine.recipe import to_yaml
-
         print(to_yaml(config), end="")
+        try:
+            config.validate()
+        except InputError as problems:
+            print(f"note: to run, this recipe still needs changes: {problems}", file=sys.stderr)
         return None
     return config

@@ -12,8 +12,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 
@@ -46,11 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unicom.commands import configure_logging
     from unicom.search.clip_layout import is_clip_folder
     from unicom.search.index import CONFIG_FILE, Index
     from unicom.search.planner import format_size
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure_logging()
     out = Path(args.out)
     if ((out / CONFIG_FILE).is_file() or is_clip_folder(out)) and not args.rebuild:
         index = Index.load(out)

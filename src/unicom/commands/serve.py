@@ -19,7 +19,6 @@ clip-retrieval's front end and ``ClipClient`` talk to the same server (``/knn-se
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -85,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
         from unicom.search.service import create_app
     except ImportError as error:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
+    from unicom.commands import configure_logging
     from unicom.commands.search import load_checked_encoder, model_spec
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure_logging()
     indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
     encoders, loaded = {}, {}
     for name, index in indexes.items():

@@ -270,9 +270,12 @@ def _is_plain_string(annotation) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType) and args == [str]
 
 
-def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = ()):
+def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True):
     """Read a recipe file of class ``cls`` (or its defaults when ``path`` is None), apply
-    ``key=value`` overrides, validate; every problem is an :class:`InputError`."""
+    ``key=value`` overrides, validate; every problem is an :class:`InputError`.
+
+    ``validate=False`` checks keys and types only (a recipe still being written, e.g. for
+    ``--print-config``); :meth:`Recipe.validate` then says what it lacks to run."""
     import yaml
 
     data: Any = {}
@@ -288,7 +291,7 @@ def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = ()):
         source = str(path)
     config = from_dict(cls, data, source)
     apply_overrides(config, overrides)
-    return config.validate()
+    return config.validate() if validate else config
 
 
 def default_values(cls) -> dict[str, Any]:
@@ -323,6 +326,15 @@ def changed_keys(before: Mapping[str, Any], now, ignore: Sequence[str] = ()) -> 
     return changed
 
 
+def yaml_value(value: Any) -> str:
+    """``value`` written as in a YAML recipe, on one line: ``null``, ``true``, ``1.0e-05``,
+    ``[0.9, 0.999]``, ``ViT-B-32`` (quoted only where YAML needs it)."""
+    import yaml
+
+    text = yaml.safe_dump([value], default_flow_style=True, width=2**31 - 1).strip()
+    return text[1:-1]  # the value inside the one-item list
+
+
 def to_yaml(config) -> str:
     """The recipe as YAML that :func:`load` reads back to an equal recipe."""
     import yaml
@@ -331,4 +343,4 @@ def to_yaml(config) -> str:
 
 
 __all__ = ["Recipe", "check", "load", "from_dict", "apply_overrides", "valid_keys", "default_values", "flatten",
-           "changed_keys", "to_yaml"]
+           "changed_keys", "to_yaml", "yaml_value"]

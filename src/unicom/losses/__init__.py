@@ -16,7 +16,7 @@ _EXPORTS = {
     "ArcFace": "margins", "CosFace": "margins", "CombinedMargin": "margins", "DynMArcFace": "margins",
     "AdaCos": "margins", "LiArcFace": "margins", "CurricularFace": "margins", "AdaFace": "margins",
     "MarginHead": "margins", "MarginContext": "margins", "straight_through": "margins",
-    "PartialFC": "partial_fc", "shard_range": "partial_fc",
+    "PartialFC": "partial_fc", "shard_range": "partial_fc", "classes_per_step": "partial_fc",
     "HEADS": "heads", "build_margin_head": "heads",
 }
 

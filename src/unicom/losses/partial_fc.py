@@ -22,6 +22,7 @@ classes), which :class:`unicom.optim.SparseAdamW` applies to those rows only.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,46 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, base + (1 if rank < extra else 0)
+
+
+class ClassesPerStep(NamedTuple):
+    """How many classes one step of :class:`PartialFC` takes part in (:func:`classes_per_step`)."""
+
+    num_classes: int  # k
+    sampled: int  # sum over shards of min(ceil(sample_rate · classes on the shard), classes on the shard)
+    positives: float  # expected distinct labels of the batch
+    used: float  # expected classes per step, the positives included
+
+    @property
+    def all_classes(self) -> bool:
+        """Every class takes part in every step."""
+        return self.sampled >= self.num_classes
+
+    @property
+    def positives_only(self) -> bool:
+        """The batch's positives are as many as the sampled classes, or more: a step then
+        takes the positives only, and no random negatives."""
+        return not self.all_classes and self.positives >= self.sampled
+
+
+def classes_per_step(num_classes: int, batch: int, sample_rate: float, world_size: int = 1) -> ClassesPerStep:
+    """The classes a step uses with random negative-class selection (r1 = ``sample_rate``).
+
+    ``batch``: the labels of one forward, all ranks together (ranks × per-rank batch).
+    Each shard of n classes keeps max(ceil(r1 · n), its positives), at most n
+    (:meth:`PartialFC.select_classes`). The positives are counted as if labels were
+    uniform over the k classes, k · (1 − (1 − 1/k)^batch) distinct ones expected (an upper
+    bound for skewed class sizes), and ``used`` adds the shards' expectations
+    max(ceil(r1 · n), n · (1 − (1 − 1/k)^batch)).
+    """
+    share = 1.0 - (1.0 - 1.0 / num_classes) ** batch  # chance that a given class is among the labels
+    sampled = used = 0.0
+    for rank in range(world_size):
+        _, local = shard_range(num_classes, rank, world_size)
+        keep = local if sample_rate >= 1.0 else min(local, math.ceil(sample_rate * local))
+        sampled += keep
+        used += min(local, max(keep, local * share))
+    return ClassesPerStep(num_classes, int(sampled), num_classes * share, used)
 
 
 PROTOTYPE_INITS = ("normal", "xavier")

@@ -84,7 +84,7 @@ class TrainSection:
     """Length, precision and numerics."""
 
     epochs: float = 32.0
-    steps: int | None = None  # overrides epochs
+    steps: int | None = None  # overrides epochs; 0: export the initial (untrained) network and stop
     accumulation: int = 1  # micro-steps per optimiser step
     precision: Literal[PRECISIONS] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_nonfinite_steps: int = 20  # stop after this many consecutive skipped steps
@@ -97,6 +97,9 @@ class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # checkpoints kept (the newest)
     resume: str = "auto"  # auto: the newest valid checkpoint of `out`, if any; never; or a checkpoint folder
+    # keep: a resumed run keeps the checkpoint's images per step (global batch) on any number of ranks by
+    # changing train.accumulation, and refuses when no whole accumulation does; change: the recipe's batch as given
+    resume_batch: Literal["keep", "change"] = "keep"
 
 
 @dataclass
@@ -142,7 +145,7 @@ class TrainConfig(Recipe):
         check(data.shuffle_buffer >= 1, problems, f"data.shuffle_buffer must be at least 1, got {data.shuffle_buffer}")
         check(data.samples_per_epoch is None or data.samples_per_epoch >= 1, problems, "data.samples_per_epoch must be positive")
         check(train.steps is not None or train.epochs > 0, problems, f"train.epochs must be positive, got {train.epochs}")
-        check(train.steps is None or train.steps >= 1, problems, f"train.steps must be at least 1, got {train.steps}")
+        check(train.steps is None or train.steps >= 0, problems, f"train.steps must be 0 or more, got {train.steps}")
         check(train.accumulation >= 1, problems, f"train.accumulation must be at least 1, got {train.accumulation}")
         check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
         check(0 <= self.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
@@ -152,9 +155,9 @@ class TrainConfig(Recipe):
         check(bool(self.out), problems, "out is required: the folder for checkpoints, logs and the exported model (out=DIR or --out DIR)")
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True) -> TrainConfig:
     """Read a training recipe (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
-    return recipe.load(TrainConfig, path, overrides)
+    return recipe.load(TrainConfig, path, overrides, validate)
 
 
 def from_dict(data, source: str = "config") -> TrainConfig:

@@ -32,6 +32,7 @@ from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import StepResult, TrainingStopped, TrainStep, build_train_step
 from unicom.errors import InputError
+from unicom.losses.partial_fc import ClassesPerStep, classes_per_step
 from unicom.train.config import TrainConfig
 
 
@@ -73,6 +74,17 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     resume_from: Path | None
+    epoch_origin: tuple[int, float] = (0, 0.0)  # (step, epoch) the epochs count on from: the resumed checkpoint's
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step, all ranks and micro-steps together."""
+        return distributed.get_world_size() * self.config.data.batch_size * self.config.train.accumulation
+
+    def epoch(self, step: int) -> float:
+        """Epochs done after ``step``, continuous over resumes with another batch layout."""
+        origin_step, origin_epoch = self.epoch_origin
+        return origin_epoch + (step - origin_step) / self.steps_per_epoch
 
 
 def _find_resume(config: TrainConfig, log) -> Path | None:
@@ -108,6 +120,14 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
     return chosen
 
 
+def _refuse_trained_out(out: Path) -> None:
+    """``train.steps=0`` writes the untrained network to ``out/model``: never over a run's."""
+    found = distributed_broadcast(ckpt.complete_checkpoints(out)) if out.exists() else []
+    if found:
+        raise InputError(f"train.steps=0 exports the untrained network to {out / 'model'}, but {out} holds a run "
+                         f"(newest checkpoint {found[0].name}): use another out")
+
+
 def distributed_broadcast(value):
     return ckpt._broadcast_object(value)
 
@@ -140,8 +160,6 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         workers = 0 if workers <= 1 and device.type == "cpu" else workers
     roles = max(1, workers)
     source.check_readers(world, roles, config.data.batch_size)
-    per_epoch = steps_per_epoch(source, world, config.data.batch_size, config.train.accumulation, config.data.samples_per_epoch)
-    total = config.train.steps or max(1, int(round(config.train.epochs * per_epoch)))
 
     seed_everything(config.seed)  # the same initial weights on every rank
     created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides(),
@@ -153,7 +171,17 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     # DynM-ArcFace's margins come from the training images per class
     class_counts = source.class_counts() if config.loss.needs_class_counts else None
     partial_fc = config.loss.partial_fc(created.embedding_dim, source.num_classes, class_counts, seed=config.seed).to(device)
-    resume_from = _find_resume(config, say)
+    resume_from = _find_resume(config, say) if config.train.steps != 0 else _refuse_trained_out(Path(config.out))
+    origin = (0, 0.0)
+    if resume_from is not None:
+        manifest = ckpt.read_manifest(resume_from)
+        config = _resume_batch(config, manifest, world, say)
+        origin = (int(manifest["step"]), float(manifest["epoch"]))
+    per_epoch = steps_per_epoch(source, world, config.data.batch_size, config.train.accumulation, config.data.samples_per_epoch)
+    if config.train.steps is not None:
+        total = config.train.steps
+    else:  # the epochs left after the checkpoint, at this run's steps per epoch
+        total = max(1, origin[0] + int(round((config.train.epochs - origin[1]) * per_epoch)))
     if resume_from is None and created.prototypes_from is not None:
         _warm_start_prototypes(partial_fc, created.prototypes_from, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
@@ -165,7 +193,49 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         backbone.compile()
     step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device))
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
-               workers, roles, per_epoch, total, resume_from)
+               workers, roles, per_epoch, total, resume_from, origin)
+
+
+def _resume_batch(config: TrainConfig, manifest: dict, world: int, say) -> TrainConfig:
+    """The recipe to resume ``manifest``'s checkpoint with on ``world`` ranks.
+
+    A step keeps the checkpoint's global batch (its images per optimiser step): on another
+    number of ranks, or with another ``data.batch_size``, ``train.accumulation`` changes to
+    make it up (a copy of the recipe says so); when no whole accumulation does, an
+    :class:`InputError` says which batch sizes or rank counts would.
+    ``checkpoint.resume_batch=change`` runs the recipe's batch as given instead.
+    """
+    import copy
+
+    saved = manifest["config"]
+    old_world = manifest["world_size"]
+    old_batch, old_accumulation = saved["data"]["batch_size"], saved["train"]["accumulation"]
+    old_global = manifest.get("global_batch", old_world * old_batch * old_accumulation)
+    batch, accumulation = config.data.batch_size, config.train.accumulation
+    new_global = world * batch * accumulation
+    was = f"{old_global} ({old_world} rank(s) x {old_batch} images x {old_accumulation} micro-step(s))"
+    if new_global == old_global:
+        return config
+    if config.checkpoint.resume_batch == "change":
+        say(f"note: the checkpoint's global batch was {was}; this run steps with {new_global} "
+            f"({world} x {batch} x {accumulation}), as checkpoint.resume_batch=change allows")
+        return config
+    if old_global % (world * batch):
+        per_rank = old_global // world if old_global % world == 0 else None
+        sizes = [size for size in range(batch, 0, -1) if per_rank and per_rank % size == 0][:1]
+        ranks = [r for r in range(1, old_global + 1) if old_global % (r * batch) == 0]
+        raise InputError(
+            f"the checkpoint was trained with a global batch of {was}; {world} rank(s) x data.batch_size={batch} cannot "
+            "make it up with a whole train.accumulation. "
+            + (f"Use data.batch_size={sizes[0]} (or another divisor of {per_rank}), " if sizes else "")
+            + (f"run on {' or '.join(str(r) for r in ranks[:3])} rank(s), " if ranks else "")
+            + f"or set checkpoint.resume_batch=change to go on with {new_global} images per step"
+        )
+    adjusted = copy.deepcopy(config)
+    adjusted.train.accumulation = old_global // (world * batch)
+    say(f"note: train.accumulation={adjusted.train.accumulation} instead of {accumulation}: {world} rank(s) x {batch} "
+        f"images x {adjusted.train.accumulation} micro-step(s) keep the checkpoint's global batch of {was}")
+    return adjusted
 
 
 def _warm_start_prototypes(partial_fc, path: Path, say) -> None:
@@ -253,7 +323,7 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
     return run_state, rank_state, manifest
 
 
-def _save(run: Run, state: RunState, positions, next_role: int, epoch: float) -> Path:
+def _save(run: Run, state: RunState, positions, next_role: int) -> Path:
     pfc = run.partial_fc
     opt_state = run.step_fn.prototype_optimizer.state.get(pfc.prototypes, {})
     prototypes = {
@@ -274,7 +344,8 @@ def _save(run: Run, state: RunState, positions, next_role: int, epoch: float) ->
     state.loss_scale = run.step_fn.scaler.state_dict()
     main = distributed.get_rank() == 0
     manifest = {
-        "epoch": epoch,
+        "epoch": run.epoch(state.step),
+        "global_batch": run.global_batch,
         "architecture": run.created.architecture,
         "settings": run.created.settings,
         "embedding_dim": run.created.embedding_dim,
@@ -302,6 +373,7 @@ def export_model(run: Run, folder: Path, step: int) -> Path:
         "trained_by": "unicom train",
         "run": str(run.out.resolve()),
         "step": step,
+        "seed": run.config.seed,
         "init": storage.recorded(run.config.model.init),
         "data": run.source.describe(),
         "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
@@ -332,6 +404,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     from unicom.train.data import TrainStream, make_loader
 
     run = prepare(config)
+    config = run.config  # the recipe as it runs (train.accumulation may keep a resumed run's batch)
     out, rank, world = run.out, distributed.get_rank(), distributed.get_world_size()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -347,8 +420,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         state, rank_state, manifest = _restore(run, say)
         log.event("resume", checkpoint=str(run.resume_from), step=state.step)
     positions, next_role = _data_positions(run, rank_state, manifest, say)
-    batch, accumulation = config.data.batch_size, config.train.accumulation
-    global_batch = world * batch * accumulation
+    batch, accumulation, global_batch = config.data.batch_size, config.train.accumulation, run.global_batch
     say(f"unicom train: {run.created.architecture} {run.created.settings} (weights: {run.created.init_kind}"
         f"{' ' + str(run.created.init) if run.created.init else ''}), {run.partial_fc.num_classes:,} classes, "
         f"{run.partial_fc.margin!r} head, sample_rate {config.loss.sample_rate}, feature_rate {config.loss.feature_rate}"
@@ -360,17 +432,22 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         f"{run.workers} decoding worker(s) per rank; {run.precision} on {run.device}")
     if getattr(run.source, "class_labels", None) is not None:
         say(f"  {run.source.describe_classes()} (all in {out / 'classes.csv'})")
+    selection = classes_per_step(run.partial_fc.num_classes, world * batch, config.loss.sample_rate, world)
+    for line in _describe_selection(selection, world * batch, config.loss.sample_rate):
+        say(line)
     log.event("start", step=state.step, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
               global_batch=global_batch, world_size=world, device=str(run.device), precision=run.precision,
               architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
-              data=run.source.describe())
+              data=run.source.describe(), classes_per_step=round(selection.used, 1))
 
     transform = config.augment.transform(run.created.image_size)
     stream = TrainStream(run.source, transform, batch, config.seed, rank, world, run.roles, positions, next_role,
                          device_decode=resolve_decode(config.data.decode, run.device, transform))
-    batches = iter(make_loader(stream, run.workers, run.device))
+    # train.steps=0 reads no data: no decoding workers to start
+    batches = iter(make_loader(stream, run.workers, run.device)) if state.step < run.total_steps else iter(())
     positions = list(positions)
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
+    first_step = state.step + 1  # logged alone: it carries the start-up (workers, first batches, first kernels)
     result = None
     last_saved = state.step if run.resume_from is not None else -1
     try:
@@ -413,22 +490,23 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
                     )
                     log.event("stopped", step=state.step, reason=message)
                     raise TrainingStopped(message)
-            log_now = state.step % config.log.every == 0 or state.step == run.total_steps or state.step == 1
+            log_now = state.step % config.log.every == 0 or state.step == run.total_steps or state.step == first_step
             if log_now:
-                _log_interval(run, log, state, interval, result, global_batch, factor)
+                _log_interval(run, log, state, interval, result, global_batch, factor, startup=state.step == first_step)
             ckpt.pause_if_requested("step", state.step)
             if state.step % config.checkpoint.every == 0 or state.step == run.total_steps:
                 began = time.perf_counter()
-                saved = _save(run, state, positions, next_role, state.step / run.steps_per_epoch)
+                saved = _save(run, state, positions, next_role)
                 last_saved = state.step
                 interval["start"] += time.perf_counter() - began  # images/s without the write
                 log.event("checkpoint", step=state.step, path=str(saved), seconds=round(time.perf_counter() - began, 3))
-        if last_saved != state.step:
-            _save(run, state, positions, next_role, state.step / run.steps_per_epoch)
+        if last_saved != state.step and state.step > 0:
+            _save(run, state, positions, next_role)
         model_folder = out / "model"
         if rank == 0:
             export_model(run, model_folder, state.step)
         distributed.barrier()
+        untrained = state.step == 0
         summary = {
             "steps": state.step,
             "images": state.images,
@@ -437,33 +515,59 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             "failed_images": state.failed,
             "final_loss": result.loss if result is not None else None,
             "model": str(model_folder),
-            "checkpoint": str(ckpt.checkpoint_root(out) / ckpt.step_name(state.step)),
+            "checkpoint": None if untrained else str(ckpt.checkpoint_root(out) / ckpt.step_name(state.step)),
         }
         if rank == 0:
             write_json_atomic(out / "summary.json", summary)
         log.event("end", **summary)
-        say(f"done: {state.step} steps, {state.skipped_steps} skipped; model exported to {model_folder}")
+        if untrained:
+            say(f"train.steps=0: the initial network (seed {config.seed}) exported to {model_folder}, untrained")
+        else:
+            say(f"done: {state.step} steps, {state.skipped_steps} skipped; model exported to {model_folder}")
         return summary
     finally:
         log.close()
         del batches
 
 
+def _describe_selection(selection: ClassesPerStep, batch: int, sample_rate: float) -> list[str]:
+    """The start line on the classes a step uses, and a warning when r1 cannot act as set."""
+    k, used, positives = selection.num_classes, selection.used, selection.positives
+    if selection.all_classes:
+        lines = [f"  classes per step: all {k:,}"]
+        if sample_rate < 1.0:
+            lines.append(f"warning: loss.sample_rate={sample_rate} keeps every class: ceil({sample_rate} x the classes of "
+                         f"each rank) is all of them, as with sample_rate 1.0; lower it for random negatives")
+        return lines
+    if selection.positives_only:
+        return [
+            f"  classes per step: ~{used:,.0f} of {k:,}, the batch's positives only",
+            f"warning: loss.sample_rate={sample_rate} has no effect: a batch of {batch:,} images holds ~{positives:,.0f} "
+            f"distinct labels, at least the {selection.sampled:,} classes it samples, so a step takes the batch's positives "
+            f"and no random negatives (effective sample_rate ~{used / k:.2g}); for random negatives raise "
+            f"loss.sample_rate above ~{positives / k:.2g}",
+        ]
+    return [f"  classes per step: ~{used:,.0f} of {k:,} (the batch's ~{positives:,.0f} positives and "
+            f"~{used - positives:,.0f} random negatives)"]
+
+
 def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result: StepResult, global_batch: int,
-                  factor: float) -> None:
+                  factor: float, startup: bool = False) -> None:
+    """Log the steps since the last line. ``startup``: the interval is the process's first
+    step, which carries the start-up, so it gives no rate and no ETA (the next line does,
+    measured from after it)."""
     unlabelled, failed = _all_reduce_counts([interval["unlabelled"], interval["failed"]], run.device)
     state.unlabelled += unlabelled
     state.failed += failed
     now = time.perf_counter()
     seconds = max(now - interval["start"], 1e-9)
     state.seconds += seconds
-    images_per_second = interval["steps"] * global_batch / seconds
-    remaining = (run.total_steps - state.step) * seconds / max(interval["steps"], 1)
+    images_per_second = None if startup else interval["steps"] * global_batch / seconds
     loss = interval["loss"] / interval["finite"] if interval["finite"] else float("nan")
     lr, prototype_lr = run.config.optim.learning_rates(factor)
     values = {
         "step": state.step,
-        "epoch": round(state.step / run.steps_per_epoch, 4),
+        "epoch": round(run.epoch(state.step), 4),
         "loss": loss,
         "lr": lr,
         "prototype_lr": prototype_lr,
@@ -475,6 +579,12 @@ def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result
         "failed": state.failed,
         "loss_scale": run.step_fn.scaler.scale if run.step_fn.scaler.enabled else None,
     }
+    if startup:
+        values["startup_seconds"] = round(seconds, 3)
+        speed = f"first step {format_duration(seconds)} with start-up" + (", ETA from the next line" if state.step < run.total_steps else "")
+    else:
+        remaining = (run.total_steps - state.step) * seconds / max(interval["steps"], 1)
+        speed = f"{images_per_second:,.0f} img/s ETA {format_duration(remaining)}"
     log.event("step", **values)
     log.scalars(state.step, values)
     extra = ""
@@ -482,6 +592,6 @@ def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result
         extra = f" [skipped {state.skipped_steps}, unlabelled {state.unlabelled}, failed {state.failed}]"
     log.print(
         f"step {state.step}/{run.total_steps} (epoch {values['epoch']:.2f}) loss {loss:.4f} lr {values['lr']:.2e} "
-        f"grad {result.grad_norm:.3g} {images_per_second:,.0f} img/s ETA {format_duration(remaining)}{extra}"
+        f"grad {result.grad_norm:.3g} {speed}{extra}"
     )
     interval.update(loss=0.0, steps=0, finite=0, data=0.0, start=now, unlabelled=0, failed=0)

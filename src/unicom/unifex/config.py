@@ -142,9 +142,9 @@ class ProbeConfig(Recipe):
         check(ev.every >= 0, problems, "eval.every must be 0 or more")
 
 
-def load_probe_config(path, overrides: Sequence[str] = ()) -> ProbeConfig:
+def load_probe_config(path, overrides: Sequence[str] = (), validate: bool = True) -> ProbeConfig:
     """Read a probe recipe (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
-    return recipe.load(ProbeConfig, path, overrides)
+    return recipe.load(ProbeConfig, path, overrides, validate)
 
 
 def default_values() -> dict[str, Any]:

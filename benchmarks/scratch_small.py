@@ -3,13 +3,13 @@
 The demo's data (``unicom.demo``: about 290 characters drawn in matplotlib's 21 fonts, a
 third of the characters held out), its clustering features (16x16 pixels) and its k-means
 pseudo-labels (k = the number of training characters, about 190, on about 3,300 images)
-are made once; then ``unicom train`` runs ``configs/scratch_small.yaml`` for each number of
-steps (each run its own cosine schedule, so a row is what a run of that length gives), and
-variants of it at one length. Every trained network is scored by ``unicom evaluate`` on the
+are made once; then ``unicom train`` runs ``configs/scratch_small.yaml`` and variants of it
+(:data:`RUNS`) for several numbers of steps (each run its own cosine schedule, so a row is
+what a run of that length gives). Every trained network is scored by ``unicom evaluate`` on the
 held-out characters, clean and varied queries against clean gallery glyphs (the demo's
 protocol), beside the pixels and the untrained network.
 
-Usage: python benchmarks/scratch_small.py [--steps 100,200,400,800,1600] [--variants all] [--work runs/scratch_small]
+Usage: python benchmarks/scratch_small.py [--runs all] [--steps 400,800] [--work runs/scratch_small] [--threads 1]
 Writes benchmarks/results/scratch_small.txt, benchmarks/results/scratch_small.json and
 benchmarks/results/scratch_small.png. Runs already in --work are read back, not repeated.
 """
@@ -30,16 +30,27 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "scratch_small.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# name: (overrides of the recipe, what it tests); each runs at --variant-steps
-VARIANTS = {
-    "old demo recipe (s 16, 20-class settings)": (
-        ["loss.scale=16", "augment.crop_scale=[0.85,1.0]", "augment.crop_ratio=[0.8,1.25]", "augment.randaugment=null"],
-        "the digits demo's recipe: mild crops, no RandAugment, s 16"),
-    "sample_rate 0.1, batch 32": (["loss.sample_rate=0.1", "data.batch_size=32"], "r1 of the paper at small k"),
-    "scale 64": (["loss.scale=64"], "the paper's s"),
-    "no warm-up": (["schedule.warmup_fraction=0"], "lr at its peak from step 1"),
-    "no RandAugment": (["augment.randaugment=null"], "crops only"),
-    "lr 5e-4": (["optim.lr=0.0005"], "a quarter of the recipe's lr"),
+# The recipe tried first: patches of 4 pixels (64 tokens), timm's RandAugment with all its operations at
+# magnitude 9, crops down to half the area, s 32.
+FIRST = ["model.patch_size=4", "augment.crop_scale=[0.5,1.0]", "augment.crop_ratio=[0.75,1.33]",
+         "augment.randaugment=rand-m9-mstd0.5", "loss.scale=32"]
+GEOMETRIC = ["augment.crop_scale=[0.7,1.0]", "augment.crop_ratio=[0.85,1.18]",
+             "augment.randaugment=rand-m4-n2-p0.8-mstd0.5-tweights"]  # rotation, shear, translation weighted up
+# name: (overrides of configs/scratch_small.yaml, run lengths measured)
+RUNS = {
+    "scratch_small.yaml": ([], (100, 200, 400, 800, 1600, 2400)),
+    "first try: patch 4, RandAugment m9 (all ops), crops 0.5-1, s 32": (FIRST, (100, 200, 400, 800, 1600)),
+    "first try, lr 5e-3": ([*FIRST, "optim.lr=0.005"], (400,)),
+    "first try, s 16": ([*FIRST, "loss.scale=16"], (400,)),
+    "patch 4 (64 tokens), crops 0.85-1": (["model.patch_size=4", "augment.crop_scale=[0.85,1.0]"], (400,)),
+    "patch 4, RandAugment weighted to geometry (m4), crops 0.7-1": (["model.patch_size=4", *GEOMETRIC], (400, 800)),
+    "RandAugment weighted to geometry (m4), crops 0.7-1": (GEOMETRIC, (800,)),
+    "RandAugment weighted to geometry (m3, one op), crops 0.85-1": (
+        ["augment.crop_scale=[0.85,1.0]", "augment.randaugment=rand-m3-n1-mstd0.5-tweights"], (800,)),
+    "crops 0.85-1": (["augment.crop_scale=[0.85,1.0]"], (400, 800, 1600)),
+    "crops 0.6-1": (["augment.crop_scale=[0.6,1.0]", "augment.crop_ratio=[0.75,1.33]"], (800,)),
+    "s 32": (["loss.scale=32"], (800,)),
+    "sample_rate 0.1, batch 32": (["loss.sample_rate=0.1", "data.batch_size=32"], (800,)),
 }
 
 
@@ -52,17 +63,18 @@ def unicom(arguments: list[str], quiet: bool = True) -> None:
         raise SystemExit(f"unicom {arguments[0]} failed: {' '.join(arguments)}")
 
 
-def prepare(work: Path) -> dict:
-    """The demo's dataset, clustering features and pseudo-labels under ``work`` (made once)."""
+def prepare(work: Path, k: int | None = None) -> dict:
+    """The demo's dataset, clustering features and pseudo-labels under ``work`` (made once);
+    ``k`` pseudo-classes (default: as many as training characters)."""
     from unicom.demo import write_clustering_features, write_dataset
 
     data = work / "data"
     if not (work / "dataset.json").is_file():
         sizes = write_dataset(data)
         write_clustering_features(data / "shards", work / "features")
-        unicom(["cluster", "--embeddings", str(work / "features"), "--fusion", "image", "--k", str(sizes["train_classes"]),
+        unicom(["cluster", "--embeddings", str(work / "features"), "--fusion", "image", "--k", str(k or sizes["train_classes"]),
                 "--init", "kmeans++", "--out", str(work / "clusters")])
-        (work / "dataset.json").write_text(json.dumps(sizes))
+        (work / "dataset.json").write_text(json.dumps({**sizes, "k": k or sizes["train_classes"]}))
     return json.loads((work / "dataset.json").read_text())
 
 
@@ -112,25 +124,25 @@ def untrained(work: Path) -> dict[str, float]:
     return evaluate(work, "untrained", ["--model", str(folder)])
 
 
-def plot(curve: list[dict], baselines: dict[str, dict[str, float]], out: Path) -> None:
+def plot(curves: dict[str, list[dict]], baselines: dict[str, dict[str, float]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    steps = [row["steps"] for row in curve]
-    for protocol, marker in (("varied", "o"), ("clean", "s")):
-        line, = axis.plot(steps, [100 * row[protocol] for row in curve], marker=marker, label=f"trained, {protocol} queries")
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for axis, protocol in zip(axes, ("clean", "varied")):
+        for name, runs in curves.items():
+            axis.plot([r["steps"] for r in runs], [100 * r[protocol] for r in runs], marker="o", label=name)
         for (name, scores), style in zip(baselines.items(), (":", "--")):
-            axis.axhline(100 * scores[protocol], color=line.get_color(), linestyle=style, linewidth=1,
-                         label=f"{name}, {protocol} queries")
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("training steps (each a run with its own cosine schedule)")
-    axis.set_ylabel("Recall@1, held-out characters (%)")
-    axis.set_title("configs/scratch_small.yaml on the demo's glyphs")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
+            axis.axhline(100 * scores[protocol], color="grey", linestyle=style, linewidth=1, label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("training steps (each a run with its own cosine schedule)")
+        axis.set_title(f"{protocol} queries")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("Recall@1, held-out characters (%)")
+    axes[1].legend(fontsize=7)
+    figure.suptitle("configs/scratch_small.yaml on the demo's glyphs (batch 64)", fontsize=10)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
@@ -138,11 +150,11 @@ def plot(curve: list[dict], baselines: dict[str, dict[str, float]], out: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", default="100,200,400,800,1600", help="run lengths of the curve")
-    parser.add_argument("--variants", default="all", help="'all', 'none' or names of VARIANTS joined by ';'")
-    parser.add_argument("--variant-steps", type=int, default=800)
+    parser.add_argument("--runs", default="all", help="'all' or names of RUNS joined by ';'")
+    parser.add_argument("--steps", default=None, help="run lengths, e.g. 400,800 (default: each run's own in RUNS)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scratch_small")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--k", type=int, default=None, help="pseudo-classes (default: the number of training characters)")
     args = parser.parse_args()
     os.environ.setdefault("UNICOM_PROGRESS", "0")
     sys.path.insert(0, str(ROOT / "src"))
@@ -150,20 +162,17 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = prepare(args.work)
+    sizes = prepare(args.work, args.k)
     baselines = {"pixels (clustering features)": evaluate(args.work, "pixels", ["pixels"]),
                  "untrained network": untrained(args.work)}
-    curve = []
-    for steps in (int(s) for s in args.steps.split(",")):
-        curve.append(train(args.work, f"recipe_{steps}", steps, []))
-        print(f"{steps} steps: {curve[-1]}", flush=True)
-    names = list(VARIANTS) if args.variants == "all" else [] if args.variants == "none" else args.variants.split(";")
-    variants = {}
+    names = list(RUNS) if args.runs == "all" else args.runs.split(";")
+    results = {}
     for name in names:
-        overrides, _ = VARIANTS[name]
-        tag = "variant_" + "".join(c if c.isalnum() else "_" for c in name)
-        variants[name] = train(args.work, tag, args.variant_steps, overrides)
-        print(f"{name}: {variants[name]}", flush=True)
+        overrides, lengths = RUNS[name]
+        for steps in (lengths if args.steps is None else [int(v) for v in args.steps.split(",")]):
+            tag = "".join(c if c.isalnum() else "_" for c in name) + f"_{steps}"
+            results.setdefault(name, []).append(train(args.work, tag, steps, overrides))
+            print(f"{name}, {steps} steps: {results[name][-1]}", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = [
@@ -171,23 +180,21 @@ def main() -> None:
         f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads (the machine was shared: seconds are indicative)",
         f"data: {sizes['train_images']} training glyphs of {sizes['train_classes']} characters (k-means k = "
-        f"{sizes['train_classes']} on 16x16 pixels), {sizes['queries']} queries and {sizes['gallery']} gallery glyphs of "
+        f"{sizes['k']} on 16x16 pixels), {sizes['queries']} queries and {sizes['gallery']} gallery glyphs of "
         f"{sizes['held_out_classes']} held-out characters",
         "",
-        "| features | steps | clean queries R@1 | varied queries R@1 | final loss | s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| features | overrides of scratch_small.yaml | steps | clean queries R@1 | varied queries R@1 | final loss | s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    rows = [f"| {name} | 0 | {100 * s['clean']:.1f} | {100 * s['varied']:.1f} | | |" for name, s in baselines.items()]
-    rows += [f"| scratch_small.yaml | {r['steps']} | {100 * r['clean']:.1f} | {100 * r['varied']:.1f} | "
-             f"{r['final_loss']:.3f} | {r['seconds']:.0f} |" for r in curve]
-    rows += ["", f"## Variants at {args.variant_steps} steps", "",
-             "| variant | overrides | clean queries R@1 | varied queries R@1 | final loss | s |", "|---|---|---:|---:|---:|---:|"]
-    rows += [f"| {name} | `{' '.join(VARIANTS[name][0])}` | {100 * r['clean']:.1f} | {100 * r['varied']:.1f} | "
-             f"{r['final_loss']:.3f} | {r['seconds']:.0f} |" for name, r in variants.items()]
+    rows = [f"| {name} | | 0 | {100 * v['clean']:.1f} | {100 * v['varied']:.1f} | | |" for name, v in baselines.items()]
+    rows += [f"| {name} | `{' '.join(RUNS[name][0])}` | {r['steps']} | {100 * r['clean']:.1f} | {100 * r['varied']:.1f} | "
+             f"{r['final_loss']:.3f} | {r['seconds']:.0f} |" for name, runs in results.items() for r in runs]
     (RESULTS / "scratch_small.txt").write_text("\n".join(header + rows) + "\n")
     (RESULTS / "scratch_small.json").write_text(json.dumps(
-        {"dataset": sizes, "baselines": baselines, "curve": curve, "variants": variants}, indent=1) + "\n")
-    plot(curve, baselines, RESULTS / "scratch_small.png")
+        {"dataset": sizes, "baselines": baselines, "runs": results}, indent=1) + "\n")
+    curves = {name: runs for name, runs in results.items() if len(runs) > 1}
+    if curves:
+        plot(curves, baselines, RESULTS / "scratch_small.png")
     print("\n".join(header + rows))
 
 

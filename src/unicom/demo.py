@@ -1,23 +1,31 @@
 """The whole pipeline on a laptop CPU in a few minutes: ``python -m unicom.demo --out runs/demo``.
 
-Data: scikit-learn's handwritten digits (1,797 real 8x8 scans of 10 digits, shipped inside
-the package, no download), written as 32x32 PNG images. Digits 0-4 are the training
-collection, written as webdataset shards *without* their labels; digits 5-9 are held out
-for evaluation only. The stages are the real ones, meeting through their files:
+Data: letters and digits rendered from the TrueType fonts that matplotlib ships
+(``matplotlib/mpl-data/fonts/ttf``: DejaVu Sans, Sans Mono and Serif, STIX General, each
+in four weights and slants, and five Computer Modern faces for ASCII), no download. A
+class is a character (Latin, Greek, Cyrillic and IPA letters, digits; about 290 after
+dropping those that render like another); its instances are the fonts that have it. Each
+glyph is drawn at one size, its ink centred in a 32x32 image. A seeded two thirds of the
+characters are the training collection, written as webdataset shards *without* their
+labels; the other third is held out for evaluation only. The stages are the real ones,
+meeting through their files:
 
 1. clustering features in the embedding layout (``img_emb/`` + ``metadata/``): with no
-   pretrained network available offline, the 64 pixel intensities of each image (8x8
-   grey levels, centred, L2-normalised) play CLIP's part;
-2. ``unicom cluster``: k-means pseudo-labels of the training images;
+   pretrained network available offline, the pixels (16x16 grey levels, centred,
+   L2-normalised) play CLIP's part;
+2. ``unicom cluster``: k-means pseudo-labels of the training glyphs;
 3. ``unicom train`` (``configs/demo.yaml``): a small CLIP-shaped ViT trained from scratch
-   on the pseudo-labels with PartialFC (sample_rate < 1, ArcFace), then a shorter compact
-   epoch from that run with feature_rate 0.5;
-4. ``unicom evaluate`` on the held-out digits (classes never seen in training, leave-one-out
-   Recall@1 at several embedding dimensions) of the clustering features, the network at
-   its random initialisation (the run's starting weights), the trained network, and the
-   trained network after the compact epoch.
+   on the pseudo-labels with PartialFC (ArcFace, sample_rate < 1) and random resized crops
+   (the glyph moved and scaled a little); then a shorter compact epoch from that run with
+   feature_rate 0.5;
+4. ``unicom evaluate`` on the held-out characters (classes never seen in training): the
+   fonts are split in two, one half the gallery (clean glyphs), the other half the
+   queries, once clean and once varied (each query glyph shifted, scaled, rotated and
+   drawn with a random stroke width). Recall@1 at several embedding dimensions, for the
+   clustering features, the network at its random initialisation (the run's starting
+   weights), the trained network, and the trained network after the compact epoch.
 
-Writes ``OUT/report.md``, ``OUT/metrics.json`` and plots (``loss.png``,
+Writes ``OUT/report.md``, ``OUT/metrics.json`` and plots (``queries.png``, ``loss.png``,
 ``recall_vs_dimension.png``, and the clustering's ``cluster_sizes.png``).
 """
 
@@ -31,16 +39,50 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-SEEN = (0, 1, 2, 3, 4)
-HELD_OUT = (5, 6, 7, 8, 9)
+# The instances: matplotlib's text faces (its STIX size variants and symbol faces hold no letters).
+FONTS = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
+    "cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmss10.ttf", "cmtt10.ttf",
+)
+COMPUTER_MODERN = ("cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmss10.ttf", "cmtt10.ttf")  # ASCII letters and digits only
+PROBE_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "STIXGeneral.ttf")  # characters drawn alike in these are one class
+SAME_GLYPH = 4.0  # mean absolute difference (grey levels of 255) under which two characters draw alike
 IMAGE_SIZE = 32
+SUPERSAMPLE = 4  # glyphs are drawn at 4x and reduced by box filtering (anti-aliased edges)
+EM = 26  # font size in pixels: capitals about 19 pixels high
+MAX_INK = 28  # the rare glyph whose ink is larger than this is shrunk to fit
+HELD_OUT_SHARE = 3  # one character in three is held out
 SHARDS = 4
-COMPACT_FRACTION = 4  # the compact epoch runs a quarter of the main run's steps
+PIXEL_SIDE = 16  # clustering features: 16x16 grey levels
+COMPACT_FRACTION = 8  # the compact epoch runs an eighth of the main run's steps
 DIMENSIONS = (8, 16, 32, 64)
+PROTOCOLS = ("clean", "varied")
+
+
+@dataclass(frozen=True)
+class Variation:
+    """How a query glyph is drawn differently from the gallery: a size factor, a rotation
+    (degrees, counter-clockwise), a shift of the centre (pixels) and extra stroke width
+    (pixels on each side of every stroke)."""
+
+    scale: float = 1.0
+    angle: float = 0.0
+    shift: tuple[int, int] = (0, 0)
+    stroke: int = 0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Variation":
+        """A random variation: size x0.8-1.1, rotation within 12 degrees, shift within 3 pixels, stroke 0 or 1."""
+        return cls(scale=float(rng.uniform(0.8, 1.1)), angle=float(rng.uniform(-12, 12)),
+                   shift=(int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), stroke=int(rng.integers(0, 2)))
 
 
 def repository_config() -> Path:
@@ -53,51 +95,160 @@ def repository_config() -> Path:
     return path
 
 
-def digit_image(pixels: np.ndarray):
-    """An 8x8 scan (values 0..16, ink high) as a 32x32 RGB image, dark ink on white."""
-    from PIL import Image
+def font_folder() -> Path:
+    """matplotlib's folder of TrueType fonts; every font of :data:`FONTS` must be there."""
+    import matplotlib
 
-    grey = (255 - np.asarray(pixels, dtype=np.float64) * (255 / 16)).round().astype(np.uint8)
-    return Image.fromarray(grey, "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).convert("RGB")
+    from unicom.errors import InputError
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    missing = [name for name in FONTS if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"{folder}: fonts {missing} are missing; reinstall matplotlib (pip install --force-reinstall matplotlib)")
+    return folder
 
 
-def write_dataset(root: Path) -> dict:
-    """``root/shards/{00000..}.tar`` (seen digits, no labels inside) and ``root/held_out/<digit>/``."""
+class GlyphRenderer:
+    """Draws characters of the demo's fonts as 32x32 RGB images, dark ink on white."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder or font_folder()
+        self._fonts: dict = {}
+        self._charmaps: dict[str, frozenset[int]] = {}
+
+    def covers(self, font: str, char: str) -> bool:
+        """Whether ``font`` has a glyph of its own for ``char`` (its character map lists it)."""
+        if font not in self._charmaps:
+            from matplotlib import ft2font
+
+            self._charmaps[font] = frozenset(ft2font.FT2Font(str(self.folder / font)).get_charmap())
+        return ord(char) in self._charmaps[font]
+
+    def fonts_of(self, char: str) -> list[str]:
+        return [font for font in FONTS if self.covers(font, char)]
+
+    def render(self, char: str, font: str, variation: Variation = Variation()):
+        """The glyph, its ink centred (then shifted), at the common font size times ``variation.scale``."""
+        from PIL import Image, ImageChops, ImageDraw, ImageFont
+
+        if font not in self._fonts:
+            self._fonts[font] = ImageFont.truetype(str(self.folder / font), EM * SUPERSAMPLE)
+        big = EM * SUPERSAMPLE
+        canvas = Image.new("L", (3 * big, 3 * big), 0)
+        stroke = variation.stroke * SUPERSAMPLE
+        ImageDraw.Draw(canvas).text((big, big), char, font=self._fonts[font], fill=255, stroke_width=stroke, stroke_fill=255)
+        box = canvas.getbbox()
+        if box is None:
+            from unicom.errors import InputError
+
+            raise InputError(f"{self.folder / font}: {char!r} (U+{ord(char):04X}) draws no ink; drop it from the demo's characters")
+        ink = canvas.crop(box)
+        factor = min(1.0, MAX_INK * SUPERSAMPLE / max(ink.size)) * variation.scale
+        if factor != 1.0:
+            ink = ink.resize((max(1, round(ink.width * factor)), max(1, round(ink.height * factor))), Image.LANCZOS)
+        if variation.angle:
+            ink = ink.rotate(variation.angle, resample=Image.BICUBIC, expand=True, fillcolor=0)
+        side = IMAGE_SIZE * SUPERSAMPLE
+        image = Image.new("L", (side, side), 0)
+        image.paste(ink, ((side - ink.width) // 2 + variation.shift[0] * SUPERSAMPLE,
+                          (side - ink.height) // 2 + variation.shift[1] * SUPERSAMPLE))
+        return ImageChops.invert(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)).convert("RGB")
+
+
+def glyph_classes(renderer: GlyphRenderer) -> list[str]:
+    """The demo's classes: letters and digits below U+2000 without a decomposition (no accented
+    forms) that every font but Computer Modern has, keeping the first of characters drawn alike
+    (Latin A, Greek Alpha and Cyrillic A are one shape)."""
+    import unicodedata
+
+    wide = [font for font in FONTS if font not in COMPUTER_MODERN]
+    candidates = [chr(c) for c in range(0x21, 0x2000)
+                  if unicodedata.category(chr(c))[0] in "LN" and not unicodedata.decomposition(chr(c))
+                  and all(renderer.covers(font, chr(c)) for font in wide)]
+    kept: list[str] = []
+    drawn: list[np.ndarray] = []
+    for char in candidates:
+        pixels = np.concatenate([np.asarray(renderer.render(char, font).convert("L"), np.float32).ravel()
+                                 for font in PROBE_FONTS])
+        if all(np.abs(pixels - other).mean() > SAME_GLYPH for other in drawn):
+            kept.append(char)
+            drawn.append(pixels)
+    return kept
+
+
+def split_classes(chars: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training characters, held-out characters): a seeded third held out, both in code-point order."""
+    order = np.random.default_rng(seed).permutation(len(chars))
+    held = set(order[: len(chars) // HELD_OUT_SHARE].tolist())
+    return ([c for i, c in enumerate(chars) if i not in held], [c for i, c in enumerate(chars) if i in held])
+
+
+def is_query_font(font: str) -> bool:
+    """Every other font of :data:`FONTS` draws the queries; the rest are the gallery."""
+    return FONTS.index(font) % 2 == 1
+
+
+def class_name(char: str) -> str:
+    return f"U+{ord(char):04X}"
+
+
+def write_dataset(root: Path, seed: int = 0) -> dict:
+    """``root/shards/{00000..}.tar`` (training glyphs, no labels inside) and ``root/held_out/``:
+    ``clean/`` and ``varied/`` images and the lists ``clean.csv`` and ``varied.csv``
+    (path,label,split: the query fonts' glyphs against the gallery fonts' clean glyphs)."""
+    import csv
     import tarfile
 
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.target))
-    seen = [i for i in order if digits.target[i] in SEEN]
-    held = [i for i in order if digits.target[i] in HELD_OUT]
+    renderer = GlyphRenderer()
+    chars = glyph_classes(renderer)
+    seen, held = split_classes(chars, seed)
     (root / "shards").mkdir(parents=True, exist_ok=True)
+    samples = [(char, font) for char in seen for font in renderer.fonts_of(char)]
+    samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))]
     truth = {}
     for shard in range(SHARDS):
-        path = root / "shards" / f"{shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for index in seen[shard::SHARDS]:
-                key = f"digit{index:05d}"
+        with tarfile.open(root / "shards" / f"{shard:05d}.tar", "w") as tar:
+            for char, font in samples[shard::SHARDS]:
+                key = f"u{ord(char):04x}_{Path(font).stem}"
                 buffer = io.BytesIO()
-                digit_image(digits.images[index]).save(buffer, format="PNG")
+                renderer.render(char, font).save(buffer, format="PNG")
                 info = tarfile.TarInfo(f"{key}.png")
                 info.size = buffer.tell()
                 buffer.seek(0)
                 tar.addfile(info, buffer)
-                truth[key] = int(digits.target[index])
-    for index in held:
-        folder = root / "held_out" / f"digit_{digits.target[index]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        digit_image(digits.images[index]).save(folder / f"{index:05d}.png")
-    (root / "seen_digits.json").write_text(json.dumps(truth))  # for the report's cluster purity only
-    return {"seen": len(seen), "held_out": len(held)}
+                truth[key] = ord(char)
+    (root / "train_glyphs.json").write_text(json.dumps(truth))  # for the report's cluster purity only
+    rng = np.random.default_rng(seed + 1)
+    rows = {protocol: [] for protocol in PROTOCOLS}
+    held_out = root / "held_out"
+    for char in held:
+        for font in renderer.fonts_of(char):
+            name = f"{class_name(char)}/{Path(font).stem}.png"
+            query = is_query_font(font)
+            drawings = {"clean": Variation(), "varied": Variation.draw(rng)} if query else {"clean": Variation()}
+            for protocol, variation in drawings.items():
+                (held_out / protocol / class_name(char)).mkdir(parents=True, exist_ok=True)
+                renderer.render(char, font, variation).save(held_out / protocol / name)
+            for protocol in PROTOCOLS:
+                folder = protocol if query else "clean"
+                rows[protocol].append((f"{folder}/{name}", ord(char), "query" if query else "gallery"))
+    for protocol, table in rows.items():
+        with open(held_out / f"{protocol}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "split"])
+            writer.writerows(table)
+    queries = sum(split == "query" for _, _, split in rows["clean"])
+    return {"classes": len(chars), "train_classes": len(seen), "held_out_classes": len(held),
+            "train_images": len(samples), "queries": queries, "gallery": len(rows["clean"]) - queries,
+            "train_characters": "".join(seen), "held_out_characters": "".join(held)}
 
 
 def pixel_features(images) -> np.ndarray:
-    """(N, 64) float32: each image as 8x8 grey levels, mean removed, L2-normalised."""
+    """(N, 256) float32: each image as 16x16 grey levels, mean removed, L2-normalised."""
     from PIL import Image
 
-    rows = np.stack([np.asarray(image.convert("L").resize((8, 8), Image.BOX), dtype=np.float32).ravel() for image in images])
+    rows = np.stack([np.asarray(image.convert("L").resize((PIXEL_SIDE, PIXEL_SIDE), Image.BOX), dtype=np.float32).ravel()
+                     for image in images])
     rows -= rows.mean(axis=1, keepdims=True)
     rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)
     return rows
@@ -124,14 +275,14 @@ def write_clustering_features(shards: Path, out: Path) -> int:
 
 
 def cluster_purity(labels_folder: Path, truth: dict) -> float:
-    """Fraction of training images whose pseudo-class's majority digit is their own digit."""
+    """Fraction of training images whose pseudo-class's majority class is their own class."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(p, columns=["key", "label"]) for p in sorted(labels_folder.glob("labels_*.parquet"))])
     pseudo = np.asarray(table.column("label").to_pylist())
-    digit = np.asarray([truth[k] for k in table.column("key").to_pylist()])
-    agree = sum(np.bincount(digit[pseudo == c]).max() for c in np.unique(pseudo))
+    _, actual = np.unique([truth[k] for k in table.column("key").to_pylist()], return_inverse=True)
+    agree = sum(np.bincount(actual[pseudo == c]).max() for c in np.unique(pseudo))
     return float(agree / len(pseudo))
 
 
@@ -147,16 +298,39 @@ def untrained_model(config, folder: Path) -> Path:
                       provenance={"note": "random initialisation of the demo run"})
 
 
-def write_pixel_layout(images, root: Path) -> None:
-    """The held-out images' pixel features as an embedding folder with a label column."""
+def write_pixel_layouts(table: Path, root: Path) -> dict[str, Path]:
+    """The pixel features of a held-out list's query and gallery rows as two embedding folders
+    (``root/query``, ``root/gallery``) with a label column."""
     import pyarrow as pa
     from PIL import Image
 
+    from unicom.data.benchmarks.retrieval import read_csv
     from unicom.formats.embeddings import write_part
 
-    features = pixel_features([Image.open(path) for path in images.paths])
-    metadata = pa.table({"key": pa.array(images.keys, pa.string()), "label": pa.array(images.labels, pa.int64())})
-    write_part(root, 0, image=features, metadata=metadata)
+    splits = read_csv(table)
+    folders = {}
+    for name, images in (("query", splits.query), ("gallery", splits.gallery)):
+        features = pixel_features([Image.open(path) for path in images.paths])
+        metadata = pa.table({"key": pa.array(images.keys, pa.string()), "label": pa.array(images.labels, pa.int64())})
+        write_part(root / name, 0, image=features, metadata=metadata)
+        folders[name] = root / name
+    return folders
+
+
+def query_sheet(held_out: Path, out: Path, columns: int = 16) -> None:
+    """A PNG of held-out queries: gallery glyph, clean query and varied query of the same character, per column."""
+    import csv
+
+    from PIL import Image
+
+    with open(held_out / "varied.csv", newline="") as handle:
+        queries = [row["path"] for row in csv.DictReader(handle) if row["split"] == "query"]
+    picked = [queries[i] for i in np.linspace(0, len(queries) - 1, columns).round().astype(int)]
+    sheet = Image.new("RGB", (columns * IMAGE_SIZE, 2 * IMAGE_SIZE), "white")
+    for column, path in enumerate(picked):
+        sheet.paste(Image.open(held_out / path.replace("varied/", "clean/", 1)), (column * IMAGE_SIZE, 0))
+        sheet.paste(Image.open(held_out / path), (column * IMAGE_SIZE, IMAGE_SIZE))
+    sheet.resize((2 * sheet.width, 2 * sheet.height), Image.NEAREST).save(out)
 
 
 def plot_loss(log_file: Path, out: Path) -> None:
@@ -178,31 +352,41 @@ def plot_loss(log_file: Path, out: Path) -> None:
     plt.close(figure)
 
 
-def plot_dimensions(curves: dict[str, list[dict]], out: Path) -> None:
+def plot_dimensions(curves: dict[str, dict[str, dict[str, float]]], out: Path) -> None:
+    """``curves[protocol][features][dimension]`` = Recall@1: one panel per protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    for name, rows in curves.items():
-        first = [r for r in rows if r["method"] == "first"]
-        axis.plot([r["dimension"] for r in first], [100 * r["recall@1"] for r in first], marker="o", label=name)
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("embedding dimension (first d)")
-    axis.set_ylabel("Recall@1 on held-out digits (%)")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    figure, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.4), sharey=True)
+    for axis, (protocol, by_name) in zip(np.atleast_1d(axes), curves.items()):
+        for name, points in by_name.items():
+            dims = sorted(points, key=int)
+            axis.plot([int(d) for d in dims], [100 * points[d] for d in dims], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("embedding dimension (first d)")
+        axis.set_title(f"{protocol} queries")
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("Recall@1, held-out characters (%)")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
+
+
+EVALUATED = {  # metrics.json key: what the report calls it
+    "clustering_features": "clustering features (pixels)",
+    "untrained_network": "untrained network",
+    "trained_network": "trained network",
+    "trained_network_compact_epoch": "trained network + compact epoch",
+}
 
 
 def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict:
     import torch
 
     from unicom.cli import main as unicom
-    from unicom.data.lists import read_image_folder
     from unicom.train.config import load_config
 
     if threads:
@@ -215,7 +399,7 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
         print(f"[demo] {name}: {timings[name]} s", flush=True)
 
     if out.exists():
-        if any(out.iterdir()) and not (out / "data" / "seen_digits.json").is_file():
+        if any(out.iterdir()) and not (out / "data" / "train_glyphs.json").is_file():
             from unicom.errors import InputError
 
             raise InputError(f"{out} exists and is not a demo folder; give another --out (the demo replaces its folder)")
@@ -223,15 +407,16 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
     data = out / "data"
     began = time.perf_counter()
     sizes = write_dataset(data)
+    query_sheet(data / "held_out", out / "queries.png")
     stage("dataset", began)
 
     began = time.perf_counter()
     write_clustering_features(data / "shards", out / "features")
-    k = 20  # about 45 training images per pseudo-class
+    k = sizes["train_classes"]  # as many pseudo-classes as there are characters (k-means does not know that)
     if unicom(["cluster", "--embeddings", str(out / "features"), "--fusion", "image", "--k", str(k), "--init", "kmeans++",
                "--out", str(out / "clusters")]) != 0:
         raise SystemExit("unicom cluster failed")
-    truth = json.loads((data / "seen_digits.json").read_text())
+    truth = json.loads((data / "train_glyphs.json").read_text())
     purity = cluster_purity(out / "clusters" / "labels", truth)
     stage("cluster", began)
 
@@ -256,133 +441,153 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
     stage("compact epoch", began)
 
     began = time.perf_counter()
-    held = read_image_folder(data / "held_out")
-    write_pixel_layout(held, out / "held_out_pixels")
     untrained = untrained_model(config, out / "untrained_model")
+    models = {"untrained_network": untrained, "trained_network": out / "train" / "model",
+              "trained_network_compact_epoch": out / "compact" / "model"}
     dims = ",".join(map(str, DIMENSIONS))
-    evaluations = {
-        "clustering features (pixels)": ["--embeddings", str(out / "held_out_pixels")],
-        "untrained network": ["--model", str(untrained), "--dataset", "folder", "--root", str(data / "held_out")],
-        "trained network": ["--model", str(out / "train" / "model"), "--dataset", "folder", "--root", str(data / "held_out")],
-        "trained network + compact epoch": ["--model", str(out / "compact" / "model"), "--dataset", "folder",
-                                            "--root", str(data / "held_out")],
-    }
-    reports = {}
-    for name, source in evaluations.items():
-        folder = out / "evaluate" / name.split(" (")[0].replace(" + ", "_").replace(" ", "_")
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = unicom(["evaluate", *source, "--ks", "1,2,4,8", "--dims", dims, "--no-pca", "--num-workers", "0",
-                           "--out", str(folder)])
-        if code != 0:
-            raise SystemExit(f"unicom evaluate failed for the {name}")
-        reports[name] = json.loads((folder / "metrics.json").read_text())
+    reports: dict[str, dict[str, dict]] = {protocol: {} for protocol in PROTOCOLS}
+    for protocol in PROTOCOLS:
+        table = data / "held_out" / f"{protocol}.csv"
+        pixels = write_pixel_layouts(table, out / "held_out_pixels" / protocol)
+        sources = {"clustering_features": ["--embeddings", str(pixels["query"]), "--gallery-embeddings", str(pixels["gallery"])]}
+        sources.update({name: ["--model", str(model), "--dataset", "csv", "--root", str(table)] for name, model in models.items()})
+        for name, source in sources.items():
+            folder = out / "evaluate" / protocol / name
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = unicom(["evaluate", *source, "--ks", "1,2,4,8", "--dims", dims, "--no-pca", "--num-workers", "0",
+                               "--out", str(folder)])
+            if code != 0:
+                raise SystemExit(f"unicom evaluate failed for the {EVALUATED[name]} ({protocol} queries)")
+            reports[protocol][name] = json.loads((folder / "metrics.json").read_text())
     stage("evaluate", began)
 
     plot_loss(out / "train" / "log.jsonl", out / "loss.png")
-    curves = {name: report["dimensions"] for name, report in reports.items()}
-    plot_dimensions(curves, out / "recall_vs_dimension.png")
+    by_dimension = {
+        protocol: {name: {str(r["dimension"]): r["recall@1"] for r in report["dimensions"] if r["method"] == "first"}
+                   for name, report in by_name.items()}
+        for protocol, by_name in reports.items()
+    }
+    plot_dimensions({protocol: {EVALUATED[name]: points for name, points in by_name.items()}
+                     for protocol, by_name in by_dimension.items()}, out / "recall_vs_dimension.png")
     shutil.copy(out / "clusters" / "cluster_sizes.png", out / "cluster_sizes.png")
     summary = json.loads((out / "train" / "summary.json").read_text())
-    recall = {name: report["metrics"]["recall@1"] for name, report in reports.items()}
-    by_dimension = {
-        name: {str(r["dimension"]): r["recall@1"] for r in report["dimensions"] if r["method"] == "first"}
-        for name, report in reports.items()
-    }
+    recall = {protocol: {name: report["metrics"]["recall@1"] for name, report in by_name.items()}
+              for protocol, by_name in reports.items()}
     timings["total"] = round(time.perf_counter() - started, 1)
     metrics = {
-        "dataset": {"name": "scikit-learn digits", "train_digits": list(SEEN), "held_out_digits": list(HELD_OUT),
-                    "train_images": sizes["seen"], "held_out_images": sizes["held_out"], "image_size": IMAGE_SIZE},
-        "clustering": {"k": k, "features": "8x8 grey levels, centred, L2-normalised (64-d)", "purity": purity},
+        "dataset": {"name": "glyphs of matplotlib's fonts", "image_size": IMAGE_SIZE, "fonts": list(FONTS),
+                    "query_fonts": [f for f in FONTS if is_query_font(f)], **sizes},
+        "clustering": {"k": k, "features": f"{PIXEL_SIDE}x{PIXEL_SIDE} grey levels, centred, L2-normalised "
+                                           f"({PIXEL_SIDE * PIXEL_SIDE}-d)", "purity": purity},
         "training": {"steps": summary["steps"], "final_loss": summary["final_loss"], "config": str(recipe),
-                     "sample_rate": config.loss.sample_rate, "feature_rate": config.loss.feature_rate,
-                     "embedding_dim": config.model.embedding_dim,
+                     "batch_size": config.data.batch_size, "sample_rate": config.loss.sample_rate,
+                     "feature_rate": config.loss.feature_rate, "scale": config.loss.scale, "margin": config.loss.margin,
+                     "lr": config.optim.lr, "embedding_dim": config.model.embedding_dim,
+                     "augment": {"crop_scale": config.augment.crop_scale, "crop_ratio": config.augment.crop_ratio,
+                                 "randaugment": config.augment.randaugment},
                      "compact_epoch": {"steps": compact_steps, "feature_rate": 0.5, "lr": config.optim.lr / 4}},
-        "recall@1": {
-            "clustering_features": recall["clustering features (pixels)"],
-            "untrained_network": recall["untrained network"],
-            "trained_network": recall["trained network"],
-            "trained_network_compact_epoch": recall["trained network + compact epoch"],
-        },
+        "recall@1": recall,
         "recall@1_by_dimension": by_dimension,
-        "trained_beats_untrained": recall["trained network"] > recall["untrained network"],
+        "trained_beats_untrained": {p: recall[p]["trained_network"] > recall[p]["untrained_network"] for p in PROTOCOLS},
+        "trained_beats_clustering_features": {p: recall[p]["trained_network"] > recall[p]["clustering_features"]
+                                              for p in PROTOCOLS},
         "seconds": timings,
     }
     from unicom.files import write_json_atomic, write_text_atomic
 
     write_json_atomic(out / "metrics.json", metrics)
-    write_text_atomic(out / "report.md", report_markdown(metrics, reports))
-    print(f"[demo] Recall@1 on held-out digits: clustering features {recall['clustering features (pixels)']:.3f}, "
-          f"untrained network {recall['untrained network']:.3f}, trained network {recall['trained network']:.3f}")
+    write_text_atomic(out / "report.md", report_markdown(metrics))
+    for protocol in PROTOCOLS:
+        print(f"[demo] Recall@1, {protocol} queries of held-out characters: "
+              + ", ".join(f"{EVALUATED[name]} {value:.3f}" for name, value in recall[protocol].items()))
     print(f"[demo] report: {out / 'report.md'} ({timings['total']} s)")
     return metrics
 
 
-def report_markdown(metrics: dict, reports: dict) -> str:
+def report_markdown(metrics: dict) -> str:
     data, clustering, training, recall = metrics["dataset"], metrics["clustering"], metrics["training"], metrics["recall@1"]
-    names = list(reports)
-    dims = sorted({int(d) for rows in metrics["recall@1_by_dimension"].values() for d in rows})
+    augment = training["augment"]
     lines = [
-        "# unicom demo: cluster discrimination on handwritten digits",
+        "# unicom demo: cluster discrimination on glyphs of matplotlib's fonts",
         "",
-        f"Data: scikit-learn's digits (real 8x8 scans), shown as {data['image_size']}x{data['image_size']} images. "
-        f"Training: {data['train_images']} images of digits {', '.join(map(str, data['train_digits']))}, without their labels. "
-        f"Evaluation: {data['held_out_images']} images of digits {', '.join(map(str, data['held_out_digits']))}, classes the "
-        "network never saw.",
+        f"Data: {data['classes']} characters (classes) drawn in the {len(data['fonts'])} fonts that matplotlib ships "
+        f"(instances), {data['image_size']}x{data['image_size']} pixels. Training: {data['train_images']} glyphs of "
+        f"{data['train_classes']} characters, without their labels. Evaluation: the {data['held_out_classes']} other "
+        f"characters, which the network never saw: {data['queries']} queries (the glyphs of {len(data['query_fonts'])} "
+        f"fonts) against a gallery of {data['gallery']} clean glyphs of the other fonts.",
+        "",
+        f"Held-out characters: {data['held_out_characters']}",
+        "",
+        "- **clean queries**: the query glyph drawn as the gallery is (ink centred, one size);",
+        "- **varied queries**: the same glyph shifted by up to 3 pixels, scaled by 0.8-1.1, rotated by up to 12 degrees "
+        "and drawn with 0 or 1 pixel of extra stroke (queries.png: gallery-style glyphs above, varied queries below).",
         "",
         "## Pipeline",
         "",
         f"1. Clustering features: {clustering['features']}. No pretrained network is available offline, so raw pixels "
         "stand in for the CLIP embeddings of the paper.",
-        f"2. `unicom cluster`: k-means into k = {clustering['k']} pseudo-classes; purity against the true digits "
-        f"{100 * clustering['purity']:.1f}% (the share of images whose pseudo-class's majority digit is their own).",
-        f"3. `unicom train` ({Path(training['config']).name}): a CLIP-shaped ViT from scratch, {training['steps']} steps, "
-        f"PartialFC with sample_rate {training['sample_rate']}, feature_rate {training['feature_rate']}; final loss "
-        f"{training['final_loss']:.3f} (loss.png).",
-        "4. `unicom evaluate`: leave-one-out retrieval on the held-out digits (each image queries all the others), "
-        "Recall@1.",
+        f"2. `unicom cluster`: k-means into k = {clustering['k']} pseudo-classes; purity against the true characters "
+        f"{100 * clustering['purity']:.1f}% (the share of glyphs whose pseudo-class's majority character is their own).",
+        f"3. `unicom train` ({Path(training['config']).name}): a CLIP-shaped ViT from scratch, {training['steps']} steps "
+        f"of batch {training['batch_size']}, PartialFC (ArcFace m {training['margin']}, s {training['scale']}) with "
+        f"sample_rate {training['sample_rate']}, lr {training['lr']}; augmentation: random resized crop "
+        f"(area {augment['crop_scale']}, aspect {augment['crop_ratio']})"
+        + (f" and RandAugment `{augment['randaugment']}`" if augment["randaugment"] else "")
+        + f". Final loss {training['final_loss']:.3f} (loss.png).",
+        "4. `unicom evaluate`: Recall@1 of the queries against the gallery.",
         "",
-        "## Recall@1 on held-out digits",
+        "## Recall@1 on held-out characters",
         "",
-        "| features | Recall@1 (%) |",
-        "|---|---|",
-        f"| clustering features (pixels, 64-d) | {100 * recall['clustering_features']:.2f} |",
-        f"| untrained network (random initialisation) | {100 * recall['untrained_network']:.2f} |",
-        f"| trained network | {100 * recall['trained_network']:.2f} |",
-        f"| trained network + compact epoch | {100 * recall['trained_network_compact_epoch']:.2f} |",
-        "",
-        f"The trained network {'beats' if metrics['trained_beats_untrained'] else 'does NOT beat'} its random "
-        "initialisation. Numbers are as measured by this run.",
-        "",
-        "## By embedding dimension (first d dimensions)",
-        "",
-        "| d | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        "| features | clean queries (%) | varied queries (%) |",
+        "|---|---:|---:|",
     ]
-    for d in dims:
-        cells = [f"{100 * metrics['recall@1_by_dimension'][n].get(str(d), float('nan')):.2f}" for n in names]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    for key, name in EVALUATED.items():
+        lines.append(f"| {name} | {100 * recall['clean'][key]:.2f} | {100 * recall['varied'][key]:.2f} |")
+    lines += ["", "Numbers are as measured by this run. " + _verdict(metrics), "",
+              "## By embedding dimension (first d dimensions)", ""]
+    for protocol in PROTOCOLS:
+        by = metrics["recall@1_by_dimension"][protocol]
+        dims = sorted({int(d) for points in by.values() for d in points})
+        lines += [f"{protocol} queries:", "", "| d | " + " | ".join(EVALUATED[n] for n in by) + " |",
+                  "|---" * (len(by) + 1) + "|"]
+        lines += [f"| {d} | " + " | ".join(f"{100 * by[n][str(d)]:.2f}" if str(d) in by[n] else "-" for n in by) + " |"
+                  for d in dims]
+        lines.append("")
     lines += [
-        "",
         f"The compact epoch continues the trained run (its backbone and prototypes) for {training['compact_epoch']['steps']} "
         "steps with random feature selection (feature_rate 0.5: every step uses a random half of the dimensions, the same "
         "for the whole batch), the paper's way of making the first dimensions carry the similarity; here it "
-        f"{_compact_effect(metrics)}. The first d pixel features are merely the top rows of the 8x8 image "
+        f"{_compact_effect(metrics)}. The first d pixel features are merely the top rows of the image "
         "(recall_vs_dimension.png).",
         "",
-        "Plots: loss.png, recall_vs_dimension.png, cluster_sizes.png. Timings (s): "
+        "Plots: queries.png, loss.png, recall_vs_dimension.png, cluster_sizes.png. Timings (s): "
         + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()) + ".",
         "",
     ]
     return "\n".join(lines)
 
 
+def _verdict(metrics: dict) -> str:
+    """What training did, per protocol, in words."""
+    parts = []
+    for protocol in PROTOCOLS:
+        recall = metrics["recall@1"][protocol]
+        trained, untrained, pixels = recall["trained_network"], recall["untrained_network"], recall["clustering_features"]
+        versus_untrained = "beats" if trained > untrained else "does NOT beat"
+        versus_pixels = "beats" if trained > pixels else "does NOT beat"
+        parts.append(f"On {protocol} queries the trained network {versus_untrained} its random initialisation "
+                     f"({100 * trained:.1f}% against {100 * untrained:.1f}%) and {versus_pixels} the pixels it was "
+                     f"clustered from ({100 * pixels:.1f}%).")
+    return " ".join(parts)
+
+
 def _compact_effect(metrics: dict) -> str:
-    """How the compact epoch changed Recall@1 at the smallest dimension, in words."""
-    by = metrics["recall@1_by_dimension"]
-    d = str(min(int(k) for k in by["trained network"]))
-    before, after = by["trained network"][d], by["trained network + compact epoch"][d]
+    """How the compact epoch changed Recall@1 (varied queries) at the smallest dimension, in words."""
+    by = metrics["recall@1_by_dimension"]["varied"]
+    d = str(min(int(k) for k in by["trained_network"]))
+    before, after = by["trained_network"][d], by["trained_network_compact_epoch"][d]
     change = "raised" if after > before else "did not raise"
-    return f"{change} Recall@1 at d = {d} ({100 * before:.2f}% before, {100 * after:.2f}% after)"
+    return f"{change} Recall@1 of varied queries at d = {d} ({100 * before:.2f}% before, {100 * after:.2f}% after)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,17 +98,22 @@ def test_cluster_purity_counts_the_majority_class_of_each_pseudo_class(tmp_path)
 
 
 def test_the_untrained_network_is_the_training_runs_starting_point(tmp_path):
+    """The demo's untrained network is `unicom train` of its recipe with train.steps=0."""
     from support import write_class_folder
 
-    from unicom.demo import repository_config, untrained_model
+    from unicom.cli import main as unicom
+    from unicom.demo import repository_config
     from unicom.models.export import read_weights
     from unicom.train.config import load_config
     from unicom.train.trainer import prepare
 
     write_class_folder(tmp_path / "images", [0, 1], 64, size=32)
-    config = load_config(repository_config(), [f"out={tmp_path / 'run'}", f"data.folder={tmp_path / 'images'}"])
+    overrides = [f"data.folder={tmp_path / 'images'}"]
+    config = load_config(repository_config(), [f"out={tmp_path / 'run'}", *overrides])
     start = prepare(config).backbone.state_dict()
-    saved = read_weights(untrained_model(config, tmp_path / "untrained"))
+    assert unicom(["train", "--config", str(repository_config()), *overrides, f"out={tmp_path / 'untrained'}",
+                   "train.steps=0"]) == 0
+    saved = read_weights(tmp_path / "untrained" / "model")
     assert saved.keys() == start.keys()
     assert all(torch.equal(saved[k], start[k]) for k in saved)
 
@@ -121,7 +126,8 @@ def test_the_demo_trains_a_network_that_beats_its_start_and_its_clustering_featu
     metrics = run(tmp_path / "demo")
     out = tmp_path / "demo"
     for name in ("report.md", "metrics.json", "queries.png", "loss.png", "recall_vs_dimension.png", "cluster_sizes.png",
-                 "train/model/unicom_model.json", "compact/model/unicom_model.json", "clusters/labels/labels_0.parquet",
+                 "train/model/unicom_model.json", "compact/model/unicom_model.json",
+                 "untrained/model/unicom_model.json", "clusters.png", "clusters.html", "clusters/labels/labels_0.parquet",
                  "features/img_emb/img_emb_0.npy"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())

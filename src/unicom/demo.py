@@ -13,7 +13,8 @@ meeting through their files:
 1. clustering features in the embedding layout (``img_emb/`` + ``metadata/``): with no
    pretrained network available offline, the pixels (16x16 grey levels, centred,
    L2-normalised) play CLIP's part;
-2. ``unicom cluster``: k-means pseudo-labels of the training glyphs;
+2. ``unicom cluster``: k-means pseudo-labels of the training glyphs, and ``unicom cluster
+   show``: a contact sheet of a few pseudo-classes beside their nearest clusters;
 3. ``unicom train`` (``configs/demo.yaml``): a small CLIP-shaped ViT trained from scratch
    on the pseudo-labels with PartialFC (ArcFace, sample_rate < 1) and random resized crops
    (the glyph moved and scaled a little); then a shorter compact epoch from that run with
@@ -22,11 +23,13 @@ meeting through their files:
    fonts are split in two, one half the gallery (clean glyphs), the other half the
    queries, once clean and once varied (each query glyph shifted, scaled, rotated and
    drawn with a random stroke width). Recall@1 at several embedding dimensions, for the
-   clustering features, the network at its random initialisation (the run's starting
-   weights), the trained network, and the trained network after the compact epoch.
+   clustering features, the network at its random initialisation (``unicom train`` of the
+   same recipe with ``train.steps=0``), the trained network, and the trained network after
+   the compact epoch.
 
 Writes ``OUT/report.md``, ``OUT/metrics.json`` and plots (``queries.png``, ``loss.png``,
-``recall_vs_dimension.png``, and the clustering's ``cluster_sizes.png``).
+``recall_vs_dimension.png``, the clustering's ``cluster_sizes.png``, and the contact sheet
+``clusters.png`` with its captioned ``clusters.html``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ PIXEL_SIDE = 16  # clustering features: 16x16 grey levels
 COMPACT_FRACTION = 8  # the compact epoch runs an eighth of the main run's steps
 DIMENSIONS = (8, 16, 32, 64)
 PROTOCOLS = ("clean", "varied")
+SHOWN_CLUSTERS = 6  # pseudo-classes drawn on the contact sheet
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ def write_clustering_features(shards: Path, out: Path) -> int:
     import pyarrow as pa
     from PIL import Image
 
-    from unicom.data.shards import expand_shards, read_tar_samples
+    from unicom.data.shards import expand_shards, read_tar_samples, shard_name
     from unicom.files import part_number
     from unicom.formats.embeddings import write_part
 
@@ -268,8 +272,9 @@ def write_clustering_features(shards: Path, out: Path) -> int:
         samples = list(read_tar_samples(path))
         images = [Image.open(io.BytesIO(sample.image_bytes())) for sample in samples]
         keys = [sample.key for sample in samples]
-        write_part(out, part_number(path), image=pixel_features(images).astype(np.float16),
-                   metadata=pa.table({"key": pa.array(keys, pa.string())}))
+        # key and shard, as `unicom embed` writes them: `unicom cluster show` finds the images through them
+        metadata = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array([shard_name(path)] * len(keys), pa.string())})
+        write_part(out, part_number(path), image=pixel_features(images).astype(np.float16), metadata=metadata)
         rows += len(keys)
     return rows
 
@@ -284,18 +289,6 @@ def cluster_purity(labels_folder: Path, truth: dict) -> float:
     _, actual = np.unique([truth[k] for k in table.column("key").to_pylist()], return_inverse=True)
     agree = sum(np.bincount(actual[pseudo == c]).max() for c in np.unique(pseudo))
     return float(agree / len(pseudo))
-
-
-def untrained_model(config, folder: Path) -> Path:
-    """The run's starting weights (the trainer seeds the same way before building), exported."""
-    from unicom.models.export import save_model
-    from unicom.models.vit import create_model
-    from unicom.engine.seeding import seed_everything
-
-    seed_everything(config.seed)
-    created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides())
-    return save_model(folder, created.module, created.architecture, created.settings, created.preprocess(),
-                      provenance={"note": "random initialisation of the demo run"})
 
 
 def write_pixel_layouts(table: Path, root: Path) -> dict[str, Path]:
@@ -418,6 +411,13 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
         raise SystemExit("unicom cluster failed")
     truth = json.loads((data / "train_glyphs.json").read_text())
     purity = cluster_purity(out / "clusters" / "labels", truth)
+    # the pseudo-classes as the paper's Figures 3 and 5 show them: a few clusters beside their nearest ones
+    with contextlib.redirect_stdout(io.StringIO()):
+        shown = unicom(["cluster", "show", "--out", str(out / "clusters"), "--embeddings", str(out / "features"),
+                        "--input", str(data / "shards"), "--random", str(SHOWN_CLUSTERS), "--samples", "8",
+                        "--neighbours", "3", "--thumbnail", "48", "--sheet", str(out / "clusters.png")])
+    if shown != 0:
+        raise SystemExit("unicom cluster show failed")
     stage("cluster", began)
 
     recipe = repository_config()
@@ -440,9 +440,12 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
         raise SystemExit("unicom train (compact epoch) failed")
     stage("compact epoch", began)
 
+    # the untrained network: the same recipe and seed, zero steps (the run's starting weights, exported)
+    if unicom(["train", "--config", str(recipe), *overrides, f"out={out / 'untrained'}", "train.steps=0"]) != 0:
+        raise SystemExit("unicom train (train.steps=0) failed")
+
     began = time.perf_counter()
-    untrained = untrained_model(config, out / "untrained_model")
-    models = {"untrained_network": untrained, "trained_network": out / "train" / "model",
+    models = {"untrained_network": out / "untrained" / "model", "trained_network": out / "train" / "model",
               "trained_network_compact_epoch": out / "compact" / "model"}
     dims = ",".join(map(str, DIMENSIONS))
     reports: dict[str, dict[str, dict]] = {protocol: {} for protocol in PROTOCOLS}
@@ -463,7 +466,8 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
 
     plot_loss(out / "train" / "log.jsonl", out / "loss.png")
     by_dimension = {
-        protocol: {name: {str(r["dimension"]): r["recall@1"] for r in report["dimensions"] if r["method"] == "first"}
+        protocol: {name: {str(r["dimension"]): r["recall@1"] for r in report["dimensions"]
+                             if r["method"] == "first" and "recall@1" in r}  # a skipped d has no score
                    for name, report in by_name.items()}
         for protocol, by_name in reports.items()
     }
@@ -560,7 +564,9 @@ def report_markdown(metrics: dict) -> str:
         f"{_compact_effect(metrics)}. The first d pixel features are merely the top rows of the image "
         "(recall_vs_dimension.png).",
         "",
-        "Plots: queries.png, loss.png, recall_vs_dimension.png, cluster_sizes.png. Timings (s): "
+        "Plots: queries.png, loss.png, recall_vs_dimension.png, cluster_sizes.png; clusters.png (and clusters.html, "
+        f"captioned) shows {SHOWN_CLUSTERS} random pseudo-classes, each beside its nearest clusters by centroid "
+        "similarity. Timings (s): "
         + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()) + ".",
         "",
     ]

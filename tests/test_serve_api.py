@@ -200,6 +200,19 @@ def test_path_traversal_on_the_thumbnail_route_reads_no_file(served):
     assert missing.status_code == 404 and missing.json()["detail"] == "no item 24 in this index (ids 0..23)"
 
 
+def test_a_deleted_or_damaged_image_file_is_404_naming_the_item(tmp_path):
+    found = indexed_image_collection(tmp_path)
+    found["images"][3].unlink()
+    found["images"][5].write_bytes(found["images"][5].read_bytes()[:40])  # a JPEG cut after its header
+    with TestClient(create_app(found["index"], found["encoder"])) as client:
+        deleted, damaged = client.get("/thumbnail/3"), client.get("/thumbnail/5")
+        assert deleted.status_code == 404 and deleted.json()["detail"] == "the image file of item 3 is missing"
+        assert damaged.status_code == 404
+        assert damaged.json()["detail"].startswith("the image file of item 5 cannot be read (")
+        whole = client.get("/thumbnail/4")
+        assert whole.status_code == 200 and Image.open(io.BytesIO(whole.content)).format == "JPEG"
+
+
 def test_an_item_without_a_local_image_has_no_thumbnail(tmp_path):
     import pyarrow as pa
 

@@ -66,6 +66,12 @@ class ClassesPerStep(NamedTuple):
         return not self.all_classes and self.positives >= self.sampled
 
 
+def sampled_classes(sample_rate: float, classes: int) -> int:
+    """Classes a shard of ``classes`` samples at r1 = ``sample_rate`` before its positives are
+    added: ceil(r1 · classes), all of them when r1 >= 1."""
+    return classes if sample_rate >= 1.0 else min(classes, math.ceil(sample_rate * classes))
+
+
 def classes_per_step(num_classes: int, batch: int, sample_rate: float, world_size: int = 1) -> ClassesPerStep:
     """The classes a step uses with random negative-class selection (r1 = ``sample_rate``).
 
@@ -80,7 +86,7 @@ def classes_per_step(num_classes: int, batch: int, sample_rate: float, world_siz
     sampled = used = 0.0
     for rank in range(world_size):
         _, local = shard_range(num_classes, rank, world_size)
-        keep = local if sample_rate >= 1.0 else min(local, math.ceil(sample_rate * local))
+        keep = sampled_classes(sample_rate, local)
         sampled += keep
         used += min(local, max(keep, local * share))
     return ClassesPerStep(num_classes, int(sampled), num_classes * share, used)
@@ -401,7 +407,7 @@ class PartialFC(nn.Module):
             return None
         device = local_labels.device
         _, class_generator = self._generators(device)
-        num_sample = math.ceil(self.sample_rate * self.num_local)
+        num_sample = sampled_classes(self.sample_rate, self.num_local)
         # out-of-shard labels score into a spare slot past the last class
         slots = torch.where(in_shard, local_labels, self.num_local)
         if local_labels.numel() > num_sample:

@@ -117,7 +117,7 @@ class ItemImages:
 
     def thumbnail(self, name: str, row: dict, item_id: int) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached)."""
-        from PIL import Image
+        from unicom.data.transforms import DecodeError, decode_image
 
         with self._lock:
             cached = self._thumbnails.get((name, item_id))
@@ -126,16 +126,14 @@ class ItemImages:
                 return cached
         source = self.source(row, item_id)
         try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                image = image.convert("RGB")
-                image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=85)
-        except FileNotFoundError:
-            raise _error(404, f"the image file of item {item_id} is missing") from None
-        except Exception:  # a damaged file: Pillow raises several types
-            raise _error(404, f"the image file of item {item_id} cannot be read") from None
+            image, _ = decode_image(source, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        except DecodeError as error:
+            if isinstance(error.__cause__, FileNotFoundError):
+                raise _error(404, f"the image file of item {item_id} is missing") from None
+            raise _error(404, f"the image file of item {item_id} cannot be read ({error})") from None
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
         data = buffer.getvalue()
         with self._lock:
             self._thumbnails[(name, item_id)] = data

@@ -171,7 +171,11 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     # DynM-ArcFace's margins come from the training images per class
     class_counts = source.class_counts() if config.loss.needs_class_counts else None
     partial_fc = config.loss.partial_fc(created.embedding_dim, source.num_classes, class_counts, seed=config.seed).to(device)
-    resume_from = _find_resume(config, say) if config.train.steps != 0 else _refuse_trained_out(Path(config.out))
+    if config.train.steps == 0:  # the untrained network: never resumed, never written over a run
+        _refuse_trained_out(Path(config.out))
+        resume_from = None
+    else:
+        resume_from = _find_resume(config, say)
     origin = (0, 0.0)
     if resume_from is not None:
         manifest = ckpt.read_manifest(resume_from)

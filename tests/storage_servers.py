@@ -292,3 +292,25 @@ class Relay:
 def environment(**extra: str) -> dict:
     """``os.environ`` with ``extra``, for subprocesses."""
     return dict(os.environ, **extra)
+
+
+def kill_at_s3_response(s3: "S3", command: list[str], env: dict, pattern: bytes, timeout: float = 300) -> None:
+    """Run ``command`` against ``s3`` through a :class:`Relay` and ``kill -9`` it when S3
+    answers the first request whose line matches ``pattern``; checks that it died so."""
+    import signal
+    import subprocess
+
+    process = None
+
+    def kill(request_line: bytes) -> None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    relay = Relay(s3.port, pattern, kill)
+    try:
+        process = subprocess.Popen(command, env=dict(env, AWS_ENDPOINT_URL=relay.endpoint),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process.wait(timeout=timeout)
+        assert relay.fired.is_set() and process.returncode == -signal.SIGKILL
+    finally:
+        relay.stop()

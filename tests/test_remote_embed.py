@@ -7,7 +7,6 @@ cut a response mid-stream or add latency, and moto's S3 server.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from storage_servers import FileServer, Relay
+from storage_servers import FileServer, kill_at_s3_response
 from support import class_image, encode_image, write_tar_shard
 
 from unicom.cli import main
@@ -110,21 +109,8 @@ def test_killed_mid_upload_a_rerun_leaves_the_same_folder_and_nothing_half_writt
     env = dict(os.environ, PYTHONWARNINGS="ignore", UNICOM_PROGRESS="0")
     command = [sys.executable, "-m", "unicom.cli", "embed", "--input", str(data["root"] / "shards"),
                "--out", "s3://embed-d/emb", *data["common"]]
-    process = None
-
-    def kill(request_line: bytes) -> None:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-
-    # the relay kills the client when S3 answers the upload of part 1's temporary embeddings
-    relay = Relay(s3.port, rb"PUT /embed-d/emb/img_emb/\.img_emb_1\.npy\.[a-z0-9_]{8}\.tmp\.npy", kill)
-    try:
-        process = subprocess.Popen(command, env=dict(env, AWS_ENDPOINT_URL=relay.endpoint),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        process.wait(timeout=300)
-        assert relay.fired.is_set() and process.returncode == -signal.SIGKILL
-    finally:
-        relay.stop()
+    # killed when S3 answers the upload of part 1's temporary embeddings
+    kill_at_s3_response(s3, command, env, rb"PUT /embed-d/emb/img_emb/\.img_emb_1\.npy\.[a-z0-9_]{8}\.tmp\.npy")
     keys = s3.keys("embed-d")
     assert "emb/img_emb/img_emb_1.npy" not in keys and "emb/metadata/metadata_1.parquet" not in keys
     left = [k for k in keys if not _no_temporaries([k])]

@@ -89,6 +89,128 @@ def test_an_index_of_s3_embeddings_and_an_index_read_from_s3_search_like_local_o
     assert Index.load(url).path == fetched.path and faiss_file.stat().st_mtime_ns == stamp  # not fetched again
 
 
+def _index_files(folder) -> dict:
+    """The files of an index folder but index.json (which records its own source), by relative name."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name not in ("index.json", "SOURCE")}
+
+
+def _s3_files(s3, bucket: str, prefix: str) -> dict:
+    return {key[len(prefix) + 1:]: s3.get(bucket, key) for key in s3.keys(bucket, prefix + "/")
+            if not key.endswith("index.json")}
+
+
+@pytest.mark.parametrize("layout", ["unicom", "clip-retrieval"])
+def test_unicom_index_writes_into_s3_the_files_of_a_local_build(s3, local_folder, remote_folder, tmp_path, monkeypatch,
+                                                                  layout):
+    import json
+
+    from unicom.search.index import Index
+
+    emb, bucket = remote_folder
+    prefix = f"index-{layout}"
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    options = ["--layout", layout, "--type", "hnsw", "--heldout", "10"]
+    assert main(["index", "--emb", str(local_folder / "emb"), "--out", str(tmp_path / "local"), *options]) == 0
+    assert main(["index", "--emb", emb, "--out", f"s3://{bucket}/{prefix}", *options]) == 0
+
+    written = _s3_files(s3, bucket, prefix)
+    local = _index_files(tmp_path / "local")
+    if layout == "clip-retrieval":  # autofaiss' description names where the index file is
+        for name in ("image.json", "text.json"):
+            described = [json.loads(files.pop(name)) for files in (written, local)]
+            assert described[0].pop("index_path") == f"s3://{bucket}/{prefix}/{name.split('.')[0]}.index"
+            assert described[1].pop("index_path") == str(tmp_path / "local" / f"{name.split('.')[0]}.index")
+            assert described[0] == described[1]
+    assert written == local
+    config = json.loads(s3.get(bucket, f"{prefix}/index.json"))
+    assert config["source"] == emb and config["count"] == sum(PARTS.values())
+    assert not any(key.rsplit("/", 1)[-1].startswith(".") for key in s3.keys(bucket))  # no temporaries
+
+    queries = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    remote, mine = Index.load(f"s3://{bucket}/{prefix}"), Index.load(tmp_path / "local")
+    np.testing.assert_array_equal(remote.search(queries, 5)[1], mine.search(queries, 5)[1])
+    assert remote.location == f"s3://{bucket}/{prefix}"
+    assert main(["index", "--emb", emb, "--out", f"s3://{bucket}/{prefix}", *options]) == 0  # nothing new: up to date
+
+
+def test_new_parts_are_added_to_an_index_in_s3_and_the_old_generation_removed(s3, local_folder, remote_folder, tmp_path,
+                                                                               monkeypatch):
+    import json
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search.index import Index
+
+    emb, bucket = remote_folder
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    local_emb = tmp_path / "emb"
+    import shutil
+
+    shutil.copytree(local_folder / "emb", local_emb)
+    options = ["--type", "hnsw", "--heldout", "10"]
+    for source, out in ((str(local_emb), str(tmp_path / "local")), (emb, f"s3://{bucket}/index")):
+        assert main(["index", "--emb", source, "--out", out, *options]) == 0
+    first = json.loads(s3.get(bucket, "index/index.json"))["file"]
+
+    rng = np.random.default_rng(5)
+    write_part(local_emb, 7, image=rng.standard_normal((12, 16)).astype(np.float16),
+               metadata=pa.table({"key": [f"7-{i}" for i in range(12)], "label": np.zeros(12, np.int64)}))
+    s3.upload_folder(local_emb, bucket, "emb")
+    for source, out in ((str(local_emb), str(tmp_path / "local")), (emb, f"s3://{bucket}/index")):
+        assert main(["index", "--emb", source, "--out", out]) == 0
+
+    config = json.loads(s3.get(bucket, "index/index.json"))
+    assert config["count"] == sum(PARTS.values()) + 12 and config["file"] != first
+    keys = s3.keys(bucket, "index/")
+    assert f"index/{first}" not in keys and f"index/{config['file']}" in keys  # the old generation is gone
+    assert _s3_files(s3, bucket, "index") == _index_files(tmp_path / "local")
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    np.testing.assert_array_equal(Index.load(f"s3://{bucket}/index").search(queries, 5)[1],
+                                  Index.load(tmp_path / "local").search(queries, 5)[1])
+
+
+def test_killed_while_publishing_an_index_the_previous_one_stays_whole_in_s3(s3, local_folder, remote_folder, tmp_path,
+                                                                             monkeypatch):
+    """kill -9 as S3 answers the upload of the new index.json's temporary object (the commit
+    is the rename after it): readers keep the previous index whole, and the rerun completes the
+    new one and leaves no temporaries."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from storage_servers import kill_at_s3_response
+
+    from unicom.search.index import Index
+
+    emb, bucket = remote_folder
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    url = f"s3://{bucket}/index"
+    assert main(["index", "--emb", emb, "--out", url, "--type", "flat"]) == 0
+    before = s3.get(bucket, "index/index.json")
+    command = [sys.executable, "-m", "unicom.cli", "index", "--emb", emb, "--out", url, "--type", "hnsw",
+               "--heldout", "10", "--rebuild"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    kill_at_s3_response(s3, command, env, rb"PUT /" + bucket.encode() + rb"/index/\.index\.json\.[a-z0-9_]{8}\.tmp\.json")
+    assert s3.get(bucket, "index/index.json") == before
+    left = [key for key in s3.keys(bucket, "index/") if key.rsplit("/", 1)[-1].startswith(".")]
+    assert len(left) == 1 and left[0].startswith("index/.index.json.")  # what the kill left, under its temporary name
+    old = Index.load(url)
+    assert old.type == "flat" and len(old) == sum(PARTS.values())
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads(s3.get(bucket, "index/index.json"))
+    assert config["type"] == "hnsw" and config["generation"] == 1
+    names = [key.split("/", 1)[1] for key in s3.keys(bucket, "index/")]
+    assert sorted(n for n in names if n.endswith(".faiss")) == [config["file"]]  # the flat index's file is gone
+    assert not any(name.rsplit("/", 1)[-1].startswith(".") for name in names)
+    queries = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    rebuilt = Index.load(url)
+    assert rebuilt.type == "hnsw"
+    np.testing.assert_array_equal(rebuilt.search(queries, 5)[1], old.search(queries, 5)[1])  # recall 1 at this size
+
+
 def test_evaluate_embeddings_in_s3_gives_the_local_metrics(s3, local_folder, remote_folder, tmp_path):
     import json
 

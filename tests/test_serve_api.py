@@ -259,6 +259,49 @@ def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
         assert hits[0]["id"] == 3 and hits[0]["thumbnail"] == "/thumbnail/3"
 
 
+@pytest.mark.parametrize("where", ["s3", "http"])
+def test_thumbnails_of_samples_in_remote_shards_equal_those_of_local_shards(tmp_path, where, request, monkeypatch):
+    """``--shards`` in S3 (moto's server) or over HTTP: the listing streams the tar once, the
+    member is a ranged read (a compressed tar is read up to it); the JPEGs are the ones the
+    same shards on disk give, and a shard the store cannot give names the reason."""
+    import gzip
+
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+
+    samples = [{"key": f"{i:09d}", "jpg": encode_image(class_image(i, 0, 48)), "txt": f"caption {i}"} for i in range(4)]
+    write_tar_shard(tmp_path / "shards" / "00007.tar", samples)
+    (tmp_path / "shards" / "00008.tar.gz").write_bytes(gzip.compress((tmp_path / "shards" / "00007.tar").read_bytes()))
+    rows = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    shards = ["00007.tar"] * 4 + ["00008.tar.gz", "00009.tar"]
+    keys = [f"{i:09d}" for i in (0, 1, 2, 3, 2, 0)]
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": keys, "shard": shards}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.bucket("thumbs")
+        remote, server = s3.upload_folder(tmp_path / "shards", "thumbs", "shards"), None
+    else:
+        server = FileServer(tmp_path / "shards")
+        remote = server.url
+    try:
+        with TestClient(create_app(index, shards=tmp_path / "shards")) as local, \
+                TestClient(create_app(index, shards=remote)) as client:
+            for item in range(5):
+                response = client.get(f"/thumbnail/{item}")
+                assert response.status_code == 200, response.text
+                assert response.content == local.get(f"/thumbnail/{item}").content
+            missing = client.get("/thumbnail/5")
+            assert missing.status_code == 404
+            assert missing.json()["detail"].startswith("the shard 00009.tar of item 5 cannot be fetched (not found")
+    finally:
+        if server is not None:
+            server.stop()
+
+
 # --------------------------------------------------------------------------- batching
 
 

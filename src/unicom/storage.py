@@ -59,12 +59,13 @@ _RANDOM = random.SystemRandom()  # jitter and temporary names: never the global 
 
 
 class FetchError(OSError):
-    """A remote file that could not be read after every retry; ``location`` and ``reason``."""
+    """A remote file that could not be read after every retry; ``location`` and ``reason``;
+    ``missing``: the store said it has no such file (the last attempt's answer)."""
 
-    def __init__(self, location: str, reason: str, attempts: int = 1):
+    def __init__(self, location: str, reason: str, attempts: int = 1, missing: bool = False):
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
         super().__init__(f"{location}: {reason}{tries}")
-        self.location, self.reason, self.attempts = location, reason, attempts
+        self.location, self.reason, self.attempts, self.missing = location, reason, attempts, missing
 
 
 # --------------------------------------------------------------------------- locations
@@ -326,7 +327,8 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
                 raise
             if attempt == policy.attempts:
-                raise FetchError(text(location), describe(error, location), attempt) from error
+                raise FetchError(text(location), describe(error, location), attempt,
+                                 isinstance(error, FileNotFoundError)) from error
             time.sleep(policy.wait(attempt))
     raise AssertionError("unreachable")
 
@@ -737,7 +739,7 @@ class _ResumingStream(io.RawIOBase):
                         reason = describe(error, self.location)
                         if offset:
                             reason += f" (after {offset} bytes)"
-                        self._put(FetchError(text(self.location), reason, failures))
+                        self._put(FetchError(text(self.location), reason, failures, isinstance(error, FileNotFoundError)))
                         return
                     if self.stop.wait(self.policy.wait(failures)):
                         return
@@ -880,16 +882,27 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY.match(name) is not None
 
 
-def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
-    """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
-    folder (default ``$UNICOM_CACHE`` or ``~/.cache/unicom``, under ``remote/``) and
-    fetched again when their size changed (``refresh``: always). Returns the local folder."""
+SOURCE_FILE = "SOURCE"
+
+
+def cache_folder(folder, cache: str | os.PathLike | None = None) -> Path:
+    """The local folder that keeps a copy of the remote ``folder`` (created, with a
+    ``SOURCE`` file naming the URL): under ``cache``, ``$UNICOM_CACHE`` or
+    ``~/.cache/unicom``, in ``remote/``."""
     import hashlib
 
     root = Path(cache or os.environ.get("UNICOM_CACHE") or Path.home() / ".cache" / "unicom") / "remote"
     local = root / hashlib.sha256(text(folder).encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
-    (local / "SOURCE").write_text(text(folder) + "\n")
+    (local / SOURCE_FILE).write_text(text(folder) + "\n")
+    return local
+
+
+def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
+    """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
+    folder (default ``$UNICOM_CACHE`` or ``~/.cache/unicom``, under ``remote/``) and
+    fetched again when their size changed (``refresh``: always). Returns the local folder."""
+    local = cache_folder(folder, cache)
     base = path(folder)
     refresh = set(refresh)
     for name in names:
@@ -914,6 +927,7 @@ __all__ = [
     "RemoteArray",
     "absolute",
     "braces",
+    "cache_folder",
     "cached_copy",
     "configure",
     "exists",

@@ -7,6 +7,7 @@ Examples::
     unicom index --emb EMB/ --out INDEX/ --target-recall 0.95         # the smallest index that reaches 0.95
     unicom index --emb EMB/ --out INDEX/ --layout clip-retrieval      # image.index, text.index, metadata/
     unicom index --emb EMB/ --out INDEX/          # again, after `unicom embed` wrote new parts
+    unicom index --emb s3://bucket/emb --out s3://bucket/index        # built locally, uploaded, index.json last
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emb", required=True, help="embedding folder (img_emb/, metadata/) written by `unicom embed`")
-    parser.add_argument("--out", required=True, help="index folder; if it holds an index, the new parts of --emb are added")
+    parser.add_argument("--out", required=True, help="index folder, local or a URL; if it holds an index, the new parts of --emb are added")
     parser.add_argument("--dims", type=int, default=None, help="keep the first DIMS dimensions, re-normalised (default: all)")
     parser.add_argument("--type", dest="index_type", choices=("auto", "flat", "hnsw", "ivfsq", "ivfpq"), default="auto",
                         help="index type (default: auto, chosen from --memory and --target-recall)")
@@ -45,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unicom.commands import configure_logging
-    from unicom.search.clip_layout import is_clip_folder
-    from unicom.search.index import CONFIG_FILE, Index
+    from unicom import storage
+    from unicom.search.index import Index, holds_index
     from unicom.search.planner import format_size
 
     configure_logging()
-    out = Path(args.out)
-    if ((out / CONFIG_FILE).is_file() or is_clip_folder(out)) and not args.rebuild:
+    out = args.out if storage.is_url(args.out) else Path(args.out)
+    if holds_index(out) and not args.rebuild:
         index = Index.load(out)
         if args.dims is not None and args.dims != index.dims:
             from unicom.errors import InputError

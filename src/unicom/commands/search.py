@@ -48,7 +48,7 @@ def model_spec(args: argparse.Namespace, index) -> tuple[str, str | None]:
         return args.model, args.pretrained
     recorded = index.config.get("model") or {}
     if not recorded.get("spec"):
-        raise InputError(f"{index.path}: the index does not record the model of its embeddings; pass --model (and --pretrained)")
+        raise InputError(f"{index.location}: the index does not record the model of its embeddings; pass --model (and --pretrained)")
     return recorded["spec"], args.pretrained or recorded.get("pretrained")
 
 

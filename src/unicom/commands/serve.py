@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None,
                         help="folder that relative image paths in the metadata start from (default: the current folder)")
     parser.add_argument("--shards", default=None,
-                        help="folder of the webdataset shards the collection was embedded from: thumbnails of their samples")
+                        help="folder of the webdataset shards the collection was embedded from, local or a URL "
+                             "(s3://bucket/shards): thumbnails of their samples")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. http://localhost:3005, or '*' for any) call the API from a "
                         "browser, as clip-retrieval's front end served elsewhere does; repeat for several")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     encoders, loaded = {}, {}
     for name, index in indexes.items():
         if not (args.model or (index.config.get("model") or {}).get("spec")):
-            print(f"{index.path}: no model recorded and no --model given: serving embedding and item queries only", file=sys.stderr)
+            print(f"{index.location}: no model recorded and no --model given: serving embedding and item queries only", file=sys.stderr)
             encoders[name] = None
             continue
         spec = model_spec(args, index)

@@ -155,13 +155,14 @@ def open_folder(path: str | os.PathLike) -> Opened:
     return Opened(faiss_indexes, infos, files)
 
 
-def infos(faiss_index, structure: str, search: dict, index_path: Path, extra: dict) -> dict:
-    """autofaiss' description of an index (its keys, so tools that read them find them), plus ``extra``."""
+def infos(faiss_index, structure: str, search: dict, index_path: Path, extra: dict, recorded_path: str | None = None) -> dict:
+    """autofaiss' description of an index (its keys, so tools that read them find them), plus
+    ``extra``; ``recorded_path``: where the index is published, when not at ``index_path``."""
     size = index_path.stat().st_size
     return {
         "index_key": structure,
         "index_param": ",".join(f"{key}={value}" for key, value in search.items()),
-        "index_path": str(index_path.resolve()),
+        "index_path": recorded_path or str(index_path.resolve()),
         "size in bytes": size,
         "nb vectors": int(faiss_index.ntotal),
         "vectors dimension": int(faiss_index.d),

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,8 +207,9 @@ class Index:
     layout, ``("image", "text")`` (either alone too); ``index.faiss_indexes[modality]``.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict, faiss_indexes: dict[str, Any] | Any):
+    def __init__(self, path: str | os.PathLike, config: dict, faiss_indexes: dict[str, Any] | Any, location=None):
         self.path = Path(path)
+        self.location = storage.text(location) if location is not None and storage.is_url(location) else self.path
         self.faiss_indexes = dict(faiss_indexes) if isinstance(faiss_indexes, dict) else {"image": faiss_indexes}
         self._tables: dict[int, Any] = {}
         self._set_config(config)
@@ -226,11 +228,12 @@ class Index:
         copied into a local cache first (and fetched again only when its files changed)."""
         import faiss
 
+        location = path
         path = _cached(path) if storage.is_url(path) else Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
             if clip_layout.is_clip_folder(path):
-                return cls._open_clip_folder(path)
+                return cls._open_clip_folder(path, location)
             raise InputError(
                 f"{path}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index (clip-retrieval's); "
                 f"build an index with `unicom index --emb EMB --out {path}`"
@@ -260,10 +263,10 @@ class Index:
             if faiss_index.ntotal != config["count"]:
                 raise InputError(f"{path}: the {modality} index holds {faiss_index.ntotal} vectors but {CONFIG_FILE} says "
                                  f"{config['count']}; rebuild the index")
-        return cls(path, config, indexes)
+        return cls(path, config, indexes, location)
 
     @classmethod
-    def _open_clip_folder(cls, path: Path) -> "Index":
+    def _open_clip_folder(cls, path: Path, location=None) -> "Index":
         """An index folder written by clip-retrieval / autofaiss: a configuration read from its files."""
         opened = clip_layout.open_folder(path)
         modalities = {}
@@ -288,13 +291,13 @@ class Index:
             "modalities": modalities, "file": first["file"], "bytes": (path / first["file"]).stat().st_size,
             "selection": None, "generation": 0,
         }
-        return cls(path, config, opened.faiss_indexes)
+        return cls(path, config, opened.faiss_indexes, location)
 
     def __len__(self) -> int:
         return int(self.config["count"])
 
     def __repr__(self) -> str:
-        return (f"Index({str(self.path)!r}, layout={self.layout!r}, modalities={self.modalities}, type={self.type!r}, "
+        return (f"Index({str(self.location)!r}, layout={self.layout!r}, modalities={self.modalities}, type={self.type!r}, "
                 f"count={len(self)}, dims={self.dims})")
 
     @property
@@ -315,7 +318,7 @@ class Index:
     def _modality(self, modality: str | None) -> tuple[str, dict]:
         modality = modality or self.modalities[0]
         if modality not in self.faiss_indexes:
-            raise InputError(f"{self.path} holds no {modality} index (it searches {', '.join(self.modalities)} embeddings)")
+            raise InputError(f"{self.location} holds no {modality} index (it searches {', '.join(self.modalities)} embeddings)")
         recorded = (self.config.get("modalities") or {}).get(modality)
         return modality, recorded if recorded is not None else self.config
 
@@ -376,7 +379,7 @@ class Index:
             built_with = self.config.get("model") or {}
             hint = f" ({built_with.get('spec')})" if built_with.get("spec") else ""
             raise InputError(
-                f"{encoder.name} gives {encoder.embedding_dim}-dimensional embeddings, but {self.path} was built from "
+                f"{encoder.name} gives {encoder.embedding_dim}-dimensional embeddings, but {self.location} was built from "
                 f"{expected}-dimensional ones; query with the model that embedded the collection{hint}"
             )
 
@@ -470,12 +473,13 @@ class Index:
         layout: ``"unicom"`` or ``"clip-retrieval"`` (``image.index`` and, when ``emb`` has
         text embeddings, ``text.index``: what clip-retrieval's back end serves).
         overwrite: replace an index already in ``out`` (otherwise an error: use :meth:`add_parts`).
+        ``out`` may be a URL (``s3://…``): the index is written in a local cache folder, then
+        uploaded file by file, ``index.json`` last (:func:`publish`).
         """
-        out = Path(out)
         if layout not in LAYOUTS:
             raise InputError(f"layout {layout!r} unknown: use one of {', '.join(LAYOUTS)}")
-        if ((out / CONFIG_FILE).exists() or clip_layout.is_clip_folder(out)) and not overwrite:
-            raise InputError(f"{out}: already holds an index; add new parts to it, or rebuild it with --rebuild")
+        if holds_index(out) and not overwrite:
+            raise InputError(f"{storage.text(out)}: already holds an index; add new parts to it, or rebuild it with --rebuild")
         if recall_target is not None and not 0 < recall_target <= 1:
             raise InputError(f"the recall target must be in (0, 1], got {recall_target}")
         budget = None if memory_budget is None else parse_size(memory_budget)
@@ -518,9 +522,11 @@ class Index:
             "generation": 0,
             "unicom_version": __version__,
         }
+        location, started = out, time.time_ns()
         previous = _read_config(out) if overwrite else None
         if previous is not None:
             config["generation"] = previous.get("generation", 0) + 1
+        out = _staging(out)
         indexes = {modality: attempt.index for modality, (attempt, _) in built.items()}
         if layout == clip_layout.LAYOUT:
             width = len(str(max(part.number for part in collection.parts)))
@@ -530,10 +536,13 @@ class Index:
             config["modalities"] = {modality: {**_describe(attempt, dims if modality == modalities[0] else attempt.index.d),
                                                "file": clip_layout.index_file(modality), "selection": chosen}
                                     for modality, (attempt, chosen) in built.items()}
-            _write_clip(out, config, indexes, heldout_ids, collection, parts, previous)
+            _write_clip(out, config, indexes, heldout_ids, collection, parts, previous,
+                        published=storage.text(location) if storage.is_url(location) else None)
         else:
             _write(out, config, indexes["image"], heldout_ids, collection, collection.parts, previous)
-        return cls(out, config, indexes)
+        if storage.is_url(location):
+            publish(out, location, started)
+        return cls(out, config, indexes, location)
 
     def add_parts(self, emb: str | os.PathLike | None = None) -> list[int]:
         """Add the parts of ``emb`` (default: the folder the index was built from) that it
@@ -545,13 +554,11 @@ class Index:
         the measurement) measures recall@k again, and the search parameter is tuned again as
         at build time. An index in clip-retrieval's layout is rebuilt instead.
         """
-        if self.layout != "unicom":
-            raise InputError(
-                f"{self.path}: an index in clip-retrieval's layout is not grown in place (its metadata files are "
-                f"numbered for the parts it holds); rebuild it: `unicom index --emb EMB --out {self.path} "
-                "--layout clip-retrieval --rebuild`"
-            )
-        emb = emb or self.config["source"]
+        emb = emb or self.config.get("source")
+        if emb is None:
+            raise InputError(f"{self.location}: the index does not record the embedding folder it was built from; "
+                             "name it (`unicom index --emb EMB`)")
+        started = time.time_ns()
         indexed = {part.number: part for part in self.parts}
         collection = Collection(emb)
         current = {part.number: part for part in collection.parts}
@@ -568,6 +575,12 @@ class Index:
         new = sorted(set(current) - set(indexed))
         if not new:
             return []
+        if self.layout != "unicom":
+            raise InputError(
+                f"{self.location}: an index in clip-retrieval's layout is not grown in place (its metadata files are "
+                f"numbered for the parts it holds); rebuild it: `unicom index --emb EMB --out {self.location} "
+                "--layout clip-retrieval --rebuild`"
+            )
         last = max(indexed)
         early = [number for number in new if number < last]
         if early:
@@ -607,9 +620,13 @@ class Index:
                 config["selection"] = {**selection, "recall": round(recall, 4), "heldout_after_add": int(len(heldout_ids)),
                                        "steps_after_add": steps}
             _write(self.path, config, index, heldout_ids, additions, additions.parts, self.config)
+            if isinstance(self.location, str):
+                publish(self.path, self.location, started)
         except BaseException:
-            # the in-memory index may hold part of the new rows: take the one on disk again
-            self.faiss_indexes = Index.load(self.path).faiss_indexes
+            # the in-memory index may hold part of the new rows: take the stored one again
+            stored = Index.load(self.location)
+            self.path, self.faiss_indexes = stored.path, stored.faiss_indexes
+            self._set_config(stored.config)
             raise
         self._set_config(config)
         return [part.number for part in additions.parts]
@@ -731,11 +748,69 @@ def _embedding_model(emb) -> dict | None:
     return {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
 
 
-def _read_config(path: Path) -> dict | None:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
+def _read_config(path) -> dict | None:
+    config_path = storage.join(path, CONFIG_FILE) if storage.is_url(path) else Path(path) / CONFIG_FILE
+    if not storage.is_file(config_path):
         return None
-    return json.loads(config_path.read_text())
+    try:
+        return json.loads(storage.read_text(config_path))
+    except ValueError as error:
+        raise InputError(f"{storage.text(config_path)}: not valid JSON ({error}); delete it, or build elsewhere") from error
+
+
+def holds_index(location) -> bool:
+    """Whether the folder ``location`` (local or a URL) holds an index, in either layout."""
+    names = [CONFIG_FILE, *(clip_layout.index_file(modality) for modality in clip_layout.MODALITIES)]
+    if storage.is_url(location):
+        present = storage.list_files(location)
+        return any(name in present for name in names)
+    return any((Path(location) / name).is_file() for name in names)
+
+
+def _staging(location) -> Path:
+    """The local folder an index for ``location`` is written in: the folder itself, or for a
+    URL its cache folder (:func:`unicom.storage.cache_folder`), emptied, so that it is the new
+    index's files and nothing else, and later loads of the URL find them cached."""
+    if not storage.is_url(location):
+        return Path(location)
+    local = storage.cache_folder(location)
+    for entry in local.iterdir():
+        if entry.name != storage.SOURCE_FILE:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return local
+
+
+# the files of an index folder, in either layout, relative to it: what publish may replace or delete
+_INDEX_FILES = re.compile(r"(index_\d+\.faiss|(image|text)\.(index|json)|" + re.escape(HELDOUT_FILE) + "|"
+                          + re.escape(METADATA_FOLDER) + r"/[^/]+\.parquet)")
+
+
+def publish(local: Path, location: str, since_ns: int) -> None:
+    """Make the remote index folder ``location`` hold the index written in ``local``.
+
+    The files written since ``since_ns`` (and any the remote folder lacks) are uploaded
+    whole (:func:`unicom.storage.upload_atomic`), ``index.json`` last: a reader sees the old
+    index or the new one. Then the index files the new one no longer uses (the previous
+    generation's faiss file, metadata of parts that are gone) are deleted. A killed publish
+    leaves the previous ``index.json`` in place and temporaries that the next build sweeps.
+    """
+    folders = ("", METADATA_FOLDER)
+    remote = {}
+    for folder in folders:
+        where = storage.join(location, folder) if folder else location
+        storage.sweep_temporaries(where)  # what a killed publish left: the folder is this index's alone
+        remote.update({f"{folder}/{name}".lstrip("/"): entry for name, entry in storage.list_files(where).items()})
+    files = {file.relative_to(local).as_posix(): file for file in local.rglob("*")
+             if file.is_file() and _INDEX_FILES.fullmatch(file.relative_to(local).as_posix())}
+    changed = [name for name, file in sorted(files.items()) if name not in remote or file.stat().st_mtime_ns >= since_ns]
+    logger.info("uploading %d files of the index to %s", len(changed) + 1, location)
+    storage.make_folder(location)
+    uploads = {storage.text(storage.join(location, name)): files[name] for name in changed}
+    storage.gather(lambda url: storage.upload_atomic(uploads[url], url), uploads, threads=8)
+    storage.upload_atomic(local / CONFIG_FILE, storage.join(location, CONFIG_FILE))
+    for name in sorted(set(remote) - set(files)):
+        if _INDEX_FILES.fullmatch(name):
+            storage.remove(storage.join(location, name))
 
 
 def _metadata_with_ids(collection: Collection, part: Part):
@@ -781,9 +856,10 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
 
 
 def _write_clip(out: Path, config: dict, indexes: dict, heldout_ids: np.ndarray, collection: Collection, parts: list[Part],
-                previous: dict | None) -> None:
+                previous: dict | None, published: str | None = None) -> None:
     """clip-retrieval's layout: the collection's metadata as it is (zero-padded names), one
-    faiss file and autofaiss' description per modality, the held-out ids, then ``index.json``."""
+    faiss file and autofaiss' description per modality, the held-out ids, then ``index.json``.
+    ``published``: the URL the folder is uploaded to, recorded as the faiss files' place."""
     out.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(out)  # what a killed build left: the folder is this index's alone
     sweep_temporaries(out / clip_layout.METADATA_FOLDER)
@@ -796,8 +872,9 @@ def _write_clip(out: Path, config: dict, indexes: dict, heldout_ids: np.ndarray,
         described["bytes"] = path.stat().st_size
         extra = {"unicom": {"recall@k": described["selection"]["recall"], "k": described["selection"]["k"],
                             "heldout": described["selection"]["heldout"], "structure": described["structure"]}}
+        where = f"{published.rstrip('/')}/{path.name}" if published else None
         clip_layout.write_infos(out, modality, clip_layout.infos(faiss_index, described["structure"], described["search"],
-                                                                 path, extra))
+                                                                 path, extra, where))
     for modality in clip_layout.MODALITIES:
         if modality not in indexes:  # left from an earlier build with text embeddings
             (out / clip_layout.index_file(modality)).unlink(missing_ok=True)

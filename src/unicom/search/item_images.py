@@ -2,7 +2,8 @@
 
 An item's image is a local file named in the index's metadata (``image_path`` or ``path``,
 relative to ``image_root``), or a member of the webdataset shard it was embedded from
-(``shard`` and ``key`` columns, the shard a plain file name inside ``shards``). Clients name
+(``shard`` and ``key`` columns, the shard a plain file name inside ``shards``, a local
+folder or a URL). Clients name
 items by id, never by path.
 """
 
@@ -25,23 +26,42 @@ def _error(status: int, message: str) -> HTTPException:
 
 
 class ShardImages:
-    """Image bytes of webdataset samples by (shard file name, key), read from the tars in ``root``.
+    """Image bytes of webdataset samples by (shard file name, key), read from the tars in
+    ``root``: a local folder or a URL (``s3://bucket/shards``, ``https://host/shards``).
 
-    The first read of a shard lists its image members once (kept for ``cache`` shards);
-    uncompressed tars are then read at the member's offset.
+    The first read of a shard lists its image members once (kept for ``cache`` shards): a
+    local tar by its headers, a remote one by streaming it once. An uncompressed tar is then
+    read at the member's offset (a ranged request for a URL); a compressed one is
+    decompressed up to the member.
     """
 
-    def __init__(self, root: str | Path, cache: int = 16):
-        self.root = Path(root)
+    def __init__(self, root, cache: int = 16):
+        from unicom import storage
+
+        self.root = storage.text(root) if storage.is_url(root) else Path(root)
         self.cache = cache
         self._members: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _list(self, path: Path) -> dict:
+    def _location(self, shard: str):
+        from unicom import storage
+
+        return storage.join(self.root, shard) if isinstance(self.root, str) else self.root / shard
+
+    @staticmethod
+    def _tar(location):
+        """The tar at ``location``, read from the start: random access locally, a stream for a URL."""
+        from unicom import storage
+
+        if storage.is_url(location):
+            return tarfile.open(fileobj=storage.open_stream(location), mode="r|*")
+        return tarfile.open(location, "r:*")
+
+    def _list(self, location) -> dict:
         from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
 
         members = {}
-        with tarfile.open(path, "r:*") as tar:
+        with self._tar(location) as tar:
             for member in tar:
                 split = split_member_name(member.name) if member.isfile() else None
                 if split is not None and split[1] in IMAGE_EXTENSIONS:
@@ -49,27 +69,29 @@ class ShardImages:
         return members
 
     def read(self, shard: str, key: str) -> bytes | None:
+        """The bytes of sample ``key``'s image in ``shard``; None when the shard has no such image."""
+        from unicom import storage
+
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
             return None
-        path = self.root / shard
+        location = self._location(shard)
         with self._lock:
             members = self._members.get(shard)
-            if members is None:
-                members = self._list(path)
+            if members is not None:
+                self._members.move_to_end(shard)
+        if members is None:  # listed outside the lock: a remote shard takes a while
+            members = self._list(location)
+            with self._lock:
                 self._members[shard] = members
                 if len(self._members) > self.cache:
                     self._members.popitem(last=False)
-            else:
-                self._members.move_to_end(shard)
         found = members.get(key)
         if found is None:
             return None
         offset, size = found
-        if path.suffix == ".tar":
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        with tarfile.open(path, "r:*") as tar:  # compressed: decompress up to the member
+        if shard.endswith(".tar"):
+            return storage.read_range(location, offset, offset + size)
+        with self._tar(location) as tar:  # compressed: decompress up to the member
             for member in tar:
                 if member.offset_data == offset:
                     return tar.extractfile(member).read()
@@ -79,7 +101,7 @@ class ShardImages:
 class ItemImages:
     """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
 
-    def __init__(self, image_root: str | Path | None, shards: str | Path | None, cache: int):
+    def __init__(self, image_root: str | Path | None, shards, cache: int):
         self.image_root = Path(image_root) if image_root is not None else Path.cwd()
         self.shards = ShardImages(shards) if shards is not None else None
         self.cache = cache
@@ -106,10 +128,18 @@ class ItemImages:
         if path is not None:
             return path
         if self.in_shard(row):
+            from unicom.storage import FetchError, describe
+
             try:
                 data = self.shards.read(row["shard"], row["key"])
-            except (OSError, tarfile.TarError):
-                data = None
+            except FetchError as error:  # a remote shard that could not be fetched (after the retries)
+                status = 404 if error.missing else 502
+                raise _error(status, f"the shard {row['shard']} of item {item_id} cannot be fetched ({error.reason})") from None
+            except FileNotFoundError:
+                raise _error(404, f"the shard {row['shard']} of item {item_id} is not in the shards folder") from None
+            except (OSError, tarfile.TarError) as error:
+                raise _error(404, f"the shard {row['shard']} of item {item_id} cannot be read "
+                                  f"({describe(error)})") from None
             if data is None:
                 raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
             return data

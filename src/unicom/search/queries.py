@@ -63,7 +63,7 @@ def check_model(index, encoder) -> None:
     spec, pretrained = recorded_model.get("spec"), recorded_model.get("pretrained")
     options = f"--model {spec}" + (f" --pretrained {pretrained}" if pretrained else "")
     raise InputError(
-        f"{index.path}: the collection was embedded by {spec}{f' ({pretrained})' if pretrained else ''} with weights "
+        f"{index.location}: the collection was embedded by {spec}{f' ({pretrained})' if pretrained else ''} with weights "
         f"sha256 {recorded[:16]}…, but {encoder.name} has other weights (sha256 {actual[:16]}…), whose embeddings are "
         f"not comparable. Query with the weights that embedded it ({options}); if those were random weights that "
         "were never saved, no model built again can query this index: save the model's weights, embed the "

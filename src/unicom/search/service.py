@@ -50,6 +50,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
+from unicom import storage
 from unicom.errors import InputError
 from unicom.search import queries, uploads
 from unicom.search.batching import ByteBudget, QueryBatcher
@@ -278,7 +279,7 @@ def create_app(
     clip-retrieval's front end served from elsewhere does. allow_image_urls: let
     ``/knn-service`` fetch ``image_url`` queries (the server then makes requests a client chose).
     """
-    indexes = dict(index) if isinstance(index, Mapping) else {index.path.name or "index": index}
+    indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
         raise InputError("no index to serve")
     encoders = dict(encoder) if isinstance(encoder, Mapping) else {name: encoder for name in indexes}

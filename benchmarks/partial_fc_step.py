@@ -107,7 +107,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (the median is reported; memory-bound steps vary on shared machines)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--variants", default="abcd", help="which variants to run (default abcd)")
+    parser.add_argument("--variants", nargs="+", default=["abcd"],
+                        help="which variants to run: one set for every K, or one per --classes value "
+                             "(e.g. --classes 1000000 100000 --variants a ac) (default abcd)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -127,10 +129,14 @@ def main() -> None:
         + ("torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS of the process"),
         "",
     ]
-    for classes in args.classes:
+    if len(args.variants) not in (1, len(args.classes)):
+        parser.error("--variants: give one set for all K or one per --classes value")
+    chosen = args.variants * len(args.classes) if len(args.variants) == 1 else args.variants
+    out = Path(args.out or Path(__file__).parent / "results" / f"partial_fc_step_{args.device}.txt")
+    for classes, wanted in zip(args.classes, chosen):
         results = {}
         for variant in VARIANTS:
-            if variant not in args.variants:
+            if variant not in wanted:
                 results[variant] = None
                 continue
             command = [sys.executable, __file__, "--variant", variant, "--classes", str(classes), "--dim", str(args.dim),
@@ -148,7 +154,7 @@ def main() -> None:
         for variant, label in VARIANTS.items():
             r = results[variant]
             if r is None:
-                lines.append(f"| ({variant}) {label} | {'failed' if variant in args.variants else 'not run'} | | |")
+                lines.append(f"| ({variant}) {label} | {'failed' if variant in wanted else 'not run'} | | |")
                 continue
             lines.append(f"| ({variant}) {label} | {1000 * r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 2**30:.2f} | {r['loss']:.3f} |")
         a, c, d = results["a"], results["c"], results["d"]
@@ -171,11 +177,15 @@ def main() -> None:
             lines.append(f"target on the GPU at K = 100,000: a/c <= 0.5 ({'met' if ok else 'NOT met'})")
         lines.append("")
         print("\n".join(lines[-12:]), flush=True)
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out or Path(__file__).parent / "results" / f"partial_fc_step_{args.device}.txt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+        write(out, lines)  # after each K: what is done is kept if a later K runs out of time
+    print("\n".join(lines))
+
+
+def write(out: Path, lines: list[str]) -> None:
+    """The results so far, replacing the file whole."""
+    from unicom.files import write_text_atomic
+
+    write_text_atomic(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

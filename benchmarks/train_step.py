@@ -307,7 +307,10 @@ def backbone_only(batch: int) -> float:
     return statistics.median(times)
 
 
-def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: list[int] | None = None) -> list[str]:
+def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: list[int] | None = None,
+             out: Path | None = None) -> list[str]:
+    """The GPU table; with ``out``, the file is rewritten after each row (a run stopped by a
+    time limit keeps the rows it measured)."""
     import timm
 
     device = GPU_DEVICE
@@ -345,6 +348,8 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: li
             lines.append(f"| {label} | {batch} | {result['seconds_per_step']:.3f} | "
                          f"{result['images_per_second']:,.0f} | {tflops:.1f} | {mfu} | {result['peak_gib']:.1f} |")
             print(lines[-1], flush=True)
+            if out is not None:
+                write(out, lines)
     alone = backbone_only(largest_plain)
     lines += ["", f"backbone alone (fused AdamW, no PartialFC) at batch {largest_plain}, checkpointing off: "
               f"{alone:.3f} s/step, {largest_plain / alone:,.0f} images/s",
@@ -376,13 +381,18 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     gpu_path = args.device == "cuda" or args.smoke
-    lines = run_cuda(args.peak_tflops, args.compile, args.batches) if gpu_path else run_cpu()
-    text = "\n".join(lines) + "\n"
     name = f"train_step_{args.device}.txt" if not (args.smoke and args.device == "cpu") else "train_step_smoke_cpu.txt"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    lines = run_cuda(args.peak_tflops, args.compile, args.batches, out) if gpu_path else run_cpu()
+    write(out, lines)
+    print("\n".join(lines))
+
+
+def write(out: Path, lines: list[str]) -> None:
+    """The results so far, replacing the file whole."""
+    from unicom.files import write_text_atomic
+
+    write_text_atomic(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

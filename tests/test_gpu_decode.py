@@ -66,6 +66,12 @@ def as_bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+def damaged(data: bytes) -> bytes:
+    """A JPEG whose header is whole (up to the start-of-scan marker) followed by noise and
+    the end-of-image marker: it passes :func:`jpeg_size`, and every decoder refuses it."""
+    return data[: data.index(b"\xff\xda")] + bytes(range(256)) * 3 + b"\xff\xd9"
+
+
 def test_jpeg_size_reads_the_header_of_jpegs_the_device_decoder_takes():
     rgb = encode_image(photo(0, 300, 200))
     grey = io.BytesIO()
@@ -78,6 +84,24 @@ def test_jpeg_size_reads_the_header_of_jpegs_the_device_decoder_takes():
     assert jpeg_size(encode_image(photo(3, 50, 50), "PNG")) is None
     assert jpeg_size(b"\xff\xd8\xff" + b"\x00" * 20) is None
     assert jpeg_size(b"not an image") is None
+    # cut short (no end-of-image marker), or with bytes after the image: the CPU path
+    assert jpeg_size(rgb[: len(rgb) // 2]) is None and jpeg_size(rgb + b"trailing data") is None
+    assert jpeg_size(rgb + b"\x00" * 16) == (300, 200)  # zero padding after the marker is fine
+
+
+def test_images_shrunk_more_than_eight_times_are_left_to_the_cpu_decoder():
+    evaluation, training = TensorTransform(clip_transform()), TensorTransform(_training_transform(64))
+    assert evaluation.takes(8 * 224, 20_000) and not evaluation.takes(8 * 224 + 1, 20_000)  # the shorter side counts
+    assert training.takes(8 * 64, 8 * 64) and not training.takes(8 * 64 + 1, 100)
+    large = encode_image(photo(4, 8 * 224 + 8, 8 * 224 + 8))
+    assert jpeg_size(large) is not None and evaluation.device_size(large) is None
+    assert evaluation.device_size(encode_image(photo(4, 300, 200))) == (300, 200)
+
+
+def test_device_decoders_refuse_a_jpeg_with_noise_for_image_data():
+    data = damaged(encode_image(photo(5, 90, 80)))
+    assert jpeg_size(data) == (90, 80)
+    assert isinstance(decode_jpegs([as_bytes_tensor(data)], "cpu")[0], RuntimeError)
 
 
 def test_torchvisions_cpu_decoder_gives_pillows_pixels():
@@ -99,12 +123,16 @@ def test_resize_and_crop_on_tensors_match_pillow_within_the_stated_tolerance():
     assert float(difference.mean()) <= MEAN_LEVELS
 
 
-def test_images_of_one_size_are_resized_together_with_the_same_result():
+def test_images_of_one_size_are_resized_together_with_the_same_result(monkeypatch):
+    from unicom.data import transforms
+
     transform = TensorTransform(clip_transform())
-    images = [as_uint8_tensor(photo(i, 320, 240)) for i in range(3)] + [as_uint8_tensor(photo(9, 500, 260))]
-    together = transform(images, [()] * 4)
+    images = [as_uint8_tensor(photo(i, 320, 240)) for i in range(5)] + [as_uint8_tensor(photo(9, 500, 260))]
+    together = transform(images, [()] * 6)
     alone = torch.cat([transform([image], [()]) for image in images])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    monkeypatch.setattr(transforms, "DEVICE_RESIZE_PIXELS", 2 * 3 * 320 * 240)  # stacks of two images at most
+    torch.testing.assert_close(transform(images, [()] * 6), together, rtol=0, atol=0)
 
 
 def test_training_crops_and_flips_are_drawn_as_the_pil_transform_draws_them():
@@ -164,14 +192,27 @@ def photo_files(tmp_path_factory):
     return paths
 
 
-def test_embeddings_of_the_device_path_match_the_pillow_path(vit_b32_encoder, photo_files):
+def test_embeddings_of_the_device_path_match_the_pillow_path(vit_b32_encoder, photo_files, monkeypatch):
+    import threading
+
+    from unicom.data.loading import BatchStream
     from unicom.embed import embed_images
 
+    made_in = []
+    model_input = BatchStream.model_input
+
+    def recorded(self, batch, device):
+        made_in.append(threading.current_thread().name)
+        return model_input(self, batch, device)
+
     cpu = embed_images(vit_b32_encoder, photo_files, batch_size=4, num_workers=0, decode="cpu")
+    monkeypatch.setattr(BatchStream, "model_input", recorded)
     device = embed_images(vit_b32_encoder, photo_files, batch_size=4, num_workers=0, decode="gpu")
     cosines = (cpu * device).sum(axis=1)
     assert cosines.min() >= 0.999
     assert not np.array_equal(cpu, device)  # the device path did run: its resize differs slightly
+    # the three batches' input was made beside the model's thread, one batch ahead of it
+    assert len(made_in) == 3 and all(name.startswith("unicom-model-input") for name in made_in)
 
 
 def test_other_formats_take_the_cpu_path_and_broken_jpegs_are_reported(tmp_path, vit_b32_encoder, photo_files):
@@ -222,6 +263,13 @@ def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_
         assert float((image.cpu().float() - reference.float()).abs().mean()) <= 4.0
     got = transform(decoded, [()] * len(decoded))
     assert got.device.type == "cuda"
+    # a JPEG with noise for image data, among good ones: reported, never decoded into pixels
+    from unicom.data.transforms import DecodeError, EncodedJpegs
+
+    chunks = [data[0], damaged(data[1]), data[2]]
+    jpegs = EncodedJpegs(chunks, [()] * 3, [0, 1, 2], ["a", "b", "c"])
+    images = jpegs.images("cuda")
+    assert isinstance(images[1], DecodeError) and all(torch.is_tensor(images[i]) for i in (0, 2))
     encoder = vit_b32_encoder.to("cuda")
     try:
         cpu = embed_images(encoder, photo_files, batch_size=4, num_workers=0, decode="cpu", precision="fp32")
@@ -234,13 +282,18 @@ def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_
 # -- training batches ---------------------------------------------------------------------
 
 
-def _training_stream(images, device_decode: bool, batch_size: int = 4):
+def _training_transform(size: int):
     from unicom.engine.sections import AugmentConfig
+
+    return AugmentConfig().transform(size)
+
+
+def _training_stream(images, device_decode: bool, batch_size: int = 4):
     from unicom.train.data import ListSource, TrainStream
 
     labels = np.arange(len(images)) % 3
     source = ListSource(images, labels, [f"k{i}" for i in range(len(images))], 3, "list")
-    return TrainStream(source, AugmentConfig().transform(64), batch_size, seed=5, device_decode=device_decode)
+    return TrainStream(source, _training_transform(64), batch_size, seed=5, device_decode=device_decode)
 
 
 def test_training_batches_decoded_on_the_device_match_the_pillow_batches(tmp_path):
@@ -266,11 +319,10 @@ def test_a_jpeg_no_decoder_reads_is_replaced_in_its_training_batch_and_reported(
     for i in range(4):
         paths.append(tmp_path / f"{i}.jpg")
         paths[-1].write_bytes(encode_image(photo(i, 90, 80)))
-    data = paths[1].read_bytes()
-    paths[1].write_bytes(data[: len(data) // 3])  # the header is fine, the image data ends early
+    paths[1].write_bytes(damaged(paths[1].read_bytes()))  # the header is fine, then noise
     stream = _training_stream(paths, True)
     batch = next(stream.reader(0))
-    assert len(batch.jpegs) == 4  # the reader only looked at the header
+    assert len(batch.jpegs) == 4  # the reader only looked at the header and the end marker
     images, labels = stream.to_device(batch, torch.device("cpu"))
     assert images.shape == (4, 3, 64, 64) and labels.shape == (4,)
     assert batch.failed == 1 and batch.failures[0]["source"].endswith("1.jpg")

@@ -60,12 +60,15 @@ def test_the_torch_iteration_is_faiss_iteration(spherical, weighted):
     np.testing.assert_allclose(similarity_torch, similarity_faiss, atol=1e-5)
 
 
-def test_the_nearest_centroid_search_in_blocks_of_centroids_is_exact():
+@pytest.mark.parametrize("tile_rows", [65536, 64])
+def test_the_nearest_centroid_search_in_tiles_of_rows_and_centroids_is_exact(tile_rows, monkeypatch):
+    from unicom.cluster import kmeans
     from unicom.cluster.kmeans import TorchNearest
 
+    monkeypatch.setattr(kmeans, "TILE_ROWS", tile_rows)
     points = blobs(rows=500)
     centroids = initial_centroids(points, 97, seed=0)
-    small_tiles = TorchNearest(centroids, True, "cpu", tile_bytes=500 * 4 * 10)  # blocks of 10 centroids
+    small_tiles = TorchNearest(centroids, True, "cpu", tile_bytes=min(500, tile_rows) * 4 * 10)  # blocks of 10 centroids
     labels, scores = small_tiles.nearest(torch.from_numpy(points))
     expected = points @ centroids.T
     np.testing.assert_array_equal(labels.numpy(), expected.argmax(axis=1))
@@ -81,6 +84,53 @@ def test_an_empty_cluster_takes_half_of_a_cluster_as_faiss_splits_it():
     np.testing.assert_allclose(centroids[0], [1 + eps, 2 * (1 - eps)], rtol=1e-7)
     np.testing.assert_allclose(centroids[1], [1 - eps, 2 * (1 + eps)], rtol=1e-7)
     assert hassign.tolist() == [4.5, 4.5, 1.0]
+
+
+def _split_one_draw_at_a_time(centroids, hassign, n, seed=1234):
+    """faiss's split of empty clusters written as its loop is: one draw per step of the walk."""
+    k = len(centroids)
+    rng = np.random.default_rng(seed)
+    for ci in range(k):
+        if hassign[ci] != 0:
+            continue
+        cj = 0
+        while rng.random() >= (hassign[cj] - 1.0) / max(n - k, 1):
+            cj = (cj + 1) % k
+        up = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1 + 1 / 1024, 1 - 1 / 1024)
+        centroids[ci] = centroids[cj] * up
+        centroids[cj] *= 2 - up
+        hassign[ci] = hassign[cj] / 2
+        hassign[cj] -= hassign[ci]
+    return rng
+
+
+@pytest.mark.parametrize("k, empty", [(5, 2), (300, 40), (40_000, 25)])
+def test_the_walk_over_clusters_in_blocks_of_draws_splits_as_one_draw_at_a_time(k, empty):
+    """The same clusters split and the same generator state after, with walks longer than a
+    block of draws (k = 40,000) and walks that wrap around (k = 5)."""
+    rng = np.random.default_rng(k)
+    sizes = rng.integers(1, 6, k).astype(np.float32)
+    sizes[rng.choice(k, empty, replace=False)] = 0
+    n = int(sizes.sum())
+    centroids = rng.standard_normal((k, 4)).astype(np.float32)
+    expected_centroids, expected_sizes = centroids.copy(), sizes.copy()
+    reference = _split_one_draw_at_a_time(expected_centroids, expected_sizes, n)
+    assert split_empty_clusters(centroids, sizes, n) == empty
+    np.testing.assert_array_equal(centroids, expected_centroids)
+    np.testing.assert_array_equal(sizes, expected_sizes)
+
+
+def test_a_walk_in_blocks_leaves_the_generator_where_single_draws_leave_it():
+    from unicom.cluster.kmeans import _walk
+
+    sizes = np.array([1.0, 1.0, 3.0, 1.0, 2.0])
+    for seed in range(20):
+        blocked, single = np.random.default_rng(seed), np.random.default_rng(seed)
+        accepted = _walk(blocked, sizes, n=8, block=3)
+        cj = 0
+        while single.random() >= (sizes[cj] - 1.0) / 3:
+            cj = (cj + 1) % 5
+        assert accepted == cj and blocked.bit_generator.state == single.bit_generator.state
 
 
 def test_the_torch_path_trains_without_empty_clusters_from_duplicated_starts():

@@ -86,6 +86,17 @@ def test_an_overflowing_loss_scale_backs_off_and_scaled_steps_equal_unscaled_one
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_scaler_that_is_off_keeps_its_scale_at_one():
+    """bf16 and fp32 steps are unscaled: a scale set on their scaler would divide the reported
+    norm and every gradient by it, so it is refused."""
+    step = make_step()
+    assert not step.scaler.enabled
+    with pytest.raises(ValueError, match="the loss scaler is off"):
+        step.scaler.scale = 2.0**8
+    step.scaler.scale = 1.0
+    assert step.scaler.scale == 1.0
+
+
 def test_the_gradient_norm_covers_the_backbone_and_the_sampled_prototype_rows():
     step = make_step(clip=0.05)
     probe = copy.deepcopy(step)

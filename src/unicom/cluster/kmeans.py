@@ -212,6 +212,9 @@ class CentroidSearch:
         return labels, similarity.astype(np.float32)
 
 
+TILE_ROWS = 65536  # rows per score tile of TorchNearest
+
+
 class TorchNearest:
     """Nearest centroids by float32 matrix products in torch (any device; CUDA in practice).
 
@@ -237,21 +240,34 @@ class TorchNearest:
 
     def nearest(self, rows):
         """(n, d) float32 on the device -> (labels (n,) int64, scores (n,) float32): the inner
-        product (spherical) or the squared L2 distance to the nearest centroid."""
+        product (spherical) or the squared L2 distance to the nearest centroid.
+
+        Tiles of at most :data:`TILE_ROWS` rows by as many centroids as ``tile_bytes`` of
+        scores allow (a multiple of 256 when over 256, the matrix units' tile), in float32
+        without TF32."""
         import torch
 
+        from unicom.engine.device import exact_float32
+
         n, k = rows.shape[0], self.centroids.shape[0]
-        block = max(1, min(k, self.tile_bytes // (4 * max(n, 1))))
+        row_block = max(1, min(n, TILE_ROWS))
+        block = max(1, min(k, self.tile_bytes // (4 * row_block)))
+        if 256 < block < k:
+            block -= block % 256
         best = torch.full((n,), -torch.inf, dtype=torch.float32, device=rows.device)
         labels = torch.zeros(n, dtype=torch.int64, device=rows.device)
-        for start in range(0, k, block):
-            scores = rows @ self.centroids[start:start + block].T
-            if self.half_squared is not None:
-                scores -= self.half_squared[start:start + block]
-            value, index = scores.max(dim=1)
-            better = value > best  # ties keep the lower centroid index, as faiss does
-            best = torch.where(better, value, best)
-            labels = torch.where(better, index + start, labels)
+        with exact_float32():
+            for first in range(0, n, row_block):
+                tile_rows = rows[first:first + row_block]
+                tile_best, tile_labels = best[first:first + row_block], labels[first:first + row_block]
+                for start in range(0, k, block):
+                    scores = tile_rows @ self.centroids[start:start + block].T
+                    if self.half_squared is not None:
+                        scores -= self.half_squared[start:start + block]
+                    value, index = scores.max(dim=1)
+                    better = value > tile_best  # ties keep the lower centroid index, as faiss does
+                    tile_best.copy_(torch.where(better, value, tile_best))
+                    tile_labels.copy_(torch.where(better, index + start, tile_labels))
         if self.half_squared is not None:
             best = (rows.square().sum(dim=1) - 2 * best).clamp_min_(0)
         return labels, best
@@ -486,6 +502,27 @@ class _TorchLloyd:
         self.points = self.weights = None
 
 
+def _walk(rng: np.random.Generator, hassign: np.ndarray, n: int, block: int = 1 << 14) -> int:
+    """The cluster the walk of :func:`split_empty_clusters` accepts: from cluster 0 on, in
+    turn (wrapping around), cluster j with probability (size_j − 1) / (n − k), one uniform
+    draw per step. The draws are made a block at a time and the generator is then advanced
+    by the steps taken, so the result and the generator's state are those of the walk done
+    one draw at a time."""
+    k = len(hassign)
+    denominator = max(n - k, 1)
+    bits = rng.bit_generator  # PCG64: one 64-bit output per float64 draw
+    position = 0
+    while True:
+        state = bits.state
+        steps = (position + np.arange(block)) % k
+        accepted = np.flatnonzero(rng.random(block) < (hassign[steps] - 1.0) / denominator)
+        if len(accepted):
+            bits.state = state
+            bits.advance(int(accepted[0]) + 1)
+            return int(steps[accepted[0]])
+        position = (position + block) % k
+
+
 def split_empty_clusters(centroids: np.ndarray, hassign: np.ndarray, n: int, seed: int = 1234) -> int:
     """faiss's treatment of empty clusters, in place; returns how many were split.
 
@@ -497,13 +534,9 @@ def split_empty_clusters(centroids: np.ndarray, hassign: np.ndarray, n: int, see
     k = len(centroids)
     rng = np.random.default_rng(seed)
     splits = 0
-    for ci in range(k):
-        if hassign[ci] != 0:
-            continue
-        cj = 0
+    for ci in np.flatnonzero(hassign == 0):
         if (hassign > 1).any():
-            while rng.random() >= (hassign[cj] - 1.0) / max(n - k, 1):
-                cj = (cj + 1) % k
+            cj = _walk(rng, hassign, n)
         else:  # weighted points may leave no cluster with more than one unit of weight
             cj = int(np.argmax(hassign))
         centroids[ci] = centroids[cj]

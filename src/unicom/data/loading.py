@@ -31,7 +31,6 @@ from unicom.data.transforms import (
     TensorTransform,
     decode_image,
     encoded_bytes,
-    jpeg_size,
 )
 from unicom.storage import FetchError
 
@@ -190,7 +189,7 @@ class BatchStream(IterableDataset):
                     continue
                 try:
                     data = encoded_bytes(record.image) if self.tensor_transform is not None else None
-                    size = jpeg_size(data) if data is not None else None
+                    size = self.tensor_transform.device_size(data) if data is not None else None
                     if size is not None:  # decoded where the model runs
                         row["width"], row["height"] = size
                         plan = self.tensor_transform.plan(*size)

@@ -134,15 +134,24 @@ def _as_sequence(value):
 
 DECODES = ("auto", "cpu", "gpu")
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+# Images shrunk more than this to the model's size decode on the CPU, at a reduced size
+# (Pillow's draft mode): the device would hold the whole image in float pixels, and its
+# antialiased resize has a limit on the scale factor (about 47 for bicubic).
+MAX_DEVICE_DOWNSCALE = 8.0
+# Evaluation resizes images of one size together, in stacks of at most this many float pixels.
+DEVICE_RESIZE_PIXELS = 64 * 2**20
 
 
 def jpeg_size(data) -> tuple[int, int] | None:
     """(width, height) of a JPEG that the device decoder takes (RGB or greyscale), else None.
 
-    Reads the header only. CMYK/YCCK JPEGs, other formats and data Pillow cannot identify
-    give None: they take the CPU path, where Pillow decodes them (or names the failure).
+    Reads the header and the last bytes only. CMYK/YCCK JPEGs, other formats, data Pillow
+    cannot identify and JPEGs that do not end with the end-of-image marker (cut short, or
+    with bytes after the image) give None: they take the CPU path, where Pillow decodes
+    them or names the failure. A GPU decoder is not trusted to refuse a truncated stream.
     """
-    if bytes(data[:3]) != JPEG_MAGIC:
+    if bytes(data[:3]) != JPEG_MAGIC or not bytes(data[-64:]).rstrip(b"\x00\r\n\t ").endswith(JPEG_END):
         return None
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -269,6 +278,24 @@ class TensorTransform:
             return "Resize with max_size is not supported on tensors"
         return None
 
+    def takes(self, width: int, height: int) -> bool:
+        """Whether an image of ``width`` x ``height`` is shrunk at most :data:`MAX_DEVICE_DOWNSCALE`
+        times to the model's input (a random crop may keep the whole image)."""
+        if self.random_crop:
+            target_height, target_width = self.size
+        elif isinstance(self.resize, int) or len(_as_list(self.resize)) == 1:
+            target_height = target_width = _as_list(self.resize)[0]
+            width = height = min(width, height)  # the shorter side goes to the resize size
+        else:
+            target_height, target_width = _pair(self.resize)
+        return max(width / target_width, height / target_height) <= MAX_DEVICE_DOWNSCALE
+
+    def device_size(self, data) -> tuple[int, int] | None:
+        """(width, height) of the encoded image ``data`` when it is decoded where the model
+        runs (:func:`jpeg_size` and :meth:`takes`), else None (Pillow decodes it)."""
+        size = jpeg_size(data)
+        return size if size is not None and self.takes(*size) else None
+
     def plan(self, width: int, height: int) -> tuple:
         """The geometric decisions for one image of ``width`` x ``height``: for training,
         ``(top, left, crop height, crop width, interpolation, flip)`` drawn with the same
@@ -297,18 +324,21 @@ class TensorTransform:
         out = torch.empty(len(images), 3, *self.size, dtype=torch.float32, device=device)
         if self.random_crop:
             for i, (image, (top, left, h, w, mode, flip)) in enumerate(zip(images, plans)):
-                pixels = TF.resized_crop(image.float(), top, left, h, w, list(self.size), InterpolationMode(mode),
-                                         antialias=True)
+                crop = TF.crop(image, top, left, h, w).float()  # cropped as uint8: float pixels of the crop only
+                pixels = TF.resize(crop, list(self.size), InterpolationMode(mode), antialias=True)
                 out[i] = pixels.flip(-1) if flip else pixels
         else:
             # images of one size are resized together: one kernel for the group
             groups: dict[tuple[int, int], list[int]] = {}
             for i, image in enumerate(images):
                 groups.setdefault(tuple(image.shape[-2:]), []).append(i)
-            for members in groups.values():
-                stack = torch.stack([images[i] for i in members]).float()
-                pixels = TF.resize(stack, _as_list(self.resize), self.interpolation, antialias=True)
-                out[members] = TF.center_crop(pixels, list(self.crop)) if self.crop else pixels
+            for (height, width), members in groups.items():
+                step = max(1, DEVICE_RESIZE_PIXELS // (3 * height * width))
+                for first in range(0, len(members), step):
+                    chunk = members[first : first + step]
+                    stack = torch.stack([images[i] for i in chunk]).float()
+                    pixels = TF.resize(stack, _as_list(self.resize), self.interpolation, antialias=True)
+                    out[chunk] = TF.center_crop(pixels, list(self.crop)) if self.crop else pixels
         out.clamp_(0, 255).round_()  # Pillow resizes to uint8
         return normalize_pixels(out, self.mean, self.std)
 
@@ -329,17 +359,25 @@ def decode_jpegs(encoded: list, device) -> list:
     exception in its place (the batch is retried one image at a time to find it)."""
     import warnings
 
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one spelling: torchvision makes a decoder per device name
+        device = torch.device("cuda", torch.cuda.current_device())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's notice that its decoders move to TorchCodec
         try:
             return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the images' fault: a smaller batch size is the cure
         except RuntimeError:
             results = []
             for data in encoded:
                 try:
                     results.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError as error:
                     results.append(error)
             return results

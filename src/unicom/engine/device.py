@@ -24,6 +24,22 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """float32 matrix products in full float32 inside the block, whatever the process set
+    (training allows TF32 on GPUs, a 10-bit mantissa): k-means and retrieval metrics, whose
+    results are compared with exact ones, run inside it. The settings are restored after."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
     """``auto``: this rank's GPU when CUDA is present, else the CPU; otherwise the named
     device, checked (``key`` names the recipe key in errors)."""

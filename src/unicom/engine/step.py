@@ -79,6 +79,8 @@ class LossScaler:
 
     @scale.setter
     def scale(self, value: float) -> None:
+        if not self.enabled and float(value) != 1.0:  # the step divides by the scale whenever it is not 1
+            raise ValueError(f"the loss scaler is off (precision without loss scaling): its scale stays 1, not {value}")
         self._scale = torch.full((), float(value), dtype=torch.float32, device=self._scale.device)
 
     @property

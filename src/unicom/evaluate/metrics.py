@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from unicom.engine.device import exact_float32
 from unicom.errors import InputError
 
 # Bytes of float32 similarities computed at once when ``chunk_size`` is not given.
@@ -145,7 +146,8 @@ def _blocks(
     for start in range(0, len(rows), chunk_size):
         block_rows = rows[start:start + chunk_size]
         scores = buffer[: len(block_rows)]
-        torch.mm(query[block_rows], gallery_t, out=scores)
+        with exact_float32():  # not TF32, whatever a training run in this process allowed
+            torch.mm(query[block_rows], gallery_t, out=scores)
         if exclude_self:
             scores[torch.arange(len(block_rows), device=scores.device), block_rows] = float("-inf")
         yield block_rows, scores

@@ -341,7 +341,7 @@ class TrainStream(IterableDataset):
 
     def reader(self, role: int) -> Iterator[TrainBatch]:
         """The endless batches of reader ``role``."""
-        from unicom.data.transforms import DecodeError, EncodedJpegs, decode_image, encoded_bytes, jpeg_size
+        from unicom.data.transforms import DecodeError, EncodedJpegs, decode_image, encoded_bytes
 
         pass_, skip = self.positions[role]
         counters = Counters()  # kept across passes: what the dropped tail of a pass skipped still counts
@@ -359,7 +359,7 @@ class TrainStream(IterableDataset):
                     continue
                 try:
                     data = encoded_bytes(record.image) if self.tensor is not None else None
-                    size = jpeg_size(data) if data is not None else None
+                    size = self.tensor.device_size(data) if data is not None else None
                     with seeded(_generator_seed(self.seed, pass_, record.uid[0] + 1, record.uid[1])):
                         if size is not None:  # decoded where the model runs, cropped as planned here
                             plan = self.tensor.plan(*size)

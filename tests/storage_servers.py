@@ -8,6 +8,7 @@ server over HTTP that can be told to fail, and a TCP relay that can stop a clien
   and a bandwidth cap.
 * :class:`Relay` forwards TCP to another server and calls a hook when a response to a
   request matching a pattern comes back, before forwarding it (``kill -9`` a client there).
+* :class:`QuietHandler` and :func:`serve`: the base of a test's own HTTP server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -200,6 +201,25 @@ class _Handler(SimpleHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(payload)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP/1.1 request handler that logs nothing: the base of the servers a test writes
+    for itself (the Hugging Face Hub of ``test_hf_hub`` and ``test_hf_datasets``)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """``handler`` on 127.0.0.1 at a free port, answered by a thread; ``shutdown()`` then
+    ``server_close()`` stop it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
 
 
 class FileServer:

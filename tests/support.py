@@ -66,6 +66,33 @@ def write_tar_shard(path: Path, samples: list[dict]) -> Path:
     return path
 
 
+def captioned_samples(number: int, count: int) -> list[dict]:
+    """The ``count`` samples of shard ``number`` for :func:`write_tar_shard`: a 40-pixel
+    class image, a caption and a JSON with its url each, keyed ``{number}-{i}``."""
+    return [{"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 40)), "txt": f"caption {i}",
+             "json": {"url": f"https://example.org/{number}/{i}.jpg"}} for i in range(count)]
+
+
+def write_separated_embeddings(folder: Path, parts: dict[int, int], dim: int = 16, classes: int = 4) -> Path:
+    """An embedding folder of ``classes`` well-separated classes: image and text embeddings
+    (float16, ``dim`` wide) and metadata with ``key`` and ``label``; ``parts``: part number
+    -> rows. The same arguments write the same bytes."""
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((classes, dim))
+    for number, rows in parts.items():
+        labels = rng.integers(0, classes, rows)
+        image = centres[labels] + 0.3 * rng.standard_normal((rows, dim))
+        text = centres[labels] + 0.3 * rng.standard_normal((rows, dim))
+        keys = [f"{number}-{i}" for i in range(rows)]
+        write_part(folder, number, image=image.astype(np.float16), text=text.astype(np.float16),
+                   metadata=pa.table({"key": keys, "label": labels.astype(np.int64)}))
+    return Path(folder)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

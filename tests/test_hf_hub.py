@@ -11,17 +11,16 @@ reads both when it is imported); nothing leaves the machine.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from storage_servers import QuietHandler, serve
 
 from unicom.models import export
 from unicom.models.registry import clip_preprocess
@@ -42,8 +41,8 @@ class Hub:
         self.requests: list[tuple[str, str]] = []
         self.cdn_requests: list[str] = []
         blobs = {hashlib.sha256(data).hexdigest(): data for files in repos.values() for data in files.values()}
-        self.cdn = _serve(self._cdn_handler(blobs))
-        self.api = _serve(self._hub_handler())
+        self.cdn = serve(self._cdn_handler(blobs))
+        self.api = serve(self._hub_handler())
         self.endpoint = f"http://127.0.0.1:{self.api.server_address[1]}"
 
     def close(self):
@@ -54,7 +53,7 @@ class Hub:
     def _hub_handler(self):
         hub = self
 
-        class Handler(_Quiet):
+        class Handler(QuietHandler):
             def do_HEAD(self):
                 self._resolve(body=False)
 
@@ -105,7 +104,7 @@ class Hub:
     def _cdn_handler(self, blobs: dict[str, bytes]):
         hub = self
 
-        class Handler(_Quiet):
+        class Handler(QuietHandler):
             def do_GET(self):
                 hub.cdn_requests.append(self.path)
                 data = blobs.get(self.path.rsplit("/", 1)[-1])
@@ -119,19 +118,6 @@ class Hub:
                 self.wfile.write(data)
 
         return Handler
-
-
-class _Quiet(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-
-def _serve(handler) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def _folder_files(folder: Path) -> dict[str, bytes]:

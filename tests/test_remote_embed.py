@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 from storage_servers import FileServer, kill_at_s3_response
-from support import class_image, encode_image, write_tar_shard
+from support import captioned_samples, class_image, encode_image, write_tar_shard
 
 from unicom.cli import main
 
@@ -30,11 +30,7 @@ def data(tmp_path_factory):
     """Shards, a checkpoint, and the local run every remote run must equal byte for byte."""
     root = tmp_path_factory.mktemp("remote_embed")
     for number, count in SHARDS.items():
-        write_tar_shard(root / "shards" / f"{number:05d}.tar", [
-            {"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 40)), "txt": f"caption {i}",
-             "json": {"url": f"https://example.org/{number}/{i}.jpg"}}
-            for i in range(count)
-        ])
+        write_tar_shard(root / "shards" / f"{number:05d}.tar", captioned_samples(number, count))
     torch.manual_seed(0)
     weights = root / "w.pth"
     torch.save(timm.create_model("test_vit").state_dict(), weights)

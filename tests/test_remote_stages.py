@@ -9,10 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from storage_servers import FileServer
-from support import class_image, encode_image, write_tar_shard
+from support import class_image, encode_image, write_separated_embeddings, write_tar_shard
 
 from unicom.cli import main
-from unicom.formats.embeddings import write_part
 
 PARTS = {0: 40, 1: 35, 3: 25}  # part number -> rows
 
@@ -21,15 +20,7 @@ PARTS = {0: 40, 1: 35, 3: 25}  # part number -> rows
 def local_folder(tmp_path_factory):
     """An embedding folder (image, text, metadata with keys and labels) of 4 separated classes."""
     root = tmp_path_factory.mktemp("remote_stages")
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((4, 16))
-    for number, rows in PARTS.items():
-        labels = rng.integers(0, 4, rows)
-        image = centres[labels] + 0.3 * rng.standard_normal((rows, 16))
-        text = centres[labels] + 0.3 * rng.standard_normal((rows, 16))
-        keys = [f"{number}-{i}" for i in range(rows)]
-        write_part(root / "emb", number, image=image.astype(np.float16), text=text.astype(np.float16),
-                   metadata=pa.table({"key": keys, "label": labels.astype(np.int64)}))
+    write_separated_embeddings(root / "emb", PARTS)
     return root
 
 

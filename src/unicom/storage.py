@@ -290,7 +290,10 @@ def retries() -> Retries:
     return Retries(max(1, attempts), max(0.0, delay))
 
 
-_NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google", "http", "ssl", "fsspec")
+# packages whose errors are network failures though not OSErrors; huggingface_hub (hf://) does its HTTP
+# through httpx (httpx2 in its recent versions)
+_NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "httpx", "httpx2", "google", "http",
+                    "ssl", "fsspec")
 
 
 def transient(error: BaseException) -> bool:
@@ -304,11 +307,21 @@ def transient(error: BaseException) -> bool:
     return any(cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__[:-2])
 
 
+def _not_found(error: BaseException) -> bool:
+    """Whether ``error`` says the store has no such file: a ``FileNotFoundError``, or an
+    HTTP 404 raised as another type (huggingface_hub's ``EntryNotFoundError`` for an hf:// file)."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    return getattr(getattr(error, "response", None), "status_code", None) == 404
+
+
 def describe(error: BaseException, location=None) -> str:
     """A one-line reason for a failure report: the error's type and message (without
     the location, which the report names already)."""
     if isinstance(error, FileNotFoundError):
         return "not found (HTTP 404)" if protocol(location) in READ_ONLY else "not found"
+    if _not_found(error):
+        return "not found (HTTP 404)"
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if location is not None:
         message = message.replace(text(location), "").strip(" :")
@@ -327,8 +340,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
                 raise
             if attempt == policy.attempts:
-                raise FetchError(text(location), describe(error, location), attempt,
-                                 isinstance(error, FileNotFoundError)) from error
+                raise FetchError(text(location), describe(error, location), attempt, _not_found(error)) from error
             time.sleep(policy.wait(attempt))
     raise AssertionError("unreachable")
 
@@ -739,7 +751,7 @@ class _ResumingStream(io.RawIOBase):
                         reason = describe(error, self.location)
                         if offset:
                             reason += f" (after {offset} bytes)"
-                        self._put(FetchError(text(self.location), reason, failures, isinstance(error, FileNotFoundError)))
+                        self._put(FetchError(text(self.location), reason, failures, _not_found(error)))
                         return
                     if self.stop.wait(self.policy.wait(failures)):
                         return

@@ -59,3 +59,28 @@ def s3(s3_server, monkeypatch):
     monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
     monkeypatch.delenv("UNICOM_STORAGE_OPTIONS", raising=False)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator's GCS server on 127.0.0.1 for the whole session (see
+    ``storage_servers.GCS``)."""
+    from storage_servers import GCS
+
+    server = GCS()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """The GCS server, with gcsfs in this process (and its children) pointed at it and
+    short retry delays."""
+    for name, value in gcs_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    import gcsfs  # after the settings above: it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT on import
+
+    assert gcsfs.GCSFileSystem is gcsfs.core.GCSFileSystem, \
+        "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set"
+    return gcs_server

@@ -1,8 +1,11 @@
-"""Real servers on 127.0.0.1 for the remote-storage tests: S3 (moto's server mode), a file
-server over HTTP that can be told to fail, and a TCP relay that can stop a client mid-request.
+"""Real servers on 127.0.0.1 for the remote-storage tests: S3 (moto's server mode), GCS
+(gcp-storage-emulator), a file server over HTTP that can be told to fail, and a TCP relay
+that can stop a client mid-request.
 
 * :class:`S3` starts ``moto``'s S3 server in this process; the AWS environment variables
   (``AWS_ENDPOINT_URL`` …) point every client, ours and the processes we start, at it.
+* :class:`GCS` starts ``gcp-storage-emulator`` (the GCS JSON API, in memory) in this
+  process; ``STORAGE_EMULATOR_HOST`` points gcsfs and Google's client at it.
 * :class:`FileServer` serves a folder with ``Range`` support and injected faults per file:
   ``404`` for the first N requests, a connection cut after N bytes, a latency per request
   and a bandwidth cap.
@@ -13,10 +16,12 @@ server over HTTP that can be told to fail, and a TCP relay that can stop a clien
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,16 +32,33 @@ from typing import Callable
 from support import free_port
 
 
-class S3:
+class _ObjectStore:
+    """What the tests do with a bucket of either store: ``put`` an object, and this."""
+
+    scheme: str
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def upload_folder(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Copy every file under ``folder`` to ``{scheme}://bucket/prefix/…``; returns that URL."""
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                self.put(bucket, f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+        return f"{self.scheme}://{bucket}/{prefix}"
+
+
+class S3(_ObjectStore):
     """moto's S3 server on 127.0.0.1: a thread of this process, or its own process
     (``process=True``, so that it does not share this process's interpreter lock)."""
+
+    scheme = "s3"
 
     def __init__(self, process: bool = False):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         if process:
             import subprocess
-            import sys
 
             self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,19 +104,78 @@ class S3:
     def put(self, bucket: str, key: str, data: bytes) -> None:
         self.client().put_object(Bucket=bucket, Key=key, Body=data)
 
-    def upload_folder(self, folder: Path, bucket: str, prefix: str) -> str:
-        """Copy every file under ``folder`` to ``s3://bucket/prefix/…``; returns that URL."""
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file():
-                self.put(bucket, f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
-        return f"s3://{bucket}/{prefix}"
-
     def stop(self) -> None:
         if hasattr(self.server, "terminate"):
             self.server.terminate()
             self.server.wait()
         else:
             self.server.stop()
+
+
+class GCS(_ObjectStore):
+    """gcp-storage-emulator's server on 127.0.0.1, a thread of this process, its objects in
+    memory. ``env`` points gcsfs at it: the emulator's address, anonymous access, and none of
+    gcsfs's look-ups of a bucket's layout (a gRPC API that the emulator does not have; they
+    fall back to the JSON API after a time-out). The helpers below use Google's own client,
+    not gcsfs, so that what a test reads back is independent of what wrote it."""
+
+    scheme = "gs"
+
+    def __init__(self):
+        from gcp_storage_emulator.server import create_server
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = create_server("127.0.0.1", self.port, in_memory=True)
+        self.server.start()
+        _quiet_when_clients_hang_up(self.server._api._httpd)
+        anonymous = {"token": "anon"}
+        self.env = {
+            "STORAGE_EMULATOR_HOST": self.endpoint,
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # read when gcsfs is imported
+            "NO_GCE_CHECK": "true",
+            "UNICOM_STORAGE_OPTIONS": json.dumps({"gs": anonymous, "gcs": anonymous}),
+        }
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            self._client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                          client_options={"api_endpoint": self.endpoint})
+        return self._client
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``gs://name``."""
+        self.client().create_bucket(name)
+        return f"gs://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return sorted(blob.name for blob in self.client().list_blobs(bucket, prefix=prefix or None))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client().bucket(bucket).blob(key).download_as_bytes()
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().bucket(bucket).blob(key).upload_from_string(data)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _quiet_when_clients_hang_up(server) -> None:
+    """No traceback on standard error when a client closes its connection before the answer
+    (gcsfs asks for an object and for the folder of that name at once, and drops the answer
+    it no longer needs); other errors are printed as before."""
+    default = server.handle_error
+
+    def handle_error(request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            default(request, client_address)
+
+    server.handle_error = handle_error
 
 
 @dataclass

@@ -212,7 +212,7 @@ def test_embeddings_of_the_device_path_match_the_pillow_path(vit_b32_encoder, ph
     assert cosines.min() >= 0.999
     assert not np.array_equal(cpu, device)  # the device path did run: its resize differs slightly
     # the three batches' input was made beside the model's thread, one batch ahead of it
-    assert len(made_in) == 3 and all(name.startswith("unicom-model-input") for name in made_in)
+    assert len(made_in) == 3 and all(name.startswith("unicom-made-ahead") for name in made_in)
 
 
 def test_other_formats_take_the_cpu_path_and_broken_jpegs_are_reported(tmp_path, vit_b32_encoder, photo_files):

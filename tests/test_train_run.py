@@ -238,6 +238,21 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(ima
     assert_identical(final_state(tmp_path / "run"), uninterrupted)
 
 
+def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images, tmp_path):
+    """data.decode=gpu (here torchvision's decoder on the CPU): the next batch is decoded while
+    a step runs, so a killed run has read a batch it never used; the checkpoint's reading
+    positions leave it out, and the resumed run reaches the uninterrupted run's weights."""
+    settings = ("data.decode=gpu", "data.workers=2", "checkpoint.every=5", "train.steps=12")
+    straight = run_command(overrides(images, tmp_path / "straight", *settings))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    args = overrides(images, tmp_path / "run", *settings)
+    run_until_paused_then_kill(args, "step:8")
+    resumed = run_command(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000005 at step 5" in resumed.stdout
+    assert_identical(final_state(tmp_path / "run"), final_state(tmp_path / "straight"))
+
+
 @pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")

@@ -34,7 +34,7 @@ from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
 from unicom.data.sources import ItemsPart, open_parts, read_in_turn
 from unicom.data.transforms import draft_size, resolve_decode
-from unicom.engine.device import autocast, resolve_precision
+from unicom.engine.device import autocast, made_ahead, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
@@ -95,52 +95,17 @@ def _with_model_input(batches, stream: BatchStream, device: torch.device, wanted
 
     Making the input may move samples to the batch's failures (JPEGs no decoder reads), so
     a batch is read after its input is made. When JPEGs are decoded where the model runs,
-    the next batch's input is made in a thread (on a CUDA device, on a stream of its own)
-    while the caller runs the model on this one: decoding, resizing and the forward pass
+    the next batch's input is made while the caller runs the model on this one
+    (:func:`unicom.engine.device.made_ahead`): decoding, resizing and the forward pass
     overlap instead of taking turns.
     """
-    side = torch.cuda.Stream(device) if device.type == "cuda" and stream.tensor_transform is not None else None
-
     def make(batch: Batch):
         if not wanted or not batch.indices:
             return None
         with torch.inference_mode():
-            if side is None:
-                return stream.model_input(batch, device)
-            with torch.cuda.stream(side):
-                images = stream.model_input(batch, device)
-                ready = torch.cuda.Event()
-                ready.record(side)
-            return images, ready
+            return stream.model_input(batch, device)
 
-    def handed_over(made):
-        if side is None or made is None:
-            return made
-        images, ready = made
-        current = torch.cuda.current_stream(device)
-        current.wait_event(ready)
-        if images is not None:
-            images.record_stream(current)  # made on the side stream: not reused before the model is done
-        return images
-
-    if stream.tensor_transform is None:  # the workers decode: nothing to overlap here
-        for batch in batches:
-            yield batch, make(batch)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="unicom-model-input")
-    try:
-        ahead = None
-        for batch in batches:
-            made = (batch, pool.submit(make, batch))
-            if ahead is not None:
-                yield ahead[0], handed_over(ahead[1].result())
-            ahead = made
-        if ahead is not None:
-            yield ahead[0], handed_over(ahead[1].result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return made_ahead(batches, make, device, ahead=stream.tensor_transform is not None)
 
 
 def _embed_input(encoder: Encoder, images: torch.Tensor | None, device: torch.device, precision: str,

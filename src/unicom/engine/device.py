@@ -24,6 +24,66 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def made_ahead(items, make, device, ahead: bool = True):
+    """``(item, make(item))`` for each of ``items``, in order.
+
+    With ``ahead``, ``make`` runs in a thread one item ahead of the caller: while the caller
+    works on one item (a forward pass, a training step), the next one is made (decoded,
+    resized, moved to the device). On a CUDA device the thread works on a CUDA stream of its
+    own, so the two overlap on the GPU too, and the caller's stream waits for the item's
+    tensors before it uses them. ``make`` returns a tensor, a tuple of tensors or None
+    values, or None. An item is handed to the caller after ``make`` is done with it (``make``
+    may change it); an item made but never handed over (the caller stopped) is dropped.
+    """
+    import torch
+
+    if not ahead:
+        for item in items:
+            yield item, make(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = torch.device(device)
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def made(item):
+        if side is None:
+            return make(item), None
+        with torch.cuda.stream(side):
+            result = make(item)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return result, ready
+
+    def handed_over(result, ready):
+        if ready is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            for tensor in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(tensor, torch.Tensor):
+                    tensor.record_stream(current)  # made on the side stream: kept until the caller's work is done
+        return result
+
+    grad_mode = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def in_caller_mode(item):  # autograd modes are per thread: the caller's apply
+        with torch.autograd.grad_mode.set_grad_enabled(grad_mode[0]), torch.inference_mode(grad_mode[1]):
+            return made(item)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="unicom-made-ahead")
+    try:
+        pending = None
+        for item in items:
+            submitted = (item, pool.submit(in_caller_mode, item))
+            if pending is not None:
+                yield pending[0], handed_over(*pending[1].result())
+            pending = submitted
+        if pending is not None:
+            yield pending[0], handed_over(*pending[1].result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 @contextlib.contextmanager
 def exact_float32():
     """float32 matrix products in full float32 inside the block, whatever the process set

@@ -26,7 +26,7 @@ from torch import nn
 from unicom import distributed, storage
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
-from unicom.engine.device import resolve_device, resolve_precision
+from unicom.engine.device import made_ahead, resolve_device, resolve_precision
 from unicom.engine.recipe import to_yaml
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -447,8 +447,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     transform = config.augment.transform(run.created.image_size)
     stream = TrainStream(run.source, transform, batch, config.seed, rank, world, run.roles, positions, next_role,
                          device_decode=resolve_decode(config.data.decode, run.device, transform))
-    # train.steps=0 reads no data: no decoding workers to start
-    batches = iter(make_loader(stream, run.workers, run.device)) if state.step < run.total_steps else iter(())
+    # train.steps=0 reads no data: no decoding workers to start. A batch decoded on the device is
+    # decoded (in a thread, on a CUDA stream of its own) while the step before it runs.
+    loader = make_loader(stream, run.workers, run.device) if state.step < run.total_steps else ()
+    batches = made_ahead(loader, lambda item: stream.to_device(item, run.device), run.device, ahead=stream.tensor is not None)
     positions = list(positions)
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
     first_step = state.step + 1  # logged alone: it carries the start-up (workers, first batches, first kernels)
@@ -461,10 +463,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             micro = []
             waited = time.perf_counter()
             for _ in range(accumulation):
-                item = next(batches)
+                item, inputs = next(batches)  # inputs made where the model runs (data.decode): may add failures
                 positions[item.role] = (item.pass_, item.cursor)
                 next_role = (item.role + 1) % run.roles
-                micro.append(stream.to_device(item, run.device))  # decodes there (data.decode); may add failures
+                micro.append(inputs)
                 interval["unlabelled"] += item.unlabelled
                 interval["failed"] += item.failed
                 log.failures(item.failures, state.step + 1)
@@ -531,6 +533,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         return summary
     finally:
         log.close()
+        batches.close()  # the reader ahead stops
         del batches
 
 

@@ -238,6 +238,34 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(ima
     assert_identical(final_state(tmp_path / "run"), uninterrupted)
 
 
+def test_the_host_reads_step_results_at_log_lines_only_and_the_weights_are_unchanged(images, tmp_path, monkeypatch):
+    """With log.every = 4 the host queues steps 2-4 before it reads step 2's result: the
+    results are read at steps 1 (the first line), 4, 8 and 10 (the last), and the weights
+    equal those of a run that reads every step's result as it ends."""
+    from unicom.engine import step as step_module
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    train(load_config(None, overrides(images, tmp_path / "each", "train.steps=10")))
+    calls, read_at = [0], []
+    call, read = step_module.TrainStep.__call__, step_module.StepResult._read
+
+    def counted(self, micro_batches):
+        calls[0] += 1
+        return call(self, micro_batches)
+
+    def recorded(self):
+        if isinstance(self._values, torch.Tensor):  # the first read of this result
+            read_at.append(calls[0])
+        return read(self)
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
+    monkeypatch.setattr(step_module.StepResult, "_read", recorded)
+    train(load_config(None, overrides(images, tmp_path / "deferred", "train.steps=10", "log.every=4")))
+    assert read_at == [1, 4, 4, 4, 8, 8, 8, 8, 10, 10]
+    assert_identical(final_state(tmp_path / "deferred"), final_state(tmp_path / "each"))
+
+
 def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images, tmp_path):
     """data.decode=gpu (here torchvision's decoder on the CPU): the next batch is decoded while
     a step runs, so a killed run has read a batch it never used; the checkpoint's reading

@@ -455,6 +455,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     interval = {"loss": 0.0, "steps": 0, "finite": 0, "data": 0.0, "start": time.perf_counter(), "unlabelled": 0, "failed": 0}
     first_step = state.step + 1  # logged alone: it carries the start-up (workers, first batches, first kernels)
     result = None
+    unread: list[tuple[int, StepResult]] = []  # steps whose results the host has not read yet
     last_saved = state.step if run.resume_from is not None else -1
     try:
         while state.step < run.total_steps:
@@ -478,29 +479,19 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             state.step += 1
             state.images += global_batch
             interval["steps"] += 1
-            if result.finite:
-                state.consecutive_nonfinite = 0
-                interval["loss"] += result.loss
-                interval["finite"] += 1
-            else:
-                state.skipped_steps += 1
-                state.consecutive_nonfinite += 1
-                log.event("skipped", step=state.step, loss=result.loss, grad_norm=result.grad_norm,
-                          loss_scale=run.step_fn.scaler.scale, consecutive=state.consecutive_nonfinite)
-                if state.consecutive_nonfinite >= config.train.max_nonfinite_steps:
-                    message = (
-                        f"stopped at step {state.step}: the last {state.consecutive_nonfinite} steps had a non-finite loss or "
-                        f"gradient (loss {result.loss}, gradient norm {result.grad_norm}) and were skipped, so no weight holds "
-                        f"NaN. Lower optim.lr, set optim.clip_grad_norm, use train.precision=bf16 or fp32, or check the data; "
-                        f"resume from the last checkpoint in {ckpt.checkpoint_root(out)}"
-                    )
-                    log.event("stopped", step=state.step, reason=message)
-                    raise TrainingStopped(message)
+            unread.append((state.step, result))
             log_now = state.step % config.log.every == 0 or state.step == run.total_steps or state.step == first_step
+            checkpoint_now = state.step % config.checkpoint.every == 0 or state.step == run.total_steps
+            if log_now or checkpoint_now or len(unread) >= UNREAD_STEPS:
+                # the steps' results are read here, not after each step: the host queues the next
+                # steps while the device works, and waits for it at log lines and checkpoints only
+                for number, done in unread:
+                    _account(number, done, state, interval, run, log, config, out)
+                unread.clear()
             if log_now:
                 _log_interval(run, log, state, interval, result, global_batch, factor, startup=state.step == first_step)
             ckpt.pause_if_requested("step", state.step)
-            if state.step % config.checkpoint.every == 0 or state.step == run.total_steps:
+            if checkpoint_now:
                 began = time.perf_counter()
                 saved = _save(run, state, positions, next_role)
                 last_saved = state.step
@@ -535,6 +526,35 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         log.close()
         batches.close()  # the reader ahead stops
         del batches
+
+
+# At most this many steps run before the host reads their results (loss, finiteness).
+UNREAD_STEPS = 50
+
+
+def _account(step: int, result: StepResult, state: RunState, interval: dict, run: Run, log: RunLog, config: TrainConfig,
+             out: Path) -> None:
+    """Count step ``step``'s result (read here: the host waits for that step) into the interval
+    and the run state; a non-finite step is logged as skipped, and ``train.max_nonfinite_steps``
+    of them in a row stop the run (:class:`TrainingStopped`)."""
+    if result.finite:
+        state.consecutive_nonfinite = 0
+        interval["loss"] += result.loss
+        interval["finite"] += 1
+        return
+    state.skipped_steps += 1
+    state.consecutive_nonfinite += 1
+    log.event("skipped", step=step, loss=result.loss, grad_norm=result.grad_norm,
+              loss_scale=run.step_fn.scaler.scale, consecutive=state.consecutive_nonfinite)
+    if state.consecutive_nonfinite >= config.train.max_nonfinite_steps:
+        message = (
+            f"stopped at step {step}: the last {state.consecutive_nonfinite} steps had a non-finite loss or "
+            f"gradient (loss {result.loss}, gradient norm {result.grad_norm}) and were skipped, so no weight holds "
+            f"NaN. Lower optim.lr, set optim.clip_grad_norm, use train.precision=bf16 or fp32, or check the data; "
+            f"resume from the last checkpoint in {ckpt.checkpoint_root(out)}"
+        )
+        log.event("stopped", step=step, reason=message)
+        raise TrainingStopped(message)
 
 
 def _describe_selection(selection: ClassesPerStep, batch: int, sample_rate: float) -> list[str]:

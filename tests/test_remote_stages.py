@@ -125,6 +125,12 @@ def test_unicom_index_writes_into_s3_the_files_of_a_local_build(s3, local_folder
     assert main(["index", "--emb", emb, "--out", f"s3://{bucket}/{prefix}", *options]) == 0  # nothing new: up to date
 
 
+def test_an_index_into_a_read_only_url_is_refused_before_it_is_built(local_folder, capsys):
+    code = main(["index", "--emb", str(local_folder / "emb"), "--out", "https://127.0.0.1:9/index"])
+    assert code == 2
+    assert "https://127.0.0.1:9/index: https URLs are read only" in capsys.readouterr().err
+
+
 def test_new_parts_are_added_to_an_index_in_s3_and_the_old_generation_removed(s3, local_folder, remote_folder, tmp_path,
                                                                                monkeypatch):
     import json

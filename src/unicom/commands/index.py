@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging()
     out = args.out if storage.is_url(args.out) else Path(args.out)
+    if storage.is_url(out):
+        storage.writable(out)  # an index cannot go to http(s): said before anything is read
     if holds_index(out) and not args.rebuild:
         index = Index.load(out)
         if args.dims is not None and args.dims != index.dims:

@@ -478,6 +478,8 @@ class Index:
         """
         if layout not in LAYOUTS:
             raise InputError(f"layout {layout!r} unknown: use one of {', '.join(LAYOUTS)}")
+        if storage.is_url(out):
+            storage.writable(out)  # before the build, not after it
         if holds_index(out) and not overwrite:
             raise InputError(f"{storage.text(out)}: already holds an index; add new parts to it, or rebuild it with --rebuild")
         if recall_target is not None and not 0 < recall_target <= 1:

@@ -412,3 +412,27 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def record_step_reads(monkeypatch) -> tuple[list[int], list[int]]:
+    """Count training steps and, for each step result, how many steps had run when the host
+    first read it: ``([steps so far], [steps run at each first read])``."""
+    import torch
+
+    from unicom.engine import step as step_module
+
+    calls, read_at = [0], []
+    call, read = step_module.TrainStep.__call__, step_module.StepResult._read
+
+    def counted(self, micro_batches):
+        calls[0] += 1
+        return call(self, micro_batches)
+
+    def recorded(self):
+        if isinstance(self._values, torch.Tensor):  # the first read of this result
+            read_at.append(calls[0])
+        return read(self)
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
+    monkeypatch.setattr(step_module.StepResult, "_read", recorded)
+    return calls, read_at

@@ -242,25 +242,13 @@ def test_the_host_reads_step_results_at_log_lines_only_and_the_weights_are_uncha
     """With log.every = 4 the host queues steps 2-4 before it reads step 2's result: the
     results are read at steps 1 (the first line), 4, 8 and 10 (the last), and the weights
     equal those of a run that reads every step's result as it ends."""
-    from unicom.engine import step as step_module
+    from support import record_step_reads
+
     from unicom.train.config import load_config
     from unicom.train.trainer import train
 
     train(load_config(None, overrides(images, tmp_path / "each", "train.steps=10")))
-    calls, read_at = [0], []
-    call, read = step_module.TrainStep.__call__, step_module.StepResult._read
-
-    def counted(self, micro_batches):
-        calls[0] += 1
-        return call(self, micro_batches)
-
-    def recorded(self):
-        if isinstance(self._values, torch.Tensor):  # the first read of this result
-            read_at.append(calls[0])
-        return read(self)
-
-    monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
-    monkeypatch.setattr(step_module.StepResult, "_read", recorded)
+    _, read_at = record_step_reads(monkeypatch)
     train(load_config(None, overrides(images, tmp_path / "deferred", "train.steps=10", "log.every=4")))
     assert read_at == [1, 4, 4, 4, 8, 8, 8, 8, 10, 10]
     assert_identical(final_state(tmp_path / "deferred"), final_state(tmp_path / "each"))

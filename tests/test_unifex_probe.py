@@ -114,6 +114,14 @@ def test_the_exported_model_is_the_trained_head_on_the_backbone(collection, tmp_
     np.testing.assert_allclose(embedded, expected, atol=1e-5)
 
 
+def test_the_host_reads_the_steps_results_once_the_epochs_steps_are_queued(collection, tmp_path, monkeypatch):
+    from support import record_step_reads
+
+    calls, read_at = record_step_reads(monkeypatch)
+    probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.every=0"))
+    assert calls[0] > 1 and read_at == [calls[0]] * calls[0]
+
+
 def test_cache_mode_and_direct_mode_train_the_same_head(collection, tmp_path):
     # augmentation off and the same seed: the same batches, initialisation and dropout masks
     common = ("train.epochs=3", "eval.every=0", "neck.batchnorm=true", "loss.sample_rate=0.5")

@@ -107,6 +107,11 @@ class LossScaler:
             self._good_steps = torch.tensor(int(state["good_steps"]), dtype=torch.int64, device=device)
 
 
+# Steps a loop queues before the host reads their results (a read waits for the device):
+# the trainers read them in groups of at most this many, at their log lines and checkpoints.
+UNREAD_STEPS = 50
+
+
 class StepResult:
     """What a step did: ``loss`` (mean over micro-batches), ``grad_norm`` (global, after
     unscaling, before clipping), ``finite`` (the step was applied), ``clipped``.

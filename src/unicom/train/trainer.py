@@ -30,7 +30,7 @@ from unicom.engine.device import made_ahead, resolve_device, resolve_precision
 from unicom.engine.recipe import to_yaml
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
-from unicom.engine.step import StepResult, TrainingStopped, TrainStep, build_train_step
+from unicom.engine.step import UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step
 from unicom.errors import InputError
 from unicom.losses.partial_fc import ClassesPerStep, classes_per_step
 from unicom.train.config import TrainConfig
@@ -526,10 +526,6 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         log.close()
         batches.close()  # the reader ahead stops
         del batches
-
-
-# At most this many steps run before the host reads their results (loss, finiteness).
-UNREAD_STEPS = 50
 
 
 def _account(step: int, result: StepResult, state: RunState, interval: dict, run: Run, log: RunLog, config: TrainConfig,

@@ -36,6 +36,7 @@ from torch import nn
 
 from unicom import storage
 from unicom.engine.device import autocast
+from unicom.engine.step import UNREAD_STEPS
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
 from unicom.unifex.config import ProbeConfig
@@ -201,19 +202,28 @@ def train_epoch(head: Head, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     losses, steps, skipped, images, factor = [], 0, 0, 0, 0.0
     head.neck.train()
     head.partial_fc.train()
+    unread = []  # results read in groups: the host queues steps while the device runs them
+
+    def read() -> int:
+        for result in unread:
+            if result.finite:
+                losses.append(result.loss)
+        count = sum(1 for result in unread if not result.finite)
+        unread.clear()
+        return count
+
     for features, labels in batches:
         step = first_step + steps
         factor = config.schedule.factor(step, total_steps, steps_per_epoch)
         head.step_fn.set_learning_rates(*config.optim.learning_rates(factor))
         head.partial_fc.check_inputs = check_first and steps == 0  # labels and shapes, once per run
-        result = head.step_fn([(features, labels)])
+        unread.append(head.step_fn([(features, labels)]))
         head.partial_fc.check_inputs = False
         steps += 1
         images += len(labels)
-        if result.finite:
-            losses.append(result.loss)
-        else:
-            skipped += 1
+        if len(unread) >= UNREAD_STEPS:
+            skipped += read()
+    skipped += read()
     if steps and not losses:
         from unicom.engine.step import TrainingStopped
 

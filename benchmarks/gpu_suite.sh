@@ -14,6 +14,8 @@
 #   benchmarks/gpu_suite.sh                      # on a GPU machine
 #   benchmarks/gpu_suite.sh --device cpu --smoke # the same steps at toy sizes on the CPU (checks the script;
 #                                                # writes *_smoke_cpu.txt under $RESULTS, default /tmp/unicom-gpu-smoke)
+#   benchmarks/gpu_suite.sh --only tests,partial_fc,kmeans   # some stages (two device commands of ~4 minutes
+#   benchmarks/gpu_suite.sh --only embed,train_step          # each, or one stage again after a fix)
 #
 # What it needs beyond torch, torchvision, timm, pillow, pyarrow, numpy, scipy and scikit-learn:
 # faiss-cpu, open_clip_torch (+ ftfy, wcwidth), pytorch-metric-learning, braceexpand, universal_pathlib
@@ -31,11 +33,19 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 DEVICE=cuda
 SMOKE=0
+ONLY=tests,partial_fc,kmeans,embed,train_step
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
-    *) echo "unknown argument $1 (use --device cuda|cpu, --smoke)" >&2; exit 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    *) echo "unknown argument $1 (use --device cuda|cpu, --smoke, --only STAGE,...)" >&2; exit 2 ;;
+  esac
+done
+for name in ${ONLY//,/ }; do
+  case "$name" in
+    tests|partial_fc|kmeans|embed|train_step) ;;
+    *) echo "--only: unknown stage $name (stages: tests, partial_fc, kmeans, embed, train_step)" >&2; exit 2 ;;
   esac
 done
 if [ "$DEVICE" = cpu ]; then SMOKE=1; fi
@@ -51,6 +61,7 @@ FAILED=()
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2
   shift 2
+  case ",$ONLY," in *",$name,"*) ;; *) return 0 ;; esac
   echo "== $name (limit ${limit}s, at $(( $(date +%s) - START ))s)"
   if ! timeout --kill-after=10 "$limit" "$@"; then
     echo "!! $name failed or ran past ${limit}s" >&2

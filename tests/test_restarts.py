@@ -4,6 +4,7 @@ those), and recorded paths mean the same file from any working folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -105,6 +106,41 @@ def test_search_works_from_another_folder_when_the_model_was_given_relative(tmp_
     assert main(["search", "--index", str(work / "INDEX"), str(work / "photos" / "2.png"), "-k", "1", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results[0]["results"][0]["key"] == "2.png"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
+def test_a_two_rank_embed_frees_its_process_group_before_the_interpreter_exits(tmp_path):
+    """The gloo group's threads are gone when the command returns: a group still alive then
+    (held by default arguments of torch.distributed.nn, which open_clip imports) is
+    destroyed during interpreter shutdown, and that aborts the process now and then."""
+    import os
+    import subprocess
+    import sys
+
+    from support import free_port
+
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [
+        {"key": f"0-{i}", "jpg": encode_image(class_image(i, i, 32))} for i in range(4)])
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "w.pth")
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import os, sys\n"
+        "from unicom.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "print('threads at exit:', sorted(names), file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    env = dict(os.environ, UNICOM_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(runner), "embed", "--input", str(tmp_path / "shards"),
+               "--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"), "--batch-size", "2", "--workers", "0",
+               "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exits = [line for line in result.stderr.splitlines() if line.startswith("threads at exit:")]
+    assert len(exits) == 2 and not any("gloo" in line for line in exits), exits
 
 
 @pytest.mark.slow

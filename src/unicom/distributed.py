@@ -50,8 +50,25 @@ def init_from_env(backend: str | None = None, timeout_minutes: float = 30.0) -> 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_device())
+    _bind_group_defaults()
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _bind_group_defaults() -> None:
+    """Import ``torch.distributed.nn`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated on import: a
+    module imported after the group is made (open_clip's loss imports it) keeps the group in
+    ten defaults, so :func:`shutdown` cannot free it, its gloo threads outlive the command,
+    and the group's destruction during interpreter shutdown aborts the process now and then
+    ("terminate called without an active exception"). Imported first, the defaults are None
+    (the default group at call time).
+    """
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:  # a build without it: nothing captures the group
+        pass
 
 
 @contextlib.contextmanager

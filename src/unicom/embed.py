@@ -200,17 +200,18 @@ def embed_images(
         device_decode=resolve_decode(decode, device, transform),
     )
     out: np.ndarray | None = None
-    for batch, images in _with_model_input(_loader(stream, workers, device), stream, device):
-        embeddings = _embed_input(encoder, images, device, precision, normalize)
-        if batch.failures:
-            failure = batch.failures[0]
-            more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
-            raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
-        if embeddings is None:
-            continue
-        if out is None:
-            out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
-        out[batch.indices] = embeddings
+    with contextlib.closing(_with_model_input(_loader(stream, workers, device), stream, device)) as batches:
+        for batch, images in batches:  # closed at the end: the reader ahead stops whatever happens
+            embeddings = _embed_input(encoder, images, device, precision, normalize)
+            if batch.failures:
+                failure = batch.failures[0]
+                more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
+                raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
+            if embeddings is None:
+                continue
+            if out is None:
+                out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
+            out[batch.indices] = embeddings
     return out
 
 
@@ -481,8 +482,8 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         torch.set_num_threads(max(threads // 2, threads - workers))
     start = time.perf_counter()
     bar = progress(total=None if None in sizes else sum(sizes), desc=f"embed {len(parts)} parts", unit="img")
+    batches = _with_model_input(_loader(stream, workers, device), stream, device, wanted="image" in modalities)
     try:
-        batches = _with_model_input(_loader(stream, workers, device), stream, device, wanted="image" in modalities)
         for batch, images in batches:
             pending = collecting.get(batch.part)
             if pending is None:
@@ -510,6 +511,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                     bar.total = int(sum(read_per_part) / len(read_per_part) * len(parts))
                 bar.set_postfix(parts=f"{summary.written}/{len(parts)}", refresh=False)
     finally:
+        batches.close()  # the reader ahead stops
         bar.close()
         torch.set_num_threads(threads)
         storage.drop_prefetched()

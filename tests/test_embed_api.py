@@ -88,3 +88,17 @@ def test_draft_decoding_keeps_embeddings_close_on_large_jpegs(encoder_and_file, 
     exact = unicom.embed_images(encoder, [path], draft=False)
     fast = unicom.embed_images(encoder, [path], draft=True)
     assert float(exact[0] @ fast[0]) > 0.99
+
+
+def test_the_summary_separates_the_start_up_from_the_steady_rate(encoder_and_file, image_files, tmp_path):
+    """The start-up ends when the first batch is through the model: its images and seconds
+    are left out of the steady rate, which a long extraction runs at."""
+    from unicom.embed import embed_to_folder
+
+    encoder, _ = encoder_and_file
+    summary = embed_to_folder([str(image_files[0].parent)], tmp_path / "emb", encoder, batch_size=3, num_workers=0,
+                              rows_per_part=100)
+    assert summary.samples == 7 and summary.startup_images == 3  # the first batch of 3
+    assert 0 < summary.startup_seconds < summary.seconds
+    expected = (7 - 3) / (summary.seconds - summary.startup_seconds)
+    assert summary.steady_images_per_second == pytest.approx(expected)

@@ -258,10 +258,18 @@ class EmbedSummary:
     unfinished: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    startup_seconds: float = 0.0  # until the first batch was through the model (workers, first reads)
+    startup_images: int = 0  # the images of that first batch
 
     @property
     def images_per_second(self) -> float:
         return (self.samples + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """The rate after the start-up: what a long extraction runs at."""
+        seconds = self.seconds - self.startup_seconds
+        return (self.samples + self.failed - self.startup_images) / seconds if seconds > 0 else 0.0
 
     def merge(self, other: "EmbedSummary") -> "EmbedSummary":
         return EmbedSummary(
@@ -274,6 +282,8 @@ class EmbedSummary:
             unfinished=self.unfinished + other.unfinished,
             seconds=max(self.seconds, other.seconds),
             failures=(self.failures + other.failures)[:FAILURES_SHOWN],
+            startup_seconds=max(self.startup_seconds, other.startup_seconds),
+            startup_images=self.startup_images + other.startup_images,
         )
 
 
@@ -483,6 +493,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     start = time.perf_counter()
     bar = progress(total=None if None in sizes else sum(sizes), desc=f"embed {len(parts)} parts", unit="img")
     batches = _with_model_input(_loader(stream, workers, device), stream, device, wanted="image" in modalities)
+    first = True
     try:
         for batch, images in batches:
             pending = collecting.get(batch.part)
@@ -499,6 +510,9 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
             summary.samples += len(batch.indices)
             summary.failures.extend(batch.failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
             bar.update(len(batch.indices) + failed)
+            if first:  # the start-up: until the first batch is through the model
+                summary.startup_seconds, first = time.perf_counter() - start, False
+                summary.startup_images = summary.samples + summary.failed
             if batch.last and pending.finish(batch):
                 if _write_pending(out, pending, modalities, dims, dtype):
                     summary.written += 1

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         f"embedded {summary.samples} samples into {summary.written} parts of {args.out} "
         f"({summary.skipped} of {summary.parts} parts were already finished) "
         f"at {summary.images_per_second:.1f} samples/s"
+        + (f" ({summary.steady_images_per_second:.1f} after the start-up of {summary.startup_seconds:.1f} s)"
+           if summary.startup_images and summary.steady_images_per_second > 0 else "")
     )
     if summary.failed or summary.broken_shards or summary.unfinished:
         problems = [f"{summary.failed} samples could not be used"] if summary.failed else []

@@ -58,10 +58,14 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}
 START=$(date +%s)
 FAILED=()
 
+selected() {  # selected NAME: whether --only keeps stage NAME
+  case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac
+}
+
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2
   shift 2
-  case ",$ONLY," in *",$name,"*) ;; *) return 0 ;; esac
+  selected "$name" || return 0
   echo "== $name (limit ${limit}s, at $(( $(date +%s) - START ))s)"
   if ! timeout --kill-after=10 "$limit" "$@"; then
     echo "!! $name failed or ran past ${limit}s" >&2
@@ -99,8 +103,10 @@ fi
 TESTS=(tests/test_sync_free_step.py tests/test_gpu_decode.py tests/test_kmeans_backends.py tests/test_sparse_adamw.py
        tests/test_metrics.py)
 if [ "$SMOKE" = 1 ]; then SELECT=(-k "recorder or cuda"); else SELECT=(-k "cuda or on_the_gpu"); fi
-stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
-  > >(tee "$RESULTS/gpu_tests_$SUFFIX.txt") 2>&1
+if selected tests; then  # the output file only when the stage runs: --only without tests keeps the last one
+  stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
+    > >(tee "$RESULTS/gpu_tests_$SUFFIX.txt") 2>&1
+fi
 
 # -- 3. the benchmarks, cheapest first ------------------------------------------------------
 if [ "$SMOKE" = 1 ]; then

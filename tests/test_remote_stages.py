@@ -12,6 +12,7 @@ from storage_servers import FileServer
 from support import class_image, encode_image, write_separated_embeddings, write_tar_shard
 
 from unicom.cli import main
+from unicom.errors import InputError
 
 PARTS = {0: 40, 1: 35, 3: 25}  # part number -> rows
 
@@ -166,46 +167,122 @@ def test_new_parts_are_added_to_an_index_in_s3_and_the_old_generation_removed(s3
                                   Index.load(tmp_path / "local").search(queries, 5)[1])
 
 
-def test_killed_while_publishing_an_index_the_previous_one_stays_whole_in_s3(s3, local_folder, remote_folder, tmp_path,
-                                                                             monkeypatch):
+def test_killed_while_adding_parts_to_an_index_in_s3_the_previous_one_stays_whole(s3, local_folder, remote_folder,
+                                                                                   tmp_path, monkeypatch):
     """kill -9 as S3 answers the upload of the new index.json's temporary object (the commit
     is the rename after it): readers keep the previous index whole, and the rerun completes the
-    new one and leaves no temporaries."""
+    grown one and leaves no temporaries and no file of the previous generation."""
     import json
     import os
+    import shutil
     import subprocess
     import sys
 
     from storage_servers import kill_at_s3_response
 
+    from unicom.formats.embeddings import write_part
     from unicom.search.index import Index
 
     emb, bucket = remote_folder
     monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
     url = f"s3://{bucket}/index"
-    assert main(["index", "--emb", emb, "--out", url, "--type", "flat"]) == 0
+    assert main(["index", "--emb", emb, "--out", url, "--type", "hnsw", "--heldout", "10"]) == 0
     before = s3.get(bucket, "index/index.json")
-    command = [sys.executable, "-m", "unicom.cli", "index", "--emb", emb, "--out", url, "--type", "hnsw",
-               "--heldout", "10", "--rebuild"]
+    shutil.copytree(local_folder / "emb", tmp_path / "emb")
+    rng = np.random.default_rng(8)
+    write_part(tmp_path / "emb", 7, image=rng.standard_normal((12, 16)).astype(np.float16),
+               metadata=pa.table({"key": [f"7-{i}" for i in range(12)], "label": np.zeros(12, np.int64)}))
+    s3.upload_folder(tmp_path / "emb", bucket, "emb")
+    command = [sys.executable, "-m", "unicom.cli", "index", "--emb", emb, "--out", url]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     kill_at_s3_response(s3, command, env, rb"PUT /" + bucket.encode() + rb"/index/\.index\.json\.[a-z0-9_]{8}\.tmp\.json")
     assert s3.get(bucket, "index/index.json") == before
     left = [key for key in s3.keys(bucket, "index/") if key.rsplit("/", 1)[-1].startswith(".")]
     assert len(left) == 1 and left[0].startswith("index/.index.json.")  # what the kill left, under its temporary name
     old = Index.load(url)
-    assert old.type == "flat" and len(old) == sum(PARTS.values())
+    assert len(old) == sum(PARTS.values()) and [part.number for part in old.parts] == sorted(PARTS)
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads(s3.get(bucket, "index/index.json"))
-    assert config["type"] == "hnsw" and config["generation"] == 1
+    assert config["count"] == sum(PARTS.values()) + 12 and config["generation"] == 1
     names = [key.split("/", 1)[1] for key in s3.keys(bucket, "index/")]
-    assert sorted(n for n in names if n.endswith(".faiss")) == [config["file"]]  # the flat index's file is gone
+    assert sorted(n for n in names if n.endswith(".faiss")) == [config["file"]]  # generation 0's file is gone
     assert not any(name.rsplit("/", 1)[-1].startswith(".") for name in names)
-    queries = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
-    rebuilt = Index.load(url)
-    assert rebuilt.type == "hnsw"
-    np.testing.assert_array_equal(rebuilt.search(queries, 5)[1], old.search(queries, 5)[1])  # recall 1 at this size
+    assert len(Index.load(url)) == sum(PARTS.values()) + 12
+
+
+def test_two_machines_grow_one_index_in_s3_without_bringing_back_old_files(s3, local_folder, remote_folder, tmp_path,
+                                                                          monkeypatch):
+    """Each machine keeps its own cache: what one uploads is what the new index.json names,
+    never an older generation's file left in its cache."""
+    import shutil
+
+    from unicom.formats.embeddings import write_part
+
+    emb, bucket = remote_folder
+    url = f"s3://{bucket}/index"
+    shutil.copytree(local_folder / "emb", tmp_path / "emb")
+    rng = np.random.default_rng(10)
+
+    def grow(number: int) -> None:
+        write_part(tmp_path / "emb", number, image=rng.standard_normal((6, 16)).astype(np.float16),
+                   metadata=pa.table({"key": [f"{number}-{i}" for i in range(6)], "label": np.zeros(6, np.int64)}))
+        s3.upload_folder(tmp_path / "emb", bucket, "emb")
+
+    def on(machine: str, *args: str) -> None:
+        monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / machine))
+        assert main(["index", "--emb", emb, "--out", url, *args]) == 0
+
+    on("a", "--type", "hnsw", "--heldout", "10")
+    grow(7)
+    on("b")
+    grow(8)
+    on("a")
+    faiss_files = [key for key in s3.keys(bucket, "index/") if key.endswith(".faiss")]
+    assert faiss_files == ["index/index_2.faiss"]
+
+
+def test_a_rebuild_in_s3_that_fails_leaves_no_index_rather_than_a_mix_of_two(s3, local_folder, remote_folder, tmp_path,
+                                                                            monkeypatch):
+    """clip-retrieval's layout rewrites image.index and the metadata under their names: the
+    previous index.json goes first, so a failed rebuild leaves a folder that says it holds
+    no finished index (a reader never pairs the new vectors with the old metadata), and the
+    rerun completes the rebuild."""
+    import shutil
+
+    from unicom import storage
+    from unicom.formats.embeddings import write_part
+    from unicom.search.index import Index
+
+    emb, bucket = remote_folder
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    url = f"s3://{bucket}/index"
+    options = ["--layout", "clip-retrieval", "--type", "flat"]
+    assert main(["index", "--emb", emb, "--out", url, *options]) == 0
+    shutil.copytree(local_folder / "emb", tmp_path / "emb")
+    rng = np.random.default_rng(9)
+    write_part(tmp_path / "emb", 7, image=rng.standard_normal((12, 16)).astype(np.float16),
+               text=rng.standard_normal((12, 16)).astype(np.float16),
+               metadata=pa.table({"key": [f"7-{i}" for i in range(12)], "label": np.zeros(12, np.int64)}))
+    s3.upload_folder(tmp_path / "emb", bucket, "emb")
+
+    upload = storage.upload_atomic
+
+    def failing(local_file, destination):
+        if storage.name(destination) == "index.json":
+            raise ConnectionResetError("connection reset by peer")
+        return upload(local_file, destination)
+
+    monkeypatch.setattr(storage, "upload_atomic", failing)
+    with pytest.raises(ConnectionResetError):
+        main(["index", "--emb", emb, "--out", url, *options, "--rebuild"])
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(InputError, match="no index.json inside"):
+        Index.load(url)
+    monkeypatch.setattr(storage, "upload_atomic", upload)
+    assert main(["index", "--emb", emb, "--out", url, *options, "--rebuild"]) == 0
+    assert len(Index.load(url)) == sum(PARTS.values()) + 12
 
 
 def test_evaluate_embeddings_in_s3_gives_the_local_metrics(s3, local_folder, remote_folder, tmp_path):

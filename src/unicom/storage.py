@@ -910,17 +910,39 @@ def cache_folder(folder, cache: str | os.PathLike | None = None) -> Path:
     return local
 
 
+# keys of fsspec's file information that change when a file is written again, by store
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "last_modified", "updated", "mtime", "created")
+_SIGNATURES = ".signatures.json"
+
+
+def _signature(info: dict) -> list:
+    """Size and version of a remote file (its ETag, hash or modification time, where the store gives one)."""
+    version = next((info[key] for key in _VERSION_KEYS if info.get(key) is not None), None)
+    return [int(info.get("size") or 0), str(version) if version is not None else None]
+
+
 def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
     """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
     folder (default ``$UNICOM_CACHE`` or ``~/.cache/unicom``, under ``remote/``) and
-    fetched again when their size changed (``refresh``: always). Returns the local folder."""
+    fetched again when the file changed: its size, or its version where the store gives one
+    (ETag, content hash or modification time; recorded beside the copies). ``refresh``: always
+    fetched. Returns the local folder."""
     local = cache_folder(folder, cache)
     base = path(folder)
     refresh = set(refresh)
+    record = local / _SIGNATURES
+    try:
+        signatures = json.loads(record.read_text())
+    except (OSError, ValueError):
+        signatures = {}
     for name in names:
         source, target = base / name, local / name
-        if name not in refresh and target.is_file() and target.stat().st_size == size(source):
-            continue
+        if name not in refresh:
+            signature = _signature(retrying(source, lambda: source.fs.info(source.path)))
+            if target.is_file() and target.stat().st_size == signature[0] and signatures.get(name) == signature:
+                continue
+        else:
+            signature = None
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
@@ -930,6 +952,11 @@ def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = 
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+        if signature is not None:
+            signatures[name] = signature
+    temporary = local / f"{_SIGNATURES}.tmp"  # one name: a killed write leaves nothing that piles up
+    temporary.write_text(json.dumps(signatures))
+    os.replace(temporary, record)
     return local
 
 

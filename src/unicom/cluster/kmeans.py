@@ -515,7 +515,8 @@ def _walk(rng: np.random.Generator, hassign: np.ndarray, n: int, block: int = 1 
     while True:
         state = bits.state
         steps = (position + np.arange(block)) % k
-        accepted = np.flatnonzero(rng.random(block) < (hassign[steps] - 1.0) / denominator)
+        # in float64, as the one-draw-at-a-time walk compares (numpy 1.x keeps float32 arrays in float32)
+        accepted = np.flatnonzero(rng.random(block) < (hassign[steps].astype(np.float64) - 1.0) / denominator)
         if len(accepted):
             bits.state = state
             bits.advance(int(accepted[0]) + 1)

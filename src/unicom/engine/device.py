@@ -44,6 +44,8 @@ def made_ahead(items, make, device, ahead: bool = True):
     from concurrent.futures import ThreadPoolExecutor
 
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def made(item):
@@ -70,7 +72,11 @@ def made_ahead(items, make, device, ahead: bool = True):
         with torch.autograd.grad_mode.set_grad_enabled(grad_mode[0]), torch.inference_mode(grad_mode[1]):
             return made(item)
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="unicom-made-ahead")
+    # the thread's current CUDA device is the caller's (a thread starts on device 0, where
+    # switching streams would otherwise make a context of its own on another rank's GPU)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="unicom-made-ahead",
+                              initializer=torch.cuda.set_device if side is not None else None,
+                              initargs=(device,) if side is not None else ())
     try:
         pending = None
         for item in items:
@@ -92,6 +98,14 @@ def exact_float32():
     import torch
 
     matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # the settings API of recent torch: the legacy flag must not be mixed in
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+        return
     previous = matmul.allow_tf32
     matmul.allow_tf32 = False
     try:

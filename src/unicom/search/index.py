@@ -524,7 +524,7 @@ class Index:
             "generation": 0,
             "unicom_version": __version__,
         }
-        location, started = out, time.time_ns()
+        location = out
         previous = _read_config(out) if overwrite else None
         if previous is not None:
             config["generation"] = previous.get("generation", 0) + 1
@@ -543,7 +543,7 @@ class Index:
         else:
             _write(out, config, indexes["image"], heldout_ids, collection, collection.parts, previous)
         if storage.is_url(location):
-            publish(out, location, started)
+            publish(out, location, config)
         return cls(out, config, indexes, location)
 
     def add_parts(self, emb: str | os.PathLike | None = None) -> list[int]:
@@ -560,7 +560,6 @@ class Index:
         if emb is None:
             raise InputError(f"{self.location}: the index does not record the embedding folder it was built from; "
                              "name it (`unicom index --emb EMB`)")
-        started = time.time_ns()
         indexed = {part.number: part for part in self.parts}
         collection = Collection(emb)
         current = {part.number: part for part in collection.parts}
@@ -623,12 +622,18 @@ class Index:
                                        "steps_after_add": steps}
             _write(self.path, config, index, heldout_ids, additions, additions.parts, self.config)
             if isinstance(self.location, str):
-                publish(self.path, self.location, started)
+                written = {config["file"], *(f"{METADATA_FOLDER}/{part_name('metadata', part.number)}"
+                                             for part in additions.parts)}
+                publish(self.path, self.location, config, written | ({HELDOUT_FILE} if heldout_ids is not None else set()))
         except BaseException:
             # the in-memory index may hold part of the new rows: take the stored one again
-            stored = Index.load(self.location)
-            self.path, self.faiss_indexes = stored.path, stored.faiss_indexes
-            self._set_config(stored.config)
+            try:
+                stored = Index.load(self.location)
+            except Exception:  # the store cannot be read either: this object is not usable; the error below says why
+                self.faiss_indexes = {}
+            else:
+                self.path, self.faiss_indexes = stored.path, stored.faiss_indexes
+                self._set_config(stored.config)
             raise
         self._set_config(config)
         return [part.number for part in additions.parts]
@@ -719,23 +724,32 @@ def _cached(url) -> Path:
     """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`)."""
     config_url = storage.join(url, CONFIG_FILE)
     if not storage.is_file(config_url):
-        raise InputError(f"{storage.text(url)}: no {CONFIG_FILE} inside; is this an index folder written by `unicom index`?")
+        raise InputError(f"{storage.text(url)}: no {CONFIG_FILE} inside: not an index folder written by `unicom index`, or "
+                         "one whose build did not finish; build it (again) with `unicom index --emb EMB --out "
+                         f"{storage.text(url)} --rebuild`")
     try:
         config = json.loads(storage.read_text(config_url))
     except ValueError as error:
         raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
+    names = [CONFIG_FILE, *_file_names(config)]
+    if storage.is_file(storage.join(url, HELDOUT_FILE)):
+        names.append(HELDOUT_FILE)
+    return storage.cached_copy(url, names, refresh=[CONFIG_FILE])
+
+
+def _file_names(config: dict) -> list[str]:
+    """The files of the index that ``config`` describes, relative to its folder (``index.json``
+    and the held-out ids aside): its faiss file(s), autofaiss' descriptions, its metadata."""
     if config.get("layout", "unicom") == clip_layout.LAYOUT:
-        names = [CONFIG_FILE]
+        names = []
         for modality in config.get("modalities", {}):
             names += [clip_layout.index_file(modality), clip_layout.infos_file(modality)]
         names += [p["file"] for p in config.get("parts", []) if p.get("file")]
     else:
-        names = [CONFIG_FILE, str(config.get("file", ""))]
+        names = [str(config.get("file", ""))]
         names += [f"{METADATA_FOLDER}/{part_name('metadata', p['number'])}" for p in config.get("parts", [])
                   if config.get("has_metadata", True)]
-    if storage.is_file(storage.join(url, HELDOUT_FILE)):
-        names.append(HELDOUT_FILE)
-    return storage.cached_copy(url, [name for name in names if name], refresh=[CONFIG_FILE])
+    return [name for name in names if name]
 
 
 def _embedding_model(emb) -> dict | None:
@@ -769,17 +783,37 @@ def holds_index(location) -> bool:
     return any((Path(location) / name).is_file() for name in names)
 
 
+_STAGING_PREFIX = ".build-"
+
+
 def _staging(location) -> Path:
     """The local folder an index for ``location`` is written in: the folder itself, or for a
-    URL its cache folder (:func:`unicom.storage.cache_folder`), emptied, so that it is the new
-    index's files and nothing else, and later loads of the URL find them cached."""
+    URL a folder of this process's own in the cache (``.build-<pid>-…``, removed when the
+    process ends), so that a ``unicom serve`` of the same URL keeps reading its own copy.
+    Folders of processes that are gone (killed builds) are removed first."""
     if not storage.is_url(location):
         return Path(location)
-    local = storage.cache_folder(location)
-    for entry in local.iterdir():
-        if entry.name != storage.SOURCE_FILE:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    return local
+    import atexit
+    import tempfile
+
+    root = storage.cache_folder(location).parent
+    for left in root.glob(f"{_STAGING_PREFIX}*"):
+        pid = left.name[len(_STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=root))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # the files of an index folder, in either layout, relative to it: what publish may replace or delete
@@ -787,30 +821,35 @@ _INDEX_FILES = re.compile(r"(index_\d+\.faiss|(image|text)\.(index|json)|" + re.
                           + re.escape(METADATA_FOLDER) + r"/[^/]+\.parquet)")
 
 
-def publish(local: Path, location: str, since_ns: int) -> None:
-    """Make the remote index folder ``location`` hold the index written in ``local``.
+def publish(local: Path, location: str, config: dict, written: set[str] | None = None) -> None:
+    """Make the remote index folder ``location`` hold the index ``config`` written in ``local``.
 
-    The files written since ``since_ns`` (and any the remote folder lacks) are uploaded
-    whole (:func:`unicom.storage.upload_atomic`), ``index.json`` last: a reader sees the old
-    index or the new one. Then the index files the new one no longer uses (the previous
-    generation's faiss file, metadata of parts that are gone) are deleted. A killed publish
-    leaves the previous ``index.json`` in place and temporaries that the next build sweeps.
+    The files ``config`` names (and the held-out ids) are uploaded whole
+    (:func:`unicom.storage.upload_atomic`): those in ``written`` and those the remote folder
+    lacks, or all of them when ``written`` is None; ``index.json`` goes last. When parts are
+    added every file that changes has a new name, so a reader sees the previous index or the
+    new one. A rebuild rewrites files under names the previous index uses (metadata, and
+    clip-retrieval's ``image.index``), so its ``index.json`` is removed first: a reader then
+    finds no index rather than a mix of two. After the commit the index files the new one
+    does not name (the previous generation's faiss file, metadata of parts that are gone)
+    are deleted. A killed publish leaves temporaries that the next one sweeps.
     """
-    folders = ("", METADATA_FOLDER)
     remote = {}
-    for folder in folders:
+    for folder in ("", METADATA_FOLDER):
         where = storage.join(location, folder) if folder else location
         storage.sweep_temporaries(where)  # what a killed publish left: the folder is this index's alone
         remote.update({f"{folder}/{name}".lstrip("/"): entry for name, entry in storage.list_files(where).items()})
-    files = {file.relative_to(local).as_posix(): file for file in local.rglob("*")
-             if file.is_file() and _INDEX_FILES.fullmatch(file.relative_to(local).as_posix())}
-    changed = [name for name, file in sorted(files.items()) if name not in remote or file.stat().st_mtime_ns >= since_ns]
+    names = _file_names(config) + ([HELDOUT_FILE] if (local / HELDOUT_FILE).is_file() else [])
+    changed = [name for name in names if written is None or name in written or name not in remote]
+    replaced = [name for name in changed if name in remote and name != HELDOUT_FILE]
+    if CONFIG_FILE in remote and replaced:
+        storage.remove(storage.join(location, CONFIG_FILE))  # files of the previous index are replaced
     logger.info("uploading %d files of the index to %s", len(changed) + 1, location)
     storage.make_folder(location)
-    uploads = {storage.text(storage.join(location, name)): files[name] for name in changed}
+    uploads = {storage.text(storage.join(location, name)): local / name for name in changed}
     storage.gather(lambda url: storage.upload_atomic(uploads[url], url), uploads, threads=8)
     storage.upload_atomic(local / CONFIG_FILE, storage.join(location, CONFIG_FILE))
-    for name in sorted(set(remote) - set(files)):
+    for name in sorted(set(remote) - set(names)):
         if _INDEX_FILES.fullmatch(name):
             storage.remove(storage.join(location, name))
 

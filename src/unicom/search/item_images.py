@@ -9,6 +9,7 @@ items by id, never by path.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import threading
@@ -23,6 +24,30 @@ PATH_COLUMNS = ("image_path", "path")
 
 def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
+
+
+class _ClosingTar(contextlib.AbstractContextManager):
+    """A tar streamed from ``stream``, the stream closed with it (its download thread stops)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        try:
+            self.tar = tarfile.open(fileobj=stream, mode="r|*")
+        except BaseException:
+            stream.close()
+            raise
+
+    def __iter__(self):
+        return iter(self.tar)
+
+    def extractfile(self, member):
+        return self.tar.extractfile(member)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.tar.close()
+        finally:
+            self.stream.close()
 
 
 class ShardImages:
@@ -54,7 +79,7 @@ class ShardImages:
         from unicom import storage
 
         if storage.is_url(location):
-            return tarfile.open(fileobj=storage.open_stream(location), mode="r|*")
+            return _ClosingTar(storage.open_stream(location))
         return tarfile.open(location, "r:*")
 
     def _list(self, location) -> dict:

@@ -78,9 +78,11 @@ def test_labels_out_of_range_skip_the_step_and_raise_when_the_result_is_read():
 def test_an_overflowing_loss_scale_backs_off_and_scaled_steps_equal_unscaled_ones():
     reference, scaled = make_step(sample_rate=1.0), make_step(sample_rate=1.0)
     scaled.scaler = LossScaler(True, init_scale=2.0**127)  # loss x 2^127 overflows float32
-    assert not scaled([batch()]).finite
+    overflowed = scaled([batch()])
+    assert not overflowed.finite
     assert scaled.scaler.scale == 2.0**126
     scaled.scaler.scale = 2.0**10  # powers of two scale and unscale exactly
+    assert overflowed.loss_scale == 2.0**126  # read later, it is still the scale this step left
     assert scaled([batch()]).finite and reference([batch()]).finite
     for a, b in zip(parameters(reference), parameters(scaled)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -150,6 +150,11 @@ class StepResult:
     def clipped(self) -> bool:
         return bool(self._read()[3])
 
+    @property
+    def loss_scale(self) -> float:
+        """The loss scale after this step (1 without loss scaling)."""
+        return self._read()[4]
+
     def __repr__(self) -> str:
         loss, norm, finite, clipped = self._read()[:4]
         return f"StepResult(loss={loss}, grad_norm={norm}, finite={bool(finite)}, clipped={bool(clipped)})"
@@ -287,11 +292,12 @@ class TrainStep:
         self.backbone_optimizer.zero_grad(set_to_none=True)
         self.prototype_optimizer.zero_grad(set_to_none=True)
 
-        values = torch.stack([loss, norm, apply.float(), clipped.float()])
+        # the loss scale as this step left it: read later, with the step's other values
+        values = torch.stack([loss, norm, apply.float(), clipped.float(), self.scaler.tensor(self.device).float()])
         check = None
         if bounds is not None:
             values = torch.cat([values, bounds.to(values.dtype)])
-            check = lambda read: self.partial_fc.check_label_bounds(read[4], read[5])  # noqa: E731
+            check = lambda read: self.partial_fc.check_label_bounds(read[5], read[6])  # noqa: E731
         return StepResult(values, check)
 
 

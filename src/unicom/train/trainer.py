@@ -541,7 +541,7 @@ def _account(step: int, result: StepResult, state: RunState, interval: dict, run
     state.skipped_steps += 1
     state.consecutive_nonfinite += 1
     log.event("skipped", step=step, loss=result.loss, grad_norm=result.grad_norm,
-              loss_scale=run.step_fn.scaler.scale, consecutive=state.consecutive_nonfinite)
+              loss_scale=result.loss_scale, consecutive=state.consecutive_nonfinite)
     if state.consecutive_nonfinite >= config.train.max_nonfinite_steps:
         message = (
             f"stopped at step {step}: the last {state.consecutive_nonfinite} steps had a non-finite loss or "

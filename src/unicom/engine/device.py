@@ -69,7 +69,7 @@ def made_ahead(items, make, device, ahead: bool = True):
     grad_mode = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def in_caller_mode(item):  # autograd modes are per thread: the caller's apply
-        with torch.autograd.grad_mode.set_grad_enabled(grad_mode[0]), torch.inference_mode(grad_mode[1]):
+        with torch.set_grad_enabled(grad_mode[0]), torch.inference_mode(grad_mode[1]):
             return made(item)
 
     # the thread's current CUDA device is the caller's (a thread starts on device 0, where
@@ -98,20 +98,14 @@ def exact_float32():
     import torch
 
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # the settings API of recent torch: the legacy flag must not be mixed in
-        previous = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = previous
-        return
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = False
+    # recent torch's settings API where it exists (the legacy flag must not be mixed in), else the legacy flag
+    name, exact = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, exact)
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:

@@ -473,8 +473,8 @@ class Index:
         layout: ``"unicom"`` or ``"clip-retrieval"`` (``image.index`` and, when ``emb`` has
         text embeddings, ``text.index``: what clip-retrieval's back end serves).
         overwrite: replace an index already in ``out`` (otherwise an error: use :meth:`add_parts`).
-        ``out`` may be a URL (``s3://…``): the index is written in a local cache folder, then
-        uploaded file by file, ``index.json`` last (:func:`publish`).
+        ``out`` may be a URL (``s3://…``): the index is written in a local folder of its own,
+        then uploaded file by file, ``index.json`` last (:func:`publish`).
         """
         if layout not in LAYOUTS:
             raise InputError(f"layout {layout!r} unknown: use one of {', '.join(LAYOUTS)}")

@@ -26,30 +26,6 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-class _ClosingTar(contextlib.AbstractContextManager):
-    """A tar streamed from ``stream``, the stream closed with it (its download thread stops)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        try:
-            self.tar = tarfile.open(fileobj=stream, mode="r|*")
-        except BaseException:
-            stream.close()
-            raise
-
-    def __iter__(self):
-        return iter(self.tar)
-
-    def extractfile(self, member):
-        return self.tar.extractfile(member)
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self.tar.close()
-        finally:
-            self.stream.close()
-
-
 class ShardImages:
     """Image bytes of webdataset samples by (shard file name, key), read from the tars in
     ``root``: a local folder or a URL (``s3://bucket/shards``, ``https://host/shards``).
@@ -74,13 +50,18 @@ class ShardImages:
         return storage.join(self.root, shard) if isinstance(self.root, str) else self.root / shard
 
     @staticmethod
+    @contextlib.contextmanager
     def _tar(location):
-        """The tar at ``location``, read from the start: random access locally, a stream for a URL."""
+        """The tar at ``location``, read from the start: random access locally; for a URL a
+        stream, closed with the tar (its download thread stops)."""
         from unicom import storage
 
-        if storage.is_url(location):
-            return _ClosingTar(storage.open_stream(location))
-        return tarfile.open(location, "r:*")
+        if not storage.is_url(location):
+            with tarfile.open(location, "r:*") as tar:
+                yield tar
+            return
+        with storage.open_stream(location) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            yield tar
 
     def _list(self, location) -> dict:
         from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name

@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     found = queries.search(index, vectors, args.k, deduplicate=args.deduplicate, stored=stored)
     results = [index.hits(scores[None, :], ids[None, :])[0] for scores, ids in found]
     if args.json:
-        print(json.dumps([{"query": label, "results": hits} for label, hits in zip(labels, results)], indent=2, default=str))
+        print(json.dumps([{"query": label, "results": queries.json_value(hits)} for label, hits in zip(labels, results)],
+                         indent=2, default=str))
         return 0
     for number, (label, hits) in enumerate(zip(labels, results)):
         if number:

@@ -15,7 +15,8 @@ An :class:`~unicom.search.index.Index` searches unit vectors of its ``dims`` dim
 
 :func:`check_model` refuses a model whose weights are not the ones recorded when the
 collection was embedded. :func:`near_duplicates` finds results that repeat an earlier
-one (clip-retrieval's rule), and :func:`score_digits` how many decimals tell scores apart.
+one (clip-retrieval's rule), :func:`score_digits` how many decimals tell scores apart, and
+:func:`json_value` turns metadata values into what JSON carries.
 """
 
 from __future__ import annotations
@@ -239,6 +240,30 @@ def near_duplicates(vectors: np.ndarray, threshold: float = DUPLICATE_SIMILARITY
     first = np.full(labels.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, labels, np.arange(n))
     return first[labels] != np.arange(n)
+
+
+def json_value(value):
+    """A metadata value as JSON carries it: bytes as UTF-8 text, numpy scalars as numbers,
+    NaN and infinities as None, dates and times as ISO 8601 text, decimals as floats; lists
+    and dicts value by value. Parquet metadata holds all of these (LAION's has NaN for
+    missing numbers), and JSON has none of them."""
+    import decimal
+
+    if isinstance(value, dict):
+        return {key: json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_value(item) for item in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, decimal.Decimal):
+        value = float(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
 
 
 def score_digits(scores, least: int = 3, most: int = 6) -> int:

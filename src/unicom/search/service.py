@@ -129,19 +129,6 @@ def _json_body(body: bytes) -> Any:
         raise _error(400, f"the body is not valid JSON ({error})") from None
 
 
-def _plain(value: Any) -> Any:
-    """A metadata value as JSON can carry it (bytes as text, numpy scalars as numbers)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return value
-
-
 # --------------------------------------------------------------------------- the app
 
 
@@ -378,7 +365,7 @@ def create_app(
     # ------------------------------------------------------------------ our search
 
     def search_answer(scores: np.ndarray, ids: np.ndarray, target: Served) -> dict:
-        hits = target.index.hits(scores[None, :], ids[None, :])[0]
+        hits = [queries.json_value(hit) for hit in target.index.hits(scores[None, :], ids[None, :])[0]]
         for hit in hits:
             local = images.has_image(hit)
             hit["thumbnail"] = item_url("thumbnail", target, hit["id"]) if local else None
@@ -529,7 +516,7 @@ def create_app(
 
     def knn_metadata(target: Served, row: dict, item_id: int) -> dict:
         """clip-retrieval's metadata of one item: its columns, and its image as base64 JPEG."""
-        meta = {key: _plain(value) for key, value in row.items() if key != "id"}
+        meta = {key: queries.json_value(value) for key, value in row.items() if key != "id"}
         if images.has_image(row):
             try:
                 meta["image"] = base64.b64encode(images.thumbnail(target.name, row, item_id)).decode()

@@ -92,3 +92,22 @@ def test_index_command_adds_new_parts_on_a_second_run(collection, tmp_path, caps
     assert "added parts [3]" in printed and "flat index (Flat) of 29 vectors, 32 dimensions" in printed
     assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(out), "--dims", "16"]) == 2
     assert "keeps 32 dimensions, not --dims 16" in capsys.readouterr().err
+
+
+def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(collection, tmp_path, capsys):
+    out = tmp_path / "index"
+    assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--type", "flat"]) == 0
+    capsys.readouterr()
+    for options, said in ((["--layout", "clip-retrieval"], "its layout is unicom, not --layout clip-retrieval"),
+                          (["--type", "hnsw"], "it is a flat index, not --type hnsw"),
+                          (["--memory", "1MB"], "it was built without a memory budget, not --memory 1MB"),
+                          (["--target-recall", "0.99"], "it was built for recall 0.9, not --target-recall 0.99")):
+        assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), *options]) == 2
+        assert said in capsys.readouterr().err
+    assert not (out / "image.index").exists()
+    # the options it was built with are the same index: nothing new to add
+    assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "unicom", "--type", "flat",
+                 "--target-recall", "0.9"]) == 0
+    assert "up to date (24 vectors" in capsys.readouterr().out
+    assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "clip-retrieval", "--rebuild"]) == 0
+    assert (out / "image.index").is_file() and Index.load(out).layout == "clip-retrieval"

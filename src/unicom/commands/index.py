@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-recall", "--recall", dest="target_recall", type=float, default=None,
                         help="recall@k to reach on the held-out sample, against exact search: --type auto keeps the "
                              "smallest index that reaches it (default: none; without --memory either, tuned to 0.9)")
-    parser.add_argument("--layout", choices=("unicom", "clip-retrieval"), default="unicom",
+    parser.add_argument("--layout", choices=("unicom", "clip-retrieval"), default=None,
                         help="folder layout: unicom's, or clip-retrieval's (image.index, text.index, metadata/), which "
                              "`clip-retrieval back` serves (default: unicom)")
     parser.add_argument("-k", type=int, default=10, help="k of the recall target (default: 10)")
@@ -56,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
         storage.writable(out)  # an index cannot go to http(s): said before anything is read
     if holds_index(out) and not args.rebuild:
         index = Index.load(out)
-        if args.dims is not None and args.dims != index.dims:
-            from unicom.errors import InputError
-
-            raise InputError(f"{out}: the index keeps {index.dims} dimensions, not --dims {args.dims}; use --rebuild to change it")
+        _check_unchanged(args, index, out)
         added = index.add_parts(args.emb)
         if not added:
             print(f"{out}: up to date ({len(index)} vectors, parts {_numbers(index)})")
@@ -82,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             hnsw_m=args.hnsw_m,
             seed=args.seed,
             overwrite=args.rebuild,
-            layout=args.layout,
+            layout=args.layout or "unicom",
         )
     config = index.config
     for modality in index.modalities:
@@ -97,6 +94,33 @@ def run(args: argparse.Namespace) -> int:
             f"{selection['recall']:.4f} on {selection['heldout']} held-out rows ({goal})"
         )
     return 0
+
+
+def _check_unchanged(args: argparse.Namespace, index, out) -> None:
+    """Refuse options that ask for another index than the one ``out`` holds: they apply to a
+    build, and new parts are added to the index as it was built."""
+    from unicom.errors import InputError
+    from unicom.search.planner import format_size, parse_size
+
+    selection = index.config.get("selection") or {}
+    differences = []
+    if args.dims is not None and args.dims != index.dims:
+        differences.append(f"it keeps {index.dims} dimensions, not --dims {args.dims}")
+    if args.layout is not None and args.layout != index.layout:
+        differences.append(f"its layout is {index.layout}, not --layout {args.layout}")
+    if args.index_type != "auto" and args.index_type != index.type:
+        differences.append(f"it is a {index.type} index, not --type {args.index_type}")
+    if args.memory is not None and parse_size(args.memory) != selection.get("memory_budget"):
+        budget = selection.get("memory_budget")
+        differences.append(f"it was built {'for ' + format_size(budget) if budget else 'without a memory budget'}, "
+                           f"not --memory {args.memory}")
+    if args.target_recall is not None and args.target_recall != selection.get("recall_target"):
+        target = selection.get("recall_target")
+        differences.append(f"it was built {'for recall ' + str(target) if target else 'without a recall target'}, "
+                           f"not --target-recall {args.target_recall}")
+    if differences:
+        raise InputError(f"{out}: holds an index; {'; '.join(differences)}. New parts are added to the index as it "
+                         "was built: use --rebuild to build it anew with these options")
 
 
 def _numbers(index) -> str:

@@ -491,6 +491,30 @@ def test_more_dims_than_the_embeddings_have_is_an_error(tmp_path):
         Index.build(tmp_path / "emb", tmp_path / "index", dims=9)
 
 
+@pytest.mark.parametrize("options, said", [
+    ({"dims": 0}, "--dims 0: the embeddings have 8 dimensions"),
+    ({"k": 0}, "-k 0: the k of recall@k must be at least 1"),
+    ({"heldout": -5}, "--heldout -5: the number of held-out rows cannot be negative"),
+])
+def test_build_options_out_of_range_are_named_and_nothing_is_written(tmp_path, options, said):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    with pytest.raises(InputError, match=said):
+        Index.build(tmp_path / "emb", tmp_path / "index", **options)
+    assert not (tmp_path / "index").exists()
+
+
+def test_results_past_the_end_of_a_small_index_have_id_minus_one_and_score_minus_infinity(tmp_path):
+    vectors = clustered(3, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    for index_type in ("flat", "hnsw"):
+        index = Index.build(tmp_path / "emb", tmp_path / index_type, index_type=index_type)
+        scores, ids = index.search(vectors[:2], 5)
+        expected_scores, expected_ids = brute_force(vectors, vectors[:2], 3)
+        np.testing.assert_array_equal(ids[:, :3], expected_ids)
+        np.testing.assert_allclose(scores[:, :3], expected_scores, rtol=1e-5)
+        assert (ids[:, 3:] == -1).all() and (scores[:, 3:] == -np.inf).all()
+
+
 def test_queries_need_at_least_the_index_dimensions(tmp_path):
     write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
     index = Index.build(tmp_path / "emb", tmp_path / "index", dims=6)

@@ -363,6 +363,7 @@ class Index:
         if ef_search is not None:
             search["efSearch"] = ef_search
         scores, ids = _search(self.faiss_indexes[modality], recorded["type"], search, queries, k)
+        scores[ids < 0] = -np.inf  # faiss gives -FLT_MAX past the end
         return scores, ids.astype(np.int64, copy=False)
 
     def search_images(self, encoder, images: Sequence[Any], k: int = 10, *, batch_size: int = 32):
@@ -484,6 +485,10 @@ class Index:
             raise InputError(f"{storage.text(out)}: already holds an index; add new parts to it, or rebuild it with --rebuild")
         if recall_target is not None and not 0 < recall_target <= 1:
             raise InputError(f"the recall target must be in (0, 1], got {recall_target}")
+        if k < 1:
+            raise InputError(f"-k {k}: the k of recall@k must be at least 1")
+        if heldout < 0:
+            raise InputError(f"--heldout {heldout}: the number of held-out rows cannot be negative")
         budget = None if memory_budget is None else parse_size(memory_budget)
         modalities = ("image",)
         if layout == clip_layout.LAYOUT and EmbeddingFolders.from_root(emb).text is not None:
@@ -495,7 +500,7 @@ class Index:
         if layout == clip_layout.LAYOUT and dims not in (None, collection.dim):
             raise InputError(f"--dims {dims}: clip-retrieval's back end searches whole embeddings ({collection.dim} "
                              "dimensions); leave --dims out with --layout clip-retrieval")
-        dims = dims or collection.dim
+        dims = collection.dim if dims is None else dims
         if not 1 <= dims <= collection.dim:
             raise InputError(f"--dims {dims}: the embeddings have {collection.dim} dimensions")
         heldout_ids = choose_heldout(np.random.default_rng(seed), 0, n, heldout_size(n, heldout))

@@ -75,3 +75,20 @@ def test_search_json_prints_strict_json(index, capsys):
     hits = [entry["results"][0] for entry in answer]
     assert [hit["id"] for hit in hits] == [0, 1, 2]
     assert [{key: hit[key] for key in expected} for hit, expected in zip(hits, EXPECTED)] == EXPECTED
+
+
+def test_metadata_columns_named_like_a_results_own_keys_are_kept_as_source_columns(tmp_path):
+    vectors = np.eye(2, 8, dtype=np.float32)
+    metadata = pa.table({"key": ["a", "b"], "id": ["x-0", "x-1"], "rank": [7, 8], "score": [0.5, 0.25],
+                         "thumbnail": ["t0.jpg", "t1.jpg"], "link": ["https://example.org/0", "https://example.org/1"]})
+    write_part(tmp_path / "emb", 0, image=vectors, metadata=metadata)
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    [[hit]] = index.hits(*index.search(vectors[1], 1))
+    assert (hit["rank"], hit["id"], hit["score"]) == (1, 1, pytest.approx(1.0))
+    assert (hit["source_id"], hit["source_rank"], hit["source_score"]) == ("x-1", 8, 0.25)
+    with TestClient(create_app(index)) as client:
+        [served] = client.post("/search", json={"embedding": vectors[1].tolist(), "k": 1}).json()["results"]
+    assert (served["rank"], served["id"], served["thumbnail"], served["link"]) == (1, 1, None, None)
+    assert {key: served[key] for key in ("source_id", "source_rank", "source_score", "source_thumbnail", "source_link")} \
+        == {"source_id": "x-1", "source_rank": 8, "source_score": 0.25, "source_thumbnail": "t1.jpg",
+            "source_link": "https://example.org/1"}

@@ -385,10 +385,11 @@ class Index:
             )
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
-        """Results per query: dicts with ``rank`` (1-based), ``id``, ``score`` and the row's metadata."""
+        """Results per query: dicts with ``rank`` (1-based), ``id``, ``score`` and the row's metadata
+        (metadata columns named ``rank`` or ``score`` are given as ``source_rank``, ``source_score``)."""
         rows = self.metadata(ids)
         return [
-            [{"rank": rank + 1, "score": float(score), **{key: value for key, value in row.items() if key not in ("rank", "score")}}
+            [{"rank": rank + 1, "score": float(score), **source_columns(row, ("rank", "score"))}
              for rank, (score, row) in enumerate(zip(query_scores, query_rows)) if row is not None]
             for query_scores, query_rows in zip(scores, rows)
         ]
@@ -431,8 +432,7 @@ class Index:
                 found = [{} for _ in rows]
             for position, row in zip(positions, found):
                 if not with_ids:
-                    row = {ID_COLUMN: int(flat[position]),
-                           **{("source_id" if key == ID_COLUMN else key): value for key, value in row.items()}}
+                    row = {ID_COLUMN: int(flat[position]), **source_columns(row, (ID_COLUMN,))}
                 out[position] = row
         if array.ndim == 0:
             return out[0]
@@ -642,6 +642,12 @@ class Index:
             raise
         self._set_config(config)
         return [part.number for part in additions.parts]
+
+
+def source_columns(row: dict, taken: Sequence[str]) -> dict:
+    """``row`` with its keys that a result sets itself (``taken``) renamed ``source_<key>``, as
+    a source column ``id`` becomes ``source_id``."""
+    return {(f"source_{key}" if key in taken else key): value for key, value in row.items()}
 
 
 def _file_number(file: str, position: int) -> int:

@@ -54,7 +54,7 @@ from unicom import storage
 from unicom.errors import InputError
 from unicom.search import queries, uploads
 from unicom.search.batching import ByteBudget, QueryBatcher
-from unicom.search.index import Index
+from unicom.search.index import Index, source_columns
 from unicom.search.item_images import ItemImages
 from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
 from unicom.search.uploads import MAX_PIXELS, ModelInput
@@ -365,7 +365,8 @@ def create_app(
     # ------------------------------------------------------------------ our search
 
     def search_answer(scores: np.ndarray, ids: np.ndarray, target: Served) -> dict:
-        hits = [queries.json_value(hit) for hit in target.index.hits(scores[None, :], ids[None, :])[0]]
+        found = target.index.hits(scores[None, :], ids[None, :])[0]
+        hits = [queries.json_value(source_columns(hit, ("thumbnail", "link"))) for hit in found]
         for hit in hits:
             local = images.has_image(hit)
             hit["thumbnail"] = item_url("thumbnail", target, hit["id"]) if local else None

@@ -20,6 +20,7 @@ import pytest
 
 from unicom.errors import InputError
 from unicom.formats.embeddings import write_part
+from unicom.search import clip_layout
 from unicom.search.index import CONFIG_FILE, Index
 
 
@@ -97,6 +98,25 @@ def test_an_autofaiss_folder_answers_exactly_as_faiss_itself(autofaiss_folder):
         np.testing.assert_allclose(scores, want_scores, atol=1e-6)  # the queries are re-normalised: last bits differ
     assert index.config["modalities"]["image"]["structure"] == "OPQ4_32,IVF16,PQ4x8"
     assert index.config["modalities"]["image"]["stored_search"] == {"nprobe": 4}
+
+
+@pytest.mark.parametrize("key, described", [
+    ("Flat", ("flat", {})), ("HNSW32", ("hnsw", {"efSearch": 16})), ("IVF8,Flat", ("ivf", {"nprobe": 1})),
+    ("IVF8,SQ8", ("ivfsq", {"nprobe": 1})), ("IVF8,PQ4x8", ("ivfpq", {"nprobe": 1})),
+    ("OPQ4_16,IVF8_HNSW32,PQ4x8", ("ivfpq", {"nprobe": 1})), ("PCA8,IVF8,SQfp16", ("ivfsq", {"nprobe": 1})),
+])
+def test_every_index_type_autofaiss_builds_is_described_by_its_codes(key, described):
+    import faiss
+
+    assert clip_layout.describe(faiss.index_factory(16, key, faiss.METRIC_INNER_PRODUCT)) == described
+
+
+def test_the_type_of_an_autofaiss_folder_is_its_own(autofaiss_folder):
+    root, _ = autofaiss_folder
+    index = Index.load(root / "index")
+    assert index.type == "ivfpq"
+    assert {modality: index.config["modalities"][modality]["type"] for modality in index.modalities} == \
+        {"image": "ivfpq", "text": "hnsw"}
 
 
 def test_autofaiss_ids_are_rows_of_the_metadata_files_in_name_order(autofaiss_folder):

@@ -88,6 +88,7 @@ def describe(faiss_index) -> tuple[str, dict]:
 
     ivf = faiss.try_extract_index_ivf(faiss_index)
     if ivf is not None:
+        ivf = faiss.downcast_index(ivf)  # extracted as the base IndexIVF: its codes are in the subclass
         kind = ("ivfpq" if isinstance(ivf, faiss.IndexIVFPQ) else
                 "ivfsq" if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else "ivf")
         return kind, {"nprobe": int(ivf.nprobe)}

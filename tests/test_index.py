@@ -515,6 +515,16 @@ def test_results_past_the_end_of_a_small_index_have_id_minus_one_and_score_minus
         assert (ids[:, 3:] == -1).all() and (scores[:, 3:] == -np.inf).all()
 
 
+def test_k_may_be_a_numpy_integer_but_not_a_float(tmp_path):
+    vectors = clustered(10, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    for k in (np.int64(3), np.int32(3), np.argmax([0, 0, 0, 1])):
+        np.testing.assert_array_equal(index.search(vectors[:2], k)[1], brute_force(vectors, vectors[:2], 3)[1])
+    with pytest.raises(InputError, match="k must be an integer, got 3.0"):
+        index.search(vectors[:2], 3.0)
+
+
 def test_queries_need_at_least_the_index_dimensions(tmp_path):
     write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
     index = Index.build(tmp_path / "emb", tmp_path / "index", dims=6)

@@ -172,6 +172,14 @@ def test_a_bad_k_is_400(served):
     assert upload(served["client"], data, k="ten").status_code == 400
 
 
+def test_a_default_k_outside_the_allowed_ks_is_refused_when_the_app_is_made(served):
+    from unicom.errors import InputError
+
+    for default_k in (0, 21):
+        with pytest.raises(InputError, match=f"default_k {default_k} \\(-k\\) must be between 1 and max_k 20"):
+            create_app(served["index"], default_k=default_k, max_k=20)
+
+
 def test_bad_embeddings_are_400(served):
     client = served["client"]
     short = client.post("/search", json={"embedding": [0.1] * 10})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -354,6 +355,10 @@ class Index:
             raise InputError(f"query embeddings: expected (queries, dimension), got shape {x.shape}")
         if x.shape[1] < dims:
             raise InputError(f"query embeddings have {x.shape[1]} dimensions, the index needs at least {dims}")
+        try:
+            k = operator.index(k)  # faiss takes Python ints only: numpy integers too, floats not
+        except TypeError:
+            raise InputError(f"k must be an integer, got {k!r}") from None
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
         queries = first_dims(x, dims, "query embeddings")

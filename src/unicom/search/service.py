@@ -269,6 +269,8 @@ def create_app(
     indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
         raise InputError("no index to serve")
+    if not 1 <= default_k <= max_k:
+        raise InputError(f"default_k {default_k} (-k) must be between 1 and max_k {max_k} (--max-k)")
     encoders = dict(encoder) if isinstance(encoder, Mapping) else {name: encoder for name in indexes}
     served: dict[str, Served] = {}
     for name, item in indexes.items():

@@ -14,7 +14,7 @@ from unicom.search.index import Index
 from unicom.search.batching import QueryBatcher
 from unicom.search.service import create_app
 
-from support import class_image, encode_image, indexed_image_collection, write_tar_shard
+from support import class_image, encode_image, indexed_image_collection, write_class_folder, write_tar_shard
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +343,39 @@ def test_a_failing_batch_fails_each_of_its_queries():
         return outcome
 
     assert [str(error) for error in asyncio.run(scenario())] == ["model crashed", "model crashed"]
+
+
+def test_images_of_a_collection_embedded_from_a_folder_in_s3_are_read_from_s3(s3, tmp_path):
+    """`unicom embed` of an image folder in S3 records each image's URL as its image_path:
+    thumbnails and full images come from there, the same as for the folder on disk."""
+    import timm
+    import torch
+
+    from unicom.embed import embed_to_folder
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "test_vit.pth"
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), checkpoint)
+    images = write_class_folder(tmp_path / "images", [0, 1], 2)
+    s3.bucket("photos")
+    remote = s3.upload_folder(tmp_path / "images", "photos", "images")
+    for name, root in (("local", str(tmp_path / "images")), ("remote", remote)):
+        embed_to_folder([root], tmp_path / f"emb-{name}", "timm/test_vit", pretrained=str(checkpoint), num_workers=0,
+                        dtype="float32")
+    local, index = (Index.build(tmp_path / f"emb-{name}", tmp_path / f"index-{name}") for name in ("local", "remote"))
+    assert index.metadata(3)["image_path"] == f"{remote}/class_001/0001.jpg"
+    with TestClient(create_app(local)) as on_disk, TestClient(create_app(index)) as client:
+        vector = np.eye(64)[0].tolist()
+        hits = client.post("/search", json={"embedding": vector, "k": 4}).json()["results"]
+        assert [(hit["thumbnail"], hit["link"]) for hit in hits] == \
+            [(f"/thumbnail/{hit['id']}", f"/image/{hit['id']}") for hit in hits]
+        for item in range(4):
+            thumbnail = client.get(f"/thumbnail/{item}")
+            assert thumbnail.status_code == 200, thumbnail.text
+            assert thumbnail.content == on_disk.get(f"/thumbnail/{item}").content
+            full = client.get(f"/image/{item}")
+            assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg"
+            assert full.content == images[item].read_bytes()
+        s3.client().delete_object(Bucket="photos", Key="images/class_001/0001.jpg")
+        missing = client.get("/image/3")  # the thumbnail is cached; the full image is read again
+        assert missing.status_code == 404 and missing.json()["detail"].startswith("the image of item 3 cannot be fetched")

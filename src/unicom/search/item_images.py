@@ -1,7 +1,7 @@
 """The images of indexed items for ``unicom serve``: where each is, its bytes, JPEG thumbnails.
 
-An item's image is a local file named in the index's metadata (``image_path`` or ``path``,
-relative to ``image_root``), or a member of the webdataset shard it was embedded from
+An item's image is a file named in the index's metadata (``image_path`` or ``path``: a
+local path, relative to ``image_root``, or the URL of a remote image folder), or a member of the webdataset shard it was embedded from
 (``shard`` and ``key`` columns, the shard a plain file name inside ``shards``, a local
 folder or a URL). Clients name
 items by id, never by path.
@@ -104,6 +104,21 @@ class ShardImages:
         return None
 
 
+def _fetch(url: str, what: str) -> bytes:
+    """The bytes at ``url`` (with the store's retries): 404 when it has no such file, 502 when
+    it cannot be reached."""
+    from unicom import storage
+
+    try:
+        return storage.read_bytes(url)
+    except storage.FetchError as error:
+        raise _error(404 if error.missing else 502, f"{what} cannot be fetched ({error.reason})") from None
+    except FileNotFoundError:
+        raise _error(404, f"{what} cannot be fetched (not found: {url})") from None
+    except OSError as error:
+        raise _error(502, f"{what} cannot be fetched ({storage.describe(error)})") from None
+
+
 class ItemImages:
     """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
 
@@ -114,10 +129,16 @@ class ItemImages:
         self._thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def file(self, row: dict) -> Path | None:
+    def file(self, row: dict) -> Path | str | None:
+        """The item's image file: a local path, or the URL of a collection embedded from a
+        remote folder (``s3://…``, ``https://…``); None when the metadata names none."""
+        from unicom import storage
+
         for column in PATH_COLUMNS:
             value = row.get(column)
             if isinstance(value, str) and value:
+                if storage.is_url(value):
+                    return None if storage.is_pipe(value) else value  # a command is never run
                 path = Path(value)
                 return path if path.is_absolute() else self.image_root / path
         return None
@@ -131,6 +152,8 @@ class ItemImages:
     def source(self, row: dict, item_id: int):
         """A local path or the bytes of item ``item_id``'s image; 404 when there is none."""
         path = self.file(row)
+        if isinstance(path, str):
+            return _fetch(path, f"the image of item {item_id}")
         if path is not None:
             return path
         if self.in_shard(row):

@@ -438,6 +438,32 @@ def test_adding_to_a_compressed_index_keeps_the_quantizers_and_measures_again(co
     assert "steps_after_add" in index.config["selection"] and index.config["selection"]["recall"] >= 0.75
 
 
+def test_a_new_part_too_small_to_measure_keeps_the_measured_recall_and_search_parameter(compressed, tmp_path):
+    import shutil
+
+    root, _, built = compressed
+    shutil.copytree(root / "emb", tmp_path / "emb")
+    shutil.copytree(root / "index", tmp_path / "index")
+    index = Index.load(tmp_path / "index")
+    new = clustered(1, 32, seed=14)  # one row: none can be held out
+    write_collection(tmp_path / "emb", {2: new})
+    assert index.add_parts(tmp_path / "emb") == [2]
+    for config in (index.config, Index.load(tmp_path / "index").config):
+        assert config["search"] == built.config["search"] and config["search"]["nprobe"] > 1
+        assert config["selection"] == built.config["selection"]
+    np.testing.assert_array_equal(np.load(tmp_path / "index" / HELDOUT_FILE), np.load(root / "index" / HELDOUT_FILE))
+    assert index.search(new, 1)[1].tolist() == [[4000]]
+
+
+def test_an_approximate_index_without_held_out_rows_is_refused(compressed, tmp_path):
+    root, _, _ = compressed
+    for index_type in ("ivfpq", "hnsw"):
+        with pytest.raises(InputError, match=r"no held-out rows to measure recall@10 on \(4000 rows, --heldout 0\?\)"):
+            Index.build(root / "emb", tmp_path / index_type, index_type=index_type, heldout=0, recall_target=0.9)
+        assert not (tmp_path / index_type).exists()
+    assert Index.build(root / "emb", tmp_path / "flat", index_type="flat", heldout=0).type == "flat"
+
+
 def test_a_new_part_before_the_indexed_ones_is_refused(tmp_path):
     write_collection(tmp_path / "emb", {3: clustered(20, 8, seed=0)})
     index = Index.build(tmp_path / "emb", tmp_path / "index")

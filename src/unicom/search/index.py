@@ -618,18 +618,21 @@ class Index:
                 heldout_ids = choose_heldout(rng, count, additions.num_rows,
                                               heldout_size(additions.num_rows, selection.get("heldout", 1000)))
                 queries = additions.gather(heldout_ids, self.dims)
-                truth = exact_neighbours(collection, queries, k, self.dims, heldout_ids)
+                truth = exact_neighbours(collection, queries, k, self.dims, heldout_ids) if len(heldout_ids) else None
                 candidate = Candidate(self.type, self.config["params"], 0)
                 blocks = additions.blocks(self.dims, desc="adding")
                 search, recall, steps = _add_and_tune(index, candidate, blocks, heldout_ids, queries, truth, k, target,
                                                       selection.get("index_type") == "auto")
-                if target is not None and recall < target:
-                    logger.warning("after adding parts %s recall@%d is %.4f, below the target %s; rebuild with --rebuild "
-                                   "to train the quantizers on the grown collection", new, k, recall, target)
-                _store_search(index, search)
-                config["search"] = search
-                config["selection"] = {**selection, "recall": round(recall, 4), "heldout_after_add": int(len(heldout_ids)),
-                                       "steps_after_add": steps}
+                if len(heldout_ids):  # else too few new rows to measure: the search parameter and recall stay
+                    if target is not None and recall < target:
+                        logger.warning("after adding parts %s recall@%d is %.4f, below the target %s; rebuild with "
+                                       "--rebuild to train the quantizers on the grown collection", new, k, recall, target)
+                    _store_search(index, search)
+                    config["search"] = search
+                    config["selection"] = {**selection, "recall": round(recall, 4),
+                                           "heldout_after_add": int(len(heldout_ids)), "steps_after_add": steps}
+                else:
+                    heldout_ids = None
             _write(self.path, config, index, heldout_ids, additions, additions.parts, self.config)
             if isinstance(self.location, str):
                 written = {config["file"], *(f"{METADATA_FOLDER}/{part_name('metadata', part.number)}"
@@ -681,6 +684,9 @@ def _choose(collection: Collection, dims: int, heldout_ids: np.ndarray, *, index
                       trainable=n - len(heldout_ids))
     rng = np.random.default_rng(seed + 1)
     measured = not (len(candidates) == 1 and candidates[0].type == "flat")
+    if measured and not len(heldout_ids):
+        raise InputError(f"no held-out rows to measure recall@{k} on ({n} rows, --heldout 0?): an approximate index would "
+                         "be kept unmeasured and untuned; hold out rows (--heldout 1000), or build the exact index (--type flat)")
     queries = collection.gather(heldout_ids, dims)
     truth = exact_neighbours(collection, queries, k, dims, heldout_ids) if measured else None
     tried, built = [], None

@@ -191,6 +191,28 @@ def test_bad_embeddings_are_400(served):
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["detail"]
 
 
+def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served):
+    client = served["client"]
+    rest = b", 0.1" * 62
+    for body, said in (
+        (b'{"embedding": [0.5, 1e39' + rest + b"]}", '"embedding": number 1 (1e+39) is not a finite float32 number'),
+        (b'{"embedding": [NaN, 0.5' + rest + b"]}", '"embedding": number 0 (nan) is not a finite float32 number'),
+        (b'{"embedding": [' + b"0, " * 64 + b"5]}", '"embedding" is zero in its first 64 numbers: it has no direction to search'),
+    ):
+        response = client.post("/search", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and response.json()["detail"] == said
+    knn = client.post("/knn-service", content=b'{"embedding_input": [Infinity, 0.5' + rest + b'], "num_images": 1}')
+    assert knn.status_code == 400 and knn.json()["detail"] == '"embedding": number 0 (inf) is not a finite float32 number'
+
+
+def test_json_nested_too_deeply_is_400(served):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for route in ("/search", "/knn-service", "/metadata"):
+        response = served["client"].post(route, content=deep, headers={"content-type": "application/json"})
+        assert response.status_code == 400, route
+        assert response.json()["detail"] == "the body is JSON nested too deeply; send a flat JSON object"
+
+
 def test_another_content_type_is_415(served):
     response = served["client"].post("/search", content=b"x", headers={"content-type": "text/plain"})
     assert response.status_code == 415 and "multipart/form-data" in response.json()["detail"]

@@ -127,6 +127,8 @@ def _json_body(body: bytes) -> Any:
         return json.loads(body)
     except ValueError as error:
         raise _error(400, f"the body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise _error(400, "the body is JSON nested too deeply; send a flat JSON object") from None
 
 
 # --------------------------------------------------------------------------- the app
@@ -624,6 +626,13 @@ def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
         raise _error(400, '"embedding" must be a non-empty list of numbers')
     if len(values) < dims:
         raise _error(400, f'"embedding" has {len(values)} numbers, the index needs at least {dims}')
+    with np.errstate(over="ignore"):
+        vector = np.asarray(values[:dims], dtype=np.float32)
+    if not np.isfinite(vector).all():
+        position = int(np.flatnonzero(~np.isfinite(vector))[0])
+        raise _error(400, f'"embedding": number {position} ({values[position]!r}) is not a finite float32 number')
+    if not vector.any():
+        raise _error(400, f'"embedding" is zero in its first {dims} numbers: it has no direction to search')
     try:
         return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"')[0]
     except InputError as error:

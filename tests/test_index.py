@@ -112,6 +112,18 @@ def test_plan_is_exact_for_small_collections_and_ordered_for_large_ones():
         plan(1_000_000, 256, memory_budget=1_000_000)
 
 
+def test_an_explicit_type_larger_than_the_budget_is_refused():
+    n, d = 1_000_000, 256
+    budget = flat_memory(n, d) - 1
+    for index_type, structure in (("flat", "Flat"), ("hnsw", "HNSW32")):
+        with pytest.raises(InputError, match=f"{structure} takes about .* for 1000000 vectors, more than the budget of"):
+            plan(n, d, index_type=index_type, memory_budget=budget)
+    with pytest.raises(InputError, match=r"PR256,IVF4096,PQ128x8 takes about 134.4 MiB for 1000000 vectors, more than the budget of 95.4 MiB"):
+        plan(n, d, index_type="ivfpq", pq_m=128, memory_budget=parse_size("100MB"))
+    assert [c.type for c in plan(n, d, index_type="flat", memory_budget=flat_memory(n, d))] == ["flat"]
+    assert plan(n, d, index_type="ivfpq", memory_budget=parse_size("100MB"))[0].memory <= parse_size("100MB")
+
+
 def test_a_budget_alone_is_spent_on_the_largest_code_that_fits():
     n, d = 500_000, 256
     for fraction in (8, 4):

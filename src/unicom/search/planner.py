@@ -314,10 +314,8 @@ def plan(n: int, d: int, *, index_type: str = "auto", memory_budget: int | None 
         raise InputError(f"index type {index_type!r} unknown: use one of {', '.join(TYPES)}")
     flat = Candidate("flat", {}, flat_memory(n, d))
     hnsw = Candidate("hnsw", {"M": hnsw_m, "efConstruction": 40}, hnsw_memory(n, d, hnsw_m))
-    if index_type == "flat":
-        return [flat]
-    if index_type == "hnsw":
-        return [hnsw]
+    if index_type in ("flat", "hnsw"):
+        return [_within(flat if index_type == "flat" else hnsw, memory_budget, n)]
     trainable = n if trainable is None else trainable
     if index_type in ("ivfpq", "ivfsq"):
         if index_type == "ivfpq":
@@ -331,7 +329,7 @@ def plan(n: int, d: int, *, index_type: str = "auto", memory_budget: int | None 
                 f"(about {format_size(n * (ID_BYTES + 8))} gives 8-byte codes)"
             )
         _check_trainable(chosen, n)
-        return [chosen]
+        return [_within(chosen, memory_budget, n)]
 
     def fits(candidate: Candidate | None) -> bool:
         return candidate is not None and (memory_budget is None or candidate.memory <= memory_budget)
@@ -357,6 +355,14 @@ def plan(n: int, d: int, *, index_type: str = "auto", memory_budget: int | None 
             f"(exact: {format_size(flat.memory)}); raise --memory or index fewer --dims"
         )
     return chosen
+
+
+def _within(candidate: Candidate, memory_budget: int | None, n: int) -> Candidate:
+    """``candidate``, the type asked for, unless it takes more than the memory budget."""
+    if memory_budget is not None and candidate.memory > memory_budget:
+        raise InputError(f"{candidate.structure()} takes about {format_size(candidate.memory)} for {n} vectors, more than "
+                         f"the budget of {format_size(memory_budget)} (--memory); raise it, or leave --type (and --pq-m) to choose one that fits")
+    return candidate
 
 
 def _check_trainable(candidate: Candidate, n: int) -> None:

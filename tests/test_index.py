@@ -404,6 +404,18 @@ def test_hnsw_index_raises_ef_search_until_the_target(compressed, tmp_path):
 # --------------------------------------------------------------------------- adding parts
 
 
+def test_hnsw_finds_k_results_for_a_k_above_its_ef_search(compressed, tmp_path):
+    root, parts, _ = compressed
+    index = Index.build(root / "emb", tmp_path / "hnsw", index_type="hnsw", heldout=200)
+    assert index.config["search"]["efSearch"] < 300
+    vectors = np.concatenate(list(parts.values()))
+    probe = clustered(20, 32, seed=15)
+    scores, ids = index.search(probe, 300)
+    assert (ids >= 0).all()  # with efSearch as recorded the walk stops short of 300 results
+    _, truth = brute_force(vectors, probe, 300)
+    assert recall_at_k(ids, truth) > 0.95
+
+
 def test_adding_a_part_equals_building_from_scratch(tmp_path):
     parts = {0: clustered(200, 24, seed=30), 1: clustered(150, 24, seed=31), 5: clustered(120, 24, seed=32)}
     write_collection(tmp_path / "emb", {n: parts[n] for n in (0, 1)})

@@ -119,6 +119,17 @@ def test_the_type_of_an_autofaiss_folder_is_its_own(autofaiss_folder):
         {"image": "ivfpq", "text": "hnsw"}
 
 
+def test_an_autofaiss_hnsw_index_finds_k_results_for_a_k_above_its_ef_search(autofaiss_folder):
+    root, parts = autofaiss_folder
+    index = Index.load(root / "index")
+    queries = unit_rows(10, 32, seed=98)
+    _, ids = index.search(queries, 500, modality="text")  # text.index: HNSW32 with efSearch=24
+    assert (ids >= 0).all()
+    text = in_name_order(parts, 1)
+    truth = np.argsort(-(queries @ text.T), axis=1, kind="stable")[:, :500]
+    assert np.mean([len(set(found) & set(true)) / 500 for found, true in zip(ids, truth)]) > 0.95
+
+
 def test_autofaiss_ids_are_rows_of_the_metadata_files_in_name_order(autofaiss_folder):
     root, parts = autofaiss_folder
     index = Index.load(root / "index")

@@ -344,7 +344,7 @@ class Index:
         scores are inner products (cosine similarities, approximate for compressed types);
         ids are -1 (score -inf) past the end of a small index. ``modality``: which index
         (default: the first of :attr:`modalities`). ``nprobe`` / ``ef_search`` override the
-        recorded search parameter.
+        recorded search parameter; an HNSW index searches with ``efSearch`` at least k.
         """
         modality, recorded = self._modality(modality)
         dims = int(recorded["dims"])
@@ -367,6 +367,10 @@ class Index:
             search["nprobe"] = nprobe
         if ef_search is not None:
             search["efSearch"] = ef_search
+        elif recorded["type"] == "hnsw":
+            # the graph walk keeps efSearch candidates: with fewer than k it stops short of k results
+            stored = search.get("efSearch", (recorded.get("stored_search") or {}).get("efSearch", 0))
+            search["efSearch"] = max(int(stored), k)
         scores, ids = _search(self.faiss_indexes[modality], recorded["type"], search, queries, k)
         scores[ids < 0] = -np.inf  # faiss gives -FLT_MAX past the end
         return scores, ids.astype(np.int64, copy=False)

@@ -582,6 +582,16 @@ def test_queries_need_at_least_the_index_dimensions(tmp_path):
         index.search(np.ones((1, 4)), 3)
 
 
+def test_an_index_into_the_embedding_folder_itself_is_refused_and_changes_nothing(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    before = {path: path.read_bytes() for path in (tmp_path / "emb").rglob("*") if path.is_file()}
+    for out in (tmp_path / "emb", tmp_path / "emb" / ".." / "emb"):
+        for layout in ("unicom", "clip-retrieval"):
+            with pytest.raises(InputError, match="is the embedding folder itself: the index's metadata/ would replace"):
+                Index.build(tmp_path / "emb", out, layout=layout, overwrite=True)
+    assert {path: path.read_bytes() for path in (tmp_path / "emb").rglob("*") if path.is_file()} == before
+
+
 def test_an_existing_index_is_not_overwritten_without_asking(tmp_path):
     write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
     Index.build(tmp_path / "emb", tmp_path / "index")

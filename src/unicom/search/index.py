@@ -488,6 +488,9 @@ class Index:
         """
         if layout not in LAYOUTS:
             raise InputError(f"layout {layout!r} unknown: use one of {', '.join(LAYOUTS)}")
+        if _same_folder(emb, out):
+            raise InputError(f"--out {storage.text(out)} is the embedding folder itself: the index's metadata/ would "
+                             "replace the collection's; write the index to a folder of its own (e.g. --out INDEX/)")
         if storage.is_url(out):
             storage.writable(out)  # before the build, not after it
         if holds_index(out) and not overwrite:
@@ -660,6 +663,13 @@ def source_columns(row: dict, taken: Sequence[str]) -> dict:
     """``row`` with its keys that a result sets itself (``taken``) renamed ``source_<key>``, as
     a source column ``id`` becomes ``source_id``."""
     return {(f"source_{key}" if key in taken else key): value for key, value in row.items()}
+
+
+def _same_folder(a, b) -> bool:
+    """Whether ``a`` and ``b`` (local paths or URLs) name the same folder."""
+    if storage.is_url(a) or storage.is_url(b):
+        return storage.text(a).rstrip("/") == storage.text(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _file_number(file: str, position: int) -> int:

@@ -1,5 +1,5 @@
-"""Metadata values that parquet holds and JSON does not (NaN, bytes, timestamps, decimals) in
-the answers of `unicom serve` and `unicom search --json`."""
+"""Metadata values that parquet holds and JSON does not (NaN, bytes, timestamps, durations,
+decimals) in the answers of `unicom serve` and `unicom search --json`."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from unicom.search.service import create_app
 
 # what each row's values become in JSON
 EXPECTED = [
-    {"key": "k0", "pwatermark": 0.25, "raw": "a\ufffd", "when": "2021-03-04T05:06:07", "price": 1.5, "vec": [1.0, 2.0]},
-    {"key": "k1", "pwatermark": None, "raw": "b", "when": None, "price": None, "vec": [None, 3.0]},
-    {"key": "k2", "pwatermark": None, "raw": "c", "when": "2021-03-04T05:06:07", "price": 2.25, "vec": [4.0, None]},
+    {"key": "k0", "pwatermark": 0.25, "raw": "a\ufffd", "when": "2021-03-04T05:06:07", "price": 1.5, "vec": [1.0, 2.0],
+     "took": 1.5},
+    {"key": "k1", "pwatermark": None, "raw": "b", "when": None, "price": None, "vec": [None, 3.0], "took": None},
+    {"key": "k2", "pwatermark": None, "raw": "c", "when": "2021-03-04T05:06:07", "price": 2.25, "vec": [4.0, None],
+     "took": 60.0},
 ]
 
 
@@ -45,6 +47,7 @@ def index(tmp_path_factory):
         "when": pa.array([when, None, when], pa.timestamp("us")),
         "price": pa.array([decimal.Decimal("1.50"), None, decimal.Decimal("2.25")], pa.decimal128(5, 2)),
         "vec": [[1.0, 2.0], [float("nan"), 3.0], [4.0, float("-inf")]],
+        "took": pa.array([datetime.timedelta(seconds=1.5), None, datetime.timedelta(minutes=1)], pa.duration("ms")),
     })
     write_part(root / "emb", 0, image=vectors, metadata=metadata)
     return Index.build(root / "emb", root / "index")

@@ -1,10 +1,10 @@
 """The images of indexed items for ``unicom serve``: where each is, its bytes, JPEG thumbnails.
 
 An item's image is a file named in the index's metadata (``image_path`` or ``path``: a
-local path, relative to ``image_root``, or the URL of a remote image folder), or a member of the webdataset shard it was embedded from
-(``shard`` and ``key`` columns, the shard a plain file name inside ``shards``, a local
-folder or a URL). Clients name
-items by id, never by path.
+local path, relative to ``image_root``, or the URL of a remote image folder), or a member
+of the webdataset shard it was embedded from (``shard`` and ``key`` columns, the shard a
+plain file name inside ``shards``, a local folder or a URL). Clients name items by id,
+never by path.
 """
 
 from __future__ import annotations

@@ -244,9 +244,10 @@ def near_duplicates(vectors: np.ndarray, threshold: float = DUPLICATE_SIMILARITY
 
 def json_value(value):
     """A metadata value as JSON carries it: bytes as UTF-8 text, numpy scalars as numbers,
-    NaN and infinities as None, dates and times as ISO 8601 text, decimals as floats; lists
-    and dicts value by value. Parquet metadata holds all of these (LAION's has NaN for
-    missing numbers), and JSON has none of them."""
+    NaN and infinities as None, dates and times as ISO 8601 text, durations as seconds,
+    decimals as floats; lists and dicts value by value. Parquet metadata holds all of these
+    (LAION's has NaN for missing numbers), and JSON has none of them."""
+    import datetime
     import decimal
 
     if isinstance(value, dict):
@@ -259,6 +260,8 @@ def json_value(value):
         value = value.item()
     if isinstance(value, decimal.Decimal):
         value = float(value)
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
     if isinstance(value, float) and not np.isfinite(value):
         return None
     if hasattr(value, "isoformat"):

@@ -621,6 +621,31 @@ def test_a_failed_write_leaves_the_previous_index_intact(tmp_path, monkeypatch):
         HELDOUT_FILE, CONFIG_FILE, "index_0.faiss", "metadata"]
 
 
+def test_a_failed_rebuild_leaves_no_index_rather_than_old_vectors_with_new_metadata(tmp_path, monkeypatch):
+    import faiss
+
+    old, new = clustered(10, 8, seed=0), clustered(10, 8, seed=1)
+    write_part(tmp_path / "emb", 0, image=old, metadata=pa.table({"key": [f"old{i}" for i in range(10)]}))
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    assert Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True).config["generation"] == 1
+    write_part(tmp_path / "emb", 0, image=new, metadata=pa.table({"key": [f"new{i}" for i in range(10)]}))
+    write_index = faiss.write_index
+
+    def broken_write(index, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)  # after the metadata, before index.json
+    with pytest.raises(InputError, match="no index.json inside"):
+        Index.load(tmp_path / "index")
+    monkeypatch.setattr(faiss, "write_index", write_index)
+    index = Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)  # the rerun completes it
+    _, ids = index.search(new[3], 1)
+    assert index.metadata(ids) == [[{"id": 3, "key": "new3"}]]
+    assert sorted(path.name for path in (tmp_path / "index").glob("*.faiss")) == ["index_0.faiss"]  # not index_1
+
+
 def test_loading_a_folder_without_an_index_says_how_to_build_one(tmp_path):
     with pytest.raises(InputError, match="no index.json inside .*nor image.index / text.index .*; build an index with `unicom index"):
         Index.load(tmp_path)

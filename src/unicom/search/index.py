@@ -558,6 +558,10 @@ class Index:
             _write_clip(out, config, indexes, heldout_ids, collection, parts, previous,
                         published=storage.text(location) if storage.is_url(location) else None)
         else:
+            if previous is not None:
+                # the metadata files are rewritten under the names the previous index reads: without its
+                # index.json a failed rebuild leaves no index, not the previous vectors with the new metadata
+                (out / CONFIG_FILE).unlink(missing_ok=True)
             _write(out, config, indexes["image"], heldout_ids, collection, collection.parts, previous)
         if storage.is_url(location):
             publish(out, location, config)
@@ -929,6 +933,9 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
     for stale in (out / METADATA_FOLDER).glob("*.parquet"):
         match = re.fullmatch(r"metadata_(\d+)\.parquet", stale.name)
         if match is None or int(match.group(1)) not in kept or stale.name != f"metadata_{int(match.group(1))}.parquet":
+            stale.unlink()
+    for stale in out.glob("index_*.faiss"):  # of generations before a rebuild that did not finish
+        if re.fullmatch(r"index_\d+\.faiss", stale.name) and stale.name != config["file"]:
             stale.unlink()
 
 

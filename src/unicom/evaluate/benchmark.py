@@ -22,6 +22,7 @@ from unicom import storage
 from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
+    WEIGHTS_CHECKSUM,
     EmbeddingFolders,
     key_column,
     part_complete,
@@ -135,7 +136,7 @@ def embed_cached(
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
         if previous != config:
-            changed = ", ".join(_change(key, previous.get(key), config.get(key))
+            changed = ", ".join(f"{key}: {previous.get(key)!r} before, {config.get(key)!r} now"
                                 for key in sorted(set(previous) | set(config)) if previous.get(key) != config.get(key))
             raise InputError(
                 f"{folder} holds embeddings made otherwise ({changed}); use another --out or delete that folder"
@@ -163,13 +164,6 @@ def embed_cached(
     finally:
         bar.close()
     return np.concatenate(parts) if parts else np.zeros((0, encoder.embedding_dim), np.float32)
-
-
-def _change(key: str, before, now) -> str:
-    """One difference between two embedding identities, for an error message."""
-    if key.endswith("_files"):
-        return f"{key}: {'written again since' if before and now else 'not recorded then' if now else 'not now'}"
-    return f"{key}: {before!r} -> {now!r}"
 
 
 def _sample(n: int, limit: int) -> np.ndarray:
@@ -243,28 +237,11 @@ def _encoder(model, pretrained, device):
     return load_encoder(model, pretrained, device or distributed.local_device())
 
 
-def _local_signature(value) -> list | None:
-    """Size and modification time of a local file, or of each file of a local folder
-    (sorted by name): what changes when a model is written again at the same path."""
-    if not isinstance(value, (str, os.PathLike)) or storage.is_url(value) or not os.path.exists(value):
-        return None
-    path = Path(value)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [[p.relative_to(path).as_posix() if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
-            for p in files]
-
-
-def _embedding_identity(model, pretrained, dataset: str) -> dict:
-    """What cached embeddings were made with. A model or weights given as a local file or
-    folder is recorded by its absolute path and its files' sizes and modification times, so
-    that a model trained again in place is embedded again instead of read back."""
-    identity = {"model": model, "pretrained": pretrained, "dataset": dataset}
-    for name, value in (("model", model), ("pretrained", pretrained)):
-        signature = _local_signature(value)
-        if signature is not None:
-            identity[name] = storage.recorded(value)
-            identity[f"{name}_files"] = signature
-    return identity
+def _embedding_identity(encoder, model, pretrained, dataset: str) -> dict:
+    """What cached embeddings were made with: the model and weights as given, and the digest
+    of the loaded weights (as ``unicom embed`` records it), so that a model trained again in
+    place is not read back from an earlier run's embeddings."""
+    return {"model": model, "pretrained": pretrained, "dataset": dataset, WEIGHTS_CHECKSUM: encoder.weights_sha256()}
 
 
 def _model_info(model, pretrained, embeddings) -> dict:
@@ -292,7 +269,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     vectors: dict[str, np.ndarray | None] = {}
     if model is not None:
         encoder = _encoder(model, pretrained, device)
-        config = _embedding_identity(model, pretrained, name)
+        config = _embedding_identity(encoder, model, pretrained, name)
         for split, images in splits.items():
             vectors[split] = None if images is None else embed_cached(
                 encoder, images.paths, images.keys, out / "embeddings" / split, dict(config, split=split),
@@ -348,7 +325,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     vectors = {}
     if model is not None:
         encoder = _encoder(model, pretrained, device)
-        config = _embedding_identity(model, pretrained, name)
+        config = _embedding_identity(encoder, model, pretrained, name)
         for split, part in parts.items():
             vectors[split] = embed_cached(encoder, part.images, keys[split], out / "embeddings" / split,
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,

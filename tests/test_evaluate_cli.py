@@ -97,6 +97,16 @@ def test_labels_file_keeps_webdataset_keys_as_written(tmp_path):
     assert report["metrics"] == pytest.approx(retrieval_metrics(x.astype(np.float16).astype(np.float32), labels))
 
 
+def test_a_key_given_two_labels_is_refused_naming_the_row(tmp_path, capsys):
+    x, labels = clustered(6, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(6)], parts=1)
+    rows = "".join(f"k{i},{y}\n" for i, y in enumerate(labels)) + "k4,7\n"  # data row 7: k4 again, another label
+    (tmp_path / "labels.csv").write_text("key,label\n" + rows)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "labels.csv"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert "1 keys are given another label on a later row, e.g. 'k4' (data row 7)" in capsys.readouterr().err
+
+
 def test_benchmark_rows_are_matched_by_key(tmp_path):
     # a SOP tree, and embeddings of its images keyed by path relative to the dataset folder
     root = tmp_path / "sop"

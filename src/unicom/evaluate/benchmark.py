@@ -56,7 +56,13 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
         table = read_table(labels_file, path_column="key", label_column=label_column, caption_column=None, key_column=None)
         if table.labels is None:
             raise InputError(f"{labels_file}: no {label_column!r} column")
-        lookup = dict(zip(table.keys, table.labels.tolist()))
+        lookup, conflicts = {}, []
+        for row, (key, label) in enumerate(zip(table.keys, table.labels.tolist())):
+            if lookup.setdefault(key, label) != label:
+                conflicts.append(f"{key!r} (data row {row + 1})")
+        if conflicts:
+            raise InputError(f"{labels_file}: {len(conflicts)} keys are given another label on a later row, e.g. "
+                             f"{', '.join(conflicts[:3])}; give each key one label")
         missing = [k for k in keys if k not in lookup]
         if missing:
             raise InputError(f"{labels_file}: no label for {len(missing)} keys of {root}, e.g. {missing[:3]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,29 @@ def test_labels_file_and_gallery_folder(tmp_path):
     assert not (out / "recall_vs_dimension.png").exists() and "dimensions" not in report
 
 
+def test_labels_file_keeps_webdataset_keys_as_written(tmp_path):
+    # keys of shards (000000042) are digits: the labels file must match them as text, not as 42
+    x, labels = clustered(24, 8, 4, 0.8, seed=4)
+    keys = [f"{i:09d}" for i in range(24)]
+    embedding_folder(tmp_path / "emb", x, keys, parts=1)
+    (tmp_path / "labels.csv").write_text("key,label\n" + "".join(f"{k},{y}\n" for k, y in zip(keys, labels)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "labels.csv"),
+                 "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"] == pytest.approx(retrieval_metrics(x.astype(np.float16).astype(np.float32), labels))
+
+
+def test_a_key_given_two_labels_is_refused_naming_the_row(tmp_path, capsys):
+    x, labels = clustered(6, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(6)], parts=1)
+    rows = "".join(f"k{i},{y}\n" for i, y in enumerate(labels)) + "k4,7\n"  # data row 7: k4 again, another label
+    (tmp_path / "labels.csv").write_text("key,label\n" + rows)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "labels.csv"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert "1 keys are given another label on a later row, e.g. 'k4' (data row 7)" in capsys.readouterr().err
+
+
 def test_benchmark_rows_are_matched_by_key(tmp_path):
     # a SOP tree, and embeddings of its images keyed by path relative to the dataset folder
     root = tmp_path / "sop"
@@ -161,6 +185,32 @@ def test_model_file_is_embedded_with_its_own_transform_and_cached(tmp_path):
     assert main(["evaluate", "--embeddings", str(out / "embeddings" / "query"), "--dims", "none",
                  "--out", str(again)]) == 0
     assert json.loads((again / "metrics.json").read_text())["metrics"] == pytest.approx(report["metrics"])
+
+
+def test_model_written_again_in_place_is_not_read_from_the_cache(tmp_path, capsys):
+    # train, evaluate, train on into the same model path, evaluate into the same --out: the
+    # embeddings of the first model must not be scored as the second's
+    import torch
+    from support import random_unicom_vit, write_class_folder
+
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=0).state_dict().items()}, checkpoint)
+    write_class_folder(tmp_path / "images", [0, 1, 2], per_class=3, size=40)
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
+            "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    cached = np.load(out / "embeddings" / "query" / "img_emb" / "img_emb_0.npy")
+    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=1).state_dict().items()}, checkpoint)
+    assert main(args) == 2
+    assert re.search(r"weights_sha256: '[0-9a-f]{64}' before, '[0-9a-f]{64}' now", capsys.readouterr().err)
+    np.testing.assert_array_equal(np.load(out / "embeddings" / "query" / "img_emb" / "img_emb_0.npy"), cached)
+    fresh = tmp_path / "fresh"
+    assert main([*args[:-1], str(fresh)]) == 0
+    assert not np.allclose(np.load(fresh / "embeddings" / "query" / "img_emb" / "img_emb_0.npy"), cached, atol=1e-3)
 
 
 def test_relevance_protocol_reports_each_subset_like_a_separate_run(tmp_path):

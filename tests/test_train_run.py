@@ -414,3 +414,17 @@ def test_any_checkpoint_exports_as_a_model_folder(images, tmp_path):
     exported = read_weights(tmp_path / "model5")
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000005" / "model.safetensors"))
     assert_identical(exported, saved)
+
+
+def test_a_run_or_checkpoint_given_as_a_model_says_what_to_give(images, tmp_path):
+    import unicom
+    from unicom.models.encoders import load_encoder
+
+    run = tmp_path / "run"
+    result = run_command(overrides(images, run, "train.steps=2", "checkpoint.every=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for load in (unicom.load, load_encoder):
+        with pytest.raises(InputError, match=f"it is a training run: its exported model is {run / 'model'}$"):
+            load(str(run))
+        with pytest.raises(InputError, match=r"it is a training checkpoint: `unicom train --export-from .*step_00000002"):
+            load(str(run / "checkpoints" / "step_00000002"))

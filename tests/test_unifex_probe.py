@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,10 @@ def test_trained_head_beats_the_untrained_projection_on_held_out_classes(collect
     assert sum(row["classes"] for row in report["datasets"]) == 18  # 24 hues minus 6 held out
 
 
-def test_the_exported_model_is_the_trained_head_on_the_backbone(collection, tmp_path):
+@pytest.mark.parametrize("weights", ["file", "random"])
+def test_the_exported_model_is_the_trained_head_on_the_backbone(collection, tmp_path, weights):
+    # random: a backbone without weights (the tiny recipe's default) is the same network when
+    # the exported model is loaded again, whatever the caller's random state
     from unicom.embed import embed_images
     from unicom.models.encoders import load_encoder
     from unicom.unifex.cache import load_view, view_folder
@@ -98,14 +102,19 @@ def test_the_exported_model_is_the_trained_head_on_the_backbone(collection, tmp_
     from unicom.unifex.model import LinearNeck
 
     out = tmp_path / "run"
-    probe(recipe(collection, out, "train.epochs=2", "eval.every=0"))
-    encoder = load_encoder(str(out / "model"))
+    cache = collection["cache"] if weights == "file" else tmp_path / "cache"
+    random_weights = [] if weights == "file" else ["backbone.pretrained=null", f"cache.folder={cache}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that the backbone has random weights
+        probe(recipe(collection, out, "train.epochs=2", "eval.every=0", *random_weights))
+        torch.manual_seed(1234)
+        encoder = load_encoder(str(out / "model"))
     paths = [str(collection["root"] / row[1]) for row in collection["rows"][:12]]
     embedded = embed_images(encoder, paths, batch_size=8, num_workers=0, device="cpu")
 
     # the same images through the cache and the trained neck
     keys = read_domain_lists(collection["train"]).images.keys
-    features, present = load_view(view_folder(collection["cache"], "train", 0), keys)
+    features, present = load_view(view_folder(cache, "train", 0), keys)
     neck = LinearNeck(64, 16, dropout=0.1).eval()
     neck.load_state_dict(torch.load(out / CHECKPOINT, weights_only=True)["neck"])
     with torch.no_grad():

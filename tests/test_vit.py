@@ -48,6 +48,37 @@ def test_an_open_clip_checkpoint_gives_open_clips_image_embeddings(tmp_path):
         torch.testing.assert_close(created.module.eval()(images), reference.encode_image(images), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-H-14", "ViT-bigG-14"])
+def test_the_head_count_of_open_clip_weights_is_open_clips(name):
+    # ViT-H-14 has 16 heads of 80 dimensions, not width / 64 = 20: the shapes do not say
+    import open_clip
+
+    from unicom.models.vit import open_clip_settings
+
+    with torch.device("meta"):
+        visual = open_clip.create_model(name, device="meta").visual.state_dict()
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    settings = open_clip_settings({f"visual.{k}": v for k, v in visual.items()})
+    assert settings.heads == vision["width"] // vision.get("head_width", 64)
+    assert (settings.width, settings.depth) == (vision["width"], vision["layers"])
+
+
+def test_the_head_count_of_a_tower_open_clip_does_not_know_is_model_heads(tmp_path):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32, head_width=32)  # 4 heads
+    reference = CLIP(embed_dim=24, vision_cfg=vision, text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=32,
+                                                                            heads=2, layers=1)).eval()
+    path = tmp_path / "open_clip.pt"
+    torch.save(reference.state_dict(), path)
+    created = create_model(init=str(path), overrides={"heads": 4})
+    assert created.settings["heads"] == 4 and created.reinitialised == []
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(created.module.eval()(images), reference.encode_image(images), rtol=1e-5, atol=1e-5)
+
+
 def test_another_embedding_size_keeps_the_tower_and_starts_a_new_projection(tmp_path):
     reference = tiny_open_clip()
     path = tmp_path / "open_clip.safetensors"

@@ -164,7 +164,11 @@ def read_table(
         raise InputError(f"{path}: file not found (expected a CSV or parquet list with a {path_column!r} column)")
     try:
         source = storage.readable(path)
-        table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(source)
+        # paths, keys and captions as written: a key 000123 (webdataset's) must not become 123
+        text_columns = {name: pa.string() for wanted in (path_column, key_column, caption_column) if wanted
+                        for name in (wanted, *COLUMN_ALIASES.get(wanted, ()))}
+        table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(
+            source, convert_options=pacsv.ConvertOptions(column_types=text_columns))
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     found_path = find_column(table.column_names, path_column)

@@ -22,6 +22,7 @@ from unicom import storage
 from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
+    WEIGHTS_CHECKSUM,
     EmbeddingFolders,
     key_column,
     part_complete,
@@ -55,7 +56,13 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
         table = read_table(labels_file, path_column="key", label_column=label_column, caption_column=None, key_column=None)
         if table.labels is None:
             raise InputError(f"{labels_file}: no {label_column!r} column")
-        lookup = dict(zip(table.keys, table.labels.tolist()))
+        lookup, conflicts = {}, []
+        for row, (key, label) in enumerate(zip(table.keys, table.labels.tolist())):
+            if lookup.setdefault(key, label) != label:
+                conflicts.append(f"{key!r} (data row {row + 1})")
+        if conflicts:
+            raise InputError(f"{labels_file}: {len(conflicts)} keys are given another label on a later row, e.g. "
+                             f"{', '.join(conflicts[:3])}; give each key one label")
         missing = [k for k in keys if k not in lookup]
         if missing:
             raise InputError(f"{labels_file}: no label for {len(missing)} keys of {root}, e.g. {missing[:3]}")
@@ -135,8 +142,10 @@ def embed_cached(
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
         if previous != config:
+            changed = ", ".join(f"{key}: {previous.get(key)!r} before, {config.get(key)!r} now"
+                                for key in sorted(set(previous) | set(config)) if previous.get(key) != config.get(key))
             raise InputError(
-                f"{folder} holds embeddings made with {previous}, not {config}; use another --out or delete that folder"
+                f"{folder} holds embeddings made otherwise ({changed}); use another --out or delete that folder"
             )
     write_json_atomic(config_path, config)
     parts = []
@@ -234,6 +243,13 @@ def _encoder(model, pretrained, device):
     return load_encoder(model, pretrained, device or distributed.local_device())
 
 
+def _embedding_identity(encoder, model, pretrained, dataset: str) -> dict:
+    """What cached embeddings were made with: the model and weights as given, and the digest
+    of the loaded weights (as ``unicom embed`` records it), so that a model trained again in
+    place is not read back from an earlier run's embeddings."""
+    return {"model": model, "pretrained": pretrained, "dataset": dataset, WEIGHTS_CHECKSUM: encoder.weights_sha256()}
+
+
 def _model_info(model, pretrained, embeddings) -> dict:
     if model is not None:
         return {"model": storage.recorded(model), "pretrained": storage.recorded(pretrained)}
@@ -259,7 +275,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     vectors: dict[str, np.ndarray | None] = {}
     if model is not None:
         encoder = _encoder(model, pretrained, device)
-        config = {"model": model, "pretrained": pretrained, "dataset": name}
+        config = _embedding_identity(encoder, model, pretrained, name)
         for split, images in splits.items():
             vectors[split] = None if images is None else embed_cached(
                 encoder, images.paths, images.keys, out / "embeddings" / split, dict(config, split=split),
@@ -315,7 +331,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     vectors = {}
     if model is not None:
         encoder = _encoder(model, pretrained, device)
-        config = {"model": model, "pretrained": pretrained, "dataset": name}
+        config = _embedding_identity(encoder, model, pretrained, name)
         for split, part in parts.items():
             vectors[split] = embed_cached(encoder, part.images, keys[split], out / "embeddings" / split,
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -123,6 +124,10 @@ def load_encoder(spec: str, pretrained: str | None = None, device: str | torch.d
         return foundation.timm_encoder(spec, pretrained, device).eval()
     if foundation.accepts_open_clip(spec, pretrained):
         return foundation.open_clip_encoder(spec, pretrained, device).eval()
+    if pretrained is None and os.path.isdir(spec):
+        from unicom.models.export import not_a_model_folder
+
+        raise not_a_model_folder(spec)
     raise InputError(
         f"no model matches {spec!r}: give a released Unicom name ({', '.join(factory.available_models())}), a model "
         "folder, a checkpoint file, hf-hub:<owner>/<repository>, timm/<name>, or an open_clip model name with --pretrained"

@@ -210,11 +210,28 @@ def _version() -> str:
     return __version__
 
 
+def not_a_model_folder(folder: str | os.PathLike) -> InputError:
+    """The error for a folder without ``unicom_model.json``; for a training run or checkpoint
+    folder (a common slip for its model), it says what to give instead."""
+    from unicom.engine.checkpoint import CHECKPOINTS, MANIFEST
+
+    folder = Path(folder)
+    export = f"`unicom train --export-from {folder} --model-out DIR` exports it as one"
+    hint = ""
+    if (folder / MANIFEST).is_file():
+        hint = f"; it is a training checkpoint: {export}"
+    elif (folder / CHECKPOINTS).is_dir():
+        model = folder / "model"
+        hint = (f"; it is a training run: its exported model is {model}" if (model / CONFIG_NAME).is_file()
+                else f"; it is a training run: {export} from its newest checkpoint")
+    return InputError(f"{folder}: no {CONFIG_NAME}; not a unicom model folder (or its export did not finish){hint}")
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The validated ``unicom_model.json`` of a model folder."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise InputError(f"{folder}: no {CONFIG_NAME}; not a unicom model folder (or its export did not finish)")
+        raise not_a_model_folder(folder)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

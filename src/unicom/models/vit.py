@@ -255,11 +255,28 @@ def is_open_clip_state(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return "visual.conv1.weight" in state_dict
 
 
-def open_clip_settings(state_dict: Mapping[str, torch.Tensor], act: str = "gelu", source: str = "checkpoint") -> ClipViTSettings:
+def open_clip_head_count(width: int, depth: int, patch_size: int) -> int:
+    """The attention heads of an open_clip image tower of these sizes: width / head_width,
+    with the head width of open_clip's model configs of that width, depth and patch size
+    (80 for ViT-H-14, 88 for ViT-g-14, 104 for ViT-bigG-14), else 64 (CLIP's B and L towers)."""
+    import open_clip
+
+    head_widths = set()
+    for name in open_clip.list_models():
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
+        if (vision.get("width"), vision.get("layers"), vision.get("patch_size")) == (width, depth, patch_size):
+            head_widths.add(vision.get("head_width", 64))
+    head_width = head_widths.pop() if len(head_widths) == 1 else 64
+    return max(1, width // head_width)
+
+
+def open_clip_settings(state_dict: Mapping[str, torch.Tensor], act: str = "gelu", source: str = "checkpoint",
+                       heads: int | None = None) -> ClipViTSettings:
     """The :class:`ClipViTSettings` of an open_clip image tower, read off its tensor shapes.
 
-    The head count is width / 64 (every CLIP ViT); the activation is not in any shape:
-    ``act`` (``quick_gelu`` for OpenAI's weights, ``gelu`` for open_clip's LAION ones).
+    The head count is in no shape: ``heads`` when given, else :func:`open_clip_head_count`.
+    Neither is the activation: ``act`` (``quick_gelu`` for OpenAI's weights, ``gelu`` for
+    open_clip's LAION ones).
     """
     try:
         width, in_chans, patch, _ = state_dict["visual.conv1.weight"].shape
@@ -272,7 +289,8 @@ def open_clip_settings(state_dict: Mapping[str, torch.Tensor], act: str = "gelu"
         raise InputError(f"{source}: {tokens} position embeddings do not form a square grid plus a class token")
     depth = len({key.split(".")[3] for key in state_dict if key.startswith(f"visual.{_BLOCK_PREFIX}")})
     embedding_dim = state_dict["visual.proj"].shape[1] if "visual.proj" in state_dict else width
-    return ClipViTSettings(grid * patch, patch, width, depth, max(1, width // 64), mlp / width, embedding_dim, act, in_chans)
+    heads = heads or open_clip_head_count(width, depth, patch)
+    return ClipViTSettings(grid * patch, patch, width, depth, heads, mlp / width, embedding_dim, act, in_chans)
 
 
 def open_clip_to_clip_vit(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -483,7 +501,8 @@ def create_model(
 
         state_dict = read_state_dict(path)
         if is_open_clip_state(state_dict):
-            inferred = open_clip_settings(state_dict, act=overrides.get("act", "gelu"), source=init)
+            inferred = open_clip_settings(state_dict, act=overrides.get("act", "gelu"), source=init,
+                                          heads=overrides.get("heads"))
             if name is not None:
                 named_arch, named = named_settings(name)
                 if named_arch != ARCHITECTURE:
@@ -555,6 +574,7 @@ __all__ = [
     "create_model",
     "model_names",
     "named_settings",
+    "open_clip_head_count",
     "open_clip_settings",
     "open_clip_to_clip_vit",
 ]

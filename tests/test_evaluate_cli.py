@@ -253,3 +253,22 @@ def test_classification_dataset_with_a_model(tmp_path):
     assert 0 <= report["linear_probe"]["accuracy"] <= 1 and report["knn"]["k"] == 3
     keys = json.loads((out / "embeddings" / "train" / "evaluate_embeddings.json").read_text())
     assert keys["dataset"] == "eurosat" and keys["images"] == 16
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--ks", "0", "expected positive integers, got '0'"),
+    ("--ks", "none", "expected comma-separated integers, got 'none'"),
+    ("--ks", "1,4,1", "'1,4,1' names 1 more than once"),
+    ("--dims", "8,8", "'8,8' names 8 more than once"),
+    ("--pca-samples", "1", "expected an integer of at least 2, got 1"),
+    ("--knn-k", "0", "expected an integer of at least 1, got 0"),
+    ("--batch-size", "0", "expected an integer of at least 1, got 0"),
+])
+def test_options_out_of_range_are_refused_before_anything_runs(tmp_path, capsys, option, value, message):
+    x, labels = clustered(6, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(6)], parts=1)
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "--embeddings", str(tmp_path / "emb"), option, value, "--out", str(tmp_path / "report")])
+    assert stop.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

@@ -161,7 +161,8 @@ def test_zero_steps_export_the_network_the_recipe_and_seed_start_from(images, tm
     from unicom.train.config import load_config
     from unicom.train.trainer import train
 
-    config = load_config(None, overrides(images, tmp_path / "run", "train.steps=0", "seed=5", "data.workers=2"))
+    config = load_config(None, overrides(images, tmp_path / "run", "train.steps=0", "seed=5", "data.workers=2",
+                                              "data.batch_size=100000"))  # a batch larger than the data: no image is read
     summary = train(config)
     assert summary["steps"] == 0 and summary["checkpoint"] is None
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -20,15 +20,35 @@ from unicom.errors import InputError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "0"):
-        return ()
+    """Comma-separated positive integers, each once, in the order given."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(map(str, repeated))} more than once")
     return values
+
+
+def _dims_list(text: str) -> tuple[int, ...]:
+    """:func:`_int_list`, or ``none`` (no compact-dimension curve)."""
+    return () if text.strip().lower() == "none" else _int_list(text)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def class_list(text: str | None, option: str) -> list[str] | None:
@@ -64,11 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, help="the dataset's folder (or the CSV for --dataset csv)")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, metrics.md, the PNG and embeddings")
     parser.add_argument("--ks", type=_int_list, help="K of Recall@K, e.g. 1,2,4,8 (default: the benchmark's)")
-    parser.add_argument("--dims", type=_int_list, default=(32, 64, 128, 256),
+    parser.add_argument("--dims", type=_dims_list, default=(32, 64, 128, 256),
                         help="dimensions of the compact-dimension curve (default 32,64,128,256; 'none' to skip)")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")
-    parser.add_argument("--pca-samples", type=int, default=50_000, help="train images the PCA is fitted on (seeded draw)")
-    parser.add_argument("--chunk-size", type=int, help="queries searched at once (default: ~256 MiB of similarities)")
+    parser.add_argument("--pca-samples", type=_at_least(2), default=50_000, help="train images the PCA is fitted on (seeded draw)")
+    parser.add_argument("--chunk-size", type=_at_least(1), help="queries searched at once (default: ~256 MiB of similarities)")
     subset = parser.add_mutually_exclusive_group()
     subset.add_argument("--classes", metavar="A,B,...",
                         help="retrieval: score only these classes (labels or class names), queries and gallery alike; "
@@ -77,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retrieval: score all classes but these (as --classes)")
 
     embedding = parser.add_argument_group("embedding with --model")
-    embedding.add_argument("--batch-size", type=int, default=64)
+    embedding.add_argument("--batch-size", type=_at_least(1), default=64)
     embedding.add_argument("--num-workers", type=int, help="image decoding processes (default: by device)")
     embedding.add_argument("--device", help="cuda, cuda:1 or cpu (default: this rank's GPU, else CPU)")
     embedding.add_argument("--download", action="store_true", help="let torchvision download a classification dataset")
@@ -91,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     classification.add_argument("--no-knn", action="store_true", help="skip kNN classification")
-    classification.add_argument("--knn-k", type=int, default=20)
+    classification.add_argument("--knn-k", type=_at_least(1), default=20)
     classification.add_argument("--temperature", type=float, default=0.07)
 
 

@@ -159,7 +159,8 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         workers = min(default_num_workers(device), source.max_readers(world, config.data.batch_size))
         workers = 0 if workers <= 1 and device.type == "cpu" else workers
     roles = max(1, workers)
-    source.check_readers(world, roles, config.data.batch_size)
+    if config.train.steps != 0:  # train.steps=0 reads no image: any data size exports the network
+        source.check_readers(world, roles, config.data.batch_size)
 
     seed_everything(config.seed)  # the same initial weights on every rank
     created = create_model(config.model.name, init=config.model.init, overrides=config.model.overrides(),

@@ -48,12 +48,13 @@ def test_flat_folder_is_listed_without_labels(tmp_path):
 
 
 def test_csv_list_keeps_captions_and_keys(tmp_path):
+    """As written, even when they look like numbers: LAION's keys are zero-padded (000000012)."""
     class_image(0, 0, 16).save(tmp_path / "a.jpg")
     class_image(1, 0, 16).save(tmp_path / "b.jpg")
-    (tmp_path / "list.csv").write_text("path,caption,key\na.jpg,first,ka\nb.jpg,second,kb\n")
+    (tmp_path / "list.csv").write_text("path,caption,key,label\na.jpg,007,000000011,3\nb.jpg,1.50,000000012,5\n")
     (part,) = open_parts(tmp_path / "list.csv")
     records = list(part.records())
-    assert [(r.key, r.caption) for r in records] == [("ka", "first"), ("kb", "second")]
+    assert [(r.key, r.caption, r.columns["label"]) for r in records] == [("000000011", "007", 3), ("000000012", "1.50", 5)]
     assert records[1].image == str(tmp_path / "b.jpg")
 
 

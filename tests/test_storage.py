@@ -88,6 +88,31 @@ def test_remote_array_reads_rows_as_a_memory_map_would(s3, tmp_path):
     np.testing.assert_array_equal(storage.load_npy(f"{bucket}/a.npy", mmap=False), array)
 
 
+def test_remote_array_reads_rows_from_a_server_that_ignores_ranges(tmp_path, caplog):
+    """python -m http.server answers a ranged request with the whole file (200)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    from storage_servers import QuietHandler, serve
+
+    array = np.random.default_rng(1).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", array)
+    handler = type("Plain", (SimpleHTTPRequestHandler,), {"log_message": QuietHandler.log_message,
+                                                           "protocol_version": "HTTP/1.0"})
+    server = serve(functools.partial(handler, directory=str(tmp_path)))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.npy"
+        remote = storage.load_npy(url)
+        assert remote.shape == (300, 5)
+        np.testing.assert_array_equal(remote[100:140], array[100:140])
+        np.testing.assert_array_equal(remote[[299, 0, 7]], array[[299, 0, 7]])
+        assert storage.read_range(url, 3, 9) == (tmp_path / "a.npy").read_bytes()[3:9]
+        assert "ignores Range requests" in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_atomic_write_to_s3_appears_whole_and_leaves_no_temporary(s3):
     bucket = s3.bucket("atomic")
     files.write_json_atomic(f"{bucket}/run/record.json", {"k": 3})

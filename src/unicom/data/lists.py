@@ -152,7 +152,8 @@ def read_table(
     Label and caption columns are used when present: numeric labels are class ids as
     written (a value that is not a whole number is an :class:`InputError` naming its rows),
     other labels are names mapped to 0..C-1 in sorted order (``class_names``). Keys come
-    from ``key_column`` when present, else from the path as written.
+    from ``key_column`` when present, else from the path as written; a CSV's paths, keys
+    and captions are read as text, exactly as written (key ``000123`` stays ``"000123"``).
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -164,7 +165,11 @@ def read_table(
         raise InputError(f"{path}: file not found (expected a CSV or parquet list with a {path_column!r} column)")
     try:
         source = storage.readable(path)
-        table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(source)
+        # paths, keys and captions as written: a key 000123 (webdataset's) must not become 123
+        text_columns = {name: pa.string() for wanted in (path_column, key_column, caption_column) if wanted
+                        for name in (wanted, *COLUMN_ALIASES.get(wanted, ()))}
+        table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(
+            source, convert_options=pacsv.ConvertOptions(column_types=text_columns))
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
     found_path = find_column(table.column_names, path_column)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, open_parts, read_in_turn
+from unicom.data.sources import ItemsPart, ListPart, open_parts, read_in_turn
 from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, made_ahead, resolve_precision
 from unicom.errors import InputError
@@ -52,6 +52,7 @@ from unicom.progress import progress
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
+RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part")  # keys of embed_config.json that older folders lack
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -77,6 +78,13 @@ def default_num_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(16, cpus - 1))
     return 0 if cpus <= 4 else cpus // 8
+
+
+def _check_batching(batch_size: int, num_workers: int | None) -> None:
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f"workers must be 0 (decode in the main process) or more, got {num_workers}")
 
 
 def _device_of(encoder: Encoder) -> torch.device:
@@ -188,6 +196,7 @@ def embed_images(
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
         images_or_paths = [images_or_paths]
     items = list(images_or_paths)
+    _check_batching(batch_size, num_workers)
     encoder = _as_encoder(model, pretrained, device)
     device = _device_of(encoder)
     if not items:
@@ -378,9 +387,9 @@ def _check_config(out, config: dict) -> bool:
         value = previous.get(key)
         if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
             previous[key] = os.path.abspath(value)
-    # folders written before the weights digest was recorded are compared without it
+    # folders written before these were recorded are compared without them
     different = {k: (previous.get(k), v) for k, v in config.items()
-                 if previous.get(k) != v and (k in previous or k != WEIGHTS_CHECKSUM)}
+                 if previous.get(k) != v and (k in previous or k not in RECORDED_LATER)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
         raise InputError(
@@ -430,6 +439,7 @@ def embed_parts(
     out = storage.path(out)
     storage.writable(out)
     modalities = _checked_modalities(modalities)
+    _check_batching(batch_size, num_workers)
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if "text" in modalities and not encoder.has_text:
@@ -575,10 +585,13 @@ def embed_to_folder(
     and before anything is written. Returns the summary of all ranks.
     """
     modalities = _checked_modalities(modalities)
+    _check_batching(batch_size, num_workers)
     parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = storage.recorded(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
+    if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
+        config["rows_per_part"] = rows_per_part
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if _check_config(out, check):
         kinds = check["modalities"] + ["metadata"]

@@ -98,3 +98,11 @@ def test_a_rerun_that_cuts_the_rows_into_other_parts_is_refused(tmp_path, weight
     assert {p: p.read_bytes() for p in (tmp_path / "EMB").rglob("*") if p.is_file()} == files
     assert main([*args, "--rows-per-part", "2"]) == 0  # the same cut finishes the folder
     assert EmbeddingFolders.from_root(tmp_path / "EMB").contents(("image",)).num_rows == 6
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_model_is_built(tmp_path, weights, capsys):
+    write_class_folder(tmp_path / "data", labels=[0], per_class=1, size=16)
+    (tmp_path / "EMB").write_text("notes")
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/no_such_model", "--out", str(tmp_path / "EMB")])
+    assert code == 2 and "EMB: a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "EMB").read_text() == "notes"

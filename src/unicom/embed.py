@@ -437,7 +437,7 @@ def embed_parts(
     stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     """
     out = storage.path(out)
-    storage.writable(out)
+    storage.writable_folder(out)
     modalities = _checked_modalities(modalities)
     _check_batching(batch_size, num_workers)
     if dtype not in DTYPES:
@@ -586,6 +586,7 @@ def embed_to_folder(
     """
     modalities = _checked_modalities(modalities)
     _check_batching(batch_size, num_workers)
+    storage.writable_folder(out)
     parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = storage.recorded(model if isinstance(model, str) else model.name)

@@ -260,6 +260,14 @@ def writable(location) -> None:
         raise InputError(f"{text(location)}: {scheme} URLs are read only; write outputs to a local folder or object storage")
 
 
+def writable_folder(location) -> None:
+    """:func:`writable`, for an output folder: also an :class:`InputError` when a local
+    ``location`` is a file."""
+    writable(location)
+    if not is_url(location) and _local(location).exists() and not _local(location).is_dir():
+        raise InputError(f"{text(location)}: a file, not a folder; give a folder (new or earlier output) for the outputs")
+
+
 def filesystem(location) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) of a URL."""
     target = path(location)

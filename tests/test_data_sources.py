@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -62,6 +63,23 @@ def test_shard_record_takes_url_from_json_and_caption_from_txt(tmp_path):
     shard = write_tar_shard(tmp_path / "7.tar", [{"key": "s0", "jpg": b"x", "txt": "hello", "json": {"url": "http://u"}}])
     (record,) = ShardPart(7, shard).records()
     assert (record.key, record.caption, record.columns) == ("s0", "hello", {"url": "http://u", "shard": "7.tar"})
+
+
+def test_json_strings_with_a_lone_surrogate_are_kept_as_escapes(tmp_path):
+    """``"\\ud83d"`` in a JSON file (an emoji cut in half) is no text a parquet file can hold."""
+    shard = write_tar_shard(tmp_path / "3.tar", [{"key": "s0", "jpg": b"x",
+                                                 "json": b'{"url": "http://u/\\ud83d", "caption": "caf\\u00e9 \\ud83d"}'}])
+    (record,) = ShardPart(3, shard).records()
+    assert (record.caption, record.columns["url"]) == ("café \\ud83d", "http://u/\\ud83d")
+
+
+@pytest.mark.parametrize("folder", ["", "class_a"])
+def test_image_names_that_are_not_utf8_are_named_before_anything_is_read(tmp_path, folder):
+    (tmp_path / "data" / folder).mkdir(parents=True)
+    class_image(0, 0, 16).save(tmp_path / "data" / folder / "ok.png")
+    class_image(1, 0, 16).save(os.path.join(os.fsencode(tmp_path / "data" / folder), b"caf\xe9.png"))
+    with pytest.raises(InputError, match=r"1 file names are not UTF-8 \(e.g. b'.*caf\\xe9.png'\).*rename them"):
+        open_parts(tmp_path / "data")
 
 
 def test_a_list_of_other_files_is_not_taken_for_shards(tmp_path):

@@ -101,6 +101,25 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
 
 
+def check_utf8_names(root, paths: list[str]) -> None:
+    """An :class:`InputError` when local image ``paths`` under ``root`` hold names that are
+    not UTF-8 (Python's surrogate escapes): the metadata stores paths and keys as UTF-8."""
+    bad = [p for p in paths if not p.isascii() and _not_utf8(p)]
+    if bad:
+        raise InputError(
+            f"{root}: {len(bad)} file names are not UTF-8 (e.g. {os.fsencode(bad[0])!r}), and the metadata can only hold "
+            "UTF-8 paths: rename them (e.g. convmv -f latin1 -t utf-8 -r --notest FOLDER)"
+        )
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
     """The images of the class folder ``root`` on disk (see :func:`read_image_folder`) and
     the class folder names."""
@@ -118,6 +137,7 @@ def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[st
                               path.parent.relative_to(root).as_posix()))
     if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    check_utf8_names(root, [path for path, _, _, _ in found])
     return found, [d.name for d in class_dirs]
 
 

@@ -73,6 +73,12 @@ def test_json_strings_with_a_lone_surrogate_are_kept_as_escapes(tmp_path):
     assert (record.caption, record.columns["url"]) == ("café \\ud83d", "http://u/\\ud83d")
 
 
+def test_a_list_without_rows_is_an_error(tmp_path):
+    (tmp_path / "list.csv").write_text("path,caption\n")
+    with pytest.raises(InputError, match=r"list.csv: the list has no rows"):
+        open_parts(tmp_path / "list.csv")
+
+
 @pytest.mark.parametrize("folder", ["", "class_a"])
 def test_image_names_that_are_not_utf8_are_named_before_anything_is_read(tmp_path, folder):
     (tmp_path / "data" / folder).mkdir(parents=True)

@@ -217,6 +217,8 @@ def open_parts(
         only = inputs[0]
         if only.lower().endswith(TABLE_SUFFIXES):
             images = read_table(only, **(table_options or {}))
+            if not len(images):
+                raise InputError(f"{only}: the list has no rows; give a list with one row per image")
             return list_parts(images, rows_per_part, only)
         if _is_image_folder(only):
             return list_parts(_folder_list(only), rows_per_part, only)

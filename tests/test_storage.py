@@ -63,6 +63,19 @@ def test_a_file_that_stays_missing_is_a_fetch_error_naming_the_url_and_the_attem
         assert server.state.requests.count("HEAD gone.tar") + server.state.requests.count("GET gone.tar") >= 4
 
 
+def test_a_url_that_stays_unreachable_is_one_error_line_not_a_traceback(tmp_path, capsys, fast_retries):
+    from support import free_port
+
+    from unicom.cli import main
+
+    url = f"http://127.0.0.1:{free_port()}/emb"  # nothing listens there
+    code = main(["cluster", "--embeddings", url, "--k", "2", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 1 and error.startswith(f"unicom cluster: error: {url}: ")
+    assert "(after 4 attempts); check the URL, the credentials (--storage-options) and the connection" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_pipe_streams_the_command_output_and_a_failing_command_is_a_fetch_error(tmp_path, fast_retries):
     data = _payload(300_000)
     (tmp_path / "x.tar").write_bytes(data)

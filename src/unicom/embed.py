@@ -237,6 +237,7 @@ def embed_texts(
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
+    _check_batching(batch_size, None)
     encoder = _as_encoder(model, pretrained, device)
     if not encoder.has_text:
         raise InputError(f"{encoder.name} has no text tower; embed texts with a CLIP model such as ViT-B-32")

@@ -348,8 +348,9 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
     import pyarrow as pa
 
     part = pending.part
+    finished = not any(f["index"] < 0 or f.get("fetch") for f in pending.failures)
     embedded, failed = len(pending.indices), sum(1 for f in pending.failures if f["index"] >= 0)
-    if embedded + failed != pending.read:
+    if finished and embedded + failed != pending.read:
         raise RuntimeError(f"{part.name}: read {pending.read} samples but accounted for {embedded} + {failed} failures")
     order = np.argsort(np.asarray(pending.indices, dtype=np.int64), kind="stable")
     arrays = {}
@@ -359,7 +360,6 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
             arrays[kind] = stacked[order].astype(dtype)
     rows = [pending.rows[i] for i in order]
     report = failures_path(out, part.number)
-    finished = not any(f["index"] < 0 or f.get("fetch") for f in pending.failures)
     if pending.failures:
         failures = sorted(pending.failures, key=lambda f: f["index"])
         write_parquet_atomic(
@@ -514,12 +514,15 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 image = _embed_input(encoder, images, device, precision, normalize) if "image" in modalities else None
                 text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
                 pending.add(batch, image, text)
-            pending.failures.extend(batch.failures)
-            failed = sum(1 for f in batch.failures if f["index"] >= 0)
+            failures = batch.failures
+            if any(f["index"] < 0 for f in pending.failures):  # the part's break, as another slice met it
+                failures = [f for f in failures if f["index"] >= 0]
+            pending.failures.extend(failures)
+            failed = sum(1 for f in failures if f["index"] >= 0)
             summary.failed += failed
-            summary.broken_shards += len(batch.failures) - failed
+            summary.broken_shards += len(failures) - failed
             summary.samples += len(batch.indices)
-            summary.failures.extend(batch.failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
+            summary.failures.extend(failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
             bar.update(len(batch.indices) + failed)
             if first:  # the start-up: until the first batch is through the model
                 summary.startup_seconds, first = time.perf_counter() - start, False

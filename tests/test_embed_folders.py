@@ -75,8 +75,9 @@ def test_unknown_modality_is_refused(tmp_path, weights, capsys):
     ("--batch-size", "0", "batch size must be at least 1, got 0"),
     ("--batch-size", "-3", "batch size must be at least 1, got -3"),
     ("--workers", "-1", "workers must be 0 (decode in the main process) or more, got -1"),
+    ("--device", "gpu0", "--device='gpu0': not a torch device"),
 ])
-def test_batch_size_and_workers_out_of_range_are_refused_before_writing(tmp_path, weights, capsys, option, value, message):
+def test_options_out_of_range_are_refused_before_writing(tmp_path, weights, capsys, option, value, message):
     write_class_folder(tmp_path / "data", labels=[0], per_class=1, size=16)
     code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
                  "--out", str(tmp_path / "EMB"), option, value])

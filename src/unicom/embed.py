@@ -34,7 +34,7 @@ from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
 from unicom.data.sources import ItemsPart, ListPart, open_parts, read_in_turn
 from unicom.data.transforms import draft_size, resolve_decode
-from unicom.engine.device import autocast, made_ahead, resolve_precision
+from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
@@ -591,6 +591,8 @@ def embed_to_folder(
     modalities = _checked_modalities(modalities)
     _check_batching(batch_size, num_workers)
     storage.writable_folder(out)
+    if device is not None:
+        device = resolve_device(str(device), "--device")
     parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = storage.recorded(model if isinstance(model, str) else model.name)
@@ -604,8 +606,7 @@ def embed_to_folder(
         if len(complete_parts(out, numbers, kinds)) == len(set(numbers)):  # nothing to do: no model to build
             return EmbedSummary(parts=len(parts), skipped=len(parts))
     if isinstance(model, str):
-        device = torch.device(device) if device is not None else distributed.local_device()
-        encoder = load_encoder(model, pretrained, device)
+        encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
     else:
         encoder = _as_encoder(model, None, device)
     summary = embed_parts(

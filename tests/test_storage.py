@@ -126,6 +126,19 @@ def test_remote_array_reads_rows_from_a_server_that_ignores_ranges(tmp_path, cap
         server.server_close()
 
 
+def test_atomic_writes_give_files_the_mode_a_plain_write_gives(tmp_path):
+    """0o666 less the umask, as open() gives: not mkstemp's 0o600, which would hide the
+    outputs from the other users of a shared folder."""
+    previous = os.umask(0o027)
+    try:
+        files.save_npy_atomic(tmp_path / "a.npy", np.arange(3))
+        files.write_json_atomic(tmp_path / "b.json", {})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"a.npy": 0o640, "b.json": 0o640, "plain": 0o640}
+
+
 def test_an_atomic_write_to_s3_appears_whole_and_leaves_no_temporary(s3):
     bucket = s3.bucket("atomic")
     files.write_json_atomic(f"{bucket}/run/record.json", {"k": 3})

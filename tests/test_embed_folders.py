@@ -107,3 +107,14 @@ def test_an_output_folder_that_is_a_file_is_refused_before_the_model_is_built(tm
     code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/no_such_model", "--out", str(tmp_path / "EMB")])
     assert code == 2 and "EMB: a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "EMB").read_text() == "notes"
+
+
+@pytest.mark.parametrize("option", ["--caption-column", "--label-column", "--key-column"])
+def test_a_list_column_named_on_the_command_line_must_be_there(tmp_path, weights, capsys, option):
+    class_image(0, 0, 20).save(tmp_path / "a.png")
+    (tmp_path / "list.csv").write_text("path,caption,label,key\na.png,first,0,ka\n")
+    code = main(["embed", "--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), option, "typo"])
+    assert code == 2
+    assert "list.csv: no column 'typo'; columns are ['path', 'caption', 'label', 'key']" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()

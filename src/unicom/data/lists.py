@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -163,6 +164,7 @@ def read_table(
     caption_column: str | None = "caption",
     key_column: str | None = "key",
     root: str | os.PathLike | None = None,
+    required: Sequence[str] = (),
 ) -> ImageList:
     """A CSV or parquet list of images, one row each.
 
@@ -171,7 +173,9 @@ def read_table(
     aliases (:data:`COLUMN_ALIASES`: ``img_path`` for ``path``, ``class`` for ``label``).
     Label and caption columns are used when present: numeric labels are class ids as
     written (a value that is not a whole number is an :class:`InputError` naming its rows),
-    other labels are names mapped to 0..C-1 in sorted order (``class_names``). Keys come
+    other labels are names mapped to 0..C-1 in sorted order (``class_names``). A column in
+    ``required`` (one the user named) must be there: its absence is an :class:`InputError`,
+    not a list read without it. Keys come
     from ``key_column`` when present, else from the path as written; a CSV's paths, keys
     and captions are read as text, exactly as written (key ``000123`` stays ``"000123"``).
     """
@@ -197,6 +201,9 @@ def read_table(
         names = " or ".join(repr(c) for c in (path_column, *COLUMN_ALIASES.get(path_column, ())))
         raise InputError(f"{path}: no image path column ({names}); columns are {table.column_names}")
     path_column = found_path
+    absent = [name for name in required if find_column(table.column_names, name) is None]
+    if absent:
+        raise InputError(f"{path}: no column {absent[0]!r}; columns are {table.column_names}")
     label_column = find_column(table.column_names, label_column)
     base = root if root is not None else storage.parent(path)
     raw_paths = [str(p) for p in table.column(path_column).to_pylist()]

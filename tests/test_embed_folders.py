@@ -57,10 +57,20 @@ def test_csv_list_keeps_its_keys_and_captions(tmp_path, weights):
 
 
 def test_text_with_an_image_only_model_fails_before_writing(tmp_path, weights, capsys):
-    write_class_folder(tmp_path / "data", labels=[0], per_class=2, size=16)
-    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+    class_image(0, 0, 16).save(tmp_path / "a.png")
+    (tmp_path / "list.csv").write_text("path,caption\na.png,a caption\n")
+    code = main(["embed", "--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--pretrained", weights,
                  "--modalities", "image,text", "--out", str(tmp_path / "EMB")])
     assert code == 2 and "no text tower" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()
+
+
+def test_text_of_inputs_without_captions_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """Every text row would be the embedding of the empty caption."""
+    write_class_folder(tmp_path / "data", labels=[0], per_class=2, size=16)
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "ViT-B-32", "--modalities", "image,text",
+                 "--out", str(tmp_path / "EMB")])
+    assert code == 2 and "data: no captions to embed as text" in capsys.readouterr().err
     assert not (tmp_path / "EMB").exists()
 
 

@@ -153,7 +153,8 @@ def test_an_unknown_fusion(tmp_path):
     expect_error(tmp_path, r"unknown fusion 'both'; choose one of image, text, image\+text", fusion="both")
 
 
-@pytest.mark.parametrize("field, value", [("k", 0), ("iterations", 0), ("points_per_centroid", 0), ("init", "best")])
+@pytest.mark.parametrize("field, value", [("k", 0), ("iterations", 0), ("points_per_centroid", 0), ("init", "best"),
+                                          ("seed", -1)])
 def test_settings_out_of_range(field, value):
     with pytest.raises(InputError, match=field if field != "init" else "unknown k-means initialisation 'best'"):
         KMeansSettings(**{"k": 3, field: value})

@@ -158,6 +158,11 @@ def test_a_missing_cluster_id_is_named(run, capsys):
     assert "no cluster 9" in err and "k = 4" in err
 
 
+def test_a_negative_seed_is_named(run, capsys):
+    assert show(run, "--random", "2", "--seed", "-1") == 2
+    assert f"a seed >= 0 (got {SAMPLES}, {NEIGHBOURS}, {THUMB}, -1)" in capsys.readouterr().err
+
+
 def test_a_shard_that_is_gone_is_named(run, capsys, tmp_path):
     root = run["root"]
     moved = tmp_path / "elsewhere"

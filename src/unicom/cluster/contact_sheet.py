@@ -334,9 +334,9 @@ def build_contact_sheet(
 ) -> ContactSheet:
     """The sheet of ``clusters`` (or ``random`` clusters) of the run in ``out``, each with
     its ``neighbours`` nearest clusters, ``samples`` images each, read from ``inputs``."""
-    if samples < 1 or neighbours < 0 or thumbnail < 8:
-        raise InputError(f"need samples >= 1, neighbours >= 0 and a thumbnail of at least 8 pixels "
-                         f"(got {samples}, {neighbours}, {thumbnail})")
+    if samples < 1 or neighbours < 0 or thumbnail < 8 or seed < 0:
+        raise InputError(f"need samples >= 1, neighbours >= 0, a thumbnail of at least 8 pixels and a seed >= 0 "
+                         f"(got {samples}, {neighbours}, {thumbnail}, {seed})")
     folder = ClusterFolder(out)
     centroids, record = folder.read_centroids(mmap=True)
     k = record["k"]

@@ -55,6 +55,8 @@ class KMeansSettings:
         for name in ("k", "iterations", "points_per_centroid", "restarts"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise InputError(f"seed must be 0 or more, got {self.seed}")
         if self.init not in INITS:
             raise InputError(f"unknown k-means initialisation {self.init!r}; choose one of {', '.join(INITS)}")
 

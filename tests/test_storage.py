@@ -168,6 +168,15 @@ def test_http_brace_patterns_expand_without_a_request_in_numeric_order(tmp_path)
         assert server.state.requests == []
 
 
+def test_an_http_folder_of_images_is_told_to_come_as_a_list(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"")
+    with FileServer(tmp_path) as server:
+        with pytest.raises(InputError, match=r"photos: no .tar/.tar.gz/.tgz shards in this folder .*; over http\(s\) a "
+                                             r"folder is read as a folder of shards only: give the images as a CSV list"):
+            expand_shards(f"{server.url}/photos")
+
+
 def test_s3_shards_expand_from_patterns_globs_and_folders_and_a_missing_one_is_named(s3):
     s3.bucket("shards")
     for number in (0, 1, 2, 10):

@@ -76,7 +76,10 @@ def _expand_one(pattern: str) -> list:
             if not name.endswith(SHARD_SUFFIXES):  # a folder of shards
                 inside = _folder_shards(path)
                 if not inside:
-                    raise InputError(f"{path}: no {'/'.join(SHARD_SUFFIXES)} shards in this folder (or it does not exist)")
+                    images = ("; over http(s) a folder is read as a folder of shards only: give the images as a CSV list "
+                              "of their URLs") if storage.protocol(path) in storage.READ_ONLY else ""
+                    raise InputError(f"{path}: no {'/'.join(SHARD_SUFFIXES)} shards in this folder (or it does not exist)"
+                                     + images)
                 found.extend(storage.text(entry) for entry in inside)
                 continue
             if storage.protocol(path) not in storage.READ_ONLY:  # listable: check, one listing per folder

@@ -52,6 +52,7 @@ from unicom.progress import progress
 LABEL_WIDTH = 160
 GAP = 4
 BLOCK_GAP = 12
+MAX_SHEET_PIXELS = 2 * 89_478_485  # Pillow refuses to open larger images (decompression bombs)
 BACKGROUND = (255, 255, 255)
 CENTROID_BLOCK_ROWS = 65_536  # centroids searched at once for the nearest clusters
 SOURCE_COLUMNS = ("shard", "image_path")  # where the metadata says a sample was read from
@@ -346,6 +347,10 @@ def build_contact_sheet(
         sizes = np.where(sizes >= int(folder.read_assignment().get("dropped_below", 0)), sizes, 0)
     chosen = choose_clusters(k, clusters, random, sizes, seed, str(folder.root))
     sims, ids = nearest_clusters(centroids, chosen, neighbours)
+    width, height = sheet_size(ContactSheet([[None] * (1 + ids.shape[1])] * len(chosen), samples, thumbnail, k))
+    if width * height > MAX_SHEET_PIXELS:  # said before any shard is read
+        raise InputError(f"the sheet would be {width:,} x {height:,} pixels, more than Pillow opens "
+                         f"({MAX_SHEET_PIXELS:,}); show fewer clusters, --samples or --neighbours, or a smaller --thumbnail")
     shown = sorted(set(chosen) | set(ids.ravel().tolist()))
     drawn, counts = draw_samples(folder, shown, samples, seed)
 

@@ -153,7 +153,16 @@ def test_an_unknown_fusion(tmp_path):
     expect_error(tmp_path, r"unknown fusion 'both'; choose one of image, text, image\+text", fusion="both")
 
 
-@pytest.mark.parametrize("field, value", [("k", 0), ("iterations", 0), ("points_per_centroid", 0), ("init", "best")])
+@pytest.mark.parametrize("field, value", [("k", 0), ("iterations", 0), ("points_per_centroid", 0), ("init", "best"),
+                                          ("seed", -1)])
 def test_settings_out_of_range(field, value):
     with pytest.raises(InputError, match=field if field != "init" else "unknown k-means initialisation 'best'"):
         KMeansSettings(**{"k": 3, field: value})
+
+
+def test_an_output_folder_that_is_a_file(tmp_path):
+    make(tmp_path / "emb")
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(InputError, match=r"out: a file, not a folder"):
+        run(tmp_path / "emb", tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "notes"

@@ -158,6 +158,17 @@ def test_a_missing_cluster_id_is_named(run, capsys):
     assert "no cluster 9" in err and "k = 4" in err
 
 
+def test_a_negative_seed_is_named(run, capsys):
+    assert show(run, "--random", "2", "--seed", "-1") == 2
+    assert f"a seed >= 0 (got {SAMPLES}, {NEIGHBOURS}, {THUMB}, -1)" in capsys.readouterr().err
+
+
+def test_a_sheet_too_large_to_open_is_refused_before_any_shard_is_read(run, capsys):
+    assert show(run, "--clusters", "0,1", "--samples", "100000", "--thumbnail", "1024", sheet="huge.png") == 2
+    assert "the sheet would be 102,800,164 x " in capsys.readouterr().err
+    assert not (run["root"] / "huge.png").exists()
+
+
 def test_a_shard_that_is_gone_is_named(run, capsys, tmp_path):
     root = run["root"]
     moved = tmp_path / "elsewhere"

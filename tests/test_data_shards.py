@@ -77,6 +77,20 @@ def test_key_is_the_name_up_to_the_first_dot(tmp_path):
     assert samples[0].files == {"seg.png": b"p", "jpg": b"j"}
 
 
+def test_member_names_that_are_not_utf8_give_keys_with_their_bytes_escaped(tmp_path):
+    """A GNU tar written with Latin-1 names: keys must still be text a parquet file can hold."""
+    path = tmp_path / "0.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ("caf\xe9.jpg", "caf\xe9.txt", "d\xe9j\xe0.jpg", "naïve.jpg"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    with tarfile.open(tmp_path / "1.tar", "w", format=tarfile.PAX_FORMAT) as tar:  # pax names are UTF-8
+        tar.addfile(tarfile.TarInfo("naïve.jpg"), io.BytesIO(b""))
+    keys = [sample.key for sample in read_tar_samples(path)] + [s.key for s in read_tar_samples(tmp_path / "1.tar")]
+    assert keys == ["caf\\xe9", "d\\xe9j\\xe0", "na\\xefve", "naïve"]
+    assert [key.encode("utf-8") for key in keys]  # no surrogates left
+
+
 def test_unreadable_json_reads_as_empty():
     assert TarSample("k", {"json": b"{not json"}).json() == {}
 

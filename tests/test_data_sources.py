@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -48,12 +49,13 @@ def test_flat_folder_is_listed_without_labels(tmp_path):
 
 
 def test_csv_list_keeps_captions_and_keys(tmp_path):
+    """As written, even when they look like numbers: LAION's keys are zero-padded (000000012)."""
     class_image(0, 0, 16).save(tmp_path / "a.jpg")
     class_image(1, 0, 16).save(tmp_path / "b.jpg")
-    (tmp_path / "list.csv").write_text("path,caption,key\na.jpg,first,ka\nb.jpg,second,kb\n")
+    (tmp_path / "list.csv").write_text("path,caption,key,label\na.jpg,007,000000011,3\nb.jpg,1.50,000000012,5\n")
     (part,) = open_parts(tmp_path / "list.csv")
     records = list(part.records())
-    assert [(r.key, r.caption) for r in records] == [("ka", "first"), ("kb", "second")]
+    assert [(r.key, r.caption, r.columns["label"]) for r in records] == [("000000011", "007", 3), ("000000012", "1.50", 5)]
     assert records[1].image == str(tmp_path / "b.jpg")
 
 
@@ -61,6 +63,29 @@ def test_shard_record_takes_url_from_json_and_caption_from_txt(tmp_path):
     shard = write_tar_shard(tmp_path / "7.tar", [{"key": "s0", "jpg": b"x", "txt": "hello", "json": {"url": "http://u"}}])
     (record,) = ShardPart(7, shard).records()
     assert (record.key, record.caption, record.columns) == ("s0", "hello", {"url": "http://u", "shard": "7.tar"})
+
+
+def test_json_strings_with_a_lone_surrogate_are_kept_as_escapes(tmp_path):
+    """``"\\ud83d"`` in a JSON file (an emoji cut in half) is no text a parquet file can hold."""
+    shard = write_tar_shard(tmp_path / "3.tar", [{"key": "s0", "jpg": b"x",
+                                                 "json": b'{"url": "http://u/\\ud83d", "caption": "caf\\u00e9 \\ud83d"}'}])
+    (record,) = ShardPart(3, shard).records()
+    assert (record.caption, record.columns["url"]) == ("café \\ud83d", "http://u/\\ud83d")
+
+
+def test_a_list_without_rows_is_an_error(tmp_path):
+    (tmp_path / "list.csv").write_text("path,caption\n")
+    with pytest.raises(InputError, match=r"list.csv: the list has no rows"):
+        open_parts(tmp_path / "list.csv")
+
+
+@pytest.mark.parametrize("folder", ["", "class_a"])
+def test_image_names_that_are_not_utf8_are_named_before_anything_is_read(tmp_path, folder):
+    (tmp_path / "data" / folder).mkdir(parents=True)
+    class_image(0, 0, 16).save(tmp_path / "data" / folder / "ok.png")
+    class_image(1, 0, 16).save(os.path.join(os.fsencode(tmp_path / "data" / folder), b"caf\xe9.png"))
+    with pytest.raises(InputError, match=r"1 file names are not UTF-8 \(e.g. b'.*caf\\xe9.png'\).*rename them"):
+        open_parts(tmp_path / "data")
 
 
 def test_a_list_of_other_files_is_not_taken_for_shards(tmp_path):

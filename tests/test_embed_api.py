@@ -71,6 +71,13 @@ def test_no_images_give_an_empty_matrix(encoder_and_file):
     assert unicom.embed_images(encoder, []).shape == (0, encoder.embedding_dim)
 
 
+@pytest.mark.parametrize("embed", [unicom.embed_images, unicom.embed_texts])
+def test_a_batch_size_below_one_is_refused(encoder_and_file, image_files, embed):
+    encoder, _ = encoder_and_file
+    with pytest.raises(InputError, match="batch size must be at least 1, got 0"):
+        embed(encoder, [str(image_files[0])] if embed is unicom.embed_images else ["a caption"], batch_size=0)
+
+
 def test_an_undecodable_file_is_named(encoder_and_file, image_files, tmp_path):
     encoder, _ = encoder_and_file
     bad = tmp_path / "bad.jpg"

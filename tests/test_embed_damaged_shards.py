@@ -45,3 +45,25 @@ def test_truncated_and_foreign_shards_are_reported_left_unfinished_and_redone_by
     assert keys == {0: ["a0", "a1"], 1: ["b0", "b1", "b2", "b3"], 2: ["c0"]}
     assert not list((emb / "failures").iterdir())
     assert "embedded 5 samples into 2 parts" in capsys.readouterr().out
+
+
+def test_a_download_that_fails_for_one_slice_of_a_shard_leaves_the_part_unfinished(tmp_path, capsys, monkeypatch):
+    """With more workers than parts each slice of a part reads the shard itself: the command
+    below fails once (the first to create the lock) and reads the shard for every later read."""
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "1")
+    png = [encode_image(class_image(i, i, 48), "PNG") for i in range(6)]
+    shard = write_tar_shard(tmp_path / "00004.tar", [{"key": f"s{i}", "png": png[i]} for i in range(6)])
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    source = f"pipe:mkdir '{tmp_path / 'lock'}' 2>/dev/null && exit 1; cat '{shard}'"
+    command = ["embed", "--input", source, "--model", "timm/test_vit", "--pretrained", str(weights),
+               "--out", str(tmp_path / "EMB"), "--workers", "2", "--batch-size", "2"]
+    assert main(command) == 1
+    report = pq.read_table(tmp_path / "EMB" / "failures").to_pylist()
+    assert [(r["part"], r["index"], r["source"]) for r in report] == [(4, -1, source)]
+    assert not (tmp_path / "EMB" / "metadata").exists()
+    assert "1 shards could not be read to the end" in capsys.readouterr().err
+    assert main(command) == 0
+    keys = pq.read_table(tmp_path / "EMB" / "metadata" / "metadata_4.parquet").column("key").to_pylist()
+    assert keys == [f"s{i}" for i in range(6)]

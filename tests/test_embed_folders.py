@@ -57,10 +57,20 @@ def test_csv_list_keeps_its_keys_and_captions(tmp_path, weights):
 
 
 def test_text_with_an_image_only_model_fails_before_writing(tmp_path, weights, capsys):
-    write_class_folder(tmp_path / "data", labels=[0], per_class=2, size=16)
-    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+    class_image(0, 0, 16).save(tmp_path / "a.png")
+    (tmp_path / "list.csv").write_text("path,caption\na.png,a caption\n")
+    code = main(["embed", "--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--pretrained", weights,
                  "--modalities", "image,text", "--out", str(tmp_path / "EMB")])
     assert code == 2 and "no text tower" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()
+
+
+def test_text_of_inputs_without_captions_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """Every text row would be the embedding of the empty caption."""
+    write_class_folder(tmp_path / "data", labels=[0], per_class=2, size=16)
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "ViT-B-32", "--modalities", "image,text",
+                 "--out", str(tmp_path / "EMB")])
+    assert code == 2 and "data: no captions to embed as text" in capsys.readouterr().err
     assert not (tmp_path / "EMB").exists()
 
 
@@ -69,3 +79,52 @@ def test_unknown_modality_is_refused(tmp_path, weights, capsys):
     code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--modalities", "audio",
                  "--out", str(tmp_path / "EMB")])
     assert code == 2 and "choose one or both of image, text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "batch size must be at least 1, got 0"),
+    ("--batch-size", "-3", "batch size must be at least 1, got -3"),
+    ("--workers", "-1", "workers must be 0 (decode in the main process) or more, got -1"),
+    ("--device", "gpu0", "--device='gpu0': not a torch device"),
+])
+def test_options_out_of_range_are_refused_before_writing(tmp_path, weights, capsys, option, value, message):
+    write_class_folder(tmp_path / "data", labels=[0], per_class=1, size=16)
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), option, value])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()
+
+
+def test_a_rerun_that_cuts_the_rows_into_other_parts_is_refused(tmp_path, weights, capsys):
+    """Parts 0-1 of 2 rows already cover rows 0-3; with 3 rows per part, part 1 would be rows 3-5."""
+    write_class_folder(tmp_path / "data", labels=[0, 1], per_class=3, size=16)
+    args = ["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+            "--out", str(tmp_path / "EMB"), "--workers", "0"]
+    assert main([*args, "--rows-per-part", "2"]) == 0
+    (tmp_path / "EMB" / "metadata" / "metadata_2.parquet").unlink()  # a run that stopped before part 2
+    files = {p: p.read_bytes() for p in (tmp_path / "EMB").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "--rows-per-part", "3"]) == 2
+    assert "rows_per_part: 2 before, 3 now" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "EMB").rglob("*") if p.is_file()} == files
+    assert main([*args, "--rows-per-part", "2"]) == 0  # the same cut finishes the folder
+    assert EmbeddingFolders.from_root(tmp_path / "EMB").contents(("image",)).num_rows == 6
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_model_is_built(tmp_path, weights, capsys):
+    write_class_folder(tmp_path / "data", labels=[0], per_class=1, size=16)
+    (tmp_path / "EMB").write_text("notes")
+    code = main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/no_such_model", "--out", str(tmp_path / "EMB")])
+    assert code == 2 and "EMB: a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "EMB").read_text() == "notes"
+
+
+@pytest.mark.parametrize("option", ["--caption-column", "--label-column", "--key-column"])
+def test_a_list_column_named_on_the_command_line_must_be_there(tmp_path, weights, capsys, option):
+    class_image(0, 0, 20).save(tmp_path / "a.png")
+    (tmp_path / "list.csv").write_text("path,caption,label,key\na.png,first,0,ka\n")
+    code = main(["embed", "--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), option, "typo"])
+    assert code == 2
+    assert "list.csv: no column 'typo'; columns are ['path', 'caption', 'label', 'key']" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()

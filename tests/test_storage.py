@@ -63,6 +63,19 @@ def test_a_file_that_stays_missing_is_a_fetch_error_naming_the_url_and_the_attem
         assert server.state.requests.count("HEAD gone.tar") + server.state.requests.count("GET gone.tar") >= 4
 
 
+def test_a_url_that_stays_unreachable_is_one_error_line_not_a_traceback(tmp_path, capsys, fast_retries):
+    from support import free_port
+
+    from unicom.cli import main
+
+    url = f"http://127.0.0.1:{free_port()}/emb"  # nothing listens there
+    code = main(["cluster", "--embeddings", url, "--k", "2", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 1 and error.startswith(f"unicom cluster: error: {url}: ")
+    assert "(after 4 attempts); check the URL, the credentials (--storage-options) and the connection" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_pipe_streams_the_command_output_and_a_failing_command_is_a_fetch_error(tmp_path, fast_retries):
     data = _payload(300_000)
     (tmp_path / "x.tar").write_bytes(data)
@@ -86,6 +99,44 @@ def test_remote_array_reads_rows_as_a_memory_map_would(s3, tmp_path):
     np.testing.assert_array_equal(remote[-1], array[-1])
     np.testing.assert_array_equal(np.asarray(remote, dtype=np.float32), array.astype(np.float32))
     np.testing.assert_array_equal(storage.load_npy(f"{bucket}/a.npy", mmap=False), array)
+
+
+def test_remote_array_reads_rows_from_a_server_that_ignores_ranges(tmp_path, caplog):
+    """python -m http.server answers a ranged request with the whole file (200)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    from storage_servers import QuietHandler, serve
+
+    array = np.random.default_rng(1).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", array)
+    handler = type("Plain", (SimpleHTTPRequestHandler,), {"log_message": QuietHandler.log_message,
+                                                           "protocol_version": "HTTP/1.0"})
+    server = serve(functools.partial(handler, directory=str(tmp_path)))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.npy"
+        remote = storage.load_npy(url)
+        assert remote.shape == (300, 5)
+        np.testing.assert_array_equal(remote[100:140], array[100:140])
+        np.testing.assert_array_equal(remote[[299, 0, 7]], array[[299, 0, 7]])
+        assert storage.read_range(url, 3, 9) == (tmp_path / "a.npy").read_bytes()[3:9]
+        assert "ignores Range requests" in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_atomic_writes_give_files_the_mode_a_plain_write_gives(tmp_path):
+    """0o666 less the umask, as open() gives: not mkstemp's 0o600, which would hide the
+    outputs from the other users of a shared folder."""
+    previous = os.umask(0o027)
+    try:
+        files.save_npy_atomic(tmp_path / "a.npy", np.arange(3))
+        files.write_json_atomic(tmp_path / "b.json", {})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"a.npy": 0o640, "b.json": 0o640, "plain": 0o640}
 
 
 def test_an_atomic_write_to_s3_appears_whole_and_leaves_no_temporary(s3):
@@ -115,6 +166,15 @@ def test_http_brace_patterns_expand_without_a_request_in_numeric_order(tmp_path)
         shards = expand_shards([f"{server.url}/{{9..11}}.tar", f"{server.url}/{{00001..00002}}.tar"])
         assert shards == [f"{server.url}/{name}.tar" for name in ("00001", "00002", "9", "10", "11")]
         assert server.state.requests == []
+
+
+def test_an_http_folder_of_images_is_told_to_come_as_a_list(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"")
+    with FileServer(tmp_path) as server:
+        with pytest.raises(InputError, match=r"photos: no .tar/.tar.gz/.tgz shards in this folder .*; over http\(s\) a "
+                                             r"folder is read as a folder of shards only: give the images as a CSV list"):
+            expand_shards(f"{server.url}/photos")
 
 
 def test_s3_shards_expand_from_patterns_globs_and_folders_and_a_missing_one_is_named(s3):

@@ -64,14 +64,18 @@ def main(argv: list[str] | None = None) -> int:
                              "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' or '{\"s3\": {...}, \"gs\": {...}}' "
                              "(credentials come from the usual environment variables: AWS_*, GOOGLE_APPLICATION_CREDENTIALS)")
     args = parser.parse_args(rest)
-    try:
-        from unicom import storage
+    from unicom import storage
 
+    try:
         storage.configure(args.storage_options)
         return int(module.run(args) or 0)
     except InputError as error:  # a problem with what the user gave us: no traceback
         print(f"unicom {name}: error: {error}", file=sys.stderr)
         return 2
+    except storage.FetchError as error:  # a URL that stayed unreadable through the retries
+        print(f"unicom {name}: error: {error}; check the URL, the credentials (--storage-options) and the connection",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, open_parts, read_in_turn
+from unicom.data.sources import ItemsPart, ListPart, open_parts, read_in_turn
 from unicom.data.transforms import draft_size, resolve_decode
-from unicom.engine.device import autocast, made_ahead, resolve_precision
+from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
@@ -52,6 +52,7 @@ from unicom.progress import progress
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
+RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part")  # keys of embed_config.json that older folders lack
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -77,6 +78,13 @@ def default_num_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(16, cpus - 1))
     return 0 if cpus <= 4 else cpus // 8
+
+
+def _check_batching(batch_size: int, num_workers: int | None) -> None:
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f"workers must be 0 (decode in the main process) or more, got {num_workers}")
 
 
 def _device_of(encoder: Encoder) -> torch.device:
@@ -188,6 +196,7 @@ def embed_images(
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
         images_or_paths = [images_or_paths]
     items = list(images_or_paths)
+    _check_batching(batch_size, num_workers)
     encoder = _as_encoder(model, pretrained, device)
     device = _device_of(encoder)
     if not items:
@@ -228,6 +237,7 @@ def embed_texts(
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
+    _check_batching(batch_size, None)
     encoder = _as_encoder(model, pretrained, device)
     if not encoder.has_text:
         raise InputError(f"{encoder.name} has no text tower; embed texts with a CLIP model such as ViT-B-32")
@@ -338,8 +348,9 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
     import pyarrow as pa
 
     part = pending.part
+    finished = not any(f["index"] < 0 or f.get("fetch") for f in pending.failures)
     embedded, failed = len(pending.indices), sum(1 for f in pending.failures if f["index"] >= 0)
-    if embedded + failed != pending.read:
+    if finished and embedded + failed != pending.read:
         raise RuntimeError(f"{part.name}: read {pending.read} samples but accounted for {embedded} + {failed} failures")
     order = np.argsort(np.asarray(pending.indices, dtype=np.int64), kind="stable")
     arrays = {}
@@ -349,7 +360,6 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
             arrays[kind] = stacked[order].astype(dtype)
     rows = [pending.rows[i] for i in order]
     report = failures_path(out, part.number)
-    finished = not any(f["index"] < 0 or f.get("fetch") for f in pending.failures)
     if pending.failures:
         failures = sorted(pending.failures, key=lambda f: f["index"])
         write_parquet_atomic(
@@ -378,9 +388,9 @@ def _check_config(out, config: dict) -> bool:
         value = previous.get(key)
         if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
             previous[key] = os.path.abspath(value)
-    # folders written before the weights digest was recorded are compared without it
+    # folders written before these were recorded are compared without them
     different = {k: (previous.get(k), v) for k, v in config.items()
-                 if previous.get(k) != v and (k in previous or k != WEIGHTS_CHECKSUM)}
+                 if previous.get(k) != v and (k in previous or k not in RECORDED_LATER)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
         raise InputError(
@@ -428,8 +438,9 @@ def embed_parts(
     stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     """
     out = storage.path(out)
-    storage.writable(out)
+    storage.writable_folder(out)
     modalities = _checked_modalities(modalities)
+    _check_batching(batch_size, num_workers)
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if "text" in modalities and not encoder.has_text:
@@ -503,12 +514,15 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 image = _embed_input(encoder, images, device, precision, normalize) if "image" in modalities else None
                 text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
                 pending.add(batch, image, text)
-            pending.failures.extend(batch.failures)
-            failed = sum(1 for f in batch.failures if f["index"] >= 0)
+            failures = batch.failures
+            if any(f["index"] < 0 for f in pending.failures):  # the part's break, as another slice met it
+                failures = [f for f in failures if f["index"] >= 0]
+            pending.failures.extend(failures)
+            failed = sum(1 for f in failures if f["index"] >= 0)
             summary.failed += failed
-            summary.broken_shards += len(batch.failures) - failed
+            summary.broken_shards += len(failures) - failed
             summary.samples += len(batch.indices)
-            summary.failures.extend(batch.failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
+            summary.failures.extend(failures[: max(0, FAILURES_SHOWN - len(summary.failures))])
             bar.update(len(batch.indices) + failed)
             if first:  # the start-up: until the first batch is through the model
                 summary.startup_seconds, first = time.perf_counter() - start, False
@@ -575,10 +589,19 @@ def embed_to_folder(
     and before anything is written. Returns the summary of all ranks.
     """
     modalities = _checked_modalities(modalities)
+    _check_batching(batch_size, num_workers)
+    storage.writable_folder(out)
+    if device is not None:
+        device = resolve_device(str(device), "--device")
     parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
+    if "text" in modalities and parts and not any(part.has_captions for part in parts):
+        raise InputError(f"{parts[0].source}: no captions to embed as text (an image folder, or a list without a caption "
+                         "column: name it with --caption-column); use --modalities image")
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = storage.recorded(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
+    if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
+        config["rows_per_part"] = rows_per_part
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if _check_config(out, check):
         kinds = check["modalities"] + ["metadata"]
@@ -586,8 +609,7 @@ def embed_to_folder(
         if len(complete_parts(out, numbers, kinds)) == len(set(numbers)):  # nothing to do: no model to build
             return EmbedSummary(parts=len(parts), skipped=len(parts))
     if isinstance(model, str):
-        device = torch.device(device) if device is not None else distributed.local_device()
-        encoder = load_encoder(model, pretrained, device)
+        encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
     else:
         encoder = _as_encoder(model, None, device)
     summary = embed_parts(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import queue
 import random
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from unicom.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 PIPE = "pipe:"
 OPTIONS_ENV = "UNICOM_STORAGE_OPTIONS"  # the JSON of --storage-options, inherited by workers and ranks
@@ -257,6 +260,14 @@ def writable(location) -> None:
         raise InputError(f"{text(location)}: {scheme} URLs are read only; write outputs to a local folder or object storage")
 
 
+def writable_folder(location) -> None:
+    """:func:`writable`, for an output folder: also an :class:`InputError` when a local
+    ``location`` is a file."""
+    writable(location)
+    if not is_url(location) and _local(location).exists() and not _local(location).is_dir():
+        raise InputError(f"{text(location)}: a file, not a folder; give a folder (new or earlier output) for the outputs")
+
+
 def filesystem(location) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) of a URL."""
     target = path(location)
@@ -394,9 +405,26 @@ def read_range(location, start: int, stop: int, *, exact: bool = True) -> bytes:
     else:
         fs, inner = filesystem(location)
         data = retrying(location, lambda: fs.cat_file(inner, start=start, end=stop))
+        if len(data) > stop - start:
+            # a server that ignores Range (python -m http.server) answers with the whole file
+            _warn_whole_files(location)
+            data = data[start:stop]
     if exact and len(data) != stop - start:
         raise FetchError(text(location), f"asked for bytes {start}-{stop - 1}, received {len(data)} bytes")
     return data
+
+
+_WHOLE_FILE_HOSTS: set[str] = set()
+
+
+def _warn_whole_files(location) -> None:
+    """Say once per server that it sends whole files where a range was asked for."""
+    host = text(location).split("/")[2] if "://" in text(location) else text(location)
+    if host not in _WHOLE_FILE_HOSTS:
+        _WHOLE_FILE_HOSTS.add(host)
+        logger.warning("%s ignores Range requests and sends whole files: every read of a part of %s downloads all of "
+                       "it (serve the files with a server that supports ranges to read only the rows needed)",
+                       host, text(location))
 
 
 def size(location) -> int:

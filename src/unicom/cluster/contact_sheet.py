@@ -52,6 +52,7 @@ from unicom.progress import progress
 LABEL_WIDTH = 160
 GAP = 4
 BLOCK_GAP = 12
+MAX_SHEET_PIXELS = 2 * 89_478_485  # Pillow refuses to open larger images (decompression bombs)
 BACKGROUND = (255, 255, 255)
 CENTROID_BLOCK_ROWS = 65_536  # centroids searched at once for the nearest clusters
 SOURCE_COLUMNS = ("shard", "image_path")  # where the metadata says a sample was read from
@@ -334,9 +335,9 @@ def build_contact_sheet(
 ) -> ContactSheet:
     """The sheet of ``clusters`` (or ``random`` clusters) of the run in ``out``, each with
     its ``neighbours`` nearest clusters, ``samples`` images each, read from ``inputs``."""
-    if samples < 1 or neighbours < 0 or thumbnail < 8:
-        raise InputError(f"need samples >= 1, neighbours >= 0 and a thumbnail of at least 8 pixels "
-                         f"(got {samples}, {neighbours}, {thumbnail})")
+    if samples < 1 or neighbours < 0 or thumbnail < 8 or seed < 0:
+        raise InputError(f"need samples >= 1, neighbours >= 0, a thumbnail of at least 8 pixels and a seed >= 0 "
+                         f"(got {samples}, {neighbours}, {thumbnail}, {seed})")
     folder = ClusterFolder(out)
     centroids, record = folder.read_centroids(mmap=True)
     k = record["k"]
@@ -346,6 +347,10 @@ def build_contact_sheet(
         sizes = np.where(sizes >= int(folder.read_assignment().get("dropped_below", 0)), sizes, 0)
     chosen = choose_clusters(k, clusters, random, sizes, seed, str(folder.root))
     sims, ids = nearest_clusters(centroids, chosen, neighbours)
+    width, height = sheet_size(ContactSheet([[None] * (1 + ids.shape[1])] * len(chosen), samples, thumbnail, k))
+    if width * height > MAX_SHEET_PIXELS:  # said before any shard is read
+        raise InputError(f"the sheet would be {width:,} x {height:,} pixels, more than Pillow opens "
+                         f"({MAX_SHEET_PIXELS:,}); show fewer clusters, --samples or --neighbours, or a smaller --thumbnail")
     shown = sorted(set(chosen) | set(ids.ravel().tolist()))
     drawn, counts = draw_samples(folder, shown, samples, seed)
 

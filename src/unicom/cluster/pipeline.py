@@ -55,6 +55,8 @@ class KMeansSettings:
         for name in ("k", "iterations", "points_per_centroid", "restarts"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise InputError(f"seed must be 0 or more, got {self.seed}")
         if self.init not in INITS:
             raise InputError(f"unknown k-means initialisation {self.init!r}; choose one of {', '.join(INITS)}")
 
@@ -185,7 +187,7 @@ def train_centroids(
     so nothing was read). Nothing is written before every shard has been checked.
     """
     folder = ClusterFolder(out)
-    storage.writable(folder.root)
+    storage.writable_folder(folder.root)
     expected = {"mode": "single", "settings": asdict(settings), "inputs": inputs.fingerprint()}
     record = check_record(folder.centroids_record, expected)
     if record is not None and storage.is_file(folder.centroids):
@@ -454,7 +456,7 @@ def train_part(
     record = check_record(record_path, expected)
     if record is not None:
         return record
-    storage.writable(folder.root)
+    storage.writable_folder(folder.root)
     folder.sweep(parts=[part])
     trained, _, fields = _train_on(inputs, shards, settings, part=part, skip_invalid=skip_invalid, device=device)
     record = {**expected, "shards": [s.number for s in shards], **fields}

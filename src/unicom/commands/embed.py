@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "workers), auto (gpu on a GPU when the model's transform is resize, crop, normalise; default)")
     parser.add_argument("--rows-per-part", type=int, default=100_000, help="rows per output part for folders and lists (default: 100000)")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
-    parser.add_argument("--caption-column", default="caption", help="list column with captions, if any (default: caption)")
-    parser.add_argument("--label-column", default="label", help="list column with labels, if any (default: label)")
-    parser.add_argument("--key-column", default="key", help="list column with keys, if any (default: the path)")
+    parser.add_argument("--caption-column", help="list column with captions (default: caption, if the list has it)")
+    parser.add_argument("--label-column", help="list column with labels (default: label, if the list has it)")
+    parser.add_argument("--key-column", help="list column with keys (default: key, if the list has it, else the path)")
     parser.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else the CPU)")
 
 
@@ -66,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
             rows_per_part=args.rows_per_part,
             table_options={
                 "path_column": args.path_column,
-                "caption_column": args.caption_column,
-                "label_column": args.label_column,
-                "key_column": args.key_column,
+                "caption_column": args.caption_column or "caption",
+                "label_column": args.label_column or "label",
+                "key_column": args.key_column or "key",
+                # a column named on the command line must be there, not silently left out
+                "required": [c for c in (args.caption_column, args.label_column, args.key_column) if c],
             },
             draft=args.draft,
             precision=args.precision,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -101,6 +102,25 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
 
 
+def check_utf8_names(root, paths: list[str]) -> None:
+    """An :class:`InputError` when local image ``paths`` under ``root`` hold names that are
+    not UTF-8 (Python's surrogate escapes): the metadata stores paths and keys as UTF-8."""
+    bad = [p for p in paths if not p.isascii() and _not_utf8(p)]
+    if bad:
+        raise InputError(
+            f"{root}: {len(bad)} file names are not UTF-8 (e.g. {os.fsencode(bad[0])!r}), and the metadata can only hold "
+            "UTF-8 paths: rename them (e.g. convmv -f latin1 -t utf-8 -r --notest FOLDER)"
+        )
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
     """The images of the class folder ``root`` on disk (see :func:`read_image_folder`) and
     the class folder names."""
@@ -118,6 +138,7 @@ def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[st
                               path.parent.relative_to(root).as_posix()))
     if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    check_utf8_names(root, [path for path, _, _, _ in found])
     return found, [d.name for d in class_dirs]
 
 
@@ -143,6 +164,7 @@ def read_table(
     caption_column: str | None = "caption",
     key_column: str | None = "key",
     root: str | os.PathLike | None = None,
+    required: Sequence[str] = (),
 ) -> ImageList:
     """A CSV or parquet list of images, one row each.
 
@@ -151,8 +173,11 @@ def read_table(
     aliases (:data:`COLUMN_ALIASES`: ``img_path`` for ``path``, ``class`` for ``label``).
     Label and caption columns are used when present: numeric labels are class ids as
     written (a value that is not a whole number is an :class:`InputError` naming its rows),
-    other labels are names mapped to 0..C-1 in sorted order (``class_names``). Keys come
-    from ``key_column`` when present, else from the path as written.
+    other labels are names mapped to 0..C-1 in sorted order (``class_names``). A column in
+    ``required`` (one the user named) must be there: its absence is an :class:`InputError`,
+    not a list read without it. Keys come
+    from ``key_column`` when present, else from the path as written; a CSV's paths, keys
+    and captions are read as text, exactly as written (key ``000123`` stays ``"000123"``).
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -176,6 +201,9 @@ def read_table(
         names = " or ".join(repr(c) for c in (path_column, *COLUMN_ALIASES.get(path_column, ())))
         raise InputError(f"{path}: no image path column ({names}); columns are {table.column_names}")
     path_column = found_path
+    absent = [name for name in required if find_column(table.column_names, name) is None]
+    if absent:
+        raise InputError(f"{path}: no column {absent[0]!r}; columns are {table.column_names}")
     label_column = find_column(table.column_names, label_column)
     base = root if root is not None else storage.parent(path)
     raw_paths = [str(p) for p in table.column(path_column).to_pylist()]

@@ -161,10 +161,10 @@ class BatchStream(IterableDataset):
                 if number % unit.slices == unit.slice:
                     chunk.append(record)
         except ShardReadError as error:
-            # reported once per part, by its first slice
-            if unit.slice == 0:
-                reason = f"shard unreadable after {error.samples} samples: {error.reason}"
-                failure = {"index": -1, "key": "", "source": part.name, "reason": reason}
+            # by every slice that meets it (each reads the shard itself, and a download may fail
+            # for one of them only); the consumer keeps one report per part
+            reason = f"shard unreadable after {error.samples} samples: {error.reason}"
+            failure = {"index": -1, "key": "", "source": part.name, "reason": reason}
         if chunk:
             yield self.make_batch(part, chunk)
         end = Batch(part.number, last=True, read=read)

@@ -32,7 +32,13 @@ _MEMBER = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``(key, extension)`` of a webdataset member name (``"dir/000123.jpg"`` ->
     ``("dir/000123", "jpg")``): the key ends at the first dot of the file name, the
-    extension (lower-cased) is everything after it; None for names without one."""
+    extension (lower-cased) is everything after it; None for names without one.
+
+    A name that is not UTF-8 (tarfile hands such bytes over as surrogate escapes, which no
+    parquet file can hold) keeps those bytes as ``\\xNN`` escapes: ``caf\\xe9``.
+    """
+    if not name.isascii():
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     match = _MEMBER.match(name)
     return None if match is None else (match.group(1), match.group(2).lower())
 
@@ -70,7 +76,10 @@ def _expand_one(pattern: str) -> list:
             if not name.endswith(SHARD_SUFFIXES):  # a folder of shards
                 inside = _folder_shards(path)
                 if not inside:
-                    raise InputError(f"{path}: no {'/'.join(SHARD_SUFFIXES)} shards in this folder (or it does not exist)")
+                    images = ("; over http(s) a folder is read as a folder of shards only: give the images as a CSV list "
+                              "of their URLs") if storage.protocol(path) in storage.READ_ONLY else ""
+                    raise InputError(f"{path}: no {'/'.join(SHARD_SUFFIXES)} shards in this folder (or it does not exist)"
+                                     + images)
                 found.extend(storage.text(entry) for entry in inside)
                 continue
             if storage.protocol(path) not in storage.READ_ONLY:  # listable: check, one listing per folder

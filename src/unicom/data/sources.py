@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from unicom import storage
-from unicom.data.lists import IMAGE_SUFFIXES, ImageList, read_image_folder, read_table
+from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table
 from unicom.data.shards import SHARD_SUFFIXES, ShardReadError, expand_shards, read_tar_samples, shard_name
 from unicom.errors import InputError
 from unicom.files import part_number
@@ -38,6 +38,12 @@ class Record:
     image: Any
     caption: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+
+
+def _utf8(text: str) -> str:
+    """``text`` with lone surrogates (JSON's ``"\\ud83d"``, half of a pair cut off) written
+    as escapes: metadata files hold UTF-8 only."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,9 @@ class ShardPart:
             info = sample.json()
             caption = sample.caption()
             if caption is None and isinstance(info.get("caption"), str):
-                caption = info["caption"]
+                caption = _utf8(info["caption"])
             url = info.get("url")
-            columns = {"url": None if url is None else str(url), "shard": shard}
+            columns = {"url": None if url is None else _utf8(str(url)), "shard": shard}
             yield Record(index, sample.key, sample.image_bytes(), caption, columns)
 
 
@@ -160,6 +166,7 @@ def read_flat_folder(root) -> ImageList:
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+    check_utf8_names(root, [str(p) for p in paths])
     return ImageList([str(p) for p in paths], [p.relative_to(root).as_posix() for p in paths])
 
 
@@ -210,6 +217,8 @@ def open_parts(
         only = inputs[0]
         if only.lower().endswith(TABLE_SUFFIXES):
             images = read_table(only, **(table_options or {}))
+            if not len(images):
+                raise InputError(f"{only}: the list has no rows; give a list with one row per image")
             return list_parts(images, rows_per_part, only)
         if _is_image_folder(only):
             return list_parts(_folder_list(only), rows_per_part, only)

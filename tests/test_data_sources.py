@@ -59,6 +59,19 @@ def test_csv_list_keeps_captions_and_keys(tmp_path):
     assert records[1].image == str(tmp_path / "b.jpg")
 
 
+def test_local_image_paths_are_recorded_absolute_whatever_the_working_folder(tmp_path, monkeypatch):
+    """Outputs record image_path; `cluster show` and `serve` read it from other folders."""
+    write_class_folder(tmp_path / "classes", labels=[0], per_class=2, size=16)
+    (tmp_path / "flat").mkdir()
+    class_image(0, 0, 16).save(tmp_path / "flat" / "a.jpg")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.csv").write_text("path\n../flat/a.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    images = [r.image for name in ("classes", "flat", "lists/list.csv") for p in open_parts(name) for r in p.records()]
+    assert images == [str(tmp_path / "classes" / "class_000" / "0000.jpg"), str(tmp_path / "classes" / "class_000" / "0001.jpg"),
+                      str(tmp_path / "flat" / "a.jpg"), str(tmp_path / "lists" / ".." / "flat" / "a.jpg")]
+
+
 def test_shard_record_takes_url_from_json_and_caption_from_txt(tmp_path):
     shard = write_tar_shard(tmp_path / "7.tar", [{"key": "s0", "jpg": b"x", "txt": "hello", "json": {"url": "http://u"}}])
     (record,) = ShardPart(7, shard).records()

@@ -245,12 +245,13 @@ def parent(location):
 
 def resolve(base, written: str) -> str:
     """A path as written in a list, resolved against the folder ``base`` (a path or URL):
-    absolute paths and URLs are kept as they are."""
+    absolute paths and URLs are kept as they are; a local result is absolute (outputs
+    record it, and are read from other working folders)."""
     if os.path.isabs(written) or is_url(written):
         return written
     if is_url(base):
         return f"{text(base).rstrip('/')}/{written}"
-    return str(Path(base) / written)
+    return str(Path(base).absolute() / written)
 
 
 def writable(location) -> None:

@@ -134,7 +134,7 @@ def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[st
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                found.append((str(path), path.relative_to(root).as_posix(), class_dir.name,
+                found.append((str(path.absolute()), path.relative_to(root).as_posix(), class_dir.name,
                               path.parent.relative_to(root).as_posix()))
     if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")

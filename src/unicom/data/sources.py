@@ -167,7 +167,7 @@ def read_flat_folder(root) -> ImageList:
     if not paths:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
     check_utf8_names(root, [str(p) for p in paths])
-    return ImageList([str(p) for p in paths], [p.relative_to(root).as_posix() for p in paths])
+    return ImageList([str(p.absolute()) for p in paths], [p.relative_to(root).as_posix() for p in paths])
 
 
 def _folder_list(root) -> ImageList:

@@ -12,7 +12,7 @@ T = TypeVar("T")
 
 
 def progress_enabled() -> bool:
-    if os.environ.get("UNICOM_PROGRESS", "1") in ("0", "false", "no"):
+    if os.environ.get("UNICOM_PROGRESS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -24,4 +24,7 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | float | None =
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("smoothing", 0.1)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress_enabled(), **kwargs)
+    # SI prefixes (12.3k/1.20M) for large counts; small ones as plain integers, not 5.00/5.00
+    count = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    kwargs.setdefault("unit_scale", count is None or count >= 10_000)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)

@@ -67,3 +67,30 @@ def test_a_download_that_fails_for_one_slice_of_a_shard_leaves_the_part_unfinish
     assert main(command) == 0
     keys = pq.read_table(tmp_path / "EMB" / "metadata" / "metadata_4.parquet").column("key").to_pylist()
     assert keys == [f"s{i}" for i in range(6)]
+
+
+def test_a_shard_member_longer_than_an_image_may_be_is_a_failure_and_is_not_read(tmp_path, monkeypatch):
+    """A hostile shard (a member of gigabytes) costs no memory: the member is skipped unread."""
+    import unicom.data.shards
+    import unicom.data.transforms
+
+    monkeypatch.setattr(unicom.data.shards, "MAX_IMAGE_BYTES", 5000)
+    monkeypatch.setattr(unicom.data.transforms, "MAX_IMAGE_BYTES", 5000)
+    small = [encode_image(class_image(i, i, 16), "PNG") for i in range(2)]
+    huge = encode_image(class_image(2, 2, 256), "PNG") + b"\0" * 6000  # over the limit
+    assert max(map(len, small)) < 5000 < len(huge)
+    shard = write_tar_shard(tmp_path / "00000.tar", [
+        {"key": "a", "png": small[0], "txt": "first"},
+        {"key": "b", "png": huge, "txt": "second"},
+        {"key": "c", "png": small[1], "txt": "x" * 6000},  # a caption over the limit counts as none
+    ])
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    assert main(["embed", "--input", str(shard), "--model", "timm/test_vit", "--pretrained", str(weights),
+                 "--out", str(tmp_path / "EMB"), "--workers", "0"]) == 0
+    metadata = pq.read_table(tmp_path / "EMB" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert [(row["key"], row["caption"]) for row in metadata] == [("a", "first"), ("c", None)]
+    (failure,) = pq.read_table(tmp_path / "EMB" / "failures").to_pylist()
+    assert (failure["key"], failure["reason"]) == (
+        "b", f"shard member b.png of {len(huge):,} bytes, longer than the 5,000 bytes a sample's file may have")

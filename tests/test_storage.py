@@ -214,3 +214,18 @@ def test_a_missing_backend_names_the_extra_to_install(tmp_path):
 def test_http_urls_are_read_only(tmp_path):
     with pytest.raises(InputError, match="read only"):
         files.write_text_atomic("https://example.invalid/out/x.txt", "x")
+
+
+def test_read_bytes_with_a_limit_reads_no_more_than_one_byte_past_it(tmp_path, fast_retries):
+    data = _payload(70_000)
+    (tmp_path / "big.bin").write_bytes(data)
+    (tmp_path / "small.bin").write_bytes(data[:500])
+    sources = {"local": str(tmp_path / "{}"), "pipe": f"pipe:cat {tmp_path}/{{}}"}
+    with FileServer(tmp_path) as server:
+        sources["http"] = f"{server.url}/{{}}"
+        for kind, source in sources.items():
+            assert storage.read_bytes(source.format("small.bin"), max_bytes=500) == data[:500], kind
+            with pytest.raises(storage.TooLarge) as error:
+                storage.read_bytes(source.format("big.bin"), max_bytes=1000)
+            expected = "70,000 bytes" if kind == "local" else "more than 1,000 bytes"
+            assert str(error.value) == f"{source.format('big.bin')}: {expected}, over the limit of 1,000", kind

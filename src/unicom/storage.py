@@ -381,8 +381,36 @@ def is_dir(location) -> bool:
     return _ask(location, "is_dir")
 
 
-def read_bytes(location) -> bytes:
-    """The whole file; a URL is fetched with retries (a ``pipe:`` command's output too)."""
+class TooLarge(ValueError):
+    """A file longer than the caller's ``max_bytes`` (:func:`read_bytes`); ``size`` is its
+    length, or None when only more than ``max_bytes`` was read."""
+
+    def __init__(self, location: str, max_bytes: int, size: int | None = None):
+        length = f"{size:,} bytes" if size is not None else f"more than {max_bytes:,} bytes"
+        super().__init__(f"{location}: {length}, over the limit of {max_bytes:,}")
+        self.location, self.max_bytes, self.size = location, max_bytes, size
+
+
+def read_bytes(location, max_bytes: int | None = None) -> bytes:
+    """The whole file; a URL is fetched with retries (a ``pipe:`` command's output too).
+
+    ``max_bytes``: read at most one byte more than this, and raise :class:`TooLarge` when
+    the file is longer (a remote file is asked for that many bytes only).
+    """
+    if max_bytes is not None:
+        if is_pipe(location):
+            with open_stream(location) as stream:
+                data = stream.read(max_bytes + 1)
+        elif not is_url(location):
+            size = _local(location).stat().st_size
+            if size > max_bytes:
+                raise TooLarge(text(location), max_bytes, size)
+            data = _local(location).read_bytes()
+        else:
+            data = read_range(location, 0, max_bytes + 1, exact=False)
+        if len(data) > max_bytes:
+            raise TooLarge(text(location), max_bytes)
+        return data
     if is_pipe(location):
         with open_stream(location) as stream:
             return stream.read()
@@ -991,6 +1019,7 @@ def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = 
 
 __all__ = [
     "FetchError",
+    "TooLarge",
     "Retries",
     "RemoteArray",
     "absolute",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from unicom import storage
+from unicom.data.transforms import MAX_IMAGE_BYTES, DecodeError
 from unicom.errors import InputError
 from unicom.files import part_number
 
@@ -131,24 +132,31 @@ def expand_shards(patterns) -> list:
 
 @dataclass
 class TarSample:
-    """The members of one sample: ``files`` maps extension (lower case) -> bytes."""
+    """The members of one sample: ``files`` maps extension (lower case) -> bytes, or to a
+    :class:`unicom.data.transforms.DecodeError` for a member longer than
+    :data:`unicom.data.transforms.MAX_IMAGE_BYTES`, which is not read (its image fails with
+    that reason; its caption or JSON counts as absent)."""
 
     key: str
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes | DecodeError] = field(default_factory=dict)
 
-    def image_bytes(self) -> bytes | None:
+    def image_bytes(self) -> bytes | DecodeError | None:
         for ext in IMAGE_EXTENSIONS:
             if ext in self.files:
                 return self.files[ext]
         return None
 
+    def _text(self, ext: str) -> bytes | None:
+        data = self.files.get(ext)
+        return data if isinstance(data, bytes) else None
+
     def caption(self) -> str | None:
-        data = self.files.get("txt")
+        data = self._text("txt")
         return None if data is None else data.decode("utf-8", errors="replace").strip()
 
     def json(self) -> dict:
         """The parsed ``{key}.json``, or ``{}`` when absent or unreadable."""
-        data = self.files.get("json")
+        data = self._text("json")
         if data is None:
             return {}
         try:
@@ -210,6 +218,10 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
                     current = TarSample(key)
                     if remaining is not None:
                         remaining.discard(key)
+                if member.size > MAX_IMAGE_BYTES:  # not read: tarfile skips its data
+                    current.files[ext] = DecodeError(f"shard member {member.name} of {member.size:,} bytes, longer than "
+                                                     f"the {MAX_IMAGE_BYTES:,} bytes a sample's file may have")
+                    continue
                 handle = tar.extractfile(member)
                 current.files[ext] = handle.read() if handle is not None else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:

@@ -18,7 +18,25 @@ from unicom import storage
 
 
 class DecodeError(Exception):
-    """An image that cannot be decoded; the message is the reason shown in failure reports."""
+    """An image that cannot be decoded; the message is the reason shown in failure reports.
+
+    A sample whose image was not read (a shard member over :data:`MAX_IMAGE_BYTES`) carries
+    one in place of its bytes: decoding it raises it.
+    """
+
+
+# The longest encoded image read into memory (a 100-megapixel PNG is about 300 MB
+# decoded, far less encoded): longer files and shard members fail as images, unread.
+MAX_IMAGE_BYTES = 256 * 2**20
+
+
+def _read_image_file(location) -> bytes:
+    """The bytes of an image file or URL, at most :data:`MAX_IMAGE_BYTES` of them."""
+    try:
+        return storage.read_bytes(location, max_bytes=MAX_IMAGE_BYTES)
+    except storage.TooLarge as error:
+        length = f"{error.size:,} bytes" if error.size is not None else f"over {MAX_IMAGE_BYTES:,} bytes"
+        raise DecodeError(f"image file of {length}, longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from error
 
 
 def draft_size(transform: Callable | None) -> tuple[int, int] | None:
@@ -49,8 +67,10 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
     """
     if isinstance(source, Image.Image):
         return source.convert("RGB"), source.size
+    if isinstance(source, DecodeError):  # an image that was not read
+        raise DecodeError(str(source))
     if isinstance(source, str) and storage.is_url(source):
-        source = storage.read_bytes(source)  # a storage.FetchError when it cannot be fetched
+        source = _read_image_file(source)  # a storage.FetchError when it cannot be fetched
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(source))
@@ -167,12 +187,13 @@ def encoded_bytes(image) -> bytes | None:
     a decoded (PIL) image. Raises :class:`DecodeError` for a file that cannot be read."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
+    if isinstance(image, DecodeError):  # an image that was not read
+        raise DecodeError(str(image))
     if isinstance(image, str) and storage.is_url(image):
-        return storage.read_bytes(image)  # a storage.FetchError when it cannot be fetched, as decode_image
+        return _read_image_file(image)  # a storage.FetchError when it cannot be fetched, as decode_image
     if isinstance(image, (str, os.PathLike)):
         try:
-            with open(os.fspath(image), "rb") as file:
-                return file.read()
+            return _read_image_file(os.fspath(image))
         except FileNotFoundError as error:
             raise DecodeError(f"file not found: {error.filename}") from error
         except OSError as error:

@@ -154,3 +154,33 @@ def test_missing_shard_is_an_error_before_anything_is_written(setup, capsys):
                  "--pretrained", str(checkpoint), "--out", str(out)])
     assert code == 2 and "00003.tar: shard not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_weights_file_moved_elsewhere_resumes_by_its_digest_and_other_weights_are_refused(setup, first_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    root, checkpoint, _, _ = setup
+    out = tmp_path / "EMB"
+    shutil.copytree(first_run, out)
+    (out / "img_emb" / "img_emb_2.npy").unlink()
+    moved = tmp_path / "elsewhere" / "weights.pt"
+    moved.parent.mkdir()
+    shutil.copy(checkpoint, moved)
+    assert _embed(root, moved, out) == 0
+    assert "embedded 3 samples into 1 parts" in capsys.readouterr().out
+    config = json.loads((out / "embed_config.json").read_text())
+    assert config["pretrained"] == str(moved)  # the new place is recorded (unicom search loads it from there)
+    assert config == dict(json.loads((first_run / "embed_config.json").read_text()), pretrained=str(moved))
+    np.testing.assert_array_equal(_load(out, 2)[0], _load(first_run, 2)[0])
+
+    state = torch.load(checkpoint, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1e-3  # other weights
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    (out / "img_emb" / "img_emb_2.npy").unlink()
+    assert _embed(root, other, out) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "weights_sha256" in err and "pretrained" in err
+    assert not (out / "img_emb" / "img_emb_2.npy").exists()

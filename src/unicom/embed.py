@@ -379,11 +379,20 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
     return finished
 
 
-def _check_config(out, config: dict) -> bool:
-    """Compare with the configuration a previous run left in ``out``; True if there was one."""
+def _check_config(out, config: dict) -> bool | None:
+    """Compare with the configuration a previous run left in ``out``: False if there was
+    none, True if it matches, None if only the weights file moved: the same weights by
+    their digest (``config`` without it: not known until the weights are loaded; with it
+    and equal: the new place is recorded)."""
     previous = read_config(out)
     if previous is None:
         return False
+    moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
+             and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)))
+    if moved and config.get(WEIGHTS_CHECKSUM) in (None, previous[WEIGHTS_CHECKSUM]):
+        if WEIGHTS_CHECKSUM in config and distributed.get_rank() == 0:
+            write_config(out, dict(previous, pretrained=config.get("pretrained")))
+        return None
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         value = previous.get(key)
         if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
@@ -461,7 +470,7 @@ def embed_parts(
         sweep_writer_temporaries(out, [part.number for part in pending])
     # every rank lists the finished parts before any rank writes a new one, so all agree
     distributed.barrier()
-    if rank == 0 and not had_config:
+    if rank == 0 and had_config is False:
         write_config(out, config)
     mine = pending[rank::world]
     if mine:
@@ -603,7 +612,7 @@ def embed_to_folder(
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
         config["rows_per_part"] = rows_per_part
     check = dict(config, modalities=list(modalities), dtype=dtype)
-    if _check_config(out, check):
+    if _check_config(out, check):  # (None: the weights file moved; their digest decides once they are loaded)
         kinds = check["modalities"] + ["metadata"]
         numbers = [part.number for part in parts]
         if len(complete_parts(out, numbers, kinds)) == len(set(numbers)):  # nothing to do: no model to build

@@ -195,6 +195,7 @@ class FileServerState:
     bandwidth: float | None = None  # bytes per second, per response
     faults: dict[str, Faults] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)  # name -> bytes of file data sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -266,6 +267,8 @@ class _Handler(SimpleHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.wfile.write(data[position:end])
+            with state.lock:
+                state.sent[name] = state.sent.get(name, 0) + end - position
             if state.bandwidth:
                 time.sleep((end - position) / state.bandwidth)
             position = end

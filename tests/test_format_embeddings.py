@@ -153,3 +153,33 @@ def test_a_missing_sub_folder_is_named_with_the_root(tmp_path):
     write_part(tmp_path / "emb", 0, text=np.ones((2, 4), dtype=np.float32), metadata=pa.table({"key": ["a", "b"]}))
     with pytest.raises(InputError, match=r"emb: no img_emb/ folder inside; this needs image embeddings"):
         read_embedding_folder(tmp_path / "emb")
+
+
+def test_a_remote_folder_is_counted_from_the_parquet_footers_not_the_whole_metadata(tmp_path):
+    """At a URL the row counts and column names come from each metadata file's footer (ranged
+    reads); LAION's metadata is gigabytes, and a stage needs only these before it starts."""
+    from storage_servers import FileServer
+
+    rng = np.random.default_rng(1)
+    rows = (60_000, 3)
+    for number, count in enumerate(rows):
+        captions = [f"caption {i} " + "x" * int(rng.integers(10, 60)) for i in range(count)]
+        table = pa.table({"key": [f"{number}-{i:09d}" for i in range(count)], "caption": captions})
+        write_part(tmp_path, number, image=np.zeros((count, 4), np.float16), metadata=table)
+    # part 0 again with many row groups: a footer longer than the first ranged read
+    pq.write_table(pq.read_table(tmp_path / "metadata" / "metadata_0.parquet"), tmp_path / "metadata" / "metadata_0.parquet",
+                   row_group_size=100)
+    sizes = {n: (tmp_path / "metadata" / f"metadata_{n}.parquet").stat().st_size for n in range(2)}
+    assert sizes[0] > 1_000_000
+    with FileServer(tmp_path) as server:
+        folders = EmbeddingFolders.from_root(server.url)
+        contents = folders.contents()
+        assert [(part.number, part.rows) for part in contents.parts] == list(enumerate(rows))
+        assert contents.metadata_columns(0) == ["key", "caption"]
+        assert folders.num_rows("metadata", 0) == rows[0]
+        sent = server.state.sent.get("metadata/metadata_0.parquet", 0)
+        footer = int.from_bytes((tmp_path / "metadata" / "metadata_0.parquet").read_bytes()[-8:-4], "little")
+        assert footer > 64 * 1024 and sent < 4 * (footer + 64 * 1024) < sizes[0]
+        (tmp_path / "metadata" / "metadata_1.parquet").write_bytes(b"not parquet, but long enough" * 4)
+        with pytest.raises(InputError, match=r"metadata_1.parquet: not a readable parquet file \(no parquet footer"):
+            folders.contents()

@@ -204,6 +204,35 @@ def _parquet_file(path: Path):
         raise InputError(f"{path}: not a readable parquet file ({error})") from error
 
 
+_FOOTER_READ = 64 * 1024  # bytes read from a remote parquet file's end: its footer, mostly whole
+
+
+def _parquet_metadata(path: Path):
+    """A parquet file's footer (row count, schema, row groups) as ``pyarrow.parquet.FileMetaData``;
+    of a remote file only the footer is fetched (ranged reads), not the table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not storage.is_url(path):
+        return _parquet_file(path).metadata
+    try:
+        size = storage.size(path)
+        start = max(0, size - _FOOTER_READ)
+        tail = storage.read_range(path, start, size)
+        length = int.from_bytes(tail[-8:-4], "little") if len(tail) >= 12 else -1
+        if tail[-4:] != b"PAR1" or not 0 <= length <= size - 12:
+            raise InputError(f"{path}: not a readable parquet file (no parquet footer at its end)")
+        if length + 8 > len(tail):  # a footer longer than the first read
+            tail = storage.read_range(path, size - 8 - length, start) + tail
+        return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8):]))
+    except storage.FetchError as error:
+        raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error
+    except InputError:
+        raise
+    except Exception as error:  # pyarrow raises several types for damaged footers
+        raise InputError(f"{path}: not a readable parquet file ({error})") from error
+
+
 def _read_parquet(path: Path, columns: Sequence[str] | None = None):
     file = _parquet_file(path)
     try:
@@ -295,7 +324,7 @@ class EmbeddingFolders:
     def num_rows(self, kind: str, number: int) -> int:
         path = self.path(kind, number)
         if kind == "metadata":
-            return _parquet_file(path).metadata.num_rows
+            return _parquet_metadata(path).num_rows
         return int(_load_npy(path).shape[0])
 
     # ------------------------------------------------------------------ the one listing
@@ -328,7 +357,7 @@ class EmbeddingFolders:
         shapes = storage.gather(_shape_and_dtype, [listing[kind][n] for n in complete for kind in embeddings])
         shapes = {(n, kind): shapes[i * len(embeddings) + j] for i, n in enumerate(complete) for j, kind in enumerate(embeddings)}
         metadata_rows = dict(zip(complete, storage.gather(
-            lambda path: _parquet_file(path).metadata.num_rows, [listing["metadata"][n] for n in complete]))) if with_metadata else {}
+            lambda path: _parquet_metadata(path).num_rows, [listing["metadata"][n] for n in complete]))) if with_metadata else {}
         parts, dimensions, dtypes, first = [], {}, {}, {}
         for number in complete:
             counts = {}
@@ -428,7 +457,7 @@ class Contents:
 
     def metadata_columns(self, number: int) -> list[str]:
         """The column names of part ``number``'s metadata."""
-        return list(_parquet_file(self.path("metadata", number)).schema_arrow.names)
+        return list(_parquet_metadata(self.path("metadata", number)).schema.to_arrow_schema().names)
 
 
 def read_embedding_folder(root: str | os.PathLike):

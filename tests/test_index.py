@@ -249,6 +249,30 @@ def test_index_folder_holds_ids_metadata_and_a_readable_configuration(tmp_path):
     assert not list((tmp_path / "index").glob(".*tmp*"))
 
 
+def test_metadata_reads_row_groups_through_a_cache_that_never_passes_its_limit(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import unicom.search.index as index_module
+
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", 4)
+    write_collection(tmp_path / "emb", {number: clustered(10, 8, seed=number) for number in range(12)})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    files = [tmp_path / "index" / "metadata" / f"metadata_{number}.parquet" for number in range(12)]
+    assert {pq.ParquetFile(file).metadata.num_row_groups for file in files} == {3}  # 4 + 4 + 2 rows
+    whole = pa.concat_tables([pq.read_table(file) for file in files]).to_pylist()  # the reference: every table read
+    limit = 3 * pq.ParquetFile(files[0]).read_row_group(0).nbytes
+    index.metadata_rows.cache_bytes = limit
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # hits spread over every part
+        ids = rng.integers(0, len(index), size=(3, 5))
+        assert index.metadata(ids) == [[whole[i] for i in query] for query in ids.tolist()]
+        assert 0 < index.metadata_rows.cached_bytes <= limit
+    # a row group larger than the limit is held alone
+    index.metadata_rows.cache_bytes = 1
+    assert index.metadata([0, 119]) == [whole[0], whole[119]]
+    assert index.metadata_rows.cached_row_groups == [(11, 2)]
+
+
 def test_a_source_id_column_is_kept_as_source_id(tmp_path):
     write_part(tmp_path / "emb", 0, image=clustered(3, 8, seed=0), metadata=pa.table({"key": ["a", "b", "c"], "id": [7, 8, 9]}))
     index = Index.build(tmp_path / "emb", tmp_path / "index")

@@ -45,6 +45,8 @@ from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_
 from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
 from unicom.search import clip_layout
 from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
+from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
+from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows
 from unicom.search.planner import (
     DEFAULT_RECALL,
     Candidate,
@@ -212,13 +214,19 @@ class Index:
         self.path = Path(path)
         self.location = storage.text(location) if location is not None and storage.is_url(location) else self.path
         self.faiss_indexes = dict(faiss_indexes) if isinstance(faiss_indexes, dict) else {"image": faiss_indexes}
-        self._tables: dict[int, Any] = {}
+        self.metadata_rows: MetadataRows | None = None
         self._set_config(config)
 
     def _set_config(self, config: dict) -> None:
         self.config = config
         self.parts = [Part(p["number"], p["rows"], p["first_id"], p.get("file")) for p in config["parts"]]
         self._starts = np.array([p.first_id for p in self.parts], dtype=np.int64)
+        # the metadata files, read a row group at a time through a bounded cache (kept across a reload)
+        cache_bytes = self.metadata_rows.cache_bytes if self.metadata_rows is not None else METADATA_CACHE_BYTES
+        self.metadata_rows = MetadataRows([(self._metadata_path(part), part.rows) for part in self.parts], cache_bytes)
+
+    def _metadata_path(self, part: Part) -> Path:
+        return self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)
 
     # ------------------------------------------------------------------ reading
 
@@ -403,25 +411,13 @@ class Index:
             for query_scores, query_rows in zip(scores, rows)
         ]
 
-    def _table(self, index: int):
-        table = self._tables.get(index)
-        if table is None:
-            import pyarrow.parquet as pq
-
-            part = self.parts[index]
-            path = self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)
-            try:
-                table = pq.read_table(path)
-            except FileNotFoundError as error:
-                raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
-            self._tables[index] = table
-        return table
-
     def metadata(self, ids) -> list:
         """The metadata rows of ``ids`` as dicts (with ``id``), nested like ``ids``; None for -1.
 
         ``ids``: an int, or an int array of any shape (e.g. the (Q, k) ids of :meth:`search`).
-        A column of the source named ``id`` is given as ``source_id``.
+        A column of the source named ``id`` is given as ``source_id``. Only the parquet row
+        groups holding ``ids`` are read; :attr:`metadata_rows` keeps those used last, at most
+        ``index.metadata_rows.cache_bytes`` of them (:mod:`unicom.search.metadata_rows`).
         """
         array = np.asarray(ids, dtype=np.int64)
         flat = array.reshape(-1)
@@ -436,7 +432,7 @@ class Index:
             positions = valid[which == index]
             rows = flat[positions] - self.parts[int(index)].first_id
             if self.config.get("has_metadata", True) or with_ids:
-                found = self._table(int(index)).take(rows).to_pylist()
+                found = self.metadata_rows.take(int(index), rows)
             else:
                 found = [{} for _ in rows]
             for position, row in zip(positions, found):
@@ -920,7 +916,8 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
     sweep_temporaries(out)  # what a killed build or update left: the folder is this index's alone
     sweep_temporaries(out / METADATA_FOLDER)
     for part in parts:
-        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part))
+        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part),
+                             row_group_size=ROW_GROUP_ROWS)
     config["file"] = _faiss_file(config["generation"])
     with atomic_path(out / config["file"]) as tmp:
         faiss.write_index(faiss_index, str(tmp))

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from unicom.formats.embeddings import write_part
 from unicom.search.index import Index
 from unicom.search.queries import near_duplicates, score_digits
-from unicom.search.service import create_app
+from unicom.search.service import MAX_METADATA_IDS, create_app
 
 from support import indexed_image_collection
 
@@ -145,6 +145,21 @@ def test_metadata_answers_ids_in_clip_retrievals_shape(served):
     assert served["client"].post("/metadata", json={"ids": []}).json() == []
     bad = served["client"].post("/metadata", json={"ids": [99]})
     assert bad.status_code == 404 and bad.json()["detail"] == "no item 99 in photos (ids 0..23)"
+
+
+def test_metadata_refuses_more_ids_than_its_limit_before_reading_any(served, monkeypatch):
+    def unread(*args, **kwargs):
+        raise AssertionError("metadata read for a refused request")
+
+    ids = [item % 24 for item in range(MAX_METADATA_IDS + 1)]
+    monkeypatch.setattr(Index, "metadata", unread)
+    refused = served["client"].post("/metadata", json={"ids": ids})
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == f"ids: {MAX_METADATA_IDS + 1} ids, more than the limit of {MAX_METADATA_IDS} per " \
+                                       "request; ask for them in several requests"
+    monkeypatch.undo()
+    allowed = served["client"].post("/metadata", json={"ids": ids[:MAX_METADATA_IDS]})
+    assert allowed.status_code == 200 and len(allowed.json()) == MAX_METADATA_IDS
 
 
 def test_an_image_url_is_fetched_only_when_allowed(served, tmp_path):

@@ -241,6 +241,12 @@ class Index:
         path = _cached(path) if storage.is_url(path) else Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
+            if (path / HELDOUT_FILE).is_file():  # unicom index writes it, and index.json last: a build that did not finish
+                raise InputError(
+                    f"{storage.text(location)}: holds the {HELDOUT_FILE} of `unicom index` but no {CONFIG_FILE} inside: a "
+                    "build or rebuild that did not finish, whose files may belong to two indexes; run it again with "
+                    f"--rebuild (or, to open the folder as clip-retrieval would, delete {HELDOUT_FILE})"
+                )
             if clip_layout.is_clip_folder(path):
                 return cls._open_clip_folder(path, location)
             raise InputError(
@@ -261,7 +267,8 @@ class Index:
             recorded = [(part["file"], part["rows"]) for part in config["parts"]] if config.get("has_metadata") else []
             if listed != recorded or set(opened.faiss_indexes) != set(config["modalities"]):
                 raise InputError(f"{path}: its files differ from what {CONFIG_FILE} records (another tool rewrote them?); "
-                                 "rebuild the index with --rebuild, or delete index.json to open the folder as it is")
+                                 "rebuild the index with --rebuild, or delete index.json and heldout_ids.npy to open the "
+                                 "folder as it is")
             indexes = opened.faiss_indexes
         else:
             faiss_path = path / config["file"]
@@ -757,20 +764,51 @@ def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.
 
 
 def _cached(url) -> Path:
-    """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`)."""
+    """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`): the files
+    its ``index.json`` names, or for a folder clip-retrieval / autofaiss wrote (no ``index.json``)
+    its faiss indexes, their descriptions and its metadata files. Index files of the cache
+    that the folder no longer holds are removed, so the copy is the folder as it is now."""
     config_url = storage.join(url, CONFIG_FILE)
-    if not storage.is_file(config_url):
-        raise InputError(f"{storage.text(url)}: no {CONFIG_FILE} inside: not an index folder written by `unicom index`, or "
-                         "one whose build did not finish; build it (again) with `unicom index --emb EMB --out "
-                         f"{storage.text(url)} --rebuild`")
-    try:
-        config = json.loads(storage.read_text(config_url))
-    except ValueError as error:
-        raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
-    names = [CONFIG_FILE, *_file_names(config)]
-    if storage.is_file(storage.join(url, HELDOUT_FILE)):
-        names.append(HELDOUT_FILE)
-    return storage.cached_copy(url, names, refresh=[CONFIG_FILE])
+    if storage.is_file(config_url):
+        try:
+            config = json.loads(storage.read_text(config_url))
+        except ValueError as error:
+            raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
+        names = [CONFIG_FILE, *_file_names(config)]
+        if storage.is_file(storage.join(url, HELDOUT_FILE)):
+            names.append(HELDOUT_FILE)
+    else:
+        names = _clip_folder_files(url)
+        if storage.is_file(storage.join(url, HELDOUT_FILE)):
+            names.append(HELDOUT_FILE)  # Index.load names the unfinished build
+        if not names:
+            raise InputError(
+                f"{storage.text(url)}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index "
+                "(clip-retrieval's): not an index folder, or one whose build did not finish; build it (again) with "
+                f"`unicom index --emb EMB --out {storage.text(url)} --rebuild`"
+            )
+    local = storage.cached_copy(url, names, refresh=[CONFIG_FILE])
+    for folder in (local, local / METADATA_FOLDER):
+        for file in folder.glob("*"):
+            name = file.relative_to(local).as_posix()
+            if (name == CONFIG_FILE or _INDEX_FILES.fullmatch(name)) and name not in names:
+                file.unlink()
+    return local
+
+
+def _clip_folder_files(url) -> list[str]:
+    """The files of clip-retrieval's index folder at ``url``, relative to it; empty when it holds
+    neither ``image.index`` nor ``text.index``."""
+    present = storage.list_files(url)
+    indexes = [clip_layout.index_file(modality) for modality in clip_layout.MODALITIES
+               if clip_layout.index_file(modality) in present]
+    if not indexes:
+        return []
+    infos = [clip_layout.infos_file(modality) for modality in clip_layout.MODALITIES
+             if clip_layout.infos_file(modality) in present]
+    metadata = [f"{clip_layout.METADATA_FOLDER}/{name}"
+                for name in storage.list_files(storage.join(url, clip_layout.METADATA_FOLDER)) if name.endswith(".parquet")]
+    return indexes + infos + sorted(metadata)
 
 
 def _file_names(config: dict) -> list[str]:

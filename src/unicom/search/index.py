@@ -391,22 +391,19 @@ class Index:
         return scores, ids.astype(np.int64, copy=False)
 
     def search_images(self, encoder, images: Sequence[Any], k: int = 10, *, batch_size: int = 32):
-        """Embed ``images`` (PIL images or paths) with ``encoder`` and search: (scores, ids) as :meth:`search`."""
+        """Embed ``images`` (PIL images or paths) with ``encoder`` and search: (scores, ids) as :meth:`search`.
+        The encoder must be the collection's model (:meth:`check_encoder`)."""
         from unicom.embed import embed_images
 
         self.check_encoder(encoder)
         return self.search(embed_images(encoder, images, batch_size=batch_size), k, modality="image")
 
     def check_encoder(self, encoder) -> None:
-        """Raise :class:`InputError` if ``encoder``'s embeddings cannot be the collection's."""
-        expected = self.config.get("source_dims", self.dims)
-        if encoder.embedding_dim != expected:
-            built_with = self.config.get("model") or {}
-            hint = f" ({built_with.get('spec')})" if built_with.get("spec") else ""
-            raise InputError(
-                f"{encoder.name} gives {encoder.embedding_dim}-dimensional embeddings, but {self.location} was built from "
-                f"{expected}-dimensional ones; query with the model that embedded the collection{hint}"
-            )
+        """Raise :class:`InputError` unless ``encoder`` can be the model that embedded the collection:
+        its embedding size and weights digest (:func:`unicom.search.queries.check_model`)."""
+        from unicom.search.queries import check_model
+
+        check_model(self, encoder)
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
         """Results per query: dicts with ``rank`` (1-based), ``id``, ``score`` and the row's metadata

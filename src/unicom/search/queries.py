@@ -53,8 +53,14 @@ def check_model(index, encoder) -> None:
     ``unicom embed`` recorded (indexes of folders without one are only checked for the
     dimension). A model built with random weights that were never saved can never match.
     """
-    index.check_encoder(encoder)
     recorded_model = index.config.get("model") or {}
+    expected = index.config.get("source_dims", index.dims)
+    if encoder.embedding_dim != expected:
+        hint = f" ({recorded_model['spec']})" if recorded_model.get("spec") else ""
+        raise InputError(
+            f"{encoder.name} gives {encoder.embedding_dim}-dimensional embeddings, but {index.location} was built from "
+            f"{expected}-dimensional ones; query with the model that embedded the collection{hint}"
+        )
     recorded = recorded_model.get(WEIGHTS_CHECKSUM)
     if not recorded:
         return

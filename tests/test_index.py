@@ -73,6 +73,13 @@ def test_first_dims_names_the_row_that_cannot_be_normalised():
         first_dims(np.array([[np.nan, 1.0]]), 2, "q", 4)
 
 
+def test_first_dims_normalises_finite_values_whose_squares_leave_float32():
+    x = np.array([[3e20, 4e20, 1.0], [3e-25, 4e-25, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(first_dims(x, 2), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
+    with pytest.raises(InputError, match="row 0 holds NaN or infinite values"):
+        first_dims(np.array([[np.inf, 1.0]], dtype=np.float32), 2)
+
+
 def test_parse_size_reads_decimal_and_binary_units():
     assert parse_size("512MB") == 512_000_000
     assert parse_size("2GiB") == 2 * 2**30
@@ -597,6 +604,20 @@ def test_k_may_be_a_numpy_integer_but_not_a_float(tmp_path):
         np.testing.assert_array_equal(index.search(vectors[:2], k)[1], brute_force(vectors, vectors[:2], 3)[1])
     with pytest.raises(InputError, match="k must be an integer, got 3.0"):
         index.search(vectors[:2], 3.0)
+
+
+def test_a_query_that_cannot_be_searched_is_named_as_the_query(tmp_path):
+    vectors = clustered(30, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    queries = vectors[:3].copy()
+    queries[2, 0] = np.nan
+    with pytest.raises(InputError) as error:
+        index.search(queries, k=2)
+    assert str(error.value) == ("query embeddings: row 2 holds NaN or infinite values; a query needs finite numbers, "
+                                "not all zero, in the dimensions the index searches")
+    # a finite query of large numbers is a direction like any other
+    np.testing.assert_array_equal(index.search(vectors[:3] * 1e20, k=2)[1], index.search(vectors[:3], k=2)[1])
 
 
 def test_queries_need_at_least_the_index_dimensions(tmp_path):

@@ -44,7 +44,7 @@ from unicom.errors import InputError
 from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
 from unicom.search import clip_layout
-from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
+from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
 from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
 from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows
 from unicom.search.planner import (
@@ -376,7 +376,7 @@ class Index:
             raise InputError(f"k must be an integer, got {k!r}") from None
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
-        queries = first_dims(x, dims, "query embeddings")
+        queries = first_dims(x, dims, "query embeddings", fix=QUERY_FIX)
         search = dict(recorded.get("search", {}))
         if nprobe is not None:
             search["nprobe"] = nprobe

@@ -202,10 +202,10 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
         try:
             base = search.vector if search.vector is not None else image_rows.get(position)
             if base is not None and base.shape[-1] != dims:
-                base = queries.first_dims(base[None, :], dims, "the query")[0]
+                base = queries.first_dims(base[None, :], dims, "the query", fix=queries.QUERY_FIX)[0]
             text = text_rows.get(position)
             if text is not None:
-                text = queries.first_dims(text[None, :], dims, "the text query")[0]
+                text = queries.first_dims(text[None, :], dims, "the text query", fix=queries.QUERY_FIX)[0]
             if base is not None and text is not None:
                 vectors.append(queries.combine(base, text, search.text_weight)[0])
             else:
@@ -638,7 +638,8 @@ def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
     if not vector.any():
         raise _error(400, f'"embedding" is zero in its first {dims} numbers: it has no direction to search')
     try:
-        return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"')[0]
+        return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"',
+                                  fix=queries.QUERY_FIX)[0]
     except InputError as error:
         raise _error(400, str(error)) from None
 

@@ -73,6 +73,13 @@ def test_first_dims_names_the_row_that_cannot_be_normalised():
         first_dims(np.array([[np.nan, 1.0]]), 2, "q", 4)
 
 
+def test_first_dims_normalises_finite_values_whose_squares_leave_float32():
+    x = np.array([[3e20, 4e20, 1.0], [3e-25, 4e-25, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(first_dims(x, 2), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
+    with pytest.raises(InputError, match="row 0 holds NaN or infinite values"):
+        first_dims(np.array([[np.inf, 1.0]], dtype=np.float32), 2)
+
+
 def test_parse_size_reads_decimal_and_binary_units():
     assert parse_size("512MB") == 512_000_000
     assert parse_size("2GiB") == 2 * 2**30
@@ -247,6 +254,30 @@ def test_index_folder_holds_ids_metadata_and_a_readable_configuration(tmp_path):
     assert table.column("id").to_pylist() == list(range(40, 70))
     assert table.column("key").to_pylist()[0] == "p1-r0"
     assert not list((tmp_path / "index").glob(".*tmp*"))
+
+
+def test_metadata_reads_row_groups_through_a_cache_that_never_passes_its_limit(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import unicom.search.index as index_module
+
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", 4)
+    write_collection(tmp_path / "emb", {number: clustered(10, 8, seed=number) for number in range(12)})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    files = [tmp_path / "index" / "metadata" / f"metadata_{number}.parquet" for number in range(12)]
+    assert {pq.ParquetFile(file).metadata.num_row_groups for file in files} == {3}  # 4 + 4 + 2 rows
+    whole = pa.concat_tables([pq.read_table(file) for file in files]).to_pylist()  # the reference: every table read
+    limit = 3 * pq.ParquetFile(files[0]).read_row_group(0).nbytes
+    index.metadata_rows.cache_bytes = limit
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # hits spread over every part
+        ids = rng.integers(0, len(index), size=(3, 5))
+        assert index.metadata(ids) == [[whole[i] for i in query] for query in ids.tolist()]
+        assert 0 < index.metadata_rows.cached_bytes <= limit
+    # a row group larger than the limit is held alone
+    index.metadata_rows.cache_bytes = 1
+    assert index.metadata([0, 119]) == [whole[0], whole[119]]
+    assert index.metadata_rows.cached_row_groups == [(11, 2)]
 
 
 def test_a_source_id_column_is_kept_as_source_id(tmp_path):
@@ -573,6 +604,20 @@ def test_k_may_be_a_numpy_integer_but_not_a_float(tmp_path):
         np.testing.assert_array_equal(index.search(vectors[:2], k)[1], brute_force(vectors, vectors[:2], 3)[1])
     with pytest.raises(InputError, match="k must be an integer, got 3.0"):
         index.search(vectors[:2], 3.0)
+
+
+def test_a_query_that_cannot_be_searched_is_named_as_the_query(tmp_path):
+    vectors = clustered(30, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    queries = vectors[:3].copy()
+    queries[2, 0] = np.nan
+    with pytest.raises(InputError) as error:
+        index.search(queries, k=2)
+    assert str(error.value) == ("query embeddings: row 2 holds NaN or infinite values; a query needs finite numbers, "
+                                "not all zero, in the dimensions the index searches")
+    # a finite query of large numbers is a direction like any other
+    np.testing.assert_array_equal(index.search(vectors[:3] * 1e20, k=2)[1], index.search(vectors[:3], k=2)[1])
 
 
 def test_queries_need_at_least_the_index_dimensions(tmp_path):

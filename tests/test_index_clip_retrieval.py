@@ -100,6 +100,32 @@ def test_an_autofaiss_folder_answers_exactly_as_faiss_itself(autofaiss_folder):
     assert index.config["modalities"]["image"]["stored_search"] == {"nprobe": 4}
 
 
+def test_an_autofaiss_folder_in_s3_loads_as_it_does_from_disk(s3, autofaiss_folder, tmp_path, monkeypatch):
+    root, _ = autofaiss_folder
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    s3.bucket("autofaiss-url")
+    # the folder held an index in unicom's layout first: its copy in the cache must not answer for what replaced it
+    write_collection(tmp_path / "emb", {0: 30}, text=False)
+    Index.build(tmp_path / "emb", tmp_path / "unicom_index")
+    url = s3.upload_folder(tmp_path / "unicom_index", "autofaiss-url", "index")
+    assert len(Index.load(url)) == 30
+    for key in s3.keys("autofaiss-url", "index/"):
+        s3.client().delete_object(Bucket="autofaiss-url", Key=key)
+    s3.upload_folder(root / "index", "autofaiss-url", "index")
+
+    remote, local = Index.load(url), Index.load(root / "index")
+    assert remote.layout == "clip-retrieval" and remote.modalities == ("image", "text") and len(remote) == len(local)
+    assert remote.path.is_relative_to(tmp_path / "cache")
+    queries = unit_rows(10, 32, seed=7)
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(remote.search(queries, 5, modality=modality)[1],
+                                      local.search(queries, 5, modality=modality)[1])
+    ids = local.search(queries, 5)[1]
+    assert remote.metadata(ids) == local.metadata(ids)
+    with pytest.raises(InputError, match="no index.json inside .unicom's layout., nor image.index / text.index"):
+        Index.load("s3://autofaiss-url/elsewhere")
+
+
 @pytest.mark.parametrize("key, described", [
     ("Flat", ("flat", {})), ("HNSW32", ("hnsw", {"efSearch": 16})), ("IVF8,Flat", ("ivf", {"nprobe": 1})),
     ("IVF8,SQ8", ("ivfsq", {"nprobe": 1})), ("IVF8,PQ4x8", ("ivfpq", {"nprobe": 1})),
@@ -255,3 +281,16 @@ def test_the_layout_keeps_whole_embeddings_and_is_rebuilt_not_grown(tmp_path):
     assert rebuilt.layout == "unicom" and len(rebuilt) == 60
     assert not (tmp_path / "index" / "image.index").exists() and Index.load(tmp_path / "index").layout == "unicom"
     assert json.loads((tmp_path / "index" / CONFIG_FILE).read_text())["layout"] == "unicom"
+
+
+def test_a_folder_of_unicom_index_without_its_index_json_is_an_unfinished_build(tmp_path):
+    write_collection(tmp_path / "emb", {0: 30}, text=False)
+    built = Index.build(tmp_path / "emb", tmp_path / "index", layout="clip-retrieval")
+    (tmp_path / "index" / CONFIG_FILE).unlink()  # what a rebuild that did not finish leaves
+    with pytest.raises(InputError, match="heldout_ids.npy of `unicom index` but no index.json inside: a build or rebuild "
+                                         "that did not finish.*--rebuild"):
+        Index.load(tmp_path / "index")
+    (tmp_path / "index" / "heldout_ids.npy").unlink()  # as the error says: then it opens as clip-retrieval opens it
+    opened = Index.load(tmp_path / "index")
+    assert opened.config["written_by"] == "another tool" and len(opened) == len(built)
+    assert opened.metadata(29) == {"id": 29, **built.metadata(29)}

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from unicom.cli import main
+from unicom.errors import InputError
 from unicom.formats.embeddings import write_part
 from unicom.models.encoders import load_encoder
 from unicom.search.index import Index
@@ -111,3 +112,15 @@ def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(co
     assert "up to date (24 vectors" in capsys.readouterr().out
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "clip-retrieval", "--rebuild"]) == 0
     assert (out / "image.index").is_file() and Index.load(out).layout == "clip-retrieval"
+
+
+def test_search_images_takes_the_collections_model_only(collection):
+    index = Index.load(collection["index"])
+    same = load_encoder("timm/test_vit", str(collection["checkpoint"]))
+    _, ids = index.search_images(same, [collection["images"][9]], k=1)
+    assert ids.tolist() == [[9]]
+    with pytest.warns(UserWarning, match="random weights"):
+        other = load_encoder("timm/test_vit")  # the same network and size, other weights
+    assert other.embedding_dim == same.embedding_dim
+    with pytest.raises(InputError, match="the collection was embedded by timm/test_vit .* has other weights"):
+        index.search_images(other, [collection["images"][9]], k=1)

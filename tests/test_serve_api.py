@@ -261,6 +261,22 @@ def test_an_item_without_a_local_image_has_no_thumbnail(tmp_path):
         assert refused.status_code == 503 and '{"embedding": [...]}' in refused.json()["detail"]
 
 
+def test_a_file_url_image_path_is_the_local_file_it_names(tmp_path):
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    image = tmp_path / "images" / "cat one.jpg"
+    image.parent.mkdir()
+    image.write_bytes(encode_image(class_image(2, 0)))
+    rows = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a"], "image_path": [f"file://{image}"]}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    with TestClient(create_app(index, image_root=tmp_path / "elsewhere")) as client:
+        assert client.get("/image/0").content == image.read_bytes()
+        assert client.get("/thumbnail/0").status_code == 200
+
+
 def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
     import gzip
 

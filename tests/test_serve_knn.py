@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import math
+import socket
 import threading
 
 import numpy as np
@@ -17,8 +18,10 @@ from fastapi.testclient import TestClient
 from unicom.formats.embeddings import write_part
 from unicom.search.index import Index
 from unicom.search.queries import near_duplicates, score_digits
-from unicom.search.service import create_app
+from unicom.search.service import MAX_METADATA_IDS, create_app
+from unicom.search.uploads import MAX_REDIRECTS
 
+from storage_servers import QuietHandler, serve
 from support import indexed_image_collection
 
 
@@ -147,6 +150,21 @@ def test_metadata_answers_ids_in_clip_retrievals_shape(served):
     assert bad.status_code == 404 and bad.json()["detail"] == "no item 99 in photos (ids 0..23)"
 
 
+def test_metadata_refuses_more_ids_than_its_limit_before_reading_any(served, monkeypatch):
+    def unread(*args, **kwargs):
+        raise AssertionError("metadata read for a refused request")
+
+    ids = [item % 24 for item in range(MAX_METADATA_IDS + 1)]
+    monkeypatch.setattr(Index, "metadata", unread)
+    refused = served["client"].post("/metadata", json={"ids": ids})
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == f"ids: {MAX_METADATA_IDS + 1} ids, more than the limit of {MAX_METADATA_IDS} per " \
+                                       "request; ask for them in several requests"
+    monkeypatch.undo()
+    allowed = served["client"].post("/metadata", json={"ids": ids[:MAX_METADATA_IDS]})
+    assert allowed.status_code == 200 and len(allowed.json()) == MAX_METADATA_IDS
+
+
 def test_an_image_url_is_fetched_only_when_allowed(served, tmp_path):
     (tmp_path / "q.jpg").write_bytes(served["images"][9].read_bytes())
     handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
@@ -162,6 +180,52 @@ def test_an_image_url_is_fetched_only_when_allowed(served, tmp_path):
         finally:
             server.shutdown()
     assert knn(served["client"], image_url="file:///etc/passwd", num_images=1).status_code == 400
+
+
+def test_an_image_url_follows_a_few_redirects_to_http_only(served, tmp_path):
+    image = served["images"][9].read_bytes()
+    listener = socket.create_server(("127.0.0.1", 0))  # stands for an FTP server: nothing may connect to it
+    listener.settimeout(0.2)
+    ftp = f"ftp://127.0.0.1:{listener.getsockname()[1]}/q.jpg"
+
+    class Redirects(QuietHandler):
+        def do_GET(self):
+            if self.path == "/q.jpg":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+                return
+            hops = int(self.path.rsplit("/", 1)[-1]) if self.path.startswith("/hop/") else 0
+            target = {"/ftp": ftp, "/file": "file:///etc/passwd"}.get(self.path) or (
+                f"/hop/{hops - 1}" if hops > 0 else "/q.jpg")
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = serve(Redirects)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def ask(path):
+            return knn(served["client"], image_url=base + path, num_images=1, indice_name="photos")
+
+        followed = ask(f"/hop/{MAX_REDIRECTS - 1}")  # MAX_REDIRECTS redirects in all
+        assert followed.status_code == 200 and followed.json()[0]["id"] == 9
+        too_many = ask(f"/hop/{MAX_REDIRECTS}")
+        assert too_many.status_code == 400
+        assert too_many.json()["detail"].startswith(f"image_url: more than {MAX_REDIRECTS} redirects")
+        to_ftp = ask("/ftp")
+        assert to_ftp.status_code == 400
+        assert to_ftp.json()["detail"] == f"image_url: {base}/ftp redirects to {ftp}; only http and https URLs are fetched"
+        with pytest.raises(TimeoutError):
+            listener.accept()
+        to_file = ask("/file")
+        assert to_file.status_code == 400 and "file:///etc/passwd" in to_file.json()["detail"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        listener.close()
 
 
 def test_cors_headers_only_for_the_origins_given(served):

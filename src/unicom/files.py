@@ -95,15 +95,16 @@ def save_npy_atomic(path: str | os.PathLike, array) -> None:
             os.fsync(f.fileno())
 
 
-def write_parquet_atomic(path: str | os.PathLike, table) -> None:
-    """Write a ``pyarrow.Table`` (or a pandas DataFrame) to parquet atomically."""
+def write_parquet_atomic(path: str | os.PathLike, table, row_group_size: int | None = None) -> None:
+    """Write a ``pyarrow.Table`` (or a pandas DataFrame) to parquet atomically; ``row_group_size``:
+    the most rows per row group (default pyarrow's)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
 _NUMBER = re.compile(r"(\d+)")

@@ -187,7 +187,10 @@ def write_infos(out: Path, modality: str, description: dict) -> None:
 
 
 def write_metadata(out: Path, file: str, table) -> None:
-    write_parquet_atomic(out / file, table)
+    """The collection's metadata as it is, in row groups that a lookup reads alone."""
+    from unicom.search.metadata_rows import ROW_GROUP_ROWS
+
+    write_parquet_atomic(out / file, table, row_group_size=ROW_GROUP_ROWS)
 
 
 def stale_metadata(out: Path, kept: set[str]) -> list[Path]:

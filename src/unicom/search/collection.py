@@ -24,22 +24,34 @@ from unicom.progress import progress
 BLOCK_ROWS = 65536  # rows read, normalised and added at once
 
 
-def first_dims(embeddings: np.ndarray, dims: int, where: str = "embeddings", rows=0) -> np.ndarray:
+PART_FIX = "re-embed that part or drop the row"
+QUERY_FIX = "a query needs finite numbers, not all zero, in the dimensions the index searches"
+
+
+def first_dims(embeddings: np.ndarray, dims: int, where: str = "embeddings", rows=0, fix: str = PART_FIX) -> np.ndarray:
     """The first ``dims`` columns of (N, D) ``embeddings``, rows re-normalised: float32 (N, dims).
 
-    Raises :class:`InputError` naming ``where`` and the row for non-finite values or rows
-    whose first ``dims`` values are all zero; ``rows`` gives the row numbers to name (an
-    offset, or one number per row).
+    Raises :class:`InputError` naming ``where`` and the row, and saying ``fix``, for non-finite
+    values (after the conversion to float32) or rows whose first ``dims`` values are all zero;
+    ``rows`` gives the row numbers to name (an offset, or one number per row). Rows whose
+    squares overflow or underflow float32 (values near 1e20, or 1e-25) are normalised in float64.
     """
     x = np.array(embeddings[:, :dims], dtype=np.float32, copy=True, order="C")
-    norms = np.linalg.norm(x, axis=1)
-    bad = ~np.isfinite(norms) | (norms == 0)
-    if bad.any():
-        position = int(np.flatnonzero(bad)[0])
-        row = int(rows[position]) if np.ndim(rows) else int(rows) + position
-        problem = "holds NaN or infinite values" if not np.isfinite(norms[position]) else (
-            f"is zero in its first {dims} dimensions and cannot be normalised")
-        raise InputError(f"{where}: row {row} {problem}; re-embed that part or drop the row")
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(x, axis=1)
+    odd = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if len(odd):
+        wide = x[odd].astype(np.float64)
+        wide_norms = np.linalg.norm(wide, axis=1)
+        bad = ~np.isfinite(wide_norms) | (wide_norms == 0)
+        if bad.any():
+            position = int(odd[np.flatnonzero(bad)[0]])
+            row = int(rows[position]) if np.ndim(rows) else int(rows) + position
+            problem = "holds NaN or infinite values" if not np.isfinite(norms[position]) else (
+                f"is zero in its first {dims} dimensions and cannot be normalised")
+            raise InputError(f"{where}: row {row} {problem}; {fix}")
+        x[odd] = wide / wide_norms[:, None]
+        norms[odd] = 1.0
     x /= norms[:, None]
     return x
 

@@ -44,7 +44,9 @@ from unicom.errors import InputError
 from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
 from unicom.search import clip_layout
-from unicom.search.collection import Collection, Part, exact_neighbours, first_dims
+from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
+from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
+from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows
 from unicom.search.planner import (
     DEFAULT_RECALL,
     Candidate,
@@ -212,13 +214,19 @@ class Index:
         self.path = Path(path)
         self.location = storage.text(location) if location is not None and storage.is_url(location) else self.path
         self.faiss_indexes = dict(faiss_indexes) if isinstance(faiss_indexes, dict) else {"image": faiss_indexes}
-        self._tables: dict[int, Any] = {}
+        self.metadata_rows: MetadataRows | None = None
         self._set_config(config)
 
     def _set_config(self, config: dict) -> None:
         self.config = config
         self.parts = [Part(p["number"], p["rows"], p["first_id"], p.get("file")) for p in config["parts"]]
         self._starts = np.array([p.first_id for p in self.parts], dtype=np.int64)
+        # the metadata files, read a row group at a time through a bounded cache (kept across a reload)
+        cache_bytes = self.metadata_rows.cache_bytes if self.metadata_rows is not None else METADATA_CACHE_BYTES
+        self.metadata_rows = MetadataRows([(self._metadata_path(part), part.rows) for part in self.parts], cache_bytes)
+
+    def _metadata_path(self, part: Part) -> Path:
+        return self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)
 
     # ------------------------------------------------------------------ reading
 
@@ -233,6 +241,12 @@ class Index:
         path = _cached(path) if storage.is_url(path) else Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
+            if (path / HELDOUT_FILE).is_file():  # unicom index writes it, and index.json last: a build that did not finish
+                raise InputError(
+                    f"{storage.text(location)}: holds the {HELDOUT_FILE} of `unicom index` but no {CONFIG_FILE} inside: a "
+                    "build or rebuild that did not finish, whose files may belong to two indexes; run it again with "
+                    f"--rebuild (or, to open the folder as clip-retrieval would, delete {HELDOUT_FILE})"
+                )
             if clip_layout.is_clip_folder(path):
                 return cls._open_clip_folder(path, location)
             raise InputError(
@@ -253,7 +267,8 @@ class Index:
             recorded = [(part["file"], part["rows"]) for part in config["parts"]] if config.get("has_metadata") else []
             if listed != recorded or set(opened.faiss_indexes) != set(config["modalities"]):
                 raise InputError(f"{path}: its files differ from what {CONFIG_FILE} records (another tool rewrote them?); "
-                                 "rebuild the index with --rebuild, or delete index.json to open the folder as it is")
+                                 "rebuild the index with --rebuild, or delete index.json and heldout_ids.npy to open the "
+                                 "folder as it is")
             indexes = opened.faiss_indexes
         else:
             faiss_path = path / config["file"]
@@ -361,7 +376,7 @@ class Index:
             raise InputError(f"k must be an integer, got {k!r}") from None
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
-        queries = first_dims(x, dims, "query embeddings")
+        queries = first_dims(x, dims, "query embeddings", fix=QUERY_FIX)
         search = dict(recorded.get("search", {}))
         if nprobe is not None:
             search["nprobe"] = nprobe
@@ -376,22 +391,19 @@ class Index:
         return scores, ids.astype(np.int64, copy=False)
 
     def search_images(self, encoder, images: Sequence[Any], k: int = 10, *, batch_size: int = 32):
-        """Embed ``images`` (PIL images or paths) with ``encoder`` and search: (scores, ids) as :meth:`search`."""
+        """Embed ``images`` (PIL images or paths) with ``encoder`` and search: (scores, ids) as :meth:`search`.
+        The encoder must be the collection's model (:meth:`check_encoder`)."""
         from unicom.embed import embed_images
 
         self.check_encoder(encoder)
         return self.search(embed_images(encoder, images, batch_size=batch_size), k, modality="image")
 
     def check_encoder(self, encoder) -> None:
-        """Raise :class:`InputError` if ``encoder``'s embeddings cannot be the collection's."""
-        expected = self.config.get("source_dims", self.dims)
-        if encoder.embedding_dim != expected:
-            built_with = self.config.get("model") or {}
-            hint = f" ({built_with.get('spec')})" if built_with.get("spec") else ""
-            raise InputError(
-                f"{encoder.name} gives {encoder.embedding_dim}-dimensional embeddings, but {self.location} was built from "
-                f"{expected}-dimensional ones; query with the model that embedded the collection{hint}"
-            )
+        """Raise :class:`InputError` unless ``encoder`` can be the model that embedded the collection:
+        its embedding size and weights digest (:func:`unicom.search.queries.check_model`)."""
+        from unicom.search.queries import check_model
+
+        check_model(self, encoder)
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
         """Results per query: dicts with ``rank`` (1-based), ``id``, ``score`` and the row's metadata
@@ -403,25 +415,13 @@ class Index:
             for query_scores, query_rows in zip(scores, rows)
         ]
 
-    def _table(self, index: int):
-        table = self._tables.get(index)
-        if table is None:
-            import pyarrow.parquet as pq
-
-            part = self.parts[index]
-            path = self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)
-            try:
-                table = pq.read_table(path)
-            except FileNotFoundError as error:
-                raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
-            self._tables[index] = table
-        return table
-
     def metadata(self, ids) -> list:
         """The metadata rows of ``ids`` as dicts (with ``id``), nested like ``ids``; None for -1.
 
         ``ids``: an int, or an int array of any shape (e.g. the (Q, k) ids of :meth:`search`).
-        A column of the source named ``id`` is given as ``source_id``.
+        A column of the source named ``id`` is given as ``source_id``. Only the parquet row
+        groups holding ``ids`` are read; :attr:`metadata_rows` keeps those used last, at most
+        ``index.metadata_rows.cache_bytes`` of them (:mod:`unicom.search.metadata_rows`).
         """
         array = np.asarray(ids, dtype=np.int64)
         flat = array.reshape(-1)
@@ -436,7 +436,7 @@ class Index:
             positions = valid[which == index]
             rows = flat[positions] - self.parts[int(index)].first_id
             if self.config.get("has_metadata", True) or with_ids:
-                found = self._table(int(index)).take(rows).to_pylist()
+                found = self.metadata_rows.take(int(index), rows)
             else:
                 found = [{} for _ in rows]
             for position, row in zip(positions, found):
@@ -761,20 +761,51 @@ def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.
 
 
 def _cached(url) -> Path:
-    """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`)."""
+    """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`): the files
+    its ``index.json`` names, or for a folder clip-retrieval / autofaiss wrote (no ``index.json``)
+    its faiss indexes, their descriptions and its metadata files. Index files of the cache
+    that the folder no longer holds are removed, so the copy is the folder as it is now."""
     config_url = storage.join(url, CONFIG_FILE)
-    if not storage.is_file(config_url):
-        raise InputError(f"{storage.text(url)}: no {CONFIG_FILE} inside: not an index folder written by `unicom index`, or "
-                         "one whose build did not finish; build it (again) with `unicom index --emb EMB --out "
-                         f"{storage.text(url)} --rebuild`")
-    try:
-        config = json.loads(storage.read_text(config_url))
-    except ValueError as error:
-        raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
-    names = [CONFIG_FILE, *_file_names(config)]
-    if storage.is_file(storage.join(url, HELDOUT_FILE)):
-        names.append(HELDOUT_FILE)
-    return storage.cached_copy(url, names, refresh=[CONFIG_FILE])
+    if storage.is_file(config_url):
+        try:
+            config = json.loads(storage.read_text(config_url))
+        except ValueError as error:
+            raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
+        names = [CONFIG_FILE, *_file_names(config)]
+        if storage.is_file(storage.join(url, HELDOUT_FILE)):
+            names.append(HELDOUT_FILE)
+    else:
+        names = _clip_folder_files(url)
+        if storage.is_file(storage.join(url, HELDOUT_FILE)):
+            names.append(HELDOUT_FILE)  # Index.load names the unfinished build
+        if not names:
+            raise InputError(
+                f"{storage.text(url)}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index "
+                "(clip-retrieval's): not an index folder, or one whose build did not finish; build it (again) with "
+                f"`unicom index --emb EMB --out {storage.text(url)} --rebuild`"
+            )
+    local = storage.cached_copy(url, names, refresh=[CONFIG_FILE])
+    for folder in (local, local / METADATA_FOLDER):
+        for file in folder.glob("*"):
+            name = file.relative_to(local).as_posix()
+            if (name == CONFIG_FILE or _INDEX_FILES.fullmatch(name)) and name not in names:
+                file.unlink()
+    return local
+
+
+def _clip_folder_files(url) -> list[str]:
+    """The files of clip-retrieval's index folder at ``url``, relative to it; empty when it holds
+    neither ``image.index`` nor ``text.index``."""
+    present = storage.list_files(url)
+    indexes = [clip_layout.index_file(modality) for modality in clip_layout.MODALITIES
+               if clip_layout.index_file(modality) in present]
+    if not indexes:
+        return []
+    infos = [clip_layout.infos_file(modality) for modality in clip_layout.MODALITIES
+             if clip_layout.infos_file(modality) in present]
+    metadata = [f"{clip_layout.METADATA_FOLDER}/{name}"
+                for name in storage.list_files(storage.join(url, clip_layout.METADATA_FOLDER)) if name.endswith(".parquet")]
+    return indexes + infos + sorted(metadata)
 
 
 def _file_names(config: dict) -> list[str]:
@@ -920,7 +951,8 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
     sweep_temporaries(out)  # what a killed build or update left: the folder is this index's alone
     sweep_temporaries(out / METADATA_FOLDER)
     for part in parts:
-        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part))
+        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part),
+                             row_group_size=ROW_GROUP_ROWS)
     config["file"] = _faiss_file(config["generation"])
     with atomic_path(out / config["file"]) as tmp:
         faiss.write_index(faiss_index, str(tmp))

@@ -139,7 +139,7 @@ class ItemImages:
             if isinstance(value, str) and value:
                 if storage.is_url(value):
                     return None if storage.is_pipe(value) else value  # a command is never run
-                path = Path(value)
+                path = storage.path(value)  # a local path; file:///data/x.jpg is /data/x.jpg
                 return path if path.is_absolute() else self.image_root / path
         return None
 

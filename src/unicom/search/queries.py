@@ -29,7 +29,7 @@ import numpy as np
 
 from unicom.errors import InputError
 from unicom.formats.embeddings import WEIGHTS_CHECKSUM
-from unicom.search.collection import first_dims
+from unicom.search.collection import QUERY_FIX, first_dims
 
 TEXT_WEIGHT = 0.5  # image and text count equally in a combined query
 DUPLICATE_SIMILARITY = 0.94  # clip-retrieval's threshold for near-duplicate results
@@ -53,8 +53,14 @@ def check_model(index, encoder) -> None:
     ``unicom embed`` recorded (indexes of folders without one are only checked for the
     dimension). A model built with random weights that were never saved can never match.
     """
-    index.check_encoder(encoder)
     recorded_model = index.config.get("model") or {}
+    expected = index.config.get("source_dims", index.dims)
+    if encoder.embedding_dim != expected:
+        hint = f" ({recorded_model['spec']})" if recorded_model.get("spec") else ""
+        raise InputError(
+            f"{encoder.name} gives {encoder.embedding_dim}-dimensional embeddings, but {index.location} was built from "
+            f"{expected}-dimensional ones; query with the model that embedded the collection{hint}"
+        )
     recorded = recorded_model.get(WEIGHTS_CHECKSUM)
     if not recorded:
         return
@@ -89,7 +95,8 @@ def image_vectors(encoder, images: Sequence, dims: int, batch_size: int = 32) ->
 
     if not images:
         return np.zeros((0, dims), dtype=np.float32)
-    return first_dims(embed_images(encoder, list(images), batch_size=batch_size, num_workers=0), dims, "image queries")
+    return first_dims(embed_images(encoder, list(images), batch_size=batch_size, num_workers=0), dims, "image queries",
+                      fix=QUERY_FIX)
 
 
 def text_vectors(encoder, texts: Sequence[str], dims: int) -> np.ndarray:
@@ -101,7 +108,7 @@ def text_vectors(encoder, texts: Sequence[str], dims: int) -> np.ndarray:
     require_text(encoder)
     if encoder.embedding_dim < dims:  # a text tower of another width than the image tower
         raise InputError(f"{encoder.name}: its text embeddings have {encoder.embedding_dim} dimensions, the index {dims}")
-    return first_dims(embed_texts(encoder, list(texts)), dims, "text queries")
+    return first_dims(embed_texts(encoder, list(texts)), dims, "text queries", fix=QUERY_FIX)
 
 
 def combine(vector: np.ndarray, text: np.ndarray, text_weight: float = TEXT_WEIGHT) -> np.ndarray:
@@ -170,7 +177,8 @@ class StoredVectors:
                 self._prepare()
             positions = ids if self._positions is None else self._positions[ids]
             vectors = self._base.reconstruct_batch(positions) if len(positions) else np.zeros((0, self.index.dims), np.float32)
-        return first_dims(vectors, self.index.dims, "stored vectors", rows=ids)
+        return first_dims(vectors, self.index.dims, "stored vectors", rows=ids,
+                          fix="the index holds a vector it cannot search: rebuild it")
 
 
 def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: bool | Sequence[bool] = False,

@@ -62,6 +62,7 @@ from unicom.search.uploads import MAX_PIXELS, ModelInput
 STATIC = Path(__file__).parent / "static"
 MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
+MAX_METADATA_IDS = 1000  # ids per /metadata request (each may decode a thumbnail); clip-retrieval's front end asks for tens
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
 PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
 DOCS_POLICY = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' 'unsafe-inline'"
@@ -201,10 +202,10 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
         try:
             base = search.vector if search.vector is not None else image_rows.get(position)
             if base is not None and base.shape[-1] != dims:
-                base = queries.first_dims(base[None, :], dims, "the query")[0]
+                base = queries.first_dims(base[None, :], dims, "the query", fix=queries.QUERY_FIX)[0]
             text = text_rows.get(position)
             if text is not None:
-                text = queries.first_dims(text[None, :], dims, "the text query")[0]
+                text = queries.first_dims(text[None, :], dims, "the text query", fix=queries.QUERY_FIX)[0]
             if base is not None and text is not None:
                 vectors.append(queries.combine(base, text, search.text_weight)[0])
             else:
@@ -607,6 +608,9 @@ def create_app(
             wanted = MetadataRequest.model_validate(payload)
         except ValidationError as error:
             raise _error(400, _validation_message(error)) from None
+        if len(wanted.ids) > MAX_METADATA_IDS:
+            raise _error(400, f"ids: {len(wanted.ids)} ids, more than the limit of {MAX_METADATA_IDS} per request; ask for "
+                              "them in several requests")
         target = pick(wanted.indice_name, "indice_name")
         bad = [item_id for item_id in wanted.ids if not 0 <= item_id < len(target.index)]
         if bad:
@@ -634,7 +638,8 @@ def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
     if not vector.any():
         raise _error(400, f'"embedding" is zero in its first {dims} numbers: it has no direction to search')
     try:
-        return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"')[0]
+        return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"',
+                                  fix=queries.QUERY_FIX)[0]
     except InputError as error:
         raise _error(400, str(error)) from None
 

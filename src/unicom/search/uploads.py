@@ -23,6 +23,7 @@ IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BM
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
 TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory goes back to the system
+MAX_REDIRECTS = 5  # redirects an image_url may take
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -117,15 +118,35 @@ def decode_base64(text: str, name: str) -> bytes:
     return data
 
 
+class _HttpRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most :data:`MAX_REDIRECTS` redirects, each to an http(s) URL (urllib's own
+    handler follows ten, to ftp too)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise _error(400, f"image_url: {req.full_url} redirects to {newurl}; only http and https URLs are fetched")
+        redirects = getattr(req, "redirects", 0) + 1
+        if redirects > MAX_REDIRECTS:
+            raise _error(400, f"image_url: more than {MAX_REDIRECTS} redirects (the last to {newurl}); give the image's "
+                              "own URL")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.redirects = redirects
+        return new
+
+
 def fetch_url(url: str, limit: int) -> bytes:
-    """GET an http(s) URL (at most ``limit`` bytes, 10 s)."""
+    """GET an http(s) URL: at most ``limit`` bytes, 10 s without data, :data:`MAX_REDIRECTS`
+    redirects, each to an http(s) URL."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise _error(400, f"image_url: only http and https URLs are fetched, got {url!r}")
     request = urllib.request.Request(url, headers={"User-Agent": "unicom-serve"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.build_opener(_HttpRedirects).open(request, timeout=10) as response:
             data = response.read(limit + 1)
+    except HTTPException:
+        raise
     except Exception as error:  # urllib raises many types: refused, timeouts, HTTP errors
         raise _error(400, f"image_url: {url} could not be fetched ({error})") from None
     if len(data) > limit:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from support import class_image, encode_image
+from support import class_image, encode_image, random_unicom_vit
 
 import unicom
 from unicom.errors import InputError
@@ -59,6 +59,22 @@ def test_pil_images_strings_and_a_spec_with_weights(encoder_and_file, image_file
     np.testing.assert_array_equal(from_paths, from_spec)
     images = [class_image(9, i, 40) for i in range(2)]
     np.testing.assert_allclose(unicom.embed_images(encoder, images), _reference(encoder, images), atol=1e-5)
+
+
+def test_a_model_folder_written_again_is_loaded_again(image_files, tmp_path):
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=2, heads=1, mlp_dim=256, embedding_dim=24)
+    folder = tmp_path / "model"
+    embeddings = []
+    for seed in (0, 1):  # the same folder trained on, as `unicom train` exports it again
+        save_model(folder, random_unicom_vit(settings, seed), "unicom_vit", settings, clip_preprocess(32))
+        embeddings.append(unicom.embed_images(str(folder), image_files[:2], device="cpu"))
+        fresh = unicom.embed_images(load_encoder(str(folder)), image_files[:2], device="cpu")
+        np.testing.assert_array_equal(embeddings[-1], fresh)
+    assert not np.allclose(embeddings[0], embeddings[1])
 
 
 def test_a_single_path_gives_one_row(encoder_and_file, image_files):

@@ -66,6 +66,11 @@ def test_knn_keeps_original_label_values():
     assert predictions.tolist() == [40, 7]
 
 
+def test_knn_with_more_neighbours_than_training_features_says_what_to_change():
+    with pytest.raises(InputError, match=r"k=20 neighbours .* 3 features: use a k of at most 3 .*--knn-k.*--no-knn"):
+        knn_classify(at_angles([0, 5, 90]), [0, 0, 1], at_angles([2]))
+
+
 def blobs(n_per_class, separation, seed):
     rng = np.random.default_rng(seed)
     centres = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], dtype=np.float64) * separation

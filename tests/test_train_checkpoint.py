@@ -13,9 +13,11 @@ from unicom.engine.checkpoint import (
     load_model_state,
     load_prototypes,
     load_rank_state,
+    resolve_run_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
+from unicom.errors import InputError
 
 MANIFEST = {"num_classes": 7, "centers": 1, "embedding_dim": 8}
 
@@ -125,3 +127,12 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
         _save(tmp_path, step, keep=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000003"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_a_checkpoint_named_by_its_plain_step_number_points_to_the_folder_as_named(tmp_path):
+    folder = _save(tmp_path, 500)
+    assert resolve_run_checkpoint(tmp_path / "checkpoints" / "step_00000500") == folder
+    with pytest.raises(InputError, match=f"step_500: no such run or checkpoint folder .*named step_00000500: {folder}"):
+        resolve_run_checkpoint(tmp_path / "checkpoints" / "step_500")
+    with pytest.raises(InputError, match="elsewhere: no such run or checkpoint folder$"):
+        resolve_run_checkpoint(tmp_path / "elsewhere")

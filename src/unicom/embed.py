@@ -152,12 +152,24 @@ def _loader(stream: BatchStream, workers: int, device: torch.device):
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_encoder(spec: str, pretrained: str | None, device: str) -> Encoder:
+def _cached_encoder(spec: str, pretrained: str | None, device: str, versions: tuple) -> Encoder:
     return load_encoder(spec, pretrained, device)
 
 
+def _local_version(location: str | None) -> tuple | None:
+    """What changes when a local model folder or weights file is written again (each file's
+    name, inode, modification time and size), so that a model trained again in place is not
+    served from the cache; None for names, tags and URLs."""
+    if location is None or storage.is_url(location) or not os.path.exists(location):
+        return None
+    files = [entry for entry in os.scandir(location) if entry.is_file()] if os.path.isdir(location) else [location]
+    stats = [(os.fspath(f), os.stat(f)) for f in files]
+    return tuple(sorted((os.path.basename(name), st.st_ino, st.st_mtime_ns, st.st_size) for name, st in stats))
+
+
 def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder:
-    """An :class:`Encoder` as given, or built from a spec (kept for the next call)."""
+    """An :class:`Encoder` as given, or built from a spec (kept for the next call, and built
+    again when the spec's local model folder or weights file has been written since)."""
     if isinstance(model, Encoder):
         if device is not None:
             model.to(device)
@@ -165,7 +177,8 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
     if not isinstance(model, str):
         raise TypeError(f"model must be an Encoder or a model spec string, got {type(model).__name__}")
     device = torch.device(device) if device is not None else distributed.local_device()
-    return _cached_encoder(model, None if pretrained is None else str(pretrained), str(device))
+    pretrained = None if pretrained is None else str(pretrained)
+    return _cached_encoder(model, pretrained, str(device), (_local_version(model), _local_version(pretrained)))
 
 
 # --------------------------------------------------------------------------- Python API

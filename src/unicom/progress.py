@@ -24,7 +24,22 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | float | None =
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("smoothing", 0.1)
     kwargs.setdefault("dynamic_ncols", True)
-    # SI prefixes (12.3k/1.20M) for large counts; small ones as plain integers, not 5.00/5.00
-    count = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-    kwargs.setdefault("unit_scale", count is None or count >= 10_000)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
+    if "unit_scale" in kwargs:
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
+    return _counting_bar(tqdm)(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
+
+
+def _counting_bar(base):
+    """``base`` (a tqdm class) showing SI prefixes (12.3k/1.20M) for large counts and small
+    ones as plain integers, not 5.00/5.00, decided at each refresh: from the total, which a
+    caller may set once it is known, else from the count so far."""
+
+    class CountingBar(base):
+        @property
+        def format_dict(self):
+            values = super().format_dict
+            count = self.total if self.total is not None else self.n
+            values["unit_scale"] = count is not None and count >= 10_000
+            return values
+
+    return CountingBar

@@ -5,7 +5,8 @@ Examples::
     unicom train --config configs/pretrain_vit_b32.yaml data.shards='laion/{00000..41407}.tar' \\
         data.labels=clusters/ out=runs/b32
     torchrun --nnodes 16 --nproc_per_node 8 ... -m unicom.train --config configs/pretrain_vit_b32.yaml ...
-    unicom train --config configs/finetune_sop.yaml model.init=ViT-B/32 data.root=data/SOP out=runs/sop
+    unicom train --config configs/finetune_sop.yaml model.init=ViT-B/32 loss.feature_rate=1.0 data.root=data/SOP \\
+        out=runs/sop
     unicom train --config configs/finetune_sop.yaml out=runs/sop --resume     # after a crash (automatic too)
     unicom train --export-from runs/b32 --model-out models/b32                # any checkpoint as a model folder
 """

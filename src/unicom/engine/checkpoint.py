@@ -328,9 +328,22 @@ def load_prototypes(path: str | os.PathLike, class_start: int, classes: int, cen
     return result
 
 
+def missing_checkpoint_hint(path: str | os.PathLike) -> str:
+    """For a ``step_N`` folder that does not exist: the folder of step N as it is named
+    (``step_00000500``) when there is one, else an empty string."""
+    path = Path(path)
+    number = path.name[len(_PREFIX):]
+    if path.exists() or not path.name.startswith(_PREFIX) or not number.isdigit():
+        return ""
+    named = path.with_name(step_name(int(number)))
+    return f" (checkpoint folders are named {named.name}: {named})" if named.is_dir() else ""
+
+
 def resolve_run_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder, or the newest intact one of a run folder (for ``model.init``)."""
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: no such run or checkpoint folder{missing_checkpoint_hint(path)}")
     if (path / MANIFEST).is_file():
         problem = verify_checkpoint(path)
         if problem:

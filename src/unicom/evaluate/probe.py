@@ -158,7 +158,8 @@ def knn_classify(
     x, y = _check(train_features, train_labels, "train")
     x_test = np.asarray(test_features, dtype=np.float32)
     if k > len(x):
-        raise InputError(f"k={k} neighbours asked for but the train split has {len(x)} features")
+        raise InputError(f"k={k} neighbours asked for but the train split has {len(x)} features: use a k of at "
+                         f"most {len(x)} (unicom evaluate --knn-k), or leave kNN out (--no-knn)")
     if temperature <= 0 or not math.isfinite(temperature):
         raise InputError(f"temperature must be a positive number, got {temperature}")
     similarities, neighbours = knn_search(x_test, x, k, chunk_size=chunk_size)

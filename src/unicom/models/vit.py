@@ -416,7 +416,7 @@ def _head_keys(architecture: str) -> tuple[str, ...]:
 def _init_source(init: str) -> tuple[str, Path | None]:
     """What ``init`` names: ``released`` (a registered name with weights), ``folder``
     (a model folder), ``checkpoint`` (training), ``run``, ``file``."""
-    from unicom.engine.checkpoint import CHECKPOINTS, MANIFEST
+    from unicom.engine.checkpoint import CHECKPOINTS, MANIFEST, missing_checkpoint_hint
     from unicom.models.export import CONFIG_NAME
     from unicom.models.registry import available_models
 
@@ -438,6 +438,7 @@ def _init_source(init: str) -> tuple[str, Path | None]:
         return "file", path
     raise InputError(
         f"model.init={init!r}: not a released model ({', '.join(available_models())}), nor an existing file or folder"
+        f"{missing_checkpoint_hint(path)}"
     )
 
 

@@ -110,7 +110,8 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
         elif (path / ckpt.CHECKPOINTS).is_dir():
             candidates = distributed_broadcast(ckpt.complete_checkpoints(path))
         else:
-            raise InputError(f"checkpoint.resume={setting!r}: neither a checkpoint folder (with {ckpt.MANIFEST}) nor a run folder")
+            raise InputError(f"checkpoint.resume={setting!r}: neither a checkpoint folder (with {ckpt.MANIFEST}) nor a run "
+                             f"folder{ckpt.missing_checkpoint_hint(path)}")
     chosen = ckpt.find_valid_checkpoint(candidates, log=log)
     if chosen is None:
         raise InputError(

@@ -270,7 +270,7 @@ def test_the_full_image_route_serves_the_original_file(served):
 
 
 def test_a_form_may_name_an_item_instead_of_an_image(served):
-    response = served["client"].post("/search", data={"like": "7", "k": "2"}, files={"other": ("x", b"1", "text/plain")})
+    response = served["client"].post("/search", files={"like": (None, "7"), "k": (None, "2")})  # curl -F like=7 -F k=2
     assert response.status_code == 200
     assert [hit["id"] for hit in response.json()["results"]][0] == 7
 

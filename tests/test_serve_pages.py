@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,140 @@ def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
     assert box["width"] == pytest.approx(box["height"], rel=0.02)
     assert card.locator(".thumb").get_attribute("href") == f"/image/{wide_id}"
     page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "unicom-page-wide.png"))
+    assert page.errors == [] and page.blocked == []
+
+
+def _open_page(page, url: str) -> None:
+    page.goto(url + "/")
+    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+
+
+def _shown_ids(page) -> list[int]:
+    return page.evaluate("Array.from(document.querySelectorAll('#results .result')).map(card => Number(card.dataset.id))")
+
+
+@pytest.mark.browser
+def test_our_page_fits_a_narrow_window_and_works_from_the_keyboard(live, page):
+    page.set_viewport_size({"width": 320, "height": 640})
+    _open_page(page, live["url"])
+    # a cleared "Results" field searches the server's default k (it was sent as k=0: an error)
+    page.fill("#k", "")
+    page.fill("#text", "stripes")
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=9", timeout=30_000)
+    assert len(_shown_ids(page)) == 10 and page.locator("#error").is_hidden()
+    # nothing wider than the window (the drop zone and the long model name in the header were)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    # the image chooser is one tab stop (the label), not two with an invisible file input
+    page.focus("#drop")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "k"
+    # each "More like this" button says which item; pressed from the keyboard, the focus stays by the results
+    second = page.locator("#results .result").nth(1)
+    key = second.locator(".key").inner_text()
+    assert second.locator(".like").get_attribute("aria-label") == f"More like {key}"
+    page.fill("#text", "")
+    second.locator(".like").focus()
+    page.keyboard.press("Enter")
+    liked = int(second.get_attribute("data-id"))
+    _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{liked}'", 30)
+    assert page.evaluate("document.activeElement.id") == "summary"
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_shows_the_newest_search_when_an_older_answer_comes_late(live, page):
+    text = "stripes on red"
+    _, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 3)
+    held = []
+
+    def hold_the_first_search(route):  # a slow server: the first answer comes after the second
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    _open_page(page, live["url"])
+    page.route("**/search", hold_the_first_search)
+    page.fill("#k", "2")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    _wait_until(page, "document.getElementById('summary').textContent === 'Searching…'", 10)
+    page.fill("#k", "3")
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=2", timeout=30_000)
+    try:
+        held[0].continue_()  # the first search, for 2 results, answers now
+    except Exception:
+        pass  # the page cancelled it
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        assert _shown_ids(page) == ids.tolist()
+        time.sleep(0.05)
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_our_page_says_what_went_wrong_when_a_gateway_answers_an_error(live, page):
+    """unicom serve behind a proxy that answers a search with its own HTML error page."""
+    origin = live["url"]
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            with urllib.request.urlopen(origin + self.path) as answer:
+                body, kind = answer.read(), answer.headers["content-type"]
+            self._send(200, kind, body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self._send(502, "text/html", b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>")
+
+        def _send(self, status, kind, body):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Gateway) as gateway:
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
+        try:
+            _open_page(page, f"http://127.0.0.1:{gateway.server_address[1]}")
+            page.fill("#text", "stripes")
+            page.press("#text", "Enter")
+            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+            assert page.locator("#error").inner_text() == "The server answered 502 Bad Gateway."
+            assert page.locator("#summary").inner_text() == ""
+        finally:
+            gateway.shutdown()
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_our_page_searches_with_a_pasted_image_and_says_when_a_drop_holds_no_file(live, page):
+    wide_id = len(live["images"]) - 1
+    _open_page(page, live["url"])
+    page.fill("#k", "1")
+    data = base64.b64encode(live["images"][wide_id].read_bytes()).decode()
+    page.evaluate("""([data, name]) => {
+        const file = new File([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], name, {type: "image/png"});
+        const clipboard = new DataTransfer();
+        clipboard.items.add(file);
+        document.getElementById("text").dispatchEvent(new ClipboardEvent("paste", {clipboardData: clipboard, bubbles: true}));
+    }""", [data, "image.png"])
+    page.wait_for_selector(f"#results .result[data-id='{wide_id}']", timeout=30_000)
+    assert page.locator("#source-text").inner_text() == "Image: image.png"
+    # a picture dragged from another page brings its address, not a file
+    page.evaluate("""() => {
+        const dragged = new DataTransfer();
+        dragged.setData("text/uri-list", "https://example.com/cat.jpg");
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dragged, bubbles: true, cancelable: true}));
+    }""")
+    assert page.locator("#error").inner_text() == (
+        "Only image files can be dropped here: save the picture, then drop or choose the file.")
     assert page.errors == [] and page.blocked == []
 
 

@@ -269,6 +269,23 @@ def test_the_full_image_route_serves_the_original_file(served):
     assert served["client"].get("/image/4?index=nope").status_code == 404
 
 
+def test_the_full_image_of_a_tiff_item_is_served_as_stored(tmp_path):
+    """An image folder may hold TIFF files (unicom embed reads them); their page link is /image/{id}."""
+    from support import class_image
+
+    paths = [tmp_path / "scan.tif", tmp_path / "scan.tiff"]
+    class_image(0, 0).save(paths[0])
+    class_image(1, 0).save(paths[1], compression="tiff_lzw")
+    rows = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a", "b"], "image_path": [str(p) for p in paths]}))
+    with TestClient(create_app(Index.build(tmp_path / "emb", tmp_path / "index"))) as client:
+        for item, path in enumerate(paths):
+            response = client.get(f"/image/{item}")
+            assert response.status_code == 200 and response.headers["content-type"] == "image/tiff"
+            assert response.content == path.read_bytes()
+            assert client.get(f"/thumbnail/{item}").headers["content-type"] == "image/jpeg"
+
+
 def test_a_form_may_name_an_item_instead_of_an_image(served):
     response = served["client"].post("/search", files={"like": (None, "7"), "k": (None, "2")})  # curl -F like=7 -F k=2
     assert response.status_code == 200

@@ -526,9 +526,10 @@ def create_app(
         kind = uploads.sniff(data if data is not None else head)
         if kind is None:
             raise _error(404, f"the image file of item {item_id} is not an image")
+        media_type = uploads.STORED_MEDIA_TYPES[kind]
         if data is not None:
-            return Response(data, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
-        return FileResponse(source, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
+            return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(source, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 

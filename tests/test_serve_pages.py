@@ -199,6 +199,9 @@ def test_our_page_fits_a_narrow_window_and_works_from_the_keyboard(live, page):
     liked = int(second.get_attribute("data-id"))
     _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{liked}'", 30)
     assert page.evaluate("document.activeElement.id") == "summary"
+    # screen readers hear the summary of a new search, not every card of the list
+    assert page.get_attribute("#summary", "aria-live") == "polite"
+    assert page.locator("[aria-live]").count() == 1
     assert page.errors == [] and page.blocked == []
 
 
@@ -296,6 +299,23 @@ def test_our_page_searches_with_a_pasted_image_and_says_when_a_drop_holds_no_fil
     assert page.locator("#error").inner_text() == (
         "Only image files can be dropped here: save the picture, then drop or choose the file.")
     assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_over_an_index_without_a_model_takes_no_image(live, page):
+    searches = []
+    page.on("request", lambda request: searches.append(request.url) if request.url.endswith("/search") else None)
+    with LiveServer(create_app({"photos": live["index"]})) as url:
+        _open_page(page, url)
+        assert page.locator("#drop-text").inner_text() == "This index has no model: image search is off"
+        assert page.locator("#file").is_disabled() and page.get_attribute("#drop", "aria-disabled") == "true"
+        page.evaluate("""() => {
+            const clipboard = new DataTransfer();
+            clipboard.items.add(new File([new Uint8Array([137, 80, 78, 71])], "image.png", {type: "image/png"}));
+            document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: clipboard, bubbles: true}));
+        }""")
+        assert page.locator("#error").inner_text() == "This index has no model, so it cannot be searched with an image."
+    assert searches == [] and page.errors == [] and page.blocked == []
 
 
 @pytest.mark.browser

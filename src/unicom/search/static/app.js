@@ -67,6 +67,8 @@ function applyIndex() {
   textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;
   textInput.title = entry.text_search ? "" : entry.text_search_reason;
   drop.classList.toggle("disabled", !entry.image_search);
+  drop.setAttribute("aria-disabled", String(!entry.image_search));
+  fileInput.disabled = !entry.image_search;
   dropText.textContent = entry.image_search
     ? "Drop or paste an image here, or click to choose one"
     : "This index has no model: image search is off";
@@ -211,6 +213,10 @@ async function search() {
 
 function chooseFile(file) {
   if (!file) return;
+  if (health !== null && !currentIndex().image_search) {
+    showError("This index has no model, so it cannot be searched with an image.");
+    return;
+  }
   source = { kind: "file", file };
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;

@@ -302,6 +302,18 @@ def test_our_page_searches_with_a_pasted_image_and_says_when_a_drop_holds_no_fil
 
 
 @pytest.mark.browser
+def test_our_page_asks_for_the_servers_default_k(live, page):
+    with LiveServer(create_app({"photos": live["index"]}, load_encoder(live["spec"]), default_k=4, max_k=6)) as url:
+        _open_page(page, url)
+        assert page.input_value("#k") == "4" and page.get_attribute("#k", "max") == "6"
+        page.fill("#text", "stripes")
+        page.press("#text", "Enter")
+        page.wait_for_selector("#results .result", timeout=30_000)
+        assert len(_shown_ids(page)) == 4
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
 def test_our_page_over_an_index_without_a_model_takes_no_image(live, page):
     searches = []
     page.on("request", lambda request: searches.append(request.url) if request.url.endswith("/search") else None)

@@ -84,7 +84,7 @@ async function loadHealth() {
     health = await response.json();
     maxUpload = health.max_upload_bytes;
     kInput.max = health.max_k;
-    kInput.value = Math.min(Number(kInput.value), health.max_k) || health.default_k;
+    kInput.value = health.default_k; // unicom serve -k
     for (const entry of health.indices) {
       const option = document.createElement("option");
       option.value = entry.name;

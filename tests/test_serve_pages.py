@@ -243,13 +243,17 @@ def test_our_page_says_what_went_wrong_when_a_gateway_answers_an_error(live, pag
     origin = live["url"]
 
     class Gateway(http.server.BaseHTTPRequestHandler):
+        broken = ""  # a GET route the gateway answers with its error page
+
         def do_GET(self):
+            if self.path == self.broken:
+                return self.do_POST()
             with urllib.request.urlopen(origin + self.path) as answer:
                 body, kind = answer.read(), answer.headers["content-type"]
             self._send(200, kind, body)
 
         def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
+            self.rfile.read(int(self.headers.get("content-length", 0)))
             self._send(502, "text/html", b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>")
 
         def _send(self, status, kind, body):
@@ -271,6 +275,10 @@ def test_our_page_says_what_went_wrong_when_a_gateway_answers_an_error(live, pag
             page.wait_for_selector("#error:not([hidden])", timeout=30_000)
             assert page.locator("#error").inner_text() == "The server answered 502 Bad Gateway."
             assert page.locator("#summary").inner_text() == ""
+            Gateway.broken = "/healthz"  # the page's first question: the status line says what came back
+            page.reload()
+            _wait_until(page, "document.getElementById('status').textContent !== 'Connecting…'", 15)
+            assert page.locator("#status").inner_text() == "The server answered 502 Bad Gateway."
         finally:
             gateway.shutdown()
     assert page.errors == []
@@ -290,6 +298,14 @@ def test_our_page_searches_with_a_pasted_image_and_says_when_a_drop_holds_no_fil
     }""", [data, "image.png"])
     page.wait_for_selector(f"#results .result[data-id='{wide_id}']", timeout=30_000)
     assert page.locator("#source-text").inner_text() == "Image: image.png"
+    # the next image frees the page's copy of this one
+    first_copy = page.get_attribute("#preview", "src")
+    page.set_input_files("#file", str(live["images"][0]))
+    _wait_until(page, f"document.getElementById('preview').src !== {json.dumps(first_copy)}", 10)
+    loads = "(url) => new Promise((done) => { const img = new Image(); img.onload = () => done('kept'); " \
+            "img.onerror = () => done('freed'); img.src = url; })"
+    assert page.evaluate(loads, page.get_attribute("#preview", "src")) == "kept"
+    assert page.evaluate(loads, first_copy) == "freed"
     # a picture dragged from another page brings its address, not a file
     page.evaluate("""() => {
         const dragged = new DataTransfer();

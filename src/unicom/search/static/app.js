@@ -218,6 +218,7 @@ function chooseFile(file) {
     return;
   }
   source = { kind: "file", file };
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src); // the previous image's copy
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   search();

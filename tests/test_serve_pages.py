@@ -33,22 +33,13 @@ from support import (
     open_clip_reference,
     stored_embeddings,
     tiny_open_clip,
+    wait_until,
     write_class_folder,
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CLIP_RETRIEVAL_VERSION = "2.45.0"
 CLIP_FRONT = REPOSITORY / ".cache" / "clip-retrieval-front" / CLIP_RETRIEVAL_VERSION
-
-
-def _wait_until(page, expression: str, timeout: float = 30.0) -> None:
-    """Poll a JavaScript expression until it is true (page.evaluate is not subject to the page's
-    Content-Security-Policy, whereas wait_for_function's polling evaluates strings in the page)."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(expression):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {expression}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +114,7 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
     text = "stripes on red"
     scores, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 5)
     page.goto(live["url"] + "/")
-    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
     page.fill("#k", "5")
     page.fill("#text", text)
     page.press("#text", "Enter")
@@ -137,7 +128,7 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
     third = int(cards.nth(2).get_attribute("data-id"))
     page.fill("#text", "")
     cards.nth(2).locator(".like").click()
-    _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
+    wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
     assert float(page.locator("#results .result .score").first.inner_text()) == pytest.approx(1.0, abs=1e-3)
     assert page.locator("#source-text").inner_text().startswith("More like ")
     assert page.blocked == []
@@ -147,12 +138,12 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
 def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
     wide_id = len(live["images"]) - 1
     page.goto(live["url"] + "/")
-    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
     page.fill("#k", "1")
     page.set_input_files("#file", str(live["images"][wide_id]))
     page.wait_for_selector(f"#results .result[data-id='{wide_id}'] img", timeout=30_000)
     card = page.locator("#results .result").first
-    _wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
+    wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
     box = card.locator(".thumb").bounding_box()
     geometry = card.locator("img").evaluate(
         "img => ({fit: getComputedStyle(img).objectFit, w: img.naturalWidth, h: img.naturalHeight})")
@@ -166,7 +157,7 @@ def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
 
 def _open_page(page, url: str) -> None:
     page.goto(url + "/")
-    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
 
 
 def _shown_ids(page) -> list[int]:
@@ -197,7 +188,7 @@ def test_our_page_fits_a_narrow_window_and_works_from_the_keyboard(live, page):
     second.locator(".like").focus()
     page.keyboard.press("Enter")
     liked = int(second.get_attribute("data-id"))
-    _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{liked}'", 30)
+    wait_until(page, f"document.querySelector('#results .result').dataset.id === '{liked}'", 30)
     assert page.evaluate("document.activeElement.id") == "summary"
     # screen readers hear the summary of a new search, not every card of the list
     assert page.get_attribute("#summary", "aria-live") == "polite"
@@ -222,7 +213,7 @@ def test_our_page_shows_the_newest_search_when_an_older_answer_comes_late(live, 
     page.fill("#k", "2")
     page.fill("#text", text)
     page.press("#text", "Enter")
-    _wait_until(page, "document.getElementById('summary').textContent === 'Searching…'", 10)
+    wait_until(page, "document.getElementById('summary').textContent === 'Searching…'", 10)
     page.fill("#k", "3")
     page.press("#text", "Enter")
     page.wait_for_selector("#results .result >> nth=2", timeout=30_000)
@@ -277,7 +268,7 @@ def test_our_page_says_what_went_wrong_when_a_gateway_answers_an_error(live, pag
             assert page.locator("#summary").inner_text() == ""
             Gateway.broken = "/healthz"  # the page's first question: the status line says what came back
             page.reload()
-            _wait_until(page, "document.getElementById('status').textContent !== 'Connecting…'", 15)
+            wait_until(page, "document.getElementById('status').textContent !== 'Connecting…'", 15)
             assert page.locator("#status").inner_text() == "The server answered 502 Bad Gateway."
         finally:
             gateway.shutdown()
@@ -301,7 +292,7 @@ def test_our_page_searches_with_a_pasted_image_and_says_when_a_drop_holds_no_fil
     # the next image frees the page's copy of this one
     first_copy = page.get_attribute("#preview", "src")
     page.set_input_files("#file", str(live["images"][0]))
-    _wait_until(page, f"document.getElementById('preview').src !== {json.dumps(first_copy)}", 10)
+    wait_until(page, f"document.getElementById('preview').src !== {json.dumps(first_copy)}", 10)
     loads = "(url) => new Promise((done) => { const img = new Image(); img.onload = () => done('kept'); " \
             "img.onerror = () => done('freed'); img.src = url; })"
     assert page.evaluate(loads, page.get_attribute("#preview", "src")) == "kept"
@@ -410,7 +401,7 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
             page.fill("clip-front >> #searchBar", text)
             page.press("clip-front >> #searchBar", "Enter")
             page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
-            _wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
+            wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
             # near duplicates hidden (the front end's default): in ranking order, none repeats another
             unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
             assert 1 < len(unique) < len(ranking)
@@ -419,7 +410,7 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
             assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
             # with duplicates shown, every item in the brute-force order
             page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
-            _wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
+            wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
             everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
             assert everything == ranking.tolist()
             page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))

@@ -168,6 +168,8 @@ def _shown_ids(page) -> list[int]:
 def test_our_page_fits_a_narrow_window_and_works_from_the_keyboard(live, page):
     page.set_viewport_size({"width": 320, "height": 640})
     _open_page(page, live["url"])
+    page.press("#text", "Enter")  # nothing typed yet: say so rather than do nothing
+    assert page.locator("#error").inner_text() == "Type what you are looking for, or choose an image."
     # a cleared "Results" field searches the server's default k (it was sent as k=0: an error)
     page.fill("#k", "")
     page.fill("#text", "stripes")

@@ -224,7 +224,11 @@ function chooseFile(file) {
   search();
 }
 
-textForm.addEventListener("submit", (event) => { event.preventDefault(); search(); });
+textForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (source === null && !textInput.value.trim()) showError("Type what you are looking for, or choose an image.");
+  else search();
+});
 textInput.addEventListener("input", showSource);
 weightInput.addEventListener("input", () => { weightValue.textContent = Number(weightInput.value).toFixed(2); });
 weightInput.addEventListener("change", search);

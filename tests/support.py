@@ -385,6 +385,18 @@ def browser_or_skip():
     return sync_playwright
 
 
+def wait_until(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression until it is true (page.evaluate is not subject to the page's
+    Content-Security-Policy, whereas wait_for_function's polling evaluates strings in the page)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout} s: {expression}")
+        time.sleep(0.05)
+
+
 class LiveServer:
     """An ASGI app served by uvicorn on 127.0.0.1 in a thread: ``with LiveServer(app) as url: ...``."""
 

@@ -159,6 +159,33 @@ def test_a_wrong_field_name_is_400_naming_the_fields(served):
     assert response.json()["detail"] == "no field 'image' in the form (got ['file']); send the image as the field 'image'"
 
 
+def test_an_unknown_form_field_is_400_naming_it_instead_of_being_ignored(served):
+    data = served["images"][0].read_bytes()
+    # curl -F image=@q.jpg -F query="at night" -F topk=5: the text and the k would be dropped unseen
+    response = upload(served["client"], data, query="at night", topk="5")
+    assert response.status_code == 400
+    assert response.json()["detail"] == ("unknown form field 'query', 'topk'; the fields are image, text, like, "
+                                         "text_weight, k, deduplicate, index (an embedding is sent as JSON)")
+    embedding = served["client"].post("/search", data={"embedding": "[0.1, 0.2]", "text": "x"},
+                                      files={"image": ("q.jpg", data, "image/jpeg")})
+    assert embedding.status_code == 400 and "'embedding'" in embedding.json()["detail"]
+    assert upload(served["client"], data, k="3", deduplicate="true").status_code == 200
+
+
+def test_an_unexpected_server_failure_is_a_json_500_that_says_so(tmp_path):
+    found = indexed_image_collection(tmp_path)
+    part = sorted((tmp_path / "index" / "metadata").glob("*.parquet"))[1]
+    part.write_bytes(b"damaged")  # ids 8..15 have no readable metadata any more
+    with TestClient(create_app(found["index"], found["encoder"]), raise_server_exceptions=False) as client:
+        for response in (client.post("/search", json={"like": 10, "k": 3}),
+                         client.post("/metadata", json={"ids": [9]}), client.get("/thumbnail/12")):
+            assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+            assert response.json()["detail"] == "the server failed on this request (ArrowInvalid); its log says why"
+        # items of the intact parts still answer (the 3 nearest of item 2 lie in part 0, ids 0..7)
+        assert client.post("/search", json={"like": 2, "k": 3}).status_code == 200
+        assert client.get("/thumbnail/2").status_code == 200
+
+
 def test_a_text_field_instead_of_a_file_is_400(served):
     response = served["client"].post("/search", data={"image": "cat.jpg"}, files={"other": ("x", b"1", "text/plain")})
     assert response.status_code == 400 and "must be a file upload" in response.json()["detail"]

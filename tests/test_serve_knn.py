@@ -43,6 +43,61 @@ def test_near_duplicates_drop_every_later_member_of_a_linked_group():
     assert near_duplicates(CHAIN, threshold=0.99).tolist() == [False, False, False, False, True, False]
 
 
+def _groups_by_union_find(vectors: np.ndarray, threshold: float) -> list[bool]:
+    """The reference: every pair linked by its inner product, groups by union-find, later members repeat."""
+    parent = list(range(len(vectors)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    similar = vectors @ vectors.T >= threshold
+    for i, j in zip(*np.nonzero(similar)):
+        a, b = root(int(i)), root(int(j))
+        parent[max(a, b)] = min(a, b)
+    return [root(i) != i for i in range(len(vectors))]
+
+
+def test_near_duplicates_hold_a_bounded_number_of_links_for_many_copies(monkeypatch):
+    """A result list of copies of one placeholder image links every pair (N² links): they are
+    merged into groups as they come, never all held (20,000 copies took 19 GB and 80 s)."""
+    from unicom.search import queries
+
+    rng = np.random.default_rng(0)
+    copies = rng.standard_normal(16) + 0.01 * rng.standard_normal((300, 16))  # one image, 300 times
+    others = rng.standard_normal((300, 16))  # 300 unrelated ones, 50 of them with a near copy
+    vectors = np.concatenate([copies, others, others[:50] + 0.05 * rng.standard_normal((50, 16))])
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True))[rng.permutation(650)].astype(np.float32)
+    held = []
+    merged = queries._merged_groups
+    monkeypatch.setattr(queries, "_SIMILARITIES", 4096)
+    monkeypatch.setattr(queries, "_merged_groups", lambda group, sources, targets: (
+        held.append(sum(len(part) for part in sources)), merged(group, sources, targets))[1])
+    assert near_duplicates(vectors).tolist() == _groups_by_union_find(vectors, 0.94)
+    assert len(held) > 1 and max(held) < 2 * 4096  # links merged as they come, at most a block past the bound
+
+
+def test_a_deduplicated_search_reads_at_most_look_further_times_k(tmp_path, monkeypatch):
+    """2,000 copies of one image: the 10 unique results asked for do not exist; the search stops
+    after LOOK_FURTHER·k results instead of reading (and comparing) the whole index."""
+    from unicom.search import queries
+
+    rng = np.random.default_rng(0)
+    copies = (rng.standard_normal(8) + 0.001 * rng.standard_normal((2000, 8))).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=copies, metadata=pa.table({"key": [f"k{i}" for i in range(2000)]}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    asked = []
+    search = index.search
+    monkeypatch.setattr(index, "search", lambda vectors, k, **options: (asked.append(k), search(vectors, k, **options))[1])
+    with TestClient(create_app(index)) as client:
+        best = client.post("/search", json={"embedding": copies[0].tolist(), "k": 1}).json()["results"][0]["id"]
+        asked.clear()
+        unique = client.post("/search", json={"embedding": copies[0].tolist(), "k": 10, "deduplicate": True}).json()
+    assert [hit["id"] for hit in unique["results"]] == [best]
+    assert max(asked) == queries.LOOK_FURTHER * 10  # not the whole index
+
+
 def test_score_digits_are_as_many_as_tell_the_scores_apart():
     assert score_digits([0.91, 0.85, 0.5]) == 3
     assert score_digits([0.91231, 0.91234, 0.5]) == 5  # 0.9123 twice at 4 decimals
@@ -269,8 +324,25 @@ def test_the_full_image_route_serves_the_original_file(served):
     assert served["client"].get("/image/4?index=nope").status_code == 404
 
 
+def test_the_full_image_of_a_tiff_item_is_served_as_stored(tmp_path):
+    """An image folder may hold TIFF files (unicom embed reads them); their page link is /image/{id}."""
+    from support import class_image
+
+    paths = [tmp_path / "scan.tif", tmp_path / "scan.tiff"]
+    class_image(0, 0).save(paths[0])
+    class_image(1, 0).save(paths[1], compression="tiff_lzw")
+    rows = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a", "b"], "image_path": [str(p) for p in paths]}))
+    with TestClient(create_app(Index.build(tmp_path / "emb", tmp_path / "index"))) as client:
+        for item, path in enumerate(paths):
+            response = client.get(f"/image/{item}")
+            assert response.status_code == 200 and response.headers["content-type"] == "image/tiff"
+            assert response.content == path.read_bytes()
+            assert client.get(f"/thumbnail/{item}").headers["content-type"] == "image/jpeg"
+
+
 def test_a_form_may_name_an_item_instead_of_an_image(served):
-    response = served["client"].post("/search", data={"like": "7", "k": "2"}, files={"other": ("x", b"1", "text/plain")})
+    response = served["client"].post("/search", files={"like": (None, "7"), "k": (None, "2")})  # curl -F like=7 -F k=2
     assert response.status_code == 200
     assert [hit["id"] for hit in response.json()["results"]][0] == 7
 

@@ -13,7 +13,7 @@ import pytest
 
 from unicom.search.service import create_app
 
-from support import CHROMIUM, CHROMIUM_ARGS, LiveServer, browser_or_skip, free_port, indexed_image_collection
+from support import CHROMIUM, CHROMIUM_ARGS, LiveServer, browser_or_skip, free_port, indexed_image_collection, wait_until
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -34,7 +34,7 @@ def test_the_page_shows_the_results_of_an_uploaded_image(server):
             failed = []
             page.on("requestfailed", lambda request: failed.append(request.url))
             page.goto(server["url"] + "/")
-            page.wait_for_function("document.getElementById('status').textContent.includes('24 items')", timeout=15_000)
+            wait_until(page, "document.getElementById('status').textContent.includes('24 items')", 15)
             page.fill("#k", "5")
             page.set_input_files("#file", str(query))
             page.wait_for_selector("#results .result >> nth=4", timeout=30_000)
@@ -47,7 +47,7 @@ def test_the_page_shows_the_results_of_an_uploaded_image(server):
             # the thumbnail was fetched from the server and decoded by the browser
             thumbnail = first.locator("img")
             assert thumbnail.get_attribute("src") == "/thumbnail/20"
-            page.wait_for_function("document.querySelector('#results .result img').naturalWidth > 0", timeout=10_000)
+            wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
             assert page.locator("#preview").is_visible()
             assert not page.locator("#error").is_visible()
             assert failed == []

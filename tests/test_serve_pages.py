@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +33,13 @@ from support import (
     open_clip_reference,
     stored_embeddings,
     tiny_open_clip,
+    wait_until,
     write_class_folder,
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CLIP_RETRIEVAL_VERSION = "2.45.0"
 CLIP_FRONT = REPOSITORY / ".cache" / "clip-retrieval-front" / CLIP_RETRIEVAL_VERSION
-
-
-def _wait_until(page, expression: str, timeout: float = 30.0) -> None:
-    """Poll a JavaScript expression until it is true (page.evaluate is not subject to the page's
-    Content-Security-Policy, whereas wait_for_function's polling evaluates strings in the page)."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(expression):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {expression}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +114,7 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
     text = "stripes on red"
     scores, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 5)
     page.goto(live["url"] + "/")
-    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
     page.fill("#k", "5")
     page.fill("#text", text)
     page.press("#text", "Enter")
@@ -136,7 +128,7 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
     third = int(cards.nth(2).get_attribute("data-id"))
     page.fill("#text", "")
     cards.nth(2).locator(".like").click()
-    _wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
+    wait_until(page, f"document.querySelector('#results .result').dataset.id === '{third}'", 30)
     assert float(page.locator("#results .result .score").first.inner_text()) == pytest.approx(1.0, abs=1e-3)
     assert page.locator("#source-text").inner_text().startswith("More like ")
     assert page.blocked == []
@@ -146,12 +138,12 @@ def test_our_page_searches_a_text_and_shows_more_like_a_result(live, page):
 def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
     wide_id = len(live["images"]) - 1
     page.goto(live["url"] + "/")
-    _wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+    wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
     page.fill("#k", "1")
     page.set_input_files("#file", str(live["images"][wide_id]))
     page.wait_for_selector(f"#results .result[data-id='{wide_id}'] img", timeout=30_000)
     card = page.locator("#results .result").first
-    _wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
+    wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
     box = card.locator(".thumb").bounding_box()
     geometry = card.locator("img").evaluate(
         "img => ({fit: getComputedStyle(img).objectFit, w: img.naturalWidth, h: img.naturalHeight})")
@@ -161,6 +153,190 @@ def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
     assert card.locator(".thumb").get_attribute("href") == f"/image/{wide_id}"
     page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "unicom-page-wide.png"))
     assert page.errors == [] and page.blocked == []
+
+
+def _open_page(page, url: str) -> None:
+    page.goto(url + "/")
+    wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+
+
+def _shown_ids(page) -> list[int]:
+    return page.evaluate("Array.from(document.querySelectorAll('#results .result')).map(card => Number(card.dataset.id))")
+
+
+@pytest.mark.browser
+def test_our_page_fits_a_narrow_window_and_works_from_the_keyboard(live, page):
+    page.set_viewport_size({"width": 320, "height": 640})
+    _open_page(page, live["url"])
+    page.press("#text", "Enter")  # nothing typed yet: say so rather than do nothing
+    assert page.locator("#error").inner_text() == "Type what you are looking for, or choose an image."
+    # a cleared "Results" field searches the server's default k (it was sent as k=0: an error)
+    page.fill("#k", "")
+    page.fill("#text", "stripes")
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=9", timeout=30_000)
+    assert len(_shown_ids(page)) == 10 and page.locator("#error").is_hidden()
+    # nothing wider than the window (the drop zone and the long model name in the header were)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    # the image chooser is one tab stop (the label), not two with an invisible file input
+    page.focus("#drop")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "k"
+    # each "More like this" button says which item; pressed from the keyboard, the focus stays by the results
+    second = page.locator("#results .result").nth(1)
+    key = second.locator(".key").inner_text()
+    assert second.locator(".like").get_attribute("aria-label") == f"More like {key}"
+    page.fill("#text", "")
+    second.locator(".like").focus()
+    page.keyboard.press("Enter")
+    liked = int(second.get_attribute("data-id"))
+    wait_until(page, f"document.querySelector('#results .result').dataset.id === '{liked}'", 30)
+    assert page.evaluate("document.activeElement.id") == "summary"
+    # screen readers hear the summary of a new search, not every card of the list
+    assert page.get_attribute("#summary", "aria-live") == "polite"
+    assert page.locator("[aria-live]").count() == 1
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_shows_the_newest_search_when_an_older_answer_comes_late(live, page):
+    text = "stripes on red"
+    _, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), 3)
+    held = []
+
+    def hold_the_first_search(route):  # a slow server: the first answer comes after the second
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    _open_page(page, live["url"])
+    page.route("**/search", hold_the_first_search)
+    page.fill("#k", "2")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    wait_until(page, "document.getElementById('summary').textContent === 'Searching…'", 10)
+    page.fill("#k", "3")
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=2", timeout=30_000)
+    try:
+        held[0].continue_()  # the first search, for 2 results, answers now
+    except Exception:
+        pass  # the page cancelled it
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        assert _shown_ids(page) == ids.tolist()
+        time.sleep(0.05)
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_our_page_says_what_went_wrong_when_a_gateway_answers_an_error(live, page):
+    """unicom serve behind a proxy that answers a search with its own HTML error page."""
+    origin = live["url"]
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        broken = ""  # a GET route the gateway answers with its error page
+
+        def do_GET(self):
+            if self.path == self.broken:
+                return self.do_POST()
+            with urllib.request.urlopen(origin + self.path) as answer:
+                body, kind = answer.read(), answer.headers["content-type"]
+            self._send(200, kind, body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self._send(502, "text/html", b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>")
+
+        def _send(self, status, kind, body):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Gateway) as gateway:
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
+        try:
+            _open_page(page, f"http://127.0.0.1:{gateway.server_address[1]}")
+            page.fill("#text", "stripes")
+            page.press("#text", "Enter")
+            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+            assert page.locator("#error").inner_text() == "The server answered 502 Bad Gateway."
+            assert page.locator("#summary").inner_text() == ""
+            Gateway.broken = "/healthz"  # the page's first question: the status line says what came back
+            page.reload()
+            wait_until(page, "document.getElementById('status').textContent !== 'Connecting…'", 15)
+            assert page.locator("#status").inner_text() == "The server answered 502 Bad Gateway."
+        finally:
+            gateway.shutdown()
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_our_page_searches_with_a_pasted_image_and_says_when_a_drop_holds_no_file(live, page):
+    wide_id = len(live["images"]) - 1
+    _open_page(page, live["url"])
+    page.fill("#k", "1")
+    data = base64.b64encode(live["images"][wide_id].read_bytes()).decode()
+    page.evaluate("""([data, name]) => {
+        const file = new File([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], name, {type: "image/png"});
+        const clipboard = new DataTransfer();
+        clipboard.items.add(file);
+        document.getElementById("text").dispatchEvent(new ClipboardEvent("paste", {clipboardData: clipboard, bubbles: true}));
+    }""", [data, "image.png"])
+    page.wait_for_selector(f"#results .result[data-id='{wide_id}']", timeout=30_000)
+    assert page.locator("#source-text").inner_text() == "Image: image.png"
+    # the next image frees the page's copy of this one
+    first_copy = page.get_attribute("#preview", "src")
+    page.set_input_files("#file", str(live["images"][0]))
+    wait_until(page, f"document.getElementById('preview').src !== {json.dumps(first_copy)}", 10)
+    loads = "(url) => new Promise((done) => { const img = new Image(); img.onload = () => done('kept'); " \
+            "img.onerror = () => done('freed'); img.src = url; })"
+    assert page.evaluate(loads, page.get_attribute("#preview", "src")) == "kept"
+    assert page.evaluate(loads, first_copy) == "freed"
+    # a picture dragged from another page brings its address, not a file
+    page.evaluate("""() => {
+        const dragged = new DataTransfer();
+        dragged.setData("text/uri-list", "https://example.com/cat.jpg");
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dragged, bubbles: true, cancelable: true}));
+    }""")
+    assert page.locator("#error").inner_text() == (
+        "Only image files can be dropped here: save the picture, then drop or choose the file.")
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_asks_for_the_servers_default_k(live, page):
+    with LiveServer(create_app({"photos": live["index"]}, load_encoder(live["spec"]), default_k=4, max_k=6)) as url:
+        _open_page(page, url)
+        assert page.input_value("#k") == "4" and page.get_attribute("#k", "max") == "6"
+        page.fill("#text", "stripes")
+        page.press("#text", "Enter")
+        page.wait_for_selector("#results .result", timeout=30_000)
+        assert len(_shown_ids(page)) == 4
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_over_an_index_without_a_model_takes_no_image(live, page):
+    searches = []
+    page.on("request", lambda request: searches.append(request.url) if request.url.endswith("/search") else None)
+    with LiveServer(create_app({"photos": live["index"]})) as url:
+        _open_page(page, url)
+        assert page.locator("#drop-text").inner_text() == "This index has no model: image search is off"
+        assert page.locator("#file").is_disabled() and page.get_attribute("#drop", "aria-disabled") == "true"
+        page.evaluate("""() => {
+            const clipboard = new DataTransfer();
+            clipboard.items.add(new File([new Uint8Array([137, 80, 78, 71])], "image.png", {type: "image/png"}));
+            document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: clipboard, bubbles: true}));
+        }""")
+        assert page.locator("#error").inner_text() == "This index has no model, so it cannot be searched with an image."
+    assert searches == [] and page.errors == [] and page.blocked == []
 
 
 @pytest.mark.browser
@@ -227,7 +403,7 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
             page.fill("clip-front >> #searchBar", text)
             page.press("clip-front >> #searchBar", "Enter")
             page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
-            _wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
+            wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
             # near duplicates hidden (the front end's default): in ranking order, none repeats another
             unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
             assert 1 < len(unique) < len(ranking)
@@ -236,7 +412,7 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
             assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
             # with duplicates shown, every item in the brute-force order
             page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
-            _wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
+            wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
             everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
             assert everything == ranking.tolist()
             page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))

@@ -33,7 +33,8 @@ from unicom.search.collection import QUERY_FIX, first_dims
 
 TEXT_WEIGHT = 0.5  # image and text count equally in a combined query
 DUPLICATE_SIMILARITY = 0.94  # clip-retrieval's threshold for near-duplicate results
-_BLOCK = 1024  # rows per block of the similarity matrix in near_duplicates
+_SIMILARITIES = 1 << 21  # similarities (and so links) near_duplicates holds at once: 8 MiB of float32
+LOOK_FURTHER = 16  # a deduplicated search reads at most this many times k results
 
 _digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -190,7 +191,9 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     ``k`` and ``deduplicate`` are one value for all queries or one per query. Results past
     the end of a small index are left out. With ``deduplicate``, near duplicates of better
     results (:func:`near_duplicates`, on the vectors ``stored`` reads back) are left out, and
-    the search looks further until ``k`` results remain or the index is exhausted.
+    the search looks further until ``k`` results remain, the index is exhausted or
+    ``LOOK_FURTHER``·k results were read (fewer than ``k`` are then returned: a collection may
+    hold thousands of copies of one placeholder image, and reading them all costs without bound).
     """
     count = len(vectors)
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
@@ -215,8 +218,9 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     for row in range(count):
         query_scores, query_ids = kept(scores[row], ids[row], unique[row])
         wanted = fetch[row]
-        while len(query_ids) < ks[row] and wanted < total:  # duplicates dropped too many: look further
-            wanted = min(total, wanted * 4)
+        limit = min(total, LOOK_FURTHER * ks[row])
+        while len(query_ids) < ks[row] and wanted < limit:  # duplicates dropped too many: look further
+            wanted = min(limit, wanted * 4)
             more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
             query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row])
         found.append((query_scores[:ks[row]], query_ids[:ks[row]]))
@@ -228,26 +232,50 @@ def near_duplicates(vectors: np.ndarray, threshold: float = DUPLICATE_SIMILARITY
 
     Rows (unit vectors, best result first) are linked when their inner product is at least
     ``threshold``; in each connected group only the first row is kept, as clip-retrieval's
-    back end deduplicates its results.
+    back end deduplicates its results. The similarities are computed a block of rows at a
+    time; once ``_SIMILARITIES`` links are held they are merged into groups, and a row's
+    links to one group then count once: N copies of one image (N² links) take the memory of
+    a block, not of every link.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = len(vectors)
     if n < 2:
         return np.zeros(n, dtype=bool)
     x = np.asarray(vectors, dtype=np.float32)
-    rows, cols = [], []
-    for start in range(0, n, _BLOCK):
-        linked = np.nonzero(x[start:start + _BLOCK] @ x.T >= threshold)
-        rows.append(linked[0] + start)
-        cols.append(linked[1])
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    everyone = np.arange(n)
+    group = everyone.copy()  # each row's group as merged so far, named by its first row
+    sources, targets, held = [], [], 0
+    step = max(1, _SIMILARITIES // n)
+    for start in range(0, n, step):
+        linked = x[start:start + step] @ x.T >= threshold  # (rows, n)
+        if (group != everyone).any():  # groups were merged: a row's links to one group are one link
+            order = np.argsort(group, kind="stable")
+            names, bounds = np.unique(group[order], return_index=True)
+            rows, columns = np.nonzero(np.logical_or.reduceat(linked[:, order], bounds, axis=1))
+            columns = names[columns]
+        else:
+            rows, columns = np.nonzero(linked)
+        sources.append(rows + start)
+        targets.append(columns)
+        held += len(rows)
+        if held >= _SIMILARITIES:
+            group, sources, targets, held = _merged_groups(group, sources, targets), [], [], 0
+    return _merged_groups(group, sources, targets) != everyone
+
+
+def _merged_groups(group: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarray]) -> np.ndarray:
+    """Each row's group (its first row) once rows ``group`` puts together and the links
+    ``sources[i] - targets[i]`` are joined: connected components."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(group)
+    everyone = np.arange(n)
+    sources, targets = np.concatenate([everyone, *sources]), np.concatenate([group, *targets])
+    graph = coo_matrix((np.ones(len(sources), dtype=np.int8), (sources, targets)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     first = np.full(labels.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, labels, np.arange(n))
-    return first[labels] != np.arange(n)
+    np.minimum.at(first, labels, everyone)
+    return first[labels]
 
 
 def json_value(value):

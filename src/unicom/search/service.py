@@ -20,8 +20,8 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
 
 Errors are JSON ``{"detail": "..."}`` with 400 (malformed request, or a query the model
 cannot answer, such as a text for a model without a text tower), 404, 413 (too large: bytes
-or pixels), 415 (not a supported image, or not multipart/JSON), 503 (no model, or too many
-queries waiting).
+or pixels), 415 (not a supported image, or not multipart/JSON), 500 (an unexpected failure,
+named by its type; the traceback goes to the log), 503 (no model, or too many queries waiting).
 
 Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
 before they wait for a batch; decoding may hold at most ``max_decode_bytes`` of pixels at a
@@ -64,6 +64,7 @@ MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
 MAX_METADATA_IDS = 1000  # ids per /metadata request (each may decode a thumbnail); clip-retrieval's front end asks for tens
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
+FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "deduplicate", "index")  # /search as multipart/form-data
 PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
 DOCS_POLICY = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' 'unsafe-inline'"
 
@@ -327,6 +328,13 @@ def create_app(
     async def input_error(request: Request, error: InputError):
         return JSONResponse({"detail": str(error)}, status_code=400)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        # JSON as every other error, so that clients can show it; the traceback goes to the server's log
+        # (Starlette raises the error again after this answer). Its message may hold server paths: not sent.
+        return JSONResponse({"detail": f"the server failed on this request ({type(error).__name__}); its log says why"},
+                            status_code=500)
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)
@@ -420,7 +428,7 @@ def create_app(
             "application/json": {"schema": SearchRequest.model_json_schema()},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "image": {"type": "string", "format": "binary"},
-                **{key: {"type": "string"} for key in ("text", "like", "text_weight", "k", "deduplicate", "index")}}}},
+                **{key: {"type": "string"} for key in FORM_FIELDS if key != "image"}}}},
         }}},
     )
     async def search(request: Request):
@@ -447,6 +455,10 @@ def create_app(
                 image_data = await upload.read()
                 if not image_data:
                     raise _error(400, f"{image_name}: the uploaded file is empty")
+            unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+            if unknown:
+                raise _error(400, f"unknown form field {', '.join(map(repr, unknown))}; the fields are "
+                                  f"{', '.join(FORM_FIELDS)} (an embedding is sent as JSON)")
             target = pick(form.get("index") or request.query_params.get("index"))
             if upload is not None and target.encoder is None:
                 raise _error(503, 'this server has no model for image queries; POST JSON {"embedding": [...]} instead')
@@ -514,9 +526,10 @@ def create_app(
         kind = uploads.sniff(data if data is not None else head)
         if kind is None:
             raise _error(404, f"the image file of item {item_id} is not an image")
+        media_type = uploads.STORED_MEDIA_TYPES[kind]
         if data is not None:
-            return Response(data, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
-        return FileResponse(source, media_type=uploads.MEDIA_TYPES[kind], headers={"Cache-Control": "max-age=3600"})
+            return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(source, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 

@@ -15,12 +15,15 @@ import io
 import re
 import urllib.parse
 import urllib.request
+import warnings
 from typing import Callable
 
 from fastapi import HTTPException
 
 IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+# the formats of indexed items' files, served as stored: those an image folder may hold (unicom.data.lists)
+STORED_MEDIA_TYPES = {**MEDIA_TYPES, "TIFF": "image/tiff"}
 MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
 TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory goes back to the system
 MAX_REDIRECTS = 5  # redirects an image_url may take
@@ -155,19 +158,21 @@ def fetch_url(url: str, limit: int) -> bytes:
 
 
 def sniff(head: bytes) -> str | None:
+    """The format of an indexed item's image file from its first bytes (a key of ``STORED_MEDIA_TYPES``), or None."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(head)) as probe:
-            return probe.format if probe.format in MEDIA_TYPES else None
+        with warnings.catch_warnings():  # a TIFF's first bytes are a truncated file to Pillow
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head)) as probe:
+                return probe.format if probe.format in STORED_MEDIA_TYPES else None
     except Exception:  # a header Pillow cannot read from the first bytes alone
-        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
-        for signature, kind in signatures.items():
-            if head.startswith(signature):
-                return kind
+        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\0": "TIFF",
+                      b"MM\0*": "TIFF"}
+        kind = next((kind for signature, kind in signatures.items() if head.startswith(signature)), None)
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-            return "WEBP"
-        return None
+            kind = "WEBP"
+        return kind
 
 
 _TRIM = None

@@ -1,5 +1,5 @@
-// The search page: a text, an image (chosen, dropped, or "more like this" result), or both
-// with a text weight; POST /search, show the ranked results.
+// The search page: a text, an image (chosen, dropped, pasted, or "more like this" result), or
+// both with a text weight; POST /search, show the ranked results.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -28,10 +28,27 @@ let maxUpload = Infinity;
 let health = null;
 // What the query searches with besides the text: a file, or an indexed item ("more like this").
 let source = null; // {kind: "file", file} | {kind: "like", id, label}
+// The search in flight: a newer one cancels it, so that a slow answer never replaces a newer one.
+let inFlight = null;
 
 function showError(message) {
   errorLine.textContent = message;
   errorLine.hidden = !message;
+}
+
+// What went wrong, from an error answer: the server's {"detail": ...}, else its status (a proxy's page,
+// a crash answered in plain text).
+async function errorOf(response) {
+  const text = await response.text();
+  let detail = null;
+  try {
+    detail = JSON.parse(text).detail;
+  } catch (error) {
+    // not JSON: the status says it
+  }
+  if (typeof detail === "string" && detail) return detail;
+  if (Array.isArray(detail)) return detail.map((problem) => `${(problem.loc || []).join(".")}: ${problem.msg}`).join("; ");
+  return `The server answered ${response.status} ${response.statusText}`.trim() + ".";
 }
 
 function currentIndex() {
@@ -50,18 +67,24 @@ function applyIndex() {
   textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;
   textInput.title = entry.text_search ? "" : entry.text_search_reason;
   drop.classList.toggle("disabled", !entry.image_search);
+  drop.setAttribute("aria-disabled", String(!entry.image_search));
+  fileInput.disabled = !entry.image_search;
   dropText.textContent = entry.image_search
-    ? "Drop an image here, or click to choose one"
+    ? "Drop or paste an image here, or click to choose one"
     : "This index has no model: image search is off";
 }
 
 async function loadHealth() {
   try {
     const response = await fetch("/healthz");
+    if (!response.ok) {
+      statusLine.textContent = await errorOf(response);
+      return;
+    }
     health = await response.json();
     maxUpload = health.max_upload_bytes;
     kInput.max = health.max_k;
-    kInput.value = Math.min(Number(kInput.value), health.max_k) || health.default_k;
+    kInput.value = health.default_k; // unicom serve -k
     for (const entry of health.indices) {
       const option = document.createElement("option");
       option.value = entry.name;
@@ -94,6 +117,8 @@ function showSource() {
 }
 
 function render(data, elapsed) {
+  // a "more like this" button pressed from the keyboard goes with the old results: keep the focus nearby
+  const hadFocus = results.contains(document.activeElement);
   results.replaceChildren();
   summary.textContent = `${data.results.length} results in ${elapsed.toFixed(0)} ms`;
   for (const hit of data.results) {
@@ -119,6 +144,7 @@ function render(data, elapsed) {
     item.querySelector(".score").textContent = hit.score.toFixed(data.score_digits);
     item.querySelector(".caption").textContent = hit.caption || "";
     item.querySelector(".key").textContent = label;
+    item.querySelector(".like").setAttribute("aria-label", `More like ${label}`);
     item.querySelector(".like").addEventListener("click", () => {
       source = { kind: "like", id: hit.id, label };
       showSource();
@@ -127,6 +153,7 @@ function render(data, elapsed) {
     item.dataset.id = hit.id;
     results.appendChild(item);
   }
+  if (hadFocus) summary.focus();
 }
 
 async function search() {
@@ -134,7 +161,8 @@ async function search() {
   showError("");
   showSource();
   if (source === null && !text) return;
-  const common = { k: kInput.value, deduplicate: dedupInput.checked, index: indexSelect.value };
+  const common = { deduplicate: dedupInput.checked, index: indexSelect.value };
+  if (kInput.value.trim() !== "") common.k = Number(kInput.value); // empty: the server's default
   let request;
   if (source !== null && source.kind === "file") {
     if (source.file.size > maxUpload) {
@@ -150,39 +178,57 @@ async function search() {
     }
     request = { method: "POST", body: form };
   } else {
-    const body = { ...common, k: Number(common.k) };
+    const body = { ...common };
     if (text) body.text = text;
     if (source !== null) body.like = source.id;
     if (text && source !== null) body.text_weight = Number(weightInput.value);
     request = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
   }
+  if (inFlight !== null) inFlight.abort();
+  const mine = new AbortController();
+  inFlight = mine;
   summary.textContent = "Searching…";
   const start = performance.now();
   try {
-    const response = await fetch("/search", request);
-    const data = await response.json();
+    const response = await fetch("/search", { ...request, signal: mine.signal });
     if (!response.ok) {
+      const message = await errorOf(response);
+      if (inFlight !== mine) return;
       summary.textContent = "";
       results.replaceChildren();
-      showError(data.detail || `The server answered ${response.status}.`);
+      showError(message);
       return;
     }
+    const data = await response.json();
+    if (inFlight !== mine) return;
     render(data, performance.now() - start);
   } catch (error) {
+    if (inFlight !== mine) return; // replaced by a newer search
     summary.textContent = "";
     showError(`The search failed: ${error.message}`);
+  } finally {
+    if (inFlight === mine) inFlight = null;
   }
 }
 
 function chooseFile(file) {
   if (!file) return;
+  if (health !== null && !currentIndex().image_search) {
+    showError("This index has no model, so it cannot be searched with an image.");
+    return;
+  }
   source = { kind: "file", file };
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src); // the previous image's copy
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   search();
 }
 
-textForm.addEventListener("submit", (event) => { event.preventDefault(); search(); });
+textForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (source === null && !textInput.value.trim()) showError("Type what you are looking for, or choose an image.");
+  else search();
+});
 textInput.addEventListener("input", showSource);
 weightInput.addEventListener("input", () => { weightValue.textContent = Number(weightInput.value).toFixed(2); });
 weightInput.addEventListener("change", search);
@@ -207,7 +253,17 @@ for (const name of ["dragleave", "drop"]) {
 }
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
-  chooseFile(event.dataTransfer.files[0]);
+  const file = event.dataTransfer.files[0];
+  if (file) chooseFile(file);
+  else showError("Only image files can be dropped here: save the picture, then drop or choose the file.");
+});
+// An image pasted anywhere on the page (a copied picture or screenshot) is the query image;
+// pasted text goes where it is pasted.
+document.addEventListener("paste", (event) => {
+  const file = Array.from(event.clipboardData ? event.clipboardData.files : []).find((item) => item.type.startsWith("image/"));
+  if (!file) return;
+  event.preventDefault();
+  chooseFile(file);
 });
 // Dropping an image anywhere else must not navigate away from the page.
 window.addEventListener("dragover", (event) => event.preventDefault());

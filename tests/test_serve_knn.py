@@ -374,3 +374,21 @@ def test_knn_service_searches_the_caption_embeddings_of_a_clip_retrieval_folder(
         unique = client.post("/knn-service", json={"embedding_input": text[11].tolist(), "modality": "text",
                                                    "num_images": 3, "indice_name": "index", "deduplicate": True})
         assert unique.status_code == 200 and unique.json()[0]["id"] == 11
+
+
+def test_images_of_a_knn_answer_are_bounded_and_the_rest_carry_their_metadata(served, monkeypatch):
+    """clip-retrieval's download button asks for 10,000 results: thumbnails for the first
+    MAX_METADATA_IDS only, each later result with its columns, and the header says so."""
+    import unicom.search.service
+
+    monkeypatch.setattr(unicom.search.service, "MAX_METADATA_IDS", 5)
+    vector = np.random.default_rng(2).standard_normal(64)
+    response = knn(served["client"], embedding_input=vector.tolist(), modality="image", num_images=10, indice_name="photos")
+    assert response.status_code == 200
+    results = response.json()
+    assert len(results) == 10 and ["image" in result for result in results] == [True] * 5 + [False] * 5
+    assert all(result["image_path"] == str(served["images"][result["id"]]) for result in results)
+    assert "num_images above 5 (results past the 5th carry their metadata without an image)" in \
+        response.headers["X-Unsupported-Options"]
+    few = knn(served["client"], embedding_input=vector.tolist(), modality="image", num_images=5, indice_name="photos")
+    assert "X-Unsupported-Options" not in few.headers and all("image" in result for result in few.json())

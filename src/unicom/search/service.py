@@ -62,7 +62,9 @@ from unicom.search.uploads import MAX_PIXELS, ModelInput
 STATIC = Path(__file__).parent / "static"
 MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
-MAX_METADATA_IDS = 1000  # ids per /metadata request (each may decode a thumbnail); clip-retrieval's front end asks for tens
+# ids per /metadata request, and images per /knn-service answer (each decodes a thumbnail); clip-retrieval's
+# front end asks for tens, its download button for 10,000 results (it keeps their urls and captions)
+MAX_METADATA_IDS = 1000
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
 FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "deduplicate", "index")  # /search as multipart/form-data
 PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
@@ -533,10 +535,10 @@ def create_app(
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 
-    def knn_metadata(target: Served, row: dict, item_id: int) -> dict:
-        """clip-retrieval's metadata of one item: its columns, and its image as base64 JPEG."""
+    def knn_metadata(target: Served, row: dict, item_id: int, picture: bool = True) -> dict:
+        """clip-retrieval's metadata of one item: its columns, and (``picture``) its image as base64 JPEG."""
         meta = {key: queries.json_value(value) for key, value in row.items() if key != "id"}
-        if images.has_image(row):
+        if picture and images.has_image(row):
             try:
                 meta["image"] = base64.b64encode(images.thumbnail(target.name, row, item_id)).decode()
             except HTTPException:
@@ -547,7 +549,7 @@ def create_app(
         rows = target.index.metadata(ids[:num_images]) if num_images > 0 else []
         results = []
         for position, (score, item_id) in enumerate(zip(scores.tolist(), ids.tolist())):
-            result = knn_metadata(target, rows[position], item_id) if position < len(rows) else {}
+            result = knn_metadata(target, rows[position], item_id, position < MAX_METADATA_IDS) if position < len(rows) else {}
             result.update(id=item_id, similarity=score)
             results.append(result)
         return results
@@ -580,6 +582,9 @@ def create_app(
             unsupported.append("use_violence_detector (no violence detector: results are not filtered)")
         if knn.aesthetic_score not in (None, ""):
             unsupported.append("aesthetic_score (no aesthetic embeddings: the query is not re-weighted)")
+        if knn.num_images > MAX_METADATA_IDS:
+            unsupported.append(f"num_images above {MAX_METADATA_IDS} (results past the {MAX_METADATA_IDS}th carry their "
+                               "metadata without an image)")
         if knn.use_mclip and knn.text:
             unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower)")
         # clip-retrieval's order: a text first, then an image or its URL, then an embedding

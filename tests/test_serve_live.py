@@ -46,7 +46,7 @@ def test_the_page_shows_the_results_of_an_uploaded_image(server):
             assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
             # the thumbnail was fetched from the server and decoded by the browser
             thumbnail = first.locator("img")
-            assert thumbnail.get_attribute("src") == "/thumbnail/20"
+            assert thumbnail.evaluate("img => img.src") == server["url"] + "/thumbnail/20"
             wait_until(page, "document.querySelector('#results .result img').naturalWidth > 0", 10)
             assert page.locator("#preview").is_visible()
             assert not page.locator("#error").is_visible()

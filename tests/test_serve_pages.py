@@ -5,6 +5,7 @@ released package) pointed at our server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -150,7 +151,7 @@ def test_our_page_letterboxes_thumbnails_and_links_the_full_image(live, page):
     # the whole 4:1 image is shown in the square, not a cropped part of it
     assert geometry["fit"] == "contain" and geometry["w"] / geometry["h"] == pytest.approx(4.0, rel=0.02)
     assert box["width"] == pytest.approx(box["height"], rel=0.02)
-    assert card.locator(".thumb").get_attribute("href") == f"/image/{wide_id}"
+    assert card.locator(".thumb").evaluate("link => link.href") == f"{live['url']}/image/{wide_id}"
     page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "unicom-page-wide.png"))
     assert page.errors == [] and page.blocked == []
 
@@ -362,10 +363,12 @@ def _clip_front_or_skip() -> Path:
     return CLIP_FRONT
 
 
-@pytest.mark.browser
-def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
+@contextlib.contextmanager
+def clip_front(backend: str, port: int):
+    """clip-retrieval's released front end served on 127.0.0.1:``port``, its back end ``backend``:
+    ``with clip_front(backend, port) as url: ...`` (skips when the front end is not installed)."""
     front = _clip_front_or_skip()
-    config = json.dumps({"defaultBackend": live["url"], "defaultIndex": "photos", "urlColumn": "url"}).encode()
+    config = json.dumps({"defaultBackend": backend, "defaultIndex": "photos", "urlColumn": "url"}).encode()
 
     class FrontHandler(http.server.SimpleHTTPRequestHandler):
         """The released front end as files, with the configuration clip-retrieval's own server writes."""
@@ -386,6 +389,26 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
         def log_message(self, *args):
             pass
 
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), FrontHandler) as static:
+        threading.Thread(target=static.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{port}/?back={backend}&index=photos"
+        finally:
+            static.shutdown()
+
+
+def search_in_clip_front(page, front: str, text: str) -> None:
+    """Open clip-retrieval's front end at ``front`` (our index "photos" listed), search ``text``, wait for pictures."""
+    page.goto(front)
+    page.wait_for_selector("clip-front >> #searchBar", timeout=30_000)
+    assert page.locator("clip-front >> select").first.locator("option").all_inner_texts() == ["photos"]
+    page.fill("clip-front >> #searchBar", text)
+    page.press("clip-front >> #searchBar", "Enter")
+    page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
+
+
+@pytest.mark.browser
+def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
     text = "stripes"
     _, ranking = brute_force(live["stored"], _text_embedding(live["spec"], text), len(live["stored"]))
     item_of = {base64.b64encode(_thumbnail(live["url"], item)).decode(): item for item in range(len(live["stored"]))}
@@ -394,31 +417,22 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
         "Array.from(document.querySelector('clip-front').shadowRoot.querySelectorAll('figure img.pic'))"
         ".map(img => img.getAttribute('src'))"
     )
-    with http.server.ThreadingHTTPServer(("127.0.0.1", live["front_port"]), FrontHandler) as static:
-        threading.Thread(target=static.serve_forever, daemon=True).start()
-        try:
-            page.goto(f"http://127.0.0.1:{live['front_port']}/?back={live['url']}&index=photos")
-            page.wait_for_selector("clip-front >> #searchBar", timeout=30_000)
-            assert page.locator("clip-front >> select").first.locator("option").all_inner_texts() == ["photos"]
-            page.fill("clip-front >> #searchBar", text)
-            page.press("clip-front >> #searchBar", "Enter")
-            page.wait_for_selector("clip-front >> figure img.pic", timeout=30_000)
-            wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
-            # near duplicates hidden (the front end's default): in ranking order, none repeats another
-            unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
-            assert 1 < len(unique) < len(ranking)
-            assert unique == [item for item in ranking.tolist() if item in unique]
-            similarities = unit[unique] @ unit[unique].T
-            assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
-            # with duplicates shown, every item in the brute-force order
-            page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
-            wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
-            everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
-            assert everything == ranking.tolist()
-            page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))
-            assert page.errors == [] and page.blocked == []
-        finally:
-            static.shutdown()
+    with clip_front(live["url"], live["front_port"]) as front:
+        search_in_clip_front(page, front, text)
+        wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('img.pic').naturalWidth > 0", 10)
+        # near duplicates hidden (the front end's default): in ranking order, none repeats another
+        unique = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
+        assert 1 < len(unique) < len(ranking)
+        assert unique == [item for item in ranking.tolist() if item in unique]
+        similarities = unit[unique] @ unit[unique].T
+        assert (similarities[np.triu_indices(len(unique), 1)] < 0.94).all()
+        # with duplicates shown, every item in the brute-force order
+        page.locator("clip-front >> label", has_text="Hide (near) duplicate images").locator("input").click()
+        wait_until(page, f"({shown_items}).length === {len(ranking)}", 30)
+        everything = [item_of[src.split("base64,")[1].strip()] for src in page.evaluate(shown_items)]
+        assert everything == ranking.tolist()
+        page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))
+        assert page.errors == [] and page.blocked == []
 
 
 def _thumbnail(url: str, item: int) -> bytes:

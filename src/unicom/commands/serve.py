@@ -6,6 +6,7 @@ Examples::
     unicom serve --index laion=/data/laion_index --index photos=/data/photos_index --port 1234
     unicom serve --index INDEX/ --host 0.0.0.0 --port 8080 --image-root /data/images
     unicom serve --index INDEX/ --cors-origin '*'      # clip-retrieval's front end from elsewhere
+    unicom serve --index INDEX/ --root-path /unicom    # behind a proxy at https://host/unicom/
 
 Then open http://127.0.0.1:8000/ (API at /docs), or::
 
@@ -56,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. http://localhost:3005, or '*' for any) call the API from a "
                         "browser, as clip-retrieval's front end served elsewhere does; repeat for several")
+    parser.add_argument("--root-path", default="", metavar="PREFIX",
+                        help="the path a reverse proxy serves this server under, with the prefix stripped (e.g. /unicom "
+                        "for https://host/unicom/): /search's thumbnail and link paths and /docs carry it (the page "
+                        "works under any prefix without it)")
     parser.add_argument("--allow-image-urls", action="store_true",
                         help="let /knn-service fetch the image_url of a query (the server then fetches URLs its clients name)")
 
@@ -75,6 +80,16 @@ def parse_indexes(values: list[str]) -> dict[str, str]:
     return named
 
 
+def root_path_of(value: str) -> str:
+    """``--root-path`` as ASGI's ``root_path``: ``unicom/``, ``/unicom/`` -> ``/unicom``; ``/`` -> ``""``."""
+    from unicom.errors import InputError
+
+    if "://" in value or "?" in value or "#" in value:
+        raise InputError(f"--root-path {value}: give the path only (e.g. /unicom), not a URL")
+    path = value.strip("/")
+    return f"/{path}" if path else ""
+
+
 def run(args: argparse.Namespace) -> int:
     from unicom.errors import InputError
     from unicom.search.index import Index
@@ -89,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from unicom.commands.search import load_checked_encoder, model_spec
 
     configure_logging()
+    root_path = root_path_of(args.root_path)
     indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
     encoders, loaded = {}, {}
     for name, index in indexes.items():
@@ -125,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     items = ", ".join(f"{name}: {len(index)} items" for name, index in indexes.items()) if len(indexes) > 1 \
         else f"{len(next(iter(indexes.values())))} items"
-    print(f"unicom search on http://{host}:{args.port}/ ({items})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    behind = f", served by the proxy under {root_path}/" if root_path else ""
+    print(f"unicom search on http://{host}:{args.port}/ ({items}{behind})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", root_path=root_path)
     return 0

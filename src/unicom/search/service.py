@@ -9,7 +9,9 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
   the file field ``image`` and the other keys as fields. One of ``image``/``like``/
   ``embedding`` and/or a ``text``; given both, the query is their weighted sum
   (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
-  "thumbnail", "link", <metadata>...}], "k", "index", "score_digits", "took_ms"}``;
+  "thumbnail", "link", <metadata>...}], "k", "index", "score_digits", "took_ms"}``, the
+  ``thumbnail`` and ``link`` paths under ASGI's ``root_path`` (``unicom serve --root-path``:
+  the prefix a proxy serves the app at);
 * ``GET /thumbnail/{id}``   a JPEG thumbnail (aspect ratio kept) of item ``id``;
   ``GET /image/{id}`` the full image. Both read the image path in the index's metadata
   (relative to ``image_root``), or the webdataset shard (``shard`` and ``key`` columns) in
@@ -296,8 +298,10 @@ def create_app(
             raise _error(404, f"{key} {name!r}: no such index; the indexes are {', '.join(served)}")
         return served[name]
 
-    def item_url(route: str, target: Served, item_id: int) -> str:
-        return f"/{route}/{item_id}" if target.name == default else f"/{route}/{item_id}?index={urllib.parse.quote(target.name)}"
+    def item_url(route: str, target: Served, item_id: int, root_path: str) -> str:
+        """The path of an item's image, under the path prefix a proxy serves this app at (``root_path``)."""
+        query = "" if target.name == default else f"?index={urllib.parse.quote(target.name)}"
+        return f"{root_path}/{route}/{item_id}{query}"
 
     async def decode_upload(data: bytes, name: str, target: Served):
         if target.encoder is None:
@@ -379,14 +383,14 @@ def create_app(
 
     # ------------------------------------------------------------------ our search
 
-    def search_answer(scores: np.ndarray, ids: np.ndarray, target: Served) -> dict:
+    def search_answer(scores: np.ndarray, ids: np.ndarray, target: Served, root_path: str) -> dict:
         found = target.index.hits(scores[None, :], ids[None, :])[0]
         hits = [queries.json_value(source_columns(hit, ("thumbnail", "link"))) for hit in found]
         for hit in hits:
             local = images.has_image(hit)
-            hit["thumbnail"] = item_url("thumbnail", target, hit["id"]) if local else None
+            hit["thumbnail"] = item_url("thumbnail", target, hit["id"], root_path) if local else None
             url = hit.get("url")
-            hit["link"] = item_url("image", target, hit["id"]) if local else (
+            hit["link"] = item_url("image", target, hit["id"], root_path) if local else (
                 url if isinstance(url, str) and url.startswith(("http://", "https://")) else None)
         return {"results": hits, "score_digits": queries.score_digits(scores)}
 
@@ -495,7 +499,7 @@ def create_app(
             )
         item = await build_search(target, image_data=image_data, image_name=image_name, **values)
         scores, ids = await batcher.submit(item)
-        answer = await asyncio.to_thread(search_answer, scores, ids, target)
+        answer = await asyncio.to_thread(search_answer, scores, ids, target, request.scope.get("root_path", "").rstrip("/"))
         return JSONResponse({**answer, "k": item.k, "index": target.name,
                              "took_ms": round((time.perf_counter() - start) * 1000, 2)})
 
@@ -663,7 +667,8 @@ def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
 
 
 def _mount_docs(app: FastAPI) -> None:
-    """``/docs``: Swagger UI over ``/openapi.json``, from the swagger-ui-bundle-v2 package (no CDN)."""
+    """``/docs``: Swagger UI over ``/openapi.json``, from the swagger-ui-bundle-v2 package (no CDN).
+    The page names both by relative URLs, so that it works under any path prefix of a proxy."""
     from fastapi.openapi.docs import get_swagger_ui_html
 
     try:
@@ -672,15 +677,15 @@ def _mount_docs(app: FastAPI) -> None:
         swagger_ui_path = None
     if swagger_ui_path is not None:
         app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-        assets = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
-                  "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+        assets = {"swagger_js_url": "docs-assets/swagger-ui-bundle.js", "swagger_css_url": "docs-assets/swagger-ui.css",
+                  "swagger_favicon_url": "docs-assets/favicon-32x32.png"}
         policy = DOCS_POLICY
     else:
         assets, policy = {}, None
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API", **assets)
+        page = get_swagger_ui_html(openapi_url=app.openapi_url.lstrip("/"), title=f"{app.title}: API", **assets)
         if policy is not None:
             page.headers["Content-Security-Policy"] = policy
         else:  # the CDN's scripts and styles

@@ -76,7 +76,7 @@ function applyIndex() {
 
 async function loadHealth() {
   try {
-    const response = await fetch("/healthz");
+    const response = await fetch("healthz");
     if (!response.ok) {
       statusLine.textContent = await errorOf(response);
       return;
@@ -98,8 +98,15 @@ async function loadHealth() {
   }
 }
 
-function thumbnailOf(hit) {
-  if (hit.thumbnail) return hit.thumbnail;
+// The server names an item's images by paths from its root ("/thumbnail/3", or "/unicom/thumbnail/3" when
+// started with --root-path); the page asks for them relative to itself, so that it works under any proxy prefix.
+function itemUrl(route, hit, index) {
+  const first = health !== null && index === health.indices[0].name;
+  return `${route}/${hit.id}${first ? "" : `?index=${encodeURIComponent(index)}`}`;
+}
+
+function thumbnailOf(hit, index) {
+  if (hit.thumbnail) return itemUrl("thumbnail", hit, index);
   if (typeof hit.url === "string" && /^https?:\/\//.test(hit.url)) return hit.url;
   return null;
 }
@@ -125,10 +132,10 @@ function render(data, elapsed) {
     const item = template.content.firstElementChild.cloneNode(true);
     const link = item.querySelector(".thumb");
     const image = link.querySelector("img");
-    const picture = thumbnailOf(hit);
+    const picture = thumbnailOf(hit, data.index);
     const label = hit.key ?? String(hit.id);
     if (hit.link) {
-      link.href = hit.link;
+      link.href = hit.thumbnail ? itemUrl("image", hit, data.index) : hit.link; // the server's image, or a URL
       link.title = "Open the full image";
     } else {
       link.removeAttribute("href");
@@ -190,7 +197,7 @@ async function search() {
   summary.textContent = "Searching…";
   const start = performance.now();
   try {
-    const response = await fetch("/search", { ...request, signal: mine.signal });
+    const response = await fetch("search", { ...request, signal: mine.signal });
     if (!response.ok) {
       const message = await errorOf(response);
       if (inFlight !== mine) return;

@@ -214,6 +214,32 @@ def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collec
     assert (collection["cache"] / "query" / "view_0" / "img_emb").is_dir()
 
 
+def test_query_and_index_lists_without_a_dataset_column_share_their_classes(collection, tmp_path):
+    # the authors' format (img_path,label): each list is one benchmark, query class 3 is index class 3
+    rows = [(str(collection["root"] / p), label) for label in range(CLASSES) for i, (_, p, _) in
+            enumerate(collection["rows"][label * PER_CLASS:(label + 1) * PER_CLASS])]
+    for name, part in (("query", rows[::PER_CLASS]), ("index", [r for i, r in enumerate(rows) if i % PER_CLASS])):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows([("img_path", "label"), *part])
+    cache = tmp_path / "cache"
+    report = probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0", f"cache.folder={cache}",
+                          f"eval.query=[{tmp_path / 'query.csv'}]", f"eval.index=[{tmp_path / 'index.csv'}]"))
+    scores = report["evaluation"]["backbone"]
+    assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
+    assert scores["n_queries"] == 24  # every query has its 5 relevant index images
+
+    # the backbone's own scores, from the cached features with the hue as the class
+    from unicom.evaluate import retrieval_metrics
+    from unicom.formats.embeddings import read_embedding_folder
+
+    query, _ = read_embedding_folder(cache / "query" / "view_0")
+    index, _ = read_embedding_folder(cache / "index" / "view_0")
+    labels = np.arange(CLASSES)
+    expected = retrieval_metrics(query, labels, index, np.repeat(labels, PER_CLASS - 1), ks=(1, 5))
+    assert scores["mmp@5"] == pytest.approx(expected["mmp@5"])
+    assert scores["map@r"] == pytest.approx(expected["map@r"])
+
+
 def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
     from unicom.models.encoders import load_encoder
 
@@ -244,6 +270,22 @@ def test_command_line_rejects_an_unknown_key_listing_the_valid_ones(capsys):
 def test_shipped_recipes_are_valid(name):
     config = load_probe_config(CONFIGS / name, ["data.train=[lists/train.csv]", "out=runs/x"])
     assert config.neck.embedding_dim in (16, 64)
+
+
+def documented_probe_commands():
+    """The ``unicom probe --config configs/...`` lines of docs/unifex.md and of the recipes' comments."""
+    sources = [CONFIGS.parent / "docs" / "unifex.md", *sorted(CONFIGS.glob("unifex_*.yaml"))]
+    text = "\n".join(path.read_text() for path in sources).replace("\\\n", " ")
+    return [line.split("unicom probe", 1)[1].split("#")[0].split() for line in text.splitlines()
+            if "unicom probe --config configs/" in line]
+
+
+@pytest.mark.parametrize("words", documented_probe_commands(), ids=" ".join)
+def test_documented_commands_are_valid_recipes(words):
+    config_path = CONFIGS.parent / words[words.index("--config") + 1]
+    overrides = [word for word in words if "=" in word and not word.startswith("-")]
+    config = load_probe_config(config_path, ["data.train=[lists/train.csv]", "out=runs/x", *overrides])
+    assert config.out and config.data.train
 
 
 def test_every_bad_value_of_a_recipe_is_reported_at_once():

@@ -187,11 +187,13 @@ def read_domain_lists(
     dataset_column: str = "dataset",
     path_column: str | None = None,
     class_column: str | None = None,
+    dataset_name: str | None = None,
 ) -> DomainImages:
     """Read and compose CSV/parquet lists of (dataset, path, class) rows.
 
     Relative paths are resolved against ``root`` (default: each list's folder). A list
-    without ``dataset_column`` is one dataset named after its file. Path and class columns
+    without ``dataset_column`` is one dataset named ``dataset_name`` (default: after its
+    file; query and index lists share one name, so that their classes match). Path and class columns
     not named are found among :data:`DEFAULT_COLUMNS` (``path``/``img_path``,
     ``class``/``label``). Every path and class must be non-empty. Keys are ``dataset/path as written`` (``#2``, ``#3`` ... appended to
     repeated rows so that keys stay unique).
@@ -207,7 +209,7 @@ def read_domain_lists(
         path = storage.text(name) if storage.is_url(name) else Path(name)
         found = _read_columns(path, {"dataset": dataset_column, "path": path_column, "class": class_column})
         base = root if root is not None else storage.parent(path)
-        dataset_values = found["dataset"] or [Path(storage.name(path)).stem] * len(found["path"])
+        dataset_values = found["dataset"] or [dataset_name or Path(storage.name(path)).stem] * len(found["path"])
         for dataset, written, value in zip(dataset_values, found["path"], found["class"]):
             if dataset not in classes_of:
                 datasets.append(dataset)

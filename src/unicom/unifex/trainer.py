@@ -45,6 +45,7 @@ from unicom.unifex.data import DomainImages, epoch_batches, epoch_order
 CHECKPOINT = "checkpoint.pt"
 MODEL_FOLDER = "model"
 METRICS = "metrics.json"
+EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a dataset column
 # keys that may change between a run and its resumption: they do not change what is trained
 RESUMABLE_CHANGES = ("out", "eval.", "data.workers", "cache.batch_size", "cache.folder", "train.device")
 
@@ -352,7 +353,8 @@ def read_probe_data(config: ProbeConfig) -> ProbeData:
     if ev.holdout_classes > 0:
         result.train, result.query, result.index = holdout_split(train, ev.holdout_classes, ev.queries_per_class, config.seed)
     elif ev.query:
-        lists = read_domain_lists(list(ev.query) + list(ev.index), **columns)
+        # a list without the dataset column is one benchmark: its classes match the other lists' classes
+        lists = read_domain_lists(list(ev.query) + list(ev.index), **columns, dataset_name=EVAL_DATASET)
         result.eval_lists = lists
         result.query = lists.subset(lists.source < len(ev.query), relabel=False)
         result.index = lists.subset(lists.source >= len(ev.query), relabel=False)

@@ -208,6 +208,8 @@ def read_domain_lists(
     for source, name in enumerate(lists):
         path = storage.text(name) if storage.is_url(name) else Path(name)
         found = _read_columns(path, {"dataset": dataset_column, "path": path_column, "class": class_column})
+        if not found["path"]:  # its per-list filters would fall on the next list
+            raise InputError(f"{path}: no rows (only a header); give a list with images or leave it out")
         base = root if root is not None else storage.parent(path)
         dataset_values = found["dataset"] or [dataset_name or Path(storage.name(path)).stem] * len(found["path"])
         for dataset, written, value in zip(dataset_values, found["path"], found["class"]):
@@ -217,8 +219,6 @@ def read_domain_lists(
             classes_of[dataset].add(value)
             resolved = storage.resolve(base, written)
             rows.append((dataset, written, resolved, value, source))
-    if not rows:
-        raise InputError(f"{', '.join(str(n) for n in lists)}: no rows")
 
     class_id: dict[tuple[str, str], int] = {}
     class_dataset, class_values, class_names = [], [], []

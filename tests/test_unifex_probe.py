@@ -249,6 +249,25 @@ def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
     assert load_encoder(str(tmp_path / "run" / "model")).embedding_dim == 8
 
 
+def test_a_backbone_folder_given_relative_is_exported_loadable_from_anywhere(collection, tmp_path, monkeypatch):
+    from unicom.models.encoders import load_encoder
+
+    pooling = ["neck.kind=pooling", "neck.dropout=0", "train.epochs=0", "eval.holdout_classes=0"]
+    probe(recipe(collection, tmp_path / "base", *pooling, "neck.embedding_dim=8"))
+    monkeypatch.chdir(tmp_path)
+    probe(recipe(collection, tmp_path / "run", *pooling, "neck.embedding_dim=4", "backbone.model=base/model",
+                 "backbone.pretrained=null", f"cache.folder={tmp_path / 'cache'}"))
+    settings = json.loads((tmp_path / "run" / "model" / "unicom_model.json").read_text())["settings"]
+    assert settings["backbone"] == str(tmp_path / "base" / "model")
+    monkeypatch.chdir(collection["root"])
+    encoder = load_encoder(str(tmp_path / "run" / "model"))
+    image = encoder.image_transform(Image.open(collection["root"] / collection["rows"][0][1]))[None]
+    timm_vit = load_encoder("timm/test_vit", str(collection["weights"]))
+    with torch.no_grad():  # pooling of pooling: 64 features -> 8 -> 4, each bin the mean of 16 features
+        expected = torch.nn.functional.normalize(timm_vit.encode_image(image).reshape(1, 4, 16).mean(-1))
+        torch.testing.assert_close(torch.nn.functional.normalize(encoder.encode_image(image)), expected)
+
+
 def test_command_line_runs_a_recipe_with_overrides(collection, tmp_path, capsys):
     code = main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
                  f"backbone.pretrained={collection['weights']}", f"cache.folder={collection['cache']}",

@@ -211,7 +211,8 @@ def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collec
     # one query per hue against the other 5 images of each of the 24 hues: a:0 and b:0 are different classes
     assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
     assert report["evaluation"]["trained"]["n_queries"] == 24
-    assert (collection["cache"] / "query" / "view_0" / "img_emb").is_dir()
+    folder = json.loads((collection["cache"] / "cache.json").read_text())["splits"]["query"]["folder"]
+    assert (collection["cache"] / folder / "view_0" / "img_emb").is_dir()
 
 
 def test_query_and_index_lists_without_a_dataset_column_share_their_classes(collection, tmp_path):
@@ -232,12 +233,36 @@ def test_query_and_index_lists_without_a_dataset_column_share_their_classes(coll
     from unicom.evaluate import retrieval_metrics
     from unicom.formats.embeddings import read_embedding_folder
 
-    query, _ = read_embedding_folder(cache / "query" / "view_0")
-    index, _ = read_embedding_folder(cache / "index" / "view_0")
+    splits = json.loads((cache / "cache.json").read_text())["splits"]
+    query, _ = read_embedding_folder(cache / splits["query"]["folder"] / "view_0")
+    index, _ = read_embedding_folder(cache / splits["index"]["folder"] / "view_0")
     labels = np.arange(CLASSES)
     expected = retrieval_metrics(query, labels, index, np.repeat(labels, PER_CLASS - 1), ks=(1, 5))
     assert scores["mmp@5"] == pytest.approx(expected["mmp@5"])
     assert scores["map@r"] == pytest.approx(expected["map@r"])
+
+
+def test_another_evaluation_split_adds_its_own_views_to_the_cache(collection, tmp_path):
+    # training images squashed, evaluation images the model's own way: the held-out images get views
+    # of their own; runs sharing the cache with another split, or resumed with other queries, score theirs
+    cache = tmp_path / "cache"
+    squashed = ["train.epochs=1", "data.resize=squash", f"cache.folder={cache}"]
+    first = probe(recipe(collection, tmp_path / "a", *squashed))
+    second = probe(recipe(collection, tmp_path / "b", *squashed, "eval.holdout_classes=0.5"))
+    third = probe(recipe(collection, tmp_path / "a", *squashed, "eval.queries_per_class=3"))
+    assert first["evaluation"]["protocol"] == "12 queries against 24 index images"  # 6 held-out hues x (2 + 4)
+    assert second["evaluation"]["protocol"] == "24 queries against 48 index images"  # 12 held-out hues
+    assert third["evaluation"]["protocol"] == "18 queries against 18 index images"  # 6 held-out hues x (3 + 3)
+    assert len(list((cache / "query").iterdir())) == len(list((cache / "index").iterdir())) == 3
+    again = probe(recipe(collection, tmp_path / "a", *squashed))
+    assert len(list((cache / "query").iterdir())) == 3  # the first split's views are read again
+    assert again["evaluation"]["backbone"] == first["evaluation"]["backbone"]
+
+
+def test_resuming_with_other_held_out_classes_is_refused(collection, tmp_path):
+    probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.every=0"), until_epoch=1)
+    with pytest.raises(InputError, match=r"other settings \(eval.holdout_classes: 0.25 -> 0.5\)"):
+        probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0.5"))
 
 
 def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):

@@ -47,7 +47,9 @@ MODEL_FOLDER = "model"
 METRICS = "metrics.json"
 EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a dataset column
 # keys that may change between a run and its resumption: they do not change what is trained
-RESUMABLE_CHANGES = ("out", "eval.", "data.workers", "cache.batch_size", "cache.folder", "train.device")
+# (eval.holdout_classes does: the held-out classes are left out of training)
+RESUMABLE_CHANGES = ("out", "eval.query", "eval.index", "eval.queries_per_class", "eval.ks", "eval.every",
+                     "data.workers", "cache.batch_size", "cache.folder", "train.device")
 
 
 # ------------------------------------------------------------------------ batches
@@ -435,8 +437,9 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     contents = {"train": {"images": len(data.all_train), "views": len(transforms)}}
     if _separate_eval(data, backbone):
         for name, subset in (("query", data.query), ("index", data.index)):
-            feature_cache.build_views(backbone.encoder, subset.images, root, name, [plain], **options)
-            contents[name] = {"images": len(subset), "views": 1}
+            split = feature_cache.eval_split(name, subset.images)
+            feature_cache.build_views(backbone.encoder, subset.images, root, split, [plain], **options)
+            contents[name] = {"images": len(subset), "views": 1, "folder": split}
     feature_cache.write_manifest(root, identity, backbone.input_dim, contents)
     seconds = time.perf_counter() - began
     log.event("cache", folder=storage.text(root), seconds=round(seconds, 3), **{k: v["images"] for k, v in contents.items()})
@@ -451,7 +454,7 @@ def _separate_eval(data: ProbeData, backbone: Backbone) -> bool:
 
 def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: dict, say) -> Feed:
     """Cache mode: the training views and the evaluation features, read from the cache into memory."""
-    from unicom.unifex.cache import load_view, view_folder
+    from unicom.unifex.cache import eval_split, load_view, view_folder
 
     root, device = storage.path(cache["cache"]), backbone.device
     keys = data.all_train.images.keys
@@ -469,8 +472,9 @@ def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: 
                              config.seed, augment=config.train.augment, **_batching(config))
     split = None
     if _separate_eval(data, backbone):
-        (query, query_ok), (index, index_ok) = (load_view(view_folder(root, name, 0), subset.images.keys)
-                                                for name, subset in (("query", data.query), ("index", data.index)))
+        (query, query_ok), (index, index_ok) = (
+            load_view(view_folder(root, eval_split(name, subset.images), 0), subset.images.keys)
+            for name, subset in (("query", data.query), ("index", data.index)))
     elif data.query is not None:  # held-out classes of the training lists: their plain view
         query_rows, index_rows = _rows_of(keys, data.query), _rows_of(keys, data.index)
         query, query_ok = loaded[0][0][query_rows], present[query_rows]

@@ -265,6 +265,18 @@ def test_resuming_with_other_held_out_classes_is_refused(collection, tmp_path):
         probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0.5"))
 
 
+def test_evaluation_images_that_cannot_be_decoded_are_left_out_with_a_note(collection, tmp_path, capsys):
+    rows = collection["rows"]
+    query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]]
+                       + [("a", str(tmp_path / "missing.jpg"), 0)])
+    index = write_list(tmp_path / "index.csv", [(d, str(collection["root"] / p), c) for i, (d, p, c) in enumerate(rows)
+                                                if i % 6])
+    report = probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0",
+                          f"cache.folder={tmp_path / 'cache'}", f"eval.query=[{query}]", f"eval.index=[{index}]"))
+    assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
+    assert "note: 1 query images could not be decoded and are left out of the evaluation" in capsys.readouterr().out
+
+
 def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
     from unicom.models.encoders import load_encoder
 

@@ -480,6 +480,10 @@ def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: 
         query, query_ok = loaded[0][0][query_rows], present[query_rows]
         index, index_ok = loaded[0][0][index_rows], present[index_rows]
     if data.query is not None:
+        for name, ok in (("query", query_ok), ("index", index_ok)):
+            if not ok.all():
+                say(f"note: {int((~ok).sum())} {name} images could not be decoded and are left out of the evaluation "
+                    f"(listed in the failures/ of their view in {root})")
         split = _to_split(query[query_ok], data.query.labels[query_ok], index[index_ok], data.index.labels[index_ok], device)
     return Feed(batches, np.bincount(labels, minlength=data.train.num_classes), split, cache)
 

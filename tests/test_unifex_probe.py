@@ -316,6 +316,14 @@ def test_command_line_runs_a_recipe_with_overrides(collection, tmp_path, capsys)
     assert json.loads((tmp_path / "run" / "datasets.json").read_text())["train"][0]["dataset"] == "a"
 
 
+def test_command_line_takes_overrides_before_and_after_options(capsys):
+    code = main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), "data.train=[a.csv]", "--out", "runs/x",
+                 "neck.embedding_dim=8", "--print-config", "loss.centers=2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "out: runs/x" in printed and "embedding_dim: 8" in printed and "centers: 2" in printed
+
+
 def test_command_line_rejects_an_unknown_key_listing_the_valid_ones(capsys):
     assert main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), "neck.size=8", "out=x", "data.train=[a.csv]"]) == 2
     assert "unknown key 'neck.size'; valid keys of section 'neck': kind, embedding_dim, batchnorm, dropout" in \

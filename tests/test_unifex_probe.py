@@ -337,8 +337,10 @@ def test_shipped_recipes_are_valid(name):
 
 
 def documented_probe_commands():
-    """The ``unicom probe --config configs/...`` lines of docs/unifex.md and of the recipes' comments."""
-    sources = [CONFIGS.parent / "docs" / "unifex.md", *sorted(CONFIGS.glob("unifex_*.yaml"))]
+    """The ``unicom probe --config configs/...`` lines of docs/unifex.md, ``unicom probe --help``
+    and the recipes' comments."""
+    sources = [CONFIGS.parent / "docs" / "unifex.md", CONFIGS.parent / "src" / "unicom" / "commands" / "probe.py",
+               *sorted(CONFIGS.glob("unifex_*.yaml"))]
     text = "\n".join(path.read_text() for path in sources).replace("\\\n", " ")
     return [line.split("unicom probe", 1)[1].split("#")[0].split() for line in text.splitlines()
             if "unicom probe --config configs/" in line]

@@ -362,3 +362,10 @@ def test_every_bad_value_of_a_recipe_is_reported_at_once():
     assert "train.augment in cache mode draws among augmented views: set cache.augmented_views" in message
     assert "eval.holdout_classes must be in [0, 1), got 1.5" in message
     assert "loss.sample_rate must be in (0, 1], got 0.0" in message
+
+
+def test_an_output_url_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL read as a path would be the local folder s3:/bucket/run
+    with pytest.raises(InputError, match=r"out must be a local folder, got the URL 's3://bucket/run'"):
+        load_probe_config(CONFIGS / "unifex_tiny.yaml", ["out=s3://bucket/run", "data.train=[a.csv]"])
+    assert list(tmp_path.iterdir()) == []

@@ -36,6 +36,7 @@ from torch import nn
 
 from unicom import storage
 from unicom.engine.device import autocast
+from unicom.engine.seeding import rng_state, set_rng_state
 from unicom.engine.step import UNREAD_STEPS
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
@@ -307,7 +308,7 @@ def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline:
         "partial_fc": head.partial_fc.state_dict(),
         "neck_optimizer": head.neck_optimizer.state_dict(),
         "prototype_optimizer": head.prototype_optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "rng": rng_state(head.partial_fc.prototypes.device),  # the CUDA generator too: dropout on a GPU draws from it
         "selection_rng": head.partial_fc.rng_state(),
         "history": json.dumps(history),
         "baseline": json.dumps(baseline),
@@ -322,7 +323,10 @@ def restore(head: Head, state: dict, device: torch.device) -> None:
     head.partial_fc.load_state_dict(state["partial_fc"])
     head.neck_optimizer.load_state_dict(state["neck_optimizer"])
     head.prototype_optimizer.load_state_dict(state["prototype_optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    if "rng" in state:
+        set_rng_state(state["rng"], device)
+    else:  # written before the CUDA generator was saved
+        torch.set_rng_state(state["torch_rng"])
     if state["selection_rng"]:
         head.partial_fc.set_rng_state(state["selection_rng"], device)
 

@@ -71,6 +71,14 @@ def test_an_empty_class_names_its_row(tmp_path):
         read_domain_lists(listing)
 
 
+def test_a_list_without_rows_is_named(tmp_path):
+    # among several lists: its per-list filters (data.min_images_per_class=[1,3]) must not shift to another list
+    full = write(tmp_path / "m4d.csv", "img_path,label\na.jpg,1\nb.jpg,2\n")
+    empty = write(tmp_path / "store fronts.csv", "img_path,label\n")
+    with pytest.raises(InputError, match=r"store fronts\.csv: no rows \(only a header\)"):
+        read_domain_lists([full, empty])
+
+
 def test_per_dataset_summary(tmp_path):
     rows = ["dataset,path,class"] + [f"a,{i}.jpg,{c}" for i, c in enumerate([0, 0, 0, 1, 2, 2])] + ["b,x.jpg,7"]
     summary = read_domain_lists(write(tmp_path / "l.csv", "\n".join(rows) + "\n")).summary()

@@ -157,7 +157,8 @@ def test_head_options_left_unset_keep_the_heads_defaults():
 
 
 def test_an_option_of_another_head_is_refused_with_the_heads_options():
-    with pytest.raises(InputError, match="loss.momentum does not apply to loss.head=cosface; its options are margin, scale"):
+    with pytest.raises(InputError, match=r"loss.momentum does not apply to loss.head=cosface; its options are margin, scale "
+                                         r"\(unset it: loss.momentum=null\)"):
         recipe("loss.head=cosface", "loss.momentum=0.1")
 
 

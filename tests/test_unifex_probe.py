@@ -144,16 +144,21 @@ def test_cache_mode_and_direct_mode_train_the_same_head(collection, tmp_path):
     assert cached["neck.proj.weight"].abs().max() > 0.05  # trained, not a zero head
 
 
-def test_a_stopped_run_resumes_to_the_same_head(collection, tmp_path):
-    overrides = ("train.epochs=4", "eval.every=0", "loss.sample_rate=0.5", "loss.head=curricularface")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_a_stopped_run_resumes_to_the_same_head(collection, tmp_path, device):
+    # the neck's dropout (0.1) draws from the device's generator, which the checkpoint restores
+    overrides = ("train.epochs=4", "eval.every=0", "loss.sample_rate=0.5", "loss.head=curricularface",
+                 f"train.device={device}", "backbone.precision=fp32")
     probe(recipe(collection, tmp_path / "straight", *overrides))
     stopped = probe(recipe(collection, tmp_path / "resumed", *overrides), until_epoch=2)
     assert stopped["stopped_after_epoch"] == 2 and not (tmp_path / "resumed" / "model").exists()
     report = probe(recipe(collection, tmp_path / "resumed", *overrides))
     assert [record["epoch"] for record in report["history"]] == [1, 2, 3, 4]
     straight, resumed = head_weights(tmp_path / "straight"), head_weights(tmp_path / "resumed")
+    exact = 0 if device == "cpu" else 1e-6  # GPU kernels may sum in another order
     for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(resumed[name], straight[name], rtol=exact, atol=exact, msg=name)
     torch.testing.assert_close(  # CurricularFace's running t came back too
         torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["partial_fc"]["margin.t"],
         torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["partial_fc"]["margin.t"])
@@ -211,7 +216,70 @@ def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collec
     # one query per hue against the other 5 images of each of the 24 hues: a:0 and b:0 are different classes
     assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
     assert report["evaluation"]["trained"]["n_queries"] == 24
-    assert (collection["cache"] / "query" / "view_0" / "img_emb").is_dir()
+    folder = json.loads((collection["cache"] / "cache.json").read_text())["splits"]["query"]["folder"]
+    assert (collection["cache"] / folder / "view_0" / "img_emb").is_dir()
+
+
+def test_query_and_index_lists_without_a_dataset_column_share_their_classes(collection, tmp_path):
+    # the authors' format (img_path,label): each list is one benchmark, query class 3 is index class 3
+    rows = [(str(collection["root"] / p), label) for label in range(CLASSES) for i, (_, p, _) in
+            enumerate(collection["rows"][label * PER_CLASS:(label + 1) * PER_CLASS])]
+    for name, part in (("query", rows[::PER_CLASS]), ("index", [r for i, r in enumerate(rows) if i % PER_CLASS])):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows([("img_path", "label"), *part])
+    cache = tmp_path / "cache"
+    report = probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0", f"cache.folder={cache}",
+                          f"eval.query=[{tmp_path / 'query.csv'}]", f"eval.index=[{tmp_path / 'index.csv'}]"))
+    scores = report["evaluation"]["backbone"]
+    assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
+    assert scores["n_queries"] == 24  # every query has its 5 relevant index images
+
+    # the backbone's own scores, from the cached features with the hue as the class
+    from unicom.evaluate import retrieval_metrics
+    from unicom.formats.embeddings import read_embedding_folder
+
+    splits = json.loads((cache / "cache.json").read_text())["splits"]
+    query, _ = read_embedding_folder(cache / splits["query"]["folder"] / "view_0")
+    index, _ = read_embedding_folder(cache / splits["index"]["folder"] / "view_0")
+    labels = np.arange(CLASSES)
+    expected = retrieval_metrics(query, labels, index, np.repeat(labels, PER_CLASS - 1), ks=(1, 5))
+    assert scores["mmp@5"] == pytest.approx(expected["mmp@5"])
+    assert scores["map@r"] == pytest.approx(expected["map@r"])
+
+
+def test_another_evaluation_split_adds_its_own_views_to_the_cache(collection, tmp_path):
+    # training images squashed, evaluation images the model's own way: the held-out images get views
+    # of their own; runs sharing the cache with another split, or resumed with other queries, score theirs
+    cache = tmp_path / "cache"
+    squashed = ["train.epochs=1", "data.resize=squash", f"cache.folder={cache}"]
+    first = probe(recipe(collection, tmp_path / "a", *squashed))
+    second = probe(recipe(collection, tmp_path / "b", *squashed, "eval.holdout_classes=0.5"))
+    third = probe(recipe(collection, tmp_path / "a", *squashed, "eval.queries_per_class=3"))
+    assert first["evaluation"]["protocol"] == "12 queries against 24 index images"  # 6 held-out hues x (2 + 4)
+    assert second["evaluation"]["protocol"] == "24 queries against 48 index images"  # 12 held-out hues
+    assert third["evaluation"]["protocol"] == "18 queries against 18 index images"  # 6 held-out hues x (3 + 3)
+    assert len(list((cache / "query").iterdir())) == len(list((cache / "index").iterdir())) == 3
+    again = probe(recipe(collection, tmp_path / "a", *squashed))
+    assert len(list((cache / "query").iterdir())) == 3  # the first split's views are read again
+    assert again["evaluation"]["backbone"] == first["evaluation"]["backbone"]
+
+
+def test_resuming_with_other_held_out_classes_is_refused(collection, tmp_path):
+    probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.every=0"), until_epoch=1)
+    with pytest.raises(InputError, match=r"other settings \(eval.holdout_classes: 0.25 -> 0.5\)"):
+        probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0.5"))
+
+
+def test_evaluation_images_that_cannot_be_decoded_are_left_out_with_a_note(collection, tmp_path, capsys):
+    rows = collection["rows"]
+    query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]]
+                       + [("a", str(tmp_path / "missing.jpg"), 0)])
+    index = write_list(tmp_path / "index.csv", [(d, str(collection["root"] / p), c) for i, (d, p, c) in enumerate(rows)
+                                                if i % 6])
+    report = probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0",
+                          f"cache.folder={tmp_path / 'cache'}", f"eval.query=[{query}]", f"eval.index=[{index}]"))
+    assert report["evaluation"]["protocol"] == "24 queries against 120 index images"
+    assert "note: 1 query images could not be decoded and are left out of the evaluation" in capsys.readouterr().out
 
 
 def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
@@ -223,6 +291,25 @@ def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
     assert load_encoder(str(tmp_path / "run" / "model")).embedding_dim == 8
 
 
+def test_a_backbone_folder_given_relative_is_exported_loadable_from_anywhere(collection, tmp_path, monkeypatch):
+    from unicom.models.encoders import load_encoder
+
+    pooling = ["neck.kind=pooling", "neck.dropout=0", "train.epochs=0", "eval.holdout_classes=0"]
+    probe(recipe(collection, tmp_path / "base", *pooling, "neck.embedding_dim=8"))
+    monkeypatch.chdir(tmp_path)
+    probe(recipe(collection, tmp_path / "run", *pooling, "neck.embedding_dim=4", "backbone.model=base/model",
+                 "backbone.pretrained=null", f"cache.folder={tmp_path / 'cache'}"))
+    settings = json.loads((tmp_path / "run" / "model" / "unicom_model.json").read_text())["settings"]
+    assert settings["backbone"] == str(tmp_path / "base" / "model")
+    monkeypatch.chdir(collection["root"])
+    encoder = load_encoder(str(tmp_path / "run" / "model"))
+    image = encoder.image_transform(Image.open(collection["root"] / collection["rows"][0][1]))[None]
+    timm_vit = load_encoder("timm/test_vit", str(collection["weights"]))
+    with torch.no_grad():  # pooling of pooling: 64 features -> 8 -> 4, each bin the mean of 16 features
+        expected = torch.nn.functional.normalize(timm_vit.encode_image(image).reshape(1, 4, 16).mean(-1))
+        torch.testing.assert_close(torch.nn.functional.normalize(encoder.encode_image(image)), expected)
+
+
 def test_command_line_runs_a_recipe_with_overrides(collection, tmp_path, capsys):
     code = main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
                  f"backbone.pretrained={collection['weights']}", f"cache.folder={collection['cache']}",
@@ -232,6 +319,14 @@ def test_command_line_runs_a_recipe_with_overrides(collection, tmp_path, capsys)
     assert "images/class min/med/max" in printed and "final evaluation:" in printed
     assert (tmp_path / "run" / "model" / "unicom_model.json").is_file()
     assert json.loads((tmp_path / "run" / "datasets.json").read_text())["train"][0]["dataset"] == "a"
+
+
+def test_command_line_takes_overrides_before_and_after_options(capsys):
+    code = main(["probe", "--config", str(CONFIGS / "unifex_tiny.yaml"), "data.train=[a.csv]", "--out", "runs/x",
+                 "neck.embedding_dim=8", "--print-config", "loss.centers=2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "out: runs/x" in printed and "embedding_dim: 8" in printed and "centers: 2" in printed
 
 
 def test_command_line_rejects_an_unknown_key_listing_the_valid_ones(capsys):
@@ -246,6 +341,24 @@ def test_shipped_recipes_are_valid(name):
     assert config.neck.embedding_dim in (16, 64)
 
 
+def documented_probe_commands():
+    """The ``unicom probe --config configs/...`` lines of docs/unifex.md, ``unicom probe --help``
+    and the recipes' comments."""
+    sources = [CONFIGS.parent / "docs" / "unifex.md", CONFIGS.parent / "src" / "unicom" / "commands" / "probe.py",
+               *sorted(CONFIGS.glob("unifex_*.yaml"))]
+    text = "\n".join(path.read_text() for path in sources).replace("\\\n", " ")
+    return [line.split("unicom probe", 1)[1].split("#")[0].split() for line in text.splitlines()
+            if "unicom probe --config configs/" in line]
+
+
+@pytest.mark.parametrize("words", documented_probe_commands(), ids=" ".join)
+def test_documented_commands_are_valid_recipes(words):
+    config_path = CONFIGS.parent / words[words.index("--config") + 1]
+    overrides = [word for word in words if "=" in word and not word.startswith("-")]
+    config = load_probe_config(config_path, ["data.train=[lists/train.csv]", "out=runs/x", *overrides])
+    assert config.out and config.data.train
+
+
 def test_every_bad_value_of_a_recipe_is_reported_at_once():
     with pytest.raises(InputError) as caught:
         load_probe_config(CONFIGS / "unifex_tiny.yaml", [
@@ -254,3 +367,10 @@ def test_every_bad_value_of_a_recipe_is_reported_at_once():
     assert "train.augment in cache mode draws among augmented views: set cache.augmented_views" in message
     assert "eval.holdout_classes must be in [0, 1), got 1.5" in message
     assert "loss.sample_rate must be in (0, 1], got 0.0" in message
+
+
+def test_an_output_url_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL read as a path would be the local folder s3:/bucket/run
+    with pytest.raises(InputError, match=r"out must be a local folder, got the URL 's3://bucket/run'"):
+        load_probe_config(CONFIGS / "unifex_tiny.yaml", ["out=s3://bucket/run", "data.train=[a.csv]"])
+    assert list(tmp_path.iterdir()) == []

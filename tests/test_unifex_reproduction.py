@@ -12,6 +12,7 @@ torchvision, a DataLoader, the filter written out), and the shipped recipe again
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -260,6 +261,8 @@ def test_the_authors_options_train_the_same_head_from_the_cache_and_in_the_loop(
     # the cache holds the raw features of the short-side crop; evaluation views are the model's own
     views = sorted(p.name for p in (tmp_path / "cache" / "cache").iterdir() if p.is_dir())
     assert views == ["index", "query", "train"]
+    splits = json.loads((tmp_path / "cache" / "cache" / "cache.json").read_text())["splits"]
+    assert (tmp_path / "cache" / "cache" / splits["query"]["folder"] / "view_0" / "img_emb").is_dir()
     from unicom.unifex.data import read_domain_lists
 
     keys = read_domain_lists(collection / "train.csv").images.keys

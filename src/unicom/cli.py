@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fsspec options for s3://, gs://, hf://, http(s):// paths, e.g. "
                              "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' or '{\"s3\": {...}, \"gs\": {...}}' "
                              "(credentials come from the usual environment variables: AWS_*, GOOGLE_APPLICATION_CREDENTIALS)")
-    args = parser.parse_args(rest)
+    args = parser.parse_intermixed_args(rest) if getattr(parser, "intermixed", False) else parser.parse_args(rest)
     from unicom import storage
 
     try:

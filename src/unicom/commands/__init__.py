@@ -28,6 +28,7 @@ def add_recipe_arguments(parser, example: str, recipes: str) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (same as out=DIR)")
     parser.add_argument("--list-keys", action="store_true", help="print every recipe key with its default and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit without running it")
+    parser.intermixed = True  # KEY=VALUE overrides before and after options: `--cache-only train.epochs=1`
 
 
 def resolve_recipe(args, load, defaults, *extra: str):

@@ -3,8 +3,9 @@
 Examples::
 
     unicom probe --config configs/unifex_siglip_so400m_m4d35k.yaml data.train=[m4d35k/train.csv] \\
-        data.root=m4d35k eval.query=[guiec/query.csv] eval.index=[guiec/index.csv] out=runs/siglip
-    unicom probe --config configs/unifex_clip_b16.yaml data.train=[lists/train.csv] out=runs/b16 loss.head=dynm_arcface
+        eval.query=[guiec/query.csv] eval.index=[guiec/index.csv] out=runs/siglip
+    unicom probe --config configs/unifex_clip_b16.yaml data.train=[lists/train.csv] out=runs/b16 \\
+        loss.head=dynm_arcface loss.margin=null
     unicom probe --config configs/unifex_clip_b16.yaml ... --cache-only      # features only (e.g. on the GPU box)
     unicom probe --config configs/unifex_clip_b16.yaml ... train.mode=direct # the backbone in the loop
 

@@ -85,7 +85,8 @@ def head_defaults(name: str) -> dict[str, Any]:
 def option_problems(name: str, options: Mapping[str, Any], prefix: str = "loss.") -> list[str]:
     """Messages for every option set in ``options`` (``None``: unset) that head ``name`` does not take."""
     accepted = head_entry(name).options
-    return [f"{prefix}{option} does not apply to {prefix}head={name}; its options are {', '.join(accepted)}"
+    return [f"{prefix}{option} does not apply to {prefix}head={name}; its options are {', '.join(accepted)} "
+            f"(unset it: {prefix}{option}=null)"
             for option, value in options.items() if value is not None and option not in accepted]
 
 

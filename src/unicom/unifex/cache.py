@@ -11,7 +11,9 @@
         embed_config.json                what made the view (checked on every rerun)
         failures/failures_{i}.parquet    images that could not be decoded (left out of the rows)
       train/view_1/ ...                  augmented views: the augment section's random transform
-      query/view_0/  index/view_0/       the evaluation lists, when given
+      query/<images>/view_0/             evaluation images (the eval lists, or held-out classes when
+      index/<images>/view_0/             training images are transformed otherwise); <images> is the start
+                                         of the images' fingerprint, so each evaluation split keeps its own
 
 Every view folder is an embedding folder written by :func:`unicom.embed.embed_parts`, so
 it is resumable part by part (a killed build continues where it stopped), a folder built
@@ -45,6 +47,13 @@ MANIFEST = "cache.json"
 def view_folder(root, split: str, view: int) -> Path:
     """``root/<split>/view_<view>`` (``root`` a folder or a URL)."""
     return storage.join(root, split, f"view_{view}")
+
+
+def eval_split(name: str, images: ImageList) -> str:
+    """``<name>/<images>``: the split of an evaluation set (``query``, ``index``) named by
+    its images' fingerprint, so that runs evaluating on other images (another held-out
+    fraction, seed or list) add their own views instead of being refused."""
+    return f"{name}/{images_fingerprint(images)[:16]}"
 
 
 def transform_identity(transform: Callable):
@@ -151,5 +160,5 @@ def write_manifest(root: str | os.PathLike, identity: dict, input_dim: int, spli
     write_json_atomic(storage.join(root, MANIFEST), {**identity, "input_dim": int(input_dim), "splits": splits})
 
 
-__all__ = ["build_views", "load_view", "view_folder", "images_fingerprint", "transform_identity", "write_manifest",
+__all__ = ["build_views", "load_view", "view_folder", "eval_split", "images_fingerprint", "transform_identity", "write_manifest",
            "MANIFEST"]

@@ -187,11 +187,13 @@ def read_domain_lists(
     dataset_column: str = "dataset",
     path_column: str | None = None,
     class_column: str | None = None,
+    dataset_name: str | None = None,
 ) -> DomainImages:
     """Read and compose CSV/parquet lists of (dataset, path, class) rows.
 
     Relative paths are resolved against ``root`` (default: each list's folder). A list
-    without ``dataset_column`` is one dataset named after its file. Path and class columns
+    without ``dataset_column`` is one dataset named ``dataset_name`` (default: after its
+    file; query and index lists share one name, so that their classes match). Path and class columns
     not named are found among :data:`DEFAULT_COLUMNS` (``path``/``img_path``,
     ``class``/``label``). Every path and class must be non-empty. Keys are ``dataset/path as written`` (``#2``, ``#3`` ... appended to
     repeated rows so that keys stay unique).
@@ -206,8 +208,10 @@ def read_domain_lists(
     for source, name in enumerate(lists):
         path = storage.text(name) if storage.is_url(name) else Path(name)
         found = _read_columns(path, {"dataset": dataset_column, "path": path_column, "class": class_column})
+        if not found["path"]:  # its per-list filters would fall on the next list
+            raise InputError(f"{path}: no rows (only a header); give a list with images or leave it out")
         base = root if root is not None else storage.parent(path)
-        dataset_values = found["dataset"] or [Path(storage.name(path)).stem] * len(found["path"])
+        dataset_values = found["dataset"] or [dataset_name or Path(storage.name(path)).stem] * len(found["path"])
         for dataset, written, value in zip(dataset_values, found["path"], found["class"]):
             if dataset not in classes_of:
                 datasets.append(dataset)
@@ -215,8 +219,6 @@ def read_domain_lists(
             classes_of[dataset].add(value)
             resolved = storage.resolve(base, written)
             rows.append((dataset, written, resolved, value, source))
-    if not rows:
-        raise InputError(f"{', '.join(str(n) for n in lists)}: no rows")
 
     class_id: dict[tuple[str, str], int] = {}
     class_dataset, class_values, class_names = [], [], []

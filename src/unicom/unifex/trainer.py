@@ -36,6 +36,7 @@ from torch import nn
 
 from unicom import storage
 from unicom.engine.device import autocast
+from unicom.engine.seeding import rng_state, set_rng_state
 from unicom.engine.step import UNREAD_STEPS
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
@@ -45,8 +46,11 @@ from unicom.unifex.data import DomainImages, epoch_batches, epoch_order
 CHECKPOINT = "checkpoint.pt"
 MODEL_FOLDER = "model"
 METRICS = "metrics.json"
+EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a dataset column
 # keys that may change between a run and its resumption: they do not change what is trained
-RESUMABLE_CHANGES = ("out", "eval.", "data.workers", "cache.batch_size", "cache.folder", "train.device")
+# (eval.holdout_classes does: the held-out classes are left out of training)
+RESUMABLE_CHANGES = ("out", "eval.query", "eval.index", "eval.queries_per_class", "eval.ks", "eval.every",
+                     "data.workers", "cache.batch_size", "cache.folder", "train.device")
 
 
 # ------------------------------------------------------------------------ batches
@@ -304,7 +308,7 @@ def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline:
         "partial_fc": head.partial_fc.state_dict(),
         "neck_optimizer": head.neck_optimizer.state_dict(),
         "prototype_optimizer": head.prototype_optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "rng": rng_state(head.partial_fc.prototypes.device),  # the CUDA generator too: dropout on a GPU draws from it
         "selection_rng": head.partial_fc.rng_state(),
         "history": json.dumps(history),
         "baseline": json.dumps(baseline),
@@ -319,7 +323,10 @@ def restore(head: Head, state: dict, device: torch.device) -> None:
     head.partial_fc.load_state_dict(state["partial_fc"])
     head.neck_optimizer.load_state_dict(state["neck_optimizer"])
     head.prototype_optimizer.load_state_dict(state["prototype_optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    if "rng" in state:
+        set_rng_state(state["rng"], device)
+    else:  # written before the CUDA generator was saved
+        torch.set_rng_state(state["torch_rng"])
     if state["selection_rng"]:
         head.partial_fc.set_rng_state(state["selection_rng"], device)
 
@@ -352,7 +359,8 @@ def read_probe_data(config: ProbeConfig) -> ProbeData:
     if ev.holdout_classes > 0:
         result.train, result.query, result.index = holdout_split(train, ev.holdout_classes, ev.queries_per_class, config.seed)
     elif ev.query:
-        lists = read_domain_lists(list(ev.query) + list(ev.index), **columns)
+        # a list without the dataset column is one benchmark: its classes match the other lists' classes
+        lists = read_domain_lists(list(ev.query) + list(ev.index), **columns, dataset_name=EVAL_DATASET)
         result.eval_lists = lists
         result.query = lists.subset(lists.source < len(ev.query), relabel=False)
         result.index = lists.subset(lists.source >= len(ev.query), relabel=False)
@@ -433,8 +441,9 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     contents = {"train": {"images": len(data.all_train), "views": len(transforms)}}
     if _separate_eval(data, backbone):
         for name, subset in (("query", data.query), ("index", data.index)):
-            feature_cache.build_views(backbone.encoder, subset.images, root, name, [plain], **options)
-            contents[name] = {"images": len(subset), "views": 1}
+            split = feature_cache.eval_split(name, subset.images)
+            feature_cache.build_views(backbone.encoder, subset.images, root, split, [plain], **options)
+            contents[name] = {"images": len(subset), "views": 1, "folder": split}
     feature_cache.write_manifest(root, identity, backbone.input_dim, contents)
     seconds = time.perf_counter() - began
     log.event("cache", folder=storage.text(root), seconds=round(seconds, 3), **{k: v["images"] for k, v in contents.items()})
@@ -449,7 +458,7 @@ def _separate_eval(data: ProbeData, backbone: Backbone) -> bool:
 
 def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: dict, say) -> Feed:
     """Cache mode: the training views and the evaluation features, read from the cache into memory."""
-    from unicom.unifex.cache import load_view, view_folder
+    from unicom.unifex.cache import eval_split, load_view, view_folder
 
     root, device = storage.path(cache["cache"]), backbone.device
     keys = data.all_train.images.keys
@@ -467,13 +476,18 @@ def cache_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone, cache: 
                              config.seed, augment=config.train.augment, **_batching(config))
     split = None
     if _separate_eval(data, backbone):
-        (query, query_ok), (index, index_ok) = (load_view(view_folder(root, name, 0), subset.images.keys)
-                                                for name, subset in (("query", data.query), ("index", data.index)))
+        (query, query_ok), (index, index_ok) = (
+            load_view(view_folder(root, eval_split(name, subset.images), 0), subset.images.keys)
+            for name, subset in (("query", data.query), ("index", data.index)))
     elif data.query is not None:  # held-out classes of the training lists: their plain view
         query_rows, index_rows = _rows_of(keys, data.query), _rows_of(keys, data.index)
         query, query_ok = loaded[0][0][query_rows], present[query_rows]
         index, index_ok = loaded[0][0][index_rows], present[index_rows]
     if data.query is not None:
+        for name, ok in (("query", query_ok), ("index", index_ok)):
+            if not ok.all():
+                say(f"note: {int((~ok).sum())} {name} images could not be decoded and are left out of the evaluation "
+                    f"(listed in the failures/ of their view in {root})")
         split = _to_split(query[query_ok], data.query.labels[query_ok], index[index_ok], data.index.labels[index_ok], device)
     return Feed(batches, np.bincount(labels, minlength=data.train.num_classes), split, cache)
 

@@ -129,9 +129,14 @@ class TrainConfig(Recipe):
 
     def check(self, problems: list[str]) -> None:
         """The keys and combinations that the shared sections do not check."""
+        from unicom import storage
+
         data, train = self.data, self.train
         sources = [name for name in ("shards", "folder", "table", "benchmark") if getattr(data, name)]
         check(self.seed >= 0, problems, f"seed must be non-negative, got {self.seed}")
+        check(not (self.out and storage.is_url(self.out)), problems,
+              f"out must be a local folder (checkpoints are renamed into place as they are written), got the URL "
+              f"{self.out!r} (the data may be URLs); copy OUT/model to the bucket afterwards")
         check(len(sources) == 1, problems,
               f"give exactly one training source among data.shards, data.folder, data.table, data.benchmark (got {sources or 'none'})")
         check(not data.shards or bool(data.labels), problems,

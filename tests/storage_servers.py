@@ -195,7 +195,7 @@ class FileServerState:
     bandwidth: float | None = None  # bytes per second, per response
     faults: dict[str, Faults] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
-    sent: dict[str, int] = field(default_factory=dict)  # name -> bytes of file data sent
+    asked: list[str] = field(default_factory=list)  # "METHOD name Range", every request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -221,6 +221,7 @@ class _Handler(SimpleHTTPRequestHandler):
         name = self.path.split("?", 1)[0].lstrip("/")
         with state.lock:
             state.requests.append(f"{self.command} {name}")
+            state.asked.append(f"{self.command} {name} {self.headers.get('Range', '')}")
             fault = state.faults.get(name)
             if fault is not None:
                 fault.requests += 1
@@ -237,11 +238,13 @@ class _Handler(SimpleHTTPRequestHandler):
             return self._plain(404, b"not found", body)
         data = path.read_bytes()
         start, stop, status = 0, len(data), 200
-        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if match:
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if match and match.group(1):
             start = int(match.group(1))
             stop = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
             status = 206
+        elif match and match.group(2):  # a suffix: the last N bytes
+            start, status = max(0, len(data) - int(match.group(2))), 206
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(stop - start))
@@ -267,8 +270,6 @@ class _Handler(SimpleHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.wfile.write(data[position:end])
-            with state.lock:
-                state.sent[name] = state.sent.get(name, 0) + end - position
             if state.bandwidth:
                 time.sleep((end - position) / state.bandwidth)
             position = end

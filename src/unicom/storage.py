@@ -443,6 +443,21 @@ def read_range(location, start: int, stop: int, *, exact: bool = True) -> bytes:
     return data
 
 
+def read_tail(location, count: int) -> bytes:
+    """The last ``count`` bytes of a file (the whole file when it is shorter): one suffix
+    request for a URL (``Range: bytes=-count``), no request for its size."""
+    if not is_url(location):
+        with open(_local(location), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - count))
+            return f.read()
+    fs, inner = filesystem(location)
+    data = retrying(location, lambda: fs.cat_file(inner, start=-count))
+    if len(data) > count:  # a server that ignores Range sends the whole file
+        _warn_whole_files(location)
+        data = data[-count:]
+    return data
+
+
 _WHOLE_FILE_HOSTS: set[str] = set()
 
 

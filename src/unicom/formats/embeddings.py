@@ -216,14 +216,14 @@ def _parquet_metadata(path: Path):
     if not storage.is_url(path):
         return _parquet_file(path).metadata
     try:
-        size = storage.size(path)
-        start = max(0, size - _FOOTER_READ)
-        tail = storage.read_range(path, start, size)
+        tail = storage.read_tail(path, _FOOTER_READ)
         length = int.from_bytes(tail[-8:-4], "little") if len(tail) >= 12 else -1
-        if tail[-4:] != b"PAR1" or not 0 <= length <= size - 12:
+        if tail[-4:] != b"PAR1" or length < 0 or (len(tail) < _FOOTER_READ and length > len(tail) - 12):
             raise InputError(f"{path}: not a readable parquet file (no parquet footer at its end)")
         if length + 8 > len(tail):  # a footer longer than the first read
-            tail = storage.read_range(path, size - 8 - length, start) + tail
+            tail = storage.read_tail(path, length + 8)
+            if len(tail) < length + 8:
+                raise InputError(f"{path}: not a readable parquet file (its footer is longer than the file)")
         return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8):]))
     except storage.FetchError as error:
         raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error

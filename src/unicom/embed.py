@@ -400,16 +400,16 @@ def _check_config(out, config: dict) -> bool | None:
     previous = read_config(out)
     if previous is None:
         return False
+    for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
+        value = previous.get(key)
+        if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
+            previous[key] = os.path.abspath(value)
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
              and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)))
     if moved and config.get(WEIGHTS_CHECKSUM) in (None, previous[WEIGHTS_CHECKSUM]):
         if WEIGHTS_CHECKSUM in config and distributed.get_rank() == 0:
             write_config(out, dict(previous, pretrained=config.get("pretrained")))
         return None
-    for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
-        value = previous.get(key)
-        if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
-            previous[key] = os.path.abspath(value)
     # folders written before these were recorded are compared without them
     different = {k: (previous.get(k), v) for k, v in config.items()
                  if previous.get(k) != v and (k in previous or k not in RECORDED_LATER)}

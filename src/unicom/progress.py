@@ -5,6 +5,7 @@ Shown on rank 0 only, and turned off with ``UNICOM_PROGRESS=0`` (logs of batch j
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, TypeVar
 
@@ -29,6 +30,7 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | float | None =
     return _counting_bar(tqdm)(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
 def _counting_bar(base):
     """``base`` (a tqdm class) showing SI prefixes (12.3k/1.20M) for large counts and small
     ones as plain integers, not 5.00/5.00, decided at each refresh: from the total, which a

@@ -67,6 +67,15 @@ def check(condition: bool, problems: list[str], message: str) -> None:
         problems.append(message)
 
 
+def check_local_out(out: str | None, problems: list[str], inputs: str) -> None:
+    """A run folder (``out``: checkpoints renamed into place, logs, the exported model) is local;
+    ``inputs`` names what may be URLs instead."""
+    from unicom import storage
+
+    check(not (out and storage.is_url(out)), problems,
+          f"out must be a local folder, got the URL {out!r} ({inputs} may be URLs); copy OUT/model to the bucket afterwards")
+
+
 # ------------------------------------------------------------------ typed reading
 
 

@@ -772,18 +772,16 @@ def _cached(url) -> Path:
         except ValueError as error:
             raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
         names = [CONFIG_FILE, *_file_names(config)]
-        if storage.is_file(storage.join(url, HELDOUT_FILE)):
-            names.append(HELDOUT_FILE)
     else:
         names = _clip_folder_files(url)
-        if storage.is_file(storage.join(url, HELDOUT_FILE)):
-            names.append(HELDOUT_FILE)  # Index.load names the unfinished build
-        if not names:
-            raise InputError(
-                f"{storage.text(url)}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index "
-                "(clip-retrieval's): not an index folder, or one whose build did not finish; build it (again) with "
-                f"`unicom index --emb EMB --out {storage.text(url)} --rebuild`"
-            )
+    if storage.is_file(storage.join(url, HELDOUT_FILE)):  # without index.json: Index.load names the unfinished build
+        names.append(HELDOUT_FILE)
+    if not names:
+        raise InputError(
+            f"{storage.text(url)}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index "
+            "(clip-retrieval's): not an index folder, or one whose build did not finish; build it (again) with "
+            f"`unicom index --emb EMB --out {storage.text(url)} --rebuild`"
+        )
     local = storage.cached_copy(url, names, refresh=[CONFIG_FILE])
     for folder in (local, local / METADATA_FOLDER):
         for file in folder.glob("*"):

@@ -106,11 +106,14 @@ class ShardImages:
 
 def _fetch(url: str, what: str) -> bytes:
     """The bytes at ``url`` (with the store's retries): 404 when it has no such file, 502 when
-    it cannot be reached."""
+    it cannot be reached or is longer than an image may be."""
     from unicom import storage
+    from unicom.data.transforms import MAX_IMAGE_BYTES
 
     try:
-        return storage.read_bytes(url)
+        return storage.read_bytes(url, max_bytes=MAX_IMAGE_BYTES)
+    except storage.TooLarge:
+        raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from None
     except storage.FetchError as error:
         raise _error(404 if error.missing else 502, f"{what} cannot be fetched ({error.reason})") from None
     except FileNotFoundError:

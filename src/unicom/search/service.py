@@ -660,8 +660,7 @@ def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
     if not vector.any():
         raise _error(400, f'"embedding" is zero in its first {dims} numbers: it has no direction to search')
     try:
-        return queries.first_dims(np.asarray(values, dtype=np.float32)[None, :], dims, '"embedding"',
-                                  fix=queries.QUERY_FIX)[0]
+        return queries.first_dims(vector[None, :], dims, '"embedding"', fix=queries.QUERY_FIX)[0]
     except InputError as error:
         raise _error(400, str(error)) from None
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from unicom.engine import recipe
 from unicom.engine.device import PRECISIONS
-from unicom.engine.recipe import Recipe, check
+from unicom.engine.recipe import Recipe, check, check_local_out
 from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, ScheduleConfig
 
 
@@ -129,14 +129,10 @@ class TrainConfig(Recipe):
 
     def check(self, problems: list[str]) -> None:
         """The keys and combinations that the shared sections do not check."""
-        from unicom import storage
-
         data, train = self.data, self.train
         sources = [name for name in ("shards", "folder", "table", "benchmark") if getattr(data, name)]
         check(self.seed >= 0, problems, f"seed must be non-negative, got {self.seed}")
-        check(not (self.out and storage.is_url(self.out)), problems,
-              f"out must be a local folder (checkpoints are renamed into place as they are written), got the URL "
-              f"{self.out!r} (the data may be URLs); copy OUT/model to the bucket afterwards")
+        check_local_out(self.out, problems, "the data")
         check(len(sources) == 1, problems,
               f"give exactly one training source among data.shards, data.folder, data.table, data.benchmark (got {sources or 'none'})")
         check(not data.shards or bool(data.labels), problems,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from unicom.engine import recipe
 from unicom.engine.device import PRECISIONS
-from unicom.engine.recipe import Recipe, check
+from unicom.engine.recipe import Recipe, check, check_local_out
 from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, ScheduleConfig
 
 
@@ -113,13 +113,9 @@ class ProbeConfig(Recipe):
 
     def check(self, problems: list[str]) -> None:
         """The keys and combinations that the shared sections do not check."""
-        from unicom import storage
-
         data, neck, cache, train, ev = self.data, self.neck, self.cache, self.train, self.eval
         check(bool(self.out), problems, "out is required: the folder for the model, metrics and cache (out=DIR or --out DIR)")
-        check(not (self.out and storage.is_url(self.out)), problems,
-              f"out must be a local folder, got the URL {self.out!r} (cache.folder and the lists may be URLs); "
-              "copy OUT/model to the bucket afterwards")
+        check_local_out(self.out, problems, "cache.folder and the lists")
         check(self.seed >= 0, problems, f"seed must be non-negative, got {self.seed}")
         check(bool(data.train), problems, "data.train is required: CSV/parquet lists of (dataset, path, class) rows")
         for key in ("min_images_per_class", "max_images_per_class"):

@@ -189,6 +189,34 @@ def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path)
         probe(recipe(collection, tmp_path / "fourth", f"backbone.pretrained={other}"))
 
 
+def test_a_cache_made_in_another_precision_or_decoder_is_refused(collection, tmp_path):
+    cache = tmp_path / "cache"
+    probe(recipe(collection, tmp_path / "fp32", f"cache.folder={cache}", "train.epochs=1", "eval.every=0",
+                 "backbone.precision=fp32", "data.decode=cpu"))
+    config = json.loads((cache / "train" / "view_0" / "embed_config.json").read_text())
+    assert (config["precision"], config["decode"]) == ("fp32", "cpu")
+    with pytest.raises(InputError, match=r"precision: 'fp32' before, 'bf16' now\); .*another cache\.folder"):
+        probe(recipe(collection, tmp_path / "bf16", f"cache.folder={cache}", "train.epochs=1", "eval.every=0",
+                     "backbone.precision=bf16", "data.decode=cpu"))
+    with pytest.raises(InputError, match=r"decode: 'cpu' before, 'gpu' now"):
+        probe(recipe(collection, tmp_path / "gpu", f"cache.folder={cache}", "train.epochs=1", "eval.every=0",
+                     "backbone.precision=fp32", "data.decode=gpu"))
+
+
+def test_a_cache_made_before_precision_was_recorded_is_read_as_it_is(collection, tmp_path):
+    cache = tmp_path / "cache"
+    overrides = (f"cache.folder={cache}", "train.epochs=1", "eval.every=0", "backbone.precision=fp32")
+    probe(recipe(collection, tmp_path / "first", *overrides))
+    view = cache / "train" / "view_0"
+    older = {k: v for k, v in json.loads((view / "embed_config.json").read_text()).items()
+             if k not in ("precision", "decode")}
+    (view / "embed_config.json").write_text(json.dumps(older))
+    part = view / "img_emb" / "img_emb_0.npy"
+    written = part.stat().st_mtime_ns
+    probe(recipe(collection, tmp_path / "second", *overrides))
+    assert part.stat().st_mtime_ns == written
+
+
 def test_augmented_views_are_cached_beside_the_plain_one(collection, tmp_path):
     from unicom.unifex.cache import load_view, view_folder
     from unicom.unifex.data import read_domain_lists

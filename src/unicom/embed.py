@@ -52,7 +52,9 @@ from unicom.progress import progress
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
-RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part")  # keys of embed_config.json that older folders lack
+# keys of embed_config.json that older folders lack (precision and decode: UniFEx feature caches)
+RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode")
+SAME_OPTIONS = "use another --out, or run with the same options"
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -85,12 +87,6 @@ def _check_batching(batch_size: int, num_workers: int | None) -> None:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise InputError(f"workers must be 0 (decode in the main process) or more, got {num_workers}")
-
-
-def _device_of(encoder: Encoder) -> torch.device:
-    for tensor in encoder.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _normalized(embeddings: torch.Tensor) -> np.ndarray:
@@ -211,7 +207,7 @@ def embed_images(
     items = list(images_or_paths)
     _check_batching(batch_size, num_workers)
     encoder = _as_encoder(model, pretrained, device)
-    device = _device_of(encoder)
+    device = encoder.device
     if not items:
         return np.zeros((0, encoder.embedding_dim), dtype=np.float32)
     workers = default_num_workers(device) if num_workers is None else num_workers
@@ -254,7 +250,7 @@ def embed_texts(
     encoder = _as_encoder(model, pretrained, device)
     if not encoder.has_text:
         raise InputError(f"{encoder.name} has no text tower; embed texts with a CLIP model such as ViT-B-32")
-    device = _device_of(encoder)
+    device = encoder.device
     chunks = [
         _encode_tokens(encoder, encoder.tokenize(texts[start:start + batch_size]), device, precision)
         for start in range(0, len(texts), batch_size)
@@ -392,11 +388,12 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
     return finished
 
 
-def _check_config(out, config: dict) -> bool | None:
+def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     """Compare with the configuration a previous run left in ``out``: False if there was
     none, True if it matches, None if only the weights file moved: the same weights by
     their digest (``config`` without it: not known until the weights are loaded; with it
-    and equal: the new place is recorded)."""
+    and equal: the new place is recorded). ``advice``: what the error for another
+    configuration tells the user to do."""
     previous = read_config(out)
     if previous is None:
         return False
@@ -417,7 +414,7 @@ def _check_config(out, config: dict) -> bool | None:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
         raise InputError(
             f"{out} holds embeddings of another configuration ({details}); mixing them would make the parts "
-            "incomparable: use another --out, or run with the same options"
+            f"incomparable: {advice}"
         )
     return True
 
@@ -450,13 +447,15 @@ def embed_parts(
     config: dict | None = None,
     normalize: bool = True,
     decode: str = "auto",
+    advice: str = SAME_OPTIONS,
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
 
     Parts whose files are all present are skipped. Under ``torch.distributed`` the
     remaining parts are dealt round-robin over the ranks; the returned summary is this
     rank's (``parts``/``skipped`` are global). ``config`` (model, weights, modalities,
-    dtype) is stored in ``out/embed_config.json`` and must match on a rerun. ``normalize=False``
+    dtype) is stored in ``out/embed_config.json`` and must match on a rerun (``advice`` says
+    what to do when it does not). ``normalize=False``
     stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     """
     out = storage.path(out)
@@ -472,7 +471,7 @@ def embed_parts(
         raise InputError("two inputs map to the same output part number; give distinct shard numbers")
     config = dict(config or {"model": encoder.name})
     config.update({"modalities": list(modalities), "dtype": dtype, WEIGHTS_CHECKSUM: encoder.weights_sha256()})
-    had_config = _check_config(out, config)
+    had_config = _check_config(out, config, advice)
 
     kinds = list(modalities) + ["metadata"]
     complete = complete_parts(out, numbers, kinds)
@@ -495,7 +494,7 @@ def embed_parts(
 def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
                     normalize=True, decode="auto") -> None:
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
-    device = _device_of(encoder)
+    device = encoder.device
     workers = default_num_workers(device) if num_workers is None else num_workers
     if workers == 0:  # one reader takes the parts in order: each remote shard downloads during the one before
         parts = read_in_turn(parts)

@@ -56,6 +56,13 @@ class Encoder(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         raise InputError(f"{self.name} has no text tower ({self.no_text_reason}); use --modalities image")
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the CPU for a model without any)."""
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
     def weights_sha256(self) -> str:
         """SHA-256 hex digest of every parameter and buffer (name, dtype, shape and values, in
         module order): the same weights give the same digest wherever they were loaded from,

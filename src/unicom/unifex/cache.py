@@ -17,7 +17,7 @@
 
 Every view folder is an embedding folder written by :func:`unicom.embed.embed_parts`, so
 it is resumable part by part (a killed build continues where it stopped), a folder built
-with another backbone, transform or image list is refused, and ``unicom evaluate
+with another backbone, transform, image list, precision or JPEG decoder is refused, and ``unicom evaluate
 --embeddings`` or ``unicom index`` read it as they read any ``unicom embed`` output.
 Augmented views are random draws (seeded per view); the plain view is deterministic.
 """
@@ -117,21 +117,29 @@ def build_views(
     ``decode``: where JPEGs are decoded (:func:`unicom.data.transforms.resolve_decode`; a
     view whose transform cannot run on tensors is decoded on the CPU under ``auto``).
     """
+    from unicom.data.transforms import resolve_decode
     from unicom.embed import embed_parts
+    from unicom.engine.device import resolve_precision
 
     fingerprint = images_fingerprint(images)
+    device = encoder.device
     folders = []
     for view, transform in enumerate(transforms):
         folder = view_folder(root, split, view)
         parts = list_parts(images, rows_per_part, f"{split} list")
+        # the forward's precision and the JPEG decoder change the features a little (fp16 against
+        # fp32: cosine ~0.9999): a cache shared by recipes that differ in them is refused, not mixed
+        made = {"precision": resolve_precision(precision, device, training=False),
+                "decode": "gpu" if resolve_decode(decode, device, transform) else "cpu"}
         config = dict(identity, view=view, transform=transform_identity(transform), images=fingerprint,
-                      rows_per_part=rows_per_part, **({} if normalize else {"features": "raw"}))
+                      rows_per_part=rows_per_part, **made, **({} if normalize else {"features": "raw"}))
         view_encoder = encoder if transform is encoder.image_transform else _ViewEncoder(encoder, transform)
         # augmented views are random draws: seeded per view, so a rebuild from scratch repeats them
         random.seed(seed * 1000 + view)
         torch.manual_seed(seed * 1000 + view)
         embed_parts(parts, view_encoder, folder, modalities=("image",), batch_size=batch_size, num_workers=num_workers,
-                    dtype=dtype, precision=precision, config=config, normalize=normalize, decode=decode)
+                    dtype=dtype, precision=precision, config=config, normalize=normalize, decode=decode,
+                    advice="give the recipe another cache.folder, or the settings the cache was made with")
         folders.append(folder)
     return folders
 

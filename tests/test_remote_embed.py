@@ -106,7 +106,7 @@ def test_killed_mid_upload_a_rerun_leaves_the_same_folder_and_nothing_half_writt
     command = [sys.executable, "-m", "unicom.cli", "embed", "--input", str(data["root"] / "shards"),
                "--out", "s3://embed-d/emb", *data["common"]]
     # killed when S3 answers the upload of part 1's temporary embeddings
-    kill_at_s3_response(s3, command, env, rb"PUT /embed-d/emb/img_emb/\.img_emb_1\.npy\.[a-z0-9_]{8}\.tmp\.npy")
+    kill_at_s3_response(s3, command, env, rb"PUT /embed-d/emb/img_emb/\.img_emb_1\.npy\.[a-z0-9_]{8}\.tmp ")
     keys = s3.keys("embed-d")
     assert "emb/img_emb/img_emb_1.npy" not in keys and "emb/metadata/metadata_1.parquet" not in keys
     left = [k for k in keys if not _no_temporaries([k])]

@@ -195,7 +195,7 @@ def test_killed_while_adding_parts_to_an_index_in_s3_the_previous_one_stays_whol
     s3.upload_folder(tmp_path / "emb", bucket, "emb")
     command = [sys.executable, "-m", "unicom.cli", "index", "--emb", emb, "--out", url]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    kill_at_s3_response(s3, command, env, rb"PUT /" + bucket.encode() + rb"/index/\.index\.json\.[a-z0-9_]{8}\.tmp\.json")
+    kill_at_s3_response(s3, command, env, rb"PUT /" + bucket.encode() + rb"/index/\.index\.json\.[a-z0-9_]{8}\.tmp ")
     assert s3.get(bucket, "index/index.json") == before
     left = [key for key in s3.keys(bucket, "index/") if key.rsplit("/", 1)[-1].startswith(".")]
     assert len(left) == 1 and left[0].startswith("index/.index.json.")  # what the kill left, under its temporary name

@@ -161,6 +161,26 @@ def test_sweeping_removes_only_the_writers_own_temporaries_locally_and_on_s3(s3,
     assert s3.keys("sweep") == sorted(f"emb/{name}" for name in names[1:])
 
 
+def test_a_killed_write_leaves_nothing_a_reader_of_npy_or_parquet_parts_would_list(tmp_path):
+    # embedding-reader and autofaiss list img_emb/*.npy and metadata/*.parquet
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from unicom import files\n"
+        f"with files.atomic_path({str(tmp_path / 'img_emb_3.npy')!r}) as tmp:\n"
+        "    tmp.write_bytes(b'half a part')\n"
+        "    print(tmp.name, flush=True)\n"
+        "    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        temporary = writer.stdout.readline().strip()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert [p.name for p in tmp_path.iterdir()] == [temporary]
+    assert list(tmp_path.glob("*.npy")) == [] and temporary.endswith(".tmp")
+    assert files.sweep_temporaries(tmp_path, ["img_emb_3.npy"]) == [temporary]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_http_brace_patterns_expand_without_a_request_in_numeric_order(tmp_path):
     with FileServer(tmp_path) as server:
         shards = expand_shards([f"{server.url}/{{9..11}}.tar", f"{server.url}/{{00001..00002}}.tar"])

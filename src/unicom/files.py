@@ -29,13 +29,16 @@ def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary local path; on success it becomes ``path``, whole.
 
     Locally the temporary file is beside ``path`` and renamed; for a URL it is uploaded
-    with :func:`unicom.storage.upload_atomic`. It keeps ``path``'s suffix (so libraries
-    that look at it, like numpy or pyarrow, behave) and is removed if the block raises.
+    with :func:`unicom.storage.upload_atomic`. Its name ends in ``.tmp``, not in ``path``'s
+    suffix, so that readers listing ``*.npy`` or ``*.parquet`` (embedding-reader, autofaiss)
+    never take a killed write's leftover for a part; write to it through an open file or a
+    function that keeps the name as given (``np.save`` to a name adds ``.npy``). It is
+    removed if the block raises.
     """
     if storage.is_url(path):
         storage.writable(path)
         target = storage.path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{Path(target.name).suffix}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(tmp)
         try:
@@ -46,7 +49,7 @@ def atomic_path(path) -> Iterator[Path]:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, _new_file_mode())  # mkstemp's 0o600 would hide the outputs from other users of a shared folder
     tmp = Path(tmp)

@@ -54,6 +54,7 @@ _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
 CHUNK = 1 << 20  # bytes per read of a stream
 READ_AHEAD = 32 << 20  # bytes a stream downloads ahead of its reader
 # the name of a temporary file beside its destination: tempfile.mkstemp's, and ours remotely
+# (earlier versions ended it in the destination's suffix: `.tmp.npy`)
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^./]*)?$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C:// is a drive
 
@@ -873,11 +874,12 @@ def _close_quietly(handle) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def temporary_name(name: str, suffix: str = "") -> str:
-    """A temporary name beside ``name``: ``.{name}.{8 random characters}.tmp{suffix}``,
-    the pattern of ``tempfile.mkstemp`` that :func:`sweep_temporaries` recognises."""
+def temporary_name(name: str) -> str:
+    """A temporary name beside ``name``: ``.{name}.{8 random characters}.tmp``, the pattern
+    of ``tempfile.mkstemp`` that :func:`sweep_temporaries` recognises (and no reader's
+    ``*.npy`` / ``*.parquet``)."""
     token = "".join(_RANDOM.choices("abcdefghijklmnopqrstuvwxyz0123456789_", k=8))
-    return f".{name}.{token}.tmp{suffix}"
+    return f".{name}.{token}.tmp"
 
 
 def upload_atomic(local_file: str | os.PathLike, destination) -> None:
@@ -888,8 +890,7 @@ def upload_atomic(local_file: str | os.PathLike, destination) -> None:
     writable(destination)
     target = path(destination)
     fs = target.fs
-    suffix = Path(target.name).suffix
-    temporary = target.parent / temporary_name(target.name, suffix)
+    temporary = target.parent / temporary_name(target.name)
     try:
         retrying(destination, lambda: fs.put_file(os.fspath(local_file), temporary.path))
         if protocol(destination) in _OBJECT_STORES:  # no rename: a server-side copy, then the delete

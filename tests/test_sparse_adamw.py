@@ -121,8 +121,9 @@ def test_repeated_rows_of_an_uncoalesced_gradient_are_summed():
     weight = torch.nn.Parameter(torch.zeros(4, 2))
     twin = torch.nn.Parameter(torch.zeros(4, 2))
     first, second = SparseAdamW([weight], lr=0.1, weight_decay=0.0), SparseAdamW([twin], lr=0.1, weight_decay=0.0)
-    weight.grad = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.tensor([[1.0, -2.0], [0.5, 0.5], [1.0, 4.0]]), (4, 2))
-    twin.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([[0.5, 0.5], [2.0, 2.0]]), (4, 2))
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.tensor([[1.0, -2.0], [0.5, 0.5], [1.0, 4.0]]), (4, 2),
+                                          check_invariants=True)
+    twin.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([[0.5, 0.5], [2.0, 2.0]]), (4, 2), check_invariants=True)
     first.step()
     second.step()
     assert torch.equal(weight, twin)
@@ -137,15 +138,15 @@ def test_a_state_saved_on_the_cpu_resumes_on_the_gpu():
     cpu = torch.nn.Parameter(torch.randn(6, 3))
     opt_cpu = SparseAdamW([cpu], lr=1e-2)
     for index, values in grads[:2]:
-        cpu.grad = torch.sparse_coo_tensor(index[None], values, cpu.shape)
+        cpu.grad = torch.sparse_coo_tensor(index[None], values, cpu.shape, check_invariants=True)
         opt_cpu.step()
     gpu = torch.nn.Parameter(cpu.detach().cuda())
     opt_gpu = SparseAdamW([gpu], lr=1e-2)
     opt_gpu.load_state_dict(copy.deepcopy(opt_cpu.state_dict()))
     assert opt_gpu.state[gpu]["step"].device == gpu.device
     for index, values in grads[2:]:
-        cpu.grad = torch.sparse_coo_tensor(index[None], values, cpu.shape)
-        gpu.grad = torch.sparse_coo_tensor(index[None].cuda(), values.cuda(), gpu.shape)
+        cpu.grad = torch.sparse_coo_tensor(index[None], values, cpu.shape, check_invariants=True)
+        gpu.grad = torch.sparse_coo_tensor(index[None].cuda(), values.cuda(), gpu.shape, check_invariants=True)
         opt_cpu.step()
         opt_gpu.step()
     torch.testing.assert_close(gpu.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)

@@ -294,3 +294,79 @@ def test_a_folder_of_unicom_index_without_its_index_json_is_an_unfinished_build(
     opened = Index.load(tmp_path / "index")
     assert opened.config["written_by"] == "another tool" and len(opened) == len(built)
     assert opened.metadata(29) == {"id": 29, **built.metadata(29)}
+
+
+# --------------------------------------------------------------------------- metadata in coarse row groups
+
+
+@pytest.fixture
+def coarse_row_groups(monkeypatch, tmp_path):
+    """Row groups above 256 rows count as coarse (clip-retrieval writes a million rows in one);
+    copies are made in row groups of 64, under a cache of this test's own."""
+    from unicom.search import metadata_rows
+
+    monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 256)
+    monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "metadata"
+
+
+def test_metadata_in_coarse_row_groups_is_read_from_a_copy_in_small_ones(autofaiss_folder, coarse_row_groups, tmp_path):
+    root, parts = autofaiss_folder
+    shutil.copytree(root / "index", tmp_path / "index")
+    originals = [tmp_path / "index" / "metadata" / f"metadata_{number}.parquet" for number in sorted(parts, key=str)]
+    assert {pq.ParquetFile(file).metadata.num_row_groups for file in originals} == {1}  # 300 to 487 rows in one
+    whole = pa.concat_tables([pq.read_table(file) for file in originals]).to_pylist()
+    index = Index.load(tmp_path / "index")
+    ids = np.random.default_rng(0).integers(0, len(index), size=(6, 10))
+    assert index.metadata(ids) == [[{"id": i, **whole[i]} for i in query] for query in ids.tolist()]
+    copies = {}
+    for file, original in enumerate(originals):
+        copy = index.metadata_rows.read_from(file)
+        assert copy.parent == coarse_row_groups
+        assert pq.read_table(copy).equals(pq.read_table(original))
+        rows = pq.ParquetFile(copy).metadata.num_rows
+        assert pq.ParquetFile(copy).metadata.num_row_groups == -(-rows // 64)
+        copies[file] = copy.stat().st_mtime_ns
+    assert all(table.num_rows <= 64 for table in index.metadata_rows._cache.values())
+    # another process opening the index reads the copies made
+    again = Index.load(tmp_path / "index")
+    assert again.metadata(ids) == index.metadata(ids)
+    assert {file: again.metadata_rows.read_from(file).stat().st_mtime_ns for file in copies} == copies
+    # a metadata file written again gets a new copy; the old one goes
+    rewritten = pq.read_table(originals[3])
+    rewritten = rewritten.set_column(1, "caption", pa.array([f"new {c}" for c in rewritten.column("caption").to_pylist()]))
+    pq.write_table(rewritten, originals[3])
+    reloaded = Index.load(tmp_path / "index")
+    first = sum(pq.ParquetFile(file).metadata.num_rows for file in originals[:3])
+    assert reloaded.metadata(first)["caption"] == f"new {whole[first]['caption']}"
+    assert reloaded.metadata_rows.read_from(3) != index.metadata_rows.read_from(3)
+    assert sorted(coarse_row_groups.iterdir()) == sorted(reloaded.metadata_rows.read_from(f) for f in copies)
+
+
+def test_metadata_is_read_as_it_is_where_no_copy_can_be_written(autofaiss_folder, coarse_row_groups, caplog):
+    root, parts = autofaiss_folder
+    coarse_row_groups.parent.mkdir(parents=True)
+    coarse_row_groups.write_text("a file where the copies' folder would be")
+    index = Index.load(root / "index")
+    keys = [key for number in sorted(parts, key=str) for key in parts[number][2]]
+    with caplog.at_level("WARNING"):
+        assert [row["key"] for row in index.metadata(np.arange(len(keys)))] == keys
+    assert index.metadata_rows.read_from(0) == root / "index" / "metadata" / "metadata_0.parquet"
+    assert "read as they are: no copy in smaller ones could be written" in caplog.text
+
+
+def test_temporaries_of_killed_copies_are_removed_once_stale(autofaiss_folder, coarse_row_groups):
+    import os
+    import time
+
+    root, _ = autofaiss_folder
+    coarse_row_groups.mkdir(parents=True)
+    stale = coarse_row_groups / ".0123456789abcdef-0123456789abcdef.parquet.k1ll3d00.tmp"
+    running = coarse_row_groups / ".fedcba9876543210-fedcba9876543210.parquet.runn1ng0.tmp"
+    for temporary in (stale, running):
+        temporary.write_bytes(b"half a copy")
+    hours_ago = time.time() - 7200
+    os.utime(stale, (hours_ago, hours_ago))
+    Index.load(root / "index").metadata(0)
+    assert not stale.exists() and running.exists()

@@ -970,13 +970,24 @@ def is_temporary(name: str) -> bool:
 SOURCE_FILE = "SOURCE"
 
 
+def cache_root(cache: str | os.PathLike | None = None) -> Path:
+    """Where unicom keeps what it downloads or derives: ``cache``, else ``$UNICOM_CACHE``,
+    else ``$XDG_CACHE_HOME/unicom``, else ``~/.cache/unicom``."""
+    if cache:
+        return Path(cache).expanduser()
+    if os.environ.get("UNICOM_CACHE"):
+        return Path(os.environ["UNICOM_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "unicom"
+    return Path("~/.cache/unicom").expanduser()
+
+
 def cache_folder(folder, cache: str | os.PathLike | None = None) -> Path:
     """The local folder that keeps a copy of the remote ``folder`` (created, with a
-    ``SOURCE`` file naming the URL): under ``cache``, ``$UNICOM_CACHE`` or
-    ``~/.cache/unicom``, in ``remote/``."""
+    ``SOURCE`` file naming the URL): under :func:`cache_root`, in ``remote/``."""
     import hashlib
 
-    root = Path(cache or os.environ.get("UNICOM_CACHE") or Path.home() / ".cache" / "unicom") / "remote"
+    root = cache_root(cache) / "remote"
     local = root / hashlib.sha256(text(folder).encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
     (local / SOURCE_FILE).write_text(text(folder) + "\n")
@@ -996,7 +1007,7 @@ def _signature(info: dict) -> list:
 
 def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
     """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
-    folder (default ``$UNICOM_CACHE`` or ``~/.cache/unicom``, under ``remote/``) and
+    folder (default :func:`cache_root`, under ``remote/``) and
     fetched again when the file changed: its size, or its version where the store gives one
     (ETag, content hash or modification time; recorded beside the copies). ``refresh``: always
     fetched. Returns the local folder."""
@@ -1041,6 +1052,7 @@ __all__ = [
     "absolute",
     "braces",
     "cache_folder",
+    "cache_root",
     "cached_copy",
     "configure",
     "exists",

@@ -36,13 +36,9 @@ HF_PREFIX = "hf-hub:"
 
 def cache_dir(download_root: str | os.PathLike | None = None) -> Path:
     """Where downloaded weights are kept (see the module docstring for the order)."""
-    if download_root:
-        return Path(download_root).expanduser()
-    if os.environ.get("UNICOM_CACHE"):
-        return Path(os.environ["UNICOM_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "unicom"
-    return Path("~/.cache/unicom").expanduser()
+    from unicom.storage import cache_root
+
+    return cache_root(download_root)
 
 
 def _offline() -> bool:

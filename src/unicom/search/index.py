@@ -68,6 +68,7 @@ LAYOUTS = ("unicom", clip_layout.LAYOUT)
 CONFIG_FILE = "index.json"
 HELDOUT_FILE = "heldout_ids.npy"
 METADATA_FOLDER = "metadata"
+METADATA_COPIES = "metadata"  # folder of the cache root: metadata files copied in smaller row groups
 ID_COLUMN = "id"
 
 
@@ -221,9 +222,11 @@ class Index:
         self.config = config
         self.parts = [Part(p["number"], p["rows"], p["first_id"], p.get("file")) for p in config["parts"]]
         self._starts = np.array([p.first_id for p in self.parts], dtype=np.int64)
-        # the metadata files, read a row group at a time through a bounded cache (kept across a reload)
+        # the metadata files, read a row group at a time through a bounded cache (kept across a reload);
+        # files in coarse row groups (clip-retrieval's: a million rows in one) through a copy in smaller ones
         cache_bytes = self.metadata_rows.cache_bytes if self.metadata_rows is not None else METADATA_CACHE_BYTES
-        self.metadata_rows = MetadataRows([(self._metadata_path(part), part.rows) for part in self.parts], cache_bytes)
+        self.metadata_rows = MetadataRows([(self._metadata_path(part), part.rows) for part in self.parts], cache_bytes,
+                                          copies=storage.cache_root() / METADATA_COPIES)
 
     def _metadata_path(self, part: Part) -> Path:
         return self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)

@@ -6,13 +6,26 @@ hold the rows asked for, and keeps the decoded row groups used last, at most
 ``cache_bytes`` of them (:data:`CACHE_BYTES` by default); a single row group larger than
 that is kept alone, until another is read. ``unicom index`` writes its metadata files in
 row groups of :data:`ROW_GROUP_ROWS` rows, so a lookup decodes at most that many rows per
-row group it touches; files written by other tools are read in their own row groups
-(pyarrow writes up to 1,048,576 rows in one).
+row group it touches.
+
+Files written by other tools come in their own row groups: clip-retrieval's metadata
+holds a million rows in one (pyarrow's default), 0.5 s and ~225 MB decoded for a single
+row of LAION-like captions and URLs, so every lookup of a search would read whole files
+and the cache would hold one of them. Given a ``copies`` folder, a file with row groups
+larger than :data:`RECHUNK_ABOVE` rows is copied there once, on its first lookup, in row
+groups of :data:`ROW_GROUP_ROWS` (about 1 s per million rows; as much disk as the file),
+and read from the copy: a lookup then decodes ~16k rows (a few ms). A copy belongs to the
+file's path, size and modification time; a file written again gets a new copy and the old
+one is removed. Where the folder cannot be written, the file is read as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -23,22 +36,31 @@ from unicom.errors import InputError
 
 ROW_GROUP_ROWS = 16384  # rows per row group of the metadata files unicom index writes
 CACHE_BYTES = 256 * 2**20  # decoded row groups kept, in bytes (Table.nbytes)
+RECHUNK_ABOVE = 4 * ROW_GROUP_ROWS  # files with a larger row group are read from a copy in smaller ones
+STALE_SECONDS = 3600  # a temporary of a copy this old belongs to a killed process (a copy takes seconds)
+
+logger = logging.getLogger(__name__)
 
 
 class MetadataRows:
     """Rows by number from parquet files ``files``: (path, rows the file must hold) in file order.
 
     ``cache_bytes``: the most decoded row groups kept (one larger row group is kept alone).
-    Safe to call from several threads.
+    ``copies``: a folder for copies of files with coarse row groups (module docstring);
+    None reads every file as it is. Safe to call from several threads.
     """
 
-    def __init__(self, files: Sequence[tuple[Path, int]], cache_bytes: int = CACHE_BYTES):
+    def __init__(self, files: Sequence[tuple[Path, int]], cache_bytes: int = CACHE_BYTES,
+                 copies: str | os.PathLike | None = None):
         self.files = [(Path(path), int(rows)) for path, rows in files]
         self.cache_bytes = cache_bytes
+        self.copies = Path(copies) if copies is not None else None
         self._starts: dict[int, np.ndarray] = {}  # file -> first row of each row group, then the row count
+        self._read_from: dict[int, Path] = {}  # file -> the file its row groups are read from
         self._cache: OrderedDict[tuple[int, int], object] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
+        self._file_locks: dict[int, threading.Lock] = {}
 
     @property
     def cached_bytes(self) -> int:
@@ -64,18 +86,76 @@ class MetadataRows:
                 out[position] = row
         return out
 
+    def read_from(self, file: int) -> Path:
+        """The parquet file that file ``file``'s rows are read from: itself, or its copy in smaller row groups."""
+        self._row_group_starts(file)
+        return self._read_from[file]
+
     def _row_group_starts(self, file: int) -> np.ndarray:
         starts = self._starts.get(file)
-        if starts is None:
-            path, expected = self.files[file]
-            with self._open(path) as parquet:
-                meta = parquet.metadata
-                counts = [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
-            if sum(counts) != expected:
-                raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the folder "
-                                 "was changed after the index was built: rebuild it")
-            starts = self._starts[file] = np.cumsum([0, *counts], dtype=np.int64)
+        if starts is not None:
+            return starts
+        with self._lock:
+            file_lock = self._file_locks.setdefault(file, threading.Lock())
+        with file_lock:  # one thread opens (and copies) a file; the others wait for it
+            starts = self._starts.get(file)
+            if starts is None:
+                path, expected = self.files[file]
+                counts = _row_group_counts(path)
+                if sum(counts) != expected:
+                    raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
+                                     "folder was changed after the index was built: rebuild it")
+                source = path
+                if self.copies is not None and max(counts, default=0) > RECHUNK_ABOVE:
+                    source = self._rechunked(path, max(counts))
+                    if source != path:
+                        counts = _row_group_counts(source)
+                self._read_from[file] = source
+                starts = self._starts[file] = np.cumsum([0, *counts], dtype=np.int64)
         return starts
+
+    def _rechunked(self, path: Path, largest: int) -> Path:
+        """``path``'s copy in row groups of :data:`ROW_GROUP_ROWS` (made now if missing); ``path``
+        itself when the copy cannot be written."""
+        import pyarrow.parquet as pq
+
+        from unicom import files
+
+        stat = path.stat()
+        owner = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        version = hashlib.sha256(f"{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        copy = self.copies / f"{owner}-{version}.parquet"
+        if copy.is_file():
+            return copy
+        began = time.perf_counter()
+        try:
+            self.copies.mkdir(parents=True, exist_ok=True)
+            with self._open(path) as parquet, files.atomic_path(copy) as temporary:
+                with pq.ParquetWriter(temporary, parquet.schema_arrow) as writer:
+                    for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
+                        writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+        except OSError as error:
+            logger.warning("%s: row groups of up to %s rows, read as they are: no copy in smaller ones could be "
+                           "written to %s (%s)", path, f"{largest:,}", self.copies, error)
+            return path
+        logger.info("%s: row groups of up to %s rows, copied once into row groups of %s (%s, %.1f s)", path,
+                    f"{largest:,}", f"{ROW_GROUP_ROWS:,}", copy, time.perf_counter() - began)
+        self._remove_stale(owner, copy.name)
+        return copy
+
+    def _remove_stale(self, owner: str, current: str) -> None:
+        """Copies of earlier versions of the same file, and temporaries that killed copies left."""
+        from unicom import storage
+
+        now = time.time()
+        for entry in self.copies.iterdir():
+            try:
+                if entry.name.startswith(f"{owner}-") and entry.name != current and entry.suffix == ".parquet":
+                    entry.unlink()
+                elif storage.is_temporary(entry.name) and now - entry.stat().st_mtime > STALE_SECONDS:
+                    entry.unlink()
+            except OSError:  # removed by another process meanwhile
+                pass
 
     def _row_group(self, file: int, group: int):
         key = (file, group)
@@ -84,7 +164,7 @@ class MetadataRows:
             if table is not None:
                 self._cache.move_to_end(key)
                 return table
-        with self._open(self.files[file][0]) as parquet:  # read outside the lock: other lookups go on
+        with self._open(self._read_from[file]) as parquet:  # read outside the lock: other lookups go on
             table = parquet.read_row_group(group)
         with self._lock:
             if key not in self._cache:
@@ -103,3 +183,9 @@ class MetadataRows:
             return pq.ParquetFile(path)
         except FileNotFoundError as error:
             raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
+
+
+def _row_group_counts(path: Path) -> list[int]:
+    with MetadataRows._open(path) as parquet:
+        meta = parquet.metadata
+        return [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]

@@ -328,7 +328,6 @@ def test_metadata_in_coarse_row_groups_is_read_from_a_copy_in_small_ones(autofai
         rows = pq.ParquetFile(copy).metadata.num_rows
         assert pq.ParquetFile(copy).metadata.num_row_groups == -(-rows // 64)
         copies[file] = copy.stat().st_mtime_ns
-    assert all(table.num_rows <= 64 for table in index.metadata_rows._cache.values())
     # another process opening the index reads the copies made
     again = Index.load(tmp_path / "index")
     assert again.metadata(ids) == index.metadata(ids)

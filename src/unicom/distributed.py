@@ -35,6 +35,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def launched_world_size() -> int:
+    """The processes of the torchrun launch this process belongs to (1 without torchrun),
+    known before any process group exists."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
 def init_from_env(backend: str | None = None, timeout_minutes: float = 30.0) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment, if launched so.
 

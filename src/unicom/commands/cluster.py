@@ -96,12 +96,15 @@ def _ids(text: str) -> list[int]:
 
 
 def _part(text: str | None, stage: str) -> tuple[int, int] | None:
-    if text is None and _torchrun_world() > 1:  # every process of the launch runs this command
+    from unicom import distributed
+
+    world = distributed.launched_world_size()
+    if text is None and world > 1:  # every process of the launch runs this command
         if stage in ("part", "assign"):  # each process its own part: torchrun's RANK of WORLD_SIZE
             text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
         else:
             raise InputError(
-                f"`unicom cluster {stage}` runs in one process, but torchrun started {_torchrun_world()} "
+                f"`unicom cluster {stage}` runs in one process, but torchrun started {world} "
                 "(WORLD_SIZE): each would write the same OUT. Run it without torchrun, or split the work with the "
                 "hierarchical stages: `torchrun ... unicom cluster part --k K` (each process clusters part RANK of "
                 "WORLD_SIZE), then `unicom cluster merge` once, `torchrun ... unicom cluster assign`, and "
@@ -118,13 +121,6 @@ def _part(text: str | None, stage: str) -> tuple[int, int] | None:
     if not 0 <= part < num_parts:
         raise InputError(f"--part {text}: P must be between 0 and N - 1")
     return part, num_parts
-
-
-def _torchrun_world() -> int:
-    """The processes of the torchrun launch this one belongs to (1 without torchrun)."""
-    from unicom import distributed
-
-    return int(os.environ["WORLD_SIZE"]) if distributed.launched_by_torchrun() else 1
 
 
 def _inputs(args, fusion: str):

@@ -130,6 +130,17 @@ def local_device() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def waiting_group(days: float = 7.0):
+    """A gloo group of every rank whose collectives wait up to ``days`` (None without a
+    process group). For ranks that wait while others work, such as a rank whose share of the
+    parts is done waiting for the slowest: the default group's timeout (30 minutes) would
+    stop a healthy job there. A rank that dies does not leave the others waiting: torchrun
+    stops them. Collective: every rank must call it, at the same point."""
+    if not is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(days=days))
+
+
 def barrier(group=None) -> None:
     if is_initialized():
         dist.barrier(group)

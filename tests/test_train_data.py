@@ -204,3 +204,13 @@ def test_a_batch_that_no_reader_can_fill_from_its_shards_is_refused_before_train
         source.check_readers(world_size=2, roles=1, batch_size=11)
     source.check_readers(world_size=2, roles=1, batch_size=10)
     source.check_readers(world_size=1, roles=1, batch_size=11)  # one reader reads both shards
+
+
+def test_shards_without_labelled_samples_do_not_count_as_shards_that_feed_a_reader(tmp_path):
+    write_collection(tmp_path, shards=2)
+    write_tar_shard(tmp_path / "00001.tar", [])
+    empty = pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.int64()), "similarity": pa.array([], pa.float32())})
+    pq.write_table(empty, tmp_path / "clusters" / "labels" / "labels_1.parquet")
+    source = build_source(shard_config(tmp_path))
+    with pytest.raises(InputError, match=r"^1 shards with labelled samples \(1 more without\) cannot feed 2 ranks x 1 readers"):
+        source.check_readers(world_size=2, roles=1, batch_size=1)

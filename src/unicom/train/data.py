@@ -136,7 +136,8 @@ class ShardSource:
     def check_readers(self, world_size: int, roles: int, batch_size: int = 1) -> None:
         if len(self.shards) < world_size * roles:
             raise InputError(
-                f"{len(self.shards)} shards cannot feed {world_size} ranks x {roles} readers = {world_size * roles} readers "
+                f"{len(self.shards)} shards{f' with labelled samples ({self.left_out} more without)' if self.left_out else ''} "
+                f"cannot feed {world_size} ranks x {roles} readers = {world_size * roles} readers "
                 "(every reader needs at least one shard per pass): lower data.workers or split the data into more shards"
             )
         if self.shard_rows is None:

@@ -96,7 +96,8 @@ def _check_launch(name: str) -> None:
     raise InputError(
         f"`unicom {name}` runs in one process, but torchrun started {world} (WORLD_SIZE): each "
         f"would do the whole work and write the same outputs. Run it without torchrun (only "
-        f"{', '.join(sorted(UNDER_TORCHRUN))} share their work over torchrun's processes)"
+        f"{', '.join(sorted(UNDER_TORCHRUN))} share their work over torchrun's processes); a command started from a "
+        f"process of a torchrun job inherits its RANK and WORLD_SIZE: remove them from the command's environment"
     )
 
 

@@ -99,9 +99,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_entry(fn, rank, world_size, port, args, queue):
+def _worker_entry(fn, rank, world_size, port, args, queue, group_timeout=None):
     import os
     import traceback
+    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
@@ -109,7 +110,8 @@ def _worker_entry(fn, rank, world_size, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        timeout = {} if group_timeout is None else {"timeout": timedelta(seconds=group_timeout)}
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, **timeout)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException as error:  # report every failure to the parent, with its trace
@@ -119,12 +121,13 @@ def _worker_entry(fn, rank, world_size, port, args, queue):
             dist.destroy_process_group()
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+def run_workers(fn, world_size: int, *args, timeout: float = 120.0, group_timeout: float | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return results by rank.
 
     ``fn`` must be a module-level function and return picklable values (numpy arrays, not
     tensors). A worker that raises makes this raise with its traceback; a hang is killed
-    after ``timeout`` seconds and reported.
+    after ``timeout`` seconds and reported. ``group_timeout``: the process group's timeout
+    in seconds (torch's default, 30 minutes, when None).
     """
     import multiprocessing as mp
     import queue as queue_module
@@ -133,7 +136,7 @@ def run_workers(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     results_queue = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_worker_entry, args=(fn, rank, world_size, port, args, results_queue))
+        context.Process(target=_worker_entry, args=(fn, rank, world_size, port, args, results_queue, group_timeout))
         for rank in range(world_size)
     ]
     for process in processes:

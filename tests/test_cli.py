@@ -77,3 +77,23 @@ def test_faiss_warnings_still_show_after_the_commands_configure_logging():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert "a real faiss.loader warning" in result.stderr and "another faiss logger" in result.stderr
     assert "Loading faiss" not in result.stderr
+
+
+def test_a_one_process_command_started_by_torchrun_in_several_processes_is_refused(tmp_path, capsys, monkeypatch):
+    # what torchrun sets in each of its processes: each would evaluate, index, train the head... alone
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    out = tmp_path / "out"
+    for argv in (["evaluate", "--model", "timm/test_vit", "--dataset", "sop", "--out", str(out)],
+                 ["index", "--emb", str(tmp_path), "--out", str(out)],
+                 ["probe", "--config", "configs/unifex_tiny.yaml", "data.train=[a.csv]", f"out={out}"],
+                 ["search", "--index", str(tmp_path), "a.jpg"]):
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert f"unicom {argv[0]}: error: `unicom {argv[0]}` runs in one process, but torchrun started 2" in error
+        assert "Run it without torchrun (only cluster, embed, train share their work" in error
+        assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a torchrun of one process is one process
+    main(["index", "--emb", str(tmp_path), "--out", str(out)])
+    assert "torchrun" not in capsys.readouterr().err

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from support import free_port
 
 from unicom.cli import main
 from unicom.cluster import Shard, load_labels, split_shards
@@ -84,6 +88,44 @@ def test_hierarchical_parts_merge_and_assign_label_every_sample(collection, tmp_
     summary = json.loads((tmp_path / "out" / "clusters.json").read_text())
     assert summary["mode"] == "hierarchical" and summary["hierarchical"]["union_centroids"] == 36
     assert ari(tmp_path / "out", truth) >= 0.95
+
+
+def torchrun_cluster(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m unicom.cli cluster ARGS``, as a user types it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "unicom.cli", "cluster", *args]
+    env = dict(os.environ, UNICOM_PROGRESS="0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_under_torchrun_each_process_takes_its_rank_as_its_part(collection, tmp_path):
+    root, truth = collection
+    out = str(tmp_path / "out")
+    parts = torchrun_cluster("part", "--embeddings", str(root), "--k", "12", "--out", out)
+    assert parts.returncode == 0, parts.stderr[-3000:]
+    records = [json.loads((tmp_path / "out" / "parts" / f"part_{p}.json").read_text()) for p in range(2)]
+    assert [r["shards"] for r in records] == [[0, 1, 2], [3, 4, 5]]
+    assert main(["cluster", "merge", "--k", "6", "--init", "kmeans++", "--out", out]) == 0
+    labelled = torchrun_cluster("assign", "--embeddings", str(root), "--out", out)
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    assert labelled.stdout.count("labelled 3 of 3 parts (300 samples)") == 2
+    assert not (tmp_path / "out" / "clusters.json").exists()  # the statistics: once, without torchrun
+    assert main(["cluster", "assign", "--embeddings", str(root), "--out", out]) == 0
+    assert ari(tmp_path / "out", truth) >= 0.95
+
+
+@pytest.mark.parametrize("stage", ["run", "merge", "stats", "show"])
+def test_a_one_process_stage_under_torchrun_is_refused_before_it_writes(collection, tmp_path, capsys, monkeypatch, stage):
+    root, _ = collection
+    # what torchrun sets in each of its 2 processes: every one would write the same OUT
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert main(["cluster", stage, "--embeddings", str(root), "--k", "6", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"`unicom cluster {stage}` runs in one process, but torchrun started 2" in error
+    assert "`torchrun ... unicom cluster part --k K`" in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_names_the_parts_still_missing(collection, tmp_path, capsys):

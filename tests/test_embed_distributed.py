@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import timm
 import torch
-from support import class_image, encode_image, free_port, write_tar_shard
+from support import class_image, encode_image, free_port, run_workers, write_tar_shard
 
 from unicom.cli import main
 
@@ -47,3 +47,24 @@ def test_two_ranks_write_every_part_once_and_as_one_process_would(tmp_path, caps
         keys = pq.read_table(tmp_path / "two" / "metadata" / f"metadata_{number}.parquet").column("key").to_pylist()
         assert keys == [f"{number}-{i}" for i in range(SHARDS[number])]
     assert sorted(p.name for p in (tmp_path / "two" / "img_emb").iterdir()) == sorted(f"img_emb_{n}.npy" for n in SHARDS)
+
+
+def _embed_on_rank(rank, world_size, shards, weights, out):
+    from unicom.embed import embed_to_folder
+
+    summary = embed_to_folder(shards, out, "timm/test_vit", pretrained=weights, batch_size=2, num_workers=0, device="cpu")
+    return summary.samples, summary.written
+
+
+def test_a_rank_without_parts_waits_for_the_others_longer_than_the_collective_timeout(tmp_path):
+    # one shard for two ranks: rank 1 has nothing to do and waits while rank 0 reads a shard that
+    # takes 3 s to arrive (a slow download), longer than the process group's timeout of 1 s
+    shard = write_tar_shard(tmp_path / "00000.tar", [
+        {"key": f"0-{i}", "jpg": encode_image(class_image(i, i, 40))} for i in range(3)])
+    torch.manual_seed(0)
+    weights = tmp_path / "test_vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    slow = f"pipe:sleep 3; cat {shard}"
+    results = run_workers(_embed_on_rank, 2, [slow], str(weights), str(tmp_path / "emb"), group_timeout=1.0)
+    assert results == [("ok", (3, 1)), ("ok", (3, 1))]  # both ranks report the summary of both
+    assert pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("key").to_pylist() == ["0-0", "0-1", "0-2"]

@@ -178,3 +178,39 @@ def test_a_class_folder_has_contiguous_labels_in_folder_order(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / name)
     source = build_source(load_config(None, ["out=/tmp/unused", f"data.folder={tmp_path}"]))
     assert source.labels.tolist() == [0, 1, 1] and source.num_classes == 2
+
+
+def test_an_empty_shard_is_left_out_so_no_rank_meets_a_pass_without_samples(tmp_path):
+    write_collection(tmp_path)
+    write_tar_shard(tmp_path / "00001.tar", [])  # an empty shard, and the empty labels clustering gives it
+    empty = pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.int64()), "similarity": pa.array([], pa.float32())})
+    pq.write_table(empty, tmp_path / "clusters" / "labels" / "labels_1.parquet")
+    source = build_source(shard_config(tmp_path))
+    assert [number for number, _ in source.shards] == [0, 2]
+    assert source.describe() == "2 shards (1 more without a labelled sample left out), 20 labelled samples, 4 classes"
+    # rank 1 of 2 reads one shard per pass: the empty one would have stopped it
+    reader = TrainStream(source, ToTensor(), batch_size=5, seed=0, rank=1, world_size=2).reader(0)
+    batches = [next(reader) for _ in range(20)]  # 2 batches per pass: 10 passes
+    assert [b.pass_ for b in batches] == [p for p in range(10) for _ in range(2)]
+
+
+def test_a_batch_that_no_reader_can_fill_from_its_shards_is_refused_before_training(tmp_path):
+    write_collection(tmp_path, shards=2)  # 10 labelled samples per shard
+    source = build_source(shard_config(tmp_path))
+    # one shard per rank and pass: a batch of 11 would be read for ever and never filled
+    with pytest.raises(InputError, match=r"data.batch_size=11 cannot be filled: 2 rank\(s\) x 1 reader\(s\) share 2 "
+                                         r"shards, so a reader may get only 1 shard\(s\) per pass, and the largest 1 hold "
+                                         r"10 labelled samples; .* lower data.batch_size to at most 10"):
+        source.check_readers(world_size=2, roles=1, batch_size=11)
+    source.check_readers(world_size=2, roles=1, batch_size=10)
+    source.check_readers(world_size=1, roles=1, batch_size=11)  # one reader reads both shards
+
+
+def test_shards_without_labelled_samples_do_not_count_as_shards_that_feed_a_reader(tmp_path):
+    write_collection(tmp_path, shards=2)
+    write_tar_shard(tmp_path / "00001.tar", [])
+    empty = pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.int64()), "similarity": pa.array([], pa.float32())})
+    pq.write_table(empty, tmp_path / "clusters" / "labels" / "labels_1.parquet")
+    source = build_source(shard_config(tmp_path))
+    with pytest.raises(InputError, match=r"^1 shards with labelled samples \(1 more without\) cannot feed 2 ranks x 1 readers"):
+        source.check_readers(world_size=2, roles=1, batch_size=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from unicom import __version__
@@ -27,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("unicom.commands.serve", "web page and HTTP API over an index"),
     "convert": ("unicom.commands.convert", "convert released Unicom checkpoints to and from this project's format"),
 }
+
+# the commands that share their work over the processes of a torchrun launch; the others
+# run in one process, and a launch of several would write the same outputs several times
+UNDER_TORCHRUN = {"embed", "train", "cluster"}
 
 
 def available_commands() -> dict[str, tuple[str, str]]:
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from unicom import storage
 
     try:
+        _check_launch(name)
         storage.configure(args.storage_options)
         return int(module.run(args) or 0)
     except InputError as error:  # a problem with what the user gave us: no traceback
@@ -76,6 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unicom {name}: error: {error}; check the URL, the credentials (--storage-options) and the connection",
               file=sys.stderr)
         return 1
+
+
+def _check_launch(name: str) -> None:
+    """Refuse a one-process command started by torchrun in several processes."""
+    if name in UNDER_TORCHRUN or os.environ.get("WORLD_SIZE", "1") == "1":  # (no torch import for the common case)
+        return
+    from unicom import distributed
+
+    world = distributed.launched_world_size()
+    if world == 1:
+        return
+    raise InputError(
+        f"`unicom {name}` runs in one process, but torchrun started {world} (WORLD_SIZE): each "
+        f"would do the whole work and write the same outputs. Run it without torchrun (only "
+        f"{', '.join(sorted(UNDER_TORCHRUN))} share their work over torchrun's processes); a command started from a "
+        f"process of a torchrun job inherits its RANK and WORLD_SIZE: remove them from the command's environment"
+    )
 
 
 if __name__ == "__main__":

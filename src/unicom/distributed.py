@@ -35,6 +35,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def launched_world_size() -> int:
+    """The processes of the torchrun launch this process belongs to (1 without torchrun),
+    known before any process group exists."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
 def init_from_env(backend: str | None = None, timeout_minutes: float = 30.0) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment, if launched so.
 
@@ -122,6 +128,17 @@ def local_device() -> torch.device:
             f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s): start at most {count} "
             f"process(es) per node (torchrun --nproc_per_node {count}), or run on the CPU")
     return torch.device("cuda", local_rank)
+
+
+def waiting_group(days: float = 7.0):
+    """A gloo group of every rank whose collectives wait up to ``days`` (None without a
+    process group). For ranks that wait while others work, such as a rank whose share of the
+    parts is done waiting for the slowest: the default group's timeout (30 minutes) would
+    stop a healthy job there. A rank that dies does not leave the others waiting: torchrun
+    stops them. Collective: every rank must call it, at the same point."""
+    if not is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(days=days))
 
 
 def barrier(group=None) -> None:

@@ -448,6 +448,7 @@ def embed_parts(
     normalize: bool = True,
     decode: str = "auto",
     advice: str = SAME_OPTIONS,
+    group=None,
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
 
@@ -457,6 +458,7 @@ def embed_parts(
     dtype) is stored in ``out/embed_config.json`` and must match on a rerun (``advice`` says
     what to do when it does not). ``normalize=False``
     stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
+    ``group``: the process group the ranks meet in before writing (default: the world's).
     """
     out = storage.path(out)
     storage.writable_folder(out)
@@ -481,7 +483,7 @@ def embed_parts(
     if rank == 0:  # what killed runs left half-written, before any rank writes again
         sweep_writer_temporaries(out, [part.number for part in pending])
     # every rank lists the finished parts before any rank writes a new one, so all agree
-    distributed.barrier()
+    distributed.barrier(group)
     if rank == 0 and had_config is False:
         write_config(out, config)
     mine = pending[rank::world]
@@ -567,14 +569,15 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     summary.seconds = time.perf_counter() - start
 
 
-def gather_summary(summary: EmbedSummary) -> EmbedSummary:
-    """The summaries of all ranks merged (every rank gets the result)."""
+def gather_summary(summary: EmbedSummary, group=None) -> EmbedSummary:
+    """The summaries of all ranks merged (every rank gets the result); ``group``: the
+    process group to gather over (default: the world's)."""
     if distributed.get_world_size() == 1:
         return summary
     import torch.distributed as dist
 
     everyone: list[EmbedSummary | None] = [None] * distributed.get_world_size()
-    dist.all_gather_object(everyone, summary)
+    dist.all_gather_object(everyone, summary, group=group)
     merged = everyone[0]
     for other in everyone[1:]:
         merged = merged.merge(other)
@@ -629,6 +632,9 @@ def embed_to_folder(
         numbers = [part.number for part in parts]
         if len(complete_parts(out, numbers, kinds)) == len(set(numbers)):  # nothing to do: no model to build
             return EmbedSummary(parts=len(parts), skipped=len(parts))
+    # the ranks meet before writing and when all are done: a rank with fewer or smaller
+    # parts waits there for the slowest, for as long as its parts take
+    waiting = distributed.waiting_group()
     if isinstance(model, str):
         encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
     else:
@@ -645,8 +651,12 @@ def embed_to_folder(
         precision=precision,
         config=config,
         decode=decode,
+        group=waiting,
     )
-    return gather_summary(summary)
+    summary = gather_summary(summary, waiting)
+    if waiting is not None:
+        torch.distributed.destroy_process_group(waiting)
+    return summary
 
 
 __all__ = [

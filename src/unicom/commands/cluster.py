@@ -20,6 +20,7 @@ Look at the pseudo-classes (a PNG and an HTML page; --input: the shards the embe
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from unicom.errors import InputError
@@ -95,6 +96,20 @@ def _ids(text: str) -> list[int]:
 
 
 def _part(text: str | None, stage: str) -> tuple[int, int] | None:
+    from unicom import distributed
+
+    world = distributed.launched_world_size()
+    if text is None and world > 1:  # every process of the launch runs this command
+        if stage in ("part", "assign"):  # each process its own part: torchrun's RANK of WORLD_SIZE
+            text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
+        else:
+            raise InputError(
+                f"`unicom cluster {stage}` runs in one process, but torchrun started {world} "
+                "(WORLD_SIZE): each would write the same OUT. Run it without torchrun, or split the work with the "
+                "hierarchical stages: `torchrun ... unicom cluster part --k K` (each process clusters part RANK of "
+                "WORLD_SIZE), then `unicom cluster merge` once, `torchrun ... unicom cluster assign`, and "
+                "`unicom cluster assign` once (see docs/clustering.md)"
+            )
     if text is None:
         if stage == "part":
             raise InputError("`unicom cluster part` needs --part P/N (this process's part P of N, from 0)")
@@ -208,7 +223,7 @@ def run(args) -> int:
         if part is None:
             _print_summary(summarize(args.out, tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size), args.out)
         else:
-            print("when every part is labelled, run `unicom cluster assign` once without --part for the statistics")
+            print("when every part is labelled, run `unicom cluster assign` once without --part (and without torchrun) for the statistics")
     elif args.stage == "show":
         _show(args)
     else:

@@ -257,11 +257,13 @@ def load_labels(out: str | os.PathLike, columns: list[str] | None = None):
 @dataclass
 class LabelRange:
     """What the label files of some parts hold: ``rows`` and the smallest and largest
-    label (``low`` 0 and ``high`` -1 when they hold no row)."""
+    label (``low`` 0 and ``high`` -1 when they hold no row); ``file_rows``: the rows of
+    each file, in the order given."""
 
     rows: int
     low: int
     high: int
+    file_rows: tuple[int, ...] = ()
 
 
 class PseudoLabels:
@@ -329,7 +331,7 @@ class PseudoLabels:
         files = list(self.files.values()) if files is None else list(files)
         if not files:
             raise InputError(f"{self.folder}: no labels_<i>.parquet files")
-        rows, low, high = 0, None, None
+        file_rows, low, high = [], None, None
         for path in files:
             try:
                 meta = pq.ParquetFile(storage.readable(path)).metadata
@@ -338,7 +340,7 @@ class PseudoLabels:
             names = meta.schema.names
             if "key" not in names or "label" not in names:
                 raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), found {names}")
-            rows += meta.num_rows
+            file_rows.append(meta.num_rows)
             column = names.index("label")
             for g in range(meta.num_row_groups):
                 stats = meta.row_group(g).column(column).statistics
@@ -352,7 +354,7 @@ class PseudoLabels:
                 high = int(stats.max) if high is None else max(high, int(stats.max))
         if low is not None and low < 0:
             raise InputError(f"{self.folder}: negative labels ({low}); labels must be class ids 0..k-1")
-        return LabelRange(rows, 0 if low is None else low, -1 if high is None else high)
+        return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows))
 
     def lookup(self) -> dict:
         """``{key: label}`` over every label file."""

@@ -103,13 +103,19 @@ class ShardSource:
         label_files: number -> labels parquet (columns ``key``, ``label``).
         labelled: labelled samples over all shards (the rows of the label files).
         num_classes: k, the number of pseudo-classes.
+        shard_rows: the labelled samples of each shard (the rows of its label file), in
+            the order of ``shards``; when given, :meth:`check_readers` also checks that
+            every reader can fill a batch in a pass.
+        left_out: shards of the input without a labelled sample, not in ``shards``.
     """
 
     kind = "shards"
 
     def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
-                 shuffle_buffer: int = 2000):
+                 shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0):
         self.shards = list(shards)
+        self.shard_rows = None if shard_rows is None else [int(r) for r in shard_rows]
+        self.left_out = int(left_out)
         self.label_files = label_files
         self.labelled = int(labelled)
         self.num_classes = int(num_classes)
@@ -120,7 +126,8 @@ class ShardSource:
         return self.labelled
 
     def describe(self) -> str:
-        return f"{len(self.shards)} shards, {self.labelled:,} labelled samples, {self.num_classes:,} classes"
+        empty = f" ({self.left_out} more without a labelled sample left out)" if self.left_out else ""
+        return f"{len(self.shards)} shards{empty}, {self.labelled:,} labelled samples, {self.num_classes:,} classes"
 
     def max_readers(self, world_size: int, batch_size: int) -> int:
         """Readers per rank that this data keeps busy: every reader needs a shard."""
@@ -129,8 +136,23 @@ class ShardSource:
     def check_readers(self, world_size: int, roles: int, batch_size: int = 1) -> None:
         if len(self.shards) < world_size * roles:
             raise InputError(
-                f"{len(self.shards)} shards cannot feed {world_size} ranks x {roles} readers = {world_size * roles} readers "
+                f"{len(self.shards)} shards{f' with labelled samples ({self.left_out} more without)' if self.left_out else ''} "
+                f"cannot feed {world_size} ranks x {roles} readers = {world_size * roles} readers "
                 "(every reader needs at least one shard per pass): lower data.workers or split the data into more shards"
+            )
+        if self.shard_rows is None:
+            return
+        # rank r reads shards r, r + R, ... of a pass's order and reader w every W-th of
+        # those: the last reader of the last rank has the fewest, and a reader whose largest
+        # possible share cannot fill one batch would read pass after pass without end
+        fewest = len(range(roles - 1, len(range(world_size - 1, len(self.shards), world_size)), roles))
+        most = sum(sorted(self.shard_rows, reverse=True)[:fewest])
+        if most < batch_size:
+            raise InputError(
+                f"data.batch_size={batch_size} cannot be filled: {world_size} rank(s) x {roles} reader(s) share "
+                f"{len(self.shards)} shards, so a reader may get only {fewest} shard(s) per pass, and the largest "
+                f"{fewest} hold {most} labelled samples; every reader must fill whole batches from its shards: lower "
+                f"data.batch_size to at most {most}, use fewer ranks or data.workers, or write fewer, larger shards"
             )
 
     def class_counts(self) -> np.ndarray:
@@ -456,7 +478,11 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     if found.rows == 0:
         raise InputError(f"{labels.folder}: the label files of these shards hold no rows")
     classes = _resolve_classes(num_classes, labels.num_classes, found.high, str(labels.folder))
-    source = ShardSource(shards, files, found.rows, classes, data.shuffle_buffer)
+    # a shard without a labelled sample (an empty shard) would leave its reader a pass with nothing to read
+    rows = dict(zip(files, found.file_rows))
+    kept = [(number, path) for number, path in shards if rows[number] > 0]
+    source = ShardSource(kept, {n: files[n] for n, _ in kept}, found.rows, classes, data.shuffle_buffer,
+                         shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
     _check_keys_match(source)
     return source
 

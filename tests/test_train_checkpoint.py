@@ -54,6 +54,34 @@ def two_rank_checkpoint(tmp_path_factory):
     return out, [value for _, value in results]
 
 
+def _checks_before_training(rank, world_size, run, missing):
+    """Rank 0 sees a run folder with checkpoints, rank 1 has no such folder (disks of their own)."""
+    from types import SimpleNamespace
+
+    from unicom.train.trainer import _find_resume, _refuse_trained_out
+
+    out = run if rank == 0 else missing
+    refusals = []
+    for check in (lambda: _find_resume(SimpleNamespace(out=out, checkpoint=SimpleNamespace(resume="never")), print),
+                  lambda: _refuse_trained_out(out)):
+        try:
+            check()
+        except InputError as error:
+            refusals.append(str(error))
+    return refusals
+
+
+def test_ranks_without_the_run_folder_take_part_in_the_checks_before_training(two_rank_checkpoint, tmp_path):
+    out, _ = two_rank_checkpoint
+    results = run_workers(_checks_before_training, 2, out, tmp_path / "absent", timeout=60, group_timeout=20.0)
+    assert [status for status, _ in results] == ["ok", "ok"], results
+    # both ranks refuse, each naming its own folder: rank 0's checkpoints reached rank 1
+    for (_, refusals), folder in zip(results, (out, tmp_path / "absent")):
+        assert len(refusals) == 2
+        assert refusals[0].startswith(f"{folder} holds checkpoints (newest step_00000005)")
+        assert refusals[1].startswith(f"train.steps=0 exports the untrained network to {folder / 'model'}")
+
+
 def test_prototypes_saved_by_two_ranks_load_on_one(two_rank_checkpoint):
     out, shards = two_rank_checkpoint
     (path,) = complete_checkpoints(out)

@@ -92,7 +92,8 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
     out = Path(config.out)
     setting = config.checkpoint.resume
     if setting == "never":
-        found = distributed_broadcast(ckpt.complete_checkpoints(out)) if out.exists() else []
+        # every rank takes part in the broadcast, also where out is missing (a node's own disk)
+        found = distributed_broadcast(ckpt.complete_checkpoints(out) if out.exists() else [])
         if found:
             raise InputError(
                 f"{out} holds checkpoints (newest {found[0].name}) and checkpoint.resume=never: "
@@ -123,7 +124,7 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
 
 def _refuse_trained_out(out: Path) -> None:
     """``train.steps=0`` writes the untrained network to ``out/model``: never over a run's."""
-    found = distributed_broadcast(ckpt.complete_checkpoints(out)) if out.exists() else []
+    found = distributed_broadcast(ckpt.complete_checkpoints(out) if out.exists() else [])
     if found:
         raise InputError(f"train.steps=0 exports the untrained network to {out / 'model'}, but {out} holds a run "
                          f"(newest checkpoint {found[0].name}): use another out")

@@ -104,6 +104,48 @@ def test_an_undecodable_file_is_named(encoder_and_file, image_files, tmp_path):
         unicom.embed_images(encoder, [tmp_path / "gone.jpg"])
 
 
+SIXTEEN_BIT = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)  # 8 bits: 0, 1, 128, 255
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped_to_white(suffix, tmp_path):
+    from PIL import Image
+
+    from unicom.data.transforms import decode_image
+
+    path = tmp_path / f"depth.{suffix}"
+    Image.fromarray(SIXTEEN_BIT).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    image, size = decode_image(str(path))
+    assert image.mode == "RGB" and size == (4, 4)
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert np.asarray(decode_image(Image.open(path))[0])[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_embeddings_of_a_16_bit_image_are_those_of_its_8_bit_copy(encoder_and_file, tmp_path):
+    from PIL import Image
+
+    encoder, _ = encoder_and_file
+    samples = np.random.default_rng(0).integers(0, 65536, (40, 50), dtype=np.uint16)
+    Image.fromarray(samples).save(tmp_path / "sixteen.png")
+    eight_bit = Image.fromarray(((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    expected = _reference(encoder, [eight_bit])
+    np.testing.assert_array_equal(unicom.embed_images(encoder, [tmp_path / "sixteen.png"]), expected)
+    np.testing.assert_array_equal(unicom.embed_images(encoder, [Image.open(tmp_path / "sixteen.png")]), expected)
+
+
+def test_a_model_folders_transform_reads_16_bit_images_as_8_bit():
+    from PIL import Image
+
+    from unicom.models.export import build_transform
+    from unicom.models.registry import clip_preprocess
+
+    transform = build_transform(clip_preprocess(4))
+    sixteen = Image.fromarray(np.full((6, 6), 32896, dtype=np.uint16))
+    eight = Image.fromarray(np.full((6, 6), 128, dtype=np.uint8)).convert("RGB")
+    assert torch.equal(transform(sixteen), transform(eight))
+
+
 def test_draft_decoding_keeps_embeddings_close_on_large_jpegs(encoder_and_file, tmp_path):
     encoder, _ = encoder_and_file
     path = tmp_path / "large.jpg"

@@ -59,6 +59,27 @@ def draft_size(transform: Callable | None) -> tuple[int, int] | None:
     return int(size[1]), int(size[0])
 
 
+# Pillow's modes of 16-bit samples (16-bit grayscale PNG and TIFF), values 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as an 8-bit RGB image.
+
+    16-bit samples (modes :data:`SIXTEEN_BIT_MODES`, and mode ``I`` of a PNG, as Pillow
+    before 10.3 opens 16-bit PNGs) are scaled to 8 bits, ``round(v * 255 / 65535)``,
+    as torchvision scales them; Pillow's own conversion clips every value above 255, which
+    turns a 16-bit image white. Other modes take Pillow's conversion (alpha is dropped,
+    palettes and CMYK are converted, 32-bit float ``F`` values are read as 0..255).
+    """
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        import numpy as np
+
+        samples = np.asarray(image).clip(0, 65535).astype(np.uint32)
+        image = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``source`` (encoded bytes, a file path or URL, or a PIL image) to an RGB image.
 
@@ -66,7 +87,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
     draft reduction. Raises :class:`DecodeError` with a readable reason.
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB"), source.size
+        return to_rgb(source), source.size
     if isinstance(source, DecodeError):  # an image that was not read
         raise DecodeError(str(source))
     if isinstance(source, str) and storage.is_url(source):
@@ -80,8 +101,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft)
         image.load()  # the full decode: truncated data fails here
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
     except FileNotFoundError as error:
         raise DecodeError(f"file not found: {error.filename}") from error
     except Image.UnidentifiedImageError as error:

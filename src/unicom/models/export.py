@@ -57,7 +57,9 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 def _convert_to_rgb(image):
-    return image.convert("RGB")
+    from unicom.data.transforms import to_rgb
+
+    return to_rgb(image)
 
 
 def build_transform(preprocess: Mapping[str, Any]):

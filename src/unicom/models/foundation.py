@@ -16,6 +16,7 @@ Specs (see :func:`unicom.models.encoders.load_encoder`):
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from typing import Sequence
 
@@ -171,7 +172,11 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
         if weights is not None and os.path.isfile(weights):
             raise InputError(f"{weights}: does not hold {spec} weights ({message.splitlines()[0]})") from error
         raise
-    except (OSError, ValueError) as error:  # unreadable files, unpickling refused by weights_only
+    except pickle.UnpicklingError as error:  # weights_only refused the file
+        from unicom.models.weights import unpickling_refused
+
+        raise unpickling_refused(weights or spec, error) from error
+    except (OSError, ValueError) as error:  # unreadable files
         raise InputError(f"{weights or spec}: cannot be loaded as {spec} weights ({error})") from error
     label = spec if weights is None else f"{spec} ({weights})"
     return OpenClipEncoder(model, transform, spec, label)
@@ -211,6 +216,11 @@ def _load_timm_file(model: torch.nn.Module, path: str) -> None:
     try:
         state_dict = load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for foreign files
+        refused = error if isinstance(error, pickle.UnpicklingError) else error.__cause__  # timm wraps it
+        if isinstance(refused, pickle.UnpicklingError):
+            from unicom.models.weights import unpickling_refused
+
+            raise unpickling_refused(path, refused) from error
         raise InputError(f"{path}: not a readable checkpoint file ({error})") from error
     classifiers = model.pretrained_cfg.get("classifier") or ()
     if isinstance(classifiers, str):

@@ -77,6 +77,31 @@ def test_timm_checkpoint_inside_a_training_dict_with_module_prefix(tmp_path, tim
     assert torch.equal(encoder.model.pos_embed, reference.pos_embed)
 
 
+def test_a_timm_model_folder_loads_by_local_dir(tmp_path, timm_checkpoint):
+    _, model = timm_checkpoint
+    timm.models.save_for_hf(model, str(tmp_path / "folder"), safe_serialization=True)
+    encoder = load_encoder(f"timm/local-dir:{tmp_path / 'folder'}")
+    assert isinstance(encoder, TimmEncoder) and encoder.embedding_dim == model.num_features
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    with pytest.raises(InputError, match="the folder holds its weights; leave out --pretrained"):
+        load_encoder(f"timm/local-dir:{tmp_path / 'folder'}", "other.pth")
+
+
+def test_a_timm_or_open_clip_folder_given_as_a_model_folder_is_named(tmp_path, timm_checkpoint):
+    from support import tiny_open_clip
+
+    timm.models.save_for_hf(timm_checkpoint[1], str(tmp_path / "timm"), safe_serialization=True)
+    with pytest.raises(InputError, match=r"it is a timm model folder: give timm/local-dir:.*timm"):
+        load_encoder(str(tmp_path / "timm"))
+    tiny_open_clip(tmp_path / "clip", weights=False)
+    with pytest.raises(InputError, match=r"it is an open_clip model folder: give local-dir:.*clip"):
+        load_encoder(str(tmp_path / "clip"))
+    with pytest.raises(InputError, match=r"timm/local-dir:.*gone: timm cannot load it as a model folder"):
+        load_encoder(f"timm/local-dir:{tmp_path / 'gone'}")
+
+
 def test_timm_file_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)

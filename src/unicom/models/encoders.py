@@ -8,8 +8,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
   registered name with released weights (``ViT-B/32``, ``ViT-L/14@336px``), a model
   folder (``unicom_model.json``), a released-format checkpoint file, or
   ``hf-hub:org/repo`` when that Hub repository holds a model folder;
-* ``timm/<name>`` or ``timm:<name>`` for timm image models
-  (:mod:`unicom.models.foundation`);
+* ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
+  ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
 * an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an
   open_clip ``hf-hub:``/``local-dir:`` reference.
 """

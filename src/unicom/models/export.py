@@ -220,7 +220,11 @@ def not_a_model_folder(folder: str | os.PathLike) -> InputError:
     folder = Path(folder)
     export = f"`unicom train --export-from {folder} --model-out DIR` exports it as one"
     hint = ""
-    if (folder / MANIFEST).is_file():
+    if (folder / "open_clip_config.json").is_file():
+        hint = f"; it is an open_clip model folder: give local-dir:{folder}"
+    elif (folder / TIMM_CONFIG_NAME).is_file():
+        hint = f"; it is a timm model folder: give timm/local-dir:{folder} (its pooled features)"
+    elif (folder / MANIFEST).is_file():
         hint = f"; it is a training checkpoint: {export}"
     elif (folder / CHECKPOINTS).is_dir():
         model = folder / "model"

@@ -10,7 +10,10 @@ Specs (see :func:`unicom.models.encoders.load_encoder`):
 * timm: ``timm/<name>`` or ``timm:<name>`` (``timm/vit_base_patch16_224``); ``pretrained`` is
   a tag (``augreg_in21k``), a local checkpoint file, or ``None``/``"none"`` for random
   weights. A tag written into the name (``timm/convnext_tiny.fb_in1k``) also loads weights.
-  The classifier is removed: the encoder returns the pooled features (``num_classes=0``).
+  ``timm/local-dir:FOLDER`` and ``timm/hf-hub:org/repo`` are timm model folders (``config.json``
+  and the weights, as ``timm.create_model`` reads them); they hold their weights, so
+  ``pretrained`` is left out. The classifier is removed: the encoder returns the pooled
+  features (``num_classes=0``).
 """
 
 from __future__ import annotations
@@ -247,9 +250,10 @@ def _load_timm_file(model: torch.nn.Module, path: str) -> None:
 def timm_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> TimmEncoder:
     """Build ``timm/<name>`` with ``num_classes=0`` and its evaluation transform."""
     import timm
-    from timm.data import create_transform, resolve_model_data_config
 
     name = spec[len("timm/"):] if spec.startswith("timm/") else spec[len("timm:"):]
+    if name.startswith(_OPEN_CLIP_SCHEMAS):  # a timm model folder (config.json + weights), or one on the Hub
+        return _timm_folder_encoder(spec, name, pretrained, device)
     base, _, tag = name.partition(".")
     if not timm.is_model(base):
         raise InputError(f"{spec}: timm has no model {base!r}; see timm.list_models()")
@@ -280,6 +284,29 @@ def timm_encoder(spec: str, pretrained: str | None = None, device: str | torch.d
         _load_timm_file(model, weights_file)
     elif not download:
         warnings.warn(f"{spec}: no --pretrained given, the model has random weights", stacklevel=2)
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
     label = spec if weights_file is None else f"{spec} ({weights_file})"
+    return _timm_model_encoder(model, label, device)
+
+
+def _timm_model_encoder(model: torch.nn.Module, label: str, device: str | torch.device) -> TimmEncoder:
+    from timm.data import create_transform, resolve_model_data_config
+
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
     return TimmEncoder(model.to(device), transform, label)
+
+
+def _timm_folder_encoder(spec: str, name: str, pretrained: str | None, device: str | torch.device) -> TimmEncoder:
+    """``timm/local-dir:FOLDER`` or ``timm/hf-hub:org/repo``: the model, preprocessing and
+    weights that timm reads from the folder's ``config.json`` and weights file."""
+    import timm
+
+    if not _is_random(pretrained):
+        raise InputError(f"{spec}: the folder holds its weights; leave out --pretrained {pretrained}")
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as error:  # missing files, foreign configs and network errors come in many types
+        raise InputError(
+            f"{spec}: timm cannot load it as a model folder ({type(error).__name__}: {error}); "
+            "a timm model folder holds config.json and model.safetensors (or pytorch_model.bin)"
+        ) from error
+    return _timm_model_encoder(model, spec, device)

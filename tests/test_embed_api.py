@@ -146,6 +146,22 @@ def test_a_model_folders_transform_reads_16_bit_images_as_8_bit():
     assert torch.equal(transform(sixteen), transform(eight))
 
 
+def test_a_tensor_or_array_in_place_of_an_image_is_named(encoder_and_file, image_files):
+    encoder, _ = encoder_and_file
+    with pytest.raises(InputError, match=r"image 1 is a Tensor: embed_images takes PIL images, file paths"):
+        unicom.embed_images(encoder, [image_files[0], torch.rand(3, 32, 32)])
+    with pytest.raises(InputError, match=r"image 0 is a ndarray: .*encoder.encode_image"):
+        unicom.embed_images(encoder, [np.zeros((32, 32, 3), dtype=np.uint8)])
+
+
+def test_a_loaded_module_in_place_of_an_encoder_says_what_to_give(image_files):
+    from unicom.models.unicom_vit import ViTSettings
+
+    model = random_unicom_vit(ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=8))
+    with pytest.raises(TypeError, match=r"got a UnicomViT module: give the spec it was loaded from"):
+        unicom.embed_images(model, image_files[:1])
+
+
 def test_draft_decoding_keeps_embeddings_close_on_large_jpegs(encoder_and_file, tmp_path):
     encoder, _ = encoder_and_file
     path = tmp_path / "large.jpg"

@@ -171,7 +171,9 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
             model.to(device)
         return model
     if not isinstance(model, str):
-        raise TypeError(f"model must be an Encoder or a model spec string, got {type(model).__name__}")
+        hint = (" module: give the spec it was loaded from (a name, model folder or file), or "
+                "unicom.load_encoder(spec)") if isinstance(model, torch.nn.Module) else ""
+        raise TypeError(f"model must be an Encoder or a model spec string, got a {type(model).__name__}{hint}")
     device = torch.device(device) if device is not None else distributed.local_device()
     pretrained = None if pretrained is None else str(pretrained)
     return _cached_encoder(model, pretrained, str(device), (_local_version(model), _local_version(pretrained)))
@@ -193,8 +195,8 @@ def embed_images(
     normalize: bool = True,
     decode: str = "auto",
 ) -> np.ndarray:
-    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised (unless
-    ``normalize=False``), in order.
+    """Embed images (PIL images, file paths or URLs, encoded bytes): float32 (N, D), rows
+    L2-normalised (unless ``normalize=False``), in order.
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
@@ -205,6 +207,12 @@ def embed_images(
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
         images_or_paths = [images_or_paths]
     items = list(images_or_paths)
+    for position, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(item, "getpixel"):
+            raise InputError(
+                f"image {position} is a {type(item).__name__}: embed_images takes PIL images, file paths or URLs, or "
+                "encoded bytes; model input that is already a tensor goes to the encoder itself (encoder.encode_image)"
+            )
     _check_batching(batch_size, num_workers)
     encoder = _as_encoder(model, pretrained, device)
     device = encoder.device

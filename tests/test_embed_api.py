@@ -77,6 +77,26 @@ def test_a_model_folder_written_again_is_loaded_again(image_files, tmp_path):
     assert not np.allclose(embeddings[0], embeddings[1])
 
 
+def test_a_model_folder_and_weights_file_may_be_given_as_paths(image_files, tmp_path, encoder_and_file):
+    from unicom.embed import embed_to_folder
+    from unicom.formats.embeddings import read_config
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=8)
+    save_model(tmp_path / "model", random_unicom_vit(settings), "unicom_vit", settings, clip_preprocess(32))
+    by_path = unicom.embed_images(tmp_path / "model", image_files[:2], device="cpu")
+    np.testing.assert_array_equal(by_path, unicom.embed_images(str(tmp_path / "model"), image_files[:2], device="cpu"))
+    _, weights = encoder_and_file
+    np.testing.assert_array_equal(unicom.embed_images("timm/test_vit", image_files[:1], pretrained=weights, device="cpu"),
+                                  unicom.embed_images(encoder_and_file[0], image_files[:1]))
+    embed_to_folder([str(image_files[0].parent)], tmp_path / "emb", tmp_path / "model", num_workers=0, device="cpu")
+    assert read_config(tmp_path / "emb")["model"] == str(tmp_path / "model")  # the folder, not its name
+    with pytest.raises(InputError, match="gone"):
+        load_encoder(tmp_path / "gone")
+
+
 def test_a_single_path_gives_one_row(encoder_and_file, image_files):
     encoder, _ = encoder_and_file
     assert unicom.embed_images(encoder, image_files[0]).shape == (1, encoder.embedding_dim)

@@ -163,6 +163,12 @@ def _local_version(location: str | None) -> tuple | None:
     return tuple(sorted((os.path.basename(name), st.st_ino, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
+def _as_specs(model, pretrained):
+    """A model and its weights given as paths (``pathlib.Path``) as the strings of specs."""
+    return (os.fspath(model) if isinstance(model, os.PathLike) else model,
+            None if pretrained is None else os.fspath(pretrained))
+
+
 def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder:
     """An :class:`Encoder` as given, or built from a spec (kept for the next call, and built
     again when the spec's local model folder or weights file has been written since)."""
@@ -170,12 +176,12 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
         if device is not None:
             model.to(device)
         return model
+    model, pretrained = _as_specs(model, pretrained)
     if not isinstance(model, str):
         hint = (" module: give the spec it was loaded from (a name, model folder or file), or "
                 "unicom.load_encoder(spec)") if isinstance(model, torch.nn.Module) else ""
         raise TypeError(f"model must be an Encoder or a model spec string, got a {type(model).__name__}{hint}")
     device = torch.device(device) if device is not None else distributed.local_device()
-    pretrained = None if pretrained is None else str(pretrained)
     return _cached_encoder(model, pretrained, str(device), (_local_version(model), _local_version(pretrained)))
 
 
@@ -183,11 +189,11 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
 
 
 def embed_images(
-    model: Encoder | str,
+    model: Encoder | str | os.PathLike,
     images_or_paths: Sequence[Any],
     batch_size: int = 64,
     *,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     draft: bool = False,
@@ -242,11 +248,11 @@ def embed_images(
 
 
 def embed_texts(
-    model: Encoder | str,
+    model: Encoder | str | os.PathLike,
     texts: Sequence[str],
     batch_size: int = 256,
     *,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
 ) -> np.ndarray:
@@ -598,9 +604,9 @@ def _weights_for_config(pretrained: str | None) -> str | None:
 def embed_to_folder(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
-    model: Encoder | str,
+    model: Encoder | str | os.PathLike,
     *,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | None = None,
     modalities: Sequence[str] = ("image",),
     batch_size: int = 256,
     num_workers: int | None = None,
@@ -619,6 +625,7 @@ def embed_to_folder(
     """
     modalities = _checked_modalities(modalities)
     _check_batching(batch_size, num_workers)
+    model, pretrained = _as_specs(model, pretrained)
     storage.writable_folder(out)
     if device is not None:
         device = resolve_device(str(device), "--device")

@@ -109,9 +109,13 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
-def load_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Encoder:
+def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu") -> Encoder:
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
     from unicom.models import factory, foundation, hub
+
+    spec = os.fspath(spec)
+    pretrained = None if pretrained is None else os.fspath(pretrained)
 
     if pretrained is None and factory.is_unicom_spec(spec):
         return ModelEncoder(*factory.load_described(spec, device=device)).eval()

@@ -85,7 +85,7 @@ def test_a_timm_model_folder_loads_by_local_dir(tmp_path, timm_checkpoint):
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(encoder.encode_image(x), model.forward_head(model.forward_features(x), pre_logits=True))
-    with pytest.raises(InputError, match="the folder holds its weights; leave out --pretrained"):
+    with pytest.raises(InputError, match="the model folder holds its weights; leave out --pretrained other.pth"):
         load_encoder(f"timm/local-dir:{tmp_path / 'folder'}", "other.pth")
 
 
@@ -151,6 +151,15 @@ def test_open_clip_text_embeddings_match_the_model(open_clip_loaded):
         expected = reference.eval().encode_text(open_clip.get_tokenizer("ViT-B-32")(texts))
     expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_weights_given_besides_an_open_clip_folder_are_refused_not_ignored(tmp_path, open_clip_checkpoint):
+    from support import tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    with pytest.raises(InputError, match=r"clip: the model folder holds its weights; leave out --pretrained .*vit-b-32.pt"):
+        load_encoder(spec, str(open_clip_checkpoint[0]))
+    assert load_encoder(spec, "none").has_text  # "no weights given" spelled out is not a second set
 
 
 def test_open_clip_unknown_tag_lists_the_known_ones():

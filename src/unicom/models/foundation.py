@@ -6,7 +6,8 @@ Specs (see :func:`unicom.models.encoders.load_encoder`):
   ``hf-hub:``/``local-dir:`` reference; ``pretrained`` is a tag (``laion400m_e32``, fetched
   by open_clip into its cache) or a local checkpoint file (``.pt``/``.pth``/``.bin`` state
   dict, also inside ``{"state_dict": ...}``, or ``.safetensors``). Files are read with
-  ``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+  ``torch.load(weights_only=True)`` or safetensors, never by unpickling code. A
+  ``hf-hub:``/``local-dir:`` reference holds its weights: ``pretrained`` is refused with it.
 * timm: ``timm/<name>`` or ``timm:<name>`` (``timm/vit_base_patch16_224``); ``pretrained`` is
   a tag (``augreg_in21k``), a local checkpoint file, or ``None``/``"none"`` for random
   weights. A tag written into the name (``timm/convnext_tiny.fb_in1k``) also loads weights.
@@ -35,6 +36,13 @@ _OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 
 def _is_random(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).lower() in _NO_WEIGHTS
+
+
+def _refuse_other_weights(spec: str, pretrained: str | None) -> None:
+    """A model folder or Hub repository (``local-dir:``, ``hf-hub:``) holds its weights:
+    weights given besides would be ignored, so they are refused."""
+    if not _is_random(pretrained):
+        raise InputError(f"{spec}: the model folder holds its weights; leave out --pretrained {pretrained}")
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -145,7 +153,8 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
     import open_clip
 
     if spec.startswith(_OPEN_CLIP_SCHEMAS):
-        weights = None  # the schema names the weights; open_clip ignores ``pretrained``
+        _refuse_other_weights(spec, pretrained)
+        weights = None  # the schema names the weights
     elif _is_random(pretrained):
         warnings.warn(f"{spec}: no --pretrained given, the model has random weights", stacklevel=2)
         weights = None
@@ -300,8 +309,7 @@ def _timm_folder_encoder(spec: str, name: str, pretrained: str | None, device: s
     weights that timm reads from the folder's ``config.json`` and weights file."""
     import timm
 
-    if not _is_random(pretrained):
-        raise InputError(f"{spec}: the folder holds its weights; leave out --pretrained {pretrained}")
+    _refuse_other_weights(spec, pretrained)
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as error:  # missing files, foreign configs and network errors come in many types

@@ -162,6 +162,19 @@ def test_weights_given_besides_an_open_clip_folder_are_refused_not_ignored(tmp_p
     assert load_encoder(spec, "none").has_text  # "no weights given" spelled out is not a second set
 
 
+def test_weights_given_besides_a_unicom_model_are_refused(tmp_path):
+    from support import random_unicom_vit
+
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=8)
+    save_model(tmp_path / "model", random_unicom_vit(settings), "unicom_vit", settings, clip_preprocess(32))
+    with pytest.raises(InputError, match=r"model: a unicom model holds its weights; leave out --pretrained other.pt"):
+        load_encoder(str(tmp_path / "model"), "other.pt")
+
+
 def test_open_clip_unknown_tag_lists_the_known_ones():
     with pytest.raises(InputError, match="not a file and not a pretrained tag of ViT-B-32.*laion400m_e32"):
         load_encoder("ViT-B-32", "no-such-tag")

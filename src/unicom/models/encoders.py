@@ -139,6 +139,8 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         from unicom.models.export import not_a_model_folder
 
         raise not_a_model_folder(spec)
+    if pretrained is not None and factory.is_unicom_spec(spec):
+        raise InputError(f"{spec}: a unicom model holds its weights; leave out --pretrained {pretrained}")
     raise InputError(
         f"no model matches {spec!r}: give a released Unicom name ({', '.join(factory.available_models())}), a model "
         "folder, a checkpoint file, hf-hub:<owner>/<repository>, timm/<name>, or an open_clip model name with --pretrained"

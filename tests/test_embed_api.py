@@ -174,6 +174,14 @@ def test_a_tensor_or_array_in_place_of_an_image_is_named(encoder_and_file, image
         unicom.embed_images(encoder, [np.zeros((32, 32, 3), dtype=np.uint8)])
 
 
+def test_a_missing_caption_is_named_by_its_position(tmp_path):
+    from support import tiny_open_clip
+
+    clip = load_encoder(tiny_open_clip(tmp_path / "clip"))
+    with pytest.raises(InputError, match=r"text 1 is a NoneType, not a string: embed_texts takes strings"):
+        unicom.embed_texts(clip, ["a cat", None])
+
+
 def test_a_loaded_module_in_place_of_an_encoder_says_what_to_give(image_files):
     from unicom.models.unicom_vit import ViTSettings
 

@@ -260,6 +260,10 @@ def embed_texts(
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text {position} is a {type(text).__name__}, not a string: embed_texts takes strings "
+                             "(a missing caption is None: leave it out, or give \"\" for an empty one)")
     _check_batching(batch_size, None)
     encoder = _as_encoder(model, pretrained, device)
     if not encoder.has_text:

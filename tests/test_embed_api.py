@@ -97,6 +97,18 @@ def test_a_model_folder_and_weights_file_may_be_given_as_paths(image_files, tmp_
         load_encoder(tmp_path / "gone")
 
 
+def test_an_open_clip_local_dir_written_again_is_loaded_again(image_files, tmp_path):
+    from support import tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    before = unicom.embed_images(spec, image_files[:1], device="cpu")
+    weights = tmp_path / "clip" / "open_clip_pytorch_model.bin"
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in torch.load(weights).items()}, weights)
+    after = unicom.embed_images(spec, image_files[:1], device="cpu")
+    np.testing.assert_array_equal(after, unicom.embed_images(load_encoder(spec), image_files[:1]))
+    assert not np.allclose(before, after)
+
+
 def test_a_single_path_gives_one_row(encoder_and_file, image_files):
     encoder, _ = encoder_and_file
     assert unicom.embed_images(encoder, image_files[0]).shape == (1, encoder.embedding_dim)

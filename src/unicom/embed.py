@@ -47,6 +47,7 @@ from unicom.formats.embeddings import (
     write_part,
 )
 from unicom.models.encoders import Encoder, load_encoder
+from unicom.models.foundation import local_folder
 from unicom.progress import progress
 
 MODALITIES = ("image", "text")
@@ -182,7 +183,8 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
                 "unicom.load_encoder(spec)") if isinstance(model, torch.nn.Module) else ""
         raise TypeError(f"model must be an Encoder or a model spec string, got a {type(model).__name__}{hint}")
     device = torch.device(device) if device is not None else distributed.local_device()
-    return _cached_encoder(model, pretrained, str(device), (_local_version(model), _local_version(pretrained)))
+    location = local_folder(model) or model  # a model folder, weights file, or the folder of a local-dir: spec
+    return _cached_encoder(model, pretrained, str(device), (_local_version(location), _local_version(pretrained)))
 
 
 # --------------------------------------------------------------------------- Python API

@@ -34,6 +34,14 @@ _TIMM_PREFIXES = ("timm/", "timm:")
 _OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 
 
+def local_folder(spec: str) -> str | None:
+    """The local folder of ``local-dir:FOLDER`` (open_clip) or ``timm/local-dir:FOLDER`` (timm); None otherwise."""
+    for prefix in ("", *_TIMM_PREFIXES):
+        if spec.startswith(prefix + "local-dir:"):
+            return spec[len(prefix + "local-dir:"):]
+    return None
+
+
 def _is_random(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).lower() in _NO_WEIGHTS
 

@@ -109,6 +109,15 @@ def test_an_open_clip_local_dir_written_again_is_loaded_again(image_files, tmp_p
     assert not np.allclose(before, after)
 
 
+def test_a_device_that_is_not_one_is_named(encoder_and_file, image_files):
+    encoder, _ = encoder_and_file
+    with pytest.raises(InputError, match=r"device='gpu': not a torch device"):
+        unicom.embed_images(encoder, image_files[:1], device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"device='cuda' but CUDA is not available; use device=cpu"):
+            unicom.embed_images("timm/test_vit", image_files[:1], device="cuda")
+
+
 def test_a_single_path_gives_one_row(encoder_and_file, image_files):
     encoder, _ = encoder_and_file
     assert unicom.embed_images(encoder, image_files[0]).shape == (1, encoder.embedding_dim)

@@ -173,6 +173,7 @@ def _as_specs(model, pretrained):
 def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder:
     """An :class:`Encoder` as given, or built from a spec (kept for the next call, and built
     again when the spec's local model folder or weights file has been written since)."""
+    device = resolve_device(str(device), "device") if device is not None else None  # "auto", a name or a torch.device
     if isinstance(model, Encoder):
         if device is not None:
             model.to(device)
@@ -182,7 +183,7 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
         hint = (" module: give the spec it was loaded from (a name, model folder or file), or "
                 "unicom.load_encoder(spec)") if isinstance(model, torch.nn.Module) else ""
         raise TypeError(f"model must be an Encoder or a model spec string, got a {type(model).__name__}{hint}")
-    device = torch.device(device) if device is not None else distributed.local_device()
+    device = device if device is not None else distributed.local_device()
     location = local_folder(model) or model  # a model folder, weights file, or the folder of a local-dir: spec
     return _cached_encoder(model, pretrained, str(device), (_local_version(location), _local_version(pretrained)))
 

@@ -211,6 +211,41 @@ def test_a_loaded_module_in_place_of_an_encoder_says_what_to_give(image_files):
         unicom.embed_images(model, image_files[:1])
 
 
+def test_a_resize_is_refused_past_the_pixel_limit_of_an_image():
+    from unicom.data.transforms import MAX_RESIZED_PIXELS, DecodeError, check_resized_pixels
+
+    assert 224 * int(224 * 1783) <= MAX_RESIZED_PIXELS < 224 * int(224 * 1784)
+    check_resized_pixels(224, (1, 1783))  # 224 x 399,392: 89,463,808 pixels
+    with pytest.raises(DecodeError, match=r"a 1784x1 image: resizing its short side to 224 would make 89,513,984 pixels"):
+        check_resized_pixels(224, (1784, 1))
+    check_resized_pixels(None, (1, 10**7))  # a transform that does not resize the short side
+
+
+def test_a_thin_image_is_refused_before_its_resize_takes_gigabytes(encoder_and_file, image_files, tmp_path):
+    from PIL import Image
+
+    encoder, _ = encoder_and_file
+    Image.new("RGB", (100_000, 1), (200, 10, 10)).save(tmp_path / "line.png")  # 0.3 MB decoded, 10 GB resized
+    with pytest.raises(InputError, match=r"line.png: image 1 cannot be used: a 100000x1 image: resizing its short side"):
+        unicom.embed_images(encoder, [image_files[0], tmp_path / "line.png"], num_workers=0)
+
+
+def test_an_uploaded_thin_image_is_refused_before_its_resize():
+    import io
+
+    from fastapi import HTTPException
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from unicom.search.uploads import ModelInput, decode_for_model
+
+    data = io.BytesIO()
+    Image.new("RGB", (1, 100_000)).save(data, "PNG")
+    with pytest.raises(HTTPException) as error:
+        decode_for_model(data.getvalue(), "image", ModelInput(T.Compose([T.Resize(224), T.CenterCrop(224)])), 100_000)
+    assert error.value.status_code == 415 and "a 1x100000 image: resizing its short side to 224" in error.value.detail
+
+
 def test_draft_decoding_keeps_embeddings_close_on_large_jpegs(encoder_and_file, tmp_path):
     encoder, _ = encoder_and_file
     path = tmp_path / "large.jpg"

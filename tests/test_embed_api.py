@@ -77,6 +77,47 @@ def test_a_model_folder_written_again_is_loaded_again(image_files, tmp_path):
     assert not np.allclose(embeddings[0], embeddings[1])
 
 
+def test_a_model_folder_and_weights_file_may_be_given_as_paths(image_files, tmp_path, encoder_and_file):
+    from unicom.embed import embed_to_folder
+    from unicom.formats.embeddings import read_config
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=8)
+    save_model(tmp_path / "model", random_unicom_vit(settings), "unicom_vit", settings, clip_preprocess(32))
+    by_path = unicom.embed_images(tmp_path / "model", image_files[:2], device="cpu")
+    np.testing.assert_array_equal(by_path, unicom.embed_images(str(tmp_path / "model"), image_files[:2], device="cpu"))
+    _, weights = encoder_and_file
+    np.testing.assert_array_equal(unicom.embed_images("timm/test_vit", image_files[:1], pretrained=weights, device="cpu"),
+                                  unicom.embed_images(encoder_and_file[0], image_files[:1]))
+    embed_to_folder([str(image_files[0].parent)], tmp_path / "emb", tmp_path / "model", num_workers=0, device="cpu")
+    assert read_config(tmp_path / "emb")["model"] == str(tmp_path / "model")  # the folder, not its name
+    with pytest.raises(InputError, match="gone"):
+        load_encoder(tmp_path / "gone")
+
+
+def test_an_open_clip_local_dir_written_again_is_loaded_again(image_files, tmp_path):
+    from support import tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    before = unicom.embed_images(spec, image_files[:1], device="cpu")
+    weights = tmp_path / "clip" / "open_clip_pytorch_model.bin"
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in torch.load(weights).items()}, weights)
+    after = unicom.embed_images(spec, image_files[:1], device="cpu")
+    np.testing.assert_array_equal(after, unicom.embed_images(load_encoder(spec), image_files[:1]))
+    assert not np.allclose(before, after)
+
+
+def test_a_device_that_is_not_one_is_named(encoder_and_file, image_files):
+    encoder, _ = encoder_and_file
+    with pytest.raises(InputError, match=r"device='gpu': not a torch device"):
+        unicom.embed_images(encoder, image_files[:1], device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"device='cuda' but CUDA is not available; use device=cpu"):
+            unicom.embed_images("timm/test_vit", image_files[:1], device="cuda")
+
+
 def test_a_single_path_gives_one_row(encoder_and_file, image_files):
     encoder, _ = encoder_and_file
     assert unicom.embed_images(encoder, image_files[0]).shape == (1, encoder.embedding_dim)
@@ -102,6 +143,107 @@ def test_an_undecodable_file_is_named(encoder_and_file, image_files, tmp_path):
         unicom.embed_images(encoder, [*image_files[:2], bad], num_workers=0)
     with pytest.raises(InputError, match="gone.jpg: image 0 cannot be used: file not found"):
         unicom.embed_images(encoder, [tmp_path / "gone.jpg"])
+
+
+SIXTEEN_BIT = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)  # 8 bits: 0, 1, 128, 255
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped_to_white(suffix, tmp_path):
+    from PIL import Image
+
+    from unicom.data.transforms import decode_image
+
+    path = tmp_path / f"depth.{suffix}"
+    Image.fromarray(SIXTEEN_BIT).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    image, size = decode_image(str(path))
+    assert image.mode == "RGB" and size == (4, 4)
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert np.asarray(decode_image(Image.open(path))[0])[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_embeddings_of_a_16_bit_image_are_those_of_its_8_bit_copy(encoder_and_file, tmp_path):
+    from PIL import Image
+
+    encoder, _ = encoder_and_file
+    samples = np.random.default_rng(0).integers(0, 65536, (40, 50), dtype=np.uint16)
+    Image.fromarray(samples).save(tmp_path / "sixteen.png")
+    eight_bit = Image.fromarray(((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    expected = _reference(encoder, [eight_bit])
+    np.testing.assert_array_equal(unicom.embed_images(encoder, [tmp_path / "sixteen.png"]), expected)
+    np.testing.assert_array_equal(unicom.embed_images(encoder, [Image.open(tmp_path / "sixteen.png")]), expected)
+
+
+def test_a_model_folders_transform_reads_16_bit_images_as_8_bit():
+    from PIL import Image
+
+    from unicom.models.export import build_transform
+    from unicom.models.registry import clip_preprocess
+
+    transform = build_transform(clip_preprocess(4))
+    sixteen = Image.fromarray(np.full((6, 6), 32896, dtype=np.uint16))
+    eight = Image.fromarray(np.full((6, 6), 128, dtype=np.uint8)).convert("RGB")
+    assert torch.equal(transform(sixteen), transform(eight))
+
+
+def test_a_tensor_or_array_in_place_of_an_image_is_named(encoder_and_file, image_files):
+    encoder, _ = encoder_and_file
+    with pytest.raises(InputError, match=r"image 1 is a Tensor: embed_images takes PIL images, file paths"):
+        unicom.embed_images(encoder, [image_files[0], torch.rand(3, 32, 32)])
+    with pytest.raises(InputError, match=r"image 0 is a ndarray: .*encoder.encode_image"):
+        unicom.embed_images(encoder, [np.zeros((32, 32, 3), dtype=np.uint8)])
+
+
+def test_a_missing_caption_is_named_by_its_position(tmp_path):
+    from support import tiny_open_clip
+
+    clip = load_encoder(tiny_open_clip(tmp_path / "clip"))
+    with pytest.raises(InputError, match=r"text 1 is a NoneType, not a string: embed_texts takes strings"):
+        unicom.embed_texts(clip, ["a cat", None])
+
+
+def test_a_loaded_module_in_place_of_an_encoder_says_what_to_give(image_files):
+    from unicom.models.unicom_vit import ViTSettings
+
+    model = random_unicom_vit(ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=8))
+    with pytest.raises(TypeError, match=r"got a UnicomViT module: give the spec it was loaded from"):
+        unicom.embed_images(model, image_files[:1])
+
+
+def test_a_resize_is_refused_past_the_pixel_limit_of_an_image():
+    from unicom.data.transforms import MAX_RESIZED_PIXELS, DecodeError, check_resized_pixels
+
+    assert 224 * int(224 * 1783) <= MAX_RESIZED_PIXELS < 224 * int(224 * 1784)
+    check_resized_pixels(224, (1, 1783))  # 224 x 399,392: 89,463,808 pixels
+    with pytest.raises(DecodeError, match=r"a 1784x1 image: resizing its short side to 224 would make 89,513,984 pixels"):
+        check_resized_pixels(224, (1784, 1))
+    check_resized_pixels(None, (1, 10**7))  # a transform that does not resize the short side
+
+
+def test_a_thin_image_is_refused_before_its_resize_takes_gigabytes(encoder_and_file, image_files, tmp_path):
+    from PIL import Image
+
+    encoder, _ = encoder_and_file
+    Image.new("RGB", (100_000, 1), (200, 10, 10)).save(tmp_path / "line.png")  # 0.3 MB decoded, 10 GB resized
+    with pytest.raises(InputError, match=r"line.png: image 1 cannot be used: a 100000x1 image: resizing its short side"):
+        unicom.embed_images(encoder, [image_files[0], tmp_path / "line.png"], num_workers=0)
+
+
+def test_an_uploaded_thin_image_is_refused_before_its_resize():
+    import io
+
+    from fastapi import HTTPException
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from unicom.search.uploads import ModelInput, decode_for_model
+
+    data = io.BytesIO()
+    Image.new("RGB", (1, 100_000)).save(data, "PNG")
+    with pytest.raises(HTTPException) as error:
+        decode_for_model(data.getvalue(), "image", ModelInput(T.Compose([T.Resize(224), T.CenterCrop(224)])), 100_000)
+    assert error.value.status_code == 415 and "a 1x100000 image: resizing its short side to 224" in error.value.detail
 
 
 def test_draft_decoding_keeps_embeddings_close_on_large_jpegs(encoder_and_file, tmp_path):

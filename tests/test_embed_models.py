@@ -77,6 +77,31 @@ def test_timm_checkpoint_inside_a_training_dict_with_module_prefix(tmp_path, tim
     assert torch.equal(encoder.model.pos_embed, reference.pos_embed)
 
 
+def test_a_timm_model_folder_loads_by_local_dir(tmp_path, timm_checkpoint):
+    _, model = timm_checkpoint
+    timm.models.save_for_hf(model, str(tmp_path / "folder"), safe_serialization=True)
+    encoder = load_encoder(f"timm/local-dir:{tmp_path / 'folder'}")
+    assert isinstance(encoder, TimmEncoder) and encoder.embedding_dim == model.num_features
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    with pytest.raises(InputError, match="the model folder holds its weights; leave out --pretrained other.pth"):
+        load_encoder(f"timm/local-dir:{tmp_path / 'folder'}", "other.pth")
+
+
+def test_a_timm_or_open_clip_folder_given_as_a_model_folder_is_named(tmp_path, timm_checkpoint):
+    from support import tiny_open_clip
+
+    timm.models.save_for_hf(timm_checkpoint[1], str(tmp_path / "timm"), safe_serialization=True)
+    with pytest.raises(InputError, match=r"it is a timm model folder: give timm/local-dir:.*timm"):
+        load_encoder(str(tmp_path / "timm"))
+    tiny_open_clip(tmp_path / "clip", weights=False)
+    with pytest.raises(InputError, match=r"it is an open_clip model folder: give local-dir:.*clip"):
+        load_encoder(str(tmp_path / "clip"))
+    with pytest.raises(InputError, match=r"timm/local-dir:.*gone: timm cannot load it as a model folder"):
+        load_encoder(f"timm/local-dir:{tmp_path / 'gone'}")
+
+
 def test_timm_file_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)
@@ -97,11 +122,12 @@ def test_timm_without_weights_warns_of_random_init():
     assert not encoder.has_text
 
 
-def test_checkpoints_that_need_unpickling_code_are_refused(tmp_path):
+@pytest.mark.parametrize("spec", ["timm/test_vit", "ViT-B-32"])
+def test_checkpoints_that_need_unpickling_code_are_refused(tmp_path, spec):
     path = tmp_path / "pickled.pt"
     torch.save({"state_dict": {}, "config": OpaqueConfig()}, path)
-    with pytest.raises(InputError, match="pickled.pt"):
-        load_encoder("timm/test_vit", str(path))
+    with pytest.raises(InputError, match=r"pickled.pt: holds Python objects besides tensors, which are not unpickled"):
+        load_encoder(spec, str(path))
 
 
 class OpaqueConfig:
@@ -125,6 +151,28 @@ def test_open_clip_text_embeddings_match_the_model(open_clip_loaded):
         expected = reference.eval().encode_text(open_clip.get_tokenizer("ViT-B-32")(texts))
     expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_weights_given_besides_an_open_clip_folder_are_refused_not_ignored(tmp_path, open_clip_checkpoint):
+    from support import tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    with pytest.raises(InputError, match=r"clip: the model folder holds its weights; leave out --pretrained .*vit-b-32.pt"):
+        load_encoder(spec, str(open_clip_checkpoint[0]))
+    assert load_encoder(spec, "none").has_text  # "no weights given" spelled out is not a second set
+
+
+def test_weights_given_besides_a_unicom_model_are_refused(tmp_path):
+    from support import random_unicom_vit
+
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=8)
+    save_model(tmp_path / "model", random_unicom_vit(settings), "unicom_vit", settings, clip_preprocess(32))
+    with pytest.raises(InputError, match=r"model: a unicom model holds its weights; leave out --pretrained other.pt"):
+        load_encoder(str(tmp_path / "model"), "other.pt")
 
 
 def test_open_clip_unknown_tag_lists_the_known_ones():

@@ -620,6 +620,20 @@ def test_a_query_that_cannot_be_searched_is_named_as_the_query(tmp_path):
     np.testing.assert_array_equal(index.search(vectors[:3] * 1e20, k=2)[1], index.search(vectors[:3], k=2)[1])
 
 
+def test_a_models_output_tensor_is_a_query_as_it_is(tmp_path):
+    import torch
+
+    vectors = clustered(30, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    index = Index.build(tmp_path / "emb", tmp_path / "index")
+    expected = index.search(vectors[:3], k=4)[1]
+    weights = torch.eye(8, requires_grad=True)  # the query as a model's output: it carries autograd
+    output = torch.from_numpy(vectors[:3]) @ weights
+    np.testing.assert_array_equal(index.search(output, k=4)[1], expected)
+    halves = torch.from_numpy(vectors[:3]).to(torch.bfloat16)
+    assert index.search(halves, k=1)[1][:, 0].tolist() == [0, 1, 2]
+
+
 def test_queries_need_at_least_the_index_dimensions(tmp_path):
     write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
     index = Index.build(tmp_path / "emb", tmp_path / "index", dims=6)

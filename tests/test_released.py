@@ -118,6 +118,26 @@ def test_a_key_needed_to_infer_the_architecture_is_named(model, tmp_path):
         unicom.load(str(tmp_path / "renamed.pt"))
 
 
+def test_a_timm_state_dict_is_named_with_how_to_load_it(tmp_path):
+    import timm
+
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "test_vit.pth")
+    with pytest.raises(InputError, match=r"test_vit.pth: a timm ViT state dict .*--model timm/<name> --pretrained FILE"):
+        unicom.load(str(tmp_path / "test_vit.pth"))
+    with pytest.raises(InputError, match=r"a timm ViT state dict"):
+        load_encoder(str(tmp_path / "test_vit.pth"))
+
+
+def test_an_open_clip_state_dict_is_named_with_how_to_load_it(tmp_path):
+    import open_clip
+    from support import TINY_CLIP
+
+    model = open_clip.CLIP(**TINY_CLIP)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "clip.pt")
+    with pytest.raises(InputError, match=r"clip.pt: an open_clip CLIP state dict .* --pretrained FILE"):
+        unicom.load(str(tmp_path / "clip.pt"), arch="ViT-B/32")
+
+
 def test_explicit_arch_with_other_sizes_lists_the_wrong_shapes(checkpoint):
     with pytest.raises(InputError) as error:
         unicom.load(str(checkpoint), arch="ViT-B/32")

@@ -47,6 +47,7 @@ from unicom.formats.embeddings import (
     write_part,
 )
 from unicom.models.encoders import Encoder, load_encoder
+from unicom.models.foundation import local_folder
 from unicom.progress import progress
 
 MODALITIES = ("image", "text")
@@ -163,29 +164,39 @@ def _local_version(location: str | None) -> tuple | None:
     return tuple(sorted((os.path.basename(name), st.st_ino, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
+def _as_specs(model, pretrained):
+    """A model and its weights given as paths (``pathlib.Path``) as the strings of specs."""
+    return (os.fspath(model) if isinstance(model, os.PathLike) else model,
+            None if pretrained is None else os.fspath(pretrained))
+
+
 def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder:
     """An :class:`Encoder` as given, or built from a spec (kept for the next call, and built
     again when the spec's local model folder or weights file has been written since)."""
+    device = resolve_device(str(device), "device") if device is not None else None  # "auto", a name or a torch.device
     if isinstance(model, Encoder):
         if device is not None:
             model.to(device)
         return model
+    model, pretrained = _as_specs(model, pretrained)
     if not isinstance(model, str):
-        raise TypeError(f"model must be an Encoder or a model spec string, got {type(model).__name__}")
-    device = torch.device(device) if device is not None else distributed.local_device()
-    pretrained = None if pretrained is None else str(pretrained)
-    return _cached_encoder(model, pretrained, str(device), (_local_version(model), _local_version(pretrained)))
+        hint = (" module: give the spec it was loaded from (a name, model folder or file), or "
+                "unicom.load_encoder(spec)") if isinstance(model, torch.nn.Module) else ""
+        raise TypeError(f"model must be an Encoder or a model spec string, got a {type(model).__name__}{hint}")
+    device = device if device is not None else distributed.local_device()
+    location = local_folder(model) or model  # a model folder, weights file, or the folder of a local-dir: spec
+    return _cached_encoder(model, pretrained, str(device), (_local_version(location), _local_version(pretrained)))
 
 
 # --------------------------------------------------------------------------- Python API
 
 
 def embed_images(
-    model: Encoder | str,
+    model: Encoder | str | os.PathLike,
     images_or_paths: Sequence[Any],
     batch_size: int = 64,
     *,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     draft: bool = False,
@@ -193,8 +204,8 @@ def embed_images(
     normalize: bool = True,
     decode: str = "auto",
 ) -> np.ndarray:
-    """Embed images (PIL images or file paths): float32 (N, D), rows L2-normalised (unless
-    ``normalize=False``), in order.
+    """Embed images (PIL images, file paths or URLs, encoded bytes): float32 (N, D), rows
+    L2-normalised (unless ``normalize=False``), in order.
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
@@ -205,6 +216,12 @@ def embed_images(
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
         images_or_paths = [images_or_paths]
     items = list(images_or_paths)
+    for position, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(item, "getpixel"):
+            raise InputError(
+                f"image {position} is a {type(item).__name__}: embed_images takes PIL images, file paths or URLs, or "
+                "encoded bytes; model input that is already a tensor goes to the encoder itself (encoder.encode_image)"
+            )
     _check_batching(batch_size, num_workers)
     encoder = _as_encoder(model, pretrained, device)
     device = encoder.device
@@ -234,11 +251,11 @@ def embed_images(
 
 
 def embed_texts(
-    model: Encoder | str,
+    model: Encoder | str | os.PathLike,
     texts: Sequence[str],
     batch_size: int = 256,
     *,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
 ) -> np.ndarray:
@@ -246,6 +263,10 @@ def embed_texts(
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text {position} is a {type(text).__name__}, not a string: embed_texts takes strings "
+                             "(a missing caption is None: leave it out, or give \"\" for an empty one)")
     _check_batching(batch_size, None)
     encoder = _as_encoder(model, pretrained, device)
     if not encoder.has_text:
@@ -593,9 +614,9 @@ def _weights_for_config(pretrained: str | None) -> str | None:
 def embed_to_folder(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
-    model: Encoder | str,
+    model: Encoder | str | os.PathLike,
     *,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | None = None,
     modalities: Sequence[str] = ("image",),
     batch_size: int = 256,
     num_workers: int | None = None,
@@ -614,6 +635,7 @@ def embed_to_folder(
     """
     modalities = _checked_modalities(modalities)
     _check_batching(batch_size, num_workers)
+    model, pretrained = _as_specs(model, pretrained)
     storage.writable_folder(out)
     if device is not None:
         device = resolve_device(str(device), "--device")

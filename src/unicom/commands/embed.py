@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "an image folder, or one CSV/parquet list",
     )
     parser.add_argument("--out", required=True, help="output folder (img_emb/, text_emb/, metadata/, failures/)")
-    parser.add_argument("--model", required=True, help="open_clip name (ViT-B-32), timm/<name>, released Unicom name or exported folder")
+    parser.add_argument("--model", required=True, help="open_clip name (ViT-B-32), timm/<name> or timm/local-dir:FOLDER, released Unicom name or exported folder")
     parser.add_argument("--pretrained", default=None, help="weights: a tag (laion400m_e32) or a local checkpoint file")
     parser.add_argument("--modalities", default="image", help="comma-separated: image, text, or image,text (default: image)")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")

@@ -29,8 +29,10 @@ from unicom.data.transforms import (
     EncodedJpegs,
     SplitTransform,
     TensorTransform,
+    check_resized_pixels,
     decode_image,
     encoded_bytes,
+    short_side_size,
 )
 from unicom.storage import FetchError
 
@@ -126,6 +128,7 @@ class BatchStream(IterableDataset):
         self.image_input = SplitTransform(image_transform) if image_transform is not None else None
         self.tokenize = tokenize
         self.draft = draft
+        self.short_side = short_side_size(image_transform)
         self.tensor_transform = TensorTransform(image_transform) if device_decode else None
         self._next_unit = multiprocessing.Value("q", 0)  # shared with the workers it is forked or sent to
 
@@ -191,6 +194,7 @@ class BatchStream(IterableDataset):
                     data = encoded_bytes(record.image) if self.tensor_transform is not None else None
                     size = self.tensor_transform.device_size(data) if data is not None else None
                     if size is not None:  # decoded where the model runs
+                        check_resized_pixels(self.short_side, size)
                         row["width"], row["height"] = size
                         plan = self.tensor_transform.plan(*size)
                         for held, value in zip(jpegs, (data, plan, len(batch.indices), str(source))):
@@ -200,6 +204,7 @@ class BatchStream(IterableDataset):
                         captions.append(record.caption or "")
                         continue
                     image, (row["width"], row["height"]) = decode_image(data or record.image, self.draft)
+                    check_resized_pixels(self.short_side, image.size)
                     images.append(self.image_input.on_worker(image))
                 except DecodeError as error:
                     batch.failures.append(_failure(record, source, str(error)))

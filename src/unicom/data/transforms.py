@@ -39,17 +39,57 @@ def _read_image_file(location) -> bytes:
         raise DecodeError(f"image file of {length}, longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from error
 
 
+# The most pixels the leading resize of a model's transform may make of one image (Pillow's
+# decompression-bomb warning limit): resizing the short side enlarges a thin image without
+# bound (a 1 x 200,000 PNG of 700 bytes would become 224 x 44,800,000 pixels, 30 GB).
+MAX_RESIZED_PIXELS = 89_478_485
+
+
+def leading_resize(transform: Callable | None):
+    """The torchvision ``Resize`` that ``transform`` (a ``Compose`` or one step) begins with, or None."""
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", [transform])
+    first = steps[0] if steps else None
+    return first if isinstance(first, T.Resize) else None
+
+
+def short_side_size(transform: Callable | None) -> int | None:
+    """S when ``transform`` begins by resizing the short side of an image to S without a
+    bound on the long side (``Resize(S)``), else None."""
+    first = leading_resize(transform)
+    if first is None or getattr(first, "max_size", None):
+        return None
+    size = first.size
+    if isinstance(size, int):
+        return size
+    return int(size[0]) if len(size) == 1 else None
+
+
+def check_resized_pixels(short_side: int | None, size: tuple[int, int]) -> None:
+    """Raise :class:`DecodeError` when resizing the short side of an image of ``size``
+    (width, height) to ``short_side`` (:func:`short_side_size`) would make more than
+    :data:`MAX_RESIZED_PIXELS` pixels; nothing when ``short_side`` is None."""
+    if short_side is None:
+        return
+    width, height = size
+    pixels = short_side * int(short_side * max(width, height) / max(1, min(width, height)))
+    if pixels > MAX_RESIZED_PIXELS:
+        raise DecodeError(
+            f"a {width}x{height} image: resizing its short side to {short_side} would make {pixels:,} pixels, "
+            f"more than the {MAX_RESIZED_PIXELS:,} an image may have (sides in a ratio above "
+            f"{MAX_RESIZED_PIXELS // short_side**2}:1)"
+        )
+
+
 def draft_size(transform: Callable | None) -> tuple[int, int] | None:
     """(width, height) that an image must keep for ``transform``, or None if unknown.
 
     Known when the transform (a torchvision ``Compose`` or a single transform) begins with
     a ``Resize``: ``Resize(224)`` (shorter side) -> (224, 224), ``Resize((h, w))`` -> (w, h).
     """
-    from torchvision import transforms as T
-
-    steps = getattr(transform, "transforms", [transform])
-    first = steps[0] if steps else None
-    if not isinstance(first, T.Resize):
+    first = leading_resize(transform)
+    if first is None:
         return None
     size = first.size
     if isinstance(size, int):
@@ -59,6 +99,27 @@ def draft_size(transform: Callable | None) -> tuple[int, int] | None:
     return int(size[1]), int(size[0])
 
 
+# Pillow's modes of 16-bit samples (16-bit grayscale PNG and TIFF), values 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as an 8-bit RGB image.
+
+    16-bit samples (modes :data:`SIXTEEN_BIT_MODES`, and mode ``I`` of a PNG, as Pillow
+    before 10.3 opens 16-bit PNGs) are scaled to 8 bits, ``round(v * 255 / 65535)``,
+    as torchvision scales them; Pillow's own conversion clips every value above 255, which
+    turns a 16-bit image white. Other modes take Pillow's conversion (alpha is dropped,
+    palettes and CMYK are converted, 32-bit float ``F`` values are read as 0..255).
+    """
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        import numpy as np
+
+        samples = np.asarray(image).clip(0, 65535).astype(np.uint32)
+        image = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``source`` (encoded bytes, a file path or URL, or a PIL image) to an RGB image.
 
@@ -66,7 +127,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
     draft reduction. Raises :class:`DecodeError` with a readable reason.
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB"), source.size
+        return to_rgb(source), source.size
     if isinstance(source, DecodeError):  # an image that was not read
         raise DecodeError(str(source))
     if isinstance(source, str) and storage.is_url(source):
@@ -80,8 +141,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft)
         image.load()  # the full decode: truncated data fails here
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
     except FileNotFoundError as error:
         raise DecodeError(f"file not found: {error.filename}") from error
     except Image.UnidentifiedImageError as error:

@@ -8,8 +8,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
   registered name with released weights (``ViT-B/32``, ``ViT-L/14@336px``), a model
   folder (``unicom_model.json``), a released-format checkpoint file, or
   ``hf-hub:org/repo`` when that Hub repository holds a model folder;
-* ``timm/<name>`` or ``timm:<name>`` for timm image models
-  (:mod:`unicom.models.foundation`);
+* ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
+  ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
 * an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an
   open_clip ``hf-hub:``/``local-dir:`` reference.
 """
@@ -109,9 +109,13 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
-def load_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Encoder:
+def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu") -> Encoder:
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
     from unicom.models import factory, foundation, hub
+
+    spec = os.fspath(spec)
+    pretrained = None if pretrained is None else os.fspath(pretrained)
 
     if pretrained is None and factory.is_unicom_spec(spec):
         return ModelEncoder(*factory.load_described(spec, device=device)).eval()
@@ -135,6 +139,8 @@ def load_encoder(spec: str, pretrained: str | None = None, device: str | torch.d
         from unicom.models.export import not_a_model_folder
 
         raise not_a_model_folder(spec)
+    if pretrained is not None and factory.is_unicom_spec(spec):
+        raise InputError(f"{spec}: a unicom model holds its weights; leave out --pretrained {pretrained}")
     raise InputError(
         f"no model matches {spec!r}: give a released Unicom name ({', '.join(factory.available_models())}), a model "
         "folder, a checkpoint file, hf-hub:<owner>/<repository>, timm/<name>, or an open_clip model name with --pretrained"

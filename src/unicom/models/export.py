@@ -57,7 +57,9 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 def _convert_to_rgb(image):
-    return image.convert("RGB")
+    from unicom.data.transforms import to_rgb
+
+    return to_rgb(image)
 
 
 def build_transform(preprocess: Mapping[str, Any]):
@@ -218,7 +220,11 @@ def not_a_model_folder(folder: str | os.PathLike) -> InputError:
     folder = Path(folder)
     export = f"`unicom train --export-from {folder} --model-out DIR` exports it as one"
     hint = ""
-    if (folder / MANIFEST).is_file():
+    if (folder / "open_clip_config.json").is_file():
+        hint = f"; it is an open_clip model folder: give local-dir:{folder}"
+    elif (folder / TIMM_CONFIG_NAME).is_file():
+        hint = f"; it is a timm model folder: give timm/local-dir:{folder} (its pooled features)"
+    elif (folder / MANIFEST).is_file():
         hint = f"; it is a training checkpoint: {export}"
     elif (folder / CHECKPOINTS).is_dir():
         model = folder / "model"

@@ -95,8 +95,27 @@ def load_state(
             "nor an existing checkpoint file or model folder"
         )
     state_dict = read_state_dict(path)
+    _refuse_other_projects(state_dict, path)
     settings = resolve_settings(arch) or infer_settings(state_dict, str(path))
     return state_dict, settings, path
+
+
+def _refuse_other_projects(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Name the project whose checkpoint ``state_dict`` is, when it is timm's or open_clip's,
+    and how to load it instead; the released format has neither a class token nor towers."""
+    if "cls_token" in state_dict:
+        raise InputError(
+            f"{path}: a timm ViT state dict (it has a cls_token, which released Unicom checkpoints lack), "
+            "not a released-format checkpoint; load it with its timm name: "
+            "load_encoder('timm/<name>', pretrained=FILE) (--model timm/<name> --pretrained FILE), "
+            "or, if it is the model.safetensors of a model folder, give the folder"
+        )
+    if any(key.startswith("visual.") for key in state_dict):
+        raise InputError(
+            f"{path}: an open_clip CLIP state dict (keys visual.*), not a released-format checkpoint; "
+            "load it with its open_clip name: load_encoder('ViT-B-32', pretrained=FILE) "
+            "(--model ViT-B-32 --pretrained FILE)"
+        )
 
 
 # -------------------------------------------------------------------------------- load

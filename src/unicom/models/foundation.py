@@ -6,16 +6,21 @@ Specs (see :func:`unicom.models.encoders.load_encoder`):
   ``hf-hub:``/``local-dir:`` reference; ``pretrained`` is a tag (``laion400m_e32``, fetched
   by open_clip into its cache) or a local checkpoint file (``.pt``/``.pth``/``.bin`` state
   dict, also inside ``{"state_dict": ...}``, or ``.safetensors``). Files are read with
-  ``torch.load(weights_only=True)`` or safetensors, never by unpickling code.
+  ``torch.load(weights_only=True)`` or safetensors, never by unpickling code. A
+  ``hf-hub:``/``local-dir:`` reference holds its weights: ``pretrained`` is refused with it.
 * timm: ``timm/<name>`` or ``timm:<name>`` (``timm/vit_base_patch16_224``); ``pretrained`` is
   a tag (``augreg_in21k``), a local checkpoint file, or ``None``/``"none"`` for random
   weights. A tag written into the name (``timm/convnext_tiny.fb_in1k``) also loads weights.
-  The classifier is removed: the encoder returns the pooled features (``num_classes=0``).
+  ``timm/local-dir:FOLDER`` and ``timm/hf-hub:org/repo`` are timm model folders (``config.json``
+  and the weights, as ``timm.create_model`` reads them); they hold their weights, so
+  ``pretrained`` is left out. The classifier is removed: the encoder returns the pooled
+  features (``num_classes=0``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from typing import Sequence
 
@@ -29,8 +34,23 @@ _TIMM_PREFIXES = ("timm/", "timm:")
 _OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 
 
+def local_folder(spec: str) -> str | None:
+    """The local folder of ``local-dir:FOLDER`` (open_clip) or ``timm/local-dir:FOLDER`` (timm); None otherwise."""
+    for prefix in ("", *_TIMM_PREFIXES):
+        if spec.startswith(prefix + "local-dir:"):
+            return spec[len(prefix + "local-dir:"):]
+    return None
+
+
 def _is_random(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).lower() in _NO_WEIGHTS
+
+
+def _refuse_other_weights(spec: str, pretrained: str | None) -> None:
+    """A model folder or Hub repository (``local-dir:``, ``hf-hub:``) holds its weights:
+    weights given besides would be ignored, so they are refused."""
+    if not _is_random(pretrained):
+        raise InputError(f"{spec}: the model folder holds its weights; leave out --pretrained {pretrained}")
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -141,7 +161,8 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
     import open_clip
 
     if spec.startswith(_OPEN_CLIP_SCHEMAS):
-        weights = None  # the schema names the weights; open_clip ignores ``pretrained``
+        _refuse_other_weights(spec, pretrained)
+        weights = None  # the schema names the weights
     elif _is_random(pretrained):
         warnings.warn(f"{spec}: no --pretrained given, the model has random weights", stacklevel=2)
         weights = None
@@ -171,7 +192,11 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
         if weights is not None and os.path.isfile(weights):
             raise InputError(f"{weights}: does not hold {spec} weights ({message.splitlines()[0]})") from error
         raise
-    except (OSError, ValueError) as error:  # unreadable files, unpickling refused by weights_only
+    except pickle.UnpicklingError as error:  # weights_only refused the file
+        from unicom.models.weights import unpickling_refused
+
+        raise unpickling_refused(weights or spec, error) from error
+    except (OSError, ValueError) as error:  # unreadable files
         raise InputError(f"{weights or spec}: cannot be loaded as {spec} weights ({error})") from error
     label = spec if weights is None else f"{spec} ({weights})"
     return OpenClipEncoder(model, transform, spec, label)
@@ -211,6 +236,11 @@ def _load_timm_file(model: torch.nn.Module, path: str) -> None:
     try:
         state_dict = load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for foreign files
+        refused = error if isinstance(error, pickle.UnpicklingError) else error.__cause__  # timm wraps it
+        if isinstance(refused, pickle.UnpicklingError):
+            from unicom.models.weights import unpickling_refused
+
+            raise unpickling_refused(path, refused) from error
         raise InputError(f"{path}: not a readable checkpoint file ({error})") from error
     classifiers = model.pretrained_cfg.get("classifier") or ()
     if isinstance(classifiers, str):
@@ -237,9 +267,10 @@ def _load_timm_file(model: torch.nn.Module, path: str) -> None:
 def timm_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> TimmEncoder:
     """Build ``timm/<name>`` with ``num_classes=0`` and its evaluation transform."""
     import timm
-    from timm.data import create_transform, resolve_model_data_config
 
     name = spec[len("timm/"):] if spec.startswith("timm/") else spec[len("timm:"):]
+    if name.startswith(_OPEN_CLIP_SCHEMAS):  # a timm model folder (config.json + weights), or one on the Hub
+        return _timm_folder_encoder(spec, name, pretrained, device)
     base, _, tag = name.partition(".")
     if not timm.is_model(base):
         raise InputError(f"{spec}: timm has no model {base!r}; see timm.list_models()")
@@ -270,6 +301,28 @@ def timm_encoder(spec: str, pretrained: str | None = None, device: str | torch.d
         _load_timm_file(model, weights_file)
     elif not download:
         warnings.warn(f"{spec}: no --pretrained given, the model has random weights", stacklevel=2)
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
     label = spec if weights_file is None else f"{spec} ({weights_file})"
+    return _timm_model_encoder(model, label, device)
+
+
+def _timm_model_encoder(model: torch.nn.Module, label: str, device: str | torch.device) -> TimmEncoder:
+    from timm.data import create_transform, resolve_model_data_config
+
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
     return TimmEncoder(model.to(device), transform, label)
+
+
+def _timm_folder_encoder(spec: str, name: str, pretrained: str | None, device: str | torch.device) -> TimmEncoder:
+    """``timm/local-dir:FOLDER`` or ``timm/hf-hub:org/repo``: the model, preprocessing and
+    weights that timm reads from the folder's ``config.json`` and weights file."""
+    import timm
+
+    _refuse_other_weights(spec, pretrained)
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as error:  # missing files, foreign configs and network errors come in many types
+        raise InputError(
+            f"{spec}: timm cannot load it as a model folder ({type(error).__name__}: {error}); "
+            "a timm model folder holds config.json and model.safetensors (or pytorch_model.bin)"
+        ) from error
+    return _timm_model_encoder(model, spec, device)

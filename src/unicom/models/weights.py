@@ -44,15 +44,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as error:
-        if "unsupported global" not in str(error).lower():  # not pickled objects: bytes that are no checkpoint
-            raise InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)") from error
-        raise InputError(
-            f"{path}: holds Python objects besides tensors, which are not unpickled for safety; "
-            "re-save it as a plain state dict: torch.save(model.state_dict(), path)"
-        ) from error
+        raise unpickling_refused(path, error) from error
     except Exception as error:  # a damaged or foreign file: torch raises many types
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
     return _tensor_dict(obj, path)
+
+
+def unpickling_refused(path: str | os.PathLike, error: pickle.UnpicklingError) -> InputError:
+    """The error for a file that ``torch.load(weights_only=True)`` refused: one that holds
+    pickled Python objects (named so, with how to re-save it), or bytes that are no checkpoint."""
+    if "unsupported global" not in str(error).lower():  # not pickled objects: bytes that are no checkpoint
+        return InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)")
+    return InputError(
+        f"{path}: holds Python objects besides tensors, which are not unpickled for safety; "
+        "re-save it as a plain state dict: torch.save(model.state_dict(), path)"
+    )
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -138,4 +144,4 @@ def instantiate(
     return model.eval()
 
 
-__all__ = ["OPTIONAL_KEY_SUFFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict"]
+__all__ = ["OPTIONAL_KEY_SUFFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict", "unpickling_refused"]

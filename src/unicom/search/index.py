@@ -358,7 +358,8 @@ class Index:
         """The k nearest indexed rows of each query.
 
         embeddings: (Q, D) or (D,) floats with D ≥ ``dims`` (the first ``dims`` are used,
-        re-normalised). Returns (scores float32 (Q, k), ids int64 (Q, k)), best first;
+        re-normalised): an array, or a torch tensor as a model gives it (any float dtype or
+        device, with autograd). Returns (scores float32 (Q, k), ids int64 (Q, k)), best first;
         scores are inner products (cosine similarities, approximate for compressed types);
         ids are -1 (score -inf) past the end of a small index. ``modality``: which index
         (default: the first of :attr:`modalities`). ``nprobe`` / ``ef_search`` override the
@@ -366,6 +367,8 @@ class Index:
         """
         modality, recorded = self._modality(modality)
         dims = int(recorded["dims"])
+        if hasattr(embeddings, "detach"):  # a model's output as it is: a torch tensor of any dtype, device, autograd
+            embeddings = embeddings.detach().float().cpu().numpy()
         x = np.asarray(embeddings)
         if x.ndim == 1:
             x = x[None, :]

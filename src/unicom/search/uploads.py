@@ -57,10 +57,11 @@ def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tup
 
 def decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):
     """Decode to RGB at about the model's input size (JPEG draft mode, then the model's resize)."""
-    from unicom.data.transforms import DecodeError, decode_image
+    from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image
 
     try:
         image = decode_image(data, draft=prepare.draft)[0]
+        check_resized_pixels(prepare.short_side, image.size)
         small = prepare(image)
     except DecodeError as error:
         raise _error(415, f"{name}: {error}") from None
@@ -97,13 +98,11 @@ class ModelInput:
     to the same size, which is a copy: the model sees the pixels it would have seen."""
 
     def __init__(self, transform: Callable):
-        from torchvision import transforms as T
+        from unicom.data.transforms import draft_size, leading_resize, short_side_size
 
-        from unicom.data.transforms import draft_size
-
-        steps = getattr(transform, "transforms", [transform])
-        self.resize = steps[0] if steps and isinstance(steps[0], T.Resize) else None
+        self.resize = leading_resize(transform)
         self.draft = draft_size(transform)
+        self.short_side = short_side_size(transform)
 
     def __call__(self, image):
         return image if self.resize is None else self.resize(image)

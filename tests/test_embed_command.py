@@ -184,3 +184,23 @@ def test_a_weights_file_moved_elsewhere_resumes_by_its_digest_and_other_weights_
     err = capsys.readouterr().err
     assert "another configuration" in err and "weights_sha256" in err and "pretrained" in err
     assert not (out / "img_emb" / "img_emb_2.npy").exists()
+
+
+def test_a_relative_local_dir_model_is_recorded_by_its_absolute_folder(setup, tmp_path, monkeypatch):
+    import json
+
+    from support import tiny_open_clip
+
+    root, _, _, _ = setup
+    tiny_open_clip(tmp_path / "models" / "clip")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNICOM_PROGRESS", "0")
+    pattern = str(root / "shards" / "00000.tar")
+    assert main(["embed", "--input", pattern, "--model", "local-dir:models/clip", "--out", "emb"]) == 0
+    config = json.loads((tmp_path / "emb" / "embed_config.json").read_text())
+    assert config["model"] == f"local-dir:{tmp_path / 'models' / 'clip'}"
+    # a rerun from the same folder, spelled relative again, finds the same configuration
+    assert main(["embed", "--input", pattern, "--model", "local-dir:models/clip", "--out", "emb"]) == 0
+    # so does a folder that recorded the spec as given (relative)
+    (tmp_path / "emb" / "embed_config.json").write_text(json.dumps(dict(config, model="local-dir:models/clip")))
+    assert main(["embed", "--input", pattern, "--model", f"local-dir:{tmp_path / 'models' / 'clip'}", "--out", "emb"]) == 0

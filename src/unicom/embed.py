@@ -47,7 +47,7 @@ from unicom.formats.embeddings import (
     write_part,
 )
 from unicom.models.encoders import Encoder, load_encoder
-from unicom.models.foundation import local_folder
+from unicom.models.foundation import local_folder, recorded_spec
 from unicom.progress import progress
 
 MODALITIES = ("image", "text")
@@ -419,9 +419,7 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     if previous is None:
         return False
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
-        value = previous.get(key)
-        if isinstance(value, str) and not storage.is_url(value) and not os.path.isabs(value) and os.path.exists(value):
-            previous[key] = os.path.abspath(value)
+        previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
              and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)))
     if moved and config.get(WEIGHTS_CHECKSUM) in (None, previous[WEIGHTS_CHECKSUM]):
@@ -644,7 +642,7 @@ def embed_to_folder(
         raise InputError(f"{parts[0].source}: no captions to embed as text (an image folder, or a list without a caption "
                          "column: name it with --caption-column); use --modalities image")
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
-    name = storage.recorded(model if isinstance(model, str) else model.name)
+    name = recorded_spec(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
         config["rows_per_part"] = rows_per_part

@@ -252,7 +252,9 @@ def _embedding_identity(encoder, model, pretrained, dataset: str) -> dict:
 
 def _model_info(model, pretrained, embeddings) -> dict:
     if model is not None:
-        return {"model": storage.recorded(model), "pretrained": storage.recorded(pretrained)}
+        from unicom.models.foundation import recorded_spec
+
+        return {"model": recorded_spec(model), "pretrained": storage.recorded(pretrained)}
     return {"embeddings": storage.absolute(embeddings)}
 
 

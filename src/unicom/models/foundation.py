@@ -42,6 +42,18 @@ def local_folder(spec: str) -> str | None:
     return None
 
 
+def recorded_spec(spec):
+    """What a configuration record keeps of a model spec: a local folder or file, also the
+    folder of a ``local-dir:`` spec, by its absolute path (so that ``unicom search`` or a
+    model folder finds it from any working folder); anything else as it is."""
+    from unicom import storage
+
+    folder = local_folder(spec) if isinstance(spec, str) else None
+    if folder and not storage.is_url(folder) and os.path.isdir(folder):
+        return spec[: len(spec) - len(folder)] + os.path.abspath(folder)
+    return storage.recorded(spec)
+
+
 def _is_random(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).lower() in _NO_WEIGHTS
 

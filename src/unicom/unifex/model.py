@@ -181,10 +181,10 @@ class UniFExModel(nn.Module):
 
 
 def unifex_settings(backbone: str, pretrained: str | None, input_dim: int, neck: Mapping[str, Any]) -> dict[str, Any]:
-    from unicom import storage
+    from unicom.models.foundation import recorded_spec
 
     return {
-        "backbone": storage.recorded(backbone),  # a local folder by its absolute path: loadable from anywhere
+        "backbone": recorded_spec(backbone),  # a local folder by its absolute path: loadable from anywhere
         "pretrained": weights_reference(pretrained),
         "input_dim": int(input_dim),
         "neck": {"kind": neck["kind"], "embedding_dim": int(neck["embedding_dim"]),

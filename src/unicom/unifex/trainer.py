@@ -424,11 +424,12 @@ def _to_split(query: np.ndarray, query_labels, index: np.ndarray, index_labels, 
 
 def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: Path, log) -> dict:
     """Build (or complete) the feature cache of a recipe; returns its folder, build time and contents."""
+    from unicom.models.foundation import recorded_spec
     from unicom.unifex import cache as feature_cache
     from unicom.unifex.model import weights_reference
 
     root = storage.path(config.cache.folder) if config.cache.folder else out / "cache"
-    identity = {"model": storage.recorded(config.backbone.model), "pretrained": weights_reference(config.backbone.pretrained)}
+    identity = {"model": recorded_spec(config.backbone.model), "pretrained": weights_reference(config.backbone.pretrained)}
     options = dict(identity=identity, batch_size=config.cache.batch_size, num_workers=backbone.workers,
                    dtype=config.cache.dtype, rows_per_part=config.cache.rows_per_part, precision=backbone.precision,
                    seed=config.seed, normalize=config.neck.features == "normalized", decode=config.data.decode)

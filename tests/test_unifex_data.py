@@ -137,3 +137,20 @@ def test_batches_drop_the_incomplete_tail_unless_it_is_all():
     assert [b.tolist() for b in epoch_batches(np.arange(7), 3)] == [[0, 1, 2], [3, 4, 5]]
     assert [b.tolist() for b in epoch_batches(np.arange(2), 3)] == [[0, 1]]
     assert epoch_batches(np.arange(1), 3) == []
+
+
+def test_direct_mode_refuses_an_image_too_thin_for_the_resize_before_resizing_it(tmp_path):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from unicom.unifex.trainer import _DecodedImages
+
+    Image.new("L", (1, 1786), 128).save(tmp_path / "thin.png")  # 224 x 400,064 pixels after Resize(224)
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "plain.png")
+    images = _DecodedImages([str(tmp_path / "thin.png"), str(tmp_path / "plain.png")], np.array([3, 4]),
+                            T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()]))
+    failure = images[0]
+    assert failure["index"] == 0 and failure["path"] == str(tmp_path / "thin.png")
+    assert "resizing its short side to 224 would make 89,614,336 pixels" in failure["reason"]
+    tensor, label = images[1]
+    assert tensor.shape == (3, 224, 224) and label == 4

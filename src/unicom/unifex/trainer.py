@@ -98,16 +98,20 @@ class _DecodedImages(torch.utils.data.Dataset):
     transformed, with its label, or a failure record (index, path, reason)."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, transform):
+        from unicom.data.transforms import short_side_size
+
         self.paths, self.labels, self.transform = list(paths), labels, transform
+        self.short_side = short_side_size(transform)  # a thin image is refused before the resize enlarges it
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from unicom.data.transforms import DecodeError, decode_image
+        from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image
 
         try:
             image, _ = decode_image(self.paths[index], None)
+            check_resized_pixels(self.short_side, image.size)
         except DecodeError as error:
             return {"index": index, "path": self.paths[index], "reason": str(error)}
         return self.transform(image), int(self.labels[index])

@@ -118,6 +118,12 @@ def test_a_device_that_is_not_one_is_named(encoder_and_file, image_files):
             unicom.embed_images("timm/test_vit", image_files[:1], device="cuda")
 
 
+@pytest.mark.parametrize("load", [unicom.load, unicom.load_encoder])
+def test_loading_onto_a_device_that_is_not_one_is_named(load):
+    with pytest.raises(InputError, match=r"device='gpu': not a torch device"):
+        load("timm/test_vit" if load is unicom.load_encoder else "ViT-B/32", device="gpu")
+
+
 def test_a_single_path_gives_one_row(encoder_and_file, image_files):
     encoder, _ = encoder_and_file
     assert unicom.embed_images(encoder, image_files[0]).shape == (1, encoder.embedding_dim)

@@ -112,8 +112,10 @@ class ModelEncoder(Encoder):
 def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu") -> Encoder:
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
+    from unicom.engine.device import resolve_device
     from unicom.models import factory, foundation, hub
 
+    device = resolve_device(str(device), "device")  # "auto", a name or a torch.device, checked
     spec = os.fspath(spec)
     pretrained = None if pretrained is None else os.fspath(pretrained)
 

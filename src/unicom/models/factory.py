@@ -181,6 +181,9 @@ def load(
     Every key of the weights must match the architecture (``num_batches_tracked``
     counters may be absent); missing, unexpected or mis-shaped keys raise :class:`InputError`.
     """
+    from unicom.engine.device import resolve_device
+
+    device = resolve_device(str(device), "device")  # "auto", a name or a torch.device, checked
     model, transform, _, _ = load_described(spec, device, download_root, arch, base_url)
     return model, transform
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Fetch clip-retrieval's front end for the browser test that points it at `unicom serve`.
+# Fetch clip-retrieval's front end and its ClipClient for the tests that point them at `unicom serve`.
 #
 # clip-retrieval's PyPI wheel ships its built front end (front/build: index.html, the
-# webpack bundle, assets); this unpacks that folder, as released, into
-# .cache/clip-retrieval-front/VERSION/ of the repository. The wheel is fetched with pip
-# (no dependencies, nothing installed). Does nothing when the folder is there. Never fails
-# the caller: the test skips itself, saying why, when the folder is absent.
+# webpack bundle, assets) and its client (clip_retrieval/clip_client.py, which needs only
+# requests). This unpacks the front end, as released, into
+# .cache/clip-retrieval-front/VERSION/ of the repository, and the client module into
+# .cache/clip-retrieval-client/VERSION/clip_client.py. The wheel is fetched with pip
+# (no dependencies, nothing installed). Does nothing when both are there. Never fails
+# the caller: a test skips itself, saying why, when what it needs is absent.
 #
 # Environment: PYTHON (default: python3; any Python with pip), CLIP_RETRIEVAL_VERSION.
 set -u
@@ -14,26 +16,35 @@ VERSION="${CLIP_RETRIEVAL_VERSION:-2.45.0}"
 PYTHON="${PYTHON:-python3}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="$ROOT/.cache/clip-retrieval-front/$VERSION"
+CLIENT="$ROOT/.cache/clip-retrieval-client/$VERSION"
 
-if [ -f "$DEST/index.html" ]; then
-    echo "install-clip-front: $DEST is present"
+if [ -f "$DEST/index.html" ] && [ -f "$CLIENT/clip_client.py" ]; then
+    echo "install-clip-front: $DEST and $CLIENT are present"
     exit 0
 fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 if ! "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WORK" "clip-retrieval==$VERSION" >"$WORK/log" 2>&1; then
-    echo "install-clip-front: could not download clip-retrieval $VERSION with $PYTHON -m pip; the test will be skipped"
+    echo "install-clip-front: could not download clip-retrieval $VERSION with $PYTHON -m pip; the tests will be skipped"
     tail -n 3 "$WORK/log"
     exit 0
 fi
-if "$PYTHON" - "$WORK" "$DEST" <<'PY'
+if "$PYTHON" - "$WORK" "$DEST" "$CLIENT" <<'PY'
 import shutil
 import sys
 import zipfile
 from pathlib import Path
 
-work, dest = Path(sys.argv[1]), Path(sys.argv[2])
+work, dest, client = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 wheel = next(work.glob("clip_retrieval-*.whl"))
+with zipfile.ZipFile(wheel) as archive:
+    module = archive.read("clip_retrieval/clip_client.py")
+client.mkdir(parents=True, exist_ok=True)
+partial = client / "clip_client.py.partial"
+partial.write_bytes(module)
+partial.rename(client / "clip_client.py")  # complete or absent
+if (dest / "index.html").is_file():
+    sys.exit(0)
 staging = dest.with_name(dest.name + ".partial")
 shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
 prefix = "front/build/"
@@ -50,8 +61,8 @@ with zipfile.ZipFile(wheel) as archive:
 staging.rename(dest)  # complete or absent
 PY
 then
-    echo "install-clip-front: clip-retrieval $VERSION's front end is in $DEST"
+    echo "install-clip-front: clip-retrieval $VERSION's front end is in $DEST, its client in $CLIENT"
 else
-    echo "install-clip-front: could not unpack clip-retrieval $VERSION's front end; the test will be skipped"
+    echo "install-clip-front: could not unpack clip-retrieval $VERSION's front end and client; the tests will be skipped"
 fi
 exit 0

@@ -229,7 +229,7 @@ def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served
         response = client.post("/search", content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400 and response.json()["detail"] == said
     knn = client.post("/knn-service", content=b'{"embedding_input": [Infinity, 0.5' + rest + b'], "num_images": 1}')
-    assert knn.status_code == 400 and knn.json()["detail"] == '"embedding": number 0 (inf) is not a finite float32 number'
+    assert knn.status_code == 400 and knn.json()["detail"] == '"embedding_input": number 0 (inf) is not a finite float32 number'
 
 
 def test_json_nested_too_deeply_is_400(served):

@@ -180,6 +180,28 @@ def test_the_text_modality_and_unknown_indexes_are_refused(served):
     assert empty.status_code == 400 and "must fill one of text, image, image_url and embedding_input" in empty.json()["detail"]
 
 
+def test_knn_errors_name_clip_retrievals_keys(served):
+    short = knn(served["client"], embedding_input=[0.1] * 8, modality="image", num_images=3, indice_name="photos")
+    assert short.status_code == 400 and short.json()["detail"] == '"embedding_input" has 8 numbers, the index needs at least 64'
+    zero = knn(served["client"], embedding_input=[0.0] * 64, modality="image", num_images=3, indice_name="photos")
+    assert zero.status_code == 400 and zero.json()["detail"].startswith('"embedding_input" is zero in its first 64 numbers')
+    blank = knn(served["client"], text="   ", modality="image", num_images=3, indice_name="photos")
+    assert blank.status_code == 400 and "must fill one of text, image, image_url and embedding_input" in blank.json()["detail"]
+    # a blank text gives way to the query that follows it, as an absent one does
+    vector = np.random.default_rng(2).standard_normal(64)
+    after_blank = knn(served["client"], text=" ", embedding_input=vector.tolist(), modality="image", num_images=2,
+                      indice_name="photos")
+    assert [result["id"] for result in after_blank.json()] == served["index"].search(vector, 2)[1][0].tolist()
+    # ClipClient sends num_result_ids equal to num_images: the error names the key its user set
+    many = knn(served["client"], text="a cat", modality="image", num_images=20_000, num_result_ids=20_000,
+               indice_name="photos")
+    assert many.status_code == 400
+    assert many.json()["detail"] == "num_images must be between 1 and 10000 (the server's --max-result-ids), got 20000"
+    download = knn(served["client"], text="a cat", modality="image", num_images=40, num_result_ids=20_000,
+                   indice_name="photos")
+    assert download.json()["detail"] == "num_result_ids must be between 1 and 10000 (the server's --max-result-ids), got 20000"
+
+
 def test_indice_name_chooses_the_index(served):
     vector = np.random.default_rng(1).standard_normal(64)
     answer = knn(served["client"], embedding_input=vector.tolist(), modality="image", num_images=4, indice_name="small").json()

@@ -94,7 +94,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_k(value: Any, default: int, max_k: int, name: str = "k") -> int:
+def _parse_k(value: Any, default: int, max_k: int, name: str = "k", limit: str = "") -> int:
+    """``value`` as a number of results in 1..``max_k`` (``default`` when absent); ``limit``: where
+    ``max_k`` comes from, said in the error."""
     if value is None or value == "":
         return default
     try:
@@ -102,7 +104,7 @@ def _parse_k(value: Any, default: int, max_k: int, name: str = "k") -> int:
     except (TypeError, ValueError):
         raise _error(400, f"{name} must be an integer, got {value!r}") from None
     if not 1 <= k <= max_k:
-        raise _error(400, f"{name} must be between 1 and {max_k}, got {k}")
+        raise _error(400, f"{name} must be between 1 and {max_k}{limit}, got {k}")
     return k
 
 
@@ -404,7 +406,7 @@ def create_app(
         return item_id
 
     async def build_search(target: Served, *, text, image_data, image_name, like, embedding, text_weight, k, deduplicate,
-                           ) -> Search:
+                           embedding_name: str = "embedding") -> Search:
         given = [name for name, value in (("image", image_data), ("like", like), ("embedding", embedding)) if value is not None]
         if len(given) > 1:
             raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
@@ -419,7 +421,7 @@ def create_app(
                 raise _error(400, str(error)) from None
         search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate)
         if embedding is not None:
-            search.vector = _embedding_vector(embedding, target.index.dims)
+            search.vector = _embedding_vector(embedding, target.index.dims, embedding_name)
         elif like is not None:
             search.vector = (await asyncio.to_thread(target.stored[target.index.modalities[0]], [like]))[0]
         elif image_data is not None:
@@ -578,7 +580,9 @@ def create_app(
             raise _error(400, f"modality {knn.modality!r}: {target.name} searches {' and '.join(target.index.modalities)} "
                               f"embeddings only; search modality {target.index.modalities[0]!r}")
         num_result_ids = knn.num_result_ids if knn.num_result_ids is not None else knn.num_images
-        k = _parse_k(num_result_ids, knn.num_images, max_result_ids, "num_result_ids")
+        # ClipClient sends num_result_ids equal to num_images: name the key its user set
+        k = _parse_k(num_result_ids, knn.num_images, max_result_ids,
+                     "num_images" if num_result_ids == knn.num_images else "num_result_ids", " (the server's --max-result-ids)")
         unsupported = []
         if knn.use_safety_model:
             unsupported.append("use_safety_model (no safety model: results are not filtered)")
@@ -593,7 +597,7 @@ def create_app(
             unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower)")
         # clip-retrieval's order: a text first, then an image or its URL, then an embedding
         values = dict(text=None, image_data=None, image_name="image", like=None, embedding=None)
-        if knn.text:
+        if knn.text and knn.text.strip():  # a blank text gives way to the query that follows, as an absent one
             values["text"] = knn.text
         elif knn.image:
             values["image_data"] = uploads.decode_base64(knn.image, "image")
@@ -607,7 +611,8 @@ def create_app(
             values["embedding"] = knn.embedding_input
         else:
             raise _error(400, "must fill one of text, image, image_url and embedding_input")
-        item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate, **values)
+        item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate,
+                                  embedding_name="embedding_input", **values)
         item.modality = knn.modality
         scores, ids = await batcher.submit(item)
         results = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
@@ -647,20 +652,21 @@ def create_app(
     return app
 
 
-def _embedding_vector(values: list[float], dims: int) -> np.ndarray:
+def _embedding_vector(values: list[float], dims: int, name: str = "embedding") -> np.ndarray:
+    """The first ``dims`` numbers of a query embedding as a unit float32 vector; ``name``: its key, said in errors."""
     if not values:
-        raise _error(400, '"embedding" must be a non-empty list of numbers')
+        raise _error(400, f'"{name}" must be a non-empty list of numbers')
     if len(values) < dims:
-        raise _error(400, f'"embedding" has {len(values)} numbers, the index needs at least {dims}')
+        raise _error(400, f'"{name}" has {len(values)} numbers, the index needs at least {dims}')
     with np.errstate(over="ignore"):
         vector = np.asarray(values[:dims], dtype=np.float32)
     if not np.isfinite(vector).all():
         position = int(np.flatnonzero(~np.isfinite(vector))[0])
-        raise _error(400, f'"embedding": number {position} ({values[position]!r}) is not a finite float32 number')
+        raise _error(400, f'"{name}": number {position} ({values[position]!r}) is not a finite float32 number')
     if not vector.any():
-        raise _error(400, f'"embedding" is zero in its first {dims} numbers: it has no direction to search')
+        raise _error(400, f'"{name}" is zero in its first {dims} numbers: it has no direction to search')
     try:
-        return queries.first_dims(vector[None, :], dims, '"embedding"', fix=queries.QUERY_FIX)[0]
+        return queries.first_dims(vector[None, :], dims, f'"{name}"', fix=queries.QUERY_FIX)[0]
     except InputError as error:
         raise _error(400, str(error)) from None
 

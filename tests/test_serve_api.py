@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -145,12 +147,26 @@ def test_an_oversized_upload_is_413_before_decoding(served):
     assert len(data) > 200_000 + 64 * 1024
     response = upload(served["client"], data, "big.png", "image/png")
     assert response.status_code == 413 and "larger than the limit" in response.json()["detail"]
+    assert response.json()["detail"].endswith(": an image of at most 200000 bytes (--max-upload-mb) and the form")
 
 
 def test_a_file_just_over_the_limit_is_413(served):
     data = encode_image(class_image(0, 0, size=64), "PNG") + b"\0" * 200_000  # trailing bytes: still a PNG
     response = upload(served["client"], data, "padded.png", "image/png")
     assert response.status_code == 413 and "larger than the limit of 200000 bytes" in response.json()["detail"]
+
+
+def test_a_base64_image_too_large_for_the_body_is_413_naming_the_image_limit(served):
+    """The JSON body that carries an image as base64 is a third larger than the file: the
+    answer says that the limit is --max-upload-mb's, for the file before its base64."""
+    data = encode_image(class_image(0, 0, size=64), "PNG") + b"\0" * 300_000
+    body = json.dumps({"image": base64.b64encode(data).decode()})
+    for route in ("/search", "/knn-service"):
+        response = served["client"].post(route, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 413
+        assert response.json()["detail"] == (
+            f"request body of {len(body)} bytes is larger than the limit of 332202 bytes: an image of at most 200000 "
+            "bytes (--max-upload-mb) as base64")
 
 
 def test_a_wrong_field_name_is_400_naming_the_fields(served):

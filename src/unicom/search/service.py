@@ -80,16 +80,17 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+async def _read_body(request: Request, limit: int, why: str = "") -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes; ``why``: where
+    the limit comes from, said in the answer."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise _error(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes")
+        raise _error(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes{why}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _error(413, f"request body is larger than the limit of {limit} bytes")
+            raise _error(413, f"request body is larger than the limit of {limit} bytes{why}")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -293,6 +294,10 @@ def create_app(
     batcher = QueryBatcher(run_searches, max_batch=batch_size, max_wait=max_wait_ms / 1000)
     decoding = ByteBudget(max_decode_bytes)
 
+    # a JSON body carries its image as base64, a third larger than the file
+    base64_body_limit = (max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD,
+                         f": an image of at most {max_upload_bytes} bytes (--max-upload-mb) as base64")
+
     def pick(name: str | None, key: str = "index") -> Served:
         if name is None or name == "":
             return served[default]
@@ -444,7 +449,8 @@ def create_app(
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         k_query = request.query_params.get("k")
         if content_type == "multipart/form-data":
-            body = await _read_body(request, max_upload_bytes + MULTIPART_OVERHEAD)
+            body = await _read_body(request, max_upload_bytes + MULTIPART_OVERHEAD,
+                                    f": an image of at most {max_upload_bytes} bytes (--max-upload-mb) and the form")
             if not body:
                 raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
             form = await _parse_form(request, body)
@@ -476,7 +482,7 @@ def create_app(
                           k=_parse_k(form.get("k", k_query), default_k, max_k),
                           deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"))
         elif content_type == "application/json":
-            body = await _read_body(request, max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD)
+            body = await _read_body(request, *base64_body_limit)
             if not body:
                 raise _error(400, 'empty request body; send JSON {"text": "..."} or {"embedding": [numbers]}')
             payload = _json_body(body)
@@ -570,7 +576,7 @@ def create_app(
     )
     async def knn_service(request: Request):
         # clip-retrieval's front end posts JSON without a JSON content type: read any body as JSON
-        payload = _json_body(await _read_body(request, max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD))
+        payload = _json_body(await _read_body(request, *base64_body_limit))
         try:
             knn = KnnRequest.model_validate(payload)
         except ValidationError as error:

@@ -173,7 +173,9 @@ def test_flags_that_need_models_this_server_lacks_are_answered_unsupported(serve
 def test_the_text_modality_and_unknown_indexes_are_refused(served):
     body = dict(embedding_input=np.ones(64).tolist(), num_images=3)
     text = knn(served["client"], modality="text", indice_name="photos", **body)
-    assert text.status_code == 400 and "photos searches image embeddings only" in text.json()["detail"]
+    assert text.status_code == 400 and text.json()["detail"] == (
+        "modality 'text': photos searches image embeddings only; search modality 'image', or build the index with "
+        "`unicom index --layout clip-retrieval` from embeddings with captions (text_emb/) to search their captions")
     missing = knn(served["client"], modality="image", indice_name="laion5B", **body)
     assert missing.status_code == 404 and missing.json()["detail"] == "indice_name 'laion5B': no such index; the indexes are photos, small"
     empty = knn(served["client"], modality="image", num_images=3)

@@ -583,8 +583,10 @@ def create_app(
             raise _error(400, _validation_message(error)) from None
         target = pick(knn.indice_name, "indice_name")
         if knn.modality not in target.index.modalities:
+            how = (", or build the index with `unicom index --layout clip-retrieval` from embeddings with captions "
+                   "(text_emb/) to search their captions") if knn.modality == "text" else ""
             raise _error(400, f"modality {knn.modality!r}: {target.name} searches {' and '.join(target.index.modalities)} "
-                              f"embeddings only; search modality {target.index.modalities[0]!r}")
+                              f"embeddings only; search modality {target.index.modalities[0]!r}{how}")
         num_result_ids = knn.num_result_ids if knn.num_result_ids is not None else knn.num_images
         # ClipClient sends num_result_ids equal to num_images: name the key its user set
         k = _parse_k(num_result_ids, knn.num_images, max_result_ids,

@@ -81,3 +81,17 @@ def test_inshop_images_missing_from_both_places_are_named(tmp_path):
     (tmp_path / "Img").rename(tmp_path / "Images")
     with pytest.raises(InputError, match=r"found in none of:\n.*Img/img/MEN/Denim"):
         load_retrieval_benchmark("inshop", tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(set(WRITERS) - {"cars196"}))  # cars196's list is a .mat file
+def test_list_files_saved_on_windows_read_the_same(name, tmp_path):
+    # Windows editors save UTF-8 text with a byte-order mark and CRLF line endings
+    original = load_retrieval_benchmark(name, WRITERS[name](tmp_path / "original", "download"))
+    root = WRITERS[name](tmp_path / "windows", "download")
+    lists = [p for p in root.rglob("*") if p.suffix in (".txt", ".csv")]
+    assert lists
+    for path in lists:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    windows = load_retrieval_benchmark(name, root)
+    for split in ("query", "gallery", "train"):
+        assert summary(getattr(windows, split)) == summary(getattr(original, split)), split

@@ -91,7 +91,9 @@ def _check_images(paths: Iterable[str], layout: str) -> None:
 
 
 def _lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a list saved again by a Windows editor starts with a byte-order mark, which
+    # would otherwise stick to the first image id or header word (CRLF is stripped below)
+    with open(path, encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -344,7 +346,7 @@ def _gld_path(folder: str, image_id: str) -> str:
 
 
 def _csv_ids(path: Path) -> list[str]:
-    with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8") as f:
+    with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "id" not in reader.fieldnames:
             raise InputError(f"{path}: no 'id' column; expected layout:\n{GLDV2_LAYOUT}")
@@ -359,11 +361,11 @@ def _gld_train(root: Path) -> ImageList | None:
     clean, full = _optional(root, GLDV2_PLACES["train_clean"]), _optional(root, GLDV2_PLACES["train"])
     if clean is not None:
         rows = []
-        with open(clean, newline="", encoding="utf-8") as f:
+        with open(clean, newline="", encoding="utf-8-sig") as f:
             for row in csv.DictReader(f):
                 rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
     elif full is not None:
-        with open(full, newline="", encoding="utf-8") as f:
+        with open(full, newline="", encoding="utf-8-sig") as f:
             rows = [(row["id"], row["landmark_id"]) for row in csv.DictReader(f)]
     else:
         return None
@@ -391,7 +393,7 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
     position = {image_id: i for i, image_id in enumerate(index_ids)}
     solution = _first_existing(root, GLDV2_PLACES["solution"], GLDV2_LAYOUT)
     queries, relevant, usage = [], [], []
-    with open(solution, newline="", encoding="utf-8") as f:
+    with open(solution, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"id", "images", "Usage"} <= set(reader.fieldnames):
             raise InputError(f"{solution}: expected the columns id,images,Usage")

@@ -95,3 +95,11 @@ def test_list_files_saved_on_windows_read_the_same(name, tmp_path):
     windows = load_retrieval_benchmark(name, root)
     for split in ("query", "gallery", "train"):
         assert summary(getattr(windows, split)) == summary(getattr(original, split)), split
+
+
+@pytest.mark.parametrize("name,header", [("train_clean.csv", "landmark,imgs"), ("train.csv", "id,url,landmark")])
+def test_gldv2_train_list_without_its_columns_is_named(name, header, tmp_path):
+    WRITERS["gldv2"](tmp_path, "download")
+    (tmp_path / name).write_text(f"{header}\n1,a000000000000009\n")
+    with pytest.raises(InputError, match=rf"{name}: no column 'landmark_id'.* \(header: .*\); expected layout"):
+        load_retrieval_benchmark("gldv2", tmp_path)

@@ -345,12 +345,18 @@ def _gld_path(folder: str, image_id: str) -> str:
     return f"{folder}/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
 
 
+def _columns(reader: csv.DictReader, path: Path, required: Sequence[str]) -> csv.DictReader:
+    """``reader`` once its header is known to hold ``required``; else an error naming the file."""
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise InputError(f"{path}: no column {', '.join(map(repr, missing))} (header: {reader.fieldnames}); "
+                         f"expected layout:\n{GLDV2_LAYOUT}")
+    return reader
+
+
 def _csv_ids(path: Path) -> list[str]:
     with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "id" not in reader.fieldnames:
-            raise InputError(f"{path}: no 'id' column; expected layout:\n{GLDV2_LAYOUT}")
-        return [row["id"] for row in reader]
+        return [row["id"] for row in _columns(csv.DictReader(f), path, ("id",))]
 
 
 def _optional(root: Path, places: Sequence[str]) -> Path | None:
@@ -362,11 +368,11 @@ def _gld_train(root: Path) -> ImageList | None:
     if clean is not None:
         rows = []
         with open(clean, newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
+            for row in _columns(csv.DictReader(f), clean, ("landmark_id", "images")):
                 rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
     elif full is not None:
         with open(full, newline="", encoding="utf-8-sig") as f:
-            rows = [(row["id"], row["landmark_id"]) for row in csv.DictReader(f)]
+            rows = [(row["id"], row["landmark_id"]) for row in _columns(csv.DictReader(f), full, ("id", "landmark_id"))]
     else:
         return None
     classes = sorted({label for _, label in rows}, key=_natural)
@@ -394,10 +400,7 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
     solution = _first_existing(root, GLDV2_PLACES["solution"], GLDV2_LAYOUT)
     queries, relevant, usage = [], [], []
     with open(solution, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"id", "images", "Usage"} <= set(reader.fieldnames):
-            raise InputError(f"{solution}: expected the columns id,images,Usage")
-        for number, row in enumerate(reader, 2):
+        for number, row in enumerate(_columns(csv.DictReader(f), solution, ("id", "images", "Usage")), 2):
             if row["Usage"] == "Ignored":
                 continue
             if row["Usage"] not in ("Public", "Private"):

@@ -103,3 +103,21 @@ def test_gldv2_train_list_without_its_columns_is_named(name, header, tmp_path):
     (tmp_path / name).write_text(f"{header}\n1,a000000000000009\n")
     with pytest.raises(InputError, match=rf"{name}: no column 'landmark_id'.* \(header: .*\); expected layout"):
         load_retrieval_benchmark("gldv2", tmp_path)
+
+
+@pytest.mark.parametrize("name,listed_in", [
+    ("sop", "Stanford_Online_Products/Ebay_test.txt"), ("cub", "CUB_200_2011/images.txt"),
+    ("cars196", "cars196/cars_annos.mat"), ("inshop", "Eval/list_eval_partition.txt"),
+    ("inaturalist", "Inat_dataset_splits/Inaturalist_test_set1.txt"),
+    ("vehicleid-small", "train_test_split/test_list_800.txt"), ("gldv2", "test/retrieval_solution_v2.1.csv"),
+])
+def test_a_missing_evaluation_image_names_the_list_that_lists_it(name, listed_in, tmp_path):
+    root = WRITERS[name](tmp_path, "download")
+    protocol = load_retrieval_benchmark(name, root)
+    Path(protocol.query.paths[-1]).unlink()
+    with pytest.raises(InputError) as caught:
+        load_retrieval_benchmark(name, root)
+    first_line = str(caught.value).splitlines()[0]
+    assert first_line.startswith(str(tmp_path)) and first_line.endswith(f"{listed_in}: 1 of the images it lists are "
+                                                                        "missing, e.g.:")
+    assert protocol.query.paths[-1] in str(caught.value) and "expected layout:" in str(caught.value)

@@ -204,7 +204,7 @@ def test_missing_images_are_listed_before_anything_runs(tmp_path):
     write(tmp_path / "Ebay_train.txt", header + "1 1 1 a_final/1.JPG\n")
     write(tmp_path / "Ebay_test.txt", header + "2 2 1 a_final/2.JPG\n3 2 1 a_final/3.JPG\n")
     jpeg(tmp_path / "a_final" / "2.JPG")
-    with pytest.raises(InputError, match=r"1 images listed by the dataset are missing, e\.g\.:\n.*a_final/3\.JPG"):
+    with pytest.raises(InputError, match=r"Ebay_test\.txt: 1 of the images it lists are missing, e\.g\.:\n.*a_final/3\.JPG"):
         load_retrieval_benchmark("sop", tmp_path)
 
 

@@ -16,7 +16,8 @@ iNaturalist's ``Inat_dataset_splits/``, GLDv2's ``index/index.csv`` and
 ``test/retrieval_solution_v2.1.csv`` ...), its parent, or the common flattened
 alternatives; each reader's ``*_LAYOUT`` lists the places it looks. A missing index file
 raises :class:`InputError` listing every place looked at and the expected layout; missing
-evaluation images are listed (first five and a count) before anything runs.
+evaluation images are listed (first five and a count, with the list file naming them)
+before anything runs.
 """
 
 from __future__ import annotations
@@ -81,12 +82,16 @@ def _dataset_folder(root: Path, marker: Sequence[str], tops: Sequence[str], layo
     raise InputError(f"{root / marker[0]}: not found; looked for:\n  {looked}\nexpected layout:\n{layout}")
 
 
-def _check_images(paths: Iterable[str], layout: str) -> None:
+def _check_images(paths: Iterable[str], layout: str, listed_in: str | os.PathLike) -> None:
+    """Every one of ``paths`` (listed in the file ``listed_in``) is a file; else an error
+    naming the list, the first five missing and the layout."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         shown = "\n  ".join(missing[:5])
         raise InputError(
-            f"{len(missing)} images listed by the dataset are missing, e.g.:\n  {shown}\nexpected layout:\n{layout}"
+            f"{listed_in}: {len(missing)} of the images it lists are missing, e.g.:\n  {shown}\n"
+            f"unpack the dataset's image archive where the layout below puts it, or give --root the folder "
+            f"that holds it; expected layout:\n{layout}"
         )
 
 
@@ -97,11 +102,13 @@ def _lines(path: Path) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str) -> dict[str, ImageList]:
+def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str,
+                     listed_in: dict[str, Path]) -> dict[str, ImageList]:
     """``records``: (path relative to ``root``, class name, split name) -> one ImageList per split.
 
     The vocabulary lists the training classes first, each group in natural order; images
-    of the evaluation splits (all but ``train``) are checked to exist.
+    of the evaluation splits (all but ``train``) are checked to exist. ``listed_in``: the
+    list file each evaluation split was read from, for the error.
     """
     train_classes = sorted({c for _, c, s in records if s == "train"}, key=_natural)
     other_classes = sorted({c for _, c, s in records if s != "train"} - set(train_classes), key=_natural)
@@ -112,7 +119,7 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
         rows = [(p, c) for p, c, s in records if s == split]
         paths = [str(root / p) for p, _ in rows]
         if split != "train":
-            _check_images(paths, layout)
+            _check_images(paths, layout, listed_in[split])
         out[split] = ImageList(
             paths=paths,
             keys=[p for p, _ in rows],
@@ -157,7 +164,7 @@ def read_cub(root: str | os.PathLike) -> Splits:
         split = "train" if class_id <= 100 else "test"
         records.append((f"images/{path}", names.get(str(class_id), str(class_id)), split))
     _require_test_classes(records, "images.txt")
-    splits = _labelled_splits(root, records, CUB_LAYOUT)
+    splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"})
     return Splits(query=splits["test"], train=splits.get("train"))
 
 
@@ -193,7 +200,7 @@ def read_cars196(root: str | os.PathLike) -> Splits:
         class_id = int(row["class"])
         records.append((str(row["relative_im_path"]), str(class_id), "train" if class_id <= 98 else "test"))
     _require_test_classes(records, str(mat_path))
-    splits = _labelled_splits(root, records, CARS_LAYOUT)
+    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": mat_path})
     return Splits(query=splits["test"], train=splits.get("train"))
 
 
@@ -221,9 +228,9 @@ def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
 def read_sop(root: str | os.PathLike) -> Splits:
     """Stanford Online Products: ``Ebay_test.txt`` leave-one-out, ``Ebay_train.txt`` train."""
     root = _dataset_folder(Path(root), ["Ebay_train.txt"], ["Stanford_Online_Products"], SOP_LAYOUT)
-    records = (_read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train")
-               + _read_ebay(_first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT), "test"))
-    splits = _labelled_splits(root, records, SOP_LAYOUT)
+    test = _first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT)
+    records = _read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train") + _read_ebay(test, "test")
+    splits = _labelled_splits(root, records, SOP_LAYOUT, {"test": test})
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -262,7 +269,8 @@ def read_inshop(root: str | os.PathLike) -> Splits:
         looked = "\n  ".join(str((root / f / probe).resolve()) for f in INSHOP_IMAGE_FOLDERS)
         raise InputError(f"{path} lists {probe}, found in none of:\n  {looked}\nexpected layout:\n{INSHOP_LAYOUT}")
     prefix = "" if folder == "." else f"{folder}/"
-    splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT)
+    splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT,
+                              {"query": path, "gallery": path})
     for split in ("query", "gallery"):
         if split not in splits:
             raise InputError(f"{path}: no image has evaluation_status {split!r}")
@@ -284,15 +292,15 @@ def read_inaturalist(root: str | os.PathLike) -> Splits:
     as pytorch-metric-learning and the Unicom code do): class = ``<supercategory>/<category>``."""
     marker = [f"{folder}Inaturalist_train_set1.txt" for folder in INAT_SPLIT_FOLDERS]
     root = _dataset_folder(Path(root), marker, ["iNaturalist", "inaturalist"], INAT_LAYOUT)
-    records = []
+    records, lists = [], {}
     for split, name in (("train", "Inaturalist_train_set1.txt"), ("test", "Inaturalist_test_set1.txt")):
-        path = _first_existing(root, [f"{folder}{name}" for folder in INAT_SPLIT_FOLDERS], INAT_LAYOUT)
+        path = lists[split] = _first_existing(root, [f"{folder}{name}" for folder in INAT_SPLIT_FOLDERS], INAT_LAYOUT)
         for number, line in enumerate(_lines(path), 1):
             parts = line.split("/")
             if len(parts) < 4:
                 raise InputError(f"{path}: line {number} ({line!r}) is not <folder>/<supercategory>/<category>/<file>")
             records.append((line, f"{parts[-3]}/{parts[-2]}", split))
-    splits = _labelled_splits(root, records, INAT_LAYOUT)
+    splits = _labelled_splits(root, records, INAT_LAYOUT, lists)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -308,15 +316,15 @@ def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
     if size not in VEHICLEID_SIZES:
         raise InputError(f"VehicleID size must be one of {list(VEHICLEID_SIZES)}, got {size!r}")
     root = _dataset_folder(Path(root), ["train_test_split"], ["VehicleID_V1.0", "VehicleID"], VEHICLEID_LAYOUT)
-    records = []
+    records, lists = [], {}
     for split, name in (("train", "train_list.txt"), ("test", f"test_list_{VEHICLEID_SIZES[size]}.txt")):
-        path = _first_existing(root, [f"train_test_split/{name}"], VEHICLEID_LAYOUT)
+        path = lists[split] = _first_existing(root, [f"train_test_split/{name}"], VEHICLEID_LAYOUT)
         for number, line in enumerate(_lines(path), 1):
             parts = line.split()
             if len(parts) != 2:
                 raise InputError(f"{path}: line {number} ({line!r}) is not '<image name> <vehicle id>'")
             records.append((f"image/{parts[0]}.jpg", parts[1], split))
-    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT)
+    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT, lists)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -393,7 +401,8 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
     list every test id of it; ``train`` is the clean or full training list when present.
     """
     root = Path(root)
-    index_ids = _csv_ids(_first_existing(root, GLDV2_PLACES["index"], GLDV2_LAYOUT))
+    index_list = _first_existing(root, GLDV2_PLACES["index"], GLDV2_LAYOUT)
+    index_ids = _csv_ids(index_list)
     test_list = _optional(root, GLDV2_PLACES["test"])
     test_ids = set(_csv_ids(test_list)) if test_list is not None else None
     position = {image_id: i for i, image_id in enumerate(index_ids)}
@@ -421,8 +430,8 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
     gallery_keys = [_gld_path("index", image_id) for image_id in index_ids]
     query = ImageList([str(root / k) for k in query_keys], query_keys)
     gallery = ImageList([str(root / k) for k in gallery_keys], gallery_keys)
-    _check_images(query.paths, GLDV2_LAYOUT)
-    _check_images(gallery.paths, GLDV2_LAYOUT)
+    _check_images(query.paths, GLDV2_LAYOUT, solution)
+    _check_images(gallery.paths, GLDV2_LAYOUT, index_list)
     usage = np.asarray(usage)
     subsets = {name.lower(): np.flatnonzero(usage == name) for name in ("Public", "Private")}
     return Splits(query=query, gallery=gallery, train=_gld_train(root), relevant=relevant, subsets=subsets)

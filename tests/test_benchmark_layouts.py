@@ -121,3 +121,26 @@ def test_a_missing_evaluation_image_names_the_list_that_lists_it(name, listed_in
     assert first_line.startswith(str(tmp_path)) and first_line.endswith(f"{listed_in}: 1 of the images it lists are "
                                                                         "missing, e.g.:")
     assert protocol.query.paths[-1] in str(caught.value) and "expected layout:" in str(caught.value)
+
+
+@pytest.mark.parametrize("level", ["parent", "stanford_cars"])
+def test_cars196_from_the_devkit_takes_the_train_and_test_annotations_together(level, tmp_path):
+    from benchmark_layouts import cars196_devkit
+
+    root = cars196_devkit(tmp_path)
+    protocol = load_retrieval_benchmark("cars196", root if level == "parent" else root / "stanford_cars")
+    assert summary(protocol.train) == (
+        ["cars_train/00001.jpg", "cars_train/00003.jpg", "cars_test/00001.jpg", "cars_test/00003.jpg"],
+        ["1", "2", "1", "2"])
+    assert summary(protocol.query) == (
+        ["cars_train/00002.jpg", "cars_train/00004.jpg", "cars_test/00002.jpg", "cars_test/00004.jpg"],
+        ["99", "196", "99", "196"])
+    assert protocol.query.paths[0] == str(tmp_path / "stanford_cars" / "cars_train" / "00002.jpg")
+
+
+def test_cars196_devkit_in_a_folder_torchvision_cannot_read_says_to_rename_it(tmp_path):
+    from benchmark_layouts import cars196_devkit
+
+    (cars196_devkit(tmp_path) / "stanford_cars").rename(tmp_path / "cars196")
+    with pytest.raises(InputError, match=r"cars196: the devkit layout .* folder named stanford_cars; rename"):
+        load_retrieval_benchmark("cars196", tmp_path)

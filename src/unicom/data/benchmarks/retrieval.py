@@ -175,33 +175,66 @@ def _require_test_classes(records, source: str) -> None:
 
 CARS_LAYOUT = """  cars_annos.mat   annotations: relative_im_path, class (1..196), test; class_names
   car_ims/<file>.jpg   (car_ims.tgz unpacked beside it)
-  (--root: that folder, or its parent holding cars196/)"""
+  or the devkit layout, as torchvision's StanfordCars reads it, in a folder named stanford_cars/:
+  devkit/cars_train_annos.mat, devkit/cars_meta.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/
+  (--root: that folder, or its parent holding cars196/ or stanford_cars/)"""
+CARS_DEVKIT = "devkit/cars_train_annos.mat"
 
 
 def read_cars196(root: str | os.PathLike) -> Splits:
-    """Cars196 (``cars_annos.mat``): classes 1-98 train, 99-196 test (leave-one-out), all images.
+    """Cars196: classes 1-98 train, 99-196 test (leave-one-out), all 16,185 images.
 
-    Classes are told apart by their number (``class``), as the metric-learning code does:
-    a name of ``class_names`` may stand for more than one class. Class names are the numbers.
+    Read from ``cars_annos.mat`` or, without it, from the devkit's train and test
+    annotations together (the same images and class numbers). Classes are told apart by
+    their number (``class``), as the metric-learning code does: a name of ``class_names``
+    may stand for more than one class. Class names are the numbers.
     """
+    root = _dataset_folder(Path(root), ["cars_annos.mat", CARS_DEVKIT], ["cars196", "stanford_cars"], CARS_LAYOUT)
+    if (root / "cars_annos.mat").exists():
+        listed_in = root / "cars_annos.mat"
+        records = _cars_annos(listed_in)
+    else:
+        listed_in = root / "cars_test_annos_withlabels.mat"
+        records = _cars_devkit(root)
+    _require_test_classes(records, str(listed_in))
+    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in})
+    return Splits(query=splits["test"], train=splits.get("train"))
+
+
+def _cars_split(class_id: int) -> str:
+    return "train" if class_id <= 98 else "test"
+
+
+def _cars_annos(mat_path: Path) -> list[tuple[str, str, str]]:
     from scipy.io import loadmat
 
-    root = _dataset_folder(Path(root), ["cars_annos.mat"], ["cars196", "stanford_cars"], CARS_LAYOUT)
-    mat_path = root / "cars_annos.mat"
     try:
         mat = loadmat(str(mat_path), squeeze_me=True)
     except Exception as error:  # scipy raises several types for damaged files
         raise InputError(f"{mat_path}: not a readable MATLAB file ({error})") from error
     if "annotations" not in mat:
         raise InputError(f"{mat_path}: no 'annotations' variable; expected layout:\n{CARS_LAYOUT}")
-    annotations = np.atleast_1d(mat["annotations"])
     records = []
-    for row in annotations:
+    for row in np.atleast_1d(mat["annotations"]):
         class_id = int(row["class"])
-        records.append((str(row["relative_im_path"]), str(class_id), "train" if class_id <= 98 else "test"))
-    _require_test_classes(records, str(mat_path))
-    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": mat_path})
-    return Splits(query=splits["test"], train=splits.get("train"))
+        records.append((str(row["relative_im_path"]), str(class_id), _cars_split(class_id)))
+    return records
+
+
+def _cars_devkit(root: Path) -> list[tuple[str, str, str]]:
+    """The devkit's train and test images, through the classification reader (torchvision's
+    StanfordCars, which owns that format); its labels count from 0, class numbers from 1."""
+    from unicom.data.benchmarks.classification import load_classification_benchmark
+
+    if root.name != "stanford_cars":
+        raise InputError(f"{root}: the devkit layout is read as torchvision reads it, from a folder named "
+                         f"stanford_cars; rename the folder (or give cars_annos.mat); expected layout:\n{CARS_LAYOUT}")
+    train, test, _ = load_classification_benchmark("stanford_cars", root.parent)
+    records = []
+    for part in (train, test):
+        for path, label in zip(part.images, part.labels.tolist()):
+            records.append((Path(path).relative_to(root).as_posix(), str(label + 1), _cars_split(label + 1)))
+    return records
 
 
 # --------------------------------------------------------------------------- SOP, In-Shop

@@ -144,3 +144,26 @@ def test_cars196_devkit_in_a_folder_torchvision_cannot_read_says_to_rename_it(tm
     (cars196_devkit(tmp_path) / "stanford_cars").rename(tmp_path / "cars196")
     with pytest.raises(InputError, match=r"cars196: the devkit layout .* folder named stanford_cars; rename"):
         load_retrieval_benchmark("cars196", tmp_path)
+
+
+def test_cub_class_ids_counted_from_0_are_refused_naming_the_line(tmp_path):
+    # counted from 0, class 100 would be scored as a test class and class 0 would not exist
+    root = WRITERS["cub"](tmp_path, "download") / "CUB_200_2011"
+    labels = root / "image_class_labels.txt"
+    labels.write_text("".join(f"{i} {int(c) - 1}\n" for i, c in (line.split() for line in labels.read_text().splitlines())))
+    with pytest.raises(InputError, match=r"image_class_labels\.txt: line 1: class '0' is not a number from 1 to 200"):
+        load_retrieval_benchmark("cub", tmp_path)
+    labels.write_text("1\n")
+    with pytest.raises(InputError, match=r"image_class_labels\.txt: line 1 \('1'\) is not '<image id> <class id>'"):
+        load_retrieval_benchmark("cub", tmp_path)
+
+
+def test_cars196_class_0_is_refused_naming_the_annotation(tmp_path):
+    from scipy.io import loadmat, savemat
+
+    root = WRITERS["cars196"](tmp_path, "download") / "cars196"
+    mat = loadmat(root / "cars_annos.mat")
+    mat["annotations"]["class"][0, 2] = 0
+    savemat(root / "cars_annos.mat", {"annotations": mat["annotations"]})
+    with pytest.raises(InputError, match=r"cars_annos\.mat: annotation 3: class '0' is not a number from 1 to 196"):
+        load_retrieval_benchmark("cars196", tmp_path)

@@ -147,7 +147,13 @@ def read_cub(root: str | os.PathLike) -> Splits:
     """
     root = _dataset_folder(Path(root), ["images.txt"], ["CUB_200_2011"], CUB_LAYOUT)
     images = _lines(root / "images.txt")
-    labels = dict(line.split()[:2] for line in _lines(_require(root / "image_class_labels.txt", CUB_LAYOUT)))
+    labels_path = _require(root / "image_class_labels.txt", CUB_LAYOUT)
+    labels = {}
+    for number, line in enumerate(_lines(labels_path), 1):
+        parts = line.split()
+        if len(parts) != 2:
+            raise InputError(f"{labels_path}: line {number} ({line!r}) is not '<image id> <class id>'")
+        labels[parts[0]] = _class_number(parts[1], 200, labels_path, number)
     names = {}
     if (root / "classes.txt").exists():
         names = {i: name for i, name in (line.split(maxsplit=1) for line in _lines(root / "classes.txt"))}
@@ -160,12 +166,26 @@ def read_cub(root: str | os.PathLike) -> Splits:
                 "image_class_labels.txt"
             )
         image_id, path = parts
-        class_id = int(labels[image_id])
+        class_id = labels[image_id]
         split = "train" if class_id <= 100 else "test"
         records.append((f"images/{path}", names.get(str(class_id), str(class_id)), split))
     _require_test_classes(records, "images.txt")
     splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"})
     return Splits(query=splits["test"], train=splits.get("train"))
+
+
+def _class_number(value, last: int, path: Path, where: str | int) -> int:
+    """A class number of the official files, 1..``last``; the metric-learning split is by
+    number, so a file that counts from 0 would move a class across it: an error instead."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 1 <= number <= last:
+        where = f"line {where}" if isinstance(where, int) else where
+        raise InputError(f"{path}: {where}: class {str(value)!r} is not a number from 1 to {last}; the official "
+                         "files count classes from 1 (a copy that counts from 0 must be converted back)")
+    return number
 
 
 def _require_test_classes(records, source: str) -> None:
@@ -215,8 +235,8 @@ def _cars_annos(mat_path: Path) -> list[tuple[str, str, str]]:
     if "annotations" not in mat:
         raise InputError(f"{mat_path}: no 'annotations' variable; expected layout:\n{CARS_LAYOUT}")
     records = []
-    for row in np.atleast_1d(mat["annotations"]):
-        class_id = int(row["class"])
+    for number, row in enumerate(np.atleast_1d(mat["annotations"]), 1):
+        class_id = _class_number(row["class"], 196, mat_path, f"annotation {number}")
         records.append((str(row["relative_im_path"]), str(class_id), _cars_split(class_id)))
     return records
 

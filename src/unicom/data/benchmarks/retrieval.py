@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.data.lists import ImageList, read_image_folder, read_table
 from unicom.errors import InputError
 
@@ -514,6 +515,8 @@ def read_csv(path: str | os.PathLike) -> Splits:
     if images.labels is None:
         raise InputError(f"{path}: no 'label' column; evaluation needs a class per image")
     split = _split_column(path)
+    evaluated = np.ones(len(images), dtype=bool) if split is None else split != "train"
+    _check_images([p for p, e in zip(images.paths, evaluated) if e and not storage.is_url(p)], TABLE_LAYOUT, path)
     if split is None:
         return Splits(query=images)
     known = {"train", "test", "query", "gallery"}

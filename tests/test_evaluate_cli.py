@@ -300,3 +300,33 @@ def test_train_images_missing_from_the_download_leave_the_pca_baseline_to_those_
     report = json.loads((tmp_path / "report2" / "metrics.json").read_text())
     assert {r["method"] for r in report["dimensions"]} == {"first"}
     assert "PCA baseline is left out" in report["note"]
+
+
+@pytest.mark.parametrize("name", ["sop", "cub", "cars196", "inshop", "inaturalist", "vehicleid-small", "gldv2"])
+def test_embeddings_made_elsewhere_are_scored_with_the_list_files_alone(name, tmp_path):
+    # embeddings computed on another machine: the dataset's lists are here, its images are not
+    from benchmark_layouts import WRITERS
+
+    from unicom.data.benchmarks import load_retrieval_benchmark
+
+    root = WRITERS[name](tmp_path / "data", "download")
+    protocol = load_retrieval_benchmark(name, root)
+    images = [*protocol.query.keys, *(protocol.gallery.keys if protocol.gallery is not None else [])]
+    x = np.random.default_rng(0).standard_normal((len(images), 8)).astype(np.float32)
+    embedding_folder(tmp_path / "emb", x, images, parts=1)
+    for image in [*protocol.query.paths, *(protocol.gallery.paths if protocol.gallery is not None else [])]:
+        Path(image).unlink()
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", name, "--root", str(root),
+                 "--dims", "none", "--out", str(out)]) == 0
+    x = x.astype(np.float16).astype(np.float32)
+    n = len(protocol.query)
+    if name == "gldv2":
+        from unicom.evaluate import retrieval_metrics_from_relevance
+
+        expected = retrieval_metrics_from_relevance(x[:n], x[n:], protocol.relevant, ks=protocol.ks)
+    elif protocol.gallery is not None:
+        expected = retrieval_metrics(x[:n], protocol.query.labels, x[n:], protocol.gallery.labels, ks=protocol.ks)
+    else:
+        expected = retrieval_metrics(x, protocol.query.labels, ks=protocol.ks)
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(expected)

@@ -270,7 +270,8 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import evaluate_retrieval
 
-    protocol = load_retrieval_benchmark(name, root)
+    # precomputed embeddings are matched by key: the lists are needed, not the images
+    protocol = load_retrieval_benchmark(name, root, check_images=model is not None)
     out = Path(out)
     splits = {"query": protocol.query, "gallery": protocol.gallery}
     train = protocol.train if (pca and dims and protocol.train is not None and len(protocol.train) >= 2) else None

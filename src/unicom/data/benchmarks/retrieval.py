@@ -104,12 +104,13 @@ def _lines(path: Path) -> list[str]:
 
 
 def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str,
-                     listed_in: dict[str, Path]) -> dict[str, ImageList]:
+                     listed_in: dict[str, Path] | None) -> dict[str, ImageList]:
     """``records``: (path relative to ``root``, class name, split name) -> one ImageList per split.
 
     The vocabulary lists the training classes first, each group in natural order; images
     of the evaluation splits (all but ``train``) are checked to exist. ``listed_in``: the
-    list file each evaluation split was read from, for the error.
+    list file each evaluation split was read from, for the error; ``None``: not checked
+    (embeddings computed earlier are matched by key, the images need not be here).
     """
     train_classes = sorted({c for _, c, s in records if s == "train"}, key=_natural)
     other_classes = sorted({c for _, c, s in records if s != "train"} - set(train_classes), key=_natural)
@@ -119,7 +120,7 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
     for split in dict.fromkeys(s for _, _, s in records):
         rows = [(p, c) for p, c, s in records if s == split]
         paths = [str(root / p) for p, _ in rows]
-        if split != "train":
+        if split != "train" and listed_in is not None:
             _check_images(paths, layout, listed_in[split])
         out[split] = ImageList(
             paths=paths,
@@ -140,7 +141,7 @@ CUB_LAYOUT = """  CUB_200_2011/images.txt              "<image id> <class folder
   (--root: CUB_200_2011/ or the folder CUB_200_2011.tgz was unpacked in)"""
 
 
-def read_cub(root: str | os.PathLike) -> Splits:
+def read_cub(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """CUB-200-2011: classes 1-100 train, 101-200 test (leave-one-out).
 
     ``root`` is the ``CUB_200_2011`` folder or its parent. The official
@@ -171,7 +172,7 @@ def read_cub(root: str | os.PathLike) -> Splits:
         split = "train" if class_id <= 100 else "test"
         records.append((f"images/{path}", names.get(str(class_id), str(class_id)), split))
     _require_test_classes(records, "images.txt")
-    splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"})
+    splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"} if check_images else None)
     return Splits(query=splits["test"], train=splits.get("train"))
 
 
@@ -202,7 +203,7 @@ CARS_LAYOUT = """  cars_annos.mat   annotations: relative_im_path, class (1..196
 CARS_DEVKIT = "devkit/cars_train_annos.mat"
 
 
-def read_cars196(root: str | os.PathLike) -> Splits:
+def read_cars196(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """Cars196: classes 1-98 train, 99-196 test (leave-one-out), all 16,185 images.
 
     Read from ``cars_annos.mat`` or, without it, from the devkit's train and test
@@ -218,7 +219,7 @@ def read_cars196(root: str | os.PathLike) -> Splits:
         listed_in = root / "cars_test_annos_withlabels.mat"
         records = _cars_devkit(root)
     _require_test_classes(records, str(listed_in))
-    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in})
+    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in} if check_images else None)
     return Splits(query=splits["test"], train=splits.get("train"))
 
 
@@ -279,12 +280,12 @@ def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
     return records
 
 
-def read_sop(root: str | os.PathLike) -> Splits:
+def read_sop(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """Stanford Online Products: ``Ebay_test.txt`` leave-one-out, ``Ebay_train.txt`` train."""
     root = _dataset_folder(Path(root), ["Ebay_train.txt"], ["Stanford_Online_Products"], SOP_LAYOUT)
     test = _first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT)
     records = _read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train") + _read_ebay(test, "test")
-    splits = _labelled_splits(root, records, SOP_LAYOUT, {"test": test})
+    splits = _labelled_splits(root, records, SOP_LAYOUT, {"test": test} if check_images else None)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -296,12 +297,13 @@ INSHOP_LISTS = ["Eval/list_eval_partition.txt", "list_eval_partition.txt"]
 INSHOP_IMAGE_FOLDERS = ["Img", "."]  # where the listed img/... paths start
 
 
-def read_inshop(root: str | os.PathLike) -> Splits:
+def read_inshop(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """DeepFashion In-Shop: query images against gallery images; item ids are the classes.
 
     The list names images ``img/...``: they are looked for under ``Img/`` (the download,
     ``Img/img.zip`` unpacked in place; keys ``Img/img/...``) and under the dataset folder
-    itself (keys ``img/...``).
+    itself (keys ``img/...``); without the images (``check_images=False``), under ``Img/``
+    when the list is in ``Eval/`` as downloaded, else beside it.
     """
     root = _dataset_folder(Path(root), INSHOP_LISTS, ["Inshop_Clothes", "InShop", "In-shop Clothes Retrieval Benchmark"],
                            INSHOP_LAYOUT)
@@ -319,12 +321,14 @@ def read_inshop(root: str | os.PathLike) -> Splits:
         raise InputError(f"{path}: the first line announces {lines[0]} images but {len(records)} are listed")
     probe = next((p for p, _, s in records if s != "train"), records[0][0] if records else "")
     folder = next((f for f in INSHOP_IMAGE_FOLDERS if (root / f / probe).is_file()), None)
+    if folder is None and not check_images:  # images not here: keys as the layout of the list puts them
+        folder = INSHOP_IMAGE_FOLDERS[0] if path.parent.name == "Eval" else "."
     if folder is None:
         looked = "\n  ".join(str((root / f / probe).resolve()) for f in INSHOP_IMAGE_FOLDERS)
         raise InputError(f"{path} lists {probe}, found in none of:\n  {looked}\nexpected layout:\n{INSHOP_LAYOUT}")
     prefix = "" if folder == "." else f"{folder}/"
     splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT,
-                              {"query": path, "gallery": path})
+                              {"query": path, "gallery": path} if check_images else None)
     for split in ("query", "gallery"):
         if split not in splits:
             raise InputError(f"{path}: no image has evaluation_status {split!r}")
@@ -341,7 +345,7 @@ INAT_LAYOUT = """  Inat_dataset_splits/Inaturalist_train_set1.txt, Inaturalist_t
 INAT_SPLIT_FOLDERS = ["Inat_dataset_splits/", ""]
 
 
-def read_inaturalist(root: str | os.PathLike) -> Splits:
+def read_inaturalist(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """iNaturalist 2018, metric-learning split (Brown et al., read from ``Inat_dataset_splits/``
     as pytorch-metric-learning and the Unicom code do): class = ``<supercategory>/<category>``."""
     marker = [f"{folder}Inaturalist_train_set1.txt" for folder in INAT_SPLIT_FOLDERS]
@@ -354,7 +358,7 @@ def read_inaturalist(root: str | os.PathLike) -> Splits:
             if len(parts) < 4:
                 raise InputError(f"{path}: line {number} ({line!r}) is not <folder>/<supercategory>/<category>/<file>")
             records.append((line, f"{parts[-3]}/{parts[-2]}", split))
-    splits = _labelled_splits(root, records, INAT_LAYOUT, lists)
+    splits = _labelled_splits(root, records, INAT_LAYOUT, lists if check_images else None)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -365,7 +369,7 @@ VEHICLEID_LAYOUT = """  train_test_split/train_list.txt, test_list_800.txt, test
 VEHICLEID_SIZES = {"small": 800, "medium": 1600, "large": 2400}
 
 
-def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
+def read_vehicleid(root: str | os.PathLike, size: str = "small", check_images: bool = True) -> Splits:
     """PKU VehicleID: one test list (small 800, medium 1600, large 2400 vehicles), leave-one-out."""
     if size not in VEHICLEID_SIZES:
         raise InputError(f"VehicleID size must be one of {list(VEHICLEID_SIZES)}, got {size!r}")
@@ -378,7 +382,7 @@ def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
             if len(parts) != 2:
                 raise InputError(f"{path}: line {number} ({line!r}) is not '<image name> <vehicle id>'")
             records.append((f"image/{parts[0]}.jpg", parts[1], split))
-    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT, lists)
+    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT, lists if check_images else None)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -448,7 +452,7 @@ def _gld_train(root: Path) -> ImageList | None:
     )
 
 
-def read_gldv2(root: str | os.PathLike) -> Splits:
+def read_gldv2(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """GLDv2 retrieval: Public and Private test queries (``Ignored`` dropped) against the index.
 
     Relevance comes from ``retrieval_solution_v2.1.csv``; ``test.csv``, when present, must
@@ -484,8 +488,9 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
     gallery_keys = [_gld_path("index", image_id) for image_id in index_ids]
     query = ImageList([str(root / k) for k in query_keys], query_keys)
     gallery = ImageList([str(root / k) for k in gallery_keys], gallery_keys)
-    _check_images(query.paths, GLDV2_LAYOUT, solution)
-    _check_images(gallery.paths, GLDV2_LAYOUT, index_list)
+    if check_images:
+        _check_images(query.paths, GLDV2_LAYOUT, solution)
+        _check_images(gallery.paths, GLDV2_LAYOUT, index_list)
     usage = np.asarray(usage)
     subsets = {name.lower(): np.flatnonzero(usage == name) for name in ("Public", "Private")}
     return Splits(query=query, gallery=gallery, train=_gld_train(root), relevant=relevant, subsets=subsets)
@@ -499,12 +504,13 @@ TABLE_LAYOUT = """  a CSV or parquet table with columns path, label and optional
       (train | test | query | gallery); paths relative to the table's folder"""
 
 
-def read_folder(root: str | os.PathLike) -> Splits:
-    """Any folder with one sub-folder per class: leave-one-out over all its images."""
+def read_folder(root: str | os.PathLike, check_images: bool = True) -> Splits:
+    """Any folder with one sub-folder per class: leave-one-out over all its images (found by
+    listing the folder, so ``check_images`` has nothing to check)."""
     return Splits(query=read_image_folder(root))
 
 
-def read_csv(path: str | os.PathLike) -> Splits:
+def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     """A table of (path, label[, split]). Without ``split``: leave-one-out over all rows.
 
     With ``split``: ``query`` rows against ``gallery`` rows, or ``test`` rows leave-one-out;
@@ -516,7 +522,8 @@ def read_csv(path: str | os.PathLike) -> Splits:
         raise InputError(f"{path}: no 'label' column; evaluation needs a class per image")
     split = _split_column(path)
     evaluated = np.ones(len(images), dtype=bool) if split is None else split != "train"
-    _check_images([p for p, e in zip(images.paths, evaluated) if e and not storage.is_url(p)], TABLE_LAYOUT, path)
+    if check_images:
+        _check_images([p for p, e in zip(images.paths, evaluated) if e and not storage.is_url(p)], TABLE_LAYOUT, path)
     if split is None:
         return Splits(query=images)
     known = {"train", "test", "query", "gallery"}

@@ -163,3 +163,24 @@ def imagenet(root: Path, layout: str = "download") -> Path:
 
 WRITERS = {"sop": sop, "cub": cub, "cars196": cars196, "inshop": inshop, "inaturalist": inaturalist,
            "vehicleid-small": vehicleid, "gldv2": gldv2}
+
+
+def cars196_devkit(root: Path) -> Path:
+    """Stanford Cars as torchvision's StanfordCars reads it: ``stanford_cars/devkit/``, the test
+    annotations with labels, ``cars_train/`` and ``cars_test/``; each of the devkit's own
+    train/test halves holds classes of both metric-learning splits."""
+    from scipy.io import savemat
+
+    folder = root / "stanford_cars"
+    record = np.dtype([("fname", object), ("class", np.int32)])
+    annotations = {"train": [("00001.jpg", 1), ("00002.jpg", 99), ("00003.jpg", 2), ("00004.jpg", 196)],
+                   "test": [("00001.jpg", 1), ("00002.jpg", 99), ("00003.jpg", 2), ("00004.jpg", 196)]}
+    for split, rows in annotations.items():
+        for n, (name, class_id) in enumerate(rows):
+            jpeg(folder / f"cars_{split}" / name, class_id, n)
+    (folder / "devkit").mkdir(parents=True)
+    savemat(folder / "devkit" / "cars_train_annos.mat", {"annotations": np.array(annotations["train"], dtype=record)})
+    savemat(folder / "cars_test_annos_withlabels.mat", {"annotations": np.array(annotations["test"], dtype=record)})
+    names = np.array([f"Car {c}" for c in range(1, 197)], dtype=object)
+    savemat(folder / "devkit" / "cars_meta.mat", {"class_names": names})
+    return root

@@ -81,3 +81,89 @@ def test_inshop_images_missing_from_both_places_are_named(tmp_path):
     (tmp_path / "Img").rename(tmp_path / "Images")
     with pytest.raises(InputError, match=r"found in none of:\n.*Img/img/MEN/Denim"):
         load_retrieval_benchmark("inshop", tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(set(WRITERS) - {"cars196"}))  # cars196's list is a .mat file
+def test_list_files_saved_on_windows_read_the_same(name, tmp_path):
+    # Windows editors save UTF-8 text with a byte-order mark and CRLF line endings
+    original = load_retrieval_benchmark(name, WRITERS[name](tmp_path / "original", "download"))
+    root = WRITERS[name](tmp_path / "windows", "download")
+    lists = [p for p in root.rglob("*") if p.suffix in (".txt", ".csv")]
+    assert lists
+    for path in lists:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    windows = load_retrieval_benchmark(name, root)
+    for split in ("query", "gallery", "train"):
+        assert summary(getattr(windows, split)) == summary(getattr(original, split)), split
+
+
+@pytest.mark.parametrize("name,header", [("train_clean.csv", "landmark,imgs"), ("train.csv", "id,url,landmark")])
+def test_gldv2_train_list_without_its_columns_is_named(name, header, tmp_path):
+    WRITERS["gldv2"](tmp_path, "download")
+    (tmp_path / name).write_text(f"{header}\n1,a000000000000009\n")
+    with pytest.raises(InputError, match=rf"{name}: no column 'landmark_id'.* \(header: .*\); expected layout"):
+        load_retrieval_benchmark("gldv2", tmp_path)
+
+
+@pytest.mark.parametrize("name,listed_in", [
+    ("sop", "Stanford_Online_Products/Ebay_test.txt"), ("cub", "CUB_200_2011/images.txt"),
+    ("cars196", "cars196/cars_annos.mat"), ("inshop", "Eval/list_eval_partition.txt"),
+    ("inaturalist", "Inat_dataset_splits/Inaturalist_test_set1.txt"),
+    ("vehicleid-small", "train_test_split/test_list_800.txt"), ("gldv2", "test/retrieval_solution_v2.1.csv"),
+])
+def test_a_missing_evaluation_image_names_the_list_that_lists_it(name, listed_in, tmp_path):
+    root = WRITERS[name](tmp_path, "download")
+    protocol = load_retrieval_benchmark(name, root)
+    Path(protocol.query.paths[-1]).unlink()
+    with pytest.raises(InputError) as caught:
+        load_retrieval_benchmark(name, root)
+    first_line = str(caught.value).splitlines()[0]
+    assert first_line.startswith(str(tmp_path)) and first_line.endswith(f"{listed_in}: 1 of the images it lists are "
+                                                                        "missing, e.g.:")
+    assert protocol.query.paths[-1] in str(caught.value) and "expected layout:" in str(caught.value)
+
+
+@pytest.mark.parametrize("level", ["parent", "stanford_cars"])
+def test_cars196_from_the_devkit_takes_the_train_and_test_annotations_together(level, tmp_path):
+    from benchmark_layouts import cars196_devkit
+
+    root = cars196_devkit(tmp_path)
+    protocol = load_retrieval_benchmark("cars196", root if level == "parent" else root / "stanford_cars")
+    assert summary(protocol.train) == (
+        ["cars_train/00001.jpg", "cars_train/00003.jpg", "cars_test/00001.jpg", "cars_test/00003.jpg"],
+        ["1", "2", "1", "2"])
+    assert summary(protocol.query) == (
+        ["cars_train/00002.jpg", "cars_train/00004.jpg", "cars_test/00002.jpg", "cars_test/00004.jpg"],
+        ["99", "196", "99", "196"])
+    assert protocol.query.paths[0] == str(tmp_path / "stanford_cars" / "cars_train" / "00002.jpg")
+
+
+def test_cars196_devkit_in_a_folder_torchvision_cannot_read_says_to_rename_it(tmp_path):
+    from benchmark_layouts import cars196_devkit
+
+    (cars196_devkit(tmp_path) / "stanford_cars").rename(tmp_path / "cars196")
+    with pytest.raises(InputError, match=r"cars196: the devkit layout .* folder named stanford_cars; rename"):
+        load_retrieval_benchmark("cars196", tmp_path)
+
+
+def test_cub_class_ids_counted_from_0_are_refused_naming_the_line(tmp_path):
+    # counted from 0, class 100 would be scored as a test class and class 0 would not exist
+    root = WRITERS["cub"](tmp_path, "download") / "CUB_200_2011"
+    labels = root / "image_class_labels.txt"
+    labels.write_text("".join(f"{i} {int(c) - 1}\n" for i, c in (line.split() for line in labels.read_text().splitlines())))
+    with pytest.raises(InputError, match=r"image_class_labels\.txt: line 1: class '0' is not a number from 1 to 200"):
+        load_retrieval_benchmark("cub", tmp_path)
+    labels.write_text("1\n")
+    with pytest.raises(InputError, match=r"image_class_labels\.txt: line 1 \('1'\) is not '<image id> <class id>'"):
+        load_retrieval_benchmark("cub", tmp_path)
+
+
+def test_cars196_class_0_is_refused_naming_the_annotation(tmp_path):
+    from scipy.io import loadmat, savemat
+
+    root = WRITERS["cars196"](tmp_path, "download") / "cars196"
+    mat = loadmat(root / "cars_annos.mat")
+    mat["annotations"]["class"][0, 2] = 0
+    savemat(root / "cars_annos.mat", {"annotations": mat["annotations"]})
+    with pytest.raises(InputError, match=r"cars_annos\.mat: annotation 3: class '0' is not a number from 1 to 196"):
+        load_retrieval_benchmark("cars196", tmp_path)

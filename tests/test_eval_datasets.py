@@ -194,6 +194,22 @@ def test_generic_folder_and_csv_with_split_column(tmp_path):
     assert protocol.query.class_names[protocol.query.labels[0]] == "dog"
 
 
+@pytest.mark.parametrize("table", [
+    "path,label\na b/0.jpg,x\na b/1.jpg,x\nmissing.jpg,y\n",
+    "path,label,split\nnot here.jpg,z,train\na b/0.jpg,x,test\na b/1.jpg,x,test\nmissing.jpg,y,test\n",
+    "path,label,split\nnot here.jpg,z,train\na b/0.jpg,x,query\na b/1.jpg,x,gallery\nmissing.jpg,y,gallery\n",
+])
+def test_csv_listing_a_missing_evaluation_image_is_refused_before_anything_runs(table, tmp_path):
+    # a missing train image is no error: the train split only feeds the PCA baseline
+    jpeg(tmp_path / "a b" / "0.jpg")
+    jpeg(tmp_path / "a b" / "1.jpg")
+    write(tmp_path / "list.csv", table)
+    with pytest.raises(InputError, match=r"list\.csv: 1 of the images it lists are missing, e\.g\.:\n.*/missing\.jpg\n"):
+        load_retrieval_benchmark("csv", tmp_path / "list.csv")
+    jpeg(tmp_path / "missing.jpg")
+    assert load_retrieval_benchmark("csv", tmp_path / "list.csv").query.keys[0] == "a b/0.jpg"
+
+
 def test_missing_index_file_names_it_and_shows_the_layout(tmp_path):
     with pytest.raises(InputError, match=r"Ebay_train\.txt: not found; looked for:\n(.|\n)*expected layout:\n.*image_id class_id"):
         load_retrieval_benchmark("sop", tmp_path)
@@ -204,7 +220,7 @@ def test_missing_images_are_listed_before_anything_runs(tmp_path):
     write(tmp_path / "Ebay_train.txt", header + "1 1 1 a_final/1.JPG\n")
     write(tmp_path / "Ebay_test.txt", header + "2 2 1 a_final/2.JPG\n3 2 1 a_final/3.JPG\n")
     jpeg(tmp_path / "a_final" / "2.JPG")
-    with pytest.raises(InputError, match=r"1 images listed by the dataset are missing, e\.g\.:\n.*a_final/3\.JPG"):
+    with pytest.raises(InputError, match=r"Ebay_test\.txt: 1 of the images it lists are missing, e\.g\.:\n.*a_final/3\.JPG"):
         load_retrieval_benchmark("sop", tmp_path)
 
 

@@ -35,6 +35,18 @@ def embedding_folder(root: Path, x: np.ndarray, keys, labels=None, parts: int = 
     return root
 
 
+def tiny_model_file(path: Path, seed: int = 0) -> Path:
+    """A random one-block Unicom ViT (32 px, 16-d embeddings) saved as a released-style fp16 checkpoint."""
+    import torch
+    from support import random_unicom_vit
+
+    from unicom.models.unicom_vit import ViTSettings
+
+    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
+    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=seed).state_dict().items()}, path)
+    return path
+
+
 def test_embeddings_folder_leave_one_out_with_dimension_curve(tmp_path, capsys):
     x, labels = clustered(90, 48, 9, 0.9, seed=0)
     train, _ = clustered(200, 48, 20, 0.9, seed=1)
@@ -151,16 +163,12 @@ def test_bad_input_is_reported_and_nothing_is_written(tmp_path, capsys):
 
 
 def test_model_file_is_embedded_with_its_own_transform_and_cached(tmp_path):
-    import torch
-    from support import random_unicom_vit, write_class_folder
+    from support import write_class_folder
 
     from unicom.embed import embed_images
     from unicom.models.encoders import load_encoder
-    from unicom.models.unicom_vit import ViTSettings
 
-    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
-    checkpoint = tmp_path / "FP16-ViT-tiny.pt"
-    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=0).state_dict().items()}, checkpoint)
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
     paths = write_class_folder(tmp_path / "images", [0, 1, 2, 3], per_class=3, size=40)
     out = tmp_path / "report"
     args = ["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
@@ -190,21 +198,16 @@ def test_model_file_is_embedded_with_its_own_transform_and_cached(tmp_path):
 def test_model_written_again_in_place_is_not_read_from_the_cache(tmp_path, capsys):
     # train, evaluate, train on into the same model path, evaluate into the same --out: the
     # embeddings of the first model must not be scored as the second's
-    import torch
-    from support import random_unicom_vit, write_class_folder
+    from support import write_class_folder
 
-    from unicom.models.unicom_vit import ViTSettings
-
-    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
-    checkpoint = tmp_path / "model.pt"
-    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=0).state_dict().items()}, checkpoint)
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
     write_class_folder(tmp_path / "images", [0, 1, 2], per_class=3, size=40)
     out = tmp_path / "report"
     args = ["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
             "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
     cached = np.load(out / "embeddings" / "query" / "img_emb" / "img_emb_0.npy")
-    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=1).state_dict().items()}, checkpoint)
+    tiny_model_file(checkpoint, seed=1)
     assert main(args) == 2
     assert re.search(r"weights_sha256: '[0-9a-f]{64}' before, '[0-9a-f]{64}' now", capsys.readouterr().err)
     np.testing.assert_array_equal(np.load(out / "embeddings" / "query" / "img_emb" / "img_emb_0.npy"), cached)
@@ -232,14 +235,9 @@ def test_relevance_protocol_reports_each_subset_like_a_separate_run(tmp_path):
 
 
 def test_classification_dataset_with_a_model(tmp_path):
-    import torch
-    from support import class_image, encode_image, random_unicom_vit
+    from support import class_image, encode_image
 
-    from unicom.models.unicom_vit import ViTSettings
-
-    settings = ViTSettings(image_size=32, patch_size=16, width=64, depth=1, heads=2, mlp_dim=128, embedding_dim=16)
-    checkpoint = tmp_path / "FP16-ViT-tiny.pt"
-    torch.save({k: v.half() for k, v in random_unicom_vit(settings, seed=0).state_dict().items()}, checkpoint)
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
     for c, name in enumerate(["Forest", "River", "SeaLake"]):
         folder = tmp_path / "data" / "eurosat" / "2750" / name
         folder.mkdir(parents=True)
@@ -272,3 +270,63 @@ def test_options_out_of_range_are_refused_before_anything_runs(tmp_path, capsys,
     assert stop.value.code == 2
     assert f"argument {option}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_train_images_missing_from_the_download_leave_the_pca_baseline_to_those_present(tmp_path):
+    # the train split only feeds the PCA baseline: a missing train image must not fail the
+    # run after the test split is embedded (GLDv2's train.csv often comes without train/)
+    from benchmark_layouts import cub
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    cub(tmp_path / "data", "download")
+    (tmp_path / "data" / "CUB_200_2011" / "images" / "001.Bird_1" / "Bird_0.jpg").unlink()
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(checkpoint), "--dataset", "cub", "--root", str(tmp_path / "data"),
+            "--dims", "4", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    with pytest.warns(UserWarning, match=r"1 of 6 train images .* missing, e\.g\. \['images/001.Bird_1/Bird_0.jpg'\]"):
+        assert main(args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert {r["method"] for r in report["dimensions"] if r["dimension"] == 4} == {"first", "pca"}
+    import pyarrow.parquet as pq
+    keys = pq.read_table(out / "embeddings" / "train" / "metadata" / "metadata_0.parquet").column("key").to_pylist()
+    assert keys == ["images/001.Bird_1/Bird_1.jpg", "images/002.Bird_2/Bird_0.jpg", "images/002.Bird_2/Bird_1.jpg",
+                    "images/003.Bird_3/Bird_0.jpg", "images/003.Bird_3/Bird_1.jpg"]
+
+    # with fewer than two train images there is no PCA baseline, and the report says so
+    for image in (tmp_path / "data" / "CUB_200_2011" / "images").glob("00[1-3].*/*.jpg"):
+        image.unlink()
+    with pytest.warns(UserWarning, match="the PCA baseline is left out"):
+        assert main([*args[:-1], str(tmp_path / "report2")]) == 0
+    report = json.loads((tmp_path / "report2" / "metrics.json").read_text())
+    assert {r["method"] for r in report["dimensions"]} == {"first"}
+    assert "PCA baseline is left out" in report["note"]
+
+
+@pytest.mark.parametrize("name", ["sop", "cub", "cars196", "inshop", "inaturalist", "vehicleid-small", "gldv2"])
+def test_embeddings_made_elsewhere_are_scored_with_the_list_files_alone(name, tmp_path):
+    # embeddings computed on another machine: the dataset's lists are here, its images are not
+    from benchmark_layouts import WRITERS
+
+    from unicom.data.benchmarks import load_retrieval_benchmark
+
+    root = WRITERS[name](tmp_path / "data", "download")
+    protocol = load_retrieval_benchmark(name, root)
+    images = [*protocol.query.keys, *(protocol.gallery.keys if protocol.gallery is not None else [])]
+    x = np.random.default_rng(0).standard_normal((len(images), 8)).astype(np.float32)
+    embedding_folder(tmp_path / "emb", x, images, parts=1)
+    for image in [*protocol.query.paths, *(protocol.gallery.paths if protocol.gallery is not None else [])]:
+        Path(image).unlink()
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", name, "--root", str(root),
+                 "--dims", "none", "--out", str(out)]) == 0
+    x = x.astype(np.float16).astype(np.float32)
+    n = len(protocol.query)
+    if name == "gldv2":
+        from unicom.evaluate import retrieval_metrics_from_relevance
+
+        expected = retrieval_metrics_from_relevance(x[:n], x[n:], protocol.relevant, ks=protocol.ks)
+    elif protocol.gallery is not None:
+        expected = retrieval_metrics(x[:n], protocol.query.labels, x[n:], protocol.gallery.labels, ks=protocol.ks)
+    else:
+        expected = retrieval_metrics(x, protocol.query.labels, ks=protocol.ks)
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(expected)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -269,12 +270,17 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import evaluate_retrieval
 
-    protocol = load_retrieval_benchmark(name, root)
+    # precomputed embeddings are matched by key: the lists are needed, not the images
+    protocol = load_retrieval_benchmark(name, root, check_images=model is not None)
     out = Path(out)
     splits = {"query": protocol.query, "gallery": protocol.gallery}
     train = protocol.train if (pca and dims and protocol.train is not None and len(protocol.train) >= 2) else None
     train_rows = None if train is None else _sample(len(train), pca_samples)
     vectors: dict[str, np.ndarray | None] = {}
+    if model is not None and train is not None:
+        train_rows = _present_train_rows(train, train_rows)
+        if len(train_rows) < 2:
+            train = train_rows = None
     if model is not None:
         encoder = _encoder(model, pretrained, device)
         config = _embedding_identity(encoder, model, pretrained, name)
@@ -319,6 +325,24 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         exclude_classes=exclude_classes,
         class_names=protocol.query.class_names,
     )
+
+
+def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:
+    """The drawn train rows whose image file exists. The train split only feeds the PCA
+    baseline, and is often downloaded in part (GLDv2's train.csv without its 4 million
+    images): missing images are left out with a warning, before anything is embedded,
+    instead of failing the run once the evaluation splits are done."""
+    present = np.asarray([os.path.isfile(train.paths[i]) for i in rows], dtype=bool)
+    if not present.all():
+        missing = [train.keys[i] for i in rows[~present][:3]]
+        kept = int(present.sum())
+        warnings.warn(
+            f"{int((~present).sum())} of {len(rows)} train images drawn for the PCA baseline are missing, e.g. "
+            f"{missing}; " + (f"the PCA axes are fitted on the {kept} present" if kept >= 2
+                              else "the PCA baseline is left out")
+            + " (--no-pca skips it)"
+        )
+    return rows[present]
 
 
 def _classification_benchmark(name, root, out, model, pretrained, embeddings, batch_size, num_workers, device,

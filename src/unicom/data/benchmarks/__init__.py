@@ -9,7 +9,7 @@ Classification (:data:`CLASSIFICATION_BENCHMARKS`, the 13 linear-probe datasets)
 torchvision's dataset classes (never downloading unless ``download=True``).
 
 Add a dataset by adding a row: a reader ``"module:function"`` taking the folder (plus the
-row's ``options``) and returning :class:`~unicom.data.benchmarks.retrieval.Splits`.
+row's ``options`` and ``check_images``) and returning :class:`~unicom.data.benchmarks.retrieval.Splits`.
 """
 
 from __future__ import annotations
@@ -95,13 +95,17 @@ def canonical_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def load_retrieval_benchmark(name: str, root: str | os.PathLike) -> RetrievalProtocol:
-    """Read benchmark ``name`` (a key of :data:`RETRIEVAL_BENCHMARKS`) from ``root``."""
+def load_retrieval_benchmark(name: str, root: str | os.PathLike, check_images: bool = True) -> RetrievalProtocol:
+    """Read benchmark ``name`` (a key of :data:`RETRIEVAL_BENCHMARKS`) from ``root``.
+
+    ``check_images``: the evaluation images must exist (to embed them); ``False`` reads the
+    lists alone, for embeddings computed earlier (matched by key).
+    """
     key = canonical_name(name)
     if key not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"unknown retrieval benchmark {name!r}; known: {', '.join(RETRIEVAL_BENCHMARKS)}")
     spec = RETRIEVAL_BENCHMARKS[key]
-    splits = _resolve(spec.reader)(root, **spec.options)
+    splits = _resolve(spec.reader)(root, **spec.options, check_images=check_images)
     return RetrievalProtocol(
         name=key,
         query=splits.query,

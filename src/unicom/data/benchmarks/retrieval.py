@@ -16,7 +16,8 @@ iNaturalist's ``Inat_dataset_splits/``, GLDv2's ``index/index.csv`` and
 ``test/retrieval_solution_v2.1.csv`` ...), its parent, or the common flattened
 alternatives; each reader's ``*_LAYOUT`` lists the places it looks. A missing index file
 raises :class:`InputError` listing every place looked at and the expected layout; missing
-evaluation images are listed (first five and a count) before anything runs.
+evaluation images are listed (first five and a count, with the list file naming them)
+before anything runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.data.lists import ImageList, read_image_folder, read_table
 from unicom.errors import InputError
 
@@ -81,25 +83,34 @@ def _dataset_folder(root: Path, marker: Sequence[str], tops: Sequence[str], layo
     raise InputError(f"{root / marker[0]}: not found; looked for:\n  {looked}\nexpected layout:\n{layout}")
 
 
-def _check_images(paths: Iterable[str], layout: str) -> None:
+def _check_images(paths: Iterable[str], layout: str, listed_in: str | os.PathLike) -> None:
+    """Every one of ``paths`` (listed in the file ``listed_in``) is a file; else an error
+    naming the list, the first five missing and the layout."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         shown = "\n  ".join(missing[:5])
         raise InputError(
-            f"{len(missing)} images listed by the dataset are missing, e.g.:\n  {shown}\nexpected layout:\n{layout}"
+            f"{listed_in}: {len(missing)} of the images it lists are missing, e.g.:\n  {shown}\n"
+            f"unpack the dataset's image archive where the layout below puts it, or give --root the folder "
+            f"that holds it; expected layout:\n{layout}"
         )
 
 
 def _lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a list saved again by a Windows editor starts with a byte-order mark, which
+    # would otherwise stick to the first image id or header word (CRLF is stripped below)
+    with open(path, encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip()]
 
 
-def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str) -> dict[str, ImageList]:
+def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str,
+                     listed_in: dict[str, Path] | None) -> dict[str, ImageList]:
     """``records``: (path relative to ``root``, class name, split name) -> one ImageList per split.
 
     The vocabulary lists the training classes first, each group in natural order; images
-    of the evaluation splits (all but ``train``) are checked to exist.
+    of the evaluation splits (all but ``train``) are checked to exist. ``listed_in``: the
+    list file each evaluation split was read from, for the error; ``None``: not checked
+    (embeddings computed earlier are matched by key, the images need not be here).
     """
     train_classes = sorted({c for _, c, s in records if s == "train"}, key=_natural)
     other_classes = sorted({c for _, c, s in records if s != "train"} - set(train_classes), key=_natural)
@@ -109,8 +120,8 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
     for split in dict.fromkeys(s for _, _, s in records):
         rows = [(p, c) for p, c, s in records if s == split]
         paths = [str(root / p) for p, _ in rows]
-        if split != "train":
-            _check_images(paths, layout)
+        if split != "train" and listed_in is not None:
+            _check_images(paths, layout, listed_in[split])
         out[split] = ImageList(
             paths=paths,
             keys=[p for p, _ in rows],
@@ -130,7 +141,7 @@ CUB_LAYOUT = """  CUB_200_2011/images.txt              "<image id> <class folder
   (--root: CUB_200_2011/ or the folder CUB_200_2011.tgz was unpacked in)"""
 
 
-def read_cub(root: str | os.PathLike) -> Splits:
+def read_cub(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """CUB-200-2011: classes 1-100 train, 101-200 test (leave-one-out).
 
     ``root`` is the ``CUB_200_2011`` folder or its parent. The official
@@ -138,7 +149,13 @@ def read_cub(root: str | os.PathLike) -> Splits:
     """
     root = _dataset_folder(Path(root), ["images.txt"], ["CUB_200_2011"], CUB_LAYOUT)
     images = _lines(root / "images.txt")
-    labels = dict(line.split()[:2] for line in _lines(_require(root / "image_class_labels.txt", CUB_LAYOUT)))
+    labels_path = _require(root / "image_class_labels.txt", CUB_LAYOUT)
+    labels = {}
+    for number, line in enumerate(_lines(labels_path), 1):
+        parts = line.split()
+        if len(parts) != 2:
+            raise InputError(f"{labels_path}: line {number} ({line!r}) is not '<image id> <class id>'")
+        labels[parts[0]] = _class_number(parts[1], 200, labels_path, number)
     names = {}
     if (root / "classes.txt").exists():
         names = {i: name for i, name in (line.split(maxsplit=1) for line in _lines(root / "classes.txt"))}
@@ -151,12 +168,26 @@ def read_cub(root: str | os.PathLike) -> Splits:
                 "image_class_labels.txt"
             )
         image_id, path = parts
-        class_id = int(labels[image_id])
+        class_id = labels[image_id]
         split = "train" if class_id <= 100 else "test"
         records.append((f"images/{path}", names.get(str(class_id), str(class_id)), split))
     _require_test_classes(records, "images.txt")
-    splits = _labelled_splits(root, records, CUB_LAYOUT)
+    splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"} if check_images else None)
     return Splits(query=splits["test"], train=splits.get("train"))
+
+
+def _class_number(value, last: int, path: Path, where: str | int) -> int:
+    """A class number of the official files, 1..``last``; the metric-learning split is by
+    number, so a file that counts from 0 would move a class across it: an error instead."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 1 <= number <= last:
+        where = f"line {where}" if isinstance(where, int) else where
+        raise InputError(f"{path}: {where}: class {str(value)!r} is not a number from 1 to {last}; the official "
+                         "files count classes from 1 (a copy that counts from 0 must be converted back)")
+    return number
 
 
 def _require_test_classes(records, source: str) -> None:
@@ -166,33 +197,66 @@ def _require_test_classes(records, source: str) -> None:
 
 CARS_LAYOUT = """  cars_annos.mat   annotations: relative_im_path, class (1..196), test; class_names
   car_ims/<file>.jpg   (car_ims.tgz unpacked beside it)
-  (--root: that folder, or its parent holding cars196/)"""
+  or the devkit layout, as torchvision's StanfordCars reads it, in a folder named stanford_cars/:
+  devkit/cars_train_annos.mat, devkit/cars_meta.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/
+  (--root: that folder, or its parent holding cars196/ or stanford_cars/)"""
+CARS_DEVKIT = "devkit/cars_train_annos.mat"
 
 
-def read_cars196(root: str | os.PathLike) -> Splits:
-    """Cars196 (``cars_annos.mat``): classes 1-98 train, 99-196 test (leave-one-out), all images.
+def read_cars196(root: str | os.PathLike, check_images: bool = True) -> Splits:
+    """Cars196: classes 1-98 train, 99-196 test (leave-one-out), all 16,185 images.
 
-    Classes are told apart by their number (``class``), as the metric-learning code does:
-    a name of ``class_names`` may stand for more than one class. Class names are the numbers.
+    Read from ``cars_annos.mat`` or, without it, from the devkit's train and test
+    annotations together (the same images and class numbers). Classes are told apart by
+    their number (``class``), as the metric-learning code does: a name of ``class_names``
+    may stand for more than one class. Class names are the numbers.
     """
+    root = _dataset_folder(Path(root), ["cars_annos.mat", CARS_DEVKIT], ["cars196", "stanford_cars"], CARS_LAYOUT)
+    if (root / "cars_annos.mat").exists():
+        listed_in = root / "cars_annos.mat"
+        records = _cars_annos(listed_in)
+    else:
+        listed_in = root / "cars_test_annos_withlabels.mat"
+        records = _cars_devkit(root)
+    _require_test_classes(records, str(listed_in))
+    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in} if check_images else None)
+    return Splits(query=splits["test"], train=splits.get("train"))
+
+
+def _cars_split(class_id: int) -> str:
+    return "train" if class_id <= 98 else "test"
+
+
+def _cars_annos(mat_path: Path) -> list[tuple[str, str, str]]:
     from scipy.io import loadmat
 
-    root = _dataset_folder(Path(root), ["cars_annos.mat"], ["cars196", "stanford_cars"], CARS_LAYOUT)
-    mat_path = root / "cars_annos.mat"
     try:
         mat = loadmat(str(mat_path), squeeze_me=True)
     except Exception as error:  # scipy raises several types for damaged files
         raise InputError(f"{mat_path}: not a readable MATLAB file ({error})") from error
     if "annotations" not in mat:
         raise InputError(f"{mat_path}: no 'annotations' variable; expected layout:\n{CARS_LAYOUT}")
-    annotations = np.atleast_1d(mat["annotations"])
     records = []
-    for row in annotations:
-        class_id = int(row["class"])
-        records.append((str(row["relative_im_path"]), str(class_id), "train" if class_id <= 98 else "test"))
-    _require_test_classes(records, str(mat_path))
-    splits = _labelled_splits(root, records, CARS_LAYOUT)
-    return Splits(query=splits["test"], train=splits.get("train"))
+    for number, row in enumerate(np.atleast_1d(mat["annotations"]), 1):
+        class_id = _class_number(row["class"], 196, mat_path, f"annotation {number}")
+        records.append((str(row["relative_im_path"]), str(class_id), _cars_split(class_id)))
+    return records
+
+
+def _cars_devkit(root: Path) -> list[tuple[str, str, str]]:
+    """The devkit's train and test images, through the classification reader (torchvision's
+    StanfordCars, which owns that format); its labels count from 0, class numbers from 1."""
+    from unicom.data.benchmarks.classification import load_classification_benchmark
+
+    if root.name != "stanford_cars":
+        raise InputError(f"{root}: the devkit layout is read as torchvision reads it, from a folder named "
+                         f"stanford_cars; rename the folder (or give cars_annos.mat); expected layout:\n{CARS_LAYOUT}")
+    train, test, _ = load_classification_benchmark("stanford_cars", root.parent)
+    records = []
+    for part in (train, test):
+        for path, label in zip(part.images, part.labels.tolist()):
+            records.append((Path(path).relative_to(root).as_posix(), str(label + 1), _cars_split(label + 1)))
+    return records
 
 
 # --------------------------------------------------------------------------- SOP, In-Shop
@@ -216,12 +280,12 @@ def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
     return records
 
 
-def read_sop(root: str | os.PathLike) -> Splits:
+def read_sop(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """Stanford Online Products: ``Ebay_test.txt`` leave-one-out, ``Ebay_train.txt`` train."""
     root = _dataset_folder(Path(root), ["Ebay_train.txt"], ["Stanford_Online_Products"], SOP_LAYOUT)
-    records = (_read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train")
-               + _read_ebay(_first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT), "test"))
-    splits = _labelled_splits(root, records, SOP_LAYOUT)
+    test = _first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT)
+    records = _read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train") + _read_ebay(test, "test")
+    splits = _labelled_splits(root, records, SOP_LAYOUT, {"test": test} if check_images else None)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -233,12 +297,13 @@ INSHOP_LISTS = ["Eval/list_eval_partition.txt", "list_eval_partition.txt"]
 INSHOP_IMAGE_FOLDERS = ["Img", "."]  # where the listed img/... paths start
 
 
-def read_inshop(root: str | os.PathLike) -> Splits:
+def read_inshop(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """DeepFashion In-Shop: query images against gallery images; item ids are the classes.
 
     The list names images ``img/...``: they are looked for under ``Img/`` (the download,
     ``Img/img.zip`` unpacked in place; keys ``Img/img/...``) and under the dataset folder
-    itself (keys ``img/...``).
+    itself (keys ``img/...``); without the images (``check_images=False``), under ``Img/``
+    when the list is in ``Eval/`` as downloaded, else beside it.
     """
     root = _dataset_folder(Path(root), INSHOP_LISTS, ["Inshop_Clothes", "InShop", "In-shop Clothes Retrieval Benchmark"],
                            INSHOP_LAYOUT)
@@ -256,11 +321,14 @@ def read_inshop(root: str | os.PathLike) -> Splits:
         raise InputError(f"{path}: the first line announces {lines[0]} images but {len(records)} are listed")
     probe = next((p for p, _, s in records if s != "train"), records[0][0] if records else "")
     folder = next((f for f in INSHOP_IMAGE_FOLDERS if (root / f / probe).is_file()), None)
+    if folder is None and not check_images:  # images not here: keys as the layout of the list puts them
+        folder = INSHOP_IMAGE_FOLDERS[0] if path.parent.name == "Eval" else "."
     if folder is None:
         looked = "\n  ".join(str((root / f / probe).resolve()) for f in INSHOP_IMAGE_FOLDERS)
         raise InputError(f"{path} lists {probe}, found in none of:\n  {looked}\nexpected layout:\n{INSHOP_LAYOUT}")
     prefix = "" if folder == "." else f"{folder}/"
-    splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT)
+    splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT,
+                              {"query": path, "gallery": path} if check_images else None)
     for split in ("query", "gallery"):
         if split not in splits:
             raise InputError(f"{path}: no image has evaluation_status {split!r}")
@@ -277,20 +345,20 @@ INAT_LAYOUT = """  Inat_dataset_splits/Inaturalist_train_set1.txt, Inaturalist_t
 INAT_SPLIT_FOLDERS = ["Inat_dataset_splits/", ""]
 
 
-def read_inaturalist(root: str | os.PathLike) -> Splits:
+def read_inaturalist(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """iNaturalist 2018, metric-learning split (Brown et al., read from ``Inat_dataset_splits/``
     as pytorch-metric-learning and the Unicom code do): class = ``<supercategory>/<category>``."""
     marker = [f"{folder}Inaturalist_train_set1.txt" for folder in INAT_SPLIT_FOLDERS]
     root = _dataset_folder(Path(root), marker, ["iNaturalist", "inaturalist"], INAT_LAYOUT)
-    records = []
+    records, lists = [], {}
     for split, name in (("train", "Inaturalist_train_set1.txt"), ("test", "Inaturalist_test_set1.txt")):
-        path = _first_existing(root, [f"{folder}{name}" for folder in INAT_SPLIT_FOLDERS], INAT_LAYOUT)
+        path = lists[split] = _first_existing(root, [f"{folder}{name}" for folder in INAT_SPLIT_FOLDERS], INAT_LAYOUT)
         for number, line in enumerate(_lines(path), 1):
             parts = line.split("/")
             if len(parts) < 4:
                 raise InputError(f"{path}: line {number} ({line!r}) is not <folder>/<supercategory>/<category>/<file>")
             records.append((line, f"{parts[-3]}/{parts[-2]}", split))
-    splits = _labelled_splits(root, records, INAT_LAYOUT)
+    splits = _labelled_splits(root, records, INAT_LAYOUT, lists if check_images else None)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -301,20 +369,20 @@ VEHICLEID_LAYOUT = """  train_test_split/train_list.txt, test_list_800.txt, test
 VEHICLEID_SIZES = {"small": 800, "medium": 1600, "large": 2400}
 
 
-def read_vehicleid(root: str | os.PathLike, size: str = "small") -> Splits:
+def read_vehicleid(root: str | os.PathLike, size: str = "small", check_images: bool = True) -> Splits:
     """PKU VehicleID: one test list (small 800, medium 1600, large 2400 vehicles), leave-one-out."""
     if size not in VEHICLEID_SIZES:
         raise InputError(f"VehicleID size must be one of {list(VEHICLEID_SIZES)}, got {size!r}")
     root = _dataset_folder(Path(root), ["train_test_split"], ["VehicleID_V1.0", "VehicleID"], VEHICLEID_LAYOUT)
-    records = []
+    records, lists = [], {}
     for split, name in (("train", "train_list.txt"), ("test", f"test_list_{VEHICLEID_SIZES[size]}.txt")):
-        path = _first_existing(root, [f"train_test_split/{name}"], VEHICLEID_LAYOUT)
+        path = lists[split] = _first_existing(root, [f"train_test_split/{name}"], VEHICLEID_LAYOUT)
         for number, line in enumerate(_lines(path), 1):
             parts = line.split()
             if len(parts) != 2:
                 raise InputError(f"{path}: line {number} ({line!r}) is not '<image name> <vehicle id>'")
             records.append((f"image/{parts[0]}.jpg", parts[1], split))
-    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT)
+    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT, lists if check_images else None)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -343,12 +411,18 @@ def _gld_path(folder: str, image_id: str) -> str:
     return f"{folder}/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
 
 
+def _columns(reader: csv.DictReader, path: Path, required: Sequence[str]) -> csv.DictReader:
+    """``reader`` once its header is known to hold ``required``; else an error naming the file."""
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise InputError(f"{path}: no column {', '.join(map(repr, missing))} (header: {reader.fieldnames}); "
+                         f"expected layout:\n{GLDV2_LAYOUT}")
+    return reader
+
+
 def _csv_ids(path: Path) -> list[str]:
-    with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "id" not in reader.fieldnames:
-            raise InputError(f"{path}: no 'id' column; expected layout:\n{GLDV2_LAYOUT}")
-        return [row["id"] for row in reader]
+    with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8-sig") as f:
+        return [row["id"] for row in _columns(csv.DictReader(f), path, ("id",))]
 
 
 def _optional(root: Path, places: Sequence[str]) -> Path | None:
@@ -359,12 +433,12 @@ def _gld_train(root: Path) -> ImageList | None:
     clean, full = _optional(root, GLDV2_PLACES["train_clean"]), _optional(root, GLDV2_PLACES["train"])
     if clean is not None:
         rows = []
-        with open(clean, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
+        with open(clean, newline="", encoding="utf-8-sig") as f:
+            for row in _columns(csv.DictReader(f), clean, ("landmark_id", "images")):
                 rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
     elif full is not None:
-        with open(full, newline="", encoding="utf-8") as f:
-            rows = [(row["id"], row["landmark_id"]) for row in csv.DictReader(f)]
+        with open(full, newline="", encoding="utf-8-sig") as f:
+            rows = [(row["id"], row["landmark_id"]) for row in _columns(csv.DictReader(f), full, ("id", "landmark_id"))]
     else:
         return None
     classes = sorted({label for _, label in rows}, key=_natural)
@@ -378,24 +452,22 @@ def _gld_train(root: Path) -> ImageList | None:
     )
 
 
-def read_gldv2(root: str | os.PathLike) -> Splits:
+def read_gldv2(root: str | os.PathLike, check_images: bool = True) -> Splits:
     """GLDv2 retrieval: Public and Private test queries (``Ignored`` dropped) against the index.
 
     Relevance comes from ``retrieval_solution_v2.1.csv``; ``test.csv``, when present, must
     list every test id of it; ``train`` is the clean or full training list when present.
     """
     root = Path(root)
-    index_ids = _csv_ids(_first_existing(root, GLDV2_PLACES["index"], GLDV2_LAYOUT))
+    index_list = _first_existing(root, GLDV2_PLACES["index"], GLDV2_LAYOUT)
+    index_ids = _csv_ids(index_list)
     test_list = _optional(root, GLDV2_PLACES["test"])
     test_ids = set(_csv_ids(test_list)) if test_list is not None else None
     position = {image_id: i for i, image_id in enumerate(index_ids)}
     solution = _first_existing(root, GLDV2_PLACES["solution"], GLDV2_LAYOUT)
     queries, relevant, usage = [], [], []
-    with open(solution, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"id", "images", "Usage"} <= set(reader.fieldnames):
-            raise InputError(f"{solution}: expected the columns id,images,Usage")
-        for number, row in enumerate(reader, 2):
+    with open(solution, newline="", encoding="utf-8-sig") as f:
+        for number, row in enumerate(_columns(csv.DictReader(f), solution, ("id", "images", "Usage")), 2):
             if row["Usage"] == "Ignored":
                 continue
             if row["Usage"] not in ("Public", "Private"):
@@ -416,8 +488,9 @@ def read_gldv2(root: str | os.PathLike) -> Splits:
     gallery_keys = [_gld_path("index", image_id) for image_id in index_ids]
     query = ImageList([str(root / k) for k in query_keys], query_keys)
     gallery = ImageList([str(root / k) for k in gallery_keys], gallery_keys)
-    _check_images(query.paths, GLDV2_LAYOUT)
-    _check_images(gallery.paths, GLDV2_LAYOUT)
+    if check_images:
+        _check_images(query.paths, GLDV2_LAYOUT, solution)
+        _check_images(gallery.paths, GLDV2_LAYOUT, index_list)
     usage = np.asarray(usage)
     subsets = {name.lower(): np.flatnonzero(usage == name) for name in ("Public", "Private")}
     return Splits(query=query, gallery=gallery, train=_gld_train(root), relevant=relevant, subsets=subsets)
@@ -431,12 +504,13 @@ TABLE_LAYOUT = """  a CSV or parquet table with columns path, label and optional
       (train | test | query | gallery); paths relative to the table's folder"""
 
 
-def read_folder(root: str | os.PathLike) -> Splits:
-    """Any folder with one sub-folder per class: leave-one-out over all its images."""
+def read_folder(root: str | os.PathLike, check_images: bool = True) -> Splits:
+    """Any folder with one sub-folder per class: leave-one-out over all its images (found by
+    listing the folder, so ``check_images`` has nothing to check)."""
     return Splits(query=read_image_folder(root))
 
 
-def read_csv(path: str | os.PathLike) -> Splits:
+def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     """A table of (path, label[, split]). Without ``split``: leave-one-out over all rows.
 
     With ``split``: ``query`` rows against ``gallery`` rows, or ``test`` rows leave-one-out;
@@ -447,6 +521,9 @@ def read_csv(path: str | os.PathLike) -> Splits:
     if images.labels is None:
         raise InputError(f"{path}: no 'label' column; evaluation needs a class per image")
     split = _split_column(path)
+    evaluated = np.ones(len(images), dtype=bool) if split is None else split != "train"
+    if check_images:
+        _check_images([p for p, e in zip(images.paths, evaluated) if e and not storage.is_url(p)], TABLE_LAYOUT, path)
     if split is None:
         return Splits(query=images)
     known = {"train", "test", "query", "gallery"}

@@ -655,28 +655,18 @@ def embed_to_folder(
     # the ranks meet before writing and when all are done: a rank with fewer or smaller
     # parts waits there for the slowest, for as long as its parts take
     waiting = distributed.waiting_group()
-    if isinstance(model, str):
-        encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
-    else:
-        encoder = _as_encoder(model, None, device)
-    summary = embed_parts(
-        parts,
-        encoder,
-        out,
-        modalities=modalities,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        dtype=dtype,
-        draft=draft,
-        precision=precision,
-        config=config,
-        decode=decode,
-        group=waiting,
-    )
-    summary = gather_summary(summary, waiting)
-    if waiting is not None:
-        torch.distributed.destroy_process_group(waiting)
-    return summary
+    try:
+        if isinstance(model, str):
+            encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
+        else:
+            encoder = _as_encoder(model, None, device)
+        summary = embed_parts(parts, encoder, out, modalities=modalities, batch_size=batch_size,
+                              num_workers=num_workers, dtype=dtype, draft=draft, precision=precision, config=config,
+                              decode=decode, group=waiting)
+        return gather_summary(summary, waiting)
+    finally:  # also when this rank fails: its group's threads do not outlive the command
+        if waiting is not None:
+            torch.distributed.destroy_process_group(waiting)
 
 
 __all__ = [

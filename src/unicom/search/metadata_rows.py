@@ -9,11 +9,11 @@ row groups of :data:`ROW_GROUP_ROWS` rows, so a lookup decodes at most that many
 row group it touches.
 
 Files written by other tools come in their own row groups: clip-retrieval's metadata
-holds a million rows in one (pyarrow's default), 0.5 s and ~225 MB decoded for a single
-row of LAION-like captions and URLs, so every lookup of a search would read whole files
+holds a million rows in one (pyarrow's default), 0.3 to 0.5 s and 150 to 225 MB decoded
+for a single row of LAION-like captions and URLs, so every lookup of a search would read whole files
 and the cache would hold one of them. Given a ``copies`` folder, a file with row groups
 larger than :data:`RECHUNK_ABOVE` rows is copied there once, on its first lookup, in row
-groups of :data:`ROW_GROUP_ROWS` (about 1 s per million rows; as much disk as the file),
+groups of :data:`ROW_GROUP_ROWS` (about 0.7 s per million rows; as much disk as the file),
 and read from the copy: a lookup then decodes ~16k rows (a few ms). A copy belongs to the
 file's path, size and modification time; a file written again gets a new copy and the old
 one is removed. Where the folder cannot be written, the file is read as it is.

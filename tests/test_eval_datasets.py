@@ -224,6 +224,24 @@ def test_missing_images_are_listed_before_anything_runs(tmp_path):
         load_retrieval_benchmark("sop", tmp_path)
 
 
+@pytest.mark.parametrize("name", ["sop", "gldv2"])
+def test_a_list_file_that_is_not_utf8_is_named_with_the_line_and_byte(name, tmp_path):
+    # a list saved again by an editor in Latin-1 ("é" is the single byte 0xe9), the CSV with
+    # a byte-order mark before it: the byte offset counts from the start of the file
+    from benchmark_layouts import WRITERS
+
+    root = WRITERS[name](tmp_path, "flat")
+    listed = root / ("Ebay_test.txt" if name == "sop" else "index.csv")
+    lines = listed.read_bytes().split(b"\n")
+    lines[2] += " caf\u00e9".encode("latin-1")
+    bom = b"\xef\xbb\xbf" if name == "gldv2" else b""
+    listed.write_bytes(bom + b"\n".join(lines))
+    offset = len(bom) + len(b"\n".join(lines[:2])) + 1 + len(lines[2]) - 1
+    with pytest.raises(InputError, match=rf"{listed.name}: line 3 \(byte {offset}, b'\\xe9'\) is not UTF-8; save the file "
+                                         "as UTF-8"):
+        load_retrieval_benchmark(name, root)
+
+
 def test_registry_rows_name_importable_readers():
     import importlib
 

@@ -6,6 +6,7 @@ Both produce an :class:`ImageList`: parallel lists of paths, keys, and optionall
 
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,26 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     paths = [path for path, _, _, _ in found]
     keys = [key for _, key, _, _ in found]
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a local list file, decoded as UTF-8 (a leading byte-order mark dropped).
+
+    A file in another encoding (a list saved by an editor in Latin-1 or Windows-1252) is an
+    :class:`InputError` naming the file, the line and the byte offset of the first byte
+    that is not UTF-8.
+    """
+    data = Path(path).read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise InputError(
+            f"{path}: line {line} (byte {offset}, {data[offset:offset + 1]!r}) is not UTF-8; "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) and run again"
+        ) from None
 
 
 def check_utf8_names(root, paths: list[str]) -> None:

@@ -23,6 +23,7 @@ before anything runs.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from unicom import storage
-from unicom.data.lists import ImageList, read_image_folder, read_table
+from unicom.data.lists import ImageList, read_image_folder, read_table, read_text
 from unicom.errors import InputError
 
 
@@ -97,10 +98,14 @@ def _check_images(paths: Iterable[str], layout: str, listed_in: str | os.PathLik
 
 
 def _lines(path: Path) -> list[str]:
-    # utf-8-sig: a list saved again by a Windows editor starts with a byte-order mark, which
-    # would otherwise stick to the first image id or header word (CRLF is stripped below)
-    with open(path, encoding="utf-8-sig") as f:
-        return [line.strip() for line in f if line.strip()]
+    # read_text drops the byte-order mark a Windows editor writes, which would otherwise stick
+    # to the first image id or header word (CRLF is stripped below)
+    return [line.strip() for line in io.StringIO(read_text(path), newline=None) if line.strip()]
+
+
+def _csv_rows(path: Path, required: Sequence[str]) -> csv.DictReader:
+    """The rows of the CSV list ``path`` (UTF-8), once its header is known to hold ``required``."""
+    return _columns(csv.DictReader(io.StringIO(read_text(path), newline="")), path, required)
 
 
 def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str,
@@ -421,8 +426,7 @@ def _columns(reader: csv.DictReader, path: Path, required: Sequence[str]) -> csv
 
 
 def _csv_ids(path: Path) -> list[str]:
-    with open(_require(path, GLDV2_LAYOUT), newline="", encoding="utf-8-sig") as f:
-        return [row["id"] for row in _columns(csv.DictReader(f), path, ("id",))]
+    return [row["id"] for row in _csv_rows(_require(path, GLDV2_LAYOUT), ("id",))]
 
 
 def _optional(root: Path, places: Sequence[str]) -> Path | None:
@@ -433,12 +437,10 @@ def _gld_train(root: Path) -> ImageList | None:
     clean, full = _optional(root, GLDV2_PLACES["train_clean"]), _optional(root, GLDV2_PLACES["train"])
     if clean is not None:
         rows = []
-        with open(clean, newline="", encoding="utf-8-sig") as f:
-            for row in _columns(csv.DictReader(f), clean, ("landmark_id", "images")):
-                rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
+        for row in _csv_rows(clean, ("landmark_id", "images")):
+            rows += [(image_id, row["landmark_id"]) for image_id in row["images"].split()]
     elif full is not None:
-        with open(full, newline="", encoding="utf-8-sig") as f:
-            rows = [(row["id"], row["landmark_id"]) for row in _columns(csv.DictReader(f), full, ("id", "landmark_id"))]
+        rows = [(row["id"], row["landmark_id"]) for row in _csv_rows(full, ("id", "landmark_id"))]
     else:
         return None
     classes = sorted({label for _, label in rows}, key=_natural)
@@ -466,22 +468,21 @@ def read_gldv2(root: str | os.PathLike, check_images: bool = True) -> Splits:
     position = {image_id: i for i, image_id in enumerate(index_ids)}
     solution = _first_existing(root, GLDV2_PLACES["solution"], GLDV2_LAYOUT)
     queries, relevant, usage = [], [], []
-    with open(solution, newline="", encoding="utf-8-sig") as f:
-        for number, row in enumerate(_columns(csv.DictReader(f), solution, ("id", "images", "Usage")), 2):
-            if row["Usage"] == "Ignored":
-                continue
-            if row["Usage"] not in ("Public", "Private"):
-                raise InputError(f"{solution}: line {number} has Usage {row['Usage']!r}; expected Public, Private or Ignored")
-            if test_ids is not None and row["id"] not in test_ids:
-                raise InputError(f"{solution}: line {number}: test id {row['id']} is not in {test_list}")
-            items = []
-            for image_id in row["images"].split():
-                if image_id not in position:
-                    raise InputError(f"{solution}: line {number}: index id {image_id} is not in index.csv")
-                items.append(position[image_id])
-            queries.append(row["id"])
-            relevant.append(np.asarray(items, dtype=np.int64))
-            usage.append(row["Usage"])
+    for number, row in enumerate(_csv_rows(solution, ("id", "images", "Usage")), 2):
+        if row["Usage"] == "Ignored":
+            continue
+        if row["Usage"] not in ("Public", "Private"):
+            raise InputError(f"{solution}: line {number} has Usage {row['Usage']!r}; expected Public, Private or Ignored")
+        if test_ids is not None and row["id"] not in test_ids:
+            raise InputError(f"{solution}: line {number}: test id {row['id']} is not in {test_list}")
+        items = []
+        for image_id in row["images"].split():
+            if image_id not in position:
+                raise InputError(f"{solution}: line {number}: index id {image_id} is not in index.csv")
+            items.append(position[image_id])
+        queries.append(row["id"])
+        relevant.append(np.asarray(items, dtype=np.int64))
+        usage.append(row["Usage"])
     if not queries:
         raise InputError(f"{solution}: no Public or Private query")
     query_keys = [_gld_path("test", image_id) for image_id in queries]

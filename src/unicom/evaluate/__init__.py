@@ -2,7 +2,8 @@
 
 * :func:`retrieval_metrics` / :func:`retrieval_metrics_from_relevance` (``metrics``): the
   one implementation of Recall@K, MAP@R, R-Precision, mAP@100 and mMP@5, on an exact,
-  chunked k-NN search (:func:`knn_search`).
+  chunked k-NN search (:func:`knn_search`); :func:`revisited_metrics`: mAP and mP@k of the
+  Revisited Oxford/Paris easy, medium and hard setups.
 * :func:`dimension_curve` (``dims``): metrics of the first d dimensions and of a PCA-to-d
   baseline.
 * :func:`linear_probe`, :func:`knn_classify` (``probe``): frozen-feature classification.
@@ -22,6 +23,7 @@ _LAZY = {
     "retrieval_metrics": "unicom.evaluate.metrics",
     "retrieval_metrics_from_relevance": "unicom.evaluate.metrics",
     "knn_search": "unicom.evaluate.metrics",
+    "revisited_metrics": "unicom.evaluate.metrics",
     "dimension_curve": "unicom.evaluate.dims",
     "first_dimensions": "unicom.evaluate.dims",
     "PCA": "unicom.evaluate.dims",

@@ -285,8 +285,17 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         encoder = _encoder(model, pretrained, device)
         config = _embedding_identity(encoder, model, pretrained, name)
         for split, images in splits.items():
-            vectors[split] = None if images is None else embed_cached(
-                encoder, images.paths, images.keys, out / "embeddings" / split, dict(config, split=split),
+            if images is None:
+                vectors[split] = None
+                continue
+            inputs, identity = images.paths, dict(config, split=split)
+            if split == "query" and protocol.query_boxes is not None:  # the query is the box, not the whole image
+                from unicom.data.benchmarks.revisited import cropped_queries
+
+                inputs = cropped_queries(images, protocol.query_boxes)
+                identity["query_boxes"] = protocol.query_boxes.tolist()
+            vectors[split] = embed_cached(
+                encoder, inputs, images.keys, out / "embeddings" / split, identity,
                 labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
         if train is not None:
             vectors["train"] = embed_cached(
@@ -297,7 +306,12 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
         for split, images in splits.items():
-            vectors[split] = None if images is None else x[index.rows(images.keys, images.paths, split)]
+            if images is None:
+                vectors[split] = None
+                continue
+            # a cropped query is found by its key alone: the row found by its path is the whole image
+            cropped = split == "query" and protocol.query_boxes is not None
+            vectors[split] = x[index.rows(images.keys, [""] * len(images) if cropped else images.paths, split)]
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
@@ -314,6 +328,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         None if gallery is None else gallery.labels,
         relevant=protocol.relevant,
         subsets=protocol.subsets or None,
+        setups=protocol.setups,
         train=vectors.get("train"),
         ks=tuple(ks) if ks else protocol.ks,
         metric=protocol.metric,

@@ -16,7 +16,12 @@ from typing import Sequence
 import numpy as np
 
 from unicom.errors import InputError
-from unicom.evaluate.metrics import as_embeddings, retrieval_metrics, retrieval_metrics_from_relevance
+from unicom.evaluate.metrics import (
+    as_embeddings,
+    retrieval_metrics,
+    retrieval_metrics_from_relevance,
+    revisited_metrics,
+)
 
 logger = logging.getLogger(__name__)
 SHOWN_ROWS = 5  # rows named in a message
@@ -90,11 +95,15 @@ def score(
     gallery_labels=None,
     *,
     relevant=None,
+    setups=None,
     ks: Sequence[int] = (1,),
     chunk_size: int | None = None,
     per_query: bool = False,
 ) -> dict:
-    """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given."""
+    """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
+    :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are."""
+    if setups is not None:
+        return revisited_metrics(query, gallery, setups, ks, chunk_size)
     if relevant is not None:
         return retrieval_metrics_from_relevance(query, gallery, relevant, ks, chunk_size, per_query=per_query)
     return retrieval_metrics(query, query_labels, gallery, gallery_labels, ks, chunk_size, per_query=per_query)
@@ -109,6 +118,7 @@ def dimension_curve(
     dims: Sequence[int] = (32, 64, 128, 256),
     train=None,
     relevant=None,
+    setups=None,
     ks: Sequence[int] = (1,),
     chunk_size: int | None = None,
 ) -> list[dict]:
@@ -136,7 +146,8 @@ def dimension_curve(
                 logger.warning("%s", why)
                 rows.append({"dimension": d, "method": method, "skipped": why})
                 continue
-            metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size)
+            metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, setups=setups, ks=ks,
+                            chunk_size=chunk_size)
             rows.append({"dimension": d, "method": method, **metrics})
     return rows
 

@@ -1,9 +1,10 @@
 """Retrieval metrics from one exact, chunked k-nearest-neighbour search.
 
-Every retrieval number of the project comes from :func:`retrieval_metrics` (class labels)
-or :func:`retrieval_metrics_from_relevance` (explicit lists of relevant gallery items per
-query, as in GLDv2's solution file). Both rank the gallery by cosine similarity
-(embeddings are L2-normalised here, in float32) and share one search:
+Every retrieval number of the project comes from :func:`retrieval_metrics` (class labels),
+:func:`retrieval_metrics_from_relevance` (explicit lists of relevant gallery items per
+query, as in GLDv2's solution file) or :func:`revisited_metrics` (Revisited Oxford/Paris:
+positive and ignored lists per setup, scored on whole rankings). All rank the gallery by
+cosine similarity (embeddings are L2-normalised here, in float32) and share one search:
 
 * queries are processed in blocks of ``chunk_size`` rows; a block's similarities to the
   whole gallery are one matrix product into a reused buffer, so memory is
@@ -209,17 +210,22 @@ class _LabelRelevance:
         return self.by_label[self.starts[self.class_of_query[rows]][:, None] + offsets]
 
 
+def _gallery_rows(items, num_gallery: int, name: str) -> np.ndarray:
+    """``items`` as sorted distinct int64 gallery rows, each in 0..num_gallery-1."""
+    rows = np.unique(np.asarray(items, dtype=np.int64).reshape(-1))
+    if len(rows) and (rows[0] < 0 or rows[-1] >= num_gallery):
+        raise InputError(f"{name} names gallery index {int(rows[0] if rows[0] < 0 else rows[-1])}, "
+                         f"outside 0..{num_gallery - 1}")
+    return rows
+
+
 class _ListRelevance:
     """Relevant = listed for the query; lists are stored as CSR (indptr, sorted indices)."""
 
     def __init__(self, relevant: Sequence[Sequence[int]], num_gallery: int, device: torch.device):
         lists = []
         for q, items in enumerate(relevant):
-            items = np.unique(np.asarray(items, dtype=np.int64).reshape(-1))
-            if len(items) and (items[0] < 0 or items[-1] >= num_gallery):
-                raise InputError(f"relevant[{q}] names gallery index {int(items[0] if items[0] < 0 else items[-1])}, "
-                                 f"outside 0..{num_gallery - 1}")
-            lists.append(items)
+            lists.append(_gallery_rows(items, num_gallery, f"relevant[{q}]"))
         sizes = np.array([len(items) for items in lists], dtype=np.int64)
         self.indptr = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)]), device=device)
         self.items = torch.as_tensor(np.concatenate(lists) if lists else np.zeros(0, np.int64), device=device)
@@ -438,3 +444,94 @@ def retrieval_metrics_from_relevance(
         )
     relevance = _ListRelevance(relevant, g.shape[0], q.device)
     return _evaluate(q, g, relevance, ks, False, chunk_size, per_query)
+
+
+# --------------------------------------------------------------------------- Revisited Oxford/Paris
+
+
+def _revisited_average_precision(ranks: np.ndarray, positives: int) -> float:
+    """AP of sorted 0-based ``ranks`` of the positives (ignored items already removed): each
+    positive adds the mean of the precision just before it and at it, times the recall step
+    1/``positives`` (the trapezoidal rule of the Revisited benchmark; the precision before
+    rank 0 is 1)."""
+    found = np.arange(len(ranks))
+    before = np.where(ranks == 0, 1.0, found / np.maximum(ranks, 1))
+    at = (found + 1) / (ranks + 1)
+    return float(((before + at) / 2).sum() / positives)
+
+
+def _revisited_precisions(ranks: np.ndarray, kappas: tuple[int, ...]) -> np.ndarray:
+    """mP@k terms of one query: precision at min(k, rank of its last positive), with 1-based
+    ranks after the ignored items are removed."""
+    cuts = np.minimum(np.asarray(kappas), ranks[-1] + 1)
+    return np.asarray([(ranks < cut).sum() / cut for cut in cuts], dtype=np.float64)
+
+
+def revisited_metrics(
+    query,
+    gallery,
+    setups: dict[str, tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]]],
+    kappas: Sequence[int] = (1, 5, 10),
+    chunk_size: int | None = None,
+) -> dict:
+    """mAP and mP@k of the Revisited Oxford/Paris protocol (Radenović et al. 2018), per setup.
+
+    Args:
+        query, gallery: (Nq, D) and (Ng, D) embeddings, ranked by cosine similarity (ties by
+            lower gallery index, as everywhere here).
+        setups: name -> (positives, ignored): per query, the gallery rows that are positive,
+            and the rows removed from its ranking before it is scored (a row in both counts
+            as positive).
+        kappas: the k of mP@k.
+
+    Per query, with the ignored rows removed from the ranking and r_1 < r_2 < ... the
+    0-based ranks of its P positives: AP = (1/P) sum_j ((j-1)/r_j + j/(r_j + 1)) / 2 (the
+    first term 1 when r_j = 0), and P@k = |{j: r_j < k_q}| / k_q with k_q = min(k, r_P + 1).
+    A query without positives in a setup is left out of that setup's means.
+
+    Returns ``{"map_<setup>": float, "mp@<k>_<setup>": float, "n_queries_<setup>": int (queries
+    scored), "n_excluded_<setup>": int}`` for each setup.
+    """
+    kappas = _check_ks(kappas)
+    q = as_embeddings(query, "query")
+    g = as_embeddings(gallery, "gallery", q.device)
+    if q.shape[1] != g.shape[1]:
+        raise InputError(f"query rows have {q.shape[1]} dimensions but gallery rows {g.shape[1]}")
+    lists = {}
+    for name, (positives, ignored) in setups.items():
+        if len(positives) != q.shape[0] or len(ignored) != q.shape[0]:
+            raise InputError(f"setup {name!r}: {len(positives)} positive and {len(ignored)} ignored lists for "
+                             f"{q.shape[0]} queries; give one of each per query")
+        lists[name] = tuple([_gallery_rows(items, g.shape[0], f"setup {name!r}: {what}[{row}]")
+                             for row, items in enumerate(given)]
+                            for what, given in (("positives", positives), ("ignored", ignored)))
+    ap = {name: np.full(q.shape[0], np.nan) for name in setups}
+    precision = {name: np.full((q.shape[0], len(kappas)), np.nan) for name in setups}
+    # a block holds the similarities, the ranking and its inverse: 4 + 8 + 8 bytes per item
+    chunk_size = chunk_size or max(1, default_chunk_size(g.shape[0]) // 5)
+    rows = torch.arange(q.shape[0], device=q.device)
+    for block_rows, scores in _blocks(q, g, rows, chunk_size, False):
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        position = torch.empty_like(order)
+        position.scatter_(1, order, torch.arange(g.shape[0], device=order.device).expand_as(order))
+        position = position.cpu().numpy()
+        for at, row in enumerate(block_rows.tolist()):
+            for name, (positives, ignored) in lists.items():
+                if len(positives[row]) == 0:
+                    continue
+                ranks = np.sort(position[at, positives[row]])
+                skipped = np.sort(position[at, np.setdiff1d(ignored[row], positives[row])])
+                ranks = ranks - np.searchsorted(skipped, ranks)
+                ap[name][row] = _revisited_average_precision(ranks, len(ranks))
+                precision[name][row] = _revisited_precisions(ranks, kappas)
+    result: dict = {}
+    for name in setups:
+        scored = ~np.isnan(ap[name])
+        if not scored.any():
+            raise InputError(f"setup {name!r}: none of the {q.shape[0]} queries has a positive")
+        result[f"map_{name}"] = float(ap[name][scored].mean())
+        for column, k in enumerate(kappas):
+            result[f"mp@{k}_{name}"] = float(precision[name][scored, column].mean())
+        result[f"n_queries_{name}"] = int(scored.sum())
+        result[f"n_excluded_{name}"] = int((~scored).sum())
+    return result

@@ -84,6 +84,7 @@ def evaluate_retrieval(
     *,
     relevant=None,
     subsets: dict[str, np.ndarray] | None = None,
+    setups: dict | None = None,
     train=None,
     ks: Sequence[int] = (1, 2, 4, 8),
     metric: str = "recall@1",
@@ -101,6 +102,9 @@ def evaluate_retrieval(
         query, gallery: (N, D) embeddings (``gallery=None``: leave-one-out over ``query``).
         query_labels, gallery_labels: class per row; or ``relevant`` lists (GLDv2).
         subsets: named query-row arrays scored separately as well (GLDv2 public/private).
+        setups: name -> (positive rows, ignored rows) per query, each setup scored with
+            :func:`~unicom.evaluate.metrics.revisited_metrics` (Revisited Oxford/Paris;
+            ``ks`` are then the k of mP@k).
         train: train-split embeddings; with ``dims``, the PCA baseline is fitted on them.
         metric: the headline metric, drawn against the dimension.
         dims: dimensions d of the compact-dimension curve (empty: no curve).
@@ -122,8 +126,8 @@ def evaluate_retrieval(
         query, query_labels = np.asarray(query)[query_rows], np.asarray(query_labels)[query_rows]
         if gallery is not None:
             gallery, gallery_labels = np.asarray(gallery)[gallery_rows], np.asarray(gallery_labels)[gallery_rows]
-    full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, ks=ks, chunk_size=chunk_size,
-                 per_query=bool(subsets))
+    full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
+                 chunk_size=chunk_size, per_query=bool(subsets))
     per_query = full.pop("per_query", None)
     if metric not in full:
         raise ValueError(f"metric {metric!r} is not computed; choose one of {sorted(full)}")
@@ -136,6 +140,8 @@ def evaluate_retrieval(
         "ks": [int(k) for k in ks],
         "metric": metric,
     }
+    if setups:
+        report["protocol"]["setups"] = list(setups)
     if subset is not None:
         report["class_subset"] = subset
     report["metrics"] = full
@@ -143,8 +149,8 @@ def evaluate_retrieval(
         report["subsets"] = {name: summarize(per_query, ks, rows) for name, rows in subsets.items()}
     if dims:
         report["dimensions"] = dimension_curve(
-            query, query_labels, gallery, gallery_labels, dims=dims, train=train, relevant=relevant, ks=ks,
-            chunk_size=chunk_size,
+            query, query_labels, gallery, gallery_labels, dims=dims, train=train, relevant=relevant, setups=setups,
+            ks=ks, chunk_size=chunk_size,
         )
     if out is not None:
         write_retrieval_report(report, out)
@@ -174,20 +180,25 @@ def retrieval_markdown(report: dict) -> str:
     heading = " · ".join(str(report[k]) for k in ("dataset", "model", "embeddings") if report.get(k)) or "retrieval"
     search = "leave-one-out" if protocol["leave_one_out"] else f"against a gallery of {protocol['gallery']}"
     metrics = report["metrics"]
-    lines = [
-        f"# {heading}",
-        "",
-        f"{protocol['queries']} queries {search}, dimension {protocol['embedding_dim']}; "
-        f"{metrics['n_queries']} scored, {metrics['n_excluded']} without a relevant item excluded.",
-        "",
-    ]
-    if report.get("class_subset"):
-        lines[-1:-1] = ["", _class_subset_line(report["class_subset"])]
-    columns = [f"recall@{k}" for k in protocol["ks"]] + list(METRIC_KEYS)
-    rows = [("all", metrics)] + list(report.get("subsets", {}).items())
-    lines += ["| queries | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, values in rows:
-        lines.append(f"| {name} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
+    if protocol.get("setups"):
+        lines = [f"# {heading}", "", f"{protocol['queries']} queries, cropped to their boxes, {search}, dimension "
+                 f"{protocol['embedding_dim']}; each setup's ignored images are removed from the ranking.", ""]
+        lines += _setup_table(metrics, protocol["setups"], protocol["ks"])
+    else:
+        lines = [
+            f"# {heading}",
+            "",
+            f"{protocol['queries']} queries {search}, dimension {protocol['embedding_dim']}; "
+            f"{metrics['n_queries']} scored, {metrics['n_excluded']} without a relevant item excluded.",
+            "",
+        ]
+        if report.get("class_subset"):
+            lines[-1:-1] = ["", _class_subset_line(report["class_subset"])]
+        columns = [f"recall@{k}" for k in protocol["ks"]] + list(METRIC_KEYS)
+        rows = [("all", metrics)] + list(report.get("subsets", {}).items())
+        lines += ["| queries | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for name, values in rows:
+            lines.append(f"| {name} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
     if report.get("dimensions"):
         metric = protocol["metric"]
         by = {(row["method"], row["dimension"]): row for row in report["dimensions"]}
@@ -202,6 +213,16 @@ def retrieval_markdown(report: dict) -> str:
         skipped = [row["skipped"] for row in report["dimensions"] if "skipped" in row]
         lines += [""] + [f"- {why}" for why in skipped] if skipped else []
     return "\n".join(lines) + "\n"
+
+
+def _setup_table(metrics: dict, setups, ks) -> list[str]:
+    """One row per setup (Revisited Oxford/Paris): mAP and mP@k in %, queries scored."""
+    lines = ["| setup | mAP | " + " | ".join(f"mP@{k}" for k in ks) + " | queries scored |",
+             "|---" * (len(ks) + 3) + "|"]
+    for name in setups:
+        cells = [_percent(metrics[f"map_{name}"])] + [_percent(metrics[f"mp@{k}_{name}"]) for k in ks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {metrics[f'n_queries_{name}']} |")
+    return lines
 
 
 def _class_subset_line(subset: dict) -> str:

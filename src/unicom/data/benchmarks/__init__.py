@@ -56,13 +56,20 @@ RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
         _R + "read_vehicleid", (1, 5), "recall@1", "PKU VehicleID, 2400 vehicles, leave-one-out", {"size": "large"}),
     "gldv2": RetrievalBenchmark(
         _R + "read_gldv2", (1, 10, 100), "map@100", "Google Landmarks v2 retrieval, Public/Private vs index"),
+    "roxford5k": RetrievalBenchmark(
+        "unicom.data.benchmarks.revisited:read_revisited", (1, 5, 10), "map_medium",
+        "Revisited Oxford5k, 70 cropped queries vs 4,993 images, easy/medium/hard", {"name": "roxford5k"}),
+    "rparis6k": RetrievalBenchmark(
+        "unicom.data.benchmarks.revisited:read_revisited", (1, 5, 10), "map_medium",
+        "Revisited Paris6k, 70 cropped queries vs 6,322 images, easy/medium/hard", {"name": "rparis6k"}),
     "folder": RetrievalBenchmark(
         _R + "read_folder", (1, 2, 4, 8), "recall@1", "a folder with one sub-folder per class, leave-one-out"),
     "csv": RetrievalBenchmark(
         _R + "read_csv", (1, 2, 4, 8), "recall@1", "a CSV/parquet of path,label[,split]"),
 }
 ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "inshop", "inat": "inaturalist",
-           "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2"}
+           "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2",
+           "roxford": "roxford5k", "rparis": "rparis6k"}
 
 
 @dataclass
@@ -71,8 +78,10 @@ class RetrievalProtocol:
 
     ``gallery is None``: leave-one-out over ``query``. ``relevant`` (GLDv2): per query, the
     gallery rows that count as relevant, instead of labels. ``subsets``: query rows
-    reported separately (GLDv2 ``public``/``private``). ``train`` feeds fine-tuning and
-    the PCA baseline.
+    reported separately (GLDv2 ``public``/``private``). ``setups`` (Revisited
+    Oxford/Paris): name -> (positive rows, ignored rows) per query, instead of labels;
+    ``query_boxes``: (Nq, 4) x1, y1, x2, y2, the crop of each query image to embed.
+    ``train`` feeds fine-tuning and the PCA baseline.
     """
 
     name: str
@@ -83,6 +92,8 @@ class RetrievalProtocol:
     metric: str
     relevant: list[np.ndarray] | None = None
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
+    query_boxes: np.ndarray | None = None
+    setups: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] | None = None
 
 
 def _resolve(target: str):
@@ -115,6 +126,8 @@ def load_retrieval_benchmark(name: str, root: str | os.PathLike, check_images: b
         metric=spec.metric,
         relevant=splits.relevant,
         subsets=splits.subsets,
+        query_boxes=splits.query_boxes,
+        setups=splits.setups,
     )
 
 

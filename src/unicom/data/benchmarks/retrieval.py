@@ -40,13 +40,18 @@ from unicom.errors import InputError
 @dataclass
 class Splits:
     """What a reader found. ``relevant[q]``: gallery rows relevant to query q (GLDv2);
-    ``subsets``: named arrays of query rows reported separately (GLDv2 Public/Private)."""
+    ``subsets``: named arrays of query rows reported separately (GLDv2 Public/Private);
+    ``query_boxes``: (Nq, 4) float64 x1, y1, x2, y2, the region of each query image that is
+    the query (Revisited Oxford/Paris); ``setups``: name -> (positive gallery rows, ignored
+    gallery rows) per query, each setup scored separately (Revisited Oxford/Paris)."""
 
     query: ImageList
     gallery: ImageList | None = None
     train: ImageList | None = None
     relevant: list[np.ndarray] | None = None
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
+    query_boxes: np.ndarray | None = None
+    setups: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] | None = None
 
 
 # --------------------------------------------------------------------------- helpers

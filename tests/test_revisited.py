@@ -1,0 +1,322 @@
+"""Revisited Oxford5k / Paris6k: the easy, medium and hard setups, mAP and mP@k, the ground truth pickle."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import class_image, encode_image
+
+from unicom.cli import main
+from unicom.data.benchmarks import load_retrieval_benchmark
+from unicom.errors import InputError
+from unicom.evaluate import revisited_metrics
+
+
+def on_circle(angles) -> np.ndarray:
+    """2-D unit vectors at ``angles``: a query at angle 0 ranks them by increasing angle."""
+    angles = np.asarray(angles, dtype=np.float64)
+    return np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the metric, by hand
+
+
+def test_ap_and_mp_at_k_of_each_setup_by_hand():
+    # gallery rows 0..7 at angles 0.1 * row: query 0 (angle 0) ranks them 0, 1, ..., 7 and
+    # query 1 (angle pi) ranks them 7, 6, ..., 0
+    gallery = on_circle(0.1 * np.arange(8))
+    query = on_circle([0.0, math.pi])
+    easy, hard, junk = [[0, 4], [3]], [[2, 6], []], [[1, 5], []]  # query 1 has no hard positive
+    setups = {
+        "easy": (easy, [j + h for j, h in zip(junk, hard)]),
+        "medium": ([e + h for e, h in zip(easy, hard)], junk),
+        "hard": (hard, [j + e for j, e in zip(junk, easy)]),
+    }
+    m = revisited_metrics(query, gallery, setups, kappas=(1, 5, 10))
+
+    # query 0, easy: 1, 5, 2, 6 removed leaves 0 3 4 7; positives at 0-based ranks 0 and 2:
+    # AP = ((1 + 1/1)/2 + (1/2 + 2/3)/2) / 2 = 19/24; last positive at rank 3, so mP@5 and
+    # mP@10 are the precision at 3: 2/3
+    # query 1, easy: nothing removed, ranking 7 6 5 4 3 ...: its positive 3 at rank 4:
+    # AP = (0/4 + 1/5)/2 = 1/10; P@1 = 0, P@5 = P@10 = 1/5 (cut at its rank, 5)
+    assert m["map_easy"] == pytest.approx((19 / 24 + 1 / 10) / 2)
+    assert m["mp@1_easy"] == pytest.approx((1 + 0) / 2)
+    assert m["mp@5_easy"] == pytest.approx((2 / 3 + 1 / 5) / 2)
+    assert m["mp@10_easy"] == pytest.approx((2 / 3 + 1 / 5) / 2)
+    # query 0, medium: 1, 5 removed leaves 0 2 3 4 6 7; positives 0 2 4 6 at ranks 0, 1, 3, 4:
+    # AP = (1 + 1 + (2/3 + 3/4)/2 + (3/4 + 4/5)/2) / 4 = 209/240; mP@5 = mP@10 = 4/5
+    assert m["map_medium"] == pytest.approx((209 / 240 + 1 / 10) / 2)
+    assert m["mp@1_medium"] == pytest.approx(1 / 2)
+    assert m["mp@5_medium"] == pytest.approx((4 / 5 + 1 / 5) / 2)
+    assert m["mp@10_medium"] == pytest.approx((4 / 5 + 1 / 5) / 2)
+    # query 0, hard: 1, 5, 0, 4 removed leaves 2 3 6 7; positives at 0 and 2, as in easy;
+    # query 1 has no hard positive: left out of the hard means, not counted as 0
+    assert m["map_hard"] == pytest.approx(19 / 24)
+    assert (m["mp@1_hard"], m["mp@5_hard"], m["mp@10_hard"]) == pytest.approx((1, 2 / 3, 2 / 3))
+    assert (m["n_queries_hard"], m["n_excluded_hard"]) == (1, 1)
+    assert (m["n_queries_easy"], m["n_excluded_easy"]) == (2, 0)
+
+
+def test_ignored_images_do_not_count_against_a_positive():
+    # ranking 0 1 2: the positive 2 behind two ignored images scores as if it came first
+    gallery, query = on_circle([0.0, 0.1, 0.2]), on_circle([0.0])
+    m = revisited_metrics(query, gallery, {"s": ([[2]], [[0, 1]])}, kappas=(1,))
+    assert (m["map_s"], m["mp@1_s"]) == (1.0, 1.0)
+    kept = revisited_metrics(query, gallery, {"s": ([[2]], [[]])}, kappas=(1,))
+    assert kept["map_s"] == pytest.approx((0 / 2 + 1 / 3) / 2)
+    assert kept["mp@1_s"] == 0.0
+
+
+def test_an_image_listed_as_positive_and_ignored_counts_as_positive():
+    gallery, query = on_circle([0.0, 0.1]), on_circle([0.0])
+    m = revisited_metrics(query, gallery, {"s": ([[0, 1]], [[0]])}, kappas=(1,))
+    assert m["map_s"] == 1.0
+
+
+# --------------------------------------------------------------------------- a dataset on disk
+
+NAMES = [f"all_souls_{i:06d}" for i in range(9)]
+QUERIES = [NAMES[0], NAMES[4]]
+GND = [
+    {"bbx": np.array([4.0, 6.5, 30.2, 28.0]), "easy": np.array([1, 2]), "hard": np.array([3, 5]),
+     "junk": np.array([6])},
+    {"bbx": [0, 0, 20, 36], "easy": [7], "hard": [], "junk": [8, 0]},
+]
+
+
+def revisited_dataset(root: Path, name: str, *, layout: str = "download", protocol: int = 2) -> Path:
+    """``root/<name>/gnd_<name>.pkl`` (pickle ``protocol``) and ``jpg/<image>.jpg`` (40x40
+    JPEGs); with ``layout="flat"`` the files are directly under ``root``."""
+    folder = root / name if layout == "download" else root
+    (folder / "jpg").mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(NAMES):
+        (folder / "jpg" / f"{image}.jpg").write_bytes(encode_image(class_image(i % 4, i, size=40)))
+    with open(folder / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": NAMES, "qimlist": QUERIES, "gnd": GND}, f, protocol=protocol)
+    return root
+
+
+def straightforward_metrics(query, gallery, kappas=(1, 5, 10)) -> dict:
+    """The protocol computed the plain way: walk each ranking, skip the ignored images."""
+    similarities = query @ gallery.T
+    result = {}
+    for setup, (positive_lists, ignored_lists) in {
+        "easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+        "hard": (("hard",), ("junk", "easy")),
+    }.items():
+        aps, precisions = [], []
+        for q, gnd in enumerate(GND):
+            positives = {int(i) for f in positive_lists for i in gnd[f]}
+            ignored = {int(i) for f in ignored_lists for i in gnd[f]} - positives
+            if not positives:
+                continue
+            ranking = [i for i in np.argsort(-similarities[q], kind="stable") if i not in ignored]
+            ap, found, hits_at = 0.0, 0, []
+            for rank, item in enumerate(ranking):
+                if item in positives:
+                    before = 1.0 if rank == 0 else found / rank
+                    found += 1
+                    ap += (before + found / (rank + 1)) / 2 / len(positives)
+                hits_at.append(found)
+            last = max(rank for rank, item in enumerate(ranking) if item in positives) + 1
+            aps.append(ap)
+            precisions.append([hits_at[min(k, last) - 1] / min(k, last) for k in kappas])
+        result[f"map_{setup}"] = np.mean(aps)
+        for column, k in enumerate(kappas):
+            result[f"mp@{k}_{setup}"] = np.mean([p[column] for p in precisions])
+        result[f"n_queries_{setup}"] = len(aps)
+        result[f"n_excluded_{setup}"] = len(GND) - len(aps)
+    return result
+
+
+def test_reader_gives_cropped_queries_the_database_and_the_three_setups(tmp_path):
+    protocol = load_retrieval_benchmark("roxford", revisited_dataset(tmp_path, "roxford5k"))
+    assert protocol.name == "roxford5k" and protocol.metric == "map_medium" and protocol.ks == (1, 5, 10)
+    assert protocol.gallery.keys == [f"jpg/{n}.jpg" for n in NAMES]
+    assert protocol.query.keys == ["jpg/all_souls_000000.jpg#crop", "jpg/all_souls_000004.jpg#crop"]
+    assert protocol.query.paths[1] == str(tmp_path / "roxford5k" / "jpg" / "all_souls_000004.jpg")
+    np.testing.assert_array_equal(protocol.query_boxes, [[4.0, 6.5, 30.2, 28.0], [0, 0, 20, 36]])
+    as_lists = {name: ([p.tolist() for p in positives], [i.tolist() for i in ignored])
+                for name, (positives, ignored) in protocol.setups.items()}
+    assert as_lists == {
+        "easy": ([[1, 2], [7]], [[3, 5, 6], [0, 8]]),
+        "medium": ([[1, 2, 3, 5], [7]], [[6], [0, 8]]),
+        "hard": ([[3, 5], []], [[1, 2, 6], [0, 7, 8]]),
+    }
+    # --root may be the dataset folder itself
+    flat = load_retrieval_benchmark("rparis6k", revisited_dataset(tmp_path / "flat", "rparis6k", layout="flat"))
+    assert flat.query.keys == protocol.query.keys and flat.gallery.keys == protocol.gallery.keys
+
+
+def test_evaluate_with_a_model_embeds_the_query_crops_and_reports_each_setup(tmp_path):
+    from PIL import Image
+    from test_evaluate_cli import tiny_model_file
+
+    from unicom.embed import embed_images
+    from unicom.models.encoders import load_encoder
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "8", "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+
+    images = root / "roxford5k" / "jpg"
+    crops = []
+    for name, gnd in zip(QUERIES, GND):
+        with Image.open(images / f"{name}.jpg") as image:
+            crops.append(image.convert("RGB").crop(tuple(float(v) for v in gnd["bbx"])))
+    encoder = load_encoder(str(checkpoint))
+    query = embed_images(encoder, crops, num_workers=0)
+    gallery = embed_images(encoder, [str(images / f"{n}.jpg") for n in NAMES], num_workers=0)
+    assert not np.allclose(query[0], gallery[0], atol=1e-3)  # the crop, not the whole image
+    expected = straightforward_metrics(query, gallery)
+    assert report["metrics"] == pytest.approx(expected)
+    assert report["protocol"]["setups"] == ["easy", "medium", "hard"] and report["protocol"]["metric"] == "map_medium"
+    assert (report["metrics"]["n_queries_hard"], report["metrics"]["n_excluded_hard"]) == (1, 1)
+    assert [r["dimension"] for r in report["dimensions"]] == [8, 16]
+    assert report["dimensions"][-1]["map_medium"] == pytest.approx(expected["map_medium"])
+    markdown = (out / "metrics.md").read_text()
+    assert "2 queries, cropped to their boxes, against a gallery of 9" in markdown
+    assert "| setup | mAP | mP@1 | mP@5 | mP@10 | queries scored |" in markdown
+    assert (f"| hard | {100 * expected['map_hard']:.2f} | {100 * expected['mp@1_hard']:.2f} | "
+            f"{100 * expected['mp@5_hard']:.2f} | {100 * expected['mp@10_hard']:.2f} | 1 |") in markdown
+    assert (out / "recall_vs_dimension.png").is_file()
+
+
+def test_precomputed_embeddings_are_scored_from_the_ground_truth_alone(tmp_path):
+    from test_evaluate_cli import embedding_folder
+
+    root = revisited_dataset(tmp_path / "data", "rparis6k")
+    protocol = load_retrieval_benchmark("rparis6k", root)
+    x = np.random.default_rng(3).standard_normal((2 + len(NAMES), 8)).astype(np.float32)
+    embedding_folder(tmp_path / "emb", x, protocol.query.keys + protocol.gallery.keys, parts=1)
+    for image in (root / "rparis6k" / "jpg").iterdir():
+        image.unlink()
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "rparis", "--root", str(root),
+                 "--dims", "none", "--out", str(out)]) == 0
+    x = x.astype(np.float16).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(
+        straightforward_metrics(x[:2], x[2:]))
+
+
+def test_a_whole_query_image_is_not_taken_for_its_crop(tmp_path, capsys):
+    # embeddings of the database images alone, with their paths: the queries are among them,
+    # but uncropped; they must not be matched by path
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    protocol = load_retrieval_benchmark("roxford5k", root)
+    x = np.random.default_rng(0).standard_normal((len(NAMES), 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=x, metadata=pa.table({"key": protocol.gallery.keys,
+                                                               "path": protocol.gallery.paths}))
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert "2 query images of the benchmark have no embedding" in capsys.readouterr().err
+
+
+def test_missing_images_are_listed_with_the_ground_truth_file(tmp_path):
+    root = revisited_dataset(tmp_path, "roxford5k")
+    for name in NAMES[:6]:
+        (root / "roxford5k" / "jpg" / f"{name}.jpg").unlink()
+    with pytest.raises(InputError, match=r"gnd_roxford5k\.pkl: 6 of the images it lists are missing, e\.g\.:\n"
+                                         r"(.*all_souls_00000[0-4]\.jpg\n){4}.*all_souls_000004\.jpg\n"):
+        load_retrieval_benchmark("roxford5k", root)
+
+
+# --------------------------------------------------------------------------- the pickle
+
+
+class RunsACommand:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_that_would_run_code_is_refused_and_not_run(protocol, tmp_path):
+    root = revisited_dataset(tmp_path, "roxford5k")
+    marker = tmp_path / "ran"
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": GND, "x": RunsACommand(marker)},
+                                 protocol=protocol))
+    with pytest.raises(InputError, match=r"gnd_roxford5k\.pkl: refused as a ground truth file: it asks for "
+                                         r"(posix|os|nt)\.system; it may hold only lists, dicts"):
+        load_retrieval_benchmark("roxford5k", root)
+    assert not marker.exists()
+
+
+def test_a_python_2_pickle_with_byte_strings_is_read(tmp_path):
+    # Python 2 wrote names as byte strings (opcode U) and numpy arrays with their raw bytes as a
+    # byte string; read as Latin-1 they give the same names and arrays
+    def string(text: bytes) -> bytes:
+        return b"U" + bytes([len(text)]) + text
+
+    def int64_array(values) -> bytes:
+        raw = np.asarray(values, dtype="<i8").tobytes()
+        return (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\nK\x00\x85" + string(b"b") + b"tR"
+                + b"(K\x01K" + bytes([len(values)]) + b"\x85cnumpy\ndtype\n(" + string(b"i8") + b"K\x00K\x01tR"
+                + b"(K\x03" + string(b"<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + string(raw) + b"tb")
+
+    def names(items) -> bytes:
+        return b"](" + b"".join(string(n.encode()) for n in items) + b"e"
+
+    query = b"}(" + string(b"bbx") + b"](G" + np.float64(1.5).tobytes()[::-1] + b"K\x02K\x20K\x22e"
+    query += string(b"easy") + int64_array([1, 2]) + string(b"hard") + int64_array([3]) + string(b"junk") + b"]u"
+    other = b"}(" + string(b"bbx") + b"](K\x00K\x00K\x05K\x05e" + string(b"easy") + b"](K\x07e" + string(b"hard")
+    other += b"]" + string(b"junk") + b"]u"
+    data = (b"\x80\x02}(" + string(b"imlist") + names(NAMES) + string(b"qimlist") + names(QUERIES)
+            + string(b"gnd") + b"](" + query + other + b"eu.")
+    root = tmp_path / "rparis6k"
+    (root / "jpg").mkdir(parents=True)
+    (root / "gnd_rparis6k.pkl").write_bytes(data)
+    protocol = load_retrieval_benchmark("rparis6k", root, check_images=False)
+    assert protocol.gallery.keys[3] == "jpg/all_souls_000003.jpg"
+    np.testing.assert_array_equal(protocol.query_boxes[0], [1.5, 2, 32, 34])
+    positives, ignored = protocol.setups["medium"]
+    assert [p.tolist() for p in positives] == [[1, 2, 3], [7]]
+    assert [i.tolist() for i in ignored] == [[], []]
+
+
+@pytest.mark.parametrize("protocol", [0, 3, 5])
+def test_ground_truth_pickled_with_any_protocol_reads_the_same(protocol, tmp_path):
+    reference = load_retrieval_benchmark("roxford5k", revisited_dataset(tmp_path / "p2", "roxford5k"))
+    other = load_retrieval_benchmark("roxford5k", revisited_dataset(tmp_path / "other", "roxford5k", protocol=protocol))
+    np.testing.assert_array_equal(other.query_boxes, reference.query_boxes)
+    for name, (positives, ignored) in reference.setups.items():
+        assert [p.tolist() for p in other.setups[name][0]] == [p.tolist() for p in positives]
+        assert [i.tolist() for i in other.setups[name][1]] == [i.tolist() for i in ignored]
+
+
+def test_names_pickled_as_bytes_are_read_as_text(tmp_path):
+    root = revisited_dataset(tmp_path, "roxford5k")
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(pickle.dumps({b"imlist": [n.encode() for n in NAMES], b"qimlist": [q.encode() for q in QUERIES],
+                                  b"gnd": [{k.encode(): v for k, v in g.items()} for g in GND]}, protocol=2))
+    protocol = load_retrieval_benchmark("roxford5k", root)
+    assert protocol.query.keys[1] == "jpg/all_souls_000004.jpg#crop"
+    assert [p.tolist() for p in protocol.setups["easy"][0]] == [[1, 2], [7]]
+
+
+def test_a_ground_truth_row_outside_the_database_is_named(tmp_path):
+    root = revisited_dataset(tmp_path, "roxford5k")
+    gnd = [dict(GND[0]), GND[1]]
+    gnd[0]["junk"] = [6, 9]
+    (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(
+        pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": gnd}, protocol=2))
+    with pytest.raises(InputError, match=r"gnd\[0\]\['junk'\] names database row 9, outside 0\.\.8"):
+        load_retrieval_benchmark("roxford5k", root)

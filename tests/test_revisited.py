@@ -190,6 +190,17 @@ def test_evaluate_with_a_model_embeds_the_query_crops_and_reports_each_setup(tmp
     assert (out / "recall_vs_dimension.png").is_file()
 
 
+def test_a_query_box_beyond_its_image_is_cropped_with_a_warning(tmp_path):
+    # images resized after the ground truth was made: the boxes no longer fit them
+    from unicom.data.benchmarks.revisited import cropped_queries
+
+    protocol = load_retrieval_benchmark("roxford5k", revisited_dataset(tmp_path, "roxford5k"))
+    with pytest.warns(UserWarning, match=r"1 query boxes reach beyond their image, e\.g\. all_souls_000004\.jpg "
+                                         r"\(40x40, box 0, 0, 20, 41\.5\)"):
+        crops = cropped_queries(protocol.query, protocol.query_boxes + [[0, 0, 0, 0], [0, 0, 0, 5.5]])
+    assert crops[1].size == (20, 42)  # PIL's crop, rounded: black below the image
+
+
 def test_precomputed_embeddings_are_scored_from_the_ground_truth_alone(tmp_path):
     from test_evaluate_cli import embedding_folder
 
@@ -222,7 +233,10 @@ def test_a_whole_query_image_is_not_taken_for_its_crop(tmp_path, capsys):
                                                                "path": protocol.gallery.paths}))
     assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "roxford5k", "--root", str(root),
                  "--dims", "none", "--out", str(tmp_path / "report")]) == 2
-    assert "2 query images of the benchmark have no embedding" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "2 query images of the benchmark have no embedding (by key or path), e.g. ['jpg/all_souls_000000.jpg#crop'" \
+        in error
+    assert "the queries are the query images cropped to their boxes: give the embeddings of the crops rows" in error
 
 
 def test_missing_images_are_listed_with_the_ground_truth_file(tmp_path):
@@ -319,4 +333,22 @@ def test_a_ground_truth_row_outside_the_database_is_named(tmp_path):
     (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(
         pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": gnd}, protocol=2))
     with pytest.raises(InputError, match=r"gnd\[0\]\['junk'\] names database row 9, outside 0\.\.8"):
+        load_retrieval_benchmark("roxford5k", root)
+
+
+@pytest.mark.parametrize("rows", [[1.5], ["a"]])
+def test_a_ground_truth_row_that_is_not_a_whole_number_is_named(rows, tmp_path):
+    root = revisited_dataset(tmp_path, "roxford5k")
+    (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(
+        pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": [dict(GND[0], easy=rows), GND[1]]}, protocol=2))
+    with pytest.raises(InputError, match=r"gnd\[0\]\['easy'\] is not a list of database rows \(whole numbers\)"):
+        load_retrieval_benchmark("roxford5k", root)
+
+
+def test_a_damaged_ground_truth_file_is_named_with_what_to_do(tmp_path):
+    root = revisited_dataset(tmp_path, "roxford5k")
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(gnd.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"gnd_roxford5k\.pkl: cannot be read as a pickle \(.*\); the file is damaged "
+                                         "or incomplete: download it again"):
         load_retrieval_benchmark("roxford5k", root)

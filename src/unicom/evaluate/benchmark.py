@@ -90,7 +90,8 @@ class _RowIndex:
                     if p:
                         self.by_path.setdefault(os.path.realpath(p), i)
 
-    def rows(self, keys: Sequence[str], paths: Sequence[str], split: str, required: bool = True) -> np.ndarray:
+    def rows(self, keys: Sequence[str], paths: Sequence[str], split: str, required: bool = True,
+             remedy: str = "embed the whole dataset folder, or evaluate with --model") -> np.ndarray:
         rows = []
         missing = []
         for key, path in zip(keys, paths):
@@ -104,7 +105,7 @@ class _RowIndex:
         if missing and required:
             raise InputError(
                 f"{self.root}: {len(missing)} {split} images of the benchmark have no embedding (by key or path), "
-                f"e.g. {missing[:3]}; embed the whole dataset folder, or evaluate with --model"
+                f"e.g. {missing[:3]}; {remedy}"
             )
         return rows
 
@@ -309,9 +310,14 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if images is None:
                 vectors[split] = None
                 continue
-            # a cropped query is found by its key alone: the row found by its path is the whole image
-            cropped = split == "query" and protocol.query_boxes is not None
-            vectors[split] = x[index.rows(images.keys, [""] * len(images) if cropped else images.paths, split)]
+            if split == "query" and protocol.query_boxes is not None:
+                # a cropped query is found by its key alone: the row found by its path is the whole image
+                rows = index.rows(images.keys, [""] * len(images), split, remedy=(
+                    "the queries are the query images cropped to their boxes: give the embeddings of the crops "
+                    "rows with these keys (as --model writes them), or evaluate with --model"))
+            else:
+                rows = index.rows(images.keys, images.paths, split)
+            vectors[split] = x[rows]
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)

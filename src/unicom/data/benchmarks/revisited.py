@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,15 @@ def _allowed(module: str, name: str):
     return None
 
 
+class _Forbidden(pickle.UnpicklingError):
+    """The pickle asks for something a ground truth file never holds."""
+
+
 class _GroundTruthUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         found = _allowed(module, name)
         if found is None:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+            raise _Forbidden(f"it asks for {module}.{name}")
         return found
 
 
@@ -97,12 +102,15 @@ def load_ground_truth(path: str | os.PathLike) -> dict:
     try:
         with open(path, "rb") as f:
             data = _GroundTruthUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+    except _Forbidden as error:
         raise InputError(
             f"{path}: refused as a ground truth file: {error}; it may hold only lists, dicts, strings, numbers and "
             "numpy arrays (imlist, qimlist, gnd). Use the gnd_*.pkl distributed with the Revisited Oxford/Paris "
             "benchmark, or write your own with pickle.dump of such a dict"
         ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise InputError(f"{path}: cannot be read as a pickle ({error or type(error).__name__}); the file is damaged "
+                         "or incomplete: download it again") from None
     return _text_names(data)
 
 
@@ -129,10 +137,14 @@ def _names(gnd: dict, field: str, path: Path) -> list[str]:
 
 def _rows(gnd: dict, field: str, query: int, size: int, path: Path) -> np.ndarray:
     """The database rows of query ``query``'s list ``field`` (int64), each in 0..size-1."""
+    values = gnd.get(field, [])
     try:
-        rows = np.asarray(gnd.get(field, []), dtype=np.int64).reshape(-1)
+        rows = np.asarray(values, dtype=np.int64).reshape(-1)
+        whole = np.array_equal(rows, np.asarray(values, dtype=np.float64).reshape(-1))
     except (TypeError, ValueError):
-        raise InputError(f"{path}: gnd[{query}][{field!r}] is not a list of database rows") from None
+        whole = False
+    if not whole:  # 1.5 would otherwise be read as row 1
+        raise InputError(f"{path}: gnd[{query}][{field!r}] is not a list of database rows (whole numbers)")
     outside = rows[(rows < 0) | (rows >= size)]
     if len(outside):
         raise InputError(f"{path}: gnd[{query}][{field!r}] names database row {int(outside[0])}, outside "
@@ -192,14 +204,25 @@ def read_revisited(root: str | os.PathLike, name: str, check_images: bool = True
 
 def cropped_queries(query: ImageList, boxes: np.ndarray) -> list:
     """The query images (RGB PIL images) cropped to their boxes (x1, y1, x2, y2 in pixels,
-    as PIL's ``crop`` takes them), ready for the model's transform."""
+    as PIL's ``crop`` takes them), ready for the model's transform.
+
+    A box that reaches more than a pixel beyond its image (images resized after the ground
+    truth was made) is cropped all the same, with black outside the image, and a warning
+    names the queries."""
     from PIL import Image
 
-    images = []
+    images, outside = [], []
     for path, box in zip(query.paths, boxes):
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB").crop(tuple(float(v) for v in box)))
         except OSError as error:
             raise InputError(f"{path}: cannot be read as an image ({error})") from None
+        width, height = image.size
+        if box[0] < -1 or box[1] < -1 or box[2] > width + 1 or box[3] > height + 1:
+            outside.append(f"{Path(path).name} ({width}x{height}, box {', '.join(f'{v:g}' for v in box)})")
+    if outside:
+        warnings.warn(f"{len(outside)} query boxes reach beyond their image, e.g. {'; '.join(outside[:3])}: the part "
+                      "outside is black in the crop; the ground truth's boxes are in pixels of the original images, "
+                      "are these images resized?")
     return images

@@ -201,6 +201,18 @@ def test_a_query_box_beyond_its_image_is_cropped_with_a_warning(tmp_path):
     assert crops[1].size == (20, 42)  # PIL's crop, rounded: black below the image
 
 
+def test_a_class_subset_is_refused_before_anything_is_embedded(tmp_path, capsys):
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "roxford5k", "--root",
+                 str(revisited_dataset(tmp_path / "data", "roxford5k")), "--classes", "1", "--num-workers", "0",
+                 "--device", "cpu", "--out", str(out)]) == 2
+    assert "--classes and --exclude-classes need class labels" in capsys.readouterr().err
+    assert not (out / "embeddings").exists()
+
+
 def test_precomputed_embeddings_are_scored_from_the_ground_truth_alone(tmp_path):
     from test_evaluate_cli import embedding_folder
 

@@ -269,10 +269,12 @@ def _retrieval_only(classes, exclude_classes) -> None:
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
-    from unicom.evaluate.report import evaluate_retrieval
+    from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
     # precomputed embeddings are matched by key: the lists are needed, not the images
     protocol = load_retrieval_benchmark(name, root, check_images=model is not None)
+    class_labelled(protocol.query.labels, classes, exclude_classes,  # before anything is embedded
+                   protocol.relevant if protocol.setups is None else protocol.setups)
     out = Path(out)
     splits = {"query": protocol.query, "gallery": protocol.gallery}
     train = protocol.train if (pca and dims and protocol.train is not None and len(protocol.train) >= 2) else None

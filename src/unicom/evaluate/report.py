@@ -76,6 +76,15 @@ def select_classes(
     return rows[0], rows[1] if gallery_labels is not None else None, what
 
 
+def class_labelled(query_labels, classes, exclude_classes, lists=None) -> None:
+    """An :class:`InputError` when a class subset is asked of a protocol that ranks by
+    ``lists`` of relevant gallery items (GLDv2's, Revisited Oxford/Paris's) or has no
+    class labels."""
+    if (classes is not None or exclude_classes is not None) and (lists is not None or query_labels is None):
+        raise InputError("--classes and --exclude-classes need class labels; this protocol ranks by lists of "
+                         "relevant gallery items")
+
+
 def evaluate_retrieval(
     query,
     query_labels=None,
@@ -118,9 +127,7 @@ def evaluate_retrieval(
     """
     subset = None
     if classes is not None or exclude_classes is not None:
-        if relevant is not None or query_labels is None:
-            raise InputError("--classes and --exclude-classes need class labels; this protocol ranks by lists of "
-                             "relevant gallery items")
+        class_labelled(query_labels, classes, exclude_classes, relevant if setups is None else setups)
         query_rows, gallery_rows, subset = select_classes(
             query_labels, gallery_labels, classes=classes, exclude_classes=exclude_classes, class_names=class_names)
         query, query_labels = np.asarray(query)[query_rows], np.asarray(query_labels)[query_rows]

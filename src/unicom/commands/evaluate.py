@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
     parser.add_argument("--root", type=Path, help="the dataset's folder (or the CSV for --dataset csv)")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, metrics.md, the PNG and embeddings")
-    parser.add_argument("--ks", type=_int_list, help="K of Recall@K, e.g. 1,2,4,8 (default: the benchmark's)")
+    parser.add_argument("--ks", type=_int_list,
+                        help="K of Recall@K (of mP@k for roxford5k, rparis6k), e.g. 1,2,4,8 (default: the benchmark's)")
     parser.add_argument("--dims", type=_dims_list, default=(32, 64, 128, 256),
                         help="dimensions of the compact-dimension curve (default 32,64,128,256; 'none' to skip)")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")

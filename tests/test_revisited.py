@@ -318,6 +318,16 @@ def test_a_python_2_pickle_with_byte_strings_is_read(tmp_path):
     assert [i.tolist() for i in ignored] == [[], []]
 
 
+def test_a_pickle_that_encodes_with_another_codec_is_refused(tmp_path):
+    # protocol 2 writes bytes as _codecs.encode(text, "latin1"); no other codec is looked up
+    root = revisited_dataset(tmp_path, "roxford5k")
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.")
+    with pytest.raises(InputError, match=r"refused as a ground truth file: it asks for _codecs\.encode with encoding "
+                                         r"'rot13'"):
+        load_retrieval_benchmark("roxford5k", root)
+
+
 @pytest.mark.parametrize("protocol", [0, 3, 5])
 def test_ground_truth_pickled_with_any_protocol_reads_the_same(protocol, tmp_path):
     reference = load_retrieval_benchmark("roxford5k", revisited_dataset(tmp_path / "p2", "roxford5k"))

@@ -101,7 +101,7 @@ def revisited_dataset(root: Path, name: str, *, layout: str = "download", protoc
     return root
 
 
-def straightforward_metrics(query, gallery, kappas=(1, 5, 10)) -> dict:
+def straightforward_metrics(query, gallery, kappas=(1, 5, 10), ground_truth=GND) -> dict:
     """The protocol computed the plain way: walk each ranking, skip the ignored images."""
     similarities = query @ gallery.T
     result = {}
@@ -110,7 +110,7 @@ def straightforward_metrics(query, gallery, kappas=(1, 5, 10)) -> dict:
         "hard": (("hard",), ("junk", "easy")),
     }.items():
         aps, precisions = [], []
-        for q, gnd in enumerate(GND):
+        for q, gnd in enumerate(ground_truth):
             positives = {int(i) for f in positive_lists for i in gnd[f]}
             ignored = {int(i) for f in ignored_lists for i in gnd[f]} - positives
             if not positives:
@@ -130,8 +130,28 @@ def straightforward_metrics(query, gallery, kappas=(1, 5, 10)) -> dict:
         for column, k in enumerate(kappas):
             result[f"mp@{k}_{setup}"] = np.mean([p[column] for p in precisions])
         result[f"n_queries_{setup}"] = len(aps)
-        result[f"n_excluded_{setup}"] = len(GND) - len(aps)
+        result[f"n_excluded_{setup}"] = len(ground_truth) - len(aps)
     return result
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_many_queries_in_blocks_agree_with_walking_each_ranking(seed):
+    from unicom.data.benchmarks.revisited import REVISITED_SETUPS
+
+    rng = np.random.default_rng(seed)
+    query, gallery = rng.standard_normal((30, 16)).astype(np.float32), rng.standard_normal((300, 16)).astype(np.float32)
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    ground_truth = []
+    for _ in range(30):
+        order, (easy, hard, junk) = rng.permutation(300), rng.integers(0, 20, 3)
+        ground_truth.append({"easy": order[:easy], "hard": order[easy:easy + hard],
+                             "junk": order[easy + hard:easy + hard + junk]})
+    setups = {name: ([np.concatenate([g[f] for f in positive]) for g in ground_truth],
+                     [np.concatenate([g[f] for f in ignored]) for g in ground_truth])
+              for name, (positive, ignored) in REVISITED_SETUPS.items()}
+    got = revisited_metrics(query, gallery, setups, kappas=(1, 5, 10), chunk_size=7)
+    assert got == pytest.approx(straightforward_metrics(query, gallery, ground_truth=ground_truth), abs=1e-12)
 
 
 def test_reader_gives_cropped_queries_the_database_and_the_three_setups(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,7 @@ def test_reader_gives_cropped_queries_the_database_and_the_three_setups(tmp_path
     assert flat.query.keys == protocol.query.keys and flat.gallery.keys == protocol.gallery.keys
 
 
-def test_evaluate_with_a_model_embeds_the_query_crops_and_reports_each_setup(tmp_path):
+def test_evaluate_with_a_model_embeds_the_query_crops_and_reports_each_setup(tmp_path, capsys):
     from PIL import Image
     from test_evaluate_cli import tiny_model_file
 
@@ -208,6 +209,14 @@ def test_evaluate_with_a_model_embeds_the_query_crops_and_reports_each_setup(tmp
     assert (f"| hard | {100 * expected['map_hard']:.2f} | {100 * expected['mp@1_hard']:.2f} | "
             f"{100 * expected['mp@5_hard']:.2f} | {100 * expected['mp@10_hard']:.2f} | 1 |") in markdown
     assert (out / "recall_vs_dimension.png").is_file()
+
+    # other boxes are other queries: the cached crops are not scored for them
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": [dict(GND[0], bbx=[0, 0, 9, 9]), GND[1]]}))
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 2
+    assert re.search(r"holds embeddings made otherwise \(query_boxes_sha256: '[0-9a-f]{64}' before, '[0-9a-f]{64}' "
+                     r"now\); use another --out", capsys.readouterr().err)
 
 
 def test_a_query_box_beyond_its_image_is_cropped_with_a_warning(tmp_path):

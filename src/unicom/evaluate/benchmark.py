@@ -295,8 +295,11 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if split == "query" and protocol.query_boxes is not None:  # the query is the box, not the whole image
                 from unicom.data.benchmarks.revisited import cropped_queries
 
+                import hashlib
+
                 inputs = cropped_queries(images, protocol.query_boxes)
-                identity["query_boxes"] = protocol.query_boxes.tolist()
+                boxes = np.ascontiguousarray(protocol.query_boxes, dtype="<f8")
+                identity["query_boxes_sha256"] = hashlib.sha256(boxes.tobytes()).hexdigest()
             vectors[split] = embed_cached(
                 encoder, inputs, images.keys, out / "embeddings" / split, identity,
                 labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")

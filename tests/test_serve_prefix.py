@@ -28,10 +28,12 @@ PREFIX = "/unicom"
 class PrefixProxy:
     """A reverse proxy on 127.0.0.1 that forwards ``PREFIX/...`` to ``origin/...`` (the prefix
     stripped, as nginx's ``proxy_pass http://origin/;`` does), answers 404 to every other path,
-    and lists the paths it was asked for: ``with PrefixProxy(origin) as url: ...``."""
+    and lists the paths it was asked for: ``with PrefixProxy(origin) as url: ...``. With
+    ``bare=True`` it also forwards ``PREFIX`` itself to ``origin/`` instead of redirecting
+    (Traefik's StripPrefix, nginx's ``location /unicom``)."""
 
-    def __init__(self, origin: str, prefix: str = PREFIX):
-        self.origin, self.prefix, self.asked = urllib.parse.urlsplit(origin), prefix, []
+    def __init__(self, origin: str, prefix: str = PREFIX, bare: bool = False):
+        self.origin, self.prefix, self.asked, self.bare = urllib.parse.urlsplit(origin), prefix, [], bare
 
     def __enter__(self) -> str:
         proxy = self
@@ -49,12 +51,15 @@ class PrefixProxy:
             def _forward(self):
                 proxy.asked.append(self.path)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if not self.path.startswith(proxy.prefix + "/"):
+                path = self.path[len(proxy.prefix):]
+                if proxy.bare and urllib.parse.urlsplit(path).path == "":
+                    path = "/" + path
+                elif not self.path.startswith(proxy.prefix + "/"):
                     return self._answer(404, [("Content-Type", "text/plain")], b"not under the prefix")
                 headers = {key: value for key, value in self.headers.items() if key.lower() not in ("host", "connection")}
                 upstream = http.client.HTTPConnection(proxy.origin.hostname, proxy.origin.port, timeout=60)
                 try:
-                    upstream.request(self.command, self.path[len(proxy.prefix):], body=body or None, headers=headers)
+                    upstream.request(self.command, path, body=body or None, headers=headers)
                     answer = upstream.getresponse()
                     data = answer.read()
                     kept = [(key, value) for key, value in answer.getheaders()
@@ -122,6 +127,25 @@ def test_the_page_searches_and_loads_every_image_through_a_proxy_prefix(live, pa
     outside = [asked for asked in seen["asked"] if not asked.startswith(url + "/") and not asked.startswith(("data:", "blob:"))]
     assert outside == [] and seen["failed"] == []
     assert any(path.startswith(f"{PREFIX}/thumbnail/") for path in [urllib.parse.urlsplit(a).path for a in seen["asked"]])
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_the_page_opened_without_its_trailing_slash_reloads_itself_under_the_prefix(live, page):
+    # a proxy that answers /unicom with the page itself (no redirect): its relative URLs would
+    # resolve against / and miss the prefix
+    # (before it reloads, the browser's preload scanner may ask for its script and style there)
+    with PrefixProxy(live["url"], bare=True) as url:
+        page.goto(url + "?k=3")
+        wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
+        assert page.url == url + "/?k=3"
+        assert page.evaluate("getComputedStyle(document.querySelector('header')).display") == "flex"
+        seen = _watch_requests(page)
+        page.fill("#text", "stripes on red")
+        page.press("#text", "Enter")
+        page.wait_for_selector("#results .result", timeout=30_000)
+    outside = [asked for asked in seen["asked"] if not asked.startswith(url) and not asked.startswith(("data:", "blob:"))]
+    assert outside == [] and seen["failed"] == []
     assert page.errors == [] and page.blocked == []
 
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import re
 import time
 import urllib.parse
 from contextlib import asynccontextmanager
@@ -69,7 +71,18 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
 FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "deduplicate", "index")  # /search as multipart/form-data
-PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
+
+
+def _inline_scripts_allowed(page: Path) -> str:
+    """The Content-Security-Policy sources that allow the inline scripts of ``page`` by their
+    SHA-256 (the page's one: opened without its trailing slash, at ``/PREFIX`` behind a proxy that
+    does not redirect, the page reloads itself at ``/PREFIX/`` so that its relative URLs resolve)."""
+    scripts = re.findall(r"<script>(.*?)</script>", page.read_text(encoding="utf-8"), flags=re.S)
+    return "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
+
+
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob: http: https:; style-src 'self'; script-src 'self'"
+               + _inline_scripts_allowed(STATIC / "index.html"))
 DOCS_POLICY = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' 'unsafe-inline'"
 
 

@@ -386,9 +386,37 @@ def test_thumbnails_of_samples_in_remote_shards_equal_those_of_local_shards(tmp_
             missing = client.get("/thumbnail/5")
             assert missing.status_code == 404
             assert missing.json()["detail"].startswith("the shard 00009.tar of item 5 cannot be fetched (not found")
+            if server is not None:  # a missing file is answered at once: asked for once, not retried
+                asked = [asked for asked in server.state.requests if "00009" in asked]
+                assert asked and len(set(asked)) == len(asked), asked
     finally:
         if server is not None:
             server.stop()
+
+
+def test_an_item_image_gone_from_its_url_is_404_at_once(tmp_path):
+    """An item whose image URL answers 404 (deleted since it was indexed) is answered 404 with
+    one request, not after the retries that a transient failure gets: a page waits for it."""
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+
+    (tmp_path / "photos").mkdir()
+    for i in range(2):
+        (tmp_path / "photos" / f"{i}.png").write_bytes(encode_image(class_image(i, 0, 48), "PNG"))
+    with FileServer(tmp_path / "photos") as server:
+        rows = np.eye(8, dtype=np.float32)[:2]
+        paths = [f"{server.url}/{i}.png" for i in range(2)]
+        write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"image_path": paths}))
+        with TestClient(create_app(Index.build(tmp_path / "emb", tmp_path / "index"))) as client:
+            assert client.get("/image/0").content == (tmp_path / "photos" / "0.png").read_bytes()
+            (tmp_path / "photos" / "1.png").unlink()
+            for route in ("image", "thumbnail"):
+                missing = client.get(f"/{route}/1")
+                assert missing.status_code == 404 and missing.json()["detail"].startswith(
+                    "the image of item 1 cannot be fetched (not found")
+            assert [asked for asked in server.state.requests if asked.endswith("1.png")] == ["GET 1.png"] * 2
 
 
 # --------------------------------------------------------------------------- batching

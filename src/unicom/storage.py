@@ -392,11 +392,13 @@ class TooLarge(ValueError):
         self.location, self.max_bytes, self.size = location, max_bytes, size
 
 
-def read_bytes(location, max_bytes: int | None = None) -> bytes:
+def read_bytes(location, max_bytes: int | None = None, *, missing_is_final: bool = False) -> bytes:
     """The whole file; a URL is fetched with retries (a ``pipe:`` command's output too).
 
     ``max_bytes``: read at most one byte more than this, and raise :class:`TooLarge` when
     the file is longer (a remote file is asked for that many bytes only).
+    ``missing_is_final``: a file the store does not have is a ``FileNotFoundError`` at once,
+    not retried (for a reader that answers someone waiting, such as a web page).
     """
     if max_bytes is not None:
         if is_pipe(location):
@@ -408,7 +410,7 @@ def read_bytes(location, max_bytes: int | None = None) -> bytes:
                 raise TooLarge(text(location), max_bytes, size)
             data = _local(location).read_bytes()
         else:
-            data = read_range(location, 0, max_bytes + 1, exact=False)
+            data = read_range(location, 0, max_bytes + 1, exact=False, missing_is_final=missing_is_final)
         if len(data) > max_bytes:
             raise TooLarge(text(location), max_bytes)
         return data
@@ -418,23 +420,23 @@ def read_bytes(location, max_bytes: int | None = None) -> bytes:
     if not is_url(location):
         return _local(location).read_bytes()
     fs, inner = filesystem(location)
-    return retrying(location, lambda: fs.cat_file(inner))
+    return retrying(location, lambda: fs.cat_file(inner), missing_is_final=missing_is_final)
 
 
 def read_text(location) -> str:
     return read_bytes(location).decode("utf-8")
 
 
-def read_range(location, start: int, stop: int, *, exact: bool = True) -> bytes:
+def read_range(location, start: int, stop: int, *, exact: bool = True, missing_is_final: bool = False) -> bytes:
     """Bytes ``start:stop`` of a file (a ranged request for a URL); fewer at the end of
-    the file when not ``exact``."""
+    the file when not ``exact``. ``missing_is_final``: as :func:`read_bytes`'s."""
     if not is_url(location):
         with open(_local(location), "rb") as f:
             f.seek(start)
             data = f.read(stop - start)
     else:
         fs, inner = filesystem(location)
-        data = retrying(location, lambda: fs.cat_file(inner, start=start, end=stop))
+        data = retrying(location, lambda: fs.cat_file(inner, start=start, end=stop), missing_is_final=missing_is_final)
         if len(data) > stop - start:
             # a server that ignores Range (python -m http.server) answers with the whole file
             _warn_whole_files(location)
@@ -691,14 +693,15 @@ def drop_prefetched() -> None:
         _PREFETCHED.popitem()[1].close()
 
 
-def open_stream(location, *, read_ahead: int = READ_AHEAD):
+def open_stream(location, *, read_ahead: int = READ_AHEAD, missing_is_final: bool = False):
     """A binary file object that reads ``location`` front to back.
 
     A local file is opened as it is. A URL is downloaded by a thread up to ``read_ahead``
     bytes ahead of the reader (a shard is decoded while it downloads) and is resumed at the
     byte it stopped at after a transient failure; ``pipe:COMMAND`` runs the command and
     reads its output. A failure that outlasts the retries is a :class:`FetchError`. A
-    stream started by :func:`prefetch` is handed over as it is.
+    stream started by :func:`prefetch` is handed over as it is. ``missing_is_final``: a file
+    the store does not have is a :class:`FetchError` (``missing``) at once, not retried.
     """
     if not is_url(location):
         return open(_local(location), "rb")
@@ -708,7 +711,7 @@ def open_stream(location, *, read_ahead: int = READ_AHEAD):
     if is_pipe(location):
         raw = _ResumingStream(location, _pipe_opener(text(location)[len(PIPE):]), read_ahead)
     else:
-        raw = _ResumingStream(location, _url_opener(location), read_ahead)
+        raw = _ResumingStream(location, _url_opener(location), read_ahead, missing_is_final)
     return io.BufferedReader(raw, buffer_size=CHUNK)
 
 
@@ -784,11 +787,12 @@ _END = object()
 class _ResumingStream(io.RawIOBase):
     """A front-to-back reader fed by a download thread (see :func:`open_stream`)."""
 
-    def __init__(self, location, open_at: Callable[[int], Any], read_ahead: int):
+    def __init__(self, location, open_at: Callable[[int], Any], read_ahead: int, missing_is_final: bool = False):
         super().__init__()
         self.location = location
         self.open_at = open_at
         self.policy = retries()
+        self.missing_is_final = missing_is_final
         self.chunks: queue.Queue = queue.Queue(maxsize=max(2, read_ahead // CHUNK))
         self.stop = threading.Event()
         self.pending = b""
@@ -820,7 +824,8 @@ class _ResumingStream(io.RawIOBase):
                     _close_quietly(handle)
                     handle = None
                     failures += 1
-                    if not transient(error) or failures >= self.policy.attempts:
+                    if not transient(error) or failures >= self.policy.attempts or (
+                            self.missing_is_final and _not_found(error)):
                         reason = describe(error, self.location)
                         if offset:
                             reason += f" (after {offset} bytes)"

@@ -60,7 +60,7 @@ class ShardImages:
             with tarfile.open(location, "r:*") as tar:
                 yield tar
             return
-        with storage.open_stream(location) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with storage.open_stream(location, missing_is_final=True) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             yield tar
 
     def _list(self, location) -> dict:
@@ -96,7 +96,7 @@ class ShardImages:
             return None
         offset, size = found
         if shard.endswith(".tar"):
-            return storage.read_range(location, offset, offset + size)
+            return storage.read_range(location, offset, offset + size, missing_is_final=True)
         with self._tar(location) as tar:  # compressed: decompress up to the member
             for member in tar:
                 if member.offset_data == offset:
@@ -105,13 +105,14 @@ class ShardImages:
 
 
 def _fetch(url: str, what: str) -> bytes:
-    """The bytes at ``url`` (with the store's retries): 404 when it has no such file, 502 when
-    it cannot be reached or is longer than an image may be."""
+    """The bytes at ``url`` (with the store's retries): 404 at once when it has no such file
+    (not retried: a page waits for it), 502 when it cannot be reached or is longer than an
+    image may be."""
     from unicom import storage
     from unicom.data.transforms import MAX_IMAGE_BYTES
 
     try:
-        return storage.read_bytes(url, max_bytes=MAX_IMAGE_BYTES)
+        return storage.read_bytes(url, max_bytes=MAX_IMAGE_BYTES, missing_is_final=True)
     except storage.TooLarge:
         raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from None
     except storage.FetchError as error:

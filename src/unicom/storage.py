@@ -472,6 +472,56 @@ def _warn_whole_files(location) -> None:
                        host, text(location))
 
 
+def file_version(location) -> tuple[int, str | None]:
+    """(size in bytes, version) of a file: for a URL the store's ETag, content hash or
+    modification time where it gives one (retried; a missing file raises
+    ``FileNotFoundError`` at once), for a local file its modification time in ns."""
+    if not is_url(location):
+        stat = _local(location).stat()
+        return stat.st_size, str(stat.st_mtime_ns)
+    fs, inner = filesystem(location)
+    size, version = _signature(retrying(location, lambda: fs.info(inner), missing_is_final=True))
+    return size, version
+
+
+class RangedFile(io.RawIOBase):
+    """A remote file read like a local one (seek, tell, read), for readers that jump to the
+    parts they need (pyarrow reading a parquet footer and one row group): each read is one
+    ranged request for the bytes asked (:func:`read_range`, retried), nothing is read ahead.
+    ``size``: the file's length, from :func:`file_version`."""
+
+    def __init__(self, location, size: int):
+        super().__init__()
+        self.location, self.size, self._position = location, int(size), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, count: int = -1) -> bytes:
+        stop = self.size if count is None or count < 0 else min(self.size, self._position + count)
+        if stop <= self._position:
+            return b""
+        data = read_range(self.location, self._position, stop)
+        self._position = stop
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
 def size(location) -> int:
     if not is_url(location):
         return _local(location).stat().st_size
@@ -1049,6 +1099,7 @@ __all__ = [
     "TooLarge",
     "Retries",
     "RemoteArray",
+    "RangedFile",
     "absolute",
     "braces",
     "cache_folder",
@@ -1057,6 +1108,7 @@ __all__ = [
     "configure",
     "exists",
     "filesystem",
+    "file_version",
     "find_files",
     "gather",
     "glob",

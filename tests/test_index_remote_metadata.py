@@ -173,3 +173,61 @@ def test_a_lookup_in_a_remote_index_reads_the_footer_and_one_row_group_not_the_f
         read = served_bytes(http.state.asked, "metadata/metadata_0.parquet", size)
     assert 0 < read < size / 8  # its footer and row group 12 (of 20): not the file
     assert parquet_files(cache) == []
+
+
+def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cache, monkeypatch):
+    """python's own http.server answers a ranged request with the whole file: a lookup per row
+    group would download the file each time, so it is fetched once, whole, into the cache."""
+    from http.server import SimpleHTTPRequestHandler
+
+    from storage_servers import serve
+
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 20000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    requests = []
+
+    class WholeFiles(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "index"), **kwargs)
+
+        def log_message(self, format, *args):
+            requests.append(self.requestline)
+
+    server = serve(WholeFiles)
+    try:
+        index = Index.load(f"http://127.0.0.1:{server.server_address[1]}/")
+        ids = np.arange(500, 20000, 1000)  # one row of each row group
+        assert [row["caption"] for row in index.metadata(ids)] == [captions[i] for i in ids]
+        assert index.metadata(ids) == index.metadata(ids)
+    finally:
+        server.shutdown()
+        server.server_close()
+    gets = [line for line in requests if line.startswith("GET /metadata/metadata_0.parquet")]
+    assert len(gets) == 2  # the footer's request, answered whole, then the copy
+    assert [path.stat().st_size for path in parquet_files(cache)] == [metadata.stat().st_size]
+
+
+def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_path, cache, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from unicom.search.service import create_app
+
+    small_row_groups(monkeypatch, 16)
+    write_collection(tmp_path / "emb", {0: 60, 1: 45}, text=False)
+    local = Index.build(tmp_path / "emb", tmp_path / "index")
+    s3.bucket("remote-meta-serve")
+    remote = Index.load(s3.upload_folder(tmp_path / "index", "remote-meta-serve", "index"))
+    query = unit_rows(1, 32, seed=3)[0].tolist()
+    answers = []
+    for index in (local, remote):
+        with TestClient(create_app({"photos": index})) as client:
+            search = client.post("/search", json={"embedding": query, "k": 6}).json()
+            knn = client.post("/knn-service", json={"embedding_input": query, "modality": "image", "num_images": 6,
+                                                    "indice_name": "photos"}).json()
+            metadata = client.post("/metadata", json={"ids": [3, 70, 104], "indice_name": "photos"}).json()
+        answers.append((search["results"], knn, metadata))
+    assert answers[1] == answers[0]
+    assert [row["metadata"]["key"] for row in answers[1][2]] == ["p0-r3", "p1-r10", "p1-r44"]
+    assert parquet_files(cache) == []

@@ -462,9 +462,19 @@ def read_tail(location, count: int) -> bytes:
 _WHOLE_FILE_HOSTS: set[str] = set()
 
 
+def _host(location) -> str:
+    return text(location).split("/")[2] if "://" in text(location) else text(location)
+
+
+def serves_ranges(location) -> bool:
+    """False once a ranged read of ``location``'s server brought the whole file (a server
+    that ignores ``Range``): a reader of parts of its files had better fetch each once, whole."""
+    return _host(location) not in _WHOLE_FILE_HOSTS
+
+
 def _warn_whole_files(location) -> None:
     """Say once per server that it sends whole files where a range was asked for."""
-    host = text(location).split("/")[2] if "://" in text(location) else text(location)
+    host = _host(location)
     if host not in _WHOLE_FILE_HOSTS:
         _WHOLE_FILE_HOSTS.add(host)
         logger.warning("%s ignores Range requests and sends whole files: every read of a part of %s downloads all of "
@@ -1055,6 +1065,12 @@ def _signature(info: dict) -> list:
     return [int(info.get("size") or 0), str(version) if version is not None else None]
 
 
+def download(location, local: str | os.PathLike) -> None:
+    """The file at the URL ``location`` written to the local path ``local`` (retried)."""
+    fs, inner = filesystem(location)
+    retrying(location, lambda: fs.get_file(inner, os.fspath(local)))
+
+
 def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
     """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
     folder (default :func:`cache_root`, under ``remote/``) and
@@ -1081,7 +1097,7 @@ def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = 
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
-            retrying(source, lambda: source.fs.get_file(source.path, temporary))
+            download(source, temporary)
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -1130,6 +1146,7 @@ __all__ = [
     "path",
     "prefetch",
     "drop_prefetched",
+    "download",
     "protocol",
     "read_bytes",
     "read_range",
@@ -1140,6 +1157,7 @@ __all__ = [
     "remove_tree",
     "retries",
     "retrying",
+    "serves_ranges",
     "size",
     "sweep_temporaries",
     "temporary_name",

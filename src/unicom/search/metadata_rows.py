@@ -25,7 +25,9 @@ then read with ranged requests for its column chunks alone (:class:`unicom.stora
 each request retried as every read of :mod:`unicom.storage` is). A remote file in coarse
 row groups is copied once, row group by row group from the store, into the ``copies``
 folder: it is on local disk once, in small row groups. The copy belongs to the URL, size
-and version; a file written again gets a new copy, as a local one does. A remote file that
+and version; a file written again gets a new copy, as a local one does. A file whose
+server ignores Range requests (it answers the footer's request with the whole file) is
+copied there whole, once, rather than downloaded again for every row group. A remote file that
 changes while it is read (its row groups no longer match the footer read at opening) is
 named in the error, which says to load the index again.
 """
@@ -166,8 +168,9 @@ class MetadataRows:
                 if sum(counts) != expected:
                     raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
                                      "folder was changed after the index was built: rebuild it")
-                if self.copies is not None and max(counts, default=0) > RECHUNK_ABOVE:
-                    copy = self._rechunked(source, max(counts))
+                whole = source.remote and not storage.serves_ranges(source.location)
+                if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
+                    copy = self._local_copy(source, max(counts, default=0), whole)
                     if copy is not None:
                         source = read_footer(copy)
                         counts = source.row_group_rows
@@ -175,11 +178,12 @@ class MetadataRows:
                 starts = self._starts[file] = np.cumsum([0, *counts], dtype=np.int64)
         return starts
 
-    def _rechunked(self, source: Footer, largest: int) -> Path | None:
-        """The copy of ``source`` in row groups of :data:`ROW_GROUP_ROWS` (made now if missing,
-        straight from the file, a row group at a time); None when it cannot be written."""
-        import pyarrow.parquet as pq
-
+    def _local_copy(self, source: Footer, largest: int, whole: bool) -> Path | None:
+        """The local copy of ``source`` that its rows are read from (made now if missing): in row
+        groups of :data:`ROW_GROUP_ROWS` when its own are larger than :data:`RECHUNK_ABOVE`
+        rows, copied straight from the file a row group at a time; ``whole``: the file's server
+        ignores Range requests, so it is fetched once, whole, rather than once per row group.
+        None when the copy cannot be written."""
         from unicom import files
 
         path = source.location
@@ -189,21 +193,35 @@ class MetadataRows:
         if copy.is_file():
             return copy
         began = time.perf_counter()
+        coarse = largest > RECHUNK_ABOVE
         try:
             self.copies.mkdir(parents=True, exist_ok=True)
-            # column chunks are read in pieces, not whole: memory stays at a piece per column and a batch
-            with source.open(buffer_size=COPY_READ_BYTES) as parquet, files.atomic_path(copy) as temporary:
-                with pq.ParquetWriter(temporary, parquet.schema_arrow) as writer:
-                    for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
-                        writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            with files.atomic_path(copy) as temporary:
+                if whole:
+                    fetched = self.copies / storage.temporary_name(copy.name)
+                    try:
+                        storage.download(path, fetched)
+                        if coarse:
+                            _rechunk(read_footer(fetched), temporary)
+                        else:
+                            os.replace(fetched, temporary)
+                    finally:
+                        fetched.unlink(missing_ok=True)
+                else:
+                    _rechunk(source, temporary)
         except storage.FetchError:  # the file could not be read, not the copy written
             raise
         except OSError as error:
-            logger.warning("%s: row groups of up to %s rows, read as they are: no copy in smaller ones could be "
-                           "written to %s (%s)", path, f"{largest:,}", self.copies, error)
+            if coarse:
+                logger.warning("%s: row groups of up to %s rows, read as they are: no copy in smaller ones could be "
+                               "written to %s (%s)", path, f"{largest:,}", self.copies, error)
+            else:
+                logger.warning("%s: read in place, a whole download per row group (its server ignores Range "
+                               "requests): no copy could be written to %s (%s)", path, self.copies, error)
             return None
-        logger.info("%s: row groups of up to %s rows, copied once into row groups of %s (%s, %.1f s)", path,
-                    f"{largest:,}", f"{ROW_GROUP_ROWS:,}", copy, time.perf_counter() - began)
+        made = (f"row groups of up to {largest:,} rows, copied into row groups of {ROW_GROUP_ROWS:,}" if coarse
+                else "its server ignores Range requests: fetched whole")
+        logger.info("%s: %s once (%s, %.1f s)", path, made, copy, time.perf_counter() - began)
         self._remove_stale(owner, copy.name)
         return copy
 
@@ -235,6 +253,17 @@ class MetadataRows:
                 _, dropped = self._cache.popitem(last=False)
                 self._cached_bytes -= dropped.nbytes
         return table
+
+
+def _rechunk(source: Footer, out: Path) -> None:
+    """``source`` written to ``out`` in row groups of :data:`ROW_GROUP_ROWS`, a batch at a time."""
+    import pyarrow.parquet as pq
+
+    # column chunks are read in pieces, not whole: memory stays at a piece per column and a batch
+    with source.open(buffer_size=COPY_READ_BYTES) as parquet:
+        with pq.ParquetWriter(out, parquet.schema_arrow) as writer:
+            for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
+                writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
 
 
 def _read_row_group(source: Footer, group: int):

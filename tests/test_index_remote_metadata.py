@@ -231,3 +231,22 @@ def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_pat
     assert answers[1] == answers[0]
     assert [row["metadata"]["key"] for row in answers[1][2]] == ["p0-r3", "p1-r10", "p1-r44"]
     assert parquet_files(cache) == []
+
+
+def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 5000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        absent = http.fault("metadata/metadata_0.parquet", missing=2)  # not there yet, twice
+        assert index.metadata(1500)["caption"] == captions[1500]
+        cut = http.fault("metadata/metadata_0.parquet", cuts=1, cut_after=2000)  # a connection reset mid-body
+        assert index.metadata(4500)["caption"] == captions[4500]
+        assert absent.requests > 2 and cut.requests > 1
+        shutil.rmtree(tmp_path / "index" / "metadata")
+        monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "2")
+        with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: file not found; the index folder is "
+                                             "incomplete, rebuild it"):
+            Index.load(f"{http.url}/").metadata(0)

@@ -484,13 +484,13 @@ def _warn_whole_files(location) -> None:
 
 def file_version(location) -> tuple[int, str | None]:
     """(size in bytes, version) of a file: for a URL the store's ETag, content hash or
-    modification time where it gives one (retried; a missing file raises
-    ``FileNotFoundError`` at once), for a local file its modification time in ns."""
+    modification time where it gives one (retried, a file not found too), for a local file
+    its modification time in ns."""
     if not is_url(location):
         stat = _local(location).stat()
         return stat.st_size, str(stat.st_mtime_ns)
     fs, inner = filesystem(location)
-    size, version = _signature(retrying(location, lambda: fs.info(inner), missing_is_final=True))
+    size, version = _signature(retrying(location, lambda: fs.info(inner)))
     return size, version
 
 

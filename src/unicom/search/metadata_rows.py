@@ -91,7 +91,9 @@ def read_footer(location: str | os.PathLike) -> Footer:
     location = storage.text(location) if storage.is_url(location) else Path(location)
     try:
         size, version = storage.file_version(location)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, storage.FetchError) as error:
+        if isinstance(error, storage.FetchError) and not error.missing:
+            raise
         raise InputError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
     if isinstance(location, str):
         import pyarrow.parquet as pq
@@ -279,7 +281,9 @@ def _read_row_group(source: Footer, group: int):
             raise
         try:
             changed = storage.file_version(source.location) != (source.size, source.version)
-        except FileNotFoundError:
+        except storage.FetchError as missing:
+            if not missing.missing:
+                raise
             changed = True
         if changed:
             raise InputError(f"{source.location}: changed since the index was loaded (its row groups are not where "

@@ -46,12 +46,15 @@ def captioned_collection(root, rows: int, seed: int = 0, prefix: str = "caption"
     return captions
 
 
-def test_a_remote_index_answers_as_the_local_one_with_no_metadata_file_on_local_disk(s3, tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_a_remote_index_answers_as_the_local_one_with_no_metadata_file_on_local_disk(store, request, tmp_path, cache,
+                                                                                    monkeypatch):
+    server = request.getfixturevalue(store)
     small_row_groups(monkeypatch, 16)
     write_collection(tmp_path / "emb", {0: 70, 1: 50, 2: 40}, text=False)
     local = Index.build(tmp_path / "emb", tmp_path / "index")
-    s3.bucket("remote-meta-a")
-    url = s3.upload_folder(tmp_path / "index", "remote-meta-a", "index")
+    server.bucket("remote-meta-a")
+    url = server.upload_folder(tmp_path / "index", "remote-meta-a", "index")
     # an earlier version copied the metadata whole into the cache: that copy is no longer used, and goes
     stale = storage.cache_folder(url) / "metadata" / "metadata_0.parquet"
     stale.parent.mkdir(parents=True)

@@ -253,3 +253,19 @@ def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_p
         with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: file not found; the index folder is "
                                              "incomplete, rebuild it"):
             Index.load(f"{http.url}/").metadata(0)
+
+
+def test_a_remote_index_of_embeddings_without_metadata_gives_the_ids_of_its_results(s3, tmp_path, cache):
+    """`unicom index` writes a metadata file of ids for every part, metadata or not: it is uploaded and read."""
+    vectors = unit_rows(50, 8, seed=0)
+    write_part(tmp_path / "emb", 0, image=vectors)
+    s3.bucket("remote-meta-ids")
+    built = Index.build(tmp_path / "emb", "s3://remote-meta-ids/built")
+    assert built.config["has_metadata"] is False
+    assert "built/metadata/metadata_0.parquet" in s3.keys("remote-meta-ids", "built/")
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    uploaded = s3.upload_folder(tmp_path / "index", "remote-meta-ids", "uploaded")
+    for url in ("s3://remote-meta-ids/built", uploaded):
+        index = Index.load(url)
+        _, ids = index.search(vectors[[7]], 3)
+        assert index.metadata(ids[0]) == [{"id": int(i)} for i in ids[0]] and ids[0][0] == 7

@@ -827,9 +827,9 @@ def _file_names(config: dict) -> list[str]:
             names += [clip_layout.index_file(modality), clip_layout.infos_file(modality)]
         names += [p["file"] for p in config.get("parts", []) if p.get("file")]
     else:
+        # unicom's metadata files carry the ids: written for every part, with or without the source's metadata
         names = [str(config.get("file", ""))]
-        names += [f"{METADATA_FOLDER}/{part_name('metadata', p['number'])}" for p in config.get("parts", [])
-                  if config.get("has_metadata", True)]
+        names += [f"{METADATA_FOLDER}/{part_name('metadata', p['number'])}" for p in config.get("parts", [])]
     return [name for name in names if name]
 
 

@@ -464,14 +464,74 @@ def read_tail(location, count: int) -> bytes:
 _WHOLE_FILE_HOSTS: set[str] = set()
 
 
+def _host(location) -> str:
+    return text(location).split("/")[2] if "://" in text(location) else text(location)
+
+
+def serves_ranges(location) -> bool:
+    """False once a ranged read of ``location``'s server brought the whole file (a server
+    that ignores ``Range``): a reader of parts of its files had better fetch each once, whole."""
+    return _host(location) not in _WHOLE_FILE_HOSTS
+
+
 def _warn_whole_files(location) -> None:
     """Say once per server that it sends whole files where a range was asked for."""
-    host = text(location).split("/")[2] if "://" in text(location) else text(location)
+    host = _host(location)
     if host not in _WHOLE_FILE_HOSTS:
         _WHOLE_FILE_HOSTS.add(host)
         logger.warning("%s ignores Range requests and sends whole files: every read of a part of %s downloads all of "
                        "it (serve the files with a server that supports ranges to read only the rows needed)",
                        host, text(location))
+
+
+def file_version(location) -> tuple[int, str | None]:
+    """(size in bytes, version) of a file: for a URL the store's ETag, content hash or
+    modification time where it gives one (retried, a file not found too), for a local file
+    its modification time in ns."""
+    if not is_url(location):
+        stat = _local(location).stat()
+        return stat.st_size, str(stat.st_mtime_ns)
+    fs, inner = filesystem(location)
+    size, version = _signature(retrying(location, lambda: fs.info(inner)))
+    return size, version
+
+
+class RangedFile(io.RawIOBase):
+    """A remote file read like a local one (seek, tell, read), for readers that jump to the
+    parts they need (pyarrow reading a parquet footer and one row group): each read is one
+    ranged request for the bytes asked (:func:`read_range`, retried), nothing is read ahead.
+    ``size``: the file's length, from :func:`file_version`."""
+
+    def __init__(self, location, size: int):
+        super().__init__()
+        self.location, self.size, self._position = location, int(size), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, count: int = -1) -> bytes:
+        stop = self.size if count is None or count < 0 else min(self.size, self._position + count)
+        if stop <= self._position:
+            return b""
+        data = read_range(self.location, self._position, stop)
+        self._position = stop
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def size(location) -> int:
@@ -1010,6 +1070,12 @@ def _signature(info: dict) -> list:
     return [int(info.get("size") or 0), str(version) if version is not None else None]
 
 
+def download(location, local: str | os.PathLike) -> None:
+    """The file at the URL ``location`` written to the local path ``local`` (retried)."""
+    fs, inner = filesystem(location)
+    retrying(location, lambda: fs.get_file(inner, os.fspath(local)))
+
+
 def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = None, refresh: Iterable[str] = ()) -> Path:
     """A local copy of the files ``names`` of the remote ``folder``, kept in a cache
     folder (default :func:`cache_root`, under ``remote/``) and
@@ -1036,7 +1102,7 @@ def cached_copy(folder, names: Iterable[str], cache: str | os.PathLike | None = 
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
-            retrying(source, lambda: source.fs.get_file(source.path, temporary))
+            download(source, temporary)
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -1054,6 +1120,7 @@ __all__ = [
     "TooLarge",
     "Retries",
     "RemoteArray",
+    "RangedFile",
     "absolute",
     "braces",
     "cache_folder",
@@ -1062,6 +1129,7 @@ __all__ = [
     "configure",
     "exists",
     "filesystem",
+    "file_version",
     "find_files",
     "gather",
     "glob",
@@ -1083,6 +1151,7 @@ __all__ = [
     "path",
     "prefetch",
     "drop_prefetched",
+    "download",
     "protocol",
     "read_bytes",
     "read_range",
@@ -1093,6 +1162,7 @@ __all__ = [
     "remove_tree",
     "retries",
     "retrying",
+    "serves_ranges",
     "size",
     "sweep_temporaries",
     "temporary_name",

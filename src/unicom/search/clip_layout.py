@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unicom import storage
 from unicom.errors import InputError
 from unicom.files import atomic_path, write_json_atomic, write_parquet_atomic
 
@@ -64,20 +65,27 @@ class MetadataFile:
 
 def metadata_files(path: str | os.PathLike) -> list[MetadataFile]:
     """The folder's metadata parquet files in clip-retrieval's order (names sorted as strings),
-    with the id of each one's first row; empty without a metadata folder."""
-    import pyarrow.parquet as pq
+    with the id of each one's first row; empty without a metadata folder. ``path`` may be a
+    URL: the files' footers are read there (a ranged request each), not the files."""
+    from unicom.search.metadata_rows import read_footer
 
-    folder = Path(path) / METADATA_FOLDER
-    if not folder.is_dir():
-        return []
-    files, first_id = [], 0
-    for file in sorted(folder.glob("*.parquet"), key=lambda p: p.name):
+    folder = storage.join(path, METADATA_FOLDER)
+    # hidden files are not the metadata (temporaries of a write under way, as a local glob skips them)
+    names = sorted(name for name in storage.list_files(folder) if name.endswith(".parquet") and not name.startswith("."))
+
+    def rows(file) -> int:
         try:
-            rows = pq.ParquetFile(file).metadata.num_rows
+            return int(read_footer(file).metadata.num_rows)
+        except (InputError, storage.FetchError):
+            raise
         except Exception as error:  # pyarrow raises several types for damaged files
-            raise InputError(f"{file}: not a readable parquet file ({error}); copy the metadata folder again") from error
-        files.append(MetadataFile(f"{METADATA_FOLDER}/{file.name}", rows, first_id))
-        first_id += rows
+            raise InputError(f"{storage.text(file)}: not a readable parquet file ({error}); copy the metadata folder "
+                             "again") from error
+
+    files, first_id = [], 0
+    for name, count in zip(names, storage.gather(rows, [storage.join(folder, name) for name in names])):
+        files.append(MetadataFile(f"{METADATA_FOLDER}/{name}", count, first_id))
+        first_id += count
     return files
 
 
@@ -111,12 +119,15 @@ class Opened:
     files: list[MetadataFile]
 
 
-def open_folder(path: str | os.PathLike) -> Opened:
+def open_folder(path: str | os.PathLike, location: str | os.PathLike | None = None) -> Opened:
     """Read the faiss indexes and list the metadata files of the folder ``path``, checking
-    that they agree: every index counts the metadata's rows, and ranks by inner product."""
+    that they agree: every index counts the metadata's rows, and ranks by inner product.
+    ``location``: where the metadata files are, when not in ``path`` (the URL of a folder
+    whose faiss files were copied to ``path``)."""
     import faiss
 
     path = Path(path)
+    location = path if location is None else location
     faiss_indexes, infos = {}, {}
     for modality in MODALITIES:
         file = path / index_file(modality)
@@ -139,16 +150,17 @@ def open_folder(path: str | os.PathLike) -> Opened:
             raise InputError(f"{infos_path}: unreadable ({error}); delete it, the index does not need it") from error
     if not faiss_indexes:
         raise InputError(f"{path}: neither image.index nor text.index inside")
-    files = metadata_files(path)
+    files = metadata_files(location)
     counts = {modality: int(index.ntotal) for modality, index in faiss_indexes.items()}
     if files:
         rows = sum(file.rows for file in files)
         for modality, count in counts.items():
             if count != rows:
                 raise InputError(
-                    f"{path / index_file(modality)} holds {count} vectors, but {path / METADATA_FOLDER} has {rows} rows "
-                    "in its parquet files; id i is row i of those files in name order, so they must describe the same "
-                    "collection: copy the embedding folder's metadata again"
+                    f"{path / index_file(modality)} holds {count} vectors, but "
+                    f"{storage.text(storage.join(location, METADATA_FOLDER))} has {rows} rows in its parquet files; "
+                    "id i is row i of those files in name order, so they must describe the same collection: copy the "
+                    "embedding folder's metadata again"
                 )
     elif len(set(counts.values())) > 1:
         raise InputError(f"{path}: image.index and text.index hold {counts['image']} and {counts['text']} vectors; "

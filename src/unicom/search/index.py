@@ -228,16 +228,21 @@ class Index:
         self.metadata_rows = MetadataRows([(self._metadata_path(part), part.rows) for part in self.parts], cache_bytes,
                                           copies=storage.cache_root() / METADATA_COPIES)
 
-    def _metadata_path(self, part: Part) -> Path:
-        return self.path / part.file if part.file else part_path(self.path / METADATA_FOLDER, "metadata", part.number)
+    def _metadata_path(self, part: Part):
+        """Part's metadata file: in the index folder, read in place where that is a URL."""
+        folder = self.location if isinstance(self.location, str) else self.path
+        return storage.join(folder, part.file) if part.file else part_path(storage.join(folder, METADATA_FOLDER),
+                                                                           "metadata", part.number)
 
     # ------------------------------------------------------------------ reading
 
     @classmethod
     def load(cls, path) -> "Index":
         """Open the index folder ``path``: written by :meth:`build` in either layout, or by
-        clip-retrieval / autofaiss (``image.index``, ``text.index``, ``metadata/``). A URL is
-        copied into a local cache first (and fetched again only when its files changed)."""
+        clip-retrieval / autofaiss (``image.index``, ``text.index``, ``metadata/``). Of a URL, the
+        faiss file(s), ``index.json``, autofaiss' descriptions and the held-out ids are copied
+        into a local cache first (and fetched again only when they changed); the metadata files
+        are read in place, a row group at a time (:mod:`unicom.search.metadata_rows`)."""
         import faiss
 
         location = path
@@ -265,7 +270,7 @@ class Index:
         if config.get("format_version", 0) > FORMAT_VERSION:
             raise InputError(f"{config_path}: written by a newer unicom (format {config['format_version']}); upgrade unicom")
         if config.get("layout", "unicom") == clip_layout.LAYOUT:
-            opened = clip_layout.open_folder(path)
+            opened = clip_layout.open_folder(path, location)
             listed = [(file.file, file.rows) for file in opened.files]
             recorded = [(part["file"], part["rows"]) for part in config["parts"]] if config.get("has_metadata") else []
             if listed != recorded or set(opened.faiss_indexes) != set(config["modalities"]):
@@ -287,7 +292,7 @@ class Index:
     @classmethod
     def _open_clip_folder(cls, path: Path, location=None) -> "Index":
         """An index folder written by clip-retrieval / autofaiss: a configuration read from its files."""
-        opened = clip_layout.open_folder(path)
+        opened = clip_layout.open_folder(path, location)
         modalities = {}
         for modality, faiss_index in opened.faiss_indexes.items():
             kind, stored = clip_layout.describe(faiss_index)
@@ -767,17 +772,20 @@ def _build_one(collection: Collection, candidate: Candidate, dims: int, rng: np.
 
 
 def _cached(url) -> Path:
-    """A local copy of the index folder at ``url`` (:func:`unicom.storage.cached_copy`): the files
-    its ``index.json`` names, or for a folder clip-retrieval / autofaiss wrote (no ``index.json``)
-    its faiss indexes, their descriptions and its metadata files. Index files of the cache
-    that the folder no longer holds are removed, so the copy is the folder as it is now."""
+    """A local copy of what a search needs at hand of the index folder at ``url``
+    (:func:`unicom.storage.cached_copy`): ``index.json`` and the faiss file it names, or for a
+    folder clip-retrieval / autofaiss wrote (no ``index.json``) its faiss indexes, and their
+    descriptions; the held-out ids. The metadata files stay where they are (read in place,
+    :mod:`unicom.search.metadata_rows`). Index files of the cache that the folder no longer
+    holds are removed (metadata copied whole by earlier versions too), so the copy is the
+    folder as it is now."""
     config_url = storage.join(url, CONFIG_FILE)
     if storage.is_file(config_url):
         try:
             config = json.loads(storage.read_text(config_url))
         except ValueError as error:
             raise InputError(f"{storage.text(config_url)}: not valid JSON ({error})") from error
-        names = [CONFIG_FILE, *_file_names(config)]
+        names = [CONFIG_FILE, *(name for name in _file_names(config) if not name.startswith(f"{METADATA_FOLDER}/"))]
     else:
         names = _clip_folder_files(url)
     if storage.is_file(storage.join(url, HELDOUT_FILE)):  # without index.json: Index.load names the unfinished build
@@ -798,8 +806,8 @@ def _cached(url) -> Path:
 
 
 def _clip_folder_files(url) -> list[str]:
-    """The files of clip-retrieval's index folder at ``url``, relative to it; empty when it holds
-    neither ``image.index`` nor ``text.index``."""
+    """The faiss indexes and autofaiss' descriptions of clip-retrieval's index folder at ``url``,
+    relative to it; empty when it holds neither ``image.index`` nor ``text.index``."""
     present = storage.list_files(url)
     indexes = [clip_layout.index_file(modality) for modality in clip_layout.MODALITIES
                if clip_layout.index_file(modality) in present]
@@ -807,9 +815,7 @@ def _clip_folder_files(url) -> list[str]:
         return []
     infos = [clip_layout.infos_file(modality) for modality in clip_layout.MODALITIES
              if clip_layout.infos_file(modality) in present]
-    metadata = [f"{clip_layout.METADATA_FOLDER}/{name}"
-                for name in storage.list_files(storage.join(url, clip_layout.METADATA_FOLDER)) if name.endswith(".parquet")]
-    return indexes + infos + sorted(metadata)
+    return indexes + infos
 
 
 def _file_names(config: dict) -> list[str]:
@@ -821,9 +827,9 @@ def _file_names(config: dict) -> list[str]:
             names += [clip_layout.index_file(modality), clip_layout.infos_file(modality)]
         names += [p["file"] for p in config.get("parts", []) if p.get("file")]
     else:
+        # unicom's metadata files carry the ids: written for every part, with or without the source's metadata
         names = [str(config.get("file", ""))]
-        names += [f"{METADATA_FOLDER}/{part_name('metadata', p['number'])}" for p in config.get("parts", [])
-                  if config.get("has_metadata", True)]
+        names += [f"{METADATA_FOLDER}/{part_name('metadata', p['number'])}" for p in config.get("parts", [])]
     return [name for name in names if name]
 
 

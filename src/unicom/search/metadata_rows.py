@@ -17,6 +17,19 @@ groups of :data:`ROW_GROUP_ROWS` (about 0.7 s per million rows; as much disk as 
 and read from the copy: a lookup then decodes ~16k rows (a few ms). A copy belongs to the
 file's path, size and modification time; a file written again gets a new copy and the old
 one is removed. Where the folder cannot be written, the file is read as it is.
+
+A file may be a URL (s3://, gs://, http(s)://, hf://): it is read in place, without a
+download of the file. Opening it asks the store for its size and version (ETag or
+modification time) and reads its footer (one ranged request, 64 KiB); a row group is
+then read with ranged requests for its column chunks alone (:class:`unicom.storage.RangedFile`,
+each request retried as every read of :mod:`unicom.storage` is). A remote file in coarse
+row groups is copied once, row group by row group from the store, into the ``copies``
+folder: it is on local disk once, in small row groups. The copy belongs to the URL, size
+and version; a file written again gets a new copy, as a local one does. A file whose
+server ignores Range requests (it answers the footer's request with the whole file) is
+copied there whole, once, rather than downloaded again for every row group. A remote file that
+changes while it is read (its row groups no longer match the footer read at opening) is
+named in the error, which says to load the index again.
 """
 
 from __future__ import annotations
@@ -27,36 +40,86 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from unicom import storage
 from unicom.errors import InputError
 
 ROW_GROUP_ROWS = 16384  # rows per row group of the metadata files unicom index writes
 CACHE_BYTES = 256 * 2**20  # decoded row groups kept, in bytes (Table.nbytes)
 RECHUNK_ABOVE = 4 * ROW_GROUP_ROWS  # files with a larger row group are read from a copy in smaller ones
+COPY_READ_BYTES = 8 * 2**20  # a coarse file is copied reading its column chunks in pieces this large
 STALE_SECONDS = 3600  # a temporary of a copy this old belongs to a killed process (a copy takes seconds)
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Footer:
+    """A parquet file as opened: where it is (a local path or a URL), its size and version
+    (:func:`unicom.storage.file_version`) and its footer (``pyarrow.parquet.FileMetaData``)."""
+
+    location: Path | str
+    size: int
+    version: str | None
+    metadata: Any
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.location, str)
+
+    @property
+    def row_group_rows(self) -> list[int]:
+        return [self.metadata.row_group(group).num_rows for group in range(self.metadata.num_row_groups)]
+
+    def open(self, **options):
+        """A ``pyarrow.parquet.ParquetFile`` of the file, with the footer read at opening
+        (a remote file reads only the bytes its reader asks for)."""
+        import pyarrow.parquet as pq
+
+        if self.remote:
+            return pq.ParquetFile(storage.RangedFile(self.location, self.size), metadata=self.metadata, **options)
+        return _parquet(self.location, **options)
+
+
+def read_footer(location: str | os.PathLike) -> Footer:
+    """The parquet file ``location`` (a path or a URL) opened: its size, version and footer."""
+    location = storage.text(location) if storage.is_url(location) else Path(location)
+    try:
+        size, version = storage.file_version(location)
+    except (FileNotFoundError, storage.FetchError) as error:
+        if isinstance(error, storage.FetchError) and not error.missing:
+            raise
+        raise InputError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
+    if isinstance(location, str):
+        import pyarrow.parquet as pq
+
+        metadata = pq.ParquetFile(storage.RangedFile(location, size)).metadata
+    else:
+        with _parquet(location) as parquet:
+            metadata = parquet.metadata
+    return Footer(location, size, version, metadata)
+
+
 class MetadataRows:
-    """Rows by number from parquet files ``files``: (path, rows the file must hold) in file order.
+    """Rows by number from parquet files ``files``: (path or URL, rows the file must hold) in file order.
 
     ``cache_bytes``: the most decoded row groups kept (one larger row group is kept alone).
     ``copies``: a folder for copies of files with coarse row groups (module docstring);
     None reads every file as it is. Safe to call from several threads.
     """
 
-    def __init__(self, files: Sequence[tuple[Path, int]], cache_bytes: int = CACHE_BYTES,
+    def __init__(self, files: Sequence[tuple[str | os.PathLike, int]], cache_bytes: int = CACHE_BYTES,
                  copies: str | os.PathLike | None = None):
-        self.files = [(Path(path), int(rows)) for path, rows in files]
+        self.files = [(storage.text(path) if storage.is_url(path) else Path(path), int(rows)) for path, rows in files]
         self.cache_bytes = cache_bytes
         self.copies = Path(copies) if copies is not None else None
         self._starts: dict[int, np.ndarray] = {}  # file -> first row of each row group, then the row count
-        self._read_from: dict[int, Path] = {}  # file -> the file its row groups are read from
+        self._read_from: dict[int, Footer] = {}  # file -> the file its row groups are read from
         self._cache: OrderedDict[tuple[int, int], object] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
@@ -86,10 +149,11 @@ class MetadataRows:
                 out[position] = row
         return out
 
-    def read_from(self, file: int) -> Path:
-        """The parquet file that file ``file``'s rows are read from: itself, or its copy in smaller row groups."""
+    def read_from(self, file: int) -> Path | str:
+        """The parquet file that file ``file``'s rows are read from: itself (a path or a URL), or
+        its local copy in smaller row groups."""
         self._row_group_starts(file)
-        return self._read_from[file]
+        return self._read_from[file].location
 
     def _row_group_starts(self, file: int) -> np.ndarray:
         starts = self._starts.get(file)
@@ -101,52 +165,70 @@ class MetadataRows:
             starts = self._starts.get(file)
             if starts is None:
                 path, expected = self.files[file]
-                counts = _row_group_counts(path)
+                source = read_footer(path)
+                counts = source.row_group_rows
                 if sum(counts) != expected:
                     raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
                                      "folder was changed after the index was built: rebuild it")
-                source = path
-                if self.copies is not None and max(counts, default=0) > RECHUNK_ABOVE:
-                    source = self._rechunked(path, max(counts))
-                    if source != path:
-                        counts = _row_group_counts(source)
+                whole = source.remote and not storage.serves_ranges(source.location)
+                if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
+                    copy = self._local_copy(source, max(counts, default=0), whole)
+                    if copy is not None:
+                        source = read_footer(copy)
+                        counts = source.row_group_rows
                 self._read_from[file] = source
                 starts = self._starts[file] = np.cumsum([0, *counts], dtype=np.int64)
         return starts
 
-    def _rechunked(self, path: Path, largest: int) -> Path:
-        """``path``'s copy in row groups of :data:`ROW_GROUP_ROWS` (made now if missing); ``path``
-        itself when the copy cannot be written."""
-        import pyarrow.parquet as pq
-
+    def _local_copy(self, source: Footer, largest: int, whole: bool) -> Path | None:
+        """The local copy of ``source`` that its rows are read from (made now if missing): in row
+        groups of :data:`ROW_GROUP_ROWS` when its own are larger than :data:`RECHUNK_ABOVE`
+        rows, copied straight from the file a row group at a time; ``whole``: the file's server
+        ignores Range requests, so it is fetched once, whole, rather than once per row group.
+        None when the copy cannot be written."""
         from unicom import files
 
-        stat = path.stat()
-        owner = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-        version = hashlib.sha256(f"{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        path = source.location
+        owner = hashlib.sha256((path if source.remote else str(path.resolve())).encode()).hexdigest()[:16]
+        version = hashlib.sha256(f"{source.size} {source.version}".encode()).hexdigest()[:16]
         copy = self.copies / f"{owner}-{version}.parquet"
         if copy.is_file():
             return copy
         began = time.perf_counter()
+        coarse = largest > RECHUNK_ABOVE
         try:
             self.copies.mkdir(parents=True, exist_ok=True)
-            with self._open(path) as parquet, files.atomic_path(copy) as temporary:
-                with pq.ParquetWriter(temporary, parquet.schema_arrow) as writer:
-                    for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
-                        writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            with files.atomic_path(copy) as temporary:
+                if whole:
+                    fetched = self.copies / storage.temporary_name(copy.name)
+                    try:
+                        storage.download(path, fetched)
+                        if coarse:
+                            _rechunk(read_footer(fetched), temporary)
+                        else:
+                            os.replace(fetched, temporary)
+                    finally:
+                        fetched.unlink(missing_ok=True)
+                else:
+                    _rechunk(source, temporary)
+        except storage.FetchError:  # the file could not be read, not the copy written
+            raise
         except OSError as error:
-            logger.warning("%s: row groups of up to %s rows, read as they are: no copy in smaller ones could be "
-                           "written to %s (%s)", path, f"{largest:,}", self.copies, error)
-            return path
-        logger.info("%s: row groups of up to %s rows, copied once into row groups of %s (%s, %.1f s)", path,
-                    f"{largest:,}", f"{ROW_GROUP_ROWS:,}", copy, time.perf_counter() - began)
+            if coarse:
+                logger.warning("%s: row groups of up to %s rows, read as they are: no copy in smaller ones could be "
+                               "written to %s (%s)", path, f"{largest:,}", self.copies, error)
+            else:
+                logger.warning("%s: read in place, a whole download per row group (its server ignores Range "
+                               "requests): no copy could be written to %s (%s)", path, self.copies, error)
+            return None
+        made = (f"row groups of up to {largest:,} rows, copied into row groups of {ROW_GROUP_ROWS:,}" if coarse
+                else "its server ignores Range requests: fetched whole")
+        logger.info("%s: %s once (%s, %.1f s)", path, made, copy, time.perf_counter() - began)
         self._remove_stale(owner, copy.name)
         return copy
 
     def _remove_stale(self, owner: str, current: str) -> None:
         """Copies of earlier versions of the same file, and temporaries that killed copies left."""
-        from unicom import storage
-
         now = time.time()
         for entry in self.copies.iterdir():
             try:
@@ -164,8 +246,7 @@ class MetadataRows:
             if table is not None:
                 self._cache.move_to_end(key)
                 return table
-        with self._open(self._read_from[file]) as parquet:  # read outside the lock: other lookups go on
-            table = parquet.read_row_group(group)
+        table = _read_row_group(self._read_from[file], group)  # read outside the lock: other lookups go on
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = table
@@ -175,17 +256,46 @@ class MetadataRows:
                 self._cached_bytes -= dropped.nbytes
         return table
 
-    @staticmethod
-    def _open(path: Path):
-        import pyarrow.parquet as pq
 
+def _rechunk(source: Footer, out: Path) -> None:
+    """``source`` written to ``out`` in row groups of :data:`ROW_GROUP_ROWS`, a batch at a time."""
+    import pyarrow.parquet as pq
+
+    # column chunks are read in pieces, not whole: memory stays at a piece per column and a batch
+    with source.open(buffer_size=COPY_READ_BYTES) as parquet:
+        with pq.ParquetWriter(out, parquet.schema_arrow) as writer:
+            for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
+                writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+
+
+def _read_row_group(source: Footer, group: int):
+    """Row group ``group`` of ``source``; a remote file that changed since its footer was read
+    is named as such (its row groups are elsewhere now)."""
+    try:
+        with source.open(pre_buffer=True) as parquet:  # pre_buffer: the column chunks in few ranged requests
+            return parquet.read_row_group(group)
+    except InputError:
+        raise
+    except Exception as error:
+        if not source.remote:
+            raise
         try:
-            return pq.ParquetFile(path)
-        except FileNotFoundError as error:
-            raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
+            changed = storage.file_version(source.location) != (source.size, source.version)
+        except storage.FetchError as missing:
+            if not missing.missing:
+                raise
+            changed = True
+        if changed:
+            raise InputError(f"{source.location}: changed since the index was loaded (its row groups are not where "
+                             "its footer said); load the index again (restart `unicom serve`) to read it as it is "
+                             "now") from error
+        raise
 
 
-def _row_group_counts(path: Path) -> list[int]:
-    with MetadataRows._open(path) as parquet:
-        meta = parquet.metadata
-        return [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
+def _parquet(path: Path, **options):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path, **options)
+    except FileNotFoundError as error:
+        raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error

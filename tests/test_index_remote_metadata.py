@@ -1,0 +1,271 @@
+"""An index folder at a URL: its faiss files are copied into the local cache, its metadata
+files are read in place (the footer and the row groups a lookup needs, by ranged requests),
+and a clip-retrieval metadata file in coarse row groups is copied once, straight into small
+row groups. Real servers on 127.0.0.1: moto's S3 and a file server over HTTP."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from storage_servers import FileServer
+from test_index_clip_retrieval import unit_rows, write_autofaiss_folder, write_collection
+
+from unicom import storage
+from unicom.errors import InputError
+from unicom.formats.embeddings import write_part
+from unicom.search import index as index_module
+from unicom.search import metadata_rows
+from unicom.search.index import Index
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def parquet_files(folder) -> list:
+    return sorted(folder.rglob("*.parquet"))
+
+
+def small_row_groups(monkeypatch, rows: int) -> None:
+    """`unicom index` writes its metadata in row groups of ``rows`` (16384 otherwise)."""
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", rows)
+
+
+def captioned_collection(root, rows: int, seed: int = 0, prefix: str = "caption") -> list[str]:
+    """One part of ``rows`` unit vectors, with a caption of 40 random hex digits per row."""
+    rng = np.random.default_rng(seed)
+    captions = [f"{prefix} {value}" for value in rng.bytes(20 * rows).hex(" ", 20).split()]
+    write_part(root, 0, image=unit_rows(rows, 16, seed), metadata=pa.table({"caption": captions}))
+    return captions
+
+
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_a_remote_index_answers_as_the_local_one_with_no_metadata_file_on_local_disk(store, request, tmp_path, cache,
+                                                                                    monkeypatch):
+    server = request.getfixturevalue(store)
+    small_row_groups(monkeypatch, 16)
+    write_collection(tmp_path / "emb", {0: 70, 1: 50, 2: 40}, text=False)
+    local = Index.build(tmp_path / "emb", tmp_path / "index")
+    server.bucket("remote-meta-a")
+    url = server.upload_folder(tmp_path / "index", "remote-meta-a", "index")
+    # an earlier version copied the metadata whole into the cache: that copy is no longer used, and goes
+    stale = storage.cache_folder(url) / "metadata" / "metadata_0.parquet"
+    stale.parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "index" / "metadata" / "metadata_0.parquet", stale)
+
+    remote = Index.load(url)
+    queries = unit_rows(6, 32, seed=5)
+    scores, ids = remote.search(queries, 9)
+    np.testing.assert_array_equal(ids, local.search(queries, 9)[1])
+    assert remote.metadata(ids) == local.metadata(ids)
+    assert remote.metadata(np.arange(len(local))) == local.metadata(np.arange(len(local)))
+    assert remote.metadata_rows.read_from(1) == f"{url}/metadata/metadata_1.parquet"
+    assert parquet_files(cache) == []
+    assert sorted(path.name for path in remote.path.rglob("*") if path.is_file()) == [
+        ".signatures.json", "SOURCE", "heldout_ids.npy", "index.json", local.config["file"]]
+
+
+def test_a_remote_clip_retrieval_index_in_coarse_row_groups_is_copied_once_into_small_ones(s3, tmp_path, cache,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 256)
+    monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 64)
+    sizes = {0: 300, 1: 410, 2: 350}
+    parts = write_collection(tmp_path / "emb", sizes)
+    write_autofaiss_folder(tmp_path / "index", tmp_path / "emb", parts, "Flat", "Flat", {"image": "", "text": ""})
+    originals = [tmp_path / "index" / "metadata" / f"metadata_{number}.parquet" for number in sizes]
+    assert {pq.ParquetFile(file).metadata.num_row_groups for file in originals} == {1}
+    s3.bucket("remote-meta-b")
+    url = s3.upload_folder(tmp_path / "index", "remote-meta-b", "index")
+
+    remote = Index.load(url)
+    whole = pa.concat_tables([pq.read_table(file) for file in originals]).to_pylist()
+    ids = np.random.default_rng(0).integers(0, len(remote), size=(5, 8))
+    assert remote.metadata(ids) == [[{"id": i, **whole[i]} for i in query] for query in ids.tolist()]
+    remote.metadata(np.arange(len(remote)))  # every file opened
+    copies = [remote.metadata_rows.read_from(file) for file in range(len(sizes))]
+    assert parquet_files(cache) == sorted(copies) and all(copy.parent == cache / "metadata" for copy in copies)
+    for copy, original in zip(copies, originals):
+        assert pq.read_table(copy).equals(pq.read_table(original))
+        assert pq.ParquetFile(copy).metadata.num_row_groups == -(-pq.ParquetFile(copy).metadata.num_rows // 64)
+    stamps = [copy.stat().st_mtime_ns for copy in copies]
+    again = Index.load(url)
+    assert again.metadata(ids) == remote.metadata(ids)
+    assert [again.metadata_rows.read_from(file).stat().st_mtime_ns for file in range(len(sizes))] == stamps
+
+
+def test_a_remote_metadata_file_replaced_between_two_loads_gives_its_new_rows(s3, tmp_path, cache, monkeypatch):
+    small_row_groups(monkeypatch, 16)
+    monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 32)  # clip-retrieval's layout: a copy in small row groups
+    monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 16)
+    s3.bucket("remote-meta-c")
+    for layout in ("unicom", "clip-retrieval"):
+        emb = tmp_path / layout / "emb"
+        captioned_collection(emb, 100)
+        Index.build(emb, tmp_path / layout / "index", layout=layout)
+        metadata = next((tmp_path / layout / "index" / "metadata").glob("*.parquet"))
+        if layout == "clip-retrieval":  # as clip-retrieval writes it: every row in one row group
+            pq.write_table(pq.read_table(metadata), metadata)
+        url = s3.upload_folder(tmp_path / layout / "index", "remote-meta-c", layout)
+        before = Index.load(url)
+        assert before.metadata(70)["caption"] == pq.read_table(metadata).column("caption")[70].as_py()
+
+        table = pq.read_table(metadata)
+        renamed = table.set_column(table.column_names.index("caption"), "caption",
+                                   pa.array([f"new {c}" for c in table.column("caption").to_pylist()]))
+        pq.write_table(renamed, metadata, row_group_size=16)
+        s3.upload_folder(tmp_path / layout / "index", "remote-meta-c", layout)
+        after = Index.load(url)
+        assert after.metadata(70)["caption"] == "new " + before.metadata(70)["caption"], layout
+        assert after.metadata(3)["caption"].startswith("new caption "), layout
+
+
+def test_a_remote_metadata_file_replaced_while_loaded_is_named_not_misread(s3, tmp_path, cache, monkeypatch):
+    small_row_groups(monkeypatch, 16)
+    captioned_collection(tmp_path / "emb", 100)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    s3.bucket("remote-meta-d")
+    url = s3.upload_folder(tmp_path / "index", "remote-meta-d", "index")
+    loaded = Index.load(url)
+    loaded.metadata(0)  # the footer is read, and row group 0
+    captioned_collection(tmp_path / "other", 100, seed=1, prefix="a much longer caption, elsewhere in the file")
+    replaced = Index.build(tmp_path / "other", tmp_path / "replaced")
+    s3.put("remote-meta-d", "index/metadata/metadata_0.parquet",
+           (tmp_path / "replaced" / "metadata" / "metadata_0.parquet").read_bytes())
+    changed = r"metadata_0\.parquet: changed since the index was loaded .*load the index again"
+    with pytest.raises(InputError, match=changed):
+        loaded.metadata(90)
+    assert Index.load(url).metadata(90)["caption"] == replaced.metadata(90)["caption"]
+
+
+def served_bytes(asked: list[str], name: str, size: int) -> int:
+    """Bytes the file server sent of file ``name`` (``size`` bytes), from its request log."""
+    total = 0
+    for line in asked:
+        method, path, *ranges = line.split(" ")
+        if method != "GET" or path != name:
+            continue
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", ranges[0] if ranges else "")
+        if match is None:
+            total += size
+        elif not match.group(1):
+            total += min(size, int(match.group(2)))
+        else:
+            stop = min(size, int(match.group(2)) + 1) if match.group(2) else size
+            total += stop - int(match.group(1))
+    return total
+
+
+def test_a_lookup_in_a_remote_index_reads_the_footer_and_one_row_group_not_the_file(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 20000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    assert pq.ParquetFile(metadata).metadata.num_row_groups == 20
+    size = metadata.stat().st_size
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        assert index.metadata(12345)["caption"] == captions[12345]
+        read = served_bytes(http.state.asked, "metadata/metadata_0.parquet", size)
+    assert 0 < read < size / 8  # its footer and row group 12 (of 20): not the file
+    assert parquet_files(cache) == []
+
+
+def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cache, monkeypatch):
+    """python's own http.server answers a ranged request with the whole file: a lookup per row
+    group would download the file each time, so it is fetched once, whole, into the cache."""
+    from http.server import SimpleHTTPRequestHandler
+
+    from storage_servers import serve
+
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 20000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    requests = []
+
+    class WholeFiles(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "index"), **kwargs)
+
+        def log_message(self, format, *args):
+            requests.append(self.requestline)
+
+    server = serve(WholeFiles)
+    try:
+        index = Index.load(f"http://127.0.0.1:{server.server_address[1]}/")
+        ids = np.arange(500, 20000, 1000)  # one row of each row group
+        assert [row["caption"] for row in index.metadata(ids)] == [captions[i] for i in ids]
+        assert index.metadata(ids) == index.metadata(ids)
+    finally:
+        server.shutdown()
+        server.server_close()
+    gets = [line for line in requests if line.startswith("GET /metadata/metadata_0.parquet")]
+    assert len(gets) == 2  # the footer's request, answered whole, then the copy
+    assert [path.stat().st_size for path in parquet_files(cache)] == [metadata.stat().st_size]
+
+
+def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_path, cache, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from unicom.search.service import create_app
+
+    small_row_groups(monkeypatch, 16)
+    write_collection(tmp_path / "emb", {0: 60, 1: 45}, text=False)
+    local = Index.build(tmp_path / "emb", tmp_path / "index")
+    s3.bucket("remote-meta-serve")
+    remote = Index.load(s3.upload_folder(tmp_path / "index", "remote-meta-serve", "index"))
+    query = unit_rows(1, 32, seed=3)[0].tolist()
+    answers = []
+    for index in (local, remote):
+        with TestClient(create_app({"photos": index})) as client:
+            search = client.post("/search", json={"embedding": query, "k": 6}).json()
+            knn = client.post("/knn-service", json={"embedding_input": query, "modality": "image", "num_images": 6,
+                                                    "indice_name": "photos"}).json()
+            metadata = client.post("/metadata", json={"ids": [3, 70, 104], "indice_name": "photos"}).json()
+        answers.append((search["results"], knn, metadata))
+    assert answers[1] == answers[0]
+    assert [row["metadata"]["key"] for row in answers[1][2]] == ["p0-r3", "p1-r10", "p1-r44"]
+    assert parquet_files(cache) == []
+
+
+def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 5000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        absent = http.fault("metadata/metadata_0.parquet", missing=2)  # not there yet, twice
+        assert index.metadata(1500)["caption"] == captions[1500]
+        cut = http.fault("metadata/metadata_0.parquet", cuts=1, cut_after=2000)  # a connection reset mid-body
+        assert index.metadata(4500)["caption"] == captions[4500]
+        assert absent.requests > 2 and cut.requests > 1
+        shutil.rmtree(tmp_path / "index" / "metadata")
+        monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "2")
+        with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: file not found; the index folder is "
+                                             "incomplete, rebuild it"):
+            Index.load(f"{http.url}/").metadata(0)
+
+
+def test_a_remote_index_of_embeddings_without_metadata_gives_the_ids_of_its_results(s3, tmp_path, cache):
+    """`unicom index` writes a metadata file of ids for every part, metadata or not: it is uploaded and read."""
+    vectors = unit_rows(50, 8, seed=0)
+    write_part(tmp_path / "emb", 0, image=vectors)
+    s3.bucket("remote-meta-ids")
+    built = Index.build(tmp_path / "emb", "s3://remote-meta-ids/built")
+    assert built.config["has_metadata"] is False
+    assert "built/metadata/metadata_0.parquet" in s3.keys("remote-meta-ids", "built/")
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    uploaded = s3.upload_folder(tmp_path / "index", "remote-meta-ids", "uploaded")
+    for url in ("s3://remote-meta-ids/built", uploaded):
+        index = Index.load(url)
+        _, ids = index.search(vectors[[7]], 3)
+        assert index.metadata(ids[0]) == [{"id": int(i)} for i in ids[0]] and ids[0][0] == 7

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from storage_servers import FileServer
+from storage_servers import ChunkedFileServer, FileServer
 from test_index_clip_retrieval import unit_rows, write_autofaiss_folder, write_collection
 
 from unicom import storage
@@ -215,57 +215,44 @@ def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cac
 def test_a_server_that_gives_no_file_size_has_each_metadata_file_fetched_whole_once(tmp_path, cache, monkeypatch):
     """A server that answers in chunks, with no Content-Length (nor Range): no ranged read can
     find a parquet footer, so the file is fetched whole into the cache, once, and read there."""
-    from storage_servers import QuietHandler, serve
-
     small_row_groups(monkeypatch, 1000)
     captions = captioned_collection(tmp_path / "emb", 20000)
     Index.build(tmp_path / "emb", tmp_path / "index")
     metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
-    whole = []  # the files sent to their end
-
-    class Chunked(QuietHandler):
-        def do_HEAD(self):
-            self._answer(body=False)
-
-        def do_GET(self):
-            self._answer(body=True)
-
-        def _answer(self, body: bool):
-            path = tmp_path / "index" / self.path.lstrip("/")
-            if not path.is_file():
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            data = path.read_bytes()
-            self.send_response(200)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("ETag", f'"{path.stat().st_mtime_ns}"')
-            self.end_headers()
-            if not body:
-                return
-            try:
-                for start in range(0, len(data), 4096):
-                    piece = data[start:start + 4096]
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.write(b"0\r\n\r\n")
-            except (BrokenPipeError, ConnectionResetError):  # a client that read the headers only
-                return
-            whole.append(self.path)
-
-    server = serve(Chunked)
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
     ids = np.arange(500, 20000, 1000)  # one row of each row group
-    try:
-        assert storage.file_version(url + "metadata/metadata_0.parquet")[0] == 0  # what the store knows of its size
-        assert [row["caption"] for row in Index.load(url).metadata(ids)] == [captions[i] for i in ids]
-        again = Index.load(url)  # a second load of the same version: the copy is used
+    with ChunkedFileServer(tmp_path / "index") as http:
+        assert storage.file_version(f"{http.url}/metadata/metadata_0.parquet")[0] == 0  # what the store knows of its size
+        http.requests.clear()
+        assert [row["caption"] for row in Index.load(f"{http.url}/").metadata(ids)] == [captions[i] for i in ids]
+        # the size asked for (a HEAD, then a GET whose answer has none either), then the one fetch: not one per row group
+        assert http.requests.count("GET /metadata/metadata_0.parquet") == 2
+        (copy,) = parquet_files(cache / "metadata")
+        stamp = copy.stat().st_mtime_ns
+        again = Index.load(f"{http.url}/")  # a second load of the same version (ETag): the copy is used
         assert [row["caption"] for row in again.metadata(ids[::-1])] == [captions[i] for i in ids[::-1]]
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert whole.count("/metadata/metadata_0.parquet") == 1
-    assert [path.stat().st_size for path in parquet_files(cache / "metadata")] == [metadata.stat().st_size]
+    assert parquet_files(cache / "metadata") == [copy] and copy.stat().st_mtime_ns == stamp
+    assert pq.read_table(copy).equals(pq.read_table(metadata))
+
+
+def test_a_clip_retrieval_index_on_a_server_that_gives_no_file_size_is_read_from_small_copies(tmp_path, cache,
+                                                                                              monkeypatch):
+    """Its files are numbered at load (every footer read): each is fetched once, straight into
+    the copy in small row groups that its lookups read."""
+    monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 256)
+    monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 64)
+    sizes = {0: 300, 1: 410}
+    parts = write_collection(tmp_path / "emb", sizes)
+    write_autofaiss_folder(tmp_path / "index", tmp_path / "emb", parts, "Flat", "Flat", {"image": "", "text": ""})
+    originals = [tmp_path / "index" / "metadata" / f"metadata_{number}.parquet" for number in sizes]
+    whole = pa.concat_tables([pq.read_table(file) for file in originals]).to_pylist()
+    with ChunkedFileServer(tmp_path / "index") as http:
+        remote = Index.load(f"{http.url}/")
+        assert remote.metadata(np.arange(len(remote))) == [{"id": i, **row} for i, row in enumerate(whole)]
+    for number in sizes:  # its size asked for at load (HEAD, GET) and at the first lookup (HEAD, GET), one fetch
+        assert http.requests.count(f"GET /metadata/metadata_{number}.parquet") == 3
+    copies = [remote.metadata_rows.read_from(file) for file in range(len(sizes))]
+    assert parquet_files(cache / "metadata") == sorted(copies)
+    assert [pq.ParquetFile(copy).metadata.num_row_groups for copy in copies] == [5, 7]
 
 
 def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_path, cache, monkeypatch):

@@ -182,8 +182,11 @@ def not_a_tar(path) -> str | None:
     """Why the local shard ``path`` cannot be a tar, seen from its first 512 bytes (a tar
     header, or the start of a gzip/bzip2/xz stream), or None when it may be one. A tar
     damaged further on (a truncated download) passes: that shows only when it is read."""
-    with open(path, "rb") as handle:
-        head = handle.read(tarfile.BLOCKSIZE)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(tarfile.BLOCKSIZE)
+    except OSError as error:
+        return f"it cannot be read ({error.strerror or error})"
     if head.startswith(_COMPRESSED_MAGIC):
         return None
     if not head:

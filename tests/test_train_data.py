@@ -158,6 +158,10 @@ def test_a_shard_that_is_not_a_tar_is_refused_before_training_naming_it(tmp_path
     (tmp_path / "00001.tar").write_bytes(b"")
     with pytest.raises(InputError, match="00001.tar: not a tar file: the file is empty; download the shard again"):
         build_source(shard_config(tmp_path))
+    (tmp_path / "00002.tar").write_bytes(b"")
+    with pytest.raises(InputError, match=rf"00001.tar: not a tar file: the file is empty \(1 more shards are refused "
+                                         rf"too: {tmp_path / '00002.tar'}\); download"):
+        build_source(shard_config(tmp_path))
 
 
 def _build_with_rank_one_seeing_whole_shards(rank, world_size, root):

@@ -499,15 +499,18 @@ def _refuse_non_tars(shards: Sequence[Any]) -> None:
     from unicom import distributed
     from unicom.data.shards import not_a_tar
 
-    found = None
+    found = []
     if distributed.get_rank() == 0:
-        found = [(str(path), why) for path in shards if isinstance(path, Path) for why in [not_a_tar(path)] if why]
+        for path in shards:
+            why = not_a_tar(path) if isinstance(path, Path) else None  # remote: would cost a request each
+            if why is not None:
+                found.append((str(path), why))
     found = distributed.broadcast_object(found)
     if found:
         path, why = found[0]
-        more = f" ({len(found) - 1} more shards are not tars either: {', '.join(p for p, _ in found[1:4])}" \
-               f"{' …' if len(found) > 4 else ''})" if len(found) > 1 else ""
-        raise InputError(f"{path}: not a tar file: {why}{more}; download the shard again, or leave it out of data.shards")
+        more = (f" ({len(found) - 1} more shards are refused too: {', '.join(p for p, _ in found[1:4])}"
+                f"{' …' if len(found) > 4 else ''})") if len(found) > 1 else ""
+        raise InputError(f"{path}: {why}{more}; download the shard again, or leave it out of data.shards")
 
 
 def _check_keys_match(source: ShardSource, probe: int = 64) -> None:

@@ -9,6 +9,8 @@ that can stop a client mid-request.
 * :class:`FileServer` serves a folder with ``Range`` support and injected faults per file:
   ``404`` for the first N requests, a connection cut after N bytes, a latency per request
   and a bandwidth cap.
+* :class:`ChunkedFileServer` serves a folder as a server that gives no file size does:
+  every answer in chunks, without ``Content-Length``, ``Range`` ignored, an ETag per file.
 * :class:`Relay` forwards TCP to another server and calls a hook when a response to a
   request matching a pattern comes back, before forwarding it (``kill -9`` a client there).
 * :class:`QuietHandler` and :func:`serve`: the base of a test's own HTTP server on 127.0.0.1.
@@ -333,6 +335,61 @@ class FileServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ChunkedFileServer:
+    """A folder over HTTP on 127.0.0.1 from a server that gives no file size (a dynamic one):
+    ``Transfer-Encoding: chunked``, no ``Content-Length``, ``Range`` ignored, the ETag the
+    file's modification time; a folder answers a page of links to its entries.
+    ``requests``: ``"METHOD path"`` of every request."""
+
+    def __init__(self, root: Path):
+        self.root, self.requests = Path(root), []
+        server = self
+
+        class Handler(QuietHandler):
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                self._answer(body=True)
+
+            def _answer(self, body: bool):
+                server.requests.append(f"{self.command} {self.path}")
+                path = server.root / self.path.split("?", 1)[0].lstrip("/")
+                if path.is_dir():
+                    data = "".join(f'<a href="{p.name}{"/" if p.is_dir() else ""}">{p.name}</a>\n'
+                                   for p in sorted(path.iterdir())).encode()
+                elif path.is_file():
+                    data = path.read_bytes()
+                else:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("ETag", f'"{path.stat().st_mtime_ns}"')
+                self.end_headers()
+                if not body:
+                    return
+                try:
+                    for start in range(0, len(data), 4096):
+                        piece = data[start:start + 4096]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):  # a client that read the headers only
+                    pass
+
+        self.server = serve(Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "ChunkedFileServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class Relay:

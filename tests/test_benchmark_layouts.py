@@ -138,6 +138,23 @@ def test_cars196_from_the_devkit_takes_the_train_and_test_annotations_together(l
     assert protocol.query.paths[0] == str(tmp_path / "stanford_cars" / "cars_train" / "00002.jpg")
 
 
+def test_cars196_from_the_devkit_without_its_images_reads_the_annotations_alone(tmp_path):
+    """Scoring stored embeddings (check_images=False) needs the annotations, not the image folders."""
+    import shutil
+
+    from benchmark_layouts import cars196_devkit
+
+    root = cars196_devkit(tmp_path)
+    whole = load_retrieval_benchmark("cars196", root)
+    for folder in ("cars_train", "cars_test"):
+        shutil.rmtree(root / "stanford_cars" / folder)
+    protocol = load_retrieval_benchmark("cars196", root, check_images=False)
+    assert summary(protocol.query) == summary(whole.query) and summary(protocol.train) == summary(whole.train)
+    assert protocol.query.paths == whole.query.paths
+    with pytest.raises(InputError, match=r"cars_train: image folder not found \(listed in cars_train_annos\.mat\)"):
+        load_retrieval_benchmark("cars196", root)
+
+
 def test_cars196_devkit_in_a_folder_torchvision_cannot_read_says_to_rename_it(tmp_path):
     from benchmark_layouts import cars196_devkit
 

@@ -163,3 +163,19 @@ def test_deduplicate_leaves_out_near_copies_and_still_answers_num_images(served,
 def test_errors_come_back_as_a_detail_the_caller_can_read(served, clip_client):
     answer = clip_client.ClipClient(url=served["url"] + "/knn-service", indice_name="laion5B-L-14").query(text="a cat")
     assert answer == {"detail": "indice_name 'laion5B-L-14': no such index; the indexes are laion"}
+
+
+def test_through_a_reverse_proxy_under_a_prefix_the_answers_are_those_of_the_server(served, clip_client, tmp_path):
+    from test_serve_prefix import PREFIX, PrefixProxy
+
+    query = tmp_path / "query.jpg"
+    query.write_bytes(captioned_samples(1, 8)[3]["jpg"])  # id 11
+    asks = [dict(text="caption 3"), dict(image=str(query)), dict(embedding_input=stored(served, "text_emb")[5].tolist())]
+    direct = [client(served, clip_client).query(**ask) for ask in asks]
+    with PrefixProxy(served["url"]) as url:
+        proxied = [client({**served, "url": url}, clip_client).query(**ask) for ask in asks]
+        missing = clip_client.ClipClient(url=url + "/knn-service", indice_name="nope").query(text="a cat")
+    assert url.endswith(PREFIX)
+    assert [[r["id"] for r in answer] for answer in proxied] == [[r["id"] for r in answer] for answer in direct]
+    assert proxied == direct  # captions, urls, similarities and the pictures themselves
+    assert missing == {"detail": "indice_name 'nope': no such index; the indexes are laion"}

@@ -242,6 +242,23 @@ def test_a_list_file_that_is_not_utf8_is_named_with_the_line_and_byte(name, tmp_
         load_retrieval_benchmark(name, root)
 
 
+def test_a_csv_table_that_is_not_utf8_is_named_with_the_line_and_byte(tmp_path):
+    # pyarrow says only "invalid UTF8 data"; the byte is found in the file itself
+    table = tmp_path / "list.csv"
+    table.write_bytes("path,label\na.png,0\ncaf\u00e9.png,1\n".encode("latin-1"))
+    with pytest.raises(InputError) as caught:
+        load_retrieval_benchmark("csv", table)
+    assert str(caught.value) == (f"{table}: line 3 (byte 22, b'\\xe9') is not UTF-8; save the file as UTF-8 "
+                                 "(e.g. iconv -f latin1 -t utf-8) and run again")
+    # in a column read as it is (class names), not only in one read as text (the paths)
+    table.write_bytes("path,label\na.png,dog\nb.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"list\.csv: line 3 \(byte 30, b'\\xe9'\) is not UTF-8; save the file as UTF-8"):
+        load_retrieval_benchmark("csv", table)
+    table.write_bytes(b"path,label\n\"a.png,0\n")  # any other failure says what pyarrow says
+    with pytest.raises(InputError, match=r"list\.csv: cannot be read as CSV \(.*\)"):
+        load_retrieval_benchmark("csv", table)
+
+
 def test_registry_rows_name_importable_readers():
     import importlib
 

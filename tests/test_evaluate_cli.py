@@ -302,20 +302,27 @@ def test_train_images_missing_from_the_download_leave_the_pca_baseline_to_those_
     assert "PCA baseline is left out" in report["note"]
 
 
-@pytest.mark.parametrize("name", ["sop", "cub", "cars196", "inshop", "inaturalist", "vehicleid-small", "gldv2"])
+@pytest.mark.parametrize("name", ["sop", "cub", "cars196", "cars196 devkit", "inshop", "inaturalist", "vehicleid-small",
+                                  "gldv2"])
 def test_embeddings_made_elsewhere_are_scored_with_the_list_files_alone(name, tmp_path):
     # embeddings computed on another machine: the dataset's lists are here, its images are not
-    from benchmark_layouts import WRITERS
+    import shutil
+
+    from benchmark_layouts import WRITERS, cars196_devkit
 
     from unicom.data.benchmarks import load_retrieval_benchmark
 
-    root = WRITERS[name](tmp_path / "data", "download")
+    name, _, devkit = name.partition(" ")
+    root = cars196_devkit(tmp_path / "data") if devkit else WRITERS[name](tmp_path / "data", "download")
     protocol = load_retrieval_benchmark(name, root)
     images = [*protocol.query.keys, *(protocol.gallery.keys if protocol.gallery is not None else [])]
     x = np.random.default_rng(0).standard_normal((len(images), 8)).astype(np.float32)
     embedding_folder(tmp_path / "emb", x, images, parts=1)
     for image in [*protocol.query.paths, *(protocol.gallery.paths if protocol.gallery is not None else [])]:
         Path(image).unlink()
+    if devkit:  # nor are the image folders of the devkit layout
+        for folder in ("cars_train", "cars_test"):
+            shutil.rmtree(root / "stanford_cars" / folder)
     out = tmp_path / "report"
     assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", name, "--root", str(root),
                  "--dims", "none", "--out", str(out)]) == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from storage_servers import FileServer
+from storage_servers import ChunkedFileServer, FileServer
 from test_index_clip_retrieval import unit_rows, write_autofaiss_folder, write_collection
 
 from unicom import storage
@@ -210,6 +210,49 @@ def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cac
     gets = [line for line in requests if line.startswith("GET /metadata/metadata_0.parquet")]
     assert len(gets) == 2  # the footer's request, answered whole, then the copy
     assert [path.stat().st_size for path in parquet_files(cache)] == [metadata.stat().st_size]
+
+
+def test_a_server_that_gives_no_file_size_has_each_metadata_file_fetched_whole_once(tmp_path, cache, monkeypatch):
+    """A server that answers in chunks, with no Content-Length (nor Range): no ranged read can
+    find a parquet footer, so the file is fetched whole into the cache, once, and read there."""
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 20000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    ids = np.arange(500, 20000, 1000)  # one row of each row group
+    with ChunkedFileServer(tmp_path / "index") as http:
+        assert storage.file_version(f"{http.url}/metadata/metadata_0.parquet")[0] == 0  # what the store knows of its size
+        http.requests.clear()
+        assert [row["caption"] for row in Index.load(f"{http.url}/").metadata(ids)] == [captions[i] for i in ids]
+        # the size asked for (a HEAD, then a GET whose answer has none either), then the one fetch: not one per row group
+        assert http.requests.count("GET /metadata/metadata_0.parquet") == 2
+        (copy,) = parquet_files(cache / "metadata")
+        stamp = copy.stat().st_mtime_ns
+        again = Index.load(f"{http.url}/")  # a second load of the same version (ETag): the copy is used
+        assert [row["caption"] for row in again.metadata(ids[::-1])] == [captions[i] for i in ids[::-1]]
+    assert parquet_files(cache / "metadata") == [copy] and copy.stat().st_mtime_ns == stamp
+    assert pq.read_table(copy).equals(pq.read_table(metadata))
+
+
+def test_a_clip_retrieval_index_on_a_server_that_gives_no_file_size_is_read_from_small_copies(tmp_path, cache,
+                                                                                              monkeypatch):
+    """Its files are numbered at load (every footer read): each is fetched once, straight into
+    the copy in small row groups that its lookups read."""
+    monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 256)
+    monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 64)
+    sizes = {0: 300, 1: 410}
+    parts = write_collection(tmp_path / "emb", sizes)
+    write_autofaiss_folder(tmp_path / "index", tmp_path / "emb", parts, "Flat", "Flat", {"image": "", "text": ""})
+    originals = [tmp_path / "index" / "metadata" / f"metadata_{number}.parquet" for number in sizes]
+    whole = pa.concat_tables([pq.read_table(file) for file in originals]).to_pylist()
+    with ChunkedFileServer(tmp_path / "index") as http:
+        remote = Index.load(f"{http.url}/")
+        assert remote.metadata(np.arange(len(remote))) == [{"id": i, **row} for i, row in enumerate(whole)]
+    for number in sizes:  # its size asked for at load (HEAD, GET) and at the first lookup (HEAD, GET), one fetch
+        assert http.requests.count(f"GET /metadata/metadata_{number}.parquet") == 3
+    copies = [remote.metadata_rows.read_from(file) for file in range(len(sizes))]
+    assert parquet_files(cache / "metadata") == sorted(copies)
+    assert [pq.ParquetFile(copy).metadata.num_row_groups for copy in copies] == [5, 7]
 
 
 def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_path, cache, monkeypatch):

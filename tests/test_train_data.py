@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support import write_tar_shard
+from support import run_workers, write_tar_shard
 from torchvision.transforms import ToTensor
 
 from unicom.errors import InputError
@@ -144,6 +145,69 @@ def test_labels_made_from_other_shards_are_detected(tmp_path):
     pq.write_table(table, tmp_path / "clusters" / "labels" / "labels_0.parquet")
     with pytest.raises(InputError, match="none of its first 12 sample keys .* is in labels_0.parquet"):
         build_source(shard_config(tmp_path))
+
+
+def test_a_shard_that_is_not_a_tar_is_refused_before_training_naming_it(tmp_path):
+    write_collection(tmp_path)
+    (tmp_path / "00001.tar").write_bytes(b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>\n" * 20)
+    with pytest.raises(InputError) as error:
+        build_source(shard_config(tmp_path))
+    assert str(error.value) == (
+        f"{tmp_path / '00001.tar'}: not a tar file: it is 1,300 bytes and does not start with a tar header but with "
+        "'<!DOCTYPE html><html><body>503 Service U'; download the shard again, or leave it out of data.shards")
+    (tmp_path / "00001.tar").write_bytes(b"")
+    with pytest.raises(InputError, match="00001.tar: not a tar file: the file is empty; download the shard again"):
+        build_source(shard_config(tmp_path))
+    (tmp_path / "00002.tar").write_bytes(b"")
+    with pytest.raises(InputError, match=rf"00001.tar: not a tar file: the file is empty \(1 more shards are refused "
+                                         rf"too: {tmp_path / '00002.tar'}\); download"):
+        build_source(shard_config(tmp_path))
+
+
+def _build_with_rank_one_seeing_whole_shards(rank, world_size, root):
+    import unicom.data.shards
+
+    if rank == 1:  # this rank's copy of the shards is whole (node-local copies can differ)
+        unicom.data.shards.not_a_tar = lambda path: None
+    try:
+        build_source(shard_config(Path(root)))
+    except InputError as error:
+        return str(error)
+    return "built"
+
+
+def test_every_rank_takes_rank_0s_decision_on_shards_that_are_not_tars(tmp_path):
+    write_collection(tmp_path)
+    (tmp_path / "00002.tar").write_bytes(b"Access Denied" * 50)
+    results = run_workers(_build_with_rank_one_seeing_whole_shards, 2, str(tmp_path))
+    assert results[0] == results[1] and results[0][0] == "ok"
+    assert results[0][1].startswith(f"{tmp_path / '00002.tar'}: not a tar file: it is 650 bytes")
+
+
+def test_compressed_and_empty_tars_pass_the_shard_check(tmp_path):
+    import gzip
+
+    write_collection(tmp_path)
+    (tmp_path / "00001.tar.gz").write_bytes(gzip.compress((tmp_path / "00001.tar").read_bytes()))
+    (tmp_path / "00001.tar").unlink()
+    write_tar_shard(tmp_path / "00003.tar", [])  # a tar of zeros only, with the empty labels clustering gives it
+    empty = pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.int64()), "similarity": pa.array([], pa.float32())})
+    pq.write_table(empty, tmp_path / "clusters" / "labels" / "labels_3.parquet")
+    assert [n for n, _ in build_source(shard_config(tmp_path)).shards] == [0, 1, 2]
+
+
+def test_a_shard_that_breaks_off_is_reported_once_not_every_pass(tmp_path):
+    write_collection(tmp_path, shards=1)
+    data = (tmp_path / "00000.tar").read_bytes()
+    source = build_source(shard_config(tmp_path))
+    inside = tarfile.open(tmp_path / "00000.tar").getmembers()[12].offset_data + 2
+    (tmp_path / "00000.tar").write_bytes(data[:inside])  # the download broke off inside a member
+    counters = Counters()
+    read = [len(list(source.records(0, pass_, 0, 1, 0, 1, 1, counters))) for pass_ in range(3)]
+    assert read[0] == read[1] == read[2] > 0
+    unlabelled, failed, failures = counters.take()
+    assert failed == 1 and [f["source"] for f in failures] == [str(tmp_path / "00000.tar")]
+    assert failures[0]["reason"].startswith("shard broke off after ")
 
 
 def test_labels_beyond_the_number_of_classes_are_an_error(tmp_path):

@@ -54,6 +54,13 @@ def test_a_missing_column_names_the_file_and_the_key(tmp_path):
         read_domain_lists(listing)
 
 
+def test_a_list_that_is_not_utf8_names_the_line_and_byte(tmp_path):
+    listing = tmp_path / "l.csv"
+    listing.write_bytes("dataset,path,class\nd,a.jpg,1\nd,caf\u00e9.jpg,2\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"l\.csv: line 3 \(byte 34, b'\\xe9'\) is not UTF-8; save the file as UTF-8"):
+        read_domain_lists(listing)
+
+
 def test_every_missing_column_is_named_at_once(tmp_path):
     listing = write(tmp_path / "l.csv", "image,category\na.jpg,1\n")
     with pytest.raises(InputError) as caught:

@@ -146,6 +146,15 @@ def barrier(group=None) -> None:
         dist.barrier(group)
 
 
+def broadcast_object(value):
+    """Rank 0's ``value`` (any picklable object) on every rank: one decision for all."""
+    if get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``tensor`` (rows along dim 0) of every rank of ``group``, in rank order."""
     world_size = get_world_size(group)

@@ -110,7 +110,12 @@ def read_text(path: str | os.PathLike) -> str:
     :class:`InputError` naming the file, the line and the byte offset of the first byte
     that is not UTF-8.
     """
-    data = Path(path).read_bytes()
+    return decode_utf8(Path(path).read_bytes(), path)
+
+
+def decode_utf8(data: bytes, path) -> str:
+    """``data``, the bytes of the list file ``path``, decoded as :func:`read_text` decodes them
+    (an :class:`InputError` naming the line and byte offset of a byte that is not UTF-8)."""
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[start:].decode("utf-8")
@@ -177,6 +182,23 @@ def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[s
     return found, sorted({top for _, _, top, _ in found})
 
 
+def utf8_error(path) -> InputError | None:
+    """The error naming the line and byte of the first byte of the list file ``path`` (a path
+    or a URL) that is not UTF-8 (:func:`decode_utf8`); None when it is all UTF-8."""
+    try:
+        decode_utf8(storage.read_bytes(path), path)
+    except InputError as error:
+        return error
+    return None
+
+
+def csv_error(path, error: Exception) -> InputError:
+    """The error for a CSV list (a path or a URL) that pyarrow could not read: where its text is
+    not UTF-8 (pyarrow says only "invalid UTF8 data"), the line and byte of the first such byte."""
+    named = utf8_error(path) if "UTF8" in str(error) else None
+    return named or InputError(f"{path}: cannot be read as CSV ({error})")
+
+
 def read_table(
     path: str | os.PathLike,
     *,
@@ -216,7 +238,13 @@ def read_table(
         table: pa.Table = pq.read_table(source) if parquet else pacsv.read_csv(
             source, convert_options=pacsv.ConvertOptions(column_types=text_columns))
     except (pa.ArrowInvalid, OSError) as error:
-        raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
+        raise csv_error(path, error) if not parquet else InputError(
+            f"{path}: cannot be read as parquet ({error})") from error
+    if not parquet and any(pa.types.is_binary(field.type) for field in table.schema):
+        # pyarrow reads a column whose text is not UTF-8 as bytes: labels would be named b'...'
+        named = utf8_error(path)
+        if named is not None:
+            raise named
     found_path = find_column(table.column_names, path_column)
     if found_path is None:
         names = " or ".join(repr(c) for c in (path_column, *COLUMN_ALIASES.get(path_column, ())))

@@ -175,6 +175,32 @@ class ShardReadError(Exception):
         self.path, self.samples, self.reason, self.fetch = path, samples, reason, fetch
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: what tarfile's "r|*" opens
+
+
+def not_a_tar(path) -> str | None:
+    """Why the local shard ``path`` cannot be read as a tar, seen from its first 512 bytes (a
+    tar header, or the start of a gzip/bzip2/xz stream), or None when it may be one. A tar
+    damaged further on (a truncated download) passes: that shows only when it is read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(tarfile.BLOCKSIZE)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if head.startswith(_COMPRESSED_MAGIC):
+        return None
+    if not head:
+        return "not a tar file: the file is empty"
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.EOFHeaderError:  # a block of zeros: an empty tar
+        return None
+    except tarfile.HeaderError:
+        shown = head[:40].decode("ascii", "replace")
+        return f"not a tar file: it is {os.path.getsize(path):,} bytes and does not start with a tar header but with {shown!r}"
+    return None
+
+
 def _fetch_error(error: BaseException | None) -> storage.FetchError | None:
     """The download failure behind ``error`` (tarfile may wrap it), if any."""
     while error is not None:

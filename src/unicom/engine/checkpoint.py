@@ -103,16 +103,6 @@ def _all_gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
-def _broadcast_object(value: Any) -> Any:
-    if distributed.get_world_size() == 1:
-        return value
-    import torch.distributed as dist
-
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 # ----------------------------------------------------------------------------- writing
 
 

@@ -46,6 +46,7 @@ from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, part_n
 from unicom.search import clip_layout
 from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
 from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
+from unicom.search.metadata_rows import COPIES as METADATA_COPIES
 from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows
 from unicom.search.planner import (
     DEFAULT_RECALL,
@@ -68,7 +69,6 @@ LAYOUTS = ("unicom", clip_layout.LAYOUT)
 CONFIG_FILE = "index.json"
 HELDOUT_FILE = "heldout_ids.npy"
 METADATA_FOLDER = "metadata"
-METADATA_COPIES = "metadata"  # folder of the cache root: metadata files copied in smaller row groups
 ID_COLUMN = "id"
 
 

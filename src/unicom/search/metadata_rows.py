@@ -27,7 +27,10 @@ row groups is copied once, row group by row group from the store, into the ``cop
 folder: it is on local disk once, in small row groups. The copy belongs to the URL, size
 and version; a file written again gets a new copy, as a local one does. A file whose
 server ignores Range requests (it answers the footer's request with the whole file) is
-copied there whole, once, rather than downloaded again for every row group. A remote file that
+copied there whole, once, rather than downloaded again for every row group; so is a file
+whose server gives no size (chunked answers without Content-Length), which no ranged read can
+find the footer of (a server that gives no version either, no ETag or modification time, has
+it fetched again at every load: a copy of it could not be told from a stale one). A remote file that
 changes while it is read (its row groups no longer match the footer read at opening) is
 named in the error, which says to load the index again.
 """
@@ -53,6 +56,7 @@ ROW_GROUP_ROWS = 16384  # rows per row group of the metadata files unicom index 
 CACHE_BYTES = 256 * 2**20  # decoded row groups kept, in bytes (Table.nbytes)
 RECHUNK_ABOVE = 4 * ROW_GROUP_ROWS  # files with a larger row group are read from a copy in smaller ones
 COPY_READ_BYTES = 8 * 2**20  # a coarse file is copied reading its column chunks in pieces this large
+COPIES = "metadata"  # folder of the cache root that holds the copies, unless a caller gives another
 STALE_SECONDS = 3600  # a temporary of a copy this old belongs to a killed process (a copy takes seconds)
 
 logger = logging.getLogger(__name__)
@@ -86,8 +90,11 @@ class Footer:
         return _parquet(self.location, **options)
 
 
-def read_footer(location: str | os.PathLike) -> Footer:
-    """The parquet file ``location`` (a path or a URL) opened: its size, version and footer."""
+def read_footer(location: str | os.PathLike, copies: str | os.PathLike | None = None) -> Footer:
+    """The parquet file ``location`` (a path or a URL) opened: its size, version and footer.
+
+    A URL whose server gives no size (a chunked answer) is fetched whole into ``copies``
+    (default: :data:`COPIES` of the cache root), once, and that copy is opened instead."""
     location = storage.text(location) if storage.is_url(location) else Path(location)
     try:
         size, version = storage.file_version(location)
@@ -97,6 +104,9 @@ def read_footer(location: str | os.PathLike) -> Footer:
         raise InputError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
     if isinstance(location, str):
         import pyarrow.parquet as pq
+
+        if size <= 0:  # no size, so no footer at a known offset: read from a whole copy
+            return read_footer(_unsized_copy(location, version, Path(copies or storage.cache_root() / COPIES)))
 
         metadata = pq.ParquetFile(storage.RangedFile(location, size)).metadata
     else:
@@ -165,7 +175,7 @@ class MetadataRows:
             starts = self._starts.get(file)
             if starts is None:
                 path, expected = self.files[file]
-                source = read_footer(path)
+                source = read_footer(path, self.copies)
                 counts = source.row_group_rows
                 if sum(counts) != expected:
                     raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
@@ -189,27 +199,17 @@ class MetadataRows:
         from unicom import files
 
         path = source.location
-        owner = hashlib.sha256((path if source.remote else str(path.resolve())).encode()).hexdigest()[:16]
-        version = hashlib.sha256(f"{source.size} {source.version}".encode()).hexdigest()[:16]
-        copy = self.copies / f"{owner}-{version}.parquet"
+        copy, owner = _copy_path(self.copies, path, source.size, source.version)
         if copy.is_file():
             return copy
         began = time.perf_counter()
         coarse = largest > RECHUNK_ABOVE
         try:
             self.copies.mkdir(parents=True, exist_ok=True)
-            with files.atomic_path(copy) as temporary:
-                if whole:
-                    fetched = self.copies / storage.temporary_name(copy.name)
-                    try:
-                        storage.download(path, fetched)
-                        if coarse:
-                            _rechunk(read_footer(fetched), temporary)
-                        else:
-                            os.replace(fetched, temporary)
-                    finally:
-                        fetched.unlink(missing_ok=True)
-                else:
+            if whole:
+                _fetch_whole(path, copy)
+            else:
+                with files.atomic_path(copy) as temporary:
                     _rechunk(source, temporary)
         except storage.FetchError:  # the file could not be read, not the copy written
             raise
@@ -224,20 +224,8 @@ class MetadataRows:
         made = (f"row groups of up to {largest:,} rows, copied into row groups of {ROW_GROUP_ROWS:,}" if coarse
                 else "its server ignores Range requests: fetched whole")
         logger.info("%s: %s once (%s, %.1f s)", path, made, copy, time.perf_counter() - began)
-        self._remove_stale(owner, copy.name)
+        _remove_stale(self.copies, owner, copy.name)
         return copy
-
-    def _remove_stale(self, owner: str, current: str) -> None:
-        """Copies of earlier versions of the same file, and temporaries that killed copies left."""
-        now = time.time()
-        for entry in self.copies.iterdir():
-            try:
-                if entry.name.startswith(f"{owner}-") and entry.name != current and entry.suffix == ".parquet":
-                    entry.unlink()
-                elif storage.is_temporary(entry.name) and now - entry.stat().st_mtime > STALE_SECONDS:
-                    entry.unlink()
-            except OSError:  # removed by another process meanwhile
-                pass
 
     def _row_group(self, file: int, group: int):
         key = (file, group)
@@ -255,6 +243,65 @@ class MetadataRows:
                 _, dropped = self._cache.popitem(last=False)
                 self._cached_bytes -= dropped.nbytes
         return table
+
+
+def _copy_path(copies: Path, location: Path | str, size: int, version: str | None) -> tuple[Path, str]:
+    """(the copy, its owner): a copy belongs to the file's location (its owner) and to its size and version."""
+    owner = hashlib.sha256((location if isinstance(location, str) else str(location.resolve())).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(f"{size} {version}".encode()).hexdigest()[:16]
+    return copies / f"{owner}-{tag}.parquet", owner
+
+
+def _fetch_whole(location: str, copy: Path) -> None:
+    """The remote file fetched whole (one download) into ``copy``, written whole or not at all; in
+    row groups of :data:`ROW_GROUP_ROWS` where its own are larger than :data:`RECHUNK_ABOVE` rows."""
+    from unicom import files
+
+    with files.atomic_path(copy) as temporary:
+        fetched = copy.parent / storage.temporary_name(copy.name)
+        try:
+            storage.download(location, fetched)
+            footer = read_footer(fetched)
+            if max(footer.row_group_rows, default=0) > RECHUNK_ABOVE:
+                _rechunk(footer, temporary)
+            else:
+                os.replace(fetched, temporary)
+        finally:
+            fetched.unlink(missing_ok=True)
+
+
+def _unsized_copy(location: str, version: str | None, copies: Path) -> Path:
+    """The local copy of a remote file whose server gives no size (module docstring), fetched whole
+    now unless a copy of this version is there."""
+    copy, owner = _copy_path(copies, location, 0, version)
+    if version is not None and copy.is_file():
+        return copy
+    began = time.perf_counter()
+    try:
+        copies.mkdir(parents=True, exist_ok=True)
+        _fetch_whole(location, copy)
+    except OSError as error:
+        if isinstance(error, storage.FetchError):
+            raise
+        raise InputError(f"{location}: its server gives no file size (no Content-Length), so the file is fetched whole "
+                         f"into {copies} to be read, but that folder cannot be written ({error}); set UNICOM_CACHE to a "
+                         "writable folder, or serve the file with its size") from error
+    logger.info("%s: its server gives no size: fetched whole once (%s, %.1f s)", location, copy, time.perf_counter() - began)
+    _remove_stale(copies, owner, copy.name)
+    return copy
+
+
+def _remove_stale(copies: Path, owner: str, current: str) -> None:
+    """Copies of earlier versions of the same file, and temporaries that killed copies left."""
+    now = time.time()
+    for entry in copies.iterdir():
+        try:
+            if entry.name.startswith(f"{owner}-") and entry.name != current and entry.suffix == ".parquet":
+                entry.unlink()
+            elif storage.is_temporary(entry.name) and now - entry.stat().st_mtime > STALE_SECONDS:
+                entry.unlink()
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def _rechunk(source: Footer, out: Path) -> None:

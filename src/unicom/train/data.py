@@ -72,6 +72,7 @@ class Counters:
     unlabelled: int = 0
     failed: int = 0
     failures: list[dict] = field(default_factory=list)
+    broken: set[str] = field(default_factory=set)  # shards reported as breaking off: once, not every pass
 
     def take(self) -> tuple[int, int, list[dict]]:
         """The counts and details so far; zero them (in place: the readers hold this object)."""
@@ -191,7 +192,10 @@ class ShardSource:
                             continue
                         yield Record((number, index), sample.image_bytes(), int(label), sample.key, shard_name(path))
                 except ShardReadError as error:
-                    counters.fail("", storage.text(path), f"shard broke off after {error.samples} samples: {error.reason}")
+                    if storage.text(path) not in counters.broken:
+                        counters.broken.add(storage.text(path))
+                        counters.fail("", storage.text(path), f"shard broke off after {error.samples} samples: "
+                                      f"{error.reason}; the rest of it is not read in any pass (reported once)")
 
         buffer: list[Record] = []
         rng = random.Random(_generator_seed(seed, pass_, rank, role, 0x5EED))
@@ -472,6 +476,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     foreign = [storage.text(p) for _, p in shards if not storage.is_pipe(p) and not shard_name(p).endswith(SHARD_SUFFIXES)]
     if foreign:
         raise InputError(f"{foreign[0]}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)})")
+    _refuse_non_tars([path for _, path in shards])
     labels = PseudoLabels(data.labels)
     files = labels.select([n for n, _ in shards])
     found = labels.check(list(files.values()))
@@ -485,6 +490,27 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
                          shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
     _check_keys_match(source)
     return source
+
+
+def _refuse_non_tars(shards: Sequence[Any]) -> None:
+    """Refuse local shards that are not tars (an error page saved under the shard's name, an
+    empty file) before training: read, each would only break off at once, pass after pass.
+    Rank 0 looks (512 bytes a shard) and every rank takes its answer."""
+    from unicom import distributed
+    from unicom.data.shards import not_a_tar
+
+    found = []
+    if distributed.get_rank() == 0:
+        for path in shards:
+            why = not_a_tar(path) if isinstance(path, Path) else None  # remote: would cost a request each
+            if why is not None:
+                found.append((str(path), why))
+    found = distributed.broadcast_object(found)
+    if found:
+        path, why = found[0]
+        more = (f" ({len(found) - 1} more shards are refused too: {', '.join(p for p, _ in found[1:4])}"
+                f"{' …' if len(found) > 4 else ''})") if len(found) > 1 else ""
+        raise InputError(f"{path}: {why}{more}; download the shard again, or leave it out of data.shards")
 
 
 def _check_keys_match(source: ShardSource, probe: int = 64) -> None:

@@ -131,7 +131,7 @@ def _refuse_trained_out(out: Path) -> None:
 
 
 def distributed_broadcast(value):
-    return ckpt._broadcast_object(value)
+    return distributed.broadcast_object(value)
 
 
 def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from unicom import storage
-from unicom.data.lists import COLUMN_ALIASES, ImageList
+from unicom.data.lists import COLUMN_ALIASES, ImageList, csv_error
 from unicom.errors import InputError
 
 
@@ -149,7 +149,8 @@ def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[
                 names = reader.schema.names
             table = pacsv.read_csv(source, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
-        raise InputError(f"{path}: cannot be read as {'parquet' if parquet else 'CSV'} ({error})") from error
+        raise csv_error(path, error) if not parquet else InputError(
+            f"{path}: cannot be read as parquet ({error})") from error
     chosen, missing = {}, []
     for role, name in columns.items():
         candidates = (name,) if name is not None else DEFAULT_COLUMNS.get(role, ())

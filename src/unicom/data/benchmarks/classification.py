@@ -4,7 +4,8 @@ Each loader returns the train and test :class:`ClassificationSplit` of CLIP's li
 protocol: file paths (or in-memory images for CIFAR) with integer labels. torchvision
 parses the official layouts and split files; it never downloads unless ``download=True``.
 Images are listed, not decoded: the datasets are opened with a loader that returns the
-file path, so listing ImageNet costs no image decoding.
+file path, so listing ImageNet costs no image decoding. Stanford Cars' ``.mat`` annotations
+are read here as torchvision reads them, so that they can be read without the images.
 
 Splits (train / test):
 
@@ -110,6 +111,44 @@ def _official(cls_name: str, train_splits: tuple, test_split, split_arg: str = "
         return train, part(test_split)
 
     return load
+
+
+def mat_variable(path: Path, name: str, layout: str) -> np.ndarray:
+    """Variable ``name`` of the MATLAB file ``path`` (squeezed, at least 1-d), as scipy reads it."""
+    from scipy.io import loadmat
+
+    if not path.is_file():
+        raise InputError(f"{path}: not found; expected layout:\n{layout}")
+    try:
+        mat = loadmat(str(path), squeeze_me=True)
+    except Exception as error:  # scipy raises several types for damaged files
+        raise InputError(f"{path}: not a readable MATLAB file ({error})") from error
+    if name not in mat:
+        raise InputError(f"{path}: no {name!r} variable; expected layout:\n{layout}")
+    return np.atleast_1d(mat[name])
+
+
+def load_stanford_cars(root, download=False, layout="", check_images=True):
+    """Stanford Cars in torchvision's layout (``root/stanford_cars/``: ``devkit/cars_train_annos.mat``,
+    ``devkit/cars_meta.mat``, ``cars_test_annos_withlabels.mat``, ``cars_train/``, ``cars_test/``),
+    read as torchvision's StanfordCars reads it: labels are the annotations' class - 1, class
+    names those of ``cars_meta.mat``. ``check_images=False`` reads the annotations alone (the
+    image folders may be absent)."""
+    if download:
+        raise InputError(f"Stanford Cars cannot be downloaded (its original URL is gone); place it under {root}:\n{layout}")
+    base = Path(root) / "stanford_cars"
+
+    def part(annotations: Path, images: Path) -> ClassificationSplit:
+        rows = mat_variable(annotations, "annotations", layout)
+        if check_images and not images.is_dir():
+            raise InputError(f"{images}: image folder not found (listed in {annotations.name}); expected layout "
+                             f"under {root}:\n{layout}")
+        return ClassificationSplit([str(images / str(row["fname"])) for row in rows],
+                                   np.asarray([int(row["class"]) - 1 for row in rows], dtype=np.int64), classes)
+
+    classes = [str(name) for name in mat_variable(base / "devkit" / "cars_meta.mat", "class_names", layout)]
+    return (part(base / "devkit" / "cars_train_annos.mat", base / "cars_train"),
+            part(base / "cars_test_annos_withlabels.mat", base / "cars_test"))
 
 
 def load_cifar(root, download=False, layout="", hundred=False):
@@ -251,7 +290,7 @@ CLASSIFICATION_BENCHMARKS: dict[str, ClassificationBenchmark] = {
     "caltech101": ClassificationBenchmark(
         load_caltech101, "mean_per_class", "  caltech101/101_ObjectCategories/<class>/image_0001.jpg"),
     "stanford_cars": ClassificationBenchmark(
-        _official("StanfordCars", ("train",), "test"), "accuracy",
+        load_stanford_cars, "accuracy",
         "  stanford_cars/devkit/cars_meta.mat, cars_train_annos.mat;\n"
         "  stanford_cars/cars_test_annos_withlabels.mat; cars_train/, cars_test/"),
     "flowers102": ClassificationBenchmark(

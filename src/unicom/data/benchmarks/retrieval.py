@@ -227,7 +227,7 @@ def read_cars196(root: str | os.PathLike, check_images: bool = True) -> Splits:
         records = _cars_annos(listed_in)
     else:
         listed_in = root / "cars_test_annos_withlabels.mat"
-        records = _cars_devkit(root)
+        records = _cars_devkit(root, check_images)
     _require_test_classes(records, str(listed_in))
     splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in} if check_images else None)
     return Splits(query=splits["test"], train=splits.get("train"))
@@ -238,30 +238,25 @@ def _cars_split(class_id: int) -> str:
 
 
 def _cars_annos(mat_path: Path) -> list[tuple[str, str, str]]:
-    from scipy.io import loadmat
+    from unicom.data.benchmarks.classification import mat_variable
 
-    try:
-        mat = loadmat(str(mat_path), squeeze_me=True)
-    except Exception as error:  # scipy raises several types for damaged files
-        raise InputError(f"{mat_path}: not a readable MATLAB file ({error})") from error
-    if "annotations" not in mat:
-        raise InputError(f"{mat_path}: no 'annotations' variable; expected layout:\n{CARS_LAYOUT}")
     records = []
-    for number, row in enumerate(np.atleast_1d(mat["annotations"]), 1):
+    for number, row in enumerate(mat_variable(mat_path, "annotations", CARS_LAYOUT), 1):
         class_id = _class_number(row["class"], 196, mat_path, f"annotation {number}")
         records.append((str(row["relative_im_path"]), str(class_id), _cars_split(class_id)))
     return records
 
 
-def _cars_devkit(root: Path) -> list[tuple[str, str, str]]:
-    """The devkit's train and test images, through the classification reader (torchvision's
-    StanfordCars, which owns that format); its labels count from 0, class numbers from 1."""
-    from unicom.data.benchmarks.classification import load_classification_benchmark
+def _cars_devkit(root: Path, check_images: bool) -> list[tuple[str, str, str]]:
+    """The devkit's train and test images, through the classification reader (which owns that
+    format, read as torchvision's StanfordCars reads it); its labels count from 0, class
+    numbers from 1. Without ``check_images`` the image folders need not exist."""
+    from unicom.data.benchmarks.classification import load_stanford_cars
 
     if root.name != "stanford_cars":
         raise InputError(f"{root}: the devkit layout is read as torchvision reads it, from a folder named "
                          f"stanford_cars; rename the folder (or give cars_annos.mat); expected layout:\n{CARS_LAYOUT}")
-    train, test, _ = load_classification_benchmark("stanford_cars", root.parent)
+    train, test = load_stanford_cars(root.parent, layout=CARS_LAYOUT, check_images=check_images)
     records = []
     for part in (train, test):
         for path, label in zip(part.images, part.labels.tolist()):

@@ -5,8 +5,11 @@ row groups. Real servers on 127.0.0.1: moto's S3 and a file server over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -178,38 +181,70 @@ def test_a_lookup_in_a_remote_index_reads_the_footer_and_one_row_group_not_the_f
     assert parquet_files(cache) == []
 
 
-def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cache, monkeypatch):
-    """python's own http.server answers a ranged request with the whole file: a lookup per row
-    group would download the file each time, so it is fetched once, whole, into the cache."""
+@contextlib.contextmanager
+def python_http_server(folder, requests: list | None = None):
+    """python's own http.server for ``folder`` (it ignores Range, sends Last-Modified and no
+    ETag); its request lines are appended to ``requests``. Yields its URL."""
     from http.server import SimpleHTTPRequestHandler
 
     from storage_servers import serve
 
+    class WholeFiles(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, format, *args):
+            if requests is not None:
+                requests.append(self.requestline)
+
+    server = serve(WholeFiles)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cache, monkeypatch):
+    """python's own http.server answers a ranged request with the whole file: a lookup per row
+    group would download the file each time, so it is fetched once, whole, into the cache."""
     small_row_groups(monkeypatch, 1000)
     captions = captioned_collection(tmp_path / "emb", 20000)
     Index.build(tmp_path / "emb", tmp_path / "index")
     metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
     requests = []
-
-    class WholeFiles(SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path / "index"), **kwargs)
-
-        def log_message(self, format, *args):
-            requests.append(self.requestline)
-
-    server = serve(WholeFiles)
-    try:
-        index = Index.load(f"http://127.0.0.1:{server.server_address[1]}/")
+    with python_http_server(tmp_path / "index", requests) as url:
+        index = Index.load(url)
         ids = np.arange(500, 20000, 1000)  # one row of each row group
         assert [row["caption"] for row in index.metadata(ids)] == [captions[i] for i in ids]
         assert index.metadata(ids) == index.metadata(ids)
-    finally:
-        server.shutdown()
-        server.server_close()
     gets = [line for line in requests if line.startswith("GET /metadata/metadata_0.parquet")]
     assert len(gets) == 2  # the footer's request, answered whole, then the copy
     assert [path.stat().st_size for path in parquet_files(cache)] == [metadata.stat().st_size]
+
+
+def test_a_metadata_file_rewritten_at_its_size_on_a_server_without_etags_gives_its_new_rows(tmp_path, cache,
+                                                                                            monkeypatch):
+    """The whole-file copy of a server that sends no ETag belongs to the file's Last-Modified
+    too: a file written again with the same number of bytes is fetched again, not read from
+    the copy of its former content."""
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 3000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    # the same captions with their hex digits permuted: another content in exactly as many bytes
+    new_captions = [caption.translate(str.maketrans("0123456789abcdef", "fedcba9876543210")) for caption in captions]
+    table = pq.read_table(metadata)
+    pq.write_table(table, metadata, row_group_size=1000, compression="none")
+    rewritten = tmp_path / "rewritten.parquet"
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", pa.array(new_captions)), rewritten,
+                   row_group_size=1000, compression="none")
+    assert rewritten.stat().st_size == metadata.stat().st_size
+    with python_http_server(tmp_path / "index") as url:
+        assert Index.load(url).metadata(2500)["caption"] != new_captions[2500]
+        shutil.copy(rewritten, metadata)
+        os.utime(metadata, (time.time() + 10, time.time() + 10))  # Last-Modified counts whole seconds
+        assert Index.load(url).metadata(2500)["caption"] == new_captions[2500]
 
 
 def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_path, cache, monkeypatch):

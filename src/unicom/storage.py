@@ -1059,8 +1059,10 @@ def cache_folder(folder, cache: str | os.PathLike | None = None) -> Path:
     return local
 
 
-# keys of fsspec's file information that change when a file is written again, by store
-_VERSION_KEYS = ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "last_modified", "updated", "mtime", "created")
+# keys of fsspec's file information that change when a file is written again, by store (an HTTP server without
+# ETags, such as python -m http.server, still sends Last-Modified)
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "last_modified", "updated", "mtime", "created",
+                 "Last-Modified")
 _SIGNATURES = ".signatures.json"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -249,3 +250,30 @@ def test_read_bytes_with_a_limit_reads_no_more_than_one_byte_past_it(tmp_path, f
                 storage.read_bytes(source.format("big.bin"), max_bytes=1000)
             expected = "70,000 bytes" if kind == "local" else "more than 1,000 bytes"
             assert str(error.value) == f"{source.format('big.bin')}: {expected}, over the limit of 1,000", kind
+
+
+def test_a_ranged_file_reads_as_a_local_binary_file_does(tmp_path):
+    """storage.RangedFile against io.FileIO on the same bytes: read(-1) and readall() in one
+    request, readinto a memoryview of any item size, a seek past the end, a negative seek and
+    a read after close refused."""
+    data = bytes(range(256)) * 400
+    (tmp_path / "f.bin").write_bytes(data)
+    with FileServer(tmp_path) as server, open(tmp_path / "f.bin", "rb", buffering=0) as local:
+        remote = storage.RangedFile(f"{server.url}/f.bin", len(data))
+        for f in (remote, local):
+            asked = len(server.state.asked)
+            assert f.readall() == data and f.tell() == len(data)
+            f.seek(100)
+            assert f.read() == data[100:]
+            assert len(server.state.asked) - asked == (2 if f is remote else 0)
+            f.seek(3)
+            into = memoryview(bytearray(16)).cast("I")  # 4 items of 4 bytes
+            assert f.readinto(into) == 16 and into.tobytes() == data[3:19]
+            assert f.seek(len(data) + 10) == len(data) + 10 and f.read(5) == b"" and f.tell() == len(data) + 10
+            assert f.seek(-4, io.SEEK_END) == len(data) - 4 and f.read() == data[-4:]
+            with pytest.raises(OSError) as refused:
+                f.seek(-1)
+            assert refused.value.errno == errno.EINVAL
+            f.close()
+            with pytest.raises(ValueError):
+                f.read(1)

@@ -23,6 +23,7 @@ exactly as before; URLs go through `fsspec <https://filesystem-spec.readthedocs.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -516,11 +517,17 @@ class RangedFile(io.RawIOBase):
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        self._position = max(0, base + offset)
+        if base + offset < 0:  # as a local file's seek does
+            raise OSError(errno.EINVAL, f"negative seek position {base + offset}", text(self.location))
+        self._position = base + offset
         return self._position
 
     def read(self, count: int = -1) -> bytes:
+        self._checkClosed()
         stop = self.size if count is None or count < 0 else min(self.size, self._position + count)
         if stop <= self._position:
             return b""
@@ -528,9 +535,14 @@ class RangedFile(io.RawIOBase):
         self._position = stop
         return data
 
+    def readall(self) -> bytes:
+        """The rest of the file in one request (io.RawIOBase's would ask 8 KiB at a time)."""
+        return self.read(-1)
+
     def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[:len(data)] = data
         return len(data)
 
 

@@ -304,3 +304,21 @@ def test_a_remote_index_of_embeddings_without_metadata_gives_the_ids_of_its_resu
         index = Index.load(url)
         _, ids = index.search(vectors[[7]], 3)
         assert index.metadata(ids[0]) == [{"id": int(i)} for i in ids[0]] and ids[0][0] == 7
+
+
+def test_a_remote_metadata_file_removed_while_loaded_is_named_missing_after_one_round_of_retries(tmp_path, cache,
+                                                                                                monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "3")
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 5000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        assert index.metadata(10)["caption"] == captions[10]
+        (tmp_path / "index" / "metadata" / "metadata_0.parquet").unlink()
+        asked = len(http.state.asked)
+        with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: no longer in the store \(removed since "
+                                             r"the index was loaded\); .*put the file back or rebuild the index"):
+            index.metadata(4500)
+        assert len(http.state.asked) - asked == 3  # the row group's request, 3 times; its version not asked again

@@ -270,7 +270,7 @@ def _rechunk(source: Footer, out: Path) -> None:
 
 def _read_row_group(source: Footer, group: int):
     """Row group ``group`` of ``source``; a remote file that changed since its footer was read
-    is named as such (its row groups are elsewhere now)."""
+    is named as such (its row groups are elsewhere now), and one removed since as missing."""
     try:
         with source.open(pre_buffer=True) as parquet:  # pre_buffer: the column chunks in few ranged requests
             return parquet.read_row_group(group)
@@ -279,17 +279,25 @@ def _read_row_group(source: Footer, group: int):
     except Exception as error:
         if not source.remote:
             raise
-        try:
-            changed = storage.file_version(source.location) != (source.size, source.version)
-        except storage.FetchError as missing:
-            if not missing.missing:
+        failed = error
+        if not isinstance(error, storage.FetchError):  # a FetchError was retried already: not asked again
+            try:
+                changed = storage.file_version(source.location) != (source.size, source.version)
+            except storage.FetchError as version_failed:
+                failed = version_failed
+            else:
+                if changed:
+                    raise InputError(f"{source.location}: changed since the index was loaded (its row groups are not "
+                                     "where its footer said); load the index again (restart `unicom serve`) to read it "
+                                     "as it is now") from error
                 raise
-            changed = True
-        if changed:
-            raise InputError(f"{source.location}: changed since the index was loaded (its row groups are not where "
-                             "its footer said); load the index again (restart `unicom serve`) to read it as it is "
-                             "now") from error
-        raise
+        if failed.missing:
+            raise InputError(f"{source.location}: no longer in the store (removed since the index was loaded); the "
+                             "index folder is incomplete: put the file back or rebuild the index, then load it again "
+                             "(restart `unicom serve`)") from error
+        if failed is error:
+            raise
+        raise failed from error
 
 
 def _parquet(path: Path, **options):

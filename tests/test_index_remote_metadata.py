@@ -271,11 +271,18 @@ def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_pat
     assert parquet_files(cache) == []
 
 
-def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_path, cache, monkeypatch):
+def indexed_captions(tmp_path, monkeypatch) -> list[str]:
+    """An index in ``tmp_path / "index"`` of 5000 captioned rows in row groups of 1000, read with
+    retries 0.01 s apart; returns the captions."""
     monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
     small_row_groups(monkeypatch, 1000)
     captions = captioned_collection(tmp_path / "emb", 5000)
     Index.build(tmp_path / "emb", tmp_path / "index")
+    return captions
+
+
+def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_path, cache, monkeypatch):
+    captions = indexed_captions(tmp_path, monkeypatch)
     with FileServer(tmp_path / "index") as http:
         index = Index.load(f"{http.url}/")
         absent = http.fault("metadata/metadata_0.parquet", missing=2)  # not there yet, twice
@@ -308,11 +315,8 @@ def test_a_remote_index_of_embeddings_without_metadata_gives_the_ids_of_its_resu
 
 def test_a_remote_metadata_file_removed_while_loaded_is_named_missing_after_one_round_of_retries(tmp_path, cache,
                                                                                                 monkeypatch):
-    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
     monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "3")
-    small_row_groups(monkeypatch, 1000)
-    captions = captioned_collection(tmp_path / "emb", 5000)
-    Index.build(tmp_path / "emb", tmp_path / "index")
+    captions = indexed_captions(tmp_path, monkeypatch)
     with FileServer(tmp_path / "index") as http:
         index = Index.load(f"{http.url}/")
         assert index.metadata(10)["caption"] == captions[10]

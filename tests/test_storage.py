@@ -277,3 +277,25 @@ def test_a_ranged_file_reads_as_a_local_binary_file_does(tmp_path):
             f.close()
             with pytest.raises(ValueError):
                 f.read(1)
+
+
+def test_a_404_that_is_no_file_not_found_error_is_final_when_asked(monkeypatch):
+    """huggingface_hub answers a ranged read of an hf:// file gone from its repository with its
+    own HTTP error (status 404), not a FileNotFoundError: missing_is_final stops at it too."""
+    httpx = pytest.importorskip("httpx2", reason="huggingface_hub's HTTP client")
+    errors = pytest.importorskip("huggingface_hub.errors")
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    url = "hf://datasets/someone/photos/0.jpg"
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/datasets/someone/photos"))
+    calls = []
+
+    def gone():
+        calls.append(1)
+        raise errors.RemoteEntryNotFoundError("404 Client Error. Entry Not Found", response=response)
+
+    with pytest.raises(storage.FetchError) as final:
+        storage.retrying(url, gone, missing_is_final=True)
+    assert final.value.missing and "not found (HTTP 404)" in str(final.value) and len(calls) == 1
+    with pytest.raises(storage.FetchError) as retried:
+        storage.retrying(url, gone)
+    assert retried.value.missing and len(calls) == 1 + storage.retries().attempts

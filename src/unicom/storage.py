@@ -345,7 +345,8 @@ def describe(error: BaseException, location=None) -> str:
 
 def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, missing_is_final: bool = False) -> T:
     """``call()``, tried again after transient failures; :class:`FetchError` when every
-    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once."""
+    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once, and a
+    404 of another type (an hf:// file's) at once as a :class:`FetchError` (``missing``)."""
     policy = policy or retries()
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -353,6 +354,8 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
         except Exception as error:
             if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
                 raise
+            if missing_is_final and _not_found(error):
+                raise FetchError(text(location), describe(error, location), attempt, True) from error
             if attempt == policy.attempts:
                 raise FetchError(text(location), describe(error, location), attempt, _not_found(error)) from error
             time.sleep(policy.wait(attempt))

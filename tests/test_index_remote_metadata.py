@@ -326,3 +326,41 @@ def test_a_remote_metadata_file_removed_while_loaded_is_named_missing_after_one_
                                              r"the index was loaded\); .*put the file back or rebuild the index"):
             index.metadata(4500)
         assert len(http.state.asked) - asked == 3  # the row group's request, 3 times; its version not asked again
+
+
+def test_a_coarse_copy_killed_halfway_leaves_no_temporary_once_the_file_is_copied_again(tmp_path, monkeypatch):
+    """kill -9 while a remote file in one large row group is copied, then the next process to
+    need it: it copies the file whole, reads its rows from that copy, and removes the killed
+    copy's temporary (before, it stayed for an hour, as large as what was written of it)."""
+    import signal
+    import subprocess
+    import sys
+
+    rows = 100_000
+    captions = np.random.default_rng(0).bytes(20 * rows).hex(" ", 20).split()
+    pq.write_table(pa.table({"caption": captions}), tmp_path / "m.parquet", row_group_size=rows)
+    copies = tmp_path / "copies"
+    child = ("import sys; from unicom.search import metadata_rows as m; m.RECHUNK_ABOVE, m.ROW_GROUP_ROWS = 2000, 1000; "
+             f"m.MetadataRows([(sys.argv[1], {rows})], copies=sys.argv[2]).read_from(0)")
+    with FileServer(tmp_path, bandwidth=500_000) as slow:  # a few seconds per copy
+        copying = subprocess.Popen([sys.executable, "-c", child, f"{slow.url}/m.parquet", str(copies)])
+        try:
+            for _ in range(600):
+                if any(storage.is_temporary(entry.name) for entry in copies.glob(".*")) or copying.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert copying.poll() is None, "the copy ended before it could be killed"
+        finally:
+            copying.send_signal(signal.SIGKILL)
+            copying.wait()
+        killed = [entry.name for entry in copies.iterdir() if storage.is_temporary(entry.name)]
+        assert killed and not list(copies.glob("*.parquet"))
+
+        monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 2000)
+        monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 1000)
+        slow.state.bandwidth = None
+        again = metadata_rows.MetadataRows([(f"{slow.url}/m.parquet", rows)], copies=copies)
+        assert again.take(0, np.array([0, 54321, rows - 1])) == [{"caption": captions[i]} for i in (0, 54321, rows - 1)]
+    copy = again.read_from(0)
+    assert pq.read_table(copy).column("caption").to_pylist() == captions
+    assert sorted(entry.name for entry in copies.iterdir()) == sorted([copy.name, f".{copy.name}.lock"])

@@ -16,7 +16,9 @@ larger than :data:`RECHUNK_ABOVE` rows is copied there once, on its first lookup
 groups of :data:`ROW_GROUP_ROWS` (about 0.7 s per million rows; as much disk as the file),
 and read from the copy: a lookup then decodes ~16k rows (a few ms). A copy belongs to the
 file's path, size and modification time; a file written again gets a new copy and the old
-one is removed. Where the folder cannot be written, the file is read as it is.
+one is removed. One process makes a copy while the others that need it wait (a lock file
+beside it); a copy killed halfway leaves a temporary that the next copy of the file removes,
+and is never read. Where the folder cannot be written, the file is read as it is.
 
 A file may be a URL (s3://, gs://, http(s)://, hf://): it is read in place, without a
 download of the file. Opening it asks the store for its size and version (ETag or
@@ -198,19 +200,25 @@ class MetadataRows:
         coarse = largest > RECHUNK_ABOVE
         try:
             self.copies.mkdir(parents=True, exist_ok=True)
-            with files.atomic_path(copy) as temporary:
-                if whole:
-                    fetched = self.copies / storage.temporary_name(copy.name)
-                    try:
-                        storage.download(path, fetched)
-                        if coarse:
-                            _rechunk(read_footer(fetched), temporary)
-                        else:
-                            os.replace(fetched, temporary)
-                    finally:
-                        fetched.unlink(missing_ok=True)
-                else:
-                    _rechunk(source, temporary)
+            # one process makes the copy, the others wait for it; the temporaries of its name are then a killed copy's
+            with files.exclusive(self.copies / f".{copy.name}.lock") as alone:
+                if copy.is_file():  # made while this process waited
+                    return copy
+                if alone:
+                    storage.sweep_temporaries(self.copies, [copy.name])
+                with files.atomic_path(copy) as temporary:
+                    if whole:
+                        fetched = self.copies / storage.temporary_name(copy.name)
+                        try:
+                            storage.download(path, fetched)
+                            if coarse:
+                                _rechunk(read_footer(fetched), temporary)
+                            else:
+                                os.replace(fetched, temporary)
+                        finally:
+                            fetched.unlink(missing_ok=True)
+                    else:
+                        _rechunk(source, temporary)
         except storage.FetchError:  # the file could not be read, not the copy written
             raise
         except OSError as error:
@@ -228,11 +236,13 @@ class MetadataRows:
         return copy
 
     def _remove_stale(self, owner: str, current: str) -> None:
-        """Copies of earlier versions of the same file, and temporaries that killed copies left."""
+        """Copies of earlier versions of the same file (and their locks), and temporaries that killed
+        copies of other files left."""
         now = time.time()
         for entry in self.copies.iterdir():
             try:
-                if entry.name.startswith(f"{owner}-") and entry.name != current and entry.suffix == ".parquet":
+                if entry.name.lstrip(".").startswith(f"{owner}-") and current not in entry.name and (
+                        entry.suffix == ".parquet" or entry.name.endswith(".parquet.lock")):
                     entry.unlink()
                 elif storage.is_temporary(entry.name) and now - entry.stat().st_mtime > STALE_SECONDS:
                     entry.unlink()

@@ -328,22 +328,51 @@ def test_a_remote_metadata_file_removed_while_loaded_is_named_missing_after_one_
         assert len(http.state.asked) - asked == 3  # the row group's request, 3 times; its version not asked again
 
 
+COARSE_ROWS = 100_000
+
+
+def coarse_file(folder) -> list[str]:
+    """``folder / "m.parquet"``: 100,000 captions in one row group (as clip-retrieval writes);
+    returns the captions."""
+    captions = np.random.default_rng(0).bytes(20 * COARSE_ROWS).hex(" ", 20).split()
+    pq.write_table(pa.table({"caption": captions}), folder / "m.parquet", row_group_size=COARSE_ROWS)
+    return captions
+
+
+def copying_process(url, copies):
+    """Another process that opens the coarse file at ``url``, copying it into ``copies`` in
+    row groups of 1000 rows."""
+    import subprocess
+    import sys
+
+    child = ("import sys; from unicom.search import metadata_rows as m; m.RECHUNK_ABOVE, m.ROW_GROUP_ROWS = 2000, 1000; "
+             f"m.MetadataRows([(sys.argv[1], {COARSE_ROWS})], copies=sys.argv[2]).read_from(0)")
+    return subprocess.Popen([sys.executable, "-c", child, url, str(copies)])
+
+
+def test_processes_that_need_the_same_coarse_copy_at_once_make_it_once(tmp_path):
+    captions = coarse_file(tmp_path)
+    size = (tmp_path / "m.parquet").stat().st_size
+    with FileServer(tmp_path, bandwidth=2_000_000) as slow:
+        workers = [copying_process(f"{slow.url}/m.parquet", tmp_path / "copies") for _ in range(3)]
+        assert [worker.wait(timeout=120) for worker in workers] == [0, 0, 0]
+        sent = served_bytes(slow.state.asked, "m.parquet", size)
+    assert size < sent < 1.5 * size  # the file once, and a footer for each
+    [copy] = (tmp_path / "copies").glob("*.parquet")
+    assert pq.read_table(copy).column("caption").to_pylist() == captions
+
+
 def test_a_coarse_copy_killed_halfway_leaves_no_temporary_once_the_file_is_copied_again(tmp_path, monkeypatch):
     """kill -9 while a remote file in one large row group is copied, then the next process to
     need it: it copies the file whole, reads its rows from that copy, and removes the killed
     copy's temporary (before, it stayed for an hour, as large as what was written of it)."""
     import signal
-    import subprocess
-    import sys
 
-    rows = 100_000
-    captions = np.random.default_rng(0).bytes(20 * rows).hex(" ", 20).split()
-    pq.write_table(pa.table({"caption": captions}), tmp_path / "m.parquet", row_group_size=rows)
+    rows = COARSE_ROWS
+    captions = coarse_file(tmp_path)
     copies = tmp_path / "copies"
-    child = ("import sys; from unicom.search import metadata_rows as m; m.RECHUNK_ABOVE, m.ROW_GROUP_ROWS = 2000, 1000; "
-             f"m.MetadataRows([(sys.argv[1], {rows})], copies=sys.argv[2]).read_from(0)")
     with FileServer(tmp_path, bandwidth=500_000) as slow:  # a few seconds per copy
-        copying = subprocess.Popen([sys.executable, "-c", child, f"{slow.url}/m.parquet", str(copies)])
+        copying = copying_process(f"{slow.url}/m.parquet", copies)
         try:
             for _ in range(600):
                 if any(storage.is_temporary(entry.name) for entry in copies.glob(".*")) or copying.poll() is not None:

@@ -393,3 +393,22 @@ def test_a_coarse_copy_killed_halfway_leaves_no_temporary_once_the_file_is_copie
     copy = again.read_from(0)
     assert pq.read_table(copy).column("caption").to_pylist() == captions
     assert sorted(entry.name for entry in copies.iterdir()) == sorted([copy.name, f".{copy.name}.lock"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a footer longer than the file"])
+def test_a_damaged_metadata_file_is_named_local_or_remote(tmp_path, cache, monkeypatch, damage):
+    import struct
+
+    small_row_groups(monkeypatch, 1000)
+    captioned_collection(tmp_path / "emb", 3000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    data = metadata.read_bytes()
+    metadata.write_bytes(data[:len(data) // 2] if damage == "truncated" else
+                         data[:-8] + struct.pack("<i", 2**31 - 1) + b"PAR1")  # no 2 GiB is read for it
+    with FileServer(tmp_path / "index") as http:
+        for location in (tmp_path / "index", f"{http.url}/"):
+            with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: not a readable parquet file \(.*\); "
+                                                 "the index folder is damaged: copy its metadata folder again, or "
+                                                 "rebuild it"):
+                Index.load(location).metadata(5)

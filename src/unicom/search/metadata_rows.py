@@ -97,13 +97,19 @@ def read_footer(location: str | os.PathLike) -> Footer:
         if isinstance(error, storage.FetchError) and not error.missing:
             raise
         raise InputError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
-    if isinstance(location, str):
-        import pyarrow.parquet as pq
+    try:
+        if isinstance(location, str):
+            import pyarrow.parquet as pq
 
-        metadata = pq.ParquetFile(storage.RangedFile(location, size)).metadata
-    else:
-        with _parquet(location) as parquet:
-            metadata = parquet.metadata
+            metadata = pq.ParquetFile(storage.RangedFile(location, size)).metadata
+        else:
+            with _parquet(location) as parquet:
+                metadata = parquet.metadata
+    except (InputError, storage.FetchError):
+        raise
+    except Exception as error:  # pyarrow raises several types for damaged files
+        raise InputError(f"{storage.text(location)}: not a readable parquet file ({error}); the index folder is "
+                         "damaged: copy its metadata folder again, or rebuild it") from error
     return Footer(location, size, version, metadata)
 
 

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from unicom import storage
-from unicom.errors import InputError
+from unicom.errors import FolderError, InputError
 
 ROW_GROUP_ROWS = 16384  # rows per row group of the metadata files unicom index writes
 CACHE_BYTES = 256 * 2**20  # decoded row groups kept, in bytes (Table.nbytes)
@@ -96,7 +96,7 @@ def read_footer(location: str | os.PathLike) -> Footer:
     except (FileNotFoundError, storage.FetchError) as error:
         if isinstance(error, storage.FetchError) and not error.missing:
             raise
-        raise InputError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
+        raise FolderError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
     try:
         if isinstance(location, str):
             import pyarrow.parquet as pq
@@ -108,7 +108,7 @@ def read_footer(location: str | os.PathLike) -> Footer:
     except (InputError, storage.FetchError):
         raise
     except Exception as error:  # pyarrow raises several types for damaged files
-        raise InputError(f"{storage.text(location)}: not a readable parquet file ({error}); the index folder is "
+        raise FolderError(f"{storage.text(location)}: not a readable parquet file ({error}); the index folder is "
                          "damaged: copy its metadata folder again, or rebuild it") from error
     return Footer(location, size, version, metadata)
 
@@ -176,7 +176,7 @@ class MetadataRows:
                 source = read_footer(path)
                 counts = source.row_group_rows
                 if sum(counts) != expected:
-                    raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
+                    raise FolderError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
                                      "folder was changed after the index was built: rebuild it")
                 whole = source.remote and not storage.serves_ranges(source.location)
                 if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
@@ -303,12 +303,12 @@ def _read_row_group(source: Footer, group: int):
                 failed = version_failed
             else:
                 if changed:
-                    raise InputError(f"{source.location}: changed since the index was loaded (its row groups are not "
+                    raise FolderError(f"{source.location}: changed since the index was loaded (its row groups are not "
                                      "where its footer said); load the index again (restart `unicom serve`) to read it "
                                      "as it is now") from error
                 raise
         if failed.missing:
-            raise InputError(f"{source.location}: no longer in the store (removed since the index was loaded); the "
+            raise FolderError(f"{source.location}: no longer in the store (removed since the index was loaded); the "
                              "index folder is incomplete: put the file back or rebuild the index, then load it again "
                              "(restart `unicom serve`)") from error
         if failed is error:
@@ -322,4 +322,4 @@ def _parquet(path: Path, **options):
     try:
         return pq.ParquetFile(path, **options)
     except FileNotFoundError as error:
-        raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
+        raise FolderError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error

@@ -412,3 +412,15 @@ def test_a_damaged_metadata_file_is_named_local_or_remote(tmp_path, cache, monke
                                                  "the index folder is damaged: copy its metadata folder again, or "
                                                  "rebuild it"):
                 Index.load(location).metadata(5)
+
+
+def test_a_remote_metadata_file_replaced_by_a_shorter_one_while_loaded_is_named_changed(tmp_path, cache, monkeypatch):
+    captions = indexed_captions(tmp_path, monkeypatch)
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        assert index.metadata(10)["caption"] == captions[10]
+        metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+        pq.write_table(pq.read_table(metadata).slice(0, 100), metadata)  # its row group 4 is past the new end
+        with pytest.raises(InputError, match=r"metadata_0\.parquet: changed since the index was loaded .*load the "
+                                             "index again"):
+            index.metadata(4500)

@@ -109,7 +109,7 @@ def read_footer(location: str | os.PathLike) -> Footer:
         raise
     except Exception as error:  # pyarrow raises several types for damaged files
         raise FolderError(f"{storage.text(location)}: not a readable parquet file ({error}); the index folder is "
-                         "damaged: copy its metadata folder again, or rebuild it") from error
+                          "damaged: copy its metadata folder again, or rebuild it") from error
     return Footer(location, size, version, metadata)
 
 
@@ -177,7 +177,7 @@ class MetadataRows:
                 counts = source.row_group_rows
                 if sum(counts) != expected:
                     raise FolderError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
-                                     "folder was changed after the index was built: rebuild it")
+                                      "folder was changed after the index was built: rebuild it")
                 whole = source.remote and not storage.serves_ranges(source.location)
                 if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
                     copy = self._local_copy(source, max(counts, default=0), whole)
@@ -296,7 +296,9 @@ def _read_row_group(source: Footer, group: int):
         if not source.remote:
             raise
         failed = error
-        if not isinstance(error, storage.FetchError):  # a FetchError was retried already: not asked again
+        # a file that the store said it no longer has is not asked for again (its version); any other failure,
+        # a range past a shorter file's end too, is checked against the version read at opening
+        if not (isinstance(error, storage.FetchError) and error.missing):
             try:
                 changed = storage.file_version(source.location) != (source.size, source.version)
             except storage.FetchError as version_failed:
@@ -304,13 +306,13 @@ def _read_row_group(source: Footer, group: int):
             else:
                 if changed:
                     raise FolderError(f"{source.location}: changed since the index was loaded (its row groups are not "
-                                     "where its footer said); load the index again (restart `unicom serve`) to read it "
-                                     "as it is now") from error
+                                      "where its footer said); load the index again (restart `unicom serve`) to read "
+                                      "it as it is now") from error
                 raise
         if failed.missing:
             raise FolderError(f"{source.location}: no longer in the store (removed since the index was loaded); the "
-                             "index folder is incomplete: put the file back or rebuild the index, then load it again "
-                             "(restart `unicom serve`)") from error
+                              "index folder is incomplete: put the file back or rebuild the index, then load it again "
+                              "(restart `unicom serve`)") from error
         if failed is error:
             raise
         raise failed from error

@@ -299,3 +299,15 @@ def test_a_404_that_is_no_file_not_found_error_is_final_when_asked(monkeypatch):
     with pytest.raises(storage.FetchError) as retried:
         storage.retrying(url, gone)
     assert retried.value.missing and len(calls) == 1 + storage.retries().attempts
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_what_to_do(tmp_path, monkeypatch):
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text("{}")
+    (tmp_path / "not-a-folder").write_text("a file where the cache would be")
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "not-a-folder"))
+    with FileServer(tmp_path / "index") as server:
+        with pytest.raises(InputError, match=r"not-a-folder/remote/[0-9a-f]{16}: the cache folder cannot be written "
+                                             r"\(NotADirectoryError.*\) to keep a copy of http://127\.0\.0\.1:\d+/; "
+                                             "set UNICOM_CACHE to a folder that can be"):
+            storage.cached_copy(f"{server.url}/", ["index.json"])

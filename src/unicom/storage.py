@@ -1069,8 +1069,12 @@ def cache_folder(folder, cache: str | os.PathLike | None = None) -> Path:
 
     root = cache_root(cache) / "remote"
     local = root / hashlib.sha256(text(folder).encode()).hexdigest()[:16]
-    local.mkdir(parents=True, exist_ok=True)
-    (local / SOURCE_FILE).write_text(text(folder) + "\n")
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        (local / SOURCE_FILE).write_text(text(folder) + "\n")
+    except OSError as error:
+        raise InputError(f"{local}: the cache folder cannot be written ({describe(error)}) to keep a copy of "
+                         f"{text(folder)}; set UNICOM_CACHE to a folder that can be") from error
     return local
 
 

@@ -10,7 +10,7 @@ import codecs
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -103,24 +103,31 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The text of a local list file, decoded as UTF-8 (a leading byte-order mark dropped).
+def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
+    """The lines of a local list file, decoded as UTF-8 (a leading byte-order mark dropped),
+    read as they are taken: a list of millions of rows is never held whole. ``newline``: as
+    :func:`open`'s (``""`` for the csv module).
 
     A file in another encoding (a list saved by an editor in Latin-1 or Windows-1252) is an
     :class:`InputError` naming the file, the line and the byte offset of the first byte
     that is not UTF-8.
     """
-    data = Path(path).read_bytes()
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as error:
-        offset = start + error.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise InputError(
-            f"{path}: line {line} (byte {offset}, {data[offset:offset + 1]!r}) is not UTF-8; "
-            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) and run again"
-        ) from None
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError:
+        data = Path(path).read_bytes()  # where the first byte that is not UTF-8 is
+        start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            data[start:].decode("utf-8")
+        except UnicodeDecodeError as error:
+            offset = start + error.start
+            line = data.count(b"\n", 0, offset) + 1
+            raise InputError(
+                f"{path}: line {line} (byte {offset}, {data[offset:offset + 1]!r}) is not UTF-8; "
+                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) and run again"
+            ) from None
+        raise
 
 
 def check_utf8_names(root, paths: list[str]) -> None:

@@ -66,17 +66,37 @@ def _numpy_core(module: str):
         return importlib.import_module(f"numpy.core.{module}")
 
 
+def _of_content(kind: type):
+    """``kind`` (bytes, bytearray) built from content only: ``kind(n)`` would be n zero bytes,
+    gigabytes from a pickle of a few bytes."""
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise _Forbidden(f"it asks for {kind.__name__}({args[0]}), that many zero bytes")
+        return kind(*args)
+    return build
+
+
+def _empty_array(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` as its pickles call it: an empty array that the pickle then
+    fills (a shape given here would be allocated before any data is read)."""
+    if tuple(shape) != (0,):
+        raise _Forbidden(f"it asks for an array of shape {tuple(shape)} before its data")
+    return _numpy_core("multiarray")._reconstruct(subtype, shape, dtype)
+
+
 _BUILTINS = {"list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset, "str": str,
-             "unicode": str, "bytes": bytes, "bytearray": bytearray, "int": int, "long": int, "float": float,
-             "bool": bool}
+             "unicode": str, "bytes": _of_content(bytes), "bytearray": _of_content(bytearray), "int": int, "long": int,
+             "float": float, "bool": bool}
 
 
 def _allowed(module: str, name: str):
     """What a ground-truth pickle may build: containers, strings, numbers, numpy arrays."""
     if module in ("builtins", "__builtin__") and name in _BUILTINS:
         return _BUILTINS[name]
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-        return getattr(_numpy_core("multiarray"), name)
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+        return _empty_array
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+        return _numpy_core("multiarray").scalar
     if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
         return getattr(_numpy_core("numeric"), name)
     if module == "numpy" and name in ("ndarray", "dtype"):

@@ -245,6 +245,8 @@ class _Handler(SimpleHTTPRequestHandler):
             start = int(match.group(1))
             stop = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
             status = 206
+            if start >= len(data):  # as real servers answer a range past the end
+                return self._plain(416, b"range not satisfiable", body)
         elif match and match.group(2):  # a suffix: the last N bytes
             start, status = max(0, len(data) - int(match.group(2))), 206
         self.send_response(status)

@@ -5,8 +5,11 @@ row groups. Real servers on 127.0.0.1: moto's S3 and a file server over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -178,35 +181,43 @@ def test_a_lookup_in_a_remote_index_reads_the_footer_and_one_row_group_not_the_f
     assert parquet_files(cache) == []
 
 
-def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cache, monkeypatch):
-    """python's own http.server answers a ranged request with the whole file: a lookup per row
-    group would download the file each time, so it is fetched once, whole, into the cache."""
+@contextlib.contextmanager
+def python_http_server(folder, requests: list | None = None):
+    """python's own http.server for ``folder`` (it ignores Range, sends Last-Modified and no
+    ETag); its request lines are appended to ``requests``. Yields its URL."""
     from http.server import SimpleHTTPRequestHandler
 
     from storage_servers import serve
 
+    class WholeFiles(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, format, *args):
+            if requests is not None:
+                requests.append(self.requestline)
+
+    server = serve(WholeFiles)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_ignores_range_sends_each_metadata_file_once(tmp_path, cache, monkeypatch):
+    """python's own http.server answers a ranged request with the whole file: a lookup per row
+    group would download the file each time, so it is fetched once, whole, into the cache."""
     small_row_groups(monkeypatch, 1000)
     captions = captioned_collection(tmp_path / "emb", 20000)
     Index.build(tmp_path / "emb", tmp_path / "index")
     metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
     requests = []
-
-    class WholeFiles(SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path / "index"), **kwargs)
-
-        def log_message(self, format, *args):
-            requests.append(self.requestline)
-
-    server = serve(WholeFiles)
-    try:
-        index = Index.load(f"http://127.0.0.1:{server.server_address[1]}/")
+    with python_http_server(tmp_path / "index", requests) as url:
+        index = Index.load(url)
         ids = np.arange(500, 20000, 1000)  # one row of each row group
         assert [row["caption"] for row in index.metadata(ids)] == [captions[i] for i in ids]
         assert index.metadata(ids) == index.metadata(ids)
-    finally:
-        server.shutdown()
-        server.server_close()
     gets = [line for line in requests if line.startswith("GET /metadata/metadata_0.parquet")]
     assert len(gets) == 2  # the footer's request, answered whole, then the copy
     assert [path.stat().st_size for path in parquet_files(cache)] == [metadata.stat().st_size]
@@ -255,6 +266,30 @@ def test_a_clip_retrieval_index_on_a_server_that_gives_no_file_size_is_read_from
     assert [pq.ParquetFile(copy).metadata.num_row_groups for copy in copies] == [5, 7]
 
 
+def test_a_metadata_file_rewritten_at_its_size_on_a_server_without_etags_gives_its_new_rows(tmp_path, cache,
+                                                                                            monkeypatch):
+    """The whole-file copy of a server that sends no ETag belongs to the file's Last-Modified
+    too: a file written again with the same number of bytes is fetched again, not read from
+    the copy of its former content."""
+    small_row_groups(monkeypatch, 1000)
+    captions = captioned_collection(tmp_path / "emb", 3000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    # the same captions with their hex digits permuted: another content in exactly as many bytes
+    new_captions = [caption.translate(str.maketrans("0123456789abcdef", "fedcba9876543210")) for caption in captions]
+    table = pq.read_table(metadata)
+    pq.write_table(table, metadata, row_group_size=1000, compression="none")
+    rewritten = tmp_path / "rewritten.parquet"
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", pa.array(new_captions)), rewritten,
+                   row_group_size=1000, compression="none")
+    assert rewritten.stat().st_size == metadata.stat().st_size
+    with python_http_server(tmp_path / "index") as url:
+        assert Index.load(url).metadata(2500)["caption"] != new_captions[2500]
+        shutil.copy(rewritten, metadata)
+        os.utime(metadata, (time.time() + 10, time.time() + 10))  # Last-Modified counts whole seconds
+        assert Index.load(url).metadata(2500)["caption"] == new_captions[2500]
+
+
 def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_path, cache, monkeypatch):
     from fastapi.testclient import TestClient
 
@@ -279,11 +314,18 @@ def test_unicom_serve_of_a_remote_index_answers_as_for_the_local_one(s3, tmp_pat
     assert parquet_files(cache) == []
 
 
-def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_path, cache, monkeypatch):
+def indexed_captions(tmp_path, monkeypatch) -> list[str]:
+    """An index in ``tmp_path / "index"`` of 5000 captioned rows in row groups of 1000, read with
+    retries 0.01 s apart; returns the captions."""
     monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
     small_row_groups(monkeypatch, 1000)
     captions = captioned_collection(tmp_path / "emb", 5000)
     Index.build(tmp_path / "emb", tmp_path / "index")
+    return captions
+
+
+def test_reads_of_a_remote_metadata_file_that_fail_for_a_while_are_retried(tmp_path, cache, monkeypatch):
+    captions = indexed_captions(tmp_path, monkeypatch)
     with FileServer(tmp_path / "index") as http:
         index = Index.load(f"{http.url}/")
         absent = http.fault("metadata/metadata_0.parquet", missing=2)  # not there yet, twice
@@ -312,3 +354,116 @@ def test_a_remote_index_of_embeddings_without_metadata_gives_the_ids_of_its_resu
         index = Index.load(url)
         _, ids = index.search(vectors[[7]], 3)
         assert index.metadata(ids[0]) == [{"id": int(i)} for i in ids[0]] and ids[0][0] == 7
+
+
+def test_a_remote_metadata_file_removed_while_loaded_is_named_missing_after_one_round_of_retries(tmp_path, cache,
+                                                                                                monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "3")
+    captions = indexed_captions(tmp_path, monkeypatch)
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        assert index.metadata(10)["caption"] == captions[10]
+        (tmp_path / "index" / "metadata" / "metadata_0.parquet").unlink()
+        asked = len(http.state.asked)
+        with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: no longer in the store \(removed since "
+                                             r"the index was loaded\); .*put the file back or rebuild the index"):
+            index.metadata(4500)
+        assert len(http.state.asked) - asked == 3  # the row group's request, 3 times; its version not asked again
+
+
+COARSE_ROWS = 100_000
+
+
+def coarse_file(folder) -> list[str]:
+    """``folder / "m.parquet"``: 100,000 captions in one row group (as clip-retrieval writes);
+    returns the captions."""
+    captions = np.random.default_rng(0).bytes(20 * COARSE_ROWS).hex(" ", 20).split()
+    pq.write_table(pa.table({"caption": captions}), folder / "m.parquet", row_group_size=COARSE_ROWS)
+    return captions
+
+
+def copying_process(url, copies):
+    """Another process that opens the coarse file at ``url``, copying it into ``copies`` in
+    row groups of 1000 rows."""
+    import subprocess
+    import sys
+
+    child = ("import sys; from unicom.search import metadata_rows as m; m.RECHUNK_ABOVE, m.ROW_GROUP_ROWS = 2000, 1000; "
+             f"m.MetadataRows([(sys.argv[1], {COARSE_ROWS})], copies=sys.argv[2]).read_from(0)")
+    return subprocess.Popen([sys.executable, "-c", child, url, str(copies)])
+
+
+def test_processes_that_need_the_same_coarse_copy_at_once_make_it_once(tmp_path):
+    captions = coarse_file(tmp_path)
+    size = (tmp_path / "m.parquet").stat().st_size
+    with FileServer(tmp_path, bandwidth=2_000_000) as slow:
+        workers = [copying_process(f"{slow.url}/m.parquet", tmp_path / "copies") for _ in range(3)]
+        assert [worker.wait(timeout=120) for worker in workers] == [0, 0, 0]
+        sent = served_bytes(slow.state.asked, "m.parquet", size)
+    assert size < sent < 1.5 * size  # the file once, and a footer for each
+    [copy] = (tmp_path / "copies").glob("*.parquet")
+    assert pq.read_table(copy).column("caption").to_pylist() == captions
+
+
+def test_a_coarse_copy_killed_halfway_leaves_no_temporary_once_the_file_is_copied_again(tmp_path, monkeypatch):
+    """kill -9 while a remote file in one large row group is copied, then the next process to
+    need it: it copies the file whole, reads its rows from that copy, and removes the killed
+    copy's temporary (before, it stayed for an hour, as large as what was written of it)."""
+    import signal
+
+    rows = COARSE_ROWS
+    captions = coarse_file(tmp_path)
+    copies = tmp_path / "copies"
+    with FileServer(tmp_path, bandwidth=500_000) as slow:  # a few seconds per copy
+        copying = copying_process(f"{slow.url}/m.parquet", copies)
+        try:
+            for _ in range(600):
+                if any(storage.is_temporary(entry.name) for entry in copies.glob(".*")) or copying.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert copying.poll() is None, "the copy ended before it could be killed"
+        finally:
+            copying.send_signal(signal.SIGKILL)
+            copying.wait()
+        killed = [entry.name for entry in copies.iterdir() if storage.is_temporary(entry.name)]
+        assert killed and not list(copies.glob("*.parquet"))
+
+        monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 2000)
+        monkeypatch.setattr(metadata_rows, "ROW_GROUP_ROWS", 1000)
+        slow.state.bandwidth = None
+        again = metadata_rows.MetadataRows([(f"{slow.url}/m.parquet", rows)], copies=copies)
+        assert again.take(0, np.array([0, 54321, rows - 1])) == [{"caption": captions[i]} for i in (0, 54321, rows - 1)]
+    copy = again.read_from(0)
+    assert pq.read_table(copy).column("caption").to_pylist() == captions
+    assert sorted(entry.name for entry in copies.iterdir()) == sorted([copy.name, f".{copy.name}.lock"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a footer longer than the file"])
+def test_a_damaged_metadata_file_is_named_local_or_remote(tmp_path, cache, monkeypatch, damage):
+    import struct
+
+    small_row_groups(monkeypatch, 1000)
+    captioned_collection(tmp_path / "emb", 3000)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    data = metadata.read_bytes()
+    metadata.write_bytes(data[:len(data) // 2] if damage == "truncated" else
+                         data[:-8] + struct.pack("<i", 2**31 - 1) + b"PAR1")  # no 2 GiB is read for it
+    with FileServer(tmp_path / "index") as http:
+        for location in (tmp_path / "index", f"{http.url}/"):
+            with pytest.raises(InputError, match=r"metadata/metadata_0\.parquet: not a readable parquet file \(.*\); "
+                                                 "the index folder is damaged: copy its metadata folder again, or "
+                                                 "rebuild it"):
+                Index.load(location).metadata(5)
+
+
+def test_a_remote_metadata_file_replaced_by_a_shorter_one_while_loaded_is_named_changed(tmp_path, cache, monkeypatch):
+    captions = indexed_captions(tmp_path, monkeypatch)
+    with FileServer(tmp_path / "index") as http:
+        index = Index.load(f"{http.url}/")
+        assert index.metadata(10)["caption"] == captions[10]
+        metadata = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+        pq.write_table(pq.read_table(metadata).slice(0, 100), metadata)  # its row group 4 is past the new end
+        with pytest.raises(InputError, match=r"metadata_0\.parquet: changed since the index was loaded .*load the "
+                                             "index again"):
+            index.metadata(4500)

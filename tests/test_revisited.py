@@ -357,6 +357,44 @@ def test_a_pickle_that_encodes_with_another_codec_is_refused(tmp_path):
         load_retrieval_benchmark("roxford5k", root)
 
 
+@pytest.mark.parametrize("pickled, asked", [
+    (b"\x80\x03cbuiltins\nbytearray\nJ\x00\xe1\xf5\x05\x85R.", r"bytearray\(100000000\), that many zero bytes"),
+    (b"\x80\x03cbuiltins\nbytes\nJ\x00\xe1\xf5\x05\x85R.", r"bytes\(100000000\), that many zero bytes"),
+    (b"\x80\x03cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\xe1\xf5\x05\x85C\x01b\x87R.",
+     r"an array of shape \(100000000,\) before its data"),
+])
+def test_a_pickle_of_a_few_bytes_that_asks_for_a_large_buffer_is_refused(pickled, asked, tmp_path):
+    # 30 bytes that would allocate 100 MB (a larger number: all of the machine's memory)
+    root = revisited_dataset(tmp_path, "roxford5k")
+    (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(pickled)
+    with pytest.raises(InputError, match=rf"gnd_roxford5k\.pkl: refused as a ground truth file: it asks for {asked}"):
+        load_retrieval_benchmark("roxford5k", root)
+
+
+def test_a_pickle_that_shares_or_nests_its_lists_is_read_as_pickled_or_refused(tmp_path):
+    from unicom.data.benchmarks.revisited import load_ground_truth
+
+    shared = [b"jpg"]
+    for _ in range(20):  # 2**20 paths to its innermost list, 21 lists
+        shared = [shared, shared]
+    looped = [b"all_souls"]
+    looped.append(looped)
+    for name, value in (("shared", shared), ("looped", looped)):
+        (tmp_path / f"{name}.pkl").write_bytes(pickle.dumps(value, protocol=4))
+    # 100,000 lists each in the one before (pickle.dumps itself would give up; unpickling does not)
+    (tmp_path / "deep.pkl").write_bytes(b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".")
+    read = load_ground_truth(tmp_path / "shared.pkl")
+    for _ in range(20):
+        assert read[0] is read[1]
+        read = read[0]
+    assert read == ["jpg"]
+    read = load_ground_truth(tmp_path / "looped.pkl")
+    assert read[0] == "all_souls" and read[1] is read
+    with pytest.raises(InputError, match=r"deep\.pkl: refused as a ground truth file: its lists are nested thousands "
+                                         "deep"):
+        load_ground_truth(tmp_path / "deep.pkl")
+
+
 @pytest.mark.parametrize("protocol", [0, 3, 5])
 def test_ground_truth_pickled_with_any_protocol_reads_the_same(protocol, tmp_path):
     reference = load_retrieval_benchmark("roxford5k", revisited_dataset(tmp_path / "p2", "roxford5k"))

@@ -188,7 +188,9 @@ def test_an_unknown_form_field_is_400_naming_it_instead_of_being_ignored(served)
     assert upload(served["client"], data, k="3", deduplicate="true").status_code == 200
 
 
-def test_an_unexpected_server_failure_is_a_json_500_that_says_so(tmp_path):
+def test_a_damaged_file_of_the_served_index_is_a_json_500_that_says_so_and_its_log_names_it(tmp_path, caplog):
+    """The index's own files are the server's input, not the request's: a 500 without the
+    server's paths (not a 400), the file named in the server's log."""
     found = indexed_image_collection(tmp_path)
     part = sorted((tmp_path / "index" / "metadata").glob("*.parquet"))[1]
     part.write_bytes(b"damaged")  # ids 8..15 have no readable metadata any more
@@ -196,7 +198,9 @@ def test_an_unexpected_server_failure_is_a_json_500_that_says_so(tmp_path):
         for response in (client.post("/search", json={"like": 10, "k": 3}),
                          client.post("/metadata", json={"ids": [9]}), client.get("/thumbnail/12")):
             assert response.status_code == 500 and response.headers["content-type"] == "application/json"
-            assert response.json()["detail"] == "the server failed on this request (ArrowInvalid); its log says why"
+            assert response.json()["detail"] == "the server failed on this request (FolderError); its log says why"
+            assert str(tmp_path) not in response.text
+        assert f"POST /metadata: {part}: not a readable parquet file" in caplog.text
         # items of the intact parts still answer (the 3 nearest of item 2 lie in part 0, ids 0..7)
         assert client.post("/search", json={"like": 2, "k": 3}).status_code == 200
         assert client.get("/thumbnail/2").status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -249,3 +250,64 @@ def test_read_bytes_with_a_limit_reads_no_more_than_one_byte_past_it(tmp_path, f
                 storage.read_bytes(source.format("big.bin"), max_bytes=1000)
             expected = "70,000 bytes" if kind == "local" else "more than 1,000 bytes"
             assert str(error.value) == f"{source.format('big.bin')}: {expected}, over the limit of 1,000", kind
+
+
+def test_a_ranged_file_reads_as_a_local_binary_file_does(tmp_path):
+    """storage.RangedFile against io.FileIO on the same bytes: read(-1) and readall() in one
+    request, readinto a memoryview of any item size, a seek past the end, a negative seek and
+    a read after close refused."""
+    data = bytes(range(256)) * 400
+    (tmp_path / "f.bin").write_bytes(data)
+    with FileServer(tmp_path) as server, open(tmp_path / "f.bin", "rb", buffering=0) as local:
+        remote = storage.RangedFile(f"{server.url}/f.bin", len(data))
+        for f in (remote, local):
+            asked = len(server.state.asked)
+            assert f.readall() == data and f.tell() == len(data)
+            f.seek(100)
+            assert f.read() == data[100:]
+            assert len(server.state.asked) - asked == (2 if f is remote else 0)
+            f.seek(3)
+            into = memoryview(bytearray(16)).cast("I")  # 4 items of 4 bytes
+            assert f.readinto(into) == 16 and into.tobytes() == data[3:19]
+            assert f.seek(len(data) + 10) == len(data) + 10 and f.read(5) == b"" and f.tell() == len(data) + 10
+            assert f.seek(-4, io.SEEK_END) == len(data) - 4 and f.read() == data[-4:]
+            with pytest.raises(OSError) as refused:
+                f.seek(-1)
+            assert refused.value.errno == errno.EINVAL
+            f.close()
+            with pytest.raises(ValueError):
+                f.read(1)
+
+
+def test_a_404_that_is_no_file_not_found_error_is_final_when_asked(monkeypatch):
+    """huggingface_hub answers a ranged read of an hf:// file gone from its repository with its
+    own HTTP error (status 404), not a FileNotFoundError: missing_is_final stops at it too."""
+    httpx = pytest.importorskip("httpx2", reason="huggingface_hub's HTTP client")
+    errors = pytest.importorskip("huggingface_hub.errors")
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    url = "hf://datasets/someone/photos/0.jpg"
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/datasets/someone/photos"))
+    calls = []
+
+    def gone():
+        calls.append(1)
+        raise errors.RemoteEntryNotFoundError("404 Client Error. Entry Not Found", response=response)
+
+    with pytest.raises(storage.FetchError) as final:
+        storage.retrying(url, gone, missing_is_final=True)
+    assert final.value.missing and "not found (HTTP 404)" in str(final.value) and len(calls) == 1
+    with pytest.raises(storage.FetchError) as retried:
+        storage.retrying(url, gone)
+    assert retried.value.missing and len(calls) == 1 + storage.retries().attempts
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_what_to_do(tmp_path, monkeypatch):
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text("{}")
+    (tmp_path / "not-a-folder").write_text("a file where the cache would be")
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "not-a-folder"))
+    with FileServer(tmp_path / "index") as server:
+        with pytest.raises(InputError, match=r"not-a-folder/remote/[0-9a-f]{16}: the cache folder cannot be written "
+                                             r"\(NotADirectoryError.*\) to keep a copy of http://127\.0\.0\.1:\d+/; "
+                                             "set UNICOM_CACHE to a folder that can be"):
+            storage.cached_copy(f"{server.url}/", ["index.json"])

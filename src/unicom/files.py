@@ -25,6 +25,24 @@ from unicom.errors import InputError
 
 
 @contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock on the local file ``lock_path`` (created if missing), across
+    processes: one writer at a time; the lock goes with its process, killed or not. Yields
+    True, or False where the system has no ``fcntl`` (not POSIX) and nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary local path; on success it becomes ``path``, whole.
 

@@ -23,6 +23,7 @@ exactly as before; URLs go through `fsspec <https://filesystem-spec.readthedocs.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -344,7 +345,8 @@ def describe(error: BaseException, location=None) -> str:
 
 def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, missing_is_final: bool = False) -> T:
     """``call()``, tried again after transient failures; :class:`FetchError` when every
-    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once."""
+    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once, and a
+    404 of another type (an hf:// file's) at once as a :class:`FetchError` (``missing``)."""
     policy = policy or retries()
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -352,6 +354,8 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
         except Exception as error:
             if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
                 raise
+            if missing_is_final and _not_found(error):
+                raise FetchError(text(location), describe(error, location), attempt, True) from error
             if attempt == policy.attempts:
                 raise FetchError(text(location), describe(error, location), attempt, _not_found(error)) from error
             time.sleep(policy.wait(attempt))
@@ -516,11 +520,17 @@ class RangedFile(io.RawIOBase):
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        self._position = max(0, base + offset)
+        if base + offset < 0:  # as a local file's seek does
+            raise OSError(errno.EINVAL, f"negative seek position {base + offset}", text(self.location))
+        self._position = base + offset
         return self._position
 
     def read(self, count: int = -1) -> bytes:
+        self._checkClosed()
         stop = self.size if count is None or count < 0 else min(self.size, self._position + count)
         if stop <= self._position:
             return b""
@@ -528,9 +538,14 @@ class RangedFile(io.RawIOBase):
         self._position = stop
         return data
 
+    def readall(self) -> bytes:
+        """The rest of the file in one request (io.RawIOBase's would ask 8 KiB at a time)."""
+        return self.read(-1)
+
     def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[:len(data)] = data
         return len(data)
 
 
@@ -1054,13 +1069,19 @@ def cache_folder(folder, cache: str | os.PathLike | None = None) -> Path:
 
     root = cache_root(cache) / "remote"
     local = root / hashlib.sha256(text(folder).encode()).hexdigest()[:16]
-    local.mkdir(parents=True, exist_ok=True)
-    (local / SOURCE_FILE).write_text(text(folder) + "\n")
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        (local / SOURCE_FILE).write_text(text(folder) + "\n")
+    except OSError as error:
+        raise InputError(f"{local}: the cache folder cannot be written ({describe(error)}) to keep a copy of "
+                         f"{text(folder)}; set UNICOM_CACHE to a folder that can be") from error
     return local
 
 
-# keys of fsspec's file information that change when a file is written again, by store
-_VERSION_KEYS = ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "last_modified", "updated", "mtime", "created")
+# keys of fsspec's file information that change when a file is written again, by store (an HTTP server without
+# ETags, such as python -m http.server, still sends Last-Modified)
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "last_modified", "updated", "mtime", "created",
+                 "Last-Modified")
 _SIGNATURES = ".signatures.json"
 
 

@@ -10,7 +10,7 @@ import codecs
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -103,18 +103,25 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The text of a local list file, decoded as UTF-8 (a leading byte-order mark dropped).
+def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
+    """The lines of a local list file, decoded as UTF-8 (a leading byte-order mark dropped),
+    read as they are taken: a list of millions of rows is never held whole. ``newline``: as
+    :func:`open`'s (``""`` for the csv module).
 
     A file in another encoding (a list saved by an editor in Latin-1 or Windows-1252) is an
     :class:`InputError` naming the file, the line and the byte offset of the first byte
     that is not UTF-8.
     """
-    return decode_utf8(Path(path).read_bytes(), path)
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError:
+        decode_utf8(Path(path).read_bytes(), path)  # names where the first byte that is not UTF-8 is
+        raise
 
 
 def decode_utf8(data: bytes, path) -> str:
-    """``data``, the bytes of the list file ``path``, decoded as :func:`read_text` decodes them
+    """``data``, the bytes of the list file ``path``, decoded as :func:`text_lines` decodes them
     (an :class:`InputError` naming the line and byte offset of a byte that is not UTF-8)."""
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:

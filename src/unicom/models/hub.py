@@ -16,17 +16,15 @@ another Hub, ``HF_HUB_OFFLINE=1`` or ``UNICOM_OFFLINE=1`` use the cache only).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, file_sha256
+from unicom.files import atomic_path, exclusive, file_sha256
 
 HF_PREFIX = "hf-hub:"
 
@@ -43,22 +41,6 @@ def cache_dir(download_root: str | os.PathLike | None = None) -> Path:
 
 def _offline() -> bool:
     return os.environ.get("UNICOM_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One download per file at a time, across processes (the ranks of a torchrun job)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, downloads still land atomically
-        yield
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def download(url: str, sha256: str, root: str | os.PathLike, timeout: float = 60.0) -> Path:
@@ -84,7 +66,7 @@ def download(url: str, sha256: str, root: str | os.PathLike, timeout: float = 60
     if stale:
         warnings.warn(f"{stale}; downloading it again")
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / f".{target.name}.lock"):
+    with exclusive(root / f".{target.name}.lock"):  # one download per file, across processes
         if target.is_file() and target.stat().st_size and file_sha256(target) == sha256:
             return target  # another process finished it while we waited
         _fetch(url, sha256, target, timeout, where)

@@ -16,7 +16,9 @@ larger than :data:`RECHUNK_ABOVE` rows is copied there once, on its first lookup
 groups of :data:`ROW_GROUP_ROWS` (about 0.7 s per million rows; as much disk as the file),
 and read from the copy: a lookup then decodes ~16k rows (a few ms). A copy belongs to the
 file's path, size and modification time; a file written again gets a new copy and the old
-one is removed. Where the folder cannot be written, the file is read as it is.
+one is removed. One process makes a copy while the others that need it wait (a lock file
+beside it); a copy killed halfway leaves a temporary that the next copy of the file removes,
+and is never read. Where the folder cannot be written, the file is read as it is.
 
 A file may be a URL (s3://, gs://, http(s)://, hf://): it is read in place, without a
 download of the file. Opening it asks the store for its size and version (ETag or
@@ -37,6 +39,7 @@ named in the error, which says to load the index again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -45,12 +48,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from unicom import storage
-from unicom.errors import InputError
+from unicom.errors import FolderError, InputError
 
 ROW_GROUP_ROWS = 16384  # rows per row group of the metadata files unicom index writes
 CACHE_BYTES = 256 * 2**20  # decoded row groups kept, in bytes (Table.nbytes)
@@ -101,17 +104,22 @@ def read_footer(location: str | os.PathLike, copies: str | os.PathLike | None = 
     except (FileNotFoundError, storage.FetchError) as error:
         if isinstance(error, storage.FetchError) and not error.missing:
             raise
-        raise InputError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
-    if isinstance(location, str):
-        import pyarrow.parquet as pq
+        raise FolderError(f"{location}: file not found; the index folder is incomplete, rebuild it") from error
+    try:
+        if isinstance(location, str):
+            import pyarrow.parquet as pq
 
-        if size <= 0:  # no size, so no footer at a known offset: read from a whole copy
-            return read_footer(_unsized_copy(location, version, Path(copies or storage.cache_root() / COPIES)))
-
-        metadata = pq.ParquetFile(storage.RangedFile(location, size)).metadata
-    else:
-        with _parquet(location) as parquet:
-            metadata = parquet.metadata
+            if size <= 0:  # no size, so no footer at a known offset: read from a whole copy
+                return read_footer(_unsized_copy(location, version, Path(copies or storage.cache_root() / COPIES)))
+            metadata = pq.ParquetFile(storage.RangedFile(location, size)).metadata
+        else:
+            with _parquet(location) as parquet:
+                metadata = parquet.metadata
+    except (InputError, storage.FetchError):
+        raise
+    except Exception as error:  # pyarrow raises several types for damaged files
+        raise FolderError(f"{storage.text(location)}: not a readable parquet file ({error}); the index folder is "
+                          "damaged: copy its metadata folder again, or rebuild it") from error
     return Footer(location, size, version, metadata)
 
 
@@ -178,8 +186,8 @@ class MetadataRows:
                 source = read_footer(path, self.copies)
                 counts = source.row_group_rows
                 if sum(counts) != expected:
-                    raise InputError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
-                                     "folder was changed after the index was built: rebuild it")
+                    raise FolderError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
+                                      "folder was changed after the index was built: rebuild it")
                 whole = source.remote and not storage.serves_ranges(source.location)
                 if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
                     copy = self._local_copy(source, max(counts, default=0), whole)
@@ -209,8 +217,10 @@ class MetadataRows:
             if whole:
                 _fetch_whole(path, copy)
             else:
-                with files.atomic_path(copy) as temporary:
-                    _rechunk(source, temporary)
+                with _copying(copy) as done:
+                    if not done:
+                        with files.atomic_path(copy) as temporary:
+                            _rechunk(source, temporary)
         except storage.FetchError:  # the file could not be read, not the copy written
             raise
         except OSError as error:
@@ -252,22 +262,26 @@ def _copy_path(copies: Path, location: Path | str, size: int, version: str | Non
     return copies / f"{owner}-{tag}.parquet", owner
 
 
-def _fetch_whole(location: str, copy: Path) -> None:
+def _fetch_whole(location: str, copy: Path, again: bool = False) -> None:
     """The remote file fetched whole (one download) into ``copy``, written whole or not at all; in
-    row groups of :data:`ROW_GROUP_ROWS` where its own are larger than :data:`RECHUNK_ABOVE` rows."""
+    row groups of :data:`ROW_GROUP_ROWS` where its own are larger than :data:`RECHUNK_ABOVE` rows.
+    ``again``: fetched even when ``copy`` exists (a file without a version cannot be told unchanged)."""
     from unicom import files
 
-    with files.atomic_path(copy) as temporary:
-        fetched = copy.parent / storage.temporary_name(copy.name)
-        try:
-            storage.download(location, fetched)
-            footer = read_footer(fetched)
-            if max(footer.row_group_rows, default=0) > RECHUNK_ABOVE:
-                _rechunk(footer, temporary)
-            else:
-                os.replace(fetched, temporary)
-        finally:
-            fetched.unlink(missing_ok=True)
+    with _copying(copy, again) as done:
+        if done:
+            return
+        with files.atomic_path(copy) as temporary:
+            fetched = copy.parent / storage.temporary_name(copy.name)
+            try:
+                storage.download(location, fetched)
+                footer = read_footer(fetched)
+                if max(footer.row_group_rows, default=0) > RECHUNK_ABOVE:
+                    _rechunk(footer, temporary)
+                else:
+                    os.replace(fetched, temporary)
+            finally:
+                fetched.unlink(missing_ok=True)
 
 
 def _unsized_copy(location: str, version: str | None, copies: Path) -> Path:
@@ -279,7 +293,7 @@ def _unsized_copy(location: str, version: str | None, copies: Path) -> Path:
     began = time.perf_counter()
     try:
         copies.mkdir(parents=True, exist_ok=True)
-        _fetch_whole(location, copy)
+        _fetch_whole(location, copy, again=version is None)
     except OSError as error:
         if isinstance(error, storage.FetchError):
             raise
@@ -291,12 +305,31 @@ def _unsized_copy(location: str, version: str | None, copies: Path) -> Path:
     return copy
 
 
+@contextlib.contextmanager
+def _copying(copy: Path, again: bool = False) -> Iterator[bool]:
+    """Held while ``copy`` is made: one process makes it, the others wait for it and then read
+    its copy. Yields True when the copy was made meanwhile (nothing to do; never when
+    ``again``); the process making it first removes the temporaries of its name, which only a
+    killed copy can have left."""
+    from unicom import files
+
+    with files.exclusive(copy.parent / f".{copy.name}.lock") as alone:
+        if copy.is_file() and not again:
+            yield True
+            return
+        if alone:
+            storage.sweep_temporaries(copy.parent, [copy.name])
+        yield False
+
+
 def _remove_stale(copies: Path, owner: str, current: str) -> None:
-    """Copies of earlier versions of the same file, and temporaries that killed copies left."""
+    """Copies of earlier versions of the same file (and their locks), and temporaries that
+    killed copies of other files left."""
     now = time.time()
     for entry in copies.iterdir():
         try:
-            if entry.name.startswith(f"{owner}-") and entry.name != current and entry.suffix == ".parquet":
+            if entry.name.lstrip(".").startswith(f"{owner}-") and current not in entry.name and (
+                    entry.suffix == ".parquet" or entry.name.endswith(".parquet.lock")):
                 entry.unlink()
             elif storage.is_temporary(entry.name) and now - entry.stat().st_mtime > STALE_SECONDS:
                 entry.unlink()
@@ -317,7 +350,7 @@ def _rechunk(source: Footer, out: Path) -> None:
 
 def _read_row_group(source: Footer, group: int):
     """Row group ``group`` of ``source``; a remote file that changed since its footer was read
-    is named as such (its row groups are elsewhere now)."""
+    is named as such (its row groups are elsewhere now), and one removed since as missing."""
     try:
         with source.open(pre_buffer=True) as parquet:  # pre_buffer: the column chunks in few ranged requests
             return parquet.read_row_group(group)
@@ -326,17 +359,27 @@ def _read_row_group(source: Footer, group: int):
     except Exception as error:
         if not source.remote:
             raise
-        try:
-            changed = storage.file_version(source.location) != (source.size, source.version)
-        except storage.FetchError as missing:
-            if not missing.missing:
+        failed = error
+        # a file that the store said it no longer has is not asked for again (its version); any other failure,
+        # a range past a shorter file's end too, is checked against the version read at opening
+        if not (isinstance(error, storage.FetchError) and error.missing):
+            try:
+                changed = storage.file_version(source.location) != (source.size, source.version)
+            except storage.FetchError as version_failed:
+                failed = version_failed
+            else:
+                if changed:
+                    raise FolderError(f"{source.location}: changed since the index was loaded (its row groups are not "
+                                      "where its footer said); load the index again (restart `unicom serve`) to read "
+                                      "it as it is now") from error
                 raise
-            changed = True
-        if changed:
-            raise InputError(f"{source.location}: changed since the index was loaded (its row groups are not where "
-                             "its footer said); load the index again (restart `unicom serve`) to read it as it is "
-                             "now") from error
-        raise
+        if failed.missing:
+            raise FolderError(f"{source.location}: no longer in the store (removed since the index was loaded); the "
+                              "index folder is incomplete: put the file back or rebuild the index, then load it again "
+                              "(restart `unicom serve`)") from error
+        if failed is error:
+            raise
+        raise failed from error
 
 
 def _parquet(path: Path, **options):
@@ -345,4 +388,4 @@ def _parquet(path: Path, **options):
     try:
         return pq.ParquetFile(path, **options)
     except FileNotFoundError as error:
-        raise InputError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
+        raise FolderError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error

@@ -40,6 +40,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import re
 import time
 import urllib.parse
@@ -55,7 +56,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from unicom import storage
-from unicom.errors import InputError
+from unicom.errors import FolderError, InputError
 from unicom.search import queries, uploads
 from unicom.search.batching import ByteBudget, QueryBatcher
 from unicom.search.index import Index, source_columns
@@ -64,6 +65,7 @@ from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, M
 from unicom.search.uploads import MAX_PIXELS, ModelInput
 
 STATIC = Path(__file__).parent / "static"
+logger = logging.getLogger(__name__)
 MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
 # ids per /metadata request, and images per /knn-service answer (each decodes a thumbnail); clip-retrieval's
@@ -352,14 +354,20 @@ def create_app(
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError):
+        if isinstance(error, FolderError):  # the served index's files, not the request: the server failed
+            logger.error("%s %s: %s", request.method, request.url.path, error)
+            return server_failure(error)
         return JSONResponse({"detail": str(error)}, status_code=400)
+
+    def server_failure(error: Exception) -> JSONResponse:
+        # JSON as every other error, so that clients can show it; the message goes to the server's log.
+        # It may hold server paths: not sent.
+        return JSONResponse({"detail": f"the server failed on this request ({type(error).__name__}); its log says why"},
+                            status_code=500)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
-        # JSON as every other error, so that clients can show it; the traceback goes to the server's log
-        # (Starlette raises the error again after this answer). Its message may hold server paths: not sent.
-        return JSONResponse({"detail": f"the server failed on this request ({type(error).__name__}); its log says why"},
-                            status_code=500)
+        return server_failure(error)  # Starlette raises the error again after this answer: its traceback is logged
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

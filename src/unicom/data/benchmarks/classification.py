@@ -24,7 +24,6 @@ Splits (train / test):
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unicom.data.lists import read_text
+from unicom.data.lists import text_lines
 from unicom.errors import InputError
 
 SEED = 0
@@ -205,7 +204,7 @@ def load_sun397(root, download=False, layout=""):
     for split, file in (("train", "Training_01.txt"), ("test", "Testing_01.txt")):
         for folder in (Path(root), Path(root) / "Partitions", data_dir, data_dir / "Partitions"):
             if (folder / file).is_file():
-                names[split] = {line.strip() for line in io.StringIO(read_text(folder / file), newline=None) if line.strip()}
+                names[split] = {line.strip() for line in text_lines(folder / file) if line.strip()}
                 break
         else:
             raise InputError(f"{Path(root) / file}: not found (SUN397's partition 1 file); expected layout:\n{layout}")
@@ -240,7 +239,7 @@ def load_birdsnap(root, download=False, layout=""):
     image_dir = next((d for d in (root / "download" / "images", root / "images") if d.is_dir()), None)
     if image_dir is None:
         raise InputError(f"{root / 'download' / 'images'}: folder not found; expected layout:\n{layout}")
-    rows = list(csv.DictReader(io.StringIO(read_text(root / "images.txt"), newline=""), delimiter="\t"))
+    rows = list(csv.DictReader(text_lines(root / "images.txt", newline=""), delimiter="\t"))
     if not rows or not {"path", "species_id"} <= set(rows[0]):
         raise InputError(f"{root / 'images.txt'}: expected tab-separated columns including path and species_id")
     test_paths = set(_read_test_list(root / "test_images.txt"))
@@ -266,7 +265,7 @@ def load_birdsnap(root, download=False, layout=""):
 
 
 def _read_test_list(path: Path) -> list[str]:
-    lines = [line.strip() for line in io.StringIO(read_text(path), newline=None) if line.strip()]
+    lines = [line.strip() for line in text_lines(path) if line.strip()]
     return lines[1:] if lines and lines[0] == "path" else lines
 
 
@@ -275,8 +274,8 @@ def _species_names(root: Path, species: list[int]) -> list[str]:
 
     if not (root / "species.txt").is_file():
         return [str(s) for s in species]
-    text = io.StringIO(read_text(root / "species.txt"), newline="")
-    common = {int(row["id"]): row["common"] for row in csv.DictReader(text, delimiter="\t")}
+    rows = csv.DictReader(text_lines(root / "species.txt", newline=""), delimiter="\t")
+    common = {int(row["id"]): row["common"] for row in rows}
     return [common.get(s, str(s)) for s in species]
 
 

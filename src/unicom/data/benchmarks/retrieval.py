@@ -23,7 +23,6 @@ before anything runs.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from unicom import storage
-from unicom.data.lists import ImageList, read_image_folder, read_table, read_text
+from unicom.data.lists import ImageList, read_image_folder, read_table, text_lines
 from unicom.errors import InputError
 
 
@@ -103,14 +102,14 @@ def _check_images(paths: Iterable[str], layout: str, listed_in: str | os.PathLik
 
 
 def _lines(path: Path) -> list[str]:
-    # read_text drops the byte-order mark a Windows editor writes, which would otherwise stick
+    # text_lines drops the byte-order mark a Windows editor writes, which would otherwise stick
     # to the first image id or header word (CRLF is stripped below)
-    return [line.strip() for line in io.StringIO(read_text(path), newline=None) if line.strip()]
+    return [line.strip() for line in text_lines(path) if line.strip()]
 
 
 def _csv_rows(path: Path, required: Sequence[str]) -> csv.DictReader:
     """The rows of the CSV list ``path`` (UTF-8), once its header is known to hold ``required``."""
-    return _columns(csv.DictReader(io.StringIO(read_text(path), newline="")), path, required)
+    return _columns(csv.DictReader(text_lines(path, newline="")), path, required)
 
 
 def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str,

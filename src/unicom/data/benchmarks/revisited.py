@@ -66,17 +66,37 @@ def _numpy_core(module: str):
         return importlib.import_module(f"numpy.core.{module}")
 
 
+def _of_content(kind: type):
+    """``kind`` (bytes, bytearray) built from content only: ``kind(n)`` would be n zero bytes,
+    gigabytes from a pickle of a few bytes."""
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise _Forbidden(f"it asks for {kind.__name__}({args[0]}), that many zero bytes")
+        return kind(*args)
+    return build
+
+
+def _empty_array(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` as its pickles call it: an empty array that the pickle then
+    fills (a shape given here would be allocated before any data is read)."""
+    if tuple(shape) != (0,):
+        raise _Forbidden(f"it asks for an array of shape {tuple(shape)} before its data")
+    return _numpy_core("multiarray")._reconstruct(subtype, shape, dtype)
+
+
 _BUILTINS = {"list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset, "str": str,
-             "unicode": str, "bytes": bytes, "bytearray": bytearray, "int": int, "long": int, "float": float,
-             "bool": bool}
+             "unicode": str, "bytes": _of_content(bytes), "bytearray": _of_content(bytearray), "int": int, "long": int,
+             "float": float, "bool": bool}
 
 
 def _allowed(module: str, name: str):
     """What a ground-truth pickle may build: containers, strings, numbers, numpy arrays."""
     if module in ("builtins", "__builtin__") and name in _BUILTINS:
         return _BUILTINS[name]
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-        return getattr(_numpy_core("multiarray"), name)
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+        return _empty_array
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+        return _numpy_core("multiarray").scalar
     if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
         return getattr(_numpy_core("numeric"), name)
     if module == "numpy" and name in ("ndarray", "dtype"):
@@ -111,18 +131,34 @@ def load_ground_truth(path: str | os.PathLike) -> dict:
     except Exception as error:  # nothing but the allowed constructors ran: the file is not a whole pickle
         raise InputError(f"{path}: cannot be read as a pickle ({error or type(error).__name__}); the file is damaged "
                          "or incomplete: download it again") from None
-    return _text_names(data)
+    try:
+        return _text_names(data)
+    except RecursionError:  # a ground truth nests three deep: gnd, a query, its lists
+        raise InputError(f"{path}: refused as a ground truth file: its lists are nested thousands deep; use the "
+                         "gnd_*.pkl distributed with the Revisited Oxford/Paris benchmark") from None
 
 
-def _text_names(value):
-    """``value`` with bytes (a pickle written with bytes names) decoded as UTF-8, recursively."""
+def _text_names(value, done: dict | None = None):
+    """``value`` with bytes (a pickle written with bytes names) decoded as UTF-8, recursively.
+    A container met twice is converted once and shared as in the pickle (a pickle of a few
+    bytes may nest a list twice in itself 40 times: 2**40 copies), a list that holds itself
+    holds its conversion."""
+    done = {} if done is None else done
+    if id(value) in done:
+        return done[id(value)]
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="surrogateescape")
     if isinstance(value, dict):
-        return {_text_names(k): _text_names(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_text_names(v) for v in value)
-    return value
+        converted = done[id(value)] = {}
+        converted.update((_text_names(k, done), _text_names(v, done)) for k, v in value.items())
+    elif isinstance(value, list):
+        converted = done[id(value)] = []
+        converted.extend(_text_names(v, done) for v in value)
+    elif isinstance(value, tuple):
+        converted = done[id(value)] = tuple(_text_names(v, done) for v in value)
+    else:
+        return value
+    return converted
 
 
 # --------------------------------------------------------------------------- the reader

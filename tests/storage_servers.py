@@ -185,6 +185,8 @@ class Faults:
     """What the file server does to one file's requests."""
 
     missing: int = 0  # answer 404 to this many requests first
+    status: int | None = None  # answer this HTTP status (403: an expired signed URL, 429: slow down)…
+    statuses: int = 0  # …to this many requests first
     cut_after: int | None = None  # close the connection after this many bytes of the body…
     cuts: int = 0  # …for this many requests
     requests: int = 0  # requests seen
@@ -236,6 +238,10 @@ class _Handler(SimpleHTTPRequestHandler):
             with state.lock:
                 fault.missing -= 1
             return self._plain(404, b"not found (injected)", body)
+        if fault is not None and fault.status is not None and fault.statuses > 0:
+            with state.lock:
+                fault.statuses -= 1
+            return self._plain(fault.status, b"refused (injected)", body)
         if not path.is_file():
             return self._plain(404, b"not found", body)
         data = path.read_bytes()

@@ -64,6 +64,34 @@ def test_a_file_that_stays_missing_is_a_fetch_error_naming_the_url_and_the_attem
         assert server.state.requests.count("HEAD gone.tar") + server.state.requests.count("GET gone.tar") >= 4
 
 
+@pytest.mark.parametrize("status", [401, 403, 410])
+def test_a_refused_request_is_one_error_at_once_not_retried(tmp_path, fast_retries, status):
+    # an expired signed URL (403) will not pass when asked again: one request, one error line
+    (tmp_path / "shard.tar").write_bytes(b"x" * 100)
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/shard.tar"
+        fault = server.fault("shard.tar", status=status, statuses=100)
+        with pytest.raises(storage.FetchError) as error:
+            storage.read_bytes(url)
+        assert fault.requests == 1 and error.value.reason.startswith(f"refused (HTTP {status} ") and not error.value.missing
+        assert str(error.value).startswith(f"{url}: ") and "attempts" not in str(error.value)
+        fault.requests = 0
+        with pytest.raises(storage.FetchError) as error:
+            with storage.open_stream(url) as stream:
+                stream.read()
+        # one attempt (fsspec's HTTP open asks for the size with a HEAD, then a GET)
+        assert fault.requests <= 2 and error.value.reason.startswith(f"refused (HTTP {status} ")
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_too_many_requests_and_server_errors_are_retried(tmp_path, fast_retries, status):
+    (tmp_path / "shard.tar").write_bytes(b"x" * 100)
+    with FileServer(tmp_path) as server:
+        fault = server.fault("shard.tar", status=status, statuses=2)
+        assert storage.read_bytes(f"{server.url}/shard.tar") == b"x" * 100
+        assert fault.requests == 3
+
+
 def test_a_url_that_stays_unreachable_is_one_error_line_not_a_traceback(tmp_path, capsys, fast_retries):
     from support import free_port
 

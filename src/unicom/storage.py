@@ -9,7 +9,7 @@ exactly as before; URLs go through `fsspec <https://filesystem-spec.readthedocs.
 
 * :func:`path` turns a location into a ``pathlib.Path`` (local) or a
   ``upath.UPath`` (a URL), both with ``/``, ``.name``, ``.parent``, ``.is_file()``…
-* Reading retries transient failures (a 404, a connection reset mid-stream, a timeout)
+* Reading retries transient failures (a 404, a connection reset mid-stream, a timeout, a 5xx)
   with exponential backoff, then raises :class:`FetchError` naming the URL and the reason.
   :func:`open_stream` reads a file front to back while a thread downloads ahead, and
   resumes at the byte it stopped at after a failure.
@@ -310,11 +310,43 @@ _NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests",
                     "ssl", "fsspec")
 
 
+# answers that will not change when asked again: unauthorised, forbidden (an expired signed URL), proxy
+# authentication required, gone, unavailable for legal reasons (a 404 may be a file not there yet, and other
+# client errors have been seen to pass, e.g. a 400 on a connection the server had cut)
+_REFUSALS = (401, 403, 407, 410, 451)
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status an error of a store's client carries, if any (aiohttp's ``status``,
+    requests'/httpx' ``response.status_code``, gcsfs' ``code``), or the error it was raised
+    from (fsspec's HTTP files raise any failed request as a ``FileNotFoundError`` from it)."""
+    for _ in range(4):
+        status = getattr(error, "status", None)
+        if not isinstance(status, int):
+            status = getattr(getattr(error, "response", None), "status_code", None)
+        if not isinstance(status, int):  # looked at last: aiohttp warns when its deprecated ``code`` is read
+            status = getattr(error, "code", None)
+        if isinstance(status, int) and 100 <= status <= 599:
+            return status
+        if error.__cause__ is None:
+            return None
+        error = error.__cause__
+    return None
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether the store refused the request for good (:data:`_REFUSALS`)."""
+    return http_status(error) in _REFUSALS
+
+
 def transient(error: BaseException) -> bool:
     """Whether ``error`` may pass when tried again: network errors, timeouts, a file not
-    found (yet); not a refused permission, a wrong kind of file or a missing package."""
+    found (yet), a server error or too many requests; not a refused permission (HTTP 401,
+    403, 410, …), a wrong kind of file or a missing package."""
     if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError, InputError, ImportError,
                           NotImplementedError, FetchError)):
+        return False
+    if _refused(error):
         return False
     if isinstance(error, (OSError, TimeoutError, EOFError)):
         return True
@@ -324,18 +356,23 @@ def transient(error: BaseException) -> bool:
 def _not_found(error: BaseException) -> bool:
     """Whether ``error`` says the store has no such file: a ``FileNotFoundError``, or an
     HTTP 404 raised as another type (huggingface_hub's ``EntryNotFoundError`` for an hf:// file)."""
-    if isinstance(error, FileNotFoundError):
-        return True
-    return getattr(getattr(error, "response", None), "status_code", None) == 404
+    status = http_status(error)
+    return status == 404 or (isinstance(error, FileNotFoundError) and status is None)
 
 
 def describe(error: BaseException, location=None) -> str:
     """A one-line reason for a failure report: the error's type and message (without
     the location, which the report names already)."""
-    if isinstance(error, FileNotFoundError):
-        return "not found (HTTP 404)" if protocol(location) in READ_ONLY else "not found"
     if _not_found(error):
+        if isinstance(error, FileNotFoundError) and http_status(error) is None and protocol(location) not in READ_ONLY:
+            return "not found"
         return "not found (HTTP 404)"
+    if _refused(error):
+        import http
+
+        status = http_status(error)
+        phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
+        return f"refused (HTTP {status} {phrase})".replace(" )", ")")
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if location is not None:
         message = message.replace(text(location), "").strip(" :")
@@ -353,6 +390,8 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             return call()
         except Exception as error:
             if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
+                if _refused(error):  # one error line, whatever type the client raised it as
+                    raise FetchError(text(location), describe(error, location), attempt) from error
                 raise
             if missing_is_final and _not_found(error):
                 raise FetchError(text(location), describe(error, location), attempt, True) from error

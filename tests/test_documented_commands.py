@@ -1,0 +1,145 @@
+"""Every ``unicom ...`` command line that README.md and docs/*.md show is one the command
+line accepts: its subcommand and options exist, and its ``KEY=VALUE`` recipe overrides and
+``--config`` files are ones ``unicom train`` / ``unicom probe`` know.
+
+A command in a code block is parsed whole, as the shell would hand it over, unless it has
+placeholders (``...``, ``[--optional]``); those and the commands quoted in the text
+(```unicom cluster part --k K```) are checked option by option."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from unicom.cli import available_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# what starts a command: `unicom X`, `python -m unicom X`, `-m unicom.cli X`, `-m unicom.train`
+START = re.compile(r"(?:^|[\s`$(])(?:unicom|-m unicom\.cli|-m unicom)\s+(?P<rest>[a-z].*)|-m unicom\.train\b(?P<train>.*)")
+
+
+def _snippets(text: str, fenced: bool = False) -> list[tuple[int, str, bool]]:
+    """(line number, text, fenced) of each fenced code line (continuations joined) and each
+    inline code span of a Markdown ``text`` (with ``fenced``: every line is code)."""
+    found, pending, start = [], "", 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            pending, start = (pending + " " + line.strip(), start) if pending else (line.strip(), number)
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+                continue
+            found.append((start, pending, True))
+            pending = ""
+        else:
+            found.extend((number, span, False) for span in re.findall(r"`([^`]+)`", line))
+    return found
+
+
+def documented_commands() -> list[tuple[str, list[str], bool]]:
+    """(where, [command, *words], whole) of every unicom command line of the docs and of the
+    commands' ``--help``; ``whole``: a code block's line, not a fragment quoted in the text."""
+    commands = available_commands()
+    sources = [(str(path.relative_to(ROOT)), _snippets(path.read_text())) for path in DOCUMENTS]
+    sources += [(f"unicom {name} --help", _snippets(_parser(name).format_help(), fenced=True)) for name in commands]
+    lines = []
+    for source, snippets in sources:
+        for number, text, fenced in snippets:
+            match = START.search(text)
+            if match is None:
+                continue
+            rest = f"train {match.group('train')}" if match.group("rest") is None else match.group("rest")
+            try:
+                words = shlex.split(rest, comments=True)
+            except ValueError:  # an unbalanced quote: a prose fragment, not a command
+                continue
+            if not words or words[0] not in commands:
+                continue
+            lines.append((f"{source}:{number}", words, fenced))
+    return lines
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    import importlib
+
+    module = importlib.import_module(available_commands()[command][0])
+    parser = argparse.ArgumentParser(prog=f"unicom {command}", exit_on_error=False)
+    module.add_arguments(parser)
+    parser.add_argument("--storage-options")
+    return parser
+
+
+def _subcommand_options(parser: argparse.ArgumentParser, word: str) -> dict:
+    """The options of ``word``'s parser when it names a subcommand (``convert unicom-to-released``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+            return action.choices[word]._option_string_actions
+    return {}
+
+
+def _placeholder(word: str) -> bool:
+    return word in ("...", "…") or word.startswith("[") or word.endswith("]") and not "=" in word
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_of_every_stage():
+    shown = {words[0] for _, words, whole in COMMANDS if whole}
+    assert shown == set(available_commands())
+
+
+@pytest.mark.parametrize("where, words, whole", COMMANDS, ids=[f"{where} {' '.join(words)}" for where, words, _ in COMMANDS])
+def test_a_documented_command_line_is_accepted(where, words, whole):
+    command, *rest = words
+    parser = _parser(command)
+    known = dict(parser._option_string_actions)
+    for word in rest:
+        known.update(_subcommand_options(parser, word))
+        option = word.strip("[]").split("=", 1)[0]
+        if option.startswith("--"):
+            assert option in known, f"{where}: `unicom {command}` has no option {option}"
+    if not whole or any(_placeholder(word) for word in rest):
+        return
+    intermixed = getattr(parser, "intermixed", False)
+    try:
+        (parser.parse_intermixed_args if intermixed else parser.parse_args)(rest)
+    except (argparse.ArgumentError, SystemExit) as error:
+        pytest.fail(f"{where}: `unicom {' '.join(words)}` is refused: {error}")
+
+
+def _loader(command: str):
+    if command == "train":
+        from unicom.train.config import default_values, load_config
+        return load_config, default_values
+    from unicom.unifex.config import default_values, load_probe_config
+    return load_probe_config, default_values
+
+
+@pytest.mark.parametrize("command", ["train", "probe"])
+def test_documented_recipes_are_valid(command):
+    """A whole command's recipe loads and validates; a fragment's overrides name known keys."""
+    load, defaults = _loader(command)
+    keys, problems = set(defaults()), []
+    for where, words, whole in COMMANDS:
+        if words[0] != command:
+            continue
+        overrides = [word for word in words[1:] if "=" in word and not word.startswith("-")]
+        problems += [f"{where}: unknown key {key!r}" for key in (o.split("=", 1)[0] for o in overrides) if key not in keys]
+        config = words[words.index("--config") + 1] if "--config" in words else None
+        runs = not {"--list-keys", "--print-config", "--export-from", "--help"} & set(words)
+        if whole and runs and not any(map(_placeholder, words)) and (config is None or config.startswith("configs/")):
+            if "--out" in words:
+                overrides.append(f"out={words[words.index('--out') + 1]}")
+            try:
+                load(ROOT / config if config else None, overrides)
+            except Exception as error:  # noqa: BLE001 -- every documented recipe's problem, listed
+                problems.append(f"{where}: {error}")
+    assert problems == []

@@ -31,7 +31,9 @@ def _snippets(text: str, fenced: bool = False) -> list[tuple[int, str, bool]]:
         if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
-        if fenced:
+        if fenced and line.lstrip().startswith("#"):  # a comment: prose, its quoted commands are fragments
+            found.extend((number, span, False) for span in re.findall(r"`([^`]+)`", line))
+        elif fenced:
             pending, start = (pending + " " + line.strip(), start) if pending else (line.strip(), number)
             if pending.endswith("\\"):
                 pending = pending[:-1]

@@ -4,7 +4,8 @@ line accepts: its subcommand and options exist, and its ``KEY=VALUE`` recipe ove
 
 A command in a code block is parsed whole, as the shell would hand it over, unless it has
 placeholders (``...``, ``[--optional]``); those and the commands quoted in the text
-(```unicom cluster part --k K```) are checked option by option."""
+(```unicom cluster part --k K```) are checked option by option. The Python names the docs
+show (``unicom.cluster.load_labels``, ``from unicom.losses import ArcFace``) exist."""
 
 from __future__ import annotations
 
@@ -145,3 +146,48 @@ def test_documented_recipes_are_valid(command):
             except Exception as error:  # noqa: BLE001 -- every documented recipe's problem, listed
                 problems.append(f"{where}: {error}")
     assert problems == []
+
+
+# dotted names of the docs that are not Python objects: the parquet schema-metadata key of label files
+NOT_PYTHON = {"unicom.labels"}
+
+
+def documented_python_names() -> list[tuple[str, str]]:
+    """(where, name) of every ``unicom.a.b`` name and every ``from unicom.x import a, b``
+    of README.md and docs/*.md."""
+    names = {}
+    for path in DOCUMENTS:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            for name in re.findall(r"\bunicom(?:\.[A-Za-z_]\w*)+", line):
+                names.setdefault(name, where)
+            imported = re.match(r"\s*from (unicom[\w.]*) import ([\w, ]+)", line)
+            if imported:
+                for name in imported.group(2).split(","):
+                    names.setdefault(f"{imported.group(1)}.{name.strip()}", where)
+    return sorted((where, name) for name, where in names.items() if name not in NOT_PYTHON)
+
+
+def _resolve(name: str):
+    import importlib
+
+    parts = name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            found = getattr(found, attribute)
+        return found
+    raise ModuleNotFoundError(name)
+
+
+def test_the_python_names_the_docs_show_exist():
+    missing = []
+    for where, name in documented_python_names():
+        try:
+            _resolve(name)
+        except (AttributeError, ModuleNotFoundError) as error:
+            missing.append(f"{where}: {name} ({error})")
+    assert missing == []

@@ -191,3 +191,62 @@ def test_the_python_names_the_docs_show_exist():
         except (AttributeError, ModuleNotFoundError) as error:
             missing.append(f"{where}: {name} ({error})")
     assert missing == []
+
+
+def _table_defaults(path: Path, header: str):
+    """(where, names, default) of the rows of ``path``'s tables headed ``| header | default |``."""
+    rows, inside = [], False
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith(f"| {header} | default |"):
+            inside = True
+        elif inside and line.startswith("|") and not line.startswith("|---"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows.append((f"{path.relative_to(ROOT)}:{number}", re.findall(r"`([^`]+)`", cells[0]), cells[1]))
+        elif not line.startswith("|"):
+            inside = False
+    return rows
+
+
+PROSE = object()  # a default the docs describe in words ("see below", "from the labels")
+
+
+def _stated(text: str):
+    """A default as the docs write it: 256, `auto`, off, false, none, 0.0; else PROSE."""
+    text = text.strip("`")
+    words = {"off": False, "false": False, "true": True, "none": None, "—": None}
+    if text in words:
+        return words[text]
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?\d*\.\d+(e-?\d+)?|\d+e-?\d+", text):
+        return float(text)
+    return text if re.fullmatch(r"[a-z][\w+-]*", text) and text not in ("all", "required") else PROSE
+
+
+@pytest.mark.parametrize("document, command", [("clustering.md", "cluster"), ("embedding.md", "embed")])
+def test_option_defaults_in_the_docs_are_the_parsers(document, command):
+    actions = _parser(command)._option_string_actions
+    wrong, checked = [], 0
+    for where, names, text in _table_defaults(ROOT / "docs" / document, "option"):
+        stated = _stated(text)
+        for name in names:
+            option = name.split()[0]
+            if option in actions and stated is not PROSE:
+                checked += 1
+                if actions[option].default != stated:
+                    wrong.append(f"{where}: {option} default {text}, the parser's {actions[option].default!r}")
+    assert wrong == [] and checked >= 5
+
+
+@pytest.mark.parametrize("document, command", [("training.md", "train"), ("unifex.md", "probe")])
+def test_recipe_defaults_in_the_docs_are_the_recipes(document, command):
+    _, defaults = _loader(command)
+    values, wrong, checked = defaults(), [], 0
+    for where, names, text in _table_defaults(ROOT / "docs" / document, "key"):
+        stated = [_stated(part) for part in text.split(",")] if len(names) > 1 else [_stated(text)]
+        for name, value in zip(names, stated):
+            if name in values and value is not PROSE:
+                checked += 1
+                if values[name] != value:
+                    wrong.append(f"{where}: {name} default {value!r}, the recipe's {values[name]!r}")
+    assert wrong == [] and checked >= 5

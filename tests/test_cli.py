@@ -97,3 +97,14 @@ def test_a_one_process_command_started_by_torchrun_in_several_processes_is_refus
     monkeypatch.setenv("WORLD_SIZE", "1")  # a torchrun of one process is one process
     main(["index", "--emb", str(tmp_path), "--out", str(out)])
     assert "torchrun" not in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`unicom train --list-keys | head -3`: the reader closes the pipe (here before the first
+    line is written); the command ends without a traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "unicom", "train", "--list-keys"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # what `head` does once it has its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) != 0
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr

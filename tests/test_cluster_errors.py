@@ -127,6 +127,21 @@ def test_a_folder_the_fusion_needs_is_not_given(tmp_path):
         ClusterInputs(EmbeddingFolders(image=tmp_path / "emb" / "img_emb"), fusion="image")
 
 
+def test_an_image_only_embedding_folder_under_the_default_fusion_says_what_to_do(tmp_path, capsys):
+    """`unicom embed`'s default output has img_emb/ and metadata/ only; the default fusion
+    image+text then needs captions embedded, or --fusion image."""
+    rng = np.random.default_rng(0)
+    write_part(tmp_path / "emb", 0, image=rng.standard_normal((12, 8)).astype(np.float32),
+               metadata=pa.table({"key": [str(r) for r in range(12)]}))
+    from unicom.cli import main
+
+    assert main(["cluster", "--embeddings", str(tmp_path / "emb"), "--k", "2", "--out", str(tmp_path / "out")]) == 2
+    assert (f"{tmp_path / 'emb'}: no text_emb/ folder inside, and fusion 'image+text' (the default) reads it: "
+            "cluster the images alone with --fusion image, or embed the captions too (unicom embed --modalities "
+            "image,text)") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parts_missing_from_one_folder(tmp_path):
     make(tmp_path / "emb", sizes=(5, 5, 5))
     (tmp_path / "emb" / "text_emb" / "text_emb_2.npy").unlink()

@@ -111,6 +111,26 @@ def test_truncated_tar_yields_the_samples_before_the_damage(tmp_path):
     assert error.value.path == shard and error.value.samples == 3
 
 
+@pytest.mark.parametrize("where", ["inside a header", "between two members"])
+def test_a_tar_cut_where_no_data_is_missing_is_truncated_too(tmp_path, where):
+    """A download cut in a member's header, or between members, leaves no end-of-archive
+    blocks: the samples after the cut are missing, which is damage, not the end."""
+    shard = write_tar_shard(tmp_path / "0.tar", [{"key": f"{i:03d}", "txt": f"caption {i}"} for i in range(4)])
+    data = shard.read_bytes()
+    header = data.index(b"002.txt")  # the header of the third sample's member
+    shard.write_bytes(data[: header + 300] if where == "inside a header" else data[:header])
+    seen = []
+    with pytest.raises(ShardReadError, match="ends without the end-of-archive blocks") as error:
+        for sample in read_tar_samples(shard):
+            seen.append(sample.key)
+    assert seen == ["000", "001"] and error.value.samples == 2
+
+
+def test_a_whole_tar_reads_to_its_end_without_error(tmp_path):
+    shard = write_tar_shard(tmp_path / "0.tar", [{"key": f"{i:03d}", "txt": f"caption {i}"} for i in range(4)])
+    assert [sample.key for sample in read_tar_samples(shard)] == ["000", "001", "002", "003"]
+
+
 def test_a_file_that_is_not_a_tar_raises_shard_read_error(tmp_path):
     path = tmp_path / "0.tar"
     path.write_bytes(b"this is not a tar file" * 100)

@@ -56,6 +56,22 @@ def test_csv_list_keeps_its_keys_and_captions(tmp_path, weights):
     np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-6)
 
 
+def test_csv_list_labels_are_stored_as_written(tmp_path, weights):
+    """Class names stay names in the metadata (not the numbers they were sorted into), so a
+    later `unicom evaluate --classes owl` finds them; numeric labels stay int64."""
+    for name in ("a", "b", "c"):
+        class_image(ord(name), 0, 20).save(tmp_path / f"{name}.png")
+    (tmp_path / "names.csv").write_text("path,label\na.png,owl\nb.png,cat\nc.png,owl\n")
+    (tmp_path / "ids.csv").write_text("path,label\na.png,7\nb.png,3\nc.png,7\n")
+    for name in ("names", "ids"):
+        assert main(["embed", "--input", str(tmp_path / f"{name}.csv"), "--model", "timm/test_vit",
+                     "--pretrained", weights, "--out", str(tmp_path / name), "--workers", "0"]) == 0
+    names = pq.read_table(tmp_path / "names" / "metadata" / "metadata_0.parquet")
+    ids = pq.read_table(tmp_path / "ids" / "metadata" / "metadata_0.parquet")
+    assert names.column("label").to_pylist() == ["owl", "cat", "owl"]
+    assert ids.column("label").to_pylist() == [7, 3, 7] and str(ids.schema.field("label").type) == "int64"
+
+
 def test_text_with_an_image_only_model_fails_before_writing(tmp_path, weights, capsys):
     class_image(0, 0, 16).save(tmp_path / "a.png")
     (tmp_path / "list.csv").write_text("path,caption\na.png,a caption\n")

@@ -90,6 +90,24 @@ def test_excluded_classes_from_a_file_leave_one_out(tmp_path):
     assert report["class_subset"] == {"exclude_classes": ["dog", "owl"], "scored_classes": 6, "all_classes": 8}
 
 
+def test_class_names_of_a_labels_file_select_classes(tmp_path):
+    """--labels with names (key,label = q0,cat): --classes names them as it names the
+    metadata's string labels, rather than by the numbers the file's names were mapped to."""
+    x, labels = data(80, 12, 8, 1.2, seed=4)
+    names = np.array(["cat", "dog", "owl", "elk", "emu", "yak", "ant", "bee"])[labels]
+    folder(tmp_path / "q", x, labels.tolist(), "q")  # the metadata's own labels are numbers
+    (tmp_path / "labels.csv").write_text("key,label\n" + "".join(f"q{i},{name}\n" for i, name in enumerate(names)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--labels", str(tmp_path / "labels.csv"),
+                 "--classes", "owl,yak", "--ks", "1,4", "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    keep = np.isin(names, ["owl", "yak"])
+    expected = by_numpy(stored(x)[keep], names[keep])
+    for name, value in expected.items():
+        assert report["metrics"][name] == pytest.approx(value), name
+    assert report["class_subset"] == {"classes": ["owl", "yak"], "scored_classes": 2, "all_classes": 8}
+
+
 def test_unknown_classes_are_named(tmp_path, capsys):
     x, labels = data(40, 8, 4, 1.0, seed=3)
     folder(tmp_path / "q", x, labels.tolist(), "q")

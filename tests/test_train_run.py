@@ -148,6 +148,10 @@ def test_the_start_line_names_every_class_or_the_random_negatives():
     assert _describe_selection(classes_per_step(8, 16, 1.0), 16, 1.0) == ["  classes per step: all 8"]
     lines = _describe_selection(classes_per_step(10, 16, 0.95), 16, 0.95)
     assert lines[0] == "  classes per step: all 10" and lines[1].startswith("warning: loss.sample_rate=0.95 keeps every class")
+    # 4 classes, 64 images: every class is a positive; no sample_rate (at most 1) leaves room for negatives
+    (_, warning) = _describe_selection(classes_per_step(4, 64, 0.5), 64, 0.5)
+    assert warning.endswith("for random negatives the batch holds nearly all 4 classes, so no sample_rate can add any: "
+                            "lower data.batch_size or train on more classes")
     # 100 000 classes, 1024 images: ~1019 positives and 10 000 - 1019 random negatives
     assert _describe_selection(classes_per_step(100_000, 1024, 0.1), 1024, 0.1) == [
         "  classes per step: ~10,000 of 100,000 (the batch's ~1,019 positives and ~8,981 random negatives)"]

@@ -126,6 +126,26 @@ def test_an_exported_clip_vit_loads_as_an_encoder_with_the_same_outputs(tmp_path
         torch.testing.assert_close(encoder.encode_image(images), model(images))
 
 
+def test_a_recipe_that_names_a_size_and_resizes_it_continues_from_its_own_model(tmp_path):
+    """model.name=ViT-B-32 with the recipe's image_size, width, ... (configs/scratch_small.yaml)
+    and model.init= a model of those sizes: the recipe describes the weights, so they load
+    (the compact epoch of a small run); another size is still refused."""
+    from unicom.models.export import save_model
+
+    settings = ClipViTSettings(image_size=32, patch_size=8, width=64, depth=2, heads=2, embedding_dim=24)
+    torch.manual_seed(1)
+    model = ClipViT(settings).eval()
+    created = create_model("ViT-B-32", overrides=settings.to_dict())
+    save_model(tmp_path / "model", model, "clip_vit", settings.to_dict(), created.preprocess())
+    resumed = create_model("ViT-B-32", init=str(tmp_path / "model"), overrides=settings.to_dict())
+    assert resumed.settings == settings.to_dict() and resumed.reinitialised == []
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.module.eval()(images), model(images))
+    with pytest.raises(InputError, match="model.name='ViT-B-32' does not describe the weights"):
+        create_model("ViT-B-32", init=str(tmp_path / "model"), overrides={**settings.to_dict(), "width": 96})
+
+
 def test_gradient_checkpointing_leaves_the_gradients_unchanged():
     torch.manual_seed(0)
     model = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=64, depth=3, heads=2, embedding_dim=16))

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from unicom.errors import InputError
-from unicom.formats.embeddings import EmbeddingFolders, key_column
+from unicom.formats.embeddings import KINDS, EmbeddingFolders, key_column
 from unicom.progress import progress
 
 # fusion -> the embedding kinds it reads
@@ -105,6 +105,14 @@ class ClusterInputs:
             raise InputError(f"chunk_rows must be positive, got {self.chunk_rows}")
         self.kinds = FUSIONS[self.fusion]
         for kind in (*self.kinds, "metadata"):
+            if getattr(self.folders, kind) is None and self.folders.root is not None and kind != "metadata":
+                other = "image" if kind == "text" else "text"
+                raise InputError(
+                    f"{self.folders.root}: no {KINDS[kind][0]}/ folder inside, and fusion {self.fusion!r}"
+                    f"{' (the default)' if self.fusion == 'image+text' else ''} reads it: cluster the {other}s alone "
+                    f"with --fusion {other}, or embed the {'captions' if kind == 'text' else 'images'} too "
+                    f"(unicom embed --modalities image,text)"
+                )
             if getattr(self.folders, kind) is None:
                 flag = {"image": "--image-emb", "text": "--text-emb", "metadata": "--metadata"}[kind]
                 why = "the keys of the labels come from it" if kind == "metadata" else f"fusion {self.fusion!r} reads it"

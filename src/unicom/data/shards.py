@@ -210,6 +210,24 @@ def _fetch_error(error: BaseException | None) -> storage.FetchError | None:
     return None
 
 
+class TruncatedTarError(tarfile.ReadError):
+    """The tar stream ended where a member header belongs, without the end-of-archive blocks."""
+
+
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """A tar header that tells the end of the archive (a block of zeros) from the end of the
+    file: tarfile takes a file that stops at, or inside, a member header for a complete tar,
+    and the samples after the cut of a truncated download would be lost without a word."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise TruncatedTarError("the file ends without the end-of-archive blocks, at or inside a member header "
+                                "(a truncated download?)") from None
+
+
 def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     """Samples of a webdataset shard, in tar order (streamed, compressed tars included);
     ``path`` is a local path, a URL or ``pipe:COMMAND`` (read while it downloads).
@@ -224,7 +242,7 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     current: TarSample | None = None
     count = 0
     try:
-        with storage.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with storage.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

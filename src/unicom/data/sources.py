@@ -81,20 +81,27 @@ class ShardPart:
 
 @dataclass(frozen=True)
 class ListPart:
-    """Rows ``start:stop`` of an :class:`ImageList`. Metadata: ``image_path`` and ``label``."""
+    """Rows ``start:stop`` of an :class:`ImageList`. Metadata: ``image_path`` and ``label``:
+    the class id, or with ``label_names`` the class name when the labels are names (a CSV
+    list's labels as written)."""
 
     number: int
     images: ImageList
     start: int
     stop: int
     source: str
+    label_names: bool = False
 
     @property
     def columns(self) -> tuple[tuple[str, str], ...]:
         columns = [("image_path", "string")]
         if self.images.labels is not None:
-            columns.append(("label", "int64"))
+            columns.append(("label", "string" if self._names else "int64"))
         return tuple(columns)
+
+    @property
+    def _names(self) -> bool:
+        return self.label_names and self.images.class_names is not None
 
     @property
     def has_captions(self) -> bool:
@@ -113,7 +120,8 @@ class ListPart:
         for index, row in enumerate(range(self.start, self.stop)):
             columns = {"image_path": images.paths[row]}
             if images.labels is not None:
-                columns["label"] = int(images.labels[row])
+                label = int(images.labels[row])
+                columns["label"] = images.class_names[label] if self._names else label
             caption = None if images.captions is None else images.captions[row]
             yield Record(index, images.keys[row], images.paths[row], caption, columns)
 
@@ -144,12 +152,13 @@ def read_in_turn(parts: Sequence[Any]) -> list[Any]:
             for part, after in zip(parts, [*parts[1:], None])]
 
 
-def list_parts(images: ImageList, rows_per_part: int, source: str) -> list[ListPart]:
-    """Cut ``images`` into parts of ``rows_per_part`` rows, numbered 0, 1, ..."""
+def list_parts(images: ImageList, rows_per_part: int, source: str, label_names: bool = False) -> list[ListPart]:
+    """Cut ``images`` into parts of ``rows_per_part`` rows, numbered 0, 1, ... (``label_names``:
+    see :class:`ListPart`)."""
     if rows_per_part < 1:
         raise InputError(f"rows per part must be at least 1, got {rows_per_part}")
     return [
-        ListPart(number, images, start, min(start + rows_per_part, len(images)), source)
+        ListPart(number, images, start, min(start + rows_per_part, len(images)), source, label_names)
         for number, start in enumerate(range(0, len(images), rows_per_part))
     ]
 
@@ -219,7 +228,7 @@ def open_parts(
             images = read_table(only, **(table_options or {}))
             if not len(images):
                 raise InputError(f"{only}: the list has no rows; give a list with one row per image")
-            return list_parts(images, rows_per_part, only)
+            return list_parts(images, rows_per_part, only, label_names=True)
         if _is_image_folder(only):
             return list_parts(_folder_list(only), rows_per_part, only)
     shards = expand_shards(inputs)

@@ -57,8 +57,10 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
         table = read_table(labels_file, path_column="key", label_column=label_column, caption_column=None, key_column=None)
         if table.labels is None:
             raise InputError(f"{labels_file}: no {label_column!r} column")
+        # labels that are names stay names, as in the metadata: --classes names them
+        values = table.labels.tolist() if table.class_names is None else [table.class_names[i] for i in table.labels]
         lookup, conflicts = {}, []
-        for row, (key, label) in enumerate(zip(table.keys, table.labels.tolist())):
+        for row, (key, label) in enumerate(zip(table.keys, values)):
             if lookup.setdefault(key, label) != label:
                 conflicts.append(f"{key!r} (data row {row + 1})")
         if conflicts:

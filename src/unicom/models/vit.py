@@ -529,6 +529,9 @@ def create_model(
 
     if name is not None and kind != "file":
         named_arch, named = named_settings(name)
+        # the name as the recipe resizes it (scratch_small.yaml: ViT-B-32 at 32 pixels, 96 wide)
+        resized = {k: v for k, v in overrides.items() if k not in ("embedding_dim", "act")}  # as fixed_overrides below
+        named = _merge(named_arch, named, resized, f"model {name}")
         fixed = {k: v for k, v in named.items() if k not in ("embedding_dim",)}
         differs = [k for k, v in fixed.items() if base.get(k) != v]
         if named_arch != architecture or differs:

@@ -566,12 +566,15 @@ def _describe_selection(selection: ClassesPerStep, batch: int, sample_rate: floa
                          f"each rank) is all of them, as with sample_rate 1.0; lower it for random negatives")
         return lines
     if selection.positives_only:
+        # a batch that holds (nearly) every class: no sample_rate (at most 1) can add negatives
+        remedy = (f"raise loss.sample_rate above ~{positives / k:.2g}" if positives / k < 0.995 else
+                  f"the batch holds nearly all {k:,} classes, so no sample_rate can add any: lower data.batch_size "
+                  f"or train on more classes")
         return [
             f"  classes per step: ~{used:,.0f} of {k:,}, the batch's positives only",
             f"warning: loss.sample_rate={sample_rate} has no effect: a batch of {batch:,} images holds ~{positives:,.0f} "
             f"distinct labels, at least the {selection.sampled:,} classes it samples, so a step takes the batch's positives "
-            f"and no random negatives (effective sample_rate ~{used / k:.2g}); for random negatives raise "
-            f"loss.sample_rate above ~{positives / k:.2g}",
+            f"and no random negatives (effective sample_rate ~{used / k:.2g}); for random negatives {remedy}",
         ]
     return [f"  classes per step: ~{used:,.0f} of {k:,} (the batch's ~{positives:,.0f} positives and "
             f"~{used - positives:,.0f} random negatives)"]

@@ -72,6 +72,29 @@ def test_csv_list_labels_are_stored_as_written(tmp_path, weights):
     assert ids.column("label").to_pylist() == [7, 3, 7] and str(ids.schema.field("label").type) == "int64"
 
 
+def test_a_folder_whose_parts_store_labels_as_numbers_and_as_names_is_refused_naming_them(tmp_path, weights, capsys):
+    """A list embedded partly by a version that stored class names as numbers and finished by
+    one that stores the names: the parts cannot be one table; evaluate names the column and
+    the parts of each kind instead of pyarrow's 'Unable to merge' traceback."""
+    import pyarrow as pa
+
+    for row in range(4):
+        class_image(row, 0, 20).save(tmp_path / f"{row}.png")
+    (tmp_path / "names.csv").write_text("path,label\n0.png,owl\n1.png,cat\n2.png,owl\n3.png,cat\n")
+    assert main(["embed", "--input", str(tmp_path / "names.csv"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), "--rows-per-part", "2", "--workers", "0"]) == 0
+    older = tmp_path / "EMB" / "metadata" / "metadata_1.parquet"
+    table = pq.read_table(older)
+    numbers = pa.array([{"cat": 0, "owl": 1}[name] for name in table.column("label").to_pylist()], pa.int64())
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", numbers), older)
+    capsys.readouterr()
+    assert main(["evaluate", "--embeddings", str(tmp_path / "EMB"), "--out", str(tmp_path / "ev"), "--dims", "none",
+                 "--no-pca"]) == 2
+    error = capsys.readouterr().err
+    assert "column 'label' as different types (string in parts [0]; int64 in parts [1])" in error
+    assert "Traceback" not in error
+
+
 def test_text_with_an_image_only_model_fails_before_writing(tmp_path, weights, capsys):
     class_image(0, 0, 16).save(tmp_path / "a.png")
     (tmp_path / "list.csv").write_text("path,caption\na.png,a caption\n")

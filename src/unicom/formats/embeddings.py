@@ -474,8 +474,30 @@ def read_embedding_folder(root: str | os.PathLike):
     metadata = None
     if "metadata" in contents.kinds:
         tables = [_read_parquet(contents.path("metadata", n)) for n in contents.numbers]
-        metadata = pa.concat_tables(tables, promote_options="default")
+        try:
+            metadata = pa.concat_tables(tables, promote_options="default")
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+            raise _mixed_metadata(root, contents, tables) from error
     return np.concatenate(arrays), metadata
+
+
+def _mixed_metadata(root, contents: "Contents", tables) -> InputError:
+    """The error for metadata parts whose column types differ (parts written by different
+    versions: a list's class names, once stored as numbers, are stored as written)."""
+    import pyarrow as pa
+
+    for name in dict.fromkeys(name for table in tables for name in table.column_names):
+        kinds: dict[str, list[int]] = {}
+        for number, table in zip(contents.numbers, tables):
+            if name in table.column_names and not pa.types.is_null(table.schema.field(name).type):
+                kinds.setdefault(str(table.schema.field(name).type), []).append(number)
+        if len(kinds) > 1:
+            found = "; ".join(f"{kind} in parts {_listed(numbers)}" for kind, numbers in kinds.items())
+            return InputError(
+                f"{root}: the metadata parts hold column {name!r} as different types ({found}), so they cannot be "
+                f"read as one table; they were written by different versions of unicom embed: delete the files of "
+                f"the parts of one kind (img_emb/, metadata/ ...) and run the same unicom embed again to redo them")
+    return InputError(f"{root}: the metadata parts cannot be read as one table; run unicom embed again into a new folder")
 
 
 __all__ = [

@@ -184,3 +184,42 @@ def test_cars196_class_0_is_refused_naming_the_annotation(tmp_path):
     savemat(root / "cars_annos.mat", {"annotations": mat["annotations"]})
     with pytest.raises(InputError, match=r"cars_annos\.mat: annotation 3: class '0' is not a number from 1 to 196"):
         load_retrieval_benchmark("cars196", tmp_path)
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([("00001.jpg", 0)], r"annotation 1: class '0' is not a number from 1 to 196; the official files count classes from 1"),
+    ([("00001.jpg", 5), ("00002.jpg", 197)], r"annotation 2: class '197' is not a number from 1 to 196"),
+    (None, r"the records of 'annotations' have no 'class' field \(they have fname, bbox_x1\)"),
+])
+def test_cars196_devkit_annotations_without_a_class_or_out_of_range_are_refused_naming_the_annotation(rows, error, tmp_path):
+    """A test annotation file without labels (the devkit's cars_test_annos.mat under the other
+    name), or class numbers outside 1..196 (a copy counting from 0): an error naming the file
+    and the annotation, for retrieval and classification alike, not a ValueError traceback nor
+    a label of -1 or an image moved into the wrong metric-learning split."""
+    from benchmark_layouts import cars196_devkit
+    from scipy.io import savemat
+
+    from unicom.data.benchmarks.classification import load_stanford_cars
+
+    root = cars196_devkit(tmp_path)
+    annotations = root / "stanford_cars" / "cars_test_annos_withlabels.mat"
+    if rows is None:
+        record = np.dtype([("fname", object), ("bbox_x1", np.int32)])
+        savemat(annotations, {"annotations": np.array([("00001.jpg", 3)], dtype=record)})
+    else:
+        savemat(annotations, {"annotations": np.array(rows, dtype=[("fname", object), ("class", np.int32)])})
+    with pytest.raises(InputError, match=error) as caught:
+        load_retrieval_benchmark("cars196", root)
+    assert str(caught.value).startswith(f"{annotations}: ")
+    with pytest.raises(InputError, match=error):
+        load_stanford_cars(root, check_images=False)
+
+
+def test_cars196_annos_mat_without_image_paths_is_refused_naming_the_field(tmp_path):
+    from scipy.io import savemat
+
+    record = np.dtype([("fname", object), ("class", np.int32)])
+    savemat(tmp_path / "cars_annos.mat", {"annotations": np.array([("car_ims/000001.jpg", 1)], dtype=record)})
+    with pytest.raises(InputError, match=r"cars_annos\.mat: the records of 'annotations' have no 'relative_im_path' "
+                                         r"field \(they have fname, class\)"):
+        load_retrieval_benchmark("cars196", tmp_path, check_images=False)

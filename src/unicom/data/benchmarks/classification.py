@@ -28,7 +28,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -112,8 +112,9 @@ def _official(cls_name: str, train_splits: tuple, test_split, split_arg: str = "
     return load
 
 
-def mat_variable(path: Path, name: str, layout: str) -> np.ndarray:
-    """Variable ``name`` of the MATLAB file ``path`` (squeezed, at least 1-d), as scipy reads it."""
+def mat_variable(path: Path, name: str, layout: str, fields: Sequence[str] = ()) -> np.ndarray:
+    """Variable ``name`` of the MATLAB file ``path`` (squeezed, at least 1-d), as scipy reads it;
+    ``fields``: the struct fields each of its records must have."""
     from scipy.io import loadmat
 
     if not path.is_file():
@@ -124,7 +125,12 @@ def mat_variable(path: Path, name: str, layout: str) -> np.ndarray:
         raise InputError(f"{path}: not a readable MATLAB file ({error})") from error
     if name not in mat:
         raise InputError(f"{path}: no {name!r} variable; expected layout:\n{layout}")
-    return np.atleast_1d(mat[name])
+    value = np.atleast_1d(mat[name])
+    absent = [field for field in fields if field not in (value.dtype.names or ())]
+    if absent:
+        raise InputError(f"{path}: the records of {name!r} have no {absent[0]!r} field (they have "
+                         f"{', '.join(value.dtype.names or ()) or 'none'}); expected layout:\n{layout}")
+    return value
 
 
 def load_stanford_cars(root, download=False, layout="", check_images=True):
@@ -137,13 +143,17 @@ def load_stanford_cars(root, download=False, layout="", check_images=True):
         raise InputError(f"Stanford Cars cannot be downloaded (its original URL is gone); place it under {root}:\n{layout}")
     base = Path(root) / "stanford_cars"
 
+    from unicom.data.benchmarks.retrieval import _class_number
+
     def part(annotations: Path, images: Path) -> ClassificationSplit:
-        rows = mat_variable(annotations, "annotations", layout)
+        rows = mat_variable(annotations, "annotations", layout, fields=("fname", "class"))
         if check_images and not images.is_dir():
             raise InputError(f"{images}: image folder not found (listed in {annotations.name}); expected layout "
                              f"under {root}:\n{layout}")
+        labels = [_class_number(row["class"], len(classes), annotations, f"annotation {number}") - 1
+                  for number, row in enumerate(rows, 1)]
         return ClassificationSplit([str(images / str(row["fname"])) for row in rows],
-                                   np.asarray([int(row["class"]) - 1 for row in rows], dtype=np.int64), classes)
+                                   np.asarray(labels, dtype=np.int64), classes)
 
     classes = [str(name) for name in mat_variable(base / "devkit" / "cars_meta.mat", "class_names", layout)]
     return (part(base / "devkit" / "cars_train_annos.mat", base / "cars_train"),

@@ -240,7 +240,7 @@ def _cars_annos(mat_path: Path) -> list[tuple[str, str, str]]:
     from unicom.data.benchmarks.classification import mat_variable
 
     records = []
-    for number, row in enumerate(mat_variable(mat_path, "annotations", CARS_LAYOUT), 1):
+    for number, row in enumerate(mat_variable(mat_path, "annotations", CARS_LAYOUT, fields=("relative_im_path", "class")), 1):
         class_id = _class_number(row["class"], 196, mat_path, f"annotation {number}")
         records.append((str(row["relative_im_path"]), str(class_id), _cars_split(class_id)))
     return records

@@ -92,6 +92,27 @@ def test_too_many_requests_and_server_errors_are_retried(tmp_path, fast_retries,
         assert fault.requests == 3
 
 
+@pytest.mark.parametrize("status, phrase", [(429, "Too Many Requests"), (503, "Service Unavailable")])
+def test_a_stream_that_stays_busy_names_the_status_and_is_not_taken_for_a_missing_file(tmp_path, fast_retries,
+                                                                                       status, phrase):
+    """fsspec's HTTP files raise any failed request as a FileNotFoundError from it: a server
+    that stays busy is reported with its answer (not 'FileNotFoundError'), and a reader for
+    which a missing file is final (a picture the service shows) still retries it."""
+    (tmp_path / "shard.tar").write_bytes(b"x" * 100)
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/shard.tar"
+        server.fault("shard.tar", status=status, statuses=1000)
+        with pytest.raises(storage.FetchError) as error:
+            with storage.open_stream(url) as stream:
+                stream.read()
+        assert f"{status}" in error.value.reason and phrase in error.value.reason
+        assert not error.value.missing and error.value.attempts == 4
+        fault = server.fault("shard.tar", status=status, statuses=2)
+        with storage.open_stream(url, missing_is_final=True) as stream:
+            assert stream.read() == b"x" * 100
+        assert fault.requests >= 3
+
+
 def test_a_url_that_stays_unreachable_is_one_error_line_not_a_traceback(tmp_path, capsys, fast_retries):
     from support import free_port
 

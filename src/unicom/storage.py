@@ -373,6 +373,8 @@ def describe(error: BaseException, location=None) -> str:
         status = http_status(error)
         phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
         return f"refused (HTTP {status} {phrase})".replace(" )", ")")
+    if isinstance(error, FileNotFoundError) and http_status(error) is not None:  # fsspec's wrapper: say the answer
+        return describe(error.__cause__, location)
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if location is not None:
         message = message.replace(text(location), "").strip(" :")
@@ -389,7 +391,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
         try:
             return call()
         except Exception as error:
-            if (missing_is_final and isinstance(error, FileNotFoundError)) or not transient(error):
+            if (missing_is_final and isinstance(error, FileNotFoundError) and _not_found(error)) or not transient(error):
                 if _refused(error):  # one error line, whatever type the client raised it as
                     raise FetchError(text(location), describe(error, location), attempt) from error
                 raise

@@ -4,7 +4,8 @@ line accepts: its subcommand and options exist, and its ``KEY=VALUE`` recipe ove
 
 A command in a code block is parsed whole, as the shell would hand it over, unless it has
 placeholders (``...``, ``[--optional]``); those and the commands quoted in the text
-(```unicom cluster part --k K```) are checked option by option. The Python names the docs
+(```unicom cluster part --k K```) are checked option by option. A shell line is cut into its
+commands (``unicom embed ... 2>&1 | tee log && unicom cluster ...``: two, each checked). The Python names the docs
 show (``unicom.cluster.load_labels``, ``from unicom.losses import ArcFace``) exist."""
 
 from __future__ import annotations
@@ -55,18 +56,51 @@ def documented_commands() -> list[tuple[str, list[str], bool]]:
     lines = []
     for source, snippets in sources:
         for number, text, fenced in snippets:
-            match = START.search(text)
-            if match is None:
-                continue
-            rest = f"train {match.group('train')}" if match.group("rest") is None else match.group("rest")
-            try:
-                words = shlex.split(rest, comments=True)
-            except ValueError:  # an unbalanced quote: a prose fragment, not a command
-                continue
-            if not words or words[0] not in commands:
-                continue
-            lines.append((f"{source}:{number}", words, fenced))
+            lines += [(f"{source}:{number}", words, fenced) for words in line_commands(text, commands)]
     return lines
+
+
+def line_commands(text: str, commands) -> list[list[str]]:
+    """[command, *words] of each unicom command of a shell line ``text`` (``unicom embed ...
+    2>&1 | tee log && unicom cluster ...`` holds two, without the redirection and the pipe)."""
+    found = []
+    while (match := START.search(text)) is not None:
+        rest = f"train {match.group('train')}" if match.group("rest") is None else match.group("rest")
+        try:
+            words, text = _first_command(rest)
+        except ValueError:  # an unbalanced quote: a prose fragment, not a command
+            break
+        if words and words[0] in commands:
+            found.append(words)
+    return found
+
+
+SEPARATORS = {"|", "||", "&&", ";", "&", "(", ")"}  # what ends a command on a shell line (and any other run of ();<>|&
+# that is not a redirection)
+REDIRECTS = {">", ">>", "<", ">&", "&>", ">|"}
+
+
+def _first_command(line: str) -> tuple[list[str], str]:
+    """The words of the first command of a shell ``line`` (without its redirections:
+    ``2>&1``, ``> log``) and the rest of the line after it (``| tee log``, ``&& unicom ...``)."""
+    line = re.sub(r"(?<=\s)\d(?=>)", "", line)  # the descriptor of `2>&1`, `2> log` (not the 3 of `--k 3 > log`)
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    tokens, words, index = list(lexer), [], 0
+
+    def operator(token: str) -> bool:
+        return set(token) <= set(lexer.punctuation_chars)
+
+    while index < len(tokens):
+        token = tokens[index]
+        if token in SEPARATORS or (operator(token) and token not in REDIRECTS):
+            return words, " ".join(t if operator(t) else shlex.quote(t) for t in tokens[index + 1:])
+        if token in REDIRECTS:
+            index += 2  # the redirection and its target
+        else:
+            words.append(token)
+            index += 1
+    return words, ""
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -92,6 +126,16 @@ def _placeholder(word: str) -> bool:
 
 
 COMMANDS = documented_commands()
+
+
+def test_a_shell_line_holds_its_commands_without_pipes_and_redirections():
+    line = ("unicom embed --input 'a b/' --out E 2>&1 | tee log && python -m unicom cluster --embeddings E --k 3 > out "
+            "&& unicom index --embeddings E --out I | tail -1")
+    assert line_commands(line, available_commands()) == [
+        ["embed", "--input", "a b/", "--out", "E"], ["cluster", "--embeddings", "E", "--k", "3"],
+        ["index", "--embeddings", "E", "--out", "I"]]
+    assert line_commands("unicom train --config configs/a.yaml  # then unicom serve", available_commands()) == [
+        ["train", "--config", "configs/a.yaml"]]
 
 
 def test_the_docs_show_commands_of_every_stage():

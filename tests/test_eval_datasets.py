@@ -243,6 +243,26 @@ def test_a_list_file_that_is_not_utf8_is_named_with_the_line_and_byte(name, tmp_
         load_retrieval_benchmark(name, root)
 
 
+LATIN1 = r"table\.csv: line 1 \(byte 8, b'\\xe9'\) is not UTF-8; save the file as UTF-8"
+UTF16 = (r"table\.csv: the file is UTF-16 \(it starts with a UTF-16 byte-order mark\), not UTF-8; save it as UTF-8 "
+         r"\(e\.g\. iconv -f utf-16 -t utf-8\)")
+
+
+@pytest.mark.parametrize("text, encoding, error", [
+    ("path,cat\u00e9gorie\na.png,0\n", "latin-1", LATIN1),
+    ("path,label\na.png,0\nb.png,1\n", "utf-16", UTF16),
+    ("path\n", "utf-16", UTF16),
+])
+def test_a_csv_table_whose_header_is_not_utf8_names_the_encoding_not_a_traceback(text, encoding, error, tmp_path):
+    """A header column name in Latin-1 (pyarrow fails only when its names are read) and a table a
+    spreadsheet saved as 'Unicode text' (UTF-16: pyarrow counts its columns wrong, or names a
+    column with the byte-order mark): the file and what to do, not a UnicodeDecodeError."""
+    table = tmp_path / "table.csv"
+    table.write_bytes(text.encode(encoding))
+    with pytest.raises(InputError, match=error):
+        load_retrieval_benchmark("csv", table, check_images=False)
+
+
 def test_a_csv_table_that_is_not_utf8_is_named_with_the_line_and_byte(tmp_path):
     # pyarrow says only "invalid UTF8 data"; the byte is found in the file itself
     table = tmp_path / "list.csv"

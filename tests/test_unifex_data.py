@@ -61,6 +61,13 @@ def test_a_list_that_is_not_utf8_names_the_line_and_byte(tmp_path):
         read_domain_lists(listing)
 
 
+def test_a_list_whose_header_is_not_utf8_names_the_line_and_byte(tmp_path):
+    listing = tmp_path / "l.csv"
+    listing.write_bytes("dataset,path,cat\u00e9gorie\nd,a.jpg,1\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"l\.csv: line 1 \(byte 16, b'\\xe9'\) is not UTF-8; save the file as UTF-8"):
+        read_domain_lists(listing, class_column="catégorie")
+
+
 def test_every_missing_column_is_named_at_once(tmp_path):
     listing = write(tmp_path / "l.csv", "image,category\na.jpg,1\n")
     with pytest.raises(InputError) as caught:

@@ -120,9 +120,15 @@ def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[
         raise
 
 
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # what a spreadsheet's "Unicode text" starts with
+
+
 def decode_utf8(data: bytes, path) -> str:
     """``data``, the bytes of the list file ``path``, decoded as :func:`text_lines` decodes them
     (an :class:`InputError` naming the line and byte offset of a byte that is not UTF-8)."""
+    if data.startswith(_UTF16_BOMS):
+        raise InputError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8; save it as "
+                         "UTF-8 (e.g. iconv -f utf-16 -t utf-8) and run again")
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[start:].decode("utf-8")
@@ -201,8 +207,10 @@ def utf8_error(path) -> InputError | None:
 
 def csv_error(path, error: Exception) -> InputError:
     """The error for a CSV list (a path or a URL) that pyarrow could not read: where its text is
-    not UTF-8 (pyarrow says only "invalid UTF8 data"), the line and byte of the first such byte."""
-    named = utf8_error(path) if "UTF8" in str(error) else None
+    not UTF-8 (pyarrow says only "invalid UTF8 data", or of a UTF-16 file that its columns are
+    not as expected), the line and byte of the first such byte."""
+    utf16 = storage.read_range(path, 0, 2, exact=False).startswith(_UTF16_BOMS)
+    named = utf8_error(path) if "UTF8" in str(error) or isinstance(error, UnicodeDecodeError) or utf16 else None
     return named or InputError(f"{path}: cannot be read as CSV ({error})")
 
 
@@ -247,9 +255,14 @@ def read_table(
     except (pa.ArrowInvalid, OSError) as error:
         raise csv_error(path, error) if not parquet else InputError(
             f"{path}: cannot be read as parquet ({error})") from error
-    if not parquet and any(pa.types.is_binary(field.type) for field in table.schema):
+    if not parquet:
+        try:
+            names = table.column_names
+        except UnicodeDecodeError:  # a header that is not UTF-8: its names cannot be read
+            names = None
         # pyarrow reads a column whose text is not UTF-8 as bytes: labels would be named b'...'
-        named = utf8_error(path)
+        suspect = names is None or any(pa.types.is_binary(field.type) for field in table.schema)
+        named = utf8_error(path) if suspect else None
         if named is not None:
             raise named
     found_path = find_column(table.column_names, path_column)

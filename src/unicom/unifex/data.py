@@ -148,7 +148,7 @@ def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[
             with pacsv.open_csv(source) as reader:  # every column as text: class "007" stays "007"
                 names = reader.schema.names
             table = pacsv.read_csv(source, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as error:  # a header not UTF-8
         raise csv_error(path, error) if not parquet else InputError(
             f"{path}: cannot be read as parquet ({error})") from error
     chosen, missing = {}, []

@@ -113,6 +113,19 @@ def test_a_stream_that_stays_busy_names_the_status_and_is_not_taken_for_a_missin
         assert fault.requests >= 3
 
 
+def test_an_s3_store_that_refuses_the_credentials_is_one_error_naming_the_url(s3, monkeypatch):
+    """s3fs raises a 403 as a bare PermissionError('Forbidden') from botocore's error (its
+    status in a response dict): the CLI showed a traceback without the URL."""
+    import moto.settings
+
+    s3.bucket("refusing")
+    s3.put("refusing", "shard.tar", b"x" * 100)
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the credentials are checked: unknown
+    with pytest.raises(storage.FetchError) as error:
+        storage.read_bytes("s3://refusing/shard.tar")
+    assert str(error.value) == "s3://refusing/shard.tar: refused (HTTP 403 Forbidden)" and not error.value.missing
+
+
 def test_a_url_that_stays_unreachable_is_one_error_line_not_a_traceback(tmp_path, capsys, fast_retries):
     from support import free_port
 

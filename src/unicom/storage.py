@@ -318,12 +318,16 @@ _REFUSALS = (401, 403, 407, 410, 451)
 
 def http_status(error: BaseException) -> int | None:
     """The HTTP status an error of a store's client carries, if any (aiohttp's ``status``,
-    requests'/httpx' ``response.status_code``, gcsfs' ``code``), or the error it was raised
-    from (fsspec's HTTP files raise any failed request as a ``FileNotFoundError`` from it)."""
+    requests'/httpx' ``response.status_code``, botocore's ``response`` dict, gcsfs' ``code``),
+    or the error it was raised from (fsspec's HTTP files raise any failed request as a
+    ``FileNotFoundError`` from it, s3fs a refused one as a ``PermissionError``)."""
     for _ in range(4):
         status = getattr(error, "status", None)
+        response = getattr(error, "response", None)
+        if not isinstance(status, int) and isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if not isinstance(status, int):
-            status = getattr(getattr(error, "response", None), "status_code", None)
+            status = getattr(response, "status_code", None)
         if not isinstance(status, int):  # looked at last: aiohttp warns when its deprecated ``code`` is read
             status = getattr(error, "code", None)
         if isinstance(status, int) and 100 <= status <= 599:

@@ -263,6 +263,19 @@ def test_a_csv_table_whose_header_is_not_utf8_names_the_encoding_not_a_traceback
         load_retrieval_benchmark("csv", table, check_images=False)
 
 
+@pytest.mark.parametrize("label", ["", " "])
+def test_a_csv_table_with_an_empty_class_name_is_refused_naming_its_row(label, tmp_path):
+    """An empty cell among class names was read as a class named '' (its images one more class
+    of the evaluation, without a word), where an empty cell among class ids is refused."""
+    table = tmp_path / "list.csv"
+    table.write_text(f"path,label\na.png,dog\nb.png,{label}\nc.png,cat\n")
+    with pytest.raises(InputError, match=r"list\.csv: rows \[2\] have no 'label'; fill them or drop the rows"):
+        load_retrieval_benchmark("csv", table, check_images=False)
+    table.write_text("path,label\na.png,1\nb.png,\nc.png,2\n")
+    with pytest.raises(InputError, match=r"list\.csv: rows \[2\] have no 'label'; fill them or drop the rows"):
+        load_retrieval_benchmark("csv", table, check_images=False)
+
+
 def test_a_csv_table_that_is_not_utf8_is_named_with_the_line_and_byte(tmp_path):
     # pyarrow says only "invalid UTF8 data"; the byte is found in the file itself
     table = tmp_path / "list.csv"

@@ -286,7 +286,8 @@ def read_table(
     labels = class_names = None
     if label_column and label_column in table.column_names:
         values = table.column(label_column).to_pylist()
-        missing = [row + 1 for row, v in enumerate(values) if v is None]
+        # an empty cell of a column of names is read as "": no class, like an empty number's None
+        missing = [row + 1 for row, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
         if missing:
             raise InputError(f"{path}: rows {missing[:5]} have no {label_column!r}; fill them or drop the rows")
         numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -126,6 +126,14 @@ def test_a_tar_cut_where_no_data_is_missing_is_truncated_too(tmp_path, where):
     assert seen == ["000", "001"] and error.value.samples == 2
 
 
+def test_an_empty_shard_is_said_to_be_empty(tmp_path):
+    (tmp_path / "0.tar").write_bytes(b"")
+    with pytest.raises(ShardReadError, match=r"unreadable after 0 samples \(TruncatedTarError: the file is empty"):
+        list(read_tar_samples(tmp_path / "0.tar"))
+    with pytest.raises(ShardReadError, match=r"the file is empty"):
+        list(read_tar_samples("pipe:true"))
+
+
 def test_a_whole_tar_reads_to_its_end_without_error(tmp_path):
     shard = write_tar_shard(tmp_path / "0.tar", [{"key": f"{i:03d}", "txt": f"caption {i}"} for i in range(4)])
     assert [sample.key for sample in read_tar_samples(shard)] == ["000", "001", "002", "003"]

@@ -227,6 +227,15 @@ class _EndCheckingTarInfo(tarfile.TarInfo):
             raise TruncatedTarError("the file ends without the end-of-archive blocks, at or inside a member header "
                                 "(a truncated download?)") from None
 
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except TruncatedTarError:
+            if tar.fileobj.tell() == 0:  # not one byte came
+                raise TruncatedTarError("the file is empty (a download that stopped before its first byte?)") from None
+            raise
+
 
 def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     """Samples of a webdataset shard, in tar order (streamed, compressed tars included);

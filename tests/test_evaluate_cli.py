@@ -153,6 +153,23 @@ def test_classification_on_embedding_folders(tmp_path):
     assert "| linear probe | 100.00 |" in (out / "metrics.md").read_text()
 
 
+def test_classification_whose_test_classes_are_none_of_the_train_classes_is_refused(tmp_path, capsys):
+    """A test folder labelled with class names against a train folder labelled with numbers (as an
+    older unicom embed stored a list's names): no prediction can be right; an error naming both
+    folders and their classes, not a report of 0 % accuracy."""
+    x, labels = clustered(60, 16, 2, 0.6, seed=4)
+    names = [["cat", "owl"][label] for label in labels.tolist()]
+    embedding_folder(tmp_path / "train", x[:40], [f"a{i}" for i in range(40)], labels[:40].tolist())
+    embedding_folder(tmp_path / "test", x[40:], [f"b{i}" for i in range(20)], names[40:])
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), "--train-embeddings", str(tmp_path / "train"),
+                 "--task", "classification", "--knn-k", "5", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert (f"{tmp_path / 'test'}: none of its 2 test classes (e.g. cat, owl) is a class of the train split "
+            f"{tmp_path / 'train'} (e.g. 0, 1)") in error
+    assert not out.exists()
+
+
 def test_bad_input_is_reported_and_nothing_is_written(tmp_path, capsys):
     x, _ = clustered(10, 8, 2, 0.5, seed=5)
     embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(10)])  # no labels anywhere

@@ -451,6 +451,7 @@ def evaluate_embedding_folders(
             raise InputError("classification needs --train-embeddings (the train split) besides --embeddings (the test split)")
         train_x, train_metadata = read_embedding_folder(train_embeddings)
         train_y = labels_of(train_metadata, train_embeddings, labels)
+        _require_shared_classes(train_y, y, train_embeddings, embeddings)
         train_y, y = _shared_ids(train_y, y)
         return evaluate_classification(train_x, train_y, x, y, probe=probe, knn=knn, knn_k=knn_k,
                                        temperature=temperature, out=out, info=info)
@@ -469,6 +470,19 @@ def evaluate_embedding_folders(
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
                               exclude_classes=exclude_classes)
+
+
+def _require_shared_classes(train_y, test_y, train_root, test_root) -> None:
+    """Refuse a test split none of whose classes the train split has: every prediction would be
+    wrong and the scores 0 (a folder of class names against one of numbers, as an older unicom
+    embed stored a list's names)."""
+    train, test = {str(v) for v in np.asarray(train_y).tolist()}, {str(v) for v in np.asarray(test_y).tolist()}
+    if train.isdisjoint(test):
+        raise InputError(
+            f"{test_root}: none of its {len(test)} test classes (e.g. {', '.join(sorted(test)[:3])}) is a class of the "
+            f"train split {train_root} (e.g. {', '.join(sorted(train)[:3])}); give both splits the same labels (a "
+            f"folder that an older unicom embed made from a list holds numbers for the list's class names: embed it "
+            f"again, or give --labels)")
 
 
 def _shared_ids(*label_arrays):

@@ -377,8 +377,9 @@ def describe(error: BaseException, location=None) -> str:
         status = http_status(error)
         phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
         return f"refused (HTTP {status} {phrase})".replace(" )", ")")
-    if isinstance(error, FileNotFoundError) and http_status(error) is not None:  # fsspec's wrapper: say the answer
-        return describe(error.__cause__, location)
+    cause = error.__cause__
+    if isinstance(error, FileNotFoundError) and cause is not None and http_status(cause) is not None:
+        return describe(cause, location)  # fsspec's wrapper of a failed request: say the answer
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if location is not None:
         message = message.replace(text(location), "").strip(" :")
@@ -388,14 +389,16 @@ def describe(error: BaseException, location=None) -> str:
 
 def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, missing_is_final: bool = False) -> T:
     """``call()``, tried again after transient failures; :class:`FetchError` when every
-    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once, and a
-    404 of another type (an hf:// file's) at once as a :class:`FetchError` (``missing``)."""
+    attempt failed. ``missing_is_final``: a ``FileNotFoundError`` is raised at once (not
+    fsspec's one raised from a 5xx or 429, which is retried), and a 404 of another type (an
+    hf:// file's) at once as a :class:`FetchError` (``missing``)."""
     policy = policy or retries()
     for attempt in range(1, policy.attempts + 1):
         try:
             return call()
         except Exception as error:
-            if (missing_is_final and isinstance(error, FileNotFoundError) and _not_found(error)) or not transient(error):
+            missing = isinstance(error, FileNotFoundError) and _not_found(error)
+            if (missing_is_final and missing) or not transient(error):
                 if _refused(error):  # one error line, whatever type the client raised it as
                     raise FetchError(text(location), describe(error, location), attempt) from error
                 raise

@@ -126,6 +126,64 @@ def test_an_s3_store_that_refuses_the_credentials_is_one_error_naming_the_url(s3
     assert str(error.value) == "s3://refusing/shard.tar: refused (HTTP 403 Forbidden)" and not error.value.missing
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_existence_check_is_an_error_naming_the_status_not_a_missing_file(tmp_path, fast_retries, status):
+    """fsspec's HTTP filesystem answers "no" to exists/is_file for any failed request: an
+    expired signed URL was reported as a list or folder that is not there."""
+    (tmp_path / "list.csv").write_text("path\na.jpg\n")
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/list.csv"
+        server.fault("list.csv", status=status, statuses=100)
+        for question in (storage.exists, storage.is_file):
+            with pytest.raises(storage.FetchError) as error:
+                question(url)
+            assert str(error.value).startswith(f"{url}: refused (HTTP {status} ")
+            assert "fresh signed URL" in str(error.value) and not error.value.missing
+        assert not storage.is_file(f"{server.url}/absent.csv") and not storage.exists(f"{server.url}/absent.csv")
+
+
+def test_an_existence_check_that_meets_only_server_errors_is_retried_then_an_error(tmp_path, fast_retries):
+    (tmp_path / "list.csv").write_text("path\na.jpg\n")
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/list.csv"
+        server.fault("list.csv", status=503, statuses=2)
+        assert storage.is_file(url)  # busy twice, then there
+        server.fault("list.csv", status=500, statuses=1000)
+        with pytest.raises(storage.FetchError) as error:
+            storage.is_file(url)
+        assert "500" in error.value.reason and error.value.attempts == 4 and not error.value.missing
+
+
+def test_an_input_list_behind_an_expired_signed_url_is_reported_as_refused(tmp_path, capsys, fast_retries):
+    from unicom.cli import main
+
+    (tmp_path / "list.csv").write_text("path,label\na.jpg,0\n")
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/list.csv"
+        server.fault("list.csv", status=403, statuses=100)
+        code = main(["embed", "--input", url, "--out", str(tmp_path / "out"), "--model", "timm/test_vit"])
+    error = capsys.readouterr().err
+    assert code == 1 and error.startswith(f"unicom embed: error: {url}: refused (HTTP 403 Forbidden); ")
+    assert "not found" not in error
+
+
+def test_an_s3_key_the_credentials_may_not_see_is_refused_not_missing(s3, monkeypatch):
+    """S3 answers 403, not 404, for a missing key to credentials that may not list the
+    bucket: the check says so instead of "not found"."""
+    import moto.settings
+
+    s3.bucket("policy")
+    s3.put("policy", "emb/img_emb/img_emb_0.npy", b"x")
+    assert not storage.is_file("s3://policy/emb/absent.csv") and not storage.exists("s3://policy/emb/absent.csv")
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the credentials are checked: unknown
+    for location, question in [("s3://policy/emb/absent.csv", storage.is_file), ("s3://policy/emb", storage.is_file),
+                               ("s3://policy/emb", storage.exists), ("s3://policy", storage.exists)]:
+        with pytest.raises(storage.FetchError) as error:
+            question(location)
+        assert str(error.value).startswith(f"{location}: refused (HTTP 403 Forbidden); S3 refused the request")
+        assert "S3 answers 403 for a missing key" in str(error.value)
+
+
 def test_a_url_that_stays_unreachable_is_one_error_line_not_a_traceback(tmp_path, capsys, fast_retries):
     from support import free_port
 

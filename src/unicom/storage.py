@@ -415,10 +415,50 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
 
 def _ask(location, question: str) -> bool:
     """``exists``, ``is_file`` or ``is_dir`` of ``location``: pathlib's for a local path,
-    the filesystem's (retried) for a URL."""
+    the filesystem's (retried) for a URL, a :class:`FetchError` when the store refused to
+    answer (HTTP 401, 403, …) or kept failing (a 5xx), not False."""
     if not is_url(location):
         return getattr(_local(location), question)()
-    return retrying(location, getattr(path(location), question))
+    ask = getattr(path(location), question)
+    try:
+        answer = retrying(location, ask)
+        if not answer and _there(location):  # "no" may have been a failed request that has since passed
+            answer = retrying(location, ask)
+        return answer
+    except FetchError as error:
+        if error.__cause__ is not None and _refused(error.__cause__):
+            raise FetchError(error.location, f"{error.reason}; {_refusal_advice(location)}") from error.__cause__
+        raise
+
+
+def _there(location) -> bool:
+    """Whether the store has something at ``location`` (False: it says it has not); a
+    :class:`FetchError` when it refused to say or kept failing. fsspec's HTTP and S3
+    filesystems answer "no" to ``exists``/``is_file`` for any failed request: an expired
+    signed URL, a bucket policy that refuses or a server error must not read as a missing file."""
+    target = path(location)
+    try:
+        retrying(location, lambda: target.fs.info(target.path), missing_is_final=True)
+    except FetchError as error:
+        if not error.missing:
+            raise
+        return False
+    except Exception:  # FileNotFoundError (not there), or a question the store cannot answer: the "no" stands
+        return False
+    return True
+
+
+def _refusal_advice(location) -> str:
+    """What to do about a store that refused to say whether ``location`` exists."""
+    scheme = protocol(location)
+    if scheme in READ_ONLY:
+        return ("the server refused the request: give a fresh signed URL if this one has expired, or the credentials "
+                "it needs (--storage-options, e.g. '{\"headers\": {\"Authorization\": \"…\"}}')")
+    if scheme in ("s3", "s3a"):
+        return ("S3 refused the request: check the credentials (AWS_* variables, --storage-options) and the bucket "
+                "policy, and that the key exists (S3 answers 403 for a missing key to credentials that may not list "
+                "the bucket)")
+    return "the store refused the request: check the credentials (--storage-options) and that the location exists"
 
 
 def exists(location) -> bool:

@@ -150,3 +150,49 @@ def test_exported_folder_loads_through_unicom_load(tmp_path):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _edit_config(folder, **changes):
+    path = folder / export.CONFIG_NAME
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_recorded_embedding_dim_the_network_does_not_give_is_refused_naming_both(tmp_path):
+    """The recorded size is what an encoder reports (an index, a search compare against it):
+    a folder whose json says 512 while its weights give 24 dimensions is another model."""
+    export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    path = _edit_config(tmp_path / "m", embedding_dim=512)
+    with pytest.raises(InputError) as error:
+        load_encoder(str(tmp_path / "m"))
+    assert str(error.value).startswith(f"{path}: records embedding_dim 512, but its network (unicom_vit ")
+    assert "gives 24-dimensional embeddings; set \"embedding_dim\": 24 in the file" in str(error.value)
+    _edit_config(tmp_path / "m", embedding_dim=24)
+    assert load_encoder(str(tmp_path / "m")).embedding_dim == 24
+
+
+@pytest.mark.parametrize("arch", ["unicom_vit", "clip_vit"])
+def test_a_preprocess_size_the_network_does_not_take_is_refused_on_load(tmp_path, arch):
+    """It was an error at the first batch, telling the user to use the transform returned
+    with the model, which was the one at fault."""
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    settings = TINY if arch == "unicom_vit" else ClipViTSettings(image_size=32, patch_size=16, width=64, depth=1,
+                                                                 heads=1, embedding_dim=24)
+    model = random_unicom_vit(TINY) if arch == "unicom_vit" else ClipViT(settings)
+    export.save_model(tmp_path / "m", model, arch, settings, clip_preprocess(32))
+    path = _edit_config(tmp_path / "m", preprocess={"size": 48})
+    with pytest.raises(InputError) as error:
+        export.load_model(tmp_path / "m")
+    assert str(error.value) == (
+        f"{path}: its preprocess gives 48x48 images, but its network ({arch}) is built for settings.image_size 32 and "
+        "does not take them; set the preprocess's \"size\" to 32 (a resize_size above it keeps a centre crop)")
+    _edit_config(tmp_path / "m", preprocess={"size": 32, "resize_size": 40})
+    _, transform = export.load_model(tmp_path / "m")
+    assert transform(Image.new("RGB", (50, 60))).shape == (3, 32, 32)

@@ -294,7 +294,37 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     config = read_config(folder)
     architecture = _architecture(config)
     model = instantiate(architecture.build, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME))
+    _check_recorded(config, model, architecture, Path(folder) / CONFIG_NAME)
     return model.to(device), build_transform(config["preprocess"])
+
+
+def _check_recorded(config: Mapping[str, Any], model: nn.Module, architecture, path: Path) -> None:
+    """Refuse a ``unicom_model.json`` whose ``embedding_dim`` is not the size of the
+    network's output, or whose ``preprocess`` gives images of a size the network (built
+    for ``settings.image_size``) does not take: the folder would describe another model
+    than the one its weights make (an index or a search would expect the recorded size; the
+    first batch would fail)."""
+    arch, recorded = config["architecture"], config["embedding_dim"]
+    network = getattr(model, "embedding_dim", None)
+    if isinstance(network, int) and network != recorded:
+        raise InputError(
+            f"{path}: records embedding_dim {recorded}, but its network ({arch} with the recorded settings and the "
+            f"weights of {WEIGHTS_NAME}) gives {network}-dimensional embeddings; set \"embedding_dim\": {network} in "
+            f"the file (or export the model again)"
+        )
+    settings, size = config["settings"], config["preprocess"].get("size")
+    image_size = settings.get("image_size")
+    if not isinstance(image_size, int) or not isinstance(size, int) or size == image_size:
+        return
+    try:
+        with torch.device("meta"):
+            architecture.build(settings)(torch.empty(1, int(settings.get("in_chans", 3)), size, size))
+    except Exception as error:
+        raise InputError(
+            f"{path}: its preprocess gives {size}x{size} images, but its network ({arch}) is built for "
+            f"settings.image_size {image_size} and does not take them; set the "
+            f"preprocess's \"size\" to {image_size} (a resize_size above it keeps a centre crop)"
+        ) from error
 
 
 __all__ = [

@@ -207,6 +207,39 @@ def test_pipe_streams_the_command_output_and_a_failing_command_is_a_fetch_error(
             stream.read()
 
 
+@pytest.mark.parametrize("make, status, said", [
+    (lambda folder: "no_such_program_for_unicom", 127, "was not found"),
+    (lambda folder: _not_executable(folder), 126, "cannot be executed"),
+], ids=["not found", "not executable"])
+def test_a_pipe_command_that_cannot_run_is_final_at_once_naming_it_and_what_the_shell_said(
+        tmp_path, fast_retries, make, status, said):
+    program = make(tmp_path)
+    location = f"pipe:{program} s3://bucket/00001.tar"
+    for read in (lambda: storage.open_stream(location).read(), lambda: storage.read_bytes(location)):
+        with pytest.raises(storage.FetchError) as error:
+            read()
+        assert error.value.attempts == 1 and not error.value.missing
+        assert str(error.value).startswith(f"{location}: the command {program!r} {said} (exit status {status}: ")
+        assert f"{program}: " in error.value.reason  # the shell's own words
+        assert error.value.reason.endswith("fix the command after pipe: (its path, its execute permission, the PATH)")
+
+
+def _not_executable(folder) -> str:
+    script = folder / "fetch.sh"
+    script.write_text("#!/bin/sh\ncat \"$1\"\n")
+    script.chmod(0o644)
+    return str(script)
+
+
+def test_a_pipe_command_that_fails_for_another_reason_is_tried_again(tmp_path, fast_retries):
+    """A network copy (curl, aws s3 cp … -) that fails once may pass the next time."""
+    (tmp_path / "x.tar").write_bytes(b"shard bytes")
+    marker = tmp_path / "failed-once"
+    command = f"pipe:if [ -e {marker} ]; then cat {tmp_path / 'x.tar'}; else touch {marker}; exit 1; fi"
+    with storage.open_stream(command) as stream:
+        assert stream.read() == b"shard bytes"
+
+
 def test_remote_array_reads_rows_as_a_memory_map_would(s3, tmp_path):
     bucket = s3.bucket("arrays")
     array = np.random.default_rng(0).standard_normal((257, 7)).astype(np.float16)

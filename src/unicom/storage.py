@@ -348,7 +348,7 @@ def transient(error: BaseException) -> bool:
     found (yet), a server error or too many requests; not a refused permission (HTTP 401,
     403, 410, …), a wrong kind of file or a missing package."""
     if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError, InputError, ImportError,
-                          NotImplementedError, FetchError)):
+                          NotImplementedError, FetchError, PipeCommandError)):
         return False
     if _refused(error):
         return False
@@ -380,6 +380,8 @@ def describe(error: BaseException, location=None) -> str:
     cause = error.__cause__
     if isinstance(error, FileNotFoundError) and cause is not None and http_status(cause) is not None:
         return describe(cause, location)  # fsspec's wrapper of a failed request: say the answer
+    if isinstance(error, PipeCommandError):
+        return str(error)  # what the shell said may take several lines
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if location is not None:
         message = message.replace(text(location), "").strip(" :")
@@ -878,8 +880,18 @@ def open_stream(location, *, read_ahead: int = READ_AHEAD, missing_is_final: boo
     return io.BufferedReader(raw, buffer_size=CHUNK)
 
 
+# the shell's exit statuses for a command that cannot run at all: asking again gives the same answer
+_CANNOT_RUN = {126: "cannot be executed", 127: "was not found"}
+
+
+class PipeCommandError(OSError):
+    """A ``pipe:`` command that cannot run (the shell's exit status 126 or 127): final, not
+    retried as the other non-zero exits of a network copy (``curl``, ``aws s3 cp … -``) are."""
+
+
 class _PipeProcess:
-    """A running ``pipe:`` command: its output as a file; a non-zero exit is an error at the end."""
+    """A running ``pipe:`` command: its output as a file; a non-zero exit is an error at the end
+    (:class:`PipeCommandError` for a command that cannot run)."""
 
     def __init__(self, command: str):
         self.command = command
@@ -893,7 +905,12 @@ class _PipeProcess:
             if code != 0:
                 self.errors.seek(0)
                 tail = self.errors.read()[-500:].decode("utf-8", "replace").strip()
-                raise OSError(f"the command exited with status {code}" + (f": {tail}" if tail else ""))
+                said = f": {tail}" if tail else ""
+                if code in _CANNOT_RUN:
+                    program = self.command.split(maxsplit=1)[0] if self.command.strip() else self.command
+                    raise PipeCommandError(f"the command {program!r} {_CANNOT_RUN[code]} (exit status {code}{said}); "
+                                           "fix the command after pipe: (its path, its execute permission, the PATH)")
+                raise OSError(f"the command exited with status {code}" + said)
         return data
 
     def close(self) -> None:

@@ -157,6 +157,33 @@ def test_wrapper_prefix_and_absent_batch_counters_are_accepted(model, tmp_path, 
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod."])
+def test_compiled_and_wrapped_compiled_modules_load(model, tmp_path, prefix):
+    torch.save({prefix + key: value for key, value in model.state_dict().items()}, tmp_path / "compiled.pt")
+    loaded, _ = unicom.load(str(tmp_path / "compiled.pt"))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["state_dict_ema", "model_ema", "ema"])
+def test_a_checkpoint_holding_only_its_moving_average_loads_that(model, tmp_path, key):
+    torch.save({key: model.state_dict(), "epoch": 3}, tmp_path / "ema.pt")
+    loaded, _ = unicom.load(str(tmp_path / "ema.pt"))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_trained_weights_are_preferred_to_their_moving_average(model, tmp_path):
+    average = {key: torch.zeros_like(value) for key, value in model.state_dict().items()}
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": average}, tmp_path / "both.pt")
+    loaded, _ = unicom.load(str(tmp_path / "both.pt"))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 class _Payload:
     """Unpickling this would create a file: the loader must refuse before that happens."""
 

@@ -22,14 +22,25 @@ from unicom.errors import InputError
 # Keys that a state dict may omit: BatchNorm's batch counter does not change any output.
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
 
+# Keys under which a training checkpoint keeps its weights, in order of preference: the
+# trained weights first (as timm's load_checkpoint does by default), the exponential
+# moving average when a checkpoint holds only that (timm's state_dict_ema, DeiT's model_ema).
+WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "ema")
+
+# Prefixes carried by every key of a wrapped module's state dict: DistributedDataParallel
+# or DataParallel (module.), torch.compile (_orig_mod.), a fine-tuning wrapper (model.).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, read safely (no arbitrary unpickling).
 
     ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``. A dict that wraps the weights under ``state_dict``
-    or ``model`` is unwrapped, and a prefix carried by every key (``module.`` from
-    DistributedDataParallel, ``model.`` from the public fine-tuning script) is removed.
+    ``torch.load(weights_only=True)``. A dict that wraps the weights under one of
+    :data:`WRAPPER_KEYS` is unwrapped (the first present), and the prefixes of
+    :data:`WRAPPER_PREFIXES` carried by every key (``module.`` from
+    DistributedDataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from the public
+    fine-tuning script) are removed, nested ones too (``module._orig_mod.``).
     """
     path = Path(path)
     if not path.is_file():
@@ -73,16 +84,18 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
-            raise InputError(f"{path}: expected a state dict (key -> tensor); found keys {sorted(map(str, obj))[:10]}")
+            raise InputError(
+                f"{path}: expected a state dict (key -> tensor), or one under {', '.join(WRAPPER_KEYS)}; "
+                f"found keys {sorted(map(str, obj))[:10]}"
+            )
         obj = inner
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{path}: expected a non-empty state dict (key -> tensor), got {type(obj).__name__}")
     state_dict = dict(obj)
-    for prefix in ("module.", "model."):
-        if all(key.startswith(prefix) for key in state_dict):
-            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state_dict)), None):
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
     return state_dict
 
 
@@ -144,4 +157,4 @@ def instantiate(
     return model.eval()
 
 
-__all__ = ["OPTIONAL_KEY_SUFFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict", "unpickling_refused"]
+__all__ = ["OPTIONAL_KEY_SUFFIXES", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict", "unpickling_refused"]

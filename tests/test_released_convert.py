@@ -83,3 +83,18 @@ def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys
     assert main(["convert", "unicom-to-released", str(tmp_path / "m"), str(tmp_path / "out.pt")]) == 2
     assert "architecture 'linear' has no released-checkpoint form" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_model_folder_is_not_written_over_a_file(released_file, tmp_path, capsys):
+    (tmp_path / "taken").write_bytes(b"a file")
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "taken"), "--overwrite"]) == 2
+    assert "taken: is a file; a model is written as a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_bytes() == b"a file"
+
+
+def test_a_released_file_is_not_written_over_a_folder(released_file, tmp_path, capsys):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    (tmp_path / "out").mkdir()
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "out: is a folder; the released format is one file" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

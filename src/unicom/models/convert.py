@@ -48,6 +48,9 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
     """
     from unicom.models.export import read_config, read_weights
 
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; the released format is one file, give a file path (e.g. {path / 'model.pt'})")
     config = read_config(folder)
     if config["architecture"] != ARCHITECTURE:
         raise InputError(
@@ -58,7 +61,6 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
         order = list(build_unicom_vit(config["settings"]).state_dict())
     keys = [k for k in order if k in tensors] + [k for k in tensors if k not in order]
     state_dict = {k: tensors[k].to(dtype) if dtype is not None and tensors[k].is_floating_point() else tensors[k] for k in keys}
-    path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state_dict, tmp)
     return path

@@ -153,6 +153,9 @@ def save_model(
     into the architecture built with ``settings``. The weights are written first, then
     timm's ``config.json`` (architectures timm can build), the JSON last.
     """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file; a model is written as a folder ({CONFIG_NAME} + {WEIGHTS_NAME}), give a folder path")
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)
     settings = dict(settings)
@@ -192,7 +195,6 @@ def save_model(
     if timm_form:
         tensors = timm_form.to_timm(tensors)
         timm_config = timm_form.config(settings, embedding_dim, timm_data_config(preprocess))
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     replacing = (folder / CONFIG_NAME).exists()
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the JSON is back

@@ -127,6 +127,29 @@ def test_newer_format_version_asks_for_an_upgrade(tmp_path, toy_architecture):
         export.load_model(tmp_path / "toy")
 
 
+def _edit_settings(folder, **changes):
+    path = folder / "unicom_model.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **changes}))
+    return config
+
+
+def test_a_setting_this_unicom_does_not_know_is_refused_naming_the_folders_json(tmp_path):
+    export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    config = _edit_settings(tmp_path / "m")
+    _edit_settings(tmp_path / "m", settings={**config["settings"], "register_tokens": 4})
+    with pytest.raises(InputError) as error:
+        export.load_model(tmp_path / "m")
+    assert str(error.value).startswith(f"{tmp_path / 'm' / 'unicom_model.json'} 'settings': unknown ViT setting(s) ['register_tokens']")
+
+
+def test_an_embedding_dim_the_settings_do_not_build_is_refused(tmp_path):
+    export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    _edit_settings(tmp_path / "m", embedding_dim=32)
+    with pytest.raises(InputError, match=r"unicom_model.json: embedding_dim 32 but its settings build a model with 24-d"):
+        export.load_model(tmp_path / "m")
+
+
 def test_bad_preprocess_names_the_field(tmp_path, toy_architecture):
     with pytest.raises(InputError, match=r"resize_mode='crop'"):
         export.save_model(tmp_path / "toy", MeanColour(2), "mean_colour", {"dim": 2}, {**SQUASH, "resize_mode": "crop"})

@@ -295,7 +295,17 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     weights on ``device``, and its PIL -> tensor preprocessing."""
     config = read_config(folder)
     architecture = _architecture(config)
-    model = instantiate(architecture.build, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME))
+    config_path = Path(folder) / CONFIG_NAME
+    model = instantiate(
+        architecture.build, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME),
+        settings_source=f"{config_path} 'settings'",
+    )
+    built_dim = getattr(model, "embedding_dim", None)
+    if isinstance(built_dim, int) and built_dim != config["embedding_dim"]:
+        raise InputError(
+            f"{config_path}: embedding_dim {config['embedding_dim']} but its settings build a model with "
+            f"{built_dim}-d embeddings; set \"embedding_dim\": {built_dim}"
+        )
     return model.to(device), build_transform(config["preprocess"])
 
 

@@ -132,15 +132,21 @@ def instantiate(
     state_dict: Mapping[str, torch.Tensor],
     source: str,
     dtype: torch.dtype = torch.float32,
+    settings_source: str | None = None,
 ) -> nn.Module:
     """``builder(settings)`` with ``state_dict`` loaded strictly, floats cast to ``dtype``, in eval mode.
 
     The module is first built on the meta device, which skips the random initialisation
     of weights that are about to be replaced (up to 900M parameters for L/14@336px).
     A module that keeps tensors outside its state dict is built again normally.
+    Settings the builder refuses are an :class:`InputError` naming ``settings_source``
+    (default ``source``), where they were read.
     """
-    with torch.device("meta"):
-        model = builder(settings)
+    try:
+        with torch.device("meta"):
+            model = builder(settings)
+    except InputError as error:
+        raise InputError(f"{settings_source or source}: {error}") from error
     expected = model.state_dict()
     check_state_dict(expected, state_dict, source)
     tensors = {}

@@ -98,3 +98,35 @@ def test_a_released_file_is_not_written_over_a_folder(released_file, tmp_path, c
     assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out"), "--overwrite"]) == 2
     assert "out: is a folder; the released format is one file" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _killed_while_writing(script: str) -> None:
+    """Run ``script`` in a Python process whose safetensors/torch writes are cut by kill -9
+    after their first bytes, as a machine that is shut down mid-write."""
+    import signal
+    import subprocess
+    import sys
+
+    prelude = (
+        "import os, signal, safetensors.torch, torch\n"
+        "def killed(obj, path, *args, **kwargs):\n"
+        "    with open(path, 'wb') as out:\n"
+        "        out.write(b'partial')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "safetensors.torch.save_file = killed\n"
+        "torch.save = killed\n"
+    )
+    result = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+
+
+def test_a_convert_killed_mid_write_leaves_nothing_behind_once_rerun(released_file, tmp_path):
+    model = tmp_path / "model"
+    _killed_while_writing(f"from unicom.cli import main; main(['convert', 'released-to-unicom', {str(released_file)!r}, {str(model)!r}])")
+    assert [p.name for p in model.iterdir()] != []  # the killed write's temporary file
+    assert main(["convert", "released-to-unicom", str(released_file), str(model)]) == 0
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors", "unicom_model.json"]
+
+    _killed_while_writing(f"from unicom.cli import main; main(['convert', 'unicom-to-released', {str(model)!r}, {str(tmp_path / 'back.pt')!r}])")
+    assert main(["convert", "unicom-to-released", str(model), str(tmp_path / "back.pt")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FP16-ViT-tiny.pt", "back.pt", "model"]

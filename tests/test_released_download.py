@@ -144,3 +144,45 @@ def test_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert hub.cache_dir() == tmp_path / ".cache" / "unicom"
+
+
+def test_a_download_killed_midway_leaves_nothing_behind_once_rerun(published, server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, base_url, _ = server
+    data = (folder / FILE).read_bytes()
+    requested, release = threading.Event(), threading.Event()
+
+    class Stalling(_QuietHandler):
+        def do_GET(self):  # half of the file, then nothing until the test ends
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            requested.set()
+            release.wait(60)
+
+    stalling = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=stalling.serve_forever, daemon=True).start()
+    cache = tmp_path / "cache"
+    url = f"http://127.0.0.1:{stalling.server_address[1]}/{FILE}"
+    child = subprocess.Popen([sys.executable, "-c", f"from unicom.models import hub; hub.download({url!r}, {published[0]!r}, {str(cache)!r})"])
+    try:
+        for _ in range(600):  # until the download is under way (at most a minute)
+            if requested.is_set() and any(p.name.endswith(".tmp") for p in cache.glob(".*")):
+                break
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        release.set()
+        stalling.shutdown()
+        stalling.server_close()
+    assert any(p.name.endswith(".tmp") for p in cache.iterdir())  # the killed download's part
+
+    hub.download(f"{base_url}/{FILE}", published[0], cache)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [FILE]

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, file_sha256
+from unicom.files import atomic_path, file_sha256, remove_killed_writes
 from unicom.models.registry import clip_preprocess, released_name
 from unicom.models.unicom_vit import ARCHITECTURE, ViTSettings, build_unicom_vit
 
@@ -61,6 +61,7 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
         order = list(build_unicom_vit(config["settings"]).state_dict())
     keys = [k for k in order if k in tensors] + [k for k in tensors if k not in order]
     state_dict = {k: tensors[k].to(dtype) if dtype is not None and tensors[k].is_floating_point() else tensors[k] for k in keys}
+    remove_killed_writes(path)
     with atomic_path(path) as tmp:
         torch.save(state_dict, tmp)
     return path

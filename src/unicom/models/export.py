@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, write_json_atomic
+from unicom.files import atomic_path, remove_killed_writes, write_json_atomic
 from unicom.models.registry import get_architecture
 from unicom.models.weights import check_state_dict, instantiate, read_safetensors
 
@@ -151,7 +151,8 @@ def save_model(
 
     Everything is checked before anything is written: the weights must load strictly
     into the architecture built with ``settings``. The weights are written first, then
-    timm's ``config.json`` (architectures timm can build), the JSON last.
+    timm's ``config.json`` (architectures timm can build), the JSON last; the temporary
+    files of an earlier write to ``folder`` that was killed are removed.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -200,6 +201,8 @@ def save_model(
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the JSON is back
     if replacing:
         (folder / TIMM_CONFIG_NAME).unlink(missing_ok=True)  # the replaced model's, if it had one
+    for name in (WEIGHTS_NAME, TIMM_CONFIG_NAME, CONFIG_NAME):
+        remove_killed_writes(folder / name)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     if timm_form:

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, exclusive, file_sha256
+from unicom.files import atomic_path, exclusive, file_sha256, remove_killed_writes
 
 HF_PREFIX = "hf-hub:"
 
@@ -69,6 +69,7 @@ def download(url: str, sha256: str, root: str | os.PathLike, timeout: float = 60
     with exclusive(root / f".{target.name}.lock"):  # one download per file, across processes
         if target.is_file() and target.stat().st_size and file_sha256(target) == sha256:
             return target  # another process finished it while we waited
+        remove_killed_writes(target)  # a download that was killed: as large as the part it got
         _fetch(url, sha256, target, timeout, where)
     return target
 

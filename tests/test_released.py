@@ -19,6 +19,7 @@ from unicom.models.encoders import Encoder, load_encoder
 from unicom.models.export import build_transform
 from unicom.models.registry import MODELS, available_models, clip_preprocess
 from unicom.models.unicom_vit import UnicomViT, ViTSettings, infer_settings
+from unicom.models.weights import read_state_dict
 
 # 48 px, patch 16 -> 9 tokens of width 128 (two 64-d heads), 2 blocks, 32-d embeddings
 TINY = ViTSettings(image_size=48, patch_size=16, width=128, depth=2, heads=2, mlp_dim=512, embedding_dim=32)
@@ -175,13 +176,17 @@ def test_a_checkpoint_holding_only_its_moving_average_loads_that(model, tmp_path
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_the_trained_weights_are_preferred_to_their_moving_average(model, tmp_path):
-    average = {key: torch.zeros_like(value) for key, value in model.state_dict().items()}
-    torch.save({"state_dict": model.state_dict(), "state_dict_ema": average}, tmp_path / "both.pt")
-    loaded, _ = unicom.load(str(tmp_path / "both.pt"))
-    x = images()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("keys", [("state_dict", "state_dict_ema"), ("model", "model_ema"), ("state_dict", "model_ema")])
+def test_the_moving_average_is_preferred_to_the_trained_weights_as_timm_does(model, tmp_path, keys):
+    from timm.models import load_state_dict
+
+    trained, average = keys
+    halved = {key: value / 2 if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    torch.save({trained: model.state_dict(), average: halved, "epoch": 3}, tmp_path / "both.pt")
+    loaded = read_state_dict(tmp_path / "both.pt")
+    by_timm = load_state_dict(str(tmp_path / "both.pt"), weights_only=True)
+    assert sorted(loaded) == sorted(by_timm) == sorted(halved)
+    assert all(torch.equal(loaded[key], halved[key]) and torch.equal(by_timm[key], halved[key]) for key in halved)
 
 
 class _Payload:

@@ -22,10 +22,11 @@ from unicom.errors import InputError
 # Keys that a state dict may omit: BatchNorm's batch counter does not change any output.
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
 
-# Keys under which a training checkpoint keeps its weights, in order of preference: the
-# trained weights first (as timm's load_checkpoint does by default), the exponential
-# moving average when a checkpoint holds only that (timm's state_dict_ema, DeiT's model_ema).
-WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "ema")
+# Keys under which a training checkpoint keeps its weights, in order of preference, as
+# timm's load_state_dict / load_checkpoint take them by default: the exponential moving
+# average (timm's state_dict_ema, DeiT's model_ema), then the trained weights; a bare
+# "ema" (which timm does not read) only when nothing else is there.
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "ema")
 
 # Prefixes carried by every key of a wrapped module's state dict: DistributedDataParallel
 # or DataParallel (module.), torch.compile (_orig_mod.), a fine-tuning wrapper (model.).
@@ -37,7 +38,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)``. A dict that wraps the weights under one of
-    :data:`WRAPPER_KEYS` is unwrapped (the first present), and the prefixes of
+    :data:`WRAPPER_KEYS` is unwrapped (the first present: the moving average when there
+    is one, as timm does), and the prefixes of
     :data:`WRAPPER_PREFIXES` carried by every key (``module.`` from
     DistributedDataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from the public
     fine-tuning script) are removed, nested ones too (``module._orig_mod.``).

@@ -72,6 +72,18 @@ def test_existing_outputs_are_not_replaced_without_overwrite(released_file, tmp_
     assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model"), "--overwrite"]) == 0
 
 
+def test_another_projects_weights_in_the_output_are_not_replaced_without_overwrite(released_file, tmp_path, capsys):
+    timm_folder = tmp_path / "timm-model"
+    timm_folder.mkdir()
+    (timm_folder / "config.json").write_text('{"architecture": "vit_base_patch16_224"}')
+    (timm_folder / "model.safetensors").write_bytes(b"their weights")
+    assert main(["convert", "released-to-unicom", str(released_file), str(timm_folder)]) == 2
+    assert "holds a model.safetensors without unicom_model.json" in capsys.readouterr().err
+    assert (timm_folder / "model.safetensors").read_bytes() == b"their weights"
+    assert main(["convert", "released-to-unicom", str(released_file), str(timm_folder), "--overwrite"]) == 0
+    assert sorted(p.name for p in timm_folder.iterdir()) == ["model.safetensors", "unicom_model.json"]  # no stale timm config
+
+
 def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys):
     from torch import nn
 

@@ -47,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     if args.direction == "released-to-unicom":
         if (args.output / export.CONFIG_NAME).exists() and not args.overwrite:
             raise InputError(f"{args.output} already holds a model; pass --overwrite to replace it")
+        if (args.output / export.WEIGHTS_NAME).exists() and not args.overwrite:
+            raise InputError(
+                f"{args.output} holds a {export.WEIGHTS_NAME} without {export.CONFIG_NAME} (another project's model, "
+                "such as a timm folder, or a write that was killed); pass --overwrite to replace it"
+            )
         folder = convert.released_to_unicom(args.source, args.output, arch=args.arch, download_root=args.download_root)
         config = export.read_config(folder)
         settings = config["settings"]

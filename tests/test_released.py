@@ -207,6 +207,14 @@ def test_files_with_python_objects_are_refused_without_running_them(model, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kept", [0, 5000])
+def test_a_file_cut_short_says_so_with_its_size(model, tmp_path, kept):
+    torch.save(model.state_dict(), tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:kept])
+    with pytest.raises(InputError, match=f"cut.pt: not a readable PyTorch checkpoint .*its {kept} bytes may be cut short"):
+        unicom.load(str(tmp_path / "cut.pt"))
+
+
 def test_damaged_file_is_reported_as_unreadable(tmp_path):
     (tmp_path / "damaged.pt").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(InputError, match="damaged.pt: not a readable PyTorch checkpoint"):

@@ -58,8 +58,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as error:
         raise unpickling_refused(path, error) from error
-    except Exception as error:  # a damaged or foreign file: torch raises many types
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    except Exception as error:  # a damaged or foreign file: torch raises many types (EOFError, OSError EINVAL, ...)
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}); its {path.stat().st_size} "
+            "bytes may be cut short or damaged (copy or download it again), or another format"
+        ) from error
     return _tensor_dict(obj, path)
 
 

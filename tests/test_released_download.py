@@ -128,6 +128,16 @@ def test_mirror_from_the_environment_replaces_the_release_host(published, server
     assert server[2] == [f"/{FILE}"]
 
 
+@pytest.mark.parametrize("as_url", [False, True])
+def test_a_mirror_on_a_shared_disk_is_given_as_its_folder_or_file_url(published, server, monkeypatch, tmp_path, as_url):
+    monkeypatch.setitem(MODELS, "tiny", tiny_release(f"https://invalid.example/tiny/{FILE}", published[0]))
+    mirror = server[0]
+    monkeypatch.setenv("UNICOM_BASE_URL", mirror.as_uri() if as_url else str(mirror))
+    unicom.load("tiny", download_root=tmp_path / "cache")
+    assert (tmp_path / "cache" / FILE).read_bytes() == (mirror / FILE).read_bytes()
+    assert server[2] == []  # read from the disk, not over HTTP
+
+
 def test_release_urls_default_to_the_official_host(monkeypatch):
     monkeypatch.delenv("UNICOM_BASE_URL", raising=False)
     assert hub.weights_url("ViT-L/14@336px") == (

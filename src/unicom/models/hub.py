@@ -5,7 +5,7 @@ Released weights (a :class:`~unicom.models.registry.ModelCfg` with ``url`` and `
 * cache: ``download_root``, else ``$UNICOM_CACHE``, else ``$XDG_CACHE_HOME/unicom``, else
   ``~/.cache/unicom``;
 * source: the URL of the registry entry, or ``$UNICOM_BASE_URL/<file name>`` (a mirror:
-  ``https://…``, or ``file:///…`` for a shared disk);
+  ``https://…``, or a folder or ``file:///…`` on a shared disk);
 * ``UNICOM_OFFLINE=1`` never touches the network: a cached file loads, a missing one is
   an error that says where to put it.
 
@@ -99,11 +99,14 @@ def _fetch(url: str, sha256: str, target: Path, timeout: float, where: str) -> N
 
 def weights_url(name: str, base_url: str | None = None) -> str:
     """The URL of a registered model's weights: ``base_url`` or ``$UNICOM_BASE_URL`` + file
-    name (a mirror holding the files side by side), else the URL in the registry."""
+    name (a mirror holding the files side by side: a URL, or a local folder taken as its
+    ``file://`` URL), else the URL in the registry."""
     from unicom.models.registry import model_cfg
 
     cfg = model_cfg(name)
     base = base_url or os.environ.get("UNICOM_BASE_URL")
+    if base and "://" not in base:  # a folder on a shared disk
+        base = Path(base).expanduser().resolve().as_uri()
     return f"{base.rstrip('/')}/{cfg.file_name}" if base else cfg.url
 
 

@@ -84,6 +84,16 @@ def test_another_projects_weights_in_the_output_are_not_replaced_without_overwri
     assert sorted(p.name for p in timm_folder.iterdir()) == ["model.safetensors", "unicom_model.json"]  # no stale timm config
 
 
+def test_a_model_folder_given_as_the_released_source_says_it_is_one(released_file, tmp_path, capsys):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    capsys.readouterr()
+    assert main(["convert", "released-to-unicom", str(tmp_path / "model"), str(tmp_path / "again")]) == 2
+    message = capsys.readouterr().err
+    assert f"{tmp_path / 'model'}: a model folder already; a released-format checkpoint is one file" in message
+    assert "unicom convert unicom-to-released FOLDER FILE.pt" in message
+    assert not (tmp_path / "again").exists()
+
+
 def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys):
     from torch import nn
 

@@ -89,6 +89,14 @@ def load_state(
         path = weights_path(name_or_path, download_root, base_url)
         return read_state_dict(path), ViTSettings.from_dict(cfg.settings), path
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        from unicom.models.export import CONFIG_NAME
+
+        what = "a model folder already" if (path / CONFIG_NAME).is_file() else f"a folder, not a model folder ({CONFIG_NAME} is missing)"
+        raise InputError(
+            f"{name_or_path}: {what}; a released-format checkpoint is one file (.pt); "
+            "a model folder is written as one with `unicom convert unicom-to-released FOLDER FILE.pt`"
+        )
     if not path.is_file():
         raise InputError(
             f"{name_or_path}: neither a released model ({', '.join(available_models())}) "

@@ -290,6 +290,15 @@ def test_released_file_is_an_encoder(model, checkpoint):
     assert encoder.image_transform(Image.new("RGB", (48, 48))).shape == (3, 48, 48)
 
 
+@pytest.mark.parametrize("name", ["model_best.pth.tar", "last.ckpt"])
+def test_checkpoints_named_as_timm_and_lightning_name_them_are_encoders(model, tmp_path, name):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / name)
+    encoder = load_encoder(str(tmp_path / name))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_released_names_are_this_projects_and_sizes_without_weights_are_open_clips():
     from unicom.models.factory import is_unicom_spec
 

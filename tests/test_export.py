@@ -173,3 +173,10 @@ def test_exported_folder_loads_through_unicom_load(tmp_path):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_folder_is_not_written_to_a_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="gs://bucket/m: a model folder is written to a local path, not to a URL"):
+        export.save_model("gs://bucket/m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    assert list(tmp_path.iterdir()) == []

@@ -94,6 +94,19 @@ def test_a_model_folder_given_as_the_released_source_says_it_is_one(released_fil
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.parametrize("direction", ["released-to-unicom", "unicom-to-released"])
+def test_an_output_url_is_refused_rather_than_written_to_a_local_folder_named_after_it(
+    released_file, tmp_path, monkeypatch, capsys, direction
+):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    source = str(released_file) if direction == "released-to-unicom" else str(tmp_path / "model")
+    assert main(["convert", direction, source, "s3://bucket/models/out"]) == 2
+    assert "s3://bucket/models/out: " in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys):
     from torch import nn
 

@@ -46,9 +46,9 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
     ``dtype`` casts the floating-point tensors (``torch.float16`` like the released
     files); None keeps the stored dtypes. Keys follow the module's order.
     """
-    from unicom.models.export import read_config, read_weights
+    from unicom.models.export import local_output, read_config, read_weights
 
-    path = Path(path)
+    path = local_output(path, "a released-format file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder; the released format is one file, give a file path (e.g. {path / 'model.pt'})")
     config = read_config(folder)

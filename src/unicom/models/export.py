@@ -154,7 +154,7 @@ def save_model(
     timm's ``config.json`` (architectures timm can build), the JSON last; the temporary
     files of an earlier write to ``folder`` that was killed are removed.
     """
-    folder = Path(folder)
+    folder = local_output(folder, "a model folder")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: is a file; a model is written as a folder ({CONFIG_NAME} + {WEIGHTS_NAME}), give a folder path")
     if dataclasses.is_dataclass(settings):
@@ -207,6 +207,19 @@ def save_model(
         write_json_atomic(folder / TIMM_CONFIG_NAME, timm_config)
     write_json_atomic(folder / CONFIG_NAME, config)
     return folder
+
+
+def local_output(location: str | os.PathLike, what: str) -> Path:
+    """``location`` as a local path; a URL (``s3://…``) is refused, since ``Path`` would
+    quietly turn it into a local folder named ``s3:``."""
+    from unicom import storage
+
+    if storage.is_url(os.fspath(location)):
+        raise InputError(
+            f"{location}: {what} is written to a local path, not to a URL; write it here, then copy it "
+            "(aws s3 cp --recursive, gsutil -m cp -r, or huggingface-cli upload for the Hub)"
+        )
+    return Path(location)
 
 
 def _version() -> str:
@@ -311,6 +324,6 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu"):
 
 
 __all__ = [
-    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TIMM_CONFIG_NAME", "WEIGHTS_NAME", "build_transform", "load_model",
+    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TIMM_CONFIG_NAME", "WEIGHTS_NAME", "build_transform", "load_model", "local_output",
     "read_config", "read_weights", "save_model", "timm_data_config",
 ]

@@ -65,6 +65,20 @@ def test_float32_model_is_cast_to_float16_on_request(tmp_path):
     assert torch.equal(state["pos_embed"].float(), model.pos_embed.detach())  # the weights are fp16-exact
 
 
+def test_values_float16_cannot_hold_are_refused_rather_than_written_as_inf(tmp_path, capsys):
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+
+    model = random_unicom_vit(TINY, seed=3)
+    with torch.no_grad():
+        model.feature[1].running_var.fill_(1e5)  # beyond float16's largest value, 65504
+    save_model(tmp_path / "model", model, "unicom_vit", TINY, clip_preprocess(32))
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out.pt"), "--dtype", "float16"]) == 2
+    assert "values of feature.1.running_var exceed the range of torch.float16" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out.pt"), "--dtype", "float32"]) == 0
+
+
 def test_existing_outputs_are_not_replaced_without_overwrite(released_file, tmp_path, capsys):
     main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
     assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")]) == 2

@@ -61,6 +61,12 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
         order = list(build_unicom_vit(config["settings"]).state_dict())
     keys = [k for k in order if k in tensors] + [k for k in tensors if k not in order]
     state_dict = {k: tensors[k].to(dtype) if dtype is not None and tensors[k].is_floating_point() else tensors[k] for k in keys}
+    overflowed = [k for k in keys if not state_dict[k].isfinite().all() and tensors[k].isfinite().all()] if dtype else []
+    if overflowed:
+        raise InputError(
+            f"{folder}: values of {', '.join(overflowed[:10])} exceed the range of {dtype} (they would become inf); "
+            "keep the stored dtypes (--dtype keep) or write float32"
+        )
     remove_killed_writes(path)
     with atomic_path(path) as tmp:
         torch.save(state_dict, tmp)

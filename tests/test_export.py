@@ -127,6 +127,14 @@ def test_newer_format_version_asks_for_an_upgrade(tmp_path, toy_architecture):
         export.load_model(tmp_path / "toy")
 
 
+def test_a_setting_this_unicom_does_not_know_is_refused_naming_the_folders_json(tmp_path):
+    export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    _edit_config(tmp_path / "m", settings={"register_tokens": 4})
+    with pytest.raises(InputError) as error:
+        export.load_model(tmp_path / "m")
+    assert str(error.value).startswith(f"{tmp_path / 'm' / 'unicom_model.json'} 'settings': unknown ViT setting(s) ['register_tokens']")
+
+
 def test_bad_preprocess_names_the_field(tmp_path, toy_architecture):
     with pytest.raises(InputError, match=r"resize_mode='crop'"):
         export.save_model(tmp_path / "toy", MeanColour(2), "mean_colour", {"dim": 2}, {**SQUASH, "resize_mode": "crop"})
@@ -196,3 +204,10 @@ def test_a_preprocess_size_the_network_does_not_take_is_refused_on_load(tmp_path
     _edit_config(tmp_path / "m", preprocess={"size": 32, "resize_size": 40})
     _, transform = export.load_model(tmp_path / "m")
     assert transform(Image.new("RGB", (50, 60))).shape == (3, 32, 32)
+
+
+def test_a_model_folder_is_not_written_to_a_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="gs://bucket/m: a model folder is written to a local path, not to a URL"):
+        export.save_model("gs://bucket/m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    assert list(tmp_path.iterdir()) == []

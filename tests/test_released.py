@@ -19,6 +19,7 @@ from unicom.models.encoders import Encoder, load_encoder
 from unicom.models.export import build_transform
 from unicom.models.registry import MODELS, available_models, clip_preprocess
 from unicom.models.unicom_vit import UnicomViT, ViTSettings, infer_settings
+from unicom.models.weights import read_state_dict
 
 # 48 px, patch 16 -> 9 tokens of width 128 (two 64-d heads), 2 blocks, 32-d embeddings
 TINY = ViTSettings(image_size=48, patch_size=16, width=128, depth=2, heads=2, mlp_dim=512, embedding_dim=32)
@@ -157,6 +158,37 @@ def test_wrapper_prefix_and_absent_batch_counters_are_accepted(model, tmp_path, 
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod."])
+def test_compiled_and_wrapped_compiled_modules_load(model, tmp_path, prefix):
+    torch.save({prefix + key: value for key, value in model.state_dict().items()}, tmp_path / "compiled.pt")
+    loaded, _ = unicom.load(str(tmp_path / "compiled.pt"))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["state_dict_ema", "model_ema", "ema"])
+def test_a_checkpoint_holding_only_its_moving_average_loads_that(model, tmp_path, key):
+    torch.save({key: model.state_dict(), "epoch": 3}, tmp_path / "ema.pt")
+    loaded, _ = unicom.load(str(tmp_path / "ema.pt"))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [("state_dict", "state_dict_ema"), ("model", "model_ema"), ("state_dict", "model_ema")])
+def test_the_moving_average_is_preferred_to_the_trained_weights_as_timm_does(model, tmp_path, keys):
+    from timm.models import load_state_dict
+
+    trained, average = keys
+    halved = {key: value / 2 if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    torch.save({trained: model.state_dict(), average: halved, "epoch": 3}, tmp_path / "both.pt")
+    loaded = read_state_dict(tmp_path / "both.pt")
+    by_timm = load_state_dict(str(tmp_path / "both.pt"), weights_only=True)
+    assert sorted(loaded) == sorted(by_timm) == sorted(halved)
+    assert all(torch.equal(loaded[key], halved[key]) and torch.equal(by_timm[key], halved[key]) for key in halved)
+
+
 class _Payload:
     """Unpickling this would create a file: the loader must refuse before that happens."""
 
@@ -173,6 +205,14 @@ def test_files_with_python_objects_are_refused_without_running_them(model, tmp_p
     with pytest.raises(InputError, match="not unpickled for safety"):
         unicom.load(str(tmp_path / "unsafe.pt"))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kept", [0, 5000])
+def test_a_file_cut_short_says_so_with_its_size(model, tmp_path, kept):
+    torch.save(model.state_dict(), tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:kept])
+    with pytest.raises(InputError, match=f"cut.pt: not a readable PyTorch checkpoint .*its {kept} bytes may be cut short"):
+        unicom.load(str(tmp_path / "cut.pt"))
 
 
 def test_damaged_file_is_reported_as_unreadable(tmp_path):
@@ -248,6 +288,15 @@ def test_released_file_is_an_encoder(model, checkpoint):
     with torch.no_grad():
         torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)
     assert encoder.image_transform(Image.new("RGB", (48, 48))).shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("name", ["model_best.pth.tar", "last.ckpt"])
+def test_checkpoints_named_as_timm_and_lightning_name_them_are_encoders(model, tmp_path, name):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / name)
+    encoder = load_encoder(str(tmp_path / name))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_released_names_are_this_projects_and_sizes_without_weights_are_open_clips():

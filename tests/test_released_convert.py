@@ -65,11 +65,60 @@ def test_float32_model_is_cast_to_float16_on_request(tmp_path):
     assert torch.equal(state["pos_embed"].float(), model.pos_embed.detach())  # the weights are fp16-exact
 
 
+def test_values_float16_cannot_hold_are_refused_rather_than_written_as_inf(tmp_path, capsys):
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+
+    model = random_unicom_vit(TINY, seed=3)
+    with torch.no_grad():
+        model.feature[1].running_var.fill_(1e5)  # beyond float16's largest value, 65504
+    save_model(tmp_path / "model", model, "unicom_vit", TINY, clip_preprocess(32))
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out.pt"), "--dtype", "float16"]) == 2
+    assert "values of feature.1.running_var exceed the range of torch.float16" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out.pt"), "--dtype", "float32"]) == 0
+
+
 def test_existing_outputs_are_not_replaced_without_overwrite(released_file, tmp_path, capsys):
     main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
     assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")]) == 2
     assert "already holds a model; pass --overwrite" in capsys.readouterr().err
     assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model"), "--overwrite"]) == 0
+
+
+def test_another_projects_weights_in_the_output_are_not_replaced_without_overwrite(released_file, tmp_path, capsys):
+    timm_folder = tmp_path / "timm-model"
+    timm_folder.mkdir()
+    (timm_folder / "config.json").write_text('{"architecture": "vit_base_patch16_224"}')
+    (timm_folder / "model.safetensors").write_bytes(b"their weights")
+    assert main(["convert", "released-to-unicom", str(released_file), str(timm_folder)]) == 2
+    assert "holds a model.safetensors without unicom_model.json" in capsys.readouterr().err
+    assert (timm_folder / "model.safetensors").read_bytes() == b"their weights"
+    assert main(["convert", "released-to-unicom", str(released_file), str(timm_folder), "--overwrite"]) == 0
+    assert sorted(p.name for p in timm_folder.iterdir()) == ["model.safetensors", "unicom_model.json"]  # no stale timm config
+
+
+def test_a_model_folder_given_as_the_released_source_says_it_is_one(released_file, tmp_path, capsys):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    capsys.readouterr()
+    assert main(["convert", "released-to-unicom", str(tmp_path / "model"), str(tmp_path / "again")]) == 2
+    message = capsys.readouterr().err
+    assert f"{tmp_path / 'model'}: a model folder already; a released-format checkpoint is one file" in message
+    assert "unicom convert unicom-to-released FOLDER FILE.pt" in message
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("direction", ["released-to-unicom", "unicom-to-released"])
+def test_an_output_url_is_refused_rather_than_written_to_a_local_folder_named_after_it(
+    released_file, tmp_path, monkeypatch, capsys, direction
+):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    source = str(released_file) if direction == "released-to-unicom" else str(tmp_path / "model")
+    assert main(["convert", direction, source, "s3://bucket/models/out"]) == 2
+    assert "s3://bucket/models/out: " in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys):
@@ -83,3 +132,50 @@ def test_other_architectures_have_no_released_form(tmp_path, monkeypatch, capsys
     assert main(["convert", "unicom-to-released", str(tmp_path / "m"), str(tmp_path / "out.pt")]) == 2
     assert "architecture 'linear' has no released-checkpoint form" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_model_folder_is_not_written_over_a_file(released_file, tmp_path, capsys):
+    (tmp_path / "taken").write_bytes(b"a file")
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "taken"), "--overwrite"]) == 2
+    assert "taken: is a file; a model is written as a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_bytes() == b"a file"
+
+
+def test_a_released_file_is_not_written_over_a_folder(released_file, tmp_path, capsys):
+    main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
+    (tmp_path / "out").mkdir()
+    assert main(["convert", "unicom-to-released", str(tmp_path / "model"), str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "out: is a folder; the released format is one file" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _killed_while_writing(script: str) -> None:
+    """Run ``script`` in a Python process whose safetensors/torch writes are cut by kill -9
+    after their first bytes, as a machine that is shut down mid-write."""
+    import signal
+    import subprocess
+    import sys
+
+    prelude = (
+        "import os, signal, safetensors.torch, torch\n"
+        "def killed(obj, path, *args, **kwargs):\n"
+        "    with open(path, 'wb') as out:\n"
+        "        out.write(b'partial')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "safetensors.torch.save_file = killed\n"
+        "torch.save = killed\n"
+    )
+    result = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+
+
+def test_a_convert_killed_mid_write_leaves_nothing_behind_once_rerun(released_file, tmp_path):
+    model = tmp_path / "model"
+    _killed_while_writing(f"from unicom.cli import main; main(['convert', 'released-to-unicom', {str(released_file)!r}, {str(model)!r}])")
+    assert [p.name for p in model.iterdir()] != []  # the killed write's temporary file
+    assert main(["convert", "released-to-unicom", str(released_file), str(model)]) == 0
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors", "unicom_model.json"]
+
+    _killed_while_writing(f"from unicom.cli import main; main(['convert', 'unicom-to-released', {str(model)!r}, {str(tmp_path / 'back.pt')!r}])")
+    assert main(["convert", "unicom-to-released", str(model), str(tmp_path / "back.pt")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FP16-ViT-tiny.pt", "back.pt", "model"]

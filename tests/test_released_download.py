@@ -128,6 +128,16 @@ def test_mirror_from_the_environment_replaces_the_release_host(published, server
     assert server[2] == [f"/{FILE}"]
 
 
+@pytest.mark.parametrize("as_url", [False, True])
+def test_a_mirror_on_a_shared_disk_is_given_as_its_folder_or_file_url(published, server, monkeypatch, tmp_path, as_url):
+    monkeypatch.setitem(MODELS, "tiny", tiny_release(f"https://invalid.example/tiny/{FILE}", published[0]))
+    mirror = server[0]
+    monkeypatch.setenv("UNICOM_BASE_URL", mirror.as_uri() if as_url else str(mirror))
+    unicom.load("tiny", download_root=tmp_path / "cache")
+    assert (tmp_path / "cache" / FILE).read_bytes() == (mirror / FILE).read_bytes()
+    assert server[2] == []  # read from the disk, not over HTTP
+
+
 def test_release_urls_default_to_the_official_host(monkeypatch):
     monkeypatch.delenv("UNICOM_BASE_URL", raising=False)
     assert hub.weights_url("ViT-L/14@336px") == (
@@ -144,3 +154,45 @@ def test_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert hub.cache_dir() == tmp_path / ".cache" / "unicom"
+
+
+def test_a_download_killed_midway_leaves_nothing_behind_once_rerun(published, server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, base_url, _ = server
+    data = (folder / FILE).read_bytes()
+    requested, release = threading.Event(), threading.Event()
+
+    class Stalling(_QuietHandler):
+        def do_GET(self):  # half of the file, then nothing until the test ends
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            requested.set()
+            release.wait(60)
+
+    stalling = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=stalling.serve_forever, daemon=True).start()
+    cache = tmp_path / "cache"
+    url = f"http://127.0.0.1:{stalling.server_address[1]}/{FILE}"
+    child = subprocess.Popen([sys.executable, "-c", f"from unicom.models import hub; hub.download({url!r}, {published[0]!r}, {str(cache)!r})"])
+    try:
+        for _ in range(600):  # until the download is under way (at most a minute)
+            if requested.is_set() and any(p.name.endswith(".tmp") for p in cache.glob(".*")):
+                break
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        release.set()
+        stalling.shutdown()
+        stalling.server_close()
+    assert any(p.name.endswith(".tmp") for p in cache.iterdir())  # the killed download's part
+
+    hub.download(f"{base_url}/{FILE}", published[0], cache)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [FILE]

@@ -12,6 +12,7 @@ their name, parsed as an integer, so zero-padded and unpadded names sort alike.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -77,6 +78,24 @@ def atomic_path(path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_killed_writes(path) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` writes beside a local ``path``
+    and a killed process left behind (``.NAME.XXXXXXXX.tmp``, as large as the file itself).
+
+    Call it only where no other process may be writing ``path`` at the same time (under a
+    lock, or in a folder that one writer owns). Returns the removed paths.
+    """
+    if storage.is_url(path):
+        return []
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
 
 
 def _new_file_mode() -> int:

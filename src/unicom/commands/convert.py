@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a released checkpoint (name or .pt file) -> a model folder (unicom_model.json + model.safetensors)",
     )
     to_unicom.add_argument("source", help="a released name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a .pt file")
-    to_unicom.add_argument("output", type=Path, help="the model folder to write")
+    to_unicom.add_argument("output", help="the model folder to write (a local path)")
     to_unicom.add_argument("--arch", help="architecture of a file whose shapes are ambiguous: a released name")
     to_unicom.add_argument("--download-root", type=Path, help="cache folder for released files (default ~/.cache/unicom)")
     to_unicom.add_argument("--overwrite", action="store_true", help="replace a model already in OUTPUT")
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model folder of the released architecture -> a .pt state dict with the official key names",
     )
     to_released.add_argument("model", type=Path, help="a model folder written by this project")
-    to_released.add_argument("output", type=Path, help="the .pt file to write")
+    to_released.add_argument("output", help="the .pt file to write (a local path)")
     to_released.add_argument(
         "--dtype", choices=sorted(DTYPES), default="keep",
         help="cast floating-point tensors (the released files are float16); default: keep the stored dtypes",
@@ -44,10 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from unicom.models import convert, export
 
-    if args.direction == "released-to-unicom":
-        if (args.output / export.CONFIG_NAME).exists() and not args.overwrite:
-            raise InputError(f"{args.output} already holds a model; pass --overwrite to replace it")
-        folder = convert.released_to_unicom(args.source, args.output, arch=args.arch, download_root=args.download_root)
+    to_folder = args.direction == "released-to-unicom"
+    output = export.local_output(args.output, "a model folder" if to_folder else "a released-format file")
+    if to_folder:
+        if (output / export.CONFIG_NAME).exists() and not args.overwrite:
+            raise InputError(f"{output} already holds a model; pass --overwrite to replace it")
+        if (output / export.WEIGHTS_NAME).exists() and not args.overwrite:
+            raise InputError(
+                f"{output} holds a {export.WEIGHTS_NAME} without {export.CONFIG_NAME} (another project's model, "
+                "such as a timm folder, or a write that was killed); pass --overwrite to replace it"
+            )
+        folder = convert.released_to_unicom(args.source, output, arch=args.arch, download_root=args.download_root)
         config = export.read_config(folder)
         settings = config["settings"]
         origin = config["provenance"].get("released_name") or "custom size"
@@ -58,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
 
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output} exists; pass --overwrite to replace it")
+    if output.exists() and not args.overwrite:
+        raise InputError(f"{output} exists; pass --overwrite to replace it")
     import torch
 
     dtype = DTYPES[args.dtype]
-    path = convert.unicom_to_released(args.model, args.output, dtype=getattr(torch, dtype) if dtype else None)
+    path = convert.unicom_to_released(args.model, output, dtype=getattr(torch, dtype) if dtype else None)
     print(f"wrote {path} (state dict with the released key names; load it with unicom.load({str(path)!r}))")
     return 0

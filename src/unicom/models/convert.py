@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, file_sha256
+from unicom.files import atomic_path, file_sha256, remove_killed_writes
 from unicom.models.registry import clip_preprocess, released_name
 from unicom.models.unicom_vit import ARCHITECTURE, ViTSettings, build_unicom_vit
 
@@ -46,8 +46,11 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
     ``dtype`` casts the floating-point tensors (``torch.float16`` like the released
     files); None keeps the stored dtypes. Keys follow the module's order.
     """
-    from unicom.models.export import read_config, read_weights
+    from unicom.models.export import local_output, read_config, read_weights
 
+    path = local_output(path, "a released-format file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; the released format is one file, give a file path (e.g. {path / 'model.pt'})")
     config = read_config(folder)
     if config["architecture"] != ARCHITECTURE:
         raise InputError(
@@ -58,7 +61,13 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
         order = list(build_unicom_vit(config["settings"]).state_dict())
     keys = [k for k in order if k in tensors] + [k for k in tensors if k not in order]
     state_dict = {k: tensors[k].to(dtype) if dtype is not None and tensors[k].is_floating_point() else tensors[k] for k in keys}
-    path = Path(path)
+    overflowed = [k for k in keys if not state_dict[k].isfinite().all() and tensors[k].isfinite().all()] if dtype else []
+    if overflowed:
+        raise InputError(
+            f"{folder}: values of {', '.join(overflowed[:10])} exceed the range of {dtype} (they would become inf); "
+            "keep the stored dtypes (--dtype keep) or write float32"
+        )
+    remove_killed_writes(path)
     with atomic_path(path) as tmp:
         torch.save(state_dict, tmp)
     return path

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, write_json_atomic
+from unicom.files import atomic_path, remove_killed_writes, write_json_atomic
 from unicom.models.registry import get_architecture
 from unicom.models.weights import check_state_dict, instantiate, read_safetensors
 
@@ -151,8 +151,12 @@ def save_model(
 
     Everything is checked before anything is written: the weights must load strictly
     into the architecture built with ``settings``. The weights are written first, then
-    timm's ``config.json`` (architectures timm can build), the JSON last.
+    timm's ``config.json`` (architectures timm can build), the JSON last; the temporary
+    files of an earlier write to ``folder`` that was killed are removed.
     """
+    folder = local_output(folder, "a model folder")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file; a model is written as a folder ({CONFIG_NAME} + {WEIGHTS_NAME}), give a folder path")
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)
     settings = dict(settings)
@@ -192,18 +196,30 @@ def save_model(
     if timm_form:
         tensors = timm_form.to_timm(tensors)
         timm_config = timm_form.config(settings, embedding_dim, timm_data_config(preprocess))
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    replacing = (folder / CONFIG_NAME).exists()
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the JSON is back
-    if replacing:
-        (folder / TIMM_CONFIG_NAME).unlink(missing_ok=True)  # the replaced model's, if it had one
+    (folder / TIMM_CONFIG_NAME).unlink(missing_ok=True)  # it described the weights being replaced
+    for name in (WEIGHTS_NAME, TIMM_CONFIG_NAME, CONFIG_NAME):
+        remove_killed_writes(folder / name)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     if timm_form:
         write_json_atomic(folder / TIMM_CONFIG_NAME, timm_config)
     write_json_atomic(folder / CONFIG_NAME, config)
     return folder
+
+
+def local_output(location: str | os.PathLike, what: str) -> Path:
+    """``location`` as a local path; a URL (``s3://…``) is refused, since ``Path`` would
+    quietly turn it into a local folder named ``s3:``."""
+    from unicom import storage
+
+    if storage.is_url(os.fspath(location)):
+        raise InputError(
+            f"{location}: {what} is written to a local path, not to a URL; write it here, then copy it "
+            "(aws s3 cp --recursive, gsutil -m cp -r, or huggingface-cli upload for the Hub)"
+        )
+    return Path(location)
 
 
 def _version() -> str:
@@ -293,8 +309,12 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     weights on ``device``, and its PIL -> tensor preprocessing."""
     config = read_config(folder)
     architecture = _architecture(config)
-    model = instantiate(architecture.build, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME))
-    _check_recorded(config, model, architecture, Path(folder) / CONFIG_NAME)
+    config_path = Path(folder) / CONFIG_NAME
+    model = instantiate(
+        architecture.build, config["settings"], read_weights(folder), source=str(Path(folder) / WEIGHTS_NAME),
+        settings_source=f"{config_path} 'settings'",
+    )
+    _check_recorded(config, model, architecture, config_path)
     return model.to(device), build_transform(config["preprocess"])
 
 
@@ -328,6 +348,6 @@ def _check_recorded(config: Mapping[str, Any], model: nn.Module, architecture, p
 
 
 __all__ = [
-    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TIMM_CONFIG_NAME", "WEIGHTS_NAME", "build_transform", "load_model",
+    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "TIMM_CONFIG_NAME", "WEIGHTS_NAME", "build_transform", "load_model", "local_output",
     "read_config", "read_weights", "save_model", "timm_data_config",
 ]

@@ -10,9 +10,10 @@ preprocessing. ``spec`` is one of:
   registry (:mod:`unicom.models.registry`);
 * a model folder (``unicom_model.json`` + ``model.safetensors``, :mod:`unicom.models.export`);
 * ``hf-hub:org/repo`` or ``hf-hub:org/repo@revision``: a model folder on the Hugging Face Hub;
-* a released-format checkpoint file (``.pt``, ``.pth``, ``.bin`` or ``.safetensors`` with
-  the keys of :class:`~unicom.models.unicom_vit.UnicomViT`), its sizes given as ``arch``
-  or read off the tensor shapes.
+* a released-format checkpoint file (named as in :data:`CHECKPOINT_SUFFIXES`: ``.pt``,
+  ``.pth.tar``, ``.ckpt``, ``.safetensors`` ..., with the keys of
+  :class:`~unicom.models.unicom_vit.UnicomViT`), its sizes given as ``arch`` or read off
+  the tensor shapes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from unicom.models.registry import MODELS, available_models, clip_preprocess, ge
 from unicom.models.unicom_vit import ARCHITECTURE as UNICOM_VIT
 from unicom.models.unicom_vit import ViTSettings, infer_settings
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# Names of checkpoint files: PyTorch's, timm's train.py (model_best.pth.tar), Lightning's (.ckpt),
+# Hugging Face's (pytorch_model.bin) and safetensors.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".safetensors")
 
 
 def is_unicom_spec(spec: str) -> bool:
@@ -42,7 +45,7 @@ def is_unicom_spec(spec: str) -> bool:
         from unicom.models.export import CONFIG_NAME
 
         return (path / CONFIG_NAME).is_file()
-    return path.is_file() and path.suffix in CHECKPOINT_SUFFIXES
+    return path.is_file() and path.name.endswith(CHECKPOINT_SUFFIXES)
 
 
 def _weights_of(name: str):
@@ -89,6 +92,14 @@ def load_state(
         path = weights_path(name_or_path, download_root, base_url)
         return read_state_dict(path), ViTSettings.from_dict(cfg.settings), path
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        from unicom.models.export import CONFIG_NAME
+
+        what = "a model folder already" if (path / CONFIG_NAME).is_file() else f"a folder, not a model folder ({CONFIG_NAME} is missing)"
+        raise InputError(
+            f"{name_or_path}: {what}; a released-format checkpoint is one file (.pt); "
+            "a model folder is written as one with `unicom convert unicom-to-released FOLDER FILE.pt`"
+        )
     if not path.is_file():
         raise InputError(
             f"{name_or_path}: neither a released model ({', '.join(available_models())}) "

@@ -290,7 +290,9 @@ def timm_encoder(spec: str, pretrained: str | None = None, device: str | torch.d
     if not _is_random(pretrained) and os.path.isfile(str(pretrained)):
         weights_file, download = str(pretrained), False
     elif not _is_random(pretrained):
-        if os.sep in str(pretrained) or str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors")):
+        from unicom.models.factory import CHECKPOINT_SUFFIXES
+
+        if os.sep in str(pretrained) or str(pretrained).endswith(CHECKPOINT_SUFFIXES):
             raise InputError(f"{pretrained}: file not found (the --pretrained checkpoint for {spec})")
         name, download = f"{base}.{pretrained}", True
     else:

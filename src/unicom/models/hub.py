@@ -5,7 +5,7 @@ Released weights (a :class:`~unicom.models.registry.ModelCfg` with ``url`` and `
 * cache: ``download_root``, else ``$UNICOM_CACHE``, else ``$XDG_CACHE_HOME/unicom``, else
   ``~/.cache/unicom``;
 * source: the URL of the registry entry, or ``$UNICOM_BASE_URL/<file name>`` (a mirror:
-  ``https://…``, or ``file:///…`` for a shared disk);
+  ``https://…``, or a folder or ``file:///…`` on a shared disk);
 * ``UNICOM_OFFLINE=1`` never touches the network: a cached file loads, a missing one is
   an error that says where to put it.
 
@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, exclusive, file_sha256
+from unicom.files import atomic_path, exclusive, file_sha256, remove_killed_writes
 
 HF_PREFIX = "hf-hub:"
 
@@ -69,6 +69,7 @@ def download(url: str, sha256: str, root: str | os.PathLike, timeout: float = 60
     with exclusive(root / f".{target.name}.lock"):  # one download per file, across processes
         if target.is_file() and target.stat().st_size and file_sha256(target) == sha256:
             return target  # another process finished it while we waited
+        remove_killed_writes(target)  # a download that was killed: as large as the part it got
         _fetch(url, sha256, target, timeout, where)
     return target
 
@@ -98,11 +99,14 @@ def _fetch(url: str, sha256: str, target: Path, timeout: float, where: str) -> N
 
 def weights_url(name: str, base_url: str | None = None) -> str:
     """The URL of a registered model's weights: ``base_url`` or ``$UNICOM_BASE_URL`` + file
-    name (a mirror holding the files side by side), else the URL in the registry."""
+    name (a mirror holding the files side by side: a URL, or a local folder taken as its
+    ``file://`` URL), else the URL in the registry."""
     from unicom.models.registry import model_cfg
 
     cfg = model_cfg(name)
     base = base_url or os.environ.get("UNICOM_BASE_URL")
+    if base and "://" not in base:  # a folder on a shared disk
+        base = Path(base).expanduser().resolve().as_uri()
     return f"{base.rstrip('/')}/{cfg.file_name}" if base else cfg.url
 
 

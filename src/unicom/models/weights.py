@@ -22,14 +22,27 @@ from unicom.errors import InputError
 # Keys that a state dict may omit: BatchNorm's batch counter does not change any output.
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
 
+# Keys under which a training checkpoint keeps its weights, in order of preference, as
+# timm's load_state_dict / load_checkpoint take them by default: the exponential moving
+# average (timm's state_dict_ema, DeiT's model_ema), then the trained weights; a bare
+# "ema" (which timm does not read) only when nothing else is there.
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "ema")
+
+# Prefixes carried by every key of a wrapped module's state dict: DistributedDataParallel
+# or DataParallel (module.), torch.compile (_orig_mod.), a fine-tuning wrapper (model.).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, read safely (no arbitrary unpickling).
 
     ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``. A dict that wraps the weights under ``state_dict``
-    or ``model`` is unwrapped, and a prefix carried by every key (``module.`` from
-    DistributedDataParallel, ``model.`` from the public fine-tuning script) is removed.
+    ``torch.load(weights_only=True)``. A dict that wraps the weights under one of
+    :data:`WRAPPER_KEYS` is unwrapped (the first present: the moving average when there
+    is one, as timm does), and the prefixes of
+    :data:`WRAPPER_PREFIXES` carried by every key (``module.`` from
+    DistributedDataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from the public
+    fine-tuning script) are removed, nested ones too (``module._orig_mod.``).
     """
     path = Path(path)
     if not path.is_file():
@@ -45,8 +58,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as error:
         raise unpickling_refused(path, error) from error
-    except Exception as error:  # a damaged or foreign file: torch raises many types
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    except Exception as error:  # a damaged or foreign file: torch raises many types (EOFError, OSError EINVAL, ...)
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}); its {path.stat().st_size} "
+            "bytes may be cut short or damaged (copy or download it again), or another format"
+        ) from error
     return _tensor_dict(obj, path)
 
 
@@ -73,16 +89,18 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
-            raise InputError(f"{path}: expected a state dict (key -> tensor); found keys {sorted(map(str, obj))[:10]}")
+            raise InputError(
+                f"{path}: expected a state dict (key -> tensor), or one under {', '.join(WRAPPER_KEYS)}; "
+                f"found keys {sorted(map(str, obj))[:10]}"
+            )
         obj = inner
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{path}: expected a non-empty state dict (key -> tensor), got {type(obj).__name__}")
     state_dict = dict(obj)
-    for prefix in ("module.", "model."):
-        if all(key.startswith(prefix) for key in state_dict):
-            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state_dict)), None):
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
     return state_dict
 
 
@@ -119,15 +137,21 @@ def instantiate(
     state_dict: Mapping[str, torch.Tensor],
     source: str,
     dtype: torch.dtype = torch.float32,
+    settings_source: str | None = None,
 ) -> nn.Module:
     """``builder(settings)`` with ``state_dict`` loaded strictly, floats cast to ``dtype``, in eval mode.
 
     The module is first built on the meta device, which skips the random initialisation
     of weights that are about to be replaced (up to 900M parameters for L/14@336px).
     A module that keeps tensors outside its state dict is built again normally.
+    Settings the builder refuses are an :class:`InputError` naming ``settings_source``
+    (default ``source``), where they were read.
     """
-    with torch.device("meta"):
-        model = builder(settings)
+    try:
+        with torch.device("meta"):
+            model = builder(settings)
+    except InputError as error:
+        raise InputError(f"{settings_source or source}: {error}") from error
     expected = model.state_dict()
     check_state_dict(expected, state_dict, source)
     tensors = {}
@@ -144,4 +168,4 @@ def instantiate(
     return model.eval()
 
 
-__all__ = ["OPTIONAL_KEY_SUFFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict", "unpickling_refused"]
+__all__ = ["OPTIONAL_KEY_SUFFIXES", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict", "unpickling_refused"]

@@ -27,6 +27,7 @@ from unicom.formats.embeddings import (
     EmbeddingFolders,
     key_column,
     part_complete,
+    read_config,
     read_embedding_folder,
     sweep_writer_temporaries,
     write_part,
@@ -295,13 +296,10 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 continue
             inputs, identity = images.paths, dict(config, split=split)
             if split == "query" and protocol.query_boxes is not None:  # the query is the box, not the whole image
-                from unicom.data.benchmarks.revisited import cropped_queries
-
-                import hashlib
+                from unicom.data.benchmarks.revisited import cropped_queries, query_boxes_sha256
 
                 inputs = cropped_queries(images, protocol.query_boxes)
-                boxes = np.ascontiguousarray(protocol.query_boxes, dtype="<f8")
-                identity["query_boxes_sha256"] = hashlib.sha256(boxes.tobytes()).hexdigest()
+                identity["query_boxes_sha256"] = query_boxes_sha256(protocol.query_boxes)
             vectors[split] = embed_cached(
                 encoder, inputs, images.keys, out / "embeddings" / split, identity,
                 labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
@@ -311,6 +309,8 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 out / "embeddings" / "train", dict(config, split="train", sample=int(pca_samples)),
                 batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} train (PCA)")
     else:
+        if protocol.query_boxes is not None:
+            _check_query_boxes(embeddings, protocol.query_boxes)
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
         for split, images in splits.items():
@@ -353,6 +353,20 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         exclude_classes=exclude_classes,
         class_names=protocol.query.class_names,
     )
+
+
+def _check_query_boxes(embeddings, boxes: np.ndarray) -> None:
+    """Refuse a folder whose recorded query crops (``unicom embed --dataset``) are of other
+    boxes than the ground truth's: they would be scored as other queries."""
+    from unicom.data.benchmarks.revisited import query_boxes_sha256
+
+    recorded = (read_config(embeddings) or {}).get("query_boxes_sha256")
+    if recorded is not None and recorded != query_boxes_sha256(boxes):
+        raise InputError(
+            f"{embeddings}: its query crops were made from other boxes than the ground truth's (query_boxes_sha256: "
+            f"{recorded!r} recorded, {query_boxes_sha256(boxes)!r} now); embed the queries again with unicom embed "
+            "--dataset into another --out, or evaluate with the ground truth they were made from"
+        )
 
 
 def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:

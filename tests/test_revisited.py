@@ -425,6 +425,26 @@ def test_embed_takes_either_input_or_a_dataset(tmp_path, capsys):
     assert not (tmp_path / "emb").exists()
 
 
+def test_a_query_crop_is_not_taken_for_its_whole_image(tmp_path, capsys):
+    # a folder as unicom embed --dataset writes it, but without the gallery row of a query
+    # image: the crop's row names that image's path, and must not stand in for it
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    protocol = load_retrieval_benchmark("roxford5k", root)
+    x = np.random.default_rng(0).standard_normal((len(NAMES) + 1, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=x[:8], metadata=pa.table({"key": protocol.gallery.keys[1:],
+                                                                   "image_path": protocol.gallery.paths[1:]}))
+    write_part(tmp_path / "emb", 1, image=x[8:], metadata=pa.table({"key": protocol.query.keys,
+                                                                   "image_path": protocol.query.paths}))
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert "1 gallery images of the benchmark have no embedding (by key or path), e.g. ['jpg/all_souls_000000.jpg']" \
+        in capsys.readouterr().err
+
+
 def test_missing_images_are_listed_with_the_ground_truth_file(tmp_path):
     root = revisited_dataset(tmp_path, "roxford5k")
     for name in NAMES[:6]:

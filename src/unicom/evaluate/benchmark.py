@@ -84,13 +84,16 @@ class _RowIndex:
     """key -> row and absolute path -> row of an embedding folder."""
 
     def __init__(self, metadata, root):
+        from unicom.data.benchmarks.revisited import CROP_SUFFIX
+
         self.root = root
-        self.by_key = {k: i for i, k in enumerate(_key_column(metadata, root))}
+        keys = _key_column(metadata, root)
+        self.by_key = {k: i for i, k in enumerate(keys)}
         self.by_path = {}
         for column in ("path", "image_path"):
             if column in metadata.column_names:
                 for i, p in enumerate(metadata.column(column).to_pylist()):
-                    if p:
+                    if p and not keys[i].endswith(CROP_SUFFIX):  # a crop's path is of the whole image
                         self.by_path.setdefault(os.path.realpath(p), i)
 
     def rows(self, keys: Sequence[str], paths: Sequence[str], split: str, required: bool = True,

@@ -401,6 +401,14 @@ def test_embed_refuses_a_folder_of_crops_of_other_boxes(tmp_path, capsys):
     assert folder_contents(out) == before
 
 
+def test_embed_of_a_benchmark_has_no_captions_to_embed_as_text(tmp_path, capsys):
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    assert main(["embed", "--dataset", "roxford5k", "--root", str(root), "--model", "timm/test_vit", "--modalities",
+                 "image,text", "--out", str(tmp_path / "emb")]) == 2
+    assert f"{root}: no captions to embed as text (a benchmark of images); use --modalities image" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--dataset", "cub", "--root", "data"], "--dataset cub: unicom embed writes the benchmarks whose queries are crops: "
                                              "roxford5k, rparis6k (or roxford, rparis); embed another benchmark's "

@@ -652,8 +652,9 @@ def embed_to_folder(
     else:
         parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
     if "text" in modalities and parts and not any(part.has_captions for part in parts):
-        raise InputError(f"{parts[0].source}: no captions to embed as text (an image folder, or a list without a caption "
-                         "column: name it with --caption-column); use --modalities image")
+        what = "a benchmark of images" if dataset is not None else \
+            "an image folder, or a list without a caption column: name it with --caption-column"
+        raise InputError(f"{parts[0].source}: no captions to embed as text ({what}); use --modalities image")
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = recorded_spec(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}

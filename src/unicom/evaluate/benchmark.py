@@ -324,7 +324,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 # a cropped query is found by its key alone: the row found by its path is the whole image
                 rows = index.rows(images.keys, [""] * len(images), split, remedy=(
                     "the queries are the query images cropped to their boxes: give the embeddings of the crops "
-                    "rows with these keys (as --model writes them), or evaluate with --model"))
+                    "rows with these keys (as unicom embed --dataset and evaluate --model write them), or evaluate with --model"))
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]

@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--dataset {args.dataset} needs --root, the folder holding the dataset")
     if args.input is not None and args.root is not None:
         raise InputError("--root goes with --dataset; --input names the images itself")
+    columns = [option for option, value in (("--path-column", args.path_column != "path"),
+                                            ("--caption-column", args.caption_column), ("--label-column", args.label_column),
+                                            ("--key-column", args.key_column)) if value]
+    if args.dataset is not None and columns:
+        raise InputError(f"{', '.join(columns)} name columns of an --input list; --dataset reads the benchmark's own "
+                         "ground truth: leave them out")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     with distributed.process_group() as (rank, _):
         summary = embed_to_folder(

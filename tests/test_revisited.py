@@ -394,6 +394,12 @@ def test_embed_refuses_a_folder_of_crops_of_other_boxes(tmp_path, capsys):
                  "--out", str(tmp_path / "report")]) == 2
     assert re.search(r"emb: its query crops were made from other boxes than the ground truth's \(query_boxes_sha256: "
                      r"'[0-9a-f]{64}' recorded, '[0-9a-f]{64}' now\); embed the queries again", capsys.readouterr().err)
+    # nor scored as the other dataset
+    paris = revisited_dataset(tmp_path / "paris", "rparis6k")
+    assert main(["evaluate", "--embeddings", str(out), "--dataset", "rparis", "--root", str(paris), "--dims", "none",
+                 "--out", str(tmp_path / "report")]) == 2
+    assert "emb: holds the embeddings of roxford5k, not of rparis6k; give --dataset roxford5k, or the folder unicom " \
+        "embed --dataset rparis6k wrote" in capsys.readouterr().err
     # nor continued from the dataset's images as a plain folder
     assert main(["embed", "--input", str(root / "roxford5k" / "jpg"), "--model", str(checkpoint), "--out", str(out),
                  "--dtype", "float32", "--device", "cpu", "--rows-per-part", "4", "--workers", "0"]) == 2

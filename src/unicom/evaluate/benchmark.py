@@ -313,7 +313,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} train (PCA)")
     else:
         if protocol.query_boxes is not None:
-            _check_query_boxes(embeddings, protocol.query_boxes)
+            _check_query_boxes(embeddings, name, protocol.query_boxes)
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
         for split, images in splits.items():
@@ -358,12 +358,16 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     )
 
 
-def _check_query_boxes(embeddings, boxes: np.ndarray) -> None:
-    """Refuse a folder whose recorded query crops (``unicom embed --dataset``) are of other
-    boxes than the ground truth's: they would be scored as other queries."""
+def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
+    """Refuse a folder whose recorded query crops (``unicom embed --dataset``) are of another
+    dataset, or of other boxes than the ground truth's: they would be scored as other queries."""
     from unicom.data.benchmarks.revisited import query_boxes_sha256
 
-    recorded = (read_config(embeddings) or {}).get("query_boxes_sha256")
+    config = read_config(embeddings) or {}
+    if config.get("dataset") not in (None, dataset):
+        raise InputError(f"{embeddings}: holds the embeddings of {config['dataset']}, not of {dataset}; give "
+                         f"--dataset {config['dataset']}, or the folder unicom embed --dataset {dataset} wrote")
+    recorded = config.get("query_boxes_sha256")
     if recorded is not None and recorded != query_boxes_sha256(boxes):
         raise InputError(
             f"{embeddings}: its query crops were made from other boxes than the ground truth's (query_boxes_sha256: "

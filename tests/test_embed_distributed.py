@@ -1,4 +1,5 @@
-"""``torchrun ... unicom embed``: two ranks (gloo) split the shards without overlap or loss."""
+"""``torchrun ... unicom embed``: two ranks (gloo) split the shards (or a benchmark's parts) without
+overlap or loss."""
 
 from __future__ import annotations
 
@@ -47,6 +48,26 @@ def test_two_ranks_write_every_part_once_and_as_one_process_would(tmp_path, caps
         keys = pq.read_table(tmp_path / "two" / "metadata" / f"metadata_{number}.parquet").column("key").to_pylist()
         assert keys == [f"{number}-{i}" for i in range(SHARDS[number])]
     assert sorted(p.name for p in (tmp_path / "two" / "img_emb").iterdir()) == sorted(f"img_emb_{n}.npy" for n in SHARDS)
+
+
+def test_two_ranks_split_a_benchmarks_gallery_and_query_crops_as_one_process_would(tmp_path):
+    from test_evaluate_cli import tiny_model_file
+    from test_revisited import folder_contents, revisited_dataset
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    common = ["--dataset", "roxford5k", "--root", str(root), "--model", str(checkpoint), "--rows-per-part", "3",
+              "--batch-size", "2", "--workers", "0"]
+    env = dict(os.environ, UNICOM_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "unicom.cli", "embed", *common, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 9 gallery images in parts 0-2, the 2 crops in part 3: each part written by one rank
+    assert "embedded 11 samples into 4 parts" in result.stdout
+
+    assert main(["embed", *common, "--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    assert folder_contents(tmp_path / "two") == folder_contents(tmp_path / "one")
 
 
 def _embed_on_rank(rank, world_size, shards, weights, out):

@@ -280,6 +280,187 @@ def test_a_whole_query_image_is_not_taken_for_its_crop(tmp_path, capsys):
     assert "the queries are the query images cropped to their boxes: give the embeddings of the crops rows" in error
 
 
+# --------------------------------------------------------------------------- unicom embed --dataset
+
+
+def embed_dataset(root: Path, checkpoint: Path, out: Path, *extra: str, name: str = "roxford5k") -> int:
+    return main(["embed", "--dataset", name, "--root", str(root), "--model", str(checkpoint), "--out", str(out),
+                 "--dtype", "float32", "--device", "cpu", "--rows-per-part", "4", *extra])
+
+
+def folder_contents(folder: Path) -> dict:
+    """Every file of an embedding folder: arrays as lists, parquet files as rows, JSON as loaded."""
+    import pyarrow.parquet as pq
+
+    contents = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".npy":
+            contents[path.relative_to(folder).as_posix()] = np.load(path).tolist()
+        elif path.suffix == ".parquet":
+            contents[path.relative_to(folder).as_posix()] = pq.read_table(path).to_pylist()
+        elif path.is_file():
+            contents[path.relative_to(folder).as_posix()] = json.loads(path.read_text())
+    return contents
+
+
+def test_embed_writes_the_gallery_and_the_cropped_queries_that_evaluate_scores_as_with_the_model(tmp_path):
+    import pyarrow.parquet as pq
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    # two decoding processes: the crops are made in the workers
+    assert embed_dataset(root, checkpoint, tmp_path / "emb", "--workers", "2", name="roxford") == 0
+    # the gallery in parts of 4 rows, then the queries' part
+    keys = [pq.read_table(tmp_path / "emb" / "metadata" / f"metadata_{n}.parquet").column("key").to_pylist()
+            for n in range(4)]
+    assert keys == [[f"jpg/{n}.jpg" for n in NAMES[start:start + 4]] for start in (0, 4, 8)] + [
+        ["jpg/all_souls_000000.jpg#crop", "jpg/all_souls_000004.jpg#crop"]]
+    crops = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_3.parquet").to_pylist()
+    assert [(row["width"], row["height"]) for row in crops] == [(26, 22), (20, 36)]  # the boxes' sizes, rounded
+    assert crops[1]["image_path"] == str(root / "roxford5k" / "jpg" / "all_souls_000004.jpg")
+
+    from_embeddings, from_model = tmp_path / "scored", tmp_path / "with-model"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "8", "--out", str(from_embeddings)]) == 0
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "roxford5k", "--root", str(root), "--dims", "8",
+                 "--num-workers", "0", "--device", "cpu", "--out", str(from_model)]) == 0
+    scored = json.loads((from_embeddings / "metrics.json").read_text())
+    reference = json.loads((from_model / "metrics.json").read_text())
+    assert scored["metrics"] == pytest.approx(reference["metrics"], abs=1e-9)
+    assert [row["dimension"] for row in scored["dimensions"]] == [8, 16]
+    for row, expected in zip(scored["dimensions"], reference["dimensions"]):
+        assert row == pytest.approx(expected, abs=1e-9)
+    assert scored["protocol"] == reference["protocol"]
+
+
+def test_draft_decoding_leaves_the_query_crops_as_they_are(tmp_path):
+    # 256-pixel JPEGs: --draft decodes the gallery at 1/8 scale (32 pixels, the model's input)
+    # but a query is a crop of the whole image, never decoded in draft
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = tmp_path / "data"
+    (root / "roxford5k" / "jpg").mkdir(parents=True)
+    for i, name in enumerate(NAMES):
+        (root / "roxford5k" / "jpg" / f"{name}.jpg").write_bytes(encode_image(class_image(i % 4, i, size=256)))
+    ground_truth = [dict(GND[0], bbx=[10, 20, 250, 230]), dict(GND[1], bbx=[0, 0, 256, 128])]
+    (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(
+        pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": ground_truth}))
+    assert embed_dataset(root, checkpoint, tmp_path / "full", "--workers", "0") == 0
+    assert embed_dataset(root, checkpoint, tmp_path / "draft", "--workers", "0", "--draft") == 0
+    full, draft = folder_contents(tmp_path / "full"), folder_contents(tmp_path / "draft")
+    assert draft["img_emb/img_emb_3.npy"] == full["img_emb/img_emb_3.npy"]
+    assert not np.allclose(draft["img_emb/img_emb_0.npy"], full["img_emb/img_emb_0.npy"], atol=1e-4)
+
+
+def test_embed_resumed_after_a_kill_gives_the_same_folder(tmp_path):
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = revisited_dataset(tmp_path / "data", "rparis6k")
+    assert embed_dataset(root, checkpoint, tmp_path / "whole", "--workers", "0", name="rparis6k") == 0
+    assert embed_dataset(root, checkpoint, tmp_path / "killed", "--workers", "0", name="rparis6k") == 0
+    # what a kill leaves: the queries' part with its embeddings but not yet its metadata (the
+    # last file of a part), a gallery part not started, half-written temporaries
+    killed = tmp_path / "killed"
+    (killed / "metadata" / "metadata_3.parquet").unlink()
+    (killed / "img_emb" / "img_emb_1.npy").unlink()
+    (killed / "metadata" / "metadata_1.parquet").unlink()
+    (killed / "metadata" / ".metadata_3.parquet.k1ll3d_x.tmp.parquet").write_bytes(b"half-written")
+    (killed / "img_emb" / "img_emb_3.npy").write_bytes(b"\x93NUMPY cut short")
+    assert embed_dataset(root, checkpoint, killed, "--workers", "0", name="rparis6k") == 0
+    assert folder_contents(killed) == folder_contents(tmp_path / "whole")
+
+
+def test_embed_refuses_a_folder_of_crops_of_other_boxes(tmp_path, capsys):
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    out = tmp_path / "emb"
+    assert embed_dataset(root, checkpoint, out, "--workers", "0") == 0
+    before = folder_contents(out)
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": [dict(GND[0], bbx=[0, 0, 9, 9]), GND[1]]}))
+    capsys.readouterr()
+    # neither finished (as here) nor resumed: the crops of other boxes are other queries
+    assert embed_dataset(root, checkpoint, out, "--workers", "0") == 2
+    assert re.search(r"holds embeddings of another configuration \(query_boxes_sha256: '[0-9a-f]{64}' before, "
+                     r"'[0-9a-f]{64}' now\); mixing them would make the parts incomparable: use another --out",
+                     capsys.readouterr().err)
+    # nor scored against the new boxes
+    assert main(["evaluate", "--embeddings", str(out), "--dataset", "roxford5k", "--root", str(root), "--dims", "none",
+                 "--out", str(tmp_path / "report")]) == 2
+    assert re.search(r"emb: its query crops were made from other boxes than the ground truth's \(query_boxes_sha256: "
+                     r"'[0-9a-f]{64}' recorded, '[0-9a-f]{64}' now\); embed the queries again", capsys.readouterr().err)
+    # nor scored as the other dataset
+    paris = revisited_dataset(tmp_path / "paris", "rparis6k")
+    assert main(["evaluate", "--embeddings", str(out), "--dataset", "rparis", "--root", str(paris), "--dims", "none",
+                 "--out", str(tmp_path / "report")]) == 2
+    assert "emb: holds the embeddings of roxford5k, not of rparis6k; give --dataset roxford5k, or the folder unicom " \
+        "embed --dataset rparis6k wrote" in capsys.readouterr().err
+    # nor continued from the dataset's images as a plain folder
+    assert main(["embed", "--input", str(root / "roxford5k" / "jpg"), "--model", str(checkpoint), "--out", str(out),
+                 "--dtype", "float32", "--device", "cpu", "--rows-per-part", "4", "--workers", "0"]) == 2
+    assert "(dataset: 'roxford5k' before, None now, query_boxes_sha256: " in capsys.readouterr().err
+    assert folder_contents(out) == before
+
+
+def test_embed_of_a_benchmark_has_no_captions_to_embed_as_text(tmp_path, capsys):
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    assert main(["embed", "--dataset", "roxford5k", "--root", str(root), "--model", "timm/test_vit", "--modalities",
+                 "image,text", "--out", str(tmp_path / "emb")]) == 2
+    assert f"{root}: no captions to embed as text (a benchmark of images); use --modalities image" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dataset", "cub", "--root", "data"], "--dataset cub: unicom embed writes the benchmarks whose queries are crops: "
+                                             "roxford5k, rparis6k (or roxford, rparis); embed another benchmark's "
+                                             "images with --input"),
+    (["--dataset", "roxford5k"], "--dataset roxford5k needs --root, the folder holding the dataset"),
+    (["--input", "photos", "--root", "data"], "--root goes with --dataset; --input names the images itself"),
+    (["--dataset", "roxford5k", "--root", "data", "--key-column", "id", "--path-column", "file"],
+     "--path-column, --key-column name columns of an --input list; --dataset reads the benchmark's own ground truth"),
+])
+def test_embed_refuses_what_it_cannot_write_before_anything_is_written(arguments, message, tmp_path, capsys):
+    assert main(["embed", *arguments, "--model", "timm/test_vit", "--out", str(tmp_path / "emb")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "emb").exists()
+
+
+def test_embed_takes_either_input_or_a_dataset(tmp_path, capsys):
+    for arguments in (["--input", "photos", "--dataset", "roxford5k"], ["--root", "data"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["embed", *arguments, "--model", "timm/test_vit", "--out", str(tmp_path / "emb")])
+        assert exited.value.code == 2
+    errors = capsys.readouterr().err
+    assert "argument --dataset: not allowed with argument --input" in errors
+    assert "one of the arguments --input --dataset is required" in errors
+    assert not (tmp_path / "emb").exists()
+
+
+def test_a_query_crop_is_not_taken_for_its_whole_image(tmp_path, capsys):
+    # a folder as unicom embed --dataset writes it, but without the gallery row of a query
+    # image: the crop's row names that image's path, and must not stand in for it
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    protocol = load_retrieval_benchmark("roxford5k", root)
+    x = np.random.default_rng(0).standard_normal((len(NAMES) + 1, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=x[:8], metadata=pa.table({"key": protocol.gallery.keys[1:],
+                                                                   "image_path": protocol.gallery.paths[1:]}))
+    write_part(tmp_path / "emb", 1, image=x[8:], metadata=pa.table({"key": protocol.query.keys,
+                                                                   "image_path": protocol.query.paths}))
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert "1 gallery images of the benchmark have no embedding (by key or path), e.g. ['jpg/all_souls_000000.jpg']" \
+        in capsys.readouterr().err
+
+
 def test_missing_images_are_listed_with_the_ground_truth_file(tmp_path):
     root = revisited_dataset(tmp_path, "roxford5k")
     for name in NAMES[:6]:

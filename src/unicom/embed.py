@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, ListPart, open_parts, read_in_turn
+from unicom.data.sources import ItemsPart, ListPart, open_benchmark, open_parts, read_in_turn
 from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
@@ -56,6 +56,7 @@ FAILURES_SHOWN = 20
 # keys of embed_config.json that older folders lack (precision and decode: UniFEx feature caches)
 RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode")
 SAME_OPTIONS = "use another --out, or run with the same options"
+BENCHMARK_KEYS = ("dataset", "query_boxes_sha256")  # of embed_config.json, what open_benchmark's parts depend on
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -418,6 +419,8 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     previous = read_config(out)
     if previous is None:
         return False
+    # a benchmark's folder is not continued from other inputs (which lack these keys)
+    config = {**{key: None for key in BENCHMARK_KEYS if key in previous}, **config}
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
@@ -625,8 +628,14 @@ def embed_to_folder(
     precision: str = "auto",
     device: str | torch.device | None = None,
     decode: str = "auto",
+    dataset: str | None = None,
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
+
+    ``dataset``: a benchmark whose queries are crops (roxford5k, rparis6k; see
+    :func:`unicom.data.sources.open_benchmark`), read from the folder ``inputs``: the gallery
+    and the cropped queries are written with the keys ``unicom evaluate --embeddings`` looks
+    for, and the folder records the dataset and the digest of the query boxes.
 
     Inputs and the folder's previous configuration are checked before the model is built
     and before anything is written. Returns the summary of all ranks.
@@ -637,15 +646,21 @@ def embed_to_folder(
     storage.writable_folder(out)
     if device is not None:
         device = resolve_device(str(device), "--device")
-    parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
+    identity = {}
+    if dataset is not None:
+        parts, identity = open_benchmark(dataset, inputs, rows_per_part)
+    else:
+        parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
     if "text" in modalities and parts and not any(part.has_captions for part in parts):
-        raise InputError(f"{parts[0].source}: no captions to embed as text (an image folder, or a list without a caption "
-                         "column: name it with --caption-column); use --modalities image")
+        what = "a benchmark of images" if dataset is not None else \
+            "an image folder, or a list without a caption column: name it with --caption-column"
+        raise InputError(f"{parts[0].source}: no captions to embed as text ({what}); use --modalities image")
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = recorded_spec(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
         config["rows_per_part"] = rows_per_part
+    config.update(identity)  # a benchmark's crops of other boxes would be other queries
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if _check_config(out, check):  # (None: the weights file moved; their digest decides once they are loaded)
         kinds = check["modalities"] + ["metadata"]

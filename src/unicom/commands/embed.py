@@ -6,6 +6,7 @@ Examples::
         --pretrained laion400m_e32 --modalities image,text --out EMB/
     torchrun --nproc_per_node 8 -m unicom.cli embed --input 'shards/{00000..09999}.tar' ...
     unicom embed --input photos/ --model timm/vit_base_patch16_224 --pretrained augreg_in21k --out EMB/
+    unicom embed --dataset roxford5k --root data --model ViT-B/16 --out EMB/roxford5k
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ from unicom.engine.device import PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--input", nargs="+", required=True, metavar="INPUT",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input", nargs="+", metavar="INPUT",
         help="webdataset shards (paths, brace patterns like 'shards/{00000..00099}.tar', globs, a folder of .tar), "
         "an image folder, or one CSV/parquet list",
     )
+    source.add_argument(
+        "--dataset", metavar="NAME",
+        help="instead of --input, a benchmark whose queries are crops of images: roxford5k or rparis6k (roxford, "
+        "rparis), read from --root: the gallery and the queries cropped to their boxes, keyed as "
+        "'unicom evaluate --embeddings' looks for them",
+    )
+    parser.add_argument("--root", help="with --dataset: the folder holding roxford5k/ (or rparis6k/), or that folder itself")
     parser.add_argument("--out", required=True, help="output folder (img_emb/, text_emb/, metadata/, failures/)")
     parser.add_argument("--model", required=True, help="open_clip name (ViT-B-32), timm/<name> or timm/local-dir:FOLDER, released Unicom name or exported folder")
     parser.add_argument("--pretrained", default=None, help="weights: a tag (laion400m_e32) or a local checkpoint file")
@@ -50,12 +59,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from unicom import distributed
     from unicom.embed import embed_to_folder
+    from unicom.errors import InputError
     from unicom.formats.embeddings import FAILURES_FOLDER
 
+    if args.dataset is not None and args.root is None:
+        raise InputError(f"--dataset {args.dataset} needs --root, the folder holding the dataset")
+    if args.input is not None and args.root is not None:
+        raise InputError("--root goes with --dataset; --input names the images itself")
+    columns = [option for option, value in (("--path-column", args.path_column != "path"),
+                                            ("--caption-column", args.caption_column), ("--label-column", args.label_column),
+                                            ("--key-column", args.key_column)) if value]
+    if args.dataset is not None and columns:
+        raise InputError(f"{', '.join(columns)} name columns of an --input list; --dataset reads the benchmark's own "
+                         "ground truth: leave them out")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     with distributed.process_group() as (rank, _):
         summary = embed_to_folder(
-            args.input,
+            args.input if args.dataset is None else args.root,
             args.out,
             args.model,
             pretrained=args.pretrained,
@@ -76,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             device=args.device,
             decode=args.decode,
+            dataset=args.dataset,
         )
     if rank != 0:
         return 0

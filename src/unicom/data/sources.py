@@ -145,6 +145,78 @@ class ItemsPart:
             yield Record(index, str(index), item)
 
 
+@dataclass(frozen=True)
+class QueryCrop:
+    """A query image cropped to its box, made when the sample is decoded (by
+    :func:`unicom.data.benchmarks.revisited.crop_query`): a decoded image, so neither draft
+    nor GPU decoding applies to it."""
+
+    path: str
+    box: tuple[float, float, float, float]
+
+    def decoded(self):
+        from unicom.data.benchmarks.revisited import crop_query
+
+        return crop_query(self.path, self.box)
+
+
+@dataclass(frozen=True)
+class CroppedPart:
+    """The queries of a benchmark whose queries are boxes of images (Revisited Oxford/Paris)
+    as one part: keys ``jpg/<name>.jpg#crop``, each image cropped to its box when it is
+    decoded. Metadata: ``image_path`` (the whole image the crop is of)."""
+
+    number: int
+    images: ImageList
+    boxes: tuple[tuple[float, float, float, float], ...]
+    source: str
+    columns = (("image_path", "string"),)
+    has_captions = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.source} query crops"
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+    def records(self) -> Iterator[Record]:
+        for index, (path, key, box) in enumerate(zip(self.images.paths, self.images.keys, self.boxes)):
+            yield Record(index, key, QueryCrop(path, box), columns={"image_path": path})
+
+
+# benchmarks whose queries only `unicom embed --dataset` (or `unicom evaluate --model`) can
+# embed: crops of images, not image files
+CROPPED_QUERY_BENCHMARKS = ("roxford5k", "rparis6k")
+
+
+def open_benchmark(name: str, root, rows_per_part: int = 100_000) -> tuple[list[ListPart | CroppedPart], dict]:
+    """The parts of benchmark ``name`` (one of :data:`CROPPED_QUERY_BENCHMARKS` or an alias)
+    read from ``root``: its gallery cut into parts of ``rows_per_part`` rows (keys
+    ``jpg/<name>.jpg``), then one :class:`CroppedPart` of its cropped queries; and what the
+    embeddings depend on besides the model: ``{"dataset": name, "query_boxes_sha256": ...}``.
+    Warns when boxes reach beyond their image."""
+    from unicom.data.benchmarks import ALIASES, canonical_name, load_retrieval_benchmark
+    from unicom.data.benchmarks.revisited import query_boxes_sha256, warn_boxes_outside
+
+    canonical = canonical_name(name)
+    if canonical not in CROPPED_QUERY_BENCHMARKS:
+        aliases = [alias for alias, target in ALIASES.items() if target in CROPPED_QUERY_BENCHMARKS]
+        raise InputError(
+            f"--dataset {name}: unicom embed writes the benchmarks whose queries are crops: "
+            f"{', '.join(CROPPED_QUERY_BENCHMARKS)} (or {', '.join(aliases)}); embed another benchmark's images with "
+            "--input (its image folder or a list), or evaluate it with unicom evaluate --model"
+        )
+    protocol = load_retrieval_benchmark(canonical, root)
+    source = os.fspath(root)
+    parts: list[ListPart | CroppedPart] = list_parts(protocol.gallery, rows_per_part, source)
+    warn_boxes_outside(protocol.query, protocol.query_boxes)
+    boxes = tuple(tuple(float(v) for v in box) for box in protocol.query_boxes)
+    parts.append(CroppedPart(len(parts), protocol.query, boxes, source))
+    return parts, {"dataset": canonical, "query_boxes_sha256": query_boxes_sha256(protocol.query_boxes)}
+
+
 def read_in_turn(parts: Sequence[Any]) -> list[Any]:
     """``parts`` for one reader that reads them in this order: each remote shard names
     the next one, which then downloads while it is decoded (see :attr:`ShardPart.following`)."""
@@ -241,5 +313,6 @@ def open_parts(
     return [ShardPart(part_number(shard_name(p)), p) for p in shards]
 
 
-__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
+__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
+           "open_benchmark", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
            "read_in_turn"]

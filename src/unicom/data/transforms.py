@@ -121,11 +121,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode ``source`` (encoded bytes, a file path or URL, or a PIL image) to an RGB image.
+    """Decode ``source`` (encoded bytes, a file path or URL, a PIL image, or an object whose
+    ``decoded()`` makes the PIL image, such as :class:`unicom.data.sources.QueryCrop`) to an
+    RGB image.
 
     Returns ``(image, (width, height))`` where the size is the stored image's, before any
     draft reduction. Raises :class:`DecodeError` with a readable reason.
     """
+    if callable(getattr(source, "decoded", None)):
+        try:
+            source = source.decoded()
+        except Exception as error:  # noqa: BLE001 - whatever it raises, this sample is left out and named
+            raise DecodeError(str(error)) from error
     if isinstance(source, Image.Image):
         return to_rgb(source), source.size
     if isinstance(source, DecodeError):  # an image that was not read

@@ -27,6 +27,7 @@ from unicom.formats.embeddings import (
     EmbeddingFolders,
     key_column,
     part_complete,
+    read_config,
     read_embedding_folder,
     sweep_writer_temporaries,
     write_part,
@@ -83,13 +84,16 @@ class _RowIndex:
     """key -> row and absolute path -> row of an embedding folder."""
 
     def __init__(self, metadata, root):
+        from unicom.data.benchmarks.revisited import CROP_SUFFIX
+
         self.root = root
-        self.by_key = {k: i for i, k in enumerate(_key_column(metadata, root))}
+        keys = _key_column(metadata, root)
+        self.by_key = {k: i for i, k in enumerate(keys)}
         self.by_path = {}
         for column in ("path", "image_path"):
             if column in metadata.column_names:
                 for i, p in enumerate(metadata.column(column).to_pylist()):
-                    if p:
+                    if p and not keys[i].endswith(CROP_SUFFIX):  # a crop's path is of the whole image
                         self.by_path.setdefault(os.path.realpath(p), i)
 
     def rows(self, keys: Sequence[str], paths: Sequence[str], split: str, required: bool = True,
@@ -295,13 +299,10 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 continue
             inputs, identity = images.paths, dict(config, split=split)
             if split == "query" and protocol.query_boxes is not None:  # the query is the box, not the whole image
-                from unicom.data.benchmarks.revisited import cropped_queries
-
-                import hashlib
+                from unicom.data.benchmarks.revisited import cropped_queries, query_boxes_sha256
 
                 inputs = cropped_queries(images, protocol.query_boxes)
-                boxes = np.ascontiguousarray(protocol.query_boxes, dtype="<f8")
-                identity["query_boxes_sha256"] = hashlib.sha256(boxes.tobytes()).hexdigest()
+                identity["query_boxes_sha256"] = query_boxes_sha256(protocol.query_boxes)
             vectors[split] = embed_cached(
                 encoder, inputs, images.keys, out / "embeddings" / split, identity,
                 labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
@@ -311,6 +312,8 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 out / "embeddings" / "train", dict(config, split="train", sample=int(pca_samples)),
                 batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} train (PCA)")
     else:
+        if protocol.query_boxes is not None:
+            _check_query_boxes(embeddings, name, protocol.query_boxes)
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
         for split, images in splits.items():
@@ -321,7 +324,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 # a cropped query is found by its key alone: the row found by its path is the whole image
                 rows = index.rows(images.keys, [""] * len(images), split, remedy=(
                     "the queries are the query images cropped to their boxes: give the embeddings of the crops "
-                    "rows with these keys (as --model writes them), or evaluate with --model"))
+                    "rows with these keys (as unicom embed --dataset and evaluate --model write them), or evaluate with --model"))
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
@@ -353,6 +356,24 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         exclude_classes=exclude_classes,
         class_names=protocol.query.class_names,
     )
+
+
+def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
+    """Refuse a folder whose recorded query crops (``unicom embed --dataset``) are of another
+    dataset, or of other boxes than the ground truth's: they would be scored as other queries."""
+    from unicom.data.benchmarks.revisited import query_boxes_sha256
+
+    config = read_config(embeddings) or {}
+    if config.get("dataset") not in (None, dataset):
+        raise InputError(f"{embeddings}: holds the embeddings of {config['dataset']}, not of {dataset}; give "
+                         f"--dataset {config['dataset']}, or the folder unicom embed --dataset {dataset} wrote")
+    recorded = config.get("query_boxes_sha256")
+    if recorded is not None and recorded != query_boxes_sha256(boxes):
+        raise InputError(
+            f"{embeddings}: its query crops were made from other boxes than the ground truth's (query_boxes_sha256: "
+            f"{recorded!r} recorded, {query_boxes_sha256(boxes)!r} now); embed the queries again with unicom embed "
+            "--dataset into another --out, or evaluate with the ground truth they were made from"
+        )
 
 
 def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ numbers and numpy arrays: a pickle that asks for anything else is refused, not r
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import pickle
 import warnings
@@ -238,27 +239,50 @@ def read_revisited(root: str | os.PathLike, name: str, check_images: bool = True
     return Splits(query=query, gallery=gallery, query_boxes=boxes, setups=setups)
 
 
-def cropped_queries(query: ImageList, boxes: np.ndarray) -> list:
-    """The query images (RGB PIL images) cropped to their boxes (x1, y1, x2, y2 in pixels,
-    as PIL's ``crop`` takes them), ready for the model's transform.
+def query_boxes_sha256(boxes: np.ndarray) -> str:
+    """The SHA-256 (hex) of the query boxes (Nq, 4) as little-endian float64: what a folder of
+    query embeddings records, so that crops of other boxes are not mixed with or scored as
+    these."""
+    return hashlib.sha256(np.ascontiguousarray(boxes, dtype="<f8").tobytes()).hexdigest()
 
-    A box that reaches more than a pixel beyond its image (images resized after the ground
-    truth was made) is cropped all the same, with black outside the image, and a warning
-    names the queries."""
+
+def crop_query(path: str | os.PathLike, box: np.ndarray):
+    """The image at ``path`` (RGB PIL image) cropped to ``box`` (x1, y1, x2, y2 in pixels, as
+    PIL's ``crop`` takes them; beyond the image the crop is black). Raises
+    :class:`InputError` naming the file when it cannot be read as an image."""
     from PIL import Image
 
-    images, outside = [], []
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB").crop(tuple(float(v) for v in box))
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read as an image ({error})") from None
+
+
+def warn_boxes_outside(query: ImageList, boxes: np.ndarray) -> None:
+    """Warn, naming the queries, when boxes reach more than a pixel beyond their image
+    (images resized after the ground truth was made). Reads the images' headers only; an
+    image that cannot be read is named when it is cropped."""
+    from PIL import Image
+
+    outside = []
     for path, box in zip(query.paths, boxes):
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB").crop(tuple(float(v) for v in box)))
-        except OSError as error:
-            raise InputError(f"{path}: cannot be read as an image ({error})") from None
-        width, height = image.size
+                width, height = image.size
+        except OSError:
+            continue
         if box[0] < -1 or box[1] < -1 or box[2] > width + 1 or box[3] > height + 1:
             outside.append(f"{Path(path).name} ({width}x{height}, box {', '.join(f'{v:g}' for v in box)})")
     if outside:
         warnings.warn(f"{len(outside)} query boxes reach beyond their image, e.g. {'; '.join(outside[:3])}: the part "
                       "outside is black in the crop; the ground truth's boxes are in pixels of the original images, "
                       "are these images resized?")
-    return images
+
+
+def cropped_queries(query: ImageList, boxes: np.ndarray) -> list:
+    """The query images (RGB PIL images) cropped to their boxes (:func:`crop_query`), ready
+    for the model's transform. A box that reaches beyond its image is cropped all the same,
+    with black outside the image, and a warning names the queries (:func:`warn_boxes_outside`)."""
+    warn_boxes_outside(query, boxes)
+    return [crop_query(path, box) for path, box in zip(query.paths, boxes)]

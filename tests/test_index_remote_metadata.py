@@ -467,3 +467,23 @@ def test_a_remote_metadata_file_replaced_by_a_shorter_one_while_loaded_is_named_
         with pytest.raises(InputError, match=r"metadata_0\.parquet: changed since the index was loaded .*load the "
                                              "index again"):
             index.metadata(4500)
+
+
+def test_a_remote_index_published_without_its_held_out_ids_loads_from_a_server_that_refuses_absent_keys(
+        tmp_path, cache, monkeypatch):
+    """S3, and a CDN or static site in front of a bucket, answers 403 (not 404) for a key that
+    is not there to whoever may not list the bucket: the held-out ids, which a search does
+    not need, are then taken as absent, not as a refused request."""
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    captions = captioned_collection(tmp_path / "emb", 60)
+    local = Index.build(tmp_path / "emb", tmp_path / "index")
+    (tmp_path / "index" / "heldout_ids.npy").unlink()
+    with FileServer(tmp_path / "index") as http:
+        http.fault("heldout_ids.npy", status=403, statuses=1000)
+        remote = Index.load(f"{http.url}/")
+        queries = unit_rows(4, 16, seed=3)
+        np.testing.assert_array_equal(remote.search(queries, 5)[1], local.search(queries, 5)[1])
+        assert remote.metadata(7)["caption"] == captions[7]
+        http.fault("index.json", status=403, statuses=1000)  # a file it needs: refused is an error
+        with pytest.raises(storage.FetchError, match=r"index.json: refused \(HTTP 403 Forbidden\)"):
+            Index.load(f"{http.url}/")

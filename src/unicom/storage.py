@@ -415,10 +415,13 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
 # --------------------------------------------------------------------------- reading
 
 
-def _ask(location, question: str) -> bool:
+def _ask(location, question: str, optional: bool = False) -> bool:
     """``exists``, ``is_file`` or ``is_dir`` of ``location``: pathlib's for a local path,
     the filesystem's (retried) for a URL, a :class:`FetchError` when the store refused to
-    answer (HTTP 401, 403, …) or kept failing (a 5xx), not False."""
+    answer (HTTP 401, 403, …) or kept failing (a 5xx), not False. ``optional``: a refusal
+    is False, as S3 (and a CDN or static site in front of a bucket) answers 403 for a key
+    that is not there to whoever may not list the bucket; a store that keeps failing is
+    still an error."""
     if not is_url(location):
         return getattr(_local(location), question)()
     ask = getattr(path(location), question)
@@ -429,6 +432,9 @@ def _ask(location, question: str) -> bool:
         return answer
     except FetchError as error:
         if error.__cause__ is not None and _refused(error.__cause__):
+            if optional:
+                logger.debug("%s: %s, taken as not there", text(location), error.reason)
+                return False
             raise FetchError(error.location, f"{error.reason}; {_refusal_advice(location)}") from error.__cause__
         raise
 
@@ -467,8 +473,10 @@ def exists(location) -> bool:
     return _ask(location, "exists")
 
 
-def is_file(location) -> bool:
-    return _ask(location, "is_file")
+def is_file(location, *, optional: bool = False) -> bool:
+    """Whether ``location`` is a file; ``optional``: for a file that a folder may lack, a
+    store's refusal to say reads as "not there" (see :func:`_ask`)."""
+    return _ask(location, "is_file", optional)
 
 
 def is_dir(location) -> bool:

@@ -788,7 +788,9 @@ def _cached(url) -> Path:
         names = [CONFIG_FILE, *(name for name in _file_names(config) if not name.startswith(f"{METADATA_FOLDER}/"))]
     else:
         names = _clip_folder_files(url)
-    if storage.is_file(storage.join(url, HELDOUT_FILE)):  # without index.json: Index.load names the unfinished build
+    # optional: a search does not need it (a folder published without it); without index.json:
+    # Index.load names the unfinished build
+    if storage.is_file(storage.join(url, HELDOUT_FILE), optional=True):
         names.append(HELDOUT_FILE)
     if not names:
         raise InputError(

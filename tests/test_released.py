@@ -299,6 +299,14 @@ def test_checkpoints_named_as_timm_and_lightning_name_them_are_encoders(model, t
         torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["model.pt", "model_best.pth.tar", "last.ckpt", "model.safetensors"])
+def test_a_checkpoint_file_that_is_not_there_is_named_not_found(tmp_path, name):
+    """It was 'no model matches ...: give ... a checkpoint file', as if the name were not one."""
+    with pytest.raises(InputError) as error:
+        load_encoder(str(tmp_path / name))
+    assert str(error.value).startswith(f"{tmp_path / name}: file not found (a checkpoint file, by its name")
+
+
 def test_released_names_are_this_projects_and_sizes_without_weights_are_open_clips():
     from unicom.models.factory import is_unicom_spec
 

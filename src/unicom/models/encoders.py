@@ -143,6 +143,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         raise not_a_model_folder(spec)
     if pretrained is not None and factory.is_unicom_spec(spec):
         raise InputError(f"{spec}: a unicom model holds its weights; leave out --pretrained {pretrained}")
+    if pretrained is None and spec.endswith(factory.CHECKPOINT_SUFFIXES) and not os.path.exists(spec):
+        raise InputError(f"{spec}: file not found (a checkpoint file, by its name; a relative path is taken from "
+                         f"{os.getcwd()})")
     raise InputError(
         f"no model matches {spec!r}: give a released Unicom name ({', '.join(factory.available_models())}), a model "
         "folder, a checkpoint file, hf-hub:<owner>/<repository>, timm/<name>, or an open_clip model name with --pretrained"

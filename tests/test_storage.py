@@ -154,6 +154,36 @@ def test_an_existence_check_that_meets_only_server_errors_is_retried_then_an_err
         assert "500" in error.value.reason and error.value.attempts == 4 and not error.value.missing
 
 
+def test_an_existence_check_takes_the_stores_description_not_a_second_failing_request(fast_retries):
+    """fsspec's HTTP filesystem reads a failed GET as "no": the file is there when the
+    store describes it (HEAD), whatever the GET that follows would meet."""
+    from storage_servers import QuietHandler, serve
+
+    asked = []
+
+    class BusyForDownloads(QuietHandler):  # HEADs answered (from a cache), the first GETs not
+        def do_HEAD(self):
+            asked.append("HEAD")
+            self.send_response(200)
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+
+        def do_GET(self):
+            asked.append("GET")
+            self.send_response(503 if asked.count("GET") <= 2 else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = serve(BusyForDownloads)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/list.csv"
+        assert storage.is_file(url)
+        assert asked == ["GET", "HEAD"]  # one question, then the description
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_input_list_behind_an_expired_signed_url_is_reported_as_refused(tmp_path, capsys, fast_retries):
     from unicom.cli import main
 

@@ -424,12 +424,13 @@ def _ask(location, question: str, optional: bool = False) -> bool:
     still an error."""
     if not is_url(location):
         return getattr(_local(location), question)()
-    ask = getattr(path(location), question)
     try:
-        answer = retrying(location, ask)
-        if not answer and _there(location):  # "no" may have been a failed request that has since passed
-            answer = retrying(location, ask)
-        return answer
+        if retrying(location, getattr(path(location), question)):
+            return True
+        # "no" may have been a failed request: the store's description of what is there decides
+        # (asking again could meet the same failure)
+        found = _there(location)
+        return found is not None and (question == "exists" or found.get("type") == _KINDS[question])
     except FetchError as error:
         if error.__cause__ is not None and _refused(error.__cause__):
             if optional:
@@ -439,21 +440,25 @@ def _ask(location, question: str, optional: bool = False) -> bool:
         raise
 
 
-def _there(location) -> bool:
-    """Whether the store has something at ``location`` (False: it says it has not); a
-    :class:`FetchError` when it refused to say or kept failing. fsspec's HTTP and S3
-    filesystems answer "no" to ``exists``/``is_file`` for any failed request: an expired
-    signed URL, a bucket policy that refuses or a server error must not read as a missing file."""
+# fsspec's ``info()["type"]`` of what ``is_file`` and ``is_dir`` ask about (HTTP's is always "file")
+_KINDS = {"is_file": "file", "is_dir": "directory"}
+
+
+def _there(location) -> dict | None:
+    """What the store has at ``location`` (fsspec's ``info``), None when it says it has
+    nothing there; a :class:`FetchError` when it refused to say or kept failing. fsspec's
+    HTTP and S3 filesystems answer "no" to ``exists``/``is_file`` for any failed request: an
+    expired signed URL, a bucket policy that refuses or a server error must not read as a
+    missing file."""
     target = path(location)
     try:
-        retrying(location, lambda: target.fs.info(target.path), missing_is_final=True)
+        return retrying(location, lambda: target.fs.info(target.path), missing_is_final=True)
     except FetchError as error:
         if not error.missing:
             raise
-        return False
+        return None
     except Exception:  # FileNotFoundError (not there), or a question the store cannot answer: the "no" stands
-        return False
-    return True
+        return None
 
 
 def _refusal_advice(location) -> str:

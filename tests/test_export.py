@@ -211,3 +211,13 @@ def test_a_model_folder_is_not_written_to_a_url(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="gs://bucket/m: a model folder is written to a local path, not to a URL"):
         export.save_model("gs://bucket/m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_json_of_the_folder_that_describes_no_weights_is_kept(tmp_path):
+    """timm's config.json beside model.safetensors describes those weights and goes with them;
+    one in a folder without a model (a run's own settings) is not this writer's to remove."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"lr": 0.1}')
+    export.save_model(tmp_path / "run", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
+    assert (tmp_path / "run" / "config.json").read_text() == '{"lr": 0.1}'
+    assert export.read_config(tmp_path / "run")["architecture"] == "unicom_vit"

@@ -197,8 +197,9 @@ def save_model(
         tensors = timm_form.to_timm(tensors)
         timm_config = timm_form.config(settings, embedding_dim, timm_data_config(preprocess))
     folder.mkdir(parents=True, exist_ok=True)
+    if (folder / WEIGHTS_NAME).exists() or (folder / CONFIG_NAME).exists():
+        (folder / TIMM_CONFIG_NAME).unlink(missing_ok=True)  # it described the weights being replaced
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the JSON is back
-    (folder / TIMM_CONFIG_NAME).unlink(missing_ok=True)  # it described the weights being replaced
     for name in (WEIGHTS_NAME, TIMM_CONFIG_NAME, CONFIG_NAME):
         remove_killed_writes(folder / name)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:

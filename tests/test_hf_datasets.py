@@ -424,3 +424,15 @@ def test_a_connection_the_hub_keeps_cutting_is_a_fetch_failure_naming_the_url(hu
         storage.retrying(url, lambda: get_session().get(f"{hub.endpoint}/datasets/{REPO}/resolve/main/shards/00001.tar"))
     assert caught.value.location == url and caught.value.attempts == 5 and not caught.value.missing
     assert hub.cuts["shards/00001.tar"] == 95
+
+
+def test_a_repository_the_hub_will_not_show_is_named_with_what_to_check(hub):
+    """The Hub answers 401 for a misspelt repository as for a private or gated one: a
+    check of a folder in it says both, and how to log in, not to pass --storage-options."""
+    with pytest.raises(storage.FetchError) as error:
+        storage.is_dir("hf://datasets/org/nmae/emb")
+    assert str(error.value) == (
+        "hf://datasets/org/nmae/emb: refused (HTTP 401 Unauthorized); the Hub answers so for a repository that does "
+        "not exist, or one that is private or gated: check the repository's name, and log in (`hf auth login`, or "
+        "HF_TOKEN) with access to it")
+    assert storage.is_dir("hf://datasets/org/name/emb") and not storage.is_file("hf://datasets/org/name/nope.json")

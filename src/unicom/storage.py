@@ -471,6 +471,9 @@ def _refusal_advice(location) -> str:
         return ("S3 refused the request: check the credentials (AWS_* variables, --storage-options) and the bucket "
                 "policy, and that the key exists (S3 answers 403 for a missing key to credentials that may not list "
                 "the bucket)")
+    if scheme == "hf":
+        return ("the Hub answers so for a repository that does not exist, or one that is private or gated: check the "
+                "repository's name, and log in (`hf auth login`, or HF_TOKEN) with access to it")
     return "the store refused the request: check the credentials (--storage-options) and that the location exists"
 
 

@@ -184,6 +184,37 @@ def test_an_existence_check_takes_the_stores_description_not_a_second_failing_re
         server.server_close()
 
 
+def test_a_folder_over_http_that_the_server_will_not_list_says_to_use_the_stores_url(tmp_path, fast_retries):
+    """S3 websites, CloudFront and most static sites answer 403 for a folder's page: the
+    error says a folder is read from that page, not that a signed URL may have expired."""
+    from storage_servers import QuietHandler, serve
+
+    from unicom.formats.embeddings import EmbeddingFolders
+
+    class NoListings(QuietHandler):
+        def do_GET(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+    server = serve(NoListings)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/emb"
+        with pytest.raises(storage.FetchError) as error:
+            storage.is_dir(url)
+        assert str(error.value) == (
+            f"{url}: refused (HTTP 403 Forbidden); a folder is read over HTTP from its page of links, which S3, "
+            "CloudFront and most static sites refuse to give: use the store's own URL (s3://, gs://), a server that "
+            "lists folders, or the credentials it needs (--storage-options)")
+        with pytest.raises(storage.FetchError, match="a folder is read over HTTP from its page of links"):
+            EmbeddingFolders.from_root(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_input_list_behind_an_expired_signed_url_is_reported_as_refused(tmp_path, capsys, fast_retries):
     from unicom.cli import main
 

@@ -436,7 +436,7 @@ def _ask(location, question: str, optional: bool = False) -> bool:
             if optional:
                 logger.debug("%s: %s, taken as not there", text(location), error.reason)
                 return False
-            raise FetchError(error.location, f"{error.reason}; {_refusal_advice(location)}") from error.__cause__
+            raise FetchError(error.location, f"{error.reason}; {_refusal_advice(location, question)}") from error.__cause__
         raise
 
 
@@ -461,9 +461,14 @@ def _there(location) -> dict | None:
         return None
 
 
-def _refusal_advice(location) -> str:
-    """What to do about a store that refused to say whether ``location`` exists."""
+def _refusal_advice(location, question: str) -> str:
+    """What to do about a store that refused to say whether ``location`` exists (``question``:
+    ``exists``, ``is_file`` or ``is_dir``)."""
     scheme = protocol(location)
+    if scheme in READ_ONLY and question == "is_dir":
+        return ("a folder is read over HTTP from its page of links, which S3, CloudFront and most static sites refuse "
+                "to give: use the store's own URL (s3://, gs://), a server that lists folders, or the credentials it "
+                "needs (--storage-options)")
     if scheme in READ_ONLY:
         return ("the server refused the request: give a fresh signed URL if this one has expired, or the credentials "
                 "it needs (--storage-options, e.g. '{\"headers\": {\"Authorization\": \"…\"}}')")

@@ -128,11 +128,13 @@ def test_mirror_from_the_environment_replaces_the_release_host(published, server
     assert server[2] == [f"/{FILE}"]
 
 
-@pytest.mark.parametrize("as_url", [False, True])
-def test_a_mirror_on_a_shared_disk_is_given_as_its_folder_or_file_url(published, server, monkeypatch, tmp_path, as_url):
+@pytest.mark.parametrize("form", ["folder", "file:///", "file:/"])
+def test_a_mirror_on_a_shared_disk_is_given_as_its_folder_or_file_url(published, server, monkeypatch, tmp_path, form):
     monkeypatch.setitem(MODELS, "tiny", tiny_release(f"https://invalid.example/tiny/{FILE}", published[0]))
     mirror = server[0]
-    monkeypatch.setenv("UNICOM_BASE_URL", mirror.as_uri() if as_url else str(mirror))
+    # file:/shared (one slash, as urllib reads it too) is a URL, not a folder named 'file:'
+    given = {"folder": str(mirror), "file:///": mirror.as_uri(), "file:/": f"file:{mirror}"}[form]
+    monkeypatch.setenv("UNICOM_BASE_URL", given)
     unicom.load("tiny", download_root=tmp_path / "cache")
     assert (tmp_path / "cache" / FILE).read_bytes() == (mirror / FILE).read_bytes()
     assert server[2] == []  # read from the disk, not over HTTP

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -105,7 +106,7 @@ def weights_url(name: str, base_url: str | None = None) -> str:
 
     cfg = model_cfg(name)
     base = base_url or os.environ.get("UNICOM_BASE_URL")
-    if base and "://" not in base:  # a folder on a shared disk
+    if base and not urllib.parse.urlsplit(base).scheme:  # a folder on a shared disk (file:/shared is a URL)
         base = Path(base).expanduser().resolve().as_uri()
     return f"{base.rstrip('/')}/{cfg.file_name}" if base else cfg.url
 

@@ -221,3 +221,26 @@ def test_a_config_json_of_the_folder_that_describes_no_weights_is_kept(tmp_path)
     export.save_model(tmp_path / "run", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32))
     assert (tmp_path / "run" / "config.json").read_text() == '{"lr": 0.1}'
     assert export.read_config(tmp_path / "run")["architecture"] == "unicom_vit"
+
+
+class CheckedColour(MeanColour):
+    """A toy architecture that checks its pixels' values, built for an image size."""
+
+    def forward(self, images):
+        if not torch.isfinite(images).all():
+            raise ValueError("non-finite pixels")
+        return super().forward(images)
+
+
+def test_a_network_that_reads_its_pixels_is_not_refused_for_a_size_the_meta_device_cannot_try(tmp_path, monkeypatch):
+    """The size probe runs the network on the meta device, which has no values: a forward that
+    checks them fails there for any size, and was reported as refusing the preprocess size."""
+    monkeypatch.setitem(registry.ARCHITECTURES, "checked_colour",
+                        registry.Architecture("checked_colour", lambda settings: CheckedColour(settings["dim"])))
+    model = CheckedColour(3)
+    export.save_model(tmp_path / "toy", model, "checked_colour", {"dim": 3, "image_size": 4}, {**SQUASH, "size": 8})
+    loaded, transform = export.load_model(tmp_path / "toy")
+    x = transform(Image.new("RGB", (10, 12), (200, 30, 90)))[None]
+    assert x.shape == (1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

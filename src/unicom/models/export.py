@@ -341,11 +341,20 @@ def _check_recorded(config: Mapping[str, Any], model: nn.Module, architecture, p
         with torch.device("meta"):
             architecture.build(settings)(torch.empty(1, int(settings.get("in_chans", 3)), size, size))
     except Exception as error:
+        if _meta_cannot_run(error):  # a forward that reads values (a check of the pixels): the first batch will tell
+            return
         raise InputError(
             f"{path}: its preprocess gives {size}x{size} images, but its network ({arch}) is built for "
             f"settings.image_size {image_size} and does not take them; set the "
             f"preprocess's \"size\" to {image_size} (a resize_size above it keeps a centre crop)"
         ) from error
+
+
+def _meta_cannot_run(error: Exception) -> bool:
+    """Whether ``error`` is the meta device's refusal of an operation that needs the
+    tensors' values (``.item()``, ``nonzero``, an operator without a meta kernel), not the
+    network's refusal of the input's shape."""
+    return isinstance(error, NotImplementedError) or "meta tensor" in str(error) or "'Meta' backend" in str(error)
 
 
 __all__ = [

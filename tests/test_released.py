@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import pickle
@@ -294,6 +295,16 @@ def test_released_file_is_an_encoder(model, checkpoint):
 def test_checkpoints_named_as_timm_and_lightning_name_them_are_encoders(model, tmp_path, name):
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / name)
     encoder = load_encoder(str(tmp_path / name))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_keeping_its_training_arguments_loads(model, tmp_path):
+    """timm's train.py saves its argparse.Namespace of arguments beside the weights."""
+    args = argparse.Namespace(model="vit", lr=5e-4, epochs=30, mean=(0.5, 0.5, 0.5), resume="")
+    torch.save({"epoch": 29, "state_dict": model.state_dict(), "args": args, "version": 2}, tmp_path / "model_best.pth.tar")
+    encoder = load_encoder(str(tmp_path / "model_best.pth.tar"))
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(encoder.encode_image(x), model(x), rtol=1e-5, atol=1e-5)

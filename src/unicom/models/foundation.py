@@ -245,8 +245,11 @@ def _load_timm_file(model: torch.nn.Module, path: str) -> None:
     """
     from timm.models import load_state_dict
 
+    from unicom.models.weights import safe_records
+
     try:
-        state_dict = load_state_dict(path, use_ema=True, weights_only=True)
+        with safe_records():
+            state_dict = load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for foreign files
         refused = error if isinstance(error, pickle.UnpicklingError) else error.__cause__  # timm wraps it
         if isinstance(refused, pickle.UnpicklingError):

@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -32,6 +35,17 @@ WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "ema")
 # or DataParallel (module.), torch.compile (_orig_mod.), a fine-tuning wrapper (model.).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
+# Records that training scripts keep beside the weights and that are read as data: timm's
+# train.py saves its arguments as an argparse.Namespace (a bag of attributes, no code).
+SAFE_RECORDS = (argparse.Namespace,)
+
+
+def safe_records():
+    """A context in which ``torch.load(weights_only=True)`` also reads :data:`SAFE_RECORDS`
+    (PyTorch >= 2.5; before, such files are refused as holding Python objects)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow(list(SAFE_RECORDS)) if allow is not None else contextlib.nullcontext()
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, read safely (no arbitrary unpickling).
@@ -51,11 +65,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return read_safetensors(path)
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with safe_records():
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as error:
             if "mmap" not in str(error):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            with safe_records():
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as error:
         raise unpickling_refused(path, error) from error
     except Exception as error:  # a damaged or foreign file: torch raises many types (EOFError, OSError EINVAL, ...)
@@ -71,9 +87,13 @@ def unpickling_refused(path: str | os.PathLike, error: pickle.UnpicklingError) -
     pickled Python objects (named so, with how to re-save it), or bytes that are no checkpoint."""
     if "unsupported global" not in str(error).lower():  # not pickled objects: bytes that are no checkpoint
         return InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)")
+    named = re.search(r"GLOBAL (\S+)", str(error))
+    what = f" ({named.group(1)})" if named else ""
     return InputError(
-        f"{path}: holds Python objects besides tensors, which are not unpickled for safety; "
-        "re-save it as a plain state dict: torch.save(model.state_dict(), path)"
+        f"{path}: holds Python objects besides tensors{what}, which are not unpickled for safety; "
+        "re-save its weights as a plain state dict, with the code that wrote it (torch.save(model.state_dict(), "
+        "'weights.pt')) or, if you trust the file, torch.save(torch.load(path, weights_only=False)['state_dict'], "
+        "'weights.pt') (the key that holds the weights)"
     )
 
 
@@ -168,4 +188,7 @@ def instantiate(
     return model.eval()
 
 
-__all__ = ["OPTIONAL_KEY_SUFFIXES", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "check_state_dict", "instantiate", "read_safetensors", "read_state_dict", "unpickling_refused"]
+__all__ = [
+    "OPTIONAL_KEY_SUFFIXES", "SAFE_RECORDS", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "check_state_dict", "instantiate",
+    "read_safetensors", "read_state_dict", "safe_records", "unpickling_refused",
+]

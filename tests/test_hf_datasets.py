@@ -397,6 +397,16 @@ def test_a_shard_missing_from_the_repository_is_refused_before_anything_is_read(
     assert not any("/resolve/" in path for _, path, _ in hub.requests)
 
 
+def test_shards_of_a_repository_the_hub_will_not_show_name_the_repository_not_a_missing_shard(hub):
+    with pytest.raises(storage.FetchError, match=re.escape(
+            "hf://datasets/org/nmae/shards: refused (HTTP 401 Unauthorized); the Hub answers so for a repository")):
+        expand_shards("hf://datasets/org/nmae/shards/{00000..00001}.tar")
+    with pytest.raises(InputError, match=re.escape(
+            f"{ROOT}/shars/00000.tar: shard not found (from the input '{ROOT}/shars/{{00000..00001}}.tar'); the folder "
+            f"{ROOT}/shars/ holds no files; check the URL or the pattern")):
+        expand_shards(f"{ROOT}/shars/{{00000..00001}}.tar")
+
+
 @pytest.mark.parametrize("expand_info", [False, True], ids=["plain", "expanded"])
 def test_listings_and_globs_of_a_hub_dataset_name_the_files_of_the_local_folder(local, hub, monkeypatch, expand_info):
     monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"hf": {"endpoint": hub.endpoint, "token": False,

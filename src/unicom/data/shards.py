@@ -88,7 +88,11 @@ def _expand_one(pattern: str) -> list:
                 if folder not in listings:
                     listings[folder] = set(storage.list_files(folder))
                 if name not in listings[folder]:
-                    raise InputError(f"{path}: shard not found (from the input {pattern!r}); check the URL or the pattern")
+                    # nothing listed: the folder itself may be refused (a misspelt or private repository, a
+                    # bucket policy), which the existence check names with what to check
+                    absent = not listings[folder] and not storage.is_dir(folder.rstrip("/"))
+                    where = f"; the folder {folder} holds no files" if absent else ""
+                    raise InputError(f"{path}: shard not found (from the input {pattern!r}){where}; check the URL or the pattern")
             found.append(path)  # http(s): fetched (and retried) when its part is read
         elif os.path.isdir(path):
             inside = sorted(p for p in Path(path).iterdir() if p.name.endswith(SHARD_SUFFIXES))

@@ -2,7 +2,7 @@
 
 * :func:`linear_probe`: L2-regularised multinomial logistic regression (scikit-learn,
   L-BFGS, at most 1,000 iterations). C = 1/lambda is chosen on a validation split carved
-  from train (20%, stratified when every class allows it): first C in
+  from train (20%, stratified when every class allows it; a class's only image is never in it): first C in
   {1e-6, 1e-4, ..., 1e6}, then around the best value the step in log10(C) is halved,
   2 -> 1 -> 1/2 -> 1/4 -> 1/8 decade (CLIP's parametric search, 8 steps per decade). The
   model is refitted on train + val with the chosen C and scored on test.
@@ -49,15 +49,20 @@ def _check(features, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, val)`` rows: ``val`` is ``fraction`` of the rows, drawn from the classes of two
+    or more images (a class's only image stays in ``fit``: the fit part then has every class)."""
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(len(labels))
     counts = np.bincount(labels - labels.min())
-    classes = int((counts > 0).sum())
-    n_val = max(1, round(fraction * len(labels)))
-    stratify = labels if counts[counts > 0].min() >= 2 and classes <= n_val <= len(labels) - classes else None
-    fit, val = train_test_split(index, test_size=n_val, random_state=seed, shuffle=True, stratify=stratify)
-    return np.sort(fit), np.sort(val)
+    pool = np.flatnonzero(counts[labels - labels.min()] >= 2)
+    if len(pool) == 0:
+        raise InputError("every class of the train split has a single image: the linear probe needs a class with "
+                         "two or more to carve a validation split from (leave the probe out: --no-probe)")
+    classes = len(np.unique(labels[pool]))
+    n_val = min(max(1, round(fraction * len(labels))), len(pool) - 1)
+    stratify = labels[pool] if classes <= n_val <= len(pool) - classes else None
+    _, val = train_test_split(pool, test_size=n_val, random_state=seed, shuffle=True, stratify=stratify)
+    return np.setdiff1d(np.arange(len(labels)), val), np.sort(val)
 
 
 def _fit(features, labels, c: float, max_iter: int):

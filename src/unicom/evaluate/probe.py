@@ -38,14 +38,25 @@ def classification_scores(predictions, labels) -> dict:
     return {"accuracy": float(correct.mean()), "mean_per_class": float(np.mean(per_class))}
 
 
-def _check(features, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, dtype=np.float32)
-    labels = np.asarray(labels)
-    if features.ndim != 2 or len(features) != len(labels):
-        raise InputError(f"{name}: expected (N, D) features and N labels, got {features.shape} and {labels.shape}")
-    if not np.isfinite(features).all():
-        raise InputError(f"{name}: features hold NaN or infinite values")
-    return features, labels.astype(np.int64)
+def check_splits(train_features, train_labels, test_features, test_labels=None, names=("train", "test")):
+    """``(x, y, x_test, y_test)`` as float32 (N, D) and int64 (N,) arrays (``y_test`` None
+    when not given), or :class:`InputError` naming the split (``names``) and the row: a
+    shape that is not (N, D) with N labels, NaN or infinite values, or train and test
+    features of different dimensions."""
+    checked = []
+    for features, labels, name in ((train_features, train_labels, names[0]), (test_features, test_labels, names[1])):
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or (labels is not None and len(features) != len(labels)):
+            shape = "" if labels is None else f" and {np.shape(labels)[0]} labels"
+            raise InputError(f"{name}: expected (N, D) features and N labels, got features of shape {features.shape}{shape}")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):
+            raise InputError(f"{name}: row {bad[0]} holds NaN or infinite values ({len(bad)} of its {len(features)} rows do)")
+        checked += [features, None if labels is None else np.asarray(labels).astype(np.int64)]
+    if checked[0].shape[1] != checked[2].shape[1]:
+        raise InputError(f"{names[0]} features have {checked[0].shape[1]} dimensions but {names[1]} features "
+                         f"{checked[2].shape[1]}: embed both splits with the same model")
+    return tuple(checked)
 
 
 def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,10 +115,7 @@ def linear_probe(
     """
     if metric not in ("accuracy", "mean_per_class"):
         raise InputError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
-    x, y = _check(train_features, train_labels, "train")
-    x_test, y_test = _check(test_features, test_labels, "test")
-    if x.shape[1] != x_test.shape[1]:
-        raise InputError(f"train features have {x.shape[1]} dimensions but test features {x_test.shape[1]}")
+    x, y, x_test, y_test = check_splits(train_features, train_labels, test_features, test_labels)
     if len(np.unique(y)) < 2:
         raise InputError("train labels hold a single class; a classifier needs at least two")
     fit, val = _validation_split(y, val_fraction, seed)
@@ -160,8 +168,7 @@ def knn_classify(
     Votes: sum over the k nearest training features (cosine) of exp(similarity /
     temperature) per label; argmax, ties to the lower label.
     """
-    x, y = _check(train_features, train_labels, "train")
-    x_test = np.asarray(test_features, dtype=np.float32)
+    x, y, x_test, _ = check_splits(train_features, train_labels, test_features)
     if k > len(x):
         raise InputError(f"k={k} neighbours asked for but the train split has {len(x)} features: use a k of at "
                          f"most {len(x)} (unicom evaluate --knn-k), or leave kNN out (--no-knn)")

@@ -189,6 +189,38 @@ def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path)
         probe(recipe(collection, tmp_path / "fourth", f"backbone.pretrained={other}"))
 
 
+def test_a_cache_that_cannot_be_written_says_what_to_do_and_a_rerun_completes_it(collection, tmp_path):
+    """A disk that refuses the writes (here a file-size limit, as a full disk would): an
+    error naming the part and what to do, no traceback, no temporary left; a rerun with
+    room writes the same features as a build that never failed."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from unicom.formats.embeddings import read_embedding_folder
+
+    def limit_file_size():  # 8 KB: the run's small files fit, a part of 40 x 64 float32 features does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+
+    cache = tmp_path / "cache"
+    arguments = ["--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
+                 f"backbone.pretrained={collection['weights']}", f"out={tmp_path / 'run'}", f"cache.folder={cache}",
+                 "train.device=cpu", "--cache-only"]
+    failed = subprocess.run([sys.executable, "-m", "unicom.cli", "probe", *arguments], capture_output=True, text=True,
+                            preexec_fn=limit_file_size, timeout=300)
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    assert f"{cache / 'train' / 'view_0'}: part 0 could not be written (" in failed.stderr
+    assert "free space there or write to another folder, then run again" in failed.stderr
+    assert [p.name for p in cache.rglob("*.tmp")] == []
+    assert main(["probe", *arguments]) == 0
+    probe(recipe(collection, tmp_path / "reference", f"cache.folder={tmp_path / 'reference'}"), cache_only=True)
+    rebuilt, reference = (read_embedding_folder(folder / "train" / "view_0") for folder in (cache, tmp_path / "reference"))
+    np.testing.assert_array_equal(rebuilt[0], reference[0])
+
+
 def test_a_cache_made_in_another_precision_or_decoder_is_refused(collection, tmp_path):
     cache = tmp_path / "cache"
     probe(recipe(collection, tmp_path / "fp32", f"cache.folder={cache}", "train.epochs=1", "eval.every=0",

@@ -170,6 +170,21 @@ def test_resuming_with_other_settings_is_refused(collection, tmp_path):
         probe(recipe(collection, tmp_path / "run", "train.epochs=1", "neck.embedding_dim=8"))
 
 
+def test_resuming_after_the_list_changed_is_refused(collection, tmp_path):
+    """One image moved to another class of the same list: as many images and classes as
+    before, but the head's prototypes would no longer mean the same classes."""
+    rows = [list(row) for row in collection["rows"]]
+    listing = write_list(tmp_path / "train.csv", rows)
+    changed = recipe(collection, tmp_path / "run", f"data.train=[{listing}]", f"data.root={collection['root']}",
+                     "train.mode=direct", "train.epochs=2", "eval.holdout_classes=0")
+    probe(changed, until_epoch=1)
+    rows[0][2] = 1  # was class 0 of dataset a
+    write_list(listing, rows)
+    with pytest.raises(InputError, match=r"checkpoint.pt was written by a run whose lists of data.train held other "
+                                         r"rows \(144 images of 24 classes then, 144 of 24 now\); use another out="):
+        probe(changed)
+
+
 def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path):
     import timm
 

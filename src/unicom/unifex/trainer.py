@@ -291,8 +291,9 @@ def _check_resumable(stored: dict, config: ProbeConfig, path: Path) -> None:
                          f"use another out=, or delete {path} to train from the start")
 
 
-def read_checkpoint(path: Path, config: ProbeConfig) -> dict | None:
-    """The state saved after the last finished epoch, checked against ``config`` (None: no checkpoint)."""
+def read_checkpoint(path: Path, config: ProbeConfig, train: DomainImages | None = None) -> dict | None:
+    """The state saved after the last finished epoch, checked against ``config`` and the
+    training rows ``train`` (None: no checkpoint)."""
     if not path.is_file():
         return None
     try:
@@ -300,10 +301,25 @@ def read_checkpoint(path: Path, config: ProbeConfig) -> dict | None:
     except Exception as error:  # torch raises several types for damaged files
         raise InputError(f"{path}: unreadable ({error}); delete it to train from the start") from error
     _check_resumable(json.loads(state["config"]), config, path)
+    if train is not None and "train_rows" in state:  # (checkpoints written before the rows were recorded: not checked)
+        then = json.loads(state["train_rows"])
+        if then["fingerprint"] != _train_rows(train)["fingerprint"]:
+            raise InputError(
+                f"{path} was written by a run whose lists of data.train held other rows ({then['images']:,} images of "
+                f"{then['classes']:,} classes then, {len(train):,} of {train.num_classes:,} now); "
+                f"use another out=, or delete {path} to train from the start")
     return state
 
 
-def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline: dict, config: ProbeConfig) -> None:
+def _train_rows(train: DomainImages) -> dict:
+    """What the head is trained on, as a checkpoint records it: the rows' fingerprint and counts."""
+    from unicom.unifex.cache import images_fingerprint
+
+    return {"fingerprint": images_fingerprint(train.images), "images": len(train), "classes": train.num_classes}
+
+
+def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline: dict, config: ProbeConfig,
+                    train: DomainImages | None = None) -> None:
     from unicom.files import atomic_path
 
     state = {
@@ -317,6 +333,7 @@ def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline:
         "history": json.dumps(history),
         "baseline": json.dumps(baseline),
         "config": json.dumps(config.to_dict()),
+        **({} if train is None else {"train_rows": json.dumps(_train_rows(train))}),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -595,7 +612,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
         raise InputError("building the cache alone is for train.mode=cache; this recipe trains in direct mode")
     data = read_probe_data(config)
     backbone = load_backbone(config)
-    checkpoint = read_checkpoint(out / CHECKPOINT, config)
+    checkpoint = read_checkpoint(out / CHECKPOINT, config, data.train)
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", to_yaml(config))
@@ -656,7 +673,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             history.append(record)
             log.event("epoch", **record)
             say(line)
-            save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config)
+            save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config, data.train)
         if isinstance(feed.batches, ImageBatches) and feed.batches.failures:
             say(f"note: {len(feed.batches.failures)} image reads failed and were left out, e.g. {feed.batches.failures[0]}")
         if last < epochs:

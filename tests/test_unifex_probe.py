@@ -164,6 +164,19 @@ def test_a_stopped_run_resumes_to_the_same_head(collection, tmp_path, device):
         torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["partial_fc"]["margin.t"])
 
 
+def test_augmented_direct_mode_trains_the_same_head_whatever_the_workers(collection, tmp_path):
+    """data.workers may change when a run resumes: the augmented views must not depend on
+    which process decodes an image, nor draw from the generators the neck's dropout uses."""
+    overrides = ("train.mode=direct", "train.augment=true", "augment.randaugment=rand-m9-mstd0.5", "train.epochs=2",
+                 "eval.every=0")
+    probe(recipe(collection, tmp_path / "straight", *overrides, "data.workers=0"))
+    probe(recipe(collection, tmp_path / "resumed", *overrides, "data.workers=2"), until_epoch=1)
+    probe(recipe(collection, tmp_path / "resumed", *overrides, "data.workers=0"))
+    straight, resumed = head_weights(tmp_path / "straight"), head_weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
 def test_resuming_with_other_settings_is_refused(collection, tmp_path):
     probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.every=0"))
     with pytest.raises(InputError, match=r"other settings \(neck.embedding_dim: 16 -> 8\)"):

@@ -95,12 +95,20 @@ class FeatureBatches:
 
 class _DecodedImages(torch.utils.data.Dataset):
     """Image ``i`` decoded in full (as the cache's embedding engine decodes by default) and
-    transformed, with its label, or a failure record (index, path, reason)."""
+    transformed, with its label, or a failure record (index, path, reason).
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform):
+    With ``seed`` (a random transform), the transform of image ``i`` in epoch ``epoch``
+    draws from torch's, NumPy's and Python's generators seeded by ``(seed, epoch, i)`` (timm's
+    RandAugment uses all three) and leaves the
+    caller's state as it was: the views are the same whichever process decodes the image
+    (``data.workers`` does not change them) and the main process's generators, which the
+    neck's dropout uses, are not drawn from."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform, seed: int | None = None):
         from unicom.data.transforms import short_side_size
 
         self.paths, self.labels, self.transform = list(paths), labels, transform
+        self.seed, self.epoch = seed, 0
         self.short_side = short_side_size(transform)  # a thin image is refused before the resize enlarges it
 
     def __len__(self) -> int:
@@ -114,7 +122,21 @@ class _DecodedImages(torch.utils.data.Dataset):
             check_resized_pixels(self.short_side, image.size)
         except DecodeError as error:
             return {"index": index, "path": self.paths[index], "reason": str(error)}
-        return self.transform(image), int(self.labels[index])
+        if self.seed is None:
+            return self.transform(image), int(self.labels[index])
+        import random
+
+        draw = int(np.random.SeedSequence([self.seed, self.epoch, index, 0xA06]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw)
+            random.seed(draw)
+            np.random.seed(draw)
+            try:
+                return self.transform(image), int(self.labels[index])
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
 
 
 def _collate(items):
@@ -132,9 +154,9 @@ class ImageBatches:
 
     def __init__(self, encoder: Encoder, paths: Sequence[str], labels: np.ndarray, transform, batch_size: int,
                  sampling: str, seed: int, workers: int, device: torch.device, precision: str,
-                 keep_last: bool = False, min_rows: int = 2, normalize: bool = True):
+                 keep_last: bool = False, min_rows: int = 2, normalize: bool = True, augment: bool = False):
         self.encoder, self.device, self.precision = encoder, device, precision
-        self.dataset = _DecodedImages(paths, np.asarray(labels), transform)
+        self.dataset = _DecodedImages(paths, np.asarray(labels), transform, seed if augment else None)
         self.batch_size, self.sampling, self.seed, self.workers = batch_size, sampling, seed, workers
         self.keep_last, self.min_rows, self.normalize = keep_last, min_rows, normalize
         self._labels = np.asarray(labels)
@@ -153,6 +175,7 @@ class ImageBatches:
         from unicom.unifex.model import backbone_features
 
         batches = [b.tolist() for b in self._cut(epoch_order(self._labels, epoch, self.seed, self.sampling))]
+        self.dataset.epoch = epoch  # before the loader starts: its workers take a copy
         # its own generator: the loader must not draw from the global one, which the neck's
         # dropout uses (so that both modes draw the same masks)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -530,7 +553,7 @@ def direct_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone) -> Fee
         transform = backbone.plain if backbone.trains_on_plain else backbone.train_transform
     batches = ImageBatches(backbone.encoder, data.train.images.paths, data.train.labels, transform, config.data.batch_size,
                            config.data.sampling, config.seed, backbone.workers, backbone.device, backbone.precision,
-                           normalize=normalize, **_batching(config))
+                           normalize=normalize, augment=config.train.augment, **_batching(config))
     split = None
     if data.query is not None:
         from unicom.embed import embed_images

@@ -294,6 +294,22 @@ def test_augmented_views_are_cached_beside_the_plain_one(collection, tmp_path):
     assert len(report["history"]) == 2
 
 
+def test_an_augmented_view_killed_mid_build_is_completed_with_the_same_draws(collection, tmp_path):
+    """A part redone after a kill (its metadata, written last, missing), with other decoding
+    workers, holds the views an uninterrupted build drew."""
+    from unicom.formats.embeddings import read_embedding_folder
+
+    cache = tmp_path / "cache"
+    overrides = (f"cache.folder={cache}", "cache.augmented_views=1", "augment.randaugment=rand-m9-mstd0.5")
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=0"), cache_only=True)
+    view = cache / "train" / "view_1"
+    uninterrupted, _ = read_embedding_folder(view)
+    (view / "metadata" / "metadata_3.parquet").unlink()  # the last part of 144 images in parts of 40
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=2"), cache_only=True)
+    completed, _ = read_embedding_folder(view)
+    np.testing.assert_array_equal(completed, uninterrupted)
+
+
 def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collection, tmp_path):
     rows = collection["rows"]
     query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]])

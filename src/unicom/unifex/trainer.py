@@ -124,19 +124,10 @@ class _DecodedImages(torch.utils.data.Dataset):
             return {"index": index, "path": self.paths[index], "reason": str(error)}
         if self.seed is None:
             return self.transform(image), int(self.labels[index])
-        import random
+        from unicom.data.transforms import seeded_draws
 
-        draw = int(np.random.SeedSequence([self.seed, self.epoch, index, 0xA06]).generate_state(1)[0])
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(draw)
-            random.seed(draw)
-            np.random.seed(draw)
-            try:
-                return self.transform(image), int(self.labels[index])
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        with seeded_draws(int(np.random.SeedSequence([self.seed, self.epoch, index, 0xA06]).generate_state(1)[0])):
+            return self.transform(image), int(self.labels[index])
 
 
 def _collate(items):

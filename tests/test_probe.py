@@ -132,6 +132,14 @@ def test_a_class_of_one_image_stays_in_the_fitted_part(seed):
     assert len(result["search"]) > 7
 
 
+def test_labels_far_apart_are_classes_like_any_others():
+    # labels are values, not a range to allocate: 4e9 and 7 are two classes
+    x, y = blobs(20, 12.0, seed=7)
+    far = np.asarray([7, 4_000_000_000, 123_456_789_012])[y]
+    result = linear_probe(x, far, x, far, log10_c=[0])
+    assert result["accuracy"] == linear_probe(x, y, x, y, log10_c=[0])["accuracy"] == 1.0
+
+
 def test_a_train_split_of_single_images_cannot_be_validated():
     with pytest.raises(InputError, match="every class of the train split has a single image.*--no-probe"):
         linear_probe(at_angles([0, 90, 180]), [0, 1, 2], at_angles([0]), [0])

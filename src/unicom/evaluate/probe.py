@@ -64,8 +64,8 @@ def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
     or more images (a class's only image stays in ``fit``: the fit part then has every class)."""
     from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(labels - labels.min())
-    pool = np.flatnonzero(counts[labels - labels.min()] >= 2)
+    _, class_of, counts = np.unique(labels, return_inverse=True, return_counts=True)  # any label values (ids, hashes)
+    pool = np.flatnonzero(counts[class_of] >= 2)
     if len(pool) == 0:
         raise InputError("every class of the train split has a single image: the linear probe needs a class with "
                          "two or more to carve a validation split from (leave the probe out: --no-probe)")

@@ -595,7 +595,8 @@ def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, count
     from unicom.models.export import save_model
     from unicom.unifex.model import ARCHITECTURE, unifex_settings
 
-    settings = unifex_settings(config.backbone.model, config.backbone.pretrained, backbone.input_dim, _neck_settings(config))
+    settings = unifex_settings(config.backbone.model, config.backbone.pretrained, backbone.input_dim, _neck_settings(config),
+                               backbone.encoder.weights_sha256())
     head.neck.eval()
     return save_model(
         out / MODEL_FOLDER, {f"neck.{k}": v for k, v in head.neck.state_dict().items()}, ARCHITECTURE, settings,

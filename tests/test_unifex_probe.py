@@ -249,6 +249,17 @@ def test_a_cache_that_cannot_be_written_says_what_to_do_and_a_rerun_completes_it
     np.testing.assert_array_equal(rebuilt[0], reference[0])
 
 
+def test_an_output_or_cache_folder_that_cannot_be_made_is_named(collection, tmp_path):
+    """As a read-only disk: a folder under a file cannot be made; an error that names it and
+    the key to change, not a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=r"a_file/out: the output folder cannot be written \(.*\); give out= a folder"):
+        probe(recipe(collection, blocker / "out"), cache_only=True)
+    with pytest.raises(InputError, match=r"feature cache .*a_file/cache: cannot be written \(.*\); give cache.folder= a"):
+        probe(recipe(collection, tmp_path / "run", f"cache.folder={blocker / 'cache'}"), cache_only=True)
+
+
 def test_a_cache_made_in_another_precision_or_decoder_is_refused(collection, tmp_path):
     cache = tmp_path / "cache"
     probe(recipe(collection, tmp_path / "fp32", f"cache.folder={cache}", "train.epochs=1", "eval.every=0",

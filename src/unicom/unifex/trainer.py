@@ -473,6 +473,12 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     transforms = [training] + [backbone.augment_transform] * config.cache.augmented_views
     began = time.perf_counter()
     log.print(f"feature cache {root}: {len(data.all_train):,} training images x {len(transforms)} view(s)")
+    try:
+        if not storage.is_url(root):  # (object stores have no folders to make)
+            Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"feature cache {storage.text(root)}: cannot be written ({storage.describe(error)}); "
+                         "give cache.folder= a folder that can be") from error
     feature_cache.build_views(backbone.encoder, data.all_train.images, root, "train", transforms, **options)
     contents = {"train": {"images": len(data.all_train), "views": len(transforms)}}
     if _separate_eval(data, backbone):
@@ -629,10 +635,14 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     backbone = load_backbone(config)
     checkpoint = read_checkpoint(out / CHECKPOINT, config, data.train)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", to_yaml(config))
     summary = data.train.summary()
-    write_json_atomic(out / "datasets.json", {"train": summary, "lists": [storage.absolute(p) for p in config.data.train]})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(config))
+        write_json_atomic(out / "datasets.json", {"train": summary, "lists": [storage.absolute(p) for p in config.data.train]})
+    except OSError as error:  # a read-only or full disk: before any work, without a traceback
+        raise InputError(f"{out}: the output folder cannot be written ({storage.describe(error)}); "
+                         "give out= a folder that can be") from error
     log = RunLog(out, tensorboard=False, console=console)
     say = log.print
     try:

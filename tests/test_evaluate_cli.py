@@ -153,6 +153,22 @@ def test_classification_on_embedding_folders(tmp_path):
     assert "| linear probe | 100.00 |" in (out / "metrics.md").read_text()
 
 
+@pytest.mark.parametrize("probe", [[], ["--no-probe"]], ids=["probe", "knn"])
+def test_classification_names_the_folder_and_row_of_a_nan_or_a_dimension_mismatch(tmp_path, capsys, probe):
+    x, labels = clustered(60, 16, 2, 0.6, seed=4)
+    x[45, 3] = np.nan  # row 5 of the test split
+    embedding_folder(tmp_path / "train", x[:40], [f"a{i}" for i in range(40)], labels[:40].tolist())
+    embedding_folder(tmp_path / "test", x[40:], [f"b{i}" for i in range(20)], labels[40:].tolist())
+    embedding_folder(tmp_path / "narrow", x[:20, :8], [f"c{i}" for i in range(20)], labels[:20].tolist())
+    command = ["evaluate", "--train-embeddings", str(tmp_path / "train"), "--task", "classification", "--knn-k", "5",
+               "--out", str(tmp_path / "report"), *probe]
+    assert main([*command, "--embeddings", str(tmp_path / "test")]) == 2
+    assert f"{tmp_path / 'test'} (--embeddings): row 5 holds NaN or infinite values" in capsys.readouterr().err
+    assert main([*command, "--embeddings", str(tmp_path / "narrow")]) == 2
+    assert (f"{tmp_path / 'train'} (--train-embeddings) features have 16 dimensions but {tmp_path / 'narrow'} "
+            "(--embeddings) features 8") in capsys.readouterr().err
+
+
 def test_classification_whose_test_classes_are_none_of_the_train_classes_is_refused(tmp_path, capsys):
     """A test folder labelled with class names against a train folder labelled with numbers (as an
     older unicom embed stored a list's names): no prediction can be right; an error naming both

@@ -56,6 +56,20 @@ def test_saved_model_loads_back_with_the_same_outputs_and_transform(tmp_path):
     assert transform(Image.new("RGB", (40, 36))).shape == (3, 32, 32)
 
 
+def test_a_model_folder_gets_the_mode_a_plain_write_gives(tmp_path, toy_architecture):
+    """safetensors' save_file replaces the file it writes by one of mode 0o600: the weights
+    would be unreadable by the other users of a shared folder (a server run as another user)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        folder = export.save_model(tmp_path / "toy", MeanColour(5), "mean_colour", {"dim": 5}, SQUASH)
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "model.safetensors": 0o644, "unicom_model.json": 0o644}
+
+
 def test_config_records_architecture_settings_preprocessing_and_provenance(tmp_path):
     export.save_model(tmp_path / "m", random_unicom_vit(TINY), "unicom_vit", TINY, clip_preprocess(32), provenance={"run": "r1"})
     config = json.loads((tmp_path / "m" / "unicom_model.json").read_text())

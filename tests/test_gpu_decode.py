@@ -137,16 +137,16 @@ def test_images_of_one_size_are_resized_together_with_the_same_result(monkeypatc
 
 def test_training_crops_and_flips_are_drawn_as_the_pil_transform_draws_them():
     from unicom.engine.sections import AugmentConfig
-    from unicom.train.data import seeded
+    from unicom.data.transforms import seeded_draws
 
     transform = AugmentConfig().transform(64)
     tensor = TensorTransform(transform)
     flips = 0
     for seed, (w, h) in enumerate(sizes(24, seed=1)):
         image = photo(seed, w, h)
-        with seeded(seed):
+        with seeded_draws(seed):
             expected = transform(image)
-        with seeded(seed):
+        with seeded_draws(seed):
             plan = tensor.plan(w, h)
         flips += plan[-1]
         got = tensor([as_uint8_tensor(image)], [plan])[0]

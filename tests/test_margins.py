@@ -128,6 +128,25 @@ def test_adacos_dynamic_scale_update_by_hand():
     assert head.scale == pytest.approx(s1, rel=1e-6)  # no update outside training
 
 
+def test_adacos_dynamic_scale_past_float32s_exponent_range():
+    # exp(100 · 0.95) is beyond float32 (about e^88.7): the update must not make the scale inf,
+    # after which every logit, loss and step would be non-finite
+    head = AdaCos(num_classes=3)
+    head.scale_value.fill_(100.0)
+    cosines = torch.tensor([[0.97, 0.95, 0.1], [0.9, 0.96, 0.2]])
+    head(cosines, torch.tensor([0, 1]))
+    b_avg = ((math.exp(95.0) + math.exp(10.0)) + (math.exp(90.0) + math.exp(20.0))) / 2
+    s1 = math.log(b_avg) / math.cos(min(math.pi / 4, math.acos(0.97)))  # the lower of the two angles
+    assert head.scale == pytest.approx(s1, rel=1e-6)
+
+
+def test_adacos_keeps_its_scale_through_a_batch_of_non_finite_cosines():
+    head = AdaCos(num_classes=3)
+    before = head.scale
+    head(torch.tensor([[float("nan"), 0.1, 0.2], [0.3, 0.4, 0.0]]), torch.tensor([0, 1]))
+    assert head.scale == before
+
+
 def test_li_arcface_is_linear_in_the_angle():
     head = LiArcFace(margin=0.45, scale=2.0)
     cosines = torch.tensor([[0.5, -0.3]])

@@ -118,6 +118,33 @@ def test_linear_probe_fixed_grid_and_mean_per_class_selection():
     assert set(result["validation"]) == {"mean_per_class"}
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_class_of_one_image_stays_in_the_fitted_part(seed):
+    # class 1 has a single image; drawn into the validation split it would leave the fit
+    # part one class, which LogisticRegression cannot fit
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = at_angles([0, 5, 10, 15, 20, 180]), np.array([0, 0, 0, 0, 0, 1])
+    x_test, y_test = at_angles([3, 178]), np.array([0, 1])
+    result = linear_probe(x, y, x_test, y_test, seed=seed)
+    reference = LogisticRegression(C=result["C"], solver="lbfgs", max_iter=1000).fit(x, y)
+    assert result["accuracy"] == np.mean(reference.predict(x_test) == y_test)
+    assert len(result["search"]) > 7
+
+
+def test_labels_far_apart_are_classes_like_any_others():
+    # labels are values, not a range to allocate: 4e9 and 7 are two classes
+    x, y = blobs(20, 12.0, seed=7)
+    far = np.asarray([7, 4_000_000_000, 123_456_789_012])[y]
+    result = linear_probe(x, far, x, far, log10_c=[0])
+    assert result["accuracy"] == linear_probe(x, y, x, y, log10_c=[0])["accuracy"] == 1.0
+
+
+def test_a_train_split_of_single_images_cannot_be_validated():
+    with pytest.raises(InputError, match="every class of the train split has a single image.*--no-probe"):
+        linear_probe(at_angles([0, 90, 180]), [0, 1, 2], at_angles([0]), [0])
+
+
 def test_probe_inputs_are_checked():
     x, y = blobs(5, 3.0, seed=6)
     with pytest.raises(InputError, match="single class"):

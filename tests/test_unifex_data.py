@@ -35,6 +35,20 @@ def test_classes_of_different_datasets_get_disjoint_ids(tmp_path):
     assert data.images.keys[:3] == ["products/p/a.jpg", "products/p/b.jpg", "landmarks/l/a.jpg"]
 
 
+def test_class_ids_of_classes_written_as_one_number_do_not_depend_on_the_process(tmp_path):
+    """"2" and "002" are two classes of one number: their ids must be the same in every run
+    (a resumed run, the cache's labels), whatever the process's string hashing."""
+    import os
+    import subprocess
+    import sys
+
+    listing = write(tmp_path / "numbers.csv", "path,class\na.jpg,2\nb.jpg,002\nc.jpg,10\nd.jpg,1\n")
+    script = f"from unicom.unifex.data import read_domain_lists; print(read_domain_lists({str(listing)!r}).class_values)"
+    orders = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True, timeout=120).stdout.strip() for seed in range(6)}
+    assert orders == {"['1', '002', '2', '10']"}
+
+
 def test_columns_and_root_are_configurable(tmp_path):
     listing = write(tmp_path / "m4d-35k_train.csv", "img_path,label\nx/1.jpg,3\nx/2.jpg,3\n")
     data = read_domain_lists(listing, root="/data/m4d", path_column="img_path", class_column="label")

@@ -98,6 +98,30 @@ def test_a_backbone_reference_that_changed_is_refused(tmp_path, test_vit_file):
         load_model(folder)
 
 
+def test_a_backbone_file_written_over_since_the_export_is_refused(tmp_path, test_vit_file):
+    """Same architecture, same feature size, other weights at the path the folder names:
+    the neck would embed with a backbone it was never trained on."""
+    import shutil
+
+    import timm
+
+    from unicom.models.encoders import load_encoder
+
+    weights = tmp_path / "backbone.pth"
+    shutil.copy(test_vit_file, weights)
+    backbone = load_encoder("timm/test_vit", str(weights))
+    settings = unifex_settings("timm/test_vit", str(weights), 64, {"kind": "linear", "embedding_dim": 4},
+                               backbone.weights_sha256())
+    folder = save_model(tmp_path / "model", {f"neck.{k}": v for k, v in LinearNeck(64, 4).state_dict().items()},
+                        "unifex", settings, describe_transform(backbone.image_transform), embedding_dim=4)
+    assert load_encoder(str(folder)).embedding_dim == 4
+    torch.manual_seed(3)
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), weights)  # retrained, saved over
+    with pytest.raises(InputError, match=r"holds other weights than the backbone the head was trained on .*written "
+                                         r"over; put the weights trained on back, or train the head again"):
+        load_model(folder)
+
+
 def _same_pixels(transform, image):
     described = describe_transform(transform)
     torch.testing.assert_close(build_transform(described)(image), transform(image), rtol=0, atol=0)

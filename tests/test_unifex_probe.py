@@ -164,10 +164,38 @@ def test_a_stopped_run_resumes_to_the_same_head(collection, tmp_path, device):
         torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["partial_fc"]["margin.t"])
 
 
+def test_augmented_direct_mode_trains_the_same_head_whatever_the_workers(collection, tmp_path):
+    """data.workers may change when a run resumes: the augmented views must not depend on
+    which process decodes an image, nor draw from the generators the neck's dropout uses."""
+    overrides = ("train.mode=direct", "train.augment=true", "augment.randaugment=rand-m9-mstd0.5", "train.epochs=2",
+                 "eval.every=0")
+    probe(recipe(collection, tmp_path / "straight", *overrides, "data.workers=0"))
+    probe(recipe(collection, tmp_path / "resumed", *overrides, "data.workers=2"), until_epoch=1)
+    probe(recipe(collection, tmp_path / "resumed", *overrides, "data.workers=0"))
+    straight, resumed = head_weights(tmp_path / "straight"), head_weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
 def test_resuming_with_other_settings_is_refused(collection, tmp_path):
     probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.every=0"))
     with pytest.raises(InputError, match=r"other settings \(neck.embedding_dim: 16 -> 8\)"):
         probe(recipe(collection, tmp_path / "run", "train.epochs=1", "neck.embedding_dim=8"))
+
+
+def test_resuming_after_the_list_changed_is_refused(collection, tmp_path):
+    """One image moved to another class of the same list: as many images and classes as
+    before, but the head's prototypes would no longer mean the same classes."""
+    rows = [list(row) for row in collection["rows"]]
+    listing = write_list(tmp_path / "train.csv", rows)
+    changed = recipe(collection, tmp_path / "run", f"data.train=[{listing}]", f"data.root={collection['root']}",
+                     "train.mode=direct", "train.epochs=2", "eval.holdout_classes=0")
+    probe(changed, until_epoch=1)
+    rows[0][2] = 1  # was class 0 of dataset a
+    write_list(listing, rows)
+    with pytest.raises(InputError, match=r"checkpoint.pt was written by a run whose lists of data.train held other "
+                                         r"rows \(144 images of 24 classes then, 144 of 24 now\); use another out="):
+        probe(changed)
 
 
 def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path):
@@ -187,6 +215,49 @@ def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path)
     torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), other)
     with pytest.raises(InputError, match="holds embeddings of another configuration"):
         probe(recipe(collection, tmp_path / "fourth", f"backbone.pretrained={other}"))
+
+
+def test_a_cache_that_cannot_be_written_says_what_to_do_and_a_rerun_completes_it(collection, tmp_path):
+    """A disk that refuses the writes (here a file-size limit, as a full disk would): an
+    error naming the part and what to do, no traceback, no temporary left; a rerun with
+    room writes the same features as a build that never failed."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from unicom.formats.embeddings import read_embedding_folder
+
+    def limit_file_size():  # 8 KB: the run's small files fit, a part of 40 x 64 float32 features does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+
+    cache = tmp_path / "cache"
+    arguments = ["--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
+                 f"backbone.pretrained={collection['weights']}", f"out={tmp_path / 'run'}", f"cache.folder={cache}",
+                 "train.device=cpu", "--cache-only"]
+    failed = subprocess.run([sys.executable, "-m", "unicom.cli", "probe", *arguments], capture_output=True, text=True,
+                            preexec_fn=limit_file_size, timeout=300)
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    assert f"{cache / 'train' / 'view_0'}: part 0 could not be written (" in failed.stderr
+    assert "free space there or write to another folder, then run again" in failed.stderr
+    assert [p.name for p in cache.rglob("*.tmp")] == []
+    assert main(["probe", *arguments]) == 0
+    probe(recipe(collection, tmp_path / "reference", f"cache.folder={tmp_path / 'reference'}"), cache_only=True)
+    rebuilt, reference = (read_embedding_folder(folder / "train" / "view_0") for folder in (cache, tmp_path / "reference"))
+    np.testing.assert_array_equal(rebuilt[0], reference[0])
+
+
+def test_an_output_or_cache_folder_that_cannot_be_made_is_named(collection, tmp_path):
+    """As a read-only disk: a folder under a file cannot be made; an error that names it and
+    the key to change, not a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=r"a_file/out: the output folder cannot be written \(.*\); give out= a folder"):
+        probe(recipe(collection, blocker / "out"), cache_only=True)
+    with pytest.raises(InputError, match=r"feature cache .*a_file/cache: cannot be written \(.*\); give cache.folder= a"):
+        probe(recipe(collection, tmp_path / "run", f"cache.folder={blocker / 'cache'}"), cache_only=True)
 
 
 def test_a_cache_made_in_another_precision_or_decoder_is_refused(collection, tmp_path):
@@ -232,6 +303,22 @@ def test_augmented_views_are_cached_beside_the_plain_one(collection, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
     assert json.loads((cache / "cache.json").read_text())["splits"]["train"] == {"images": 144, "views": 3}
     assert len(report["history"]) == 2
+
+
+def test_an_augmented_view_killed_mid_build_is_completed_with_the_same_draws(collection, tmp_path):
+    """A part redone after a kill (its metadata, written last, missing), with other decoding
+    workers, holds the views an uninterrupted build drew."""
+    from unicom.formats.embeddings import read_embedding_folder
+
+    cache = tmp_path / "cache"
+    overrides = (f"cache.folder={cache}", "cache.augmented_views=1", "augment.randaugment=rand-m9-mstd0.5")
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=0"), cache_only=True)
+    view = cache / "train" / "view_1"
+    uninterrupted, _ = read_embedding_folder(view)
+    (view / "metadata" / "metadata_3.parquet").unlink()  # the last part of 144 images in parts of 40
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=2"), cache_only=True)
+    completed, _ = read_embedding_folder(view)
+    np.testing.assert_array_equal(completed, uninterrupted)
 
 
 def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collection, tmp_path):

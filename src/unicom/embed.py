@@ -573,7 +573,15 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 summary.startup_seconds, first = time.perf_counter() - start, False
                 summary.startup_images = summary.samples + summary.failed
             if batch.last and pending.finish(batch):
-                if _write_pending(out, pending, modalities, dims, dtype):
+                try:
+                    written = _write_pending(out, pending, modalities, dims, dtype)
+                except OSError as error:  # a full disk, a read-only folder: what to do, not a traceback
+                    if isinstance(error, storage.FetchError):
+                        raise
+                    raise InputError(f"{storage.text(out)}: part {batch.part} could not be written ({error}); free space "
+                                     "there or write to another folder, then run again: the parts already written "
+                                     "are kept") from error
+                if written:
                     summary.written += 1
                 else:
                     summary.unfinished += 1

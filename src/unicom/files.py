@@ -74,6 +74,7 @@ def atomic_path(path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())  # again: a writer may have replaced the file (safetensors' save_file does, 0o600)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

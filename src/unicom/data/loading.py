@@ -32,6 +32,7 @@ from unicom.data.transforms import (
     check_resized_pixels,
     decode_image,
     encoded_bytes,
+    seeded_draws,
     short_side_size,
 )
 from unicom.storage import FetchError
@@ -125,6 +126,7 @@ class BatchStream(IterableDataset):
         self.units = list(units)
         self.batch_size = int(batch_size)
         self.image_transform = image_transform
+        self.seed_of = getattr(image_transform, "seed_of", None)  # DrawnPerKey: draws seeded per sample key
         self.image_input = SplitTransform(image_transform) if image_transform is not None else None
         self.tokenize = tokenize
         self.draft = draft
@@ -205,7 +207,11 @@ class BatchStream(IterableDataset):
                         continue
                     image, (row["width"], row["height"]) = decode_image(data or record.image, self.draft)
                     check_resized_pixels(self.short_side, image.size)
-                    images.append(self.image_input.on_worker(image))
+                    if self.seed_of is None:
+                        images.append(self.image_input.on_worker(image))
+                    else:  # a random view: the sample's own draws
+                        with seeded_draws(self.seed_of(record.key)):
+                            images.append(self.image_input.on_worker(image))
                 except DecodeError as error:
                     batch.failures.append(_failure(record, source, str(error)))
                     continue

@@ -8,9 +8,10 @@ that size on both sides, so the model still receives at least the resolution it 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 from PIL import Image
 
@@ -23,6 +24,51 @@ class DecodeError(Exception):
     A sample whose image was not read (a shard member over :data:`MAX_IMAGE_BYTES`) carries
     one in place of its bytes: decoding it raises it.
     """
+
+
+@contextlib.contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """Inside the block, torch's, NumPy's and Python's global generators (timm's random
+    transforms draw from all three) are seeded by ``seed``; the caller's states come back
+    after it, so what the caller draws next does not depend on the block."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class DrawnPerKey:
+    """A random transform whose draws for a sample are seeded by ``(seed, the sample's key)``:
+    the same view of a sample whichever process, batch or run computes it (a build killed
+    and run again, other worker counts). :class:`~unicom.data.loading.BatchStream` seeds it
+    by :meth:`seed_of` around each sample; its ``transforms`` and ``repr`` are the wrapped
+    transform's."""
+
+    def __init__(self, transform: Callable, seed: int):
+        self.transform, self.seed = transform, int(seed)
+        self.transforms = getattr(transform, "transforms", [transform])
+
+    def seed_of(self, key: str) -> int:
+        import hashlib
+
+        return int.from_bytes(hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()[:8], "little")
+
+    def __call__(self, image):
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
 
 
 # The longest encoded image read into memory (a 100-megapixel PNG is about 300 MB

@@ -475,7 +475,8 @@ def evaluate_embedding_folders(
         _require_shared_classes(train_y, y, train_embeddings, embeddings)
         train_y, y = _shared_ids(train_y, y)
         return evaluate_classification(train_x, train_y, x, y, probe=probe, knn=knn, knn_k=knn_k,
-                                       temperature=temperature, out=out, info=info)
+                                       temperature=temperature, out=out, info=info,
+                                       names=(f"{train_embeddings} (--train-embeddings)", f"{embeddings} (--embeddings)"))
     if task != "retrieval":
         raise InputError(f"task must be 'retrieval' or 'classification', got {task!r}")
     gallery = gallery_y = None

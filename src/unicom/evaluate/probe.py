@@ -2,7 +2,7 @@
 
 * :func:`linear_probe`: L2-regularised multinomial logistic regression (scikit-learn,
   L-BFGS, at most 1,000 iterations). C = 1/lambda is chosen on a validation split carved
-  from train (20%, stratified when every class allows it): first C in
+  from train (20%, stratified when every class allows it; a class's only image is never in it): first C in
   {1e-6, 1e-4, ..., 1e6}, then around the best value the step in log10(C) is halved,
   2 -> 1 -> 1/2 -> 1/4 -> 1/8 decade (CLIP's parametric search, 8 steps per decade). The
   model is refitted on train + val with the chosen C and scored on test.
@@ -38,26 +38,42 @@ def classification_scores(predictions, labels) -> dict:
     return {"accuracy": float(correct.mean()), "mean_per_class": float(np.mean(per_class))}
 
 
-def _check(features, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, dtype=np.float32)
-    labels = np.asarray(labels)
-    if features.ndim != 2 or len(features) != len(labels):
-        raise InputError(f"{name}: expected (N, D) features and N labels, got {features.shape} and {labels.shape}")
-    if not np.isfinite(features).all():
-        raise InputError(f"{name}: features hold NaN or infinite values")
-    return features, labels.astype(np.int64)
+def check_splits(train_features, train_labels, test_features, test_labels=None, names=("train", "test")):
+    """``(x, y, x_test, y_test)`` as float32 (N, D) and int64 (N,) arrays (``y_test`` None
+    when not given), or :class:`InputError` naming the split (``names``) and the row: a
+    shape that is not (N, D) with N labels, NaN or infinite values, or train and test
+    features of different dimensions."""
+    checked = []
+    for features, labels, name in ((train_features, train_labels, names[0]), (test_features, test_labels, names[1])):
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or (labels is not None and len(features) != len(labels)):
+            shape = "" if labels is None else f" and {np.shape(labels)[0]} labels"
+            raise InputError(f"{name}: expected (N, D) features and N labels, got features of shape {features.shape}{shape}")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):
+            raise InputError(f"{name}: row {bad[0]} holds NaN or infinite values ({len(bad)} of its {len(features)} rows do)")
+        checked += [features, None if labels is None else np.asarray(labels).astype(np.int64)]
+    if checked[0].shape[1] != checked[2].shape[1]:
+        raise InputError(f"{names[0]} features have {checked[0].shape[1]} dimensions but {names[1]} features "
+                         f"{checked[2].shape[1]}: embed both splits with the same model")
+    return tuple(checked)
 
 
 def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, val)`` rows: ``val`` is ``fraction`` of the rows, drawn from the classes of two
+    or more images (a class's only image stays in ``fit``: the fit part then has every class)."""
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(len(labels))
-    counts = np.bincount(labels - labels.min())
-    classes = int((counts > 0).sum())
-    n_val = max(1, round(fraction * len(labels)))
-    stratify = labels if counts[counts > 0].min() >= 2 and classes <= n_val <= len(labels) - classes else None
-    fit, val = train_test_split(index, test_size=n_val, random_state=seed, shuffle=True, stratify=stratify)
-    return np.sort(fit), np.sort(val)
+    _, class_of, counts = np.unique(labels, return_inverse=True, return_counts=True)  # any label values (ids, hashes)
+    pool = np.flatnonzero(counts[class_of] >= 2)
+    if len(pool) == 0:
+        raise InputError("every class of the train split has a single image: the linear probe needs a class with "
+                         "two or more to carve a validation split from (leave the probe out: --no-probe)")
+    classes = len(np.unique(labels[pool]))
+    n_val = min(max(1, round(fraction * len(labels))), len(pool) - 1)
+    stratify = labels[pool] if classes <= n_val <= len(pool) - classes else None
+    _, val = train_test_split(pool, test_size=n_val, random_state=seed, shuffle=True, stratify=stratify)
+    return np.setdiff1d(np.arange(len(labels)), val), np.sort(val)
 
 
 def _fit(features, labels, c: float, max_iter: int):
@@ -99,10 +115,7 @@ def linear_probe(
     """
     if metric not in ("accuracy", "mean_per_class"):
         raise InputError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
-    x, y = _check(train_features, train_labels, "train")
-    x_test, y_test = _check(test_features, test_labels, "test")
-    if x.shape[1] != x_test.shape[1]:
-        raise InputError(f"train features have {x.shape[1]} dimensions but test features {x_test.shape[1]}")
+    x, y, x_test, y_test = check_splits(train_features, train_labels, test_features, test_labels)
     if len(np.unique(y)) < 2:
         raise InputError("train labels hold a single class; a classifier needs at least two")
     fit, val = _validation_split(y, val_fraction, seed)
@@ -155,8 +168,7 @@ def knn_classify(
     Votes: sum over the k nearest training features (cosine) of exp(similarity /
     temperature) per label; argmax, ties to the lower label.
     """
-    x, y = _check(train_features, train_labels, "train")
-    x_test = np.asarray(test_features, dtype=np.float32)
+    x, y, x_test, _ = check_splits(train_features, train_labels, test_features)
     if k > len(x):
         raise InputError(f"k={k} neighbours asked for but the train split has {len(x)} features: use a k of at "
                          f"most {len(x)} (unicom evaluate --knn-k), or leave kNN out (--no-knn)")

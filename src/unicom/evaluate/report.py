@@ -259,10 +259,13 @@ def evaluate_classification(
     temperature: float = 0.07,
     out: str | os.PathLike | None = None,
     info: dict[str, Any] | None = None,
+    names: tuple[str, str] = ("train", "test"),
 ) -> dict:
-    """Linear probe and kNN accuracy of frozen features; optionally write the report."""
-    from unicom.evaluate.probe import knn_accuracy, linear_probe
+    """Linear probe and kNN accuracy of frozen features; optionally write the report.
+    ``names``: how errors name the train and test splits (e.g. their folders)."""
+    from unicom.evaluate.probe import check_splits, knn_accuracy, linear_probe
 
+    train, train_labels, test, test_labels = check_splits(train, train_labels, test, test_labels, names)
     report: dict[str, Any] = dict(info or {})
     report["protocol"] = {
         "train": int(len(train)),

@@ -269,11 +269,14 @@ class AdaCos(MarginHead):
             with torch.no_grad():
                 target = context.target_cosine(logits, labels)
                 has_target = labels >= 0
-                exp = torch.exp(self.scale_value.to(logits.dtype) * logits)
+                # in float64: exp(s · cos) passes float32's largest value from s · cos ≈ 89 on
+                exp = torch.exp(self.scale_value * logits.double())
                 non_target = exp.sum(dim=1) - torch.where(has_target, target_entries(exp, labels), 0.0)
                 b_avg = context.all_reduce_sum(non_target).mean()
-                theta_median = torch.median(_angle(target))
-                self.scale_value.copy_(torch.log(b_avg) / torch.cos(theta_median.clamp(max=math.pi / 4)))
+                theta_median = torch.median(_angle(target)).double()
+                scale = torch.log(b_avg) / torch.cos(theta_median.clamp(max=math.pi / 4))
+                # a non-finite scale (a batch of non-finite cosines) would make every later step non-finite
+                self.scale_value.copy_(torch.where(torch.isfinite(scale), scale, self.scale_value))
         return logits.mul_(self.scale_value.to(logits.dtype))
 
     def extra_repr(self) -> str:

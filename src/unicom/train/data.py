@@ -34,7 +34,6 @@ that the reader in turn comes first.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -306,22 +305,6 @@ class TrainBatch:
         return self
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a transform with torch's CPU generator, ``random`` and numpy's global generator
-    seeded by ``seed``; the previous states are restored afterwards."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed & 0xFFFFFFFF)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
 class TrainStream(IterableDataset):
     """Endless batches of one rank (module docstring).
 
@@ -367,7 +350,7 @@ class TrainStream(IterableDataset):
 
     def reader(self, role: int) -> Iterator[TrainBatch]:
         """The endless batches of reader ``role``."""
-        from unicom.data.transforms import DecodeError, EncodedJpegs, decode_image, encoded_bytes
+        from unicom.data.transforms import DecodeError, EncodedJpegs, decode_image, encoded_bytes, seeded_draws
 
         pass_, skip = self.positions[role]
         counters = Counters()  # kept across passes: what the dropped tail of a pass skipped still counts
@@ -386,7 +369,7 @@ class TrainStream(IterableDataset):
                 try:
                     data = encoded_bytes(record.image) if self.tensor is not None else None
                     size = self.tensor.device_size(data) if data is not None else None
-                    with seeded(_generator_seed(self.seed, pass_, record.uid[0] + 1, record.uid[1])):
+                    with seeded_draws(_generator_seed(self.seed, pass_, record.uid[0] + 1, record.uid[1])):
                         if size is not None:  # decoded where the model runs, cropped as planned here
                             plan = self.tensor.plan(*size)
                         else:

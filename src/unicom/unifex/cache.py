@@ -19,14 +19,14 @@ Every view folder is an embedding folder written by :func:`unicom.embed.embed_pa
 it is resumable part by part (a killed build continues where it stopped), a folder built
 with another backbone, transform, image list, precision or JPEG decoder is refused, and ``unicom evaluate
 --embeddings`` or ``unicom index`` read it as they read any ``unicom embed`` output.
-Augmented views are random draws (seeded per view); the plain view is deterministic.
+Augmented views are random draws, each image's seeded by (seed, view, its key): a build killed and
+run again, or run with other workers, draws the same views; the plain view is deterministic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -117,7 +117,7 @@ def build_views(
     ``decode``: where JPEGs are decoded (:func:`unicom.data.transforms.resolve_decode`; a
     view whose transform cannot run on tensors is decoded on the CPU under ``auto``).
     """
-    from unicom.data.transforms import resolve_decode
+    from unicom.data.transforms import DrawnPerKey, resolve_decode
     from unicom.embed import embed_parts
     from unicom.engine.device import resolve_precision
 
@@ -133,10 +133,9 @@ def build_views(
                 "decode": "gpu" if resolve_decode(decode, device, transform) else "cpu"}
         config = dict(identity, view=view, transform=transform_identity(transform), images=fingerprint,
                       rows_per_part=rows_per_part, **made, **({} if normalize else {"features": "raw"}))
+        if view > 0:  # an augmented view: each image's draws seeded by (seed, view, key), in any run or process
+            transform = DrawnPerKey(transform, seed * 1000 + view)
         view_encoder = encoder if transform is encoder.image_transform else _ViewEncoder(encoder, transform)
-        # augmented views are random draws: seeded per view, so a rebuild from scratch repeats them
-        random.seed(seed * 1000 + view)
-        torch.manual_seed(seed * 1000 + view)
         embed_parts(parts, view_encoder, folder, modalities=("image",), batch_size=batch_size, num_workers=num_workers,
                     dtype=dtype, precision=precision, config=config, normalize=normalize, decode=decode,
                     advice="give the recipe another cache.folder, or the settings the cache was made with")

@@ -174,9 +174,10 @@ def _read_columns(path: Path, columns: dict[str, str | None]) -> dict[str, list[
 
 
 def _class_order(values: set[str]) -> list[str]:
-    """Classes sorted numerically when every value is an integer, else as strings."""
+    """Classes sorted numerically when every value is an integer, else as strings; values of
+    one number ("2", "002") by their text, so that the order never depends on the set's."""
     try:
-        return sorted(values, key=int)
+        return sorted(values, key=lambda value: (int(value), value))
     except ValueError:
         return sorted(values)
 

@@ -180,7 +180,11 @@ class UniFExModel(nn.Module):
         return self.neck.load_state_dict(neck_state, strict=strict, assign=assign)
 
 
-def unifex_settings(backbone: str, pretrained: str | None, input_dim: int, neck: Mapping[str, Any]) -> dict[str, Any]:
+def unifex_settings(backbone: str, pretrained: str | None, input_dim: int, neck: Mapping[str, Any],
+                    backbone_sha256: str | None = None) -> dict[str, Any]:
+    """A ``unifex`` model folder's settings; ``backbone_sha256``: the backbone's
+    :meth:`~unicom.models.encoders.Encoder.weights_sha256` when the head was trained, checked
+    on every load (a weights file written over since is refused, not used)."""
     from unicom.models.foundation import recorded_spec
 
     return {
@@ -190,6 +194,7 @@ def unifex_settings(backbone: str, pretrained: str | None, input_dim: int, neck:
         "neck": {"kind": neck["kind"], "embedding_dim": int(neck["embedding_dim"]),
                  "batchnorm": bool(neck.get("batchnorm", False)), "dropout": float(neck.get("dropout", 0.0)),
                  "features": neck.get("features", "normalized")},
+        **({} if backbone_sha256 is None else {"backbone_sha256": backbone_sha256}),
     }
 
 
@@ -215,6 +220,11 @@ def build_unifex(settings: Mapping[str, Any]) -> UniFExModel:
             f"{settings['backbone']} ({settings.get('pretrained')}) gives {backbone.embedding_dim} features but the "
             f"head was trained on {settings['input_dim']}: the backbone reference points to other weights"
         )
+    if "backbone_sha256" in settings and backbone.weights_sha256() != settings["backbone_sha256"]:
+        raise InputError(
+            f"{settings['backbone']} ({settings.get('pretrained')}) holds other weights than the backbone the head was "
+            f"trained on (weights_sha256 {settings['backbone_sha256'][:12]}... then, {backbone.weights_sha256()[:12]}... "
+            "now): the file or folder was written over; put the weights trained on back, or train the head again")
     return UniFExModel(settings, backbone)
 
 

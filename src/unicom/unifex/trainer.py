@@ -95,12 +95,20 @@ class FeatureBatches:
 
 class _DecodedImages(torch.utils.data.Dataset):
     """Image ``i`` decoded in full (as the cache's embedding engine decodes by default) and
-    transformed, with its label, or a failure record (index, path, reason)."""
+    transformed, with its label, or a failure record (index, path, reason).
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform):
+    With ``seed`` (a random transform), the transform of image ``i`` in epoch ``epoch``
+    draws from torch's, NumPy's and Python's generators seeded by ``(seed, epoch, i)`` (timm's
+    RandAugment uses all three) and leaves the
+    caller's state as it was: the views are the same whichever process decodes the image
+    (``data.workers`` does not change them) and the main process's generators, which the
+    neck's dropout uses, are not drawn from."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform, seed: int | None = None):
         from unicom.data.transforms import short_side_size
 
         self.paths, self.labels, self.transform = list(paths), labels, transform
+        self.seed, self.epoch = seed, 0
         self.short_side = short_side_size(transform)  # a thin image is refused before the resize enlarges it
 
     def __len__(self) -> int:
@@ -114,7 +122,12 @@ class _DecodedImages(torch.utils.data.Dataset):
             check_resized_pixels(self.short_side, image.size)
         except DecodeError as error:
             return {"index": index, "path": self.paths[index], "reason": str(error)}
-        return self.transform(image), int(self.labels[index])
+        if self.seed is None:
+            return self.transform(image), int(self.labels[index])
+        from unicom.data.transforms import seeded_draws
+
+        with seeded_draws(int(np.random.SeedSequence([self.seed, self.epoch, index, 0xA06]).generate_state(1)[0])):
+            return self.transform(image), int(self.labels[index])
 
 
 def _collate(items):
@@ -132,9 +145,9 @@ class ImageBatches:
 
     def __init__(self, encoder: Encoder, paths: Sequence[str], labels: np.ndarray, transform, batch_size: int,
                  sampling: str, seed: int, workers: int, device: torch.device, precision: str,
-                 keep_last: bool = False, min_rows: int = 2, normalize: bool = True):
+                 keep_last: bool = False, min_rows: int = 2, normalize: bool = True, augment: bool = False):
         self.encoder, self.device, self.precision = encoder, device, precision
-        self.dataset = _DecodedImages(paths, np.asarray(labels), transform)
+        self.dataset = _DecodedImages(paths, np.asarray(labels), transform, seed if augment else None)
         self.batch_size, self.sampling, self.seed, self.workers = batch_size, sampling, seed, workers
         self.keep_last, self.min_rows, self.normalize = keep_last, min_rows, normalize
         self._labels = np.asarray(labels)
@@ -153,6 +166,7 @@ class ImageBatches:
         from unicom.unifex.model import backbone_features
 
         batches = [b.tolist() for b in self._cut(epoch_order(self._labels, epoch, self.seed, self.sampling))]
+        self.dataset.epoch = epoch  # before the loader starts: its workers take a copy
         # its own generator: the loader must not draw from the global one, which the neck's
         # dropout uses (so that both modes draw the same masks)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -291,8 +305,9 @@ def _check_resumable(stored: dict, config: ProbeConfig, path: Path) -> None:
                          f"use another out=, or delete {path} to train from the start")
 
 
-def read_checkpoint(path: Path, config: ProbeConfig) -> dict | None:
-    """The state saved after the last finished epoch, checked against ``config`` (None: no checkpoint)."""
+def read_checkpoint(path: Path, config: ProbeConfig, train: DomainImages | None = None) -> dict | None:
+    """The state saved after the last finished epoch, checked against ``config`` and the
+    training rows ``train`` (None: no checkpoint)."""
     if not path.is_file():
         return None
     try:
@@ -300,10 +315,25 @@ def read_checkpoint(path: Path, config: ProbeConfig) -> dict | None:
     except Exception as error:  # torch raises several types for damaged files
         raise InputError(f"{path}: unreadable ({error}); delete it to train from the start") from error
     _check_resumable(json.loads(state["config"]), config, path)
+    if train is not None and "train_rows" in state:  # (checkpoints written before the rows were recorded: not checked)
+        then = json.loads(state["train_rows"])
+        if then["fingerprint"] != _train_rows(train)["fingerprint"]:
+            raise InputError(
+                f"{path} was written by a run whose lists of data.train held other rows ({then['images']:,} images of "
+                f"{then['classes']:,} classes then, {len(train):,} of {train.num_classes:,} now); "
+                f"use another out=, or delete {path} to train from the start")
     return state
 
 
-def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline: dict, config: ProbeConfig) -> None:
+def _train_rows(train: DomainImages) -> dict:
+    """What the head is trained on, as a checkpoint records it: the rows' fingerprint and counts."""
+    from unicom.unifex.cache import images_fingerprint
+
+    return {"fingerprint": images_fingerprint(train.images), "images": len(train), "classes": train.num_classes}
+
+
+def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline: dict, config: ProbeConfig,
+                    train: DomainImages | None = None) -> None:
     from unicom.files import atomic_path
 
     state = {
@@ -317,6 +347,7 @@ def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline:
         "history": json.dumps(history),
         "baseline": json.dumps(baseline),
         "config": json.dumps(config.to_dict()),
+        **({} if train is None else {"train_rows": json.dumps(_train_rows(train))}),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -442,6 +473,12 @@ def build_cache(config: ProbeConfig, data: ProbeData, backbone: Backbone, out: P
     transforms = [training] + [backbone.augment_transform] * config.cache.augmented_views
     began = time.perf_counter()
     log.print(f"feature cache {root}: {len(data.all_train):,} training images x {len(transforms)} view(s)")
+    try:
+        if not storage.is_url(root):  # (object stores have no folders to make)
+            Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"feature cache {storage.text(root)}: cannot be written ({storage.describe(error)}); "
+                         "give cache.folder= a folder that can be") from error
     feature_cache.build_views(backbone.encoder, data.all_train.images, root, "train", transforms, **options)
     contents = {"train": {"images": len(data.all_train), "views": len(transforms)}}
     if _separate_eval(data, backbone):
@@ -513,7 +550,7 @@ def direct_feed(config: ProbeConfig, data: ProbeData, backbone: Backbone) -> Fee
         transform = backbone.plain if backbone.trains_on_plain else backbone.train_transform
     batches = ImageBatches(backbone.encoder, data.train.images.paths, data.train.labels, transform, config.data.batch_size,
                            config.data.sampling, config.seed, backbone.workers, backbone.device, backbone.precision,
-                           normalize=normalize, **_batching(config))
+                           normalize=normalize, augment=config.train.augment, **_batching(config))
     split = None
     if data.query is not None:
         from unicom.embed import embed_images
@@ -564,7 +601,8 @@ def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, count
     from unicom.models.export import save_model
     from unicom.unifex.model import ARCHITECTURE, unifex_settings
 
-    settings = unifex_settings(config.backbone.model, config.backbone.pretrained, backbone.input_dim, _neck_settings(config))
+    settings = unifex_settings(config.backbone.model, config.backbone.pretrained, backbone.input_dim, _neck_settings(config),
+                               backbone.encoder.weights_sha256())
     head.neck.eval()
     return save_model(
         out / MODEL_FOLDER, {f"neck.{k}": v for k, v in head.neck.state_dict().items()}, ARCHITECTURE, settings,
@@ -595,12 +633,16 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
         raise InputError("building the cache alone is for train.mode=cache; this recipe trains in direct mode")
     data = read_probe_data(config)
     backbone = load_backbone(config)
-    checkpoint = read_checkpoint(out / CHECKPOINT, config)
+    checkpoint = read_checkpoint(out / CHECKPOINT, config, data.train)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", to_yaml(config))
     summary = data.train.summary()
-    write_json_atomic(out / "datasets.json", {"train": summary, "lists": [storage.absolute(p) for p in config.data.train]})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(config))
+        write_json_atomic(out / "datasets.json", {"train": summary, "lists": [storage.absolute(p) for p in config.data.train]})
+    except OSError as error:  # a read-only or full disk: before any work, without a traceback
+        raise InputError(f"{out}: the output folder cannot be written ({storage.describe(error)}); "
+                         "give out= a folder that can be") from error
     log = RunLog(out, tensorboard=False, console=console)
     say = log.print
     try:
@@ -656,7 +698,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             history.append(record)
             log.event("epoch", **record)
             say(line)
-            save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config)
+            save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config, data.train)
         if isinstance(feed.batches, ImageBatches) and feed.batches.failures:
             say(f"note: {len(feed.batches.failures)} image reads failed and were left out, e.g. {feed.batches.failures[0]}")
         if last < epochs:

@@ -158,6 +158,13 @@ def test_a_missing_cluster_id_is_named(run, capsys):
     assert "no cluster 9" in err and "k = 4" in err
 
 
+@pytest.mark.parametrize("ids", [",", ""])
+def test_a_list_of_clusters_without_an_id_is_refused(run, capsys, ids):
+    assert show(run, "--clusters", ids, sheet="none.png") == 2
+    assert "--clusters names no cluster id" in capsys.readouterr().err
+    assert not (run["root"] / "none.png").exists()
+
+
 def test_a_negative_seed_is_named(run, capsys):
     assert show(run, "--random", "2", "--seed", "-1") == 2
     assert f"a seed >= 0 (got {SAMPLES}, {NEIGHBOURS}, {THUMB}, -1)" in capsys.readouterr().err

@@ -104,6 +104,9 @@ def choose_clusters(k: int, clusters: Sequence[int] | None = None, random: int |
     if (clusters is None) == (random is None):
         raise InputError("choose the clusters to show: --clusters 3,17 or --random N")
     if clusters is not None:
+        if not clusters:
+            raise InputError("--clusters names no cluster id; give the ids to show, e.g. --clusters 3,17, or "
+                             "--random N")
         missing = [c for c in clusters if not 0 <= c < k]
         if missing:
             raise InputError(f"{where}: no cluster {', '.join(map(str, missing))}; the run has k = {k:,} clusters "

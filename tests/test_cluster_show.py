@@ -170,6 +170,22 @@ def test_a_negative_seed_is_named(run, capsys):
     assert f"a seed >= 0 (got {SAMPLES}, {NEIGHBOURS}, {THUMB}, -1)" in capsys.readouterr().err
 
 
+def test_a_thumbnail_lower_than_a_rows_label_is_refused(run, capsys):
+    # rows are thumbnail + GAP pixels high; a smaller thumbnail drew each label over the next row's
+    assert show(run, "--clusters", "0", "--thumbnail", "12", sheet="tiny.png") == 2
+    assert "a thumbnail of at least 24 pixels (the height of a row's two-line label)" in capsys.readouterr().err
+    assert not (run["root"] / "tiny.png").exists()
+
+
+def test_at_the_smallest_thumbnail_a_rows_label_stays_in_its_row():
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (400, 100)))
+    for label in ("cluster 999999\n1,234,567 images", "  near 999999, cos -0.263\n  1,234,567 images"):
+        bottom = draw.multiline_textbbox((GAP, 2), label)[3]  # drawn 2 pixels below the row's top
+        assert bottom <= 24 + GAP
+
+
 def test_a_sheet_too_large_to_open_is_refused_before_any_shard_is_read(run, capsys):
     assert show(run, "--clusters", "0,1", "--samples", "100000", "--thumbnail", "1024", sheet="huge.png") == 2
     assert "the sheet would be 102,800,164 x " in capsys.readouterr().err

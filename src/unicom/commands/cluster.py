@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--input", nargs="+", metavar="INPUT",
                       help="the shards the embeddings were made from (paths, patterns, folders or URLs, as given to "
                            "`unicom embed`), or the folder an image folder's images are in now")
-    show.add_argument("--thumbnail", type=int, metavar="PX", default=128, help="thumbnail side in pixels (default 128)")
+    show.add_argument("--thumbnail", type=int, metavar="PX", default=128, help="thumbnail side in pixels, at least 24 (default 128)")
     show.add_argument("--sheet", metavar="PATH.png",
                       help="where to write the PNG; the HTML page goes beside it (default OUT/contact_sheet.png)")
     parser.add_argument("--chunk-rows", type=int, metavar="N", default=65536, help="rows read and assigned at once (default 65536)")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -175,3 +177,14 @@ def test_split_shards_gives_every_shard_to_exactly_one_part():
     assert [[s.number for s in part] for part in slices] == [[0, 1, 2], [5, 9], [10, 11]]
     with pytest.raises(InputError, match="8 parts but only 7 shards"):
         split_shards(shards, 0, 8)
+
+
+def test_the_help_shows_the_hierarchical_ks_of_the_docs(capsys):
+    # each part clusters its slice into fewer centroids than the merge's final k (docs/clustering.md)
+    def ks(text: str) -> dict[str, str]:
+        return {stage: re.search(rf"cluster {stage}\s.*?--k (\d+)", text).group(1) for stage in ("part", "merge")}
+
+    with pytest.raises(SystemExit):
+        main(["cluster", "--help"])
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "clustering.md").read_text()
+    assert ks(capsys.readouterr().out) == ks(docs) == {"part": "62500", "merge": "1000000"}

@@ -6,7 +6,7 @@ One machine::
 
 Many machines (each part clusters a slice of the shards; parts numbered from 0)::
 
-    unicom cluster part   --embeddings EMB --k 1000000 --part P/N --out OUT   # on every node
+    unicom cluster part   --embeddings EMB --k 62500 --part P/N --out OUT     # on every node
     unicom cluster merge  --k 1000000 --out OUT                              # once
     unicom cluster assign --embeddings EMB --part P/N --out OUT              # on every node
     unicom cluster assign --embeddings EMB --out OUT                         # once: statistics

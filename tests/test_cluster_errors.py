@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,6 +127,17 @@ def test_a_folder_the_fusion_needs_is_not_given(tmp_path):
         ClusterInputs(folders)
     with pytest.raises(InputError, match=r"no metadata folder was given \(--metadata\)"):
         ClusterInputs(EmbeddingFolders(image=tmp_path / "emb" / "img_emb"), fusion="image")
+
+
+def test_an_embedding_folder_without_metadata_is_named(tmp_path, capsys):
+    make(tmp_path / "emb")
+    shutil.rmtree(tmp_path / "emb" / "metadata")
+    from unicom.cli import main
+
+    assert main(["cluster", "--embeddings", str(tmp_path / "emb"), "--k", "2", "--out", str(tmp_path / "out")]) == 2
+    assert (f"{tmp_path / 'emb'}: no metadata/ folder inside; the keys of the labels come from it: give the folder "
+            "that `unicom embed` wrote (img_emb/, text_emb/ and metadata/), or add --metadata DIR") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_image_only_embedding_folder_under_the_default_fusion_says_what_to_do(tmp_path, capsys):

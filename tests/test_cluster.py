@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -186,6 +187,39 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
     cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
     with pytest.raises(InputError, match=r"centroids.json was written by a run with other settings \(settings"):
         cluster(inputs, tmp_path / "out", KMeansSettings(k=4), plot=False)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_labels_of_centroids_trained_again_are_not_kept(tmp_path, k):
+    # deleting the centroids to change k (as the error above suggests) but not the labels made from them
+    rng = np.random.default_rng(5)
+    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    before = load_labels(tmp_path / "out")
+    (tmp_path / "out" / "centroids.npy").unlink()
+    (tmp_path / "out" / "centroids.json").unlink()
+    labels, record = tmp_path / "out" / "labels", tmp_path / "out" / "assignment.json"
+    with pytest.raises(InputError, match=rf"{labels}: the labels there were assigned with other centroids than those "
+                                         rf"in .*centroids.npy \(trained again since\); delete {labels} and {record}"):
+        cluster(inputs, tmp_path / "out", KMeansSettings(k=k), plot=False)
+    assert load_labels(tmp_path / "out").equals(before)
+    for path in (labels, record):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    summary = cluster(inputs, tmp_path / "out", KMeansSettings(k=k), plot=False)
+    assert summary["k"] == k and summary["labelled"] == 90
+    assert set(load_labels(tmp_path / "out").column("label").to_pylist()) <= set(range(k))
+
+
+def test_labels_of_the_same_centroids_trained_again_are_kept(tmp_path):
+    rng = np.random.default_rng(5)
+    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    first = (tmp_path / "out" / "labels" / "labels_0.parquet").stat().st_mtime_ns
+    (tmp_path / "out" / "centroids.npy").unlink()  # the same settings train the same centroids again
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    assert (tmp_path / "out" / "labels" / "labels_0.parquet").stat().st_mtime_ns == first
 
 
 def test_float16_and_float32_shards_give_the_same_labels(tmp_path):

@@ -20,7 +20,7 @@ from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample,
 from unicom.cluster.kmeans import INITS, CentroidSearch, available_memory, compute_backend, train_kmeans, training_memory
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
 from unicom.errors import InputError
-from unicom.formats.clusters import ClusterFolder, check_record
+from unicom.formats.clusters import ClusterFolder, centroids_digest, check_record
 from unicom.progress import progress
 
 
@@ -236,6 +236,12 @@ def assign_labels(
         )
     expected = {"inputs": inputs.fingerprint()}
     assignment = check_record(folder.assignment_record, expected)
+    trained = centroids_digest(centroids)
+    if assignment is not None and assignment.get("centroids", trained) != trained:  # older records lack it
+        raise InputError(
+            f"{folder.labels}: the labels there were assigned with other centroids than those in {folder.centroids} "
+            f"(trained again since); delete {folder.labels} and {folder.assignment_record}, then run again"
+        )
     selected = _select(inputs, shards)
     labelled = folder.labelled_parts()
     pending = [shard for shard in selected if shard.number not in labelled]
@@ -247,7 +253,7 @@ def assign_labels(
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
     if assignment is None:
-        folder.write_assignment({**expected, "dropped_below": 0})
+        folder.write_assignment({**expected, "centroids": trained, "dropped_below": 0})
     search = CentroidSearch(centroids, spherical=record["spherical"], backend=compute_backend(device))
     started = time.perf_counter()
     bar = progress(total=report["rows"], desc="assign", unit="sample")

@@ -123,8 +123,13 @@ def test_shards_that_hold_no_rows(tmp_path):
 def test_a_folder_the_fusion_needs_is_not_given(tmp_path):
     make(tmp_path / "emb")
     folders = EmbeddingFolders(image=tmp_path / "emb" / "img_emb", metadata=tmp_path / "emb" / "metadata")
-    with pytest.raises(InputError, match=r"no text folder was given \(--text-emb\); fusion 'image\+text' reads it"):
+    with pytest.raises(InputError, match=r"no text folder was given \(--text-emb\); fusion 'image\+text' reads it: "
+                                         r"give --text-emb, or cluster the images alone with "
+                                         r"--fusion image$"):
         ClusterInputs(folders)
+    texts = EmbeddingFolders(text=tmp_path / "emb" / "text_emb", metadata=tmp_path / "emb" / "metadata")
+    with pytest.raises(InputError, match=r"give --image-emb, or cluster the texts alone with --fusion text$"):
+        ClusterInputs(texts)
     with pytest.raises(InputError, match=r"no metadata folder was given \(--metadata\)"):
         ClusterInputs(EmbeddingFolders(image=tmp_path / "emb" / "img_emb"), fusion="image")
 

@@ -21,6 +21,7 @@ from unicom.cluster import (
     load_labels,
     plan_sample,
     size_statistics,
+    summarize,
     train_kmeans,
     use_gpu,
 )
@@ -328,6 +329,17 @@ def test_min_cluster_size_drops_the_samples_of_small_clusters(tmp_path):
     assert again["dropped_samples"] == 5 and load_labels(tmp_path / "out").equals(labels)
     with pytest.raises(InputError, match="already filtered with --min-cluster-size 10"):
         cluster(inputs, tmp_path / "out", KMeansSettings(k=3, init="kmeans++"), min_cluster_size=4)
+
+
+def test_recomputing_the_statistics_keeps_the_stage_times_of_the_run(tmp_path):
+    rng = np.random.default_rng(9)
+    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    times = cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)["seconds"]
+    assert set(times) == {"read", "kmeans", "train", "assign"}
+    summary = summarize(tmp_path / "out", min_cluster_size=40, plot=False)  # `unicom cluster stats`
+    assert summary["min_cluster_size"] == 40 and summary["seconds"] == times
+    assert json.loads((tmp_path / "out" / "clusters.json").read_text())["seconds"] == times
 
 
 def test_euclidean_kmeans_reports_cosine_similarity(tmp_path):

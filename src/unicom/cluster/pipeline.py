@@ -299,7 +299,8 @@ def summarize(
     """Stage 3: cluster sizes, their histogram and ``clusters.json``, once every part is
     labelled; with ``min_cluster_size``, drop from the label files the samples of the
     clusters smaller than that (label ids are kept, so they still index the centroids).
-    ``seconds`` (the stage timings of this run) is recorded as it is."""
+    ``seconds`` (the stage timings of this run) is recorded as it is; without it (``stats``,
+    the hierarchical ``assign``) those of the summary already there are kept."""
     folder = ClusterFolder(out)
     record = folder.read_record()
     assignment = folder.read_assignment()
@@ -373,6 +374,8 @@ def summarize(
     }
     if record["mode"] == "hierarchical":
         summary["hierarchical"] = record["hierarchical"]
+    if seconds is None:  # the statistics are recomputed; how long the run took stays what it was
+        seconds = (folder.read_summary() or {}).get("seconds")
     if seconds is not None:
         summary["seconds"] = seconds
     if plot:

@@ -249,6 +249,10 @@ class ClusterFolder:
             raise InputError(f"{self.root}: no cluster_sizes.npy yet; run `unicom cluster assign` (or `unicom cluster stats`) first")
         return storage.load_npy(self.sizes, mmap=False)
 
+    def read_summary(self) -> dict | None:
+        """``clusters.json``, or None before the first summary."""
+        return read_record(self.summary) if storage.is_file(self.summary) else None
+
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary, summary)
 

@@ -103,6 +103,21 @@ def test_k_larger_than_the_valid_samples_left(tmp_path):
     expect_error(tmp_path, r"k = 4 is larger than the 3 valid samples", k=4, skip_invalid=True)
 
 
+def test_a_sample_of_barely_k_rows_that_draws_invalid_rows(tmp_path):
+    make(tmp_path / "emb", sizes=(30, 30))
+    image = np.load(tmp_path / "emb" / "img_emb" / "img_emb_1.npy")
+    image[:10] = 0.0  # 10 of 60 rows invalid: 50 valid samples, a sample of 50 drawn from 60
+    np.save(tmp_path / "emb" / "img_emb" / "img_emb_1.npy", image)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    with pytest.raises(InputError, match=r"^the training sample of 50 rows \(k x --points-per-centroid\) keeps (4\d) "
+                                         r"valid rows, fewer than k = 50: \d+ of the rows drawn are invalid; raise "
+                                         r"--points-per-centroid$"):
+        cluster(inputs, tmp_path / "out", KMeansSettings(k=50, points_per_centroid=1), skip_invalid=True, plot=False)
+    assert not (tmp_path / "out" / "centroids.npy").exists()
+    summary = cluster(inputs, tmp_path / "out", KMeansSettings(k=50, points_per_centroid=2), skip_invalid=True, plot=False)
+    assert summary["labelled"] == 50 and summary["invalid_rows"] == 10
+
+
 def test_a_missing_folder(tmp_path):
     with pytest.raises(InputError, match=r"nowhere: folder not found"):
         ClusterInputs(EmbeddingFolders(image=tmp_path / "nowhere", metadata=tmp_path / "meta"), fusion="image")

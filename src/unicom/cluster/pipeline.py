@@ -128,6 +128,12 @@ def _train_on(
     valid = rows - result.num_invalid
     if settings.k > valid:
         raise InputError(f"k = {settings.k} is larger than the {valid} valid samples{where}; lower --k")
+    if settings.k > len(result.sample):  # invalid rows drawn into a sample of barely k rows
+        raise InputError(
+            f"the training sample{where} of {result.planned} rows (k x --points-per-centroid) keeps {len(result.sample)} "
+            f"valid rows, fewer than k = {settings.k}: {result.planned - len(result.sample)} of the rows drawn are "
+            "invalid; raise --points-per-centroid"
+        )
     trained = train_kmeans(
         result.sample, settings.k, iterations=settings.iterations, seed=kmeans_seed(settings, part),
         spherical=settings.spherical, init=settings.init, backend=backend, restarts=settings.restarts,

@@ -161,6 +161,11 @@ def test_assign_keeps_the_fusion_of_the_centroids(collection, tmp_path, capsys):
     (["cluster", "part", "--k", "3", "--part", "3/3"], "P must be between 0 and N - 1"),
     (["cluster", "part", "--k", "3", "--part", "three"], "expected P/N"),
     (["cluster", "merge", "--part", "0/2"], "--part applies to `part` and `assign`"),
+    (["cluster", "assign", "--embeddings", "EMB", "--part", "0/2", "--min-cluster-size", "5"],
+     "--min-cluster-size is applied with the statistics, once every part is labelled, not by `unicom cluster assign` "
+     "of part 0/2: give it to the `unicom cluster assign` without --part"),
+    (["cluster", "part", "--embeddings", "EMB", "--k", "3", "--part", "0/2", "--min-cluster-size", "5"],
+     "not by `unicom cluster part` of part 0/2"),
     (["cluster", "--k", "3"], "no inputs: give --embeddings ROOT"),
     (["cluster", "--embeddings", "EMB"], "needs --k"),
 ])

@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stats = parser.add_argument_group("statistics")
     stats.add_argument("--tiny-cluster-size", type=int, metavar="N", default=10, help="report clusters with fewer samples than this (default 10)")
     stats.add_argument("--min-cluster-size", type=int, metavar="N", default=0,
-                       help="drop from the labels the samples of clusters smaller than this (default 0: keep all)")
+                       help="drop from the labels the samples of clusters smaller than this, with the statistics "
+                            "(run, stats, assign without --part; default 0: keep all)")
     show = parser.add_argument_group("show (a contact sheet of OUT's clusters)")
     show.add_argument("--clusters", type=_ids, metavar="IDS", help="cluster ids to show, e.g. 3,17")
     show.add_argument("--random", type=int, metavar="N", help="show N random non-empty clusters (drawn with --seed)")
@@ -193,6 +194,12 @@ def run(args) -> int:
     part = _part(args.part, args.stage)
     if part is not None and args.stage not in ("part", "assign"):
         raise InputError(f"--part applies to `part` and `assign`, not `{args.stage}`")
+    if args.min_cluster_size and (args.stage in ("part", "merge", "show") or part is not None):
+        where = f"`unicom cluster {args.stage}`" + (f" of part {part[0]}/{part[1]}" if part is not None else "")
+        raise InputError(
+            f"--min-cluster-size is applied with the statistics, once every part is labelled, not by {where}: give it "
+            "to the `unicom cluster assign` without --part (and without torchrun) or to `unicom cluster stats`"
+        )
     if args.stage == "run":
         inputs = _inputs(args, args.fusion or "image+text")
         summary = cluster(

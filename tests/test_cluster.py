@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -20,6 +21,7 @@ from unicom.cluster import (
     load_labels,
     plan_sample,
     size_statistics,
+    summarize,
     train_kmeans,
     use_gpu,
 )
@@ -188,6 +190,39 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
         cluster(inputs, tmp_path / "out", KMeansSettings(k=4), plot=False)
 
 
+@pytest.mark.parametrize("k", [2, 5])
+def test_labels_of_centroids_trained_again_are_not_kept(tmp_path, k):
+    # deleting the centroids to change k (as the error above suggests) but not the labels made from them
+    rng = np.random.default_rng(5)
+    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    before = load_labels(tmp_path / "out")
+    (tmp_path / "out" / "centroids.npy").unlink()
+    (tmp_path / "out" / "centroids.json").unlink()
+    labels, record = tmp_path / "out" / "labels", tmp_path / "out" / "assignment.json"
+    with pytest.raises(InputError, match=rf"{labels}: the labels there were assigned with other centroids than those "
+                                         rf"in .*centroids.npy \(trained again since\); delete {labels} and {record}"):
+        cluster(inputs, tmp_path / "out", KMeansSettings(k=k), plot=False)
+    assert load_labels(tmp_path / "out").equals(before)
+    for path in (labels, record):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    summary = cluster(inputs, tmp_path / "out", KMeansSettings(k=k), plot=False)
+    assert summary["k"] == k and summary["labelled"] == 90
+    assert set(load_labels(tmp_path / "out").column("label").to_pylist()) <= set(range(k))
+
+
+def test_labels_of_the_same_centroids_trained_again_are_kept(tmp_path):
+    rng = np.random.default_rng(5)
+    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    first = (tmp_path / "out" / "labels" / "labels_0.parquet").stat().st_mtime_ns
+    (tmp_path / "out" / "centroids.npy").unlink()  # the same settings train the same centroids again
+    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    assert (tmp_path / "out" / "labels" / "labels_0.parquet").stat().st_mtime_ns == first
+
+
 def test_float16_and_float32_shards_give_the_same_labels(tmp_path):
     rng = np.random.default_rng(6)
     image, _ = mixture(rng, classes=4, rows=300, dim=16, noise=0.3)
@@ -294,6 +329,17 @@ def test_min_cluster_size_drops_the_samples_of_small_clusters(tmp_path):
     assert again["dropped_samples"] == 5 and load_labels(tmp_path / "out").equals(labels)
     with pytest.raises(InputError, match="already filtered with --min-cluster-size 10"):
         cluster(inputs, tmp_path / "out", KMeansSettings(k=3, init="kmeans++"), min_cluster_size=4)
+
+
+def test_recomputing_the_statistics_keeps_the_stage_times_of_the_run(tmp_path):
+    rng = np.random.default_rng(9)
+    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    times = cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)["seconds"]
+    assert set(times) == {"read", "kmeans", "train", "assign"}
+    summary = summarize(tmp_path / "out", min_cluster_size=40, plot=False)  # `unicom cluster stats`
+    assert summary["min_cluster_size"] == 40 and summary["seconds"] == times
+    assert json.loads((tmp_path / "out" / "clusters.json").read_text())["seconds"] == times
 
 
 def test_euclidean_kmeans_reports_cosine_similarity(tmp_path):

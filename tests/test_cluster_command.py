@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -159,6 +161,11 @@ def test_assign_keeps_the_fusion_of_the_centroids(collection, tmp_path, capsys):
     (["cluster", "part", "--k", "3", "--part", "3/3"], "P must be between 0 and N - 1"),
     (["cluster", "part", "--k", "3", "--part", "three"], "expected P/N"),
     (["cluster", "merge", "--part", "0/2"], "--part applies to `part` and `assign`"),
+    (["cluster", "assign", "--embeddings", "EMB", "--part", "0/2", "--min-cluster-size", "5"],
+     "--min-cluster-size is applied with the statistics, once every part is labelled, not by `unicom cluster assign` "
+     "of part 0/2: give it to the `unicom cluster assign` without --part"),
+    (["cluster", "part", "--embeddings", "EMB", "--k", "3", "--part", "0/2", "--min-cluster-size", "5"],
+     "not by `unicom cluster part` of part 0/2"),
     (["cluster", "--k", "3"], "no inputs: give --embeddings ROOT"),
     (["cluster", "--embeddings", "EMB"], "needs --k"),
 ])
@@ -175,3 +182,14 @@ def test_split_shards_gives_every_shard_to_exactly_one_part():
     assert [[s.number for s in part] for part in slices] == [[0, 1, 2], [5, 9], [10, 11]]
     with pytest.raises(InputError, match="8 parts but only 7 shards"):
         split_shards(shards, 0, 8)
+
+
+def test_the_help_shows_the_hierarchical_ks_of_the_docs(capsys):
+    # each part clusters its slice into fewer centroids than the merge's final k (docs/clustering.md)
+    def ks(text: str) -> dict[str, str]:
+        return {stage: re.search(rf"cluster {stage}\s.*?--k (\d+)", text).group(1) for stage in ("part", "merge")}
+
+    with pytest.raises(SystemExit):
+        main(["cluster", "--help"])
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "clustering.md").read_text()
+    assert ks(capsys.readouterr().out) == ks(docs) == {"part": "62500", "merge": "1000000"}

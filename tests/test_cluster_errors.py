@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,6 +103,21 @@ def test_k_larger_than_the_valid_samples_left(tmp_path):
     expect_error(tmp_path, r"k = 4 is larger than the 3 valid samples", k=4, skip_invalid=True)
 
 
+def test_a_sample_of_barely_k_rows_that_draws_invalid_rows(tmp_path):
+    make(tmp_path / "emb", sizes=(30, 30))
+    image = np.load(tmp_path / "emb" / "img_emb" / "img_emb_1.npy")
+    image[:10] = 0.0  # 10 of 60 rows invalid: 50 valid samples, a sample of 50 drawn from 60
+    np.save(tmp_path / "emb" / "img_emb" / "img_emb_1.npy", image)
+    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
+    with pytest.raises(InputError, match=r"^the training sample of 50 rows \(k x --points-per-centroid\) keeps (4\d) "
+                                         r"valid rows, fewer than k = 50: \d+ of the rows drawn are invalid; raise "
+                                         r"--points-per-centroid$"):
+        cluster(inputs, tmp_path / "out", KMeansSettings(k=50, points_per_centroid=1), skip_invalid=True, plot=False)
+    assert not (tmp_path / "out" / "centroids.npy").exists()
+    summary = cluster(inputs, tmp_path / "out", KMeansSettings(k=50, points_per_centroid=2), skip_invalid=True, plot=False)
+    assert summary["labelled"] == 50 and summary["invalid_rows"] == 10
+
+
 def test_a_missing_folder(tmp_path):
     with pytest.raises(InputError, match=r"nowhere: folder not found"):
         ClusterInputs(EmbeddingFolders(image=tmp_path / "nowhere", metadata=tmp_path / "meta"), fusion="image")
@@ -121,10 +138,26 @@ def test_shards_that_hold_no_rows(tmp_path):
 def test_a_folder_the_fusion_needs_is_not_given(tmp_path):
     make(tmp_path / "emb")
     folders = EmbeddingFolders(image=tmp_path / "emb" / "img_emb", metadata=tmp_path / "emb" / "metadata")
-    with pytest.raises(InputError, match=r"no text folder was given \(--text-emb\); fusion 'image\+text' reads it"):
+    with pytest.raises(InputError, match=r"no text folder was given \(--text-emb\); fusion 'image\+text' reads it: "
+                                         r"give --text-emb, or cluster the images alone with "
+                                         r"--fusion image$"):
         ClusterInputs(folders)
+    texts = EmbeddingFolders(text=tmp_path / "emb" / "text_emb", metadata=tmp_path / "emb" / "metadata")
+    with pytest.raises(InputError, match=r"give --image-emb, or cluster the texts alone with --fusion text$"):
+        ClusterInputs(texts)
     with pytest.raises(InputError, match=r"no metadata folder was given \(--metadata\)"):
         ClusterInputs(EmbeddingFolders(image=tmp_path / "emb" / "img_emb"), fusion="image")
+
+
+def test_an_embedding_folder_without_metadata_is_named(tmp_path, capsys):
+    make(tmp_path / "emb")
+    shutil.rmtree(tmp_path / "emb" / "metadata")
+    from unicom.cli import main
+
+    assert main(["cluster", "--embeddings", str(tmp_path / "emb"), "--k", "2", "--out", str(tmp_path / "out")]) == 2
+    assert (f"{tmp_path / 'emb'}: no metadata/ folder inside; the keys of the labels come from it: give the folder "
+            "that `unicom embed` wrote (img_emb/, text_emb/ and metadata/), or add --metadata DIR") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_image_only_embedding_folder_under_the_default_fusion_says_what_to_do(tmp_path, capsys):

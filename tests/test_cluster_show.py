@@ -158,9 +158,32 @@ def test_a_missing_cluster_id_is_named(run, capsys):
     assert "no cluster 9" in err and "k = 4" in err
 
 
+@pytest.mark.parametrize("ids", [",", ""])
+def test_a_list_of_clusters_without_an_id_is_refused(run, capsys, ids):
+    assert show(run, "--clusters", ids, sheet="none.png") == 2
+    assert "--clusters names no cluster id" in capsys.readouterr().err
+    assert not (run["root"] / "none.png").exists()
+
+
 def test_a_negative_seed_is_named(run, capsys):
     assert show(run, "--random", "2", "--seed", "-1") == 2
     assert f"a seed >= 0 (got {SAMPLES}, {NEIGHBOURS}, {THUMB}, -1)" in capsys.readouterr().err
+
+
+def test_a_thumbnail_lower_than_a_rows_label_is_refused(run, capsys):
+    # rows are thumbnail + GAP pixels high; a smaller thumbnail drew each label over the next row's
+    assert show(run, "--clusters", "0", "--thumbnail", "12", sheet="tiny.png") == 2
+    assert "a thumbnail of at least 24 pixels (the height of a row's two-line label)" in capsys.readouterr().err
+    assert not (run["root"] / "tiny.png").exists()
+
+
+def test_at_the_smallest_thumbnail_a_rows_label_stays_in_its_row():
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (400, 100)))
+    for label in ("cluster 999999\n1,234,567 images", "  near 999999, cos -0.263\n  1,234,567 images"):
+        bottom = draw.multiline_textbbox((GAP, 2), label)[3]  # drawn 2 pixels below the row's top
+        assert bottom <= 24 + GAP
 
 
 def test_a_sheet_too_large_to_open_is_refused_before_any_shard_is_read(run, capsys):

@@ -52,6 +52,7 @@ from unicom.progress import progress
 LABEL_WIDTH = 160
 GAP = 4
 BLOCK_GAP = 12
+MIN_THUMBNAIL = 24  # a row's label is two lines of Pillow's default font, drawn 2 pixels below the row's top
 MAX_SHEET_PIXELS = 2 * 89_478_485  # Pillow refuses to open larger images (decompression bombs)
 BACKGROUND = (255, 255, 255)
 CENTROID_BLOCK_ROWS = 65_536  # centroids searched at once for the nearest clusters
@@ -104,6 +105,9 @@ def choose_clusters(k: int, clusters: Sequence[int] | None = None, random: int |
     if (clusters is None) == (random is None):
         raise InputError("choose the clusters to show: --clusters 3,17 or --random N")
     if clusters is not None:
+        if not clusters:
+            raise InputError("--clusters names no cluster id; give the ids to show, e.g. --clusters 3,17, or "
+                             "--random N")
         missing = [c for c in clusters if not 0 <= c < k]
         if missing:
             raise InputError(f"{where}: no cluster {', '.join(map(str, missing))}; the run has k = {k:,} clusters "
@@ -335,9 +339,10 @@ def build_contact_sheet(
 ) -> ContactSheet:
     """The sheet of ``clusters`` (or ``random`` clusters) of the run in ``out``, each with
     its ``neighbours`` nearest clusters, ``samples`` images each, read from ``inputs``."""
-    if samples < 1 or neighbours < 0 or thumbnail < 8 or seed < 0:
-        raise InputError(f"need samples >= 1, neighbours >= 0, a thumbnail of at least 8 pixels and a seed >= 0 "
-                         f"(got {samples}, {neighbours}, {thumbnail}, {seed})")
+    if samples < 1 or neighbours < 0 or thumbnail < MIN_THUMBNAIL or seed < 0:
+        raise InputError(f"need samples >= 1, neighbours >= 0, a thumbnail of at least {MIN_THUMBNAIL} pixels (the "
+                         f"height of a row's two-line label) and a seed >= 0 (got {samples}, {neighbours}, {thumbnail}, "
+                         f"{seed})")
     folder = ClusterFolder(out)
     centroids, record = folder.read_centroids(mmap=True)
     k = record["k"]

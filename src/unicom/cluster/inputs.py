@@ -113,9 +113,17 @@ class ClusterInputs:
                     f"with --fusion {other}, or embed the {'captions' if kind == 'text' else 'images'} too "
                     f"(unicom embed --modalities image,text)"
                 )
+            if getattr(self.folders, kind) is None and self.folders.root is not None:  # kind is metadata here
+                raise InputError(
+                    f"{self.folders.root}: no metadata/ folder inside; the keys of the labels come from it: give the "
+                    "folder that `unicom embed` wrote (img_emb/, text_emb/ and metadata/), or add --metadata DIR"
+                )
             if getattr(self.folders, kind) is None:
                 flag = {"image": "--image-emb", "text": "--text-emb", "metadata": "--metadata"}[kind]
                 why = "the keys of the labels come from it" if kind == "metadata" else f"fusion {self.fusion!r} reads it"
+                if kind != "metadata" and self.fusion == "image+text":  # one modality may be all there is
+                    other = "image" if kind == "text" else "text"
+                    why += f": give {flag}, or cluster the {other}s alone with --fusion {other}"
                 raise InputError(f"no {kind} folder was given ({flag}); {why}")
         contents = self.folders.contents(self.kinds, metadata=True)
         self._contents = contents

@@ -20,7 +20,7 @@ from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample,
 from unicom.cluster.kmeans import INITS, CentroidSearch, available_memory, compute_backend, train_kmeans, training_memory
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
 from unicom.errors import InputError
-from unicom.formats.clusters import ClusterFolder, check_record
+from unicom.formats.clusters import ClusterFolder, centroids_digest, check_record
 from unicom.progress import progress
 
 
@@ -128,6 +128,12 @@ def _train_on(
     valid = rows - result.num_invalid
     if settings.k > valid:
         raise InputError(f"k = {settings.k} is larger than the {valid} valid samples{where}; lower --k")
+    if settings.k > len(result.sample):  # invalid rows drawn into a sample of barely k rows
+        raise InputError(
+            f"the training sample{where} of {result.planned} rows (k x --points-per-centroid) keeps {len(result.sample)} "
+            f"valid rows, fewer than k = {settings.k}: {result.planned - len(result.sample)} of the rows drawn are "
+            "invalid; raise --points-per-centroid"
+        )
     trained = train_kmeans(
         result.sample, settings.k, iterations=settings.iterations, seed=kmeans_seed(settings, part),
         spherical=settings.spherical, init=settings.init, backend=backend, restarts=settings.restarts,
@@ -236,6 +242,12 @@ def assign_labels(
         )
     expected = {"inputs": inputs.fingerprint()}
     assignment = check_record(folder.assignment_record, expected)
+    trained = centroids_digest(centroids)
+    if assignment is not None and assignment.get("centroids", trained) != trained:  # older records lack it
+        raise InputError(
+            f"{folder.labels}: the labels there were assigned with other centroids than those in {folder.centroids} "
+            f"(trained again since); delete {folder.labels} and {folder.assignment_record}, then run again"
+        )
     selected = _select(inputs, shards)
     labelled = folder.labelled_parts()
     pending = [shard for shard in selected if shard.number not in labelled]
@@ -247,7 +259,7 @@ def assign_labels(
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
     if assignment is None:
-        folder.write_assignment({**expected, "dropped_below": 0})
+        folder.write_assignment({**expected, "centroids": trained, "dropped_below": 0})
     search = CentroidSearch(centroids, spherical=record["spherical"], backend=compute_backend(device))
     started = time.perf_counter()
     bar = progress(total=report["rows"], desc="assign", unit="sample")
@@ -293,7 +305,8 @@ def summarize(
     """Stage 3: cluster sizes, their histogram and ``clusters.json``, once every part is
     labelled; with ``min_cluster_size``, drop from the label files the samples of the
     clusters smaller than that (label ids are kept, so they still index the centroids).
-    ``seconds`` (the stage timings of this run) is recorded as it is."""
+    ``seconds`` (the stage timings of this run) is recorded as it is; without it (``stats``,
+    the hierarchical ``assign``) those of the summary already there are kept."""
     folder = ClusterFolder(out)
     record = folder.read_record()
     assignment = folder.read_assignment()
@@ -367,6 +380,8 @@ def summarize(
     }
     if record["mode"] == "hierarchical":
         summary["hierarchical"] = record["hierarchical"]
+    if seconds is None:  # the statistics are recomputed; how long the run took stays what it was
+        seconds = (folder.read_summary() or {}).get("seconds")
     if seconds is not None:
         summary["seconds"] = seconds
     if plot:

@@ -6,7 +6,7 @@ One machine::
 
 Many machines (each part clusters a slice of the shards; parts numbered from 0)::
 
-    unicom cluster part   --embeddings EMB --k 1000000 --part P/N --out OUT   # on every node
+    unicom cluster part   --embeddings EMB --k 62500 --part P/N --out OUT     # on every node
     unicom cluster merge  --k 1000000 --out OUT                              # once
     unicom cluster assign --embeddings EMB --part P/N --out OUT              # on every node
     unicom cluster assign --embeddings EMB --out OUT                         # once: statistics
@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stats = parser.add_argument_group("statistics")
     stats.add_argument("--tiny-cluster-size", type=int, metavar="N", default=10, help="report clusters with fewer samples than this (default 10)")
     stats.add_argument("--min-cluster-size", type=int, metavar="N", default=0,
-                       help="drop from the labels the samples of clusters smaller than this (default 0: keep all)")
+                       help="drop from the labels the samples of clusters smaller than this, with the statistics "
+                            "(run, stats, assign without --part; default 0: keep all)")
     show = parser.add_argument_group("show (a contact sheet of OUT's clusters)")
     show.add_argument("--clusters", type=_ids, metavar="IDS", help="cluster ids to show, e.g. 3,17")
     show.add_argument("--random", type=int, metavar="N", help="show N random non-empty clusters (drawn with --seed)")
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--input", nargs="+", metavar="INPUT",
                       help="the shards the embeddings were made from (paths, patterns, folders or URLs, as given to "
                            "`unicom embed`), or the folder an image folder's images are in now")
-    show.add_argument("--thumbnail", type=int, metavar="PX", default=128, help="thumbnail side in pixels (default 128)")
+    show.add_argument("--thumbnail", type=int, metavar="PX", default=128, help="thumbnail side in pixels, at least 24 (default 128)")
     show.add_argument("--sheet", metavar="PATH.png",
                       help="where to write the PNG; the HTML page goes beside it (default OUT/contact_sheet.png)")
     parser.add_argument("--chunk-rows", type=int, metavar="N", default=65536, help="rows read and assigned at once (default 65536)")
@@ -193,6 +194,12 @@ def run(args) -> int:
     part = _part(args.part, args.stage)
     if part is not None and args.stage not in ("part", "assign"):
         raise InputError(f"--part applies to `part` and `assign`, not `{args.stage}`")
+    if args.min_cluster_size and (args.stage in ("part", "merge", "show") or part is not None):
+        where = f"`unicom cluster {args.stage}`" + (f" of part {part[0]}/{part[1]}" if part is not None else "")
+        raise InputError(
+            f"--min-cluster-size is applied with the statistics, once every part is labelled, not by {where}: give it "
+            "to the `unicom cluster assign` without --part (and without torchrun) or to `unicom cluster stats`"
+        )
     if args.stage == "run":
         inputs = _inputs(args, args.fusion or "image+text")
         summary = cluster(

@@ -4,7 +4,7 @@
 
     OUT/centroids.npy               (k, d) float32 centroids (unit rows when spherical)
     OUT/centroids.json              how they were trained: settings, inputs, training points
-    OUT/assignment.json             which inputs the labels describe (checked on resume)
+    OUT/assignment.json             which inputs and centroids the labels describe (checked on resume)
     OUT/labels/labels_{i}.parquet   one per input part i: key, label (int64), similarity (float32)
     OUT/cluster_sizes.npy           (k,) int64 samples per cluster
     OUT/cluster_sizes.png           their histogram
@@ -27,6 +27,7 @@ labelled. This module imports neither faiss nor torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ def check_record(path: Path, expected: dict) -> dict | None:
             f"use another --out, or delete {path} and what was made from it to start over"
         )
     return record
+
+
+def centroids_digest(centroids: np.ndarray) -> str:
+    """A short digest of the (k, d) float32 centroids' values: which centroids labels were
+    assigned with (kept in ``assignment.json``, so that labels of other centroids are told apart)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(centroids, dtype=np.float32)).cast("B")).hexdigest()[:16]
 
 
 def _difference(key: str, there, now) -> str:
@@ -242,6 +249,10 @@ class ClusterFolder:
             raise InputError(f"{self.root}: no cluster_sizes.npy yet; run `unicom cluster assign` (or `unicom cluster stats`) first")
         return storage.load_npy(self.sizes, mmap=False)
 
+    def read_summary(self) -> dict | None:
+        """``clusters.json``, or None before the first summary."""
+        return read_record(self.summary) if storage.is_file(self.summary) else None
+
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary, summary)
 
@@ -373,5 +384,6 @@ __all__ = [
     "label_files",
     "load_labels",
     "read_label_lookup",
+    "centroids_digest",
     "read_record",
 ]

@@ -321,6 +321,22 @@ def test_an_augmented_view_killed_mid_build_is_completed_with_the_same_draws(col
     np.testing.assert_array_equal(completed, uninterrupted)
 
 
+def test_an_augmented_view_decoded_on_the_device_is_completed_with_the_same_draws(collection, tmp_path):
+    """As above with the JPEGs decoded where the model runs (data.decode=gpu; auto on CUDA):
+    each image's crop and flip are planned in the workers, and must be its own draws too."""
+    from unicom.formats.embeddings import read_embedding_folder
+
+    cache = tmp_path / "cache"
+    overrides = (f"cache.folder={cache}", "cache.augmented_views=1", "data.decode=gpu")
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=0"), cache_only=True)
+    view = cache / "train" / "view_1"
+    uninterrupted, _ = read_embedding_folder(view)
+    (view / "metadata" / "metadata_3.parquet").unlink()
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=2"), cache_only=True)
+    completed, _ = read_embedding_folder(view)
+    np.testing.assert_array_equal(completed, uninterrupted)
+
+
 def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collection, tmp_path):
     rows = collection["rows"]
     query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]])

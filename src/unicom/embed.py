@@ -38,6 +38,7 @@ from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_p
 from unicom.errors import InputError
 from unicom.files import write_parquet_atomic
 from unicom.formats.embeddings import (
+    CONFIG_FILE,
     WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
@@ -507,12 +508,26 @@ def embed_parts(
     # every rank lists the finished parts before any rank writes a new one, so all agree
     distributed.barrier(group)
     if rank == 0 and had_config is False:
-        write_config(out, config)
+        with _writing(out, CONFIG_FILE):
+            write_config(out, config)
     mine = pending[rank::world]
     if mine:
         _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,
                         decode)
     return summary
+
+
+@contextlib.contextmanager
+def _writing(out, what: str):
+    """A write of ``what`` under ``out`` that a full disk or a read-only folder refuses: an
+    :class:`InputError` saying what to do, not a traceback (a failed fetch stays itself)."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, storage.FetchError):
+            raise
+        raise InputError(f"{storage.text(out)}: {what} could not be written ({error}); free space there or write to "
+                         "another folder, then run again: the parts already written are kept") from error
 
 
 def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
@@ -573,14 +588,8 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 summary.startup_seconds, first = time.perf_counter() - start, False
                 summary.startup_images = summary.samples + summary.failed
             if batch.last and pending.finish(batch):
-                try:
+                with _writing(out, f"part {batch.part}"):
                     written = _write_pending(out, pending, modalities, dims, dtype)
-                except OSError as error:  # a full disk, a read-only folder: what to do, not a traceback
-                    if isinstance(error, storage.FetchError):
-                        raise
-                    raise InputError(f"{storage.text(out)}: part {batch.part} could not be written ({error}); free space "
-                                     "there or write to another folder, then run again: the parts already written "
-                                     "are kept") from error
                 if written:
                     summary.written += 1
                 else:

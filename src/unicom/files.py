@@ -74,7 +74,7 @@ def atomic_path(path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, _new_file_mode())  # again: a writer may have replaced the file (safetensors' save_file does, 0o600)
+        os.chmod(tmp, _new_file_mode())  # again: a writer may have replaced the file (as safetensors' save_file does)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -97,6 +97,16 @@ def remove_killed_writes(path) -> list[Path]:
     for leftover in stale:
         leftover.unlink(missing_ok=True)
     return stale
+
+
+def save_safetensors(tensors, path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` to a local ``path``, with the mode a plain write gives
+    (``save_file`` replaces the file by one of mode 0o600, which would hide the weights
+    from the other users of a shared folder)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _new_file_mode())
 
 
 def _new_file_mode() -> int:

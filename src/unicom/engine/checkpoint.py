@@ -42,7 +42,7 @@ import torch
 
 from unicom import distributed
 from unicom.errors import InputError
-from unicom.files import file_sha256, save_safetensors, write_json_atomic
+from unicom.files import file_sha256, save_safetensors, save_torch, write_json_atomic
 
 FORMAT = "unicom-train-checkpoint"
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ def save_checkpoint(
         written[MODEL_FILE] = _record(path)
         if optimizer_state is not None:
             path = tmp / OPTIMIZER_FILE
-            torch.save(optimizer_state, path)
+            save_torch(optimizer_state, path)
             written[OPTIMIZER_FILE] = _record(path)
     name = prototype_file_name(prototypes["class_start"], prototypes["classes"])
     tensors = {key: prototypes[key].detach().to("cpu").contiguous() for key in ("weight", "exp_avg", "exp_avg_sq", "step") if prototypes.get(key) is not None}
@@ -151,7 +151,7 @@ def save_checkpoint(
     save_safetensors(tensors, tmp / name, metadata)
     written[name] = _record(tmp / name)
     rank_file = f"rank_{rank}.pt"
-    torch.save(rank_state, tmp / rank_file)
+    save_torch(rank_state, tmp / rank_file)
     written[rank_file] = _record(tmp / rank_file)
 
     every = _all_gather_objects(written)

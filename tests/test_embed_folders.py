@@ -167,3 +167,30 @@ def test_a_list_column_named_on_the_command_line_must_be_there(tmp_path, weights
     assert code == 2
     assert "list.csv: no column 'typo'; columns are ['path', 'caption', 'label', 'key']" in capsys.readouterr().err
     assert not (tmp_path / "EMB").exists()
+
+
+def test_an_output_folder_on_a_full_disk_says_what_to_do_and_a_rerun_completes_it(tmp_path, weights):
+    """A disk that refuses even the first small file (here a file-size limit of 100 bytes, as a
+    full disk would): the error names the folder and the file, no traceback, no temporary
+    left; a rerun with room writes every part."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+
+    write_class_folder(tmp_path / "data", labels=[0, 1], per_class=2, size=24)
+    arguments = ["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), "--workers", "0", "--device", "cpu"]
+    failed = subprocess.run([sys.executable, "-m", "unicom.cli", *arguments], capture_output=True, text=True,
+                            preexec_fn=limit_file_size, timeout=300)
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    assert f"{tmp_path / 'EMB'}: embed_config.json could not be written (" in failed.stderr
+    assert "free space there or write to another folder, then run again" in failed.stderr
+    assert [p.name for p in (tmp_path / "EMB").rglob("*.tmp")] == []
+    assert main(arguments) == 0
+    assert EmbeddingFolders.from_root(tmp_path / "EMB").contents(("image",)).num_rows == 4

@@ -151,6 +151,23 @@ class OpaqueConfig:
     """An arbitrary object: only a full (unsafe) unpickling could restore it."""
 
 
+@pytest.mark.parametrize("refusal", [
+    "Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default. Please use ...",
+    "Weights only load failed. ... WeightsUnpickler error: Unsupported class argparse.Namespace",
+], ids=["recent-torch", "torch-2.1"])
+def test_the_class_a_checkpoint_holds_is_named_in_either_words_of_pytorchs_unpickler(refusal):
+    """PyTorch versions before safe_globals (which reads a Namespace as data) refuse it in other
+    words: the file still holds Python objects, not damaged bytes."""
+    import pickle
+
+    from unicom.models.weights import unpickling_refused
+
+    assert str(unpickling_refused("model_best.pth.tar", pickle.UnpicklingError(refusal))).startswith(
+        "model_best.pth.tar: holds Python objects besides tensors (argparse.Namespace), which are not unpickled")
+    assert str(unpickling_refused("x.pt", pickle.UnpicklingError("invalid load key, 'v'."))) == (
+        "x.pt: not a readable PyTorch checkpoint (damaged, or another format)")
+
+
 def test_open_clip_local_checkpoint_loads_the_users_weights(open_clip_loaded):
     encoder, reference = open_clip_loaded
     assert isinstance(encoder, OpenClipEncoder) and encoder.has_text and encoder.embedding_dim == 512

@@ -164,3 +164,19 @@ def test_a_checkpoint_named_by_its_plain_step_number_points_to_the_folder_as_nam
         resolve_run_checkpoint(tmp_path / "checkpoints" / "step_500")
     with pytest.raises(InputError, match="elsewhere: no such run or checkpoint folder$"):
         resolve_run_checkpoint(tmp_path / "elsewhere")
+
+
+def test_checkpoint_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """safetensors' save_file replaces the file it writes by one of mode 0o600: the weights and
+    prototypes would be unreadable by the other users of a shared run folder (a colleague's
+    evaluation, a server run as another user)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        folder = _save(tmp_path, 10)
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "checkpoint.json": 0o644, "model.safetensors": 0o644, "optimizer.pt": 0o644,
+        "prototypes_000000000_000000007.safetensors": 0o644, "rank_0.pt": 0o644}

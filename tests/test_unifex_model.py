@@ -198,3 +198,26 @@ def test_a_views_transform_is_identified_the_same_in_every_run():
     identity = transform_identity(augmented)
     assert "RandomResizedCrop" in identity and " at 0x" not in identity
     assert identity == transform_identity(create_transform(32, is_training=True, scale=(0.5, 1.0)))
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_a_backbone_named_by_a_tag_or_a_repository_that_changed_says_what_to_do(tmp_path):
+    """Weights named rather than read from a file cannot be 'put back': a Hub repository named
+    without a revision is pinned to the one trained on; weights of a tag (or the seeded random
+    ones) are built by the installed library, whose version is what to check."""
+    from unicom.unifex.model import changed_backbone_advice, load_backbone_encoder
+
+    settings = unifex_settings("timm/test_vit", None, 64, {"kind": "linear", "embedding_dim": 4}, "0" * 64)
+    backbone = load_backbone_encoder("timm/test_vit", None)
+    folder = save_model(tmp_path / "model", {f"neck.{k}": v for k, v in LinearNeck(64, 4).state_dict().items()},
+                        "unifex", settings, describe_transform(backbone.image_transform), embedding_dim=4)
+    with pytest.raises(InputError, match=r"trained on \(weights_sha256 000000000000\.\.\. then, [0-9a-f]{12}\.\.\. now\): "
+                                         r"the weights named so are built by the installed unicom, timm or open_clip, which may "
+                                         r"be another version than the one the head was trained with: install that one, "
+                                         r"or train the head again"):
+        load_model(folder)
+    assert changed_backbone_advice("hf-hub:org/unifex-backbone", None) == (
+        "the repository was updated since; when it holds a unicom model folder, name the revision the head was trained "
+        "on in settings.backbone of this model's unicom_model.json (hf-hub:org/unifex-backbone@<commit>), or train the "
+        "head again")
+    assert changed_backbone_advice("hf-hub:org/unifex-backbone@0123abc", None).startswith("the weights named so")

@@ -249,6 +249,36 @@ def test_a_cache_that_cannot_be_written_says_what_to_do_and_a_rerun_completes_it
     np.testing.assert_array_equal(rebuilt[0], reference[0])
 
 
+def test_a_checkpoint_the_disk_refuses_says_what_to_do_and_a_rerun_finishes_the_run(collection, tmp_path):
+    """A disk that fills up during training (here a file-size limit of 4 KB: the run's small
+    files fit, its checkpoint does not): torch's writer reports it as 'unexpected pos'; the
+    error names the folder and the file and what to do, no traceback, no temporary left, and a
+    rerun with room trains and exports the model."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+
+    out = tmp_path / "run"
+    arguments = ["--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
+                 f"backbone.pretrained={collection['weights']}", f"out={out}", "train.mode=direct", "train.device=cpu",
+                 "data.workers=0", "eval.every=0", "train.epochs=1"]
+    failed = subprocess.run([sys.executable, "-m", "unicom.cli", "probe", *arguments], capture_output=True, text=True,
+                            preexec_fn=limit_file_size, timeout=300)
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    assert f"{out}: checkpoint.pt could not be written (" in failed.stderr
+    assert ("free space there or write to another folder, then run again: with the same out= it resumes after the "
+            "last epoch checkpointed") in failed.stderr
+    assert [p.name for p in out.rglob("*.tmp")] == []
+    assert main(["probe", *arguments]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
 def test_an_output_or_cache_folder_that_cannot_be_made_is_named(collection, tmp_path):
     """As a read-only disk: a folder under a file cannot be made; an error that names it and
     the key to change, not a traceback."""
@@ -316,6 +346,22 @@ def test_an_augmented_view_killed_mid_build_is_completed_with_the_same_draws(col
     view = cache / "train" / "view_1"
     uninterrupted, _ = read_embedding_folder(view)
     (view / "metadata" / "metadata_3.parquet").unlink()  # the last part of 144 images in parts of 40
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=2"), cache_only=True)
+    completed, _ = read_embedding_folder(view)
+    np.testing.assert_array_equal(completed, uninterrupted)
+
+
+def test_an_augmented_view_decoded_on_the_device_is_completed_with_the_same_draws(collection, tmp_path):
+    """As above with the JPEGs decoded where the model runs (data.decode=gpu; auto on CUDA):
+    each image's crop and flip are planned in the workers, and must be its own draws too."""
+    from unicom.formats.embeddings import read_embedding_folder
+
+    cache = tmp_path / "cache"
+    overrides = (f"cache.folder={cache}", "cache.augmented_views=1", "data.decode=gpu")
+    probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=0"), cache_only=True)
+    view = cache / "train" / "view_1"
+    uninterrupted, _ = read_embedding_folder(view)
+    (view / "metadata" / "metadata_3.parquet").unlink()
     probe(recipe(collection, tmp_path / "run", *overrides, "data.workers=2"), cache_only=True)
     completed, _ = read_embedding_folder(view)
     np.testing.assert_array_equal(completed, uninterrupted)

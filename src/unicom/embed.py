@@ -36,8 +36,9 @@ from unicom.data.sources import ItemsPart, ListPart, open_benchmark, open_parts,
 from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
-from unicom.files import write_parquet_atomic
+from unicom.files import refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
+    CONFIG_FILE,
     WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
@@ -56,6 +57,7 @@ FAILURES_SHOWN = 20
 # keys of embed_config.json that older folders lack (precision and decode: UniFEx feature caches)
 RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode")
 SAME_OPTIONS = "use another --out, or run with the same options"
+KEPT_PARTS = "the parts already written are kept"  # what a rerun after a refused write does
 BENCHMARK_KEYS = ("dataset", "query_boxes_sha256")  # of embed_config.json, what open_benchmark's parts depend on
 
 
@@ -507,7 +509,8 @@ def embed_parts(
     # every rank lists the finished parts before any rank writes a new one, so all agree
     distributed.barrier(group)
     if rank == 0 and had_config is False:
-        write_config(out, config)
+        with refused_write(out, CONFIG_FILE, KEPT_PARTS):
+            write_config(out, config)
     mine = pending[rank::world]
     if mine:
         _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,
@@ -573,14 +576,8 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 summary.startup_seconds, first = time.perf_counter() - start, False
                 summary.startup_images = summary.samples + summary.failed
             if batch.last and pending.finish(batch):
-                try:
+                with refused_write(out, f"part {batch.part}", KEPT_PARTS):
                     written = _write_pending(out, pending, modalities, dims, dtype)
-                except OSError as error:  # a full disk, a read-only folder: what to do, not a traceback
-                    if isinstance(error, storage.FetchError):
-                        raise
-                    raise InputError(f"{storage.text(out)}: part {batch.part} could not be written ({error}); free space "
-                                     "there or write to another folder, then run again: the parts already written "
-                                     "are kept") from error
                 if written:
                     summary.written += 1
                 else:

@@ -74,7 +74,7 @@ def atomic_path(path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, _new_file_mode())  # again: a writer may have replaced the file (safetensors' save_file does, 0o600)
+        os.chmod(tmp, _new_file_mode())  # again: a writer may have replaced the file (as safetensors' save_file does)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -97,6 +97,44 @@ def remove_killed_writes(path) -> list[Path]:
     for leftover in stale:
         leftover.unlink(missing_ok=True)
     return stale
+
+
+def save_torch(obj: Any, path) -> None:
+    """``torch.save`` to a local ``path``; a write the disk refuses (full, a file-size limit),
+    which torch's zip writer reports as a ``RuntimeError`` ("unexpected pos", "file write
+    failed"), is an :class:`OSError` saying so."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as error:
+        if "PytorchStreamWriter" not in str(error) and "inline_container" not in str(error):
+            raise
+        raise OSError(f"the write stopped short, as on a full disk ({str(error).splitlines()[0]})") from error
+
+
+@contextlib.contextmanager
+def refused_write(folder, what: str, rerun: str) -> Iterator[None]:
+    """Writes of ``what`` under ``folder`` that the disk refuses (full, read-only, a file-size
+    limit) end in an :class:`InputError` that says so and what to do, not a traceback;
+    ``rerun``: what a run with room does (a failed fetch stays itself)."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, storage.FetchError):
+            raise
+        raise InputError(f"{storage.text(folder)}: {what} could not be written ({error}); free space there or write "
+                         f"to another folder, then run again: {rerun}") from error
+
+
+def save_safetensors(tensors, path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` to a local ``path``, with the mode a plain write gives
+    (``save_file`` replaces the file by one of mode 0o600, which would hide the weights
+    from the other users of a shared folder)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _new_file_mode())
 
 
 def _new_file_mode() -> int:

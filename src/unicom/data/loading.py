@@ -177,6 +177,11 @@ class BatchStream(IterableDataset):
             end.failures.append(failure)
         yield end
 
+    def draws(self, key: str):
+        """The context of a sample's random draws (its crop plan on the device-decode path,
+        its transform on the CPU path): seeded by its key for a :class:`DrawnPerKey` view."""
+        return contextlib.nullcontext() if self.seed_of is None else seeded_draws(self.seed_of(key))
+
     def make_batch(self, part, records: list) -> Batch:
         with _one_thread():
             return self._make_batch(part, records)
@@ -198,7 +203,8 @@ class BatchStream(IterableDataset):
                     if size is not None:  # decoded where the model runs
                         check_resized_pixels(self.short_side, size)
                         row["width"], row["height"] = size
-                        plan = self.tensor_transform.plan(*size)
+                        with self.draws(record.key):
+                            plan = self.tensor_transform.plan(*size)
                         for held, value in zip(jpegs, (data, plan, len(batch.indices), str(source))):
                             held.append(value)
                         batch.indices.append(record.index)
@@ -207,11 +213,8 @@ class BatchStream(IterableDataset):
                         continue
                     image, (row["width"], row["height"]) = decode_image(data or record.image, self.draft)
                     check_resized_pixels(self.short_side, image.size)
-                    if self.seed_of is None:
+                    with self.draws(record.key):
                         images.append(self.image_input.on_worker(image))
-                    else:  # a random view: the sample's own draws
-                        with seeded_draws(self.seed_of(record.key)):
-                            images.append(self.image_input.on_worker(image))
                 except DecodeError as error:
                     batch.failures.append(_failure(record, source, str(error)))
                     continue

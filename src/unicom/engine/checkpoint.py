@@ -42,7 +42,7 @@ import torch
 
 from unicom import distributed
 from unicom.errors import InputError
-from unicom.files import file_sha256, write_json_atomic
+from unicom.files import file_sha256, save_safetensors, save_torch, write_json_atomic
 
 FORMAT = "unicom-train-checkpoint"
 FORMAT_VERSION = 1
@@ -125,8 +125,6 @@ def save_checkpoint(
     JSON values stored in ``checkpoint.json`` beside the file records. The newest ``keep``
     complete checkpoints are kept, older ones removed.
     """
-    from safetensors.torch import save_file
-
     root = checkpoint_root(out)
     rank = distributed.get_rank()
     final = root / step_name(step)
@@ -141,19 +139,19 @@ def save_checkpoint(
     written: dict[str, dict] = {}
     if rank == 0:
         path = tmp / MODEL_FILE
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(path), metadata={"format": "pt"})
+        save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, path, {"format": "pt"})
         written[MODEL_FILE] = _record(path)
         if optimizer_state is not None:
             path = tmp / OPTIMIZER_FILE
-            torch.save(optimizer_state, path)
+            save_torch(optimizer_state, path)
             written[OPTIMIZER_FILE] = _record(path)
     name = prototype_file_name(prototypes["class_start"], prototypes["classes"])
     tensors = {key: prototypes[key].detach().to("cpu").contiguous() for key in ("weight", "exp_avg", "exp_avg_sq", "step") if prototypes.get(key) is not None}
     metadata = {key: json.dumps(prototypes.get(key)) for key in ("class_start", "classes", "centers", "common_step")}
-    save_file(tensors, str(tmp / name), metadata=metadata)
+    save_safetensors(tensors, tmp / name, metadata)
     written[name] = _record(tmp / name)
     rank_file = f"rank_{rank}.pt"
-    torch.save(rank_state, tmp / rank_file)
+    save_torch(rank_state, tmp / rank_file)
     written[rank_file] = _record(tmp / rank_file)
 
     every = _all_gather_objects(written)

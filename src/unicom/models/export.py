@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, remove_killed_writes, write_json_atomic
+from unicom.files import atomic_path, remove_killed_writes, save_safetensors, write_json_atomic
 from unicom.models.registry import get_architecture
 from unicom.models.weights import check_state_dict, instantiate, read_safetensors
 
@@ -190,8 +190,6 @@ def save_model(
     except TypeError as error:
         raise InputError(f"{arch}: settings, preprocess and provenance must be JSON values ({error})") from error
 
-    from safetensors.torch import save_file
-
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     if timm_form:
         tensors = timm_form.to_timm(tensors)
@@ -203,7 +201,7 @@ def save_model(
     for name in (WEIGHTS_NAME, TIMM_CONFIG_NAME, CONFIG_NAME):
         remove_killed_writes(folder / name)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp, {"format": "pt"})
     if timm_form:
         write_json_atomic(folder / TIMM_CONFIG_NAME, timm_config)
     write_json_atomic(folder / CONFIG_NAME, config)

@@ -85,12 +85,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def unpickling_refused(path: str | os.PathLike, error: pickle.UnpicklingError) -> InputError:
     """The error for a file that ``torch.load(weights_only=True)`` refused: one that holds
     pickled Python objects (named so, with how to re-save it), or bytes that are no checkpoint."""
-    if "unsupported global" not in str(error).lower():  # not pickled objects: bytes that are no checkpoint
+    # the class refused: "Unsupported global: GLOBAL module.Name" (recent PyTorch), "Unsupported class module.Name" (older)
+    named = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error), re.IGNORECASE)
+    if named is None:  # not pickled objects: bytes that are no checkpoint
         return InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)")
-    named = re.search(r"GLOBAL (\S+)", str(error))
-    what = f" ({named.group(1)})" if named else ""
     return InputError(
-        f"{path}: holds Python objects besides tensors{what}, which are not unpickled for safety; "
+        f"{path}: holds Python objects besides tensors ({named.group(1)}), which are not unpickled for safety; "
         "re-save its weights as a plain state dict, with the code that wrote it (torch.save(model.state_dict(), "
         "'weights.pt')) or, if you trust the file, torch.save(torch.load(path, weights_only=False)['state_dict'], "
         "'weights.pt') (the key that holds the weights)"

@@ -220,12 +220,28 @@ def build_unifex(settings: Mapping[str, Any]) -> UniFExModel:
             f"{settings['backbone']} ({settings.get('pretrained')}) gives {backbone.embedding_dim} features but the "
             f"head was trained on {settings['input_dim']}: the backbone reference points to other weights"
         )
-    if "backbone_sha256" in settings and backbone.weights_sha256() != settings["backbone_sha256"]:
+    digest = backbone.weights_sha256() if "backbone_sha256" in settings else None
+    if digest is not None and digest != settings["backbone_sha256"]:
         raise InputError(
             f"{settings['backbone']} ({settings.get('pretrained')}) holds other weights than the backbone the head was "
-            f"trained on (weights_sha256 {settings['backbone_sha256'][:12]}... then, {backbone.weights_sha256()[:12]}... "
-            "now): the file or folder was written over; put the weights trained on back, or train the head again")
+            f"trained on (weights_sha256 {settings['backbone_sha256'][:12]}... then, {digest[:12]}... now): "
+            f"{changed_backbone_advice(settings['backbone'], settings.get('pretrained'))}")
     return UniFExModel(settings, backbone)
+
+
+def changed_backbone_advice(spec: str, pretrained: str | None) -> str:
+    """Why a backbone named by ``spec`` and ``pretrained`` may hold other weights than when a
+    head was trained on it, and what to do: weights read from a file or folder were written
+    over; a Hub repository named without a revision was updated; weights named by a tag (or
+    none) are built by the installed unicom, timm or open_clip, which may be another version."""
+    again = "or train the head again"
+    if (pretrained is not None and os.path.exists(pretrained)) or os.path.exists(spec) or "local-dir:" in spec:
+        return f"the file or folder was written over; put the weights trained on back, {again}"
+    if "hf-hub:" in spec and "@" not in spec:
+        return ("the repository was updated since; when it holds a unicom model folder, name the revision the head was "
+                f"trained on in settings.backbone of this model's unicom_model.json ({spec}@<commit>), {again}")
+    return ("the weights named so are built by the installed unicom, timm or open_clip, which may be another version "
+            f"than the one the head was trained with: install that one, {again}")
 
 
 register_architecture(ARCHITECTURE, build_unifex)  # model folders name it; loading imports this module

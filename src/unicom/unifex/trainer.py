@@ -46,6 +46,7 @@ from unicom.unifex.data import DomainImages, epoch_batches, epoch_order
 CHECKPOINT = "checkpoint.pt"
 MODEL_FOLDER = "model"
 METRICS = "metrics.json"
+RESUMES = "with the same out= it resumes after the last epoch checkpointed"  # what a rerun after a refused write does
 EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a dataset column
 # keys that may change between a run and its resumption: they do not change what is trained
 # (eval.holdout_classes does: the held-out classes are left out of training)
@@ -334,7 +335,7 @@ def _train_rows(train: DomainImages) -> dict:
 
 def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline: dict, config: ProbeConfig,
                     train: DomainImages | None = None) -> None:
-    from unicom.files import atomic_path
+    from unicom.files import atomic_path, save_torch
 
     state = {
         "epoch": epoch,
@@ -350,7 +351,7 @@ def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline:
         **({} if train is None else {"train_rows": json.dumps(_train_rows(train))}),
     }
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        save_torch(state, tmp)
 
 
 def restore(head: Head, state: dict, device: torch.device) -> None:
@@ -624,7 +625,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     """
     from unicom.engine.recipe import to_yaml
     from unicom.engine.runlog import RunLog
-    from unicom.files import write_json_atomic, write_text_atomic
+    from unicom.files import refused_write, write_json_atomic, write_text_atomic
     from unicom.unifex.data import format_summary
     from unicom.unifex.model import has_weights
 
@@ -698,14 +699,16 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             history.append(record)
             log.event("epoch", **record)
             say(line)
-            save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config, data.train)
+            with refused_write(out, CHECKPOINT, RESUMES):
+                save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config, data.train)
         if isinstance(feed.batches, ImageBatches) and feed.batches.failures:
             say(f"note: {len(feed.batches.failures)} image reads failed and were left out, e.g. {feed.batches.failures[0]}")
         if last < epochs:
             say(f"stopped after epoch {last}; run again to continue")
             return {"stopped_after_epoch": last, "history": history}
 
-        folder = export(config, head, backbone, out, feed.class_counts, epochs)
+        with refused_write(out, f"the model ({MODEL_FOLDER}/)", RESUMES):
+            folder = export(config, head, backbone, out, feed.class_counts, epochs)
         report: dict[str, Any] = {"model": str(folder), "datasets": summary, "history": history, "epochs": epochs}
         if feed.cache is not None:
             report["cache"] = feed.cache
@@ -715,7 +718,8 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             say("final evaluation:")
             _print_scores(say, [("backbone", baseline["backbone"]), ("untrained", baseline["untrained"]),
                                 ("trained", final)], ks)
-        write_json_atomic(out / METRICS, report)
+        with refused_write(out, METRICS, RESUMES):
+            write_json_atomic(out / METRICS, report)
         log.event("end", model=str(folder))
         say(f"model exported to {folder} (unicom embed/evaluate/index --model {folder})")
         return report

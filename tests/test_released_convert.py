@@ -179,3 +179,35 @@ def test_a_convert_killed_mid_write_leaves_nothing_behind_once_rerun(released_fi
     _killed_while_writing(f"from unicom.cli import main; main(['convert', 'unicom-to-released', {str(model)!r}, {str(tmp_path / 'back.pt')!r}])")
     assert main(["convert", "unicom-to-released", str(model), str(tmp_path / "back.pt")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FP16-ViT-tiny.pt", "back.pt", "model"]
+
+
+def test_a_convert_the_disk_refuses_says_what_to_do_in_both_directions(released_file, tmp_path):
+    """A full disk (here a file-size limit of 4 KB): safetensors' and torch's writers report
+    it in their own words (SafetensorError, 'unexpected pos'); an error naming the output and
+    what to do, no traceback, no temporary left, and a rerun with room writes the model."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "room")]) == 0
+    runs = {
+        "model": (["released-to-unicom", str(released_file), str(tmp_path / "model")],
+                  f"{tmp_path / 'model'}: the model could not be written (the write stopped short, as on a full disk ("),
+        "back.pt": (["unicom-to-released", str(tmp_path / "room"), str(tmp_path / "back.pt")],
+                    f"{tmp_path}: back.pt could not be written (the write stopped short, as on a full disk ("),
+    }
+    for name, (arguments, said) in runs.items():
+        failed = subprocess.run([sys.executable, "-m", "unicom.cli", "convert", *arguments], capture_output=True,
+                                text=True, preexec_fn=limit_file_size, timeout=300)
+        assert failed.returncode == 2, failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert said in failed.stderr and "free space there or write to another folder, then run again" in failed.stderr
+        assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+        assert main(["convert", *arguments]) == 0
+    back, released = torch.load(tmp_path / "back.pt"), torch.load(released_file)
+    assert back.keys() == released.keys() and all(torch.equal(back[k], released[k]) for k in released)

@@ -133,7 +133,12 @@ def save_safetensors(tensors, path, metadata: dict[str, str] | None = None) -> N
     from the other users of a shared folder)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as error:  # safetensors' own error type, also for a write the disk refuses
+        if "I/O error" not in str(error):
+            raise
+        raise OSError(f"the write stopped short, as on a full disk ({error})") from error
     os.chmod(path, _new_file_mode())
 
 

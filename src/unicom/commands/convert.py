@@ -41,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_released.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
+# what a convert whose write the disk refused leaves: the output as it was before
+NOTHING_KEPT = "no part of the model is kept"
+
+
 def run(args: argparse.Namespace) -> int:
+    from unicom.files import refused_write
     from unicom.models import convert, export
 
     to_folder = args.direction == "released-to-unicom"
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{output} holds a {export.WEIGHTS_NAME} without {export.CONFIG_NAME} (another project's model, "
                 "such as a timm folder, or a write that was killed); pass --overwrite to replace it"
             )
-        folder = convert.released_to_unicom(args.source, output, arch=args.arch, download_root=args.download_root)
+        with refused_write(output, "the model", NOTHING_KEPT):
+            folder = convert.released_to_unicom(args.source, output, arch=args.arch, download_root=args.download_root)
         config = export.read_config(folder)
         settings = config["settings"]
         origin = config["provenance"].get("released_name") or "custom size"
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     dtype = DTYPES[args.dtype]
-    path = convert.unicom_to_released(args.model, output, dtype=getattr(torch, dtype) if dtype else None)
+    with refused_write(output.parent, output.name, NOTHING_KEPT):
+        path = convert.unicom_to_released(args.model, output, dtype=getattr(torch, dtype) if dtype else None)
     print(f"wrote {path} (state dict with the released key names; load it with unicom.load({str(path)!r}))")
     return 0

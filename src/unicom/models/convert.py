@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from unicom.errors import InputError
-from unicom.files import atomic_path, file_sha256, remove_killed_writes
+from unicom.files import atomic_path, file_sha256, remove_killed_writes, save_torch
 from unicom.models.registry import clip_preprocess, released_name
 from unicom.models.unicom_vit import ARCHITECTURE, ViTSettings, build_unicom_vit
 
@@ -69,7 +69,7 @@ def unicom_to_released(folder: str | os.PathLike, path: str | os.PathLike, dtype
         )
     remove_killed_writes(path)
     with atomic_path(path) as tmp:
-        torch.save(state_dict, tmp)
+        save_torch(state_dict, tmp)
     return path
 
 

@@ -201,6 +201,18 @@ class ClusterFolder:
     def write_assignment(self, record: dict) -> None:
         write_json_atomic(self.assignment_record, record)
 
+    def check_assigned_with(self, assignment: dict | None, centroids: np.ndarray) -> str:
+        """The digest of ``centroids``; an error if ``assignment`` (the record of the labels
+        there) says the labels were assigned with other centroids (records written before the
+        digest was kept lack it, and are taken as they are)."""
+        digest = centroids_digest(centroids)
+        if assignment is not None and assignment.get("centroids", digest) != digest:
+            raise InputError(
+                f"{self.labels}: the labels there were assigned with other centroids than those in {self.centroids} "
+                f"(trained again since); delete {self.labels} and {self.assignment_record}, then run again"
+            )
+        return digest
+
     def write_labels(self, number: int, keys, labels: np.ndarray, similarity: np.ndarray, facts: dict) -> None:
         """``labels_{number}.parquet``: ``keys`` (a pyarrow array), int64 ``labels``, float32
         ``similarity``, with ``facts`` (rows, invalid, key_column) in the schema metadata."""

@@ -27,6 +27,7 @@ from unicom.cluster import (
     use_gpu,
 )
 from unicom.errors import InputError
+from unicom.formats.clusters import PseudoLabels
 from unicom.formats.embeddings import EmbeddingFolders, write_part
 
 
@@ -235,6 +236,20 @@ def test_stats_refuse_the_labels_of_centroids_trained_again(tmp_path, k):
     assert json.loads((tmp_path / "out" / "clusters.json").read_text()) == summary
 
 
+def test_a_trainer_refuses_the_labels_of_centroids_trained_again(tmp_path):
+    # centroids trained again with k = 5 and no assign after: the trainer took 5 classes of the 3-cluster labels
+    inputs = _clustered_into_three(tmp_path)
+    assert PseudoLabels(tmp_path / "out").num_classes == 3
+    (tmp_path / "out" / "centroids.npy").unlink()
+    (tmp_path / "out" / "centroids.json").unlink()
+    train_centroids(inputs, tmp_path / "out", KMeansSettings(k=5))
+    labels = tmp_path / "out" / "labels"
+    with pytest.raises(InputError, match=rf"{labels}: these labels were assigned with other centroids than those in "
+                                         rf".*centroids.npy \(trained again since\); delete {labels} and "):
+        PseudoLabels(tmp_path / "out")
+    assert PseudoLabels(labels).num_classes is None  # the label files alone carry no record to check
+
+
 def test_stats_of_labels_recorded_without_a_centroid_digest_are_made(tmp_path):
     # a folder labelled before assignment.json kept the digest of the centroids
     _clustered_into_three(tmp_path)
@@ -242,6 +257,7 @@ def test_stats_of_labels_recorded_without_a_centroid_digest_are_made(tmp_path):
     record.write_text(json.dumps({key: value for key, value in json.loads(record.read_text()).items() if key != "centroids"}))
     summary = summarize(tmp_path / "out", min_cluster_size=2, plot=False)
     assert summary["labelled"] == 90 and summary["min_cluster_size"] == 2
+    assert PseudoLabels(tmp_path / "out").num_classes == 3
 
 
 def test_labels_of_the_same_centroids_trained_again_are_kept(tmp_path):

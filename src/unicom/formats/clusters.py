@@ -154,9 +154,11 @@ class ClusterFolder:
         return centroids, record
 
     def write_centroids(self, centroids: np.ndarray, record: dict) -> None:
-        """The (k, d) centroids, then their record (last: the centroids are complete)."""
+        """The (k, d) centroids, then their record (last: the centroids are complete), which
+        keeps their digest (``digest``: a trainer tells labels of other centroids apart without
+        reading them)."""
         save_npy_atomic(self.centroids, centroids)
-        write_json_atomic(self.centroids_record, record)
+        write_json_atomic(self.centroids_record, {**record, "digest": centroids_digest(centroids)})
 
     # ------------------------------------------------------------------ hierarchical parts
 
@@ -311,6 +313,7 @@ class PseudoLabels:
         self.files = label_files(self.folder)
         self.num_classes = self._recorded_classes()
         self.labelled_parts = self._recorded_parts()
+        self._check_centroids()
 
     def _recorded_classes(self) -> int | None:
         for name in RECORDS:
@@ -321,6 +324,20 @@ class PseudoLabels:
                 except (ValueError, KeyError, TypeError) as error:
                     raise InputError(f"{record}: unreadable clustering record ({error})") from error
         return None
+
+    def _check_centroids(self) -> None:
+        # the digests recorded with the centroids and with the labels (folders written before
+        # they were kept lack them): labels of centroids trained since are not this run's classes
+        if not (storage.is_file(self.run.assignment_record) and storage.is_file(self.run.centroids_record)):
+            return
+        assigned = read_record(self.run.assignment_record).get("centroids")
+        trained = read_record(self.run.centroids_record).get("digest")
+        if assigned is not None and trained is not None and assigned != trained:
+            raise InputError(
+                f"{self.folder}: these labels were assigned with other centroids than those in {self.run.centroids} "
+                f"(trained again since); delete {self.folder} and {self.run.assignment_record}, run `unicom cluster "
+                "assign` (or the same `unicom cluster` command) again, then train"
+            )
 
     def _recorded_parts(self) -> set[int] | None:
         if not storage.is_file(self.run.assignment_record):

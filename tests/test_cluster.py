@@ -244,8 +244,8 @@ def test_a_trainer_refuses_the_labels_of_centroids_trained_again(tmp_path):
     (tmp_path / "out" / "centroids.json").unlink()
     train_centroids(inputs, tmp_path / "out", KMeansSettings(k=5))
     labels = tmp_path / "out" / "labels"
-    with pytest.raises(InputError, match=rf"{labels}: these labels were assigned with other centroids than those in "
-                                         rf".*centroids.npy \(trained again since\); delete {labels} and "):
+    with pytest.raises(InputError, match=rf"{labels}: the labels there were assigned with other centroids than those "
+                                         rf"in .*centroids.npy \(trained again since\); delete {labels} and "):
         PseudoLabels(tmp_path / "out")
     assert PseudoLabels(labels).num_classes is None  # the label files alone carry no record to check
 

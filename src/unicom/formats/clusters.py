@@ -209,11 +209,26 @@ class ClusterFolder:
         digest was kept lack it, and are taken as they are)."""
         digest = centroids_digest(centroids)
         if assignment is not None and assignment.get("centroids", digest) != digest:
-            raise InputError(
-                f"{self.labels}: the labels there were assigned with other centroids than those in {self.centroids} "
-                f"(trained again since); delete {self.labels} and {self.assignment_record}, then run again"
-            )
+            raise self._other_centroids()
         return digest
+
+    def _other_centroids(self) -> InputError:
+        return InputError(
+            f"{self.labels}: the labels there were assigned with other centroids than those in {self.centroids} "
+            f"(trained again since); delete {self.labels} and {self.assignment_record}, then run `unicom cluster "
+            "assign` (or the same `unicom cluster` command) again"
+        )
+
+    def check_recorded_digests(self) -> None:
+        """An error if the labels were assigned with other centroids than those recorded in
+        ``centroids.json`` (trained again since), read from the two records' digests alone
+        (folders written before they were kept lack them, and pass)."""
+        if not (storage.is_file(self.assignment_record) and storage.is_file(self.centroids_record)):
+            return
+        assigned = read_record(self.assignment_record).get("centroids")
+        trained = read_record(self.centroids_record).get("digest")
+        if assigned is not None and trained is not None and assigned != trained:
+            raise self._other_centroids()
 
     def write_labels(self, number: int, keys, labels: np.ndarray, similarity: np.ndarray, facts: dict) -> None:
         """``labels_{number}.parquet``: ``keys`` (a pyarrow array), int64 ``labels``, float32
@@ -313,7 +328,7 @@ class PseudoLabels:
         self.files = label_files(self.folder)
         self.num_classes = self._recorded_classes()
         self.labelled_parts = self._recorded_parts()
-        self._check_centroids()
+        self.run.check_recorded_digests()
 
     def _recorded_classes(self) -> int | None:
         for name in RECORDS:
@@ -324,20 +339,6 @@ class PseudoLabels:
                 except (ValueError, KeyError, TypeError) as error:
                     raise InputError(f"{record}: unreadable clustering record ({error})") from error
         return None
-
-    def _check_centroids(self) -> None:
-        # the digests recorded with the centroids and with the labels (folders written before
-        # they were kept lack them): labels of centroids trained since are not this run's classes
-        if not (storage.is_file(self.run.assignment_record) and storage.is_file(self.run.centroids_record)):
-            return
-        assigned = read_record(self.run.assignment_record).get("centroids")
-        trained = read_record(self.run.centroids_record).get("digest")
-        if assigned is not None and trained is not None and assigned != trained:
-            raise InputError(
-                f"{self.folder}: these labels were assigned with other centroids than those in {self.run.centroids} "
-                f"(trained again since); delete {self.folder} and {self.run.assignment_record}, run `unicom cluster "
-                "assign` (or the same `unicom cluster` command) again, then train"
-            )
 
     def _recorded_parts(self) -> set[int] | None:
         if not storage.is_file(self.run.assignment_record):

@@ -16,14 +16,17 @@ from sklearn.metrics import adjusted_rand_score
 from unicom.cluster import (
     ClusterInputs,
     KMeansSettings,
+    assign_labels,
     cluster,
     fuse,
     load_labels,
+    merge_parts,
     plan_sample,
     size_statistics,
     summarize,
     train_centroids,
     train_kmeans,
+    train_part,
     use_gpu,
 )
 from unicom.errors import InputError
@@ -258,6 +261,23 @@ def test_stats_of_labels_recorded_without_a_centroid_digest_are_made(tmp_path):
     summary = summarize(tmp_path / "out", min_cluster_size=2, plot=False)
     assert summary["labelled"] == 90 and summary["min_cluster_size"] == 2
     assert PseudoLabels(tmp_path / "out").num_classes == 3
+
+
+def test_a_hierarchical_summary_into_the_out_of_a_run_keeps_none_of_its_times(tmp_path):
+    # OUT cleared of the centroids and labels of a one-machine run, then clustered in hierarchical mode:
+    # its clusters.json kept the seconds (k-means, assign) of the run whose labels were deleted
+    inputs = _clustered_into_three(tmp_path)
+    out = tmp_path / "out"
+    assert "seconds" in json.loads((out / "clusters.json").read_text())
+    for name in ("centroids.npy", "centroids.json", "assignment.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "labels")
+    train_part(inputs, out, KMeansSettings(k=3), 0, 1)
+    merge_parts(out, KMeansSettings(k=3))
+    assign_labels(inputs, out)
+    summary = summarize(out, plot=False)
+    assert summary["mode"] == "hierarchical" and "seconds" not in summary
+    assert "seconds" not in json.loads((out / "clusters.json").read_text())
 
 
 def test_labels_of_the_same_centroids_trained_again_are_kept(tmp_path):

@@ -253,7 +253,8 @@ def assign_labels(
     folder.sweep(labels=[s.number for s in pending])
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
-    if assignment is None:
+    if assignment is None:  # new labels: a summary left in OUT (its sizes, its run's times) describes others
+        storage.remove(folder.summary)
         folder.write_assignment({**expected, "centroids": trained, "dropped_below": 0})
     search = CentroidSearch(centroids, spherical=record["spherical"], backend=compute_backend(device))
     started = time.perf_counter()

@@ -16,16 +16,21 @@ from sklearn.metrics import adjusted_rand_score
 from unicom.cluster import (
     ClusterInputs,
     KMeansSettings,
+    assign_labels,
     cluster,
     fuse,
     load_labels,
+    merge_parts,
     plan_sample,
     size_statistics,
     summarize,
+    train_centroids,
     train_kmeans,
+    train_part,
     use_gpu,
 )
 from unicom.errors import InputError
+from unicom.formats.clusters import PseudoLabels
 from unicom.formats.embeddings import EmbeddingFolders, write_part
 
 
@@ -190,13 +195,19 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
         cluster(inputs, tmp_path / "out", KMeansSettings(k=4), plot=False)
 
 
-@pytest.mark.parametrize("k", [2, 5])
-def test_labels_of_centroids_trained_again_are_not_kept(tmp_path, k):
-    # deleting the centroids to change k (as the error above suggests) but not the labels made from them
+def _clustered_into_three(tmp_path) -> ClusterInputs:
+    """tmp_path/out: 90 samples of 3 clusters in 2 parts, clustered with k = 3; their inputs."""
     rng = np.random.default_rng(5)
     write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
     inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
     cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    return inputs
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_labels_of_centroids_trained_again_are_not_kept(tmp_path, k):
+    # deleting the centroids to change k (as the error above suggests) but not the labels made from them
+    inputs = _clustered_into_three(tmp_path)
     before = load_labels(tmp_path / "out")
     (tmp_path / "out" / "centroids.npy").unlink()
     (tmp_path / "out" / "centroids.json").unlink()
@@ -212,11 +223,65 @@ def test_labels_of_centroids_trained_again_are_not_kept(tmp_path, k):
     assert set(load_labels(tmp_path / "out").column("label").to_pylist()) <= set(range(k))
 
 
+@pytest.mark.parametrize("k", [2, 5])
+def test_stats_refuse_the_labels_of_centroids_trained_again(tmp_path, k):
+    # `unicom cluster stats` (or the hierarchical assign's summary) after the centroids alone were
+    # trained again: k = 5 reported the 3-cluster labels with 2 empty clusters, k = 2 crashed in bincount
+    inputs = _clustered_into_three(tmp_path)
+    summary = json.loads((tmp_path / "out" / "clusters.json").read_text())
+    (tmp_path / "out" / "centroids.npy").unlink()
+    (tmp_path / "out" / "centroids.json").unlink()
+    train_centroids(inputs, tmp_path / "out", KMeansSettings(k=k))
+    labels, record = tmp_path / "out" / "labels", tmp_path / "out" / "assignment.json"
+    with pytest.raises(InputError, match=rf"{labels}: the labels there were assigned with other centroids than those "
+                                         rf"in .*centroids.npy \(trained again since\); delete {labels} and {record}"):
+        summarize(tmp_path / "out", plot=False)
+    assert json.loads((tmp_path / "out" / "clusters.json").read_text()) == summary
+
+
+def test_a_trainer_refuses_the_labels_of_centroids_trained_again(tmp_path):
+    # centroids trained again with k = 5 and no assign after: the trainer took 5 classes of the 3-cluster labels
+    inputs = _clustered_into_three(tmp_path)
+    assert PseudoLabels(tmp_path / "out").num_classes == 3
+    (tmp_path / "out" / "centroids.npy").unlink()
+    (tmp_path / "out" / "centroids.json").unlink()
+    train_centroids(inputs, tmp_path / "out", KMeansSettings(k=5))
+    labels = tmp_path / "out" / "labels"
+    with pytest.raises(InputError, match=rf"{labels}: the labels there were assigned with other centroids than those "
+                                         rf"in .*centroids.npy \(trained again since\); delete {labels} and "):
+        PseudoLabels(tmp_path / "out")
+    assert PseudoLabels(labels).num_classes is None  # the label files alone carry no record to check
+
+
+def test_stats_of_labels_recorded_without_a_centroid_digest_are_made(tmp_path):
+    # a folder labelled before assignment.json kept the digest of the centroids
+    _clustered_into_three(tmp_path)
+    record = tmp_path / "out" / "assignment.json"
+    record.write_text(json.dumps({key: value for key, value in json.loads(record.read_text()).items() if key != "centroids"}))
+    summary = summarize(tmp_path / "out", min_cluster_size=2, plot=False)
+    assert summary["labelled"] == 90 and summary["min_cluster_size"] == 2
+    assert PseudoLabels(tmp_path / "out").num_classes == 3
+
+
+def test_a_hierarchical_summary_into_the_out_of_a_run_keeps_none_of_its_times(tmp_path):
+    # OUT cleared of the centroids and labels of a one-machine run, then clustered in hierarchical mode:
+    # its clusters.json kept the seconds (k-means, assign) of the run whose labels were deleted
+    inputs = _clustered_into_three(tmp_path)
+    out = tmp_path / "out"
+    assert "seconds" in json.loads((out / "clusters.json").read_text())
+    for name in ("centroids.npy", "centroids.json", "assignment.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "labels")
+    train_part(inputs, out, KMeansSettings(k=3), 0, 1)
+    merge_parts(out, KMeansSettings(k=3))
+    assign_labels(inputs, out)
+    summary = summarize(out, plot=False)
+    assert summary["mode"] == "hierarchical" and "seconds" not in summary
+    assert "seconds" not in json.loads((out / "clusters.json").read_text())
+
+
 def test_labels_of_the_same_centroids_trained_again_are_kept(tmp_path):
-    rng = np.random.default_rng(5)
-    write_collection(tmp_path / "emb", image=mixture(rng, 3, 90, 6, 0.2)[0], parts=2)
-    inputs = ClusterInputs(EmbeddingFolders.from_root(tmp_path / "emb"), fusion="image")
-    cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)
+    inputs = _clustered_into_three(tmp_path)
     first = (tmp_path / "out" / "labels" / "labels_0.parquet").stat().st_mtime_ns
     (tmp_path / "out" / "centroids.npy").unlink()  # the same settings train the same centroids again
     cluster(inputs, tmp_path / "out", KMeansSettings(k=3), plot=False)

@@ -165,6 +165,21 @@ def test_a_list_of_clusters_without_an_id_is_refused(run, capsys, ids):
     assert not (run["root"] / "none.png").exists()
 
 
+def test_the_labels_of_centroids_trained_again_are_not_shown(run, capsys, tmp_path):
+    # the run into OUT with another k after the centroids were deleted: refused before it labels, but the new
+    # centroids are in place; the sheet drew their clusters' samples from the old labels
+    root, out = run["root"], tmp_path / "clusters"
+    shutil.copytree(root / "clusters", out)
+    (out / "centroids.npy").unlink()
+    (out / "centroids.json").unlink()
+    assert main(["cluster", "--embeddings", str(root / "emb"), "--fusion", "image", "--k", "3", "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert main(["cluster", "show", "--embeddings", str(root / "emb"), "--input", str(root / "shards"), "--clusters", "0",
+                 "--out", str(out), "--sheet", str(tmp_path / "sheet.png")]) == 2
+    assert f"{out / 'labels'}: the labels there were assigned with other centroids" in capsys.readouterr().err
+    assert not (tmp_path / "sheet.png").exists()
+
+
 def test_a_negative_seed_is_named(run, capsys):
     assert show(run, "--random", "2", "--seed", "-1") == 2
     assert f"a seed >= 0 (got {SAMPLES}, {NEIGHBOURS}, {THUMB}, -1)" in capsys.readouterr().err

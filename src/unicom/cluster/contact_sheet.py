@@ -345,6 +345,7 @@ def build_contact_sheet(
                          f"{seed})")
     folder = ClusterFolder(out)
     centroids, record = folder.read_centroids(mmap=True)
+    folder.check_recorded_digests()
     k = record["k"]
     sizes = None
     if random is not None:  # clusters left without samples by --min-cluster-size are not drawn

@@ -20,7 +20,7 @@ from unicom.cluster.inputs import ClusterInputs, ScanResult, Shard, plan_sample,
 from unicom.cluster.kmeans import INITS, CentroidSearch, available_memory, compute_backend, train_kmeans, training_memory
 from unicom.cluster.statistics import plot_cluster_sizes, size_statistics
 from unicom.errors import InputError
-from unicom.formats.clusters import ClusterFolder, centroids_digest, check_record
+from unicom.formats.clusters import ClusterFolder, check_record
 from unicom.progress import progress
 
 
@@ -242,12 +242,7 @@ def assign_labels(
         )
     expected = {"inputs": inputs.fingerprint()}
     assignment = check_record(folder.assignment_record, expected)
-    trained = centroids_digest(centroids)
-    if assignment is not None and assignment.get("centroids", trained) != trained:  # older records lack it
-        raise InputError(
-            f"{folder.labels}: the labels there were assigned with other centroids than those in {folder.centroids} "
-            f"(trained again since); delete {folder.labels} and {folder.assignment_record}, then run again"
-        )
+    trained = folder.check_assigned_with(assignment, centroids)
     selected = _select(inputs, shards)
     labelled = folder.labelled_parts()
     pending = [shard for shard in selected if shard.number not in labelled]
@@ -258,7 +253,8 @@ def assign_labels(
     folder.sweep(labels=[s.number for s in pending])
     if scan_result is None:
         scan_result = scan(inputs, pending, skip_invalid=skip_invalid, desc="check")
-    if assignment is None:
+    if assignment is None:  # new labels: a summary left in OUT (its sizes, its run's times) describes others
+        storage.remove(folder.summary)
         folder.write_assignment({**expected, "centroids": trained, "dropped_below": 0})
     search = CentroidSearch(centroids, spherical=record["spherical"], backend=compute_backend(device))
     started = time.perf_counter()
@@ -308,8 +304,9 @@ def summarize(
     ``seconds`` (the stage timings of this run) is recorded as it is; without it (``stats``,
     the hierarchical ``assign``) those of the summary already there are kept."""
     folder = ClusterFolder(out)
-    record = folder.read_record()
+    centroids, record = folder.read_centroids(mmap=True)
     assignment = folder.read_assignment()
+    folder.check_assigned_with(assignment, centroids)  # `stats` after the centroids were trained again
     numbers = sorted(int(n) for n in assignment["inputs"]["shards"])
     labelled = folder.labelled_parts()
     missing = [n for n in numbers if n not in labelled]

@@ -154,9 +154,11 @@ class ClusterFolder:
         return centroids, record
 
     def write_centroids(self, centroids: np.ndarray, record: dict) -> None:
-        """The (k, d) centroids, then their record (last: the centroids are complete)."""
+        """The (k, d) centroids, then their record (last: the centroids are complete), which
+        keeps their digest (``digest``: a trainer tells labels of other centroids apart without
+        reading them)."""
         save_npy_atomic(self.centroids, centroids)
-        write_json_atomic(self.centroids_record, record)
+        write_json_atomic(self.centroids_record, {**record, "digest": centroids_digest(centroids)})
 
     # ------------------------------------------------------------------ hierarchical parts
 
@@ -200,6 +202,33 @@ class ClusterFolder:
 
     def write_assignment(self, record: dict) -> None:
         write_json_atomic(self.assignment_record, record)
+
+    def check_assigned_with(self, assignment: dict | None, centroids: np.ndarray) -> str:
+        """The digest of ``centroids``; an error if ``assignment`` (the record of the labels
+        there) says the labels were assigned with other centroids (records written before the
+        digest was kept lack it, and are taken as they are)."""
+        digest = centroids_digest(centroids)
+        if assignment is not None and assignment.get("centroids", digest) != digest:
+            raise self._other_centroids()
+        return digest
+
+    def _other_centroids(self) -> InputError:
+        return InputError(
+            f"{self.labels}: the labels there were assigned with other centroids than those in {self.centroids} "
+            f"(trained again since); delete {self.labels} and {self.assignment_record}, then run `unicom cluster "
+            "assign` (or the same `unicom cluster` command) again"
+        )
+
+    def check_recorded_digests(self) -> None:
+        """An error if the labels were assigned with other centroids than those recorded in
+        ``centroids.json`` (trained again since), read from the two records' digests alone
+        (folders written before they were kept lack them, and pass)."""
+        if not (storage.is_file(self.assignment_record) and storage.is_file(self.centroids_record)):
+            return
+        assigned = read_record(self.assignment_record).get("centroids")
+        trained = read_record(self.centroids_record).get("digest")
+        if assigned is not None and trained is not None and assigned != trained:
+            raise self._other_centroids()
 
     def write_labels(self, number: int, keys, labels: np.ndarray, similarity: np.ndarray, facts: dict) -> None:
         """``labels_{number}.parquet``: ``keys`` (a pyarrow array), int64 ``labels``, float32
@@ -299,6 +328,7 @@ class PseudoLabels:
         self.files = label_files(self.folder)
         self.num_classes = self._recorded_classes()
         self.labelled_parts = self._recorded_parts()
+        self.run.check_recorded_digests()
 
     def _recorded_classes(self) -> int | None:
         for name in RECORDS:

@@ -140,6 +140,18 @@ def test_an_open_clip_state_dict_is_named_with_how_to_load_it(tmp_path):
         unicom.load(str(tmp_path / "clip.pt"), arch="ViT-B/32")
 
 
+def test_arch_given_with_a_model_folder_or_a_released_name_is_refused_not_ignored(model, tmp_path):
+    from unicom.models.export import save_model
+
+    folder = save_model(tmp_path / "folder", model, "unicom_vit", TINY, clip_preprocess(48))
+    with pytest.raises(InputError, match=r"folder: arch='ViT-B/32' was given, but .* records its own architecture"):
+        unicom.load(str(folder), arch="ViT-B/32")
+    with pytest.raises(InputError, match=r"ViT-L/14: arch='ViT-B/32' was given"):
+        unicom.load("ViT-L/14", arch="ViT-B/32", download_root=tmp_path / "cache")
+    loaded, _ = unicom.load(str(folder))  # without arch the folder's own architecture is used
+    torch.testing.assert_close(loaded(images(1)), model.eval()(images(1)), rtol=1e-5, atol=1e-5)
+
+
 def test_explicit_arch_with_other_sizes_lists_the_wrong_shapes(checkpoint):
     with pytest.raises(InputError) as error:
         unicom.load(str(checkpoint), arch="ViT-B/32")

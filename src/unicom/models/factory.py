@@ -146,6 +146,12 @@ def load_described(
     from unicom.models.weights import instantiate, read_state_dict
 
     label = label or str(spec)
+    if arch is not None and (hub.is_hf_spec(spec) or spec in MODELS or Path(spec).expanduser().is_dir()):
+        raise InputError(
+            f"{spec}: arch={arch!r} was given, but a released name, a model folder or an hf-hub model "
+            "records its own architecture; arch applies only to a released-format file (.pt/.safetensors): "
+            "leave it out"
+        )
     if hub.is_hf_spec(spec):
         return load_described(hub.hf_model_folder(str(spec)), device, label=label)
     if isinstance(spec, str) and spec in MODELS:
@@ -182,7 +188,8 @@ def load(
         download_root: the cache folder for released weights (default: see
             :func:`unicom.models.hub.cache_dir`).
         arch: the sizes of a released-format file, as a registered name or ViT
-            settings; read off the tensor shapes when omitted.
+            settings; read off the tensor shapes when omitted. Refused for the other specs,
+            which record their own architecture.
         base_url: a mirror holding the released files (default ``$UNICOM_BASE_URL``).
 
     Returns:

@@ -425,6 +425,20 @@ def test_s3_shards_expand_from_patterns_globs_and_folders_and_a_missing_one_is_n
         expand_shards("s3://shards/laion/{00000..00003}.tar")
 
 
+def test_shards_in_a_bucket_that_does_not_exist_name_the_bucket_not_an_empty_folder(s3):
+    s3.bucket("tarballs")  # the bucket that exists, misspelt below
+    with pytest.raises(InputError, match=r"shard not found .*; the bucket s3://tarball does not exist .*check its name"):
+        expand_shards("s3://tarball/laion/{00000..00001}.tar")
+    with pytest.raises(InputError, match=r"s3://tarball/laion: no .* shards in this folder .*; the bucket s3://tarball does not exist"):
+        expand_shards("s3://tarball/laion")
+    with pytest.raises(InputError, match=r"00000.tar: shard not found .*; the folder s3://tarballs/laion/ holds no files") as error:
+        expand_shards("s3://tarballs/laion/00000.tar")
+    assert "bucket" not in str(error.value)
+    with pytest.raises(InputError) as error:
+        expand_shards("s3://tarballs/laion")
+    assert "bucket" not in str(error.value)
+
+
 def test_storage_options_reach_the_filesystem(s3, monkeypatch):
     s3.bucket("options")
     s3.put("options", "a.txt", b"configured")

@@ -497,6 +497,18 @@ def is_dir(location) -> bool:
     return _ask(location, "is_dir")
 
 
+def missing_bucket(location) -> str | None:
+    """The bucket of an object-store URL (``s3://name``) when the store says it has no such
+    bucket (a misspelt name, or one these credentials cannot see), else None: for saying why
+    a folder in it is empty."""
+    scheme = protocol(location)
+    if scheme not in _OBJECT_STORES or _is_upath(location):
+        return None
+    bucket = text(location)[len(scheme) + 3:].split("/", 1)[0]
+    root = f"{scheme}://{bucket}"
+    return None if not bucket or exists(root) else root
+
+
 class TooLarge(ValueError):
     """A file longer than the caller's ``max_bytes`` (:func:`read_bytes`); ``size`` is its
     length, or None when only more than ``max_bytes`` was read."""

@@ -61,6 +61,12 @@ def _folder_shards(folder) -> list:
     return [entry for name, entry in sorted(storage.list_files(folder).items()) if name.endswith(SHARD_SUFFIXES)]
 
 
+def _no_bucket(location) -> str:
+    """"; the bucket … does not exist" when the store says so, else ""."""
+    bucket = storage.missing_bucket(location)
+    return f"; the bucket {bucket} does not exist (or these credentials cannot see it): check its name" if bucket else ""
+
+
 def _expand_one(pattern: str) -> list:
     found: list = []
     listings: dict[str, set[str]] = {}  # remote folder -> its file names, listed once
@@ -80,7 +86,7 @@ def _expand_one(pattern: str) -> list:
                     images = ("; over http(s) a folder is read as a folder of shards only: give the images as a CSV list "
                               "of their URLs") if storage.protocol(path) in storage.READ_ONLY else ""
                     raise InputError(f"{path}: no {'/'.join(SHARD_SUFFIXES)} shards in this folder (or it does not exist)"
-                                     + images)
+                                     + _no_bucket(path) + images)
                 found.extend(storage.text(entry) for entry in inside)
                 continue
             if storage.protocol(path) not in storage.READ_ONLY:  # listable: check, one listing per folder
@@ -91,7 +97,7 @@ def _expand_one(pattern: str) -> list:
                     # nothing listed: the folder itself may be refused (a misspelt or private repository, a
                     # bucket policy), which the existence check names with what to check
                     absent = not listings[folder] and not storage.is_dir(folder.rstrip("/"))
-                    where = f"; the folder {folder} holds no files" if absent else ""
+                    where = (_no_bucket(folder) or f"; the folder {folder} holds no files") if absent else ""
                     raise InputError(f"{path}: shard not found (from the input {pattern!r}){where}; check the URL or the pattern")
             found.append(path)  # http(s): fetched (and retried) when its part is read
         elif os.path.isdir(path):

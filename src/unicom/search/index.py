@@ -512,6 +512,10 @@ class Index:
             raise InputError(f"-k {k}: the k of recall@k must be at least 1")
         if heldout < 0:
             raise InputError(f"--heldout {heldout}: the number of held-out rows cannot be negative")
+        for option, value, least in (("--nlist", nlist, "1 inverted list"), ("--nbits", nbits, "1 bit per code"),
+                                     ("--hnsw-m", hnsw_m, "2 links per vector and layer")):
+            if value is not None and value < int(least.split()[0]):
+                raise InputError(f"{option} {value}: give at least {least}, or leave the option out")
         budget = None if memory_budget is None else parse_size(memory_budget)
         modalities = ("image",)
         if layout == clip_layout.LAYOUT and EmbeddingFolders.from_root(emb).text is not None:

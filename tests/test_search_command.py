@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from unicom.cli import main
+from unicom.commands.search import format_table
 from unicom.errors import InputError
 from unicom.formats.embeddings import write_part
 from unicom.models.encoders import load_encoder
@@ -57,6 +59,15 @@ def test_search_json_lists_every_query_with_its_results(collection, capsys):
     assert [hit["image_path"] for hit in top] == [str(first), str(second)]
     assert [hit["rank"] for hit in answer[0]["results"]] == [1, 2]
     assert answer[0]["results"][0]["score"] >= answer[0]["results"][1]["score"]
+
+
+def test_the_table_has_one_line_per_result_whatever_its_keys_and_paths_hold():
+    hits = [{"rank": 1, "score": 0.5, "id": 0, "key": 'p0\n"x\tü', "caption": "two\nlines", "image_path": "/data/a\rb.jpg"},
+            {"rank": 2, "score": 0.25, "id": 1, "key": "plain", "caption": None, "url": "https://host/b.jpg"}]
+    lines = format_table(hits).splitlines()
+    assert len(lines) == 3
+    assert re.split(r"\s{2,}", lines[1]) == ["1", "0.500", 'p0\\n"x\\tü', "two lines", "/data/a\\rb.jpg"]
+    assert lines[2].split() == ["2", "0.250", "plain", "https://host/b.jpg"]
 
 
 def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_path, capsys):

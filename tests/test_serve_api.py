@@ -238,6 +238,19 @@ def test_bad_embeddings_are_400(served):
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["detail"]
 
 
+def test_true_or_false_where_a_number_is_expected_is_400_not_read_as_1_or_0(served):
+    client = served["client"]
+    for route, body, said in (
+        ("/search", {"like": True}, "like: expected a number, got true"),  # not item 1
+        ("/search", {"text": "x", "k": True}, "k: expected a number, got true"),
+        ("/search", {"embedding": [False] + [0.5] * 63}, "embedding.0: expected a number, got false"),
+        ("/knn-service", {"text": "x", "num_images": True}, "num_images: expected a number, got true"),
+        ("/metadata", {"ids": [2, True]}, "ids.1: expected a number, got true"),
+    ):
+        response = client.post(route, json=body)
+        assert (response.status_code, response.json()) == (400, {"detail": said})
+
+
 def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served):
     client = served["client"]
     rest = b", 0.1" * 62

@@ -106,6 +106,20 @@ def test_index_command_adds_new_parts_on_a_second_run(collection, tmp_path, caps
     assert "keeps 32 dimensions, not --dims 16" in capsys.readouterr().err
 
 
+def test_the_summary_after_adding_parts_names_the_rows_its_recall_was_measured_on(tmp_path, capsys):
+    import numpy as np
+
+    rows = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows[:300])
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--type", "hnsw"]) == 0
+    assert "on 30 held-out rows (target 0.9)" in capsys.readouterr().out  # a tenth of 300
+    write_part(tmp_path / "emb", 1, image=rows[300:])
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index")]) == 0
+    selection = Index.load(tmp_path / "index").config["selection"]
+    assert (selection["heldout"], selection["heldout_after_add"]) == (30, 10)
+    assert f"recall@10 {selection['recall']:.4f} on 10 held-out rows of the added parts" in capsys.readouterr().out
+
+
 def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(collection, tmp_path, capsys):
     out = tmp_path / "index"
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--type", "flat"]) == 0

@@ -88,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
         search = ", ".join(f"{key}={value}" for key, value in described["search"].items())
         goal = (f"target {selection['recall_target']}" if selection.get("objective") != "recall" else
                 f"the best within {format_size(selection['memory_budget'])}")
+        # once parts were added, the recall is the one measured on the held-out rows of the added parts
+        measured = (f"{selection['heldout_after_add']} held-out rows of the added parts" if "heldout_after_add" in selection
+                    else f"{selection['heldout']} held-out rows")
         print(
             f"{out}: {modality} {described['type']} index ({described['structure']}{', ' + search if search else ''}) of "
             f"{len(index)} vectors, {described['dims']} dimensions, {format_size(described.get('bytes', config['bytes']))}; recall@{selection['k']} "
-            f"{selection['recall']:.4f} on {selection['heldout']} held-out rows ({goal})"
+            f"{selection['recall']:.4f} on {measured} ({goal})"
         )
     return 0
 

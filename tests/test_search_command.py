@@ -114,7 +114,9 @@ def test_the_summary_after_adding_parts_names_the_rows_its_recall_was_measured_o
     assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--type", "hnsw"]) == 0
     assert "on 30 held-out rows (target 0.9)" in capsys.readouterr().out  # a tenth of 300
     write_part(tmp_path / "emb", 1, image=rows[300:])
-    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index")]) == 0
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--hnsw-m", "16"]) == 2
+    assert "it was built with M 32, not --hnsw-m 16" in capsys.readouterr().err
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--hnsw-m", "32"]) == 0
     selection = Index.load(tmp_path / "index").config["selection"]
     assert (selection["heldout"], selection["heldout_after_add"]) == (30, 10)
     assert f"recall@10 {selection['recall']:.4f} on 10 held-out rows of the added parts" in capsys.readouterr().out
@@ -127,13 +129,16 @@ def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(co
     for options, said in ((["--layout", "clip-retrieval"], "its layout is unicom, not --layout clip-retrieval"),
                           (["--type", "hnsw"], "it is a flat index, not --type hnsw"),
                           (["--memory", "1MB"], "it was built without a memory budget, not --memory 1MB"),
-                          (["--target-recall", "0.99"], "it was built for recall 0.9, not --target-recall 0.99")):
+                          (["--target-recall", "0.99"], "it was built for recall 0.9, not --target-recall 0.99"),
+                          (["-k", "50"], "its recall is measured at k 10, not -k 50"),
+                          (["--nlist", "8"], "a flat index has no nlist, which --nlist 8 sets"),
+                          (["--hnsw-m", "16"], "a flat index has no M, which --hnsw-m 16 sets")):
         assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), *options]) == 2
         assert said in capsys.readouterr().err
     assert not (out / "image.index").exists()
     # the options it was built with are the same index: nothing new to add
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "unicom", "--type", "flat",
-                 "--target-recall", "0.9"]) == 0
+                 "--target-recall", "0.9", "-k", "10"]) == 0
     assert "up to date (24 vectors" in capsys.readouterr().out
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "clip-retrieval", "--rebuild"]) == 0
     assert (out / "image.index").is_file() and Index.load(out).layout == "clip-retrieval"

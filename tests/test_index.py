@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 import unicom
-from unicom.errors import InputError
+from unicom.errors import FolderError, InputError
 from unicom.formats.embeddings import write_part
 from unicom.search.collection import first_dims
 from unicom.search.index import CONFIG_FILE, HELDOUT_FILE, Index
@@ -278,6 +278,17 @@ def test_metadata_reads_row_groups_through_a_cache_that_never_passes_its_limit(t
     index.metadata_rows.cache_bytes = 1
     assert index.metadata([0, 119]) == [whole[0], whole[119]]
     assert index.metadata_rows.cached_row_groups == [(11, 2)]
+
+
+def test_metadata_of_an_index_rebuilt_since_it_was_loaded_is_refused_saying_to_load_it_again(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(20, 8, seed=0)})
+    loaded = Index.build(tmp_path / "emb", tmp_path / "index")
+    write_collection(tmp_path / "emb", {0: clustered(30, 8, seed=1)})
+    Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)  # as a server goes on serving the first
+    with pytest.raises(FolderError, match=r"metadata_0.parquet: 30 rows, but the index holds 20 of this part; .*"
+                                          r"if it was rebuilt since, load it again \(restart `unicom serve`\)"):
+        loaded.metadata(3)
+    assert Index.load(tmp_path / "index").metadata(3)["key"] == "p0-r3"
 
 
 def test_a_source_id_column_is_kept_as_source_id(tmp_path):

@@ -291,6 +291,13 @@ def test_metadata_of_an_index_rebuilt_since_it_was_loaded_is_refused_saying_to_l
     assert Index.load(tmp_path / "index").metadata(3)["key"] == "p0-r3"
 
 
+def test_loading_an_embedding_folder_as_an_index_says_to_build_one_from_it(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    with pytest.raises(InputError, match=f"{tmp_path / 'emb'}: an embedding folder, not an index; build an index of it "
+                                         f"with `unicom index --emb {tmp_path / 'emb'} --out INDEX/`"):
+        Index.load(tmp_path / "emb")
+
+
 def test_a_source_id_column_is_kept_as_source_id(tmp_path):
     write_part(tmp_path / "emb", 0, image=clustered(3, 8, seed=0), metadata=pa.table({"key": ["a", "b", "c"], "id": [7, 8, 9]}))
     index = Index.build(tmp_path / "emb", tmp_path / "index")

@@ -175,6 +175,16 @@ def test_a_wrong_field_name_is_400_naming_the_fields(served):
     assert response.json()["detail"] == "no field 'image' in the form (got ['file']); send the image as the field 'image'"
 
 
+def test_a_form_with_an_empty_text_alone_says_there_is_nothing_to_search_for(served):
+    for form in ({"text": ""}, {"text": "   ", "k": "3"}):
+        # as curl -F text= sends it: multipart fields without a file
+        response = served["client"].post("/search", files={key: (None, value) for key, value in form.items()})
+        assert response.status_code == 400
+        assert response.json()["detail"] == (f"nothing to search for: the field{'s' if len(form) > 1 else ''} "
+                                             f"{', '.join(sorted(form))} came empty; send a text, an image as the field "
+                                             "'image', or an item id as 'like'")
+
+
 def test_an_unknown_form_field_is_400_naming_it_instead_of_being_ignored(served):
     data = served["images"][0].read_bytes()
     # curl -F image=@q.jpg -F query="at night" -F topk=5: the text and the k would be dropped unseen

@@ -476,8 +476,11 @@ def create_app(
                 raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
             form = await _parse_form(request, body)
             upload = form.get("image")
-            if upload is None and not form.get("text") and not form.get("like"):
+            if upload is None and not str(form.get("text") or "").strip() and not form.get("like"):
                 fields = sorted(set(form.keys()))
+                if {"text", "like"} & set(fields):  # the page's text box, sent empty or blank
+                    raise _error(400, f"nothing to search for: the field{'s' if len(fields) > 1 else ''} {', '.join(fields)} "
+                                      "came empty; send a text, an image as the field 'image', or an item id as 'like'")
                 raise _error(400, f"no field 'image' in the form (got {fields}); send the image as the field 'image'")
             image_data, image_name = None, None
             if upload is not None:

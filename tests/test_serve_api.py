@@ -185,6 +185,15 @@ def test_a_form_with_an_empty_text_alone_says_there_is_nothing_to_search_for(ser
                                              "'image', or an item id as 'like'")
 
 
+def test_a_form_field_given_twice_is_400_instead_of_one_being_dropped(served):
+    data = served["images"][0].read_bytes()
+    # curl -F image=@q.jpg -F text="at night" -F text="in snow"
+    response = served["client"].post("/search", files=[("image", ("q.jpg", data, "image/jpeg")), ("text", (None, "at night")),
+                                                       ("text", (None, "in snow"))])
+    assert (response.status_code, response.json()) == (400, {"detail": "form field 'text' given more than once; give each "
+                                                                       "field once (one query per request)"})
+
+
 def test_an_unknown_form_field_is_400_naming_it_instead_of_being_ignored(served):
     data = served["images"][0].read_bytes()
     # curl -F image=@q.jpg -F query="at night" -F topk=5: the text and the k would be dropped unseen

@@ -475,6 +475,10 @@ def create_app(
             if not body:
                 raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
             form = await _parse_form(request, body)
+            repeated = sorted({key for key in form.keys() if len(form.getlist(key)) > 1})
+            if repeated:  # one would be searched and the others dropped unseen
+                raise _error(400, f"form field {', '.join(map(repr, repeated))} given more than once; give each field once "
+                                  "(one query per request)")
             upload = form.get("image")
             if upload is None and not str(form.get("text") or "").strip() and not form.get("like"):
                 fields = sorted(set(form.keys()))

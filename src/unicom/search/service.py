@@ -631,6 +631,10 @@ def create_app(
                                "metadata without an image)")
         if knn.use_mclip and knn.text:
             unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower)")
+        unknown = sorted(knn.model_extra or {})  # accepted, as clip-retrieval does, but not unseen (a misspelt num_images)
+        if unknown:
+            shown = ", ".join(json.dumps(key[:40]) for key in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            unsupported.append(f"{shown} (unknown key{'s' if len(unknown) > 1 else ''}: ignored)")
         # clip-retrieval's order: a text first, then an image or its URL, then an embedding
         values = dict(text=None, image_data=None, image_name="image", like=None, embedding=None)
         if knn.text and knn.text.strip():  # a blank text gives way to the query that follows, as an absent one

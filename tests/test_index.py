@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 import unicom
-from unicom.errors import InputError
+from unicom.errors import FolderError, InputError
 from unicom.formats.embeddings import write_part
 from unicom.search.collection import first_dims
 from unicom.search.index import CONFIG_FILE, HELDOUT_FILE, Index
@@ -278,6 +278,24 @@ def test_metadata_reads_row_groups_through_a_cache_that_never_passes_its_limit(t
     index.metadata_rows.cache_bytes = 1
     assert index.metadata([0, 119]) == [whole[0], whole[119]]
     assert index.metadata_rows.cached_row_groups == [(11, 2)]
+
+
+def test_metadata_of_an_index_rebuilt_since_it_was_loaded_is_refused_saying_to_load_it_again(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(20, 8, seed=0)})
+    loaded = Index.build(tmp_path / "emb", tmp_path / "index")
+    write_collection(tmp_path / "emb", {0: clustered(30, 8, seed=1)})
+    Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)  # as a server goes on serving the first
+    with pytest.raises(FolderError, match=r"metadata_0.parquet: 30 rows, but the index holds 20 of this part; .*"
+                                          r"if it was rebuilt since, load it again \(restart `unicom serve`\)"):
+        loaded.metadata(3)
+    assert Index.load(tmp_path / "index").metadata(3)["key"] == "p0-r3"
+
+
+def test_loading_an_embedding_folder_as_an_index_says_to_build_one_from_it(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
+    with pytest.raises(InputError, match=f"{tmp_path / 'emb'}: an embedding folder, not an index; build an index of it "
+                                         f"with `unicom index --emb {tmp_path / 'emb'} --out INDEX/`"):
+        Index.load(tmp_path / "emb")
 
 
 def test_a_source_id_column_is_kept_as_source_id(tmp_path):
@@ -576,12 +594,32 @@ def test_more_dims_than_the_embeddings_have_is_an_error(tmp_path):
     ({"dims": 0}, "--dims 0: the embeddings have 8 dimensions"),
     ({"k": 0}, "-k 0: the k of recall@k must be at least 1"),
     ({"heldout": -5}, "--heldout -5: the number of held-out rows cannot be negative"),
+    ({"nlist": 0, "index_type": "ivfpq"}, "--nlist 0: give at least 1 inverted list"),
+    ({"nbits": -3, "index_type": "ivfpq"}, "--nbits -3: give at least 1 bit per code"),
+    ({"hnsw_m": 1, "index_type": "hnsw"}, "--hnsw-m 1: give at least 2 links per vector and layer"),  # faiss crashes
 ])
 def test_build_options_out_of_range_are_named_and_nothing_is_written(tmp_path, options, said):
     write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})
     with pytest.raises(InputError, match=said):
         Index.build(tmp_path / "emb", tmp_path / "index", **options)
     assert not (tmp_path / "index").exists()
+
+
+def test_more_pq_bits_than_the_collection_can_train_are_refused_naming_the_option(tmp_path):
+    write_collection(tmp_path / "emb", {0: clustered(1000, 8, seed=0)})  # 900 training rows: 39·2^4 ≤ 900 < 39·2^5
+    with pytest.raises(InputError, match="--nbits 20: the 1,048,576 centroids .* need 40,894,464 training rows .* "
+                                         "there are 900; use --nbits 4"):
+        Index.build(tmp_path / "emb", tmp_path / "index", index_type="ivfpq", nbits=20, heldout=100)
+    assert not (tmp_path / "index").exists()
+
+
+def test_hnsw_is_tuned_with_an_ef_search_of_k_when_k_passes_the_largest_step(tmp_path):
+    vectors = clustered(2300, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    index = Index.build(tmp_path / "emb", tmp_path / "index", index_type="hnsw", k=2100, heldout=100)
+    assert search_steps(Candidate("hnsw", {"M": 32}, 0), 2100) == [{"efSearch": 2100}]
+    assert index.config["search"] == {"efSearch": 2100}
+    assert [step["efSearch"] for step in index.config["selection"]["tried"][0]["steps"]] == [2100]
 
 
 def test_results_past_the_end_of_a_small_index_have_id_minus_one_and_score_minus_infinity(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from unicom.cli import main
+from unicom.commands.search import format_table
 from unicom.errors import InputError
 from unicom.formats.embeddings import write_part
 from unicom.models.encoders import load_encoder
@@ -59,6 +61,15 @@ def test_search_json_lists_every_query_with_its_results(collection, capsys):
     assert answer[0]["results"][0]["score"] >= answer[0]["results"][1]["score"]
 
 
+def test_the_table_has_one_line_per_result_whatever_its_keys_and_paths_hold():
+    hits = [{"rank": 1, "score": 0.5, "id": 0, "key": 'p0\n"x\tü', "caption": "two\nlines", "image_path": "/data/a\rb.jpg"},
+            {"rank": 2, "score": 0.25, "id": 1, "key": "plain", "caption": None, "url": "https://host/b.jpg"}]
+    lines = format_table(hits).splitlines()
+    assert len(lines) == 3
+    assert re.split(r"\s{2,}", lines[1]) == ["1", "0.500", 'p0\\n"x\\tü', "two lines", "/data/a\\rb.jpg"]
+    assert lines[2].split() == ["2", "0.250", "plain", "https://host/b.jpg"]
+
+
 def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_path, capsys):
     missing = tmp_path / "nope.jpg"
     code = main(["search", "--index", str(collection["index"]), "--model", "timm/no_such_net", str(missing)])
@@ -95,6 +106,22 @@ def test_index_command_adds_new_parts_on_a_second_run(collection, tmp_path, caps
     assert "keeps 32 dimensions, not --dims 16" in capsys.readouterr().err
 
 
+def test_the_summary_after_adding_parts_names_the_rows_its_recall_was_measured_on(tmp_path, capsys):
+    import numpy as np
+
+    rows = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows[:300])
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--type", "hnsw"]) == 0
+    assert "on 30 held-out rows (target 0.9)" in capsys.readouterr().out  # a tenth of 300
+    write_part(tmp_path / "emb", 1, image=rows[300:])
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--hnsw-m", "16"]) == 2
+    assert "it was built with M 32, not --hnsw-m 16" in capsys.readouterr().err
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--hnsw-m", "32"]) == 0
+    selection = Index.load(tmp_path / "index").config["selection"]
+    assert (selection["heldout"], selection["heldout_after_add"]) == (30, 10)
+    assert f"recall@10 {selection['recall']:.4f} on 10 held-out rows of the added parts" in capsys.readouterr().out
+
+
 def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(collection, tmp_path, capsys):
     out = tmp_path / "index"
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--type", "flat"]) == 0
@@ -102,13 +129,16 @@ def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(co
     for options, said in ((["--layout", "clip-retrieval"], "its layout is unicom, not --layout clip-retrieval"),
                           (["--type", "hnsw"], "it is a flat index, not --type hnsw"),
                           (["--memory", "1MB"], "it was built without a memory budget, not --memory 1MB"),
-                          (["--target-recall", "0.99"], "it was built for recall 0.9, not --target-recall 0.99")):
+                          (["--target-recall", "0.99"], "it was built for recall 0.9, not --target-recall 0.99"),
+                          (["-k", "50"], "its recall is measured at k 10, not -k 50"),
+                          (["--nlist", "8"], "a flat index has no nlist, which --nlist 8 sets"),
+                          (["--hnsw-m", "16"], "a flat index has no M, which --hnsw-m 16 sets")):
         assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), *options]) == 2
         assert said in capsys.readouterr().err
     assert not (out / "image.index").exists()
     # the options it was built with are the same index: nothing new to add
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "unicom", "--type", "flat",
-                 "--target-recall", "0.9"]) == 0
+                 "--target-recall", "0.9", "-k", "10"]) == 0
     assert "up to date (24 vectors" in capsys.readouterr().out
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--layout", "clip-retrieval", "--rebuild"]) == 0
     assert (out / "image.index").is_file() and Index.load(out).layout == "clip-retrieval"

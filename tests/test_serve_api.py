@@ -175,6 +175,25 @@ def test_a_wrong_field_name_is_400_naming_the_fields(served):
     assert response.json()["detail"] == "no field 'image' in the form (got ['file']); send the image as the field 'image'"
 
 
+def test_a_form_with_an_empty_text_alone_says_there_is_nothing_to_search_for(served):
+    for form in ({"text": ""}, {"text": "   ", "k": "3"}):
+        # as curl -F text= sends it: multipart fields without a file
+        response = served["client"].post("/search", files={key: (None, value) for key, value in form.items()})
+        assert response.status_code == 400
+        assert response.json()["detail"] == (f"nothing to search for: the field{'s' if len(form) > 1 else ''} "
+                                             f"{', '.join(sorted(form))} came empty; send a text, an image as the field "
+                                             "'image', or an item id as 'like'")
+
+
+def test_a_form_field_given_twice_is_400_instead_of_one_being_dropped(served):
+    data = served["images"][0].read_bytes()
+    # curl -F image=@q.jpg -F text="at night" -F text="in snow"
+    response = served["client"].post("/search", files=[("image", ("q.jpg", data, "image/jpeg")), ("text", (None, "at night")),
+                                                       ("text", (None, "in snow"))])
+    assert (response.status_code, response.json()) == (400, {"detail": "form field 'text' given more than once; give each "
+                                                                       "field once (one query per request)"})
+
+
 def test_an_unknown_form_field_is_400_naming_it_instead_of_being_ignored(served):
     data = served["images"][0].read_bytes()
     # curl -F image=@q.jpg -F query="at night" -F topk=5: the text and the k would be dropped unseen
@@ -236,6 +255,19 @@ def test_bad_embeddings_are_400(served):
     assert client.post("/search", json={"embedding": [0.0] * 64}).status_code == 400
     broken = client.post("/search", content=b"{not json", headers={"content-type": "application/json"})
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["detail"]
+
+
+def test_true_or_false_where_a_number_is_expected_is_400_not_read_as_1_or_0(served):
+    client = served["client"]
+    for route, body, said in (
+        ("/search", {"like": True}, "like: expected a number, got true"),  # not item 1
+        ("/search", {"text": "x", "k": True}, "k: expected a number, got true"),
+        ("/search", {"embedding": [False] + [0.5] * 63}, "embedding.0: expected a number, got false"),
+        ("/knn-service", {"text": "x", "num_images": True}, "num_images: expected a number, got true"),
+        ("/metadata", {"ids": [2, True]}, "ids.1: expected a number, got true"),
+    ):
+        response = client.post(route, json=body)
+        assert (response.status_code, response.json()) == (400, {"detail": said})
 
 
 def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served):

@@ -170,6 +170,12 @@ def test_flags_that_need_models_this_server_lacks_are_answered_unsupported(serve
     assert "use_violence_detector" in unsupported and "aesthetic_score" in unsupported
 
 
+def test_unknown_keys_are_ignored_as_clip_retrieval_does_but_named_in_the_header(served):
+    response = knn(served["client"], embedding_input=np.ones(64).tolist(), indice_name="photos", num_image=3, **{"größe": 1})
+    assert response.status_code == 200 and len(response.json()) == 24  # the default num_images, 100: every item
+    assert response.headers["X-Unsupported-Options"] == '"gr\\u00f6\\u00dfe", "num_image" (unknown keys: ignored)'
+
+
 def test_the_text_modality_and_unknown_indexes_are_refused(served):
     body = dict(embedding_input=np.ones(64).tolist(), num_images=3)
     text = knn(served["client"], modality="text", indice_name="photos", **body)

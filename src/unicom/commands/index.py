@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=("unicom", "clip-retrieval"), default=None,
                         help="folder layout: unicom's, or clip-retrieval's (image.index, text.index, metadata/), which "
                              "`clip-retrieval back` serves (default: unicom)")
-    parser.add_argument("-k", type=int, default=10, help="k of the recall target (default: 10)")
+    parser.add_argument("-k", type=int, default=None, help="k of the recall target (default: 10)")
     parser.add_argument("--heldout", type=int, default=1000,
                         help="rows held out of quantizer training to measure recall (default: 1000, at most a tenth)")
     parser.add_argument("--exact-max-rows", type=int, default=100_000,
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nlist", type=int, default=None, help="ivfpq: inverted lists (default: a power of two near 4·sqrt(N))")
     parser.add_argument("--pq-m", type=int, default=None, help="ivfpq: sub-quantizers, i.e. code bytes (default: the largest that fits --memory)")
     parser.add_argument("--nbits", type=int, default=None, help="ivfpq: bits per sub-quantizer code (default: 8)")
-    parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per vector and layer (default: 32)")
+    parser.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links per vector and layer (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out and training samples (default: 0)")
     parser.add_argument("--rebuild", action="store_true", help="build anew even if --out holds an index")
 
@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
             index_type=args.index_type,
             memory_budget=args.memory,
             recall_target=args.target_recall,
-            k=args.k,
+            k=10 if args.k is None else args.k,
             heldout=args.heldout,
             exact_max_rows=args.exact_max_rows,
             nlist=args.nlist,
             pq_m=args.pq_m,
             nbits=args.nbits,
-            hnsw_m=args.hnsw_m,
+            hnsw_m=32 if args.hnsw_m is None else args.hnsw_m,
             seed=args.seed,
             overwrite=args.rebuild,
             layout=args.layout or "unicom",
@@ -88,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
         search = ", ".join(f"{key}={value}" for key, value in described["search"].items())
         goal = (f"target {selection['recall_target']}" if selection.get("objective") != "recall" else
                 f"the best within {format_size(selection['memory_budget'])}")
+        # once parts were added, the recall is the one measured on the held-out rows of the added parts
+        measured = (f"{selection['heldout_after_add']} held-out rows of the added parts" if "heldout_after_add" in selection
+                    else f"{selection['heldout']} held-out rows")
         print(
             f"{out}: {modality} {described['type']} index ({described['structure']}{', ' + search if search else ''}) of "
             f"{len(index)} vectors, {described['dims']} dimensions, {format_size(described.get('bytes', config['bytes']))}; recall@{selection['k']} "
-            f"{selection['recall']:.4f} on {selection['heldout']} held-out rows ({goal})"
+            f"{selection['recall']:.4f} on {measured} ({goal})"
         )
     return 0
 
@@ -118,6 +121,14 @@ def _check_unchanged(args: argparse.Namespace, index, out) -> None:
         target = selection.get("recall_target")
         differences.append(f"it was built {'for recall ' + str(target) if target else 'without a recall target'}, "
                            f"not --target-recall {args.target_recall}")
+    if args.k is not None and args.k != selection.get("k"):
+        differences.append(f"its recall is measured at k {selection.get('k')}, not -k {args.k}")
+    params = index.config.get("params") or {}
+    for option, value, key in (("--nlist", args.nlist, "nlist"), ("--pq-m", args.pq_m, "m"), ("--nbits", args.nbits, "nbits"),
+                               ("--hnsw-m", args.hnsw_m, "M")):
+        if value is not None and value != params.get(key):
+            differences.append(f"it was built with {key} {params[key]}, not {option} {value}" if key in params else
+                               f"a {index.type} index has no {key}, which {option} {value} sets")
     if differences:
         raise InputError(f"{out}: holds an index; {'; '.join(differences)}. New parts are added to the index as it "
                          "was built: use --rebuild to build it anew with these options")

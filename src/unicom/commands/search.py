@@ -145,7 +145,8 @@ def format_table(hits: list[dict]) -> str:
     for hit in hits:
         where = hit.get("image_path") or hit.get("path") or hit.get("url") or ""
         caption = hit.get("caption") or ""
-        rows.append([str(hit["rank"]), f"{hit['score']:.{digits}f}", str(hit.get("key", hit["id"])), str(caption), str(where)])
+        rows.append([str(hit["rank"]), f"{hit['score']:.{digits}f}", _printable(hit.get("key", hit["id"])), str(caption),
+                     _printable(where)])
     caption_room = max(12, width - sum(max(len(row[i]) for row in rows) + 2 for i in (0, 1, 2, 4)) - 2)
     for row in rows[1:]:
         text = " ".join(row[3].split())
@@ -154,3 +155,8 @@ def format_table(hits: list[dict]) -> str:
     lines = ["  ".join(cell.ljust(w) if i != 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
     return "\n".join(lines)
+
+
+def _printable(value) -> str:
+    """``value`` on one line: control characters (a newline in a key or a path) as their escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))

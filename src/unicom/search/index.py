@@ -42,7 +42,8 @@ import numpy as np
 from unicom import __version__, storage
 from unicom.errors import InputError
 from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
-from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
+from unicom.formats.embeddings import CONFIG_FILE as EMBEDDINGS_CONFIG
+from unicom.formats.embeddings import KINDS, WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
 from unicom.search import clip_layout
 from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
 from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
@@ -257,6 +258,9 @@ class Index:
                 )
             if clip_layout.is_clip_folder(path):
                 return cls._open_clip_folder(path, location)
+            if (path / EMBEDDINGS_CONFIG).is_file() or (path / KINDS["image"][0]).is_dir():
+                raise InputError(f"{path}: an embedding folder, not an index; build an index of it with "
+                                 f"`unicom index --emb {path} --out INDEX/` and search that")
             raise InputError(
                 f"{path}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index (clip-retrieval's); "
                 f"build an index with `unicom index --emb EMB --out {path}`"
@@ -512,6 +516,10 @@ class Index:
             raise InputError(f"-k {k}: the k of recall@k must be at least 1")
         if heldout < 0:
             raise InputError(f"--heldout {heldout}: the number of held-out rows cannot be negative")
+        for option, value, least in (("--nlist", nlist, "1 inverted list"), ("--nbits", nbits, "1 bit per code"),
+                                     ("--hnsw-m", hnsw_m, "2 links per vector and layer")):
+            if value is not None and value < int(least.split()[0]):
+                raise InputError(f"{option} {value}: give at least {least}, or leave the option out")
         budget = None if memory_budget is None else parse_size(memory_budget)
         modalities = ("image",)
         if layout == clip_layout.LAYOUT and EmbeddingFolders.from_root(emb).text is not None:

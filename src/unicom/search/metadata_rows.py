@@ -187,7 +187,8 @@ class MetadataRows:
                 counts = source.row_group_rows
                 if sum(counts) != expected:
                     raise FolderError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
-                                      "folder was changed after the index was built: rebuild it")
+                                      "folder was changed after the index was built or loaded: rebuild it, or if it was "
+                                      "rebuilt since, load it again (restart `unicom serve`)")
                 whole = source.remote and not storage.serves_ranges(source.location)
                 if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
                     copy = self._local_copy(source, max(counts, default=0), whole)

@@ -208,6 +208,9 @@ def ivfpq_candidate(n: int, d: int, budget: int | None, *, nlist: int | None = N
     """
     trainable = n if trainable is None else trainable
     nlist = nlist or default_nlist(trainable)
+    if nbits is not None and 39 * 2**nbits > trainable:
+        raise InputError(f"--nbits {nbits}: the {2**nbits:,} centroids of each sub-quantizer need {39 * 2**nbits:,} training "
+                         f"rows (39 each), there are {trainable:,}; use --nbits {default_nbits(trainable)} or leave it out")
     nbits = nbits or default_nbits(trainable)
     if m is None:
         if budget is None:
@@ -389,8 +392,8 @@ def search_steps(candidate: Candidate, k: int, capped: bool = False) -> list[dic
         nlist = candidate.params["nlist"]
         most = min(nlist, max(8, nlist // SCAN_DIVISOR)) if capped else nlist
         return [{"nprobe": p} for p in NPROBE_STEPS if p <= most]
-    if candidate.type == "hnsw":
-        return [{"efSearch": e} for e in EF_SEARCH_STEPS if e >= k]
+    if candidate.type == "hnsw":  # the graph walk needs at least k candidates to find k results
+        return [{"efSearch": e} for e in EF_SEARCH_STEPS if e >= k] or [{"efSearch": k}]
     return [{}]
 
 

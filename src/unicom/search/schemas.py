@@ -7,11 +7,23 @@ Our own API (``/search``, ``/healthz``) and clip-retrieval's back-end API
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from unicom.search.queries import TEXT_WEIGHT
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # pydantic reads true as 1 where a number is expected: {"like": true} would search item 1
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "expected a number, got {value}", {"value": str(value).lower()})
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_a_boolean)]
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class SearchRequest(BaseModel):
@@ -21,11 +33,11 @@ class SearchRequest(BaseModel):
 
     text: str | None = Field(None, description="a text, embedded by the model's text tower")
     image: str | None = Field(None, description="an image file, base64-encoded")
-    like: int | None = Field(None, description="an item id: more like this item")
-    embedding: list[float] | None = Field(None, description="a query embedding (at least the index's dimensions)")
-    text_weight: float | None = Field(None, description="with a text and an image/item/embedding: the text's share, 0..1 "
+    like: Integer | None = Field(None, description="an item id: more like this item")
+    embedding: list[Number] | None = Field(None, description="a query embedding (at least the index's dimensions)")
+    text_weight: Number | None = Field(None, description="with a text and an image/item/embedding: the text's share, 0..1 "
                                                         f"(default {TEXT_WEIGHT})")
-    k: int | None = Field(None, description="number of results")
+    k: Integer | None = Field(None, description="number of results")
     deduplicate: bool = Field(False, description="drop results that nearly repeat a better one")
     index: str | None = Field(None, description="the index to search (default: the first)")
 
@@ -59,11 +71,11 @@ class KnnRequest(BaseModel):
     text: str | None = None
     image: str | None = Field(None, description="an image file, base64-encoded")
     image_url: str | None = Field(None, description="an http(s) URL of an image (only when the server allows it)")
-    embedding_input: list[float] | None = None
+    embedding_input: list[Number] | None = None
     modality: str = Field("image", description="the embeddings searched: 'image', or 'text' where the index "
                                                 "holds caption embeddings (clip-retrieval's text.index)")
-    num_images: int = Field(100, description="results that come with their metadata")
-    num_result_ids: int | None = Field(None, description="results searched (default: num_images)")
+    num_images: Integer = Field(100, description="results that come with their metadata")
+    num_result_ids: Integer | None = Field(None, description="results searched (default: num_images)")
     indice_name: str | None = Field(None, description="a name from /indices-list (default: the first)")
     deduplicate: bool = False
     use_mclip: bool = Field(False, description="unsupported: there is no multilingual text model; answered with the model's own")
@@ -84,7 +96,7 @@ class KnnResult(BaseModel):
 
 
 class MetadataRequest(BaseModel):
-    ids: list[int]
+    ids: list[Integer]
     indice_name: str | None = None
 
 

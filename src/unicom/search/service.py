@@ -475,9 +475,16 @@ def create_app(
             if not body:
                 raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
             form = await _parse_form(request, body)
+            repeated = sorted({key for key in form.keys() if len(form.getlist(key)) > 1})
+            if repeated:  # one would be searched and the others dropped unseen
+                raise _error(400, f"form field {', '.join(map(repr, repeated))} given more than once; give each field once "
+                                  "(one query per request)")
             upload = form.get("image")
-            if upload is None and not form.get("text") and not form.get("like"):
+            if upload is None and not str(form.get("text") or "").strip() and not form.get("like"):
                 fields = sorted(set(form.keys()))
+                if {"text", "like"} & set(fields):  # the page's text box, sent empty or blank
+                    raise _error(400, f"nothing to search for: the field{'s' if len(fields) > 1 else ''} {', '.join(fields)} "
+                                      "came empty; send a text, an image as the field 'image', or an item id as 'like'")
                 raise _error(400, f"no field 'image' in the form (got {fields}); send the image as the field 'image'")
             image_data, image_name = None, None
             if upload is not None:
@@ -624,6 +631,10 @@ def create_app(
                                "metadata without an image)")
         if knn.use_mclip and knn.text:
             unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower)")
+        unknown = sorted(knn.model_extra or {})  # accepted, as clip-retrieval does, but not unseen (a misspelt num_images)
+        if unknown:
+            shown = ", ".join(json.dumps(key[:40]) for key in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            unsupported.append(f"{shown} (unknown key{'s' if len(unknown) > 1 else ''}: ignored)")
         # clip-retrieval's order: a text first, then an image or its URL, then an embedding
         values = dict(text=None, image_data=None, image_name="image", like=None, embedding=None)
         if knn.text and knn.text.strip():  # a blank text gives way to the query that follows, as an absent one

@@ -367,6 +367,33 @@ def test_an_allowed_batch_change_counts_epochs_on_from_the_checkpoint(images, tm
     assert epochs[4:] == [round(0.5 + (step - 4) / 16, 4) for step in range(5, 13)] and epochs[-1] == 1.0
 
 
+def test_a_resumed_run_says_which_settings_differ_from_the_checkpoints(images, tmp_path, capsys):
+    """A longer run with another learning rate and margin (null: the head's own) goes on, and
+    says so; where it writes and how often it logs are no change of the training."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    capsys.readouterr()
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=6", "optim.lr=0.001", "loss.margin=0.2",
+                                      "log.every=2", "checkpoint.every=3")))
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == ("note: the recipe differs from the checkpoint's and the run goes on with this one: "
+                    "loss.margin null -> 0.2; optim.lr 0.003 -> 0.001; train.steps 4 -> 6")
+
+
+def test_a_resumed_run_with_the_checkpoints_recipe_has_no_note(images, tmp_path, capsys):
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    capsys.readouterr()
+    (tmp_path / "run" / "checkpoints" / "step_00000004").rename(tmp_path / "run" / "checkpoints" / "old")
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=4", "checkpoint.every=2")))
+    output = capsys.readouterr().out
+    assert "resumed from" in output and "note:" not in output
+
+
 # ----------------------------------------------------------------- fine-tuning and export
 
 

@@ -27,7 +27,7 @@ from unicom import distributed, storage
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import made_ahead, resolve_device, resolve_precision
-from unicom.engine.recipe import to_yaml
+from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step
@@ -51,6 +51,12 @@ class RunState:
     failed: int = 0
     seconds: float = 0.0
     loss_scale: dict = field(default_factory=dict)
+
+
+# Keys a resumed run may change without a word: where the run writes and how often, the
+# readers, and the batch layout (which has a note of its own, see _resume_batch)
+QUIET_RESUME_CHANGES = ("out", "checkpoint.resume", "checkpoint.every", "checkpoint.keep", "log.", "data.workers",
+                        "data.batch_size", "train.accumulation")
 
 
 # ---------------------------------------------------------------------------- training
@@ -327,6 +333,10 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
             _, classes = pfc._generators(run.device)
             classes.manual_seed(run.config.seed + 2 + pfc.rank + 7919 * (run_state.step + 1))
     say(f"resumed from {path} at step {run_state.step}")
+    changed = changed_keys(manifest["config"], run.config, ignore=QUIET_RESUME_CHANGES)
+    if changed:
+        say("note: the recipe differs from the checkpoint's and the run goes on with this one: "
+            + "; ".join(f"{key} {yaml_value(old)} -> {yaml_value(new)}" for key, old, new in changed))
     return run_state, rank_state, manifest
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -275,6 +276,44 @@ def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images
 
 
 @pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
+def _limit_file_size():
+    """A disk that refuses writes past 100 KB a file, as a full one would (the tiny model's
+    weights are 270 KB): the write fails with EFBIG instead of killing the process."""
+    import resource
+    import signal
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_checkpoint_the_disk_refuses_stops_the_run_keeping_no_part_of_it(images, tmp_path):
+    out = tmp_path / "run"
+    assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
+    failed = subprocess.run([sys.executable, "-m", "unicom.train", *overrides(images, out, "train.steps=4", "checkpoint.every=2")],
+                            env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert (f"{out / 'checkpoints'}: checkpoint step_00000004 could not be written (the write stopped short, as on a "
+            "full disk (") in failed.stderr
+    assert "then run again: the run resumes from its newest intact checkpoint" in failed.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    resumed = run_command(overrides(images, out, "train.steps=4", "checkpoint.every=2"))
+    assert resumed.returncode == 0 and "step_00000002 at step 2" in resumed.stdout, resumed.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_a_model_the_disk_refuses_is_exported_by_the_next_run(images, tmp_path):
+    out = tmp_path / "run"
+    assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
+    exported = (out / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "model")
+    failed = subprocess.run([sys.executable, "-m", "unicom.train", *overrides(images, out, "train.steps=2", "checkpoint.every=2")],
+                            env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"{out}: the model (model/) could not be written (the write stopped short" in failed.stderr
+    assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
+    assert (out / "model" / "model.safetensors").read_bytes() == exported
+
+
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:12")

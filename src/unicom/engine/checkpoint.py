@@ -135,7 +135,17 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     distributed.barrier()
+    try:
+        return _write_checkpoint(tmp, final, step, model_state, optimizer_state, prototypes, rank_state, manifest, keep)
+    except OSError:  # a write the disk refused (full, read-only): keep no part of it, it holds the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+
+def _write_checkpoint(tmp: Path, final: Path, step: int, model_state, optimizer_state, prototypes: dict[str, Any],
+                      rank_state: dict[str, Any], manifest: dict[str, Any], keep: int) -> Path:
+    """The files of :func:`save_checkpoint` into ``tmp``, renamed to ``final`` once complete."""
+    rank, root = distributed.get_rank(), final.parent
     written: dict[str, dict] = {}
     if rank == 0:
         path = tmp / MODEL_FILE
@@ -176,7 +186,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        for old in complete_checkpoints(out)[keep:]:
+        for old in complete_checkpoints(root.parent)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final

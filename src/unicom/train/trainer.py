@@ -341,6 +341,16 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
 
 
 def _save(run: Run, state: RunState, positions, next_role: int) -> Path:
+    """Write checkpoint ``state.step``; a write the disk refuses keeps no part of it and
+    ends the run with an :class:`InputError` that says so."""
+    from unicom.files import refused_write
+
+    with refused_write(ckpt.checkpoint_root(run.out), f"checkpoint {ckpt.step_name(state.step)}",
+                       "the run resumes from its newest intact checkpoint"):
+        return _write_checkpoint(run, state, positions, next_role)
+
+
+def _write_checkpoint(run: Run, state: RunState, positions, next_role: int) -> Path:
     pfc = run.partial_fc
     opt_state = run.step_fn.prototype_optimizer.state.get(pfc.prototypes, {})
     prototypes = {
@@ -417,7 +427,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     ``model.safetensors``), loadable by ``unicom embed``/``evaluate``/``index`` and
     :func:`unicom.load`.
     """
-    from unicom.files import write_json_atomic, write_text_atomic
+    from unicom.files import refused_write, write_json_atomic, write_text_atomic
     from unicom.train.data import TrainStream, make_loader
 
     run = prepare(config)
@@ -514,7 +524,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             _save(run, state, positions, next_role)
         model_folder = out / "model"
         if rank == 0:
-            export_model(run, model_folder, state.step)
+            with refused_write(out, "the model (model/)", "the run resumes from its last checkpoint and exports the model"):
+                export_model(run, model_folder, state.step)
         distributed.barrier()
         untrained = state.step == 0
         summary = {

@@ -232,6 +232,36 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(images, tmp
     assert_identical(final_state(tmp_path / "run"), uninterrupted)
 
 
+def _tensorboard_steps(out: Path) -> list[int]:
+    """The steps of ``train/loss`` as TensorBoard shows them (after its purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
+
+
+def test_the_log_of_a_resumed_run_holds_every_step_once(images, tmp_path):
+    """Steps 6-8 are logged, lost with the kill and taken again: log.jsonl and TensorBoard
+    keep the second take only."""
+    args = overrides(images, tmp_path / "run", "train.steps=10", "checkpoint.every=5", "log.tensorboard=true")
+    run_until_paused_then_kill(args, "step:8")
+    assert [r["step"] for r in events(tmp_path / "run", "step")] == list(range(1, 9))
+    assert run_command(args).returncode == 0
+    assert [r["step"] for r in events(tmp_path / "run", "step")] == list(range(1, 11))
+    assert [r["step"] for r in events(tmp_path / "run", "resume")] == [5]
+    assert _tensorboard_steps(tmp_path / "run") == list(range(1, 11))
+
+
+def test_a_start_killed_before_its_first_checkpoint_leaves_nothing_in_the_log_of_the_next(images, tmp_path):
+    args = overrides(images, tmp_path / "run", "train.steps=6", "checkpoint.every=5", "log.tensorboard=true")
+    run_until_paused_then_kill(args, "step:3")
+    assert run_command(args).returncode == 0
+    assert len(events(tmp_path / "run", "start")) == 1
+    assert [r["step"] for r in events(tmp_path / "run", "step")] == list(range(1, 7))
+    assert _tensorboard_steps(tmp_path / "run") == list(range(1, 7))
+
+
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "checkpoint:15")

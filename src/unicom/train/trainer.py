@@ -439,7 +439,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         if getattr(run.source, "class_labels", None) is not None:  # given labels -> prototype rows
             write_text_atomic(out / "classes.csv", run.source.classes_table())
     distributed.barrier()
-    log = RunLog(out, tensorboard=config.log.tensorboard, console=console)
+    continues_from = int(ckpt.read_manifest(run.resume_from)["step"]) if run.resume_from is not None else 0
+    log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from)
     say = log.print
 
     state, rank_state, manifest = (RunState(), None, None)

@@ -344,6 +344,29 @@ def test_a_model_the_disk_refuses_is_exported_by_the_next_run(images, tmp_path):
     assert (out / "model" / "model.safetensors").read_bytes() == exported
 
 
+def test_going_on_from_an_earlier_checkpoint_than_the_newest_is_refused_while_the_later_ones_are_there(images, tmp_path):
+    """Resumed from step 2 of a run at step 6, a run would write step 4 beside the old step 6:
+    pruning (keep 2) would delete its own step 4, and the next resume would take the old step 6."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    out = tmp_path / "run"
+    train(load_config(None, overrides(images, out, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=3")))
+    earlier = out / "checkpoints" / "step_00000002"
+    again = overrides(images, out, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2", "optim.lr=0.001",
+                      f"checkpoint.resume={earlier}")
+    log = (out / "log.jsonl").read_text()
+    with pytest.raises(InputError, match=rf"checkpoint.resume={earlier}: {out} holds later checkpoints \(step_00000004, "
+                                         r"step_00000006\) .* to go on from step 2, delete them, or give another out"):
+        train(load_config(None, again))
+    assert (out / "log.jsonl").read_text() == log
+    for later in ("step_00000004", "step_00000006"):
+        shutil.rmtree(out / "checkpoints" / later)
+    assert train(load_config(None, again))["steps"] == 6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert json.loads((out / "checkpoints" / "step_00000006" / "checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.001
+
+
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:12")

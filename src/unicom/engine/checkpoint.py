@@ -76,6 +76,11 @@ def step_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
+def step_of(path: str | os.PathLike) -> int:
+    """The step of checkpoint folder ``path`` (``step_00001000`` -> 1000), from its name."""
+    return int(Path(path).name[len(_PREFIX):])
+
+
 def prototype_file_name(class_start: int, classes: int) -> str:
     return f"prototypes_{class_start:09d}_{class_start + classes:09d}.safetensors"
 
@@ -203,7 +208,7 @@ def complete_checkpoints(out: str | os.PathLike) -> list[Path]:
     found = []
     for entry in root.iterdir():
         if entry.is_dir() and entry.name.startswith(_PREFIX) and entry.name[len(_PREFIX):].isdigit() and (entry / MANIFEST).is_file():
-            found.append((int(entry.name[len(_PREFIX):]), entry))
+            found.append((step_of(entry), entry))
     return [path for _, path in sorted(found, reverse=True)]
 
 

@@ -125,7 +125,24 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
             f"no intact checkpoint among {', '.join(str(c) for c in candidates)}; "
             "delete them (or use another out) to start afresh"
         )
+    if setting != "auto":
+        _refuse_newer_checkpoints(out, chosen)
     return chosen
+
+
+def _refuse_newer_checkpoints(out: Path, chosen: Path) -> None:
+    """Going on from an earlier checkpoint than ``out``'s newest would leave the newer ones
+    of the run it leaves beside its own: pruning would keep those and delete its own, and the
+    next resume (auto: the newest) would take them up again."""
+    step = int(ckpt.read_manifest(chosen)["step"])
+    found = distributed_broadcast(ckpt.complete_checkpoints(out) if out.exists() else [])
+    newer = [path for path in found if ckpt.step_of(path) > step]
+    if newer:
+        raise InputError(
+            f"checkpoint.resume={chosen}: {out} holds later checkpoints ({', '.join(p.name for p in reversed(newer))}) "
+            f"that a resumed run would leave among its own, and that the next resume would take up again; to go on "
+            f"from step {step}, delete them, or give another out"
+        )
 
 
 def _refuse_trained_out(out: Path) -> None:

@@ -445,7 +445,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     :func:`unicom.load`.
     """
     from unicom.files import refused_write, write_json_atomic, write_text_atomic
-    from unicom.train.data import TrainStream, make_loader
+    from unicom.train.data import TrainStream, make_loader, reader_error
 
     run = prepare(config)
     config = run.config  # the recipe as it runs (train.accumulation may keep a resumed run's batch)
@@ -505,7 +505,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             micro = []
             waited = time.perf_counter()
             for _ in range(accumulation):
-                item, inputs = next(batches)  # inputs made where the model runs (data.decode): may add failures
+                try:
+                    item, inputs = next(batches)  # inputs made where the model runs (data.decode): may add failures
+                except InputError as error:  # a reader's (in a decoding worker: its traceback in the message)
+                    raise reader_error(error) from None
                 positions[item.role] = (item.pass_, item.cursor)
                 next_role = (item.role + 1) % run.roles
                 micro.append(inputs)

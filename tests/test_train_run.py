@@ -367,6 +367,19 @@ def test_going_on_from_an_earlier_checkpoint_than_the_newest_is_refused_while_th
     assert json.loads((out / "checkpoints" / "step_00000006" / "checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.001
 
 
+def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fresh_start(images, tmp_path, capsys):
+    from unicom.cli import main
+
+    typo = tmp_path / "rnu"
+    assert main(["train", *overrides(images, typo, "train.steps=2"), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"unicom train: error: --resume: {typo} holds no checkpoint to resume; check out=, "
+                                       "give the checkpoint (--resume PATH), or leave --resume out to start a run there\n")
+    assert not typo.exists()
+    assert main(["train", *overrides(images, typo, "train.steps=2")]) == 0
+    assert main(["train", *overrides(images, typo, "train.steps=3"), "--resume"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+
+
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:12")

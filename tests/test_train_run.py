@@ -306,14 +306,25 @@ def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images
 
 
 @pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
-def _limit_file_size():
-    """A disk that refuses writes past 100 KB a file, as a full one would (the tiny model's
-    weights are 270 KB): the write fails with EFBIG instead of killing the process."""
+def _limit_file_size(limit: int = 100_000):
+    """A disk that refuses writes past ``limit`` bytes a file, as a full one would (the tiny
+    model's weights are 270 KB): the write fails with EFBIG instead of killing the process."""
     import resource
     import signal
 
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_run_the_disk_refuses_from_the_start_says_so_without_a_traceback(images, tmp_path):
+    import functools
+
+    out = tmp_path / "run"
+    failed = subprocess.run([sys.executable, "-m", "unicom.train", *overrides(images, out)], env=ENV, capture_output=True,
+                            text=True, timeout=300, preexec_fn=functools.partial(_limit_file_size, 100))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"{out}: the run's recipe (config.yaml) could not be written (" in failed.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_a_checkpoint_the_disk_refuses_stops_the_run_keeping_no_part_of_it(images, tmp_path):

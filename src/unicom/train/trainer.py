@@ -450,14 +450,17 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     run = prepare(config)
     config = run.config  # the recipe as it runs (train.accumulation may keep a resumed run's batch)
     out, rank, world = run.out, distributed.get_rank(), distributed.get_world_size()
+    starts = "the run starts (or resumes) as it would have"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(config))
-        if getattr(run.source, "class_labels", None) is not None:  # given labels -> prototype rows
-            write_text_atomic(out / "classes.csv", run.source.classes_table())
+        with refused_write(out, "the run's recipe (config.yaml)", starts):
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "config.yaml", to_yaml(config))
+            if getattr(run.source, "class_labels", None) is not None:  # given labels -> prototype rows
+                write_text_atomic(out / "classes.csv", run.source.classes_table())
     distributed.barrier()
     continues_from = int(ckpt.read_manifest(run.resume_from)["step"]) if run.resume_from is not None else 0
-    log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from)
+    with refused_write(out, "the log (log.jsonl)", starts):
+        log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from)
     say = log.print
 
     state, rank_state, manifest = (RunState(), None, None)

@@ -364,10 +364,10 @@ def _save(run: Run, state: RunState, positions, next_role: int) -> Path:
 
     with refused_write(ckpt.checkpoint_root(run.out), f"checkpoint {ckpt.step_name(state.step)}",
                        "the run resumes from its newest intact checkpoint"):
-        return _write_checkpoint(run, state, positions, next_role)
+        return _write_run_checkpoint(run, state, positions, next_role)
 
 
-def _write_checkpoint(run: Run, state: RunState, positions, next_role: int) -> Path:
+def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) -> Path:
     pfc = run.partial_fc
     opt_state = run.step_fn.prototype_optimizer.state.get(pfc.prototypes, {})
     prototypes = {

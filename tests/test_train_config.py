@@ -57,6 +57,23 @@ def test_yaml_numbers_written_like_1e_3_are_numbers(tmp_path):
     assert load_config(path).optim.lr == 1e-3
 
 
+def test_a_section_given_twice_in_a_recipe_is_an_error_naming_both_lines(tmp_path):
+    """YAML readers keep the last of two equal keys: the second `optim:` would silently
+    drop the learning rate of the first."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("out: run\noptim:\n  lr: 1e-3\ndata:\n  folder: images\noptim:\n  weight_decay: 0.05\n")
+    with pytest.raises(InputError, match=rf"{path}: line 6: key 'optim' is given twice \(first on line 2\); "
+                                         "a recipe gives each key once: merge the two"):
+        load_config(path)
+
+
+def test_a_key_given_twice_in_a_section_is_an_error(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("out: run\ndata:\n  folder: images\noptim:\n  lr: 1e-3\n  lr: 1e-4\n")
+    with pytest.raises(InputError, match=r"line 6: key 'lr' is given twice \(first on line 5\)"):
+        load_config(path)
+
+
 def test_every_problem_of_a_recipe_is_reported_at_once():
     with pytest.raises(InputError) as error:
         load_config(None, ["data.batch_size=0", "loss.sample_rate=1.5", "optim.lr=-1"])

@@ -147,6 +147,40 @@ def test_labels_made_from_other_shards_are_detected(tmp_path):
         build_source(shard_config(tmp_path))
 
 
+def _labels_of_other_inputs(root: Path, shard: int) -> None:
+    path = root / "clusters" / "labels" / f"labels_{shard}.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(0, "key", pa.array([f"x{key}" for key in table.column("key").to_pylist()])), path)
+
+
+def test_labels_made_from_other_inputs_for_a_later_shard_stop_the_reader_that_meets_it(tmp_path):
+    """The check before training reads the first shard only: a later shard whose label file
+    names none of its samples would otherwise be skipped pass after pass, unlabelled."""
+    write_collection(tmp_path)
+    _labels_of_other_inputs(tmp_path, 2)
+    reader = TrainStream(build_source(shard_config(tmp_path, "data.shuffle_buffer=4")), ToTensor(), 4, seed=0).reader(0)
+    with pytest.raises(InputError, match=rf"^{tmp_path / '00002.tar'}: none of its samples \(keys like '0020000'\) is in "
+                                         r"labels_2.parquet \(keys like 'x0020000'\); the labels were made from other "
+                                         r"inputs: cluster these shards again, or leave this one out of data.shards$"):
+        for _ in range(20):
+            next(reader)
+
+
+def test_a_readers_error_in_a_decoding_worker_reaches_the_run_as_the_reader_said_it(tmp_path):
+    from unicom.train.data import reader_error
+
+    write_collection(tmp_path)
+    _labels_of_other_inputs(tmp_path, 2)
+    stream = TrainStream(build_source(shard_config(tmp_path, "data.shuffle_buffer=4")), ToTensor(), 4, seed=0)
+    with pytest.raises(InputError) as raised:
+        list(itertools.islice(make_loader(stream, 1, torch.device("cpu")), 20))
+    assert "Traceback" in str(raised.value)
+    assert str(reader_error(raised.value)) == (
+        f"{tmp_path / '00002.tar'}: none of its samples (keys like '0020000') is in labels_2.parquet (keys like "
+        "'x0020000'); the labels were made from other inputs: cluster these shards again, or leave this one out of "
+        "data.shards")
+
+
 def test_a_shard_that_is_not_a_tar_is_refused_before_training_naming_it(tmp_path):
     write_collection(tmp_path)
     (tmp_path / "00001.tar").write_bytes(b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>\n" * 20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,36 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(images, tmp
     assert_identical(final_state(tmp_path / "run"), uninterrupted)
 
 
+def _tensorboard_steps(out: Path) -> list[int]:
+    """The steps of ``train/loss`` as TensorBoard shows them (after its purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
+
+
+def test_the_log_of_a_resumed_run_holds_every_step_once(images, tmp_path):
+    """Steps 6-8 are logged, lost with the kill and taken again: log.jsonl and TensorBoard
+    keep the second take only."""
+    args = overrides(images, tmp_path / "run", "train.steps=10", "checkpoint.every=5", "log.tensorboard=true")
+    run_until_paused_then_kill(args, "step:8")
+    assert [r["step"] for r in events(tmp_path / "run", "step")] == list(range(1, 9))
+    assert run_command(args).returncode == 0
+    assert [r["step"] for r in events(tmp_path / "run", "step")] == list(range(1, 11))
+    assert [r["step"] for r in events(tmp_path / "run", "resume")] == [5]
+    assert _tensorboard_steps(tmp_path / "run") == list(range(1, 11))
+
+
+def test_a_start_killed_before_its_first_checkpoint_leaves_nothing_in_the_log_of_the_next(images, tmp_path):
+    args = overrides(images, tmp_path / "run", "train.steps=6", "checkpoint.every=5", "log.tensorboard=true")
+    run_until_paused_then_kill(args, "step:3")
+    assert run_command(args).returncode == 0
+    assert len(events(tmp_path / "run", "start")) == 1
+    assert [r["step"] for r in events(tmp_path / "run", "step")] == list(range(1, 7))
+    assert _tensorboard_steps(tmp_path / "run") == list(range(1, 7))
+
+
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "checkpoint:15")
@@ -275,6 +306,91 @@ def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images
 
 
 @pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
+def _limit_file_size(limit: int = 100_000):
+    """A disk that refuses writes past ``limit`` bytes a file, as a full one would (the tiny
+    model's weights are 270 KB): the write fails with EFBIG instead of killing the process."""
+    import resource
+    import signal
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_run_the_disk_refuses_from_the_start_says_so_without_a_traceback(images, tmp_path):
+    import functools
+
+    out = tmp_path / "run"
+    failed = subprocess.run([sys.executable, "-m", "unicom.train", *overrides(images, out)], env=ENV, capture_output=True,
+                            text=True, timeout=300, preexec_fn=functools.partial(_limit_file_size, 100))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"{out}: the run's recipe (config.yaml) could not be written (" in failed.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_a_checkpoint_the_disk_refuses_stops_the_run_keeping_no_part_of_it(images, tmp_path):
+    out = tmp_path / "run"
+    assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
+    failed = subprocess.run([sys.executable, "-m", "unicom.train", *overrides(images, out, "train.steps=4", "checkpoint.every=2")],
+                            env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert (f"{out / 'checkpoints'}: checkpoint step_00000004 could not be written (the write stopped short, as on a "
+            "full disk (") in failed.stderr
+    assert "then run again: the run resumes from its newest intact checkpoint" in failed.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    resumed = run_command(overrides(images, out, "train.steps=4", "checkpoint.every=2"))
+    assert resumed.returncode == 0 and "step_00000002 at step 2" in resumed.stdout, resumed.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_a_model_the_disk_refuses_is_exported_by_the_next_run(images, tmp_path):
+    out = tmp_path / "run"
+    assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
+    exported = (out / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "model")
+    failed = subprocess.run([sys.executable, "-m", "unicom.train", *overrides(images, out, "train.steps=2", "checkpoint.every=2")],
+                            env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"{out}: the model (model/) could not be written (the write stopped short" in failed.stderr
+    assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
+    assert (out / "model" / "model.safetensors").read_bytes() == exported
+
+
+def test_going_on_from_an_earlier_checkpoint_than_the_newest_is_refused_while_the_later_ones_are_there(images, tmp_path):
+    """Resumed from step 2 of a run at step 6, a run would write step 4 beside the old step 6:
+    pruning (keep 2) would delete its own step 4, and the next resume would take the old step 6."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    out = tmp_path / "run"
+    train(load_config(None, overrides(images, out, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=3")))
+    earlier = out / "checkpoints" / "step_00000002"
+    again = overrides(images, out, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2", "optim.lr=0.001",
+                      f"checkpoint.resume={earlier}")
+    log = (out / "log.jsonl").read_text()
+    with pytest.raises(InputError, match=rf"checkpoint.resume={earlier}: {out} holds later checkpoints \(step_00000004, "
+                                         r"step_00000006\) .* to go on from step 2, delete them, or give another out"):
+        train(load_config(None, again))
+    assert (out / "log.jsonl").read_text() == log
+    for later in ("step_00000004", "step_00000006"):
+        shutil.rmtree(out / "checkpoints" / later)
+    assert train(load_config(None, again))["steps"] == 6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert json.loads((out / "checkpoints" / "step_00000006" / "checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.001
+
+
+def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fresh_start(images, tmp_path, capsys):
+    from unicom.cli import main
+
+    typo = tmp_path / "rnu"
+    assert main(["train", *overrides(images, typo, "train.steps=2"), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"unicom train: error: --resume: {typo} holds no checkpoint to resume; check out=, "
+                                       "give the checkpoint (--resume PATH), or leave --resume out to start a run there\n")
+    assert not typo.exists()
+    assert main(["train", *overrides(images, typo, "train.steps=2")]) == 0
+    assert main(["train", *overrides(images, typo, "train.steps=3"), "--resume"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+
+
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:12")
@@ -365,6 +481,33 @@ def test_an_allowed_batch_change_counts_epochs_on_from_the_checkpoint(images, tm
     assert summary["steps"] == 12
     epochs = [r["epoch"] for r in events(tmp_path / "run", "step")]
     assert epochs[4:] == [round(0.5 + (step - 4) / 16, 4) for step in range(5, 13)] and epochs[-1] == 1.0
+
+
+def test_a_resumed_run_says_which_settings_differ_from_the_checkpoints(images, tmp_path, capsys):
+    """A longer run with another learning rate and margin (null: the head's own) goes on, and
+    says so; where it writes and how often it logs are no change of the training."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    capsys.readouterr()
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=6", "optim.lr=0.001", "loss.margin=0.2",
+                                      "log.every=2", "checkpoint.every=3")))
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == ("note: the recipe differs from the checkpoint's and the run goes on with this one: "
+                    "loss.margin null -> 0.2; optim.lr 0.003 -> 0.001; train.steps 4 -> 6")
+
+
+def test_a_resumed_run_with_the_checkpoints_recipe_has_no_note(images, tmp_path, capsys):
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    _checkpointed_run(images, tmp_path / "run")
+    capsys.readouterr()
+    (tmp_path / "run" / "checkpoints" / "step_00000004").rename(tmp_path / "run" / "checkpoints" / "old")
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=4", "checkpoint.every=2")))
+    output = capsys.readouterr().out
+    assert "resumed from" in output and "note:" not in output
 
 
 # ----------------------------------------------------------------- fine-tuning and export

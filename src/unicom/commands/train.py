@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser, "optim.lr=5e-4 data.batch_size=64", "configs/*.yaml")
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                        help="resume the newest intact checkpoint of the output folder (the default when there is one), "
-                             "or the given checkpoint or run folder")
+                        help="resume the newest intact checkpoint of the output folder (the default when there is one; "
+                             "with --resume, an output folder without one is an error), or the given checkpoint or run folder")
     parser.add_argument("--export-from", metavar="RUN_OR_CHECKPOINT",
                         help="export a run's newest intact checkpoint (or the given checkpoint) as a model folder and exit")
     parser.add_argument("--model-out", metavar="DIR", help="with --export-from: the model folder to write")
@@ -56,8 +56,23 @@ def run(args: argparse.Namespace) -> int:
     # NCCL for GPU runs; gloo when the run is told to stay on the CPU (or there is no GPU)
     try:
         with distributed.process_group("gloo" if config.train.device == "cpu" else None):
+            if args.resume == "auto":
+                _require_checkpoint(config.out)
             train(config)
     except TrainingStopped as stop:
         print(f"unicom train: {stop}", file=sys.stderr)
         return 1
     return 0
+
+
+def _require_checkpoint(out: str) -> None:
+    """``--resume`` asks for a run to go on with, not a start from scratch (after a typo in
+    ``out=``): rank 0's folder must hold a checkpoint (other nodes may not see it)."""
+    from unicom import distributed
+    from unicom.engine.checkpoint import complete_checkpoints
+    from unicom.errors import InputError
+
+    found = distributed.broadcast_object(bool(complete_checkpoints(out)) if distributed.get_rank() == 0 else None)
+    if not found:
+        raise InputError(f"--resume: {out} holds no checkpoint to resume; check out=, give the checkpoint "
+                         "(--resume PATH), or leave --resume out to start a run there")

@@ -76,6 +76,11 @@ def step_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
+def step_of(path: str | os.PathLike) -> int:
+    """The step of checkpoint folder ``path`` (``step_00001000`` -> 1000), from its name."""
+    return int(Path(path).name[len(_PREFIX):])
+
+
 def prototype_file_name(class_start: int, classes: int) -> str:
     return f"prototypes_{class_start:09d}_{class_start + classes:09d}.safetensors"
 
@@ -135,7 +140,17 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     distributed.barrier()
+    try:
+        return _write_checkpoint(tmp, final, step, model_state, optimizer_state, prototypes, rank_state, manifest, keep)
+    except OSError:  # a write the disk refused (full, read-only): keep no part of it, it holds the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+
+def _write_checkpoint(tmp: Path, final: Path, step: int, model_state, optimizer_state, prototypes: dict[str, Any],
+                      rank_state: dict[str, Any], manifest: dict[str, Any], keep: int) -> Path:
+    """The files of :func:`save_checkpoint` into ``tmp``, renamed to ``final`` once complete."""
+    rank, root = distributed.get_rank(), final.parent
     written: dict[str, dict] = {}
     if rank == 0:
         path = tmp / MODEL_FILE
@@ -176,7 +191,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        for old in complete_checkpoints(out)[keep:]:
+        for old in complete_checkpoints(root.parent)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
@@ -193,7 +208,7 @@ def complete_checkpoints(out: str | os.PathLike) -> list[Path]:
     found = []
     for entry in root.iterdir():
         if entry.is_dir() and entry.name.startswith(_PREFIX) and entry.name[len(_PREFIX):].isdigit() and (entry / MANIFEST).is_file():
-            found.append((int(entry.name[len(_PREFIX):]), entry))
+            found.append((step_of(entry), entry))
     return [path for _, path in sorted(found, reverse=True)]
 
 

@@ -294,13 +294,33 @@ def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), val
         if not path.is_file():
             raise InputError(f"{path}: recipe file not found (the recipes shipped with unicom are in configs/)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _read_yaml(path.read_text(), path) or {}
         except yaml.YAMLError as error:
             raise InputError(f"{path}: not valid YAML ({error})") from error
         source = str(path)
     config = from_dict(cls, data, source)
     apply_overrides(config, overrides)
     return config.validate() if validate else config
+
+
+def _read_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping, which YAML readers
+    resolve silently by keeping the last (a second ``optim:`` section would replace the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise InputError(f"{path}: line {line}: key {key!r} is given twice (first on line {seen[key]}); "
+                                     "a recipe gives each key once: merge the two")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
 
 
 def default_values(cls) -> dict[str, Any]:

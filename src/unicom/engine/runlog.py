@@ -41,13 +41,25 @@ def format_duration(seconds: float) -> str:
 
 
 class RunLog:
-    """Rank 0 writes the console line, the JSONL and TensorBoard; other ranks only their failures."""
+    """Rank 0 writes the console line, the JSONL and TensorBoard; other ranks only their failures.
 
-    def __init__(self, out: Path, tensorboard: bool = True, console: TextIO | None = None):
+    ``continues_from``: the step a training run starts from (0: afresh, N: resumed from
+    checkpoint N). What ``out`` holds of later steps (of a start killed before its first
+    checkpoint, or of the steps after the checkpoint) is left out of ``log.jsonl``, the
+    failure lists and TensorBoard (its ``purge_step``): those steps are taken again, and the
+    log holds each step once. None (the default) appends to what is there.
+    """
+
+    def __init__(self, out: Path, tensorboard: bool = True, console: TextIO | None = None,
+                 continues_from: int | None = None):
         self.out = Path(out)
         self.rank = distributed.get_rank()
         self.main = self.rank == 0
         self.console = console or sys.stdout
+        if continues_from is not None:
+            _drop_later_steps(self.out / f"failures_rank{self.rank}.jsonl", continues_from)
+            if self.main:
+                _drop_later_steps(self.out / LOG_FILE, continues_from)
         self._jsonl = open(self.out / LOG_FILE, "a", encoding="utf-8") if self.main else None
         self._failures = None
         self._writer = None
@@ -57,7 +69,8 @@ class RunLog:
             except ImportError:
                 self.print("note: TensorBoard logging is off: install the tensorboard package (pip install 'unicom[tensorboard]')")
             else:
-                self._writer = SummaryWriter(str(self.out / TENSORBOARD_FOLDER))
+                purge = None if continues_from is None else continues_from + 1  # steps are logged from 1
+                self._writer = SummaryWriter(str(self.out / TENSORBOARD_FOLDER), purge_step=purge)
 
     def print(self, text: str) -> None:
         if self.main:
@@ -94,6 +107,25 @@ class RunLog:
                 handle.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _drop_later_steps(path: Path, step: int) -> None:
+    """Rewrite the JSONL ``path`` without the records of steps after ``step``; from step 0,
+    without any record (a fresh start continues nothing)."""
+    if not path.is_file():
+        return
+    from unicom.files import write_text_atomic
+
+    kept = []
+    if step > 0:
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if not isinstance(record.get("step"), int) or record["step"] <= step:
+                kept.append(line)
+    write_text_atomic(path, "".join(kept))
 
 
 def _jsonable(value):

@@ -183,13 +183,24 @@ class ShardSource:
         def labelled() -> Iterator[Record]:
             for number, path in mine:
                 labels = self._labels(number)
+                found, first = 0, None
                 try:
                     for index, sample in enumerate(read_tar_samples(path)):
+                        first = sample.key if first is None else first
                         label = labels.get(sample.key)
                         if label is None:
                             counters.unlabelled += 1
                             continue
+                        found += 1
                         yield Record((number, index), sample.image_bytes(), int(label), sample.key, shard_name(path))
+                    if first is not None and not found and labels:
+                        # read whole, it fed nothing: a shard written anew since it was clustered, or
+                        # labels of other inputs (the check before training looks at the first shard only)
+                        raise InputError(
+                            f"{storage.text(path)}: none of its samples (keys like {first!r}) is in "
+                            f"{storage.name(self.label_files[number])} (keys like {next(iter(labels))!r}); the labels "
+                            "were made from other inputs: cluster these shards again, or leave this one out of data.shards"
+                        )
                 except ShardReadError as error:
                     if storage.text(path) not in counters.broken:
                         counters.broken.add(storage.text(path))
@@ -664,6 +675,15 @@ def steps_per_epoch(source, world_size: int, batch_size: int, accumulation: int,
     else:
         batches = (samples_per_epoch or source.samples) // (world_size * batch_size)
     return max(1, batches // accumulation)
+
+
+def reader_error(error: InputError) -> InputError:
+    """A reader's :class:`InputError` as the reader said it: the DataLoader raises one from a
+    worker process with the worker's whole traceback before the message."""
+    text, marker = str(error), f"\n{InputError.__module__}.{InputError.__qualname__}: "
+    if text.startswith("Caught ") and marker in text:
+        return InputError(text.rsplit(marker, 1)[1].rstrip("\n"))
+    return error
 
 
 def make_loader(stream: TrainStream, num_workers: int, device: torch.device):

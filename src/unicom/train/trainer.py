@@ -27,7 +27,7 @@ from unicom import distributed, storage
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import made_ahead, resolve_device, resolve_precision
-from unicom.engine.recipe import to_yaml
+from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step
@@ -51,6 +51,12 @@ class RunState:
     failed: int = 0
     seconds: float = 0.0
     loss_scale: dict = field(default_factory=dict)
+
+
+# Keys a resumed run may change without a word: where the run writes and how often, the
+# readers, and the batch layout (which has a note of its own, see _resume_batch)
+QUIET_RESUME_CHANGES = ("out", "checkpoint.resume", "checkpoint.every", "checkpoint.keep", "log.", "data.workers",
+                        "data.batch_size", "train.accumulation")
 
 
 # ---------------------------------------------------------------------------- training
@@ -119,7 +125,24 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
             f"no intact checkpoint among {', '.join(str(c) for c in candidates)}; "
             "delete them (or use another out) to start afresh"
         )
+    if setting != "auto":
+        _refuse_newer_checkpoints(out, chosen)
     return chosen
+
+
+def _refuse_newer_checkpoints(out: Path, chosen: Path) -> None:
+    """Going on from an earlier checkpoint than ``out``'s newest would leave the newer ones
+    of the run it leaves beside its own: pruning would keep those and delete its own, and the
+    next resume (auto: the newest) would take them up again."""
+    step = int(ckpt.read_manifest(chosen)["step"])
+    found = distributed_broadcast(ckpt.complete_checkpoints(out) if out.exists() else [])
+    newer = [path for path in found if ckpt.step_of(path) > step]
+    if newer:
+        raise InputError(
+            f"checkpoint.resume={chosen}: {out} holds later checkpoints ({', '.join(p.name for p in reversed(newer))}) "
+            f"that a resumed run would leave among its own, and that the next resume would take up again; to go on "
+            f"from step {step}, delete them, or give another out"
+        )
 
 
 def _refuse_trained_out(out: Path) -> None:
@@ -327,10 +350,24 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
             _, classes = pfc._generators(run.device)
             classes.manual_seed(run.config.seed + 2 + pfc.rank + 7919 * (run_state.step + 1))
     say(f"resumed from {path} at step {run_state.step}")
+    changed = changed_keys(manifest["config"], run.config, ignore=QUIET_RESUME_CHANGES)
+    if changed:
+        say("note: the recipe differs from the checkpoint's and the run goes on with this one: "
+            + "; ".join(f"{key} {yaml_value(old)} -> {yaml_value(new)}" for key, old, new in changed))
     return run_state, rank_state, manifest
 
 
 def _save(run: Run, state: RunState, positions, next_role: int) -> Path:
+    """Write checkpoint ``state.step``; a write the disk refuses keeps no part of it and
+    ends the run with an :class:`InputError` that says so."""
+    from unicom.files import refused_write
+
+    with refused_write(ckpt.checkpoint_root(run.out), f"checkpoint {ckpt.step_name(state.step)}",
+                       "the run resumes from its newest intact checkpoint"):
+        return _write_run_checkpoint(run, state, positions, next_role)
+
+
+def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) -> Path:
     pfc = run.partial_fc
     opt_state = run.step_fn.prototype_optimizer.state.get(pfc.prototypes, {})
     prototypes = {
@@ -407,19 +444,23 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     ``model.safetensors``), loadable by ``unicom embed``/``evaluate``/``index`` and
     :func:`unicom.load`.
     """
-    from unicom.files import write_json_atomic, write_text_atomic
-    from unicom.train.data import TrainStream, make_loader
+    from unicom.files import refused_write, write_json_atomic, write_text_atomic
+    from unicom.train.data import TrainStream, make_loader, reader_error
 
     run = prepare(config)
     config = run.config  # the recipe as it runs (train.accumulation may keep a resumed run's batch)
     out, rank, world = run.out, distributed.get_rank(), distributed.get_world_size()
+    starts = "the run starts (or resumes) as it would have"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(config))
-        if getattr(run.source, "class_labels", None) is not None:  # given labels -> prototype rows
-            write_text_atomic(out / "classes.csv", run.source.classes_table())
+        with refused_write(out, "the run's recipe (config.yaml)", starts):
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "config.yaml", to_yaml(config))
+            if getattr(run.source, "class_labels", None) is not None:  # given labels -> prototype rows
+                write_text_atomic(out / "classes.csv", run.source.classes_table())
     distributed.barrier()
-    log = RunLog(out, tensorboard=config.log.tensorboard, console=console)
+    continues_from = int(ckpt.read_manifest(run.resume_from)["step"]) if run.resume_from is not None else 0
+    with refused_write(out, "the log (log.jsonl)", starts):
+        log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from)
     say = log.print
 
     state, rank_state, manifest = (RunState(), None, None)
@@ -467,7 +508,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             micro = []
             waited = time.perf_counter()
             for _ in range(accumulation):
-                item, inputs = next(batches)  # inputs made where the model runs (data.decode): may add failures
+                try:
+                    item, inputs = next(batches)  # inputs made where the model runs (data.decode): may add failures
+                except InputError as error:  # a reader's (in a decoding worker: its traceback in the message)
+                    raise reader_error(error) from None
                 positions[item.role] = (item.pass_, item.cursor)
                 next_role = (item.role + 1) % run.roles
                 micro.append(inputs)
@@ -504,7 +548,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             _save(run, state, positions, next_role)
         model_folder = out / "model"
         if rank == 0:
-            export_model(run, model_folder, state.step)
+            with refused_write(out, "the model (model/)", "the run resumes from its last checkpoint and exports the model"):
+                export_model(run, model_folder, state.step)
         distributed.barrier()
         untrained = state.step == 0
         summary = {

@@ -208,7 +208,8 @@ def ivfpq_candidate(n: int, d: int, budget: int | None, *, nlist: int | None = N
     """
     trainable = n if trainable is None else trainable
     nlist = nlist or default_nlist(trainable)
-    if nbits is not None and 39 * 2**nbits > trainable:
+    # refused only above the default, which is at least 4 bits however few the rows (faiss then only warns)
+    if nbits is not None and nbits > default_nbits(trainable) and 39 * 2**nbits > trainable:
         raise InputError(f"--nbits {nbits}: the {2**nbits:,} centroids of each sub-quantizer need {39 * 2**nbits:,} training "
                          f"rows (39 each), there are {trainable:,}; use --nbits {default_nbits(trainable)} or leave it out")
     nbits = nbits or default_nbits(trainable)

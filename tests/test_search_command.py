@@ -70,6 +70,14 @@ def test_the_table_has_one_line_per_result_whatever_its_keys_and_paths_hold():
     assert lines[2].split() == ["2", "0.250", "plain", "https://host/b.jpg"]
 
 
+def test_the_table_prints_control_characters_of_captions_as_text_not_terminal_commands():
+    # a caption that would clear the screen and turn the terminal red, or rub out what was printed
+    hits = [{"rank": 1, "score": 0.5, "id": 0, "key": "a", "caption": "\x1b[2J\x1b[31mred car\x08\x08\x08boat\x00"}]
+    lines = format_table(hits).splitlines()
+    assert re.split(r"\s{2,}", lines[1]) == ["1", "0.500", "a", "\\x1b[2J\\x1b[31mred car\\x08\\x08\\x08boat\\x00"]
+    assert all(character.isprintable() for character in "".join(lines))
+
+
 def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_path, capsys):
     missing = tmp_path / "nope.jpg"
     code = main(["search", "--index", str(collection["index"]), "--model", "timm/no_such_net", str(missing)])

@@ -130,6 +130,26 @@ def test_the_summary_after_adding_parts_names_the_rows_its_recall_was_measured_o
     assert f"recall@10 {selection['recall']:.4f} on 10 held-out rows of the added parts" in capsys.readouterr().out
 
 
+def test_the_command_that_built_an_index_adds_new_parts_to_it_when_run_again(tmp_path, capsys):
+    import numpy as np
+
+    rows = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows[:300])
+    # the type is left to choose: 300 rows are searched exactly, and the options of the other types go unused
+    command = ["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--nlist", "8", "--pq-m", "4",
+               "--nbits", "6", "--hnsw-m", "16"]
+    assert main(command) == 0
+    assert Index.load(tmp_path / "index").type == "flat"
+    write_part(tmp_path / "emb", 1, image=rows[300:])
+    assert main(command) == 0
+    assert "added parts [1] to" in capsys.readouterr().out
+    assert len(Index.load(tmp_path / "index")) == 400
+    # a type asked for by name has its own options: one it has no use for asks for another index
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "hnsw"), "--type", "hnsw"]) == 0
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "hnsw"), "--nlist", "8"]) == 2
+    assert "a hnsw index has no nlist, which --nlist 8 sets" in capsys.readouterr().err
+
+
 def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(collection, tmp_path, capsys):
     out = tmp_path / "index"
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--type", "flat"]) == 0

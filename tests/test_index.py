@@ -613,6 +613,19 @@ def test_more_pq_bits_than_the_collection_can_train_are_refused_naming_the_optio
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.parametrize("options", [{"index_type": "ivfpq"}, {"index_type": "ivfsq"},
+                                     {"exact_max_rows": 100, "memory_budget": "500KB"}],  # the type left to choose
+                         ids=["ivfpq", "ivfsq", "auto"])
+def test_more_inverted_lists_than_the_collection_can_train_are_refused_naming_the_option(tmp_path, options):
+    write_collection(tmp_path / "emb", {0: clustered(2000, 16, seed=0)})  # faiss aborts below one row per list
+    with pytest.raises(InputError, match=r"^--nlist 5000: 2,000 vectors train at most 51 inverted lists \(39 rows each\); "
+                                         "give a smaller --nlist or leave it out$"):
+        Index.build(tmp_path / "emb", tmp_path / "index", nlist=5000, heldout=200, **options)
+    assert not (tmp_path / "index").exists()
+    index = Index.build(tmp_path / "emb", tmp_path / "index", nlist=51, heldout=200, **options)
+    assert index.config["params"]["nlist"] == 51
+
+
 def test_the_default_pq_bits_given_explicitly_build_what_leaving_them_out_builds(tmp_path):
     # 585 training rows: fewer than 39·2^4, and 4 bits is still the default (the fewest offered)
     write_collection(tmp_path / "emb", {0: clustered(650, 8, seed=0)})

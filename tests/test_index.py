@@ -613,6 +613,30 @@ def test_more_pq_bits_than_the_collection_can_train_are_refused_naming_the_optio
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.parametrize("options", [{"index_type": "ivfpq"}, {"index_type": "ivfsq"},
+                                     {"exact_max_rows": 100, "memory_budget": "500KB"}],  # the type left to choose
+                         ids=["ivfpq", "ivfsq", "auto"])
+def test_more_inverted_lists_than_the_collection_can_train_are_refused_naming_the_option(tmp_path, options):
+    write_collection(tmp_path / "emb", {0: clustered(2000, 16, seed=0)})  # faiss aborts below one row per list
+    with pytest.raises(InputError, match=r"^--nlist 5000: 2,000 vectors train at most 51 inverted lists \(39 rows each\); "
+                                         "give a smaller --nlist or leave it out$"):
+        Index.build(tmp_path / "emb", tmp_path / "index", nlist=5000, heldout=200, **options)
+    assert not (tmp_path / "index").exists()
+    index = Index.build(tmp_path / "emb", tmp_path / "index", nlist=51, heldout=200, **options)
+    assert index.config["params"]["nlist"] == 51
+
+
+def test_the_default_pq_bits_given_explicitly_build_what_leaving_them_out_builds(tmp_path):
+    # 585 training rows: fewer than 39·2^4, and 4 bits is still the default (the fewest offered)
+    write_collection(tmp_path / "emb", {0: clustered(650, 8, seed=0)})
+    default = Index.build(tmp_path / "emb", tmp_path / "default", index_type="ivfpq", nlist=16, heldout=65)
+    given = Index.build(tmp_path / "emb", tmp_path / "given", index_type="ivfpq", nlist=16, heldout=65, nbits=4)
+    assert default.config["params"]["nbits"] == given.config["params"]["nbits"] == 4
+    assert given.config["selection"]["recall"] == default.config["selection"]["recall"]
+    with pytest.raises(InputError, match="--nbits 5: .* there are 585; use --nbits 4 or leave it out"):
+        Index.build(tmp_path / "emb", tmp_path / "more", index_type="ivfpq", nlist=16, heldout=65, nbits=5)
+
+
 def test_hnsw_is_tuned_with_an_ef_search_of_k_when_k_passes_the_largest_step(tmp_path):
     vectors = clustered(2300, 8, seed=0)
     write_collection(tmp_path / "emb", {0: vectors})

@@ -75,6 +75,29 @@ def test_a_remote_index_answers_as_the_local_one_with_no_metadata_file_on_local_
         ".signatures.json", "SOURCE", "heldout_ids.npy", "index.json", local.config["file"]]
 
 
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_a_remote_embedding_folder_given_as_an_index_says_to_build_an_index_of_it(store, request, tmp_path, cache):
+    server = request.getfixturevalue(store)
+    write_collection(tmp_path / "emb", {0: 10}, text=False)
+    server.bucket("given-embeddings")
+    url = server.upload_folder(tmp_path / "emb", "given-embeddings", "emb")
+    # not `--out` the embedding folder itself, which `unicom index` refuses
+    with pytest.raises(InputError, match=re.escape(f"{url}: an embedding folder, not an index; build an index of it with "
+                                                   f"`unicom index --emb {url} --out INDEX/` and search that")):
+        Index.load(url)
+    with pytest.raises(InputError, match=re.escape(f"{url}/img_emb: no index.json inside")):
+        Index.load(f"{url}/img_emb")
+
+
+def test_a_missing_index_on_a_server_that_refuses_folder_pages_is_named_as_not_an_index(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    with FileServer(tmp_path) as server:
+        for name in ("index/img_emb", "index/img_emb/"):  # as S3 behind CloudFront answers for a missing key
+            server.fault(name, status=403, statuses=100)
+        with pytest.raises(InputError, match=re.escape(f"{server.url}/index: no index.json inside")):
+            Index.load(f"{server.url}/index")
+
+
 def test_a_remote_clip_retrieval_index_in_coarse_row_groups_is_copied_once_into_small_ones(s3, tmp_path, cache,
                                                                                           monkeypatch):
     monkeypatch.setattr(metadata_rows, "RECHUNK_ABOVE", 256)

@@ -70,6 +70,14 @@ def test_the_table_has_one_line_per_result_whatever_its_keys_and_paths_hold():
     assert lines[2].split() == ["2", "0.250", "plain", "https://host/b.jpg"]
 
 
+def test_the_table_prints_control_characters_of_captions_as_text_not_terminal_commands():
+    # a caption that would clear the screen and turn the terminal red, or rub out what was printed
+    hits = [{"rank": 1, "score": 0.5, "id": 0, "key": "a", "caption": "\x1b[2J\x1b[31mred car\x08\x08\x08boat\x00"}]
+    lines = format_table(hits).splitlines()
+    assert re.split(r"\s{2,}", lines[1]) == ["1", "0.500", "a", "\\x1b[2J\\x1b[31mred car\\x08\\x08\\x08boat\\x00"]
+    assert all(character.isprintable() for character in "".join(lines))
+
+
 def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_path, capsys):
     missing = tmp_path / "nope.jpg"
     code = main(["search", "--index", str(collection["index"]), "--model", "timm/no_such_net", str(missing)])
@@ -120,6 +128,26 @@ def test_the_summary_after_adding_parts_names_the_rows_its_recall_was_measured_o
     selection = Index.load(tmp_path / "index").config["selection"]
     assert (selection["heldout"], selection["heldout_after_add"]) == (30, 10)
     assert f"recall@10 {selection['recall']:.4f} on 10 held-out rows of the added parts" in capsys.readouterr().out
+
+
+def test_the_command_that_built_an_index_adds_new_parts_to_it_when_run_again(tmp_path, capsys):
+    import numpy as np
+
+    rows = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows[:300])
+    # the type is left to choose: 300 rows are searched exactly, and the options of the other types go unused
+    command = ["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--nlist", "8", "--pq-m", "4",
+               "--nbits", "6", "--hnsw-m", "16"]
+    assert main(command) == 0
+    assert Index.load(tmp_path / "index").type == "flat"
+    write_part(tmp_path / "emb", 1, image=rows[300:])
+    assert main(command) == 0
+    assert "added parts [1] to" in capsys.readouterr().out
+    assert len(Index.load(tmp_path / "index")) == 400
+    # a type asked for by name has its own options: one it has no use for asks for another index
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "hnsw"), "--type", "hnsw"]) == 0
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "hnsw"), "--nlist", "8"]) == 2
+    assert "a hnsw index has no nlist, which --nlist 8 sets" in capsys.readouterr().err
 
 
 def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(collection, tmp_path, capsys):

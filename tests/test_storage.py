@@ -439,6 +439,34 @@ def test_shards_in_a_bucket_that_does_not_exist_name_the_bucket_not_an_empty_fol
     assert "bucket" not in str(error.value)
 
 
+def test_a_bucket_the_credentials_may_list_but_not_ask_about_leaves_the_missing_folder_message(s3, monkeypatch):
+    """Credentials with a policy on the bucket's objects (or a prefix of them) may list a folder
+    and not ask about the bucket itself: its refusal must not replace "no shards here"."""
+    import boto3
+    import moto.settings
+
+    s3.bucket("listed")
+    s3.put("listed", "laion/00000.tar", b"x")
+    iam = boto3.client("iam", endpoint_url=s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                       region_name="us-east-1")
+    iam.create_user(UserName="lister")
+    iam.put_user_policy(UserName="lister", PolicyName="list-and-read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"],
+                                                "Resource": ["arn:aws:s3:::listed", "arn:aws:s3:::listed/*"]}]}))
+    key = iam.create_access_key(UserName="lister")["AccessKey"]
+    monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"s3": {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}}))
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the policy is enforced
+    assert expand_shards("s3://listed/laion/00000.tar") == ["s3://listed/laion/00000.tar"]
+    with pytest.raises(storage.FetchError, match="s3://listed: refused"):
+        storage.exists("s3://listed")  # the bucket itself may not be asked about
+    assert storage.missing_bucket("s3://listed/other") is None  # the store did not say the bucket is missing
+    with pytest.raises(InputError, match=r"^s3://listed/other: no .* shards in this folder \(or it does not exist\)$"):
+        expand_shards("s3://listed/other")
+    with pytest.raises(InputError, match=r"^s3://listed/other/0.tar: shard not found .*; the folder s3://listed/other/ "
+                                         "holds no files; check the URL or the pattern$"):
+        expand_shards("s3://listed/other/{0..1}.tar")
+
+
 def test_storage_options_reach_the_filesystem(s3, monkeypatch):
     s3.bucket("options")
     s3.put("options", "a.txt", b"configured")

@@ -500,13 +500,17 @@ def is_dir(location) -> bool:
 def missing_bucket(location) -> str | None:
     """The bucket of an object-store URL (``s3://name``) when the store says it has no such
     bucket (a misspelt name, or one these credentials cannot see), else None: for saying why
-    a folder in it is empty."""
+    a folder in it is empty. None too when the store refuses to say: credentials may list a
+    folder of a bucket and not ask about the bucket itself (a policy on a prefix)."""
     scheme = protocol(location)
     if scheme not in _OBJECT_STORES or _is_upath(location):
         return None
     bucket = text(location)[len(scheme) + 3:].split("/", 1)[0]
     root = f"{scheme}://{bucket}"
-    return None if not bucket or exists(root) else root
+    try:
+        return None if not bucket or exists(root) else root
+    except FetchError:
+        return None
 
 
 class TooLarge(ValueError):

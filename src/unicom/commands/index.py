@@ -124,11 +124,13 @@ def _check_unchanged(args: argparse.Namespace, index, out) -> None:
     if args.k is not None and args.k != selection.get("k"):
         differences.append(f"its recall is measured at k {selection.get('k')}, not -k {args.k}")
     params = index.config.get("params") or {}
+    chosen = selection.get("index_type") == "auto"  # the type was chosen, and options it has no use for left unused
     for option, value, key in (("--nlist", args.nlist, "nlist"), ("--pq-m", args.pq_m, "m"), ("--nbits", args.nbits, "nbits"),
                                ("--hnsw-m", args.hnsw_m, "M")):
-        if value is not None and value != params.get(key):
-            differences.append(f"it was built with {key} {params[key]}, not {option} {value}" if key in params else
-                               f"a {index.type} index has no {key}, which {option} {value} sets")
+        if value is None or value == params.get(key) or (key not in params and chosen):
+            continue  # the same command that built the index (`--nlist 64` choosing a flat index) adds to it
+        differences.append(f"it was built with {key} {params[key]}, not {option} {value}" if key in params else
+                           f"a {index.type} index has no {key}, which {option} {value} sets")
     if differences:
         raise InputError(f"{out}: holds an index; {'; '.join(differences)}. New parts are added to the index as it "
                          "was built: use --rebuild to build it anew with these options")

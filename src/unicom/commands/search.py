@@ -149,7 +149,7 @@ def format_table(hits: list[dict]) -> str:
                      _printable(where)])
     caption_room = max(12, width - sum(max(len(row[i]) for row in rows) + 2 for i in (0, 1, 2, 4)) - 2)
     for row in rows[1:]:
-        text = " ".join(row[3].split())
+        text = _printable(" ".join(row[3].split()))  # an escape sequence or a backspace in a caption as text
         row[3] = text if len(text) <= caption_room else text[: caption_room - 1] + "…"
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i != 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
@@ -158,5 +158,6 @@ def format_table(hits: list[dict]) -> str:
 
 
 def _printable(value) -> str:
-    """``value`` on one line: control characters (a newline in a key or a path) as their escapes."""
+    """``value`` on one line, as it reads: control characters (a newline in a key or a path, a
+    terminal's escape sequence in a caption) as their escapes."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))

@@ -258,9 +258,8 @@ class Index:
                 )
             if clip_layout.is_clip_folder(path):
                 return cls._open_clip_folder(path, location)
-            if (path / EMBEDDINGS_CONFIG).is_file() or (path / KINDS["image"][0]).is_dir():
-                raise InputError(f"{path}: an embedding folder, not an index; build an index of it with "
-                                 f"`unicom index --emb {path} --out INDEX/` and search that")
+            if _is_embedding_folder(path):
+                raise _embedding_folder_error(path)
             raise InputError(
                 f"{path}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index (clip-retrieval's); "
                 f"build an index with `unicom index --emb EMB --out {path}`"
@@ -801,6 +800,8 @@ def _cached(url) -> Path:
     if storage.is_file(storage.join(url, HELDOUT_FILE), optional=True):
         names.append(HELDOUT_FILE)
     if not names:
+        if _is_embedding_folder(url):
+            raise _embedding_folder_error(url)
         raise InputError(
             f"{storage.text(url)}: no {CONFIG_FILE} inside (unicom's layout), nor image.index / text.index "
             "(clip-retrieval's): not an index folder, or one whose build did not finish; build it (again) with "
@@ -813,6 +814,24 @@ def _cached(url) -> Path:
             if (name == CONFIG_FILE or _INDEX_FILES.fullmatch(name)) and name not in names:
                 file.unlink()
     return local
+
+
+def _is_embedding_folder(folder) -> bool:
+    """Whether ``folder`` (a path or URL) holds what `unicom embed` (or clip-retrieval's
+    inference) writes rather than an index; a store that will not say is a no (an HTTP server
+    that lists no folders)."""
+    if storage.is_file(storage.join(folder, EMBEDDINGS_CONFIG), optional=True):
+        return True
+    try:
+        return storage.is_dir(storage.join(folder, KINDS["image"][0]))
+    except storage.FetchError:
+        return False
+
+
+def _embedding_folder_error(folder) -> InputError:
+    where = storage.text(folder)
+    return InputError(f"{where}: an embedding folder, not an index; build an index of it with "
+                      f"`unicom index --emb {where} --out INDEX/` and search that")
 
 
 def _clip_folder_files(url) -> list[str]:

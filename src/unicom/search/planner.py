@@ -208,7 +208,8 @@ def ivfpq_candidate(n: int, d: int, budget: int | None, *, nlist: int | None = N
     """
     trainable = n if trainable is None else trainable
     nlist = nlist or default_nlist(trainable)
-    if nbits is not None and 39 * 2**nbits > trainable:
+    # refused only above the default, which is at least 4 bits however few the rows (faiss then only warns)
+    if nbits is not None and nbits > default_nbits(trainable) and 39 * 2**nbits > trainable:
         raise InputError(f"--nbits {nbits}: the {2**nbits:,} centroids of each sub-quantizer need {39 * 2**nbits:,} training "
                          f"rows (39 each), there are {trainable:,}; use --nbits {default_nbits(trainable)} or leave it out")
     nbits = nbits or default_nbits(trainable)
@@ -321,6 +322,7 @@ def plan(n: int, d: int, *, index_type: str = "auto", memory_budget: int | None 
         return [_within(flat if index_type == "flat" else hnsw, memory_budget, n)]
     trainable = n if trainable is None else trainable
     if index_type in ("ivfpq", "ivfsq"):
+        _check_nlist(nlist, n)
         if index_type == "ivfpq":
             chosen = ivfpq_candidate(n, d, None if pq_m else memory_budget, nlist=nlist, m=pq_m, nbits=nbits,
                                      trainable=trainable)
@@ -342,6 +344,7 @@ def plan(n: int, d: int, *, index_type: str = "auto", memory_budget: int | None 
     goal = objective(memory_budget, recall_target)
     compressed: list[Candidate] = []
     if n >= MIN_IVF_ROWS:
+        _check_nlist(nlist, n)
         if pq_m:
             compressed = [c for c in [ivfpq_candidate(n, d, None, nlist=nlist, m=pq_m, nbits=nbits, trainable=trainable)] if fits(c)]
         elif goal == "size":
@@ -366,6 +369,14 @@ def _within(candidate: Candidate, memory_budget: int | None, n: int) -> Candidat
         raise InputError(f"{candidate.structure()} takes about {format_size(candidate.memory)} for {n} vectors, more than "
                          f"the budget of {format_size(memory_budget)} (--memory); raise it, or leave --type (and --pq-m) to choose one that fits")
     return candidate
+
+
+def _check_nlist(nlist: int | None, n: int) -> None:
+    """Refuse an ``--nlist`` with fewer than 39 rows to train each list, where fewer lists would
+    do (below MIN_IVF_ROWS no inverted-list index is built: :func:`_check_trainable`)."""
+    if nlist is not None and 39 * nlist > n >= MIN_IVF_ROWS:
+        raise InputError(f"--nlist {nlist}: {n:,} vectors train at most {n // 39:,} inverted lists (39 rows each); "
+                         "give a smaller --nlist or leave it out")
 
 
 def _check_trainable(candidate: Candidate, n: int) -> None:

@@ -482,8 +482,9 @@ def create_app(
             upload = form.get("image")
             if upload is None and not str(form.get("text") or "").strip() and not form.get("like"):
                 fields = sorted(set(form.keys()))
-                if {"text", "like"} & set(fields):  # the page's text box, sent empty or blank
-                    raise _error(400, f"nothing to search for: the field{'s' if len(fields) > 1 else ''} {', '.join(fields)} "
+                empty = [key for key in ("like", "text") if key in fields]  # the page's text box, sent empty or blank
+                if empty:
+                    raise _error(400, f"nothing to search for: the field{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
                                       "came empty; send a text, an image as the field 'image', or an item id as 'like'")
                 raise _error(400, f"no field 'image' in the form (got {fields}); send the image as the field 'image'")
             image_data, image_name = None, None

@@ -305,7 +305,6 @@ def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images
     assert_identical(final_state(tmp_path / "run"), final_state(tmp_path / "straight"))
 
 
-@pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
 def _limit_file_size(limit: int = 100_000):
     """A disk that refuses writes past ``limit`` bytes a file, as a full one would (the tiny
     model's weights are 270 KB): the write fails with EFBIG instead of killing the process."""
@@ -391,6 +390,7 @@ def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fre
     assert "at step 2" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:12")

@@ -262,6 +262,26 @@ def test_a_start_killed_before_its_first_checkpoint_leaves_nothing_in_the_log_of
     assert _tensorboard_steps(tmp_path / "run") == list(range(1, 7))
 
 
+def _failure_list(out: Path, rank: int, steps: list[int]) -> Path:
+    path = out / f"failures_rank{rank}.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "key": f"k{step}", "reason": "not an image"}) + "\n" for step in steps))
+    return path
+
+
+def test_a_resume_on_fewer_ranks_leaves_out_what_the_missing_ranks_listed_of_the_steps_taken_again(tmp_path):
+    """A 2-rank run killed at step 7 after checkpoint 5, resumed on 1 rank: rank 1 is gone,
+    and its list of steps 6-7 (taken again, by rank 0 now) goes with them; a fresh start
+    empties every list."""
+    from unicom.engine.runlog import RunLog
+
+    mine, gone = _failure_list(tmp_path, 0, [2, 6]), _failure_list(tmp_path, 1, [3, 5, 7])
+    RunLog(tmp_path, tensorboard=False, continues_from=5).close()
+    assert [json.loads(line)["step"] for line in mine.read_text().splitlines()] == [2]
+    assert [json.loads(line)["step"] for line in gone.read_text().splitlines()] == [3, 5]
+    RunLog(tmp_path, tensorboard=False, continues_from=0).close()
+    assert (mine.read_text(), gone.read_text()) == ("", "")
+
+
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "checkpoint:15")

@@ -23,6 +23,7 @@ from unicom import distributed
 
 LOG_FILE = "log.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
+_FAILURES_PREFIX = "failures_rank"
 TENSORBOARD_SCALARS = ("loss", "lr", "prototype_lr", "grad_norm", "images_per_second", "loss_scale")
 
 
@@ -57,9 +58,11 @@ class RunLog:
         self.main = self.rank == 0
         self.console = console or sys.stdout
         if continues_from is not None:
-            _drop_later_steps(self.out / f"failures_rank{self.rank}.jsonl", continues_from)
-            if self.main:
-                _drop_later_steps(self.out / LOG_FILE, continues_from)
+            _drop_later_steps(self.out / _failures_file(self.rank), continues_from)
+            if self.main:  # and the lists of ranks this run lacks (resumed on fewer): they are its steps now
+                world = distributed.get_world_size()
+                for path in [self.out / LOG_FILE, *_failure_lists(self.out, beyond=world)]:
+                    _drop_later_steps(path, continues_from)
         self._jsonl = open(self.out / LOG_FILE, "a", encoding="utf-8") if self.main else None
         self._failures = None
         self._writer = None
@@ -96,7 +99,7 @@ class RunLog:
         if not records:
             return
         if self._failures is None:
-            self._failures = open(self.out / f"failures_rank{self.rank}.jsonl", "a", encoding="utf-8")
+            self._failures = open(self.out / _failures_file(self.rank), "a", encoding="utf-8")
         for record in records:
             self._failures.write(json.dumps({"step": step, **record}) + "\n")
         self._failures.flush()
@@ -107,6 +110,20 @@ class RunLog:
                 handle.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _failures_file(rank: int | str) -> str:
+    return f"{_FAILURES_PREFIX}{rank}.jsonl"
+
+
+def _failure_lists(out: Path, beyond: int) -> list[Path]:
+    """The ``failures_rank{r}.jsonl`` of ``out`` with r >= ``beyond``."""
+    found = []
+    for path in out.glob(_failures_file("*")):
+        rank = path.name[len(_FAILURES_PREFIX):-len(".jsonl")]
+        if rank.isdigit() and int(rank) >= beyond:
+            found.append(path)
+    return sorted(found)
 
 
 def _drop_later_steps(path: Path, step: int) -> None:

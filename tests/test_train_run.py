@@ -410,6 +410,18 @@ def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fre
     assert "at step 2" in capsys.readouterr().out
 
 
+def test_an_override_right_after_resume_is_not_taken_for_the_checkpoint(images, tmp_path, capsys):
+    """argparse gives `--resume` the word after it: `--resume data.folder=...` would train
+    without the data it names, and `--resume out=...` look for a folder named `out=...`."""
+    from unicom.cli import main
+
+    assert main(["train", "--resume", f"out={tmp_path / 'run'}", *overrides(images, tmp_path / "run")[1:]]) == 2
+    assert capsys.readouterr().err == (f"unicom train: error: --resume took the override 'out={tmp_path / 'run'}' for its "
+                                       "CHECKPOINT; write --resume after the overrides (or --resume=auto), or give the "
+                                       "checkpoint or run folder after it\n")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")

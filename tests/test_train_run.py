@@ -397,6 +397,23 @@ def test_going_on_from_an_earlier_checkpoint_than_the_newest_is_refused_while_th
     assert json.loads((out / "checkpoints" / "step_00000006" / "checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.001
 
 
+def test_resuming_the_run_folder_itself_skips_its_damaged_newest_checkpoint_as_auto_does(images, tmp_path, capsys):
+    """`--resume out` names the run, not an earlier checkpoint of it: the damaged newest is no
+    later checkpoint to delete, the run goes on from the one before and writes it anew."""
+    from unicom.train.config import load_config
+    from unicom.engine.checkpoint import verify_checkpoint
+    from unicom.train.trainer import train
+
+    out = tmp_path / "run"
+    args = overrides(images, out, "train.steps=4", "checkpoint.every=2")
+    train(load_config(None, args))
+    damaged = out / "checkpoints" / "step_00000004" / "optimizer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-7])
+    assert train(load_config(None, [*args, f"checkpoint.resume={out}"]))["steps"] == 4
+    assert "step_00000002 at step 2" in capsys.readouterr().out
+    assert verify_checkpoint(out / "checkpoints" / "step_00000004") is None  # written anew, whole
+
+
 def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fresh_start(images, tmp_path, capsys):
     from unicom.cli import main
 

@@ -74,6 +74,26 @@ def test_a_key_given_twice_in_a_section_is_an_error(tmp_path):
         load_config(path)
 
 
+def test_yaml_merge_keys_share_settings_and_the_keys_given_beside_them_win(tmp_path):
+    """`<<:` (the YAML merge key, mostly `<<: *anchor`) copies a mapping in; a key given beside
+    it replaces the copied one, which is no key given twice."""
+    path = tmp_path / "recipe.yaml"
+    text = ("out: run\ndata:\n  folder: images\nloss:\n  <<: {scale: 32.0, margin: 0.2}\n  margin: 0.3\n"
+            "optim:\n  <<: {lr: 1.0e-3, weight_decay: 0.05}\n")
+    path.write_text(text)
+    config = load_config(path)
+    assert (config.loss.scale, config.loss.margin) == (32.0, 0.3)
+    assert (config.optim.lr, config.optim.weight_decay) == (1e-3, 0.05)
+
+
+def test_a_list_as_a_key_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("out: run\n? [optim, lr]\n: 1.0e-3\n")
+    with pytest.raises(InputError, match=rf"(?s){path}: not valid YAML \(while constructing a mapping.*"
+                                         r"found unhashable key.*line 2, column 3"):
+        load_config(path)
+
+
 def test_every_problem_of_a_recipe_is_reported_at_once():
     with pytest.raises(InputError) as error:
         load_config(None, ["data.batch_size=0", "loss.sample_rate=1.5", "optim.lr=-1"])

@@ -262,6 +262,26 @@ def test_a_start_killed_before_its_first_checkpoint_leaves_nothing_in_the_log_of
     assert _tensorboard_steps(tmp_path / "run") == list(range(1, 7))
 
 
+def _failure_list(out: Path, rank: int, steps: list[int]) -> Path:
+    path = out / f"failures_rank{rank}.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "key": f"k{step}", "reason": "not an image"}) + "\n" for step in steps))
+    return path
+
+
+def test_a_resume_on_fewer_ranks_leaves_out_what_the_missing_ranks_listed_of_the_steps_taken_again(tmp_path):
+    """A 2-rank run killed at step 7 after checkpoint 5, resumed on 1 rank: rank 1 is gone,
+    and its list of steps 6-7 (taken again, by rank 0 now) goes with them; a fresh start
+    empties every list."""
+    from unicom.engine.runlog import RunLog
+
+    mine, gone = _failure_list(tmp_path, 0, [2, 6]), _failure_list(tmp_path, 1, [3, 5, 7])
+    RunLog(tmp_path, tensorboard=False, continues_from=5).close()
+    assert [json.loads(line)["step"] for line in mine.read_text().splitlines()] == [2]
+    assert [json.loads(line)["step"] for line in gone.read_text().splitlines()] == [3, 5]
+    RunLog(tmp_path, tensorboard=False, continues_from=0).close()
+    assert (mine.read_text(), gone.read_text()) == ("", "")
+
+
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "checkpoint:15")
@@ -305,7 +325,6 @@ def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images
     assert_identical(final_state(tmp_path / "run"), final_state(tmp_path / "straight"))
 
 
-@pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
 def _limit_file_size(limit: int = 100_000):
     """A disk that refuses writes past ``limit`` bytes a file, as a full one would (the tiny
     model's weights are 270 KB): the write fails with EFBIG instead of killing the process."""
@@ -378,6 +397,23 @@ def test_going_on_from_an_earlier_checkpoint_than_the_newest_is_refused_while_th
     assert json.loads((out / "checkpoints" / "step_00000006" / "checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.001
 
 
+def test_resuming_the_run_folder_itself_skips_its_damaged_newest_checkpoint_as_auto_does(images, tmp_path, capsys):
+    """`--resume out` names the run, not an earlier checkpoint of it: the damaged newest is no
+    later checkpoint to delete, the run goes on from the one before and writes it anew."""
+    from unicom.train.config import load_config
+    from unicom.engine.checkpoint import verify_checkpoint
+    from unicom.train.trainer import train
+
+    out = tmp_path / "run"
+    args = overrides(images, out, "train.steps=4", "checkpoint.every=2")
+    train(load_config(None, args))
+    damaged = out / "checkpoints" / "step_00000004" / "optimizer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-7])
+    assert train(load_config(None, [*args, f"checkpoint.resume={out}"]))["steps"] == 4
+    assert "step_00000002 at step 2" in capsys.readouterr().out
+    assert verify_checkpoint(out / "checkpoints" / "step_00000004") is None  # written anew, whole
+
+
 def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fresh_start(images, tmp_path, capsys):
     from unicom.cli import main
 
@@ -391,6 +427,19 @@ def test_resume_asked_for_in_a_folder_without_a_checkpoint_is_an_error_not_a_fre
     assert "at step 2" in capsys.readouterr().out
 
 
+def test_an_override_right_after_resume_is_not_taken_for_the_checkpoint(images, tmp_path, capsys):
+    """argparse gives `--resume` the word after it: `--resume data.folder=...` would train
+    without the data it names, and `--resume out=...` look for a folder named `out=...`."""
+    from unicom.cli import main
+
+    assert main(["train", "--resume", f"out={tmp_path / 'run'}", *overrides(images, tmp_path / "run")[1:]]) == 2
+    assert capsys.readouterr().err == (f"unicom train: error: --resume took the override 'out={tmp_path / 'run'}' for its "
+                                       "CHECKPOINT; write --resume after the overrides (or --resume=auto), or give the "
+                                       "checkpoint or run folder after it\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # the choice itself is covered by test_train_checkpoint; this is the whole run
 def test_a_damaged_newest_checkpoint_is_replaced_by_the_previous_one(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:12")

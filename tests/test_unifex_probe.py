@@ -253,7 +253,8 @@ def test_a_checkpoint_the_disk_refuses_says_what_to_do_and_a_rerun_finishes_the_
     """A disk that fills up during training (here a file-size limit of 4 KB: the run's small
     files fit, its checkpoint does not): torch's writer reports it as 'unexpected pos'; the
     error names the folder and the file and what to do, no traceback, no temporary left, and a
-    rerun with room trains and exports the model."""
+    rerun with room trains and exports the model. Epoch 1, logged before its checkpoint was
+    refused and trained again, is in the log once."""
     import resource
     import signal
     import subprocess
@@ -266,7 +267,7 @@ def test_a_checkpoint_the_disk_refuses_says_what_to_do_and_a_rerun_finishes_the_
     out = tmp_path / "run"
     arguments = ["--config", str(CONFIGS / "unifex_tiny.yaml"), f"data.train=[{collection['train']}]",
                  f"backbone.pretrained={collection['weights']}", f"out={out}", "train.mode=direct", "train.device=cpu",
-                 "data.workers=0", "eval.every=0", "train.epochs=1"]
+                 "data.workers=0", "eval.every=0", "train.epochs=2"]
     failed = subprocess.run([sys.executable, "-m", "unicom.cli", "probe", *arguments], capture_output=True, text=True,
                             preexec_fn=limit_file_size, timeout=300)
     assert failed.returncode == 2
@@ -277,6 +278,8 @@ def test_a_checkpoint_the_disk_refuses_says_what_to_do_and_a_rerun_finishes_the_
     assert [p.name for p in out.rglob("*.tmp")] == []
     assert main(["probe", *arguments]) == 0
     assert (out / "model" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
 
 
 def test_an_output_or_cache_folder_that_cannot_be_made_is_named(collection, tmp_path):

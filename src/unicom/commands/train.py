@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from unicom.commands import resolve_recipe
     from unicom.train.config import default_values, load_config
 
+    if args.resume and args.resume.split("=", 1)[0] in default_values():  # `--resume out=run`: argparse's reading
+        raise InputError(f"--resume took the override {args.resume!r} for its CHECKPOINT; write --resume after the "
+                         "overrides (or --resume=auto), or give the checkpoint or run folder after it")
     config = resolve_recipe(args, load_config, default_values, *([f"checkpoint.resume={args.resume}"] if args.resume else []))
     if config is None:
         return 0

@@ -26,7 +26,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Hashable, Literal, Mapping, Sequence
 
 from unicom.errors import InputError
 
@@ -312,7 +312,11 @@ def _read_yaml(text: str, path: Path) -> Any:
         def construct_mapping(self, node, deep=False):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor`: the keys given beside it replace the merged ones
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader's own error names it
                 line = key_node.start_mark.line + 1
                 if key in seen:
                     raise InputError(f"{path}: line {line}: key {key!r} is given twice (first on line {seen[key]}); "

@@ -23,6 +23,7 @@ from unicom import distributed
 
 LOG_FILE = "log.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
+_FAILURES_PREFIX = "failures_rank"
 TENSORBOARD_SCALARS = ("loss", "lr", "prototype_lr", "grad_norm", "images_per_second", "loss_scale")
 
 
@@ -47,19 +48,25 @@ class RunLog:
     checkpoint N). What ``out`` holds of later steps (of a start killed before its first
     checkpoint, or of the steps after the checkpoint) is left out of ``log.jsonl``, the
     failure lists and TensorBoard (its ``purge_step``): those steps are taken again, and the
-    log holds each step once. None (the default) appends to what is there.
+    log holds each step once. None (the default) appends to what is there. ``counted_in``:
+    the records' field that counts them (``epoch`` for a run checkpointed per epoch);
+    ``keep_others``: only the records of later steps are left out, also from 0 (others, such
+    as a feature cache's build, were not made again).
     """
 
     def __init__(self, out: Path, tensorboard: bool = True, console: TextIO | None = None,
-                 continues_from: int | None = None):
+                 continues_from: int | None = None, counted_in: str = "step", keep_others: bool = False):
         self.out = Path(out)
         self.rank = distributed.get_rank()
         self.main = self.rank == 0
         self.console = console or sys.stdout
         if continues_from is not None:
-            _drop_later_steps(self.out / f"failures_rank{self.rank}.jsonl", continues_from)
-            if self.main:
-                _drop_later_steps(self.out / LOG_FILE, continues_from)
+            dropped = dict(field=counted_in, keep_others=keep_others)
+            _drop_later_steps(self.out / _failures_file(self.rank), continues_from, **dropped)
+            if self.main:  # and the lists of ranks this run lacks (resumed on fewer): they are its steps now
+                world = distributed.get_world_size()
+                for path in [self.out / LOG_FILE, *_failure_lists(self.out, beyond=world)]:
+                    _drop_later_steps(path, continues_from, **dropped)
         self._jsonl = open(self.out / LOG_FILE, "a", encoding="utf-8") if self.main else None
         self._failures = None
         self._writer = None
@@ -96,7 +103,7 @@ class RunLog:
         if not records:
             return
         if self._failures is None:
-            self._failures = open(self.out / f"failures_rank{self.rank}.jsonl", "a", encoding="utf-8")
+            self._failures = open(self.out / _failures_file(self.rank), "a", encoding="utf-8")
         for record in records:
             self._failures.write(json.dumps({"step": step, **record}) + "\n")
         self._failures.flush()
@@ -109,21 +116,36 @@ class RunLog:
             self._writer.close()
 
 
-def _drop_later_steps(path: Path, step: int) -> None:
-    """Rewrite the JSONL ``path`` without the records of steps after ``step``; from step 0,
-    without any record (a fresh start continues nothing)."""
+def _failures_file(rank: int | str) -> str:
+    return f"{_FAILURES_PREFIX}{rank}.jsonl"
+
+
+def _failure_lists(out: Path, beyond: int) -> list[Path]:
+    """The ``failures_rank{r}.jsonl`` of ``out`` with r >= ``beyond``."""
+    found = []
+    for path in out.glob(_failures_file("*")):
+        rank = path.name[len(_FAILURES_PREFIX):-len(".jsonl")]
+        if rank.isdigit() and int(rank) >= beyond:
+            found.append(path)
+    return sorted(found)
+
+
+def _drop_later_steps(path: Path, step: int, field: str = "step", keep_others: bool = False) -> None:
+    """Rewrite the JSONL ``path`` without the records of steps (their ``field``) after
+    ``step``; from step 0, without any record (a fresh start continues nothing) unless
+    ``keep_others``."""
     if not path.is_file():
         return
     from unicom.files import write_text_atomic
 
     kept = []
-    if step > 0:
+    if step > 0 or keep_others:
         for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
             try:
                 record = json.loads(line)
             except ValueError:  # a line cut short by a kill
                 continue
-            if not isinstance(record.get("step"), int) or record["step"] <= step:
+            if not isinstance(record.get(field), int) or record[field] <= step:
                 kept.append(line)
     write_text_atomic(path, "".join(kept))
 

@@ -125,7 +125,7 @@ def _find_resume(config: TrainConfig, log) -> Path | None:
             f"no intact checkpoint among {', '.join(str(c) for c in candidates)}; "
             "delete them (or use another out) to start afresh"
         )
-    if setting != "auto":
+    if setting != "auto" and Path(setting).resolve() != out.resolve():  # out itself: the choice auto makes
         _refuse_newer_checkpoints(out, chosen)
     return chosen
 

@@ -644,7 +644,9 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     except OSError as error:  # a read-only or full disk: before any work, without a traceback
         raise InputError(f"{out}: the output folder cannot be written ({storage.describe(error)}); "
                          "give out= a folder that can be") from error
-    log = RunLog(out, tensorboard=False, console=console)
+    # the epochs after the checkpoint are trained again: logged once (the cache's build record stays)
+    log = RunLog(out, tensorboard=False, console=console, continues_from=int(checkpoint["epoch"]) if checkpoint else 0,
+                 counted_in="epoch", keep_others=True)
     say = log.print
     try:
         say(f"unicom probe: {backbone.encoder.name}, {backbone.input_dim} features -> {config.neck.kind} neck -> "

@@ -225,6 +225,41 @@ def test_missing_images_are_listed_before_anything_runs(tmp_path):
         load_retrieval_benchmark("sop", tmp_path)
 
 
+@pytest.mark.parametrize("check_images", [True, False])
+def test_an_image_listed_twice_in_a_split_is_refused_naming_it(tmp_path, check_images):
+    # searched leave-one-out, the second copy would be the first one's nearest neighbour
+    header = "image_id class_id super_class_id path\n"
+    write(tmp_path / "Ebay_train.txt", header + "1 1 1 a_final/1.JPG\n")
+    write(tmp_path / "Ebay_test.txt", header + "2 2 1 a_final/2.JPG\n3 2 1 a_final/3.JPG\n4 2 1 a_final/3.JPG\n")
+    for name in ("1", "2", "3"):
+        jpeg(tmp_path / "a_final" / f"{name}.JPG")
+    with pytest.raises(InputError, match=r"the test split lists 1 image more than once, e\.g\. a_final/3\.JPG \(2 times\)"):
+        load_retrieval_benchmark("sop", tmp_path, check_images=check_images)
+
+
+def _cub_files(root: Path, images: str, labels: str, classes: str) -> Path:
+    for image_id, name in (("1", "001.A/a.jpg"), ("2", "101.B/b.jpg"), ("3", "101.B/c.jpg")):
+        jpeg(root / "images" / name)
+    write(root / "images.txt", images)
+    write(root / "image_class_labels.txt", labels)
+    write(root / "classes.txt", classes)
+    return root
+
+
+@pytest.mark.parametrize("images, labels, classes, error", [
+    ("1 001.A/a.jpg\n2 101.B/b.jpg\n3 101.B/c.jpg\n", "1 1\n2 101\n3 101\n1 101\n", "1 001.A\n101 101.B\n",
+     r"image_class_labels\.txt: line 4 gives image 1 a class again"),
+    ("1 001.A/a.jpg\n2 101.B/b.jpg\n3 101.B/c.jpg\n2 101.B/c.jpg\n", "1 1\n2 101\n3 101\n", "1 001.A\n101 101.B\n",
+     r"images\.txt: line 4 names image id 2 again"),
+    ("1 001.A/a.jpg\n2 101.B/b.jpg\n3 101.B/c.jpg\n", "1 1\n2 101\n3 101\n", "1 001.A\n101\n",
+     r"classes\.txt: line 2 \('101'\) is not '<class id> <class folder>'"),
+])
+def test_cub_lines_that_repeat_an_id_or_lack_a_field_are_named(tmp_path, images, labels, classes, error):
+    root = _cub_files(tmp_path / "CUB_200_2011", images, labels, classes)
+    with pytest.raises(InputError, match=error):
+        load_retrieval_benchmark("cub", root)
+
+
 @pytest.mark.parametrize("name", ["sop", "gldv2"])
 def test_a_list_file_that_is_not_utf8_is_named_with_the_line_and_byte(name, tmp_path):
     # a list saved again by an editor in Latin-1 ("é" is the single byte 0xe9), the CSV with

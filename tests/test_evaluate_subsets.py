@@ -150,3 +150,14 @@ def test_a_dimension_where_rows_vanish_is_skipped_and_the_others_are_scored(tmp_
     table = (out / "metrics.md").read_text()
     assert "| 16 | skipped |" in table and "dimension 8 (first) skipped" in table
     assert (out / "recall_vs_dimension.png").is_file()
+
+
+def test_dimensions_above_the_embedding_are_named_when_left_out(tmp_path, caplog):
+    x, labels = data(40, 16, 4, 0.8, seed=5)
+    folder(tmp_path / "q", x, labels.tolist(), "q")
+    out = tmp_path / "report"
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--dims", "8,100,200", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert [row["dimension"] for row in report["dimensions"]] == [8, 16]
+    assert "dimensions 100, 200 left out: the embeddings have 16 dimensions (scored in full)" in caplog.messages

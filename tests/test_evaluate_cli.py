@@ -78,6 +78,20 @@ def test_embeddings_folder_leave_one_out_with_dimension_curve(tmp_path, capsys):
     assert "recall@1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("again", [["--dims", "none"], ["--train-embeddings", "TRAIN", "--task", "classification"]])
+def test_a_report_without_a_curve_leaves_no_earlier_curve_beside_it(tmp_path, again):
+    x, labels = clustered(40, 16, 4, 0.5, seed=0)
+    embedding_folder(tmp_path / "test", x, [f"img{i}" for i in range(40)], labels.tolist())
+    embedding_folder(tmp_path / "train", x, [f"t{i}" for i in range(40)], labels.tolist())
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), "--dims", "8", "--out", str(out)]) == 0
+    assert (out / "recall_vs_dimension.png").is_file()
+    again = [str(tmp_path / "train") if a == "TRAIN" else a for a in again]
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), *again, "--no-probe", "--out", str(out)]) == 0
+    assert "dimensions" not in json.loads((out / "metrics.json").read_text())
+    assert not (out / "recall_vs_dimension.png").exists()
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]

@@ -177,6 +177,22 @@ def test_gldv2_relevance_subsets_and_ignored_queries(tmp_path):
     assert {k: v.tolist() for k, v in protocol.subsets.items()} == {"public": [0], "private": [1]}
 
 
+@pytest.mark.parametrize("listed, error", [
+    ("index.csv", r"index\.csv: the index split lists 1 image more than once, e\.g\. index/1/1/2/1123456789abcdef\.jpg"),
+    ("retrieval_solution_v2.1.csv", r"retrieval_solution_v2\.1\.csv: the query split lists 1 image more than once"),
+])
+def test_gldv2_id_listed_twice_is_refused(tmp_path, listed, error):
+    # a second copy of a relevant index image would rank as a wrong answer: relevance names one row
+    from benchmark_layouts import GLD_INDEX, GLD_TEST, gldv2
+
+    gldv2(tmp_path, "flat")
+    extra = f"{GLD_INDEX[1]}\n" if listed == "index.csv" else f"{GLD_TEST[2]},{GLD_INDEX[0]},Private\n"
+    with open(tmp_path / listed, "a") as file:
+        file.write(extra)
+    with pytest.raises(InputError, match=error):
+        load_retrieval_benchmark("gldv2", tmp_path)
+
+
 def test_generic_folder_and_csv_with_split_column(tmp_path):
     from support import write_class_folder
 

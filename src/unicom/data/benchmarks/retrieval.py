@@ -510,6 +510,8 @@ def read_gldv2(root: str | os.PathLike, check_images: bool = True) -> Splits:
         raise InputError(f"{solution}: no Public or Private query")
     query_keys = [_gld_path("test", image_id) for image_id in queries]
     gallery_keys = [_gld_path("index", image_id) for image_id in index_ids]
+    _require_unique_images(gallery_keys, "index", index_list)  # relevance names one copy, the other would count as wrong
+    _require_unique_images(query_keys, "query", solution)
     query = ImageList([str(root / k) for k in query_keys], query_keys)
     gallery = ImageList([str(root / k) for k in gallery_keys], gallery_keys)
     if check_images:

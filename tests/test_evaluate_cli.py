@@ -110,6 +110,24 @@ def test_labels_file_and_gallery_folder(tmp_path):
     assert not (out / "recall_vs_dimension.png").exists() and "dimensions" not in report
 
 
+def test_labels_file_keys_without_an_embedding_are_named_in_the_report(tmp_path, capsys):
+    # two images of the labels file never made it into the folders (their embedding failed)
+    x, labels = clustered(30, 16, 3, 0.5, seed=2)
+    keys = [f"img{i}" for i in range(30)]
+    embedding_folder(tmp_path / "query", x[:10], keys[:10])
+    embedding_folder(tmp_path / "gallery", x[10:28], keys[10:28])
+    embedding_folder(tmp_path / "train", x[:28], keys[:28])
+    table = tmp_path / "labels.csv"
+    table.write_text("key,label\n" + "".join(f"{k},{v}\n" for k, v in zip(keys, labels)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--train-embeddings", str(tmp_path / "train"), "--labels", str(table), "--out", str(out)]) == 0
+    note = json.loads((out / "metrics.json").read_text())["note"]
+    assert note.startswith(f"2 of the 30 keys of {table} have no embedding in {tmp_path / 'query'}, "
+                           f"{tmp_path / 'gallery'}, {tmp_path / 'train'} and are not scored, e.g. 'img28', 'img29'")
+    assert note in capsys.readouterr().out
+
+
 def test_labels_file_keeps_webdataset_keys_as_written(tmp_path):
     # keys of shards (000000042) are digits: the labels file must match them as text, not as 42
     x, labels = clustered(24, 8, 4, 0.8, seed=4)

@@ -402,3 +402,18 @@ def test_embeddings_made_elsewhere_are_scored_with_the_list_files_alone(name, tm
     else:
         expected = retrieval_metrics(x, protocol.query.labels, ks=protocol.ks)
     assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+
+
+def test_a_benchmark_image_whose_embedding_holds_nan_is_named_by_key_and_folder_row(tmp_path, capsys):
+    from benchmark_layouts import cub
+
+    root = cub(tmp_path / "data", "download")
+    keys = ["images/101.Bird_101/Bird_1.jpg", "images/001.Bird_1/Bird_0.jpg", "images/102.Bird_102/Bird_0.jpg",
+            "images/101.Bird_101/Bird_0.jpg", "images/102.Bird_102/Bird_1.jpg"]
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    x[4] = np.nan  # the last test image, the fourth of the query split
+    embedding_folder(tmp_path / "emb", x, keys, parts=1)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "cub", "--root", str(root),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert (f"{tmp_path / 'emb'}: 1 of the rows scored hold NaN or infinite values or are all zeros, "
+            "e.g. 'images/102.Bird_102/Bird_1.jpg' (row 4)") in capsys.readouterr().err

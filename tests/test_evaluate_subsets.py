@@ -161,3 +161,22 @@ def test_dimensions_above_the_embedding_are_named_when_left_out(tmp_path, caplog
     report = json.loads((out / "metrics.json").read_text())
     assert [row["dimension"] for row in report["dimensions"]] == [8, 16]
     assert "dimensions 100, 200 left out: the embeddings have 16 dimensions (scored in full)" in caplog.messages
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_row_without_a_direction_is_named_by_folder_and_key_not_by_its_place_in_a_subset(tmp_path, capsys, value):
+    x, labels = data(40, 16, 4, 0.8, seed=6)
+    x[[9, 21]] = value  # rows 9 and 21 are of class 1
+    folder(tmp_path / "g", x[20:], labels[20:].tolist(), "g")
+    folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 "--classes", "1,2", "--out", str(tmp_path / "report")]) == 2
+    assert (f"{tmp_path / 'q'}: 1 of the rows scored hold NaN or infinite values or are all zeros, e.g. 'q9' (row 9)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "report" / "metrics.json").exists()
+    x[9] = 1.0
+    folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 "--out", str(tmp_path / "report")]) == 2
+    assert f"{tmp_path / 'g'}: 1 of the rows scored hold NaN or infinite values or are all zeros, e.g. 'g1' (row 1)" \
+        in capsys.readouterr().err

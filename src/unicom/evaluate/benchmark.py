@@ -88,6 +88,22 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
     return np.asarray(values)
 
 
+def _require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Sequence[int] | None = None,
+                        block_rows: int = 65_536) -> None:
+    """An :class:`InputError` naming the folder, key and row of the rows of ``x`` (N, D) that
+    hold NaN or infinite values or are all zeros: they have no direction to rank by. Named
+    here, by key and by ``rows`` (x's rows in the folder; default 0..N-1), rather than by
+    their position among the rows scored."""
+    bad = []
+    for start in range(0, len(x), block_rows):
+        block = np.asarray(x[start:start + block_rows], dtype=np.float32)
+        bad.extend((start + np.flatnonzero(~np.isfinite(block).all(1) | ~block.any(1))).tolist())
+    if bad:
+        shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
+        raise InputError(f"{folder}: {len(bad)} of the rows scored hold NaN or infinite values or are all zeros, "
+                         f"e.g. {shown}; embed those images again or leave them out")
+
+
 class _RowIndex:
     """key -> row and absolute path -> row of an embedding folder."""
 
@@ -336,6 +352,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
+            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows)
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
@@ -491,10 +508,12 @@ def evaluate_embedding_folders(
                                        names=(f"{train_embeddings} (--train-embeddings)", f"{embeddings} (--embeddings)"))
     if task != "retrieval":
         raise InputError(f"task must be 'retrieval' or 'classification', got {task!r}")
+    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings)
     gallery = gallery_y = None
     if gallery_embeddings is not None:
         gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
         gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
+        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings)
         labelled.append((gallery_embeddings, gallery_metadata))
     train = None
     if train_embeddings is not None and ((pca and dims) or lookup is not None):

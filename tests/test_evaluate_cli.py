@@ -318,6 +318,26 @@ def test_classification_dataset_with_a_model(tmp_path):
     assert keys["dataset"] == "eurosat" and keys["images"] == 16
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--dataset", "sop", "--root", "DATA", "--gallery-embeddings", "EMB"], "--gallery-embeddings: for embedding folders "
+     "without --dataset; with --dataset sop the benchmark gives the splits"),
+    (["--dataset", "sop", "--root", "DATA", "--labels", "LABELS", "--train-embeddings", "EMB"],
+     "--labels, --train-embeddings: for embedding folders without --dataset"),
+    (["--dataset", "cifar10", "--root", "DATA", "--task", "classification"], "--task: for embedding folders"),
+    (["--pretrained", "laion400m_e32"], "--pretrained names the weights of --model"),
+])
+def test_options_that_the_run_would_not_use_are_refused(tmp_path, capsys, options, message):
+    # each would otherwise be dropped without a word: the benchmark's own splits and labels are used
+    x, labels = clustered(6, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(6)], labels.tolist(), parts=1)
+    (tmp_path / "labels.csv").write_text("key,label\n")
+    given = {"DATA": str(tmp_path), "EMB": str(tmp_path / "emb"), "LABELS": str(tmp_path / "labels.csv")}
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), *[given.get(o, o) for o in options],
+                 "--out", str(tmp_path / "report")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--ks", "0", "expected positive integers, got '0'"),
     ("--ks", "none", "expected comma-separated integers, got 'none'"),

@@ -123,7 +123,17 @@ def run(args: argparse.Namespace) -> int:
     subset = {"classes": class_list(args.classes, "--classes"),
               "exclude_classes": class_list(args.exclude_classes, "--exclude-classes")}
 
+    if args.pretrained is not None and args.model is None:
+        raise InputError("--pretrained names the weights of --model; embeddings given with --embeddings are used as they are")
     if args.dataset is not None:
+        unused = [option for option, given in (("--labels", args.labels), ("--gallery-embeddings", args.gallery_embeddings),
+                                               ("--train-embeddings", args.train_embeddings),
+                                               ("--task", args.task != "retrieval")) if given]
+        if unused:
+            raise InputError(
+                f"{', '.join(unused)}: for embedding folders without --dataset; with --dataset {args.dataset} the "
+                "benchmark gives the splits, labels and task, and --embeddings is one folder holding the embeddings "
+                "of all its images, found by key (as unicom embed --dataset writes it)")
         if args.root is None:
             raise InputError(f"--dataset {args.dataset} needs --root, the dataset's folder")
         report = evaluate_benchmark(

@@ -437,3 +437,25 @@ def test_a_benchmark_image_whose_embedding_holds_nan_is_named_by_key_and_folder_
                  "--dims", "none", "--out", str(tmp_path / "report")]) == 2
     assert (f"{tmp_path / 'emb'}: 1 of the rows scored hold NaN or infinite values or are all zeros, "
             "e.g. 'images/102.Bird_102/Bird_1.jpg' (row 4)") in capsys.readouterr().err
+
+
+def test_embeddings_cached_by_a_benchmark_run_carry_its_class_names(tmp_path):
+    # read again without the benchmark, --classes 102 must mean CUB's class 102, not this run's label id 102
+    from benchmark_layouts import cub
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    cub(tmp_path / "data", "download")  # classes 1, 2, 3 train; 101, 102 test; two images each
+    (tmp_path / "data" / "CUB_200_2011" / "classes.txt").write_text(
+        "1 001.A\n2 002.B\n3 003.C\n101 101.Common_Tern\n102 102.Sage_Thrasher\n")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "cub", "--root", str(tmp_path / "data"),
+                 "--no-pca", "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(out / "embeddings" / "query" / "metadata" / "metadata_0.parquet").column("label").to_pylist()
+    assert labels == ["101.Common_Tern", "101.Common_Tern", "102.Sage_Thrasher", "102.Sage_Thrasher"]
+    again = tmp_path / "again"
+    assert main(["evaluate", "--embeddings", str(out / "embeddings" / "query"), "--classes", "102.Sage_Thrasher",
+                 "--dims", "none", "--out", str(again)]) == 0
+    report = json.loads((again / "metrics.json").read_text())
+    assert report["protocol"]["queries"] == 2 and report["class_subset"]["scored_classes"] == 1

@@ -150,7 +150,7 @@ def embed_cached(
     folder: str | os.PathLike,
     config: dict,
     *,
-    labels: Sequence[int] | None = None,
+    labels: Sequence[int | str] | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
     desc: str = "embed",
@@ -195,7 +195,7 @@ def embed_cached(
             embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
             columns = {"key": part_keys}
             if labels is not None:
-                columns["label"] = [int(v) for v in labels[start:stop]]
+                columns["label"] = [v if isinstance(v, str) else int(v) for v in labels[start:stop]]
             write_part(folder, number, image=embeddings, metadata=pa.table(columns))
             parts.append(embeddings)
             bar.update(stop - start)
@@ -327,9 +327,15 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
 
                 inputs = cropped_queries(images, protocol.query_boxes)
                 identity["query_boxes_sha256"] = query_boxes_sha256(protocol.query_boxes)
+            labels = images.labels
+            if labels is not None and images.class_names is not None:
+                # the folder is read again without the benchmark (--embeddings, --classes): its labels are the
+                # benchmark's class names (CUB's 150.Sage_Thrasher, SOP's 11319), not this run's vocabulary ids
+                labels = [images.class_names[i] for i in labels.tolist()]
+                identity["labels"] = "class names"
             vectors[split] = embed_cached(
                 encoder, inputs, images.keys, out / "embeddings" / split, identity,
-                labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
+                labels=labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
         if train is not None:
             vectors["train"] = embed_cached(
                 encoder, [train.paths[i] for i in train_rows], [train.keys[i] for i in train_rows],

@@ -90,6 +90,22 @@ def test_excluded_classes_from_a_file_leave_one_out(tmp_path):
     assert report["class_subset"] == {"exclude_classes": ["dog", "owl"], "scored_classes": 6, "all_classes": 8}
 
 
+def test_a_class_file_saved_with_a_byte_order_mark_names_its_first_class(tmp_path, capsys):
+    # as a Windows editor saves it: a byte-order mark before the first name, CRLF line ends
+    x, labels = data(40, 12, 4, 1.0, seed=3)
+    names = np.array(["cat", "dog", "owl", "elk"])[labels]
+    folder(tmp_path / "q", x, names.tolist(), "q")
+    (tmp_path / "keep.txt").write_bytes(b"\xef\xbb\xbfdog\r\nowl\r\n")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--classes", f"@{tmp_path / 'keep.txt'}",
+                 "--dims", "none", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["class_subset"]["classes"] == ["dog", "owl"]
+    (tmp_path / "latin1.txt").write_bytes(b"dog\nb\xe9b\xe9\n")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--classes", f"@{tmp_path / 'latin1.txt'}",
+                 "--dims", "none", "--out", str(out)]) == 2
+    assert "latin1.txt: line 2 (byte 5, b'\\xe9') is not UTF-8" in capsys.readouterr().err
+
+
 def test_class_names_of_a_labels_file_select_classes(tmp_path):
     """--labels with names (key,label = q0,cat): --classes names them as it names the
     metadata's string labels, rather than by the numbers the file's names were mapped to."""

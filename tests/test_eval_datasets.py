@@ -227,6 +227,26 @@ def test_csv_listing_a_missing_evaluation_image_is_refused_before_anything_runs(
     assert load_retrieval_benchmark("csv", tmp_path / "list.csv").query.keys[0] == "a b/0.jpg"
 
 
+@pytest.mark.parametrize("table, split", [
+    ("path,label\n0.jpg,x\n1.jpg,x\n0.jpg,x\n", "leave-one-out"),
+    ("path,label,split\n0.jpg,x,test\n1.jpg,x,test\n0.jpg,x,test\n", "test"),
+    ("path,label,split\n0.jpg,x,query\n1.jpg,x,gallery\n1.jpg,x,gallery\n", "gallery"),
+])
+def test_csv_listing_an_evaluation_image_twice_is_refused(table, split, tmp_path):
+    for name in ("0", "1"):
+        jpeg(tmp_path / f"{name}.jpg")
+    write(tmp_path / "list.csv", table)
+    with pytest.raises(InputError, match=rf"list\.csv: the {split} split lists 1 image more than once, e\.g\. "):
+        load_retrieval_benchmark("csv", tmp_path / "list.csv")
+
+
+def test_csv_may_list_an_image_in_the_query_and_the_gallery(tmp_path):
+    for name in ("0", "1"):
+        jpeg(tmp_path / f"{name}.jpg")
+    write(tmp_path / "list.csv", "path,label,split\n0.jpg,x,query\n0.jpg,x,gallery\n1.jpg,x,gallery\n")
+    assert len(load_retrieval_benchmark("csv", tmp_path / "list.csv").gallery) == 2
+
+
 def test_missing_index_file_names_it_and_shows_the_layout(tmp_path):
     with pytest.raises(InputError, match=r"Ebay_train\.txt: not found; looked for:\n(.|\n)*expected layout:\n.*image_id class_id"):
         load_retrieval_benchmark("sop", tmp_path)

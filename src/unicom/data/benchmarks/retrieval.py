@@ -551,12 +551,16 @@ def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     if check_images:
         _check_images([p for p, e in zip(images.paths, evaluated) if e and not storage.is_url(p)], TABLE_LAYOUT, path)
     if split is None:
+        _require_unique_images(images.keys, "leave-one-out", path)
         return Splits(query=images)
     known = {"train", "test", "query", "gallery"}
     unknown = sorted(set(split) - known)
     if unknown:
         raise InputError(f"{path}: column 'split' holds {unknown}; use train, test, query or gallery")
     parts = {name: images.subset(split == name) for name in known if (split == name).any()}
+    for name in ("test", "query", "gallery"):
+        if name in parts:
+            _require_unique_images(parts[name].keys, name, path)
     if "query" in parts or "gallery" in parts:
         if not {"query", "gallery"} <= set(parts):
             raise InputError(f"{path}: rows marked query need rows marked gallery, and the reverse")

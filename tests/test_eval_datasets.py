@@ -509,6 +509,17 @@ def test_birdsnap_from_its_file_list_skips_images_not_downloaded(tmp_path):
     assert sorted(zip((Path(p).name for p in test.images), test.labels.tolist())) == [("2.jpg", 1), ("4.jpg", 0)]
 
 
+@pytest.mark.parametrize("bad_row", ["http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\towl\t1\n",
+                                     "http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\n"])
+def test_birdsnap_row_without_a_species_number_is_named_by_line(tmp_path, bad_row):
+    header = "url\tmd5\tpath\tspecies_id\tbb_x1\n"
+    write(tmp_path / "images.txt", header + "http://x/Blue_Jay/1.jpg\t0\tBlue_Jay/1.jpg\t7\t1\n" + bad_row)
+    write(tmp_path / "test_images.txt", "path\nBlue_Jay/1.jpg\n")
+    jpeg(tmp_path / "download" / "images" / "Blue_Jay" / "1.jpg")
+    with pytest.raises(InputError, match=r"images\.txt: line 3 has species_id ('owl'|None), not a number"):
+        load_classification_benchmark("birdsnap", tmp_path)
+
+
 def test_classification_dataset_not_found_shows_the_layout(tmp_path):
     with pytest.raises(InputError, match="Food101 not found under .*\n.*food-101/meta"):
         load_classification_benchmark("food101", tmp_path)

@@ -435,7 +435,7 @@ def test_a_benchmark_image_whose_embedding_holds_nan_is_named_by_key_and_folder_
     embedding_folder(tmp_path / "emb", x, keys, parts=1)
     assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "cub", "--root", str(root),
                  "--dims", "none", "--out", str(tmp_path / "report")]) == 2
-    assert (f"{tmp_path / 'emb'}: 1 of the rows scored hold NaN or infinite values or are all zeros, "
+    assert (f"{tmp_path / 'emb'}: 1 of the rows used hold NaN or infinite values or are all zeros, "
             "e.g. 'images/102.Bird_102/Bird_1.jpg' (row 4)") in capsys.readouterr().err
 
 

@@ -187,12 +187,25 @@ def test_a_row_without_a_direction_is_named_by_folder_and_key_not_by_its_place_i
     folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
     assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
                  "--classes", "1,2", "--out", str(tmp_path / "report")]) == 2
-    assert (f"{tmp_path / 'q'}: 1 of the rows scored hold NaN or infinite values or are all zeros, e.g. 'q9' (row 9)"
+    assert (f"{tmp_path / 'q'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 'q9' (row 9)"
             in capsys.readouterr().err)
     assert not (tmp_path / "report" / "metrics.json").exists()
     x[9] = 1.0
     folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
     assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
                  "--out", str(tmp_path / "report")]) == 2
-    assert f"{tmp_path / 'g'}: 1 of the rows scored hold NaN or infinite values or are all zeros, e.g. 'g1' (row 1)" \
+    assert f"{tmp_path / 'g'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 'g1' (row 1)" \
         in capsys.readouterr().err
+
+
+def test_a_train_row_without_a_direction_is_named_by_folder_key_and_row(tmp_path, capsys):
+    x, labels = data(40, 16, 4, 0.8, seed=7)
+    train, train_labels = data(30, 16, 4, 0.8, seed=8)
+    train[17] = np.nan
+    folder(tmp_path / "q", x, labels.tolist(), "q")
+    folder(tmp_path / "t", train, train_labels.tolist(), "t")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--train-embeddings", str(tmp_path / "t"),
+                 "--dims", "8", "--out", str(tmp_path / "report")]) == 2
+    assert f"{tmp_path / 't'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 't17' (row 17)" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

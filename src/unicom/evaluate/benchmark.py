@@ -100,7 +100,7 @@ def _require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Seque
         bad.extend((start + np.flatnonzero(~np.isfinite(block).all(1) | ~block.any(1))).tolist())
     if bad:
         shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
-        raise InputError(f"{folder}: {len(bad)} of the rows scored hold NaN or infinite values or are all zeros, "
+        raise InputError(f"{folder}: {len(bad)} of the rows used hold NaN or infinite values or are all zeros, "
                          f"e.g. {shown}; embed those images again or leave them out")
 
 
@@ -362,8 +362,11 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
-            rows = rows[rows >= 0]
+            found = rows >= 0
+            keys, rows = [train.keys[i] for i, ok in zip(train_rows, found) if ok], rows[found]
             vectors["train"] = x[rows] if len(rows) >= 2 else None
+            if vectors["train"] is not None:
+                _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
     if dims and vectors.get("train") is None:
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
@@ -525,7 +528,15 @@ def evaluate_embedding_folders(
     if train_embeddings is not None and ((pca and dims) or lookup is not None):
         train, train_metadata = read_embedding_folder(train_embeddings)
         labelled.append((train_embeddings, train_metadata))
-        train = train[_sample(len(train), pca_samples)] if pca and dims else None
+        if pca and dims:
+            sample = _sample(len(train), pca_samples)
+            train = train[sample]
+            keys = (_key_column(train_metadata, train_embeddings) if train_metadata is not None  # a folder of
+                    else None)  # vectors for the PCA alone may have no keys
+            _require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,
+                                 rows=sample)
+        else:
+            train = None
     _note_unlabelled_rows(info, lookup, labels, labelled)
     if dims and train is None:
         _add_note(info, "no train embeddings: the PCA baseline is left out")

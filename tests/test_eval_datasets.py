@@ -177,6 +177,22 @@ def test_gldv2_relevance_subsets_and_ignored_queries(tmp_path):
     assert {k: v.tolist() for k, v in protocol.subsets.items()} == {"public": [0], "private": [1]}
 
 
+@pytest.mark.parametrize("listed, error", [
+    ("index.csv", r"index\.csv: the index split lists 1 image more than once, e\.g\. index/1/1/2/1123456789abcdef\.jpg"),
+    ("retrieval_solution_v2.1.csv", r"retrieval_solution_v2\.1\.csv: the query split lists 1 image more than once"),
+])
+def test_gldv2_id_listed_twice_is_refused(tmp_path, listed, error):
+    # a second copy of a relevant index image would rank as a wrong answer: relevance names one row
+    from benchmark_layouts import GLD_INDEX, GLD_TEST, gldv2
+
+    gldv2(tmp_path, "flat")
+    extra = f"{GLD_INDEX[1]}\n" if listed == "index.csv" else f"{GLD_TEST[2]},{GLD_INDEX[0]},Private\n"
+    with open(tmp_path / listed, "a") as file:
+        file.write(extra)
+    with pytest.raises(InputError, match=error):
+        load_retrieval_benchmark("gldv2", tmp_path)
+
+
 def test_generic_folder_and_csv_with_split_column(tmp_path):
     from support import write_class_folder
 
@@ -211,6 +227,26 @@ def test_csv_listing_a_missing_evaluation_image_is_refused_before_anything_runs(
     assert load_retrieval_benchmark("csv", tmp_path / "list.csv").query.keys[0] == "a b/0.jpg"
 
 
+@pytest.mark.parametrize("table, split", [
+    ("path,label\n0.jpg,x\n1.jpg,x\n0.jpg,x\n", "leave-one-out"),
+    ("path,label,split\n0.jpg,x,test\n1.jpg,x,test\n0.jpg,x,test\n", "test"),
+    ("path,label,split\n0.jpg,x,query\n1.jpg,x,gallery\n1.jpg,x,gallery\n", "gallery"),
+])
+def test_csv_listing_an_evaluation_image_twice_is_refused(table, split, tmp_path):
+    for name in ("0", "1"):
+        jpeg(tmp_path / f"{name}.jpg")
+    write(tmp_path / "list.csv", table)
+    with pytest.raises(InputError, match=rf"list\.csv: the {split} split lists 1 image more than once, e\.g\. "):
+        load_retrieval_benchmark("csv", tmp_path / "list.csv")
+
+
+def test_csv_may_list_an_image_in_the_query_and_the_gallery(tmp_path):
+    for name in ("0", "1"):
+        jpeg(tmp_path / f"{name}.jpg")
+    write(tmp_path / "list.csv", "path,label,split\n0.jpg,x,query\n0.jpg,x,gallery\n1.jpg,x,gallery\n")
+    assert len(load_retrieval_benchmark("csv", tmp_path / "list.csv").gallery) == 2
+
+
 def test_missing_index_file_names_it_and_shows_the_layout(tmp_path):
     with pytest.raises(InputError, match=r"Ebay_train\.txt: not found; looked for:\n(.|\n)*expected layout:\n.*image_id class_id"):
         load_retrieval_benchmark("sop", tmp_path)
@@ -223,6 +259,41 @@ def test_missing_images_are_listed_before_anything_runs(tmp_path):
     jpeg(tmp_path / "a_final" / "2.JPG")
     with pytest.raises(InputError, match=r"Ebay_test\.txt: 1 of the images it lists are missing, e\.g\.:\n.*a_final/3\.JPG"):
         load_retrieval_benchmark("sop", tmp_path)
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_an_image_listed_twice_in_a_split_is_refused_naming_it(tmp_path, check_images):
+    # searched leave-one-out, the second copy would be the first one's nearest neighbour
+    header = "image_id class_id super_class_id path\n"
+    write(tmp_path / "Ebay_train.txt", header + "1 1 1 a_final/1.JPG\n")
+    write(tmp_path / "Ebay_test.txt", header + "2 2 1 a_final/2.JPG\n3 2 1 a_final/3.JPG\n4 2 1 a_final/3.JPG\n")
+    for name in ("1", "2", "3"):
+        jpeg(tmp_path / "a_final" / f"{name}.JPG")
+    with pytest.raises(InputError, match=r"the test split lists 1 image more than once, e\.g\. a_final/3\.JPG \(2 times\)"):
+        load_retrieval_benchmark("sop", tmp_path, check_images=check_images)
+
+
+def _cub_files(root: Path, images: str, labels: str, classes: str) -> Path:
+    for image_id, name in (("1", "001.A/a.jpg"), ("2", "101.B/b.jpg"), ("3", "101.B/c.jpg")):
+        jpeg(root / "images" / name)
+    write(root / "images.txt", images)
+    write(root / "image_class_labels.txt", labels)
+    write(root / "classes.txt", classes)
+    return root
+
+
+@pytest.mark.parametrize("images, labels, classes, error", [
+    ("1 001.A/a.jpg\n2 101.B/b.jpg\n3 101.B/c.jpg\n", "1 1\n2 101\n3 101\n1 101\n", "1 001.A\n101 101.B\n",
+     r"image_class_labels\.txt: line 4 gives image 1 a class again"),
+    ("1 001.A/a.jpg\n2 101.B/b.jpg\n3 101.B/c.jpg\n2 101.B/c.jpg\n", "1 1\n2 101\n3 101\n", "1 001.A\n101 101.B\n",
+     r"images\.txt: line 4 names image id 2 again"),
+    ("1 001.A/a.jpg\n2 101.B/b.jpg\n3 101.B/c.jpg\n", "1 1\n2 101\n3 101\n", "1 001.A\n101\n",
+     r"classes\.txt: line 2 \('101'\) is not '<class id> <class folder>'"),
+])
+def test_cub_lines_that_repeat_an_id_or_lack_a_field_are_named(tmp_path, images, labels, classes, error):
+    root = _cub_files(tmp_path / "CUB_200_2011", images, labels, classes)
+    with pytest.raises(InputError, match=error):
+        load_retrieval_benchmark("cub", root)
 
 
 @pytest.mark.parametrize("name", ["sop", "gldv2"])
@@ -436,6 +507,17 @@ def test_birdsnap_from_its_file_list_skips_images_not_downloaded(tmp_path):
     assert train.class_names == ["Barn Owl", "Blue Jay"]
     assert sorted(Path(p).name for p in train.images) == ["1.jpg", "3.jpg"]
     assert sorted(zip((Path(p).name for p in test.images), test.labels.tolist())) == [("2.jpg", 1), ("4.jpg", 0)]
+
+
+@pytest.mark.parametrize("bad_row", ["http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\towl\t1\n",
+                                     "http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\n"])
+def test_birdsnap_row_without_a_species_number_is_named_by_line(tmp_path, bad_row):
+    header = "url\tmd5\tpath\tspecies_id\tbb_x1\n"
+    write(tmp_path / "images.txt", header + "http://x/Blue_Jay/1.jpg\t0\tBlue_Jay/1.jpg\t7\t1\n" + bad_row)
+    write(tmp_path / "test_images.txt", "path\nBlue_Jay/1.jpg\n")
+    jpeg(tmp_path / "download" / "images" / "Blue_Jay" / "1.jpg")
+    with pytest.raises(InputError, match=r"images\.txt: line 3 has species_id ('owl'|None), not a number"):
+        load_classification_benchmark("birdsnap", tmp_path)
 
 
 def test_classification_dataset_not_found_shows_the_layout(tmp_path):

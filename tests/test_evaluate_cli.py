@@ -78,6 +78,20 @@ def test_embeddings_folder_leave_one_out_with_dimension_curve(tmp_path, capsys):
     assert "recall@1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("again", [["--dims", "none"], ["--train-embeddings", "TRAIN", "--task", "classification"]])
+def test_a_report_without_a_curve_leaves_no_earlier_curve_beside_it(tmp_path, again):
+    x, labels = clustered(40, 16, 4, 0.5, seed=0)
+    embedding_folder(tmp_path / "test", x, [f"img{i}" for i in range(40)], labels.tolist())
+    embedding_folder(tmp_path / "train", x, [f"t{i}" for i in range(40)], labels.tolist())
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), "--dims", "8", "--out", str(out)]) == 0
+    assert (out / "recall_vs_dimension.png").is_file()
+    again = [str(tmp_path / "train") if a == "TRAIN" else a for a in again]
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), *again, "--no-probe", "--out", str(out)]) == 0
+    assert "dimensions" not in json.loads((out / "metrics.json").read_text())
+    assert not (out / "recall_vs_dimension.png").exists()
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]
@@ -94,6 +108,24 @@ def test_labels_file_and_gallery_folder(tmp_path):
     assert report["metrics"] == pytest.approx(expected)
     assert report["protocol"]["gallery"] == 40
     assert not (out / "recall_vs_dimension.png").exists() and "dimensions" not in report
+
+
+def test_labels_file_keys_without_an_embedding_are_named_in_the_report(tmp_path, capsys):
+    # two images of the labels file never made it into the folders (their embedding failed)
+    x, labels = clustered(30, 16, 3, 0.5, seed=2)
+    keys = [f"img{i}" for i in range(30)]
+    embedding_folder(tmp_path / "query", x[:10], keys[:10])
+    embedding_folder(tmp_path / "gallery", x[10:28], keys[10:28])
+    embedding_folder(tmp_path / "train", x[:28], keys[:28])
+    table = tmp_path / "labels.csv"
+    table.write_text("key,label\n" + "".join(f"{k},{v}\n" for k, v in zip(keys, labels)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--train-embeddings", str(tmp_path / "train"), "--labels", str(table), "--out", str(out)]) == 0
+    note = json.loads((out / "metrics.json").read_text())["note"]
+    assert note.startswith(f"2 of the 30 keys of {table} have no embedding in {tmp_path / 'query'}, "
+                           f"{tmp_path / 'gallery'}, {tmp_path / 'train'} and are not scored, e.g. 'img28', 'img29'")
+    assert note in capsys.readouterr().out
 
 
 def test_labels_file_keeps_webdataset_keys_as_written(tmp_path):
@@ -286,6 +318,26 @@ def test_classification_dataset_with_a_model(tmp_path):
     assert keys["dataset"] == "eurosat" and keys["images"] == 16
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--dataset", "sop", "--root", "DATA", "--gallery-embeddings", "EMB"], "--gallery-embeddings: for embedding folders "
+     "without --dataset; with --dataset sop the benchmark gives the splits"),
+    (["--dataset", "sop", "--root", "DATA", "--labels", "LABELS", "--train-embeddings", "EMB"],
+     "--labels, --train-embeddings: for embedding folders without --dataset"),
+    (["--dataset", "cifar10", "--root", "DATA", "--task", "classification"], "--task: for embedding folders"),
+    (["--pretrained", "laion400m_e32"], "--pretrained names the weights of --model"),
+])
+def test_options_that_the_run_would_not_use_are_refused(tmp_path, capsys, options, message):
+    # each would otherwise be dropped without a word: the benchmark's own splits and labels are used
+    x, labels = clustered(6, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(6)], labels.tolist(), parts=1)
+    (tmp_path / "labels.csv").write_text("key,label\n")
+    given = {"DATA": str(tmp_path), "EMB": str(tmp_path / "emb"), "LABELS": str(tmp_path / "labels.csv")}
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), *[given.get(o, o) for o in options],
+                 "--out", str(tmp_path / "report")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--ks", "0", "expected positive integers, got '0'"),
     ("--ks", "none", "expected comma-separated integers, got 'none'"),
@@ -370,3 +422,40 @@ def test_embeddings_made_elsewhere_are_scored_with_the_list_files_alone(name, tm
     else:
         expected = retrieval_metrics(x, protocol.query.labels, ks=protocol.ks)
     assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+
+
+def test_a_benchmark_image_whose_embedding_holds_nan_is_named_by_key_and_folder_row(tmp_path, capsys):
+    from benchmark_layouts import cub
+
+    root = cub(tmp_path / "data", "download")
+    keys = ["images/101.Bird_101/Bird_1.jpg", "images/001.Bird_1/Bird_0.jpg", "images/102.Bird_102/Bird_0.jpg",
+            "images/101.Bird_101/Bird_0.jpg", "images/102.Bird_102/Bird_1.jpg"]
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    x[4] = np.nan  # the last test image, the fourth of the query split
+    embedding_folder(tmp_path / "emb", x, keys, parts=1)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "cub", "--root", str(root),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert (f"{tmp_path / 'emb'}: 1 of the rows used hold NaN or infinite values or are all zeros, "
+            "e.g. 'images/102.Bird_102/Bird_1.jpg' (row 4)") in capsys.readouterr().err
+
+
+def test_embeddings_cached_by_a_benchmark_run_carry_its_class_names(tmp_path):
+    # read again without the benchmark, --classes 102 must mean CUB's class 102, not this run's label id 102
+    from benchmark_layouts import cub
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    cub(tmp_path / "data", "download")  # classes 1, 2, 3 train; 101, 102 test; two images each
+    (tmp_path / "data" / "CUB_200_2011" / "classes.txt").write_text(
+        "1 001.A\n2 002.B\n3 003.C\n101 101.Common_Tern\n102 102.Sage_Thrasher\n")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "cub", "--root", str(tmp_path / "data"),
+                 "--no-pca", "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(out / "embeddings" / "query" / "metadata" / "metadata_0.parquet").column("label").to_pylist()
+    assert labels == ["101.Common_Tern", "101.Common_Tern", "102.Sage_Thrasher", "102.Sage_Thrasher"]
+    again = tmp_path / "again"
+    assert main(["evaluate", "--embeddings", str(out / "embeddings" / "query"), "--classes", "102.Sage_Thrasher",
+                 "--dims", "none", "--out", str(again)]) == 0
+    report = json.loads((again / "metrics.json").read_text())
+    assert report["protocol"]["queries"] == 2 and report["class_subset"]["scored_classes"] == 1

@@ -90,6 +90,22 @@ def test_excluded_classes_from_a_file_leave_one_out(tmp_path):
     assert report["class_subset"] == {"exclude_classes": ["dog", "owl"], "scored_classes": 6, "all_classes": 8}
 
 
+def test_a_class_file_saved_with_a_byte_order_mark_names_its_first_class(tmp_path, capsys):
+    # as a Windows editor saves it: a byte-order mark before the first name, CRLF line ends
+    x, labels = data(40, 12, 4, 1.0, seed=3)
+    names = np.array(["cat", "dog", "owl", "elk"])[labels]
+    folder(tmp_path / "q", x, names.tolist(), "q")
+    (tmp_path / "keep.txt").write_bytes(b"\xef\xbb\xbfdog\r\nowl\r\n")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--classes", f"@{tmp_path / 'keep.txt'}",
+                 "--dims", "none", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["class_subset"]["classes"] == ["dog", "owl"]
+    (tmp_path / "latin1.txt").write_bytes(b"dog\nb\xe9b\xe9\n")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--classes", f"@{tmp_path / 'latin1.txt'}",
+                 "--dims", "none", "--out", str(out)]) == 2
+    assert "latin1.txt: line 2 (byte 5, b'\\xe9') is not UTF-8" in capsys.readouterr().err
+
+
 def test_class_names_of_a_labels_file_select_classes(tmp_path):
     """--labels with names (key,label = q0,cat): --classes names them as it names the
     metadata's string labels, rather than by the numbers the file's names were mapped to."""
@@ -150,3 +166,46 @@ def test_a_dimension_where_rows_vanish_is_skipped_and_the_others_are_scored(tmp_
     table = (out / "metrics.md").read_text()
     assert "| 16 | skipped |" in table and "dimension 8 (first) skipped" in table
     assert (out / "recall_vs_dimension.png").is_file()
+
+
+def test_dimensions_above_the_embedding_are_named_when_left_out(tmp_path, caplog):
+    x, labels = data(40, 16, 4, 0.8, seed=5)
+    folder(tmp_path / "q", x, labels.tolist(), "q")
+    out = tmp_path / "report"
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--dims", "8,100,200", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert [row["dimension"] for row in report["dimensions"]] == [8, 16]
+    assert "dimensions 100, 200 left out: the embeddings have 16 dimensions (scored in full)" in caplog.messages
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_row_without_a_direction_is_named_by_folder_and_key_not_by_its_place_in_a_subset(tmp_path, capsys, value):
+    x, labels = data(40, 16, 4, 0.8, seed=6)
+    x[[9, 21]] = value  # rows 9 and 21 are of class 1
+    folder(tmp_path / "g", x[20:], labels[20:].tolist(), "g")
+    folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 "--classes", "1,2", "--out", str(tmp_path / "report")]) == 2
+    assert (f"{tmp_path / 'q'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 'q9' (row 9)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "report" / "metrics.json").exists()
+    x[9] = 1.0
+    folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 "--out", str(tmp_path / "report")]) == 2
+    assert f"{tmp_path / 'g'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 'g1' (row 1)" \
+        in capsys.readouterr().err
+
+
+def test_a_train_row_without_a_direction_is_named_by_folder_key_and_row(tmp_path, capsys):
+    x, labels = data(40, 16, 4, 0.8, seed=7)
+    train, train_labels = data(30, 16, 4, 0.8, seed=8)
+    train[17] = np.nan
+    folder(tmp_path / "q", x, labels.tolist(), "q")
+    folder(tmp_path / "t", train, train_labels.tolist(), "t")
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--train-embeddings", str(tmp_path / "t"),
+                 "--dims", "8", "--out", str(tmp_path / "report")]) == 2
+    assert f"{tmp_path / 't'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 't17' (row 17)" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

@@ -58,11 +58,13 @@ def class_list(text: str | None, option: str) -> list[str] | None:
         return None
     if text.startswith("@"):
         from unicom import storage
+        from unicom.data.lists import decode_utf8
 
         try:
-            lines = storage.read_text(text[1:]).splitlines()
-        except (OSError, UnicodeDecodeError) as error:
+            data = storage.read_bytes(text[1:])
+        except OSError as error:
             raise InputError(f"{option} {text}: cannot read the class list ({error})") from error
+        lines = decode_utf8(data, f"{option} {text}").splitlines()  # UTF-8, a byte-order mark dropped
         names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     else:
         names = [name.strip() for name in text.split(",") if name.strip()]
@@ -123,7 +125,17 @@ def run(args: argparse.Namespace) -> int:
     subset = {"classes": class_list(args.classes, "--classes"),
               "exclude_classes": class_list(args.exclude_classes, "--exclude-classes")}
 
+    if args.pretrained is not None and args.model is None:
+        raise InputError("--pretrained names the weights of --model; embeddings given with --embeddings are used as they are")
     if args.dataset is not None:
+        unused = [option for option, given in (("--labels", args.labels), ("--gallery-embeddings", args.gallery_embeddings),
+                                               ("--train-embeddings", args.train_embeddings),
+                                               ("--task", args.task != "retrieval")) if given]
+        if unused:
+            raise InputError(
+                f"{', '.join(unused)}: for embedding folders without --dataset; with --dataset {args.dataset} the "
+                "benchmark gives the splits, labels and task, and --embeddings is one folder holding the embeddings "
+                "of all its images, found by key (as unicom embed --dataset writes it)")
         if args.root is None:
             raise InputError(f"--dataset {args.dataset} needs --root, the dataset's folder")
         report = evaluate_benchmark(

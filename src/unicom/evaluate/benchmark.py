@@ -49,24 +49,32 @@ def _key_column(metadata, root) -> list[str]:
     return [str(v) for v in metadata.column(column).to_pylist()]
 
 
-def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, label_column: str = "label") -> np.ndarray:
-    """Labels of an embedding folder's rows: from ``labels_file`` (key,label) or its metadata."""
+def read_labels(labels_file: str | os.PathLike, label_column: str = "label") -> dict:
+    """key -> label of a labels file (CSV/parquet with ``key`` and ``label_column``)."""
+    from unicom.data.lists import read_table
+
+    table = read_table(labels_file, path_column="key", label_column=label_column, caption_column=None, key_column=None)
+    if table.labels is None:
+        raise InputError(f"{labels_file}: no {label_column!r} column")
+    # labels that are names stay names, as in the metadata: --classes names them
+    values = table.labels.tolist() if table.class_names is None else [table.class_names[i] for i in table.labels]
+    lookup, conflicts = {}, []
+    for row, (key, label) in enumerate(zip(table.keys, values)):
+        if lookup.setdefault(key, label) != label:
+            conflicts.append(f"{key!r} (data row {row + 1})")
+    if conflicts:
+        raise InputError(f"{labels_file}: {len(conflicts)} keys are given another label on a later row, e.g. "
+                         f"{', '.join(conflicts[:3])}; give each key one label")
+    return lookup
+
+
+def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, label_column: str = "label",
+              lookup: dict | None = None) -> np.ndarray:
+    """Labels of an embedding folder's rows: from ``labels_file`` (key,label; ``lookup``: the
+    file as :func:`read_labels` read it) or its metadata."""
     keys = _key_column(metadata, root)
     if labels_file is not None:
-        from unicom.data.lists import read_table
-
-        table = read_table(labels_file, path_column="key", label_column=label_column, caption_column=None, key_column=None)
-        if table.labels is None:
-            raise InputError(f"{labels_file}: no {label_column!r} column")
-        # labels that are names stay names, as in the metadata: --classes names them
-        values = table.labels.tolist() if table.class_names is None else [table.class_names[i] for i in table.labels]
-        lookup, conflicts = {}, []
-        for row, (key, label) in enumerate(zip(table.keys, values)):
-            if lookup.setdefault(key, label) != label:
-                conflicts.append(f"{key!r} (data row {row + 1})")
-        if conflicts:
-            raise InputError(f"{labels_file}: {len(conflicts)} keys are given another label on a later row, e.g. "
-                             f"{', '.join(conflicts[:3])}; give each key one label")
+        lookup = read_labels(labels_file, label_column) if lookup is None else lookup
         missing = [k for k in keys if k not in lookup]
         if missing:
             raise InputError(f"{labels_file}: no label for {len(missing)} keys of {root}, e.g. {missing[:3]}")
@@ -78,6 +86,22 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
     if missing:
         raise InputError(f"{root}: rows {missing[:3]} have no {label_column!r}")
     return np.asarray(values)
+
+
+def _require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Sequence[int] | None = None,
+                        block_rows: int = 65_536) -> None:
+    """An :class:`InputError` naming the folder, key and row of the rows of ``x`` (N, D) that
+    hold NaN or infinite values or are all zeros: they have no direction to rank by. Named
+    here, by key and by ``rows`` (x's rows in the folder; default 0..N-1), rather than by
+    their position among the rows scored."""
+    bad = []
+    for start in range(0, len(x), block_rows):
+        block = np.asarray(x[start:start + block_rows], dtype=np.float32)
+        bad.extend((start + np.flatnonzero(~np.isfinite(block).all(1) | ~block.any(1))).tolist())
+    if bad:
+        shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
+        raise InputError(f"{folder}: {len(bad)} of the rows used hold NaN or infinite values or are all zeros, "
+                         f"e.g. {shown}; embed those images again or leave them out")
 
 
 class _RowIndex:
@@ -126,7 +150,7 @@ def embed_cached(
     folder: str | os.PathLike,
     config: dict,
     *,
-    labels: Sequence[int] | None = None,
+    labels: Sequence[int | str] | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
     desc: str = "embed",
@@ -171,7 +195,7 @@ def embed_cached(
             embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
             columns = {"key": part_keys}
             if labels is not None:
-                columns["label"] = [int(v) for v in labels[start:stop]]
+                columns["label"] = [v if isinstance(v, str) else int(v) for v in labels[start:stop]]
             write_part(folder, number, image=embeddings, metadata=pa.table(columns))
             parts.append(embeddings)
             bar.update(stop - start)
@@ -303,9 +327,15 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
 
                 inputs = cropped_queries(images, protocol.query_boxes)
                 identity["query_boxes_sha256"] = query_boxes_sha256(protocol.query_boxes)
+            labels = images.labels
+            if labels is not None and images.class_names is not None:
+                # the folder is read again without the benchmark (--embeddings, --classes): its labels are the
+                # benchmark's class names (CUB's 150.Sage_Thrasher, SOP's 11319), not this run's vocabulary ids
+                labels = [images.class_names[i] for i in labels.tolist()]
+                identity["labels"] = "class names"
             vectors[split] = embed_cached(
                 encoder, inputs, images.keys, out / "embeddings" / split, identity,
-                labels=images.labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
+                labels=labels, batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} {split}")
         if train is not None:
             vectors["train"] = embed_cached(
                 encoder, [train.paths[i] for i in train_rows], [train.keys[i] for i in train_rows],
@@ -328,11 +358,15 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
+            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows)
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
-            rows = rows[rows >= 0]
+            found = rows >= 0
+            keys, rows = [train.keys[i] for i, ok in zip(train_rows, found) if ok], rows[found]
             vectors["train"] = x[rows] if len(rows) >= 2 else None
+            if vectors["train"] is not None:
+                _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
     if dims and vectors.get("train") is None:
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
@@ -464,14 +498,18 @@ def evaluate_embedding_folders(
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
     x, metadata = read_embedding_folder(embeddings)
-    y = labels_of(metadata, embeddings, labels)
+    lookup = None if labels is None else read_labels(labels)
+    y = labels_of(metadata, embeddings, labels, lookup=lookup)
     info = {"embeddings": storage.absolute(embeddings)}
+    labelled = [(embeddings, metadata)]  # the folders whose keys the labels file labels
     if task == "classification":
         _retrieval_only(classes, exclude_classes)
         if train_embeddings is None:
             raise InputError("classification needs --train-embeddings (the train split) besides --embeddings (the test split)")
         train_x, train_metadata = read_embedding_folder(train_embeddings)
-        train_y = labels_of(train_metadata, train_embeddings, labels)
+        train_y = labels_of(train_metadata, train_embeddings, labels, lookup=lookup)
+        labelled.append((train_embeddings, train_metadata))
+        _note_unlabelled_rows(info, lookup, labels, labelled)
         _require_shared_classes(train_y, y, train_embeddings, embeddings)
         train_y, y = _shared_ids(train_y, y)
         return evaluate_classification(train_x, train_y, x, y, probe=probe, knn=knn, knn_k=knn_k,
@@ -479,19 +517,52 @@ def evaluate_embedding_folders(
                                        names=(f"{train_embeddings} (--train-embeddings)", f"{embeddings} (--embeddings)"))
     if task != "retrieval":
         raise InputError(f"task must be 'retrieval' or 'classification', got {task!r}")
+    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings)
     gallery = gallery_y = None
     if gallery_embeddings is not None:
         gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
-        gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels)
+        gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
+        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings)
+        labelled.append((gallery_embeddings, gallery_metadata))
     train = None
-    if pca and dims and train_embeddings is not None:
-        train, _ = read_embedding_folder(train_embeddings)
-        train = train[_sample(len(train), pca_samples)]
+    if train_embeddings is not None and ((pca and dims) or lookup is not None):
+        train, train_metadata = read_embedding_folder(train_embeddings)
+        labelled.append((train_embeddings, train_metadata))
+        if pca and dims:
+            sample = _sample(len(train), pca_samples)
+            train = train[sample]
+            keys = (_key_column(train_metadata, train_embeddings) if train_metadata is not None  # a folder of
+                    else None)  # vectors for the PCA alone may have no keys
+            _require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,
+                                 rows=sample)
+        else:
+            train = None
+    _note_unlabelled_rows(info, lookup, labels, labelled)
     if dims and train is None:
-        info["note"] = "no train embeddings: the PCA baseline is left out"
+        _add_note(info, "no train embeddings: the PCA baseline is left out")
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
                               exclude_classes=exclude_classes)
+
+
+def _add_note(info: dict, note: str) -> None:
+    info["note"] = f"{info['note']}; {note}" if info.get("note") else note
+
+
+def _note_unlabelled_rows(info: dict, lookup: dict | None, labels_file, folders) -> None:
+    """Note the keys of ``labels_file`` that no folder of ``folders`` (root, metadata) holds:
+    images labelled but never embedded (a failed or partial embedding run) are not scored."""
+    if lookup is None:
+        return
+    embedded = set()
+    for root, metadata in folders:
+        if metadata is not None:  # a train folder for the PCA alone may have no keys
+            embedded.update(_key_column(metadata, root))
+    absent = [key for key in lookup if key not in embedded]
+    if absent:
+        _add_note(info, f"{len(absent)} of the {len(lookup)} keys of {labels_file} have no embedding in "
+                        f"{', '.join(str(root) for root, _ in folders)} and are not scored, e.g. "
+                        f"{', '.join(map(repr, absent[:3]))}")
 
 
 def _require_shared_classes(train_y, test_y, train_root, test_root) -> None:

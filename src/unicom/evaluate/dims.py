@@ -127,12 +127,16 @@ def dimension_curve(
     Returns rows ``{"dimension": d, "method": "first" | "pca", **metrics}``, ``first``
     rows first, each by increasing d. The ``pca`` rows need ``train`` (embeddings of the
     train split; the axes are fitted on them) and are absent without it. Dimensions above
-    D are skipped. A d at which some rows are all zeros (no direction to rank by) is not
+    D are left out with a warning that names them. A d at which some rows are all zeros (no direction to rank by) is not
     scored: its row is ``{"dimension": d, "method": ..., "skipped": why}``, naming the
     rows, and a warning says so; the other dimensions are scored.
     """
     full = np.asarray(query).shape[1]
     wanted = sorted({int(d) for d in dims if 1 <= int(d) < full} | {full})
+    above = sorted({int(d) for d in dims if int(d) > full})
+    if above:
+        logger.warning("dimension%s %s left out: the embeddings have %d dimensions (scored in full)",
+                       "s" if len(above) > 1 else "", ", ".join(map(str, above)), full)
     rows = []
     methods = {"first": first_dimensions}
     if train is not None:

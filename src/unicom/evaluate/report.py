@@ -173,6 +173,8 @@ def write_retrieval_report(report: dict, out: str | os.PathLike) -> None:
     if report.get("dimensions"):
         title = " / ".join(str(report[k]) for k in ("dataset", "model") if report.get(k))
         plot_dimension_curve(report["dimensions"], out / PLOT_NAME, metric=metric, title=title)
+    else:  # an earlier run's curve would stand beside this report as if it were its own
+        (out / PLOT_NAME).unlink(missing_ok=True)
     write_text_atomic(out / MARKDOWN_NAME, retrieval_markdown(report))
     write_json_atomic(out / JSON_NAME, report)
 
@@ -281,6 +283,7 @@ def evaluate_classification(
     if out is not None:
         out = Path(out)
         sweep_temporaries(out, [MARKDOWN_NAME, JSON_NAME])  # what a killed run left
+        (out / PLOT_NAME).unlink(missing_ok=True)  # a retrieval run's curve, not this report's
         write_text_atomic(out / MARKDOWN_NAME, classification_markdown(report))
         write_json_atomic(out / JSON_NAME, report)
     return report

@@ -253,7 +253,13 @@ def load_birdsnap(root, download=False, layout=""):
     if not rows or not {"path", "species_id"} <= set(rows[0]):
         raise InputError(f"{root / 'images.txt'}: expected tab-separated columns including path and species_id")
     test_paths = set(_read_test_list(root / "test_images.txt"))
-    species = sorted({int(row["species_id"]) for row in rows})
+    for number, row in enumerate(rows, 2):
+        try:
+            row["species_id"] = int(row["species_id"])
+        except (TypeError, ValueError):
+            raise InputError(f"{root / 'images.txt'}: line {number} has species_id {row['species_id']!r}, not a "
+                             "number (a row with fewer tab-separated fields than the header?)") from None
+    species = sorted({row["species_id"] for row in rows})
     names = _species_names(root, species)
     label_of = {s: i for i, s in enumerate(species)}
     splits = {"train": ([], []), "test": ([], [])}
@@ -265,7 +271,7 @@ def load_birdsnap(root, download=False, layout=""):
             continue
         images, labels = splits["test" if row["path"] in test_paths else "train"]
         images.append(str(path))
-        labels.append(label_of[int(row["species_id"])])
+        labels.append(label_of[row["species_id"]])
     if missing:
         warnings.warn(f"Birdsnap: {missing} of {len(rows)} images listed in images.txt are not under {image_dir}; skipped")
     for split, (images, _) in splits.items():

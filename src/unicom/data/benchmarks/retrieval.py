@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -128,6 +129,7 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
     out: dict[str, ImageList] = {}
     for split in dict.fromkeys(s for _, _, s in records):
         rows = [(p, c) for p, c, s in records if s == split]
+        _require_unique_images([p for p, _ in rows], split, (listed_in or {}).get(split, root))
         paths = [str(root / p) for p, _ in rows]
         if split != "train" and listed_in is not None:
             _check_images(paths, layout, listed_in[split])
@@ -138,6 +140,17 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
             class_names=class_names,
         )
     return out
+
+
+def _require_unique_images(keys: Sequence[str], split: str, source) -> None:
+    """An error naming the images that ``source`` lists more than once in ``split``: searched
+    leave-one-out, each copy would be the other's nearest neighbour and lift every score."""
+    counts = Counter(keys)
+    repeated = [key for key, count in counts.items() if count > 1]
+    if repeated:
+        shown = ", ".join(f"{key} ({counts[key]} times)" for key in repeated[:5])
+        raise InputError(f"{source}: the {split} split lists {len(repeated)} image{'s' if len(repeated) > 1 else ''} more than once, e.g. {shown}; "
+                         "an image listed twice is its own nearest neighbour: keep one line per image")
 
 
 # --------------------------------------------------------------------------- CUB, Cars
@@ -164,11 +177,18 @@ def read_cub(root: str | os.PathLike, check_images: bool = True) -> Splits:
         parts = line.split()
         if len(parts) != 2:
             raise InputError(f"{labels_path}: line {number} ({line!r}) is not '<image id> <class id>'")
+        if parts[0] in labels:
+            raise InputError(f"{labels_path}: line {number} gives image {parts[0]} a class again; "
+                             "keep one line per image id")
         labels[parts[0]] = _class_number(parts[1], 200, labels_path, number)
     names = {}
     if (root / "classes.txt").exists():
-        names = {i: name for i, name in (line.split(maxsplit=1) for line in _lines(root / "classes.txt"))}
-    records = []
+        for number, line in enumerate(_lines(root / "classes.txt"), 1):
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                raise InputError(f"{root / 'classes.txt'}: line {number} ({line!r}) is not '<class id> <class folder>'")
+            names[parts[0]] = parts[1]
+    records, seen = [], set()
     for number, line in enumerate(images, 1):
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or parts[0] not in labels:
@@ -176,6 +196,10 @@ def read_cub(root: str | os.PathLike, check_images: bool = True) -> Splits:
                 f"{root / 'images.txt'}: line {number} ({line!r}) has no '<id> <path>' with a class in "
                 "image_class_labels.txt"
             )
+        if parts[0] in seen:
+            raise InputError(f"{root / 'images.txt'}: line {number} names image id {parts[0]} again; "
+                             "keep one line per image id")
+        seen.add(parts[0])
         image_id, path = parts
         class_id = labels[image_id]
         split = "train" if class_id <= 100 else "test"
@@ -486,6 +510,8 @@ def read_gldv2(root: str | os.PathLike, check_images: bool = True) -> Splits:
         raise InputError(f"{solution}: no Public or Private query")
     query_keys = [_gld_path("test", image_id) for image_id in queries]
     gallery_keys = [_gld_path("index", image_id) for image_id in index_ids]
+    _require_unique_images(gallery_keys, "index", index_list)  # relevance names one copy, the other would count as wrong
+    _require_unique_images(query_keys, "query", solution)
     query = ImageList([str(root / k) for k in query_keys], query_keys)
     gallery = ImageList([str(root / k) for k in gallery_keys], gallery_keys)
     if check_images:
@@ -525,12 +551,16 @@ def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     if check_images:
         _check_images([p for p, e in zip(images.paths, evaluated) if e and not storage.is_url(p)], TABLE_LAYOUT, path)
     if split is None:
+        _require_unique_images(images.keys, "leave-one-out", path)
         return Splits(query=images)
     known = {"train", "test", "query", "gallery"}
     unknown = sorted(set(split) - known)
     if unknown:
         raise InputError(f"{path}: column 'split' holds {unknown}; use train, test, query or gallery")
     parts = {name: images.subset(split == name) for name in known if (split == name).any()}
+    for name in ("test", "query", "gallery"):
+        if name in parts:
+            _require_unique_images(parts[name].keys, name, path)
     if "query" in parts or "gallery" in parts:
         if not {"query", "gallery"} <= set(parts):
             raise InputError(f"{path}: rows marked query need rows marked gallery, and the reverse")

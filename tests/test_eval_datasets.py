@@ -359,9 +359,31 @@ def test_a_csv_table_that_is_not_utf8_is_named_with_the_line_and_byte(tmp_path):
     table.write_bytes("path,label\na.png,dog\nb.png,caf\u00e9\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"list\.csv: line 3 \(byte 30, b'\\xe9'\) is not UTF-8; save the file as UTF-8"):
         load_retrieval_benchmark("csv", table)
-    table.write_bytes(b"path,label\n\"a.png,0\n")  # any other failure says what pyarrow says
-    with pytest.raises(InputError, match=r"list\.csv: cannot be read as CSV \(.*\)"):
+    table.write_bytes(b"")  # any other failure says what pyarrow says
+    with pytest.raises(InputError, match=r"list\.csv: cannot be read as CSV \(Empty CSV file.*\)"):
         load_retrieval_benchmark("csv", table)
+
+
+@pytest.mark.parametrize("text, where, written, fields", [
+    ("key,label\nk0,1\nk1\nk2,3\n", "line 3", "'k1'", "1 field"),  # a short row
+    ("key,label\nk0,1\nk1,2,5\n", "line 3", "'k1,2,5'", "3 fields"),  # a comma too many
+    # the line as an editor numbers it: blank lines and a quoted value that holds a newline count
+    ("key,label\n\nk0,1\n\"a\nb\",2\n\nk1\nk2,3\n", "line 7", "'k1'", "1 field"),
+    ("key,label\nk0,1\n\"a\nb\"\nk2,3\n", "lines 3-4 (a quoted value holds a line break)", "'\"a\\nb\"'", "1 field"),
+    ("path,label\n\"a.png,0\n", "line 2", "'\"a.png,0'", "1 field"),  # a quote never closed
+])
+def test_a_csv_list_with_a_row_of_another_width_is_refused_naming_the_line(text, where, written, fields, tmp_path):
+    """pyarrow says only "Expected 2 columns, got 1: k1": the file, the line and what to do."""
+    from unicom.data.lists import read_table
+
+    table = tmp_path / "labels.csv"
+    table.write_text(text)
+    header = text.split("\n", 1)[0]
+    with pytest.raises(InputError) as caught:
+        read_table(table, path_column="key", caption_column=None, key_column=None)
+    assert str(caught.value) == (f"{table}: the row on {where} has {fields} ({written}) where the header has 2 "
+                                 f"({header}); give every line one value per column (quote a value that holds a "
+                                 "comma) or drop the line, and run again")
 
 
 def test_registry_rows_name_importable_readers():

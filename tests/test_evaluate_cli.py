@@ -151,6 +151,15 @@ def test_a_key_given_two_labels_is_refused_naming_the_row(tmp_path, capsys):
     assert "1 keys are given another label on a later row, e.g. 'k4' (data row 7)" in capsys.readouterr().err
 
 
+def test_a_labels_file_with_a_short_row_is_refused_naming_the_line(tmp_path, capsys):
+    x, _ = clustered(4, 8, 2, 0.5, seed=5)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(4)], parts=1)
+    (tmp_path / "labels.csv").write_text("key,label\nk0,0\nk1\nk2,1\nk3,1\n")  # line 3: k1 lost its label
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "labels.csv"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert "labels.csv: the row on line 3 has 1 field ('k1') where the header has 2 (key,label)" in capsys.readouterr().err
+
+
 def test_benchmark_rows_are_matched_by_key(tmp_path):
     # a SOP tree, and embeddings of its images keyed by path relative to the dataset folder
     root = tmp_path / "sop"

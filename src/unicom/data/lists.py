@@ -7,7 +7,9 @@ Both produce an :class:`ImageList`: parallel lists of paths, keys, and optionall
 from __future__ import annotations
 
 import codecs
+import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -211,7 +213,54 @@ def csv_error(path, error: Exception) -> InputError:
     not as expected), the line and byte of the first such byte."""
     utf16 = storage.read_range(path, 0, 2, exact=False).startswith(_UTF16_BOMS)
     named = utf8_error(path) if "UTF8" in str(error) or isinstance(error, UnicodeDecodeError) or utf16 else None
+    if named is None and _COLUMN_COUNT.search(str(error)):
+        named = uneven_row_error(path)
     return named or InputError(f"{path}: cannot be read as CSV ({error})")
+
+
+# pyarrow's words for a row with more or fewer fields than the header; it numbers the row only when
+# it reads on one thread, and then counts records, not the file's lines (a quoted value may hold a newline)
+_COLUMN_COUNT = re.compile(r"Expected \d+ columns, got \d+")
+
+
+def uneven_row_error(path) -> InputError | None:
+    """The error naming the first line of the CSV list ``path`` (a path or a URL; 1-based, the
+    header is line 1) whose row has more or fewer fields than the header; None when every row
+    has as many (or the csv module cannot read the file either). The file is read as a
+    stream, row by row."""
+    import csv
+
+    with storage.open_stream(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace",
+                                                             newline="") as stream:
+        written: list[str] = []  # the lines of the row being read, as the file has them
+
+        def lines():
+            for line in stream:
+                written.append(line)
+                yield line
+
+        rows = csv.reader(lines())
+        header, end = None, 0
+        try:
+            for fields in rows:
+                start, end = end + 1, rows.line_num
+                text, written[:] = "".join(written).rstrip("\r\n"), []
+                if not fields:  # a blank line, skipped as pyarrow skips it
+                    continue
+                if header is None:
+                    header = fields
+                elif len(fields) != len(header):
+                    where = f"line {start}" if end == start else (
+                        f"lines {start}-{end} (a quoted value holds a line break)")
+                    text = text if len(text) <= 80 else text[:77] + "..."
+                    return InputError(
+                        f"{path}: the row on {where} has {len(fields)} field{'s' if len(fields) != 1 else ''} ({text!r}) where "
+                        f"the header has {len(header)} ({','.join(header)}); give every line one value per column "
+                        "(quote a value that holds a comma) or drop the line, and run again"
+                    )
+        except csv.Error:
+            return None
+    return None
 
 
 def read_table(

@@ -531,15 +531,35 @@ def test_birdsnap_from_its_file_list_skips_images_not_downloaded(tmp_path):
     assert sorted(zip((Path(p).name for p in test.images), test.labels.tolist())) == [("2.jpg", 1), ("4.jpg", 0)]
 
 
-@pytest.mark.parametrize("bad_row", ["http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\towl\t1\n",
-                                     "http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\n"])
-def test_birdsnap_row_without_a_species_number_is_named_by_line(tmp_path, bad_row):
-    header = "url\tmd5\tpath\tspecies_id\tbb_x1\n"
-    write(tmp_path / "images.txt", header + "http://x/Blue_Jay/1.jpg\t0\tBlue_Jay/1.jpg\t7\t1\n" + bad_row)
+@pytest.mark.parametrize("bad_row, error", [
+    ("http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\towl\t1\n", "line 4 has species_id 'owl', not a number"),
+    ("http://x/Barn_Owl/5.jpg\t0\tBarn_Owl/5.jpg\n", "line 4 has 3 tab-separated fields where the header has 5: no species_id"),
+])
+def test_birdsnap_row_without_a_species_number_is_named_by_line(tmp_path, bad_row, error):
+    header = "url\tmd5\tpath\tspecies_id\tbb_x1\n"  # a blank line 3: lines are numbered as the file has them
+    write(tmp_path / "images.txt", header + "http://x/Blue_Jay/1.jpg\t0\tBlue_Jay/1.jpg\t7\t1\n\n" + bad_row)
     write(tmp_path / "test_images.txt", "path\nBlue_Jay/1.jpg\n")
     jpeg(tmp_path / "download" / "images" / "Blue_Jay" / "1.jpg")
-    with pytest.raises(InputError, match=r"images\.txt: line 3 has species_id ('owl'|None), not a number"):
+    with pytest.raises(InputError) as caught:
         load_classification_benchmark("birdsnap", tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'images.txt'}: {error}; fix the line or drop it"
+
+
+@pytest.mark.parametrize("bad_row, error", [
+    ("Barn owl\tBarn Owl\tTyto alba\tBarn_Owl\n", "line 3 has id 'Barn owl', not a number"),
+    ("3\n", "line 3 has 1 tab-separated field where the header has 4: no common"),
+])
+def test_birdsnap_species_row_without_an_id_number_or_a_name_is_named_by_line(tmp_path, bad_row, error):
+    header = "url\tmd5\tpath\tspecies_id\tbb_x1\n"
+    rows = [("Blue_Jay/1.jpg", 7), ("Blue_Jay/2.jpg", 7)]
+    write(tmp_path / "images.txt", header + "".join(f"http://x/{p}\t0\t{p}\t{s}\t1\n" for p, s in rows))
+    write(tmp_path / "test_images.txt", "path\nBlue_Jay/2.jpg\n")
+    write(tmp_path / "species.txt", "id\tcommon\tscientific\tdir\n7\tBlue Jay\tC. cristata\tBlue_Jay\n" + bad_row)
+    for path, species in rows:
+        jpeg(tmp_path / "download" / "images" / path, species)
+    with pytest.raises(InputError) as caught:
+        load_classification_benchmark("birdsnap", tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'species.txt'}: {error}; fix the line or drop it"
 
 
 def test_classification_dataset_not_found_shows_the_layout(tmp_path):

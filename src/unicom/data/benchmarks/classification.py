@@ -236,8 +236,6 @@ def load_imagenet(root, download=False, layout=""):
 
 def load_birdsnap(root, download=False, layout=""):
     """Birdsnap from ``images.txt`` and ``test_images.txt``; images under ``download/images``."""
-    import csv
-
     if download:
         raise InputError(
             "Birdsnap images come from Flickr URLs: run the dataset's get_birdsnap.py, then point --root at its folder"
@@ -249,16 +247,8 @@ def load_birdsnap(root, download=False, layout=""):
     image_dir = next((d for d in (root / "download" / "images", root / "images") if d.is_dir()), None)
     if image_dir is None:
         raise InputError(f"{root / 'download' / 'images'}: folder not found; expected layout:\n{layout}")
-    rows = list(csv.DictReader(text_lines(root / "images.txt", newline=""), delimiter="\t"))
-    if not rows or not {"path", "species_id"} <= set(rows[0]):
-        raise InputError(f"{root / 'images.txt'}: expected tab-separated columns including path and species_id")
+    rows = _birdsnap_rows(root / "images.txt", ("path", "species_id"), "species_id")
     test_paths = set(_read_test_list(root / "test_images.txt"))
-    for number, row in enumerate(rows, 2):
-        try:
-            row["species_id"] = int(row["species_id"])
-        except (TypeError, ValueError):
-            raise InputError(f"{root / 'images.txt'}: line {number} has species_id {row['species_id']!r}, not a "
-                             "number (a row with fewer tab-separated fields than the header?)") from None
     species = sorted({row["species_id"] for row in rows})
     names = _species_names(root, species)
     label_of = {s: i for i, s in enumerate(species)}
@@ -280,18 +270,45 @@ def load_birdsnap(root, download=False, layout=""):
     return tuple(ClassificationSplit(images, np.asarray(labels, dtype=np.int64), names) for images, labels in splits.values())
 
 
+def _birdsnap_rows(path: Path, columns: tuple[str, ...], number: str) -> list[dict]:
+    """The rows of a tab-separated Birdsnap list with a header (``images.txt``, ``species.txt``),
+    each holding ``columns``, its ``number`` column as an int. A header without them, a row
+    short of one (fewer fields than the header) or a ``number`` that is not a whole number
+    is an :class:`InputError` naming the file and the line."""
+    import csv
+
+    reader = csv.DictReader(text_lines(path, newline=""), delimiter="\t")
+    header = reader.fieldnames or []
+    if not set(columns) <= set(header):
+        raise InputError(f"{path}: expected tab-separated columns including {', '.join(columns)}; the header has "
+                         f"{header}")
+    rows = []
+    for row in reader:
+        absent = [column for column in columns if row.get(column) is None]
+        if absent:
+            fields = sum(value is not None for key, value in row.items() if key is not None)
+            raise InputError(f"{path}: line {reader.line_num} has {fields} tab-separated field{'s' if fields != 1 else ''} where the header has "
+                             f"{len(header)}: no {absent[0]}; fix the line or drop it")
+        try:
+            row[number] = int(row[number])
+        except ValueError:
+            raise InputError(f"{path}: line {reader.line_num} has {number} {row[number]!r}, not a number; fix the line "
+                             "or drop it") from None
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no rows under the header")
+    return rows
+
+
 def _read_test_list(path: Path) -> list[str]:
     lines = [line.strip() for line in text_lines(path) if line.strip()]
     return lines[1:] if lines and lines[0] == "path" else lines
 
 
 def _species_names(root: Path, species: list[int]) -> list[str]:
-    import csv
-
     if not (root / "species.txt").is_file():
         return [str(s) for s in species]
-    rows = csv.DictReader(text_lines(root / "species.txt", newline=""), delimiter="\t")
-    common = {int(row["id"]): row["common"] for row in rows}
+    common = {row["id"]: row["common"] for row in _birdsnap_rows(root / "species.txt", ("id", "common"), "id")}
     return [common.get(s, str(s)) for s in species]
 
 

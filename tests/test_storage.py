@@ -126,6 +126,22 @@ def test_an_s3_store_that_refuses_the_credentials_is_one_error_naming_the_url(s3
     assert str(error.value) == "s3://refusing/shard.tar: refused (HTTP 403 Forbidden)" and not error.value.missing
 
 
+def test_an_s3_bucket_name_that_is_not_valid_is_one_error_at_once_naming_the_url(s3):
+    """botocore refuses to send a request for a bucket name S3 does not allow (its
+    ParamValidationError): asking again gives the same answer, so it is not retried, and the
+    report names the URL and the name, not a bare 'ParamValidationError' after 5 attempts."""
+    url = "s3://Bad_Bucket!/x"
+    reason = "the bucket name 'Bad_Bucket!' is not valid (S3 bucket names are lowercase letters, digits, dots and hyphens)"
+    for question in (storage.read_bytes, storage.is_file, storage.is_dir, storage.list_files):
+        with pytest.raises(storage.FetchError) as error:
+            question(url)
+        assert str(error.value) == f"{url}: {reason}" and error.value.attempts == 1 and not error.value.missing
+    with pytest.raises(storage.FetchError) as error:
+        with storage.open_stream(url) as stream:
+            stream.read()
+    assert str(error.value) == f"{url}: {reason}" and error.value.attempts == 1
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refused_existence_check_is_an_error_naming_the_status_not_a_missing_file(tmp_path, fast_retries, status):
     """fsspec's HTTP filesystem answers "no" to exists/is_file for any failed request: an

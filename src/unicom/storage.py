@@ -343,14 +343,25 @@ def _refused(error: BaseException) -> bool:
     return http_status(error) in _REFUSALS
 
 
+# botocore's refusals of a request as written, before it is sent (a bucket name S3 does not allow): final
+_INVALID_REQUESTS = ("ParamValidationError", "ValidationError", "MissingParametersError")
+
+
+def _invalid_request(error: BaseException) -> bool:
+    """Whether the store's client refused to send the request as written (:data:`_INVALID_REQUESTS`)."""
+    return any(cls.__module__.split(".")[0] == "botocore" and cls.__name__ in _INVALID_REQUESTS
+               for cls in type(error).__mro__)
+
+
 def transient(error: BaseException) -> bool:
     """Whether ``error`` may pass when tried again: network errors, timeouts, a file not
     found (yet), a server error or too many requests; not a refused permission (HTTP 401,
-    403, 410, …), a wrong kind of file or a missing package."""
+    403, 410, …), a request the client will not send (an S3 bucket name that is not
+    valid), a wrong kind of file or a missing package."""
     if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError, InputError, ImportError,
                           NotImplementedError, FetchError, PipeCommandError)):
         return False
-    if _refused(error):
+    if _refused(error) or _invalid_request(error):
         return False
     if isinstance(error, (OSError, TimeoutError, EOFError)):
         return True
@@ -382,11 +393,25 @@ def describe(error: BaseException, location=None) -> str:
         return describe(cause, location)  # fsspec's wrapper of a failed request: say the answer
     if isinstance(error, PipeCommandError):
         return str(error)  # what the shell said may take several lines
+    if _invalid_request(error):
+        return _invalid_request_reason(error)
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if location is not None:
         message = message.replace(text(location), "").strip(" :")
     name = type(error).__name__
     return f"{name}: {message}" if message else name
+
+
+_INVALID_BUCKET = re.compile(r'Invalid bucket name "(?P<name>[^"]*)"')
+
+
+def _invalid_request_reason(error: BaseException) -> str:
+    """What botocore's refusal to send a request says, without its regular expressions."""
+    bucket = _INVALID_BUCKET.search(str(error))
+    if bucket is not None:
+        return (f"the bucket name {bucket.group('name')!r} is not valid (S3 bucket names are lowercase letters, "
+                "digits, dots and hyphens)")
+    return f"{type(error).__name__}: " + "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, missing_is_final: bool = False) -> T:
@@ -401,7 +426,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
         except Exception as error:
             missing = isinstance(error, FileNotFoundError) and _not_found(error)
             if (missing_is_final and missing) or not transient(error):
-                if _refused(error):  # one error line, whatever type the client raised it as
+                if _refused(error) or _invalid_request(error):  # one error line, whatever type the client raised
                     raise FetchError(text(location), describe(error, location), attempt) from error
                 raise
             if missing_is_final and _not_found(error):

@@ -459,3 +459,31 @@ def test_embeddings_cached_by_a_benchmark_run_carry_its_class_names(tmp_path):
                  "--dims", "none", "--out", str(again)]) == 0
     report = json.loads((again / "metrics.json").read_text())
     assert report["protocol"]["queries"] == 2 and report["class_subset"]["scored_classes"] == 1
+
+
+def test_a_benchmark_cache_labelled_by_ids_is_relabelled_with_class_names_not_embedded_again(tmp_path):
+    # the cache of an earlier unicom: the same embeddings, its labels this run's ids (0, 1 for CUB's 101, 102)
+    import pyarrow.parquet as pq
+
+    from benchmark_layouts import cub
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    cub(tmp_path / "data", "download")
+    out = tmp_path / "report"
+    command = ["evaluate", "--model", str(checkpoint), "--dataset", "cub", "--root", str(tmp_path / "data"),
+               "--no-pca", "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main(command) == 0
+    cache = out / "embeddings" / "query"
+    config = json.loads((cache / "evaluate_embeddings.json").read_text())
+    del config["labels"]
+    (cache / "evaluate_embeddings.json").write_text(json.dumps(config))
+    metadata = cache / "metadata" / "metadata_0.parquet"
+    keys = pq.read_table(metadata).column("key").to_pylist()
+    pq.write_table(pa.table({"key": keys, "label": [3, 3, 4, 4]}), metadata)
+    marked = np.eye(4, 16, dtype=np.float32)  # not what the model gives: found again only if the part is reused
+    np.save(cache / "img_emb" / "img_emb_0.npy", marked)
+
+    assert main(command) == 0
+    assert pq.read_table(metadata).column("label").to_pylist() == ["101", "101", "102", "102"]
+    np.testing.assert_array_equal(np.load(cache / "img_emb" / "img_emb_0.npy"), marked)
+    assert json.loads((cache / "evaluate_embeddings.json").read_text())["labels"] == "class names"

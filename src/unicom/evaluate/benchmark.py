@@ -160,7 +160,8 @@ def embed_cached(
     The folder is an embedding folder: metadata holds ``key`` (and ``label`` when given),
     so it can be evaluated again with ``--embeddings``. Parts of :data:`PART_ROWS` rows
     already written by an earlier run with the same ``config`` and keys are read back
-    instead of recomputed.
+    instead of recomputed; those of a run whose ``config`` lacked only ``labels`` (an earlier
+    unicom's, labelled by label ids) are read back and given ``labels`` anew.
     """
     import pyarrow as pa
 
@@ -171,15 +172,25 @@ def embed_cached(
     config_path = folder / CACHE_CONFIG
     sweep_writer_temporaries(folder, range(-(-len(images) // PART_ROWS)))
     sweep_temporaries(folder, [CACHE_CONFIG])
+    relabel = False  # a cache of an earlier unicom: the same embeddings, labelled by this run's ids
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
-        if previous != config:
+        relabel = "labels" in config and previous == {k: v for k, v in config.items() if k != "labels"}
+        if previous != config and not relabel:
             changed = ", ".join(f"{key}: {previous.get(key)!r} before, {config.get(key)!r} now"
                                 for key in sorted(set(previous) | set(config)) if previous.get(key) != config.get(key))
             raise InputError(
                 f"{folder} holds embeddings made otherwise ({changed}); use another --out or delete that folder"
             )
-    write_json_atomic(config_path, config)
+    if not relabel:  # else once every part holds the class names: a run stopped halfway relabels again
+        write_json_atomic(config_path, config)
+
+    def metadata(start: int, stop: int):
+        columns = {"key": [str(k) for k in keys[start:stop]]}
+        if labels is not None:
+            columns["label"] = [v if isinstance(v, str) else int(v) for v in labels[start:stop]]
+        return pa.table(columns)
+
     parts = []
     bar = progress(total=len(images), desc=desc, unit="img")
     try:
@@ -190,17 +201,18 @@ def embed_cached(
                 stored = EmbeddingFolders.from_root(folder)
                 if stored.load("metadata", number, columns=["key"]).column("key").to_pylist() == part_keys:
                     parts.append(np.asarray(stored.load("image", number, mmap=False)))
+                    if relabel:
+                        write_part(folder, number, metadata=metadata(start, stop))
                     bar.update(stop - start)
                     continue
             embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
-            columns = {"key": part_keys}
-            if labels is not None:
-                columns["label"] = [v if isinstance(v, str) else int(v) for v in labels[start:stop]]
-            write_part(folder, number, image=embeddings, metadata=pa.table(columns))
+            write_part(folder, number, image=embeddings, metadata=metadata(start, stop))
             parts.append(embeddings)
             bar.update(stop - start)
     finally:
         bar.close()
+    if relabel:
+        write_json_atomic(config_path, config)
     return np.concatenate(parts) if parts else np.zeros((0, encoder.embedding_dim), np.float32)
 
 

@@ -439,6 +439,22 @@ def test_a_benchmark_image_whose_embedding_holds_nan_is_named_by_key_and_folder_
             "e.g. 'images/102.Bird_102/Bird_1.jpg' (row 4)") in capsys.readouterr().err
 
 
+def test_a_benchmark_image_whose_embedding_holds_nan_in_a_class_left_out_is_not_scored(tmp_path):
+    from benchmark_layouts import cub
+
+    root = cub(tmp_path / "data", "download")
+    keys = ["images/101.Bird_101/Bird_1.jpg", "images/001.Bird_1/Bird_0.jpg", "images/102.Bird_102/Bird_0.jpg",
+            "images/101.Bird_101/Bird_0.jpg", "images/102.Bird_102/Bird_1.jpg"]
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    x[4] = np.nan  # an image of class 102, left out
+    embedding_folder(tmp_path / "emb", x, keys, parts=1)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "cub", "--root", str(root),
+                 "--exclude-classes", "102", "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["protocol"]["queries"] == 2 and report["metrics"]["recall@1"] == 1.0  # 101's two images
+
+
 def test_embeddings_cached_by_a_benchmark_run_carry_its_class_names(tmp_path):
     # read again without the benchmark, --classes 102 must mean CUB's class 102, not this run's label id 102
     from benchmark_layouts import cub

@@ -89,15 +89,18 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
 
 
 def _require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Sequence[int] | None = None,
-                        block_rows: int = 65_536) -> None:
+                        scored: np.ndarray | None = None, block_rows: int = 65_536) -> None:
     """An :class:`InputError` naming the folder, key and row of the rows of ``x`` (N, D) that
     hold NaN or infinite values or are all zeros: they have no direction to rank by. Named
     here, by key and by ``rows`` (x's rows in the folder; default 0..N-1), rather than by
-    their position among the rows scored."""
+    their position among the rows scored. ``scored``: the rows of ``x`` used (default all;
+    a class subset's), the others are not looked at."""
+    scored = np.arange(len(x)) if scored is None else np.asarray(scored, dtype=np.int64)
     bad = []
-    for start in range(0, len(x), block_rows):
-        block = np.asarray(x[start:start + block_rows], dtype=np.float32)
-        bad.extend((start + np.flatnonzero(~np.isfinite(block).all(1) | ~block.any(1))).tolist())
+    for start in range(0, len(scored), block_rows):
+        chosen = scored[start:start + block_rows]
+        block = np.asarray(x[chosen], dtype=np.float32)
+        bad.extend(chosen[~np.isfinite(block).all(1) | ~block.any(1)].tolist())
     if bad:
         shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
         raise InputError(f"{folder}: {len(bad)} of the rows used hold NaN or infinite values or are all zeros, "
@@ -308,6 +311,18 @@ def _retrieval_only(classes, exclude_classes) -> None:
                          "to classification")
 
 
+def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_names=None) -> tuple:
+    """(query rows, gallery rows) that ``classes``/``exclude_classes`` score; ``(None, None)``,
+    every row, without a class subset."""
+    from unicom.evaluate.report import select_classes
+
+    if classes is None and exclude_classes is None:
+        return None, None
+    query_rows, gallery_rows, _ = select_classes(query_labels, gallery_labels, classes=classes,
+                                                 exclude_classes=exclude_classes, class_names=class_names)
+    return query_rows, gallery_rows
+
+
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
@@ -358,6 +373,9 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             _check_query_boxes(embeddings, name, protocol.query_boxes)
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
+        scored = dict(zip(("query", "gallery"), _scored_rows(  # a class left out may hold a bad row
+            protocol.query.labels, None if protocol.gallery is None else protocol.gallery.labels, classes,
+            exclude_classes, protocol.query.class_names)))
         for split, images in splits.items():
             if images is None:
                 vectors[split] = None
@@ -370,7 +388,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
-            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows)
+            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows, scored=scored[split])
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
@@ -529,13 +547,16 @@ def evaluate_embedding_folders(
                                        names=(f"{train_embeddings} (--train-embeddings)", f"{embeddings} (--embeddings)"))
     if task != "retrieval":
         raise InputError(f"task must be 'retrieval' or 'classification', got {task!r}")
-    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings)
     gallery = gallery_y = None
     if gallery_embeddings is not None:
         gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
         gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
-        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings)
         labelled.append((gallery_embeddings, gallery_metadata))
+    scored, gallery_scored = _scored_rows(y, gallery_y, classes, exclude_classes)  # a class left out may hold a bad row
+    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings, scored=scored)
+    if gallery is not None:
+        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings,
+                             scored=gallery_scored)
     train = None
     if train_embeddings is not None and ((pca and dims) or lookup is not None):
         train, train_metadata = read_embedding_folder(train_embeddings)

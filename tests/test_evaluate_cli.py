@@ -128,6 +128,33 @@ def test_labels_file_keys_without_an_embedding_are_named_in_the_report(tmp_path,
     assert note in capsys.readouterr().out
 
 
+def test_labels_file_note_reads_the_keys_not_the_embeddings_of_a_train_folder_left_unused(tmp_path):
+    # --no-pca: the train folder (100,000 x 256, 51 MB as float16) only says which labelled keys were embedded
+    import tracemalloc
+
+    x, labels = clustered(30, 16, 3, 0.5, seed=2)
+    keys = [f"img{i}" for i in range(30)]
+    embedding_folder(tmp_path / "query", x[:10], keys[:10])
+    embedding_folder(tmp_path / "gallery", x[10:28], keys[10:28])
+    train_keys = keys[:28] + [f"t{i}" for i in range(100_000 - 28)]
+    write_part(tmp_path / "train", 0, image=np.ones((100_000, 256), np.float16), metadata=pa.table({"key": train_keys}))
+    table = tmp_path / "labels.csv"
+    table.write_text("key,label\n" + "".join(f"{k},{v}\n" for k, v in zip(keys, labels)))
+    out = tmp_path / "report"
+    tracemalloc.start()
+    try:
+        assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings",
+                     str(tmp_path / "gallery"), "--train-embeddings", str(tmp_path / "train"), "--labels", str(table),
+                     "--no-pca", "--out", str(out)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6  # the train embeddings as float32 would be 102 MB
+    note = json.loads((out / "metrics.json").read_text())["note"]
+    assert note == (f"2 of the 30 keys of {table} have no embedding in {tmp_path / 'query'}, {tmp_path / 'gallery'}, "
+                    f"{tmp_path / 'train'} and are not scored, e.g. 'img28', 'img29'")  # --no-pca: no note on the PCA
+
+
 def test_labels_file_keeps_webdataset_keys_as_written(tmp_path):
     # keys of shards (000000042) are digits: the labels file must match them as text, not as 42
     x, labels = clustered(24, 8, 4, 0.8, seed=4)

@@ -398,7 +398,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if vectors["train"] is not None:
                 _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
-    if dims and vectors.get("train") is None:
+    if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
     gallery = protocol.gallery
     return evaluate_retrieval(
@@ -559,7 +559,8 @@ def evaluate_embedding_folders(
                              scored=gallery_scored)
     train = None
     if train_embeddings is not None and ((pca and dims) or lookup is not None):
-        train, train_metadata = read_embedding_folder(train_embeddings)
+        # for the labels' note alone, the keys: not a train split's embeddings in memory
+        train, train_metadata = read_embedding_folder(train_embeddings, embeddings=bool(pca and dims))
         labelled.append((train_embeddings, train_metadata))
         if pca and dims:
             sample = _sample(len(train), pca_samples)
@@ -568,10 +569,8 @@ def evaluate_embedding_folders(
                     else None)  # vectors for the PCA alone may have no keys
             _require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,
                                  rows=sample)
-        else:
-            train = None
     _note_unlabelled_rows(info, lookup, labels, labelled)
-    if dims and train is None:
+    if pca and dims and train is None:  # --no-pca asked for none
         _add_note(info, "no train embeddings: the PCA baseline is left out")
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,

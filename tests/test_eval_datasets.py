@@ -261,16 +261,31 @@ def test_missing_images_are_listed_before_anything_runs(tmp_path):
         load_retrieval_benchmark("sop", tmp_path)
 
 
+def _sop_lists(root: Path, train: list[str], test: list[str]) -> None:
+    """Ebay_train.txt (class 1) and Ebay_test.txt (class 2) listing a_final/<name>.JPG for each name, in order."""
+    header = "image_id class_id super_class_id path\n"
+    for name, class_id, names, first in (("Ebay_train.txt", 1, train, 1), ("Ebay_test.txt", 2, test, 1 + len(train))):
+        write(root / name, header + "".join(f"{first + i} {class_id} 1 a_final/{n}.JPG\n" for i, n in enumerate(names)))
+    for name in set(train + test):
+        jpeg(root / "a_final" / f"{name}.JPG")
+
+
 @pytest.mark.parametrize("check_images", [True, False])
 def test_an_image_listed_twice_in_a_split_is_refused_naming_it(tmp_path, check_images):
     # searched leave-one-out, the second copy would be the first one's nearest neighbour
-    header = "image_id class_id super_class_id path\n"
-    write(tmp_path / "Ebay_train.txt", header + "1 1 1 a_final/1.JPG\n")
-    write(tmp_path / "Ebay_test.txt", header + "2 2 1 a_final/2.JPG\n3 2 1 a_final/3.JPG\n4 2 1 a_final/3.JPG\n")
-    for name in ("1", "2", "3"):
-        jpeg(tmp_path / "a_final" / f"{name}.JPG")
-    with pytest.raises(InputError, match=r"the test split lists 1 image more than once, e\.g\. a_final/3\.JPG \(2 times\)"):
+    _sop_lists(tmp_path, ["1"], ["2", "3", "3"])
+    with pytest.raises(InputError, match=r"Ebay_test\.txt: the test split lists 1 image more than once, e\.g\. "
+                                         r"a_final/3\.JPG \(2 times\)"):
         load_retrieval_benchmark("sop", tmp_path, check_images=check_images)
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_an_image_listed_twice_in_the_train_split_is_kept(tmp_path, check_images):
+    # the train split is not searched (PCA baseline, fine-tuning): a repeated line there harms no score
+    _sop_lists(tmp_path, ["1", "1"], ["2", "3"])
+    protocol = load_retrieval_benchmark("sop", tmp_path, check_images=check_images)
+    assert protocol.train.keys == ["a_final/1.JPG", "a_final/1.JPG"]
+    assert protocol.query.keys == ["a_final/2.JPG", "a_final/3.JPG"]
 
 
 def _cub_files(root: Path, images: str, labels: str, classes: str) -> Path:

@@ -128,6 +128,33 @@ def test_labels_file_keys_without_an_embedding_are_named_in_the_report(tmp_path,
     assert note in capsys.readouterr().out
 
 
+def test_labels_file_note_reads_the_keys_not_the_embeddings_of_a_train_folder_left_unused(tmp_path):
+    # --no-pca: the train folder (100,000 x 256, 51 MB as float16) only says which labelled keys were embedded
+    import tracemalloc
+
+    x, labels = clustered(30, 16, 3, 0.5, seed=2)
+    keys = [f"img{i}" for i in range(30)]
+    embedding_folder(tmp_path / "query", x[:10], keys[:10])
+    embedding_folder(tmp_path / "gallery", x[10:28], keys[10:28])
+    train_keys = keys[:28] + [f"t{i}" for i in range(100_000 - 28)]
+    write_part(tmp_path / "train", 0, image=np.ones((100_000, 256), np.float16), metadata=pa.table({"key": train_keys}))
+    table = tmp_path / "labels.csv"
+    table.write_text("key,label\n" + "".join(f"{k},{v}\n" for k, v in zip(keys, labels)))
+    out = tmp_path / "report"
+    tracemalloc.start()
+    try:
+        assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings",
+                     str(tmp_path / "gallery"), "--train-embeddings", str(tmp_path / "train"), "--labels", str(table),
+                     "--no-pca", "--out", str(out)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6  # the train embeddings as float32 would be 102 MB
+    note = json.loads((out / "metrics.json").read_text())["note"]
+    assert note == (f"2 of the 30 keys of {table} have no embedding in {tmp_path / 'query'}, {tmp_path / 'gallery'}, "
+                    f"{tmp_path / 'train'} and are not scored, e.g. 'img28', 'img29'")  # --no-pca: no note on the PCA
+
+
 def test_labels_file_keeps_webdataset_keys_as_written(tmp_path):
     # keys of shards (000000042) are digits: the labels file must match them as text, not as 42
     x, labels = clustered(24, 8, 4, 0.8, seed=4)
@@ -448,6 +475,22 @@ def test_a_benchmark_image_whose_embedding_holds_nan_is_named_by_key_and_folder_
             "e.g. 'images/102.Bird_102/Bird_1.jpg' (row 4)") in capsys.readouterr().err
 
 
+def test_a_benchmark_image_whose_embedding_holds_nan_in_a_class_left_out_is_not_scored(tmp_path):
+    from benchmark_layouts import cub
+
+    root = cub(tmp_path / "data", "download")
+    keys = ["images/101.Bird_101/Bird_1.jpg", "images/001.Bird_1/Bird_0.jpg", "images/102.Bird_102/Bird_0.jpg",
+            "images/101.Bird_101/Bird_0.jpg", "images/102.Bird_102/Bird_1.jpg"]
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    x[4] = np.nan  # an image of class 102, left out
+    embedding_folder(tmp_path / "emb", x, keys, parts=1)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "cub", "--root", str(root),
+                 "--exclude-classes", "102", "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["protocol"]["queries"] == 2 and report["metrics"]["recall@1"] == 1.0  # 101's two images
+
+
 def test_embeddings_cached_by_a_benchmark_run_carry_its_class_names(tmp_path):
     # read again without the benchmark, --classes 102 must mean CUB's class 102, not this run's label id 102
     from benchmark_layouts import cub
@@ -468,3 +511,31 @@ def test_embeddings_cached_by_a_benchmark_run_carry_its_class_names(tmp_path):
                  "--dims", "none", "--out", str(again)]) == 0
     report = json.loads((again / "metrics.json").read_text())
     assert report["protocol"]["queries"] == 2 and report["class_subset"]["scored_classes"] == 1
+
+
+def test_a_benchmark_cache_labelled_by_ids_is_relabelled_with_class_names_not_embedded_again(tmp_path):
+    # the cache of an earlier unicom: the same embeddings, its labels this run's ids (0, 1 for CUB's 101, 102)
+    import pyarrow.parquet as pq
+
+    from benchmark_layouts import cub
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    cub(tmp_path / "data", "download")
+    out = tmp_path / "report"
+    command = ["evaluate", "--model", str(checkpoint), "--dataset", "cub", "--root", str(tmp_path / "data"),
+               "--no-pca", "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main(command) == 0
+    cache = out / "embeddings" / "query"
+    config = json.loads((cache / "evaluate_embeddings.json").read_text())
+    del config["labels"]
+    (cache / "evaluate_embeddings.json").write_text(json.dumps(config))
+    metadata = cache / "metadata" / "metadata_0.parquet"
+    keys = pq.read_table(metadata).column("key").to_pylist()
+    pq.write_table(pa.table({"key": keys, "label": [3, 3, 4, 4]}), metadata)
+    marked = np.eye(4, 16, dtype=np.float32)  # not what the model gives: found again only if the part is reused
+    np.save(cache / "img_emb" / "img_emb_0.npy", marked)
+
+    assert main(command) == 0
+    assert pq.read_table(metadata).column("label").to_pylist() == ["101", "101", "102", "102"]
+    np.testing.assert_array_equal(np.load(cache / "img_emb" / "img_emb_0.npy"), marked)
+    assert json.loads((cache / "evaluate_embeddings.json").read_text())["labels"] == "class names"

@@ -198,6 +198,23 @@ def test_a_row_without_a_direction_is_named_by_folder_and_key_not_by_its_place_i
         in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("subset", [["--classes", "2,3"], ["--exclude-classes", "0,1"]])
+def test_a_row_without_a_direction_in_a_class_left_out_does_not_stop_the_scoring(tmp_path, subset):
+    # the subset is scored without the classes left out: their rows are not ranked, whatever they hold
+    x, labels = data(40, 16, 4, 0.8, seed=9)
+    x[[9, 21]] = np.nan  # rows 9 and 21 are of class 1
+    folder(tmp_path / "g", x[20:], labels[20:].tolist(), "g")
+    folder(tmp_path / "q", x[:20], labels[:20].tolist(), "q")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 *subset, "--ks", "1,4", "--dims", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    qm, gm = np.isin(labels[:20], [2, 3]), np.isin(labels[20:], [2, 3])
+    expected = by_numpy(stored(x[:20])[qm], labels[:20][qm], stored(x[20:])[gm], labels[20:][gm])
+    for name, value in expected.items():
+        assert report["metrics"][name] == pytest.approx(value), name
+
+
 def test_a_train_row_without_a_direction_is_named_by_folder_key_and_row(tmp_path, capsys):
     x, labels = data(40, 16, 4, 0.8, seed=7)
     train, train_labels = data(30, 16, 4, 0.8, seed=8)

@@ -89,15 +89,18 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
 
 
 def _require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Sequence[int] | None = None,
-                        block_rows: int = 65_536) -> None:
+                        scored: np.ndarray | None = None, block_rows: int = 65_536) -> None:
     """An :class:`InputError` naming the folder, key and row of the rows of ``x`` (N, D) that
     hold NaN or infinite values or are all zeros: they have no direction to rank by. Named
     here, by key and by ``rows`` (x's rows in the folder; default 0..N-1), rather than by
-    their position among the rows scored."""
+    their position among the rows scored. ``scored``: the rows of ``x`` used (default all;
+    a class subset's), the others are not looked at."""
+    scored = np.arange(len(x)) if scored is None else np.asarray(scored, dtype=np.int64)
     bad = []
-    for start in range(0, len(x), block_rows):
-        block = np.asarray(x[start:start + block_rows], dtype=np.float32)
-        bad.extend((start + np.flatnonzero(~np.isfinite(block).all(1) | ~block.any(1))).tolist())
+    for start in range(0, len(scored), block_rows):
+        chosen = scored[start:start + block_rows]
+        block = np.asarray(x[chosen], dtype=np.float32)
+        bad.extend(chosen[~np.isfinite(block).all(1) | ~block.any(1)].tolist())
     if bad:
         shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
         raise InputError(f"{folder}: {len(bad)} of the rows used hold NaN or infinite values or are all zeros, "
@@ -160,7 +163,8 @@ def embed_cached(
     The folder is an embedding folder: metadata holds ``key`` (and ``label`` when given),
     so it can be evaluated again with ``--embeddings``. Parts of :data:`PART_ROWS` rows
     already written by an earlier run with the same ``config`` and keys are read back
-    instead of recomputed.
+    instead of recomputed; those of a run whose ``config`` lacked only ``labels`` (an earlier
+    unicom's, labelled by label ids) are read back and given ``labels`` anew.
     """
     import pyarrow as pa
 
@@ -171,15 +175,25 @@ def embed_cached(
     config_path = folder / CACHE_CONFIG
     sweep_writer_temporaries(folder, range(-(-len(images) // PART_ROWS)))
     sweep_temporaries(folder, [CACHE_CONFIG])
+    relabel = False  # a cache of an earlier unicom: the same embeddings, labelled by this run's ids
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
-        if previous != config:
+        relabel = "labels" in config and previous == {k: v for k, v in config.items() if k != "labels"}
+        if previous != config and not relabel:
             changed = ", ".join(f"{key}: {previous.get(key)!r} before, {config.get(key)!r} now"
                                 for key in sorted(set(previous) | set(config)) if previous.get(key) != config.get(key))
             raise InputError(
                 f"{folder} holds embeddings made otherwise ({changed}); use another --out or delete that folder"
             )
-    write_json_atomic(config_path, config)
+    if not relabel:  # else once every part holds the class names: a run stopped halfway relabels again
+        write_json_atomic(config_path, config)
+
+    def metadata(start: int, stop: int):
+        columns = {"key": [str(k) for k in keys[start:stop]]}
+        if labels is not None:
+            columns["label"] = [v if isinstance(v, str) else int(v) for v in labels[start:stop]]
+        return pa.table(columns)
+
     parts = []
     bar = progress(total=len(images), desc=desc, unit="img")
     try:
@@ -190,17 +204,18 @@ def embed_cached(
                 stored = EmbeddingFolders.from_root(folder)
                 if stored.load("metadata", number, columns=["key"]).column("key").to_pylist() == part_keys:
                     parts.append(np.asarray(stored.load("image", number, mmap=False)))
+                    if relabel:
+                        write_part(folder, number, metadata=metadata(start, stop))
                     bar.update(stop - start)
                     continue
             embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
-            columns = {"key": part_keys}
-            if labels is not None:
-                columns["label"] = [v if isinstance(v, str) else int(v) for v in labels[start:stop]]
-            write_part(folder, number, image=embeddings, metadata=pa.table(columns))
+            write_part(folder, number, image=embeddings, metadata=metadata(start, stop))
             parts.append(embeddings)
             bar.update(stop - start)
     finally:
         bar.close()
+    if relabel:
+        write_json_atomic(config_path, config)
     return np.concatenate(parts) if parts else np.zeros((0, encoder.embedding_dim), np.float32)
 
 
@@ -296,6 +311,18 @@ def _retrieval_only(classes, exclude_classes) -> None:
                          "to classification")
 
 
+def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_names=None) -> tuple:
+    """(query rows, gallery rows) that ``classes``/``exclude_classes`` score; ``(None, None)``,
+    every row, without a class subset."""
+    from unicom.evaluate.report import select_classes
+
+    if classes is None and exclude_classes is None:
+        return None, None
+    query_rows, gallery_rows, _ = select_classes(query_labels, gallery_labels, classes=classes,
+                                                 exclude_classes=exclude_classes, class_names=class_names)
+    return query_rows, gallery_rows
+
+
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
@@ -346,6 +373,9 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             _check_query_boxes(embeddings, name, protocol.query_boxes)
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
+        scored = dict(zip(("query", "gallery"), _scored_rows(  # a class left out may hold a bad row
+            protocol.query.labels, None if protocol.gallery is None else protocol.gallery.labels, classes,
+            exclude_classes, protocol.query.class_names)))
         for split, images in splits.items():
             if images is None:
                 vectors[split] = None
@@ -358,7 +388,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
-            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows)
+            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows, scored=scored[split])
         if train is not None:
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
@@ -368,7 +398,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if vectors["train"] is not None:
                 _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
-    if dims and vectors.get("train") is None:
+    if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
     gallery = protocol.gallery
     return evaluate_retrieval(
@@ -517,16 +547,20 @@ def evaluate_embedding_folders(
                                        names=(f"{train_embeddings} (--train-embeddings)", f"{embeddings} (--embeddings)"))
     if task != "retrieval":
         raise InputError(f"task must be 'retrieval' or 'classification', got {task!r}")
-    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings)
     gallery = gallery_y = None
     if gallery_embeddings is not None:
         gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
         gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
-        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings)
         labelled.append((gallery_embeddings, gallery_metadata))
+    scored, gallery_scored = _scored_rows(y, gallery_y, classes, exclude_classes)  # a class left out may hold a bad row
+    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings, scored=scored)
+    if gallery is not None:
+        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings,
+                             scored=gallery_scored)
     train = None
     if train_embeddings is not None and ((pca and dims) or lookup is not None):
-        train, train_metadata = read_embedding_folder(train_embeddings)
+        # for the labels' note alone, the keys: not a train split's embeddings in memory
+        train, train_metadata = read_embedding_folder(train_embeddings, embeddings=bool(pca and dims))
         labelled.append((train_embeddings, train_metadata))
         if pca and dims:
             sample = _sample(len(train), pca_samples)
@@ -535,10 +569,8 @@ def evaluate_embedding_folders(
                     else None)  # vectors for the PCA alone may have no keys
             _require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,
                                  rows=sample)
-        else:
-            train = None
     _note_unlabelled_rows(info, lookup, labels, labelled)
-    if dims and train is None:
+    if pca and dims and train is None:  # --no-pca asked for none
         _add_note(info, "no train embeddings: the PCA baseline is left out")
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,

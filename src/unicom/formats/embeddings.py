@@ -460,17 +460,19 @@ class Contents:
         return list(_parquet_metadata(self.path("metadata", number)).schema.to_arrow_schema().names)
 
 
-def read_embedding_folder(root: str | os.PathLike):
-    """Every part of an embedding folder in memory: (image embeddings float32 (N, D), the
-    metadata as one ``pyarrow.Table``, or None without a metadata folder). Unfinished
-    parts are an error: their rows would be missing."""
+def read_embedding_folder(root: str | os.PathLike, embeddings: bool = True):
+    """Every part of an embedding folder in memory: (image embeddings float32 (N, D), or None
+    when not ``embeddings`` (the metadata alone is read), the metadata as one
+    ``pyarrow.Table``, or None without a metadata folder). Unfinished parts are an error:
+    their rows would be missing."""
     import pyarrow as pa
 
     folders = EmbeddingFolders.from_root(root)
     contents = folders.contents(("image",))
     if not contents.parts:
         raise InputError(f"{root}: no complete part to read")
-    arrays = [np.asarray(_load_npy(contents.path("image", n)), dtype=np.float32) for n in contents.numbers]
+    arrays = [np.asarray(_load_npy(contents.path("image", n)), dtype=np.float32) for n in contents.numbers] \
+        if embeddings else None
     metadata = None
     if "metadata" in contents.kinds:
         tables = [_read_parquet(contents.path("metadata", n)) for n in contents.numbers]
@@ -478,7 +480,7 @@ def read_embedding_folder(root: str | os.PathLike):
             metadata = pa.concat_tables(tables, promote_options="default")
         except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
             raise _mixed_metadata(root, contents, tables) from error
-    return np.concatenate(arrays), metadata
+    return (np.concatenate(arrays) if embeddings else None), metadata
 
 
 def _mixed_metadata(root, contents: "Contents", tables) -> InputError:

@@ -114,13 +114,14 @@ def _csv_rows(path: Path, required: Sequence[str]) -> csv.DictReader:
 
 
 def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout: str,
-                     listed_in: dict[str, Path] | None) -> dict[str, ImageList]:
+                     listed_in: dict[str, Path], check_images: bool = True) -> dict[str, ImageList]:
     """``records``: (path relative to ``root``, class name, split name) -> one ImageList per split.
 
-    The vocabulary lists the training classes first, each group in natural order; images
-    of the evaluation splits (all but ``train``) are checked to exist. ``listed_in``: the
-    list file each evaluation split was read from, for the error; ``None``: not checked
-    (embeddings computed earlier are matched by key, the images need not be here).
+    The vocabulary lists the training classes first, each group in natural order; each
+    evaluation split (all but ``train``) lists an image once and, with ``check_images``, its
+    images are checked to exist (without: embeddings computed earlier are matched by key, the
+    images need not be here). ``listed_in``: the list file each evaluation split was read
+    from, for the errors.
     """
     train_classes = sorted({c for _, c, s in records if s == "train"}, key=_natural)
     other_classes = sorted({c for _, c, s in records if s != "train"} - set(train_classes), key=_natural)
@@ -129,10 +130,11 @@ def _labelled_splits(root: Path, records: Sequence[tuple[str, str, str]], layout
     out: dict[str, ImageList] = {}
     for split in dict.fromkeys(s for _, _, s in records):
         rows = [(p, c) for p, c, s in records if s == split]
-        _require_unique_images([p for p, _ in rows], split, (listed_in or {}).get(split, root))
         paths = [str(root / p) for p, _ in rows]
-        if split != "train" and listed_in is not None:
-            _check_images(paths, layout, listed_in[split])
+        if split != "train":  # the train split is not searched: a repeated line there harms no score
+            _require_unique_images([p for p, _ in rows], split, listed_in[split])
+            if check_images:
+                _check_images(paths, layout, listed_in[split])
         out[split] = ImageList(
             paths=paths,
             keys=[p for p, _ in rows],
@@ -205,7 +207,7 @@ def read_cub(root: str | os.PathLike, check_images: bool = True) -> Splits:
         split = "train" if class_id <= 100 else "test"
         records.append((f"images/{path}", names.get(str(class_id), str(class_id)), split))
     _require_test_classes(records, "images.txt")
-    splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"} if check_images else None)
+    splits = _labelled_splits(root, records, CUB_LAYOUT, {"test": root / "images.txt"}, check_images)
     return Splits(query=splits["test"], train=splits.get("train"))
 
 
@@ -252,7 +254,7 @@ def read_cars196(root: str | os.PathLike, check_images: bool = True) -> Splits:
         listed_in = root / "cars_test_annos_withlabels.mat"
         records = _cars_devkit(root, check_images)
     _require_test_classes(records, str(listed_in))
-    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in} if check_images else None)
+    splits = _labelled_splits(root, records, CARS_LAYOUT, {"test": listed_in}, check_images)
     return Splits(query=splits["test"], train=splits.get("train"))
 
 
@@ -313,7 +315,7 @@ def read_sop(root: str | os.PathLike, check_images: bool = True) -> Splits:
     root = _dataset_folder(Path(root), ["Ebay_train.txt"], ["Stanford_Online_Products"], SOP_LAYOUT)
     test = _first_existing(root, ["Ebay_test.txt"], SOP_LAYOUT)
     records = _read_ebay(_first_existing(root, ["Ebay_train.txt"], SOP_LAYOUT), "train") + _read_ebay(test, "test")
-    splits = _labelled_splits(root, records, SOP_LAYOUT, {"test": test} if check_images else None)
+    splits = _labelled_splits(root, records, SOP_LAYOUT, {"test": test}, check_images)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -356,7 +358,7 @@ def read_inshop(root: str | os.PathLike, check_images: bool = True) -> Splits:
         raise InputError(f"{path} lists {probe}, found in none of:\n  {looked}\nexpected layout:\n{INSHOP_LAYOUT}")
     prefix = "" if folder == "." else f"{folder}/"
     splits = _labelled_splits(root, [(prefix + p, c, s) for p, c, s in records], INSHOP_LAYOUT,
-                              {"query": path, "gallery": path} if check_images else None)
+                              {"query": path, "gallery": path}, check_images)
     for split in ("query", "gallery"):
         if split not in splits:
             raise InputError(f"{path}: no image has evaluation_status {split!r}")
@@ -386,7 +388,7 @@ def read_inaturalist(root: str | os.PathLike, check_images: bool = True) -> Spli
             if len(parts) < 4:
                 raise InputError(f"{path}: line {number} ({line!r}) is not <folder>/<supercategory>/<category>/<file>")
             records.append((line, f"{parts[-3]}/{parts[-2]}", split))
-    splits = _labelled_splits(root, records, INAT_LAYOUT, lists if check_images else None)
+    splits = _labelled_splits(root, records, INAT_LAYOUT, lists, check_images)
     return Splits(query=splits["test"], train=splits["train"])
 
 
@@ -410,7 +412,7 @@ def read_vehicleid(root: str | os.PathLike, size: str = "small", check_images: b
             if len(parts) != 2:
                 raise InputError(f"{path}: line {number} ({line!r}) is not '<image name> <vehicle id>'")
             records.append((f"image/{parts[0]}.jpg", parts[1], split))
-    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT, lists if check_images else None)
+    splits = _labelled_splits(root, records, VEHICLEID_LAYOUT, lists, check_images)
     return Splits(query=splits["test"], train=splits["train"])
 
 

@@ -356,6 +356,64 @@ def test_a_file_url_image_path_is_the_local_file_it_names(tmp_path):
         assert client.get("/thumbnail/0").status_code == 200
 
 
+def test_thumbnails_are_decoded_within_the_decoding_budget_sized_from_their_headers(tmp_path):
+    """Thumbnails (/thumbnail, and the pictures of /knn-service and /metadata) take their
+    decoded size, read from the image header, from the budget that uploads use
+    (--max-decode-mb): with room for one big PNG, two are never decoded at once; a JPEG
+    counts at its draft size. The thumbnails are those Pillow makes of the files."""
+    import httpx
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    gradient = np.add.outer(np.arange(1200), np.arange(1600)) % 256
+    files = []
+    for name, image in (("a.png", np.stack([gradient, gradient * 2 % 256, 255 - gradient], -1)),
+                        ("b.png", np.stack([255 - gradient, gradient, gradient // 2], -1)),
+                        ("c.jpg", np.stack([gradient] * 3, -1).repeat(2, 0)[:1536].repeat(2, 1)[:, :2048])):
+        files.append(tmp_path / name)
+        Image.fromarray(image.astype(np.uint8)).save(files[-1])
+    rows = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a", "b", "c"], "image_path": [str(f) for f in files]}))
+    png_bytes = 1600 * 1200 * 3  # RGB: no copy when converted
+    jpeg_bytes = 512 * 384 * 3  # 2048x1536 drafted towards 256x256: 1/4 (1536 // 256 = 6, rounded down to a power of 2)
+    app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"), max_decode_bytes=png_bytes * 3 // 2)
+    budget = app.state.decoding
+
+    def reference(path) -> np.ndarray:  # Pillow's thumbnail, a JPEG decoded in draft mode
+        image = Image.open(path)
+        image.draft("RGB", (256, 256))
+        image = image.convert("RGB")
+        image.thumbnail((256, 256))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return np.asarray(Image.open(buffer))
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+            jpeg = await client.get("/thumbnail/2")
+            assert budget.peak == jpeg_bytes
+            return jpeg, await asyncio.gather(
+                client.get("/thumbnail/0"), client.get("/thumbnail/1"),
+                client.post("/knn-service", json={"embedding_input": rows[0].tolist(), "modality": "image", "num_images": 3}),
+                client.post("/metadata", json={"ids": [1, 0]}))
+
+    jpeg, (first, second, knn, metadata) = asyncio.run(scenario())
+    assert budget.peak == png_bytes and budget.used == 0
+    for response in (jpeg, first, second, knn, metadata):
+        assert response.status_code == 200, response.text
+    assert np.array_equal(pixels(jpeg.content), reference(files[2]))
+    assert np.array_equal(pixels(first.content), reference(files[0]))
+    assert np.array_equal(pixels(second.content), reference(files[1]))
+    pictures = {hit["id"]: base64.b64decode(hit["image"]) for hit in knn.json()}
+    pictures.update({item["id"]: base64.b64decode(item["metadata"]["image"]) for item in metadata.json()})
+    for item, path in enumerate(files):
+        assert np.array_equal(pixels(pictures[item]), reference(path))
+
+
 def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
     import gzip
 

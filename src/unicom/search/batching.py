@@ -122,3 +122,12 @@ class ByteBudget:
             self.used -= size
             self._changed.notify_all()
 
+    async def run(self, size: int, fn: Callable, *args) -> Any:
+        """``fn(*args)`` in a worker thread while holding ``size`` bytes; they are given back
+        when it ends, even if the caller is cancelled before."""
+        held = await self.acquire(size)
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(None, fn, *args)
+        job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
+        return await job
+

@@ -9,6 +9,7 @@ never by path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import tarfile
@@ -17,6 +18,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from fastapi import HTTPException
+
+from unicom.search.batching import ByteBudget
 
 THUMBNAIL_SIZE = 256
 PATH_COLUMNS = ("image_path", "path")
@@ -178,16 +181,39 @@ class ItemImages:
             return data
         raise _error(404, f"item {item_id} has no local image in the index metadata")
 
-    def thumbnail(self, name: str, row: dict, item_id: int) -> bytes:
-        """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached)."""
-        from unicom.data.transforms import DecodeError, decode_image
-
+    async def thumbnail(self, name: str, row: dict, item_id: int, budget: ByteBudget) -> bytes:
+        """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached). The
+        image is decoded in a worker thread while holding its decoded size (read from its
+        header; a JPEG's in draft mode) in ``budget``, the bytes that decoding may hold at once."""
         with self._lock:
             cached = self._thumbnails.get((name, item_id))
             if cached is not None:
                 self._thumbnails.move_to_end((name, item_id))
                 return cached
+        source, size = await asyncio.to_thread(self._sized_source, row, item_id)
+        data = await budget.run(size, self._render, source, item_id)
+        with self._lock:
+            self._thumbnails[(name, item_id)] = data
+            if len(self._thumbnails) > self.cache:
+                self._thumbnails.popitem(last=False)
+        return data
+
+    def _sized_source(self, row: dict, item_id: int):
+        """The item's image (a local path or its bytes) and the bytes its thumbnail's decoding
+        holds, from its header (0 when the header cannot be read: decoding then fails at once)."""
+        from unicom.search.uploads import decoded_bytes, read_header
+
         source = self.source(row, item_id)
+        try:
+            _, size, bands = read_header(source, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason
+            return source, 0
+        return source, decoded_bytes(size, bands)
+
+    @staticmethod
+    def _render(source, item_id: int) -> bytes:
+        from unicom.data.transforms import DecodeError, decode_image
+
         try:
             image, _ = decode_image(source, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except DecodeError as error:
@@ -197,10 +223,4 @@ class ItemImages:
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        data = buffer.getvalue()
-        with self._lock:
-            self._thumbnails[(name, item_id)] = data
-            if len(self._thumbnails) > self.cache:
-                self._thumbnails.popitem(last=False)
-        return data
-
+        return buffer.getvalue()

@@ -26,10 +26,10 @@ or pixels), 415 (not a supported image, or not multipart/JSON), 500 (an unexpect
 named by its type; the traceback goes to the log), 503 (no model, or too many queries waiting).
 
 Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
-before they wait for a batch; decoding may hold at most ``max_decode_bytes`` of pixels at a
-time. Concurrent queries are batched (:mod:`unicom.search.batching`): each waits at most
-``max_wait_ms`` for others, then up to ``batch_size`` of them go through the model and the
-index together, in one worker thread. Images of items come from
+before they wait for a batch; decoding uploads and thumbnails of items may hold at most
+``max_decode_bytes`` of pixels at a time. Concurrent queries are batched
+(:mod:`unicom.search.batching`): each waits at most ``max_wait_ms`` for others, then up to
+``batch_size`` of them go through the model and the index together, in one worker thread. Images of items come from
 :mod:`unicom.search.item_images`; the request and reply models are in
 :mod:`unicom.search.schemas`.
 """
@@ -329,12 +329,8 @@ def create_app(
         if target.encoder is None:
             raise _error(503, 'this server has no model for image queries; send {"embedding": [...]} or {"like": id} instead')
         width, height, bands = uploads.probe_image(data, name, max_upload_bytes, max_pixels)
-        held = await decoding.acquire(width * height * (bands + (3 if bands != 3 else 0)))  # decoded, and as RGB
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(None, uploads.decode_for_model, data, name, target.model_input, width * height)
-        # the budget is released when decoding ends, even if this request is cancelled before
-        job.add_done_callback(lambda _: asyncio.ensure_future(decoding.release(held), loop=loop))
-        return await job
+        return await decoding.run(uploads.decoded_bytes((width, height), bands),
+                                  uploads.decode_for_model, data, name, target.model_input, width * height)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -552,7 +548,7 @@ def create_app(
              responses={200: {"content": {"image/jpeg": {}}}})
     async def thumbnail(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
         target, row = await row_of(item_id, index)
-        data = await asyncio.to_thread(images.thumbnail, target.name, row, item_id)
+        data = await images.thumbnail(target.name, row, item_id, decoding)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/image/{item_id:int}", summary="The full image of an item", responses={200: {"content": {"image/*": {}}}})
@@ -576,24 +572,28 @@ def create_app(
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 
-    def knn_metadata(target: Served, row: dict, item_id: int, picture: bool = True) -> dict:
-        """clip-retrieval's metadata of one item: its columns, and (``picture``) its image as base64 JPEG."""
-        meta = {key: queries.json_value(value) for key, value in row.items() if key != "id"}
-        if picture and images.has_image(row):
-            try:
-                meta["image"] = base64.b64encode(images.thumbnail(target.name, row, item_id)).decode()
-            except HTTPException:
-                pass  # a missing or unreadable file: no picture, as clip-retrieval does
-        return meta
+    def knn_metadata(row: dict) -> dict:
+        """clip-retrieval's metadata of one item: its columns (:func:`add_pictures` adds its image)."""
+        return {key: queries.json_value(value) for key, value in row.items() if key != "id"}
 
-    def knn_answer(scores: np.ndarray, ids: np.ndarray, target: Served, num_images: int) -> list[dict]:
+    async def add_pictures(metas: list[dict], rows: list[dict], ids: list[int], target: Served) -> None:
+        """Adds to each item's metadata its thumbnail as base64 JPEG, ``image``, one at a time."""
+        for meta, row, item_id in zip(metas, rows, ids):
+            if images.has_image(row):
+                try:
+                    meta["image"] = base64.b64encode(await images.thumbnail(target.name, row, item_id, decoding)).decode()
+                except HTTPException:
+                    pass  # a missing or unreadable file: no picture, as clip-retrieval does
+
+    def knn_answer(scores: np.ndarray, ids: np.ndarray, target: Served, num_images: int) -> tuple[list[dict], list[dict]]:
+        """The results without their pictures, and the metadata rows of the first ``num_images``."""
         rows = target.index.metadata(ids[:num_images]) if num_images > 0 else []
         results = []
         for position, (score, item_id) in enumerate(zip(scores.tolist(), ids.tolist())):
-            result = knn_metadata(target, rows[position], item_id, position < MAX_METADATA_IDS) if position < len(rows) else {}
+            result = knn_metadata(rows[position]) if position < len(rows) else {}
             result.update(id=item_id, similarity=score)
             results.append(result)
-        return results
+        return results, rows
 
 
     @app.post(
@@ -656,7 +656,9 @@ def create_app(
                                   embedding_name="embedding_input", **values)
         item.modality = knn.modality
         scores, ids = await batcher.submit(item)
-        results = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
+        results, rows = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
+        pictured = min(len(rows), MAX_METADATA_IDS)
+        await add_pictures(results[:pictured], rows[:pictured], ids[:pictured].tolist(), target)
         headers = {UNSUPPORTED_HEADER: ", ".join(unsupported)} if unsupported else None
         return JSONResponse(results, headers=headers)
 
@@ -684,11 +686,13 @@ def create_app(
         if bad:
             raise _error(404, f"no item {bad[0]} in {target.name} (ids 0..{len(target.index) - 1})")
 
-        def read() -> list[dict]:
+        def read() -> tuple[list[dict], list[dict]]:
             rows = target.index.metadata(np.asarray(wanted.ids, dtype=np.int64)) if wanted.ids else []
-            return [{"id": item_id, "metadata": knn_metadata(target, row, item_id)} for item_id, row in zip(wanted.ids, rows)]
+            return [{"id": item_id, "metadata": knn_metadata(row)} for item_id, row in zip(wanted.ids, rows)], rows
 
-        return JSONResponse(await asyncio.to_thread(read))
+        items, rows = await asyncio.to_thread(read)
+        await add_pictures([item["metadata"] for item in items], rows, wanted.ids, target)
+        return JSONResponse(items)
 
     return app
 

@@ -2,7 +2,9 @@
 
 :func:`probe_image` reads the format and size from the header and answers 413 (too many
 bytes or pixels, decompression bombs included) or 415 (not an accepted image) before
-anything is decoded. :func:`decode_for_model` decodes (JPEG in draft mode) and applies the
+anything is decoded (:func:`read_header`; :func:`decoded_bytes` is what decoding then
+holds, the share of the server's decoding budget that uploads and thumbnails take).
+:func:`decode_for_model` decodes (JPEG in draft mode) and applies the
 model's leading resize (:class:`ModelInput`), so that a query waits for its batch as a
 small image; after a large image it hands the freed memory back to the system.
 """
@@ -40,8 +42,7 @@ def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tup
     if len(data) > max_upload:
         raise _error(413, f"{name}: {len(data)} bytes, larger than the limit of {max_upload} bytes")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            kind, (width, height), bands = probe.format, probe.size, len(probe.getbands())
+        kind, (width, height), bands = read_header(data)
     except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
@@ -53,6 +54,25 @@ def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tup
     if width * height > max_pixels:
         raise _error(413, f"{name}: {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} pixels")
     return width, height, bands
+
+
+def read_header(source, draft: tuple[int, int] | None = None) -> tuple[str, tuple[int, int], int]:
+    """(format, (width, height), bands) of the image in ``source`` (bytes or a local path)
+    from its header, nothing decoded. With ``draft``, a JPEG's size and bands as
+    :func:`unicom.data.transforms.decode_image` decodes it in draft mode. Raises what
+    Pillow raises for data it cannot identify (a ``DecompressionBombError`` included)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as probe:
+        if draft is not None and probe.format == "JPEG":
+            probe.draft("RGB", draft)
+        return probe.format, probe.size, len(probe.getbands())
+
+
+def decoded_bytes(size: tuple[int, int], bands: int) -> int:
+    """Bytes an image of ``size`` pixels and ``bands`` bands holds while decoded to RGB:
+    its own pixels, and their RGB copy when it is not RGB already."""
+    return size[0] * size[1] * (bands + (3 if bands != 3 else 0))
 
 
 def decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):

@@ -78,7 +78,7 @@ def test_embeddings_folder_leave_one_out_with_dimension_curve(tmp_path, capsys):
     assert "recall@1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("again", [["--dims", "none"], ["--train-embeddings", "TRAIN", "--task", "classification"]])
+@pytest.mark.parametrize("again", [["--dims", "none"], ["--train-embeddings", "TRAIN", "--task", "classification", "--no-probe"]])
 def test_a_report_without_a_curve_leaves_no_earlier_curve_beside_it(tmp_path, again):
     x, labels = clustered(40, 16, 4, 0.5, seed=0)
     embedding_folder(tmp_path / "test", x, [f"img{i}" for i in range(40)], labels.tolist())
@@ -87,7 +87,7 @@ def test_a_report_without_a_curve_leaves_no_earlier_curve_beside_it(tmp_path, ag
     assert main(["evaluate", "--embeddings", str(tmp_path / "test"), "--dims", "8", "--out", str(out)]) == 0
     assert (out / "recall_vs_dimension.png").is_file()
     again = [str(tmp_path / "train") if a == "TRAIN" else a for a in again]
-    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), *again, "--no-probe", "--out", str(out)]) == 0
+    assert main(["evaluate", "--embeddings", str(tmp_path / "test"), *again, "--out", str(out)]) == 0
     assert "dimensions" not in json.loads((out / "metrics.json").read_text())
     assert not (out / "recall_vs_dimension.png").exists()
 
@@ -361,6 +361,11 @@ def test_classification_dataset_with_a_model(tmp_path):
      "--labels, --train-embeddings: for embedding folders without --dataset"),
     (["--dataset", "cifar10", "--root", "DATA", "--task", "classification"], "--task: for embedding folders"),
     (["--pretrained", "laion400m_e32"], "--pretrained names the weights of --model"),
+    (["--dataset", "SOP", "--root", "DATA", "--no-probe", "--knn-k", "5"], "--no-probe, --knn-k: for classification "
+     "(linear probe and kNN); --dataset SOP is a retrieval benchmark, which trains neither"),
+    (["--no-knn", "--temperature", "0.1", "--train-embeddings", "EMB"], "--no-knn, --temperature: for classification "
+     "(linear probe and kNN); embedding folders are scored as retrieval unless --task classification (with "
+     "--train-embeddings), which trains neither"),
 ])
 def test_options_that_the_run_would_not_use_are_refused(tmp_path, capsys, options, message):
     # each would otherwise be dropped without a word: the benchmark's own splits and labels are used

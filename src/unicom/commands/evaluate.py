@@ -114,11 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     classification.add_argument("--no-knn", action="store_true", help="skip kNN classification")
-    classification.add_argument("--knn-k", type=_at_least(1), default=20)
-    classification.add_argument("--temperature", type=float, default=0.07)
+    classification.add_argument("--knn-k", type=_at_least(1), help="neighbours of kNN classification (default: 20)")
+    classification.add_argument("--temperature", type=float,
+                                help="of the kNN vote's exp(similarity / temperature) weights (default: 0.07)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from unicom.data.benchmarks import RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
     from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, classification_markdown, retrieval_markdown
 
@@ -127,6 +129,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pretrained is not None and args.model is None:
         raise InputError("--pretrained names the weights of --model; embeddings given with --embeddings are used as they are")
+    classify = {"probe": not args.no_probe, "knn": not args.no_knn,
+                **{name: value for name, value in (("knn_k", args.knn_k), ("temperature", args.temperature)) if value is not None}}
+    unused = [option for option, given in (("--no-probe", args.no_probe), ("--no-knn", args.no_knn),
+                                           ("--knn-k", args.knn_k is not None),
+                                           ("--temperature", args.temperature is not None)) if given]
+    retrieval = (canonical_name(args.dataset) in RETRIEVAL_BENCHMARKS if args.dataset is not None
+                 else args.embeddings is not None and args.task == "retrieval")
+    if unused and retrieval:
+        run_is = (f"--dataset {args.dataset} is a retrieval benchmark" if args.dataset is not None else
+                  "embedding folders are scored as retrieval unless --task classification (with --train-embeddings)")
+        raise InputError(f"{', '.join(unused)}: for classification (linear probe and kNN); {run_is}, which trains neither")
     if args.dataset is not None:
         unused = [option for option, given in (("--labels", args.labels), ("--gallery-embeddings", args.gallery_embeddings),
                                                ("--train-embeddings", args.train_embeddings),
@@ -142,15 +155,14 @@ def run(args: argparse.Namespace) -> int:
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=args.dims, pca=not args.no_pca, pca_samples=args.pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
-            download=args.download, probe=not args.no_probe, knn=not args.no_knn, knn_k=args.knn_k,
-            temperature=args.temperature, **subset,
+            download=args.download, **classify, **subset,
         )
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=args.dims,
-            pca=not args.no_pca, pca_samples=args.pca_samples, probe=not args.no_probe, knn=not args.no_knn,
-            knn_k=args.knn_k, temperature=args.temperature, out=args.out, chunk_size=args.chunk_size, **subset,
+            pca=not args.no_pca, pca_samples=args.pca_samples, out=args.out, chunk_size=args.chunk_size, **classify,
+            **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")

@@ -313,6 +313,7 @@ def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     ``server_close()`` stop it."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    _quiet_when_clients_hang_up(server)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
 
@@ -325,6 +326,7 @@ class FileServer:
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
+        _quiet_when_clients_hang_up(self.server)  # its traceback would land in the output a test reads
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -150,6 +150,23 @@ def test_the_command_that_built_an_index_adds_new_parts_to_it_when_run_again(tmp
     assert "a hnsw index has no nlist, which --nlist 8 sets" in capsys.readouterr().err
 
 
+def test_a_type_asked_for_by_name_refuses_build_options_it_has_no_use_for(tmp_path, capsys):
+    import numpy as np
+
+    write_part(tmp_path / "emb", 0, image=np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32))
+    emb = ["index", "--emb", str(tmp_path / "emb")]
+    for options, said in ((["--type", "flat", "--nlist", "8"], "--type flat has no use for --nlist (of the build options it takes none"),
+                          (["--type", "hnsw", "--nlist", "8", "--pq-m", "4"], "--type hnsw has no use for --nlist, --pq-m (of the build options it takes --hnsw-m)"),
+                          (["--type", "ivfsq", "--nbits", "6"], "--type ivfsq has no use for --nbits (of the build options it takes --nlist)"),
+                          (["--type", "ivfpq", "--hnsw-m", "16"], "--type ivfpq has no use for --hnsw-m")):
+        assert main([*emb, "--out", str(tmp_path / "index"), *options]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "index").exists()
+    # the options of the type asked for are taken
+    assert main([*emb, "--out", str(tmp_path / "index"), "--type", "hnsw", "--hnsw-m", "8"]) == 0
+    assert Index.load(tmp_path / "index").config["params"]["M"] == 8
+
+
 def test_index_command_refuses_options_of_another_index_than_the_one_it_holds(collection, tmp_path, capsys):
     out = tmp_path / "index"
     assert main(["index", "--emb", str(collection["emb"]), "--out", str(out), "--type", "flat"]) == 0

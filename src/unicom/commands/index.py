@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"added parts {added} to {out}")
     else:
+        _check_options_apply(args)
         index = Index.build(
             args.emb,
             out,
@@ -97,6 +98,26 @@ def run(args: argparse.Namespace) -> int:
             f"{selection['recall']:.4f} on {measured} ({goal})"
         )
     return 0
+
+
+# the build options each index type has a use for (--type auto uses those of the type it chooses)
+_TYPE_OPTIONS = {"flat": (), "hnsw": ("--hnsw-m",), "ivfsq": ("--nlist",), "ivfpq": ("--nlist", "--pq-m", "--nbits")}
+
+
+def _check_options_apply(args: argparse.Namespace) -> None:
+    """Refuse build options that the type asked for with ``--type`` has no use for: they
+    would be ignored by the build, and a rerun of the same command would refuse them."""
+    from unicom.errors import InputError
+
+    if args.index_type == "auto":
+        return
+    given = {"--nlist": args.nlist, "--pq-m": args.pq_m, "--nbits": args.nbits, "--hnsw-m": args.hnsw_m}
+    unused = [option for option, value in given.items() if value is not None and option not in _TYPE_OPTIONS[args.index_type]]
+    if unused:
+        takes = ", ".join(_TYPE_OPTIONS[args.index_type]) or "none of them"
+        raise InputError(f"--type {args.index_type} has no use for {', '.join(unused)} (of the build options it takes "
+                         f"{takes}): leave {'it' if len(unused) == 1 else 'them'} out, or choose the type that uses "
+                         f"{'it' if len(unused) == 1 else 'them'}")
 
 
 def _check_unchanged(args: argparse.Namespace, index, out) -> None:

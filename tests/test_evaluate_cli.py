@@ -366,6 +366,10 @@ def test_classification_dataset_with_a_model(tmp_path):
     (["--no-knn", "--temperature", "0.1", "--train-embeddings", "EMB"], "--no-knn, --temperature: for classification "
      "(linear probe and kNN); embedding folders are scored as retrieval unless --task classification (with "
      "--train-embeddings), which trains neither"),
+    (["--dataset", "sop", "--root", "DATA", "--download"], "--download: torchvision downloads the classification "
+     "benchmarks only; --dataset sop is a retrieval benchmark, read from --root as it was placed there"),
+    (["--download"], "--download: torchvision downloads the classification benchmarks only; embedding folders are read "
+     "as they are"),
 ])
 def test_options_that_the_run_would_not_use_are_refused(tmp_path, capsys, options, message):
     # each would otherwise be dropped without a word: the benchmark's own splits and labels are used

@@ -140,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
         run_is = (f"--dataset {args.dataset} is a retrieval benchmark" if args.dataset is not None else
                   "embedding folders are scored as retrieval unless --task classification (with --train-embeddings)")
         raise InputError(f"{', '.join(unused)}: for classification (linear probe and kNN); {run_is}, which trains neither")
+    if args.download and (args.dataset is None or retrieval):
+        run_is = (f"--dataset {args.dataset} is a retrieval benchmark, read from --root as it was placed there"
+                  if args.dataset is not None else "embedding folders are read as they are")
+        raise InputError(f"--download: torchvision downloads the classification benchmarks only; {run_is} "
+                         "(docs/evaluation.md gives each layout); leave --download out")
     if args.dataset is not None:
         unused = [option for option, given in (("--labels", args.labels), ("--gallery-embeddings", args.gallery_embeddings),
                                                ("--train-embeddings", args.train_embeddings),

@@ -67,6 +67,22 @@ def test_http_shards_into_s3_equal_a_local_run_byte_for_byte_through_transient_f
     assert "embedded 15 samples into 3 parts of s3://embed-a/emb" in capsys.readouterr().out
 
 
+def test_a_shard_url_with_percent_escapes_keeps_the_number_of_its_file_name(data, tmp_path, capsys):
+    # "café 00001.tar" over HTTP is ".../caf%C3%A9%2000001.tar": its part is 1, not 2000001
+    folder = tmp_path / "served" / "sp ace"
+    folder.mkdir(parents=True)
+    (folder / "café 00001.tar").write_bytes((data["root"] / "shards" / "00001.tar").read_bytes())
+    with FileServer(tmp_path / "served") as http:
+        code = main(["embed", "--input", f"{http.url}/sp%20ace/caf%C3%A9%2000001.tar", "--out", str(tmp_path / "emb"),
+                     *data["common"]])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "emb" / "img_emb").iterdir()) == ["img_emb_1.npy"]
+    assert (tmp_path / "emb" / "img_emb" / "img_emb_1.npy").read_bytes() == \
+        (data["local"] / "img_emb" / "img_emb_1.npy").read_bytes()
+    shards = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_1.parquet").column("shard").to_pylist()
+    assert shards == ["café 00001.tar"] * SHARDS[1]
+
+
 def test_a_shard_that_stays_missing_is_reported_and_a_plain_rerun_completes_it(data, s3, capsys):
     s3.bucket("embed-b")
     command = ["embed", "--input", None, "--out", "s3://embed-b/emb", *data["common"]]

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +48,23 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 def shard_name(shard) -> str:
     """The file name of a shard location, which carries its number: the path's last
     component (without an http query), or for ``pipe:COMMAND`` that of the command's last
-    word ending in a shard suffix (``pipe:curl -s https://host/00012.tar`` -> ``00012.tar``)."""
+    word ending in a shard suffix (``pipe:curl -s https://host/00012.tar`` -> ``00012.tar``).
+    The name in an http(s) URL is unquoted, as the server reads it (``shard%2000012.tar`` ->
+    ``shard 00012.tar``, part 12, not 2000012); object store keys are taken as written."""
     if storage.is_pipe(shard):
         words = storage.text(shard)[len(storage.PIPE):].split()
         named = [w for w in words if w.split("?", 1)[0].endswith(SHARD_SUFFIXES)] or words[-1:] or [""]
-        return named[-1].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        word = named[-1].strip("'\"").split("?", 1)[0]
+        return _unquoted(word, word.rstrip("/").rsplit("/", 1)[-1])
     if storage.is_url(shard):
-        return storage.name(storage.text(shard).split("?", 1)[0])
+        location = storage.text(shard).split("?", 1)[0]
+        return _unquoted(location, storage.name(location))
     return Path(shard).name
+
+
+def _unquoted(location: str, name: str) -> str:
+    """``name``, the last component of ``location``, percent-decoded when ``location`` is an http(s) URL."""
+    return urllib.parse.unquote(name) if storage.protocol(location) in storage.READ_ONLY else name
 
 
 def _folder_shards(folder) -> list:

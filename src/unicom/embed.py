@@ -55,7 +55,7 @@ MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
 # keys of embed_config.json that older folders lack (precision and decode: UniFEx feature caches)
-RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode")
+RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode", "draft")
 SAME_OPTIONS = "use another --out, or run with the same options"
 KEPT_PARTS = "the parts already written are kept"  # what a rerun after a refused write does
 BENCHMARK_KEYS = ("dataset", "query_boxes_sha256")  # of embed_config.json, what open_benchmark's parts depend on
@@ -426,7 +426,8 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
-             and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)))
+             and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)
+                     and (k in previous or k not in RECORDED_LATER)))
     if moved and config.get(WEIGHTS_CHECKSUM) in (None, previous[WEIGHTS_CHECKSUM]):
         if WEIGHTS_CHECKSUM in config and distributed.get_rank() == 0:
             write_config(out, dict(previous, pretrained=config.get("pretrained")))
@@ -665,6 +666,8 @@ def embed_to_folder(
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
         config["rows_per_part"] = rows_per_part
+    if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
+        config["draft"] = bool(draft)
     config.update(identity)  # a benchmark's crops of other boxes would be other queries
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if _check_config(out, check):  # (None: the weights file moved; their digest decides once they are loaded)

@@ -105,6 +105,14 @@ def test_a_shard_that_stays_missing_is_reported_and_a_plain_rerun_completes_it(d
     assert "emb/failures/failures_1.parquet" not in s3.keys("embed-b")
 
 
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_before_any_work(data, s3, capsys):
+    code = main(["embed", "--input", str(data["root"] / "shards"), "--out", "s3://no-such-bucket/emb", *data["common"]])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "s3://no-such-bucket/emb: the bucket s3://no-such-bucket does not exist" in err
+    assert "embedded" not in err and "attempts" not in err
+
+
 def test_two_runs_with_other_settings_into_one_s3_folder_are_refused(data, s3, capsys):
     s3.bucket("embed-c")
     s3.put("embed-c", "emb/embed_config.json", (data["local"] / "embed_config.json").read_bytes())

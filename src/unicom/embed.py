@@ -55,7 +55,7 @@ MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
 # keys of embed_config.json that older folders lack (precision and decode: UniFEx feature caches)
-RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode", "draft")
+RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode", "draft", "keys_sha256")
 SAME_OPTIONS = "use another --out, or run with the same options"
 KEPT_PARTS = "the parts already written are kept"  # what a rerun after a refused write does
 BENCHMARK_KEYS = ("dataset", "query_boxes_sha256")  # of embed_config.json, what open_benchmark's parts depend on
@@ -437,6 +437,9 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
                  if previous.get(k) != v and (k in previous or k not in RECORDED_LATER)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
+        if "keys_sha256" in different:
+            advice = ("the images listed changed since (added, removed or reordered), so the finished parts hold "
+                      "other rows than this listing cuts; embed into another --out, or give the list as it was")
         raise InputError(
             f"{out} holds embeddings of another configuration ({details}); mixing them would make the parts "
             f"incomparable: {advice}"
@@ -666,6 +669,8 @@ def embed_to_folder(
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
         config["rows_per_part"] = rows_per_part
+        # and the images listed: with images added or removed the same cut makes other parts
+        config["keys_sha256"] = parts[0].images.keys_sha256()
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
         config["draft"] = bool(draft)
     config.update(identity)  # a benchmark's crops of other boxes would be other queries

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from support import class_image, write_class_folder
+from support import class_image, encode_image, write_class_folder, write_tar_shard
 
 from unicom.cli import main
 from unicom.formats.embeddings import EmbeddingFolders
@@ -189,6 +189,20 @@ def test_a_list_column_named_on_the_command_line_must_be_there(tmp_path, weights
                  "--out", str(tmp_path / "EMB"), option, "typo"])
     assert code == 2
     assert "list.csv: no column 'typo'; columns are ['path', 'caption', 'label', 'key']" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--rows-per-part", "10", "rows per part (--rows-per-part 10) cut image folders and lists; every shard is one part"),
+    ("--caption-column", "text", "--caption-column name columns of a CSV/parquet list, and "),
+    ("--path-column", "file", "--path-column name columns of a CSV/parquet list, and "),
+])
+def test_options_of_folders_and_lists_are_refused_with_shards_not_ignored(tmp_path, weights, capsys, option, value,
+                                                                          message):
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": "a", "png": encode_image(class_image(0, 0, 20), "PNG")}])
+    code = main(["embed", "--input", str(tmp_path / "shards" / "00000.tar"), "--model", "timm/test_vit",
+                 "--pretrained", weights, "--out", str(tmp_path / "EMB"), option, value])
+    assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "EMB").exists()
 
 

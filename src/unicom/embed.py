@@ -32,7 +32,15 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, ListPart, open_benchmark, open_parts, read_in_turn
+from unicom.data.sources import (
+    DEFAULT_ROWS_PER_PART,
+    ItemsPart,
+    ListPart,
+    ShardPart,
+    open_benchmark,
+    open_parts,
+    read_in_turn,
+)
 from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
@@ -631,7 +639,7 @@ def embed_to_folder(
     batch_size: int = 256,
     num_workers: int | None = None,
     dtype: str = "float16",
-    rows_per_part: int = 100_000,
+    rows_per_part: int | None = None,
     table_options: dict | None = None,
     draft: bool = False,
     precision: str = "auto",
@@ -646,6 +654,9 @@ def embed_to_folder(
     and the cropped queries are written with the keys ``unicom evaluate --embeddings`` looks
     for, and the folder records the dataset and the digest of the query boxes.
 
+    ``rows_per_part``: rows per part of an image folder, a list or a benchmark's gallery
+    (default 100,000); refused with shards, each of which is one part whatever its size.
+
     Inputs and the folder's previous configuration are checked before the model is built
     and before anything is written. Returns the summary of all ranks.
     """
@@ -656,10 +667,14 @@ def embed_to_folder(
     if device is not None:
         device = resolve_device(str(device), "--device")
     identity = {}
+    cut = DEFAULT_ROWS_PER_PART if rows_per_part is None else rows_per_part
     if dataset is not None:
-        parts, identity = open_benchmark(dataset, inputs, rows_per_part)
+        parts, identity = open_benchmark(dataset, inputs, cut)
     else:
-        parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
+        parts = open_parts(inputs, rows_per_part=cut, table_options=table_options)
+    if rows_per_part is not None and parts and isinstance(parts[0], ShardPart):
+        raise InputError(f"rows per part (--rows-per-part {rows_per_part}) cut image folders and lists; every shard is "
+                         "one part, whatever its size: leave it out, or write smaller shards for more parts")
     if "text" in modalities and parts and not any(part.has_captions for part in parts):
         what = "a benchmark of images" if dataset is not None else \
             "an image folder, or a list without a caption column: name it with --caption-column"
@@ -668,7 +683,7 @@ def embed_to_folder(
     name = recorded_spec(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
-        config["rows_per_part"] = rows_per_part
+        config["rows_per_part"] = cut
         # and the images listed: with images added or removed the same cut makes other parts
         config["keys_sha256"] = parts[0].images.keys_sha256()
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding

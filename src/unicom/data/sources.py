@@ -22,6 +22,7 @@ from unicom.errors import InputError
 from unicom.files import part_number
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+DEFAULT_ROWS_PER_PART = 100_000  # rows per part of an image folder or a list
 
 
 @dataclass
@@ -191,7 +192,7 @@ class CroppedPart:
 CROPPED_QUERY_BENCHMARKS = ("roxford5k", "rparis6k")
 
 
-def open_benchmark(name: str, root, rows_per_part: int = 100_000) -> tuple[list[ListPart | CroppedPart], dict]:
+def open_benchmark(name: str, root, rows_per_part: int = DEFAULT_ROWS_PER_PART) -> tuple[list[ListPart | CroppedPart], dict]:
     """The parts of benchmark ``name`` (one of :data:`CROPPED_QUERY_BENCHMARKS` or an alias)
     read from ``root``: its gallery cut into parts of ``rows_per_part`` rows (keys
     ``jpg/<name>.jpg``), then one :class:`CroppedPart` of its cropped queries; and what the
@@ -279,7 +280,7 @@ def _is_image_folder(location: str) -> bool:
 def open_parts(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    rows_per_part: int = 100_000,
+    rows_per_part: int = DEFAULT_ROWS_PER_PART,
     table_options: dict[str, Any] | None = None,
 ) -> list[ShardPart] | list[ListPart]:
     """The parts of ``inputs``, in part-number order.
@@ -313,6 +314,6 @@ def open_parts(
     return [ShardPart(part_number(shard_name(p)), p) for p in shards]
 
 
-__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
+__all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
            "open_benchmark", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
            "read_in_turn"]

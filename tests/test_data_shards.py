@@ -9,6 +9,7 @@ import pytest
 from support import class_image, encode_image, write_tar_shard
 
 from unicom.data.shards import ShardReadError, TarSample, expand_shards, read_tar_samples
+from unicom.data.sources import open_parts
 from unicom.errors import InputError
 
 
@@ -34,6 +35,14 @@ def test_glob_and_folder_are_sorted_by_number_not_by_text(tmp_path):
     expected = ["shard-1.tar", "shard-2.tar", "shard-10.tar"]
     assert [p.name for p in expand_shards(str(tmp_path / "*.tar"))] == expected
     assert [p.name for p in expand_shards(str(tmp_path))] == expected
+
+
+def test_shards_numbered_i_of_n_take_i_as_their_part(tmp_path):
+    # Hugging Face's "train-00012-of-00100.tar": every shard carries the total, 100, last
+    _empty_shards(tmp_path, ["train-00010-of-00012.tar", "train-00002-of-00012.tar", "train-00000-of-00012.tar"])
+    parts = open_parts(str(tmp_path / "train-*-of-00012.tar"))
+    assert [(part.number, part.path.name) for part in parts] == [
+        (0, "train-00000-of-00012.tar"), (2, "train-00002-of-00012.tar"), (10, "train-00010-of-00012.tar")]
 
 
 def test_missing_shard_in_a_pattern_is_named(tmp_path):

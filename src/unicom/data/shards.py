@@ -62,6 +62,16 @@ def shard_name(shard) -> str:
     return Path(shard).name
 
 
+_OF_TOTAL = re.compile(r"-of-\d+(?=\.)")  # "train-00012-of-00100.tar": Hugging Face's "shard i of n" numbering
+
+
+def shard_number(shard) -> int:
+    """The part number of a shard: the last number in its name (:func:`shard_name`;
+    ``laion-00012.tar`` -> 12), not counting a total after ``-of-`` (``train-00012-of-00100.tar``
+    -> 12, not 100, which every shard of the set carries)."""
+    return part_number(_OF_TOTAL.sub("", shard_name(shard)))
+
+
 def _unquoted(location: str, name: str) -> str:
     """``name``, the last component of ``location``, percent-decoded when ``location`` is an http(s) URL."""
     return urllib.parse.unquote(name) if storage.protocol(location) in storage.READ_ONLY else name
@@ -140,7 +150,7 @@ def expand_shards(patterns) -> list:
         raise InputError("no shards were given")
     numbered: dict[int, object] = {}
     for path in paths.values():
-        number = part_number(shard_name(path))
+        number = shard_number(path)
         if number in numbered:
             raise InputError(
                 f"{numbered[number]} and {path} carry the same number {number}; every shard becomes the output part "

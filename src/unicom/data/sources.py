@@ -17,9 +17,15 @@ from typing import Any, Iterator, Sequence
 
 from unicom import storage
 from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table
-from unicom.data.shards import SHARD_SUFFIXES, ShardReadError, expand_shards, read_tar_samples, shard_name
+from unicom.data.shards import (
+    SHARD_SUFFIXES,
+    ShardReadError,
+    expand_shards,
+    read_tar_samples,
+    shard_name,
+    shard_number,
+)
 from unicom.errors import InputError
-from unicom.files import part_number
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_ROWS_PER_PART = 100_000  # rows per part of an image folder or a list
@@ -311,7 +317,7 @@ def open_parts(
             f"{foreign[0]}: not a shard ({'/'.join(SHARD_SUFFIXES)}); give webdataset shards, one image folder, "
             "or one CSV/parquet list"
         )
-    return [ShardPart(part_number(shard_name(p)), p) for p in shards]
+    return [ShardPart(shard_number(p), p) for p in shards]
 
 
 __all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",

@@ -142,6 +142,35 @@ def test_killed_mid_upload_a_rerun_leaves_the_same_folder_and_nothing_half_writt
     assert _no_temporaries(s3.keys("embed-d"))  # the rerun swept its own leftover
 
 
+def test_a_list_image_url_that_stays_missing_is_a_failed_sample_and_one_not_fetched_leaves_its_part_unfinished(
+        data, tmp_path, capsys, monkeypatch):
+    """A 404 after every retry is a file that is not there, as a missing local file: its
+    sample fails and the part is finished. A server error is not final: the part waits for a rerun."""
+    import pyarrow.csv as pacsv
+
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    images = tmp_path / "served"
+    images.mkdir()
+    for i in (0, 2, 3):
+        (images / f"{i}.jpg").write_bytes(encode_image(class_image(i % 2, i, 36)))
+    with FileServer(images) as http:
+        http.fault("3.jpg", status=503, statuses=1000)
+        urls = [f"{http.url}/{i}.jpg" for i in range(4)]
+        pacsv.write_csv(pa.table({"path": urls}), tmp_path / "list.csv")
+        code = main(["embed", "--input", str(tmp_path / "list.csv"), "--out", str(tmp_path / "emb"),
+                     *data["common"], "--rows-per-part", "2"])
+    assert code == 1
+    assert "1 parts are not finished" in capsys.readouterr().err
+    rows = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("image_path").to_pylist()
+    assert rows == [urls[0]]  # part 0 is finished without 1.jpg, which is not on the server
+    failed = pq.read_table(tmp_path / "emb" / "failures" / "failures_0.parquet").to_pylist()
+    assert [(f["index"], f["source"]) for f in failed] == [(1, urls[1])]
+    assert failed[0]["reason"].startswith(f"file not found: {urls[1]}: not found (HTTP 404)")
+    assert not (tmp_path / "emb" / "metadata" / "metadata_1.parquet").exists()  # 3.jpg: 503 to every attempt
+    report = pq.read_table(tmp_path / "emb" / "failures" / "failures_1.parquet").to_pylist()
+    assert [(f["index"], f["source"]) for f in report] == [(1, urls[3])] and "503" in report[0]["reason"]
+
+
 def test_a_list_of_images_in_s3_embeds_like_the_same_list_on_disk(s3, tmp_path, data):
     import pyarrow.csv as pacsv
 

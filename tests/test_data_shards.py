@@ -74,6 +74,19 @@ def test_samples_are_grouped_by_key_in_tar_order(tmp_path):
     assert samples[0].json() == {"url": "http://a/0.jpg"} and samples[1].json() == {}
 
 
+def test_a_file_added_twice_in_a_row_begins_a_second_sample_of_that_key_and_is_not_dropped(tmp_path):
+    first, second = encode_image(class_image(1, 0, 16)), encode_image(class_image(2, 1, 16))
+    shard = tmp_path / "0.tar"
+    with tarfile.open(shard, "w") as tar:  # 000.jpg, 000.txt, then 000.jpg again (as `tar -rf` appends it)
+        for name, data in [("000.jpg", first), ("000.txt", b"a caption"), ("000.jpg", second), ("001.jpg", first)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(read_tar_samples(shard))
+    assert [(s.key, s.image_bytes(), s.caption()) for s in samples] == [
+        ("000", first, "a caption"), ("000", second, None), ("001", first, None)]
+
+
 def test_key_is_the_name_up_to_the_first_dot(tmp_path):
     path = tmp_path / "0.tar"
     with tarfile.open(path, "w") as tar:

@@ -271,7 +271,8 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     """Samples of a webdataset shard, in tar order (streamed, compressed tars included);
     ``path`` is a local path, a URL or ``pipe:COMMAND`` (read while it downloads).
 
-    Members without an extension, and directories, are skipped. ``keys``: read only the
+    Members without an extension, and directories, are skipped; a member whose key and
+    extension the sample already has begins a new sample with that key. ``keys``: read only the
     samples with these keys (the data of other members is skipped, not kept) and stop
     once all of them are read. A damaged tar, or one whose download failed for good,
     yields the samples before the damage, then raises :class:`ShardReadError`.
@@ -289,7 +290,9 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
                 if split is None:
                     continue
                 key, ext = split
-                if current is not None and key != current.key:
+                # a member the sample already has (a file added to the tar twice) begins another
+                # sample of the same key, as a key met again later does: neither file is dropped
+                if current is not None and (key != current.key or ext in current.files):
                     yield current
                     count += 1
                     current = None

@@ -273,14 +273,28 @@ def _folder_list(root) -> ImageList:
 
 
 def _is_image_folder(location: str) -> bool:
-    """A folder (local, or a URL of a listable store) that holds no shards."""
+    """A folder (local, or a URL of a listable store) that holds no shards. A folder holding
+    shards and images beside them is an :class:`InputError`: reading either would leave the
+    other out without a word."""
     if storage.is_url(location):
         if storage.is_pipe(location) or storage.protocol(location) in storage.READ_ONLY or storage.has_magic(location):
             return False
         if shard_name(location).endswith(SHARD_SUFFIXES) or not storage.is_dir(location):
             return False
-        return not any(name.endswith(SHARD_SUFFIXES) for name in storage.list_files(location))
-    return os.path.isdir(location) and not any(p.name.endswith(SHARD_SUFFIXES) for p in Path(location).iterdir())
+        names = sorted(storage.list_files(location))
+    elif os.path.isdir(location):
+        names = sorted(p.name for p in Path(location).iterdir() if p.is_file())
+    else:
+        return False
+    shards = [name for name in names if name.endswith(SHARD_SUFFIXES)]
+    images = [name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    if shards and images:
+        raise InputError(
+            f"{location}: the folder holds both shards ({shards[0]}, {len(shards)} in all) and images ({images[0]}, "
+            f"{len(images)} in all); give the shards by a pattern ({storage.text(location).rstrip('/')}/*.tar) or move "
+            "them out of the image folder"
+        )
+    return not shards
 
 
 def open_parts(

@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -212,7 +213,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def translate_path(self, path: str) -> str:
         relative = path.split("?", 1)[0].split("#", 1)[0].lstrip("/")
-        return str(self.state.root / relative)
+        return str(self.state.root / urllib.parse.unquote(relative))  # as http.server does: %20 is a space
 
     def do_HEAD(self) -> None:
         self._serve(body=False)

@@ -59,8 +59,8 @@ def served(tmp_path_factory, clip_client):
     spec = tiny_open_clip(root / "clip")
     for number in range(3):
         write_tar_shard(root / "shards" / f"{number:05d}.tar", captioned_samples(number, 8))
-    embed_to_folder([str(root / "shards")], root / "emb", spec, modalities=("image", "text"), rows_per_part=10,
-                    num_workers=0, dtype="float32")
+    embed_to_folder([str(root / "shards")], root / "emb", spec, modalities=("image", "text"), num_workers=0,
+                    dtype="float32")
     index = Index.build(root / "emb", root / "index", layout="clip-retrieval")
     app = create_app({"laion": index}, load_encoder(spec), shards=root / "shards", allow_image_urls=True)
     with LiveServer(app) as url:

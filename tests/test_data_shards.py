@@ -9,6 +9,7 @@ import pytest
 from support import class_image, encode_image, write_tar_shard
 
 from unicom.data.shards import ShardReadError, TarSample, expand_shards, read_tar_samples
+from unicom.data.sources import open_parts
 from unicom.errors import InputError
 
 
@@ -34,6 +35,14 @@ def test_glob_and_folder_are_sorted_by_number_not_by_text(tmp_path):
     expected = ["shard-1.tar", "shard-2.tar", "shard-10.tar"]
     assert [p.name for p in expand_shards(str(tmp_path / "*.tar"))] == expected
     assert [p.name for p in expand_shards(str(tmp_path))] == expected
+
+
+def test_shards_numbered_i_of_n_take_i_as_their_part(tmp_path):
+    # Hugging Face's "train-00012-of-00100.tar": every shard carries the total, 100, last
+    _empty_shards(tmp_path, ["train-00010-of-00012.tar", "train-00002-of-00012.tar", "train-00000-of-00012.tar"])
+    parts = open_parts(str(tmp_path / "train-*-of-00012.tar"))
+    assert [(part.number, part.path.name) for part in parts] == [
+        (0, "train-00000-of-00012.tar"), (2, "train-00002-of-00012.tar"), (10, "train-00010-of-00012.tar")]
 
 
 def test_missing_shard_in_a_pattern_is_named(tmp_path):
@@ -63,6 +72,19 @@ def test_samples_are_grouped_by_key_in_tar_order(tmp_path):
     assert samples[2].image_bytes() is None
     assert [s.caption() for s in samples] == ["a red thing", "a blue thing", "caption only"]
     assert samples[0].json() == {"url": "http://a/0.jpg"} and samples[1].json() == {}
+
+
+def test_a_file_added_twice_in_a_row_begins_a_second_sample_of_that_key_and_is_not_dropped(tmp_path):
+    first, second = encode_image(class_image(1, 0, 16)), encode_image(class_image(2, 1, 16))
+    shard = tmp_path / "0.tar"
+    with tarfile.open(shard, "w") as tar:  # 000.jpg, 000.txt, then 000.jpg again (as `tar -rf` appends it)
+        for name, data in [("000.jpg", first), ("000.txt", b"a caption"), ("000.jpg", second), ("001.jpg", first)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(read_tar_samples(shard))
+    assert [(s.key, s.image_bytes(), s.caption()) for s in samples] == [
+        ("000", first, "a caption"), ("000", second, None), ("001", first, None)]
 
 
 def test_key_is_the_name_up_to_the_first_dot(tmp_path):

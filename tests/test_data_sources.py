@@ -86,6 +86,17 @@ def test_json_strings_with_a_lone_surrogate_are_kept_as_escapes(tmp_path):
     assert (record.caption, record.columns["url"]) == ("café \\ud83d", "http://u/\\ud83d")
 
 
+def test_a_folder_of_images_with_a_shard_beside_them_is_refused_not_read_as_one_or_the_other(tmp_path):
+    write_class_folder(tmp_path / "photos", labels=[0], per_class=2)
+    for path in (tmp_path / "photos" / "class_000").iterdir():
+        path.rename(tmp_path / "photos" / path.name)
+    write_tar_shard(tmp_path / "photos" / "backup-2024.tar", [{"key": "a", "txt": "x"}])
+    with pytest.raises(InputError, match=r"photos: the folder holds both shards \(backup-2024.tar, 1 in all\) and "
+                                         r"images \(0000.jpg, 2 in all\); give the shards by a pattern"):
+        open_parts(str(tmp_path / "photos"))
+    assert [part.number for part in open_parts(str(tmp_path / "photos" / "*.tar"))] == [2024]
+
+
 def test_a_list_without_rows_is_an_error(tmp_path):
     (tmp_path / "list.csv").write_text("path,caption\n")
     with pytest.raises(InputError, match=r"list.csv: the list has no rows"):

@@ -147,6 +147,21 @@ def test_a_finished_folder_is_left_alone_and_another_configuration_refused(setup
     assert {p: p.stat().st_mtime_ns for p in first_run.rglob("*") if p.is_file()} == files
 
 
+def test_a_rerun_with_draft_decoding_into_a_fully_decoded_folder_is_refused(setup, first_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    root, checkpoint, _, _ = setup
+    out = tmp_path / "EMB"
+    shutil.copytree(first_run, out)
+    assert json.loads((out / "embed_config.json").read_text())["draft"] is False
+    (out / "img_emb" / "img_emb_2.npy").unlink()
+    # draft decoding gives other image embeddings: part 2 must not be redone with it beside parts 0 and 1
+    assert _embed(root, checkpoint, out, "--draft") == 2
+    assert "another configuration (draft: False before, True now)" in capsys.readouterr().err
+    assert not (out / "img_emb" / "img_emb_2.npy").exists()
+
+
 def test_missing_shard_is_an_error_before_anything_is_written(setup, capsys):
     root, checkpoint, _, _ = setup
     out = root / "never"

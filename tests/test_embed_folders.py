@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from support import class_image, write_class_folder
+from support import class_image, encode_image, write_class_folder, write_tar_shard
 
 from unicom.cli import main
 from unicom.formats.embeddings import EmbeddingFolders
@@ -150,6 +150,29 @@ def test_a_rerun_that_cuts_the_rows_into_other_parts_is_refused(tmp_path, weight
     assert EmbeddingFolders.from_root(tmp_path / "EMB").contents(("image",)).num_rows == 6
 
 
+def test_a_rerun_after_images_were_added_to_the_folder_is_refused(tmp_path, weights, capsys):
+    """Parts 0 and 1 of 2 rows hold class_000/0000-0002 and class_001/0000; an image added in
+    front (class_000/.. sorts first) would make the same cut's part 2 repeat a finished row and
+    leave the new one out."""
+    write_class_folder(tmp_path / "data", labels=[0, 1], per_class=3, size=16)
+    args = ["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+            "--out", str(tmp_path / "EMB"), "--workers", "0", "--rows-per-part", "2"]
+    assert main(args) == 0
+    (tmp_path / "EMB" / "metadata" / "metadata_2.parquet").unlink()  # a run that stopped before part 2
+    files = {p: p.read_bytes() for p in (tmp_path / "EMB").rglob("*") if p.is_file()}
+    write_class_folder(tmp_path / "new", labels=[0], per_class=1, size=16)
+    (tmp_path / "new" / "class_000" / "0000.jpg").rename(tmp_path / "data" / "class_000" / "000.jpg")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "keys_sha256" in err and "the images listed changed since (added, removed or reordered)" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "EMB").rglob("*") if p.is_file()} == files
+    (tmp_path / "data" / "class_000" / "000.jpg").unlink()
+    assert main(args) == 0  # the images as they were finish the folder
+    keys = pq.read_table(tmp_path / "EMB" / "metadata").column("key").to_pylist()
+    assert sorted(keys) == [f"class_00{c}/000{i}.jpg" for c in (0, 1) for i in range(3)]
+
+
 def test_an_output_folder_that_is_a_file_is_refused_before_the_model_is_built(tmp_path, weights, capsys):
     write_class_folder(tmp_path / "data", labels=[0], per_class=1, size=16)
     (tmp_path / "EMB").write_text("notes")
@@ -166,6 +189,20 @@ def test_a_list_column_named_on_the_command_line_must_be_there(tmp_path, weights
                  "--out", str(tmp_path / "EMB"), option, "typo"])
     assert code == 2
     assert "list.csv: no column 'typo'; columns are ['path', 'caption', 'label', 'key']" in capsys.readouterr().err
+    assert not (tmp_path / "EMB").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--rows-per-part", "10", "rows per part (--rows-per-part 10) cut image folders and lists; every shard is one part"),
+    ("--caption-column", "text", "--caption-column name columns of a CSV/parquet list, and "),
+    ("--path-column", "file", "--path-column name columns of a CSV/parquet list, and "),
+])
+def test_options_of_folders_and_lists_are_refused_with_shards_not_ignored(tmp_path, weights, capsys, option, value,
+                                                                          message):
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": "a", "png": encode_image(class_image(0, 0, 20), "PNG")}])
+    code = main(["embed", "--input", str(tmp_path / "shards" / "00000.tar"), "--model", "timm/test_vit",
+                 "--pretrained", weights, "--out", str(tmp_path / "EMB"), option, value])
+    assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "EMB").exists()
 
 

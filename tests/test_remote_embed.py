@@ -67,6 +67,22 @@ def test_http_shards_into_s3_equal_a_local_run_byte_for_byte_through_transient_f
     assert "embedded 15 samples into 3 parts of s3://embed-a/emb" in capsys.readouterr().out
 
 
+def test_a_shard_url_with_percent_escapes_keeps_the_number_of_its_file_name(data, tmp_path, capsys):
+    # "café 00001.tar" over HTTP is ".../caf%C3%A9%2000001.tar": its part is 1, not 2000001
+    folder = tmp_path / "served" / "sp ace"
+    folder.mkdir(parents=True)
+    (folder / "café 00001.tar").write_bytes((data["root"] / "shards" / "00001.tar").read_bytes())
+    with FileServer(tmp_path / "served") as http:
+        code = main(["embed", "--input", f"{http.url}/sp%20ace/caf%C3%A9%2000001.tar", "--out", str(tmp_path / "emb"),
+                     *data["common"]])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "emb" / "img_emb").iterdir()) == ["img_emb_1.npy"]
+    assert (tmp_path / "emb" / "img_emb" / "img_emb_1.npy").read_bytes() == \
+        (data["local"] / "img_emb" / "img_emb_1.npy").read_bytes()
+    shards = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_1.parquet").column("shard").to_pylist()
+    assert shards == ["café 00001.tar"] * SHARDS[1]
+
+
 def test_a_shard_that_stays_missing_is_reported_and_a_plain_rerun_completes_it(data, s3, capsys):
     s3.bucket("embed-b")
     command = ["embed", "--input", None, "--out", "s3://embed-b/emb", *data["common"]]
@@ -87,6 +103,14 @@ def test_a_shard_that_stays_missing_is_reported_and_a_plain_rerun_completes_it(d
     assert "embedded 4 samples into 1 parts" in capsys.readouterr().out  # only the unfinished part
     _assert_equal_to_local(s3, "embed-b", "emb", data["local"])
     assert "emb/failures/failures_1.parquet" not in s3.keys("embed-b")
+
+
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_before_any_work(data, s3, capsys):
+    code = main(["embed", "--input", str(data["root"] / "shards"), "--out", "s3://no-such-bucket/emb", *data["common"]])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "s3://no-such-bucket/emb: the bucket s3://no-such-bucket does not exist" in err
+    assert "embedded" not in err and "attempts" not in err
 
 
 def test_two_runs_with_other_settings_into_one_s3_folder_are_refused(data, s3, capsys):
@@ -116,6 +140,35 @@ def test_killed_mid_upload_a_rerun_leaves_the_same_folder_and_nothing_half_writt
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_equal_to_local(s3, "embed-d", "emb", data["local"])
     assert _no_temporaries(s3.keys("embed-d"))  # the rerun swept its own leftover
+
+
+def test_a_list_image_url_that_stays_missing_is_a_failed_sample_and_one_not_fetched_leaves_its_part_unfinished(
+        data, tmp_path, capsys, monkeypatch):
+    """A 404 after every retry is a file that is not there, as a missing local file: its
+    sample fails and the part is finished. A server error is not final: the part waits for a rerun."""
+    import pyarrow.csv as pacsv
+
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    images = tmp_path / "served"
+    images.mkdir()
+    for i in (0, 2, 3):
+        (images / f"{i}.jpg").write_bytes(encode_image(class_image(i % 2, i, 36)))
+    with FileServer(images) as http:
+        http.fault("3.jpg", status=503, statuses=1000)
+        urls = [f"{http.url}/{i}.jpg" for i in range(4)]
+        pacsv.write_csv(pa.table({"path": urls}), tmp_path / "list.csv")
+        code = main(["embed", "--input", str(tmp_path / "list.csv"), "--out", str(tmp_path / "emb"),
+                     *data["common"], "--rows-per-part", "2"])
+    assert code == 1
+    assert "1 parts are not finished" in capsys.readouterr().err
+    rows = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("image_path").to_pylist()
+    assert rows == [urls[0]]  # part 0 is finished without 1.jpg, which is not on the server
+    failed = pq.read_table(tmp_path / "emb" / "failures" / "failures_0.parquet").to_pylist()
+    assert [(f["index"], f["source"]) for f in failed] == [(1, urls[1])]
+    assert failed[0]["reason"].startswith(f"file not found: {urls[1]}: not found (HTTP 404)")
+    assert not (tmp_path / "emb" / "metadata" / "metadata_1.parquet").exists()  # 3.jpg: 503 to every attempt
+    report = pq.read_table(tmp_path / "emb" / "failures" / "failures_1.parquet").to_pylist()
+    assert [(f["index"], f["source"]) for f in report] == [(1, urls[3])] and "503" in report[0]["reason"]
 
 
 def test_a_list_of_images_in_s3_embeds_like_the_same_list_on_disk(s3, tmp_path, data):

@@ -32,7 +32,15 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.sources import ItemsPart, ListPart, open_benchmark, open_parts, read_in_turn
+from unicom.data.sources import (
+    DEFAULT_ROWS_PER_PART,
+    ItemsPart,
+    ListPart,
+    ShardPart,
+    open_benchmark,
+    open_parts,
+    read_in_turn,
+)
 from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
@@ -55,7 +63,7 @@ MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 FAILURES_SHOWN = 20
 # keys of embed_config.json that older folders lack (precision and decode: UniFEx feature caches)
-RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode")
+RECORDED_LATER = (WEIGHTS_CHECKSUM, "rows_per_part", "precision", "decode", "draft", "keys_sha256")
 SAME_OPTIONS = "use another --out, or run with the same options"
 KEPT_PARTS = "the parts already written are kept"  # what a rerun after a refused write does
 BENCHMARK_KEYS = ("dataset", "query_boxes_sha256")  # of embed_config.json, what open_benchmark's parts depend on
@@ -426,7 +434,8 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
-             and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)))
+             and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)
+                     and (k in previous or k not in RECORDED_LATER)))
     if moved and config.get(WEIGHTS_CHECKSUM) in (None, previous[WEIGHTS_CHECKSUM]):
         if WEIGHTS_CHECKSUM in config and distributed.get_rank() == 0:
             write_config(out, dict(previous, pretrained=config.get("pretrained")))
@@ -436,6 +445,9 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
                  if previous.get(k) != v and (k in previous or k not in RECORDED_LATER)}
     if different:
         details = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in different.items())
+        if "keys_sha256" in different:
+            advice = ("the images listed changed since (added, removed or reordered), so the finished parts hold "
+                      "other rows than this listing cuts; embed into another --out, or give the list as it was")
         raise InputError(
             f"{out} holds embeddings of another configuration ({details}); mixing them would make the parts "
             f"incomparable: {advice}"
@@ -627,7 +639,7 @@ def embed_to_folder(
     batch_size: int = 256,
     num_workers: int | None = None,
     dtype: str = "float16",
-    rows_per_part: int = 100_000,
+    rows_per_part: int | None = None,
     table_options: dict | None = None,
     draft: bool = False,
     precision: str = "auto",
@@ -642,6 +654,9 @@ def embed_to_folder(
     and the cropped queries are written with the keys ``unicom evaluate --embeddings`` looks
     for, and the folder records the dataset and the digest of the query boxes.
 
+    ``rows_per_part``: rows per part of an image folder, a list or a benchmark's gallery
+    (default 100,000); refused with shards, each of which is one part whatever its size.
+
     Inputs and the folder's previous configuration are checked before the model is built
     and before anything is written. Returns the summary of all ranks.
     """
@@ -652,10 +667,14 @@ def embed_to_folder(
     if device is not None:
         device = resolve_device(str(device), "--device")
     identity = {}
+    cut = DEFAULT_ROWS_PER_PART if rows_per_part is None else rows_per_part
     if dataset is not None:
-        parts, identity = open_benchmark(dataset, inputs, rows_per_part)
+        parts, identity = open_benchmark(dataset, inputs, cut)
     else:
-        parts = open_parts(inputs, rows_per_part=rows_per_part, table_options=table_options)
+        parts = open_parts(inputs, rows_per_part=cut, table_options=table_options)
+    if rows_per_part is not None and parts and isinstance(parts[0], ShardPart):
+        raise InputError(f"rows per part (--rows-per-part {rows_per_part}) cut image folders and lists; every shard is "
+                         "one part, whatever its size: leave it out, or write smaller shards for more parts")
     if "text" in modalities and parts and not any(part.has_captions for part in parts):
         what = "a benchmark of images" if dataset is not None else \
             "an image folder, or a list without a caption column: name it with --caption-column"
@@ -664,7 +683,11 @@ def embed_to_folder(
     name = recorded_spec(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
-        config["rows_per_part"] = rows_per_part
+        config["rows_per_part"] = cut
+        # and the images listed: with images added or removed the same cut makes other parts
+        config["keys_sha256"] = parts[0].images.keys_sha256()
+    if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
+        config["draft"] = bool(draft)
     config.update(identity)  # a benchmark's crops of other boxes would be other queries
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if _check_config(out, check):  # (None: the weights file moved; their digest decides once they are loaded)

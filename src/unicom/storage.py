@@ -265,10 +265,15 @@ def writable(location) -> None:
 
 def writable_folder(location) -> None:
     """:func:`writable`, for an output folder: also an :class:`InputError` when a local
-    ``location`` is a file."""
+    ``location`` is a file, or when the bucket of an object-store URL does not exist (checked
+    before any work: its first write would fail only after the retries, as a file "not found")."""
     writable(location)
     if not is_url(location) and _local(location).exists() and not _local(location).is_dir():
         raise InputError(f"{text(location)}: a file, not a folder; give a folder (new or earlier output) for the outputs")
+    bucket = missing_bucket(location)
+    if bucket is not None:
+        raise InputError(f"{text(location)}: the bucket {bucket} does not exist (or these credentials cannot see it): "
+                         "create it, or check its name and the credentials")
 
 
 def filesystem(location) -> tuple[Any, str]:

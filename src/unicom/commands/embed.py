@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where JPEGs are decoded and resized: gpu (nvJPEG on the model's GPU, the workers only read "
                              "bytes; other formats and JPEGs it refuses take the CPU path per sample), cpu (Pillow in the "
                              "workers), auto (gpu on a GPU when the model's transform is resize, crop, normalise; default)")
-    parser.add_argument("--rows-per-part", type=int, default=100_000, help="rows per output part for folders and lists (default: 100000)")
+    parser.add_argument("--rows-per-part", type=int, default=None,
+                        help="rows per output part for folders and lists (default: 100000); shards are one part each")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
     parser.add_argument("--caption-column", help="list column with captions (default: caption, if the list has it)")
     parser.add_argument("--label-column", help="list column with labels (default: label, if the list has it)")
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unicom import distributed
+    from unicom.data.sources import TABLE_SUFFIXES
     from unicom.embed import embed_to_folder
     from unicom.errors import InputError
     from unicom.formats.embeddings import FAILURES_FOLDER
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is not None and columns:
         raise InputError(f"{', '.join(columns)} name columns of an --input list; --dataset reads the benchmark's own "
                          "ground truth: leave them out")
+    if args.input is not None and columns and not (len(args.input) == 1 and args.input[0].lower().endswith(TABLE_SUFFIXES)):
+        raise InputError(f"{', '.join(columns)} name columns of a CSV/parquet list, and {' '.join(args.input)} is not "
+                         "one: leave them out, or give the list")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     with distributed.process_group() as (rank, _):
         summary = embed_to_folder(

@@ -7,6 +7,7 @@ Both produce an :class:`ImageList`: parallel lists of paths, keys, and optionall
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import os
 import re
@@ -48,6 +49,13 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keys_sha256(self) -> str:
+        """sha256 of the keys in order (each followed by a NUL): which image is row ``i``."""
+        digest = hashlib.sha256()
+        for key in self.keys:
+            digest.update(key.encode("utf-8", "surrogateescape") + b"\0")
+        return digest.hexdigest()
 
     def subset(self, index) -> "ImageList":
         """The rows at ``index`` (an int array or boolean mask), class names kept."""

@@ -218,8 +218,11 @@ class BatchStream(IterableDataset):
                 except DecodeError as error:
                     batch.failures.append(_failure(record, source, str(error)))
                     continue
-                except FetchError as error:  # the part is not finished: a rerun fetches it again
-                    batch.failures.append(dict(_failure(record, source, f"fetch failed: {error}"), fetch=True))
+                except FetchError as error:
+                    if error.missing:  # after every retry the store has no such file: as a missing local file
+                        batch.failures.append(_failure(record, source, f"file not found: {error}"))
+                    else:  # the part is not finished: a rerun fetches it again
+                        batch.failures.append(dict(_failure(record, source, f"fetch failed: {error}"), fetch=True))
                     continue
                 except Exception as error:  # a transform that rejects this image
                     batch.failures.append(_failure(record, source, f"transform failed: {type(error).__name__}: {error}"))

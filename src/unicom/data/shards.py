@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +48,33 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 def shard_name(shard) -> str:
     """The file name of a shard location, which carries its number: the path's last
     component (without an http query), or for ``pipe:COMMAND`` that of the command's last
-    word ending in a shard suffix (``pipe:curl -s https://host/00012.tar`` -> ``00012.tar``)."""
+    word ending in a shard suffix (``pipe:curl -s https://host/00012.tar`` -> ``00012.tar``).
+    The name in an http(s) URL is unquoted, as the server reads it (``shard%2000012.tar`` ->
+    ``shard 00012.tar``, part 12, not 2000012); object store keys are taken as written."""
     if storage.is_pipe(shard):
         words = storage.text(shard)[len(storage.PIPE):].split()
         named = [w for w in words if w.split("?", 1)[0].endswith(SHARD_SUFFIXES)] or words[-1:] or [""]
-        return named[-1].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        word = named[-1].strip("'\"").split("?", 1)[0]
+        return _unquoted(word, word.rstrip("/").rsplit("/", 1)[-1])
     if storage.is_url(shard):
-        return storage.name(storage.text(shard).split("?", 1)[0])
+        location = storage.text(shard).split("?", 1)[0]
+        return _unquoted(location, storage.name(location))
     return Path(shard).name
+
+
+_OF_TOTAL = re.compile(r"-of-\d+(?=\.)")  # "train-00012-of-00100.tar": Hugging Face's "shard i of n" numbering
+
+
+def shard_number(shard) -> int:
+    """The part number of a shard: the last number in its name (:func:`shard_name`;
+    ``laion-00012.tar`` -> 12), not counting a total after ``-of-`` (``train-00012-of-00100.tar``
+    -> 12, not 100, which every shard of the set carries)."""
+    return part_number(_OF_TOTAL.sub("", shard_name(shard)))
+
+
+def _unquoted(location: str, name: str) -> str:
+    """``name``, the last component of ``location``, percent-decoded when ``location`` is an http(s) URL."""
+    return urllib.parse.unquote(name) if storage.protocol(location) in storage.READ_ONLY else name
 
 
 def _folder_shards(folder) -> list:
@@ -130,7 +150,7 @@ def expand_shards(patterns) -> list:
         raise InputError("no shards were given")
     numbered: dict[int, object] = {}
     for path in paths.values():
-        number = part_number(shard_name(path))
+        number = shard_number(path)
         if number in numbered:
             raise InputError(
                 f"{numbered[number]} and {path} carry the same number {number}; every shard becomes the output part "
@@ -251,7 +271,8 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     """Samples of a webdataset shard, in tar order (streamed, compressed tars included);
     ``path`` is a local path, a URL or ``pipe:COMMAND`` (read while it downloads).
 
-    Members without an extension, and directories, are skipped. ``keys``: read only the
+    Members without an extension, and directories, are skipped; a member whose key and
+    extension the sample already has begins a new sample with that key. ``keys``: read only the
     samples with these keys (the data of other members is skipped, not kept) and stop
     once all of them are read. A damaged tar, or one whose download failed for good,
     yields the samples before the damage, then raises :class:`ShardReadError`.
@@ -269,7 +290,9 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
                 if split is None:
                     continue
                 key, ext = split
-                if current is not None and key != current.key:
+                # a member the sample already has (a file added to the tar twice) begins another
+                # sample of the same key, as a key met again later does: neither file is dropped
+                if current is not None and (key != current.key or ext in current.files):
                     yield current
                     count += 1
                     current = None

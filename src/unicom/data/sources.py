@@ -17,11 +17,18 @@ from typing import Any, Iterator, Sequence
 
 from unicom import storage
 from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table
-from unicom.data.shards import SHARD_SUFFIXES, ShardReadError, expand_shards, read_tar_samples, shard_name
+from unicom.data.shards import (
+    SHARD_SUFFIXES,
+    ShardReadError,
+    expand_shards,
+    read_tar_samples,
+    shard_name,
+    shard_number,
+)
 from unicom.errors import InputError
-from unicom.files import part_number
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+DEFAULT_ROWS_PER_PART = 100_000  # rows per part of an image folder or a list
 
 
 @dataclass
@@ -191,7 +198,7 @@ class CroppedPart:
 CROPPED_QUERY_BENCHMARKS = ("roxford5k", "rparis6k")
 
 
-def open_benchmark(name: str, root, rows_per_part: int = 100_000) -> tuple[list[ListPart | CroppedPart], dict]:
+def open_benchmark(name: str, root, rows_per_part: int = DEFAULT_ROWS_PER_PART) -> tuple[list[ListPart | CroppedPart], dict]:
     """The parts of benchmark ``name`` (one of :data:`CROPPED_QUERY_BENCHMARKS` or an alias)
     read from ``root``: its gallery cut into parts of ``rows_per_part`` rows (keys
     ``jpg/<name>.jpg``), then one :class:`CroppedPart` of its cropped queries; and what the
@@ -266,20 +273,34 @@ def _folder_list(root) -> ImageList:
 
 
 def _is_image_folder(location: str) -> bool:
-    """A folder (local, or a URL of a listable store) that holds no shards."""
+    """A folder (local, or a URL of a listable store) that holds no shards. A folder holding
+    shards and images beside them is an :class:`InputError`: reading either would leave the
+    other out without a word."""
     if storage.is_url(location):
         if storage.is_pipe(location) or storage.protocol(location) in storage.READ_ONLY or storage.has_magic(location):
             return False
         if shard_name(location).endswith(SHARD_SUFFIXES) or not storage.is_dir(location):
             return False
-        return not any(name.endswith(SHARD_SUFFIXES) for name in storage.list_files(location))
-    return os.path.isdir(location) and not any(p.name.endswith(SHARD_SUFFIXES) for p in Path(location).iterdir())
+        names = sorted(storage.list_files(location))
+    elif os.path.isdir(location):
+        names = sorted(p.name for p in Path(location).iterdir() if p.is_file())
+    else:
+        return False
+    shards = [name for name in names if name.endswith(SHARD_SUFFIXES)]
+    images = [name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    if shards and images:
+        raise InputError(
+            f"{location}: the folder holds both shards ({shards[0]}, {len(shards)} in all) and images ({images[0]}, "
+            f"{len(images)} in all); give the shards by a pattern ({storage.text(location).rstrip('/')}/*.tar) or move "
+            "them out of the image folder"
+        )
+    return not shards
 
 
 def open_parts(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    rows_per_part: int = 100_000,
+    rows_per_part: int = DEFAULT_ROWS_PER_PART,
     table_options: dict[str, Any] | None = None,
 ) -> list[ShardPart] | list[ListPart]:
     """The parts of ``inputs``, in part-number order.
@@ -310,9 +331,9 @@ def open_parts(
             f"{foreign[0]}: not a shard ({'/'.join(SHARD_SUFFIXES)}); give webdataset shards, one image folder, "
             "or one CSV/parquet list"
         )
-    return [ShardPart(part_number(shard_name(p)), p) for p in shards]
+    return [ShardPart(shard_number(p), p) for p in shards]
 
 
-__all__ = ["Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
+__all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
            "open_benchmark", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
            "read_in_turn"]

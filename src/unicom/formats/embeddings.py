@@ -13,8 +13,10 @@
 ``weights_sha256`` (:data:`WEIGHTS_CHECKSUM`: the digest of the model's parameters and
 buffers, :meth:`unicom.models.encoders.Encoder.weights_sha256`), by which a later stage
 knows whether the model it loads is the one that made the embeddings, even when that
-model had random weights and no file; for image folders and lists also ``rows_per_part``
-(which rows make part ``i``).
+model had random weights and no file; ``draft`` (images decoded with draft decoding, which
+changes their embeddings) when images were embedded; for image folders and lists also
+``rows_per_part`` and ``keys_sha256`` (which rows make part ``i``: the cut, and the digest of
+the keys listed, in order).
 
 This is clip-retrieval's layout (LAION's published embeddings are read as they are), with
 keys. ``ROOT`` may be a URL (``s3://bucket/emb``, see :mod:`unicom.storage`): parts are

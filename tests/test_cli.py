@@ -108,3 +108,35 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) != 0
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_ctrl_c_during_a_command_ends_it_without_a_traceback_nor_temporaries(tmp_path):
+    """Ctrl-C while `unicom embed` waits for an image (a named pipe nobody writes, so the
+    command is surely still running): exit status 130, one line saying so, no traceback, and
+    nothing half-written in the output folder."""
+    import os
+    import signal
+
+    from support import tiny_open_clip, write_class_folder
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    images = write_class_folder(tmp_path / "images", [0], 2)
+    fifo = tmp_path / "never_written.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "list.csv").write_text("path\n" + "".join(f"{p}\n" for p in [*images, fifo]))
+    out = tmp_path / "emb"
+    env = dict(os.environ, UNICOM_PROGRESS="1", PYTHONWARNINGS="ignore")
+    process = subprocess.Popen([sys.executable, "-m", "unicom", "embed", "--input", str(tmp_path / "list.csv"),
+                                "--model", spec, "--out", str(out), "--workers", "0", "--batch-size", "1"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "embed 1 parts" not in seen:  # the progress bar: the model is loaded, images are being read
+        character = process.stderr.read(1)
+        assert character, f"unicom embed ended before it was interrupted: {seen[-2000:]}"
+        seen += character
+    process.send_signal(signal.SIGINT)
+    stderr = seen + process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.rstrip().endswith("unicom embed: interrupted (Ctrl-C)")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

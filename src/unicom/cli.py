@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 
 from unicom import __version__
@@ -53,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: the stages write under temporary names and rename, so nothing half-written is
+        # left for a traceback to warn about; say what happened, as the shell would. A second
+        # Ctrl-C while the interpreter shuts down ends it at once, not in a handler's traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        from unicom.progress import close_open_bars
+
+        close_open_bars()  # their last line before the message, not after it
+        argv = list(sys.argv[1:] if argv is None else argv)
+        name = f"unicom {argv[0]}" if argv and argv[0] in COMMANDS else "unicom"
+        print(f"{name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + 2  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
     except BrokenPipeError:
         # the reader of the output left (`unicom train --list-keys | head`): stop quietly, as a
         # process killed by SIGPIPE does; stdout goes to /dev/null so that the flush at exit

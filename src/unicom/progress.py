@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Iterable, TypeVar
 
 T = TypeVar("T")
@@ -28,6 +29,16 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | float | None =
     if "unit_scale" in kwargs:
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
     return _counting_bar(tqdm)(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
+
+
+def close_open_bars() -> None:
+    """Close the bars still open (a command interrupted inside a loop), so that their last
+    line is written now, before what is printed next, and not at exit."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:  # no bar was ever made
+        return
+    for bar in list(std.tqdm._instances):
+        bar.close()
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("unicom.commands.probe", "train a projection head on a frozen foundation model (UniFEx)"),
     "evaluate": ("unicom.commands.evaluate", "retrieval benchmarks, compact dimensions, linear probe and kNN"),
     "index": ("unicom.commands.index", "build or extend a faiss index from embedding folders"),
-    "search": ("unicom.commands.search", "query an index with images"),
+    "search": ("unicom.commands.search", "query an index with images, texts or indexed items"),
     "serve": ("unicom.commands.serve", "web page and HTTP API over an index"),
     "convert": ("unicom.commands.convert", "convert released Unicom checkpoints to and from this project's format"),
 }

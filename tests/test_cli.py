@@ -140,3 +140,20 @@ def test_ctrl_c_during_a_command_ends_it_without_a_traceback_nor_temporaries(tmp
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.rstrip().endswith("unicom embed: interrupted (Ctrl-C)")
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_folder_given_as_the_recipe_is_answered_with_its_recipes(tmp_path, capsys):
+    (tmp_path / "b.yaml").write_text("out: runs/b\n")
+    (tmp_path / "a.yaml").write_text("out: runs/a\n")
+    assert main(["train", "--config", str(tmp_path), "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unicom train: error: {tmp_path}: a folder; --config takes one recipe file such as {tmp_path / 'a.yaml'} "
+        "(it holds a.yaml, b.yaml)")
+
+
+def test_a_file_given_as_an_embedding_folder_is_called_a_file(tmp_path, capsys):
+    part = tmp_path / "img_emb_0.npy"
+    part.write_bytes(b"")
+    assert main(["index", "--emb", str(part), "--out", str(tmp_path / "index")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unicom index: error: {part}: a file, not a folder (an embedding folder holds img_emb/, text_emb/ and metadata/)")

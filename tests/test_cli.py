@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import unicom
 from unicom.cli import available_commands, main
 
@@ -157,3 +159,22 @@ def test_a_file_given_as_an_embedding_folder_is_called_a_file(tmp_path, capsys):
     assert main(["index", "--emb", str(part), "--out", str(tmp_path / "index")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"unicom index: error: {part}: a file, not a folder (an embedding folder holds img_emb/, text_emb/ and metadata/)")
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["embedd"], "embedd: did you mean embed?"),
+    (["train", "--print-confg"], "--print-confg: did you mean --print-config?"),
+    (["search", "--index", "INDEX", "--txt=cats"], "--txt: did you mean --text?"),
+    (["cluster", "shwo"], "shwo: did you mean show?"),
+])
+def test_a_misspelt_command_or_option_is_a_usage_error_naming_the_closest_one(capsys, argv, hint):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(hint)
+
+
+def test_an_option_like_no_other_gets_no_guess(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--qwerty"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --qwerty")

@@ -35,12 +35,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 UNDER_TORCHRUN = {"embed", "train", "cluster"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors name the closest option or command to a
+    misspelt one (``--batchsize``: did you mean --batch-size?)."""
+
+    def error(self, message: str):
+        import difflib
+
+        words: list[str] = []
+        if message.startswith("unrecognized arguments: "):
+            words = [word.split("=", 1)[0] for word in message.split(": ", 1)[1].split() if word.startswith("-")]
+            known = [option for action in self._actions for option in action.option_strings]
+        elif "invalid choice: '" in message:
+            words = [message.split("invalid choice: '", 1)[1].split("'", 1)[0]]
+            known = [choice for action in self._actions for choice in (action.choices or ())]
+        hints = [f"{word}: did you mean {close[0]}?" for word in words
+                 for close in [difflib.get_close_matches(word, known, n=1, cutoff=0.6)] if close]
+        super().error("; ".join([message, *hints]))
+
+
 def available_commands() -> dict[str, tuple[str, str]]:
     return {name: entry for name, entry in COMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unicom",
         description="Universal and compact image embeddings: extract, cluster, train, evaluate, search.",
     )
@@ -86,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(commands[name][0])
-    parser = argparse.ArgumentParser(prog=f"unicom {name}", description=commands[name][1])
+    parser = Parser(prog=f"unicom {name}", description=commands[name][1])
     module.add_arguments(parser)
     parser.add_argument("--storage-options", metavar="JSON", default=None,
                         help="fsspec options for s3://, gs://, hf://, http(s):// paths, e.g. "

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import unicom
 from unicom.cli import available_commands, main
 
@@ -108,3 +110,71 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) != 0
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_ctrl_c_during_a_command_ends_it_without_a_traceback_nor_temporaries(tmp_path):
+    """Ctrl-C while `unicom embed` waits for an image (a named pipe nobody writes, so the
+    command is surely still running): exit status 130, one line saying so, no traceback, and
+    nothing half-written in the output folder."""
+    import os
+    import signal
+
+    from support import tiny_open_clip, write_class_folder
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    images = write_class_folder(tmp_path / "images", [0], 2)
+    fifo = tmp_path / "never_written.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "list.csv").write_text("path\n" + "".join(f"{p}\n" for p in [*images, fifo]))
+    out = tmp_path / "emb"
+    env = dict(os.environ, UNICOM_PROGRESS="1", PYTHONWARNINGS="ignore")
+    process = subprocess.Popen([sys.executable, "-m", "unicom", "embed", "--input", str(tmp_path / "list.csv"),
+                                "--model", spec, "--out", str(out), "--workers", "0", "--batch-size", "1"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "embed 1 parts" not in seen:  # the progress bar: the model is loaded, images are being read
+        character = process.stderr.read(1)
+        assert character, f"unicom embed ended before it was interrupted: {seen[-2000:]}"
+        seen += character
+    process.send_signal(signal.SIGINT)
+    stderr = seen + process.stderr.read()
+    assert process.wait(timeout=60) == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.rstrip().endswith("unicom embed: interrupted (Ctrl-C)")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_folder_given_as_the_recipe_is_answered_with_its_recipes(tmp_path, capsys):
+    (tmp_path / "b.yaml").write_text("out: runs/b\n")
+    (tmp_path / "a.yaml").write_text("out: runs/a\n")
+    assert main(["train", "--config", str(tmp_path), "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unicom train: error: {tmp_path}: a folder; --config takes one recipe file such as {tmp_path / 'a.yaml'} "
+        "(it holds a.yaml, b.yaml)")
+
+
+def test_a_file_given_as_an_embedding_folder_is_called_a_file(tmp_path, capsys):
+    part = tmp_path / "img_emb_0.npy"
+    part.write_bytes(b"")
+    assert main(["index", "--emb", str(part), "--out", str(tmp_path / "index")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unicom index: error: {part}: a file, not a folder (an embedding folder holds img_emb/, text_emb/ and metadata/)")
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["embedd"], "embedd: did you mean embed?"),
+    (["train", "--print-confg"], "--print-confg: did you mean --print-config?"),
+    (["search", "--index", "INDEX", "--txt=cats"], "--txt: did you mean --text?"),
+    (["cluster", "shwo"], "shwo: did you mean show?"),
+])
+def test_a_misspelt_command_or_option_is_a_usage_error_naming_the_closest_one(capsys, argv, hint):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(hint)
+
+
+def test_an_option_like_no_other_gets_no_guess(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--qwerty"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --qwerty")

@@ -118,6 +118,24 @@ def test_the_untrained_network_is_the_training_runs_starting_point(tmp_path):
     assert all(torch.equal(saved[k], start[k]) for k in saved)
 
 
+@pytest.mark.parametrize("what", ["a folder of other files", "a file"])
+def test_an_out_the_demo_would_not_replace_is_refused_without_a_traceback(tmp_path, capsys, what):
+    """The demo replaces its --out; a folder that is not a demo's, or a file, is refused
+    (exit status 2, one line saying what to do) and left as it was."""
+    from unicom.demo import main
+
+    out = tmp_path / "mine"
+    if what == "a file":
+        out.write_text("keep me")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    assert main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m unicom.demo: error: {out} ") and "give " in err and "Traceback" not in err
+    assert (out.read_text() if what == "a file" else (out / "notes.txt").read_text()) == "keep me"
+
+
 @pytest.mark.slow
 def test_the_demo_trains_a_network_that_beats_its_start_and_its_clustering_features(tmp_path):
     """The shipped recipe, as `make demo` runs it: minutes on 2 cores."""

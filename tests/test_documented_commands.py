@@ -300,3 +300,15 @@ def test_recipe_defaults_in_the_docs_are_the_recipes(document, command):
                 if values[name] != value:
                     wrong.append(f"{where}: {name} default {value!r}, the recipe's {values[name]!r}")
     assert wrong == [] and checked >= 5
+
+
+def test_the_readme_install_names_every_extra_of_the_package():
+    """What `pip install -e '.[extra]'` lines the README shows cover pyproject.toml's extras,
+    and name no extra the package lacks."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    shown = set()
+    for group in re.findall(r"pip install -e '\.\[([a-z0-9_,-]+)\]'", (ROOT / "README.md").read_text()):
+        shown.update(group.split(","))
+    assert shown == extras

@@ -100,6 +100,26 @@ def test_a_size_without_weights_is_not_loadable_and_says_which_are(forget_models
         unicom.load("ViT-L-14")
 
 
+@pytest.mark.parametrize("spec", ["ViT-B-32", "timm/vit_base_patch16_224", "local-dir:clip"])
+def test_an_open_clip_or_timm_name_given_to_load_points_to_load_encoder(spec):
+    """unicom.load takes this project's models only; the names `unicom embed --model` also
+    takes from open_clip and timm are load_encoder's, and the error says so."""
+    with pytest.raises(InputError, match=r"load with unicom\.load_encoder\(name, pretrained=\.\.\.\)"):
+        unicom.load(spec)
+
+
+@pytest.mark.parametrize("spec, meant", [("vit-b/32", "ViT-B/32"), ("ViT-L/14@336", "ViT-L/14@336px"), ("ViT-B/61", "ViT-B/16")])
+def test_a_misspelt_released_name_is_answered_with_the_closest_one(spec, meant):
+    with pytest.raises(InputError, match=f"{spec}: neither a released model \\(did you mean {meant}\\?\\)"):
+        unicom.load(spec)
+
+
+def test_a_released_name_is_not_offered_for_an_unrelated_path():
+    with pytest.raises(InputError) as error:
+        unicom.load("/no/such/checkpoint.pt")
+    assert "did you mean" not in str(error.value)
+
+
 @pytest.mark.parametrize("module", ["'unicom.unifex.model'", "None"], ids=["named-module", "entry-point"])
 def test_the_unifex_architecture_registers_itself_on_first_use(module):
     # a folder names the module that registers its architecture; folders written before

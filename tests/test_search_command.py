@@ -85,6 +85,21 @@ def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_pa
     assert f"{missing}: file not found" in capsys.readouterr().err
 
 
+def test_a_folder_given_as_a_query_image_says_to_give_its_files(collection, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    code = main(["search", "--index", str(collection["index"]), str(folder)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unicom search: error: {folder}: a folder; a query is one image file (give several: {folder}/*.jpg)")
+
+
+def test_the_help_says_what_search_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "query an index with images, texts or indexed items" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.filterwarnings("ignore:timm/test_resnet")
 def test_a_model_of_another_dimension_is_refused(collection, capsys):
     code = main(["search", "--index", str(collection["index"]), "--model", "timm/test_resnet", str(collection["images"][0])])

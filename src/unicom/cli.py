@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 
 from unicom import __version__
@@ -24,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("unicom.commands.probe", "train a projection head on a frozen foundation model (UniFEx)"),
     "evaluate": ("unicom.commands.evaluate", "retrieval benchmarks, compact dimensions, linear probe and kNN"),
     "index": ("unicom.commands.index", "build or extend a faiss index from embedding folders"),
-    "search": ("unicom.commands.search", "query an index with images"),
+    "search": ("unicom.commands.search", "query an index with images, texts or indexed items"),
     "serve": ("unicom.commands.serve", "web page and HTTP API over an index"),
     "convert": ("unicom.commands.convert", "convert released Unicom checkpoints to and from this project's format"),
 }
@@ -34,12 +35,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 UNDER_TORCHRUN = {"embed", "train", "cluster"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors name the closest option or command to a
+    misspelt one (``--batchsize``: did you mean --batch-size?)."""
+
+    def error(self, message: str):
+        import difflib
+
+        words: list[str] = []
+        if message.startswith("unrecognized arguments: "):
+            words = [word.split("=", 1)[0] for word in message.split(": ", 1)[1].split() if word.startswith("-")]
+            known = [option for action in self._actions for option in action.option_strings]
+        elif "invalid choice: '" in message:
+            words = [message.split("invalid choice: '", 1)[1].split("'", 1)[0]]
+            known = [choice for action in self._actions for choice in (action.choices or ())]
+        hints = [f"{word}: did you mean {close[0]}?" for word in words
+                 for close in [difflib.get_close_matches(word, known, n=1, cutoff=0.6)] if close]
+        super().error("; ".join([message, *hints]))
+
+
 def available_commands() -> dict[str, tuple[str, str]]:
     return {name: entry for name, entry in COMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unicom",
         description="Universal and compact image embeddings: extract, cluster, train, evaluate, search.",
     )
@@ -53,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: the stages write under temporary names and rename, so nothing half-written is
+        # left for a traceback to warn about; say what happened, as the shell would. A second
+        # Ctrl-C while the interpreter shuts down ends it at once, not in a handler's traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        from unicom.progress import close_open_bars
+
+        close_open_bars()  # their last line before the message, not after it
+        argv = list(sys.argv[1:] if argv is None else argv)
+        name = f"unicom {argv[0]}" if argv and argv[0] in COMMANDS else "unicom"
+        print(f"{name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + 2  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
     except BrokenPipeError:
         # the reader of the output left (`unicom train --list-keys | head`): stop quietly, as a
         # process killed by SIGPIPE does; stdout goes to /dev/null so that the flush at exit
@@ -73,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(commands[name][0])
-    parser = argparse.ArgumentParser(prog=f"unicom {name}", description=commands[name][1])
+    parser = Parser(prog=f"unicom {name}", description=commands[name][1])
     module.add_arguments(parser)
     parser.add_argument("--storage-options", metavar="JSON", default=None,
                         help="fsspec options for s3://, gs://, hf://, http(s):// paths, e.g. "

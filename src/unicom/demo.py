@@ -379,8 +379,14 @@ EVALUATED = {  # metrics.json key: what the report calls it
 def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict:
     import torch
 
-    from unicom.cli import main as unicom
+    from unicom.cli import main as unicom_command
     from unicom.train.config import load_config
+
+    def unicom(argv: list[str]) -> int:
+        code = unicom_command(argv)
+        if code == 130:  # Ctrl-C in the stage, which said so: end the demo too, not as a failure
+            raise KeyboardInterrupt
+        return code
 
     if threads:
         torch.set_num_threads(threads)
@@ -392,6 +398,10 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
         print(f"[demo] {name}: {timings[name]} s", flush=True)
 
     if out.exists():
+        if not out.is_dir():
+            from unicom.errors import InputError
+
+            raise InputError(f"{out} is a file; give a folder as --out (the demo replaces its folder)")
         if any(out.iterdir()) and not (out / "data" / "train_glyphs.json").is_file():
             from unicom.errors import InputError
 
@@ -603,7 +613,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("UNICOM_PROGRESS", "0")
-    run(Path(args.out), args.steps, args.threads)
+    from unicom.errors import InputError
+
+    try:
+        run(Path(args.out), args.steps, args.threads)
+    except InputError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,12 +1,15 @@
 """Progress bars with rate and ETA for long work (extraction, k-means, training).
 
-Shown on rank 0 only, and turned off with ``UNICOM_PROGRESS=0`` (logs of batch jobs).
+Shown on rank 0 only, and turned off with ``UNICOM_PROGRESS=0``. On a terminal a bar
+is redrawn in place; written to a file or a pipe (the log of a batch job) it is one plain
+line every ``LOG_INTERVAL`` seconds, so a log holds no carriage returns.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Iterable, TypeVar
 
 T = TypeVar("T")
@@ -18,16 +21,69 @@ def progress_enabled() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# seconds between two lines of a bar written to a file or a pipe
+LOG_INTERVAL = 30.0
+
+
 def progress(iterable: Iterable[T] | None = None, *, total: int | float | None = None, desc: str = "", unit: str = "it", **kwargs):
     """A ``tqdm`` bar (rate and ETA) over ``iterable``; use ``.update(n)`` when it is None."""
     from tqdm.auto import tqdm
 
+    notebook = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto in a notebook, whose bar draws itself
+    in_notebook = notebook is not None and issubclass(tqdm, notebook.tqdm_notebook)
+    if not in_notebook and not _is_terminal(kwargs.get("file") or sys.stderr):
+        tqdm = _line_bar(tqdm)
+        kwargs.setdefault("mininterval", LOG_INTERVAL)
+        kwargs.setdefault("ascii", True)
+        kwargs["leave"] = True  # a line once written stays; a bar that clears itself would leave a "\r"
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("smoothing", 0.1)
     kwargs.setdefault("dynamic_ncols", True)
     if "unit_scale" in kwargs:
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
     return _counting_bar(tqdm)(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _line_bar(base):
+    """``base`` (a tqdm class) writing each refresh as a line of its own, for logs: a line
+    ends when the next one starts, and the last when the bar closes (tqdm's final newline)."""
+
+    class LineBar(base):
+        @staticmethod
+        def status_printer(file):
+            started = [False]
+
+            def print_status(text):
+                if not text:  # a clearing refresh: end the line, write nothing
+                    if started[0]:
+                        file.write("\n")
+                        started[0] = False
+                else:
+                    file.write(("\n" if started[0] else "") + text)
+                    started[0] = True
+                getattr(file, "flush", lambda: None)()
+
+            return print_status
+
+    return LineBar
+
+
+def close_open_bars() -> None:
+    """Close the bars still open (a command interrupted inside a loop), so that their last
+    line is written now, before what is printed next, and not at exit."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:  # no bar was ever made
+        return
+    for bar in list(std.tqdm._instances):
+        bar.close()
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("queries", nargs="*", metavar="QUERY", help="query image files")
+    parser.add_argument("queries", nargs="*", metavar="QUERY", help="query image files (each a query of its own)")
     parser.add_argument("--index", required=True, help="index folder written by `unicom index`")
     parser.add_argument("--text", action="append", default=[], metavar="TEXT",
                         help="a text query, embedded by the model's text tower (repeat for several)")
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
                              "give as many of each, or one of either")
     images = []
     for query in args.queries:  # every query is read before the model is built
+        if os.path.isdir(query):
+            raise InputError(f"{query}: a folder; a query is one image file (give several: {query.rstrip('/')}/*.jpg)")
         try:
             images.append(decode_image(query)[0])
         except DecodeError as error:

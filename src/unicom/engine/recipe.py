@@ -291,6 +291,10 @@ def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), val
     source = "defaults"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            recipes = sorted(p.name for p in path.glob("*.yaml"))
+            raise InputError(f"{path}: a folder; --config takes one recipe file"
+                             + (f" such as {path / recipes[0]} (it holds {', '.join(recipes)})" if recipes else ""))
         if not path.is_file():
             raise InputError(f"{path}: recipe file not found (the recipes shipped with unicom are in configs/)")
         try:

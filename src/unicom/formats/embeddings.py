@@ -274,7 +274,8 @@ class EmbeddingFolders:
         """The sub-folders ``img_emb``, ``text_emb`` and ``metadata`` of ``root`` (a folder or a URL) that exist."""
         root = storage.path(root)
         if not storage.is_dir(root):
-            raise InputError(f"{root}: folder not found (expected img_emb/, text_emb/ and metadata/ inside)")
+            found = "a file, not a folder" if storage.is_file(root) else "folder not found"
+            raise InputError(f"{root}: {found} (an embedding folder holds img_emb/, text_emb/ and metadata/)")
         found = {kind: root / sub for kind, (sub, _, _) in KINDS.items() if storage.is_dir(root / sub)}
         if not found:
             raise InputError(f"{root}: none of img_emb/, text_emb/, metadata/ is inside; is this an embedding folder?")

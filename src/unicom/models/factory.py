@@ -48,6 +48,13 @@ def is_unicom_spec(spec: str) -> bool:
     return path.is_file() and path.name.endswith(CHECKPOINT_SUFFIXES)
 
 
+# what to do with an open_clip or timm name, which load() does not take
+FOREIGN_MODELS = (
+    "open_clip and timm models (ViT-B-32 with its pretrained tag, timm/<name>, local-dir:FOLDER) load with "
+    "unicom.load_encoder(name, pretrained=...), whose encode_image and encode_text give what `unicom embed` writes"
+)
+
+
 def _weights_of(name: str):
     cfg = model_cfg(name)
     if not cfg.has_weights:
@@ -56,6 +63,19 @@ def _weights_of(name: str):
             f"model folder. Names with weights: {', '.join(available_models())}"
         )
     return cfg
+
+
+def _unknown(spec: str) -> InputError:
+    """The error for a spec that names no released model, file or folder."""
+    import difflib
+
+    names = available_models()
+    same = [name for name in names if name.lower() == spec.lower()]
+    close = same or difflib.get_close_matches(spec, names, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return InputError(
+        f"{spec}: neither a released model{hint} ({', '.join(names)}) nor an existing checkpoint file or model folder"
+    )
 
 
 # ------------------------------------------------------------------ released checkpoints
@@ -101,10 +121,7 @@ def load_state(
             "a model folder is written as one with `unicom convert unicom-to-released FOLDER FILE.pt`"
         )
     if not path.is_file():
-        raise InputError(
-            f"{name_or_path}: neither a released model ({', '.join(available_models())}) "
-            "nor an existing checkpoint file or model folder"
-        )
+        raise _unknown(str(name_or_path))
     state_dict = read_state_dict(path)
     _refuse_other_projects(state_dict, path)
     settings = resolve_settings(arch) or infer_settings(state_dict, str(path))
@@ -201,8 +218,15 @@ def load(
     """
     from unicom.engine.device import resolve_device
 
+    from unicom.models import hub
+
     device = resolve_device(str(device), "device")  # "auto", a name or a torch.device, checked
-    model, transform, _, _ = load_described(spec, device, download_root, arch, base_url)
+    try:
+        model, transform, _, _ = load_described(spec, device, download_root, arch, base_url)
+    except InputError as error:
+        if is_unicom_spec(os.fspath(spec)) or hub.is_hf_spec(spec):
+            raise
+        raise InputError(f"{error}; {FOREIGN_MODELS}") from None  # perhaps an open_clip or timm name
     return model, transform
 
 

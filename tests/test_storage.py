@@ -142,6 +142,22 @@ def test_an_s3_bucket_name_that_is_not_valid_is_one_error_at_once_naming_the_url
     assert str(error.value) == f"{url}: {reason}" and error.value.attempts == 1
 
 
+def test_a_fetch_error_that_says_what_to_do_gets_no_generic_advice_on_the_command_line(s3, tmp_path, capsys, monkeypatch):
+    import moto.settings
+
+    from unicom.cli import main
+
+    reason = "the bucket name 'Bad_Bucket!' is not valid (S3 bucket names are lowercase letters, digits, dots and hyphens)"
+    assert main(["cluster", "--embeddings", "s3://Bad_Bucket!/emb", "--k", "2", "--out", str(tmp_path / "a")]) == 1
+    assert capsys.readouterr().err == f"unicom cluster: error: s3://Bad_Bucket!/emb: {reason}\n"
+    s3.bucket("policy")
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the credentials are checked: unknown
+    assert main(["cluster", "--embeddings", "s3://policy/emb", "--k", "2", "--out", str(tmp_path / "b")]) == 1
+    error = capsys.readouterr().err
+    assert "S3 refused the request: check the credentials (AWS_* variables, --storage-options)" in error
+    assert "check the URL, the credentials (--storage-options) and the connection" not in error
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refused_existence_check_is_an_error_naming_the_status_not_a_missing_file(tmp_path, fast_retries, status):
     """fsspec's HTTP filesystem answers "no" to exists/is_file for any failed request: an

@@ -122,8 +122,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"unicom {name}: error: {error}", file=sys.stderr)
         return 2
     except storage.FetchError as error:  # a URL that stayed unreadable through the retries
-        print(f"unicom {name}: error: {error}; check the URL, the credentials (--storage-options) and the connection",
-              file=sys.stderr)
+        advice = "" if error.advised else "; check the URL, the credentials (--storage-options) and the connection"
+        print(f"unicom {name}: error: {error}{advice}", file=sys.stderr)
         return 1
 
 

@@ -65,12 +65,13 @@ _RANDOM = random.SystemRandom()  # jitter and temporary names: never the global 
 
 class FetchError(OSError):
     """A remote file that could not be read after every retry; ``location`` and ``reason``;
-    ``missing``: the store said it has no such file (the last attempt's answer)."""
+    ``missing``: the store said it has no such file (the last attempt's answer); ``advised``:
+    the reason says what to do already (a refusal's advice, a bucket name S3 does not allow)."""
 
-    def __init__(self, location: str, reason: str, attempts: int = 1, missing: bool = False):
+    def __init__(self, location: str, reason: str, attempts: int = 1, missing: bool = False, advised: bool = False):
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
         super().__init__(f"{location}: {reason}{tries}")
-        self.location, self.reason, self.attempts, self.missing = location, reason, attempts, missing
+        self.location, self.reason, self.attempts, self.missing, self.advised = location, reason, attempts, missing, advised
 
 
 # --------------------------------------------------------------------------- locations
@@ -432,7 +433,8 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             missing = isinstance(error, FileNotFoundError) and _not_found(error)
             if (missing_is_final and missing) or not transient(error):
                 if _refused(error) or _invalid_request(error):  # one error line, whatever type the client raised
-                    raise FetchError(text(location), describe(error, location), attempt) from error
+                    raise FetchError(text(location), describe(error, location), attempt,
+                                     advised=_invalid_request(error) and _INVALID_BUCKET.search(str(error)) is not None) from error
                 raise
             if missing_is_final and _not_found(error):
                 raise FetchError(text(location), describe(error, location), attempt, True) from error
@@ -466,7 +468,8 @@ def _ask(location, question: str, optional: bool = False) -> bool:
             if optional:
                 logger.debug("%s: %s, taken as not there", text(location), error.reason)
                 return False
-            raise FetchError(error.location, f"{error.reason}; {_refusal_advice(location, question)}") from error.__cause__
+            raise FetchError(error.location, f"{error.reason}; {_refusal_advice(location, question)}",
+                             advised=True) from error.__cause__
         raise
 
 

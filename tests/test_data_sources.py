@@ -115,8 +115,21 @@ def test_image_names_that_are_not_utf8_are_named_before_anything_is_read(tmp_pat
 def test_a_list_of_other_files_is_not_taken_for_shards(tmp_path):
     (tmp_path / "0.zip").write_bytes(b"x")
     (tmp_path / "1.zip").write_bytes(b"x")
-    with pytest.raises(InputError, match="not a shard"):
+    with pytest.raises(InputError, match="not a webdataset shard"):
         open_parts([str(tmp_path / "0.zip"), str(tmp_path / "1.zip")])
+
+
+@pytest.mark.parametrize("names", [["notes.txt"], ["a.zip", "b.zip"], ["00001.tar", "readme.md"]])
+def test_a_file_that_is_not_a_shard_is_named_as_such_whatever_its_name_carries(tmp_path, names):
+    # a name without a number said "no part number in the file name (expected e.g. part_0.npy)",
+    # and two without numbers that they "carry the same number"
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    other = next(name for name in names if not name.endswith(".tar"))
+    with pytest.raises(InputError) as error:
+        open_parts([str(tmp_path / name) for name in names])
+    assert str(error.value) == (f"{tmp_path / other}: not a webdataset shard (.tar/.tar.gz/.tgz); give webdataset "
+                                "shards, one image folder, or one CSV/parquet list")
 
 
 def test_draft_size_follows_the_first_resize():

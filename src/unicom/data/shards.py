@@ -132,12 +132,13 @@ def _expand_one(pattern: str) -> list:
     return found
 
 
-def expand_shards(patterns) -> list:
+def expand_shards(patterns, instead: str = "") -> list:
     """Shard locations from paths, brace patterns, globs or folders, in numeric order:
     a ``Path`` for a local shard, the URL (a ``str``) for a remote one.
 
     Every listed local file must exist (remote ones on a listable store too); duplicates
-    are dropped. Raises :class:`InputError` for a missing shard, an empty pattern, or two
+    are dropped. Raises :class:`InputError` for a missing shard, an empty pattern, a file
+    that is not a shard (``instead``: what else the caller takes, for the message), or two
     shards whose names carry the same number (their output parts would collide).
     """
     if isinstance(patterns, (str, os.PathLike)):
@@ -148,6 +149,9 @@ def expand_shards(patterns) -> list:
             paths.setdefault(storage.text(path) if storage.is_url(path) else os.path.realpath(path), path)
     if not paths:
         raise InputError("no shards were given")
+    foreign = [path for path in paths.values() if not storage.is_pipe(path) and not shard_name(path).endswith(SHARD_SUFFIXES)]
+    if foreign:
+        raise InputError(f"{storage.text(foreign[0])}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)}){instead}")
     numbered: dict[int, object] = {}
     for path in paths.values():
         number = shard_number(path)

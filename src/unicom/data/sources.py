@@ -324,13 +324,7 @@ def open_parts(
             return list_parts(images, rows_per_part, only, label_names=True)
         if _is_image_folder(only):
             return list_parts(_folder_list(only), rows_per_part, only)
-    shards = expand_shards(inputs)
-    foreign = [p for p in shards if not storage.is_pipe(p) and not shard_name(p).endswith(SHARD_SUFFIXES)]
-    if foreign:
-        raise InputError(
-            f"{foreign[0]}: not a shard ({'/'.join(SHARD_SUFFIXES)}); give webdataset shards, one image folder, "
-            "or one CSV/parquet list"
-        )
+    shards = expand_shards(inputs, instead="; give webdataset shards, one image folder, or one CSV/parquet list")
     return [ShardPart(shard_number(p), p) for p in shards]
 
 

@@ -461,14 +461,10 @@ def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, 
 
 
 def _shard_source(data, num_classes: int | None) -> ShardSource:
-    from unicom import storage
-    from unicom.data.shards import SHARD_SUFFIXES, expand_shards, shard_name, shard_number
+    from unicom.data.shards import expand_shards, shard_number
     from unicom.formats.clusters import PseudoLabels
 
     shards = [(shard_number(path), path) for path in expand_shards(data.shards)]
-    foreign = [storage.text(p) for _, p in shards if not storage.is_pipe(p) and not shard_name(p).endswith(SHARD_SUFFIXES)]
-    if foreign:
-        raise InputError(f"{foreign[0]}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)})")
     _refuse_non_tars([path for _, path in shards])
     labels = PseudoLabels(data.labels)
     files = labels.select([n for n, _ in shards])

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from support import class_image, encode_image, write_tar_shard
 
-from unicom.data.shards import ShardReadError, TarSample, expand_shards, read_tar_samples
+from unicom.data.shards import ShardReadError, TarSample, expand_shards, read_tar_samples, shard_number
 from unicom.data.sources import open_parts
 from unicom.errors import InputError
 
@@ -43,6 +43,27 @@ def test_shards_numbered_i_of_n_take_i_as_their_part(tmp_path):
     parts = open_parts(str(tmp_path / "train-*-of-00012.tar"))
     assert [(part.number, part.path.name) for part in parts] == [
         (0, "train-00000-of-00012.tar"), (2, "train-00002-of-00012.tar"), (10, "train-00010-of-00012.tar")]
+
+
+@pytest.mark.parametrize("shard, number", [
+    ("00012.tar", 12), ("shard-000012.tar", 12), ("data-00012.tar.gz", 12), ("laion2b-en-2023-00012.tar", 12),
+    ("train-00012-of-00100.tar", 12),
+    # "of" in a name without a shard number before it is no total: the number is the shard's
+    ("copy-of-3.tar", 3), ("/data/part-of-7.tar.gz", 7),
+    # a quoted URL of a pipe command is the word inside the quotes
+    ("pipe:aws s3 cp 's3://bucket/00012.tar' -", 12), ('pipe:curl -s "https://host/00013.tar" -o -', 13),
+    ("pipe:curl -s 'https://host/00014.tar?X-Amz-Signature=abc&X-Amz-Expires=60'", 14),
+])
+def test_shard_numbers_of_real_names(shard, number):
+    assert shard_number(shard) == number
+
+
+def test_a_shard_name_without_a_number_is_named_as_given(tmp_path):
+    with pytest.raises(InputError, match=r"^pipe:aws s3 cp s3://bucket/latest -: no number in the shard's name '-'; "
+                                         r"each shard is the output part of the number in its name"):
+        shard_number("pipe:aws s3 cp s3://bucket/latest -")
+    with pytest.raises(InputError, match=r"photos.tar: no number in the shard's name 'photos.tar'"):
+        shard_number(str(tmp_path / "photos.tar"))
 
 
 def test_missing_shard_in_a_pattern_is_named(tmp_path):

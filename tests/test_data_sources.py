@@ -97,6 +97,30 @@ def test_a_folder_of_images_with_a_shard_beside_them_is_refused_not_read_as_one_
     assert [part.number for part in open_parts(str(tmp_path / "photos" / "*.tar"))] == [2024]
 
 
+def test_a_class_folder_with_a_shard_beside_its_classes_is_refused(tmp_path):
+    write_class_folder(tmp_path / "photos", labels=[0, 1], per_class=2)
+    write_tar_shard(tmp_path / "photos" / "backup-2024.tar", [{"key": "a", "txt": "x"}])
+    with pytest.raises(InputError, match=r"photos: the folder holds both shards \(backup-2024.tar, 1 in all\) and "
+                                         r"images in its sub-folders \(class_000/0000.jpg, ...\); give the shards by a pattern"):
+        open_parts(str(tmp_path / "photos"))
+
+
+def test_a_class_folder_in_s3_with_a_shard_beside_its_classes_is_refused(s3):
+    s3.bucket("class-folder")
+    s3.put("class-folder", "photos/cats/0.jpg", encode_image(class_image(0, 0, 16)))
+    s3.put("class-folder", "photos/dogs/0.jpg", encode_image(class_image(1, 0, 16)))
+    s3.put("class-folder", "photos/backup-2024.tar", b"")
+    with pytest.raises(InputError, match=r"s3://class-folder/photos: the folder holds both shards \(backup-2024.tar, 1 in "
+                                         r"all\) and images in its sub-folders \(cats/0.jpg, ...\)"):
+        open_parts("s3://class-folder/photos")
+
+
+def test_a_folder_of_shards_with_a_hidden_folder_of_images_is_read_as_shards(tmp_path):
+    write_class_folder(tmp_path / "shards" / ".thumbnails", labels=[0], per_class=1)
+    _ = [write_tar_shard(tmp_path / "shards" / f"{i:05d}.tar", [{"key": "a", "txt": "x"}]) for i in (0, 1)]
+    assert [part.number for part in open_parts(str(tmp_path / "shards"))] == [0, 1]
+
+
 def test_a_list_without_rows_is_an_error(tmp_path):
     (tmp_path / "list.csv").write_text("path,caption\n")
     with pytest.raises(InputError, match=r"list.csv: the list has no rows"):

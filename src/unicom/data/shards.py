@@ -51,10 +51,10 @@ def shard_name(shard) -> str:
     word ending in a shard suffix (``pipe:curl -s https://host/00012.tar`` -> ``00012.tar``).
     The name in an http(s) URL is unquoted, as the server reads it (``shard%2000012.tar`` ->
     ``shard 00012.tar``, part 12, not 2000012); object store keys are taken as written."""
-    if storage.is_pipe(shard):
-        words = storage.text(shard)[len(storage.PIPE):].split()
+    if storage.is_pipe(shard):  # a quoted URL ('https://host/00012.tar') is the word inside the quotes
+        words = [w.strip("'\"") for w in storage.text(shard)[len(storage.PIPE):].split()]
         named = [w for w in words if w.split("?", 1)[0].endswith(SHARD_SUFFIXES)] or words[-1:] or [""]
-        word = named[-1].strip("'\"").split("?", 1)[0]
+        word = named[-1].split("?", 1)[0]
         return _unquoted(word, word.rstrip("/").rsplit("/", 1)[-1])
     if storage.is_url(shard):
         location = storage.text(shard).split("?", 1)[0]
@@ -62,14 +62,20 @@ def shard_name(shard) -> str:
     return Path(shard).name
 
 
-_OF_TOTAL = re.compile(r"-of-\d+(?=\.)")  # "train-00012-of-00100.tar": Hugging Face's "shard i of n" numbering
+_OF_TOTAL = re.compile(r"(?<=\d)-of-\d+(?=\.)")  # "train-00012-of-00100.tar": Hugging Face's "shard i of n" numbering
 
 
 def shard_number(shard) -> int:
     """The part number of a shard: the last number in its name (:func:`shard_name`;
     ``laion-00012.tar`` -> 12), not counting a total after ``-of-`` (``train-00012-of-00100.tar``
     -> 12, not 100, which every shard of the set carries)."""
-    return part_number(_OF_TOTAL.sub("", shard_name(shard)))
+    name = shard_name(shard)
+    try:
+        return part_number(_OF_TOTAL.sub("", name))
+    except InputError:
+        raise InputError(f"{storage.text(shard)}: no number in the shard's name {name!r}; each shard is the output "
+                         "part of the number in its name: rename the shards with their numbers (00000.tar, "
+                         "00001.tar, ...)") from None
 
 
 def _unquoted(location: str, name: str) -> str:

@@ -272,6 +272,25 @@ def _folder_list(root) -> ImageList:
     return read_flat_folder(root)
 
 
+def _first_sub_folder_image(location: str) -> list[str]:
+    """The first image found in a sub-folder of ``location`` (not a hidden one), as a path
+    relative to it: ``[]`` or one name."""
+    if storage.is_url(location):
+        base = storage.text(location).rstrip("/")
+        for folder in sorted(storage.list_folders(location)):
+            if not folder.startswith("."):
+                for path in storage.find_files(f"{base}/{folder}"):
+                    if Path(storage.name(path)).suffix.lower() in IMAGE_SUFFIXES:
+                        return [storage.text(path)[len(base) + 1:]]
+        return []
+    root = Path(location)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in folder.rglob("*"):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                return [path.relative_to(root).as_posix()]
+    return []
+
+
 def _is_image_folder(location: str) -> bool:
     """A folder (local, or a URL of a listable store) that holds no shards. A folder holding
     shards and images beside them is an :class:`InputError`: reading either would leave the
@@ -288,11 +307,13 @@ def _is_image_folder(location: str) -> bool:
         return False
     shards = [name for name in names if name.endswith(SHARD_SUFFIXES)]
     images = [name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
-    if shards and images:
+    found = f"images ({images[0]}, {len(images)} in all)" if images else None
+    if shards and not images:  # a class folder: its images are in the (not hidden) sub-folders
+        found = next((f"images in its sub-folders ({image}, ...)" for image in _first_sub_folder_image(location)), None)
+    if shards and found:
         raise InputError(
-            f"{location}: the folder holds both shards ({shards[0]}, {len(shards)} in all) and images ({images[0]}, "
-            f"{len(images)} in all); give the shards by a pattern ({storage.text(location).rstrip('/')}/*.tar) or move "
-            "them out of the image folder"
+            f"{location}: the folder holds both shards ({shards[0]}, {len(shards)} in all) and {found}; give the "
+            f"shards by a pattern ({storage.text(location).rstrip('/')}/*.tar) or move them out of the image folder"
         )
     return not shards
 

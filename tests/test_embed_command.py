@@ -219,3 +219,34 @@ def test_a_relative_local_dir_model_is_recorded_by_its_absolute_folder(setup, tm
     # so does a folder that recorded the spec as given (relative)
     (tmp_path / "emb" / "embed_config.json").write_text(json.dumps(dict(config, model="local-dir:models/clip")))
     assert main(["embed", "--input", pattern, "--model", f"local-dir:{tmp_path / 'models' / 'clip'}", "--out", "emb"]) == 0
+
+
+def test_a_folder_where_an_earlier_version_numbered_a_shard_otherwise_is_not_continued(setup, tmp_path, capsys):
+    """Earlier versions numbered `train-00000-of-00001.tar` by its total (part 1); today it is
+    part 0: continuing such a folder would embed the shard a second time beside part 1."""
+    import shutil
+
+    root, checkpoint, _, _ = setup
+    shard = tmp_path / "train-00000-of-00001.tar"
+    shutil.copy(root / "shards" / "00000.tar", shard)
+    out = tmp_path / "EMB"
+    command = ["embed", "--input", str(shard), "--model", "ViT-B-32", "--pretrained", str(checkpoint), "--out", str(out)]
+    assert main(command) == 0
+    assert main(command) == 0 and "0 parts" in capsys.readouterr().out  # this version's folder continues
+    for path in list(out.rglob("*_0.*")):  # the folder as the earlier numbering wrote it
+        path.rename(path.with_name(path.name.replace("_0.", "_1.")))
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert main(command) == 2
+    assert (f"{out}: part 1 holds the embeddings of {shard}, which is part 0 now"
+            in capsys.readouterr().err)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == files
+
+
+def test_the_earlier_numbers_of_shards_are_those_of_their_names_as_written():
+    from unicom.data.sources import ShardPart
+    from unicom.embed import _earlier_number
+
+    assert _earlier_number(ShardPart(12, "https://host/shard%2000012.tar?token=a1")) == 2000012
+    assert _earlier_number(ShardPart(0, "/data/train-00000-of-00001.tar")) == 1
+    assert _earlier_number(ShardPart(12, "/data/00012.tar")) is None  # the same number then and now
+    assert _earlier_number(ShardPart(2000012, "s3://bucket/shard%2000012.tar")) is None  # a key is read as written

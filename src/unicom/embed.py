@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
+from unicom.data.shards import shard_name
 from unicom.data.sources import (
     DEFAULT_ROWS_PER_PART,
     ItemsPart,
@@ -44,12 +45,13 @@ from unicom.data.sources import (
 from unicom.data.transforms import draft_size, resolve_decode
 from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
-from unicom.files import refused_write, write_parquet_atomic
+from unicom.files import part_number, refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
     CONFIG_FILE,
     WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
+    part_column_values,
     read_config,
     sweep_writer_temporaries,
     write_config,
@@ -455,6 +457,45 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     return True
 
 
+def _earlier_number(part) -> int | None:
+    """The number earlier versions gave a shard, where it differs from today's: the last
+    number of its name as written (an http name percent-escaped: ``shard%2000012.tar`` ->
+    2000012; a Hugging Face total: ``train-00000-of-00001.tar`` -> 1)."""
+    if not isinstance(part, ShardPart) or storage.is_pipe(part.path):
+        return None
+    name = _written_name(part)
+    try:
+        number = part_number(name)
+    except InputError:
+        return None
+    return None if number == part.number else number
+
+
+def _written_name(part) -> str:
+    """A shard's file name as written in its location (an http name not unquoted): what the
+    ``shard`` column of earlier versions holds."""
+    if storage.is_url(part.path):
+        return storage.name(storage.text(part.path).split("?", 1)[0])
+    return os.path.basename(os.fspath(part.path))
+
+
+def _check_numbering(out, parts: Sequence[Any], kinds: Sequence[str]) -> None:
+    """Refuse to continue a folder in which an earlier version wrote a shard under another
+    part number than today's: the shard would be embedded a second time beside it."""
+    earlier = {part.number: number for part in parts if (number := _earlier_number(part)) is not None}
+    if not earlier:
+        return
+    written = complete_parts(out, sorted(set(earlier.values())), kinds)
+    for part in parts:
+        number = earlier.get(part.number)
+        if number in written and {shard_name(part.path), _written_name(part)} & part_column_values(out, number, "shard"):
+            raise InputError(
+                f"{storage.text(out)}: part {number} holds the embeddings of {storage.text(part.path)}, which is part "
+                f"{part.number} now (the number in its name is read as the server reads the name, and a Hugging Face "
+                f"total after -of- is not counted); continuing would embed it a second time as part {part.number}: "
+                "embed into another --out, or leave the shards already embedded out of --input")
+
+
 def _text_dim(encoder: Encoder, device: torch.device, precision: str) -> int:
     return _encode_tokens(encoder, encoder.tokenize([""]), device, precision).shape[1]
 
@@ -512,6 +553,8 @@ def embed_parts(
     had_config = _check_config(out, config, advice)
 
     kinds = list(modalities) + ["metadata"]
+    if had_config is not False:
+        _check_numbering(out, parts, kinds)
     complete = complete_parts(out, numbers, kinds)
     pending = [part for part in parts if part.number not in complete]
     summary = EmbedSummary(parts=len(parts), skipped=len(parts) - len(pending))

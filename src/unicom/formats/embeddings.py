@@ -243,6 +243,19 @@ def _read_parquet(path: Path, columns: Sequence[str] | None = None):
         raise InputError(f"{path}: cannot read {list(columns) if columns else 'the table'} ({error})") from error
 
 
+def part_column_values(root, number: int, column: str) -> set:
+    """The distinct values of one metadata column of part ``number`` under ``root`` (none when
+    the part's metadata has no such column)."""
+    path = part_path(storage.join(root, KINDS["metadata"][0]), "metadata", number)
+    file = _parquet_file(path)
+    if column not in file.schema_arrow.names:
+        return set()
+    try:
+        return set(file.read(columns=[column]).column(column).unique().to_pylist())
+    except Exception as error:  # a damaged row group
+        raise InputError(f"{path}: cannot read [{column!r}] ({error})") from error
+
+
 def _listed(numbers, shown: int = SHOWN) -> str:
     numbers = sorted(numbers)
     return str(numbers[:shown])[:-1] + (", ...]" if len(numbers) > shown else "]")

@@ -155,6 +155,7 @@ def test_a_list_image_url_that_stays_missing_is_a_failed_sample_and_one_not_fetc
         (images / f"{i}.jpg").write_bytes(encode_image(class_image(i % 2, i, 36)))
     with FileServer(images) as http:
         http.fault("3.jpg", status=503, statuses=1000)
+        http.fault("2.jpg", status=410, statuses=1000)  # gone for good, said at once
         urls = [f"{http.url}/{i}.jpg" for i in range(4)]
         pacsv.write_csv(pa.table({"path": urls}), tmp_path / "list.csv")
         code = main(["embed", "--input", str(tmp_path / "list.csv"), "--out", str(tmp_path / "emb"),
@@ -168,7 +169,8 @@ def test_a_list_image_url_that_stays_missing_is_a_failed_sample_and_one_not_fetc
     assert failed[0]["reason"].startswith(f"file not found: {urls[1]}: not found (HTTP 404)")
     assert not (tmp_path / "emb" / "metadata" / "metadata_1.parquet").exists()  # 3.jpg: 503 to every attempt
     report = pq.read_table(tmp_path / "emb" / "failures" / "failures_1.parquet").to_pylist()
-    assert [(f["index"], f["source"]) for f in report] == [(1, urls[3])] and "503" in report[0]["reason"]
+    assert [(f["index"], f["source"]) for f in report] == [(0, urls[2]), (1, urls[3])]
+    assert report[0]["reason"] == f"file not found: {urls[2]}: refused (HTTP 410 Gone)" and "503" in report[1]["reason"]
 
 
 def test_a_list_of_images_in_s3_embeds_like_the_same_list_on_disk(s3, tmp_path, data):

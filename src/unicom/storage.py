@@ -65,7 +65,8 @@ _RANDOM = random.SystemRandom()  # jitter and temporary names: never the global 
 
 class FetchError(OSError):
     """A remote file that could not be read after every retry; ``location`` and ``reason``;
-    ``missing``: the store said it has no such file (the last attempt's answer); ``advised``:
+    ``missing``: the store said it has no such file (the last attempt's answer; HTTP 410 Gone
+    too, which says it for good); ``advised``:
     the reason says what to do already (a refusal's advice, a bucket name S3 does not allow)."""
 
     def __init__(self, location: str, reason: str, attempts: int = 1, missing: bool = False, advised: bool = False):
@@ -433,7 +434,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             missing = isinstance(error, FileNotFoundError) and _not_found(error)
             if (missing_is_final and missing) or not transient(error):
                 if _refused(error) or _invalid_request(error):  # one error line, whatever type the client raised
-                    raise FetchError(text(location), describe(error, location), attempt,
+                    raise FetchError(text(location), describe(error, location), attempt, http_status(error) == 410,
                                      advised=_invalid_request(error) and _INVALID_BUCKET.search(str(error)) is not None) from error
                 raise
             if missing_is_final and _not_found(error):

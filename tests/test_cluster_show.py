@@ -283,3 +283,15 @@ def test_remote_shards_give_the_sheet_of_local_ones(run, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"{server.url}/shards/00001.tar: the shard cannot be read" in err and "404" in err
     assert not (root / "gone.png").exists()
+
+
+def test_an_http_shard_is_found_by_its_name_as_written_in_metadata_embedded_before_names_were_unquoted(tmp_path):
+    from storage_servers import FileServer
+
+    from unicom.cluster.contact_sheet import _shard_locations
+
+    write_tar_shard(tmp_path / "shard 00012.tar", [{"key": "a", "txt": "x"}])
+    with FileServer(tmp_path) as server:
+        url = f"{server.url}/shard%2000012.tar"
+        assert _shard_locations([url], {"shard 00012.tar"}) == {"shard 00012.tar": url, "shard%2000012.tar": url}
+        assert _shard_locations([url], {"shard%2000012.tar"})["shard%2000012.tar"] == url

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.shards import shard_name
+from unicom.data.shards import shard_name, written_name
 from unicom.data.sources import (
     DEFAULT_ROWS_PER_PART,
     ItemsPart,
@@ -463,20 +463,12 @@ def _earlier_number(part) -> int | None:
     2000012; a Hugging Face total: ``train-00000-of-00001.tar`` -> 1)."""
     if not isinstance(part, ShardPart) or storage.is_pipe(part.path):
         return None
-    name = _written_name(part)
+    name = written_name(part.path)
     try:
         number = part_number(name)
     except InputError:
         return None
     return None if number == part.number else number
-
-
-def _written_name(part) -> str:
-    """A shard's file name as written in its location (an http name not unquoted): what the
-    ``shard`` column of earlier versions holds."""
-    if storage.is_url(part.path):
-        return storage.name(storage.text(part.path).split("?", 1)[0])
-    return os.path.basename(os.fspath(part.path))
 
 
 def _check_numbering(out, parts: Sequence[Any], kinds: Sequence[str]) -> None:
@@ -488,7 +480,7 @@ def _check_numbering(out, parts: Sequence[Any], kinds: Sequence[str]) -> None:
     written = complete_parts(out, sorted(set(earlier.values())), kinds)
     for part in parts:
         number = earlier.get(part.number)
-        if number in written and {shard_name(part.path), _written_name(part)} & part_column_values(out, number, "shard"):
+        if number in written and {shard_name(part.path), written_name(part.path)} & part_column_values(out, number, "shard"):
             raise InputError(
                 f"{storage.text(out)}: part {number} holds the embeddings of {storage.text(part.path)}, which is part "
                 f"{part.number} now (the number in its name is read as the server reads the name, and a Hugging Face "

@@ -236,17 +236,21 @@ def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key
 def _shard_locations(inputs: Sequence[str] | None, needed: set[str]) -> dict[str, object]:
     """``{shard name: location}`` for the shards ``needed``, from ``inputs`` (shard paths,
     patterns or folders, as ``unicom embed`` took them)."""
-    from unicom.data.shards import expand_shards, shard_name
+    from unicom.data.shards import expand_shards, shard_name, written_name
 
     shown = ", ".join(sorted(needed)[:5]) + (" ..." if len(needed) > 5 else "")
     if not inputs:
         raise InputError(f"the samples come from the shards {shown} (metadata column shard); give --input with the "
                          "shards `unicom embed` read (paths, patterns or URLs)")
-    located = {shard_name(p): p for p in expand_shards(inputs)}
+    shards = expand_shards(inputs)
+    located = {}
+    for location in shards:  # by name, and by the name as written (http names: folders embedded before
+        located[shard_name(location)] = location  # names were unquoted)
+        located.setdefault(written_name(location), location)
     missing = sorted(needed - set(located))
     if missing:
         raise InputError(f"shards {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are not among --input "
-                         f"({len(located)} shards found); give the shards the embeddings were made from")
+                         f"({len(shards)} shards found); give the shards the embeddings were made from")
     return located
 
 

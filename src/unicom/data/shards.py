@@ -62,6 +62,15 @@ def shard_name(shard) -> str:
     return Path(shard).name
 
 
+def written_name(shard) -> str:
+    """A shard's file name as its location writes it: an http(s) name not unquoted (what the
+    ``shard`` column of folders embedded before :func:`shard_name` unquoted names holds);
+    otherwise :func:`shard_name`."""
+    if storage.is_url(shard) and not storage.is_pipe(shard):
+        return storage.name(storage.text(shard).split("?", 1)[0])
+    return shard_name(shard)
+
+
 _OF_TOTAL = re.compile(r"(?<=\d)-of-\d+(?=\.)")  # "train-00012-of-00100.tar": Hugging Face's "shard i of n" numbering
 
 

@@ -174,6 +174,20 @@ def test_a_misspelt_command_or_option_is_a_usage_error_naming_the_closest_one(ca
     assert capsys.readouterr().err.rstrip().endswith(hint)
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["embed", "SHARDS", "--out", "OUT", "--model", "M", "--dtype", "fp16"],
+     "argument --dtype: invalid choice: 'fp16' (choose from 'float16', 'float32')"),
+    (["cluster", "kmean"], "argument stage: invalid choice: 'kmean' (choose from 'run', 'part', 'merge', 'assign', "
+                           "'stats', 'show')"),
+])
+def test_a_wrong_choice_gets_no_guess_from_the_choices_of_another_option(capsys, argv, error):
+    """fp16 is a --precision choice and kmeans++ an --init one: neither is a hint for --dtype or the stage."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(error)
+
+
 def test_an_option_like_no_other_gets_no_guess(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--qwerty"])

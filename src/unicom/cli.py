@@ -84,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C: the stages write under temporary names and rename, so nothing half-written is
-        # left for a traceback to warn about; say what happened, as the shell would. A second
-        # Ctrl-C while the interpreter shuts down ends it at once, not in a handler's traceback
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # left for a traceback to warn about; say what happened, as the shell would. When this is
+        # the `unicom` program (no argv given), a second Ctrl-C while the interpreter shuts down
+        # ends it at once, not in a handler's traceback; a Python program that called main()
+        # keeps its own Ctrl-C (a notebook's interrupt must not kill its kernel next time)
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         from unicom.progress import close_open_bars
 
         close_open_bars()  # their last line before the message, not after it

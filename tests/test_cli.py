@@ -174,6 +174,40 @@ def test_a_misspelt_command_or_option_is_a_usage_error_naming_the_closest_one(ca
     assert capsys.readouterr().err.rstrip().endswith(hint)
 
 
+def test_main_called_from_python_and_interrupted_leaves_the_callers_ctrl_c_alone(monkeypatch, tmp_path, capsys):
+    """A script or a notebook calling main(): the command ends with 130, and the next Ctrl-C
+    is again a KeyboardInterrupt for the caller, not the end of its process."""
+    import signal
+
+    import unicom.commands.index as index_command
+
+    def interrupted(args):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the command works
+
+    monkeypatch.setattr(index_command, "run", interrupted)
+    callers = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever started pytest
+    try:
+        assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index")]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, callers)
+    assert capsys.readouterr().err.rstrip().endswith("unicom index: interrupted (Ctrl-C)")
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["embed", "SHARDS", "--out", "OUT", "--model", "M", "--dtype", "fp16"],
+     "argument --dtype: invalid choice: 'fp16' (choose from 'float16', 'float32')"),
+    (["cluster", "kmean"], "argument stage: invalid choice: 'kmean' (choose from 'run', 'part', 'merge', 'assign', "
+                           "'stats', 'show')"),
+])
+def test_a_wrong_choice_gets_no_guess_from_the_choices_of_another_option(capsys, argv, error):
+    """fp16 is a --precision choice and kmeans++ an --init one: neither is a hint for --dtype or the stage."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(error)
+
+
 def test_an_option_like_no_other_gets_no_guess(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--qwerty"])

@@ -93,3 +93,33 @@ def test_unicom_embed_with_its_standard_error_in_a_file_writes_lines(tmp_path):
     text = (tmp_path / "log").read_text()
     assert "\r" not in text
     assert [line for line in text.splitlines() if line.startswith("embed 1 parts: 100%|##########| 6/6 [")]
+
+
+def test_bars_open_at_once_in_a_log_are_lines_without_cursor_moves(monkeypatch):
+    """An epoch's bar around a step's bar (training): on a terminal tqdm stacks them with
+    cursor moves; in a log each refresh of either is a plain line of its own."""
+    monkeypatch.setenv("UNICOM_PROGRESS", "1")
+    log = io.StringIO()
+    for _ in progress(range(2), desc="epochs", file=log, mininterval=0):
+        for _ in progress(range(3), desc="steps", file=log, mininterval=0, leave=False):
+            pass
+    text = log.getvalue()
+    assert "\x1b" not in text and "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert all(line.startswith(("epochs: ", "steps: ")) for line in lines)  # no empty line, none run together
+    finished = [line.split(":")[0] for line in lines if "100%" in line]
+    assert [bar for i, bar in enumerate(finished) if finished[i - 1:i] != [bar]] == ["steps", "epochs"]
+    assert finished.count("steps") >= 2  # each step bar's last line stays in the log
+    assert lines[-1].startswith("epochs: 100%|##########| 2/2 [")
+
+
+def test_a_process_without_standard_error_draws_no_bar(monkeypatch):
+    """`... 2>&-`: Python has no sys.stderr; the work goes on without a bar."""
+    import sys
+
+    monkeypatch.setenv("UNICOM_PROGRESS", "1")
+    monkeypatch.setattr(sys, "stderr", None)
+    assert sum(progress(range(4), desc="embed")) == 6
+    bar = progress(total=2)
+    bar.update(2)
+    bar.close()

@@ -108,6 +108,17 @@ def test_an_open_clip_or_timm_name_given_to_load_points_to_load_encoder(spec):
         unicom.load(spec)
 
 
+def test_a_damaged_file_given_to_load_is_said_to_be_damaged_without_pointing_elsewhere(tmp_path):
+    """A file named without a checkpoint suffix is still a file: its error is its own, not
+    a hint that it might be an open_clip or timm name."""
+    weights = tmp_path / "weights"
+    weights.write_bytes(b"junk\n")
+    with pytest.raises(InputError) as error:
+        unicom.load(str(weights))
+    assert str(error.value).startswith(f"{weights}: not a readable PyTorch checkpoint")
+    assert "load_encoder" not in str(error.value)
+
+
 @pytest.mark.parametrize("spec, meant", [("vit-b/32", "ViT-B/32"), ("ViT-L/14@336", "ViT-L/14@336px"), ("ViT-B/61", "ViT-B/16")])
 def test_a_misspelt_released_name_is_answered_with_the_closest_one(spec, meant):
     with pytest.raises(InputError, match=f"{spec}: neither a released model \\(did you mean {meant}\\?\\)"):

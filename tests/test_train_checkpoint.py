@@ -150,6 +150,28 @@ def test_an_interrupted_write_is_ignored_and_cleared_by_the_next_one(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000001"]
 
 
+def test_ctrl_c_during_a_write_leaves_the_previous_checkpoint_and_no_partial_one(tmp_path, monkeypatch):
+    """`unicom train` interrupted while it saves: the run resumes from the last complete
+    checkpoint, and no hidden half-written folder is left in checkpoints/."""
+    import signal
+    import threading
+
+    _save(tmp_path, 1)
+    monkeypatch.setenv("UNICOM_FAULT_PAUSE", "checkpoint:2")  # the write waits before its manifest
+    monkeypatch.setenv("UNICOM_FAULT_PAUSE_SECONDS", "60")
+    callers = signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _save(tmp_path, 2)
+    finally:
+        ctrl_c.cancel()
+        signal.signal(signal.SIGINT, callers)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+    assert find_valid_checkpoint(complete_checkpoints(tmp_path)).name == "step_00000001"
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step, keep=2)

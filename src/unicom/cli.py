@@ -48,10 +48,19 @@ class Parser(argparse.ArgumentParser):
             known = [option for action in self._actions for option in action.option_strings]
         elif "invalid choice: '" in message:
             words = [message.split("invalid choice: '", 1)[1].split("'", 1)[0]]
-            known = [choice for action in self._actions for choice in (action.choices or ())]
+            # the choices of the argument the message names, not those of another option
+            known = [str(choice) for action in self._actions if action.choices
+                     and message.startswith(f"argument {_argument_name(action)}: ") for choice in action.choices]
         hints = [f"{word}: did you mean {close[0]}?" for word in words
                  for close in [difflib.get_close_matches(word, known, n=1, cutoff=0.6)] if close]
         super().error("; ".join([message, *hints]))
+
+
+def _argument_name(action: argparse.Action) -> str:
+    """How argparse names ``action`` in its usage errors ("argument --dtype: ...")."""
+    if action.option_strings:
+        return "/".join(action.option_strings)
+    return str(action.metavar if action.metavar not in (None, argparse.SUPPRESS) else action.dest)
 
 
 def available_commands() -> dict[str, tuple[str, str]]:
@@ -75,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C: the stages write under temporary names and rename, so nothing half-written is
-        # left for a traceback to warn about; say what happened, as the shell would. A second
-        # Ctrl-C while the interpreter shuts down ends it at once, not in a handler's traceback
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # left for a traceback to warn about; say what happened, as the shell would. When this is
+        # the `unicom` program (no argv given), a second Ctrl-C while the interpreter shuts down
+        # ends it at once, not in a handler's traceback; a Python program that called main()
+        # keeps its own Ctrl-C (a notebook's interrupt must not kill its kernel next time)
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         from unicom.progress import close_open_bars
 
         close_open_bars()  # their last line before the message, not after it

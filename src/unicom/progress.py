@@ -39,9 +39,11 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | float | None =
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("smoothing", 0.1)
     kwargs.setdefault("dynamic_ncols", True)
+    # no standard error at all (`2>&-`, pythonw): nowhere to draw, and tqdm would fail writing to None
+    disable = not progress_enabled() or (kwargs.get("file") or sys.stderr) is None
     if "unit_scale" in kwargs:
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
-    return _counting_bar(tqdm)(iterable, total=total, desc=desc, unit=unit, disable=not progress_enabled(), **kwargs)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, **kwargs)
+    return _counting_bar(tqdm)(iterable, total=total, desc=desc, unit=unit, disable=disable, **kwargs)
 
 
 def _is_terminal(stream) -> bool:
@@ -51,27 +53,41 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+# the streams whose last line is not ended yet (by id), shared by the bars writing to them
+_unfinished: dict[int, object] = {}
+
+
 @functools.lru_cache(maxsize=None)
 def _line_bar(base):
     """``base`` (a tqdm class) writing each refresh as a line of its own, for logs: a line
-    ends when the next one starts, and the last when the bar closes (tqdm's final newline)."""
+    ends when the next one starts, from this bar or another one open at the same time (an
+    epoch's bar around a step's bar), and the last when the bar closes (tqdm's final newline)."""
 
     class LineBar(base):
+        def moveto(self, n):  # a log has no cursor to move to a bar's row: lines follow each other
+            pass
+
         @staticmethod
         def status_printer(file):
-            started = [False]
+            stream = getattr(file, "_wrapped", file)  # tqdm wraps the file anew for each bar
 
             def print_status(text):
-                if not text:  # a clearing refresh: end the line, write nothing
-                    if started[0]:
-                        file.write("\n")
-                        started[0] = False
-                else:
-                    file.write(("\n" if started[0] else "") + text)
-                    started[0] = True
+                unfinished = id(stream) in _unfinished
+                if text:
+                    file.write(("\n" if unfinished else "") + text)
+                    _unfinished[id(stream)] = stream
+                elif unfinished:  # a clearing refresh: end the line, write nothing
+                    file.write("\n")
+                    del _unfinished[id(stream)]
                 getattr(file, "flush", lambda: None)()
 
             return print_status
+
+        def close(self):
+            writes = not getattr(self, "disable", True) and getattr(self, "last_print_t", -1) >= self.start_t + self.delay
+            super().close()
+            if writes:  # its last line, then tqdm's newline
+                _unfinished.pop(id(getattr(self.fp, "_wrapped", self.fp)), None)
 
     return LineBar
 

@@ -142,7 +142,7 @@ def save_checkpoint(
     distributed.barrier()
     try:
         return _write_checkpoint(tmp, final, step, model_state, optimizer_state, prototypes, rank_state, manifest, keep)
-    except OSError:  # a write the disk refused (full, read-only): keep no part of it, it holds the space
+    except (OSError, KeyboardInterrupt):  # a write the disk refused (full, read-only), or Ctrl-C: keep no part of it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -382,6 +382,11 @@ def _not_found(error: BaseException) -> bool:
     return status == 404 or (isinstance(error, FileNotFoundError) and status is None)
 
 
+def _gone(error: BaseException) -> bool:
+    """Whether the store said the file is gone for good (HTTP 410 Gone): missing, as a 404."""
+    return http_status(error) == 410
+
+
 def describe(error: BaseException, location=None) -> str:
     """A one-line reason for a failure report: the error's type and message (without
     the location, which the report names already)."""
@@ -434,7 +439,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             missing = isinstance(error, FileNotFoundError) and _not_found(error)
             if (missing_is_final and missing) or not transient(error):
                 if _refused(error) or _invalid_request(error):  # one error line, whatever type the client raised
-                    raise FetchError(text(location), describe(error, location), attempt, http_status(error) == 410,
+                    raise FetchError(text(location), describe(error, location), attempt, _gone(error),
                                      advised=_invalid_request(error) and _INVALID_BUCKET.search(str(error)) is not None) from error
                 raise
             if missing_is_final and _not_found(error):
@@ -1080,7 +1085,7 @@ class _ResumingStream(io.RawIOBase):
                         reason = describe(error, self.location)
                         if offset:
                             reason += f" (after {offset} bytes)"
-                        self._put(FetchError(text(self.location), reason, failures, _not_found(error)))
+                        self._put(FetchError(text(self.location), reason, failures, _not_found(error) or _gone(error)))
                         return
                     if self.stop.wait(self.policy.wait(failures)):
                         return

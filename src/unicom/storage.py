@@ -789,10 +789,13 @@ def braces(pattern: str) -> list[str]:
 
 
 def has_magic(pattern: str) -> bool:
-    """Whether ``pattern`` holds glob characters (``*``, ``?``, ``[``)."""
+    """Whether ``pattern`` holds glob characters (``*``, ``?``, ``[``); an http(s) URL's
+    query (a signed URL's ``?X-Amz-Signature=…``) is not a pattern."""
     import glob
 
     body = pattern.split("://", 1)[-1] if is_url(pattern) else pattern
+    if protocol(pattern) in READ_ONLY:
+        body = body.split("?", 1)[0]
     return glob.has_magic(body)
 
 

@@ -74,6 +74,10 @@ class FetchError(OSError):
         super().__init__(f"{location}: {reason}{tries}")
         self.location, self.reason, self.attempts, self.missing, self.advised = location, reason, attempts, missing, advised
 
+    def advice(self, what: str = "check the URL, the credentials (--storage-options) and the connection") -> str:
+        """The error with ``what`` to do, unless its reason says what to do already (``advised``)."""
+        return str(self) if self.advised else f"{self}; {what}"
+
 
 # --------------------------------------------------------------------------- locations
 

@@ -295,3 +295,19 @@ def test_an_http_shard_is_found_by_its_name_as_written_in_metadata_embedded_befo
         url = f"{server.url}/shard%2000012.tar"
         assert _shard_locations([url], {"shard 00012.tar"}) == {"shard 00012.tar": url, "shard%2000012.tar": url}
         assert _shard_locations([url], {"shard%2000012.tar"})["shard%2000012.tar"] == url
+
+
+def test_an_image_the_store_refuses_is_named_with_the_stores_advice_once(s3, monkeypatch):
+    # S3 refusing the credentials says what to check; the sheet adds no second, generic advice
+    import moto.settings
+
+    from unicom.cluster.contact_sheet import Sample, _read_file
+    from unicom.errors import InputError
+
+    s3.bucket("photos")
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the credentials are checked: unknown
+    with pytest.raises(InputError) as error:
+        _read_file(Sample(part=0, row=0, key="a"), "s3://photos/a.jpg", 32)
+    assert str(error.value).startswith("s3://photos/a.jpg: refused (HTTP 403 Forbidden); S3 refused the request: check "
+                                       "the credentials (AWS_* variables, --storage-options)")
+    assert str(error.value).count("check") == 1

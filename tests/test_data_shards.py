@@ -58,6 +58,17 @@ def test_shard_numbers_of_real_names(shard, number):
     assert shard_number(shard) == number
 
 
+def test_a_signed_shard_url_keeps_its_query(tmp_path):
+    # the "?" of a signed URL's query is no glob character: the shard is read with its signature
+    from storage_servers import FileServer
+
+    _empty_shards(tmp_path, ["00012.tar", "00013.tar"])
+    with FileServer(tmp_path) as server:
+        signed = [f"{server.url}/00012.tar?X-Amz-Signature=ab%2Fc&X-Amz-Expires=60", f"{server.url}/00013.tar?token=1"]
+        assert expand_shards(signed) == signed
+        assert [(part.number, part.path) for part in open_parts(signed)] == [(12, signed[0]), (13, signed[1])]
+
+
 def test_a_shard_name_without_a_number_is_named_as_given(tmp_path):
     with pytest.raises(InputError, match=r"^pipe:aws s3 cp s3://bucket/latest -: no number in the shard's name '-'; "
                                          r"each shard is the output part of the number in its name"):

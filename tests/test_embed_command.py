@@ -250,3 +250,25 @@ def test_the_earlier_numbers_of_shards_are_those_of_their_names_as_written():
     assert _earlier_number(ShardPart(0, "/data/train-00000-of-00001.tar")) == 1
     assert _earlier_number(ShardPart(12, "/data/00012.tar")) is None  # the same number then and now
     assert _earlier_number(ShardPart(2000012, "s3://bucket/shard%2000012.tar")) is None  # a key is read as written
+
+
+def test_a_rerun_over_many_shards_of_one_total_reads_the_part_of_that_number_once(tmp_path, monkeypatch):
+    """Every `train-…-of-00003.tar` was part 3 by the earlier numbering: the part 3 this
+    version wrote (of another shard) is looked at once, not once per shard, and continues."""
+    import numpy as np
+    import pyarrow as pa
+
+    from unicom import embed
+    from unicom.data.sources import ShardPart
+    from unicom.formats.embeddings import write_part
+
+    for number, shard in enumerate(["train-00000-of-00003.tar", "train-00001-of-00003.tar",
+                                    "train-00002-of-00003.tar", "extra-00003.tar"]):
+        write_part(tmp_path / "emb", number, image=np.ones((1, 4), np.float32),
+                   metadata=pa.table({"key": ["a"], "shard": [shard]}))
+    parts = [ShardPart(n, f"/data/train-{n:05d}-of-00003.tar") for n in range(3)] + [ShardPart(3, "/data/extra-00003.tar")]
+    reads = []
+    real = embed.part_column_values
+    monkeypatch.setattr(embed, "part_column_values", lambda *args: reads.append(args[1]) or real(*args))
+    embed._check_numbering(tmp_path / "emb", parts, ["image", "metadata"])  # no refusal
+    assert reads == [3]

@@ -82,6 +82,7 @@ def test_a_refused_request_is_one_error_at_once_not_retried(tmp_path, fast_retri
                 stream.read()
         # one attempt (fsspec's HTTP open asks for the size with a HEAD, then a GET)
         assert fault.requests <= 2 and error.value.reason.startswith(f"refused (HTTP {status} ")
+        assert error.value.missing == (status == 410)  # streamed as read whole (serve's shard images: 404)
 
 
 @pytest.mark.parametrize("status", [429, 503])

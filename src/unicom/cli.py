@@ -134,8 +134,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"unicom {name}: error: {error}", file=sys.stderr)
         return 2
     except storage.FetchError as error:  # a URL that stayed unreadable through the retries
-        advice = "" if error.advised else "; check the URL, the credentials (--storage-options) and the connection"
-        print(f"unicom {name}: error: {error}{advice}", file=sys.stderr)
+        print(f"unicom {name}: error: {error.advice()}", file=sys.stderr)
         return 1
 
 

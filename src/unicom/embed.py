@@ -478,9 +478,14 @@ def _check_numbering(out, parts: Sequence[Any], kinds: Sequence[str]) -> None:
     if not earlier:
         return
     written = complete_parts(out, sorted(set(earlier.values())), kinds)
+    shards: dict[int, set] = {}  # a written part's 'shard' column, read once (many shards share a total)
     for part in parts:
         number = earlier.get(part.number)
-        if number in written and {shard_name(part.path), written_name(part.path)} & part_column_values(out, number, "shard"):
+        if number not in written:
+            continue
+        if number not in shards:
+            shards[number] = part_column_values(out, number, "shard")
+        if {shard_name(part.path), written_name(part.path)} & shards[number]:
             raise InputError(
                 f"{storage.text(out)}: part {number} holds the embeddings of {storage.text(part.path)}, which is part "
                 f"{part.number} now (the number in its name is read as the server reads the name, and a Hugging Face "

@@ -74,6 +74,10 @@ class FetchError(OSError):
         super().__init__(f"{location}: {reason}{tries}")
         self.location, self.reason, self.attempts, self.missing, self.advised = location, reason, attempts, missing, advised
 
+    def advice(self, what: str = "check the URL, the credentials (--storage-options) and the connection") -> str:
+        """The error with ``what`` to do, unless its reason says what to do already (``advised``)."""
+        return str(self) if self.advised else f"{self}; {what}"
+
 
 # --------------------------------------------------------------------------- locations
 
@@ -382,6 +386,11 @@ def _not_found(error: BaseException) -> bool:
     return status == 404 or (isinstance(error, FileNotFoundError) and status is None)
 
 
+def _gone(error: BaseException) -> bool:
+    """Whether the store said the file is gone for good (HTTP 410 Gone): missing, as a 404."""
+    return http_status(error) == 410
+
+
 def describe(error: BaseException, location=None) -> str:
     """A one-line reason for a failure report: the error's type and message (without
     the location, which the report names already)."""
@@ -434,7 +443,7 @@ def retrying(location, call: Callable[[], T], *, policy: Retries | None = None, 
             missing = isinstance(error, FileNotFoundError) and _not_found(error)
             if (missing_is_final and missing) or not transient(error):
                 if _refused(error) or _invalid_request(error):  # one error line, whatever type the client raised
-                    raise FetchError(text(location), describe(error, location), attempt, http_status(error) == 410,
+                    raise FetchError(text(location), describe(error, location), attempt, _gone(error),
                                      advised=_invalid_request(error) and _INVALID_BUCKET.search(str(error)) is not None) from error
                 raise
             if missing_is_final and _not_found(error):
@@ -784,10 +793,13 @@ def braces(pattern: str) -> list[str]:
 
 
 def has_magic(pattern: str) -> bool:
-    """Whether ``pattern`` holds glob characters (``*``, ``?``, ``[``)."""
+    """Whether ``pattern`` holds glob characters (``*``, ``?``, ``[``); an http(s) URL's
+    query (a signed URL's ``?X-Amz-Signature=…``) is not a pattern."""
     import glob
 
     body = pattern.split("://", 1)[-1] if is_url(pattern) else pattern
+    if protocol(pattern) in READ_ONLY:
+        body = body.split("?", 1)[0]
     return glob.has_magic(body)
 
 
@@ -1080,7 +1092,7 @@ class _ResumingStream(io.RawIOBase):
                         reason = describe(error, self.location)
                         if offset:
                             reason += f" (after {offset} bytes)"
-                        self._put(FetchError(text(self.location), reason, failures, _not_found(error)))
+                        self._put(FetchError(text(self.location), reason, failures, _not_found(error) or _gone(error)))
                         return
                     if self.stop.wait(self.policy.wait(failures)):
                         return

@@ -286,14 +286,14 @@ def _read_file(sample: Sample, path: str, side: int) -> None:
     try:
         present = storage.is_file(path)
     except storage.FetchError as error:
-        raise InputError(f"{error}; check the URL and the credentials (--storage-options)") from error
+        raise InputError(error.advice("check the URL and the credentials (--storage-options)")) from error
     if not present:
         raise InputError(f"{path}: image not found (key {sample.key!r}, part {sample.part}); give --input with the "
                          "folder the images are in now")
     try:
         _decode_into(sample, path, side)
     except storage.FetchError as error:
-        raise InputError(f"{error}; check the URL and the credentials (--storage-options)") from error
+        raise InputError(error.advice("check the URL and the credentials (--storage-options)")) from error
 
 
 def read_thumbnails(samples: list[Sample], inputs: Sequence[str] | None, side: int) -> None:

@@ -181,7 +181,7 @@ def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     try:
         array = storage.load_npy(path, mmap)
     except storage.FetchError as error:
-        raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error
+        raise InputError(error.advice()) from error
     except (ValueError, EOFError, OSError) as error:
         raise InputError(f"{path}: not a readable .npy file ({error})") from error
     if array.ndim != 2:
@@ -201,7 +201,7 @@ def _parquet_file(path: Path):
     try:
         return pq.ParquetFile(storage.readable(path))
     except storage.FetchError as error:
-        raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error
+        raise InputError(error.advice()) from error
     except Exception as error:  # pyarrow raises several types for damaged files
         raise InputError(f"{path}: not a readable parquet file ({error})") from error
 
@@ -228,7 +228,7 @@ def _parquet_metadata(path: Path):
                 raise InputError(f"{path}: not a readable parquet file (its footer is longer than the file)")
         return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8):]))
     except storage.FetchError as error:
-        raise InputError(f"{error}; check the URL, the credentials (--storage-options) and the connection") from error
+        raise InputError(error.advice()) from error
     except InputError:
         raise
     except Exception as error:  # pyarrow raises several types for damaged footers

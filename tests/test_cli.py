@@ -118,6 +118,8 @@ def test_ctrl_c_during_a_command_ends_it_without_a_traceback_nor_temporaries(tmp
     nothing half-written in the output folder."""
     import os
     import signal
+    import threading
+    import time
 
     from support import tiny_open_clip, write_class_folder
 
@@ -128,17 +130,31 @@ def test_ctrl_c_during_a_command_ends_it_without_a_traceback_nor_temporaries(tmp
     (tmp_path / "list.csv").write_text("path\n" + "".join(f"{p}\n" for p in [*images, fifo]))
     out = tmp_path / "emb"
     env = dict(os.environ, UNICOM_PROGRESS="1", PYTHONWARNINGS="ignore")
+    # Ctrl-C as a terminal delivers it: a shell's background job (`make test &`, nohup) starts with SIGINT
+    # ignored, which Python would inherit and then take no Ctrl-C at all
     process = subprocess.Popen([sys.executable, "-m", "unicom", "embed", "--input", str(tmp_path / "list.csv"),
                                 "--model", spec, "--out", str(out), "--workers", "0", "--batch-size", "1"],
-                               stderr=subprocess.PIPE, text=True, env=env)
-    seen = ""
-    while "embed 1 parts" not in seen:  # the progress bar: the model is loaded, images are being read
-        character = process.stderr.read(1)
-        assert character, f"unicom embed ended before it was interrupted: {seen[-2000:]}"
-        seen += character
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    # the progress bar: the model is loaded, images are being read
+    while "embed 1 parts" not in "".join(chunks) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process.poll() is not None or time.monotonic() >= deadline:
+        process.kill()
+        reader.join(10)
+        pytest.fail(f"unicom embed ended or stalled before it was interrupted: {''.join(chunks)[-2000:]}")
     process.send_signal(signal.SIGINT)
-    stderr = seen + process.stderr.read()
-    assert process.wait(timeout=60) == 130
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+        reader.join(10)
+    stderr = "".join(chunks)
+    assert code == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.rstrip().endswith("unicom embed: interrupted (Ctrl-C)")
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

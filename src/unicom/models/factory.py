@@ -224,8 +224,8 @@ def load(
     try:
         model, transform, _, _ = load_described(spec, device, download_root, arch, base_url)
     except InputError as error:
-        # a file that is there, damaged or of another format, is no open_clip or timm name
-        if is_unicom_spec(os.fspath(spec)) or hub.is_hf_spec(spec) or Path(os.fspath(spec)).expanduser().is_file():
+        # a file or folder that is there (damaged, of another format, a training run) is no open_clip or timm name
+        if is_unicom_spec(os.fspath(spec)) or hub.is_hf_spec(spec) or Path(os.fspath(spec)).expanduser().exists():
             raise
         raise InputError(f"{error}; {FOREIGN_MODELS}") from None  # perhaps an open_clip or timm name
     return model, transform

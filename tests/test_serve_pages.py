@@ -401,8 +401,9 @@ def search_in_clip_front(page, front: str, text: str) -> None:
     """Open clip-retrieval's front end at ``front`` (our index "photos" listed), search ``text``, wait for pictures."""
     page.goto(front)
     page.wait_for_selector("clip-front >> #searchBar", timeout=30_000)
-    # the front end fills its index list from /indices-list after it draws the search bar
-    wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelectorAll('select option').length > 0")
+    # the front end fills its index list (its first select; the others, modality and aesthetic score, have their
+    # options from the start) from /indices-list after it draws the search bar
+    wait_until(page, "document.querySelector('clip-front').shadowRoot.querySelector('select').options.length > 0")
     assert page.locator("clip-front >> select").first.locator("option").all_inner_texts() == ["photos"]
     page.fill("clip-front >> #searchBar", text)
     page.press("clip-front >> #searchBar", "Enter")

@@ -597,6 +597,13 @@ def test_more_dims_than_the_embeddings_have_is_an_error(tmp_path):
     ({"nlist": 0, "index_type": "ivfpq"}, "--nlist 0: give at least 1 inverted list"),
     ({"nbits": -3, "index_type": "ivfpq"}, "--nbits -3: give at least 1 bit per code"),
     ({"hnsw_m": 1, "index_type": "hnsw"}, "--hnsw-m 1: give at least 2 links per vector and layer"),  # faiss crashes
+    # faiss builds these: 800 kB of links per vector, priced by --memory as if they were worth it
+    ({"hnsw_m": 100_000, "index_type": "hnsw"}, r"--hnsw-m 100000: give at most 100 links per vector and layer \(faiss' "
+                                               r"guide uses 4 to 64, hnswlib's 2 to 100"),
+    ({"hnsw_m": 101}, r"--hnsw-m 101: give at most 100 links"),
+    ({"nbits": 25, "index_type": "ivfpq"}, r"--nbits 25: give at most 24 bits per code \(faiss refuses more"),
+    ({"seed": -1}, r"--seed -1: the seed of the samples is a number from 0 up"),  # numpy's ValueError before
+    ({"exact_max_rows": -1}, r"--exact-max-rows -1: give 0 \(never exact\) or more rows"),
 ])
 def test_build_options_out_of_range_are_named_and_nothing_is_written(tmp_path, options, said):
     write_collection(tmp_path / "emb", {0: clustered(10, 8, seed=0)})

@@ -50,6 +50,7 @@ from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
 from unicom.search.metadata_rows import COPIES as METADATA_COPIES
 from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows
 from unicom.search.planner import (
+    BUILD_RANGES,
     DEFAULT_RECALL,
     Candidate,
     choose_heldout,
@@ -515,10 +516,16 @@ class Index:
             raise InputError(f"-k {k}: the k of recall@k must be at least 1")
         if heldout < 0:
             raise InputError(f"--heldout {heldout}: the number of held-out rows cannot be negative")
-        for option, value, least in (("--nlist", nlist, "1 inverted list"), ("--nbits", nbits, "1 bit per code"),
-                                     ("--hnsw-m", hnsw_m, "2 links per vector and layer")):
-            if value is not None and value < int(least.split()[0]):
-                raise InputError(f"{option} {value}: give at least {least}, or leave the option out")
+        if exact_max_rows < 0:
+            raise InputError(f"--exact-max-rows {exact_max_rows}: give 0 (never exact) or more rows, or leave the option out")
+        if seed < 0:
+            raise InputError(f"--seed {seed}: the seed of the samples is a number from 0 up")
+        for option, value in (("--nlist", nlist), ("--nbits", nbits), ("--hnsw-m", hnsw_m)):
+            least, least_said, most, most_said = BUILD_RANGES[option]
+            if value is not None and value < least:
+                raise InputError(f"{option} {value}: give at least {least_said}, or leave the option out")
+            if value is not None and most is not None and value > most:
+                raise InputError(f"{option} {value}: give at most {most_said}, or leave the option out")
         budget = None if memory_budget is None else parse_size(memory_budget)
         modalities = ("image",)
         if layout == clip_layout.LAYOUT and EmbeddingFolders.from_root(emb).text is not None:

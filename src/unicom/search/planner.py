@@ -68,6 +68,15 @@ KNEE_GAIN = 0.01  # the ``recall`` objective doubles the search parameter while 
 SCAN_DIVISOR = 8  # --type auto: an IVF index searches at most 1/8 of its lists (else it is hardly faster than exact)
 SQ_MIN_FRACTION = 0.25  # codes of at least d/4 bytes are 8-bit scalar codes of the leading axes, smaller ones PQ
 SQ_AXES_STEP = 8  # faiss computes scalar-code distances with SIMD only for multiples of 8 axes (16x faster)
+# the build options' ranges: (least, what it is, most or None, what it is and why)
+BUILD_RANGES = {
+    # the most inverted lists is set by the training rows (39 per list), checked with them
+    "--nlist": (1, "1 inverted list", None, None),
+    "--nbits": (1, "1 bit per code", 24, "24 bits per code (faiss refuses more: 2^24 centroids per sub-quantizer)"),
+    "--hnsw-m": (2, "2 links per vector and layer",  # faiss crashes below 2
+                 100, "100 links per vector and layer (faiss' guide uses 4 to 64, hnswlib's 2 to 100: each link costs "
+                      "8 bytes per vector, and more add little recall)"),
+}
 LADDER = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2)  # code bytes per vector, as fractions of d, that ``size`` tries
 
 

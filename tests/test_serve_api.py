@@ -414,6 +414,47 @@ def test_thumbnails_are_decoded_within_the_decoding_budget_sized_from_their_head
         assert np.array_equal(pixels(pictures[item]), reference(path))
 
 
+def test_thumbnails_of_images_at_urls_hold_their_fetched_bytes_in_the_decoding_budget(tmp_path):
+    """An item's image at a URL is held twice while its thumbnail is made: the fetched file
+    and its decoded pixels. Both come from the decoding budget (--max-decode-mb) before the
+    file is fetched, so concurrent thumbnails of big remote images never hold more fetched
+    files than the budget has room for: with room for one, they are fetched one at a time."""
+    import httpx
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+
+    (tmp_path / "photos").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (3, 600, 800, 3), dtype=np.uint8)  # barely compressed
+    for i, image in enumerate(noise):
+        Image.fromarray(image).save(tmp_path / "photos" / f"{i}.png")
+    sizes = [(tmp_path / "photos" / f"{i}.png").stat().st_size for i in range(3)]
+    held = [size + 800 * 600 * 3 for size in sizes]  # the file, and its RGB pixels
+    assert min(sizes) > 1_000_000
+    with FileServer(tmp_path / "photos") as server:
+        rows = np.eye(8, dtype=np.float32)[:3]
+        write_part(tmp_path / "emb", 0, image=rows,
+                   metadata=pa.table({"image_path": [f"{server.url}/{i}.png" for i in range(3)]}))
+        index = Index.build(tmp_path / "emb", tmp_path / "index")
+        app = create_app(index, max_decode_bytes=min(held) * 3 // 2)  # room for one image and its file
+        budget = app.state.decoding
+
+        async def scenario():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+                return await asyncio.gather(*(client.get(f"/thumbnail/{i}") for i in range(3)))
+
+        responses = asyncio.run(scenario())
+        assert budget.peak == max(held) and budget.used == 0
+        for i, response in enumerate(responses):  # the thumbnails Pillow makes of the files
+            assert response.status_code == 200, response.text
+            image = Image.open(tmp_path / "photos" / f"{i}.png")
+            image.thumbnail((256, 256))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+            assert response.content == buffer.getvalue()
+
+
 def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
     import gzip
 

@@ -22,6 +22,7 @@ from fastapi import HTTPException
 from unicom.search.batching import ByteBudget
 
 THUMBNAIL_SIZE = 256
+HEAD_BYTES = 256 * 1024  # the first bytes of an image at a URL, read for its header before the whole is fetched
 PATH_COLUMNS = ("image_path", "path")
 
 
@@ -107,14 +108,16 @@ class ShardImages:
         return None
 
 
-def _fetch(url: str, what: str) -> bytes:
-    """The bytes at ``url`` (with the store's retries): 404 at once when it has no such file
-    (not retried: a page waits for it), 502 when it cannot be reached or is longer than an
-    image may be."""
+def _fetch(url: str, what: str, first: int | None = None) -> bytes:
+    """The bytes at ``url`` (with the store's retries), or its ``first`` bytes only: 404 at
+    once when it has no such file (not retried: a page waits for it), 502 when it cannot be
+    reached or is longer than an image may be."""
     from unicom import storage
     from unicom.data.transforms import MAX_IMAGE_BYTES
 
     try:
+        if first is not None:
+            return storage.read_range(url, 0, first, exact=False, missing_is_final=True)
         return storage.read_bytes(url, max_bytes=MAX_IMAGE_BYTES, missing_is_final=True)
     except storage.TooLarge:
         raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from None
@@ -124,6 +127,24 @@ def _fetch(url: str, what: str) -> bytes:
         raise _error(404, f"{what} cannot be fetched (not found: {url})") from None
     except OSError as error:
         raise _error(502, f"{what} cannot be fetched ({storage.describe(error)})") from None
+
+
+def _fetched_size(url: str, what: str) -> int:
+    """The length of the file at ``url``, before it is fetched (the bytes fetching it holds)."""
+    from unicom import storage
+    from unicom.data.transforms import MAX_IMAGE_BYTES
+
+    try:
+        size = storage.size(url)
+    except TypeError:  # a server that sends no Content-Length: held as the longest image
+        return MAX_IMAGE_BYTES
+    except FileNotFoundError:
+        raise _error(404, f"{what} cannot be fetched (not found: {url})") from None
+    except OSError as error:
+        raise _error(502, f"{what} cannot be fetched ({storage.describe(error)})") from None
+    if size > MAX_IMAGE_BYTES:
+        raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have")
+    return size
 
 
 class ItemImages:
@@ -199,21 +220,35 @@ class ItemImages:
         return data
 
     def _sized_source(self, row: dict, item_id: int):
-        """The item's image (a local path or its bytes) and the bytes its thumbnail's decoding
-        holds, from its header (0 when the header cannot be read: decoding then fails at once)."""
+        """The item's image (a local path, its bytes, or the URL of an image not fetched yet)
+        and the bytes its thumbnail holds: its decoding, from its header (0 when the header
+        cannot be read: decoding then fails at once), and for an image at a URL its fetched
+        bytes. Of a URL only the first :data:`HEAD_BYTES` are read here (the whole image when
+        it is no longer); a longer image is fetched by :meth:`_render`, within the budget."""
         from unicom.search.uploads import decoded_bytes, read_header
 
-        source = self.source(row, item_id)
+        path = self.file(row)
+        fetched = 0
+        if isinstance(path, str):
+            what = f"the image of item {item_id}"
+            source = head = _fetch(path, what, first=HEAD_BYTES)
+            fetched = len(head)
+            if len(head) == HEAD_BYTES:
+                source, fetched = path, _fetched_size(path, what)
+        else:
+            source = head = self.source(row, item_id)
         try:
-            _, size, bands = read_header(source, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            _, size, bands = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason
-            return source, 0
-        return source, decoded_bytes(size, bands)
+            return source, fetched
+        return source, fetched + decoded_bytes(size, bands)
 
     @staticmethod
     def _render(source, item_id: int) -> bytes:
         from unicom.data.transforms import DecodeError, decode_image
 
+        if isinstance(source, str):  # the URL of an image longer than its head, fetched while its bytes are held
+            source = _fetch(source, f"the image of item {item_id}")
         try:
             image, _ = decode_image(source, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except DecodeError as error:

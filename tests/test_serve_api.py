@@ -455,6 +455,29 @@ def test_thumbnails_of_images_at_urls_hold_their_fetched_bytes_in_the_decoding_b
             assert response.content == buffer.getvalue()
 
 
+def test_after_the_thumbnail_of_a_large_image_freed_memory_goes_back_to_the_system(tmp_path, monkeypatch):
+    """The thumbnail of an image of at least 4 megapixels as decoded hands the freed heap
+    back to the system (glibc's malloc_trim), as a large upload does; a small one does not."""
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search import uploads
+
+    gradient = (np.add.outer(np.arange(1800), np.arange(2400)) % 256).astype(np.uint8)
+    Image.fromarray(np.stack([gradient] * 3, -1)).save(tmp_path / "large.png")  # 4.32 megapixels
+    Image.fromarray(np.stack([gradient[:600, :800]] * 3, -1)).save(tmp_path / "small.png")
+    rows = np.eye(8, dtype=np.float32)[:2]
+    write_part(tmp_path / "emb", 0, image=rows,
+               metadata=pa.table({"image_path": [str(tmp_path / "large.png"), str(tmp_path / "small.png")]}))
+    trims = []
+    monkeypatch.setattr(uploads, "_TRIM", trims.append)  # malloc_trim(0), recorded
+    with TestClient(create_app(Index.build(tmp_path / "emb", tmp_path / "index"))) as client:
+        assert client.get("/thumbnail/1").status_code == 200
+        assert trims == []
+        assert client.get("/thumbnail/0").status_code == 200
+        assert trims == [0]
+
+
 def test_thumbnails_of_shard_samples_come_from_their_tar(tmp_path):
     import gzip
 

@@ -246,6 +246,7 @@ class ItemImages:
     @staticmethod
     def _render(source, item_id: int) -> bytes:
         from unicom.data.transforms import DecodeError, decode_image
+        from unicom.search.uploads import return_free_memory
 
         if isinstance(source, str):  # the URL of an image longer than its head, fetched while its bytes are held
             source = _fetch(source, f"the image of item {item_id}")
@@ -255,7 +256,10 @@ class ItemImages:
             if isinstance(error.__cause__, FileNotFoundError):
                 raise _error(404, f"the image file of item {item_id} is missing") from None
             raise _error(404, f"the image file of item {item_id} cannot be read ({error})") from None
+        pixels = image.width * image.height  # as decoded (a JPEG at its draft size)
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
+        image = None
+        return_free_memory(pixels)
         return buffer.getvalue()

@@ -87,18 +87,21 @@ def decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int)
         raise _error(415, f"{name}: {error}") from None
     finally:
         image = None
-    if pixels >= TRIM_PIXELS:
-        _return_free_memory()
+    return_free_memory(pixels)
     return small
 
 
-def _return_free_memory() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+def return_free_memory(pixels: int) -> None:
+    """After an image of ``pixels`` pixels was decoded and dropped: when it was large
+    (:data:`TRIM_PIXELS`), give freed heap memory back to the system (glibc's
+    ``malloc_trim``; elsewhere nothing). Uploads and thumbnails of items call it.
 
     A large image is decoded in blocks that the C allocator keeps once freed, spread over
-    the arenas of the threads that decoded; without this, a burst of large uploads leaves
+    the arenas of the threads that decoded; without this, a burst of large images leaves
     the process gigabytes larger than it needs to be.
     """
+    if pixels < TRIM_PIXELS:
+        return
     global _TRIM
     if _TRIM is None:
         import ctypes

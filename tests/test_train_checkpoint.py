@@ -202,3 +202,39 @@ def test_checkpoint_files_get_the_mode_a_plain_write_gives(tmp_path):
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
         "checkpoint.json": 0o644, "model.safetensors": 0o644, "optimizer.pt": 0o644,
         "prototypes_000000000_000000007.safetensors": 0o644, "rank_0.pt": 0o644}
+
+
+def test_a_resumed_run_never_prunes_its_own_checkpoints_for_a_damaged_later_one(tmp_path, tmp_path_factory):
+    """A run's newest checkpoint (step 4) is damaged; resumed (auto) from step 2 with
+    checkpoint.every=3 and keep=1, the run writes step 3. Step 4 is later but damaged and
+    no keeper: step 3 is kept, and the next resume goes on from it."""
+    from support import write_class_folder
+    from test_train_run import overrides  # the tiny model of whole training runs
+
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    folder = tmp_path_factory.mktemp("images")
+    write_class_folder(folder, list(range(8)), 16, size=16)
+    out = tmp_path / "run"
+    train(load_config(None, overrides(folder, out, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")))
+    damaged = out / "checkpoints" / "step_00000004" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # same size: only its SHA-256 tells
+    damaged.write_bytes(bytes(data))
+    assert train(load_config(None, overrides(folder, out, "train.steps=3", "checkpoint.every=3",
+                                             "checkpoint.keep=1")))["steps"] == 3
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000003"]
+    assert verify_checkpoint(out / "checkpoints" / "step_00000003") is None
+    assert train(load_config(None, overrides(folder, out, "train.steps=5", "checkpoint.every=5",
+                                             "checkpoint.keep=1")))["steps"] == 5
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000005"]
+
+
+def test_a_truncated_checkpoint_is_no_keeper(tmp_path):
+    _save(tmp_path, 1)
+    truncated = _save(tmp_path, 2)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    _save(tmp_path, 3, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000001"]

@@ -127,8 +127,8 @@ def save_checkpoint(
     ``model_state`` and ``optimizer_state`` are read on rank 0 only. ``prototypes``:
     ``class_start``, ``classes``, ``centers``, ``weight`` and, once the optimiser has
     state, ``exp_avg``, ``exp_avg_sq``, ``step`` (rows) and ``common_step``. ``manifest``:
-    JSON values stored in ``checkpoint.json`` beside the file records. The newest ``keep``
-    complete checkpoints are kept, older ones removed.
+    JSON values stored in ``checkpoint.json`` beside the file records. The new checkpoint
+    and the newest ``keep - 1`` intact ones of earlier steps are kept, others removed.
     """
     root = checkpoint_root(out)
     rank = distributed.get_rank()
@@ -191,10 +191,26 @@ def _write_checkpoint(tmp: Path, final: Path, step: int, model_state, optimizer_
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        for old in complete_checkpoints(root.parent)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(final, keep)
     distributed.barrier()
     return final
+
+
+def _prune(final: Path, keep: int) -> None:
+    """Keep ``final`` (just written, complete) and the newest ``keep - 1`` intact checkpoints
+    of earlier steps; remove the others. A checkpoint of a later step than ``final`` is one a
+    resume skipped as damaged (a resume takes the newest intact one, and going on from an
+    earlier one is refused while later ones are there): never a keeper, and never kept in
+    place of the run's own. Nor is one whose files are missing or not their recorded size."""
+    keepers = 1
+    for path in complete_checkpoints(final.parent.parent):
+        if path == final:
+            continue
+        if (keepers < keep and step_of(path) < step_of(final)
+                and verify_checkpoint(path, contents=False) is None):
+            keepers += 1
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -225,11 +241,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> str | None:
+def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 1, *, contents: bool = True) -> str | None:
     """None if the files of the checkpoint at ``path`` match its manifest, else what is wrong.
 
     Sizes are checked for every file; SHA-256 for the files ``i`` with ``i % world_size ==
-    rank`` (every rank checks its share; see :func:`find_valid_checkpoint`).
+    rank`` (every rank checks its share; see :func:`find_valid_checkpoint`), or for none
+    without ``contents``.
     """
     path = Path(path)
     try:
@@ -246,7 +263,7 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 
             return f"{file}: missing"
         if file.stat().st_size != record["size"]:
             return f"{file}: {file.stat().st_size} bytes, the manifest says {record['size']} (truncated or replaced)"
-        if index % world_size == rank and file_sha256(file) != record["sha256"]:
+        if contents and index % world_size == rank and file_sha256(file) != record["sha256"]:
             return f"{file}: SHA-256 differs from the manifest (damaged)"
     covered = 0
     for block in manifest.get("prototype_blocks", []):

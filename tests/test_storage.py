@@ -601,3 +601,36 @@ def test_a_cache_folder_that_cannot_be_written_is_named_with_what_to_do(tmp_path
                                              r"\(NotADirectoryError.*\) to keep a copy of http://127\.0\.0\.1:\d+/; "
                                              "set UNICOM_CACHE to a folder that can be"):
             storage.cached_copy(f"{server.url}/", ["index.json"])
+
+
+def test_a_server_that_stalls_fails_the_read_after_the_read_timeout_naming_the_file(tmp_path, monkeypatch):
+    """A server that takes the request and then sends nothing: each attempt gives up after
+    UNICOM_HTTP_READ_TIMEOUT seconds without a byte (aiohttp alone would wait 300 s), and the
+    error names the file after the attempts."""
+    monkeypatch.setenv("UNICOM_HTTP_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "2")
+    (tmp_path / "stalled.tar").write_bytes(b"x" * 1000)
+    with FileServer(tmp_path, latency=30) as server:  # every answer 30 s late
+        url = f"{server.url}/stalled.tar"
+
+        def streamed() -> bytes:
+            with storage.open_stream(url) as stream:
+                return stream.read()
+
+        for read in (lambda: storage.read_bytes(url), streamed):
+            with pytest.raises(storage.FetchError) as error:
+                read()
+            assert error.value.location == url and error.value.attempts == 2
+            assert url in str(error.value) and "after 2 attempts" in str(error.value)
+
+
+def test_the_http_read_timeout_must_be_seconds_above_zero(monkeypatch):
+    monkeypatch.setenv("UNICOM_HTTP_READ_TIMEOUT", "soon")
+    with pytest.raises(InputError, match=r"^UNICOM_HTTP_READ_TIMEOUT='soon': expected seconds above 0 \(default 60\)$"):
+        storage.read_timeout()
+    monkeypatch.setenv("UNICOM_HTTP_READ_TIMEOUT", "0")
+    with pytest.raises(InputError, match="expected seconds above 0"):
+        storage.read_timeout()
+    monkeypatch.setenv("UNICOM_HTTP_READ_TIMEOUT", "2.5")
+    assert storage.read_timeout() == 2.5

@@ -48,6 +48,9 @@ PIPE = "pipe:"
 OPTIONS_ENV = "UNICOM_STORAGE_OPTIONS"  # the JSON of --storage-options, inherited by workers and ranks
 ATTEMPTS_ENV = "UNICOM_IO_ATTEMPTS"
 DELAY_ENV = "UNICOM_IO_RETRY_DELAY"
+# seconds an http(s) read waits for the server's next bytes (not for the whole file: a shard streams for long)
+READ_TIMEOUT_ENV = "UNICOM_HTTP_READ_TIMEOUT"
+READ_TIMEOUT = 60.0
 # protocol -> (package, extra) for the backends that are not installed with fsspec
 BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 READ_ONLY = ("http", "https")
@@ -173,9 +176,31 @@ _FRESH_LISTINGS = ("s3", "s3a", "gs", "gcs", "http", "https")
 
 def options_for(scheme: str) -> dict:
     """The storage options for URLs of ``scheme`` (see :func:`configure`); listings are
-    not cached (``use_listings_cache=False``) unless the options say otherwise."""
+    not cached (``use_listings_cache=False``) unless the options say otherwise, and an
+    http(s) read fails after :func:`read_timeout` seconds without a byte (aiohttp's own
+    default waits 300 s for the whole answer) unless ``client_kwargs`` give a ``timeout``."""
     defaults = {"use_listings_cache": False} if scheme in _FRESH_LISTINGS else {}
-    return {**defaults, **_given_options(scheme)}
+    options = {**defaults, **_given_options(scheme)}
+    if scheme in READ_ONLY and "timeout" not in options.get("client_kwargs", {}):
+        import aiohttp
+
+        # no total: a large file streams for as long as bytes keep coming
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout())
+        options["client_kwargs"] = {**options.get("client_kwargs", {}), "timeout": timeout}
+    return options
+
+
+def read_timeout() -> float:
+    """Seconds an http(s) read waits for the server's next bytes before it fails (and is
+    tried again): ``UNICOM_HTTP_READ_TIMEOUT``, else :data:`READ_TIMEOUT`."""
+    raw = os.environ.get(READ_TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else READ_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise InputError(f"{READ_TIMEOUT_ENV}={raw!r}: expected seconds above 0 (default {READ_TIMEOUT:g})")
+    return seconds
 
 
 def _given_options(scheme: str) -> dict:

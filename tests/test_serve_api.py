@@ -414,11 +414,13 @@ def test_thumbnails_are_decoded_within_the_decoding_budget_sized_from_their_head
         assert np.array_equal(pixels(pictures[item]), reference(path))
 
 
-def test_thumbnails_of_images_at_urls_hold_their_fetched_bytes_in_the_decoding_budget(tmp_path):
-    """An item's image at a URL is held twice while its thumbnail is made: the fetched file
-    and its decoded pixels. Both come from the decoding budget (--max-decode-mb) before the
-    file is fetched, so concurrent thumbnails of big remote images never hold more fetched
-    files than the budget has room for: with room for one, they are fetched one at a time."""
+@pytest.mark.parametrize("where", ["url", "shard"])
+def test_thumbnails_of_remote_images_hold_their_fetched_bytes_in_the_decoding_budget(tmp_path, where):
+    """An item's image at a URL (or in a shard at a URL) is held twice while its thumbnail is
+    made: the fetched file and its decoded pixels. Both come from the decoding budget
+    (--max-decode-mb) before the file is fetched, so concurrent thumbnails of big remote
+    images never hold more fetched files than the budget has room for: with room for one,
+    they are fetched one at a time."""
     import httpx
     import pyarrow as pa
     from storage_servers import FileServer
@@ -429,15 +431,20 @@ def test_thumbnails_of_images_at_urls_hold_their_fetched_bytes_in_the_decoding_b
     noise = np.random.default_rng(0).integers(0, 256, (3, 600, 800, 3), dtype=np.uint8)  # barely compressed
     for i, image in enumerate(noise):
         Image.fromarray(image).save(tmp_path / "photos" / f"{i}.png")
-    sizes = [(tmp_path / "photos" / f"{i}.png").stat().st_size for i in range(3)]
-    held = [size + 800 * 600 * 3 for size in sizes]  # the file, and its RGB pixels
-    assert min(sizes) > 1_000_000
-    with FileServer(tmp_path / "photos") as server:
+    files = [(tmp_path / "photos" / f"{i}.png").read_bytes() for i in range(3)]
+    held = [len(data) + 800 * 600 * 3 for data in files]  # the file, and its RGB pixels
+    assert min(map(len, files)) > 1_000_000
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"{i:04d}", "png": data} for i, data in enumerate(files)])
+    with FileServer(tmp_path) as server:
         rows = np.eye(8, dtype=np.float32)[:3]
-        write_part(tmp_path / "emb", 0, image=rows,
-                   metadata=pa.table({"image_path": [f"{server.url}/{i}.png" for i in range(3)]}))
+        if where == "url":
+            metadata = {"image_path": [f"{server.url}/photos/{i}.png" for i in range(3)]}
+        else:
+            metadata = {"shard": ["00000.tar"] * 3, "key": [f"{i:04d}" for i in range(3)]}
+        write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table(metadata))
         index = Index.build(tmp_path / "emb", tmp_path / "index")
-        app = create_app(index, max_decode_bytes=min(held) * 3 // 2)  # room for one image and its file
+        app = create_app(index, shards=f"{server.url}/shards",
+                         max_decode_bytes=min(held) * 3 // 2)  # room for one image and its file
         budget = app.state.decoding
 
         async def scenario():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import tarfile
 import threading
@@ -22,7 +23,7 @@ from fastapi import HTTPException
 from unicom.search.batching import ByteBudget
 
 THUMBNAIL_SIZE = 256
-HEAD_BYTES = 256 * 1024  # the first bytes of an image at a URL, read for its header before the whole is fetched
+HEAD_BYTES = 256 * 1024  # the first bytes of an image at a URL or in a shard, read for its header before the whole is fetched
 PATH_COLUMNS = ("image_path", "path")
 
 
@@ -78,29 +79,42 @@ class ShardImages:
                     members.setdefault(split[0], (member.offset_data, member.size))
         return members
 
-    def read(self, shard: str, key: str) -> bytes | None:
-        """The bytes of sample ``key``'s image in ``shard``; None when the shard has no such image."""
-        from unicom import storage
-
-        if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
-            return None
-        location = self._location(shard)
+    def _listed(self, shard: str) -> dict:
+        """``{key: (offset, size)}`` of the images in ``shard``, listed once (kept for ``cache`` shards)."""
         with self._lock:
             members = self._members.get(shard)
             if members is not None:
                 self._members.move_to_end(shard)
         if members is None:  # listed outside the lock: a remote shard takes a while
-            members = self._list(location)
+            members = self._list(self._location(shard))
             with self._lock:
                 self._members[shard] = members
                 if len(self._members) > self.cache:
                     self._members.popitem(last=False)
-        found = members.get(key)
+        return members
+
+    def size(self, shard: str, key: str) -> int | None:
+        """The length of sample ``key``'s image in ``shard``; None when the shard has no such image."""
+        if not shard or Path(shard).name != shard:
+            return None
+        found = self._listed(shard).get(key)
+        return None if found is None else found[1]
+
+    def read(self, shard: str, key: str, first: int | None = None) -> bytes | None:
+        """The bytes of sample ``key``'s image in ``shard``, or its ``first`` bytes only (from
+        an uncompressed tar; a compressed one gives them all); None when the shard has no such image."""
+        from unicom import storage
+
+        if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
+            return None
+        location = self._location(shard)
+        found = self._listed(shard).get(key)
         if found is None:
             return None
         offset, size = found
         if shard.endswith(".tar"):
-            return storage.read_range(location, offset, offset + size, missing_is_final=True)
+            stop = offset + (size if first is None else min(size, first))
+            return storage.read_range(location, offset, stop, missing_is_final=True)
         with self._tar(location) as tar:  # compressed: decompress up to the member
             for member in tar:
                 if member.offset_data == offset:
@@ -177,30 +191,45 @@ class ItemImages:
     def has_image(self, row: dict) -> bool:
         return self.file(row) is not None or self.in_shard(row)
 
-    def source(self, row: dict, item_id: int):
-        """A local path or the bytes of item ``item_id``'s image; 404 when there is none."""
+    def source(self, row: dict, item_id: int, first: int | None = None):
+        """A local path or the bytes of item ``item_id``'s image (with ``first``, of an image
+        at a URL or in a shard only its first bytes, or more); 404 when there is none."""
         path = self.file(row)
         if isinstance(path, str):
-            return _fetch(path, f"the image of item {item_id}")
+            return _fetch(path, f"the image of item {item_id}", first=first)
         if path is not None:
             return path
         if self.in_shard(row):
-            from unicom.storage import FetchError, describe
-
-            try:
-                data = self.shards.read(row["shard"], row["key"])
-            except FetchError as error:  # a remote shard that could not be fetched (after the retries)
-                status = 404 if error.missing else 502
-                raise _error(status, f"the shard {row['shard']} of item {item_id} cannot be fetched ({error.reason})") from None
-            except FileNotFoundError:
-                raise _error(404, f"the shard {row['shard']} of item {item_id} is not in the shards folder") from None
-            except (OSError, tarfile.TarError) as error:
-                raise _error(404, f"the shard {row['shard']} of item {item_id} cannot be read "
-                                  f"({describe(error)})") from None
+            with self._shard_errors(row, item_id):
+                data = self.shards.read(row["shard"], row["key"], first=first)
             if data is None:
                 raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
             return data
         raise _error(404, f"item {item_id} has no local image in the index metadata")
+
+    def _length(self, row: dict, item_id: int) -> int:
+        """The length of item ``item_id``'s image at a URL or in a shard, before it is fetched."""
+        path = self.file(row)
+        if isinstance(path, str):
+            return _fetched_size(path, f"the image of item {item_id}")
+        with self._shard_errors(row, item_id):
+            return self.shards.size(row["shard"], row["key"]) or 0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _shard_errors(row: dict, item_id: int):
+        """A shard that cannot be fetched or read, as the HTTP error that names it."""
+        from unicom.storage import FetchError, describe
+
+        try:
+            yield
+        except FetchError as error:  # a remote shard that could not be fetched (after the retries)
+            status = 404 if error.missing else 502
+            raise _error(status, f"the shard {row['shard']} of item {item_id} cannot be fetched ({error.reason})") from None
+        except FileNotFoundError:
+            raise _error(404, f"the shard {row['shard']} of item {item_id} is not in the shards folder") from None
+        except (OSError, tarfile.TarError) as error:
+            raise _error(404, f"the shard {row['shard']} of item {item_id} cannot be read ({describe(error)})") from None
 
     async def thumbnail(self, name: str, row: dict, item_id: int, budget: ByteBudget) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached). The
@@ -220,23 +249,19 @@ class ItemImages:
         return data
 
     def _sized_source(self, row: dict, item_id: int):
-        """The item's image (a local path, its bytes, or the URL of an image not fetched yet)
-        and the bytes its thumbnail holds: its decoding, from its header (0 when the header
-        cannot be read: decoding then fails at once), and for an image at a URL its fetched
-        bytes. Of a URL only the first :data:`HEAD_BYTES` are read here (the whole image when
+        """The item's image (a local path, its bytes, or a call that fetches it) and the bytes
+        its thumbnail holds: its decoding, from its header (0 when the header cannot be read:
+        decoding then fails at once), and for an image at a URL or in a shard its fetched
+        bytes. Of those only the first :data:`HEAD_BYTES` are read here (the whole image when
         it is no longer); a longer image is fetched by :meth:`_render`, within the budget."""
         from unicom.search.uploads import decoded_bytes, read_header
 
-        path = self.file(row)
-        fetched = 0
-        if isinstance(path, str):
-            what = f"the image of item {item_id}"
-            source = head = _fetch(path, what, first=HEAD_BYTES)
-            fetched = len(head)
-            if len(head) == HEAD_BYTES:
-                source, fetched = path, _fetched_size(path, what)
-        else:
-            source = head = self.source(row, item_id)
+        source = head = self.source(row, item_id, first=HEAD_BYTES)
+        fetched = len(head) if isinstance(head, bytes) else 0
+        if fetched == HEAD_BYTES:
+            fetched = self._length(row, item_id)
+            if fetched > HEAD_BYTES:
+                source = functools.partial(self.source, row, item_id)
         try:
             _, size, bands = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason
@@ -248,8 +273,8 @@ class ItemImages:
         from unicom.data.transforms import DecodeError, decode_image
         from unicom.search.uploads import return_free_memory
 
-        if isinstance(source, str):  # the URL of an image longer than its head, fetched while its bytes are held
-            source = _fetch(source, f"the image of item {item_id}")
+        if callable(source):  # an image longer than its head, fetched while its bytes are held
+            source = source()
         try:
             image, _ = decode_image(source, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except DecodeError as error:

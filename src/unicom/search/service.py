@@ -27,7 +27,7 @@ named by its type; the traceback goes to the log), 503 (no model, or too many qu
 
 Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
 before they wait for a batch; decoding uploads and thumbnails of items may hold at most
-``max_decode_bytes`` of pixels (and fetched files of items' images at URLs) at a time. Concurrent queries are batched
+``max_decode_bytes`` of pixels (and the fetched images of items at URLs or in shards) at a time. Concurrent queries are batched
 (:mod:`unicom.search.batching`): each waits at most ``max_wait_ms`` for others, then up to
 ``batch_size`` of them go through the model and the index together, in one worker thread. Images of items come from
 :mod:`unicom.search.item_images`; the request and reply models are in

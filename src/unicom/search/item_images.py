@@ -233,8 +233,9 @@ class ItemImages:
 
     async def thumbnail(self, name: str, row: dict, item_id: int, budget: ByteBudget) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached). The
-        image is decoded in a worker thread while holding its decoded size (read from its
-        header; a JPEG's in draft mode) in ``budget``, the bytes that decoding may hold at once."""
+        image is fetched (from a URL or a shard) and decoded in a worker thread while holding
+        its fetched bytes and its decoded size (read from its header; a JPEG's in draft mode)
+        in ``budget``, the bytes that decoding may hold at once (:meth:`_sized_source`)."""
         with self._lock:
             cached = self._thumbnails.get((name, item_id))
             if cached is not None:

@@ -100,9 +100,26 @@ def _read_label_table(path: Path, columns: Sequence[str] | None = None):
 
 
 def read_label_lookup(path: str | os.PathLike) -> dict:
-    """``{key: label}`` of one label file."""
+    """``{key: label}`` of one label file (a key on several rows: its last label)."""
     table = _read_label_table(path, ["key", "label"])
     return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+
+
+def read_shard_labels(path: str | os.PathLike) -> dict:
+    """``{key: label}`` of the label file of one shard; a key on several rows with different
+    labels (a shard with that key on several samples, each embedded and clustered on its
+    own) maps to the tuple of its labels in row order, which is the shard's order: the
+    n-th sample of that key takes the n-th."""
+    table = _read_label_table(path, ["key", "label"])
+    lookup: dict = {}
+    for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
+        if key not in lookup:
+            lookup[key] = label
+        else:
+            previous = lookup[key]
+            lookup[key] = (previous if isinstance(previous, tuple) else (previous,)) + (label,)
+    # a key repeated with one label keeps it for every sample of the key, as before
+    return {key: label[0] if isinstance(label, tuple) and len(set(label)) == 1 else label for key, label in lookup.items()}
 
 
 class ClusterFolder:
@@ -414,6 +431,7 @@ __all__ = [
     "label_files",
     "load_labels",
     "read_label_lookup",
+    "read_shard_labels",
     "centroids_digest",
     "read_record",
 ]

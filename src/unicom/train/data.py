@@ -4,7 +4,8 @@ Two sources, one stream:
 
 * :class:`ShardSource`: webdataset shards (``unicom embed``'s input) joined by key with the
   ``labels/labels_{i}.parquet`` that ``unicom cluster`` wrote for them (shard ``i``, labels
-  ``i``). Samples without a label are counted and skipped.
+  ``i``; the n-th sample of a key that several samples of the shard carry takes the n-th
+  label row of that key). Samples without a label are counted and skipped.
 * :class:`ListSource`: an image folder, a CSV/parquet list, or the training split of a
   benchmark, with its own labels or joined with pseudo-labels by key.
 
@@ -167,10 +168,10 @@ class ShardSource:
             counts += np.bincount(labels, minlength=self.num_classes)
         return counts
 
-    def _labels(self, number: int) -> dict[str, int]:
-        from unicom.formats.clusters import read_label_lookup
+    def _labels(self, number: int) -> dict[str, int | tuple[int, ...]]:
+        from unicom.formats.clusters import read_shard_labels
 
-        return read_label_lookup(self.label_files[number])
+        return read_shard_labels(self.label_files[number])
 
     def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
                 counters: Counters) -> Iterator[Record]:
@@ -183,11 +184,14 @@ class ShardSource:
         def labelled() -> Iterator[Record]:
             for number, path in mine:
                 labels = self._labels(number)
-                found, first = 0, None
+                found, first, met = 0, None, {}
                 try:
                     for index, sample in enumerate(read_tar_samples(path)):
                         first = sample.key if first is None else first
                         label = labels.get(sample.key)
+                        if isinstance(label, tuple):  # a key of several samples: the n-th takes the n-th label row
+                            n = met[sample.key] = met.get(sample.key, -1) + 1
+                            label = label[n] if n < len(label) else None
                         if label is None:
                             counters.unlabelled += 1
                             continue

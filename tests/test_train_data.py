@@ -147,6 +147,25 @@ def test_labels_made_from_other_shards_are_detected(tmp_path):
         build_source(shard_config(tmp_path))
 
 
+def test_labels_keyed_by_another_metadata_column_say_so_and_how_to_cluster_again(tmp_path):
+    """`unicom cluster --key-column caption` names the samples by caption: the shards' keys are
+    absent from the labels not because they are of other shards, and the error says what is."""
+    import numpy as np
+
+    from unicom.formats.clusters import ClusterFolder
+
+    write_collection(tmp_path)
+    captions = pa.array([f"caption {i}" for i in range(12)])
+    ClusterFolder(tmp_path / "clusters").write_labels(0, captions, np.zeros(12, np.int64), np.ones(12, np.float32),
+                                                      {"rows": 12, "invalid": 0, "key_column": "caption"})
+    with pytest.raises(InputError) as error:
+        build_source(shard_config(tmp_path))
+    assert str(error.value) == (
+        f"{tmp_path / '00000.tar'}: none of its first 12 sample keys (e.g. '0000000') is in labels_0.parquet (keys like "
+        "'caption 0'); the labels name the samples by the metadata column 'caption' (`unicom cluster --key-column "
+        "caption`), and shards are joined with them by sample key: cluster again with --key-column key")
+
+
 def _labels_of_other_inputs(root: Path, shard: int) -> None:
     path = root / "clusters" / "labels" / f"labels_{shard}.parquet"
     table = pq.read_table(path)

@@ -99,6 +99,15 @@ def _read_label_table(path: Path, columns: Sequence[str] | None = None):
         raise InputError(f"{path}: cannot read {list(columns) if columns else 'the label file'} ({error})") from error
 
 
+def read_label_facts(path: str | os.PathLike) -> dict | None:
+    """The ``unicom.labels`` facts of one label file (rows, invalid, key_column), or None for a
+    file without them (not written by ``unicom cluster``)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(storage.readable(path)).metadata or {}
+    return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
+
+
 def read_label_lookup(path: str | os.PathLike) -> dict:
     """``{key: label}`` of one label file (a key on several rows: its last label)."""
     table = _read_label_table(path, ["key", "label"])
@@ -267,13 +276,11 @@ class ClusterFolder:
 
     def label_facts(self, number: int) -> dict:
         """The ``unicom.labels`` facts of ``labels_{number}.parquet``: rows, invalid, key_column."""
-        import pyarrow.parquet as pq
-
-        path = self.label_path(number)
-        metadata = pq.read_schema(storage.readable(path)).metadata or {}
-        if LABEL_METADATA_KEY not in metadata:
-            raise InputError(f"{path}: not a label file written by unicom cluster (no {LABEL_METADATA_KEY.decode()} metadata)")
-        return json.loads(metadata[LABEL_METADATA_KEY])
+        facts = read_label_facts(self.label_path(number))
+        if facts is None:
+            raise InputError(f"{self.label_path(number)}: not a label file written by unicom cluster "
+                             f"(no {LABEL_METADATA_KEY.decode()} metadata)")
+        return facts
 
     def load_labels(self, columns: list[str] | None = None):
         """Every label file in part order, as one ``pyarrow.Table``."""
@@ -430,6 +437,7 @@ __all__ = [
     "check_record",
     "label_files",
     "load_labels",
+    "read_label_facts",
     "read_label_lookup",
     "read_shard_labels",
     "centroids_digest",

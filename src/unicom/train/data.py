@@ -202,8 +202,8 @@ class ShardSource:
                         # labels of other inputs (the check before training looks at the first shard only)
                         raise InputError(
                             f"{storage.text(path)}: none of its samples (keys like {first!r}) is in "
-                            f"{storage.name(self.label_files[number])} (keys like {next(iter(labels))!r}); the labels "
-                            "were made from other inputs: cluster these shards again, or leave this one out of data.shards"
+                            f"{storage.name(self.label_files[number])} (keys like {next(iter(labels))!r}); "
+                            f"{_why_keys_differ(self.label_files[number], 'cluster these shards again, or leave this one out of data.shards')}"
                         )
                 except ShardReadError as error:
                     if storage.text(path) not in counters.broken:
@@ -524,8 +524,21 @@ def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
     if keys and labels and not any(key in labels for key in keys):
         raise InputError(
             f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {storage.name(source.label_files[number])} "
-            f"(keys like {next(iter(labels))!r}); the labels were made from other inputs"
+            f"(keys like {next(iter(labels))!r}); {_why_keys_differ(source.label_files[number])}"
         )
+
+
+def _why_keys_differ(label_file, otherwise: str = "") -> str:
+    """Why a shard's sample keys are not in its label file: the labels name samples by another
+    metadata column than the key (``unicom cluster --key-column``), or were made from other
+    inputs (then ``otherwise``: what to do)."""
+    from unicom.formats.clusters import read_label_facts
+
+    column = (read_label_facts(label_file) or {}).get("key_column")
+    if column not in (None, "key"):
+        return (f"the labels name the samples by the metadata column {column!r} (`unicom cluster --key-column {column}`), "
+                "and shards are joined with them by sample key: cluster again with --key-column key")
+    return "the labels were made from other inputs" + (f": {otherwise}" if otherwise else "")
 
 
 def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> ListSource:

@@ -390,7 +390,9 @@ class PseudoLabels:
 
     def check(self, files: Sequence[Path] | None = None) -> LabelRange:
         """Rows and label range of ``files`` (default all), from the parquet statistics when
-        present; an error for a file without ``key``/``label`` or a negative label."""
+        present; an error for a file without ``key``/``label``, with labels that are not
+        integers, or with a negative label."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         files = list(self.files.values()) if files is None else list(files)
@@ -405,6 +407,10 @@ class PseudoLabels:
             names = meta.schema.names
             if "key" not in names or "label" not in names:
                 raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), found {names}")
+            label_type = meta.schema.to_arrow_schema().field("label").type
+            if not pa.types.is_integer(label_type):
+                raise InputError(f"{path}: the label column holds {label_type}, not integers; labels are class ids "
+                                 "0..k-1: write the column as int64 (as `unicom cluster` does)")
             file_rows.append(meta.num_rows)
             column = names.index("label")
             for g in range(meta.num_row_groups):

@@ -337,7 +337,9 @@ class PseudoLabels:
     ``labels_{i}.parquet`` itself. Each label file needs the columns ``key`` and ``label``
     (class ids 0..k-1); ``num_classes`` is k from the run's record (``centroids.json``,
     else ``clusters.json``), None without one; ``labelled_parts`` are the input parts the
-    run set out to label (``assignment.json``), None without a record.
+    run set out to label (``assignment.json``), None without a record; ``centroids``: the
+    digest of the centroids the labels were assigned with (:func:`centroids_digest`, from
+    ``assignment.json``), None without a record of it.
     """
 
     def __init__(self, path):
@@ -351,7 +353,9 @@ class PseudoLabels:
         self.run = ClusterFolder(path)
         self.files = label_files(self.folder)
         self.num_classes = self._recorded_classes()
-        self.labelled_parts = self._recorded_parts()
+        assignment = read_record(self.run.assignment_record) if storage.is_file(self.run.assignment_record) else None
+        self.labelled_parts = None if assignment is None else self._recorded_parts(assignment)
+        self.centroids = None if assignment is None else assignment.get("centroids")
         self.run.check_recorded_digests()
 
     def _recorded_classes(self) -> int | None:
@@ -364,10 +368,7 @@ class PseudoLabels:
                     raise InputError(f"{record}: unreadable clustering record ({error})") from error
         return None
 
-    def _recorded_parts(self) -> set[int] | None:
-        if not storage.is_file(self.run.assignment_record):
-            return None
-        record = read_record(self.run.assignment_record)
+    def _recorded_parts(self, record: dict) -> set[int]:
         try:
             return {int(number) for number in record["inputs"]["shards"]}
         except (KeyError, TypeError, ValueError) as error:

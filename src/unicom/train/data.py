@@ -111,6 +111,7 @@ class ShardSource:
     """
 
     kind = "shards"
+    labels_centroids: str | None = None  # digest of the centroids the pseudo-labels were assigned with, if recorded
 
     def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
                  shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0):
@@ -228,6 +229,7 @@ class ListSource:
     """A labelled image list (paths or PIL images, int labels 0..num_classes-1, keys)."""
 
     kind = "list"
+    labels_centroids: str | None = None  # with pseudo-labels: digest of their centroids, if recorded
 
     def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str,
                  class_labels: Sequence[str] | None = None):
@@ -481,6 +483,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     kept = [(number, path) for number, path in shards if rows[number] > 0]
     source = ShardSource(kept, {n: files[n] for n, _ in kept}, found.rows, classes, data.shuffle_buffer,
                          shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
+    source.labels_centroids = labels.centroids
     _check_keys_match(source)
     return source
 
@@ -559,6 +562,7 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     classes = _resolve_classes(num_classes, pseudo.num_classes, high, str(folder))
     source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
     source.unlabelled = len(images) - len(rows)
+    source.labels_centroids = pseudo.centroids
     return source
 
 

@@ -316,6 +316,15 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
     differences = [f"{key}: {manifest.get(key)!r} there, {value!r} now" for key, value in expected.items() if manifest.get(key) != value]
     if differences:
         raise InputError(f"{path} belongs to another configuration ({'; '.join(differences)}); use another out")
+    trained_on, labels_now = manifest.get("labels_centroids"), run.source.labels_centroids
+    if trained_on is not None and labels_now is not None and trained_on != labels_now:
+        # prototype row c learnt cluster c of those labels: a clustering made anew numbers other clusters c
+        raise InputError(
+            f"{path} was trained on pseudo-labels of other centroids than those of {run.config.data.labels} now "
+            f"(clustered again since: centroids {trained_on} there, {labels_now} now), and its prototypes belong to "
+            "those: give the labels it was trained on, or start a new run in another out (model.init may take this "
+            "run's model)"
+        )
     run.backbone.load_state_dict(ckpt.load_model_state(path))
     optimizer_state = ckpt.load_optimizer_state(path)
     if optimizer_state is not None:
@@ -395,6 +404,7 @@ def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) 
         "embedding_dim": run.created.embedding_dim,
         "num_classes": pfc.num_classes,
         "centers": pfc.centers,
+        "labels_centroids": run.source.labels_centroids,
         "roles": run.roles,
         "state": asdict(state),
         "config": run.config.to_dict(),

@@ -601,6 +601,28 @@ def test_a_run_does_not_resume_on_pseudo_labels_of_other_centroids(images, tmp_p
     assert train(load_config(None, overrides(images, tmp_path / "run", "train.steps=4", *recipe)))["steps"] == 4
 
 
+def test_prototypes_are_not_taken_from_a_run_on_pseudo_labels_of_other_centroids(images, tmp_path, capsys):
+    """model.init=RUN on labels clustered again (say with embeddings of RUN's model): the
+    backbone is taken, but prototype row c learnt another cluster, so the prototypes start afresh."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    first = _pseudo_labels(images, tmp_path / "first", seed=0)
+    again = _pseudo_labels(images, tmp_path / "again", seed=1)
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=2", f"data.labels={tmp_path / 'first'}")))
+    capsys.readouterr()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for labels, out in (("again", "next"), ("first", "same")):
+        train(load_config(None, overrides(images, tmp_path / out, "train.steps=0", f"data.labels={tmp_path / labels}",
+                                          f"model.init={tmp_path / 'run'}")))
+        printed = capsys.readouterr().out
+        if labels == "again":
+            assert (f"prototypes start afresh: {checkpoint} was trained on pseudo-labels of other centroids ({first}) "
+                    f"than this run's ({again})") in printed
+        else:
+            assert f"prototypes start from {checkpoint}" in printed
+
+
 # ----------------------------------------------------------------- fine-tuning and export
 
 

@@ -94,12 +94,13 @@ def _staging_folder() -> Path:
     folder.mkdir(exist_ok=True)
     for leftover in folder.glob("*.tmp"):
         pid = leftover.name.split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             leftover.unlink(missing_ok=True)
     return folder
 
 
-def _running(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

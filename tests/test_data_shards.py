@@ -214,3 +214,25 @@ def test_only_the_wanted_samples_are_read_and_reading_stops_after_the_last(tmp_p
     assert [s.caption() for s in samples] == ["caption 1", "caption 3"] and samples[1].json() == {"i": 3}
     with pytest.raises(ShardReadError):
         list(read_tar_samples(cut, keys={"001", "005"}))
+
+
+def test_a_remote_shard_that_is_an_error_page_says_so_from_its_first_bytes(tmp_path):
+    """A server that answered a shard's URL with an HTML page (saved or served under the shard's
+    name) is named as what it is, as a local one is, not as a tar with an "invalid header"."""
+    from storage_servers import FileServer
+
+    page = b"<html><body>" + b"Access denied. " * 100 + b"</body></html>"
+    (tmp_path / "00007.tar").write_bytes(page)
+    with FileServer(tmp_path) as server:
+        with pytest.raises(ShardReadError) as error:
+            list(read_tar_samples(f"{server.url}/00007.tar"))
+    assert error.value.samples == 0
+    assert error.value.reason == "not a tar file: it does not start with a tar header but with '<html><body>Access denied. Access denied'"
+
+
+def test_a_tar_damaged_in_its_first_member_keeps_tarfiles_reason(tmp_path):
+    write_tar_shard(tmp_path / "00001.tar", [{"key": "a", "jpg": b"x" * 3000}])
+    (tmp_path / "00002.tar").write_bytes((tmp_path / "00001.tar").read_bytes()[:1500])
+    with pytest.raises(ShardReadError) as error:
+        list(read_tar_samples(tmp_path / "00002.tar"))
+    assert error.value.samples == 0 and not error.value.reason.startswith("not a tar file")

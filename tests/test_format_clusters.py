@@ -76,6 +76,19 @@ def test_label_files_without_key_and_label_or_with_negative_labels_are_refused(t
         PseudoLabels(tmp_path).check()
 
 
+@pytest.mark.parametrize("labels", [[0.0, 1.5], ["0", "1"]], ids=["floats", "strings"])
+def test_label_files_whose_labels_are_not_integers_are_refused_naming_the_file_and_type(tmp_path, labels):
+    """Labels 1.5 (another tool's output) or "1" would otherwise be taken as class 1."""
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"key": ["a", "b"], "label": [0, 1]}), tmp_path / "labels" / "labels_0.parquet")
+    pq.write_table(pa.table({"key": ["c", "d"], "label": labels}), tmp_path / "labels" / "labels_1.parquet")
+    kind = "double" if isinstance(labels[0], float) else "string"
+    with pytest.raises(InputError) as error:
+        PseudoLabels(tmp_path).check()
+    assert str(error.value) == (f"{tmp_path / 'labels' / 'labels_1.parquet'}: the label column holds {kind}, not "
+                                "integers; labels are class ids 0..k-1: write the column as int64 (as `unicom cluster` does)")
+
+
 def test_the_format_owners_import_neither_faiss_nor_torch_nor_a_stage():
     code = ("import sys, unicom.formats.clusters, unicom.formats.embeddings; "
             "print(sorted(m for m in sys.modules if m in ('faiss', 'torch', 'pyarrow') "

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -395,6 +396,34 @@ def test_an_atomic_write_to_s3_appears_whole_and_leaves_no_temporary(s3):
     assert s3.keys("atomic") == ["run/record.json", "run/x.npy"]
     assert json.loads(s3.get("atomic", "run/record.json")) == {"k": 3}
     assert storage.is_file(f"{bucket}/run/x.npy") and storage.is_dir(f"{bucket}/run") and not storage.is_file(f"{bucket}/run/y")
+
+
+def test_the_local_copy_of_a_killed_write_to_s3_is_removed_by_the_next_write(s3, tmp_path, monkeypatch):
+    """A write to a URL is staged on the local disk first; a writer killed there (kill -9) left
+    that copy, as large as the part, in the temporary directory for good. The next write to a
+    URL removes it (its process is gone), and keeps those of live writers."""
+    import tempfile
+
+    bucket = s3.bucket("staged")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from unicom import files\n"
+        f"with files.atomic_path({bucket + '/emb/img_emb_3.npy'!r}) as tmp:\n"
+        "    tmp.write_bytes(b'half a part')\n"
+        "    print(tmp, flush=True)\n"
+        "    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        staged = Path(writer.stdout.readline().strip())
+        assert tmp_path in staged.parents and staged.read_bytes() == b"half a part"
+        files.write_json_atomic(f"{bucket}/emb/other.json", {})  # the writer still runs: its copy is kept
+        assert staged.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    files.write_json_atomic(f"{bucket}/emb/other.json", {})
+    assert list(tmp_path.rglob("*img_emb_3*")) == []
+    assert s3.keys("staged") == ["emb/other.json"]
 
 
 def test_sweeping_removes_only_the_writers_own_temporaries_locally_and_on_s3(s3, tmp_path):

@@ -147,6 +147,25 @@ def test_labels_made_from_other_shards_are_detected(tmp_path):
         build_source(shard_config(tmp_path))
 
 
+def test_labels_keyed_by_another_metadata_column_say_so_and_how_to_cluster_again(tmp_path):
+    """`unicom cluster --key-column caption` names the samples by caption: the shards' keys are
+    absent from the labels not because they are of other shards, and the error says what is."""
+    import numpy as np
+
+    from unicom.formats.clusters import ClusterFolder
+
+    write_collection(tmp_path)
+    captions = pa.array([f"caption {i}" for i in range(12)])
+    ClusterFolder(tmp_path / "clusters").write_labels(0, captions, np.zeros(12, np.int64), np.ones(12, np.float32),
+                                                      {"rows": 12, "invalid": 0, "key_column": "caption"})
+    with pytest.raises(InputError) as error:
+        build_source(shard_config(tmp_path))
+    assert str(error.value) == (
+        f"{tmp_path / '00000.tar'}: none of its first 12 sample keys (e.g. '0000000') is in labels_0.parquet (keys like "
+        "'caption 0'); the labels name the samples by the metadata column 'caption' (`unicom cluster --key-column "
+        "caption`), and shards are joined with them by sample key: cluster again with --key-column key")
+
+
 def _labels_of_other_inputs(root: Path, shard: int) -> None:
     path = root / "clusters" / "labels" / f"labels_{shard}.parquet"
     table = pq.read_table(path)
@@ -312,3 +331,33 @@ def test_shards_without_labelled_samples_do_not_count_as_shards_that_feed_a_read
     source = build_source(shard_config(tmp_path))
     with pytest.raises(InputError, match=r"^1 shards with labelled samples \(1 more without\) cannot feed 2 ranks x 1 readers"):
         source.check_readers(world_size=2, roles=1, batch_size=1)
+
+
+def test_samples_of_a_shard_that_share_a_key_each_take_their_own_label_row(tmp_path):
+    """A shard holding the keys k0, k1, k2 twice (a repacked set): `unicom embed` wrote one row
+    per sample and `unicom cluster` labelled each, in the shard's order; the n-th sample of a
+    key takes the n-th label row of that key, not the last row's label for all of them."""
+    labels = [0, 1, 2, 3, 0, 1]
+    keys = [f"k{i % 3}" for i in range(6)]
+    write_tar_shard(tmp_path / "00000.tar", [{"key": key, "png": png((10 * label, 0, 0))} for key, label in zip(keys, labels)])
+    (tmp_path / "clusters" / "labels").mkdir(parents=True)
+    pq.write_table(pa.table({"key": keys, "label": pa.array(labels, pa.int64())}),
+                   tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    (tmp_path / "clusters" / "centroids.json").write_text(json.dumps({"k": 4}))
+    source = build_source(shard_config(tmp_path))
+    records = sorted(source.records(0, 0, 0, 1, 0, 1, 6, Counters()), key=lambda r: r.uid)
+    assert [(r.key, r.label) for r in records] == list(zip(keys, labels))
+
+
+def test_a_key_repeated_in_a_shard_with_one_label_keeps_it_for_every_sample_of_the_key(tmp_path):
+    """Two samples keyed k0 but one label row (the other failed to embed): both are given it,
+    and the one whose image cannot be decoded is the one replaced."""
+    write_tar_shard(tmp_path / "00000.tar", [{"key": "k0", "png": b"broken"}, {"key": "k0", "png": png((20, 0, 0))},
+                                             {"key": "k1", "png": png((10, 0, 0))}])
+    (tmp_path / "clusters" / "labels").mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["k0", "k1"], "label": pa.array([2, 1], pa.int64())}),
+                   tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    (tmp_path / "clusters" / "centroids.json").write_text(json.dumps({"k": 3}))
+    source = build_source(shard_config(tmp_path))
+    records = sorted(source.records(0, 0, 0, 1, 0, 1, 3, Counters()), key=lambda r: r.uid)
+    assert [(r.uid[1], r.key, r.label) for r in records] == [(0, "k0", 2), (1, "k0", 2), (2, "k1", 1)]

@@ -559,6 +559,70 @@ def test_a_resumed_run_with_the_checkpoints_recipe_has_no_note(images, tmp_path,
     assert "resumed from" in output and "note:" not in output
 
 
+def _pseudo_labels(images: Path, folder: Path, seed: int) -> str:
+    """The images' classes as the pseudo-labels of a clustering run into ``folder`` with
+    centroids drawn from ``seed`` (the labels are the same whatever the seed); returns the
+    digest of its centroids."""
+    import numpy as np
+    import pyarrow as pa
+
+    from unicom.formats.clusters import ClusterFolder, centroids_digest
+
+    keys = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
+    labels = np.array([int(key.split("/")[0].rsplit("_", 1)[1]) for key in keys])
+    centroids = np.random.default_rng(seed).standard_normal((8, 4)).astype(np.float32)
+    run = ClusterFolder(folder)
+    run.write_centroids(centroids, {"k": 8, "dimension": 4})
+    run.write_labels(0, pa.array(keys), labels, np.ones(len(keys), np.float32), {"rows": len(keys), "invalid": 0, "key_column": "key"})
+    run.write_assignment({"inputs": {"shards": {"0": len(keys)}}, "centroids": centroids_digest(centroids)})
+    return centroids_digest(centroids)
+
+
+def test_a_run_does_not_resume_on_pseudo_labels_of_other_centroids(images, tmp_path):
+    """Clustered again, cluster c is another group of images, and the checkpoint's prototype
+    row c learnt the old one: resuming on the new labels would mix the two without a word."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    first = _pseudo_labels(images, tmp_path / "clusters", seed=0)
+    recipe = [f"data.labels={tmp_path / 'clusters'}", "checkpoint.every=2"]
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=2", *recipe)))
+    shutil.rmtree(tmp_path / "clusters")
+    again = _pseudo_labels(images, tmp_path / "clusters", seed=1)
+    with pytest.raises(InputError) as error:
+        train(load_config(None, overrides(images, tmp_path / "run", "train.steps=4", *recipe)))
+    assert str(error.value) == (
+        f"{tmp_path / 'run' / 'checkpoints' / 'step_00000002'} was trained on pseudo-labels of other centroids than those "
+        f"of {tmp_path / 'clusters'} now (clustered again since: centroids {first} there, {again} now), and its "
+        "prototypes belong to those: give the labels it was trained on, or start a new run in another out (model.init "
+        "may take this run's model)")
+    shutil.rmtree(tmp_path / "clusters")
+    _pseudo_labels(images, tmp_path / "clusters", seed=0)  # the labels it was trained on: it resumes
+    assert train(load_config(None, overrides(images, tmp_path / "run", "train.steps=4", *recipe)))["steps"] == 4
+
+
+def test_prototypes_are_not_taken_from_a_run_on_pseudo_labels_of_other_centroids(images, tmp_path, capsys):
+    """model.init=RUN on labels clustered again (say with embeddings of RUN's model): the
+    backbone is taken, but prototype row c learnt another cluster, so the prototypes start afresh."""
+    from unicom.train.config import load_config
+    from unicom.train.trainer import train
+
+    first = _pseudo_labels(images, tmp_path / "first", seed=0)
+    again = _pseudo_labels(images, tmp_path / "again", seed=1)
+    train(load_config(None, overrides(images, tmp_path / "run", "train.steps=2", f"data.labels={tmp_path / 'first'}")))
+    capsys.readouterr()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for labels, out in (("again", "next"), ("first", "same")):
+        train(load_config(None, overrides(images, tmp_path / out, "train.steps=0", f"data.labels={tmp_path / labels}",
+                                          f"model.init={tmp_path / 'run'}")))
+        printed = capsys.readouterr().out
+        if labels == "again":
+            assert (f"prototypes start afresh: {checkpoint} was trained on pseudo-labels of other centroids ({first}) "
+                    f"than this run's ({again})") in printed
+        else:
+            assert f"prototypes start from {checkpoint}" in printed
+
+
 # ----------------------------------------------------------------- fine-tuning and export
 
 

@@ -3,7 +3,9 @@
 Every output of the pipeline is written under a temporary name in the same folder and
 renamed into place, so a killed job never leaves a half-written file under a final name.
 Destinations may be URLs (``s3://…``, see :mod:`unicom.storage`): the file is written
-locally, uploaded under a temporary name beside the destination and renamed there.
+locally (in a staging folder of the system's temporary directory, where the next write
+removes what killed writers left), uploaded under a temporary name beside the destination
+and renamed there.
 A writer that starts again removes its own temporaries first (:func:`sweep_temporaries`).
 Part files (``img_emb_7.npy``, ``labels_00012.parquet``) are ordered by the number in
 their name, parsed as an integer, so zero-padded and unpadded names sort alike.
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,7 +60,7 @@ def atomic_path(path) -> Iterator[Path]:
     if storage.is_url(path):
         storage.writable(path)
         target = storage.path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}.{target.name}.", suffix=".tmp", dir=_staging_folder())
         os.close(fd)
         tmp = Path(tmp)
         try:
@@ -79,6 +82,32 @@ def atomic_path(path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _staging_folder() -> Path:
+    """Where writes to URLs are staged before their upload: a folder of the system's
+    temporary directory, one per user and host (processes whose ids this one can check).
+    A staged file is named ``{pid}.{name}.XXXXXXXX.tmp``; those of processes that are gone
+    (killed during a write: a part of embeddings can be gigabytes) are removed here."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    folder = Path(tempfile.gettempdir()) / f"unicom-uploads-{user}-{socket.gethostname()}"
+    folder.mkdir(exist_ok=True)
+    for leftover in folder.glob("*.tmp"):
+        pid = leftover.name.split(".", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+    return folder
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or a system that cannot tell: keep its file
+        return True
+    return True
 
 
 def remove_killed_writes(path) -> list[Path]:

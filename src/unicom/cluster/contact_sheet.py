@@ -62,11 +62,14 @@ SOURCE_COLUMNS = ("shard", "image_path")  # where the metadata says a sample was
 @dataclass
 class Sample:
     """One drawn sample: its label-file part and row, key, caption, where it was read from,
-    and its thumbnail (None with ``problem`` when it could not be decoded)."""
+    and its thumbnail (None with ``problem`` when it could not be decoded). ``occurrence``:
+    the label rows of the part before it with the same key (a key that several samples of a
+    shard carry: the n-th row of the key is the n-th sample of the key in the shard)."""
 
     part: int
     row: int
     key: object
+    occurrence: int = 0
     caption: str | None = None
     source: str = ""
     thumbnail: object = None
@@ -221,11 +224,14 @@ def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key
     if source is None:
         raise InputError(f"{path}: neither a shard nor an image_path column, so where the samples came from is "
                          "unknown; `unicom embed` writes them")
-    rows = {key: i for i, key in enumerate(table.column(key_column).to_pylist())}
+    rows: dict = {}
+    for i, key in enumerate(table.column(key_column).to_pylist()):
+        rows.setdefault(key, []).append(i)
     captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
     sources = table.column(source).to_pylist()
     for sample in samples:
-        row = rows.get(sample.key)
+        found = rows.get(sample.key, [])
+        row = found[sample.occurrence] if sample.occurrence < len(found) else None
         if row is None:
             raise InputError(f"{path}: no row with {key_column} {sample.key!r} (labels_{number}.parquet row "
                              f"{sample.row}); the labels were made from other embeddings: give those with --embeddings")
@@ -257,15 +263,23 @@ def _shard_locations(inputs: Sequence[str] | None, needed: set[str]) -> dict[str
 def _read_from_shard(location, samples: list[Sample], side: int) -> None:
     from unicom.data.shards import ShardReadError, read_tar_samples
 
-    by_key = {str(sample.key): sample for sample in samples}
+    wanted = {(str(sample.key), sample.occurrence): sample for sample in samples}
+    # keys read only the first sample of each key: a later sample of a repeated key needs the whole shard
+    keys = None if any(n for _, n in wanted) else {key for key, _ in wanted}
+    met: dict[str, int] = {}
     try:
-        for found in read_tar_samples(location, keys=set(by_key)):
-            _decode_into(by_key.pop(found.key), found.image_bytes(), side)
+        for found in read_tar_samples(location, keys=keys):
+            n = met[found.key] = met.get(found.key, -1) + 1
+            sample = wanted.pop((found.key, n), None)
+            if sample is not None:
+                _decode_into(sample, found.image_bytes(), side)
+            if not wanted:
+                break
     except ShardReadError as error:
         raise InputError(f"{storage.text(location)}: the shard cannot be read ({error.reason}); restore it, or give "
                          "--input where it is now") from error
-    if by_key:
-        keys = ", ".join(list(by_key)[:3])
+    if wanted:
+        keys = ", ".join(key for key, _ in list(wanted)[:3])
         raise InputError(f"{storage.text(location)}: no sample with key {keys}; the shard is not the one the "
                          "embeddings were made from: give the right ones with --input")
 
@@ -371,8 +385,16 @@ def build_contact_sheet(
             by_part.setdefault(sample.part, []).append(sample)
     for number, part_samples in sorted(by_part.items()):
         keys = folder.read_labels(number, ["key"]).column("key").to_pylist()
+        drawn_rows = {sample.row for sample in part_samples}
+        drawn_keys = {keys[row] for row in drawn_rows}
+        met, occurrence = {}, {}
+        for row, key in enumerate(keys):  # how many rows before each drawn one share its key
+            if key in drawn_keys:
+                met[key] = met.get(key, -1) + 1
+                if row in drawn_rows:
+                    occurrence[row] = met[key]
         for sample in part_samples:
-            sample.key = keys[sample.row]
+            sample.key, sample.occurrence = keys[sample.row], occurrence[sample.row]
         _describe(part_samples, folders, number, folder.label_facts(number)["key_column"])
     read_thumbnails([s for group in rows_of.values() for s in group], inputs, thumbnail)
 

@@ -236,6 +236,12 @@ def not_a_tar(path) -> str | None:
             head = handle.read(tarfile.BLOCKSIZE)
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
+    return _not_a_tar_head(head, os.path.getsize(path))
+
+
+def _not_a_tar_head(head: bytes, size: int | None = None) -> str | None:
+    """Why a file whose first 512 bytes are ``head`` (``size`` bytes in all, when known) is
+    not a tar, or None when it may be one."""
     if head.startswith(_COMPRESSED_MAGIC):
         return None
     if not head:
@@ -246,8 +252,22 @@ def not_a_tar(path) -> str | None:
         return None
     except tarfile.HeaderError:
         shown = head[:40].decode("ascii", "replace")
-        return f"not a tar file: it is {os.path.getsize(path):,} bytes and does not start with a tar header but with {shown!r}"
+        length = f"is {size:,} bytes and " if size is not None else ""
+        return f"not a tar file: it {length}does not start with a tar header but with {shown!r}"
     return None
+
+
+class _HeadKept:
+    """A stream that keeps the first 512 bytes read from it (to say why it is not a tar)."""
+
+    def __init__(self, raw):
+        self.raw, self.head = raw, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if len(self.head) < tarfile.BLOCKSIZE:
+            self.head += data[: tarfile.BLOCKSIZE - len(self.head)]
+        return data
 
 
 def _fetch_error(error: BaseException | None) -> storage.FetchError | None:
@@ -299,9 +319,10 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
     path = path if storage.is_url(path) else Path(path)
     remaining = None if keys is None else set(keys)
     current: TarSample | None = None
-    count = 0
+    count, kept = 0, None
     try:
-        with storage.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
+        with storage.open_stream(path) as raw, tarfile.open(fileobj=(kept := _HeadKept(raw)), mode="r|*",
+                                                             tarinfo=_EndCheckingTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -337,6 +358,8 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
         if fetch is not None:
             tries = f" (after {fetch.attempts} attempts)" if fetch.attempts > 1 else ""
             raise ShardReadError(path, count, f"fetch failed: {fetch.reason}{tries}", True) from error
-        raise ShardReadError(path, count, f"{type(error).__name__}: {error}") from error
+        # nothing read: an error page or another file under the shard's name says so in its first bytes
+        why = _not_a_tar_head(kept.head) if count == 0 and kept is not None and kept.head else None
+        raise ShardReadError(path, count, why or f"{type(error).__name__}: {error}") from error
     if current is not None:
         yield current

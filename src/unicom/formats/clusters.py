@@ -99,10 +99,36 @@ def _read_label_table(path: Path, columns: Sequence[str] | None = None):
         raise InputError(f"{path}: cannot read {list(columns) if columns else 'the label file'} ({error})") from error
 
 
+def read_label_facts(path: str | os.PathLike) -> dict | None:
+    """The ``unicom.labels`` facts of one label file (rows, invalid, key_column), or None for a
+    file without them (not written by ``unicom cluster``)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(storage.readable(path)).metadata or {}
+    return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
+
+
 def read_label_lookup(path: str | os.PathLike) -> dict:
-    """``{key: label}`` of one label file."""
+    """``{key: label}`` of one label file (a key on several rows: its last label)."""
     table = _read_label_table(path, ["key", "label"])
     return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+
+
+def read_shard_labels(path: str | os.PathLike) -> dict:
+    """``{key: label}`` of the label file of one shard; a key on several rows with different
+    labels (a shard with that key on several samples, each embedded and clustered on its
+    own) maps to the tuple of its labels in row order, which is the shard's order: the
+    n-th sample of that key takes the n-th."""
+    table = _read_label_table(path, ["key", "label"])
+    lookup: dict = {}
+    for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
+        if key not in lookup:
+            lookup[key] = label
+        else:
+            previous = lookup[key]
+            lookup[key] = (previous if isinstance(previous, tuple) else (previous,)) + (label,)
+    # a key repeated with one label keeps it for every sample of the key, as before
+    return {key: label[0] if isinstance(label, tuple) and len(set(label)) == 1 else label for key, label in lookup.items()}
 
 
 class ClusterFolder:
@@ -250,13 +276,11 @@ class ClusterFolder:
 
     def label_facts(self, number: int) -> dict:
         """The ``unicom.labels`` facts of ``labels_{number}.parquet``: rows, invalid, key_column."""
-        import pyarrow.parquet as pq
-
-        path = self.label_path(number)
-        metadata = pq.read_schema(storage.readable(path)).metadata or {}
-        if LABEL_METADATA_KEY not in metadata:
-            raise InputError(f"{path}: not a label file written by unicom cluster (no {LABEL_METADATA_KEY.decode()} metadata)")
-        return json.loads(metadata[LABEL_METADATA_KEY])
+        facts = read_label_facts(self.label_path(number))
+        if facts is None:
+            raise InputError(f"{self.label_path(number)}: not a label file written by unicom cluster "
+                             f"(no {LABEL_METADATA_KEY.decode()} metadata)")
+        return facts
 
     def load_labels(self, columns: list[str] | None = None):
         """Every label file in part order, as one ``pyarrow.Table``."""
@@ -313,7 +337,9 @@ class PseudoLabels:
     ``labels_{i}.parquet`` itself. Each label file needs the columns ``key`` and ``label``
     (class ids 0..k-1); ``num_classes`` is k from the run's record (``centroids.json``,
     else ``clusters.json``), None without one; ``labelled_parts`` are the input parts the
-    run set out to label (``assignment.json``), None without a record.
+    run set out to label (``assignment.json``), None without a record; ``centroids``: the
+    digest of the centroids the labels were assigned with (:func:`centroids_digest`, from
+    ``assignment.json``), None without a record of it.
     """
 
     def __init__(self, path):
@@ -327,7 +353,9 @@ class PseudoLabels:
         self.run = ClusterFolder(path)
         self.files = label_files(self.folder)
         self.num_classes = self._recorded_classes()
-        self.labelled_parts = self._recorded_parts()
+        assignment = read_record(self.run.assignment_record) if storage.is_file(self.run.assignment_record) else None
+        self.labelled_parts = None if assignment is None else self._recorded_parts(assignment)
+        self.centroids = None if assignment is None else assignment.get("centroids")
         self.run.check_recorded_digests()
 
     def _recorded_classes(self) -> int | None:
@@ -340,10 +368,7 @@ class PseudoLabels:
                     raise InputError(f"{record}: unreadable clustering record ({error})") from error
         return None
 
-    def _recorded_parts(self) -> set[int] | None:
-        if not storage.is_file(self.run.assignment_record):
-            return None
-        record = read_record(self.run.assignment_record)
+    def _recorded_parts(self, record: dict) -> set[int]:
         try:
             return {int(number) for number in record["inputs"]["shards"]}
         except (KeyError, TypeError, ValueError) as error:
@@ -366,7 +391,9 @@ class PseudoLabels:
 
     def check(self, files: Sequence[Path] | None = None) -> LabelRange:
         """Rows and label range of ``files`` (default all), from the parquet statistics when
-        present; an error for a file without ``key``/``label`` or a negative label."""
+        present; an error for a file without ``key``/``label``, with labels that are not
+        integers, or with a negative label."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         files = list(self.files.values()) if files is None else list(files)
@@ -381,6 +408,10 @@ class PseudoLabels:
             names = meta.schema.names
             if "key" not in names or "label" not in names:
                 raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), found {names}")
+            label_type = meta.schema.to_arrow_schema().field("label").type
+            if not pa.types.is_integer(label_type):
+                raise InputError(f"{path}: the label column holds {label_type}, not integers; labels are class ids "
+                                 "0..k-1: write the column as int64 (as `unicom cluster` does)")
             file_rows.append(meta.num_rows)
             column = names.index("label")
             for g in range(meta.num_row_groups):
@@ -413,7 +444,9 @@ __all__ = [
     "check_record",
     "label_files",
     "load_labels",
+    "read_label_facts",
     "read_label_lookup",
+    "read_shard_labels",
     "centroids_digest",
     "read_record",
 ]

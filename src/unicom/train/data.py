@@ -4,7 +4,8 @@ Two sources, one stream:
 
 * :class:`ShardSource`: webdataset shards (``unicom embed``'s input) joined by key with the
   ``labels/labels_{i}.parquet`` that ``unicom cluster`` wrote for them (shard ``i``, labels
-  ``i``). Samples without a label are counted and skipped.
+  ``i``; the n-th sample of a key that several samples of the shard carry takes the n-th
+  label row of that key). Samples without a label are counted and skipped.
 * :class:`ListSource`: an image folder, a CSV/parquet list, or the training split of a
   benchmark, with its own labels or joined with pseudo-labels by key.
 
@@ -110,6 +111,7 @@ class ShardSource:
     """
 
     kind = "shards"
+    labels_centroids: str | None = None  # digest of the centroids the pseudo-labels were assigned with, if recorded
 
     def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
                  shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0):
@@ -167,10 +169,10 @@ class ShardSource:
             counts += np.bincount(labels, minlength=self.num_classes)
         return counts
 
-    def _labels(self, number: int) -> dict[str, int]:
-        from unicom.formats.clusters import read_label_lookup
+    def _labels(self, number: int) -> dict[str, int | tuple[int, ...]]:
+        from unicom.formats.clusters import read_shard_labels
 
-        return read_label_lookup(self.label_files[number])
+        return read_shard_labels(self.label_files[number])
 
     def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
                 counters: Counters) -> Iterator[Record]:
@@ -183,11 +185,14 @@ class ShardSource:
         def labelled() -> Iterator[Record]:
             for number, path in mine:
                 labels = self._labels(number)
-                found, first = 0, None
+                found, first, met = 0, None, {}
                 try:
                     for index, sample in enumerate(read_tar_samples(path)):
                         first = sample.key if first is None else first
                         label = labels.get(sample.key)
+                        if isinstance(label, tuple):  # a key of several samples: the n-th takes the n-th label row
+                            n = met[sample.key] = met.get(sample.key, -1) + 1
+                            label = label[n] if n < len(label) else None
                         if label is None:
                             counters.unlabelled += 1
                             continue
@@ -198,8 +203,8 @@ class ShardSource:
                         # labels of other inputs (the check before training looks at the first shard only)
                         raise InputError(
                             f"{storage.text(path)}: none of its samples (keys like {first!r}) is in "
-                            f"{storage.name(self.label_files[number])} (keys like {next(iter(labels))!r}); the labels "
-                            "were made from other inputs: cluster these shards again, or leave this one out of data.shards"
+                            f"{storage.name(self.label_files[number])} (keys like {next(iter(labels))!r}); "
+                            f"{_why_keys_differ(self.label_files[number], 'cluster these shards again, or leave this one out of data.shards')}"
                         )
                 except ShardReadError as error:
                     if storage.text(path) not in counters.broken:
@@ -224,6 +229,7 @@ class ListSource:
     """A labelled image list (paths or PIL images, int labels 0..num_classes-1, keys)."""
 
     kind = "list"
+    labels_centroids: str | None = None  # with pseudo-labels: digest of their centroids, if recorded
 
     def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str,
                  class_labels: Sequence[str] | None = None):
@@ -477,6 +483,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     kept = [(number, path) for number, path in shards if rows[number] > 0]
     source = ShardSource(kept, {n: files[n] for n, _ in kept}, found.rows, classes, data.shuffle_buffer,
                          shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
+    source.labels_centroids = labels.centroids
     _check_keys_match(source)
     return source
 
@@ -520,8 +527,21 @@ def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
     if keys and labels and not any(key in labels for key in keys):
         raise InputError(
             f"{path}: none of its first {len(keys)} sample keys (e.g. {keys[0]!r}) is in {storage.name(source.label_files[number])} "
-            f"(keys like {next(iter(labels))!r}); the labels were made from other inputs"
+            f"(keys like {next(iter(labels))!r}); {_why_keys_differ(source.label_files[number])}"
         )
+
+
+def _why_keys_differ(label_file, otherwise: str = "") -> str:
+    """Why a shard's sample keys are not in its label file: the labels name samples by another
+    metadata column than the key (``unicom cluster --key-column``), or were made from other
+    inputs (then ``otherwise``: what to do)."""
+    from unicom.formats.clusters import read_label_facts
+
+    column = (read_label_facts(label_file) or {}).get("key_column")
+    if column not in (None, "key"):
+        return (f"the labels name the samples by the metadata column {column!r} (`unicom cluster --key-column {column}`), "
+                "and shards are joined with them by sample key: cluster again with --key-column key")
+    return "the labels were made from other inputs" + (f": {otherwise}" if otherwise else "")
 
 
 def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> ListSource:
@@ -542,6 +562,7 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     classes = _resolve_classes(num_classes, pseudo.num_classes, high, str(folder))
     source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
     source.unlabelled = len(images) - len(rows)
+    source.labels_centroids = pseudo.centroids
     return source
 
 

@@ -213,7 +213,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     else:  # the epochs left after the checkpoint, at this run's steps per epoch
         total = max(1, origin[0] + int(round((config.train.epochs - origin[1]) * per_epoch)))
     if resume_from is None and created.prototypes_from is not None:
-        _warm_start_prototypes(partial_fc, created.prototypes_from, say)
+        _warm_start_prototypes(partial_fc, created.prototypes_from, source.labels_centroids, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
     if config.model.compile:
@@ -268,11 +268,18 @@ def _resume_batch(config: TrainConfig, manifest: dict, world: int, say) -> Train
     return adjusted
 
 
-def _warm_start_prototypes(partial_fc, path: Path, say) -> None:
-    """Start the prototypes from a training checkpoint given as model.init, when they fit."""
+def _warm_start_prototypes(partial_fc, path: Path, labels_centroids: str | None, say) -> None:
+    """Start the prototypes from a training checkpoint given as model.init, when they fit:
+    the same shape, and pseudo-labels of the same centroids when both runs record theirs."""
     manifest = ckpt.read_manifest(path)
     fits = (manifest.get("num_classes") == partial_fc.num_classes and manifest.get("centers") == partial_fc.centers
             and manifest.get("embedding_dim") == partial_fc.embedding_size)
+    trained_on = manifest.get("labels_centroids")
+    if fits and trained_on is not None and labels_centroids is not None and trained_on != labels_centroids:
+        # clustered again: class c is another cluster, and row c of those prototypes learnt the old one
+        say(f"prototypes start afresh: {path} was trained on pseudo-labels of other centroids ({trained_on}) than "
+            f"this run's ({labels_centroids})")
+        return
     if not fits:
         say(f"prototypes start afresh: {path} has {manifest.get('num_classes')} classes x {manifest.get('centers')} "
             f"center(s) x {manifest.get('embedding_dim')} dims, this run {partial_fc.num_classes} x {partial_fc.centers} "
@@ -316,6 +323,15 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
     differences = [f"{key}: {manifest.get(key)!r} there, {value!r} now" for key, value in expected.items() if manifest.get(key) != value]
     if differences:
         raise InputError(f"{path} belongs to another configuration ({'; '.join(differences)}); use another out")
+    trained_on, labels_now = manifest.get("labels_centroids"), run.source.labels_centroids
+    if trained_on is not None and labels_now is not None and trained_on != labels_now:
+        # prototype row c learnt cluster c of those labels: a clustering made anew numbers other clusters c
+        raise InputError(
+            f"{path} was trained on pseudo-labels of other centroids than those of {run.config.data.labels} now "
+            f"(clustered again since: centroids {trained_on} there, {labels_now} now), and its prototypes belong to "
+            "those: give the labels it was trained on, or start a new run in another out (model.init may take this "
+            "run's model)"
+        )
     run.backbone.load_state_dict(ckpt.load_model_state(path))
     optimizer_state = ckpt.load_optimizer_state(path)
     if optimizer_state is not None:
@@ -395,6 +411,7 @@ def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) 
         "embedding_dim": run.created.embedding_dim,
         "num_classes": pfc.num_classes,
         "centers": pfc.centers,
+        "labels_centroids": run.source.labels_centroids,
         "roles": run.roles,
         "state": asdict(state),
         "config": run.config.to_dict(),

@@ -41,7 +41,7 @@ import numpy as np
 
 from unicom import __version__, storage
 from unicom.errors import InputError
-from unicom.files import atomic_path, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
+from unicom.files import atomic_path, process_alive, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 from unicom.formats.embeddings import CONFIG_FILE as EMBEDDINGS_CONFIG
 from unicom.formats.embeddings import KINDS, WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
 from unicom.search import clip_layout
@@ -916,21 +916,11 @@ def _staging(location) -> Path:
     root = storage.cache_folder(location).parent
     for left in root.glob(f"{_STAGING_PREFIX}*"):
         pid = left.name[len(_STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(left, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=root))
     atexit.register(shutil.rmtree, folder, True)
     return folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 # the files of an index folder, in either layout, relative to it: what publish may replace or delete

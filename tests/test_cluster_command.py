@@ -83,7 +83,8 @@ def test_hierarchical_parts_merge_and_assign_label_every_sample(collection, tmp_
     assert main(["cluster", "assign", "--embeddings", str(root), "--out", out]) == 0
     printed = capsys.readouterr().out
     assert "merged 3 parts: 6 centroids from 36 training points" in printed
-    assert "labelled 0 of 6 parts" in printed and "labelled 600 of 600 samples" in printed
+    assert "labelled 0 of 6 parts (0 samples) in 0.0 s; 6 of them were labelled already" in printed
+    assert "labelled 600 of 600 samples" in printed
     records = [json.loads((tmp_path / "out" / "parts" / f"part_{p}.json").read_text()) for p in range(3)]
     assert [r["shards"] for r in records] == [[0, 1], [2, 3], [4, 5]]
     assert all(r["training_points"] == 200 for r in records)

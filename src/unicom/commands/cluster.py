@@ -226,7 +226,9 @@ def run(args) -> int:
 
             numbers = [s.number for s in split_shards(inputs.shards, *part)]
         report = assign_labels(inputs, args.out, shards=numbers, skip_invalid=args.skip_invalid, device=args.device)
-        print(f"labelled {len(report['written'])} of {report['parts']} parts ({report['rows']:,} samples) in {report['seconds']:.1f} s")
+        before = report["parts"] - len(report["written"])
+        print(f"labelled {len(report['written'])} of {report['parts']} parts ({report['rows']:,} samples) in {report['seconds']:.1f} s"
+              + (f"; {before} of them were labelled already" if before else ""))
         if part is None:
             _print_summary(summarize(args.out, tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size), args.out)
         else:

@@ -181,7 +181,7 @@ def test_split_shards_gives_every_shard_to_exactly_one_part():
     shards = [Shard(number, 10) for number in (0, 1, 2, 5, 9, 10, 11)]
     slices = [split_shards(shards, part, 3) for part in range(3)]
     assert [[s.number for s in part] for part in slices] == [[0, 1, 2], [5, 9], [10, 11]]
-    with pytest.raises(InputError, match="8 parts but only 7 shards"):
+    with pytest.raises(InputError, match=r"8 parts but only 7 shards; use at most 7 parts \(--part I/N, or under torchrun as many processes"):
         split_shards(shards, 0, 8)
 
 

@@ -443,7 +443,10 @@ def split_shards(shards: list[Shard], part: int, num_parts: int) -> list[Shard]:
     if num_parts < 1 or not 0 <= part < num_parts:
         raise InputError(f"--part {part}/{num_parts}: expected 0 <= part < parts (parts are numbered from 0)")
     if num_parts > len(shards):
-        raise InputError(f"{num_parts} parts but only {len(shards)} shards; use at most {len(shards)} parts")
+        raise InputError(
+            f"{num_parts} parts but only {len(shards)} shards; use at most {len(shards)} parts "
+            "(--part I/N, or under torchrun as many processes: each process is one part)"
+        )
     size, extra = divmod(len(shards), num_parts)
     start = part * size + min(part, extra)
     return shards[start:start + size + (part < extra)]

@@ -95,3 +95,25 @@ def test_the_format_owners_import_neither_faiss_nor_torch_nor_a_stage():
             "or m.startswith(('unicom.cluster', 'unicom.train', 'unicom.search', 'unicom.evaluate'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_shards_labels_give_each_repeated_key_its_labels_in_row_order(tmp_path):
+    from unicom.formats.clusters import read_shard_labels
+
+    path = tmp_path / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "a", "c", "a", "c"], "label": [3, 1, 0, 2, 3, 2]}), path)
+    assert read_shard_labels(path) == {"a": (3, 0, 3), "b": 1, "c": 2}
+
+
+def test_a_shard_whose_samples_all_share_one_key_is_joined_in_one_pass_over_its_labels(tmp_path):
+    """800,000 rows of one key (a shard repacked from many with the same names): the labels
+    are collected once each, not copied into a longer tuple at every row (quadratic: minutes)."""
+    rows = 800_000
+    code = ("import numpy as np, pyarrow as pa, pyarrow.parquet as pq\n"
+            "from unicom.formats.clusters import read_shard_labels\n"
+            f"path = {str(tmp_path / 'labels_0.parquet')!r}\n"
+            f"pq.write_table(pa.table({{'key': ['k'] * {rows}, 'label': np.arange({rows}) % 5}}), path)\n"
+            "labels = read_shard_labels(path)['k']\n"
+            "print(len(labels), labels[:6], labels[-1])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[0] == f"{rows} (0, 1, 2, 3, 4, 0) {(rows - 1) % 5}", done.stderr

@@ -121,14 +121,17 @@ def read_shard_labels(path: str | os.PathLike) -> dict:
     n-th sample of that key takes the n-th."""
     table = _read_label_table(path, ["key", "label"])
     lookup: dict = {}
+    repeated: dict = {}  # key -> its labels in row order, for keys on several rows (a list: linear in the rows)
     for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
         if key not in lookup:
             lookup[key] = label
+        elif key in repeated:
+            repeated[key].append(label)
         else:
-            previous = lookup[key]
-            lookup[key] = (previous if isinstance(previous, tuple) else (previous,)) + (label,)
+            repeated[key] = [lookup[key], label]
     # a key repeated with one label keeps it for every sample of the key, as before
-    return {key: label[0] if isinstance(label, tuple) and len(set(label)) == 1 else label for key, label in lookup.items()}
+    lookup.update((key, tuple(labels)) for key, labels in repeated.items() if len(set(labels)) > 1)
+    return lookup
 
 
 class ClusterFolder:

@@ -313,29 +313,46 @@ def test_an_image_the_store_refuses_is_named_with_the_stores_advice_once(s3, mon
     assert str(error.value).count("check") == 1
 
 
-def test_samples_of_a_shard_that_share_a_key_each_show_their_own_image(tmp_path):
-    """A shard holding the keys k0, k1, k2 twice: the first three samples (reds) are cluster 0,
-    the last three (blues) cluster 1. The n-th label row of a key is the n-th sample of that key
-    in the shard, so each cluster shows its own three swatches, not the first sample of each key."""
+SWATCHES = [(200, 0, 0), (220, 0, 0), (240, 0, 0), (0, 0, 200), (0, 0, 220), (0, 0, 240)]
+
+
+def show_two_clusters_of_swatches(tmp_path, keys, metadata, label_keys, key_column):
+    """Six swatches in one shard under ``keys`` (three reds, three blues), embedded with
+    ``metadata``, labelled by ``label_keys`` (the ``key_column`` values): reds cluster 0,
+    blues cluster 1. Returns the colours each of the sheet's two rows shows."""
     import pyarrow as pa
 
     from unicom.formats.clusters import ClusterFolder
     from unicom.formats.embeddings import write_part
 
-    colours = [(200, 0, 0), (220, 0, 0), (240, 0, 0), (0, 0, 200), (0, 0, 220), (0, 0, 240)]
-    keys = ["k0", "k1", "k2", "k0", "k1", "k2"]
     write_tar_shard(tmp_path / "shards" / "00000.tar", [
-        {"key": key, "png": encode_image(Image.new("RGB", (24, 24), rgb), "PNG")} for key, rgb in zip(keys, colours)])
+        {"key": key, "png": encode_image(Image.new("RGB", (24, 24), rgb), "PNG")} for key, rgb in zip(keys, SWATCHES)])
     write_part(tmp_path / "emb", 0, image=np.zeros((6, 4), np.float32),
-               metadata=pa.table({"key": keys, "shard": ["00000.tar"] * 6}))
+               metadata=pa.table({"key": keys, **metadata, "shard": ["00000.tar"] * 6}))
     clusters = ClusterFolder(tmp_path / "clusters")
     clusters.write_centroids(np.eye(2, 4, dtype=np.float32), {"k": 2, "dimension": 4, "fusion": "image"})
-    clusters.write_labels(0, pa.array(keys), np.array([0, 0, 0, 1, 1, 1]), np.ones(6, np.float32),
-                          {"rows": 6, "invalid": 0, "key_column": "key"})
+    clusters.write_labels(0, pa.array(label_keys), np.array([0, 0, 0, 1, 1, 1]), np.ones(6, np.float32),
+                          {"rows": 6, "invalid": 0, "key_column": key_column})
     assert main(["cluster", "show", "--embeddings", str(tmp_path / "emb"), "--input", str(tmp_path / "shards"),
                  "--clusters", "0", "--samples", "3", "--neighbours", "1", "--thumbnail", "24",
                  "--out", str(tmp_path / "clusters"), "--sheet", str(tmp_path / "sheet.png")]) == 0
     sheet = Image.open(tmp_path / "sheet.png").convert("RGB")
     cell = 24 + GAP
-    shown = [{sheet.getpixel((LABEL_WIDTH + GAP + j * cell + 12, GAP + r * cell + 12)) for j in range(3)} for r in range(2)]
-    assert shown == [set(colours[:3]), set(colours[3:])]
+    return [{sheet.getpixel((LABEL_WIDTH + GAP + j * cell + 12, GAP + r * cell + 12)) for j in range(3)} for r in range(2)]
+
+
+def test_samples_of_a_shard_that_share_a_key_each_show_their_own_image(tmp_path):
+    """A shard holding the keys k0, k1, k2 twice: the first three samples (reds) are cluster 0,
+    the last three (blues) cluster 1. The n-th label row of a key is the n-th sample of that key
+    in the shard, so each cluster shows its own three swatches, not the first sample of each key."""
+    keys = ["k0", "k1", "k2", "k0", "k1", "k2"]
+    assert show_two_clusters_of_swatches(tmp_path, keys, {}, keys, "key") == [set(SWATCHES[:3]), set(SWATCHES[3:])]
+
+
+def test_labels_keyed_by_caption_show_each_sample_from_its_shard(tmp_path):
+    """`unicom cluster --key-column caption`: the labels name samples by caption, which two
+    samples share ("a photo", one red, one blue). Each label row is shown with its own sample,
+    found in the shard by that sample's key, not refused as labels of other shards."""
+    captions = ["a photo", "b", "c", "a photo", "e", "f"]
+    shown = show_two_clusters_of_swatches(tmp_path, [f"k{i}" for i in range(6)], {"caption": captions}, captions, "caption")
+    assert shown == [set(SWATCHES[:3]), set(SWATCHES[3:])]

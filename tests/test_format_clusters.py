@@ -95,3 +95,50 @@ def test_the_format_owners_import_neither_faiss_nor_torch_nor_a_stage():
             "or m.startswith(('unicom.cluster', 'unicom.train', 'unicom.search', 'unicom.evaluate'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_shards_labels_give_each_repeated_key_its_labels_in_row_order(tmp_path):
+    from unicom.formats.clusters import read_shard_labels
+
+    path = tmp_path / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "a", "c", "a", "c"], "label": [3, 1, 0, 2, 3, 2]}), path)
+    assert read_shard_labels(path) == {"a": (3, 0, 3), "b": 1, "c": 2}
+
+
+def test_a_shard_whose_samples_all_share_one_key_is_joined_in_one_pass_over_its_labels(tmp_path):
+    """800,000 rows of one key (a shard repacked from many with the same names): the labels
+    are collected once each, not copied into a longer tuple at every row (quadratic: minutes)."""
+    rows = 800_000
+    code = ("import numpy as np, pyarrow as pa, pyarrow.parquet as pq\n"
+            "from unicom.formats.clusters import read_shard_labels\n"
+            f"path = {str(tmp_path / 'labels_0.parquet')!r}\n"
+            f"pq.write_table(pa.table({{'key': ['k'] * {rows}, 'label': np.arange({rows}) % 5}}), path)\n"
+            "labels = read_shard_labels(path)['k']\n"
+            "print(len(labels), labels[:6], labels[-1])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[0] == f"{rows} (0, 1, 2, 3, 4, 0) {(rows - 1) % 5}", done.stderr
+
+
+@pytest.mark.parametrize("statistics", [True, False], ids=["with-statistics", "without-statistics"])
+def test_label_files_with_rows_without_a_label_are_refused_naming_the_file_and_the_count(tmp_path, statistics):
+    """A null label (pandas' <NA> in an Int64 column) was counted as a labelled row, then read
+    as unlabelled by the shard reader, and broke the class counts and lists with a TypeError."""
+    (tmp_path / "labels").mkdir()
+    path = tmp_path / "labels" / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "label": pa.array([2, None, None], pa.int64())}), path,
+                   write_statistics=statistics)
+    with pytest.raises(InputError) as error:
+        PseudoLabels(tmp_path).check()
+    assert str(error.value) == (f"{path}: 2 row(s) without a label (null); a label file lists labelled samples only "
+                                "(a sample not in it is unlabelled and skipped): leave those rows out")
+
+
+@pytest.mark.parametrize("kind", [pa.int8(), pa.int32(), pa.int64(), pa.uint16(), pa.uint32(), pa.uint64()], ids=str)
+def test_label_files_of_any_integer_type_are_read_with_their_range(tmp_path, kind):
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "label": pa.array([2, 0, 5], kind)}),
+                   tmp_path / "labels" / "labels_0.parquet")
+    pq.write_table(pa.table({"key": ["d"], "label": pa.array([1], kind)}), tmp_path / "labels" / "labels_1.parquet",
+                   write_statistics=False)
+    found = PseudoLabels(tmp_path).check()
+    assert (found.rows, found.low, found.high, found.file_rows) == (4, 0, 5, (3, 1))

@@ -426,6 +426,47 @@ def test_the_local_copy_of_a_killed_write_to_s3_is_removed_by_the_next_write(s3,
     assert s3.keys("staged") == ["emb/other.json"]
 
 
+@pytest.mark.parametrize("made_by", ["another user", "anyone's writes", "a file"])
+def test_a_staging_folder_that_is_not_the_users_own_is_not_used_and_the_write_still_goes_through(s3, tmp_path,
+                                                                                                   monkeypatch, made_by):
+    """The staging folder's name is known in advance: one made by another user (or open to
+    everyone's writes) would let them swap a staged part before its upload, and a file under
+    that name left no folder to make. The copy is then staged in the temporary directory
+    itself, as private as mkstemp makes it, and the write succeeds leaving nothing."""
+    import socket
+    import tempfile
+
+    bucket = s3.bucket("guarded")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"unicom-uploads-{os.getuid()}-{socket.gethostname()}"
+    if made_by == "a file":
+        folder.write_bytes(b"")
+    else:
+        folder.mkdir()
+        if made_by == "another user":
+            if os.getuid() != 0:
+                pytest.skip("making a folder of another user takes root")
+            os.chown(folder, os.getuid() + 4321, -1)
+        else:
+            folder.chmod(0o777)
+    staged = []
+    with files.atomic_path(f"{bucket}/emb/img_emb_0.npy") as tmp:
+        staged.append(tmp)
+        tmp.write_bytes(b"part")
+    assert staged[0].parent == tmp_path and not staged[0].exists()
+    assert s3.keys("guarded") == ["emb/img_emb_0.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_process_alive_never_signals_on_windows(monkeypatch):
+    """os.kill(pid, 0) ends process pid on Windows (signal 0 is CTRL_C_EVENT there): a live
+    writer's staged copy must not be checked that way; it is kept as a running one's."""
+    sent = []
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    assert files.process_alive(os.getpid()) and sent == []
+
+
 def test_sweeping_removes_only_the_writers_own_temporaries_locally_and_on_s3(s3, tmp_path):
     names = [".img_emb_0.npy.abcd1234.tmp.npy", ".img_emb_9.npy.x1y2z3w4.tmp.npy", ".notes.txt.abcd1234.tmp.txt",
              "img_emb_0.npy", ".img_emb_0.npy.keep"]

@@ -163,7 +163,7 @@ def test_labels_keyed_by_another_metadata_column_say_so_and_how_to_cluster_again
     assert str(error.value) == (
         f"{tmp_path / '00000.tar'}: none of its first 12 sample keys (e.g. '0000000') is in labels_0.parquet (keys like "
         "'caption 0'); the labels name the samples by the metadata column 'caption' (`unicom cluster --key-column "
-        "caption`), and shards are joined with them by sample key: cluster again with --key-column key")
+        "caption`), and training joins them with the samples by key: cluster again with --key-column key")
 
 
 def _labels_of_other_inputs(root: Path, shard: int) -> None:
@@ -287,6 +287,25 @@ def test_an_image_folder_takes_pseudo_labels_by_relative_path(tmp_path):
     source = build_source(config)
     assert source.keys == ["a/1.png", "b/3.png"] and source.labels.tolist() == [1, 0]
     assert source.unlabelled == 1
+
+
+def test_an_image_folder_with_labels_keyed_by_caption_says_so_and_how_to_cluster_again(tmp_path):
+    import numpy as np
+
+    from unicom.formats.clusters import ClusterFolder
+
+    for name in ("a/1.png", "b/3.png"):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "images" / name)
+    ClusterFolder(tmp_path / "clusters").write_labels(0, pa.array(["a cat", "a dog"]), np.array([1, 0]), np.ones(2, np.float32),
+                                                      {"rows": 2, "invalid": 0, "key_column": "caption"})
+    config = load_config(None, ["out=/tmp/unused", f"data.folder={tmp_path / 'images'}", f"data.labels={tmp_path / 'clusters'}"])
+    with pytest.raises(InputError) as error:
+        build_source(config)
+    assert str(error.value) == (
+        f"{tmp_path / 'images'}: none of its keys (e.g. 'a/1.png') is in the labels of {tmp_path / 'clusters' / 'labels'} "
+        "(keys like 'a cat'); the labels name the samples by the metadata column 'caption' (`unicom cluster --key-column "
+        "caption`), and training joins them with the samples by key: cluster again with --key-column key")
 
 
 def test_a_class_folder_has_contiguous_labels_in_folder_order(tmp_path):

@@ -20,6 +20,8 @@ import json
 import os
 import re
 import socket
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,19 +90,32 @@ def _staging_folder() -> Path:
     """Where writes to URLs are staged before their upload: a folder of the system's
     temporary directory, one per user and host (processes whose ids this one can check).
     A staged file is named ``{pid}.{name}.XXXXXXXX.tmp``; those of processes that are gone
-    (killed during a write: a part of embeddings can be gigabytes) are removed here."""
-    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
-    folder = Path(tempfile.gettempdir()) / f"unicom-uploads-{user}-{socket.gethostname()}"
-    folder.mkdir(exist_ok=True)
+    (killed during a write: a part of embeddings can be gigabytes) are removed here.
+    Where that folder cannot be made, or is not this user's own (made by another user, a
+    link, open to others' writes), files are staged in the temporary directory itself."""
+    base = Path(tempfile.gettempdir())
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()  # no getuid: Windows
+    folder = base / f"unicom-uploads-{user}-{socket.gethostname()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+    except OSError:  # a file of that name, a temporary directory that refuses folders
+        return base
+    if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()) or info.st_mode & 0o022:
+        return base  # another's folder could swap a staged file before its upload
     for leftover in folder.glob("*.tmp"):
         pid = leftover.name.split(".", 1)[0]
         if pid.isdigit() and not process_alive(int(pid)):
-            leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # removed by a concurrent writer, or not ours to remove
+                leftover.unlink()
     return folder
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine is running (another user's counts as running)."""
+    """Whether process ``pid`` of this machine is running (another user's counts as running,
+    and every process on Windows, where ``os.kill(pid, 0)`` would end it: it cannot tell)."""
+    if sys.platform == "win32":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

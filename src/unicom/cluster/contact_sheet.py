@@ -64,7 +64,9 @@ class Sample:
     """One drawn sample: its label-file part and row, key, caption, where it was read from,
     and its thumbnail (None with ``problem`` when it could not be decoded). ``occurrence``:
     the label rows of the part before it with the same key (a key that several samples of a
-    shard carry: the n-th row of the key is the n-th sample of the key in the shard)."""
+    shard carry: the n-th row of the key is the n-th sample of the key in the shard). For
+    labels keyed by another metadata column (``--key-column caption``), once described:
+    the sample's own key and its occurrence among the part's metadata rows."""
 
     part: int
     row: int
@@ -237,6 +239,15 @@ def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key
                              f"{sample.row}); the labels were made from other embeddings: give those with --embeddings")
         sample.caption = None if captions is None else captions[row]
         sample.source = f"{source}:{sources[row]}"
+    if key_column != "key" and "key" in table.column_names:
+        # labels keyed by a caption or URL: the shard member (or file) is found by the sample's own key
+        own = table.column("key").to_pylist()
+        at = {rows[sample.key][sample.occurrence]: sample for sample in samples}
+        met: dict = {}
+        for i, key in enumerate(own[: max(at) + 1]):
+            met[key] = met.get(key, -1) + 1
+            if i in at:
+                at[i].key, at[i].occurrence = key, met[key]
 
 
 def _shard_locations(inputs: Sequence[str] | None, needed: set[str]) -> dict[str, object]:

@@ -121,14 +121,17 @@ def read_shard_labels(path: str | os.PathLike) -> dict:
     n-th sample of that key takes the n-th."""
     table = _read_label_table(path, ["key", "label"])
     lookup: dict = {}
+    repeated: dict = {}  # key -> its labels in row order, for keys on several rows (a list: linear in the rows)
     for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
         if key not in lookup:
             lookup[key] = label
+        elif key in repeated:
+            repeated[key].append(label)
         else:
-            previous = lookup[key]
-            lookup[key] = (previous if isinstance(previous, tuple) else (previous,)) + (label,)
+            repeated[key] = [lookup[key], label]
     # a key repeated with one label keeps it for every sample of the key, as before
-    return {key: label[0] if isinstance(label, tuple) and len(set(label)) == 1 else label for key, label in lookup.items()}
+    lookup.update((key, tuple(labels)) for key, labels in repeated.items() if len(set(labels)) > 1)
+    return lookup
 
 
 class ClusterFolder:
@@ -392,7 +395,7 @@ class PseudoLabels:
     def check(self, files: Sequence[Path] | None = None) -> LabelRange:
         """Rows and label range of ``files`` (default all), from the parquet statistics when
         present; an error for a file without ``key``/``label``, with labels that are not
-        integers, or with a negative label."""
+        integers, a row without a label (null), or a negative label."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -414,16 +417,21 @@ class PseudoLabels:
                                  "0..k-1: write the column as int64 (as `unicom cluster` does)")
             file_rows.append(meta.num_rows)
             column = names.index("label")
-            for g in range(meta.num_row_groups):
-                stats = meta.row_group(g).column(column).statistics
-                if stats is None or not stats.has_min_max:
-                    values = _read_label_table(path, ["label"]).column("label").to_numpy()
-                    if len(values):
-                        low = int(values.min()) if low is None else min(low, int(values.min()))
-                        high = int(values.max()) if high is None else max(high, int(values.max()))
-                    break
-                low = int(stats.min) if low is None else min(low, int(stats.min))
-                high = int(stats.max) if high is None else max(high, int(stats.max))
+            stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+            if all(s is not None and s.has_min_max and s.has_null_count for s in stats):
+                nulls, bounds = sum(s.null_count for s in stats), [(s.min, s.max) for s in stats]
+            else:  # no statistics (or a row group of nulls only): read the column
+                import pyarrow.compute as pc
+
+                values = _read_label_table(path, ["label"]).column("label")
+                nulls, extremes = values.null_count, pc.min_max(values)
+                bounds = [(extremes["min"].as_py(), extremes["max"].as_py())] if len(values) > nulls else []
+            if nulls:
+                raise InputError(f"{path}: {nulls} row(s) without a label (null); a label file lists labelled samples "
+                                 "only (a sample not in it is unlabelled and skipped): leave those rows out")
+            for smallest, largest in bounds:
+                low = int(smallest) if low is None else min(low, int(smallest))
+                high = int(largest) if high is None else max(high, int(largest))
         if low is not None and low < 0:
             raise InputError(f"{self.folder}: negative labels ({low}); labels must be class ids 0..k-1")
         return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows))

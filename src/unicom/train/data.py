@@ -540,7 +540,7 @@ def _why_keys_differ(label_file, otherwise: str = "") -> str:
     column = (read_label_facts(label_file) or {}).get("key_column")
     if column not in (None, "key"):
         return (f"the labels name the samples by the metadata column {column!r} (`unicom cluster --key-column {column}`), "
-                "and shards are joined with them by sample key: cluster again with --key-column key")
+                "and training joins them with the samples by key: cluster again with --key-column key")
     return "the labels were made from other inputs" + (f": {otherwise}" if otherwise else "")
 
 
@@ -556,7 +556,7 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     if not rows:
         raise InputError(
             f"{origin}: none of its keys (e.g. {images.keys[0]!r}) is in the labels of {folder} "
-            f"(keys like {next(iter(lookup))!r}); the labels were made from other inputs"
+            f"(keys like {next(iter(lookup))!r}); {_why_keys_differ(next(iter(pseudo.files.values())))}"
         )
     labels = np.asarray([lookup[images.keys[i]] for i in rows], dtype=np.int64)
     classes = _resolve_classes(num_classes, pseudo.num_classes, high, str(folder))

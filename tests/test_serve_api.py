@@ -653,3 +653,34 @@ def test_images_of_a_collection_embedded_from_a_folder_in_s3_are_read_from_s3(s3
         s3.client().delete_object(Bucket="photos", Key="images/class_001/0001.jpg")
         missing = client.get("/image/3")  # the thumbnail is cached; the full image is read again
         assert missing.status_code == 404 and missing.json()["detail"].startswith("the image of item 3 cannot be fetched")
+
+
+def test_a_cancelled_decoding_holds_its_bytes_until_its_thread_ends():
+    """A caller cancelled (a request given up) while its image is decoded in a worker
+    thread: the thread goes on holding the memory, so its share of the decoding budget is
+    given back when the thread ends, not when the caller is cancelled."""
+    import threading
+
+    from unicom.search.batching import ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100)
+        started, finish = threading.Event(), threading.Event()
+
+        def decode():
+            started.set()
+            finish.wait(10)
+            return "decoded"
+
+        caller = asyncio.ensure_future(budget.run(60, decode))
+        await asyncio.to_thread(started.wait, 10)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        held_while_decoding = budget.used
+        finish.set()
+        while budget.used:  # the thread ends; its bytes come back
+            await asyncio.sleep(0.01)
+        return held_while_decoding, budget.used
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (60, 0)

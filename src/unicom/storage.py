@@ -181,13 +181,37 @@ def options_for(scheme: str) -> dict:
     default waits 300 s for the whole answer) unless ``client_kwargs`` give a ``timeout``."""
     defaults = {"use_listings_cache": False} if scheme in _FRESH_LISTINGS else {}
     options = {**defaults, **_given_options(scheme)}
-    if scheme in READ_ONLY and "timeout" not in options.get("client_kwargs", {}):
+    if scheme in READ_ONLY:
         import aiohttp
 
-        # no total: a large file streams for as long as bytes keep coming
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout())
-        options["client_kwargs"] = {**options.get("client_kwargs", {}), "timeout": timeout}
+        client = dict(options.get("client_kwargs", {}))
+        if "timeout" not in client:
+            # no total: a large file streams for as long as bytes keep coming
+            client["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout())
+        else:
+            client["timeout"] = _client_timeout(client["timeout"])
+        options["client_kwargs"] = client
     return options
+
+
+def _client_timeout(given):
+    """aiohttp's ``ClientTimeout`` of a ``timeout`` in ``client_kwargs`` as JSON gives it: a
+    number (seconds for the whole answer, aiohttp's ``total``) or an object of its fields
+    (``{"sock_read": 120}``)."""
+    import aiohttp
+
+    fields = ("total", "connect", "sock_read", "sock_connect")
+    if isinstance(given, aiohttp.ClientTimeout):
+        return given
+    if isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0:
+        return aiohttp.ClientTimeout(total=given)
+    if isinstance(given, dict) and given and all(
+            key in fields and (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0))
+            for key, value in given.items()):
+        return aiohttp.ClientTimeout(**given)
+    raise InputError(f"--storage-options: client_kwargs timeout {json.dumps(given, default=str)}: give seconds for the "
+                     f"whole answer (a number above 0) or an object of {', '.join(fields)} in seconds (or null), "
+                     f"such as {{\"sock_read\": 120}}")
 
 
 def read_timeout() -> float:

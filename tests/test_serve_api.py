@@ -414,7 +414,7 @@ def test_thumbnails_are_decoded_within_the_decoding_budget_sized_from_their_head
         assert np.array_equal(pixels(pictures[item]), reference(path))
 
 
-@pytest.mark.parametrize("where", ["url", "shard"])
+@pytest.mark.parametrize("where", ["url", "shard", "compressed shard"])
 def test_thumbnails_of_remote_images_hold_their_fetched_bytes_in_the_decoding_budget(tmp_path, where):
     """An item's image at a URL (or in a shard at a URL) is held twice while its thumbnail is
     made: the fetched file and its decoded pixels. Both come from the decoding budget
@@ -434,13 +434,18 @@ def test_thumbnails_of_remote_images_hold_their_fetched_bytes_in_the_decoding_bu
     files = [(tmp_path / "photos" / f"{i}.png").read_bytes() for i in range(3)]
     held = [len(data) + 800 * 600 * 3 for data in files]  # the file, and its RGB pixels
     assert min(map(len, files)) > 1_000_000
+    shard = "00000.tar.gz" if where == "compressed shard" else "00000.tar"
     write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"{i:04d}", "png": data} for i, data in enumerate(files)])
+    if where == "compressed shard":
+        import gzip
+
+        (tmp_path / "shards" / shard).write_bytes(gzip.compress((tmp_path / "shards" / "00000.tar").read_bytes()))
     with FileServer(tmp_path) as server:
         rows = np.eye(8, dtype=np.float32)[:3]
         if where == "url":
             metadata = {"image_path": [f"{server.url}/photos/{i}.png" for i in range(3)]}
         else:
-            metadata = {"shard": ["00000.tar"] * 3, "key": [f"{i:04d}" for i in range(3)]}
+            metadata = {"shard": [shard] * 3, "key": [f"{i:04d}" for i in range(3)]}
         write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table(metadata))
         index = Index.build(tmp_path / "emb", tmp_path / "index")
         app = create_app(index, shards=f"{server.url}/shards",
@@ -684,3 +689,23 @@ def test_a_cancelled_decoding_holds_its_bytes_until_its_thread_ends():
         return held_while_decoding, budget.used
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (60, 0)
+
+
+@pytest.mark.parametrize("name", ["00000.tar", "00000.tar.gz"])
+def test_the_head_of_a_shard_member_is_its_first_bytes_compressed_or_not(tmp_path, name):
+    """A thumbnail reads a member's first bytes for its header before the decoding budget
+    holds the whole member: a compressed shard too gives those bytes only (decompressed up to
+    them), so requests waiting for their share do not each hold a whole image."""
+    import gzip
+
+    from unicom.search.item_images import HEAD_BYTES, ShardImages
+
+    member = np.random.default_rng(0).bytes(3 * HEAD_BYTES)
+    write_tar_shard(tmp_path / "plain.tar", [{"key": "a", "txt": "before"}, {"key": "b", "png": member}])
+    (tmp_path / "shards").mkdir()
+    plain = (tmp_path / "plain.tar").read_bytes()
+    (tmp_path / "shards" / name).write_bytes(gzip.compress(plain) if name.endswith(".gz") else plain)
+    shards = ShardImages(tmp_path / "shards")
+    assert shards.size(name, "b") == len(member)
+    assert shards.read(name, "b", first=HEAD_BYTES) == member[:HEAD_BYTES]
+    assert shards.read(name, "b") == member

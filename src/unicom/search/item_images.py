@@ -101,8 +101,8 @@ class ShardImages:
         return None if found is None else found[1]
 
     def read(self, shard: str, key: str, first: int | None = None) -> bytes | None:
-        """The bytes of sample ``key``'s image in ``shard``, or its ``first`` bytes only (from
-        an uncompressed tar; a compressed one gives them all); None when the shard has no such image."""
+        """The bytes of sample ``key``'s image in ``shard``, or its ``first`` bytes only (a
+        compressed tar is decompressed up to them); None when the shard has no such image."""
         from unicom import storage
 
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
@@ -118,7 +118,7 @@ class ShardImages:
         with self._tar(location) as tar:  # compressed: decompress up to the member
             for member in tar:
                 if member.offset_data == offset:
-                    return tar.extractfile(member).read()
+                    return tar.extractfile(member).read(-1 if first is None else first)
         return None
 
 

@@ -672,3 +672,44 @@ def test_a_timeout_in_the_storage_options_client_kwargs_is_aiohttps_and_the_othe
                                              r"for the whole answer \(a number above 0\) or an object of total, connect, "
                                              r"sock_read, sock_connect"):
             storage.read_bytes(f"{server.url}/a.bin")
+
+
+def test_a_few_bytes_from_a_server_that_ignores_range_never_hold_the_whole_file():
+    """A server that answers a ranged request with the whole file (200): the bytes asked for
+    are read off the front of the answer and the connection closed, so reading 1 KB of a
+    32 MiB file (a thumbnail's header, a file's length check) holds about that much, not the
+    file; the bytes are those of the range."""
+    import tracemalloc
+
+    from storage_servers import QuietHandler, serve
+
+    size = 32 << 20
+    piece = bytes(range(256)) * 256  # 64 KiB; byte i of the file is i % 256
+
+    class WholeFile(QuietHandler):
+        def do_GET(self):
+            self.send_response(200)  # Range ignored
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            try:
+                for _ in range(size // len(piece)):
+                    self.wfile.write(piece)
+            except (BrokenPipeError, ConnectionResetError):  # the client read what it wanted
+                pass
+
+    server = serve(WholeFile)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/big.bin"
+        assert storage.read_range(url, 0, 16) == bytes(range(16))  # the client's modules are loaded
+        tracemalloc.start()
+        try:
+            assert storage.read_range(url, 1000, 2000) == (bytes(range(256)) * 8)[1000 % 256:][:1000]
+            with pytest.raises(storage.TooLarge, match="more than 1,000 bytes, over the limit of 1,000"):
+                storage.read_bytes(url, max_bytes=1000)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 << 20
+    finally:
+        server.shutdown()
+        server.server_close()

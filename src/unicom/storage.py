@@ -657,16 +657,48 @@ def read_range(location, start: int, stop: int, *, exact: bool = True, missing_i
         with open(_local(location), "rb") as f:
             f.seek(start)
             data = f.read(stop - start)
+    elif protocol(location) in READ_ONLY:
+        fs, inner = filesystem(location)
+        data, whole = retrying(location, lambda: _http_range(fs, inner, start, stop), missing_is_final=missing_is_final)
+        if whole:
+            _warn_whole_files(location)
     else:
         fs, inner = filesystem(location)
         data = retrying(location, lambda: fs.cat_file(inner, start=start, end=stop), missing_is_final=missing_is_final)
-        if len(data) > stop - start:
-            # a server that ignores Range (python -m http.server) answers with the whole file
-            _warn_whole_files(location)
-            data = data[start:stop]
     if exact and len(data) != stop - start:
         raise FetchError(text(location), f"asked for bytes {start}-{stop - 1}, received {len(data)} bytes")
     return data
+
+
+def _http_range(fs, inner: str, start: int, stop: int) -> tuple[bytes, bool]:
+    """(bytes ``start:stop`` of an http(s) file, whether the server sent a whole longer file):
+    one ranged GET, its answer read as it comes. A server that ignores ``Range``
+    (``python -m http.server``) answers with the whole file: it is read up to ``stop`` only
+    and the connection closed, so a few bytes of a large file never hold all of it."""
+    from fsspec.asyn import sync
+
+    async def get() -> tuple[bytes, bool]:
+        if stop <= start:
+            return b"", False
+        arguments = dict(fs.kwargs)
+        arguments["headers"] = {**arguments.get("headers", {}), "Range": f"bytes={start}-{stop - 1}"}
+        session = await fs.set_session()
+        async with session.get(fs.encode_url(inner), **arguments) as response:
+            fs._raise_not_found_for_status(response, inner)
+            whole = response.status != 206
+            skip, wanted = (start if whole else 0), stop - start
+            data = bytearray()
+            while len(data) < wanted:  # leaving unread bytes closes the connection
+                chunk = await response.content.read(min(CHUNK, skip + wanted - len(data)))
+                if not chunk:
+                    break
+                dropped = min(skip, len(chunk))
+                skip -= dropped
+                data += chunk[dropped:]
+            # a 200 for all of a file no longer than asked is not a server that ignores Range
+            return bytes(data), whole and (start > 0 or (len(data) == wanted and not response.content.at_eof()))
+
+    return sync(fs.loop, get)
 
 
 def read_tail(location, count: int) -> bytes:

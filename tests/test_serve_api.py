@@ -709,3 +709,99 @@ def test_the_head_of_a_shard_member_is_its_first_bytes_compressed_or_not(tmp_pat
     assert shards.size(name, "b") == len(member)
     assert shards.read(name, "b", first=HEAD_BYTES) == member[:HEAD_BYTES]
     assert shards.read(name, "b") == member
+
+
+@pytest.mark.parametrize("where", ["url", "shard"])
+def test_full_images_at_urls_and_in_shards_are_fetched_within_the_decoding_budget(tmp_path, where):
+    """GET /image/{id} of an image at a URL (or in a shard at a URL) holds the fetched file
+    until it is sent: its length comes from the decoding budget (--max-decode-mb) before it
+    is fetched, so with room for one file concurrent requests fetch them one at a time. The
+    answers are the files as stored; a file that is not an image is 404 from its first bytes
+    (never fetched whole), a missing one 404, and afterwards nothing is held."""
+    import httpx
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search.item_images import HEAD_BYTES
+
+    (tmp_path / "photos").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (3, 600, 800, 3), dtype=np.uint8)  # barely compressed
+    for i, image in enumerate(noise):
+        Image.fromarray(image).save(tmp_path / "photos" / f"{i}.png")
+    (tmp_path / "photos" / "3.png").write_bytes(b"not an image " * HEAD_BYTES)
+    files = [(tmp_path / "photos" / f"{i}.png").read_bytes() for i in range(4)]
+    assert min(map(len, files)) > 1_000_000
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"{i:04d}", "png": data} for i, data in enumerate(files)])
+    with FileServer(tmp_path) as server:
+        if where == "url":
+            metadata = {"image_path": [f"{server.url}/photos/{i}.png" for i in range(5)]}
+        else:
+            metadata = {"shard": ["00000.tar"] * 5, "key": [f"{i:04d}" for i in range(5)]}
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:5], metadata=pa.table(metadata))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"), shards=f"{server.url}/shards",
+                         max_decode_bytes=min(map(len, files[:3])) * 3 // 2)  # room for one file
+        budget = app.state.decoding
+
+        async def scenario():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+                return await asyncio.gather(*(client.get(f"/image/{i}") for i in [0, 1, 2, 3, 4] * 2))
+
+        responses = asyncio.run(scenario())
+        assert budget.peak == max(map(len, files[:3])) and budget.used == 0
+        for i, response in enumerate(responses[:3] + responses[5:8]):
+            assert response.status_code == 200, response.text
+            assert response.content == files[i % 3] and response.headers["content-type"] == "image/png"
+        for response in responses[3], responses[8]:
+            assert (response.status_code, response.json()) == (404, {"detail": "the image file of item 3 is not an image"})
+        assert responses[4].status_code == responses[9].status_code == 404
+        unranged = [asked for asked in server.state.asked if asked.startswith("GET ") and asked.endswith(" ")]
+        assert f"GET photos/3.png " not in unranged
+
+
+def test_a_full_image_being_fetched_does_not_hold_up_other_requests(tmp_path):
+    """GET /image/{id} of an image at a URL whose server takes its time: the fetch runs in a
+    worker thread, so the server answers other requests meanwhile (here /healthz, while
+    the image server holds its answer until /healthz has been answered)."""
+    import threading
+
+    import httpx
+    import pyarrow as pa
+    from storage_servers import QuietHandler, serve
+
+    from unicom.formats.embeddings import write_part
+
+    data = encode_image(class_image(1, 0))
+    asked, answered = threading.Event(), threading.Event()
+
+    class Slow(QuietHandler):
+        def do_GET(self):
+            asked.set()
+            answered.wait(20)  # the bound of a server that would wait for ever
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = serve(Slow)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/0.jpg"
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1], metadata=pa.table({"image_path": [url]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"))
+
+        async def scenario():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+                image = asyncio.ensure_future(client.get("/image/0"))
+                await asyncio.to_thread(asked.wait, 20)  # the image is being fetched
+                health = await client.get("/healthz")
+                image_pending = not image.done()
+                answered.set()
+                return health.status_code, image_pending, await image
+
+        health, image_pending, image = asyncio.run(scenario())
+        assert (health, image_pending) == (200, True)
+        assert image.status_code == 200 and image.content == data
+    finally:
+        answered.set()
+        server.shutdown()
+        server.server_close()

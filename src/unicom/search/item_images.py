@@ -161,6 +161,15 @@ def _fetched_size(url: str, what: str) -> int:
     return size
 
 
+def _first_bytes(path: Path, item_id: int, count: int = 64) -> bytes:
+    """The first bytes of a local image file (its format); 404 when it is missing."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(count)
+    except OSError:
+        raise _error(404, f"the image file of item {item_id} is missing") from None
+
+
 class ItemImages:
     """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
 
@@ -230,6 +239,37 @@ class ItemImages:
             raise _error(404, f"the shard {row['shard']} of item {item_id} is not in the shards folder") from None
         except (OSError, tarfile.TarError) as error:
             raise _error(404, f"the shard {row['shard']} of item {item_id} cannot be read ({describe(error)})") from None
+
+    async def stored(self, row: dict, item_id: int, budget: ByteBudget) -> tuple[Path | bytes, str, int]:
+        """Item ``item_id``'s image file as stored, for ``/image``: ``(a local path or the bytes
+        of an image at a URL or in a shard, its format (a key of
+        :data:`~unicom.search.uploads.STORED_MEDIA_TYPES`), the bytes held in budget)``.
+
+        Read in worker threads. Of a remote image the first :data:`HEAD_BYTES` are read for its
+        format (404 when it is not an image), then an image longer than that is fetched while
+        its length is held in ``budget``: the caller gives those bytes back (``budget.release``)
+        once the answer is sent. A local file is streamed by the caller from disk (0 held).
+        """
+        from unicom.search.uploads import sniff
+
+        source = await asyncio.to_thread(self.source, row, item_id, HEAD_BYTES)
+        head = source if isinstance(source, bytes) else await asyncio.to_thread(_first_bytes, source, item_id)
+        kind = sniff(head)
+        if kind is None:
+            raise _error(404, f"the image file of item {item_id} is not an image")
+        if not isinstance(source, bytes) or len(source) < HEAD_BYTES:
+            return source, kind, 0
+        length = await asyncio.to_thread(self._length, row, item_id)
+        if length <= len(source):
+            return source, kind, 0
+        held = await budget.acquire(length)
+        fetch = asyncio.ensure_future(asyncio.to_thread(self.source, row, item_id))
+        try:
+            data = await asyncio.shield(fetch)  # a cancelled request: the fetch holds its bytes until it ends
+        except BaseException:
+            fetch.add_done_callback(lambda _: asyncio.ensure_future(budget.release(held)))
+            raise
+        return data, kind, held
 
     async def thumbnail(self, name: str, row: dict, item_id: int, budget: ByteBudget) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached). The

@@ -805,3 +805,55 @@ def test_a_full_image_being_fetched_does_not_hold_up_other_requests(tmp_path):
         answered.set()
         server.shutdown()
         server.server_close()
+
+
+def test_an_image_longer_than_its_server_said_is_never_held_beyond_its_share(tmp_path):
+    """The length of an image at a URL, asked for first (HEAD), is what the decoding budget
+    holds for its fetching: a server whose whole answer is longer than that (a file replaced
+    meanwhile, a HEAD that disagrees with its GET) gets 502 naming it, rather than a file
+    held beyond its share; and nothing is held afterwards."""
+    import re
+
+    import httpx
+    import pyarrow as pa
+    from storage_servers import QuietHandler, serve
+
+    from unicom.formats.embeddings import write_part
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data, said = buffer.getvalue(), 300_000
+    assert len(data) > 1_000_000
+
+    class Disagreeing(QuietHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(said))
+            self.end_headers()
+
+        def do_GET(self):
+            ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+            start, stop = (int(ranged.group(1)), min(len(data), int(ranged.group(2)) + 1)) if ranged else (0, len(data))
+            self.send_response(206 if ranged else 200)
+            self.send_header("Content-Length", str(stop - start))
+            self.end_headers()
+            try:
+                self.wfile.write(data[start:stop])
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    server = serve(Disagreeing)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/0.png"
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1], metadata=pa.table({"image_path": [url]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"))
+        said_message = ("the image of item 0 is longer than the 300,000 bytes its server gave as its length (it changed "
+                        "meanwhile, or the server's answers disagree); try again")
+        with TestClient(app) as client:
+            for route in ("/thumbnail/0", "/image/0"):
+                response = client.get(route)
+                assert (response.status_code, response.json()) == (502, {"detail": said_message})
+        assert app.state.decoding.used == 0 and app.state.decoding.peak == said + 800 * 600 * 3
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -122,18 +122,23 @@ class ShardImages:
         return None
 
 
-def _fetch(url: str, what: str, first: int | None = None) -> bytes:
+def _fetch(url: str, what: str, first: int | None = None, length: int | None = None) -> bytes:
     """The bytes at ``url`` (with the store's retries), or its ``first`` bytes only: 404 at
     once when it has no such file (not retried: a page waits for it), 502 when it cannot be
-    reached or is longer than an image may be."""
+    reached or is longer than an image may be, or than the ``length`` its server gave before
+    (the bytes held for it)."""
     from unicom import storage
     from unicom.data.transforms import MAX_IMAGE_BYTES
 
+    most = MAX_IMAGE_BYTES if length is None else min(length, MAX_IMAGE_BYTES)
     try:
         if first is not None:
             return storage.read_range(url, 0, first, exact=False, missing_is_final=True)
-        return storage.read_bytes(url, max_bytes=MAX_IMAGE_BYTES, missing_is_final=True)
+        return storage.read_bytes(url, max_bytes=most, missing_is_final=True)
     except storage.TooLarge:
+        if most < MAX_IMAGE_BYTES:
+            raise _error(502, f"{what} is longer than the {most:,} bytes its server gave as its length (it changed "
+                              f"meanwhile, or the server's answers disagree); try again") from None
         raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from None
     except storage.FetchError as error:
         raise _error(404 if error.missing else 502, f"{what} cannot be fetched ({error.reason})") from None
@@ -200,12 +205,14 @@ class ItemImages:
     def has_image(self, row: dict) -> bool:
         return self.file(row) is not None or self.in_shard(row)
 
-    def source(self, row: dict, item_id: int, first: int | None = None):
+    def source(self, row: dict, item_id: int, first: int | None = None, length: int | None = None):
         """A local path or the bytes of item ``item_id``'s image (with ``first``, of an image
-        at a URL or in a shard only its first bytes, or more); 404 when there is none."""
+        at a URL or in a shard only its first bytes, or more); 404 when there is none. With
+        ``length`` (:meth:`_length`, the bytes held for it), an image at a URL that turns out
+        longer is 502, not held beyond its share."""
         path = self.file(row)
         if isinstance(path, str):
-            return _fetch(path, f"the image of item {item_id}", first=first)
+            return _fetch(path, f"the image of item {item_id}", first=first, length=length)
         if path is not None:
             return path
         if self.in_shard(row):
@@ -263,7 +270,7 @@ class ItemImages:
         if length <= len(source):
             return source, kind, 0
         held = await budget.acquire(length)
-        fetch = asyncio.ensure_future(asyncio.to_thread(self.source, row, item_id))
+        fetch = asyncio.ensure_future(asyncio.to_thread(self.source, row, item_id, None, length))
         try:
             data = await asyncio.shield(fetch)  # a cancelled request: the fetch holds its bytes until it ends
         except BaseException:
@@ -302,7 +309,7 @@ class ItemImages:
         if fetched == HEAD_BYTES:
             fetched = self._length(row, item_id)
             if fetched > HEAD_BYTES:
-                source = functools.partial(self.source, row, item_id)
+                source = functools.partial(self.source, row, item_id, length=fetched)
         try:
             _, size, bands = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason

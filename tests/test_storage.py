@@ -676,9 +676,10 @@ def test_a_timeout_in_the_storage_options_client_kwargs_is_aiohttps_and_the_othe
 
 def test_a_few_bytes_from_a_server_that_ignores_range_never_hold_the_whole_file():
     """A server that answers a ranged request with the whole file (200): the bytes asked for
-    are read off the front of the answer and the connection closed, so reading 1 KB of a
-    32 MiB file (a thumbnail's header, a file's length check) holds about that much, not the
-    file; the bytes are those of the range."""
+    are read off the front of the answer and the connection closed (the last bytes: read
+    through, keeping those only), so reading 1 KB of a 32 MiB file (a thumbnail's header, a
+    file's length check, a parquet footer) holds about that much, not the file; the bytes
+    are those of the range."""
     import tracemalloc
 
     from storage_servers import QuietHandler, serve
@@ -706,6 +707,7 @@ def test_a_few_bytes_from_a_server_that_ignores_range_never_hold_the_whole_file(
             assert storage.read_range(url, 1000, 2000) == (bytes(range(256)) * 8)[1000 % 256:][:1000]
             with pytest.raises(storage.TooLarge, match="more than 1,000 bytes, over the limit of 1,000"):
                 storage.read_bytes(url, max_bytes=1000)
+            assert storage.read_tail(url, 1000) == (bytes(range(256)) * 8)[(size - 1000) % 256:][:1000]
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

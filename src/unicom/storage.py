@@ -670,33 +670,42 @@ def read_range(location, start: int, stop: int, *, exact: bool = True, missing_i
     return data
 
 
-def _http_range(fs, inner: str, start: int, stop: int) -> tuple[bytes, bool]:
-    """(bytes ``start:stop`` of an http(s) file, whether the server sent a whole longer file):
-    one ranged GET, its answer read as it comes. A server that ignores ``Range``
-    (``python -m http.server``) answers with the whole file: it is read up to ``stop`` only
-    and the connection closed, so a few bytes of a large file never hold all of it."""
+def _http_range(fs, inner: str, start: int, stop: int | None) -> tuple[bytes, bool]:
+    """(bytes ``start:stop`` of an http(s) file, or its last ``-start`` bytes when ``stop`` is
+    None; whether the server sent a whole longer file): one ranged GET, its answer read as it
+    comes. A server that ignores ``Range`` (``python -m http.server``) answers with the whole
+    file: it is read up to ``stop`` only and the connection closed (or, for the last bytes,
+    read through keeping those only), so a few bytes of a large file never hold all of it."""
     from fsspec.asyn import sync
 
+    suffix = stop is None
+    wanted = -start if suffix else stop - start
+
     async def get() -> tuple[bytes, bool]:
-        if stop <= start:
+        if wanted <= 0:
             return b"", False
         arguments = dict(fs.kwargs)
-        arguments["headers"] = {**arguments.get("headers", {}), "Range": f"bytes={start}-{stop - 1}"}
+        asked = f"bytes=-{wanted}" if suffix else f"bytes={start}-{stop - 1}"
+        arguments["headers"] = {**arguments.get("headers", {}), "Range": asked}
         session = await fs.set_session()
         async with session.get(fs.encode_url(inner), **arguments) as response:
             fs._raise_not_found_for_status(response, inner)
             whole = response.status != 206
-            skip, wanted = (start if whole else 0), stop - start
-            data = bytearray()
-            while len(data) < wanted:  # leaving unread bytes closes the connection
-                chunk = await response.content.read(min(CHUNK, skip + wanted - len(data)))
+            skip = start if whole and not suffix else 0
+            data, read = bytearray(), 0
+            while suffix and whole or len(data) < wanted:  # leaving unread bytes closes the connection
+                chunk = await response.content.read(CHUNK if suffix else min(CHUNK, skip + wanted - len(data)))
                 if not chunk:
                     break
+                read += len(chunk)
                 dropped = min(skip, len(chunk))
                 skip -= dropped
                 data += chunk[dropped:]
+                if suffix and len(data) > wanted:
+                    del data[:len(data) - wanted]
             # a 200 for all of a file no longer than asked is not a server that ignores Range
-            return bytes(data), whole and (start > 0 or (len(data) == wanted and not response.content.at_eof()))
+            longer = read > wanted if suffix else start > 0 or (len(data) == wanted and not response.content.at_eof())
+            return bytes(data), whole and longer
 
     return sync(fs.loop, get)
 
@@ -709,11 +718,12 @@ def read_tail(location, count: int) -> bytes:
             f.seek(max(0, f.seek(0, os.SEEK_END) - count))
             return f.read()
     fs, inner = filesystem(location)
-    data = retrying(location, lambda: fs.cat_file(inner, start=-count))
-    if len(data) > count:  # a server that ignores Range sends the whole file
-        _warn_whole_files(location)
-        data = data[-count:]
-    return data
+    if protocol(location) in READ_ONLY:
+        data, whole = retrying(location, lambda: _http_range(fs, inner, -count, None))
+        if whole:
+            _warn_whole_files(location)
+        return data
+    return retrying(location, lambda: fs.cat_file(inner, start=-count))
 
 
 _WHOLE_FILE_HOSTS: set[str] = set()

@@ -713,9 +713,9 @@ def test_the_head_of_a_shard_member_is_its_first_bytes_compressed_or_not(tmp_pat
 
 @pytest.mark.parametrize("where", ["url", "shard"])
 def test_full_images_at_urls_and_in_shards_are_fetched_within_the_decoding_budget(tmp_path, where):
-    """GET /image/{id} of an image at a URL (or in a shard at a URL) holds the fetched file
-    until it is sent: its length comes from the decoding budget (--max-decode-mb) before it
-    is fetched, so with room for one file concurrent requests fetch them one at a time. The
+    """GET /image/{id} of an image at a URL (or in a shard at a URL) holds its length in the
+    decoding budget (--max-decode-mb) while it is fetched, so with room for one file
+    concurrent requests fetch them one at a time. The
     answers are the files as stored; a file that is not an image is 404 from its first bytes
     (never fetched whole), a missing one 404, and afterwards nothing is held."""
     import httpx

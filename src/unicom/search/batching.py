@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from fastapi import HTTPException
-from fastapi.responses import Response
 
 
 class QueryBatcher:
@@ -133,20 +132,3 @@ class ByteBudget:
         # shielded: a cancelled caller would cancel the job's future, which gives the bytes
         # back at once while the thread still holds them
         return await asyncio.shield(job)
-
-
-
-class HeldResponse(Response):
-    """A response whose body holds ``held`` bytes of ``budget`` (a fetched image file): they
-    are given back once it is sent, or its sending fails."""
-
-    def __init__(self, content: bytes, held: int, budget: ByteBudget, **kwargs):
-        super().__init__(content, **kwargs)
-        self.held, self.budget = held, budget
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if self.held:
-                await self.budget.release(self.held)

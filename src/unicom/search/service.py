@@ -59,7 +59,7 @@ from pydantic import ValidationError
 from unicom import storage
 from unicom.errors import FolderError, InputError
 from unicom.search import queries, uploads
-from unicom.search.batching import ByteBudget, HeldResponse, QueryBatcher
+from unicom.search.batching import ByteBudget, QueryBatcher
 from unicom.search.index import Index, source_columns
 from unicom.search.item_images import ItemImages
 from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
@@ -555,11 +555,11 @@ def create_app(
     @app.get("/image/{item_id:int}", summary="The full image of an item", responses={200: {"content": {"image/*": {}}}})
     async def full_image(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
         _, row = await row_of(item_id, index)
-        source, kind, held = await images.stored(row, item_id, decoding)
+        source, kind = await images.stored(row, item_id, decoding)
         headers = {"Cache-Control": "max-age=3600"}
         media_type = uploads.STORED_MEDIA_TYPES[kind]
         if isinstance(source, bytes):
-            return HeldResponse(source, held, decoding, media_type=media_type, headers=headers)
+            return Response(source, media_type=media_type, headers=headers)
         return FileResponse(source, media_type=media_type, headers=headers)
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API

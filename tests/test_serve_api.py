@@ -857,3 +857,38 @@ def test_an_image_longer_than_its_server_said_is_never_held_beyond_its_share(tmp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_remote_image_whose_header_lies_beyond_its_first_bytes_is_decoded_alone(tmp_path):
+    """A JPEG whose size comes after 400 kB of ICC profile: its first 256 KiB (read before the
+    decoding budget is asked) do not tell its decoded size, so its thumbnail holds the whole
+    budget (it is decoded alone) rather than counting its pixels as nothing; the thumbnail
+    is the one Pillow makes of the file."""
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search.item_images import HEAD_BYTES
+    from unicom.search.uploads import read_header
+
+    (tmp_path / "photos").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photos" / "0.jpg", icc_profile=b"\0" * 400_000)
+    data = (tmp_path / "photos" / "0.jpg").read_bytes()
+    with pytest.raises(OSError):
+        read_header(data[:HEAD_BYTES])
+    with FileServer(tmp_path / "photos") as server:
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1],
+                   metadata=pa.table({"image_path": [f"{server.url}/0.jpg"]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"), max_decode_bytes=50_000_000)
+        with TestClient(app) as client:
+            response = client.get("/thumbnail/0")
+    assert response.status_code == 200
+    image = Image.open(tmp_path / "photos" / "0.jpg")
+    image.draft("RGB", (256, 256))
+    image = image.convert("RGB")
+    image.thumbnail((256, 256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    assert response.content == buffer.getvalue()
+    assert app.state.decoding.peak == 50_000_000 and app.state.decoding.used == 0

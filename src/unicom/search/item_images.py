@@ -292,7 +292,8 @@ class ItemImages:
     def _sized_source(self, row: dict, item_id: int):
         """The item's image (a local path, its bytes, or a call that fetches it) and the bytes
         its thumbnail holds: its decoding, from its header (0 when the header cannot be read:
-        decoding then fails at once), and for an image at a URL or in a shard its fetched
+        decoding then fails at once; the most Pillow decodes when the header lies beyond the
+        first bytes read), and for an image at a URL or in a shard its fetched
         bytes. Of those only the first :data:`HEAD_BYTES` are read here (the whole image when
         it is no longer); a longer image is fetched by :meth:`_render`, within the budget."""
         from unicom.search.uploads import decoded_bytes, read_header
@@ -306,6 +307,12 @@ class ItemImages:
         try:
             _, size, bands = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason
+            if callable(source):  # a header beyond the first bytes (a JPEG's large ICC profile, a TIFF's
+                # directory at its end): its size is unknown, so it holds the most Pillow decodes (the
+                # whole budget: it is decoded alone)
+                from PIL import Image
+
+                return source, fetched + decoded_bytes((2 * (Image.MAX_IMAGE_PIXELS or 2**31), 1), 4)
             return source, fetched
         return source, fetched + decoded_bytes(size, bands)
 

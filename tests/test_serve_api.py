@@ -414,7 +414,7 @@ def test_thumbnails_are_decoded_within_the_decoding_budget_sized_from_their_head
         assert np.array_equal(pixels(pictures[item]), reference(path))
 
 
-@pytest.mark.parametrize("where", ["url", "shard"])
+@pytest.mark.parametrize("where", ["url", "shard", "compressed shard"])
 def test_thumbnails_of_remote_images_hold_their_fetched_bytes_in_the_decoding_budget(tmp_path, where):
     """An item's image at a URL (or in a shard at a URL) is held twice while its thumbnail is
     made: the fetched file and its decoded pixels. Both come from the decoding budget
@@ -434,13 +434,18 @@ def test_thumbnails_of_remote_images_hold_their_fetched_bytes_in_the_decoding_bu
     files = [(tmp_path / "photos" / f"{i}.png").read_bytes() for i in range(3)]
     held = [len(data) + 800 * 600 * 3 for data in files]  # the file, and its RGB pixels
     assert min(map(len, files)) > 1_000_000
+    shard = "00000.tar.gz" if where == "compressed shard" else "00000.tar"
     write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"{i:04d}", "png": data} for i, data in enumerate(files)])
+    if where == "compressed shard":
+        import gzip
+
+        (tmp_path / "shards" / shard).write_bytes(gzip.compress((tmp_path / "shards" / "00000.tar").read_bytes()))
     with FileServer(tmp_path) as server:
         rows = np.eye(8, dtype=np.float32)[:3]
         if where == "url":
             metadata = {"image_path": [f"{server.url}/photos/{i}.png" for i in range(3)]}
         else:
-            metadata = {"shard": ["00000.tar"] * 3, "key": [f"{i:04d}" for i in range(3)]}
+            metadata = {"shard": [shard] * 3, "key": [f"{i:04d}" for i in range(3)]}
         write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table(metadata))
         index = Index.build(tmp_path / "emb", tmp_path / "index")
         app = create_app(index, shards=f"{server.url}/shards",
@@ -653,3 +658,237 @@ def test_images_of_a_collection_embedded_from_a_folder_in_s3_are_read_from_s3(s3
         s3.client().delete_object(Bucket="photos", Key="images/class_001/0001.jpg")
         missing = client.get("/image/3")  # the thumbnail is cached; the full image is read again
         assert missing.status_code == 404 and missing.json()["detail"].startswith("the image of item 3 cannot be fetched")
+
+
+def test_a_cancelled_decoding_holds_its_bytes_until_its_thread_ends():
+    """A caller cancelled (a request given up) while its image is decoded in a worker
+    thread: the thread goes on holding the memory, so its share of the decoding budget is
+    given back when the thread ends, not when the caller is cancelled."""
+    import threading
+
+    from unicom.search.batching import ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100)
+        started, finish = threading.Event(), threading.Event()
+
+        def decode():
+            started.set()
+            finish.wait(10)
+            return "decoded"
+
+        caller = asyncio.ensure_future(budget.run(60, decode))
+        await asyncio.to_thread(started.wait, 10)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        held_while_decoding = budget.used
+        finish.set()
+        while budget.used:  # the thread ends; its bytes come back
+            await asyncio.sleep(0.01)
+        return held_while_decoding, budget.used
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (60, 0)
+
+
+@pytest.mark.parametrize("name", ["00000.tar", "00000.tar.gz"])
+def test_the_head_of_a_shard_member_is_its_first_bytes_compressed_or_not(tmp_path, name):
+    """A thumbnail reads a member's first bytes for its header before the decoding budget
+    holds the whole member: a compressed shard too gives those bytes only (decompressed up to
+    them), so requests waiting for their share do not each hold a whole image."""
+    import gzip
+
+    from unicom.search.item_images import HEAD_BYTES, ShardImages
+
+    member = np.random.default_rng(0).bytes(3 * HEAD_BYTES)
+    write_tar_shard(tmp_path / "plain.tar", [{"key": "a", "txt": "before"}, {"key": "b", "png": member}])
+    (tmp_path / "shards").mkdir()
+    plain = (tmp_path / "plain.tar").read_bytes()
+    (tmp_path / "shards" / name).write_bytes(gzip.compress(plain) if name.endswith(".gz") else plain)
+    shards = ShardImages(tmp_path / "shards")
+    assert shards.size(name, "b") == len(member)
+    assert shards.read(name, "b", first=HEAD_BYTES) == member[:HEAD_BYTES]
+    assert shards.read(name, "b") == member
+
+
+@pytest.mark.parametrize("where", ["url", "shard"])
+def test_full_images_at_urls_and_in_shards_are_fetched_within_the_decoding_budget(tmp_path, where):
+    """GET /image/{id} of an image at a URL (or in a shard at a URL) holds its length in the
+    decoding budget (--max-decode-mb) while it is fetched, so with room for one file
+    concurrent requests fetch them one at a time. The
+    answers are the files as stored; a file that is not an image is 404 from its first bytes
+    (never fetched whole), a missing one 404, and afterwards nothing is held."""
+    import httpx
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search.item_images import HEAD_BYTES
+
+    (tmp_path / "photos").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (3, 600, 800, 3), dtype=np.uint8)  # barely compressed
+    for i, image in enumerate(noise):
+        Image.fromarray(image).save(tmp_path / "photos" / f"{i}.png")
+    (tmp_path / "photos" / "3.png").write_bytes(b"not an image " * HEAD_BYTES)
+    files = [(tmp_path / "photos" / f"{i}.png").read_bytes() for i in range(4)]
+    assert min(map(len, files)) > 1_000_000
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"{i:04d}", "png": data} for i, data in enumerate(files)])
+    with FileServer(tmp_path) as server:
+        if where == "url":
+            metadata = {"image_path": [f"{server.url}/photos/{i}.png" for i in range(5)]}
+        else:
+            metadata = {"shard": ["00000.tar"] * 5, "key": [f"{i:04d}" for i in range(5)]}
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:5], metadata=pa.table(metadata))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"), shards=f"{server.url}/shards",
+                         max_decode_bytes=min(map(len, files[:3])) * 3 // 2)  # room for one file
+        budget = app.state.decoding
+
+        async def scenario():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+                return await asyncio.gather(*(client.get(f"/image/{i}") for i in [0, 1, 2, 3, 4] * 2))
+
+        responses = asyncio.run(scenario())
+        assert budget.peak == max(map(len, files[:3])) and budget.used == 0
+        for i, response in enumerate(responses[:3] + responses[5:8]):
+            assert response.status_code == 200, response.text
+            assert response.content == files[i % 3] and response.headers["content-type"] == "image/png"
+        for response in responses[3], responses[8]:
+            assert (response.status_code, response.json()) == (404, {"detail": "the image file of item 3 is not an image"})
+        assert responses[4].status_code == responses[9].status_code == 404
+        unranged = [asked for asked in server.state.asked if asked.startswith("GET ") and asked.endswith(" ")]
+        assert f"GET photos/3.png " not in unranged
+
+
+def test_a_full_image_being_fetched_does_not_hold_up_other_requests(tmp_path):
+    """GET /image/{id} of an image at a URL whose server takes its time: the fetch runs in a
+    worker thread, so the server answers other requests meanwhile (here /healthz, while
+    the image server holds its answer until /healthz has been answered)."""
+    import threading
+
+    import httpx
+    import pyarrow as pa
+    from storage_servers import QuietHandler, serve
+
+    from unicom.formats.embeddings import write_part
+
+    data = encode_image(class_image(1, 0))
+    asked, answered = threading.Event(), threading.Event()
+
+    class Slow(QuietHandler):
+        def do_GET(self):
+            asked.set()
+            answered.wait(20)  # the bound of a server that would wait for ever
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = serve(Slow)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/0.jpg"
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1], metadata=pa.table({"image_path": [url]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"))
+
+        async def scenario():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+                image = asyncio.ensure_future(client.get("/image/0"))
+                await asyncio.to_thread(asked.wait, 20)  # the image is being fetched
+                health = await client.get("/healthz")
+                image_pending = not image.done()
+                answered.set()
+                return health.status_code, image_pending, await image
+
+        health, image_pending, image = asyncio.run(scenario())
+        assert (health, image_pending) == (200, True)
+        assert image.status_code == 200 and image.content == data
+    finally:
+        answered.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_image_longer_than_its_server_said_is_never_held_beyond_its_share(tmp_path):
+    """The length of an image at a URL, asked for first (HEAD), is what the decoding budget
+    holds for its fetching: a server whose whole answer is longer than that (a file replaced
+    meanwhile, a HEAD that disagrees with its GET) gets 502 naming it, rather than a file
+    held beyond its share; and nothing is held afterwards."""
+    import re
+
+    import httpx
+    import pyarrow as pa
+    from storage_servers import QuietHandler, serve
+
+    from unicom.formats.embeddings import write_part
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data, said = buffer.getvalue(), 300_000
+    assert len(data) > 1_000_000
+
+    class Disagreeing(QuietHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(said))
+            self.end_headers()
+
+        def do_GET(self):
+            ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+            start, stop = (int(ranged.group(1)), min(len(data), int(ranged.group(2)) + 1)) if ranged else (0, len(data))
+            self.send_response(206 if ranged else 200)
+            self.send_header("Content-Length", str(stop - start))
+            self.end_headers()
+            try:
+                self.wfile.write(data[start:stop])
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    server = serve(Disagreeing)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/0.png"
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1], metadata=pa.table({"image_path": [url]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"))
+        said_message = ("the image of item 0 is longer than the 300,000 bytes its server gave as its length (it changed "
+                        "meanwhile, or the server's answers disagree); try again")
+        with TestClient(app) as client:
+            for route in ("/thumbnail/0", "/image/0"):
+                response = client.get(route)
+                assert (response.status_code, response.json()) == (502, {"detail": said_message})
+        assert app.state.decoding.used == 0 and app.state.decoding.peak == said + 800 * 600 * 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_remote_image_whose_header_lies_beyond_its_first_bytes_is_decoded_alone(tmp_path):
+    """A JPEG whose size comes after 400 kB of ICC profile: its first 256 KiB (read before the
+    decoding budget is asked) do not tell its decoded size, so its thumbnail holds the whole
+    budget (it is decoded alone) rather than counting its pixels as nothing; the thumbnail
+    is the one Pillow makes of the file."""
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search.item_images import HEAD_BYTES
+    from unicom.search.uploads import read_header
+
+    (tmp_path / "photos").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photos" / "0.jpg", icc_profile=b"\0" * 400_000)
+    data = (tmp_path / "photos" / "0.jpg").read_bytes()
+    with pytest.raises(OSError):
+        read_header(data[:HEAD_BYTES])
+    with FileServer(tmp_path / "photos") as server:
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1],
+                   metadata=pa.table({"image_path": [f"{server.url}/0.jpg"]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"), max_decode_bytes=50_000_000)
+        with TestClient(app) as client:
+            response = client.get("/thumbnail/0")
+    assert response.status_code == 200
+    image = Image.open(tmp_path / "photos" / "0.jpg")
+    image.draft("RGB", (256, 256))
+    image = image.convert("RGB")
+    image.thumbnail((256, 256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    assert response.content == buffer.getvalue()
+    assert app.state.decoding.peak == 50_000_000 and app.state.decoding.used == 0

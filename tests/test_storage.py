@@ -704,3 +704,84 @@ def test_the_http_read_timeout_must_be_seconds_above_zero(monkeypatch):
         storage.read_timeout()
     monkeypatch.setenv("UNICOM_HTTP_READ_TIMEOUT", "2.5")
     assert storage.read_timeout() == 2.5
+
+
+def test_a_file_that_keeps_streaming_is_read_whole_past_the_read_timeout(tmp_path, monkeypatch):
+    """The read timeout is the longest wait for the next bytes, not for the whole file: a
+    file sent slowly but steadily (a 64 KiB piece every 0.2 s, 1.2 s in all) is read whole
+    with UNICOM_HTTP_READ_TIMEOUT=0.5, as a stream and at once, with no attempt given up."""
+    monkeypatch.setenv("UNICOM_HTTP_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("UNICOM_IO_ATTEMPTS", "1")
+    data = np.random.default_rng(0).bytes(6 * (64 << 10))
+    (tmp_path / "slow.tar").write_bytes(data)
+    with FileServer(tmp_path, bandwidth=(64 << 10) / 0.2) as server:
+        url = f"{server.url}/slow.tar"
+        assert storage.read_bytes(url) == data
+        with storage.open_stream(url) as stream:
+            assert stream.read() == data
+
+
+def test_a_timeout_in_the_storage_options_client_kwargs_is_aiohttps_and_the_other_client_kwargs_are_kept(tmp_path,
+                                                                                                        monkeypatch):
+    """--storage-options is JSON: a client_kwargs timeout is a number (aiohttp's total, in
+    seconds) or an object of aiohttp's ClientTimeout fields; it replaces the read timeout,
+    other client_kwargs stay, and a file is read with it (aiohttp refuses a bare number)."""
+    import aiohttp
+
+    (tmp_path / "a.bin").write_bytes(b"abc" * 100)
+    with FileServer(tmp_path) as server:
+        monkeypatch.setenv("UNICOM_STORAGE_OPTIONS", json.dumps({"client_kwargs": {"timeout": 30, "trust_env": True}}))
+        assert storage.options_for("http")["client_kwargs"] == {"timeout": aiohttp.ClientTimeout(total=30),
+                                                                "trust_env": True}
+        assert storage.read_bytes(f"{server.url}/a.bin") == b"abc" * 100
+        monkeypatch.setenv("UNICOM_STORAGE_OPTIONS",
+                           json.dumps({"https": {"client_kwargs": {"timeout": {"sock_read": 120, "total": None}}}}))
+        assert storage.options_for("https")["client_kwargs"] == {"timeout": aiohttp.ClientTimeout(sock_read=120)}
+        monkeypatch.setenv("UNICOM_STORAGE_OPTIONS", json.dumps({"http": {"client_kwargs": {"timeout": {"sok_read": 5}}}}))
+        with pytest.raises(InputError, match=r'^--storage-options: client_kwargs timeout \{"sok_read": 5\}: give seconds '
+                                             r"for the whole answer \(a number above 0\) or an object of total, connect, "
+                                             r"sock_read, sock_connect"):
+            storage.read_bytes(f"{server.url}/a.bin")
+
+
+def test_a_few_bytes_from_a_server_that_ignores_range_never_hold_the_whole_file():
+    """A server that answers a ranged request with the whole file (200): the bytes asked for
+    are read off the front of the answer and the connection closed (the last bytes: read
+    through, keeping those only), so reading 1 KB of a 32 MiB file (a thumbnail's header, a
+    file's length check, a parquet footer) holds about that much, not the file; the bytes
+    are those of the range."""
+    import tracemalloc
+
+    from storage_servers import QuietHandler, serve
+
+    size = 32 << 20
+    piece = bytes(range(256)) * 256  # 64 KiB; byte i of the file is i % 256
+
+    class WholeFile(QuietHandler):
+        def do_GET(self):
+            self.send_response(200)  # Range ignored
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            try:
+                for _ in range(size // len(piece)):
+                    self.wfile.write(piece)
+            except (BrokenPipeError, ConnectionResetError):  # the client read what it wanted
+                pass
+
+    server = serve(WholeFile)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/big.bin"
+        assert storage.read_range(url, 0, 16) == bytes(range(16))  # the client's modules are loaded
+        tracemalloc.start()
+        try:
+            assert storage.read_range(url, 1000, 2000) == (bytes(range(256)) * 8)[1000 % 256:][:1000]
+            with pytest.raises(storage.TooLarge, match="more than 1,000 bytes, over the limit of 1,000"):
+                storage.read_bytes(url, max_bytes=1000)
+            assert storage.read_tail(url, 1000) == (bytes(range(256)) * 8)[(size - 1000) % 256:][:1000]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 << 20
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -181,13 +181,37 @@ def options_for(scheme: str) -> dict:
     default waits 300 s for the whole answer) unless ``client_kwargs`` give a ``timeout``."""
     defaults = {"use_listings_cache": False} if scheme in _FRESH_LISTINGS else {}
     options = {**defaults, **_given_options(scheme)}
-    if scheme in READ_ONLY and "timeout" not in options.get("client_kwargs", {}):
+    if scheme in READ_ONLY:
         import aiohttp
 
-        # no total: a large file streams for as long as bytes keep coming
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout())
-        options["client_kwargs"] = {**options.get("client_kwargs", {}), "timeout": timeout}
+        client = dict(options.get("client_kwargs", {}))
+        if "timeout" not in client:
+            # no total: a large file streams for as long as bytes keep coming
+            client["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout())
+        else:
+            client["timeout"] = _client_timeout(client["timeout"])
+        options["client_kwargs"] = client
     return options
+
+
+def _client_timeout(given):
+    """aiohttp's ``ClientTimeout`` of a ``timeout`` in ``client_kwargs`` as JSON gives it: a
+    number (seconds for the whole answer, aiohttp's ``total``) or an object of its fields
+    (``{"sock_read": 120}``)."""
+    import aiohttp
+
+    fields = ("total", "connect", "sock_read", "sock_connect")
+    if isinstance(given, aiohttp.ClientTimeout):
+        return given
+    if isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0:
+        return aiohttp.ClientTimeout(total=given)
+    if isinstance(given, dict) and given and all(
+            key in fields and (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0))
+            for key, value in given.items()):
+        return aiohttp.ClientTimeout(**given)
+    raise InputError(f"--storage-options: client_kwargs timeout {json.dumps(given, default=str)}: give seconds for the "
+                     f"whole answer (a number above 0) or an object of {', '.join(fields)} in seconds (or null), "
+                     f"such as {{\"sock_read\": 120}}")
 
 
 def read_timeout() -> float:
@@ -633,16 +657,57 @@ def read_range(location, start: int, stop: int, *, exact: bool = True, missing_i
         with open(_local(location), "rb") as f:
             f.seek(start)
             data = f.read(stop - start)
+    elif protocol(location) in READ_ONLY:
+        fs, inner = filesystem(location)
+        data, whole = retrying(location, lambda: _http_range(fs, inner, start, stop), missing_is_final=missing_is_final)
+        if whole:
+            _warn_whole_files(location)
     else:
         fs, inner = filesystem(location)
         data = retrying(location, lambda: fs.cat_file(inner, start=start, end=stop), missing_is_final=missing_is_final)
-        if len(data) > stop - start:
-            # a server that ignores Range (python -m http.server) answers with the whole file
-            _warn_whole_files(location)
-            data = data[start:stop]
     if exact and len(data) != stop - start:
         raise FetchError(text(location), f"asked for bytes {start}-{stop - 1}, received {len(data)} bytes")
     return data
+
+
+def _http_range(fs, inner: str, start: int, stop: int | None) -> tuple[bytes, bool]:
+    """(bytes ``start:stop`` of an http(s) file, or its last ``-start`` bytes when ``stop`` is
+    None; whether the server sent a whole longer file): one ranged GET, its answer read as it
+    comes. A server that ignores ``Range`` (``python -m http.server``) answers with the whole
+    file: it is read up to ``stop`` only and the connection closed (or, for the last bytes,
+    read through keeping those only), so a few bytes of a large file never hold all of it."""
+    from fsspec.asyn import sync
+
+    suffix = stop is None
+    wanted = -start if suffix else stop - start
+
+    async def get() -> tuple[bytes, bool]:
+        if wanted <= 0:
+            return b"", False
+        arguments = dict(fs.kwargs)
+        asked = f"bytes=-{wanted}" if suffix else f"bytes={start}-{stop - 1}"
+        arguments["headers"] = {**arguments.get("headers", {}), "Range": asked}
+        session = await fs.set_session()
+        async with session.get(fs.encode_url(inner), **arguments) as response:
+            fs._raise_not_found_for_status(response, inner)
+            whole = response.status != 206
+            skip = start if whole and not suffix else 0
+            data, read = bytearray(), 0
+            while suffix and whole or len(data) < wanted:  # leaving unread bytes closes the connection
+                chunk = await response.content.read(CHUNK if suffix else min(CHUNK, skip + wanted - len(data)))
+                if not chunk:
+                    break
+                read += len(chunk)
+                dropped = min(skip, len(chunk))
+                skip -= dropped
+                data += chunk[dropped:]
+                if suffix and len(data) > wanted:
+                    del data[:len(data) - wanted]
+            # a 200 for all of a file no longer than asked is not a server that ignores Range
+            longer = read > wanted if suffix else start > 0 or (len(data) == wanted and not response.content.at_eof())
+            return bytes(data), whole and longer
+
+    return sync(fs.loop, get)
 
 
 def read_tail(location, count: int) -> bytes:
@@ -653,11 +718,12 @@ def read_tail(location, count: int) -> bytes:
             f.seek(max(0, f.seek(0, os.SEEK_END) - count))
             return f.read()
     fs, inner = filesystem(location)
-    data = retrying(location, lambda: fs.cat_file(inner, start=-count))
-    if len(data) > count:  # a server that ignores Range sends the whole file
-        _warn_whole_files(location)
-        data = data[-count:]
-    return data
+    if protocol(location) in READ_ONLY:
+        data, whole = retrying(location, lambda: _http_range(fs, inner, -count, None))
+        if whole:
+            _warn_whole_files(location)
+        return data
+    return retrying(location, lambda: fs.cat_file(inner, start=-count))
 
 
 _WHOLE_FILE_HOSTS: set[str] = set()

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="largest accepted image in pixels (default: 40,000,000); larger ones are answered 413")
     parser.add_argument("--max-decode-mb", type=float, default=256.0,
-                        help="memory that uploads and thumbnails being decoded (and the fetched images of items at URLs or in shards) "
+                        help="memory that uploads and thumbnails being decoded (and the fetched images of items at URLs or in shards, "
+                             "for thumbnails and /image) "
                              "may take at once, in MB (default: 256)")
     parser.add_argument("-k", type=int, default=10, help="results per query unless the request says (default: 10)")
     parser.add_argument("--max-k", type=int, default=100, help="most results a /search request may ask for (default: 100)")

@@ -129,5 +129,6 @@ class ByteBudget:
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(None, fn, *args)
         job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
-        return await job
-
+        # shielded: a cancelled caller would cancel the job's future, which gives the bytes
+        # back at once while the thread still holds them
+        return await asyncio.shield(job)

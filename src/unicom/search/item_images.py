@@ -101,8 +101,8 @@ class ShardImages:
         return None if found is None else found[1]
 
     def read(self, shard: str, key: str, first: int | None = None) -> bytes | None:
-        """The bytes of sample ``key``'s image in ``shard``, or its ``first`` bytes only (from
-        an uncompressed tar; a compressed one gives them all); None when the shard has no such image."""
+        """The bytes of sample ``key``'s image in ``shard``, or its ``first`` bytes only (a
+        compressed tar is decompressed up to them); None when the shard has no such image."""
         from unicom import storage
 
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
@@ -118,22 +118,27 @@ class ShardImages:
         with self._tar(location) as tar:  # compressed: decompress up to the member
             for member in tar:
                 if member.offset_data == offset:
-                    return tar.extractfile(member).read()
+                    return tar.extractfile(member).read(-1 if first is None else first)
         return None
 
 
-def _fetch(url: str, what: str, first: int | None = None) -> bytes:
+def _fetch(url: str, what: str, first: int | None = None, length: int | None = None) -> bytes:
     """The bytes at ``url`` (with the store's retries), or its ``first`` bytes only: 404 at
     once when it has no such file (not retried: a page waits for it), 502 when it cannot be
-    reached or is longer than an image may be."""
+    reached or is longer than an image may be, or than the ``length`` its server gave before
+    (the bytes held for it)."""
     from unicom import storage
     from unicom.data.transforms import MAX_IMAGE_BYTES
 
+    most = MAX_IMAGE_BYTES if length is None else min(length, MAX_IMAGE_BYTES)
     try:
         if first is not None:
             return storage.read_range(url, 0, first, exact=False, missing_is_final=True)
-        return storage.read_bytes(url, max_bytes=MAX_IMAGE_BYTES, missing_is_final=True)
+        return storage.read_bytes(url, max_bytes=most, missing_is_final=True)
     except storage.TooLarge:
+        if most < MAX_IMAGE_BYTES:
+            raise _error(502, f"{what} is longer than the {most:,} bytes its server gave as its length (it changed "
+                              f"meanwhile, or the server's answers disagree); try again") from None
         raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from None
     except storage.FetchError as error:
         raise _error(404 if error.missing else 502, f"{what} cannot be fetched ({error.reason})") from None
@@ -159,6 +164,15 @@ def _fetched_size(url: str, what: str) -> int:
     if size > MAX_IMAGE_BYTES:
         raise _error(502, f"{what} is longer than the {MAX_IMAGE_BYTES:,} bytes an image may have")
     return size
+
+
+def _first_bytes(path: Path, item_id: int, count: int = 64) -> bytes:
+    """The first bytes of a local image file (its format); 404 when it is missing."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(count)
+    except OSError:
+        raise _error(404, f"the image file of item {item_id} is missing") from None
 
 
 class ItemImages:
@@ -191,12 +205,14 @@ class ItemImages:
     def has_image(self, row: dict) -> bool:
         return self.file(row) is not None or self.in_shard(row)
 
-    def source(self, row: dict, item_id: int, first: int | None = None):
+    def source(self, row: dict, item_id: int, first: int | None = None, length: int | None = None):
         """A local path or the bytes of item ``item_id``'s image (with ``first``, of an image
-        at a URL or in a shard only its first bytes, or more); 404 when there is none."""
+        at a URL or in a shard only its first bytes, or more); 404 when there is none. With
+        ``length`` (:meth:`_length`, the bytes held for it), an image at a URL that turns out
+        longer is 502, not held beyond its share."""
         path = self.file(row)
         if isinstance(path, str):
-            return _fetch(path, f"the image of item {item_id}", first=first)
+            return _fetch(path, f"the image of item {item_id}", first=first, length=length)
         if path is not None:
             return path
         if self.in_shard(row):
@@ -231,6 +247,30 @@ class ItemImages:
         except (OSError, tarfile.TarError) as error:
             raise _error(404, f"the shard {row['shard']} of item {item_id} cannot be read ({describe(error)})") from None
 
+    async def stored(self, row: dict, item_id: int, budget: ByteBudget) -> tuple[Path | bytes, str]:
+        """Item ``item_id``'s image file as stored, for ``/image``: ``(a local path or the bytes
+        of an image at a URL or in a shard, its format (a key of
+        :data:`~unicom.search.uploads.STORED_MEDIA_TYPES`))``.
+
+        Read in worker threads. Of a remote image the first :data:`HEAD_BYTES` are read for its
+        format (404 when it is not an image), then an image longer than that is fetched while
+        its length is held in ``budget``, so that concurrent requests fetch at most that much at
+        once. A local file is streamed by the caller from disk.
+        """
+        from unicom.search.uploads import sniff
+
+        source = await asyncio.to_thread(self.source, row, item_id, HEAD_BYTES)
+        head = source if isinstance(source, bytes) else await asyncio.to_thread(_first_bytes, source, item_id)
+        kind = sniff(head)
+        if kind is None:
+            raise _error(404, f"the image file of item {item_id} is not an image")
+        if not isinstance(source, bytes) or len(source) < HEAD_BYTES:
+            return source, kind
+        length = await asyncio.to_thread(self._length, row, item_id)
+        if length <= len(source):
+            return source, kind
+        return await budget.run(length, self.source, row, item_id, None, length), kind
+
     async def thumbnail(self, name: str, row: dict, item_id: int, budget: ByteBudget) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached). The
         image is fetched (from a URL or a shard) and decoded in a worker thread while holding
@@ -252,7 +292,8 @@ class ItemImages:
     def _sized_source(self, row: dict, item_id: int):
         """The item's image (a local path, its bytes, or a call that fetches it) and the bytes
         its thumbnail holds: its decoding, from its header (0 when the header cannot be read:
-        decoding then fails at once), and for an image at a URL or in a shard its fetched
+        decoding then fails at once; the most Pillow decodes when the header lies beyond the
+        first bytes read), and for an image at a URL or in a shard its fetched
         bytes. Of those only the first :data:`HEAD_BYTES` are read here (the whole image when
         it is no longer); a longer image is fetched by :meth:`_render`, within the budget."""
         from unicom.search.uploads import decoded_bytes, read_header
@@ -262,10 +303,16 @@ class ItemImages:
         if fetched == HEAD_BYTES:
             fetched = self._length(row, item_id)
             if fetched > HEAD_BYTES:
-                source = functools.partial(self.source, row, item_id)
+                source = functools.partial(self.source, row, item_id, length=fetched)
         try:
             _, size, bands = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason
+            if callable(source):  # a header beyond the first bytes (a JPEG's large ICC profile, a TIFF's
+                # directory at its end): its size is unknown, so it holds the most Pillow decodes (the
+                # whole budget: it is decoded alone)
+                from PIL import Image
+
+                return source, fetched + decoded_bytes((2 * (Image.MAX_IMAGE_PIXELS or 2**31), 1), 4)
             return source, fetched
         return source, fetched + decoded_bytes(size, bands)
 

@@ -27,7 +27,8 @@ named by its type; the traceback goes to the log), 503 (no model, or too many qu
 
 Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
 before they wait for a batch; decoding uploads and thumbnails of items may hold at most
-``max_decode_bytes`` of pixels (and the fetched images of items at URLs or in shards) at a time. Concurrent queries are batched
+``max_decode_bytes`` of pixels (and the fetched images of items at URLs or in shards, for thumbnails and
+``/image``) at a time. Concurrent queries are batched
 (:mod:`unicom.search.batching`): each waits at most ``max_wait_ms`` for others, then up to
 ``batch_size`` of them go through the model and the index together, in one worker thread. Images of items come from
 :mod:`unicom.search.item_images`; the request and reply models are in
@@ -554,21 +555,12 @@ def create_app(
     @app.get("/image/{item_id:int}", summary="The full image of an item", responses={200: {"content": {"image/*": {}}}})
     async def full_image(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
         _, row = await row_of(item_id, index)
-        source = images.source(row, item_id)
-        data = source if isinstance(source, bytes) else None
-        if data is None:
-            try:
-                with open(source, "rb") as f:
-                    head = f.read(64)
-            except OSError:
-                raise _error(404, f"the image file of item {item_id} is missing") from None
-        kind = uploads.sniff(data if data is not None else head)
-        if kind is None:
-            raise _error(404, f"the image file of item {item_id} is not an image")
+        source, kind = await images.stored(row, item_id, decoding)
+        headers = {"Cache-Control": "max-age=3600"}
         media_type = uploads.STORED_MEDIA_TYPES[kind]
-        if data is not None:
-            return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
-        return FileResponse(source, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+        if isinstance(source, bytes):
+            return Response(source, media_type=media_type, headers=headers)
+        return FileResponse(source, media_type=media_type, headers=headers)
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 

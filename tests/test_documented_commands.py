@@ -302,6 +302,19 @@ def test_recipe_defaults_in_the_docs_are_the_recipes(document, command):
     assert wrong == [] and checked >= 5
 
 
+def test_https_urls_need_no_extra_as_the_storage_docs_say():
+    """docs/storage.md lists https:// as needing nothing; fsspec reads it with aiohttp, which
+    it installs only with its `http` extra: the base install asks for that extra."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    row = next(line for line in (ROOT / "docs" / "storage.md").read_text().splitlines() if line.startswith("| `https://"))
+    assert row.rstrip(" |").endswith("| —")
+    required = [Requirement(line) for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    assert any(r.name == "fsspec" and "http" in r.extras for r in required) or any(r.name == "aiohttp" for r in required)
+
+
 def test_the_readme_install_names_every_extra_of_the_package():
     """What `pip install -e '.[extra]'` lines the README shows cover pyproject.toml's extras,
     and name no extra the package lacks."""

@@ -70,6 +70,16 @@ def test_the_table_has_one_line_per_result_whatever_its_keys_and_paths_hold():
     assert lines[2].split() == ["2", "0.250", "plain", "https://host/b.jpg"]
 
 
+def test_the_table_names_the_shard_of_a_result_that_has_no_path_or_url():
+    # webdataset keys repeat across shards: the shard tells the two results apart
+    hits = [{"rank": 1, "score": 0.5, "id": 0, "key": "000001", "caption": "a", "shard": "00000.tar"},
+            {"rank": 2, "score": 0.25, "id": 7, "key": "000001", "caption": "b", "shard": "00003.tar"},
+            {"rank": 3, "score": 0.125, "id": 9, "key": "000002", "caption": "c", "shard": "00003.tar", "url": "https://host/c.jpg"}]
+    lines = format_table(hits).splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == ["rank", "score", "key", "caption", "path, url or shard"]
+    assert [re.split(r"\s{2,}", line)[-1] for line in lines[1:]] == ["00000.tar", "00003.tar", "https://host/c.jpg"]
+
+
 def test_the_table_prints_control_characters_of_captions_as_text_not_terminal_commands():
     # a caption that would clear the screen and turn the terminal red, or rub out what was printed
     hits = [{"rank": 1, "score": 0.5, "id": 0, "key": "a", "caption": "\x1b[2J\x1b[31mred car\x08\x08\x08boat\x00"}]

@@ -138,15 +138,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(hits: list[dict]) -> str:
-    """rank, score, key, caption and path or url of each hit, as aligned columns; the scores
+    """rank, score, key, caption and where the image is (its path or url, else the shard it
+    was read from: keys may repeat across shards) of each hit, as aligned columns; the scores
     with as many decimals as tell them apart."""
     from unicom.search.queries import score_digits
 
     width = shutil.get_terminal_size((120, 20)).columns
     digits = score_digits([hit["score"] for hit in hits])
-    rows = [["rank", "score", "key", "caption", "path or url"]]
+    rows = [["rank", "score", "key", "caption", "path, url or shard"]]
     for hit in hits:
-        where = hit.get("image_path") or hit.get("path") or hit.get("url") or ""
+        where = hit.get("image_path") or hit.get("path") or hit.get("url") or hit.get("shard") or ""
         caption = hit.get("caption") or ""
         rows.append([str(hit["rank"]), f"{hit['score']:.{digits}f}", _printable(hit.get("key", hit["id"])), str(caption),
                      _printable(where)])

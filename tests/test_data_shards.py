@@ -230,6 +230,29 @@ def test_a_remote_shard_that_is_an_error_page_says_so_from_its_first_bytes(tmp_p
     assert error.value.reason == "not a tar file: it does not start with a tar header but with '<html><body>Access denied. Access denied'"
 
 
+def test_a_gzip_compressed_error_page_under_a_tar_gz_name_says_so_and_a_real_tar_gz_passes(tmp_path):
+    """A server may send its error page gzip-compressed; under a .tar.gz name it is named from
+    the bytes the stream holds, locally and remotely. A real .tar.gz is read as before."""
+    import gzip
+
+    from storage_servers import FileServer
+
+    from unicom.data.shards import not_a_tar
+
+    page = b"<html><body>" + b"Access denied. " * 100 + b"</body></html>"
+    (tmp_path / "00007.tar.gz").write_bytes(gzip.compress(page))
+    write_tar_shard(tmp_path / "00001.tar", [{"key": "a", "jpg": b"x" * 3000, "txt": b"a cat"}])
+    (tmp_path / "00001.tar.gz").write_bytes(gzip.compress((tmp_path / "00001.tar").read_bytes()))
+    said = "not a tar file: it is gzip-compressed and does not start with a tar header but with '<html><body>Access denied. Access denied'"
+    assert not_a_tar(tmp_path / "00007.tar.gz") == said
+    assert not_a_tar(tmp_path / "00001.tar.gz") is None
+    with FileServer(tmp_path) as server:
+        with pytest.raises(ShardReadError) as error:
+            list(read_tar_samples(f"{server.url}/00007.tar.gz"))
+        assert [s.key for s in read_tar_samples(f"{server.url}/00001.tar.gz")] == ["a"]
+    assert error.value.reason == said
+
+
 def test_a_tar_damaged_in_its_first_member_keeps_tarfiles_reason(tmp_path):
     write_tar_shard(tmp_path / "00001.tar", [{"key": "a", "jpg": b"x" * 3000}])
     (tmp_path / "00002.tar").write_bytes((tmp_path / "00001.tar").read_bytes()[:1500])

@@ -242,6 +242,12 @@ def not_a_tar(path) -> str | None:
 def _not_a_tar_head(head: bytes, size: int | None = None) -> str | None:
     """Why a file whose first 512 bytes are ``head`` (``size`` bytes in all, when known) is
     not a tar, or None when it may be one."""
+    if head.startswith(_COMPRESSED_MAGIC[0]):  # gzip: what the stream starts with (an error page served compressed)
+        inner = _gunzipped_head(head)
+        if inner is None:
+            return None
+        why = _not_a_tar_head(inner)
+        return None if why is None else why.replace("not a tar file: it", "not a tar file: it is gzip-compressed and", 1)
     if head.startswith(_COMPRESSED_MAGIC):
         return None
     if not head:
@@ -255,6 +261,18 @@ def _not_a_tar_head(head: bytes, size: int | None = None) -> str | None:
         length = f"is {size:,} bytes and " if size is not None else ""
         return f"not a tar file: it {length}does not start with a tar header but with {shown!r}"
     return None
+
+
+def _gunzipped_head(head: bytes) -> bytes | None:
+    """The first 512 bytes that the gzip stream starting with ``head`` holds, or None when
+    ``head`` does not give a whole block (nothing is judged from less)."""
+    import zlib
+
+    try:
+        inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, tarfile.BLOCKSIZE)
+    except zlib.error:
+        return None  # a damaged stream: tarfile names it when the shard is read
+    return inner if len(inner) == tarfile.BLOCKSIZE else None
 
 
 class _HeadKept:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -663,6 +664,18 @@ def test_results_past_the_end_of_a_small_index_have_id_minus_one_and_score_minus
         np.testing.assert_array_equal(ids[:, :3], expected_ids)
         np.testing.assert_allclose(scores[:, :3], expected_scores, rtol=1e-5)
         assert (ids[:, 3:] == -1).all() and (scores[:, 3:] == -np.inf).all()
+
+
+def test_a_recall_at_k_of_every_row_not_held_out_is_said_to_say_nothing(tmp_path, caplog):
+    vectors = clustered(3, 8, seed=0)
+    write_collection(tmp_path / "emb", {0: vectors})
+    with caplog.at_level(logging.WARNING, logger="unicom"):
+        Index.build(tmp_path / "emb", tmp_path / "hnsw", index_type="hnsw", k=10, heldout=1)
+    assert "recall@10 is measured among the 2 rows that are not held out" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unicom"):
+        Index.build(tmp_path / "emb", tmp_path / "hnsw", index_type="hnsw", k=1, heldout=1, overwrite=True)
+    assert "says nothing" not in caplog.text
 
 
 def test_k_may_be_a_numpy_integer_but_not_a_float(tmp_path):

@@ -730,6 +730,10 @@ def _choose(collection: Collection, dims: int, heldout_ids: np.ndarray, *, index
     if measured and not len(heldout_ids):
         raise InputError(f"no held-out rows to measure recall@{k} on ({n} rows, --heldout 0?): an approximate index would "
                          "be kept unmeasured and untuned; hold out rows (--heldout 1000), or build the exact index (--type flat)")
+    if measured and k >= n - len(heldout_ids):
+        logger.warning("recall@%d is measured among the %d rows that are not held out: every index that returns them all "
+                       "reaches 1.0, so the recall reported says nothing of this one (give -k below %d)",
+                       k, n - len(heldout_ids), n - len(heldout_ids))
     queries = collection.gather(heldout_ids, dims)
     truth = exact_neighbours(collection, queries, k, dims, heldout_ids) if measured else None
     tried, built = [], None

@@ -86,7 +86,7 @@ def test_an_image_and_a_text_combine_with_the_text_weight(clip):
     path, weight = clip["images"][7], 0.3
     query = unit((1 - weight) * unit(clip["image_embeddings"][7]) + weight * unit(clip["text_embeddings"][1]))
     scores, ids = brute_force(clip["stored"], query, 5)
-    png = encode_image(Image.open(path), "PNG")  # the same pixels; a JPEG upload would be decoded in draft mode
+    png = encode_image(Image.open(path), "PNG")  # the same pixels
     response = clip["client"].post("/search", files={"image": ("q.png", png, "image/png")},
                                    data={"text": TEXTS[1], "text_weight": str(weight), "k": "5"})
     assert response.status_code == 200

@@ -4,9 +4,11 @@
 bytes or pixels, decompression bombs included) or 415 (not an accepted image) before
 anything is decoded (:func:`read_header`; :func:`decoded_bytes` is what decoding then
 holds, the share of the server's decoding budget that uploads and thumbnails take).
-:func:`decode_for_model` decodes (JPEG in draft mode) and applies the
-model's leading resize (:class:`ModelInput`), so that a query waits for its batch as a
-small image; after a large image it hands the freed memory back to the system.
+:func:`decode_for_model` decodes in full, as ``unicom embed`` (without ``--draft``) and
+``unicom search`` do, so that an upload of an indexed image gives its indexed embedding,
+and applies the model's leading resize and the window of it that the model's centre crop
+takes (:class:`ModelInput`), so that a query waits for its batch as a small image; after a
+large image it hands the freed memory back to the system.
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def decoded_bytes(size: tuple[int, int], bands: int) -> int:
 
 
 def decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):
-    """Decode to RGB at about the model's input size (JPEG draft mode, then the model's resize)."""
+    """Decode to RGB in full, then about the model's input size (:class:`ModelInput`)."""
     from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image
 
     try:
-        image = decode_image(data, draft=prepare.draft)[0]
+        image = decode_image(data)[0]
         check_resized_pixels(prepare.short_side, image.size)
         small = prepare(image)
     except DecodeError as error:
@@ -118,17 +120,57 @@ def return_free_memory(pixels: int) -> None:
 class ModelInput:
     """The leading resize of a model's transform, run where an upload is decoded, so that a
     query waits for its batch at about the model's input size. The transform resizes again
-    to the same size, which is a copy: the model sees the pixels it would have seen."""
+    to the same size, which is a copy: the model sees the pixels it would have seen.
+
+    When the transform is ``Resize(S) -> CenterCrop(c)`` (c <= S), the resized image is cut
+    to a window of S x S or S x (S + 1) pixels around the centre crop, chosen so that the
+    transform's resize is still a copy and its centre crop takes the same pixels: a thin
+    image (20000 x 10 pixels becomes 336,000 x 168 at S = 168, 169 MB) waits as a square.
+    """
 
     def __init__(self, transform: Callable):
-        from unicom.data.transforms import draft_size, leading_resize, short_side_size
+        from unicom.data.transforms import leading_resize, short_side_size
 
         self.resize = leading_resize(transform)
-        self.draft = draft_size(transform)
         self.short_side = short_side_size(transform)
+        steps = list(getattr(transform, "transforms", []))
+        second = type(steps[1]).__name__ if len(steps) > 1 else None
+        size = getattr(steps[1], "size", None) if second == "CenterCrop" else None
+        crop = (size, size) if isinstance(size, int) else tuple(int(s) for s in size) if size else None
+        crop = (crop[0], crop[0]) if crop and len(crop) == 1 else crop
+        fits = self.short_side is not None and crop is not None and max(crop) <= self.short_side
+        self.crop = crop if fits else None  # (height, width) of the transform's centre crop
+
+    def resized_bytes(self, size: tuple[int, int]) -> int:
+        """Bytes of the RGB image that the leading resize makes of an image of ``size``
+        (width, height); 0 when the transform does not begin by resizing the short side (a resize to a
+        fixed size makes the model's small input)."""
+        if self.short_side is None:
+            return 0
+        width, height = size
+        return 3 * self.short_side * int(self.short_side * max(width, height) / max(1, min(width, height)))
 
     def __call__(self, image):
-        return image if self.resize is None else self.resize(image)
+        if self.resize is None:
+            return image
+        image = self.resize(image)
+        return image if self.crop is None else self._window(image)
+
+    def _window(self, image):
+        """The part of ``image`` (resized, short side S) that the centre crop needs (see the class)."""
+        side = self.short_side
+        width, height = image.size
+        wide = width >= height
+        length, crop = (width, self.crop[1]) if wide else (height, self.crop[0])
+        if min(width, height) != side:
+            return image
+        start = int(round((length - crop) / 2.0))  # where the transform's centre crop starts (torchvision's rounding)
+        for window in (side, side + 1):
+            first = start - int(round((window - crop) / 2.0))
+            if window < length and 0 <= first <= length - window:
+                box = (first, 0, first + window, height) if wide else (0, first, width, first + window)
+                return image.crop(box)
+        return image
 
 
 def decode_base64(text: str, name: str) -> bytes:

@@ -622,3 +622,20 @@ def test_a_damaged_ground_truth_file_is_named_with_what_to_do(tmp_path):
     with pytest.raises(InputError, match=r"gnd_roxford5k\.pkl: cannot be read as a pickle \(.*\); the file is damaged "
                                          "or incomplete: download it again"):
         load_retrieval_benchmark("roxford5k", root)
+
+
+def test_a_query_crop_of_a_16_bit_image_has_the_pixels_of_the_gallery_image(tmp_path):
+    """The query crop and the gallery entry of one 16-bit PNG reach the model with the same
+    pixels: 16-bit samples scaled to 8 bits, round(v * 255 / 65535), not clipped to white."""
+    from PIL import Image
+
+    from unicom.data.benchmarks.revisited import crop_query
+    from unicom.data.transforms import decode_image
+
+    samples = np.array([[0, 257, 1000], [32768, 65535, 12345]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(samples).save(path)
+    expected = np.round(samples.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    crop = np.asarray(crop_query(path, np.array([0, 0, 3, 2])))
+    assert crop.shape == (2, 3, 3) and np.array_equal(crop[..., 0], expected)
+    assert np.array_equal(crop, np.asarray(decode_image(str(path))[0]))

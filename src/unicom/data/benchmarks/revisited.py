@@ -252,9 +252,11 @@ def crop_query(path: str | os.PathLike, box: np.ndarray):
     :class:`InputError` naming the file when it cannot be read as an image."""
     from PIL import Image
 
+    from unicom.data.transforms import to_rgb
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB").crop(tuple(float(v) for v in box))
+        with Image.open(path) as image:  # made RGB as every other image is (16-bit samples scaled, not clipped)
+            return to_rgb(image).crop(tuple(float(v) for v in box))
     except OSError as error:
         raise InputError(f"{path}: cannot be read as an image ({error})") from None
 

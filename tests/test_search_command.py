@@ -95,6 +95,17 @@ def test_a_missing_query_file_is_named_before_the_model_loads(collection, tmp_pa
     assert f"{missing}: file not found" in capsys.readouterr().err
 
 
+def test_a_query_image_too_thin_for_the_models_resize_is_named_by_its_file(collection, tmp_path, capsys):
+    from PIL import Image
+
+    line = tmp_path / "line.png"
+    Image.new("RGB", (1, 5000), (9, 9, 9)).save(line)  # test_vit resizes the short side to 168: 168 x 840,000 pixels
+    code = main(["search", "--index", str(collection["index"]), str(collection["images"][0]), str(line)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{line}: a 1x5000 image: resizing its short side to 168 would make 141,120,000 pixels" in err
+
+
 def test_a_folder_given_as_a_query_image_says_to_give_its_files(collection, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()

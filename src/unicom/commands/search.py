@@ -72,7 +72,7 @@ def load_checked_encoder(args: argparse.Namespace, index):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from unicom.data.transforms import DecodeError, decode_image
+    from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image, short_side_size
     from unicom.errors import InputError
     from unicom.search import queries
     from unicom.search.index import Index
@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     encoder = load_checked_encoder(args, index) if images or texts else None
     if texts:
         queries.require_text(encoder)
+    for query, image in zip(args.queries, images):  # an image too thin for the model's resize, named by its file
+        try:
+            check_resized_pixels(short_side_size(encoder.image_transform), image.size)
+        except DecodeError as error:
+            raise InputError(f"{query}: {error}") from error
     visual_vectors = [queries.image_vectors(encoder, images, index.dims, args.batch_size)] if images else []
     if args.like:
         visual_vectors.append(stored(args.like))

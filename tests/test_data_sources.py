@@ -48,6 +48,30 @@ def test_flat_folder_is_listed_without_labels(tmp_path):
     assert [name for name, _ in part.columns] == ["image_path"]
 
 
+def test_photos_of_formats_a_folder_leaves_out_are_named_in_a_warning(tmp_path):
+    """A phone's HEIC photos and a .jfif JPEG beside the JPEGs are not read: a warning counts
+    them by suffix and names one, so that they are not missing without a word; caption and
+    JSON sidecars are not images and are not named."""
+    for i in range(2):
+        class_image(0, i, 16).save(tmp_path / f"{i}.jpg")
+        (tmp_path / f"{i}.txt").write_text("a caption")
+    (tmp_path / "trip").mkdir()
+    for name in ("trip/IMG_1.HEIC", "trip/IMG_2.heic", "scan.jfif"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    with pytest.warns(UserWarning, match=r"3 image files left out \(\.heic: 2, \.jfif: 1; e\.g\. scan\.jfif\)") as caught:
+        (part,) = open_parts(tmp_path)
+    assert [r.key for r in part.records()] == ["0.jpg", "1.jpg"]
+    assert ".txt" not in str(caught[0].message)
+
+
+def test_photos_a_class_folder_leaves_out_are_named_in_a_warning(tmp_path):
+    write_class_folder(tmp_path / "data", labels=[0, 1], per_class=2, size=16)
+    (tmp_path / "data" / "class_001" / "IMG_9.avif").write_bytes(b"\0" * 16)
+    with pytest.warns(UserWarning, match=r"1 image file left out \(\.avif: 1; e\.g\. class_001/IMG_9\.avif\)"):
+        parts = open_parts(tmp_path / "data", rows_per_part=10)
+    assert sum(p.size for p in parts) == 4
+
+
 def test_csv_list_keeps_captions_and_keys(tmp_path):
     """As written, even when they look like numbers: LAION's keys are zero-padded (000000012)."""
     class_image(0, 0, 16).save(tmp_path / "a.jpg")

@@ -21,6 +21,31 @@ from unicom import storage
 from unicom.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Names of image files that a folder's listing leaves out (other formats, other spellings of
+# JPEG): named in a warning, as the user's photos rather than sidecar files (.txt, .json).
+OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".svg", ".jfif", ".jpe", ".jp2", ".ico", ".psd", ".tga",
+                        ".dng", ".cr2", ".nef", ".arw", ".raw")
+
+
+def warn_other_images(root, names: Sequence[str]) -> None:
+    """Warn, naming one and counting each suffix, when ``names`` (paths of the files found
+    under ``root``) hold image files of a format a folder listing leaves out
+    (:data:`OTHER_IMAGE_SUFFIXES`): otherwise they would be missing without a word."""
+    import warnings
+
+    counts: dict[str, int] = {}
+    first = None
+    for name in names:
+        suffix = os.path.splitext(str(name))[1].lower()
+        if suffix in OTHER_IMAGE_SUFFIXES:
+            counts[suffix] = counts.get(suffix, 0) + 1
+            first = first or str(name)
+    if counts:
+        found = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(counts.items()))
+        total = sum(counts.values())
+        warnings.warn(f"{storage.text(root)}: {total} image file{'s' if total != 1 else ''} left out ({found}; e.g. {first}): "
+                      f"only {', '.join(IMAGE_SUFFIXES)} files are read; convert the others to JPEG or PNG "
+                      "(or rename other spellings of JPEG to .jpg) to include them", stacklevel=2)
 # Other names of the default columns, tried when a list lacks the default one: the lists the
 # UniFEx authors publish name their columns img_path,label.
 COLUMN_ALIASES = {"path": ("img_path", "image_path"), "label": ("class",)}
@@ -179,12 +204,15 @@ def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[st
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise InputError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    found = []
+    found, others = [], []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                others.append(path.relative_to(root).as_posix())
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                 found.append((str(path.absolute()), path.relative_to(root).as_posix(), class_dir.name,
                               path.parent.relative_to(root).as_posix()))
+    warn_other_images(root, others)
     if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     check_utf8_names(root, [path for path, _, _, _ in found])
@@ -197,6 +225,7 @@ def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[s
     if not storage.is_dir(root):
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
     relative = [storage.text(entry)[len(root) + 1:] for entry in storage.find_files(root)]
+    warn_other_images(root, [r for r in relative if "/" in r and not r.startswith(".")])
     relative = sorted((r for r in relative if "/" in r and not r.startswith(".")
                        and Path(r).suffix.lower() in IMAGE_SUFFIXES), key=lambda r: r.split("/"))
     if not relative:

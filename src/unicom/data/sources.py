@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from unicom import storage
-from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table
+from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table, warn_other_images
 from unicom.data.shards import (
     SHARD_SUFFIXES,
     ShardReadError,
@@ -246,12 +246,16 @@ def read_flat_folder(root) -> ImageList:
     """Every image under ``root`` (recursively; a folder or a URL), keyed by its path relative to ``root``."""
     if storage.is_url(root):
         base = storage.text(root).rstrip("/")
-        paths = [storage.text(p) for p in storage.find_files(root) if Path(storage.name(p)).suffix.lower() in IMAGE_SUFFIXES]
+        files = [storage.text(p) for p in storage.find_files(root)]
+        warn_other_images(root, [p[len(base) + 1:] for p in files])
+        paths = [p for p in files if Path(storage.name(p)).suffix.lower() in IMAGE_SUFFIXES]
         if not paths:
             raise InputError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
         return ImageList(paths, [p[len(base) + 1:] for p in paths])
     root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(root.rglob("*"))
+    warn_other_images(root, [p.relative_to(root).as_posix() for p in files])
+    paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not paths:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
     check_utf8_names(root, [str(p) for p in paths])

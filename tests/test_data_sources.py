@@ -180,6 +180,18 @@ def test_a_file_that_is_not_a_shard_is_named_as_such_whatever_its_name_carries(t
                                 "shards, one image folder, or one CSV/parquet list")
 
 
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_an_exif_orientation_is_not_applied_as_open_clip_reads_images(orientation):
+    stored = class_image(1, 0, 32).resize((48, 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # "turn by 90 degrees to show"
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    image, size = decode_image(buffer.getvalue())
+    assert size == (48, 32) and image.size == (48, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+
+
 def test_draft_size_follows_the_first_resize():
     assert draft_size(T.Compose([T.Resize(224), T.CenterCrop(224)])) == (224, 224)
     assert draft_size(T.Compose([T.Resize((160, 200)), T.ToTensor()])) == (200, 160)

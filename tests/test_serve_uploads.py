@@ -78,3 +78,46 @@ def test_a_thin_upload_takes_its_resized_size_from_the_decoding_budget(tmp_path)
     assert response.status_code == 200, response.text
     short_side = 168  # test_vit's transform: Resize(168), CenterCrop(160)
     assert app.state.decoding.peak == decoded_bytes((20000, 10), 3) + 3 * short_side * (short_side * 2000)
+
+
+def mpo_photo() -> bytes:
+    """A JPEG that carries a second picture after the photo, as many cameras and phones
+    write them: Pillow names its format MPO."""
+    photo = noise(64, 48, seed=3)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="MPO", save_all=True, append_images=[photo.transpose(Image.FLIP_LEFT_RIGHT)])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    return buffer.getvalue()
+
+
+def test_a_phone_photo_with_a_second_picture_is_searched_and_served_as_a_jpeg(tmp_path):
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search.index import Index
+
+    found = indexed_image_collection(tmp_path)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(mpo_photo())
+    rows = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    write_part(tmp_path / "photos", 0, image=rows, metadata=pa.table({"key": ["photo"], "image_path": [str(photo)]}))
+    app = create_app({"classes": found["index"], "photos": Index.build(tmp_path / "photos", tmp_path / "photos_index")},
+                     {"classes": found["encoder"]})
+    with TestClient(app) as client:
+        searched = client.post("/search", files={"image": ("photo.jpg", photo.read_bytes(), "image/jpeg")}, data={"k": "3"})
+        served = client.get("/image/0?index=photos")
+    assert searched.status_code == 200, searched.text
+    assert len(searched.json()["results"]) == 3
+    assert served.status_code == 200, served.text
+    assert served.headers["content-type"] == "image/jpeg" and served.content == photo.read_bytes()
+
+
+def test_an_upload_that_is_not_an_image_lists_each_accepted_format_once():
+    from fastapi import HTTPException
+
+    from unicom.search.uploads import probe_image
+
+    with pytest.raises(HTTPException) as refused:
+        probe_image(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "drawing.svg", 10**6, 10**6)
+    assert refused.value.status_code == 415
+    assert refused.value.detail == "drawing.svg: not an image; upload a JPEG, PNG, WebP, GIF, BMP file"

@@ -24,8 +24,12 @@ from typing import Callable
 
 from fastapi import HTTPException
 
-IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
-MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+# Pillow's format names -> what users call them; Pillow names a JPEG that carries more than one
+# picture (an MPO: what many cameras and phones write, a preview or depth map after the photo) MPO
+IMAGE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
+ACCEPTED = ", ".join(dict.fromkeys(IMAGE_FORMATS.values()))  # for messages: JPEG, PNG, WebP, GIF, BMP
+MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+               "BMP": "image/bmp"}
 # the formats of indexed items' files, served as stored: those an image folder may hold (unicom.data.lists)
 STORED_MEDIA_TYPES = {**MEDIA_TYPES, "TIFF": "image/tiff"}
 MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
@@ -50,9 +54,9 @@ def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tup
         size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
         raise _error(413, f"{name}: {size}, more than the limit of {max_pixels:,} pixels") from None
     except Exception:  # Pillow raises several types for data it cannot identify
-        raise _error(415, f"{name}: not an image; upload a {', '.join(IMAGE_FORMATS.values())} file") from None
+        raise _error(415, f"{name}: not an image; upload a {ACCEPTED} file") from None
     if kind not in IMAGE_FORMATS:
-        raise _error(415, f"{name}: {kind} images are not accepted; upload a {', '.join(IMAGE_FORMATS.values())} file")
+        raise _error(415, f"{name}: {kind} images are not accepted; upload a {ACCEPTED} file")
     if width * height > max_pixels:
         raise _error(413, f"{name}: {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} pixels")
     return width, height, bands

@@ -207,6 +207,19 @@ def test_draft_decodes_large_jpegs_smaller_but_not_below_the_target():
     assert full.size == (1000, 1000)
 
 
+def test_draft_decodes_a_camera_jpeg_with_a_second_picture_as_any_jpeg():
+    # many cameras and phones write a preview after the photo; Pillow names the format MPO
+    photo = class_image(0, 0, 1000)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="MPO", save_all=True, append_images=[photo.resize((160, 160))])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    image, size = decode_image(buffer.getvalue(), draft=(224, 224))
+    assert size == (1000, 1000) and image.size == (250, 250)
+    reference = Image.open(io.BytesIO(buffer.getvalue()))  # the first picture, as Pillow's JPEG decoder drafts it
+    reference.draft("RGB", (224, 224))
+    assert np.array_equal(np.asarray(image), np.asarray(reference.convert("RGB")))
+
+
 def test_draft_leaves_png_alone():
     data = encode_image(class_image(0, 0, 600), "PNG")
     image, _ = decode_image(data, draft=(224, 224))

@@ -166,6 +166,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+# Pillow's names of JPEG files: MPO is a JPEG with further pictures after the photo (what
+# many cameras and phones write), decoded as its first picture, in draft mode too.
+JPEG_FORMATS = ("JPEG", "MPO")
+
+
 def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``source`` (encoded bytes, a file path or URL, a PIL image, or an object whose
     ``decoded()`` makes the PIL image, such as :class:`unicom.data.sources.QueryCrop`) to an
@@ -191,7 +196,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         else:
             image = Image.open(os.fspath(source))
         size = image.size
-        if draft is not None and image.format == "JPEG":
+        if draft is not None and image.format in JPEG_FORMATS:
             image.draft("RGB", draft)
         image.load()  # the full decode: truncated data fails here
         image = to_rgb(image)

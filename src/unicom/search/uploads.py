@@ -69,8 +69,10 @@ def read_header(source, draft: tuple[int, int] | None = None) -> tuple[str, tupl
     Pillow raises for data it cannot identify (a ``DecompressionBombError`` included)."""
     from PIL import Image
 
+    from unicom.data.transforms import JPEG_FORMATS
+
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as probe:
-        if draft is not None and probe.format == "JPEG":
+        if draft is not None and probe.format in JPEG_FORMATS:
             probe.draft("RGB", draft)
         return probe.format, probe.size, len(probe.getbands())
 

@@ -220,6 +220,22 @@ def test_draft_decodes_a_camera_jpeg_with_a_second_picture_as_any_jpeg():
     assert np.array_equal(np.asarray(image), np.asarray(reference.convert("RGB")))
 
 
+def test_an_image_opened_lazily_and_cut_short_fails_as_an_image_not_in_the_transform(tmp_path):
+    from unicom.embed import embed_images
+    from unicom.models.encoders import ModelEncoder
+
+    data = encode_image(class_image(0, 0, 64), "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    opened = Image.open(tmp_path / "cut.jpg")  # Pillow reads the header only; the pixels when first used
+    with pytest.raises(DecodeError, match=r"^cannot decode image: OSError: image file is truncated"):
+        decode_image(opened)
+    pooled = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # (B, 3, 8, 8) -> (B, 3)
+    transform = T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    encoder = ModelEncoder(pooled, transform, 3, "mean colour")
+    with pytest.raises(InputError, match=r"image 0 cannot be used: cannot decode image: OSError: image file is truncated"):
+        embed_images(encoder, [Image.open(tmp_path / "cut.jpg")], num_workers=0)
+
+
 def test_draft_leaves_png_alone():
     data = encode_image(class_image(0, 0, 600), "PNG")
     image, _ = decode_image(data, draft=(224, 224))

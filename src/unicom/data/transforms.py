@@ -184,19 +184,19 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
             source = source.decoded()
         except Exception as error:  # noqa: BLE001 - whatever it raises, this sample is left out and named
             raise DecodeError(str(error)) from error
-    if isinstance(source, Image.Image):
-        return to_rgb(source), source.size
     if isinstance(source, DecodeError):  # an image that was not read
         raise DecodeError(str(source))
     if isinstance(source, str) and storage.is_url(source):
         source = _read_image_file(source)  # a storage.FetchError when it cannot be fetched
     try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
+        if isinstance(source, Image.Image):  # decoded here if opened lazily (Image.open): a truncated file fails here
+            image = source
+        elif isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(source))
         else:
             image = Image.open(os.fspath(source))
         size = image.size
-        if draft is not None and image.format in JPEG_FORMATS:
+        if draft is not None and image is not source and image.format in JPEG_FORMATS:  # never the caller's image
             image.draft("RGB", draft)
         image.load()  # the full decode: truncated data fails here
         image = to_rgb(image)

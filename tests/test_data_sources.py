@@ -236,6 +236,28 @@ def test_an_image_opened_lazily_and_cut_short_fails_as_an_image_not_in_the_trans
         embed_images(encoder, [Image.open(tmp_path / "cut.jpg")], num_workers=0)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_a_16_bit_image_is_made_8_bit_holding_a_few_bytes_a_pixel(mode):
+    """16-bit samples become round(v * 255 / 65535) (a 16-bit upload counts 4 bytes a pixel
+    in serve's decoding budget): the conversion holds a few bytes a pixel in arrays, not 12."""
+    import tracemalloc
+
+    from unicom.data.transforms import to_rgb
+
+    samples = np.random.default_rng(0).integers(0, 65536, (500, 800)).astype(np.uint16)
+    image = Image.frombytes(mode, (800, 500), samples.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    assert image.mode == mode
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = np.round(samples.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), np.repeat(expected[..., None], 3, axis=2))
+    assert peak <= 5.5 * samples.size  # the samples read out (2), swapped to this machine's order (2), the output
+
+
 def test_draft_leaves_png_alone():
     data = encode_image(class_image(0, 0, 600), "PNG")
     image, _ = decode_image(data, draft=(224, 224))

@@ -9,6 +9,7 @@ that size on both sides, so the model still receives at least the resolution it 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 from typing import Callable, Iterator
@@ -161,9 +162,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
         import numpy as np
 
-        samples = np.asarray(image).clip(0, 65535).astype(np.uint32)
-        image = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), "L")
+        samples = np.asarray(image)
+        if samples.dtype.kind == "u" and samples.dtype.itemsize == 2:  # big-endian (I;16B): swapped
+            samples = samples.astype(np.uint16, copy=False)
+        else:  # mode I: 32-bit integers
+            samples = samples.clip(0, 65535).astype(np.uint16)
+        # looked up in a table of the 65,536 values: 8-bit output only, where the arithmetic on
+        # the whole image would hold 4-byte integers (12 bytes a pixel)
+        image = Image.fromarray(_sixteen_to_eight()[samples], "L")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=1)
+def _sixteen_to_eight():
+    """uint8 (65536,): ``round(v * 255 / 65535)`` of every 16-bit value v."""
+    import numpy as np
+
+    return ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 # Pillow's names of JPEG files: MPO is a JPEG with further pictures after the photo (what

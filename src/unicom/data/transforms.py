@@ -113,6 +113,12 @@ def short_side_size(transform: Callable | None) -> int | None:
     return int(size[0]) if len(size) == 1 else None
 
 
+def resized_pixels(short_side: int, size: tuple[int, int]) -> int:
+    """Pixels of an image of ``size`` (width, height) once its short side is resized to ``short_side``."""
+    width, height = size
+    return short_side * int(short_side * max(width, height) / max(1, min(width, height)))
+
+
 def check_resized_pixels(short_side: int | None, size: tuple[int, int]) -> None:
     """Raise :class:`DecodeError` when resizing the short side of an image of ``size``
     (width, height) to ``short_side`` (:func:`short_side_size`) would make more than
@@ -120,7 +126,7 @@ def check_resized_pixels(short_side: int | None, size: tuple[int, int]) -> None:
     if short_side is None:
         return
     width, height = size
-    pixels = short_side * int(short_side * max(width, height) / max(1, min(width, height)))
+    pixels = resized_pixels(short_side, size)
     if pixels > MAX_RESIZED_PIXELS:
         raise DecodeError(
             f"a {width}x{height} image: resizing its short side to {short_side} would make {pixels:,} pixels, "

@@ -135,15 +135,13 @@ class ModelInput:
     """
 
     def __init__(self, transform: Callable):
-        from unicom.data.transforms import leading_resize, short_side_size
+        from unicom.data.transforms import _pair, leading_resize, short_side_size
 
         self.resize = leading_resize(transform)
         self.short_side = short_side_size(transform)
         steps = list(getattr(transform, "transforms", []))
         second = type(steps[1]).__name__ if len(steps) > 1 else None
-        size = getattr(steps[1], "size", None) if second == "CenterCrop" else None
-        crop = (size, size) if isinstance(size, int) else tuple(int(s) for s in size) if size else None
-        crop = (crop[0], crop[0]) if crop and len(crop) == 1 else crop
+        crop = _pair(steps[1].size) if second == "CenterCrop" else None
         fits = self.short_side is not None and crop is not None and max(crop) <= self.short_side
         self.crop = crop if fits else None  # (height, width) of the transform's centre crop
 
@@ -151,10 +149,9 @@ class ModelInput:
         """Bytes of the RGB image that the leading resize makes of an image of ``size``
         (width, height); 0 when the transform does not begin by resizing the short side (a resize to a
         fixed size makes the model's small input)."""
-        if self.short_side is None:
-            return 0
-        width, height = size
-        return 3 * self.short_side * int(self.short_side * max(width, height) / max(1, min(width, height)))
+        from unicom.data.transforms import resized_pixels
+
+        return 0 if self.short_side is None else 3 * resized_pixels(self.short_side, size)
 
     def __call__(self, image):
         if self.resize is None:

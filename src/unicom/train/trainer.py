@@ -164,6 +164,8 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     from unicom.train.data import build_source, steps_per_epoch
 
     config.validate()
+    distributed.require_shared_folder(config.out, "out", "every rank writes its share of each checkpoint there and "
+                                      "reads it back when the run resumes")
     say = log.print if log is not None else (lambda text: print(text) if distributed.get_rank() == 0 else None)
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)

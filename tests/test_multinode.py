@@ -1,0 +1,87 @@
+"""Jobs of two nodes, simulated on one machine: two ``torchrun --nnodes 2`` launches of one
+gloo process each, each started from a working folder, TMPDIR and caches of its own (what
+nodes do not share), meeting at a rendezvous on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import free_port, write_class_folder
+
+TINY_RUN = [
+    "model.image_size=16", "model.patch_size=8", "model.width=48", "model.depth=2", "model.heads=2",
+    "model.embedding_dim=16", "data.batch_size=8", "data.workers=0", "loss.scale=16", "loss.sample_rate=0.5",
+    "train.steps=4", "log.every=2", "log.tensorboard=false", "checkpoint.every=2", "train.device=cpu",
+]
+
+
+def node_env(home: Path) -> dict[str, str]:
+    """The environment of a node whose temporary and cache folders are its own."""
+    for name in ("tmp", "cache"):
+        (home / name).mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "UNICOM_PROGRESS": "0", "HOME": str(home),
+            "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / "cache"), "UNICOM_CACHE": str(home / "cache" / "unicom")}
+
+
+def run_on_two_nodes(tmp_path: Path, module: str, args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """``python -m torch.distributed.run --nnodes 2 ... -m MODULE ARGS`` started once per node,
+    each from ``tmp_path/node{r}``; both are waited for (bounded), node 0's result first."""
+    port = free_port()
+    processes = []
+    for node in range(2):
+        home = tmp_path / f"node{node}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", module, *args]
+        processes.append(subprocess.Popen(command, cwd=node_env(home)["HOME"], env=node_env(home), text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+    return results
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_class_folder(root, list(range(8)), 16, size=16)
+    return root
+
+
+@pytest.mark.slow
+def test_a_run_whose_out_is_each_nodes_own_folder_is_refused_at_the_start_on_every_node(images, tmp_path):
+    results = run_on_two_nodes(tmp_path, "unicom.train", ["out=run", f"data.folder={images}", *TINY_RUN])
+
+    for result in results:
+        assert result.returncode != 0
+        assert ("out=run: rank 1 (host " in result.stderr and f"{tmp_path / 'node1' / 'run'}) does not see the folder that "
+                f"rank 0" in result.stderr and f"writes to, {tmp_path / 'node0' / 'run'}; " in result.stderr), result.stderr[-3000:]
+        assert "a file system that every node mounts" in result.stderr
+    # refused before any step: no checkpoint, no log, on either node
+    assert not (tmp_path / "node0" / "run" / "checkpoints").exists()
+    assert not (tmp_path / "node0" / "run" / "log.jsonl").exists()
+    assert not (tmp_path / "node1" / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_whose_out_every_node_sees_trains_and_leaves_only_its_files(images, tmp_path):
+    out = tmp_path / "shared" / "run"
+    results = run_on_two_nodes(tmp_path, "unicom.train", [f"out={out}", f"data.folder={images}", *TINY_RUN])
+
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    manifest = json.loads((out / "checkpoints" / "step_00000004" / "checkpoint.json").read_text())
+    assert manifest["world_size"] == 2 and {"rank_0.pt", "rank_1.pt"} <= set(manifest["files"])
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the folder check left no marker

@@ -85,3 +85,51 @@ def test_a_run_whose_out_every_node_sees_trains_and_leaves_only_its_files(images
     manifest = json.loads((out / "checkpoints" / "step_00000004" / "checkpoint.json").read_text())
     assert manifest["world_size"] == 2 and {"rank_0.pt", "rank_1.pt"} <= set(manifest["files"])
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the folder check left no marker
+
+
+@pytest.fixture(scope="module")
+def shards_and_weights(tmp_path_factory) -> tuple[Path, Path]:
+    import timm
+    import torch
+    from support import class_image, encode_image, write_tar_shard
+
+    root = tmp_path_factory.mktemp("embed")
+    for number, count in {3: 3, 4: 2, 7: 3}.items():
+        write_tar_shard(root / "shards" / f"{number:05d}.tar", [
+            {"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 40)), "txt": f"c{i}"}
+            for i in range(count)])
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit").state_dict(), root / "test_vit.pth")
+    return root / "shards", root / "test_vit.pth"
+
+
+def embed_args(shards_and_weights, out) -> list[str]:
+    shards, weights = shards_and_weights
+    return ["embed", "--input", str(shards), "--model", "timm/test_vit", "--pretrained", str(weights),
+            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_an_embed_whose_out_is_each_nodes_own_folder_is_refused_before_any_part_is_written(shards_and_weights, tmp_path):
+    results = run_on_two_nodes(tmp_path, "unicom.cli", embed_args(shards_and_weights, "emb"))
+
+    for result in results:
+        assert result.returncode != 0
+        assert (f"--out=emb: rank 1 (host " in result.stderr and f"{tmp_path / 'node1' / 'emb'}) does not see the folder "
+                f"that rank 0" in result.stderr), result.stderr[-3000:]
+        assert "embedded" not in result.stdout
+    # before the fix each node kept the parts of its own rank, and rank 0 reported all 3 parts as written
+    assert not list((tmp_path / "node0" / "emb").rglob("*.npy"))
+    assert not (tmp_path / "node1" / "emb").exists()
+
+
+@pytest.mark.slow
+def test_an_embed_whose_out_every_node_sees_holds_every_part(shards_and_weights, tmp_path):
+    out = tmp_path / "shared" / "emb"
+    results = run_on_two_nodes(tmp_path, "unicom.cli", embed_args(shards_and_weights, out))
+
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "embedded 8 samples into 3 parts" in results[0].stdout
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_3.npy", "img_emb_4.npy", "img_emb_7.npy"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -44,9 +44,14 @@ def run_on_two_nodes(tmp_path: Path, module: str, args: list[str], timeout: floa
         for process in processes:
             stdout, stderr = process.communicate(timeout=timeout)
             results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    finally:
+    finally:  # SIGTERM: torchrun stops its workers (SIGKILL would leave them running)
         for process in processes:
             if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=60)
     return results
@@ -133,3 +138,26 @@ def test_an_embed_whose_out_every_node_sees_holds_every_part(shards_and_weights,
     assert "embedded 8 samples into 3 parts" in results[0].stdout
     assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_3.npy", "img_emb_4.npy", "img_emb_7.npy"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_ranks_that_read_different_copies_of_the_data_are_refused_at_the_start_instead_of_hanging(images, tmp_path):
+    """Each node reads ``data.folder=images`` from its own working folder; node 1's copy
+    lacks 30 images (of 3 of its 8 classes), so it would take 12 steps of 2 epochs where node 0 takes 16: before the
+    check, rank 1 stopped first and rank 0 waited in a collective for the job's timeout."""
+    import shutil
+
+    for node in range(2):
+        shutil.copytree(images, tmp_path / f"node{node}" / "images")
+    for folder in sorted((tmp_path / "node1" / "images").iterdir())[:3]:  # 10 of the 16 images of 3 classes
+        for path in sorted(folder.iterdir())[:10]:
+            path.unlink()
+    args = [f"out={tmp_path / 'shared' / 'run'}", "data.folder=images", *TINY_RUN, "train.steps=null", "train.epochs=2"]
+    results = run_on_two_nodes(tmp_path, "unicom.train", args, timeout=120)
+
+    for result in results:
+        assert result.returncode != 0
+        assert ("the ranks read different data: rank 0 (host " in result.stderr and "images: 128 images, 8 classes, "
+                "8 steps per epoch, 16 steps" in result.stderr and "rank 1 (host " in result.stderr
+                and "images: 98 images, 8 classes, 6 steps per epoch, 12 steps" in result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "shared" / "run" / "checkpoints").exists()

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import socket
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -153,6 +157,59 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def all_gather_object(value) -> list:
+    """``value`` (any picklable object) of every rank, in rank order."""
+    if get_world_size() == 1:
+        return [value]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def require_shared_folder(folder: str | os.PathLike, option: str, why: str, wait_seconds: float = 10.0) -> None:
+    """Refuse, on every rank, a ``folder`` that some rank does not see as rank 0 does.
+
+    Under ``torchrun --nnodes N`` a path names one folder only when it lies on a file system
+    every node mounts; on a node's own disk (or given relative to working folders that
+    differ) each node has a folder of its own. Rank 0 creates ``folder`` and writes a marker
+    file with a random name into it; every rank looks for it (for up to ``wait_seconds``: a
+    network file system may show a new file late) and the marker is removed. An
+    :class:`~unicom.errors.InputError` names the ranks, their hosts and the paths they
+    looked at, and says ``why`` the folder must be one. A folder rank 0 cannot write is
+    left to the caller's own write to report. Collective: every rank calls it, at the same
+    point; nothing is done in a world of one.
+    """
+    if get_world_size() == 1:
+        return
+    folder = Path(folder)
+    rank = get_rank()
+    marker = folder / f".shared-{broadcast_object(secrets.token_hex(8))}"
+    written = None
+    if rank == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            marker.write_text(marker.name)
+            written = True
+        except OSError:
+            written = False
+    if not broadcast_object(written):
+        return
+    deadline = time.monotonic() + wait_seconds
+    while not (seen := marker.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = all_gather_object((seen, socket.gethostname(), str(folder.absolute())))
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {r} (host {host}, {path})" for r, (saw, host, path) in enumerate(views) if not saw]
+    if blind:
+        from unicom.errors import InputError
+
+        raise InputError(
+            f"{option}={folder}: {', '.join(blind)} {'does' if len(blind) == 1 else 'do'} not see the folder that rank 0 (host {views[0][1]}) writes "
+            f"to, {views[0][2]}; {why}, so it must be one folder that every node sees: give a path on a file "
+            f"system that every node mounts, the same path on each (an absolute one)")
 
 
 def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:

@@ -730,6 +730,9 @@ def embed_to_folder(
         config["draft"] = bool(draft)
     config.update(identity)  # a benchmark's crops of other boxes would be other queries
     check = dict(config, modalities=list(modalities), dtype=dtype)
+    if not storage.is_url(out):  # object storage is one store for every node; a local path may not be
+        distributed.require_shared_folder(out, "--out", "each rank writes its parts there and the summary counts them "
+                                          "all as written to it")
     if _check_config(out, check):  # (None: the weights file moved; their digest decides once they are loaded)
         kinds = check["modalities"] + ["metadata"]
         numbers = [part.number for part in parts]

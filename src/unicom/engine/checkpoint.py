@@ -98,16 +98,6 @@ def _record(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def _all_gather_objects(value: Any) -> list[Any]:
-    if distributed.get_world_size() == 1:
-        return [value]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * distributed.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -169,8 +159,8 @@ def _write_checkpoint(tmp: Path, final: Path, step: int, model_state, optimizer_
     save_torch(rank_state, tmp / rank_file)
     written[rank_file] = _record(tmp / rank_file)
 
-    every = _all_gather_objects(written)
-    blocks = _all_gather_objects({"file": name, "class_start": prototypes["class_start"], "classes": prototypes["classes"]})
+    every = distributed.all_gather_object(written)
+    blocks = distributed.all_gather_object({"file": name, "class_start": prototypes["class_start"], "classes": prototypes["classes"]})
     if rank == 0:
         pause_if_requested("checkpoint", step)
         files = {}
@@ -283,7 +273,7 @@ def find_valid_checkpoint(candidates: list[Path], log=print) -> Path | None:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     for path in candidates:
         problem = verify_checkpoint(path, rank, world)
-        problems = [p for p in _all_gather_objects(problem) if p]
+        problems = [p for p in distributed.all_gather_object(problem) if p]
         if not problems:
             return path
         if rank == 0:

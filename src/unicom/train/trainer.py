@@ -15,6 +15,9 @@ written under ``out``.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,6 +156,28 @@ def _refuse_trained_out(out: Path) -> None:
                          f"(newest checkpoint {found[0].name}): use another out")
 
 
+def _refuse_differing_data(source, per_epoch: int, total: int) -> None:
+    """Every rank reads its own copy of the data description (a node reads its own disk):
+    ranks that found other data would take other numbers of steps, and the one that stops
+    first would leave the others waiting in a collective, or map labels to other prototype
+    rows. Refused on every rank, naming the ranks that differ from rank 0 (collective)."""
+    labels = getattr(source, "class_labels", None)
+    mine = {"data": source.describe(), "steps per epoch": per_epoch, "steps": total,
+            "classes": hashlib.sha256(json.dumps(labels).encode()).hexdigest()[:12] if labels is not None else None}
+    views = distributed.all_gather_object((mine, socket.gethostname()))
+    first, host = views[0]
+    differing = [(rank, view, other) for rank, (view, other) in enumerate(views) if view != first]
+    if differing:
+        def shown(view):
+            return (f"{view['data']}, {view['steps per epoch']} steps per epoch, {view['steps']} steps"
+                    + (f", class labels {view['classes']}" if view["classes"] else ""))
+
+        others = "; ".join(f"rank {rank} (host {other}): {shown(view)}" for rank, view, other in differing[:3])
+        raise InputError(f"the ranks read different data: rank 0 (host {host}): {shown(first)}; {others}. Every node "
+                         "must read the same data (data.shards, data.labels, data.folder): on object storage or a file "
+                         "system every node mounts, under the same path")
+
+
 def distributed_broadcast(value):
     return distributed.broadcast_object(value)
 
@@ -164,6 +189,8 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     from unicom.train.data import build_source, steps_per_epoch
 
     config.validate()
+    distributed.require_shared_folder(config.out, "out", "every rank writes its share of each checkpoint there and "
+                                      "reads it back when the run resumes")
     say = log.print if log is not None else (lambda text: print(text) if distributed.get_rank() == 0 else None)
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
@@ -212,6 +239,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         total = config.train.steps
     else:  # the epochs left after the checkpoint, at this run's steps per epoch
         total = max(1, origin[0] + int(round((config.train.epochs - origin[1]) * per_epoch)))
+    _refuse_differing_data(source, per_epoch, total)
     if resume_from is None and created.prototypes_from is not None:
         _warm_start_prototypes(partial_fc, created.prototypes_from, source.labels_centroids, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":

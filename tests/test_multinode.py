@@ -24,7 +24,7 @@ def node_env(home: Path) -> dict[str, str]:
     """The environment of a node whose temporary and cache folders are its own."""
     for name in ("tmp", "cache"):
         (home / name).mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "UNICOM_PROGRESS": "0", "HOME": str(home),
+    return {**os.environ, "OMP_NUM_THREADS": "1", "UNICOM_PROGRESS": "0", "UNICOM_SHARED_FOLDER_WAIT": "5", "HOME": str(home),
             "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / "cache"), "UNICOM_CACHE": str(home / "cache" / "unicom")}
 
 

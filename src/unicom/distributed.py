@@ -168,14 +168,18 @@ def all_gather_object(value) -> list:
     return gathered
 
 
-def require_shared_folder(folder: str | os.PathLike, option: str, why: str, wait_seconds: float = 10.0) -> None:
+SHARED_WAIT_ENV = "UNICOM_SHARED_FOLDER_WAIT"  # seconds a rank looks for rank 0's marker file (default 60)
+
+
+def require_shared_folder(folder: str | os.PathLike, option: str, why: str, wait_seconds: float | None = None) -> None:
     """Refuse, on every rank, a ``folder`` that some rank does not see as rank 0 does.
 
     Under ``torchrun --nnodes N`` a path names one folder only when it lies on a file system
     every node mounts; on a node's own disk (or given relative to working folders that
     differ) each node has a folder of its own. Rank 0 creates ``folder`` and writes a marker
-    file with a random name into it; every rank looks for it (for up to ``wait_seconds``: a
-    network file system may show a new file late) and the marker is removed. An
+    file with a random name into it; every rank looks for it (for up to ``wait_seconds``, by
+    default ``UNICOM_SHARED_FOLDER_WAIT`` or 60: an NFS client may cache a name's absence
+    for up to a minute) and the marker is removed. An
     :class:`~unicom.errors.InputError` names the ranks, their hosts and the paths they
     looked at, and says ``why`` the folder must be one. A folder rank 0 cannot write is
     left to the caller's own write to report. Collective: every rank calls it, at the same
@@ -196,8 +200,10 @@ def require_shared_folder(folder: str | os.PathLike, option: str, why: str, wait
             written = False
     if not broadcast_object(written):
         return
+    if wait_seconds is None:
+        wait_seconds = float(os.environ.get(SHARED_WAIT_ENV) or 60)
     deadline = time.monotonic() + wait_seconds
-    while not (seen := marker.is_file()) and time.monotonic() < deadline:
+    while not (seen := _lists(folder, marker.name)) and time.monotonic() < deadline:
         time.sleep(0.5)
     views = all_gather_object((seen, socket.gethostname(), str(folder.absolute())))
     if rank == 0:
@@ -210,6 +216,17 @@ def require_shared_folder(folder: str | os.PathLike, option: str, why: str, wait
             f"{option}={folder}: {', '.join(blind)} {'does' if len(blind) == 1 else 'do'} not see the folder that rank 0 (host {views[0][1]}) writes "
             f"to, {views[0][2]}; {why}, so it must be one folder that every node sees: give a path on a file "
             f"system that every node mounts, the same path on each (an absolute one)")
+
+
+def _lists(folder: Path, name: str) -> bool:
+    """Whether ``folder`` holds a file ``name``: looked up, then listed (a listing is read
+    from the server where a network file system may answer a lookup from its cache)."""
+    if (folder / name).is_file():
+        return True
+    try:
+        return name in os.listdir(folder)
+    except OSError:
+        return False
 
 
 def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:

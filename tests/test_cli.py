@@ -81,6 +81,17 @@ def test_faiss_warnings_still_show_after_the_commands_configure_logging():
     assert "Loading faiss" not in result.stderr
 
 
+def test_s3_clients_say_where_they_found_credentials_only_when_something_is_wrong():
+    # botocore reports at INFO where it found credentials and endpoints, on every start of index/serve on s3://
+    code = ("import logging; from unicom.commands import configure_logging; configure_logging(); "
+            "logging.getLogger('botocore.credentials').info('Found credentials in environment variables.'); "
+            "logging.getLogger('aiobotocore.credentials').info('Found credentials in environment variables.'); "
+            "logging.getLogger('botocore.credentials').warning('a real botocore warning'); "
+            "logging.getLogger('unicom.search.index').info('the command goes on')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert result.stderr.splitlines() == ["a real botocore warning", "the command goes on"]
+
+
 def test_a_one_process_command_started_by_torchrun_in_several_processes_is_refused(tmp_path, capsys, monkeypatch):
     # what torchrun sets in each of its processes: each would evaluate, index, train the head... alone
     monkeypatch.setenv("RANK", "0")

@@ -7,12 +7,15 @@ def configure_logging() -> None:
     faiss's loader reports at INFO how it picked its build ("Loading faiss with AVX512
     support.", "Could not load library with AVX512 support due to: ..."), which reads as a
     failure and is not one: that logger shows warnings and errors only; every other faiss
-    logger is untouched."""
+    logger is untouched. So do botocore's and aiobotocore's (s3://), whose INFO lines say
+    where credentials and endpoints were found ("Found credentials in environment
+    variables.") on every start."""
     import logging
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    for name in ("faiss.loader", "botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def add_recipe_arguments(parser, example: str, recipes: str) -> None:

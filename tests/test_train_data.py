@@ -289,6 +289,24 @@ def test_an_image_folder_takes_pseudo_labels_by_relative_path(tmp_path):
     assert source.unlabelled == 1
 
 
+def test_a_list_whose_key_repeats_takes_the_keys_label_rows_in_order_across_parts(tmp_path):
+    """Rows of a list that share a key were each embedded and clustered on their own (parts of
+    3 and 2 rows): the n-th row of the key takes the key's n-th label row, as shards do, not
+    all of them the last."""
+    (tmp_path / "clusters" / "labels").mkdir(parents=True)
+    rows = [("k", "1.png"), ("a", "2.png"), ("k", "3.png"), ("k", "4.png"), ("b", "5.png")]
+    for _, name in rows:
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "list.csv").write_text("key,path\n" + "".join(f"{key},{tmp_path / name}\n" for key, name in rows))
+    for part, (keys, labels) in enumerate([(["k", "a", "k"], [2, 1, 0]), (["k", "b"], [3, 1])]):
+        table = pa.table({"key": keys, "label": pa.array(labels, pa.int64()), "similarity": pa.array([1.0] * len(keys), pa.float32())})
+        pq.write_table(table, tmp_path / "clusters" / "labels" / f"labels_{part}.parquet")
+    config = load_config(None, ["out=/tmp/unused", f"data.table={tmp_path / 'list.csv'}", f"data.labels={tmp_path / 'clusters'}"])
+    source = build_source(config)
+    assert source.keys == ["k", "a", "k", "k", "b"] and source.labels.tolist() == [2, 1, 0, 3, 1]
+    assert [Path(p).name for p in source.images] == ["1.png", "2.png", "3.png", "4.png", "5.png"]
+
+
 def test_an_image_folder_with_labels_keyed_by_caption_says_so_and_how_to_cluster_again(tmp_path):
     import numpy as np
 

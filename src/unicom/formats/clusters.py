@@ -108,30 +108,37 @@ def read_label_facts(path: str | os.PathLike) -> dict | None:
     return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
 
 
-def read_label_lookup(path: str | os.PathLike) -> dict:
-    """``{key: label}`` of one label file (a key on several rows: its last label)."""
-    table = _read_label_table(path, ["key", "label"])
-    return dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
-
-
-def read_shard_labels(path: str | os.PathLike) -> dict:
-    """``{key: label}`` of the label file of one shard; a key on several rows with different
-    labels (a shard with that key on several samples, each embedded and clustered on its
-    own) maps to the tuple of its labels in row order, which is the shard's order: the
-    n-th sample of that key takes the n-th."""
-    table = _read_label_table(path, ["key", "label"])
+def read_shard_labels(*paths: str | os.PathLike) -> dict:
+    """``{key: label}`` of label files read in the order given (one shard's file, or a list's
+    part files by part number); a key on several rows with different labels (several samples
+    of a shard, or rows of a list, with that key, each embedded and clustered on its own)
+    maps to the tuple of its labels in row order, which is the samples' order: the n-th
+    sample of that key takes the n-th."""
     lookup: dict = {}
     repeated: dict = {}  # key -> its labels in row order, for keys on several rows (a list: linear in the rows)
-    for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
-        if key not in lookup:
-            lookup[key] = label
-        elif key in repeated:
-            repeated[key].append(label)
-        else:
-            repeated[key] = [lookup[key], label]
+    for path in paths:
+        table = _read_label_table(path, ["key", "label"])
+        for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
+            if key not in lookup:
+                lookup[key] = label
+            elif key in repeated:
+                repeated[key].append(label)
+            else:
+                repeated[key] = [lookup[key], label]
     # a key repeated with one label keeps it for every sample of the key, as before
     lookup.update((key, tuple(labels)) for key, labels in repeated.items() if len(set(labels)) > 1)
     return lookup
+
+
+def label_of(lookup: dict, key, met: dict):
+    """The label of the next sample with ``key`` from a :func:`read_shard_labels` lookup, or
+    None for a key without one: the n-th sample of a key on several label rows takes the
+    n-th (``met`` counts the samples of each such key seen so far)."""
+    label = lookup.get(key)
+    if isinstance(label, tuple):
+        n = met[key] = met.get(key, -1) + 1
+        label = label[n] if n < len(label) else None
+    return label
 
 
 class ClusterFolder:
@@ -437,11 +444,9 @@ class PseudoLabels:
         return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows))
 
     def lookup(self) -> dict:
-        """``{key: label}`` over every label file."""
-        lookup: dict = {}
-        for path in self.files.values():
-            lookup.update(read_label_lookup(path))
-        return lookup
+        """``{key: label}`` over every label file, by part number (a key on several rows with
+        different labels: the tuple of its labels in row order, see :func:`read_shard_labels`)."""
+        return read_shard_labels(*self.files.values())
 
 
 __all__ = [
@@ -453,7 +458,7 @@ __all__ = [
     "label_files",
     "load_labels",
     "read_label_facts",
-    "read_label_lookup",
+    "label_of",
     "read_shard_labels",
     "centroids_digest",
     "read_record",

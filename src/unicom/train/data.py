@@ -178,6 +178,7 @@ class ShardSource:
                 counters: Counters) -> Iterator[Record]:
         from unicom import storage
         from unicom.data.shards import ShardReadError, read_tar_samples, shard_name
+        from unicom.formats.clusters import label_of
 
         order = permutation(len(self.shards), seed, pass_)
         mine = [self.shards[i] for i in order[rank::world_size][role::roles]]
@@ -189,10 +190,7 @@ class ShardSource:
                 try:
                     for index, sample in enumerate(read_tar_samples(path)):
                         first = sample.key if first is None else first
-                        label = labels.get(sample.key)
-                        if isinstance(label, tuple):  # a key of several samples: the n-th takes the n-th label row
-                            n = met[sample.key] = met.get(sample.key, -1) + 1
-                            label = label[n] if n < len(label) else None
+                        label = label_of(labels, sample.key, met)  # a key of several samples: the n-th takes the n-th
                         if label is None:
                             counters.unlabelled += 1
                             continue
@@ -546,19 +544,24 @@ def _why_keys_differ(label_file, otherwise: str = "") -> str:
 
 def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> ListSource:
     """Give the rows of an image list the pseudo-labels of a cluster run, by key."""
-    from unicom.formats.clusters import PseudoLabels
+    from unicom.formats.clusters import PseudoLabels, label_of
 
     pseudo = PseudoLabels(data.labels)
     high = pseudo.check().high
     lookup = pseudo.lookup()
     folder = pseudo.folder
-    rows = [i for i, key in enumerate(images.keys) if key in lookup]
+    rows, labels, met = [], [], {}
+    for i, key in enumerate(images.keys):
+        label = label_of(lookup, key, met)  # a key on several rows: the n-th row of the list takes the n-th
+        if label is not None:
+            rows.append(i)
+            labels.append(label)
     if not rows:
         raise InputError(
             f"{origin}: none of its keys (e.g. {images.keys[0]!r}) is in the labels of {folder} "
             f"(keys like {next(iter(lookup))!r}); {_why_keys_differ(next(iter(pseudo.files.values())))}"
         )
-    labels = np.asarray([lookup[images.keys[i]] for i in rows], dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
     classes = _resolve_classes(num_classes, pseudo.num_classes, high, str(folder))
     source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
     source.unlabelled = len(images) - len(rows)

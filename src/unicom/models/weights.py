@@ -85,8 +85,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def unpickling_refused(path: str | os.PathLike, error: pickle.UnpicklingError) -> InputError:
     """The error for a file that ``torch.load(weights_only=True)`` refused: one that holds
     pickled Python objects (named so, with how to re-save it), or bytes that are no checkpoint."""
-    # the class refused: "Unsupported global: GLOBAL module.Name" (recent PyTorch), "Unsupported class module.Name" (older)
-    named = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error), re.IGNORECASE)
+    # the class refused: "Unsupported global: GLOBAL module.Name" (recent PyTorch), "Unsupported class module.Name"
+    # (older), "unsupported GLOBAL posix.system whose module posix is blocked" (os, sys: never allowed)
+    named = re.search(r"Unsupported (?:global: GLOBAL|class|GLOBAL) (\S+)", str(error), re.IGNORECASE)
     if named is None:  # not pickled objects: bytes that are no checkpoint
         return InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)")
     return InputError(

@@ -130,12 +130,11 @@ def _listing(items: list[str], limit: int = 20) -> str:
     return shown + (f", … and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`InputError` listing missing, unexpected and mis-shaped keys.
-
-    ``expected`` is a module's ``state_dict()`` (meta tensors suffice: only shapes are
-    read). Keys ending in :data:`OPTIONAL_KEY_SUFFIXES` may be missing.
-    """
+def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps ``given`` from loading strictly into ``expected`` (a module's
+    ``state_dict()``; meta tensors suffice): ``"missing keys: …"``, ``"unexpected keys: …"``,
+    ``"wrong shapes: …"``, those that apply. Keys ending in :data:`OPTIONAL_KEY_SUFFIXES`
+    may be missing."""
     missing = [k for k in expected if k not in given and not k.endswith(OPTIONAL_KEY_SUFFIXES)]
     unexpected = [k for k in given if k not in expected]
     mismatched = [
@@ -143,12 +142,18 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
         for k in expected
         if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label}: {_listing(keys)}"
-            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
-            if keys
-        ]
+    return [
+        f"{label}: {_listing(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
+        if keys
+    ]
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`InputError` listing missing, unexpected and mis-shaped keys
+    (:func:`state_dict_problems`)."""
+    problems = state_dict_problems(expected, given)
+    if problems:
         raise InputError(f"{source}: the weights do not match the architecture; " + "; ".join(problems))
 
 

@@ -455,6 +455,20 @@ def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
     assert load_encoder(str(tmp_path / "run" / "model")).embedding_dim == 8
 
 
+def test_the_run_folder_or_its_checkpoint_given_as_the_model_names_the_exported_model(collection, tmp_path):
+    from unicom.models.encoders import load_encoder
+
+    out = tmp_path / "run"
+    probe(recipe(collection, out, "train.epochs=1"))
+    with pytest.raises(InputError, match=f"{out}: no unicom_model.json; not a unicom model folder .*; it holds the "
+                                         f"model folder {out / 'model'}: give that$"):
+        load_encoder(str(out))
+    with pytest.raises(InputError, match=f"{out / CHECKPOINT}: expected a state dict .*; the model trained from it is "
+                                         f"the model folder {out / 'model'}: give that$"):
+        load_encoder(str(out / CHECKPOINT))
+    assert load_encoder(str(out / "model")).embedding_dim == 16
+
+
 def test_a_backbone_folder_given_relative_is_exported_loadable_from_anywhere(collection, tmp_path, monkeypatch):
     from unicom.models.encoders import load_encoder
 

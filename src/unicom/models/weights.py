@@ -112,9 +112,14 @@ def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
+            from unicom.models.export import CONFIG_NAME
+
+            exported = path.parent / "model"  # beside the checkpoint of a unicom probe run: its model
             raise InputError(
                 f"{path}: expected a state dict (key -> tensor), or one under {', '.join(WRAPPER_KEYS)}; "
                 f"found keys {sorted(map(str, obj))[:10]}"
+                + (f"; the model trained from it is the model folder {exported}: give that"
+                   if (exported / CONFIG_NAME).is_file() else "")
             )
         obj = inner
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

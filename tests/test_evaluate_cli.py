@@ -92,6 +92,21 @@ def test_a_report_without_a_curve_leaves_no_earlier_curve_beside_it(tmp_path, ag
     assert not (out / "recall_vs_dimension.png").exists()
 
 
+@pytest.mark.parametrize("option", ["--gallery-embeddings", "--train-embeddings"])
+def test_a_folder_of_another_dimension_is_refused_naming_both_folders(tmp_path, capsys, option):
+    x, labels = clustered(40, 16, 4, 0.5, seed=0)
+    other, _ = clustered(40, 8, 4, 0.5, seed=1)
+    embedding_folder(tmp_path / "test", x, [f"img{i}" for i in range(40)], labels.tolist())
+    embedding_folder(tmp_path / "other", other, [f"o{i}" for i in range(40)], labels.tolist())
+    code = main(["evaluate", "--embeddings", str(tmp_path / "test"), option, str(tmp_path / "other"), "--dims", "4",
+                 "--out", str(tmp_path / "report")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'other'} ({option}) holds 8-dimensional embeddings, {tmp_path / 'test'} (--embeddings) "
+        "16-dimensional ones: they were made by different models; give folders embedded with the same model")
+    assert not (tmp_path / "report").exists()
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]

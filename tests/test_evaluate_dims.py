@@ -35,3 +35,11 @@ def test_pca_beyond_the_axes_of_a_small_train_split_is_skipped_not_scored(caplog
             "dimensions are scored")}
         assert "recall@1" in rows[("first", d)]
     assert "dimension 8 (pca) skipped" in caplog.text
+
+
+def test_embeddings_of_another_dimension_than_the_pca_are_refused():
+    from unicom.errors import InputError
+
+    with pytest.raises(InputError, match="embeddings of 16 dimensions cannot be projected by a PCA fitted on "
+                                         "8-dimensional train embeddings: embed both with the same model"):
+        dimension_curve(unit_rows(40, 16, seed=1), np.arange(40) % 4, dims=(4,), train=unit_rows(30, 8, seed=2))

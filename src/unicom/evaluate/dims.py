@@ -88,6 +88,9 @@ class PCA:
         """(N, D) embeddings -> (N, d) float32 coordinates on the d leading axes, centred."""
         if not 1 <= d <= len(self.components):
             raise InputError(f"cannot project onto {d} of {len(self.components)} principal axes")
+        if np.shape(x)[1] != len(self.mean):
+            raise InputError(f"embeddings of {np.shape(x)[1]} dimensions cannot be projected by a PCA fitted on "
+                             f"{len(self.mean)}-dimensional train embeddings: embed both with the same model")
         axes = self.components[:d].T
         out = np.empty((len(x), d), dtype=np.float32)
         for start in range(0, len(x), block_rows):

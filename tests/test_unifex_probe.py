@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -382,6 +383,21 @@ def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collec
     assert report["evaluation"]["trained"]["n_queries"] == 24
     folder = json.loads((collection["cache"] / "cache.json").read_text())["splits"]["query"]["folder"]
     assert (collection["cache"] / folder / "view_0" / "img_emb").is_dir()
+
+
+def test_query_and_index_lists_that_share_an_image_are_refused_before_any_work(collection, tmp_path):
+    # a query that is also an index image is its own nearest neighbour: Recall@1 would be 100% whatever the head
+    rows = collection["rows"]
+    query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]])
+    index = write_list(tmp_path / "index.csv", [(d, str(collection["root"] / p), c) for i, (d, p, c) in enumerate(rows)
+                                                if i % 6 or i == 6])
+    shared = f"a/{collection['root'] / rows[6][1]}"
+    with pytest.raises(InputError, match=re.escape(
+            f"eval.query and eval.index share 1 of the 24 query images (e.g. {shared}): each would find itself first "
+            "and lift every score; give lists without common images")):
+        probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0",
+                     f"eval.query=[{query}]", f"eval.index=[{index}]"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_query_and_index_lists_without_a_dataset_column_share_their_classes(collection, tmp_path):

@@ -551,6 +551,7 @@ def evaluate_embedding_folders(
     if gallery_embeddings is not None:
         gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
         _require_dimension(gallery, gallery_embeddings, "--gallery-embeddings", x, embeddings)
+        _require_other_images(gallery_metadata, gallery_embeddings, metadata, embeddings)
         gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
         labelled.append((gallery_embeddings, gallery_metadata))
     scored, gallery_scored = _scored_rows(y, gallery_y, classes, exclude_classes)  # a class left out may hold a bad row
@@ -586,6 +587,26 @@ def _require_dimension(vectors, folder, option: str, queries, queries_folder) ->
         raise InputError(f"{storage.text(folder)} ({option}) holds {vectors.shape[1]}-dimensional embeddings, "
                          f"{storage.text(queries_folder)} (--embeddings) {queries.shape[1]}-dimensional ones: they were "
                          "made by different models; give folders embedded with the same model")
+
+
+def _require_other_images(gallery_metadata, gallery_folder, metadata, folder) -> None:
+    """An :class:`InputError` when the gallery holds query images: the same folder given
+    twice, or rows of the same ``image_path`` and key (an image file, or a shard's sample).
+    Each would find itself first and lift every score."""
+    same = storage.absolute(gallery_folder) == storage.absolute(folder)
+    shared = []
+    if not same and all(m is not None and "image_path" in m.column_names for m in (metadata, gallery_metadata)):
+        def images(m, root):
+            return zip(m.column("image_path").to_pylist(), _key_column(m, root))
+
+        in_gallery = set(images(gallery_metadata, gallery_folder))
+        shared = [key for path, key in images(metadata, folder) if (path, key) in in_gallery]
+    if same or shared:
+        what = "is the folder of the queries" if same else (
+            f"holds {len(shared)} of the query images of {storage.text(folder)} (e.g. {', '.join(shared[:3])})")
+        raise InputError(f"{storage.text(gallery_folder)} (--gallery-embeddings) {what}: each query would find itself "
+                         "first and lift every score; leave --gallery-embeddings out to search the queries "
+                         "leave-one-out, or give a gallery without them")
 
 
 def _add_note(info: dict, note: str) -> None:

@@ -224,3 +224,40 @@ def test_texts_need_a_text_tower(timm_checkpoint):
     encoder = load_encoder("timm/test_vit", str(timm_checkpoint[0]))
     with pytest.raises(InputError, match="no text tower"):
         embed_texts(encoder, ["a caption"])
+
+
+@pytest.fixture
+def tiny_clip_name(tmp_path):
+    """A tiny CLIP registered with open_clip under a model name, as a user's own config."""
+    import json
+
+    import open_clip
+    from support import TINY_CLIP
+
+    (tmp_path / "tiny-clip-for-tests.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-clip-for-tests.json")
+    return "tiny-clip-for-tests"
+
+
+def test_an_open_clip_file_that_does_not_fit_names_its_missing_and_unexpected_keys(tmp_path, tiny_clip_name):
+    import open_clip
+
+    state = open_clip.create_model(tiny_clip_name).state_dict()
+    state.pop("visual.proj")
+    state["visual.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(InputError, match=r"edited.pt: does not hold tiny-clip-for-tests weights; missing keys: "
+                                         r"visual.proj; unexpected keys: visual.extra$"):
+        load_encoder(tiny_clip_name, str(tmp_path / "edited.pt"))
+
+
+def test_an_image_tower_alone_is_refused_saying_open_clip_loads_both_towers(tmp_path, tiny_clip_name):
+    import open_clip
+
+    state = open_clip.create_model(tiny_clip_name).state_dict()
+    torch.save({k: v for k, v in state.items() if k.startswith("visual.")}, tmp_path / "tower.pt")
+    with pytest.raises(InputError, match=r"tower.pt: does not hold tiny-clip-for-tests weights; missing keys: "
+                                         r"positional_embedding, text_projection, .* \(tiny-clip-for-tests is a whole "
+                                         r"CLIP, and the file holds its image tower alone: open_clip loads both towers; "
+                                         r"save the whole model's state_dict\)"):
+        load_encoder(tiny_clip_name, str(tmp_path / "tower.pt"))

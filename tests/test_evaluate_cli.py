@@ -92,6 +92,56 @@ def test_a_report_without_a_curve_leaves_no_earlier_curve_beside_it(tmp_path, ag
     assert not (out / "recall_vs_dimension.png").exists()
 
 
+@pytest.mark.parametrize("option", ["--gallery-embeddings", "--train-embeddings"])
+def test_a_folder_of_another_dimension_is_refused_naming_both_folders(tmp_path, capsys, option):
+    x, labels = clustered(40, 16, 4, 0.5, seed=0)
+    other, _ = clustered(40, 8, 4, 0.5, seed=1)
+    embedding_folder(tmp_path / "test", x, [f"img{i}" for i in range(40)], labels.tolist())
+    embedding_folder(tmp_path / "other", other, [f"o{i}" for i in range(40)], labels.tolist())
+    code = main(["evaluate", "--embeddings", str(tmp_path / "test"), option, str(tmp_path / "other"), "--dims", "4",
+                 "--out", str(tmp_path / "report")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'other'} ({option}) holds 8-dimensional embeddings, {tmp_path / 'test'} (--embeddings) "
+        "16-dimensional ones: they were made by different models; give folders embedded with the same model")
+    assert not (tmp_path / "report").exists()
+
+
+def images_folder(root: Path, x: np.ndarray, images: Path, labels) -> Path:
+    """``x`` as ``unicom embed --input IMAGES`` writes it: keys relative to ``images``, absolute image paths."""
+    names = [f"{i:04d}.jpg" for i in range(len(x))]
+    write_part(root, 0, image=x.astype(np.float16), metadata=pa.table(
+        {"key": names, "image_path": [str(images / n) for n in names], "label": list(labels)}))
+    return root
+
+
+def test_a_gallery_holding_query_images_is_refused_as_each_would_find_itself(tmp_path, capsys):
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)  # noisy: a query's nearest other image is often of another class
+    images_folder(tmp_path / "query", x[:10], tmp_path / "photos", labels[:10])
+    images_folder(tmp_path / "gallery", x, tmp_path / "photos", labels)  # the queries' 10 images among its 40
+    for gallery, what in ((tmp_path / "query", "is the folder of the queries"),
+                          (tmp_path / "gallery", f"holds 10 of the query images of {tmp_path / 'query'} (e.g. "
+                                                 "0000.jpg, 0001.jpg, 0002.jpg)")):
+        code = main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(gallery),
+                     "--dims", "none", "--out", str(tmp_path / "report")])
+        assert code == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"{gallery} (--gallery-embeddings) {what}: each query would find itself first and lift every score; leave "
+            "--gallery-embeddings out to search the queries leave-one-out, or give a gallery without them")
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_gallery_of_other_images_under_the_same_keys_is_scored(tmp_path):
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)
+    images_folder(tmp_path / "query", x[:10], tmp_path / "query-photos", labels[:10])
+    images_folder(tmp_path / "gallery", x[10:], tmp_path / "gallery-photos", labels[10:])  # keys 0000.jpg... too
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 0
+    stored = x.astype(np.float16).astype(np.float32)
+    expected = retrieval_metrics(stored[:10], labels[:10], stored[10:], labels[10:], ks=(1, 2, 4, 8))
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import pickle
 
 import numpy as np
@@ -216,6 +217,25 @@ def test_files_with_python_objects_are_refused_without_running_them(model, tmp_p
     marker = tmp_path / "unpickled"
     torch.save({"state_dict": model.state_dict(), "extra": _Payload(marker)}, tmp_path / "unsafe.pt")
     with pytest.raises(InputError, match="not unpickled for safety"):
+        unicom.load(str(tmp_path / "unsafe.pt"))
+    assert not marker.exists()
+
+
+class _Command:
+    """Unpickling this would run a shell command (os.system, whose module PyTorch blocks outright)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_that_would_run_a_command_is_refused_as_holding_python_objects_not_as_damaged(model, tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": model.state_dict(), "hook": _Command(marker)}, tmp_path / "unsafe.pt")
+    with pytest.raises(InputError, match=r"unsafe.pt: holds Python objects besides tensors \((posix|nt)\.system\), "
+                                         "which are not unpickled for safety; re-save its weights"):
         unicom.load(str(tmp_path / "unsafe.pt"))
     assert not marker.exists()
 

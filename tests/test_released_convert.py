@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -40,6 +41,27 @@ def test_converted_folder_embeds_like_the_released_file(released_file, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(from_folder.encode_image(x), from_file.encode_image(x), rtol=1e-5, atol=1e-5)
     assert from_folder.embedding_dim == from_file.embedding_dim == 16
+
+
+def test_a_head_count_given_as_json_settings_completes_the_sizes_read_off_the_shapes(tmp_path, capsys):
+    # 32-d heads: the shapes say width 64, which would be read as one 64-d head
+    two_heads = dataclasses.replace(TINY, heads=2)
+    network = random_unicom_vit(two_heads, seed=3)
+    torch.save(network.state_dict(), tmp_path / "my-vit.pt")
+    assert main(["convert", "released-to-unicom", str(tmp_path / "my-vit.pt"), str(tmp_path / "model"),
+                 "--arch", '{"heads": 2}']) == 0
+    assert "width 64, depth 2, 2 heads" in capsys.readouterr().out
+    assert json.loads((tmp_path / "model" / "unicom_model.json").read_text())["settings"] == two_heads.to_dict()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_encoder(str(tmp_path / "model")).encode_image(x), network(x))
+
+
+def test_arch_that_is_not_a_json_object_is_refused_naming_the_option(released_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model"), "--arch", '{"heads": 2'])
+    assert "argument --arch: '{\"heads\": 2' is not a JSON object of ViT settings" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 def test_provenance_names_the_source_file_and_its_checksum(released_file, tmp_path):

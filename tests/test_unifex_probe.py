@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -384,6 +385,21 @@ def test_query_and_index_lists_are_scored_with_classes_matched_by_dataset(collec
     assert (collection["cache"] / folder / "view_0" / "img_emb").is_dir()
 
 
+def test_query_and_index_lists_that_share_an_image_are_refused_before_any_work(collection, tmp_path):
+    # a query that is also an index image is its own nearest neighbour: Recall@1 would be 100% whatever the head
+    rows = collection["rows"]
+    query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]])
+    index = write_list(tmp_path / "index.csv", [(d, str(collection["root"] / p), c) for i, (d, p, c) in enumerate(rows)
+                                                if i % 6 or i == 6])
+    shared = f"a/{collection['root'] / rows[6][1]}"
+    with pytest.raises(InputError, match=re.escape(
+            f"eval.query and eval.index share 1 of the 24 query images (e.g. {shared}): each would find itself first "
+            "and lift every score; give lists without common images")):
+        probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0",
+                     f"eval.query=[{query}]", f"eval.index=[{index}]"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_query_and_index_lists_without_a_dataset_column_share_their_classes(collection, tmp_path):
     # the authors' format (img_path,label): each list is one benchmark, query class 3 is index class 3
     rows = [(str(collection["root"] / p), label) for label in range(CLASSES) for i, (_, p, _) in
@@ -453,6 +469,20 @@ def test_a_pooling_neck_is_exported_without_training(collection, tmp_path):
     assert report["epochs"] == 0 and report["history"] == []
     assert load_file(str(tmp_path / "run" / "model" / "model.safetensors")) == {}
     assert load_encoder(str(tmp_path / "run" / "model")).embedding_dim == 8
+
+
+def test_the_run_folder_or_its_checkpoint_given_as_the_model_names_the_exported_model(collection, tmp_path):
+    from unicom.models.encoders import load_encoder
+
+    out = tmp_path / "run"
+    probe(recipe(collection, out, "train.epochs=1"))
+    with pytest.raises(InputError, match=f"{out}: no unicom_model.json; not a unicom model folder .*; it holds the "
+                                         f"model folder {out / 'model'}: give that$"):
+        load_encoder(str(out))
+    with pytest.raises(InputError, match=f"{out / CHECKPOINT}: expected a state dict .*; the model trained from it is "
+                                         f"the model folder {out / 'model'}: give that$"):
+        load_encoder(str(out / CHECKPOINT))
+    assert load_encoder(str(out / "model")).embedding_dim == 16
 
 
 def test_a_backbone_folder_given_relative_is_exported_loadable_from_anywhere(collection, tmp_path, monkeypatch):

@@ -197,12 +197,23 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def write_bytes_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to the local ``path`` and flush it to the disk (a temporary of
+    :func:`atomic_path`, renamed by its caller)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def json_text(obj: Any) -> str:
+    """How every JSON file of the pipeline is written: indented, keys in their order."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_bytes_synced(tmp, data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -210,7 +221,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, json_text(obj))
 
 
 def save_npy_atomic(path: str | os.PathLike, array) -> None:

@@ -2,6 +2,7 @@
 
     unicom convert released-to-unicom ViT-B/32 models/vit-b32
     unicom convert released-to-unicom FP16-ViT-B-32.pt models/vit-b32
+    unicom convert released-to-unicom my-vit.pt models/my-vit --arch '{"heads": 8}'
     unicom convert unicom-to-released models/vit-b32-sop FP16-ViT-B-32-sop.pt --dtype float16
 """
 
@@ -15,6 +16,21 @@ from unicom.errors import InputError
 DTYPES = {"keep": None, "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
+def _arch(text: str) -> str | dict:
+    """A released name, or a JSON object of ViT settings."""
+    if not text.lstrip().startswith("{"):
+        return text
+    import json
+
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of ViT settings ({error})") from None
+    if not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of ViT settings")
+    return settings
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
@@ -24,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     to_unicom.add_argument("source", help="a released name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a .pt file")
     to_unicom.add_argument("output", help="the model folder to write (a local path)")
-    to_unicom.add_argument("--arch", help="architecture of a file whose shapes are ambiguous: a released name")
+    to_unicom.add_argument("--arch", type=_arch,
+                           help="the sizes of a file, when its shapes do not tell them: a released name, or a JSON "
+                                "object of ViT settings, e.g. '{\"heads\": 2}' (those left out are read off the shapes; "
+                                "the head count is taken as width / 64 otherwise)")
     to_unicom.add_argument("--download-root", type=Path, help="cache folder for released files (default ~/.cache/unicom)")
     to_unicom.add_argument("--overwrite", action="store_true", help="replace a model already in OUTPUT")
 
@@ -66,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         origin = config["provenance"].get("released_name") or "custom size"
         print(
             f"wrote {folder}: {config['architecture']} ({origin}; {settings['image_size']} px, patch "
-            f"{settings['patch_size']}, width {settings['width']}, depth {settings['depth']}), "
+            f"{settings['patch_size']}, width {settings['width']}, depth {settings['depth']}, {settings['heads']} heads), "
             f"{config['embedding_dim']}-d embeddings"
         )
         return 0

@@ -550,6 +550,8 @@ def evaluate_embedding_folders(
     gallery = gallery_y = None
     if gallery_embeddings is not None:
         gallery, gallery_metadata = read_embedding_folder(gallery_embeddings)
+        _require_dimension(gallery, gallery_embeddings, "--gallery-embeddings", x, embeddings)
+        _require_other_images(gallery_metadata, gallery_embeddings, metadata, embeddings)
         gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
         labelled.append((gallery_embeddings, gallery_metadata))
     scored, gallery_scored = _scored_rows(y, gallery_y, classes, exclude_classes)  # a class left out may hold a bad row
@@ -563,6 +565,7 @@ def evaluate_embedding_folders(
         train, train_metadata = read_embedding_folder(train_embeddings, embeddings=bool(pca and dims))
         labelled.append((train_embeddings, train_metadata))
         if pca and dims:
+            _require_dimension(train, train_embeddings, "--train-embeddings", x, embeddings)
             sample = _sample(len(train), pca_samples)
             train = train[sample]
             keys = (_key_column(train_metadata, train_embeddings) if train_metadata is not None  # a folder of
@@ -575,6 +578,35 @@ def evaluate_embedding_folders(
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
                               exclude_classes=exclude_classes)
+
+
+def _require_dimension(vectors, folder, option: str, queries, queries_folder) -> None:
+    """An :class:`InputError` when ``folder`` (given with ``option``) holds embeddings of
+    another dimension than the queries of ``queries_folder``: made by another model."""
+    if vectors.shape[1] != queries.shape[1]:
+        raise InputError(f"{storage.text(folder)} ({option}) holds {vectors.shape[1]}-dimensional embeddings, "
+                         f"{storage.text(queries_folder)} (--embeddings) {queries.shape[1]}-dimensional ones: they were "
+                         "made by different models; give folders embedded with the same model")
+
+
+def _require_other_images(gallery_metadata, gallery_folder, metadata, folder) -> None:
+    """An :class:`InputError` when the gallery holds query images: the same folder given
+    twice, or rows of the same ``image_path`` and key (an image file, or a shard's sample).
+    Each would find itself first and lift every score."""
+    same = storage.absolute(gallery_folder) == storage.absolute(folder)
+    shared = []
+    if not same and all(m is not None and "image_path" in m.column_names for m in (metadata, gallery_metadata)):
+        def images(m, root):
+            return zip(m.column("image_path").to_pylist(), _key_column(m, root))
+
+        in_gallery = set(images(gallery_metadata, gallery_folder))
+        shared = [key for path, key in images(metadata, folder) if (path, key) in in_gallery]
+    if same or shared:
+        what = "is the folder of the queries" if same else (
+            f"holds {len(shared)} of the query images of {storage.text(folder)} (e.g. {', '.join(shared[:3])})")
+        raise InputError(f"{storage.text(gallery_folder)} (--gallery-embeddings) {what}: each query would find itself "
+                         "first and lift every score; leave --gallery-embeddings out to search the queries "
+                         "leave-one-out, or give a gallery without them")
 
 
 def _add_note(info: dict, note: str) -> None:

@@ -25,6 +25,7 @@ from unicom.evaluate.metrics import (
 
 logger = logging.getLogger(__name__)
 SHOWN_ROWS = 5  # rows named in a message
+RANK_TOLERANCE = 1e-10  # a principal axis whose variance is below this fraction of the first's is none
 
 
 def first_dimensions(x, d: int) -> np.ndarray:
@@ -76,10 +77,20 @@ class PCA:
         components = components * signs[:, None]
         return cls(mean.numpy(), components.numpy(), variance[order].clamp(min=0).numpy())
 
+    @property
+    def rank(self) -> int:
+        """The axes along which the fitted embeddings vary: at most N - 1 for N of them.
+        The axes beyond are an arbitrary basis of the directions they never take."""
+        variance = self.explained_variance
+        return int((variance > RANK_TOLERANCE * variance[0]).sum()) if len(variance) and variance[0] > 0 else 0
+
     def transform(self, x, d: int, block_rows: int = 65_536) -> np.ndarray:
         """(N, D) embeddings -> (N, d) float32 coordinates on the d leading axes, centred."""
         if not 1 <= d <= len(self.components):
             raise InputError(f"cannot project onto {d} of {len(self.components)} principal axes")
+        if np.shape(x)[1] != len(self.mean):
+            raise InputError(f"embeddings of {np.shape(x)[1]} dimensions cannot be projected by a PCA fitted on "
+                             f"{len(self.mean)}-dimensional train embeddings: embed both with the same model")
         axes = self.components[:d].T
         out = np.empty((len(x), d), dtype=np.float32)
         for start in range(0, len(x), block_rows):
@@ -127,8 +138,9 @@ def dimension_curve(
     Returns rows ``{"dimension": d, "method": "first" | "pca", **metrics}``, ``first``
     rows first, each by increasing d. The ``pca`` rows need ``train`` (embeddings of the
     train split; the axes are fitted on them) and are absent without it. Dimensions above
-    D are left out with a warning that names them. A d at which some rows are all zeros (no direction to rank by) is not
-    scored: its row is ``{"dimension": d, "method": ..., "skipped": why}``, naming the
+    D are left out with a warning that names them. A d beyond the PCA's rank (``train``
+    varies along fewer axes, as N train rows span at most N - 1) is not scored by PCA, nor
+    is a d at which some rows are all zeros (no direction to rank by): its row is ``{"dimension": d, "method": ..., "skipped": why}``, naming the
     rows, and a warning says so; the other dimensions are scored.
     """
     full = np.asarray(query).shape[1]
@@ -139,13 +151,21 @@ def dimension_curve(
                        "s" if len(above) > 1 else "", ", ".join(map(str, above)), full)
     rows = []
     methods = {"first": first_dimensions}
+    pca = None
     if train is not None:
-        methods["pca"] = PCA.fit(train).transform
+        pca = PCA.fit(train)
+        methods["pca"] = pca.transform
     for method, reduce in methods.items():
         for d in wanted:
-            q = reduce(query, d)
-            g = None if gallery is None else reduce(gallery, d)
-            why = _without_direction(q, g, d, method)
+            why = ""
+            if method == "pca" and d > pca.rank:
+                why = (f"dimension {d} (pca) skipped: the {len(train)} train embeddings vary along {pca.rank} principal "
+                       "axes only, and the axes beyond are arbitrary; fit the PCA on more train images (a larger "
+                       "--pca-samples or train split); the other dimensions are scored")
+            else:
+                q = reduce(query, d)
+                g = None if gallery is None else reduce(gallery, d)
+                why = _without_direction(q, g, d, method)
             if why:
                 logger.warning("%s", why)
                 rows.append({"dimension": d, "method": method, "skipped": why})

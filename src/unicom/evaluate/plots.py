@@ -15,11 +15,13 @@ LABELS = {"first": "first d dimensions", "pca": "PCA to d (fitted on train)"}
 STYLES = {"first": {"marker": "o", "color": "#1f77b4"}, "pca": {"marker": "s", "linestyle": "--", "color": "#7f7f7f"}}
 
 
-def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str = "recall@1", title: str = "") -> Path:
+def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str = "recall@1", title: str = "",
+                         atomic: bool = True) -> Path:
     """Write ``metric`` (in %) against the dimension for each method in ``rows``.
 
     ``rows``: ``dimension_curve`` output; skipped dimensions are left out. The x axis is
-    logarithmic with a tick at every evaluated dimension. Written atomically; returns the path.
+    logarithmic with a tick at every evaluated dimension. Written atomically (``atomic=False``:
+    straight to ``path``, a temporary its caller renames); returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -45,6 +47,9 @@ def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str 
         axes.set_title(title)
     figure.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+    if atomic:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png")
+    else:
+        figure.savefig(path, format="png")
     return path

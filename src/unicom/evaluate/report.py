@@ -1,27 +1,29 @@
 """A whole evaluation run on embeddings: numbers, compact-dimension curves, files.
 
 :func:`evaluate_retrieval` and :func:`evaluate_classification` compute everything first,
-then (with ``out``) write ``metrics.json``, ``metrics.md`` and, for retrieval with
-dimensions, ``recall_vs_dimension.png``, each under a temporary name and renamed. A failed
-run leaves no partial report.
+then (with ``out``) publish ``metrics.json``, ``metrics.md`` and, for retrieval with
+dimensions, ``recall_vs_dimension.png`` as one report (:func:`publish_report`): a failed or
+killed run leaves no partial report, and never one run's file beside another's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from unicom.evaluate.dims import dimension_curve, score
 from unicom.errors import InputError
 from unicom.evaluate.metrics import METRIC_KEYS, summarize
-from unicom.files import sweep_temporaries, write_json_atomic, write_text_atomic
+from unicom.files import atomic_path, json_text, sweep_temporaries, write_bytes_synced
 
 JSON_NAME = "metrics.json"
 MARKDOWN_NAME = "metrics.md"
 PLOT_NAME = "recall_vs_dimension.png"
+REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME)  # every file a report may have, metrics.json first
 SHOWN_CLASSES = 10  # class names listed in a message
 
 
@@ -164,19 +166,41 @@ def evaluate_retrieval(
     return report
 
 
+def publish_report(out: str | os.PathLike, files: dict[str, Callable[[Path], None]]) -> None:
+    """Publish a report under the local folder ``out`` as one: ``files`` maps each of its
+    file names (of :data:`REPORT_NAMES`) to a function that writes that file's content to
+    the path it is given.
+
+    Every file is written under a temporary name first; then the earlier report's files
+    are removed, ``metrics.json`` first, and the new ones renamed into place,
+    ``metrics.json`` last. A run killed at any point leaves the earlier report whole, or
+    files of this run alone (without ``metrics.json`` until it is complete), never one
+    run's file beside another's; the temporaries a killed run left are removed by the next.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out, REPORT_NAMES)  # what a killed run left
+    with contextlib.ExitStack() as staged:
+        # entered metrics.json first, so that the stack, unwinding in reverse, renames it last;
+        # a failed write or rename removes this run's temporaries as the stack unwinds
+        order = sorted(files, key=lambda name: name != JSON_NAME)
+        paths = {name: staged.enter_context(atomic_path(out / name)) for name in order}
+        for name, path in paths.items():
+            files[name](path)
+        for name in REPORT_NAMES:  # the earlier report, metrics.json first: it says a report is whole
+            (out / name).unlink(missing_ok=True)
+
+
 def write_retrieval_report(report: dict, out: str | os.PathLike) -> None:
     from unicom.evaluate.plots import plot_dimension_curve
 
-    out = Path(out)
-    sweep_temporaries(out, [PLOT_NAME, MARKDOWN_NAME, JSON_NAME])  # what a killed run left
-    metric = report["protocol"]["metric"]
-    if report.get("dimensions"):
+    files = {JSON_NAME: lambda path: write_bytes_synced(path, json_text(report).encode()),
+             MARKDOWN_NAME: lambda path: write_bytes_synced(path, retrieval_markdown(report).encode())}
+    if report.get("dimensions"):  # without a curve, an earlier run's is removed with the rest of its report
         title = " / ".join(str(report[k]) for k in ("dataset", "model") if report.get(k))
-        plot_dimension_curve(report["dimensions"], out / PLOT_NAME, metric=metric, title=title)
-    else:  # an earlier run's curve would stand beside this report as if it were its own
-        (out / PLOT_NAME).unlink(missing_ok=True)
-    write_text_atomic(out / MARKDOWN_NAME, retrieval_markdown(report))
-    write_json_atomic(out / JSON_NAME, report)
+        files[PLOT_NAME] = lambda path: plot_dimension_curve(report["dimensions"], path, metric=report["protocol"]["metric"],
+                                                             title=title, atomic=False)
+    publish_report(out, files)
 
 
 def _percent(value: float) -> str:
@@ -281,11 +305,8 @@ def evaluate_classification(
     if knn:
         report["knn"] = knn_accuracy(train, train_labels, test, test_labels, k=knn_k, temperature=temperature)
     if out is not None:
-        out = Path(out)
-        sweep_temporaries(out, [MARKDOWN_NAME, JSON_NAME])  # what a killed run left
-        (out / PLOT_NAME).unlink(missing_ok=True)  # a retrieval run's curve, not this report's
-        write_text_atomic(out / MARKDOWN_NAME, classification_markdown(report))
-        write_json_atomic(out / JSON_NAME, report)
+        publish_report(out, {JSON_NAME: lambda path: write_bytes_synced(path, json_text(report).encode()),  # a retrieval run's curve is removed
+                             MARKDOWN_NAME: lambda path: write_bytes_synced(path, classification_markdown(report).encode())})
     return report
 
 

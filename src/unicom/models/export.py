@@ -245,6 +245,8 @@ def not_a_model_folder(folder: str | os.PathLike) -> InputError:
         model = folder / "model"
         hint = (f"; it is a training run: its exported model is {model}" if (model / CONFIG_NAME).is_file()
                 else f"; it is a training run: {export} from its newest checkpoint")
+    elif (folder / "model" / CONFIG_NAME).is_file():  # the output folder of unicom probe
+        hint = f"; it holds the model folder {folder / 'model'}: give that"
     return InputError(f"{folder}: no {CONFIG_NAME}; not a unicom model folder (or its export did not finish){hint}")
 
 

@@ -101,7 +101,8 @@ def load_state(
 ) -> tuple[dict[str, torch.Tensor], ViTSettings, Path]:
     """``(state_dict, settings, path)`` of a released checkpoint: a registered
     ``unicom_vit`` name with weights, or a released-format file whose settings come from
-    ``arch`` or from its tensor shapes."""
+    ``arch`` (a name, or settings; those a dict leaves out are read off the shapes) or from
+    its tensor shapes."""
     from unicom.models.hub import weights_path
     from unicom.models.weights import read_state_dict
 
@@ -124,6 +125,9 @@ def load_state(
         raise _unknown(str(name_or_path))
     state_dict = read_state_dict(path)
     _refuse_other_projects(state_dict, path)
+    if isinstance(arch, Mapping):  # the settings given; the others read off the shapes
+        inferred = infer_settings(state_dict, str(path), heads=arch.get("heads"))
+        return state_dict, ViTSettings.from_dict({**inferred.to_dict(), **arch}), path
     settings = resolve_settings(arch) or infer_settings(state_dict, str(path))
     return state_dict, settings, path
 

@@ -164,6 +164,24 @@ def accepts_open_clip(spec: str, pretrained: str | None = None) -> bool:
     return spec in open_clip.list_models()
 
 
+def _refuse_open_clip_file(spec: str, weights: str) -> None:
+    """The :class:`InputError` that names what a checkpoint file open_clip could not load
+    into ``spec`` lacks or has too many (keys, shapes), read without building its weights."""
+    import open_clip
+
+    from unicom.models.weights import read_state_dict, state_dict_problems
+
+    given = read_state_dict(weights)
+    with torch.device("meta"):  # shapes only: no initialisation of weights
+        expected = open_clip.create_model(spec, pretrained=None, device="meta").state_dict()
+    problems = state_dict_problems(expected, given)
+    if problems:
+        tower = all(key.startswith("visual.") for key in given) and not all(key.startswith("visual.") for key in expected)
+        raise InputError(f"{weights}: does not hold {spec} weights; " + "; ".join(problems) + (
+            f" ({spec} is a whole CLIP, and the file holds its image tower alone: open_clip loads both towers; "
+            "save the whole model's state_dict)" if tower else ""))
+
+
 def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> OpenClipEncoder:
     """Build an open_clip model with its evaluation transform and tokenizer.
 
@@ -202,7 +220,8 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
                 "download them where there is a network and pass the file with --pretrained"
             ) from error
         if weights is not None and os.path.isfile(weights):
-            raise InputError(f"{weights}: does not hold {spec} weights ({message.splitlines()[0]})") from error
+            _refuse_open_clip_file(spec, weights)
+            raise InputError(f"{weights}: does not hold {spec} weights ({message})") from error
         raise
     except pickle.UnpicklingError as error:  # weights_only refused the file
         from unicom.models.weights import unpickling_refused

@@ -245,13 +245,14 @@ def _shape(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int, source: 
     return tuple(tensor.shape)
 
 
-def infer_settings(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> ViTSettings:
+def infer_settings(state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                   heads: int | None = None) -> ViTSettings:
     """Read a :class:`ViTSettings` off the tensor shapes of a released-format state dict.
 
     patch size and width from ``patch_embed.proj.weight`` (width, 3, p, p); the input size
     from ``pos_embed`` (1, N, width) as √N · p; depth from the ``blocks.{i}`` keys; the MLP
     size from ``blocks.0.mlp.fc1.weight``; the embedding size from ``feature.2.weight``.
-    The head count is not in any shape: it is ``width / 64``, as in every released model.
+    The head count is not in any shape: ``heads``, else ``width / 64``, as in every released model.
     """
     width, in_chans, patch, patch_w = _shape(state_dict, "patch_embed.proj.weight", 4, source)
     _, tokens, pos_width = _shape(state_dict, "pos_embed", 3, source)
@@ -267,9 +268,10 @@ def infer_settings(state_dict: Mapping[str, torch.Tensor], source: str = "state 
         raise InputError(f"{source}: block indices {sorted(indices)} are not 0..depth-1; is a block missing?")
     mlp_dim, _ = _shape(state_dict, "blocks.0.mlp.fc1.weight", 2, source)
     embedding_dim, _ = _shape(state_dict, "feature.2.weight", 2, source)
-    if width % HEAD_DIM:
-        raise InputError(f"{source}: width {width} is not a multiple of {HEAD_DIM}, so the head count is unknown; pass arch=")
-    return ViTSettings(grid * patch, patch, width, depth, width // HEAD_DIM, mlp_dim, embedding_dim, in_chans)
+    if heads is None and width % HEAD_DIM:
+        raise InputError(f"{source}: width {width} is not a multiple of {HEAD_DIM}, so the head count is unknown; "
+                         "give it (arch={'heads': N}, unicom convert --arch '{\"heads\": N}')")
+    return ViTSettings(grid * patch, patch, width, depth, heads or width // HEAD_DIM, mlp_dim, embedding_dim, in_chans)
 
 
 __all__ = ["ARCHITECTURE", "HEAD_DIM", "UnicomViT", "ViTSettings", "build_unicom_vit", "infer_settings"]

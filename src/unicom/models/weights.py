@@ -85,8 +85,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def unpickling_refused(path: str | os.PathLike, error: pickle.UnpicklingError) -> InputError:
     """The error for a file that ``torch.load(weights_only=True)`` refused: one that holds
     pickled Python objects (named so, with how to re-save it), or bytes that are no checkpoint."""
-    # the class refused: "Unsupported global: GLOBAL module.Name" (recent PyTorch), "Unsupported class module.Name" (older)
-    named = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error), re.IGNORECASE)
+    # the class refused: "Unsupported global: GLOBAL module.Name" (recent PyTorch), "Unsupported class module.Name"
+    # (older), "unsupported GLOBAL posix.system whose module posix is blocked" (os, sys: never allowed)
+    named = re.search(r"Unsupported (?:global: GLOBAL|class|GLOBAL) (\S+)", str(error), re.IGNORECASE)
     if named is None:  # not pickled objects: bytes that are no checkpoint
         return InputError(f"{path}: not a readable PyTorch checkpoint (damaged, or another format)")
     return InputError(
@@ -111,9 +112,14 @@ def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
+            from unicom.models.export import CONFIG_NAME
+
+            exported = path.parent / "model"  # beside the checkpoint of a unicom probe run: its model
             raise InputError(
                 f"{path}: expected a state dict (key -> tensor), or one under {', '.join(WRAPPER_KEYS)}; "
                 f"found keys {sorted(map(str, obj))[:10]}"
+                + (f"; the model trained from it is the model folder {exported}: give that"
+                   if (exported / CONFIG_NAME).is_file() else "")
             )
         obj = inner
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -129,12 +135,11 @@ def _listing(items: list[str], limit: int = 20) -> str:
     return shown + (f", … and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`InputError` listing missing, unexpected and mis-shaped keys.
-
-    ``expected`` is a module's ``state_dict()`` (meta tensors suffice: only shapes are
-    read). Keys ending in :data:`OPTIONAL_KEY_SUFFIXES` may be missing.
-    """
+def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps ``given`` from loading strictly into ``expected`` (a module's
+    ``state_dict()``; meta tensors suffice): ``"missing keys: …"``, ``"unexpected keys: …"``,
+    ``"wrong shapes: …"``, those that apply. Keys ending in :data:`OPTIONAL_KEY_SUFFIXES`
+    may be missing."""
     missing = [k for k in expected if k not in given and not k.endswith(OPTIONAL_KEY_SUFFIXES)]
     unexpected = [k for k in given if k not in expected]
     mismatched = [
@@ -142,12 +147,18 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
         for k in expected
         if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label}: {_listing(keys)}"
-            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
-            if keys
-        ]
+    return [
+        f"{label}: {_listing(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
+        if keys
+    ]
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`InputError` listing missing, unexpected and mis-shaped keys
+    (:func:`state_dict_problems`)."""
+    problems = state_dict_problems(expected, given)
+    if problems:
         raise InputError(f"{source}: the weights do not match the architecture; " + "; ".join(problems))
 
 

@@ -400,9 +400,22 @@ def read_probe_data(config: ProbeConfig) -> ProbeData:
         result.eval_lists = lists
         result.query = lists.subset(lists.source < len(ev.query), relabel=False)
         result.index = lists.subset(lists.source >= len(ev.query), relabel=False)
+        _require_disjoint(result.query, result.index)
     if result.train.num_classes < 2:
         raise InputError(f"training needs at least 2 classes; {result.train.num_classes} are left")
     return result
+
+
+def _require_disjoint(query: DomainImages, index: DomainImages) -> None:
+    """An :class:`InputError` when an image is both a query and an index image (the same
+    file, by its resolved path): it would find itself first and lift every score."""
+    indexed = set(index.images.paths)
+    shared = [key for key, path in zip(query.images.keys, query.images.paths) if path in indexed]
+    if shared:
+        raise InputError(
+            f"eval.query and eval.index share {len(shared)} of the {len(query)} query images (e.g. "
+            f"{', '.join(shared[:3])}): each would find itself first and lift every score; give lists without "
+            "common images (or eval.holdout_classes, which splits the training classes)")
 
 
 def _rows_of(keys: Sequence[str], subset: DomainImages) -> np.ndarray:

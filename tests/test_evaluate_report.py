@@ -1,0 +1,90 @@
+"""Publishing a report: ``metrics.json``, ``metrics.md`` and the curve appear as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, evaluate_retrieval
+
+# a run whose process dies (os._exit: no cleanup, as kill -9) as it renames one file of its report into place
+KILLED_RUN = """
+import os, sys
+from pathlib import Path
+import numpy as np
+
+rename = os.replace
+def dying_rename(source, destination, *args, **kwargs):
+    if Path(destination).name == sys.argv[2]:
+        os._exit(9)
+    return rename(source, destination, *args, **kwargs)
+os.replace = dying_rename
+
+from unicom.evaluate.report import evaluate_retrieval
+x = np.random.default_rng(2).standard_normal((40, 16)).astype(np.float32)
+evaluate_retrieval(x, np.arange(40) % 4, dims=(4, 8), out=sys.argv[1], info={"dataset": "second"})
+"""
+
+
+def second_run(out: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((40, 16)).astype(np.float32)
+    evaluate_retrieval(x, np.arange(40) % 4, dims=(4, 8), out=out, info={"dataset": "second"})
+
+
+def runs_present(out: Path, first_plot: bytes) -> dict[str, str]:
+    """Which run wrote each report file in ``out``: "first" or "second"."""
+    runs = {}
+    if (out / JSON_NAME).exists():
+        runs[JSON_NAME] = json.loads((out / JSON_NAME).read_text())["dataset"]
+    if (out / MARKDOWN_NAME).exists():
+        runs[MARKDOWN_NAME] = (out / MARKDOWN_NAME).read_text().splitlines()[0].removeprefix("# ")
+    if (out / PLOT_NAME).exists():
+        runs[PLOT_NAME] = "first" if (out / PLOT_NAME).read_bytes() == first_plot else "second"
+    return runs
+
+
+@pytest.mark.parametrize("killed_at", [PLOT_NAME, MARKDOWN_NAME, JSON_NAME])
+def test_a_run_killed_while_publishing_never_leaves_files_of_two_runs(tmp_path, killed_at):
+    out = tmp_path / "report"
+    x = np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32)
+    evaluate_retrieval(x, np.arange(40) % 5, dims=(4, 8), out=out, info={"dataset": "first"})
+    first_plot = (out / PLOT_NAME).read_bytes()
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(out), killed_at], env=env, timeout=300)
+    assert killed.returncode == 9
+
+    runs = runs_present(out, first_plot)
+    assert len(set(runs.values())) <= 1, runs  # one run's files: the first's whole, or the second's
+    if set(runs.values()) == {"first"}:
+        assert set(runs) == {JSON_NAME, MARKDOWN_NAME, PLOT_NAME}
+    else:  # metrics.json stands only beside the rest of its report
+        assert JSON_NAME not in runs
+
+    second_run(out)  # the next run publishes its whole report and removes what the killed one left
+    assert runs_present(out, first_plot) == {JSON_NAME: "second", MARKDOWN_NAME: "second", PLOT_NAME: "second"}
+    assert sorted(p.name for p in out.iterdir()) == sorted([JSON_NAME, MARKDOWN_NAME, PLOT_NAME])
+
+
+def test_a_report_whose_write_fails_leaves_neither_temporaries_nor_a_metrics_json_of_another_run(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    x = np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32)
+    evaluate_retrieval(x, np.arange(40) % 5, dims=(4, 8), out=out, info={"dataset": "first"})
+    rename = os.replace
+
+    def full_disk(source, destination, *args, **kwargs):
+        if Path(destination).name == MARKDOWN_NAME:
+            raise OSError(28, "No space left on device")
+        return rename(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        second_run(out)
+    assert [p.name for p in out.iterdir()] == [PLOT_NAME]  # the second run's curve alone, no temporaries

@@ -240,10 +240,18 @@ def test_csv_listing_an_evaluation_image_twice_is_refused(table, split, tmp_path
         load_retrieval_benchmark("csv", tmp_path / "list.csv")
 
 
-def test_csv_may_list_an_image_in_the_query_and_the_gallery(tmp_path):
-    for name in ("0", "1"):
+def test_csv_refuses_an_image_marked_both_query_and_gallery_as_it_would_find_itself(tmp_path):
+    """As `unicom evaluate --gallery-embeddings` refuses a gallery holding query images: the
+    query's own gallery row would rank first (similarity 1) and lift every score."""
+    for name in ("0", "1", "2"):
         jpeg(tmp_path / f"{name}.jpg")
-    write(tmp_path / "list.csv", "path,label,split\n0.jpg,x,query\n0.jpg,x,gallery\n1.jpg,x,gallery\n")
+    write(tmp_path / "list.csv", "path,label,split\n0.jpg,x,query\n2.jpg,y,query\n0.jpg,x,gallery\n1.jpg,x,gallery\n")
+    with pytest.raises(InputError) as error:
+        load_retrieval_benchmark("csv", tmp_path / "list.csv")
+    assert str(error.value) == (
+        f"{tmp_path / 'list.csv'}: 1 image marked query is also marked gallery, e.g. 0.jpg; each would find itself first "
+        "and lift every score: mark the images split=test to search them leave-one-out, or keep the queries out of the gallery")
+    write(tmp_path / "list.csv", "path,label,split\n2.jpg,x,query\n0.jpg,x,gallery\n1.jpg,x,gallery\n")
     assert len(load_retrieval_benchmark("csv", tmp_path / "list.csv").gallery) == 2
 
 

@@ -566,6 +566,13 @@ def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     if "query" in parts or "gallery" in parts:
         if not {"query", "gallery"} <= set(parts):
             raise InputError(f"{path}: rows marked query need rows marked gallery, and the reverse")
+        in_gallery = set(parts["gallery"].keys)
+        shared = [key for key in parts["query"].keys if key in in_gallery]
+        if shared:
+            raise InputError(
+                f"{path}: {len(shared)} image{'s' if len(shared) > 1 else ''} marked query {'are' if len(shared) > 1 else 'is'} "
+                f"also marked gallery, e.g. {', '.join(shared[:3])}; each would find itself first and lift every score: "
+                "mark the images split=test to search them leave-one-out, or keep the queries out of the gallery")
         return Splits(query=parts["query"], gallery=parts["gallery"], train=parts.get("train"))
     if "test" not in parts:
         raise InputError(f"{path}: no row is marked test (or query/gallery); nothing to evaluate")

@@ -200,7 +200,7 @@ def embedded_image_collection(root: Path, labels=(0, 1, 2, 3), per_class: int = 
     from unicom.embed import embed_to_folder
 
     root = Path(root)
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # other weights than a model built without any (seeded by 0)
     checkpoint = root / "test_vit.pth"
     torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), checkpoint)
     images = write_class_folder(root / "images", list(labels), per_class)

@@ -261,3 +261,20 @@ def test_an_image_tower_alone_is_refused_saying_open_clip_loads_both_towers(tmp_
                                          r"CLIP, and the file holds its image tower alone: open_clip loads both towers; "
                                          r"save the whole model's state_dict\)"):
         load_encoder(tiny_clip_name, str(tmp_path / "tower.pt"))
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_a_model_without_weights_is_the_same_network_at_every_load_and_leaves_the_callers_generator_alone():
+    """Random weights (tests, smoke runs: `--model ViT-B-32` without --pretrained) are built with
+    torch's generator seeded, so a rerun into the same --out, `unicom search` on the embeddings
+    and a feature cache find the weights they recorded; the caller's random stream goes on as
+    if nothing was built."""
+    from unicom.models.encoders import load_encoder
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_encoder("timm/test_vit", None)
+    assert torch.equal(torch.rand(3), expected_next)
+    second = load_encoder("timm/test_vit", "none")
+    assert first.weights_sha256() == second.weights_sha256()

@@ -598,3 +598,14 @@ def test_a_benchmark_cache_labelled_by_ids_is_relabelled_with_class_names_not_em
     assert pq.read_table(metadata).column("label").to_pylist() == ["101", "101", "102", "102"]
     np.testing.assert_array_equal(np.load(cache / "img_emb" / "img_emb_0.npy"), marked)
     assert json.loads((cache / "evaluate_embeddings.json").read_text())["labels"] == "class names"
+
+
+def test_decoding_workers_are_spelt_as_unicom_embed_spells_them_or_as_before():
+    from unicom.cli import Parser
+    from unicom.commands import evaluate
+
+    parser = Parser(prog="unicom evaluate")
+    evaluate.add_arguments(parser)
+    for option in ("--workers", "--num-workers"):
+        args = parser.parse_args(["--model", "m", "--dataset", "cub", "--root", "r", option, "3", "--out", "o"])
+        assert args.num_workers == 3

@@ -205,10 +205,11 @@ def test_a_backbone_named_by_a_tag_or_a_repository_that_changed_says_what_to_do(
     """Weights named rather than read from a file cannot be 'put back': a Hub repository named
     without a revision is pinned to the one trained on; weights of a tag (or the seeded random
     ones) are built by the installed library, whose version is what to check."""
-    from unicom.unifex.model import changed_backbone_advice, load_backbone_encoder
+    from unicom.models.encoders import load_encoder
+    from unicom.unifex.model import changed_backbone_advice
 
     settings = unifex_settings("timm/test_vit", None, 64, {"kind": "linear", "embedding_dim": 4}, "0" * 64)
-    backbone = load_backbone_encoder("timm/test_vit", None)
+    backbone = load_encoder("timm/test_vit", None)
     folder = save_model(tmp_path / "model", {f"neck.{k}": v for k, v in LinearNeck(64, 4).state_dict().items()},
                         "unifex", settings, describe_transform(backbone.image_transform), embedding_dim=4)
     with pytest.raises(InputError, match=r"trained on \(weights_sha256 000000000000\.\.\. then, [0-9a-f]{12}\.\.\. now\): "

@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     embedding = parser.add_argument_group("embedding with --model")
     embedding.add_argument("--batch-size", type=_at_least(1), default=64)
-    embedding.add_argument("--num-workers", type=int, help="image decoding processes (default: by device)")
+    embedding.add_argument("--workers", "--num-workers", dest="num_workers", type=int,
+                           help="image decoding processes, as unicom embed's --workers (default: by device)")
     embedding.add_argument("--device", help="cuda, cuda:1 or cpu (default: this rank's GPU, else CPU)")
     embedding.add_argument("--download", action="store_true", help="let torchvision download a classification dataset")
 

@@ -109,6 +109,9 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
+RANDOM_WEIGHTS_SEED = 0  # torch's CPU generator's seed while a timm or open_clip model is built
+
+
 def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu") -> Encoder:
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
@@ -133,10 +136,15 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
                 raise missing from None
         else:
             return ModelEncoder(*factory.load_described(str(folder), device=device, label=spec)).eval()
-    if foundation.accepts_timm(spec, pretrained):
-        return foundation.timm_encoder(spec, pretrained, device).eval()
-    if foundation.accepts_open_clip(spec, pretrained):
-        return foundation.open_clip_encoder(spec, pretrained, device).eval()
+    for accepts, build in ((foundation.accepts_timm, foundation.timm_encoder),
+                           (foundation.accepts_open_clip, foundation.open_clip_encoder)):
+        if accepts(spec, pretrained):
+            # seeded, the caller's generator state restored after: a model without weights (random,
+            # for tests) is the same network at every load, so a rerun, `unicom search` and a
+            # feature cache find the weights they recorded
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                return build(spec, pretrained, device).eval()
     if pretrained is None and os.path.isdir(spec):
         from unicom.models.export import not_a_model_folder
 

@@ -32,16 +32,6 @@ from unicom.models.registry import register_architecture
 
 ARCHITECTURE = "unifex"
 NECK_KINDS = ("linear", "pooling")
-BACKBONE_SEED = 0  # the random generator's seed while a backbone is built
-
-
-def load_backbone_encoder(spec: str, pretrained: str | None, device: str | torch.device = "cpu") -> Encoder:
-    """:func:`load_encoder` with torch's CPU generator seeded by :data:`BACKBONE_SEED` (the
-    caller's state restored after): a backbone without weights (``pretrained`` null) is then
-    the same network in the run, its feature cache and every load of the exported model."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BACKBONE_SEED)
-        return load_encoder(spec, pretrained, device)
 
 
 # --------------------------------------------------------------------------- necks
@@ -214,7 +204,7 @@ def build_unifex(settings: Mapping[str, Any]) -> UniFExModel:
         model = UniFExModel(settings)
         model.register_buffer("backbone_placeholder", torch.empty(0), persistent=False)
         return model
-    backbone = load_backbone_encoder(settings["backbone"], settings.get("pretrained"))
+    backbone = load_encoder(settings["backbone"], settings.get("pretrained"))  # random weights: seeded
     if backbone.embedding_dim != int(settings["input_dim"]):
         raise InputError(
             f"{settings['backbone']} ({settings.get('pretrained')}) gives {backbone.embedding_dim} features but the "

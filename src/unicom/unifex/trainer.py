@@ -581,10 +581,11 @@ def load_backbone(config: ProbeConfig) -> Backbone:
     """The frozen encoder on its device, with its transform checked for export (before any work)."""
     from unicom.embed import default_num_workers
     from unicom.engine.device import resolve_device, resolve_precision
-    from unicom.unifex.model import describe_transform, freeze, load_backbone_encoder
+    from unicom.models.encoders import load_encoder
+    from unicom.unifex.model import describe_transform, freeze
 
     device = resolve_device(config.train.device)
-    encoder = freeze(load_backbone_encoder(config.backbone.model, config.backbone.pretrained, device))
+    encoder = freeze(load_encoder(config.backbone.model, config.backbone.pretrained, device))
     preprocess = describe_transform(encoder.image_transform, config.backbone.model)
     workers = default_num_workers(device) if config.data.workers is None else config.data.workers
     # the frozen backbone only infers: auto is fp16 on a GPU, as `unicom embed`

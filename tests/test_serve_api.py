@@ -892,3 +892,47 @@ def test_a_remote_image_whose_header_lies_beyond_its_first_bytes_is_decoded_alon
     image.save(buffer, format="JPEG", quality=85)
     assert response.content == buffer.getvalue()
     assert app.state.decoding.peak == 50_000_000 and app.state.decoding.used == 0
+
+
+def test_a_server_started_before_a_rebuild_with_the_same_row_counts_refuses_the_rebuilt_metadata(tmp_path, caplog):
+    """The vectors a server loaded stay in memory; the metadata files it reads later are the
+    rebuild's: with the same rows per part their counts match, the build id does not."""
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    def write(tag: str, seed: int):
+        vectors = np.random.default_rng(seed).standard_normal((12, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        for number in (0, 1):
+            write_part(tmp_path / "emb", number, image=vectors[6 * number:6 * number + 6],
+                       metadata=pa.table({"key": [f"{tag}-{number}-{row}" for row in range(6)]}))
+
+    write("old", seed=0)
+    loaded = Index.build(tmp_path / "emb", tmp_path / "index")
+    with TestClient(create_app(loaded, None), raise_server_exceptions=False) as client:
+        write("new", seed=1)
+        Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)  # 6 rows in each part again
+        for response in (client.post("/metadata", json={"ids": [3]}), client.post("/search", json={"like": 8, "k": 2})):
+            assert response.status_code == 503
+            assert response.json()["detail"] == ("index 'index' was rebuilt since this server loaded it; restart "
+                                                  "`unicom serve` to serve the rebuilt index")
+        metadata = tmp_path / "index" / "metadata"
+        assert f"POST /metadata: {metadata / 'metadata_0.parquet'}: written by another build of the index" in caplog.text
+        assert "load it again (restart `unicom serve`)" in caplog.text
+    with TestClient(create_app(Index.load(tmp_path / "index"), None)) as client:  # restarted: the rebuilt rows
+        assert client.post("/metadata", json={"ids": [3, 8]}).json()[1]["metadata"]["key"] == "new-1-2"
+
+
+def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_path):
+    import pyarrow.parquet as pq
+
+    found = indexed_image_collection(tmp_path)
+    config = json.loads((tmp_path / "index" / "index.json").read_text())
+    del config["build"]  # as unicom wrote index.json before it recorded build ids, and its metadata files
+    (tmp_path / "index" / "index.json").write_text(json.dumps(config))
+    for part in (tmp_path / "index" / "metadata").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    with TestClient(create_app(Index.load(tmp_path / "index"), found["encoder"])) as client:
+        response = client.post("/metadata", json={"ids": [14]})
+        assert response.status_code == 200 and "class_002/0002.jpg" in response.text

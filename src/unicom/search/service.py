@@ -62,6 +62,7 @@ from unicom.search import queries, uploads
 from unicom.search.batching import ByteBudget, QueryBatcher
 from unicom.search.index import Index, source_columns
 from unicom.search.item_images import ItemImages
+from unicom.search.metadata_rows import RebuiltIndexError
 from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
 from unicom.search.uploads import MAX_PIXELS, ModelInput
 
@@ -355,6 +356,11 @@ def create_app(
     async def input_error(request: Request, error: InputError):
         if isinstance(error, FolderError):  # the served index's files, not the request: the server failed
             logger.error("%s %s: %s", request.method, request.url.path, error)
+            rebuilt = [name for name, item in served.items() if isinstance(error, RebuiltIndexError)
+                       and item.index.config.get("build") == error.loaded]
+            if rebuilt:  # the client can be told which index and what to do, without the server's paths
+                return JSONResponse({"detail": f"index {rebuilt[0]!r} was rebuilt since this server loaded it; restart "
+                                               "`unicom serve` to serve the rebuilt index"}, status_code=503)
             return server_failure(error)
         return JSONResponse({"detail": str(error)}, status_code=400)
 

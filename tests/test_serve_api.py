@@ -691,6 +691,63 @@ def test_a_cancelled_decoding_holds_its_bytes_until_its_thread_ends():
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (60, 0)
 
 
+async def settle():
+    """Let every task that can run reach its next wait (no time passes)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_an_image_larger_than_the_decoding_budget_is_not_overtaken_by_smaller_ones_that_came_after_it():
+    from unicom.search.batching import ByteBudget
+
+    async def scenario():
+        budget, granted = ByteBudget(100), []
+
+        async def request(name: str, size: int) -> int:
+            held = await budget.acquire(size)
+            granted.append(name)
+            return held
+
+        first = await budget.acquire(30)  # a small image being decoded
+        big = asyncio.ensure_future(request("big", 500))  # more than the whole budget: decoded alone
+        await settle()
+        small = [asyncio.ensure_future(request(f"small {i}", 30)) for i in range(3)]  # each would fit beside the first
+        await settle()
+        assert granted == []  # they wait behind the big one
+        await budget.release(first)
+        await settle()
+        assert granted == ["big"] and budget.used == 100
+        await budget.release(await big)
+        await settle()
+        assert granted == ["big", "small 0", "small 1", "small 2"] and budget.used == 90
+        for request in small:
+            await budget.release(await request)
+        return budget.used, budget.peak
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (0, 100)
+
+
+def test_a_waiting_request_given_up_lets_the_ones_behind_it_go():
+    from unicom.search.batching import ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100)
+        first = await budget.acquire(60)
+        big = asyncio.ensure_future(budget.acquire(100))
+        await settle()
+        small = asyncio.ensure_future(budget.acquire(40))
+        await settle()
+        assert not small.done()  # behind the big one
+        big.cancel()  # its client went away
+        await settle()
+        assert small.done() and budget.used == 100
+        await budget.release(await small)
+        await budget.release(first)
+        return budget.used
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == 0
+
+
 @pytest.mark.parametrize("name", ["00000.tar", "00000.tar.gz"])
 def test_the_head_of_a_shard_member_is_its_first_bytes_compressed_or_not(tmp_path, name):
     """A thumbnail reads a member's first bytes for its header before the decoding budget

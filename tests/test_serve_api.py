@@ -993,3 +993,36 @@ def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_p
     with TestClient(create_app(Index.load(tmp_path / "index"), found["encoder"])) as client:
         response = client.post("/metadata", json={"ids": [14]})
         assert response.status_code == 200 and "class_002/0002.jpg" in response.text
+
+
+def test_a_full_image_from_a_url_stays_in_the_decoding_budget_until_a_slow_client_has_received_it(tmp_path):
+    """GET /image/{id} of an image at a URL: its bytes are in the server's memory until they
+    are sent, so their share of the budget is held until then, not only while fetching."""
+    import socket
+
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from support import LiveServer
+    from unicom.formats.embeddings import write_part
+
+    data = encode_image(class_image(1, 0), "PNG") + bytes(32 * 2**20)  # far more than the sockets buffer
+    (tmp_path / "big.png").write_bytes(data)
+    with FileServer(tmp_path) as files:
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1],
+                   metadata=pa.table({"image_path": [f"{files.url}/big.png"]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"))
+        budget = app.state.decoding
+        with LiveServer(app) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 30) as client:
+            client.sendall(b"GET /image/0 HTTP/1.1\r\nHost: served\r\nConnection: close\r\n\r\n")
+            answer = client.recv(1024)  # the answer has begun: the image was fetched; the client reads no more
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert budget.used == len(data)  # held while the body waits to be sent
+            while chunk := client.recv(2**20):
+                answer += chunk
+        assert answer.endswith(data)
+        for _ in range(1000):  # the server's send has ended once the client read it all (bounded)
+            if budget.used == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert budget.used == 0

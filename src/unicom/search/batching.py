@@ -152,13 +152,22 @@ class ByteBudget:
             self._hold(size)
             granted.set_result(None)
 
-    async def run(self, size: int, fn: Callable, *args) -> Any:
+    async def run(self, size: int, fn: Callable, *args, kept: bool = False) -> Any:
         """``fn(*args)`` in a worker thread while holding ``size`` bytes; they are given back
-        when it ends, even if the caller is cancelled before."""
+        when it ends, even if the caller is cancelled before. ``kept``: ``(result, held)``, and
+        the bytes stay held for the caller to :meth:`release` (given back here only when
+        ``fn`` fails or the caller is cancelled)."""
         held = await self.acquire(size)
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(None, fn, *args)
-        job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
-        # shielded: a cancelled caller would cancel the job's future, which gives the bytes
-        # back at once while the thread still holds them
-        return await asyncio.shield(job)
+        try:
+            # shielded: a cancelled caller would cancel the job's future, which gives the bytes
+            # back at once while the thread still holds them
+            result = await asyncio.shield(job)
+        except BaseException:  # failed, or the caller was cancelled: given back once the thread ends
+            job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
+            raise
+        if kept:
+            return result, held
+        await self.release(held)
+        return result

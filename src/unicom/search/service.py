@@ -160,6 +160,23 @@ def _json_body(body: bytes) -> Any:
 # --------------------------------------------------------------------------- the app
 
 
+class HeldResponse(Response):
+    """A response whose body stays counted in ``budget`` (``held`` bytes) until it has been sent
+    to the client, or the sending failed: a slow client holds the image's share of the decoding
+    budget for as long as its bytes are in memory, not only while they were fetched."""
+
+    def __init__(self, content: bytes, budget: ByteBudget, held: int, **options):
+        super().__init__(content, **options)
+        self.budget, self.held = budget, held
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            held, self.held = self.held, 0
+            await self.budget.release(held)
+
+
 @dataclass
 class Served:
     """One index of the service, with the model of its collection."""
@@ -563,11 +580,11 @@ def create_app(
     @app.get("/image/{item_id:int}", summary="The full image of an item", responses={200: {"content": {"image/*": {}}}})
     async def full_image(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
         _, row = await row_of(item_id, index)
-        source, kind = await images.stored(row, item_id, decoding)
+        source, kind, held = await images.stored(row, item_id, decoding)
         headers = {"Cache-Control": "max-age=3600"}
         media_type = uploads.STORED_MEDIA_TYPES[kind]
-        if isinstance(source, bytes):
-            return Response(source, media_type=media_type, headers=headers)
+        if isinstance(source, bytes):  # an image fetched from a URL or a shard: held until sent to the client
+            return HeldResponse(source, decoding, held, media_type=media_type, headers=headers)
         return FileResponse(source, media_type=media_type, headers=headers)
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +12,7 @@ import torch
 from support import class_image, encode_image, write_class_folder, write_tar_shard
 
 from unicom.cli import main
-from unicom.formats.embeddings import EmbeddingFolders
+from unicom.formats.embeddings import EmbeddingFolders, part_settings
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +233,37 @@ def test_an_output_folder_on_a_full_disk_says_what_to_do_and_a_rerun_completes_i
     assert [p.name for p in (tmp_path / "EMB").rglob("*.tmp")] == []
     assert main(arguments) == 0
     assert EmbeddingFolders.from_root(tmp_path / "EMB").contents(("image",)).num_rows == 4
+
+
+def embed_class_folder(tmp_path, weights, *options) -> int:
+    """``unicom embed`` of a 9-image class folder in parts of 4 rows (parts 0, 1, 2) into ``tmp_path/EMB``."""
+    if not (tmp_path / "data").is_dir():
+        write_class_folder(tmp_path / "data", labels=[0, 1, 2], per_class=3, size=24)
+    return main(["embed", "--input", str(tmp_path / "data"), "--model", "timm/test_vit", "--pretrained", weights,
+                 "--out", str(tmp_path / "EMB"), "--rows-per-part", "4", "--workers", "0", *options])
+
+
+def test_a_run_resumed_with_another_precision_and_decoding_warns_naming_both_and_their_parts(tmp_path, weights, caplog):
+    assert embed_class_folder(tmp_path, weights, "--precision", "fp32", "--decode", "cpu") == 0
+    (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()  # as a run killed before part 1 was finished
+    with caplog.at_level(logging.WARNING, logger="unicom.embed"):
+        assert embed_class_folder(tmp_path, weights, "--precision", "bf16", "--decode", "gpu") == 0  # not refused
+    assert (f"{tmp_path / 'EMB'}: finished parts were embedded with other settings than this run's (parts [0, 2] with "
+            "decode cpu, precision fp32); this run embeds parts [1] with decode gpu, precision bf16. Their embeddings "
+            "differ slightly") in caplog.text
+    cpu, gpu = {"precision": "fp32", "decode": "cpu"}, {"precision": "bf16", "decode": "gpu"}
+    assert part_settings(tmp_path / "EMB", [0, 1, 2]) == {0: cpu, 1: gpu, 2: cpu}
+
+
+def test_a_run_resumed_with_the_same_settings_or_in_a_folder_without_records_does_not_warn(tmp_path, weights, caplog):
+    assert embed_class_folder(tmp_path, weights) == 0  # auto on a CPU: fp32, decoded by Pillow
+    assert part_settings(tmp_path / "EMB", [0]) == {0: {"precision": "fp32", "decode": "cpu"}}
+    (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()
+    with caplog.at_level(logging.WARNING, logger="unicom.embed"):
+        assert embed_class_folder(tmp_path, weights, "--precision", "fp32", "--decode", "cpu") == 0
+        for number in (0, 2):  # as earlier versions wrote them: no record
+            path = tmp_path / "EMB" / "metadata" / f"metadata_{number}.parquet"
+            pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
+        (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()
+        assert embed_class_folder(tmp_path, weights, "--precision", "bf16") == 0
+    assert "other settings" not in caplog.text

@@ -24,6 +24,7 @@ from unicom.formats.embeddings import write_part
 from unicom.search import index as index_module
 from unicom.search import metadata_rows
 from unicom.search.index import Index
+from unicom.search.metadata_rows import with_build
 
 
 @pytest.fixture
@@ -160,14 +161,16 @@ def test_a_remote_metadata_file_replaced_while_loaded_is_named_not_misread(s3, t
     url = s3.upload_folder(tmp_path / "index", "remote-meta-d", "index")
     loaded = Index.load(url)
     loaded.metadata(0)  # the footer is read, and row group 0
-    captioned_collection(tmp_path / "other", 100, seed=1, prefix="a much longer caption, elsewhere in the file")
-    replaced = Index.build(tmp_path / "other", tmp_path / "replaced")
-    s3.put("remote-meta-d", "index/metadata/metadata_0.parquet",
-           (tmp_path / "replaced" / "metadata" / "metadata_0.parquet").read_bytes())
+    captions = captioned_collection(tmp_path / "other", 100, seed=1, prefix="a much longer caption, elsewhere in the file")
+    Index.build(tmp_path / "other", tmp_path / "replaced")
+    file = tmp_path / "replaced" / "metadata" / "metadata_0.parquet"
+    # a file of the same build, written again (a file of another build is refused as such)
+    pq.write_table(with_build(pq.read_table(file), loaded.config["build"]), file, row_group_size=16)
+    s3.put("remote-meta-d", "index/metadata/metadata_0.parquet", file.read_bytes())
     changed = r"metadata_0\.parquet: changed since the index was loaded .*load the index again"
     with pytest.raises(InputError, match=changed):
         loaded.metadata(90)
-    assert Index.load(url).metadata(90)["caption"] == replaced.metadata(90)["caption"]
+    assert Index.load(url).metadata(90)["caption"] == captions[90]
 
 
 def served_bytes(asked: list[str], name: str, size: int) -> int:
@@ -510,3 +513,16 @@ def test_a_remote_index_published_without_its_held_out_ids_loads_from_a_server_t
         http.fault("index.json", status=403, statuses=1000)  # a file it needs: refused is an error
         with pytest.raises(storage.FetchError, match=r"index.json: refused \(HTTP 403 Forbidden\)"):
             Index.load(f"{http.url}/")
+
+
+def test_a_remote_index_rebuilt_with_the_same_row_counts_since_it_was_loaded_is_refused(s3, tmp_path, cache):
+    captioned_collection(tmp_path / "emb", 100)
+    s3.bucket("remote-meta-rebuilt")
+    url = s3.upload_folder(Index.build(tmp_path / "emb", tmp_path / "index").path, "remote-meta-rebuilt", "index")
+    loaded = Index.load(url)
+    captioned_collection(tmp_path / "emb", 100, seed=1, prefix="rebuilt")
+    Index.build(tmp_path / "emb", url, overwrite=True)
+    with pytest.raises(InputError, match=r"metadata_0\.parquet: written by another build of the index .* the index was "
+                                         r"rebuilt since it was loaded: load it again \(restart `unicom serve`\)"):
+        loaded.metadata(3)
+    assert Index.load(url).metadata(3)["caption"].startswith("rebuilt")

@@ -691,6 +691,63 @@ def test_a_cancelled_decoding_holds_its_bytes_until_its_thread_ends():
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (60, 0)
 
 
+async def settle():
+    """Let every task that can run reach its next wait (no time passes)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_an_image_larger_than_the_decoding_budget_is_not_overtaken_by_smaller_ones_that_came_after_it():
+    from unicom.search.batching import ByteBudget
+
+    async def scenario():
+        budget, granted = ByteBudget(100), []
+
+        async def request(name: str, size: int) -> int:
+            held = await budget.acquire(size)
+            granted.append(name)
+            return held
+
+        first = await budget.acquire(30)  # a small image being decoded
+        big = asyncio.ensure_future(request("big", 500))  # more than the whole budget: decoded alone
+        await settle()
+        small = [asyncio.ensure_future(request(f"small {i}", 30)) for i in range(3)]  # each would fit beside the first
+        await settle()
+        assert granted == []  # they wait behind the big one
+        await budget.release(first)
+        await settle()
+        assert granted == ["big"] and budget.used == 100
+        await budget.release(await big)
+        await settle()
+        assert granted == ["big", "small 0", "small 1", "small 2"] and budget.used == 90
+        for request in small:
+            await budget.release(await request)
+        return budget.used, budget.peak
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (0, 100)
+
+
+def test_a_waiting_request_given_up_lets_the_ones_behind_it_go():
+    from unicom.search.batching import ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100)
+        first = await budget.acquire(60)
+        big = asyncio.ensure_future(budget.acquire(100))
+        await settle()
+        small = asyncio.ensure_future(budget.acquire(40))
+        await settle()
+        assert not small.done()  # behind the big one
+        big.cancel()  # its client went away
+        await settle()
+        assert small.done() and budget.used == 100
+        await budget.release(await small)
+        await budget.release(first)
+        return budget.used
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == 0
+
+
 @pytest.mark.parametrize("name", ["00000.tar", "00000.tar.gz"])
 def test_the_head_of_a_shard_member_is_its_first_bytes_compressed_or_not(tmp_path, name):
     """A thumbnail reads a member's first bytes for its header before the decoding budget
@@ -892,3 +949,80 @@ def test_a_remote_image_whose_header_lies_beyond_its_first_bytes_is_decoded_alon
     image.save(buffer, format="JPEG", quality=85)
     assert response.content == buffer.getvalue()
     assert app.state.decoding.peak == 50_000_000 and app.state.decoding.used == 0
+
+
+def test_a_server_started_before_a_rebuild_with_the_same_row_counts_refuses_the_rebuilt_metadata(tmp_path, caplog):
+    """The vectors a server loaded stay in memory; the metadata files it reads later are the
+    rebuild's: with the same rows per part their counts match, the build id does not."""
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+
+    def write(tag: str, seed: int):
+        vectors = np.random.default_rng(seed).standard_normal((12, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        for number in (0, 1):
+            write_part(tmp_path / "emb", number, image=vectors[6 * number:6 * number + 6],
+                       metadata=pa.table({"key": [f"{tag}-{number}-{row}" for row in range(6)]}))
+
+    write("old", seed=0)
+    loaded = Index.build(tmp_path / "emb", tmp_path / "index")
+    with TestClient(create_app(loaded, None), raise_server_exceptions=False) as client:
+        write("new", seed=1)
+        Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)  # 6 rows in each part again
+        for response in (client.post("/metadata", json={"ids": [3]}), client.post("/search", json={"like": 8, "k": 2})):
+            assert response.status_code == 503
+            assert response.json()["detail"] == ("index 'index' was rebuilt since this server loaded it; restart "
+                                                  "`unicom serve` to serve the rebuilt index")
+        metadata = tmp_path / "index" / "metadata"
+        assert f"POST /metadata: {metadata / 'metadata_0.parquet'}: written by another build of the index" in caplog.text
+        assert "load it again (restart `unicom serve`)" in caplog.text
+    with TestClient(create_app(Index.load(tmp_path / "index"), None)) as client:  # restarted: the rebuilt rows
+        assert client.post("/metadata", json={"ids": [3, 8]}).json()[1]["metadata"]["key"] == "new-1-2"
+
+
+def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_path):
+    import pyarrow.parquet as pq
+
+    found = indexed_image_collection(tmp_path)
+    config = json.loads((tmp_path / "index" / "index.json").read_text())
+    del config["build"]  # as unicom wrote index.json before it recorded build ids, and its metadata files
+    (tmp_path / "index" / "index.json").write_text(json.dumps(config))
+    for part in (tmp_path / "index" / "metadata").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    with TestClient(create_app(Index.load(tmp_path / "index"), found["encoder"])) as client:
+        response = client.post("/metadata", json={"ids": [14]})
+        assert response.status_code == 200 and "class_002/0002.jpg" in response.text
+
+
+def test_a_full_image_from_a_url_stays_in_the_decoding_budget_until_a_slow_client_has_received_it(tmp_path):
+    """GET /image/{id} of an image at a URL: its bytes are in the server's memory until they
+    are sent, so their share of the budget is held until then, not only while fetching."""
+    import socket
+
+    import pyarrow as pa
+    from storage_servers import FileServer
+
+    from support import LiveServer
+    from unicom.formats.embeddings import write_part
+
+    data = encode_image(class_image(1, 0), "PNG") + bytes(32 * 2**20)  # far more than the sockets buffer
+    (tmp_path / "big.png").write_bytes(data)
+    with FileServer(tmp_path) as files:
+        write_part(tmp_path / "emb", 0, image=np.eye(8, dtype=np.float32)[:1],
+                   metadata=pa.table({"image_path": [f"{files.url}/big.png"]}))
+        app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"))
+        budget = app.state.decoding
+        with LiveServer(app) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 30) as client:
+            client.sendall(b"GET /image/0 HTTP/1.1\r\nHost: served\r\nConnection: close\r\n\r\n")
+            answer = client.recv(1024)  # the answer has begun: the image was fetched; the client reads no more
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert budget.used == len(data)  # held while the body waits to be sent
+            while chunk := client.recv(2**20):
+                answer += chunk
+        assert answer.endswith(data)
+        for _ in range(1000):  # the server's send has ended once the client read it all (bounded)
+            if budget.used == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert budget.used == 0

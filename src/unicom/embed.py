@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import time
@@ -51,7 +52,9 @@ from unicom.formats.embeddings import (
     WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
+    listed_parts,
     part_column_values,
+    part_settings,
     read_config,
     sweep_writer_temporaries,
     write_config,
@@ -60,6 +63,8 @@ from unicom.formats.embeddings import (
 from unicom.models.encoders import Encoder, load_encoder
 from unicom.models.foundation import local_folder, recorded_spec
 from unicom.progress import progress
+
+logger = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
@@ -384,7 +389,8 @@ def _metadata_table(part, rows: list[dict], with_images: bool):
     return pa.table({name: pa.array([row.get(name) for row in rows], type=types[name]) for name in names})
 
 
-def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str) -> bool:
+def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str,
+                   settings: dict | None = None) -> bool:
     """Sort the part's rows back into input order and write it (failures first, metadata
     last). A part that could not be read to the end (a broken or unfetched shard, an image
     that could not be fetched) gets its failure report only: False, it is not finished."""
@@ -418,7 +424,8 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
     else:
         storage.remove(report)  # a stale report of an earlier run of this part
     if finished:
-        write_part(out, part.number, **arrays, metadata=_metadata_table(part, rows, "image" in modalities))
+        write_part(out, part.number, **arrays, metadata=_metadata_table(part, rows, "image" in modalities),
+                   settings=settings)
     return finished
 
 
@@ -563,16 +570,52 @@ def embed_parts(
     if rank == 0 and had_config is False:
         with refused_write(out, CONFIG_FILE, KEPT_PARTS):
             write_config(out, config)
+    settings = run_settings(encoder, modalities, precision, decode)
+    if rank == 0 and pending and complete:
+        _warn_other_settings(out, sorted(complete), [part.number for part in pending], settings)
     mine = pending[rank::world]
     if mine:
         _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,
-                        decode)
+                        settings)
     return summary
 
 
+def run_settings(encoder: Encoder, modalities: Sequence[str], precision: str, decode: str) -> dict:
+    """How this process computes embeddings, as each part it writes records it: ``precision``
+    as resolved on the encoder's device (``auto``: fp16 on a GPU, fp32 on a CPU) and, with
+    images, ``decode``: where their JPEGs are decoded and resized (``cpu`` or ``gpu``)."""
+    settings = {"precision": resolve_precision(precision, encoder.device, training=False)}
+    if "image" in modalities:
+        settings["decode"] = "gpu" if resolve_decode(decode, encoder.device, encoder.image_transform) else "cpu"
+    return settings
+
+
+def _describe_settings(settings: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(settings.items()))
+
+
+def _warn_other_settings(out, finished: list[int], pending: list[int], settings: dict) -> None:
+    """Warn when finished parts of ``out`` were embedded with other settings than this run's
+    (another precision or decoding: a run resumed on other hardware or with other options). Not
+    refused: a resumed run must finish on whatever machine it gets; parts without a record
+    (written by earlier versions) are not compared."""
+    made: dict[str, list[int]] = {}
+    for number, recorded in part_settings(out, finished).items():
+        if recorded is not None and recorded != settings:
+            made.setdefault(_describe_settings(recorded), []).append(number)
+    if not made:
+        return
+    before = "; ".join(f"parts {listed_parts(numbers)} with {described}" for described, numbers in made.items())
+    logger.warning("%s: finished parts were embedded with other settings than this run's (%s); this run embeds parts %s "
+                   "with %s. Their embeddings differ slightly; to keep one setting throughout, stop and run again with "
+                   "the options those parts were made with (--precision, --decode)", storage.text(out), before,
+                   listed_parts(pending), _describe_settings(settings))
+
+
 def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
-                    normalize=True, decode="auto") -> None:
-    """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``."""
+                    normalize: bool, settings: dict) -> None:
+    """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``. ``settings``:
+    :func:`run_settings`, recorded in each part written."""
     device = encoder.device
     workers = default_num_workers(device) if num_workers is None else num_workers
     if workers == 0:  # one reader takes the parts in order: each remote shard downloads during the one before
@@ -586,7 +629,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         transform,
         encoder.tokenize if "text" in modalities else None,
         draft_size(transform) if (draft and transform is not None) else None,
-        device_decode=resolve_decode(decode, device, transform),
+        device_decode=settings.get("decode") == "gpu",
     )
     dims = {"image": encoder.embedding_dim}
     if "text" in modalities:
@@ -629,7 +672,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 summary.startup_images = summary.samples + summary.failed
             if batch.last and pending.finish(batch):
                 with refused_write(out, f"part {batch.part}", KEPT_PARTS):
-                    written = _write_pending(out, pending, modalities, dims, dtype)
+                    written = _write_pending(out, pending, modalities, dims, dtype, settings)
                 if written:
                     summary.written += 1
                 else:

@@ -18,6 +18,12 @@ changes their embeddings) when images were embedded; for image folders and lists
 ``rows_per_part`` and ``keys_sha256`` (which rows make part ``i``: the cut, and the digest of
 the keys listed, in order).
 
+How a part's embeddings were computed on the machine that made them (``precision``: ``fp32``,
+``fp16`` or ``bf16``; ``decode``: ``cpu`` or ``gpu``, where its JPEGs were decoded and resized)
+is recorded in its metadata file's parquet key-value metadata under :data:`SETTINGS_KEY`
+(JSON), read back by :func:`part_settings`: a folder resumed on other hardware holds parts of
+both, which differ slightly, and says so. Parts written by earlier versions have no record.
+
 This is clip-retrieval's layout (LAION's published embeddings are read as they are), with
 keys. ``ROOT`` may be a URL (``s3://bucket/emb``, see :mod:`unicom.storage`): parts are
 listed with one listing per folder and embeddings are read in row ranges, as a memory map
@@ -68,6 +74,7 @@ CONFIG_FILE = "embed_config.json"
 WEIGHTS_CHECKSUM = "weights_sha256"  # the key of the model's weights digest in CONFIG_FILE
 FAILURES_FOLDER = "failures"
 SHOWN = 10  # part numbers listed in a message
+SETTINGS_KEY = b"unicom.embed_settings"  # a part's metadata file: how its embeddings were computed (JSON)
 
 
 # --------------------------------------------------------------------------- writing
@@ -97,18 +104,36 @@ def write_part(
     image: np.ndarray | None = None,
     text: np.ndarray | None = None,
     metadata=None,
+    settings: dict | None = None,
 ) -> None:
     """Write part ``number`` under ``root`` atomically, metadata last.
 
     The metadata file marks a finished part: a reader (or a resumed job) that sees it can
-    rely on the embedding files beside it.
+    rely on the embedding files beside it. ``settings``: how the embeddings were computed
+    (JSON-able), recorded in the metadata file (:func:`part_settings`).
     """
     root = storage.path(root)
     for kind, array in (("image", image), ("text", text)):
         if array is not None:
             save_npy_atomic(part_path(root / KINDS[kind][0], kind, number), array)
     if metadata is not None:
+        if settings is not None:
+            recorded = json.dumps(settings, sort_keys=True).encode()
+            metadata = metadata.replace_schema_metadata({**(metadata.schema.metadata or {}), SETTINGS_KEY: recorded})
         write_parquet_atomic(part_path(root / KINDS["metadata"][0], "metadata", number), metadata)
+
+
+def part_settings(root, numbers: Sequence[int]) -> dict[int, dict | None]:
+    """How each of the finished parts ``numbers`` under ``root`` was embedded (the ``settings``
+    :func:`write_part` recorded; None for a part written without them), read from the footers
+    of their metadata files (of remote files the footers alone, several at a time)."""
+    folder = storage.join(root, KINDS["metadata"][0])
+
+    def read(path) -> dict | None:
+        recorded = (_parquet_metadata(path).metadata or {}).get(SETTINGS_KEY)
+        return json.loads(recorded) if recorded else None
+
+    return dict(zip(numbers, storage.gather(read, [part_path(folder, "metadata", n) for n in numbers], threads=8)))
 
 
 def part_complete(root: str | os.PathLike, number: int, kinds: Sequence[str]) -> bool:
@@ -256,7 +281,8 @@ def part_column_values(root, number: int, column: str) -> set:
         raise InputError(f"{path}: cannot read [{column!r}] ({error})") from error
 
 
-def _listed(numbers, shown: int = SHOWN) -> str:
+def listed_parts(numbers, shown: int = SHOWN) -> str:
+    """Part numbers for a message: ``[0, 3, 7]``, the first ``shown`` of many then ``...``."""
     numbers = sorted(numbers)
     return str(numbers[:shown])[:-1] + (", ...]" if len(numbers) > shown else "]")
 
@@ -364,7 +390,7 @@ class EmbeddingFolders:
         else:
             complete, unfinished = self._same_parts(listing, embeddings), []
         if unfinished:
-            what = (f"{self.folder('metadata')}: parts {_listed(unfinished)} have embeddings but no metadata_<N>.parquet "
+            what = (f"{self.folder('metadata')}: parts {listed_parts(unfinished)} have embeddings but no metadata_<N>.parquet "
                     "yet (`unicom embed` writes it last: they are unfinished)")
             if not allow_unfinished:
                 raise InputError(f"{what}; let `unicom embed` finish them (it resumes where it stopped), or remove their files")
@@ -412,7 +438,7 @@ class EmbeddingFolders:
         if damaged:
             number, kinds = next(iter(damaged.items()))
             missing = part_path(self.folder(kinds[0]), kinds[0], number)
-            more = f" (and parts {_listed(list(damaged)[1:])})" if len(damaged) > 1 else ""
+            more = f" (and parts {listed_parts(list(damaged)[1:])})" if len(damaged) > 1 else ""
             raise InputError(
                 f"{listing['metadata'][number]}: part {number} has no {missing.name} beside it in {missing.parent}{more}; "
                 "`unicom embed` writes a part's metadata last, so that file was removed or the folders hold different "
@@ -430,7 +456,7 @@ class EmbeddingFolders:
             if other != reference:
                 raise InputError(
                     f"{self.folder(kind)} and {self.folder(reference_kind)} hold different parts: missing "
-                    f"{_listed(reference - other, 5)}, extra {_listed(other - reference, 5)}; every part needs all of "
+                    f"{listed_parts(reference - other, 5)}, extra {listed_parts(other - reference, 5)}; every part needs all of "
                     f"{list(embeddings)}"
                 )
         return sorted(reference)
@@ -510,7 +536,7 @@ def _mixed_metadata(root, contents: "Contents", tables) -> InputError:
             if name in table.column_names and not pa.types.is_null(table.schema.field(name).type):
                 kinds.setdefault(str(table.schema.field(name).type), []).append(number)
         if len(kinds) > 1:
-            found = "; ".join(f"{kind} in parts {_listed(numbers)}" for kind, numbers in kinds.items())
+            found = "; ".join(f"{kind} in parts {listed_parts(numbers)}" for kind, numbers in kinds.items())
             return InputError(
                 f"{root}: the metadata parts hold column {name!r} as different types ({found}), so they cannot be "
                 f"read as one table; they were written by different versions of unicom embed: delete the files of "

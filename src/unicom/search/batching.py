@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -99,36 +100,74 @@ class QueryBatcher:
 
 class ByteBudget:
     """At most ``limit`` bytes held at once by the holders (asyncio); a larger request waits
-    until it is alone, so one image over the budget is still decoded."""
+    until it is alone, so one image over the budget is still decoded.
+
+    First come, first served: a request that has to wait is granted before any that comes
+    after it, so a steady stream of small requests cannot hold back a large one for ever (a
+    later request that would fit waits behind it)."""
 
     def __init__(self, limit: int):
         self.limit = max(1, int(limit))
         self.used = 0
         self.peak = 0
-        self._changed: asyncio.Condition | None = None
+        self._waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
     async def acquire(self, size: int) -> int:
+        """Hold ``size`` bytes (at most ``limit``); returns what is held, to :meth:`release`."""
         size = min(max(0, int(size)), self.limit)
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used + size <= self.limit)
-            self.used += size
-            self.peak = max(self.peak, self.used)
+        if not self._waiting and self.used + size <= self.limit:
+            self._hold(size)
+            return size
+        entry = (size, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():  # granted as its caller was cancelled: given back
+                self.used -= size
+            elif entry in self._waiting:
+                self._waiting.remove(entry)
+            self._grant()  # those behind it may fit now
+            raise
         return size
 
     async def release(self, size: int) -> None:
-        async with self._changed:
-            self.used -= size
-            self._changed.notify_all()
+        self.used -= size
+        self._grant()
 
-    async def run(self, size: int, fn: Callable, *args) -> Any:
+    def _hold(self, size: int) -> None:
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    def _grant(self) -> None:
+        """Grant the waiting requests in order of arrival, as long as the first fits."""
+        while self._waiting:
+            size, granted = self._waiting[0]
+            if granted.done():  # its caller was cancelled
+                self._waiting.popleft()
+                continue
+            if self.used + size > self.limit:
+                return
+            self._waiting.popleft()
+            self._hold(size)
+            granted.set_result(None)
+
+    async def run(self, size: int, fn: Callable, *args, kept: bool = False) -> Any:
         """``fn(*args)`` in a worker thread while holding ``size`` bytes; they are given back
-        when it ends, even if the caller is cancelled before."""
+        when it ends, even if the caller is cancelled before. ``kept``: ``(result, held)``, and
+        the bytes stay held for the caller to :meth:`release` (given back here only when
+        ``fn`` fails or the caller is cancelled)."""
         held = await self.acquire(size)
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(None, fn, *args)
-        job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
-        # shielded: a cancelled caller would cancel the job's future, which gives the bytes
-        # back at once while the thread still holds them
-        return await asyncio.shield(job)
+        try:
+            # shielded: a cancelled caller would cancel the job's future, which gives the bytes
+            # back at once while the thread still holds them
+            result = await asyncio.shield(job)
+        except BaseException:  # failed, or the caller was cancelled: given back once the thread ends
+            job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
+            raise
+        if kept:
+            return result, held
+        await self.release(held)
+        return result

@@ -192,11 +192,12 @@ def write_infos(out: Path, modality: str, description: dict) -> None:
     write_json_atomic(out / infos_file(modality), description)
 
 
-def write_metadata(out: Path, file: str, table) -> None:
-    """The collection's metadata as it is, in row groups that a lookup reads alone."""
-    from unicom.search.metadata_rows import ROW_GROUP_ROWS
+def write_metadata(out: Path, file: str, table, build: str | None = None) -> None:
+    """The collection's metadata as it is, in row groups that a lookup reads alone; ``build``:
+    the index build's id, recorded in the file's key-value metadata (clip-retrieval ignores it)."""
+    from unicom.search.metadata_rows import ROW_GROUP_ROWS, with_build
 
-    write_parquet_atomic(out / file, table, row_group_size=ROW_GROUP_ROWS)
+    write_parquet_atomic(out / file, with_build(table, build), row_group_size=ROW_GROUP_ROWS)
 
 
 def stale_metadata(out: Path, kept: set[str]) -> list[Path]:

@@ -19,7 +19,9 @@ metadata as it is), plus ``index.json`` and ``heldout_ids.npy``, which clip-retr
 Ids are row numbers of the collection in part order: part ``i``'s row ``r`` has id
 ``first_id(i) + r``. ``index.json`` records the index type and its parameters, the search
 parameter (``nprobe`` or ``efSearch``, also stored in the faiss file), the parts (number,
-rows, first id) and how the type was chosen. This module owns both layouts through
+rows, first id), how the type was chosen, and ``build``: an id new at every build (kept when
+parts are added) that each metadata file also records, so that an index loaded before a
+rebuild refuses the rebuilt metadata. This module owns both layouts through
 :mod:`~unicom.search.clip_layout`: it writes them, and :meth:`Index.load` reads and checks
 them. Compressed indexes start with :func:`principal_rotation`.
 """
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,7 +51,7 @@ from unicom.search import clip_layout
 from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
 from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
 from unicom.search.metadata_rows import COPIES as METADATA_COPIES
-from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows
+from unicom.search.metadata_rows import ROW_GROUP_ROWS, MetadataRows, with_build
 from unicom.search.planner import (
     BUILD_RANGES,
     DEFAULT_RECALL,
@@ -228,7 +231,7 @@ class Index:
         # files in coarse row groups (clip-retrieval's: a million rows in one) through a copy in smaller ones
         cache_bytes = self.metadata_rows.cache_bytes if self.metadata_rows is not None else METADATA_CACHE_BYTES
         self.metadata_rows = MetadataRows([(self._metadata_path(part), part.rows) for part in self.parts], cache_bytes,
-                                          copies=storage.cache_root() / METADATA_COPIES)
+                                          copies=storage.cache_root() / METADATA_COPIES, build=config.get("build"))
 
     def _metadata_path(self, part: Part):
         """Part's metadata file: in the index folder, read in place where that is a URL."""
@@ -564,6 +567,9 @@ class Index:
             "model": _embedding_model(emb),
             "selection": selection,
             "generation": 0,
+            # a new id for every build (kept when parts are added), also in each metadata file: a server that
+            # loaded an earlier build tells its files from this one's even where the row counts are the same
+            "build": uuid.uuid4().hex,
             "unicom_version": __version__,
         }
         location = out
@@ -991,8 +997,8 @@ def _write(out: Path, config: dict, faiss_index, heldout_ids: np.ndarray | None,
     sweep_temporaries(out)  # what a killed build or update left: the folder is this index's alone
     sweep_temporaries(out / METADATA_FOLDER)
     for part in parts:
-        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), _metadata_with_ids(collection, part),
-                             row_group_size=ROW_GROUP_ROWS)
+        table = with_build(_metadata_with_ids(collection, part), config.get("build"))
+        write_parquet_atomic(part_path(out / METADATA_FOLDER, "metadata", part.number), table, row_group_size=ROW_GROUP_ROWS)
     config["file"] = _faiss_file(config["generation"])
     with atomic_path(out / config["file"]) as tmp:
         faiss.write_index(faiss_index, str(tmp))
@@ -1021,7 +1027,7 @@ def _write_clip(out: Path, config: dict, indexes: dict, heldout_ids: np.ndarray,
     sweep_temporaries(out / clip_layout.METADATA_FOLDER)
     if collection.has_metadata:
         for part in parts:
-            clip_layout.write_metadata(out, part.file, collection.metadata(part))
+            clip_layout.write_metadata(out, part.file, collection.metadata(part), config.get("build"))
     for modality, faiss_index in indexes.items():
         path = clip_layout.write_index(out, modality, faiss_index)
         described = config["modalities"][modality]

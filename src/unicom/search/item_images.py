@@ -247,15 +247,16 @@ class ItemImages:
         except (OSError, tarfile.TarError) as error:
             raise _error(404, f"the shard {row['shard']} of item {item_id} cannot be read ({describe(error)})") from None
 
-    async def stored(self, row: dict, item_id: int, budget: ByteBudget) -> tuple[Path | bytes, str]:
+    async def stored(self, row: dict, item_id: int, budget: ByteBudget) -> tuple[Path | bytes, str, int]:
         """Item ``item_id``'s image file as stored, for ``/image``: ``(a local path or the bytes
         of an image at a URL or in a shard, its format (a key of
-        :data:`~unicom.search.uploads.STORED_MEDIA_TYPES`))``.
+        :data:`~unicom.search.uploads.STORED_MEDIA_TYPES`), the bytes held in ``budget``)``.
 
         Read in worker threads. Of a remote image the first :data:`HEAD_BYTES` are read for its
         format (404 when it is not an image), then an image longer than that is fetched while
         its length is held in ``budget``, so that concurrent requests fetch at most that much at
-        once. A local file is streamed by the caller from disk.
+        once; it stays held, and the caller gives it back (:meth:`ByteBudget.release`) once the
+        bytes have been sent. A local file is streamed by the caller from disk.
         """
         from unicom.search.uploads import sniff
 
@@ -265,11 +266,12 @@ class ItemImages:
         if kind is None:
             raise _error(404, f"the image file of item {item_id} is not an image")
         if not isinstance(source, bytes) or len(source) < HEAD_BYTES:
-            return source, kind
+            return source, kind, 0
         length = await asyncio.to_thread(self._length, row, item_id)
         if length <= len(source):
-            return source, kind
-        return await budget.run(length, self.source, row, item_id, None, length), kind
+            return source, kind, 0
+        data, held = await budget.run(length, self.source, row, item_id, None, length, kept=True)
+        return data, kind, held
 
     async def thumbnail(self, name: str, row: dict, item_id: int, budget: ByteBudget) -> bytes:
         """A JPEG of at most THUMBNAIL_SIZE pixels a side, aspect ratio kept (cached). The

@@ -35,6 +35,12 @@ find the footer of (a server that gives no version either, no ETag or modificati
 it fetched again at every load: a copy of it could not be told from a stale one). A remote file that
 changes while it is read (its row groups no longer match the footer read at opening) is
 named in the error, which says to load the index again.
+
+Each build of an index has an id (``build`` in ``index.json``) that ``unicom index`` also writes
+into the key-value metadata of each of its metadata files (:data:`BUILD_KEY`); given that id,
+a file of another build (the index was rebuilt since it was loaded, with the same row counts
+per part) is refused with an error that says to load the index again. Indexes written before
+build ids were recorded have none, and their files are not checked.
 """
 
 from __future__ import annotations
@@ -60,9 +66,18 @@ CACHE_BYTES = 256 * 2**20  # decoded row groups kept, in bytes (Table.nbytes)
 RECHUNK_ABOVE = 4 * ROW_GROUP_ROWS  # files with a larger row group are read from a copy in smaller ones
 COPY_READ_BYTES = 8 * 2**20  # a coarse file is copied reading its column chunks in pieces this large
 COPIES = "metadata"  # folder of the cache root that holds the copies, unless a caller gives another
+BUILD_KEY = b"unicom.index_build"  # parquet key-value metadata: the id of the index build that wrote the file
 STALE_SECONDS = 3600  # a temporary of a copy this old belongs to a killed process (a copy takes seconds)
 
 logger = logging.getLogger(__name__)
+
+
+class RebuiltIndexError(FolderError):
+    """A metadata file of another build of the index than the one loaded (``loaded``: that build's id)."""
+
+    def __init__(self, message: str, loaded: str):
+        super().__init__(message)
+        self.loaded = loaded
 
 
 @dataclass(frozen=True)
@@ -128,14 +143,16 @@ class MetadataRows:
 
     ``cache_bytes``: the most decoded row groups kept (one larger row group is kept alone).
     ``copies``: a folder for copies of files with coarse row groups (module docstring);
-    None reads every file as it is. Safe to call from several threads.
+    None reads every file as it is. ``build``: the id of the index build the files must
+    belong to (:data:`BUILD_KEY`); None checks nothing. Safe to call from several threads.
     """
 
     def __init__(self, files: Sequence[tuple[str | os.PathLike, int]], cache_bytes: int = CACHE_BYTES,
-                 copies: str | os.PathLike | None = None):
+                 copies: str | os.PathLike | None = None, build: str | None = None):
         self.files = [(storage.text(path) if storage.is_url(path) else Path(path), int(rows)) for path, rows in files]
         self.cache_bytes = cache_bytes
         self.copies = Path(copies) if copies is not None else None
+        self.build = build
         self._starts: dict[int, np.ndarray] = {}  # file -> first row of each row group, then the row count
         self._read_from: dict[int, Footer] = {}  # file -> the file its row groups are read from
         self._cache: OrderedDict[tuple[int, int], object] = OrderedDict()
@@ -189,6 +206,12 @@ class MetadataRows:
                     raise FolderError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
                                       "folder was changed after the index was built or loaded: rebuild it, or if it was "
                                       "rebuilt since, load it again (restart `unicom serve`)")
+                if self.build is not None:
+                    written_by = (source.metadata.metadata or {}).get(BUILD_KEY, b"").decode() or None
+                    if written_by != self.build:
+                        raise RebuiltIndexError(f"{path}: written by another build of the index ({written_by or 'none'}) "
+                                                f"than the one loaded ({self.build}); the index was rebuilt since it was "
+                                                "loaded: load it again (restart `unicom serve`)", self.build)
                 whole = source.remote and not storage.serves_ranges(source.location)
                 if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
                     copy = self._local_copy(source, max(counts, default=0), whole)
@@ -390,3 +413,11 @@ def _parquet(path: Path, **options):
         return pq.ParquetFile(path, **options)
     except FileNotFoundError as error:
         raise FolderError(f"{path}: file not found; the index folder is incomplete, rebuild it") from error
+
+
+def with_build(table, build: str | None):
+    """``table`` (pyarrow) with ``build`` recorded in its schema's key-value metadata (:data:`BUILD_KEY`);
+    as it is when ``build`` is None."""
+    if build is None:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), BUILD_KEY: build.encode()})

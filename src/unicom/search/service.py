@@ -62,6 +62,7 @@ from unicom.search import queries, uploads
 from unicom.search.batching import ByteBudget, QueryBatcher
 from unicom.search.index import Index, source_columns
 from unicom.search.item_images import ItemImages
+from unicom.search.metadata_rows import RebuiltIndexError
 from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
 from unicom.search.uploads import MAX_PIXELS, ModelInput
 
@@ -157,6 +158,23 @@ def _json_body(body: bytes) -> Any:
 
 
 # --------------------------------------------------------------------------- the app
+
+
+class HeldResponse(Response):
+    """A response whose body stays counted in ``budget`` (``held`` bytes) until it has been sent
+    to the client, or the sending failed: a slow client holds the image's share of the decoding
+    budget for as long as its bytes are in memory, not only while they were fetched."""
+
+    def __init__(self, content: bytes, budget: ByteBudget, held: int, **options):
+        super().__init__(content, **options)
+        self.budget, self.held = budget, held
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            held, self.held = self.held, 0
+            await self.budget.release(held)
 
 
 @dataclass
@@ -355,6 +373,11 @@ def create_app(
     async def input_error(request: Request, error: InputError):
         if isinstance(error, FolderError):  # the served index's files, not the request: the server failed
             logger.error("%s %s: %s", request.method, request.url.path, error)
+            rebuilt = [name for name, item in served.items() if isinstance(error, RebuiltIndexError)
+                       and item.index.config.get("build") == error.loaded]
+            if rebuilt:  # the client can be told which index and what to do, without the server's paths
+                return JSONResponse({"detail": f"index {rebuilt[0]!r} was rebuilt since this server loaded it; restart "
+                                               "`unicom serve` to serve the rebuilt index"}, status_code=503)
             return server_failure(error)
         return JSONResponse({"detail": str(error)}, status_code=400)
 
@@ -557,11 +580,11 @@ def create_app(
     @app.get("/image/{item_id:int}", summary="The full image of an item", responses={200: {"content": {"image/*": {}}}})
     async def full_image(item_id: int, index: str | None = Query(None, description="the index (default: the first)")):
         _, row = await row_of(item_id, index)
-        source, kind = await images.stored(row, item_id, decoding)
+        source, kind, held = await images.stored(row, item_id, decoding)
         headers = {"Cache-Control": "max-age=3600"}
         media_type = uploads.STORED_MEDIA_TYPES[kind]
-        if isinstance(source, bytes):
-            return Response(source, media_type=media_type, headers=headers)
+        if isinstance(source, bytes):  # an image fetched from a URL or a shard: held until sent to the client
+            return HeldResponse(source, decoding, held, media_type=media_type, headers=headers)
         return FileResponse(source, media_type=media_type, headers=headers)
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API

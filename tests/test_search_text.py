@@ -201,6 +201,22 @@ def test_an_index_of_unsaved_random_weights_is_queried_by_the_same_network_built
     create_app(unsaved["index"], rebuilt)
 
 
+def test_an_index_of_random_weights_that_the_installed_library_builds_otherwise_says_what_to_do(unsaved, tmp_path, capsys):
+    """As if timm or open_clip drew random weights otherwise since the collection was embedded
+    (another version): the recorded digest is another one's."""
+    import shutil
+
+    folder = shutil.copytree(unsaved["index"].path, tmp_path / "index")
+    config = json.loads((folder / "index.json").read_text())
+    config["model"]["weights_sha256"] = "0" * 64
+    (folder / "index.json").write_text(json.dumps(config))
+    assert main(["search", "--index", str(folder), "--text", "a red car"]) == 2
+    err = capsys.readouterr().err
+    assert f"the collection was embedded by {unsaved['spec']} with weights sha256 0000000000000000…" in err
+    assert ("if those were random weights (no --pretrained), the installed timm or open_clip builds them otherwise "
+            "than the one that embedded it: install that version, or save the model's weights") in err
+
+
 def test_the_same_saved_weights_pass_and_other_weights_are_refused(clip, tmp_path, capsys):
     from support import tiny_open_clip
 

@@ -52,7 +52,8 @@ def check_model(index, encoder) -> None:
 
     Its embeddings must have the collection's dimension, and its weights the digest that
     ``unicom embed`` recorded (indexes of folders without one are only checked for the
-    dimension). A model built with random weights that were never saved can never match.
+    dimension). A model without weights is built from a fixed seed (:func:`unicom.models.encoders.load_encoder`),
+    so it matches while timm or open_clip build it the same way.
     """
     recorded_model = index.config.get("model") or {}
     expected = index.config.get("source_dims", index.dims)
@@ -73,9 +74,9 @@ def check_model(index, encoder) -> None:
     raise InputError(
         f"{index.location}: the collection was embedded by {spec}{f' ({pretrained})' if pretrained else ''} with weights "
         f"sha256 {recorded[:16]}…, but {encoder.name} has other weights (sha256 {actual[:16]}…), whose embeddings are "
-        f"not comparable. Query with the weights that embedded it ({options}); if those were random weights that "
-        "were never saved, no model built again can query this index: save the model's weights, embed the "
-        "collection with them and index it again"
+        f"not comparable. Query with the weights that embedded it ({options}); if those were random weights (no "
+        "--pretrained), the installed timm or open_clip builds them otherwise than the one that embedded it: install "
+        "that version, or save the model's weights, embed the collection with them and index it again"
     )
 
 

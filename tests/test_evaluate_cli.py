@@ -609,3 +609,26 @@ def test_decoding_workers_are_spelt_as_unicom_embed_spells_them_or_as_before():
     for option in ("--workers", "--num-workers"):
         args = parser.parse_args(["--model", "m", "--dataset", "cub", "--root", "r", option, "3", "--out", "o"])
         assert args.num_workers == 3
+
+
+def test_an_out_that_is_a_url_is_refused_before_any_work_rather_than_written_to_a_local_folder_s3(tmp_path, capsys,
+                                                                                              monkeypatch):
+    x, labels = clustered(12, 8, 3, 0.1, seed=0)
+    embedding_folder(tmp_path / "emb", x, [f"{i:04d}.jpg" for i in range(12)], labels)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dims", "none", "--out", "s3://bucket/eval"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "s3://bucket/eval: the evaluation report is written to a local path, not to a URL; write it here, then copy it "
+        "(aws s3 cp --recursive, gsutil -m cp -r, or huggingface-cli upload for the Hub)")
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_evaluate_retrieval_refuses_an_out_that_is_a_url_rather_than_writing_a_local_folder_s3(tmp_path, monkeypatch):
+    from unicom.errors import InputError
+    from unicom.evaluate.report import evaluate_retrieval
+
+    x, labels = clustered(12, 8, 3, 0.1, seed=0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"^gs://bucket/eval: the evaluation report is written to a local path"):
+        evaluate_retrieval(x, labels, dims=(), out="gs://bucket/eval")
+    assert not (tmp_path / "gs:").exists()

@@ -142,6 +142,21 @@ def test_a_gallery_of_other_images_under_the_same_keys_is_scored(tmp_path):
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
 
 
+def test_clip_retrieval_folders_of_two_webdatasets_whose_sample_keys_coincide_are_scored(tmp_path):
+    # clip-retrieval writes a webdataset sample's key as image_path (and no key column): two
+    # img2dataset runs both number their samples 000000000, 000000001, ... yet hold other images
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)
+    for folder, rows in (("query", slice(0, 10)), ("gallery", slice(10, 40))):
+        names = [f"{i:09d}" for i in range(len(x[rows]))]
+        write_part(tmp_path / folder, 0, image=x[rows].astype(np.float16),
+                   metadata=pa.table({"image_path": names, "label": list(labels[rows])}))
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 0
+    stored = x.astype(np.float16).astype(np.float32)
+    expected = retrieval_metrics(stored[:10], labels[:10], stored[10:], labels[10:], ks=(1, 2, 4, 8))
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]

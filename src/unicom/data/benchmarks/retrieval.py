@@ -567,9 +567,9 @@ def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
         if not {"query", "gallery"} <= set(parts):
             raise InputError(f"{path}: rows marked query need rows marked gallery, and the reverse")
         # by key and by the file (the same image under another key, or written ./a.jpg and a.jpg)
-        gallery_keys, gallery_paths = set(parts["gallery"].keys), {_same_file(p) for p in parts["gallery"].paths}
+        gallery_keys, gallery_paths = set(parts["gallery"].keys), {storage.same_file(p) for p in parts["gallery"].paths}
         shared = [key for key, p in zip(parts["query"].keys, parts["query"].paths)
-                  if key in gallery_keys or _same_file(p) in gallery_paths]
+                  if key in gallery_keys or storage.same_file(p) in gallery_paths]
         if shared:
             raise InputError(
                 f"{path}: {len(shared)} image{'s' if len(shared) > 1 else ''} marked query {'are' if len(shared) > 1 else 'is'} "
@@ -579,12 +579,6 @@ def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     if "test" not in parts:
         raise InputError(f"{path}: no row is marked test (or query/gallery); nothing to evaluate")
     return Splits(query=parts["test"], train=parts.get("train"))
-
-
-def _same_file(path: str) -> str:
-    """``path`` (resolved, as a list's paths are) in one spelling per file: a local path
-    normalised (``a/./b.jpg``, ``a/c/../b.jpg``: ``a/b.jpg``), a URL as it is."""
-    return path if storage.is_url(path) else os.path.normpath(path)
 
 
 def _split_column(path: Path) -> np.ndarray | None:

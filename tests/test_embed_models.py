@@ -278,3 +278,22 @@ def test_a_model_without_weights_is_the_same_network_at_every_load_and_leaves_th
     assert torch.equal(torch.rand(3), expected_next)
     second = load_encoder("timm/test_vit", "none")
     assert first.weights_sha256() == second.weights_sha256()
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_building_a_model_without_weights_leaves_the_callers_cuda_generator_alone():
+    """The seed a model without weights is built with is the CPU generator's alone: a caller
+    that seeded its GPU's generator (dropout on the GPU draws from it) draws on as seeded.
+    Without a GPU, torch keeps a CUDA seed for when CUDA starts: that one is left as it was."""
+    from unicom.models.encoders import load_encoder
+
+    torch.cuda.manual_seed_all(4321)
+    if torch.cuda.is_available():
+        expected_next = torch.rand(3, device="cuda")
+        torch.cuda.manual_seed_all(4321)
+        load_encoder("timm/test_vit", None)
+        assert torch.equal(torch.rand(3, device="cuda"), expected_next)
+    else:
+        pending = torch.cuda._lazy_seed_tracker.manual_seed_all_cb  # torch's CUDA seed waiting for CUDA to start
+        load_encoder("timm/test_vit", None)
+        assert torch.cuda._lazy_seed_tracker.manual_seed_all_cb is pending

@@ -255,6 +255,17 @@ def test_csv_refuses_an_image_marked_both_query_and_gallery_as_it_would_find_its
     assert len(load_retrieval_benchmark("csv", tmp_path / "list.csv").gallery) == 2
 
 
+def test_csv_refuses_a_query_image_listed_in_the_gallery_under_another_spelling_of_its_path(tmp_path):
+    """The same file written ./0.jpg and sub/../0.jpg is one image: it would find itself first."""
+    for name in ("0", "1"):
+        jpeg(tmp_path / f"{name}.jpg")
+    (tmp_path / "sub").mkdir()
+    for gallery_row in ("./0.jpg", "sub/../0.jpg"):
+        write(tmp_path / "list.csv", f"path,label,split\n0.jpg,x,query\n{gallery_row},x,gallery\n1.jpg,x,gallery\n")
+        with pytest.raises(InputError, match=r"list.csv: 1 image marked query is also marked gallery, e.g. 0.jpg; "):
+            load_retrieval_benchmark("csv", tmp_path / "list.csv")
+
+
 def test_missing_index_file_names_it_and_shows_the_layout(tmp_path):
     with pytest.raises(InputError, match=r"Ebay_train\.txt: not found; looked for:\n(.|\n)*expected layout:\n.*image_id class_id"):
         load_retrieval_benchmark("sop", tmp_path)

@@ -142,6 +142,21 @@ def test_a_gallery_of_other_images_under_the_same_keys_is_scored(tmp_path):
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
 
 
+def test_clip_retrieval_folders_of_two_webdatasets_whose_sample_keys_coincide_are_scored(tmp_path):
+    # clip-retrieval writes a webdataset sample's key as image_path (and no key column): two
+    # img2dataset runs both number their samples 000000000, 000000001, ... yet hold other images
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)
+    for folder, rows in (("query", slice(0, 10)), ("gallery", slice(10, 40))):
+        names = [f"{i:09d}" for i in range(len(x[rows]))]
+        write_part(tmp_path / folder, 0, image=x[rows].astype(np.float16),
+                   metadata=pa.table({"image_path": names, "label": list(labels[rows])}))
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 0
+    stored = x.astype(np.float16).astype(np.float32)
+    expected = retrieval_metrics(stored[:10], labels[:10], stored[10:], labels[10:], ks=(1, 2, 4, 8))
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]
@@ -609,3 +624,26 @@ def test_decoding_workers_are_spelt_as_unicom_embed_spells_them_or_as_before():
     for option in ("--workers", "--num-workers"):
         args = parser.parse_args(["--model", "m", "--dataset", "cub", "--root", "r", option, "3", "--out", "o"])
         assert args.num_workers == 3
+
+
+def test_an_out_that_is_a_url_is_refused_before_any_work_rather_than_written_to_a_local_folder_s3(tmp_path, capsys,
+                                                                                              monkeypatch):
+    x, labels = clustered(12, 8, 3, 0.1, seed=0)
+    embedding_folder(tmp_path / "emb", x, [f"{i:04d}.jpg" for i in range(12)], labels)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dims", "none", "--out", "s3://bucket/eval"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "s3://bucket/eval: the evaluation report is written to a local path, not to a URL; write it here, then copy it "
+        "(aws s3 cp --recursive, gsutil -m cp -r, or huggingface-cli upload for the Hub)")
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_evaluate_retrieval_refuses_an_out_that_is_a_url_rather_than_writing_a_local_folder_s3(tmp_path, monkeypatch):
+    from unicom.errors import InputError
+    from unicom.evaluate.report import evaluate_retrieval
+
+    x, labels = clustered(12, 8, 3, 0.1, seed=0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"^gs://bucket/eval: the evaluation report is written to a local path"):
+        evaluate_retrieval(x, labels, dims=(), out="gs://bucket/eval")
+    assert not (tmp_path / "gs:").exists()

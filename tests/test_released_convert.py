@@ -233,3 +233,14 @@ def test_a_convert_the_disk_refuses_says_what_to_do_in_both_directions(released_
         assert main(["convert", *arguments]) == 0
     back, released = torch.load(tmp_path / "back.pt"), torch.load(released_file)
     assert back.keys() == released.keys() and all(torch.equal(back[k], released[k]) for k in released)
+
+
+def test_arch_given_with_a_released_name_is_refused_before_the_download_not_ignored(tmp_path, capsys, monkeypatch):
+    # the name's own sizes would be converted and --arch dropped without a word
+    monkeypatch.setenv("UNICOM_BASE_URL", "http://127.0.0.1:9")  # nothing is fetched: refused before
+    assert main(["convert", "released-to-unicom", "ViT-B/32", str(tmp_path / "model"), "--download-root", str(tmp_path),
+                 "--arch", '{"heads": 2}']) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "ViT-B/32: arch={'heads': 2} was given, but a released name, a model folder or an hf-hub model records its "
+        "own architecture; arch applies only to a released-format file (.pt/.safetensors): leave it out")
+    assert not (tmp_path / "model").exists()

@@ -400,6 +400,21 @@ def test_query_and_index_lists_that_share_an_image_are_refused_before_any_work(c
     assert not (tmp_path / "run").exists()
 
 
+def test_an_image_shared_under_another_spelling_of_its_path_is_refused_too(collection, tmp_path):
+    # images/hue_01/../hue_01/0.jpg in the index is the query's images/hue_01/0.jpg
+    rows = collection["rows"]
+    query = write_list(tmp_path / "query.csv", [(d, str(collection["root"] / p), c) for d, p, c in rows[::6]])
+    folder, name = rows[6][1].rsplit("/", 1)
+    respelt = [(d, f"{collection['root']}/{folder}/../{folder.split('/')[-1]}/{name}" if i == 6
+                else str(collection["root"] / p), c) for i, (d, p, c) in enumerate(rows)]
+    index = write_list(tmp_path / "index.csv", [row for i, row in enumerate(respelt) if i % 6 or i == 6])
+    assert "/../" in respelt[6][1]
+    with pytest.raises(InputError, match=r"eval.query and eval.index share 1 of the 24 query images"):
+        probe(recipe(collection, tmp_path / "run", "train.epochs=1", "eval.holdout_classes=0",
+                     f"eval.query=[{query}]", f"eval.index=[{index}]"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_query_and_index_lists_without_a_dataset_column_share_their_classes(collection, tmp_path):
     # the authors' format (img_path,label): each list is one benchmark, query class 3 is index class 3
     rows = [(str(collection["root"] / p), label) for label in range(CLASSES) for i, (_, p, _) in

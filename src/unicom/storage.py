@@ -311,6 +311,12 @@ def resolve(base, written: str) -> str:
     return str(Path(base).absolute() / written)
 
 
+def same_file(path: str) -> str:
+    """A path as :func:`resolve` gives it, in one spelling per file, to compare images by: a local
+    path normalised (``a/./b.jpg``, ``a/c/../b.jpg``: ``a/b.jpg``), a URL as it is."""
+    return path if is_url(path) else os.path.normpath(path)
+
+
 def writable(location) -> None:
     """An :class:`InputError` when ``location`` cannot be written (http(s), pipe:)."""
     scheme = protocol(location)

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
     parser.add_argument("--root", type=Path, help="the dataset's folder (or the CSV for --dataset csv)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, metrics.md, the PNG and embeddings")
+    parser.add_argument("--out", required=True,
+                        help="local folder for metrics.json, metrics.md, the PNG and embeddings (not a URL)")
     parser.add_argument("--ks", type=_int_list,
                         help="K of Recall@K (of mP@k for roxford5k, rparis6k), e.g. 1,2,4,8 (default: the benchmark's)")
     parser.add_argument("--dims", type=_dims_list, default=(32, 64, 128, 256),
@@ -124,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from unicom.data.benchmarks import RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
     from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, classification_markdown, retrieval_markdown
+    from unicom.models.export import local_output
 
+    args.out = local_output(args.out, "the evaluation report")  # a URL would become a local folder 's3:'
     subset = {"classes": class_list(args.classes, "--classes"),
               "exclude_classes": class_list(args.exclude_classes, "--exclude-classes")}
 

@@ -592,10 +592,12 @@ def _require_dimension(vectors, folder, option: str, queries, queries_folder) ->
 def _require_other_images(gallery_metadata, gallery_folder, metadata, folder) -> None:
     """An :class:`InputError` when the gallery holds query images: the same folder given
     twice, or rows of the same ``image_path`` and key (an image file, or a shard's sample).
-    Each would find itself first and lift every score."""
+    Each would find itself first and lift every score. Folders without a ``key`` column
+    beside ``image_path`` (clip-retrieval's, whose ``image_path`` of a webdataset is the
+    sample's key, the same in shards of other images) are compared as folders only."""
     same = storage.absolute(gallery_folder) == storage.absolute(folder)
     shared = []
-    if not same and all(m is not None and "image_path" in m.column_names for m in (metadata, gallery_metadata)):
+    if not same and all(m is not None and {"image_path", "key"} <= set(m.column_names) for m in (metadata, gallery_metadata)):
         def images(m, root):
             return zip(m.column("image_path").to_pylist(), _key_column(m, root))
 

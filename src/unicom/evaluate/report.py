@@ -177,7 +177,9 @@ def publish_report(out: str | os.PathLike, files: dict[str, Callable[[Path], Non
     files of this run alone (without ``metrics.json`` until it is complete), never one
     run's file beside another's; the temporaries a killed run left are removed by the next.
     """
-    out = Path(out)
+    from unicom.models.export import local_output
+
+    out = local_output(out, "the evaluation report")  # a URL would become a local folder 's3:'
     out.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(out, REPORT_NAMES)  # what a killed run left
     with contextlib.ExitStack() as staged:

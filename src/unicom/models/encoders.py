@@ -142,8 +142,10 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
             # seeded, the caller's generator state restored after: a model without weights (random,
             # for tests) is the same network at every load, so a rerun, `unicom search` and a
             # feature cache find the weights they recorded
+            # (the CPU generator alone: the models are built on the CPU, and torch.manual_seed would
+            # also reseed the caller's CUDA generators, which fork_rng(devices=[]) does not restore)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                torch.default_generator.manual_seed(RANDOM_WEIGHTS_SEED)
                 return build(spec, pretrained, device).eval()
     if pretrained is None and os.path.isdir(spec):
         from unicom.models.export import not_a_model_folder

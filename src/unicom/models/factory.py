@@ -106,6 +106,7 @@ def load_state(
     from unicom.models.hub import weights_path
     from unicom.models.weights import read_state_dict
 
+    _refuse_arch_of_described(name_or_path, arch)  # else the name's own sizes were taken, arch silently dropped
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         cfg = _weights_of(name_or_path)
         if cfg.architecture != UNICOM_VIT:
@@ -130,6 +131,19 @@ def load_state(
         return state_dict, ViTSettings.from_dict({**inferred.to_dict(), **arch}), path
     settings = resolve_settings(arch) or infer_settings(state_dict, str(path))
     return state_dict, settings, path
+
+
+def _refuse_arch_of_described(spec, arch) -> None:
+    """An :class:`InputError` when ``arch`` is given for a source that records its own
+    architecture (a released name, a model folder, an hf-hub model)."""
+    from unicom.models import hub
+
+    if arch is not None and (hub.is_hf_spec(spec) or spec in MODELS or Path(spec).expanduser().is_dir()):
+        raise InputError(
+            f"{spec}: arch={arch!r} was given, but a released name, a model folder or an hf-hub model "
+            "records its own architecture; arch applies only to a released-format file (.pt/.safetensors): "
+            "leave it out"
+        )
 
 
 def _refuse_other_projects(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -167,12 +181,7 @@ def load_described(
     from unicom.models.weights import instantiate, read_state_dict
 
     label = label or str(spec)
-    if arch is not None and (hub.is_hf_spec(spec) or spec in MODELS or Path(spec).expanduser().is_dir()):
-        raise InputError(
-            f"{spec}: arch={arch!r} was given, but a released name, a model folder or an hf-hub model "
-            "records its own architecture; arch applies only to a released-format file (.pt/.safetensors): "
-            "leave it out"
-        )
+    _refuse_arch_of_described(spec, arch)
     if hub.is_hf_spec(spec):
         return load_described(hub.hf_model_folder(str(spec)), device, label=label)
     if isinstance(spec, str) and spec in MODELS:

@@ -409,8 +409,10 @@ def read_probe_data(config: ProbeConfig) -> ProbeData:
 def _require_disjoint(query: DomainImages, index: DomainImages) -> None:
     """An :class:`InputError` when an image is both a query and an index image (the same
     file, by its resolved path): it would find itself first and lift every score."""
-    indexed = set(index.images.paths)
-    shared = [key for key, path in zip(query.images.keys, query.images.paths) if path in indexed]
+    from unicom import storage
+
+    indexed = {storage.same_file(path) for path in index.images.paths}  # ./a.jpg and a.jpg: one file
+    shared = [key for key, path in zip(query.images.keys, query.images.paths) if storage.same_file(path) in indexed]
     if shared:
         raise InputError(
             f"eval.query and eval.index share {len(shared)} of the {len(query)} query images (e.g. "

@@ -566,8 +566,10 @@ def read_csv(path: str | os.PathLike, check_images: bool = True) -> Splits:
     if "query" in parts or "gallery" in parts:
         if not {"query", "gallery"} <= set(parts):
             raise InputError(f"{path}: rows marked query need rows marked gallery, and the reverse")
-        in_gallery = set(parts["gallery"].keys)
-        shared = [key for key in parts["query"].keys if key in in_gallery]
+        # by key and by the file (the same image under another key, or written ./a.jpg and a.jpg)
+        gallery_keys, gallery_paths = set(parts["gallery"].keys), {storage.same_file(p) for p in parts["gallery"].paths}
+        shared = [key for key, p in zip(parts["query"].keys, parts["query"].paths)
+                  if key in gallery_keys or storage.same_file(p) in gallery_paths]
         if shared:
             raise InputError(
                 f"{path}: {len(shared)} image{'s' if len(shared) > 1 else ''} marked query {'are' if len(shared) > 1 else 'is'} "

@@ -981,6 +981,35 @@ def test_a_server_started_before_a_rebuild_with_the_same_row_counts_refuses_the_
         assert client.post("/metadata", json={"ids": [3, 8]}).json()[1]["metadata"]["key"] == "new-1-2"
 
 
+def test_a_server_that_has_read_a_metadata_file_refuses_it_once_rebuilt_with_the_same_row_counts(tmp_path, monkeypatch):
+    """A server that has been answering has opened its metadata files and read some of their
+    row groups; a rebuild afterwards (same rows per part) is refused at the next row group it
+    reads, not paired with the vectors it loaded."""
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search import index as index_module
+
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", 2)  # rows 0-1, 2-3, 4-5: one row group read, two not yet
+
+    def write(tag: str, seed: int):
+        vectors = np.random.default_rng(seed).standard_normal((6, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        write_part(tmp_path / "emb", 0, image=vectors, metadata=pa.table({"key": [f"{tag}-{row}" for row in range(6)]}))
+
+    write("old", seed=0)
+    with TestClient(create_app(Index.build(tmp_path / "emb", tmp_path / "index"), None),
+                    raise_server_exceptions=False) as client:
+        assert client.post("/metadata", json={"ids": [0]}).json()[0]["metadata"]["key"] == "old-0"
+        write("new", seed=1)
+        Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)
+        assert client.post("/metadata", json={"ids": [1]}).json()[0]["metadata"]["key"] == "old-1"  # held in memory
+        response = client.post("/metadata", json={"ids": [5]})
+        assert response.status_code == 503
+        assert response.json()["detail"] == ("index 'index' was rebuilt since this server loaded it; restart "
+                                              "`unicom serve` to serve the rebuilt index")
+
+
 def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_path):
     import pyarrow.parquet as pq
 

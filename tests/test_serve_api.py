@@ -1024,6 +1024,22 @@ def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_p
         assert response.status_code == 200 and "class_002/0002.jpg" in response.text
 
 
+def test_a_metadata_file_rewritten_with_pandas_to_add_a_column_is_served_not_refused_as_rebuilt(tmp_path):
+    """pandas keeps no parquet key-value metadata, so the rewritten file records no build: it is
+    the folder's file as its owner made it, not another build of the index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    found = indexed_image_collection(tmp_path)
+    file = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    table = pq.read_table(file)
+    table = table.append_column("note", pa.array([f"note {row}" for row in range(table.num_rows)]))
+    pq.write_table(table.replace_schema_metadata(None), file)  # as pandas writes it: no key-value metadata
+    with TestClient(create_app(Index.load(tmp_path / "index"), found["encoder"])) as client:
+        response = client.post("/metadata", json={"ids": [2]})
+        assert response.status_code == 200 and response.json()[0]["metadata"]["note"] == "note 2"
+
+
 def test_a_full_image_from_a_url_stays_in_the_decoding_budget_until_a_slow_client_has_received_it(tmp_path):
     """GET /image/{id} of an image at a URL: its bytes are in the server's memory until they
     are sent, so their share of the budget is held until then, not only while fetching."""

@@ -40,7 +40,8 @@ Each build of an index has an id (``build`` in ``index.json``) that ``unicom ind
 into the key-value metadata of each of its metadata files (:data:`BUILD_KEY`); given that id,
 a file of another build (the index was rebuilt since it was loaded, with the same row counts
 per part) is refused with an error that says to load the index again. Indexes written before
-build ids were recorded have none, and their files are not checked.
+build ids were recorded have none, and their files are not checked; nor is a file that records
+no build (rewritten by another tool, such as pandas, that keeps no key-value metadata).
 """
 
 from __future__ import annotations
@@ -277,12 +278,13 @@ class MetadataRows:
 
 
     def _check_build(self, path, metadata: dict | None) -> None:
-        """Refuse a file whose key-value ``metadata`` records another build than :attr:`build`."""
+        """Refuse a file whose key-value ``metadata`` records another build than :attr:`build`
+        (a file that records none, rewritten by another tool, is read as it is)."""
         if self.build is None:
             return
         written_by = (metadata or {}).get(BUILD_KEY, b"").decode() or None
-        if written_by != self.build:
-            raise RebuiltIndexError(f"{path}: written by another build of the index ({written_by or 'none'}) than the "
+        if written_by is not None and written_by != self.build:
+            raise RebuiltIndexError(f"{path}: written by another build of the index ({written_by}) than the "
                                     f"one loaded ({self.build}); the index was rebuilt since it was loaded: load it "
                                     "again (restart `unicom serve`)", self.build)
 

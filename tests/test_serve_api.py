@@ -981,6 +981,35 @@ def test_a_server_started_before_a_rebuild_with_the_same_row_counts_refuses_the_
         assert client.post("/metadata", json={"ids": [3, 8]}).json()[1]["metadata"]["key"] == "new-1-2"
 
 
+def test_a_server_that_has_read_a_metadata_file_refuses_it_once_rebuilt_with_the_same_row_counts(tmp_path, monkeypatch):
+    """A server that has been answering has opened its metadata files and read some of their
+    row groups; a rebuild afterwards (same rows per part) is refused at the next row group it
+    reads, not paired with the vectors it loaded."""
+    import pyarrow as pa
+
+    from unicom.formats.embeddings import write_part
+    from unicom.search import index as index_module
+
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", 2)  # rows 0-1, 2-3, 4-5: one row group read, two not yet
+
+    def write(tag: str, seed: int):
+        vectors = np.random.default_rng(seed).standard_normal((6, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        write_part(tmp_path / "emb", 0, image=vectors, metadata=pa.table({"key": [f"{tag}-{row}" for row in range(6)]}))
+
+    write("old", seed=0)
+    with TestClient(create_app(Index.build(tmp_path / "emb", tmp_path / "index"), None),
+                    raise_server_exceptions=False) as client:
+        assert client.post("/metadata", json={"ids": [0]}).json()[0]["metadata"]["key"] == "old-0"
+        write("new", seed=1)
+        Index.build(tmp_path / "emb", tmp_path / "index", overwrite=True)
+        assert client.post("/metadata", json={"ids": [1]}).json()[0]["metadata"]["key"] == "old-1"  # held in memory
+        response = client.post("/metadata", json={"ids": [5]})
+        assert response.status_code == 503
+        assert response.json()["detail"] == ("index 'index' was rebuilt since this server loaded it; restart "
+                                              "`unicom serve` to serve the rebuilt index")
+
+
 def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_path):
     import pyarrow.parquet as pq
 
@@ -993,6 +1022,22 @@ def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_p
     with TestClient(create_app(Index.load(tmp_path / "index"), found["encoder"])) as client:
         response = client.post("/metadata", json={"ids": [14]})
         assert response.status_code == 200 and "class_002/0002.jpg" in response.text
+
+
+def test_a_metadata_file_rewritten_with_pandas_to_add_a_column_is_served_not_refused_as_rebuilt(tmp_path):
+    """pandas keeps no parquet key-value metadata, so the rewritten file records no build: it is
+    the folder's file as its owner made it, not another build of the index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    found = indexed_image_collection(tmp_path)
+    file = tmp_path / "index" / "metadata" / "metadata_0.parquet"
+    table = pq.read_table(file)
+    table = table.append_column("note", pa.array([f"note {row}" for row in range(table.num_rows)]))
+    pq.write_table(table.replace_schema_metadata(None), file)  # as pandas writes it: no key-value metadata
+    with TestClient(create_app(Index.load(tmp_path / "index"), found["encoder"])) as client:
+        response = client.post("/metadata", json={"ids": [2]})
+        assert response.status_code == 200 and response.json()[0]["metadata"]["note"] == "note 2"
 
 
 def test_a_full_image_from_a_url_stays_in_the_decoding_budget_until_a_slow_client_has_received_it(tmp_path):

@@ -40,7 +40,8 @@ Each build of an index has an id (``build`` in ``index.json``) that ``unicom ind
 into the key-value metadata of each of its metadata files (:data:`BUILD_KEY`); given that id,
 a file of another build (the index was rebuilt since it was loaded, with the same row counts
 per part) is refused with an error that says to load the index again. Indexes written before
-build ids were recorded have none, and their files are not checked.
+build ids were recorded have none, and their files are not checked; nor is a file that records
+no build (rewritten by another tool, such as pandas, that keeps no key-value metadata).
 """
 
 from __future__ import annotations
@@ -206,12 +207,7 @@ class MetadataRows:
                     raise FolderError(f"{path}: {sum(counts)} rows, but the index holds {expected} of this part; the "
                                       "folder was changed after the index was built or loaded: rebuild it, or if it was "
                                       "rebuilt since, load it again (restart `unicom serve`)")
-                if self.build is not None:
-                    written_by = (source.metadata.metadata or {}).get(BUILD_KEY, b"").decode() or None
-                    if written_by != self.build:
-                        raise RebuiltIndexError(f"{path}: written by another build of the index ({written_by or 'none'}) "
-                                                f"than the one loaded ({self.build}); the index was rebuilt since it was "
-                                                "loaded: load it again (restart `unicom serve`)", self.build)
+                self._check_build(path, source.metadata.metadata)
                 whole = source.remote and not storage.serves_ranges(source.location)
                 if self.copies is not None and (whole or max(counts, default=0) > RECHUNK_ABOVE):
                     copy = self._local_copy(source, max(counts, default=0), whole)
@@ -269,6 +265,8 @@ class MetadataRows:
                 self._cache.move_to_end(key)
                 return table
         table = _read_row_group(self._read_from[file], group)  # read outside the lock: other lookups go on
+        # a local file is opened again for each row group: one rebuilt since its footer was read is refused too
+        self._check_build(self.files[file][0], table.schema.metadata)
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = table
@@ -277,6 +275,18 @@ class MetadataRows:
                 _, dropped = self._cache.popitem(last=False)
                 self._cached_bytes -= dropped.nbytes
         return table
+
+
+    def _check_build(self, path, metadata: dict | None) -> None:
+        """Refuse a file whose key-value ``metadata`` records another build than :attr:`build`
+        (a file that records none, rewritten by another tool, is read as it is)."""
+        if self.build is None:
+            return
+        written_by = (metadata or {}).get(BUILD_KEY, b"").decode() or None
+        if written_by is not None and written_by != self.build:
+            raise RebuiltIndexError(f"{path}: written by another build of the index ({written_by}) than the "
+                                    f"one loaded ({self.build}); the index was rebuilt since it was loaded: load it "
+                                    "again (restart `unicom serve`)", self.build)
 
 
 def _copy_path(copies: Path, location: Path | str, size: int, version: str | None) -> tuple[Path, str]:

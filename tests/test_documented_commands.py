@@ -193,7 +193,17 @@ def test_documented_recipes_are_valid(command):
 
 
 # dotted names of the docs that are not Python objects: the parquet schema-metadata key of label files
-NOT_PYTHON = {"unicom.labels"}
+def _parquet_metadata_keys() -> set[str]:
+    """The parquet key-value metadata keys the formats write (``unicom.labels`` ...): names the
+    docs show that are not Python."""
+    from unicom.formats.clusters import LABEL_METADATA_KEY
+    from unicom.formats.embeddings import SETTINGS_KEY
+    from unicom.search.metadata_rows import BUILD_KEY
+
+    return {key.decode() for key in (LABEL_METADATA_KEY, SETTINGS_KEY, BUILD_KEY)}
+
+
+NOT_PYTHON = _parquet_metadata_keys()
 
 
 def documented_python_names() -> list[tuple[str, str]]:

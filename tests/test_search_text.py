@@ -213,8 +213,9 @@ def test_an_index_of_random_weights_that_the_installed_library_builds_otherwise_
     assert main(["search", "--index", str(folder), "--text", "a red car"]) == 2
     err = capsys.readouterr().err
     assert f"the collection was embedded by {unsaved['spec']} with weights sha256 0000000000000000…" in err
-    assert ("if those were random weights (no --pretrained), the installed timm or open_clip builds them otherwise "
-            "than the one that embedded it: install that version, or save the model's weights") in err
+    assert ("if those were random weights (no --pretrained), they are not the ones built now (another timm or open_clip "
+            "version builds them otherwise, and earlier unicom versions drew them unseeded): save the model's weights, "
+            "embed the collection with them and index it again") in err
 
 
 def test_the_same_saved_weights_pass_and_other_weights_are_refused(clip, tmp_path, capsys):

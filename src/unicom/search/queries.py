@@ -75,8 +75,9 @@ def check_model(index, encoder) -> None:
         f"{index.location}: the collection was embedded by {spec}{f' ({pretrained})' if pretrained else ''} with weights "
         f"sha256 {recorded[:16]}…, but {encoder.name} has other weights (sha256 {actual[:16]}…), whose embeddings are "
         f"not comparable. Query with the weights that embedded it ({options}); if those were random weights (no "
-        "--pretrained), the installed timm or open_clip builds them otherwise than the one that embedded it: install "
-        "that version, or save the model's weights, embed the collection with them and index it again"
+        "--pretrained), they are not the ones built now (another timm or open_clip version builds them otherwise, "
+        "and earlier unicom versions drew them unseeded): save the model's weights, embed the collection with them "
+        "and index it again"
     )
 
 

@@ -451,3 +451,24 @@ def record_step_reads(monkeypatch) -> tuple[list[int], list[int]]:
     monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
     monkeypatch.setattr(step_module.StepResult, "_read", recorded)
     return calls, read_at
+
+
+def without_build_id(files: dict, build: str) -> dict:
+    """The files of an index folder (relative name -> bytes) with the build id taken out of
+    each parquet file, after checking it is ``build`` (the id in that index's index.json): two
+    builds of the same data differ in that id only, each file then compared by its rows and
+    its other key-value metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unicom.search.metadata_rows import BUILD_KEY
+
+    compared = {}
+    for name, data in files.items():
+        if name.endswith(".parquet"):
+            table = pq.read_table(pa.BufferReader(data))
+            metadata = dict(table.schema.metadata or {})
+            assert metadata.pop(BUILD_KEY, b"").decode() == build, name
+            data = (table.to_pydict(), metadata)
+        compared[name] = data
+    return compared

@@ -131,15 +131,21 @@ def test_a_gallery_holding_query_images_is_refused_as_each_would_find_itself(tmp
     assert not (tmp_path / "report").exists()
 
 
-def test_a_gallery_of_other_images_under_the_same_keys_is_scored(tmp_path):
-    x, labels = clustered(40, 16, 4, 3.0, seed=0)
-    images_folder(tmp_path / "query", x[:10], tmp_path / "query-photos", labels[:10])
-    images_folder(tmp_path / "gallery", x[10:], tmp_path / "gallery-photos", labels[10:])  # keys 0000.jpg... too
+def assert_first_ten_scored_against_the_rest(tmp_path, x, labels) -> None:
+    """`unicom evaluate` of tmp_path/query (rows 0..9 of ``x``) against tmp_path/gallery (the
+    rest, float16 as stored) gives retrieval_metrics' numbers on the same rows."""
     assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
                  "--dims", "none", "--out", str(tmp_path / "report")]) == 0
     stored = x.astype(np.float16).astype(np.float32)
     expected = retrieval_metrics(stored[:10], labels[:10], stored[10:], labels[10:], ks=(1, 2, 4, 8))
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+
+
+def test_a_gallery_of_other_images_under_the_same_keys_is_scored(tmp_path):
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)
+    images_folder(tmp_path / "query", x[:10], tmp_path / "query-photos", labels[:10])
+    images_folder(tmp_path / "gallery", x[10:], tmp_path / "gallery-photos", labels[10:])  # keys 0000.jpg... too
+    assert_first_ten_scored_against_the_rest(tmp_path, x, labels)
 
 
 def test_clip_retrieval_folders_of_two_webdatasets_whose_sample_keys_coincide_are_scored(tmp_path):
@@ -150,11 +156,7 @@ def test_clip_retrieval_folders_of_two_webdatasets_whose_sample_keys_coincide_ar
         names = [f"{i:09d}" for i in range(len(x[rows]))]
         write_part(tmp_path / folder, 0, image=x[rows].astype(np.float16),
                    metadata=pa.table({"image_path": names, "label": list(labels[rows])}))
-    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
-                 "--dims", "none", "--out", str(tmp_path / "report")]) == 0
-    stored = x.astype(np.float16).astype(np.float32)
-    expected = retrieval_metrics(stored[:10], labels[:10], stored[10:], labels[10:], ks=(1, 2, 4, 8))
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"] == pytest.approx(expected)
+    assert_first_ten_scored_against_the_rest(tmp_path, x, labels)
 
 
 def test_labels_file_and_gallery_folder(tmp_path):

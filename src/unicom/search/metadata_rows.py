@@ -276,7 +276,6 @@ class MetadataRows:
                 self._cached_bytes -= dropped.nbytes
         return table
 
-
     def _check_build(self, path, metadata: dict | None) -> None:
         """Refuse a file whose key-value ``metadata`` records another build than :attr:`build`
         (a file that records none, rewritten by another tool, is read as it is)."""

@@ -251,6 +251,24 @@ def test_an_open_clip_file_that_does_not_fit_names_its_missing_and_unexpected_ke
         load_encoder(tiny_clip_name, str(tmp_path / "edited.pt"))
 
 
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                     RuntimeError("Expected all tensors to be on the same device")])
+def test_an_open_clip_failure_that_is_not_about_the_weights_passes_through(tmp_path, tiny_clip_name, monkeypatch,
+                                                                           failure):
+    import open_clip
+
+    torch.save(open_clip.create_model(tiny_clip_name).state_dict(), tmp_path / "fits.pt")
+    assert load_encoder(tiny_clip_name, str(tmp_path / "fits.pt")) is not None
+
+    def fail(model, *args, **kwargs):  # raised where open_clip loads the file, as a GPU out of memory would be
+        raise failure
+
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", fail)
+    with pytest.raises(type(failure)) as raised:
+        load_encoder(tiny_clip_name, str(tmp_path / "fits.pt"))
+    assert raised.value is failure and not isinstance(raised.value, InputError)
+
+
 def test_an_image_tower_alone_is_refused_saying_open_clip_loads_both_towers(tmp_path, tiny_clip_name):
     import open_clip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import io
 import json
@@ -1008,6 +1009,47 @@ def test_a_server_that_has_read_a_metadata_file_refuses_it_once_rebuilt_with_the
         assert response.status_code == 503
         assert response.json()["detail"] == ("index 'index' was rebuilt since this server loaded it; restart "
                                               "`unicom serve` to serve the rebuilt index")
+
+
+@pytest.mark.parametrize("where", ["s3", "http"])
+def test_a_server_that_has_read_a_remote_metadata_file_refuses_it_once_rebuilt_as_a_rebuild(where, request, tmp_path,
+                                                                                             monkeypatch, caplog):
+    """A remote metadata file is read at the offsets of the footer read at its first lookup: a
+    rebuild afterwards (same rows per part, longer rows) is caught as a changed file, and answered
+    as a rebuilt index once its footer records another build."""
+    import pyarrow as pa
+
+    from storage_servers import FileServer
+    from unicom.formats.embeddings import write_part
+    from unicom.search import index as index_module
+
+    monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    monkeypatch.setattr(index_module, "ROW_GROUP_ROWS", 4)
+
+    def write(tag: str, seed: int):
+        vectors = np.random.default_rng(seed).standard_normal((40, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        write_part(tmp_path / "emb", 0, image=vectors, metadata=pa.table({"key": [f"{tag}-{row}" for row in range(40)]}))
+
+    write("old", seed=0)
+    Index.build(tmp_path / "emb", tmp_path / "index")
+    with contextlib.ExitStack() as stack:
+        if where == "s3":
+            s3 = request.getfixturevalue("s3")
+            s3.bucket("rebuilt-served")
+            url = s3.upload_folder(tmp_path / "index", "rebuilt-served", "index")
+        else:
+            url = f"{stack.enter_context(FileServer(tmp_path)).url}/index/"
+        client = stack.enter_context(TestClient(create_app(Index.load(url), None), raise_server_exceptions=False))
+        assert client.post("/metadata", json={"ids": [0]}).json()[0]["metadata"]["key"] == "old-0"
+        write("a much longer key, so that the row groups move", seed=1)
+        Index.build(tmp_path / "emb", url if where == "s3" else tmp_path / "index", overwrite=True)
+        response = client.post("/metadata", json={"ids": [37]})
+        assert response.status_code == 503
+        assert response.json()["detail"] == ("index 'index' was rebuilt since this server loaded it; restart "
+                                              "`unicom serve` to serve the rebuilt index")
+        assert "metadata_0.parquet: written by another build of the index" in caplog.text
 
 
 def test_an_index_written_without_a_build_id_serves_its_metadata_as_before(tmp_path):

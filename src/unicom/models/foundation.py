@@ -164,6 +164,9 @@ def accepts_open_clip(spec: str, pretrained: str | None = None) -> bool:
     return spec in open_clip.list_models()
 
 
+_STATE_DICT_ERROR = "Error(s) in loading state_dict"  # how torch's load_state_dict begins a key/shape mismatch
+
+
 def _refuse_open_clip_file(spec: str, weights: str) -> None:
     """The :class:`InputError` that names what a checkpoint file open_clip could not load
     into ``spec`` lacks or has too many (keys, shapes), read without building its weights."""
@@ -219,9 +222,12 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
                 f"{spec} {weights}: the weights could not be fetched ({message}); "
                 "download them where there is a network and pass the file with --pretrained"
             ) from error
-        if weights is not None and os.path.isfile(weights):
-            _refuse_open_clip_file(spec, weights)
-            raise InputError(f"{weights}: does not hold {spec} weights ({message})") from error
+        # only load_state_dict's key/shape check says the file holds other weights; any other error (out of
+        # memory, a device's failure) is not the file's, and passes through as it is
+        if weights is not None and os.path.isfile(weights) and not isinstance(error, torch.OutOfMemoryError):
+            _refuse_open_clip_file(spec, weights)  # names the keys and shapes that do not fit, if any
+            if _STATE_DICT_ERROR in message:
+                raise InputError(f"{weights}: does not hold {spec} weights ({message})") from error
         raise
     except pickle.UnpicklingError as error:  # weights_only refused the file
         from unicom.models.weights import unpickling_refused

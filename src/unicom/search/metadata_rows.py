@@ -34,7 +34,8 @@ whose server gives no size (chunked answers without Content-Length), which no ra
 find the footer of (a server that gives no version either, no ETag or modification time, has
 it fetched again at every load: a copy of it could not be told from a stale one). A remote file that
 changes while it is read (its row groups no longer match the footer read at opening) is
-named in the error, which says to load the index again.
+named in the error, which says to load the index again; when its new footer (read then, and only
+then) records another build of the index, it is refused as rebuilt (below).
 
 Each build of an index has an id (``build`` in ``index.json``) that ``unicom index`` also writes
 into the key-value metadata of each of its metadata files (:data:`BUILD_KEY`); given that id,
@@ -79,6 +80,10 @@ class RebuiltIndexError(FolderError):
     def __init__(self, message: str, loaded: str):
         super().__init__(message)
         self.loaded = loaded
+
+
+class ChangedFileError(FolderError):
+    """A remote metadata file that changed since its footer was read (its row groups are elsewhere now)."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,11 @@ class MetadataRows:
             if table is not None:
                 self._cache.move_to_end(key)
                 return table
-        table = _read_row_group(self._read_from[file], group)  # read outside the lock: other lookups go on
+        try:
+            table = _read_row_group(self._read_from[file], group)  # read outside the lock: other lookups go on
+        except ChangedFileError as error:
+            self._check_rebuilt(file, error)
+            raise
         # a local file is opened again for each row group: one rebuilt since its footer was read is refused too
         self._check_build(self.files[file][0], table.schema.metadata)
         with self._lock:
@@ -275,6 +284,21 @@ class MetadataRows:
                 _, dropped = self._cache.popitem(last=False)
                 self._cached_bytes -= dropped.nbytes
         return table
+
+    def _check_rebuilt(self, file: int, changed: ChangedFileError) -> None:
+        """A remote file that changed since its footer was read: refused as rebuilt when its footer
+        now records another build (a rebuild, not an edit); nothing said when it cannot be read."""
+        if self.build is None:
+            return
+        path = self.files[file][0]
+        try:
+            metadata = read_footer(path).metadata.metadata
+        except (InputError, storage.FetchError):  # the change is what is reported
+            return
+        try:
+            self._check_build(path, metadata)
+        except RebuiltIndexError as rebuilt:
+            raise rebuilt from changed
 
     def _check_build(self, path, metadata: dict | None) -> None:
         """Refuse a file whose key-value ``metadata`` records another build than :attr:`build`
@@ -402,7 +426,7 @@ def _read_row_group(source: Footer, group: int):
                 failed = version_failed
             else:
                 if changed:
-                    raise FolderError(f"{source.location}: changed since the index was loaded (its row groups are not "
+                    raise ChangedFileError(f"{source.location}: changed since the index was loaded (its row groups are not "
                                       "where its footer said); load the index again (restart `unicom serve`) to read "
                                       "it as it is now") from error
                 raise

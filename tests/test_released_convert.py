@@ -120,6 +120,27 @@ def test_another_projects_weights_in_the_output_are_not_replaced_without_overwri
     assert sorted(p.name for p in timm_folder.iterdir()) == ["model.safetensors", "unicom_model.json"]  # no stale timm config
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_of_other_files_is_refused_before_any_download(tmp_path, capsys, overwrite):
+    taken = tmp_path / "run-7"
+    taken.mkdir()
+    for name in ("embed_config.json", "img_emb", "notes.txt"):
+        (taken / name).write_text(name)
+    downloads = tmp_path / "downloads"
+    assert main(["convert", "released-to-unicom", "ViT-B/32", str(taken), "--download-root", str(downloads),
+                 *overwrite]) == 2
+    assert (f"{taken}: a folder that holds no model but other files (embed_config.json, img_emb, notes.txt); the model "
+            f"would be written beside them: give an empty or new folder (e.g. {taken / 'model'})") in capsys.readouterr().err
+    assert sorted(p.name for p in taken.iterdir()) == ["embed_config.json", "img_emb", "notes.txt"]
+    assert not downloads.exists()
+
+
+def test_an_empty_folder_takes_the_model(released_file, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "empty")]) == 0
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["model.safetensors", "unicom_model.json"]
+
+
 def test_a_model_folder_given_as_the_released_source_says_it_is_one(released_file, tmp_path, capsys):
     main(["convert", "released-to-unicom", str(released_file), str(tmp_path / "model")])
     capsys.readouterr()

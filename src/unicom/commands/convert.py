@@ -60,6 +60,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_released.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
+def _refuse_other_files(output: Path) -> None:
+    """Refuse a folder holding files but no model (another run's folder): the model would be
+    written beside them. Checked before any download."""
+    from unicom import storage
+    from unicom.models import export
+
+    if (output / export.CONFIG_NAME).exists() or (output / export.WEIGHTS_NAME).exists():
+        return  # a model folder: replaced with --overwrite
+    present = sorted(entry.name for entry in output.iterdir() if not storage.is_temporary(entry.name)) \
+        if output.is_dir() else []
+    if present:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise InputError(f"{output}: a folder that holds no model but other files ({shown}); the model would be written "
+                         f"beside them: give an empty or new folder (e.g. {output / 'model'}); --overwrite replaces a "
+                         "model only, never other files")
+
+
 # what a convert whose write the disk refused leaves: the output as it was before
 NOTHING_KEPT = "no part of the model is kept"
 
@@ -78,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{output} holds a {export.WEIGHTS_NAME} without {export.CONFIG_NAME} (another project's model, "
                 "such as a timm folder, or a write that was killed); pass --overwrite to replace it"
             )
+        _refuse_other_files(output)
         with refused_write(output, "the model", NOTHING_KEPT):
             folder = convert.released_to_unicom(args.source, output, arch=args.arch, download_root=args.download_root)
         config = export.read_config(folder)

@@ -159,6 +159,41 @@ def test_clip_retrieval_folders_of_two_webdatasets_whose_sample_keys_coincide_ar
     assert_first_ten_scored_against_the_rest(tmp_path, x, labels)
 
 
+def shards_folder(root: Path, x: np.ndarray, labels, site: str | None, first: int = 0) -> Path:
+    """``x`` as ``unicom embed --input SHARDS`` writes it, 10 samples per shard from shard ``first`` on: the
+    webdataset key, the url of the sample's JSON (at ``site``; None: shards without JSON), the shard's file name."""
+    rows = range(len(x))
+    write_part(root, 0, image=x.astype(np.float16), metadata=pa.table({
+        "key": [f"{first + i // 10:05d}{i % 10:04d}" for i in rows], "caption": [f"caption {i}" for i in rows],
+        "url": pa.array([None if site is None else f"https://{site}/{first + i // 10}/{i % 10}.jpg" for i in rows],
+                        type=pa.string()),
+        "shard": [f"{first + i // 10:05d}.tar" for i in rows], "label": list(labels)}))
+    return root
+
+
+def test_a_gallery_embedded_from_the_query_shards_is_refused_as_each_would_find_itself(tmp_path, capsys):
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)
+    shards_folder(tmp_path / "query", x[:10], labels[:10], "images.example")  # shard 00000.tar
+    shards_folder(tmp_path / "gallery", x, labels, "images.example")  # 00000.tar again, then 00001-00003.tar
+    assert main(["evaluate", "--embeddings", str(tmp_path / "query"), "--gallery-embeddings", str(tmp_path / "gallery"),
+                 "--dims", "none", "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'gallery'} (--gallery-embeddings) holds 10 of the query images of {tmp_path / 'query'} (e.g. "
+        "000000000, 000000001, 000000002): each query would find itself first and lift every score; leave "
+        "--gallery-embeddings out to search the queries leave-one-out, or give a gallery without them")
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("sites", [("query.example", "gallery.example"), (None, None)])
+def test_shard_folders_of_two_datasets_whose_shard_names_and_keys_coincide_are_scored(tmp_path, sites):
+    # two img2dataset runs both name their shards 00000.tar... and their samples 000000000...: other images,
+    # told apart by their urls; without urls (shards without JSON) nothing tells them apart, and none is refused
+    x, labels = clustered(40, 16, 4, 3.0, seed=0)
+    shards_folder(tmp_path / "query", x[:10], labels[:10], sites[0])
+    shards_folder(tmp_path / "gallery", x[10:], labels[10:], sites[1])
+    assert_first_ten_scored_against_the_rest(tmp_path, x, labels)
+
+
 def test_labels_file_and_gallery_folder(tmp_path):
     x, labels = clustered(60, 16, 6, 0.8, seed=2)
     keys = [f"k{i}" for i in range(60)]

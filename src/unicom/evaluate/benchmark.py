@@ -589,20 +589,32 @@ def _require_dimension(vectors, folder, option: str, queries, queries_folder) ->
                          "made by different models; give folders embedded with the same model")
 
 
+# the columns that identify one image in folders made by unicom embed, in the order they are compared: an image
+# file (its path, and its key in the folder or list), or a shard's sample (the shard's file name, the sample's
+# key and the url its JSON gives). A shard's name and a sample's key alone repeat across datasets (00000.tar,
+# 000000000, ...): a shard's sample is the same only with the same url too, and one without a url is not compared
+SAME_IMAGE_COLUMNS = (("image_path", "key"), ("shard", "key", "url"))
+
+
 def _require_other_images(gallery_metadata, gallery_folder, metadata, folder) -> None:
     """An :class:`InputError` when the gallery holds query images: the same folder given
-    twice, or rows of the same ``image_path`` and key (an image file, or a shard's sample).
-    Each would find itself first and lift every score. Folders without a ``key`` column
-    beside ``image_path`` (clip-retrieval's, whose ``image_path`` of a webdataset is the
-    sample's key, the same in shards of other images) are compared as folders only."""
+    twice, or rows with the same values in every column of one of :data:`SAME_IMAGE_COLUMNS`
+    (an image file, or a shard's sample). Each would find itself first and lift every score.
+    Folders without those columns (clip-retrieval's, whose ``image_path`` of a webdataset is
+    the sample's key, the same in shards of other images) are compared as folders only."""
     same = storage.absolute(gallery_folder) == storage.absolute(folder)
     shared = []
-    if not same and all(m is not None and {"image_path", "key"} <= set(m.column_names) for m in (metadata, gallery_metadata)):
-        def images(m, root):
-            return zip(m.column("image_path").to_pylist(), _key_column(m, root))
+    for columns in SAME_IMAGE_COLUMNS:
+        if same or shared or not all(m is not None and set(columns) <= set(m.column_names)
+                                     for m in (metadata, gallery_metadata)):
+            continue
 
-        in_gallery = set(images(gallery_metadata, gallery_folder))
-        shared = [key for path, key in images(metadata, folder) if (path, key) in in_gallery]
+        def images(m):  # (identity, key) of each row that has every identity column
+            values = zip(*(m.column(name).to_pylist() for name in columns))
+            return [(row, str(row[columns.index("key")])) for row in values if None not in row]
+
+        in_gallery = {row for row, _ in images(gallery_metadata)}
+        shared = [key for row, key in images(metadata) if row in in_gallery]
     if same or shared:
         what = "is the folder of the queries" if same else (
             f"holds {len(shared)} of the query images of {storage.text(folder)} (e.g. {', '.join(shared[:3])})")

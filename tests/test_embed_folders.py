@@ -267,3 +267,56 @@ def test_a_run_resumed_with_the_same_settings_or_in_a_folder_without_records_doe
         (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()
         assert embed_class_folder(tmp_path, weights, "--precision", "bf16") == 0
     assert "other settings" not in caplog.text
+
+
+def footers_read(monkeypatch) -> list[list[int]]:
+    """The parts whose metadata footers `unicom embed` reads for their settings, per call."""
+    from unicom import embed
+
+    asked = []
+
+    def reading(out, numbers):
+        asked.append(list(numbers))
+        return part_settings(out, numbers)
+
+    monkeypatch.setattr(embed, "part_settings", reading)
+    return asked
+
+
+def test_a_run_resumed_with_the_settings_every_run_recorded_reads_no_part_footer(tmp_path, weights, caplog,
+                                                                                monkeypatch):
+    import json
+
+    asked = footers_read(monkeypatch)
+    assert embed_class_folder(tmp_path, weights, "--precision", "fp32", "--decode", "cpu") == 0
+    config = tmp_path / "EMB" / "embed_config.json"
+    assert json.loads(config.read_text())["part_settings"] == [{"precision": "fp32", "decode": "cpu"}]
+    (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()  # as a run killed before part 1 was finished
+    with caplog.at_level(logging.WARNING, logger="unicom.embed"):
+        assert embed_class_folder(tmp_path, weights, "--precision", "fp32", "--decode", "cpu") == 0
+        assert asked == []  # the finished parts 0 and 2 were made with this run's settings: no footer is read
+        (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()
+        assert embed_class_folder(tmp_path, weights, "--precision", "bf16", "--decode", "cpu") == 0
+    assert asked == [[0, 2]]  # other settings recorded: the parts are read to name those made with them
+    assert ("finished parts were embedded with other settings than this run's (parts [0, 2] with decode cpu, "
+            "precision fp32); this run embeds parts [1] with decode cpu, precision bf16") in caplog.text
+    assert json.loads(config.read_text())["part_settings"] == [{"precision": "fp32", "decode": "cpu"},
+                                                                {"precision": "bf16", "decode": "cpu"}]
+
+
+def test_a_folder_without_a_record_of_its_settings_is_read_part_by_part_and_warns(tmp_path, weights, caplog,
+                                                                                  monkeypatch):
+    import json
+
+    assert embed_class_folder(tmp_path, weights, "--precision", "fp32", "--decode", "cpu") == 0
+    config = tmp_path / "EMB" / "embed_config.json"
+    older = {k: v for k, v in json.loads(config.read_text()).items() if k != "part_settings"}
+    config.write_text(json.dumps(older))  # as the version before the record wrote it
+    (tmp_path / "EMB" / "metadata" / "metadata_1.parquet").unlink()
+    asked = footers_read(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="unicom.embed"):
+        assert embed_class_folder(tmp_path, weights, "--precision", "bf16", "--decode", "cpu") == 0
+    assert asked == [[0, 2]]
+    assert "(parts [0, 2] with decode cpu, precision fp32); this run embeds parts [1]" in caplog.text
+    assert json.loads(config.read_text())["part_settings"] == [{"precision": "fp32", "decode": "cpu"},
+                                                                {"precision": "bf16", "decode": "cpu"}]

@@ -159,12 +159,13 @@ def broadcast_object(value):
     return holder[0]
 
 
-def all_gather_object(value) -> list:
-    """``value`` (any picklable object) of every rank, in rank order."""
+def all_gather_object(value, group=None) -> list:
+    """``value`` (any picklable object) of every rank, in rank order; ``group``: the process
+    group to gather over (default: the world's)."""
     if get_world_size() == 1:
         return [value]
     gathered: list = [None] * get_world_size()
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
 
 

@@ -49,6 +49,7 @@ from unicom.errors import InputError
 from unicom.files import part_number, refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
     CONFIG_FILE,
+    PART_SETTINGS,
     WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
@@ -567,12 +568,16 @@ def embed_parts(
         sweep_writer_temporaries(out, [part.number for part in pending])
     # every rank lists the finished parts before any rank writes a new one, so all agree
     distributed.barrier(group)
-    if rank == 0 and had_config is False:
-        with refused_write(out, CONFIG_FILE, KEPT_PARTS):
-            write_config(out, config)
     settings = run_settings(encoder, modalities, precision, decode)
-    if rank == 0 and pending and complete:
-        _warn_other_settings(out, sorted(complete), [part.number for part in pending], settings)
+    every = []  # the settings of every rank of this run (hardware may differ between nodes)
+    for made in distributed.all_gather_object(settings, group):
+        every += [made] if made not in every else []
+    if rank == 0:
+        current = config if had_config is False else read_config(out)
+        recorded = _check_settings(out, current, sorted(complete), [part.number for part in pending], settings, every)
+        if had_config is False or recorded is not None:
+            with refused_write(out, CONFIG_FILE, KEPT_PARTS):
+                write_config(out, current if recorded is None else {**current, PART_SETTINGS: recorded})
     mine = pending[rank::world]
     if mine:
         _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,
@@ -594,22 +599,46 @@ def _describe_settings(settings: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(settings.items()))
 
 
-def _warn_other_settings(out, finished: list[int], pending: list[int], settings: dict) -> None:
+def _check_settings(out, config: dict, finished: list[int], pending: list[int], settings: dict,
+                    every: list[dict]) -> list[dict] | None:
+    """Warn when finished parts of ``out`` were embedded with other settings than this run's
+    (:func:`_warn_other_settings`), reading the parts' footers only when ``config``'s record
+    (:data:`PART_SETTINGS`) holds other settings than ``settings`` or the folder has none (it
+    was written by an earlier version): a folder of thousands of remote parts, all made with
+    this run's settings, is not read part by part. Returns the record with ``every`` (the
+    settings of this run's ranks) added, or None when it needs no change (nothing to embed)."""
+    if not pending:
+        return None
+    known = config.get(PART_SETTINGS) if finished else []
+    if not (isinstance(known, list) and all(isinstance(made, dict) for made in known)):
+        known = None  # none recorded (an earlier version), or not as written: the parts are read
+    if known is None or any(made != settings for made in known):
+        found = _warn_other_settings(out, finished, pending, settings)
+        known = found if known is None else known
+    recorded = known + [made for made in every if made not in known]
+    return None if recorded == config.get(PART_SETTINGS) else recorded
+
+
+def _warn_other_settings(out, finished: list[int], pending: list[int], settings: dict) -> list[dict]:
     """Warn when finished parts of ``out`` were embedded with other settings than this run's
     (another precision or decoding: a run resumed on other hardware or with other options). Not
     refused: a resumed run must finish on whatever machine it gets; parts without a record
-    (written by earlier versions) are not compared."""
+    (written by earlier versions) are not compared. Returns the settings the parts record, each once."""
     made: dict[str, list[int]] = {}
+    found: list[dict] = []
     for number, recorded in part_settings(out, finished).items():
+        if recorded is not None and recorded not in found:
+            found.append(recorded)
         if recorded is not None and recorded != settings:
             made.setdefault(_describe_settings(recorded), []).append(number)
     if not made:
-        return
+        return found
     before = "; ".join(f"parts {listed_parts(numbers)} with {described}" for described, numbers in made.items())
     logger.warning("%s: finished parts were embedded with other settings than this run's (%s); this run embeds parts %s "
                    "with %s. Their embeddings differ slightly; to keep one setting throughout, stop and run again with "
                    "the options those parts were made with (--precision, --decode)", storage.text(out), before,
                    listed_parts(pending), _describe_settings(settings))
+    return found
 
 
 def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision,
@@ -694,12 +723,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
 def gather_summary(summary: EmbedSummary, group=None) -> EmbedSummary:
     """The summaries of all ranks merged (every rank gets the result); ``group``: the
     process group to gather over (default: the world's)."""
-    if distributed.get_world_size() == 1:
-        return summary
-    import torch.distributed as dist
-
-    everyone: list[EmbedSummary | None] = [None] * distributed.get_world_size()
-    dist.all_gather_object(everyone, summary, group=group)
+    everyone = distributed.all_gather_object(summary, group)
     merged = everyone[0]
     for other in everyone[1:]:
         merged = merged.merge(other)

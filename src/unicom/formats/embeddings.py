@@ -18,6 +18,11 @@ changes their embeddings) when images were embedded; for image folders and lists
 ``rows_per_part`` and ``keys_sha256`` (which rows make part ``i``: the cut, and the digest of
 the keys listed, in order).
 
+``part_settings`` (:data:`PART_SETTINGS`) lists, each once, the settings (below) of every run that
+wrote parts into the folder, recorded before the run writes any: a superset of those the parts
+record, read in place of the parts' footers when it holds only the settings of the run that
+resumes the folder. Folders written by earlier versions have none.
+
 How a part's embeddings were computed on the machine that made them (``precision``: ``fp32``,
 ``fp16`` or ``bf16``; ``decode``: ``cpu`` or ``gpu``, where its JPEGs were decoded and resized)
 is recorded in its metadata file's parquet key-value metadata under :data:`SETTINGS_KEY`
@@ -74,6 +79,7 @@ CONFIG_FILE = "embed_config.json"
 WEIGHTS_CHECKSUM = "weights_sha256"  # the key of the model's weights digest in CONFIG_FILE
 FAILURES_FOLDER = "failures"
 SHOWN = 10  # part numbers listed in a message
+PART_SETTINGS = "part_settings"  # embed_config.json: the settings of every run that wrote parts (a list)
 SETTINGS_KEY = b"unicom.embed_settings"  # a part's metadata file: how its embeddings were computed (JSON)
 
 

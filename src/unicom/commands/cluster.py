@@ -251,7 +251,7 @@ def run(args) -> int:
 
 def _show(args) -> None:
     from unicom import storage
-    from unicom.cluster.contact_sheet import build_contact_sheet, write_contact_sheet
+    from unicom.cluster.contact_sheet import build_contact_sheet, sheet_paths, write_contact_sheet
     from unicom.formats.embeddings import EmbeddingFolders
 
     if args.embeddings:
@@ -263,6 +263,8 @@ def _show(args) -> None:
     else:
         raise InputError("`unicom cluster show` needs --embeddings ROOT (or --metadata DIR): the metadata says where "
                          "each sample came from")
+    png = args.sheet or storage.join(args.out, "contact_sheet.png")
+    sheet_paths(png)  # a wrong name is said now, not after every thumbnail was read
     sheet = build_contact_sheet(
         args.out, folders, clusters=args.clusters, random=args.random, samples=args.samples,
         neighbours=args.neighbours, seed=args.seed, inputs=args.input, thumbnail=args.thumbnail,
@@ -270,5 +272,5 @@ def _show(args) -> None:
     for block in sheet.blocks:
         near = ", ".join(f"{row.cluster} (cos {row.similarity:.3f})" for row in block[1:])
         print(f"cluster {block[0].cluster} ({block[0].size:,} samples)" + (f": nearest {near}" if near else ""))
-    png, page = write_contact_sheet(sheet, args.sheet or storage.join(args.out, "contact_sheet.png"))
+    png, page = write_contact_sheet(sheet, png)
     print(f"wrote {png} and {page}")

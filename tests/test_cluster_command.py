@@ -17,6 +17,7 @@ from support import free_port
 
 from unicom.cli import main
 from unicom.cluster import Shard, load_labels, split_shards
+from unicom.cluster.kmeans import _no_gpu_device_files
 from unicom.errors import InputError
 from unicom.formats.embeddings import write_part
 
@@ -83,6 +84,8 @@ def test_hierarchical_parts_merge_and_assign_label_every_sample(collection, tmp_
     assert main(["cluster", "assign", "--embeddings", str(root), "--out", out]) == 0
     printed = capsys.readouterr().out
     assert "merged 3 parts: 6 centroids from 36 training points" in printed
+    # 6 part centroids per final one: more come from the parts' k, not from more samples
+    assert "the centroids may be noisy (raise the parts' --k, or lower the merge's --k)" in printed
     assert "labelled 0 of 6 parts (0 samples) in 0.0 s; 6 of them were labelled already" in printed
     assert "labelled 600 of 600 samples" in printed
     records = [json.loads((tmp_path / "out" / "parts" / f"part_{p}.json").read_text()) for p in range(3)]
@@ -194,3 +197,35 @@ def test_the_help_shows_the_hierarchical_ks_of_the_docs(capsys):
         main(["cluster", "--help"])
     docs = (Path(__file__).resolve().parents[1] / "docs" / "clustering.md").read_text()
     assert ks(capsys.readouterr().out) == ks(docs) == {"part": "62500", "merge": "1000000"}
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("auto", marks=pytest.mark.skipif(not _no_gpu_device_files(), reason="a GPU driver is here: auto asks torch")),
+])
+def test_clustering_on_the_cpu_does_not_import_torch(collection, tmp_path, device):
+    # torch is only needed to use a GPU, or under torchrun: importing it to read WORLD_SIZE, or
+    # to look for a GPU on a machine without a GPU driver, took 1.5 s and put ~0.85 GiB of its
+    # libraries in the resident set
+    root, _ = collection
+    code = (
+        "import sys; from unicom.cli import main; "
+        f"code = main(['cluster', '--embeddings', {str(root)!r}, '--k', '6', '--device', {device!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**env, "UNICOM_PROGRESS": "0"})
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr[-2000:]
+
+
+def test_a_run_started_again_says_that_it_reused_the_centroids(collection, tmp_path, capsys):
+    root, _ = collection
+    argv = ["cluster", "--embeddings", str(root), "--k", "6", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("trained: 6 centroids from 600 training points")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"reused the centroids in {tmp_path / 'out'} (trained by an earlier run): 6 centroids")
+    assert "trained:" not in printed

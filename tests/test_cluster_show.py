@@ -207,6 +207,18 @@ def test_a_sheet_too_large_to_open_is_refused_before_any_shard_is_read(run, caps
     assert not (run["root"] / "huge.png").exists()
 
 
+def test_a_sheet_name_that_is_not_a_png_is_refused_before_any_label_or_shard_is_read(run, capsys, tmp_path, monkeypatch):
+    import unicom.cluster.contact_sheet as contact_sheet
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the labels were read before the sheet's name was checked")
+
+    monkeypatch.setattr(contact_sheet, "draw_samples", no_reading)
+    assert show(run, "--clusters", "0", sheet="sheet.jpg") == 2
+    assert "sheet.jpg: the contact sheet is a PNG; give a path ending in .png" in capsys.readouterr().err
+    assert not (run["root"] / "sheet.jpg").exists()
+
+
 def test_a_shard_that_is_gone_is_named(run, capsys, tmp_path):
     root = run["root"]
     moved = tmp_path / "elsewhere"

@@ -498,13 +498,19 @@ def render_html(sheet: ContactSheet) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_contact_sheet(sheet: ContactSheet, png_path) -> tuple[object, object]:
-    """Write the sheet's PNG at ``png_path`` and its HTML page beside it (``.html``), each
-    whole or not at all; returns both locations."""
+def sheet_paths(png_path) -> tuple[object, object]:
+    """Where a sheet asked for at ``png_path`` goes: (the PNG, the HTML page beside it); an
+    error for a path that does not end in ``.png``. Cheap: check it before reading any image."""
     png_path = storage.path(png_path)
     if not storage.name(png_path).lower().endswith(".png"):
         raise InputError(f"{png_path}: the contact sheet is a PNG; give a path ending in .png")
-    html_path = png_path.with_suffix(".html")
+    return png_path, png_path.with_suffix(".html")
+
+
+def write_contact_sheet(sheet: ContactSheet, png_path) -> tuple[object, object]:
+    """Write the sheet's PNG at ``png_path`` and its HTML page beside it (``.html``), each
+    whole or not at all; returns both locations."""
+    png_path, html_path = sheet_paths(png_path)
     sweep_temporaries(png_path.parent, [storage.name(png_path), storage.name(html_path)])
     write_bytes_atomic(png_path, render_png(sheet))
     write_text_atomic(html_path, render_html(sheet))
@@ -522,6 +528,7 @@ __all__ = [
     "read_thumbnails",
     "render_html",
     "render_png",
+    "sheet_paths",
     "sheet_size",
     "write_contact_sheet",
 ]

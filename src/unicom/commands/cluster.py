@@ -97,9 +97,11 @@ def _ids(text: str) -> list[int]:
 
 
 def _part(text: str | None, stage: str) -> tuple[int, int] | None:
-    from unicom import distributed
+    world = 1
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # torchrun's: no torch import (1.5 s) for a plain launch
+        from unicom import distributed
 
-    world = distributed.launched_world_size()
+        world = distributed.launched_world_size()
     if text is None and world > 1:  # every process of the launch runs this command
         if stage in ("part", "assign"):  # each process its own part: torchrun's RANK of WORLD_SIZE
             text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
@@ -153,7 +155,9 @@ def _settings(args):
     )
 
 
-def _print_training(record: dict, what: str) -> None:
+def _print_training(record: dict, what: str, denser: str = "lower --k or give more samples") -> None:
+    """One line on the centroids of ``record``; a note when they had few training points,
+    with ``denser``: how to give them more."""
     seconds = record["seconds"]
     print(
         f"{what}: {record['k']:,} centroids from {record['training_points']:,} training points "
@@ -163,7 +167,7 @@ def _print_training(record: dict, what: str) -> None:
         + f"; mean cosine to the centroid {record['mean_similarity']:.4f}"
     )
     if record["points_per_centroid_used"] < 39:
-        print(f"  note: fewer than 39 training points per centroid; the centroids may be noisy (lower --k or give more samples)")
+        print(f"  note: fewer than 39 training points per centroid; the centroids may be noisy ({denser})")
 
 
 def _print_summary(summary: dict, out: str) -> None:
@@ -206,7 +210,9 @@ def run(args) -> int:
             inputs, args.out, _settings(args), skip_invalid=args.skip_invalid, device=args.device,
             tiny_cluster_size=args.tiny_cluster_size, min_cluster_size=args.min_cluster_size,
         )
-        _print_training(ClusterFolder(args.out).read_record(), "trained")
+        reused = not summary["seconds"]["train"]  # 0: the finished centroids of an earlier run were found
+        _print_training(ClusterFolder(args.out).read_record(),
+                        f"reused the centroids in {args.out} (trained by an earlier run)" if reused else "trained")
         _print_summary(summary, args.out)
     elif args.stage == "part":
         inputs = _inputs(args, args.fusion or "image+text")
@@ -214,7 +220,9 @@ def run(args) -> int:
         _print_training(record, f"part {part[0]}/{part[1]} (shards {record['shards'][0]}..{record['shards'][-1]})")
     elif args.stage == "merge":
         record = merge_parts(args.out, _settings(args), device=args.device)
-        _print_training(record, f"merged {record['hierarchical']['num_parts']} parts")
+        # the merge's training points are the parts' centroids: more of them come from the parts' k
+        _print_training(record, f"merged {record['hierarchical']['num_parts']} parts",
+                        "raise the parts' --k, or lower the merge's --k")
     elif args.stage == "assign":
         record = ClusterFolder(args.out).read_record()
         if args.fusion and args.fusion != record["fusion"]:
@@ -243,7 +251,7 @@ def run(args) -> int:
 
 def _show(args) -> None:
     from unicom import storage
-    from unicom.cluster.contact_sheet import build_contact_sheet, write_contact_sheet
+    from unicom.cluster.contact_sheet import build_contact_sheet, sheet_paths, write_contact_sheet
     from unicom.formats.embeddings import EmbeddingFolders
 
     if args.embeddings:
@@ -255,6 +263,8 @@ def _show(args) -> None:
     else:
         raise InputError("`unicom cluster show` needs --embeddings ROOT (or --metadata DIR): the metadata says where "
                          "each sample came from")
+    png = args.sheet or storage.join(args.out, "contact_sheet.png")
+    sheet_paths(png)  # a wrong name is said now, not after every thumbnail was read
     sheet = build_contact_sheet(
         args.out, folders, clusters=args.clusters, random=args.random, samples=args.samples,
         neighbours=args.neighbours, seed=args.seed, inputs=args.input, thumbnail=args.thumbnail,
@@ -262,5 +272,5 @@ def _show(args) -> None:
     for block in sheet.blocks:
         near = ", ".join(f"{row.cluster} (cos {row.similarity:.3f})" for row in block[1:])
         print(f"cluster {block[0].cluster} ({block[0].size:,} samples)" + (f": nearest {near}" if near else ""))
-    png, page = write_contact_sheet(sheet, args.sheet or storage.join(args.out, "contact_sheet.png"))
+    png, page = write_contact_sheet(sheet, png)
     print(f"wrote {png} and {page}")

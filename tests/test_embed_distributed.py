@@ -89,3 +89,40 @@ def test_a_rank_without_parts_waits_for_the_others_longer_than_the_collective_ti
     results = run_workers(_embed_on_rank, 2, [slow], str(weights), str(tmp_path / "emb"), group_timeout=1.0)
     assert results == [("ok", (3, 1)), ("ok", (3, 1))]  # both ranks report the summary of both
     assert pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("key").to_pylist() == ["0-0", "0-1", "0-2"]
+
+
+def _embed_with_a_slow_record(rank, world_size, root):
+    """Rank 0 takes a second to write embed_config.json (as it does reading many remote parts'
+    footers); returns the modification times of the config and of every metadata file."""
+    import time
+
+    from unicom import embed
+
+    writing = embed.write_config
+
+    def slow(out, config):
+        time.sleep(1.0)
+        writing(out, config)
+
+    if rank == 0:
+        embed.write_config = slow
+    code = main(["embed", "--input", str(root / "shards"), "--model", "timm/test_vit", "--pretrained",
+                 str(root / "w.pth"), "--out", str(root / "EMB"), "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    return {path.name: path.stat().st_mtime_ns for path in [root / "EMB" / "embed_config.json",
+                                                            *(root / "EMB" / "metadata").iterdir()]}
+
+
+def test_no_rank_writes_a_part_before_the_settings_of_the_run_are_recorded(tmp_path):
+    """A run killed after a rank wrote a part, but before rank 0 recorded the run's settings, would
+    leave parts whose settings the record lacks (and a resumed run would not read them)."""
+    for number, count in SHARDS.items():
+        write_tar_shard(tmp_path / "shards" / f"{number:05d}.tar", [
+            {"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 24))} for i in range(count)])
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "w.pth")
+    status, times = run_workers(_embed_with_a_slow_record, 2, tmp_path)[1]  # after every rank's parts
+    assert status == "ok", times
+    recorded = times.pop("embed_config.json")
+    assert sorted(times) == sorted(f"metadata_{number}.parquet" for number in SHARDS)
+    assert min(times.values()) > recorded

@@ -320,3 +320,28 @@ def test_a_folder_without_a_record_of_its_settings_is_read_part_by_part_and_warn
     assert "(parts [0, 2] with decode cpu, precision fp32); this run embeds parts [1]" in caplog.text
     assert json.loads(config.read_text())["part_settings"] == [{"precision": "fp32", "decode": "cpu"},
                                                                 {"precision": "bf16", "decode": "cpu"}]
+
+
+def test_a_run_over_other_shards_keeps_the_settings_recorded_for_the_folders_earlier_parts(tmp_path, weights, caplog):
+    """Shards embedded into one folder by runs over some of them at a time: the record keeps the
+    settings of parts outside a run's inputs, so a run over all of them still names those parts."""
+    import json
+
+    for number in range(3):
+        write_tar_shard(tmp_path / "shards" / f"{number:05d}.tar", [
+            {"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 24))} for i in range(2)])
+
+    def embed(numbers, precision):
+        shards = [str(tmp_path / "shards" / f"{number:05d}.tar") for number in numbers]
+        return main(["embed", "--input", *shards, "--model", "timm/test_vit", "--pretrained", weights, "--out",
+                     str(tmp_path / "EMB"), "--workers", "0", "--precision", precision, "--decode", "cpu"])
+
+    assert embed([0], "fp32") == 0
+    assert embed([1], "bf16") == 0  # none of its inputs finished: part 0 is still the folder's
+    config = tmp_path / "EMB" / "embed_config.json"
+    assert json.loads(config.read_text())["part_settings"] == [{"precision": "fp32", "decode": "cpu"},
+                                                                {"precision": "bf16", "decode": "cpu"}]
+    with caplog.at_level(logging.WARNING, logger="unicom.embed"):
+        assert embed([0, 1, 2], "bf16") == 0
+    assert "(parts [0] with decode cpu, precision fp32); this run embeds parts [2] with decode cpu, precision bf16" \
+        in caplog.text

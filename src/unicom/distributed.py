@@ -162,9 +162,9 @@ def broadcast_object(value):
 def all_gather_object(value, group=None) -> list:
     """``value`` (any picklable object) of every rank, in rank order; ``group``: the process
     group to gather over (default: the world's)."""
-    if get_world_size() == 1:
+    if get_world_size(group) == 1:
         return [value]
-    gathered: list = [None] * get_world_size()
+    gathered: list = [None] * get_world_size(group)  # one per rank of the group, as torch requires
     dist.all_gather_object(gathered, value, group=group)
     return gathered
 

@@ -560,7 +560,9 @@ def embed_parts(
     kinds = list(modalities) + ["metadata"]
     if had_config is not False:
         _check_numbering(out, parts, kinds)
-    complete = complete_parts(out, numbers, kinds)
+    # the folder's finished parts, also those of inputs not given now (a run over other shards)
+    finished = complete_parts(out, None, kinds)
+    complete = finished & set(numbers)
     pending = [part for part in parts if part.number not in complete]
     summary = EmbedSummary(parts=len(parts), skipped=len(parts) - len(pending))
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -574,10 +576,11 @@ def embed_parts(
         every += [made] if made not in every else []
     if rank == 0:
         current = config if had_config is False else read_config(out)
-        recorded = _check_settings(out, current, sorted(complete), [part.number for part in pending], settings, every)
+        recorded = _check_settings(out, current, sorted(finished), [part.number for part in pending], settings, every)
         if had_config is False or recorded is not None:
             with refused_write(out, CONFIG_FILE, KEPT_PARTS):
                 write_config(out, current if recorded is None else {**current, PART_SETTINGS: recorded})
+    distributed.barrier(group)  # no rank writes a part before its settings are recorded
     mine = pending[rank::world]
     if mine:
         _embed_assigned(mine, encoder, out, summary, modalities, batch_size, num_workers, dtype, draft, precision, normalize,

@@ -151,10 +151,15 @@ def part_complete(root: str | os.PathLike, number: int, kinds: Sequence[str]) ->
     return all(storage.is_file(part_path(storage.join(root, KINDS[kind][0]), kind, number)) for kind in kinds)
 
 
-def complete_parts(root, numbers: Sequence[int], kinds: Sequence[str]) -> set[int]:
-    """The parts among ``numbers`` that are complete for ``kinds`` under ``root``
-    (:func:`part_complete` for many parts, with one listing per folder)."""
+def complete_parts(root, numbers: Sequence[int] | None, kinds: Sequence[str]) -> set[int]:
+    """The parts among ``numbers`` (None: every part of the folder, as numbered in the files
+    of ``kinds[0]``) that are complete for ``kinds`` under ``root`` (:func:`part_complete`
+    for many parts, with one listing per folder)."""
     listings = {kind: storage.list_files(storage.join(root, KINDS[kind][0])) for kind in kinds}
+    if numbers is None:
+        _, prefix, suffix = KINDS[kinds[0]]
+        numbers = [int(name[len(prefix):-len(suffix)]) for name in listings[kinds[0]]
+                   if name.startswith(prefix) and name.endswith(suffix) and name[len(prefix):-len(suffix)].isdigit()]
     return {n for n in numbers if all(part_name(kind, n) in listings[kind] for kind in kinds)}
 
 

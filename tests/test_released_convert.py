@@ -265,3 +265,20 @@ def test_arch_given_with_a_released_name_is_refused_before_the_download_not_igno
         "ViT-B/32: arch={'heads': 2} was given, but a released name, a model folder or an hf-hub model records its "
         "own architecture; arch applies only to a released-format file (.pt/.safetensors): leave it out")
     assert not (tmp_path / "model").exists()
+
+
+def test_a_checkpoint_is_converted_into_the_folder_that_holds_it(released_file, tmp_path):
+    assert sorted(p.name for p in tmp_path.iterdir()) == [released_file.name]
+    assert main(["convert", "released-to-unicom", str(released_file), str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([released_file.name, "model.safetensors",
+                                                                 "unicom_model.json"])
+
+
+def test_the_folder_released_files_are_downloaded_to_is_not_refused_for_its_downloads(tmp_path, capsys,
+                                                                                    monkeypatch):
+    # a download kept there by a run that failed afterwards: a rerun goes on to the download (offline here)
+    (tmp_path / "FP16-ViT-B-32.pt").write_bytes(b"a download cut short")
+    monkeypatch.setenv("UNICOM_OFFLINE", "1")
+    assert main(["convert", "released-to-unicom", "ViT-B/32", str(tmp_path), "--download-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no model but other files" not in err and "UNICOM_OFFLINE" in err, err

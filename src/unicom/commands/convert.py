@@ -60,16 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_released.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
-def _refuse_other_files(output: Path) -> None:
+def _refuse_other_files(output: Path, source: str, download_root: Path | None) -> None:
     """Refuse a folder holding files but no model (another run's folder): the model would be
-    written beside them. Checked before any download."""
+    written beside them. The checkpoint converted (``source``) and the folder released files
+    are downloaded to (``download_root``) are the command's own. Checked before any download."""
     from unicom import storage
     from unicom.models import export
+    from unicom.models.hub import cache_dir
 
     if (output / export.CONFIG_NAME).exists() or (output / export.WEIGHTS_NAME).exists():
         return  # a model folder: replaced with --overwrite
-    present = sorted(entry.name for entry in output.iterdir() if not storage.is_temporary(entry.name)) \
-        if output.is_dir() else []
+    if not output.is_dir() or output.resolve() == cache_dir(download_root).resolve():
+        return  # a new folder, or the one downloads are kept in
+    own = Path(source).expanduser().resolve()  # a checkpoint converted where it lies
+    present = sorted(entry.name for entry in output.iterdir() if not storage.is_temporary(entry.name)
+                     and entry.resolve() != own)
     if present:
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
         raise InputError(f"{output}: a folder that holds no model but other files ({shown}); the model would be written "
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{output} holds a {export.WEIGHTS_NAME} without {export.CONFIG_NAME} (another project's model, "
                 "such as a timm folder, or a write that was killed); pass --overwrite to replace it"
             )
-        _refuse_other_files(output)
+        _refuse_other_files(output, args.source, args.download_root)
         with refused_write(output, "the model", NOTHING_KEPT):
             folder = convert.released_to_unicom(args.source, output, arch=args.arch, download_root=args.download_root)
         config = export.read_config(folder)

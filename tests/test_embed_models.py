@@ -251,7 +251,7 @@ def test_an_open_clip_file_that_does_not_fit_names_its_missing_and_unexpected_ke
         load_encoder(tiny_clip_name, str(tmp_path / "edited.pt"))
 
 
-@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+@pytest.mark.parametrize("failure", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                      RuntimeError("Expected all tensors to be on the same device")])
 def test_an_open_clip_failure_that_is_not_about_the_weights_passes_through(tmp_path, tiny_clip_name, monkeypatch,
                                                                            failure):
@@ -267,6 +267,19 @@ def test_an_open_clip_failure_that_is_not_about_the_weights_passes_through(tmp_p
     with pytest.raises(type(failure)) as raised:
         load_encoder(tiny_clip_name, str(tmp_path / "fits.pt"))
     assert raised.value is failure and not isinstance(raised.value, InputError)
+
+
+def test_an_open_clip_file_that_does_not_fit_is_named_under_a_torch_without_its_device_agnostic_oom_error(
+        tmp_path, tiny_clip_name, monkeypatch):
+    # torch.OutOfMemoryError came with torch 2.5; the project supports torch from 2.1 (torch.cuda.OutOfMemoryError)
+    import open_clip
+
+    state = open_clip.create_model(tiny_clip_name).state_dict()
+    state.pop("visual.proj")
+    torch.save(state, tmp_path / "edited.pt")
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    with pytest.raises(InputError, match=r"edited.pt: does not hold tiny-clip-for-tests weights; missing keys: visual.proj$"):
+        load_encoder(tiny_clip_name, str(tmp_path / "edited.pt"))
 
 
 def test_an_image_tower_alone_is_refused_saying_open_clip_loads_both_towers(tmp_path, tiny_clip_name):

@@ -224,7 +224,7 @@ def open_clip_encoder(spec: str, pretrained: str | None = None, device: str | to
             ) from error
         # only load_state_dict's key/shape check says the file holds other weights; any other error (out of
         # memory, a device's failure) is not the file's, and passes through as it is
-        if weights is not None and os.path.isfile(weights) and not isinstance(error, torch.OutOfMemoryError):
+        if weights is not None and os.path.isfile(weights) and not isinstance(error, torch.cuda.OutOfMemoryError):
             _refuse_open_clip_file(spec, weights)  # names the keys and shapes that do not fit, if any
             if _STATE_DICT_ERROR in message:
                 raise InputError(f"{weights}: does not hold {spec} weights ({message})") from error

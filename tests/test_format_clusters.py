@@ -188,3 +188,17 @@ def test_label_files_of_any_integer_type_are_read_with_their_range(tmp_path, kin
                    write_statistics=False)
     found = PseudoLabels(tmp_path).check()
     assert (found.rows, found.low, found.high, found.file_rows) == (4, 0, 5, (3, 1))
+
+
+def test_labels_of_parts_written_with_and_without_occurrences_load_as_one_table(tmp_path):
+    """Parts embedded and clustered by an earlier version beside parts of this one."""
+    from unicom.formats.clusters import ClusterFolder, load_labels
+
+    folder = ClusterFolder(tmp_path)
+    facts = {"rows": 2, "invalid": 0, "key_column": "key"}
+    folder.write_labels(0, pa.array(["a", "b"]), np.array([1, 0]), np.ones(2, np.float32), facts)
+    folder.write_labels(1, pa.array(["c", "c"]), np.array([0, 1]), np.ones(2, np.float32), facts, pa.array([0, 1]))
+    table = load_labels(tmp_path)
+    assert table.column("key").to_pylist() == ["a", "b", "c", "c"]
+    assert table.column("occurrence").to_pylist() == [None, None, 0, 1]
+    assert table.column("label").to_pylist() == [1, 0, 0, 1]

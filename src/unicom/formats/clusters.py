@@ -403,13 +403,14 @@ class ClusterFolder:
         return facts
 
     def load_labels(self, columns: list[str] | None = None):
-        """Every label file in part order, as one ``pyarrow.Table``."""
+        """Every label file in part order, as one ``pyarrow.Table`` (``occurrence`` null on the
+        rows of files written without it: parts of an embedding folder resumed across versions)."""
         import pyarrow as pa
 
         files = label_files(self.labels) if storage.is_dir(self.labels) else {}
         if not files:
             raise InputError(f"{self.labels}: no labels_<N>.parquet files; run `unicom cluster` first")
-        return pa.concat_tables([_read_label_table(path, columns) for path in files.values()])
+        return pa.concat_tables([_read_label_table(path, columns) for path in files.values()], promote_options="default")
 
     # ------------------------------------------------------------------ sizes and summary
 

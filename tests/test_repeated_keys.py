@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import timm
 import torch
@@ -58,7 +59,9 @@ def test_each_sample_of_a_shard_keeps_the_label_cluster_gave_it_when_a_sample_of
 
     config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
     counters = Counters()
-    records = list(build_source(config).records(0, 0, 0, 1, 0, 1, 1, counters))
+    source = build_source(config)
+    assert source.labels_note is None  # every label file names its samples by occurrence
+    records = list(source.records(0, 0, 0, 1, 0, 1, 1, counters))
     found = {r.uid[1]: r.label for r in records}
     assert {p: found.get(p) for p in range(len(SAMPLES))} == expected
     assert counters.unlabelled == 1  # the broken sample, which has no row
@@ -112,7 +115,27 @@ def test_a_label_file_of_an_earlier_version_still_joins_a_shard_whose_keys_have_
     labels = table.column("label").to_pylist()
 
     config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
-    found = {r.uid[1]: r.label for r in build_source(config).records(0, 0, 0, 1, 0, 1, 1, Counters())}
+    source = build_source(config)
+    assert source.labels_note.startswith("1 of 1 label files have no 'occurrence' column (written by an earlier "
+                                         "version)")
+    found = {r.uid[1]: r.label for r in source.records(0, 0, 0, 1, 0, 1, 1, Counters())}
     assert found == dict(enumerate(labels))
     assert json.loads(pq.read_schema(path).metadata[b"unicom.labels"])["key_column"] == "key"
     assert np.unique(labels).size > 1
+
+
+def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_path, capsys):
+    from unicom.train.trainer import train
+
+    write_tar_shard(tmp_path / "shards" / "00000.tar",
+                    [{"key": key, "jpg": encode_image(class_image(n, n, 16))} for n, (key, _) in enumerate(SAMPLES)])
+    (tmp_path / "clusters" / "labels").mkdir(parents=True)
+    pq.write_table(pa.table({"key": [key for key, _ in SAMPLES], "label": pa.array([n % 2 for n in range(len(SAMPLES))], pa.int64())}),
+                   tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    (tmp_path / "clusters" / "centroids.json").write_text(json.dumps({"k": 2}))
+    train(load_config(None, [f"out={tmp_path / 'run'}", f"data.shards={tmp_path / 'shards'}", f"data.labels={tmp_path / 'clusters'}",
+                             "model.image_size=16", "model.patch_size=8", "model.width=48", "model.depth=1", "model.heads=2",
+                             "model.embedding_dim=8", "data.batch_size=4", "data.workers=0", "train.steps=1",
+                             "log.tensorboard=false", "train.device=cpu"]))
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  labels: ")]
+    assert line.startswith("  labels: 1 of 1 label files have no 'occurrence' column (written by an earlier version)")

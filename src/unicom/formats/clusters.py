@@ -443,12 +443,23 @@ def load_labels(out: str | os.PathLike, columns: list[str] | None = None):
 class LabelRange:
     """What the label files of some parts hold: ``rows`` and the smallest and largest
     label (``low`` 0 and ``high`` -1 when they hold no row); ``file_rows``: the rows of
-    each file, in the order given."""
+    each file, in the order given; ``without_occurrence``: the files without the
+    ``occurrence`` column (written by earlier versions, see :func:`read_shard_labels`)."""
 
     rows: int
     low: int
     high: int
     file_rows: tuple[int, ...] = ()
+    without_occurrence: int = 0
+
+    def note(self) -> str | None:
+        """A line for the start of training on files without ``occurrence``, else None."""
+        if not self.without_occurrence:
+            return None
+        return (f"{self.without_occurrence} of {len(self.file_rows)} label files have no {OCCURRENCE!r} column "
+                "(written by an earlier version): their rows are given to the samples of a key in order, and a key "
+                "with more or fewer samples than rows stops the run when it is read; run `unicom embed` and "
+                "`unicom cluster` again with this version to join every sample exactly")
 
 
 class PseudoLabels:
@@ -521,7 +532,7 @@ class PseudoLabels:
         files = list(self.files.values()) if files is None else list(files)
         if not files:
             raise InputError(f"{self.folder}: no labels_<i>.parquet files")
-        file_rows, low, high = [], None, None
+        file_rows, low, high, without_occurrence = [], None, None, 0
         for path in files:
             try:
                 meta = pq.ParquetFile(storage.readable(path)).metadata
@@ -535,6 +546,7 @@ class PseudoLabels:
                 raise InputError(f"{path}: the label column holds {label_type}, not integers; labels are class ids "
                                  "0..k-1: write the column as int64 (as `unicom cluster` does)")
             file_rows.append(meta.num_rows)
+            without_occurrence += OCCURRENCE not in names
             column = names.index("label")
             stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
             if all(s is not None and s.has_min_max and s.has_null_count for s in stats):
@@ -553,7 +565,8 @@ class PseudoLabels:
                 high = int(largest) if high is None else max(high, int(largest))
         if low is not None and low < 0:
             raise InputError(f"{self.folder}: negative labels ({low}); labels must be class ids 0..k-1")
-        return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows))
+        return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows),
+                          without_occurrence)
 
     def lookup(self) -> KeyLabels:
         """The labels of every label file, by part number, for :func:`label_of` (see

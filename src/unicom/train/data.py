@@ -113,6 +113,7 @@ class ShardSource:
 
     kind = "shards"
     labels_centroids: str | None = None  # digest of the centroids the pseudo-labels were assigned with, if recorded
+    labels_note: str | None = None  # said at the start: label files of an earlier version (LabelRange.note)
 
     def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
                  shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0):
@@ -232,6 +233,7 @@ class ListSource:
 
     kind = "list"
     labels_centroids: str | None = None  # with pseudo-labels: digest of their centroids, if recorded
+    labels_note: str | None = None  # said at the start: label files of an earlier version (LabelRange.note)
 
     def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str,
                  class_labels: Sequence[str] | None = None):
@@ -486,6 +488,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     source = ShardSource(kept, {n: files[n] for n, _ in kept}, found.rows, classes, data.shuffle_buffer,
                          shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
     source.labels_centroids = labels.centroids
+    source.labels_note = found.note()
     _check_keys_match(source)
     return source
 
@@ -552,7 +555,8 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     from unicom.formats.clusters import AmbiguousLabels, PseudoLabels, check_all_met, label_of
 
     pseudo = PseudoLabels(data.labels)
-    high = pseudo.check().high
+    found = pseudo.check()
+    high = found.high
     lookup = pseudo.lookup()
     folder = pseudo.folder
     rows, labels = [], []
@@ -575,6 +579,7 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
     source.unlabelled = len(images) - len(rows)
     source.labels_centroids = pseudo.centroids
+    source.labels_note = found.note()
     return source
 
 

@@ -139,3 +139,31 @@ def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_
                              "log.tensorboard=false", "train.device=cpu"]))
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  labels: ")]
     assert line.startswith("  labels: 1 of 1 label files have no 'occurrence' column (written by an earlier version)")
+
+
+def test_a_sample_that_cluster_leaves_out_leaves_its_own_label_out_and_no_other(tmp_path):
+    """Every sample embedded, then the embedding of key a's second sample made invalid (NaN):
+    `unicom cluster --skip-invalid` labels the other rows, and that sample alone is unlabelled."""
+    images = {n: encode_image(class_image(n, n, 40)) for n in range(len(SAMPLES))}
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": key, "jpg": images[n]} for n, (key, _) in enumerate(SAMPLES)])
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    assert main(["embed", "--input", str(tmp_path / "shards" / "00000.tar"), "--model", "timm/test_vit", "--pretrained",
+                 str(weights), "--out", str(tmp_path / "EMB"), "--workers", "0"]) == 0
+    path = tmp_path / "EMB" / "img_emb" / "img_emb_0.npy"
+    rows = np.load(path)
+    rows[1] = np.nan  # position 1: key a, its second sample
+    np.save(path, rows)
+    assert main(["cluster", "--embeddings", str(tmp_path / "EMB"), "--fusion", "image", "--k", "5", "--init", "kmeans++",
+                 "--skip-invalid", "--out", str(tmp_path / "clusters")]) == 0
+    labels = pq.read_table(tmp_path / "clusters" / "labels" / "labels_0.parquet").column("label").to_pylist()
+    kept = [p for p in range(len(SAMPLES)) if p != 1]  # the rows cluster labelled, in order
+    expected = {p: (labels[kept.index(p)] if p in kept else None) for p in range(len(SAMPLES))}
+    assert len({expected[p] for p in (0, 4, 7)}) > 1, expected
+
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={tmp_path / 'clusters'}"])
+    counters = Counters()
+    found = {r.uid[1]: r.label for r in build_source(config).records(0, 0, 0, 1, 0, 1, 1, counters)}
+    assert {p: found.get(p) for p in range(len(SAMPLES))} == expected
+    assert counters.unlabelled == 1

@@ -167,3 +167,19 @@ def test_a_sample_that_cluster_leaves_out_leaves_its_own_label_out_and_no_other(
     found = {r.uid[1]: r.label for r in build_source(config).records(0, 0, 0, 1, 0, 1, 1, counters)}
     assert {p: found.get(p) for p in range(len(SAMPLES))} == expected
     assert counters.unlabelled == 1
+
+
+def test_the_search_page_reads_each_sample_of_a_repeated_key_from_its_own_members(tmp_path):
+    """A shard holding key a twice and key b twice (b's first sample without an image): the
+    image of a metadata row is that of the sample its occurrence names, not the key's first."""
+    from unicom.search.item_images import ShardImages
+
+    red, blue, green = (encode_image(class_image(n, n, 16), "PNG") for n in range(3))
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [
+        {"key": "a", "png": red}, {"key": "b", "txt": "no image"}, {"key": "a", "png": blue, "txt": "x"},
+        {"key": "b", "png": green}])
+    shards = ShardImages(tmp_path / "shards")
+    assert [shards.read("00000.tar", "a", occurrence=n) for n in range(3)] == [red, blue, None]
+    assert [shards.read("00000.tar", "b", occurrence=n) for n in range(2)] == [None, green]
+    assert shards.size("00000.tar", "a", 1) == len(blue) and shards.size("00000.tar", "b", 0) is None
+    assert shards.read("00000.tar", "a") == red  # metadata without occurrences: the key's first sample

@@ -368,3 +368,32 @@ def test_labels_keyed_by_caption_show_each_sample_from_its_shard(tmp_path):
     captions = ["a photo", "b", "c", "a photo", "e", "f"]
     shown = show_two_clusters_of_swatches(tmp_path, [f"k{i}" for i in range(6)], {"caption": captions}, captions, "caption")
     assert shown == [set(SWATCHES[:3]), set(SWATCHES[3:])]
+
+
+def test_samples_of_a_key_show_their_own_images_when_one_of_the_key_failed_to_embed(tmp_path):
+    """The shard's first sample (k0) could not be embedded; then k0, k1, k2 reds (cluster 0)
+    and k0, k1, k2 blues (cluster 1). The metadata and label rows name each sample by its
+    occurrence of its key in the shard (the reds' k0 is the key's second sample), so each
+    cluster shows its own swatches: not the broken sample, nor a red among the blues."""
+    import pyarrow as pa
+
+    from unicom.formats.clusters import ClusterFolder
+    from unicom.formats.embeddings import write_part
+
+    keys = ["k0", "k1", "k2", "k0", "k1", "k2"]
+    occurrences = pa.array([1, 0, 0, 2, 1, 1], pa.int32())
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": "k0", "png": b"broken"}] + [
+        {"key": key, "png": encode_image(Image.new("RGB", (24, 24), rgb), "PNG")} for key, rgb in zip(keys, SWATCHES)])
+    write_part(tmp_path / "emb", 0, image=np.zeros((6, 4), np.float32),
+               metadata=pa.table({"key": keys, "shard": ["00000.tar"] * 6, "occurrence": occurrences}))
+    clusters = ClusterFolder(tmp_path / "clusters")
+    clusters.write_centroids(np.eye(2, 4, dtype=np.float32), {"k": 2, "dimension": 4, "fusion": "image"})
+    clusters.write_labels(0, pa.array(keys), np.array([0, 0, 0, 1, 1, 1]), np.ones(6, np.float32),
+                          {"rows": 6, "invalid": 0, "key_column": "key"}, occurrences)
+    assert main(["cluster", "show", "--embeddings", str(tmp_path / "emb"), "--input", str(tmp_path / "shards"),
+                 "--clusters", "0", "--samples", "3", "--neighbours", "1", "--thumbnail", "24",
+                 "--out", str(tmp_path / "clusters"), "--sheet", str(tmp_path / "sheet.png")]) == 0
+    sheet = Image.open(tmp_path / "sheet.png").convert("RGB")
+    cell = 24 + GAP
+    shown = [{sheet.getpixel((LABEL_WIDTH + GAP + j * cell + 12, GAP + r * cell + 12)) for j in range(3)} for r in range(2)]
+    assert shown == [set(SWATCHES[:3]), set(SWATCHES[3:])]

@@ -45,7 +45,7 @@ def test_flat_folder_is_listed_without_labels(tmp_path):
         class_image(0, i, 16).save(tmp_path / f"{i}.png")
     (part,) = open_parts(tmp_path)
     assert [r.key for r in part.records()] == ["0.png", "1.png", "2.png"]
-    assert [name for name, _ in part.columns] == ["image_path"]
+    assert [name for name, _ in part.columns] == ["image_path", "occurrence"]
 
 
 def test_photos_of_formats_a_folder_leaves_out_are_named_in_a_warning(tmp_path):
@@ -99,7 +99,7 @@ def test_local_image_paths_are_recorded_absolute_whatever_the_working_folder(tmp
 def test_shard_record_takes_url_from_json_and_caption_from_txt(tmp_path):
     shard = write_tar_shard(tmp_path / "7.tar", [{"key": "s0", "jpg": b"x", "txt": "hello", "json": {"url": "http://u"}}])
     (record,) = ShardPart(7, shard).records()
-    assert (record.key, record.caption, record.columns) == ("s0", "hello", {"url": "http://u", "shard": "7.tar"})
+    assert (record.key, record.caption, record.columns) == ("s0", "hello", {"url": "http://u", "shard": "7.tar", "occurrence": 0})
 
 
 def test_json_strings_with_a_lone_surrogate_are_kept_as_escapes(tmp_path):

@@ -39,7 +39,8 @@ def test_class_folder_gives_parts_of_rows_with_labels_and_paths(tmp_path, weight
     assert [row["key"] for row in rows] == [p.relative_to(tmp_path / "data").as_posix() for p in good]
     assert [row["label"] for row in rows] == [0, 0, 0, 1, 1, 2, 2, 2]
     assert {(row["width"], row["height"]) for row in rows} == {(24, 24)}
-    assert list(rows[0]) == ["key", "image_path", "width", "height", "label"]
+    assert list(rows[0]) == ["key", "image_path", "width", "height", "occurrence", "label"]
+    assert {row["occurrence"] for row in rows} == {0}  # keys of a folder are unique
     assert sum(folders.num_rows("image", n) for n in contents.numbers) == contents.num_rows == 8
     (failure,) = pq.read_table(tmp_path / "EMB" / "failures" / "failures_1.parquet").to_pylist()
     assert (failure["source"], failure["index"], failure["part"]) == (str(broken), 0, 1)

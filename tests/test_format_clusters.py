@@ -97,12 +97,56 @@ def test_the_format_owners_import_neither_faiss_nor_torch_nor_a_stage():
     assert result.stdout.strip() == "[]"
 
 
-def test_a_shards_labels_give_each_repeated_key_its_labels_in_row_order(tmp_path):
-    from unicom.formats.clusters import read_shard_labels
+def test_a_label_file_without_occurrences_gives_each_repeated_key_its_rows_in_order(tmp_path):
+    """A file of an earlier version: the n-th sample of a key takes the n-th row of the key
+    where the key has as many samples as rows."""
+    from unicom.formats.clusters import check_all_met, label_of, read_shard_labels
 
     path = tmp_path / "labels_0.parquet"
     pq.write_table(pa.table({"key": ["a", "b", "a", "c", "a", "c"], "label": [3, 1, 0, 2, 3, 2]}), path)
-    assert read_shard_labels(path) == {"a": (3, 0, 3), "b": 1, "c": 2}
+    lookup = read_shard_labels(path)
+    assert not lookup.exact
+    assert [label_of(lookup, key) for key in ["a", "b", "a", "c", "a", "c", "d"]] == [3, 1, 0, 2, 3, 2, None]
+    check_all_met(lookup)
+
+
+def test_a_label_file_with_occurrences_labels_the_samples_it_names_and_no_other(tmp_path):
+    """Samples 0 and 2 of key a were labelled (sample 1 failed to embed): sample 1 stays
+    unlabelled and sample 2 keeps its own label; the one row of c names c's second sample."""
+    from unicom.formats.clusters import check_all_met, label_of, read_shard_labels
+
+    path = tmp_path / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "a", "c"], "occurrence": pa.array([0, 0, 2, 1], pa.int32()),
+                             "label": [3, 1, 0, 2]}), path)
+    lookup = read_shard_labels(path)
+    assert lookup.exact
+    assert [label_of(lookup, key) for key in ["a", "b", "a", "c", "a", "c", "b"]] == [3, 1, None, None, 0, 2, None]
+    check_all_met(lookup)
+
+
+def test_a_label_file_without_occurrences_refuses_a_key_with_more_samples_than_rows(tmp_path):
+    from unicom.formats.clusters import AmbiguousLabels, label_of, read_shard_labels
+
+    path = tmp_path / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "b"], "label": [3, 1, 0]}), path)
+    lookup = read_shard_labels(path)
+    assert label_of(lookup, "a") == 3
+    with pytest.raises(AmbiguousLabels, match="'a' is on 1 label row"):
+        label_of(lookup, "a")
+    assert [label_of(lookup, "b"), label_of(lookup, "b")] == [1, 0]
+    with pytest.raises(AmbiguousLabels, match="'b' is on 2 label row"):
+        label_of(lookup, "b")
+
+
+def test_a_label_file_without_occurrences_refuses_a_key_with_fewer_samples_than_rows(tmp_path):
+    from unicom.formats.clusters import AmbiguousLabels, check_all_met, label_of, read_shard_labels
+
+    path = tmp_path / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "b"], "label": [3, 1, 0]}), path)
+    lookup = read_shard_labels(path)
+    assert [label_of(lookup, "a"), label_of(lookup, "b")] == [3, 1]
+    with pytest.raises(AmbiguousLabels, match="'b' is on 2 label row.* but 1 samples carry it"):
+        check_all_met(lookup)
 
 
 def test_a_shard_whose_samples_all_share_one_key_is_joined_in_one_pass_over_its_labels(tmp_path):
@@ -110,13 +154,15 @@ def test_a_shard_whose_samples_all_share_one_key_is_joined_in_one_pass_over_its_
     are collected once each, not copied into a longer tuple at every row (quadratic: minutes)."""
     rows = 800_000
     code = ("import numpy as np, pyarrow as pa, pyarrow.parquet as pq\n"
-            "from unicom.formats.clusters import read_shard_labels\n"
+            "from unicom.formats.clusters import label_of, read_shard_labels\n"
             f"path = {str(tmp_path / 'labels_0.parquet')!r}\n"
-            f"pq.write_table(pa.table({{'key': ['k'] * {rows}, 'label': np.arange({rows}) % 5}}), path)\n"
-            "labels = read_shard_labels(path)['k']\n"
+            f"pq.write_table(pa.table({{'key': ['k'] * {rows}, 'occurrence': np.arange({rows}, dtype=np.int32), "
+            f"'label': np.arange({rows}) % 5}}), path)\n"
+            "lookup = read_shard_labels(path)\n"
+            f"labels = [label_of(lookup, 'k') for _ in range({rows})]\n"
             "print(len(labels), labels[:6], labels[-1])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.split("\n")[0] == f"{rows} (0, 1, 2, 3, 4, 0) {(rows - 1) % 5}", done.stderr
+    assert done.stdout.split("\n")[0] == f"{rows} [0, 1, 2, 3, 4, 0] {(rows - 1) % 5}", done.stderr
 
 
 @pytest.mark.parametrize("statistics", [True, False], ids=["with-statistics", "without-statistics"])
@@ -142,3 +188,17 @@ def test_label_files_of_any_integer_type_are_read_with_their_range(tmp_path, kin
                    write_statistics=False)
     found = PseudoLabels(tmp_path).check()
     assert (found.rows, found.low, found.high, found.file_rows) == (4, 0, 5, (3, 1))
+
+
+def test_labels_of_parts_written_with_and_without_occurrences_load_as_one_table(tmp_path):
+    """Parts embedded and clustered by an earlier version beside parts of this one."""
+    from unicom.formats.clusters import ClusterFolder, load_labels
+
+    folder = ClusterFolder(tmp_path)
+    facts = {"rows": 2, "invalid": 0, "key_column": "key"}
+    folder.write_labels(0, pa.array(["a", "b"]), np.array([1, 0]), np.ones(2, np.float32), facts)
+    folder.write_labels(1, pa.array(["c", "c"]), np.array([0, 1]), np.ones(2, np.float32), facts, pa.array([0, 1]))
+    table = load_labels(tmp_path)
+    assert table.column("key").to_pylist() == ["a", "b", "c", "c"]
+    assert table.column("occurrence").to_pylist() == [None, None, 0, 1]
+    assert table.column("label").to_pylist() == [1, 0, 0, 1]

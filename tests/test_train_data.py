@@ -386,15 +386,35 @@ def test_samples_of_a_shard_that_share_a_key_each_take_their_own_label_row(tmp_p
     assert [(r.key, r.label) for r in records] == list(zip(keys, labels))
 
 
-def test_a_key_repeated_in_a_shard_with_one_label_keeps_it_for_every_sample_of_the_key(tmp_path):
-    """Two samples keyed k0 but one label row (the other failed to embed): both are given it,
-    and the one whose image cannot be decoded is the one replaced."""
-    write_tar_shard(tmp_path / "00000.tar", [{"key": "k0", "png": b"broken"}, {"key": "k0", "png": png((20, 0, 0))},
-                                             {"key": "k1", "png": png((10, 0, 0))}])
-    (tmp_path / "clusters" / "labels").mkdir(parents=True)
-    pq.write_table(pa.table({"key": ["k0", "k1"], "label": pa.array([2, 1], pa.int64())}),
-                   tmp_path / "clusters" / "labels" / "labels_0.parquet")
-    (tmp_path / "clusters" / "centroids.json").write_text(json.dumps({"k": 3}))
+def _one_key_twice(root: Path, label_rows: dict) -> None:
+    """Shard 0: k0 (a broken image), k0 (red 20), k1 (red 10); its label file ``label_rows``."""
+    write_tar_shard(root / "00000.tar", [{"key": "k0", "png": b"broken"}, {"key": "k0", "png": png((20, 0, 0))},
+                                         {"key": "k1", "png": png((10, 0, 0))}])
+    (root / "clusters" / "labels").mkdir(parents=True)
+    pq.write_table(pa.table(label_rows), root / "clusters" / "labels" / "labels_0.parquet")
+    (root / "clusters" / "centroids.json").write_text(json.dumps({"k": 3}))
+
+
+def test_a_key_repeated_in_a_shard_labels_only_the_sample_its_occurrence_names(tmp_path):
+    """Two samples keyed k0 and one label row, for the second (the first failed to embed):
+    the first stays unlabelled, the second takes the row."""
+    _one_key_twice(tmp_path, {"key": ["k0", "k1"], "occurrence": pa.array([1, 0], pa.int32()),
+                              "label": pa.array([2, 1], pa.int64())})
     source = build_source(shard_config(tmp_path))
-    records = sorted(source.records(0, 0, 0, 1, 0, 1, 3, Counters()), key=lambda r: r.uid)
-    assert [(r.uid[1], r.key, r.label) for r in records] == [(0, "k0", 2), (1, "k0", 2), (2, "k1", 1)]
+    counters = Counters()
+    records = sorted(source.records(0, 0, 0, 1, 0, 1, 2, counters), key=lambda r: r.uid)
+    assert [(r.uid[1], r.key, r.label) for r in records] == [(1, "k0", 2), (2, "k1", 1)]
+    assert counters.unlabelled == 1
+
+
+def test_a_label_file_without_occurrences_is_refused_for_a_key_with_more_samples_than_rows(tmp_path):
+    """An earlier version's label file: which of the two samples of k0 its one row labels is
+    unknown; the shard, the label file and the key are named, and what to do."""
+    _one_key_twice(tmp_path, {"key": ["k0", "k1"], "label": pa.array([2, 1], pa.int64())})
+    source = build_source(shard_config(tmp_path))
+    with pytest.raises(InputError) as error:
+        list(source.records(0, 0, 0, 1, 0, 1, 2, Counters()))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / '00000.tar'} with {tmp_path / 'clusters' / 'labels' / 'labels_0.parquet'}: "
+                              "key 'k0' is on 1 label row(s) but more than 1 samples carry it")
+    assert "Run `unicom embed` and `unicom cluster` again with this version" in message

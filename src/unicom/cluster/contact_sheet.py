@@ -46,7 +46,7 @@ from unicom import storage
 from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_bytes_atomic, write_text_atomic
 from unicom.formats.clusters import ClusterFolder
-from unicom.formats.embeddings import EmbeddingFolders
+from unicom.formats.embeddings import OCCURRENCE, EmbeddingFolders
 from unicom.progress import progress
 
 LABEL_WIDTH = 160
@@ -63,10 +63,11 @@ SOURCE_COLUMNS = ("shard", "image_path")  # where the metadata says a sample was
 class Sample:
     """One drawn sample: its label-file part and row, key, caption, where it was read from,
     and its thumbnail (None with ``problem`` when it could not be decoded). ``occurrence``:
-    the label rows of the part before it with the same key (a key that several samples of a
-    shard carry: the n-th row of the key is the n-th sample of the key in the shard). For
-    labels keyed by another metadata column (``--key-column caption``), once described:
-    the sample's own key and its occurrence among the part's metadata rows."""
+    which sample of its key it is in its shard (the label file's ``occurrence``, see
+    :mod:`unicom.formats.clusters`); for label files without that column, the label rows of
+    the part before it with the same key (the n-th row of a key taken for the n-th sample).
+    For labels keyed by another metadata column (``--key-column caption``), once described:
+    the sample's own key and its occurrence (the metadata's, else among its rows)."""
 
     part: int
     row: int
@@ -215,8 +216,10 @@ def _thumbnail(source, side: int):
     return image
 
 
-def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key_column: str) -> None:
-    """Fill key-matched caption and source of ``samples`` (all of part ``number``) from its metadata."""
+def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key_column: str,
+              exact: bool = False) -> None:
+    """Fill key-matched caption and source of ``samples`` (all of part ``number``) from its
+    metadata; ``exact``: the samples' occurrences are their label rows' (the metadata's own)."""
     table = folders.load("metadata", number)
     path = folders.path("metadata", number)
     if key_column not in table.column_names:
@@ -226,14 +229,16 @@ def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key
     if source is None:
         raise InputError(f"{path}: neither a shard nor an image_path column, so where the samples came from is "
                          "unknown; `unicom embed` writes them")
+    occurrences = table.column(OCCURRENCE).to_pylist() if OCCURRENCE in table.column_names else None
+    exact = exact and occurrences is not None
     rows: dict = {}
     for i, key in enumerate(table.column(key_column).to_pylist()):
-        rows.setdefault(key, []).append(i)
+        of_key = rows.setdefault(key, {})  # occurrence -> row (without exact ones: the n-th row of the key)
+        of_key[occurrences[i] if exact else len(of_key)] = i
     captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
     sources = table.column(source).to_pylist()
     for sample in samples:
-        found = rows.get(sample.key, [])
-        row = found[sample.occurrence] if sample.occurrence < len(found) else None
+        row = rows.get(sample.key, {}).get(sample.occurrence)
         if row is None:
             raise InputError(f"{path}: no row with {key_column} {sample.key!r} (labels_{number}.parquet row "
                              f"{sample.row}); the labels were made from other embeddings: give those with --embeddings")
@@ -247,7 +252,7 @@ def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key
         for i, key in enumerate(own[: max(at) + 1]):
             met[key] = met.get(key, -1) + 1
             if i in at:
-                at[i].key, at[i].occurrence = key, met[key]
+                at[i].key, at[i].occurrence = key, met[key] if occurrences is None else occurrences[i]
 
 
 def _shard_locations(inputs: Sequence[str] | None, needed: set[str]) -> dict[str, object]:
@@ -395,18 +400,23 @@ def build_contact_sheet(
         for sample in cluster_samples:
             by_part.setdefault(sample.part, []).append(sample)
     for number, part_samples in sorted(by_part.items()):
-        keys = folder.read_labels(number, ["key"]).column("key").to_pylist()
-        drawn_rows = {sample.row for sample in part_samples}
-        drawn_keys = {keys[row] for row in drawn_rows}
-        met, occurrence = {}, {}
-        for row, key in enumerate(keys):  # how many rows before each drawn one share its key
-            if key in drawn_keys:
-                met[key] = met.get(key, -1) + 1
-                if row in drawn_rows:
-                    occurrence[row] = met[key]
+        table = folder.read_labels(number)
+        keys = table.column("key").to_pylist()
+        exact = OCCURRENCE in table.column_names
+        if exact:  # each row names its sample's occurrence of the key
+            occurrence = table.column(OCCURRENCE).to_pylist()
+        else:
+            drawn_rows = {sample.row for sample in part_samples}
+            drawn_keys = {keys[row] for row in drawn_rows}
+            met, occurrence = {}, {}
+            for row, key in enumerate(keys):  # how many rows before each drawn one share its key
+                if key in drawn_keys:
+                    met[key] = met.get(key, -1) + 1
+                    if row in drawn_rows:
+                        occurrence[row] = met[key]
         for sample in part_samples:
             sample.key, sample.occurrence = keys[sample.row], occurrence[sample.row]
-        _describe(part_samples, folders, number, folder.label_facts(number)["key_column"])
+        _describe(part_samples, folders, number, folder.label_facts(number)["key_column"], exact)
     read_thumbnails([s for group in rows_of.values() for s in group], inputs, thumbnail)
 
     blocks = []

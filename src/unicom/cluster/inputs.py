@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from unicom.errors import InputError
-from unicom.formats.embeddings import KINDS, EmbeddingFolders, key_column
+from unicom.formats.embeddings import KINDS, OCCURRENCE, EmbeddingFolders, key_column
 from unicom.progress import progress
 
 # fusion -> the embedding kinds it reads
@@ -127,8 +127,11 @@ class ClusterInputs:
                 raise InputError(f"no {kind} folder was given ({flag}); {why}")
         contents = self.folders.contents(self.kinds, metadata=True)
         self._contents = contents
+        self._with_occurrence = set()  # parts whose metadata has the occurrence column
         for number in contents.numbers:
             columns = contents.metadata_columns(number)
+            if OCCURRENCE in columns:
+                self._with_occurrence.add(number)
             self.key_column = key_column(columns, contents.path("metadata", number), self.key_column, "--key-column")
         self.shards = [Shard(part.number, part.rows) for part in contents.parts]
         dimensions = {kind: (contents.dimensions[kind], contents.path(kind, contents.numbers[0])) for kind in self.kinds}
@@ -184,6 +187,14 @@ class ClusterInputs:
     def keys(self, shard: Shard):
         """The key column of ``shard``'s metadata, a ``pyarrow.Array`` in row order."""
         return self._contents.load("metadata", shard.number, columns=[self.key_column]).column(0).combine_chunks()
+
+    def occurrences(self, shard: Shard):
+        """The ``occurrence`` column of ``shard``'s metadata (which sample of its key each row
+        is, see :mod:`unicom.formats.embeddings`), a ``pyarrow.Array`` in row order; None when
+        the samples are keyed by another column, or the metadata was written without it."""
+        if self.key_column != "key" or shard.number not in self._with_occurrence:
+            return None
+        return self._contents.load("metadata", shard.number, columns=[OCCURRENCE]).column(0).combine_chunks()
 
     def explain_invalid(self, shard: Shard, rows: np.ndarray, null_keys: np.ndarray) -> str:
         """Which file holds the bad ``rows`` of ``shard``, and what is wrong with them."""

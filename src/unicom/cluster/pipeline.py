@@ -279,7 +279,7 @@ def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, se
     keep = np.ones(shard.rows, dtype=bool)
     if invalid is not None:
         keep[invalid] = False
-    keys = inputs.keys(shard)
+    keys, occurrences = inputs.keys(shard), inputs.occurrences(shard)
     labels = np.empty(shard.rows, dtype=np.int64)
     similarity = np.empty(shard.rows, dtype=np.float32)
     for start, rows, valid in inputs.chunks(shard):
@@ -292,7 +292,9 @@ def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, se
         labels[start:stop], similarity[start:stop] = search.search(rows)
         bar.update(len(rows))
     facts = {"rows": shard.rows, "invalid": int(shard.rows - keep.sum()), "key_column": inputs.key_column}
-    folder.write_labels(shard.number, keys.filter(pa.array(keep)), labels[keep], similarity[keep], facts)
+    mask = pa.array(keep)
+    folder.write_labels(shard.number, keys.filter(mask), labels[keep], similarity[keep], facts,
+                        None if occurrences is None else occurrences.filter(mask))
 
 
 def summarize(

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from unicom import storage
 from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table, warn_other_images
 from unicom.data.shards import (
@@ -26,6 +28,7 @@ from unicom.data.shards import (
     shard_number,
 )
 from unicom.errors import InputError
+from unicom.formats.embeddings import OCCURRENCE
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_ROWS_PER_PART = 100_000  # rows per part of an image folder or a list
@@ -56,13 +59,13 @@ def _utf8(text: str) -> str:
 @dataclass(frozen=True)
 class ShardPart:
     """A webdataset tar shard: a local ``Path`` or a URL. Metadata columns: ``url`` (from
-    the json) and ``shard``. ``following``: the shard the same reader reads next, whose
+    the json), ``shard`` and ``occurrence`` (:func:`key_occurrences`). ``following``: the shard the same reader reads next, whose
     download starts when this one starts (remote shards)."""
 
     number: int
     path: Path | str
     following: Path | str | None = None
-    columns = (("url", "string"), ("shard", "string"))
+    columns = (("url", "string"), ("shard", "string"), (OCCURRENCE, "int32"))
     has_captions = True
     size = None  # samples: unknown until the tar is read
 
@@ -76,21 +79,24 @@ class ShardPart:
         shard = shard_name(self.path)
         samples = read_tar_samples(self.path)
         storage.prefetch(self.following)
+        met: dict[str, int] = {}  # samples of each key so far: the shard's keys, as its metadata rows hold them
         for index, sample in enumerate(samples):
+            occurrence = met[sample.key] = met.get(sample.key, -1) + 1
             info = sample.json()
             caption = sample.caption()
             if caption is None and isinstance(info.get("caption"), str):
                 caption = _utf8(info["caption"])
             url = info.get("url")
-            columns = {"url": None if url is None else _utf8(str(url)), "shard": shard}
+            columns = {"url": None if url is None else _utf8(str(url)), "shard": shard, OCCURRENCE: occurrence}
             yield Record(index, sample.key, sample.image_bytes(), caption, columns)
 
 
 @dataclass(frozen=True)
 class ListPart:
-    """Rows ``start:stop`` of an :class:`ImageList`. Metadata: ``image_path`` and ``label``:
-    the class id, or with ``label_names`` the class name when the labels are names (a CSV
-    list's labels as written)."""
+    """Rows ``start:stop`` of an :class:`ImageList`. Metadata: ``image_path``, ``occurrence``
+    (:func:`key_occurrences` over the whole list: ``occurrences``, None when every key is
+    unique) and ``label``: the class id, or with ``label_names`` the class name when the labels
+    are names (a CSV list's labels as written)."""
 
     number: int
     images: ImageList
@@ -98,10 +104,11 @@ class ListPart:
     stop: int
     source: str
     label_names: bool = False
+    occurrences: Any = field(default=None, compare=False, repr=False)
 
     @property
     def columns(self) -> tuple[tuple[str, str], ...]:
-        columns = [("image_path", "string")]
+        columns = [("image_path", "string"), (OCCURRENCE, "int32")]
         if self.images.labels is not None:
             columns.append(("label", "string" if self._names else "int64"))
         return tuple(columns)
@@ -125,7 +132,8 @@ class ListPart:
     def records(self) -> Iterator[Record]:
         images = self.images
         for index, row in enumerate(range(self.start, self.stop)):
-            columns = {"image_path": images.paths[row]}
+            columns = {"image_path": images.paths[row],
+                       OCCURRENCE: 0 if self.occurrences is None else int(self.occurrences[row])}
             if images.labels is not None:
                 label = int(images.labels[row])
                 columns["label"] = images.class_names[label] if self._names else label
@@ -236,10 +244,22 @@ def list_parts(images: ImageList, rows_per_part: int, source: str, label_names: 
     see :class:`ListPart`)."""
     if rows_per_part < 1:
         raise InputError(f"rows per part must be at least 1, got {rows_per_part}")
+    occurrences = key_occurrences(images.keys)
     return [
-        ListPart(number, images, start, min(start + rows_per_part, len(images)), source, label_names)
+        ListPart(number, images, start, min(start + rows_per_part, len(images)), source, label_names, occurrences)
         for number, start in enumerate(range(0, len(images), rows_per_part))
     ]
+
+
+def key_occurrences(keys: Sequence[str]) -> np.ndarray | None:
+    """(N,) int32: each key's number among the equal keys before it (0 for the first), or
+    None when every key is unique. How a label file names a sample of a repeated key
+    (``occurrence``, see :mod:`unicom.formats.clusters`)."""
+    met: dict[str, int] = {}
+    occurrences = np.empty(len(keys), dtype=np.int32)
+    for row, key in enumerate(keys):
+        occurrences[row] = met[key] = met.get(key, -1) + 1
+    return occurrences if len(met) < len(keys) else None
 
 
 def read_flat_folder(root) -> ImageList:

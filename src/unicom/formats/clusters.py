@@ -5,7 +5,8 @@
     OUT/centroids.npy               (k, d) float32 centroids (unit rows when spherical)
     OUT/centroids.json              how they were trained: settings, inputs, training points
     OUT/assignment.json             which inputs and centroids the labels describe (checked on resume)
-    OUT/labels/labels_{i}.parquet   one per input part i: key, label (int64), similarity (float32)
+    OUT/labels/labels_{i}.parquet   one per input part i: key, occurrence (int32), label (int64),
+                                    similarity (float32)
     OUT/cluster_sizes.npy           (k,) int64 samples per cluster
     OUT/cluster_sizes.png           their histogram
     OUT/clusters.json               the summary
@@ -18,6 +19,15 @@ arrays it describes, so a record on disk means its arrays are complete. ``OUT`` 
 URL (``s3://bucket/clusters``, see :mod:`unicom.storage`); each stage first removes the
 temporaries that a killed run of the same stage left (:meth:`ClusterFolder.sweep`). A label file's
 schema metadata ``unicom.labels`` holds ``{"rows", "invalid", "key_column"}`` of its part.
+
+A label row names its sample by ``key`` and ``occurrence``: the sample's number among the
+samples of that key in its shard (in its list, for image folders and lists), counting the
+samples that failed to embed, 0 for the first (``unicom embed``'s metadata column of that
+name, copied). A key that several samples of a shard carry is common in repacked shards;
+by occurrence, a sample that failed to embed or that cluster dropped leaves its own label
+out and no other's. Files written before the column existed (and labels keyed by another
+column than ``key``) have none: the n-th row of a key then labels the key's n-th sample,
+which is refused where the key has more or fewer samples than rows (:class:`AmbiguousLabels`).
 
 :class:`ClusterFolder` writes and reads the folder for ``unicom cluster``;
 :class:`PseudoLabels` is how a trainer reads the labels: the files, checked (columns
@@ -39,6 +49,7 @@ import numpy as np
 from unicom import storage
 from unicom.errors import InputError
 from unicom.files import numbered_files, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
+from unicom.formats.embeddings import OCCURRENCE
 
 LABEL_METADATA_KEY = b"unicom.labels"
 LABELS_FOLDER = "labels"
@@ -108,37 +119,130 @@ def read_label_facts(path: str | os.PathLike) -> dict | None:
     return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
 
 
-def read_shard_labels(*paths: str | os.PathLike) -> dict:
-    """``{key: label}`` of label files read in the order given (one shard's file, or a list's
-    part files by part number); a key on several rows with different labels (several samples
-    of a shard, or rows of a list, with that key, each embedded and clustered on its own)
-    maps to the tuple of its labels in row order, which is the samples' order: the n-th
-    sample of that key takes the n-th."""
-    lookup: dict = {}
-    repeated: dict = {}  # key -> its labels in row order, for keys on several rows (a list: linear in the rows)
+
+
+class AmbiguousLabels(InputError):
+    """Label files without the ``occurrence`` column name a key on ``rows`` rows, but more (or
+    fewer) samples of the input carry it: which row labels which sample is unknown."""
+
+    def __init__(self, key, rows: int, samples: int | None = None):
+        self.key, self.rows, self.samples = key, rows, samples
+        met = f"{samples}" if samples is not None else f"more than {rows}"
+        super().__init__(
+            f"key {key!r} is on {rows} label row(s) but {met} samples carry it, and the label file has no "
+            f"{OCCURRENCE!r} column (written by an earlier version) to tell which row is which sample's: a sample "
+            "of this key failed to embed or was dropped by `unicom cluster`, so its row would go to another "
+            "sample. Run `unicom embed` and `unicom cluster` again with this version (their outputs name each "
+            "sample by key and occurrence)"
+        )
+
+
+class _KeyRows:
+    """The label rows of a key that is not simply one row for its first sample: ``labels``
+    ``{occurrence: label}``; ``met``: the samples of the key read so far."""
+
+    __slots__ = ("labels", "met")
+
+    def __init__(self, labels: dict):
+        self.labels, self.met = labels, 0
+
+
+class KeyLabels(dict):
+    """``{key: label}`` of label files, as :func:`label_of` reads it (values are private:
+    an int label for a key whose one row labels its first sample, otherwise the key's rows).
+    ``exact``: every file names each row's sample by key and occurrence; otherwise (files
+    written before the ``occurrence`` column) the n-th sample of a key takes the n-th row of
+    the key, which holds only where the rows of a key are as many as its samples."""
+
+    exact: bool = True
+    repeated: list  # the _KeyRows values (checked at the end of the input)
+
+
+def read_shard_labels(*paths: str | os.PathLike) -> KeyLabels:
+    """The labels of files read in the order given (one shard's file, or a list's part files
+    by part number), for :func:`label_of`. A row labels the sample with its ``key`` whose
+    ``occurrence`` it holds: the sample's number among the samples of that key in the shard
+    (in the list, for image folders and lists), counting those that failed to embed, 0 for
+    the first. Files without the column (earlier versions) give the n-th row of a key to the
+    key's n-th sample, refused by :func:`label_of` (:class:`AmbiguousLabels`) where the
+    samples of the key outnumber its rows."""
+    lookup = KeyLabels()
+    lookup.repeated = []
+    files = []
     for path in paths:
-        table = _read_label_table(path, ["key", "label"])
-        for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
-            if key not in lookup:
+        table = _read_label_table(path)
+        if "key" not in table.column_names or "label" not in table.column_names:
+            raise InputError(f"{path}: expected columns key and label (as written by `unicom cluster`), "
+                             f"found {table.column_names}")
+        files.append((path, table))
+        lookup.exact = lookup.exact and OCCURRENCE in table.column_names
+    for path, table in files:
+        keys, labels = table.column("key").to_pylist(), table.column("label").to_pylist()
+        if not lookup.exact:  # by row order: the n-th row of a key is the n-th sample's
+            occurrences = None
+        elif not _any_nonzero(table.column(OCCURRENCE)):  # every row labels its key's first sample
+            occurrences = None
+        else:
+            occurrences = table.column(OCCURRENCE).to_pylist()
+        for row, (key, label) in enumerate(zip(keys, labels)):
+            occurrence = 0 if occurrences is None else occurrences[row]
+            value = lookup.get(key)
+            if value is None and occurrence == 0:
                 lookup[key] = label
-            elif key in repeated:
-                repeated[key].append(label)
-            else:
-                repeated[key] = [lookup[key], label]
-    # a key repeated with one label keeps it for every sample of the key, as before
-    lookup.update((key, tuple(labels)) for key, labels in repeated.items() if len(set(labels)) > 1)
+                continue
+            if value is None:
+                value = lookup[key] = _KeyRows({})
+                lookup.repeated.append(value)
+            elif not isinstance(value, _KeyRows):
+                value = lookup[key] = _KeyRows({0: value})
+                lookup.repeated.append(value)
+            if not lookup.exact:
+                occurrence = len(value.labels)
+            elif occurrence in value.labels:
+                raise InputError(f"{path}: key {key!r} with {OCCURRENCE} {occurrence} on two rows; a label file "
+                                 "labels each sample once: cluster again into a new --out")
+            value.labels[occurrence] = label
     return lookup
 
 
-def label_of(lookup: dict, key, met: dict):
-    """The label of the next sample with ``key`` from a :func:`read_shard_labels` lookup, or
-    None for a key without one: the n-th sample of a key on several label rows takes the
-    n-th (``met`` counts the samples of each such key seen so far)."""
-    label = lookup.get(key)
-    if isinstance(label, tuple):
-        n = met[key] = met.get(key, -1) + 1
-        label = label[n] if n < len(label) else None
+def _any_nonzero(column) -> bool:
+    import pyarrow.compute as pc
+
+    return bool(pc.any(pc.not_equal(column, 0)).as_py())
+
+
+def label_of(lookup: KeyLabels, key):
+    """The label of the next sample with ``key`` of the input (samples read in order, each
+    once) from a :func:`read_shard_labels` lookup, or None for a sample without one.
+    Raises :class:`AmbiguousLabels` for files without the ``occurrence`` column when a key
+    turns out to have more samples than rows."""
+    value = lookup.get(key)
+    if value is None:
+        return None
+    if type(value) is int:
+        if value >= 0:
+            lookup[key] = ~value  # met: a later sample of the key is not its first
+            return value
+        if lookup.exact:
+            return None  # its one row labels the key's first sample
+        raise AmbiguousLabels(key, 1)
+    n, value.met = value.met, value.met + 1
+    label = value.labels.get(n)
+    if label is None and not lookup.exact:
+        raise AmbiguousLabels(key, len(value.labels))
     return label
+
+
+def check_all_met(lookup: KeyLabels) -> None:
+    """At the end of the input: for files without the ``occurrence`` column, an
+    :class:`AmbiguousLabels` for a key whose rows outnumber the samples read (some were
+    given rows that may belong to a sample that is not there)."""
+    if lookup.exact:
+        return
+    for value in lookup.repeated:
+        if 0 < value.met < len(value.labels):
+            key = next(k for k, v in lookup.items() if v is value)
+            raise AmbiguousLabels(key, len(value.labels), value.met)
 
 
 class ClusterFolder:
@@ -266,12 +370,18 @@ class ClusterFolder:
         if assigned is not None and trained is not None and assigned != trained:
             raise self._other_centroids()
 
-    def write_labels(self, number: int, keys, labels: np.ndarray, similarity: np.ndarray, facts: dict) -> None:
-        """``labels_{number}.parquet``: ``keys`` (a pyarrow array), int64 ``labels``, float32
-        ``similarity``, with ``facts`` (rows, invalid, key_column) in the schema metadata."""
+    def write_labels(self, number: int, keys, labels: np.ndarray, similarity: np.ndarray, facts: dict,
+                     occurrences=None) -> None:
+        """``labels_{number}.parquet``: ``keys`` (a pyarrow array), int32 ``occurrences`` (a
+        pyarrow array, the samples' occurrence of their key; None: no such column), int64
+        ``labels``, float32 ``similarity``, with ``facts`` (rows, invalid, key_column) in the
+        schema metadata."""
         import pyarrow as pa
 
-        table = pa.table({"key": keys, "label": np.asarray(labels, dtype=np.int64),
+        columns = {"key": keys}
+        if occurrences is not None:
+            columns[OCCURRENCE] = occurrences.cast(pa.int32())
+        table = pa.table({**columns, "label": np.asarray(labels, dtype=np.int64),
                           "similarity": np.asarray(similarity, dtype=np.float32)})
         table = table.replace_schema_metadata({LABEL_METADATA_KEY: json.dumps(facts).encode()})
         write_parquet_atomic(self.label_path(number), table)
@@ -293,13 +403,14 @@ class ClusterFolder:
         return facts
 
     def load_labels(self, columns: list[str] | None = None):
-        """Every label file in part order, as one ``pyarrow.Table``."""
+        """Every label file in part order, as one ``pyarrow.Table`` (``occurrence`` null on the
+        rows of files written without it: parts of an embedding folder resumed across versions)."""
         import pyarrow as pa
 
         files = label_files(self.labels) if storage.is_dir(self.labels) else {}
         if not files:
             raise InputError(f"{self.labels}: no labels_<N>.parquet files; run `unicom cluster` first")
-        return pa.concat_tables([_read_label_table(path, columns) for path in files.values()])
+        return pa.concat_tables([_read_label_table(path, columns) for path in files.values()], promote_options="default")
 
     # ------------------------------------------------------------------ sizes and summary
 
@@ -332,12 +443,23 @@ def load_labels(out: str | os.PathLike, columns: list[str] | None = None):
 class LabelRange:
     """What the label files of some parts hold: ``rows`` and the smallest and largest
     label (``low`` 0 and ``high`` -1 when they hold no row); ``file_rows``: the rows of
-    each file, in the order given."""
+    each file, in the order given; ``without_occurrence``: the files without the
+    ``occurrence`` column (written by earlier versions, see :func:`read_shard_labels`)."""
 
     rows: int
     low: int
     high: int
     file_rows: tuple[int, ...] = ()
+    without_occurrence: int = 0
+
+    def note(self) -> str | None:
+        """A line for the start of training on files without ``occurrence``, else None."""
+        if not self.without_occurrence:
+            return None
+        return (f"{self.without_occurrence} of {len(self.file_rows)} label files have no {OCCURRENCE!r} column "
+                "(written by an earlier version): their rows are given to the samples of a key in order, and a key "
+                "with more or fewer samples than rows stops the run when it is read; run `unicom embed` and "
+                "`unicom cluster` again with this version to join every sample exactly")
 
 
 class PseudoLabels:
@@ -345,7 +467,8 @@ class PseudoLabels:
 
     ``path``: the run's output folder (``OUT``, holding ``labels/``) or a folder holding
     ``labels_{i}.parquet`` itself. Each label file needs the columns ``key`` and ``label``
-    (class ids 0..k-1); ``num_classes`` is k from the run's record (``centroids.json``,
+    (class ids 0..k-1), and names repeated keys' samples by ``occurrence`` where it has it
+    (:func:`read_shard_labels`); ``num_classes`` is k from the run's record (``centroids.json``,
     else ``clusters.json``), None without one; ``labelled_parts`` are the input parts the
     run set out to label (``assignment.json``), None without a record; ``centroids``: the
     digest of the centroids the labels were assigned with (:func:`centroids_digest`, from
@@ -409,7 +532,7 @@ class PseudoLabels:
         files = list(self.files.values()) if files is None else list(files)
         if not files:
             raise InputError(f"{self.folder}: no labels_<i>.parquet files")
-        file_rows, low, high = [], None, None
+        file_rows, low, high, without_occurrence = [], None, None, 0
         for path in files:
             try:
                 meta = pq.ParquetFile(storage.readable(path)).metadata
@@ -423,6 +546,7 @@ class PseudoLabels:
                 raise InputError(f"{path}: the label column holds {label_type}, not integers; labels are class ids "
                                  "0..k-1: write the column as int64 (as `unicom cluster` does)")
             file_rows.append(meta.num_rows)
+            without_occurrence += OCCURRENCE not in names
             column = names.index("label")
             stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
             if all(s is not None and s.has_min_max and s.has_null_count for s in stats):
@@ -441,16 +565,21 @@ class PseudoLabels:
                 high = int(largest) if high is None else max(high, int(largest))
         if low is not None and low < 0:
             raise InputError(f"{self.folder}: negative labels ({low}); labels must be class ids 0..k-1")
-        return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows))
+        return LabelRange(sum(file_rows), 0 if low is None else low, -1 if high is None else high, tuple(file_rows),
+                          without_occurrence)
 
-    def lookup(self) -> dict:
-        """``{key: label}`` over every label file, by part number (a key on several rows with
-        different labels: the tuple of its labels in row order, see :func:`read_shard_labels`)."""
+    def lookup(self) -> KeyLabels:
+        """The labels of every label file, by part number, for :func:`label_of` (see
+        :func:`read_shard_labels`)."""
         return read_shard_labels(*self.files.values())
 
 
 __all__ = [
     "LABEL_METADATA_KEY",
+    "OCCURRENCE",
+    "AmbiguousLabels",
+    "KeyLabels",
+    "check_all_met",
     "ClusterFolder",
     "LabelRange",
     "PseudoLabels",

@@ -4,7 +4,7 @@
 
     ROOT/img_emb/img_emb_{i}.npy          (N_i, D) float16 or float32, one row per sample
     ROOT/text_emb/text_emb_{i}.npy        (N_i, D') the same samples, from the text tower
-    ROOT/metadata/metadata_{i}.parquet    N_i rows: key, caption, path or url, width, height
+    ROOT/metadata/metadata_{i}.parquet    N_i rows: key, caption, path or url, width, height, occurrence
     ROOT/failures/failures_{i}.parquet    samples of part i that could not be embedded
     ROOT/embed_config.json                what made the embeddings (below)
 
@@ -33,7 +33,12 @@ This is clip-retrieval's layout (LAION's published embeddings are read as they a
 keys. ``ROOT`` may be a URL (``s3://bucket/emb``, see :mod:`unicom.storage`): parts are
 listed with one listing per folder and embeddings are read in row ranges, as a memory map
 reads a local file. Row ``r`` of every file of part ``i`` describes the same sample; the ``key`` column
-keeps that link explicit so embeddings, metadata and pseudo-labels stay aligned. Part
+keeps that link explicit so embeddings, metadata and pseudo-labels stay aligned.
+``occurrence`` (int32, :data:`OCCURRENCE`) tells apart the samples of a key that several
+samples of a shard carry: the sample's number among the samples of its key in its shard
+(in its list, for image folders and lists), counting those that failed to embed, 0 for the
+first; ``(key, occurrence)`` names one sample of the input, and label files carry both.
+Folders written by earlier versions have no such column. Part
 numbers are integers parsed from the names (``img_emb_9`` before ``img_emb_10``).
 
 **Complete parts.** A part is complete for the kinds a reader needs when the file of every
@@ -75,6 +80,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "metadata": ("metadata", "metadata_", ".parquet"),
 }
 KEY_COLUMNS = ("key", "image_path", "url")
+OCCURRENCE = "occurrence"  # metadata column: the sample's number among the samples of its key in its input
 CONFIG_FILE = "embed_config.json"
 WEIGHTS_CHECKSUM = "weights_sha256"  # the key of the model's weights digest in CONFIG_FILE
 FAILURES_FOLDER = "failures"

@@ -31,6 +31,12 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
+def _occurrence(row: dict) -> int:
+    """Which sample of its key in its shard a metadata row is (0 for metadata without the column)."""
+    value = row.get("occurrence")
+    return value if isinstance(value, int) else 0
+
+
 class ShardImages:
     """Image bytes of webdataset samples by (shard file name, key), read from the tars in
     ``root``: a local folder or a URL (``s3://bucket/shards``, ``https://host/shards``).
@@ -69,14 +75,37 @@ class ShardImages:
             yield tar
 
     def _list(self, location) -> dict:
+        """``{key: (offset, size)}`` of each sample's image (None: a sample without one); a key
+        that several samples carry (see :func:`unicom.data.shards.read_tar_samples`) maps to
+        the list of theirs in tar order, its ``occurrence``-th sample's at that index."""
         from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
 
-        members = {}
+        members: dict = {}
+        key, extensions, images = None, set(), {}
+
+        def close() -> None:
+            if key is None:
+                return
+            image = next((images[ext] for ext in IMAGE_EXTENSIONS if ext in images), None)
+            if key not in members:
+                members[key] = image
+            elif isinstance(members[key], list):
+                members[key].append(image)
+            else:
+                members[key] = [members[key], image]
+
         with self._tar(location) as tar:
             for member in tar:
                 split = split_member_name(member.name) if member.isfile() else None
-                if split is not None and split[1] in IMAGE_EXTENSIONS:
-                    members.setdefault(split[0], (member.offset_data, member.size))
+                if split is None:
+                    continue
+                if split[0] != key or split[1] in extensions:  # a new sample, as read_tar_samples groups them
+                    close()
+                    key, extensions, images = split[0], set(), {}
+                extensions.add(split[1])
+                if split[1] in IMAGE_EXTENSIONS:
+                    images[split[1]] = (member.offset_data, member.size)
+            close()
         return members
 
     def _listed(self, shard: str) -> dict:
@@ -93,22 +122,30 @@ class ShardImages:
                     self._members.popitem(last=False)
         return members
 
-    def size(self, shard: str, key: str) -> int | None:
-        """The length of sample ``key``'s image in ``shard``; None when the shard has no such image."""
+    def _member(self, shard: str, key: str, occurrence: int) -> tuple[int, int] | None:
+        found = self._listed(shard).get(key)
+        if isinstance(found, list):
+            return found[occurrence] if 0 <= occurrence < len(found) else None
+        return found if occurrence == 0 else None
+
+    def size(self, shard: str, key: str, occurrence: int = 0) -> int | None:
+        """The length of the image of the ``occurrence``-th sample with ``key`` in ``shard``
+        (the metadata's ``occurrence``); None when the shard has no such image."""
         if not shard or Path(shard).name != shard:
             return None
-        found = self._listed(shard).get(key)
+        found = self._member(shard, key, occurrence)
         return None if found is None else found[1]
 
-    def read(self, shard: str, key: str, first: int | None = None) -> bytes | None:
-        """The bytes of sample ``key``'s image in ``shard``, or its ``first`` bytes only (a
-        compressed tar is decompressed up to them); None when the shard has no such image."""
+    def read(self, shard: str, key: str, first: int | None = None, occurrence: int = 0) -> bytes | None:
+        """The bytes of the image of the ``occurrence``-th sample with ``key`` in ``shard``, or
+        its ``first`` bytes only (a compressed tar is decompressed up to them); None when the
+        shard has no such image."""
         from unicom import storage
 
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
             return None
         location = self._location(shard)
-        found = self._listed(shard).get(key)
+        found = self._member(shard, key, occurrence)
         if found is None:
             return None
         offset, size = found
@@ -217,7 +254,7 @@ class ItemImages:
             return path
         if self.in_shard(row):
             with self._shard_errors(row, item_id):
-                data = self.shards.read(row["shard"], row["key"], first=first)
+                data = self.shards.read(row["shard"], row["key"], first=first, occurrence=_occurrence(row))
             if data is None:
                 raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
             return data
@@ -229,7 +266,7 @@ class ItemImages:
         if isinstance(path, str):
             return _fetched_size(path, f"the image of item {item_id}")
         with self._shard_errors(row, item_id):
-            return self.shards.size(row["shard"], row["key"]) or 0
+            return self.shards.size(row["shard"], row["key"], _occurrence(row)) or 0
 
     @staticmethod
     @contextlib.contextmanager

@@ -4,8 +4,9 @@ Two sources, one stream:
 
 * :class:`ShardSource`: webdataset shards (``unicom embed``'s input) joined by key with the
   ``labels/labels_{i}.parquet`` that ``unicom cluster`` wrote for them (shard ``i``, labels
-  ``i``; the n-th sample of a key that several samples of the shard carry takes the n-th
-  label row of that key). Samples without a label are counted and skipped.
+  ``i``; a key that several samples of the shard carry is told apart by the rows'
+  ``occurrence``, see :func:`unicom.formats.clusters.read_shard_labels`). Samples without a
+  label are counted and skipped.
 * :class:`ListSource`: an image folder, a CSV/parquet list, or the training split of a
   benchmark, with its own labels or joined with pseudo-labels by key.
 
@@ -112,6 +113,7 @@ class ShardSource:
 
     kind = "shards"
     labels_centroids: str | None = None  # digest of the centroids the pseudo-labels were assigned with, if recorded
+    labels_note: str | None = None  # said at the start: label files of an earlier version (LabelRange.note)
 
     def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
                  shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0):
@@ -169,7 +171,7 @@ class ShardSource:
             counts += np.bincount(labels, minlength=self.num_classes)
         return counts
 
-    def _labels(self, number: int) -> dict[str, int | tuple[int, ...]]:
+    def _labels(self, number: int):
         from unicom.formats.clusters import read_shard_labels
 
         return read_shard_labels(self.label_files[number])
@@ -178,7 +180,7 @@ class ShardSource:
                 counters: Counters) -> Iterator[Record]:
         from unicom import storage
         from unicom.data.shards import ShardReadError, read_tar_samples, shard_name
-        from unicom.formats.clusters import label_of
+        from unicom.formats.clusters import AmbiguousLabels, check_all_met, label_of
 
         order = permutation(len(self.shards), seed, pass_)
         mine = [self.shards[i] for i in order[rank::world_size][role::roles]]
@@ -186,11 +188,11 @@ class ShardSource:
         def labelled() -> Iterator[Record]:
             for number, path in mine:
                 labels = self._labels(number)
-                found, first, met = 0, None, {}
+                found, first = 0, None
                 try:
                     for index, sample in enumerate(read_tar_samples(path)):
                         first = sample.key if first is None else first
-                        label = label_of(labels, sample.key, met)  # a key of several samples: the n-th takes the n-th
+                        label = label_of(labels, sample.key)  # by key and the sample's occurrence of it
                         if label is None:
                             counters.unlabelled += 1
                             continue
@@ -204,6 +206,9 @@ class ShardSource:
                             f"{storage.name(self.label_files[number])} (keys like {next(iter(labels))!r}); "
                             f"{_why_keys_differ(self.label_files[number], 'cluster these shards again, or leave this one out of data.shards')}"
                         )
+                    check_all_met(labels)
+                except AmbiguousLabels as error:
+                    raise InputError(f"{storage.text(path)} with {storage.text(self.label_files[number])}: {error}") from None
                 except ShardReadError as error:
                     if storage.text(path) not in counters.broken:
                         counters.broken.add(storage.text(path))
@@ -228,6 +233,7 @@ class ListSource:
 
     kind = "list"
     labels_centroids: str | None = None  # with pseudo-labels: digest of their centroids, if recorded
+    labels_note: str | None = None  # said at the start: label files of an earlier version (LabelRange.note)
 
     def __init__(self, images: Sequence[Any], labels: np.ndarray, keys: Sequence[str], num_classes: int, origin: str,
                  class_labels: Sequence[str] | None = None):
@@ -482,6 +488,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     source = ShardSource(kept, {n: files[n] for n, _ in kept}, found.rows, classes, data.shuffle_buffer,
                          shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
     source.labels_centroids = labels.centroids
+    source.labels_note = found.note()
     _check_keys_match(source)
     return source
 
@@ -543,19 +550,25 @@ def _why_keys_differ(label_file, otherwise: str = "") -> str:
 
 
 def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> ListSource:
-    """Give the rows of an image list the pseudo-labels of a cluster run, by key."""
-    from unicom.formats.clusters import PseudoLabels, label_of
+    """Give the rows of an image list the pseudo-labels of a cluster run, by key (and, for a
+    key on several rows, the row's occurrence of it)."""
+    from unicom.formats.clusters import AmbiguousLabels, PseudoLabels, check_all_met, label_of
 
     pseudo = PseudoLabels(data.labels)
-    high = pseudo.check().high
+    found = pseudo.check()
+    high = found.high
     lookup = pseudo.lookup()
     folder = pseudo.folder
-    rows, labels, met = [], [], {}
-    for i, key in enumerate(images.keys):
-        label = label_of(lookup, key, met)  # a key on several rows: the n-th row of the list takes the n-th
-        if label is not None:
-            rows.append(i)
-            labels.append(label)
+    rows, labels = [], []
+    try:
+        for i, key in enumerate(images.keys):
+            label = label_of(lookup, key)
+            if label is not None:
+                rows.append(i)
+                labels.append(label)
+        check_all_met(lookup)
+    except AmbiguousLabels as error:
+        raise InputError(f"{origin} with the labels of {folder}: {error}") from None
     if not rows:
         raise InputError(
             f"{origin}: none of its keys (e.g. {images.keys[0]!r}) is in the labels of {folder} "
@@ -566,6 +579,7 @@ def _join_pseudo_labels(images, data, num_classes: int | None, origin: str) -> L
     source = ListSource([images.paths[i] for i in rows], labels, [images.keys[i] for i in rows], classes, origin)
     source.unlabelled = len(images) - len(rows)
     source.labels_centroids = pseudo.centroids
+    source.labels_note = found.note()
     return source
 
 

@@ -525,6 +525,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         f"{run.workers} decoding worker(s) per rank; {run.precision} on {run.device}")
     if getattr(run.source, "class_labels", None) is not None:
         say(f"  {run.source.describe_classes()} (all in {out / 'classes.csv'})")
+    if run.source.labels_note:
+        say(f"  labels: {run.source.labels_note}")
     selection = classes_per_step(run.partial_fc.num_classes, world * batch, config.loss.sample_rate, world)
     for line in _describe_selection(selection, world * batch, config.loss.sample_rate):
         say(line)

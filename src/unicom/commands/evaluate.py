@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model the project can load: released name or .pt, exported folder, "
                                         "timm/<name>, open_clip name")
-    source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL")
+    source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL; with "
+                                             "--dataset also the OUT/embeddings folder of an evaluate --model run")
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")

@@ -700,7 +700,7 @@ def test_a_root_that_is_a_url_is_refused_rather_than_read_from_a_local_folder_na
                  "--device", "cpu", "--workers", "0", "--dims", "none", "--out", str(tmp_path / "report")])
     assert code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"--root s3://bench/data: benchmark {dataset} is read from this machine, not from a URL; copy it here "
+        f"s3://bench/data: benchmark {dataset} is read from this machine, not from a URL; copy it here "
         "(aws s3 sync, gsutil -m rsync -r) and give the local copy; embeddings kept at a URL are scored with "
         f"unicom evaluate --embeddings URL --dataset {dataset} --root <a local copy of its list files>")
     assert not (tmp_path / "report").exists()

@@ -114,7 +114,7 @@ def local_root(root: str | os.PathLike, dataset: str) -> str | os.PathLike:
 
     if storage.is_url(os.fspath(root)):
         raise InputError(
-            f"--root {os.fspath(root)}: benchmark {dataset} is read from this machine, not from a URL; "
+            f"{os.fspath(root)}: benchmark {dataset} is read from this machine, not from a URL; "
             f"copy it here (aws s3 sync, gsutil -m rsync -r) and give the local copy; embeddings kept at a URL are "
             f"scored with unicom evaluate --embeddings URL --dataset {dataset} --root <a local copy of its list files>"
         )

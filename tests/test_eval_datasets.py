@@ -102,6 +102,18 @@ def test_sop_reads_ebay_lists(tmp_path):
     assert protocol.train.labels.tolist() == [0, 0, 1]
 
 
+@pytest.mark.parametrize("line", ["5 x11319 1 bicycle_final/333_1.JPG", "5 11319 bike bicycle_final/333_1.JPG",
+                                  "bicycle_final/333_1.JPG 11319 1 5"])
+def test_an_ebay_line_whose_ids_are_not_numbers_is_refused_naming_it(tmp_path, line):
+    # "x11319" would otherwise be a class of its own, of one image, silently left out of the scores
+    header = "image_id class_id super_class_id path\n"
+    write(tmp_path / "Ebay_train.txt", header + "1 1 1 bicycle_final/111_0.JPG\n2 1 1 bicycle_final/111_1.JPG\n")
+    write(tmp_path / "Ebay_test.txt", header + f"4 11319 1 bicycle_final/333_0.JPG\n{line}\n")
+    with pytest.raises(InputError, match=rf"Ebay_test.txt: line 3 \({line!r}\) does not start with the numbers "
+                                         r"image_id class_id super_class_id; restore the line"):
+        load_retrieval_benchmark("sop", tmp_path, check_images=False)
+
+
 def test_inshop_query_and_gallery_share_item_labels(tmp_path):
     rows = [
         ("img/WOMEN/Dresses/id_00000002/02_1_front.jpg", "id_00000002", "train"),

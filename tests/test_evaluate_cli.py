@@ -684,3 +684,23 @@ def test_evaluate_retrieval_refuses_an_out_that_is_a_url_rather_than_writing_a_l
     with pytest.raises(InputError, match=r"^gs://bucket/eval: the evaluation report is written to a local path"):
         evaluate_retrieval(x, labels, dims=(), out="gs://bucket/eval")
     assert not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.parametrize("dataset", ["sop", "cifar10"])
+def test_a_root_that_is_a_url_is_refused_rather_than_read_from_a_local_folder_named_s3(tmp_path, capsys, monkeypatch,
+                                                                                       dataset):
+    from benchmark_layouts import sop
+
+    # Path("s3://bench/data") is the local folder "s3:/bench/data": one that happens to exist must not be scored
+    sop(tmp_path / "s3:" / "bench" / "data", "download")
+    (tmp_path / "s3:" / "bench" / "data" / "cifar-10-batches-py").mkdir()
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    monkeypatch.chdir(tmp_path)
+    code = main(["evaluate", "--model", str(checkpoint), "--dataset", dataset, "--root", "s3://bench/data",
+                 "--device", "cpu", "--workers", "0", "--dims", "none", "--out", str(tmp_path / "report")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"s3://bench/data: benchmark {dataset} is read from this machine, not from a URL; copy it here "
+        "(aws s3 sync, gsutil -m rsync -r) and give the local copy; embeddings kept at a URL are scored with "
+        f"unicom evaluate --embeddings URL --dataset {dataset} --root <a local copy of its list files>")
+    assert not (tmp_path / "report").exists()

@@ -88,3 +88,28 @@ def test_a_report_whose_write_fails_leaves_neither_temporaries_nor_a_metrics_jso
     with pytest.raises(OSError, match="No space"):
         second_run(out)
     assert [p.name for p in out.iterdir()] == [PLOT_NAME]  # the second run's curve alone, no temporaries
+
+
+@pytest.mark.parametrize("corner", ["lower right", "upper right", "lower left", "upper left"])
+def test_the_dimension_curve_legend_hides_no_point(corner):
+    from unicom.evaluate.plots import dimension_figure
+
+    # one method's points in the named corner of the axes, the other's spread across the middle
+    low, high = corner.startswith("lower"), corner.endswith("right")
+    rows = []
+    for i, dimension in enumerate((4, 8, 16, 32)):
+        toward_corner = i >= 2 if high else i < 2
+        rows.append({"method": "pca", "dimension": dimension,
+                     "recall@1": (0.40 if low else 0.70) if toward_corner else 0.55})
+        rows.append({"method": "first", "dimension": dimension, "recall@1": 0.5 + 0.02 * i})
+    figure = dimension_figure(rows)
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    legend = axes.get_legend().get_window_extent()
+    points = np.concatenate([line.get_transform().transform(line.get_xydata()) for line in axes.get_lines()])
+    assert len(points) == 8
+    inside = [tuple(p) for p in points if legend.contains(*p)]
+    assert not inside, f"the legend at {legend} hides the points {inside}"
+    for text in axes.get_legend().get_texts():  # and the legend is drawn within the picture
+        box = text.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= figure.bbox.width and 0 <= box.y0 and box.y1 <= figure.bbox.height

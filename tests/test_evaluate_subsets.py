@@ -226,3 +226,41 @@ def test_a_train_row_without_a_direction_is_named_by_folder_key_and_row(tmp_path
     assert f"{tmp_path / 't'}: 1 of the rows used hold NaN or infinite values or are all zeros, e.g. 't17' (row 17)" \
         in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_class_name_that_is_another_class_label_id_names_its_own_class():
+    from unicom.evaluate.report import select_classes
+
+    # SOP-like: class names are numbers, labels count from 0: label 3 is class "4", class "3" has label 2
+    names = ["1", "2", "3", "4", "5"]
+    query_rows, _, what = select_classes(np.array([2, 2, 3, 3, 3, 3, 4]), classes=["3"], class_names=names)
+    assert query_rows.tolist() == [0, 1] and what["scored_classes"] == 1
+    query_rows, _, _ = select_classes(np.array([2, 2, 3, 3, 3, 3, 4]), exclude_classes=["4", "5"], class_names=names)
+    assert query_rows.tolist() == [0, 1]
+
+
+def test_sop_classes_are_named_by_their_class_id_on_the_list_files_and_on_the_cached_folder(tmp_path):
+    # Ebay lists whose class ids (3, 4, 5) are also label ids (train classes 1, 2 take 0, 1):
+    # --classes 3 scores class 3 (2 images), not label 3 (class 4, 4 images), from the benchmark and from a
+    # folder of the same embeddings labelled by class id
+    lines = {"train": [(1, "a_final/1_0.JPG"), (1, "a_final/1_1.JPG"), (2, "a_final/2_0.JPG"), (2, "a_final/2_1.JPG")],
+             "test": [(3, "a_final/3_0.JPG"), (3, "a_final/3_1.JPG")] + [(4, f"a_final/4_{i}.JPG") for i in range(4)]
+             + [(5, f"a_final/5_{i}.JPG") for i in range(3)]}
+    number = 0
+    for split, rows in lines.items():
+        text = "image_id class_id super_class_id path\n"
+        for class_id, path in rows:
+            number += 1
+            text += f"{number} {class_id} 1 {path}\n"
+        (tmp_path / f"Ebay_{split}.txt").write_text(text)
+    test = lines["test"]
+    x, _ = data(len(test), 8, 3, 0.3, seed=0)
+    write_part(tmp_path / "emb", 0, image=x.astype(np.float16),
+               metadata=pa.table({"key": [path for _, path in test], "label": [str(c) for c, _ in test]}))
+    reports = []
+    for name, options in (("benchmark", ["--dataset", "sop", "--root", str(tmp_path)]), ("folder", [])):
+        assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), *options, "--classes", "3", "--dims", "none",
+                     "--out", str(tmp_path / name)]) == 0
+        reports.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    for report in reports:
+        assert report["protocol"]["queries"] == 2 and report["class_subset"]["scored_classes"] == 1

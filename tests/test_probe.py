@@ -92,9 +92,26 @@ def test_linear_probe_refits_on_train_plus_val_with_the_chosen_c():
     x, y = blobs(60, 1.5, seed=3)
     x_test, y_test = blobs(50, 1.5, seed=4)
     result = linear_probe(x, y, x_test, y_test)
-    reference = LogisticRegression(C=result["C"], solver="lbfgs", max_iter=1000).fit(x, y)
-    assert result["accuracy"] == pytest.approx(np.mean(reference.predict(x_test) == y_test))
+    unit = lambda z: z / np.linalg.norm(z, axis=1, keepdims=True)  # noqa: E731  (the probe fits directions)
+    reference = LogisticRegression(C=result["C"], solver="lbfgs", max_iter=1000).fit(unit(x), y)
+    assert result["accuracy"] == pytest.approx(np.mean(reference.predict(unit(x_test)) == y_test))
     assert 0.5 < result["accuracy"] < 1
+
+
+def test_linear_probe_fits_the_l2_normalised_features_whatever_their_norms():
+    # features as a backbone gives them (norms from 0.5 to 20, the class in the direction):
+    # the probe sees the directions, as kNN and the retrieval metrics do
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(60, 1.5, seed=3)
+    x_test, y_test = blobs(50, 1.5, seed=4)
+    rng = np.random.default_rng(0)
+    scaled, scaled_test = (z * rng.uniform(0.5, 20, (len(z), 1)).astype(np.float32) for z in (x, x_test))
+    result = linear_probe(scaled, y, scaled_test, y_test, log10_c=[0])
+    unit = lambda z: z / np.linalg.norm(z, axis=1, keepdims=True)  # noqa: E731
+    reference = LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000).fit(unit(x), y)
+    assert result["accuracy"] == pytest.approx(np.mean(reference.predict(unit(x_test)) == y_test))
+    assert result == linear_probe(unit(x), y, unit(x_test), y_test, log10_c=[0])
 
 
 def test_linear_probe_search_halves_the_step_around_the_best_c():

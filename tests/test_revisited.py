@@ -639,3 +639,27 @@ def test_a_query_crop_of_a_16_bit_image_has_the_pixels_of_the_gallery_image(tmp_
     crop = np.asarray(crop_query(path, np.array([0, 0, 3, 2])))
     assert crop.shape == (2, 3, 3) and np.array_equal(crop[..., 0], expected)
     assert np.array_equal(crop, np.asarray(decode_image(str(path))[0]))
+
+
+def test_the_embeddings_evaluate_model_cached_are_scored_again_from_their_folder(tmp_path, capsys):
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    first = tmp_path / "first"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "roxford5k", "--root", str(root), "--dims", "8",
+                 "--num-workers", "0", "--device", "cpu", "--out", str(first)]) == 0
+    again = tmp_path / "again"
+    assert main(["evaluate", "--embeddings", str(first / "embeddings"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "8", "--out", str(again)]) == 0
+    report, rescored = (json.loads((out / "metrics.json").read_text()) for out in (first, again))
+    assert rescored["metrics"] == report["metrics"] and rescored["dimensions"] == report["dimensions"]
+    assert rescored["metrics"]["n_queries_medium"] == 2
+    # the cached crops are of the ground truth's boxes: other boxes are other queries
+    gnd = root / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd.write_bytes(pickle.dumps({"imlist": NAMES, "qimlist": QUERIES, "gnd": [dict(GND[0], bbx=[0, 0, 9, 9]), GND[1]]}))
+    capsys.readouterr()
+    assert main(["evaluate", "--embeddings", str(first / "embeddings"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "none", "--out", str(again)]) == 2
+    assert re.search(r"embeddings/query: its query crops were made from other boxes than the ground truth's",
+                     capsys.readouterr().err)

@@ -14,7 +14,6 @@ Writes ``OUT/metrics.json``, ``OUT/metrics.md`` and, for retrieval with ``--dims
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from unicom.errors import InputError
 
@@ -79,11 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model the project can load: released name or .pt, exported folder, "
                                         "timm/<name>, open_clip name")
-    source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL")
+    source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL; with "
+                                             "--dataset also the OUT/embeddings folder of an evaluate --model run")
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
-    parser.add_argument("--root", type=Path, help="the dataset's folder (or the CSV for --dataset csv)")
+    parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv)")
     parser.add_argument("--out", required=True,
                         help="local folder for metrics.json, metrics.md, the PNG and embeddings (not a URL)")
     parser.add_argument("--ks", type=_int_list,

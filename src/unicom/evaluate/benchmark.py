@@ -369,10 +369,18 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 out / "embeddings" / "train", dict(config, split="train", sample=int(pca_samples)),
                 batch_size=batch_size, num_workers=num_workers, desc=f"embed {name} train (PCA)")
     else:
+        folders = _split_folders(embeddings)
         if protocol.query_boxes is not None:
-            _check_query_boxes(embeddings, name, protocol.query_boxes)
-        x, metadata = read_embedding_folder(embeddings)
-        index = _RowIndex(metadata, embeddings)
+            _check_query_boxes(folders["query"], name, protocol.query_boxes)
+        read: dict[str, tuple] = {}
+
+        def folder_of(split: str) -> tuple:  # (folder, embeddings, row index), each folder read once
+            folder = folders[split]
+            if folder not in read:
+                x_folder, metadata = read_embedding_folder(folder)
+                read[folder] = (folder, x_folder, _RowIndex(metadata, folder))
+            return read[folder]
+
         scored = dict(zip(("query", "gallery"), _scored_rows(  # a class left out may hold a bad row
             protocol.query.labels, None if protocol.gallery is None else protocol.gallery.labels, classes,
             exclude_classes, protocol.query.class_names)))
@@ -380,6 +388,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if images is None:
                 vectors[split] = None
                 continue
+            embeddings, x, index = folder_of(split)
             if split == "query" and protocol.query_boxes is not None:
                 # a cropped query is found by its key alone: the row found by its path is the whole image
                 rows = index.rows(images.keys, [""] * len(images), split, remedy=(
@@ -389,7 +398,8 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
             _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows, scored=scored[split])
-        if train is not None:
+        if train is not None and folders.get("train") is not None:
+            embeddings, x, index = folder_of("train")
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
             found = rows >= 0
@@ -397,6 +407,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             vectors["train"] = x[rows] if len(rows) >= 2 else None
             if vectors["train"] is not None:
                 _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
+        embeddings = folders["root"]
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
@@ -422,12 +433,37 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     )
 
 
+def _split_folders(embeddings) -> dict:
+    """Where each split's embeddings are: ``embeddings`` itself for every split (one folder
+    holding them all, as ``unicom embed --dataset`` writes it), or, for the folder of the
+    split folders that ``evaluate --model`` writes (``OUT/embeddings``: ``query/``,
+    ``gallery/``, ``train/``, no ``img_emb/`` of its own), each split's folder (``None`` for
+    a split not there; the gallery of a leave-one-out benchmark is not needed). ``"root"``:
+    the folder given."""
+    from unicom import storage
+
+    if storage.is_dir(storage.join(embeddings, "img_emb")) or not storage.is_dir(storage.join(embeddings, "query", "img_emb")):
+        return {"root": embeddings, "query": embeddings, "gallery": embeddings, "train": embeddings}
+    folders = {"root": embeddings}
+    for split in ("query", "gallery", "train"):
+        folder = storage.join(embeddings, split)
+        folders[split] = folder if storage.is_dir(storage.join(folder, "img_emb")) else None
+    if folders["gallery"] is None:  # a gallery split without its folder: its images are reported missing
+        folders["gallery"] = folders["query"]
+    return folders
+
+
 def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
-    """Refuse a folder whose recorded query crops (``unicom embed --dataset``) are of another
-    dataset, or of other boxes than the ground truth's: they would be scored as other queries."""
+    """Refuse a folder whose recorded query crops (``unicom embed --dataset``, or the query
+    folder of ``evaluate --model``) are of another dataset, or of other boxes than the ground
+    truth's: they would be scored as other queries."""
+    from unicom import storage
     from unicom.data.benchmarks.revisited import query_boxes_sha256
 
-    config = read_config(embeddings) or {}
+    config = read_config(embeddings)
+    if config is None and storage.is_file(storage.join(embeddings, CACHE_CONFIG)):
+        config = json.loads(storage.read_text(storage.join(embeddings, CACHE_CONFIG)))
+    config = config or {}
     if config.get("dataset") not in (None, dataset):
         raise InputError(f"{embeddings}: holds the embeddings of {config['dataset']}, not of {dataset}; give "
                          f"--dataset {config['dataset']}, or the folder unicom embed --dataset {dataset} wrote")

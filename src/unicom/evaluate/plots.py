@@ -15,18 +15,17 @@ LABELS = {"first": "first d dimensions", "pca": "PCA to d (fitted on train)"}
 STYLES = {"first": {"marker": "o", "color": "#1f77b4"}, "pca": {"marker": "s", "linestyle": "--", "color": "#7f7f7f"}}
 
 
-def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str = "recall@1", title: str = "",
-                         atomic: bool = True) -> Path:
-    """Write ``metric`` (in %) against the dimension for each method in ``rows``.
+def dimension_figure(rows: list[dict], metric: str = "recall@1", title: str = ""):
+    """The figure of :func:`plot_dimension_curve` (a ``matplotlib.figure.Figure`` on the Agg canvas).
 
-    ``rows``: ``dimension_curve`` output; skipped dimensions are left out. The x axis is
-    logarithmic with a tick at every evaluated dimension. Written atomically (``atomic=False``:
-    straight to ``path``, a temporary its caller renames); returns the path.
+    The legend sits below the axes, outside them, so that it never hides a point: inside,
+    any corner can be where a method's curve runs (a flat PCA row along the bottom, the
+    best dimension at the top).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5.2, 3.8), dpi=150)
+    figure = Figure(figsize=(5.2, 4.2), dpi=150)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     dimensions = sorted({row["dimension"] for row in rows})
@@ -42,10 +41,22 @@ def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str 
     axes.set_xlabel("embedding dimension d")
     axes.set_ylabel(f"{metric} (%)")
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False, fontsize="small")
     if title:
         axes.set_title(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str = "recall@1", title: str = "",
+                         atomic: bool = True) -> Path:
+    """Write ``metric`` (in %) against the dimension for each method in ``rows``.
+
+    ``rows``: ``dimension_curve`` output; skipped dimensions are left out. The x axis is
+    logarithmic with a tick at every evaluated dimension. Written atomically (``atomic=False``:
+    straight to ``path``, a temporary its caller renames); returns the path.
+    """
+    figure = dimension_figure(rows, metric, title)
     path = Path(path)
     if atomic:
         with atomic_path(path) as tmp:

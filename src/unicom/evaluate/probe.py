@@ -1,7 +1,7 @@
 """Classification on frozen features: CLIP's linear probe and weighted kNN.
 
 * :func:`linear_probe`: L2-regularised multinomial logistic regression (scikit-learn,
-  L-BFGS, at most 1,000 iterations). C = 1/lambda is chosen on a validation split carved
+  L-BFGS, at most 1,000 iterations) on the L2-normalised features. C = 1/lambda is chosen on a validation split carved
   from train (20%, stratified when every class allows it; a class's only image is never in it): first C in
   {1e-6, 1e-4, ..., 1e6}, then around the best value the step in log10(C) is halved,
   2 -> 1 -> 1/2 -> 1/4 -> 1/8 decade (CLIP's parametric search, 8 steps per decade). The
@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from unicom.errors import InputError
-from unicom.evaluate.metrics import knn_search
+from unicom.evaluate.metrics import as_embeddings, knn_search
 
 LOG10_C_START = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
 FINEST_STEP = 1 / 8  # decades
@@ -105,7 +105,8 @@ def linear_probe(
     """CLIP's linear-probe protocol on frozen features (module docstring).
 
     Args:
-        train_features, test_features: (N, D) float features; labels: (N,) integers.
+        train_features, test_features: (N, D) float features, L2-normalised here (as the
+            retrieval metrics and kNN compare them: by direction); labels: (N,) integers.
         metric: ``"accuracy"`` or ``"mean_per_class"``, used to choose C on validation.
         log10_c: a fixed grid of log10(C) to search instead of the halving search.
 
@@ -116,6 +117,7 @@ def linear_probe(
     if metric not in ("accuracy", "mean_per_class"):
         raise InputError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
     x, y, x_test, y_test = check_splits(train_features, train_labels, test_features, test_labels)
+    x, x_test = as_embeddings(x, "train").numpy(), as_embeddings(x_test, "test").numpy()
     if len(np.unique(y)) < 2:
         raise InputError("train labels hold a single class; a classifier needs at least two")
     fit, val = _validation_split(y, val_fraction, seed)

@@ -39,7 +39,8 @@ def select_classes(
     ``exclude_classes``), and what was chosen, for the report.
 
     A class is named by its label as text (``"3"``, ``"cat"``) or, when ``class_names``
-    are given (``class_names[label]``), by its name. Names that match no class of the
+    are given (``class_names[label]``), by its name, which wins when it is also the text
+    of another class's label (SOP's class ``"11320"`` has the label 11319). Names that match no class of the
     queries or the gallery are an :class:`InputError` naming them. Returns (query rows
     int64, gallery rows int64 or None without a gallery, ``{"classes" | "exclude_classes":
     the names given, "scored_classes": n, "all_classes": n}``).
@@ -53,11 +54,14 @@ def select_classes(
     query_labels = np.asarray(query_labels)
     labels = [query_labels] if gallery_labels is None else [query_labels, np.asarray(gallery_labels)]
     present = np.unique(np.concatenate(labels))
-    lookup = {str(value): value for value in present.tolist()}
+    lookup = {}
     if class_names is not None and np.issubdtype(present.dtype, np.integer):
-        for value in present.tolist():
-            if 0 <= value < len(class_names):
-                lookup.setdefault(str(class_names[value]), value)
+        # names first: a benchmark's class names are often numbers (SOP's class_id, CUB's
+        # number without classes.txt) that are also another class's label id ("11320" is
+        # class 11320, label 11319); the name is what the report and the cached folder show
+        lookup = {str(class_names[value]): value for value in present.tolist() if 0 <= value < len(class_names)}
+    for value in present.tolist():
+        lookup.setdefault(str(value), value)
     unknown = [name for name in given if name not in lookup]
     if unknown:
         examples = ", ".join(sorted(lookup)[:SHOWN_CLASSES])

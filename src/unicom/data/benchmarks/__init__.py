@@ -106,6 +106,21 @@ def canonical_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
+def local_root(root: str | os.PathLike, dataset: str) -> str | os.PathLike:
+    """``root`` unchanged when it is a local folder. A URL (``s3://…``) is refused: the
+    readers open list files and images on this machine, and ``Path`` would quietly turn
+    ``s3://bucket/data`` into a missing local folder ``s3:/bucket/data``."""
+    from unicom import storage
+
+    if storage.is_url(os.fspath(root)):
+        raise InputError(
+            f"{os.fspath(root)}: benchmark {dataset} is read from this machine, not from a URL; "
+            f"copy it here (aws s3 sync, gsutil -m rsync -r) and give the local copy; embeddings kept at a URL are "
+            f"scored with unicom evaluate --embeddings URL --dataset {dataset} --root <a local copy of its list files>"
+        )
+    return root
+
+
 def load_retrieval_benchmark(name: str, root: str | os.PathLike, check_images: bool = True) -> RetrievalProtocol:
     """Read benchmark ``name`` (a key of :data:`RETRIEVAL_BENCHMARKS`) from ``root``.
 
@@ -116,7 +131,7 @@ def load_retrieval_benchmark(name: str, root: str | os.PathLike, check_images: b
     if key not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"unknown retrieval benchmark {name!r}; known: {', '.join(RETRIEVAL_BENCHMARKS)}")
     spec = RETRIEVAL_BENCHMARKS[key]
-    splits = _resolve(spec.reader)(root, **spec.options, check_images=check_images)
+    splits = _resolve(spec.reader)(local_root(root, key), **spec.options, check_images=check_images)
     return RetrievalProtocol(
         name=key,
         query=splits.query,
@@ -149,4 +164,5 @@ __all__ = [
     "canonical_name",
     "load_retrieval_benchmark",
     "load_classification_benchmark",
+    "local_root",
 ]

@@ -361,8 +361,10 @@ def load_classification_benchmark(name: str, root: str | os.PathLike, download: 
     key = CLASSIFICATION_ALIASES.get(name.lower(), name.lower())
     if key not in CLASSIFICATION_BENCHMARKS:
         raise InputError(f"unknown classification dataset {name!r}; known: {', '.join(CLASSIFICATION_BENCHMARKS)}")
+    from unicom.data.benchmarks import local_root
+
     spec = CLASSIFICATION_BENCHMARKS[key]
-    root = os.path.expanduser(str(root))
+    root = os.path.expanduser(str(local_root(root, key)))
     if not download and not os.path.isdir(root):
         raise InputError(f"{root}: folder not found; expected layout inside it:\n{spec.layout}")
     train, test = spec.loader(root, download=download, layout=spec.layout, **spec.options)

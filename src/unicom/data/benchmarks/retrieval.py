@@ -306,6 +306,10 @@ def _read_ebay(path: Path, split: str) -> list[tuple[str, str, str]]:
         parts = line.split()
         if len(parts) != 4:
             raise InputError(f"{path}: line {number} ({line!r}) does not have 4 fields")
+        if not all(field.isdigit() for field in parts[:3]):
+            # a class id that is not a number is a damaged line, not a class of its own
+            raise InputError(f"{path}: line {number} ({line!r}) does not start with the numbers image_id class_id "
+                             "super_class_id; restore the line from the dataset's archive")
         records.append((parts[3], parts[1], split))
     return records
 

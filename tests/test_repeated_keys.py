@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import timm
 import torch
 from support import class_image, encode_image, write_tar_shard
@@ -122,6 +123,39 @@ def test_a_label_file_of_an_earlier_version_still_joins_a_shard_whose_keys_have_
     assert found == dict(enumerate(labels))
     assert json.loads(pq.read_schema(path).metadata[b"unicom.labels"])["key_column"] == "key"
     assert np.unique(labels).size > 1
+
+
+def test_an_embedding_folder_resumed_across_versions_is_refused_with_advice_that_works(tmp_path):
+    """Part 0 embedded and clustered by an earlier version (no occurrence), key a's first
+    sample broken: the refusal says to embed and cluster into new folders, because resumed
+    into the old ones both keep that part as it is; followed, every sample is joined."""
+    from unicom.errors import InputError
+
+    images = {i: encode_image(class_image(i, i, 40)) for _, i in SAMPLES if i is not None}
+    broken = encode_image(class_image(0, 0, 40))[:200]
+    shard = tmp_path / "shards" / "00000.tar"
+    write_tar_shard(shard, [{"key": key, "jpg": broken if i is None else images[i]} for key, i in SAMPLES])
+    emb, clusters = _embed_and_cluster(tmp_path, [str(shard)])
+    for path in (emb / "metadata" / "metadata_0.parquet", clusters / "labels" / "labels_0.parquet"):
+        pq.write_table(pq.read_table(path).drop(["occurrence"]), path)  # as an earlier version wrote them
+    assert main(["embed", "--input", str(shard), "--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"),
+                 "--out", str(emb), "--workers", "0"]) == 0
+    assert main(["cluster", "--embeddings", str(emb), "--fusion", "image", "--k", "5", "--init", "kmeans++",
+                 "--out", str(clusters)]) == 0
+    assert "occurrence" not in pq.read_schema(clusters / "labels" / "labels_0.parquet").names  # resumed: kept as it was
+
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
+    with pytest.raises(InputError) as error:
+        list(build_source(config).records(0, 0, 0, 1, 0, 1, 1, Counters()))
+    assert "key 'a' is on 3 label row(s) but more than 3 samples carry it" in str(error.value)
+    assert "Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out" \
+        in str(error.value)
+
+    (tmp_path / "new").mkdir()
+    emb, clusters = _embed_and_cluster(tmp_path / "new", [str(shard)])
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
+    found = {r.uid[1]: r.label for r in build_source(config).records(0, 0, 0, 1, 0, 1, 1, Counters())}
+    assert found == {p: v for p, v in _reference(emb, clusters, len(SAMPLES)).items() if v is not None}
 
 
 def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_path, capsys):

@@ -417,4 +417,4 @@ def test_a_label_file_without_occurrences_is_refused_for_a_key_with_more_samples
     message = str(error.value)
     assert message.startswith(f"{tmp_path / '00000.tar'} with {tmp_path / 'clusters' / 'labels' / 'labels_0.parquet'}: "
                               "key 'k0' is on 1 label row(s) but more than 1 samples carry it")
-    assert "Run `unicom embed` and `unicom cluster` again with this version" in message
+    assert "Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out" in message

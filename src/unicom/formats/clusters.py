@@ -119,6 +119,10 @@ def read_label_facts(path: str | os.PathLike) -> dict | None:
     return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
 
 
+# what to do about label files of an earlier version: resumed into the same folders, `unicom
+# embed` and `unicom cluster` keep the parts they hold, written without occurrences
+REEMBED = ("Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out "
+           "(resumed into the old folders, both keep the parts an earlier version wrote)")
 
 
 class AmbiguousLabels(InputError):
@@ -132,8 +136,7 @@ class AmbiguousLabels(InputError):
             f"key {key!r} is on {rows} label row(s) but {met} samples carry it, and the label file has no "
             f"{OCCURRENCE!r} column (written by an earlier version) to tell which row is which sample's: a sample "
             "of this key failed to embed or was dropped by `unicom cluster`, so its row would go to another "
-            "sample. Run `unicom embed` and `unicom cluster` again with this version (their outputs name each "
-            "sample by key and occurrence)"
+            f"sample. {REEMBED} (their outputs name each sample by key and occurrence)"
         )
 
 
@@ -458,8 +461,8 @@ class LabelRange:
             return None
         return (f"{self.without_occurrence} of {len(self.file_rows)} label files have no {OCCURRENCE!r} column "
                 "(written by an earlier version): their rows are given to the samples of a key in order, and a key "
-                "with more or fewer samples than rows stops the run when it is read; run `unicom embed` and "
-                "`unicom cluster` again with this version to join every sample exactly")
+                f"with more or fewer samples than rows stops the run when it is read. To join every sample exactly: "
+                f"{REEMBED[0].lower()}{REEMBED[1:]}")
 
 
 class PseudoLabels:

@@ -118,7 +118,7 @@ def test_a_label_file_of_an_earlier_version_still_joins_a_shard_whose_keys_have_
     config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
     source = build_source(config)
     assert source.labels_note.startswith("1 of 1 label files have no 'occurrence' column (written by an earlier "
-                                         "version)")
+                                         "version, or from embeddings without it")
     found = {r.uid[1]: r.label for r in source.records(0, 0, 0, 1, 0, 1, 1, Counters())}
     assert found == dict(enumerate(labels))
     assert json.loads(pq.read_schema(path).metadata[b"unicom.labels"])["key_column"] == "key"
@@ -158,6 +158,33 @@ def test_an_embedding_folder_resumed_across_versions_is_refused_with_advice_that
     assert found == {p: v for p, v in _reference(emb, clusters, len(SAMPLES)).items() if v is not None}
 
 
+def test_labels_of_embeddings_without_occurrences_join_unique_keys_and_the_note_says_so(tmp_path):
+    """Embeddings whose metadata has no occurrence column (LAION's published ones), keys unique
+    in the shard, clustered by this version: every sample takes its row, and the start of
+    training says the join is exact for unique keys rather than only that files are old."""
+    images = [encode_image(class_image(n, n, 40)) for n in range(6)]
+    shard = tmp_path / "shards" / "00000.tar"
+    write_tar_shard(shard, [{"key": f"k{n}", "jpg": image} for n, image in enumerate(images)])
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "w.pth")
+    assert main(["embed", "--input", str(shard), "--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"),
+                 "--out", str(tmp_path / "EMB"), "--workers", "0"]) == 0
+    metadata = tmp_path / "EMB" / "metadata" / "metadata_0.parquet"
+    pq.write_table(pq.read_table(metadata).drop(["occurrence"]), metadata)
+    assert main(["cluster", "--embeddings", str(tmp_path / "EMB"), "--fusion", "image", "--k", "3", "--init", "kmeans++",
+                 "--out", str(tmp_path / "clusters")]) == 0
+    table = pq.read_table(tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    assert "occurrence" not in table.column_names
+
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={tmp_path / 'clusters'}"])
+    source = build_source(config)
+    assert "from embeddings without it such as LAION's published ones" in source.labels_note
+    assert "exact where keys are unique in their shard" in source.labels_note
+    found = {r.key: r.label for r in source.records(0, 0, 0, 1, 0, 1, 1, Counters())}
+    assert found == dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+    assert len(found) == len(images)
+
+
 def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_path, capsys):
     from unicom.train.trainer import train
 
@@ -172,7 +199,8 @@ def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_
                              "model.embedding_dim=8", "data.batch_size=4", "data.workers=0", "train.steps=1",
                              "log.tensorboard=false", "train.device=cpu"]))
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  labels: ")]
-    assert line.startswith("  labels: 1 of 1 label files have no 'occurrence' column (written by an earlier version)")
+    assert line.startswith("  labels: 1 of 1 label files have no 'occurrence' column (written by an earlier version, or from "
+                           "embeddings without it such as LAION's published ones)")
 
 
 def test_a_sample_that_cluster_leaves_out_leaves_its_own_label_out_and_no_other(tmp_path):

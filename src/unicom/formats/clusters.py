@@ -119,8 +119,9 @@ def read_label_facts(path: str | os.PathLike) -> dict | None:
     return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
 
 
-# what to do about label files of an earlier version: resumed into the same folders, `unicom
-# embed` and `unicom cluster` keep the parts they hold, written without occurrences
+# why a label file has no occurrence column, and what to do about it (resumed into the same
+# folders, `unicom embed` and `unicom cluster` keep the parts they hold, written without it)
+WITHOUT_OCCURRENCE = "written by an earlier version, or from embeddings without it such as LAION's published ones"
 REEMBED = ("Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out "
            "(resumed into the old folders, both keep the parts an earlier version wrote)")
 
@@ -134,7 +135,7 @@ class AmbiguousLabels(InputError):
         met = f"{samples}" if samples is not None else f"more than {rows}"
         super().__init__(
             f"key {key!r} is on {rows} label row(s) but {met} samples carry it, and the label file has no "
-            f"{OCCURRENCE!r} column (written by an earlier version) to tell which row is which sample's: a sample "
+            f"{OCCURRENCE!r} column ({WITHOUT_OCCURRENCE}) to tell which row is which sample's: a sample "
             "of this key failed to embed or was dropped by `unicom cluster`, so its row would go to another "
             f"sample. {REEMBED} (their outputs name each sample by key and occurrence)"
         )
@@ -460,9 +461,9 @@ class LabelRange:
         if not self.without_occurrence:
             return None
         return (f"{self.without_occurrence} of {len(self.file_rows)} label files have no {OCCURRENCE!r} column "
-                "(written by an earlier version): their rows are given to the samples of a key in order, and a key "
-                f"with more or fewer samples than rows stops the run when it is read. To join every sample exactly: "
-                f"{REEMBED[0].lower()}{REEMBED[1:]}")
+                f"({WITHOUT_OCCURRENCE}): their rows are given to the samples of a key in order, exact where keys "
+                "are unique in their shard; a key with more or fewer samples than rows stops the run when it is read. "
+                f"To join every sample exactly: {REEMBED[0].lower()}{REEMBED[1:]}")
 
 
 class PseudoLabels:

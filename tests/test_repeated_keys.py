@@ -136,6 +136,8 @@ def test_an_embedding_folder_resumed_across_versions_is_refused_with_advice_that
     shard = tmp_path / "shards" / "00000.tar"
     write_tar_shard(shard, [{"key": key, "jpg": broken if i is None else images[i]} for key, i in SAMPLES])
     emb, clusters = _embed_and_cluster(tmp_path, [str(shard)])
+    table = pq.read_table(clusters / "labels" / "labels_0.parquet")
+    assert len({label for key, label in zip(table["key"].to_pylist(), table["label"].to_pylist()) if key == "a"}) > 1
     for path in (emb / "metadata" / "metadata_0.parquet", clusters / "labels" / "labels_0.parquet"):
         pq.write_table(pq.read_table(path).drop(["occurrence"]), path)  # as an earlier version wrote them
     assert main(["embed", "--input", str(shard), "--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"),

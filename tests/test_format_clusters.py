@@ -124,18 +124,27 @@ def test_a_label_file_with_occurrences_labels_the_samples_it_names_and_no_other(
     check_all_met(lookup)
 
 
-def test_a_label_file_without_occurrences_refuses_a_key_with_more_samples_than_rows(tmp_path):
+def test_a_label_file_without_occurrences_refuses_a_key_whose_rows_differ_with_more_samples_than_rows(tmp_path):
     from unicom.formats.clusters import AmbiguousLabels, label_of, read_shard_labels
 
     path = tmp_path / "labels_0.parquet"
     pq.write_table(pa.table({"key": ["a", "b", "b"], "label": [3, 1, 0]}), path)
     lookup = read_shard_labels(path)
-    assert label_of(lookup, "a") == 3
-    with pytest.raises(AmbiguousLabels, match="'a' is on 1 label row"):
-        label_of(lookup, "a")
     assert [label_of(lookup, "b"), label_of(lookup, "b")] == [1, 0]
     with pytest.raises(AmbiguousLabels, match="'b' is on 2 label row"):
         label_of(lookup, "b")
+
+
+def test_a_label_file_without_occurrences_gives_a_keys_one_label_to_every_sample_of_the_key(tmp_path):
+    """As before the column existed: a key on one row, or on rows that share a label, labels
+    each of its samples however many there are (a sample of it that failed to embed included)."""
+    from unicom.formats.clusters import check_all_met, label_of, read_shard_labels
+
+    path = tmp_path / "labels_0.parquet"
+    pq.write_table(pa.table({"key": ["a", "c", "c", "c"], "label": [3, 2, 2, 2]}), path)
+    lookup = read_shard_labels(path)
+    assert [label_of(lookup, key) for key in ["a", "c", "a", "c"]] == [3, 2, 3, 2]
+    check_all_met(lookup)  # c: two samples for three rows of one label, nothing to tell apart
 
 
 def test_a_label_file_without_occurrences_refuses_a_key_with_fewer_samples_than_rows(tmp_path):

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import timm
 import torch
 from support import class_image, encode_image, write_tar_shard
@@ -117,11 +118,73 @@ def test_a_label_file_of_an_earlier_version_still_joins_a_shard_whose_keys_have_
     config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
     source = build_source(config)
     assert source.labels_note.startswith("1 of 1 label files have no 'occurrence' column (written by an earlier "
-                                         "version)")
+                                         "version, or from embeddings without it")
     found = {r.uid[1]: r.label for r in source.records(0, 0, 0, 1, 0, 1, 1, Counters())}
     assert found == dict(enumerate(labels))
     assert json.loads(pq.read_schema(path).metadata[b"unicom.labels"])["key_column"] == "key"
     assert np.unique(labels).size > 1
+
+
+def test_an_embedding_folder_resumed_across_versions_is_refused_with_advice_that_works(tmp_path):
+    """Part 0 embedded and clustered by an earlier version (no occurrence), key a's first
+    sample broken: the refusal says to embed and cluster into new folders, because resumed
+    into the old ones both keep that part as it is; followed, every sample is joined."""
+    from unicom.errors import InputError
+
+    images = {i: encode_image(class_image(i, i, 40)) for _, i in SAMPLES if i is not None}
+    broken = encode_image(class_image(0, 0, 40))[:200]
+    shard = tmp_path / "shards" / "00000.tar"
+    write_tar_shard(shard, [{"key": key, "jpg": broken if i is None else images[i]} for key, i in SAMPLES])
+    emb, clusters = _embed_and_cluster(tmp_path, [str(shard)])
+    table = pq.read_table(clusters / "labels" / "labels_0.parquet")
+    assert len({label for key, label in zip(table["key"].to_pylist(), table["label"].to_pylist()) if key == "a"}) > 1
+    for path in (emb / "metadata" / "metadata_0.parquet", clusters / "labels" / "labels_0.parquet"):
+        pq.write_table(pq.read_table(path).drop(["occurrence"]), path)  # as an earlier version wrote them
+    assert main(["embed", "--input", str(shard), "--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"),
+                 "--out", str(emb), "--workers", "0"]) == 0
+    assert main(["cluster", "--embeddings", str(emb), "--fusion", "image", "--k", "5", "--init", "kmeans++",
+                 "--out", str(clusters)]) == 0
+    assert "occurrence" not in pq.read_schema(clusters / "labels" / "labels_0.parquet").names  # resumed: kept as it was
+
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
+    with pytest.raises(InputError) as error:
+        list(build_source(config).records(0, 0, 0, 1, 0, 1, 1, Counters()))
+    assert "key 'a' is on 3 label row(s) but more than 3 samples carry it" in str(error.value)
+    assert "Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out" \
+        in str(error.value)
+
+    (tmp_path / "new").mkdir()
+    emb, clusters = _embed_and_cluster(tmp_path / "new", [str(shard)])
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={clusters}"])
+    found = {r.uid[1]: r.label for r in build_source(config).records(0, 0, 0, 1, 0, 1, 1, Counters())}
+    assert found == {p: v for p, v in _reference(emb, clusters, len(SAMPLES)).items() if v is not None}
+
+
+def test_labels_of_embeddings_without_occurrences_join_unique_keys_and_the_note_says_so(tmp_path):
+    """Embeddings whose metadata has no occurrence column (LAION's published ones), keys unique
+    in the shard, clustered by this version: every sample takes its row, and the start of
+    training says the join is exact for unique keys rather than only that files are old."""
+    images = [encode_image(class_image(n, n, 40)) for n in range(6)]
+    shard = tmp_path / "shards" / "00000.tar"
+    write_tar_shard(shard, [{"key": f"k{n}", "jpg": image} for n, image in enumerate(images)])
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "w.pth")
+    assert main(["embed", "--input", str(shard), "--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"),
+                 "--out", str(tmp_path / "EMB"), "--workers", "0"]) == 0
+    metadata = tmp_path / "EMB" / "metadata" / "metadata_0.parquet"
+    pq.write_table(pq.read_table(metadata).drop(["occurrence"]), metadata)
+    assert main(["cluster", "--embeddings", str(tmp_path / "EMB"), "--fusion", "image", "--k", "3", "--init", "kmeans++",
+                 "--out", str(tmp_path / "clusters")]) == 0
+    table = pq.read_table(tmp_path / "clusters" / "labels" / "labels_0.parquet")
+    assert "occurrence" not in table.column_names
+
+    config = load_config(None, ["out=/tmp/unused", f"data.shards={tmp_path / 'shards'}", f"data.labels={tmp_path / 'clusters'}"])
+    source = build_source(config)
+    assert "from embeddings without it such as LAION's published ones" in source.labels_note
+    assert "exact where keys are unique in their shard" in source.labels_note
+    found = {r.key: r.label for r in source.records(0, 0, 0, 1, 0, 1, 1, Counters())}
+    assert found == dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+    assert len(found) == len(images)
 
 
 def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_path, capsys):
@@ -138,7 +201,8 @@ def test_training_on_label_files_of_an_earlier_version_says_so_at_the_start(tmp_
                              "model.embedding_dim=8", "data.batch_size=4", "data.workers=0", "train.steps=1",
                              "log.tensorboard=false", "train.device=cpu"]))
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  labels: ")]
-    assert line.startswith("  labels: 1 of 1 label files have no 'occurrence' column (written by an earlier version)")
+    assert line.startswith("  labels: 1 of 1 label files have no 'occurrence' column (written by an earlier version, or from "
+                           "embeddings without it such as LAION's published ones)")
 
 
 def test_a_sample_that_cluster_leaves_out_leaves_its_own_label_out_and_no_other(tmp_path):
@@ -182,4 +246,6 @@ def test_the_search_page_reads_each_sample_of_a_repeated_key_from_its_own_member
     assert [shards.read("00000.tar", "a", occurrence=n) for n in range(3)] == [red, blue, None]
     assert [shards.read("00000.tar", "b", occurrence=n) for n in range(2)] == [None, green]
     assert shards.size("00000.tar", "a", 1) == len(blue) and shards.size("00000.tar", "b", 0) is None
-    assert shards.read("00000.tar", "a") == red  # metadata without occurrences: the key's first sample
+    # metadata without occurrences (earlier versions): the key's first sample with an image, as then
+    assert shards.read("00000.tar", "a") == red
+    assert shards.read("00000.tar", "b") == green and shards.size("00000.tar", "b") == len(green)

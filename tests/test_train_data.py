@@ -407,14 +407,24 @@ def test_a_key_repeated_in_a_shard_labels_only_the_sample_its_occurrence_names(t
     assert counters.unlabelled == 1
 
 
-def test_a_label_file_without_occurrences_is_refused_for_a_key_with_more_samples_than_rows(tmp_path):
-    """An earlier version's label file: which of the two samples of k0 its one row labels is
-    unknown; the shard, the label file and the key are named, and what to do."""
+def test_a_label_file_without_occurrences_gives_its_one_row_of_a_key_to_every_sample_of_it(tmp_path):
+    """An earlier version's label file, k0's broken first sample not embedded: its one row
+    labels both samples of k0, as it did then (the broken one is then dropped when decoded)."""
     _one_key_twice(tmp_path, {"key": ["k0", "k1"], "label": pa.array([2, 1], pa.int64())})
+    source = build_source(shard_config(tmp_path))
+    records = sorted(source.records(0, 0, 0, 1, 0, 1, 2, Counters()), key=lambda r: r.uid)
+    assert [(r.uid[1], r.key, r.label) for r in records] == [(0, "k0", 2), (1, "k0", 2), (2, "k1", 1)]
+
+
+def test_a_label_file_without_occurrences_is_refused_for_a_key_whose_rows_differ_and_outnumber_its_samples(tmp_path):
+    """An earlier version's label file with three rows of k0, of two labels, for its two
+    samples: which row is whose is unknown; the shard, the label file and the key are named,
+    and what to do."""
+    _one_key_twice(tmp_path, {"key": ["k0", "k0", "k0", "k1"], "label": pa.array([2, 0, 2, 1], pa.int64())})
     source = build_source(shard_config(tmp_path))
     with pytest.raises(InputError) as error:
         list(source.records(0, 0, 0, 1, 0, 1, 2, Counters()))
     message = str(error.value)
     assert message.startswith(f"{tmp_path / '00000.tar'} with {tmp_path / 'clusters' / 'labels' / 'labels_0.parquet'}: "
-                              "key 'k0' is on 1 label row(s) but more than 1 samples carry it")
-    assert "Run `unicom embed` and `unicom cluster` again with this version" in message
+                              "key 'k0' is on 3 label row(s) but 2 samples carry it")
+    assert "Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out" in message

@@ -26,8 +26,9 @@ samples that failed to embed, 0 for the first (``unicom embed``'s metadata colum
 name, copied). A key that several samples of a shard carry is common in repacked shards;
 by occurrence, a sample that failed to embed or that cluster dropped leaves its own label
 out and no other's. Files written before the column existed (and labels keyed by another
-column than ``key``) have none: the n-th row of a key then labels the key's n-th sample,
-which is refused where the key has more or fewer samples than rows (:class:`AmbiguousLabels`).
+column than ``key``) have none: a key whose rows share one label gives it to every sample of
+the key, as before the column existed; otherwise the n-th row of a key labels the key's n-th
+sample, which is refused where the key has more or fewer samples than rows (:class:`AmbiguousLabels`).
 
 :class:`ClusterFolder` writes and reads the folder for ``unicom cluster``;
 :class:`PseudoLabels` is how a trainer reads the labels: the files, checked (columns
@@ -119,6 +120,11 @@ def read_label_facts(path: str | os.PathLike) -> dict | None:
     return json.loads(metadata[LABEL_METADATA_KEY]) if LABEL_METADATA_KEY in metadata else None
 
 
+# why a label file has no occurrence column, and what to do about it (resumed into the same
+# folders, `unicom embed` and `unicom cluster` keep the parts they hold, written without it)
+WITHOUT_OCCURRENCE = "written by an earlier version, or from embeddings without it such as LAION's published ones"
+REEMBED = ("Run `unicom embed` with this version into a new --out, then `unicom cluster` on that into a new --out "
+           "(resumed into the old folders, both keep the parts an earlier version wrote)")
 
 
 class AmbiguousLabels(InputError):
@@ -130,10 +136,9 @@ class AmbiguousLabels(InputError):
         met = f"{samples}" if samples is not None else f"more than {rows}"
         super().__init__(
             f"key {key!r} is on {rows} label row(s) but {met} samples carry it, and the label file has no "
-            f"{OCCURRENCE!r} column (written by an earlier version) to tell which row is which sample's: a sample "
+            f"{OCCURRENCE!r} column ({WITHOUT_OCCURRENCE}) to tell which row is which sample's: a sample "
             "of this key failed to embed or was dropped by `unicom cluster`, so its row would go to another "
-            "sample. Run `unicom embed` and `unicom cluster` again with this version (their outputs name each "
-            "sample by key and occurrence)"
+            f"sample. {REEMBED} (their outputs name each sample by key and occurrence)"
         )
 
 
@@ -151,11 +156,12 @@ class KeyLabels(dict):
     """``{key: label}`` of label files, as :func:`label_of` reads it (values are private:
     an int label for a key whose one row labels its first sample, otherwise the key's rows).
     ``exact``: every file names each row's sample by key and occurrence; otherwise (files
-    written before the ``occurrence`` column) the n-th sample of a key takes the n-th row of
-    the key, which holds only where the rows of a key are as many as its samples."""
+    written before the ``occurrence`` column) every sample of a key whose rows share one label
+    takes it, and for other keys the n-th sample takes the n-th row of the key, which holds
+    only where the rows of a key are as many as its samples."""
 
     exact: bool = True
-    repeated: list  # the _KeyRows values (checked at the end of the input)
+    repeated: list  # the keys whose values are _KeyRows (checked at the end of the input)
 
 
 def read_shard_labels(*paths: str | os.PathLike) -> KeyLabels:
@@ -163,9 +169,10 @@ def read_shard_labels(*paths: str | os.PathLike) -> KeyLabels:
     by part number), for :func:`label_of`. A row labels the sample with its ``key`` whose
     ``occurrence`` it holds: the sample's number among the samples of that key in the shard
     (in the list, for image folders and lists), counting those that failed to embed, 0 for
-    the first. Files without the column (earlier versions) give the n-th row of a key to the
-    key's n-th sample, refused by :func:`label_of` (:class:`AmbiguousLabels`) where the
-    samples of the key outnumber its rows."""
+    the first. Files without the column (earlier versions) give a key's label to every sample
+    of the key where its rows share one label (as those versions did), else the n-th row of a
+    key to the key's n-th sample, refused by :func:`label_of` and :func:`check_all_met`
+    (:class:`AmbiguousLabels`) where the samples of the key are more or fewer than its rows."""
     lookup = KeyLabels()
     lookup.repeated = []
     files = []
@@ -192,16 +199,21 @@ def read_shard_labels(*paths: str | os.PathLike) -> KeyLabels:
                 continue
             if value is None:
                 value = lookup[key] = _KeyRows({})
-                lookup.repeated.append(value)
+                lookup.repeated.append(key)
             elif not isinstance(value, _KeyRows):
                 value = lookup[key] = _KeyRows({0: value})
-                lookup.repeated.append(value)
+                lookup.repeated.append(key)
             if not lookup.exact:
                 occurrence = len(value.labels)
             elif occurrence in value.labels:
                 raise InputError(f"{path}: key {key!r} with {OCCURRENCE} {occurrence} on two rows; a label file "
                                  "labels each sample once: cluster again into a new --out")
             value.labels[occurrence] = label
+    if not lookup.exact:  # which row is whose does not matter where a key's rows share one label
+        for key in lookup.repeated:
+            if len(set(lookup[key].labels.values())) == 1:
+                lookup[key] = lookup[key].labels[0]
+        lookup.repeated = [key for key in lookup.repeated if isinstance(lookup[key], _KeyRows)]
     return lookup
 
 
@@ -215,17 +227,17 @@ def label_of(lookup: KeyLabels, key):
     """The label of the next sample with ``key`` of the input (samples read in order, each
     once) from a :func:`read_shard_labels` lookup, or None for a sample without one.
     Raises :class:`AmbiguousLabels` for files without the ``occurrence`` column when a key
-    turns out to have more samples than rows."""
+    whose rows differ in label turns out to have more samples than rows."""
     value = lookup.get(key)
     if value is None:
         return None
     if type(value) is int:
+        if not lookup.exact:
+            return value  # the key's one label (on one row or several): every sample of the key takes it
         if value >= 0:
             lookup[key] = ~value  # met: a later sample of the key is not its first
             return value
-        if lookup.exact:
-            return None  # its one row labels the key's first sample
-        raise AmbiguousLabels(key, 1)
+        return None  # its one row labels the key's first sample
     n, value.met = value.met, value.met + 1
     label = value.labels.get(n)
     if label is None and not lookup.exact:
@@ -239,9 +251,9 @@ def check_all_met(lookup: KeyLabels) -> None:
     given rows that may belong to a sample that is not there)."""
     if lookup.exact:
         return
-    for value in lookup.repeated:
+    for key in lookup.repeated:
+        value = lookup[key]
         if 0 < value.met < len(value.labels):
-            key = next(k for k, v in lookup.items() if v is value)
             raise AmbiguousLabels(key, len(value.labels), value.met)
 
 
@@ -457,9 +469,10 @@ class LabelRange:
         if not self.without_occurrence:
             return None
         return (f"{self.without_occurrence} of {len(self.file_rows)} label files have no {OCCURRENCE!r} column "
-                "(written by an earlier version): their rows are given to the samples of a key in order, and a key "
-                "with more or fewer samples than rows stops the run when it is read; run `unicom embed` and "
-                "`unicom cluster` again with this version to join every sample exactly")
+                f"({WITHOUT_OCCURRENCE}): their rows are given to the samples of a key in order, exact where keys "
+                "are unique in their shard; a key whose rows differ in label and whose samples are more or fewer than "
+                "its rows stops the run when it is read. "
+                f"To join every sample exactly: {REEMBED[0].lower()}{REEMBED[1:]}")
 
 
 class PseudoLabels:

@@ -31,10 +31,10 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-def _occurrence(row: dict) -> int:
-    """Which sample of its key in its shard a metadata row is (0 for metadata without the column)."""
+def _occurrence(row: dict) -> int | None:
+    """Which sample of its key in its shard a metadata row is (None for metadata without the column)."""
     value = row.get("occurrence")
-    return value if isinstance(value, int) else 0
+    return value if isinstance(value, int) else None
 
 
 class ShardImages:
@@ -122,24 +122,27 @@ class ShardImages:
                     self._members.popitem(last=False)
         return members
 
-    def _member(self, shard: str, key: str, occurrence: int) -> tuple[int, int] | None:
+    def _member(self, shard: str, key: str, occurrence: int | None) -> tuple[int, int] | None:
         found = self._listed(shard).get(key)
         if isinstance(found, list):
+            if occurrence is None:  # which sample is unknown: the key's first with an image, as before the column
+                return next((image for image in found if image is not None), None)
             return found[occurrence] if 0 <= occurrence < len(found) else None
-        return found if occurrence == 0 else None
+        return found if occurrence in (0, None) else None
 
-    def size(self, shard: str, key: str, occurrence: int = 0) -> int | None:
+    def size(self, shard: str, key: str, occurrence: int | None = None) -> int | None:
         """The length of the image of the ``occurrence``-th sample with ``key`` in ``shard``
-        (the metadata's ``occurrence``); None when the shard has no such image."""
+        (the metadata's ``occurrence``; None, for metadata without it: the key's first sample
+        with an image); None when the shard has no such image."""
         if not shard or Path(shard).name != shard:
             return None
         found = self._member(shard, key, occurrence)
         return None if found is None else found[1]
 
-    def read(self, shard: str, key: str, first: int | None = None, occurrence: int = 0) -> bytes | None:
-        """The bytes of the image of the ``occurrence``-th sample with ``key`` in ``shard``, or
-        its ``first`` bytes only (a compressed tar is decompressed up to them); None when the
-        shard has no such image."""
+    def read(self, shard: str, key: str, first: int | None = None, occurrence: int | None = None) -> bytes | None:
+        """The bytes of the image of the ``occurrence``-th sample with ``key`` in ``shard`` (as
+        :meth:`size`), or its ``first`` bytes only (a compressed tar is decompressed up to
+        them); None when the shard has no such image."""
         from unicom import storage
 
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else

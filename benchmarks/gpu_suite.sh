@@ -93,6 +93,17 @@ if [ -n "$missing" ]; then
   fi
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
+base=$("$PY" - <<'EOF'
+import importlib.util
+base = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "PIL": "pillow", "pyarrow": "pyarrow",
+        "numpy": "numpy", "scipy": "scipy", "sklearn": "scikit-learn"}
+print(" ".join(pip for module, pip in base.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if [ -n "$base" ]; then  # not installed by this script: the machine's own (or a virtual environment's)
+  echo "$PY lacks these packages: $base; install them, or give a Python that has them (PYTHON=.venv/bin/python $0 ...)" >&2
+  exit 1
+fi
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "no CUDA device here: run with --device cpu --smoke to check the script" >&2

@@ -704,3 +704,30 @@ def test_a_root_that_is_a_url_is_refused_rather_than_read_from_a_local_folder_na
         "(aws s3 sync, gsutil -m rsync -r) and give the local copy; embeddings kept at a URL are scored with "
         f"unicom evaluate --embeddings URL --dataset {dataset} --root <a local copy of its list files>")
     assert not (tmp_path / "report").exists()
+
+
+def test_an_image_folder_at_a_url_is_scored_as_the_same_folder_here(tmp_path, s3):
+    # the folder benchmark lists its classes and images at a URL as well (read_image_folder): only the benchmarks
+    # that open list files locally are refused a URL --root
+    local = tmp_path / "images"
+    keys, labels = [], []
+    for name, count in (("cat", 3), ("dog", 2), ("owl", 3)):
+        (local / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (4, 4)).save(local / name / f"{i}.png")
+            keys.append(f"{name}/{i}.png")
+            labels.append(name)
+    x = np.random.default_rng(0).normal(size=(len(keys), 8)).astype(np.float16)
+    write_part(tmp_path / "emb", 0, image=x, metadata=pa.table({"key": keys}))
+    s3.bucket("bench")
+    url = s3.upload_folder(local, "bench", "images")
+    reports = []
+    for root in (str(local), url):
+        out = tmp_path / f"report-{len(reports)}"
+        assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "folder", "--root", root,
+                     "--dims", "none", "--out", str(out)]) == 0
+        reports.append(json.loads((out / "metrics.json").read_text()))
+    expected = retrieval_metrics(x.astype(np.float32), np.array(labels), ks=(1, 2, 4, 8))
+    for report in reports:
+        assert report["protocol"]["queries"] == len(keys)
+        assert report["metrics"]["recall@1"] == pytest.approx(expected["recall@1"])

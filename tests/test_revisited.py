@@ -663,3 +663,43 @@ def test_the_embeddings_evaluate_model_cached_are_scored_again_from_their_folder
                  "--dims", "none", "--out", str(again)]) == 2
     assert re.search(r"embeddings/query: its query crops were made from other boxes than the ground truth's",
                      capsys.readouterr().err)
+
+
+def _evaluated_roxford(tmp_path):
+    """A Revisited Oxford layout and the OUT folder of an evaluate --model run on it."""
+    from test_evaluate_cli import tiny_model_file
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    root = revisited_dataset(tmp_path / "data", "roxford5k")
+    first = tmp_path / "first"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "roxford5k", "--root", str(root), "--dims", "none",
+                 "--num-workers", "0", "--device", "cpu", "--out", str(first)]) == 0
+    return root, first
+
+
+def test_a_damaged_record_of_a_cached_query_folder_is_named_rather_than_a_traceback(tmp_path, capsys):
+    root, first = _evaluated_roxford(tmp_path)
+    record = first / "embeddings" / "query" / "evaluate_embeddings.json"
+    record.write_text(record.read_text()[:-5])  # cut short, as a full disk leaves it
+    capsys.readouterr()
+    assert main(["evaluate", "--embeddings", str(first / "embeddings"), "--dataset", "roxford5k", "--root", str(root),
+                 "--dims", "none", "--out", str(tmp_path / "again")]) == 2
+    assert f"{record}: unreadable (" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_cached_query_folder_that_records_its_boxes_as_a_list_is_checked_against_the_ground_truth(tmp_path, capsys):
+    # evaluate --model runs before the digest recorded the boxes themselves ("query_boxes": [[x1, y1, x2, y2], ...])
+    root, first = _evaluated_roxford(tmp_path)
+    record = first / "embeddings" / "query" / "evaluate_embeddings.json"
+    config = json.loads(record.read_text())
+    del config["query_boxes_sha256"]
+    again = tmp_path / "again"
+    truth = [[float(v) for v in g["bbx"]] for g in GND]
+    for boxes, code in ((truth, 0), ([[0.0, 0.0, 9.0, 9.0], truth[1]], 2)):
+        record.write_text(json.dumps(dict(config, query_boxes=boxes)))
+        capsys.readouterr()
+        assert main(["evaluate", "--embeddings", str(first / "embeddings"), "--dataset", "roxford5k", "--root",
+                     str(root), "--dims", "none", "--out", str(again)]) == code
+    assert re.search(r"embeddings/query: its query crops were made from other boxes than the ground truth's",
+                     capsys.readouterr().err)

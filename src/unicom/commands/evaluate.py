@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
-    parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv)")
+    parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv; a URL too for --dataset folder)")
     parser.add_argument("--out", required=True,
                         help="local folder for metrics.json, metrics.md, the PNG and embeddings (not a URL)")
     parser.add_argument("--ks", type=_int_list,

@@ -461,13 +461,24 @@ def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
     from unicom.data.benchmarks.revisited import query_boxes_sha256
 
     config = read_config(embeddings)
-    if config is None and storage.is_file(storage.join(embeddings, CACHE_CONFIG)):
-        config = json.loads(storage.read_text(storage.join(embeddings, CACHE_CONFIG)))
-    config = config or {}
+    path = storage.join(embeddings, CACHE_CONFIG)
+    if config is None and storage.is_file(path):
+        try:
+            config = json.loads(storage.read_text(path))
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path}: unreadable ({error}); it records the query boxes the crops were made from: "
+                             "embed the queries again with evaluate --model into another --out") from error
+    config = config if isinstance(config, dict) else {}
     if config.get("dataset") not in (None, dataset):
         raise InputError(f"{embeddings}: holds the embeddings of {config['dataset']}, not of {dataset}; give "
                          f"--dataset {config['dataset']}, or the folder unicom embed --dataset {dataset} wrote")
     recorded = config.get("query_boxes_sha256")
+    if recorded is None and config.get("query_boxes") is not None:  # an earlier evaluate --model kept the boxes
+        try:
+            recorded = query_boxes_sha256(np.asarray(config["query_boxes"], dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{embeddings}: its recorded query_boxes are not numbers ({error}); embed the queries "
+                             "again with evaluate --model into another --out") from error
     if recorded is not None and recorded != query_boxes_sha256(boxes):
         raise InputError(
             f"{embeddings}: its query crops were made from other boxes than the ground truth's (query_boxes_sha256: "

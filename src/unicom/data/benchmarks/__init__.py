@@ -67,6 +67,7 @@ RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
     "csv": RetrievalBenchmark(
         _R + "read_csv", (1, 2, 4, 8), "recall@1", "a CSV/parquet of path,label[,split]"),
 }
+URL_ROOTS = ("folder",)  # the benchmarks whose root may be a URL (s3://…)
 ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "inshop", "inat": "inaturalist",
            "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2",
            "roxford": "roxford5k", "rparis": "rparis6k"}
@@ -131,7 +132,9 @@ def load_retrieval_benchmark(name: str, root: str | os.PathLike, check_images: b
     if key not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"unknown retrieval benchmark {name!r}; known: {', '.join(RETRIEVAL_BENCHMARKS)}")
     spec = RETRIEVAL_BENCHMARKS[key]
-    splits = _resolve(spec.reader)(local_root(root, key), **spec.options, check_images=check_images)
+    # an image folder is listed where it is (read_image_folder lists a URL too); the others open list files here
+    splits = _resolve(spec.reader)(root if key in URL_ROOTS else local_root(root, key), **spec.options,
+                                   check_images=check_images)
     return RetrievalProtocol(
         name=key,
         query=splits.query,

@@ -398,9 +398,8 @@ def test_model_file_is_embedded_with_its_own_transform_and_cached(tmp_path):
     assert json.loads((again / "metrics.json").read_text())["metrics"] == pytest.approx(report["metrics"])
 
 
-def test_model_written_again_in_place_is_not_read_from_the_cache(tmp_path, capsys):
-    # train, evaluate, train on into the same model path, evaluate into the same --out: the
-    # embeddings of the first model must not be scored as the second's
+def _folder_evaluated_with_a_model(tmp_path) -> tuple:
+    """(checkpoint, out, args): a tiny model evaluated on a folder of 3 classes into ``out``, its embeddings cached."""
     from support import write_class_folder
 
     checkpoint = tiny_model_file(tmp_path / "model.pt")
@@ -409,6 +408,13 @@ def test_model_written_again_in_place_is_not_read_from_the_cache(tmp_path, capsy
     args = ["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
             "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
+    return checkpoint, out, args
+
+
+def test_model_written_again_in_place_is_not_read_from_the_cache(tmp_path, capsys):
+    # train, evaluate, train on into the same model path, evaluate into the same --out: the
+    # embeddings of the first model must not be scored as the second's
+    checkpoint, out, args = _folder_evaluated_with_a_model(tmp_path)
     cached = np.load(out / "embeddings" / "query" / "img_emb" / "img_emb_0.npy")
     tiny_model_file(checkpoint, seed=1)
     assert main(args) == 2
@@ -731,3 +737,18 @@ def test_an_image_folder_at_a_url_is_scored_as_the_same_folder_here(tmp_path, s3
     for report in reports:
         assert report["protocol"]["queries"] == len(keys)
         assert report["metrics"]["recall@1"] == pytest.approx(expected["recall@1"])
+
+
+def test_a_damaged_record_of_a_model_run_cache_is_named_with_what_to_do_and_nothing_is_removed(tmp_path, capsys):
+    _, out, args = _folder_evaluated_with_a_model(tmp_path)
+    cache = out / "embeddings" / "query"
+    record = cache / "evaluate_embeddings.json"
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    for damaged in (record.read_text()[:-5], "[]"):  # cut short, as a full disk leaves it; not an object
+        record.write_text(damaged)
+        capsys.readouterr()
+        assert main(args) == 2
+        error = capsys.readouterr().err
+        assert f"{record}: " in error and f"remove {cache} (its embeddings are made again) or use another --out" in error
+        assert record.read_text() == damaged
+        assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before

@@ -29,6 +29,7 @@ from unicom.formats.embeddings import (
     part_complete,
     read_config,
     read_embedding_folder,
+    read_record,
     sweep_writer_temporaries,
     write_part,
 )
@@ -176,8 +177,8 @@ def embed_cached(
     sweep_writer_temporaries(folder, range(-(-len(images) // PART_ROWS)))
     sweep_temporaries(folder, [CACHE_CONFIG])
     relabel = False  # a cache of an earlier unicom: the same embeddings, labelled by this run's ids
-    if config_path.is_file():
-        previous = json.loads(config_path.read_text())
+    previous = read_record(config_path, f"remove {folder} (its embeddings are made again) or use another --out")
+    if previous is not None:
         relabel = "labels" in config and previous == {k: v for k, v in config.items() if k != "labels"}
         if previous != config and not relabel:
             changed = ", ".join(f"{key}: {previous.get(key)!r} before, {config.get(key)!r} now"
@@ -461,13 +462,10 @@ def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
     from unicom.data.benchmarks.revisited import query_boxes_sha256
 
     config = read_config(embeddings)
-    path = storage.join(embeddings, CACHE_CONFIG)
-    if config is None and storage.is_file(path):
-        try:
-            config = json.loads(storage.read_text(path))
-        except (OSError, ValueError) as error:
-            raise InputError(f"{path}: unreadable ({error}); it records the query boxes the crops were made from: "
-                             "embed the queries again with evaluate --model into another --out") from error
+    if config is None:
+        config = read_record(storage.join(embeddings, CACHE_CONFIG), (
+            "it records the query boxes the crops were made from: embed the queries again with evaluate --model "
+            "into another --out"))
     config = config if isinstance(config, dict) else {}
     if config.get("dataset") not in (None, dataset):
         raise InputError(f"{embeddings}: holds the embeddings of {config['dataset']}, not of {dataset}; give "

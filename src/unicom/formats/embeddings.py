@@ -181,16 +181,23 @@ def sweep_writer_temporaries(root, numbers: Sequence[int]) -> list[str]:
 
 def read_config(root) -> dict | None:
     """``ROOT/embed_config.json`` (what made the embeddings), or None when there is none."""
-    path = storage.join(root, CONFIG_FILE)
+    return read_record(storage.join(root, CONFIG_FILE), f"delete it if {root} holds no parts")
+
+
+def read_record(path, remedy: str) -> dict | None:
+    """The JSON object at ``path`` (a local path or URL) that records what made the embeddings
+    beside it, or None when there is none. One that cannot be read or is not an object (cut
+    short by a full disk) is an :class:`InputError` naming the file and ``remedy``; nothing is
+    removed."""
     if not storage.is_file(path):
         return None
     try:
-        config = json.loads(storage.read_text(path))
+        record = json.loads(storage.read_text(path))
     except (OSError, ValueError) as error:
-        raise InputError(f"{path}: unreadable ({error}); delete it if {root} holds no parts") from error
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}; delete it if {root} holds no parts")
-    return config
+        raise InputError(f"{path}: unreadable ({error}); {remedy}") from error
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(record).__name__}; {remedy}")
+    return record
 
 
 def write_config(root, config: dict) -> None:

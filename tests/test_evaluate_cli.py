@@ -752,3 +752,52 @@ def test_a_damaged_record_of_a_model_run_cache_is_named_with_what_to_do_and_noth
         assert f"{record}: " in error and f"remove {cache} (its embeddings are made again) or use another --out" in error
         assert record.read_text() == damaged
         assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+
+
+def test_a_cache_drawn_with_fewer_pca_samples_is_scored_on_all_its_train_rows_with_a_warning_naming_both(tmp_path):
+    from benchmark_layouts import cub
+
+    checkpoint = tiny_model_file(tmp_path / "FP16-ViT-tiny.pt")
+    cub(tmp_path / "data", "download")  # six train images
+    first = tmp_path / "first"
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "cub", "--root", str(tmp_path / "data"),
+                 "--dims", "2", "--pca-samples", "4", "--num-workers", "0", "--device", "cpu", "--out", str(first)]) == 0
+    fitted_on_four = json.loads((first / "metrics.json").read_text())["dimensions"]
+    both = r"fitted on 4 train embeddings, fewer than the 5 that --pca-samples 5 asks for \(.*--pca-samples 4\)"
+    again = tmp_path / "again"
+    with pytest.warns(UserWarning, match=both):
+        assert main(["evaluate", "--embeddings", str(first / "embeddings"), "--dataset", "cub", "--root",
+                     str(tmp_path / "data"), "--dims", "2", "--pca-samples", "5", "--out", str(again)]) == 0
+    assert json.loads((again / "metrics.json").read_text())["dimensions"] == fitted_on_four
+    assert "the 4 train embeddings vary along 3 principal axes" in (again / "metrics.md").read_text()
+    with pytest.warns(UserWarning, match=both):
+        assert main(["evaluate", "--embeddings", str(first / "embeddings" / "query"), "--train-embeddings",
+                     str(first / "embeddings" / "train"), "--dims", "2", "--pca-samples", "5",
+                     "--out", str(tmp_path / "folders")]) == 0
+
+
+def test_a_cache_drawn_with_fewer_pca_samples_gives_all_its_train_rows_not_those_a_larger_draw_shares(tmp_path):
+    # seeded draws of 10 and of 50 of 100 train images share only some rows: the PCA is fitted on the cache's 10
+    from unicom.evaluate.benchmark import _sample
+
+    folder = tmp_path / "data" / "CUB_200_2011"  # the lists alone: embeddings are matched by key
+    names = ([f"{c:03d}.Bird_{c}/Bird_0.jpg" for c in range(1, 101)]  # train: classes 1-100, test: 101-200
+             + [f"{c:03d}.Bird_{c}/Bird_{i}.jpg" for c in (101, 102) for i in range(2)])
+    folder.mkdir(parents=True)
+    (folder / "images.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+    (folder / "image_class_labels.txt").write_text("".join(f"{i + 1} {int(n[:3])}\n" for i, n in enumerate(names)))
+    keys = [f"images/{n}" for n in names]
+    cache = tmp_path / "first" / "embeddings"
+    rng = np.random.default_rng(0)
+    embedding_folder(cache / "query", rng.standard_normal((4, 16)).astype(np.float32), keys[100:],
+                     [k.split("/")[1] for k in keys[100:]], parts=1)
+    drawn = _sample(100, 10)
+    assert len(set(drawn) & set(_sample(100, 50))) < 10  # the draws differ: the case this test is for
+    embedding_folder(cache / "train", rng.standard_normal((10, 16)).astype(np.float32), [keys[i] for i in drawn],
+                     parts=1)
+    (cache / "train" / "evaluate_embeddings.json").write_text(json.dumps({"split": "train", "sample": 10}))
+    again = tmp_path / "again"
+    with pytest.warns(UserWarning, match=r"fitted on 10 train embeddings, fewer than the 50 that --pca-samples 50"):
+        assert main(["evaluate", "--embeddings", str(cache), "--dataset", "cub", "--root", str(tmp_path / "data"),
+                     "--dims", "12", "--pca-samples", "50", "--out", str(again)]) == 0
+    assert "the 10 train embeddings vary along 9 principal axes" in (again / "metrics.md").read_text()

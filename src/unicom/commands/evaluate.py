@@ -91,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=_dims_list, default=(32, 64, 128, 256),
                         help="dimensions of the compact-dimension curve (default 32,64,128,256; 'none' to skip)")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")
-    parser.add_argument("--pca-samples", type=_at_least(2), default=50_000, help="train images the PCA is fitted on (seeded draw)")
+    parser.add_argument("--pca-samples", type=_at_least(2), default=50_000,
+                        help="train images the PCA is fitted on, at most (seeded draw; fewer, with a warning, when "
+                        "--embeddings holds fewer)")
     parser.add_argument("--chunk-size", type=_at_least(1), help="queries searched at once (default: ~256 MiB of similarities)")
     subset = parser.add_mutually_exclusive_group()
     subset.add_argument("--classes", metavar="A,B,...",

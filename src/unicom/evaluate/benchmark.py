@@ -401,10 +401,14 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows, scored=scored[split])
         if train is not None and folders.get("train") is not None:
             embeddings, x, index = folder_of("train")
+            drawn = _recorded_sample(embeddings)
+            if drawn is not None and drawn < pca_samples:  # all the rows the cache holds, not a few of a larger draw
+                train_rows = _sample(len(train), drawn)
             rows = index.rows([train.keys[i] for i in train_rows], [train.paths[i] for i in train_rows], "train",
                               required=False)
             found = rows >= 0
             keys, rows = [train.keys[i] for i, ok in zip(train_rows, found) if ok], rows[found]
+            _warn_fewer_train(embeddings, len(rows), min(pca_samples, len(train)), pca_samples, drawn)
             vectors["train"] = x[rows] if len(rows) >= 2 else None
             if vectors["train"] is not None:
                 _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
@@ -483,6 +487,28 @@ def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
             f"{recorded!r} recorded, {query_boxes_sha256(boxes)!r} now); embed the queries again with unicom embed "
             "--dataset into another --out, or evaluate with the ground truth they were made from"
         )
+
+
+def _recorded_sample(folder) -> int | None:
+    """The ``--pca-samples`` that the ``evaluate --model`` run which cached ``folder`` (its
+    train split) drew the train images with, or None for a folder it did not write."""
+    record = read_record(storage.join(folder, CACHE_CONFIG), "give the train folder an evaluate --model run wrote, "
+                         "or evaluate with --model into another --out")
+    sample = (record or {}).get("sample")
+    return sample if isinstance(sample, int) and not isinstance(sample, bool) else None
+
+
+def _warn_fewer_train(folder, fitted: int, wanted: int, asked: int, drawn: int | None) -> None:
+    """Warn when the PCA baseline is fitted on ``fitted`` train embeddings of ``folder``, fewer
+    than the ``wanted`` that ``--pca-samples asked`` asks for; ``drawn``: the ``--pca-samples``
+    that the cache in ``folder`` was made with (None: not a cache of ``evaluate --model``)."""
+    if fitted >= wanted:
+        return
+    why = ("the folder holds no embedding of the others" if drawn is None or drawn >= asked
+           else f"the folder holds the train images an evaluate --model run drew with --pca-samples {drawn}")
+    warnings.warn(f"{storage.text(folder)}: the PCA axes are fitted on {fitted} train embeddings, fewer than the "
+                  f"{wanted} that --pca-samples {asked} asks for ({why}); evaluate with --model --pca-samples {asked} "
+                  "into another --out to fit them on more")
 
 
 def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:
@@ -613,6 +639,9 @@ def evaluate_embedding_folders(
             _require_dimension(train, train_embeddings, "--train-embeddings", x, embeddings)
             sample = _sample(len(train), pca_samples)
             train = train[sample]
+            drawn = _recorded_sample(train_embeddings)
+            if drawn is not None and len(sample) >= drawn:  # the whole draw of an evaluate --model cache
+                _warn_fewer_train(train_embeddings, len(sample), pca_samples, pca_samples, drawn)
             keys = (_key_column(train_metadata, train_embeddings) if train_metadata is not None  # a folder of
                     else None)  # vectors for the PCA alone may have no keys
             _require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,

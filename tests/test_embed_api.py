@@ -273,3 +273,19 @@ def test_the_summary_separates_the_start_up_from_the_steady_rate(encoder_and_fil
     assert 0 < summary.startup_seconds < summary.seconds
     expected = (7 - 3) / (summary.seconds - summary.startup_seconds)
     assert summary.steady_images_per_second == pytest.approx(expected)
+
+
+def test_an_image_that_cannot_be_used_is_named_with_what_to_do(encoder_and_file, image_files, tmp_path):
+    from PIL import Image
+
+    encoder, _ = encoder_and_file
+    cut = tmp_path / "cut.jpg"
+    with open(image_files[0], "rb") as image:
+        cut.write_bytes(image.read()[:200])  # a download cut short
+    with pytest.raises(InputError, match=r"cut.jpg: image 1 cannot be used: .*; download the image again \(it may be "
+                                         r"damaged, cut short or missing\), or remove it from the images given"):
+        unicom.embed_images(encoder, [image_files[0], cut], num_workers=0)
+    Image.new("RGB", (100_000, 1)).save(tmp_path / "line.png")  # over MAX_RESIZED_PIXELS once resized
+    with pytest.raises(InputError, match=r"line.png: image 0 cannot be used: .*more than the 89,478,485 an image may "
+                                         r"have.*; no option raises that limit: give a smaller copy of the image"):
+        unicom.embed_images(encoder, [tmp_path / "line.png"], num_workers=0)

@@ -801,3 +801,16 @@ def test_a_cache_drawn_with_fewer_pca_samples_gives_all_its_train_rows_not_those
         assert main(["evaluate", "--embeddings", str(cache), "--dataset", "cub", "--root", str(tmp_path / "data"),
                      "--dims", "12", "--pca-samples", "50", "--out", str(again)]) == 0
     assert "the 10 train embeddings vary along 9 principal axes" in (again / "metrics.md").read_text()
+
+
+def test_an_image_of_the_dataset_that_cannot_be_decoded_is_named_with_what_to_do(tmp_path, capsys):
+    from support import write_class_folder
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    paths = write_class_folder(tmp_path / "images", [0, 1], per_class=2, size=40)
+    Path(paths[1]).write_bytes(Path(paths[1]).read_bytes()[:100])  # a download cut short
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
+                 "--dims", "none", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "report")]) == 2
+    error = capsys.readouterr().err
+    assert f"{paths[1]}: image 1 cannot be used: " in error
+    assert "download the image again (it may be damaged, cut short or missing), or remove it from the images" in error

@@ -210,6 +210,15 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
 # --------------------------------------------------------------------------- Python API
 
 
+def _image_remedy(failure: dict) -> str:
+    """What to do about an image that cannot be embedded (a failure of a :class:`Batch`)."""
+    if failure.get("too_large"):  # its reason names the limit
+        return ("no option raises that limit: give a smaller copy of the image (a dataset's image downloaded again "
+                "from its source), or remove it from the images given (the folder or list)")
+    return ("download the image again (it may be damaged, cut short or missing), or remove it from the images given "
+            "(the folder or list)")
+
+
 def embed_images(
     model: Encoder | str | os.PathLike,
     images_or_paths: Sequence[Any],
@@ -260,7 +269,8 @@ def embed_images(
             if batch.failures:
                 failure = batch.failures[0]
                 more = f" (and {len(batch.failures) - 1} more in its batch)" if len(batch.failures) > 1 else ""
-                raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}")
+                raise InputError(f"{failure['source']}: image {failure['index']} cannot be used: {failure['reason']}{more}; "
+                                 + _image_remedy(failure))
             if embeddings is None:
                 continue
             if out is None:

@@ -27,6 +27,7 @@ from unicom.data.shards import ShardReadError
 from unicom.data.transforms import (
     DecodeError,
     EncodedJpegs,
+    ImageTooLarge,
     SplitTransform,
     TensorTransform,
     check_resized_pixels,
@@ -215,8 +216,9 @@ class BatchStream(IterableDataset):
                     check_resized_pixels(self.short_side, image.size)
                     with self.draws(record.key):
                         images.append(self.image_input.on_worker(image))
-                except DecodeError as error:
-                    batch.failures.append(_failure(record, source, str(error)))
+                except DecodeError as error:  # an image over a size limit is told apart: its remedy differs
+                    failure = _failure(record, source, str(error))
+                    batch.failures.append(dict(failure, too_large=True) if isinstance(error, ImageTooLarge) else failure)
                     continue
                 except FetchError as error:
                     if error.missing:  # after every retry the store has no such file: as a missing local file

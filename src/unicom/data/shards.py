@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from unicom import storage
-from unicom.data.transforms import MAX_IMAGE_BYTES, DecodeError
+from unicom.data.transforms import MAX_IMAGE_BYTES, DecodeError, ImageTooLarge
 from unicom.errors import InputError
 from unicom.files import part_number
 
@@ -363,7 +363,7 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
                     if remaining is not None:
                         remaining.discard(key)
                 if member.size > MAX_IMAGE_BYTES:  # not read: tarfile skips its data
-                    current.files[ext] = DecodeError(f"shard member {member.name} of {member.size:,} bytes, longer than "
+                    current.files[ext] = ImageTooLarge(f"shard member {member.name} of {member.size:,} bytes, longer than "
                                                      f"the {MAX_IMAGE_BYTES:,} bytes a sample's file may have")
                     continue
                 handle = tar.extractfile(member)

@@ -27,6 +27,11 @@ class DecodeError(Exception):
     """
 
 
+class ImageTooLarge(DecodeError):
+    """An image over a size limit (:data:`MAX_IMAGE_BYTES`, :data:`MAX_RESIZED_PIXELS` or
+    Pillow's decompression-bomb limit, ``PIL.Image.MAX_IMAGE_PIXELS``); the message names it."""
+
+
 @contextlib.contextmanager
 def seeded_draws(seed: int) -> Iterator[None]:
     """Inside the block, torch's, NumPy's and Python's global generators (timm's random
@@ -83,7 +88,7 @@ def _read_image_file(location) -> bytes:
         return storage.read_bytes(location, max_bytes=MAX_IMAGE_BYTES)
     except storage.TooLarge as error:
         length = f"{error.size:,} bytes" if error.size is not None else f"over {MAX_IMAGE_BYTES:,} bytes"
-        raise DecodeError(f"image file of {length}, longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from error
+        raise ImageTooLarge(f"image file of {length}, longer than the {MAX_IMAGE_BYTES:,} bytes an image may have") from error
 
 
 # The most pixels the leading resize of a model's transform may make of one image (Pillow's
@@ -128,7 +133,7 @@ def check_resized_pixels(short_side: int | None, size: tuple[int, int]) -> None:
     width, height = size
     pixels = resized_pixels(short_side, size)
     if pixels > MAX_RESIZED_PIXELS:
-        raise DecodeError(
+        raise ImageTooLarge(
             f"a {width}x{height} image: resizing its short side to {short_side} would make {pixels:,} pixels, "
             f"more than the {MAX_RESIZED_PIXELS:,} an image may have (sides in a ratio above "
             f"{MAX_RESIZED_PIXELS // short_side**2}:1)"
@@ -206,7 +211,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
         except Exception as error:  # noqa: BLE001 - whatever it raises, this sample is left out and named
             raise DecodeError(str(error)) from error
     if isinstance(source, DecodeError):  # an image that was not read
-        raise DecodeError(str(source))
+        raise type(source)(str(source))
     if isinstance(source, str) and storage.is_url(source):
         source = _read_image_file(source)  # a storage.FetchError when it cannot be fetched
     try:
@@ -226,7 +231,7 @@ def decode_image(source, draft: tuple[int, int] | None = None) -> tuple[Image.Im
     except Image.UnidentifiedImageError as error:
         raise DecodeError("not an image in a format Pillow can read") from error
     except Image.DecompressionBombError as error:
-        raise DecodeError(f"image too large ({error})") from error
+        raise ImageTooLarge(f"image too large ({error})") from error
     except Exception as error:  # Pillow's plugins raise many types on malformed data
         raise DecodeError(f"cannot decode image: {type(error).__name__}: {error}") from error
     return image, size
@@ -327,7 +332,7 @@ def encoded_bytes(image) -> bytes | None:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, DecodeError):  # an image that was not read
-        raise DecodeError(str(image))
+        raise type(image)(str(image))
     if isinstance(image, str) and storage.is_url(image):
         return _read_image_file(image)  # a storage.FetchError when it cannot be fetched, as decode_image
     if isinstance(image, (str, os.PathLike)):

@@ -470,7 +470,7 @@ def _check_query_boxes(embeddings, dataset: str, boxes: np.ndarray) -> None:
         config = read_record(storage.join(embeddings, CACHE_CONFIG), (
             "it records the query boxes the crops were made from: embed the queries again with evaluate --model "
             "into another --out"))
-    config = config if isinstance(config, dict) else {}
+    config = config or {}
     if config.get("dataset") not in (None, dataset):
         raise InputError(f"{embeddings}: holds the embeddings of {config['dataset']}, not of {dataset}; give "
                          f"--dataset {config['dataset']}, or the folder unicom embed --dataset {dataset} wrote")

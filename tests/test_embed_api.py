@@ -287,5 +287,6 @@ def test_an_image_that_cannot_be_used_is_named_with_what_to_do(encoder_and_file,
         unicom.embed_images(encoder, [image_files[0], cut], num_workers=0)
     Image.new("RGB", (100_000, 1)).save(tmp_path / "line.png")  # over MAX_RESIZED_PIXELS once resized
     with pytest.raises(InputError, match=r"line.png: image 0 cannot be used: .*more than the 89,478,485 an image may "
-                                         r"have.*; no option raises that limit: give a smaller copy of the image"):
+                                         r"have.*ratio above .*; no option raises that limit: give a copy of the image within it \(smaller, or "
+                                         r"cropped where the limit is on the ratio of its sides\)"):
         unicom.embed_images(encoder, [tmp_path / "line.png"], num_workers=0)

@@ -213,8 +213,8 @@ def _as_encoder(model: Encoder | str, pretrained: str | None, device) -> Encoder
 def _image_remedy(failure: dict) -> str:
     """What to do about an image that cannot be embedded (a failure of a :class:`Batch`)."""
     if failure.get("too_large"):  # its reason names the limit
-        return ("no option raises that limit: give a smaller copy of the image (a dataset's image downloaded again "
-                "from its source), or remove it from the images given (the folder or list)")
+        return ("no option raises that limit: give a copy of the image within it (smaller, or cropped where the limit "
+                "is on the ratio of its sides), or remove it from the images given (the folder or list)")
     return ("download the image again (it may be damaged, cut short or missing), or remove it from the images given "
             "(the folder or list)")
 

@@ -213,3 +213,41 @@ def test_attention_runs_through_scaled_dot_product_attention_whatever_timm_says(
         model(torch.randn(2, 3, 32, 32))
     assert sum("scaled_dot_product" in name for name in called) == 2  # one per block
     assert not any("softmax" in name for name in called)
+
+
+def test_the_patch_embedding_as_one_matrix_product_is_the_convolution():
+    """PatchConv gives Conv2d's output and gradients (F.conv2d as the reference), keeps the
+    parameter names of checkpoints, and takes the convolution where a side is not a multiple
+    of the patch (which the convolution crops)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from unicom.models.vit import PatchConv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 24, 8, 8, bias=True)
+    patch = PatchConv.of(conv)
+    assert isinstance(patch, PatchConv) and patch.weight is conv.weight and patch.bias is conv.bias
+    assert list(patch.state_dict()) == ["weight", "bias"]
+    for size in ((32, 24), (35, 24)):
+        x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+        weight = conv.weight.detach().double().requires_grad_()
+        bias = conv.bias.detach().double().requires_grad_()
+        reference = F.conv2d(x, weight, bias, stride=8)
+        patch.double()
+        got = patch(x)
+        assert got.shape == reference.shape == (2, 24, size[0] // 8, 3)
+        torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
+        upstream = torch.randn_like(reference)
+        grads = torch.autograd.grad(got, (x, patch.weight, patch.bias), upstream)
+        expected = torch.autograd.grad(reference, (x, weight, bias), upstream)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert PatchConv.of(nn.Conv2d(3, 8, 3, 1, padding=1)).__class__ is nn.Conv2d  # not a patch embedding
+
+
+def test_clip_vits_embed_patches_with_the_matrix_product():
+    from unicom.models.vit import PatchConv
+
+    model = create_model("ViT-B-32", overrides={"depth": 1, "width": 64, "heads": 2}).module
+    assert isinstance(model.trunk.patch_embed.proj, PatchConv)

@@ -150,3 +150,91 @@ def test_a_state_saved_on_the_cpu_resumes_on_the_gpu():
         opt_cpu.step()
         opt_gpu.step()
     torch.testing.assert_close(gpu.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)
+
+
+def fused_against_torch(device: str) -> None:
+    """Three SparseAdamW steps over changing rows, with the fused row kernel and with the
+    PyTorch ops: untouched rows stay bit-identical in both, touched rows and moments agree
+    to float32 rounding, per-row step counts exactly (both weight-decay forms; a width that
+    spans two column blocks of the kernel and one that does not fill its block)."""
+    import unicom.optim as optim
+
+    for dim, decoupled in ((48, True), (1500, True), (48, False)):
+        finals = []
+        for fused in (True, False):
+            optim.FUSED_ROWS = fused
+            try:
+                torch.manual_seed(0)
+                start = torch.randn(40, dim, device=device)
+                weight = torch.nn.Parameter(start.clone())
+                optimizer = SparseAdamW([weight], lr=0.01, weight_decay=0.1, decoupled_weight_decay=decoupled)
+                generator = torch.Generator().manual_seed(1)
+                for rows in ([1, 5, 7, 30], [0, 5, 39], [5, 7, 8, 9, 10]):
+                    index = torch.tensor(rows, device=device)
+                    values = torch.randn(len(rows), dim, generator=generator).to(device)
+                    weight.grad = torch.sparse_coo_tensor(index[None], values, weight.shape, check_invariants=True).coalesce()
+                    optimizer.step()
+            finally:
+                optim.FUSED_ROWS = True
+            state = optimizer.state[weight]
+            finals.append((weight.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"]))
+        (w, m, v, steps), (w_ref, m_ref, v_ref, steps_ref) = finals
+        untouched = [r for r in range(40) if r not in (0, 1, 5, 7, 8, 9, 10, 30, 39)]
+        assert torch.equal(w[untouched], start[untouched]) and torch.equal(w_ref[untouched], start[untouched])
+        assert not m[untouched].any() and not v[untouched].any()
+        assert torch.equal(steps, steps_ref) and steps.tolist()[5] == 3 and steps.tolist()[1] == 1
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_the_fused_row_update_is_the_pytorch_one_under_tritons_interpreter():
+    """The Triton kernel itself (not its PyTorch twin) on the CPU, through Triton's
+    interpreter, which runs in a process of its own (it is chosen when Triton is imported)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import unicom.optim as optim, unicom.kernels as k; "
+            "import test_sparse_adamw as t; called = []; original = k.row_adamw; "
+            "k.row_adamw = lambda *a, **kw: (called.append(1), original(*a, **kw)); "
+            "t.fused_against_torch('cpu'); assert called, 'the kernel was not used'; print('ok', len(called))")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "9"]  # three steps for each of the three settings
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_fused_row_update_is_the_pytorch_one():
+    fused_against_torch("cuda")
+
+
+def test_a_fused_update_that_cannot_be_built_falls_back_to_the_pytorch_ops(monkeypatch):
+    """Triton without a C compiler (or on a GPU it does not support) fails when it first builds
+    the kernel: the step warns once, turns the fused update off and updates with PyTorch."""
+    import unicom.kernels
+    import unicom.optim as optim
+
+    def cannot_build(*args):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(optim, "FUSED_ROWS", True)
+    monkeypatch.setattr(optim, "_FUSED_RAN", False)
+    monkeypatch.setattr(unicom.kernels, "row_adamw", cannot_build)
+    monkeypatch.setattr(optim, "_fused_rows", lambda *args: optim.FUSED_ROWS)
+    torch.manual_seed(0)
+    start = torch.randn(6, 3)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    index, values = torch.tensor([[1, 4]]), torch.randn(2, 3)
+    with pytest.warns(RuntimeWarning, match="cannot run here .*C compiler"):
+        weights[0].grad = torch.sparse_coo_tensor(index, values, (6, 3), check_invariants=True)
+        SparseAdamW([weights[0]], lr=1e-2).step()
+    assert optim.FUSED_ROWS is False
+    monkeypatch.setattr(optim, "_fused_rows", lambda *args: False)
+    weights[1].grad = torch.sparse_coo_tensor(index, values, (6, 3), check_invariants=True)
+    SparseAdamW([weights[1]], lr=1e-2).step()
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], start)

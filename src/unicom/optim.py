@@ -11,6 +11,9 @@ import torch
 from torch.optim import Optimizer
 
 
+FUSED_ROWS = True  # the row update of sparse gradients as one Triton kernel where it runs (False: PyTorch ops)
+
+
 class SparseAdamW(Optimizer):
     """AdamW (decoupled weight decay, Loshchilov & Hutter) applied row by row.
 
@@ -92,6 +95,17 @@ class SparseAdamW(Optimizer):
                     rows, values = _unique_rows(grad)
                     if rows.numel() == 0:
                         continue
+                    if apply is None and _fused_rows(param, state, values):
+                        steps = state["step"].index_select(0, rows) + 1
+                        counts = steps.to(torch.float64)
+                        if _fused_row_update(param, state["exp_avg"], state["exp_avg_sq"],
+                                             _unscaled(values, grad_scale).contiguous(), rows,
+                                             (1 - torch.pow(beta1, counts)).to(torch.float32),
+                                             (1 - torch.pow(beta2, counts)).sqrt().to(torch.float32), lr, beta1, beta2,
+                                             eps, weight_decay, decoupled):
+                            state["common_step"] = None
+                            state["step"].index_copy_(0, rows, steps)
+                            continue
                     p_rows = param.index_select(0, rows)
                     m_rows = state["exp_avg"].index_select(0, rows)
                     v_rows = state["exp_avg_sq"].index_select(0, rows)
@@ -117,6 +131,46 @@ class SparseAdamW(Optimizer):
                         state["step"] = _adamw_update(*tensors, state["step"], lr, beta1, beta2, eps, weight_decay,
                                                       decoupled, apply)
         return loss
+
+
+def _fused_rows(param: torch.Tensor, state: dict, values: torch.Tensor) -> bool:
+    """Whether the row update runs as one fused kernel (:func:`unicom.kernels.row_adamw`): a
+    2-D float32 parameter and moments on a CUDA device, Triton importable. The arithmetic is
+    :func:`_adamw_update`'s, in the same order; results agree to float32 rounding."""
+    if not FUSED_ROWS or param.dim() != 2 or param.dtype != torch.float32 or values.dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        return False
+    from unicom.kernels import triton_usable
+
+    return triton_usable(param, state["exp_avg"], state["exp_avg_sq"])
+
+
+_FUSED_RAN = False  # whether the kernel has run once in this process (later failures are not build failures)
+
+
+def _fused_row_update(*args) -> bool:
+    """:func:`unicom.kernels.row_adamw` on ``args``; False, with a warning and the fused
+    update turned off, when the kernel cannot be built here (Triton needs a C compiler
+    and a GPU it supports): the PyTorch ops then do the update. Nothing was written then."""
+    global FUSED_ROWS, _FUSED_RAN
+    from unicom.kernels import row_adamw
+
+    if _FUSED_RAN:
+        row_adamw(*args)
+        return True
+    try:
+        row_adamw(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure to build or launch the first time
+        import warnings
+
+        FUSED_ROWS = False
+        warnings.warn(f"SparseAdamW: the fused row update cannot run here ({type(error).__name__}: {error}); "
+                      "updating rows with PyTorch operations instead", RuntimeWarning, stacklevel=3)
+        return False
+    _FUSED_RAN = True
+    return True
 
 
 def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:

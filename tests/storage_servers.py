@@ -413,6 +413,7 @@ class Relay:
         self.pattern = re.compile(pattern)
         self.on_response = on_response
         self.fired = threading.Event()
+        self.seen: list[bytes] = []  # the start of what the client sent, chunk by chunk (for failure messages)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -439,6 +440,7 @@ class Relay:
                     if not data:
                         return
                     if sock is client:
+                        self.seen.append(data[:160])
                         match = self.pattern.search(data)
                         if match and not self.fired.is_set():
                             line_end = data.find(b"\r\n", match.start())
@@ -484,6 +486,8 @@ def kill_at_s3_response(s3: "S3", command: list[str], env: dict, pattern: bytes,
         process = subprocess.Popen(command, env=dict(env, AWS_ENDPOINT_URL=relay.endpoint),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         process.wait(timeout=timeout)
-        assert relay.fired.is_set() and process.returncode == -signal.SIGKILL
+        stderr = process.stderr.read().decode(errors="replace")[-3000:]
+        assert relay.fired.is_set() and process.returncode == -signal.SIGKILL, (
+            f"fired={relay.fired.is_set()} returncode={process.returncode} seen={relay.seen[-12:]}\n{stderr}")
     finally:
         relay.stop()

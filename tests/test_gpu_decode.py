@@ -68,7 +68,8 @@ def as_bytes_tensor(data: bytes) -> torch.Tensor:
 
 def damaged(data: bytes) -> bytes:
     """A JPEG whose header is whole (up to the start-of-scan marker) followed by noise and
-    the end-of-image marker: it passes :func:`jpeg_size`, and every decoder refuses it."""
+    the end-of-image marker: it passes :func:`jpeg_size`; libjpeg-turbo and Pillow refuse it
+    (nvJPEG does not check the image data: it decodes it into damaged pixels)."""
     return data[: data.index(b"\xff\xda")] + bytes(range(256)) * 3 + b"\xff\xd9"
 
 
@@ -263,10 +264,11 @@ def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_
         assert float((image.cpu().float() - reference.float()).abs().mean()) <= 4.0
     got = transform(decoded, [()] * len(decoded))
     assert got.device.type == "cuda"
-    # a JPEG with noise for image data, among good ones: reported, never decoded into pixels
+    # a JPEG nvJPEG refuses (its start marker, then noise), among good ones: Pillow is tried
+    # in its place, and refuses it too: reported, never decoded into pixels
     from unicom.data.transforms import DecodeError, EncodedJpegs
 
-    chunks = [data[0], damaged(data[1]), data[2]]
+    chunks = [data[0], data[1][:2] + bytes(range(256)) * 3 + b"\xff\xd9", data[2]]
     jpegs = EncodedJpegs(chunks, [()] * 3, [0, 1, 2], ["a", "b", "c"])
     images = jpegs.images("cuda")
     assert isinstance(images[1], DecodeError) and all(torch.is_tensor(images[i]) for i in (0, 2))

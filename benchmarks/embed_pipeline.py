@@ -223,6 +223,17 @@ def main() -> None:
                 totals[name][1] += seconds
                 print(f"  {label}: {name}: {done / seconds:.2f} images/s", flush=True)
             del batches
+        profile = []
+        if device.type == "cuda" or args.device_decode:  # where a decode=gpu run's time goes (not in the rates)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from gpu_profile import profile_lines
+
+            group = groups[-1]
+            profile, _ = profile_lines(lambda: run_unicom(encoder, group, tmp / "EMBprofile", args.batch_size, auto_workers,
+                                                       "gpu", "profiled"),
+                                    steps=1, host=True, title=f"decode=gpu over {len(group)} shards, profiled "
+                                    "(the main process: decoding, resizing, the model)")
+            STEADY.pop("profiled", None)
     reference = totals[names[0]][0] / totals[names[0]][1]
     lines.append("images/s (total images / total seconds over all shards) and ratio to the forward pass alone:")
     for name in names:
@@ -247,6 +258,7 @@ def main() -> None:
             f"start-up (measured {steady.get(gpu, 0.0) / reference:.3f}x; "
             f"{totals[gpu][0] / totals[gpu][1] / reference:.3f}x with the start-up of this short run)"
         )
+    lines += ["", *profile] if profile else []
     print("\n".join(lines[2:]))
     if args.write and device.type == "cuda":
         RESULT_CUDA.write_text("# benchmarks/embed_pipeline.py --device cuda\n" + "\n".join(lines) + "\n")

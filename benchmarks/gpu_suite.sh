@@ -122,7 +122,7 @@ fi
 # -- 3. the benchmarks, cheapest first ------------------------------------------------------
 if [ "$SMOKE" = 1 ]; then
   stage partial_fc 300 "$PY" benchmarks/partial_fc_step.py --device "$DEVICE" --classes 20000 --steps 2 \
-    --out "$RESULTS/partial_fc_step_$SUFFIX.txt"
+    --profile --out "$RESULTS/partial_fc_step_$SUFFIX.txt"
   stage kmeans 300 "$PY" benchmarks/kmeans_cuda.py --device "$DEVICE" --smoke --out "$RESULTS/kmeans_$SUFFIX.txt"
   stage embed 600 "$PY" benchmarks/embed_pipeline.py --device "$DEVICE" --images 64 --shards 2 --batch-size 16 \
     --device-decode
@@ -131,10 +131,10 @@ if [ "$SMOKE" = 1 ]; then
 else
   # K = 1M: the step time target (a); K = 100k: a against the full softmax (c)
   stage partial_fc 90 "$PY" benchmarks/partial_fc_step.py --device cuda --classes 1000000 100000 --steps 7 \
-    --variants a ac
+    --variants a ac --profile
   stage kmeans 60 "$PY" benchmarks/kmeans_cuda.py --device cuda
   stage embed 90 "$PY" benchmarks/embed_pipeline.py --device cuda --images 8000 --shards 8 --batch-size 256 --write
-  stage train_step 200 "$PY" benchmarks/train_step.py --device cuda --compile --batches 512
+  stage train_step 200 "$PY" benchmarks/train_step.py --device cuda --compile --batches 1024
 fi
 
 echo "== done in $(( $(date +%s) - START ))s; results in $RESULTS:"

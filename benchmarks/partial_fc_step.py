@@ -44,7 +44,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, device: str) -> dict:
+def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, device: str, profile: bool = False) -> dict:
     import torch
 
     from unicom.losses import ArcFace, PartialFC
@@ -72,17 +72,20 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     setup_rss = peak_rss_bytes()
-    times = []
-    for i, (x, labels) in enumerate(inputs):
-        x = x.requires_grad_()
-        start = time.perf_counter()
+    def one_step(x, labels):
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
-            loss = head(x, labels)
+            loss = head(x.requires_grad_(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if variant != "c":
             head.flag_sorted_gradient()
         optimizer.step()
+        return loss
+
+    times = []
+    for i, (x, labels) in enumerate(inputs):
+        start = time.perf_counter()
+        loss = one_step(x, labels)
         if cuda:
             torch.cuda.synchronize()
         if i > 0:  # the first step allocates optimiser state
@@ -96,6 +99,15 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
         "setup_memory_bytes": None if cuda else setup_rss,
     }
+    if profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_profile import profile_lines
+
+        x, labels = inputs[-1]
+        result["profile"], result["device_seconds"] = profile_lines(
+            lambda: one_step(x.detach(), labels), title=f"where the time of ({variant}) goes at K = {classes:,}")
+        if result["device_seconds"] is not None:
+            result["device_seconds"] /= 1000
     return result
 
 
@@ -110,11 +122,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["abcd"],
                         help="which variants to run: one set for every K, or one per --classes value "
                              "(e.g. --classes 1000000 100000 --variants a ac) (default abcd)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile a few steps of (a) and write its kernel table under each K")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     if args.variant:  # child process: one variant, one size
-        print(json.dumps(run_variant(args.variant, args.classes[0], args.dim, args.batch, args.steps, args.device)))
+        print(json.dumps(run_variant(args.variant, args.classes[0], args.dim, args.batch, args.steps, args.device,
+                                     args.profile)))
         return
 
     import torch
@@ -141,6 +156,7 @@ def main() -> None:
                 continue
             command = [sys.executable, __file__, "--variant", variant, "--classes", str(classes), "--dim", str(args.dim),
                        "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+            command += ["--profile"] if args.profile and variant in "ac" else []
             output = subprocess.run(command, capture_output=True, text=True)
             if output.returncode != 0:
                 results[variant] = None
@@ -175,6 +191,12 @@ def main() -> None:
         if args.device == "cuda" and classes == 100_000 and a and c:
             ok = a["seconds_per_step"] / c["seconds_per_step"] <= 0.5
             lines.append(f"target on the GPU at K = 100,000: a/c <= 0.5 ({'met' if ok else 'NOT met'})")
+        if a and c and a.get("device_seconds") and c.get("device_seconds"):
+            lines.append(f"device time (the kernels' busy time per step, profiled): a {1000 * a['device_seconds']:.2f} ms, "
+                         f"c {1000 * c['device_seconds']:.2f} ms, a/c = {a['device_seconds'] / c['device_seconds']:.3f}")
+        for r in (a, c):
+            if r and "profile" in r:
+                lines += ["", *r["profile"]]
         lines.append("")
         print("\n".join(lines[-12:]), flush=True)
         write(out, lines)  # after each K: what is done is kept if a later K runs out of time

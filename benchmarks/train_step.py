@@ -235,9 +235,11 @@ def model_flops_per_image(device: torch.device) -> tuple[float, float]:
     return counted, 3.0 * forward
 
 
-def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[int] | None = None) -> list[dict]:
+def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[int] | None = None,
+              profile: bool = False) -> list[dict]:
     """Time the step at the largest batch that fits (and at 256 for comparison), one model
-    built; with ``batches``, at those sizes without searching."""
+    built; with ``batches``, at those sizes without searching; with ``profile``, the kernel
+    table of the last size's step goes into its result as ``profile`` (lines)."""
     import gc
 
     device = GPU_DEVICE
@@ -273,6 +275,11 @@ def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[in
         median = statistics.median(time_steps(step, batches, warmup=3, timed=10, device=device))
         results.append({"batch": batch, "largest": batch == largest, "seconds_per_step": median,
                         "images_per_second": batch / median, "peak_gib": _peak_gib(device)})
+        if profile:
+            from gpu_profile import profile_lines
+
+            results[-1]["profile"], _ = profile_lines(lambda: step([batches[0]]),
+                                                   title=f"where the time of the step goes (batch {batch})")
         del batches
     del step
     gc.collect()
@@ -336,10 +343,13 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: li
     if batches:  # the quick form: the given sizes, no search, no gradient checkpointing
         plans = [("off", False, False, batches)]
     largest_plain = max(batches) if batches else None
-    for label, checkpointing, compiled, sizes in plans + ([("off, torch.compile", False, True, "plain")] if compile_model else []):
+    plans += [("off, torch.compile", False, True, "plain")] if compile_model else []
+    profiles = []
+    for number, (label, checkpointing, compiled, sizes) in enumerate(plans):
         if sizes == "plain":
             sizes = batches or sorted({256, largest_plain})
-        for result in gpu_cases(checkpointing, compiled, sizes):
+        for result in gpu_cases(checkpointing, compiled, sizes, profile=number == len(plans) - 1):
+            profiles += ["", f"{label}:", *result.get("profile", [])] if "profile" in result else []
             if label == "off" and result["largest"]:
                 largest_plain = result["batch"]
             tflops = result["images_per_second"] * counted / 1e12
@@ -355,7 +365,7 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: li
               f"{alone:.3f} s/step, {largest_plain / alone:,.0f} images/s",
               "largest: the largest of " + ", ".join(map(str, GPU_BATCHES)) + " whose step fits in memory.",
               "Target MFU >= 40%."]
-    return lines
+    return lines + profiles
 
 
 def main() -> None:
@@ -378,6 +388,7 @@ def main() -> None:
             GPU_OVERRIDES = {"image_size": 32, "patch_size": 16, "width": 64, "depth": 2, "heads": 2}
     os.environ.setdefault("UNICOM_PROGRESS", "0")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_profile
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     gpu_path = args.device == "cuda" or args.smoke

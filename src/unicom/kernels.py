@@ -52,8 +52,8 @@ def _row_adamw_kernel():
 
 
 def triton_usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernel takes these tensors: float32, contiguous, on a CUDA device (or
-    on the CPU under Triton's interpreter), with Triton importable."""
+    """Whether the fused kernel can run on these tensors: contiguous, on a CUDA device (or on
+    the CPU under Triton's interpreter), with Triton importable (the caller checks dtypes)."""
     import os
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"

@@ -97,11 +97,9 @@ class SparseAdamW(Optimizer):
                         continue
                     if apply is None and _fused_rows(param, state, values):
                         steps = state["step"].index_select(0, rows) + 1
-                        counts = steps.to(torch.float64)
                         if _fused_row_update(param, state["exp_avg"], state["exp_avg_sq"],
                                              _unscaled(values, grad_scale).contiguous(), rows,
-                                             (1 - torch.pow(beta1, counts)).to(torch.float32),
-                                             (1 - torch.pow(beta2, counts)).sqrt().to(torch.float32), lr, beta1, beta2,
+                                             *_bias_corrections(steps, beta1, beta2, torch.float32), lr, beta1, beta2,
                                              eps, weight_decay, decoupled):
                             state["common_step"] = None
                             state["step"].index_copy_(0, rows, steps)
@@ -173,6 +171,14 @@ def _fused_row_update(*args) -> bool:
     return True
 
 
+def _bias_corrections(steps: torch.Tensor, beta1: float, beta2: float, dtype: torch.dtype):
+    """Per-row ``(1 - beta1^t, sqrt(1 - beta2^t))`` for (R,) step counts ``t`` after the step,
+    computed in float64 and given in ``dtype`` (a row skipped before it ever took a step has
+    t = 0 and counts as 1: its update is zero either way)."""
+    counts = steps.clamp_min(1).to(torch.float64)
+    return (1 - torch.pow(beta1, counts)).to(dtype), (1 - torch.pow(beta2, counts)).sqrt().to(dtype)
+
+
 def _unscaled(grad: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
     return grad if grad_scale is None else grad / grad_scale.to(grad.device)
 
@@ -237,9 +243,7 @@ def _adamw_update(param, exp_avg, exp_avg_sq, grad, steps, lr, beta1, beta2, eps
         exp_avg.lerp_(grad, torch.where(apply, one * (1 - beta1), 0.0))
         exp_avg_sq.mul_(torch.where(apply, one * beta2, one)).addcmul_(grad, grad, value=1 - beta2)
         step_size = torch.where(apply, lr, 0.0)
-    counts = steps.clamp_min(1).to(torch.float64)  # a skipped row never taken before has 0 steps
-    bias_correction1 = (1 - torch.pow(beta1, counts)).to(param.dtype).view(shape)
-    bias_correction2_sqrt = (1 - torch.pow(beta2, counts)).sqrt().to(param.dtype).view(shape)
+    bias_correction1, bias_correction2_sqrt = (c.view(shape) for c in _bias_corrections(steps, beta1, beta2, param.dtype))
     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
     lr_term = lr / bias_correction1 if step_size is None else step_size.to(param.dtype) / bias_correction1
     param.sub_(denom.reciprocal_().mul_(exp_avg).mul_(lr_term))

@@ -44,6 +44,32 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# aten operations that launch no device kernel (views, metadata, scalars wrapped on the host)
+NO_KERNEL = {"detach", "t", "unsqueeze", "view", "expand", "_indices", "_values", "is_coalesced", "select", "slice",
+             "promote_types", "scalar_tensor", "_sparse_coo_tensor_with_dims_and_tensors", "_coalesced_", "_unsafe_view",
+             "_record_function_enter_new", "_record_function_exit", "as_strided", "alias", "permute", "transpose",
+             "_reshape_alias", "squeeze", "lift_fresh", "_to_copy_noop"}
+
+
+def count_operations(step) -> int:
+    """The aten operations that ``step()`` dispatches and that compute (a device kernel each,
+    about): the host's share of a step that the device does quickly. Triton kernels are not
+    aten operations and are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in NO_KERNEL:
+                Count.total += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.total
+
+
 def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, device: str, profile: bool = False) -> dict:
     import torch
 
@@ -91,7 +117,10 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
         if i > 0:  # the first step allocates optimiser state
             times.append(time.perf_counter() - start)
     times.sort()
+    x, labels = inputs[-1]
+    operations = count_operations(lambda: one_step(x.detach(), labels))
     result = {
+        "operations": operations,
         "variant": variant,
         "classes": classes,
         "seconds_per_step": times[len(times) // 2],
@@ -165,14 +194,15 @@ def main() -> None:
             results[variant] = json.loads(output.stdout.strip().splitlines()[-1])
         lines.append(f"## K = {classes:,}")
         lines.append("")
-        lines.append("| variant | ms / step | peak memory (GiB) | loss |")
-        lines.append("|---|---:|---:|---:|")
+        lines.append("| variant | ms / step | peak memory (GiB) | loss | operations / step |")
+        lines.append("|---|---:|---:|---:|---:|")
         for variant, label in VARIANTS.items():
             r = results[variant]
             if r is None:
-                lines.append(f"| ({variant}) {label} | {'failed' if variant in wanted else 'not run'} | | |")
+                lines.append(f"| ({variant}) {label} | {'failed' if variant in wanted else 'not run'} | | | |")
                 continue
-            lines.append(f"| ({variant}) {label} | {1000 * r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 2**30:.2f} | {r['loss']:.3f} |")
+            lines.append(f"| ({variant}) {label} | {1000 * r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 2**30:.2f} "
+                         f"| {r['loss']:.3f} | {r['operations']} |")
         a, c, d = results["a"], results["c"], results["d"]
         lines.append("")
         if a and c:

@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 
 FUSED_ROWS = True  # the row update of sparse gradients as one Triton kernel where it runs (False: PyTorch ops)
+_CORRECTIONS_MIN = 1024  # first length of a table of bias corrections (it doubles when the counts reach its end)
 
 
 class SparseAdamW(Optimizer):
@@ -52,6 +53,10 @@ class SparseAdamW(Optimizer):
             raise ValueError(f"invalid eps {eps} or weight_decay {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled_weight_decay))
+        # for the fused row update: per parameter, (its "step" tensor, a bound on its counts
+        # known on the host), and per (betas, device) the bias corrections indexed by count
+        self._count_bounds: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}
+        self._corrections: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _state_for(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -63,7 +68,28 @@ class SparseAdamW(Optimizer):
             # while every row has taken every step (dense gradients only), their common
             # count as a Python int: scalar bias corrections and no device sync
             state["common_step"] = 0
+            self._count_bounds[param] = (state["step"], 0)
         return state
+
+    def _count_bound(self, param: torch.Tensor, state: dict) -> int:
+        """The largest step count of ``param``'s rows, or more: kept on the host while this
+        optimiser advances the counts, read from the device once after its state was
+        replaced (a resume)."""
+        known = self._count_bounds.get(param)
+        if known is not None and known[0] is state["step"]:
+            return known[1]
+        return int(state["step"].max()) if state["step"].numel() else 0
+
+    def _correction_tables(self, beta1: float, beta2: float, count: int, device: torch.device):
+        """``(1 - beta1^t, sqrt(1 - beta2^t))`` float32 at index t = 0.. at least ``count``
+        (:func:`_bias_corrections` of each t), made again twice as long when outgrown."""
+        key = (beta1, beta2, device)
+        tables = self._corrections.get(key)
+        if tables is None or tables[0].numel() <= count:
+            length = max(_CORRECTIONS_MIN, count + 1, 2 * tables[0].numel() if tables is not None else 0)
+            counts = torch.arange(length, dtype=torch.int64, device=device)
+            tables = self._corrections[key] = _bias_corrections(counts, beta1, beta2, torch.float32)
+        return tables
 
     def load_state_dict(self, state_dict) -> None:
         """As ``torch.optim.Optimizer``'s, but the per-row step counts follow their parameter
@@ -90,20 +116,19 @@ class SparseAdamW(Optimizer):
                 if grad is None:
                     continue
                 state = self._state_for(param)
-                apply = None if found_inf is None else found_inf.to(param.device).eq(0)
                 if grad.is_sparse:
                     rows, values = _unique_rows(grad)
                     if rows.numel() == 0:
                         continue
-                    if apply is None and _fused_rows(param, state, values):
-                        steps = state["step"].index_select(0, rows) + 1
-                        if _fused_row_update(param, state["exp_avg"], state["exp_avg_sq"],
-                                             _unscaled(values, grad_scale).contiguous(), rows,
-                                             *_bias_corrections(steps, beta1, beta2, torch.float32), lr, beta1, beta2,
-                                             eps, weight_decay, decoupled):
+                    bound = self._count_bound(param, state) + 1  # no row counts more after this step
+                    if _fused_rows(param, state, values, grad_scale, found_inf):
+                        if _fused_row_update(param, state["exp_avg"], state["exp_avg_sq"], values.contiguous(), rows,
+                                             state["step"], *self._correction_tables(beta1, beta2, bound, param.device),
+                                             grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, decoupled):
                             state["common_step"] = None
-                            state["step"].index_copy_(0, rows, steps)
+                            self._count_bounds[param] = (state["step"], bound)
                             continue
+                    apply = None if found_inf is None else found_inf.to(param.device).eq(0)
                     p_rows = param.index_select(0, rows)
                     m_rows = state["exp_avg"].index_select(0, rows)
                     v_rows = state["exp_avg_sq"].index_select(0, rows)
@@ -116,7 +141,10 @@ class SparseAdamW(Optimizer):
                     state["exp_avg"].index_copy_(0, rows, m_rows)
                     state["exp_avg_sq"].index_copy_(0, rows, v_rows)
                     state["step"].index_copy_(0, rows, steps)
+                    self._count_bounds[param] = (state["step"], bound)
                 else:
+                    self._count_bounds.pop(param, None)
+                    apply = None if found_inf is None else found_inf.to(param.device).eq(0)
                     if apply is not None:  # whether the step counts is known on the device only
                         state["common_step"] = None
                     view = (lambda t: t.view(1)) if param.dim() == 0 else (lambda t: t)
@@ -131,16 +159,20 @@ class SparseAdamW(Optimizer):
         return loss
 
 
-def _fused_rows(param: torch.Tensor, state: dict, values: torch.Tensor) -> bool:
+def _fused_rows(param: torch.Tensor, state: dict, values: torch.Tensor, *scalars: torch.Tensor | None) -> bool:
     """Whether the row update runs as one fused kernel (:func:`unicom.kernels.row_adamw`): a
-    2-D float32 parameter and moments on a CUDA device, Triton importable. The arithmetic is
+    2-D float32 parameter and moments on a CUDA device, ``grad_scale`` and ``found_inf``
+    (``scalars``, when given) float32 scalars on it, Triton importable. The arithmetic is
     :func:`_adamw_update`'s, in the same order; results agree to float32 rounding."""
     if not FUSED_ROWS or param.dim() != 2 or param.dtype != torch.float32 or values.dtype not in (
             torch.float32, torch.bfloat16, torch.float16):
         return False
+    given = [s for s in scalars if s is not None]
+    if any(s.numel() != 1 or s.dtype != torch.float32 or s.device != param.device for s in given):
+        return False
     from unicom.kernels import triton_usable
 
-    return triton_usable(param, state["exp_avg"], state["exp_avg_sq"])
+    return triton_usable(param, state["exp_avg"], state["exp_avg_sq"], *given)
 
 
 _FUSED_RAN = False  # whether the kernel has run once in this process (later failures are not build failures)

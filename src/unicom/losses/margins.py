@@ -59,23 +59,27 @@ class MarginContext:
         return tensor
 
 
-def target_entries(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def target_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, columns)`` that index each row's target entry, column 0 for rows whose label
+    is -1 (made once per step and passed to :func:`target_entries` and :func:`set_target_entries`)."""
+    return torch.arange(labels.shape[0], device=labels.device), labels.clamp_min(0)
+
+
+def target_entries(values: torch.Tensor, labels: torch.Tensor, index=None) -> torch.Tensor:
     """(B,) ``values[i, labels[i]]``, with column 0 for rows whose label is -1.
 
     Every row is read and the caller masks the rows without a target: selecting the rows
     first would give a data-dependent size, which makes the host wait for a GPU. (Integer
     indexing rather than ``gather``, whose backward would keep ``values`` and so forbid
-    writing into it afterwards.)
+    writing into it afterwards.) ``index``: :func:`target_index` of ``labels`` when made already.
     """
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    return values[rows, labels.clamp_min(0)]
+    return values[index if index is not None else target_index(labels)]
 
 
-def set_target_entries(values: torch.Tensor, labels: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+def set_target_entries(values: torch.Tensor, labels: torch.Tensor, entries: torch.Tensor, index=None) -> torch.Tensor:
     """``values[i, labels[i]] = entries[i]`` in place for the rows with a target (label >= 0)."""
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    columns = labels.clamp_min(0)
-    return values.index_put_((rows, columns), torch.where(labels >= 0, entries, values[rows, columns]))
+    index = index if index is not None else target_index(labels)
+    return values.index_put_(index, torch.where(labels >= 0, entries, values[index]))
 
 
 def local_context(cosines: torch.Tensor, labels: torch.Tensor) -> MarginContext:
@@ -98,6 +102,7 @@ class MarginHead(nn.Module):
     """
 
     scale: float
+    uses_norms = False  # reads MarginContext.norms (PartialFC computes them only for such heads)
 
     def target_logit(self, cos_target: torch.Tensor, rows: torch.Tensor, context: MarginContext) -> torch.Tensor:
         raise NotImplementedError
@@ -106,8 +111,9 @@ class MarginHead(nn.Module):
         if context is None:
             context = local_context(cosines, labels)
         logits = _float_logits(cosines)
-        rows = torch.arange(labels.shape[0], device=labels.device)  # rows without a target are computed and dropped
-        set_target_entries(logits, labels, self.target_logit(target_entries(logits, labels), rows, context))
+        index = target_index(labels)  # rows without a target are computed and dropped
+        set_target_entries(logits, labels, self.target_logit(target_entries(logits, labels, index), index[0], context),
+                           index)
         return logits.mul_(self.scale)  # in place: the (B, C) logits are the largest tensors of the step
 
 
@@ -154,9 +160,13 @@ def angular_margin(cos_target: torch.Tensor, m1: float, m2, m3: float = 0.0) -> 
     Where m1·θ + m2 > π the value falls back to cos θ − m3 − m2·sin(m2), the monotonic
     continuation used by ArcFace implementations, so a worse angle never scores better.
     """
-    angle = m1 * _angle(cos_target) + m2
-    fallback = cos_target - m3 - m2 * (torch.sin(m2) if torch.is_tensor(m2) else math.sin(m2))
-    return torch.where(angle <= math.pi, torch.cos(angle) - m3, fallback)
+    # (m1 = 1 and m3 = 0, ArcFace's, are exact no-ops and skipped: fewer kernels per step)
+    angle = _angle(cos_target) if m1 == 1.0 else m1 * _angle(cos_target)
+    angle = angle + m2
+    shifted = cos_target if m3 == 0.0 else cos_target - m3
+    fallback = shifted - m2 * (torch.sin(m2) if torch.is_tensor(m2) else math.sin(m2))
+    cos = torch.cos(angle)
+    return torch.where(angle <= math.pi, cos if m3 == 0.0 else cos - m3, fallback)
 
 
 class CombinedMargin(MarginHead):
@@ -295,7 +305,8 @@ class LiArcFace(MarginHead):
 
     def forward(self, cosines, labels, context=None):
         angles = _angle(_float_logits(cosines))
-        set_target_entries(angles, labels, target_entries(angles, labels) + self.margin)
+        index = target_index(labels)
+        set_target_entries(angles, labels, target_entries(angles, labels, index) + self.margin, index)
         return self.scale * (math.pi - 2 * angles) / math.pi
 
     def extra_repr(self) -> str:
@@ -328,7 +339,9 @@ class CurricularFace(MarginHead):
         hard = logits > target_with_margin[:, None]
         t = self.t.to(logits.dtype)
         logits = torch.where(hard, logits * (t + logits), logits)
-        set_target_entries(logits, labels, angular_margin(target_entries(cosines, labels).to(logits.dtype), 1.0, self.margin))
+        index = target_index(labels)
+        set_target_entries(logits, labels, angular_margin(target_entries(cosines, labels, index).to(logits.dtype), 1.0,
+                                                          self.margin), index)
         return logits.mul_(self.scale)
 
     def extra_repr(self) -> str:
@@ -347,6 +360,8 @@ class AdaFace(MarginHead):
     Non-target logits are s · cos θ. The norms come from ``PartialFC`` (the context); called
     directly, pass a :class:`MarginContext` with ``norms``.
     """
+
+    uses_norms = True
 
     def __init__(self, margin: float = 0.4, h: float = 0.333, scale: float = 64.0, t_alpha: float = 0.01):
         super().__init__()

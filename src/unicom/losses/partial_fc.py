@@ -214,8 +214,8 @@ class _PrototypeCosines(torch.autograd.Function):
 class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of a softmax whose columns are split over the ranks.
 
-    ``logits`` (N, C_local) float; ``targets`` (N,) column of the target on this rank or -1.
-    Every row's target lives on exactly one rank. Forward: global max and sum of
+    ``logits`` (N, C_local) float; ``targets`` (N,) column of the target on this rank or -1
+    (never -1 with one rank). Every row's target lives on exactly one rank. Forward: global max and sum of
     exponentials by all-reduce; loss = mean(max + log Σ exp(z − max) − z_target).
     Backward: (softmax − one_hot) / N on the local columns, recomputed from the logits.
     """
@@ -230,21 +230,25 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             # gathered at column 0 for rows whose target is on another rank, then zeroed:
             # no data-dependent shape, so the host never waits for the device
             target_logit = logits.gather(1, targets.clamp_min(0)[:, None])
-            target_logit = torch.where(targets[:, None] >= 0, target_logit, 0.0)
             if world_size > 1:
+                target_logit = torch.where(targets[:, None] >= 0, target_logit, 0.0)
                 packed = torch.cat([sum_exp, target_logit], dim=1)
                 dist.all_reduce(packed, group=group)
                 sum_exp, target_logit = packed[:, :1], packed[:, 1:]
             loss = (row_max + sum_exp.log() - target_logit).mean()
         ctx.save_for_backward(logits, targets, row_max, sum_exp)
+        ctx.world_size = world_size
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, row_max, sum_exp = ctx.saved_tensors
         grad = (logits - row_max).exp_().div_(sum_exp)
-        one_hot = (targets[:, None] >= 0).to(grad.dtype)  # 0 where the target is on another rank
-        grad.scatter_add_(1, targets.clamp_min(0)[:, None], one_hot.neg_())
+        if ctx.world_size > 1:
+            minus_one_hot = (targets[:, None] >= 0).to(grad.dtype).neg_()  # 0 where the target is on another rank
+        else:  # one rank holds every row's target
+            minus_one_hot = grad.new_full((grad.shape[0], 1), -1.0)
+        grad.scatter_add_(1, targets.clamp_min(0)[:, None], minus_one_hot)
         grad.mul_(grad_loss / logits.shape[0])
         return grad, None, None, None
 
@@ -389,11 +393,11 @@ class PartialFC(nn.Module):
         perm = torch.randperm(self.embedding_size, generator=feature_generator, device=device)
         return perm[: self.num_features].sort().values
 
-    def select_classes(self, local_labels: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor | None:
+    def select_classes(self, local_labels: torch.Tensor, in_shard: torch.Tensor | None) -> torch.Tensor | None:
         """Sorted local class indices used this step, or None for all classes on the shard.
 
         ``local_labels`` (N,) are the global batch's labels minus ``class_start``;
-        ``in_shard`` (N,) marks those that belong to this shard.
+        ``in_shard`` (N,) marks those that belong to this shard (None: all of them).
 
         Every class on the shard gets a uniform random score, the positives a score above
         all of them; the top ``max(ceil(sample_rate · classes), positives)`` are the
@@ -409,7 +413,7 @@ class PartialFC(nn.Module):
         _, class_generator = self._generators(device)
         num_sample = sampled_classes(self.sample_rate, self.num_local)
         # out-of-shard labels score into a spare slot past the last class
-        slots = torch.where(in_shard, local_labels, self.num_local)
+        slots = local_labels if in_shard is None else torch.where(in_shard, local_labels, self.num_local)
         if local_labels.numel() > num_sample:
             marked = torch.zeros(self.num_local + 1, dtype=torch.int32, device=device).scatter_(0, slots, 1)
             num_sample = max(num_sample, int(marked[: self.num_local].sum()))
@@ -512,23 +516,29 @@ class PartialFC(nn.Module):
             labels = all_gather_tensor(labels, self.process_group)
         if not self.check_inputs and labels.numel():
             # checked on the device: the bounds are read with the step's result (take_label_bounds)
-            bounds = torch.stack([labels.min(), labels.max()])
+            bounds = torch.stack(torch.aminmax(labels))
             if self._label_bounds is not None:
                 bounds = torch.stack([torch.minimum(bounds[0], self._label_bounds[0]),
                                       torch.maximum(bounds[1], self._label_bounds[1])])
             self._label_bounds = bounds
             labels = labels.clamp(0, self.num_classes - 1)
 
-        local_labels = labels - self.class_start
-        in_shard = (local_labels >= 0) & (local_labels < self.num_local)
+        if self.world_size == 1:  # one shard, and the labels are in range (checked, or clamped above)
+            local_labels, in_shard = labels, None
+        else:
+            local_labels = labels - self.class_start
+            in_shard = (local_labels >= 0) & (local_labels < self.num_local)
         class_index = self.select_classes(local_labels, in_shard)
         if class_index is None:
-            targets = torch.where(in_shard, local_labels, torch.full_like(local_labels, -1))
+            targets = local_labels if in_shard is None else torch.where(in_shard, local_labels, -1)
             rows = None
             column_classes = torch.arange(self.class_start, self.class_start + self.num_local, device=labels.device)
         else:
-            position = torch.searchsorted(class_index, local_labels.clamp(0, self.num_local - 1))
-            targets = torch.where(in_shard, position, torch.full_like(local_labels, -1))
+            if in_shard is None:
+                targets = torch.searchsorted(class_index, local_labels)
+            else:
+                position = torch.searchsorted(class_index, local_labels.clamp(0, self.num_local - 1))
+                targets = torch.where(in_shard, position, -1)
             rows = class_index
             if self.centers > 1:
                 rows = (class_index[:, None] * self.centers + torch.arange(self.centers, device=rows.device)).flatten()
@@ -536,7 +546,9 @@ class PartialFC(nn.Module):
         self.last_class_index = column_classes.detach()
         self.last_feature_index = feature_index
 
-        norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=1)
+        norms = None  # the embeddings' norms, for heads that read them (AdaFace; any head not of this module)
+        if getattr(self.margin, "uses_norms", True):
+            norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=1)
         if feature_index is not None:
             embeddings = embeddings.index_select(1, feature_index)
         cosines = _PrototypeCosines.apply(

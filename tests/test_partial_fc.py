@@ -514,3 +514,33 @@ def test_errors_are_raised_on_every_rank_without_hanging(two_ranks, what):
 
     for rank in two_ranks:
         assert re.search(ERROR_CASES[what], rank["errors"][what]), rank["errors"][what]
+
+
+def test_the_embedding_norms_reach_the_heads_that_read_them():
+    """PartialFC computes the norms of the embeddings for heads that declare ``uses_norms``
+    (AdaFace) and for modules that are not margin heads of this project; other heads get None."""
+    seen = {}
+
+    class Recording(ArcFace):
+        def forward(self, cosines, labels, context=None):
+            seen[type(self).__name__] = context.norms
+            return super().forward(cosines, labels, context)
+
+    class ReadsNorms(Recording):
+        uses_norms = True
+
+    class Foreign(torch.nn.Module):  # a head of the user's own: given everything
+        scale = 16.0
+
+        def forward(self, cosines, labels, context=None):
+            seen["Foreign"] = context.norms
+            return cosines.float() * self.scale
+
+    torch.manual_seed(0)
+    embeddings, labels = torch.randn(6, 8) * 3, torch.tensor([0, 4, 9, 2, 2, 7])
+    for head in (Recording(), ReadsNorms(), Foreign()):
+        PartialFC(8, 10, head, sample_rate=0.5, feature_rate=0.5, seed=1)(embeddings, labels)
+    expected = torch.tensor([float(np.linalg.norm(row)) for row in embeddings.numpy().astype(np.float64)], dtype=torch.float64)
+    assert seen["Recording"] is None
+    for name in ("ReadsNorms", "Foreign"):  # of the whole embeddings, before the feature selection
+        torch.testing.assert_close(seen[name].double(), expected, rtol=1e-6, atol=0)

@@ -27,37 +27,41 @@ def _row_adamw_kernel():
         # so do the bias corrections, a table indexed by the step count.
         # One program per selected row: its count, then its columns block by block (gather,
         # update, scatter in one pass), then the count written back: no other program reads it.
-        # A step skipped (found_inf != 0) writes nothing.
-        go = True
+        # A step skipped (found_inf != 0) writes nothing: its stores are masked off.
+        i = tl.program_id(0)
+        row = tl.load(rows + i).to(tl.int64)
+        t = tl.load(steps + row) + 1
+        c1 = tl.load(correction1 + t)
+        c2 = tl.load(correction2 + t)
+        written = dim  # the columns stored: none in a skipped step
         if SKIPPABLE:
-            go = tl.load(found_inf) == 0
-        if go:
-            i = tl.program_id(0)
-            row = tl.load(rows + i).to(tl.int64)
-            t = tl.load(steps + row) + 1
-            c1 = tl.load(correction1 + t)
-            c2 = tl.load(correction2 + t)
-            for start in range(0, dim, BLOCK):
-                offsets = start + tl.arange(0, BLOCK)
-                mask = offsets < dim
-                at = row * dim + offsets
-                p = tl.load(param + at, mask=mask)
-                m = tl.load(exp_avg + at, mask=mask)
-                v = tl.load(exp_avg_sq + at, mask=mask)
-                g = tl.load(grad + i.to(tl.int64) * dim + offsets, mask=mask).to(tl.float32)
-                if SCALED:
-                    g = g / tl.load(grad_scale)
-                if DECOUPLED:
-                    p = p * decay
-                else:
-                    g = g + p * weight_decay
-                m = m + one_minus_beta1 * (g - m)
-                v = v * beta2 + one_minus_beta2 * (g * g)
-                denom = tl.sqrt(v) / c2 + eps
-                p = p - (1 / denom) * m * (lr / c1)
-                tl.store(param + at, p, mask=mask)
-                tl.store(exp_avg + at, m, mask=mask)
-                tl.store(exp_avg_sq + at, v, mask=mask)
+            go = (tl.load(found_inf) == 0).to(tl.int32)
+            written = dim * go
+        for start in range(0, dim, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < dim
+            at = row * dim + offsets
+            p = tl.load(param + at, mask=mask)
+            m = tl.load(exp_avg + at, mask=mask)
+            v = tl.load(exp_avg_sq + at, mask=mask)
+            g = tl.load(grad + i.to(tl.int64) * dim + offsets, mask=mask).to(tl.float32)
+            if SCALED:
+                g = g / tl.load(grad_scale)
+            if DECOUPLED:
+                p = p * decay
+            else:
+                g = g + p * weight_decay
+            m = m + one_minus_beta1 * (g - m)
+            v = v * beta2 + one_minus_beta2 * (g * g)
+            denom = tl.sqrt(v) / c2 + eps
+            p = p - (1 / denom) * m * (lr / c1)
+            stored = offsets < written
+            tl.store(param + at, p, mask=stored)
+            tl.store(exp_avg + at, m, mask=stored)
+            tl.store(exp_avg_sq + at, v, mask=stored)
+        if SKIPPABLE:
+            tl.store(steps + row, t, mask=go != 0)
+        else:
             tl.store(steps + row, t)
 
     return row_adamw

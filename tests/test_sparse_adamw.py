@@ -194,6 +194,7 @@ def fused_against_torch(device: str) -> None:
                             setattr(optimizer, name, torch.tensor(value, device=device))
                     optimizer.step()
                     optimizer.__dict__.pop("grad_scale", None), optimizer.__dict__.pop("found_inf", None)
+                assert optim.FUSED_ROWS == fused, "the fused kernel failed and the PyTorch update took over"
             finally:
                 optim.FUSED_ROWS, optim._CORRECTIONS_MIN = True, first_length
             state = optimizer.state[weight]

@@ -281,6 +281,34 @@ def test_on_cuda_nvjpeg_and_the_tensor_path_match_pillow(vit_b32_encoder, photo_
     assert (cpu * gpu).sum(axis=1).min() >= 0.999
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_jpeg_bytes_in_pinned_memory_decode_as_from_pageable_memory(photo_files):
+    """The DataLoader's pinning thread moves a batch's JPEG bytes to pinned memory. Decoded
+    from there batch after batch, each batch's bytes freed before the next is pinned (the
+    caching host allocator hands a freed block to the next batch) and nothing read back
+    until the end, every image is bit-identical to its decoding from pageable memory."""
+    from unicom.data.transforms import EncodedJpegs
+
+    data = [path.read_bytes() for path in photo_files]
+
+    def batch(order):
+        return EncodedJpegs([data[i] for i in order], [()] * len(order), list(range(len(order))), ["x"] * len(order))
+
+    pageable = batch(range(len(data)))
+    assert not pageable.data.is_pinned()
+    reference = [image.cpu() for image in pageable.images("cuda")]
+    generator = np.random.default_rng(0)
+    decoded = []
+    for _ in range(40):
+        order = generator.permutation(len(data))[: int(generator.integers(1, len(data) + 1))].tolist()
+        jpegs = batch(order).pin_memory()
+        assert jpegs.data.is_pinned()
+        decoded.append((order, jpegs.images("cuda")))
+        del jpegs
+    for order, images in decoded:
+        assert all(torch.equal(image.cpu(), reference[i]) for i, image in zip(order, images))
+
+
 # -- training batches ---------------------------------------------------------------------
 
 

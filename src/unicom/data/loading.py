@@ -94,6 +94,8 @@ class Batch:
             self.images = self.images.pin_memory()
         if self.tokens is not None:
             self.tokens = self.tokens.pin_memory()
+        if self.jpegs is not None:
+            self.jpegs.pin_memory()
         return self
 
 

@@ -323,6 +323,8 @@ class TrainBatch:
         if self.images is not None:
             self.images = self.images.pin_memory()
         self.labels = self.labels.pin_memory()
+        if self.jpegs is not None:
+            self.jpegs.pin_memory()
         return self
 
 

@@ -48,7 +48,7 @@ def peak_rss_bytes() -> int:
 NO_KERNEL = {"detach", "t", "unsqueeze", "view", "expand", "_indices", "_values", "is_coalesced", "select", "slice",
              "promote_types", "scalar_tensor", "_sparse_coo_tensor_with_dims_and_tensors", "_coalesced_", "_unsafe_view",
              "_record_function_enter_new", "_record_function_exit", "as_strided", "alias", "permute", "transpose",
-             "_reshape_alias", "squeeze", "lift_fresh", "_to_copy_noop"}
+             "_reshape_alias", "squeeze", "lift_fresh"}
 
 
 def count_operations(step) -> int:

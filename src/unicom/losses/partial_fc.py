@@ -534,11 +534,10 @@ class PartialFC(nn.Module):
             rows = None
             column_classes = torch.arange(self.class_start, self.class_start + self.num_local, device=labels.device)
         else:
-            if in_shard is None:
-                targets = torch.searchsorted(class_index, local_labels)
-            else:
-                position = torch.searchsorted(class_index, local_labels.clamp(0, self.num_local - 1))
-                targets = torch.where(in_shard, position, -1)
+            # labels of other shards are clamped into this one for the search, then masked
+            position = torch.searchsorted(class_index, local_labels if in_shard is None
+                                          else local_labels.clamp(0, self.num_local - 1))
+            targets = position if in_shard is None else torch.where(in_shard, position, -1)
             rows = class_index
             if self.centers > 1:
                 rows = (class_index[:, None] * self.centers + torch.arange(self.centers, device=rows.device)).flatten()

@@ -185,3 +185,89 @@ def test_adaface_margin_by_hand():
 def test_adaface_without_norms_is_a_clear_error():
     with pytest.raises(ValueError, match="AdaFace needs the embedding norms"):
         AdaFace()(torch.tensor([[0.5]]), torch.tensor([0]))
+
+
+# -- the backward of MarginHead.forward: two passes over the logits, autograd's gradient ------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from unicom.losses.margins import MarginHead, _margin_logits  # noqa: E402
+
+_B, _C = 7, 5
+
+
+def _margin_case(name, all_local):
+    """A head (eval: no buffer moves between evaluations), float64 cosines with entries in the
+    fallback region and at +-1, labels (some -1 unless ``all_local``), a context."""
+    head = {
+        "arcface": lambda: ArcFace(0.5, 4.0),
+        "cosface": lambda: CosFace(0.35, 4.0),
+        "combined": lambda: CombinedMargin(1.2, 0.3, 0.1, 3.0),
+        "dynm_arcface": lambda: DynMArcFace([3, 9, 1, 4, 4], scale=4.0),
+        "adaface": lambda: AdaFace(scale=4.0),
+    }[name]().eval()
+    generator = torch.Generator().manual_seed(5)
+    cosines = torch.rand(_B, _C, generator=generator, dtype=torch.float64) * 1.8 - 0.9
+    cosines[0, 2], cosines[3, 0], cosines[5, 4] = -0.995, 1.0, -1.0
+    labels = torch.tensor([2, 1, 4, 0, 3, 4, 1]) if all_local else torch.tensor([2, -1, 4, 0, -1, 4, 1])
+    context = MarginContext(class_ids=labels.clamp_min(0), column_classes=torch.arange(_C),
+                            norms=torch.rand(_B, generator=generator, dtype=torch.float64) * 40,
+                            all_targets_local=all_local)
+    return head, cosines, labels, context
+
+
+@pytest.mark.parametrize("all_local", [False, True])
+@pytest.mark.parametrize("name", ["arcface", "cosface", "combined", "dynm_arcface", "adaface"])
+def test_the_margin_backward_is_autograds_through_the_forward(name, all_local):
+    head, cosines, labels, context = _margin_case(name, all_local)
+    grad_out = torch.randn(_B, _C, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = cosines.clone().requires_grad_()
+    logits = head(x, labels, context)
+    assert type(logits.grad_fn).__name__ == "_TargetMarginBackward"
+    (grad,) = torch.autograd.grad(logits, x, grad_out)
+    x_ref = cosines.clone().requires_grad_()
+    logits_ref = _margin_logits(head, x_ref, labels, context)[0]  # autograd through every operation
+    (grad_ref,) = torch.autograd.grad(logits_ref, x_ref, grad_out)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
+    # and against finite differences, away from +-1 and the fallback's edge (kinks there)
+    smooth = cosines.clamp(-0.8, 0.8)
+    assert torch.autograd.gradcheck(lambda c: head(c, labels, context), (smooth.requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_the_margin_backward_makes_two_passes_over_the_logits():
+    head, cosines, labels, context = _margin_case("arcface", True)
+    x = cosines.clone().requires_grad_()
+    logits = head(x, labels, context)
+
+    class Record(TorchDispatchMode):
+        full = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == (_B, _C) and func.__name__.split(".")[0] not in ("detach", "view", "_to_copy"):
+                Record.full.append(func.__name__)
+            return out
+
+    grad_out = torch.ones(_B, _C, dtype=torch.float64)
+    with Record():
+        torch.autograd.grad(logits, x, grad_out)
+    assert Record.full == ["mul.Tensor", "index_put_.default"], Record.full
+
+
+def test_a_head_with_a_trainable_parameter_gets_its_gradient():
+    class LearnedCosFace(MarginHead):
+        def __init__(self):
+            super().__init__()
+            self.margin = torch.nn.Parameter(torch.tensor(0.2))
+            self.scale = 3.0
+
+        def target_logit(self, cos_target, rows, context):
+            return cos_target - self.margin
+
+    head = LearnedCosFace()
+    cosines = torch.rand(4, 3, requires_grad=True)
+    head(cosines, torch.tensor([0, -1, 2, 1])).sum().backward()
+    # d/dm of Σ s · (cos_target − m) over the three rows with a target
+    assert head.margin.grad.item() == pytest.approx(-3 * 3.0)
+    assert torch.equal(cosines.grad, torch.full((4, 3), 3.0))

@@ -9,6 +9,7 @@ from pytorch_metric_learning.losses import ArcFaceLoss, CosFaceLoss, SubCenterAr
 from scipy import stats
 
 from support import run_workers
+from unicom.engine.device import exact_float32
 from unicom.errors import InputError
 from unicom.losses import AdaCos, AdaFace, ArcFace, CosFace, CurricularFace, DynMArcFace, LiArcFace, PartialFC, shard_range
 
@@ -62,6 +63,25 @@ def test_full_partial_fc_equals_pml_in_the_fallback_region():
     cos = torch.nn.functional.cosine_similarity(x, pfc.prototypes.detach(), dim=1)
     assert (cos > -0.9999).all() and (torch.arccos(cos) + 0.5 > math.pi).all()
     _assert_same_as_reference(pfc, ArcFaceLoss(classes, dim, margin=math.degrees(0.5), scale=64), x, torch.arange(classes))
+
+
+def test_rows_of_zero_and_tiny_norm_get_the_gradient_of_f_normalize():
+    # the embeddings are normalised inside the cosines, with their backward written out:
+    # rows of norm 0 and under 1e-12 (divided by 1e-12, as F.normalize does) against pml, row by row
+    dim, classes = 16, 12
+    pfc = PartialFC(dim, classes, CosFace(0.35, 64.0), seed=4)
+    reference = CosFaceLoss(classes, dim, margin=0.35, scale=64)
+    reference.W.data = pfc.prototypes.data.t().clone()
+    x = _embeddings(6, dim, seed=2)
+    x[1] = 0.0
+    x[4] *= 1e-13 / float(x[4].norm())
+    labels = torch.tensor([0, 5, 3, 3, 11, 7])
+    x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pfc(x, labels).backward()
+    reference(x_ref, labels).backward()
+    for row in range(6):
+        torch.testing.assert_close(x.grad[row], x_ref.grad[row], rtol=1e-4, atol=1e-5 * float(x_ref.grad[row].abs().max()))
+    assert float(x.grad[4].abs().max()) > 1e9  # the tiny row's gradient is that of x / 1e-12
 
 
 def test_cosface_equals_pml_cosface():
@@ -252,6 +272,41 @@ def test_sampled_loss_equals_full_softmax_over_the_sampled_classes():
     reference.W.data = pfc.prototypes.data[selected].t().clone()
     remapped = torch.searchsorted(selected, labels)
     _close(loss.detach(), reference(x, remapped).detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_sampled_step_equals_pml_over_the_sampled_classes():
+    """The CUDA kernels of a step (sampling, sparse gradient, the margin's and the softmax's
+    backward) against pml on the CPU over the classes the GPU sampled; then under bf16 autocast."""
+    dim, classes, batch = 64, 2000, 48
+    pfc = PartialFC(dim, classes, ArcFace(0.3, 64.0), sample_rate=0.1, seed=9, check_inputs=False).cuda()
+    labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(2))
+    x = _embeddings(batch, dim).cuda().requires_grad_()
+    pfc(x.detach(), labels.cuda())  # makes the selection's generators, then their state is kept
+    state = pfc.rng_state()
+    with exact_float32():  # not TF32, which a training test of this process may have allowed
+        loss = pfc(x, labels.cuda())
+        loss.backward()
+    selected = pfc.last_class_index.cpu()
+    reference = ArcFaceLoss(selected.numel(), dim, margin=math.degrees(0.3), scale=64)
+    reference.W.data = pfc.prototypes.detach().cpu()[selected].t().clone()
+    x_ref = x.detach().cpu().requires_grad_()
+    loss_ref = reference(x_ref, torch.searchsorted(selected, labels))
+    loss_ref.backward()
+    _close(loss.detach().cpu(), loss_ref.detach())
+    _close(x.grad.cpu(), x_ref.grad)
+    grad = pfc.prototypes.grad.coalesce()
+    assert torch.equal(grad.indices()[0].cpu(), selected)
+    _close(grad.values().cpu(), reference.W.grad.t())
+    pfc.prototypes.grad = None
+    pfc.set_rng_state(state, device="cuda")
+    x_low = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = pfc(x_low, labels.cuda())
+    low.backward()
+    assert torch.equal(pfc.last_class_index.cpu(), selected)
+    assert low.dtype == torch.float32 and abs(low.item() - loss.item()) < 0.05 * loss.item()
+    assert torch.nn.functional.cosine_similarity(x_low.grad.flatten(), x.grad.flatten(), dim=0) > 0.99
 
 
 # -- random feature selection -------------------------------------------------------------

@@ -290,6 +290,31 @@ def test_the_fused_row_update_is_the_pytorch_one_under_tritons_interpreter():
     assert lines[1] == "beside [] 2"
 
 
+@pytest.mark.parametrize("grad_type", ["*fp32", "*bf16", "*fp16"])
+def test_the_fused_row_update_compiles_for_a_hopper_gpu(grad_type):
+    """Triton's compiler, not its interpreter, builds the kernel to a cubin for sm_90 (H100,
+    H200) in every form a step can take; no GPU is needed to compile, only to run."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from unicom.kernels import _row_adamw_kernel
+
+    kernel = _row_adamw_kernel()
+    pointers = {"param": "*fp32", "exp_avg": "*fp32", "exp_avg_sq": "*fp32", "grad": grad_type, "rows": "*i64",
+                "steps": "*i64", "correction1": "*fp32", "correction2": "*fp32", "grad_scale": "*fp32", "found_inf": "*fp32"}
+    flags = ("DECOUPLED", "SCALED", "SKIPPABLE", "BLOCK")
+    signature = {name: pointers.get(name, "constexpr" if name in flags else "i32" if name == "dim" else "fp32")
+                 for name in kernel.arg_names}
+    for decoupled in (True, False):
+        for scaled, skippable in ((False, False), (True, True)):  # the benchmark's step, a training step
+            source = ASTSource(kernel, signature, constexprs={"DECOUPLED": decoupled, "SCALED": scaled,
+                                                              "SKIPPABLE": skippable, "BLOCK": 512})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            assert len(compiled.asm["cubin"]) > 1000 and "row_adamw" in compiled.asm["ptx"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_fused_row_update_is_the_pytorch_one():
     fused_against_torch("cuda")

@@ -37,6 +37,8 @@ class MarginContext:
         norms: (B,) float, the L2 norms of the embeddings before normalisation (AdaFace).
         group: the process group over which the columns are sharded (None: one shard).
         world_size: number of shards.
+        all_targets_local: every row's target is among the columns (no label is -1), as with
+            one shard: the masks for rows without a target are skipped (fewer operations).
     """
 
     class_ids: torch.Tensor
@@ -44,6 +46,7 @@ class MarginContext:
     norms: torch.Tensor | None = None
     group: Any = None
     world_size: int = 1
+    all_targets_local: bool = False
 
     def target_cosine(self, cosines: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) the cosine of each row with its target prototype, gathered over the shards."""
@@ -59,10 +62,11 @@ class MarginContext:
         return tensor
 
 
-def target_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_index(labels: torch.Tensor, all_local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, columns)`` that index each row's target entry, column 0 for rows whose label
-    is -1 (made once per step and passed to :func:`target_entries` and :func:`set_target_entries`)."""
-    return torch.arange(labels.shape[0], device=labels.device), labels.clamp_min(0)
+    is -1 (made once per step and passed to :func:`target_entries` and :func:`set_target_entries`).
+    ``all_local``: no label is -1 (:attr:`MarginContext.all_targets_local`)."""
+    return torch.arange(labels.shape[0], device=labels.device), labels if all_local else labels.clamp_min(0)
 
 
 def target_entries(values: torch.Tensor, labels: torch.Tensor, index=None) -> torch.Tensor:
@@ -76,10 +80,12 @@ def target_entries(values: torch.Tensor, labels: torch.Tensor, index=None) -> to
     return values[index if index is not None else target_index(labels)]
 
 
-def set_target_entries(values: torch.Tensor, labels: torch.Tensor, entries: torch.Tensor, index=None) -> torch.Tensor:
-    """``values[i, labels[i]] = entries[i]`` in place for the rows with a target (label >= 0)."""
-    index = index if index is not None else target_index(labels)
-    return values.index_put_(index, torch.where(labels >= 0, entries, values[index]))
+def set_target_entries(values: torch.Tensor, labels: torch.Tensor, entries: torch.Tensor, index=None,
+                       all_local: bool = False) -> torch.Tensor:
+    """``values[i, labels[i]] = entries[i]`` in place for the rows with a target (label >= 0).
+    ``all_local``: no label is -1, every row is written."""
+    index = index if index is not None else target_index(labels, all_local)
+    return values.index_put_(index, entries if all_local else torch.where(labels >= 0, entries, values[index]))
 
 
 def local_context(cosines: torch.Tensor, labels: torch.Tensor) -> MarginContext:
@@ -98,7 +104,9 @@ class MarginHead(nn.Module):
     """Base class: subclasses implement :meth:`target_logit` (and may override ``forward``).
 
     The default ``forward`` replaces the target entry of every row that has one by
-    ``target_logit(cos_target, rows)`` and multiplies all logits by ``scale``.
+    ``target_logit(cos_target, rows)`` and multiplies all logits by ``scale``. Its backward
+    (:class:`_TargetMargin`) is two passes over the (B, C) logits whatever ``target_logit``
+    computes; a head with trainable parameters is differentiated by autograd throughout.
     """
 
     scale: float
@@ -110,11 +118,57 @@ class MarginHead(nn.Module):
     def forward(self, cosines: torch.Tensor, labels: torch.Tensor, context: MarginContext | None = None) -> torch.Tensor:
         if context is None:
             context = local_context(cosines, labels)
-        logits = _float_logits(cosines)
-        index = target_index(labels)  # rows without a target are computed and dropped
-        set_target_entries(logits, labels, self.target_logit(target_entries(logits, labels, index), index[0], context),
-                           index)
-        return logits.mul_(self.scale)  # in place: the (B, C) logits are the largest tensors of the step
+        if (torch.is_grad_enabled() and cosines.requires_grad
+                and not any(p.requires_grad for p in self.parameters())):
+            return _TargetMargin.apply(cosines, labels, self, context)
+        return _margin_logits(self, cosines, labels, context)[0]
+
+
+def _margin_logits(head: MarginHead, cosines: torch.Tensor, labels: torch.Tensor, context: MarginContext,
+                   separate: bool = False):
+    """``(logits, index, cos_target, target)``: the float logits of ``cosines`` with every target
+    entry replaced by ``head.target_logit`` of it, times the head's scale. ``separate``: the
+    target logits are computed with a graph of their own from a detached leaf ``cos_target``
+    (for :class:`_TargetMargin`'s backward), not from ``cosines``' graph."""
+    all_local = context.all_targets_local
+    logits = _float_logits(cosines)
+    index = target_index(labels, all_local)  # rows without a target are computed and dropped
+    cos_target = target_entries(logits, labels, index)
+    if separate:
+        cos_target = cos_target.detach().requires_grad_()
+        with torch.enable_grad():
+            target = head.target_logit(cos_target, index[0], context)
+        entries = target.detach()
+    else:
+        target = entries = head.target_logit(cos_target, index[0], context)
+    set_target_entries(logits, labels, entries, index, all_local)
+    # in place: the (B, C) logits are the largest tensors of the step
+    return logits.mul_(head.scale), index, cos_target, target
+
+
+class _TargetMargin(torch.autograd.Function):
+    """:meth:`MarginHead.forward` with a backward of two passes over the (B, C) logits: the
+    incoming gradient times ``scale``, and each row's target entry replaced by that entry
+    times d target_logit / d cos (autograd over the (B,) target cosines alone). Autograd
+    through the forward's indexing and in-place write would add a zero-filled (B, C) tensor
+    and three more passes over the logits; the gradient is the same."""
+
+    @staticmethod
+    def forward(ctx, cosines, labels, head, context):
+        logits, index, ctx.cos_target, ctx.target = _margin_logits(head, cosines, labels, context, separate=True)
+        ctx.index, ctx.scale, ctx.all_local, ctx.dtype = index, head.scale, context.all_targets_local, cosines.dtype
+        ctx.save_for_backward(labels)
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (labels,) = ctx.saved_tensors
+        grad = grad * ctx.scale
+        # the (B,) graph is kept as long as this node: a backward may run again (retain_graph)
+        (target_grad,) = torch.autograd.grad(ctx.target, ctx.cos_target, grad[ctx.index], retain_graph=True)
+        set_target_entries(grad, labels, target_grad.to(grad.dtype), ctx.index, ctx.all_local)
+        return grad.to(ctx.dtype), None, None, None
 
 
 class _ScaledIdentityGradient(torch.autograd.Function):

@@ -294,12 +294,17 @@ def test_the_fused_row_update_is_the_pytorch_one_under_tritons_interpreter():
 def test_the_fused_row_update_compiles_for_a_hopper_gpu(grad_type):
     """Triton's compiler, not its interpreter, builds the kernel to a cubin for sm_90 (H100,
     H200) in every form a step can take; no GPU is needed to compile, only to run."""
+    import inspect
+
     pytest.importorskip("triton")
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from unicom.kernels import _row_adamw_kernel
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip(f"Triton {triton.__version__} has an older ahead-of-time interface")
+    from triton.backends.compiler import GPUTarget
 
     kernel = _row_adamw_kernel()
     pointers = {"param": "*fp32", "exp_avg": "*fp32", "exp_avg_sq": "*fp32", "grad": grad_type, "rows": "*i64",

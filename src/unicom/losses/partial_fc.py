@@ -155,14 +155,15 @@ class _PrototypeCosines(torch.autograd.Function):
     cos = (E Wᵀ) / |w| (each selected prototype normalised through a column scale, not a
     normalised copy). Norms are clamped to at least 1e-12. Backward, with G = dL/dcos:
 
-        dL/de = (G / |w|) W,   dL/dx = (dL/de − e (e · dL/de)) / |x|   (dL/de / 1e-12 for rows
-                                                                    whose |x| is under 1e-12)
+        dL/de = (G / |w|) W
+        dL/dx = (dL/de − e (e · dL/de)) / |x|   (dL/de / 1e-12 for rows with |x| under 1e-12)
         dL/dw_j = Σ_b G_bj e_b / |w_j| − w_j Σ_b G_bj cos_bj / |w_j|²
 
-    the prototypes' returned for the selected rows only: a coalesced sparse COO gradient when
-    ``sparse``, else dense. Under CUDA autocast the two backward products run in the autocast
-    dtype. (The normalisation's backward written out is 6 device operations where autograd's
-    of ``F.normalize`` is 13: a step that is mostly the host launching kernels is shorter.)
+    The prototypes' gradient is returned for the selected rows only: a coalesced sparse COO
+    gradient when ``sparse``, else dense. Under CUDA autocast the two backward products run in
+    the autocast dtype. (The normalisation's backward written out is 6 device operations where
+    autograd's of ``F.normalize`` is 13: a step that is mostly the host launching kernels is
+    shorter.)
     """
 
     @staticmethod

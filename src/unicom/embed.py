@@ -44,7 +44,7 @@ from unicom.data.sources import (
     read_in_turn,
 )
 from unicom.data.transforms import draft_size, resolve_decode
-from unicom.engine.device import autocast, made_ahead, resolve_device, resolve_precision
+from unicom.engine.device import HostCopies, HostCopy, autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
 from unicom.files import part_number, refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
@@ -109,9 +109,9 @@ def _check_batching(batch_size: int, num_workers: int | None) -> None:
         raise InputError(f"workers must be 0 (decode in the main process) or more, got {num_workers}")
 
 
-def _normalized(embeddings: torch.Tensor) -> np.ndarray:
-    """(B, D) any float dtype -> float32 numpy, rows L2-normalised (zero rows stay zero)."""
-    return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
+def _normalized(embeddings: torch.Tensor) -> HostCopy:
+    """(B, D) any float dtype -> float32, rows L2-normalised (zero rows stay zero), on its way to the host."""
+    return HostCopy(F.normalize(embeddings.float(), dim=-1))
 
 
 def _with_model_input(batches, stream: BatchStream, device: torch.device, wanted: bool = True):
@@ -133,24 +133,25 @@ def _with_model_input(batches, stream: BatchStream, device: torch.device, wanted
 
 
 def _embed_input(encoder: Encoder, images: torch.Tensor | None, device: torch.device, precision: str,
-                 normalize: bool = True) -> np.ndarray | None:
-    """Embeddings of model input from :func:`_with_model_input`; None when there is none."""
+                 normalize: bool = True) -> HostCopy | None:
+    """Embeddings of model input from :func:`_with_model_input` (read them with
+    :meth:`HostCopy.array`, a batch or two later: :class:`HostCopies`); None when there is none."""
     if images is None or len(images) == 0:
         return None
     return _encode_model_input(encoder, images, device, precision, normalize)
 
 
 def _encode_model_input(encoder: Encoder, images: torch.Tensor, device: torch.device, precision: str,
-                        normalize: bool = True) -> np.ndarray:
+                        normalize: bool = True) -> HostCopy:
     """Float model input (B, 3, H, W) on ``device`` -> float32 embeddings, L2-normalised
-    unless ``normalize=False`` (the encoder's features as they are)."""
+    unless ``normalize=False`` (the encoder's features as they are), on their way to the host."""
     with torch.inference_mode():
         with autocast(device, resolve_precision(precision, device, training=False)):
             features = encoder.encode_image(images)
-        return _normalized(features) if normalize else features.float().cpu().numpy()
+        return _normalized(features) if normalize else HostCopy(features.float())
 
 
-def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> HostCopy:
     with torch.inference_mode(), autocast(device, resolve_precision(precision, device, training=False)):
         return _normalized(encoder.encode_text(tokens.to(device, non_blocking=True)))
 
@@ -263,6 +264,7 @@ def embed_images(
         device_decode=resolve_decode(decode, device, transform),
     )
     out: np.ndarray | None = None
+    copies = HostCopies()  # each batch's embeddings read a batch or two later: the GPU keeps working meanwhile
     with contextlib.closing(_with_model_input(_loader(stream, workers, device), stream, device)) as batches:
         for batch, images in batches:  # closed at the end: the reader ahead stops whatever happens
             embeddings = _embed_input(encoder, images, device, precision, normalize)
@@ -275,7 +277,12 @@ def embed_images(
                 continue
             if out is None:
                 out = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
-            out[batch.indices] = embeddings
+
+            def place(array: np.ndarray, indices: list[int] = batch.indices) -> None:
+                out[indices] = array
+
+            copies.add(embeddings, then=place)
+    copies.finish()
     return out
 
 
@@ -301,14 +308,13 @@ def embed_texts(
     if not encoder.has_text:
         raise InputError(f"{encoder.name} has no text tower; embed texts with a CLIP model such as ViT-B-32")
     device = encoder.device
-    chunks = [
-        _encode_tokens(encoder, encoder.tokenize(texts[start:start + batch_size]), device, precision)
-        for start in range(0, len(texts), batch_size)
-    ]
+    chunks, copies = [], HostCopies()
+    for start in range(0, len(texts), batch_size):
+        chunks.append(_encode_tokens(encoder, encoder.tokenize(texts[start:start + batch_size]), device, precision))
+        copies.add(chunks[-1])  # read at the end, at most two batches behind the device
     if not chunks:
-        dim = _encode_tokens(encoder, encoder.tokenize([""]), device, precision).shape[1]
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.concatenate(chunks)
+        return np.zeros((0, _text_dim(encoder, device, precision)), dtype=np.float32)
+    return np.concatenate([chunk.array() for chunk in chunks])
 
 
 # --------------------------------------------------------------------------- folders
@@ -365,11 +371,11 @@ class _PendingPart:
         self.read = 0
         self.indices: list[int] = []
         self.rows: list[dict] = []
-        self.image: list[np.ndarray] = []
-        self.text: list[np.ndarray] = []
+        self.image: list[HostCopy] = []
+        self.text: list[HostCopy] = []
         self.failures: list[dict] = []
 
-    def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
+    def add(self, batch: Batch, image: HostCopy | None, text: HostCopy | None) -> None:
         self.indices.extend(batch.indices)
         self.rows.extend(batch.rows)
         if image is not None:
@@ -416,7 +422,7 @@ def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: 
     arrays = {}
     for kind, chunks in (("image", pending.image), ("text", pending.text)):
         if kind in modalities:
-            stacked = np.concatenate(chunks) if chunks else np.zeros((0, dims[kind]), dtype=np.float32)
+            stacked = np.concatenate([c.array() for c in chunks]) if chunks else np.zeros((0, dims[kind]), dtype=np.float32)
             arrays[kind] = stacked[order].astype(dtype)
     rows = [pending.rows[i] for i in order]
     report = failures_path(out, part.number)
@@ -689,6 +695,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     start = time.perf_counter()
     bar = progress(total=None if None in sizes else sum(sizes), desc=f"embed {len(parts)} parts", unit="img")
     batches = _with_model_input(_loader(stream, workers, device), stream, device, wanted="image" in modalities)
+    copies = HostCopies()  # each batch's embeddings read a batch or two later: the GPU keeps working meanwhile
     first = True
     try:
         for batch, images in batches:
@@ -699,6 +706,11 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
                 image = _embed_input(encoder, images, device, precision, normalize) if "image" in modalities else None
                 text = _encode_tokens(encoder, batch.tokens, device, precision) if "text" in modalities else None
                 pending.add(batch, image, text)
+                copies.add(image, text)
+                if first:  # the start-up ends with the first batch's embeddings on the host
+                    for copy in (image, text):
+                        if copy is not None:
+                            copy.array()
             failures = batch.failures
             if any(f["index"] < 0 for f in pending.failures):  # the part's break, as another slice met it
                 failures = [f for f in failures if f["index"] >= 0]

@@ -90,6 +90,70 @@ def made_ahead(items, make, device, ahead: bool = True):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class HostCopy:
+    """A device tensor's values on their way to host memory, as a NumPy array when asked.
+
+    On a GPU the copy is queued on the current stream, after the work that computes the
+    tensor, into page-locked memory, and the host waits for it only in :meth:`array`: a
+    loop that asks for each batch's result a batch or two later keeps the GPU busy while
+    the host reads, decodes and writes, instead of both taking turns (a copy back to
+    pageable memory waits for the device at once). Elsewhere the array is ready at once.
+    """
+
+    def __init__(self, tensor: "torch.Tensor"):
+        import torch
+
+        self.shape = tuple(tensor.shape)
+        self._array = None
+        self._host = self._done = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(self.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(tensor.device))
+        else:
+            self._array = tensor.detach().cpu().numpy()
+
+    def array(self):
+        """The values (``np.ndarray``), once the device has copied them."""
+        if self._array is None:
+            self._done.synchronize()
+            # out of page-locked memory, which the caching host allocator takes back for the next copy
+            self._array = self._host.numpy().copy()
+            self._host = self._done = None
+        return self._array
+
+
+class HostCopies:
+    """The batches of :class:`HostCopy` objects a loop has made but not read, at most
+    ``depth`` batches: :meth:`add` reads the oldest beyond that, so the host stays that many
+    batches ahead of the device and no further (the page-locked memory held stays bounded)."""
+
+    def __init__(self, depth: int = 2):
+        import collections
+
+        self.depth = depth
+        self.waiting: collections.deque = collections.deque()
+
+    def add(self, *copies: HostCopy | None, then=None) -> None:
+        """Queue one batch's ``copies`` (None ones left out); ``then(*arrays)``, if given, is
+        called with their arrays once they are read."""
+        self.waiting.append(([copy for copy in copies if copy is not None], then))
+        while len(self.waiting) > self.depth:
+            self._read(*self.waiting.popleft())
+
+    def finish(self) -> None:
+        """Read every copy still waiting, oldest first."""
+        while self.waiting:
+            self._read(*self.waiting.popleft())
+
+    @staticmethod
+    def _read(copies: list[HostCopy], then) -> None:
+        arrays = [copy.array() for copy in copies]
+        if then is not None:
+            then(*arrays)
+
+
 @contextlib.contextmanager
 def exact_float32():
     """float32 matrix products in full float32 inside the block, whatever the process set

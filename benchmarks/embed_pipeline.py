@@ -91,7 +91,7 @@ def predecoded_batches(encoder, shard, batch_size: int) -> list[torch.Tensor]:
 
 
 def run_forward(encoder, batches: list[torch.Tensor], device: torch.device) -> tuple[int, float]:
-    from unicom.embed import _encode_model_input
+    from unicom.embed import _encode_model_input, _inference
     from unicom.engine.device import HostCopies
 
     batches = [b.to(device) for b in batches]  # on a GPU the tensors wait in its memory
@@ -99,8 +99,9 @@ def run_forward(encoder, batches: list[torch.Tensor], device: torch.device) -> t
         torch.cuda.synchronize()
     start = time.perf_counter()
     copies = HostCopies()  # each batch's embeddings read back as unicom embed reads them, a batch or two later
-    for images in batches:
-        copies.add(_encode_model_input(encoder, images, device, "auto"))
+    with _inference(device, "auto"):  # as unicom embed runs its batches: the weights cast once
+        for images in batches:
+            copies.add(_encode_model_input(encoder, images, device, "auto"))
     copies.finish()  # every embedding on the host
     return sum(len(b) for b in batches), time.perf_counter() - start
 

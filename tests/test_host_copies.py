@@ -2,7 +2,8 @@
 
 A loop that reads each batch's embeddings a batch or two after it queued them keeps the GPU
 busy while the host reads, decodes and writes; the values must be those the device computed,
-in the order the batches came, with never more than ``depth`` batches unread.
+in the order the batches came, with never more than ``depth`` batches unread. The batches of
+one call also share one autocast region, so the weights are cast to the low precision once.
 """
 
 from __future__ import annotations
@@ -48,16 +49,11 @@ def test_a_batch_of_several_copies_is_read_together_and_absent_ones_are_left_out
 def test_embed_images_places_each_batch_as_it_came(tmp_path):
     """More batches than the copies in flight, the last one short: every row lands at its
     image's place (against one batch holding every image)."""
-    from open_clip.transform import image_transform
     from support import class_image
 
     from unicom.embed import embed_images
-    from unicom.models.encoders import ModelEncoder
-    from unicom.models.vit import ClipViT, ClipViTSettings
 
-    torch.manual_seed(0)
-    model = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16))
-    encoder = ModelEncoder(model.eval(), image_transform(32, is_train=False), 16, "tiny")
+    encoder = _tiny_encoder()
     paths = []
     for i in range(7):
         path = tmp_path / f"{i}.png"
@@ -68,6 +64,58 @@ def test_embed_images_places_each_batch_as_it_came(tmp_path):
     np.testing.assert_allclose(batches, one_batch, atol=1e-5)
     apart = np.linalg.norm(one_batch[:, None] - one_batch[None], axis=-1)[~np.eye(7, dtype=bool)]
     assert apart.min() > 1e-3  # the rows differ far beyond the tolerance: a misplaced row shows
+
+
+def _tiny_encoder():
+    from open_clip.transform import image_transform
+
+    from unicom.models.encoders import ModelEncoder
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    torch.manual_seed(0)
+    model = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16))
+    return ModelEncoder(model.eval(), image_transform(32, is_train=False), 16, "tiny")
+
+
+def test_a_call_casts_the_weights_to_the_low_precision_once_not_per_batch(tmp_path):
+    """Under autocast each weight of the blocks and the projection is cast to bfloat16 in
+    the first batch of a call and reused by the others: three batches cast as many as one.
+    (The patch embedding's weight enters its product reshaped, a view, which autocast does
+    not keep: one small cast per batch.)"""
+    from support import class_image
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from unicom.embed import embed_images, embed_to_folder
+
+    encoder = _tiny_encoder()
+    weights = {p.data_ptr() for name, p in encoder.model.named_parameters() if not name.startswith("trunk.patch_embed")}
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("_to_copy", "to") and args[0].data_ptr() in weights:
+                WeightCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = []
+    for i in range(6):
+        paths.append(folder / f"{i}.png")
+        class_image(i, i, size=40).save(paths[-1])
+    for run in (
+        lambda batch_size: embed_images(encoder, paths, batch_size=batch_size, num_workers=0, precision="bf16"),
+        lambda batch_size: embed_to_folder(folder, tmp_path / f"out{batch_size}", encoder, batch_size=batch_size,
+                                           num_workers=0, precision="bf16"),  # unicom embed
+    ):
+        counts = []
+        for batch_size in (6, 2):
+            WeightCasts.count = 0
+            with WeightCasts():
+                run(batch_size)
+            counts.append(WeightCasts.count)
+        assert counts[0] > 0 and counts[1] == counts[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

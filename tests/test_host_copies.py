@@ -118,6 +118,35 @@ def test_a_call_casts_the_weights_to_the_low_precision_once_not_per_batch(tmp_pa
         assert counts[0] > 0 and counts[1] == counts[0]
 
 
+def test_a_model_that_changes_its_input_in_place_embeds_on_either_decoding_path(tmp_path):
+    """The batches run under no_grad, their input made under no_grad too (an inference
+    tensor could not be changed in place outside inference mode)."""
+    from support import class_image, encode_image
+
+    from unicom.embed import embed_images
+    from unicom.models.encoders import ModelEncoder
+
+    tiny = _tiny_encoder()
+
+    class ScalesItsInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny.model
+
+        def forward(self, images):
+            return self.inner(images.mul_(1.0))
+
+    encoder = ModelEncoder(ScalesItsInput().eval(), tiny.image_transform, 16, "in place")
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(encode_image(class_image(i, i, size=40)))
+    for decode in ("cpu", "gpu"):  # gpu: the tensor path, with torchvision's CPU decoder here
+        expected = embed_images(tiny, paths, batch_size=2, num_workers=0, decode=decode)
+        got = embed_images(encoder, paths, batch_size=2, num_workers=0, decode=decode)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_host_copies_hold_the_values_computed_before_them():
     """Copies queued behind long device work, their sources overwritten right after (the

@@ -137,7 +137,7 @@ def _with_model_input(batches, stream: BatchStream, device: torch.device, wanted
     def make(batch: Batch):
         if not wanted or not batch.indices:
             return None
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the model runs under no_grad (_inference) and may change its input in place
             return stream.model_input(batch, device)
 
     return made_ahead(batches, make, device, ahead=stream.tensor_transform is not None)

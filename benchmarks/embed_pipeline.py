@@ -3,7 +3,9 @@
 Writes N JPEG images (default 2,000 of 256x256) into webdataset shards (default 4) and a
 random-weight open_clip ViT-B-32 checkpoint, then measures images/s of:
 
-* forward only: the image tower + L2 normalisation on pre-decoded, pre-transformed tensors;
+* forward only: the image tower + L2 normalisation on pre-decoded, pre-transformed tensors,
+  in one autocast region and each batch's embeddings read back a batch or two later, as
+  ``unicom embed`` runs its batches;
 * unicom: ``embed_to_folder`` (what ``unicom embed`` runs), wall clock from the call to the
   last file written: reading tars, decoding, transforms, batching, the same forward, writing
   npy + parquet; with unicom's choice of decoding workers, and with one worker; on a GPU

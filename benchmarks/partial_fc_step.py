@@ -10,7 +10,8 @@ process (so peak memory is its own) and times forward + backward + optimiser ste
       (what the reference Partial FC code does)
 
 PartialFC runs as in training: its full input check (a collective and a host read) is for
-the first step only, the labels are checked on the device every step, and the gradient
+the first step only, the labels are checked on the device every step (their bounds taken
+each step, as ``unicom.engine.step.TrainStep`` takes them), and the gradient
 of one backward is flagged as sorted (what ``unicom.engine.step.TrainStep`` does), so a
 step never waits for the device until the timer's synchronisation.
 
@@ -105,6 +106,7 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
         loss.backward()
         if variant != "c":
             head.flag_sorted_gradient()
+            head.take_label_bounds()  # as a training step takes them (else every step folds in the last bounds)
         optimizer.step()
         return loss
 

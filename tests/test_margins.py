@@ -271,3 +271,44 @@ def test_a_head_with_a_trainable_parameter_gets_its_gradient():
     # d/dm of Σ s · (cos_target − m) over the three rows with a target
     assert head.margin.grad.item() == pytest.approx(-3 * 3.0)
     assert torch.equal(cosines.grad, torch.full((4, 3), 3.0))
+
+
+@pytest.mark.parametrize("name, backward", [
+    ("arcface", ["mul.Tensor", "index.Tensor", "mul.Tensor", "index_put_.default"]),
+    ("combined", ["mul.Tensor", "index.Tensor", "mul.Tensor", "index_put_.default"]),
+    ("cosface", ["mul.Tensor"]),  # d (cos − m) / d cos = 1: the target entries keep s · grad
+])
+def test_a_closed_form_margin_slope_leaves_autograd_out_of_the_backward(name, backward):
+    head, cosines, labels, context = _margin_case(name, True)
+    x = cosines.clone().requires_grad_()
+    logits = head(x, labels, context)
+    grad_out = torch.ones(_B, _C, dtype=torch.float64)
+
+    class Record(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Record.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        torch.autograd.grad(logits, x, grad_out)
+    assert Record.ops == backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m1, m2, m3", [(1.0, 0.5, 0.0), (1.2, 0.3, 0.1), (1.0, "per row", 0.0)])
+def test_the_angular_margins_slope_is_autograds(dtype, m1, m2, m3):
+    from unicom.losses.margins import _ACOS_MARGIN, angular_margin
+
+    eps = _ACOS_MARGIN[dtype]
+    # both clamp bounds exactly, beyond them, the fallback past pi, and ordinary cosines
+    cos = torch.tensor([1.0, 1.0 - eps, -1.0 + eps, -1.0, -0.999, -0.95, -0.3, 0.0, 0.4, 0.97], dtype=dtype)
+    if m2 == "per row":
+        m2 = torch.linspace(0.1, 0.7, cos.numel(), dtype=dtype)
+    x = cos.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(angular_margin(x, m1, m2, m3).sum(), x)
+    value, slope = angular_margin(cos, m1, m2, m3, slope=True)
+    torch.testing.assert_close(value, angular_margin(cos, m1, m2, m3), rtol=0, atol=0)
+    torch.testing.assert_close(slope, expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert slope[0] == slope[1] == 0 and slope[-1] != 0  # clamped, or at the bound: autograd's clamp passes nothing

@@ -194,7 +194,7 @@ def fused_against_torch(device: str) -> None:
                             setattr(optimizer, name, torch.tensor(value, device=device))
                     optimizer.step()
                     optimizer.__dict__.pop("grad_scale", None), optimizer.__dict__.pop("found_inf", None)
-                assert optim.FUSED_ROWS == fused, "the fused kernel failed and the PyTorch update took over"
+                assert optim._ROW_UPDATE.enabled, "the fused kernel failed and the PyTorch update took over"
             finally:
                 optim.FUSED_ROWS, optim._CORRECTIONS_MIN = True, first_length
             state = optimizer.state[weight]
@@ -334,10 +334,9 @@ def test_a_fused_update_that_cannot_be_built_falls_back_to_the_pytorch_ops(monke
     def cannot_build(*args):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
-    monkeypatch.setattr(optim, "FUSED_ROWS", True)
-    monkeypatch.setattr(optim, "_FUSED_RAN", False)
+    monkeypatch.setattr(optim, "_ROW_UPDATE", optim.Fused(optim._ROW_UPDATE.what, optim._ROW_UPDATE.instead))
     monkeypatch.setattr(unicom.kernels, "row_adamw", cannot_build)
-    monkeypatch.setattr(optim, "_fused_rows", lambda *args: optim.FUSED_ROWS)
+    monkeypatch.setattr(optim, "_fused_rows", lambda *args: optim._ROW_UPDATE.enabled)
     torch.manual_seed(0)
     start = torch.randn(6, 3)
     weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
@@ -345,7 +344,7 @@ def test_a_fused_update_that_cannot_be_built_falls_back_to_the_pytorch_ops(monke
     with pytest.warns(RuntimeWarning, match="cannot run here .*C compiler"):
         weights[0].grad = torch.sparse_coo_tensor(index, values, (6, 3), check_invariants=True)
         SparseAdamW([weights[0]], lr=1e-2).step()
-    assert optim.FUSED_ROWS is False
+    assert optim._ROW_UPDATE.enabled is False
     monkeypatch.setattr(optim, "_fused_rows", lambda *args: False)
     weights[1].grad = torch.sparse_coo_tensor(index, values, (6, 3), check_invariants=True)
     SparseAdamW([weights[1]], lr=1e-2).step()

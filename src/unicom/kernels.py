@@ -8,61 +8,43 @@ the two (on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import functools
+import warnings
 
 import torch
 
 
-@functools.lru_cache(maxsize=1)
-def _row_adamw_kernel():
-    import triton
-    import triton.language as tl
+class Fused:
+    """The switch of one fused kernel: on until its first launch fails (Triton needs a C
+    compiler and a GPU it supports to build it), then off with one warning, and the caller's
+    PyTorch twin does the work. ``what`` names the kernel in the warning, ``instead`` says
+    what happens instead."""
 
-    @triton.jit
-    def row_adamw(param, exp_avg, exp_avg_sq, grad, rows, steps, correction1, correction2, grad_scale, found_inf,
-                  dim, lr, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                  DECOUPLED: tl.constexpr, SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, BLOCK: tl.constexpr):
-        # the scalars come as float32 values of what the caller computed in double precision
-        # (1 - 0.999 in float32 arithmetic would be 1.3e-5 off), as PyTorch's ops receive them;
-        # so do the bias corrections, a table indexed by the step count.
-        # One program per selected row: its count, then its columns block by block (gather,
-        # update, scatter in one pass), then the count written back: no other program reads it.
-        # A step skipped (found_inf != 0) writes nothing: its stores are masked off.
-        i = tl.program_id(0)
-        row = tl.load(rows + i).to(tl.int64)
-        t = tl.load(steps + row) + 1
-        c1 = tl.load(correction1 + t)
-        c2 = tl.load(correction2 + t)
-        written = dim  # the columns stored: none in a skipped step
-        if SKIPPABLE:
-            go = (tl.load(found_inf) == 0).to(tl.int32)
-            written = dim * go
-        for start in range(0, dim, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            mask = offsets < dim
-            at = row * dim + offsets
-            p = tl.load(param + at, mask=mask)
-            m = tl.load(exp_avg + at, mask=mask)
-            v = tl.load(exp_avg_sq + at, mask=mask)
-            g = tl.load(grad + i.to(tl.int64) * dim + offsets, mask=mask).to(tl.float32)
-            if SCALED:
-                g = g / tl.load(grad_scale)
-            if DECOUPLED:
-                p = p * decay
-            else:
-                g = g + p * weight_decay
-            m = m + one_minus_beta1 * (g - m)
-            v = v * beta2 + one_minus_beta2 * (g * g)
-            denom = tl.sqrt(v) / c2 + eps
-            p = p - (1 / denom) * m * (lr / c1)
-            stored = offsets < written
-            tl.store(param + at, p, mask=stored)
-            tl.store(exp_avg + at, m, mask=stored)
-            tl.store(exp_avg_sq + at, v, mask=stored)
-        if SKIPPABLE:
-            tl.store(steps + row, t, mask=go != 0)
-        else:
-            tl.store(steps + row, t)
+    def __init__(self, what: str, instead: str):
+        self.what, self.instead = what, instead
+        self.enabled = True
+        self.ran = False  # once it has run, later failures are not build failures and are raised
+
+    def launch(self, kernel, *args, **kwargs) -> bool:
+        """``kernel(*args, **kwargs)``; False, with the warning and the switch turned off, when its
+        first launch fails (then nothing was written)."""
+        if self.ran:
+            kernel(*args, **kwargs)
+            return True
+        try:
+            kernel(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure to build or launch the first time
+            self.enabled = False
+            warnings.warn(f"{self.what} cannot run here ({type(error).__name__}: {error}); {self.instead}",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        self.ran = True
+        return True
+
+
+def _row_adamw_kernel():
+    from unicom._triton_kernels import row_adamw
 
     return row_adamw
 
@@ -103,3 +85,40 @@ def row_adamw(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tens
         correction1 if grad_scale is None else grad_scale, correction1 if found_inf is None else found_inf,
         dim, lr, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
         DECOUPLED=decoupled, SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, BLOCK=block)
+
+
+def _margin_softmax_kernels():
+    from unicom._triton_kernels import margin_softmax_backward, margin_softmax_forward
+
+    return margin_softmax_forward, margin_softmax_backward
+
+
+def _softmax_block(columns: int) -> int:
+    return min(4096, 1 << max(4, (columns - 1).bit_length()))
+
+
+def margin_softmax_forward(cosines: torch.Tensor, targets: torch.Tensor, margin: dict, stats: torch.Tensor) -> None:
+    """Write the rows' cross-entropy of the margin softmax into ``stats`` (3, B) float32:
+    losses, row maxima and sums of exponentials (what the backward reads).
+
+    ``cosines`` (B, C) float32, bfloat16 or float16, contiguous; ``targets`` (B,) int64, every
+    row's target column (all on this shard); ``margin``: :func:`margin_softmax_parameters`.
+    The logits are ``scale · cos`` with the target's replaced by ``scale · (cos(θ + m) − m3)``
+    (ArcFace's fallback past π), as :class:`unicom.losses.margins.CombinedMargin` with m1 = 1
+    and :class:`unicom.losses.partial_fc.PartialFC`'s softmax cross-entropy compute them; the
+    target cosine is clamped as theirs, cos(θ + m) is computed without the angle."""
+    rows, columns = cosines.shape
+    forward, _ = _margin_softmax_kernels()
+    forward[(rows,)](cosines, targets, stats, rows, columns, **margin["values"], ANGULAR=margin["angular"],
+                     BLOCK=_softmax_block(columns))
+
+
+def margin_softmax_backward(cosines: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, grad_loss: torch.Tensor,
+                            margin: dict, exact: bool, grad: torch.Tensor) -> None:
+    """Write d (grad_loss · mean loss) / d cosines into ``grad`` (B, C), of the cosines' dtype.
+    ``grad_loss`` a float32 device scalar; ``exact``: differentiate the margin (False: the
+    target's logit counts as ``scale · cos``, the straight-through gradient)."""
+    rows, columns = cosines.shape
+    _, backward = _margin_softmax_kernels()
+    backward[(rows,)](cosines, targets, stats, grad_loss, grad, rows, columns, **margin["values"],
+                      ANGULAR=margin["angular"], EXACT=exact, BLOCK=_softmax_block(columns))

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from unicom.kernels import Fused
 
 FUSED_ROWS = True  # the row update of sparse gradients as one Triton kernel where it runs (False: PyTorch ops)
+_ROW_UPDATE = Fused("SparseAdamW: the fused row update", "updating rows with PyTorch operations instead")
 _CORRECTIONS_MIN = 1024  # first length of a table of bias corrections (it doubles when the counts reach its end)
 
 
@@ -164,7 +166,7 @@ def _fused_rows(param: torch.Tensor, state: dict, values: torch.Tensor, *scalars
     2-D float32 parameter and moments on a CUDA device, ``grad_scale`` and ``found_inf``
     (``scalars``, when given) float32 scalars on it, Triton importable. The arithmetic is
     :func:`_adamw_update`'s, in the same order; results agree to float32 rounding."""
-    if not FUSED_ROWS or param.dim() != 2 or param.dtype != torch.float32 or values.dtype not in (
+    if not (FUSED_ROWS and _ROW_UPDATE.enabled) or param.dim() != 2 or param.dtype != torch.float32 or values.dtype not in (
             torch.float32, torch.bfloat16, torch.float16):
         return False
     given = [s for s in scalars if s is not None]
@@ -175,32 +177,12 @@ def _fused_rows(param: torch.Tensor, state: dict, values: torch.Tensor, *scalars
     return triton_usable(param, state["exp_avg"], state["exp_avg_sq"], *given)
 
 
-_FUSED_RAN = False  # whether the kernel has run once in this process (later failures are not build failures)
-
-
 def _fused_row_update(*args) -> bool:
-    """:func:`unicom.kernels.row_adamw` on ``args``; False, with a warning and the fused
-    update turned off, when the kernel cannot be built here (Triton needs a C compiler
-    and a GPU it supports): the PyTorch ops then do the update. Nothing was written then."""
-    global FUSED_ROWS, _FUSED_RAN
-    from unicom.kernels import row_adamw
+    """:func:`unicom.kernels.row_adamw` on ``args``; False when it cannot be built here (then
+    the fused update is off, with a warning, and nothing was written)."""
+    import unicom.kernels
 
-    if _FUSED_RAN:
-        row_adamw(*args)
-        return True
-    try:
-        row_adamw(*args)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any failure to build or launch the first time
-        import warnings
-
-        FUSED_ROWS = False
-        warnings.warn(f"SparseAdamW: the fused row update cannot run here ({type(error).__name__}: {error}); "
-                      "updating rows with PyTorch operations instead", RuntimeWarning, stacklevel=3)
-        return False
-    _FUSED_RAN = True
-    return True
+    return _ROW_UPDATE.launch(unicom.kernels.row_adamw, *args)
 
 
 def _bias_corrections(steps: torch.Tensor, beta1: float, beta2: float, dtype: torch.dtype):

@@ -115,6 +115,12 @@ class MarginHead(nn.Module):
     def target_logit(self, cos_target: torch.Tensor, rows: torch.Tensor, context: MarginContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def target_logit_and_slope(self, cos_target: torch.Tensor, rows: torch.Tensor, context: MarginContext):
+        """``(target_logit(...), d target_logit / d cos_target)`` with the slope written out, a
+        (B,) tensor or a float, for heads that have it in closed form; None (the default):
+        the backward differentiates :meth:`target_logit` with autograd."""
+        return None
+
     def forward(self, cosines: torch.Tensor, labels: torch.Tensor, context: MarginContext | None = None) -> torch.Tensor:
         if context is None:
             context = local_context(cosines, labels)
@@ -126,36 +132,43 @@ class MarginHead(nn.Module):
 
 def _margin_logits(head: MarginHead, cosines: torch.Tensor, labels: torch.Tensor, context: MarginContext,
                    separate: bool = False):
-    """``(logits, index, cos_target, target)``: the float logits of ``cosines`` with every target
-    entry replaced by ``head.target_logit`` of it, times the head's scale. ``separate``: the
-    target logits are computed with a graph of their own from a detached leaf ``cos_target``
-    (for :class:`_TargetMargin`'s backward), not from ``cosines``' graph."""
+    """``(logits, index, slope)``: the float logits of ``cosines`` with every target entry
+    replaced by ``head.target_logit`` of it, times the head's scale. ``separate`` (for
+    :class:`_TargetMargin`'s backward): the target logits are computed without ``cosines``'
+    graph, and ``slope`` is their derivative in the target cosines: the head's closed form
+    (:meth:`MarginHead.target_logit_and_slope`), else ``(target, cos_target)``, a graph of
+    their own from a detached leaf for autograd. Without ``separate``, ``slope`` is None."""
     all_local = context.all_targets_local
     logits = _float_logits(cosines)
     index = target_index(labels, all_local)  # rows without a target are computed and dropped
     cos_target = target_entries(logits, labels, index)
+    slope = None
     if separate:
-        cos_target = cos_target.detach().requires_grad_()
-        with torch.enable_grad():
-            target = head.target_logit(cos_target, index[0], context)
-        entries = target.detach()
+        slope = head.target_logit_and_slope(cos_target, index[0], context)
+        if slope is not None:
+            entries, slope = slope
+        else:
+            cos_target = cos_target.detach().requires_grad_()
+            with torch.enable_grad():
+                target = head.target_logit(cos_target, index[0], context)
+            entries, slope = target.detach(), (target, cos_target)
     else:
-        target = entries = head.target_logit(cos_target, index[0], context)
+        entries = head.target_logit(cos_target, index[0], context)
     set_target_entries(logits, labels, entries, index, all_local)
     # in place: the (B, C) logits are the largest tensors of the step
-    return logits.mul_(head.scale), index, cos_target, target
+    return logits.mul_(head.scale), index, slope
 
 
 class _TargetMargin(torch.autograd.Function):
     """:meth:`MarginHead.forward` with a backward of two passes over the (B, C) logits: the
     incoming gradient times ``scale``, and each row's target entry replaced by that entry
-    times d target_logit / d cos (autograd over the (B,) target cosines alone). Autograd
-    through the forward's indexing and in-place write would add a zero-filled (B, C) tensor
-    and three more passes over the logits; the gradient is the same."""
+    times d target_logit / d cos (the head's closed form, or autograd over the (B,) target
+    cosines alone). Autograd through the forward's indexing and in-place write would add a
+    zero-filled (B, C) tensor and three more passes over the logits; the gradient is the same."""
 
     @staticmethod
     def forward(ctx, cosines, labels, head, context):
-        logits, index, ctx.cos_target, ctx.target = _margin_logits(head, cosines, labels, context, separate=True)
+        logits, index, ctx.slope = _margin_logits(head, cosines, labels, context, separate=True)
         ctx.index, ctx.scale, ctx.all_local, ctx.dtype = index, head.scale, context.all_targets_local, cosines.dtype
         ctx.save_for_backward(labels)
         return logits
@@ -165,8 +178,14 @@ class _TargetMargin(torch.autograd.Function):
     def backward(ctx, grad):
         (labels,) = ctx.saved_tensors
         grad = grad * ctx.scale
-        # the (B,) graph is kept as long as this node: a backward may run again (retain_graph)
-        (target_grad,) = torch.autograd.grad(ctx.target, ctx.cos_target, grad[ctx.index], retain_graph=True)
+        if isinstance(ctx.slope, tuple):
+            target, cos_target = ctx.slope
+            # the (B,) graph is kept as long as this node: a backward may run again (retain_graph)
+            (target_grad,) = torch.autograd.grad(target, cos_target, grad[ctx.index], retain_graph=True)
+        elif isinstance(ctx.slope, float) and ctx.slope == 1.0:  # the target entries keep s · grad
+            return grad.to(ctx.dtype), None, None, None
+        else:
+            target_grad = grad[ctx.index] * ctx.slope
         set_target_entries(grad, labels, target_grad.to(grad.dtype), ctx.index, ctx.all_local)
         return grad.to(ctx.dtype), None, None, None
 
@@ -202,25 +221,46 @@ def straight_through(head: nn.Module, cosines: torch.Tensor, labels: torch.Tenso
     return _ScaledIdentityGradient.apply(cosines, logits, float(head.scale))
 
 
-def _angle(cos: torch.Tensor) -> torch.Tensor:
+_ACOS_MARGIN = {torch.float32: 1e-7, torch.float64: 1e-12}
+
+
+def _inside_acos(cos: torch.Tensor) -> torch.Tensor:
     # acos has an infinite derivative at +-1; keep strictly inside
-    eps = 1e-7 if cos.dtype == torch.float32 else 1e-12
-    return torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
+    eps = _ACOS_MARGIN[torch.float64 if cos.dtype == torch.float64 else torch.float32]
+    return cos.clamp(-1.0 + eps, 1.0 - eps)
 
 
-def angular_margin(cos_target: torch.Tensor, m1: float, m2, m3: float = 0.0) -> torch.Tensor:
+def _angle(cos: torch.Tensor) -> torch.Tensor:
+    return torch.acos(_inside_acos(cos))
+
+
+def angular_margin(cos_target: torch.Tensor, m1: float, m2, m3: float = 0.0, slope: bool = False):
     """cos(m1·θ + m2) − m3 with θ = arccos(cos_target); ``m2`` a float or a per-row tensor.
 
     Where m1·θ + m2 > π the value falls back to cos θ − m3 − m2·sin(m2), the monotonic
     continuation used by ArcFace implementations, so a worse angle never scores better.
+    ``slope``: return ``(value, d value / d cos_target)``, autograd's derivative written out:
+    m1 · sin(m1·θ + m2) / sin θ, 0 where the cosine is clamped away from ±1 (θ constant there;
+    at the clamp's bounds too, as autograd's derivative of a clamp), 1 in the fallback.
     """
+    inside = _inside_acos(cos_target)
     # (m1 = 1 and m3 = 0, ArcFace's, are exact no-ops and skipped: fewer kernels per step)
-    angle = _angle(cos_target) if m1 == 1.0 else m1 * _angle(cos_target)
+    angle = torch.acos(inside) if m1 == 1.0 else m1 * torch.acos(inside)
     angle = angle + m2
     shifted = cos_target if m3 == 0.0 else cos_target - m3
     fallback = shifted - m2 * (torch.sin(m2) if torch.is_tensor(m2) else math.sin(m2))
     cos = torch.cos(angle)
-    return torch.where(angle <= math.pi, cos if m3 == 0.0 else cos - m3, fallback)
+    below_pi = angle <= math.pi
+    value = torch.where(below_pi, cos if m3 == 0.0 else cos - m3, fallback)
+    if not slope:
+        return value
+    # d cos(angle) / d cos θ = sin(angle) · m1 / sqrt(1 − cos² θ), in the order of autograd's operations
+    derivative = torch.sin(angle) * (1 - inside * inside).rsqrt()
+    if m1 != 1.0:
+        derivative = derivative * m1
+    eps = _ACOS_MARGIN[torch.float64 if cos_target.dtype == torch.float64 else torch.float32]
+    derivative = torch.where(cos_target.abs() < 1.0 - eps, derivative, 0.0)  # as autograd's clamp: 0 at its bounds
+    return value, torch.where(below_pi, derivative, 1.0)
 
 
 class CombinedMargin(MarginHead):
@@ -243,8 +283,26 @@ class CombinedMargin(MarginHead):
             return cos_target - self.m3
         return angular_margin(cos_target, self.m1, self.m2, self.m3)
 
+    def target_logit_and_slope(self, cos_target, rows, context):
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cos_target - self.m3, 1.0
+        return angular_margin(cos_target, self.m1, self.m2, self.m3, slope=True)
+
     def extra_repr(self) -> str:
         return f"m1={self.m1}, m2={self.m2}, m3={self.m3}, scale={self.scale}"
+
+
+def fused_softmax_margin(head: nn.Module) -> dict | None:
+    """The margin of ``head`` as the fused margin softmax kernel takes it
+    (:func:`unicom.kernels.margin_softmax_forward`), or None when the kernel does not compute
+    this head: it computes :class:`CombinedMargin`, :class:`ArcFace` and :class:`CosFace` with
+    m1 = 1 and 0 <= m2 < π (cos(θ + m2) from the cosine, without the angle) on float32 logits."""
+    if type(head) not in (CombinedMargin, ArcFace, CosFace) or head.m1 != 1.0 or not 0.0 <= head.m2 < math.pi:
+        return None
+    eps, m2, m3 = _ACOS_MARGIN[torch.float32], head.m2, head.m3
+    return {"angular": m2 != 0.0,
+            "values": {"scale": head.scale, "lower": -1.0 + eps, "upper": 1.0 - eps, "cos_m": math.cos(m2),
+                       "sin_m": math.sin(m2), "floor": -math.cos(m2), "m3": m3, "fallback_shift": m3 + m2 * math.sin(m2)}}
 
 
 class ArcFace(CombinedMargin):
@@ -292,8 +350,13 @@ class DynMArcFace(MarginHead):
         self.m_max, self.m_min, self.scale = float(m_max), float(m_min), float(scale)
 
     def target_logit(self, cos_target, rows, context):
-        margin = self.margins[context.class_ids[rows]].to(cos_target.dtype)
-        return angular_margin(cos_target, 1.0, margin)
+        return angular_margin(cos_target, 1.0, self._row_margins(cos_target, rows, context))
+
+    def target_logit_and_slope(self, cos_target, rows, context):
+        return angular_margin(cos_target, 1.0, self._row_margins(cos_target, rows, context), slope=True)
+
+    def _row_margins(self, cos_target, rows, context):
+        return self.margins[context.class_ids[rows]].to(cos_target.dtype)
 
     def extra_repr(self) -> str:
         return f"classes={self.margins.numel()}, m_max={self.m_max}, m_min={self.m_min}, scale={self.scale}"

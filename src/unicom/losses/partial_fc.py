@@ -32,7 +32,8 @@ from torch import nn
 from unicom.distributed import all_gather_tensor, reduce_scatter_tensor
 from unicom.errors import InputError
 from unicom.losses.heads import MARGIN_GRADIENTS
-from unicom.losses.margins import ArcFace, MarginContext, straight_through
+from unicom.kernels import Fused, triton_usable
+from unicom.losses.margins import ArcFace, MarginContext, fused_softmax_margin, straight_through
 
 # Prototypes are initialised in blocks of this many classes, each from its own seed, so the
 # global matrix is the same whatever the number of ranks it is split over.
@@ -265,6 +266,62 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             minus_one_hot = (-scale).to(grad.dtype).expand(grad.shape[0], 1)
         grad.scatter_add_(1, targets[:, None], minus_one_hot)
         return grad, None, None, None
+
+
+# the margin softmax of one shard as two Triton kernels on CUDA (unicom.kernels); False: PyTorch ops
+FUSED_SOFTMAX = True
+_FUSED_FORWARD = Fused("PartialFC: the fused margin softmax", "computing it with PyTorch operations instead")
+_FUSED_BACKWARD = Fused("PartialFC: the fused margin softmax's backward", "computing it with PyTorch operations instead")
+
+
+def _fused_softmax(margin: nn.Module, cosines: torch.Tensor, targets: torch.Tensor) -> dict | None:
+    """The margin's kernel parameters when the fused margin softmax computes this step's loss:
+    one shard, a margin it computes (:func:`~unicom.losses.margins.fused_softmax_margin`),
+    float32 / bfloat16 / float16 cosines on a CUDA device, Triton importable."""
+    if not (FUSED_SOFTMAX and _FUSED_FORWARD.enabled and _FUSED_BACKWARD.enabled) or cosines.shape[0] == 0:
+        return None
+    if cosines.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not triton_usable(cosines, targets):
+        return None
+    return fused_softmax_margin(margin)
+
+
+class _FusedMarginSoftmax(torch.autograd.Function):
+    """The mean cross-entropy of the margin softmax of one shard, from the cosines, in two
+    kernels (:func:`unicom.kernels.margin_softmax_forward` and ``_backward``): each reads the
+    (B, C) cosines once or twice where the PyTorch operations make about twenty passes over
+    them, and nothing of (B, C) is kept between them but the cosines. ``twin(cosines)``: the same
+    loss with PyTorch operations, used when a kernel cannot be built here."""
+
+    @staticmethod
+    def forward(ctx, cosines, targets, margin, exact, twin):
+        from unicom.kernels import margin_softmax_forward
+
+        stats = torch.empty(3, cosines.shape[0], dtype=torch.float32, device=cosines.device)
+        ctx.margin, ctx.exact, ctx.twin, ctx.twin_graph = margin, exact, twin, None
+        if not _FUSED_FORWARD.launch(margin_softmax_forward, cosines, targets, margin, stats):
+            x = cosines.detach().requires_grad_()
+            with torch.enable_grad():
+                ctx.twin_graph = (x, twin(x))
+            return ctx.twin_graph[1].detach()
+        ctx.save_for_backward(cosines, targets, stats)
+        return stats[0].mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        from unicom.kernels import margin_softmax_backward
+
+        if ctx.twin_graph is not None:  # the forward ran the twin
+            x, loss = ctx.twin_graph
+            return torch.autograd.grad(loss, x, grad_loss)[0], None, None, None, None
+        cosines, targets, stats = ctx.saved_tensors
+        grad = torch.empty_like(cosines)
+        if not _FUSED_BACKWARD.launch(margin_softmax_backward, cosines, targets, stats, grad_loss.float().contiguous(),
+                                      ctx.margin, ctx.exact, grad):
+            with torch.enable_grad():
+                x = cosines.detach().requires_grad_()
+                grad = torch.autograd.grad(ctx.twin(x), x, grad_loss)[0]
+        return grad, None, None, None, None
 
 
 class PartialFC(nn.Module):
@@ -577,6 +634,15 @@ class PartialFC(nn.Module):
             world_size=self.world_size,
             all_targets_local=self.world_size == 1,
         )
+        fused = self.world_size == 1 and _fused_softmax(self.margin, cosines, targets)
+        if fused:
+            return _FusedMarginSoftmax.apply(cosines, targets, fused, self.margin_gradient == "exact",
+                                             lambda x: self._margin_cross_entropy(x, targets, context))
+        return self._margin_cross_entropy(cosines, targets, context)
+
+    def _margin_cross_entropy(self, cosines: torch.Tensor, targets: torch.Tensor, context: MarginContext) -> torch.Tensor:
+        """The mean loss from the cosines with PyTorch operations: the margin head, then the
+        softmax cross-entropy over the shards."""
         if self.margin_gradient == "straight_through":
             logits = straight_through(self.margin, cosines, targets, context)
         else:

@@ -41,45 +41,55 @@ def _cosines(rows, columns, dtype, device):
     return cosines.to(dtype).to(device), targets.to(device)
 
 
-def _loss_and_grad(pfc, cosines, targets, fused):
-    """The mean loss of ``pfc``'s margin softmax and its gradient in the cosines, through the
-    fused kernels or the PyTorch twin."""
-    context = MarginContext(class_ids=targets, column_classes=torch.arange(cosines.shape[1], device=cosines.device),
+def _kernels_and_twin(pfc, cosines, targets, norms):
+    """What the kernels compute from ``cosines``, (mean loss, G / norms, Σ_b G_bj cos_bj / norms_j²)
+    for an incoming gradient of 3, and the same from the PyTorch twin's loss and autograd's G."""
+    from unicom.kernels import margin_softmax_backward, margin_softmax_forward
+
+    rows, columns = cosines.shape
+    margin = fused_softmax_margin(pfc.margin)
+    stats = torch.empty(5, rows, device=cosines.device)
+    margin_softmax_forward(cosines, targets, margin, pfc.margin_gradient == "exact", stats)
+    grad_loss = torch.tensor(3.0, device=cosines.device)
+    scaled = torch.empty(rows, columns, dtype=cosines.dtype, device=cosines.device)
+    row_term = torch.empty(columns, device=cosines.device)
+    margin_softmax_backward(cosines, targets, stats, norms, grad_loss, margin, scaled, row_term)
+
+    context = MarginContext(class_ids=targets, column_classes=torch.arange(columns, device=cosines.device),
                             all_targets_local=True)
     x = cosines.clone().requires_grad_()
-    twin = lambda c: pfc._margin_cross_entropy(c, targets, context)  # noqa: E731
-    if fused:
-        margin = fused_softmax_margin(pfc.margin)
-        loss = partial_fc._FusedMarginSoftmax.apply(x, targets, margin, pfc.margin_gradient == "exact", twin)
-        assert type(loss.grad_fn).__name__ == "_FusedMarginSoftmaxBackward"
-    else:
-        loss = twin(x)
-    (grad,) = torch.autograd.grad(loss * 3.0, x)  # an incoming gradient other than 1
-    return loss.detach(), grad
+    loss = pfc._loss_from_cosines(x, targets, context)
+    (grad,) = torch.autograd.grad(loss, x, grad_loss)
+    grad, c = grad.float(), cosines.float()
+    return (stats[0].mean(), scaled.float(), row_term), (loss.detach(), grad / norms, (grad * c).sum(dim=0) / (norms * norms))
 
 
 def fused_against_torch(device):
-    """Every head the kernels compute, both margin gradients, float32 and bfloat16 cosines,
-    rows of one column block and of three (the last one part-filled); then whole PartialFC
-    steps (sampled classes, feature selection, sub-centers, bf16 autocast on CUDA). Returns
-    the number of comparisons made."""
+    """The kernels against the twin for every head they compute, both margin gradients,
+    float32 and bfloat16 cosines, 6 and 45 rows (one row block and two, the last part-filled),
+    one column block of the forward and three; then whole PartialFC steps (every class,
+    sampled classes, feature selection; bf16 autocast on CUDA). Returns the number of
+    comparisons made."""
     compared = 0
     for name, make in HEADS.items():
         for gradient in ("exact", "straight_through"):
             pfc = PartialFC(4, 10, make(), margin_gradient=gradient, seed=0)
             for dtype in (torch.float32, torch.bfloat16):
-                for columns in (37, 9000):
-                    cosines, targets = _cosines(6, columns, dtype, device)
-                    fused_loss, fused_grad = _loss_and_grad(pfc, cosines, targets, True)
-                    loss, grad = _loss_and_grad(pfc, cosines, targets, False)
-                    assert fused_grad.dtype == grad.dtype == dtype
-                    torch.testing.assert_close(fused_loss, loss, rtol=2e-6, atol=0)
-                    # float32: rounding; bfloat16: one unit in the last place of the gradient (2^-8 to 2^-7)
+                for rows, columns in ((6, 37), (45, 9000)):
+                    cosines, targets = _cosines(rows, columns, dtype, device)
+                    norms = torch.rand(columns, generator=torch.Generator().manual_seed(7)).add_(0.5).to(device)
+                    (loss, scaled, row_term), (loss_ref, scaled_ref, row_term_ref) = _kernels_and_twin(
+                        pfc, cosines, targets, norms)
+                    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)  # a GPU's exp and log are approximate
+                    # float32: rounding; bfloat16: one unit in the last place of G (2^-8 to 2^-7), which the
+                    # twin rounds to bfloat16 before it divides and sums (the kernel sums in float32)
                     bf16 = dtype == torch.bfloat16
-                    torch.testing.assert_close(fused_grad.float(), grad.float(), rtol=2**-7 if bf16 else 1e-5,
-                                               atol=1e-3 * float(grad.float().abs().max()) if bf16 else 1e-7)
+                    for value, expected in ((scaled, scaled_ref), (row_term, row_term_ref)):
+                        largest = float(expected.abs().max())
+                        torch.testing.assert_close(value, expected, rtol=2**-7 if bf16 else 1e-5,
+                                                   atol=(1e-2 if bf16 else 1e-6) * largest)
                     compared += 1
-    for settings in ({"sample_rate": 0.2}, {"sample_rate": 0.5, "feature_rate": 0.5}, {"centers": 3}):
+    for settings in ({"sample_rate": 1.0}, {"sample_rate": 0.2}, {"sample_rate": 0.5, "feature_rate": 0.5}):
         losses, grads = [], []
         for fused in (True, False):
             partial_fc.FUSED_SOFTMAX = fused
@@ -89,7 +99,7 @@ def fused_against_torch(device):
                 labels = torch.randint(0, 500, (16,), generator=torch.Generator().manual_seed(5)).to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                     loss = pfc(x, labels)
-                assert (type(loss.grad_fn).__name__ == "_FusedMarginSoftmaxBackward") == fused
+                assert (type(loss.grad_fn).__name__ == "_FusedCosineSoftmaxBackward") == fused
                 loss.backward()
             finally:
                 partial_fc.FUSED_SOFTMAX = True
@@ -129,21 +139,26 @@ def test_the_fused_margin_softmax_compiles_for_a_hopper_gpu(cosine_type):
     import triton
     from triton.compiler import ASTSource
 
-    from unicom.kernels import _margin_softmax_kernels
+    from unicom.kernels import _BACKWARD_TILE, _margin_softmax_kernels, _softmax_launch
 
     if "constexprs" not in inspect.signature(ASTSource).parameters:
         pytest.skip(f"Triton {triton.__version__} has an older ahead-of-time interface")
     from triton.backends.compiler import GPUTarget
 
-    pointers = {"cosines": cosine_type, "targets": "*i64", "stats": "*fp32", "grad_loss": "*fp32", "grad": cosine_type}
-    for kernel in _margin_softmax_kernels():
-        signature = {name: pointers.get(name, "constexpr" if name.isupper() else "i32" if name in ("rows", "columns")
+    forward, backward = _margin_softmax_kernels()
+    launch = _softmax_launch(100_000)  # the widest block, eight warps
+    forms = [(forward, {"ANGULAR": angular, "EXACT": exact, "BLOCK": launch["BLOCK"]}, launch["num_warps"])
+             for angular in (True, False) for exact in (True, False)]
+    forms.append((backward, dict(_BACKWARD_TILE), 4))
+    pointers = {"cosines": cosine_type, "targets": "*i64", "stats": "*fp32", "norms": "*fp32", "grad_loss": "*fp32",
+                "scaled": cosine_type, "row_term": "*fp32"}
+    for kernel, constexprs, warps in forms:
+        signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32" if name in ("rows", "columns")
                                         else "fp32") for name in kernel.arg_names}
-        forms = {tuple((name, value) for name, value in (("ANGULAR", angular), ("EXACT", exact), ("BLOCK", 4096))
-                       if name in kernel.arg_names) for angular in (True, False) for exact in (True, False)}
-        for form in forms:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs=dict(form)), target=GPUTarget("cuda", 90, 32))
-            assert len(compiled.asm["cubin"]) > 1000 and kernel.__name__ in compiled.asm["ptx"]
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps})
+        assert len(compiled.asm["cubin"]) > 1000 and kernel.__name__ in compiled.asm["ptx"]
+        assert compiled.metadata.num_warps == warps
 
 
 def test_the_kernels_take_arcface_cosface_and_the_combined_margin_with_m1_one():
@@ -199,8 +214,9 @@ def test_kernels_that_cannot_be_built_leave_the_step_to_the_pytorch_operations(m
     assert partial_fc._fused_softmax(ArcFace(), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)) is None
 
 
-def _forward_by_torch(cosines, targets, margin, stats):
-    """What the forward kernel writes, computed with PyTorch (float64): losses, maxima, sums."""
+def _forward_by_torch(cosines, targets, margin, exact, stats):
+    """What the forward kernel writes, computed with PyTorch (float64): losses, maxima, sums
+    (and NaN for the target logits and slopes, which only the backward kernel reads)."""
     values = margin["values"]
     c = cosines.double()
     target = c.gather(1, targets[:, None])[:, 0]
@@ -210,4 +226,5 @@ def _forward_by_torch(cosines, targets, margin, stats):
     z = (c * values["scale"]).scatter(1, targets[:, None], (value * values["scale"])[:, None])
     row_max = z.max(dim=1).values
     row_sum = (z - row_max[:, None]).exp().sum(dim=1)
-    stats.copy_(torch.stack([row_max + row_sum.log() - value * values["scale"], row_max, row_sum]))
+    unread = torch.full_like(row_max, float("nan"))
+    stats.copy_(torch.stack([row_max + row_sum.log() - value * values["scale"], row_max, row_sum, unread, unread]))

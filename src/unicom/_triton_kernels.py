@@ -73,15 +73,15 @@ def target_logit(c, lower, upper, cos_m, sin_m, floor, m3, fallback_shift, ANGUL
 
 @triton.jit
 def margin_softmax_forward(cosines, targets, stats, rows, columns, scale, lower, upper, cos_m, sin_m, floor, m3,
-                           fallback_shift, ANGULAR: tl.constexpr, BLOCK: tl.constexpr):
+                           fallback_shift, ANGULAR: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr):
     # One program per row: the target logit, then the row's max and sum of exponentials in
-    # one pass (a running max), then loss = max + log(sum) − target logit. stats (3, rows):
-    # losses, maxima, sums.
+    # one pass (a running max), then loss = max + log(sum) − target logit. stats (5, rows):
+    # losses, maxima, sums, target logits, the target logits' slopes d logit / d cos / scale.
     i = tl.program_id(0)
     base = cosines + i.to(tl.int64) * columns
     t = tl.load(targets + i)
-    value, _ = target_logit(tl.load(base + t).to(tl.float32), lower, upper, cos_m, sin_m, floor, m3,
-                            fallback_shift, ANGULAR, False)
+    value, slope = target_logit(tl.load(base + t).to(tl.float32), lower, upper, cos_m, sin_m, floor, m3,
+                                fallback_shift, ANGULAR, EXACT)
     z_t = value * scale
     row_max = tl.full([], float("-inf"), tl.float32)
     row_sum = tl.full([], 0.0, tl.float32)
@@ -95,27 +95,38 @@ def margin_softmax_forward(cosines, targets, stats, rows, columns, scale, lower,
     tl.store(stats + i, row_max + tl.log(row_sum) - z_t)
     tl.store(stats + rows + i, row_max)
     tl.store(stats + 2 * rows + i, row_sum)
+    tl.store(stats + 3 * rows + i, z_t)
+    tl.store(stats + 4 * rows + i, slope)
+
 
 @triton.jit
-def margin_softmax_backward(cosines, targets, stats, grad_loss, grad, rows, columns, scale, lower, upper, cos_m,
-                            sin_m, floor, m3, fallback_shift, ANGULAR: tl.constexpr, EXACT: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    # d mean loss / d cosines, one program per row: (softmax − one-hot) · g / rows · d logit / d cos,
-    # d logit / d cos = scale, times the target logit's slope at the target
-    i = tl.program_id(0)
-    base = i.to(tl.int64) * columns
-    t = tl.load(targets + i)
-    value, slope = target_logit(tl.load(cosines + base + t).to(tl.float32), lower, upper, cos_m, sin_m, floor,
-                                m3, fallback_shift, ANGULAR, EXACT)
-    z_t = value * scale
-    row_max = tl.load(stats + rows + i)
+def margin_softmax_backward(cosines, targets, stats, norms, grad_loss, scaled, row_term, rows, columns, scale,
+                            ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    # One program per block of columns, over all rows: G = d (g · mean loss) / d cos =
+    # (softmax − one-hot) · g / rows · scale, times the slope at the target; written as
+    # G / |w| (scaled) and summed down the columns as Σ_b G_bj cos_bj / |w_j|² (row_term):
+    # each column's sum in one program, in row order, so the same on every run.
+    j = tl.program_id(0)
+    cols = j * COLUMNS + tl.arange(0, COLUMNS)
+    col_mask = cols < columns
+    norm = tl.load(norms + cols, mask=col_mask, other=1.0)
     share = tl.load(grad_loss).to(tl.float32) / rows
-    weight = share / tl.load(stats + 2 * rows + i)
-    for start in range(0, columns, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < columns
-        z = tl.load(cosines + base + offsets, mask=mask, other=0.0).to(tl.float32) * scale
-        z = tl.where(offsets == t, z_t, z)
-        p = tl.exp(z - row_max) * weight
-        d = tl.where(offsets == t, (p - share) * scale * slope, p * scale)
-        tl.store(grad + base + offsets, d, mask=mask)
+    total = tl.zeros([COLUMNS], tl.float32)
+    for start in range(0, rows, ROWS):
+        r = start + tl.arange(0, ROWS)
+        row_mask = r < rows
+        t = tl.load(targets + r, mask=row_mask, other=-1)
+        row_max = tl.load(stats + rows + r, mask=row_mask, other=0.0)
+        weight = share / tl.load(stats + 2 * rows + r, mask=row_mask, other=1.0)
+        z_t = tl.load(stats + 3 * rows + r, mask=row_mask, other=0.0)
+        target_scale = tl.load(stats + 4 * rows + r, mask=row_mask, other=0.0) * scale
+        mask = row_mask[:, None] & col_mask[None, :]
+        at = r.to(tl.int64)[:, None] * columns + cols[None, :]
+        c = tl.load(cosines + at, mask=mask, other=0.0).to(tl.float32)  # 0 outside: no share in the sums
+        is_target = cols[None, :] == t[:, None]
+        z = tl.where(is_target, z_t[:, None], c * scale)
+        p = tl.exp(z - row_max[:, None]) * weight[:, None]
+        g = tl.where(is_target, (p - share) * target_scale[:, None], p * scale)
+        tl.store(scaled + at, g / norm[None, :], mask=mask)
+        total += tl.sum(g * c, axis=0)
+    tl.store(row_term + cols, total / (norm * norm), mask=col_mask)

@@ -93,16 +93,24 @@ def _margin_softmax_kernels():
     return margin_softmax_forward, margin_softmax_backward
 
 
-def _softmax_block(columns: int) -> int:
-    return min(4096, 1 << max(4, (columns - 1).bit_length()))
+def _softmax_launch(columns: int) -> dict:
+    """Block size (columns per iteration) and warps of the margin softmax's forward kernel: a
+    row's columns in blocks of up to 4096, eight warps for blocks of 2048 and more."""
+    block = min(4096, 1 << max(4, (columns - 1).bit_length()))
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
 
 
-def margin_softmax_forward(cosines: torch.Tensor, targets: torch.Tensor, margin: dict, stats: torch.Tensor) -> None:
-    """Write the rows' cross-entropy of the margin softmax into ``stats`` (3, B) float32:
-    losses, row maxima and sums of exponentials (what the backward reads).
+_BACKWARD_TILE = {"ROWS": 32, "COLUMNS": 128}  # rows x columns per iteration of the backward kernel
+
+
+def margin_softmax_forward(cosines: torch.Tensor, targets: torch.Tensor, margin: dict, exact: bool,
+                           stats: torch.Tensor) -> None:
+    """Write the margin softmax's cross-entropy per row into ``stats`` (5, B) float32: losses,
+    row maxima, sums of exponentials, the target logits and their slopes (what the backward reads).
 
     ``cosines`` (B, C) float32, bfloat16 or float16, contiguous; ``targets`` (B,) int64, every
-    row's target column (all on this shard); ``margin``: :func:`margin_softmax_parameters`.
+    row's target column (all on this shard); ``margin``: :func:`unicom.losses.margins.fused_softmax_margin`;
+    ``exact``: the slope is d target logit / d cos (else 1: ``margin_gradient="straight_through"``).
     The logits are ``scale · cos`` with the target's replaced by ``scale · (cos(θ + m) − m3)``
     (ArcFace's fallback past π), as :class:`unicom.losses.margins.CombinedMargin` with m1 = 1
     and :class:`unicom.losses.partial_fc.PartialFC`'s softmax cross-entropy compute them; the
@@ -110,15 +118,18 @@ def margin_softmax_forward(cosines: torch.Tensor, targets: torch.Tensor, margin:
     rows, columns = cosines.shape
     forward, _ = _margin_softmax_kernels()
     forward[(rows,)](cosines, targets, stats, rows, columns, **margin["values"], ANGULAR=margin["angular"],
-                     BLOCK=_softmax_block(columns))
+                     EXACT=exact, **_softmax_launch(columns))
 
 
-def margin_softmax_backward(cosines: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, grad_loss: torch.Tensor,
-                            margin: dict, exact: bool, grad: torch.Tensor) -> None:
-    """Write d (grad_loss · mean loss) / d cosines into ``grad`` (B, C), of the cosines' dtype.
-    ``grad_loss`` a float32 device scalar; ``exact``: differentiate the margin (False: the
-    target's logit counts as ``scale · cos``, the straight-through gradient)."""
+def margin_softmax_backward(cosines: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, norms: torch.Tensor,
+                            grad_loss: torch.Tensor, margin: dict, scaled: torch.Tensor, row_term: torch.Tensor) -> None:
+    """From ``grad_loss`` (a float32 device scalar) and the forward's ``stats``, with G = d
+    (grad_loss · mean loss) / d cosines: write G / norms into ``scaled`` (B, C, any float
+    dtype) and Σ_b G_bj cos_bj / norms_j² into ``row_term`` (C,) float32, where ``norms`` (C,)
+    float32 are the prototypes' norms (what :class:`unicom.losses.partial_fc.PartialFC`'s
+    normalisation backward takes). Deterministic: each column is summed by one program."""
     rows, columns = cosines.shape
     _, backward = _margin_softmax_kernels()
-    backward[(rows,)](cosines, targets, stats, grad_loss, grad, rows, columns, **margin["values"],
-                      ANGULAR=margin["angular"], EXACT=exact, BLOCK=_softmax_block(columns))
+    grid = (-(-columns // _BACKWARD_TILE["COLUMNS"]),)
+    backward[grid](cosines, targets, stats, norms, grad_loss, scaled, row_term, rows, columns,
+                   margin["values"]["scale"], **_BACKWARD_TILE)

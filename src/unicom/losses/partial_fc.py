@@ -170,26 +170,9 @@ class _PrototypeCosines(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, embeddings, prototypes, rows, features, sparse):
-        weight = prototypes.detach()
-        if rows is not None and features is not None:
-            selected = weight[rows[:, None], features[None, :]]
-        elif rows is not None:
-            selected = weight.index_select(0, rows)
-        elif features is not None:
-            selected = weight.index_select(1, features)
-        else:
-            selected = weight
-        lengths = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)  # (N, 1), unclamped
-        clamped = lengths.clamp_min(1e-12)
-        unit = embeddings / clamped
-        norms = torch.linalg.vector_norm(selected, dim=1).clamp_min_(1e-12)
-        cosines = F.linear(unit, selected)
-        cosines = cosines.div_(norms.to(cosines.dtype))
-        ctx.save_for_backward(unit, lengths, clamped, selected, norms, cosines, rows, features)
-        ctx.sparse = sparse
-        ctx.shape = prototypes.shape
-        ctx.dtype = embeddings.dtype
-        return cosines
+        saved = _cosines_forward(ctx, embeddings, prototypes, rows, features, sparse)
+        ctx.save_for_backward(*saved, rows, features)
+        return saved[-1]
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -199,30 +182,59 @@ class _PrototypeCosines(torch.autograd.Function):
         grad = grad.to(dtype)
         row_term = (grad * cosines.to(dtype)).sum(dim=0).div_(norms * norms)  # (R',)
         scaled = grad / norms  # G / |w|
-        grad_embeddings = grad_selected = None
-        if ctx.needs_input_grad[0]:
-            grad_unit = F.linear(scaled, selected.t().to(dtype))
-            # the radial part of dL/de, which the normalisation removes (none where |x| was clamped)
-            radial = (grad_unit * unit).sum(dim=1, keepdim=True).masked_fill_(lengths < 1e-12, 0.0)
-            grad_embeddings = torch.addcmul(grad_unit, unit, radial, value=-1).div_(clamped)
-            grad_embeddings = grad_embeddings.to(ctx.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_selected = F.linear(scaled.t(), unit.t().to(dtype)).to(dtype)
-            grad_selected.sub_(selected * row_term[:, None])
-            grad_selected = grad_selected.to(selected.dtype)
-            if features is not None:
-                width = torch.zeros(grad_selected.shape[0], ctx.shape[1], dtype=grad_selected.dtype, device=grad_selected.device)
-                grad_selected = width.index_copy_(1, features, grad_selected)
-            if rows is None:
-                pass
-            elif ctx.sparse:
-                grad_selected = torch.sparse_coo_tensor(
-                    rows[None], grad_selected, ctx.shape, is_coalesced=True, check_invariants=False
-                )
-            else:
-                full = torch.zeros(ctx.shape, dtype=grad_selected.dtype, device=grad_selected.device)
-                grad_selected = full.index_copy_(0, rows, grad_selected)
-        return grad_embeddings, grad_selected, None, None, None
+        return (*_cosines_backward(ctx, scaled, row_term, unit, lengths, clamped, selected, rows, features), None, None, None)
+
+
+def _cosines_forward(ctx, embeddings, prototypes, rows, features, sparse):
+    """:class:`_PrototypeCosines`' forward: ``(unit, lengths, clamped, selected, norms, cosines)``,
+    what its backward reads (``sparse``, the prototypes' shape and the embeddings' dtype go to ``ctx``)."""
+    weight = prototypes.detach()
+    if rows is not None and features is not None:
+        selected = weight[rows[:, None], features[None, :]]
+    elif rows is not None:
+        selected = weight.index_select(0, rows)
+    elif features is not None:
+        selected = weight.index_select(1, features)
+    else:
+        selected = weight
+    lengths = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)  # (N, 1), unclamped
+    clamped = lengths.clamp_min(1e-12)
+    unit = embeddings / clamped
+    norms = torch.linalg.vector_norm(selected, dim=1).clamp_min_(1e-12)
+    cosines = F.linear(unit, selected)
+    cosines = cosines.div_(norms.to(cosines.dtype))
+    ctx.sparse, ctx.shape, ctx.dtype = sparse, prototypes.shape, embeddings.dtype
+    return unit, lengths, clamped, selected, norms, cosines
+
+
+def _cosines_backward(ctx, scaled, row_term, unit, lengths, clamped, selected, rows, features):
+    """:class:`_PrototypeCosines`' backward from ``scaled`` = G / |w| (B, R') and ``row_term`` =
+    Σ_b G_bj cos_bj / |w_j|² (R',): ``(dL/d embeddings, dL/d prototypes)``, None where not needed."""
+    dtype = torch.float32 if selected.dtype != torch.float64 else torch.float64
+    grad_embeddings = grad_selected = None
+    if ctx.needs_input_grad[0]:
+        grad_unit = F.linear(scaled, selected.t().to(dtype))
+        # the radial part of dL/de, which the normalisation removes (none where |x| was clamped)
+        radial = (grad_unit * unit).sum(dim=1, keepdim=True).masked_fill_(lengths < 1e-12, 0.0)
+        grad_embeddings = torch.addcmul(grad_unit, unit, radial, value=-1).div_(clamped)
+        grad_embeddings = grad_embeddings.to(ctx.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_selected = F.linear(scaled.t(), unit.t().to(dtype)).to(dtype)
+        grad_selected.sub_(selected * row_term[:, None])
+        grad_selected = grad_selected.to(selected.dtype)
+        if features is not None:
+            width = torch.zeros(grad_selected.shape[0], ctx.shape[1], dtype=grad_selected.dtype, device=grad_selected.device)
+            grad_selected = width.index_copy_(1, features, grad_selected)
+        if rows is None:
+            pass
+        elif ctx.sparse:
+            grad_selected = torch.sparse_coo_tensor(
+                rows[None], grad_selected, ctx.shape, is_coalesced=True, check_invariants=False
+            )
+        else:
+            full = torch.zeros(ctx.shape, dtype=grad_selected.dtype, device=grad_selected.device)
+            grad_selected = full.index_copy_(0, rows, grad_selected)
+    return grad_embeddings, grad_selected
 
 
 class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
@@ -274,54 +286,75 @@ _FUSED_FORWARD = Fused("PartialFC: the fused margin softmax", "computing it with
 _FUSED_BACKWARD = Fused("PartialFC: the fused margin softmax's backward", "computing it with PyTorch operations instead")
 
 
-def _fused_softmax(margin: nn.Module, cosines: torch.Tensor, targets: torch.Tensor) -> dict | None:
-    """The margin's kernel parameters when the fused margin softmax computes this step's loss:
-    one shard, a margin it computes (:func:`~unicom.losses.margins.fused_softmax_margin`),
-    float32 / bfloat16 / float16 cosines on a CUDA device, Triton importable."""
-    if not (FUSED_SOFTMAX and _FUSED_FORWARD.enabled and _FUSED_BACKWARD.enabled) or cosines.shape[0] == 0:
+def _fused_softmax(margin: nn.Module, embeddings: torch.Tensor, prototypes: torch.Tensor) -> dict | None:
+    """The margin's kernel parameters when the fused margin softmax computes this step's loss
+    (the caller checks: one shard, one centre per class): a margin it computes
+    (:func:`~unicom.losses.margins.fused_softmax_margin`), float32 / bfloat16 / float16
+    embeddings and prototypes (so cosines) on a CUDA device, Triton importable."""
+    if not (FUSED_SOFTMAX and _FUSED_FORWARD.enabled and _FUSED_BACKWARD.enabled) or embeddings.shape[0] == 0:
         return None
-    if cosines.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not triton_usable(cosines, targets):
+    low = (torch.float32, torch.bfloat16, torch.float16)
+    if embeddings.dtype not in low or prototypes.dtype not in low or not triton_usable(embeddings, prototypes):
         return None
     return fused_softmax_margin(margin)
 
 
-class _FusedMarginSoftmax(torch.autograd.Function):
-    """The mean cross-entropy of the margin softmax of one shard, from the cosines, in two
-    kernels (:func:`unicom.kernels.margin_softmax_forward` and ``_backward``): each reads the
-    (B, C) cosines once or twice where the PyTorch operations make about twenty passes over
-    them, and nothing of (B, C) is kept between them but the cosines. ``twin(cosines)``: the same
+class _FusedCosineSoftmax(torch.autograd.Function):
+    """:class:`_PrototypeCosines` followed by the mean cross-entropy of the margin softmax of
+    one shard, the softmax in two Triton kernels (:func:`unicom.kernels.margin_softmax_forward`
+    and ``_backward``). The forward kernel reads each row of cosines once (its loss, maximum
+    and sum of exponentials); the backward kernel reads them again and writes G / |w| (in the
+    products' dtype) and Σ_b G_bj cos_bj / |w_j|², what the normalisation's backward takes,
+    where the PyTorch operations make about thirty passes over (B, C) tensors; nothing of
+    (B, C) is kept between them but the cosines. ``twin(embeddings, prototypes)``: the same
     loss with PyTorch operations, used when a kernel cannot be built here."""
 
     @staticmethod
-    def forward(ctx, cosines, targets, margin, exact, twin):
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, embeddings, prototypes, rows, features, targets, sparse, margin, exact, twin):
         from unicom.kernels import margin_softmax_forward
 
-        stats = torch.empty(3, cosines.shape[0], dtype=torch.float32, device=cosines.device)
-        ctx.margin, ctx.exact, ctx.twin, ctx.twin_graph = margin, exact, twin, None
-        if not _FUSED_FORWARD.launch(margin_softmax_forward, cosines, targets, margin, stats):
-            x = cosines.detach().requires_grad_()
-            with torch.enable_grad():
-                ctx.twin_graph = (x, twin(x))
-            return ctx.twin_graph[1].detach()
-        ctx.save_for_backward(cosines, targets, stats)
+        saved = _cosines_forward(ctx, embeddings, prototypes, rows, features, sparse)
+        cosines = saved[-1]
+        stats = torch.empty(5, cosines.shape[0], dtype=torch.float32, device=cosines.device)
+        ctx.margin, ctx.twin, ctx.twin_graph = margin, twin, None
+        if not _FUSED_FORWARD.launch(margin_softmax_forward, cosines, targets, margin, exact, stats):
+            ctx.twin_graph = _twin_graph(twin, embeddings, prototypes)
+            return ctx.twin_graph[-1].detach()
+        ctx.save_for_backward(*saved, rows, features, targets, stats, embeddings, prototypes)
         return stats[0].mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss):
         from unicom.kernels import margin_softmax_backward
 
-        if ctx.twin_graph is not None:  # the forward ran the twin
-            x, loss = ctx.twin_graph
-            return torch.autograd.grad(loss, x, grad_loss)[0], None, None, None, None
-        cosines, targets, stats = ctx.saved_tensors
-        grad = torch.empty_like(cosines)
-        if not _FUSED_BACKWARD.launch(margin_softmax_backward, cosines, targets, stats, grad_loss.float().contiguous(),
-                                      ctx.margin, ctx.exact, grad):
-            with torch.enable_grad():
-                x = cosines.detach().requires_grad_()
-                grad = torch.autograd.grad(ctx.twin(x), x, grad_loss)[0]
-        return grad, None, None, None, None
+        if ctx.twin_graph is None:
+            unit, lengths, clamped, selected, norms, cosines, rows, features, targets, stats, embeddings, prototypes = (
+                ctx.saved_tensors)
+            # the products' dtype: autocast's (restored for the backward), else float32
+            low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
+            scaled = torch.empty(cosines.shape, dtype=low, device=cosines.device)
+            row_term = torch.empty(cosines.shape[1], dtype=torch.float32, device=cosines.device)
+            if _FUSED_BACKWARD.launch(margin_softmax_backward, cosines, targets, stats, norms,
+                                      grad_loss.float().contiguous(), ctx.margin, scaled, row_term):
+                grads = _cosines_backward(ctx, scaled, row_term, unit, lengths, clamped, selected, rows, features)
+                return (*grads, None, None, None, None, None, None, None)
+            ctx.twin_graph = _twin_graph(ctx.twin, embeddings, prototypes)
+        x, weight, loss = ctx.twin_graph
+        wanted = [t for t, need in zip((x, weight), ctx.needs_input_grad[:2]) if need]
+        found = iter(torch.autograd.grad(loss, wanted, grad_loss))
+        grads = [next(found) if need else None for need in ctx.needs_input_grad[:2]]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _twin_graph(twin, embeddings, prototypes):
+    """``(x, w, loss)``: the twin's loss with a graph from leaves x, w holding the values of
+    ``embeddings`` and ``prototypes`` (for a step whose kernels cannot run)."""
+    x, weight = embeddings.detach().requires_grad_(), prototypes.detach().requires_grad_()
+    with torch.enable_grad():
+        return x, weight, twin(x, weight)
 
 
 class PartialFC(nn.Module):
@@ -621,11 +654,6 @@ class PartialFC(nn.Module):
             norms = torch.linalg.vector_norm(embeddings.detach().float(), dim=1)
         if feature_index is not None:
             embeddings = embeddings.index_select(1, feature_index)
-        cosines = _PrototypeCosines.apply(
-            embeddings, self.prototypes, rows, feature_index, self.sparse_gradient
-        )
-        if self.centers > 1:
-            cosines = cosines.view(cosines.shape[0], -1, self.centers).amax(dim=2)
         context = MarginContext(
             class_ids=labels,
             column_classes=column_classes,
@@ -634,15 +662,25 @@ class PartialFC(nn.Module):
             world_size=self.world_size,
             all_targets_local=self.world_size == 1,
         )
-        fused = self.world_size == 1 and _fused_softmax(self.margin, cosines, targets)
+        fused = self.world_size == 1 and self.centers == 1 and _fused_softmax(self.margin, embeddings, self.prototypes)
         if fused:
-            return _FusedMarginSoftmax.apply(cosines, targets, fused, self.margin_gradient == "exact",
-                                             lambda x: self._margin_cross_entropy(x, targets, context))
-        return self._margin_cross_entropy(cosines, targets, context)
+            twin = lambda x, weight: self._margin_cross_entropy(x, weight, rows, feature_index, targets, context)  # noqa: E731
+            return _FusedCosineSoftmax.apply(embeddings, self.prototypes, rows, feature_index, targets,
+                                             self.sparse_gradient, fused, self.margin_gradient == "exact", twin)
+        return self._margin_cross_entropy(embeddings, self.prototypes, rows, feature_index, targets, context)
 
-    def _margin_cross_entropy(self, cosines: torch.Tensor, targets: torch.Tensor, context: MarginContext) -> torch.Tensor:
-        """The mean loss from the cosines with PyTorch operations: the margin head, then the
+    def _margin_cross_entropy(self, embeddings, prototypes, rows, feature_index, targets, context) -> torch.Tensor:
+        """The mean loss with PyTorch operations: the cosines of ``embeddings`` (restricted to
+        the features already) with the selected ``prototypes``, the margin head, then the
         softmax cross-entropy over the shards."""
+        cosines = _PrototypeCosines.apply(embeddings, prototypes, rows, feature_index, self.sparse_gradient)
+        if self.centers > 1:
+            cosines = cosines.view(cosines.shape[0], -1, self.centers).amax(dim=2)
+        return self._loss_from_cosines(cosines, targets, context)
+
+    def _loss_from_cosines(self, cosines, targets, context) -> torch.Tensor:
+        """The mean loss from the (B, C) cosines with PyTorch operations: the margin head, then
+        the softmax cross-entropy over the shards."""
         if self.margin_gradient == "straight_through":
             logits = straight_through(self.margin, cosines, targets, context)
         else:

@@ -333,8 +333,9 @@ class _FusedCosineSoftmax(torch.autograd.Function):
         if ctx.twin_graph is None:
             unit, lengths, clamped, selected, norms, cosines, rows, features, targets, stats, embeddings, prototypes = (
                 ctx.saved_tensors)
-            # the products' dtype: autocast's (restored for the backward), else float32
-            low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
+            # the products' dtype: autocast's (restored for the backward: the cosines came out of
+            # its product), else float32
+            low = cosines.dtype if cosines.is_cuda and torch.is_autocast_enabled() else torch.float32
             scaled = torch.empty(cosines.shape, dtype=low, device=cosines.device)
             row_term = torch.empty(cosines.shape[1], dtype=torch.float32, device=cosines.device)
             if _FUSED_BACKWARD.launch(margin_softmax_backward, cosines, targets, stats, norms,
@@ -588,7 +589,8 @@ class PartialFC(nn.Module):
         is meaningless: :class:`unicom.engine.step.TrainStep` skips such a step on the
         device and raises :meth:`check_label_bounds`'s error when its result is read.
         """
-        bounds, self._label_bounds = self._label_bounds, None
+        bounds = self._label_bounds
+        self.__dict__["_label_bounds"] = None  # a plain attribute: see forward
         return bounds
 
     def check_label_bounds(self, lo: float, hi: float) -> None:
@@ -624,7 +626,9 @@ class PartialFC(nn.Module):
             if self._label_bounds is not None:
                 bounds = torch.stack([torch.minimum(bounds[0], self._label_bounds[0]),
                                       torch.maximum(bounds[1], self._label_bounds[1])])
-            self._label_bounds = bounds
+            # plain attributes that change every step are set past nn.Module.__setattr__, whose
+            # checks for parameters, buffers and submodules take as long as a small operation
+            self.__dict__["_label_bounds"] = bounds
             labels = labels.clamp(0, self.num_classes - 1)
 
         if self.world_size == 1:  # one shard, and the labels are in range (checked, or clamped above)
@@ -646,8 +650,7 @@ class PartialFC(nn.Module):
             if self.centers > 1:
                 rows = (class_index[:, None] * self.centers + torch.arange(self.centers, device=rows.device)).flatten()
             column_classes = class_index + self.class_start if self.class_start else class_index
-        self.last_class_index = column_classes.detach()
-        self.last_feature_index = feature_index
+        self.__dict__.update(last_class_index=column_classes.detach(), last_feature_index=feature_index)
 
         norms = None  # the embeddings' norms, for heads that read them (AdaFace; any head not of this module)
         if getattr(self.margin, "uses_norms", True):

@@ -191,7 +191,7 @@ def _a_cpu_step(monkeypatch, **broken):
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
     loss = pfc(x, torch.arange(6) * 7)
     loss.backward()
-    return loss.detach(), x.grad
+    return loss.detach(), x.grad, pfc.prototypes.grad.to_dense()
 
 
 @pytest.mark.parametrize("broken", ["margin_softmax_forward", "margin_softmax_backward"])
@@ -201,17 +201,18 @@ def test_kernels_that_cannot_be_built_leave_the_step_to_the_pytorch_operations(m
     gradient with PyTorch; later steps do not try again."""
     with monkeypatch.context() as patch:
         patch.setattr(partial_fc, "FUSED_SOFTMAX", False)
-        expected_loss, expected_grad = _a_cpu_step(patch)
+        expected_loss, *expected_grads = _a_cpu_step(patch)
     if broken == "margin_softmax_backward":  # the forward kernel must run: the interpreter's stand-in
         import unicom.kernels
 
         monkeypatch.setattr(unicom.kernels, "margin_softmax_forward", _forward_by_torch)
     with pytest.warns(RuntimeWarning, match="cannot run here .*C compiler"):
-        loss, grad = _a_cpu_step(monkeypatch, **{broken: True})
+        loss, *grads = _a_cpu_step(monkeypatch, **{broken: True})
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    for grad, expected in zip(grads, expected_grads):  # the embeddings' and the prototypes'
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     assert not (partial_fc._FUSED_FORWARD.enabled and partial_fc._FUSED_BACKWARD.enabled)
-    assert partial_fc._fused_softmax(ArcFace(), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)) is None
+    assert partial_fc._fused_softmax(ArcFace(), torch.zeros(2, 3), torch.zeros(5, 3)) is None  # later steps: PyTorch
 
 
 def _forward_by_torch(cosines, targets, margin, exact, stats):

@@ -1,7 +1,7 @@
 """Fused GPU kernels (Triton) for steps that PyTorch runs as many small passes.
 
-Imported only where a CUDA step uses them (Triton is imported lazily: ``import unicom``
-never loads it). Each kernel has a PyTorch twin that computes the same function and is
+Triton is imported only when a kernel first runs (the kernels are in
+``unicom._triton_kernels``): importing this module, or ``unicom``, never loads it. Each kernel has a PyTorch twin that computes the same function and is
 used on the CPU, without Triton, or for inputs the kernel does not take; the tests compare
 the two (on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
 """

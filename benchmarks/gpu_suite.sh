@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of unicom in one run: the CUDA tests, then each GPU benchmark, side by side
-# on one GPU, in under 9 minutes on one H100/H200 (the stages' time limits add up to 530 s).
+# on one GPU, in under 10 minutes on one H100/H200 (the stages' time limits add up to 560 s).
 # Results go to benchmarks/results/*_cuda.txt, each benchmark's file rewritten as its parts
 # finish, so a stage stopped by its time limit keeps what it measured:
 #
@@ -115,7 +115,7 @@ TESTS=(tests/test_sync_free_step.py tests/test_gpu_decode.py tests/test_host_cop
        tests/test_partial_fc.py tests/test_fused_softmax.py tests/test_metrics.py)
 if [ "$SMOKE" = 1 ]; then SELECT=(-k "recorder or cuda"); else SELECT=(-k "cuda or on_the_gpu"); fi
 if selected tests; then  # the output file only when the stage runs: --only without tests keeps the last one
-  stage tests 90 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
+  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
     > >(tee "$RESULTS/gpu_tests_$SUFFIX.txt") 2>&1
 fi
 

@@ -312,3 +312,23 @@ def test_the_angular_margins_slope_is_autograds(dtype, m1, m2, m3):
     torch.testing.assert_close(value, angular_margin(cos, m1, m2, m3), rtol=0, atol=0)
     torch.testing.assert_close(slope, expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
     assert slope[0] == slope[1] == 0 and slope[-1] != 0  # clamped, or at the bound: autograd's clamp passes nothing
+
+
+def test_a_subclass_that_changes_the_target_logit_is_differentiated_by_autograd():
+    """Its parent's closed-form slope belongs to the parent's target logit, not to its own."""
+
+    class SquaredArcFace(ArcFace):
+        def target_logit(self, cos_target, rows, context):
+            return super().target_logit(cos_target, rows, context) ** 2
+
+    head, cosines, labels, context = _margin_case("arcface", True)
+    squared = SquaredArcFace(head.margin, head.scale).eval()
+    grad_out = torch.randn(_B, _C, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = cosines.clone().requires_grad_()
+    logits = squared(x, labels, context)
+    (grad,) = torch.autograd.grad(logits, x, grad_out)
+    x_ref = cosines.clone().requires_grad_()
+    logits_ref = _margin_logits(squared, x_ref, labels, context)[0]  # autograd through every operation
+    (grad_ref,) = torch.autograd.grad(logits_ref, x_ref, grad_out)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)

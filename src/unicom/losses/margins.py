@@ -18,6 +18,7 @@ This module is the one implementation of the margin mathematics in the project.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +145,7 @@ def _margin_logits(head: MarginHead, cosines: torch.Tensor, labels: torch.Tensor
     cos_target = target_entries(logits, labels, index)
     slope = None
     if separate:
-        slope = head.target_logit_and_slope(cos_target, index[0], context)
+        slope = head.target_logit_and_slope(cos_target, index[0], context) if _closed_form(type(head)) else None
         if slope is not None:
             entries, slope = slope
         else:
@@ -157,6 +158,16 @@ def _margin_logits(head: MarginHead, cosines: torch.Tensor, labels: torch.Tensor
     set_target_entries(logits, labels, entries, index, all_local)
     # in place: the (B, C) logits are the largest tensors of the step
     return logits.mul_(head.scale), index, slope
+
+
+@functools.lru_cache(maxsize=None)
+def _closed_form(head_class: type) -> bool:
+    """Whether ``head_class``'s :meth:`~MarginHead.target_logit_and_slope` belongs to its
+    ``target_logit``: defined by the same class or a subclass of it. (A subclass that
+    overrides only ``target_logit`` is differentiated by autograd, not by its parent's slope.)"""
+    owner = {name: next(c for c in head_class.__mro__ if name in c.__dict__)
+             for name in ("target_logit", "target_logit_and_slope")}
+    return issubclass(owner["target_logit_and_slope"], owner["target_logit"])
 
 
 class _TargetMargin(torch.autograd.Function):

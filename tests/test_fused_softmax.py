@@ -26,9 +26,9 @@ HEADS = {
 
 def _cosines(rows, columns, dtype, device):
     """Cosines in (-0.99, 0.99) with targets at +1 (clamped: slope 0), -1 and -0.995 (past
-    π - m for ArcFace's margins: the fallback), 0.3 and the clamp's upper bound; none within 1e-3 of the fallback's
-    edge -cos m, where the kernel's test on the cosine and the twin's on the angle may
-    round to different sides of a discontinuity."""
+    π - m for ArcFace's margins: the fallback), 0.3 and the clamp's upper bound; none within
+    1e-3 of the fallback's edge -cos m, where the kernel's test on the cosine and the twin's
+    on the angle may round to different sides of a discontinuity."""
     generator = torch.Generator().manual_seed(3)
     cosines = torch.rand(rows, columns, generator=generator, dtype=torch.float64) * 1.98 - 0.99
     targets = torch.randint(0, columns, (rows,), generator=generator)
@@ -122,7 +122,7 @@ def test_the_fused_margin_softmax_is_its_pytorch_twin_under_tritons_interpreter(
     result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compared", "27"]  # 3 heads x 2 gradients x 2 dtypes x 2 widths, 3 steps
+    assert result.stdout.split() == ["compared", "27"]  # 3 heads x 2 gradients x 2 dtypes x 2 sizes, 3 steps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

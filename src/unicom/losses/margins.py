@@ -235,9 +235,14 @@ def straight_through(head: nn.Module, cosines: torch.Tensor, labels: torch.Tenso
 _ACOS_MARGIN = {torch.float32: 1e-7, torch.float64: 1e-12}
 
 
+def _acos_margin(cos: torch.Tensor) -> float:
+    """How far inside ±1 cosines are clamped before acos (float64 cosines: 1e-12, others 1e-7)."""
+    return _ACOS_MARGIN[torch.float64 if cos.dtype == torch.float64 else torch.float32]
+
+
 def _inside_acos(cos: torch.Tensor) -> torch.Tensor:
     # acos has an infinite derivative at +-1; keep strictly inside
-    eps = _ACOS_MARGIN[torch.float64 if cos.dtype == torch.float64 else torch.float32]
+    eps = _acos_margin(cos)
     return cos.clamp(-1.0 + eps, 1.0 - eps)
 
 
@@ -269,8 +274,7 @@ def angular_margin(cos_target: torch.Tensor, m1: float, m2, m3: float = 0.0, slo
     derivative = torch.sin(angle) * (1 - inside * inside).rsqrt()
     if m1 != 1.0:
         derivative = derivative * m1
-    eps = _ACOS_MARGIN[torch.float64 if cos_target.dtype == torch.float64 else torch.float32]
-    derivative = torch.where(cos_target.abs() < 1.0 - eps, derivative, 0.0)  # as autograd's clamp: 0 at its bounds
+    derivative = torch.where(cos_target.abs() < 1.0 - _acos_margin(cos_target), derivative, 0.0)  # as autograd's clamp: 0 at its bounds
     return value, torch.where(below_pi, derivative, 1.0)
 
 

@@ -130,9 +130,11 @@ def test_on_cuda_the_fused_margin_softmax_is_its_pytorch_twin():
     assert fused_against_torch("cuda") == 27
 
 
+@pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("cosine_type", ["*fp32", "*bf16", "*fp16"])
-def test_the_fused_margin_softmax_compiles_for_a_hopper_gpu(cosine_type):
-    """Triton's compiler builds both kernels to cubins for sm_90 in every form a step takes."""
+def test_the_fused_margin_softmax_compiles_for_ampere_and_hopper_gpus(cosine_type, arch):
+    """Triton's compiler builds both kernels to cubins for sm_80 (A100) and sm_90 (H100, H200)
+    in every form a step takes."""
     import inspect
 
     pytest.importorskip("triton")
@@ -155,7 +157,7 @@ def test_the_fused_margin_softmax_compiles_for_a_hopper_gpu(cosine_type):
     for kernel, constexprs, warps in forms:
         signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32" if name in ("rows", "columns")
                                         else "fp32") for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps})
         assert len(compiled.asm["cubin"]) > 1000 and kernel.__name__ in compiled.asm["ptx"]
         assert compiled.metadata.num_warps == warps

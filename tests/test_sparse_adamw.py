@@ -290,10 +290,12 @@ def test_the_fused_row_update_is_the_pytorch_one_under_tritons_interpreter():
     assert lines[1] == "beside [] 2"
 
 
+@pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("grad_type", ["*fp32", "*bf16", "*fp16"])
-def test_the_fused_row_update_compiles_for_a_hopper_gpu(grad_type):
-    """Triton's compiler, not its interpreter, builds the kernel to a cubin for sm_90 (H100,
-    H200) in every form a step can take; no GPU is needed to compile, only to run."""
+def test_the_fused_row_update_compiles_for_ampere_and_hopper_gpus(grad_type, arch):
+    """Triton's compiler, not its interpreter, builds the kernel to a cubin for sm_80 (A100)
+    and sm_90 (H100, H200) in every form a step can take; no GPU is needed to compile, only
+    to run."""
     import inspect
 
     pytest.importorskip("triton")
@@ -316,7 +318,7 @@ def test_the_fused_row_update_compiles_for_a_hopper_gpu(grad_type):
         for scaled, skippable in ((False, False), (True, True)):  # the benchmark's step, a training step
             source = ASTSource(kernel, signature, constexprs={"DECOUPLED": decoupled, "SCALED": scaled,
                                                               "SKIPPABLE": skippable, "BLOCK": 512})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
             assert len(compiled.asm["cubin"]) > 1000 and "row_adamw" in compiled.asm["ptx"]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from support import class_image, encode_image
 
 from unicom.data.transforms import (
@@ -169,6 +170,96 @@ def test_transforms_that_do_not_run_on_tensors_are_named():
     assert resolve_decode("gpu", "cpu", clip_transform()) is True
     with pytest.raises(InputError, match="decode='fast'"):
         resolve_decode("fast", "cpu", clip_transform())
+
+
+class HostWaits(TorchDispatchMode):
+    """What would make the host wait for a GPU's queue, seen with the "meta" device standing
+    in for the GPU: copies from host memory to the device that are not ``non_blocking``
+    (PyTorch synchronises the stream after a blocking one), and indexing operations (whose
+    indices, made from Python lists, are such copies, made below the dispatcher where no
+    mode sees them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        if "index" in name:
+            self.seen.append(name)
+        elif name in ("_to_copy", "copy_"):
+            source, target = (args[1], args[0].device) if name == "copy_" else (args[0], kwargs.get("device"))
+            blocking = not (args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False))
+            if source.device.type == "cpu" and target is not None and torch.device(target).type == "meta" and blocking:
+                self.seen.append(f"{name} from the host")
+        return func(*args, **kwargs)
+
+
+def test_host_waits_are_seen_by_the_recorder():
+    out, rows = torch.empty(4, 3, device="meta"), torch.empty(2, 3, device="meta")
+    with HostWaits() as waits:
+        out[[0, 2]] = rows
+        torch.tensor([1.0]).to("meta")
+        torch.tensor([1.0]).to("meta", non_blocking=True)  # pinned by the loader: the host goes on
+        out.copy_(torch.zeros(4, 3))
+    assert waits.seen == ["index_put_", "_to_copy from the host", "copy_ from the host"]
+
+
+def decoded_batches(kind: str, device: str):
+    """Batches as :func:`assemble_model_input` takes them, their images made on ``device``:
+    every JPEG decoded, some refused, some samples of the CPU path, images of several sizes;
+    with what the first batch on a device does once (the normalisation's constants copied
+    there) done first."""
+    from unicom.data.transforms import EncodedJpegs, SplitTransform, assemble_model_input
+    from unicom.engine.sections import AugmentConfig
+
+    pil = clip_transform() if kind == "evaluation" else AugmentConfig().transform(224)
+    tensor, split = TensorTransform(pil), SplitTransform(clip_transform())
+    shapes = [(256, 300), (256, 300), (300, 256), (240, 240), (256, 300)]
+
+    def batch(failed: set, on_cpu: set):
+        slots = [i for i in range(len(shapes)) if i not in on_cpu]
+        jpegs = EncodedJpegs([b"jpeg"] * len(slots), [tensor.plan(shapes[i][1], shapes[i][0]) for i in slots], slots,
+                             ["part"] * len(slots))
+        decoded = [RuntimeError("refused") if i in failed else torch.zeros(3, *shapes[i], dtype=torch.uint8,
+                                                                             device=device) for i in slots]
+        cpu = torch.zeros(len(on_cpu), 3, 224, 224, dtype=torch.uint8) if on_cpu else None
+        if cpu is not None and device == "cuda":
+            cpu = cpu.pin_memory()  # as the loader pins its batches for a GPU
+        return (len(shapes), cpu, decoded, jpegs, device, split, tensor), failed
+
+    assemble_model_input(*batch(set(), set())[0])
+    for failed, on_cpu in ((set(), set()), ({1}, set()), (set(), {2}), ({0, 4}, {3})):
+        yield batch(failed, on_cpu)
+
+
+@pytest.mark.parametrize("kind", ["evaluation", "training"])
+def test_decoded_images_become_model_input_without_waiting_for_the_device(kind):
+    """From decoded JPEGs to the model's input (resize, crop, normalise, the batch put in
+    order around failures and samples of the CPU path): no copy from the host that blocks
+    and no indexing by host-made indices, after the first batch on a device."""
+    from unicom.data.transforms import assemble_model_input
+
+    for arguments, failed in decoded_batches(kind, "meta"):
+        with HostWaits() as waits:
+            images, failures = assemble_model_input(*arguments)
+        assert waits.seen == [], failed
+        assert images.shape == (5 - len(failed), 3, 224, 224) and sorted(failures) == sorted(failed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["evaluation", "training"])
+def test_on_cuda_decoded_images_become_model_input_without_synchronising(kind):
+    from unicom.data.transforms import assemble_model_input
+
+    for arguments, failed in decoded_batches(kind, "cuda"):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            images, failures = assemble_model_input(*arguments)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert images.shape == (5 - len(failed), 3, 224, 224) and sorted(failures) == sorted(failed)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from unicom.errors import InputError
 from unicom.unifex.data import (
@@ -182,3 +183,26 @@ def test_direct_mode_refuses_an_image_too_thin_for_the_resize_before_resizing_it
     assert "resizing its short side to 224 would make 89,614,336 pixels" in failure["reason"]
     tensor, label = images[1]
     assert tensor.shape == (3, 224, 224) and label == 4
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_cached_feature_batches_are_the_epochs_order_cut_into_batches(keep_last):
+    """Each batch of the cache mode holds the rows of its slice of the epoch's order, with
+    their labels, each row in the view drawn for it (the order is on the device once an epoch)."""
+    from unicom.unifex.trainer import FeatureBatches
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3])
+    views = torch.arange(3 * 11 * 2, dtype=torch.float32).view(3, 11, 2)  # value = (view * 11 + row) * 2 + column
+    batches = FeatureBatches(views, labels, 4, "instance", seed=5, augment=True, keep_last=keep_last)
+    for epoch in (0, 1):
+        order = epoch_order(labels.numpy(), epoch=epoch, seed=5, sampling="instance")
+        expected = epoch_batches(order, 4, keep_last)
+        got = list(batches.epoch(epoch))
+        assert len(got) == len(expected) == (3 if keep_last else 2)
+        for (features, batch_labels), rows in zip(got, expected):
+            row_of = (features[:, 0].long() // 2) % 11
+            view_of = (features[:, 0].long() // 2) // 11
+            assert row_of.tolist() == rows.tolist() and batch_labels.tolist() == labels[rows].tolist()
+            assert torch.equal(features, views[view_of, row_of])
+        drawn = torch.cat([(f[:, 0].long() // 2) // 11 for f, _ in got])
+        assert len(set(drawn.tolist())) > 1  # rows read several views

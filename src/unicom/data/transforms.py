@@ -481,14 +481,19 @@ class TensorTransform:
         return int(top), int(left), int(h), int(w), getattr(interpolation, "value", interpolation), flip
 
     def __call__(self, images: list, plans: list[tuple]):
-        """Decoded uint8 images ((3, H, W) each, on one device) -> float32 (B, 3, h, w) model input."""
+        """Decoded uint8 images ((3, H, W) each, on one device) -> float32 (B, 3, h, w) model input.
+
+        Nothing here is copied from the host or indexed by indices made on the host: on a GPU
+        either is a copy after which the host waits until the stream has run everything
+        queued on it (PyTorch synchronises the stream after a blocking host-to-device copy).
+        """
         import torch
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
         device = images[0].device
-        out = torch.empty(len(images), 3, *self.size, dtype=torch.float32, device=device)
         if self.random_crop:
+            out = torch.empty(len(images), 3, *self.size, dtype=torch.float32, device=device)
             for i, (image, (top, left, h, w, mode, flip)) in enumerate(zip(images, plans)):
                 crop = TF.crop(image, top, left, h, w).float()  # cropped as uint8: float pixels of the crop only
                 pixels = TF.resize(crop, list(self.size), InterpolationMode(mode), antialias=True)
@@ -498,13 +503,21 @@ class TensorTransform:
             groups: dict[tuple[int, int], list[int]] = {}
             for i, image in enumerate(images):
                 groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+            out, rows = None, [None] * len(images)
             for (height, width), members in groups.items():
                 step = max(1, DEVICE_RESIZE_PIXELS // (3 * height * width))
                 for first in range(0, len(members), step):
                     chunk = members[first : first + step]
                     stack = torch.stack([images[i] for i in chunk]).float()
                     pixels = TF.resize(stack, _as_list(self.resize), self.interpolation, antialias=True)
-                    out[chunk] = TF.center_crop(pixels, list(self.crop)) if self.crop else pixels
+                    pixels = TF.center_crop(pixels, list(self.crop)) if self.crop else pixels
+                    if len(chunk) == len(images):  # one stack of the whole batch: already in its order
+                        out = pixels.contiguous()
+                    else:
+                        for k, i in enumerate(chunk):
+                            rows[i] = pixels[k]
+            if out is None:  # the rows of several stacks, put in the batch's order by one copy
+                out = torch.stack(rows)
         out.clamp_(0, 255).round_()  # Pillow resizes to uint8
         return normalize_pixels(out, self.mean, self.std)
 
@@ -513,10 +526,23 @@ def normalize_pixels(images, mean, std):
     """Float or uint8 pixels (B, 3, H, W) in 0..255 -> ``(x / 255 - mean) / std``, float32, in place for float input."""
     import torch
 
-    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(images.device, non_blocking=True)
-    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(images.device, non_blocking=True)
     images = images.float() if images.dtype != torch.float32 else images
-    return images.div_(255).sub_(mean).div_(std)
+    return images.div_(255).sub_(_channel_values(mean, images.device)).div_(_channel_values(std, images.device))
+
+
+_CHANNEL_VALUES: dict = {}  # (values, device) -> float32 (C, 1, 1) tensor on the device
+
+
+def _channel_values(values, device):
+    """``values`` (one per channel) as a float32 (C, 1, 1) tensor on ``device``, copied there
+    once per device (a copy from host memory per batch could wait for the device's queue)."""
+    import torch
+
+    key = (tuple(values), str(device))
+    found = _CHANNEL_VALUES.get(key)
+    if found is None:
+        found = _CHANNEL_VALUES[key] = torch.tensor(key[0], dtype=torch.float32).view(-1, 1, 1).to(device)
+    return found
 
 
 def decode_jpegs(encoded: list, device) -> list:
@@ -645,22 +671,40 @@ def images_on_device(count: int, cpu_images, jpegs: EncodedJpegs | None, device,
     ``cpu_images``: (count - len(jpegs), 3, H, W) from :meth:`SplitTransform.on_worker`
     (uint8, or the transform's float output) or None; ``jpegs``: the rest, decoded here.
     """
+    if not jpegs:
+        return split.on_device(cpu_images.to(device, non_blocking=True)), {}
+    return assemble_model_input(count, cpu_images, jpegs.images(device), jpegs, device, split, tensor)
+
+
+def assemble_model_input(count: int, cpu_images, decoded: list, jpegs: EncodedJpegs, device, split: SplitTransform,
+                         tensor: TensorTransform):
+    """:func:`images_on_device` once the JPEGs are ``decoded`` (a tensor or an exception
+    each): their model input and the CPU path's, in the batch's order, failures left out.
+
+    The batch is put in order by stacking its rows (one copy on the device), never by
+    indices made on the host: on a GPU those would be copied there first, and after a
+    blocking copy the host waits until the stream has run everything queued on it.
+    """
     import torch
 
     failed: dict[int, str] = {}
-    if not jpegs:
-        return split.on_device(cpu_images.to(device, non_blocking=True)), failed
-    decoded = jpegs.images(device)
     good = [i for i, image in enumerate(decoded) if not isinstance(image, Exception)]
     for i, image in enumerate(decoded):
         if isinstance(image, Exception):
             failed[jpegs.slots[i]] = str(image)
-    out = torch.empty(count, 3, *tensor.size, dtype=torch.float32, device=device)
-    if good:
-        out[[jpegs.slots[i] for i in good]] = tensor([decoded[i] for i in good], [jpegs.plans[i] for i in good])
+    from_jpegs = tensor([decoded[i] for i in good], [jpegs.plans[i] for i in good]) if good else None
+    on_cpu = None
     if cpu_images is not None and len(cpu_images):
+        on_cpu = split.on_device(cpu_images.to(device, non_blocking=True))
+    if on_cpu is None and not failed and jpegs.slots == list(range(count)):
+        return from_jpegs, failed  # the usual batch: every sample a JPEG decoded here, in order
+    rows = {}
+    for k, i in enumerate(good):
+        rows[jpegs.slots[i]] = from_jpegs[k]
+    if on_cpu is not None:
         on_jpeg = set(jpegs.slots)
-        out[[i for i in range(count) if i not in on_jpeg]] = split.on_device(cpu_images.to(device, non_blocking=True))
-    if failed:
-        out = out[[i for i in range(count) if i not in failed]]
-    return out, failed
+        for k, i in enumerate(i for i in range(count) if i not in on_jpeg):
+            rows[i] = on_cpu[k]
+    if not rows:
+        return torch.empty(0, 3, *tensor.size, dtype=torch.float32, device=device), failed
+    return torch.stack([rows[i] for i in range(count) if i in rows]), failed

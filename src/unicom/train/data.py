@@ -449,8 +449,9 @@ class TrainStream(IterableDataset):
                 else:
                     rows.append(taken)
                     taken += 1
-            images = images[rows]
-            labels = labels[[good[r] if i in failed else i for i, r in enumerate(rows)]]
+            # stacked rows, not indices made on the host (a blocking copy to the device: see assemble_model_input)
+            images = torch.stack([images[r] for r in rows])
+            labels = torch.stack([labels[good[r] if i in failed else i] for i, r in enumerate(rows)])
             where = {slot: (key, source) for slot, key, source in zip(batch.jpegs.slots, batch.jpegs.keys, batch.jpegs.sources)}
             batch.failed += len(failed)
             for i, reason in sorted(failed.items()):

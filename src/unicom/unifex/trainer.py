@@ -86,9 +86,11 @@ class FeatureBatches:
         if self.augment:
             draws = np.random.default_rng([self.seed, epoch, 0x71E]).integers(0, self.views.shape[0], len(order))
             view_of = torch.from_numpy(draws).to(device)
+        # the epoch's order copied once (a copy from the host per batch would wait for the device's queue)
+        on_device = torch.from_numpy(order).to(device)
         position = 0
-        for batch in self._cut(order):
-            rows = torch.from_numpy(batch).to(device)
+        for batch in self._cut(order):  # consecutive slices of the order
+            rows = on_device[position:position + len(batch)]
             view = view_of[position:position + len(batch)] if view_of is not None else 0
             position += len(batch)
             yield self.views[view, rows], self.labels[rows]

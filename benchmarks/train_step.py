@@ -11,7 +11,9 @@ CUDA (``--device cuda``): the reference configuration. ViT-B/16 at 224 px under 
 PartialFC over 1,000,000 classes of 768-d prototypes at sample_rate 0.1 with SparseAdamW,
 fused AdamW for the backbone; for gradient checkpointing off and on, the largest batch
 that fits (doubling, then the sizes between), images/s and model FLOPs utilisation. Data
-loading is not part of it: batches are random tensors already on the GPU.
+loading is not part of it: batches are random tensors already on the GPU. Then the model's
+attention alone with each of PyTorch's SDPA backends (cuDNN, flash, memory-efficient), side
+by side: at 197 tokens attention took about an eighth of the compiled step.
 
 MFU = model FLOPs per second / peak dense bf16 FLOPs of the GPU. Model FLOPs per image are
 3x the forward FLOPs (forward + backward), counted by torch's FlopCounterMode on one
@@ -314,6 +316,61 @@ def backbone_only(batch: int) -> float:
     return statistics.median(times)
 
 
+def attention_backends(batch: int, repeats: int = 10) -> list[str]:
+    """The model's attention alone (``F.scaled_dot_product_attention``, forward and backward,
+    bf16, its shape at ``batch``) with each of PyTorch's SDPA backends, side by side: which
+    kernel the step's attention share (about an eighth of it) would take best. A backend that
+    cannot take the shape here is named with the reason."""
+    import torch.nn.functional as F
+
+    from unicom.models.vit import create_model
+
+    device = GPU_DEVICE
+    trunk = create_model(GPU_MODEL, overrides=GPU_OVERRIDES).module.trunk
+    attention = trunk.blocks[0].attn
+    heads, head_dim, depth = attention.num_heads, attention.head_dim, len(trunk.blocks)
+    tokens = trunk.patch_embed.num_patches + 1  # and the class token
+    shape = (batch, heads, tokens, head_dim)
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator)
+    flops = 4 * batch * heads * tokens * tokens * head_dim * 3.5  # forward (2 products) + backward (5)
+    lines = [f"### attention alone: {shape} (batch, heads, tokens, head dim), bf16, forward + backward, one layer",
+             "", "| SDPA backend | ms per layer | ms per step ({} layers) | TFLOP/s (the backward's recomputation counted) |".format(depth), "|---|---:|---:|---:|"]
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return lines + [f"| (torch {torch.__version__} cannot choose a backend) | | | |"]
+    import contextlib
+
+    choices = [("PyTorch's choice", None)] + [(name.lower(), getattr(SDPBackend, name)) for name in
+                                            ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+                                            if hasattr(SDPBackend, name)]
+    for name, backend in choices:
+        chosen = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+        times = []
+        try:
+            with chosen:
+                for i in range(repeats + 2):
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    torch.autograd.grad(out, (q, k, v), grad)
+                    _synchronize(device)
+                    if i >= 2:
+                        times.append(time.perf_counter() - start)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
+            lines.append(f"| {name} | not available: {reason.replace('|', '/')} | | |")
+            continue
+        seconds = statistics.median(times)
+        lines.append(f"| {name} | {1000 * seconds:.3f} | {1000 * seconds * depth:.2f} | {flops / seconds / 1e12:.1f} |")
+    del q, k, v, grad
+    _release(device)
+    return lines
+
+
 def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: list[int] | None = None,
              out: Path | None = None) -> list[str]:
     """The GPU table; with ``out``, the file is rewritten after each row (a run stopped by a
@@ -364,7 +421,7 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: li
     lines += ["", f"backbone alone (fused AdamW, no PartialFC) at batch {largest_plain}, checkpointing off: "
               f"{alone:.3f} s/step, {largest_plain / alone:,.0f} images/s",
               "largest: the largest of " + ", ".join(map(str, GPU_BATCHES)) + " whose step fits in memory.",
-              "Target MFU >= 40%."]
+              "Target MFU >= 40%.", "", *attention_backends(largest_plain)]
     return lines + profiles
 
 

@@ -75,6 +75,34 @@ def test_the_nearest_centroid_search_in_tiles_of_rows_and_centroids_is_exact(til
     np.testing.assert_allclose(scores.numpy(), expected.max(axis=1), rtol=1e-6)
 
 
+def chunked_search_against_its_chunks(device: str, spherical: bool) -> None:
+    """search_numpy over chunks (several, an uneven last one) gives, row for row, what
+    nearest() gives for each chunk alone: on a GPU through its two page-locked buffers, each
+    filled again twice over."""
+    from unicom.cluster.kmeans import TorchNearest
+
+    points = blobs(rows=20011 if device == "cuda" else 2011, normalise=spherical)
+    search = TorchNearest(initial_centroids(points, 97, seed=0), spherical, device)
+    chunk = len(points) // 9
+    labels, scores = search.search_numpy(points, chunk_rows=chunk)
+    expected = [search.nearest(torch.from_numpy(points[start:start + chunk]).to(device))
+                for start in range(0, len(points), chunk)]
+    np.testing.assert_array_equal(labels, torch.cat([e[0] for e in expected]).cpu().numpy())
+    np.testing.assert_array_equal(scores, torch.cat([e[1] for e in expected]).cpu().numpy())
+    assert search.search_numpy(points[:0])[0].shape == (0,)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_the_search_of_rows_in_host_memory_takes_them_chunk_by_chunk(spherical):
+    chunked_search_against_its_chunks("cpu", spherical)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spherical", [True, False])
+def test_on_cuda_the_search_of_rows_in_host_memory_is_pipelined_exactly(spherical):
+    chunked_search_against_its_chunks("cuda", spherical)
+
+
 def test_an_empty_cluster_takes_half_of_a_cluster_as_faiss_splits_it():
     centroids = np.array([[0.0, 0.0], [1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
     hassign = np.array([0.0, 9.0, 1.0], dtype=np.float32)

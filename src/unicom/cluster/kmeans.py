@@ -288,15 +288,51 @@ class TorchNearest:
         return labels, best
 
     def search_numpy(self, rows: np.ndarray, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) rows in host memory -> (labels (n,) int64, scores (n,) float32), as
+        :meth:`nearest` gives them for each chunk of ``chunk_rows`` rows.
+
+        On a GPU the chunks are pipelined: each is copied into one of two page-locked
+        buffers and from there to the GPU without waiting, and a chunk's results are read
+        back (through page-locked memory) only once the next chunk is queued behind it, so
+        the host reads rows while the GPU computes instead of both taking turns (a copy from
+        or to pageable memory waits for the device).
+        """
         import torch
 
-        labels, scores = [], []
-        for start in range(0, len(rows), chunk_rows):
-            chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + chunk_rows])).to(self.device)
+        from unicom.engine.device import HostCopy
+
+        n = len(rows)
+        labels, scores = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+        cuda = self.device.type == "cuda"
+        if cuda and n:
+            size = (min(chunk_rows, n), rows.shape[1])
+            staging = [torch.empty(size, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+            copied = [None, None]  # events: the device has read staging[b], which may be filled again
+        pending = None
+
+        def store(start, stop, index, score):
+            labels[start:stop], scores[start:stop] = index.array(), score.array()
+
+        for number, start in enumerate(range(0, n, chunk_rows)):
+            stop = min(start + chunk_rows, n)
+            if cuda:
+                buffer = number % 2
+                if copied[buffer] is not None:
+                    copied[buffer].synchronize()  # chunk number - 2's copy: long done
+                host = staging[buffer][: stop - start]
+                host.numpy()[...] = rows[start:stop]
+                chunk = host.to(self.device, non_blocking=True)
+                copied[buffer] = torch.cuda.Event()
+                copied[buffer].record(torch.cuda.current_stream(self.device))
+            else:
+                chunk = torch.from_numpy(np.ascontiguousarray(rows[start:stop], dtype=np.float32)).to(self.device)
             index, score = self.nearest(chunk)
-            labels.append(index.cpu().numpy())
-            scores.append(score.cpu().numpy())
-        return np.concatenate(labels), np.concatenate(scores)
+            if pending is not None:
+                store(*pending)
+            pending = (start, stop, HostCopy(index), HostCopy(score))
+        if pending is not None:
+            store(*pending)
+        return labels, scores
 
 
 @dataclass

@@ -388,6 +388,22 @@ def browser_or_skip():
     return sync_playwright
 
 
+def triton_interpreter_or_skip() -> None:
+    """Skip unless Triton's interpreter can run here: before Triton 3.7 it turns 1-element
+    NumPy arrays into Python numbers, which NumPy 2.4 refuses (seen with Triton 3.5.1 and
+    3.6.0; both run under NumPy 2.3)."""
+    import pytest
+
+    triton = pytest.importorskip("triton")
+
+    def version(text: str) -> tuple[int, int]:
+        return tuple(int(part) for part in text.split(".")[:2])
+
+    if version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run under NumPy {np.__version__} "
+                    "(Triton 3.7 can, as NumPy 2.3 can with it)")
+
+
 def wait_until(page, expression: str, timeout: float = 30.0) -> None:
     """Poll a JavaScript expression until it is true (page.evaluate is not subject to the page's
     Content-Security-Policy, whereas wait_for_function's polling evaluates strings in the page)."""

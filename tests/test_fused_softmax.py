@@ -115,7 +115,9 @@ def fused_against_torch(device):
 
 
 def test_the_fused_margin_softmax_is_its_pytorch_twin_under_tritons_interpreter():
-    pytest.importorskip("triton")
+    from support import triton_interpreter_or_skip
+
+    triton_interpreter_or_skip()
     code = ("import sys, warnings; warnings.simplefilter('error', RuntimeWarning); sys.path.insert(0, sys.argv[1]); "
             "import test_fused_softmax as t; print('compared', t.fused_against_torch('cpu'))")
     env = dict(os.environ, TRITON_INTERPRET="1")

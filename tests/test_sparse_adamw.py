@@ -274,7 +274,9 @@ def test_the_fused_row_update_is_the_pytorch_one_under_tritons_interpreter():
     import sys
     from pathlib import Path
 
-    pytest.importorskip("triton")
+    from support import triton_interpreter_or_skip
+
+    triton_interpreter_or_skip()
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import unicom.optim as optim, unicom.kernels as k; "
             "import test_sparse_adamw as t; called = []; original = k.row_adamw; "
             "k.row_adamw = lambda *a, **kw: (called.append(1), original(*a, **kw)); "

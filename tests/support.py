@@ -229,9 +229,13 @@ class HostSyncRecorder:
     (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()``), operators whose
     output size depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean
     indexing, ``repeat_interleave`` without ``output_size``, ``bincount``, sparse
-    ``coalesce``), comparisons returning a Python bool (``equal``), and the Python-level
-    reads ``.tolist()``, ``.numpy()``, ``.cpu()``. ``recorded`` lists ``(name, where)``
-    pairs, ``where`` being the innermost frame outside torch.
+    ``coalesce``), comparisons returning a Python bool (``equal``), the Python-level
+    reads ``.tolist()``, ``.numpy()``, ``.cpu()``, and what copies from the host with a
+    blocking copy, after which PyTorch synchronises the stream: ``.to``/``copy_`` from host
+    memory to another device without ``non_blocking`` (seen with the "meta" device standing
+    in for a GPU) and indexing with a Python list or a NumPy array (its indices are such a
+    copy, made below the dispatcher). ``recorded`` lists ``(name, where)`` pairs, ``where``
+    being the innermost frame outside torch.
     """
 
     def __init__(self):
@@ -275,6 +279,11 @@ class HostSyncRecorder:
                     name = f"{func} with a boolean mask"
                 elif func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None:
                     name = f"{func} without output_size"
+                elif func in (aten._to_copy.default, aten.copy_.default):
+                    source, target = (args[0], kwargs.get("device")) if func is aten._to_copy.default else (args[1], args[0].device)
+                    blocking = not (kwargs.get("non_blocking") or (func is aten.copy_.default and len(args) > 2 and args[2]))
+                    if blocking and source.device.type == "cpu" and target is not None and torch.device(target).type != "cpu":
+                        name = f"{func} from the host, blocking"
                 if name is not None:
                     recorder.recorded.append((name, recorder._caller()))
                 return func(*args, **kwargs)
@@ -289,6 +298,23 @@ class HostSyncRecorder:
 
             self._patched[method] = original
             setattr(torch.Tensor, method, patched)
+
+        def host_made(index) -> bool:
+            import numpy
+
+            parts = index if isinstance(index, tuple) else (index,)
+            return any(isinstance(part, (list, numpy.ndarray)) for part in parts)
+
+        for method in ("__getitem__", "__setitem__"):
+            original = getattr(torch.Tensor, method)
+
+            def indexed(tensor, index, *args, _original=original, _method=method):
+                if host_made(index):
+                    recorder.recorded.append((f"Tensor.{_method} with a Python list", recorder._caller()))
+                return _original(tensor, index, *args)
+
+            self._patched[method] = original
+            setattr(torch.Tensor, method, indexed)
         self._mode = Mode()
         self._mode.__enter__()
         return self

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
-from support import class_image, encode_image
+from support import HostSyncRecorder, class_image, encode_image
 
 from unicom.data.transforms import (
     SplitTransform,
@@ -172,40 +171,6 @@ def test_transforms_that_do_not_run_on_tensors_are_named():
         resolve_decode("fast", "cpu", clip_transform())
 
 
-class HostWaits(TorchDispatchMode):
-    """What would make the host wait for a GPU's queue, seen with the "meta" device standing
-    in for the GPU: copies from host memory to the device that are not ``non_blocking``
-    (PyTorch synchronises the stream after a blocking one), and indexing operations (whose
-    indices, made from Python lists, are such copies, made below the dispatcher where no
-    mode sees them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.__name__.split(".")[0]
-        if "index" in name:
-            self.seen.append(name)
-        elif name in ("_to_copy", "copy_"):
-            source, target = (args[1], args[0].device) if name == "copy_" else (args[0], kwargs.get("device"))
-            blocking = not (args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False))
-            if source.device.type == "cpu" and target is not None and torch.device(target).type == "meta" and blocking:
-                self.seen.append(f"{name} from the host")
-        return func(*args, **kwargs)
-
-
-def test_host_waits_are_seen_by_the_recorder():
-    out, rows = torch.empty(4, 3, device="meta"), torch.empty(2, 3, device="meta")
-    with HostWaits() as waits:
-        out[[0, 2]] = rows
-        torch.tensor([1.0]).to("meta")
-        torch.tensor([1.0]).to("meta", non_blocking=True)  # pinned by the loader: the host goes on
-        out.copy_(torch.zeros(4, 3))
-    assert waits.seen == ["index_put_", "_to_copy from the host", "copy_ from the host"]
-
-
 def decoded_batches(kind: str, device: str):
     """Batches as :func:`assemble_model_input` takes them, their images made on ``device``:
     every JPEG decoded, some refused, some samples of the CPU path, images of several sizes;
@@ -237,14 +202,15 @@ def decoded_batches(kind: str, device: str):
 @pytest.mark.parametrize("kind", ["evaluation", "training"])
 def test_decoded_images_become_model_input_without_waiting_for_the_device(kind):
     """From decoded JPEGs to the model's input (resize, crop, normalise, the batch put in
-    order around failures and samples of the CPU path): no copy from the host that blocks
-    and no indexing by host-made indices, after the first batch on a device."""
+    order around failures and samples of the CPU path): nothing that makes the host wait for
+    the device (no blocking copy from the host, no indexing by a Python list), after the
+    first batch on a device; the "meta" device stands in for the GPU."""
     from unicom.data.transforms import assemble_model_input
 
     for arguments, failed in decoded_batches(kind, "meta"):
-        with HostWaits() as waits:
+        with HostSyncRecorder() as recorder:
             images, failures = assemble_model_input(*arguments)
-        assert waits.seen == [], failed
+        assert recorder.recorded == [], failed
         assert images.shape == (5 - len(failed), 3, 224, 224) and sorted(failures) == sorted(failed)
 
 

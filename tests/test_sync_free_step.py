@@ -43,10 +43,16 @@ def test_the_recorder_sees_the_operations_that_wait():
         _ = x[x > 0]
         float(x.sum())
         x.tolist()
-        _ = x[torch.tensor([1, 2])]  # integer indexing does not wait
+        _ = x[torch.tensor([1, 2])]  # integer indexing by a tensor does not wait
+        _ = x[[1, 2]]  # by a list: a copy to the device first
+        device = torch.empty(4, device="meta")  # standing in for a GPU
+        device[1:3] = x[:2]  # a blocking copy from the host
+        _ = x.to("meta")
+        _ = x.to("meta", non_blocking=True)  # from pinned memory, as loaders pin batches: the host goes on
     names = [name for name, _ in recorder.recorded]
     assert names == ["aten._unique2.default", "aten.index.Tensor with a boolean mask",
-                     "aten._local_scalar_dense.default", "Tensor.tolist"]
+                     "aten._local_scalar_dense.default", "Tensor.tolist", "Tensor.__getitem__ with a Python list",
+                     "aten.copy_.default from the host, blocking", "aten._to_copy.default from the host, blocking"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

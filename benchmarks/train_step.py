@@ -13,7 +13,10 @@ fused AdamW for the backbone; for gradient checkpointing off and on, the largest
 that fits (doubling, then the sizes between), images/s and model FLOPs utilisation. Data
 loading is not part of it: batches are random tensors already on the GPU. Then the model's
 attention alone with each of PyTorch's SDPA backends (cuDNN, flash, memory-efficient), side
-by side: at 197 tokens attention took about an eighth of the compiled step.
+by side: at 197 tokens attention took about an eighth of the compiled step. With --compile,
+a backend more than 5% faster there than PyTorch's choice gets a compiled step of its own
+(the row ``model.attention=NAME``: the recipe key that makes training use it);
+``--attention NAME`` times every row with that backend.
 
 MFU = model FLOPs per second / peak dense bf16 FLOPs of the GPU. Model FLOPs per image are
 3x the forward FLOPs (forward + backward), counted by torch's FlopCounterMode on one
@@ -21,7 +24,7 @@ training step (matrix products and attention); recomputation under gradient chec
 is not counted (it is hardware work, not model work). Peak: 989.4 TFLOP/s for H100/H200
 SXM (dense bf16), 312 for A100; ``--peak-tflops`` for others.
 
-Usage: python benchmarks/train_step.py [--device cuda] [--compile] [--batches 256 512] [--out FILE]
+Usage: python benchmarks/train_step.py [--device cuda] [--compile] [--batches 256 512] [--attention NAME] [--out FILE]
 Writes benchmarks/results/train_step_{cpu,cuda}.txt. ``--batches`` times those sizes only
 (no search for the largest, no gradient checkpointing): the quick form that
 benchmarks/gpu_suite.sh runs. Compiled graphs go to unicom's persistent compile cache
@@ -46,7 +49,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, 
 
 
 def build(model_name: str, overrides: dict, classes: int, sample_rate: float, device: torch.device, precision: str,
-          checkpointing: bool, seed: int = 0):
+          checkpointing: bool, seed: int = 0, attention: str = "auto"):
     """The trainer's own pieces: model, PartialFC, optimisers, TrainStep."""
     from unicom.losses import ArcFace, PartialFC
     from unicom.models.vit import create_model
@@ -59,7 +62,8 @@ def build(model_name: str, overrides: dict, classes: int, sample_rate: float, de
     backbone.set_grad_checkpointing(checkpointing)
     partial_fc = PartialFC(created.embedding_dim, classes, ArcFace(0.3, 64.0), sample_rate=sample_rate, seed=seed).to(device)
     step = TrainStep(backbone, partial_fc, backbone_optimizer(backbone, 1e-3, 0.05, (0.9, 0.999), 1e-8, device),
-                     SparseAdamW(partial_fc.parameters(), lr=1e-3, weight_decay=0.05), device, precision)
+                     SparseAdamW(partial_fc.parameters(), lr=1e-3, weight_decay=0.05), device, precision,
+                     attention=attention)
     return created, step
 
 
@@ -238,14 +242,16 @@ def model_flops_per_image(device: torch.device) -> tuple[float, float]:
 
 
 def gpu_cases(checkpointing: bool, compile_model: bool = False, batches: list[int] | None = None,
-              profile: bool = False) -> list[dict]:
+              profile: bool = False, attention: str = "auto") -> list[dict]:
     """Time the step at the largest batch that fits (and at 256 for comparison), one model
     built; with ``batches``, at those sizes without searching; with ``profile``, the kernel
-    table of the last size's step goes into its result as ``profile`` (lines)."""
+    table of the last size's step goes into its result as ``profile`` (lines); ``attention``:
+    the step's SDPA backend (``model.attention``)."""
     import gc
 
     device = GPU_DEVICE
-    _, step = build(GPU_MODEL, GPU_OVERRIDES, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", checkpointing)
+    _, step = build(GPU_MODEL, GPU_OVERRIDES, GPU_CLASSES, GPU_SAMPLE_RATE, device, "bf16", checkpointing,
+                    attention=attention)
     if compile_model:
         from unicom.engine.device import compile_cache
 
@@ -316,11 +322,12 @@ def backbone_only(batch: int) -> float:
     return statistics.median(times)
 
 
-def attention_backends(batch: int, repeats: int = 10) -> list[str]:
+def attention_backends(batch: int, repeats: int = 10) -> tuple[list[str], dict[str, float]]:
     """The model's attention alone (``F.scaled_dot_product_attention``, forward and backward,
     bf16, its shape at ``batch``) with each of PyTorch's SDPA backends, side by side: which
     kernel the step's attention share (about an eighth of it) would take best. A backend that
-    cannot take the shape here is named with the reason."""
+    cannot take the shape here is named with the reason. Returns the table's lines and the
+    seconds of each backend that ran (``auto``: PyTorch's choice)."""
     import torch.nn.functional as F
 
     from unicom.models.vit import create_model
@@ -341,13 +348,15 @@ def attention_backends(batch: int, repeats: int = 10) -> list[str]:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return lines + [f"| (torch {torch.__version__} cannot choose a backend) | | | |"]
+        return lines + [f"| (torch {torch.__version__} cannot choose a backend) | | | |"], {}
     import contextlib
 
-    choices = [("PyTorch's choice", None)] + [(name.lower(), getattr(SDPBackend, name)) for name in
-                                            ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-                                            if hasattr(SDPBackend, name)]
+    choices = [("auto", None)] + [(name, getattr(SDPBackend, member)) for name, member in
+                                  (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"),
+                                   ("efficient", "EFFICIENT_ATTENTION")) if hasattr(SDPBackend, member)]
+    seconds_of = {}
     for name, backend in choices:
+        shown = "PyTorch's choice" if name == "auto" else name
         chosen = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         times = []
         try:
@@ -362,19 +371,32 @@ def attention_backends(batch: int, repeats: int = 10) -> list[str]:
                         times.append(time.perf_counter() - start)
         except RuntimeError as error:
             reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
-            lines.append(f"| {name} | not available: {reason.replace('|', '/')} | | |")
+            lines.append(f"| {shown} | not available: {reason.replace('|', '/')} | | |")
             continue
-        seconds = statistics.median(times)
-        lines.append(f"| {name} | {1000 * seconds:.3f} | {1000 * seconds * depth:.2f} | {flops / seconds / 1e12:.1f} |")
+        seconds = seconds_of[name] = statistics.median(times)
+        lines.append(f"| {shown} | {1000 * seconds:.3f} | {1000 * seconds * depth:.2f} | {flops / seconds / 1e12:.1f} |")
     del q, k, v, grad
     _release(device)
-    return lines
+    return lines, seconds_of
+
+
+def faster_attention(seconds_of: dict[str, float], margin: float = 0.05) -> str | None:
+    """The backend of the attention table that beats PyTorch's choice by more than
+    ``margin`` (the fastest such), or None: worth a compiled step of its own."""
+    chosen = seconds_of.get("auto")
+    others = {name: seconds for name, seconds in seconds_of.items() if name != "auto"}
+    if chosen is None or not others:
+        return None
+    best = min(others, key=others.get)
+    return best if others[best] < (1 - margin) * chosen else None
 
 
 def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: list[int] | None = None,
-             out: Path | None = None) -> list[str]:
+             out: Path | None = None, attention: str = "auto") -> list[str]:
     """The GPU table; with ``out``, the file is rewritten after each row (a run stopped by a
-    time limit keeps the rows it measured)."""
+    time limit keeps the rows it measured). ``attention``: the steps' SDPA backend. With
+    ``compile_model`` and ``attention`` auto, when the attention table finds a backend clearly
+    faster than PyTorch's choice, the compiled step is timed with it too (one more row)."""
     import timm
 
     device = GPU_DEVICE
@@ -388,7 +410,8 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: li
         f"{name}, python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
         f"{GPU_MODEL} at 224 px (clip_vit), bf16 autocast, PartialFC {GPU_CLASSES:,} classes x 768-d, sample_rate "
         f"{GPU_SAMPLE_RATE} (SparseAdamW), fused AdamW; random batches on the GPU (no data loading); "
-        "median of 10 steps after 3 warm-up steps",
+        "median of 10 steps after 3 warm-up steps; attention: "
+        + ("PyTorch's choice of SDPA backend" if attention == "auto" else f"SDPA backend {attention} (model.attention)"),
         f"model FLOPs per image (forward + backward): {counted / 1e9:.1f} GFLOP counted by FlopCounterMode, "
         f"{analytic / 1e9:.1f} GFLOP by formula; MFU uses the counted value and a peak of "
         + (f"{peak_tflops} TFLOP/s (dense bf16)" if peak_tflops else "unknown (give --peak-tflops)"),
@@ -405,24 +428,41 @@ def run_cuda(peak_tflops: float | None, compile_model: bool = False, batches: li
     for number, (label, checkpointing, compiled, sizes) in enumerate(plans):
         if sizes == "plain":
             sizes = batches or sorted({256, largest_plain})
-        for result in gpu_cases(checkpointing, compiled, sizes, profile=number == len(plans) - 1):
+        for result in gpu_cases(checkpointing, compiled, sizes, profile=number == len(plans) - 1, attention=attention):
             profiles += ["", f"{label}:", *result.get("profile", [])] if "profile" in result else []
             if label == "off" and result["largest"]:
                 largest_plain = result["batch"]
-            tflops = result["images_per_second"] * counted / 1e12
-            mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "?"
-            batch = f"{result['batch']}{' (largest)' if result['largest'] and sizes is None else ''}"
-            lines.append(f"| {label} | {batch} | {result['seconds_per_step']:.3f} | "
-                         f"{result['images_per_second']:,.0f} | {tflops:.1f} | {mfu} | {result['peak_gib']:.1f} |")
+            lines.append(step_row(label, result, sizes is None, counted, peak_tflops))
             print(lines[-1], flush=True)
             if out is not None:
                 write(out, lines)
+    rows_end = len(lines)
     alone = backbone_only(largest_plain)
+    table, seconds_of = attention_backends(largest_plain)
     lines += ["", f"backbone alone (fused AdamW, no PartialFC) at batch {largest_plain}, checkpointing off: "
               f"{alone:.3f} s/step, {largest_plain / alone:,.0f} images/s",
               "largest: the largest of " + ", ".join(map(str, GPU_BATCHES)) + " whose step fits in memory.",
-              "Target MFU >= 40%.", "", *attention_backends(largest_plain)]
+              "Target MFU >= 40%.", "", *table]
+    if out is not None:
+        write(out, lines + profiles)
+    faster = faster_attention(seconds_of) if compile_model and attention == "auto" else None
+    if faster is not None:  # the step as `model.attention=<faster>` would run it
+        print(f"  attention: {faster} beats PyTorch's choice alone; the compiled step with it", flush=True)
+        label = f"off, torch.compile, model.attention={faster}"
+        for result in gpu_cases(False, True, [largest_plain], attention=faster):
+            lines.insert(rows_end, step_row(label, result, False, counted, peak_tflops))
+            print(lines[rows_end], flush=True)
+            rows_end += 1
     return lines + profiles
+
+
+def step_row(label: str, result: dict, searched: bool, counted: float, peak_tflops: float | None) -> str:
+    """A row of the step table: ``searched``, the batch was the largest found by the search."""
+    tflops = result["images_per_second"] * counted / 1e12
+    mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "?"
+    batch = f"{result['batch']}{' (largest)' if result['largest'] and searched else ''}"
+    return (f"| {label} | {batch} | {result['seconds_per_step']:.3f} | {result['images_per_second']:,.0f} | "
+            f"{tflops:.1f} | {mfu} | {result['peak_gib']:.1f} |")
 
 
 def main() -> None:
@@ -436,6 +476,9 @@ def main() -> None:
                              "the same code on the CPU with a toy ViT and 1,000 classes")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="cuda: time these batch sizes only (no search, no gradient checkpointing)")
+    parser.add_argument("--attention", choices=["auto", "flash", "efficient", "cudnn", "math"], default="auto",
+                        help="cuda: the steps' SDPA backend, as the recipe's model.attention (default: PyTorch's choice; "
+                             "with --compile, a backend the attention table finds faster also gets a compiled row)")
     args = parser.parse_args()
     if args.smoke:
         global GPU_CLASSES, GPU_BATCHES, GPU_DEVICE, GPU_OVERRIDES, GPU_IMAGE
@@ -451,7 +494,7 @@ def main() -> None:
     gpu_path = args.device == "cuda" or args.smoke
     name = f"train_step_{args.device}.txt" if not (args.smoke and args.device == "cpu") else "train_step_smoke_cpu.txt"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / name)
-    lines = run_cuda(args.peak_tflops, args.compile, args.batches, out) if gpu_path else run_cpu()
+    lines = run_cuda(args.peak_tflops, args.compile, args.batches, out, args.attention) if gpu_path else run_cpu()
     write(out, lines)
     print("\n".join(lines))
 

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# F.scaled_dot_product_attention's backends a run may pin (auto: PyTorch's choice per call)
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                  "math": "MATH"}
 
 
 def made_ahead(items, make, device, ahead: bool = True):
@@ -215,6 +219,105 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def attention_backend(name: str):
+    """A context in which ``F.scaled_dot_product_attention`` runs with backend ``name`` only
+    (one of :data:`ATTENTION_BACKENDS`; ``auto`` leaves PyTorch's choice). A call the backend
+    cannot take fails inside it; :func:`check_attention_backend` finds that out beforehand."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    if name not in _SDPA_BACKENDS:
+        raise InputError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, _SDPA_BACKENDS[name], None)
+    if backend is None:
+        import torch
+
+        raise InputError(f"attention backend {name!r}: torch {torch.__version__} does not have it; use auto")
+    return sdpa_kernel([backend])
+
+
+def attention_problem(name: str, device: torch.device, precision: str, heads: int, tokens: int,
+                      head_dim: int) -> str | None:
+    """Why backend ``name`` cannot run a model's attention (``heads`` x ``tokens`` x
+    ``head_dim``, forward and backward, in ``precision`` on ``device``), or None when it can."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    q, k, v = (torch.zeros(1, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    try:
+        with warnings.catch_warnings(record=True) as caught, attention_backend(name):
+            warnings.simplefilter("always")
+            F.scaled_dot_product_attention(q, k, v).sum().backward()
+    except InputError as error:
+        return str(error)
+    except RuntimeError as error:  # PyTorch says why in warnings, one per backend it could not take
+        reasons = [str(w.message).strip() for w in caught if str(w.message).strip()]
+        return ("; ".join(reasons) or str(error).strip().splitlines()[0]).rstrip(".")
+    return None
+
+
+def model_attention_shape(module, image: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(heads, tokens, head_dim)`` of the first ``F.scaled_dot_product_attention`` call of
+    ``module`` on ``image`` (one image, ``(1, C, H, W)``): the module runs up to that call
+    only, in eval mode and without gradients; its modes and the random number generators are
+    as they were afterwards. None when it calls no SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(Exception):
+        pass
+
+    class FirstAttention(TorchFunctionMode):
+        shape = None
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                FirstAttention.shape = tuple(args[0].shape[1:])
+                raise Seen
+            return func(*args, **(kwargs or {}))
+
+    modes = [(each, each.training) for each in module.modules()]
+    devices = [image.device] if image.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), FirstAttention():
+            module.eval()
+            module(image)
+    except Seen:
+        pass
+    finally:
+        for each, training in modes:
+            each.training = training
+    return FirstAttention.shape
+
+
+def check_attention_backend(name: str, module, image: torch.Tensor, precision: str,
+                            key: str = "model.attention") -> None:
+    """Refuse (:class:`InputError` naming ``key``) a backend that cannot run the attention
+    of ``module`` (its shape found on ``image``, see :func:`model_attention_shape`) on the
+    image's device, forward and backward, listing those that can, before a run starts."""
+    if name == "auto":
+        return
+    shape = model_attention_shape(module, image)
+    if shape is None:
+        return  # no SDPA call: the backend changes nothing
+    device = image.device
+    problem = attention_problem(name, device, precision, *shape)
+    if problem is None:
+        return
+    usable = [other for other in ATTENTION_BACKENDS[1:]
+              if other != name and attention_problem(other, device, precision, *shape) is None]
+    heads, tokens, head_dim = shape
+    raise InputError(f"{key}={name}: PyTorch cannot run this attention backend on {device} in {precision} for the "
+                     f"model's {heads} heads x {tokens} tokens x {head_dim}: {problem}. Use {key}=auto (PyTorch's "
+                     "choice)" + (f" or one that runs here: {', '.join(usable)}" if usable else ""))
+
+
 def compile_cache(folder: str | os.PathLike | None = None) -> Path:
     """Keep what ``torch.compile`` produces in a folder that outlives the process; returns it.
 
@@ -247,4 +350,6 @@ def compile_cache(folder: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast", "compile_cache"]
+__all__ = ["PRECISIONS", "ATTENTION_BACKENDS", "resolve_device", "resolve_precision", "autocast",
+           "attention_backend", "attention_problem", "model_attention_shape",
+           "check_attention_backend", "compile_cache"]

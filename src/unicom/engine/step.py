@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from unicom import distributed
-from unicom.engine.device import autocast
+from unicom.engine.device import attention_backend, autocast
 
 
 class TrainingStopped(RuntimeError):
@@ -209,10 +209,13 @@ class TrainStep:
     as ``grad_scale`` and ``found_inf`` (fused AdamW and :class:`unicom.optim.SparseAdamW`
     take them), and the returned :class:`StepResult` is read only when the caller looks.
     Optimisers without that protocol are stepped after one read of the norm.
+
+    ``attention``: the backend of ``F.scaled_dot_product_attention`` in the forward and the
+    backward (one of :data:`unicom.engine.device.ATTENTION_BACKENDS`; ``auto``: PyTorch's choice).
     """
 
     def __init__(self, backbone: nn.Module, partial_fc: nn.Module, backbone_optimizer, prototype_optimizer,
-                 device: torch.device, precision: str, clip_grad_norm: float | None = None):
+                 device: torch.device, precision: str, clip_grad_norm: float | None = None, attention: str = "auto"):
         self.backbone = backbone
         self.partial_fc = partial_fc
         self.backbone_optimizer = backbone_optimizer
@@ -220,6 +223,7 @@ class TrainStep:
         self.device = device
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
+        self.attention = attention
         self.scaler = LossScaler(precision == "fp16")
         # PartialFC's full input checks cost a collective and a host read per step: the
         # trainer turns them on for its first step; the labels are checked on the device always
@@ -241,7 +245,8 @@ class TrainStep:
         for index, (images, labels) in enumerate(micro_batches):
             last = index == count - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.backbone, "no_sync") else self.backbone.no_sync()
-            with sync:
+            # the backward too: gradient checkpointing runs the forward again there
+            with sync, attention_backend(self.attention):
                 with autocast(self.device, self.precision):
                     embeddings = self.backbone(images)
                     loss = self.partial_fc(embeddings, labels)
@@ -302,12 +307,12 @@ class TrainStep:
 
 
 def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: torch.device, precision: str,
-                     wrapped: nn.Module | None = None) -> TrainStep:
+                     wrapped: nn.Module | None = None, attention: str = "auto") -> TrainStep:
     """A :class:`TrainStep` with the optimisers of a recipe's ``optim`` section
     (:class:`unicom.engine.sections.OptimConfig`): AdamW over the trainable parameters of
     ``module`` and SparseAdamW over the prototypes at ``prototype_lr_scale`` times the
     rate; with ``optimizer: adam``, Adam with coupled L2 for both. ``wrapped``: the module
-    as the step calls it (e.g. in DDP), default ``module``."""
+    as the step calls it (e.g. in DDP), default ``module``; ``attention``: the step's SDPA backend."""
     from unicom.optim import SparseAdamW
 
     coupled = getattr(optim, "optimizer", "adamw") == "adam"
@@ -322,7 +327,7 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
                                       betas=tuple(optim.betas), eps=optim.eps, weight_decay=prototype_decay,
                                       decoupled_weight_decay=not coupled)
     return TrainStep(module if wrapped is None else wrapped, partial_fc, module_optimizer, prototype_optimizer, device,
-                     precision, optim.clip_grad_norm)
+                     precision, optim.clip_grad_norm, attention)
 
 
 __all__ = ["TrainStep", "StepResult", "LossScaler", "TrainingStopped", "backbone_optimizer", "no_decay",

@@ -37,6 +37,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the backbone
+    # the backend of the attention (F.scaled_dot_product_attention) in the training step; auto: PyTorch's choice
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     sync_batchnorm: bool = True  # BatchNorm statistics over all GPUs (the released architecture's head)
 
     def overrides(self) -> dict[str, Any]:

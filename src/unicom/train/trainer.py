@@ -29,7 +29,7 @@ from torch import nn
 from unicom import distributed, storage
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
-from unicom.engine.device import made_ahead, resolve_device, resolve_precision
+from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
 from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -244,12 +244,17 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         _warm_start_prototypes(partial_fc, created.prototypes_from, source.labels_centroids, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
+    if config.model.attention != "auto":  # refused here, with the backends that run, rather than in the first step
+        size, channels = int(created.settings["image_size"]), int(created.settings.get("in_chans", 3))
+        check_attention_backend(config.model.attention, backbone, torch.zeros(1, channels, size, size, device=device),
+                                precision)
     if config.model.compile:
         from unicom.engine.device import compile_cache
 
         compile_cache()  # compiled graphs outlive the process: a restart skips the compilation
         backbone.compile()
-    step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device))
+    step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device),
+                               attention=config.model.attention)
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
                workers, roles, per_epoch, total, resume_from, origin)
 

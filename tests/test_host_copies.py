@@ -167,3 +167,23 @@ def test_on_cuda_host_copies_hold_the_values_computed_before_them():
     assert len(arrays) == 12
     for got, want in zip(arrays, expected):
         np.testing.assert_array_equal(got, want.cpu().numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_captions_go_to_the_device_from_page_locked_memory(tmp_path):
+    """From pageable memory a copy to the GPU first waits for the work queued before it, so the
+    host could not tokenise the next batch while the device encodes one; the tokens are pinned."""
+    from support import tiny_open_clip
+
+    from unicom.embed import embed_texts
+    from unicom.models.encoders import load_encoder
+
+    clip = load_encoder(tiny_open_clip(tmp_path / "clip"), device="cuda")
+    captions = [f"a photo of thing {i}" for i in range(10)]
+    expected = embed_texts(clip, captions, batch_size=4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as profile:
+        got = embed_texts(clip, captions, batch_size=4)
+    copies = [event.key for event in profile.key_averages() if event.key.startswith("Memcpy HtoD")]
+    assert copies and all("Pinned" in key for key in copies), copies
+    np.testing.assert_array_equal(got, expected)

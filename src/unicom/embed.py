@@ -162,6 +162,8 @@ def _encode_model_input(encoder: Encoder, images: torch.Tensor, device: torch.de
 
 
 def _encode_tokens(encoder: Encoder, tokens: torch.Tensor, device: torch.device, precision: str) -> HostCopy:
+    if device.type == "cuda":  # from pageable memory the copy would first wait for the batches queued before it
+        tokens = tokens.pin_memory()
     with _inference(device, precision):
         return _normalized(encoder.encode_text(tokens.to(device, non_blocking=True)))
 

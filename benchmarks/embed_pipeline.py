@@ -108,7 +108,7 @@ def run_forward(encoder, batches: list[torch.Tensor], device: torch.device) -> t
     return sum(len(b) for b in batches), time.perf_counter() - start
 
 
-STEADY: dict[str, list[float]] = {}  # variant -> [images, seconds] after each run's first batch
+STEADY: dict[str, list[float]] = {}  # variant -> [images, seconds, seconds waiting for input] after each run's first batch
 
 
 def run_unicom(encoder, shard, out: Path, batch_size: int, workers: int | None, decode: str = "cpu",
@@ -120,9 +120,10 @@ def run_unicom(encoder, shard, out: Path, batch_size: int, workers: int | None, 
     start = time.perf_counter()
     summary = embed_to_folder(shard, out, encoder, batch_size=batch_size, num_workers=workers, decode=decode)
     seconds = time.perf_counter() - start
-    steady = STEADY.setdefault(name, [0, 0.0])
+    steady = STEADY.setdefault(name, [0, 0.0, 0.0])
     steady[0] += summary.samples + summary.failed - summary.startup_images
     steady[1] += summary.seconds - summary.startup_seconds
+    steady[2] += summary.input_wait_seconds
     return summary.samples, seconds
 
 
@@ -245,11 +246,13 @@ def main() -> None:
     for name in names:
         done, seconds = totals[name]
         lines.append(f"  {name:<55} {done / seconds:7.2f} images/s  {done / seconds / reference:6.3f}x  ({done} images)")
-    steady = {name: images / seconds for name, (images, seconds) in STEADY.items() if seconds > 0}
+    steady = {name: images / seconds for name, (images, seconds, _) in STEADY.items() if seconds > 0}
     if steady:
-        lines.append("after start-up (from the end of the first batch to the end: what a long extraction runs at):")
+        lines.append("after start-up (from the end of the first batch to the end: what a long extraction runs at; "
+                     "the share of that time the loop waited for its next batch of model input):")
         for name, rate in steady.items():
-            lines.append(f"  {name:<55} {rate:7.2f} images/s  {rate / reference:6.3f}x")
+            waited = STEADY[name][2] / STEADY[name][1]
+            lines.append(f"  {name:<55} {rate:7.2f} images/s  {rate / reference:6.3f}x  (waited for input {waited:.0%})")
     ours = totals[names[1]][0] / totals[names[1]][1]
     if args.clip_retrieval:
         theirs = totals[names[-1]][0] / totals[names[-1]][1]

@@ -290,3 +290,58 @@ def test_an_image_that_cannot_be_used_is_named_with_what_to_do(encoder_and_file,
                                          r"have.*ratio above .*; no option raises that limit: give a copy of the image within it \(smaller, or "
                                          r"cropped where the limit is on the ratio of its sides\)"):
         unicom.embed_images(encoder, [tmp_path / "line.png"], num_workers=0)
+
+
+class _Slowed(torch.nn.Module):
+    """A model that takes ``seconds`` per batch more than ``inner``."""
+
+    def __init__(self, inner, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, images):
+        import time
+
+        time.sleep(self.seconds)
+        return self.inner(images)
+
+
+def test_the_summary_says_whether_the_model_waited_for_its_input(encoder_and_file, image_files, tmp_path):
+    """After the start-up, the time spent waiting for the next decoded batch: most of it when
+    decoding is slow and the model fast, little when the model is the slow one."""
+    import time
+
+    from unicom.commands.embed import INPUT_BOUND_SHARE, input_wait_line
+    from unicom.embed import embed_to_folder
+    from unicom.models.encoders import ModelEncoder
+
+    encoder, _ = encoder_and_file
+
+    def slow_decoding(image):
+        time.sleep(0.2)
+        return encoder.image_transform(image)
+
+    def run(model, transform, name):
+        slowed = ModelEncoder(model, transform, encoder.embedding_dim, name)
+        return embed_to_folder([str(image_files[0].parent)], tmp_path / name, slowed, batch_size=1, num_workers=0,
+                               rows_per_part=100)
+
+    input_bound = run(encoder.model, slow_decoding, "slow-input")  # 6 batches after the first, 0.2 s each to decode
+    assert input_bound.input_wait_seconds >= 6 * 0.2
+    assert input_bound.input_wait_share > 0.6, input_bound
+    model_bound = run(_Slowed(encoder.model, 0.2), encoder.image_transform, "slow-model")
+    assert model_bound.input_wait_share < 0.2, model_bound
+    assert input_wait_line(input_bound.input_wait_share).endswith("--decode gpu decodes JPEGs there)")
+    assert input_wait_line(INPUT_BOUND_SHARE / 2) == (
+        f"after the start-up the model waited {100 * INPUT_BOUND_SHARE / 2:.0f}% of the time for its next batch")
+
+
+def test_the_input_wait_share_is_of_the_time_after_the_start_up_and_the_most_of_any_rank():
+    from unicom.embed import EmbedSummary
+
+    one = EmbedSummary(samples=7, startup_images=3, seconds=3.0, startup_seconds=1.0, input_wait_seconds=0.5)
+    assert one.input_wait_share == 0.25  # 0.5 s of the 2 s after the start-up
+    assert EmbedSummary(samples=3, startup_images=3, seconds=2.0, startup_seconds=1.0).input_wait_share is None
+    other = EmbedSummary(samples=5, startup_images=2, seconds=2.0, startup_seconds=0.5, input_wait_seconds=1.5)
+    merged = one.merge(other)
+    assert merged.input_wait_seconds == 1.5 and merged.input_wait_share == 0.75  # 1.5 s of max(3) - max(1) s

@@ -135,6 +135,15 @@ def test_deleting_one_part_recomputes_only_that_part_identically(setup, first_ru
     assert after[2] == before[1][2]
 
 
+def test_the_summary_says_how_long_the_model_waited_for_its_input(setup, tmp_path, capsys):
+    import re
+
+    root, checkpoint, _, _ = setup
+    assert _embed(root, checkpoint, tmp_path / "emb") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^after the start-up the model waited \d+% of the time for its next batch", out, re.MULTILINE), out
+
+
 def test_a_finished_folder_is_left_alone_and_another_configuration_refused(setup, first_run, capsys):
     root, checkpoint, _, _ = setup
     files = {p: p.stat().st_mtime_ns for p in first_run.rglob("*") if p.is_file()}

@@ -349,6 +349,7 @@ class EmbedSummary:
     failures: list[dict] = field(default_factory=list)
     startup_seconds: float = 0.0  # until the first batch was through the model (workers, first reads)
     startup_images: int = 0  # the images of that first batch
+    input_wait_seconds: float = 0.0  # after the start-up: waiting for the next batch of model input (the most of any rank)
 
     @property
     def images_per_second(self) -> float:
@@ -359,6 +360,15 @@ class EmbedSummary:
         """The rate after the start-up: what a long extraction runs at."""
         seconds = self.seconds - self.startup_seconds
         return (self.samples + self.failed - self.startup_images) / seconds if seconds > 0 else 0.0
+
+    @property
+    def input_wait_share(self) -> float | None:
+        """After the start-up, the share of the time the loop waited for its next batch of
+        model input (read, decoded, resized): near 1 the input pipeline limits the run and the
+        model idles; near 0 the model does. None without batches after the start-up's."""
+        seconds = self.seconds - self.startup_seconds
+        later = self.samples + self.failed - self.startup_images
+        return min(1.0, self.input_wait_seconds / seconds) if seconds > 0 and self.startup_images and later > 0 else None
 
     def merge(self, other: "EmbedSummary") -> "EmbedSummary":
         return EmbedSummary(
@@ -373,6 +383,7 @@ class EmbedSummary:
             failures=(self.failures + other.failures)[:FAILURES_SHOWN],
             startup_seconds=max(self.startup_seconds, other.startup_seconds),
             startup_images=self.startup_images + other.startup_images,
+            input_wait_seconds=max(self.input_wait_seconds, other.input_wait_seconds),
         )
 
 
@@ -713,7 +724,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     first = True
     try:
         with _inference(device, precision):  # the weights cast to the low precision once, not per batch
-            for batch, images in batches:
+            for batch, images in _waits_counted(batches, summary):
                 pending = collecting.get(batch.part)
                 if pending is None:
                     pending = collecting[batch.part] = _PendingPart(by_number[batch.part], slices[batch.part])
@@ -758,6 +769,23 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         torch.set_num_threads(threads)
         storage.drop_prefetched()
     summary.seconds = time.perf_counter() - start
+
+
+def _waits_counted(batches, summary: EmbedSummary):
+    """``batches``, the time each took to come after the first one added to
+    ``summary.input_wait_seconds`` (the first belongs to the start-up)."""
+    iterator = iter(batches)
+    first = True
+    while True:
+        asked = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        if not first:
+            summary.input_wait_seconds += time.perf_counter() - asked
+        first = False
+        yield item
 
 
 def gather_summary(summary: EmbedSummary, group=None) -> EmbedSummary:

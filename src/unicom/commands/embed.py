@@ -16,6 +16,8 @@ import sys
 
 from unicom.engine.device import PRECISIONS
 
+INPUT_BOUND_SHARE = 0.25  # waiting this share of the time for input, the model idles as much: said with a remedy
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         + (f" ({summary.steady_images_per_second:.1f} after the start-up of {summary.startup_seconds:.1f} s)"
            if summary.startup_images and summary.steady_images_per_second > 0 else "")
     )
+    if summary.input_wait_share is not None:
+        print(input_wait_line(summary.input_wait_share))
     if summary.failed or summary.broken_shards or summary.unfinished:
         problems = [f"{summary.failed} samples could not be used"] if summary.failed else []
         if summary.broken_shards:
@@ -131,3 +135,14 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def input_wait_line(share: float) -> str:
+    """What the summary says of the time the model waited for input after the start-up
+    (:attr:`unicom.embed.EmbedSummary.input_wait_share`), with a remedy when it idled much."""
+    line = f"after the start-up the model waited {100 * share:.0f}% of the time for its next batch"
+    if share >= INPUT_BOUND_SHARE:
+        line += (": reading and decoding the images limit this run (more --workers feed it faster; on a GPU, "
+                 "--decode gpu decodes JPEGs there)")
+    return line
+

@@ -311,7 +311,8 @@ def test_the_summary_says_whether_the_model_waited_for_its_input(encoder_and_fil
     decoding is slow and the model fast, little when the model is the slow one."""
     import time
 
-    from unicom.commands.embed import INPUT_BOUND_SHARE, input_wait_line
+    from unicom.commands.embed import input_wait_line
+    from unicom.progress import INPUT_BOUND_SHARE
     from unicom.embed import embed_to_folder
     from unicom.models.encoders import ModelEncoder
 
@@ -331,7 +332,9 @@ def test_the_summary_says_whether_the_model_waited_for_its_input(encoder_and_fil
     assert input_bound.input_wait_share > 0.6, input_bound
     model_bound = run(_Slowed(encoder.model, 0.2), encoder.image_transform, "slow-model")
     assert model_bound.input_wait_share < 0.2, model_bound
-    assert input_wait_line(input_bound.input_wait_share).endswith("--decode gpu decodes JPEGs there)")
+    assert input_wait_line(input_bound.input_wait_share).endswith("the images limit this run; more --workers, or "
+                                                                  "--decode gpu on a GPU (JPEGs decoded there), may "
+                                                                  "feed it faster")
     assert input_wait_line(INPUT_BOUND_SHARE / 2) == (
         f"after the start-up the model waited {100 * INPUT_BOUND_SHARE / 2:.0f}% of the time for its next batch")
 

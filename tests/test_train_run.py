@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from support import free_port, random_unicom_vit, write_class_folder
 
 from unicom.errors import InputError
+from unicom.progress import INPUT_BOUND_SHARE
 
 TINY = [
     "model.image_size=16", "model.patch_size=8", "model.width=48", "model.depth=2", "model.heads=2",
@@ -140,6 +141,17 @@ def test_the_start_says_which_classes_a_step_uses_and_the_first_line_gives_no_et
     assert records[0]["images_per_second"] is None and records[0]["startup_seconds"] > 0
     assert records[1]["images_per_second"] > 0 and "startup_seconds" not in records[1]
     assert events(tmp_path / "run", "start")[0]["classes_per_step"] == round(8 * (1 - (7 / 8) ** 16), 1)
+    for line, record in zip((second, last), records[1:]):  # the wait for data is told when it is large
+        assert ("waited for data" in line) == (record["data_wait"] >= INPUT_BOUND_SHARE), (line, record)
+
+
+def test_a_step_line_tells_a_long_wait_for_data_with_what_to_change():
+    from unicom.train.trainer import data_wait_note
+
+    assert data_wait_note(INPUT_BOUND_SHARE - 0.01) == ""
+    assert data_wait_note(0.6) == (" (waited for data 60% of the time: reading and decoding limit this run; more "
+                                   "data.workers, or data.decode=gpu on a GPU where the augmentation allows, may feed "
+                                   "it faster)")
 
 
 def test_the_start_line_names_every_class_or_the_random_negatives():

@@ -24,6 +24,9 @@ def progress_enabled() -> bool:
 # seconds between two lines of a bar written to a file or a pipe
 LOG_INTERVAL = 30.0
 
+# a loop that waits this share of its time for input leaves its model as idle: its report says so, with remedies
+INPUT_BOUND_SHARE = 0.25
+
 
 def progress(iterable: Iterable[T] | None = None, *, total: int | float | None = None, desc: str = "", unit: str = "it", **kwargs):
     """A ``tqdm`` bar (rate and ETA) over ``iterable``; use ``.update(n)`` when it is None."""

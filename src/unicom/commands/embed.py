@@ -15,8 +15,7 @@ import argparse
 import sys
 
 from unicom.engine.device import PRECISIONS
-
-INPUT_BOUND_SHARE = 0.25  # waiting this share of the time for input, the model idles as much: said with a remedy
+from unicom.progress import INPUT_BOUND_SHARE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +141,7 @@ def input_wait_line(share: float) -> str:
     (:attr:`unicom.embed.EmbedSummary.input_wait_share`), with a remedy when it idled much."""
     line = f"after the start-up the model waited {100 * share:.0f}% of the time for its next batch"
     if share >= INPUT_BOUND_SHARE:
-        line += (": reading and decoding the images limit this run (more --workers feed it faster; on a GPU, "
-                 "--decode gpu decodes JPEGs there)")
+        line += (": reading and decoding the images limit this run; more --workers, or --decode gpu on a GPU "
+                 "(JPEGs decoded there), may feed it faster")
     return line
 

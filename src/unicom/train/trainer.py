@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from unicom import distributed, storage
+from unicom.progress import INPUT_BOUND_SHARE
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
@@ -677,6 +678,16 @@ def _describe_selection(selection: ClassesPerStep, batch: int, sample_rate: floa
             f"~{used - positives:,.0f} random negatives)"]
 
 
+def data_wait_note(share: float) -> str:
+    """What a step line adds when the steps waited for their batches ``share`` of the time
+    (``data_wait``): nothing below :data:`unicom.progress.INPUT_BOUND_SHARE`, else that
+    share with the remedies."""
+    if share < INPUT_BOUND_SHARE:
+        return ""
+    return (f" (waited for data {share:.0%} of the time: reading and decoding limit this run; more data.workers, or "
+            "data.decode=gpu on a GPU where the augmentation allows, may feed it faster)")
+
+
 def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result: StepResult, global_batch: int,
                   factor: float, startup: bool = False) -> None:
     """Log the steps since the last line. ``startup``: the interval is the process's first
@@ -710,7 +721,7 @@ def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result
         speed = f"first step {format_duration(seconds)} with start-up" + (", ETA from the next line" if state.step < run.total_steps else "")
     else:
         remaining = (run.total_steps - state.step) * seconds / max(interval["steps"], 1)
-        speed = f"{images_per_second:,.0f} img/s ETA {format_duration(remaining)}"
+        speed = f"{images_per_second:,.0f} img/s ETA {format_duration(remaining)}" + data_wait_note(values["data_wait"])
     log.event("step", **values)
     log.scalars(state.step, values)
     extra = ""

@@ -8,7 +8,8 @@
 #   partial_fc_step_cuda.txt  PartialFC + SparseAdamW step at K = 1M and 100k (targets: 1M <= 4 ms, 100k a/c <= 0.5)
 #   kmeans_cuda.txt           torch k-means assignment as a share of the float32 matrix rate (target >= 50%)
 #   embed_pipeline_cuda.txt   unicom embed, decode=gpu and decode=cpu, against the bare forward (target >= 0.7x)
-#   train_step_cuda.txt       ViT-B/16 224 px bf16 + PartialFC 1M at r1 = 0.1: MFU eager and compiled (target >= 40%)
+#   train_step_cuda.txt       ViT-B/16 224 px bf16 + PartialFC 1M at r1 = 0.1: MFU eager and compiled (target >= 40%);
+#                             SDPA backends side by side, and the compiled step with one > 5% faster than PyTorch's choice
 #
 # Usage:
 #   benchmarks/gpu_suite.sh                      # on a GPU machine

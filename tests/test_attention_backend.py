@@ -126,3 +126,49 @@ def test_a_run_takes_the_recipes_backend_and_refuses_one_it_cannot_run(images, t
     assert not (tmp_path / "cudnn" / "checkpoints").exists()
     with pytest.raises(InputError, match="model.attention"):
         load_config(None, run_overrides(images, tmp_path / "bad", "model.attention=fast"))
+
+
+CUDA_OPERATORS = {"flash": "aten::_scaled_dot_product_flash_attention",
+                  "efficient": "aten::_scaled_dot_product_efficient_attention",
+                  "cudnn": "aten::_scaled_dot_product_cudnn_attention", "math": MATH}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_each_backend_that_runs_is_the_one_the_step_takes():
+    """bf16 steps of a ViT with 64-wide heads: each backend that can run it is the operator
+    of the step (forward, backward and checkpointing's recomputation), with PyTorch's choice's
+    loss to bf16 rounding; one that cannot is refused by the check."""
+    cuda = torch.device("cuda")
+    image = torch.zeros(1, 3, 32, 32, device=cuda)
+
+    def step_and_operators(attention):
+        torch.manual_seed(0)
+        backbone = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=128, depth=2, heads=2,
+                                           embedding_dim=16)).to(cuda)
+        backbone.set_grad_checkpointing(True)
+        partial_fc = PartialFC(16, CLASSES, ArcFace(0.3, 16.0), sample_rate=0.5, seed=0).to(cuda)
+        step = TrainStep(backbone, partial_fc, backbone_optimizer(backbone, 1e-2, 0.05, (0.9, 0.999), 1e-8, cuda),
+                         SparseAdamW(partial_fc.parameters(), lr=1e-2, weight_decay=0.05), cuda, "bf16",
+                         attention=attention)
+        images, labels = batch()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            result = step([(images.repeat(1, 1, 2, 2).to(cuda), labels.to(cuda))])
+        return backbone, {e.key: e.count for e in profile.key_averages() if "_attention" in e.key}, result.loss
+
+    _, _, chosen_loss = step_and_operators("auto")
+    ran = []
+    for name, operator in CUDA_OPERATORS.items():
+        backbone = ClipViT(ClipViTSettings(image_size=32, patch_size=8, width=128, depth=2, heads=2,
+                                           embedding_dim=16)).to(cuda)
+        if attention_problem(name, cuda, "bf16", 2, 17, 64) is not None:
+            with pytest.raises(InputError, match=f"model.attention={name}: PyTorch cannot run"):
+                check_attention_backend(name, backbone, image, "bf16")
+            continue
+        check_attention_backend(name, backbone, image, "bf16")
+        _, operators, loss = step_and_operators(name)
+        assert operators.get(operator) == 4, (name, operators)  # 2 blocks, each run again by checkpointing
+        others = [key for key in CUDA_OPERATORS.values() if key != operator and key in operators]
+        assert not others, (name, operators)
+        assert loss == pytest.approx(chosen_loss, rel=2e-2)
+        ran.append(name)
+    assert "math" in ran and len(ran) >= 2, ran  # a GPU runs the math backend and at least one fused one

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from unicom import distributed, storage
-from unicom.progress import INPUT_BOUND_SHARE
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
@@ -37,6 +36,7 @@ from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step
 from unicom.errors import InputError
 from unicom.losses.partial_fc import ClassesPerStep, classes_per_step
+from unicom.progress import INPUT_BOUND_SHARE
 from unicom.train.config import TrainConfig
 
 

@@ -435,3 +435,88 @@ def test_training_with_decoding_on_the_device_runs_end_to_end(tmp_path):
     ])
     summary = train(config, console=io.StringIO())
     assert summary["steps"] == 3 and summary["failed_images"] == 0
+
+
+# ------------------------------------------------------------------ a share of the JPEGs decoded by the workers
+
+
+def test_the_workers_share_is_spread_evenly_over_the_samples_and_checked():
+    from unicom.data.transforms import check_workers_share, decoded_by_workers
+
+    def taken(share, count=12):
+        return [i for i in range(count) if decoded_by_workers(i, share)]
+
+    assert taken(0.0) == [] and taken(1.0) == list(range(12))
+    assert taken(0.25) == [3, 7, 11] and taken(0.5) == [1, 3, 5, 7, 9, 11]
+    assert sum(decoded_by_workers(i, 0.3) for i in range(1000)) == 300  # exactly the share of every 1,000
+    assert check_workers_share(1 / 3) == 0.333
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(InputError, match=r"--decode-workers-share=.*: give a share of the JPEGs from 0 to 1"):
+            check_workers_share(bad, "--decode-workers-share")
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    from unicom.models.encoders import ModelEncoder
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    torch.manual_seed(0)
+    model = ClipViT(ClipViTSettings(image_size=64, patch_size=16, width=32, depth=1, heads=2, embedding_dim=16))
+    return ModelEncoder(model.eval(), clip_transform(64), 16, "tiny")
+
+
+def test_the_workers_decode_their_share_of_the_jpegs_as_the_cpu_path_does(tiny_encoder, tmp_path):
+    """Samples 1, 3, 5 ... (share 0.5) are decoded by the workers: their model input is that of
+    decode=cpu bit for bit, the others' that of the device path without a share; a PNG takes
+    the CPU path whatever its index. embed_images embeds that input."""
+    from unicom.data.loading import BatchStream, plan_units
+    from unicom.data.sources import ItemsPart
+    from unicom.embed import embed_images
+
+    paths = []
+    for i, (width, height) in enumerate([(120, 90), (90, 160), (200, 150), (75, 75), (130, 100), (160, 300),
+                                         (96, 128), (250, 180)]):  # within the device path's 8x downscale of 64 px
+        paths.append(tmp_path / (f"{i}.png" if i == 4 else f"{i}.jpg"))
+        paths[-1].write_bytes(encode_image(photo(i, width, height), "PNG" if i == 4 else "JPEG"))
+
+    def model_input(**options):
+        stream = BatchStream(plan_units([ItemsPart(paths)], 0), 8, tiny_encoder.image_transform, **options)
+        batch, _end = list(stream)
+        return batch, stream.model_input(batch, torch.device("cpu"))
+
+    _, on_cpu = model_input()
+    _, on_device = model_input(device_decode=True)
+    batch, shared = model_input(device_decode=True, workers_share=0.5)
+    assert batch.jpegs.slots == [0, 2, 6] and len(batch.images) == 5  # slots: the JPEGs left encoded
+    by_workers, by_device = [1, 3, 4, 5, 7], [0, 2, 6]
+    assert torch.equal(shared[by_workers], on_cpu[by_workers]) and torch.equal(shared[by_device], on_device[by_device])
+    assert (on_cpu[by_device] - on_device[by_device]).abs().max() > 1e-3  # the two paths do differ there
+    embedded = embed_images(tiny_encoder, paths, batch_size=8, num_workers=0, decode="gpu", decode_workers_share=0.5)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(tiny_encoder.encode_image(shared), dim=-1).numpy()
+    np.testing.assert_allclose(embedded, expected, atol=1e-7)
+
+
+def test_a_folder_records_the_workers_share_and_the_command_refuses_it_without_device_decoding(tiny_encoder, tmp_path,
+                                                                                                  capsys):
+    from unicom.cli import main
+    from unicom.embed import embed_to_folder
+    from unicom.formats.embeddings import PART_SETTINGS, read_config
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(encode_image(photo(i, 90, 80), "JPEG"))
+    embed_to_folder(str(folder), tmp_path / "shared", tiny_encoder, batch_size=2, num_workers=0, decode="gpu",
+                    decode_workers_share=0.25)
+    assert read_config(tmp_path / "shared")[PART_SETTINGS] == [
+        {"precision": "fp32", "decode": "gpu", "decode_workers_share": 0.25}]
+    embed_to_folder(str(folder), tmp_path / "plain", tiny_encoder, batch_size=2, num_workers=0, decode="gpu")
+    assert read_config(tmp_path / "plain")[PART_SETTINGS] == [{"precision": "fp32", "decode": "gpu"}]
+    assert main(["embed", "--input", str(folder), "--model", "ViT-B-32", "--out", str(tmp_path / "refused"),
+                 "--decode", "cpu", "--decode-workers-share", "0.5"]) != 0
+    assert ("--decode-workers-share 0.5 shares the JPEGs that the GPU would decode; with --decode cpu the workers "
+            "decode every image: leave one of them out") in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(InputError, match=r"--decode-workers-share=1.5: give a share"):
+        embed_to_folder(str(folder), tmp_path / "bad", tiny_encoder, decode_workers_share=1.5)

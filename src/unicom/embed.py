@@ -43,7 +43,7 @@ from unicom.data.sources import (
     open_parts,
     read_in_turn,
 )
-from unicom.data.transforms import draft_size, resolve_decode
+from unicom.data.transforms import check_workers_share, draft_size, resolve_decode
 from unicom.engine.device import HostCopies, HostCopy, autocast, made_ahead, resolve_device, resolve_precision
 from unicom.errors import InputError
 from unicom.files import part_number, refused_write, write_parquet_atomic
@@ -244,6 +244,7 @@ def embed_images(
     precision: str = "auto",
     normalize: bool = True,
     decode: str = "auto",
+    decode_workers_share: float = 0.0,
 ) -> np.ndarray:
     """Embed images (PIL images, file paths or URLs, encoded bytes): float32 (N, D), rows
     L2-normalised (unless ``normalize=False``), in order.
@@ -251,7 +252,9 @@ def embed_images(
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
     (default: :func:`default_num_workers`), or JPEGs on the model's GPU (``decode``, see
-    :func:`unicom.data.transforms.resolve_decode`). Raises :class:`InputError` naming the
+    :func:`unicom.data.transforms.resolve_decode`); with JPEGs decoded there,
+    ``decode_workers_share`` of them are decoded by the workers nonetheless
+    (:func:`unicom.data.transforms.decoded_by_workers`). Raises :class:`InputError` naming the
     first image that cannot be decoded.
     """
     if isinstance(images_or_paths, (str, os.PathLike)) or hasattr(images_or_paths, "getpixel"):
@@ -273,7 +276,7 @@ def embed_images(
     transform = encoder.image_transform
     stream = BatchStream(
         plan_units([ItemsPart(items)], workers), batch_size, transform, None, draft_size(transform) if draft else None,
-        device_decode=resolve_decode(decode, device, transform),
+        device_decode=resolve_decode(decode, device, transform), workers_share=decode_workers_share,
     )
     out: np.ndarray | None = None
     copies = HostCopies()  # each batch's embeddings read a batch or two later: the GPU keeps working meanwhile
@@ -572,6 +575,7 @@ def embed_parts(
     decode: str = "auto",
     advice: str = SAME_OPTIONS,
     group=None,
+    decode_workers_share: float = 0.0,
 ) -> EmbedSummary:
     """Embed ``parts`` (from :func:`unicom.data.sources.open_parts`) into the layout under ``out``.
 
@@ -582,6 +586,8 @@ def embed_parts(
     what to do when it does not). ``normalize=False``
     stores the image features as the encoder gives them (the UniFEx feature cache's raw mode).
     ``group``: the process group the ranks meet in before writing (default: the world's).
+    ``decode_workers_share``: with JPEGs decoded on the model's device, the share of them the
+    workers decode instead (:func:`unicom.data.transforms.decoded_by_workers`).
     """
     out = storage.path(out)
     storage.writable_folder(out)
@@ -611,7 +617,7 @@ def embed_parts(
         sweep_writer_temporaries(out, [part.number for part in pending])
     # every rank lists the finished parts before any rank writes a new one, so all agree
     distributed.barrier(group)
-    settings = run_settings(encoder, modalities, precision, decode)
+    settings = run_settings(encoder, modalities, precision, decode, decode_workers_share)
     every = []  # the settings of every rank of this run (hardware may differ between nodes)
     for made in distributed.all_gather_object(settings, group):
         every += [made] if made not in every else []
@@ -629,13 +635,19 @@ def embed_parts(
     return summary
 
 
-def run_settings(encoder: Encoder, modalities: Sequence[str], precision: str, decode: str) -> dict:
+def run_settings(encoder: Encoder, modalities: Sequence[str], precision: str, decode: str,
+                 workers_share: float = 0.0) -> dict:
     """How this process computes embeddings, as each part it writes records it: ``precision``
     as resolved on the encoder's device (``auto``: fp16 on a GPU, fp32 on a CPU) and, with
-    images, ``decode``: where their JPEGs are decoded and resized (``cpu`` or ``gpu``)."""
+    images, ``decode``: where their JPEGs are decoded and resized (``cpu`` or ``gpu``), and
+    with ``gpu`` and a workers' share above 0, ``decode_workers_share``: the share of them
+    that the workers decode instead (recorded only then: parts made before it existed match)."""
     settings = {"precision": resolve_precision(precision, encoder.device, training=False)}
+    share = check_workers_share(workers_share)
     if "image" in modalities:
         settings["decode"] = "gpu" if resolve_decode(decode, encoder.device, encoder.image_transform) else "cpu"
+        if settings["decode"] == "gpu" and share:
+            settings["decode_workers_share"] = share
     return settings
 
 
@@ -703,6 +715,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         encoder.tokenize if "text" in modalities else None,
         draft_size(transform) if (draft and transform is not None) else None,
         device_decode=settings.get("decode") == "gpu",
+        workers_share=settings.get("decode_workers_share", 0.0),
     )
     dims = {"image": encoder.embedding_dim}
     if "text" in modalities:
@@ -821,6 +834,7 @@ def embed_to_folder(
     device: str | torch.device | None = None,
     decode: str = "auto",
     dataset: str | None = None,
+    decode_workers_share: float = 0.0,
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
 
@@ -834,8 +848,10 @@ def embed_to_folder(
 
     Inputs and the folder's previous configuration are checked before the model is built
     and before anything is written. Returns the summary of all ranks.
+    ``decode_workers_share``: see :func:`embed_parts`.
     """
     modalities = _checked_modalities(modalities)
+    check_workers_share(decode_workers_share, "--decode-workers-share")
     _check_batching(batch_size, num_workers)
     model, pretrained = _as_specs(model, pretrained)
     storage.writable_folder(out)
@@ -883,7 +899,7 @@ def embed_to_folder(
             encoder = _as_encoder(model, None, device)
         summary = embed_parts(parts, encoder, out, modalities=modalities, batch_size=batch_size,
                               num_workers=num_workers, dtype=dtype, draft=draft, precision=precision, config=config,
-                              decode=decode, group=waiting)
+                              decode=decode, group=waiting, decode_workers_share=decode_workers_share)
         return gather_summary(summary, waiting)
     finally:  # also when this rank fails: its group's threads do not outlive the command
         if waiting is not None:

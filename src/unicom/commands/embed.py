@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where JPEGs are decoded and resized: gpu (nvJPEG on the model's GPU, the workers only read "
                              "bytes; other formats and JPEGs it refuses take the CPU path per sample), cpu (Pillow in the "
                              "workers), auto (gpu on a GPU when the model's transform is resize, crop, normalise; default)")
+    parser.add_argument("--decode-workers-share", type=float, default=0.0, metavar="SHARE",
+                        help="with JPEGs decoded on the GPU: the share of them (0 to 1) that the workers decode with Pillow "
+                             "nonetheless, the same samples in every run, to relieve the main process when it limits the "
+                             "rate (benchmarks/embed_pipeline.py measures it; default: 0)")
     parser.add_argument("--rows-per-part", type=int, default=None,
                         help="rows per output part for folders and lists (default: 100000); shards are one part each")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
@@ -78,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.input is not None and columns and not (len(args.input) == 1 and args.input[0].lower().endswith(TABLE_SUFFIXES)):
         raise InputError(f"{', '.join(columns)} name columns of a CSV/parquet list, and {' '.join(args.input)} is not "
                          "one: leave them out, or give the list")
+    if args.decode == "cpu" and args.decode_workers_share:
+        raise InputError(f"--decode-workers-share {args.decode_workers_share} shares the JPEGs that the GPU would decode; "
+                         "with --decode cpu the workers decode every image: leave one of them out")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     with distributed.process_group() as (rank, _):
         summary = embed_to_folder(
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             decode=args.decode,
             dataset=args.dataset,
+            decode_workers_share=args.decode_workers_share,
         )
     if rank != 0:
         return 0

@@ -31,7 +31,9 @@ from unicom.data.transforms import (
     SplitTransform,
     TensorTransform,
     check_resized_pixels,
+    check_workers_share,
     decode_image,
+    decoded_by_workers,
     encoded_bytes,
     seeded_draws,
     short_side_size,
@@ -114,6 +116,8 @@ class BatchStream(IterableDataset):
         draft: (width, height) that JPEG draft decoding must keep, or None for full decoding.
         device_decode: leave JPEGs encoded for the model's device (nvJPEG on a GPU; see
             :func:`unicom.data.transforms.resolve_decode`); other images take the CPU path.
+        workers_share: with ``device_decode``, the share of those JPEGs that the workers
+            decode nonetheless (:func:`unicom.data.transforms.decoded_by_workers`).
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class BatchStream(IterableDataset):
         tokenize: Callable[[list[str]], torch.Tensor] | None = None,
         draft: tuple[int, int] | None = None,
         device_decode: bool = False,
+        workers_share: float = 0.0,
     ):
         super().__init__()
         self.units = list(units)
@@ -135,6 +140,7 @@ class BatchStream(IterableDataset):
         self.draft = draft
         self.short_side = short_side_size(image_transform)
         self.tensor_transform = TensorTransform(image_transform) if device_decode else None
+        self.workers_share = check_workers_share(workers_share) if device_decode else 0.0
         self._next_unit = multiprocessing.Value("q", 0)  # shared with the workers it is forked or sent to
 
     def __iter__(self) -> Iterator[Batch]:
@@ -203,6 +209,8 @@ class BatchStream(IterableDataset):
                 try:
                     data = encoded_bytes(record.image) if self.tensor_transform is not None else None
                     size = self.tensor_transform.device_size(data) if data is not None else None
+                    if size is not None and self.workers_share and decoded_by_workers(record.index, self.workers_share):
+                        size = None  # this worker's share of the JPEGs
                     if size is not None:  # decoded where the model runs
                         check_resized_pixels(self.short_side, size)
                         row["width"], row["height"] = size

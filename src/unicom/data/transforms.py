@@ -368,6 +368,28 @@ def resolve_decode(decode: str, device, transform: Callable | None) -> bool:
     return reason is None and (decode == "gpu" or torch.device(device).type == "cuda")
 
 
+SHARE_STEPS = 1000  # a workers' share is kept in thousandths: the same samples on every machine
+
+
+def check_workers_share(share: float, key: str = "decode_workers_share") -> float:
+    """``share`` (0 to 1) as the thousandths :func:`decoded_by_workers` uses; else an InputError naming ``key``."""
+    from unicom.errors import InputError
+
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise InputError(f"{key}={share!r}: give a share of the JPEGs from 0 to 1 (0.3: about 3 in 10)")
+    return round(share * SHARE_STEPS) / SHARE_STEPS
+
+
+def decoded_by_workers(index: int, share: float) -> bool:
+    """Whether the JPEG of sample ``index`` (its position in its part) is decoded by the
+    workers with Pillow although the model's device could decode it: ``share`` of the
+    samples, spread evenly (one in three at 1/3), the same ones in every run and slice.
+    Decoding on the device, the main process does per image what the workers, reading
+    bytes only, mostly wait for: a share taken by them can relieve it."""
+    steps = round(share * SHARE_STEPS)
+    return (index + 1) * steps // SHARE_STEPS > index * steps // SHARE_STEPS
+
+
 _RESIZE_NAMES = {"Resize"}
 _CENTER_CROP_NAMES = {"CenterCrop"}
 _RANDOM_CROP_NAMES = {"RandomResizedCrop", "RandomResizedCropAndInterpolation"}

@@ -498,7 +498,9 @@ def test_the_workers_decode_their_share_of_the_jpegs_as_the_cpu_path_does(tiny_e
 
 
 def test_a_folder_records_the_workers_share_and_the_command_refuses_it_without_device_decoding(tiny_encoder, tmp_path,
-                                                                                                  capsys):
+                                                                                                  capsys, caplog):
+    import logging
+
     from unicom.cli import main
     from unicom.embed import embed_to_folder
     from unicom.formats.embeddings import PART_SETTINGS, read_config
@@ -508,9 +510,15 @@ def test_a_folder_records_the_workers_share_and_the_command_refuses_it_without_d
     for i in range(4):
         (folder / f"{i}.jpg").write_bytes(encode_image(photo(i, 90, 80), "JPEG"))
     embed_to_folder(str(folder), tmp_path / "shared", tiny_encoder, batch_size=2, num_workers=0, decode="gpu",
-                    decode_workers_share=0.25)
+                    decode_workers_share=0.25, rows_per_part=2)
     assert read_config(tmp_path / "shared")[PART_SETTINGS] == [
         {"precision": "fp32", "decode": "gpu", "decode_workers_share": 0.25}]
+    (tmp_path / "shared" / "img_emb" / "img_emb_1.npy").unlink()  # part 1 again, with another share
+    with caplog.at_level(logging.WARNING, logger="unicom"):
+        embed_to_folder(str(folder), tmp_path / "shared", tiny_encoder, batch_size=2, num_workers=0, decode="gpu",
+                        decode_workers_share=0.5, rows_per_part=2)
+    assert ("parts [0] with decode gpu, decode_workers_share 0.25, precision fp32); this run embeds parts [1] with decode "
+            "gpu, decode_workers_share 0.5, precision fp32") in caplog.text
     embed_to_folder(str(folder), tmp_path / "plain", tiny_encoder, batch_size=2, num_workers=0, decode="gpu")
     assert read_config(tmp_path / "plain")[PART_SETTINGS] == [{"precision": "fp32", "decode": "gpu"}]
     assert main(["embed", "--input", str(folder), "--model", "ViT-B-32", "--out", str(tmp_path / "refused"),

@@ -692,8 +692,8 @@ def _warn_other_settings(out, finished: list[int], pending: list[int], settings:
     before = "; ".join(f"parts {listed_parts(numbers)} with {described}" for described, numbers in made.items())
     logger.warning("%s: finished parts were embedded with other settings than this run's (%s); this run embeds parts %s "
                    "with %s. Their embeddings differ slightly; to keep one setting throughout, stop and run again with "
-                   "the options those parts were made with (--precision, --decode)", storage.text(out), before,
-                   listed_parts(pending), _describe_settings(settings))
+                   "the options those parts were made with (--precision, --decode, --decode-workers-share)",
+                   storage.text(out), before, listed_parts(pending), _describe_settings(settings))
     return found
 
 

@@ -335,6 +335,9 @@ def test_the_summary_says_whether_the_model_waited_for_its_input(encoder_and_fil
     assert input_wait_line(input_bound.input_wait_share).endswith("the images limit this run; more --workers, or "
                                                                   "--decode gpu on a GPU (JPEGs decoded there), may "
                                                                   "feed it faster")
+    assert input_bound.decode == "cpu" and input_wait_line(0.9, on_device=True).endswith(
+        ": decoding the JPEGs in this process, or the workers' reading, limits this run; --decode-workers-share (the "
+        "workers decode a share of the JPEGs) or more --workers may feed it faster")
     assert input_wait_line(INPUT_BOUND_SHARE / 2) == (
         f"after the start-up the model waited {100 * INPUT_BOUND_SHARE / 2:.0f}% of the time for its next batch")
 

@@ -353,6 +353,7 @@ class EmbedSummary:
     startup_seconds: float = 0.0  # until the first batch was through the model (workers, first reads)
     startup_images: int = 0  # the images of that first batch
     input_wait_seconds: float = 0.0  # after the start-up: waiting for the next batch of model input (the most of any rank)
+    decode: str | None = None  # where JPEGs were decoded: "gpu" (the model's device) or "cpu"; None without images
 
     @property
     def images_per_second(self) -> float:
@@ -387,6 +388,7 @@ class EmbedSummary:
             startup_seconds=max(self.startup_seconds, other.startup_seconds),
             startup_images=self.startup_images + other.startup_images,
             input_wait_seconds=max(self.input_wait_seconds, other.input_wait_seconds),
+            decode=self.decode or other.decode,
         )
 
 
@@ -702,6 +704,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
     """The loop of :func:`embed_parts` over this rank's parts; fills ``summary``. ``settings``:
     :func:`run_settings`, recorded in each part written."""
     device = encoder.device
+    summary.decode = settings.get("decode")
     workers = default_num_workers(device) if num_workers is None else num_workers
     if workers == 0:  # one reader takes the parts in order: each remote shard downloads during the one before
         parts = read_in_turn(parts)

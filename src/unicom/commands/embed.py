@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
            if summary.startup_images and summary.steady_images_per_second > 0 else "")
     )
     if summary.input_wait_share is not None:
-        print(input_wait_line(summary.input_wait_share))
+        print(input_wait_line(summary.input_wait_share, summary.decode == "gpu"))
     if summary.failed or summary.broken_shards or summary.unfinished:
         problems = [f"{summary.failed} samples could not be used"] if summary.failed else []
         if summary.broken_shards:
@@ -144,12 +144,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def input_wait_line(share: float) -> str:
+def input_wait_line(share: float, on_device: bool = False) -> str:
     """What the summary says of the time the model waited for input after the start-up
-    (:attr:`unicom.embed.EmbedSummary.input_wait_share`), with a remedy when it idled much."""
+    (:attr:`unicom.embed.EmbedSummary.input_wait_share`), with the remedies when it idled
+    much: they differ when the JPEGs were decoded on the model's device (``on_device``)."""
     line = f"after the start-up the model waited {100 * share:.0f}% of the time for its next batch"
-    if share >= INPUT_BOUND_SHARE:
-        line += (": reading and decoding the images limit this run; more --workers, or --decode gpu on a GPU "
-                 "(JPEGs decoded there), may feed it faster")
-    return line
+    if share < INPUT_BOUND_SHARE:
+        return line
+    if on_device:
+        return line + (": decoding the JPEGs in this process, or the workers' reading, limits this run; "
+                       "--decode-workers-share (the workers decode a share of the JPEGs) or more --workers may feed "
+                       "it faster")
+    return line + (": reading and decoding the images limit this run; more --workers, or --decode gpu on a GPU "
+                   "(JPEGs decoded there), may feed it faster")
 

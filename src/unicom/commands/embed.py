@@ -157,4 +157,3 @@ def input_wait_line(share: float, on_device: bool = False) -> str:
                        "it faster")
     return line + (": reading and decoding the images limit this run; more --workers, or --decode gpu on a GPU "
                    "(JPEGs decoded there), may feed it faster")
-

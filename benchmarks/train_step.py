@@ -345,22 +345,15 @@ def attention_backends(batch: int, repeats: int = 10) -> tuple[list[str], dict[s
     flops = 4 * batch * heads * tokens * tokens * head_dim * 3.5  # forward (2 products) + backward (5)
     lines = [f"### attention alone: {shape} (batch, heads, tokens, head dim), bf16, forward + backward, one layer",
              "", "| SDPA backend | ms per layer | ms per step ({} layers) | TFLOP/s (the backward's recomputation counted) |".format(depth), "|---|---:|---:|---:|"]
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return lines + [f"| (torch {torch.__version__} cannot choose a backend) | | | |"], {}
-    import contextlib
+    from unicom.engine.device import attention_backend  # model.attention's own contexts
+    from unicom.errors import InputError
 
-    choices = [("auto", None)] + [(name, getattr(SDPBackend, member)) for name, member in
-                                  (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"),
-                                   ("efficient", "EFFICIENT_ATTENTION")) if hasattr(SDPBackend, member)]
     seconds_of = {}
-    for name, backend in choices:
+    for name in ("auto", "cudnn", "flash", "efficient"):
         shown = "PyTorch's choice" if name == "auto" else name
-        chosen = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         times = []
         try:
-            with chosen:
+            with attention_backend(name):
                 for i in range(repeats + 2):
                     _synchronize(device)
                     start = time.perf_counter()
@@ -369,7 +362,7 @@ def attention_backends(batch: int, repeats: int = 10) -> tuple[list[str], dict[s
                     _synchronize(device)
                     if i >= 2:
                         times.append(time.perf_counter() - start)
-        except RuntimeError as error:
+        except (RuntimeError, InputError) as error:  # InputError: this torch lacks the backend
             reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
             lines.append(f"| {shown} | not available: {reason.replace('|', '/')} | | |")
             continue
@@ -466,6 +459,10 @@ def step_row(label: str, result: dict, searched: bool, counted: float, peak_tflo
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_profile
+    from unicom.engine.device import ATTENTION_BACKENDS  # model.attention's choices
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: known GPUs)")
@@ -476,7 +473,7 @@ def main() -> None:
                              "the same code on the CPU with a toy ViT and 1,000 classes")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="cuda: time these batch sizes only (no search, no gradient checkpointing)")
-    parser.add_argument("--attention", choices=["auto", "flash", "efficient", "cudnn", "math"], default="auto",
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
                         help="cuda: the steps' SDPA backend, as the recipe's model.attention (default: PyTorch's choice; "
                              "with --compile, a backend the attention table finds faster also gets a compiled row)")
     args = parser.parse_args()
@@ -487,8 +484,6 @@ def main() -> None:
             GPU_DEVICE, GPU_CLASSES, GPU_IMAGE = torch.device("cpu"), 1000, 32
             GPU_OVERRIDES = {"image_size": 32, "patch_size": 16, "width": 64, "depth": 2, "heads": 2}
     os.environ.setdefault("UNICOM_PROGRESS", "0")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_profile
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     gpu_path = args.device == "cuda" or args.smoke

@@ -172,3 +172,15 @@ def test_on_cuda_each_backend_that_runs_is_the_one_the_step_takes():
         assert loss == pytest.approx(chosen_loss, rel=2e-2)
         ran.append(name)
     assert "math" in ran and len(ran) >= 2, ran  # a GPU runs the math backend and at least one fused one
+
+
+def test_the_recipe_offers_the_backends_the_step_knows():
+    import dataclasses
+    import typing
+
+    from unicom.engine.device import ATTENTION_BACKENDS
+    from unicom.train.config import ModelConfig
+
+    (field,) = [f for f in dataclasses.fields(ModelConfig) if f.name == "attention"]
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["attention"]) == ATTENTION_BACKENDS
+    assert field.default == "auto"

@@ -528,3 +528,7 @@ def test_a_folder_records_the_workers_share_and_the_command_refuses_it_without_d
     assert not (tmp_path / "refused").exists()
     with pytest.raises(InputError, match=r"--decode-workers-share=1.5: give a share"):
         embed_to_folder(str(folder), tmp_path / "bad", tiny_encoder, decode_workers_share=1.5)
+    from unicom.embed import embed_images
+
+    with pytest.raises(InputError, match=r"decode_workers_share=-0.5: give a share"):  # checked where it does nothing too
+        embed_images(tiny_encoder, sorted(folder.iterdir()), num_workers=0, decode="cpu", decode_workers_share=-0.5)

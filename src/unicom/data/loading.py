@@ -140,7 +140,8 @@ class BatchStream(IterableDataset):
         self.draft = draft
         self.short_side = short_side_size(image_transform)
         self.tensor_transform = TensorTransform(image_transform) if device_decode else None
-        self.workers_share = check_workers_share(workers_share) if device_decode else 0.0
+        share = check_workers_share(workers_share)  # checked even where it has no effect
+        self.workers_share = share if device_decode else 0.0
         self._next_unit = multiprocessing.Value("q", 0)  # shared with the workers it is forked or sent to
 
     def __iter__(self) -> Iterator[Batch]:

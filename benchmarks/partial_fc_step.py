@@ -8,6 +8,8 @@ process (so peak memory is its own) and times forward + backward + optimiser ste
   (c) pytorch-metric-learning ArcFaceLoss + torch.optim.AdamW (the full classifier)
   (d) PartialFC, sample_rate 0.1, dense gradient + torch.optim.AdamW over the whole matrix
       (what the reference Partial FC code does)
+  (e) (a) captured as one CUDA graph and replayed (``unicom.engine.graph.CapturedStep``;
+      CUDA only): one launch per step instead of one per kernel
 
 PartialFC runs as in training: its full input check (a collective and a host read) is for
 the first step only, the labels are checked on the device every step (their bounds taken
@@ -40,7 +42,9 @@ VARIANTS = {
     "b": "PartialFC r1=1.0 + SparseAdamW",
     "c": "pml ArcFaceLoss + AdamW (full)",
     "d": "PartialFC r1=0.1 + dense AdamW",
+    "e": "(a) as one CUDA graph",
 }
+CAPTURE_WARMUP = 2  # eager steps of (e) before its capture
 
 
 def peak_rss_bytes() -> int:
@@ -88,21 +92,25 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
     else:
         sample_rate = 1.0 if variant == "b" else 0.1
+        if variant == "e" and not cuda:
+            raise SystemExit("(e) captures a CUDA graph: CUDA only")
         head = PartialFC(dim, classes, ArcFace(0.3, 64.0), sample_rate=sample_rate, seed=0,
                          sparse_gradient=(variant != "d"), check_inputs=False).to(device)
         optimizer_class = torch.optim.AdamW if variant == "d" else SparseAdamW
         optimizer = optimizer_class(head.parameters(), lr=1e-3, weight_decay=0.05)
     generator = torch.Generator().manual_seed(1)
+    untimed = CAPTURE_WARMUP + 1 if variant == "e" else 1  # the first step allocates optimiser state; (e)'s capture
     inputs = [
         (torch.randn(batch, dim, generator=generator).to(device), torch.randint(0, classes, (batch,), generator=generator).to(device))
-        for _ in range(steps + 1)
+        for _ in range(steps + untimed)
     ]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     setup_rss = peak_rss_bytes()
     def one_step(x, labels):
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
+        # a captured step without autocast's cache of casts, as PyTorch advises for captured regions
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda, cache_enabled=variant != "e"):
             loss = head(x.requires_grad_(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -110,7 +118,13 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
             head.flag_sorted_gradient()
             head.take_label_bounds()  # as a training step takes them (else every step folds in the last bounds)
         optimizer.step()
-        return loss
+        return loss.detach()
+
+    if variant == "e":
+        from unicom.engine.graph import CapturedStep
+
+        one_step = CapturedStep(one_step, optimizer, generators=head.generators(torch.device(device)),
+                                warmup=CAPTURE_WARMUP)
 
     times, queued = [], []
     for i, (x, labels) in enumerate(inputs):
@@ -119,7 +133,7 @@ def run_variant(variant: str, classes: int, dim: int, batch: int, steps: int, de
         returned = time.perf_counter()
         if cuda:
             torch.cuda.synchronize()
-        if i > 0:  # the first step allocates optimiser state
+        if i >= untimed:
             times.append(time.perf_counter() - start)
             queued.append(returned - start)
     times.sort()
@@ -189,7 +203,7 @@ def main() -> None:
     for classes, wanted in zip(args.classes, chosen):
         results = {}
         for variant in VARIANTS:
-            if variant not in wanted:
+            if variant not in wanted or (variant == "e" and args.device != "cuda"):
                 results[variant] = None
                 continue
             command = [sys.executable, __file__, "--variant", variant, "--classes", str(classes), "--dim", str(args.dim),
@@ -208,12 +222,20 @@ def main() -> None:
         for variant, label in VARIANTS.items():
             r = results[variant]
             if r is None:
-                lines.append(f"| ({variant}) {label} | {'failed' if variant in wanted else 'not run'} | | | |")
+                why = "not run" if variant not in wanted else "CUDA only" if args.device != "cuda" else "failed"
+                lines.append(f"| ({variant}) {label} | {why} | | | |")
                 continue
             lines.append(f"| ({variant}) {label} | {1000 * r['seconds_per_step']:.2f} | {r['peak_memory_bytes'] / 2**30:.2f} "
                          f"| {r['loss']:.3f} | {r['operations']} |")
-        a, c, d = results["a"], results["c"], results["d"]
+        a, c, d, e = results["a"], results["c"], results["d"], results["e"]
         lines.append("")
+        if a and e:
+            lines.append(f"e/a time = {e['seconds_per_step'] / a['seconds_per_step']:.3f} (the same step, launched as one "
+                         "CUDA graph)")
+        # the GPU targets are for PartialFC + SparseAdamW's step, eager or captured: the faster form
+        best = min((r for r in (a, e) if r), key=lambda r: r["seconds_per_step"], default=None)
+        form = "" if best is None else f" ({best['variant']})"
+
         if a and c:
             lines.append(f"a/c time = {a['seconds_per_step'] / c['seconds_per_step']:.3f}   "
                          f"a/c memory = {a['peak_memory_bytes'] / c['peak_memory_bytes']:.3f}")
@@ -223,15 +245,16 @@ def main() -> None:
             ok = (a["seconds_per_step"] / c["seconds_per_step"] <= 0.12 and a["seconds_per_step"] / d["seconds_per_step"] <= 0.4
                   and a["peak_memory_bytes"] < c["peak_memory_bytes"])
             lines.append(f"targets at K = 1M (a/c <= 0.12, a/d <= 0.4, memory a < c): {'met' if ok else 'NOT met'}")
-        if args.device == "cuda" and classes == 1_000_000 and a:
-            ok = a["seconds_per_step"] <= 0.004
-            lines.append(f"target on the GPU at K = 1M: (a) <= 4 ms per step ({'met' if ok else 'NOT met'}: "
-                         f"{1000 * a['seconds_per_step']:.2f} ms)")
-        if args.device == "cuda" and classes == 100_000 and a and c:
-            ok = a["seconds_per_step"] / c["seconds_per_step"] <= 0.5
-            lines.append(f"target on the GPU at K = 100,000: a/c <= 0.5 ({'met' if ok else 'NOT met'})")
-        if args.device == "cuda" and (a or c):
-            queued = ", ".join(f"{v} {1000 * r['host_seconds_per_step']:.2f} ms" for v, r in (("a", a), ("c", c)) if r)
+        if args.device == "cuda" and classes == 1_000_000 and best:
+            ok = best["seconds_per_step"] <= 0.004
+            lines.append(f"target on the GPU at K = 1M: <= 4 ms per step ({'met' if ok else 'NOT met'}: "
+                         f"{1000 * best['seconds_per_step']:.2f} ms{form})")
+        if args.device == "cuda" and classes == 100_000 and best and c:
+            ratio = best["seconds_per_step"] / c["seconds_per_step"]
+            lines.append(f"target on the GPU at K = 100,000: <= 0.5x (c)'s time ({'met' if ratio <= 0.5 else 'NOT met'}: "
+                         f"{ratio:.3f}{form})")
+        if args.device == "cuda" and (a or c or e):
+            queued = ", ".join(f"{v} {1000 * r['host_seconds_per_step']:.2f} ms" for v, r in (("a", a), ("c", c), ("e", e)) if r)
             lines.append(f"host time to queue a step (median, before the device is waited for): {queued}")
         if a and c and a.get("device_seconds") and c.get("device_seconds"):
             lines.append(f"device time (the kernels' busy time per step, profiled): a {1000 * a['device_seconds']:.2f} ms, "

@@ -414,6 +414,22 @@ def browser_or_skip():
     return sync_playwright
 
 
+def under_triton_interpreter(code: str, warnings_ignored: bool = True, timeout: int = 300) -> str:
+    """The standard output of Python ``code`` run under Triton's interpreter (it is chosen when
+    Triton is imported, so in a process of its own) with the tests' folder on ``sys.path``;
+    skips where the interpreter cannot run (:func:`triton_interpreter_or_skip`)."""
+    import os
+    import subprocess
+    import sys
+
+    triton_interpreter_or_skip()
+    env = dict(os.environ, TRITON_INTERPRET="1", **({"PYTHONWARNINGS": "ignore"} if warnings_ignored else {}))
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " + code
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def triton_interpreter_or_skip() -> None:
     """Skip unless Triton's interpreter can run here: before Triton 3.7 it turns 1-element
     NumPy arrays into Python numbers, which NumPy 2.4 refuses (seen with Triton 3.5.1 and

@@ -5,10 +5,6 @@ interpreter is chosen when Triton is imported); on CUDA in the GPU suite.
 """
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -115,16 +111,12 @@ def fused_against_torch(device):
 
 
 def test_the_fused_margin_softmax_is_its_pytorch_twin_under_tritons_interpreter():
-    from support import triton_interpreter_or_skip
+    from support import under_triton_interpreter
 
-    triton_interpreter_or_skip()
-    code = ("import sys, warnings; warnings.simplefilter('error', RuntimeWarning); sys.path.insert(0, sys.argv[1]); "
-            "import test_fused_softmax as t; print('compared', t.fused_against_torch('cpu'))")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compared", "27"]  # 3 heads x 2 gradients x 2 dtypes x 2 sizes, 3 steps
+    out = under_triton_interpreter("import warnings; warnings.simplefilter('error', RuntimeWarning); "
+                                   "import test_fused_softmax as t; print('compared', t.fused_against_torch('cpu'))",
+                                   warnings_ignored=False, timeout=600)
+    assert out.split() == ["compared", "27"]  # 3 heads x 2 gradients x 2 dtypes x 2 sizes, 3 steps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

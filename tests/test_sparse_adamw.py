@@ -269,24 +269,13 @@ def work_beside_the_fused_kernel() -> list[str]:
 def test_the_fused_row_update_is_the_pytorch_one_under_tritons_interpreter():
     """The Triton kernel itself (not its PyTorch twin) on the CPU, through Triton's
     interpreter, which runs in a process of its own (it is chosen when Triton is imported)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from support import under_triton_interpreter
 
-    from support import triton_interpreter_or_skip
-
-    triton_interpreter_or_skip()
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import unicom.optim as optim, unicom.kernels as k; "
-            "import test_sparse_adamw as t; called = []; original = k.row_adamw; "
-            "k.row_adamw = lambda *a, **kw: (called.append(1), original(*a, **kw)); "
-            "t.fused_against_torch('cpu'); assert called, 'the kernel was not used'; print('ok', len(called)); "
-            "called.clear(); print('beside', t.work_beside_the_fused_kernel(), len(called))")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = under_triton_interpreter(
+        "import unicom.optim as optim, unicom.kernels as k, test_sparse_adamw as t; called = []; original = k.row_adamw; "
+        "k.row_adamw = lambda *a, **kw: (called.append(1), original(*a, **kw)); "
+        "t.fused_against_torch('cpu'); assert called, 'the kernel was not used'; print('ok', len(called)); "
+        "called.clear(); print('beside', t.work_beside_the_fused_kernel(), len(called))").splitlines()
     assert lines[0].split() == ["ok", "15"]  # five steps for each of the three settings
     # a training step of the fused update: the kernel (once per step) and nothing else that computes
     assert lines[1] == "beside [] 2"
@@ -313,13 +302,15 @@ def test_the_fused_row_update_compiles_for_ampere_and_hopper_gpus(grad_type, arc
     kernel = _row_adamw_kernel()
     pointers = {"param": "*fp32", "exp_avg": "*fp32", "exp_avg_sq": "*fp32", "grad": grad_type, "rows": "*i64",
                 "steps": "*i64", "correction1": "*fp32", "correction2": "*fp32", "grad_scale": "*fp32", "found_inf": "*fp32"}
-    flags = ("DECOUPLED", "SCALED", "SKIPPABLE", "BLOCK")
-    signature = {name: pointers.get(name, "constexpr" if name in flags else "i32" if name == "dim" else "fp32")
-                 for name in kernel.arg_names}
+    flags = ("DECOUPLED", "SCALED", "SKIPPABLE", "LR_LOADED", "BLOCK")
     for decoupled in (True, False):
-        for scaled, skippable in ((False, False), (True, True)):  # the benchmark's step, a training step
+        # the benchmark's step, a training step, a step captured in a CUDA graph (lr on the device)
+        for scaled, skippable, loaded in ((False, False, False), (True, True, False), (False, False, True)):
+            signature = {name: pointers.get(name, "constexpr" if name in flags else "i32" if name == "dim"
+                                            else "*fp32" if name == "lr" and loaded else "fp32")
+                         for name in kernel.arg_names}
             source = ASTSource(kernel, signature, constexprs={"DECOUPLED": decoupled, "SCALED": scaled,
-                                                              "SKIPPABLE": skippable, "BLOCK": 512})
+                                                              "SKIPPABLE": skippable, "LR_LOADED": loaded, "BLOCK": 512})
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
             assert len(compiled.asm["cubin"]) > 1000 and "row_adamw" in compiled.asm["ptx"]
 

@@ -8,14 +8,20 @@ import triton.language as tl
 @triton.jit
 def row_adamw(param, exp_avg, exp_avg_sq, grad, rows, steps, correction1, correction2, grad_scale, found_inf,
               dim, lr, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-              DECOUPLED: tl.constexpr, SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, BLOCK: tl.constexpr):
+              DECOUPLED: tl.constexpr, SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, LR_LOADED: tl.constexpr,
+              BLOCK: tl.constexpr):
     # the scalars come as float32 values of what the caller computed in double precision
     # (1 - 0.999 in float32 arithmetic would be 1.3e-5 off), as PyTorch's ops receive them;
-    # so do the bias corrections, a table indexed by the step count.
+    # so do the bias corrections, a table indexed by the step count. LR_LOADED: lr points to
+    # a float32 device scalar (a step captured in a CUDA graph reads it at each replay) and the
+    # decay 1 - lr * weight_decay is computed here, as PyTorch computes it from a tensor lr.
     # One program per selected row: its count, then its columns block by block (gather,
     # update, scatter in one pass), then the count written back: no other program reads it.
     # A step skipped (found_inf != 0) writes nothing: its stores are masked off.
     i = tl.program_id(0)
+    if LR_LOADED:
+        lr = tl.load(lr)
+        decay = 1 - lr * weight_decay
     row = tl.load(rows + i).to(tl.int64)
     t = tl.load(steps + row) + 1
     c1 = tl.load(correction1 + t)

@@ -66,7 +66,7 @@ def triton_usable(*tensors: torch.Tensor) -> bool:
 
 def row_adamw(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
               rows: torch.Tensor, steps: torch.Tensor, correction1: torch.Tensor, correction2: torch.Tensor,
-              grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, lr: float, beta1: float, beta2: float,
+              grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, lr: float | torch.Tensor, beta1: float, beta2: float,
               eps: float, weight_decay: float, decoupled: bool = True) -> None:
     """AdamW on rows ``rows`` (R,) of ``param`` (N, d) float32 and its moments, in place, with
     ``grad`` (R, d) their gradient: what :func:`unicom.optim._adamw_update` does on gathered
@@ -77,14 +77,17 @@ def row_adamw(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tens
     ``correction1`` and ``correction2`` (float32) hold ``1 - beta1^t`` and ``sqrt(1 - beta2^t)``
     at index t and must reach the largest count after the step. ``rows`` must be unique.
     ``grad_scale`` (a float32 device scalar or None) divides the gradient; a non-zero
-    ``found_inf`` (likewise) skips the step: nothing is written, the counts included."""
+    ``found_inf`` (likewise) skips the step: nothing is written, the counts included. ``lr``
+    may be a float32 device scalar, read when the kernel runs (a step captured in a CUDA graph)."""
     dim = param.shape[1]
     block = min(1024, 1 << max(4, (dim - 1).bit_length()))
+    loaded = isinstance(lr, torch.Tensor)
     _row_adamw_kernel()[(rows.numel(),)](
         param, exp_avg, exp_avg_sq, grad, rows, steps, correction1, correction2,
         correction1 if grad_scale is None else grad_scale, correction1 if found_inf is None else found_inf,
-        dim, lr, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
-        DECOUPLED=decoupled, SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, BLOCK=block)
+        dim, lr, 0.0 if loaded else 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
+        DECOUPLED=decoupled, SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, LR_LOADED=loaded,
+        BLOCK=block)
 
 
 def _margin_softmax_kernels():

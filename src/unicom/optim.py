@@ -7,6 +7,8 @@ can hold a billion numbers; :class:`SparseAdamW` touches the sampled rows only.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.optim import Optimizer
 
@@ -59,6 +61,49 @@ class SparseAdamW(Optimizer):
         # known on the host), and per (betas, device) the bias corrections indexed by count
         self._count_bounds: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}
         self._corrections: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # while a step is captured (see :meth:`capturing`): the replays it is made for, and
+        # each group's learning rate as a float32 device scalar
+        self._replays: int | None = None
+        self._device_lrs: list[torch.Tensor | None] = []
+
+    @contextlib.contextmanager
+    def capturing(self, replays: int):
+        """Steps taken inside are made to be captured in a CUDA graph and replayed up to
+        ``replays`` times (:class:`unicom.engine.graph.CapturedStep`).
+
+        Inside, a step reads each group's learning rate from a float32 device scalar
+        (:meth:`load_learning_rates` sets it from ``group["lr"]`` before each replay) and
+        advances every step count in place; the tables of bias corrections are made long
+        enough for ``replays`` more steps before the capture starts. The other
+        hyperparameters are baked in: change them and capture again. Every parameter must
+        have taken one step already (its state exists), and sparse gradients must be flagged
+        coalesced (:meth:`unicom.losses.PartialFC.flag_sorted_gradient`): coalescing
+        cannot be captured.
+        """
+        if int(replays) < 1:
+            raise ValueError(f"replays must be at least 1, got {replays}")
+        self._device_lrs = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in self.state]
+            self._device_lrs.append(None if not params else
+                                    torch.full((), float(group["lr"]), dtype=torch.float32, device=params[0].device))
+            beta1, beta2 = group["betas"]
+            for param in params:
+                if isinstance(self.state[param].get("step"), torch.Tensor):
+                    self._correction_tables(beta1, beta2, self._count_bound(param, self.state[param]) + int(replays),
+                                            param.device)
+        self._replays = int(replays)
+        try:
+            yield self
+        finally:
+            self._replays = None
+
+    def load_learning_rates(self) -> None:
+        """Copy each group's ``lr`` to the device scalar that captured steps read (one small
+        kernel per group; the host does not wait)."""
+        for group, device_lr in zip(self.param_groups, self._device_lrs):
+            if device_lr is not None:
+                device_lr.fill_(float(group["lr"]))
 
     def _state_for(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -110,20 +155,27 @@ class SparseAdamW(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
+        captured = self._replays is not None
+        for number, group in enumerate(self.param_groups):
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             decoupled = group.get("decoupled_weight_decay", True)
+            if captured:
+                lr = self._device_lrs[number]
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
                     continue
+                if captured and param not in self.state:
+                    raise RuntimeError("SparseAdamW: a parameter without optimiser state in a captured step; "
+                                       "take one step before capturing")
                 state = self._state_for(param)
                 if grad.is_sparse:
                     rows, values = _unique_rows(grad)
                     if rows.numel() == 0:
                         continue
-                    bound = self._count_bound(param, state) + 1  # no row counts more after this step
-                    if _fused_rows(param, state, values, grad_scale, found_inf):
+                    # no row counts more after this step (after the replays of a captured one)
+                    bound = self._count_bound(param, state) + (self._replays if captured else 1)
+                    if _fused_rows(param, state, values, grad_scale, found_inf, *((lr,) if captured else ())):
                         if _fused_row_update(param, state["exp_avg"], state["exp_avg_sq"], values.contiguous(), rows,
                                              state["step"], *self._correction_tables(beta1, beta2, bound, param.device),
                                              grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, decoupled):
@@ -147,7 +199,7 @@ class SparseAdamW(Optimizer):
                 else:
                     self._count_bounds.pop(param, None)
                     apply = None if found_inf is None else found_inf.to(param.device).eq(0)
-                    if apply is not None:  # whether the step counts is known on the device only
+                    if apply is not None or captured:  # the count is known on the device only
                         state["common_step"] = None
                     view = (lambda t: t.view(1)) if param.dim() == 0 else (lambda t: t)
                     tensors = (view(param), view(state["exp_avg"]), view(state["exp_avg_sq"]), view(_unscaled(grad, grad_scale)))
@@ -156,8 +208,11 @@ class SparseAdamW(Optimizer):
                                                              weight_decay, decoupled)
                         state["step"] += 1
                     else:
-                        state["step"] = _adamw_update(*tensors, state["step"], lr, beta1, beta2, eps, weight_decay,
-                                                      decoupled, apply)
+                        steps = _adamw_update(*tensors, state["step"], lr, beta1, beta2, eps, weight_decay, decoupled, apply)
+                        if captured:  # a replay reads the counts where the capture read them
+                            state["step"].copy_(steps)
+                        else:
+                            state["step"] = steps
         return loss
 
 

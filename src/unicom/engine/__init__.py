@@ -10,6 +10,8 @@ from it.
   ``optim``, ``schedule``, defined and checked once;
 * :mod:`~unicom.engine.step`: one optimiser step (micro-steps, loss scaling, clipping, the
   non-finite check) and the optimisers;
+* :mod:`~unicom.engine.graph`: a step captured once as a CUDA graph and replayed (one
+  launch per step, for steps of a head alone);
 * :mod:`~unicom.engine.device`: device and precision choice, autocast;
 * :mod:`~unicom.engine.schedule`: learning-rate schedules as functions of the step;
 * :mod:`~unicom.engine.runlog`: the run log (console, ``log.jsonl``, TensorBoard);

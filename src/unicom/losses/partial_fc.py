@@ -471,7 +471,13 @@ class PartialFC(nn.Module):
 
     # -- random selection -------------------------------------------------------------
 
-    def _generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    def generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """The generators of the feature and the class selection on ``device`` (made on first
+        use, seeded from :attr:`seed`); a step captured in a CUDA graph registers them
+        (:class:`unicom.engine.graph.CapturedStep`)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the generators' own device has an index
+            device = torch.device("cuda", torch.cuda.current_device())
         if self._feature_generator is None or self._feature_generator.device != device:
             self._feature_generator = torch.Generator(device=device).manual_seed(self.seed + 1)
             self._class_generator = torch.Generator(device=device).manual_seed(self.seed + 2 + self.rank)
@@ -484,7 +490,7 @@ class PartialFC(nn.Module):
         return {"feature": self._feature_generator.get_state(), "classes": self._class_generator.get_state()}
 
     def set_rng_state(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-        feature, classes = self._generators(torch.device(device))
+        feature, classes = self.generators(torch.device(device))
         if "feature" in state:
             feature.set_state(state["feature"])
         if "classes" in state:
@@ -494,7 +500,7 @@ class PartialFC(nn.Module):
         """(round(feature_rate · d),) sorted feature indices for this step, or None for all."""
         if self.num_features == self.embedding_size:
             return None
-        feature_generator, _ = self._generators(device)
+        feature_generator, _ = self.generators(device)
         perm = torch.randperm(self.embedding_size, generator=feature_generator, device=device)
         return perm[: self.num_features].sort().values
 
@@ -515,7 +521,7 @@ class PartialFC(nn.Module):
         if self.sample_rate >= 1.0:
             return None
         device = local_labels.device
-        _, class_generator = self._generators(device)
+        _, class_generator = self.generators(device)
         num_sample = sampled_classes(self.sample_rate, self.num_local)
         # out-of-shard labels score into a spare slot past the last class
         slots = local_labels if in_shard is None else torch.where(in_shard, local_labels, self.num_local)

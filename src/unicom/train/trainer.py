@@ -397,7 +397,7 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
         feature = rank0["partial_fc"].get("feature") if rank0 else None
         if feature is not None:
             pfc.set_rng_state({"feature": feature}, run.device)
-            _, classes = pfc._generators(run.device)
+            _, classes = pfc.generators(run.device)
             classes.manual_seed(run.config.seed + 2 + pfc.rank + 7919 * (run_state.step + 1))
     say(f"resumed from {path} at step {run_state.step}")
     changed = changed_keys(manifest["config"], run.config, ignore=QUIET_RESUME_CHANGES)

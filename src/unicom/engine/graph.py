@@ -115,9 +115,14 @@ class CapturedStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         self._inputs = [t.detach().clone() for t in inputs]
-        with self.optimizer.capturing(self.replays):
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                outputs = self.step(*self._inputs)
+        try:
+            with self.optimizer.capturing(self.replays):
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    outputs = self.step(*self._inputs)
+        except RuntimeError as error:
+            raise RuntimeError(f"CapturedStep: the step cannot be captured as a CUDA graph ({error}). A captured step "
+                               "reads no value on the host and makes no shape from data: run it eagerly under "
+                               "torch.cuda.set_sync_debug_mode('error') to see where it does") from error
         self._single = isinstance(outputs, torch.Tensor)
         self._outputs = [outputs] if self._single else list(outputs)
         if not all(isinstance(t, torch.Tensor) for t in self._outputs):

@@ -117,7 +117,7 @@ TESTS=(tests/test_sync_free_step.py tests/test_captured_step.py tests/test_gpu_d
        tests/test_partial_fc.py tests/test_fused_softmax.py tests/test_metrics.py tests/test_attention_backend.py)
 if [ "$SMOKE" = 1 ]; then SELECT=(-k "recorder or cuda"); else SELECT=(-k "cuda or on_the_gpu"); fi
 if selected tests; then  # the output file only when the stage runs: --only without tests keeps the last one
-  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
+  stage tests 110 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \
     > >(tee "$RESULTS/gpu_tests_$SUFFIX.txt") 2>&1
 fi
 
@@ -132,7 +132,7 @@ if [ "$SMOKE" = 1 ]; then
     --out "$RESULTS/train_step_$SUFFIX.txt"
 else
   # K = 1M: the step time target (a); K = 100k: a against the full softmax (c)
-  stage partial_fc 110 "$PY" benchmarks/partial_fc_step.py --device cuda --classes 1000000 100000 --steps 21 \
+  stage partial_fc 120 "$PY" benchmarks/partial_fc_step.py --device cuda --classes 1000000 100000 --steps 21 \
     --variants ae ace --profile
   stage kmeans 60 "$PY" benchmarks/kmeans_cuda.py --device cuda
   stage embed 100 "$PY" benchmarks/embed_pipeline.py --device cuda --images 8000 --shards 8 --batch-size 256 --write

@@ -24,14 +24,14 @@ from unicom.optim import SparseAdamW
 DIM, CLASSES, BATCH = 16, 400, 8
 
 
-def head_and_optimizer(device="cpu", bias: bool = True):
+def head_and_optimizer(device="cpu"):
     """PartialFC (10% of the classes per step) and a dense parameter beside it (a bias on
     the features), both under one SparseAdamW."""
     torch.manual_seed(0)
     pfc = PartialFC(DIM, CLASSES, ArcFace(0.3, 16.0), sample_rate=0.1, seed=0, check_inputs=False).to(device)
     shift = torch.nn.Parameter(torch.zeros(DIM, device=device))
-    params = [{"params": pfc.parameters()}] + ([{"params": [shift], "weight_decay": 0.0}] if bias else [])
-    return pfc, shift, SparseAdamW(params, lr=1e-2, weight_decay=0.05)
+    groups = [{"params": pfc.parameters()}, {"params": [shift], "weight_decay": 0.0}]
+    return pfc, shift, SparseAdamW(groups, lr=1e-2, weight_decay=0.05)
 
 
 def make_step(pfc, shift, optimizer):

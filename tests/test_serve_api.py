@@ -16,6 +16,7 @@ from PIL import Image
 from unicom.search.index import Index
 from unicom.search.batching import QueryBatcher
 from unicom.search.service import create_app
+from unicom.search.uploads import DECODER_OVERHEAD
 
 from support import class_image, encode_image, indexed_image_collection, write_class_folder, write_tar_shard
 
@@ -26,6 +27,13 @@ def served(tmp_path_factory):
     app = create_app(found["index"], found["encoder"], max_upload_bytes=200_000, max_k=20)
     with TestClient(app) as client:
         yield {**found, "client": client}
+
+
+def thumbnail_held(width: int, height: int) -> int:
+    """What making the thumbnail of an RGB image of width x height pixels counts: its pixels
+    (four bytes each), the decoder's fixed overhead, and the thumbnail's resize (a quarter of
+    the pixels, a first pass 256 wide, the thumbnail)."""
+    return 4 * width * height + DECODER_OVERHEAD + 4 * (width * height // 4 + 256 * height + 256 * 256)
 
 
 def upload(client, data: bytes, name: str = "query.jpg", kind: str = "image/jpeg", field: str = "image", **form):
@@ -376,8 +384,8 @@ def test_thumbnails_are_decoded_within_the_decoding_budget_sized_from_their_head
         Image.fromarray(image.astype(np.uint8)).save(files[-1])
     rows = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     write_part(tmp_path / "emb", 0, image=rows, metadata=pa.table({"key": ["a", "b", "c"], "image_path": [str(f) for f in files]}))
-    png_bytes = 1600 * 1200 * 3  # RGB: no copy when converted
-    jpeg_bytes = 512 * 384 * 3  # 2048x1536 drafted towards 256x256: 1/4 (1536 // 256 = 6, rounded down to a power of 2)
+    png_bytes = thumbnail_held(1600, 1200)  # RGB: no copy when converted
+    jpeg_bytes = thumbnail_held(512, 384)  # 2048x1536 drafted towards 256x256: 1/4 (1536 // 256 = 6, rounded down to a power of 2)
     app = create_app(Index.build(tmp_path / "emb", tmp_path / "index"), max_decode_bytes=png_bytes * 3 // 2)
     budget = app.state.decoding
 
@@ -433,7 +441,7 @@ def test_thumbnails_of_remote_images_hold_their_fetched_bytes_in_the_decoding_bu
     for i, image in enumerate(noise):
         Image.fromarray(image).save(tmp_path / "photos" / f"{i}.png")
     files = [(tmp_path / "photos" / f"{i}.png").read_bytes() for i in range(3)]
-    held = [len(data) + 800 * 600 * 3 for data in files]  # the file, and its RGB pixels
+    held = [len(data) + thumbnail_held(800, 600) for data in files]  # the file, and its decoding
     assert min(map(len, files)) > 1_000_000
     shard = "00000.tar.gz" if where == "compressed shard" else "00000.tar"
     write_tar_shard(tmp_path / "shards" / "00000.tar", [{"key": f"{i:04d}", "png": data} for i, data in enumerate(files)])
@@ -911,7 +919,7 @@ def test_an_image_longer_than_its_server_said_is_never_held_beyond_its_share(tmp
             for route in ("/thumbnail/0", "/image/0"):
                 response = client.get(route)
                 assert (response.status_code, response.json()) == (502, {"detail": said_message})
-        assert app.state.decoding.used == 0 and app.state.decoding.peak == said + 800 * 600 * 3
+        assert app.state.decoding.used == 0 and app.state.decoding.peak == said + thumbnail_held(800, 600)
     finally:
         server.shutdown()
         server.server_close()

@@ -4,6 +4,8 @@ decode, held as a small image while it waits for its batch."""
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from unicom.search.service import create_app
-from unicom.search.uploads import ModelInput, decode_for_model, decoded_bytes
+from unicom.search.uploads import DECODER_OVERHEAD, ModelInput, decode_for_model, decoding_bytes
 
 from support import indexed_image_collection
 
@@ -60,10 +62,46 @@ def test_the_upload_of_a_square_image_is_resized_only():
 
 
 def test_what_the_first_resize_makes_is_counted_in_bytes():
+    """Four bytes a pixel (Pillow keeps RGB as RGBX): the resized 64000 x 32 image, Pillow's
+    first pass over the rows (64000 wide, as high as the image), the 32 x 33 window."""
     prepare = ModelInput(TRANSFORM)
-    assert prepare.resized_bytes((20000, 10)) == 3 * 32 * 64000
-    assert prepare.resized_bytes((10, 20000)) == 3 * 32 * 64000
+    assert prepare.resized_bytes((20000, 10)) == 4 * (64000 * 32 + 64000 * 10 + 32 * 33)
+    assert prepare.resized_bytes((10, 20000)) == 4 * (32 * 64000 + 32 * 20000 + 32 * 33)
     assert ModelInput(T.Compose([T.Resize((32, 32)), T.ToTensor()])).resized_bytes((20000, 10)) == 0
+
+
+def test_what_decoding_holds_is_counted_by_mode_and_format():
+    """Pillow keeps 1, L and P in a byte a pixel, 16-bit modes in two, the others in four;
+    a mode other than RGB is copied to RGB (16-bit samples through 6 bytes more, F through
+    L); WebP's decoder holds 14 bytes a pixel more."""
+    pixels = 1000 * 10
+    for mode, format, per_pixel in [("RGB", "JPEG", 4), ("L", "PNG", 1 + 4), ("P", "GIF", 1 + 4),
+                                    ("RGBA", "PNG", 4 + 4), ("CMYK", "JPEG", 4 + 4), ("I;16", "PNG", 2 + 4 + 6),
+                                    ("I;16B", "TIFF", 2 + 4 + 6), ("I", "TIFF", 4 + 4), ("I", "PNG", 4 + 4 + 16),
+                                    ("F", "TIFF", 4 + 4 + 1), ("RGB", "WEBP", 4 + 14), ("RGBA", "WEBP", 4 + 4 + 14)]:
+        assert decoding_bytes((1000, 10), mode, format) == pixels * per_pixel + DECODER_OVERHEAD, (mode, format)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the kernel's high-water mark of resident memory")
+def test_what_decoding_holds_is_within_what_the_server_counts(tmp_path):
+    """Noise images of each kind decoded in a fresh process, for a model (short side to 224)
+    and as an item's thumbnail: the most resident memory the process held over each
+    decoding (the kernel's own high-water mark, reset before it) is at most what the
+    decoding budget counts for it, and the count at most 1.6 times that (plus the fixed
+    overhead counted for every image)."""
+    import json
+    import subprocess
+
+    kinds = ["RGB:JPEG", "L:PNG", "P:GIF", "RGBA:PNG", "CMYK:JPEG", "I;16:PNG", "F:TIFF", "RGB:WEBP", "RGBA:WEBP"]
+    found = subprocess.run([sys.executable, str(Path(__file__).with_name("decoding_memory.py")), "1600", "1200", *kinds],
+                           capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-3000:]
+    lines = [json.loads(line) for line in found.stdout.splitlines()]
+    assert [line["kind"] for line in lines] == kinds
+    for line in lines:
+        for path in ("upload", "thumbnail"):
+            held, counted = line[path]
+            assert held <= counted <= 1.6 * held + DECODER_OVERHEAD, (line["kind"], path, held, counted)
 
 
 def test_a_thin_upload_takes_its_resized_size_from_the_decoding_budget(tmp_path):
@@ -77,7 +115,8 @@ def test_a_thin_upload_takes_its_resized_size_from_the_decoding_budget(tmp_path)
         response = client.post("/search", files={"image": ("thin.png", data, "image/png")}, data={"k": "3"})
     assert response.status_code == 200, response.text
     short_side = 168  # test_vit's transform: Resize(168), CenterCrop(160)
-    assert app.state.decoding.peak == decoded_bytes((20000, 10), 3) + 3 * short_side * (short_side * 2000)
+    resized = (short_side * 2000) * short_side + (short_side * 2000) * 10 + short_side * (short_side + 1)
+    assert app.state.decoding.peak == 4 * 20000 * 10 + DECODER_OVERHEAD + 4 * resized
 
 
 def mpo_photo() -> bytes:

@@ -171,7 +171,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     turns a 16-bit image white. Other modes take Pillow's conversion (alpha is dropped,
     palettes and CMYK are converted, 32-bit float ``F`` values are read as 0..255).
     """
-    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+    if sixteen_bit_samples(image.mode, image.format):
         import numpy as np
 
         samples = np.asarray(image)
@@ -183,6 +183,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # the whole image would hold 4-byte integers (12 bytes a pixel)
         image = Image.fromarray(_sixteen_to_eight()[samples], "L")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def sixteen_bit_samples(mode: str, format: str | None) -> bool:
+    """Whether :func:`to_rgb` scales an image of ``mode`` and ``format`` from 16 to 8 bits."""
+    return mode in SIXTEEN_BIT_MODES or (mode == "I" and format == "PNG")
 
 
 @functools.lru_cache(maxsize=1)

@@ -31,6 +31,17 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
+def thumbnail_bytes(size: tuple[int, int]) -> int:
+    """Bytes that making the thumbnail of an RGB image of ``size`` (width, height) holds
+    beside it, at most: Pillow first reduces an image over twice the thumbnail's size by a
+    whole factor of 2 or more (a quarter of its pixels at most), then resizes its rows (a
+    first pass of at most the thumbnail's width by the height) and its columns."""
+    from unicom.search.uploads import pixel_bytes
+
+    width, height = size
+    return pixel_bytes("RGB") * (width * height // 4 + THUMBNAIL_SIZE * height + THUMBNAIL_SIZE**2)
+
+
 def _occurrence(row: dict) -> int | None:
     """Which sample of its key in its shard a metadata row is (None for metadata without the column)."""
     value = row.get("occurrence")
@@ -338,7 +349,7 @@ class ItemImages:
         first bytes read), and for an image at a URL or in a shard its fetched
         bytes. Of those only the first :data:`HEAD_BYTES` are read here (the whole image when
         it is no longer); a longer image is fetched by :meth:`_render`, within the budget."""
-        from unicom.search.uploads import decoded_bytes, read_header
+        from unicom.search.uploads import decoding_bytes, read_header
 
         source = head = self.source(row, item_id, first=HEAD_BYTES)
         fetched = len(head) if isinstance(head, bytes) else 0
@@ -347,16 +358,16 @@ class ItemImages:
             if fetched > HEAD_BYTES:
                 source = functools.partial(self.source, row, item_id, length=fetched)
         try:
-            _, size, bands = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            kind, size, mode = read_header(head, draft=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         except Exception:  # noqa: BLE001 - missing, unreadable or not an image: _render names the reason
             if callable(source):  # a header beyond the first bytes (a JPEG's large ICC profile, a TIFF's
                 # directory at its end): its size is unknown, so it holds the most Pillow decodes (the
                 # whole budget: it is decoded alone)
                 from PIL import Image
 
-                return source, fetched + decoded_bytes((2 * (Image.MAX_IMAGE_PIXELS or 2**31), 1), 4)
+                return source, fetched + decoding_bytes((2 * (Image.MAX_IMAGE_PIXELS or 2**31), 1), "RGBA", None)
             return source, fetched
-        return source, fetched + decoded_bytes(size, bands)
+        return source, fetched + decoding_bytes(size, mode, kind) + thumbnail_bytes(size)
 
     @staticmethod
     def _render(source, item_id: int) -> bytes:

@@ -347,11 +347,9 @@ def create_app(
     async def decode_upload(data: bytes, name: str, target: Served):
         if target.encoder is None:
             raise _error(503, 'this server has no model for image queries; send {"embedding": [...]} or {"like": id} instead')
-        width, height, bands = uploads.probe_image(data, name, max_upload_bytes, max_pixels)
-        # the decoded image and what the model's first resize makes of it (a thin image: far more)
-        held = uploads.decoded_bytes((width, height), bands) + target.model_input.resized_bytes((width, height))
-        return await decoding.run(held,
-                                  uploads.decode_for_model, data, name, target.model_input, width * height)
+        kind, size, mode = uploads.probe_image(data, name, max_upload_bytes, max_pixels)
+        held = target.model_input.held_bytes(size, mode, kind)
+        return await decoding.run(held, uploads.decode_for_model, data, name, target.model_input, size[0] * size[1])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

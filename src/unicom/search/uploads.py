@@ -2,7 +2,7 @@
 
 :func:`probe_image` reads the format and size from the header and answers 413 (too many
 bytes or pixels, decompression bombs included) or 415 (not an accepted image) before
-anything is decoded (:func:`read_header`; :func:`decoded_bytes` is what decoding then
+anything is decoded (:func:`read_header`; :func:`decoding_bytes` is what decoding then
 holds, the share of the server's decoding budget that uploads and thumbnails take).
 :func:`decode_for_model` decodes in full, as ``unicom embed`` (without ``--draft``) and
 ``unicom search`` do, so that an upload of an indexed image gives its indexed embedding,
@@ -41,14 +41,15 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tuple[int, int, int]:
-    """(width, height, bands) from the image header, answering 413/415 for oversized or unsupported files."""
+def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tuple[str, tuple[int, int], str]:
+    """(format, (width, height), mode) from the image header (:func:`read_header`),
+    answering 413/415 for oversized or unsupported files."""
     from PIL import Image
 
     if len(data) > max_upload:
         raise _error(413, f"{name}: {len(data)} bytes, larger than the limit of {max_upload} bytes")
     try:
-        kind, (width, height), bands = read_header(data)
+        kind, (width, height), mode = read_header(data)
     except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
@@ -59,12 +60,12 @@ def probe_image(data: bytes, name: str, max_upload: int, max_pixels: int) -> tup
         raise _error(415, f"{name}: {kind} images are not accepted; upload a {ACCEPTED} file")
     if width * height > max_pixels:
         raise _error(413, f"{name}: {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} pixels")
-    return width, height, bands
+    return kind, (width, height), mode
 
 
-def read_header(source, draft: tuple[int, int] | None = None) -> tuple[str, tuple[int, int], int]:
-    """(format, (width, height), bands) of the image in ``source`` (bytes or a local path)
-    from its header, nothing decoded. With ``draft``, a JPEG's size and bands as
+def read_header(source, draft: tuple[int, int] | None = None) -> tuple[str, tuple[int, int], str]:
+    """(format, (width, height), mode) of the image in ``source`` (bytes or a local path)
+    from its header, nothing decoded. With ``draft``, a JPEG's size and mode as
     :func:`unicom.data.transforms.decode_image` decodes it in draft mode. Raises what
     Pillow raises for data it cannot identify (a ``DecompressionBombError`` included)."""
     from PIL import Image
@@ -74,13 +75,42 @@ def read_header(source, draft: tuple[int, int] | None = None) -> tuple[str, tupl
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as probe:
         if draft is not None and probe.format in JPEG_FORMATS:
             probe.draft("RGB", draft)
-        return probe.format, probe.size, len(probe.getbands())
+        return probe.format, probe.size, probe.mode
 
 
-def decoded_bytes(size: tuple[int, int], bands: int) -> int:
-    """Bytes an image of ``size`` pixels and ``bands`` bands holds while decoded to RGB:
-    its own pixels, and their RGB copy when it is not RGB already."""
-    return size[0] * size[1] * (bands + (3 if bands != 3 else 0))
+# Bytes a pixel takes in Pillow's memory: one in modes 1, L and P, two in the 16-bit modes,
+# four in every other (RGB is kept as four bytes a pixel, as RGBA is).
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, **dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), 2)}
+# Bytes a pixel takes in a format's decoder beside the image: Pillow's WebP plugin holds the
+# frame that libwebp decoded and its copy in a bytes object (measured: 13.7 a pixel for RGB).
+_DECODER_BYTES = {"WEBP": 14}
+# What decoders hold besides the pixels, whatever the size: read buffers of up to a MiB.
+DECODER_OVERHEAD = 2 << 20
+
+
+def pixel_bytes(mode: str) -> int:
+    """Bytes a pixel of ``mode`` takes in Pillow's memory."""
+    return _PIXEL_BYTES.get(mode, 4)
+
+
+def decoding_bytes(size: tuple[int, int], mode: str, format: str | None) -> int:
+    """The most bytes that decoding an image of ``size`` (width, height) pixels, ``mode``
+    and ``format`` (as :func:`read_header` gives them) to RGB holds at once
+    (:func:`unicom.data.transforms.decode_image`): its pixels; their RGB copy when
+    ``mode`` is not RGB, with what :func:`~unicom.data.transforms.to_rgb` holds meanwhile
+    (16-bit samples: read out twice over, looked up to 8 bits, an L image; F goes through L);
+    what the format's decoder holds beside them; :data:`DECODER_OVERHEAD`."""
+    from unicom.data.transforms import sixteen_bit_samples
+
+    per_pixel = pixel_bytes(mode) + _DECODER_BYTES.get(format, 0)
+    if mode != "RGB":
+        per_pixel += pixel_bytes("RGB")
+        if sixteen_bit_samples(mode, format):
+            # read out (twice over while Pillow joins its pieces), I's clipped and as 16 bits, 8 bits, L
+            per_pixel += 2 * 4 + 4 + 2 + 1 + 1 if mode == "I" else 2 * 2 + 1 + 1
+        elif mode == "F":
+            per_pixel += pixel_bytes("L")
+    return size[0] * size[1] * per_pixel + DECODER_OVERHEAD
 
 
 def decode_for_model(data: bytes, name: str, prepare: "ModelInput", pixels: int):
@@ -145,13 +175,27 @@ class ModelInput:
         fits = self.short_side is not None and crop is not None and max(crop) <= self.short_side
         self.crop = crop if fits else None  # (height, width) of the transform's centre crop
 
+    def held_bytes(self, size: tuple[int, int], mode: str, format: str | None) -> int:
+        """The most bytes that :func:`decode_for_model` holds for an image of ``size``,
+        ``mode`` and ``format`` (:func:`probe_image`): its decoding and the leading resize
+        (for a thin image, far more)."""
+        return decoding_bytes(size, mode, format) + self.resized_bytes(size)
+
     def resized_bytes(self, size: tuple[int, int]) -> int:
-        """Bytes of the RGB image that the leading resize makes of an image of ``size``
-        (width, height); 0 when the transform does not begin by resizing the short side (a resize to a
-        fixed size makes the model's small input)."""
+        """Bytes that the leading resize holds for an RGB image of ``size`` (width, height):
+        the resized image, Pillow's first pass (the new width by the old height: it resizes
+        the rows first) and the window cut from the result; 0 when the transform does not
+        begin by resizing the short side (a resize to a fixed size makes the model's small
+        input)."""
         from unicom.data.transforms import resized_pixels
 
-        return 0 if self.short_side is None else 3 * resized_pixels(self.short_side, size)
+        if self.short_side is None:
+            return 0
+        width, height = size
+        pixels = resized_pixels(self.short_side, size)
+        new_width = pixels // self.short_side if width >= height else self.short_side
+        window = self.short_side * (self.short_side + 1) if self.crop is not None else 0
+        return pixel_bytes("RGB") * (pixels + new_width * height + window)
 
     def __call__(self, image):
         if self.resize is None:

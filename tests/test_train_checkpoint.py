@@ -160,7 +160,9 @@ def test_ctrl_c_during_a_write_leaves_the_previous_checkpoint_and_no_partial_one
     monkeypatch.setenv("UNICOM_FAULT_PAUSE", "checkpoint:2")  # the write waits before its manifest
     monkeypatch.setenv("UNICOM_FAULT_PAUSE_SECONDS", "60")
     callers = signal.signal(signal.SIGINT, signal.default_int_handler)
-    ctrl_c = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
+    # to the main thread, as a terminal's Ctrl-C reaches it: it interrupts the paused write
+    # (raise_signal from this timer's thread would be seen only once the pause has ended)
+    ctrl_c = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     ctrl_c.start()
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory that uploads and thumbnails being decoded (and the fetched images of items at URLs or in shards, "
                              "for thumbnails and /image) "
                              "may take at once, in MB (default: 256)")
+    parser.add_argument("--max-bodies-mb", type=float, default=256.0,
+                        help="memory that the bodies of requests being answered may take at once, in MB, each counted "
+                             "4 times its length (received, parsed, read); requests beyond it wait unread (default: 256)")
     parser.add_argument("-k", type=int, default=10, help="results per query unless the request says (default: 10)")
     parser.add_argument("--max-k", type=int, default=100, help="most results a /search request may ask for (default: 100)")
     parser.add_argument("--max-result-ids", type=int, default=10_000,
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1_000_000),
         max_pixels=args.max_pixels,
         max_decode_bytes=int(args.max_decode_mb * 2**20),
+        max_body_bytes=int(args.max_bodies_mb * 2**20),
         default_k=args.k,
         max_k=args.max_k,
         max_result_ids=args.max_result_ids,

@@ -59,7 +59,7 @@ from pydantic import ValidationError
 from unicom import storage
 from unicom.errors import FolderError, InputError
 from unicom.search import queries, uploads
-from unicom.search.batching import ByteBudget, QueryBatcher
+from unicom.search.batching import ByteBudget, HeldBodies, QueryBatcher
 from unicom.search.index import Index, source_columns
 from unicom.search.item_images import ItemImages
 from unicom.search.metadata_rows import RebuiltIndexError
@@ -69,6 +69,7 @@ from unicom.search.uploads import MAX_PIXELS, ModelInput
 STATIC = Path(__file__).parent / "static"
 logger = logging.getLogger(__name__)
 MAX_DECODE_BYTES = 256 * 2**20  # pixels being decoded at once, in bytes
+MAX_BODY_BYTES = 256 * 2**20  # request bodies held at once, in bytes (each counted BODY_COPIES times)
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields around the file
 # ids per /metadata request, and images per /knn-service answer (each decodes a thumbnail); clip-retrieval's
 # front end asks for tens, its download button for 10,000 results (it keeps their urls and captions)
@@ -290,6 +291,7 @@ def create_app(
     max_upload_bytes: int = 10 * 2**20,
     max_pixels: int = MAX_PIXELS,
     max_decode_bytes: int = MAX_DECODE_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
     default_k: int = 10,
     max_k: int = 100,
     max_result_ids: int = 10_000,
@@ -307,7 +309,10 @@ def create_app(
     only; each is checked against its index (:func:`unicom.search.queries.check_model`).
     image_root: folder that relative image paths of the metadata are read from (default:
     the current folder). shards: folder of the webdataset shards the collections were
-    embedded from. cors_origins: origins whose pages may call the API (``"*"``: any), as
+    embedded from. max_decode_bytes: what images being decoded may hold at once (uploads'
+    and thumbnails' pixels, fetched files of items). max_body_bytes: what the bodies of
+    requests being answered may hold at once (:class:`~unicom.search.batching.HeldBodies`).
+    cors_origins: origins whose pages may call the API (``"*"``: any), as
     clip-retrieval's front end served from elsewhere does. allow_image_urls: let
     ``/knn-service`` fetch ``image_url`` queries (the server then makes requests a client chose).
     """
@@ -396,6 +401,8 @@ def create_app(
         response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
         return response
 
+    app.state.bodies = ByteBudget(max_body_bytes)
+    app.add_middleware(HeldBodies, budget=app.state.bodies, limit=max(base64_body_limit[0], max_upload_bytes + MULTIPART_OVERHEAD))
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

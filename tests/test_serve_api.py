@@ -754,6 +754,20 @@ def test_a_body_without_a_length_holds_the_largest_body_a_route_accepts(served):
     assert response.status_code == 200, response.text
     assert app.state.bodies.peak == 4 * (200_000 * 4 // 3 + MULTIPART_OVERHEAD) and app.state.bodies.used == 0
 
+    async def long_chunks():
+        for _ in range(5):
+            yield b"x" * 100_000
+
+    async def too_long():  # read no further than the limit, answered with the option that sets it
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+            return await client.post("/search", content=long_chunks(), headers={"content-type": "application/json"})
+
+    response = asyncio.run(too_long())
+    assert (response.status_code, response.json()["detail"]) == (413, (
+        f"request body is larger than the limit of {200_000 * 4 // 3 + MULTIPART_OVERHEAD} bytes: an image of at most "
+        "200000 bytes (--max-upload-mb) as base64"))
+    assert response.headers["x-content-type-options"] == "nosniff" and app.state.bodies.used == 0
+
 
 def echo_app():
     """An ASGI app that answers a request with the body it reads (and says how it read it)."""

@@ -188,11 +188,12 @@ class HeldBodies:
     bytes are given back. Requests over the budget wait with their bodies unread, first come
     first served, so that uploads hold at most the budget however many clients send them at
     once. A body that has not arrived ``seconds`` after its turn came is answered 408 (a
-    client sending slowly would hold its share for ever), one longer than ``limit`` 413; a
-    ``Content-Length`` over ``limit`` is left to the route, which refuses it from the header."""
+    client sending slowly would hold its share for ever), one longer than ``limit`` 413 (``why``:
+    where the limit comes from, said in the answer); a ``Content-Length`` over ``limit`` is
+    left to the route, which refuses it from the header."""
 
-    def __init__(self, app, budget: ByteBudget, limit: int, seconds: float = BODY_SECONDS):
-        self.app, self.budget, self.limit, self.seconds = app, budget, limit, seconds
+    def __init__(self, app, budget: ByteBudget, limit: int, why: str = "", seconds: float = BODY_SECONDS):
+        self.app, self.budget, self.limit, self.why, self.seconds = app, budget, limit, why, seconds
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -213,7 +214,7 @@ class HeldBodies:
             if body is None:  # the client left
                 return
             if len(body) > self.limit:
-                await _answer(send, 413, f"request body is larger than the limit of {self.limit} bytes")
+                await _answer(send, 413, f"request body is larger than the limit of {self.limit} bytes{self.why}")
                 return
             await self.app(scope, _replayed(body, receive), send)
         finally:

@@ -394,6 +394,10 @@ def create_app(
     async def server_error(request: Request, error: Exception):
         return server_failure(error)  # Starlette raises the error again after this answer: its traceback is logged
 
+    # inside the next middleware, whose headers its own answers (408, 413) take too
+    app.state.bodies = ByteBudget(max_body_bytes)
+    app.add_middleware(HeldBodies, budget=app.state.bodies, limit=base64_body_limit[0], why=base64_body_limit[1])  # the largest
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)
@@ -401,8 +405,6 @@ def create_app(
         response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
         return response
 
-    app.state.bodies = ByteBudget(max_body_bytes)
-    app.add_middleware(HeldBodies, budget=app.state.bodies, limit=max(base64_body_limit[0], max_upload_bytes + MULTIPART_OVERHEAD))
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

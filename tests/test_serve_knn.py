@@ -313,6 +313,192 @@ def test_an_image_url_follows_a_few_redirects_to_http_only(served, tmp_path):
         listener.close()
 
 
+class HeldFiles(QuietHandler):
+    """Answers every GET with ``data``: its headers at once (its length unless ``chunked``),
+    its bytes once ``gate`` is set; counts the GETs in ``asked``."""
+
+    data, chunked, gate, asked = b"", False, threading.Event(), [0]
+
+    def do_GET(self):
+        self.asked[0] += 1
+        self.send_response(200)
+        if self.chunked:  # HTTP/1.1 without a length: the bytes as one chunk
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.flush()
+        self.gate.wait(30)
+        if self.chunked:
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(self.data), self.data))
+        else:
+            self.wfile.write(self.data)
+
+
+def held_files(data: bytes, chunked: bool = False):
+    handler = type("Files", (HeldFiles,), {"data": data, "chunked": chunked, "gate": threading.Event(), "asked": [0]})
+    return serve(handler), handler
+
+
+def test_concurrent_image_urls_hold_at_most_the_fetches_budget_and_are_all_answered(served):
+    """Twelve image_url queries at once to a server whose fetches budget (--max-bodies-mb)
+    has room for three files, each counted twice its Content-Length while it arrives: three
+    are read while the others wait with their bodies unread, each is answered as alone, and
+    nothing stays held."""
+    import asyncio
+
+    import httpx
+
+    data = served["images"][5].read_bytes()
+    server, handler = held_files(data)
+    url = f"http://127.0.0.1:{server.server_address[1]}/q.jpg"
+    app = create_app(served["index"], served["encoder"], allow_image_urls=True, max_body_bytes=3 * 2 * len(data))
+    fetches = app.state.fetches
+    query = {"image_url": url, "modality": "image", "num_images": 3}
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+            sent = [asyncio.ensure_future(client.post("/knn-service", json=query)) for _ in range(12)]
+            for _ in range(400):  # until every request has its headers, and three their shares
+                await asyncio.sleep(0.025)
+                if handler.asked[0] == 12 and len(fetches._waiting) == 9:
+                    break
+            waiting = (fetches.used, len(fetches._waiting))
+            handler.gate.set()
+            return waiting, await asyncio.gather(*sent)
+
+    try:
+        waiting, responses = asyncio.run(asyncio.wait_for(scenario(), 60))
+        alone = knn(served["client"], **query)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert waiting == (3 * 2 * len(data), 9)
+    assert [r.status_code for r in responses] == [200] * 12
+    assert alone.json()[0]["id"] == 5 and all(r.json() == alone.json() for r in responses)
+    assert fetches.peak == 3 * 2 * len(data) and fetches.used == 0
+
+
+def test_image_urls_whose_server_stalls_do_not_hold_up_uploads(served):
+    """36 image_url queries whose server sends its headers and then nothing for a while: the
+    fetches wait in threads of their own (FETCH_THREADS), so an upload sent meanwhile, whose
+    decoding needs a thread of the loop's own pool, is answered at once and as alone."""
+    import asyncio
+
+    import httpx
+
+    from unicom.search.uploads import FETCH_THREADS
+
+    data = served["images"][5].read_bytes()
+    server, handler = held_files(data)
+    url = f"http://127.0.0.1:{server.server_address[1]}/q.jpg"
+    app = create_app(served["index"], served["encoder"], allow_image_urls=True)
+    sent = httpx.Request("POST", "http://served/search", files={"image": ("q.jpg", served["images"][7].read_bytes(),
+                                                                           "image/jpeg")})
+    upload = sent.read()
+    alone = served["client"].post("/search", content=upload, headers={"content-type": sent.headers["content-type"]})
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
+            fetches = [asyncio.ensure_future(client.post("/knn-service", json={
+                "image_url": url, "modality": "image", "num_images": 1})) for _ in range(36)]
+            for _ in range(400):
+                await asyncio.sleep(0.025)
+                if handler.asked[0] >= FETCH_THREADS:
+                    break
+            searched = await asyncio.wait_for(client.post("/search", content=upload, headers={
+                "content-type": sent.headers["content-type"]}), 20)
+            stalled = sum(not fetch.done() for fetch in fetches)
+            handler.gate.set()
+            return searched, stalled, await asyncio.gather(*fetches)
+
+    try:
+        searched, stalled, fetched = asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        handler.gate.set()
+        server.shutdown()
+        server.server_close()
+    assert searched.status_code == 200 and searched.json()["results"] == alone.json()["results"] and stalled == 36
+    assert [r.status_code for r in fetched] == [200] * 36 and all(r.json()[0]["id"] == 5 for r in fetched)
+
+
+def test_an_image_url_without_a_length_holds_the_largest_upload_while_it_arrives(served):
+    """A file sent without a Content-Length (chunked) is counted as --max-upload-mb, twice,
+    until it has arrived, and as its own length then; one that turns out longer than that is
+    413, naming the option, and gives its share back."""
+    data = served["images"][5].read_bytes()
+    server, handler = held_files(data, chunked=True)
+    handler.gate.set()
+    url = f"http://127.0.0.1:{server.server_address[1]}/q.jpg"
+    try:
+        with TestClient(create_app(served["index"], served["encoder"], allow_image_urls=True,
+                                   max_upload_bytes=len(data) + 1000)) as client:
+            fetched = knn(client, image_url=url, modality="image", num_images=1)
+            assert fetched.status_code == 200 and fetched.json()[0]["id"] == 5
+            assert client.app.state.fetches.peak == 2 * (len(data) + 1000) and client.app.state.fetches.used == 0
+        with TestClient(create_app(served["index"], served["encoder"], allow_image_urls=True,
+                                   max_upload_bytes=len(data) - 1)) as client:
+            longer = knn(client, image_url=url, modality="image", num_images=1)
+            assert longer.status_code == 413 and client.app.state.fetches.used == 0
+            assert longer.json()["detail"] == f"image_url: {url} is larger than the limit of {len(data) - 1} bytes " \
+                                              "(--max-upload-mb)"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_image_url_longer_than_the_limit_is_refused_from_its_length(served):
+    data = served["images"][5].read_bytes()
+    server, handler = held_files(data)  # the gate stays shut: its bytes would never come
+    url = f"http://127.0.0.1:{server.server_address[1]}/q.jpg"
+    try:
+        with TestClient(create_app(served["index"], served["encoder"], allow_image_urls=True,
+                                   max_upload_bytes=len(data) - 1)) as client:
+            refused = knn(client, image_url=url, modality="image", num_images=1)
+            assert refused.status_code == 413 and client.app.state.fetches.peak == 0
+            assert refused.json()["detail"] == f"image_url: {url} is {len(data)} bytes, larger than the limit of " \
+                                               f"{len(data) - 1} bytes (--max-upload-mb)"
+    finally:
+        handler.gate.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_image_url_that_arrives_too_slowly_is_400_and_gives_its_share_back():
+    """A file still arriving ``seconds`` after its share was granted is answered 400 naming
+    the URL; its share (twice its length) is given back."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from unicom.search.batching import ByteBudget
+    from unicom.search.uploads import fetch_held
+
+    class Trickle(QuietHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x" * 10)
+                self.wfile.flush()
+                time.sleep(0.05)
+
+    import time
+
+    server = serve(Trickle)
+    url = f"http://127.0.0.1:{server.server_address[1]}/slow.jpg"
+    budget = ByteBudget(10_000)
+    try:
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(fetch_held(url, 5000, budget, seconds=0.3))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert refused.value.status_code == 400 and refused.value.detail == f"image_url: {url} did not arrive within 0.3 s"
+    assert budget.peak == 2 * 1000 and budget.used == 0
+
+
 def test_cors_headers_only_for_the_origins_given(served):
     with TestClient(create_app(served["index"], cors_origins=["http://127.0.0.1:3005"])) as client:
         allowed = client.get("/indices-list", headers={"Origin": "http://127.0.0.1:3005"})

@@ -13,6 +13,7 @@ import pytest
 
 from unicom.search.service import create_app
 
+from storage_servers import QuietHandler, serve
 from support import CHROMIUM, CHROMIUM_ARGS, LiveServer, browser_or_skip, free_port, indexed_image_collection, wait_until
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,10 @@ STORMS = {
     # bodies of 6.25 MB (noise), each held about 4 times over while it waits: a bodies budget
     # of 64 MB takes two at a time (+320 MB with the default 256 MB, all 36 at once +815 MB)
     "bodies": ("PNG", 1600, 1300, 36, 250),
+    # the same file fetched by 96 /knn-service image_url queries (--allow-image-urls): each counted
+    # twice its length while it arrives, so that a fetches budget of 64 MB fetches five at a
+    # time (+175 MB; +661 MB, all 96 at once, before fetched files were counted)
+    "image_url": ("PNG", 1600, 1300, 96, 250),
 }
 
 
@@ -184,7 +189,7 @@ def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server,
     from PIL import Image
 
     format, width, height, uploads, most = STORMS[kind]
-    if kind == "bodies":  # noise: a PNG as large as its pixels
+    if kind in ("bodies", "image_url"):  # noise: a PNG as large as its pixels
         pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
     else:  # a tile repeated: a small file of many pixels
         tile = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
@@ -195,9 +200,11 @@ def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server,
     assert len(data) < 10 * 2**20
     port = free_port()
     command = [sys.executable, "-m", "unicom", "serve", "--index", str(server["index"].path), "--port", str(port),
-               *(["--max-bodies-mb", "64"] if kind == "bodies" else [])]
+               *(["--max-bodies-mb", "64"] if kind in ("bodies", "image_url") else []),
+               *(["--allow-image-urls"] if kind == "image_url" else [])]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    files = serve_bytes(data) if kind == "image_url" else None
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -225,8 +232,13 @@ def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server,
         async def storm() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 name, media_type = f"big.{format.lower()}", f"image/{format.lower()}"
-                sent = [client.post("/search", files={"image": (name, data, media_type)}, data={"k": "3"})
-                        for _ in range(uploads)]
+                if files is not None:
+                    image_url = f"http://127.0.0.1:{files.server_address[1]}/{name}"
+                    sent = [client.post("/knn-service", json={"image_url": image_url, "modality": "image",
+                                                              "num_images": 3}) for _ in range(uploads)]
+                else:
+                    sent = [client.post("/search", files={"image": (name, data, media_type)}, data={"k": "3"})
+                            for _ in range(uploads)]
                 return [response.status_code for response in await asyncio.wait_for(asyncio.gather(*sent), 240)]
 
         try:
@@ -239,8 +251,24 @@ def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server,
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if files is not None:
+            files.shutdown()
+            files.server_close()
     print(f"\nupload storm ({kind}): RSS baseline {baseline:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB")
     assert statuses == [200] * uploads
     # the server decodes at most 256 MB at a time, and holds at most 256 MB of bodies
     assert peak - baseline < most, (baseline, peak)
     assert after - baseline < 300, (baseline, after)
+
+
+def serve_bytes(data: bytes):
+    """A local HTTP server that answers every GET with ``data``, its length given."""
+
+    class Handler(QuietHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return serve(Handler)

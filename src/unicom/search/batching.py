@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
 from fastapi import HTTPException
@@ -133,6 +133,9 @@ class ByteBudget:
         return size
 
     async def release(self, size: int) -> None:
+        self._give_back(size)
+
+    def _give_back(self, size: int) -> None:
         self.used -= size
         self._grant()
 
@@ -153,20 +156,23 @@ class ByteBudget:
             self._hold(size)
             granted.set_result(None)
 
-    async def run(self, size: int, fn: Callable, *args, kept: bool = False) -> Any:
-        """``fn(*args)`` in a worker thread while holding ``size`` bytes; they are given back
-        when it ends, even if the caller is cancelled before. ``kept``: ``(result, held)``, and
-        the bytes stay held for the caller to :meth:`release` (given back here only when
-        ``fn`` fails or the caller is cancelled)."""
+    async def run(self, size: int, fn: Callable, *args, kept: bool = False, executor: Executor | None = None) -> Any:
+        """``fn(*args)`` in a worker thread (of ``executor``, else the loop's default) while
+        holding ``size`` bytes; they are given back when it ends, even if the caller is
+        cancelled before. ``kept``: ``(result, held)``, and the bytes stay held for the caller
+        to :meth:`release` (given back here only when ``fn`` fails or the caller is cancelled)."""
         held = await self.acquire(size)
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(None, fn, *args)
+        job = loop.run_in_executor(executor, fn, *args)
         try:
             # shielded: a cancelled caller would cancel the job's future, which gives the bytes
             # back at once while the thread still holds them
             result = await asyncio.shield(job)
         except BaseException:  # failed, or the caller was cancelled: given back once the thread ends
-            job.add_done_callback(lambda _: asyncio.ensure_future(self.release(held), loop=loop))
+            if job.done():
+                self._give_back(held)
+            else:
+                job.add_done_callback(lambda _: self._give_back(held))
             raise
         if kept:
             return result, held

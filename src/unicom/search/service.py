@@ -311,7 +311,9 @@ def create_app(
     the current folder). shards: folder of the webdataset shards the collections were
     embedded from. max_decode_bytes: what images being decoded may hold at once (uploads'
     and thumbnails' pixels, fetched files of items). max_body_bytes: what the bodies of
-    requests being answered may hold at once (:class:`~unicom.search.batching.HeldBodies`).
+    requests being answered may hold at once (:class:`~unicom.search.batching.HeldBodies`), and
+    the files fetched for ``image_url`` queries, in a budget of their own
+    (:func:`~unicom.search.uploads.fetch_held`).
     cors_origins: origins whose pages may call the API (``"*"``: any), as
     clip-retrieval's front end served from elsewhere does. allow_image_urls: let
     ``/knn-service`` fetch ``image_url`` queries (the server then makes requests a client chose).
@@ -396,6 +398,7 @@ def create_app(
 
     # inside the next middleware, whose headers its own answers (408, 413) take too
     app.state.bodies = ByteBudget(max_body_bytes)
+    app.state.fetches = ByteBudget(max_body_bytes)  # image_url files: a budget of their own, taken while a body's is held
     app.add_middleware(HeldBodies, budget=app.state.bodies, limit=base64_body_limit[0], why=base64_body_limit[1])  # the largest
 
     @app.middleware("http")
@@ -662,6 +665,7 @@ def create_app(
             unsupported.append(f"{shown} (unknown key{'s' if len(unknown) > 1 else ''}: ignored)")
         # clip-retrieval's order: a text first, then an image or its URL, then an embedding
         values = dict(text=None, image_data=None, image_name="image", like=None, embedding=None)
+        fetched = 0  # the bytes of a fetched image_url held in the fetches budget
         if knn.text and knn.text.strip():  # a blank text gives way to the query that follows, as an absent one
             values["text"] = knn.text
         elif knn.image:
@@ -670,14 +674,18 @@ def create_app(
             if not allow_image_urls:
                 raise _error(400, "image_url: this server does not fetch URLs; send the image itself as base64 in "
                                   "'image' (or start the server with --allow-image-urls)")
-            values["image_data"] = await asyncio.to_thread(uploads.fetch_url, knn.image_url, max_upload_bytes)
+            values["image_data"], fetched = await uploads.fetch_held(knn.image_url, max_upload_bytes, app.state.fetches)
             values["image_name"] = knn.image_url
         elif knn.embedding_input is not None:
             values["embedding"] = knn.embedding_input
         else:
             raise _error(400, "must fill one of text, image, image_url and embedding_input")
-        item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate,
-                                  embedding_name="embedding_input", **values)
+        try:
+            item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate,
+                                      embedding_name="embedding_input", **values)
+        finally:
+            values["image_data"] = None
+            await app.state.fetches.release(fetched)
         item.modality = knn.modality
         scores, ids = await batcher.submit(item)
         results, rows = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))

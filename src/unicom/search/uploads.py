@@ -20,6 +20,7 @@ import re
 import urllib.parse
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import HTTPException
@@ -249,23 +250,79 @@ class _HttpRedirects(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def fetch_url(url: str, limit: int) -> bytes:
-    """GET an http(s) URL: at most ``limit`` bytes, 10 s without data, :data:`MAX_REDIRECTS`
-    redirects, each to an http(s) URL."""
+# a fetched file is held twice while it arrives (its chunks, then joined), once after
+FETCH_COPIES = 2
+FETCH_SECONDS = 60.0  # the most a fetched file may take to arrive, once its share is held
+FETCH_CHUNK = 1 << 20
+FETCH_THREADS = 8  # image_url fetches at once, in threads of their own: slow servers never hold up decoding
+_fetchers: ThreadPoolExecutor | None = None
+
+
+async def fetch_held(url: str, limit: int, budget, seconds: float = FETCH_SECONDS) -> tuple[bytes, int]:
+    """GET an http(s) URL (:func:`open_url`), holding :data:`FETCH_COPIES` times its length
+    in ``budget`` (a :class:`~unicom.search.batching.ByteBudget`; ``limit`` when the server
+    gives no length) while its bytes arrive, and its length once they have: ``(bytes, held)``,
+    ``held`` for the caller to give back once it no longer holds the bytes. The response's
+    headers are read first, so a file longer than ``limit`` is answered 413 unread, and
+    fetches beyond the budget wait with their bodies unread. A file that has not arrived
+    ``seconds`` after its share was granted is answered 400. Fetches run in
+    :data:`FETCH_THREADS` threads of their own, so that URLs whose servers are slow to answer
+    never take the threads that decode images."""
+    import asyncio
+
+    global _fetchers
+    if _fetchers is None:
+        _fetchers = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="unicom-fetch")
+    response = await asyncio.get_running_loop().run_in_executor(_fetchers, open_url, url)
+    try:
+        length = response.length  # None when the server gives none (chunked, or until it closes)
+        if length is not None and length > limit:
+            raise _error(413, f"image_url: {url} is {length} bytes, larger than the limit of {limit} bytes "
+                              "(--max-upload-mb)")
+        data, held = await budget.run(FETCH_COPIES * (limit if length is None else length), read_url, response, url,
+                                      limit, seconds, kept=True, executor=_fetchers)
+    finally:
+        response.close()  # a read cut short by a cancelled caller ends here
+    kept = min(held, len(data))
+    await budget.release(held - kept)
+    return data, kept
+
+
+def open_url(url: str):
+    """The response to a GET of an http(s) URL, its headers read: 10 s without data,
+    :data:`MAX_REDIRECTS` redirects, each to an http(s) URL."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise _error(400, f"image_url: only http and https URLs are fetched, got {url!r}")
     request = urllib.request.Request(url, headers={"User-Agent": "unicom-serve"})
     try:
-        with urllib.request.build_opener(_HttpRedirects).open(request, timeout=10) as response:
-            data = response.read(limit + 1)
+        return urllib.request.build_opener(_HttpRedirects).open(request, timeout=10)
     except HTTPException:
         raise
     except Exception as error:  # urllib raises many types: refused, timeouts, HTTP errors
         raise _error(400, f"image_url: {url} could not be fetched ({error})") from None
-    if len(data) > limit:
-        raise _error(413, f"image_url: {url} is larger than the limit of {limit} bytes")
-    return data
+
+
+def read_url(response, url: str, limit: int, seconds: float = FETCH_SECONDS) -> bytes:
+    """The body of ``response`` (:func:`open_url`): 413 past ``limit`` bytes, 400 when it
+    has not arrived within ``seconds``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    chunks, size = [], 0
+    try:
+        while chunk := response.read1(FETCH_CHUNK):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise _error(413, f"image_url: {url} is larger than the limit of {limit} bytes (--max-upload-mb)")
+            if time.monotonic() > deadline:
+                raise _error(400, f"image_url: {url} did not arrive within {seconds:g} s")
+    except HTTPException:
+        raise
+    except Exception as error:  # the connection broke or stalled for 10 s
+        raise _error(400, f"image_url: {url} could not be fetched ({error})") from None
+    return b"".join(chunks)
 
 
 def sniff(head: bytes) -> str | None:

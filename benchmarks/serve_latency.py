@@ -137,7 +137,8 @@ def main() -> None:
     upload = (root / "images" / "007.jpg").read_bytes()
     lines = [
         f"unicom serve: text and image queries, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads (measured on a loaded, shared machine)",
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the start (other jobs on the "
+        "machine slow both sides)",
         f"model: open_clip {args.arch} (random weights, saved); index: flat, {len(index):,} x {index.dims}",
         "",
     ]

@@ -620,6 +620,31 @@ def test_concurrent_queries_share_batches_and_keep_their_own_results():
     assert (batcher.queries, batcher.batches, batcher.largest_batch) == (10, 3, 4)
 
 
+def test_a_lone_client_is_answered_at_once_and_queries_that_come_together_wait_for_companions():
+    """With a wait of 30 s: a query at an idle batcher runs at once, and so does the next one
+    right after (the last batch held one query); after a batch of several, a query waits for
+    a companion (here until the batch is full)."""
+    calls = []
+
+    def same(items):
+        calls.append(list(items))
+        return items
+
+    async def scenario():
+        batcher = QueryBatcher(same, max_batch=2, max_wait=30)
+        alone = [await asyncio.wait_for(batcher.submit(item), 5) for item in "ab"]
+        together = await asyncio.wait_for(asyncio.gather(batcher.submit("c"), batcher.submit("d")), 5)
+        after = asyncio.ensure_future(batcher.submit("e"))
+        await asyncio.sleep(0.1)
+        waited = not after.done()
+        last = await asyncio.wait_for(asyncio.gather(after, batcher.submit("f")), 5)
+        await batcher.close()
+        return alone, together, waited, last
+
+    assert asyncio.run(scenario()) == (["a", "b"], ["c", "d"], True, ["e", "f"])
+    assert calls == [["a"], ["b"], ["c", "d"], ["e", "f"]]
+
+
 def test_a_failing_batch_fails_each_of_its_queries():
     def broken(items):
         raise RuntimeError("model crashed")

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
     parser.add_argument("--batch-size", type=int, default=32, help="most queries per model batch (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
-                        help="how long a query waits for others to share its batch (default: 10)")
+                        help="how long a query waits for others to share its batch while queries come together "
+                             "(default: 10)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (default: 10)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="largest accepted image in pixels (default: 40,000,000); larger ones are answered 413")

@@ -15,9 +15,12 @@ class QueryBatcher:
     """Runs ``fn(items) -> results`` (one result per item) over batches of concurrent submissions.
 
     The first waiting item opens a batch; items that arrive within ``max_wait`` seconds
-    join it, up to ``max_batch``. Batches run one at a time in a worker thread, so the event
-    loop keeps accepting requests (which form the next batch) while the model works. A
-    result that is an exception is raised to that item's caller only.
+    join it, up to ``max_batch``, while items come together: when the last batch held one
+    item, or ended ``max_wait`` ago or more, an item waits for no one (it takes the items
+    already waiting), so that one client's queries are answered at once. Batches run
+    one at a time in a worker thread, so the event loop keeps accepting requests (which
+    form the next batch) while the model works. A result that is an exception is raised to
+    that item's caller only.
     """
 
     def __init__(self, fn: Callable[[list], list], max_batch: int = 32, max_wait: float = 0.01, max_pending: int = 1024):
@@ -32,6 +35,8 @@ class QueryBatcher:
         self._queue: asyncio.Queue | None = None
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._idle_since = float("-inf")  # when the last batch ended (the loop's clock)
+        self._last_size = 0  # how many items it held
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
@@ -51,7 +56,9 @@ class QueryBatcher:
     async def _collect(self) -> list:
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
-        deadline = loop.time() + self.max_wait
+        now = loop.time()
+        together = self._last_size > 1 and now - self._idle_since < self.max_wait
+        deadline = now + self.max_wait if together else now
         while len(batch) < self.max_batch:
             while not self._queue.empty() and len(batch) < self.max_batch:
                 batch.append(self._queue.get_nowait())
@@ -81,6 +88,8 @@ class QueryBatcher:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            finally:
+                self._idle_since, self._last_size = loop.time(), len(batch)
             for (_, future), result in zip(batch, results):
                 if future.done():
                     continue

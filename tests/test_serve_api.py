@@ -279,6 +279,37 @@ def test_true_or_false_where_a_number_is_expected_is_400_not_read_as_1_or_0(serv
         assert (response.status_code, response.json()) == (400, {"detail": said})
 
 
+def test_a_json_body_of_more_values_than_any_request_needs_is_413_unparsed(served, monkeypatch):
+    """A JSON body parsed takes 30 to 60 bytes a value (a body of numbers would take about 16
+    times its length): one of more than 65,536 values is refused before it is parsed; an
+    embedding longer than the index's dims but within that is searched by its first dims
+    numbers; commas inside strings are not values."""
+    import json as json_module
+
+    from unicom.search.service import MAX_JSON_VALUES
+
+    client = served["client"]
+    parsed = []  # the lengths of the large bodies parsed (not the small replies read here)
+    loads = json_module.loads
+    monkeypatch.setattr(json_module, "loads", lambda body, *a, **k: (
+        parsed.append(len(body)) if len(body) > 100_000 else None) or loads(body, *a, **k))
+    too_many = [0.5] * 70_000
+    refused = client.post("/search", json={"embedding": too_many})
+    assert refused.status_code == 413 and parsed == []
+    assert refused.json()["detail"] == (
+        f"the JSON body holds {70_000 + 2:,} values, more than the {MAX_JSON_VALUES:,} a request may have (an "
+        "embedding needs as many numbers as its index's dims, /metadata at most 1,000 ids); send fewer")
+    ids = client.post("/metadata", json={"ids": list(range(70_000))})
+    assert ids.status_code == 413 and parsed == []
+    knn = client.post("/knn-service", json={"embedding_input": too_many, "num_images": 1})
+    assert knn.status_code == 413 and parsed == []
+    longer = client.post("/search", json={"embedding": [0.0] * 3 + [1.0] + [0.0] * 59_996, "k": 3})
+    first = client.post("/search", json={"embedding": [0.0] * 3 + [1.0] + [0.0] * 60, "k": 3})
+    assert longer.status_code == 200 and longer.json()["results"] == first.json()["results"]
+    commas = client.post("/search", json={"text": "," * 100_000, "k": 3})  # parsed, then refused by this model
+    assert len(parsed) == 2 and "text tower" in commas.json()["detail"]  # the longer embedding and the text
+
+
 def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served):
     client = served["client"]
     rest = b", 0.1" * 62
@@ -294,7 +325,7 @@ def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served
 
 
 def test_json_nested_too_deeply_is_400(served):
-    deep = b"[" * 100_000 + b"]" * 100_000
+    deep = b"[" * 60_000 + b"]" * 60_000  # within the values a body may hold (MAX_JSON_VALUES)
     for route in ("/search", "/knn-service", "/metadata"):
         response = served["client"].post(route, content=deep, headers={"content-type": "application/json"})
         assert response.status_code == 400, route

@@ -149,7 +149,30 @@ def _validation_message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# The most values (numbers, strings, lists, objects) a JSON body may hold: an embedding needs
+# its index's dims numbers, /metadata at most MAX_METADATA_IDS ids. Parsed, each value takes
+# 30 to 60 bytes (a body of numbers would otherwise take about 16 times its length).
+MAX_JSON_VALUES = 65_536
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_values(body: bytes) -> int:
+    """At least the number of values in the JSON ``body``: its commas and openings outside
+    strings, plus one (strings are skipped only when the quick count, strings included, is
+    over :data:`MAX_JSON_VALUES`)."""
+    def count(text: bytes) -> int:
+        return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+
+    values = count(body)
+    return count(_JSON_STRING.sub(b'""', body)) if values > MAX_JSON_VALUES else values
+
+
 def _json_body(body: bytes) -> Any:
+    values = json_values(body)
+    if values > MAX_JSON_VALUES:
+        raise _error(413, f"the JSON body holds {values:,} values, more than the {MAX_JSON_VALUES:,} a request may "
+                          f"have (an embedding needs as many numbers as its index's dims, /metadata at most "
+                          f"{MAX_METADATA_IDS:,} ids); send fewer")
     try:
         return json.loads(body)
     except ValueError as error:

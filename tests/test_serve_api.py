@@ -306,8 +306,23 @@ def test_a_json_body_of_more_values_than_any_request_needs_is_413_unparsed(serve
     longer = client.post("/search", json={"embedding": [0.0] * 3 + [1.0] + [0.0] * 59_996, "k": 3})
     first = client.post("/search", json={"embedding": [0.0] * 3 + [1.0] + [0.0] * 60, "k": 3})
     assert longer.status_code == 200 and longer.json()["results"] == first.json()["results"]
-    commas = client.post("/search", json={"text": "," * 100_000, "k": 3})  # parsed, then refused by this model
+    commas = client.post("/knn-service", json={"text": "a dog", "note": "," * 100_000, "num_images": 3})  # parsed
     assert len(parsed) == 2 and "text tower" in commas.json()["detail"]  # the longer embedding and the text
+
+
+def test_a_text_longer_than_any_model_reads_is_400_before_it_is_tokenized(served):
+    """The tokenizer reads a whole text (~0.4 s a megabyte for open_clip's) in the thread that
+    runs every batch: a text over 10,000 characters is refused before anything else is asked
+    of it (this model has no text tower: a text of 10,000 gets that answer instead)."""
+    client = served["client"]
+    message = ("text: 10,001 characters, more than the 10,000 a query may have (the model reads only its first words); "
+               "send a shorter text")
+    for response in (client.post("/search", json={"text": "a" * 10_001}),
+                     client.post("/search", files={"text": (None, "a" * 10_001)}),
+                     client.post("/knn-service", json={"text": "a" * 10_001, "num_images": 1})):
+        assert response.status_code == 400 and response.json()["detail"] == message
+    within = client.post("/search", json={"text": "a" * 10_000})
+    assert within.status_code == 400 and "text tower" in within.json()["detail"]
 
 
 def test_embeddings_that_are_not_finite_or_zero_are_400_naming_the_number(served):

@@ -153,6 +153,10 @@ def _validation_message(error: ValidationError) -> str:
 # its index's dims numbers, /metadata at most MAX_METADATA_IDS ids. Parsed, each value takes
 # 30 to 60 bytes (a body of numbers would otherwise take about 16 times its length).
 MAX_JSON_VALUES = 65_536
+# The longest text query, in characters: a model reads the first few dozen tokens of a text
+# (CLIP: 77), but its tokenizer reads the whole text first (open_clip: ~0.4 s a megabyte, in
+# the thread that runs every query's batch)
+MAX_TEXT_CHARS = 10_000
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
@@ -493,6 +497,9 @@ def create_app(
             raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
         if text is not None and not text.strip():
             text = None
+        if text is not None and len(text) > MAX_TEXT_CHARS:
+            raise _error(400, f"text: {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} a query may have (the "
+                              "model reads only its first words); send a shorter text")
         if not given and text is None:
             raise _error(400, 'nothing to search for: send a "text", an "image", a "like" item id or an "embedding"')
         if text is not None:

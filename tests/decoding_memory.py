@@ -7,6 +7,12 @@ gave its free memory back), and what the server counts for it, for an upload dec
 model (short side to 224, centre crop 224) and for an item's thumbnail. Linux only.
 
     python tests/decoding_memory.py 1600 1200 RGB:JPEG I;16:PNG
+
+With ``fetch`` and sizes in bytes, the same for fetching a file of each size from an HTTP
+server on 127.0.0.1 as ``/knn-service`` fetches an ``image_url``, against what the fetches
+budget counts while its bytes arrive::
+
+    python tests/decoding_memory.py fetch 6250000
 """
 
 from __future__ import annotations
@@ -80,5 +86,51 @@ def main(width: int, height: int, kinds: list[str]) -> None:
                               "thumbnail": [thumbnail, counted_thumbnail]}), flush=True)
 
 
+def fetches(sizes: list[int]) -> None:
+    import asyncio
+    import os
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from storage_servers import QuietHandler, serve
+
+    from unicom.search.batching import ByteBudget
+    from unicom.search.uploads import fetch_held
+
+    files = {f"/{size}": os.urandom(size) for size in sizes}
+
+    class Files(QuietHandler):
+        def do_GET(self):
+            data = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    async def measure(url: str) -> None:
+        budget = ByteBudget(2**40)
+        for position, size in enumerate([sizes[0], *sizes]):  # the first: threads and imports, unmeasured
+            for _ in range(3):  # the callbacks of the last fetch, which hold its bytes, run
+                await asyncio.sleep(0)
+            base = reset_high_water_mark()
+            budget.peak = 0
+            data, held = await fetch_held(f"{url}/{size}", 2**40, budget)
+            found = {"fetch": size, "held": high_water_mark() - base, "counted": budget.peak}
+            await budget.release(held)
+            del data
+            if position:
+                print(json.dumps(found), flush=True)
+
+    server = serve(Files)
+    try:
+        asyncio.run(measure(f"http://127.0.0.1:{server.server_address[1]}"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
+    if sys.argv[1] == "fetch":
+        fetches([int(size) for size in sys.argv[2:]])
+    else:
+        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])

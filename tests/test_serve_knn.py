@@ -499,11 +499,44 @@ def test_an_image_url_that_arrives_too_slowly_is_400_and_gives_its_share_back():
     assert budget.peak == 2 * 1000 and budget.used == 0
 
 
+async def read_slowly(app, path: str, body: bytes, stalled):
+    """POST ``body`` to ``path`` of the ASGI ``app`` as a client that reads two pieces of the
+    reply, then nothing for 2 s, then the rest: ``(stalled(), reply)``, ``stalled`` called at
+    the end of the 2 s."""
+    import asyncio
+
+    sent, reading = [], asyncio.Event()
+
+    async def receive():
+        if not sent:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+
+    async def send(message):
+        sent.append(message)
+        if sum(m["type"] == "http.response.body" for m in sent) == 2:
+            await reading.wait()  # the client reads nothing more for now
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "headers": [(b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    answering = asyncio.ensure_future(app(scope, receive, send))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+    seen = stalled()
+    reading.set()
+    await asyncio.wait_for(answering, 30)
+    return seen, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
 def test_replies_with_pictures_are_made_as_the_client_reads_them(served, monkeypatch):
     """A /knn-service reply is made while it is sent: a client that reads nothing past the
     first items has only those pictures made (the server holds no more of its reply); once
     it reads on, it gets the same bytes as JSONResponse writes for the whole list."""
     import asyncio
+
+    import httpx
 
     from unicom.search import service
     from unicom.search.item_images import ItemImages
@@ -517,8 +550,6 @@ def test_replies_with_pictures_are_made_as_the_client_reads_them(served, monkeyp
         return await thumbnail(self, *args)
 
     monkeypatch.setattr(ItemImages, "thumbnail", counted)
-    import httpx
-
     count = len(served["images"])
     query = {"embedding_input": [0.5] * served["index"].dims, "num_images": count}
     app = create_app(served["index"], served["encoder"])
@@ -528,35 +559,30 @@ def test_replies_with_pictures_are_made_as_the_client_reads_them(served, monkeyp
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://served") as client:
             whole = await client.post("/knn-service", content=body)
         made.clear()
-        sent, reading = [], asyncio.Event()
-
-        async def receive():
-            if not sent:
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the client stays connected
-
-        async def send(message):
-            sent.append(message)
-            if sum(m["type"] == "http.response.body" for m in sent) == 2:
-                await reading.wait()  # the client reads nothing more for now
-
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/knn-service", "raw_path": b"/knn-service",
-                 "root_path": "", "query_string": b"", "headers": [(b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-        answering = asyncio.ensure_future(app(scope, receive, send))
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-        before = len(made)
-        reading.set()
-        await asyncio.wait_for(answering, 30)
-        return whole, before, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return whole, *await read_slowly(app, "/knn-service", body, lambda: len(made))
 
     whole, before, reply = asyncio.run(scenario())
     assert whole.status_code == 200 and sum("image" in item for item in whole.json()) == count
     assert before <= 3 and len(made) == count
     assert reply == whole.content == json.dumps(whole.json(), ensure_ascii=False, allow_nan=False,
                                                  separators=(",", ":")).encode()
+
+
+def test_a_client_reading_its_reply_slowly_holds_no_share_of_the_bodies_budget(served, monkeypatch):
+    """The bodies budget holds a request's share until its reply starts: by then the body has
+    been read and parsed, so a client that reads slowly (here a query by an image as base64,
+    whose reply of pictures it stops reading) does not keep others' uploads waiting."""
+    import asyncio
+
+    from unicom.search import service
+
+    monkeypatch.setattr(service, "REPLY_CHUNK", 1)
+    app = create_app(served["index"], served["encoder"])
+    body = json.dumps({"image": base64.b64encode(served["images"][5].read_bytes()).decode(),
+                       "num_images": len(served["images"])}).encode()
+    held, reply = asyncio.run(read_slowly(app, "/knn-service", body, lambda: app.state.bodies.used))
+    assert held == 0 and app.state.bodies.peak == 4 * len(body)
+    assert json.loads(reply)[0]["id"] == 5
 
 
 def test_cors_headers_only_for_the_origins_given(served):

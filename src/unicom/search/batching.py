@@ -199,13 +199,15 @@ BODY_SECONDS = 60.0  # the most a request body may take to arrive once its turn 
 class HeldBodies:
     """ASGI middleware: a POST request takes :data:`BODY_COPIES` times its body's length
     (its ``Content-Length``, or ``limit``, the largest body any route accepts, when it
-    gives none) from ``budget``, then its body is read and the request answered, and the
-    bytes are given back. Requests over the budget wait with their bodies unread, first come
-    first served, so that uploads hold at most the budget however many clients send them at
-    once. A body that has not arrived ``seconds`` after its turn came is answered 408 (a
-    client sending slowly would hold its share for ever), one longer than ``limit`` 413 (``why``:
-    where the limit comes from, said in the answer); a ``Content-Length`` over ``limit`` is
-    left to the route, which refuses it from the header."""
+    gives none) from ``budget``, then its body is read and the request answered; the bytes
+    are given back as the reply starts (the request has been read and parsed by then, so a
+    client that reads its reply slowly holds no share). Requests over the budget wait with
+    their bodies unread, first come first served, so that uploads hold at most the budget
+    however many clients send them at once. A body that has not arrived ``seconds`` after
+    its turn came is answered 408 (a client sending slowly would hold its share for ever),
+    one longer than ``limit`` 413 (``why``: where the limit comes from, said in the answer);
+    a ``Content-Length`` over ``limit`` is left to the route, which refuses it from the
+    header."""
 
     def __init__(self, app, budget: ByteBudget, limit: int, why: str = "", seconds: float = BODY_SECONDS):
         self.app, self.budget, self.limit, self.why, self.seconds = app, budget, limit, why, seconds
@@ -220,6 +222,17 @@ class HeldBodies:
             await self.app(scope, receive, send)
             return
         held = await self.budget.acquire(BODY_COPIES * length)
+
+        async def give_back() -> None:
+            nonlocal held
+            held, given = 0, held
+            await self.budget.release(given)
+
+        async def answering(message) -> None:
+            if message["type"] == "http.response.start":  # the body has been read and parsed: the reply
+                await give_back()  # (which may take a slow client long to read) holds none of it
+            await send(message)
+
         try:
             try:
                 body = await asyncio.wait_for(self._body(receive), self.seconds)
@@ -231,9 +244,10 @@ class HeldBodies:
             if len(body) > self.limit:
                 await _answer(send, 413, f"request body is larger than the limit of {self.limit} bytes{self.why}")
                 return
-            await self.app(scope, _replayed(body, receive), send)
+            replay, body = _replayed(body, receive), None
+            await self.app(scope, replay, answering)
         finally:
-            await self.budget.release(held)
+            await give_back()
 
     async def _body(self, receive) -> bytes | None:
         """The whole body (reading stops past ``limit``), or None when the client disconnects."""
@@ -250,15 +264,14 @@ class HeldBodies:
 
 
 def _replayed(body: bytes, receive):
-    """An ASGI ``receive`` that gives ``body`` whole, then what ``receive`` gives (a disconnect)."""
-    given = False
+    """An ASGI ``receive`` that gives ``body`` whole (keeping no reference to it after), then
+    what ``receive`` gives (a disconnect)."""
+    pending = [body]
 
     async def replay():
-        nonlocal given
-        if given:
+        if not pending:
             return await receive()
-        given = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.request", "body": pending.pop(), "more_body": False}
 
     return replay
 

@@ -1024,7 +1024,7 @@ def test_full_images_at_urls_and_in_shards_are_fetched_within_the_decoding_budge
             assert (response.status_code, response.json()) == (404, {"detail": "the image file of item 3 is not an image"})
         assert responses[4].status_code == responses[9].status_code == 404
         unranged = [asked for asked in server.state.asked if asked.startswith("GET ") and asked.endswith(" ")]
-        assert f"GET photos/3.png " not in unranged
+        assert "GET photos/3.png " not in unranged
 
 
 def test_a_full_image_being_fetched_does_not_hold_up_other_requests(tmp_path):
@@ -1082,7 +1082,6 @@ def test_an_image_longer_than_its_server_said_is_never_held_beyond_its_share(tmp
     held beyond its share; and nothing is held afterwards."""
     import re
 
-    import httpx
     import pyarrow as pa
     from storage_servers import QuietHandler, serve
 

@@ -778,7 +778,7 @@ async def settle():
 
 
 def test_concurrent_uploads_hold_at_most_the_bodies_budget_and_are_all_answered(served):
-    """Twelve uploads sent at once, each body counted four times its Content-Length, to a
+    """Twelve uploads sent at once, each body counted twice its Content-Length, to a
     server whose bodies budget (--max-bodies-mb) has room for three: each is answered as
     alone, the budget never holds more than three at once and nothing after."""
     import httpx
@@ -786,7 +786,7 @@ def test_concurrent_uploads_hold_at_most_the_bodies_budget_and_are_all_answered(
     data = served["images"][5].read_bytes()
     sent = httpx.Request("POST", "http://served/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "3"})
     body = sent.read()
-    app = create_app(served["index"], served["encoder"], max_upload_bytes=200_000, max_body_bytes=3 * 4 * len(body))
+    app = create_app(served["index"], served["encoder"], max_upload_bytes=200_000, max_body_bytes=3 * 2 * len(body))
     alone = served["client"].post("/search", content=body, headers={"content-type": sent.headers["content-type"]})
 
     async def scenario():
@@ -798,12 +798,12 @@ def test_concurrent_uploads_hold_at_most_the_bodies_budget_and_are_all_answered(
     assert [r.status_code for r in responses] == [200] * 12
     assert all([hit["id"] for hit in r.json()["results"]] == [hit["id"] for hit in alone.json()["results"]]
                for r in responses)
-    assert app.state.bodies.peak == 3 * 4 * len(body) and app.state.bodies.used == 0
+    assert app.state.bodies.peak == 3 * 2 * len(body) and app.state.bodies.used == 0
 
 
 def test_a_body_without_a_length_holds_the_largest_body_a_route_accepts(served):
     """A chunked upload (no Content-Length) is counted as the largest body a route accepts
-    (a base64 image of --max-upload-mb in JSON), four times over, however small it turns out."""
+    (a base64 image of --max-upload-mb in JSON), twice over, however small it turns out."""
     import httpx
 
     from unicom.search.service import MULTIPART_OVERHEAD
@@ -823,7 +823,7 @@ def test_a_body_without_a_length_holds_the_largest_body_a_route_accepts(served):
 
     response = asyncio.run(scenario())
     assert response.status_code == 200, response.text
-    assert app.state.bodies.peak == 4 * (200_000 * 4 // 3 + MULTIPART_OVERHEAD) and app.state.bodies.used == 0
+    assert app.state.bodies.peak == 2 * (200_000 * 4 // 3 + MULTIPART_OVERHEAD) and app.state.bodies.used == 0
 
     async def long_chunks():
         for _ in range(5):
@@ -888,7 +888,7 @@ def test_a_body_that_arrives_too_slowly_is_answered_408_and_gives_its_share_back
     sent = asgi_post(app, [b"a" * 10, b"b" * 10], headers=[("content-length", "20")], pause=0.5)
     assert sent[0]["status"] == 408 and json.loads(sent[1]["body"]) == {
         "detail": "the request body did not arrive within 0.2 s; send it again"}
-    assert seen == [] and budget.used == 0 and budget.peak == 4 * 20
+    assert seen == [] and budget.used == 0 and budget.peak == 2 * 20
     sent = asgi_post(app, [b"a" * 10, b"b" * 10], headers=[("content-length", "20")], pause=0.05)
     assert sent[0]["status"] == 200 and sent[1]["body"] == b"a" * 10 + b"b" * 10  # given whole, at once
     assert seen == [{"type": "http.request", "body": b"a" * 10 + b"b" * 10, "more_body": False}]
@@ -902,10 +902,10 @@ def test_a_chunked_body_longer_than_any_route_accepts_is_answered_413_unread_pas
     sent = asgi_post(HeldBodies(inner, budget, limit=100), [b"a" * 60, b"b" * 60, b"c" * 60])
     assert sent[0]["status"] == 413 and json.loads(sent[1]["body"]) == {
         "detail": "request body is larger than the limit of 100 bytes"}
-    assert seen == [] and budget.used == 0 and budget.peak == 400  # no length: counted as the limit
+    assert seen == [] and budget.used == 0 and budget.peak == 200  # no length: counted as the limit
     # a Content-Length over the limit is the route's to refuse, from the header: nothing held
     sent = asgi_post(HeldBodies(inner, budget, limit=100), [b"a" * 120], headers=[("content-length", "120")])
-    assert sent[0]["status"] == 200 and budget.peak == 400
+    assert sent[0]["status"] == 200 and budget.peak == 200
 
 
 def test_an_image_larger_than_the_decoding_budget_is_not_overtaken_by_smaller_ones_that_came_after_it():

@@ -167,8 +167,9 @@ STORMS = {
     # 12 MP: decoding one holds 190 MB (libwebp's frames and their copy beside the image), so the
     # 256 MB budget decodes one at a time (counted as 36 MB, six were decoded at once: +1.1 GB)
     "WebP": ("WEBP", 4000, 3000, 12, 600),
-    # bodies of 6.25 MB (noise), each held about 4 times over while it waits: a bodies budget
-    # of 64 MB takes two at a time (+320 MB with the default 256 MB, all 36 at once +815 MB)
+    # bodies of 6.25 MB (noise), each counted twice over while it waits: a bodies budget of
+    # 64 MB takes five at a time (+143 to +164 MB measured; +315 MB with the default 256 MB,
+    # all 36 at once +815 MB before bodies were counted)
     "bodies": ("PNG", 1600, 1300, 36, 250),
     # the same file fetched by 96 /knn-service image_url queries (--allow-image-urls): each counted
     # twice its length while it arrives, so that a fetches budget of 64 MB fetches five at a

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "may take at once, in MB (default: 256)")
     parser.add_argument("--max-bodies-mb", type=float, default=256.0,
                         help="memory that the bodies of requests being answered may take at once, in MB, each counted "
-                             "4 times its length (received, parsed, read); requests beyond it wait unread; the files "
+                             "twice its length (received, then parsed); requests beyond it wait unread; the files "
                              "fetched for image_url queries have a budget of this size too (default: 256)")
     parser.add_argument("-k", type=int, default=10, help="results per query unless the request says (default: 10)")
     parser.add_argument("--max-k", type=int, default=100, help="most results a /search request may ask for (default: 100)")

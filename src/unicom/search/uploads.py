@@ -8,12 +8,13 @@ holds, the share of the server's decoding budget that uploads and thumbnails tak
 ``unicom search`` do, so that an upload of an indexed image gives its indexed embedding,
 and applies the model's leading resize and the window of it that the model's centre crop
 takes (:class:`ModelInput`), so that a query waits for its batch as a small image; after a
-large image it hands the freed memory back to the system.
+large image it hands the freed memory back to the system. :func:`parse_form` reads a
+multipart body (python-multipart's parser), its file copied out of the body once;
+:func:`decode_base64` the base64 images of JSON bodies.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import re
@@ -21,6 +22,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import HTTPException
@@ -222,15 +224,135 @@ class ModelInput:
 
 
 def decode_base64(text: str, name: str) -> bytes:
+    """The bytes of ``text``, base64 or a base64 data URL (``name``: its key, said in errors)."""
     if text.startswith("data:"):  # a data URL: data:image/png;base64,....
         text = text.partition(",")[2]
     try:
-        data = base64.b64decode(text, validate=False)
+        data = binascii.a2b_base64(text)  # reads the text in place (base64.b64decode copies it first)
     except (binascii.Error, ValueError):
         raise _error(400, f"{name}: not valid base64") from None
     if not data:
         raise _error(400, f"{name}: empty")
     return data
+
+
+@dataclass(frozen=True)
+class FormFile:
+    """A file of a multipart form: its name as the client gave it, its declared media type
+    (lower case, "" when none) and its bytes."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+class Form:
+    """The fields of a multipart body, in order: name -> text, or :class:`FormFile` for a file."""
+
+    def __init__(self, items: list[tuple[str, str | FormFile]]):
+        self.items = items
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(name for name, _ in self.items))
+
+    def getlist(self, name: str) -> list[str | FormFile]:
+        return [value for key, value in self.items if key == name]
+
+    def get(self, name: str, default=None):
+        return next((value for key, value in self.items if key == name), default)
+
+
+MAX_FORM_FIELD = 1 << 20  # the longest text field of a form, in bytes
+
+
+def parse_form(body: bytes, content_type: str, max_files: int = 1, max_fields: int = 16) -> Form:
+    """The fields of the multipart/form-data ``body`` (whole, as received), its boundary from
+    ``content_type`` (the request's header). A file's bytes are copied out of the body once
+    (the body and the files are the most it holds), in the calling thread, so that the server
+    parses off its event loop. Malformed bodies, more than ``max_files`` files or ``max_fields``
+    text fields, a text field over :data:`MAX_FORM_FIELD` bytes and text not in the form's
+    charset (its ``charset`` parameter; UTF-8, as browsers send, when absent) answer 400."""
+    import codecs
+
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    def malformed(why: str) -> HTTPException:
+        return _error(400, f"malformed multipart body: {why}")
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise malformed("the Content-Type header names no boundary")
+    charset = options.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        charset = codecs.lookup(charset).name
+    except LookupError:
+        raise _error(400, f"multipart body: unknown charset {charset!r}; send the form as UTF-8") from None
+
+    def text(raw: bytes, what: str) -> str:
+        try:
+            return raw.decode(charset)
+        except UnicodeDecodeError:
+            raise _error(400, f"multipart body: {what} is not {charset} text") from None
+
+    items: list[tuple[str, str | FormFile]] = []
+    part: dict = {}
+    header = [b"", b""]
+    counts: dict[str, int] = {}
+    ended = []
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, pieces=[], size=0)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][header[0].lower()] = header[1]
+        header[:] = [b"", b""]
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        if b"name" not in disposition:
+            raise malformed('a part has no name (its Content-Disposition must give name="...")')
+        part["name"] = text(disposition[b"name"], "a field's name")
+        part["filename"] = None if b"filename" not in disposition else text(disposition[b"filename"], "a file's name")
+        kind, most = ("file", max_files) if part["filename"] is not None else ("text field", max_fields)
+        counts[kind] = counts.get(kind, 0) + 1
+        if counts[kind] > most:
+            raise malformed(f"more than {most} {kind}{'s' if most > 1 else ''}; send one query per request")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["size"] += end - start
+        if part["filename"] is None and part["size"] > MAX_FORM_FIELD:
+            raise malformed(f"the field {part['name']!r} is longer than {MAX_FORM_FIELD} bytes; send files with a filename")
+        part["pieces"].append(memoryview(data)[start:end])  # a view: the file is copied once, as it ends
+
+    def on_part_end() -> None:
+        data = b"".join(part.pop("pieces"))
+        if part["filename"] is None:
+            items.append((part["name"], text(data, f"the field {part['name']!r}")))
+        else:
+            declared = part["headers"].get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            items.append((part["name"], FormFile(part["filename"], declared, data)))
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished, "on_end": lambda: ended.append(True)})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as error:
+        raise malformed(str(error) or type(error).__name__) from None
+    if not ended:
+        raise malformed("it ends before its closing boundary (--boundary--); send the whole form")
+    return Form(items)
 
 
 class _HttpRedirects(urllib.request.HTTPRedirectHandler):

@@ -17,12 +17,18 @@ in the same run, the same query answered in-process (``embed_texts``/``embed_ima
 of requests and the time of each run are bounded. The in-process queries run in a worker
 thread, as the server's batches do (on a loaded machine, torch's threads in the main
 thread wait much longer for each other).
+
+Then how long the server's event loop keeps others waiting while large uploads arrive:
+``/healthz`` (answered by the loop alone) polled from a process of its own, idle and while
+four clients each send six uploads of a 10 MB noise PNG, as multipart forms to ``/search``
+and as base64 JSON (13 MB) to ``/knn-service``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import os
 import platform
@@ -114,6 +120,72 @@ async def load(url: str, request, total: int, concurrency: int, limit_s: float) 
         return latencies, time.perf_counter() - start, failures
 
 
+def poll_health(url: str, started, stop, results) -> None:
+    """In a process of its own (the uploading client's work does not delay it): GET ``/healthz``
+    every 5 ms until ``stop`` is set (``started`` is set after the first); puts the latencies
+    (s) on ``results``."""
+    import httpx
+
+    latencies = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        client.get("/healthz").raise_for_status()
+        started.set()
+        while not stop.is_set():
+            start = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.005)
+    results.put(latencies)
+
+
+def loop_waits(url: str, uploads: dict, limit_s: float) -> list[str]:
+    """Rows of /healthz latency (p50, p99, max ms), idle and while each kind of upload in
+    ``uploads`` (name -> (path, body, content type)) arrives, 4 clients x 6 uploads."""
+    import multiprocessing
+
+    import httpx
+
+    async def send(path: str, body: bytes, content_type: str) -> int:
+        async with httpx.AsyncClient(base_url=url, timeout=limit_s) as client:
+            async def client_uploads() -> int:
+                failed = 0
+                for _ in range(6):
+                    response = await client.post(path, content=body, headers={"content-type": content_type})
+                    failed += response.status_code != 200
+                return failed
+
+            return sum(await asyncio.wait_for(asyncio.gather(*(client_uploads() for _ in range(4))), limit_s))
+
+    context = multiprocessing.get_context("spawn")
+    header = f"{'while':<34} {'polls':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'uploads s':>9} {'errors':>6}"
+    rows = [header, "-" * len(header)]
+    for name, upload in {"idle": None, **uploads}.items():
+        results, started, stop = context.Queue(), context.Event(), context.Event()
+        poller = context.Process(target=poll_health, args=(url, started, stop, results))
+        poller.start()
+        if not started.wait(60):
+            raise SystemExit("the /healthz poller did not start")
+        start = time.perf_counter()
+        failed = asyncio.run(send(*upload)) if upload is not None else time.sleep(3) or 0
+        seconds = time.perf_counter() - start
+        stop.set()
+        latencies = np.asarray(results.get(timeout=60)) * 1000
+        poller.join(timeout=30)
+        rows.append(f"{name:<34} {len(latencies):>6} {np.percentile(latencies, 50):>8.1f} "
+                    f"{np.percentile(latencies, 99):>8.1f} {latencies.max():>8.1f} "
+                    f"{f'{seconds:.1f}' if upload is not None else '-':>9} {failed:>6}")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def noise_png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (default: ViT-B-32)")
@@ -166,7 +238,8 @@ def main() -> None:
 
     port = 18000 + os.getpid() % 1000
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "unicom", "serve", "--index", str(index_dir), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "unicom", "serve", "--index", str(index_dir), "--port", str(port),
+                               "--max-upload-mb", "12"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -198,6 +271,17 @@ def main() -> None:
                 lines.append(f"{kind:<6} {concurrency:>11} {len(latencies):>8} {p50:>8.1f} {p99:>8.1f} "
                              f"{len(latencies) / seconds:>9.1f} {failures:>6}")
                 print(lines[-1], flush=True)
+
+        big = noise_png(1800, 1900)  # 9.8 MB
+        form = httpx.Request("POST", url, files={"image": ("big.png", big, "image/png")}, data={"k": "3"})
+        knn = httpx.Request("POST", url, json={"image": base64.b64encode(big).decode(), "modality": "image",
+                                               "num_images": 3})
+        lines += ["", f"the event loop while large uploads arrive: /healthz polled every 5 ms from another process; "
+                      f"4 clients x 6 uploads of a {len(big) / 1e6:.1f} MB noise PNG"]
+        lines += loop_waits(url, {
+            f"multipart /search {len(form.read()) / 1e6:.1f} MB": ("/search", form.read(), form.headers["content-type"]),
+            f"base64 JSON /knn-service {len(knn.read()) / 1e6:.1f} MB": ("/knn-service", knn.read(), "application/json"),
+        }, args.limit_s)
     finally:
         server.terminate()
         server.wait(timeout=30)

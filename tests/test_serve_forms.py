@@ -141,20 +141,3 @@ def test_a_malformed_form_is_refused_saying_what_is_wrong(parts, why):
 def test_a_form_in_another_charset_is_read_in_it():
     body, _ = _by_hand([('Content-Disposition: form-data; name="text"', "caf\u00e9".encode("latin-1"))])
     assert parse_form(body, f"multipart/form-data; boundary={BOUNDARY}; charset=latin-1").get("text") == "caf\u00e9"
-
-
-def test_long_bodies_are_parsed_off_the_event_loop():
-    """A body of PARSE_IN_THREAD bytes or more is parsed in a worker thread (the event loop goes
-    on answering others), a shorter one in the loop (a thread's hand-over would cost more)."""
-    import threading
-
-    from unicom.search.service import PARSE_IN_THREAD, _off_loop
-
-    async def threads():
-        def parser(data: bytes) -> int:
-            return threading.get_ident()
-
-        return threading.get_ident(), await _off_loop(parser, b"{}" * 100), await _off_loop(parser, b" " * PARSE_IN_THREAD)
-
-    loop, short, long = asyncio.run(threads())
-    assert short == loop and long != loop

@@ -192,9 +192,9 @@ class ByteBudget:
 # A request body is held at most twice over while its request is answered: its chunks as
 # received beside the body joined from them, then the body beside what is parsed from it (a
 # multipart form's file, a JSON body's text, then that text beside its value), then that alone
-# (unicom.search.service; measured with 24 uploads of 6 MB waiting at once: 1.8 times a
-# multipart body each, 1.9 times a JSON body, decoding included; 3 and 2.3 times when a form
-# was parsed by Starlette and a JSON body whole).
+# (unicom.search.service; measured with 24 uploads of 6 MB waiting at once: 1.8 to 1.9 times a
+# multipart body each, 1.8 to 1.9 times a JSON body, decoding included; 3 and 2.3 times when a
+# form was parsed by Starlette and a JSON body whole).
 BODY_COPIES = 2
 BODY_SECONDS = 60.0  # the most a request body may take to arrive once its turn has come
 

@@ -25,9 +25,7 @@ cannot answer, such as a text for a model without a text tower), 404, 413 (too l
 or pixels), 415 (not a supported image, or not multipart/JSON), 500 (an unexpected failure,
 named by its type; the traceback goes to the log), 503 (no model, or too many queries waiting).
 
-Bodies of :data:`PARSE_IN_THREAD` bytes or more are parsed in a worker thread (a multipart
-form by :func:`unicom.search.uploads.parse_form`), so that the event loop goes on answering
-others. Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
+Uploaded images are decoded straight to the model's input (:mod:`unicom.search.uploads`)
 before they wait for a batch; decoding uploads and thumbnails of items may hold at most
 ``max_decode_bytes`` of pixels (and the fetched images of items at URLs or in shards, for thumbnails and
 ``/image``) at a time. Concurrent queries are batched
@@ -50,7 +48,7 @@ import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -174,20 +172,6 @@ def json_values(body: bytes) -> int:
     return count(_JSON_STRING.sub(b'""', body)) if values > MAX_JSON_VALUES else values
 
 
-# Bodies at least this long are parsed in a thread, so that the event loop goes on answering
-# other requests meanwhile (a JSON body holding a 13 MB base64 image takes about 50 ms to read
-# as text, parse and decode, a multipart body of 10 MB 6 ms); shorter ones take microseconds,
-# less than a thread's hand-over.
-PARSE_IN_THREAD = 1 << 16
-
-
-async def _off_loop(parse: Callable, data: bytes | str, *args) -> Any:
-    """``parse(data, *args)``, in a thread when ``data`` is long (:data:`PARSE_IN_THREAD`)."""
-    if len(data) < PARSE_IN_THREAD:
-        return parse(data, *args)
-    return await asyncio.to_thread(parse, data, *args)
-
-
 def _json_text(body: bytes) -> str:
     """The text of a JSON body (UTF-8, -16 or -32, as :func:`json.loads` reads bytes), refused
     with 413 when it holds more than :data:`MAX_JSON_VALUES` values."""
@@ -213,14 +197,16 @@ def _json_value(text: str) -> Any:
 
 async def _read_json(request: Request, limit: int, why: str = "", empty: str | None = None) -> Any:
     """The JSON value of the request's body (:func:`_read_body`; ``empty``: the 400 answer to an
-    empty body, when it is not left to the parser), parsed off the event loop when long. The body
-    is held beside its text, then the text beside what it parses to: at most twice the body."""
+    empty body, when it is not left to the parser). The body is held beside its text, then the
+    text beside what it parses to: at most twice the body. Parsed in the event loop: a worker
+    thread would not let the loop in sooner, each step being one call into C that holds
+    Python's lock (13 MB of base64 in JSON: text 4 ms, value 8 ms, image 26 ms)."""
     body = await _read_body(request, limit, why)
     if not body and empty is not None:
         raise _error(400, empty)
-    text = await _off_loop(_json_text, body)
+    text = _json_text(body)
     del body
-    return await _off_loop(_json_value, text)
+    return _json_value(text)
 
 
 # --------------------------------------------------------------------------- the app
@@ -574,7 +560,7 @@ def create_app(
                                     f": an image of at most {max_upload_bytes} bytes (--max-upload-mb) and the form")
             if not body:
                 raise _error(400, "empty request body; send an image as the multipart field 'image', or a field 'text'")
-            form = await _off_loop(uploads.parse_form, body, request.headers["content-type"])
+            form = uploads.parse_form(body, request.headers["content-type"])
             del body  # the image is copied out of it: a query waiting for its turn holds the image alone
             repeated = sorted({key for key in form.keys() if len(form.getlist(key)) > 1})
             if repeated:  # one would be searched and the others dropped unseen
@@ -624,7 +610,7 @@ def create_app(
             target = pick(request_model.index or request.query_params.get("index"))
             image_data = None
             if request_model.image is not None:  # decoded, the base64 text is not held while the query waits
-                image_data = await _off_loop(uploads.decode_base64, request_model.image, "image")
+                image_data = uploads.decode_base64(request_model.image, "image")
                 request_model.image = None
             image_name = "image"
             values = dict(text=request_model.text, like=None if request_model.like is None else _parse_id(request_model.like, target),
@@ -764,7 +750,7 @@ def create_app(
         if knn.text and knn.text.strip():  # a blank text gives way to the query that follows, as an absent one
             values["text"] = knn.text
         elif knn.image:
-            values["image_data"] = await _off_loop(uploads.decode_base64, knn.image, "image")
+            values["image_data"] = uploads.decode_base64(knn.image, "image")
             knn.image = None
         elif knn.image_url:
             if not allow_image_urls:

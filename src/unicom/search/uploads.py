@@ -268,9 +268,10 @@ MAX_FORM_FIELD = 1 << 20  # the longest text field of a form, in bytes
 def parse_form(body: bytes, content_type: str, max_files: int = 1, max_fields: int = 16) -> Form:
     """The fields of the multipart/form-data ``body`` (whole, as received), its boundary from
     ``content_type`` (the request's header). A file's bytes are copied out of the body once
-    (the body and the files are the most it holds). Malformed bodies, more than ``max_files`` files or ``max_fields``
-    text fields, a text field over :data:`MAX_FORM_FIELD` bytes and text not in the form's
-    charset (its ``charset`` parameter; UTF-8, as browsers send, when absent) answer 400."""
+    (the body and the files are the most it holds). Malformed bodies, more than ``max_files``
+    files or ``max_fields`` text fields, a text field over :data:`MAX_FORM_FIELD` bytes and
+    text not in the form's charset (its ``charset`` parameter; UTF-8, as browsers send, when
+    absent) answer 400."""
     import codecs
 
     from python_multipart.exceptions import FormParserError

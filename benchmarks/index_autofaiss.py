@@ -128,7 +128,7 @@ def main() -> int:
                               "autofaiss, '__version__') else '?', faiss.__version__, numpy.__version__)"],
                              capture_output=True, text=True).stdout.split() if python else []
     say(f"# index_autofaiss: {rows:,} x {DIMS} float32, recall@{K} of {QUERIES} new queries against exact search")
-    say(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs: a loaded machine), faiss "
+    say(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the start), faiss "
         f"{faiss.__version__}, python {platform.python_version()}"
         + (f"; autofaiss {version[0]} (faiss {version[1]}, numpy {version[2]}) in its own venv" if version else ""))
     say(f"# collection: clustered synthetic, {', '.join(f'{k}={v}' for k, v in GENERATOR.items())} (index_1m.py)")

@@ -161,6 +161,18 @@ def test_an_image_as_base64_finds_itself(served):
     assert len(results) == 2  # num_result_ids defaults to num_images
 
 
+def test_an_image_as_a_wrapped_data_url_finds_itself_and_url_safe_base64_is_refused(served):
+    data = served["images"][5].read_bytes()
+    wrapped = "data:image/png;base64," + base64.encodebytes(data).decode()  # lines of 76 characters
+    response = knn(served["client"], image=wrapped, modality="image", num_images=1, indice_name="photos")
+    assert response.status_code == 200 and response.json()[0]["id"] == 5
+    url_safe = base64.urlsafe_b64encode(data).decode()
+    assert "-" in url_safe or "_" in url_safe
+    response = knn(served["client"], image=url_safe, modality="image", num_images=1, indice_name="photos")
+    assert response.status_code == 400
+    assert "of URL-safe base64; send standard base64" in response.json()["detail"]
+
+
 def test_flags_that_need_models_this_server_lacks_are_answered_unsupported(served):
     response = knn(served["client"], embedding_input=np.ones(64).tolist(), modality="image", num_images=3,
                    indice_name="photos", use_safety_model=True, use_violence_detector=True, aesthetic_score="9")

@@ -3,7 +3,7 @@
 The demo's data (``unicom.demo``: about 290 characters drawn in matplotlib's 21 fonts, a
 third of the characters held out), its clustering features (16x16 pixels) and its k-means
 pseudo-labels (k = the number of training characters, about 190, on about 3,300 images)
-are made once; then ``unicom train`` runs ``configs/scratch_small.yaml`` and variants of it
+are made once; then ``unicom train`` runs the recipe ``scratch_small`` and variants of it
 (:data:`RUNS`) for several numbers of steps (each run its own cosine schedule, so a row is
 what a run of that length gives). Every trained network is scored by ``unicom evaluate`` on the
 held-out characters, clean and varied queries against clean gallery glyphs (the demo's
@@ -26,8 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from unicom.engine.recipe import recipe_file
+
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "scratch_small.yaml"
+RECIPE = recipe_file("scratch_small")
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The recipe tried first: patches of 4 pixels (64 tokens), timm's RandAugment with all its operations at
@@ -36,7 +38,7 @@ FIRST = ["model.patch_size=4", "augment.crop_scale=[0.5,1.0]", "augment.crop_rat
          "augment.randaugment=rand-m9-mstd0.5", "loss.scale=32"]
 GEOMETRIC = ["augment.crop_scale=[0.7,1.0]", "augment.crop_ratio=[0.85,1.18]",
              "augment.randaugment=rand-m4-n2-p0.8-mstd0.5-tweights"]  # rotation, shear, translation weighted up
-# name: (overrides of configs/scratch_small.yaml, run lengths measured)
+# name: (overrides of the recipe scratch_small, run lengths measured)
 RUNS = {
     "scratch_small.yaml": ([], (100, 200, 400, 800, 1600, 2400)),
     "first try: patch 4, RandAugment m9 (all ops), crops 0.5-1, s 32": (FIRST, (100, 200, 400, 800, 1600)),
@@ -142,7 +144,7 @@ def plot(curves: dict[str, list[dict]], baselines: dict[str, dict[str, float]], 
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("Recall@1, held-out characters (%)")
     axes[1].legend(fontsize=7)
-    figure.suptitle("configs/scratch_small.yaml on the demo's glyphs (batch 64)", fontsize=10)
+    figure.suptitle("the recipe scratch_small on the demo's glyphs (batch 64)", fontsize=10)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
@@ -176,7 +178,7 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = [
-        "# configs/scratch_small.yaml: held-out Recall@1 against training steps",
+        "# the recipe scratch_small: held-out Recall@1 against training steps",
         f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads (the machine was shared: seconds are indicative)",
         f"data: {sizes['train_images']} training glyphs of {sizes['train_classes']} characters (k-means k = "

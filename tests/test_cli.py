@@ -2,11 +2,13 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import unicom
 from unicom.cli import available_commands, main
+from unicom.errors import InputError
 
 
 def test_version(capsys):
@@ -101,7 +103,7 @@ def test_a_one_process_command_started_by_torchrun_in_several_processes_is_refus
     out = tmp_path / "out"
     for argv in (["evaluate", "--model", "timm/test_vit", "--dataset", "sop", "--out", str(out)],
                  ["index", "--emb", str(tmp_path), "--out", str(out)],
-                 ["probe", "--config", "configs/unifex_tiny.yaml", "data.train=[a.csv]", f"out={out}"],
+                 ["probe", "--config", "unifex_tiny", "data.train=[a.csv]", f"out={out}"],
                  ["search", "--index", str(tmp_path), "a.jpg"]):
         assert main(argv) == 2, argv
         error = capsys.readouterr().err
@@ -179,6 +181,60 @@ def test_a_folder_given_as_the_recipe_is_answered_with_its_recipes(tmp_path, cap
     assert capsys.readouterr().err.strip() == (
         f"unicom train: error: {tmp_path}: a folder; --config takes one recipe file such as {tmp_path / 'a.yaml'} "
         "(it holds a.yaml, b.yaml)")
+
+
+def test_a_shipped_recipe_is_named_by_its_name_with_or_without_its_old_folder(tmp_path, monkeypatch):
+    from unicom.engine.recipe import RECIPE_FOLDER, recipe_file
+    from unicom.train.config import load_config, to_yaml
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    expected = to_yaml(load_config(RECIPE_FOLDER / "finetune_sop.yaml", validate=False))
+    for given in ("finetune_sop", "finetune_sop.yaml", "configs/finetune_sop.yaml", "./configs/finetune_sop.yaml"):
+        assert recipe_file(given) == RECIPE_FOLDER / "finetune_sop.yaml"
+        assert to_yaml(load_config(given, validate=False)) == expected
+    with pytest.raises(InputError, match="finetune_sop.yaml: no recipe file there"):
+        recipe_file("elsewhere/finetune_sop.yaml")  # a path names a file, never a shipped recipe
+
+
+def test_a_file_at_the_given_path_comes_before_the_shipped_recipe_of_that_name(tmp_path, monkeypatch):
+    from unicom.engine.recipe import recipe_file
+    from unicom.train.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "finetune_sop.yaml").write_text("optim:\n  lr: 0.125\n")
+    (tmp_path / "demo").write_text("optim:\n  lr: 0.25\n")
+    assert recipe_file("configs/finetune_sop.yaml") == Path("configs/finetune_sop.yaml")
+    assert load_config("configs/finetune_sop.yaml", validate=False).optim.lr == 0.125
+    assert load_config("demo", validate=False).optim.lr == 0.25
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones_and_the_closest(tmp_path, monkeypatch, capsys):
+    from unicom.engine.recipe import shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "finetune_spo", "--print-config"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"unicom train: error: finetune_spo: no recipe file there, nor a recipe of that name shipped "
+                     f"with unicom (did you mean finetune_sop?); the shipped recipes: {', '.join(shipped_recipes())} "
+                     "(--list-configs says what each is for)")
+
+
+@pytest.mark.parametrize("command", ["train", "probe"])
+def test_list_configs_prints_the_recipes_of_the_command_with_their_first_comment(command, capsys):
+    from unicom.engine.recipe import RECIPE_FOLDER
+
+    assert main([command, "--list-configs"]) == 0
+    rows = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
+    expected = sorted(path.stem for path in RECIPE_FOLDER.glob("*.yaml")
+                      if path.stem.startswith("unifex_") == (command == "probe"))
+    assert [name for name, _ in rows] == expected
+    summaries = dict(rows)
+    if command == "train":
+        assert summaries["demo"] == "The recipe of `make demo` (python -m unicom.demo)"
+        assert summaries["pretrain_vit_b16"] == "Unicom pre-training of ViT-B/16 (ICLR 2023, §3-4.1)"
+    else:
+        assert summaries["unifex_tiny"] == "A UniFEx run that finishes in seconds on a CPU"
 
 
 def test_a_file_given_as_an_embedding_folder_is_called_a_file(tmp_path, capsys):

@@ -102,16 +102,16 @@ def test_the_untrained_network_is_the_training_runs_starting_point(tmp_path):
     from support import write_class_folder
 
     from unicom.cli import main as unicom
-    from unicom.demo import repository_config
+    from unicom.demo import demo_recipe
     from unicom.models.export import read_weights
     from unicom.train.config import load_config
     from unicom.train.trainer import prepare
 
     write_class_folder(tmp_path / "images", [0, 1], 64, size=32)
     overrides = [f"data.folder={tmp_path / 'images'}"]
-    config = load_config(repository_config(), [f"out={tmp_path / 'run'}", *overrides])
+    config = load_config(demo_recipe(), [f"out={tmp_path / 'run'}", *overrides])
     start = prepare(config).backbone.state_dict()
-    assert unicom(["train", "--config", str(repository_config()), *overrides, f"out={tmp_path / 'untrained'}",
+    assert unicom(["train", "--config", str(demo_recipe()), *overrides, f"out={tmp_path / 'untrained'}",
                    "train.steps=0"]) == 0
     saved = read_weights(tmp_path / "untrained" / "model")
     assert saved.keys() == start.keys()

@@ -1,4 +1,4 @@
-"""Every recipe in configs/ builds what it describes, with random weights instead of downloads.
+"""Every recipe shipped in unicom/configs/ builds what it describes, with random weights instead of downloads.
 
 Default run, for every recipe: the data section reads small real data in the recipe's own
 source format (benchmark folders as downloaded, a UniFEx list as published), the model is
@@ -27,8 +27,9 @@ from benchmark_layouts import WRITERS, imagenet
 from PIL import Image
 
 from support import encode_image, write_class_folder
+from unicom.engine.recipe import RECIPE_FOLDER
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPE_FOLDER
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 PROBE = [name for name in RECIPES if name.startswith("unifex_")]
 TRAINING = [name for name in RECIPES if name not in PROBE]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
+from unicom.engine.recipe import RECIPE_FOLDER
 from unicom.errors import InputError
 from unicom.train.config import apply_overrides, from_dict, load_config, to_yaml
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPE_FOLDER
 SOURCE = ["out=/tmp/unused-run", "data.folder=/tmp/unused-images"]
 
 

@@ -647,7 +647,7 @@ def test_fine_tuning_starts_from_a_released_checkpoint_file(images, tmp_path):
     settings = ViTSettings(image_size=16, patch_size=8, width=64, depth=1, heads=1, mlp_dim=64, embedding_dim=12)
     released = tmp_path / "FP16-tiny.pt"
     torch.save({k: v.half() for k, v in random_unicom_vit(settings).state_dict().items()}, released)
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "finetune_sop.yaml", [
+    config = load_config("finetune_sop", [
         f"model.init={released}", f"out={tmp_path / 'run'}", "data.benchmark=null", f"data.folder={images}",
         "data.batch_size=16", "data.workers=0", "train.steps=4", "augment.randaugment=null", "log.tensorboard=false",
     ])
@@ -665,7 +665,7 @@ def test_fine_tuning_from_a_released_name_offline_says_where_to_put_the_file(tmp
     monkeypatch.setenv("UNICOM_OFFLINE", "1")
     monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
     write_class_folder(tmp_path / "images", [0, 1], 4, size=16)
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "finetune_sop.yaml", [
+    config = load_config("finetune_sop", [
         "model.init=ViT-B/32", f"out={tmp_path / 'run'}", "data.benchmark=null", f"data.folder={tmp_path / 'images'}",
         "data.batch_size=2", "data.workers=0",
     ])

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from support import encode_image
 from unicom.cli import main
+from unicom.engine.recipe import RECIPE_FOLDER, shipped_recipes
 from unicom.errors import InputError
 from unicom.unifex.config import load_probe_config
 from unicom.unifex.trainer import CHECKPOINT, probe
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPE_FOLDER
 CLASSES, PER_CLASS = 24, 6
 
 
@@ -551,18 +552,20 @@ def test_shipped_recipes_are_valid(name):
 
 
 def documented_probe_commands():
-    """The ``unicom probe --config configs/...`` lines of docs/unifex.md, ``unicom probe --help``
-    and the recipes' comments."""
-    sources = [CONFIGS.parent / "docs" / "unifex.md", CONFIGS.parent / "src" / "unicom" / "commands" / "probe.py",
+    """The ``unicom probe --config NAME`` lines of docs/unifex.md, ``unicom probe --help``
+    and the recipes' comments, NAME a shipped recipe."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "docs" / "unifex.md", root / "src" / "unicom" / "commands" / "probe.py",
                *sorted(CONFIGS.glob("unifex_*.yaml"))]
     text = "\n".join(path.read_text() for path in sources).replace("\\\n", " ")
-    return [line.split("unicom probe", 1)[1].split("#")[0].split() for line in text.splitlines()
-            if "unicom probe --config configs/" in line]
+    lines = [line.split("unicom probe", 1)[1].split("#")[0].split() for line in text.splitlines()
+             if "unicom probe --config " in line]
+    return [words for words in lines if words[words.index("--config") + 1] in shipped_recipes()]
 
 
 @pytest.mark.parametrize("words", documented_probe_commands(), ids=" ".join)
 def test_documented_commands_are_valid_recipes(words):
-    config_path = CONFIGS.parent / words[words.index("--config") + 1]
+    config_path = words[words.index("--config") + 1]  # a shipped recipe's name
     overrides = [word for word in words if "=" in word and not word.startswith("-")]
     config = load_probe_config(config_path, ["data.train=[lists/train.csv]", "out=runs/x", *overrides])
     assert config.out and config.data.train

@@ -23,13 +23,14 @@ from PIL import Image
 
 from support import encode_image
 from unicom.engine.sections import OptimConfig, ScheduleConfig
+from unicom.engine.recipe import RECIPE_FOLDER
 from unicom.errors import InputError
 from unicom.losses import PartialFC
 from unicom.losses.margins import ArcFace
 from unicom.losses.partial_fc import init_prototypes
 from unicom.unifex.config import load_probe_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPE_FOLDER
 
 
 # ------------------------------------------------------------------ schedule

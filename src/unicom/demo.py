@@ -15,7 +15,7 @@ meeting through their files:
    L2-normalised) play CLIP's part;
 2. ``unicom cluster``: k-means pseudo-labels of the training glyphs, and ``unicom cluster
    show``: a contact sheet of a few pseudo-classes beside their nearest clusters;
-3. ``unicom train`` (``configs/demo.yaml``): a small CLIP-shaped ViT trained from scratch
+3. ``unicom train`` (the shipped recipe ``demo``): a small CLIP-shaped ViT trained from scratch
    on the pseudo-labels with PartialFC (ArcFace, sample_rate < 1) and random resized crops
    (the glyph moved and scaled a little); then a shorter compact epoch from that run with
    feature_rate 0.5;
@@ -89,14 +89,11 @@ class Variation:
                    shift=(int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), stroke=int(rng.integers(0, 2)))
 
 
-def repository_config() -> Path:
-    """``configs/demo.yaml`` of the source tree this module belongs to."""
-    path = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    if not path.is_file():
-        from unicom.errors import InputError
+def demo_recipe() -> Path:
+    """The shipped recipe ``demo`` (``unicom/configs/demo.yaml``)."""
+    from unicom.engine.recipe import recipe_file
 
-        raise InputError(f"{path}: the demo recipe is missing; run the demo from a checkout of the repository")
-    return path
+    return recipe_file("demo")
 
 
 def font_folder() -> Path:
@@ -430,7 +427,7 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
         raise SystemExit("unicom cluster show failed")
     stage("cluster", began)
 
-    recipe = repository_config()
+    recipe = demo_recipe()
     overrides = [f"out={out / 'train'}", f"data.shards={data / 'shards'}", f"data.labels={out / 'clusters'}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")

@@ -27,7 +27,10 @@ def add_recipe_arguments(parser, example: str, recipes: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"recipe values to change, e.g. {example} (see --list-keys)")
-    parser.add_argument("--config", metavar="YAML", help=f"recipe file ({recipes}); defaults apply to what it leaves out")
+    parser.add_argument("--config", metavar="YAML", help=f"recipe file, or the name of a recipe shipped with unicom "
+                                                         f"({recipes}: see --list-configs); defaults apply to what it leaves out")
+    parser.add_argument("--list-configs", action="store_true", help="print the recipes shipped with unicom for this "
+                                                                    "command, each with what it is for, and exit")
     parser.add_argument("--out", metavar="DIR", help="output folder (same as out=DIR)")
     parser.add_argument("--list-keys", action="store_true", help="print every recipe key with its default and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit without running it")
@@ -51,6 +54,9 @@ def resolve_recipe(args, load, defaults, *extra: str):
     if args.list_keys:
         print("\n".join(f"{key} = {yaml_value(value)}" for key, value in defaults().items()))
         return None
+    if args.list_configs:
+        print(shipped_recipe_table(load))
+        return None
     overrides = [*args.overrides, *([f"out={args.out}"] if args.out else []), *extra]
     config = load(args.config, overrides, validate=not args.print_config)
     if args.print_config:
@@ -61,3 +67,20 @@ def resolve_recipe(args, load, defaults, *extra: str):
             print(f"note: to run, this recipe still needs changes: {problems}", file=sys.stderr)
         return None
     return config
+
+
+def shipped_recipe_table(load) -> str:
+    """The recipes shipped with unicom that ``load`` reads (those of one command), one line
+    each: the name ``--config`` takes, then what the recipe is for."""
+    from unicom.engine.recipe import recipe_summary, shipped_recipes
+    from unicom.errors import InputError
+
+    rows = []
+    for name, path in shipped_recipes().items():
+        try:
+            load(path, [], False)
+        except InputError:  # another command's recipe
+            continue
+        rows.append((name, recipe_summary(path)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {summary}" for name, summary in rows)

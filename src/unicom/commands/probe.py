@@ -2,12 +2,12 @@
 
 Examples::
 
-    unicom probe --config configs/unifex_siglip_so400m_m4d35k.yaml data.train=[m4d35k/train.csv] \\
+    unicom probe --config unifex_siglip_so400m_m4d35k data.train=[m4d35k/train.csv] \\
         eval.query=[guiec/query.csv] eval.index=[guiec/index.csv] out=runs/siglip
-    unicom probe --config configs/unifex_clip_b16.yaml data.train=[lists/train.csv] out=runs/b16 \\
+    unicom probe --config unifex_clip_b16 data.train=[lists/train.csv] out=runs/b16 \\
         loss.head=dynm_arcface loss.margin=null
-    unicom probe --config configs/unifex_clip_b16.yaml ... --cache-only      # features only (e.g. on the GPU box)
-    unicom probe --config configs/unifex_clip_b16.yaml ... train.mode=direct # the backbone in the loop
+    unicom probe --config unifex_clip_b16 ... --cache-only      # features only (e.g. on the GPU box)
+    unicom probe --config unifex_clip_b16 ... train.mode=direct # the backbone in the loop
 
 A rerun with the same out= resumes: finished cache parts and epochs are kept. The model
 is exported to OUT/model, which `unicom embed`, `evaluate` and `search` take as --model.
@@ -22,7 +22,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from unicom.commands import add_recipe_arguments
 
-    add_recipe_arguments(parser, "neck.embedding_dim=64 loss.head=adaface", "configs/unifex_*.yaml")
+    add_recipe_arguments(parser, "neck.embedding_dim=64 loss.head=adaface", "unifex_clip_b16, ...")
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
 

@@ -2,12 +2,12 @@
 
 Examples::
 
-    unicom train --config configs/pretrain_vit_b32.yaml data.shards='laion/{00000..41407}.tar' \\
+    unicom train --config pretrain_vit_b32 data.shards='laion/{00000..41407}.tar' \\
         data.labels=clusters/ out=runs/b32
-    torchrun --nnodes 16 --nproc_per_node 8 ... -m unicom.train --config configs/pretrain_vit_b32.yaml ...
-    unicom train --config configs/finetune_sop.yaml model.init=ViT-B/32 loss.feature_rate=1.0 data.root=data/SOP \\
+    torchrun --nnodes 16 --nproc_per_node 8 ... -m unicom.train --config pretrain_vit_b32 ...
+    unicom train --config finetune_sop model.init=ViT-B/32 loss.feature_rate=1.0 data.root=data/SOP \\
         out=runs/sop
-    unicom train --config configs/finetune_sop.yaml out=runs/sop --resume     # after a crash (automatic too)
+    unicom train --config finetune_sop out=runs/sop --resume     # after a crash (automatic too)
     unicom train --export-from runs/b32 --model-out models/b32                # any checkpoint as a model folder
 """
 
@@ -20,7 +20,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from unicom.commands import add_recipe_arguments
 
-    add_recipe_arguments(parser, "optim.lr=5e-4 data.batch_size=64", "configs/*.yaml")
+    add_recipe_arguments(parser, "optim.lr=5e-4 data.batch_size=64", "pretrain_vit_b32, finetune_sop, ...")
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                         help="resume the newest intact checkpoint of the output folder (the default when there is one; "

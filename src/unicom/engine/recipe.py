@@ -30,6 +30,8 @@ from typing import Any, ClassVar, Hashable, Literal, Mapping, Sequence
 
 from unicom.errors import InputError
 
+RECIPE_FOLDER = Path(__file__).resolve().parents[1] / "configs"  # the recipes that ship with unicom (package data)
+
 
 class Recipe:
     """Base of a whole recipe: a dataclass of values and sections.
@@ -280,7 +282,8 @@ def _is_plain_string(annotation) -> bool:
 
 
 def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True):
-    """Read a recipe file of class ``cls`` (or its defaults when ``path`` is None), apply
+    """Read a recipe file of class ``cls`` (a path, or the name of a shipped recipe:
+    :func:`recipe_file`; its defaults when ``path`` is None), apply
     ``key=value`` overrides, validate; every problem is an :class:`InputError`.
 
     ``validate=False`` checks keys and types only (a recipe still being written, e.g. for
@@ -290,13 +293,7 @@ def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), val
     data: Any = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            recipes = sorted(p.name for p in path.glob("*.yaml"))
-            raise InputError(f"{path}: a folder; --config takes one recipe file"
-                             + (f" such as {path / recipes[0]} (it holds {', '.join(recipes)})" if recipes else ""))
-        if not path.is_file():
-            raise InputError(f"{path}: recipe file not found (the recipes shipped with unicom are in configs/)")
+        path = recipe_file(path)
         try:
             data = _read_yaml(path.read_text(), path) or {}
         except yaml.YAMLError as error:
@@ -305,6 +302,45 @@ def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), val
     config = from_dict(cls, data, source)
     apply_overrides(config, overrides)
     return config.validate() if validate else config
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship with unicom, by name (the file's name without ``.yaml``)."""
+    return {path.stem: path for path in sorted(RECIPE_FOLDER.glob("*.yaml"))}
+
+
+def recipe_file(given: str | os.PathLike) -> Path:
+    """The recipe file that ``--config`` names: a path to a file, else the name of a recipe
+    that ships with unicom (``pretrain_vit_b32``, or ``pretrain_vit_b32.yaml``, or
+    ``configs/pretrain_vit_b32.yaml``, the path of the repository's folder of recipes in
+    earlier versions). A file at the given path always comes first."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        recipes = sorted(p.name for p in path.glob("*.yaml"))
+        raise InputError(f"{path}: a folder; --config takes one recipe file"
+                         + (f" such as {path / recipes[0]} (it holds {', '.join(recipes)})" if recipes else ""))
+    shipped = shipped_recipes()
+    name = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in shipped and str(path.parent) in (".", "configs"):
+        return shipped[name]
+    close = difflib.get_close_matches(name, shipped, n=1)
+    raise InputError(f"{given}: no recipe file there, nor a recipe of that name shipped with unicom"
+                     + (f" (did you mean {close[0]}?)" if close else "")
+                     + f"; the shipped recipes: {', '.join(shipped)} (--list-configs says what each is for)")
+
+
+def recipe_summary(path: Path) -> str:
+    """What a recipe file is for: its first comment, to its first colon (the shipped ones say
+    there what they are, then how)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    return text.split(": ", 1)[0].rstrip(".")
 
 
 def _read_yaml(text: str, path: Path) -> Any:

@@ -159,7 +159,7 @@ class TrainConfig(Recipe):
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True) -> TrainConfig:
-    """Read a training recipe (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    """Read a training recipe (a file, or a shipped recipe's name; the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
     return recipe.load(TrainConfig, path, overrides, validate)
 
 

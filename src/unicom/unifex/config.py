@@ -144,7 +144,7 @@ class ProbeConfig(Recipe):
 
 
 def load_probe_config(path, overrides: Sequence[str] = (), validate: bool = True) -> ProbeConfig:
-    """Read a probe recipe (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    """Read a probe recipe (a file, or a shipped recipe's name; the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
     return recipe.load(ProbeConfig, path, overrides, validate)
 
 

@@ -143,6 +143,8 @@ def test_the_start_says_which_classes_a_step_uses_and_the_first_line_gives_no_et
     assert events(tmp_path / "run", "start")[0]["classes_per_step"] == round(8 * (1 - (7 / 8) ** 16), 1)
     for line, record in zip((second, last), records[1:]):  # the wait for data is told when it is large
         assert ("waited for data" in line) == (record["data_wait"] >= INPUT_BOUND_SHARE), (line, record)
+    told = [line for line in (second, last) if "waited for data" in line]
+    assert ["may feed it faster" in line for line in told] == [True] + [False] * (len(told) - 1)  # remedies once
 
 
 def test_a_step_line_tells_a_long_wait_for_data_with_what_to_change():
@@ -152,6 +154,7 @@ def test_a_step_line_tells_a_long_wait_for_data_with_what_to_change():
     assert data_wait_note(0.6) == (" (waited for data 60% of the time: reading and decoding limit this run; more "
                                    "data.workers, or data.decode=gpu on a GPU where the augmentation allows, may feed "
                                    "it faster)")
+    assert data_wait_note(0.6, remedies=False) == " (waited for data 60% of the time)"  # the lines after the first
 
 
 def test_the_start_line_names_every_class_or_the_random_negatives():

@@ -678,12 +678,14 @@ def _describe_selection(selection: ClassesPerStep, batch: int, sample_rate: floa
             f"~{used - positives:,.0f} random negatives)"]
 
 
-def data_wait_note(share: float) -> str:
+def data_wait_note(share: float, remedies: bool = True) -> str:
     """What a step line adds when the steps waited for their batches ``share`` of the time
     (``data_wait``): nothing below :data:`unicom.progress.INPUT_BOUND_SHARE`, else that
-    share with the remedies."""
+    share, with the remedies when ``remedies`` (the first such line of a process)."""
     if share < INPUT_BOUND_SHARE:
         return ""
+    if not remedies:
+        return f" (waited for data {share:.0%} of the time)"
     return (f" (waited for data {share:.0%} of the time: reading and decoding limit this run; more data.workers, or "
             "data.decode=gpu on a GPU where the augmentation allows, may feed it faster)")
 
@@ -721,7 +723,9 @@ def _log_interval(run: Run, log: RunLog, state: RunState, interval: dict, result
         speed = f"first step {format_duration(seconds)} with start-up" + (", ETA from the next line" if state.step < run.total_steps else "")
     else:
         remaining = (run.total_steps - state.step) * seconds / max(interval["steps"], 1)
-        speed = f"{images_per_second:,.0f} img/s ETA {format_duration(remaining)}" + data_wait_note(values["data_wait"])
+        note = data_wait_note(values["data_wait"], remedies=not interval.get("told_remedies"))
+        interval["told_remedies"] = interval.get("told_remedies") or bool(note)
+        speed = f"{images_per_second:,.0f} img/s ETA {format_duration(remaining)}" + note
     log.event("step", **values)
     log.scalars(state.step, values)
     extra = ""

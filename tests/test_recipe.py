@@ -22,3 +22,24 @@ def test_keys_that_may_change_are_left_out():
     stored = config.to_dict()
     config.eval.ks, config.data.batch_size = [1], 64
     assert changed_keys(stored, config, ignore=("eval.",)) == [("data.batch_size", 128, 64)]
+
+
+def test_a_recipe_in_object_storage_is_read_where_it_is(s3, tmp_path, capsys):
+    from unicom.cli import main
+    from unicom.engine.recipe import RECIPE_FOLDER
+    from unicom.train.config import load_config, to_yaml
+
+    url = s3.bucket("recipes") + "/mine/sop.yaml"
+    text = (RECIPE_FOLDER / "finetune_sop.yaml").read_text().replace("lr: 1.0e-5", "lr: 1.25e-4")
+    assert text != (RECIPE_FOLDER / "finetune_sop.yaml").read_text()
+    s3.client().put_object(Bucket="recipes", Key="mine/sop.yaml", Body=text.encode())
+    local = tmp_path / "sop.yaml"
+    local.write_text(text)
+    remote = load_config(url, validate=False)
+    assert to_yaml(remote) == to_yaml(load_config(local, validate=False))
+    assert remote.optim.lr == 1.25e-4
+    assert main(["train", "--config", url, "--print-config"]) == 0
+    assert capsys.readouterr().out == to_yaml(remote)
+    missing = url.replace("sop.yaml", "missing.yaml")
+    assert main(["train", "--config", missing, "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == f"unicom train: error: {missing}: recipe file not found"

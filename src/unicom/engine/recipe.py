@@ -295,7 +295,7 @@ def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), val
     if path is not None:
         path = recipe_file(path)
         try:
-            data = _read_yaml(path.read_text(), path) or {}
+            data = _read_yaml(_recipe_text(path), path) or {}
         except yaml.YAMLError as error:
             raise InputError(f"{path}: not valid YAML ({error})") from error
         source = str(path)
@@ -309,11 +309,16 @@ def shipped_recipes() -> dict[str, Path]:
     return {path.stem: path for path in sorted(RECIPE_FOLDER.glob("*.yaml"))}
 
 
-def recipe_file(given: str | os.PathLike) -> Path:
-    """The recipe file that ``--config`` names: a path to a file, else the name of a recipe
-    that ships with unicom (``pretrain_vit_b32``, or ``pretrain_vit_b32.yaml``, or
-    ``configs/pretrain_vit_b32.yaml``, the path of the repository's folder of recipes in
-    earlier versions). A file at the given path always comes first."""
+def recipe_file(given: str | os.PathLike) -> Path | str:
+    """The recipe file that ``--config`` names: a URL (``s3://``, ``https://`` ..., read where
+    it is) or a path to a file, else the name of a recipe that ships with unicom
+    (``pretrain_vit_b32``, or ``pretrain_vit_b32.yaml``, or ``configs/pretrain_vit_b32.yaml``,
+    the path of the repository's folder of recipes in earlier versions). A file at the given
+    path always comes first."""
+    from unicom import storage
+
+    if storage.is_url(given):
+        return storage.text(given)
     path = Path(given)
     if path.is_file():
         return path
@@ -329,6 +334,22 @@ def recipe_file(given: str | os.PathLike) -> Path:
     raise InputError(f"{given}: no recipe file there, nor a recipe of that name shipped with unicom"
                      + (f" (did you mean {close[0]}?)" if close else "")
                      + f"; the shipped recipes: {', '.join(shipped)} (--list-configs says what each is for)")
+
+
+def _recipe_text(path: Path | str) -> str:
+    """The text of a recipe file, local or at a URL (:func:`recipe_file`)."""
+    from unicom import storage
+
+    if isinstance(path, Path):
+        return path.read_text()
+    try:
+        return storage.read_bytes(path, missing_is_final=True).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a recipe, not UTF-8 text ({error})") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: recipe file not found") from None
+    except storage.FetchError as error:
+        raise InputError(f"{path}: the recipe cannot be read ({error})") from None
 
 
 def recipe_summary(path: Path) -> str:

@@ -82,5 +82,5 @@ def shipped_recipe_table(load) -> str:
         except InputError:  # another command's recipe
             continue
         rows.append((name, recipe_summary(path)))
-    width = max(len(name) for name, _ in rows)
+    width = max((len(name) for name, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {summary}" for name, summary in rows)

@@ -282,7 +282,7 @@ def _is_plain_string(annotation) -> bool:
 
 
 def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True):
-    """Read a recipe file of class ``cls`` (a path, or the name of a shipped recipe:
+    """Read a recipe file of class ``cls`` (a path or URL, or the name of a shipped recipe:
     :func:`recipe_file`; its defaults when ``path`` is None), apply
     ``key=value`` overrides, validate; every problem is an :class:`InputError`.
 

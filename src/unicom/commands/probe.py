@@ -6,8 +6,8 @@ Examples::
         eval.query=[guiec/query.csv] eval.index=[guiec/index.csv] out=runs/siglip
     unicom probe --config unifex_clip_b16 data.train=[lists/train.csv] out=runs/b16 \\
         loss.head=dynm_arcface loss.margin=null
-    unicom probe --config unifex_clip_b16 ... --cache-only      # features only (e.g. on the GPU box)
-    unicom probe --config unifex_clip_b16 ... train.mode=direct # the backbone in the loop
+    unicom probe --config unifex_clip_b16 ... --cache-only        # features only (e.g. on the GPU box)
+    unicom probe --config unifex_clip_b16 ... train.mode=direct   # the backbone in the loop
 
 A rerun with the same out= resumes: finished cache parts and epochs are kept. The model
 is exported to OUT/model, which `unicom embed`, `evaluate` and `search` take as --model.

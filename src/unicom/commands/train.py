@@ -7,7 +7,7 @@ Examples::
     torchrun --nnodes 16 --nproc_per_node 8 ... -m unicom.train --config pretrain_vit_b32 ...
     unicom train --config finetune_sop model.init=ViT-B/32 loss.feature_rate=1.0 data.root=data/SOP \\
         out=runs/sop
-    unicom train --config finetune_sop out=runs/sop --resume     # after a crash (automatic too)
+    unicom train --config finetune_sop out=runs/sop --resume                  # after a crash (automatic too)
     unicom train --export-from runs/b32 --model-out models/b32                # any checkpoint as a model folder
 """
 

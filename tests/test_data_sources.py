@@ -163,7 +163,7 @@ def test_image_names_that_are_not_utf8_are_named_before_anything_is_read(tmp_pat
 def test_a_list_of_other_files_is_not_taken_for_shards(tmp_path):
     (tmp_path / "0.zip").write_bytes(b"x")
     (tmp_path / "1.zip").write_bytes(b"x")
-    with pytest.raises(InputError, match="not a webdataset shard"):
+    with pytest.raises(InputError, match="not a shard"):
         open_parts([str(tmp_path / "0.zip"), str(tmp_path / "1.zip")])
 
 
@@ -176,8 +176,8 @@ def test_a_file_that_is_not_a_shard_is_named_as_such_whatever_its_name_carries(t
     other = next(name for name in names if not name.endswith(".tar"))
     with pytest.raises(InputError) as error:
         open_parts([str(tmp_path / name) for name in names])
-    assert str(error.value) == (f"{tmp_path / other}: not a webdataset shard (.tar/.tar.gz/.tgz); give webdataset "
-                                "shards, one image folder, or one CSV/parquet list")
+    assert str(error.value) == (f"{tmp_path / other}: not a shard (.tar/.tar.gz/.tgz/.parquet); give shards (webdataset "
+                                "tars, or parquet files that hold the images), one image folder, or one CSV/parquet list")
 
 
 @pytest.mark.parametrize("orientation", [6, 8])

@@ -511,7 +511,7 @@ def test_an_http_folder_of_images_is_told_to_come_as_a_list(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"")
     with FileServer(tmp_path) as server:
-        with pytest.raises(InputError, match=r"photos: no .tar/.tar.gz/.tgz shards in this folder .*; over http\(s\) a "
+        with pytest.raises(InputError, match=r"photos: no .tar/.tar.gz/.tgz/.parquet shards in this folder .*; over http\(s\) a "
                                              r"folder is read as a folder of shards only: give the images as a CSV list"):
             expand_shards(f"{server.url}/photos")
 

@@ -12,7 +12,7 @@ stages before it, and :func:`write_contact_sheet` draws them:
   labelled sample came from: the ``shard`` it was read from (webdataset input) or its
   ``image_path`` (image folders and lists), and its ``caption``;
 * the shards or image files themselves: only the members of the drawn samples are read
-  from each shard (:func:`unicom.data.shards.read_tar_samples` with ``keys``), each image
+  from each shard (:func:`unicom.data.shards.read_shard_samples` with ``keys``), each image
   decoded at reduced size (JPEG draft, then a reducing resize) into a thumbnail.
 
 The samples of a cluster are a seeded uniform draw: every labelled row gets a priority
@@ -277,14 +277,14 @@ def _shard_locations(inputs: Sequence[str] | None, needed: set[str]) -> dict[str
 
 
 def _read_from_shard(location, samples: list[Sample], side: int) -> None:
-    from unicom.data.shards import ShardReadError, read_tar_samples
+    from unicom.data.shards import ShardReadError, read_shard_samples
 
     wanted = {(str(sample.key), sample.occurrence): sample for sample in samples}
     # keys read only the first sample of each key: a later sample of a repeated key needs the whole shard
     keys = None if any(n for _, n in wanted) else {key for key, _ in wanted}
     met: dict[str, int] = {}
     try:
-        for found in read_tar_samples(location, keys=keys):
+        for found in read_shard_samples(location, keys=keys):
             n = met[found.key] = met.get(found.key, -1) + 1
             sample = wanted.pop((found.key, n), None)
             if sample is not None:

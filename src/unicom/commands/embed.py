@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--input", nargs="+", metavar="INPUT",
-        help="webdataset shards (paths, brace patterns like 'shards/{00000..00099}.tar', globs, a folder of .tar), "
-        "an image folder, or one CSV/parquet list",
+        help="shards: webdataset tars or parquet files holding the images (paths, brace patterns like "
+        "'shards/{00000..00099}.tar', globs, a folder of them); an image folder; or one CSV/parquet list",
     )
     source.add_argument(
         "--dataset", metavar="NAME",

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None,
                         help="folder that relative image paths in the metadata start from (default: the current folder)")
     parser.add_argument("--shards", default=None,
-                        help="folder of the webdataset shards the collection was embedded from, local or a URL "
+                        help="folder of the shards (tars, parquet files) the collection was embedded from, local or a URL "
                              "(s3://bucket/shards): thumbnails of their samples")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. http://localhost:3005, or '*' for any) call the API from a "

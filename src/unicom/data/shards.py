@@ -1,6 +1,7 @@
-"""Webdataset tar shards, as written by img2dataset: ``{key}.jpg``, ``{key}.txt``, ``{key}.json``.
+"""Shards, as img2dataset writes them: webdataset tars (``{key}.jpg``, ``{key}.txt``,
+``{key}.json``) or parquet files that hold the images (:mod:`unicom.data.parquet_shards`).
 
-A shard is a tar file; consecutive members that share a *key* (the member path up to the
+A tar shard is a tar file; consecutive members that share a *key* (the member path up to the
 first dot of its file name, ``000012345.jpg`` -> ``000012345``) form one sample, and the
 rest of the name is the member's *extension* (``jpg``, ``txt``, ``json``). Shard lists are
 given as paths, brace patterns (``shards/{00000..00099}.tar``), globs or a folder, local or
@@ -19,15 +20,17 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from unicom import storage
+from unicom.data.parquet_shards import PARQUET_SUFFIX
 from unicom.data.transforms import MAX_IMAGE_BYTES, DecodeError, ImageTooLarge
 from unicom.errors import InputError
 from unicom.files import part_number
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SHARD_SUFFIXES = (*TAR_SUFFIXES, PARQUET_SUFFIX)
 _MEMBER = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 
 
@@ -92,8 +95,16 @@ def _unquoted(location: str, name: str) -> str:
     return urllib.parse.unquote(name) if storage.protocol(location) in storage.READ_ONLY else name
 
 
+def in_folder(names) -> list:
+    """The shards among a folder's file ``names``: its tars, or when it has none its parquet
+    files (img2dataset writes a parquet of metadata beside each tar, which holds no images)."""
+    tars = [name for name in names if name.endswith(TAR_SUFFIXES)]
+    return tars or [name for name in names if name.endswith(PARQUET_SUFFIX)]
+
+
 def _folder_shards(folder) -> list:
-    return [entry for name, entry in sorted(storage.list_files(folder).items()) if name.endswith(SHARD_SUFFIXES)]
+    listed = storage.list_files(folder)
+    return [listed[name] for name in in_folder(sorted(listed))]
 
 
 def _no_bucket(location) -> str:
@@ -136,7 +147,7 @@ def _expand_one(pattern: str) -> list:
                     raise InputError(f"{path}: shard not found (from the input {pattern!r}){where}; check the URL or the pattern")
             found.append(path)  # http(s): fetched (and retried) when its part is read
         elif os.path.isdir(path):
-            inside = sorted(p for p in Path(path).iterdir() if p.name.endswith(SHARD_SUFFIXES))
+            inside = [Path(path) / name for name in in_folder(sorted(p.name for p in Path(path).iterdir() if p.is_file()))]
             if not inside:
                 raise InputError(f"{path}: the folder holds no {'/'.join(SHARD_SUFFIXES)} shards")
             found.extend(inside)
@@ -166,14 +177,16 @@ def expand_shards(patterns, instead: str = "") -> list:
         raise InputError("no shards were given")
     foreign = [path for path in paths.values() if not storage.is_pipe(path) and not shard_name(path).endswith(SHARD_SUFFIXES)]
     if foreign:
-        raise InputError(f"{storage.text(foreign[0])}: not a webdataset shard ({'/'.join(SHARD_SUFFIXES)}){instead}")
+        raise InputError(f"{storage.text(foreign[0])}: not a shard ({'/'.join(SHARD_SUFFIXES)}){instead}")
     numbered: dict[int, object] = {}
     for path in paths.values():
         number = shard_number(path)
         if number in numbered:
+            beside = ("; img2dataset writes a parquet of metadata beside each tar: give the tars alone (*.tar)"
+                      if is_parquet(path) != is_parquet(numbered[number]) else "")
             raise InputError(
                 f"{numbered[number]} and {path} carry the same number {number}; every shard becomes the output part "
-                "of its number, so give shards with distinct numbers in their names"
+                f"of its number, so give shards with distinct numbers in their names{beside}"
             )
         numbered[number] = path
     return [numbered[n] for n in sorted(numbered)]
@@ -322,6 +335,32 @@ class _EndCheckingTarInfo(tarfile.TarInfo):
             if tar.fileobj.tell() == 0:  # not one byte came
                 raise TruncatedTarError("the file is empty (a download that stopped before its first byte?)") from None
             raise
+
+
+def is_parquet(shard) -> bool:
+    """Whether ``shard`` is a parquet shard (by its name), not a tar."""
+    return not storage.is_pipe(shard) and shard_name(shard).endswith(PARQUET_SUFFIX)
+
+
+def read_shard_samples(path, keys=None) -> Iterator[TarSample]:
+    """Samples of a shard, a tar (:func:`read_tar_samples`) or a parquet file that holds the
+    images (:func:`unicom.data.parquet_shards.read_parquet_samples`), with the same ``keys``
+    and the same :class:`ShardReadError` after the samples read before damage."""
+    if is_parquet(path):
+        from unicom.data.parquet_shards import read_parquet_samples
+
+        return read_parquet_samples(path, keys)
+    return read_tar_samples(path, keys)
+
+
+def not_a_shard(path) -> str | None:
+    """Why the local shard ``path`` cannot be read (:func:`not_a_tar`, or for a parquet shard
+    :func:`unicom.data.parquet_shards.not_a_parquet`), or None when it may be one."""
+    if is_parquet(path):
+        from unicom.data.parquet_shards import not_a_parquet
+
+        return not_a_parquet(path)
+    return not_a_tar(path)
 
 
 def read_tar_samples(path, keys=None) -> Iterator[TarSample]:

@@ -18,12 +18,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from unicom import storage
+from unicom.data import parquet_shards
+from unicom.data.parquet_shards import PARQUET_SUFFIX
 from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table, warn_other_images
 from unicom.data.shards import (
     SHARD_SUFFIXES,
+    TAR_SUFFIXES,
     ShardReadError,
     expand_shards,
-    read_tar_samples,
+    is_parquet,
+    read_shard_samples,
     shard_name,
     shard_number,
 )
@@ -58,9 +62,10 @@ def _utf8(text: str) -> str:
 
 @dataclass(frozen=True)
 class ShardPart:
-    """A webdataset tar shard: a local ``Path`` or a URL. Metadata columns: ``url`` (from
-    the json), ``shard`` and ``occurrence`` (:func:`key_occurrences`). ``following``: the shard the same reader reads next, whose
-    download starts when this one starts (remote shards)."""
+    """A shard, a webdataset tar or a parquet file holding the images: a local ``Path`` or a
+    URL. Metadata columns: ``url`` (from the json, or the parquet's url column), ``shard``
+    and ``occurrence`` (:func:`key_occurrences`). ``following``: the shard the same reader
+    reads next, whose download starts when this one starts (remote shards)."""
 
     number: int
     path: Path | str
@@ -77,8 +82,11 @@ class ShardPart:
         """Records in tar order; raises :class:`ShardReadError` after the last one of a damaged
         (or, remotely, unfetchable) tar."""
         shard = shard_name(self.path)
-        samples = read_tar_samples(self.path)
-        storage.prefetch(self.following)
+        samples = read_shard_samples(self.path)
+        if self.following is not None and is_parquet(self.following):
+            parquet_shards.prefetch(self.following)
+        else:
+            storage.prefetch(self.following)
         met: dict[str, int] = {}  # samples of each key so far: the shard's keys, as its metadata rows hold them
         for index, sample in enumerate(samples):
             occurrence = met[sample.key] = met.get(sample.key, -1) + 1
@@ -317,8 +325,9 @@ def _first_sub_folder_image(location: str) -> list[str]:
 
 def _is_image_folder(location: str) -> bool:
     """A folder (local, or a URL of a listable store) that holds no shards. A folder holding
-    shards and images beside them is an :class:`InputError`: reading either would leave the
-    other out without a word."""
+    tar shards and images beside them is an :class:`InputError`: reading either would leave
+    the other out without a word. Parquet files are the folder's shards only when it holds
+    no images (an image folder may keep a list or labels in parquet)."""
     if storage.is_url(location):
         if storage.is_pipe(location) or storage.protocol(location) in storage.READ_ONLY or storage.has_magic(location):
             return False
@@ -329,17 +338,50 @@ def _is_image_folder(location: str) -> bool:
         names = sorted(p.name for p in Path(location).iterdir() if p.is_file())
     else:
         return False
-    shards = [name for name in names if name.endswith(SHARD_SUFFIXES)]
+    parquets = [name for name in names if name.endswith(PARQUET_SUFFIX)]
+    shards = [name for name in names if name.endswith(TAR_SUFFIXES)]
     images = [name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     found = f"images ({images[0]}, {len(images)} in all)" if images else None
-    if shards and not images:  # a class folder: its images are in the (not hidden) sub-folders
+    if (shards or parquets) and not images:  # a class folder: its images are in the (not hidden) sub-folders
         found = next((f"images in its sub-folders ({image}, ...)" for image in _first_sub_folder_image(location)), None)
+    if not shards and parquets:  # parquet shards, or a list (of labels, ...) kept beside the images
+        return found is not None
     if shards and found:
         raise InputError(
             f"{location}: the folder holds both shards ({shards[0]}, {len(shards)} in all) and {found}; give the "
             f"shards by a pattern ({storage.text(location).rstrip('/')}/*.tar) or move them out of the image folder"
         )
     return not shards
+
+
+def _holds_images(location: str, table_options: dict[str, Any]) -> bool:
+    """Whether the one parquet file given is a shard (its rows hold the images) rather than a
+    list of image paths. A file with both an image column and the list's path column, or a
+    shard given with list columns named, is an :class:`InputError`: either reading would
+    leave what the other names unread."""
+    from unicom.data.lists import find_column
+    from unicom.data.parquet_shards import parquet_layout, read_schema
+
+    if not storage.is_file(location):
+        return False
+    try:
+        schema = read_schema(location)
+    except Exception:  # noqa: BLE001 - unreadable or absent: reading it as a list names what is wrong
+        return False
+    layout = parquet_layout(schema)
+    if layout is None:
+        return False
+
+    path_column = table_options.get("path_column", "path")
+    named = list(table_options.get("required", ())) + ([path_column] if path_column != "path" else [])
+    if named:
+        raise InputError(f"{location}: a parquet shard (its images are in the column {layout.images[0]!r}), and "
+                         f"{', '.join(repr(c) for c in named)} name columns of a list; a shard's columns are read by "
+                         "their names (docs/embedding.md): leave the column options out")
+    if find_column(schema.names, path_column) is not None:
+        raise InputError(f"{location}: holds both images (column {layout.images[0]!r}) and image paths (column "
+                         f"{path_column!r}); write the images and the list of paths to separate files")
+    return True
 
 
 def open_parts(
@@ -362,15 +404,35 @@ def open_parts(
         raise InputError("no input was given")
     if len(inputs) == 1:
         only = inputs[0]
-        if only.lower().endswith(TABLE_SUFFIXES):
+        if only.lower().endswith(TABLE_SUFFIXES) and storage.braces(only) == [only] and not storage.has_magic(only):
+            if only.lower().endswith(PARQUET_SUFFIX) and _holds_images(only, table_options or {}):
+                return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only))]
             images = read_table(only, **(table_options or {}))
             if not len(images):
                 raise InputError(f"{only}: the list has no rows; give a list with one row per image")
             return list_parts(images, rows_per_part, only, label_names=True)
         if _is_image_folder(only):
             return list_parts(_folder_list(only), rows_per_part, only)
-    shards = expand_shards(inputs, instead="; give webdataset shards, one image folder, or one CSV/parquet list")
+    shards = expand_shards(inputs, instead="; give shards (webdataset tars, or parquet files that hold the images), one "
+                                           "image folder, or one CSV/parquet list")
+    _check_first_parquet(shards)
     return [ShardPart(shard_number(p), p) for p in shards]
+
+
+def _check_first_parquet(shards: Sequence[Any]) -> None:
+    """Refuse parquet shards without images (img2dataset's metadata beside its tars) before
+    anything is read or written: the first one's footer tells."""
+    from unicom.data.parquet_shards import no_images_error, parquet_layout, read_schema
+
+    first = next((shard for shard in shards if is_parquet(shard)), None)
+    if first is None:
+        return
+    try:
+        schema = read_schema(first)
+    except Exception:  # noqa: BLE001 - unreadable: its part fails when read, naming why
+        return
+    if parquet_layout(schema) is None:
+        raise no_images_error(first, schema)
 
 
 __all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",

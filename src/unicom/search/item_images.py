@@ -49,8 +49,9 @@ def _occurrence(row: dict) -> int | None:
 
 
 class ShardImages:
-    """Image bytes of webdataset samples by (shard file name, key), read from the tars in
-    ``root``: a local folder or a URL (``s3://bucket/shards``, ``https://host/shards``).
+    """Image bytes of webdataset samples by (shard file name, key), read from the shards
+    (tars, or parquet files holding the images) in ``root``: a local folder or a URL
+    (``s3://bucket/shards``, ``https://host/shards``).
 
     The first read of a shard lists its image members once (kept for ``cache`` shards): a
     local tar by its headers, a remote one by streaming it once. An uncompressed tar is then
@@ -88,8 +89,9 @@ class ShardImages:
     def _list(self, location) -> dict:
         """``{key: (offset, size)}`` of each sample's image (None: a sample without one); a key
         that several samples carry (see :func:`unicom.data.shards.read_tar_samples`) maps to
-        the list of theirs in tar order, its ``occurrence``-th sample's at that index."""
-        from unicom.data.shards import IMAGE_EXTENSIONS, split_member_name
+        the list of theirs in tar order, its ``occurrence``-th sample's at that index. In a
+        parquet shard the offset is the sample's row."""
+        from unicom.data.shards import IMAGE_EXTENSIONS, is_parquet, read_shard_samples, split_member_name
 
         members: dict = {}
         key, extensions, images = None, set(), {}
@@ -104,6 +106,13 @@ class ShardImages:
                 members[key].append(image)
             else:
                 members[key] = [members[key], image]
+
+        if is_parquet(location):  # read once, whole (as a remote tar is), its rows' image lengths kept
+            for sample in read_shard_samples(location):
+                key = sample.key
+                images = {"jpg": (sample.row, len(sample.image))} if isinstance(sample.image, bytes) else {}
+                close()
+            return members
 
         with self._tar(location) as tar:
             for member in tar:
@@ -163,6 +172,11 @@ class ShardImages:
         if found is None:
             return None
         offset, size = found
+        if shard.endswith(".parquet"):  # the offset is the sample's row
+            from unicom.data.parquet_shards import row_image
+
+            image = row_image(location, offset)
+            return (image if first is None else image[:first]) if isinstance(image, bytes) else None
         if shard.endswith(".tar"):
             stop = offset + (size if first is None else min(size, first))
             return storage.read_range(location, offset, stop, missing_is_final=True)

@@ -51,7 +51,7 @@ class DataConfig:
     """Training images and their labels. Exactly one of ``shards``, ``folder``, ``table``,
     ``benchmark`` is the source; ``labels`` joins pseudo-labels of ``unicom cluster`` by key."""
 
-    shards: list[str] | None = None  # webdataset shards: paths, brace patterns, globs or a folder
+    shards: list[str] | None = None  # shards (tars, parquet files holding images): paths, brace patterns, globs or a folder
     labels: str | None = None  # a `unicom cluster` output folder (labels/labels_{i}.parquet)
     folder: str | None = None  # one sub-folder of images per class
     folder_classes: Literal["top", "leaf"] | None = None  # images in sub-sub-folders: the classes are these (default: refuse)

@@ -179,7 +179,7 @@ class ShardSource:
     def records(self, seed: int, pass_: int, rank: int, world_size: int, role: int, roles: int, batch_size: int,
                 counters: Counters) -> Iterator[Record]:
         from unicom import storage
-        from unicom.data.shards import ShardReadError, read_tar_samples, shard_name
+        from unicom.data.shards import ShardReadError, read_shard_samples, shard_name
         from unicom.formats.clusters import AmbiguousLabels, check_all_met, label_of
 
         order = permutation(len(self.shards), seed, pass_)
@@ -190,7 +190,7 @@ class ShardSource:
                 labels = self._labels(number)
                 found, first = 0, None
                 try:
-                    for index, sample in enumerate(read_tar_samples(path)):
+                    for index, sample in enumerate(read_shard_samples(path)):
                         first = sample.key if first is None else first
                         label = label_of(labels, sample.key)  # by key and the sample's occurrence of it
                         if label is None:
@@ -478,7 +478,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     from unicom.formats.clusters import PseudoLabels
 
     shards = [(shard_number(path), path) for path in expand_shards(data.shards)]
-    _refuse_non_tars([path for _, path in shards])
+    _refuse_unreadable([path for _, path in shards])
     labels = PseudoLabels(data.labels)
     files = labels.select([n for n, _ in shards])
     found = labels.check(list(files.values()))
@@ -496,17 +496,17 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     return source
 
 
-def _refuse_non_tars(shards: Sequence[Any]) -> None:
-    """Refuse local shards that are not tars (an error page saved under the shard's name, an
+def _refuse_unreadable(shards: Sequence[Any]) -> None:
+    """Refuse local shards that are not tars or parquet files (an error page saved under the shard's name, an
     empty file) before training: read, each would only break off at once, pass after pass.
     Rank 0 looks (512 bytes a shard) and every rank takes its answer."""
     from unicom import distributed
-    from unicom.data.shards import not_a_tar
+    from unicom.data.shards import not_a_shard
 
     found = []
     if distributed.get_rank() == 0:
         for path in shards:
-            why = not_a_tar(path) if isinstance(path, Path) else None  # remote: would cost a request each
+            why = not_a_shard(path) if isinstance(path, Path) else None  # remote: would cost a request each
             if why is not None:
                 found.append((str(path), why))
     found = distributed.broadcast_object(found)
@@ -520,13 +520,13 @@ def _refuse_non_tars(shards: Sequence[Any]) -> None:
 def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
     """Fail early when the first shard's keys are absent from its labels (mismatched inputs)."""
     from unicom import storage
-    from unicom.data.shards import ShardReadError, read_tar_samples
+    from unicom.data.shards import ShardReadError, read_shard_samples
 
     number, path = source.shards[0]
     labels = source._labels(number)
     keys = []
     try:
-        for sample in read_tar_samples(path):
+        for sample in read_shard_samples(path):
             keys.append(sample.key)
             if len(keys) >= probe:
                 break

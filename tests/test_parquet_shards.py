@@ -285,3 +285,19 @@ def test_parquet_shards_over_http_embed_as_local_tars_and_one_that_stays_missing
     for number in range(3):
         name = f"img_emb/img_emb_{number}.npy"
         np.testing.assert_array_equal(np.load(tmp_path / "remote" / name), np.load(tmp_path / "local" / name))
+
+
+def test_serve_reads_each_image_of_a_remote_parquet_shard_with_one_ranged_request(tmp_path):
+    from storage_servers import FileServer
+
+    from unicom.search.item_images import ShardImages
+
+    samples = captioned_samples(2, 6)
+    write_img2dataset_parquet(tmp_path / "00002.parquet", samples, row_group_size=2)
+    with FileServer(tmp_path) as server:
+        shards = ShardImages(server.url)
+        assert shards.read("00002.parquet", "2-0", occurrence=0) == samples[0]["jpg"]  # lists the shard, reads its footer
+        asked = len(server.state.asked)
+        for sample in samples[1:]:
+            assert shards.read("00002.parquet", sample["key"], occurrence=0) == sample["jpg"]
+        assert len(server.state.asked) - asked == 5  # one request an image

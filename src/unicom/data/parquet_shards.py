@@ -19,6 +19,7 @@ shards, which leave such rows out.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import os
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ def _is_image_type(kind) -> bool:
         field.name == "bytes" and (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)) for field in kind)
 
 
+def _is_integer(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(kind)
+
+
 def _is_text_type(kind) -> bool:
     import pyarrow as pa
 
@@ -83,12 +90,6 @@ def parquet_layout(schema) -> ParquetLayout | None:
 
     key = KEY_COLUMN if KEY_COLUMN in types and (_is_text_type(types[KEY_COLUMN]) or _is_integer(types[KEY_COLUMN])) else None
     return ParquetLayout(images, first(CAPTION_COLUMNS), first(URL_COLUMNS), key, first((STATUS_COLUMN,)))
-
-
-def _is_integer(kind) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_integer(kind)
 
 
 def no_images_error(location, schema) -> InputError:
@@ -161,7 +162,14 @@ def _image(value, row: int) -> Any:
 
 
 _AHEAD: dict[str, Any] = {}  # URL -> (its samples, the future of the first): opened ahead of its reader, this process
-_STARTER: list = []  # the thread that opens them
+
+
+@functools.cache
+def _starter():
+    """The thread that opens shards ahead (one per process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(1, thread_name_prefix="parquet-shard-ahead")
 
 
 def prefetch(location) -> None:
@@ -171,12 +179,8 @@ def prefetch(location) -> None:
     local file."""
     if location is None or not storage.is_url(location) or storage.is_pipe(location) or storage.text(location) in _AHEAD:
         return
-    from concurrent.futures import ThreadPoolExecutor
-
-    if not _STARTER:
-        _STARTER.append(ThreadPoolExecutor(1, thread_name_prefix="parquet-shard-ahead"))
     samples = _samples(location, None)
-    _AHEAD[storage.text(location)] = (samples, _STARTER[0].submit(lambda: list(itertools.islice(samples, 1))))
+    _AHEAD[storage.text(location)] = (samples, _starter().submit(lambda: list(itertools.islice(samples, 1))))
 
 
 def drop_prefetched() -> None:
@@ -270,16 +274,12 @@ def _read_ahead(parquet, source, groups: list[int], columns: list[str]) -> Itera
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow.parquet as pq
-
     remote = isinstance(source, storage.RangedFile)
 
     def read(group: int):
         if not remote:
             return parquet.read_row_group(group, columns=columns)
-        with storage.RangedFile(source.location, source.size) as handle, \
-                pq.ParquetFile(handle, metadata=parquet.metadata) as own:  # the footer read once, by the caller
-            return own.read_row_group(group, columns=columns)
+        return _read_group(source.location, source.size, parquet.metadata, group, columns)
 
     threads = 2 if remote else 1
     sizes = {group: parquet.metadata.row_group(group).total_byte_size for group in groups}
@@ -297,6 +297,19 @@ def _read_ahead(parquet, source, groups: list[int], columns: list[str]) -> Itera
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _read_group(location, size: int | None, metadata, group: int, columns: list[str]):
+    """The ``columns`` of row group ``group`` of the parquet file at ``location`` whose footer
+    was read before (``metadata``): a local path, or a URL of ``size`` bytes over a ranged
+    request of its own, so that threads read at once."""
+    import pyarrow.parquet as pq
+
+    if size is None:
+        with pq.ParquetFile(os.fspath(location), metadata=metadata) as parquet:
+            return parquet.read_row_group(group, columns=columns)
+    with storage.RangedFile(location, size) as handle, pq.ParquetFile(handle, metadata=metadata) as parquet:
+        return parquet.read_row_group(group, columns=columns)
+
+
 def _row_starts(parquet, location) -> list[int]:
     """The number of the first row of each row group of ``parquet``; a row group over
     :data:`MAX_ROW_GROUP_BYTES` is an :class:`InputError`."""
@@ -311,19 +324,29 @@ def _row_starts(parquet, location) -> list[int]:
     return starts
 
 
-def row_image(location, row: int):
-    """The image of row ``row`` of a parquet shard (as :attr:`ParquetSample.image`): only
-    its row group's image columns are read."""
-    import pyarrow.parquet as pq
+class ShardRows:
+    """Rows of one parquet shard read one at a time (``unicom serve``'s images): its size and
+    footer are read once, then each :meth:`image` reads its row group's image columns only
+    (one ranged request for a URL). Safe to call from several threads."""
 
-    with _opened(location) as source, pq.ParquetFile(source) as parquet:
-        layout = parquet_layout(parquet.schema_arrow)
-        if layout is None:
-            raise no_images_error(location, parquet.schema_arrow)
-        starts = _row_starts(parquet, location)
-        group = bisect.bisect_right(starts, row) - 1
-        cell = parquet.read_row_group(group, columns=list(layout.images)).slice(row - starts[group], 1).to_pylist()[0]
-        return next((found for found in (_image(cell[name], row) for name in layout.images) if found is not None), None)
+    def __init__(self, location):
+        import pyarrow.parquet as pq
+
+        self.location = location
+        with _opened(location) as source, pq.ParquetFile(source) as parquet:
+            self.metadata = parquet.metadata
+            self.layout = parquet_layout(parquet.schema_arrow)
+            if self.layout is None:
+                raise no_images_error(location, parquet.schema_arrow)
+            self.starts = _row_starts(parquet, location)
+            self.size = source.size if isinstance(source, storage.RangedFile) else None
+
+    def image(self, row: int):
+        """The image of row ``row`` (as :attr:`ParquetSample.image`)."""
+        group = bisect.bisect_right(self.starts, row) - 1
+        table = _read_group(self.location, self.size, self.metadata, group, list(self.layout.images))
+        cell = table.slice(row - self.starts[group], 1).to_pylist()[0]
+        return next((found for found in (_image(cell[name], row) for name in self.layout.images) if found is not None), None)
 
 
 class ParquetSample:
@@ -346,4 +369,5 @@ class ParquetSample:
 
 
 __all__ = ["PARQUET_SUFFIX", "IMAGE_COLUMNS", "CAPTION_COLUMNS", "URL_COLUMNS", "ParquetLayout", "ParquetSample",
-           "parquet_layout", "read_schema", "row_image", "prefetch", "drop_prefetched", "read_parquet_samples", "not_a_parquet", "no_images_error"]
+           "ShardRows", "parquet_layout", "read_schema", "read_parquet_samples", "prefetch", "drop_prefetched",
+           "not_a_parquet", "no_images_error"]

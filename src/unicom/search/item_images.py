@@ -65,6 +65,7 @@ class ShardImages:
         self.root = storage.text(root) if storage.is_url(root) else Path(root)
         self.cache = cache
         self._members: OrderedDict[str, dict] = OrderedDict()
+        self._parquet: OrderedDict[str, object] = OrderedDict()  # parquet shard -> its ShardRows
         self._lock = threading.Lock()
 
     def _location(self, shard: str):
@@ -142,6 +143,23 @@ class ShardImages:
                     self._members.popitem(last=False)
         return members
 
+    def _rows(self, shard: str):
+        """The :class:`unicom.data.parquet_shards.ShardRows` of a parquet shard, its footer read
+        once (kept for ``cache`` shards)."""
+        from unicom.data.parquet_shards import ShardRows
+
+        with self._lock:
+            rows = self._parquet.get(shard)
+            if rows is not None:
+                self._parquet.move_to_end(shard)
+        if rows is None:
+            rows = ShardRows(self._location(shard))
+            with self._lock:
+                self._parquet[shard] = rows
+                if len(self._parquet) > self.cache:
+                    self._parquet.popitem(last=False)
+        return rows
+
     def _member(self, shard: str, key: str, occurrence: int | None) -> tuple[int, int] | None:
         found = self._listed(shard).get(key)
         if isinstance(found, list):
@@ -173,9 +191,7 @@ class ShardImages:
             return None
         offset, size = found
         if shard.endswith(".parquet"):  # the offset is the sample's row
-            from unicom.data.parquet_shards import row_image
-
-            image = row_image(location, offset)
+            image = self._rows(shard).image(offset)
             return (image if first is None else image[:first]) if isinstance(image, bytes) else None
         if shard.endswith(".tar"):
             stop = offset + (size if first is None else min(size, first))

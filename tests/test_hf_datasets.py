@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import timm
@@ -299,6 +300,15 @@ def local(tmp_path_factory):
     embed = ["--model", "timm/test_vit", "--pretrained", str(weights), "--batch-size", "2", "--workers", "0"]
     assert main(["embed", "--input", str(root / "shards" / "{00000..00001}.tar"), "--out", str(root / "local_emb"), *embed]) == 0
 
+    for number, count in SHARDS.items():  # the same images as a Hugging Face dataset's parquet files
+        samples = captioned_samples(number, count)
+        image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        (root / "data").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"image": pa.array([{"bytes": s["jpg"], "path": None} for s in samples], image),
+                                 "text": [s["txt"] for s in samples]}),
+                       root / "data" / f"train-{number:05d}-of-00002.parquet", row_group_size=2)
+    assert main(["embed", "--input", str(root / "data"), "--out", str(root / "local_data_emb"), *embed]) == 0
+
     write_separated_embeddings(root / "emb", PARTS)
     cluster = ["--k", "4", "--fusion", "image+text", "--points-per-centroid", "20"]
     assert main(["cluster", "--embeddings", str(root / "emb"), "--out", str(root / "local_clusters"), *cluster]) == 0
@@ -314,6 +324,7 @@ def hub(local, monkeypatch):
     """The Hub holding the shards and the embedding folder; this process's ``hf://`` URLs
     reach it, with short retry delays."""
     files = {**_repository_files(local["root"] / "shards", "shards"), **_repository_files(local["root"] / "emb", "emb"),
+             **_repository_files(local["root"] / "data", "data"),
              "README.md": b"---\nlicense: cc0-1.0\n---\n# A small collection\n"}
     server = DatasetHub(files)
     monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"hf": {"endpoint": server.endpoint, "token": False}}))
@@ -357,6 +368,18 @@ def test_embedding_shards_of_a_hub_dataset_equals_the_local_run_through_transien
     # the stream went on at the byte where it failed: nothing was read twice
     assert [int(re.match(r"bytes=(\d+)-", asked)[1]) for asked in hub.downloads("shards/00000.tar")] == [0, CHUNK, CHUNK]
     assert len(hub.downloads("shards/00001.tar")) == 3
+
+
+def test_embedding_the_parquet_files_of_a_hub_dataset_equals_the_local_run(local, hub, tmp_path):
+    hub.missing[("data/train-00001-of-00002.parquet", 0)] = 1  # a ranged read answers 404 once
+    result = _unicom(hub, tmp_path, "embed", "--input", f"{ROOT}/data/train-*.parquet", "--out", str(tmp_path / "emb"),
+                     *local["embed"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _same_files(tmp_path / "emb", local["root"] / "local_data_emb", EMBED_FILES[0] + EMBED_FILES[1])
+    assert "embedded 9 samples into 2 parts" in result.stdout
+    assert hub.missing[("data/train-00001-of-00002.parquet", 0)] == 0  # the fault was met, and retried
+    # the footer, then each row group (two rows) in a request of its own: the files were never downloaded whole
+    assert len(hub.downloads("data/train-00000-of-00002.parquet")) >= 1 + -(-SHARDS[0] // 2)
 
 
 def test_clustering_an_embedding_folder_of_a_hub_dataset_equals_the_local_run(local, hub, tmp_path):

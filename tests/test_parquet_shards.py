@@ -5,6 +5,7 @@ parquet files): the same samples as the tar shards written from the same images,
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -301,3 +302,18 @@ def test_serve_reads_each_image_of_a_remote_parquet_shard_with_one_ranged_reques
         for sample in samples[1:]:
             assert shards.read("00002.parquet", sample["key"], occurrence=0) == sample["jpg"]
         assert len(server.state.asked) - asked == 5  # one request an image
+
+
+def test_a_caption_column_that_is_not_text_is_left_unread_with_a_warning_and_a_key_column_refused(tmp_path, caplog):
+    images = [encode_image(class_image(i, i, 24)) for i in range(2)]
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "caption": [["a", "b"], ["c"]]}),
+                   tmp_path / "00000.parquet")
+    with caplog.at_level("WARNING", logger="unicom.data.parquet_shards"):
+        found = list(read_shard_samples(tmp_path / "00000.parquet"))
+    assert [(s.key, s.image_bytes(), s.caption()) for s in found] == [("0", images[0], None), ("1", images[1], None)]
+    assert re.search(r"the column 'caption' holds list<\w+: string>, not text: it is not read as the samples' caption",
+                     caplog.text)
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "key": [0.5, 1.5]}), tmp_path / "00001.parquet")
+    with pytest.raises(InputError, match=r"00001.parquet: the column 'key' holds double, where a parquet shard's keys are "
+                                         r"text or whole numbers; write it as text"):
+        open_parts(str(tmp_path / "00001.parquet"))

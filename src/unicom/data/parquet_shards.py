@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -39,6 +40,8 @@ BATCH_ROWS = 64  # rows converted to Python at once
 # the next one or two (more when they are small: unicom.storage.READ_AHEAD bytes), whole
 MAX_ROW_GROUP_BYTES = MAX_IMAGE_BYTES
 _MAGIC = b"PAR1"
+_SAID: set = set()  # (column, type) warned of, this process
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,19 +80,30 @@ def _is_text_type(kind) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
-def parquet_layout(schema) -> ParquetLayout | None:
+def parquet_layout(schema, location=None) -> ParquetLayout | None:
     """The sample columns of a parquet file's arrow ``schema``, or None when no column holds
-    encoded images (a list of paths, or img2dataset's metadata beside its tars)."""
+    encoded images (a list of paths, or img2dataset's metadata beside its tars). A key column
+    that is neither text nor integers is an :class:`InputError` (``location``: the file, for
+    the message); a caption, url or status column that is not text (a list of captions) is
+    not read, with a warning once."""
     types = {field.name: field.type for field in schema}
     images = tuple(name for name in IMAGE_COLUMNS if name in types and _is_image_type(types[name]))
     if not images:
         return None
+    where = f"{storage.text(location)}: " if location is not None else ""
+    if KEY_COLUMN in types and not (_is_text_type(types[KEY_COLUMN]) or _is_integer(types[KEY_COLUMN])):
+        raise InputError(f"{where}the column 'key' holds {types[KEY_COLUMN]}, where a parquet shard's keys are text or "
+                         "whole numbers; write it as text (or rename it: the rows' numbers are then the keys)")
+    for name in (*CAPTION_COLUMNS, *URL_COLUMNS, STATUS_COLUMN):
+        if name in types and not _is_text_type(types[name]) and (name, str(types[name])) not in _SAID:
+            _SAID.add((name, str(types[name])))
+            logger.warning("%sthe column %r holds %s, not text: it is not read as the samples' %s", where, name,
+                           types[name], "url" if name in URL_COLUMNS else name if name == STATUS_COLUMN else "caption")
 
     def first(names) -> str | None:
         return next((name for name in names if name in types and _is_text_type(types[name])), None)
 
-    key = KEY_COLUMN if KEY_COLUMN in types and (_is_text_type(types[KEY_COLUMN]) or _is_integer(types[KEY_COLUMN])) else None
-    return ParquetLayout(images, first(CAPTION_COLUMNS), first(URL_COLUMNS), key, first((STATUS_COLUMN,)))
+    return ParquetLayout(images, first(CAPTION_COLUMNS), first(URL_COLUMNS), first((KEY_COLUMN,)), first((STATUS_COLUMN,)))
 
 
 def no_images_error(location, schema) -> InputError:
@@ -220,7 +234,7 @@ def _samples(location, keys) -> Iterator:
     count = 0
     try:
         with _opened(location) as source, pq.ParquetFile(source) as parquet:
-            layout = parquet_layout(parquet.schema_arrow)
+            layout = parquet_layout(parquet.schema_arrow, location)
             if layout is None:
                 raise no_images_error(location, parquet.schema_arrow)
             starts = _row_starts(parquet, location)
@@ -335,7 +349,7 @@ class ShardRows:
         self.location = location
         with _opened(location) as source, pq.ParquetFile(source) as parquet:
             self.metadata = parquet.metadata
-            self.layout = parquet_layout(parquet.schema_arrow)
+            self.layout = parquet_layout(parquet.schema_arrow, location)
             if self.layout is None:
                 raise no_images_error(location, parquet.schema_arrow)
             self.starts = _row_starts(parquet, location)

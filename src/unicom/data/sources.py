@@ -368,7 +368,7 @@ def _holds_images(location: str, table_options: dict[str, Any]) -> bool:
         schema = read_schema(location)
     except Exception:  # noqa: BLE001 - unreadable or absent: reading it as a list names what is wrong
         return False
-    layout = parquet_layout(schema)
+    layout = parquet_layout(schema, location)
     if layout is None:
         return False
 
@@ -431,7 +431,7 @@ def _check_first_parquet(shards: Sequence[Any]) -> None:
         schema = read_schema(first)
     except Exception:  # noqa: BLE001 - unreadable: its part fails when read, naming why
         return
-    if parquet_layout(schema) is None:
+    if parquet_layout(schema, first) is None:
         raise no_images_error(first, schema)
 
 

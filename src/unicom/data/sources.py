@@ -19,7 +19,6 @@ import numpy as np
 
 from unicom import storage
 from unicom.data import parquet_shards
-from unicom.data.parquet_shards import PARQUET_SUFFIX
 from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table, warn_other_images
 from unicom.data.shards import (
     SHARD_SUFFIXES,
@@ -79,8 +78,8 @@ class ShardPart:
         return storage.text(self.path)
 
     def records(self) -> Iterator[Record]:
-        """Records in tar order; raises :class:`ShardReadError` after the last one of a damaged
-        (or, remotely, unfetchable) tar."""
+        """Records in the shard's order; raises :class:`ShardReadError` after the last one of a
+        damaged (or, remotely, unfetchable) shard."""
         shard = shard_name(self.path)
         samples = read_shard_samples(self.path)
         if self.following is not None and is_parquet(self.following):
@@ -338,7 +337,7 @@ def _is_image_folder(location: str) -> bool:
         names = sorted(p.name for p in Path(location).iterdir() if p.is_file())
     else:
         return False
-    parquets = [name for name in names if name.endswith(PARQUET_SUFFIX)]
+    parquets = [name for name in names if name.endswith(parquet_shards.PARQUET_SUFFIX)]
     shards = [name for name in names if name.endswith(TAR_SUFFIXES)]
     images = [name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     found = f"images ({images[0]}, {len(images)} in all)" if images else None
@@ -360,18 +359,16 @@ def _holds_images(location: str, table_options: dict[str, Any]) -> bool:
     shard given with list columns named, is an :class:`InputError`: either reading would
     leave what the other names unread."""
     from unicom.data.lists import find_column
-    from unicom.data.parquet_shards import parquet_layout, read_schema
 
     if not storage.is_file(location):
         return False
     try:
-        schema = read_schema(location)
+        schema = parquet_shards.read_schema(location)
     except Exception:  # noqa: BLE001 - unreadable or absent: reading it as a list names what is wrong
         return False
-    layout = parquet_layout(schema, location)
+    layout = parquet_shards.parquet_layout(schema, location)
     if layout is None:
         return False
-
     path_column = table_options.get("path_column", "path")
     named = list(table_options.get("required", ())) + ([path_column] if path_column != "path" else [])
     if named:
@@ -405,7 +402,7 @@ def open_parts(
     if len(inputs) == 1:
         only = inputs[0]
         if only.lower().endswith(TABLE_SUFFIXES) and storage.braces(only) == [only] and not storage.has_magic(only):
-            if only.lower().endswith(PARQUET_SUFFIX) and _holds_images(only, table_options or {}):
+            if only.lower().endswith(parquet_shards.PARQUET_SUFFIX) and _holds_images(only, table_options or {}):
                 return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only))]
             images = read_table(only, **(table_options or {}))
             if not len(images):
@@ -422,17 +419,15 @@ def open_parts(
 def _check_first_parquet(shards: Sequence[Any]) -> None:
     """Refuse parquet shards without images (img2dataset's metadata beside its tars) before
     anything is read or written: the first one's footer tells."""
-    from unicom.data.parquet_shards import no_images_error, parquet_layout, read_schema
-
     first = next((shard for shard in shards if is_parquet(shard)), None)
     if first is None:
         return
     try:
-        schema = read_schema(first)
+        schema = parquet_shards.read_schema(first)
     except Exception:  # noqa: BLE001 - unreadable: its part fails when read, naming why
         return
-    if parquet_layout(schema, first) is None:
-        raise no_images_error(first, schema)
+    if parquet_shards.parquet_layout(schema, first) is None:
+        raise parquet_shards.no_images_error(first, schema)
 
 
 __all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from unicom import distributed, storage
-from unicom.data import parquet_shards
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.shards import shard_name, written_name
+from unicom.data.shards import drop_prefetched, shard_name, written_name
 from unicom.data.sources import (
     DEFAULT_ROWS_PER_PART,
     ItemsPart,
@@ -784,8 +783,7 @@ def _embed_assigned(parts, encoder, out, summary, modalities, batch_size, num_wo
         batches.close()  # the reader ahead stops
         bar.close()
         torch.set_num_threads(threads)
-        storage.drop_prefetched()
-        parquet_shards.drop_prefetched()
+        drop_prefetched()
     summary.seconds = time.perf_counter() - start
 
 

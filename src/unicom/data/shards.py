@@ -353,6 +353,26 @@ def read_shard_samples(path, keys=None) -> Iterator[TarSample]:
     return read_tar_samples(path, keys)
 
 
+def prefetch_shard(path) -> None:
+    """Start reading the remote shard ``path`` now (a tar's download, a parquet file's footer
+    and first row groups), for the :func:`read_shard_samples` call that reads it next, whole;
+    nothing for a local shard or None."""
+    if path is not None and is_parquet(path):
+        from unicom.data.parquet_shards import prefetch
+
+        prefetch(path)
+    else:
+        storage.prefetch(path)
+
+
+def drop_prefetched() -> None:
+    """Stop the shards started by :func:`prefetch_shard` and never read (this process)."""
+    from unicom.data import parquet_shards
+
+    storage.drop_prefetched()
+    parquet_shards.drop_prefetched()
+
+
 def not_a_shard(path) -> str | None:
     """Why the local shard ``path`` cannot be read (:func:`not_a_tar`, or for a parquet shard
     :func:`unicom.data.parquet_shards.not_a_parquet`), or None when it may be one."""

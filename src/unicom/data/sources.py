@@ -26,6 +26,7 @@ from unicom.data.shards import (
     ShardReadError,
     expand_shards,
     is_parquet,
+    prefetch_shard,
     read_shard_samples,
     shard_name,
     shard_number,
@@ -82,10 +83,7 @@ class ShardPart:
         damaged (or, remotely, unfetchable) shard."""
         shard = shard_name(self.path)
         samples = read_shard_samples(self.path)
-        if self.following is not None and is_parquet(self.following):
-            parquet_shards.prefetch(self.following)
-        else:
-            storage.prefetch(self.following)
+        prefetch_shard(self.following)
         met: dict[str, int] = {}  # samples of each key so far: the shard's keys, as its metadata rows hold them
         for index, sample in enumerate(samples):
             occurrence = met[sample.key] = met.get(sample.key, -1) + 1

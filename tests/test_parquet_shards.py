@@ -123,10 +123,10 @@ def test_one_parquet_file_is_a_shard_or_a_list_by_what_it_holds(tmp_path):
     assert [type(p) for p in open_parts(str(tmp_path / "00004.parquet"))] == [ShardPart]
     assert [type(p) for p in open_parts(str(tmp_path / "list.parquet"))] == [ListPart]
     with pytest.raises(InputError) as error:
-        open_parts(str(tmp_path / "00004.parquet"), table_options={"path_column": "path", "required": ["TEXT"]})
+        open_parts(str(tmp_path / "00004.parquet"), table_options={"label_column": "TEXT", "required": ["TEXT"]})
     assert str(error.value) == (f"{tmp_path / '00004.parquet'}: a parquet shard (its images are in the column 'jpg'), "
-                                "and 'TEXT' name columns of a list; a shard's columns are read by their names "
-                                "(docs/embedding.md): leave the column options out")
+                                "and 'TEXT' name the path or label column of a list; a shard's images and keys are its "
+                                "own (docs/embedding.md): leave those column options out")
     both = pq.read_table(tmp_path / "00004.parquet").append_column("path", pa.array(["a.png", "a.png"]))
     pq.write_table(both, tmp_path / "both.parquet")
     with pytest.raises(InputError, match=r"both.parquet: holds both images \(column 'jpg'\) and image paths \(column "

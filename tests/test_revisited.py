@@ -422,7 +422,8 @@ def test_embed_of_a_benchmark_has_no_captions_to_embed_as_text(tmp_path, capsys)
     (["--dataset", "roxford5k"], "--dataset roxford5k needs --root, the folder holding the dataset"),
     (["--input", "photos", "--root", "data"], "--root goes with --dataset; --input names the images itself"),
     (["--dataset", "roxford5k", "--root", "data", "--key-column", "id", "--path-column", "file"],
-     "--path-column, --key-column name columns of an --input list; --dataset reads the benchmark's own ground truth"),
+     "--path-column, --key-column name columns of an --input list or parquet shards; --dataset reads the benchmark's "
+     "own ground truth"),
 ])
 def test_embed_refuses_what_it_cannot_write_before_anything_is_written(arguments, message, tmp_path, capsys):
     assert main(["embed", *arguments, "--model", "timm/test_vit", "--out", str(tmp_path / "emb")]) == 2

@@ -50,6 +50,7 @@ from unicom.files import part_number, refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
     CONFIG_FILE,
     PART_SETTINGS,
+    SHARD_COLUMNS,
     WEIGHTS_CHECKSUM,
     complete_parts,
     failures_path,
@@ -486,7 +487,8 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     if previous is None:
         return False
     # a benchmark's folder is not continued from other inputs (which lack these keys)
-    config = {**{key: None for key in BENCHMARK_KEYS if key in previous}, **config}
+    # nor a folder of shards read by other columns
+    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS) if key in previous}, **config}
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
@@ -832,6 +834,7 @@ def embed_to_folder(
     dtype: str = "float16",
     rows_per_part: int | None = None,
     table_options: dict | None = None,
+    shard_columns=None,
     draft: bool = False,
     precision: str = "auto",
     device: str | torch.device | None = None,
@@ -848,6 +851,9 @@ def embed_to_folder(
 
     ``rows_per_part``: rows per part of an image folder, a list or a benchmark's gallery
     (default 100,000); refused with shards, each of which is one part whatever its size.
+    ``shard_columns``: the columns of parquet shards named instead of the usual ones
+    (:class:`unicom.data.parquet_shards.ShardColumns`), recorded in the folder's
+    configuration, where ``unicom cluster show`` and ``unicom index`` find them.
 
     Inputs and the folder's previous configuration are checked before the model is built
     and before anything is written. Returns the summary of all ranks.
@@ -865,7 +871,7 @@ def embed_to_folder(
     if dataset is not None:
         parts, identity = open_benchmark(dataset, inputs, cut)
     else:
-        parts = open_parts(inputs, rows_per_part=cut, table_options=table_options)
+        parts = open_parts(inputs, rows_per_part=cut, table_options=table_options, shard_columns=shard_columns)
     if rows_per_part is not None and parts and isinstance(parts[0], ShardPart):
         raise InputError(f"rows per part (--rows-per-part {rows_per_part}) cut image folders and lists; every shard is "
                          "one part, whatever its size: leave it out, or write smaller shards for more parts")
@@ -880,6 +886,8 @@ def embed_to_folder(
         config["rows_per_part"] = cut
         # and the images listed: with images added or removed the same cut makes other parts
         config["keys_sha256"] = parts[0].images.keys_sha256()
+    if parts and isinstance(parts[0], ShardPart) and parts[0].shard_columns.named():  # other keys, images, captions
+        config[SHARD_COLUMNS] = parts[0].shard_columns.named()
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
         config["draft"] = bool(draft)
     config.update(identity)  # a benchmark's crops of other boxes would be other queries

@@ -276,7 +276,21 @@ def _shard_locations(inputs: Sequence[str] | None, needed: set[str]) -> dict[str
     return located
 
 
-def _read_from_shard(location, samples: list[Sample], side: int) -> None:
+def shard_columns(folders: EmbeddingFolders):
+    """The columns of parquet shards that the embeddings were read by (``unicom embed
+    --image-column`` ..., recorded in the folder's configuration), as a
+    :class:`unicom.data.parquet_shards.ShardColumns`; the usual names for folders given
+    one by one, which carry no configuration."""
+    from unicom.data.parquet_shards import ShardColumns
+    from unicom.formats.embeddings import CONFIG_FILE, SHARD_COLUMNS, read_config
+
+    if folders.root is None:
+        return ShardColumns()
+    config = read_config(folders.root) or {}
+    return ShardColumns.from_named(config.get(SHARD_COLUMNS), storage.text(storage.join(folders.root, CONFIG_FILE)))
+
+
+def _read_from_shard(location, samples: list[Sample], side: int, columns=None) -> None:
     from unicom.data.shards import ShardReadError, read_shard_samples
 
     wanted = {(str(sample.key), sample.occurrence): sample for sample in samples}
@@ -284,7 +298,7 @@ def _read_from_shard(location, samples: list[Sample], side: int) -> None:
     keys = None if any(n for _, n in wanted) else {key for key, _ in wanted}
     met: dict[str, int] = {}
     try:
-        for found in read_shard_samples(location, keys=keys):
+        for found in read_shard_samples(location, keys=keys, columns=columns):
             n = met[found.key] = met.get(found.key, -1) + 1
             sample = wanted.pop((found.key, n), None)
             if sample is not None:
@@ -326,11 +340,12 @@ def _read_file(sample: Sample, path: str, side: int) -> None:
         raise InputError(error.advice("check the URL and the credentials (--storage-options)")) from error
 
 
-def read_thumbnails(samples: list[Sample], inputs: Sequence[str] | None, side: int) -> None:
+def read_thumbnails(samples: list[Sample], inputs: Sequence[str] | None, side: int, columns=None) -> None:
     """Decode the thumbnail of every sample: shard members one shard at a time, files one by one.
 
     ``inputs``: where the shards are (required for samples read from shards), or the
     folder that now holds an image folder's images (keys are paths relative to it).
+    ``columns``: the columns of parquet shards (:func:`shard_columns`).
     """
     from_shards: dict[str, list[Sample]] = {}
     files = []
@@ -344,7 +359,7 @@ def read_thumbnails(samples: list[Sample], inputs: Sequence[str] | None, side: i
     if from_shards:
         located = _shard_locations(inputs, set(from_shards))
         for name, group in sorted(from_shards.items()):
-            _read_from_shard(located[name], group, side)
+            _read_from_shard(located[name], group, side, columns)
             bar.update(len(group))
     for sample, path in files:
         if inputs:
@@ -417,7 +432,7 @@ def build_contact_sheet(
         for sample in part_samples:
             sample.key, sample.occurrence = keys[sample.row], occurrence[sample.row]
         _describe(part_samples, folders, number, folder.label_facts(number)["key_column"], exact)
-    read_thumbnails([s for group in rows_of.values() for s in group], inputs, thumbnail)
+    read_thumbnails([s for group in rows_of.values() for s in group], inputs, thumbnail, shard_columns(folders))
 
     blocks = []
     for q, cluster in enumerate(chosen):

@@ -56,14 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-part", type=int, default=None,
                         help="rows per output part for folders and lists (default: 100000); shards are one part each")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
-    parser.add_argument("--caption-column", help="list column with captions (default: caption, if the list has it)")
+    parser.add_argument("--caption-column", help="list or parquet shards' column with captions (default: caption, if the "
+                        "list has it; for shards the first of txt, caption, text, TEXT)")
     parser.add_argument("--label-column", help="list column with labels (default: label, if the list has it)")
-    parser.add_argument("--key-column", help="list column with keys (default: key, if the list has it, else the path)")
+    parser.add_argument("--key-column", help="list or parquet shards' column with keys (default: key, if there is one, "
+                        "else a list's paths or a shard's row numbers)")
+    parser.add_argument("--image-column", help="parquet shards' column of encoded images: bytes, or Hugging Face's "
+                        "{bytes, path} structs (default: the first of jpg, jpeg, png, webp, image)")
     parser.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
     from unicom import distributed
+    from unicom.data.parquet_shards import ShardColumns
     from unicom.data.sources import TABLE_SUFFIXES
     from unicom.embed import embed_to_folder
     from unicom.errors import InputError
@@ -73,14 +78,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--dataset {args.dataset} needs --root, the folder holding the dataset")
     if args.input is not None and args.root is not None:
         raise InputError("--root goes with --dataset; --input names the images itself")
-    columns = [option for option, value in (("--path-column", args.path_column != "path"),
-                                            ("--caption-column", args.caption_column), ("--label-column", args.label_column),
-                                            ("--key-column", args.key_column)) if value]
+    list_columns = [option for option, value in (("--path-column", args.path_column != "path"),
+                                                 ("--label-column", args.label_column)) if value]
+    columns = list_columns + [option for option, value in (("--caption-column", args.caption_column),
+                                                           ("--key-column", args.key_column),
+                                                           ("--image-column", args.image_column)) if value]
     if args.dataset is not None and columns:
-        raise InputError(f"{', '.join(columns)} name columns of an --input list; --dataset reads the benchmark's own "
-                         "ground truth: leave them out")
-    if args.input is not None and columns and not (len(args.input) == 1 and args.input[0].lower().endswith(TABLE_SUFFIXES)):
-        raise InputError(f"{', '.join(columns)} name columns of a CSV/parquet list, and {' '.join(args.input)} is not "
+        raise InputError(f"{', '.join(columns)} name columns of an --input list or parquet shards; --dataset reads the "
+                         "benchmark's own ground truth: leave them out")
+    if args.input is not None and list_columns and not (len(args.input) == 1 and args.input[0].lower().endswith(TABLE_SUFFIXES)):
+        raise InputError(f"{', '.join(list_columns)} name columns of a CSV/parquet list, and {' '.join(args.input)} is not "
                          "one: leave them out, or give the list")
     if args.decode == "cpu" and args.decode_workers_share:
         raise InputError(f"--decode-workers-share {args.decode_workers_share} shares the JPEGs that the GPU would decode; "
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 # a column named on the command line must be there, not silently left out
                 "required": [c for c in (args.caption_column, args.label_column, args.key_column) if c],
             },
+            shard_columns=ShardColumns(args.image_column, args.caption_column, args.key_column),
             draft=args.draft,
             precision=args.precision,
             device=args.device,

@@ -11,9 +11,10 @@ both.
 The columns are read by name (:func:`parquet_layout`): the image is the first non-null of
 ``jpg``, ``jpeg``, ``png``, ``webp`` and ``image`` (binary, or a struct with a ``bytes``
 field); the caption ``txt``, ``caption``, ``text`` or ``TEXT``; the url ``url`` or ``URL``;
-the key ``key`` (as text), else the row's number in the file. A row img2dataset could not
-download (``status`` other than ``success``, no image) is not a sample, as in its tar
-shards, which leave such rows out.
+the key ``key`` (as text), else the row's number in the file. Other names are given as
+:class:`ShardColumns` (``unicom embed --image-column img --caption-column prompt``). A row
+img2dataset could not download (``status`` other than ``success``, no image) is not a
+sample, as in its tar shards, which leave such rows out.
 """
 
 from __future__ import annotations
@@ -42,6 +43,37 @@ MAX_ROW_GROUP_BYTES = MAX_IMAGE_BYTES
 _MAGIC = b"PAR1"
 _SAID: set = set()  # (column, type) warned of, this process
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardColumns:
+    """The columns of parquet shards named by the user, each None to be found by its usual
+    names: ``image`` (encoded bytes, or ``{bytes, path}`` structs), ``caption`` (text) and
+    ``key`` (text or whole numbers). A named column must be in every shard, of its type."""
+
+    image: str | None = None
+    caption: str | None = None
+    key: str | None = None
+
+    def named(self) -> dict[str, str]:
+        """``{"image": ..., ...}``: the columns named, as a configuration records them."""
+        return {role: name for role, name in (("image", self.image), ("caption", self.caption), ("key", self.key))
+                if name is not None}
+
+    @classmethod
+    def from_named(cls, named: dict | None, where: str = "") -> "ShardColumns":
+        """The columns :meth:`named` recorded (None: none); other roles or values are an
+        :class:`InputError` naming ``where``."""
+        named = dict(named or {})
+        wrong = {role: name for role, name in named.items()
+                 if role not in ("image", "caption", "key") or not isinstance(name, str) or not name}
+        if wrong:
+            raise InputError(f"{where}: the shard columns {wrong} are not column names of image, caption or key; "
+                             "write them as unicom embed does ({\"image\": \"img\", \"caption\": \"prompt\"})")
+        return cls(**named)
+
+
+DEFAULT_COLUMNS = ShardColumns()
 
 
 @dataclass(frozen=True)
@@ -80,21 +112,40 @@ def _is_text_type(kind) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
-def parquet_layout(schema, location=None) -> ParquetLayout | None:
+def _check_named(types: dict, columns: ShardColumns, where: str) -> None:
+    """Refuse a named column that the file lacks or holds of another type."""
+    kinds = {"image": (_is_image_type, "encoded images (binary, or structs with a 'bytes' field)"),
+             "caption": (_is_text_type, "text (one caption a row)"),
+             "key": (lambda kind: _is_text_type(kind) or _is_integer(kind), "text or whole numbers")}
+    for role, name in columns.named().items():
+        if name not in types:
+            raise InputError(f"{where}no column {name!r} (the {role} column named); its columns are "
+                             f"{', '.join(types)}: name one of them")
+        test, wanted = kinds[role]
+        if not test(types[name]):
+            raise InputError(f"{where}the column {name!r} (the {role} column named) holds {types[name]}, where the "
+                             f"{role} column holds {wanted}: name another column")
+
+
+def parquet_layout(schema, location=None, columns: ShardColumns = DEFAULT_COLUMNS) -> ParquetLayout | None:
     """The sample columns of a parquet file's arrow ``schema``, or None when no column holds
-    encoded images (a list of paths, or img2dataset's metadata beside its tars). A key column
-    that is neither text nor integers is an :class:`InputError` (``location``: the file, for
-    the message); a caption, url or status column that is not text (a list of captions) is
-    not read, with a warning once."""
+    encoded images (a list of paths, or img2dataset's metadata beside its tars); ``columns``:
+    the columns named instead of the usual names, each of which must be there, of its type
+    (else an :class:`InputError`). A key column that is neither text nor integers is an
+    :class:`InputError` (``location``: the file, for the message); a caption, url or status
+    column that is not text (a list of captions) is not read, with a warning once."""
     types = {field.name: field.type for field in schema}
-    images = tuple(name for name in IMAGE_COLUMNS if name in types and _is_image_type(types[name]))
-    if not images:
-        return None
     where = f"{storage.text(location)}: " if location is not None else ""
-    if KEY_COLUMN in types and not (_is_text_type(types[KEY_COLUMN]) or _is_integer(types[KEY_COLUMN])):
-        raise InputError(f"{where}the column 'key' holds {types[KEY_COLUMN]}, where a parquet shard's keys are text or "
+    images = tuple(name for name in IMAGE_COLUMNS if name in types and _is_image_type(types[name]))
+    if not images and columns.image is None:
+        return None
+    _check_named(types, columns, where)
+    images = images if columns.image is None else (columns.image,)
+    key = columns.key or KEY_COLUMN
+    if key in types and not (_is_text_type(types[key]) or _is_integer(types[key])):
+        raise InputError(f"{where}the column {key!r} holds {types[key]}, where a parquet shard's keys are text or "
                          "whole numbers; write it as text (or rename it: the rows' numbers are then the keys)")
-    for name in (*CAPTION_COLUMNS, *URL_COLUMNS, STATUS_COLUMN):
+    for name in (*([] if columns.caption else CAPTION_COLUMNS), *URL_COLUMNS, STATUS_COLUMN):
         if name in types and not _is_text_type(types[name]) and (name, str(types[name])) not in _SAID:
             _SAID.add((name, str(types[name])))
             logger.warning("%sthe column %r holds %s, not text: it is not read as the samples' %s", where, name,
@@ -103,14 +154,28 @@ def parquet_layout(schema, location=None) -> ParquetLayout | None:
     def first(names) -> str | None:
         return next((name for name in names if name in types and _is_text_type(types[name])), None)
 
-    return ParquetLayout(images, first(CAPTION_COLUMNS), first(URL_COLUMNS), first((KEY_COLUMN,)), first((STATUS_COLUMN,)))
+    caption = columns.caption or first(CAPTION_COLUMNS)
+    return ParquetLayout(images, caption, first(URL_COLUMNS), key if key in types else None, first((STATUS_COLUMN,)))
+
+
+def image_columns(schema) -> list[str]:
+    """The columns of a parquet file's arrow ``schema`` that hold encoded images, whatever
+    their names (bytes, or structs with a ``bytes`` field)."""
+    return [field.name for field in schema if _is_image_type(field.type)]
 
 
 def no_images_error(location, schema) -> InputError:
     names = ", ".join(field.name for field in schema)
+    found = image_columns(schema)
+    if found:
+        return InputError(f"{storage.text(location)}: its images are in a column of another name than "
+                          f"{', '.join(IMAGE_COLUMNS)} ({', '.join(repr(name) for name in found)} holds encoded "
+                          f"images; its columns are {names}): name it, unicom embed --image-column {found[0]} (and "
+                          f"data.image_column={found[0]} to train on the shards)")
     return InputError(f"{storage.text(location)}: a parquet file without images (no {', '.join(IMAGE_COLUMNS)} column of "
                       f"encoded bytes; its columns are {names}); give the shards that hold the images (img2dataset's "
-                      "tars, or its parquet output), or a list whose 'path' column names image files")
+                      "tars, or its parquet output), name the column of encoded images (unicom embed --image-column), "
+                      "or give a list whose 'path' column names image files")
 
 
 def read_schema(location):
@@ -175,7 +240,7 @@ def _image(value, row: int) -> Any:
     return value
 
 
-_AHEAD: dict[str, Any] = {}  # URL -> (its samples, the future of the first): opened ahead of its reader, this process
+_AHEAD: dict[str, Any] = {}  # URL -> (its columns, its samples, the future of the first): opened ahead of its reader, this process
 
 
 @functools.cache
@@ -186,21 +251,21 @@ def _starter():
     return ThreadPoolExecutor(1, thread_name_prefix="parquet-shard-ahead")
 
 
-def prefetch(location) -> None:
+def prefetch(location, columns: ShardColumns = DEFAULT_COLUMNS) -> None:
     """Open the remote parquet shard at ``location`` now and start reading its row groups (a
     thread takes its first sample), for the :func:`read_parquet_samples` call that reads it
     next, whole: what :func:`unicom.storage.prefetch` does for the next tar. Nothing for a
     local file."""
     if location is None or not storage.is_url(location) or storage.is_pipe(location) or storage.text(location) in _AHEAD:
         return
-    samples = _samples(location, None)
-    _AHEAD[storage.text(location)] = (samples, _starter().submit(lambda: list(itertools.islice(samples, 1))))
+    samples = _samples(location, None, columns)
+    _AHEAD[storage.text(location)] = (columns, samples, _starter().submit(lambda: list(itertools.islice(samples, 1))))
 
 
 def drop_prefetched() -> None:
     """Close the shards opened ahead and never read (their read-ahead threads stop)."""
     while _AHEAD:
-        samples, first = _AHEAD.popitem()[1]
+        _, samples, first = _AHEAD.popitem()[1]
         first.cancel()
         try:
             first.result()
@@ -214,18 +279,21 @@ def _taken(samples, first) -> Iterator:
     yield from samples
 
 
-def read_parquet_samples(location, keys=None) -> Iterator:
+def read_parquet_samples(location, keys=None, columns: ShardColumns = DEFAULT_COLUMNS) -> Iterator:
     """Samples of a parquet shard in row order, as :func:`unicom.data.shards.read_tar_samples`
     gives a tar's (``keys``: only the first sample of each of these keys, stopping once all
-    are read). A file that cannot be read as parquet (or fetched) yields the samples before
+    are read; ``columns``: see :func:`parquet_layout`). A file that cannot be read as parquet (or fetched) yields the samples before
     the damage, then raises :class:`unicom.data.shards.ShardReadError`; a parquet file
     without images, or with a row group over :data:`MAX_ROW_GROUP_BYTES`, is an
     :class:`InputError`."""
-    ahead = _AHEAD.pop(storage.text(location), None) if keys is None and storage.is_url(location) else None
-    return _samples(location, keys) if ahead is None else _taken(*ahead)
+    ahead = _AHEAD.get(storage.text(location)) if keys is None and storage.is_url(location) else None
+    if ahead is None or ahead[0] != columns:
+        return _samples(location, keys, columns)
+    del _AHEAD[storage.text(location)]
+    return _taken(*ahead[1:])
 
 
-def _samples(location, keys) -> Iterator:
+def _samples(location, keys, columns: ShardColumns) -> Iterator:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -234,7 +302,7 @@ def _samples(location, keys) -> Iterator:
     count = 0
     try:
         with _opened(location) as source, pq.ParquetFile(source) as parquet:
-            layout = parquet_layout(parquet.schema_arrow, location)
+            layout = parquet_layout(parquet.schema_arrow, location, columns)
             if layout is None:
                 raise no_images_error(location, parquet.schema_arrow)
             starts = _row_starts(parquet, location)
@@ -343,13 +411,13 @@ class ShardRows:
     footer are read once, then each :meth:`image` reads its row group's image columns only
     (one ranged request for a URL). Safe to call from several threads."""
 
-    def __init__(self, location):
+    def __init__(self, location, columns: ShardColumns = DEFAULT_COLUMNS):
         import pyarrow.parquet as pq
 
         self.location = location
         with _opened(location) as source, pq.ParquetFile(source) as parquet:
             self.metadata = parquet.metadata
-            self.layout = parquet_layout(parquet.schema_arrow, location)
+            self.layout = parquet_layout(parquet.schema_arrow, location, columns)
             if self.layout is None:
                 raise no_images_error(location, parquet.schema_arrow)
             self.starts = _row_starts(parquet, location)
@@ -382,6 +450,6 @@ class ParquetSample:
         return {} if self.url is None else {"url": self.url}
 
 
-__all__ = ["PARQUET_SUFFIX", "IMAGE_COLUMNS", "CAPTION_COLUMNS", "URL_COLUMNS", "ParquetLayout", "ParquetSample",
-           "ShardRows", "parquet_layout", "read_schema", "read_parquet_samples", "prefetch", "drop_prefetched",
+__all__ = ["PARQUET_SUFFIX", "IMAGE_COLUMNS", "CAPTION_COLUMNS", "URL_COLUMNS", "ShardColumns", "DEFAULT_COLUMNS", "ParquetLayout", "ParquetSample",
+           "ShardRows", "parquet_layout", "image_columns", "read_schema", "read_parquet_samples", "prefetch", "drop_prefetched",
            "not_a_parquet", "no_images_error"]

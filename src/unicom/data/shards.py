@@ -20,10 +20,10 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from unicom import storage
-from unicom.data.parquet_shards import PARQUET_SUFFIX
+from unicom.data.parquet_shards import DEFAULT_COLUMNS, PARQUET_SUFFIX
 from unicom.data.transforms import MAX_IMAGE_BYTES, DecodeError, ImageTooLarge
 from unicom.errors import InputError
 from unicom.files import part_number
@@ -342,25 +342,40 @@ def is_parquet(shard) -> bool:
     return not storage.is_pipe(shard) and shard_name(shard).endswith(PARQUET_SUFFIX)
 
 
-def read_shard_samples(path, keys=None) -> Iterator[TarSample]:
+def read_shard_samples(path, keys=None, columns=None) -> Iterator[TarSample]:
     """Samples of a shard, a tar (:func:`read_tar_samples`) or a parquet file that holds the
     images (:func:`unicom.data.parquet_shards.read_parquet_samples`), with the same ``keys``
-    and the same :class:`ShardReadError` after the samples read before damage."""
+    and the same :class:`ShardReadError` after the samples read before damage. ``columns``
+    (:class:`unicom.data.parquet_shards.ShardColumns`, None for the usual names): the
+    columns of a parquet shard; a tar with columns named is an :class:`InputError`
+    (:func:`check_shard_columns`)."""
     if is_parquet(path):
         from unicom.data.parquet_shards import read_parquet_samples
 
-        return read_parquet_samples(path, keys)
+        return read_parquet_samples(path, keys, columns or DEFAULT_COLUMNS)
+    check_shard_columns([path], columns)
     return read_tar_samples(path, keys)
 
 
-def prefetch_shard(path) -> None:
+def check_shard_columns(paths: Sequence[Any], columns) -> None:
+    """Refuse ``columns`` named (a :class:`unicom.data.parquet_shards.ShardColumns`) for
+    shards of which one is a tar: a tar's samples are its files, found by their extensions."""
+    named = {} if columns is None else columns.named()
+    tar = next((path for path in paths if not is_parquet(path)), None)
+    if named and tar is not None:
+        shown = ", ".join(f"{role} {name!r}" for role, name in named.items())
+        raise InputError(f"{storage.text(tar)}: a tar shard, whose samples' files are found by their extensions "
+                         f"(.jpg, .txt, ...); the columns named ({shown}) are columns of parquet shards: leave them out")
+
+
+def prefetch_shard(path, columns=None) -> None:
     """Start reading the remote shard ``path`` now (a tar's download, a parquet file's footer
-    and first row groups), for the :func:`read_shard_samples` call that reads it next, whole;
-    nothing for a local shard or None."""
+    and first row groups), for the :func:`read_shard_samples` call that reads it next, whole,
+    with the same ``columns``; nothing for a local shard or None."""
     if path is not None and is_parquet(path):
         from unicom.data.parquet_shards import prefetch
 
-        prefetch(path)
+        prefetch(path, columns or DEFAULT_COLUMNS)
     else:
         storage.prefetch(path)
 

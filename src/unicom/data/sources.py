@@ -24,6 +24,7 @@ from unicom.data.shards import (
     SHARD_SUFFIXES,
     TAR_SUFFIXES,
     ShardReadError,
+    check_shard_columns,
     expand_shards,
     is_parquet,
     prefetch_shard,
@@ -65,11 +66,13 @@ class ShardPart:
     """A shard, a webdataset tar or a parquet file holding the images: a local ``Path`` or a
     URL. Metadata columns: ``url`` (from the json, or the parquet's url column), ``shard``
     and ``occurrence`` (:func:`key_occurrences`). ``following``: the shard the same reader
-    reads next, whose download starts when this one starts (remote shards)."""
+    reads next, whose download starts when this one starts (remote shards). ``shard_columns``:
+    the columns of a parquet shard named instead of the usual ones."""
 
     number: int
     path: Path | str
     following: Path | str | None = None
+    shard_columns: parquet_shards.ShardColumns = parquet_shards.DEFAULT_COLUMNS
     columns = (("url", "string"), ("shard", "string"), (OCCURRENCE, "int32"))
     has_captions = True
     size = None  # samples: unknown until the tar is read
@@ -82,8 +85,8 @@ class ShardPart:
         """Records in the shard's order; raises :class:`ShardReadError` after the last one of a
         damaged (or, remotely, unfetchable) shard."""
         shard = shard_name(self.path)
-        samples = read_shard_samples(self.path)
-        prefetch_shard(self.following)
+        samples = read_shard_samples(self.path, columns=self.shard_columns)
+        prefetch_shard(self.following, self.shard_columns)
         met: dict[str, int] = {}  # samples of each key so far: the shard's keys, as its metadata rows hold them
         for index, sample in enumerate(samples):
             occurrence = met[sample.key] = met.get(sample.key, -1) + 1
@@ -351,28 +354,37 @@ def _is_image_folder(location: str) -> bool:
     return not shards
 
 
-def _holds_images(location: str, table_options: dict[str, Any]) -> bool:
-    """Whether the one parquet file given is a shard (its rows hold the images) rather than a
-    list of image paths. A file with both an image column and the list's path column, or a
-    shard given with list columns named, is an :class:`InputError`: either reading would
-    leave what the other names unread."""
+def _holds_images(location: str, table_options: dict[str, Any], columns: parquet_shards.ShardColumns) -> bool:
+    """Whether the one parquet file given is a shard (its rows hold the images, in the column
+    ``columns`` names or one of the usual ones) rather than a list of image paths. A file
+    with both an image column and the list's path column, or a shard given with a list's
+    path or label column named, is an :class:`InputError`: either reading would leave what
+    the other names unread."""
     from unicom.data.lists import find_column
 
     if not storage.is_file(location):
+        if columns.image is not None:
+            raise InputError(f"{location}: no such file (a parquet shard, its image column named {columns.image!r})")
         return False
     try:
         schema = parquet_shards.read_schema(location)
     except Exception:  # noqa: BLE001 - unreadable or absent: reading it as a list names what is wrong
+        if columns.image is not None:
+            raise
         return False
-    layout = parquet_shards.parquet_layout(schema, location)
-    if layout is None:
-        return False
+    layout = parquet_shards.parquet_layout(schema, location, columns)
     path_column = table_options.get("path_column", "path")
-    named = list(table_options.get("required", ())) + ([path_column] if path_column != "path" else [])
+    if layout is None:
+        if parquet_shards.image_columns(schema) and find_column(schema.names, path_column) is None:
+            raise parquet_shards.no_images_error(location, schema)  # images under a name of its own: which to read
+        return False
+    label_column = table_options.get("label_column", "label")
+    named = [c for c in table_options.get("required", ()) if c == label_column]
+    named += [path_column] if path_column != "path" else []
     if named:
         raise InputError(f"{location}: a parquet shard (its images are in the column {layout.images[0]!r}), and "
-                         f"{', '.join(repr(c) for c in named)} name columns of a list; a shard's columns are read by "
-                         "their names (docs/embedding.md): leave the column options out")
+                         f"{', '.join(repr(c) for c in named)} name the path or label column of a list; a shard's "
+                         "images and keys are its own (docs/embedding.md): leave those column options out")
     if find_column(schema.names, path_column) is not None:
         raise InputError(f"{location}: holds both images (column {layout.images[0]!r}) and image paths (column "
                          f"{path_column!r}); write the images and the list of paths to separate files")
@@ -384,39 +396,53 @@ def open_parts(
     *,
     rows_per_part: int = DEFAULT_ROWS_PER_PART,
     table_options: dict[str, Any] | None = None,
+    shard_columns: parquet_shards.ShardColumns | None = None,
 ) -> list[ShardPart] | list[ListPart]:
     """The parts of ``inputs``, in part-number order.
 
     ``inputs`` is one of: shard paths / brace patterns / globs (``.tar``), a folder of
     shards, an image folder (class sub-folders give a ``label`` column), or one CSV/parquet
     list (``table_options`` go to :func:`unicom.data.lists.read_table`); each may be a URL
-    (:mod:`unicom.storage`).
+    (:mod:`unicom.storage`). ``shard_columns``: the image, caption and key columns of
+    parquet shards, named instead of the usual ones (refused for tars and image folders; a
+    list takes its caption and key columns from ``table_options``).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
+    columns = shard_columns or parquet_shards.DEFAULT_COLUMNS
     if not inputs:
         raise InputError("no input was given")
     if len(inputs) == 1:
         only = inputs[0]
         if only.lower().endswith(TABLE_SUFFIXES) and storage.braces(only) == [only] and not storage.has_magic(only):
-            if only.lower().endswith(parquet_shards.PARQUET_SUFFIX) and _holds_images(only, table_options or {}):
-                return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only))]
+            if only.lower().endswith(parquet_shards.PARQUET_SUFFIX) and _holds_images(only, table_options or {}, columns):
+                return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only), shard_columns=columns)]
+            if columns.image is not None:
+                raise InputError(f"{only}: a list of image files, whose paths are in its path column; the image column "
+                                 f"named ({columns.image!r}) is the column of encoded images of parquet shards: leave "
+                                 "it out, or name the list's path column")
             images = read_table(only, **(table_options or {}))
             if not len(images):
                 raise InputError(f"{only}: the list has no rows; give a list with one row per image")
             return list_parts(images, rows_per_part, only, label_names=True)
         if _is_image_folder(only):
+            if columns.named():
+                shown = ", ".join(f"{role} {name!r}" for role, name in columns.named().items())
+                raise InputError(f"{only}: an image folder, whose keys are its files' paths; the columns named ({shown}) "
+                                 "are columns of parquet shards or of a list: leave them out")
             return list_parts(_folder_list(only), rows_per_part, only)
     shards = expand_shards(inputs, instead="; give shards (webdataset tars, or parquet files that hold the images), one "
                                            "image folder, or one CSV/parquet list")
-    _check_first_parquet(shards)
-    return [ShardPart(shard_number(p), p) for p in shards]
+    check_shard_columns(shards, columns)
+    _check_first_parquet(shards, columns)
+    return [ShardPart(shard_number(p), p, shard_columns=columns) for p in shards]
 
 
-def _check_first_parquet(shards: Sequence[Any]) -> None:
-    """Refuse parquet shards without images (img2dataset's metadata beside its tars) before
-    anything is read or written: the first one's footer tells."""
+def _check_first_parquet(shards: Sequence[Any], columns: parquet_shards.ShardColumns) -> None:
+    """Refuse parquet shards without images (img2dataset's metadata beside its tars), or
+    without the ``columns`` named, before anything is read or written: the first one's
+    footer tells."""
     first = next((shard for shard in shards if is_parquet(shard)), None)
     if first is None:
         return
@@ -424,7 +450,7 @@ def _check_first_parquet(shards: Sequence[Any]) -> None:
         schema = parquet_shards.read_schema(first)
     except Exception:  # noqa: BLE001 - unreadable: its part fails when read, naming why
         return
-    if parquet_shards.parquet_layout(schema, first) is None:
+    if parquet_shards.parquet_layout(schema, first, columns) is None:
         raise parquet_shards.no_images_error(first, schema)
 
 

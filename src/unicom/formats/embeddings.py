@@ -85,6 +85,9 @@ CONFIG_FILE = "embed_config.json"
 WEIGHTS_CHECKSUM = "weights_sha256"  # the key of the model's weights digest in CONFIG_FILE
 FAILURES_FOLDER = "failures"
 SHOWN = 10  # part numbers listed in a message
+# embed_config.json: the columns of parquet shards that unicom embed was told to read
+# ({"image": ..., "caption": ..., "key": ...}, those named only); every reader of the shards takes them
+SHARD_COLUMNS = "shard_columns"
 PART_SETTINGS = "part_settings"  # embed_config.json: the settings of every run that wrote parts (a list)
 SETTINGS_KEY = b"unicom.embed_settings"  # a part's metadata file: how its embeddings were computed (JSON)
 
@@ -570,6 +573,7 @@ def _mixed_metadata(root, contents: "Contents", tables) -> InputError:
 
 __all__ = [
     "CONFIG_FILE",
+    "SHARD_COLUMNS",
     "FAILURES_FOLDER",
     "KEY_COLUMNS",
     "KINDS",

@@ -46,7 +46,15 @@ from unicom import __version__, storage
 from unicom.errors import InputError
 from unicom.files import atomic_path, process_alive, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 from unicom.formats.embeddings import CONFIG_FILE as EMBEDDINGS_CONFIG
-from unicom.formats.embeddings import KINDS, WEIGHTS_CHECKSUM, EmbeddingFolders, part_name, part_path, read_config
+from unicom.formats.embeddings import (
+    KINDS,
+    SHARD_COLUMNS,
+    WEIGHTS_CHECKSUM,
+    EmbeddingFolders,
+    part_name,
+    part_path,
+    read_config,
+)
 from unicom.search import clip_layout
 from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
 from unicom.search.metadata_rows import CACHE_BYTES as METADATA_CACHE_BYTES
@@ -553,6 +561,7 @@ class Index:
             modality_dims = dims if modality == modalities[0] else rows.dim
             built[modality] = _choose(rows, modality_dims, heldout_ids, **choice)
         first, selection = built[modalities[0]]
+        recorded = _embedding_config(emb)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -564,7 +573,9 @@ class Index:
             "parts": [part.as_dict() for part in collection.parts],
             "source": storage.text(emb) if storage.is_url(emb) else str(Path(emb).resolve()),
             "has_metadata": collection.has_metadata,
-            "model": _embedding_model(emb),
+            "model": _embedding_model(recorded),
+            # the columns of the parquet shards the items were read from: where `unicom serve --shards` finds their images
+            **({SHARD_COLUMNS: recorded[SHARD_COLUMNS]} if recorded.get(SHARD_COLUMNS) else {}),
             "selection": selection,
             "generation": 0,
             # a new id for every build (kept when parts are added), also in each metadata file: a server that
@@ -879,14 +890,18 @@ def _file_names(config: dict) -> list[str]:
     return [name for name in names if name]
 
 
-def _embedding_model(emb) -> dict | None:
-    """The model that embedded the collection, from ``unicom embed``'s configuration file, if any."""
+def _embedding_config(emb) -> dict:
+    """``unicom embed``'s configuration file of the collection (empty when there is none)."""
     try:
-        config = read_config(emb)
-    except InputError as error:  # only a hint for queries: the index does not need it
-        logger.warning("%s; the index will not record the model", error)
-        return None
-    if config is None or not isinstance(config.get("model"), str):
+        return read_config(emb) or {}
+    except InputError as error:  # only hints: the index does not need it
+        logger.warning("%s; the index will not record the model nor the shards' columns", error)
+        return {}
+
+
+def _embedding_model(config: dict) -> dict | None:
+    """The model that embedded the collection, from ``unicom embed``'s configuration, if any."""
+    if not isinstance(config.get("model"), str):
         return None
     return {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
 

@@ -59,11 +59,12 @@ class ShardImages:
     decompressed up to the member.
     """
 
-    def __init__(self, root, cache: int = 16):
+    def __init__(self, root, cache: int = 16, columns=None):
         from unicom import storage
 
         self.root = storage.text(root) if storage.is_url(root) else Path(root)
         self.cache = cache
+        self.columns = columns  # of parquet shards (a ShardColumns; None: the usual names)
         self._members: OrderedDict[str, dict] = OrderedDict()
         self._parquet: OrderedDict[str, object] = OrderedDict()  # parquet shard -> its ShardRows
         self._lock = threading.Lock()
@@ -109,7 +110,7 @@ class ShardImages:
                 members[key] = [members[key], image]
 
         if is_parquet(location):  # read once, whole (as a remote tar is), its rows' image lengths kept
-            for sample in read_shard_samples(location):
+            for sample in read_shard_samples(location, columns=self.columns):
                 key = sample.key
                 images = {"jpg": (sample.row, len(sample.image))} if isinstance(sample.image, bytes) else {}
                 close()
@@ -146,14 +147,14 @@ class ShardImages:
     def _rows(self, shard: str):
         """The :class:`unicom.data.parquet_shards.ShardRows` of a parquet shard, its footer read
         once (kept for ``cache`` shards)."""
-        from unicom.data.parquet_shards import ShardRows
+        from unicom.data.parquet_shards import DEFAULT_COLUMNS, ShardRows
 
         with self._lock:
             rows = self._parquet.get(shard)
             if rows is not None:
                 self._parquet.move_to_end(shard)
         if rows is None:
-            rows = ShardRows(self._location(shard))
+            rows = ShardRows(self._location(shard), self.columns or DEFAULT_COLUMNS)
             with self._lock:
                 self._parquet[shard] = rows
                 if len(self._parquet) > self.cache:
@@ -259,9 +260,9 @@ def _first_bytes(path: Path, item_id: int, count: int = 64) -> bytes:
 class ItemImages:
     """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
 
-    def __init__(self, image_root: str | Path | None, shards, cache: int):
+    def __init__(self, image_root: str | Path | None, shards, cache: int, shard_columns=None):
         self.image_root = Path(image_root) if image_root is not None else Path.cwd()
-        self.shards = ShardImages(shards) if shards is not None else None
+        self.shards = ShardImages(shards, columns=shard_columns) if shards is not None else None
         self.cache = cache
         self._thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._lock = threading.Lock()

@@ -334,6 +334,21 @@ def run_searches(batch: list[Search]) -> list[Any]:
     return answers
 
 
+def _shard_columns(served: Mapping[str, "Served"]):
+    """The columns of the parquet shards the collections were embedded from (recorded by
+    ``unicom embed``, kept by ``unicom index``): one set for the one ``--shards`` folder."""
+    from unicom.data.parquet_shards import ShardColumns
+    from unicom.formats.embeddings import SHARD_COLUMNS
+
+    named = {name: item.index.config.get(SHARD_COLUMNS) or {} for name, item in served.items()}
+    if len({json.dumps(columns, sort_keys=True) for columns in named.values()}) > 1:
+        shown = "; ".join(f"{name}: {columns or 'the usual names'}" for name, columns in named.items())
+        raise InputError(f"the indexes were embedded from parquet shards by other columns ({shown}), and --shards is "
+                         "one folder read one way: serve them apart")
+    first = next(iter(served))
+    return ShardColumns.from_named(named[first], f"{storage.text(served[first].index.location)} (its {SHARD_COLUMNS})")
+
+
 def create_app(
     index: Index | Mapping[str, Index],
     encoder=None,
@@ -383,7 +398,7 @@ def create_app(
             queries.check_model(item, model)
         served[name] = Served(name, item, model)
     default = next(iter(served))
-    images = ItemImages(image_root, shards, thumbnail_cache)
+    images = ItemImages(image_root, shards, thumbnail_cache, _shard_columns(served) if shards is not None else None)
     batcher = QueryBatcher(run_searches, max_batch=batch_size, max_wait=max_wait_ms / 1000)
     decoding = ByteBudget(max_decode_bytes)
 

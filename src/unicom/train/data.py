@@ -116,8 +116,10 @@ class ShardSource:
     labels_note: str | None = None  # said at the start: label files of an earlier version (LabelRange.note)
 
     def __init__(self, shards: Sequence[tuple[int, Any]], label_files: dict[int, Any], labelled: int, num_classes: int,
-                 shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0):
+                 shuffle_buffer: int = 2000, shard_rows: Sequence[int] | None = None, left_out: int = 0,
+                 columns=None):
         self.shards = list(shards)
+        self.columns = columns  # the columns of parquet shards named (a ShardColumns), or None
         self.shard_rows = None if shard_rows is None else [int(r) for r in shard_rows]
         self.left_out = int(left_out)
         self.label_files = label_files
@@ -190,7 +192,7 @@ class ShardSource:
                 labels = self._labels(number)
                 found, first = 0, None
                 try:
-                    for index, sample in enumerate(read_shard_samples(path)):
+                    for index, sample in enumerate(read_shard_samples(path, columns=self.columns)):
                         first = sample.key if first is None else first
                         label = label_of(labels, sample.key)  # by key and the sample's occurrence of it
                         if label is None:
@@ -474,10 +476,13 @@ def _resolve_classes(num_classes: int | None, clustered: int | None, high: int, 
 
 
 def _shard_source(data, num_classes: int | None) -> ShardSource:
-    from unicom.data.shards import expand_shards, shard_number
+    from unicom.data.parquet_shards import ShardColumns
+    from unicom.data.shards import check_shard_columns, expand_shards, shard_number
     from unicom.formats.clusters import PseudoLabels
 
     shards = [(shard_number(path), path) for path in expand_shards(data.shards)]
+    columns = ShardColumns(image=data.image_column, key=data.key_column)
+    check_shard_columns([path for _, path in shards], columns)
     _refuse_unreadable([path for _, path in shards])
     labels = PseudoLabels(data.labels)
     files = labels.select([n for n, _ in shards])
@@ -489,7 +494,7 @@ def _shard_source(data, num_classes: int | None) -> ShardSource:
     rows = dict(zip(files, found.file_rows))
     kept = [(number, path) for number, path in shards if rows[number] > 0]
     source = ShardSource(kept, {n: files[n] for n, _ in kept}, found.rows, classes, data.shuffle_buffer,
-                         shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept))
+                         shard_rows=[rows[n] for n, _ in kept], left_out=len(shards) - len(kept), columns=columns)
     source.labels_centroids = labels.centroids
     source.labels_note = found.note()
     _check_keys_match(source)
@@ -526,7 +531,7 @@ def _check_keys_match(source: ShardSource, probe: int = 64) -> None:
     labels = source._labels(number)
     keys = []
     try:
-        for sample in read_shard_samples(path):
+        for sample in read_shard_samples(path, columns=source.columns):
             keys.append(sample.key)
             if len(keys) >= probe:
                 break

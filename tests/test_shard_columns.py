@@ -169,9 +169,13 @@ def test_embed_with_named_columns_equals_embed_of_the_same_tars_and_records_them
     named = ["--image-column", "picture", "--caption-column", "prompt", "--key-column", "id"]
     assert main(["embed", "--input", str(tmp_path / "tars"), "--out", str(tmp_path / "from_tars"), *common]) == 0
     assert main(["embed", "--input", str(tmp_path / "pq"), "--out", str(tmp_path / "from_pq"), *common, *named]) == 0
+    assert main(["embed", "--input", str(tmp_path / "pq"), "--out", str(tmp_path / "from_pq_workers"), *common[:-4],
+                 "--workers", "2", "--dtype", "float32", *named]) == 0  # each decoding process reads its shards
     for number in range(2):
         for name in (f"img_emb/img_emb_{number}.npy", f"text_emb/text_emb_{number}.npy"):
             np.testing.assert_array_equal(np.load(tmp_path / "from_pq" / name), np.load(tmp_path / "from_tars" / name))
+            np.testing.assert_array_equal(np.load(tmp_path / "from_pq_workers" / name),
+                                          np.load(tmp_path / "from_tars" / name))
         tars = pq.read_table(tmp_path / "from_tars" / "metadata" / f"metadata_{number}.parquet").to_pylist()
         parquets = pq.read_table(tmp_path / "from_pq" / "metadata" / f"metadata_{number}.parquet").to_pylist()
         assert [row.pop("shard") for row in parquets] == [f"{number:05d}.parquet"] * (3 + number)
@@ -293,3 +297,35 @@ def test_the_index_keeps_the_columns_and_serve_reads_the_items_images_by_them(tm
                                          r"\{'image': 'picture', 'key': 'id'\}; b: the usual names\), and --shards is one "
                                          r"folder read one way: serve them apart"):
         _shard_columns({"a": Served("a", index), "b": Served("b", other)})
+
+
+def test_named_columns_over_http_open_each_next_shard_once_ahead_and_embed_as_local_tars(tmp_path, monkeypatch):
+    """Each remote shard is opened once: the one opened ahead, with the columns named, is the
+    one read (opened again with other columns, it would be read twice)."""
+    from storage_servers import FileServer
+
+    import unicom.data.parquet_shards as parquet_shards
+
+    monkeypatch.setenv("UNICOM_PROGRESS", "0")
+    opened = []
+    samples_of = parquet_shards._samples
+    monkeypatch.setattr(parquet_shards, "_samples", lambda location, *rest: opened.append(location) or
+                        samples_of(location, *rest))
+    spec = tiny_open_clip(tmp_path / "clip")
+    for number in range(3):
+        samples = captioned_samples(number, 4 + number)
+        write_renamed_parquet(tmp_path / "pq" / f"{number:05d}.parquet", samples, first_id=10 * number)
+        write_same_tar(tmp_path / "tars" / f"{number:05d}.tar", samples, first_id=10 * number)
+    common = ["--model", spec, "--batch-size", "3", "--workers", "0", "--dtype", "float32"]
+    assert main(["embed", "--input", str(tmp_path / "tars"), "--out", str(tmp_path / "local"), *common]) == 0
+    with FileServer(tmp_path / "pq") as http:
+        opened.clear()
+        assert main(["embed", "--input", f"{http.url}/{{00000..00002}}.parquet", "--out", str(tmp_path / "remote"),
+                     *common, "--image-column", "picture", "--key-column", "id"]) == 0
+        assert sorted(opened) == [f"{http.url}/{number:05d}.parquet" for number in range(3)]
+        assert not parquet_shards._AHEAD
+    for number in range(3):
+        name = f"img_emb/img_emb_{number}.npy"
+        np.testing.assert_array_equal(np.load(tmp_path / "remote" / name), np.load(tmp_path / "local" / name))
+        keys = pq.read_table(tmp_path / "remote" / "metadata" / f"metadata_{number}.parquet").column("key").to_pylist()
+        assert keys == [str(10 * number + i) for i in range(4 + number)]

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,12 +34,14 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
+from unicom.data.parquet_shards import ALL_FIELDS, ShardColumns
 from unicom.data.shards import drop_prefetched, shard_name, written_name
 from unicom.data.sources import (
     DEFAULT_ROWS_PER_PART,
     ItemsPart,
     ListPart,
     ShardPart,
+    check_metadata_fields,
     open_benchmark,
     open_parts,
     read_in_turn,
@@ -49,6 +52,7 @@ from unicom.errors import InputError
 from unicom.files import part_number, refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
     CONFIG_FILE,
+    METADATA_FIELDS,
     PART_SETTINGS,
     SHARD_COLUMNS,
     WEIGHTS_CHECKSUM,
@@ -422,7 +426,8 @@ class _PendingPart:
 
 
 def _metadata_table(part, rows: list[dict], with_images: bool):
-    """key, caption, url|image_path, width, height and the part's other columns, as a pyarrow table."""
+    """key, caption, url|image_path, width, height, the part's other columns, then the fields
+    its samples keep (:attr:`unicom.data.sources.ShardPart.metadata_fields`), as a pyarrow table."""
     import pyarrow as pa
 
     types = {"key": pa.string(), "caption": pa.string(), "width": pa.int32(), "height": pa.int32()}
@@ -434,7 +439,27 @@ def _metadata_table(part, rows: list[dict], with_images: bool):
     if with_images:
         names += ["width", "height"]
     names += [name for name, _ in part.columns if name not in names]
-    return pa.table({name: pa.array([row.get(name) for row in rows], type=types[name]) for name in names})
+    columns = {name: pa.array([row.get(name) for row in rows], type=types[name]) for name in names}
+    fields = getattr(part, "metadata_fields", ())
+    if tuple(fields) == ALL_FIELDS:  # those the part's samples have, in the order met
+        fields = tuple(dict.fromkeys(name for row in rows for name in row if name not in types))
+    for name in fields:
+        columns[name] = field_array([row.get(name) for row in rows])
+    return pa.table(columns)
+
+
+def field_array(values: list):
+    """A metadata column of the values of one field (``None`` where a sample lacks it), typed
+    by pyarrow from the values (int64, double, string, bool, structs, lists); values of
+    several kinds (numbers and text) are kept as their JSON text, and a field no sample has
+    as an empty string column."""
+    import pyarrow as pa
+
+    try:
+        array = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        array = pa.array([None if value is None else json.dumps(value, default=str) for value in values], pa.string())
+    return array.cast(pa.string()) if pa.types.is_null(array.type) else array
 
 
 def _write_pending(out, pending: _PendingPart, modalities: Sequence[str], dims: dict[str, int], dtype: str,
@@ -488,7 +513,7 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
         return False
     # a benchmark's folder is not continued from other inputs (which lack these keys)
     # nor a folder of shards read by other columns
-    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS) if key in previous}, **config}
+    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS) if key in previous}, **config}
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
@@ -835,6 +860,7 @@ def embed_to_folder(
     rows_per_part: int | None = None,
     table_options: dict | None = None,
     shard_columns=None,
+    metadata_fields: Sequence[str] = (),
     draft: bool = False,
     precision: str = "auto",
     device: str | torch.device | None = None,
@@ -854,6 +880,8 @@ def embed_to_folder(
     ``shard_columns``: the columns of parquet shards named instead of the usual ones
     (:class:`unicom.data.parquet_shards.ShardColumns`), recorded in the folder's
     configuration, where ``unicom cluster show`` and ``unicom index`` find them.
+    ``metadata_fields``: fields of the shards' samples kept as metadata columns (see
+    :attr:`unicom.data.sources.ShardPart.metadata_fields`; ``("all",)``: every one).
 
     Inputs and the folder's previous configuration are checked before the model is built
     and before anything is written. Returns the summary of all ranks.
@@ -871,6 +899,8 @@ def embed_to_folder(
     if dataset is not None:
         parts, identity = open_benchmark(dataset, inputs, cut)
     else:
+        if metadata_fields:
+            shard_columns = replace(shard_columns or ShardColumns(), fields=check_metadata_fields(metadata_fields))
         parts = open_parts(inputs, rows_per_part=cut, table_options=table_options, shard_columns=shard_columns)
     if rows_per_part is not None and parts and isinstance(parts[0], ShardPart):
         raise InputError(f"rows per part (--rows-per-part {rows_per_part}) cut image folders and lists; every shard is "
@@ -888,6 +918,8 @@ def embed_to_folder(
         config["keys_sha256"] = parts[0].images.keys_sha256()
     if parts and isinstance(parts[0], ShardPart) and parts[0].shard_columns.named():  # other keys, images, captions
         config[SHARD_COLUMNS] = parts[0].shard_columns.named()
+    if parts and isinstance(parts[0], ShardPart) and parts[0].metadata_fields:  # other metadata columns
+        config[METADATA_FIELDS] = list(parts[0].metadata_fields)
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
         config["draft"] = bool(draft)
     config.update(identity)  # a benchmark's crops of other boxes would be other queries

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "else a list's paths or a shard's row numbers)")
     parser.add_argument("--image-column", help="parquet shards' column of encoded images: bytes, or Hugging Face's "
                         "{bytes, path} structs (default: the first of jpg, jpeg, png, webp, image)")
+    parser.add_argument("--metadata-fields", metavar="NAMES", help="fields of shards' samples kept as metadata columns, "
+                        "comma-separated (their json's for tars, their columns for parquet shards; LAION's NSFW, "
+                        "similarity, ...), or 'all', as clip-retrieval's enable_metadata (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else the CPU)")
 
 
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     columns = list_columns + [option for option, value in (("--caption-column", args.caption_column),
                                                            ("--key-column", args.key_column),
                                                            ("--image-column", args.image_column)) if value]
+    if args.metadata_fields is not None:
+        columns.append("--metadata-fields")
     if args.dataset is not None and columns:
         raise InputError(f"{', '.join(columns)} name columns of an --input list or parquet shards; --dataset reads the "
                          "benchmark's own ground truth: leave them out")
@@ -113,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 "required": [c for c in (args.caption_column, args.label_column, args.key_column) if c],
             },
             shard_columns=ShardColumns(args.image_column, args.caption_column, args.key_column),
+            metadata_fields=() if args.metadata_fields is None else tuple(
+                name.strip() for name in args.metadata_fields.split(",")),
             draft=args.draft,
             precision=args.precision,
             device=args.device,

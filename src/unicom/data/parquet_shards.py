@@ -54,6 +54,9 @@ class ShardColumns:
     image: str | None = None
     caption: str | None = None
     key: str | None = None
+    # other columns read as each sample's fields (ParquetSample.json), as a tar's json gives
+    # them: these names, or ALL_FIELDS for every column but those of images
+    fields: tuple[str, ...] = ()
 
     def named(self) -> dict[str, str]:
         """``{"image": ..., ...}``: the columns named, as a configuration records them."""
@@ -74,6 +77,7 @@ class ShardColumns:
 
 
 DEFAULT_COLUMNS = ShardColumns()
+ALL_FIELDS = ("all",)
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,12 @@ class ParquetLayout:
     url: str | None = None
     key: str | None = None
     status: str | None = None
+    fields: tuple[str, ...] = ()  # other columns read as the samples' fields
 
     @property
     def columns(self) -> list[str]:
-        return [c for c in (*self.images, self.caption, self.url, self.key, self.status) if c is not None]
+        found = [c for c in (*self.images, self.caption, self.url, self.key, self.status) if c is not None]
+        return found + [c for c in self.fields if c not in found]
 
 
 def _is_image_type(kind) -> bool:
@@ -155,7 +161,27 @@ def parquet_layout(schema, location=None, columns: ShardColumns = DEFAULT_COLUMN
         return next((name for name in names if name in types and _is_text_type(types[name])), None)
 
     caption = columns.caption or first(CAPTION_COLUMNS)
-    return ParquetLayout(images, caption, first(URL_COLUMNS), key if key in types else None, first((STATUS_COLUMN,)))
+    url = first(URL_COLUMNS)
+    return ParquetLayout(images, caption, url, key if key in types else None, first((STATUS_COLUMN,)),
+                         _fields(types, columns.fields, (caption, url), where))
+
+
+def _fields(types: dict, wanted: tuple[str, ...], kept: tuple, where: str) -> tuple[str, ...]:
+    """The columns read as the samples' fields: ``wanted`` (those of the file; a missing one
+    is warned of once), or with :data:`ALL_FIELDS` every column but those of encoded images
+    and those ``kept`` as the caption and url. A column of images named is an
+    :class:`InputError`: metadata keeps values, not images."""
+    if tuple(wanted) == ALL_FIELDS:
+        return tuple(name for name in types if name not in kept and not _is_image_type(types[name]))
+    for name in wanted:
+        if name in types and _is_image_type(types[name]):
+            raise InputError(f"{where}the column {name!r} holds encoded images ({types[name]}), which metadata does not "
+                             "keep: leave it out of the metadata fields")
+        if name not in types and (name, "missing") not in _SAID:
+            _SAID.add((name, "missing"))
+            logger.warning("%sno column %r (a metadata field named): its values are left empty; its columns are %s",
+                           where, name, ", ".join(types))
+    return tuple(name for name in wanted if name in types)
 
 
 def image_columns(schema) -> list[str]:
@@ -331,7 +357,8 @@ def _samples(location, keys, columns: ShardColumns) -> Iterator:
                                 continue
                             remaining.discard(key)
                         yield ParquetSample(key, index, image, cell.get(layout.caption) if layout.caption else None,
-                                            cell.get(layout.url) if layout.url else None)
+                                            cell.get(layout.url) if layout.url else None,
+                                            {name: cell[name] for name in layout.fields})
                         count += 1
                         if remaining is not None and not remaining:
                             return
@@ -433,12 +460,13 @@ class ShardRows:
 
 class ParquetSample:
     """One row of a parquet shard, read as a tar's sample is (``key``, :meth:`image_bytes`,
-    :meth:`caption`, :meth:`json` with its ``url``)."""
+    :meth:`caption`, :meth:`json` with its ``url`` and the ``fields`` read)."""
 
-    __slots__ = ("key", "row", "image", "text", "url")
+    __slots__ = ("key", "row", "image", "text", "url", "fields")
 
-    def __init__(self, key: str, row: int, image, text: str | None, url: str | None):
+    def __init__(self, key: str, row: int, image, text: str | None, url: str | None, fields: dict | None = None):
         self.key, self.row, self.image, self.text, self.url = key, row, image, text, url
+        self.fields = fields or {}
 
     def image_bytes(self):
         return self.image
@@ -447,9 +475,9 @@ class ParquetSample:
         return None if self.text is None else self.text.strip()
 
     def json(self) -> dict:
-        return {} if self.url is None else {"url": self.url}
+        return {**self.fields, **({} if self.url is None else {"url": self.url})}
 
 
-__all__ = ["PARQUET_SUFFIX", "IMAGE_COLUMNS", "CAPTION_COLUMNS", "URL_COLUMNS", "ShardColumns", "DEFAULT_COLUMNS", "ParquetLayout", "ParquetSample",
+__all__ = ["PARQUET_SUFFIX", "IMAGE_COLUMNS", "CAPTION_COLUMNS", "URL_COLUMNS", "ShardColumns", "DEFAULT_COLUMNS", "ALL_FIELDS", "ParquetLayout", "ParquetSample",
            "ShardRows", "parquet_layout", "image_columns", "read_schema", "read_parquet_samples", "prefetch", "drop_prefetched",
            "not_a_parquet", "no_images_error"]

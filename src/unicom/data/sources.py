@@ -65,9 +65,10 @@ def _utf8(text: str) -> str:
 class ShardPart:
     """A shard, a webdataset tar or a parquet file holding the images: a local ``Path`` or a
     URL. Metadata columns: ``url`` (from the json, or the parquet's url column), ``shard``
-    and ``occurrence`` (:func:`key_occurrences`). ``following``: the shard the same reader
-    reads next, whose download starts when this one starts (remote shards). ``shard_columns``:
-    the columns of a parquet shard named instead of the usual ones."""
+    and ``occurrence`` (:func:`key_occurrences`), and the fields :attr:`metadata_fields`
+    names. ``following``: the shard the same reader reads next, whose download starts when
+    this one starts (remote shards). ``shard_columns``: the columns of a parquet shard named
+    instead of the usual ones, and the fields kept as metadata (``fields``)."""
 
     number: int
     path: Path | str
@@ -80,6 +81,14 @@ class ShardPart:
     @property
     def name(self) -> str:
         return storage.text(self.path)
+
+    @property
+    def metadata_fields(self) -> tuple[str, ...]:
+        """Fields of each sample's json (a tar's) or columns (a parquet shard's) kept as metadata
+        columns of these names, as clip-retrieval's ``enable_metadata`` keeps them;
+        :data:`~unicom.data.parquet_shards.ALL_FIELDS`: every one but the columns the metadata
+        has anyway (:data:`SHARD_METADATA`)."""
+        return self.shard_columns.fields
 
     def records(self) -> Iterator[Record]:
         """Records in the shard's order; raises :class:`ShardReadError` after the last one of a
@@ -95,8 +104,37 @@ class ShardPart:
             if caption is None and isinstance(info.get("caption"), str):
                 caption = _utf8(info["caption"])
             url = info.get("url")
-            columns = {"url": None if url is None else _utf8(str(url)), "shard": shard, OCCURRENCE: occurrence}
+            columns = {**_kept_fields(info, self.metadata_fields),
+                       "url": None if url is None else _utf8(str(url)), "shard": shard, OCCURRENCE: occurrence}
             yield Record(index, sample.key, sample.image_bytes(), caption, columns)
+
+
+# the metadata columns of a shard's samples, which no field of theirs may replace
+SHARD_METADATA = ("key", "caption", "url", "width", "height", "shard", OCCURRENCE)
+
+
+def _kept_fields(info: dict, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of a sample's json ``info`` kept as metadata (see :attr:`ShardPart.metadata_fields`)."""
+    if not fields:
+        return {}
+    if tuple(fields) == parquet_shards.ALL_FIELDS:
+        return {name: value for name, value in info.items() if name not in SHARD_METADATA}
+    return {name: info.get(name) for name in fields}
+
+
+def check_metadata_fields(fields: Sequence[str]) -> tuple[str, ...]:
+    """``fields`` as :attr:`ShardPart.metadata_fields` takes them; a name the metadata has
+    anyway, an empty one or one given twice is an :class:`InputError`."""
+    fields = tuple(fields)
+    if fields == parquet_shards.ALL_FIELDS:
+        return fields
+    taken = [name for name in fields if name in SHARD_METADATA or name in parquet_shards.ALL_FIELDS]
+    if taken:
+        raise InputError(f"metadata fields {', '.join(taken)}: the metadata has columns of these names already "
+                         f"({', '.join(SHARD_METADATA)}), or 'all' names every field alone; leave them out")
+    if any(not name for name in fields) or len(set(fields)) < len(fields):
+        raise InputError(f"metadata fields {','.join(fields)}: give each field once, by name")
+    return fields
 
 
 @dataclass(frozen=True)
@@ -418,6 +456,9 @@ def open_parts(
         if only.lower().endswith(TABLE_SUFFIXES) and storage.braces(only) == [only] and not storage.has_magic(only):
             if only.lower().endswith(parquet_shards.PARQUET_SUFFIX) and _holds_images(only, table_options or {}, columns):
                 return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only), shard_columns=columns)]
+            if columns.fields:
+                raise InputError(f"{only}: a list of image files; the metadata fields named "
+                                 f"({', '.join(columns.fields)}) are fields of shards' samples: leave them out")
             if columns.image is not None:
                 raise InputError(f"{only}: a list of image files, whose paths are in its path column; the image column "
                                  f"named ({columns.image!r}) is the column of encoded images of parquet shards: leave "
@@ -427,6 +468,9 @@ def open_parts(
                 raise InputError(f"{only}: the list has no rows; give a list with one row per image")
             return list_parts(images, rows_per_part, only, label_names=True)
         if _is_image_folder(only):
+            if columns.fields:
+                raise InputError(f"{only}: an image folder; the metadata fields named ({', '.join(columns.fields)}) are "
+                                 "fields of shards' samples: leave them out")
             if columns.named():
                 shown = ", ".join(f"{role} {name!r}" for role, name in columns.named().items())
                 raise InputError(f"{only}: an image folder, whose keys are its files' paths; the columns named ({shown}) "
@@ -454,6 +498,6 @@ def _check_first_parquet(shards: Sequence[Any], columns: parquet_shards.ShardCol
         raise parquet_shards.no_images_error(first, schema)
 
 
-__all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
+__all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "SHARD_METADATA", "check_metadata_fields", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
            "open_benchmark", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
            "read_in_turn"]

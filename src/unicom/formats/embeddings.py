@@ -88,6 +88,7 @@ SHOWN = 10  # part numbers listed in a message
 # embed_config.json: the columns of parquet shards that unicom embed was told to read
 # ({"image": ..., "caption": ..., "key": ...}, those named only); every reader of the shards takes them
 SHARD_COLUMNS = "shard_columns"
+METADATA_FIELDS = "metadata_fields"  # embed_config.json: the fields of shards' samples kept as metadata columns
 PART_SETTINGS = "part_settings"  # embed_config.json: the settings of every run that wrote parts (a list)
 SETTINGS_KEY = b"unicom.embed_settings"  # a part's metadata file: how its embeddings were computed (JSON)
 
@@ -574,6 +575,7 @@ def _mixed_metadata(root, contents: "Contents", tables) -> InputError:
 __all__ = [
     "CONFIG_FILE",
     "SHARD_COLUMNS",
+    "METADATA_FIELDS",
     "FAILURES_FOLDER",
     "KEY_COLUMNS",
     "KINDS",

@@ -317,7 +317,8 @@ def test_training_reads_http_shards_with_s3_labels_as_it_reads_local_ones(s3, tm
 
     def records(shards, label_folder):
         config = SimpleNamespace(
-            data=SimpleNamespace(shards=shards, labels=label_folder, shuffle_buffer=4, folder=None, table=None, benchmark=None),
+            data=SimpleNamespace(shards=shards, labels=label_folder, shuffle_buffer=4, folder=None, table=None, benchmark=None,
+                                 image_column=None, key_column=None),
             loss=SimpleNamespace(num_classes=None))
         source = build_source(config)
         found = list(source.records(0, 0, 0, 1, 0, 1, 2, Counters()))

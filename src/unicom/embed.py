@@ -907,7 +907,8 @@ def embed_to_folder(
                          "one part, whatever its size: leave it out, or write smaller shards for more parts")
     if "text" in modalities and parts and not any(part.has_captions for part in parts):
         what = "a benchmark of images" if dataset is not None else \
-            "an image folder, or a list without a caption column: name it with --caption-column"
+            "an image folder without a .txt caption file beside its images, or a list without a caption column: name " \
+            "it with --caption-column"
         raise InputError(f"{parts[0].source}: no captions to embed as text ({what}); use --modalities image")
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = recorded_spec(model if isinstance(model, str) else model.name)

@@ -21,6 +21,7 @@ from unicom import storage
 from unicom.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_SUFFIX = ".txt"  # a folder's caption of an image: the text file of its name beside it
 # Names of image files that a folder's listing leaves out (other formats, other spellings of
 # JPEG): named in a warning, as the user's photos rather than sidecar files (.txt, .json).
 OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".svg", ".jfif", ".jpe", ".jp2", ".ico", ".psd", ".tga",
@@ -63,7 +64,9 @@ class ImageList:
     """Parallel per-image records.
 
     ``labels`` is an int64 array (N,) or None; ``class_names[labels[i]]`` names image i's
-    class when known; ``captions`` is a list of N strings or None.
+    class when known; ``captions`` is a list of N strings or None. ``caption_files``: for
+    images listed from a folder, the text file beside each image that holds its caption
+    (:func:`caption_file`; None where there is none), or None when no image has one.
     """
 
     paths: list[str]
@@ -71,6 +74,7 @@ class ImageList:
     labels: np.ndarray | None = None
     captions: list[str] | None = None
     class_names: list[str] | None = field(default=None)
+    caption_files: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,6 +95,7 @@ class ImageList:
             labels=None if self.labels is None else self.labels[index],
             captions=None if self.captions is None else [self.captions[i] for i in index],
             class_names=self.class_names,
+            caption_files=None if self.caption_files is None else [self.caption_files[i] for i in index],
         )
 
 
@@ -120,7 +125,7 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     :class:`NestedClassFolders`.
     """
     # (path, key, top-level class folder, folder holding the image), in class then path order
-    found, class_dirs = _remote_folder_images(root) if storage.is_url(root) else _local_folder_images(root)
+    found, class_dirs, texts = _remote_folder_images(root) if storage.is_url(root) else _local_folder_images(root)
     leaves = sorted({folder for _, _, _, folder in found})
     nested = any("/" in folder for folder in leaves)
     if nested and classes is None:
@@ -135,7 +140,7 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
         labels = [lookup[top] for _, _, top, _ in found]
     paths = [path for path, _, _, _ in found]
     keys = [key for _, key, _, _ in found]
-    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names)
+    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names, caption_files(paths, texts))
 
 
 def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
@@ -195,18 +200,20 @@ def _not_utf8(text: str) -> bool:
     return False
 
 
-def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
-    """The images of the class folder ``root`` on disk (see :func:`read_image_folder`) and
-    the class folder names."""
+def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str], set[str]]:
+    """The images of the class folder ``root`` on disk (see :func:`read_image_folder`), the
+    class folder names, and the text files among the images (captions, :func:`caption_files`)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise InputError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    found, others = [], []
+    found, others, texts = [], [], set()
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
+            if path.suffix == CAPTION_SUFFIX:
+                texts.add(str(path.absolute()))
             if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
                 others.append(path.relative_to(root).as_posix())
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
@@ -216,22 +223,34 @@ def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[st
     if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     check_utf8_names(root, [path for path, _, _, _ in found])
-    return found, [d.name for d in class_dirs]
+    return found, [d.name for d in class_dirs], texts
 
 
-def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str], set[str]]:
     """:func:`_local_folder_images` of a URL: one recursive listing; image paths are URLs."""
     root = storage.text(root).rstrip("/")
     if not storage.is_dir(root):
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
     relative = [storage.text(entry)[len(root) + 1:] for entry in storage.find_files(root)]
+    texts = {f"{root}/{r}" for r in relative if r.endswith(CAPTION_SUFFIX)}
     warn_other_images(root, [r for r in relative if "/" in r and not r.startswith(".")])
     relative = sorted((r for r in relative if "/" in r and not r.startswith(".")
                        and Path(r).suffix.lower() in IMAGE_SUFFIXES), key=lambda r: r.split("/"))
     if not relative:
         raise InputError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)}) under it")
     found = [(f"{root}/{r}", r, r.split("/", 1)[0], r.rsplit("/", 1)[0]) for r in relative]
-    return found, sorted({top for _, _, top, _ in found})
+    return found, sorted({top for _, _, top, _ in found}), texts
+
+
+def caption_files(paths: Sequence[str], texts: set[str]) -> list[str | None] | None:
+    """For each image of a folder (a path or URL), the text file beside it that holds its
+    caption, named as the image with ``.txt`` for its suffix (``0001.txt`` beside
+    ``0001.jpg``, as img2dataset's ``files`` output and clip-retrieval's ``files`` input
+    have them), if it is among ``texts`` (the folder's text files); None when no image has
+    one."""
+    found = [text if (text := path[: len(path) - len(Path(path).suffix)] + CAPTION_SUFFIX) in texts else None
+             for path in paths]
+    return found if any(text is not None for text in found) else None
 
 
 def utf8_error(path) -> InputError | None:

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unicom.data.shards import ShardReadError
+from unicom.data.sources import CaptionFile
 from unicom.data.transforms import (
     DecodeError,
     EncodedJpegs,
@@ -201,6 +202,11 @@ class BatchStream(IterableDataset):
         images, captions = [], []
         jpegs: tuple[list, list, list, list] = ([], [], [], [])
         for record in records:
+            if isinstance(record.caption, CaptionFile):  # a folder's caption file, read for this slice's samples only
+                failure = _read_caption(record)
+                if failure is not None:
+                    batch.failures.append(failure)
+                    continue
             row = {"key": record.key, "caption": record.caption, "width": None, "height": None, **record.columns}
             if self.image_transform is not None:
                 source = record.columns.get("image_path") or _path_or(record.image, part.name)
@@ -298,3 +304,20 @@ def _path_or(image, default: str) -> str:
 
 def _failure(record, source: str, reason: str) -> dict:
     return {"index": record.index, "key": record.key, "source": str(source), "reason": reason}
+
+
+def _read_caption(record) -> dict | None:
+    """Read the caption file of ``record`` into its ``caption``; the sample's failure when it
+    cannot be read (a file that could not be fetched leaves the part unfinished, as an image does)."""
+    path = record.caption.path
+    try:
+        record.caption = record.caption.read()
+    except DecodeError as error:
+        return _failure(record, path, str(error))
+    except FetchError as error:
+        if error.missing:
+            return _failure(record, path, f"caption file not found: {error}")
+        return dict(_failure(record, path, f"caption file fetch failed: {error}"), fetch=True)
+    except OSError as error:
+        return _failure(record, path, f"caption file unreadable: {error.strerror or error}")
+    return None

@@ -19,7 +19,16 @@ import numpy as np
 
 from unicom import storage
 from unicom.data import parquet_shards
-from unicom.data.lists import IMAGE_SUFFIXES, ImageList, check_utf8_names, read_image_folder, read_table, warn_other_images
+from unicom.data.lists import (
+    CAPTION_SUFFIX,
+    IMAGE_SUFFIXES,
+    ImageList,
+    caption_files,
+    check_utf8_names,
+    read_image_folder,
+    read_table,
+    warn_other_images,
+)
 from unicom.data.shards import (
     SHARD_SUFFIXES,
     TAR_SUFFIXES,
@@ -32,6 +41,7 @@ from unicom.data.shards import (
     shard_name,
     shard_number,
 )
+from unicom.data.transforms import DecodeError
 from unicom.errors import InputError
 from unicom.formats.embeddings import OCCURRENCE
 
@@ -137,9 +147,31 @@ def check_metadata_fields(fields: Sequence[str]) -> tuple[str, ...]:
     return fields
 
 
+MAX_CAPTION_BYTES = 1 << 20  # the longest caption file read (a model reads the first few dozen words)
+
+
+@dataclass(frozen=True)
+class CaptionFile:
+    """The caption of an image in a folder, in the text file beside it
+    (:func:`unicom.data.lists.caption_files`): read when its sample's batch is made, as
+    UTF-8 (bytes that are not replaced), stripped as a tar's ``.txt`` is."""
+
+    path: str
+
+    def read(self) -> str:
+        """The caption; :class:`unicom.data.transforms.DecodeError` for a file over
+        :data:`MAX_CAPTION_BYTES`, ``OSError`` (``storage.FetchError`` for a URL) when it cannot be read."""
+        data = storage.read_range(self.path, 0, MAX_CAPTION_BYTES + 1, exact=False)
+        if len(data) > MAX_CAPTION_BYTES:
+            raise DecodeError(f"its caption file {self.path} is longer than the {MAX_CAPTION_BYTES:,} bytes a caption "
+                              "may have")
+        return _utf8(data.decode("utf-8", errors="replace").strip())
+
+
 @dataclass(frozen=True)
 class ListPart:
-    """Rows ``start:stop`` of an :class:`ImageList`. Metadata: ``image_path``, ``occurrence``
+    """Rows ``start:stop`` of an :class:`ImageList` (captions from its ``captions``, or read
+    from its ``caption_files`` as :class:`CaptionFile`). Metadata: ``image_path``, ``occurrence``
     (:func:`key_occurrences` over the whole list: ``occurrences``, None when every key is
     unique) and ``label``: the class id, or with ``label_names`` the class name when the labels
     are names (a CSV list's labels as written)."""
@@ -165,7 +197,7 @@ class ListPart:
 
     @property
     def has_captions(self) -> bool:
-        return self.images.captions is not None
+        return self.images.captions is not None or self.images.caption_files is not None
 
     @property
     def name(self) -> str:
@@ -184,6 +216,8 @@ class ListPart:
                 label = int(images.labels[row])
                 columns["label"] = images.class_names[label] if self._names else label
             caption = None if images.captions is None else images.captions[row]
+            if images.caption_files is not None and images.caption_files[row] is not None:
+                caption = CaptionFile(images.caption_files[row])  # read by the batch's maker: its slice only
             yield Record(index, images.keys[row], images.paths[row], caption, columns)
 
 
@@ -317,7 +351,8 @@ def read_flat_folder(root) -> ImageList:
         paths = [p for p in files if Path(storage.name(p)).suffix.lower() in IMAGE_SUFFIXES]
         if not paths:
             raise InputError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
-        return ImageList(paths, [p[len(base) + 1:] for p in paths])
+        texts = {p for p in files if p.endswith(CAPTION_SUFFIX)}
+        return ImageList(paths, [p[len(base) + 1:] for p in paths], caption_files=caption_files(paths, texts))
     root = Path(root)
     files = sorted(root.rglob("*"))
     warn_other_images(root, [p.relative_to(root).as_posix() for p in files])
@@ -325,7 +360,9 @@ def read_flat_folder(root) -> ImageList:
     if not paths:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
     check_utf8_names(root, [str(p) for p in paths])
-    return ImageList([str(p.absolute()) for p in paths], [p.relative_to(root).as_posix() for p in paths])
+    absolute = [str(p.absolute()) for p in paths]
+    texts = {str(p.absolute()) for p in files if p.suffix == CAPTION_SUFFIX}
+    return ImageList(absolute, [p.relative_to(root).as_posix() for p in paths], caption_files=caption_files(absolute, texts))
 
 
 def _folder_list(root) -> ImageList:

@@ -1,8 +1,11 @@
-"""Captions of an image folder in text files beside its images (``0001.txt`` beside
-``0001.jpg``: img2dataset's ``files`` output, clip-retrieval's ``files`` input): read when
-each sample is decoded, embedded and kept as a CSV list's captions are."""
+"""Captions and fields of an image folder's images in the files beside them (``0001.txt``
+and ``0001.json`` beside ``0001.jpg``: img2dataset's ``files`` output, clip-retrieval's
+``files`` input): read when each sample is decoded; captions embedded and kept as a CSV
+list's are, fields kept as metadata columns with ``--metadata-fields``."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,7 +30,10 @@ def write_files_output(root):
         class_image(i, i, 32).save(path)
         if caption is not None:
             path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-        path.with_suffix(".json").write_text('{"url": "https://example.org"}')
+        if i != 1:  # img2dataset's json of the sample; one image has none
+            path.with_suffix(".json").write_text(json.dumps({
+                "url": f"https://example.org/{i}.jpg", "key": f"{i:09d}", "caption": caption, "status": "success",
+                "width": 32, "NSFW": ["UNLIKELY", None, "NSFW", "UNSURE"][i], "similarity": 0.25 + i / 100}))
     return root
 
 
@@ -73,7 +79,7 @@ def test_a_caption_file_that_cannot_be_read_leaves_its_sample_out_naming_the_fil
 
     root = write_files_output(tmp_path / "files")
     (root / "00001" / "000000002.txt").write_text("x" * 40)
-    monkeypatch.setattr(sources, "MAX_CAPTION_BYTES", 32)
+    monkeypatch.setattr(sources, "MAX_SIDECAR_BYTES", 32)
     (root / "00001" / "sub" / "000000003.txt").unlink()
     (root / "00001" / "sub" / "000000003.txt").mkdir()  # listed, and cannot be read
     listed = read_flat_folder(root)
@@ -84,8 +90,8 @@ def test_a_caption_file_that_cannot_be_read_leaves_its_sample_out_naming_the_fil
     failures = pq.read_table(tmp_path / "emb" / "failures" / "failures_0.parquet").to_pylist()
     assert [(f["key"], f["source"]) for f in failures] == [("00001/000000002.jpg", listed.caption_files[2]),
                                                             ("00001/sub/000000003.jpg", listed.caption_files[3])]
-    assert failures[0]["reason"] == f"its caption file {listed.caption_files[2]} is longer than the 32 bytes a caption may have"
-    assert failures[1]["reason"] == "caption file unreadable: Is a directory"
+    assert failures[0]["reason"] == f"its caption file {listed.caption_files[2]} is longer than the 32 bytes it may have"
+    assert failures[1]["reason"] == "unreadable: Is a directory"
     keys = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("key").to_pylist()
     assert keys == ["00000/000000000.jpg", "00000/000000001.png"]
 
@@ -102,3 +108,26 @@ def test_caption_files_in_s3_are_read_as_local_ones(tmp_path, s3):
         [None if f is None else CaptionFile(f).read() for f in local.caption_files] == \
         [None if c is None else c.strip() for _, c in sorted(CAPTIONS.items())]
     assert read_image_folder("s3://captions/files").caption_files == remote.caption_files
+
+
+def test_fields_of_the_json_beside_each_image_are_metadata_columns(tmp_path, capsys):
+    root = write_files_output(tmp_path / "files")
+    (root / "00001" / "sub" / "000000003.json").write_text("{not json")  # gives no fields, as a tar's json
+    common = ["--input", str(root), "--model", "timm/test_vit", "--workers", "0"]
+    assert main(["embed", *common, "--out", str(tmp_path / "named"), "--metadata-fields", "url,NSFW,similarity"]) == 0
+    table = pq.read_table(tmp_path / "named" / "metadata" / "metadata_0.parquet")
+    assert table.column_names[-3:] == ["url", "NSFW", "similarity"]
+    assert table.column("url").to_pylist() == ["https://example.org/0.jpg", None, "https://example.org/2.jpg", None]
+    assert table.column("NSFW").to_pylist() == ["UNLIKELY", None, "NSFW", None]
+    assert table.column("similarity").to_pylist() == [0.25, None, 0.27, None]
+    assert json.loads((tmp_path / "named" / "embed_config.json").read_text())["metadata_fields"] == \
+        ["url", "NSFW", "similarity"]
+    assert main(["embed", *common, "--out", str(tmp_path / "all"), "--metadata-fields", "all"]) == 0
+    table = pq.read_table(tmp_path / "all" / "metadata" / "metadata_0.parquet")
+    plain = ["key", "caption", "image_path", "width", "height", "occurrence", "label"]
+    assert table.column_names == plain + ["url", "status", "NSFW", "similarity"]  # key, caption, width: the folder's own
+    assert table.column("caption").to_pylist()[0] == "a red stripe"  # from the text file, not the json
+    capsys.readouterr()
+    assert main(["embed", *common, "--out", str(tmp_path / "bad"), "--metadata-fields", "image_path"]) == 2
+    assert "metadata fields image_path: the metadata has columns of these names already" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

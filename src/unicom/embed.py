@@ -41,7 +41,6 @@ from unicom.data.sources import (
     ItemsPart,
     ListPart,
     ShardPart,
-    check_metadata_fields,
     open_benchmark,
     open_parts,
     read_in_turn,
@@ -900,7 +899,7 @@ def embed_to_folder(
         parts, identity = open_benchmark(dataset, inputs, cut)
     else:
         if metadata_fields:
-            shard_columns = replace(shard_columns or ShardColumns(), fields=check_metadata_fields(metadata_fields))
+            shard_columns = replace(shard_columns or ShardColumns(), fields=tuple(metadata_fields))
         parts = open_parts(inputs, rows_per_part=cut, table_options=table_options, shard_columns=shard_columns)
     if rows_per_part is not None and parts and isinstance(parts[0], ShardPart):
         raise InputError(f"rows per part (--rows-per-part {rows_per_part}) cut image folders and lists; every shard is "
@@ -919,7 +918,7 @@ def embed_to_folder(
         config["keys_sha256"] = parts[0].images.keys_sha256()
     if parts and isinstance(parts[0], ShardPart) and parts[0].shard_columns.named():  # other keys, images, captions
         config[SHARD_COLUMNS] = parts[0].shard_columns.named()
-    if parts and isinstance(parts[0], ShardPart) and parts[0].metadata_fields:  # other metadata columns
+    if parts and getattr(parts[0], "metadata_fields", ()):  # other metadata columns
         config[METADATA_FIELDS] = list(parts[0].metadata_fields)
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
         config["draft"] = bool(draft)

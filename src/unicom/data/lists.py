@@ -21,7 +21,8 @@ from unicom import storage
 from unicom.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_SUFFIX = ".txt"  # a folder's caption of an image: the text file of its name beside it
+# files beside a folder's image, of its name: its caption, and its fields (img2dataset's json)
+CAPTION_SUFFIX, FIELDS_SUFFIX = ".txt", ".json"
 # Names of image files that a folder's listing leaves out (other formats, other spellings of
 # JPEG): named in a warning, as the user's photos rather than sidecar files (.txt, .json).
 OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".svg", ".jfif", ".jpe", ".jp2", ".ico", ".psd", ".tga",
@@ -64,9 +65,10 @@ class ImageList:
     """Parallel per-image records.
 
     ``labels`` is an int64 array (N,) or None; ``class_names[labels[i]]`` names image i's
-    class when known; ``captions`` is a list of N strings or None. ``caption_files``: for
-    images listed from a folder, the text file beside each image that holds its caption
-    (:func:`caption_file`; None where there is none), or None when no image has one.
+    class when known; ``captions`` is a list of N strings or None. ``caption_files`` and
+    ``json_files``: for images listed from a folder, the text file beside each image that
+    holds its caption and the json file of its fields (:func:`sidecar_files`; None where
+    there is none), or None when no image has one.
     """
 
     paths: list[str]
@@ -75,6 +77,7 @@ class ImageList:
     captions: list[str] | None = None
     class_names: list[str] | None = field(default=None)
     caption_files: list[str | None] | None = None
+    json_files: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,6 +99,7 @@ class ImageList:
             captions=None if self.captions is None else [self.captions[i] for i in index],
             class_names=self.class_names,
             caption_files=None if self.caption_files is None else [self.caption_files[i] for i in index],
+            json_files=None if self.json_files is None else [self.json_files[i] for i in index],
         )
 
 
@@ -125,7 +129,7 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
     :class:`NestedClassFolders`.
     """
     # (path, key, top-level class folder, folder holding the image), in class then path order
-    found, class_dirs, texts = _remote_folder_images(root) if storage.is_url(root) else _local_folder_images(root)
+    found, class_dirs, sidecars = _remote_folder_images(root) if storage.is_url(root) else _local_folder_images(root)
     leaves = sorted({folder for _, _, _, folder in found})
     nested = any("/" in folder for folder in leaves)
     if nested and classes is None:
@@ -140,7 +144,8 @@ def read_image_folder(root: str | os.PathLike, classes: str | None = "top") -> I
         labels = [lookup[top] for _, _, top, _ in found]
     paths = [path for path, _, _, _ in found]
     keys = [key for _, key, _, _ in found]
-    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names, caption_files(paths, texts))
+    return ImageList(paths, keys, np.asarray(labels, dtype=np.int64), None, names,
+                     sidecar_files(paths, sidecars, CAPTION_SUFFIX), sidecar_files(paths, sidecars, FIELDS_SUFFIX))
 
 
 def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
@@ -202,18 +207,18 @@ def _not_utf8(text: str) -> bool:
 
 def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str], set[str]]:
     """The images of the class folder ``root`` on disk (see :func:`read_image_folder`), the
-    class folder names, and the text files among the images (captions, :func:`caption_files`)."""
+    class folder names, and the text and json files among the images (:func:`sidecar_files`)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise InputError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    found, others, texts = [], [], set()
+    found, others, sidecars = [], [], set()
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
-            if path.suffix == CAPTION_SUFFIX:
-                texts.add(str(path.absolute()))
+            if path.suffix in (CAPTION_SUFFIX, FIELDS_SUFFIX):
+                sidecars.add(str(path.absolute()))
             if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
                 others.append(path.relative_to(root).as_posix())
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
@@ -223,7 +228,7 @@ def _local_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[st
     if not found:
         raise InputError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     check_utf8_names(root, [path for path, _, _, _ in found])
-    return found, [d.name for d in class_dirs], texts
+    return found, [d.name for d in class_dirs], sidecars
 
 
 def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[str], set[str]]:
@@ -232,25 +237,25 @@ def _remote_folder_images(root) -> tuple[list[tuple[str, str, str, str]], list[s
     if not storage.is_dir(root):
         raise InputError(f"{root}: folder not found (expected one sub-folder of images per class)")
     relative = [storage.text(entry)[len(root) + 1:] for entry in storage.find_files(root)]
-    texts = {f"{root}/{r}" for r in relative if r.endswith(CAPTION_SUFFIX)}
+    sidecars = {f"{root}/{r}" for r in relative if r.endswith((CAPTION_SUFFIX, FIELDS_SUFFIX))}
     warn_other_images(root, [r for r in relative if "/" in r and not r.startswith(".")])
     relative = sorted((r for r in relative if "/" in r and not r.startswith(".")
                        and Path(r).suffix.lower() in IMAGE_SUFFIXES), key=lambda r: r.split("/"))
     if not relative:
         raise InputError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)}) under it")
     found = [(f"{root}/{r}", r, r.split("/", 1)[0], r.rsplit("/", 1)[0]) for r in relative]
-    return found, sorted({top for _, _, top, _ in found}), texts
+    return found, sorted({top for _, _, top, _ in found}), sidecars
 
 
-def caption_files(paths: Sequence[str], texts: set[str]) -> list[str | None] | None:
-    """For each image of a folder (a path or URL), the text file beside it that holds its
-    caption, named as the image with ``.txt`` for its suffix (``0001.txt`` beside
-    ``0001.jpg``, as img2dataset's ``files`` output and clip-retrieval's ``files`` input
-    have them), if it is among ``texts`` (the folder's text files); None when no image has
-    one."""
-    found = [text if (text := path[: len(path) - len(Path(path).suffix)] + CAPTION_SUFFIX) in texts else None
+def sidecar_files(paths: Sequence[str], sidecars: set[str], suffix: str) -> list[str | None] | None:
+    """For each image of a folder (a path or URL), the file beside it named as the image with
+    ``suffix`` for its own (``0001.txt``, its caption, and ``0001.json``, its fields, beside
+    ``0001.jpg``, as img2dataset's ``files`` output and clip-retrieval's ``files`` input have
+    them), if it is among ``sidecars`` (the folder's files of these suffixes); None when no
+    image has one."""
+    found = [name if (name := path[: len(path) - len(Path(path).suffix)] + suffix) in sidecars else None
              for path in paths]
-    return found if any(text is not None for text in found) else None
+    return found if any(name is not None for name in found) else None
 
 
 def utf8_error(path) -> InputError | None:

@@ -202,8 +202,8 @@ class BatchStream(IterableDataset):
         images, captions = [], []
         jpegs: tuple[list, list, list, list] = ([], [], [], [])
         for record in records:
-            if isinstance(record.caption, CaptionFile):  # a folder's caption file, read for this slice's samples only
-                failure = _read_caption(record)
+            if isinstance(record.caption, CaptionFile) or record.fields is not None:  # a folder's files beside the image,
+                failure = _read_sidecars(record)  # read for this slice's samples only
                 if failure is not None:
                     batch.failures.append(failure)
                     continue
@@ -306,18 +306,25 @@ def _failure(record, source: str, reason: str) -> dict:
     return {"index": record.index, "key": record.key, "source": str(source), "reason": reason}
 
 
-def _read_caption(record) -> dict | None:
-    """Read the caption file of ``record`` into its ``caption``; the sample's failure when it
-    cannot be read (a file that could not be fetched leaves the part unfinished, as an image does)."""
-    path = record.caption.path
+def _read_sidecars(record) -> dict | None:
+    """Read the caption file of ``record`` into its ``caption`` and its json file's fields into
+    its ``columns``; the sample's failure when one cannot be read (a file that could not be
+    fetched leaves the part unfinished, as an image does)."""
+    path = ""
     try:
-        record.caption = record.caption.read()
+        if isinstance(record.caption, CaptionFile):
+            path = record.caption.path
+            record.caption = record.caption.read()
+        if record.fields is not None:
+            path = record.fields.path
+            record.columns.update(record.fields.read())
+            record.fields = None
     except DecodeError as error:
         return _failure(record, path, str(error))
     except FetchError as error:
         if error.missing:
-            return _failure(record, path, f"caption file not found: {error}")
-        return dict(_failure(record, path, f"caption file fetch failed: {error}"), fetch=True)
+            return _failure(record, path, f"file not found: {error}")
+        return dict(_failure(record, path, f"fetch failed: {error}"), fetch=True)
     except OSError as error:
-        return _failure(record, path, f"caption file unreadable: {error.strerror or error}")
+        return _failure(record, path, f"unreadable: {error.strerror or error}")
     return None

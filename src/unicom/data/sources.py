@@ -10,6 +10,7 @@ A part yields :class:`Record` s: what to decode plus the metadata columns of its
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,9 +22,10 @@ from unicom import storage
 from unicom.data import parquet_shards
 from unicom.data.lists import (
     CAPTION_SUFFIX,
+    FIELDS_SUFFIX,
     IMAGE_SUFFIXES,
     ImageList,
-    caption_files,
+    sidecar_files,
     check_utf8_names,
     read_image_folder,
     read_table,
@@ -63,6 +65,9 @@ class Record:
     image: Any
     caption: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    # a folder's json file of the sample's fields (FieldsFile), read into ``columns`` with its
+    # caption file (``caption`` a CaptionFile) where the batch is made
+    fields: Any = None
 
 
 def _utf8(text: str) -> str:
@@ -114,58 +119,85 @@ class ShardPart:
             if caption is None and isinstance(info.get("caption"), str):
                 caption = _utf8(info["caption"])
             url = info.get("url")
-            columns = {**_kept_fields(info, self.metadata_fields),
+            columns = {**_kept_fields(info, self.metadata_fields, SHARD_METADATA),
                        "url": None if url is None else _utf8(str(url)), "shard": shard, OCCURRENCE: occurrence}
             yield Record(index, sample.key, sample.image_bytes(), caption, columns)
 
 
-# the metadata columns of a shard's samples, which no field of theirs may replace
+# the metadata columns of a shard's samples and of a folder's, which no field of theirs may replace
 SHARD_METADATA = ("key", "caption", "url", "width", "height", "shard", OCCURRENCE)
+LIST_METADATA = ("key", "caption", "image_path", "width", "height", OCCURRENCE, "label")
 
 
-def _kept_fields(info: dict, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The fields of a sample's json ``info`` kept as metadata (see :attr:`ShardPart.metadata_fields`)."""
+def _kept_fields(info: dict, fields: tuple[str, ...], reserved: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of a sample's json ``info`` kept as metadata (see :attr:`ShardPart.metadata_fields`):
+    with :data:`~unicom.data.parquet_shards.ALL_FIELDS`, all but the ``reserved`` columns."""
     if not fields:
         return {}
     if tuple(fields) == parquet_shards.ALL_FIELDS:
-        return {name: value for name, value in info.items() if name not in SHARD_METADATA}
+        return {name: value for name, value in info.items() if name not in reserved}
     return {name: info.get(name) for name in fields}
 
 
-def check_metadata_fields(fields: Sequence[str]) -> tuple[str, ...]:
-    """``fields`` as :attr:`ShardPart.metadata_fields` takes them; a name the metadata has
-    anyway, an empty one or one given twice is an :class:`InputError`."""
+def check_metadata_fields(fields: Sequence[str], reserved: tuple[str, ...] = SHARD_METADATA) -> tuple[str, ...]:
+    """``fields`` as :attr:`ShardPart.metadata_fields` (``reserved`` :data:`SHARD_METADATA`)
+    or :attr:`ListPart.metadata_fields` (:data:`LIST_METADATA`) takes them; a name the
+    metadata has anyway, an empty one or one given twice is an :class:`InputError`."""
     fields = tuple(fields)
     if fields == parquet_shards.ALL_FIELDS:
         return fields
-    taken = [name for name in fields if name in SHARD_METADATA or name in parquet_shards.ALL_FIELDS]
+    taken = [name for name in fields if name in reserved or name in parquet_shards.ALL_FIELDS]
     if taken:
         raise InputError(f"metadata fields {', '.join(taken)}: the metadata has columns of these names already "
-                         f"({', '.join(SHARD_METADATA)}), or 'all' names every field alone; leave them out")
+                         f"({', '.join(reserved)}), or 'all' names every field alone; leave them out")
     if any(not name for name in fields) or len(set(fields)) < len(fields):
         raise InputError(f"metadata fields {','.join(fields)}: give each field once, by name")
     return fields
 
 
-MAX_CAPTION_BYTES = 1 << 20  # the longest caption file read (a model reads the first few dozen words)
+# the longest caption or json file beside an image read (a model reads a caption's first few
+# dozen words; img2dataset's json of a sample is a few kB)
+MAX_SIDECAR_BYTES = 1 << 20
+
+
+def _read_sidecar(path: str, what: str) -> bytes:
+    data = storage.read_range(path, 0, MAX_SIDECAR_BYTES + 1, exact=False)
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise DecodeError(f"its {what} file {path} is longer than the {MAX_SIDECAR_BYTES:,} bytes it may have")
+    return data
 
 
 @dataclass(frozen=True)
 class CaptionFile:
     """The caption of an image in a folder, in the text file beside it
-    (:func:`unicom.data.lists.caption_files`): read when its sample's batch is made, as
+    (:func:`unicom.data.lists.sidecar_files`): read when its sample's batch is made, as
     UTF-8 (bytes that are not replaced), stripped as a tar's ``.txt`` is."""
 
     path: str
 
     def read(self) -> str:
         """The caption; :class:`unicom.data.transforms.DecodeError` for a file over
-        :data:`MAX_CAPTION_BYTES`, ``OSError`` (``storage.FetchError`` for a URL) when it cannot be read."""
-        data = storage.read_range(self.path, 0, MAX_CAPTION_BYTES + 1, exact=False)
-        if len(data) > MAX_CAPTION_BYTES:
-            raise DecodeError(f"its caption file {self.path} is longer than the {MAX_CAPTION_BYTES:,} bytes a caption "
-                              "may have")
-        return _utf8(data.decode("utf-8", errors="replace").strip())
+        :data:`MAX_SIDECAR_BYTES`, ``OSError`` (``storage.FetchError`` for a URL) when it cannot be read."""
+        return _utf8(_read_sidecar(self.path, "caption").decode("utf-8", errors="replace").strip())
+
+
+@dataclass(frozen=True)
+class FieldsFile:
+    """The json file beside an image in a folder (img2dataset's ``files`` output writes its
+    url, status, sizes and its input's columns there), whose ``fields`` are kept as metadata
+    (:attr:`ListPart.metadata_fields`); read when its sample's batch is made, as a tar's
+    ``.json`` is (a file that is not a JSON object gives no fields)."""
+
+    path: str
+    fields: tuple[str, ...]
+
+    def read(self) -> dict[str, Any]:
+        """The fields kept; errors as :meth:`CaptionFile.read`'s."""
+        try:
+            info = json.loads(_read_sidecar(self.path, "json"))
+        except ValueError:
+            info = {}
+        return _kept_fields(info if isinstance(info, dict) else {}, self.fields, LIST_METADATA)
 
 
 @dataclass(frozen=True)
@@ -183,6 +215,9 @@ class ListPart:
     source: str
     label_names: bool = False
     occurrences: Any = field(default=None, compare=False, repr=False)
+    # fields of the json file beside each image (a folder's: the list's json_files) kept as
+    # metadata columns, as ShardPart.metadata_fields keeps a shard's
+    metadata_fields: tuple[str, ...] = ()
 
     @property
     def columns(self) -> tuple[tuple[str, str], ...]:
@@ -218,7 +253,14 @@ class ListPart:
             caption = None if images.captions is None else images.captions[row]
             if images.caption_files is not None and images.caption_files[row] is not None:
                 caption = CaptionFile(images.caption_files[row])  # read by the batch's maker: its slice only
-            yield Record(index, images.keys[row], images.paths[row], caption, columns)
+            fields = None
+            if self.metadata_fields:
+                json_file = None if images.json_files is None else images.json_files[row]
+                if json_file is not None:
+                    fields = FieldsFile(json_file, self.metadata_fields)
+                elif tuple(self.metadata_fields) != parquet_shards.ALL_FIELDS:
+                    columns.update({name: None for name in self.metadata_fields})
+            yield Record(index, images.keys[row], images.paths[row], caption, columns, fields)
 
 
 @dataclass(frozen=True)
@@ -319,14 +361,16 @@ def read_in_turn(parts: Sequence[Any]) -> list[Any]:
             for part, after in zip(parts, [*parts[1:], None])]
 
 
-def list_parts(images: ImageList, rows_per_part: int, source: str, label_names: bool = False) -> list[ListPart]:
-    """Cut ``images`` into parts of ``rows_per_part`` rows, numbered 0, 1, ... (``label_names``:
-    see :class:`ListPart`)."""
+def list_parts(images: ImageList, rows_per_part: int, source: str, label_names: bool = False,
+               metadata_fields: tuple[str, ...] = ()) -> list[ListPart]:
+    """Cut ``images`` into parts of ``rows_per_part`` rows, numbered 0, 1, ... (``label_names``,
+    ``metadata_fields``: see :class:`ListPart`)."""
     if rows_per_part < 1:
         raise InputError(f"rows per part must be at least 1, got {rows_per_part}")
     occurrences = key_occurrences(images.keys)
     return [
-        ListPart(number, images, start, min(start + rows_per_part, len(images)), source, label_names, occurrences)
+        ListPart(number, images, start, min(start + rows_per_part, len(images)), source, label_names, occurrences,
+                 metadata_fields)
         for number, start in enumerate(range(0, len(images), rows_per_part))
     ]
 
@@ -351,8 +395,9 @@ def read_flat_folder(root) -> ImageList:
         paths = [p for p in files if Path(storage.name(p)).suffix.lower() in IMAGE_SUFFIXES]
         if not paths:
             raise InputError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
-        texts = {p for p in files if p.endswith(CAPTION_SUFFIX)}
-        return ImageList(paths, [p[len(base) + 1:] for p in paths], caption_files=caption_files(paths, texts))
+        sidecars = {p for p in files if p.endswith((CAPTION_SUFFIX, FIELDS_SUFFIX))}
+        return ImageList(paths, [p[len(base) + 1:] for p in paths], caption_files=sidecar_files(paths, sidecars, CAPTION_SUFFIX),
+                         json_files=sidecar_files(paths, sidecars, FIELDS_SUFFIX))
     root = Path(root)
     files = sorted(root.rglob("*"))
     warn_other_images(root, [p.relative_to(root).as_posix() for p in files])
@@ -361,8 +406,10 @@ def read_flat_folder(root) -> ImageList:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
     check_utf8_names(root, [str(p) for p in paths])
     absolute = [str(p.absolute()) for p in paths]
-    texts = {str(p.absolute()) for p in files if p.suffix == CAPTION_SUFFIX}
-    return ImageList(absolute, [p.relative_to(root).as_posix() for p in paths], caption_files=caption_files(absolute, texts))
+    sidecars = {str(p.absolute()) for p in files if p.suffix in (CAPTION_SUFFIX, FIELDS_SUFFIX)}
+    return ImageList(absolute, [p.relative_to(root).as_posix() for p in paths],
+                     caption_files=sidecar_files(absolute, sidecars, CAPTION_SUFFIX),
+                     json_files=sidecar_files(absolute, sidecars, FIELDS_SUFFIX))
 
 
 def _folder_list(root) -> ImageList:
@@ -495,7 +542,8 @@ def open_parts(
                 return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only), shard_columns=columns)]
             if columns.fields:
                 raise InputError(f"{only}: a list of image files; the metadata fields named "
-                                 f"({', '.join(columns.fields)}) are fields of shards' samples: leave them out")
+                                 f"({', '.join(columns.fields)}) are fields of shards' samples or of the json files "
+                                 "beside a folder's images: leave them out")
             if columns.image is not None:
                 raise InputError(f"{only}: a list of image files, whose paths are in its path column; the image column "
                                  f"named ({columns.image!r}) is the column of encoded images of parquet shards: leave "
@@ -505,14 +553,14 @@ def open_parts(
                 raise InputError(f"{only}: the list has no rows; give a list with one row per image")
             return list_parts(images, rows_per_part, only, label_names=True)
         if _is_image_folder(only):
-            if columns.fields:
-                raise InputError(f"{only}: an image folder; the metadata fields named ({', '.join(columns.fields)}) are "
-                                 "fields of shards' samples: leave them out")
             if columns.named():
                 shown = ", ".join(f"{role} {name!r}" for role, name in columns.named().items())
                 raise InputError(f"{only}: an image folder, whose keys are its files' paths; the columns named ({shown}) "
                                  "are columns of parquet shards or of a list: leave them out")
-            return list_parts(_folder_list(only), rows_per_part, only)
+            fields = check_metadata_fields(columns.fields, LIST_METADATA) if columns.fields else ()
+            return list_parts(_folder_list(only), rows_per_part, only, metadata_fields=fields)
+    if columns.fields:
+        check_metadata_fields(columns.fields, SHARD_METADATA)
     shards = expand_shards(inputs, instead="; give shards (webdataset tars, or parquet files that hold the images), one "
                                            "image folder, or one CSV/parquet list")
     check_shard_columns(shards, columns)
@@ -535,6 +583,6 @@ def _check_first_parquet(shards: Sequence[Any], columns: parquet_shards.ShardCol
         raise parquet_shards.no_images_error(first, schema)
 
 
-__all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "SHARD_METADATA", "check_metadata_fields", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
+__all__ = ["DEFAULT_ROWS_PER_PART", "Record", "ShardPart", "SHARD_METADATA", "LIST_METADATA", "check_metadata_fields", "CaptionFile", "FieldsFile", "ListPart", "ItemsPart", "CroppedPart", "QueryCrop", "CROPPED_QUERY_BENCHMARKS",
            "open_benchmark", "ShardReadError", "open_parts", "list_parts", "read_flat_folder",
            "read_in_turn"]

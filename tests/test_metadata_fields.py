@@ -153,15 +153,33 @@ def test_fields_the_metadata_has_or_given_twice_are_refused(fields, message):
         check_metadata_fields(fields)
 
 
-def test_fields_are_refused_for_lists_and_benchmarks(tmp_path, capsys):
-    (tmp_path / "photos").mkdir()
-    class_image(0, 0, 16).save(tmp_path / "photos" / "a.png")
-    (tmp_path / "list.csv").write_text("path\nphotos/a.png\n")
-    assert main(["embed", "--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--out",
-                 str(tmp_path / "emb"), "--metadata-fields", "NSFW"]) == 2
-    assert ("list.csv: a list of image files; the metadata fields named (NSFW) are fields of shards' samples or of the "
-            "json files beside a folder's images: leave them out") in capsys.readouterr().err
-    assert not (tmp_path / "emb").exists()
+def test_a_lists_own_columns_are_kept_as_fields(tmp_path, capsys):
+    for i in range(3):
+        class_image(i, i, 16).save(tmp_path / f"{i}.png")
+    (tmp_path / "list.csv").write_text("path,caption,label,category,price,sku\n0.png,a cat,0,pets,1.5,007\n"
+                                       "1.png,a dog,1,pets,,008\n2.png,a car,0,cars,3,009\n")
+    common = ["--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--workers", "0"]
+    assert main(["embed", *common, "--out", str(tmp_path / "named"), "--metadata-fields", "price,category"]) == 0
+    table = pq.read_table(tmp_path / "named" / "metadata" / "metadata_0.parquet")
+    assert table.column_names[-2:] == ["price", "category"]
+    assert table.column("price").to_pylist() == [1.5, None, 3.0]
+    assert table.column("category").to_pylist() == ["pets", "pets", "cars"]
+    assert main(["embed", *common, "--out", str(tmp_path / "all"), "--metadata-fields", "all"]) == 0
+    table = pq.read_table(tmp_path / "all" / "metadata" / "metadata_0.parquet")
+    # every column but those read as the path, caption and label (sku as pyarrow reads a CSV's numbers)
+    assert table.column_names == ["key", "caption", "image_path", "width", "height", "occurrence", "label", "category",
+                                  "price", "sku"]
+    assert table.column("sku").to_pylist() == [7, 8, 9]
+    capsys.readouterr()
+    assert main(["embed", *common, "--out", str(tmp_path / "bad"), "--metadata-fields", "brand"]) == 2
+    assert "list.csv: no column 'brand' (a metadata field named); columns are ['path', 'caption', 'label', 'category', " \
+        "'price', 'sku']" in capsys.readouterr().err
+    assert main(["embed", *common, "--out", str(tmp_path / "bad"), "--metadata-fields", "label"]) == 2
+    assert "metadata fields label: the metadata has columns of these names already" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fields_are_refused_for_benchmarks(tmp_path, capsys):
     assert main(["embed", "--dataset", "roxford5k", "--root", str(tmp_path), "--model", "timm/test_vit", "--out",
                  str(tmp_path / "emb"), "--metadata-fields", "NSFW"]) == 2
     assert "--metadata-fields name columns of an --input list or parquet shards" in capsys.readouterr().err

@@ -157,6 +157,9 @@ def test_one_parquet_file_with_its_image_column_named_is_a_shard(tmp_path):
     parts = open_parts(str(tmp_path / "00004.parquet"), shard_columns=ShardColumns(image="photo"))
     assert [(type(p), p.number) for p in parts] == [(ShardPart, 4)]
     assert [r.image for r in parts[0].records()] == [s["jpg"] for s in samples]
+    (tmp_path / "00005.parquet").write_bytes(b"an error page")
+    with pytest.raises(InputError, match=r"00005.parquet: cannot be read as a parquet shard \(ArrowInvalid: "):
+        open_parts(str(tmp_path / "00005.parquet"), shard_columns=ShardColumns(image="photo"))
 
 
 def test_embed_with_named_columns_equals_embed_of_the_same_tars_and_records_them(tmp_path, capsys):

@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "{bytes, path} structs (default: the first of jpg, jpeg, png, webp, image)")
     parser.add_argument("--metadata-fields", metavar="NAMES", help="fields of the samples kept as metadata columns, "
                         "comma-separated (a tar's json's, a parquet shard's columns, the json file's beside a folder's "
-                        "image; LAION's NSFW, similarity, ...), or 'all', as clip-retrieval's enable_metadata "
-                        "(default: none)")
+                        "image, a list's other columns; LAION's NSFW, similarity, ...), or 'all', as clip-retrieval's "
+                        "enable_metadata (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else the CPU)")
 
 

@@ -78,6 +78,8 @@ class ImageList:
     class_names: list[str] | None = field(default=None)
     caption_files: list[str | None] | None = None
     json_files: list[str | None] | None = None
+    # a list's other columns kept as metadata (read_table's extra_columns): name -> N values
+    extra: dict[str, list] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -100,6 +102,7 @@ class ImageList:
             class_names=self.class_names,
             caption_files=None if self.caption_files is None else [self.caption_files[i] for i in index],
             json_files=None if self.json_files is None else [self.json_files[i] for i in index],
+            extra=None if self.extra is None else {name: [values[i] for i in index] for name, values in self.extra.items()},
         )
 
 
@@ -333,6 +336,8 @@ def read_table(
     key_column: str | None = "key",
     root: str | os.PathLike | None = None,
     required: Sequence[str] = (),
+    extra_columns: Sequence[str] = (),
+    every_other_column: bool = False,
 ) -> ImageList:
     """A CSV or parquet list of images, one row each.
 
@@ -346,6 +351,8 @@ def read_table(
     not a list read without it. Keys come
     from ``key_column`` when present, else from the path as written; a CSV's paths, keys
     and captions are read as text, exactly as written (key ``000123`` stays ``"000123"``).
+    ``extra_columns`` (each must be there), or with ``every_other_column`` every column but
+    those read as path, key, caption and label, are kept in ``extra`` as their values.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -416,4 +423,10 @@ def read_table(
     captions = None
     if caption_column and caption_column in table.column_names:
         captions = ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
-    return ImageList(paths, keys, labels, captions, class_names)
+    absent = [name for name in extra_columns if name not in table.column_names]
+    if absent:
+        raise InputError(f"{path}: no column {absent[0]!r} (a metadata field named); columns are {table.column_names}")
+    used = {path_column, key_column, caption_column, label_column}
+    kept = [name for name in table.column_names if name not in used] if every_other_column else list(extra_columns)
+    extra = {name: table.column(name).to_pylist() for name in kept} if kept else None
+    return ImageList(paths, keys, labels, captions, class_names, extra=extra)

@@ -215,8 +215,8 @@ class ListPart:
     source: str
     label_names: bool = False
     occurrences: Any = field(default=None, compare=False, repr=False)
-    # fields of the json file beside each image (a folder's: the list's json_files) kept as
-    # metadata columns, as ShardPart.metadata_fields keeps a shard's
+    # fields kept as metadata columns, as ShardPart.metadata_fields keeps a shard's: the list's
+    # own columns (images.extra), or a folder's json file beside each image (images.json_files)
     metadata_fields: tuple[str, ...] = ()
 
     @property
@@ -254,7 +254,9 @@ class ListPart:
             if images.caption_files is not None and images.caption_files[row] is not None:
                 caption = CaptionFile(images.caption_files[row])  # read by the batch's maker: its slice only
             fields = None
-            if self.metadata_fields:
+            if images.extra is not None:  # a list's columns kept
+                columns.update({name: values[row] for name, values in images.extra.items() if name not in LIST_METADATA})
+            elif self.metadata_fields:
                 json_file = None if images.json_files is None else images.json_files[row]
                 if json_file is not None:
                     fields = FieldsFile(json_file, self.metadata_fields)
@@ -490,9 +492,9 @@ def _holds_images(location: str, table_options: dict[str, Any], columns: parquet
         return False
     try:
         schema = parquet_shards.read_schema(location)
-    except Exception:  # noqa: BLE001 - unreadable or absent: reading it as a list names what is wrong
+    except Exception as error:  # noqa: BLE001 - unreadable or absent: reading it as a list names what is wrong
         if columns.image is not None:
-            raise
+            raise InputError(f"{location}: cannot be read as a parquet shard ({type(error).__name__}: {error})") from error
         return False
     layout = parquet_shards.parquet_layout(schema, location, columns)
     path_column = table_options.get("path_column", "path")
@@ -540,18 +542,17 @@ def open_parts(
         if only.lower().endswith(TABLE_SUFFIXES) and storage.braces(only) == [only] and not storage.has_magic(only):
             if only.lower().endswith(parquet_shards.PARQUET_SUFFIX) and _holds_images(only, table_options or {}, columns):
                 return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only), shard_columns=columns)]
-            if columns.fields:
-                raise InputError(f"{only}: a list of image files; the metadata fields named "
-                                 f"({', '.join(columns.fields)}) are fields of shards' samples or of the json files "
-                                 "beside a folder's images: leave them out")
+            fields = check_metadata_fields(columns.fields, LIST_METADATA) if columns.fields else ()
             if columns.image is not None:
                 raise InputError(f"{only}: a list of image files, whose paths are in its path column; the image column "
                                  f"named ({columns.image!r}) is the column of encoded images of parquet shards: leave "
                                  "it out, or name the list's path column")
-            images = read_table(only, **(table_options or {}))
+            every = fields == parquet_shards.ALL_FIELDS
+            images = read_table(only, **(table_options or {}), extra_columns=() if every else fields,
+                                every_other_column=every)
             if not len(images):
                 raise InputError(f"{only}: the list has no rows; give a list with one row per image")
-            return list_parts(images, rows_per_part, only, label_names=True)
+            return list_parts(images, rows_per_part, only, label_names=True, metadata_fields=fields)
         if _is_image_folder(only):
             if columns.named():
                 shown = ", ".join(f"{role} {name!r}" for role, name in columns.named().items())

@@ -113,7 +113,12 @@ def test_caption_files_in_s3_are_read_as_local_ones(tmp_path, s3):
 def test_fields_of_the_json_beside_each_image_are_metadata_columns(tmp_path, capsys):
     root = write_files_output(tmp_path / "files")
     (root / "00001" / "sub" / "000000003.json").write_text("{not json")  # gives no fields, as a tar's json
-    common = ["--input", str(root), "--model", "timm/test_vit", "--workers", "0"]
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), tmp_path / "test_vit.pth")
+    common = ["--input", str(root), "--model", "timm/test_vit", "--pretrained", str(tmp_path / "test_vit.pth"),
+              "--workers", "0"]
     assert main(["embed", *common, "--out", str(tmp_path / "named"), "--metadata-fields", "url,NSFW,similarity"]) == 0
     table = pq.read_table(tmp_path / "named" / "metadata" / "metadata_0.parquet")
     assert table.column_names[-3:] == ["url", "NSFW", "similarity"]

@@ -153,12 +153,13 @@ def test_fields_the_metadata_has_or_given_twice_are_refused(fields, message):
         check_metadata_fields(fields)
 
 
-def test_a_lists_own_columns_are_kept_as_fields(tmp_path, capsys):
+def test_a_lists_own_columns_are_kept_as_fields(embedded, tmp_path, capsys):
     for i in range(3):
         class_image(i, i, 16).save(tmp_path / f"{i}.png")
     (tmp_path / "list.csv").write_text("path,caption,label,category,price,sku\n0.png,a cat,0,pets,1.5,007\n"
                                        "1.png,a dog,1,pets,,008\n2.png,a car,0,cars,3,009\n")
-    common = ["--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--workers", "0"]
+    common = ["--input", str(tmp_path / "list.csv"), "--model", "timm/test_vit", "--workers", "0",
+              "--pretrained", str(embedded["root"] / "test_vit.pth")]
     assert main(["embed", *common, "--out", str(tmp_path / "named"), "--metadata-fields", "price,category"]) == 0
     table = pq.read_table(tmp_path / "named" / "metadata" / "metadata_0.parquet")
     assert table.column_names[-2:] == ["price", "category"]

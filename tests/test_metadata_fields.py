@@ -116,10 +116,17 @@ def test_parquet_shards_keep_the_same_fields_from_their_columns(embedded, tmp_pa
     table = pq.read_table(tmp_path / "emb_all" / "metadata" / "metadata_0.parquet")
     assert table.column_names[-5:] == ["status", "error_message", "NSFW", "similarity", "LICENSE"]
     assert "jpg" not in table.column_names
+    from unicom.data.sources import open_parts
+
+    for given in (tmp_path / "pq" / "00000.parquet", tmp_path / "pq"):  # one shard alone, or a folder of them
+        with pytest.raises(InputError, match="metadata fields url: the metadata has columns of these names already"):
+            open_parts(str(given), metadata_fields=["url"])
     with pytest.raises(InputError, match=r"the column 'jpg' holds encoded images \(binary\), which metadata does not keep"):
         from unicom.embed import embed_to_folder
 
         embed_to_folder(str(tmp_path / "pq"), tmp_path / "emb_jpg", "timm/test_vit", metadata_fields=["jpg"])
+    with pytest.raises(InputError, match=r"the column 'jpg' holds encoded images"):  # one shard alone: as early
+        open_parts(str(tmp_path / "pq" / "00000.parquet"), metadata_fields=["jpg"])
 
 
 def test_serve_answers_the_fields_with_each_result_as_clip_retrievals_back_end_does(embedded):

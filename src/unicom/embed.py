@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from unicom import distributed, storage
 from unicom.data.loading import Batch, BatchStream, plan_units
-from unicom.data.parquet_shards import ALL_FIELDS, ShardColumns
+from unicom.data.parquet_shards import ALL_FIELDS
 from unicom.data.shards import drop_prefetched, shard_name, written_name
 from unicom.data.sources import (
     DEFAULT_ROWS_PER_PART,
@@ -879,7 +879,7 @@ def embed_to_folder(
     ``shard_columns``: the columns of parquet shards named instead of the usual ones
     (:class:`unicom.data.parquet_shards.ShardColumns`), recorded in the folder's
     configuration, where ``unicom cluster show`` and ``unicom index`` find them.
-    ``metadata_fields``: fields of the shards' samples kept as metadata columns (see
+    ``metadata_fields``: fields of the samples kept as metadata columns (see
     :attr:`unicom.data.sources.ShardPart.metadata_fields`; ``("all",)``: every one).
 
     Inputs and the folder's previous configuration are checked before the model is built
@@ -898,9 +898,8 @@ def embed_to_folder(
     if dataset is not None:
         parts, identity = open_benchmark(dataset, inputs, cut)
     else:
-        if metadata_fields:
-            shard_columns = replace(shard_columns or ShardColumns(), fields=tuple(metadata_fields))
-        parts = open_parts(inputs, rows_per_part=cut, table_options=table_options, shard_columns=shard_columns)
+        parts = open_parts(inputs, rows_per_part=cut, table_options=table_options, shard_columns=shard_columns,
+                           metadata_fields=metadata_fields)
     if rows_per_part is not None and parts and isinstance(parts[0], ShardPart):
         raise InputError(f"rows per part (--rows-per-part {rows_per_part}) cut image folders and lists; every shard is "
                          "one part, whatever its size: leave it out, or write smaller shards for more parts")

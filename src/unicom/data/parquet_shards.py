@@ -266,7 +266,8 @@ def _image(value, row: int) -> Any:
     return value
 
 
-_AHEAD: dict[str, Any] = {}  # URL -> (its columns, its samples, the future of the first): opened ahead of its reader, this process
+# (URL, its columns) -> (its samples, the future of the first): opened ahead of its reader, this process
+_AHEAD: dict[tuple[str, ShardColumns], Any] = {}
 
 
 @functools.cache
@@ -282,16 +283,16 @@ def prefetch(location, columns: ShardColumns = DEFAULT_COLUMNS) -> None:
     thread takes its first sample), for the :func:`read_parquet_samples` call that reads it
     next, whole: what :func:`unicom.storage.prefetch` does for the next tar. Nothing for a
     local file."""
-    if location is None or not storage.is_url(location) or storage.is_pipe(location) or storage.text(location) in _AHEAD:
+    if location is None or not storage.is_url(location) or storage.is_pipe(location) or (storage.text(location), columns) in _AHEAD:
         return
     samples = _samples(location, None, columns)
-    _AHEAD[storage.text(location)] = (columns, samples, _starter().submit(lambda: list(itertools.islice(samples, 1))))
+    _AHEAD[storage.text(location), columns] = (samples, _starter().submit(lambda: list(itertools.islice(samples, 1))))
 
 
 def drop_prefetched() -> None:
     """Close the shards opened ahead and never read (their read-ahead threads stop)."""
     while _AHEAD:
-        _, samples, first = _AHEAD.popitem()[1]
+        samples, first = _AHEAD.popitem()[1]
         first.cancel()
         try:
             first.result()
@@ -312,11 +313,8 @@ def read_parquet_samples(location, keys=None, columns: ShardColumns = DEFAULT_CO
     the damage, then raises :class:`unicom.data.shards.ShardReadError`; a parquet file
     without images, or with a row group over :data:`MAX_ROW_GROUP_BYTES`, is an
     :class:`InputError`."""
-    ahead = _AHEAD.get(storage.text(location)) if keys is None and storage.is_url(location) else None
-    if ahead is None or ahead[0] != columns:
-        return _samples(location, keys, columns)
-    del _AHEAD[storage.text(location)]
-    return _taken(*ahead[1:])
+    ahead = _AHEAD.pop((storage.text(location), columns), None) if keys is None and storage.is_url(location) else None
+    return _samples(location, keys, columns) if ahead is None else _taken(*ahead)
 
 
 def _samples(location, keys, columns: ShardColumns) -> Iterator:

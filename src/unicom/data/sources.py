@@ -521,6 +521,7 @@ def open_parts(
     rows_per_part: int = DEFAULT_ROWS_PER_PART,
     table_options: dict[str, Any] | None = None,
     shard_columns: parquet_shards.ShardColumns | None = None,
+    metadata_fields: Sequence[str] = (),
 ) -> list[ShardPart] | list[ListPart]:
     """The parts of ``inputs``, in part-number order.
 
@@ -529,20 +530,30 @@ def open_parts(
     list (``table_options`` go to :func:`unicom.data.lists.read_table`); each may be a URL
     (:mod:`unicom.storage`). ``shard_columns``: the image, caption and key columns of
     parquet shards, named instead of the usual ones (refused for tars and image folders; a
-    list takes its caption and key columns from ``table_options``).
+    list takes its caption and key columns from ``table_options``). ``metadata_fields``:
+    fields of the samples kept as metadata columns (:attr:`ShardPart.metadata_fields`,
+    :attr:`ListPart.metadata_fields`), names the parts' metadata has refused.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
     columns = shard_columns or parquet_shards.DEFAULT_COLUMNS
+    fields = tuple(metadata_fields)
+
+    def with_fields() -> parquet_shards.ShardColumns:  # a shard's fields are read with its columns
+        return replace(columns, fields=check_metadata_fields(fields, SHARD_METADATA)) if fields else columns
+
     if not inputs:
         raise InputError("no input was given")
     if len(inputs) == 1:
         only = inputs[0]
         if only.lower().endswith(TABLE_SUFFIXES) and storage.braces(only) == [only] and not storage.has_magic(only):
             if only.lower().endswith(parquet_shards.PARQUET_SUFFIX) and _holds_images(only, table_options or {}, columns):
-                return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only), shard_columns=columns)]
-            fields = check_metadata_fields(columns.fields, LIST_METADATA) if columns.fields else ()
+                shard_columns = with_fields()
+                _check_first_parquet([only], shard_columns)  # the fields named, before anything is written
+                return [ShardPart(shard_number(only), only if storage.is_url(only) else Path(only),
+                                  shard_columns=shard_columns)]
+            fields = check_metadata_fields(fields, LIST_METADATA) if fields else ()
             if columns.image is not None:
                 raise InputError(f"{only}: a list of image files, whose paths are in its path column; the image column "
                                  f"named ({columns.image!r}) is the column of encoded images of parquet shards: leave "
@@ -558,15 +569,14 @@ def open_parts(
                 shown = ", ".join(f"{role} {name!r}" for role, name in columns.named().items())
                 raise InputError(f"{only}: an image folder, whose keys are its files' paths; the columns named ({shown}) "
                                  "are columns of parquet shards or of a list: leave them out")
-            fields = check_metadata_fields(columns.fields, LIST_METADATA) if columns.fields else ()
+            fields = check_metadata_fields(fields, LIST_METADATA) if fields else ()
             return list_parts(_folder_list(only), rows_per_part, only, metadata_fields=fields)
-    if columns.fields:
-        check_metadata_fields(columns.fields, SHARD_METADATA)
     shards = expand_shards(inputs, instead="; give shards (webdataset tars, or parquet files that hold the images), one "
                                            "image folder, or one CSV/parquet list")
     check_shard_columns(shards, columns)
-    _check_first_parquet(shards, columns)
-    return [ShardPart(shard_number(p), p, shard_columns=columns) for p in shards]
+    shard_columns = with_fields()
+    _check_first_parquet(shards, shard_columns)
+    return [ShardPart(shard_number(p), p, shard_columns=shard_columns) for p in shards]
 
 
 def _check_first_parquet(shards: Sequence[Any], columns: parquet_shards.ShardColumns) -> None:

@@ -6,6 +6,7 @@ Examples::
     unicom evaluate --model ViT-B-32 --pretrained laion400m_e32 --dataset cifar10 --root data --out runs/eval/c10
     unicom evaluate --embeddings runs/eval/cub/embeddings/query --out runs/eval/cub-again
     unicom evaluate --embeddings emb/test --train-embeddings emb/train --task classification --out runs/eval/mine
+    unicom evaluate --model ViT-B-32 --pretrained laion400m_e32 --dataset coco-captions --root data/coco --out runs/eval/coco
 
 Writes ``OUT/metrics.json``, ``OUT/metrics.md`` and, for retrieval with ``--dims``,
 ``OUT/recall_vs_dimension.png``.
@@ -73,7 +74,7 @@ def class_list(text: str | None, option: str) -> list[str] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS
+    from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model the project can load: released name or .pt, exported folder, "
@@ -82,16 +83,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "--dataset also the OUT/embeddings folder of an evaluate --model run")
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
+                                          f"image-text (a model with a text tower): {', '.join(CAPTION_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
-    parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv; a URL too for --dataset folder)")
+    parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv and captions; a URL too for "
+                                       "--dataset folder)")
     parser.add_argument("--out", required=True,
                         help="local folder for metrics.json, metrics.md, the PNG and embeddings (not a URL)")
     parser.add_argument("--ks", type=_int_list,
                         help="K of Recall@K (of mP@k for roxford5k, rparis6k), e.g. 1,2,4,8 (default: the benchmark's)")
-    parser.add_argument("--dims", type=_dims_list, default=(32, 64, 128, 256),
+    parser.add_argument("--dims", type=_dims_list,
                         help="dimensions of the compact-dimension curve (default 32,64,128,256; 'none' to skip)")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")
-    parser.add_argument("--pca-samples", type=_at_least(2), default=50_000,
+    parser.add_argument("--pca-samples", type=_at_least(2),
                         help="train images the PCA is fitted on, at most (seeded draw; fewer, with a warning, when "
                         "--embeddings holds fewer)")
     parser.add_argument("--chunk-size", type=_at_least(1), help="queries searched at once (default: ~256 MiB of similarities)")
@@ -124,8 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unicom.data.benchmarks import RETRIEVAL_BENCHMARKS, canonical_name
+    from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
+    from unicom.evaluate.image_text import image_text_markdown
     from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, classification_markdown, retrieval_markdown
     from unicom.models.export import local_output
 
@@ -133,6 +137,16 @@ def run(args: argparse.Namespace) -> int:
     subset = {"classes": class_list(args.classes, "--classes"),
               "exclude_classes": class_list(args.exclude_classes, "--exclude-classes")}
 
+    if args.dataset is not None and canonical_name(args.dataset) in CAPTION_BENCHMARKS:
+        unused = [option for option, given in (
+            ("--dims", args.dims is not None), ("--no-pca", args.no_pca), ("--pca-samples", args.pca_samples is not None),
+            ("--no-probe", args.no_probe), ("--no-knn", args.no_knn), ("--knn-k", args.knn_k is not None),
+            ("--temperature", args.temperature is not None), ("--download", args.download)) if given]
+        if unused:
+            raise InputError(f"{', '.join(unused)}: --dataset {args.dataset} scores image-text retrieval at the full "
+                             "dimension (no compact-dimension curve, PCA, probe or download); leave them out")
+    dims = (32, 64, 128, 256) if args.dims is None else args.dims
+    pca_samples = 50_000 if args.pca_samples is None else args.pca_samples
     if args.pretrained is not None and args.model is None:
         raise InputError("--pretrained names the weights of --model; embeddings given with --embeddings are used as they are")
     classify = {"probe": not args.no_probe, "knn": not args.no_knn,
@@ -164,20 +178,25 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--dataset {args.dataset} needs --root, the dataset's folder")
         report = evaluate_benchmark(
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
-            embeddings=args.embeddings, ks=args.ks, dims=args.dims, pca=not args.no_pca, pca_samples=args.pca_samples,
+            embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, **classify, **subset,
         )
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
-            train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=args.dims,
-            pca=not args.no_pca, pca_samples=args.pca_samples, out=args.out, chunk_size=args.chunk_size, **classify,
+            train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
+            pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size, **classify,
             **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
-    table = classification_markdown(report) if "linear_probe" in report or "knn" in report else retrieval_markdown(report)
+    if "text_to_image" in report:
+        table = image_text_markdown(report)
+    elif "linear_probe" in report or "knn" in report:
+        table = classification_markdown(report)
+    else:
+        table = retrieval_markdown(report)
     print(table, end="")
     if report.get("note"):
         print(f"\nnote: {report['note']}")

@@ -422,6 +422,12 @@ def read_table(
             labels = np.asarray([lookup[str(v)] for v in values], dtype=np.int64)
     captions = None
     if caption_column and caption_column in table.column_names:
+        kind = table.schema.field(caption_column).type
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_struct(kind) or pa.types.is_map(kind):
+            raise InputError(
+                f"{path}: column {caption_column!r} holds {kind}, not one caption per row; give one row per image "
+                "and caption (an image on several rows is embedded once per row), or score such a table with "
+                "unicom evaluate --dataset captions, which takes lists of captions")
         captions = ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
     absent = [name for name in extra_columns if name not in table.column_names]
     if absent:

@@ -11,7 +11,6 @@ by an absolute ``path``/``image_path`` column.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -158,8 +157,10 @@ def embed_cached(
     batch_size: int = 64,
     num_workers: int | None = None,
     desc: str = "embed",
+    modality: str = "image",
 ) -> np.ndarray:
-    """Embeddings float32 (N, D) of ``images`` (paths or PIL images), cached under ``folder``.
+    """Embeddings float32 (N, D) of ``images`` (paths or PIL images; with ``modality="text"``,
+    captions embedded by the model's text tower into ``text_emb/``), cached under ``folder``.
 
     The folder is an embedding folder: metadata holds ``key`` (and ``label`` when given),
     so it can be evaluated again with ``--embeddings``. Parts of :data:`PART_ROWS` rows
@@ -169,7 +170,7 @@ def embed_cached(
     """
     import pyarrow as pa
 
-    from unicom.embed import embed_images
+    from unicom.embed import embed_images, embed_texts
 
     folder = Path(folder)
     config = dict(config, images=len(images))
@@ -196,21 +197,24 @@ def embed_cached(
         return pa.table(columns)
 
     parts = []
-    bar = progress(total=len(images), desc=desc, unit="img")
+    bar = progress(total=len(images), desc=desc, unit="img" if modality == "image" else "text")
     try:
         for number, start in enumerate(range(0, len(images), PART_ROWS)):
             stop = min(start + PART_ROWS, len(images))
             part_keys = [str(k) for k in keys[start:stop]]
-            if part_complete(folder, number, ["image", "metadata"]):
+            if part_complete(folder, number, [modality, "metadata"]):
                 stored = EmbeddingFolders.from_root(folder)
                 if stored.load("metadata", number, columns=["key"]).column("key").to_pylist() == part_keys:
-                    parts.append(np.asarray(stored.load("image", number, mmap=False)))
+                    parts.append(np.asarray(stored.load(modality, number, mmap=False)))
                     if relabel:
                         write_part(folder, number, metadata=metadata(start, stop))
                     bar.update(stop - start)
                     continue
-            embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
-            write_part(folder, number, image=embeddings, metadata=metadata(start, stop))
+            if modality == "text":
+                embeddings = embed_texts(encoder, list(images[start:stop]), batch_size)
+            else:
+                embeddings = embed_images(encoder, list(images[start:stop]), batch_size, num_workers=num_workers)
+            write_part(folder, number, **{modality: embeddings}, metadata=metadata(start, stop))
             parts.append(embeddings)
             bar.update(stop - start)
     finally:
@@ -264,13 +268,25 @@ def evaluate_benchmark(
     ``classes``/``exclude_classes``: score a subset of a retrieval benchmark's classes
     (by label or class name; :func:`unicom.evaluate.report.select_classes`).
     """
-    from unicom.data.benchmarks import CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
+    from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
 
     if (model is None) == (embeddings is None):
         raise InputError("give either a model or an embeddings folder")
     name = canonical_name(dataset)
     classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
+    if name in CAPTION_BENCHMARKS:  # images and captions: no classes, no compact dimensions, no probe
+        from unicom.evaluate.image_text import evaluate_image_text
+
+        if model is None:
+            raise InputError(
+                f"--dataset {name} embeds its images and captions with --model (both cached under OUT/embeddings, "
+                "read back by a rerun with the same --out); it takes no --embeddings")
+        if classes is not None or exclude_classes is not None:
+            raise InputError(f"--classes and --exclude-classes score a subset of a retrieval protocol's classes; "
+                             f"--dataset {name} has images and captions, not classes")
+        return evaluate_image_text(name, root, out=out, model=model, pretrained=pretrained, ks=ks,
+                                   batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size)
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes)
@@ -280,7 +296,7 @@ def evaluate_benchmark(
                                          num_workers, device, download, probe, knn, knn_k, temperature)
     raise InputError(
         f"unknown dataset {dataset!r}; retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
-        f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
+        f"image-text: {', '.join(CAPTION_BENCHMARKS)}; classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
     )
 
 

@@ -4,6 +4,10 @@ Retrieval (:data:`RETRIEVAL_BENCHMARKS`): ``load_retrieval_benchmark(name, root)
 a :class:`RetrievalProtocol` (query, gallery or ``None`` for leave-one-out, train, the k's
 of Recall@K, the headline metric, and relevance lists where the benchmark has them).
 
+Image-text retrieval (:data:`CAPTION_BENCHMARKS`): ``load_caption_benchmark(name, root)``
+returns a :class:`~unicom.data.benchmarks.captions.CaptionSplit` (the images, every caption,
+and which image each describes).
+
 Classification (:data:`CLASSIFICATION_BENCHMARKS`, the 13 linear-probe datasets):
 ``load_classification_benchmark(name, root)`` returns the train and test splits through
 torchvision's dataset classes (never downloading unless ``download=True``).
@@ -67,10 +71,21 @@ RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
     "csv": RetrievalBenchmark(
         _R + "read_csv", (1, 2, 4, 8), "recall@1", "a CSV/parquet of path,label[,split]"),
 }
+_C = "unicom.data.benchmarks.captions:"
+# image-text retrieval: captions search images and images search captions (metric: text-to-image recall@1)
+CAPTION_BENCHMARKS: dict[str, RetrievalBenchmark] = {
+    "coco-captions": RetrievalBenchmark(
+        _C + "read_coco_captions", (1, 5, 10), "recall@1", "MS-COCO captions, Karpathy 5k test split"),
+    "flickr30k": RetrievalBenchmark(
+        _C + "read_flickr30k", (1, 5, 10), "recall@1", "Flickr30k, Karpathy 1k test split"),
+    "captions": RetrievalBenchmark(
+        _C + "read_caption_table", (1, 5, 10), "recall@1", "a CSV/parquet of path,caption"),
+}
 URL_ROOTS = ("folder",)  # the benchmarks whose root may be a URL (s3://…)
 ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "inshop", "inat": "inaturalist",
            "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2",
-           "roxford": "roxford5k", "rparis": "rparis6k"}
+           "roxford": "roxford5k", "rparis": "rparis6k", "coco": "coco-captions", "mscoco": "coco-captions",
+           "mscoco_captions": "coco-captions", "flickr": "flickr30k"}
 
 
 @dataclass
@@ -149,6 +164,15 @@ def load_retrieval_benchmark(name: str, root: str | os.PathLike, check_images: b
     )
 
 
+def load_caption_benchmark(name: str, root: str | os.PathLike, check_images: bool = True):
+    """Read image-text benchmark ``name`` (a key of :data:`CAPTION_BENCHMARKS`) from ``root``:
+    a :class:`~unicom.data.benchmarks.captions.CaptionSplit`."""
+    key = canonical_name(name)
+    if key not in CAPTION_BENCHMARKS:
+        raise InputError(f"unknown image-text benchmark {name!r}; known: {', '.join(CAPTION_BENCHMARKS)}")
+    return _resolve(CAPTION_BENCHMARKS[key].reader)(local_root(root, key), check_images=check_images)
+
+
 from unicom.data.benchmarks.classification import (  # noqa: E402  (the table lives with its readers)
     CLASSIFICATION_BENCHMARKS,
     ClassificationBenchmark,
@@ -158,6 +182,7 @@ from unicom.data.benchmarks.classification import (  # noqa: E402  (the table li
 
 __all__ = [
     "RETRIEVAL_BENCHMARKS",
+    "CAPTION_BENCHMARKS",
     "CLASSIFICATION_BENCHMARKS",
     "ALIASES",
     "RetrievalBenchmark",
@@ -166,6 +191,7 @@ __all__ = [
     "ClassificationSplit",
     "canonical_name",
     "load_retrieval_benchmark",
+    "load_caption_benchmark",
     "load_classification_benchmark",
     "local_root",
 ]

@@ -293,3 +293,14 @@ def test_a_list_of_captions_is_refused_where_one_caption_a_row_is_read(tmp_path)
     pq.write_table(pa.table({"path": ["a.jpg"], "caption": [["one", "two"]]}), tmp_path / "t.parquet")
     with pytest.raises(InputError, match=r"column 'caption' holds list<.*>, not one caption per row"):
         read_table(tmp_path / "t.parquet")
+
+
+def test_a_flickr_list_without_its_header_line_keeps_its_first_caption(dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "flickr"
+    shutil.copytree(dataset["flickr"], root)
+    ann = root / "flickr30k_test_karpathy.txt"
+    ann.write_text(ann.read_text().split("\n", 1)[1].replace("\n", "\r\n"))  # no header, Windows line ends
+    split = load_caption_benchmark("flickr30k", root)
+    assert split.captions == [c for cs in dataset["per_image"] for c in cs]

@@ -58,7 +58,7 @@ COCO_LAYOUT = """  coco/                            (--root)
     val2017/*.jpg"""
 
 FLICKR_LAYOUT = """  flickr30k/                       (--root)
-    flickr30k_test_karpathy.txt    clip_benchmark's Karpathy test split: a header, then image,caption lines
+    flickr30k_test_karpathy.txt    clip_benchmark's Karpathy test split: image,caption lines (a header line image,caption)
     <image>.jpg                    (or flickr30k-images/<image>.jpg, flickr30k_images/<image>.jpg)
   or
     dataset_flickr30k.json         Karpathy's splits (split "test": 1,000 images, 5,000 captions)
@@ -185,7 +185,8 @@ def read_flickr30k(root: str | os.PathLike, check_images: bool = True) -> Captio
         return _karpathy(root, source, "flickr30k-images", FLICKR_LAYOUT, check_images)
     lines = [line.strip() for line in decode_utf8(source.read_bytes(), source).splitlines()]
     records = []
-    for number, line in enumerate(lines[1:], start=2):  # the first line is the header (image,caption)
+    header = 1 if lines and lines[0].replace(" ", "").lower() == "image,caption" else 0  # clip_benchmark's files have it
+    for number, line in enumerate(lines[header:], start=header + 1):
         if not line:
             continue
         name, comma, caption = line.partition(",")  # captions hold commas, unquoted; image names do not
@@ -193,7 +194,7 @@ def read_flickr30k(root: str | os.PathLike, check_images: bool = True) -> Captio
             raise InputError(f"{source}: line {number} is not 'image,caption': {line[:80]!r}")
         records.append((name, _caption_text(caption, f"{source}: line {number}")))
     if not records:
-        raise InputError(f"{source}: no caption below its header line")
+        raise InputError(f"{source}: no 'image,caption' line")
     folder = next((f for f in IMAGE_FOLDERS if (root / f / records[0][0]).is_file()), ".") if check_images else "."
     if folder != ".":
         records = [(f"{folder}/{name}", caption) for name, caption in records]

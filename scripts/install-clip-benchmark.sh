@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fetch clip_benchmark's image-text retrieval scoring for the tests that compare `unicom evaluate` with it.
 #
-# clip_benchmark's PyPI wheel holds its zero-shot retrieval evaluation
-# (clip_benchmark/metrics/zeroshot_retrieval.py: torch and tqdm only) and its Flickr30k
-# reader (clip_benchmark/datasets/flickr.py: torchvision and Pillow). This unpacks those
+# clip_benchmark's PyPI wheel holds its zero-shot retrieval and classification evaluations
+# (clip_benchmark/metrics/zeroshot_retrieval.py and zeroshot_classification.py: torch, tqdm,
+# scikit-learn) and its Flickr30k reader (clip_benchmark/datasets/flickr.py: torchvision and Pillow). This unpacks those
 # modules, with their packages' __init__ files, into .cache/clip-benchmark/VERSION/ of the
 # repository (put that folder on sys.path to import them); the rest of the package and its
 # dependencies are not needed. Does nothing when they are there. Never fails the caller: a
@@ -16,9 +16,10 @@ VERSION="${CLIP_BENCHMARK_VERSION:-1.6.2}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="$ROOT/.cache/clip-benchmark/$VERSION"
 
-if [ ! -f "$DEST/clip_benchmark/metrics/zeroshot_retrieval.py" ]; then
+if [ ! -f "$DEST/clip_benchmark/metrics/zeroshot_retrieval.py" ] || [ ! -f "$DEST/clip_benchmark/metrics/zeroshot_classification.py" ]; then
     "${PYTHON:-python3}" "$ROOT/scripts/unpack-wheel.py" "clip-benchmark==$VERSION" "$DEST" \
         clip_benchmark/__init__.py clip_benchmark/metrics/__init__.py clip_benchmark/metrics/zeroshot_retrieval.py \
+        clip_benchmark/metrics/zeroshot_classification.py \
         clip_benchmark/datasets/__init__.py clip_benchmark/datasets/flickr.py \
         || echo "install-clip-benchmark: the tests that compare with clip_benchmark will be skipped"
 fi

@@ -364,6 +364,33 @@ def open_clip_reference(spec: str):
     return model.eval(), preprocess, open_clip.get_tokenizer(spec)
 
 
+CLIP_BENCHMARK_VERSION = "1.6.2"
+
+
+def clip_benchmark_or_skip() -> None:
+    """Make clip_benchmark's scoring modules importable (``clip_benchmark.metrics.zeroshot_retrieval``,
+    ``...zeroshot_classification``, ``clip_benchmark.datasets.flickr``), unpacked from its
+    released wheel by ``scripts/install-clip-benchmark.sh`` (run here when they are absent),
+    or skip the test saying why."""
+    import os
+    import subprocess
+    import sys
+
+    repository = Path(__file__).resolve().parents[1]
+    folder = repository / ".cache" / "clip-benchmark" / CLIP_BENCHMARK_VERSION
+    needed = [folder / "clip_benchmark" / "metrics" / name for name in ("zeroshot_retrieval.py", "zeroshot_classification.py")]
+    if not all(path.is_file() for path in needed):
+        subprocess.run(["bash", str(repository / "scripts" / "install-clip-benchmark.sh")],
+                       env={**os.environ, "PYTHON": sys.executable, "CLIP_BENCHMARK_VERSION": CLIP_BENCHMARK_VERSION},
+                       check=False, timeout=300)
+    if not all(path.is_file() for path in needed):
+        import pytest
+
+        pytest.skip(f"clip_benchmark is not in {folder}: run scripts/install-clip-benchmark.sh")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
 def clip_image_collection(root: Path, labels=(0, 1, 2, 3), per_class: int = 6, weights: bool = True) -> dict:
     """Class images embedded by ``unicom embed``'s library call with :func:`tiny_open_clip`,
     and their exact index. Returns ``{"images", "spec", "emb", "index"}``."""

@@ -470,10 +470,10 @@ def test_classification_dataset_with_a_model(tmp_path):
     (["--dataset", "cifar10", "--root", "DATA", "--task", "classification"], "--task: for embedding folders"),
     (["--pretrained", "laion400m_e32"], "--pretrained names the weights of --model"),
     (["--dataset", "SOP", "--root", "DATA", "--no-probe", "--knn-k", "5"], "--no-probe, --knn-k: for classification "
-     "(linear probe and kNN); --dataset SOP is a retrieval benchmark, which trains neither"),
+     "(linear probe, kNN, zero-shot); --dataset SOP is a retrieval benchmark, which classifies nothing"),
     (["--no-knn", "--temperature", "0.1", "--train-embeddings", "EMB"], "--no-knn, --temperature: for classification "
-     "(linear probe and kNN); embedding folders are scored as retrieval unless --task classification (with "
-     "--train-embeddings), which trains neither"),
+     "(linear probe, kNN, zero-shot); embedding folders are scored as retrieval unless --task classification (with "
+     "--train-embeddings), which classifies nothing"),
     (["--dataset", "sop", "--root", "DATA", "--download"], "--download: torchvision downloads the classification "
      "benchmarks only; --dataset sop is a retrieval benchmark, read from --root as it was placed there"),
     (["--download"], "--download: torchvision downloads the classification benchmarks only; embedding folders are read "

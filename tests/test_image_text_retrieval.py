@@ -3,15 +3,14 @@ scored against clip_benchmark's own ``zeroshot_retrieval.evaluate`` with its own
 (its Flickr30k reader, torchvision's ``CocoCaptions``) and open_clip's own model.
 
 clip_benchmark's modules are unpacked from its released wheel by
-``scripts/install-clip-benchmark.sh``; the tests that compare with it skip when it is absent.
+``scripts/install-clip-benchmark.sh`` (:func:`support.clip_benchmark_or_skip`); the tests
+that compare with it skip when it is absent.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,6 @@ from unicom.errors import InputError
 
 from support import open_clip_reference, tiny_open_clip
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-CLIP_BENCHMARK_VERSION = "1.6.2"
-CLIP_BENCHMARK = REPOSITORY / ".cache" / "clip-benchmark" / CLIP_BENCHMARK_VERSION
 KS = (1, 5, 10)
 IMAGES = 16
 WORDS = ["red", "green", "blue", "small", "large", "dog", "cat", "car", "tree", "house", "boat", "bird", "on", "near",
@@ -36,14 +32,9 @@ WORDS = ["red", "green", "blue", "small", "large", "dog", "cat", "car", "tree", 
 
 
 def _clip_benchmark():
-    if not (CLIP_BENCHMARK / "clip_benchmark" / "metrics" / "zeroshot_retrieval.py").is_file():
-        subprocess.run(["bash", str(REPOSITORY / "scripts" / "install-clip-benchmark.sh")],
-                       env={**os.environ, "PYTHON": sys.executable, "CLIP_BENCHMARK_VERSION": CLIP_BENCHMARK_VERSION},
-                       check=False, timeout=300)
-    if not (CLIP_BENCHMARK / "clip_benchmark" / "metrics" / "zeroshot_retrieval.py").is_file():
-        pytest.skip(f"clip_benchmark is not in {CLIP_BENCHMARK}: run scripts/install-clip-benchmark.sh")
-    if str(CLIP_BENCHMARK) not in sys.path:
-        sys.path.insert(0, str(CLIP_BENCHMARK))
+    from support import clip_benchmark_or_skip
+
+    clip_benchmark_or_skip()
     from clip_benchmark.datasets.flickr import Flickr
     from clip_benchmark.metrics import zeroshot_retrieval
 

@@ -124,6 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     classification.add_argument("--knn-k", type=_at_least(1), help="neighbours of kNN classification (default: 20)")
     classification.add_argument("--temperature", type=float,
                                 help="of the kNN vote's exp(similarity / temperature) weights (default: 0.07)")
+    classification.add_argument("--zero-shot", action="store_true",
+                                help="also classify by the model's text tower: each class the mean embedding of its "
+                                     "prompts (with --no-probe --no-knn the train split is not embedded)")
+    classification.add_argument("--templates", help="zero-shot prompts: openai (open_clip's 80, the default), simple "
+                                                    "(its 7), or a file of one template a line holding {c}")
+    classification.add_argument("--class-names", help="zero-shot: a file of the class names the prompts say, one a line "
+                                                      "in label order (default: the dataset's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,25 +148,36 @@ def run(args: argparse.Namespace) -> int:
         unused = [option for option, given in (
             ("--dims", args.dims is not None), ("--no-pca", args.no_pca), ("--pca-samples", args.pca_samples is not None),
             ("--no-probe", args.no_probe), ("--no-knn", args.no_knn), ("--knn-k", args.knn_k is not None),
-            ("--temperature", args.temperature is not None), ("--download", args.download)) if given]
+            ("--temperature", args.temperature is not None), ("--download", args.download),
+            ("--zero-shot", args.zero_shot)) if given]
         if unused:
             raise InputError(f"{', '.join(unused)}: --dataset {args.dataset} scores image-text retrieval at the full "
                              "dimension (no compact-dimension curve, PCA, probe or download); leave them out")
+    prompts = [option for option, given in (("--templates", args.templates), ("--class-names", args.class_names)) if given]
+    if prompts and not args.zero_shot:
+        raise InputError(f"{', '.join(prompts)}: the prompts of zero-shot classification; add --zero-shot")
+    if args.zero_shot and (args.dataset is None or args.model is None):
+        raise InputError("--zero-shot classifies the images of a classification dataset by the classes' prompts, "
+                         "embedded with --model's text tower: give --model and --dataset (cifar10, imagenet, ...)")
     dims = (32, 64, 128, 256) if args.dims is None else args.dims
     pca_samples = 50_000 if args.pca_samples is None else args.pca_samples
     if args.pretrained is not None and args.model is None:
         raise InputError("--pretrained names the weights of --model; embeddings given with --embeddings are used as they are")
+    zero_shot = {"zero_shot": True, "templates": args.templates or "openai", "class_names": args.class_names} \
+        if args.zero_shot else {}
     classify = {"probe": not args.no_probe, "knn": not args.no_knn,
                 **{name: value for name, value in (("knn_k", args.knn_k), ("temperature", args.temperature)) if value is not None}}
     unused = [option for option, given in (("--no-probe", args.no_probe), ("--no-knn", args.no_knn),
                                            ("--knn-k", args.knn_k is not None),
-                                           ("--temperature", args.temperature is not None)) if given]
+                                           ("--temperature", args.temperature is not None),
+                                           ("--zero-shot", args.zero_shot)) if given]
     retrieval = (canonical_name(args.dataset) in RETRIEVAL_BENCHMARKS if args.dataset is not None
                  else args.embeddings is not None and args.task == "retrieval")
     if unused and retrieval:
         run_is = (f"--dataset {args.dataset} is a retrieval benchmark" if args.dataset is not None else
                   "embedding folders are scored as retrieval unless --task classification (with --train-embeddings)")
-        raise InputError(f"{', '.join(unused)}: for classification (linear probe and kNN); {run_is}, which trains neither")
+        raise InputError(f"{', '.join(unused)}: for classification (linear probe, kNN, zero-shot); {run_is}, which "
+                         "classifies nothing")
     if args.download and (args.dataset is None or retrieval):
         run_is = (f"--dataset {args.dataset} is a retrieval benchmark, read from --root as it was placed there"
                   if args.dataset is not None else "embedding folders are read as they are")
@@ -180,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
-            download=args.download, **classify, **subset,
+            download=args.download, **classify, **subset, **zero_shot,
         )
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
@@ -193,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
     if "text_to_image" in report:
         table = image_text_markdown(report)
-    elif "linear_probe" in report or "knn" in report:
+    elif "linear_probe" in report or "knn" in report or "zero_shot" in report:
         table = classification_markdown(report)
     else:
         table = retrieval_markdown(report)

@@ -260,11 +260,16 @@ def evaluate_benchmark(
     temperature: float = 0.07,
     classes: Sequence[str] | None = None,
     exclude_classes: Sequence[str] | None = None,
+    zero_shot: bool = False,
+    templates: str = "openai",
+    class_names: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
     Retrieval benchmarks write metrics, the markdown table and the Recall@1-vs-dimension
-    PNG under ``out``; classification datasets the linear probe and kNN results.
+    PNG under ``out``; classification datasets the linear probe and kNN results, and with
+    ``zero_shot`` the model's zero-shot accuracy (:mod:`unicom.evaluate.zero_shot`: the
+    ``templates`` set or file, the ``class_names`` file or the dataset's names).
     ``classes``/``exclude_classes``: score a subset of a retrieval benchmark's classes
     (by label or class name; :func:`unicom.evaluate.report.select_classes`).
     """
@@ -287,13 +292,17 @@ def evaluate_benchmark(
                              f"--dataset {name} has images and captions, not classes")
         return evaluate_image_text(name, root, out=out, model=model, pretrained=pretrained, ks=ks,
                                    batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size)
+    if zero_shot and classification not in CLASSIFICATION_BENCHMARKS:
+        raise InputError(f"zero-shot classification names the classes of a classification dataset "
+                         f"({', '.join(CLASSIFICATION_BENCHMARKS)}); {dataset} is not one")
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
-                                         num_workers, device, download, probe, knn, knn_k, temperature)
+                                         num_workers, device, download, probe, knn, knn_k, temperature,
+                                         zero_shot, templates, class_names)
     raise InputError(
         f"unknown dataset {dataset!r}; retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
         f"image-text: {', '.join(CAPTION_BENCHMARKS)}; classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
@@ -546,22 +555,48 @@ def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:
 
 
 def _classification_benchmark(name, root, out, model, pretrained, embeddings, batch_size, num_workers, device,
-                              download, probe, knn, knn_k, temperature) -> dict:
+                              download, probe, knn, knn_k, temperature, zero_shot=False, templates="openai",
+                              class_names=None) -> dict:
     from unicom.data.benchmarks import load_classification_benchmark
     from unicom.evaluate.report import evaluate_classification
 
+    if not (probe or knn or zero_shot):
+        raise InputError("with neither the linear probe nor kNN (--no-probe, --no-knn) there is nothing to compute; "
+                         "add --zero-shot (a CLIP's text tower classifies) or leave one of them out")
+    if zero_shot and model is None:
+        raise InputError("zero-shot classification embeds the class prompts with --model's text tower; give --model "
+                         "(its image embeddings are cached under OUT/embeddings)")
+    prompts = None
+    if zero_shot:
+        from unicom.evaluate.zero_shot import read_templates
+
+        prompts = read_templates(templates)  # a bad file is named before anything is loaded
     train, test, metric = load_classification_benchmark(name, root, download=download)
     out = Path(out)
-    parts = {"train": train, "test": test}
+    parts = {"train": train, "test": test} if probe or knn else {"test": test}  # zero-shot alone needs no train split
     keys = {split: [_split_key(split, image, i, root) for i, image in enumerate(part.images)] for split, part in parts.items()}
     vectors = {}
+    scores = None
     if model is not None:
         encoder = _encoder(model, pretrained, device)
+        if zero_shot:
+            from unicom.evaluate.zero_shot import class_names as prompt_names, class_prototypes
+
+            if not encoder.has_text:
+                raise InputError(f"zero-shot classification needs a text tower: {encoder.name} has none "
+                                 f"({encoder.no_text_reason}); give a CLIP (an open_clip name with --pretrained)")
+            names = prompt_names(name, test.class_names, _class_count(train, test), class_names)
         config = _embedding_identity(encoder, model, pretrained, name)
         for split, part in parts.items():
             vectors[split] = embed_cached(encoder, part.images, keys[split], out / "embeddings" / split,
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,
                                           num_workers=num_workers, desc=f"embed {name} {split}")
+        if zero_shot:
+            from unicom.evaluate.zero_shot import zero_shot_scores
+
+            scores = zero_shot_scores(vectors["test"], test.labels, class_prototypes(encoder, names, prompts))
+            scores.update(templates=templates if templates in ("openai", "simple") else storage.recorded(templates),
+                          prompts_per_class=len(prompts), class_names=names)
     else:
         x, metadata = read_embedding_folder(embeddings)
         index = _RowIndex(metadata, embeddings)
@@ -569,9 +604,16 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
             paths = [image if isinstance(image, str) else "" for image in part.images]
             vectors[split] = x[index.rows(keys[split], paths, split)]
     return evaluate_classification(
-        vectors["train"], train.labels, vectors["test"], test.labels, metric=metric, probe=probe, knn=knn, knn_k=knn_k,
-        temperature=temperature, out=out, info={"dataset": name, **_model_info(model, pretrained, embeddings)},
+        vectors.get("train"), train.labels, vectors["test"], test.labels, metric=metric, probe=probe, knn=knn,
+        knn_k=knn_k, temperature=temperature, out=out, zero_shot=scores,
+        info={"dataset": name, **_model_info(model, pretrained, embeddings)},
     )
+
+
+def _class_count(train, test) -> int:
+    """The classes of a dataset: as many as it names, else one past its highest label."""
+    highest = max(int(train.labels.max(initial=-1)), int(test.labels.max(initial=-1)))
+    return max(len(test.class_names), highest + 1)
 
 
 def _split_key(split: str, image, i: int, root) -> str:

@@ -292,24 +292,34 @@ def evaluate_classification(
     out: str | os.PathLike | None = None,
     info: dict[str, Any] | None = None,
     names: tuple[str, str] = ("train", "test"),
+    zero_shot: dict | None = None,
 ) -> dict:
     """Linear probe and kNN accuracy of frozen features; optionally write the report.
-    ``names``: how errors name the train and test splits (e.g. their folders)."""
+    ``names``: how errors name the train and test splits (e.g. their folders). ``train`` may
+    be None when neither the probe nor kNN runs; ``zero_shot``: the scores of
+    :func:`unicom.evaluate.zero_shot.zero_shot_scores`, reported beside them."""
     from unicom.evaluate.probe import check_splits, knn_accuracy, linear_probe
 
-    train, train_labels, test, test_labels = check_splits(train, train_labels, test, test_labels, names)
+    if train is None:
+        if probe or knn:
+            raise InputError("the linear probe and kNN classification are fitted on train features; none were given")
+        *_, test, test_labels = check_splits(test, test_labels, test, test_labels, (names[1], names[1]))
+    else:
+        train, train_labels, test, test_labels = check_splits(train, train_labels, test, test_labels, names)
     report: dict[str, Any] = dict(info or {})
     report["protocol"] = {
-        "train": int(len(train)),
+        "train": 0 if train is None else int(len(train)),
         "test": int(len(test)),
-        "classes": int(len(np.unique(np.asarray(train_labels)))),
-        "embedding_dim": int(np.asarray(train).shape[1]),
+        "classes": int(len(np.unique(np.asarray(test_labels if train is None else train_labels)))),
+        "embedding_dim": int(np.asarray(test).shape[1]),
         "metric": metric,
     }
     if probe:
         report["linear_probe"] = linear_probe(train, train_labels, test, test_labels, metric=metric)
     if knn:
         report["knn"] = knn_accuracy(train, train_labels, test, test_labels, k=knn_k, temperature=temperature)
+    if zero_shot is not None:
+        report["zero_shot"] = zero_shot
     if out is not None:
         publish_report(out, {JSON_NAME: lambda path: write_bytes_synced(path, json_text(report).encode()),  # a retrieval run's curve is removed
                              MARKDOWN_NAME: lambda path: write_bytes_synced(path, classification_markdown(report).encode())})
@@ -322,7 +332,8 @@ def classification_markdown(report: dict) -> str:
     lines = [
         f"# {heading}",
         "",
-        f"{protocol['train']} train and {protocol['test']} test images, {protocol['classes']} classes, "
+        (f"{protocol['train']} train and " if protocol["train"] else "")
+        + f"{protocol['test']} test images, {protocol['classes']} classes, "
         f"dimension {protocol['embedding_dim']}; the dataset's metric is {protocol['metric']}.",
         "",
         "| method | accuracy (%) | mean per class (%) | setting |",
@@ -335,4 +346,8 @@ def classification_markdown(report: dict) -> str:
         k = report["knn"]
         lines.append(f"| kNN | {_percent(k['accuracy'])} | {_percent(k['mean_per_class'])} | "
                      f"k = {k['k']}, T = {k['temperature']} |")
+    if "zero_shot" in report:
+        z = report["zero_shot"]
+        lines.append(f"| zero-shot | {_percent(z['accuracy'])} | {_percent(z['mean_per_class'])} | "
+                     f"{z['prompts_per_class']} prompts a class ({z['templates']}); top-5 {_percent(z['top5'])} |")
     return "\n".join(lines) + "\n"

@@ -179,3 +179,46 @@ def test_through_a_reverse_proxy_under_a_prefix_the_answers_are_those_of_the_ser
     assert [[r["id"] for r in answer] for answer in proxied] == [[r["id"] for r in answer] for answer in direct]
     assert proxied == direct  # captions, urls, similarities and the pictures themselves
     assert missing == {"detail": "indice_name 'nope': no such index; the indexes are laion"}
+
+
+def test_its_default_aesthetic_rating_and_violence_detector_are_honoured_with_laions_files(served, clip_client, tmp_path):
+    """ClipClient asks by default for aesthetic_score 9 at weight 0.5, the violence detector and
+    deduplication:
+    with LAION's files for the model given to the server, its answer is clip-retrieval's back
+    end's: the text's embedding + 0.5 x rating 9's, re-normalised, and no result whose nearest
+    violence prompt is prompt 1 (replaced by the next ones)."""
+    import torch
+
+    from unicom.search.queries import load_aesthetic_embeddings, load_violence_prompts, near_duplicates
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "aesthetic").mkdir()
+    ratings = rng.normal(size=(10, 32)).astype(np.float32)
+    ratings /= np.linalg.norm(ratings, axis=1, keepdims=True)
+    for rating in range(10):
+        np.save(tmp_path / "aesthetic" / f"rating{rating}.npy", ratings[rating][None, :])
+    images = stored(served, "img_emb")
+    prompts = np.stack([images[:12].mean(0), images[12:].mean(0)]).astype(np.float32)  # prompt 1 marks the later ids
+    np.save(tmp_path / "violence.npy", prompts)
+    app = create_app({"laion": served["index"]}, load_encoder(served["spec"]), shards=served["root"] / "shards",
+                     aesthetic_embeddings=load_aesthetic_embeddings(str(tmp_path / "aesthetic")),
+                     violence_prompts=load_violence_prompts(str(tmp_path / "violence.npy")))
+    with LiveServer(app) as url:
+        results = clip_client.ClipClient(url=url + "/knn-service", indice_name="laion", num_images=6).query(
+            text="caption 3")
+    model, _, tokenizer = open_clip_reference(served["spec"])
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(["caption 3"]))[0].numpy()
+    query = text / np.linalg.norm(text) + 0.5 * ratings[9]
+    scores, ids = brute_force(images, query / np.linalg.norm(query), len(images))
+    violent = np.argmax(images @ prompts.T, axis=1) == 1
+    assert 0 < violent.sum() < len(images) - 6
+
+    def kept(candidates):  # ClipClient also asks to deduplicate: near copies and violent results go
+        left_out = near_duplicates(images[candidates]) | violent[candidates]
+        return candidates[~left_out].tolist()
+
+    expected = kept(ids[:12])  # the server reads twice num_images, then all 24 when fewer than 6 remain
+    expected = expected if len(expected) >= 6 else kept(ids)
+    assert [result["id"] for result in results] == expected[:6]
+    assert set(expected[:6]).isdisjoint(np.flatnonzero(violent))

@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "works under any prefix without it)")
     parser.add_argument("--allow-image-urls", action="store_true",
                         help="let /knn-service fetch the image_url of a query (the server then fetches URLs its clients name)")
+    parser.add_argument("--aesthetic-embeddings", metavar="FOLDER",
+                        help="LAION's aesthetic embeddings for the model (rating0.npy .. rating9.npy), local or a URL: "
+                             "/knn-service's aesthetic_score and aesthetic_weight move queries towards a rating")
+    parser.add_argument("--violence-prompts", metavar="FILE",
+                        help="LAION's violence detector for the model (violence_detection_vit_b_32.npy, prompt embeddings), "
+                             "local or a URL: /knn-service's use_violence_detector leaves out the results it marks")
 
 
 def parse_indexes(values: list[str]) -> dict[str, str]:
@@ -109,9 +115,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
     from unicom.commands import configure_logging
     from unicom.commands.search import load_checked_encoder, model_spec
+    from unicom.search import queries
 
     configure_logging()
     root_path = root_path_of(args.root_path)
+    # LAION's files for /knn-service's options, read first: a wrong one is named before the model loads
+    aesthetic = None if args.aesthetic_embeddings is None else queries.load_aesthetic_embeddings(args.aesthetic_embeddings)
+    violence = None if args.violence_prompts is None else queries.load_violence_prompts(args.violence_prompts)
     indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
     encoders, loaded = {}, {}
     for name, index in indexes.items():
@@ -143,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards,
         cors_origins=args.cors_origin,
         allow_image_urls=args.allow_image_urls,
+        aesthetic_embeddings=aesthetic,
+        violence_prompts=violence,
     )
     if args.host not in LOOPBACK:
         print(f"listening on {args.host}: anyone who can reach this machine can query the index", file=sys.stderr)

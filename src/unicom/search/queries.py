@@ -125,6 +125,80 @@ def combine(vector: np.ndarray, text: np.ndarray, text_weight: float = TEXT_WEIG
     return (mixed / norms).astype(np.float32)
 
 
+AESTHETIC_RATINGS = 10  # LAION's aesthetic embeddings: rating0.npy .. rating9.npy
+AESTHETIC_WEIGHT = 0.5  # the weight of the rating's embedding when a request gives none (clip-retrieval's front end's)
+VIOLENT_PROMPT = 1  # the row of LAION's violence prompts that marks a result violent when it is the nearest
+
+
+def _vector_file(location: str, what: str) -> np.ndarray:
+    """A float32 array stored as ``.npy`` at ``location`` (a local path or a URL)."""
+    import io
+
+    from unicom import storage
+
+    try:
+        data = storage.read_bytes(location)
+    except OSError as error:
+        raise InputError(f"{location}: cannot read {what} ({error})") from error
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise InputError(f"{location}: not a .npy array ({error}); {what} is a float array saved with numpy.save") from error
+    if array.dtype.kind != "f" or not np.isfinite(array).all():
+        raise InputError(f"{location}: {what} must hold finite floating-point numbers, found {array.dtype}")
+    return array.astype(np.float32)
+
+
+def load_aesthetic_embeddings(folder: str) -> np.ndarray:
+    """LAION's aesthetic embeddings (``rating0.npy`` .. ``rating9.npy`` in ``folder``, a local
+    folder or a URL, each one row of the model's dimension, as clip-retrieval reads them):
+    float32 (10, D), row r the embedding of aesthetic rating r."""
+    from unicom import storage
+
+    rows = []
+    for rating in range(AESTHETIC_RATINGS):
+        location = storage.join(folder, f"rating{rating}.npy")
+        array = _vector_file(location, f"the embedding of aesthetic rating {rating}")
+        if array.size == 0 or (array.ndim == 2 and array.shape[0] != 1) or array.ndim > 2:
+            raise InputError(f"{location}: expected one embedding, a (D,) or (1, D) array; found {array.shape}")
+        rows.append(array.reshape(-1))
+    sizes = sorted({len(row) for row in rows})
+    if len(sizes) > 1:
+        raise InputError(f"{folder}: the aesthetic embeddings have different dimensions {sizes}; take all ten from "
+                         "one model's folder")
+    return np.stack(rows)
+
+
+def load_violence_prompts(location: str) -> np.ndarray:
+    """LAION's violence detector for a CLIP (``violence_detection_vit_b_32.npy``: prompt
+    embeddings, one a row): float32 (P, D), P >= 2; a result whose nearest prompt is row
+    :data:`VIOLENT_PROMPT` is violent (clip-retrieval's rule)."""
+    array = _vector_file(location, "the violence prompts")
+    if array.ndim != 2 or array.shape[0] <= VIOLENT_PROMPT:
+        raise InputError(f"{location}: expected prompt embeddings, a (P, D) array with P >= {VIOLENT_PROMPT + 1}; "
+                         f"found {array.shape}")
+    return array
+
+
+def with_aesthetic(vector: np.ndarray, embedding: np.ndarray, weight: float) -> np.ndarray:
+    """``vector + weight·embedding`` (the embedding's first ``len(vector)`` dimensions),
+    re-normalised: a query moved towards an aesthetic rating, as clip-retrieval's back end
+    moves it. float32 (d,)."""
+    moved = np.asarray(vector, np.float32) + np.float32(weight) * embedding[: len(vector)]
+    norm = np.linalg.norm(moved)
+    if norm < 1e-6:
+        raise InputError("the query and the aesthetic embedding cancel out: their weighted sum is zero; change "
+                         "aesthetic_weight")
+    return (moved / norm).astype(np.float32)
+
+
+def violent(vectors: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """Bool (N,): which result ``vectors`` (N, d) have prompt :data:`VIOLENT_PROMPT` nearest
+    among ``prompts`` (P, >= d; their first d dimensions)."""
+    similarities = np.asarray(vectors, np.float32) @ prompts[:, : vectors.shape[1]].T
+    return np.argmax(similarities, axis=1) == VIOLENT_PROMPT
+
+
 def parse_text_weight(value, where: str = "text_weight") -> float:
     """A text weight from a request or option: a number in [0, 1] (default :data:`TEXT_WEIGHT`)."""
     if value is None or value == "":
@@ -186,7 +260,8 @@ class StoredVectors:
 
 def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: bool | Sequence[bool] = False,
            stored: StoredVectors | None = None, modality: str | None = None,
-           threshold: float = DUPLICATE_SIMILARITY) -> list[tuple[np.ndarray, np.ndarray]]:
+           threshold: float = DUPLICATE_SIMILARITY,
+           remove: Sequence | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Search ``index`` (its ``modality`` index: image or text embeddings, default the first)
     for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
 
@@ -196,35 +271,43 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     the search looks further until ``k`` results remain, the index is exhausted or
     ``LOOK_FURTHER``·k results were read (fewer than ``k`` are then returned: a collection may
     hold thousands of copies of one placeholder image, and reading them all costs without bound).
+    ``remove``: per query, None or a function of the results' stored vectors (N, dims) that
+    says (bool (N,)) which to leave out (:func:`violent`), after the near duplicates; the
+    search looks further for them in the same way.
     """
     count = len(vectors)
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
     unique = [bool(deduplicate)] * count if np.ndim(deduplicate) == 0 else [bool(value) for value in deduplicate]
-    if any(unique) and stored is None:
+    removers = list(remove) if remove is not None else [None] * count
+    filtered = [dedup or remover is not None for dedup, remover in zip(unique, removers)]
+    if any(filtered) and stored is None:
         stored = StoredVectors(index, modality)
     total = len(index)
-    fetch = [min(total, wanted * (2 if dedup else 1)) for wanted, dedup in zip(ks, unique)]
+    fetch = [min(total, wanted * (2 if more else 1)) for wanted, more in zip(ks, filtered)]
     if not count:
         return []
     scores, ids = index.search(vectors, max(1, max(fetch)), modality=modality)
 
-    def kept(query_scores, query_ids, dedup):
+    def kept(query_scores, query_ids, dedup, remover):
         valid = query_ids >= 0
         query_scores, query_ids = query_scores[valid], query_ids[valid]
-        if dedup and len(query_ids) > 1:
-            repeated = near_duplicates(stored(query_ids), threshold)
-            query_scores, query_ids = query_scores[~repeated], query_ids[~repeated]
+        if (dedup or remover is not None) and len(query_ids):
+            results = stored(query_ids)
+            left_out = near_duplicates(results, threshold) if dedup else np.zeros(len(query_ids), dtype=bool)
+            if remover is not None:
+                left_out |= remover(results)
+            query_scores, query_ids = query_scores[~left_out], query_ids[~left_out]
         return query_scores, query_ids
 
     found = []
     for row in range(count):
-        query_scores, query_ids = kept(scores[row], ids[row], unique[row])
+        query_scores, query_ids = kept(scores[row], ids[row], unique[row], removers[row])
         wanted = fetch[row]
         limit = min(total, LOOK_FURTHER * ks[row])
         while len(query_ids) < ks[row] and wanted < limit:  # duplicates dropped too many: look further
             wanted = min(limit, wanted * 4)
             more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
-            query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row])
+            query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row], removers[row])
         found.append((query_scores[:ks[row]], query_ids[:ks[row]]))
     return found
 

@@ -80,9 +80,12 @@ class KnnRequest(BaseModel):
     deduplicate: bool = False
     use_mclip: bool = Field(False, description="unsupported: there is no multilingual text model; answered with the model's own")
     use_safety_model: bool = Field(False, description="unsupported: there is no safety model; results are not filtered")
-    use_violence_detector: bool = Field(False, description="unsupported: there is no violence detector; results are not filtered")
-    aesthetic_score: int | str | None = Field(None, description="unsupported: there are no aesthetic embeddings")
-    aesthetic_weight: float | str | None = None
+    use_violence_detector: bool = Field(False, description="leave out results that LAION's violence prompts mark (with "
+                                                           "--violence-prompts; unsupported, and named as such, without)")
+    aesthetic_score: int | str | None = Field(None, description="0..9: move the query towards LAION's embedding of this "
+                                                                "aesthetic rating (with --aesthetic-embeddings)")
+    aesthetic_weight: float | str | None = Field(None, description="how far (default 0.5): query + weight x embedding, "
+                                                                   "re-normalised")
 
 
 class KnnResult(BaseModel):

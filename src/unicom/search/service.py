@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -267,6 +268,8 @@ class Search:
     text_weight: float = queries.TEXT_WEIGHT
     deduplicate: bool = False
     modality: str | None = None  # the index searched: image or text embeddings (default: the first)
+    aesthetic: np.ndarray | None = None  # weight x the embedding of an aesthetic rating, added to the query
+    remove: Any = None  # results' vectors -> which to leave out (clip-retrieval's violence detector)
 
 
 def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
@@ -301,10 +304,11 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
             text = text_rows.get(position)
             if text is not None:
                 text = queries.first_dims(text[None, :], dims, "the text query", fix=queries.QUERY_FIX)[0]
-            if base is not None and text is not None:
-                vectors.append(queries.combine(base, text, search.text_weight)[0])
-            else:
-                vectors.append(base if base is not None else text)
+            vector = queries.combine(base, text, search.text_weight)[0] if base is not None and text is not None \
+                else (base if base is not None else text)
+            if search.aesthetic is not None:
+                vector = queries.with_aesthetic(vector, search.aesthetic, 1.0)
+            vectors.append(vector)
         except InputError as error:
             vectors.append(error)
     return vectors
@@ -328,10 +332,34 @@ def run_searches(batch: list[Search]) -> list[Any]:
         served = batch[positions[0]].served
         found = queries.search(served.index, np.stack([vectors[p] for p in positions]), [batch[p].k for p in positions],
                                deduplicate=[batch[p].deduplicate for p in positions], stored=served.stored[modality],
-                               modality=modality)
+                               modality=modality, remove=[batch[p].remove for p in positions])
         for position, result in zip(positions, found):
             answers[position] = result
     return answers
+
+
+def _aesthetic_rating(value) -> int:
+    """clip-retrieval's ``aesthetic_score``: a whole number 0..9 (as a number or its text)."""
+    try:
+        rating = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        rating = None
+    if rating is None or not 0 <= rating < queries.AESTHETIC_RATINGS:
+        raise _error(400, f"aesthetic_score must be a whole number from 0 to {queries.AESTHETIC_RATINGS - 1}, got {value!r}")
+    return rating
+
+
+def _aesthetic_weight(value) -> float:
+    """clip-retrieval's ``aesthetic_weight``: a finite number (absent: :data:`~unicom.search.queries.AESTHETIC_WEIGHT`)."""
+    if value is None or value == "":
+        return queries.AESTHETIC_WEIGHT
+    try:
+        weight = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        weight = None
+    if weight is None or not np.isfinite(weight):
+        raise _error(400, f"aesthetic_weight must be a number, got {value!r}")
+    return weight
 
 
 def _shard_columns(served: Mapping[str, "Served"]):
@@ -367,6 +395,8 @@ def create_app(
     thumbnail_cache: int = 1024,
     cors_origins: list[str] | tuple[str, ...] = (),
     allow_image_urls: bool = False,
+    aesthetic_embeddings: np.ndarray | None = None,
+    violence_prompts: np.ndarray | None = None,
 ) -> FastAPI:
     """The FastAPI app of ``unicom serve`` (see the module docstring).
 
@@ -384,6 +414,10 @@ def create_app(
     cors_origins: origins whose pages may call the API (``"*"``: any), as
     clip-retrieval's front end served from elsewhere does. allow_image_urls: let
     ``/knn-service`` fetch ``image_url`` queries (the server then makes requests a client chose).
+    aesthetic_embeddings (10, D) and violence_prompts (P, D): LAION's files for the model
+    (:func:`~unicom.search.queries.load_aesthetic_embeddings`,
+    :func:`~unicom.search.queries.load_violence_prompts`), with which ``/knn-service``
+    honours ``aesthetic_score``/``aesthetic_weight`` and ``use_violence_detector``.
     """
     indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
@@ -397,6 +431,13 @@ def create_app(
         if model is not None:
             queries.check_model(item, model)
         served[name] = Served(name, item, model)
+    for what, vectors in (("aesthetic embeddings", aesthetic_embeddings), ("violence prompts", violence_prompts)):
+        narrow = [f"{name} ({item.index.modality_dims(modality)})" for name, item in served.items()
+                  for modality in item.index.modalities if vectors is not None
+                  and vectors.shape[1] < item.index.modality_dims(modality)]
+        if narrow:
+            raise InputError(f"the {what} have {vectors.shape[1]} dimensions, fewer than the embeddings of {', '.join(narrow)}: "
+                             "give the files made for the model of the collection")
     default = next(iter(served))
     images = ItemImages(image_root, shards, thumbnail_cache, _shard_columns(served) if shards is not None else None)
     batcher = QueryBatcher(run_searches, max_batch=batch_size, max_wait=max_wait_ms / 1000)
@@ -746,10 +787,15 @@ def create_app(
         unsupported = []
         if knn.use_safety_model:
             unsupported.append("use_safety_model (no safety model: results are not filtered)")
-        if knn.use_violence_detector:
-            unsupported.append("use_violence_detector (no violence detector: results are not filtered)")
-        if knn.aesthetic_score not in (None, ""):
-            unsupported.append("aesthetic_score (no aesthetic embeddings: the query is not re-weighted)")
+        if knn.use_violence_detector and violence_prompts is None:
+            unsupported.append("use_violence_detector (no violence detector: results are not filtered; "
+                               "--violence-prompts gives one)")
+        aesthetic = None
+        if knn.aesthetic_score not in (None, "") and aesthetic_embeddings is None:
+            unsupported.append("aesthetic_score (no aesthetic embeddings: the query is not re-weighted; "
+                               "--aesthetic-embeddings gives them)")
+        elif knn.aesthetic_score not in (None, ""):
+            aesthetic = aesthetic_embeddings[_aesthetic_rating(knn.aesthetic_score)] * _aesthetic_weight(knn.aesthetic_weight)
         if knn.num_images > MAX_METADATA_IDS:
             unsupported.append(f"num_images above {MAX_METADATA_IDS} (results past the {MAX_METADATA_IDS}th carry their "
                                "metadata without an image)")
@@ -783,6 +829,9 @@ def create_app(
             values["image_data"] = None
             await app.state.fetches.release(fetched)
         item.modality = knn.modality
+        item.aesthetic = aesthetic
+        if knn.use_violence_detector and violence_prompts is not None:
+            item.remove = functools.partial(queries.violent, prompts=violence_prompts)
         scores, ids = await batcher.submit(item)
         results, rows = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
         pictured = min(len(rows), MAX_METADATA_IDS)

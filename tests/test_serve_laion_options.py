@@ -1,0 +1,172 @@
+"""clip-retrieval's ``aesthetic_score``/``aesthetic_weight`` and ``use_violence_detector`` on
+`unicom serve`, with LAION's files for them (``rating0.npy`` .. ``rating9.npy``, the violence
+prompts), checked against clip-retrieval's back end's rules computed here by brute force:
+the query moved to ``q + weight·e_rating``, re-normalised; a result left out when its
+nearest prompt is prompt 1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+
+from unicom.cli import main
+from unicom.errors import InputError
+from unicom.formats.embeddings import write_part
+from unicom.search.index import Index
+from unicom.search.queries import load_aesthetic_embeddings, load_violence_prompts
+from unicom.search.service import create_app
+
+DIMS = 16
+ITEMS = 300
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def laion(tmp_path_factory):
+    """An index of 300 random unit vectors, LAION-shaped aesthetic embeddings (one (1, 16)
+    row per rating) and three violence prompts, written as the .npy files LAION publishes."""
+    root = tmp_path_factory.mktemp("laion")
+    rng = np.random.default_rng(0)
+    vectors = unit(rng.normal(size=(ITEMS, DIMS)))
+    write_part(root / "emb", 0, image=vectors, metadata=pa.table({"key": [f"{i:06d}" for i in range(ITEMS)]}))
+    index = Index.build(root / "emb", root / "index")
+    (root / "aesthetic").mkdir()
+    ratings = unit(rng.normal(size=(10, DIMS)))
+    for rating in range(10):
+        np.save(root / "aesthetic" / f"rating{rating}.npy", ratings[rating][None, :])
+    prompts = unit(rng.normal(size=(3, DIMS)))
+    np.save(root / "violence.npy", prompts)
+    app = create_app(index, aesthetic_embeddings=load_aesthetic_embeddings(str(root / "aesthetic")),
+                     violence_prompts=load_violence_prompts(str(root / "violence.npy")))
+    with TestClient(app) as client:
+        yield {"root": root, "index": index, "vectors": vectors, "ratings": ratings, "prompts": prompts,
+               "client": client}
+
+
+def knn(laion, **body) -> tuple[list[dict], str | None]:
+    response = laion["client"].post("/knn-service", content=json.dumps(
+        {"modality": "image", "indice_name": "index", **body}), headers={"content-type": "text/plain"})
+    assert response.status_code == 200, response.text
+    return response.json(), response.headers.get("X-Unsupported-Options")
+
+
+def ranked(vectors: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = vectors @ query
+    order = np.argsort(-scores, kind="stable")
+    return order, scores[order]
+
+
+def test_an_aesthetic_rating_moves_the_query_as_clip_retrievals_back_end(laion):
+    query = unit(np.random.default_rng(1).normal(size=DIMS))
+    moved = query + laion["ratings"][7] * 0.4  # clip-retrieval: query + embedding * weight, then / norm
+    moved = moved / np.linalg.norm(moved)
+    order, scores = ranked(laion["vectors"], moved)
+    results, unsupported = knn(laion, embedding_input=query.tolist(), num_images=10, aesthetic_score="7",
+                               aesthetic_weight="0.4")
+    assert [r["id"] for r in results] == order[:10].tolist()
+    np.testing.assert_allclose([r["similarity"] for r in results], scores[:10], atol=1e-5)
+    assert unsupported is None
+    plain, _ = knn(laion, embedding_input=query.tolist(), num_images=10)
+    assert [r["id"] for r in plain] != [r["id"] for r in results]  # the rating moved the answer
+
+
+def test_the_weight_defaults_to_clip_retrievals_front_ends_and_numbers_are_taken_as_numbers(laion):
+    query = unit(np.random.default_rng(2).normal(size=DIMS))
+    moved = query + laion["ratings"][9] * 0.5
+    order, _ = ranked(laion["vectors"], moved / np.linalg.norm(moved))
+    results, _ = knn(laion, embedding_input=query.tolist(), num_images=5, aesthetic_score=9)
+    assert [r["id"] for r in results] == order[:5].tolist()
+
+
+def test_the_violence_detector_leaves_out_the_results_its_prompts_mark(laion):
+    query = unit(np.random.default_rng(3).normal(size=DIMS))
+    order, scores = ranked(laion["vectors"], query)
+    violent = np.argmax(laion["vectors"] @ laion["prompts"].T, axis=1) == 1
+    kept = [i for i in order.tolist() if not violent[i]]
+    assert violent[order[:20]].any()  # the plain answer holds some: a test that could fail
+    results, unsupported = knn(laion, embedding_input=query.tolist(), num_images=20, use_violence_detector=True)
+    # the ones it leaves out are replaced by the next results (clip-retrieval returns fewer)
+    assert [r["id"] for r in results] == kept[:20]
+    assert unsupported is None
+
+
+def test_a_rating_and_the_violence_detector_together(laion):
+    query = unit(np.random.default_rng(4).normal(size=DIMS))
+    moved = query + laion["ratings"][2] * 1.5
+    order, _ = ranked(laion["vectors"], moved / np.linalg.norm(moved))
+    violent = np.argmax(laion["vectors"] @ laion["prompts"].T, axis=1) == 1
+    results, _ = knn(laion, embedding_input=query.tolist(), num_images=8, use_violence_detector=True,
+                     aesthetic_score=2, aesthetic_weight=1.5)
+    assert [r["id"] for r in results] == [i for i in order.tolist() if not violent[i]][:8]
+
+
+def test_the_options_without_their_files_are_named_unsupported(laion):
+    with TestClient(create_app(laion["index"])) as client:
+        response = client.post("/knn-service", json={"embedding_input": laion["vectors"][0].tolist(), "modality": "image",
+                                                     "num_images": 3, "use_violence_detector": True, "aesthetic_score": 5})
+        header = response.headers["X-Unsupported-Options"]
+        assert "use_violence_detector (no violence detector: results are not filtered; --violence-prompts gives one)" in header
+        assert "aesthetic_score (no aesthetic embeddings: the query is not re-weighted; --aesthetic-embeddings gives them)" in header
+        assert [r["id"] for r in response.json()] == ranked(laion["vectors"], laion["vectors"][0])[0][:3].tolist()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"aesthetic_score": 10}, "aesthetic_score must be a whole number from 0 to 9, got 10"),
+    ({"aesthetic_score": "nine"}, "aesthetic_score must be a whole number from 0 to 9, got 'nine'"),
+    ({"aesthetic_score": 2.5}, "aesthetic_score.int: Input should be a valid integer, got a number with a fractional part"),
+    ({"aesthetic_score": 3, "aesthetic_weight": "much"}, "aesthetic_weight must be a number, got 'much'"),
+])
+def test_bad_aesthetic_values_are_400_naming_them(laion, body, message):
+    response = laion["client"].post("/knn-service", json={"embedding_input": laion["vectors"][0].tolist(),
+                                                          "modality": "image", **body})
+    assert response.status_code == 400 and message in response.json()["detail"]
+
+
+def test_files_that_do_not_fit_are_refused_naming_them(laion, tmp_path):
+    (tmp_path / "a").mkdir()
+    for rating in range(9):
+        np.save(tmp_path / "a" / f"rating{rating}.npy", np.ones((1, DIMS), np.float32))
+    with pytest.raises(InputError, match=r"rating9.npy: cannot read the embedding of aesthetic rating 9"):
+        load_aesthetic_embeddings(str(tmp_path / "a"))
+    np.save(tmp_path / "a" / "rating9.npy", np.ones((2, DIMS), np.float32))
+    with pytest.raises(InputError, match=r"rating9.npy: expected one embedding, a \(D,\) or \(1, D\) array; found \(2, 16\)"):
+        load_aesthetic_embeddings(str(tmp_path / "a"))
+    np.save(tmp_path / "one.npy", np.ones((1, DIMS), np.float32))
+    with pytest.raises(InputError, match=r"one.npy: expected prompt embeddings, a \(P, D\) array with P >= 2"):
+        load_violence_prompts(str(tmp_path / "one.npy"))
+    np.save(tmp_path / "narrow.npy", np.ones((3, DIMS // 2), np.float32))
+    with pytest.raises(InputError, match=r"the violence prompts have 8 dimensions, fewer than the embeddings of index \(16\)"):
+        create_app(laion["index"], violence_prompts=load_violence_prompts(str(tmp_path / "narrow.npy")))
+    (tmp_path / "text.npy").write_text("not an array")
+    with pytest.raises(InputError, match="text.npy: not a .npy array"):
+        load_violence_prompts(str(tmp_path / "text.npy"))
+
+
+def test_the_files_are_read_from_a_url(laion):
+    import http.server
+    import threading
+    from functools import partial
+
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(laion["root"]))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as files:
+        threading.Thread(target=files.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{files.server_address[1]}"
+            np.testing.assert_array_equal(load_aesthetic_embeddings(f"{url}/aesthetic"), laion["ratings"])
+            np.testing.assert_array_equal(load_violence_prompts(f"{url}/violence.npy"), laion["prompts"])
+        finally:
+            files.shutdown()
+
+
+def test_the_command_names_a_missing_file_before_loading_anything(laion, capsys):
+    code = main(["serve", "--index", str(laion["index"].path), "--violence-prompts", str(laion["root"] / "absent.npy")])
+    assert code == 2
+    assert "absent.npy: cannot read the violence prompts" in capsys.readouterr().err

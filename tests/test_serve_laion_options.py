@@ -35,7 +35,10 @@ def laion(tmp_path_factory):
     root = tmp_path_factory.mktemp("laion")
     rng = np.random.default_rng(0)
     vectors = unit(rng.normal(size=(ITEMS, DIMS)))
-    write_part(root / "emb", 0, image=vectors, metadata=pa.table({"key": [f"{i:06d}" for i in range(ITEMS)]}))
+    punsafe = [None if i % 10 == 0 else float(rng.uniform()) for i in range(ITEMS)]  # LAION-5B's safety probability
+    tags = [str(rng.choice(["UNLIKELY", "UNSURE", "NSFW"])) for _ in range(ITEMS)]  # LAION-400M's NSFW tag
+    write_part(root / "emb", 0, image=vectors, metadata=pa.table({"key": [f"{i:06d}" for i in range(ITEMS)],
+                                                                  "punsafe": punsafe, "NSFW": tags}))
     index = Index.build(root / "emb", root / "index")
     (root / "aesthetic").mkdir()
     ratings = unit(rng.normal(size=(10, DIMS)))
@@ -47,7 +50,7 @@ def laion(tmp_path_factory):
                      violence_prompts=load_violence_prompts(str(root / "violence.npy")))
     with TestClient(app) as client:
         yield {"root": root, "index": index, "vectors": vectors, "ratings": ratings, "prompts": prompts,
-               "client": client}
+               "client": client, "punsafe": punsafe, "tags": tags}
 
 
 def knn(laion, **body) -> tuple[list[dict], str | None]:
@@ -105,6 +108,38 @@ def test_a_rating_and_the_violence_detector_together(laion):
     results, _ = knn(laion, embedding_input=query.tolist(), num_images=8, use_violence_detector=True,
                      aesthetic_score=2, aesthetic_weight=1.5)
     assert [r["id"] for r in results] == [i for i in order.tolist() if not violent[i]][:8]
+
+
+def test_the_safety_model_leaves_out_what_laions_safety_probability_marks(laion):
+    query = unit(np.random.default_rng(6).normal(size=DIMS))
+    order, _ = ranked(laion["vectors"], query)
+    marked = [value is not None and value > 0.5 for value in laion["punsafe"]]  # a row without a value is kept
+    with TestClient(create_app(laion["index"], safety_column="punsafe")) as client:
+        response = client.post("/knn-service", json={"embedding_input": query.tolist(), "modality": "image",
+                                                     "num_images": 15, "use_safety_model": True})
+        plain = client.post("/knn-service", json={"embedding_input": query.tolist(), "modality": "image",
+                                                  "num_images": 15})
+    assert [r["id"] for r in response.json()] == [i for i in order.tolist() if not marked[i]][:15]
+    assert all(r["punsafe"] is None or r["punsafe"] <= 0.5 for r in response.json())
+    assert "X-Unsupported-Options" not in response.headers
+    assert any(marked[r["id"]] for r in plain.json())  # without the option they are there
+
+
+def test_a_text_safety_column_leaves_out_the_values_named(laion):
+    query = unit(np.random.default_rng(7).normal(size=DIMS))
+    order, _ = ranked(laion["vectors"], query)
+    with TestClient(create_app(laion["index"], safety_column="NSFW", unsafe_values=("NSFW", "UNSURE"))) as client:
+        response = client.post("/knn-service", json={"embedding_input": query.tolist(), "modality": "image",
+                                                     "num_images": 10, "use_safety_model": True,
+                                                     "use_violence_detector": True})
+    assert [r["id"] for r in response.json()] == [i for i in order.tolist() if laion["tags"][i] == "UNLIKELY"][:10]
+    assert "use_violence_detector" in response.headers["X-Unsupported-Options"]  # no prompts given to this server
+
+
+def test_a_safety_column_the_metadata_lacks_is_refused_naming_the_columns(laion):
+    with pytest.raises(InputError, match=r"--safety-column pwatermark: the metadata of index has no such column "
+                                         r"\(its columns: key, punsafe, NSFW\)"):
+        create_app(laion["index"], safety_column="pwatermark")
 
 
 def test_the_options_without_their_files_are_named_unsupported(laion):
@@ -170,3 +205,9 @@ def test_the_command_names_a_missing_file_before_loading_anything(laion, capsys)
     code = main(["serve", "--index", str(laion["index"].path), "--violence-prompts", str(laion["root"] / "absent.npy")])
     assert code == 2
     assert "absent.npy: cannot read the violence prompts" in capsys.readouterr().err
+
+
+def test_the_command_refuses_unsafe_values_without_a_safety_column(laion, capsys):
+    code = main(["serve", "--index", str(laion["index"].path), "--unsafe-values", "NSFW,UNSURE"])
+    assert code == 2
+    assert "--unsafe-values: the values of a text --safety-column; name the column with --safety-column" in capsys.readouterr().err

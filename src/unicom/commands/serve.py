@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--violence-prompts", metavar="FILE",
                         help="LAION's violence detector for the model (violence_detection_vit_b_32.npy, prompt embeddings), "
                              "local or a URL: /knn-service's use_violence_detector leaves out the results it marks")
+    parser.add_argument("--safety-column", metavar="NAME",
+                        help="the metadata column by which /knn-service's use_safety_model leaves results out: a "
+                             "probability above 0.5 (LAION-5B's punsafe) or a text among --unsafe-values (LAION-400M's NSFW)")
+    parser.add_argument("--unsafe-values", metavar="A,B",
+                        help="the values of a text --safety-column that leave a result out (default: NSFW, LAION-400M's tag "
+                             "for the unsafe; add UNSURE to leave out its doubtful ones too)")
 
 
 def parse_indexes(values: list[str]) -> dict[str, str]:
@@ -119,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging()
     root_path = root_path_of(args.root_path)
+    if args.unsafe_values is not None and args.safety_column is None:
+        raise InputError("--unsafe-values: the values of a text --safety-column; name the column with --safety-column")
+    if args.unsafe_values is not None and not args.unsafe_values.strip(" ,"):
+        raise InputError("--unsafe-values names no value; give them comma-separated (NSFW,UNSURE)")
     # LAION's files for /knn-service's options, read first: a wrong one is named before the model loads
     aesthetic = None if args.aesthetic_embeddings is None else queries.load_aesthetic_embeddings(args.aesthetic_embeddings)
     violence = None if args.violence_prompts is None else queries.load_violence_prompts(args.violence_prompts)
@@ -155,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
         allow_image_urls=args.allow_image_urls,
         aesthetic_embeddings=aesthetic,
         violence_prompts=violence,
+        safety_column=args.safety_column,
+        unsafe_values=queries.UNSAFE_VALUES if args.unsafe_values is None else tuple(
+            value.strip() for value in args.unsafe_values.split(",") if value.strip()),
     )
     if args.host not in LOOPBACK:
         print(f"listening on {args.host}: anyone who can reach this machine can query the index", file=sys.stderr)

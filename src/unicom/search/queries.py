@@ -128,6 +128,8 @@ def combine(vector: np.ndarray, text: np.ndarray, text_weight: float = TEXT_WEIG
 AESTHETIC_RATINGS = 10  # LAION's aesthetic embeddings: rating0.npy .. rating9.npy
 AESTHETIC_WEIGHT = 0.5  # the weight of the rating's embedding when a request gives none (clip-retrieval's front end's)
 VIOLENT_PROMPT = 1  # the row of LAION's violence prompts that marks a result violent when it is the nearest
+SAFETY_THRESHOLD = 0.5  # a result whose safety probability (LAION-5B's punsafe) is above it is left out
+UNSAFE_VALUES = ("NSFW",)  # the values of a text safety column (LAION-400M's NSFW tag) that leave a result out
 
 
 def _vector_file(location: str, what: str) -> np.ndarray:
@@ -197,6 +199,20 @@ def violent(vectors: np.ndarray, prompts: np.ndarray) -> np.ndarray:
     among ``prompts`` (P, >= d; their first d dimensions)."""
     similarities = np.asarray(vectors, np.float32) @ prompts[:, : vectors.shape[1]].T
     return np.argmax(similarities, axis=1) == VIOLENT_PROMPT
+
+
+def unsafe(values: Sequence, unsafe_values: Sequence[str] = UNSAFE_VALUES) -> np.ndarray:
+    """Bool (N,): which results a safety column marks: a probability above
+    :data:`SAFETY_THRESHOLD` (LAION-5B's ``punsafe``, the safety model's output, at
+    clip-retrieval's threshold), or a text among ``unsafe_values`` (LAION-400M's ``NSFW`` tag).
+    A result without a value is kept."""
+    marked = np.zeros(len(values), dtype=bool)
+    for position, value in enumerate(values):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            marked[position] = value > SAFETY_THRESHOLD
+        elif isinstance(value, str):
+            marked[position] = value in unsafe_values
+    return marked
 
 
 def parse_text_weight(value, where: str = "text_weight") -> float:
@@ -271,9 +287,10 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     the search looks further until ``k`` results remain, the index is exhausted or
     ``LOOK_FURTHER``·k results were read (fewer than ``k`` are then returned: a collection may
     hold thousands of copies of one placeholder image, and reading them all costs without bound).
-    ``remove``: per query, None or a function of the results' stored vectors (N, dims) that
-    says (bool (N,)) which to leave out (:func:`violent`), after the near duplicates; the
-    search looks further for them in the same way.
+    ``remove``: per query, None or a function ``(ids (N,), vectors)`` that says (bool (N,))
+    which results to leave out, ``vectors()`` giving their stored vectors (N, dims) when it
+    needs them (:func:`violent`, :func:`unsafe`), after the near duplicates; the search looks
+    further for them in the same way.
     """
     count = len(vectors)
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
@@ -292,10 +309,16 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
         valid = query_ids >= 0
         query_scores, query_ids = query_scores[valid], query_ids[valid]
         if (dedup or remover is not None) and len(query_ids):
-            results = stored(query_ids)
-            left_out = near_duplicates(results, threshold) if dedup else np.zeros(len(query_ids), dtype=bool)
+            read: list[np.ndarray] = []
+
+            def results() -> np.ndarray:  # read back once, and only when a filter needs them
+                if not read:
+                    read.append(stored(query_ids))
+                return read[0]
+
+            left_out = near_duplicates(results(), threshold) if dedup else np.zeros(len(query_ids), dtype=bool)
             if remover is not None:
-                left_out |= remover(results)
+                left_out |= remover(query_ids, results)
             query_scores, query_ids = query_scores[~left_out], query_ids[~left_out]
         return query_scores, query_ids
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import json
 import logging
@@ -49,7 +48,7 @@ import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -338,6 +337,24 @@ def run_searches(batch: list[Search]) -> list[Any]:
     return answers
 
 
+def _result_filter(index: Index, violence_prompts: np.ndarray | None, safety_column: str | None,
+                   unsafe_values: Sequence[str]):
+    """The ``remove`` of :func:`unicom.search.queries.search` that leaves out the results LAION's
+    violence prompts mark and those the safety column marks (either or both), or None."""
+    if violence_prompts is None and safety_column is None:
+        return None
+
+    def left_out(ids: np.ndarray, vectors) -> np.ndarray:
+        marked = np.zeros(len(ids), dtype=bool)
+        if violence_prompts is not None:
+            marked |= queries.violent(vectors(), violence_prompts)
+        if safety_column is not None:
+            marked |= queries.unsafe([row.get(safety_column) for row in index.metadata(ids)], unsafe_values)
+        return marked
+
+    return left_out
+
+
 def _aesthetic_rating(value) -> int:
     """clip-retrieval's ``aesthetic_score``: a whole number 0..9 (as a number or its text)."""
     try:
@@ -397,6 +414,8 @@ def create_app(
     allow_image_urls: bool = False,
     aesthetic_embeddings: np.ndarray | None = None,
     violence_prompts: np.ndarray | None = None,
+    safety_column: str | None = None,
+    unsafe_values: Sequence[str] = queries.UNSAFE_VALUES,
 ) -> FastAPI:
     """The FastAPI app of ``unicom serve`` (see the module docstring).
 
@@ -418,6 +437,9 @@ def create_app(
     (:func:`~unicom.search.queries.load_aesthetic_embeddings`,
     :func:`~unicom.search.queries.load_violence_prompts`), with which ``/knn-service``
     honours ``aesthetic_score``/``aesthetic_weight`` and ``use_violence_detector``.
+    safety_column: the metadata column (LAION-5B's ``punsafe``, LAION-400M's ``NSFW``) by
+    which ``use_safety_model`` leaves results out (:func:`~unicom.search.queries.unsafe`,
+    with ``unsafe_values`` for a text column).
     """
     indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
@@ -438,6 +460,12 @@ def create_app(
         if narrow:
             raise InputError(f"the {what} have {vectors.shape[1]} dimensions, fewer than the embeddings of {', '.join(narrow)}: "
                              "give the files made for the model of the collection")
+    if safety_column is not None:
+        for name, item in served.items():
+            columns = [key for key in (item.index.metadata(0) if len(item.index) else {}) if key != "id"]
+            if len(item.index) and safety_column not in columns:
+                raise InputError(f"--safety-column {safety_column}: the metadata of {name} has no such column (its columns: "
+                                 f"{', '.join(columns)}); embed the shards with --metadata-fields {safety_column} to keep it")
     default = next(iter(served))
     images = ItemImages(image_root, shards, thumbnail_cache, _shard_columns(served) if shards is not None else None)
     batcher = QueryBatcher(run_searches, max_batch=batch_size, max_wait=max_wait_ms / 1000)
@@ -785,8 +813,9 @@ def create_app(
         k = _parse_k(num_result_ids, knn.num_images, max_result_ids,
                      "num_images" if num_result_ids == knn.num_images else "num_result_ids", " (the server's --max-result-ids)")
         unsupported = []
-        if knn.use_safety_model:
-            unsupported.append("use_safety_model (no safety model: results are not filtered)")
+        if knn.use_safety_model and safety_column is None:
+            unsupported.append("use_safety_model (no safety model: results are not filtered; --safety-column names the "
+                               "metadata column that marks them)")
         if knn.use_violence_detector and violence_prompts is None:
             unsupported.append("use_violence_detector (no violence detector: results are not filtered; "
                                "--violence-prompts gives one)")
@@ -830,8 +859,9 @@ def create_app(
             await app.state.fetches.release(fetched)
         item.modality = knn.modality
         item.aesthetic = aesthetic
-        if knn.use_violence_detector and violence_prompts is not None:
-            item.remove = functools.partial(queries.violent, prompts=violence_prompts)
+        item.remove = _result_filter(
+            target.index, violence_prompts if knn.use_violence_detector else None,
+            safety_column if knn.use_safety_model else None, unsafe_values)
         scores, ids = await batcher.submit(item)
         results, rows = await asyncio.to_thread(knn_answer, scores, ids, target, max(0, knn.num_images))
         pictured = min(len(rows), MAX_METADATA_IDS)

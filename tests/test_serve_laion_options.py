@@ -86,6 +86,8 @@ def test_the_weight_defaults_to_clip_retrievals_front_ends_and_numbers_are_taken
     order, _ = ranked(laion["vectors"], moved / np.linalg.norm(moved))
     results, _ = knn(laion, embedding_input=query.tolist(), num_images=5, aesthetic_score=9)
     assert [r["id"] for r in results] == order[:5].tolist()
+    as_text, _ = knn(laion, embedding_input=query.tolist(), num_images=5, aesthetic_score="9.0", aesthetic_weight=0.5)
+    assert as_text == results
 
 
 def test_the_violence_detector_leaves_out_the_results_its_prompts_mark(laion):

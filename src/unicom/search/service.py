@@ -268,7 +268,7 @@ class Search:
     deduplicate: bool = False
     modality: str | None = None  # the index searched: image or text embeddings (default: the first)
     aesthetic: np.ndarray | None = None  # weight x the embedding of an aesthetic rating, added to the query
-    remove: Any = None  # results' vectors -> which to leave out (clip-retrieval's violence detector)
+    remove: Any = None  # (result ids, their vectors) -> which to leave out (violence detector, safety column)
 
 
 def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
@@ -358,9 +358,10 @@ def _result_filter(index: Index, violence_prompts: np.ndarray | None, safety_col
 def _aesthetic_rating(value) -> int:
     """clip-retrieval's ``aesthetic_score``: a whole number 0..9 (as a number or its text)."""
     try:
-        rating = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+        number = float(value) if not isinstance(value, bool) else float("nan")
     except (TypeError, ValueError):
-        rating = None
+        number = float("nan")
+    rating = int(number) if number.is_integer() else None  # 9, "9" and "9.0" alike; NaN and inf are not whole
     if rating is None or not 0 <= rating < queries.AESTHETIC_RATINGS:
         raise _error(400, f"aesthetic_score must be a whole number from 0 to {queries.AESTHETIC_RATINGS - 1}, got {value!r}")
     return rating

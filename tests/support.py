@@ -255,6 +255,7 @@ class HostSyncRecorder:
 
     def __enter__(self):
         import torch
+        from torch.overrides import TorchFunctionMode
         from torch.utils._python_dispatch import TorchDispatchMode
 
         aten = torch.ops.aten
@@ -288,16 +289,8 @@ class HostSyncRecorder:
                     recorder.recorded.append((name, recorder._caller()))
                 return func(*args, **kwargs)
 
-        self._patched = {}
-        for method in ("tolist", "numpy", "cpu"):
-            original = getattr(torch.Tensor, method)
-
-            def patched(tensor, *args, _original=original, _method=method, **kwargs):
-                recorder.recorded.append((f"Tensor.{_method}", recorder._caller()))
-                return _original(tensor, *args, **kwargs)
-
-            self._patched[method] = original
-            setattr(torch.Tensor, method, patched)
+        reads = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor.numpy", torch.Tensor.cpu: "Tensor.cpu"}
+        indexed = {torch.Tensor.__getitem__: "Tensor.__getitem__", torch.Tensor.__setitem__: "Tensor.__setitem__"}
 
         def host_made(index) -> bool:
             import numpy
@@ -305,26 +298,26 @@ class HostSyncRecorder:
             parts = index if isinstance(index, tuple) else (index,)
             return any(isinstance(part, (list, numpy.ndarray)) for part in parts)
 
-        for method in ("__getitem__", "__setitem__"):
-            original = getattr(torch.Tensor, method)
+        class Calls(TorchFunctionMode):
+            """The Python-level calls, seen through the torch-function protocol: patching the
+            Tensor class instead would change it for the rest of the process (a ``__getitem__``
+            set on it, even once, makes tensors sequences to CPython's C API)."""
 
-            def indexed(tensor, index, *args, _original=original, _method=method):
-                if host_made(index):
-                    recorder.recorded.append((f"Tensor.{_method} with a Python list", recorder._caller()))
-                return _original(tensor, index, *args)
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in reads:
+                    recorder.recorded.append((reads[func], recorder._caller()))
+                elif func in indexed and len(args) > 1 and host_made(args[1]):
+                    recorder.recorded.append((f"{indexed[func]} with a Python list", recorder._caller()))
+                return func(*args, **(kwargs or {}))
 
-            self._patched[method] = original
-            setattr(torch.Tensor, method, indexed)
-        self._mode = Mode()
-        self._mode.__enter__()
+        self._modes = [Mode(), Calls()]
+        for mode in self._modes:
+            mode.__enter__()
         return self
 
     def __exit__(self, *exc):
-        import torch
-
-        self._mode.__exit__(*exc)
-        for method, original in self._patched.items():
-            setattr(torch.Tensor, method, original)
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
         return False
 
 

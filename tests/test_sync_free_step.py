@@ -55,6 +55,15 @@ def test_the_recorder_sees_the_operations_that_wait():
                      "aten.copy_.default from the host, blocking", "aten._to_copy.default from the host, blocking"]
 
 
+def test_the_recorder_leaves_tensors_as_it_found_them():
+    with HostSyncRecorder():
+        pass
+    assert not {"__getitem__", "__setitem__", "tolist", "numpy", "cpu"} & set(vars(torch.Tensor))
+    marks = torch.zeros(3, 2, dtype=torch.bool)
+    marks[torch.arange(3), list(torch.arange(3) % 2)] = True  # a list of 0-d tensors as an index
+    assert marks.tolist() == [[True, False], [False, True], [True, False]]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_training_step_makes_the_host_wait_nowhere(precision):
     cpu = torch.device("cpu")

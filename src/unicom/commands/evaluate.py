@@ -1,4 +1,4 @@
-"""``unicom evaluate``: retrieval benchmarks, compact dimensions, linear probe and kNN.
+"""``unicom evaluate``: retrieval benchmarks, compact dimensions, linear probe, kNN, zero-shot, image-text retrieval.
 
 Examples::
 

@@ -99,6 +99,14 @@ def dataset(tmp_path_factory):
                        "sentences": [{"raw": "not scored"}]})
     (karpathy / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
 
+    blip = root / "blip"  # BLIP's/LAVIS's test files: a list of {"image", "caption": [...]}
+    (blip / "flickr30k-images").mkdir(parents=True)
+    for name in names:
+        os.link(flickr / name, blip / "flickr30k-images" / name)
+    (blip / "flickr30k_test.json").write_text(json.dumps(
+        [{"image": f"flickr30k-images/{name}", "caption": cs, "img_id": i}
+         for i, (name, cs) in enumerate(zip(names, per_image))]))
+
     table = root / "table"  # one row per caption, and the parquet form with a list per image
     table.mkdir()
     for name in names:
@@ -106,7 +114,7 @@ def dataset(tmp_path_factory):
     (table / "captions.csv").write_text("path,caption\n" + "".join(
         f'{name},"{c}"\n' for name, cs in zip(names, per_image) for c in cs))
     pq.write_table(pa.table({"path": names, "caption": per_image}), table / "captions.parquet")
-    return {"root": root, "spec": spec, "flickr": flickr, "coco": coco, "karpathy": karpathy, "table": table,
+    return {"root": root, "spec": spec, "flickr": flickr, "coco": coco, "karpathy": karpathy, "table": table, "blip": blip,
             "per_image": per_image, "names": names}
 
 
@@ -175,11 +183,12 @@ def test_coco_captions_score_as_clip_benchmark_with_torchvisions_reader(dataset,
     _assert_same(_evaluate(dataset, "coco-captions", dataset["coco"], tmp_path / "out"), reference)
 
 
-def test_karpathys_split_file_and_caption_tables_give_the_same_scores(dataset, tmp_path):
+def test_karpathys_and_blips_files_and_caption_tables_give_the_same_scores(dataset, tmp_path):
     flickr = _evaluate(dataset, "flickr", dataset["flickr"], tmp_path / "flickr")
-    for name, root in (("coco", dataset["karpathy"]), ("captions", dataset["table"] / "captions.csv"),
+    for name, root in (("coco", dataset["karpathy"]), ("flickr30k", dataset["blip"]),
+                       ("captions", dataset["table"] / "captions.csv"),
                        ("captions", dataset["table"] / "captions.parquet")):
-        report = _evaluate(dataset, name, root, tmp_path / f"{name}-{Path(root).suffix}")
+        report = _evaluate(dataset, name, root, tmp_path / f"{name}-{Path(root).name}")
         for direction in ("text_to_image", "image_to_text"):
             for k in KS:
                 assert report[direction][f"recall@{k}"] == pytest.approx(flickr[direction][f"recall@{k}"], abs=1e-9), (name, root)
@@ -295,3 +304,15 @@ def test_a_flickr_list_without_its_header_line_keeps_its_first_caption(dataset, 
     ann.write_text(ann.read_text().split("\n", 1)[1].replace("\n", "\r\n"))  # no header, Windows line ends
     split = load_caption_benchmark("flickr30k", root)
     assert split.captions == [c for cs in dataset["per_image"] for c in cs]
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"image": "a.jpg"}], r"entry 0 has no 'image' path and 'caption'"),
+    ([{"image": "a.jpg", "caption": []}], r"entry 0 \(a.jpg\) has an empty list of captions"),
+    ([{"image": "a.jpg", "caption": ["fine", ""]}], r"entry 0: a caption must be non-empty text"),
+    ({"images": []}, "not a list of {'image', 'caption'} entries"),
+])
+def test_a_malformed_blip_file_is_refused_naming_the_entry(tmp_path, content, message):
+    (tmp_path / "flickr30k_test.json").write_text(json.dumps(content))
+    with pytest.raises(InputError, match=message):
+        load_caption_benchmark("flickr30k", tmp_path, check_images=False)

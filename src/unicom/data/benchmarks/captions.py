@@ -54,6 +54,9 @@ COCO_LAYOUT = """  coco/                            (--root)
     dataset_coco.json              Karpathy's splits (split "test": 5,000 images, 25,010 captions)
     val2014/COCO_val2014_*.jpg     (each image's "filepath"/"filename")
   or
+    coco_karpathy_test.json        BLIP's/LAVIS's test file (also in annotations/): [{"image", "caption": [...]}]
+    val2014/COCO_val2014_*.jpg     (each entry's "image", relative to --root)
+  or
     annotations/captions_val2017.json   the official 2017 validation captions (5,000 images)
     val2017/*.jpg"""
 
@@ -62,7 +65,10 @@ FLICKR_LAYOUT = """  flickr30k/                       (--root)
     <image>.jpg                    (or flickr30k-images/<image>.jpg, flickr30k_images/<image>.jpg)
   or
     dataset_flickr30k.json         Karpathy's splits (split "test": 1,000 images, 5,000 captions)
-    flickr30k-images/<image>.jpg"""
+    flickr30k-images/<image>.jpg
+  or
+    flickr30k_test.json            BLIP's/LAVIS's test file (also in annotations/): [{"image", "caption": [...]}]
+    flickr30k-images/<image>.jpg   (each entry's "image", relative to --root)"""
 
 TABLE_LAYOUT = """  a CSV or parquet table with columns path and caption (optionally key): one row per caption
   (an image on several rows has several captions), or a list of captions per row (parquet);
@@ -162,17 +168,40 @@ def _karpathy(root: Path, source: Path, image_folder: str | None, layout: str, c
     return _split(root, records, source, layout, check_images)
 
 
+def _image_caption_list(root: Path, source: Path, layout: str, check_images: bool) -> CaptionSplit:
+    """BLIP's, ALBEF's and LAVIS's test files (``coco_karpathy_test.json``,
+    ``flickr30k_test.json``): a list of ``{"image": path relative to the dataset folder,
+    "caption": [captions] or one caption}``, in the file's order."""
+    data = _json(source)
+    if not isinstance(data, list):
+        raise InputError(f"{source}: not a list of {{'image', 'caption'}} entries (BLIP's test files are)")
+    records = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or "caption" not in entry:
+            raise InputError(f"{source}: entry {i} has no 'image' path and 'caption'")
+        captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        if not captions:
+            raise InputError(f"{source}: entry {i} ({entry['image']}) has an empty list of captions")
+        records += [(entry["image"], _caption_text(c, f"{source}: entry {i}")) for c in captions]
+    if not records:
+        raise InputError(f"{source}: no entry")
+    return _split(root, records, source, layout, check_images)
+
+
 def read_coco_captions(root: str | os.PathLike, check_images: bool = True) -> CaptionSplit:
     """MS-COCO captions: the Karpathy 5k test split (clip_benchmark's file, else Karpathy's),
     else the official 2017 validation captions (:data:`COCO_LAYOUT`)."""
     root = Path(root)
     candidates = ("coco_test_karpathy.json", "annotations/coco_test_karpathy.json", "dataset_coco.json",
-                  "annotations/dataset_coco.json", "annotations/captions_val2017.json", "captions_val2017.json")
+                  "annotations/dataset_coco.json", "coco_karpathy_test.json", "annotations/coco_karpathy_test.json",
+                  "annotations/captions_val2017.json", "captions_val2017.json")
     source = _found(root, candidates, COCO_LAYOUT)
     if source.name == "coco_test_karpathy.json":
         return _coco_format(root, source, "val2014", COCO_LAYOUT, check_images)
     if source.name == "dataset_coco.json":
         return _karpathy(root, source, None, COCO_LAYOUT, check_images)
+    if source.name == "coco_karpathy_test.json":
+        return _image_caption_list(root, source, COCO_LAYOUT, check_images)
     return _coco_format(root, source, "val2017", COCO_LAYOUT, check_images)
 
 
@@ -180,9 +209,12 @@ def read_flickr30k(root: str | os.PathLike, check_images: bool = True) -> Captio
     """Flickr30k's Karpathy 1k test split: clip_benchmark's ``flickr30k_test_karpathy.txt``,
     else Karpathy's ``dataset_flickr30k.json`` (:data:`FLICKR_LAYOUT`)."""
     root = Path(root)
-    source = _found(root, ("flickr30k_test_karpathy.txt", "dataset_flickr30k.json"), FLICKR_LAYOUT)
-    if source.suffix == ".json":
+    source = _found(root, ("flickr30k_test_karpathy.txt", "dataset_flickr30k.json", "flickr30k_test.json",
+                           "annotations/flickr30k_test.json"), FLICKR_LAYOUT)
+    if source.name == "dataset_flickr30k.json":
         return _karpathy(root, source, "flickr30k-images", FLICKR_LAYOUT, check_images)
+    if source.name == "flickr30k_test.json":
+        return _image_caption_list(root, source, FLICKR_LAYOUT, check_images)
     lines = [line.strip() for line in decode_utf8(source.read_bytes(), source).splitlines()]
     records = []
     header = 1 if lines and lines[0].replace(" ", "").lower() == "image,caption" else 0  # clip_benchmark's files have it

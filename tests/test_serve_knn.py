@@ -178,7 +178,8 @@ def test_flags_that_need_models_this_server_lacks_are_answered_unsupported(serve
                    indice_name="photos", use_safety_model=True, use_violence_detector=True, aesthetic_score="9")
     assert response.status_code == 200 and len(response.json()) == 3
     unsupported = response.headers["X-Unsupported-Options"]
-    assert unsupported.startswith("use_safety_model (no safety model: results are not filtered)")
+    assert unsupported.startswith("use_safety_model (no safety model: results are not filtered; --safety-column names "
+                                  "the metadata column that marks them)")
     assert "use_violence_detector" in unsupported and "aesthetic_score" in unsupported
 
 

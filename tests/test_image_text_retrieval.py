@@ -316,3 +316,12 @@ def test_a_malformed_blip_file_is_refused_naming_the_entry(tmp_path, content, me
     (tmp_path / "flickr30k_test.json").write_text(json.dumps(content))
     with pytest.raises(InputError, match=message):
         load_caption_benchmark("flickr30k", tmp_path, check_images=False)
+
+
+def test_a_caption_table_keeps_its_captions_as_written_and_needs_the_column(tmp_path):
+    (tmp_path / "t.csv").write_text("path,caption\na.jpg,1984\na.jpg,007\nb.jpg,\"a, comma\"\n")
+    split = load_caption_benchmark("captions", tmp_path / "t.csv", check_images=False)
+    assert split.captions == ["1984", "007", "a, comma"] and split.caption_image.tolist() == [0, 0, 1]
+    (tmp_path / "u.csv").write_text("path,text\na.jpg,one\n")
+    with pytest.raises(InputError, match=r"u.csv: no 'caption' column; columns are \['path', 'text'\]"):
+        load_caption_benchmark("captions", tmp_path / "u.csv", check_images=False)

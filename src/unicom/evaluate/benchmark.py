@@ -592,10 +592,10 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,
                                           num_workers=num_workers, desc=f"embed {name} {split}")
         if zero_shot:
-            from unicom.evaluate.zero_shot import zero_shot_scores
+            from unicom.evaluate.zero_shot import TEMPLATE_SETS, zero_shot_scores
 
             scores = zero_shot_scores(vectors["test"], test.labels, class_prototypes(encoder, names, prompts))
-            scores.update(templates=templates if templates in ("openai", "simple") else storage.recorded(templates),
+            scores.update(templates=templates if templates in TEMPLATE_SETS else storage.recorded(templates),
                           prompts_per_class=len(prompts), class_names=names)
     else:
         x, metadata = read_embedding_folder(embeddings)

@@ -76,7 +76,7 @@ def evaluate_image_text(
         "text_to_image": retrieval_metrics(texts, split.caption_image, images, image_ids, ks, chunk_size),
         "image_to_text": retrieval_metrics(images, image_ids, texts, split.caption_image, ks, chunk_size),
     }
-    # the sum of the six recalls at 1, 5, 10 of both directions, over six: the usual single number
+    # the recalls of both directions at every k, averaged (at k = 1, 5, 10: papers' RSUM over six)
     recalls = [report[d][f"recall@{k}"] for d in DIRECTIONS for k in ks]
     report["mean_recall"] = float(np.mean(recalls))
     publish_report(out, {JSON_NAME: lambda path: write_bytes_synced(path, json_text(report).encode()),

@@ -40,11 +40,15 @@ def classification_scores(predictions, labels) -> dict:
 
 def check_splits(train_features, train_labels, test_features, test_labels=None, names=("train", "test")):
     """``(x, y, x_test, y_test)`` as float32 (N, D) and int64 (N,) arrays (``y_test`` None
-    when not given), or :class:`InputError` naming the split (``names``) and the row: a
-    shape that is not (N, D) with N labels, NaN or infinite values, or train and test
-    features of different dimensions."""
+    when not given; ``x``, ``y`` None when ``train_features`` is None: the test split alone),
+    or :class:`InputError` naming the split (``names``) and the row: a shape that is not
+    (N, D) with N labels, NaN or infinite values, or train and test features of different
+    dimensions."""
     checked = []
     for features, labels, name in ((train_features, train_labels, names[0]), (test_features, test_labels, names[1])):
+        if features is None and name == names[0]:
+            checked += [None, None]
+            continue
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or (labels is not None and len(features) != len(labels)):
             shape = "" if labels is None else f" and {np.shape(labels)[0]} labels"
@@ -53,7 +57,7 @@ def check_splits(train_features, train_labels, test_features, test_labels=None, 
         if len(bad):
             raise InputError(f"{name}: row {bad[0]} holds NaN or infinite values ({len(bad)} of its {len(features)} rows do)")
         checked += [features, None if labels is None else np.asarray(labels).astype(np.int64)]
-    if checked[0].shape[1] != checked[2].shape[1]:
+    if checked[0] is not None and checked[0].shape[1] != checked[2].shape[1]:
         raise InputError(f"{names[0]} features have {checked[0].shape[1]} dimensions but {names[1]} features "
                          f"{checked[2].shape[1]}: embed both splits with the same model")
     return tuple(checked)

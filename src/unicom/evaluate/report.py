@@ -300,12 +300,9 @@ def evaluate_classification(
     :func:`unicom.evaluate.zero_shot.zero_shot_scores`, reported beside them."""
     from unicom.evaluate.probe import check_splits, knn_accuracy, linear_probe
 
-    if train is None:
-        if probe or knn:
-            raise InputError("the linear probe and kNN classification are fitted on train features; none were given")
-        *_, test, test_labels = check_splits(test, test_labels, test, test_labels, (names[1], names[1]))
-    else:
-        train, train_labels, test, test_labels = check_splits(train, train_labels, test, test_labels, names)
+    if train is None and (probe or knn):
+        raise InputError("the linear probe and kNN classification are fitted on train features; none were given")
+    train, train_labels, test, test_labels = check_splits(train, train_labels, test, test_labels, names)
     report: dict[str, Any] = dict(info or {})
     report["protocol"] = {
         "train": 0 if train is None else int(len(train)),

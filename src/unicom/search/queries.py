@@ -327,7 +327,7 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
         query_scores, query_ids = kept(scores[row], ids[row], unique[row], removers[row])
         wanted = fetch[row]
         limit = min(total, LOOK_FURTHER * ks[row])
-        while len(query_ids) < ks[row] and wanted < limit:  # duplicates dropped too many: look further
+        while len(query_ids) < ks[row] and wanted < limit:  # the filters left out too many: look further
             wanted = min(limit, wanted * 4)
             more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
             query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row], removers[row])

@@ -79,7 +79,8 @@ class KnnRequest(BaseModel):
     indice_name: str | None = Field(None, description="a name from /indices-list (default: the first)")
     deduplicate: bool = False
     use_mclip: bool = Field(False, description="unsupported: there is no multilingual text model; answered with the model's own")
-    use_safety_model: bool = Field(False, description="unsupported: there is no safety model; results are not filtered")
+    use_safety_model: bool = Field(False, description="leave out results that the metadata's safety column marks (with "
+                                                      "--safety-column; unsupported, and named as such, without)")
     use_violence_detector: bool = Field(False, description="leave out results that LAION's violence prompts mark (with "
                                                            "--violence-prompts; unsupported, and named as such, without)")
     aesthetic_score: int | str | None = Field(None, description="0..9: move the query towards LAION's embedding of this "

@@ -267,7 +267,8 @@ class Search:
     text_weight: float = queries.TEXT_WEIGHT
     deduplicate: bool = False
     modality: str | None = None  # the index searched: image or text embeddings (default: the first)
-    aesthetic: np.ndarray | None = None  # weight x the embedding of an aesthetic rating, added to the query
+    aesthetic: np.ndarray | None = None  # the embedding of an aesthetic rating the query moves towards
+    aesthetic_weight: float = 0.0  # how far: query + weight x embedding, re-normalised
     remove: Any = None  # (result ids, their vectors) -> which to leave out (violence detector, safety column)
 
 
@@ -306,7 +307,7 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
             vector = queries.combine(base, text, search.text_weight)[0] if base is not None and text is not None \
                 else (base if base is not None else text)
             if search.aesthetic is not None:
-                vector = queries.with_aesthetic(vector, search.aesthetic, 1.0)
+                vector = queries.with_aesthetic(vector, search.aesthetic, search.aesthetic_weight)
             vectors.append(vector)
         except InputError as error:
             vectors.append(error)
@@ -820,12 +821,13 @@ def create_app(
         if knn.use_violence_detector and violence_prompts is None:
             unsupported.append("use_violence_detector (no violence detector: results are not filtered; "
                                "--violence-prompts gives one)")
-        aesthetic = None
+        aesthetic, aesthetic_weight = None, 0.0
         if knn.aesthetic_score not in (None, "") and aesthetic_embeddings is None:
             unsupported.append("aesthetic_score (no aesthetic embeddings: the query is not re-weighted; "
                                "--aesthetic-embeddings gives them)")
         elif knn.aesthetic_score not in (None, ""):
-            aesthetic = aesthetic_embeddings[_aesthetic_rating(knn.aesthetic_score)] * _aesthetic_weight(knn.aesthetic_weight)
+            aesthetic = aesthetic_embeddings[_aesthetic_rating(knn.aesthetic_score)]
+            aesthetic_weight = _aesthetic_weight(knn.aesthetic_weight)
         if knn.num_images > MAX_METADATA_IDS:
             unsupported.append(f"num_images above {MAX_METADATA_IDS} (results past the {MAX_METADATA_IDS}th carry their "
                                "metadata without an image)")
@@ -859,7 +861,7 @@ def create_app(
             values["image_data"] = None
             await app.state.fetches.release(fetched)
         item.modality = knn.modality
-        item.aesthetic = aesthetic
+        item.aesthetic, item.aesthetic_weight = aesthetic, aesthetic_weight
         item.remove = _result_filter(
             target.index, violence_prompts if knn.use_violence_detector else None,
             safety_column if knn.use_safety_model else None, unsafe_values)

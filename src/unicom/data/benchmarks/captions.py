@@ -242,13 +242,15 @@ def read_caption_table(path: str | os.PathLike, check_images: bool = True) -> Ca
 
     path = Path(path)
     images = read_table(path, label_column=None, caption_column=None)  # paths and keys, checked as every list's
-    parquet = path.suffix.lower() == ".parquet"
-    names = pq.ParquetFile(path).schema_arrow.names if parquet else pacsv.read_csv(path).column_names
+    if path.suffix.lower() == ".parquet":
+        names = pq.ParquetFile(path).schema_arrow.names
+        table = pq.read_table(path, columns=["caption"]) if "caption" in names else None
+    else:  # captions as written: a caption 1984 stays text
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"caption": pa.string()}))
+        names = table.column_names
     if "caption" not in names:
         raise InputError(f"{path}: no 'caption' column; columns are {names}")
-    column = (pq.read_table(path, columns=["caption"]) if parquet else pacsv.read_csv(
-        path, convert_options=pacsv.ConvertOptions(include_columns=["caption"], column_types={"caption": pa.string()}))
-              ).column("caption").to_pylist()
+    column = table.column("caption").to_pylist()
     records, image_of_key = [], {}
     for row, (key, image_path, value) in enumerate(zip(images.keys, images.paths, column)):
         where = f"{path}: row {row + 1}"

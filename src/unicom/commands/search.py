@@ -6,12 +6,19 @@ Examples::
     unicom search --index INDEX/ --text "a red car" --text "a dog on a beach" --json
     unicom search --index INDEX/ query.jpg --text "at night" --text-weight 0.3
     unicom search --index INDEX/ --like 1234 --deduplicate
+    unicom search --index INDEX/ --text "a cat" --text "a kitten" --min-score 0.28 --out cats.parquet
 
 Each image, each ``--text`` and each ``--like`` item is a query of its own. With
 ``--text-weight``, images and items are combined with the texts instead (in pairs, or one
 with each of the others): ``(1 - w)·image + w·text``. ``--model`` defaults to the model that
 embedded the collection, when ``unicom embed`` recorded it; its weights must be the ones
 recorded.
+
+``--min-score S`` keeps the results scoring at least S; without ``-k`` it gives every one of
+them, however many (a range search: :meth:`unicom.search.index.Index.search_range`).
+``--out FILE.parquet`` writes the items found, one row each with its best score, the query
+that gave it and its metadata, instead of printing them (:mod:`unicom.search.subset`): the
+subset of a collection that the queries describe, which img2dataset downloads.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import argparse
 import json
 import os
 import shutil
+
+DEFAULT_K = 10  # results per query unless -k or --min-score says otherwise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="the model that embedded the collection (default: the one recorded in the index)")
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
-    parser.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
+    parser.add_argument("-k", type=int, default=None,
+                        help=f"results per query (default: {DEFAULT_K}; with --min-score, every result above it)")
+    parser.add_argument("--min-score", type=float, default=None, metavar="S",
+                        help="only results scoring at least S (a cosine similarity, -1 to 1); without -k, all of them")
+    parser.add_argument("--out", default=None, metavar="FILE.parquet",
+                        help="write the items found (id, best score, query, metadata; local or a URL) instead of "
+                             "printing them: with --min-score, the subset of the collection the queries describe")
     parser.add_argument("--deduplicate", action="store_true", help="leave out results that nearly repeat a better one")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
@@ -74,11 +89,21 @@ def run(args: argparse.Namespace) -> int:
 
     from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image, short_side_size
     from unicom.errors import InputError
-    from unicom.search import queries
+    from unicom.search import queries, subset
     from unicom.search.index import Index
 
-    if args.k < 1:
+    if args.k is not None and args.k < 1:
         raise InputError(f"-k must be at least 1, got {args.k}")
+    if args.min_score is not None and not -1 <= args.min_score <= 1:
+        raise InputError(f"--min-score is a cosine similarity, from -1 to 1; got {args.min_score:g}")
+    k = args.k if args.k is not None or args.min_score is not None else DEFAULT_K
+    if k is None and args.deduplicate:
+        raise InputError("--deduplicate compares each result with every better one: with --min-score, give -k to say "
+                         "how many results to keep (or leave near duplicates in)")
+    if args.out is not None:
+        if args.json:
+            raise InputError("--json prints the results and --out writes them: give one")
+        subset.check_output(args.out)
     if not (args.queries or args.text or args.like):
         raise InputError("nothing to search for: give query images, --text or --like")
     texts = [text for text in args.text if text.strip()]
@@ -128,7 +153,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         vectors = np.concatenate([visual_vectors, text_vectors])
         labels = visual_labels + [repr(text) for text in texts]
-    found = queries.search(index, vectors, args.k, deduplicate=args.deduplicate, stored=stored)
+    if k is None:
+        found = index.search_range(vectors, args.min_score)
+    else:
+        found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, min_score=args.min_score)
+    if args.out is not None:
+        items = subset.merge(found)
+        subset.write(index, items, labels, args.out)
+        print(summary(items, labels, found, args.out))
+        return 0
     results = [index.hits(scores[None, :], ids[None, :])[0] for scores, ids in found]
     if args.json:
         print(json.dumps([{"query": label, "results": queries.json_value(hits)} for label, hits in zip(labels, results)],
@@ -140,6 +173,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label}:")
         print(format_table(hits))
     return 0
+
+
+def summary(items, labels: list[str], found, out: str) -> str:
+    """What ``--out`` wrote: the items, their scores, and each query's share."""
+    import numpy as np
+
+    from unicom.search.queries import score_digits
+
+    if not len(items):
+        return f"no item found; {out} holds the columns and no rows"
+    digits = score_digits(items.scores)
+    lines = [f"{len(items)} items written to {out} (scores {items.scores.min():.{digits}f} to "
+             f"{items.scores.max():.{digits}f}, sorted by id)"]
+    counts = np.bincount(items.queries, minlength=len(labels))
+    for number, (label, (scores, _)) in enumerate(zip(labels, found)):
+        best = f", the best {scores[0]:.{digits}f}" if len(scores) else ""
+        lines.append(f"  {label}: {len(scores)} found, {counts[number]} kept as its own{best}")
+    return "\n".join(lines)
 
 
 def format_table(hits: list[dict]) -> str:

@@ -108,6 +108,9 @@ def principal_rotation(sample: np.ndarray, out_dims: int, seed: int = 0):
     return transform
 
 
+RANGE_FIRST_K = 1024  # an HNSW range search asks first for this many results,
+RANGE_GROWTH = 4  # then for this many times more while the last still scores above the threshold
+
 IVF_TYPES = ("ivfpq", "ivfsq", "ivf")  # "ivf": other inverted lists, in indexes from elsewhere
 
 
@@ -166,6 +169,19 @@ def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -
     # search as `search_numpy`
     search_numpy = getattr(index, "search_numpy", index.search)
     return search_numpy(queries, k, params=params)
+
+
+def _range_search(index, index_type: str, search: dict, queries: np.ndarray, threshold) -> tuple[np.ndarray, ...]:
+    """faiss' range search for scores of at least ``threshold``: (limits, scores, ids)."""
+    import faiss
+
+    params = search_parameters(index_type, search)
+    if params is not None and isinstance(index, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform(index_params=params)
+    # faiss keeps inner products strictly above its radius: the float32 just below the threshold keeps it too
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    range_numpy = getattr(index, "range_search_numpy", index.range_search)  # as for search, past torch_utils
+    return range_numpy(queries, radius, params=params)
 
 
 def _add(index, index_type: str, block: np.ndarray, ids: np.ndarray) -> None:
@@ -373,6 +389,27 @@ class Index:
     def type(self) -> str:
         return str(self.config["type"])
 
+    def _prepared(self, embeddings, modality: str | None, nprobe: int | None, ef_search: int | None):
+        """(modality, its record, unit query rows (Q, dims), search parameters) for ``embeddings``."""
+        modality, recorded = self._modality(modality)
+        dims = int(recorded["dims"])
+        if hasattr(embeddings, "detach"):  # a model's output as it is: a torch tensor of any dtype, device, autograd
+            embeddings = embeddings.detach().float().cpu().numpy()
+        x = np.asarray(embeddings)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2:
+            raise InputError(f"query embeddings: expected (queries, dimension), got shape {x.shape}")
+        if x.shape[1] < dims:
+            raise InputError(f"query embeddings have {x.shape[1]} dimensions, the index needs at least {dims}")
+        queries = first_dims(x, dims, "query embeddings", fix=QUERY_FIX)
+        search = dict(recorded.get("search", {}))
+        if nprobe is not None:
+            search["nprobe"] = nprobe
+        if ef_search is not None:
+            search["efSearch"] = ef_search
+        return modality, recorded, queries, search
+
     def search(self, embeddings, k: int = 10, *, modality: str | None = None, nprobe: int | None = None,
                ef_search: int | None = None):
         """The k nearest indexed rows of each query.
@@ -385,36 +422,67 @@ class Index:
         (default: the first of :attr:`modalities`). ``nprobe`` / ``ef_search`` override the
         recorded search parameter; an HNSW index searches with ``efSearch`` at least k.
         """
-        modality, recorded = self._modality(modality)
-        dims = int(recorded["dims"])
-        if hasattr(embeddings, "detach"):  # a model's output as it is: a torch tensor of any dtype, device, autograd
-            embeddings = embeddings.detach().float().cpu().numpy()
-        x = np.asarray(embeddings)
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2:
-            raise InputError(f"query embeddings: expected (queries, dimension), got shape {x.shape}")
-        if x.shape[1] < dims:
-            raise InputError(f"query embeddings have {x.shape[1]} dimensions, the index needs at least {dims}")
         try:
             k = operator.index(k)  # faiss takes Python ints only: numpy integers too, floats not
         except TypeError:
             raise InputError(f"k must be an integer, got {k!r}") from None
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
-        queries = first_dims(x, dims, "query embeddings", fix=QUERY_FIX)
-        search = dict(recorded.get("search", {}))
-        if nprobe is not None:
-            search["nprobe"] = nprobe
-        if ef_search is not None:
-            search["efSearch"] = ef_search
-        elif recorded["type"] == "hnsw":
+        modality, recorded, queries, search = self._prepared(embeddings, modality, nprobe, ef_search)
+        if recorded["type"] == "hnsw" and ef_search is None:
             # the graph walk keeps efSearch candidates: with fewer than k it stops short of k results
             stored = search.get("efSearch", (recorded.get("stored_search") or {}).get("efSearch", 0))
             search["efSearch"] = max(int(stored), k)
         scores, ids = _search(self.faiss_indexes[modality], recorded["type"], search, queries, k)
         scores[ids < 0] = -np.inf  # faiss gives -FLT_MAX past the end
         return scores, ids.astype(np.int64, copy=False)
+
+    def search_range(self, embeddings, min_score: float, *, modality: str | None = None, nprobe: int | None = None,
+                     ef_search: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every indexed row scoring at least ``min_score`` for each query: (scores float32,
+        ids int64) per query, best first (equal scores: the lower id first).
+
+        ``embeddings``, ``modality``, ``nprobe`` and ``ef_search`` as for :meth:`search`, and
+        the scores are the ones it gives. Exact for a flat index; an IVF index scans the
+        ``nprobe`` lists its search scans (faiss' ``range_search``); an HNSW graph (and an index of
+        another kind, from elsewhere) is searched as :meth:`search` searches it, for ever more
+        results (``k``, and with it ``efSearch``, growing by :data:`RANGE_GROWTH`) until the last
+        one scores below ``min_score`` or the index gives no more. Memory: 12 bytes per result
+        (an HNSW search holds its last ``k`` of them), whatever the index holds.
+        """
+        try:
+            threshold = float(min_score)
+        except (TypeError, ValueError):
+            raise InputError(f"min_score must be a number, got {min_score!r}") from None
+        if not np.isfinite(threshold):
+            raise InputError(f"min_score must be a finite number, got {min_score!r}")
+        modality, recorded, queries, search = self._prepared(embeddings, modality, nprobe, ef_search)
+        threshold = np.float32(threshold)
+        faiss_index = self.faiss_indexes[modality]
+        if recorded["type"] not in ("flat", *IVF_TYPES):  # a graph, or an index faiss has no range search for
+            found = [self._grown_range(query, threshold, modality, nprobe, ef_search) for query in queries]
+        else:
+            limits, scores, ids = _range_search(faiss_index, recorded["type"], search, queries, threshold)
+            found = [(scores[start:stop], ids[start:stop]) for start, stop in zip(limits[:-1], limits[1:])]
+        out = []
+        for scores, ids in found:
+            kept = (ids >= 0) & (scores >= threshold)
+            scores, ids = scores[kept].astype(np.float32, copy=False), ids[kept].astype(np.int64, copy=False)
+            order = np.lexsort((ids, -scores))
+            out.append((scores[order], ids[order]))
+        return out
+
+    def _grown_range(self, query: np.ndarray, threshold, modality: str, nprobe, ef_search):
+        """One query's results of an HNSW graph down to ``threshold``: searches for ever more."""
+        k = min(len(self), RANGE_FIRST_K)
+        while True:
+            scores, ids = self.search(query[None, :], k, modality=modality, nprobe=nprobe,
+                                      ef_search=None if ef_search is None else max(ef_search, k))
+            scores, ids = scores[0], ids[0]
+            given = int((ids >= 0).sum())
+            if given < k or k >= len(self) or scores[given - 1] < threshold:
+                return scores[:given], ids[:given]
+            k = min(len(self), k * RANGE_GROWTH)
 
     def search_images(self, encoder, images: Sequence[Any], k: int = 10, *, batch_size: int = 32):
         """Embed ``images`` (PIL images or paths) with ``encoder`` and search: (scores, ids) as :meth:`search`.
@@ -474,6 +542,44 @@ class Index:
         nested = np.empty(len(out), dtype=object)
         nested[:] = out
         return nested.reshape(array.shape).tolist()
+
+    def metadata_table(self, ids):
+        """The metadata rows of ``ids`` (int64 (N,), no -1) as a ``pyarrow.Table``, in the order
+        given: the columns of :meth:`metadata` (``id`` first), read a row group at a time as
+        :meth:`metadata` reads them. Parts whose files differ in columns give each column of
+        any (null where a part has none); a column of two types is refused, naming it."""
+        import pyarrow as pa
+
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        bad = flat[(flat < 0) | (flat >= len(self))]
+        if len(bad):
+            raise InputError(f"id {int(bad[0])} is not in this index (ids 0..{len(self) - 1})")
+        which = np.searchsorted(self._starts, flat, side="right") - 1
+        with_ids = self.layout == "unicom"  # unicom's metadata copies carry the ids; clip-retrieval's are the source's
+        tables, positions = [], []
+        for index in np.unique(which):
+            selected = np.flatnonzero(which == index)
+            rows = flat[selected] - self.parts[int(index)].first_id
+            if not (self.config.get("has_metadata", True) or with_ids):
+                table = pa.table({ID_COLUMN: pa.array(flat[selected])})
+            else:
+                table = self.metadata_rows.take_table(int(index), rows)
+                if not with_ids:
+                    table = table.rename_columns([f"source_{name}" if name == ID_COLUMN else name
+                                                  for name in table.column_names])
+                    table = table.add_column(0, ID_COLUMN, pa.array(flat[selected]))
+            tables.append(table)
+            positions.append(selected)
+        if not tables:
+            return pa.table({ID_COLUMN: pa.array([], pa.int64())})
+        try:
+            table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise InputError(f"{self.location}: the metadata files of its parts hold a column of different types "
+                             f"({error}); make them agree, or take the rows of one part at a time") from error
+        if len(tables) > 1:
+            table = table.take(np.argsort(np.concatenate(positions), kind="stable"))
+        return table
 
     # ------------------------------------------------------------------ building
 

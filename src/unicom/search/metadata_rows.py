@@ -179,22 +179,36 @@ class MetadataRows:
 
     def take(self, file: int, rows: np.ndarray) -> list[dict]:
         """Rows ``rows`` (int64 row numbers within file ``file``) as dicts, in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
+        return self.take_table(file, rows).to_pylist()
+
+    def take_table(self, file: int, rows: np.ndarray):
+        """Rows ``rows`` (int64 row numbers within file ``file``) as a ``pyarrow.Table``, in the
+        order given, without the file's key-value metadata."""
+        import pyarrow as pa
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         starts = self._row_group_starts(file)
         groups = np.searchsorted(starts, rows, side="right") - 1
-        out: list = [None] * len(rows)
+        tables, positions = [], []
         for group in np.unique(groups):
             selected = np.flatnonzero(groups == group)
-            table = self._row_group(file, int(group))
-            for position, row in zip(selected, table.take(rows[selected] - starts[group]).to_pylist()):
-                out[position] = row
-        return out
+            tables.append(self._row_group(file, int(group)).take(rows[selected] - starts[group]))
+            positions.append(selected)
+        if not tables:
+            return self._footer(file).metadata.schema.to_arrow_schema().empty_table().replace_schema_metadata(None)
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if len(tables) > 1:  # back in the order asked for
+            table = table.take(np.argsort(np.concatenate(positions), kind="stable"))
+        return table.replace_schema_metadata(None)
 
     def read_from(self, file: int) -> Path | str:
         """The parquet file that file ``file``'s rows are read from: itself (a path or a URL), or
         its local copy in smaller row groups."""
+        return self._footer(file).location
+
+    def _footer(self, file: int) -> Footer:
         self._row_group_starts(file)
-        return self._read_from[file].location
+        return self._read_from[file]
 
     def _row_group_starts(self, file: int) -> np.ndarray:
         starts = self._starts.get(file)

@@ -277,7 +277,7 @@ class StoredVectors:
 def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: bool | Sequence[bool] = False,
            stored: StoredVectors | None = None, modality: str | None = None,
            threshold: float = DUPLICATE_SIMILARITY,
-           remove: Sequence | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+           remove: Sequence | None = None, min_score: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Search ``index`` (its ``modality`` index: image or text embeddings, default the first)
     for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
 
@@ -290,7 +290,9 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     ``remove``: per query, None or a function ``(ids (N,), vectors)`` that says (bool (N,))
     which results to leave out, ``vectors()`` giving their stored vectors (N, dims) when it
     needs them (:func:`violent`, :func:`unsafe`), after the near duplicates; the search looks
-    further for them in the same way.
+    further for them in the same way. ``min_score``: results scoring below it are left out
+    too, and the search looks no further once they come (fewer than ``k`` are then returned;
+    every result above it, however many: :meth:`~unicom.search.index.Index.search_range`).
     """
     count = len(vectors)
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
@@ -307,6 +309,8 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
 
     def kept(query_scores, query_ids, dedup, remover):
         valid = query_ids >= 0
+        if min_score is not None:
+            valid &= query_scores >= np.float32(min_score)
         query_scores, query_ids = query_scores[valid], query_ids[valid]
         if (dedup or remover is not None) and len(query_ids):
             read: list[np.ndarray] = []
@@ -327,9 +331,11 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
         query_scores, query_ids = kept(scores[row], ids[row], unique[row], removers[row])
         wanted = fetch[row]
         limit = min(total, LOOK_FURTHER * ks[row])
-        while len(query_ids) < ks[row] and wanted < limit:  # the filters left out too many: look further
+        below = min_score is not None and bool((scores[row] < np.float32(min_score)).any())
+        while len(query_ids) < ks[row] and wanted < limit and not below:  # the filters left out too many: look further
             wanted = min(limit, wanted * 4)
             more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
+            below = min_score is not None and bool((more_scores[0] < np.float32(min_score)).any())
             query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row], removers[row])
         found.append((query_scores[:ks[row]], query_ids[:ks[row]]))
     return found

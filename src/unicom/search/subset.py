@@ -1,0 +1,127 @@
+"""Search results as a table: the items of a collection that queries found, written as parquet.
+
+``unicom search --out SUBSET.parquet`` writes one row per indexed item that any query found
+(an item several queries found once, with the best of its scores): the columns ``id``,
+``score`` (its best score), ``query`` (the query that gave it; the first of them on a tie),
+then the item's metadata columns as :meth:`~unicom.search.index.Index.metadata` gives them
+(``url``, ``caption``, ``key``, ...; a metadata column named ``score`` or ``query`` comes as
+``source_score`` / ``source_query``). Rows are in id order, the collection's order, so that
+the metadata files are read once, a row group at a time, however many rows match; sort by
+``score`` to rank them. With ``--min-score`` and no ``-k`` the table holds every item scoring
+at least that much (:meth:`~unicom.search.index.Index.search_range`): a subset of a
+collection that img2dataset downloads as it is (``--input_format parquet --url_col url
+--caption_col caption``).
+
+The file is written whole or not at all (a temporary beside it, renamed; uploaded whole to
+a URL), a chunk of :data:`CHUNK_ROWS` rows at a time: memory holds one chunk's metadata,
+plus 16 bytes per result.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from unicom import storage
+from unicom.errors import InputError
+from unicom.files import atomic_path, remove_killed_writes
+from unicom.progress import progress
+
+RESULT_COLUMNS = ("id", "score", "query")
+CHUNK_ROWS = 65536  # rows of metadata read and written at a time
+SUFFIX = ".parquet"
+
+
+@dataclass
+class Subset:
+    """The items that the queries found: ids ascending, each with its best score and the
+    number of the query that gave it."""
+
+    ids: np.ndarray  # int64 (N,)
+    scores: np.ndarray  # float32 (N,)
+    queries: np.ndarray  # int64 (N,): the query of each row's score
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def merge(found: Sequence[tuple[np.ndarray, np.ndarray]]) -> Subset:
+    """One row per id of the results ``found`` ((scores, ids) per query): its best score and
+    the first query that gave it."""
+    if not found:
+        return Subset(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    ids = np.concatenate([np.asarray(query_ids, np.int64) for _, query_ids in found])
+    scores = np.concatenate([np.asarray(query_scores, np.float32) for query_scores, _ in found])
+    queries = np.concatenate([np.full(len(query_ids), number, np.int64) for number, (_, query_ids) in enumerate(found)])
+    order = np.lexsort((queries, -scores, ids))  # by id, then the best score, then the first query
+    ids, scores, queries = ids[order], scores[order], queries[order]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return Subset(ids[first], scores[first], queries[first])
+
+
+def check_output(out: str) -> None:
+    """Refuse an output that is not a parquet file in a place that can be written, before any search."""
+    if not str(out).endswith(SUFFIX):
+        raise InputError(f"{out}: the results are written as parquet; give a file name ending in {SUFFIX}")
+    if storage.is_url(out):
+        storage.writable(out)
+    elif os.path.isdir(out):
+        raise InputError(f"{out}: a folder; give the file to write, e.g. {os.path.join(out, 'subset' + SUFFIX)}")
+
+
+def write(index, subset: Subset, labels: Sequence[str], out: str) -> None:
+    """Write ``subset`` of ``index`` (queries named by ``labels``) to the parquet file ``out``
+    (a path or a URL), as the module docstring says."""
+    import pyarrow.parquet as pq
+
+    check_output(out)
+    schema = _schema(index, subset, labels)
+    remove_killed_writes(out)  # a temporary of a write that was killed, as large as the file it was becoming
+    bar = progress(total=len(subset), desc="writing results", unit="rows")
+    with atomic_path(out) as staged:
+        with pq.ParquetWriter(staged, schema) as writer:
+            for start in range(0, len(subset), CHUNK_ROWS):
+                stop = min(len(subset), start + CHUNK_ROWS)
+                table = _with_results(index.metadata_table(subset.ids[start:stop]), subset, labels, start, stop)
+                writer.write_table(_conform(table, schema))
+                bar.update(stop - start)
+            if not len(subset):
+                writer.write_table(schema.empty_table())
+    bar.close()
+
+
+def _with_results(table, subset: Subset, labels: Sequence[str], start: int, stop: int):
+    """Metadata rows ``table`` with their score and query beside their id."""
+    import pyarrow as pa
+
+    taken = RESULT_COLUMNS[1:]
+    table = table.rename_columns([f"source_{name}" if name in taken else name for name in table.column_names])
+    query_labels = pa.array([labels[number] for number in subset.queries[start:stop]], pa.string())
+    table = table.add_column(1, RESULT_COLUMNS[1], pa.array(subset.scores[start:stop], pa.float32()))
+    return table.add_column(2, RESULT_COLUMNS[2], query_labels)
+
+
+def _schema(index, subset: Subset, labels: Sequence[str]):
+    """The columns of the table: those of every part a result comes from (one row of each read)."""
+    if not len(subset):
+        return _with_results(index.metadata_table(np.zeros(0, np.int64)), subset, labels, 0, 0).schema
+    starts = np.array([part.first_id for part in index.parts], dtype=np.int64)
+    which = np.searchsorted(starts, subset.ids, side="right") - 1
+    firsts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])  # ids ascend: a part's rows are together
+    sample = Subset(subset.ids[firsts], subset.scores[firsts], subset.queries[firsts])
+    return _with_results(index.metadata_table(sample.ids), sample, labels, 0, len(sample)).schema
+
+
+def _conform(table, schema):
+    """``table`` with the columns of ``schema``, in its order and types (null where it has none)."""
+    import pyarrow as pa
+
+    if table.schema.equals(schema):
+        return table
+    columns = [table[field.name].cast(field.type) if field.name in table.column_names else pa.nulls(len(table), field.type)
+               for field in schema]
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -236,3 +236,35 @@ def test_a_folder_given_as_the_output_is_refused(clip, tmp_path, capsys):
     code = main(["search", "--index", str(clip["index"].path), "--model", "timm/no_such_net", "--text", TEXTS[0],
                  "--out", str(tmp_path / "out.parquet")])
     assert code == 2 and "a folder; give the file to write" in capsys.readouterr().err
+
+
+def test_the_search_api_leaves_out_results_below_min_score_per_query(clip):
+    from fastapi.testclient import TestClient
+
+    from unicom.models.encoders import load_encoder
+    from unicom.search.service import Search, Served, create_app, run_searches
+
+    scores = clip["texts"] @ clip["stored"].T
+    best = np.argsort(-scores, axis=1, kind="stable")
+    thresholds = [float(np.sort(row)[-5:-3].mean()) for row in scores]  # four items reach each
+    encoder = load_encoder(clip["spec"])
+    with TestClient(create_app(clip["index"], encoder)) as client:
+        response = client.post("/search", json={"text": TEXTS[0], "k": 10, "min_score": thresholds[0]})
+        assert response.status_code == 200
+        assert [hit["id"] for hit in response.json()["results"]] == best[0, :4].tolist()
+        form = client.post("/search", files={"text": (None, TEXTS[1]), "k": (None, "10"),
+                                             "min_score": (None, repr(thresholds[1]))})
+        assert form.status_code == 200
+        assert [hit["id"] for hit in form.json()["results"]] == best[1, :4].tolist()
+        for bad in (2, "x"):
+            refused = client.post("/search", json={"text": TEXTS[0], "min_score": bad})
+            assert refused.status_code == 400 and "min_score" in refused.json()["detail"]
+        refused = client.post("/search", files={"text": (None, TEXTS[0]), "min_score": (None, "nan")})
+        assert refused.status_code == 400 and "min_score is a cosine similarity" in refused.json()["detail"]
+    # one batch, three queries, each with its own minimum (or none)
+    served = Served("photos", clip["index"], encoder)
+    batch = [Search(served, 10, vector=clip["texts"][0], min_score=thresholds[0]),
+             Search(served, 10, vector=clip["texts"][0], min_score=None),
+             Search(served, 10, vector=clip["texts"][1], min_score=thresholds[1])]
+    answers = run_searches(batch)
+    assert [ids.tolist() for _, ids in answers] == [best[0, :4].tolist(), best[0, :10].tolist(), best[1, :4].tolist()]

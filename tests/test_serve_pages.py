@@ -324,6 +324,27 @@ def test_our_page_asks_for_the_servers_default_k(live, page):
 
 
 @pytest.mark.browser
+def test_our_page_shows_only_the_results_that_reach_its_min_score(live, page):
+    text = "stripes on red"
+    scores, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), len(live["stored"]))
+    floor = round(float(scores[2:4].mean()), 6)  # three results reach it
+    _open_page(page, live["url"])
+    page.fill("#k", "10")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=9", timeout=30_000)
+    page.fill("#min-score", repr(floor))
+    page.press("#min-score", "Enter")  # a change of the field searches again
+    wait_until(page, "document.querySelectorAll('#results .result').length === 3", 30)
+    assert _shown_ids(page) == ids[:3].tolist()
+    assert page.inner_text("#summary").startswith(f"3 results scoring at least {floor:g} in")
+    page.fill("#min-score", "")
+    page.press("#min-score", "Enter")
+    wait_until(page, "document.querySelectorAll('#results .result').length === 10", 30)
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
 def test_our_page_over_an_index_without_a_model_takes_no_image(live, page):
     searches = []
     page.on("request", lambda request: searches.append(request.url) if request.url.endswith("/search") else None)

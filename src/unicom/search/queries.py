@@ -277,7 +277,8 @@ class StoredVectors:
 def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: bool | Sequence[bool] = False,
            stored: StoredVectors | None = None, modality: str | None = None,
            threshold: float = DUPLICATE_SIMILARITY,
-           remove: Sequence | None = None, min_score: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+           remove: Sequence | None = None,
+           min_score: float | None | Sequence[float | None] = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Search ``index`` (its ``modality`` index: image or text embeddings, default the first)
     for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
 
@@ -290,14 +291,16 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     ``remove``: per query, None or a function ``(ids (N,), vectors)`` that says (bool (N,))
     which results to leave out, ``vectors()`` giving their stored vectors (N, dims) when it
     needs them (:func:`violent`, :func:`unsafe`), after the near duplicates; the search looks
-    further for them in the same way. ``min_score``: results scoring below it are left out
-    too, and the search looks no further once they come (fewer than ``k`` are then returned;
+    further for them in the same way. ``min_score`` (one for all queries, or one per query;
+    None: none): results scoring below it are left out too, and the search looks no further once they come (fewer than ``k`` are then returned;
     every result above it, however many: :meth:`~unicom.search.index.Index.search_range`).
     """
     count = len(vectors)
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
     unique = [bool(deduplicate)] * count if np.ndim(deduplicate) == 0 else [bool(value) for value in deduplicate]
     removers = list(remove) if remove is not None else [None] * count
+    floors = [min_score] * count if min_score is None or np.ndim(min_score) == 0 else list(min_score)
+    floors = [None if floor is None else np.float32(floor) for floor in floors]
     filtered = [dedup or remover is not None for dedup, remover in zip(unique, removers)]
     if any(filtered) and stored is None:
         stored = StoredVectors(index, modality)
@@ -307,10 +310,10 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
         return []
     scores, ids = index.search(vectors, max(1, max(fetch)), modality=modality)
 
-    def kept(query_scores, query_ids, dedup, remover):
+    def kept(query_scores, query_ids, dedup, remover, floor):
         valid = query_ids >= 0
-        if min_score is not None:
-            valid &= query_scores >= np.float32(min_score)
+        if floor is not None:
+            valid &= query_scores >= floor
         query_scores, query_ids = query_scores[valid], query_ids[valid]
         if (dedup or remover is not None) and len(query_ids):
             read: list[np.ndarray] = []
@@ -328,15 +331,16 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
 
     found = []
     for row in range(count):
-        query_scores, query_ids = kept(scores[row], ids[row], unique[row], removers[row])
+        floor = floors[row]
+        query_scores, query_ids = kept(scores[row], ids[row], unique[row], removers[row], floor)
         wanted = fetch[row]
         limit = min(total, LOOK_FURTHER * ks[row])
-        below = min_score is not None and bool((scores[row] < np.float32(min_score)).any())
+        below = floor is not None and bool((scores[row] < floor).any())
         while len(query_ids) < ks[row] and wanted < limit and not below:  # the filters left out too many: look further
             wanted = min(limit, wanted * 4)
             more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
-            below = min_score is not None and bool((more_scores[0] < np.float32(min_score)).any())
-            query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row], removers[row])
+            below = floor is not None and bool((more_scores[0] < floor).any())
+            query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row], removers[row], floor)
         found.append((query_scores[:ks[row]], query_ids[:ks[row]]))
     return found
 

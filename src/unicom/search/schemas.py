@@ -38,6 +38,8 @@ class SearchRequest(BaseModel):
     text_weight: Number | None = Field(None, description="with a text and an image/item/embedding: the text's share, 0..1 "
                                                         f"(default {TEXT_WEIGHT})")
     k: Integer | None = Field(None, description="number of results")
+    min_score: Number | None = Field(None, description="only results scoring at least this (a cosine similarity, -1..1): "
+                                                       "fewer than k when fewer reach it")
     deduplicate: bool = Field(False, description="drop results that nearly repeat a better one")
     index: str | None = Field(None, description="the index to search (default: the first)")
 

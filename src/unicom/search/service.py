@@ -5,7 +5,7 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
 * ``GET /``                 the search page (``static/``: plain HTML, CSS and JavaScript);
 * ``GET /healthz``          the indexes, their models and the limits;
 * ``POST /search``          JSON ``{"text", "image" (base64), "like" (an id), "embedding",
-  "text_weight", "k", "deduplicate", "index"}``, or multipart/form-data with the image as
+  "text_weight", "k", "min_score", "deduplicate", "index"}``, or multipart/form-data with the image as
   the file field ``image`` and the other keys as fields. One of ``image``/``like``/
   ``embedding`` and/or a ``text``; given both, the query is their weighted sum
   (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
@@ -76,7 +76,7 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
-FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "deduplicate", "index")  # /search as multipart/form-data
+FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "index")  # /search as multipart/form-data
 
 
 def _inline_scripts_allowed(page: Path) -> str:
@@ -126,6 +126,19 @@ def _parse_k(value: Any, default: int, max_k: int, name: str = "k", limit: str =
     if not 1 <= k <= max_k:
         raise _error(400, f"{name} must be between 1 and {max_k}{limit}, got {k}")
     return k
+
+
+def _parse_min_score(value: Any) -> float | None:
+    """``value`` as the lowest score a result may have (a cosine similarity, -1..1), or None when absent."""
+    if value is None or value == "":
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise _error(400, f"min_score must be a number, got {value!r}") from None
+    if not -1 <= score <= 1:  # NaN too
+        raise _error(400, f"min_score is a cosine similarity, from -1 to 1; got {value!r}")
+    return score
 
 
 def _parse_bool(value: Any, name: str) -> bool:
@@ -266,6 +279,7 @@ class Search:
     vector: np.ndarray | None = None
     text_weight: float = queries.TEXT_WEIGHT
     deduplicate: bool = False
+    min_score: float | None = None  # results scoring below it are left out (fewer than k then)
     modality: str | None = None  # the index searched: image or text embeddings (default: the first)
     aesthetic: np.ndarray | None = None  # the embedding of an aesthetic rating the query moves towards
     aesthetic_weight: float = 0.0  # how far: query + weight x embedding, re-normalised
@@ -332,7 +346,8 @@ def run_searches(batch: list[Search]) -> list[Any]:
         served = batch[positions[0]].served
         found = queries.search(served.index, np.stack([vectors[p] for p in positions]), [batch[p].k for p in positions],
                                deduplicate=[batch[p].deduplicate for p in positions], stored=served.stored[modality],
-                               modality=modality, remove=[batch[p].remove for p in positions])
+                               modality=modality, remove=[batch[p].remove for p in positions],
+                               min_score=[batch[p].min_score for p in positions])
         for position, result in zip(positions, found):
             answers[position] = result
     return answers
@@ -602,7 +617,7 @@ def create_app(
         return item_id
 
     async def build_search(target: Served, *, text, image_data, image_name, like, embedding, text_weight, k, deduplicate,
-                           embedding_name: str = "embedding") -> Search:
+                           min_score: float | None = None, embedding_name: str = "embedding") -> Search:
         given = [name for name, value in (("image", image_data), ("like", like), ("embedding", embedding)) if value is not None]
         if len(given) > 1:
             raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
@@ -618,7 +633,8 @@ def create_app(
                 queries.require_text(target.encoder)
             except InputError as error:
                 raise _error(400, str(error)) from None
-        search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate)
+        search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate,
+                        min_score=min_score)
         if embedding is not None:
             search.vector = _embedding_vector(embedding, target.index.dims, embedding_name)
         elif like is not None:
@@ -682,7 +698,7 @@ def create_app(
             like = form.get("like")
             like = None if like in (None, "") else _parse_id(like, target)
             values = dict(text=form.get("text"), like=like, embedding=None, text_weight=form.get("text_weight"),
-                          k=_parse_k(form.get("k", k_query), default_k, max_k),
+                          k=_parse_k(form.get("k", k_query), default_k, max_k), min_score=_parse_min_score(form.get("min_score")),
                           deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"))
         elif content_type == "application/json":
             payload = await _read_json(request, *base64_body_limit,
@@ -702,7 +718,7 @@ def create_app(
             values = dict(text=request_model.text, like=None if request_model.like is None else _parse_id(request_model.like, target),
                           embedding=request_model.embedding, text_weight=request_model.text_weight,
                           k=_parse_k(request_model.k if request_model.k is not None else k_query, default_k, max_k),
-                          deduplicate=request_model.deduplicate)
+                          min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate)
         else:
             raise _error(
                 415,

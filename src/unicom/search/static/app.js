@@ -17,6 +17,7 @@ const sourceBox = $("source");
 const sourceText = $("source-text");
 const kInput = $("k");
 const dedupInput = $("dedup");
+const minScoreInput = $("min-score");
 const indexRow = $("index-row");
 const indexSelect = $("index");
 const errorLine = $("error");
@@ -123,11 +124,12 @@ function showSource() {
   weightRow.hidden = !(source !== null && text);
 }
 
-function render(data, elapsed) {
+function render(data, elapsed, minScore) {
   // a "more like this" button pressed from the keyboard goes with the old results: keep the focus nearby
   const hadFocus = results.contains(document.activeElement);
   results.replaceChildren();
-  summary.textContent = `${data.results.length} results in ${elapsed.toFixed(0)} ms`;
+  const floor = minScore === undefined ? "" : ` scoring at least ${minScore}`;
+  summary.textContent = `${data.results.length} results${floor} in ${elapsed.toFixed(0)} ms`;
   for (const hit of data.results) {
     const item = template.content.firstElementChild.cloneNode(true);
     const link = item.querySelector(".thumb");
@@ -170,6 +172,7 @@ async function search() {
   if (source === null && !text) return;
   const common = { deduplicate: dedupInput.checked, index: indexSelect.value };
   if (kInput.value.trim() !== "") common.k = Number(kInput.value); // empty: the server's default
+  if (minScoreInput.value.trim() !== "") common.min_score = Number(minScoreInput.value); // empty: any score
   let request;
   if (source !== null && source.kind === "file") {
     if (source.file.size > maxUpload) {
@@ -208,7 +211,7 @@ async function search() {
     }
     const data = await response.json();
     if (inFlight !== mine) return;
-    render(data, performance.now() - start);
+    render(data, performance.now() - start, common.min_score);
   } catch (error) {
     if (inFlight !== mine) return; // replaced by a newer search
     summary.textContent = "";
@@ -248,6 +251,7 @@ $("clear").addEventListener("click", () => {
 fileInput.addEventListener("change", () => chooseFile(fileInput.files[0]));
 kInput.addEventListener("change", search);
 dedupInput.addEventListener("change", search);
+minScoreInput.addEventListener("change", search);
 indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); fileInput.click(); }

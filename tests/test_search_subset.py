@@ -92,6 +92,30 @@ def test_a_compressed_index_gives_the_rows_its_own_nearest_search_finds_above_th
         sum(len(ids) for _, ids in index.search_range(q, threshold, nprobe=1))  # more lists scanned, more found
 
 
+def test_the_command_scans_the_lists_nprobe_says_and_refuses_it_for_other_types(collection, capsys):
+    folder = collection["root"] / "ivfpq_cli"
+    index = Index.build(collection["root"] / "emb", folder, index_type="ivfpq", pq_m=8, heldout=200)
+    item = 7
+    vector = queries.StoredVectors(index)([item])
+    threshold = float(np.quantile(collection["vectors"] @ collection["vectors"][item], 0.7))
+    counts = []
+    for nprobe in (1, 64):
+        code = main(["search", "--index", str(folder), "--like", str(item), "--min-score", repr(threshold),
+                     "--nprobe", str(nprobe), "--json"])
+        assert code == 0
+        (entry,) = json.loads(capsys.readouterr().out)
+        (_, want), = index.search_range(vector, threshold, nprobe=nprobe)
+        assert [hit["id"] for hit in entry["results"]] == want.tolist()
+        counts.append(len(want))
+    assert counts[1] > counts[0]
+    code = main(["search", "--index", str(folder), "--like", str(item), "--ef-search", "64"])
+    assert code == 2 and "--ef-search tunes HNSW indexes;" in capsys.readouterr().err
+    flat = collection["root"] / "flat_cli"
+    Index.build(collection["root"] / "emb", flat, index_type="flat")
+    code = main(["search", "--index", str(flat), "--like", str(item), "--nprobe", "8"])
+    assert code == 2 and "--nprobe tunes IVF indexes;" in capsys.readouterr().err
+
+
 def test_the_best_k_above_a_score_are_the_brute_force_ones_and_no_more(collection):
     index = Index.build(collection["root"] / "emb", collection["root"] / "flat_k", index_type="flat")
     x, q = collection["vectors"], collection["queries"]

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="FILE.parquet",
                         help="write the items found (id, best score, query, metadata; local or a URL) instead of "
                              "printing them: with --min-score, the subset of the collection the queries describe")
+    parser.add_argument("--nprobe", type=int, default=None, metavar="N",
+                        help="IVF indexes: inverted lists scanned per query (default: the index's own, tuned when it was "
+                             "built); more find more, slower")
+    parser.add_argument("--ef-search", type=int, default=None, metavar="N",
+                        help="HNSW indexes: candidates kept while walking the graph (default: the index's own, and at "
+                             "least -k)")
     parser.add_argument("--deduplicate", action="store_true", help="leave out results that nearly repeat a better one")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
@@ -90,10 +96,13 @@ def run(args: argparse.Namespace) -> int:
     from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image, short_side_size
     from unicom.errors import InputError
     from unicom.search import queries, subset
-    from unicom.search.index import Index
+    from unicom.search.index import IVF_TYPES, Index
 
     if args.k is not None and args.k < 1:
         raise InputError(f"-k must be at least 1, got {args.k}")
+    for name, value in (("--nprobe", args.nprobe), ("--ef-search", args.ef_search)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
     if args.min_score is not None and not -1 <= args.min_score <= 1:
         raise InputError(f"--min-score is a cosine similarity, from -1 to 1; got {args.min_score:g}")
     k = args.k if args.k is not None or args.min_score is not None else DEFAULT_K
@@ -127,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         except DecodeError as error:
             raise InputError(f"{query}: {error}") from error
     index = Index.load(args.index)
+    tuning = {"nprobe": args.nprobe, "ef_search": args.ef_search}
+    for name, value, kinds, kind in (("--nprobe", args.nprobe, IVF_TYPES, "IVF"), ("--ef-search", args.ef_search, ("hnsw",), "HNSW")):
+        if value is not None and index.type not in kinds:
+            raise InputError(f"{name} tunes {kind} indexes; {args.index} is a {index.type} index: leave it out")
     stored = queries.StoredVectors(index)
     encoder = load_checked_encoder(args, index) if images or texts else None
     if texts:
@@ -154,9 +167,10 @@ def run(args: argparse.Namespace) -> int:
         vectors = np.concatenate([visual_vectors, text_vectors])
         labels = visual_labels + [repr(text) for text in texts]
     if k is None:
-        found = index.search_range(vectors, args.min_score)
+        found = index.search_range(vectors, args.min_score, **tuning)
     else:
-        found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, min_score=args.min_score)
+        found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, min_score=args.min_score,
+                               **tuning)
     if args.out is not None:
         items = subset.merge(found)
         subset.write(index, items, labels, args.out)

@@ -109,7 +109,7 @@ def principal_rotation(sample: np.ndarray, out_dims: int, seed: int = 0):
 
 
 RANGE_FIRST_K = 1024  # an HNSW range search asks first for this many results,
-RANGE_GROWTH = 4  # then for this many times more while the last still scores above the threshold
+RANGE_GROWTH = 4  # then for this many times more while more than 1/RANGE_GROWTH of them reach the threshold
 
 IVF_TYPES = ("ivfpq", "ivfsq", "ivf")  # "ivf": other inverted lists, in indexes from elsewhere
 
@@ -446,8 +446,8 @@ class Index:
         the scores are the ones it gives. Exact for a flat index; an IVF index scans the
         ``nprobe`` lists its search scans (faiss' ``range_search``); an HNSW graph (and an index of
         another kind, from elsewhere) is searched as :meth:`search` searches it, for ever more
-        results (``k``, and with it ``efSearch``, growing by :data:`RANGE_GROWTH`) until the last
-        one scores below ``min_score`` or the index gives no more. Memory: 12 bytes per result
+        results (``k``, and with it ``efSearch``, growing by :data:`RANGE_GROWTH`) until at most
+        1/:data:`RANGE_GROWTH` of them reach ``min_score`` or the index gives no more. Memory: 12 bytes per result
         (an HNSW search holds its last ``k`` of them), whatever the index holds.
         """
         try:
@@ -480,7 +480,9 @@ class Index:
                                       ef_search=None if ef_search is None else max(ef_search, k))
             scores, ids = scores[0], ids[0]
             given = int((ids >= 0).sum())
-            if given < k or k >= len(self) or scores[given - 1] < threshold:
+            # the walk kept k candidates: when fewer than 1/RANGE_GROWTH of them reach the threshold, the
+            # results above it were among many more below, as a top-k search finds its own
+            if given < k or k >= len(self) or int((scores[:given] >= threshold).sum()) * RANGE_GROWTH <= k:
                 return scores[:given], ids[:given]
             k = min(len(self), k * RANGE_GROWTH)
 

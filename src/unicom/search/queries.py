@@ -278,7 +278,8 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
            stored: StoredVectors | None = None, modality: str | None = None,
            threshold: float = DUPLICATE_SIMILARITY,
            remove: Sequence | None = None,
-           min_score: float | None | Sequence[float | None] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+           min_score: float | None | Sequence[float | None] = None, nprobe: int | None = None,
+           ef_search: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Search ``index`` (its ``modality`` index: image or text embeddings, default the first)
     for query rows ``vectors`` (Q, ≥ dims): (scores, ids) per query, best first.
 
@@ -294,6 +295,8 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     further for them in the same way. ``min_score`` (one for all queries, or one per query;
     None: none): results scoring below it are left out too, and the search looks no further once they come (fewer than ``k`` are then returned;
     every result above it, however many: :meth:`~unicom.search.index.Index.search_range`).
+    ``nprobe`` / ``ef_search``: the index's search parameter for these queries (as
+    :meth:`~unicom.search.index.Index.search` takes them; default: the recorded one).
     """
     count = len(vectors)
     ks = [int(k)] * count if np.ndim(k) == 0 else [int(value) for value in k]
@@ -308,7 +311,8 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     fetch = [min(total, wanted * (2 if more else 1)) for wanted, more in zip(ks, filtered)]
     if not count:
         return []
-    scores, ids = index.search(vectors, max(1, max(fetch)), modality=modality)
+    tuning = {"nprobe": nprobe, "ef_search": ef_search}
+    scores, ids = index.search(vectors, max(1, max(fetch)), modality=modality, **tuning)
 
     def kept(query_scores, query_ids, dedup, remover, floor):
         valid = query_ids >= 0
@@ -338,7 +342,7 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
         below = floor is not None and bool((scores[row] < floor).any())
         while len(query_ids) < ks[row] and wanted < limit and not below:  # the filters left out too many: look further
             wanted = min(limit, wanted * 4)
-            more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality)
+            more_scores, more_ids = index.search(vectors[row:row + 1], wanted, modality=modality, **tuning)
             below = floor is not None and bool((more_scores[0] < floor).any())
             query_scores, query_ids = kept(more_scores[0], more_ids[0], unique[row], removers[row], floor)
         found.append((query_scores[:ks[row]], query_ids[:ks[row]]))

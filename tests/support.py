@@ -362,7 +362,7 @@ CLIP_BENCHMARK_VERSION = "1.6.2"
 
 def clip_benchmark_or_skip() -> None:
     """Make clip_benchmark's scoring modules importable (``clip_benchmark.metrics.zeroshot_retrieval``,
-    ``...zeroshot_classification``, ``clip_benchmark.datasets.flickr``), unpacked from its
+    ``...zeroshot_classification``, ``clip_benchmark.datasets.flickr``; its per-dataset prompts beside them), unpacked from its
     released wheel by ``scripts/install-clip-benchmark.sh`` (run here when they are absent),
     or skip the test saying why."""
     import os
@@ -372,6 +372,7 @@ def clip_benchmark_or_skip() -> None:
     repository = Path(__file__).resolve().parents[1]
     folder = repository / ".cache" / "clip-benchmark" / CLIP_BENCHMARK_VERSION
     needed = [folder / "clip_benchmark" / "metrics" / name for name in ("zeroshot_retrieval.py", "zeroshot_classification.py")]
+    needed.append(folder / "clip_benchmark" / "datasets" / "en_zeroshot_classification_templates.json")
     if not all(path.is_file() for path in needed):
         subprocess.run(["bash", str(repository / "scripts" / "install-clip-benchmark.sh")],
                        env={**os.environ, "PYTHON": sys.executable, "CLIP_BENCHMARK_VERSION": CLIP_BENCHMARK_VERSION},

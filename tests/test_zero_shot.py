@@ -42,9 +42,10 @@ def _evaluate(eurosat, out: Path, *options: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def _reference(eurosat, prompts: dict[str, list[str]], names: list[str]) -> dict:
+def _reference(eurosat, prompts: dict[str, list[str]] | list[str], names: list[str]) -> dict:
     """clip_benchmark's zero-shot accuracy (top-1, top-5) and mean per-class recall of the
-    test split, with class-specific prompts ``prompts`` (its dict form) in label order."""
+    test split, with class-specific prompts ``prompts`` (its dict form) in label order, or
+    templates (its list form, filled in by clip_benchmark)."""
     import torch
     from sklearn.metrics import balanced_accuracy_score
 
@@ -97,6 +98,38 @@ def test_class_names_and_templates_from_files(eurosat, tmp_path):
     _assert_same(report["zero_shot"], _reference(eurosat, prompts, names))
     assert report["zero_shot"]["templates"] == str((tmp_path / "templates.txt").resolve())
     assert "linear_probe" in report and "knn" in report  # beside the probe and kNN, as asked
+
+
+def test_clip_benchmarks_own_templates_of_the_dataset_score_as_clip_benchmark_with_them(eurosat, tmp_path, capsys):
+    clip_benchmark_or_skip()  # its package on the path: the templates are read from it as from an installed one
+    import clip_benchmark
+
+    path = Path(clip_benchmark.__file__).parent / "datasets" / "en_zeroshot_classification_templates.json"
+    templates = json.loads(path.read_text())["eurosat"]
+    report = _evaluate(eurosat, tmp_path / "out", "--templates", "clip_benchmark", "--no-probe", "--no-knn")
+    _, test, _ = load_classification_benchmark("eurosat", eurosat["root"])
+    _assert_same(report["zero_shot"], _reference(eurosat, templates, test.class_names))
+    assert report["zero_shot"]["templates"] == "clip_benchmark"
+    assert report["zero_shot"]["prompts_per_class"] == len(templates) == 3  # EuroSAT's own, not ImageNet's 80
+    assert "3 prompts a class (clip_benchmark)" in capsys.readouterr().out
+
+
+def test_clip_benchmark_templates_name_what_is_missing(tmp_path):
+    import subprocess
+    import sys
+
+    from unicom.errors import InputError
+    from unicom.evaluate.zero_shot import read_templates
+
+    clip_benchmark_or_skip()
+    with pytest.raises(InputError, match="clip_benchmark has no prompts for birdsnap .it has caltech101, cars, cifar10"):
+        read_templates("clip_benchmark", "birdsnap")
+    assert len(read_templates("clip_benchmark", "imagenet")) == 80 and len(read_templates("clip_benchmark", "cifar10")) == 18
+    # a Python without clip_benchmark on its path: what to install, or which other templates to give
+    code = ("from unicom.evaluate.zero_shot import read_templates\n"
+            "try:\n    read_templates('clip_benchmark', 'cifar10')\nexcept Exception as error:\n    print(error)")
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "clip_benchmark, which is not installed: pip install clip-benchmark" in answer.stdout
 
 
 def test_the_default_templates_are_open_clips_eighty(eurosat, tmp_path):

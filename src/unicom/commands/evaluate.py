@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help="also classify by the model's text tower: each class the mean embedding of its "
                                      "prompts (with --no-probe --no-knn the train split is not embedded)")
     classification.add_argument("--templates", help="zero-shot prompts: openai (open_clip's 80, the default), simple "
-                                                    "(its 7), or a file of one template a line holding {c}")
+                                                    "(its 7), clip_benchmark (the dataset's own set, from an installed "
+                                                    "clip_benchmark), or a file of one template a line holding {c}")
     classification.add_argument("--class-names", help="zero-shot: a file of the class names the prompts say, one a line "
                                                       "in label order (default: the dataset's)")
 

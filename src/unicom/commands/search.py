@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{query}: {error}") from error
     index = Index.load(args.index)
     tuning = {"nprobe": args.nprobe, "ef_search": args.ef_search}
-    for name, value, kinds, kind in (("--nprobe", args.nprobe, IVF_TYPES, "IVF"), ("--ef-search", args.ef_search, ("hnsw",), "HNSW")):
+    tuned = (("--nprobe", args.nprobe, IVF_TYPES, "IVF"), ("--ef-search", args.ef_search, ("hnsw",), "HNSW"))
+    for name, value, kinds, kind in tuned:
         if value is not None and index.type not in kinds:
             raise InputError(f"{name} tunes {kind} indexes; {args.index} is a {index.type} index: leave it out")
     stored = queries.StoredVectors(index)

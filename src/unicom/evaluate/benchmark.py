@@ -570,7 +570,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     if zero_shot:
         from unicom.evaluate.zero_shot import read_templates
 
-        prompts = read_templates(templates)  # a bad file is named before anything is loaded
+        prompts = read_templates(templates, name)  # a bad file is named before anything is loaded
     train, test, metric = load_classification_benchmark(name, root, download=download)
     out = Path(out)
     parts = {"train": train, "test": test} if probe or knn else {"test": test}  # zero-shot alone needs no train split
@@ -592,10 +592,10 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,
                                           num_workers=num_workers, desc=f"embed {name} {split}")
         if zero_shot:
-            from unicom.evaluate.zero_shot import TEMPLATE_SETS, zero_shot_scores
+            from unicom.evaluate.zero_shot import CLIP_BENCHMARK, TEMPLATE_SETS, zero_shot_scores
 
             scores = zero_shot_scores(vectors["test"], test.labels, class_prototypes(encoder, names, prompts))
-            scores.update(templates=templates if templates in TEMPLATE_SETS else storage.recorded(templates),
+            scores.update(templates=templates if templates in (*TEMPLATE_SETS, CLIP_BENCHMARK) else storage.recorded(templates),
                           prompts_per_class=len(prompts), class_names=names)
     else:
         x, metadata = read_embedding_folder(embeddings)

@@ -6,7 +6,9 @@ normalised again, is the class's prototype (open_clip's and clip_benchmark's cla
 image is given the class of the prototype nearest by cosine; a tie goes to the lower class.
 
 Templates are open_clip's sets (``openai``: the 80 of CLIP's ImageNet evaluation, the
-default; ``simple``: its 7), read from the installed open_clip, or a file of one template
+default; ``simple``: its 7), read from the installed open_clip; ``clip_benchmark``: the
+dataset's own set as clip_benchmark evaluates it (18 for CIFAR, 3 for EuroSAT, ...), read
+from an installed clip_benchmark (``pip install clip-benchmark``); or a file of one template
 per line holding ``{c}``. Class names are the dataset's as torchvision gives them
 (underscores as spaces; ImageNet's curated names from open_clip), or a file of one name per
 line in label order.
@@ -22,6 +24,9 @@ import numpy as np
 from unicom.errors import InputError
 
 TEMPLATE_SETS = {"openai": "OPENAI_IMAGENET_TEMPLATES", "simple": "SIMPLE_IMAGENET_TEMPLATES"}
+CLIP_BENCHMARK = "clip_benchmark"  # the templates of each dataset, from the installed clip_benchmark
+CLIP_BENCHMARK_TEMPLATES = "datasets/en_zeroshot_classification_templates.json"
+CLIP_BENCHMARK_NAMES = {"imagenet": "imagenet1k", "stanford_cars": "cars", "flowers102": "flowers"}  # ours -> its keys
 PLACEHOLDER = "{c}"
 TOP_K = 5  # the second accuracy reported: the true class among the 5 nearest prototypes
 ROWS_AT_ONCE = 8192  # images scored against every prototype at once
@@ -38,13 +43,16 @@ def _lines(path: str | os.PathLike, option: str) -> list[str]:
     return [line.strip() for line in decode_utf8(data, f"{option} {path}").splitlines() if line.strip()]
 
 
-def read_templates(spec: str = "openai") -> list[str]:
-    """``openai`` or ``simple`` (open_clip's sets), or a file of one template per line, each
-    holding ``{c}`` where the class name goes."""
+def read_templates(spec: str = "openai", dataset: str | None = None) -> list[str]:
+    """``openai`` or ``simple`` (open_clip's sets), ``clip_benchmark`` (the set clip_benchmark
+    uses for ``dataset``), or a file of one template per line, each holding ``{c}`` where the
+    class name goes."""
     if spec in TEMPLATE_SETS:
         from open_clip import zero_shot_metadata
 
         return [template(PLACEHOLDER) for template in getattr(zero_shot_metadata, TEMPLATE_SETS[spec])]
+    if spec == CLIP_BENCHMARK:
+        return clip_benchmark_templates(dataset)
     templates = _lines(spec, "--templates")
     if not templates:
         raise InputError(f"--templates {spec}: no template in the file (one a line, each holding {PLACEHOLDER})")
@@ -52,6 +60,32 @@ def read_templates(spec: str = "openai") -> list[str]:
     if without:
         raise InputError(f"--templates {spec}: template {without[0]} ({templates[without[0] - 1]!r}) has no {PLACEHOLDER}, "
                          "where the class name goes")
+    return templates
+
+
+def clip_benchmark_templates(dataset: str | None) -> list[str]:
+    """The templates clip_benchmark evaluates ``dataset`` with, from its installed package
+    (its English set; nothing of it is imported)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    found = importlib.util.find_spec(CLIP_BENCHMARK)
+    if found is None or not found.submodule_search_locations:
+        raise InputError(f"--templates {CLIP_BENCHMARK} reads each dataset's prompts from clip_benchmark, which is not "
+                         "installed: pip install clip-benchmark, or give --templates openai, simple or a file")
+    path = Path(list(found.submodule_search_locations)[0]) / CLIP_BENCHMARK_TEMPLATES
+    try:
+        sets = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: clip_benchmark's prompts cannot be read ({error}); reinstall clip-benchmark") from error
+    key = CLIP_BENCHMARK_NAMES.get(dataset, dataset)
+    if key not in sets:
+        raise InputError(f"--templates {CLIP_BENCHMARK}: clip_benchmark has no prompts for {dataset} (it has "
+                         f"{', '.join(sorted(sets))}); give --templates openai, simple or a file")
+    templates = list(sets[key])
+    if not templates or any(PLACEHOLDER not in template for template in templates):
+        raise InputError(f"{path}: the prompts of {key} are not templates holding {PLACEHOLDER}; reinstall clip-benchmark")
     return templates
 
 

@@ -372,7 +372,8 @@ def clip_benchmark_or_skip() -> None:
     repository = Path(__file__).resolve().parents[1]
     folder = repository / ".cache" / "clip-benchmark" / CLIP_BENCHMARK_VERSION
     needed = [folder / "clip_benchmark" / "metrics" / name for name in ("zeroshot_retrieval.py", "zeroshot_classification.py")]
-    needed.append(folder / "clip_benchmark" / "datasets" / "en_zeroshot_classification_templates.json")
+    needed += [folder / "clip_benchmark" / "datasets" / name
+               for name in ("en_zeroshot_classification_templates.json", "en_classnames.json")]
     if not all(path.is_file() for path in needed):
         subprocess.run(["bash", str(repository / "scripts" / "install-clip-benchmark.sh")],
                        env={**os.environ, "PYTHON": sys.executable, "CLIP_BENCHMARK_VERSION": CLIP_BENCHMARK_VERSION},

@@ -122,14 +122,49 @@ def test_clip_benchmark_templates_name_what_is_missing(tmp_path):
     from unicom.evaluate.zero_shot import read_templates
 
     clip_benchmark_or_skip()
-    with pytest.raises(InputError, match="clip_benchmark has no prompts for birdsnap .it has caltech101, cars, cifar10"):
+    with pytest.raises(InputError, match="clip_benchmark: clip_benchmark has none for birdsnap .it has caltech101, cars, cifar10"):
         read_templates("clip_benchmark", "birdsnap")
     assert len(read_templates("clip_benchmark", "imagenet")) == 80 and len(read_templates("clip_benchmark", "cifar10")) == 18
     # a Python without clip_benchmark on its path: what to install, or which other templates to give
     code = ("from unicom.evaluate.zero_shot import read_templates\n"
             "try:\n    read_templates('clip_benchmark', 'cifar10')\nexcept Exception as error:\n    print(error)")
     answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert "clip_benchmark, which is not installed: pip install clip-benchmark" in answer.stdout
+    assert "lists from clip_benchmark, which is not installed: pip install clip-benchmark" in answer.stdout
+
+
+EUROSAT_CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+                   "Residential", "River", "SeaLake"]
+
+
+def test_clip_benchmarks_names_and_templates_of_eurosat_score_as_clip_benchmark_does(tmp_path, capsys):
+    clip_benchmark_or_skip()
+    import clip_benchmark
+
+    rng = np.random.default_rng(1)
+    for name in EUROSAT_CLASSES:  # all ten classes: clip_benchmark's list names them in torchvision's label order
+        folder = tmp_path / "data" / "eurosat" / "2750" / name
+        folder.mkdir(parents=True)
+        tint = rng.integers(0, 256, size=3)
+        for i in range(3):
+            pixels = np.clip(tint + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{i}.jpg", quality=95)
+    data = {"root": tmp_path / "data", "spec": tiny_open_clip(tmp_path / "clip")}
+    report = _evaluate(data, tmp_path / "out", "--templates", "clip_benchmark", "--class-names", "clip_benchmark",
+                       "--no-probe", "--no-knn")
+    folder = Path(clip_benchmark.__file__).parent / "datasets"
+    names = json.loads((folder / "en_classnames.json").read_text())["eurosat"]
+    templates = json.loads((folder / "en_zeroshot_classification_templates.json").read_text())["eurosat"]
+    assert report["zero_shot"]["class_names"] == names and names[0] == "annual crop land"
+    _assert_same(report["zero_shot"], _reference(data, templates, names))
+
+
+def test_clip_benchmarks_names_of_another_count_of_classes_are_refused(eurosat, tmp_path, capsys):
+    clip_benchmark_or_skip()
+    code = main(["evaluate", "--model", eurosat["spec"], "--dataset", "eurosat", "--root", str(eurosat["root"]), "--out",
+                 str(tmp_path / "out"), "--workers", "0", "--zero-shot", "--class-names", "clip_benchmark",
+                 "--no-probe", "--no-knn"])
+    assert code == 2  # six of EuroSAT's ten classes here: a list of ten is not matched to them by guessing
+    assert "names 10 classes for eurosat, which has 6 here" in capsys.readouterr().err
 
 
 def test_the_default_templates_are_open_clips_eighty(eurosat, tmp_path):

@@ -131,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "(its 7), clip_benchmark (the dataset's own set, from an installed "
                                                     "clip_benchmark), or a file of one template a line holding {c}")
     classification.add_argument("--class-names", help="zero-shot: a file of the class names the prompts say, one a line "
-                                                      "in label order (default: the dataset's)")
+                                                      "in label order, or clip_benchmark (its list for the dataset, from "
+                                                      "an installed clip_benchmark; default: the dataset's)")
 
 
 def run(args: argparse.Namespace) -> int:

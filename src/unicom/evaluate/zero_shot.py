@@ -10,8 +10,9 @@ default; ``simple``: its 7), read from the installed open_clip; ``clip_benchmark
 dataset's own set as clip_benchmark evaluates it (18 for CIFAR, 3 for EuroSAT, ...), read
 from an installed clip_benchmark (``pip install clip-benchmark``); or a file of one template
 per line holding ``{c}``. Class names are the dataset's as torchvision gives them
-(underscores as spaces; ImageNet's curated names from open_clip), or a file of one name per
-line in label order.
+(underscores as spaces; ImageNet's curated names from open_clip), clip_benchmark's list for
+the dataset (``clip_benchmark``: EuroSAT, Flowers-102, Oxford Pets, ImageNet), or a file of
+one name per line in label order.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from unicom.errors import InputError
 TEMPLATE_SETS = {"openai": "OPENAI_IMAGENET_TEMPLATES", "simple": "SIMPLE_IMAGENET_TEMPLATES"}
 CLIP_BENCHMARK = "clip_benchmark"  # the templates of each dataset, from the installed clip_benchmark
 CLIP_BENCHMARK_TEMPLATES = "datasets/en_zeroshot_classification_templates.json"
+CLIP_BENCHMARK_CLASSES = "datasets/en_classnames.json"
 CLIP_BENCHMARK_NAMES = {"imagenet": "imagenet1k", "stanford_cars": "cars", "flowers102": "flowers"}  # ours -> its keys
 PLACEHOLDER = "{c}"
 TOP_K = 5  # the second accuracy reported: the true class among the 5 nearest prototypes
@@ -63,36 +65,55 @@ def read_templates(spec: str = "openai", dataset: str | None = None) -> list[str
     return templates
 
 
-def clip_benchmark_templates(dataset: str | None) -> list[str]:
-    """The templates clip_benchmark evaluates ``dataset`` with, from its installed package
-    (its English set; nothing of it is imported)."""
+def _clip_benchmark_sets(file: str, option: str) -> tuple[dict, "os.PathLike"]:
+    """One of clip_benchmark's per-dataset JSON files (``{dataset: [...]}``) from its installed
+    package, and its path (nothing of the package is imported)."""
     import importlib.util
     import json
     from pathlib import Path
 
     found = importlib.util.find_spec(CLIP_BENCHMARK)
     if found is None or not found.submodule_search_locations:
-        raise InputError(f"--templates {CLIP_BENCHMARK} reads each dataset's prompts from clip_benchmark, which is not "
-                         "installed: pip install clip-benchmark, or give --templates openai, simple or a file")
-    path = Path(list(found.submodule_search_locations)[0]) / CLIP_BENCHMARK_TEMPLATES
+        raise InputError(f"{option} {CLIP_BENCHMARK} reads each dataset's lists from clip_benchmark, which is not "
+                         f"installed: pip install clip-benchmark, or give {option} another value")
+    path = Path(list(found.submodule_search_locations)[0]) / file
     try:
-        sets = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), path
     except (OSError, ValueError) as error:
-        raise InputError(f"{path}: clip_benchmark's prompts cannot be read ({error}); reinstall clip-benchmark") from error
+        raise InputError(f"{path}: clip_benchmark's lists cannot be read ({error}); reinstall clip-benchmark") from error
+
+
+def _clip_benchmark_list(file: str, option: str, dataset: str | None) -> tuple[list[str], "os.PathLike"]:
+    sets, path = _clip_benchmark_sets(file, option)
     key = CLIP_BENCHMARK_NAMES.get(dataset, dataset)
     if key not in sets:
-        raise InputError(f"--templates {CLIP_BENCHMARK}: clip_benchmark has no prompts for {dataset} (it has "
-                         f"{', '.join(sorted(sets))}); give --templates openai, simple or a file")
-    templates = list(sets[key])
+        raise InputError(f"{option} {CLIP_BENCHMARK}: clip_benchmark has none for {dataset} (it has "
+                         f"{', '.join(sorted(sets))}); give {option} another value")
+    return [str(value) for value in sets[key]], path
+
+
+def clip_benchmark_templates(dataset: str | None) -> list[str]:
+    """The templates clip_benchmark evaluates ``dataset`` with, from its installed package
+    (its English set)."""
+    templates, path = _clip_benchmark_list(CLIP_BENCHMARK_TEMPLATES, "--templates", dataset)
     if not templates or any(PLACEHOLDER not in template for template in templates):
-        raise InputError(f"{path}: the prompts of {key} are not templates holding {PLACEHOLDER}; reinstall clip-benchmark")
+        raise InputError(f"{path}: the prompts of {dataset} are not templates holding {PLACEHOLDER}; reinstall "
+                         "clip-benchmark")
     return templates
 
 
 def class_names(dataset: str, names: Sequence, count: int, path: str | os.PathLike | None = None) -> list[str]:
     """The ``count`` names the prompts say, in label order: from the file ``path`` (one a
-    line), else ImageNet's curated names (open_clip's), else the dataset's ``names`` with
-    underscores as spaces (the first of a tuple of synonyms)."""
+    line), or clip_benchmark's list for the dataset (``path`` ``clip_benchmark``: in the label
+    order of torchvision's dataset, which the readers here keep), else ImageNet's curated names
+    (open_clip's), else the dataset's ``names`` with underscores as spaces (the first of a
+    tuple of synonyms)."""
+    if path == CLIP_BENCHMARK:
+        found, source = _clip_benchmark_list(CLIP_BENCHMARK_CLASSES, "--class-names", dataset)
+        if len(found) != count:
+            raise InputError(f"--class-names {CLIP_BENCHMARK}: {source} names {len(found)} classes for {dataset}, which "
+                             f"has {count} here (its version of the dataset differs); give --class-names FILE")
+        return found
     if path is not None:
         found = _lines(path, "--class-names")
         if len(found) != count:

@@ -220,6 +220,24 @@ def test_min_score_with_k_prints_the_best_k_above_it(clip, capsys):
     assert [hit["id"] for hit in entry["results"]] == np.argsort(-scores, kind="stable")[:3].tolist()
 
 
+def test_a_text_file_gives_one_query_a_line_as_texts_given_one_by_one(clip, tmp_path, capsys):
+    threshold = float(np.quantile(clip["texts"] @ clip["stored"].T, 0.5))
+    (tmp_path / "prompts.txt").write_text(f"\ufeff{TEXTS[0]}\n\n  {TEXTS[1]}  \n")  # a byte-order mark, a blank line
+    written = []
+    for name, options in (("file", ["--text-file", str(tmp_path / "prompts.txt")]),
+                          ("texts", ["--text", TEXTS[0], "--text", TEXTS[1]])):
+        out = tmp_path / f"{name}.parquet"
+        assert main(["search", "--index", str(clip["index"].path), *options, "--min-score", repr(threshold),
+                     "--out", str(out)]) == 0
+        written.append(pq.read_table(out).to_pylist())
+    assert written[0] == written[1] and len(written[0]) == len(expected_subset(clip, threshold))
+    capsys.readouterr()
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    for file, message in ((tmp_path / "empty.txt", "no text in the file"), (tmp_path / "missing.txt", "cannot be read")):
+        code = main(["search", "--index", str(clip["index"].path), "--model", "timm/no_such_net", "--text-file", str(file)])
+        assert code == 2 and f"--text-file {file}: {message}" in capsys.readouterr().err
+
+
 def test_a_subset_is_uploaded_whole_to_s3(clip, s3, tmp_path, capsys):
     s3.bucket("subsets")
     threshold = float(np.quantile(clip["texts"][1] @ clip["stored"].T, 0.75))

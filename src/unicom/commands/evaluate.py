@@ -57,15 +57,9 @@ def class_list(text: str | None, option: str) -> list[str] | None:
     if text is None:
         return None
     if text.startswith("@"):
-        from unicom import storage
-        from unicom.data.lists import decode_utf8
+        from unicom.data.lists import read_lines
 
-        try:
-            data = storage.read_bytes(text[1:])
-        except OSError as error:
-            raise InputError(f"{option} {text}: cannot read the class list ({error})") from error
-        lines = decode_utf8(data, f"{option} {text}").splitlines()  # UTF-8, a byte-order mark dropped
-        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        names = read_lines(text[1:], f"{option} {text}", comments=True)  # UTF-8, a byte-order mark dropped
     else:
         names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:

@@ -7,8 +7,9 @@ Examples::
     unicom search --index INDEX/ query.jpg --text "at night" --text-weight 0.3
     unicom search --index INDEX/ --like 1234 --deduplicate
     unicom search --index INDEX/ --text "a cat" --text "a kitten" --min-score 0.28 --out cats.parquet
+    unicom search --index INDEX/ --text-file prompts.txt --min-score 0.3 -k 1000 --out subset.parquet
 
-Each image, each ``--text`` and each ``--like`` item is a query of its own. With
+Each image, each ``--text`` (and line of a ``--text-file``) and each ``--like`` item is a query of its own. With
 ``--text-weight``, images and items are combined with the texts instead (in pairs, or one
 with each of the others): ``(1 - w)·image + w·text``. ``--model`` defaults to the model that
 embedded the collection, when ``unicom embed`` recorded it; its weights must be the ones
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index folder written by `unicom index`")
     parser.add_argument("--text", action="append", default=[], metavar="TEXT",
                         help="a text query, embedded by the model's text tower (repeat for several)")
+    parser.add_argument("--text-file", action="append", default=[], metavar="FILE",
+                        help="text queries, one a line (blank lines left out; a path or a URL; repeat for several)")
     parser.add_argument("--like", action="append", default=[], type=int, metavar="ID",
                         help="more like the indexed item ID (repeat for several)")
     parser.add_argument("--text-weight", type=float, default=None, metavar="W",
@@ -93,6 +96,7 @@ def load_checked_encoder(args: argparse.Namespace, index):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from unicom.data.lists import read_lines
     from unicom.data.transforms import DecodeError, check_resized_pixels, decode_image, short_side_size
     from unicom.errors import InputError
     from unicom.search import queries, subset
@@ -113,11 +117,16 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             raise InputError("--json prints the results and --out writes them: give one")
         subset.check_output(args.out)
-    if not (args.queries or args.text or args.like):
-        raise InputError("nothing to search for: give query images, --text or --like")
+    if not (args.queries or args.text or args.text_file or args.like):
+        raise InputError("nothing to search for: give query images, --text, --text-file or --like")
     texts = [text for text in args.text if text.strip()]
     if len(texts) != len(args.text):
         raise InputError("--text: an empty text is no query")
+    for file in args.text_file:
+        lines = read_lines(file, f"--text-file {file}")
+        if not lines:
+            raise InputError(f"--text-file {file}: no text in the file (one query a line)")
+        texts += lines
     combined = args.text_weight is not None
     if combined:
         queries.parse_text_weight(args.text_weight, "--text-weight")

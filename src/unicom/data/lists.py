@@ -168,6 +168,18 @@ def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[
         raise
 
 
+def read_lines(location, what: str, comments: bool = False) -> list[str]:
+    """The non-blank lines of a small text file (a path or a URL), stripped, decoded as
+    :func:`text_lines` decodes them; with ``comments``, lines starting with ``#`` left out
+    too. ``what`` names the file in errors (``"--text-file prompts.txt"``)."""
+    try:
+        data = storage.read_bytes(location)
+    except OSError as error:
+        raise InputError(f"{what}: cannot be read ({error})") from error
+    lines = (line.strip() for line in decode_utf8(data, what).splitlines())
+    return [line for line in lines if line and not (comments and line.startswith("#"))]
+
+
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # what a spreadsheet's "Unicode text" starts with
 
 

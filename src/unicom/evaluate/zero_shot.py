@@ -35,14 +35,9 @@ ROWS_AT_ONCE = 8192  # images scored against every prototype at once
 
 
 def _lines(path: str | os.PathLike, option: str) -> list[str]:
-    from unicom import storage
-    from unicom.data.lists import decode_utf8
+    from unicom.data.lists import read_lines
 
-    try:
-        data = storage.read_bytes(os.fspath(path))
-    except OSError as error:
-        raise InputError(f"{option} {path}: cannot be read ({error})") from error
-    return [line.strip() for line in decode_utf8(data, f"{option} {path}").splitlines() if line.strip()]
+    return read_lines(os.fspath(path), f"{option} {path}")
 
 
 def read_templates(spec: str = "openai", dataset: str | None = None) -> list[str]:

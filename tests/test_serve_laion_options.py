@@ -138,6 +138,29 @@ def test_a_text_safety_column_leaves_out_the_values_named(laion):
     assert "use_violence_detector" in response.headers["X-Unsupported-Options"]  # no prompts given to this server
 
 
+def test_safe_on_our_search_applies_every_filter_the_server_has_and_is_refused_where_it_has_none(laion):
+    query = unit(np.random.default_rng(8).normal(size=DIMS))
+    order, _ = ranked(laion["vectors"], query)
+    violent = np.argmax(laion["vectors"] @ laion["prompts"].T, axis=1) == 1
+    marked = np.array([value is not None and value > 0.5 for value in laion["punsafe"]])
+    app = create_app(laion["index"], violence_prompts=laion["prompts"], safety_column="punsafe")
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["safe_search"] is True
+        safe = client.post("/search", json={"embedding": query.tolist(), "k": 12, "safe": True})
+        plain = client.post("/search", json={"embedding": query.tolist(), "k": 12})
+        form = client.post("/search", files={"like": (None, str(int(order[0]))), "k": (None, "12"), "safe": (None, "true")})
+    assert safe.status_code == 200 and plain.status_code == 200 and form.status_code == 200
+    assert [hit["id"] for hit in safe.json()["results"]] == [i for i in order.tolist() if not (violent[i] or marked[i])][:12]
+    assert [hit["id"] for hit in plain.json()["results"]] == order[:12].tolist()
+    assert (violent | marked)[order[:12]].any()  # the plain answer holds some: a test that could fail
+    liked, _ = ranked(laion["vectors"], laion["vectors"][order[0]])
+    assert [hit["id"] for hit in form.json()["results"]] == [i for i in liked.tolist() if not (violent[i] or marked[i])][:12]
+    with TestClient(create_app(laion["index"])) as client:  # no filter: refused, not answered unfiltered
+        assert client.get("/healthz").json()["safe_search"] is False
+        refused = client.post("/search", json={"embedding": query.tolist(), "safe": True})
+    assert refused.status_code == 400 and refused.json()["detail"].startswith("safe: this server has no safety filter")
+
+
 def test_a_safety_column_the_metadata_lacks_is_refused_naming_the_columns(laion):
     with pytest.raises(InputError, match=r"--safety-column pwatermark: the metadata of index has no such column "
                                          r"\(its columns: key, punsafe, NSFW\)"):

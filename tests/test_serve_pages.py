@@ -345,6 +345,32 @@ def test_our_page_shows_only_the_results_that_reach_its_min_score(live, page):
 
 
 @pytest.mark.browser
+def test_our_page_offers_safe_mode_where_the_server_filters_and_leaves_out_what_it_marks(live, page):
+    text = "stripes on red"
+    _, ids = brute_force(live["stored"], _text_embedding(live["spec"], text), len(live["stored"]))
+    stored = live["stored"] / np.linalg.norm(live["stored"], axis=1, keepdims=True)
+    # prompt 1 the second result, prompt 0 the last: the items nearer the second are marked
+    prompts = np.stack([stored[ids[-1]], stored[ids[1]]]).astype(np.float32)
+    marked = np.argmax(stored @ prompts.T, axis=1) == 1
+    safe_ids = [int(i) for i in ids if not marked[i]][:5]
+    assert marked[ids[:5]].any() and safe_ids
+    _open_page(page, live["url"])
+    assert not page.is_visible("#safe")  # a server without a filter offers none
+    with LiveServer(create_app({"photos": live["index"]}, load_encoder(live["spec"]), violence_prompts=prompts)) as url:
+        _open_page(page, url)
+        assert page.is_visible("#safe") and page.is_checked("#safe")  # on by default
+        page.fill("#k", "5")
+        page.fill("#text", text)
+        page.press("#text", "Enter")
+        wait_until(page, f"document.querySelectorAll('#results .result').length === {len(safe_ids)}", 30)
+        assert _shown_ids(page) == safe_ids
+        page.uncheck("#safe")
+        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
+                         f"=== '{','.join(str(i) for i in ids[:5])}'", 30)
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
 def test_our_page_over_an_index_without_a_model_takes_no_image(live, page):
     searches = []
     page.on("request", lambda request: searches.append(request.url) if request.url.endswith("/search") else None)

@@ -41,6 +41,8 @@ class SearchRequest(BaseModel):
     min_score: Number | None = Field(None, description="only results scoring at least this (a cosine similarity, -1..1): "
                                                        "fewer than k when fewer reach it")
     deduplicate: bool = Field(False, description="drop results that nearly repeat a better one")
+    safe: bool = Field(False, description="leave out the results the server's safety filters mark (its --safety-column, "
+                                          "LAION's --violence-prompts); refused where it has none (see /healthz)")
     index: str | None = Field(None, description="the index to search (default: the first)")
 
 
@@ -133,6 +135,7 @@ class Health(IndexHealth):
     max_k: int
     max_upload_bytes: int
     max_pixels: int
+    safe_search: bool = Field(description="whether /search takes safe: a safety column or violence prompts filter results")
     queries: int
     batches: int
 

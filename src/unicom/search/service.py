@@ -5,7 +5,7 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
 * ``GET /``                 the search page (``static/``: plain HTML, CSS and JavaScript);
 * ``GET /healthz``          the indexes, their models and the limits;
 * ``POST /search``          JSON ``{"text", "image" (base64), "like" (an id), "embedding",
-  "text_weight", "k", "min_score", "deduplicate", "index"}``, or multipart/form-data with the image as
+  "text_weight", "k", "min_score", "deduplicate", "safe", "index"}``, or multipart/form-data with the image as
   the file field ``image`` and the other keys as fields. One of ``image``/``like``/
   ``embedding`` and/or a ``text``; given both, the query is their weighted sum
   (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
@@ -76,7 +76,7 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
-FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "index")  # /search as multipart/form-data
+FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index")  # /search as multipart/form-data
 
 
 def _inline_scripts_allowed(page: Path) -> str:
@@ -456,7 +456,8 @@ def create_app(
     honours ``aesthetic_score``/``aesthetic_weight`` and ``use_violence_detector``.
     safety_column: the metadata column (LAION-5B's ``punsafe``, LAION-400M's ``NSFW``) by
     which ``use_safety_model`` leaves results out (:func:`~unicom.search.queries.unsafe`,
-    with ``unsafe_values`` for a text column).
+    with ``unsafe_values`` for a text column). ``/search`` with ``"safe": true`` applies both
+    filters the server has (``/healthz``'s ``safe_search`` says whether it has one).
     """
     indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
@@ -590,6 +591,7 @@ def create_app(
             "max_k": max_k,
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": max_pixels,
+            "safe_search": violence_prompts is not None or safety_column is not None,
             "queries": batcher.queries,
             "batches": batcher.batches,
         }
@@ -700,6 +702,7 @@ def create_app(
             values = dict(text=form.get("text"), like=like, embedding=None, text_weight=form.get("text_weight"),
                           k=_parse_k(form.get("k", k_query), default_k, max_k), min_score=_parse_min_score(form.get("min_score")),
                           deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"))
+            safe = _parse_bool(form.get("safe"), "safe")
         elif content_type == "application/json":
             payload = await _read_json(request, *base64_body_limit,
                                        empty='empty request body; send JSON {"text": "..."} or {"embedding": [numbers]}')
@@ -719,13 +722,19 @@ def create_app(
                           embedding=request_model.embedding, text_weight=request_model.text_weight,
                           k=_parse_k(request_model.k if request_model.k is not None else k_query, default_k, max_k),
                           min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate)
+            safe = request_model.safe
         else:
             raise _error(
                 415,
                 f"content type {content_type or 'none'} not accepted: send an image as multipart/form-data "
                 'field \'image\', or application/json {"text": "..."} or {"embedding": [numbers]}',
             )
+        if safe and violence_prompts is None and safety_column is None:
+            raise _error(400, "safe: this server has no safety filter to apply (start it with --safety-column for the "
+                              "metadata's safety column, or --violence-prompts); leave safe out")
         item = await build_search(target, image_data=image_data, image_name=image_name, **values)
+        if safe:
+            item.remove = _result_filter(target.index, violence_prompts, safety_column, unsafe_values)
         scores, ids = await batcher.submit(item)
         answer = await asyncio.to_thread(search_answer, scores, ids, target, request.scope.get("root_path", "").rstrip("/"))
         return JSONResponse({**answer, "k": item.k, "index": target.name,

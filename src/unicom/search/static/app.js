@@ -18,6 +18,8 @@ const sourceText = $("source-text");
 const kInput = $("k");
 const dedupInput = $("dedup");
 const minScoreInput = $("min-score");
+const safeRow = $("safe-row");
+const safeInput = $("safe");
 const indexRow = $("index-row");
 const indexSelect = $("index");
 const errorLine = $("error");
@@ -93,6 +95,7 @@ async function loadHealth() {
       indexSelect.appendChild(option);
     }
     indexRow.hidden = health.indices.length < 2;
+    safeRow.hidden = !health.safe_search; // on by default where the server has a safety filter
     applyIndex();
   } catch (error) {
     statusLine.textContent = "The server does not answer.";
@@ -173,6 +176,7 @@ async function search() {
   const common = { deduplicate: dedupInput.checked, index: indexSelect.value };
   if (kInput.value.trim() !== "") common.k = Number(kInput.value); // empty: the server's default
   if (minScoreInput.value.trim() !== "") common.min_score = Number(minScoreInput.value); // empty: any score
+  if (health !== null && health.safe_search && safeInput.checked) common.safe = true;
   let request;
   if (source !== null && source.kind === "file") {
     if (source.file.size > maxUpload) {
@@ -252,6 +256,7 @@ fileInput.addEventListener("change", () => chooseFile(fileInput.files[0]));
 kInput.addEventListener("change", search);
 dedupInput.addEventListener("change", search);
 minScoreInput.addEventListener("change", search);
+safeInput.addEventListener("change", search);
 indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); fileInput.click(); }

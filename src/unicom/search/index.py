@@ -522,22 +522,9 @@ class Index:
         array = np.asarray(ids, dtype=np.int64)
         flat = array.reshape(-1)
         out: list[dict | None] = [None] * len(flat)
-        bad = flat[(flat < -1) | (flat >= len(self))]
-        if len(bad):
-            raise InputError(f"id {int(bad[0])} is not in this index (ids 0..{len(self) - 1})")
-        valid = np.flatnonzero(flat >= 0)
-        which = np.searchsorted(self._starts, flat[valid], side="right") - 1
-        with_ids = self.layout == "unicom"  # unicom's metadata copies carry the ids; clip-retrieval's are the source's
-        for index in np.unique(which):
-            positions = valid[which == index]
-            rows = flat[positions] - self.parts[int(index)].first_id
-            if self.config.get("has_metadata", True) or with_ids:
-                found = self.metadata_rows.take(int(index), rows)
-            else:
-                found = [{} for _ in rows]
-            for position, row in zip(positions, found):
-                if not with_ids:
-                    row = {ID_COLUMN: int(flat[position]), **source_columns(row, (ID_COLUMN,))}
+        valid = np.flatnonzero(self._checked_ids(flat, allow_missing=True) >= 0)
+        for positions, table in self._part_tables(flat[valid]):
+            for position, row in zip(valid[positions], table.to_pylist()):
                 out[position] = row
         if array.ndim == 0:
             return out[0]
@@ -552,26 +539,11 @@ class Index:
         any (null where a part has none); a column of two types is refused, naming it."""
         import pyarrow as pa
 
-        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = flat[(flat < 0) | (flat >= len(self))]
-        if len(bad):
-            raise InputError(f"id {int(bad[0])} is not in this index (ids 0..{len(self) - 1})")
-        which = np.searchsorted(self._starts, flat, side="right") - 1
-        with_ids = self.layout == "unicom"  # unicom's metadata copies carry the ids; clip-retrieval's are the source's
-        tables, positions = [], []
-        for index in np.unique(which):
-            selected = np.flatnonzero(which == index)
-            rows = flat[selected] - self.parts[int(index)].first_id
-            if not (self.config.get("has_metadata", True) or with_ids):
-                table = pa.table({ID_COLUMN: pa.array(flat[selected])})
-            else:
-                table = self.metadata_rows.take_table(int(index), rows)
-                if not with_ids:
-                    table = table.rename_columns([f"source_{name}" if name == ID_COLUMN else name
-                                                  for name in table.column_names])
-                    table = table.add_column(0, ID_COLUMN, pa.array(flat[selected]))
-            tables.append(table)
+        flat = self._checked_ids(np.asarray(ids, dtype=np.int64).reshape(-1), allow_missing=False)
+        positions, tables = [], []
+        for selected, table in self._part_tables(flat):
             positions.append(selected)
+            tables.append(table)
         if not tables:
             return pa.table({ID_COLUMN: pa.array([], pa.int64())})
         try:
@@ -582,6 +554,31 @@ class Index:
         if len(tables) > 1:
             table = table.take(np.argsort(np.concatenate(positions), kind="stable"))
         return table
+
+    def _checked_ids(self, flat: np.ndarray, allow_missing: bool) -> np.ndarray:
+        """``flat`` ids, refused (the first named) outside the index; -1 taken with ``allow_missing``."""
+        bad = flat[(flat < (-1 if allow_missing else 0)) | (flat >= len(self))]
+        if len(bad):
+            raise InputError(f"id {int(bad[0])} is not in this index (ids 0..{len(self) - 1})")
+        return flat
+
+    def _part_tables(self, flat: np.ndarray):
+        """(positions in ``flat``, their rows as a ``pyarrow.Table``, ``id`` first) for each part
+        that ids ``flat`` (valid, any order) fall in."""
+        import pyarrow as pa
+
+        which = np.searchsorted(self._starts, flat, side="right") - 1
+        with_ids = self.layout == "unicom"  # unicom's metadata copies carry the ids; clip-retrieval's are the source's
+        for index in np.unique(which):
+            selected = np.flatnonzero(which == index)
+            if not (self.config.get("has_metadata", True) or with_ids):
+                yield selected, pa.table({ID_COLUMN: pa.array(flat[selected])})
+                continue
+            table = self.metadata_rows.take_table(int(index), flat[selected] - self.parts[int(index)].first_id)
+            if not with_ids:
+                table = table.rename_columns([f"source_{name}" if name == ID_COLUMN else name for name in table.column_names])
+                table = table.add_column(0, ID_COLUMN, pa.array(flat[selected]))
+            yield selected, table
 
     # ------------------------------------------------------------------ building
 

@@ -75,9 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "/knn-service's aesthetic_score and aesthetic_weight move queries towards a rating")
     parser.add_argument("--violence-prompts", metavar="FILE",
                         help="LAION's violence detector for the model (violence_detection_vit_b_32.npy, prompt embeddings), "
-                             "local or a URL: /knn-service's use_violence_detector leaves out the results it marks")
+                             "local or a URL: /knn-service's use_violence_detector (and /search's safe, the page's "
+                             "Safe mode) leaves out the results it marks")
     parser.add_argument("--safety-column", metavar="NAME",
-                        help="the metadata column by which /knn-service's use_safety_model leaves results out: a "
+                        help="the metadata column by which /knn-service's use_safety_model (and /search's safe) "
+                             "leaves results out: a "
                              "probability above 0.5 (LAION-5B's punsafe) or a text among --unsafe-values (LAION-400M's NSFW)")
     parser.add_argument("--unsafe-values", metavar="A,B",
                         help="the values of a text --safety-column that leave a result out (default: NSFW, LAION-400M's tag "

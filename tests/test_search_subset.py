@@ -176,7 +176,7 @@ def expected_subset(clip, threshold: float) -> dict[int, tuple[float, str]]:
     out = {}
     for item in np.flatnonzero((scores >= np.float32(threshold)).any(axis=0)):
         column = np.where(scores[:, item] >= np.float32(threshold), scores[:, item], -np.inf)
-        out[int(item)] = (float(column.max()), repr(TEXTS[int(np.argmax(column))]))
+        out[int(item)] = (float(column.max()), TEXTS[int(np.argmax(column))])  # the text as given
     return out
 
 

@@ -173,9 +173,12 @@ def run(args: argparse.Namespace) -> int:
                                   for i in range(pairs)])
         labels = [f"{visual_labels[pick_visual(i)]} + {texts[pick_text(i)]!r} (text weight {args.text_weight:g})"
                   for i in range(pairs)]
+        written = [f"{visual_labels[pick_visual(i)]} + {texts[pick_text(i)]} (text weight {args.text_weight:g})"
+                   for i in range(pairs)]
     else:
         vectors = np.concatenate([visual_vectors, text_vectors])
         labels = visual_labels + [repr(text) for text in texts]
+        written = visual_labels + texts  # a table's query column holds the texts as given
     if k is None:
         found = index.search_range(vectors, args.min_score, **tuning)
     else:
@@ -183,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                                **tuning)
     if args.out is not None:
         items = subset.merge(found)
-        subset.write(index, items, labels, args.out)
+        subset.write(index, items, written, args.out)
         print(summary(items, labels, found, args.out))
         return 0
     results = [index.hits(scores[None, :], ids[None, :])[0] for scores, ids in found]

@@ -293,8 +293,9 @@ def search(index, vectors: np.ndarray, k: int | Sequence[int], *, deduplicate: b
     which results to leave out, ``vectors()`` giving their stored vectors (N, dims) when it
     needs them (:func:`violent`, :func:`unsafe`), after the near duplicates; the search looks
     further for them in the same way. ``min_score`` (one for all queries, or one per query;
-    None: none): results scoring below it are left out too, and the search looks no further once they come (fewer than ``k`` are then returned;
-    every result above it, however many: :meth:`~unicom.search.index.Index.search_range`).
+    None: none): results scoring below it are left out too, and the search looks no further
+    once they come (fewer than ``k`` are then returned; every result above it, however many:
+    :meth:`~unicom.search.index.Index.search_range`).
     ``nprobe`` / ``ef_search``: the index's search parameter for these queries (as
     :meth:`~unicom.search.index.Index.search` takes them; default: the recorded one).
     """

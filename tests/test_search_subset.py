@@ -238,6 +238,20 @@ def test_a_text_file_gives_one_query_a_line_as_texts_given_one_by_one(clip, tmp_
         assert code == 2 and f"--text-file {file}: {message}" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_named_before_or_after_the_search(collection, s3, tmp_path, capsys):
+    folder = collection["root"] / "flat_out"
+    Index.build(collection["root"] / "emb", folder, index_type="flat")
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path / "a_file" / "x.parquet", "a file, not a folder"),
+                         ("s3://no-such-bucket/x.parquet", "the bucket s3://no-such-bucket does not exist"),
+                         ("https://example.com/x.parquet", "https URLs are read only")):
+        code = main(["search", "--index", str(folder), "--like", "3", "--out", str(out)])
+        assert code == 2 and message in capsys.readouterr().err
+    # a folder the system will not make (Linux's /proc; elsewhere a folder this user may not write): found writing
+    code = main(["search", "--index", str(folder), "--like", "3", "--out", "/proc/unicom-none/x.parquet"])
+    assert code == 2 and "the results table x.parquet could not be written" in capsys.readouterr().err
+
+
 def test_a_subset_is_uploaded_whole_to_s3(clip, s3, tmp_path, capsys):
     s3.bucket("subsets")
     threshold = float(np.quantile(clip["texts"][1] @ clip["stored"].T, 0.75))

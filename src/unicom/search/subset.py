@@ -27,7 +27,7 @@ import numpy as np
 
 from unicom import storage
 from unicom.errors import InputError
-from unicom.files import atomic_path, remove_killed_writes
+from unicom.files import atomic_path, refused_write, remove_killed_writes
 from unicom.progress import progress
 
 RESULT_COLUMNS = ("id", "score", "query")
@@ -67,10 +67,9 @@ def check_output(out: str) -> None:
     """Refuse an output that is not a parquet file in a place that can be written, before any search."""
     if not str(out).endswith(SUFFIX):
         raise InputError(f"{out}: the results are written as parquet; give a file name ending in {SUFFIX}")
-    if storage.is_url(out):
-        storage.writable(out)
-    elif os.path.isdir(out):
+    if not storage.is_url(out) and os.path.isdir(out):
         raise InputError(f"{out}: a folder; give the file to write, e.g. {os.path.join(out, 'subset' + SUFFIX)}")
+    storage.writable_folder(storage.parent(out))  # a read-only scheme, a file for a folder, a missing bucket
 
 
 def write(index, subset: Subset, labels: Sequence[str], out: str) -> None:
@@ -82,8 +81,8 @@ def write(index, subset: Subset, labels: Sequence[str], out: str) -> None:
     schema = _schema(index, subset, labels)
     remove_killed_writes(out)  # a temporary of a write that was killed, as large as the file it was becoming
     bar = progress(total=len(subset), desc="writing results", unit="rows")
-    with atomic_path(out) as staged:
-        with pq.ParquetWriter(staged, schema) as writer:
+    with refused_write(storage.parent(out), f"the results table {storage.name(out)}", "the same search writes it whole"):
+        with atomic_path(out) as staged, pq.ParquetWriter(staged, schema) as writer:
             for start in range(0, len(subset), CHUNK_ROWS):
                 stop = min(len(subset), start + CHUNK_ROWS)
                 table = _with_results(index.metadata_table(subset.ids[start:stop]), subset, labels, start, stop)

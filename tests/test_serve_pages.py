@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
+import io
 import http.server
 import json
 import os
@@ -367,6 +369,35 @@ def test_our_page_offers_safe_mode_where_the_server_filters_and_leaves_out_what_
         page.uncheck("#safe")
         wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
                          f"=== '{','.join(str(i) for i in ids[:5])}'", 30)
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_our_page_downloads_the_results_it_shows_as_csv(live, page):
+    text = "stripes on red"
+    _open_page(page, live["url"])
+    assert not page.is_visible("#download")  # nothing to download yet
+    page.fill("#k", "6")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    page.wait_for_selector("#results .result >> nth=5", timeout=30_000)
+    with page.expect_download() as info:
+        page.click("#download")
+    assert info.value.suggested_filename == "results.csv"
+    rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text(), newline="")))
+    request = urllib.request.Request(live["url"] + "/search", data=json.dumps({"text": text, "k": 6}).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        hits = json.loads(response.read())["results"]
+    assert [int(row["id"]) for row in rows] == [hit["id"] for hit in hits] == _shown_ids(page)
+    for row, hit in zip(rows, hits):
+        assert float(row["score"]) == hit["score"] and int(row["rank"]) == hit["rank"]
+        assert row["image_path"] == hit["image_path"] and row["thumbnail"] == hit["thumbnail"]
+    # quoting as RFC 4180 says, and a text a spreadsheet would run as a formula kept as text
+    cells = page.evaluate("[csvCell('a, \"b\"'), csvCell('=HYPERLINK(1)'), csvCell(-0.25), csvCell(null), "
+                          "csvCell('two\\nlines')]")
+    assert cells == ['"a, ""b"""', "'=HYPERLINK(1)", "-0.25", "", '"two\nlines"']
+    assert next(csv.reader(io.StringIO(",".join(cells[:2]) + "\r\n"))) == ['a, "b"', "'=HYPERLINK(1)"]
     assert page.errors == [] and page.blocked == []
 
 

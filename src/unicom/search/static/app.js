@@ -26,6 +26,7 @@ const errorLine = $("error");
 const summary = $("summary");
 const results = $("results");
 const template = $("result-template");
+const downloadButton = $("download");
 
 let maxUpload = Infinity;
 let health = null;
@@ -33,6 +34,8 @@ let health = null;
 let source = null; // {kind: "file", file} | {kind: "like", id, label}
 // The search in flight: a newer one cancels it, so that a slow answer never replaces a newer one.
 let inFlight = null;
+// The answer shown, for "Download CSV".
+let shown = null;
 
 function showError(message) {
   errorLine.textContent = message;
@@ -127,7 +130,28 @@ function showSource() {
   weightRow.hidden = !(source !== null && text);
 }
 
+// One CSV field: quoted when it holds a comma, a quote or a line break; a text a spreadsheet would
+// run as a formula (=, +, -, @ first) starts with an apostrophe. Numbers are written as they are.
+function csvCell(value) {
+  if (value === null || value === undefined) return "";
+  if (typeof value === "number" || typeof value === "boolean") return String(value);
+  let text = typeof value === "object" ? JSON.stringify(value) : String(value);
+  if (/^[=+\-@\t\r]/.test(text)) text = "'" + text;
+  return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+// The results as CSV: a column for every key any result has, in the order first seen.
+function resultsCsv(hits) {
+  const columns = [];
+  for (const hit of hits) for (const key of Object.keys(hit)) if (!columns.includes(key)) columns.push(key);
+  const lines = [columns.map(csvCell).join(",")];
+  for (const hit of hits) lines.push(columns.map((column) => csvCell(hit[column])).join(","));
+  return lines.join("\r\n") + "\r\n";
+}
+
 function render(data, elapsed, minScore) {
+  shown = data;
+  downloadButton.hidden = data.results.length === 0;
   // a "more like this" button pressed from the keyboard goes with the old results: keep the focus nearby
   const hadFocus = results.contains(document.activeElement);
   results.replaceChildren();
@@ -210,6 +234,8 @@ async function search() {
       if (inFlight !== mine) return;
       summary.textContent = "";
       results.replaceChildren();
+      shown = null;
+      downloadButton.hidden = true;
       showError(message);
       return;
     }
@@ -256,6 +282,14 @@ fileInput.addEventListener("change", () => chooseFile(fileInput.files[0]));
 kInput.addEventListener("change", search);
 dedupInput.addEventListener("change", search);
 minScoreInput.addEventListener("change", search);
+downloadButton.addEventListener("click", () => {
+  if (shown === null) return;
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([resultsCsv(shown.results)], { type: "text/csv" }));
+  link.download = "results.csv";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 0);
+});
 safeInput.addEventListener("change", search);
 indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });
 drop.addEventListener("keydown", (event) => {

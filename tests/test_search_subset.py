@@ -116,6 +116,25 @@ def test_the_command_scans_the_lists_nprobe_says_and_refuses_it_for_other_types(
     assert code == 2 and "--nprobe tunes IVF indexes;" in capsys.readouterr().err
 
 
+def test_the_command_searches_the_caption_embeddings_of_a_clip_retrieval_folder(tmp_path, capsys):
+    from test_index_clip_retrieval import write_collection as write_with_texts
+
+    parts = write_with_texts(tmp_path / "emb", {0: 40, 1: 30})
+    texts = np.concatenate([parts[0][1], parts[1][1]])
+    Index.build(tmp_path / "emb", tmp_path / "index", layout="clip-retrieval", heldout=10)
+    item = 45
+    threshold = float(np.sort(texts @ texts[item])[-6:-4].mean())  # five captions reach it, the item's own first
+    code = main(["search", "--index", str(tmp_path / "index"), "--like", str(item), "--modality", "text",
+                 "--min-score", repr(threshold), "--json"])
+    assert code == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert [hit["id"] for hit in entry["results"]] == np.argsort(-(texts @ texts[item]), kind="stable")[:5].tolist()
+    assert entry["results"][0]["caption"] == "caption p1-r5"  # item 45: part 1 (after 40 rows), row 5
+    Index.build(tmp_path / "emb", tmp_path / "images_only", index_type="flat")  # unicom's layout: images only
+    code = main(["search", "--index", str(tmp_path / "images_only"), "--like", "3", "--modality", "text"])
+    assert code == 2 and "--modality text: " in capsys.readouterr().err
+
+
 def test_the_best_k_above_a_score_are_the_brute_force_ones_and_no_more(collection):
     index = Index.build(collection["root"] / "emb", collection["root"] / "flat_k", index_type="flat")
     x, q = collection["vectors"], collection["queries"]

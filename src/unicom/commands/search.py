@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="FILE.parquet",
                         help="write the items found (id, best score, query, metadata; local or a URL) instead of "
                              "printing them: with --min-score, the subset of the collection the queries describe")
+    parser.add_argument("--modality", choices=("image", "text"), default=None,
+                        help="the embeddings searched: image, or text where the index holds caption embeddings "
+                             "(clip-retrieval's text.index; default: the index's first)")
     parser.add_argument("--nprobe", type=int, default=None, metavar="N",
                         help="IVF indexes: inverted lists scanned per query (default: the index's own, tuned when it was "
                              "built); more find more, slower")
@@ -145,12 +148,17 @@ def run(args: argparse.Namespace) -> int:
         except DecodeError as error:
             raise InputError(f"{query}: {error}") from error
     index = Index.load(args.index)
+    modality = args.modality or index.modalities[0]
+    if modality not in index.modalities:
+        raise InputError(f"--modality {modality}: {args.index} holds {' and '.join(index.modalities)} embeddings only")
+    dims = index.modality_dims(modality)
     tuning = {"nprobe": args.nprobe, "ef_search": args.ef_search}
     tuned = (("--nprobe", args.nprobe, IVF_TYPES, "IVF"), ("--ef-search", args.ef_search, ("hnsw",), "HNSW"))
     for name, value, kinds, kind in tuned:
-        if value is not None and index.type not in kinds:
-            raise InputError(f"{name} tunes {kind} indexes; {args.index} is a {index.type} index: leave it out")
-    stored = queries.StoredVectors(index)
+        if value is not None and index.modality_type(modality) not in kinds:
+            raise InputError(f"{name} tunes {kind} indexes; {args.index}'s {modality} index is a "
+                             f"{index.modality_type(modality)} index: leave it out")
+    stored = queries.StoredVectors(index, modality)
     encoder = load_checked_encoder(args, index) if images or texts else None
     if texts:
         queries.require_text(encoder)
@@ -159,12 +167,12 @@ def run(args: argparse.Namespace) -> int:
             check_resized_pixels(short_side_size(encoder.image_transform), image.size)
         except DecodeError as error:
             raise InputError(f"{query}: {error}") from error
-    visual_vectors = [queries.image_vectors(encoder, images, index.dims, args.batch_size)] if images else []
+    visual_vectors = [queries.image_vectors(encoder, images, dims, args.batch_size)] if images else []
     if args.like:
         visual_vectors.append(stored(args.like))
-    visual_vectors = np.concatenate(visual_vectors) if visual_vectors else np.zeros((0, index.dims), np.float32)
+    visual_vectors = np.concatenate(visual_vectors) if visual_vectors else np.zeros((0, dims), np.float32)
     visual_labels = [str(query) for query in args.queries] + [f"item {item}" for item in args.like]
-    text_vectors = queries.text_vectors(encoder, texts, index.dims)
+    text_vectors = queries.text_vectors(encoder, texts, dims)
     if combined:
         pairs = max(len(visual_labels), len(texts))
         pick_visual = (lambda i: i) if len(visual_labels) == pairs else (lambda i: 0)
@@ -180,10 +188,10 @@ def run(args: argparse.Namespace) -> int:
         labels = visual_labels + [repr(text) for text in texts]
         written = visual_labels + texts  # a table's query column holds the texts as given
     if k is None:
-        found = index.search_range(vectors, args.min_score, **tuning)
+        found = index.search_range(vectors, args.min_score, modality=modality, **tuning)
     else:
-        found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, min_score=args.min_score,
-                               **tuning)
+        found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, modality=modality,
+                               min_score=args.min_score, **tuning)
     if args.out is not None:
         items = subset.merge(found)
         subset.write(index, items, written, args.out)

@@ -389,6 +389,10 @@ class Index:
     def type(self) -> str:
         return str(self.config["type"])
 
+    def modality_type(self, modality: str | None = None) -> str:
+        """The index type (``flat``, ``hnsw``, ``ivfpq``, ...) of the ``modality`` index (default: the first's)."""
+        return str(self._modality(modality)[1]["type"])
+
     def _prepared(self, embeddings, modality: str | None, nprobe: int | None, ef_search: int | None):
         """(modality, its record, unit query rows (Q, dims), search parameters) for ``embeddings``."""
         modality, recorded = self._modality(modality)

@@ -158,12 +158,18 @@ def _store_search(index, search: dict) -> None:
         faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{key}={value}" for key, value in search.items()))
 
 
-def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _parameters(index, index_type: str, search: dict):
+    """:func:`search_parameters` for the faiss ``index`` itself (wrapped for a leading transform)."""
     import faiss
 
     params = search_parameters(index_type, search)
     if params is not None and isinstance(index, faiss.IndexPreTransform):
         params = faiss.SearchParametersPreTransform(index_params=params)
+    return params
+
+
+def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    params = _parameters(index, index_type, search)
     # faiss.contrib.torch_utils (imported by other libraries, e.g. pytorch-metric-learning)
     # replaces Index.search with a version without `params`; it keeps faiss's own numpy
     # search as `search_numpy`
@@ -173,11 +179,7 @@ def _search(index, index_type: str, search: dict, queries: np.ndarray, k: int) -
 
 def _range_search(index, index_type: str, search: dict, queries: np.ndarray, threshold) -> tuple[np.ndarray, ...]:
     """faiss' range search for scores of at least ``threshold``: (limits, scores, ids)."""
-    import faiss
-
-    params = search_parameters(index_type, search)
-    if params is not None and isinstance(index, faiss.IndexPreTransform):
-        params = faiss.SearchParametersPreTransform(index_params=params)
+    params = _parameters(index, index_type, search)
     # faiss keeps inner products strictly above its radius: the float32 just below the threshold keeps it too
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
     range_numpy = getattr(index, "range_search_numpy", index.range_search)  # as for search, past torch_utils

@@ -400,6 +400,21 @@ def clip_image_collection(root: Path, labels=(0, 1, 2, 3), per_class: int = 6, w
     return {"images": images, "spec": spec, "emb": root / "emb", "index": index}
 
 
+def clip_collection_with_texts(root: Path, texts: list[str]) -> dict:
+    """:func:`clip_image_collection`, with its stored embeddings (``stored``) and the
+    embeddings of ``texts`` by open_clip's own text tower (``texts``), all of unit length."""
+    import numpy as np
+    import torch
+
+    found = clip_image_collection(root)
+    model, _, tokenizer = open_clip_reference(found["spec"])
+    with torch.no_grad():
+        embedded = model.encode_text(tokenizer(texts)).numpy()
+    stored = stored_embeddings(found["emb"])
+    return {**found, "stored": stored / np.linalg.norm(stored, axis=1, keepdims=True),
+            "texts": embedded / np.linalg.norm(embedded, axis=1, keepdims=True)}
+
+
 def stored_embeddings(emb: Path) -> "np.ndarray":
     """The image embeddings of an embedding folder, parts in order (the ids' order): float32 (N, D)."""
     parts = sorted((Path(emb) / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))

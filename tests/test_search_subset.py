@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from unicom.cli import main
 from unicom.errors import InputError
@@ -19,7 +18,7 @@ from unicom.formats.embeddings import write_part
 from unicom.search import queries
 from unicom.search.index import RANGE_FIRST_K, Index
 
-from support import clip_image_collection, open_clip_reference, stored_embeddings
+from support import clip_collection_with_texts
 from test_index import clustered
 
 ROWS = 1500  # per part: a query of the collection's cluster has more results above the median than RANGE_FIRST_K
@@ -179,14 +178,7 @@ TEXTS = ["a red car", "stripes"]
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    found = clip_image_collection(tmp_path_factory.mktemp("clip_subset"))
-    model, _, tokenizer = open_clip_reference(found["spec"])
-    with torch.no_grad():
-        texts = model.encode_text(tokenizer(TEXTS)).numpy()
-    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
-    stored = stored_embeddings(found["emb"])
-    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
-    return {**found, "stored": stored, "texts": texts}
+    return clip_collection_with_texts(tmp_path_factory.mktemp("clip_subset"), TEXTS)
 
 
 def expected_subset(clip, threshold: float) -> dict[int, tuple[float, str]]:

@@ -8,6 +8,7 @@ Examples::
     unicom search --index INDEX/ --like 1234 --deduplicate
     unicom search --index INDEX/ --text "a cat" --text "a kitten" --min-score 0.28 --out cats.parquet
     unicom search --index INDEX/ --text-file prompts.txt --min-score 0.3 -k 1000 --out subset.parquet
+    unicom search --index INDEX/ --text "a cat" --min-score 0.28 --out cats.parquet --copy-images cats/
 
 Each image, each ``--text`` (and line of a ``--text-file``) and each ``--like`` item is a query of its own. With
 ``--text-weight``, images and items are combined with the texts instead (in pairs, or one
@@ -20,6 +21,10 @@ them, however many (a range search: :meth:`unicom.search.index.Index.search_rang
 ``--out FILE.parquet`` writes the items found, one row each with its best score, the query
 that gave it and its metadata, instead of printing them (:mod:`unicom.search.subset`): the
 subset of a collection that the queries describe, which img2dataset downloads.
+``--copy-images FOLDER`` copies the image file of each item found into FOLDER, named by its
+id (as clip-retrieval's ``filter`` does), from where the collection keeps it: the image paths
+of its metadata (relative ones from ``--image-root``), the shards it was embedded from
+(``--shards``), or a remote image folder; the URLs of its ``url`` column are left to img2dataset.
 """
 
 from __future__ import annotations
@@ -53,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="FILE.parquet",
                         help="write the items found (id, best score, query, metadata; local or a URL) instead of "
                              "printing them: with --min-score, the subset of the collection the queries describe")
+    parser.add_argument("--copy-images", default=None, metavar="FOLDER",
+                        help="copy the image file of each item found into FOLDER (local or a URL), named by its id "
+                             "(000001234.jpg, the id column of --out); a rerun copies what is missing")
+    parser.add_argument("--image-root", default=None, metavar="DIR",
+                        help="--copy-images: the folder that relative image paths in the metadata start from "
+                             "(default: the current folder)")
+    parser.add_argument("--shards", default=None, metavar="DIR",
+                        help="--copy-images: the folder of the shards (tars, parquet files) the collection was embedded "
+                             "from, local or a URL, for items that are samples of shards")
     parser.add_argument("--modality", choices=("image", "text"), default=None,
                         help="the embeddings searched: image, or text where the index holds caption embeddings "
                              "(clip-retrieval's text.index; default: the index's first)")
@@ -120,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             raise InputError("--json prints the results and --out writes them: give one")
         subset.check_output(args.out)
+    for name, value in (("--image-root", args.image_root), ("--shards", args.shards)):
+        if value is not None and args.copy_images is None:
+            raise InputError(f"{name} says where --copy-images finds the images: give --copy-images FOLDER, or leave it out")
+    if args.copy_images is not None:
+        if args.json:
+            raise InputError("--json prints the results and --copy-images copies their images: give one")
+        subset.check_copy_folder(args.copy_images)
+        if args.image_root is not None and not os.path.isdir(args.image_root):
+            raise InputError(f"--image-root {args.image_root}: not a folder; give the folder that the metadata's "
+                             "relative image paths start from")
     if not (args.queries or args.text or args.text_file or args.like):
         raise InputError("nothing to search for: give query images, --text, --text-file or --like")
     texts = [text for text in args.text if text.strip()]
@@ -192,11 +216,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, modality=modality,
                                min_score=args.min_score, **tuning)
-    if args.out is not None:
+    if args.out is not None or args.copy_images is not None:
         items = subset.merge(found)
-        subset.write(index, items, written, args.out)
+        if args.out is not None:
+            subset.write(index, items, written, args.out)
         print(summary(items, labels, found, args.out))
-        return 0
+        return 0 if args.copy_images is None else copy_images(args, index, items)
     results = [index.hits(scores[None, :], ids[None, :])[0] for scores, ids in found]
     if args.json:
         print(json.dumps([{"query": label, "results": queries.json_value(hits)} for label, hits in zip(labels, results)],
@@ -210,17 +235,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(items, labels: list[str], found, out: str) -> str:
-    """What ``--out`` wrote: the items, their scores, and each query's share."""
+def copy_images(args: argparse.Namespace, index, items) -> int:
+    """``--copy-images``: copy the images of ``items``, say what was copied; 1 when some could not be."""
+    import sys
+
+    from unicom.search import subset
+    from unicom.search.item_images import ItemImages, recorded_shard_columns
+
+    columns = recorded_shard_columns(index) if args.shards is not None else None
+    images = ItemImages(args.image_root, args.shards, cache=0, shard_columns=columns)
+    done = subset.copy_images(index, items.ids, args.copy_images, images)
+    already = f" ({done.present} there from an earlier run)" if done.present else ""
+    print(f"{done.copied + done.present} of {len(items)} images in {args.copy_images}{already}")
+    if not done.failed:
+        return 0
+    shown = 10
+    print(f"{len(done.failed)} items have no image copied:", file=sys.stderr)
+    for item_id, why in done.failed[:shown]:
+        print(f"  item {item_id}: {why}", file=sys.stderr)
+    if len(done.failed) > shown:
+        print(f"  ... and {len(done.failed) - shown} more", file=sys.stderr)
+    hint = "" if args.image_root or args.shards else " (--image-root, --shards: where the collection's images are)"
+    print(f"make their images readable{hint} and run the command again: it copies only what is missing",
+          file=sys.stderr)
+    return 1
+
+
+def summary(items, labels: list[str], found, out: str | None) -> str:
+    """What was found, and written to ``out`` when given: the items, their scores, and each query's share."""
     import numpy as np
 
     from unicom.search.queries import score_digits
 
     if not len(items):
-        return f"no item found; {out} holds the columns and no rows"
+        return "no item found" + (f"; {out} holds the columns and no rows" if out is not None else "")
     digits = score_digits(items.scores)
-    lines = [f"{len(items)} items written to {out} (scores {items.scores.min():.{digits}f} to "
-             f"{items.scores.max():.{digits}f}, sorted by id)"]
+    where = f"written to {out}" if out is not None else "found"
+    lines = [f"{len(items)} items {where} (scores {items.scores.min():.{digits}f} to "
+             f"{items.scores.max():.{digits}f}{', sorted by id' if out is not None else ''})"]
     counts = np.bincount(items.queries, minlength=len(labels))
     for number, (label, (scores, _)) in enumerate(zip(labels, found)):
         best = f", the best {scores[0]:.{digits}f}" if len(scores) else ""

@@ -17,18 +17,56 @@ import tarfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fastapi import HTTPException
-
-from unicom.search.batching import ByteBudget
+if TYPE_CHECKING:
+    from unicom.search.batching import ByteBudget
 
 THUMBNAIL_SIZE = 256
 HEAD_BYTES = 256 * 1024  # the first bytes of an image at a URL or in a shard, read for its header before the whole is fetched
 PATH_COLUMNS = ("image_path", "path")
+# the formats of indexed items' files, served and copied as stored: those an image folder may hold
+# (unicom.data.lists); Pillow names a JPEG that carries more than one picture (what many cameras and
+# phones write) MPO
+STORED_MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                      "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-def _error(status: int, message: str) -> HTTPException:
-    return HTTPException(status_code=status, detail=message)
+class ImageUnavailable(Exception):
+    """An item's image that cannot be given: ``status_code`` 404 (the item has none, it is
+    missing or not an image) or 502 (its store failed or it is too long), as the server
+    answers it; ``detail`` says which and why."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _error(status: int, message: str) -> ImageUnavailable:
+    return ImageUnavailable(status, message)
+
+
+def sniff(head: bytes) -> str | None:
+    """The format of an indexed item's image file from its first bytes (a key of
+    :data:`STORED_MEDIA_TYPES`), or None."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # a TIFF's first bytes are a truncated file to Pillow
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head)) as probe:
+                return probe.format if probe.format in STORED_MEDIA_TYPES else None
+    except Exception:  # a header Pillow cannot read from the first bytes alone
+        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\0": "TIFF",
+                      b"MM\0*": "TIFF"}
+        kind = next((kind for signature, kind in signatures.items() if head.startswith(signature)), None)
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            kind = "WEBP"
+        return kind
 
 
 def thumbnail_bytes(size: tuple[int, int]) -> int:
@@ -67,6 +105,7 @@ class ShardImages:
         self.columns = columns  # of parquet shards (a ShardColumns; None: the usual names)
         self._members: OrderedDict[str, dict] = OrderedDict()
         self._parquet: OrderedDict[str, object] = OrderedDict()  # parquet shard -> its ShardRows
+        self._listing: dict[str, threading.Lock] = {}  # shard -> held while it is being listed
         self._lock = threading.Lock()
 
     def _location(self, shard: str):
@@ -136,12 +175,21 @@ class ShardImages:
             members = self._members.get(shard)
             if members is not None:
                 self._members.move_to_end(shard)
-        if members is None:  # listed outside the lock: a remote shard takes a while
-            members = self._list(self._location(shard))
+                return members
+            listing = self._listing.setdefault(shard, threading.Lock())
+        with listing:  # listed outside the main lock (a remote shard takes a while), once for all who ask at once
             with self._lock:
-                self._members[shard] = members
-                if len(self._members) > self.cache:
-                    self._members.popitem(last=False)
+                members = self._members.get(shard)
+            if members is None:
+                try:
+                    members = self._list(self._location(shard))
+                finally:
+                    with self._lock:
+                        self._listing.pop(shard, None)
+                with self._lock:
+                    self._members[shard] = members
+                    if len(self._members) > self.cache:
+                        self._members.popitem(last=False)
         return members
 
     def _rows(self, shard: str):
@@ -257,6 +305,17 @@ def _first_bytes(path: Path, item_id: int, count: int = 64) -> bytes:
         raise _error(404, f"the image file of item {item_id} is missing") from None
 
 
+def recorded_shard_columns(index):
+    """The columns of the parquet shards ``index``'s collection was embedded from, as
+    ``unicom embed`` recorded them (the usual names when it recorded none)."""
+    from unicom import storage
+    from unicom.data.parquet_shards import ShardColumns
+    from unicom.formats.embeddings import SHARD_COLUMNS
+
+    return ShardColumns.from_named(index.config.get(SHARD_COLUMNS) or {},
+                                   f"{storage.text(index.location)} (its {SHARD_COLUMNS})")
+
+
 class ItemImages:
     """The images of indexed items: where each is, its bytes, and cached JPEG thumbnails."""
 
@@ -332,7 +391,7 @@ class ItemImages:
     async def stored(self, row: dict, item_id: int, budget: ByteBudget) -> tuple[Path | bytes, str, int]:
         """Item ``item_id``'s image file as stored, for ``/image``: ``(a local path or the bytes
         of an image at a URL or in a shard, its format (a key of
-        :data:`~unicom.search.uploads.STORED_MEDIA_TYPES`), the bytes held in ``budget``)``.
+        :data:`STORED_MEDIA_TYPES`), the bytes held in ``budget``)``.
 
         Read in worker threads. Of a remote image the first :data:`HEAD_BYTES` are read for its
         format (404 when it is not an image), then an image longer than that is fetched while
@@ -340,8 +399,6 @@ class ItemImages:
         once; it stays held, and the caller gives it back (:meth:`ByteBudget.release`) once the
         bytes have been sent. A local file is streamed by the caller from disk.
         """
-        from unicom.search.uploads import sniff
-
         source = await asyncio.to_thread(self.source, row, item_id, HEAD_BYTES)
         head = source if isinstance(source, bytes) else await asyncio.to_thread(_first_bytes, source, item_id)
         kind = sniff(head)

@@ -61,7 +61,7 @@ from unicom.errors import FolderError, InputError
 from unicom.search import queries, uploads
 from unicom.search.batching import ByteBudget, HeldBodies, QueryBatcher
 from unicom.search.index import Index, source_columns
-from unicom.search.item_images import ItemImages
+from unicom.search.item_images import STORED_MEDIA_TYPES, ImageUnavailable, ItemImages, recorded_shard_columns
 from unicom.search.metadata_rows import RebuiltIndexError
 from unicom.search.schemas import Health, KnnRequest, KnnResult, MetadataItem, MetadataRequest, SearchReply, SearchRequest
 from unicom.search.uploads import MAX_PIXELS, ModelInput
@@ -399,7 +399,6 @@ def _aesthetic_weight(value) -> float:
 def _shard_columns(served: Mapping[str, "Served"]):
     """The columns of the parquet shards the collections were embedded from (recorded by
     ``unicom embed``, kept by ``unicom index``): one set for the one ``--shards`` folder."""
-    from unicom.data.parquet_shards import ShardColumns
     from unicom.formats.embeddings import SHARD_COLUMNS
 
     named = {name: item.index.config.get(SHARD_COLUMNS) or {} for name, item in served.items()}
@@ -407,8 +406,7 @@ def _shard_columns(served: Mapping[str, "Served"]):
         shown = "; ".join(f"{name}: {columns or 'the usual names'}" for name, columns in named.items())
         raise InputError(f"the indexes were embedded from parquet shards by other columns ({shown}), and --shards is "
                          "one folder read one way: serve them apart")
-    first = next(iter(served))
-    return ShardColumns.from_named(named[first], f"{storage.text(served[first].index.location)} (its {SHARD_COLUMNS})")
+    return recorded_shard_columns(next(iter(served.values())).index)
 
 
 def create_app(
@@ -527,6 +525,10 @@ def create_app(
     app.state.batcher = batcher
     app.state.index = served[default].index
     app.state.decoding = decoding
+
+    @app.exception_handler(ImageUnavailable)
+    async def image_unavailable(request: Request, error: ImageUnavailable):
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError):
@@ -760,7 +762,7 @@ def create_app(
         _, row = await row_of(item_id, index)
         source, kind, held = await images.stored(row, item_id, decoding)
         headers = {"Cache-Control": "max-age=3600"}
-        media_type = uploads.STORED_MEDIA_TYPES[kind]
+        media_type = STORED_MEDIA_TYPES[kind]
         if isinstance(source, bytes):  # an image fetched from a URL or a shard: held until sent to the client
             return HeldResponse(source, decoding, held, media_type=media_type, headers=headers)
         return FileResponse(source, media_type=media_type, headers=headers)
@@ -787,7 +789,7 @@ def create_app(
                     try:
                         thumbnail = await images.thumbnail(target.name, rows[position], ids[position], decoding)
                         meta["image"] = base64.b64encode(thumbnail).decode()
-                    except HTTPException:
+                    except (ImageUnavailable, HTTPException):
                         pass  # a missing or unreadable file: no picture, as clip-retrieval does
                 part = (b"," if position else b"") + json.dumps(
                     item, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

@@ -15,12 +15,20 @@ collection that img2dataset downloads as it is (``--input_format parquet --url_c
 The file is written whole or not at all (a temporary beside it, renamed; uploaded whole to
 a URL), a chunk of :data:`CHUNK_ROWS` rows at a time: memory holds one chunk's metadata,
 plus some 40 bytes per result while they are merged (ids, scores, queries and their order).
+
+``--copy-images FOLDER`` copies the image file of each item found into a folder, as
+clip-retrieval's ``filter`` does (:func:`copy_images`): named by its id (``000001234.jpg``,
+joined to the table by its ``id``), as stored (the bytes of its file, its member of a shard,
+or the file at its URL in a remote image folder; no decoding), each file whole or absent.
+A rerun copies what the folder lacks.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+import shutil
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -33,7 +41,10 @@ from unicom.progress import progress
 RESULT_COLUMNS = ("id", "score", "query")
 CHUNK_ROWS = 65536  # rows of metadata read and written at a time
 SUFFIX = ".parquet"
-
+COPY_THREADS = 16  # images copied at once (each holds one image read from a URL or a shard)
+COPY_CHUNK = 1024  # items whose metadata is read at a time while copying
+HEAD = 64  # first bytes read of a file for its format
+COPIED_NAME = re.compile(r"^(\d+)\.(jpg|png|webp|gif|bmp|tif)$")  # a copied image: its id, zero-padded, and its format
 
 @dataclass
 class Subset:
@@ -124,3 +135,94 @@ def _conform(table, schema):
     columns = [table[field.name].cast(field.type) if field.name in table.column_names else pa.nulls(len(table), field.type)
                for field in schema]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class Copied:
+    """What :func:`copy_images` did: images copied, found there from an earlier run, and
+    ``(id, why)`` of the items whose image could not be copied."""
+
+    copied: int = 0
+    present: int = 0
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def image_name(item_id: int, kind: str) -> str:
+    """The file name of item ``item_id``'s image of format ``kind`` (a key of
+    :data:`~unicom.search.item_images.EXTENSIONS`) in a copy folder: its id in at least 9
+    digits, as img2dataset names its samples, so that names sort as ids."""
+    from unicom.search.item_images import EXTENSIONS
+
+    return f"{item_id:09d}{EXTENSIONS[kind]}"
+
+
+def check_copy_folder(folder) -> None:
+    """Refuse a copy folder that cannot be written, before any search."""
+    storage.writable_folder(folder)
+
+
+def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THREADS) -> Copied:
+    """Copy the image of each item of ``ids`` (as ``images``, an
+    :class:`~unicom.search.item_images.ItemImages`, finds it) into ``folder`` (a path or a
+    URL) as :func:`image_name`. Items with a file there already are left as they are, and
+    the temporaries of a killed run are removed; an item without an image (none named, a
+    missing file, one that is no image) is listed in the result, not an error. A write the
+    disk refuses is an :class:`InputError`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    check_copy_folder(folder)
+    there = storage.list_files(folder)
+    for name in there:  # a killed run's temporaries (atomic_path's, beside a copy)
+        if not storage.is_url(folder) and name.startswith(".") and name.endswith(".tmp"):
+            if COPIED_NAME.match(name[1:].rsplit(".", 2)[0]):
+                os.unlink(os.path.join(folder, name))
+    done = {int(match.group(1)) for match in map(COPIED_NAME.match, there) if match}
+    result = Copied()
+    bar = progress(total=len(ids), desc="copying images", unit="images")
+    with refused_write(folder, "an image", "the copies already made are kept"), \
+            ThreadPoolExecutor(threads, thread_name_prefix="unicom-copy") as pool:
+        for start in range(0, len(ids), COPY_CHUNK):
+            chunk = np.asarray(ids[start:start + COPY_CHUNK], np.int64)
+            todo = [int(item_id) for item_id in chunk if int(item_id) not in done]
+            result.present += len(chunk) - len(todo)
+            rows = index.metadata_table(np.asarray(todo, np.int64)).to_pylist() if todo else []
+            for item_id, why in zip(todo, pool.map(lambda pair: _copy_one(images, folder, *pair), zip(todo, rows))):
+                if why is None:
+                    result.copied += 1
+                else:
+                    result.failed.append((item_id, why))
+            bar.update(len(chunk))
+    bar.close()
+    return result
+
+
+def _copy_one(images, folder, item_id: int, row: dict) -> str | None:
+    """Copy item ``item_id``'s image into ``folder``; None, or why it could not be."""
+    from unicom.search.item_images import ImageUnavailable, sniff
+
+    source = None
+    try:
+        source = images.source(row, item_id)
+        if isinstance(source, bytes):
+            head, handle = source[:HEAD], None
+        else:
+            handle = open(source, "rb")  # noqa: SIM115 - closed below, after the copy
+            head = handle.read(HEAD)
+    except ImageUnavailable as error:
+        return error.detail
+    except OSError as error:  # a local file
+        return f"the image file of item {item_id}, {source}, cannot be read ({storage.describe(error)})"
+    try:
+        kind = sniff(head)
+        if kind is None:
+            return f"the image file of item {item_id} is not an image"
+        with atomic_path(storage.join(folder, image_name(item_id, kind))) as staged, open(staged, "wb") as out:
+            if handle is None:
+                out.write(source)
+            else:
+                out.write(head)
+                shutil.copyfileobj(handle, out)
+    finally:
+        if handle is not None:
+            handle.close()
+    return None

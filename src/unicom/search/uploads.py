@@ -20,21 +20,19 @@ import io
 import re
 import urllib.parse
 import urllib.request
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import HTTPException
 
+from unicom.search.item_images import STORED_MEDIA_TYPES
+
 # Pillow's format names -> what users call them; Pillow names a JPEG that carries more than one
 # picture (an MPO: what many cameras and phones write, a preview or depth map after the photo) MPO
 IMAGE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
 ACCEPTED = ", ".join(dict.fromkeys(IMAGE_FORMATS.values()))  # for messages: JPEG, PNG, WebP, GIF, BMP
-MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
-               "BMP": "image/bmp"}
-# the formats of indexed items' files, served as stored: those an image folder may hold (unicom.data.lists)
-STORED_MEDIA_TYPES = {**MEDIA_TYPES, "TIFF": "image/tiff"}
+MEDIA_TYPES = {name: STORED_MEDIA_TYPES[name] for name in IMAGE_FORMATS}  # of uploads: the stored formats but TIFF
 MAX_PIXELS = 40_000_000  # the largest image accepted, in pixels (the documented limit)
 TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory goes back to the system
 MAX_REDIRECTS = 5  # redirects an image_url may take
@@ -491,24 +489,6 @@ def read_url(response, url: str, limit: int, seconds: float = FETCH_SECONDS) -> 
     except Exception as error:  # the connection broke or stalled for 10 s
         raise _error(400, f"image_url: {url} could not be fetched ({error})") from None
     return b"".join(chunks)
-
-
-def sniff(head: bytes) -> str | None:
-    """The format of an indexed item's image file from its first bytes (a key of ``STORED_MEDIA_TYPES``), or None."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():  # a TIFF's first bytes are a truncated file to Pillow
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(head)) as probe:
-                return probe.format if probe.format in STORED_MEDIA_TYPES else None
-    except Exception:  # a header Pillow cannot read from the first bytes alone
-        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\0": "TIFF",
-                      b"MM\0*": "TIFF"}
-        kind = next((kind for signature, kind in signatures.items() if head.startswith(signature)), None)
-        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-            kind = "WEBP"
-        return kind
 
 
 _TRIM = None

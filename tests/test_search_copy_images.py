@@ -1,0 +1,208 @@
+"""`unicom search --copy-images FOLDER`: the image files of the items found, copied as stored
+and named by id, from image folders, webdataset shards (local and in S3) and parquet shards;
+checked against the files themselves, tarfile's and pyarrow's reading of the shards, and the
+subset table's ids."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from unicom.cli import main
+from unicom.formats.embeddings import write_part
+from unicom.search.index import Index
+
+from support import clip_collection_with_texts, encode_image, write_tar_shard
+from test_search_subset import TEXTS, expected_subset
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return clip_collection_with_texts(tmp_path_factory.mktemp("clip_copy"), TEXTS)
+
+
+def named(folder) -> dict[int, bytes]:
+    """id -> bytes of the files of a copy folder (every file must be a copy's name)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        stem, suffix = name.split(".")
+        assert len(stem) == 9 and stem.isdigit() and suffix in ("jpg", "png"), name
+        out[int(stem)] = (folder / name).read_bytes()
+    return out
+
+
+def test_the_images_of_the_subset_are_copied_as_stored_and_named_by_id(clip, tmp_path, capsys):
+    threshold = float(np.quantile(clip["texts"] @ clip["stored"].T, 0.5))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    (copies / ".000000000.jpg.abcd1234.tmp").write_bytes(b"half")  # what a copy killed halfway leaves
+    args = ["search", "--index", str(clip["index"].path), "--text", TEXTS[0], "--text", TEXTS[1],
+            "--min-score", repr(threshold), "--out", str(tmp_path / "subset.parquet"), "--copy-images", str(copies)]
+    assert main(args) == 0
+    want = expected_subset(clip, threshold)  # brute force over the stored embeddings
+    table = pq.read_table(tmp_path / "subset.parquet")
+    assert sorted(table.column("id").to_pylist()) == sorted(want)
+    copied = named(copies)
+    assert sorted(copied) == sorted(want)  # and no leftover
+    for row in table.to_pylist():  # each copy is its file, byte for byte
+        with open(row["image_path"], "rb") as f:
+            assert copied[row["id"]] == f.read()
+    assert f"{len(want)} of {len(want)} images in {copies}\n" in capsys.readouterr().out
+    # a rerun copies what is missing only
+    gone = sorted(want)[1]
+    (copies / f"{gone:09d}.jpg").unlink()
+    kept = sorted(want)[0]
+    (copies / f"{kept:09d}.jpg").write_bytes(b"left as it is")
+    assert main(args) == 0
+    assert named(copies)[gone] == copied[gone] and named(copies)[kept] == b"left as it is"
+    assert f"({len(want) - 1} there from an earlier run)" in capsys.readouterr().out
+
+
+def test_without_out_the_items_are_counted_not_printed_and_their_images_copied(clip, tmp_path, capsys):
+    scores = clip["texts"][0] @ clip["stored"].T
+    assert main(["search", "--index", str(clip["index"].path), "--text", TEXTS[0], "-k", "3",
+                 "--copy-images", str(tmp_path / "best")]) == 0
+    assert sorted(named(tmp_path / "best")) == sorted(np.argsort(-scores, kind="stable")[:3].tolist())
+    printed = capsys.readouterr().out
+    assert printed.startswith("3 items found (scores ") and "3 of 3 images in" in printed
+
+
+def shard_collection(root, s3=None):
+    """Six items: three in a webdataset tar (a JPEG, a PNG and a key that two samples carry),
+    two in a parquet shard, one whose shard lacks its key; their embeddings one-hot."""
+    pictures = [encode_image(Image.new("RGB", (24 + i, 20), (40 * i, 90, 200 - 30 * i)), "PNG" if i == 1 else "JPEG")
+                for i in range(6)]
+    write_tar_shard(root / "shards" / "00000.tar", [
+        {"key": "a", "jpg": pictures[0]}, {"key": "b", "png": pictures[1]},
+        {"key": "c", "jpg": pictures[5]}, {"key": "c", "jpg": pictures[2]}])  # the second sample of key c
+    pq.write_table(pa.table({"key": ["d", "e"], "jpg": [pictures[3], pictures[4]], "caption": ["x", "y"]}),
+                   root / "shards" / "00001.parquet")
+    metadata = pa.table({"shard": ["00000.tar"] * 3 + ["00001.parquet"] * 2 + ["00000.tar"],
+                         "key": ["a", "b", "c", "d", "e", "zzz"], "occurrence": [0, 0, 1, 0, 0, 0]})
+    write_part(root / "emb", 0, image=np.eye(6, 8, dtype=np.float32) + 0.1, metadata=metadata)
+    return Index.build(root / "emb", root / "index", index_type="flat")
+
+
+def from_shards(root) -> dict[str, bytes]:
+    """(key, occurrence) -> image bytes, as tarfile and pyarrow read the shards."""
+    out = {}
+    with tarfile.open(root / "shards" / "00000.tar") as tar:
+        seen = {}
+        for member in tar:
+            key = member.name.split(".")[0]
+            out[(key, seen.get(key, 0))] = tar.extractfile(member).read()
+            seen[key] = seen.get(key, 0) + 1
+    for row in pq.read_table(root / "shards" / "00001.parquet").to_pylist():
+        out[(row["key"], 0)] = row["jpg"]
+    return out
+
+
+def test_samples_of_tar_and_parquet_shards_are_copied_and_an_item_without_an_image_is_named(tmp_path, capsys,
+                                                                                           monkeypatch):
+    from unicom.search.item_images import ShardImages
+
+    index = shard_collection(tmp_path)
+    want = from_shards(tmp_path)
+    copies = tmp_path / "copies"
+    listed = []
+    listing = ShardImages._list
+    monkeypatch.setattr(ShardImages, "_list", lambda self, location: listed.append(location) or listing(self, location))
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images", str(copies),
+                 "--shards", str(tmp_path / "shards")])
+    assert code == 1  # one item could not be copied
+    keys = ["a", "b", "c", "d", "e"]
+    assert named(copies) == {i: want[(key, 1 if key == "c" else 0)] for i, key in enumerate(keys)}
+    assert sorted(os.listdir(copies))[:2] == ["000000000.jpg", "000000001.png"]  # a PNG named as one
+    captured = capsys.readouterr()
+    assert "5 of 6 images in" in captured.out
+    assert "1 items have no image copied:\n  item 5: the image of item 5 is not in its shard 00000.tar" in captured.err
+    assert "run the command again: it copies only what is missing" in captured.err
+    assert sorted(listed) == sorted(tmp_path / "shards" / name for name in ("00000.tar", "00001.parquet"))  # once each
+
+
+def test_shards_in_s3_are_read_in_ranges_and_copies_uploaded_to_s3(tmp_path, s3, capsys):
+    index = shard_collection(tmp_path)
+    want = from_shards(tmp_path)
+    s3.bucket("laion")
+    for name in ("00000.tar", "00001.parquet"):
+        s3.put("laion", f"shards/{name}", (tmp_path / "shards" / name).read_bytes())
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "5", "--copy-images", "s3://laion/copies",
+                 "--shards", "s3://laion/shards"])
+    assert code == 0, capsys.readouterr().err
+    assert s3.keys("laion", "copies/") == [f"copies/{i:09d}.{'png' if i == 1 else 'jpg'}" for i in range(5)]
+    for i, key in enumerate(["a", "b", "c", "d", "e"]):
+        assert s3.get("laion", f"copies/{i:09d}.{'png' if i == 1 else 'jpg'}") == want[(key, 1 if key == "c" else 0)]
+
+
+def test_missing_and_unreadable_files_are_named_and_copied_by_a_rerun(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    pictures = [encode_image(Image.new("RGB", (16, 16), (i * 60, 0, 0)), "JPEG") for i in range(4)]
+    for i, data in enumerate(pictures):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(data)
+    (tmp_path / "images" / "2.jpg").write_text("not an image")
+    (tmp_path / "images" / "3.jpg").unlink()
+    metadata = pa.table({"image_path": [f"{i}.jpg" for i in range(4)] + [None]})  # relative paths, and none
+    write_part(tmp_path / "emb", 0, image=np.eye(5, 8, dtype=np.float32) + 0.1, metadata=metadata)
+    index = Index.build(tmp_path / "emb", tmp_path / "index", index_type="flat")
+    args = ["search", "--index", str(index.path), "--like", "0", "-k", "5", "--copy-images", str(tmp_path / "copies"),
+            "--image-root", str(tmp_path / "images")]
+    assert main(args) == 1
+    assert named(tmp_path / "copies") == {0: pictures[0], 1: pictures[1]}
+    err = capsys.readouterr().err
+    assert "3 items have no image copied:" in err
+    assert "item 2: the image file of item 2 is not an image" in err
+    assert f"item 3: the image file of item 3, {tmp_path / 'images' / '3.jpg'}, cannot be read (not found)" in err
+    assert "item 4: item 4 has no local image in the index metadata" in err
+    (tmp_path / "images" / "2.jpg").write_bytes(pictures[2])
+    (tmp_path / "images" / "3.jpg").write_bytes(pictures[3])
+    assert main(args) == 1  # item 4 still has none
+    assert named(tmp_path / "copies") == dict(enumerate(pictures))
+    assert "1 items have no image copied:\n  item 4:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-root", "."], "--image-root says where --copy-images finds the images"),
+    (["--shards", "shards/"], "--shards says where --copy-images finds the images"),
+    (["--copy-images", "c", "--json"], "--json prints the results and --copy-images copies their images"),
+    (["--copy-images", "c", "--image-root", "no-such-folder"], "--image-root no-such-folder: not a folder"),
+    (["--copy-images", "s3://no-such-bucket/c"], "the bucket s3://no-such-bucket does not exist"),
+])
+def test_copy_options_that_cannot_work_are_refused_before_the_search(tmp_path, s3, extra, message, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    index = shard_collection(tmp_path)
+    code = main(["search", "--index", str(index.path), "--model", "timm/no_such_net", "--text", "x", *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    code = main(["search", "--index", str(index.path), "--like", "0", "--copy-images", str(tmp_path / "a_file")])
+    assert code == 2 and "a file, not a folder" in capsys.readouterr().err
+
+
+def test_copying_needs_no_web_server_packages(tmp_path):
+    """`unicom search --copy-images` runs where unicom's `serve` extra (fastapi) is not installed."""
+    index = shard_collection(tmp_path)
+    script = ("import sys; sys.modules['fastapi'] = None; from unicom.cli import main; "
+              f"sys.exit(main(['search', '--index', {str(index.path)!r}, '--like', '0', '-k', '2', "
+              f"'--copy-images', {str(tmp_path / 'copies')!r}, '--shards', {str(tmp_path / 'shards')!r}]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "copies")) == ["000000000.jpg", "000000001.png"]
+    assert "fastapi" not in done.stderr
+
+
+def test_images_are_sniffed_for_their_format_not_named_by_their_file(tmp_path):
+    from unicom.search.item_images import sniff
+
+    for fmt, kind in (("JPEG", "JPEG"), ("PNG", "PNG"), ("WEBP", "WEBP"), ("GIF", "GIF"), ("BMP", "BMP"), ("TIFF", "TIFF")):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+        assert sniff(buffer.getvalue()[:64]) == kind
+    assert sniff(b"not an image at all") is None

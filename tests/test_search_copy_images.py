@@ -76,71 +76,89 @@ def test_without_out_the_items_are_counted_not_printed_and_their_images_copied(c
     assert printed.startswith("3 items found (scores ") and "3 of 3 images in" in printed
 
 
-def shard_collection(root, s3=None):
-    """Six items: three in a webdataset tar (a JPEG, a PNG and a key that two samples carry),
-    two in a parquet shard, one whose shard lacks its key; their embeddings one-hot."""
+KEYS = ["a", "b", "c", "d", "e", "f"]  # the items with images: ids 0 to 5; id 6 has none
+
+
+def shard_collection(root, occurrence: bool = True):
+    """Seven items: three in a webdataset tar (a JPEG, a PNG, the second of two samples of a
+    key), two in a parquet shard, one in a gzipped tar, one whose shard lacks its key; their
+    embeddings one-hot, so that item 0's neighbours come in id order."""
+    import gzip
+
     pictures = [encode_image(Image.new("RGB", (24 + i, 20), (40 * i, 90, 200 - 30 * i)), "PNG" if i == 1 else "JPEG")
-                for i in range(6)]
+                for i in range(7)]
     write_tar_shard(root / "shards" / "00000.tar", [
         {"key": "a", "jpg": pictures[0]}, {"key": "b", "png": pictures[1]},
-        {"key": "c", "jpg": pictures[5]}, {"key": "c", "jpg": pictures[2]}])  # the second sample of key c
+        {"key": "c", "jpg": pictures[6]}, {"key": "c", "jpg": pictures[2]}])  # the second sample of key c
     pq.write_table(pa.table({"key": ["d", "e"], "jpg": [pictures[3], pictures[4]], "caption": ["x", "y"]}),
                    root / "shards" / "00001.parquet")
-    metadata = pa.table({"shard": ["00000.tar"] * 3 + ["00001.parquet"] * 2 + ["00000.tar"],
-                         "key": ["a", "b", "c", "d", "e", "zzz"], "occurrence": [0, 0, 1, 0, 0, 0]})
-    write_part(root / "emb", 0, image=np.eye(6, 8, dtype=np.float32) + 0.1, metadata=metadata)
+    write_tar_shard(root / "gz" / "00002.tar", [{"key": "f", "jpg": pictures[5]}])
+    (root / "shards" / "00002.tar.gz").write_bytes(gzip.compress((root / "gz" / "00002.tar").read_bytes()))
+    metadata = {"shard": ["00000.tar"] * 3 + ["00001.parquet"] * 2 + ["00002.tar.gz", "00000.tar"],
+                "key": [*KEYS, "zzz"]}
+    if occurrence:
+        metadata["occurrence"] = [0, 0, 1, 0, 0, 0, 0]
+    write_part(root / "emb", 0, image=np.eye(7, 8, dtype=np.float32) + 0.1, metadata=pa.table(metadata))
     return Index.build(root / "emb", root / "index", index_type="flat")
 
 
 def from_shards(root) -> dict[str, bytes]:
     """(key, occurrence) -> image bytes, as tarfile and pyarrow read the shards."""
     out = {}
-    with tarfile.open(root / "shards" / "00000.tar") as tar:
-        seen = {}
-        for member in tar:
-            key = member.name.split(".")[0]
-            out[(key, seen.get(key, 0))] = tar.extractfile(member).read()
-            seen[key] = seen.get(key, 0) + 1
+    for name in ("00000.tar", "00002.tar.gz"):
+        with tarfile.open(root / "shards" / name) as tar:
+            seen = {}
+            for member in tar:
+                key = member.name.split(".")[0]
+                out[(key, seen.get(key, 0))] = tar.extractfile(member).read()
+                seen[key] = seen.get(key, 0) + 1
     for row in pq.read_table(root / "shards" / "00001.parquet").to_pylist():
         out[(row["key"], 0)] = row["jpg"]
     return out
 
 
+def expected_copies(root, occurrence: bool = True) -> dict[int, bytes]:
+    """id -> the image of each item with one: key c's second sample, or without the occurrence column its first."""
+    want = from_shards(root)
+    return {i: want[(key, 1 if key == "c" and occurrence else 0)] for i, key in enumerate(KEYS)}
+
+
+@pytest.mark.parametrize("occurrence", [True, False])
 def test_samples_of_tar_and_parquet_shards_are_copied_and_an_item_without_an_image_is_named(tmp_path, capsys,
-                                                                                           monkeypatch):
+                                                                                           monkeypatch, occurrence):
     from unicom.search.item_images import ShardImages
 
-    index = shard_collection(tmp_path)
-    want = from_shards(tmp_path)
+    index = shard_collection(tmp_path, occurrence)
     copies = tmp_path / "copies"
-    listed = []
-    listing = ShardImages._list
+    listed, passes = [], []
+    listing, samples = ShardImages._list, ShardImages.samples
     monkeypatch.setattr(ShardImages, "_list", lambda self, location: listed.append(location) or listing(self, location))
-    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images", str(copies),
+    monkeypatch.setattr(ShardImages, "samples", lambda self, shard: passes.append(shard) or samples(self, shard))
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "7", "--copy-images", str(copies),
                  "--shards", str(tmp_path / "shards")])
     assert code == 1  # one item could not be copied
-    keys = ["a", "b", "c", "d", "e"]
-    assert named(copies) == {i: want[(key, 1 if key == "c" else 0)] for i, key in enumerate(keys)}
+    assert named(copies) == expected_copies(tmp_path, occurrence)
     assert sorted(os.listdir(copies))[:2] == ["000000000.jpg", "000000001.png"]  # a PNG named as one
     captured = capsys.readouterr()
-    assert "5 of 6 images in" in captured.out
-    assert "1 items have no image copied:\n  item 5: the image of item 5 is not in its shard 00000.tar" in captured.err
+    assert "6 of 7 images in" in captured.out
+    assert "1 items have no image copied:\n  item 6: the image of item 6 is not in its shard 00000.tar" in captured.err
     assert "run the command again: it copies only what is missing" in captured.err
-    assert sorted(listed) == sorted(tmp_path / "shards" / name for name in ("00000.tar", "00001.parquet"))  # once each
+    # the local tar listed once and read a member at a time; the others read in one pass each
+    assert listed == [tmp_path / "shards" / "00000.tar"] and sorted(passes) == ["00001.parquet", "00002.tar.gz"]
 
 
-def test_shards_in_s3_are_read_in_ranges_and_copies_uploaded_to_s3(tmp_path, s3, capsys):
+def test_shards_in_s3_are_read_in_one_pass_each_and_copies_uploaded_to_s3(tmp_path, s3, capsys):
     index = shard_collection(tmp_path)
-    want = from_shards(tmp_path)
     s3.bucket("laion")
-    for name in ("00000.tar", "00001.parquet"):
+    for name in ("00000.tar", "00001.parquet", "00002.tar.gz"):
         s3.put("laion", f"shards/{name}", (tmp_path / "shards" / name).read_bytes())
-    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "5", "--copy-images", "s3://laion/copies",
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images", "s3://laion/copies",
                  "--shards", "s3://laion/shards"])
     assert code == 0, capsys.readouterr().err
-    assert s3.keys("laion", "copies/") == [f"copies/{i:09d}.{'png' if i == 1 else 'jpg'}" for i in range(5)]
-    for i, key in enumerate(["a", "b", "c", "d", "e"]):
-        assert s3.get("laion", f"copies/{i:09d}.{'png' if i == 1 else 'jpg'}") == want[(key, 1 if key == "c" else 0)]
+    names = [f"{i:09d}.{'png' if i == 1 else 'jpg'}" for i in range(6)]
+    assert s3.keys("laion", "copies/") == [f"copies/{name}" for name in names]
+    for name, data in zip(names, expected_copies(tmp_path).values()):
+        assert s3.get("laion", f"copies/{name}") == data
 
 
 def test_missing_and_unreadable_files_are_named_and_copied_by_a_rerun(tmp_path, capsys):
@@ -194,7 +212,7 @@ def test_copying_needs_no_web_server_packages(tmp_path):
               f"'--copy-images', {str(tmp_path / 'copies')!r}, '--shards', {str(tmp_path / 'shards')!r}]))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert sorted(os.listdir(tmp_path / "copies")) == ["000000000.jpg", "000000001.png"]
+    assert named(tmp_path / "copies") == {i: data for i, data in expected_copies(tmp_path).items() if i < 2}
     assert "fastapi" not in done.stderr
 
 
@@ -206,3 +224,35 @@ def test_images_are_sniffed_for_their_format_not_named_by_their_file(tmp_path):
         Image.new("RGB", (8, 8)).save(buffer, format=fmt)
         assert sniff(buffer.getvalue()[:64]) == kind
     assert sniff(b"not an image at all") is None
+
+
+def test_a_shard_that_cannot_be_read_is_named_for_each_of_its_items(tmp_path, capsys):
+    index = shard_collection(tmp_path)
+    (tmp_path / "shards" / "00001.parquet").unlink()
+    (tmp_path / "shards" / "00002.tar.gz").write_bytes(b"\x1f\x8b broken")
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images",
+                 str(tmp_path / "copies"), "--shards", str(tmp_path / "shards")])
+    assert code == 1
+    assert sorted(named(tmp_path / "copies")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "3 items have no image copied:" in err
+    for item_id, shard in ((3, "00001.parquet"), (4, "00001.parquet"), (5, "00002.tar.gz")):
+        assert f"  item {item_id}: the shard {shard} cannot be read (" in err
+
+
+def test_a_copy_has_a_plain_files_mode_and_a_failed_one_leaves_nothing(tmp_path):
+    from unicom.files import write_new_file_atomic
+
+    with open(tmp_path / "plain", "wb") as f:  # the mode this process's umask gives a new file
+        f.write(b"x")
+    write_new_file_atomic(tmp_path / "copy.jpg", b"head", io.BytesIO(b" and the rest"))
+    assert (tmp_path / "copy.jpg").read_bytes() == b"head and the rest"
+    assert (tmp_path / "copy.jpg").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+    class Broken(io.RawIOBase):
+        def readinto(self, buffer):
+            raise OSError("the source went away")
+
+    with pytest.raises(OSError, match="the source went away"):
+        write_new_file_atomic(tmp_path / "half.jpg", b"head", Broken())
+    assert sorted(os.listdir(tmp_path)) == ["copy.jpg", "plain"]

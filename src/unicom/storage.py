@@ -1332,6 +1332,12 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY.match(name) is not None
 
 
+def temporary_target(name: str) -> str | None:
+    """The file name a temporary named ``name`` was becoming (:func:`temporary_name`), or None."""
+    match = _TEMPORARY.match(name)
+    return None if match is None else match.group("name")
+
+
 SOURCE_FILE = "SOURCE"
 
 

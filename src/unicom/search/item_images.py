@@ -50,23 +50,26 @@ def _error(status: int, message: str) -> ImageUnavailable:
 
 def sniff(head: bytes) -> str | None:
     """The format of an indexed item's image file from its first bytes (a key of
-    :data:`STORED_MEDIA_TYPES`), or None."""
+    :data:`STORED_MEDIA_TYPES`; a JPEG with more pictures, Pillow's MPO, as JPEG), or None: its
+    signature, else what Pillow reads of it."""
     import warnings
 
     from PIL import Image
 
+    signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+                  b"II*\0": "TIFF", b"MM\0*": "TIFF"}
+    kind = next((kind for signature, kind in signatures.items() if head.startswith(signature)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WEBP"
+    if kind is not None:
+        return kind
     try:
-        with warnings.catch_warnings():  # a TIFF's first bytes are a truncated file to Pillow
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(head)) as probe:
                 return probe.format if probe.format in STORED_MEDIA_TYPES else None
     except Exception:  # a header Pillow cannot read from the first bytes alone
-        signatures = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\0": "TIFF",
-                      b"MM\0*": "TIFF"}
-        kind = next((kind for signature, kind in signatures.items() if head.startswith(signature)), None)
-        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-            kind = "WEBP"
-        return kind
+        return "BMP" if head.startswith(b"BM") else None
 
 
 def thumbnail_bytes(size: tuple[int, int]) -> int:
@@ -80,7 +83,7 @@ def thumbnail_bytes(size: tuple[int, int]) -> int:
     return pixel_bytes("RGB") * (width * height // 4 + THUMBNAIL_SIZE * height + THUMBNAIL_SIZE**2)
 
 
-def _occurrence(row: dict) -> int | None:
+def sample_occurrence(row: dict) -> int | None:
     """Which sample of its key in its shard a metadata row is (None for metadata without the column)."""
     value = row.get("occurrence")
     return value if isinstance(value, int) else None
@@ -216,6 +219,22 @@ class ShardImages:
                 return next((image for image in found if image is not None), None)
             return found[occurrence] if 0 <= occurrence < len(found) else None
         return found if occurrence in (0, None) else None
+
+    def reads_members(self, shard: str) -> bool:
+        """Whether an image of ``shard`` is read on its own (a local uncompressed tar: its
+        headers listed once, then each member at its offset); else :meth:`samples`, one pass
+        over the shard, reads many at the least cost (a tar at a URL is streamed to be listed
+        anyway, a compressed one decompressed up to each member, a parquet shard read whole)."""
+        return not isinstance(self.root, str) and shard.endswith(".tar")
+
+    def samples(self, shard: str):
+        """Every sample of ``shard`` (a file name inside the root), front to back
+        (:func:`unicom.data.shards.read_shard_samples`): ``.key`` and ``.image_bytes()``."""
+        from unicom.data.shards import read_shard_samples
+
+        if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
+            raise FileNotFoundError(f"{shard}: not a file name inside the shards folder")
+        return read_shard_samples(self._location(shard), columns=self.columns)
 
     def size(self, shard: str, key: str, occurrence: int | None = None) -> int | None:
         """The length of the image of the ``occurrence``-th sample with ``key`` in ``shard``
@@ -358,7 +377,7 @@ class ItemImages:
             return path
         if self.in_shard(row):
             with self._shard_errors(row, item_id):
-                data = self.shards.read(row["shard"], row["key"], first=first, occurrence=_occurrence(row))
+                data = self.shards.read(row["shard"], row["key"], first=first, occurrence=sample_occurrence(row))
             if data is None:
                 raise _error(404, f"the image of item {item_id} is not in its shard {row['shard']}")
             return data
@@ -370,7 +389,7 @@ class ItemImages:
         if isinstance(path, str):
             return _fetched_size(path, f"the image of item {item_id}")
         with self._shard_errors(row, item_id):
-            return self.shards.size(row["shard"], row["key"], _occurrence(row)) or 0
+            return self.shards.size(row["shard"], row["key"], sample_occurrence(row)) or 0
 
     @staticmethod
     @contextlib.contextmanager

@@ -28,7 +28,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tarfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -42,7 +44,7 @@ RESULT_COLUMNS = ("id", "score", "query")
 CHUNK_ROWS = 65536  # rows of metadata read and written at a time
 SUFFIX = ".parquet"
 COPY_THREADS = 16  # images copied at once (each holds one image read from a URL or a shard)
-COPY_CHUNK = 1024  # items whose metadata is read at a time while copying
+GROUP_ROWS = 262144  # items sorted into shards at a time while copying (a shard across two groups is read twice)
 HEAD = 64  # first bytes read of a file for its format
 COPIED_NAME = re.compile(r"^(\d+)\.(jpg|png|webp|gif|bmp|tif)$")  # a copied image: its id, zero-padded, and its format
 
@@ -166,63 +168,137 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
     :class:`~unicom.search.item_images.ItemImages`, finds it) into ``folder`` (a path or a
     URL) as :func:`image_name`. Items with a file there already are left as they are, and
     the temporaries of a killed run are removed; an item without an image (none named, a
-    missing file, one that is no image) is listed in the result, not an error. A write the
-    disk refuses is an :class:`InputError`."""
+    missing file, a key its shard lacks, one that is no image) is listed in the result, not
+    an error. A write the disk refuses is an :class:`InputError`.
+
+    Samples of shards are copied a shard at a time, in one pass over it (a local
+    uncompressed tar: each member at its offset), ``threads`` shards at once; files at URLs,
+    or copies to a URL, ``threads`` at once; local files one after another (threads only
+    contend for the interpreter there)."""
     from concurrent.futures import ThreadPoolExecutor
 
     check_copy_folder(folder)
+    storage.make_folder(folder)
     there = storage.list_files(folder)
-    for name in there:  # a killed run's temporaries (atomic_path's, beside a copy)
-        if not storage.is_url(folder) and name.startswith(".") and name.endswith(".tmp"):
-            if COPIED_NAME.match(name[1:].rsplit(".", 2)[0]):
-                os.unlink(os.path.join(folder, name))
+    for name, entry in there.items():  # a killed run's temporaries of copies
+        target = storage.temporary_target(name)
+        if target is not None and COPIED_NAME.match(target):
+            storage.remove(entry)
     done = {int(match.group(1)) for match in map(COPIED_NAME.match, there) if match}
-    result = Copied()
-    bar = progress(total=len(ids), desc="copying images", unit="images")
+    ids = np.asarray(ids, np.int64)
+    todo = np.array([item_id for item_id in ids.tolist() if item_id not in done], np.int64)
+    result = Copied(present=len(ids) - len(todo))
+    bar = progress(total=len(ids), initial=result.present, desc="copying images", unit="images")
+
+    def tally(item_id: int, why: str | None) -> None:
+        if why is None:
+            result.copied += 1
+        else:
+            result.failed.append((item_id, why))
+        bar.update(1)
+
     with refused_write(folder, "an image", "the copies already made are kept"), \
             ThreadPoolExecutor(threads, thread_name_prefix="unicom-copy") as pool:
-        for start in range(0, len(ids), COPY_CHUNK):
-            chunk = np.asarray(ids[start:start + COPY_CHUNK], np.int64)
-            todo = [int(item_id) for item_id in chunk if int(item_id) not in done]
-            result.present += len(chunk) - len(todo)
-            rows = index.metadata_table(np.asarray(todo, np.int64)).to_pylist() if todo else []
-            for item_id, why in zip(todo, pool.map(lambda pair: _copy_one(images, folder, *pair), zip(todo, rows))):
-                if why is None:
-                    result.copied += 1
-                else:
-                    result.failed.append((item_id, why))
-            bar.update(len(chunk))
+        for start in range(0, len(todo), GROUP_ROWS):
+            files, shards = [], {}
+            for chunk in range(start, min(len(todo), start + GROUP_ROWS), CHUNK_ROWS):
+                chunk_ids = todo[chunk:min(len(todo), start + GROUP_ROWS, chunk + CHUNK_ROWS)]
+                for item_id, row in zip(chunk_ids.tolist(), index.metadata_table(chunk_ids).to_pylist()):
+                    path = images.file(row)
+                    if path is None and images.in_shard(row) and not images.shards.reads_members(row["shard"]):
+                        shards.setdefault(row["shard"], []).append((item_id, row))
+                    else:
+                        files.append((item_id, row, path))
+            streams = [pool.submit(_copy_shard, images, folder, shard, items) for shard, items in shards.items()]
+            remote = storage.is_url(folder) or any(isinstance(path, str) for _, _, path in files)
+            copy = (lambda item: _copy_one(images, folder, *item))
+            for (item_id, _, _), why in zip(files, pool.map(copy, files) if remote else map(copy, files)):
+                tally(item_id, why)
+            for stream in streams:
+                for item_id, why in stream.result():
+                    tally(item_id, why)
     bar.close()
+    result.failed.sort()
     return result
 
 
-def _copy_one(images, folder, item_id: int, row: dict) -> str | None:
-    """Copy item ``item_id``'s image into ``folder``; None, or why it could not be."""
-    from unicom.search.item_images import ImageUnavailable, sniff
+def _put(folder, item_id: int, head: bytes, rest=None) -> str | None:
+    """Write an image (its first bytes ``head``, then the rest of the open file ``rest``) into
+    ``folder``, named by its format; None, or why it is not written (not an image)."""
+    from unicom.files import write_new_file_atomic
+    from unicom.search.item_images import sniff
 
-    source = None
+    kind = sniff(head[:HEAD])
+    if kind is None:
+        return f"the image file of item {item_id} is not an image"
+    target = storage.join(folder, image_name(item_id, kind))
+    if not storage.is_url(folder):
+        write_new_file_atomic(target, head, rest)
+        return None
+    with atomic_path(target) as staged, open(staged, "wb") as out:
+        out.write(head)
+        if rest is not None:
+            shutil.copyfileobj(rest, out)
+    return None
+
+
+def _copy_one(images, folder, item_id: int, row: dict, path) -> str | None:
+    """Copy item ``item_id``'s image (at ``path``, its :meth:`ItemImages.file`) into
+    ``folder``; None, or why it could not be."""
+    from unicom.search.item_images import ImageUnavailable
+
     try:
-        source = images.source(row, item_id)
-        if isinstance(source, bytes):
-            head, handle = source[:HEAD], None
-        else:
-            handle = open(source, "rb")  # noqa: SIM115 - closed below, after the copy
-            head = handle.read(HEAD)
+        source = path if isinstance(path, Path) else images.source(row, item_id)
     except ImageUnavailable as error:
         return error.detail
-    except OSError as error:  # a local file
-        return f"the image file of item {item_id}, {source}, cannot be read ({storage.describe(error)})"
+    if isinstance(source, bytes):
+        return _put(folder, item_id, source)
     try:
-        kind = sniff(head)
-        if kind is None:
-            return f"the image file of item {item_id} is not an image"
-        with atomic_path(storage.join(folder, image_name(item_id, kind))) as staged, open(staged, "wb") as out:
-            if handle is None:
-                out.write(source)
-            else:
-                out.write(head)
-                shutil.copyfileobj(handle, out)
-    finally:
-        if handle is not None:
-            handle.close()
-    return None
+        handle = open(source, "rb")  # noqa: SIM115 - closed below, after the copy
+        head = handle.read(HEAD)
+    except OSError as error:  # a write's error is not caught here: refused_write names it
+        return f"the image file of item {item_id}, {source}, cannot be read ({storage.describe(error)})"
+    with handle:
+        return _put(folder, item_id, head, handle)
+
+
+def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]]) -> list[tuple[int, str | None]]:
+    """Copy the images of ``items`` ((id, metadata row), samples of ``shard``) in one pass
+    over the shard: each the ``occurrence``-th sample of its key (without the column, the
+    key's first sample with an image). Returns (id, None or why) of each."""
+    from unicom.data.shards import ShardReadError
+    from unicom.search.item_images import sample_occurrence
+
+    exact, first = {}, {}  # (key, occurrence) -> id; key -> ids of the key's first sample with an image
+    for item_id, row in items:
+        number = sample_occurrence(row)
+        if number is None:
+            first.setdefault(row["key"], []).append(item_id)
+        else:
+            exact[(row["key"], number)] = item_id
+    done: list[tuple[int, str | None]] = []
+    seen: dict[str, int] = {}
+    try:
+        for sample in images.shards.samples(shard):
+            number = seen.get(sample.key, 0)
+            seen[sample.key] = number + 1
+            image = sample.image_bytes()
+            found = [exact.pop((sample.key, number))] if (sample.key, number) in exact else []
+            if image is not None and sample.key in first:
+                found += first.pop(sample.key)
+            for item_id in found:
+                if image is None:
+                    done.append((item_id, f"sample {number} of key {sample.key!r} in the shard {shard} has no image"))
+                elif not isinstance(image, bytes):  # longer than an image may be: not read
+                    done.append((item_id, f"the image of item {item_id} in the shard {shard} cannot be read ({image})"))
+                else:
+                    done.append((item_id, _put(folder, item_id, image)))
+            if not exact and not first:
+                break
+    except (ShardReadError, storage.FetchError, FileNotFoundError, tarfile.TarError) as error:
+        why = f"the shard {shard} cannot be read ({error if isinstance(error, ShardReadError) else storage.describe(error)})"
+        done += [(item_id, why) for item_id in [*exact.values(), *(i for ids in first.values() for i in ids)]]
+        return done
+    done += [(item_id, f"the image of item {item_id} is not in its shard {shard}")
+             for item_id in [*exact.values(), *(i for ids in first.values() for i in ids)]]
+    return done

@@ -256,3 +256,34 @@ def test_a_copy_has_a_plain_files_mode_and_a_failed_one_leaves_nothing(tmp_path)
     with pytest.raises(OSError, match="the source went away"):
         write_new_file_atomic(tmp_path / "half.jpg", b"head", Broken())
     assert sorted(os.listdir(tmp_path)) == ["copy.jpg", "plain"]
+
+
+def test_a_copy_killed_midway_is_finished_by_a_rerun_with_identical_files_and_no_temporaries(tmp_path):
+    import signal
+    import time
+
+    count = 4000
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):  # bytes that start as a JPEG does: copied as they are, never decoded
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(2000))
+    write_part(tmp_path / "emb", 0, image=np.ones((count, 4), np.float32),
+               metadata=pa.table({"image_path": [str(tmp_path / "images" / f"{i}.jpg") for i in range(count)]}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index", index_type="flat")
+    copies = tmp_path / "copies"
+    command = [sys.executable, "-m", "unicom", "search", "--index", str(index.path), "--like", "0",
+               "--min-score", "0.5", "--copy-images", str(copies)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if copies.is_dir() and len(os.listdir(copies)) >= 200:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the copy ended before it was killed"
+    assert 0 < len(os.listdir(copies)) < count  # killed halfway
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{count} of {count} images in" in done.stdout and "there from an earlier run" in done.stdout
+    assert named(copies) == {i: (tmp_path / "images" / f"{i}.jpg").read_bytes() for i in range(count)}

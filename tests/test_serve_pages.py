@@ -373,6 +373,41 @@ def test_our_page_offers_safe_mode_where_the_server_filters_and_leaves_out_what_
 
 
 @pytest.mark.browser
+def test_our_page_searches_the_captions_where_the_index_holds_their_embeddings(live, page, tmp_path):
+    from unicom.formats.embeddings import write_part
+    from unicom.search.index import Index
+
+    text = "stripes on red"
+    count = len(live["stored"])
+    captions = [f"a {('red', 'blue', 'green', 'grey', 'striped')[i % 5]} picture, number {i}" for i in range(count)]
+    model, _, tokenizer = open_clip_reference(live["spec"])
+    with torch.no_grad():
+        caption_vectors = model.encode_text(tokenizer(captions)).numpy()
+    write_part(tmp_path / "emb", 0, image=live["stored"], text=caption_vectors,
+               metadata=live["index"].metadata_table(np.arange(count)).append_column("caption", [captions]))
+    both = Index.build(tmp_path / "emb", tmp_path / "index", layout="clip-retrieval", index_type="flat")
+    query = _text_embedding(live["spec"], text)
+    by_image, by_caption = brute_force(live["stored"], query, 5)[1].tolist(), brute_force(caption_vectors, query, 5)[1].tolist()
+    assert by_image != by_caption
+    _open_page(page, live["url"])
+    assert not page.is_visible("#modality")  # an index of images alone offers no choice
+    with LiveServer(create_app({"photos": both}, load_encoder(live["spec"]))) as url:
+        _open_page(page, url)
+        assert page.is_visible("#modality") and page.input_value("#modality") == "image"
+        assert page.eval_on_selector_all("#modality option", "options => options.map(o => o.textContent)") == \
+            ["Images", "Captions"]
+        page.fill("#k", "5")
+        page.fill("#text", text)
+        page.press("#text", "Enter")
+        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
+                         f"=== '{','.join(map(str, by_image))}'", 30)
+        page.select_option("#modality", "text")  # a change searches again, over the captions
+        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
+                         f"=== '{','.join(map(str, by_caption))}'", 30)
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
 def test_our_page_downloads_the_results_it_shows_as_csv(live, page):
     text = "stripes on red"
     _open_page(page, live["url"])

@@ -44,6 +44,9 @@ class SearchRequest(BaseModel):
     safe: bool = Field(False, description="leave out the results the server's safety filters mark (its --safety-column, "
                                           "LAION's --violence-prompts); refused where it has none (see /healthz)")
     index: str | None = Field(None, description="the index to search (default: the first)")
+    modality: str | None = Field(None, description="the embeddings searched: 'image', or 'text' where the index holds "
+                                                   "caption embeddings (clip-retrieval's text.index; /healthz's "
+                                                   "modalities); default: the index's first")
 
 
 class Hit(BaseModel):
@@ -122,6 +125,8 @@ class IndexHealth(BaseModel):
     image_search: bool
     text_search: bool
     text_search_reason: str | None = Field(description="why text queries are refused, when they are")
+    modalities: list[str] = Field(description="the embeddings /search's modality can search: image, and text where "
+                                              "the index holds caption embeddings")
 
 
 class Health(IndexHealth):

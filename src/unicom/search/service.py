@@ -5,7 +5,7 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
 * ``GET /``                 the search page (``static/``: plain HTML, CSS and JavaScript);
 * ``GET /healthz``          the indexes, their models and the limits;
 * ``POST /search``          JSON ``{"text", "image" (base64), "like" (an id), "embedding",
-  "text_weight", "k", "min_score", "deduplicate", "safe", "index"}``, or multipart/form-data with the image as
+  "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality"}``, or multipart/form-data with the image as
   the file field ``image`` and the other keys as fields. One of ``image``/``like``/
   ``embedding`` and/or a ``text``; given both, the query is their weighted sum
   (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
@@ -76,7 +76,7 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
-FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index")  # /search as multipart/form-data
+FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality")  # /search as multipart/form-data
 
 
 def _inline_scripts_allowed(page: Path) -> str:
@@ -582,7 +582,8 @@ def create_app(
         described = [
             {"name": s.name, "count": len(s.index), "dims": s.index.dims, "type": s.index.type,
              "model": None if s.encoder is None else s.encoder.name, "image_search": s.encoder is not None,
-             "text_search": s.text_reason is None, "text_search_reason": s.text_reason}
+             "text_search": s.text_reason is None, "text_search_reason": s.text_reason,
+             "modalities": list(s.index.modalities)}
             for s in served.values()
         ]
         return {
@@ -620,8 +621,20 @@ def create_app(
             raise _error(404, f"no item {item_id} in this index (ids 0..{len(target.index) - 1})")
         return item_id
 
+    def check_modality(target: Served, modality: str | None, key: str = "modality") -> str:
+        """The embeddings searched: ``modality`` (image or text), refused where the index holds none of it."""
+        if modality is None:
+            return target.index.modalities[0]
+        if modality not in target.index.modalities:
+            how = (", or build the index with `unicom index --layout clip-retrieval` from embeddings with captions "
+                   "(text_emb/) to search their captions") if modality == "text" else ""
+            raise _error(400, f"{key} {modality!r}: {target.name} searches {' and '.join(target.index.modalities)} "
+                              f"embeddings only; search {key} {target.index.modalities[0]!r}{how}")
+        return modality
+
     async def build_search(target: Served, *, text, image_data, image_name, like, embedding, text_weight, k, deduplicate,
-                           min_score: float | None = None, embedding_name: str = "embedding") -> Search:
+                           min_score: float | None = None, embedding_name: str = "embedding",
+                           modality: str | None = None) -> Search:
         given = [name for name, value in (("image", image_data), ("like", like), ("embedding", embedding)) if value is not None]
         if len(given) > 1:
             raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
@@ -637,12 +650,13 @@ def create_app(
                 queries.require_text(target.encoder)
             except InputError as error:
                 raise _error(400, str(error)) from None
+        modality = check_modality(target, modality)
         search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate,
-                        min_score=min_score)
+                        min_score=min_score, modality=modality)
         if embedding is not None:
-            search.vector = _embedding_vector(embedding, target.index.dims, embedding_name)
-        elif like is not None:
-            search.vector = (await asyncio.to_thread(target.stored[target.index.modalities[0]], [like]))[0]
+            search.vector = _embedding_vector(embedding, target.index.modality_dims(modality), embedding_name)
+        elif like is not None:  # the item's vector in the embeddings searched: its caption's for text
+            search.vector = (await asyncio.to_thread(target.stored[modality], [like]))[0]
         elif image_data is not None:
             search.image = await decode_upload(image_data, image_name, target)
         return search
@@ -703,7 +717,8 @@ def create_app(
             like = None if like in (None, "") else _parse_id(like, target)
             values = dict(text=form.get("text"), like=like, embedding=None, text_weight=form.get("text_weight"),
                           k=_parse_k(form.get("k", k_query), default_k, max_k), min_score=_parse_min_score(form.get("min_score")),
-                          deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"))
+                          deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"),
+                          modality=form.get("modality") or None)
             safe = _parse_bool(form.get("safe"), "safe")
         elif content_type == "application/json":
             payload = await _read_json(request, *base64_body_limit,
@@ -723,7 +738,8 @@ def create_app(
             values = dict(text=request_model.text, like=None if request_model.like is None else _parse_id(request_model.like, target),
                           embedding=request_model.embedding, text_weight=request_model.text_weight,
                           k=_parse_k(request_model.k if request_model.k is not None else k_query, default_k, max_k),
-                          min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate)
+                          min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate,
+                          modality=request_model.modality)
             safe = request_model.safe
         else:
             raise _error(
@@ -832,11 +848,7 @@ def create_app(
             raise _error(400, _validation_message(error)) from None
         del payload
         target = pick(knn.indice_name, "indice_name")
-        if knn.modality not in target.index.modalities:
-            how = (", or build the index with `unicom index --layout clip-retrieval` from embeddings with captions "
-                   "(text_emb/) to search their captions") if knn.modality == "text" else ""
-            raise _error(400, f"modality {knn.modality!r}: {target.name} searches {' and '.join(target.index.modalities)} "
-                              f"embeddings only; search modality {target.index.modalities[0]!r}{how}")
+        check_modality(target, knn.modality)
         num_result_ids = knn.num_result_ids if knn.num_result_ids is not None else knn.num_images
         # ClipClient sends num_result_ids equal to num_images: name the key its user set
         k = _parse_k(num_result_ids, knn.num_images, max_result_ids,
@@ -883,11 +895,10 @@ def create_app(
             raise _error(400, "must fill one of text, image, image_url and embedding_input")
         try:
             item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate,
-                                      embedding_name="embedding_input", **values)
+                                      embedding_name="embedding_input", modality=knn.modality, **values)
         finally:
             values["image_data"] = None
             await app.state.fetches.release(fetched)
-        item.modality = knn.modality
         item.aesthetic, item.aesthetic_weight = aesthetic, aesthetic_weight
         item.remove = _result_filter(
             target.index, violence_prompts if knn.use_violence_detector else None,

@@ -22,6 +22,9 @@ const safeRow = $("safe-row");
 const safeInput = $("safe");
 const indexRow = $("index-row");
 const indexSelect = $("index");
+const modalityRow = $("modality-row");
+const modalitySelect = $("modality");
+const MODALITY_NAMES = { image: "Images", text: "Captions" };
 const errorLine = $("error");
 const summary = $("summary");
 const results = $("results");
@@ -69,6 +72,17 @@ function describe(entry) {
 function applyIndex() {
   const entry = currentIndex();
   statusLine.textContent = describe(entry);
+  // the embeddings this index can search: its images, and its captions where it holds their embeddings
+  const modalities = entry.modalities || ["image"];
+  const chosen = modalities.includes(modalitySelect.value) ? modalitySelect.value : modalities[0];
+  modalitySelect.replaceChildren(...modalities.map((name) => {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = MODALITY_NAMES[name] || name;
+    return option;
+  }));
+  modalitySelect.value = chosen;
+  modalityRow.hidden = modalities.length < 2;
   textInput.disabled = !entry.text_search;
   textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;
   textInput.title = entry.text_search ? "" : entry.text_search_reason;
@@ -201,6 +215,7 @@ async function search() {
   if (kInput.value.trim() !== "") common.k = Number(kInput.value); // empty: the server's default
   if (minScoreInput.value.trim() !== "") common.min_score = Number(minScoreInput.value); // empty: any score
   if (health !== null && health.safe_search && safeInput.checked) common.safe = true;
+  if (!modalityRow.hidden) common.modality = modalitySelect.value;
   let request;
   if (source !== null && source.kind === "file") {
     if (source.file.size > maxUpload) {
@@ -291,6 +306,7 @@ downloadButton.addEventListener("click", () => {
   setTimeout(() => URL.revokeObjectURL(link.href), 0);
 });
 safeInput.addEventListener("change", search);
+modalitySelect.addEventListener("change", search);
 indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); fileInput.click(); }

@@ -287,3 +287,21 @@ def test_a_copy_killed_midway_is_finished_by_a_rerun_with_identical_files_and_no
     assert done.returncode == 0, done.stderr
     assert f"{count} of {count} images in" in done.stdout and "there from an earlier run" in done.stdout
     assert named(copies) == {i: (tmp_path / "images" / f"{i}.jpg").read_bytes() for i in range(count)}
+
+
+def test_images_of_a_remote_folder_are_fetched_and_a_missing_one_is_named(tmp_path, capsys):
+    from storage_servers import FileServer
+
+    (tmp_path / "photos").mkdir()
+    pictures = [encode_image(Image.new("RGB", (20, 12), (i * 70, 30, 90)), "PNG" if i % 2 else "JPEG") for i in range(3)]
+    for i, data in enumerate(pictures):
+        (tmp_path / "photos" / f"{i}.img").write_bytes(data)  # named by their bytes' format, not their file's
+    with FileServer(tmp_path) as server:
+        metadata = pa.table({"image_path": [f"{server.url}/photos/{i}.img" for i in range(4)]})  # the fourth is missing
+        write_part(tmp_path / "emb", 0, image=np.eye(4, 8, dtype=np.float32) + 0.1, metadata=metadata)
+        index = Index.build(tmp_path / "emb", tmp_path / "index", index_type="flat")
+        code = main(["search", "--index", str(index.path), "--like", "0", "-k", "4", "--copy-images", str(tmp_path / "c")])
+    assert code == 1
+    assert named(tmp_path / "c") == dict(enumerate(pictures))
+    assert sorted(os.listdir(tmp_path / "c")) == ["000000000.jpg", "000000001.png", "000000002.jpg"]
+    assert "  item 3: the image of item 3 cannot be fetched (not found" in capsys.readouterr().err

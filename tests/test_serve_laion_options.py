@@ -161,6 +161,36 @@ def test_safe_on_our_search_applies_every_filter_the_server_has_and_is_refused_w
     assert refused.status_code == 400 and refused.json()["detail"].startswith("safe: this server has no safety filter")
 
 
+def test_our_search_moves_the_query_towards_a_rating_and_refuses_it_where_the_server_has_none(laion):
+    query = unit(np.random.default_rng(9).normal(size=DIMS))
+    moved = query + laion["ratings"][4] * 0.8
+    order, scores = ranked(laion["vectors"], moved / np.linalg.norm(moved))
+    client = laion["client"]
+    assert client.get("/healthz").json()["aesthetic"] is True
+    answer = client.post("/search", json={"embedding": query.tolist(), "k": 10, "aesthetic_score": 4,
+                                          "aesthetic_weight": 0.8})
+    assert answer.status_code == 200, answer.text
+    assert [hit["id"] for hit in answer.json()["results"]] == order[:10].tolist()
+    np.testing.assert_allclose([hit["score"] for hit in answer.json()["results"]], scores[:10], atol=1e-5)
+    plain = client.post("/search", json={"embedding": query.tolist(), "k": 10}).json()["results"]
+    assert [hit["id"] for hit in plain] != order[:10].tolist()  # the rating moved the answer
+    # from a form, more like an item, with the default weight (clip-retrieval's front end's 0.5)
+    item = int(order[20])
+    liked = laion["vectors"][item] + laion["ratings"][2] * 0.5
+    form = client.post("/search", files={"like": (None, str(item)), "k": (None, "8"), "aesthetic_score": (None, "2")})
+    assert form.status_code == 200, form.text
+    assert [hit["id"] for hit in form.json()["results"]] == ranked(laion["vectors"], liked / np.linalg.norm(liked))[0][:8].tolist()
+    for body, message in (({"aesthetic_score": 10}, "aesthetic_score must be a whole number from 0 to 9, got 10"),
+                          ({"aesthetic_weight": 0.3}, "aesthetic_weight says how far the query moves")):
+        refused = client.post("/search", json={"embedding": query.tolist(), **body})
+        assert refused.status_code == 400 and message in refused.json()["detail"]
+    with TestClient(create_app(laion["index"])) as bare:  # no embeddings: refused, not answered unmoved
+        assert bare.get("/healthz").json()["aesthetic"] is False
+        refused = bare.post("/search", json={"embedding": query.tolist(), "aesthetic_score": 4})
+    assert refused.status_code == 400
+    assert refused.json()["detail"].startswith("aesthetic_score: this server has no aesthetic embeddings")
+
+
 def test_a_safety_column_the_metadata_lacks_is_refused_naming_the_columns(laion):
     with pytest.raises(InputError, match=r"--safety-column pwatermark: the metadata of index has no such column "
                                          r"\(its columns: key, punsafe, NSFW\)"):

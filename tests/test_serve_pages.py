@@ -408,6 +408,34 @@ def test_our_page_searches_the_captions_where_the_index_holds_their_embeddings(l
 
 
 @pytest.mark.browser
+def test_our_page_moves_the_query_towards_an_aesthetic_rating_where_the_server_has_them(live, page):
+    text = "stripes on red"
+    stored = live["stored"] / np.linalg.norm(live["stored"], axis=1, keepdims=True)
+    ratings = np.random.default_rng(0).normal(size=(10, stored.shape[1])).astype(np.float32)
+    ratings /= np.linalg.norm(ratings, axis=1, keepdims=True)
+    query = _text_embedding(live["spec"], text)
+    moved = query / np.linalg.norm(query) + 1.5 * ratings[3]
+    plain, toward = brute_force(stored, query, 5)[1].tolist(), brute_force(stored, moved, 5)[1].tolist()
+    assert plain != toward
+    _open_page(page, live["url"])
+    assert not page.is_visible("#aesthetic")  # a server without the embeddings offers none
+    with LiveServer(create_app({"photos": live["index"]}, load_encoder(live["spec"]), aesthetic_embeddings=ratings)) as url:
+        _open_page(page, url)
+        assert page.is_visible("#aesthetic") and page.input_value("#aesthetic") == ""
+        assert page.input_value("#aesthetic-weight") == "0.5"  # clip-retrieval's front end's default
+        page.fill("#k", "5")
+        page.fill("#text", text)
+        page.press("#text", "Enter")
+        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
+                         f"=== '{','.join(map(str, plain))}'", 30)
+        page.fill("#aesthetic-weight", "1.5")
+        page.select_option("#aesthetic", "3")  # a change searches again, the query moved
+        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
+                         f"=== '{','.join(map(str, toward))}'", 30)
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
 def test_our_page_downloads_the_results_it_shows_as_csv(live, page):
     text = "stripes on red"
     _open_page(page, live["url"])

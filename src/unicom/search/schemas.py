@@ -47,6 +47,11 @@ class SearchRequest(BaseModel):
     modality: str | None = Field(None, description="the embeddings searched: 'image', or 'text' where the index holds "
                                                    "caption embeddings (clip-retrieval's text.index; /healthz's "
                                                    "modalities); default: the index's first")
+    aesthetic_score: Integer | None = Field(None, description="0..9: move the query towards LAION's embedding of this "
+                                                              "aesthetic rating (where the server has them: /healthz's "
+                                                              "aesthetic)")
+    aesthetic_weight: Number | None = Field(None, description="how far (default 0.5): query + weight x embedding, "
+                                                              "re-normalised")
 
 
 class Hit(BaseModel):
@@ -141,6 +146,7 @@ class Health(IndexHealth):
     max_upload_bytes: int
     max_pixels: int
     safe_search: bool = Field(description="whether /search takes safe: a safety column or violence prompts filter results")
+    aesthetic: bool = Field(description="whether /search takes aesthetic_score: the server has LAION's aesthetic embeddings")
     queries: int
     batches: int
 

@@ -5,7 +5,8 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
 * ``GET /``                 the search page (``static/``: plain HTML, CSS and JavaScript);
 * ``GET /healthz``          the indexes, their models and the limits;
 * ``POST /search``          JSON ``{"text", "image" (base64), "like" (an id), "embedding",
-  "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality"}``, or multipart/form-data with the image as
+  "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality", "aesthetic_score",
+  "aesthetic_weight"}``, or multipart/form-data with the image as
   the file field ``image`` and the other keys as fields. One of ``image``/``like``/
   ``embedding`` and/or a ``text``; given both, the query is their weighted sum
   (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
@@ -76,7 +77,8 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
-FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality")  # /search as multipart/form-data
+FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality",
+               "aesthetic_score", "aesthetic_weight")  # /search as multipart/form-data
 
 
 def _inline_scripts_allowed(page: Path) -> str:
@@ -595,6 +597,7 @@ def create_app(
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": max_pixels,
             "safe_search": violence_prompts is not None or safety_column is not None,
+            "aesthetic": aesthetic_embeddings is not None,
             "queries": batcher.queries,
             "batches": batcher.batches,
         }
@@ -720,6 +723,7 @@ def create_app(
                           deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"),
                           modality=form.get("modality") or None)
             safe = _parse_bool(form.get("safe"), "safe")
+            rating = (form.get("aesthetic_score"), form.get("aesthetic_weight"))
         elif content_type == "application/json":
             payload = await _read_json(request, *base64_body_limit,
                                        empty='empty request body; send JSON {"text": "..."} or {"embedding": [numbers]}')
@@ -741,6 +745,7 @@ def create_app(
                           min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate,
                           modality=request_model.modality)
             safe = request_model.safe
+            rating = (request_model.aesthetic_score, request_model.aesthetic_weight)
         else:
             raise _error(
                 415,
@@ -750,7 +755,18 @@ def create_app(
         if safe and violence_prompts is None and safety_column is None:
             raise _error(400, "safe: this server has no safety filter to apply (start it with --safety-column for the "
                               "metadata's safety column, or --violence-prompts); leave safe out")
+        aesthetic = None
+        if rating[0] not in (None, ""):  # refused, not ignored, where the server cannot honour it
+            if aesthetic_embeddings is None:
+                raise _error(400, "aesthetic_score: this server has no aesthetic embeddings to move the query towards "
+                                  "(start it with --aesthetic-embeddings); leave aesthetic_score out")
+            aesthetic = (aesthetic_embeddings[_aesthetic_rating(rating[0])], _aesthetic_weight(rating[1]))
+        elif rating[1] not in (None, ""):
+            raise _error(400, "aesthetic_weight says how far the query moves towards aesthetic_score's rating: give "
+                              "aesthetic_score too, or leave it out")
         item = await build_search(target, image_data=image_data, image_name=image_name, **values)
+        if aesthetic is not None:
+            item.aesthetic, item.aesthetic_weight = aesthetic
         if safe:
             item.remove = _result_filter(target.index, violence_prompts, safety_column, unsafe_values)
         scores, ids = await batcher.submit(item)

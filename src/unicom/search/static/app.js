@@ -23,6 +23,10 @@ const safeInput = $("safe");
 const indexRow = $("index-row");
 const indexSelect = $("index");
 const modalityRow = $("modality-row");
+const aestheticRow = $("aesthetic-row");
+const aestheticSelect = $("aesthetic");
+const aestheticWeightRow = $("aesthetic-weight-row");
+const aestheticWeightInput = $("aesthetic-weight");
 const modalitySelect = $("modality");
 const MODALITY_NAMES = { image: "Images", text: "Captions" };
 const errorLine = $("error");
@@ -113,6 +117,7 @@ async function loadHealth() {
     }
     indexRow.hidden = health.indices.length < 2;
     safeRow.hidden = !health.safe_search; // on by default where the server has a safety filter
+    aestheticRow.hidden = aestheticWeightRow.hidden = !health.aesthetic; // where it has LAION's aesthetic embeddings
     applyIndex();
   } catch (error) {
     statusLine.textContent = "The server does not answer.";
@@ -216,6 +221,10 @@ async function search() {
   if (minScoreInput.value.trim() !== "") common.min_score = Number(minScoreInput.value); // empty: any score
   if (health !== null && health.safe_search && safeInput.checked) common.safe = true;
   if (!modalityRow.hidden) common.modality = modalitySelect.value;
+  if (health !== null && health.aesthetic && aestheticSelect.value !== "") {
+    common.aesthetic_score = Number(aestheticSelect.value);
+    if (aestheticWeightInput.value.trim() !== "") common.aesthetic_weight = Number(aestheticWeightInput.value);
+  }
   let request;
   if (source !== null && source.kind === "file") {
     if (source.file.size > maxUpload) {
@@ -307,6 +316,8 @@ downloadButton.addEventListener("click", () => {
 });
 safeInput.addEventListener("change", search);
 modalitySelect.addEventListener("change", search);
+aestheticSelect.addEventListener("change", search);
+aestheticWeightInput.addEventListener("change", search);
 indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); fileInput.click(); }

@@ -278,27 +278,33 @@ def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]]) -> li
             exact[(row["key"], number)] = item_id
     done: list[tuple[int, str | None]] = []
     seen: dict[str, int] = {}
+    unread = None  # why the shard could not be read to its end
     try:
-        for sample in images.shards.samples(shard):
-            number = seen.get(sample.key, 0)
-            seen[sample.key] = number + 1
-            image = sample.image_bytes()
-            found = [exact.pop((sample.key, number))] if (sample.key, number) in exact else []
-            if image is not None and sample.key in first:
-                found += first.pop(sample.key)
-            for item_id in found:
-                if image is None:
-                    done.append((item_id, f"sample {number} of key {sample.key!r} in the shard {shard} has no image"))
-                elif not isinstance(image, bytes):  # longer than an image may be: not read
-                    done.append((item_id, f"the image of item {item_id} in the shard {shard} cannot be read ({image})"))
-                else:
-                    done.append((item_id, _put(folder, item_id, image)))
-            if not exact and not first:
-                break
-    except (ShardReadError, storage.FetchError, FileNotFoundError, tarfile.TarError) as error:
-        why = f"the shard {shard} cannot be read ({error if isinstance(error, ShardReadError) else storage.describe(error)})"
-        done += [(item_id, why) for item_id in [*exact.values(), *(i for ids in first.values() for i in ids)]]
-        return done
-    done += [(item_id, f"the image of item {item_id} is not in its shard {shard}")
-             for item_id in [*exact.values(), *(i for ids in first.values() for i in ids)]]
-    return done
+        samples = iter(images.shards.samples(shard))
+    except FileNotFoundError as error:
+        samples, unread = iter(()), f"the shard {shard} cannot be read ({error})"
+    while exact or first:
+        try:  # the reading only: a write that fails is not the shard's failure
+            sample = next(samples)
+        except StopIteration:
+            break
+        except (ShardReadError, storage.FetchError, FileNotFoundError, tarfile.TarError) as error:
+            why = error if isinstance(error, ShardReadError) else storage.describe(error)
+            unread = f"the shard {shard} cannot be read ({why})"
+            break
+        number = seen.get(sample.key, 0)
+        seen[sample.key] = number + 1
+        image = sample.image_bytes()
+        found = [exact.pop((sample.key, number))] if (sample.key, number) in exact else []
+        if image is not None and sample.key in first:
+            found += first.pop(sample.key)
+        for item_id in found:
+            if image is None:
+                done.append((item_id, f"sample {number} of key {sample.key!r} in the shard {shard} has no image"))
+            elif not isinstance(image, bytes):  # longer than an image may be: not read
+                done.append((item_id, f"the image of item {item_id} in the shard {shard} cannot be read ({image})"))
+            else:
+                done.append((item_id, _put(folder, item_id, image)))
+    samples = None  # a stream broken off: its download stops
+    left = [*exact.values(), *(item_id for ids in first.values() for item_id in ids)]
+    return done + [(item_id, unread or f"the image of item {item_id} is not in its shard {shard}") for item_id in left]

@@ -130,6 +130,7 @@ def test_samples_of_tar_and_parquet_shards_are_copied_and_an_item_without_an_ima
 
     index = shard_collection(tmp_path, occurrence)
     copies = tmp_path / "copies"
+    monkeypatch.setenv("UNICOM_PROGRESS", "1")  # the bar counts each item once, shards' items as they are found
     listed, passes = [], []
     listing, samples = ShardImages._list, ShardImages.samples
     monkeypatch.setattr(ShardImages, "_list", lambda self, location: listed.append(location) or listing(self, location))
@@ -143,6 +144,7 @@ def test_samples_of_tar_and_parquet_shards_are_copied_and_an_item_without_an_ima
     assert "6 of 7 images in" in captured.out
     assert "1 items have no image copied:\n  item 6: the image of item 6 is not in its shard 00000.tar" in captured.err
     assert "run the command again: it copies only what is missing" in captured.err
+    assert "copying images: 100%" in captured.err and "| 7/7 [" in captured.err  # every item counted once
     # the local tar listed once and read a member at a time; the others read in one pass each
     assert listed == [tmp_path / "shards" / "00000.tar"] and sorted(passes) == ["00001.parquet", "00002.tar.gz"]
 

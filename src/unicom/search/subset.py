@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -190,12 +191,17 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
     result = Copied(present=len(ids) - len(todo))
     bar = progress(total=len(ids), initial=result.present, desc="copying images", unit="images")
 
+    shown = threading.Lock()
+
+    def advance() -> None:  # an item done, from any thread
+        with shown:
+            bar.update(1)
+
     def tally(item_id: int, why: str | None) -> None:
         if why is None:
             result.copied += 1
         else:
             result.failed.append((item_id, why))
-        bar.update(1)
 
     with refused_write(folder, "an image", "the copies already made are kept"), \
             ThreadPoolExecutor(threads, thread_name_prefix="unicom-copy") as pool:
@@ -209,11 +215,12 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
                         shards.setdefault(row["shard"], []).append((item_id, row))
                     else:
                         files.append((item_id, row, path))
-            streams = [pool.submit(_copy_shard, images, folder, shard, items) for shard, items in shards.items()]
+            streams = [pool.submit(_copy_shard, images, folder, shard, items, advance) for shard, items in shards.items()]
             remote = storage.is_url(folder) or any(isinstance(path, str) for _, _, path in files)
             copy = (lambda item: _copy_one(images, folder, *item))
             for (item_id, _, _), why in zip(files, pool.map(copy, files) if remote else map(copy, files)):
                 tally(item_id, why)
+                advance()
             for stream in streams:
                 for item_id, why in stream.result():
                     tally(item_id, why)
@@ -262,10 +269,11 @@ def _copy_one(images, folder, item_id: int, row: dict, path) -> str | None:
         return _put(folder, item_id, head, handle)
 
 
-def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]]) -> list[tuple[int, str | None]]:
+def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]], advance) -> list[tuple[int, str | None]]:
     """Copy the images of ``items`` ((id, metadata row), samples of ``shard``) in one pass
     over the shard: each the ``occurrence``-th sample of its key (without the column, the
-    key's first sample with an image). Returns (id, None or why) of each."""
+    key's first sample with an image); ``advance()`` after each item found. Returns (id, None
+    or why) of each."""
     from unicom.data.shards import ShardReadError
     from unicom.search.item_images import sample_occurrence
 
@@ -305,6 +313,9 @@ def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]]) -> li
                 done.append((item_id, f"the image of item {item_id} in the shard {shard} cannot be read ({image})"))
             else:
                 done.append((item_id, _put(folder, item_id, image)))
+            advance()
     samples = None  # a stream broken off: its download stops
     left = [*exact.values(), *(item_id for ids in first.values() for item_id in ids)]
+    for _ in left:
+        advance()
     return done + [(item_id, unread or f"the image of item {item_id} is not in its shard {shard}") for item_id in left]

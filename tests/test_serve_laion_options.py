@@ -266,3 +266,58 @@ def test_the_command_refuses_unsafe_values_without_a_safety_column(laion, capsys
     code = main(["serve", "--index", str(laion["index"].path), "--unsafe-values", "NSFW,UNSURE"])
     assert code == 2
     assert "--unsafe-values: the values of a text --safety-column; name the column with --safety-column" in capsys.readouterr().err
+
+
+def test_the_search_command_moves_its_queries_towards_a_rating_and_filters_as_the_server_does(laion, capsys):
+    index, vectors = str(laion["index"].path), laion["vectors"]
+    item = 17
+    moved = vectors[item] + laion["ratings"][7] * 0.4
+    code = main(["search", "--index", index, "--like", str(item), "-k", "10", "--json",
+                 "--aesthetic-embeddings", str(laion["root"] / "aesthetic"), "--aesthetic-score", "7",
+                 "--aesthetic-weight", "0.4"])
+    assert code == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    order, scores = ranked(vectors, moved / np.linalg.norm(moved))
+    assert [hit["id"] for hit in entry["results"]] == order[:10].tolist()
+    np.testing.assert_allclose([hit["score"] for hit in entry["results"]], scores[:10], atol=1e-5)
+    # the violence prompts and the safety column: the k best of those neither marks
+    violent = np.argmax(vectors @ laion["prompts"].T, axis=1) == 1
+    marked = violent | np.array([value is not None and value > 0.5 for value in laion["punsafe"]])
+    code = main(["search", "--index", index, "--like", str(item), "-k", "12", "--json",
+                 "--violence-prompts", str(laion["root"] / "violence.npy"), "--safety-column", "punsafe"])
+    assert code == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    order, _ = ranked(vectors, vectors[item])
+    assert [hit["id"] for hit in entry["results"]] == [i for i in order.tolist() if not marked[i]][:12]
+    assert marked[order[:12]].any()
+
+
+def test_a_subset_above_a_score_leaves_out_what_the_safety_column_marks(laion, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    vectors, item = laion["vectors"], 23
+    scores = vectors @ vectors[item]
+    threshold = float(np.sort(scores)[-41:-39].mean())  # forty items reach it
+    tags = np.array(laion["tags"])
+    want = [i for i in np.flatnonzero(scores >= np.float32(threshold)).tolist() if tags[i] not in ("NSFW", "UNSURE")]
+    assert 0 < len(want) < 40
+    code = main(["search", "--index", str(laion["index"].path), "--like", str(item), "--min-score", repr(threshold),
+                 "--safety-column", "NSFW", "--unsafe-values", "NSFW,UNSURE", "--out", str(tmp_path / "safe.parquet")])
+    assert code == 0
+    assert pq.read_table(tmp_path / "safe.parquet").column("id").to_pylist() == want
+    assert capsys.readouterr().out.startswith(f"{len(want)} items written to")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--aesthetic-score", "3"], "--aesthetic-score moves the queries towards LAION's embedding of a rating: give "
+                                 "--aesthetic-embeddings"),
+    (["--aesthetic-embeddings", "A", "--aesthetic-weight", "0.3"], "--aesthetic-weight says how far"),
+    (["--aesthetic-embeddings", "A"], "--aesthetic-embeddings: give --aesthetic-score R"),
+    (["--aesthetic-embeddings", "A", "--aesthetic-score", "12"], "--aesthetic-score is a rating from 0 to 9, got 12"),
+    (["--unsafe-values", "NSFW"], "--unsafe-values: the values of a text --safety-column"),
+    (["--safety-column", "pwatermark"], "--safety-column pwatermark: the metadata of "),
+])
+def test_search_options_that_cannot_work_are_refused_before_the_model_loads(laion, extra, message, capsys):
+    extra = [str(laion["root"] / "aesthetic") if value == "A" else value for value in extra]
+    code = main(["search", "--index", str(laion["index"].path), "--model", "timm/no_such_net", "--text", "x", *extra])
+    assert code == 2 and message in capsys.readouterr().err

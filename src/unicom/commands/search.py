@@ -67,6 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", default=None, metavar="DIR",
                         help="--copy-images: the folder of the shards (tars, parquet files) the collection was embedded "
                              "from, local or a URL, for items that are samples of shards")
+    add_laion_arguments(parser, {
+        "aesthetic": "--aesthetic-score moves the queries towards a rating",
+        "violence": "the results it marks are left out",
+        "safety": "results are left out"})
+    parser.add_argument("--aesthetic-score", type=int, default=None, metavar="R",
+                        help="move each query towards LAION's embedding of aesthetic rating R (0-9; with "
+                             "--aesthetic-embeddings), as clip-retrieval's front end does")
+    parser.add_argument("--aesthetic-weight", type=float, default=None, metavar="W",
+                        help="how far: query + W x the rating's embedding, re-normalised (default: 0.5)")
     parser.add_argument("--modality", choices=("image", "text"), default=None,
                         help="the embeddings searched: image, or text where the index holds caption embeddings "
                              "(clip-retrieval's text.index; default: the index's first)")
@@ -80,6 +89,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
+
+
+def add_laion_arguments(parser: argparse.ArgumentParser, uses: dict[str, str]) -> None:
+    """The options of LAION's files for a model and of the metadata's safety column;
+    ``uses``: what each does in the command (keys ``aesthetic``, ``violence``, ``safety``)."""
+    parser.add_argument("--aesthetic-embeddings", metavar="FOLDER",
+                        help="LAION's aesthetic embeddings for the model (rating0.npy .. rating9.npy), local or a URL: "
+                             + uses["aesthetic"])
+    parser.add_argument("--violence-prompts", metavar="FILE",
+                        help="LAION's violence detector for the model (violence_detection_vit_b_32.npy, prompt embeddings), "
+                             "local or a URL: " + uses["violence"])
+    parser.add_argument("--safety-column", metavar="NAME",
+                        help=f"the metadata column by which {uses['safety']}: a probability above 0.5 (LAION-5B's punsafe) "
+                             "or a text among --unsafe-values (LAION-400M's NSFW)")
+    parser.add_argument("--unsafe-values", metavar="A,B",
+                        help="the values of a text --safety-column that leave a result out (default: NSFW, LAION-400M's tag "
+                             "for the unsafe; add UNSURE to leave out its doubtful ones too)")
+
+
+def laion_files(args: argparse.Namespace):
+    """(aesthetic embeddings, violence prompts, unsafe values) of :func:`add_laion_arguments`'
+    options, the files read (a wrong one named before any model loads)."""
+    from unicom.errors import InputError
+    from unicom.search import queries
+
+    if args.unsafe_values is not None and args.safety_column is None:
+        raise InputError("--unsafe-values: the values of a text --safety-column; name the column with --safety-column")
+    if args.unsafe_values is not None and not args.unsafe_values.strip(" ,"):
+        raise InputError("--unsafe-values names no value; give them comma-separated (NSFW,UNSURE)")
+    aesthetic = None if args.aesthetic_embeddings is None else queries.load_aesthetic_embeddings(args.aesthetic_embeddings)
+    violence = None if args.violence_prompts is None else queries.load_violence_prompts(args.violence_prompts)
+    unsafe_values = queries.UNSAFE_VALUES if args.unsafe_values is None else tuple(
+        value.strip() for value in args.unsafe_values.split(",") if value.strip())
+    return aesthetic, violence, unsafe_values
 
 
 def model_spec(args: argparse.Namespace, index) -> tuple[str, str | None]:
@@ -146,6 +189,19 @@ def run(args: argparse.Namespace) -> int:
                              "relative image paths start from")
     if not (args.queries or args.text or args.text_file or args.like):
         raise InputError("nothing to search for: give query images, --text, --text-file or --like")
+    if args.aesthetic_score is not None and args.aesthetic_embeddings is None:
+        raise InputError("--aesthetic-score moves the queries towards LAION's embedding of a rating: give "
+                         "--aesthetic-embeddings FOLDER (rating0.npy .. rating9.npy for the model)")
+    if args.aesthetic_score is not None and not 0 <= args.aesthetic_score < queries.AESTHETIC_RATINGS:
+        raise InputError(f"--aesthetic-score is a rating from 0 to {queries.AESTHETIC_RATINGS - 1}, got {args.aesthetic_score}")
+    if args.aesthetic_weight is not None and args.aesthetic_score is None:
+        raise InputError("--aesthetic-weight says how far the queries move towards --aesthetic-score's rating: give "
+                         "--aesthetic-score too, or leave it out")
+    if args.aesthetic_weight is not None and not np.isfinite(args.aesthetic_weight):
+        raise InputError(f"--aesthetic-weight must be a number, got {args.aesthetic_weight}")
+    if args.aesthetic_embeddings is not None and args.aesthetic_score is None:
+        raise InputError("--aesthetic-embeddings: give --aesthetic-score R, the rating (0-9) to move the queries towards")
+    aesthetic, violence, unsafe_values = laion_files(args)
     texts = [text for text in args.text if text.strip()]
     if len(texts) != len(args.text):
         raise InputError("--text: an empty text is no query")
@@ -182,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and index.modality_type(modality) not in kinds:
             raise InputError(f"{name} tunes {kind} indexes; {args.index}'s {modality} index is a "
                              f"{index.modality_type(modality)} index: leave it out")
+    queries.check_filters({str(args.index): index}, aesthetic, violence, args.safety_column)
+    remove = queries.result_filter(index, violence, args.safety_column, unsafe_values)
     stored = queries.StoredVectors(index, modality)
     encoder = load_checked_encoder(args, index) if images or texts else None
     if texts:
@@ -211,11 +269,18 @@ def run(args: argparse.Namespace) -> int:
         vectors = np.concatenate([visual_vectors, text_vectors])
         labels = visual_labels + [repr(text) for text in texts]
         written = visual_labels + texts  # a table's query column holds the texts as given
+    if aesthetic is not None:  # each query moved towards the rating, as clip-retrieval's back end moves it
+        weight = queries.AESTHETIC_WEIGHT if args.aesthetic_weight is None else args.aesthetic_weight
+        vectors = np.stack([queries.with_aesthetic(vector, aesthetic[args.aesthetic_score], weight) for vector in vectors])
     if k is None:
         found = index.search_range(vectors, args.min_score, modality=modality, **tuning)
+        if remove is not None:  # every result reaching the score, less those the filters mark
+            marked = [remove(ids, lambda ids=ids: stored(ids)) if len(ids) else np.zeros(0, bool) for _, ids in found]
+            found = [(scores[~out], ids[~out]) for (scores, ids), out in zip(found, marked)]
     else:
         found = queries.search(index, vectors, k, deduplicate=args.deduplicate, stored=stored, modality=modality,
-                               min_score=args.min_score, **tuning)
+                               min_score=args.min_score, remove=None if remove is None else [remove] * len(vectors),
+                               **tuning)
     if args.out is not None or args.copy_images is not None:
         items = subset.merge(found)
         if args.out is not None:

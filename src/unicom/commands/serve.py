@@ -23,6 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from unicom.commands.search import add_laion_arguments
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -70,20 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "works under any prefix without it)")
     parser.add_argument("--allow-image-urls", action="store_true",
                         help="let /knn-service fetch the image_url of a query (the server then fetches URLs its clients name)")
-    parser.add_argument("--aesthetic-embeddings", metavar="FOLDER",
-                        help="LAION's aesthetic embeddings for the model (rating0.npy .. rating9.npy), local or a URL: "
-                             "/knn-service's aesthetic_score and aesthetic_weight move queries towards a rating")
-    parser.add_argument("--violence-prompts", metavar="FILE",
-                        help="LAION's violence detector for the model (violence_detection_vit_b_32.npy, prompt embeddings), "
-                             "local or a URL: /knn-service's use_violence_detector (and /search's safe, the page's "
-                             "Safe mode) leaves out the results it marks")
-    parser.add_argument("--safety-column", metavar="NAME",
-                        help="the metadata column by which /knn-service's use_safety_model (and /search's safe) "
-                             "leaves results out: a "
-                             "probability above 0.5 (LAION-5B's punsafe) or a text among --unsafe-values (LAION-400M's NSFW)")
-    parser.add_argument("--unsafe-values", metavar="A,B",
-                        help="the values of a text --safety-column that leave a result out (default: NSFW, LAION-400M's tag "
-                             "for the unsafe; add UNSURE to leave out its doubtful ones too)")
+    add_laion_arguments(parser, {
+        "aesthetic": "/knn-service's aesthetic_score and aesthetic_weight (and /search's, the page's Aesthetic) move "
+                     "queries towards a rating",
+        "violence": "/knn-service's use_violence_detector (and /search's safe, the page's Safe mode) leaves out the "
+                    "results it marks",
+        "safety": "/knn-service's use_safety_model (and /search's safe) leaves results out"})
 
 
 def parse_indexes(values: list[str]) -> dict[str, str]:
@@ -122,18 +116,12 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
     from unicom.commands import configure_logging
-    from unicom.commands.search import load_checked_encoder, model_spec
-    from unicom.search import queries
+    from unicom.commands.search import laion_files, load_checked_encoder, model_spec
 
     configure_logging()
     root_path = root_path_of(args.root_path)
-    if args.unsafe_values is not None and args.safety_column is None:
-        raise InputError("--unsafe-values: the values of a text --safety-column; name the column with --safety-column")
-    if args.unsafe_values is not None and not args.unsafe_values.strip(" ,"):
-        raise InputError("--unsafe-values names no value; give them comma-separated (NSFW,UNSURE)")
     # LAION's files for /knn-service's options, read first: a wrong one is named before the model loads
-    aesthetic = None if args.aesthetic_embeddings is None else queries.load_aesthetic_embeddings(args.aesthetic_embeddings)
-    violence = None if args.violence_prompts is None else queries.load_violence_prompts(args.violence_prompts)
+    aesthetic, violence, unsafe_values = laion_files(args)
     indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
     encoders, loaded = {}, {}
     for name, index in indexes.items():
@@ -168,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         aesthetic_embeddings=aesthetic,
         violence_prompts=violence,
         safety_column=args.safety_column,
-        unsafe_values=queries.UNSAFE_VALUES if args.unsafe_values is None else tuple(
-            value.strip() for value in args.unsafe_values.split(",") if value.strip()),
+        unsafe_values=unsafe_values,
     )
     if args.host not in LOOPBACK:
         print(f"listening on {args.host}: anyone who can reach this machine can query the index", file=sys.stderr)

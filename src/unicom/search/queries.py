@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -213,6 +213,43 @@ def unsafe(values: Sequence, unsafe_values: Sequence[str] = UNSAFE_VALUES) -> np
         elif isinstance(value, str):
             marked[position] = value in unsafe_values
     return marked
+
+
+def result_filter(index, violence_prompts: np.ndarray | None, safety_column: str | None,
+                  unsafe_values: Sequence[str] = UNSAFE_VALUES):
+    """The ``remove`` of :func:`search` that leaves out the results LAION's violence prompts
+    mark (:func:`violent`) and those the metadata's ``safety_column`` marks (:func:`unsafe`),
+    either or both; None without either."""
+    if violence_prompts is None and safety_column is None:
+        return None
+
+    def left_out(ids: np.ndarray, vectors) -> np.ndarray:
+        marked = np.zeros(len(ids), dtype=bool)
+        if violence_prompts is not None:
+            marked |= violent(vectors(), violence_prompts)
+        if safety_column is not None:
+            marked |= unsafe([row.get(safety_column) for row in index.metadata(ids)], unsafe_values)
+        return marked
+
+    return left_out
+
+
+def check_filters(indexes: Mapping[str, Any], aesthetic_embeddings: np.ndarray | None,
+                  violence_prompts: np.ndarray | None, safety_column: str | None) -> None:
+    """Refuse LAION's files made for another model (fewer dimensions than an index's
+    embeddings) and a safety column the metadata of an index (by name) lacks."""
+    for what, vectors in (("aesthetic embeddings", aesthetic_embeddings), ("violence prompts", violence_prompts)):
+        narrow = [f"{name} ({index.modality_dims(modality)})" for name, index in indexes.items()
+                  for modality in index.modalities if vectors is not None and vectors.shape[1] < index.modality_dims(modality)]
+        if narrow:
+            raise InputError(f"the {what} have {vectors.shape[1]} dimensions, fewer than the embeddings of {', '.join(narrow)}: "
+                             "give the files made for the model of the collection")
+    if safety_column is not None:
+        for name, index in indexes.items():
+            columns = [key for key in (index.metadata(0) if len(index) else {}) if key != "id"]
+            if len(index) and safety_column not in columns:
+                raise InputError(f"--safety-column {safety_column}: the metadata of {name} has no such column (its columns: "
+                                 f"{', '.join(columns)}); embed the shards with --metadata-fields {safety_column} to keep it")
 
 
 def parse_text_weight(value, where: str = "text_weight") -> float:

@@ -355,24 +355,6 @@ def run_searches(batch: list[Search]) -> list[Any]:
     return answers
 
 
-def _result_filter(index: Index, violence_prompts: np.ndarray | None, safety_column: str | None,
-                   unsafe_values: Sequence[str]):
-    """The ``remove`` of :func:`unicom.search.queries.search` that leaves out the results LAION's
-    violence prompts mark and those the safety column marks (either or both), or None."""
-    if violence_prompts is None and safety_column is None:
-        return None
-
-    def left_out(ids: np.ndarray, vectors) -> np.ndarray:
-        marked = np.zeros(len(ids), dtype=bool)
-        if violence_prompts is not None:
-            marked |= queries.violent(vectors(), violence_prompts)
-        if safety_column is not None:
-            marked |= queries.unsafe([row.get(safety_column) for row in index.metadata(ids)], unsafe_values)
-        return marked
-
-    return left_out
-
-
 def _aesthetic_rating(value) -> int:
     """clip-retrieval's ``aesthetic_score``: a whole number 0..9 (as a number or its text)."""
     try:
@@ -471,19 +453,8 @@ def create_app(
         if model is not None:
             queries.check_model(item, model)
         served[name] = Served(name, item, model)
-    for what, vectors in (("aesthetic embeddings", aesthetic_embeddings), ("violence prompts", violence_prompts)):
-        narrow = [f"{name} ({item.index.modality_dims(modality)})" for name, item in served.items()
-                  for modality in item.index.modalities if vectors is not None
-                  and vectors.shape[1] < item.index.modality_dims(modality)]
-        if narrow:
-            raise InputError(f"the {what} have {vectors.shape[1]} dimensions, fewer than the embeddings of {', '.join(narrow)}: "
-                             "give the files made for the model of the collection")
-    if safety_column is not None:
-        for name, item in served.items():
-            columns = [key for key in (item.index.metadata(0) if len(item.index) else {}) if key != "id"]
-            if len(item.index) and safety_column not in columns:
-                raise InputError(f"--safety-column {safety_column}: the metadata of {name} has no such column (its columns: "
-                                 f"{', '.join(columns)}); embed the shards with --metadata-fields {safety_column} to keep it")
+    queries.check_filters({name: item.index for name, item in served.items()}, aesthetic_embeddings, violence_prompts,
+                          safety_column)
     default = next(iter(served))
     images = ItemImages(image_root, shards, thumbnail_cache, _shard_columns(served) if shards is not None else None)
     batcher = QueryBatcher(run_searches, max_batch=batch_size, max_wait=max_wait_ms / 1000)
@@ -768,7 +739,7 @@ def create_app(
         if aesthetic is not None:
             item.aesthetic, item.aesthetic_weight = aesthetic
         if safe:
-            item.remove = _result_filter(target.index, violence_prompts, safety_column, unsafe_values)
+            item.remove = queries.result_filter(target.index, violence_prompts, safety_column, unsafe_values)
         scores, ids = await batcher.submit(item)
         answer = await asyncio.to_thread(search_answer, scores, ids, target, request.scope.get("root_path", "").rstrip("/"))
         return JSONResponse({**answer, "k": item.k, "index": target.name,
@@ -916,7 +887,7 @@ def create_app(
             values["image_data"] = None
             await app.state.fetches.release(fetched)
         item.aesthetic, item.aesthetic_weight = aesthetic, aesthetic_weight
-        item.remove = _result_filter(
+        item.remove = queries.result_filter(
             target.index, violence_prompts if knn.use_violence_detector else None,
             safety_column if knn.use_safety_model else None, unsafe_values)
         scores, ids = await batcher.submit(item)

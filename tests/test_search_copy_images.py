@@ -307,3 +307,20 @@ def test_images_of_a_remote_folder_are_fetched_and_a_missing_one_is_named(tmp_pa
     assert named(tmp_path / "c") == dict(enumerate(pictures))
     assert sorted(os.listdir(tmp_path / "c")) == ["000000000.jpg", "000000001.png", "000000002.jpg"]
     assert "  item 3: the image of item 3 cannot be fetched (not found" in capsys.readouterr().err
+
+
+def test_a_shard_member_longer_than_an_image_may_be_is_named_not_read(tmp_path, capsys, monkeypatch):
+    from unicom.data import transforms
+
+    index = shard_collection(tmp_path)
+    sizes = {i: len(data) for i, data in expected_copies(tmp_path).items()}
+    longest = max(sizes, key=sizes.get)
+    limit = max(size for i, size in sizes.items() if i != longest)
+    assert longest in (0, 1, 2) and sizes[longest] > limit  # a member of the local tar, alone above the limit
+    monkeypatch.setattr(transforms, "MAX_IMAGE_BYTES", limit)
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images",
+                 str(tmp_path / "copies"), "--shards", str(tmp_path / "shards")])
+    assert code == 1
+    assert sorted(named(tmp_path / "copies")) == sorted(set(range(6)) - {longest})
+    assert (f"  item {longest}: the image of item {longest} in the shard 00000.tar is {sizes[longest]:,} bytes long, "
+            f"more than the {limit:,} an image may have") in capsys.readouterr().err

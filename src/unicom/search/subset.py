@@ -252,9 +252,15 @@ def _put(folder, item_id: int, head: bytes, rest=None) -> str | None:
 def _copy_one(images, folder, item_id: int, row: dict, path) -> str | None:
     """Copy item ``item_id``'s image (at ``path``, its :meth:`ItemImages.file`) into
     ``folder``; None, or why it could not be."""
-    from unicom.search.item_images import ImageUnavailable
+    from unicom.data import transforms
+    from unicom.search.item_images import ImageUnavailable, sample_occurrence
 
     try:
+        if path is None and images.in_shard(row):  # a member of a local tar, read whole: not past an image's length
+            size = images.shards.size(row["shard"], row["key"], sample_occurrence(row)) or 0
+            if size > transforms.MAX_IMAGE_BYTES:
+                return (f"the image of item {item_id} in the shard {row['shard']} is {size:,} bytes long, more than the "
+                        f"{transforms.MAX_IMAGE_BYTES:,} an image may have")
         source = path if isinstance(path, Path) else images.source(row, item_id)
     except ImageUnavailable as error:
         return error.detail

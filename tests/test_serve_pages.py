@@ -163,6 +163,20 @@ def _open_page(page, url: str) -> None:
     wait_until(page, "document.getElementById('status').textContent.includes('25 items')", 15)
 
 
+def _search_text(page, text: str, k: int) -> None:
+    """Ask the page for the ``k`` best results of ``text``."""
+    page.fill("#k", str(k))
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def _wait_for_ids(page, ids) -> None:
+    """Wait until the page shows the results ``ids``, in that order."""
+    shown = ",".join(str(int(i)) for i in ids)
+    wait_until(page, "Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
+                     f"=== '{shown}'", 30)
+
+
 def _shown_ids(page) -> list[int]:
     return page.evaluate("Array.from(document.querySelectorAll('#results .result')).map(card => Number(card.dataset.id))")
 
@@ -367,8 +381,7 @@ def test_our_page_offers_safe_mode_where_the_server_filters_and_leaves_out_what_
         wait_until(page, f"document.querySelectorAll('#results .result').length === {len(safe_ids)}", 30)
         assert _shown_ids(page) == safe_ids
         page.uncheck("#safe")
-        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
-                         f"=== '{','.join(str(i) for i in ids[:5])}'", 30)
+        _wait_for_ids(page, ids[:5])
     assert page.errors == [] and page.blocked == []
 
 
@@ -396,14 +409,10 @@ def test_our_page_searches_the_captions_where_the_index_holds_their_embeddings(l
         assert page.is_visible("#modality") and page.input_value("#modality") == "image"
         assert page.eval_on_selector_all("#modality option", "options => options.map(o => o.textContent)") == \
             ["Images", "Captions"]
-        page.fill("#k", "5")
-        page.fill("#text", text)
-        page.press("#text", "Enter")
-        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
-                         f"=== '{','.join(map(str, by_image))}'", 30)
+        _search_text(page, text, 5)
+        _wait_for_ids(page, by_image)
         page.select_option("#modality", "text")  # a change searches again, over the captions
-        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
-                         f"=== '{','.join(map(str, by_caption))}'", 30)
+        _wait_for_ids(page, by_caption)
     assert page.errors == [] and page.blocked == []
 
 
@@ -423,15 +432,11 @@ def test_our_page_moves_the_query_towards_an_aesthetic_rating_where_the_server_h
         _open_page(page, url)
         assert page.is_visible("#aesthetic") and page.input_value("#aesthetic") == ""
         assert page.input_value("#aesthetic-weight") == "0.5"  # clip-retrieval's front end's default
-        page.fill("#k", "5")
-        page.fill("#text", text)
-        page.press("#text", "Enter")
-        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
-                         f"=== '{','.join(map(str, plain))}'", 30)
+        _search_text(page, text, 5)
+        _wait_for_ids(page, plain)
         page.fill("#aesthetic-weight", "1.5")
         page.select_option("#aesthetic", "3")  # a change searches again, the query moved
-        wait_until(page, f"Array.from(document.querySelectorAll('#results .result')).map(c => c.dataset.id).join() "
-                         f"=== '{','.join(map(str, toward))}'", 30)
+        _wait_for_ids(page, toward)
     assert page.errors == [] and page.blocked == []
 
 

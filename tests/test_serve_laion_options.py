@@ -313,7 +313,7 @@ def test_a_subset_above_a_score_leaves_out_what_the_safety_column_marks(laion, t
                                  "--aesthetic-embeddings"),
     (["--aesthetic-embeddings", "A", "--aesthetic-weight", "0.3"], "--aesthetic-weight says how far"),
     (["--aesthetic-embeddings", "A"], "--aesthetic-embeddings: give --aesthetic-score R"),
-    (["--aesthetic-embeddings", "A", "--aesthetic-score", "12"], "--aesthetic-score is a rating from 0 to 9, got 12"),
+    (["--aesthetic-embeddings", "A", "--aesthetic-score", "12"], "--aesthetic-score must be a whole number from 0 to 9, got 12"),
     (["--unsafe-values", "NSFW"], "--unsafe-values: the values of a text --safety-column"),
     (["--safety-column", "pwatermark"], "--safety-column pwatermark: the metadata of "),
 ])

@@ -192,13 +192,11 @@ def run(args: argparse.Namespace) -> int:
     if args.aesthetic_score is not None and args.aesthetic_embeddings is None:
         raise InputError("--aesthetic-score moves the queries towards LAION's embedding of a rating: give "
                          "--aesthetic-embeddings FOLDER (rating0.npy .. rating9.npy for the model)")
-    if args.aesthetic_score is not None and not 0 <= args.aesthetic_score < queries.AESTHETIC_RATINGS:
-        raise InputError(f"--aesthetic-score is a rating from 0 to {queries.AESTHETIC_RATINGS - 1}, got {args.aesthetic_score}")
     if args.aesthetic_weight is not None and args.aesthetic_score is None:
         raise InputError("--aesthetic-weight says how far the queries move towards --aesthetic-score's rating: give "
                          "--aesthetic-score too, or leave it out")
-    if args.aesthetic_weight is not None and not np.isfinite(args.aesthetic_weight):
-        raise InputError(f"--aesthetic-weight must be a number, got {args.aesthetic_weight}")
+    rating = None if args.aesthetic_score is None else (queries.aesthetic_rating(args.aesthetic_score, "--aesthetic-score"),
+                                                         queries.aesthetic_weight(args.aesthetic_weight, "--aesthetic-weight"))
     if args.aesthetic_embeddings is not None and args.aesthetic_score is None:
         raise InputError("--aesthetic-embeddings: give --aesthetic-score R, the rating (0-9) to move the queries towards")
     aesthetic, violence, unsafe_values = laion_files(args)
@@ -269,9 +267,8 @@ def run(args: argparse.Namespace) -> int:
         vectors = np.concatenate([visual_vectors, text_vectors])
         labels = visual_labels + [repr(text) for text in texts]
         written = visual_labels + texts  # a table's query column holds the texts as given
-    if aesthetic is not None:  # each query moved towards the rating, as clip-retrieval's back end moves it
-        weight = queries.AESTHETIC_WEIGHT if args.aesthetic_weight is None else args.aesthetic_weight
-        vectors = np.stack([queries.with_aesthetic(vector, aesthetic[args.aesthetic_score], weight) for vector in vectors])
+    if rating is not None:  # each query moved towards the rating, as clip-retrieval's back end moves it
+        vectors = np.stack([queries.with_aesthetic(vector, aesthetic[rating[0]], rating[1]) for vector in vectors])
     if k is None:
         found = index.search_range(vectors, args.min_score, modality=modality, **tuning)
         if remove is not None:  # every result reaching the score, less those the filters mark

@@ -215,6 +215,33 @@ def unsafe(values: Sequence, unsafe_values: Sequence[str] = UNSAFE_VALUES) -> np
     return marked
 
 
+def aesthetic_rating(value, name: str = "aesthetic_score") -> int:
+    """clip-retrieval's ``aesthetic_score``: a whole number 0..9 (as a number or its text);
+    else an :class:`InputError` naming ``name``."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    rating = int(number) if number.is_integer() else None  # 9, "9" and "9.0" alike; NaN and inf are not whole
+    if rating is None or not 0 <= rating < AESTHETIC_RATINGS:
+        raise InputError(f"{name} must be a whole number from 0 to {AESTHETIC_RATINGS - 1}, got {value!r}")
+    return rating
+
+
+def aesthetic_weight(value, name: str = "aesthetic_weight") -> float:
+    """clip-retrieval's ``aesthetic_weight``: a finite number (absent: :data:`AESTHETIC_WEIGHT`);
+    else an :class:`InputError` naming ``name``."""
+    if value is None or value == "":
+        return AESTHETIC_WEIGHT
+    try:
+        weight = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        weight = None
+    if weight is None or not np.isfinite(weight):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    return weight
+
+
 def result_filter(index, violence_prompts: np.ndarray | None, safety_column: str | None,
                   unsafe_values: Sequence[str] = UNSAFE_VALUES):
     """The ``remove`` of :func:`search` that leaves out the results LAION's violence prompts

@@ -355,31 +355,6 @@ def run_searches(batch: list[Search]) -> list[Any]:
     return answers
 
 
-def _aesthetic_rating(value) -> int:
-    """clip-retrieval's ``aesthetic_score``: a whole number 0..9 (as a number or its text)."""
-    try:
-        number = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
-        number = float("nan")
-    rating = int(number) if number.is_integer() else None  # 9, "9" and "9.0" alike; NaN and inf are not whole
-    if rating is None or not 0 <= rating < queries.AESTHETIC_RATINGS:
-        raise _error(400, f"aesthetic_score must be a whole number from 0 to {queries.AESTHETIC_RATINGS - 1}, got {value!r}")
-    return rating
-
-
-def _aesthetic_weight(value) -> float:
-    """clip-retrieval's ``aesthetic_weight``: a finite number (absent: :data:`~unicom.search.queries.AESTHETIC_WEIGHT`)."""
-    if value is None or value == "":
-        return queries.AESTHETIC_WEIGHT
-    try:
-        weight = float(value) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        weight = None
-    if weight is None or not np.isfinite(weight):
-        raise _error(400, f"aesthetic_weight must be a number, got {value!r}")
-    return weight
-
-
 def _shard_columns(served: Mapping[str, "Served"]):
     """The columns of the parquet shards the collections were embedded from (recorded by
     ``unicom embed``, kept by ``unicom index``): one set for the one ``--shards`` folder."""
@@ -731,7 +706,7 @@ def create_app(
             if aesthetic_embeddings is None:
                 raise _error(400, "aesthetic_score: this server has no aesthetic embeddings to move the query towards "
                                   "(start it with --aesthetic-embeddings); leave aesthetic_score out")
-            aesthetic = (aesthetic_embeddings[_aesthetic_rating(rating[0])], _aesthetic_weight(rating[1]))
+            aesthetic = (aesthetic_embeddings[queries.aesthetic_rating(rating[0])], queries.aesthetic_weight(rating[1]))
         elif rating[1] not in (None, ""):
             raise _error(400, "aesthetic_weight says how far the query moves towards aesthetic_score's rating: give "
                               "aesthetic_score too, or leave it out")
@@ -852,8 +827,8 @@ def create_app(
             unsupported.append("aesthetic_score (no aesthetic embeddings: the query is not re-weighted; "
                                "--aesthetic-embeddings gives them)")
         elif knn.aesthetic_score not in (None, ""):
-            aesthetic = aesthetic_embeddings[_aesthetic_rating(knn.aesthetic_score)]
-            aesthetic_weight = _aesthetic_weight(knn.aesthetic_weight)
+            aesthetic = aesthetic_embeddings[queries.aesthetic_rating(knn.aesthetic_score)]
+            aesthetic_weight = queries.aesthetic_weight(knn.aesthetic_weight)
         if knn.num_images > MAX_METADATA_IDS:
             unsupported.append(f"num_images above {MAX_METADATA_IDS} (results past the {MAX_METADATA_IDS}th carry their "
                                "metadata without an image)")

@@ -84,6 +84,20 @@ def fresh(folder: Path) -> Path:
     return folder
 
 
+def side_by_side(title: str, args, ours, name: str, other, ours_out: Path, other_out: Path) -> list[str]:
+    """Lines comparing ``copy_images`` (``ours``) with ``other`` over every image, the two run in
+    turn ``args.repeat`` times (best of each), and whether their folders hold the same files."""
+    times = {"ours": [], "other": []}
+    for _ in range(args.repeat):
+        times["ours"].append(timed(ours))
+        times["other"].append(timed(other))
+    best, theirs = min(times["ours"]), min(times["other"])
+    same = digests(ours_out) == digests(other_out)
+    return ["", f"## {title}",
+            f"  {'copy_images':<17} {args.images / best:9,.0f} images/s",
+            f"  {name:<17} {args.images / theirs:9,.0f} images/s   ratio {theirs / best:.2f}x   identical files: {same}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=20_000)
@@ -103,7 +117,7 @@ def main() -> None:
     from unicom.search import subset
     from unicom.search.item_images import ItemImages
 
-    lines = [f"# benchmarks/copy_images.py", "",
+    lines = ["# benchmarks/copy_images.py", "",
              f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {subset.COPY_THREADS} copying threads; "
              f"best of {args.repeat} runs each; ratio: the other way's time over copy_images' (above 1: "
              "copy_images is the faster)", ""]
@@ -137,13 +151,8 @@ def main() -> None:
             for row in folder_index.metadata_table(every).to_pylist():
                 shutil.copy(row["image_path"], out)
 
-        ours = min(timed(ours_folder) for _ in range(args.repeat))
-        loop = min(timed(loop_folder) for _ in range(args.repeat))
-        same = digests(tmp / "out_ours") == digests(tmp / "out_loop")
-        lines += ["", "## an image folder, every item",
-                  f"  copy_images       {args.images / ours:9,.0f} images/s",
-                  f"  shutil.copy loop  {args.images / loop:9,.0f} images/s   ratio {loop / ours:.2f}x   "
-                  f"identical files: {same}"]
+        lines += side_by_side("an image folder, every item", args, ours_folder, "shutil.copy loop", loop_folder,
+                              tmp / "out_ours", tmp / "out_loop")
 
         # local tars, every item
         def ours_tars():
@@ -156,13 +165,8 @@ def main() -> None:
                     for member in tar:
                         (out / member.name).write_bytes(tar.extractfile(member).read())
 
-        ours = min(timed(ours_tars) for _ in range(args.repeat))
-        extract = min(timed(extract_tars) for _ in range(args.repeat))
-        same = digests(tmp / "out_ours") == digests(tmp / "out_tar")
-        lines += ["", "## local webdataset tars, every item",
-                  f"  copy_images       {args.images / ours:9,.0f} images/s",
-                  f"  tarfile, all      {args.images / extract:9,.0f} images/s   ratio {extract / ours:.2f}x   "
-                  f"identical files: {same}"]
+        lines += side_by_side("local webdataset tars, every item", args, ours_tars, "tarfile, all", extract_tars,
+                              tmp / "out_ours", tmp / "out_tar")
 
         # tars over HTTP, a share of the items
         lines += ["", f"## tars over HTTP (127.0.0.1, +{args.latency * 1e3:.0f} ms a request, "

@@ -357,6 +357,47 @@ def open_clip_reference(spec: str):
     return model.eval(), preprocess, open_clip.get_tokenizer(spec)
 
 
+# captions in several languages and scripts: the small tokenizer of tiny_mclip is trained on them
+MULTILINGUAL_CAPTIONS = [
+    "a photo of a cat", "une photo d'un chat", "ein Foto einer Katze", "фотография кошки", "一只猫的照片",
+    "a dog on the grass", "un chien sur l'herbe", "ein Hund auf dem Gras", "собака на траве", "草地上的狗",
+    "a red car at night", "une voiture rouge la nuit", "ein rotes Auto bei Nacht", "красная машина ночью",
+]
+
+
+def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
+    """A small M-CLIP text model folder laid out as published (config.json, pytorch_model.bin,
+    the tokenizer's files), built by M-CLIP's own model class (the ``multilingual-clip``
+    package) over a 2-layer XLM-RoBERTa (its folder in ``folder/base``, named by modelBase)
+    and a tokenizer trained on :data:`MULTILINGUAL_CAPTIONS`, with random weights.
+    Returns (the package's model, the tokenizer): the reference."""
+    import torch
+    from multilingual_clip import Config_MCLIP, pt_multilingual_clip
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
+    folder = Path(folder)
+    words = Tokenizer(models.Unigram())
+    words.normalizer = normalizers.NFKC()
+    words.pre_tokenizer = pre_tokenizers.Metaspace()
+    words.train_from_iterator(MULTILINGUAL_CAPTIONS, trainers.UnigramTrainer(
+        vocab_size=160, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    words.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # XLM-RoBERTa's ids of them
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+    torch.manual_seed(seed)
+    base = XLMRobertaConfig(vocab_size=words.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=34, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    XLMRobertaModel(base).save_pretrained(folder / "base")
+    config = Config_MCLIP.MCLIPConfig(modelBase=str(folder / "base"), transformerDimSize=32, imageDimSize=dims)
+    model = pt_multilingual_clip.MultilingualCLIP(config).eval()  # reads its transformer from modelBase
+    torch.nn.init.normal_(model.LinearTransformation.weight)
+    config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 CLIP_BENCHMARK_VERSION = "1.6.2"
 
 

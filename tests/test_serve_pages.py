@@ -498,6 +498,40 @@ def test_the_api_docs_page_renders_offline(live, page):
 # --------------------------------------------------------------------------- clip-retrieval's front end
 
 
+@pytest.fixture(scope="module")
+def multilingual(live, tmp_path_factory):
+    """An M-CLIP model into the tiny CLIP's 32-d space, a text whose best items it ranks
+    otherwise than the CLIP's own text tower, and both rankings."""
+    from support import MULTILINGUAL_CAPTIONS, tiny_mclip
+
+    from unicom.models.multilingual import load_multilingual
+
+    folder = tmp_path_factory.mktemp("mclip") / "model"
+    reference, tokenizer = tiny_mclip(folder, dims=32)
+    stored = live["stored"] / np.linalg.norm(live["stored"], axis=1, keepdims=True)
+    for text in MULTILINGUAL_CAPTIONS:
+        with torch.no_grad():
+            translated = reference.forward([text], tokenizer)[0].numpy()
+        own, other = brute_force(stored, _text_embedding(live["spec"], text), 5)[1], brute_force(stored, translated, 5)[1]
+        if own[0] != other[0]:
+            return {"model": load_multilingual(folder), "text": text, "own": own.tolist(), "multilingual": other.tolist()}
+    pytest.fail("the tiny CLIP and the tiny M-CLIP rank every caption's items alike")
+
+
+@pytest.mark.browser
+def test_our_page_embeds_the_text_with_the_multilingual_model_where_the_index_has_one(live, page, multilingual):
+    _open_page(page, live["url"])
+    assert not page.is_visible("#multilingual")  # a server without one offers none
+    with LiveServer(create_app({"photos": live["index"]}, load_encoder(live["spec"]), multilingual=multilingual["model"])) as url:
+        _open_page(page, url)
+        assert page.is_visible("#multilingual") and not page.is_checked("#multilingual")
+        _search_text(page, multilingual["text"], 5)
+        _wait_for_ids(page, multilingual["own"])
+        page.check("#multilingual")  # a change searches again, the text embedded by the multilingual model
+        _wait_for_ids(page, multilingual["multilingual"])
+    assert page.errors == [] and page.blocked == []
+
+
 def _clip_front_or_skip() -> Path:
     if not (CLIP_FRONT / "index.html").is_file():
         script = REPOSITORY / "scripts" / "install-clip-front.sh"
@@ -582,6 +616,25 @@ def test_clip_retrievals_front_end_shows_results_from_unicom_serve(live, page):
         assert everything == ranking.tolist()
         page.screenshot(path=str(Path(os.environ.get("UNICOM_SCREENSHOTS", "/tmp")) / "clip-front-on-unicom.png"))
         assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
+def test_clip_retrievals_multilingual_box_searches_with_unicom_serves_multilingual_model(live, page, multilingual):
+    port = free_port()
+    app = create_app({"photos": live["index"]}, load_encoder(live["spec"]), multilingual=multilingual["model"],
+                     cors_origins=[f"http://127.0.0.1:{port}"])
+    first_shown = "document.querySelector('clip-front').shadowRoot.querySelector('figure img.pic').getAttribute('src')"
+    with LiveServer(app) as url, clip_front(url, port) as front:
+        item_of = {base64.b64encode(_thumbnail(url, item)).decode(): item for item in range(len(live["stored"]))}
+        search_in_clip_front(page, front, multilingual["text"])
+        assert item_of[page.evaluate(first_shown).split("base64,")[1].strip()] == multilingual["own"][0]
+        page.locator("clip-front >> label", has_text="Search with multilingual clip").locator("input").click()
+        wait_until(page, f"({first_shown}).endsWith({json.dumps(_thumbnail_base64(url, multilingual['multilingual'][0]))})", 30)
+        assert page.errors == [] and page.blocked == []
+
+
+def _thumbnail_base64(url: str, item: int) -> str:
+    return base64.b64encode(_thumbnail(url, item)).decode()
 
 
 def _thumbnail(url: str, item: int) -> bytes:

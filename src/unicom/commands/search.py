@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="the model that embedded the collection (default: the one recorded in the index)")
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
+    add_multilingual_argument(parser, "embeds the --text queries (in about a hundred languages) instead of the model's "
+                                      "own text tower")
     parser.add_argument("-k", type=int, default=None,
                         help=f"results per query (default: {DEFAULT_K}; with --min-score, every result above it)")
     parser.add_argument("--min-score", type=float, default=None, metavar="S",
@@ -89,6 +91,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
+
+
+def add_multilingual_argument(parser: argparse.ArgumentParser, use: str) -> None:
+    parser.add_argument("--multilingual-model", default=None, metavar="MODEL",
+                        help="a multilingual text model into the collection's space (M-CLIP: a folder, or "
+                             "hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, ...-Vit-B-32 for ViT-B/32; needs "
+                             "unicom[multilingual]) that " + use)
+
+
+def load_multilingual_model(args: argparse.Namespace, indexes: dict):
+    """The model of ``--multilingual-model``, checked against each index (None without the option)."""
+    from unicom.models.multilingual import load_multilingual
+    from unicom.search.queries import check_text_model
+
+    if args.multilingual_model is None:
+        return None
+    model = load_multilingual(args.multilingual_model, _device(args))
+    for index in indexes.values():
+        check_text_model(index, model)
+    return model
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device is not None:
+        return args.device
+    from unicom import distributed
+
+    return distributed.local_device()
 
 
 def add_laion_arguments(parser: argparse.ArgumentParser, uses: dict[str, str]) -> None:
@@ -143,12 +173,7 @@ def load_checked_encoder(args: argparse.Namespace, index):
     from unicom.search.queries import check_model
 
     spec, pretrained = model_spec(args, index)
-    device = args.device
-    if device is None:
-        from unicom import distributed
-
-        device = distributed.local_device()
-    encoder = load_encoder(spec, pretrained, device)
+    encoder = load_encoder(spec, pretrained, _device(args))
     check_model(index, encoder)
     return encoder
 
@@ -208,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         if not lines:
             raise InputError(f"--text-file {file}: no text in the file (one query a line)")
         texts += lines
+    if args.multilingual_model is not None and not texts:
+        raise InputError("--multilingual-model embeds the --text (and --text-file) queries: give them, or leave it out")
     combined = args.text_weight is not None
     if combined:
         queries.parse_text_weight(args.text_weight, "--text-weight")
@@ -239,9 +266,11 @@ def run(args: argparse.Namespace) -> int:
     queries.check_filters({str(args.index): index}, aesthetic, violence, args.safety_column)
     remove = queries.result_filter(index, violence, args.safety_column, unsafe_values)
     stored = queries.StoredVectors(index, modality)
-    encoder = load_checked_encoder(args, index) if images or texts else None
+    text_model = load_multilingual_model(args, {str(args.index): index})
+    encoder = load_checked_encoder(args, index) if images or (texts and text_model is None) else None
+    text_model = text_model or encoder
     if texts:
-        queries.require_text(encoder)
+        queries.require_text(text_model)
     for query, image in zip(args.queries, images):  # an image too thin for the model's resize, named by its file
         try:
             check_resized_pixels(short_side_size(encoder.image_transform), image.size)
@@ -252,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         visual_vectors.append(stored(args.like))
     visual_vectors = np.concatenate(visual_vectors) if visual_vectors else np.zeros((0, dims), np.float32)
     visual_labels = [str(query) for query in args.queries] + [f"item {item}" for item in args.like]
-    text_vectors = queries.text_vectors(encoder, texts, dims)
+    text_vectors = queries.text_vectors(text_model, texts, dims)
     if combined:
         pairs = max(len(visual_labels), len(texts))
         pick_visual = (lambda i: i) if len(visual_labels) == pairs else (lambda i: 0)

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from unicom.commands.search import add_laion_arguments
+from unicom.commands.search import add_laion_arguments, add_multilingual_argument
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model that embedded the collections (default: the one recorded in each index; "
                         "without either, only embedding and item queries are served)")
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
+    add_multilingual_argument(parser, "embeds the texts of /knn-service's use_mclip (clip-retrieval's front end's "
+                                      "\"multilingual\" box) and /search's multilingual (the page's Multilingual), for "
+                                      "every index")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
@@ -116,17 +119,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
     from unicom.commands import configure_logging
-    from unicom.commands.search import laion_files, load_checked_encoder, model_spec
+    from unicom.commands.search import laion_files, load_checked_encoder, load_multilingual_model, model_spec
 
     configure_logging()
     root_path = root_path_of(args.root_path)
     # LAION's files for /knn-service's options, read first: a wrong one is named before the model loads
     aesthetic, violence, unsafe_values = laion_files(args)
     indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
+    multilingual = load_multilingual_model(args, indexes)
     encoders, loaded = {}, {}
     for name, index in indexes.items():
         if not (args.model or (index.config.get("model") or {}).get("spec")):
-            print(f"{index.location}: no model recorded and no --model given: serving embedding and item queries only", file=sys.stderr)
+            served = "embedding, item and multilingual text queries" if multilingual else "embedding and item queries"
+            print(f"{index.location}: no model recorded and no --model given: serving {served} only", file=sys.stderr)
             encoders[name] = None
             continue
         spec = model_spec(args, index)
@@ -157,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         violence_prompts=violence,
         safety_column=args.safety_column,
         unsafe_values=unsafe_values,
+        multilingual=multilingual,
     )
     if args.host not in LOOPBACK:
         print(f"listening on {args.host}: anyone who can reach this machine can query the index", file=sys.stderr)

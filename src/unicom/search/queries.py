@@ -56,7 +56,7 @@ def check_model(index, encoder) -> None:
     so it matches while timm or open_clip build it the same way.
     """
     recorded_model = index.config.get("model") or {}
-    expected = index.config.get("source_dims", index.dims)
+    expected = source_dims(index)
     if encoder.embedding_dim != expected:
         hint = f" ({recorded_model['spec']})" if recorded_model.get("spec") else ""
         raise InputError(
@@ -79,6 +79,23 @@ def check_model(index, encoder) -> None:
         "and earlier unicom versions drew them unseeded): save the model's weights, embed the collection with them "
         "and index it again"
     )
+
+
+def source_dims(index) -> int:
+    """The dimensions of the embeddings the index was built from (an index may keep their first ones only)."""
+    return index.config.get("source_dims", index.dims)
+
+
+def check_text_model(index, encoder) -> None:
+    """Raise :class:`InputError` unless the text model ``encoder`` (a multilingual one) gives
+    embeddings of ``index``'s collection's dimensions. That it shares the collection's space
+    is the user's word: an M-CLIP model is trained into one CLIP model's space."""
+    if encoder.embedding_dim != source_dims(index):
+        raise InputError(
+            f"{encoder.name} gives {encoder.embedding_dim}-dimensional text embeddings, but {index.location} was built from "
+            f"{source_dims(index)}-dimensional ones; give the multilingual model trained into the space of the model that "
+            "embedded the collection (M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, -Vit-B-32 for ViT-B/32)"
+        )
 
 
 def require_text(encoder) -> None:

@@ -52,6 +52,8 @@ class SearchRequest(BaseModel):
                                                               "aesthetic)")
     aesthetic_weight: Number | None = Field(None, description="how far (default 0.5): query + weight x embedding, "
                                                               "re-normalised")
+    multilingual: bool = Field(False, description="embed the text with the index's multilingual text model (M-CLIP: "
+                                                  "texts in about a hundred languages; /healthz's multilingual)")
 
 
 class Hit(BaseModel):
@@ -90,7 +92,9 @@ class KnnRequest(BaseModel):
     num_result_ids: Integer | None = Field(None, description="results searched (default: num_images)")
     indice_name: str | None = Field(None, description="a name from /indices-list (default: the first)")
     deduplicate: bool = False
-    use_mclip: bool = Field(False, description="unsupported: there is no multilingual text model; answered with the model's own")
+    use_mclip: bool = Field(False, description="embed the text with the multilingual text model (with "
+                                               "--multilingual-model; unsupported, and named as such, without: the "
+                                               "model's own text tower embeds it)")
     use_safety_model: bool = Field(False, description="leave out results that the metadata's safety column marks (with "
                                                       "--safety-column; unsupported, and named as such, without)")
     use_violence_detector: bool = Field(False, description="leave out results that LAION's violence prompts mark (with "
@@ -132,6 +136,7 @@ class IndexHealth(BaseModel):
     text_search_reason: str | None = Field(description="why text queries are refused, when they are")
     modalities: list[str] = Field(description="the embeddings /search's modality can search: image, and text where "
                                               "the index holds caption embeddings")
+    multilingual: bool = Field(description="whether /search takes multilingual: the index has a multilingual text model")
 
 
 class Health(IndexHealth):

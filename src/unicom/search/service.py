@@ -78,7 +78,7 @@ MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
 FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality",
-               "aesthetic_score", "aesthetic_weight")  # /search as multipart/form-data
+               "aesthetic_score", "aesthetic_weight", "multilingual")  # /search as multipart/form-data
 
 
 def _inline_scripts_allowed(page: Path) -> str:
@@ -252,6 +252,7 @@ class Served:
     name: str
     index: Index
     encoder: Any = None
+    multilingual: Any = None  # a multilingual text model into the collection's space (M-CLIP), or None
     stored: dict[str, queries.StoredVectors] = field(init=False)
     model_input: ModelInput | None = field(init=False, default=None)
 
@@ -264,10 +265,21 @@ class Served:
     @property
     def text_reason(self) -> str | None:
         try:
-            queries.require_text(self.encoder)
+            self.text_model(False)
         except InputError as error:
             return str(error)
         return None
+
+    def text_model(self, multilingual: bool):
+        """The model that embeds a text query: the multilingual one when asked for, or when the
+        collection's model embeds no texts; else the collection's."""
+        if multilingual and self.multilingual is None:
+            raise InputError(f"multilingual: {self.name} has no multilingual text model (start the server with "
+                             "--multilingual-model, the M-CLIP model of the collection's CLIP model); leave it out")
+        if self.multilingual is not None and (multilingual or self.encoder is None or not self.encoder.has_text):
+            return self.multilingual
+        queries.require_text(self.encoder)
+        return self.encoder
 
 
 @dataclass
@@ -278,6 +290,7 @@ class Search:
     k: int
     image: Any = None
     text: str | None = None
+    text_encoder: Any = None  # the model of the text (default: the collection's)
     vector: np.ndarray | None = None
     text_weight: float = queries.TEXT_WEIGHT
     deduplicate: bool = False
@@ -294,12 +307,13 @@ def _query_vectors(batch: list[Search]) -> list[np.ndarray | Exception]:
     texts: dict[int, list[int]] = {}
     encoders: dict[int, Any] = {}
     for position, search in enumerate(batch):
-        key = id(search.served.encoder)
-        encoders[key] = search.served.encoder
         if search.image is not None:
-            images.setdefault(key, []).append(position)
+            encoders[id(search.served.encoder)] = search.served.encoder
+            images.setdefault(id(search.served.encoder), []).append(position)
         if search.text is not None:
-            texts.setdefault(key, []).append(position)
+            text_encoder = search.served.encoder if search.text_encoder is None else search.text_encoder
+            encoders[id(text_encoder)] = text_encoder
+            texts.setdefault(id(text_encoder), []).append(position)
     image_rows: dict[int, np.ndarray] = {}
     text_rows: dict[int, np.ndarray] = {}
     for key, positions in images.items():
@@ -390,6 +404,7 @@ def create_app(
     violence_prompts: np.ndarray | None = None,
     safety_column: str | None = None,
     unsafe_values: Sequence[str] = queries.UNSAFE_VALUES,
+    multilingual=None,
 ) -> FastAPI:
     """The FastAPI app of ``unicom serve`` (see the module docstring).
 
@@ -415,6 +430,10 @@ def create_app(
     which ``use_safety_model`` leaves results out (:func:`~unicom.search.queries.unsafe`,
     with ``unsafe_values`` for a text column). ``/search`` with ``"safe": true`` applies both
     filters the server has (``/healthz``'s ``safe_search`` says whether it has one).
+    multilingual: a multilingual text model into the collections' space
+    (:func:`unicom.models.multilingual.load_multilingual`; or names -> models), which embeds
+    the texts of ``/knn-service``'s ``use_mclip`` and ``/search``'s ``multilingual`` (and
+    every text of an index whose own model embeds none).
     """
     indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
@@ -422,12 +441,15 @@ def create_app(
     if not 1 <= default_k <= max_k:
         raise InputError(f"default_k {default_k} (-k) must be between 1 and max_k {max_k} (--max-k)")
     encoders = dict(encoder) if isinstance(encoder, Mapping) else {name: encoder for name in indexes}
+    multilinguals = dict(multilingual) if isinstance(multilingual, Mapping) else {name: multilingual for name in indexes}
     served: dict[str, Served] = {}
     for name, item in indexes.items():
         model = encoders.get(name)
         if model is not None:
             queries.check_model(item, model)
-        served[name] = Served(name, item, model)
+        if multilinguals.get(name) is not None:
+            queries.check_text_model(item, multilinguals[name])
+        served[name] = Served(name, item, model, multilinguals.get(name))
     queries.check_filters({name: item.index for name, item in served.items()}, aesthetic_embeddings, violence_prompts,
                           safety_column)
     default = next(iter(served))
@@ -531,7 +553,7 @@ def create_app(
             {"name": s.name, "count": len(s.index), "dims": s.index.dims, "type": s.index.type,
              "model": None if s.encoder is None else s.encoder.name, "image_search": s.encoder is not None,
              "text_search": s.text_reason is None, "text_search_reason": s.text_reason,
-             "modalities": list(s.index.modalities)}
+             "modalities": list(s.index.modalities), "multilingual": s.multilingual is not None}
             for s in served.values()
         ]
         return {
@@ -583,7 +605,7 @@ def create_app(
 
     async def build_search(target: Served, *, text, image_data, image_name, like, embedding, text_weight, k, deduplicate,
                            min_score: float | None = None, embedding_name: str = "embedding",
-                           modality: str | None = None) -> Search:
+                           modality: str | None = None, multilingual: bool = False) -> Search:
         given = [name for name, value in (("image", image_data), ("like", like), ("embedding", embedding)) if value is not None]
         if len(given) > 1:
             raise _error(400, f"give one of image, like and embedding (with a text, if you like), not {' and '.join(given)}")
@@ -594,14 +616,15 @@ def create_app(
                               "model reads only its first words); send a shorter text")
         if not given and text is None:
             raise _error(400, 'nothing to search for: send a "text", an "image", a "like" item id or an "embedding"')
+        text_encoder = None
         if text is not None:
             try:
-                queries.require_text(target.encoder)
+                text_encoder = target.text_model(multilingual)
             except InputError as error:
                 raise _error(400, str(error)) from None
         modality = check_modality(target, modality)
-        search = Search(target, k, text=text, text_weight=queries.parse_text_weight(text_weight), deduplicate=deduplicate,
-                        min_score=min_score, modality=modality)
+        search = Search(target, k, text=text, text_encoder=text_encoder, text_weight=queries.parse_text_weight(text_weight),
+                        deduplicate=deduplicate, min_score=min_score, modality=modality)
         if embedding is not None:
             search.vector = _embedding_vector(embedding, target.index.modality_dims(modality), embedding_name)
         elif like is not None:  # the item's vector in the embeddings searched: its caption's for text
@@ -667,7 +690,8 @@ def create_app(
             values = dict(text=form.get("text"), like=like, embedding=None, text_weight=form.get("text_weight"),
                           k=_parse_k(form.get("k", k_query), default_k, max_k), min_score=_parse_min_score(form.get("min_score")),
                           deduplicate=_parse_bool(form.get("deduplicate"), "deduplicate"),
-                          modality=form.get("modality") or None)
+                          modality=form.get("modality") or None,
+                          multilingual=_parse_bool(form.get("multilingual"), "multilingual"))
             safe = _parse_bool(form.get("safe"), "safe")
             rating = (form.get("aesthetic_score"), form.get("aesthetic_weight"))
         elif content_type == "application/json":
@@ -689,7 +713,7 @@ def create_app(
                           embedding=request_model.embedding, text_weight=request_model.text_weight,
                           k=_parse_k(request_model.k if request_model.k is not None else k_query, default_k, max_k),
                           min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate,
-                          modality=request_model.modality)
+                          modality=request_model.modality, multilingual=request_model.multilingual)
             safe = request_model.safe
             rating = (request_model.aesthetic_score, request_model.aesthetic_weight)
         else:
@@ -832,8 +856,9 @@ def create_app(
         if knn.num_images > MAX_METADATA_IDS:
             unsupported.append(f"num_images above {MAX_METADATA_IDS} (results past the {MAX_METADATA_IDS}th carry their "
                                "metadata without an image)")
-        if knn.use_mclip and knn.text:
-            unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower)")
+        if knn.use_mclip and knn.text and target.multilingual is None:
+            unsupported.append("use_mclip (no multilingual model: the text is embedded by the model's own text tower; "
+                               "--multilingual-model gives one)")
         unknown = sorted(knn.model_extra or {})  # accepted, as clip-retrieval does, but not unseen (a misspelt num_images)
         if unknown:
             shown = ", ".join(json.dumps(key[:40]) for key in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
@@ -857,7 +882,8 @@ def create_app(
             raise _error(400, "must fill one of text, image, image_url and embedding_input")
         try:
             item = await build_search(target, text_weight=None, k=k, deduplicate=knn.deduplicate,
-                                      embedding_name="embedding_input", modality=knn.modality, **values)
+                                      embedding_name="embedding_input", modality=knn.modality,
+                                      multilingual=knn.use_mclip and target.multilingual is not None, **values)
         finally:
             values["image_data"] = None
             await app.state.fetches.release(fetched)

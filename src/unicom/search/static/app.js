@@ -28,6 +28,8 @@ const aestheticSelect = $("aesthetic");
 const aestheticWeightRow = $("aesthetic-weight-row");
 const aestheticWeightInput = $("aesthetic-weight");
 const modalitySelect = $("modality");
+const multilingualRow = $("multilingual-row");
+const multilingualInput = $("multilingual");
 const MODALITY_NAMES = { image: "Images", text: "Captions" };
 const errorLine = $("error");
 const summary = $("summary");
@@ -69,7 +71,9 @@ function currentIndex() {
 }
 
 function describe(entry) {
-  const model = entry.model ? `model ${entry.model}` : "no model: embedding and item queries only";
+  const model = entry.model ? `model ${entry.model}` : entry.multilingual
+    ? "no image model: multilingual text, embedding and item queries"
+    : "no model: embedding and item queries only";
   return `${entry.count.toLocaleString()} items · ${entry.type} index · ${entry.dims} dimensions · ${model}`;
 }
 
@@ -87,6 +91,7 @@ function applyIndex() {
   }));
   modalitySelect.value = chosen;
   modalityRow.hidden = modalities.length < 2;
+  multilingualRow.hidden = !entry.multilingual; // where the index has a multilingual text model
   textInput.disabled = !entry.text_search;
   textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;
   textInput.title = entry.text_search ? "" : entry.text_search_reason;
@@ -221,6 +226,7 @@ async function search() {
   if (minScoreInput.value.trim() !== "") common.min_score = Number(minScoreInput.value); // empty: any score
   if (health !== null && health.safe_search && safeInput.checked) common.safe = true;
   if (!modalityRow.hidden) common.modality = modalitySelect.value;
+  if (!multilingualRow.hidden && multilingualInput.checked && text) common.multilingual = true;
   if (health !== null && health.aesthetic && aestheticSelect.value !== "") {
     common.aesthetic_score = Number(aestheticSelect.value);
     if (aestheticWeightInput.value.trim() !== "") common.aesthetic_weight = Number(aestheticWeightInput.value);
@@ -316,6 +322,7 @@ downloadButton.addEventListener("click", () => {
 });
 safeInput.addEventListener("change", search);
 modalitySelect.addEventListener("change", search);
+multilingualInput.addEventListener("change", () => { if (textInput.value.trim()) search(); });
 aestheticSelect.addEventListener("change", search);
 aestheticWeightInput.addEventListener("change", search);
 indexSelect.addEventListener("change", () => { applyIndex(); source = source && source.kind === "file" ? source : null; search(); });

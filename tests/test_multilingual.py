@@ -1,0 +1,313 @@
+"""Multilingual text queries: M-CLIP's text models (``unicom.models.multilingual``) against M-CLIP's
+own model class (the ``multilingual-clip`` package) on a small model built in the test, and
+their use by ``unicom search --multilingual-model``, ``/search``'s ``multilingual`` and
+``/knn-service``'s ``use_mclip``, against brute force over the collection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from support import MULTILINGUAL_CAPTIONS, tiny_mclip
+
+from unicom.cli import main
+from unicom.embed import embed_texts
+from unicom.errors import InputError
+from unicom.models.multilingual import load_multilingual
+from unicom.search.index import Index
+from unicom.search.service import UNSUPPORTED_HEADER, create_app
+
+from test_index_clip_retrieval import write_collection
+
+DIMS = 16
+QUERIES = ["une photo d'un chat", "собака на траве", "一只红色的车", "a red car at night"]
+
+
+@pytest.fixture(scope="module")
+def mclip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mclip") / "model"
+    reference, tokenizer = tiny_mclip(folder, dims=DIMS)
+    return {"folder": folder, "reference": reference, "tokenizer": tokenizer, "model": load_multilingual(folder)}
+
+
+def reference_embeddings(mclip, texts: list[str], max_length: int | None = None) -> np.ndarray:
+    """M-CLIP's own forward pass (its tokenization, mean over the tokens, projection), unit rows."""
+    tokenizer = mclip["tokenizer"]
+    tokenize = tokenizer if max_length is None else (
+        lambda batch, **options: tokenizer(batch, truncation=True, max_length=max_length, **options))
+    with torch.no_grad():
+        embedded = mclip["reference"].forward(texts, tokenize)
+    return torch.nn.functional.normalize(embedded, dim=-1).numpy()
+
+
+def copy_model(mclip, target):
+    shutil.copytree(mclip["folder"], target)
+    return target
+
+
+def test_texts_in_many_languages_embed_as_m_clip_s_own_model_embeds_them(mclip):
+    texts = MULTILINGUAL_CAPTIONS[:5] + ["<pad> un chat", "猫"]  # a text may hold the padding token itself
+    assert max(len(ids) for ids in mclip["tokenizer"](texts)["input_ids"]) <= 32  # the reference cuts no text
+    expected = reference_embeddings(mclip, texts)
+    # in batches of two and of all: the padding each batch adds changes nothing
+    for batch_size in (2, 64):
+        embedded = embed_texts(mclip["model"], texts, batch_size=batch_size)
+        assert embedded.shape == (len(texts), DIMS)
+        np.testing.assert_allclose(embedded, expected, atol=2e-6)
+    assert mclip["model"].embedding_dim == DIMS and mclip["model"].has_text
+
+
+def test_a_text_longer_than_the_transformer_s_positions_is_cut_to_them(mclip):
+    long = " ".join(MULTILINGUAL_CAPTIONS) * 3
+    tokens = mclip["tokenizer"]([long])["input_ids"][0]
+    assert len(tokens) > 32  # the small model's 34 positions hold 32 tokens (RoBERTa's start after the padding index)
+    assert mclip["model"].max_tokens == 32
+    embedded = embed_texts(mclip["model"], [long, "un chien"])
+    np.testing.assert_allclose(embedded, reference_embeddings(mclip, [long, "un chien"], max_length=32), atol=2e-6)
+
+
+def test_safetensors_weights_and_older_checkpoints_load_the_same_model(mclip, tmp_path):
+    from safetensors.torch import save_file
+
+    expected = embed_texts(mclip["model"], QUERIES)
+    state = torch.load(mclip["folder"] / "pytorch_model.bin", weights_only=True)
+    safetensors = copy_model(mclip, tmp_path / "safetensors")
+    (safetensors / "pytorch_model.bin").unlink()
+    save_file({key: value.contiguous() for key, value in state.items()}, safetensors / "model.safetensors")
+    np.testing.assert_array_equal(embed_texts(load_multilingual(safetensors), QUERIES), expected)
+    # older transformers versions saved the positions' ids with the weights
+    older = copy_model(mclip, tmp_path / "older")
+    torch.save({**state, "transformer.embeddings.position_ids": torch.arange(34)[None]}, older / "pytorch_model.bin")
+    np.testing.assert_array_equal(embed_texts(load_multilingual(older), QUERIES), expected)
+
+
+def test_a_folder_that_is_not_an_m_clip_model_is_named_with_what_it_lacks(mclip, tmp_path):
+    with pytest.raises(InputError, match="no such folder.*hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14"):
+        load_multilingual(tmp_path / "absent")
+    base = mclip["folder"] / "base"  # an XLM-RoBERTa folder: no M-CLIP
+    with pytest.raises(InputError, match="model_type 'xlm-roberta', not 'M-CLIP'"):
+        load_multilingual(base)
+    folder = copy_model(mclip, tmp_path / "config")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({key: value for key, value in config.items() if key != "numDims"}))
+    with pytest.raises(InputError, match="config.json: no numDims"):
+        load_multilingual(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "numDims": 24}))
+    with pytest.raises(InputError, match=r"LinearTransformation.weight has shape \(16, 32\), the model \(24, 32\)"):
+        load_multilingual(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "transformerDimensions": 48}))
+    with pytest.raises(InputError, match="transformerDimensions 48, but .* has 32-wide states"):
+        load_multilingual(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "modelBase": str(tmp_path / "no-base")}))
+    with pytest.raises(InputError, match="modelBase .*no-base.*: its configuration could not be read"):
+        load_multilingual(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({key: value for key, value in state.items() if not key.startswith("LinearTransformation")},
+               folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="lacks 2 tensors \\(LinearTransformation.weight, LinearTransformation.bias\\)"):
+        load_multilingual(folder)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(InputError, match="no weights \\(model.safetensors or pytorch_model.bin\\)"):
+        load_multilingual(folder)
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_unread(mclip, tmp_path):
+    folder = copy_model(mclip, tmp_path / "pickled")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({"state": state, "note": InputError("a Python object")}, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="holds Python objects besides tensors.*not unpickled"):
+        load_multilingual(folder)
+
+
+def test_without_transformers_the_error_says_what_to_install(mclip, monkeypatch):
+    for name in [name for name in sys.modules if name == "transformers" or name.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(InputError, match=r"need the transformers package.*pip install 'unicom\[multilingual\]'"):
+        load_multilingual(mclip["folder"])
+
+
+def test_the_text_model_embeds_no_images(mclip):
+    with pytest.raises(InputError, match="embeds texts only"):
+        mclip["model"].encode_image(torch.zeros(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------------- search and serve
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, mclip):
+    """A collection of 16-d image and caption embeddings (clip-retrieval's layout), no model recorded."""
+    root = tmp_path_factory.mktemp("multilingual-index")
+    parts = write_collection(root / "emb", {0: 40, 1: 30}, d=DIMS)
+    index = Index.build(root / "emb", root / "index", layout="clip-retrieval", index_type="flat")
+    return {"root": root, "index": index, "images": np.concatenate([parts[0][0], parts[1][0]]),
+            "texts": np.concatenate([parts[0][1], parts[1][1]])}
+
+
+def ranked(vectors: np.ndarray, query: np.ndarray, k: int) -> list[int]:
+    return np.argsort(-(vectors @ query), kind="stable")[:k].tolist()
+
+
+def test_the_command_searches_with_the_multilingual_model(mclip, collection, capsys):
+    expected = reference_embeddings(mclip, QUERIES[:2])
+    code = main(["search", "--index", str(collection["root"] / "index"), "--text", QUERIES[0], "--text", QUERIES[1],
+                 "--multilingual-model", str(mclip["folder"]), "-k", "5", "--json"])
+    assert code == 0
+    answers = json.loads(capsys.readouterr().out)
+    for answer, query in zip(answers, expected):
+        assert [hit["id"] for hit in answer["results"]] == ranked(collection["images"], query, 5)
+        np.testing.assert_allclose([hit["score"] for hit in answer["results"]],
+                                   np.sort(collection["images"] @ query)[::-1][:5], atol=1e-5)
+    # the caption embeddings, with --modality text
+    code = main(["search", "--index", str(collection["root"] / "index"), "--text", QUERIES[2], "--modality", "text",
+                 "--multilingual-model", str(mclip["folder"]), "-k", "4", "--json"])
+    assert code == 0
+    query = reference_embeddings(mclip, QUERIES[2:3])[0]
+    assert [hit["id"] for hit in json.loads(capsys.readouterr().out)[0]["results"]] == ranked(collection["texts"], query, 4)
+
+
+def test_the_command_refuses_a_multilingual_model_without_texts_or_of_other_dimensions(mclip, collection, tmp_path, capsys):
+    index = str(collection["root"] / "index")
+    assert main(["search", "--index", index, "--like", "3", "--multilingual-model", str(mclip["folder"])]) == 2
+    assert "--multilingual-model embeds the --text" in capsys.readouterr().err
+    other = tmp_path / "other"
+    tiny_mclip(other, dims=DIMS + 8)
+    assert main(["search", "--index", index, "--text", "un chat", "--multilingual-model", str(other)]) == 2
+    assert "gives 24-dimensional text embeddings, but" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def served(mclip, collection):
+    with_model = TestClient(create_app(collection["index"], multilingual=mclip["model"]))
+    without = TestClient(create_app(collection["index"]))
+    return {"with": with_model, "without": without}
+
+
+def test_search_embeds_texts_with_the_multilingual_model(served, mclip, collection):
+    client = served["with"]
+    for text, query in zip(QUERIES, reference_embeddings(mclip, QUERIES)):
+        for body in ({"text": text, "k": 6, "multilingual": True}, {"text": text, "k": 6}):  # its only text model
+            answer = client.post("/search", json=body)
+            assert answer.status_code == 200, answer.text
+            assert [hit["id"] for hit in answer.json()["results"]] == ranked(collection["images"], query, 6)
+    query = reference_embeddings(mclip, QUERIES[1:2])[0]
+    answer = client.post("/search", files={"text": (None, QUERIES[1]), "multilingual": (None, "true"), "k": (None, "5"),
+                                           "modality": (None, "text")})
+    assert answer.status_code == 200, answer.text
+    assert [hit["id"] for hit in answer.json()["results"]] == ranked(collection["texts"], query, 5)
+    health = client.get("/healthz").json()
+    assert health["multilingual"] is True and health["text_search"] is True and health["image_search"] is False
+
+
+def test_a_multilingual_text_combines_with_an_item(served, mclip, collection):
+    text = reference_embeddings(mclip, QUERIES[:1])[0]
+    mixed = 0.6 * collection["images"][9] + 0.4 * text
+    answer = served["with"].post("/search", json={"like": 9, "text": QUERIES[0], "text_weight": 0.4, "multilingual": True})
+    assert answer.status_code == 200, answer.text
+    assert [hit["id"] for hit in answer.json()["results"]] == ranked(collection["images"], mixed / np.linalg.norm(mixed), 10)
+
+
+def test_knn_service_honours_use_mclip(served, mclip, collection):
+    query = reference_embeddings(mclip, QUERIES[3:4])[0]
+    body = {"text": QUERIES[3], "use_mclip": True, "num_images": 7, "modality": "image"}
+    answer = served["with"].post("/knn-service", content=json.dumps(body))
+    assert answer.status_code == 200, answer.text
+    assert UNSUPPORTED_HEADER not in answer.headers
+    assert [hit["id"] for hit in answer.json()] == ranked(collection["images"], query, 7)
+    np.testing.assert_allclose([hit["similarity"] for hit in answer.json()],
+                               np.sort(collection["images"] @ query)[::-1][:7], atol=1e-5)
+
+
+def test_without_a_multilingual_model_the_server_says_so(served):
+    client = served["without"]
+    answer = client.post("/search", json={"text": "un chat", "multilingual": True})
+    assert answer.status_code == 400
+    assert "has no multilingual text model (start the server with --multilingual-model" in answer.json()["detail"]
+    assert client.get("/healthz").json()["multilingual"] is False
+    # clip-retrieval's front end sends use_mclip from its box: named as unsupported; here no model embeds the text at all
+    answer = client.post("/knn-service", content=json.dumps({"text": "un chat", "use_mclip": True}))
+    assert answer.status_code == 400 and "no model to embed texts" in answer.json()["detail"]
+    answer = client.post("/knn-service", content=json.dumps({"embedding_input": [0.25] * DIMS, "use_mclip": True,
+                                                             "text": ""}))
+    assert answer.status_code == 200 and UNSUPPORTED_HEADER not in answer.headers
+
+
+def test_the_server_refuses_a_multilingual_model_of_other_dimensions(mclip, collection, tmp_path):
+    other = tmp_path / "other"
+    tiny_mclip(other, dims=DIMS * 2)
+    with pytest.raises(InputError, match="gives 32-dimensional text embeddings, but .* 16-dimensional ones"):
+        create_app(collection["index"], multilingual=load_multilingual(other))
+
+
+def test_beside_the_collection_s_own_text_tower_the_multilingual_model_embeds_the_texts_that_ask_for_it(tmp_path):
+    from support import clip_collection_with_texts
+
+    from unicom.models.encoders import load_encoder
+
+    text = QUERIES[0]
+    found = clip_collection_with_texts(tmp_path / "clip", [text])  # a tiny open_clip CLIP, 32-d
+    mclip = {"folder": tmp_path / "mclip"}
+    mclip["reference"], mclip["tokenizer"] = tiny_mclip(mclip["folder"], dims=32)
+    own, multilingual = found["texts"][0], reference_embeddings(mclip, [text])[0]
+    assert ranked(found["stored"], own, 5) != ranked(found["stored"], multilingual, 5)  # the two models tell apart
+    client = TestClient(create_app(found["index"], load_encoder(found["spec"]), multilingual=load_multilingual(mclip["folder"])))
+    for body, query in (({"text": text, "k": 5}, own), ({"text": text, "k": 5, "multilingual": True}, multilingual)):
+        answer = client.post("/search", json=body)
+        assert answer.status_code == 200, answer.text
+        assert [hit["id"] for hit in answer.json()["results"]] == ranked(found["stored"], query, 5)
+    for use_mclip, query in ((False, own), (True, multilingual)):
+        answer = client.post("/knn-service", content=json.dumps({"text": text, "use_mclip": use_mclip, "num_images": 5}))
+        assert answer.status_code == 200, answer.text
+        assert [hit["id"] for hit in answer.json()] == ranked(found["stored"], query, 5)
+
+
+HUB_LOAD = """
+import json, sys
+import numpy as np
+from unicom.embed import embed_texts
+from unicom.models.multilingual import load_multilingual
+
+model = load_multilingual("hf-hub:org/mclip")
+np.save(sys.argv[-1], embed_texts(model, json.loads(sys.argv[-2])))
+"""
+
+
+def test_a_model_on_the_hub_loads_with_its_base_s_configuration_and_then_offline(mclip, tmp_path):
+    import os
+    import subprocess
+
+    from test_hf_hub import Hub
+
+    files = {path.name: path.read_bytes() for path in mclip["folder"].iterdir() if path.is_file()}
+    config = json.loads(files["config.json"])
+    files["config.json"] = json.dumps({**config, "modelBase": "org/xlm-roberta-small"}).encode()  # a Hub name
+    base = {"config.json": (mclip["folder"] / "base" / "config.json").read_bytes()}  # its configuration alone
+    hub = Hub({"org/mclip": files, "org/xlm-roberta-small": base})
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    for name in ("UNICOM_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env.pop(name, None)
+
+    def run(name: str, env: dict) -> np.ndarray:
+        result = subprocess.run([sys.executable, "-c", HUB_LOAD, json.dumps(QUERIES), str(tmp_path / name)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return np.load(tmp_path / name)
+
+    try:
+        online = run("online.npy", env)
+    finally:
+        hub.close()
+    assert {path for _, path in hub.requests if "/resolve/" in path} >= {
+        "/org/mclip/resolve/main/config.json", "/org/xlm-roberta-small/resolve/main/config.json"}
+    offline = run("offline.npy", {**env, "UNICOM_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # the Hub is gone
+    expected = reference_embeddings(mclip, QUERIES)
+    np.testing.assert_allclose(online, expected, atol=2e-6)
+    np.testing.assert_array_equal(offline, online)

@@ -365,18 +365,13 @@ MULTILINGUAL_CAPTIONS = [
 ]
 
 
-def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
-    """A small M-CLIP text model folder laid out as published (config.json, pytorch_model.bin,
-    the tokenizer's files), built by M-CLIP's own model class (the ``multilingual-clip``
-    package) over a 2-layer XLM-RoBERTa (its folder in ``folder/base``, named by modelBase)
-    and a tokenizer trained on :data:`MULTILINGUAL_CAPTIONS`, with random weights.
-    Returns (the package's model, the tokenizer): the reference."""
+def tiny_xlm_roberta(folder: Path, seed: int = 0, max_positions: int = 34):
+    """A 2-layer XLM-RoBERTa with random weights and a tokenizer trained on
+    :data:`MULTILINGUAL_CAPTIONS`, saved in ``folder`` (a Hugging Face model folder). Returns the tokenizer."""
     import torch
-    from multilingual_clip import Config_MCLIP, pt_multilingual_clip
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
-    folder = Path(folder)
     words = Tokenizer(models.Unigram())
     words.normalizer = normalizers.NFKC()
     words.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -386,9 +381,24 @@ def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         unk_token="<unk>", cls_token="<s>", sep_token="</s>")
     torch.manual_seed(seed)
-    base = XLMRobertaConfig(vocab_size=words.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=34, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    XLMRobertaModel(base).save_pretrained(folder / "base")
+    config = XLMRobertaConfig(vocab_size=words.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=max_positions, pad_token_id=1, bos_token_id=0,
+                              eos_token_id=2)
+    XLMRobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
+    """A small M-CLIP text model folder laid out as published (config.json, pytorch_model.bin,
+    the tokenizer's files), built by M-CLIP's own model class (the ``multilingual-clip``
+    package) over :func:`tiny_xlm_roberta` (its folder in ``folder/base``, named by
+    modelBase), with random weights. Returns (the package's model, the tokenizer): the reference."""
+    import torch
+    from multilingual_clip import Config_MCLIP, pt_multilingual_clip
+
+    folder = Path(folder)
+    tokenizer = tiny_xlm_roberta(folder / "base", seed)
     config = Config_MCLIP.MCLIPConfig(modelBase=str(folder / "base"), transformerDimSize=32, imageDimSize=dims)
     model = pt_multilingual_clip.MultilingualCLIP(config).eval()  # reads its transformer from modelBase
     torch.nn.init.normal_(model.LinearTransformation.weight)
@@ -396,6 +406,26 @@ def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def tiny_sentence_transformer(folder: Path, dims: int = 16, bias: bool = False, tanh: bool = False, seed: int = 0,
+                              max_seq_length: int = 20):
+    """A small multilingual CLIP text model as sentence-transformers saves one (modules.json: a
+    Transformer over :func:`tiny_xlm_roberta`, a mean Pooling, a Dense layer to ``dims``),
+    saved in ``folder`` by the ``sentence-transformers`` package. Returns its model: the reference."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    folder = Path(folder)
+    tiny_xlm_roberta(folder.parent / f"{folder.name}-base", seed)
+    torch.manual_seed(seed + 1)
+    transformer = Transformer(str(folder.parent / f"{folder.name}-base"), max_seq_length=max_seq_length)
+    dense = Dense(32, dims, bias=bias, activation_function=torch.nn.Tanh() if tanh else torch.nn.Identity())
+    model = SentenceTransformer(modules=[transformer, Pooling(32, "mean"), dense]).eval()
+    model.save(str(folder))
+    return model
 
 
 CLIP_BENCHMARK_VERSION = "1.6.2"

@@ -62,10 +62,10 @@ class Hub:
 
             def _resolve(self, body: bool):
                 hub.requests.append((self.command, self.path))
-                parts = self.path.split("/")  # /org/name/resolve/revision/file
-                if len(parts) != 6 or parts[3] != "resolve":
+                parts = self.path.split("/")  # /org/name/resolve/revision/file, the file maybe in a folder
+                if len(parts) < 6 or parts[3] != "resolve":
                     return self._error(404, "EntryNotFound")
-                repo, revision, name = "/".join(parts[1:3]), parts[4], parts[5]
+                repo, revision, name = "/".join(parts[1:3]), parts[4], "/".join(parts[5:])
                 if repo not in hub.repos:
                     return self._error(401, "RepoNotFound")
                 if revision not in ("main", COMMIT):

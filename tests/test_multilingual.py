@@ -1,5 +1,6 @@
-"""Multilingual text queries: M-CLIP's text models (``unicom.models.multilingual``) against M-CLIP's
-own model class (the ``multilingual-clip`` package) on a small model built in the test, and
+"""Multilingual text queries: M-CLIP's and sentence-transformers' multilingual text models
+(``unicom.models.multilingual``) against M-CLIP's own model class (the ``multilingual-clip``
+package) and the ``sentence-transformers`` package on small models built in the test, and
 their use by ``unicom search --multilingual-model``, ``/search``'s ``multilingual`` and
 ``/knn-service``'s ``use_mclip``, against brute force over the collection."""
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from support import MULTILINGUAL_CAPTIONS, tiny_mclip
+from support import MULTILINGUAL_CAPTIONS, tiny_mclip, tiny_sentence_transformer
 
 from unicom.cli import main
 from unicom.embed import embed_texts
@@ -114,6 +115,69 @@ def test_a_folder_that_is_not_an_m_clip_model_is_named_with_what_it_lacks(mclip,
         load_multilingual(folder)
     (folder / "pytorch_model.bin").unlink()
     with pytest.raises(InputError, match="no weights \\(model.safetensors or pytorch_model.bin\\)"):
+        load_multilingual(folder)
+
+
+@pytest.fixture(scope="module")
+def sentence_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sentence-transformers") / "model"
+    return {"folder": folder, "reference": tiny_sentence_transformer(folder, dims=DIMS, bias=True, tanh=True)}
+
+
+def sentence_reference(model, texts: list[str]) -> np.ndarray:
+    return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def test_a_sentence_transformers_model_embeds_texts_as_the_package_embeds_them(sentence_model, tmp_path):
+    texts = MULTILINGUAL_CAPTIONS[5:10] + ["<pad> un chat", " ".join(MULTILINGUAL_CAPTIONS)]  # the last cut to 20 tokens
+    model = load_multilingual(sentence_model["folder"])
+    assert model.max_tokens == 20 and model.embedding_dim == DIMS
+    for batch_size in (3, 64):
+        np.testing.assert_allclose(embed_texts(model, texts, batch_size=batch_size),
+                                   sentence_reference(sentence_model["reference"], texts), atol=2e-6)
+    # clip-ViT-B-32-multilingual-v1's Dense: no bias, no activation
+    plain = tiny_sentence_transformer(tmp_path / "plain", dims=DIMS, seed=3)
+    np.testing.assert_allclose(embed_texts(load_multilingual(tmp_path / "plain"), texts),
+                               sentence_reference(plain, texts), atol=2e-6)
+
+
+def test_the_layout_of_sentence_transformers_before_5_loads_as_the_package_loads_it(sentence_model, tmp_path):
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    older = copy_model({"folder": sentence_model["folder"]}, tmp_path / "older")
+    (older / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    (older / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": True}))
+    (older / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    for folder in (older, older / "2_Dense"):  # the weights as PyTorch files
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    texts = MULTILINGUAL_CAPTIONS[:4] + ["Une PHOTO d'un Chat", " ".join(MULTILINGUAL_CAPTIONS)]
+    model = load_multilingual(older)
+    assert model.max_tokens == 12 and model.lowercase
+    np.testing.assert_array_equal(*embed_texts(model, ["Une PHOTO d'un Chat", "une photo d'un chat"]))
+    np.testing.assert_allclose(embed_texts(model, texts), sentence_reference(SentenceTransformer(str(older)), texts),
+                               atol=2e-6)
+
+
+def test_sentence_transformers_modules_that_are_not_read_are_named(sentence_model, tmp_path):
+    folder = copy_model({"folder": sentence_model["folder"]}, tmp_path / "cls")
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": "cls"}))
+    with pytest.raises(InputError, match="pooling 'cls'; only the mean of the token states"):
+        load_multilingual(folder)
+    folder = copy_model({"folder": sentence_model["folder"]}, tmp_path / "gelu")
+    dense = json.loads((folder / "2_Dense" / "config.json").read_text())
+    (folder / "2_Dense" / "config.json").write_text(json.dumps({**dense, "activation_function": "torch.nn.modules.activation.GELU"}))
+    with pytest.raises(InputError, match="activation_function 'torch.nn.modules.activation.GELU'"):
+        load_multilingual(folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps(modules + [{"path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}]))
+    with pytest.raises(InputError, match=r"modules \['Transformer', 'Pooling', 'Dense', 'LayerNorm'\]"):
         load_multilingual(folder)
 
 
@@ -274,22 +338,25 @@ import numpy as np
 from unicom.embed import embed_texts
 from unicom.models.multilingual import load_multilingual
 
-model = load_multilingual("hf-hub:org/mclip")
-np.save(sys.argv[-1], embed_texts(model, json.loads(sys.argv[-2])))
+texts = json.loads(sys.argv[-2])
+np.save(sys.argv[-1], np.stack([embed_texts(load_multilingual(spec), texts) for spec in ("hf-hub:org/mclip", "hf-hub:org/st")]))
 """
 
 
-def test_a_model_on_the_hub_loads_with_its_base_s_configuration_and_then_offline(mclip, tmp_path):
+def test_models_on_the_hub_load_and_then_load_offline(mclip, sentence_model, tmp_path):
     import os
     import subprocess
 
-    from test_hf_hub import Hub
+    from test_hf_hub import COMMIT, Hub
 
     files = {path.name: path.read_bytes() for path in mclip["folder"].iterdir() if path.is_file()}
     config = json.loads(files["config.json"])
     files["config.json"] = json.dumps({**config, "modelBase": "org/xlm-roberta-small"}).encode()  # a Hub name
     base = {"config.json": (mclip["folder"] / "base" / "config.json").read_bytes()}  # its configuration alone
-    hub = Hub({"org/mclip": files, "org/xlm-roberta-small": base})
+    # a sentence-transformers model's files, its modules' in folders
+    nested = {path.relative_to(sentence_model["folder"]).as_posix(): path.read_bytes()
+              for path in sentence_model["folder"].rglob("*") if path.is_file()}
+    hub = Hub({"org/mclip": files, "org/xlm-roberta-small": base, "org/st": nested})
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
            "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     for name in ("UNICOM_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
@@ -306,8 +373,9 @@ def test_a_model_on_the_hub_loads_with_its_base_s_configuration_and_then_offline
     finally:
         hub.close()
     assert {path for _, path in hub.requests if "/resolve/" in path} >= {
-        "/org/mclip/resolve/main/config.json", "/org/xlm-roberta-small/resolve/main/config.json"}
+        "/org/mclip/resolve/main/config.json", "/org/xlm-roberta-small/resolve/main/config.json",
+        f"/org/st/resolve/{COMMIT}/2_Dense/model.safetensors"}
     offline = run("offline.npy", {**env, "UNICOM_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # the Hub is gone
-    expected = reference_embeddings(mclip, QUERIES)
-    np.testing.assert_allclose(online, expected, atol=2e-6)
+    np.testing.assert_allclose(online[0], reference_embeddings(mclip, QUERIES), atol=2e-6)
+    np.testing.assert_allclose(online[1], sentence_reference(sentence_model["reference"], QUERIES), atol=2e-6)
     np.testing.assert_array_equal(offline, online)

@@ -95,9 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_multilingual_argument(parser: argparse.ArgumentParser, use: str) -> None:
     parser.add_argument("--multilingual-model", default=None, metavar="MODEL",
-                        help="a multilingual text model into the collection's space (M-CLIP: a folder, or "
-                             "hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, ...-Vit-B-32 for ViT-B/32; needs "
-                             "unicom[multilingual]) that " + use)
+                        help="a multilingual text model into the collection's space (M-CLIP or sentence-transformers: "
+                             "a folder, or hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, ...-Vit-B-32 for "
+                             "ViT-B/32; needs unicom[multilingual]) that " + use)
 
 
 def load_multilingual_model(args: argparse.Namespace, indexes: dict):

@@ -40,7 +40,8 @@ def cache_dir(download_root: str | os.PathLike | None = None) -> Path:
     return cache_root(download_root)
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether UNICOM_OFFLINE is set: nothing is downloaded, files come from the caches only."""
     return os.environ.get("UNICOM_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
@@ -62,7 +63,7 @@ def download(url: str, sha256: str, root: str | os.PathLike, timeout: float = 60
         if actual == sha256:
             return target
         stale = f"the cached {target} has SHA-256 {actual}, expected {sha256}"
-    if _offline():
+    if offline():
         raise InputError(f"{stale or f'{target} is not in the cache'} and UNICOM_OFFLINE is set. {where}")
     if stale:
         warnings.warn(f"{stale}; downloading it again")
@@ -164,9 +165,9 @@ def hf_file(spec: str, filename: str, revision: str | None = None) -> Path:
     revision = revision or spec_revision
     endpoint = constants.ENDPOINT
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=_offline()))
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=offline()))
     except LocalEntryNotFoundError as error:  # before EntryNotFoundError: it is one
-        if _offline() or constants.HF_HUB_OFFLINE:
+        if offline() or constants.HF_HUB_OFFLINE:
             why = "downloads are off (UNICOM_OFFLINE or HF_HUB_OFFLINE)"
         else:
             why = f"{endpoint} could not be reached"

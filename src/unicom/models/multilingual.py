@@ -1,23 +1,27 @@
-"""Multilingual text queries: M-CLIP's text models as an :class:`~unicom.models.encoders.Encoder` of texts.
+"""Multilingual text models as an :class:`~unicom.models.encoders.Encoder` of texts: M-CLIP and
+sentence-transformers' multilingual CLIP text models.
 
-An M-CLIP model (Carlsson et al., "Cross-lingual and Multilingual CLIP", LREC 2022) is a
-multilingual transformer (XLM-RoBERTa) trained so that the mean of its token states over a
-caption, projected by one linear layer, lands where a CLIP model's text tower puts the
-English caption: texts in about a hundred languages then search a collection embedded by
-that CLIP model. clip-retrieval's back end answers ``use_mclip`` with them.
+Both are a multilingual transformer whose token states, averaged over a text and projected
+by a linear layer, land where a CLIP model's text tower puts the English text (a student
+taught by that tower): texts in about fifty to a hundred languages then search a collection
+embedded by that CLIP model. clip-retrieval's back end answers ``use_mclip`` with M-CLIP's,
+and its ``inference --use_mclip`` embeds captions with sentence-transformers' one.
 
-A model is a folder, local or ``hf-hub:org/repo[@revision]`` (as published on the Hub):
+A model is a folder, local or ``hf-hub:org/repo[@revision]`` (as published on the Hub), of one of two layouts:
 
-* ``config.json``: ``{"model_type": "M-CLIP", "modelBase": "xlm-roberta-large",
-  "transformerDimensions": 1024, "numDims": 768}``; ``modelBase`` names the transformer's
-  architecture (a Hub name, whose ``config.json`` alone is read, or a local folder);
-* ``model.safetensors`` or ``pytorch_model.bin`` (read with ``torch.load(weights_only=True)``):
-  ``transformer.*``, the transformer's weights, and ``LinearTransformation.weight`` (numDims,
-  transformerDimensions) and ``.bias``;
-* the tokenizer's files, read by ``transformers.AutoTokenizer``.
+* M-CLIP (Carlsson et al., LREC 2022): ``config.json`` ``{"model_type": "M-CLIP",
+  "modelBase": "xlm-roberta-large", "transformerDimensions": 1024, "numDims": 768}``, where
+  ``modelBase`` names the transformer's architecture (a Hub name, whose ``config.json`` alone
+  is read, or a local folder); the weights ``transformer.*`` and ``LinearTransformation.*``
+  (numDims, transformerDimensions) in one file; the tokenizer's files.
+* sentence-transformers (``modules.json``): a ``Transformer`` (its ``config.json``, weights
+  and tokenizer in the folder or the module's path), a mean ``Pooling``, then optionally a
+  ``Dense`` layer (a linear layer, with or without bias, then Identity or Tanh) and a
+  ``Normalize``; ``sentence_bert_config.json`` may set ``max_seq_length`` and ``do_lower_case``.
 
-:data:`MCLIP_MODELS` lists the published ones by the CLIP model whose space they share.
-Needs ``transformers`` (``pip install 'unicom[multilingual]'``).
+Weights are read from ``model.safetensors`` or ``pytorch_model.bin`` (``torch.load(weights_only=True)``),
+every tensor's name and shape checked. :data:`MULTILINGUAL_MODELS` lists the published ones
+by the CLIP model whose space they share. Needs ``transformers`` (``pip install 'unicom[multilingual]'``).
 """
 
 from __future__ import annotations
@@ -33,39 +37,45 @@ from torch import nn
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
 
-# the published models, by the CLIP model (open_clip's names) whose embeddings they share
-MCLIP_MODELS = {
-    "ViT-L-14": "hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14",
-    "ViT-B-32": "hf-hub:M-CLIP/XLM-Roberta-Large-Vit-B-32",
-    "ViT-B-16-plus-240": "hf-hub:M-CLIP/XLM-Roberta-Large-Vit-B-16Plus",
+# the published models, by the CLIP model (open_clip's names, OpenAI's weights) whose text embeddings they learnt
+MULTILINGUAL_MODELS = {
+    "ViT-L-14": ("hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14",),
+    "ViT-B-32": ("hf-hub:M-CLIP/XLM-Roberta-Large-Vit-B-32", "hf-hub:sentence-transformers/clip-ViT-B-32-multilingual-v1"),
+    "ViT-B-16-plus-240": ("hf-hub:M-CLIP/XLM-Roberta-Large-Vit-B-16Plus",),
 }
-MODEL_TYPE = "M-CLIP"
+MCLIP_TYPE = "M-CLIP"
+MODULES_FILE = "modules.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
-PROJECTION = "LinearTransformation"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
+                   "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+SENTENCE_CONFIG = "sentence_bert_config.json"
+PROJECTION = "LinearTransformation"  # M-CLIP's names in its one weights file
 TRANSFORMER = "transformer."
+ACTIVATIONS = {"torch.nn.modules.linear.Identity": nn.Identity, "torch.nn.modules.activation.Tanh": nn.Tanh}
+EXAMPLE = MULTILINGUAL_MODELS["ViT-L-14"][0]
 
 
 class MultilingualText(Encoder):
-    """Texts -> (B, numDims) embeddings in a CLIP model's space; it embeds no images.
+    """Texts -> (B, embedding_dim) embeddings in a CLIP model's space; it embeds no images.
 
     ``tokenize`` gives int64 (2, B, L): the token ids and the attention mask (a text may
-    hold the tokenizer's padding token itself, so the mask is not read from the ids);
-    ``encode_text`` the projected mean of the transformer's last states over the tokens
-    the mask keeps, not normalised. A text longer than the transformer's positions is cut
-    to them.
+    hold the tokenizer's padding token itself, so the mask is not read from the ids), the
+    texts cut to ``max_tokens``; ``encode_text`` the projection of the mean of the
+    transformer's last states over the tokens the mask keeps, not normalised.
     """
 
     has_text = True
     image_transform = None
 
-    def __init__(self, transformer: nn.Module, projection: nn.Linear, tokenizer, max_tokens: int, name: str):
+    def __init__(self, transformer: nn.Module, projection: nn.Module, embedding_dim: int, tokenizer, max_tokens: int,
+                 name: str, lowercase: bool = False):
         super().__init__()
         self.transformer = transformer
         self.projection = projection
+        self.embedding_dim = embedding_dim
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self.embedding_dim = projection.out_features
+        self.lowercase = lowercase
         self.name = name
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,134 +83,256 @@ class MultilingualText(Encoder):
                          "collection's own model")
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt")
+        texts = [text.lower() for text in texts] if self.lowercase else list(texts)
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         return torch.stack([batch["input_ids"], batch["attention_mask"]]).long()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         ids, mask = tokens[0], tokens[1]
         states = self.transformer(input_ids=ids, attention_mask=mask)[0]
         weights = mask.unsqueeze(2).to(states.dtype)
-        return self.projection((states * weights).sum(dim=1) / weights.sum(dim=1))
+        return self.projection((states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9))
 
 
 def _transformers():
     try:
         import transformers
     except ImportError as error:
-        raise InputError(f"multilingual text models (M-CLIP) need the transformers package ({error}); "
-                         "pip install 'unicom[multilingual]'") from error
+        raise InputError(f"multilingual text models (M-CLIP, sentence-transformers) need the transformers package "
+                         f"({error}); pip install 'unicom[multilingual]'") from error
     return transformers
 
 
+def _read_json(path: Path, spec: str, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{spec}: no {path.name} ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not a readable JSON file ({error})") from error
+    if not isinstance(value, (dict, list)):
+        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _weights_file(folder: Path, spec: str) -> Path:
+    found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if found is None:
+        raise InputError(f"{spec}: no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
+    return found
+
+
+def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple], path: Path, what: str) -> None:
+    """Every tensor of ``expected`` (name -> shape) in ``state`` with its shape, and no other."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        def listed(keys):
+            return f"{len(keys)} tensors ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        parts = ([f"lacks {listed(missing)}"] if missing else []) + ([f"has {listed(unexpected)} besides"] if unexpected else [])
+        raise InputError(f"{path}: not the weights of {what}: it {' and '.join(parts)}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise InputError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model {shape} "
+                             "(the configuration's sizes do not match the weights)")
+
+
+def _transformer(base_config, state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:
+    """The transformer of ``base_config`` with the weights ``state`` (its own names, or under
+    the architecture's prefix: ``bert.``), every one checked."""
+    transformers = _transformers()
+    model = transformers.AutoModel.from_config(base_config)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
+    state = {key: value for key, value in state.items() if not key.endswith("embeddings.position_ids")}
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if prefix != "." and state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    _check_tensors(state, expected, path, what)
+    model.load_state_dict(state)
+    return model
+
+
+def _max_tokens(base_config, tokenizer, limit: int | None = None) -> int:
+    # RoBERTa's positions start after its padding index: the last usable one is max_position_embeddings - that - 1
+    offset = base_config.pad_token_id + 1 if "roberta" in base_config.model_type else 0
+    positions = getattr(base_config, "max_position_embeddings", None)
+    candidates = [value for value in (limit, tokenizer.model_max_length, positions and positions - offset) if value]
+    return int(min(candidates))
+
+
+def _tokenizer(folder: Path, spec: str):
+    transformers = _transformers()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # it reads config.json, whose model type it may not know, and says so
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(f"{spec}: its tokenizer could not be read from {folder} ({error}); the folder holds the "
+                         f"tokenizer's files ({', '.join(TOKENIZER_FILES[:3])}, ...)") from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _mclip(folder: Path, spec: str) -> MultilingualText:
+    from unicom.models import hub
+    from unicom.models.weights import read_state_dict
+
+    transformers = _transformers()
+    path = folder / "config.json"
+    config = _read_json(path, spec, "an M-CLIP model folder holds config.json, the weights and the tokenizer's files; "
+                                    "a sentence-transformers one modules.json")
+    if config.get("model_type") != MCLIP_TYPE:
+        raise InputError(f"{path}: model_type {config.get('model_type')!r}, not {MCLIP_TYPE!r}, and no {MODULES_FILE}: "
+                         f"neither an M-CLIP nor a sentence-transformers text model (e.g. {EXAMPLE})")
+    missing = [key for key in ("modelBase", "transformerDimensions", "numDims") if key not in config]
+    if missing:
+        raise InputError(f"{path}: no {', '.join(missing)}; M-CLIP's config names its base model (modelBase) and "
+                         "the projection's sizes (transformerDimensions, numDims)")
+    base = str(config["modelBase"])
+    try:
+        base_config = transformers.AutoConfig.from_pretrained(base, local_files_only=hub.offline())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: modelBase {base!r}: its configuration could not be read ({error}); give a Hub "
+                         "name (xlm-roberta-large) or a local folder holding its config.json") from error
+    width, dims = int(config["transformerDimensions"]), int(config["numDims"])
+    if getattr(base_config, "hidden_size", None) != width:
+        raise InputError(f"{path}: transformerDimensions {width}, but {base} has "
+                         f"{getattr(base_config, 'hidden_size', None)}-wide states")
+    weights = _weights_file(folder, spec)
+    state = read_state_dict(weights)
+    what = f"M-CLIP with base {base}"
+    projection = {key: value for key, value in state.items() if key.startswith(PROJECTION + ".")}
+    _check_tensors(projection, {f"{PROJECTION}.weight": (dims, width), f"{PROJECTION}.bias": (dims,)}, weights, what)
+    # the transformer's tensors, by their names in it (a tensor outside transformer. is named unexpected there)
+    rest = {key.removeprefix(TRANSFORMER): value for key, value in state.items() if key not in projection}
+    transformer = _transformer(base_config, rest, weights, what)
+    linear = nn.Linear(width, dims)
+    linear.load_state_dict({key[len(PROJECTION) + 1:]: value for key, value in projection.items()})
+    tokenizer = _tokenizer(folder, spec)
+    return MultilingualText(transformer, linear, dims, tokenizer, _max_tokens(base_config, tokenizer), f"M-CLIP {spec}")
+
+
+def _module_kind(entry: dict) -> str:
+    return str(entry.get("type", "")).rsplit(".", 1)[-1]
+
+
+def _pooling_mode(config: dict, path: Path) -> None:
+    mode = config.get("pooling_mode")
+    if mode is None:  # the boolean keys of sentence-transformers before 5
+        modes = [key[len("pooling_mode_"):] for key, value in config.items() if key.startswith("pooling_mode_") and value]
+        mode = modes[0] if len(modes) == 1 else modes
+    if mode not in ("mean", "mean_tokens"):
+        raise InputError(f"{path}: pooling {mode!r}; only the mean of the token states is read (as the multilingual "
+                         "CLIP models pool)")
+
+
+def _dense(folder: Path, entry: dict, spec: str, width: int) -> tuple[nn.Module, int]:
+    from unicom.models.weights import read_state_dict
+
+    module = folder / entry.get("path", "")
+    path = module / "config.json"
+    config = _read_json(path, spec, "a Dense module's configuration")
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
+    if activation not in ACTIVATIONS:
+        raise InputError(f"{path}: activation_function {activation!r}; read are {', '.join(ACTIVATIONS)}")
+    if config.get("use_residual"):
+        raise InputError(f"{path}: use_residual is not read; only a linear layer and its activation")
+    if int(config.get("in_features", -1)) != width:
+        raise InputError(f"{path}: in_features {config.get('in_features')}, but the module before gives {width}")
+    dims, bias = int(config["out_features"]), bool(config.get("bias", True))
+    weights = _weights_file(module, spec)
+    state = read_state_dict(weights)
+    _check_tensors(state, {"linear.weight": (dims, width), **({"linear.bias": (dims,)} if bias else {})}, weights,
+                   "a Dense module of these sizes")
+    linear = nn.Linear(width, dims, bias=bias)
+    linear.load_state_dict({key[len("linear."):]: value for key, value in state.items()})
+    return nn.Sequential(linear, ACTIVATIONS[activation]()), dims
+
+
+def _sentence_transformer(folder: Path, spec: str) -> MultilingualText:
+    from unicom.models.weights import read_state_dict
+
+    transformers = _transformers()
+    path = folder / MODULES_FILE
+    modules = _read_json(path, spec, "the modules of a sentence-transformers model")
+    if not isinstance(modules, list) or not all(isinstance(entry, dict) for entry in modules):
+        raise InputError(f"{path}: expected a list of modules ({{\"path\", \"type\"}} each)")
+    kinds = [_module_kind(entry) for entry in modules]
+    readable = kinds[:2] == ["Transformer", "Pooling"] and kinds[2:] in ([], ["Dense"], ["Normalize"], ["Dense", "Normalize"])
+    if not readable:
+        raise InputError(f"{path}: modules {kinds}; read are a Transformer, a mean Pooling, then a Dense layer and a "
+                         "Normalize, each if present (the multilingual CLIP models' modules)")
+    transformer_folder = folder / modules[0].get("path", "")
+    settings = {}
+    if (transformer_folder / SENTENCE_CONFIG).is_file():
+        settings = _read_json(transformer_folder / SENTENCE_CONFIG, spec, "the transformer's settings")
+    try:
+        base_config = transformers.AutoConfig.from_pretrained(str(transformer_folder))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{transformer_folder / 'config.json'}: the transformer's configuration could not be read "
+                         f"({error})") from error
+    weights = _weights_file(transformer_folder, spec)
+    transformer = _transformer(base_config, read_state_dict(weights), weights, f"its {base_config.model_type} transformer")
+    _pooling_mode(_read_json(folder / modules[1].get("path", "") / "config.json", spec, "the Pooling module's "
+                             "configuration"), folder / modules[1].get("path", "") / "config.json")
+    width = base_config.hidden_size
+    projection, dims = (_dense(folder, modules[2], spec, width) if kinds[2:3] == ["Dense"] else (nn.Identity(), width))
+    tokenizer = _tokenizer(transformer_folder, spec)
+    limit = settings.get("max_seq_length")
+    return MultilingualText(transformer, projection, dims, tokenizer, _max_tokens(base_config, tokenizer, limit),
+                            f"sentence-transformers {spec}", lowercase=bool(settings.get("do_lower_case")))
+
+
 def model_folder(spec: str) -> Path:
-    """The local folder of an M-CLIP model: ``spec`` itself, or the Hub snapshot of
-    ``hf-hub:org/repo`` (its config, weights and tokenizer files, of one commit)."""
+    """The local folder of a multilingual text model: ``spec`` itself, or the Hub snapshot of
+    ``hf-hub:org/repo`` (its configuration, weights and tokenizer files, of one commit)."""
     from unicom.models import hub
 
     if not hub.is_hf_spec(spec):
         folder = Path(spec).expanduser()
         if not folder.is_dir():
-            raise InputError(f"{spec}: no such folder; give an M-CLIP model folder or hf-hub:org/repo "
-                             f"(e.g. {MCLIP_MODELS['ViT-L-14']})")
+            raise InputError(f"{spec}: no such folder; give a multilingual text model's folder or hf-hub:org/repo "
+                             f"(e.g. {EXAMPLE})")
         return folder
     config = hub.hf_file(spec, "config.json")
     commit = config.parent.name  # snapshots/<commit>/config.json: the other files from the same commit
-    weights = []
-    for name in (*WEIGHT_FILES, *TOKENIZER_FILES):
-        if name in WEIGHT_FILES and weights:
-            continue
+
+    def fetch(name: str) -> bool:
         try:
             hub.hf_file(spec, name, revision=commit)
         except (hub.NotAModelFolder, hub.NotInCache):  # not in the repository (offline: not in the cache)
-            continue
-        if name in WEIGHT_FILES:
-            weights.append(name)
-    if not weights:
-        raise InputError(f"{spec}: the repository has config.json but no weights ({' or '.join(WEIGHT_FILES)})")
+            return False
+        return True
+
+    def within(folder: str, name: str) -> str:
+        return f"{folder}/{name}" if folder else name
+
+    weighted = [""]  # the folders that hold weights: the root, or a sentence-transformers model's transformer and Dense
+    if fetch(MODULES_FILE):
+        modules = _read_json(config.parent / MODULES_FILE, spec, "the modules of a sentence-transformers model")
+        paths = [entry.get("path", "") for entry in modules if isinstance(entry, dict)] if isinstance(modules, list) else []
+        for path in paths:
+            if path:
+                fetch(within(path, "config.json"))
+        weighted = paths[:1] + [path for path, entry in zip(paths[1:], modules[1:]) if _module_kind(entry) == "Dense"]
+        fetch(within(weighted[0] if weighted else "", SENTENCE_CONFIG))
+    for folder in weighted:
+        if not any(fetch(within(folder, name)) for name in WEIGHT_FILES):
+            raise InputError(f"{spec}: the repository has no weights ({' or '.join(WEIGHT_FILES)}) in "
+                             f"{folder or 'its root'}")
+    for name in TOKENIZER_FILES:
+        fetch(within(weighted[0] if weighted else "", name))
     return config.parent
 
 
-def _read_config(folder: Path, spec: str) -> dict:
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{spec}: no config.json; an M-CLIP model folder holds config.json, the weights and the "
-                         "tokenizer's files") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable JSON file ({error})") from error
-    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
-        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise InputError(f"{path}: model_type {found!r}, not {MODEL_TYPE!r}: not an M-CLIP text model "
-                         f"(e.g. {MCLIP_MODELS['ViT-L-14']})")
-    missing = [key for key in ("modelBase", "transformerDimensions", "numDims") if key not in config]
-    if missing:
-        raise InputError(f"{path}: no {', '.join(missing)}; M-CLIP's config names its base model (modelBase) and "
-                         "the projection's sizes (transformerDimensions, numDims)")
-    return config
-
-
-def _checked_weights(state: dict[str, torch.Tensor], transformer: nn.Module, config: dict, path: Path) -> dict:
-    """The transformer's and the projection's tensors of an M-CLIP checkpoint, every one checked."""
-    width, dims = int(config["transformerDimensions"]), int(config["numDims"])
-    expected = {f"{PROJECTION}.weight": (dims, width), f"{PROJECTION}.bias": (dims,)}
-    expected.update({TRANSFORMER + key: tuple(value.shape) for key, value in transformer.state_dict().items()})
-    # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
-    state = {key: value for key, value in state.items() if not key.endswith("embeddings.position_ids")}
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        parts = ([f"lacks {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"] if missing
-                 else []) + ([f"has {len(unexpected)} others ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"]
-                             if unexpected else [])
-        raise InputError(f"{path}: not the weights of M-CLIP with base {config['modelBase']}: it {' and '.join(parts)}")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise InputError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model {shape} "
-                             "(config.json's sizes or modelBase do not match the weights)")
-    return state
-
-
 def load_multilingual(spec: str | os.PathLike, device: str | torch.device = "cpu") -> MultilingualText:
-    """The M-CLIP text model of a folder or ``hf-hub:`` repository (module docstring), in eval mode."""
+    """The multilingual text model of a folder or ``hf-hub:`` repository (module docstring), in eval mode."""
     from unicom.engine.device import resolve_device
-    from unicom.models import hub
-    from unicom.models.weights import read_state_dict
 
-    transformers = _transformers()
+    _transformers()
     spec = os.fspath(spec)
     device = resolve_device(str(device), "device")
     folder = model_folder(spec)
-    config = _read_config(folder, spec)
-    base = str(config["modelBase"])
-    try:
-        base_config = transformers.AutoConfig.from_pretrained(base, local_files_only=hub._offline())
-    except (OSError, ValueError) as error:
-        raise InputError(f"{folder / 'config.json'}: modelBase {base!r}: its configuration could not be read ({error}); "
-                         "give a Hub name (xlm-roberta-large) or a local folder holding its config.json") from error
-    if getattr(base_config, "hidden_size", None) != int(config["transformerDimensions"]):
-        raise InputError(f"{folder / 'config.json'}: transformerDimensions {config['transformerDimensions']}, but "
-                         f"{base} has {getattr(base_config, 'hidden_size', None)}-wide states")
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-    if weights is None:
-        raise InputError(f"{spec}: no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
-    transformer = transformers.AutoModel.from_config(base_config)
-    projection = nn.Linear(int(config["transformerDimensions"]), int(config["numDims"]))
-    state = _checked_weights(read_state_dict(weights), transformer, config, weights)
-    transformer.load_state_dict({key[len(TRANSFORMER):]: value for key, value in state.items() if key.startswith(TRANSFORMER)})
-    projection.load_state_dict({key[len(PROJECTION) + 1:]: value for key, value in state.items() if key.startswith(PROJECTION)})
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # it reads config.json, whose model type it does not know, and says so
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"{spec}: its tokenizer could not be read from {folder} ({error}); the folder holds the "
-                         f"tokenizer's files ({', '.join(TOKENIZER_FILES)})") from error
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    # RoBERTa's positions start after its padding index: the last usable one is max_position_embeddings - that - 1
-    offset = base_config.pad_token_id + 1 if "roberta" in base_config.model_type else 0
-    max_tokens = min(base_config.max_position_embeddings - offset, tokenizer.model_max_length)
-    encoder = MultilingualText(transformer, projection, tokenizer, max_tokens, f"M-CLIP {spec}")
+    encoder = _sentence_transformer(folder, spec) if (folder / MODULES_FILE).is_file() else _mclip(folder, spec)
     return encoder.to(device).eval()

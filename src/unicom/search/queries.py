@@ -89,12 +89,13 @@ def source_dims(index) -> int:
 def check_text_model(index, encoder) -> None:
     """Raise :class:`InputError` unless the text model ``encoder`` (a multilingual one) gives
     embeddings of ``index``'s collection's dimensions. That it shares the collection's space
-    is the user's word: an M-CLIP model is trained into one CLIP model's space."""
+    is the user's word: a multilingual model is trained into one CLIP model's space."""
     if encoder.embedding_dim != source_dims(index):
         raise InputError(
             f"{encoder.name} gives {encoder.embedding_dim}-dimensional text embeddings, but {index.location} was built from "
             f"{source_dims(index)}-dimensional ones; give the multilingual model trained into the space of the model that "
-            "embedded the collection (M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, -Vit-B-32 for ViT-B/32)"
+            "embedded the collection (M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, M-CLIP/XLM-Roberta-Large-Vit-B-32 "
+            "for ViT-B/32)"
         )
 
 

@@ -52,8 +52,8 @@ class SearchRequest(BaseModel):
                                                               "aesthetic)")
     aesthetic_weight: Number | None = Field(None, description="how far (default 0.5): query + weight x embedding, "
                                                               "re-normalised")
-    multilingual: bool = Field(False, description="embed the text with the index's multilingual text model (M-CLIP: "
-                                                  "texts in about a hundred languages; /healthz's multilingual)")
+    multilingual: bool = Field(False, description="embed the text with the index's multilingual text model (texts "
+                                                  "in fifty to a hundred languages; /healthz's multilingual)")
 
 
 class Hit(BaseModel):

@@ -252,7 +252,7 @@ class Served:
     name: str
     index: Index
     encoder: Any = None
-    multilingual: Any = None  # a multilingual text model into the collection's space (M-CLIP), or None
+    multilingual: Any = None  # a multilingual text model into the collection's space, or None
     stored: dict[str, queries.StoredVectors] = field(init=False)
     model_input: ModelInput | None = field(init=False, default=None)
 
@@ -275,7 +275,7 @@ class Served:
         collection's model embeds no texts; else the collection's."""
         if multilingual and self.multilingual is None:
             raise InputError(f"multilingual: {self.name} has no multilingual text model (start the server with "
-                             "--multilingual-model, the M-CLIP model of the collection's CLIP model); leave it out")
+                             "--multilingual-model, a multilingual model of the collection's CLIP model); leave it out")
         if self.multilingual is not None and (multilingual or self.encoder is None or not self.encoder.has_text):
             return self.multilingual
         queries.require_text(self.encoder)

@@ -379,3 +379,89 @@ def test_models_on_the_hub_load_and_then_load_offline(mclip, sentence_model, tmp
     np.testing.assert_allclose(online[0], reference_embeddings(mclip, QUERIES), atol=2e-6)
     np.testing.assert_allclose(online[1], sentence_reference(sentence_model["reference"], QUERIES), atol=2e-6)
     np.testing.assert_array_equal(offline, online)
+
+
+# ---------------------------------------------------------------------- unicom embed --text-model
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """Two shards whose captions are in several languages (one of them broken: no image), a tiny
+    open_clip CLIP (32-d) and an M-CLIP model into 32 dimensions."""
+    from support import class_image, encode_image, tiny_open_clip, write_tar_shard
+
+    root = tmp_path_factory.mktemp("embed-text-model")
+    captions = {}
+    for number in range(2):
+        samples = []
+        for i, caption in enumerate(MULTILINGUAL_CAPTIONS[number * 7:number * 7 + 7]):
+            key = f"{number}-{i}"
+            image = b"\xff\xd8\xff\xe0 truncated" if (number, i) == (1, 2) else encode_image(class_image(i, number * 10 + i, 40))
+            samples.append({"key": key, "jpg": image, "txt": caption})
+            captions[key] = caption
+        write_tar_shard(root / "shards" / f"{number:05d}.tar", samples)
+    mclip = {"folder": root / "mclip"}
+    mclip["reference"], mclip["tokenizer"] = tiny_mclip(mclip["folder"], dims=32)
+    return {"root": root, "spec": tiny_open_clip(root / "clip"), "mclip": mclip, "captions": captions,
+            "input": str(root / "shards" / "{00000..00001}.tar")}
+
+
+def embed(captioned, out, *extra) -> int:
+    return main(["embed", "--input", captioned["input"], "--model", captioned["spec"], "--modalities", "image,text",
+                 "--out", str(out), "--dtype", "float32", "--batch-size", "4", *extra])
+
+
+def stored(out, kind: str) -> tuple[np.ndarray, list[str]]:
+    import pyarrow.parquet as pq
+
+    vectors = np.concatenate([np.load(out / f"{kind}_emb" / f"{kind}_emb_{n}.npy") for n in range(2)])
+    keys = [row["key"] for n in range(2) for row in pq.read_table(out / "metadata" / f"metadata_{n}.parquet").to_pylist()]
+    return vectors, keys
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_embed_writes_the_captions_as_the_text_model_embeds_them_and_the_images_as_before(captioned, tmp_path, workers):
+    out = tmp_path / "EMB"
+    assert embed(captioned, out, "--text-model", str(captioned["mclip"]["folder"]), "--workers", workers) == 0
+    texts, keys = stored(out, "text")
+    assert len(keys) == 13  # the broken image's sample is left out of both
+    np.testing.assert_allclose(texts, reference_embeddings(captioned["mclip"], [captioned["captions"][k] for k in keys]),
+                               atol=2e-6)
+    plain = tmp_path / "plain"  # the images as the model alone embeds them
+    assert embed(captioned, plain, "--workers", workers) == 0
+    np.testing.assert_array_equal(stored(out, "img")[0], stored(plain, "img")[0])
+    assert not np.allclose(stored(plain, "text")[0], texts, atol=1e-2)  # its own text tower gives others
+    config = json.loads((out / "embed_config.json").read_text())
+    assert config["text_model"] == str(captioned["mclip"]["folder"])
+    assert config["text_model_sha256"] == load_multilingual(captioned["mclip"]["folder"]).weights_sha256()
+    assert config["weights_sha256"] == json.loads((plain / "embed_config.json").read_text())["weights_sha256"]
+
+
+def test_embed_refuses_to_mix_captions_of_another_text_model(captioned, tmp_path, capsys):
+    out = tmp_path / "EMB"
+    folder = str(captioned["mclip"]["folder"])
+    assert embed(captioned, out, "--text-model", folder, "--workers", "0") == 0
+    capsys.readouterr()
+    assert embed(captioned, out, "--workers", "0") == 2  # the model's own text tower now
+    assert "text_model: " in capsys.readouterr().err
+    other = tmp_path / "other"  # the same folder name, other weights
+    shutil.copytree(folder, other)
+    state = torch.load(other / "pytorch_model.bin", weights_only=True)
+    torch.save({key: value + 0.01 if key.startswith("LinearTransformation") else value for key, value in state.items()},
+               other / "pytorch_model.bin")
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    for kind in ("img_emb", "text_emb", "metadata"):  # an unfinished part, to embed again with the other weights
+        next((moved / kind).glob("*_1.*")).unlink()
+    config = json.loads((moved / "embed_config.json").read_text())
+    (moved / "embed_config.json").write_text(json.dumps({**config, "text_model": str(other)}))
+    assert embed(captioned, moved, "--text-model", str(other), "--workers", "0") == 2
+    assert "text_model_sha256" in capsys.readouterr().err
+
+
+def test_embed_refuses_a_text_model_without_captions_or_of_other_dimensions(captioned, mclip, tmp_path, capsys):
+    code = main(["embed", "--input", captioned["input"], "--model", captioned["spec"], "--out", str(tmp_path / "a"),
+                 "--text-model", str(mclip["folder"])])
+    assert code == 2 and "--text-model embeds the captions: give --modalities image,text" in capsys.readouterr().err
+    assert embed(captioned, tmp_path / "b", "--text-model", str(mclip["folder"]), "--workers", "0") == 2  # 16-d into 32-d
+    assert "gives 16-dimensional text embeddings" in capsys.readouterr().err

@@ -512,9 +512,12 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
         return False
     # a benchmark's folder is not continued from other inputs (which lack these keys)
     # nor a folder of shards read by other columns
-    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS) if key in previous}, **config}
-    for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
-        previous[key] = recorded_spec(previous.get(key))
+    # nor one whose captions another model embedded
+    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS, "text_model") if key in previous},
+              **config}
+    for key in ("model", "pretrained", "text_model"):  # folders recorded relative to where an older run started
+        if key in previous or key != "text_model":
+            previous[key] = recorded_spec(previous.get(key))
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
              and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)
                      and (k in previous or k not in RECORDED_LATER)))
@@ -866,8 +869,14 @@ def embed_to_folder(
     decode: str = "auto",
     dataset: str | None = None,
     decode_workers_share: float = 0.0,
+    text_model: str | os.PathLike | Encoder | None = None,
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
+
+    ``text_model``: a multilingual text model into the model's space
+    (:mod:`unicom.models.multilingual`; a folder or ``hf-hub:`` spec) that embeds the captions
+    instead of the model's own text tower (clip-retrieval's ``inference --use_mclip``); the
+    folder records it (``text_model``, ``text_model_sha256``).
 
     ``dataset``: a benchmark whose queries are crops (roxford5k, rparis6k; see
     :func:`unicom.data.sources.open_benchmark`), read from the folder ``inputs``: the gallery
@@ -887,6 +896,8 @@ def embed_to_folder(
     ``decode_workers_share``: see :func:`embed_parts`.
     """
     modalities = _checked_modalities(modalities)
+    if text_model is not None and "text" not in modalities:
+        raise InputError("--text-model embeds the captions: give --modalities image,text (or text), or leave it out")
     check_workers_share(decode_workers_share, "--decode-workers-share")
     _check_batching(batch_size, num_workers)
     model, pretrained = _as_specs(model, pretrained)
@@ -911,6 +922,8 @@ def embed_to_folder(
     # a model folder is recorded by its absolute path: `unicom search` reads it from anywhere
     name = recorded_spec(model if isinstance(model, str) else model.name)
     config = {"model": name, "pretrained": _weights_for_config(pretrained)}
+    if text_model is not None:  # the captions' model: another one's embeddings are not mixed with them
+        config["text_model"] = recorded_spec(os.fspath(text_model) if not isinstance(text_model, Encoder) else text_model.name)
     if parts and isinstance(parts[0], ListPart):  # which rows make part i: another cut would mix two
         config["rows_per_part"] = cut
         # and the images listed: with images added or removed the same cut makes other parts
@@ -939,6 +952,12 @@ def embed_to_folder(
             encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
         else:
             encoder = _as_encoder(model, None, device)
+        if text_model is not None:
+            from unicom.models.multilingual import WithTextModel, load_multilingual
+
+            texts = text_model if isinstance(text_model, Encoder) else load_multilingual(text_model, encoder.device)
+            encoder = WithTextModel(encoder, texts)
+            config["text_model_sha256"] = texts.weights_sha256()
         summary = embed_parts(parts, encoder, out, modalities=modalities, batch_size=batch_size,
                               num_workers=num_workers, dtype=dtype, draft=draft, precision=precision, config=config,
                               decode=decode, group=waiting, decode_workers_share=decode_workers_share)

@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="open_clip name (ViT-B-32), timm/<name> or timm/local-dir:FOLDER, released Unicom name or exported folder")
     parser.add_argument("--pretrained", default=None, help="weights: a tag (laion400m_e32) or a local checkpoint file")
     parser.add_argument("--modalities", default="image", help="comma-separated: image, text, or image,text (default: image)")
+    parser.add_argument("--text-model", default=None, metavar="MODEL",
+                        help="a multilingual text model into --model's space that embeds the captions instead of its own "
+                             "text tower (M-CLIP or sentence-transformers: a folder, or "
+                             "hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14; needs unicom[multilingual]), as "
+                             "clip-retrieval's inference --use_mclip")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes per rank (default: the CPUs of this rank less one on GPU, at most 16; none on CPUs of up to 4 cores)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored embedding type (default: float16)")
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             decode=args.decode,
             dataset=args.dataset,
             decode_workers_share=args.decode_workers_share,
+            text_model=args.text_model,
         )
     if rank != 0:
         return 0

@@ -58,9 +58,9 @@ EXAMPLE = MULTILINGUAL_MODELS["ViT-L-14"][0]
 class MultilingualText(Encoder):
     """Texts -> (B, embedding_dim) embeddings in a CLIP model's space; it embeds no images.
 
-    ``tokenize`` gives int64 (2, B, L): the token ids and the attention mask (a text may
+    ``tokenize`` gives int64 (B, 2, L): each text's token ids and attention mask (a text may
     hold the tokenizer's padding token itself, so the mask is not read from the ids), the
-    texts cut to ``max_tokens``; ``encode_text`` the projection of the mean of the
+    texts cut to ``max_tokens``; a batch's rows are its texts, as other models' tokens; ``encode_text`` the projection of the mean of the
     transformer's last states over the tokens the mask keeps, not normalised.
     """
 
@@ -85,13 +85,44 @@ class MultilingualText(Encoder):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         texts = [text.lower() for text in texts] if self.lowercase else list(texts)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        return torch.stack([batch["input_ids"], batch["attention_mask"]]).long()
+        return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1).long()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids, mask = tokens[0], tokens[1]
+        ids, mask = tokens[:, 0], tokens[:, 1]
         states = self.transformer(input_ids=ids, attention_mask=mask)[0]
         weights = mask.unsqueeze(2).to(states.dtype)
         return self.projection((states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9))
+
+
+class WithTextModel(Encoder):
+    """An image model whose texts another model embeds (a multilingual one, into its space):
+    ``unicom embed --text-model``. Its weights' digest is the image model's, the one the
+    collection's index checks a query model against."""
+
+    has_text = True
+
+    def __init__(self, image: Encoder, text: Encoder):
+        super().__init__()
+        if text.embedding_dim != image.embedding_dim:
+            raise InputError(f"{text.name} gives {text.embedding_dim}-dimensional text embeddings, {image.name} "
+                             f"{image.embedding_dim}-dimensional image embeddings: give the text model trained into "
+                             f"{image.name}'s space (for ViT-L/14, {EXAMPLE})")
+        self.image, self.text = image, text
+        self.embedding_dim = image.embedding_dim
+        self.image_transform = image.image_transform
+        self.name = image.name
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image.encode_image(images)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.text.tokenize(texts)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.encode_text(tokens)
+
+    def weights_sha256(self) -> str:
+        return self.image.weights_sha256()
 
 
 def _transformers():
@@ -162,6 +193,9 @@ def _max_tokens(base_config, tokenizer, limit: int | None = None) -> int:
 
 
 def _tokenizer(folder: Path, spec: str):
+    # the tokenizer's threads, once started here, do not survive the fork into data loading workers (each would
+    # say so): it tokenizes a batch of captions on one thread, unless the user says otherwise
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers = _transformers()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # it reads config.json, whose model type it may not know, and says so

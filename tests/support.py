@@ -365,9 +365,11 @@ MULTILINGUAL_CAPTIONS = [
 ]
 
 
-def tiny_xlm_roberta(folder: Path, seed: int = 0, max_positions: int = 34):
-    """A 2-layer XLM-RoBERTa with random weights and a tokenizer trained on
-    :data:`MULTILINGUAL_CAPTIONS`, saved in ``folder`` (a Hugging Face model folder). Returns the tokenizer."""
+def tiny_xlm_roberta(folder: Path, seed: int = 0, max_positions: int = 34, width: int = 32, layers: int = 2,
+                     vocabulary: int = 160, corpus: list[str] | None = None):
+    """A small XLM-RoBERTa (``layers`` layers of ``width``, a head per 64 of it, at least 2) with
+    random weights and a tokenizer trained on ``corpus`` (default :data:`MULTILINGUAL_CAPTIONS`),
+    saved in ``folder`` (a Hugging Face model folder). Returns the tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
@@ -375,15 +377,15 @@ def tiny_xlm_roberta(folder: Path, seed: int = 0, max_positions: int = 34):
     words = Tokenizer(models.Unigram())
     words.normalizer = normalizers.NFKC()
     words.pre_tokenizer = pre_tokenizers.Metaspace()
-    words.train_from_iterator(MULTILINGUAL_CAPTIONS, trainers.UnigramTrainer(
-        vocab_size=160, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    words.train_from_iterator(corpus or MULTILINGUAL_CAPTIONS, trainers.UnigramTrainer(
+        vocab_size=vocabulary, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
     words.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # XLM-RoBERTa's ids of them
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         unk_token="<unk>", cls_token="<s>", sep_token="</s>")
     torch.manual_seed(seed)
-    config = XLMRobertaConfig(vocab_size=words.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=max_positions, pad_token_id=1, bos_token_id=0,
-                              eos_token_id=2)
+    config = XLMRobertaConfig(vocab_size=words.get_vocab_size(), hidden_size=width, num_hidden_layers=layers,
+                              num_attention_heads=max(2, width // 64), intermediate_size=2 * width,
+                              max_position_embeddings=max_positions, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     XLMRobertaModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer

@@ -328,14 +328,20 @@ def embed_texts(
     if not encoder.has_text:
         raise InputError(f"{encoder.name} has no text tower; embed texts with a CLIP model such as ViT-B-32")
     device = encoder.device
+    # longest first, so that texts of like lengths share a batch: a tokenizer that pads to the batch's longest text
+    # (a multilingual model's) then pads little; the rows come back in the order given
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     chunks, copies = [], HostCopies()
     with _inference(device, precision):
         for start in range(0, len(texts), batch_size):
-            chunks.append(_encode_tokens(encoder, encoder.tokenize(texts[start:start + batch_size]), device, precision))
+            batch = [texts[i] for i in order[start:start + batch_size]]
+            chunks.append(_encode_tokens(encoder, encoder.tokenize(batch), device, precision))
             copies.add(chunks[-1])  # read at the end, at most two batches behind the device
     if not chunks:
         return np.zeros((0, _text_dim(encoder, device, precision)), dtype=np.float32)
-    return np.concatenate([chunk.array() for chunk in chunks])
+    embedded = np.concatenate([chunk.array() for chunk in chunks])
+    embedded[order] = embedded.copy()
+    return embedded
 
 
 # --------------------------------------------------------------------------- folders

@@ -294,6 +294,8 @@ def test_without_a_multilingual_model_the_server_says_so(served):
     answer = client.post("/search", json={"text": "un chat", "multilingual": True})
     assert answer.status_code == 400
     assert "has no multilingual text model (start the server with --multilingual-model" in answer.json()["detail"]
+    answer = client.post("/search", json={"embedding": [0.25] * DIMS, "multilingual": True})  # refused, not ignored
+    assert answer.status_code == 400 and "has no multilingual text model" in answer.json()["detail"]
     assert client.get("/healthz").json()["multilingual"] is False
     # clip-retrieval's front end sends use_mclip from its box: named as unsupported; here no model embeds the text at all
     answer = client.post("/knn-service", content=json.dumps({"text": "un chat", "use_mclip": True}))

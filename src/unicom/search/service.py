@@ -617,7 +617,7 @@ def create_app(
         if not given and text is None:
             raise _error(400, 'nothing to search for: send a "text", an "image", a "like" item id or an "embedding"')
         text_encoder = None
-        if text is not None:
+        if text is not None or multilingual:  # asked for where there is none: refused, even without a text
             try:
                 text_encoder = target.text_model(multilingual)
             except InputError as error:

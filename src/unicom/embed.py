@@ -521,9 +521,10 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
     # nor one whose captions another model embedded
     config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS, "text_model") if key in previous},
               **config}
-    for key in ("model", "pretrained", "text_model"):  # folders recorded relative to where an older run started
-        if key in previous or key != "text_model":
-            previous[key] = recorded_spec(previous.get(key))
+    for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
+        previous[key] = recorded_spec(previous.get(key))
+    if "text_model" in previous:
+        previous["text_model"] = recorded_spec(previous["text_model"])
     moved = (previous.get("pretrained") != config.get("pretrained") and previous.get(WEIGHTS_CHECKSUM) is not None
              and all(previous.get(k) == v for k, v in config.items() if k not in ("pretrained", WEIGHTS_CHECKSUM)
                      and (k in previous or k not in RECORDED_LATER)))
@@ -954,15 +955,18 @@ def embed_to_folder(
     # parts waits there for the slowest, for as long as its parts take
     waiting = distributed.waiting_group()
     try:
+        texts = None
+        if text_model is not None:  # first: a wrong text model is named before the image model loads
+            from unicom.models.multilingual import WithTextModel, load_multilingual
+
+            texts = text_model if isinstance(text_model, Encoder) else load_multilingual(
+                text_model, device if device is not None else distributed.local_device())
         if isinstance(model, str):
             encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
         else:
             encoder = _as_encoder(model, None, device)
-        if text_model is not None:
-            from unicom.models.multilingual import WithTextModel, load_multilingual
-
-            texts = text_model if isinstance(text_model, Encoder) else load_multilingual(text_model, encoder.device)
-            encoder = WithTextModel(encoder, texts)
+        if texts is not None:
+            encoder = WithTextModel(encoder, texts.to(encoder.device))
             config["text_model_sha256"] = texts.weights_sha256()
         summary = embed_parts(parts, encoder, out, modalities=modalities, batch_size=batch_size,
                               num_workers=num_workers, dtype=dtype, draft=draft, precision=precision, config=config,

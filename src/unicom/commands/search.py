@@ -268,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     stored = queries.StoredVectors(index, modality)
     text_model = load_multilingual_model(args, {str(args.index): index})
     encoder = load_checked_encoder(args, index) if images or (texts and text_model is None) else None
-    text_model = text_model or encoder
+    if text_model is None:  # the collection's own text tower
+        text_model = encoder
     if texts:
         queries.require_text(text_model)
     for query, image in zip(args.queries, images):  # an image too thin for the model's resize, named by its file

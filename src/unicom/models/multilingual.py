@@ -60,8 +60,9 @@ class MultilingualText(Encoder):
 
     ``tokenize`` gives int64 (B, 2, L): each text's token ids and attention mask (a text may
     hold the tokenizer's padding token itself, so the mask is not read from the ids), the
-    texts cut to ``max_tokens``; a batch's rows are its texts, as other models' tokens; ``encode_text`` the projection of the mean of the
-    transformer's last states over the tokens the mask keeps, not normalised.
+    texts cut to ``max_tokens`` (a batch's rows are its texts, as other models' tokens);
+    ``encode_text`` the projection of the mean of the transformer's last states over the
+    tokens the mask keeps, not normalised.
     """
 
     has_text = True
@@ -153,19 +154,14 @@ def _weights_file(folder: Path, spec: str) -> Path:
     return found
 
 
-def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple], path: Path, what: str) -> None:
-    """Every tensor of ``expected`` (name -> shape) in ``state`` with its shape, and no other."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        def listed(keys):
-            return f"{len(keys)} tensors ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        parts = ([f"lacks {listed(missing)}"] if missing else []) + ([f"has {listed(unexpected)} besides"] if unexpected else [])
-        raise InputError(f"{path}: not the weights of {what}: it {' and '.join(parts)}")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise InputError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model {shape} "
-                             "(the configuration's sizes do not match the weights)")
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path, what: str) -> None:
+    """Load ``state`` (the module's tensors under ``prefix``, as the file names them) into
+    ``module``, every name and shape checked first (:func:`unicom.models.weights.check_state_dict`)."""
+    from unicom.models.weights import check_state_dict
+
+    expected = {prefix + key: value for key, value in module.state_dict().items()}
+    check_state_dict(expected, state, f"{path} ({what})")
+    module.load_state_dict({key[len(prefix):]: value for key, value in state.items()})
 
 
 def _transformer(base_config, state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:
@@ -173,14 +169,12 @@ def _transformer(base_config, state: dict[str, torch.Tensor], path: Path, what: 
     the architecture's prefix: ``bert.``), every one checked."""
     transformers = _transformers()
     model = transformers.AutoModel.from_config(base_config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
     state = {key: value for key, value in state.items() if not key.endswith("embeddings.position_ids")}
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    if prefix != "." and state and all(key.startswith(prefix) for key in state):
-        state = {key[len(prefix):]: value for key, value in state.items()}
-    _check_tensors(state, expected, path, what)
-    model.load_state_dict(state)
+    if prefix == "." or not state or not all(key.startswith(prefix) for key in state):
+        prefix = ""
+    _load_checked(model, state, prefix, path, what)
     return model
 
 
@@ -223,13 +217,16 @@ def _mclip(folder: Path, spec: str) -> MultilingualText:
     if missing:
         raise InputError(f"{path}: no {', '.join(missing)}; M-CLIP's config names its base model (modelBase) and "
                          "the projection's sizes (transformerDimensions, numDims)")
+    sizes = {key: config[key] for key in ("transformerDimensions", "numDims")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in sizes.values()):
+        raise InputError(f"{path}: {sizes}: the projection's sizes are whole numbers above 0")
     base = str(config["modelBase"])
     try:
         base_config = transformers.AutoConfig.from_pretrained(base, local_files_only=hub.offline())
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: modelBase {base!r}: its configuration could not be read ({error}); give a Hub "
                          "name (xlm-roberta-large) or a local folder holding its config.json") from error
-    width, dims = int(config["transformerDimensions"]), int(config["numDims"])
+    width, dims = sizes["transformerDimensions"], sizes["numDims"]
     if getattr(base_config, "hidden_size", None) != width:
         raise InputError(f"{path}: transformerDimensions {width}, but {base} has "
                          f"{getattr(base_config, 'hidden_size', None)}-wide states")
@@ -237,12 +234,11 @@ def _mclip(folder: Path, spec: str) -> MultilingualText:
     state = read_state_dict(weights)
     what = f"M-CLIP with base {base}"
     projection = {key: value for key, value in state.items() if key.startswith(PROJECTION + ".")}
-    _check_tensors(projection, {f"{PROJECTION}.weight": (dims, width), f"{PROJECTION}.bias": (dims,)}, weights, what)
+    linear = nn.Linear(width, dims)
+    _load_checked(linear, projection, PROJECTION + ".", weights, what)
     # the transformer's tensors, by their names in it (a tensor outside transformer. is named unexpected there)
     rest = {key.removeprefix(TRANSFORMER): value for key, value in state.items() if key not in projection}
     transformer = _transformer(base_config, rest, weights, what)
-    linear = nn.Linear(width, dims)
-    linear.load_state_dict({key[len(PROJECTION) + 1:]: value for key, value in projection.items()})
     tokenizer = _tokenizer(folder, spec)
     return MultilingualText(transformer, linear, dims, tokenizer, _max_tokens(base_config, tokenizer), f"M-CLIP {spec}")
 
@@ -272,16 +268,13 @@ def _dense(folder: Path, entry: dict, spec: str, width: int) -> tuple[nn.Module,
         raise InputError(f"{path}: activation_function {activation!r}; read are {', '.join(ACTIVATIONS)}")
     if config.get("use_residual"):
         raise InputError(f"{path}: use_residual is not read; only a linear layer and its activation")
-    if int(config.get("in_features", -1)) != width:
-        raise InputError(f"{path}: in_features {config.get('in_features')}, but the module before gives {width}")
-    dims, bias = int(config["out_features"]), bool(config.get("bias", True))
+    if config.get("in_features") != width or not isinstance(config.get("out_features"), int):
+        raise InputError(f"{path}: in_features {config.get('in_features')!r} and out_features "
+                         f"{config.get('out_features')!r}; the module before gives {width} numbers")
+    linear = nn.Linear(width, config["out_features"], bias=bool(config.get("bias", True)))
     weights = _weights_file(module, spec)
-    state = read_state_dict(weights)
-    _check_tensors(state, {"linear.weight": (dims, width), **({"linear.bias": (dims,)} if bias else {})}, weights,
-                   "a Dense module of these sizes")
-    linear = nn.Linear(width, dims, bias=bias)
-    linear.load_state_dict({key[len("linear."):]: value for key, value in state.items()})
-    return nn.Sequential(linear, ACTIVATIONS[activation]()), dims
+    _load_checked(linear, read_state_dict(weights), "linear.", weights, "a Dense module of these sizes")
+    return nn.Sequential(linear, ACTIVATIONS[activation]()), linear.out_features
 
 
 def _sentence_transformer(folder: Path, spec: str) -> MultilingualText:

@@ -470,3 +470,104 @@ def test_embed_refuses_a_text_model_without_captions_or_of_other_dimensions(capt
     assert code == 2 and "--text-model embeds the captions: give --modalities image,text" in capsys.readouterr().err
     assert embed(captioned, tmp_path / "b", "--text-model", str(mclip["folder"]), "--workers", "0") == 2  # 16-d into 32-d
     assert "gives 16-dimensional text embeddings" in capsys.readouterr().err
+
+
+# ------------------------------------- the captions' text model, recorded by the index
+
+
+@pytest.fixture(scope="module")
+def recorded(captioned, tmp_path_factory):
+    """The captioned shards embedded with ``--text-model`` and indexed: the index records the
+    text model; the reference rankings of its caption embeddings."""
+    root = tmp_path_factory.mktemp("recorded-text-model")
+    assert embed(captioned, root / "EMB", "--text-model", str(captioned["mclip"]["folder"]), "--workers", "0") == 0
+    assert main(["index", "--emb", str(root / "EMB"), "--out", str(root / "index"), "--type", "flat",
+                 "--layout", "clip-retrieval"]) == 0
+    return {"root": root, "index": root / "index", "texts": stored(root / "EMB", "text")[0]}
+
+
+def own_text_tower(captioned, texts: list[str]) -> np.ndarray:
+    from unicom.models.encoders import load_encoder
+
+    return embed_texts(load_encoder(captioned["spec"]), texts)
+
+
+def search_ids(index, *options: str, capsys) -> list[int]:
+    assert main(["search", "--index", str(index), "--modality", "text", "-k", "5", "--json", *options]) == 0
+    return [hit["id"] for hit in json.loads(capsys.readouterr().out)[0]["results"]]
+
+
+def test_the_index_records_the_captions_text_model_and_search_uses_it_when_asked(captioned, recorded, capsys):
+    folder = captioned["mclip"]["folder"]
+    config = json.loads((recorded["index"] / "index.json").read_text())
+    assert config["text_model"] == {"spec": str(folder), "weights_sha256": load_multilingual(folder).weights_sha256()}
+    multilingual = reference_embeddings(captioned["mclip"], QUERIES[:1])[0]
+    own = own_text_tower(captioned, QUERIES[:1])[0]
+    assert ranked(recorded["texts"], multilingual, 5) != ranked(recorded["texts"], own, 5)  # the two models tell apart
+    assert search_ids(recorded["index"], "--text", QUERIES[0], "--multilingual", capsys=capsys) == \
+        ranked(recorded["texts"], multilingual, 5)
+    # without --multilingual, the collection's model's own text tower, as before
+    assert search_ids(recorded["index"], "--text", QUERIES[0], capsys=capsys) == ranked(recorded["texts"], own, 5)
+    assert main(["search", "--index", str(recorded["index"]), "--text", QUERIES[0], "--multilingual",
+                 "--multilingual-model", "none"]) == 2
+    assert "--multilingual asks for a multilingual model and --multilingual-model none" in capsys.readouterr().err
+
+
+def test_search_without_a_recorded_text_model_names_what_to_give(mclip, collection, capsys):
+    assert main(["search", "--index", str(collection["root"] / "index"), "--text", "un chat", "--multilingual"]) == 2
+    assert "records no multilingual text model (its captions were not embedded with `unicom embed --text-model`)" in \
+        capsys.readouterr().err
+
+
+def test_serve_loads_the_recorded_text_model_unless_told_none(captioned, recorded):
+    import httpx
+    from test_serve_live import started_serve
+
+    query = reference_embeddings(captioned["mclip"], QUERIES[1:2])[0]
+    body = {"text": QUERIES[1], "use_mclip": True, "num_images": 5, "modality": "text"}
+    for options, multilingual in (((), True), (("--multilingual-model", "none"), False)):
+        process, url = started_serve("--index", str(recorded["index"]), *options)
+        try:
+            assert httpx.get(url + "/healthz").json()["multilingual"] is multilingual
+            answer = httpx.post(url + "/knn-service", content=json.dumps(body))
+            assert answer.status_code == 200, answer.text
+            expected = query if multilingual else own_text_tower(captioned, QUERIES[1:2])[0]
+            assert [hit["id"] for hit in answer.json()] == ranked(recorded["texts"], expected, 5)
+            assert (UNSUPPORTED_HEADER in answer.headers) is not multilingual
+        finally:
+            process.terminate()
+            _, errors = process.communicate(timeout=30)
+        assert ("multilingual text queries embedded by M-CLIP" in errors) is multilingual
+
+
+def test_a_recorded_text_model_with_other_weights_or_gone_is_refused_named(captioned, recorded, tmp_path, capsys):
+    other = copy_model(captioned["mclip"], tmp_path / "changed")
+    state = torch.load(other / "pytorch_model.bin", weights_only=True)
+    torch.save({key: value + 0.01 if key.startswith("LinearTransformation") else value for key, value in state.items()},
+               other / "pytorch_model.bin")
+    index = tmp_path / "index"
+    shutil.copytree(recorded["index"], index)
+    config = json.loads((index / "index.json").read_text())
+    for spec, message in ((other, "now has other weights (sha256"), (tmp_path / "gone", "its captions were embedded by "
+                                                                    f"the text model {tmp_path / 'gone'}, which")):
+        (index / "index.json").write_text(json.dumps({**config, "text_model": {**config["text_model"], "spec": str(spec)}}))
+        assert main(["search", "--index", str(index), "--text", QUERIES[0], "--multilingual"]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["serve", "--index", str(index)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "--multilingual-model none" in error
+    # --multilingual-model none: the model's own text tower, the record unread
+    own = own_text_tower(captioned, QUERIES[:1])[0]
+    assert search_ids(index, "--text", QUERIES[0], "--multilingual-model", "none", capsys=capsys) == \
+        ranked(recorded["texts"], own, 5)
+
+
+def test_an_index_without_a_model_of_its_own_embeds_texts_with_the_recorded_text_model(captioned, recorded, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(recorded["index"], index)
+    config = json.loads((index / "index.json").read_text())
+    (index / "index.json").write_text(json.dumps({**config, "model": None}))  # as a collection embedded elsewhere
+    query = reference_embeddings(captioned["mclip"], QUERIES[2:3])[0]
+    assert search_ids(index, "--text", QUERIES[2], capsys=capsys) == ranked(recorded["texts"], query, 5)
+    assert main(["search", "--index", str(index), "--text", QUERIES[2], "--multilingual-model", "none"]) == 2
+    assert "does not record the model of its embeddings; pass --model" in capsys.readouterr().err

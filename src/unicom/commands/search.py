@@ -9,6 +9,7 @@ Examples::
     unicom search --index INDEX/ --text "a cat" --text "a kitten" --min-score 0.28 --out cats.parquet
     unicom search --index INDEX/ --text-file prompts.txt --min-score 0.3 -k 1000 --out subset.parquet
     unicom search --index INDEX/ --text "a cat" --min-score 0.28 --out cats.parquet --copy-images cats/
+    unicom search --index INDEX/ --text "un chat noir" --multilingual   # the text model of its captions
 
 Each image, each ``--text`` (and line of a ``--text-file``) and each ``--like`` item is a query of its own. With
 ``--text-weight``, images and items are combined with the texts instead (in pairs, or one
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
     add_multilingual_argument(parser, "embeds the --text queries (in about a hundred languages) instead of the model's "
                                       "own text tower")
+    parser.add_argument("--multilingual", action="store_true",
+                        help="embed the --text queries with the multilingual text model that embedded the index's "
+                             "captions (`unicom embed --text-model`), or --multilingual-model's; without either, "
+                             "that model embeds them only where the collection's model has no text tower")
     parser.add_argument("-k", type=int, default=None,
                         help=f"results per query (default: {DEFAULT_K}; with --min-score, every result above it)")
     parser.add_argument("--min-score", type=float, default=None, metavar="S",
@@ -93,24 +98,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
 
 
+NO_TEXT_MODEL = "none"  # --multilingual-model none: not even the index's recorded one
+
+
 def add_multilingual_argument(parser: argparse.ArgumentParser, use: str) -> None:
     parser.add_argument("--multilingual-model", default=None, metavar="MODEL",
                         help="a multilingual text model into the collection's space (M-CLIP or sentence-transformers: "
                              "a folder, or hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, ...-Vit-B-32 for "
-                             "ViT-B/32; needs unicom[multilingual]) that " + use)
+                             "ViT-B/32; needs unicom[multilingual]) that " + use + "; none: no multilingual model, "
+                             "not even the one that embedded the index's captions (`unicom embed --text-model` "
+                             "records it)")
 
 
-def load_multilingual_model(args: argparse.Namespace, indexes: dict):
-    """The model of ``--multilingual-model``, checked against each index (None without the option)."""
+def load_multilingual_models(args: argparse.Namespace, indexes: dict) -> dict:
+    """Index name -> its multilingual text model, or None: ``--multilingual-model``'s for every
+    index, checked against each; without the option each index's recorded one
+    (:func:`unicom.search.queries.recorded_text_model`; each loaded once, its weights checked);
+    ``none``: no model."""
+    from unicom.errors import InputError
     from unicom.models.multilingual import load_multilingual
-    from unicom.search.queries import check_text_model
+    from unicom.search import queries
 
-    if args.multilingual_model is None:
-        return None
-    model = load_multilingual(args.multilingual_model, _device(args))
-    for index in indexes.values():
-        check_text_model(index, model)
-    return model
+    spec = args.multilingual_model
+    if spec == NO_TEXT_MODEL:
+        return dict.fromkeys(indexes)
+    if spec is not None:
+        model = load_multilingual(spec, _device(args))
+        for index in indexes.values():
+            queries.check_text_model(index, model)
+        return dict.fromkeys(indexes, model)
+    models, loaded = {}, {}
+    for name, index in indexes.items():
+        recorded = queries.recorded_text_model(index)
+        if recorded is not None and recorded not in loaded:
+            try:
+                loaded[recorded] = load_multilingual(recorded[0], _device(args))
+            except InputError as error:
+                raise InputError(f"{index.location}: its captions were embedded by the text model {recorded[0]}, which "
+                                 f"multilingual queries use: {error}. Give the model with --multilingual-model, or "
+                                 "--multilingual-model none to query without one") from error
+        if recorded is not None:
+            queries.check_recorded_text_model(index, loaded[recorded])
+            queries.check_text_model(index, loaded[recorded])
+        models[name] = loaded.get(recorded)
+    return models
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -233,8 +264,13 @@ def run(args: argparse.Namespace) -> int:
         if not lines:
             raise InputError(f"--text-file {file}: no text in the file (one query a line)")
         texts += lines
-    if args.multilingual_model is not None and not texts:
-        raise InputError("--multilingual-model embeds the --text (and --text-file) queries: give them, or leave it out")
+    for name, given in (("--multilingual-model", args.multilingual_model not in (None, NO_TEXT_MODEL)),
+                        ("--multilingual", args.multilingual)):
+        if given and not texts:
+            raise InputError(f"{name} embeds the --text (and --text-file) queries with a multilingual model: give them, "
+                             "or leave it out")
+    if args.multilingual and args.multilingual_model == NO_TEXT_MODEL:
+        raise InputError("--multilingual asks for a multilingual model and --multilingual-model none for none: give one")
     combined = args.text_weight is not None
     if combined:
         queries.parse_text_weight(args.text_weight, "--text-weight")
@@ -266,11 +302,21 @@ def run(args: argparse.Namespace) -> int:
     queries.check_filters({str(args.index): index}, aesthetic, violence, args.safety_column)
     remove = queries.result_filter(index, violence, args.safety_column, unsafe_values)
     stored = queries.StoredVectors(index, modality)
-    text_model = load_multilingual_model(args, {str(args.index): index})
-    encoder = load_checked_encoder(args, index) if images or (texts and text_model is None) else None
-    if text_model is None:  # the collection's own text tower
-        text_model = encoder
-    if texts:
+    text_model = encoder = None
+    if texts and (args.multilingual or args.multilingual_model not in (None, NO_TEXT_MODEL)):
+        text_model = load_multilingual_models(args, {args.index: index})[args.index]
+        if text_model is None:
+            raise InputError(f"--multilingual: {args.index} records no multilingual text model (its captions were not "
+                             "embedded with `unicom embed --text-model`); give one with --multilingual-model")
+    # the collection's own model, for the images, and for the texts unless it has no text tower (or is not recorded)
+    spare = queries.recorded_text_model(index) is not None and args.multilingual_model != NO_TEXT_MODEL
+    if images or (texts and text_model is None and (args.model or (index.config.get("model") or {}).get("spec") or not spare)):
+        encoder = load_checked_encoder(args, index)
+    if texts and text_model is None:
+        if spare and (encoder is None or not encoder.has_text):  # the text model of the captions then
+            text_model = load_multilingual_models(args, {args.index: index})[args.index]
+        else:
+            text_model = encoder
         queries.require_text(text_model)
     for query, image in zip(args.queries, images):  # an image too thin for the model's resize, named by its file
         try:

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None, help="its weights: a tag or a local checkpoint file")
     add_multilingual_argument(parser, "embeds the texts of /knn-service's use_mclip (clip-retrieval's front end's "
                                       "\"multilingual\" box) and /search's multilingual (the page's Multilingual), for "
-                                      "every index")
+                                      "every index (default: for each index, the one that embedded its captions, where "
+                                      "it records one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
@@ -119,18 +120,22 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
     from unicom.commands import configure_logging
-    from unicom.commands.search import laion_files, load_checked_encoder, load_multilingual_model, model_spec
+    from unicom.commands.search import laion_files, load_checked_encoder, load_multilingual_models, model_spec
 
     configure_logging()
     root_path = root_path_of(args.root_path)
     # LAION's files for /knn-service's options, read first: a wrong one is named before the model loads
     aesthetic, violence, unsafe_values = laion_files(args)
     indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
-    multilingual = load_multilingual_model(args, indexes)
+    multilingual = load_multilingual_models(args, indexes)
+    for name, index in indexes.items():
+        if args.multilingual_model is None and multilingual[name] is not None:
+            print(f"{index.location}: multilingual text queries embedded by {multilingual[name].name}, the text model of "
+                  "its captions", file=sys.stderr)
     encoders, loaded = {}, {}
     for name, index in indexes.items():
         if not (args.model or (index.config.get("model") or {}).get("spec")):
-            served = "embedding, item and multilingual text queries" if multilingual else "embedding and item queries"
+            served = "embedding, item and multilingual text queries" if multilingual[name] else "embedding and item queries"
             print(f"{index.location}: no model recorded and no --model given: serving {served} only", file=sys.stderr)
             encoders[name] = None
             continue

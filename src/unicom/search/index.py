@@ -685,6 +685,8 @@ class Index:
             "source": storage.text(emb) if storage.is_url(emb) else str(Path(emb).resolve()),
             "has_metadata": collection.has_metadata,
             "model": _embedding_model(recorded),
+            # the multilingual model that embedded the captions (`unicom embed --text-model`): `unicom serve` loads it
+            **({"text_model": _text_model(recorded)} if _text_model(recorded) else {}),
             # the columns of the parquet shards the items were read from: where `unicom serve --shards` finds their images
             **({SHARD_COLUMNS: recorded[SHARD_COLUMNS]} if recorded.get(SHARD_COLUMNS) else {}),
             "selection": selection,
@@ -1015,6 +1017,13 @@ def _embedding_model(config: dict) -> dict | None:
     if not isinstance(config.get("model"), str):
         return None
     return {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
+
+
+def _text_model(config: dict) -> dict | None:
+    """The multilingual text model that embedded the collection's captions, from ``unicom embed``'s configuration, if any."""
+    if not isinstance(config.get("text_model"), str):
+        return None
+    return {"spec": config["text_model"], WEIGHTS_CHECKSUM: config.get("text_model_sha256")}
 
 
 def _read_config(path) -> dict | None:

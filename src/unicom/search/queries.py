@@ -99,6 +99,26 @@ def check_text_model(index, encoder) -> None:
         )
 
 
+def recorded_text_model(index) -> tuple[str, str | None] | None:
+    """(spec, weights digest) of the multilingual text model that embedded ``index``'s captions
+    (``unicom embed --text-model``), or None where it records none."""
+    recorded = index.config.get("text_model") or {}
+    return (recorded["spec"], recorded.get(WEIGHTS_CHECKSUM)) if recorded.get("spec") else None
+
+
+def check_recorded_text_model(index, encoder) -> None:
+    """Raise :class:`InputError` unless the text model ``encoder``, loaded from the spec that
+    ``index`` records (:func:`recorded_text_model`), has the weights that embedded its captions."""
+    spec, recorded = recorded_text_model(index)
+    actual = weights_digest(encoder)
+    if recorded and actual != recorded:
+        raise InputError(
+            f"{index.location}: its captions were embedded by the text model {spec} with weights sha256 {recorded[:16]}…, "
+            f"but {spec} now has other weights (sha256 {actual[:16]}…); give the multilingual model for its queries "
+            "with --multilingual-model, or --multilingual-model none to query without one"
+        )
+
+
 def require_text(encoder) -> None:
     """Raise :class:`InputError` naming the model and why, unless it embeds texts into its image space."""
     if encoder is None:

@@ -6,6 +6,7 @@ subset table's ids."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -31,9 +32,12 @@ def clip(tmp_path_factory):
 
 
 def named(folder) -> dict[int, bytes]:
-    """id -> bytes of the files of a copy folder (every file must be a copy's name)."""
+    """id -> bytes of the images of a copy folder (every other file must be a copy's name or
+    written beside one)."""
     out = {}
     for name in sorted(os.listdir(folder)):
+        if name.endswith((".txt", ".json")):
+            continue
         stem, suffix = name.split(".")
         assert len(stem) == 9 and stem.isdigit() and suffix in ("jpg", "png"), name
         out[int(stem)] = (folder / name).read_bytes()
@@ -161,6 +165,13 @@ def test_shards_in_s3_are_read_in_one_pass_each_and_copies_uploaded_to_s3(tmp_pa
     assert s3.keys("laion", "copies/") == [f"copies/{name}" for name in names]
     for name, data in zip(names, expected_copies(tmp_path).values()):
         assert s3.get("laion", f"copies/{name}") == data
+    # with their metadata beside them, uploaded too
+    code = main(["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images", "s3://laion/with",
+                 "--shards", "s3://laion/shards", "--with-metadata"])
+    assert code == 0, capsys.readouterr().err
+    assert s3.keys("laion", "with/") == sorted(f"with/{name}" for i, image in enumerate(names)
+                                               for name in (image, f"{i:09d}.json"))
+    assert json.loads(s3.get("laion", "with/000000003.json")) == index.metadata(3)
 
 
 def test_missing_and_unreadable_files_are_named_and_copied_by_a_rerun(tmp_path, capsys):
@@ -192,6 +203,7 @@ def test_missing_and_unreadable_files_are_named_and_copied_by_a_rerun(tmp_path, 
 @pytest.mark.parametrize("extra, message", [
     (["--image-root", "."], "--image-root says where --copy-images finds the images"),
     (["--shards", "shards/"], "--shards says where --copy-images finds the images"),
+    (["--with-metadata"], "--with-metadata writes files beside --copy-images' copies: give --copy-images FOLDER"),
     (["--copy-images", "c", "--json"], "--json prints the results and --copy-images copies their images"),
     (["--copy-images", "c", "--image-root", "no-such-folder"], "--image-root no-such-folder: not a folder"),
     (["--copy-images", "s3://no-such-bucket/c"], "the bucket s3://no-such-bucket does not exist"),
@@ -324,3 +336,69 @@ def test_a_shard_member_longer_than_an_image_may_be_is_named_not_read(tmp_path, 
     assert sorted(named(tmp_path / "copies")) == sorted(set(range(6)) - {longest})
     assert (f"  item {longest}: the image of item {longest} in the shard 00000.tar is {sizes[longest]:,} bytes long, "
             f"more than the {limit:,} an image may have") in capsys.readouterr().err
+
+
+def embedded_rows(emb, kind: str) -> tuple[np.ndarray, list[dict]]:
+    """The ``kind`` embeddings of an embedding folder and its metadata rows, parts in order."""
+    numbers = sorted(int(path.stem.rsplit("_", 1)[1]) for path in (emb / f"{kind}_emb").glob("*.npy"))
+    vectors = np.concatenate([np.load(emb / f"{kind}_emb" / f"{kind}_emb_{n}.npy") for n in numbers])
+    rows = [row for n in numbers for row in pq.read_table(emb / "metadata" / f"metadata_{n}.parquet").to_pylist()]
+    return vectors, rows
+
+
+def test_with_metadata_the_copies_are_a_folder_that_embeds_as_the_collection_did(tmp_path, capsys):
+    """Shards with captions and json embedded and indexed; the images found copied with their
+    captions and metadata; that folder embedded again gives the same image and caption
+    embeddings, its captions and url as the collection's metadata has them."""
+    from support import captioned_samples, tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "clip")
+    samples = captioned_samples(0, 5) + [{"key": "0-5", "jpg": encode_image(Image.new("RGB", (30, 30), "red")),
+                                          "json": {"url": "https://example.org/0/5.jpg"}}]  # no caption
+    samples[2]["txt"] = "un chat noir sur le toit — 屋根の上の黒猫"
+    write_tar_shard(tmp_path / "shards" / "00000.tar", samples)
+    common = ["--model", spec, "--modalities", "image,text", "--dtype", "float32", "--workers", "0"]
+    assert main(["embed", "--input", str(tmp_path / "shards" / "00000.tar"), "--out", str(tmp_path / "emb"), *common]) == 0
+    assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--type", "flat"]) == 0
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    (copies / ".000000002.txt.abcd1234.tmp").write_bytes(b"half")  # what a copy killed halfway leaves
+    assert main(["search", "--index", str(tmp_path / "index"), "--like", "0", "-k", "6", "--copy-images", str(copies),
+                 "--shards", str(tmp_path / "shards"), "--with-metadata"]) == 0
+    assert "6 of 6 images in" in capsys.readouterr().out
+    images, rows = embedded_rows(tmp_path / "emb", "img")
+    texts, _ = embedded_rows(tmp_path / "emb", "text")
+    captioned = [row["id"] for row in Index.load(tmp_path / "index").metadata(range(6)) if row.get("caption")]
+    assert sorted(os.listdir(copies)) == sorted([f"{i:09d}.{suffix}" for i in range(6) for suffix in ("jpg", "json")] +
+                                                [f"{i:09d}.txt" for i in captioned])
+    assert (copies / "000000002.txt").read_text(encoding="utf-8") == samples[2]["txt"]
+    for i, row in enumerate(Index.load(tmp_path / "index").metadata(range(6))):
+        assert json.loads((copies / f"{i:09d}.json").read_text(encoding="utf-8")) == row
+        assert (copies / f"{i:09d}.jpg").read_bytes() == samples[i]["jpg"]
+    # the copies embedded again: the same embeddings (the folder's files in name order: ids' order)
+    again = tmp_path / "again"
+    assert main(["embed", "--input", str(copies), "--out", str(again), *common, "--metadata-fields", "url"]) == 0
+    images_again, rows_again = embedded_rows(again, "img")
+    np.testing.assert_allclose(images_again, images, atol=1e-6)
+    assert [row["caption"] for row in rows_again] == [row["caption"] for row in rows]
+    assert [row["url"] for row in rows_again] == [row["url"] for row in rows]
+    texts_again, _ = embedded_rows(again, "text")
+    with_caption = [i for i, row in enumerate(rows) if row["caption"]]
+    np.testing.assert_allclose(texts_again[with_caption], texts[with_caption], atol=1e-6)
+
+
+def test_with_metadata_a_rerun_adds_the_files_beside_copies_made_without_it(tmp_path, capsys):
+    index = shard_collection(tmp_path)
+    copies = tmp_path / "copies"
+    args = ["search", "--index", str(index.path), "--like", "0", "-k", "6", "--copy-images", str(copies),
+            "--shards", str(tmp_path / "shards")]
+    assert main(args) == 0
+    assert named(copies) == expected_copies(tmp_path)
+    assert main([*args, "--with-metadata"]) == 0
+    assert "6 of 6 images in" in capsys.readouterr().out
+    # every item its metadata row; no caption, the metadata having none
+    assert sorted(name for name in os.listdir(copies) if not name.endswith((".jpg", ".png"))) == \
+        [f"{i:09d}.json" for i in range(6)]
+    assert json.loads((copies / "000000002.json").read_text()) == index.metadata(2)
+    assert main([*args, "--with-metadata"]) == 0  # nothing left to do
+    assert "(6 there from an earlier run)" in capsys.readouterr().out

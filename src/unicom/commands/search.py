@@ -26,6 +26,8 @@ subset of a collection that the queries describe, which img2dataset downloads.
 id (as clip-retrieval's ``filter`` does), from where the collection keeps it: the image paths
 of its metadata (relative ones from ``--image-root``), the shards it was embedded from
 (``--shards``), or a remote image folder; the URLs of its ``url`` column are left to img2dataset.
+``--with-metadata`` writes each item's caption (``000001234.txt``) and metadata row
+(``000001234.json``) beside its image, as img2dataset's ``files`` output does.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-images", default=None, metavar="FOLDER",
                         help="copy the image file of each item found into FOLDER (local or a URL), named by its id "
                              "(000001234.jpg, the id column of --out); a rerun copies what is missing")
+    parser.add_argument("--with-metadata", action="store_true",
+                        help="--copy-images: write beside each image its caption (000001234.txt) and metadata row "
+                             "(000001234.json), img2dataset's layout: a folder `unicom embed` reads with its captions")
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="--copy-images: the folder that relative image paths in the metadata start from "
                              "(default: the current folder)")
@@ -233,9 +238,11 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             raise InputError("--json prints the results and --out writes them: give one")
         subset.check_output(args.out)
-    for name, value in (("--image-root", args.image_root), ("--shards", args.shards)):
+    for name, value, does in (("--image-root", args.image_root, "says where --copy-images finds the images"),
+                              ("--shards", args.shards, "says where --copy-images finds the images"),
+                              ("--with-metadata", args.with_metadata or None, "writes files beside --copy-images' copies")):
         if value is not None and args.copy_images is None:
-            raise InputError(f"{name} says where --copy-images finds the images: give --copy-images FOLDER, or leave it out")
+            raise InputError(f"{name} {does}: give --copy-images FOLDER, or leave it out")
     if args.copy_images is not None:
         if args.json:
             raise InputError("--json prints the results and --copy-images copies their images: give one")
@@ -382,7 +389,7 @@ def copy_images(args: argparse.Namespace, index, items) -> int:
 
     columns = recorded_shard_columns(index) if args.shards is not None else None
     images = ItemImages(args.image_root, args.shards, cache=0, shard_columns=columns)
-    done = subset.copy_images(index, items.ids, args.copy_images, images)
+    done = subset.copy_images(index, items.ids, args.copy_images, images, with_metadata=args.with_metadata)
     already = f" ({done.present} there from an earlier run)" if done.present else ""
     print(f"{done.copied + done.present} of {len(items)} images in {args.copy_images}{already}")
     if not done.failed:

@@ -20,7 +20,10 @@ plus some 40 bytes per result while they are merged (ids, scores, queries and th
 clip-retrieval's ``filter`` does (:func:`copy_images`): named by its id (``000001234.jpg``,
 joined to the table by its ``id``), as stored (the bytes of its file, its member of a shard,
 or the file at its URL in a remote image folder; no decoding), each file whole or absent.
-A rerun copies what the folder lacks.
+A rerun copies what the folder lacks. With ``--with-metadata`` each image has beside it its
+caption (``000001234.txt``, where the item has one) and its metadata row
+(``000001234.json``), as img2dataset's ``files`` output has them: a folder that ``unicom
+embed`` reads with its captions and ``--metadata-fields``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ COPY_THREADS = 16  # images copied at once (each holds one image read from a URL
 GROUP_ROWS = 262144  # items sorted into shards at a time while copying (a shard across two groups is read twice)
 HEAD = 64  # first bytes read of a file for its format
 COPIED_NAME = re.compile(r"^(\d+)\.(jpg|png|webp|gif|bmp|tif)$")  # a copied image: its id, zero-padded, and its format
+BESIDE_NAME = re.compile(r"^(\d+)\.(txt|json)$")  # its caption and metadata, with --with-metadata
 
 @dataclass
 class Subset:
@@ -164,7 +168,8 @@ def check_copy_folder(folder) -> None:
     storage.writable_folder(folder)
 
 
-def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THREADS) -> Copied:
+def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THREADS,
+                with_metadata: bool = False) -> Copied:
     """Copy the image of each item of ``ids`` (as ``images``, an
     :class:`~unicom.search.item_images.ItemImages`, finds it) into ``folder`` (a path or a
     URL) as :func:`image_name`. Items with a file there already are left as they are, and
@@ -175,7 +180,12 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
     Samples of shards are copied a shard at a time, in one pass over it (a local
     uncompressed tar: each member at its offset), ``threads`` shards at once; files at URLs,
     or copies to a URL, ``threads`` at once; local files one after another (threads only
-    contend for the interpreter there)."""
+    contend for the interpreter there).
+
+    ``with_metadata``: each image's caption (the metadata's ``caption``, where it is text that
+    is not blank) and metadata row (JSON, values as :func:`~unicom.search.queries.json_value`
+    gives them) are written beside it first (:func:`beside_files`), the image last: an item
+    counts as copied once its image and its ``.json`` are there."""
     from concurrent.futures import ThreadPoolExecutor
 
     check_copy_folder(folder)
@@ -183,9 +193,11 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
     there = storage.list_files(folder)
     for name, entry in there.items():  # a killed run's temporaries of copies
         target = storage.temporary_target(name)
-        if target is not None and COPIED_NAME.match(target):
+        if target is not None and (COPIED_NAME.match(target) or BESIDE_NAME.match(target)):
             storage.remove(entry)
     done = {int(match.group(1)) for match in map(COPIED_NAME.match, there) if match}
+    if with_metadata:  # a copy without its metadata (an earlier run without the option) is made again
+        done &= {int(match.group(1)) for match in map(BESIDE_NAME.match, there) if match and match.group(2) == "json"}
     ids = np.asarray(ids, np.int64)
     todo = np.array([item_id for item_id in ids.tolist() if item_id not in done], np.int64)
     result = Copied(present=len(ids) - len(todo))
@@ -211,14 +223,15 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
                 chunk_ids = todo[chunk:min(len(todo), start + GROUP_ROWS, chunk + CHUNK_ROWS)]
                 for item_id, row in zip(chunk_ids.tolist(), index.metadata_table(chunk_ids).to_pylist()):
                     path = images.file(row)
+                    beside = beside_files(row) if with_metadata else {}
                     if path is None and images.in_shard(row) and not images.shards.reads_members(row["shard"]):
-                        shards.setdefault(row["shard"], []).append((item_id, row))
+                        shards.setdefault(row["shard"], []).append((item_id, row, beside))
                     else:
-                        files.append((item_id, row, path))
+                        files.append((item_id, row, path, beside))
             streams = [pool.submit(_copy_shard, images, folder, shard, items, advance) for shard, items in shards.items()]
-            remote = storage.is_url(folder) or any(isinstance(path, str) for _, _, path in files)
+            remote = storage.is_url(folder) or any(isinstance(path, str) for _, _, path, _ in files)
             copy = (lambda item: _copy_one(images, folder, *item))
-            for (item_id, _, _), why in zip(files, pool.map(copy, files) if remote else map(copy, files)):
+            for (item_id, *_), why in zip(files, pool.map(copy, files) if remote else map(copy, files)):
                 tally(item_id, why)
                 advance()
             for stream in streams:
@@ -229,29 +242,50 @@ def copy_images(index, ids: np.ndarray, folder, images, threads: int = COPY_THRE
     return result
 
 
-def _put(folder, item_id: int, head: bytes, rest=None) -> str | None:
+def beside_files(row: dict) -> dict[str, bytes]:
+    """The files written beside an item's image with ``--with-metadata``, suffix -> bytes:
+    its caption (``.txt``, where ``row``'s ``caption`` is text that is not blank) and its
+    metadata row (``.json``), as img2dataset writes them beside its images."""
+    import json
+
+    from unicom.data.lists import CAPTION_SUFFIX, FIELDS_SUFFIX
+    from unicom.search.queries import json_value
+
+    files = {}
+    caption = row.get("caption")
+    if isinstance(caption, str) and caption.strip():
+        files[CAPTION_SUFFIX] = caption.encode("utf-8")
+    files[FIELDS_SUFFIX] = json.dumps(json_value(row), ensure_ascii=False).encode("utf-8")
+    return files
+
+
+def _put(folder, item_id: int, head: bytes, rest=None, beside: dict[str, bytes] | None = None) -> str | None:
     """Write an image (its first bytes ``head``, then the rest of the open file ``rest``) into
-    ``folder``, named by its format; None, or why it is not written (not an image)."""
+    ``folder``, named by its format, after the files ``beside`` it (:func:`beside_files`);
+    None, or why it is not written (not an image: nothing is written)."""
     from unicom.files import write_new_file_atomic
     from unicom.search.item_images import sniff
 
     kind = sniff(head[:HEAD])
     if kind is None:
         return f"the image file of item {item_id} is not an image"
-    target = storage.join(folder, image_name(item_id, kind))
-    if not storage.is_url(folder):
-        write_new_file_atomic(target, head, rest)
-        return None
-    with atomic_path(target) as staged, open(staged, "wb") as out:
-        out.write(head)
-        if rest is not None:
-            shutil.copyfileobj(rest, out)
+    stem = image_name(item_id, kind).rsplit(".", 1)[0]
+    for suffix, data in [*(beside or {}).items(), (None, head)]:  # the image last: its presence says the item is done
+        target = storage.join(folder, image_name(item_id, kind) if suffix is None else stem + suffix)
+        more = rest if suffix is None else None
+        if not storage.is_url(folder):
+            write_new_file_atomic(target, data, more)
+            continue
+        with atomic_path(target) as staged, open(staged, "wb") as out:
+            out.write(data)
+            if more is not None:
+                shutil.copyfileobj(more, out)
     return None
 
 
-def _copy_one(images, folder, item_id: int, row: dict, path) -> str | None:
+def _copy_one(images, folder, item_id: int, row: dict, path, beside: dict[str, bytes]) -> str | None:
     """Copy item ``item_id``'s image (at ``path``, its :meth:`ItemImages.file`) into
-    ``folder``; None, or why it could not be."""
+    ``folder``, the files ``beside`` it with it; None, or why it could not be."""
     from unicom.data import transforms
     from unicom.search.item_images import ImageUnavailable, sample_occurrence
 
@@ -265,18 +299,18 @@ def _copy_one(images, folder, item_id: int, row: dict, path) -> str | None:
     except ImageUnavailable as error:
         return error.detail
     if isinstance(source, bytes):
-        return _put(folder, item_id, source)
+        return _put(folder, item_id, source, beside=beside)
     try:
         handle = open(source, "rb")  # noqa: SIM115 - closed below, after the copy
         head = handle.read(HEAD)
     except OSError as error:  # a write's error is not caught here: refused_write names it
         return f"the image file of item {item_id}, {source}, cannot be read ({storage.describe(error)})"
     with handle:
-        return _put(folder, item_id, head, handle)
+        return _put(folder, item_id, head, handle, beside)
 
 
-def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]], advance) -> list[tuple[int, str | None]]:
-    """Copy the images of ``items`` ((id, metadata row), samples of ``shard``) in one pass
+def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict, dict]], advance) -> list[tuple[int, str | None]]:
+    """Copy the images of ``items`` ((id, metadata row, the files beside its image), samples of ``shard``) in one pass
     over the shard: each the ``occurrence``-th sample of its key (without the column, the
     key's first sample with an image); ``advance()`` after each item found. Returns (id, None
     or why) of each."""
@@ -284,7 +318,8 @@ def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]], advan
     from unicom.search.item_images import sample_occurrence
 
     exact, first = {}, {}  # (key, occurrence) -> id; key -> ids of the key's first sample with an image
-    for item_id, row in items:
+    beside = {item_id: files for item_id, _, files in items}
+    for item_id, row, _ in items:
         number = sample_occurrence(row)
         if number is None:
             first.setdefault(row["key"], []).append(item_id)
@@ -318,7 +353,7 @@ def _copy_shard(images, folder, shard: str, items: list[tuple[int, dict]], advan
             elif not isinstance(image, bytes):  # longer than an image may be: not read
                 done.append((item_id, f"the image of item {item_id} in the shard {shard} cannot be read ({image})"))
             else:
-                done.append((item_id, _put(folder, item_id, image)))
+                done.append((item_id, _put(folder, item_id, image, beside=beside[item_id])))
             advance()
     samples = None  # a stream broken off: its download stops
     left = [*exact.values(), *(item_id for ids in first.values() for item_id in ids)]

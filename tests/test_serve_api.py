@@ -209,8 +209,9 @@ def test_an_unknown_form_field_is_400_naming_it_instead_of_being_ignored(served)
     response = upload(served["client"], data, query="at night", topk="5")
     assert response.status_code == 400
     assert response.json()["detail"] == ("unknown form field 'query', 'topk'; the fields are image, text, like, "
-                                         "text_weight, k, min_score, deduplicate, safe, index, modality, aesthetic_score, "
-                                         "aesthetic_weight, multilingual (an embedding is sent as JSON)")
+                                         "text_weight, k, min_score, deduplicate, hide_duplicate_urls, safe, index, "
+                                         "modality, aesthetic_score, aesthetic_weight, multilingual (an embedding is "
+                                         "sent as JSON)")
     embedding = served["client"].post("/search", data={"embedding": "[0.1, 0.2]", "text": "x"},
                                       files={"image": ("q.jpg", data, "image/jpeg")})
     assert embedding.status_code == 400 and "'embedding'" in embedding.json()["detail"]

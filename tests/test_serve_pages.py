@@ -417,6 +417,32 @@ def test_our_page_searches_the_captions_where_the_index_holds_their_embeddings(l
 
 
 @pytest.mark.browser
+def test_our_page_hides_results_whose_url_repeats_a_better_one_s_where_the_metadata_has_urls(live, page, tmp_path):
+    from unicom.formats.embeddings import write_part
+    from unicom.search.index import Index
+
+    text = "stripes on red"
+    count = len(live["stored"])
+    urls = [f"https://example.org/{i // 3}.jpg" for i in range(count)]  # each picture at three rows
+    write_part(tmp_path / "emb", 0, image=live["stored"],
+               metadata=live["index"].metadata_table(np.arange(count)).append_column("url", [urls]))
+    with_urls = Index.build(tmp_path / "emb", tmp_path / "index", index_type="flat")
+    order = brute_force(live["stored"], _text_embedding(live["spec"], text), count)[1].tolist()
+    first_of_each = [i for position, i in enumerate(order) if urls[i] not in {urls[j] for j in order[:position]}]
+    assert order[:5] != first_of_each[:5]  # the plain results repeat a url
+    _open_page(page, live["url"])
+    assert not page.is_visible("#distinct-urls")  # an index without urls offers no box
+    with LiveServer(create_app({"photos": with_urls}, load_encoder(live["spec"]))) as url:
+        _open_page(page, url)
+        assert page.is_visible("#distinct-urls") and page.is_checked("#distinct-urls")  # on by default, as clip-front
+        _search_text(page, text, 5)
+        _wait_for_ids(page, first_of_each[:5])
+        page.uncheck("#distinct-urls")  # a change searches again
+        _wait_for_ids(page, order[:5])
+    assert page.errors == [] and page.blocked == []
+
+
+@pytest.mark.browser
 def test_our_page_moves_the_query_towards_an_aesthetic_rating_where_the_server_has_them(live, page):
     text = "stripes on red"
     stored = live["stored"] / np.linalg.norm(live["stored"], axis=1, keepdims=True)

@@ -98,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HNSW indexes: candidates kept while walking the graph (default: the index's own, and at "
                              "least -k)")
     parser.add_argument("--deduplicate", action="store_true", help="leave out results that nearly repeat a better one")
+    parser.add_argument("--hide-duplicate-urls", action="store_true",
+                        help="leave out results whose url (a metadata column) repeats a better one's")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="torch device (default: a GPU if there is one, else the CPU)")
@@ -307,7 +309,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{name} tunes {kind} indexes; {args.index}'s {modality} index is a "
                              f"{index.modality_type(modality)} index: leave it out")
     queries.check_filters({str(args.index): index}, aesthetic, violence, args.safety_column)
-    remove = queries.result_filter(index, violence, args.safety_column, unsafe_values)
+    if args.hide_duplicate_urls and not queries.has_column(index, queries.URL_COLUMN):
+        raise InputError(f"--hide-duplicate-urls: the metadata of {args.index} has no {queries.URL_COLUMN} column to "
+                         "compare; leave it out")
+    remove = queries.result_filter(index, violence, args.safety_column, unsafe_values,
+                                   queries.URL_COLUMN if args.hide_duplicate_urls else None)
     stored = queries.StoredVectors(index, modality)
     text_model = encoder = None
     if texts and (args.multilingual or args.multilingual_model not in (None, NO_TEXT_MODEL)):

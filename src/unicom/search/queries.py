@@ -167,6 +167,7 @@ AESTHETIC_RATINGS = 10  # LAION's aesthetic embeddings: rating0.npy .. rating9.n
 AESTHETIC_WEIGHT = 0.5  # the weight of the rating's embedding when a request gives none (clip-retrieval's front end's)
 VIOLENT_PROMPT = 1  # the row of LAION's violence prompts that marks a result violent when it is the nearest
 SAFETY_THRESHOLD = 0.5  # a result whose safety probability (LAION-5B's punsafe) is above it is left out
+URL_COLUMN = "url"  # the metadata column of an item's web address (img2dataset's, LAION's)
 UNSAFE_VALUES = ("NSFW",)  # the values of a text safety column (LAION-400M's NSFW tag) that leave a result out
 
 
@@ -281,22 +282,47 @@ def aesthetic_weight(value, name: str = "aesthetic_weight") -> float:
 
 
 def result_filter(index, violence_prompts: np.ndarray | None, safety_column: str | None,
-                  unsafe_values: Sequence[str] = UNSAFE_VALUES):
+                  unsafe_values: Sequence[str] = UNSAFE_VALUES, distinct_column: str | None = None):
     """The ``remove`` of :func:`search` that leaves out the results LAION's violence prompts
-    mark (:func:`violent`) and those the metadata's ``safety_column`` marks (:func:`unsafe`),
-    either or both; None without either."""
-    if violence_prompts is None and safety_column is None:
+    mark (:func:`violent`), those the metadata's ``safety_column`` marks (:func:`unsafe`),
+    and those whose ``distinct_column`` (:data:`URL_COLUMN`: clip-retrieval's front end's
+    "hide duplicate urls") repeats a better result's that the others keep (:func:`repeated`);
+    any of them; None without any."""
+    if violence_prompts is None and safety_column is None and distinct_column is None:
         return None
 
     def left_out(ids: np.ndarray, vectors) -> np.ndarray:
         marked = np.zeros(len(ids), dtype=bool)
         if violence_prompts is not None:
             marked |= violent(vectors(), violence_prompts)
+        rows = index.metadata(ids) if safety_column is not None or distinct_column is not None else None
         if safety_column is not None:
-            marked |= unsafe([row.get(safety_column) for row in index.metadata(ids)], unsafe_values)
+            marked |= unsafe([row.get(safety_column) for row in rows], unsafe_values)
+        if distinct_column is not None:
+            kept = np.flatnonzero(~marked)
+            marked[kept[repeated([rows[i].get(distinct_column) for i in kept])]] = True
         return marked
 
     return left_out
+
+
+def repeated(values: Sequence) -> np.ndarray:
+    """Bool (N,): True for each value equal to an earlier one (results best first: the best
+    of each value is kept). A missing value (None, NaN, blank text) repeats nothing."""
+    seen: set = set()
+    out = np.zeros(len(values), dtype=bool)
+    for position, value in enumerate(values):
+        if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+            continue
+        key = value if isinstance(value, (str, int, float, bytes)) else repr(value)
+        out[position] = key in seen
+        seen.add(key)
+    return out
+
+
+def has_column(index, column: str) -> bool:
+    """Whether the metadata of ``index`` has ``column`` (read from its first row)."""
+    return bool(len(index)) and column in (index.metadata(0) or {})
 
 
 def check_filters(indexes: Mapping[str, Any], aesthetic_embeddings: np.ndarray | None,

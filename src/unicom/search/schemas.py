@@ -41,6 +41,9 @@ class SearchRequest(BaseModel):
     min_score: Number | None = Field(None, description="only results scoring at least this (a cosine similarity, -1..1): "
                                                        "fewer than k when fewer reach it")
     deduplicate: bool = Field(False, description="drop results that nearly repeat a better one")
+    hide_duplicate_urls: bool = Field(False, description="drop results whose url repeats a better one's (clip-retrieval's "
+                                                         "front end's \"hide duplicate urls\"; where the metadata has a "
+                                                         "url column: /healthz's urls)")
     safe: bool = Field(False, description="leave out the results the server's safety filters mark (its --safety-column, "
                                           "LAION's --violence-prompts); refused where it has none (see /healthz)")
     index: str | None = Field(None, description="the index to search (default: the first)")
@@ -137,6 +140,7 @@ class IndexHealth(BaseModel):
     modalities: list[str] = Field(description="the embeddings /search's modality can search: image, and text where "
                                               "the index holds caption embeddings")
     multilingual: bool = Field(description="whether /search takes multilingual: the index has a multilingual text model")
+    urls: bool = Field(description="whether /search takes hide_duplicate_urls: the metadata has a url column")
 
 
 class Health(IndexHealth):

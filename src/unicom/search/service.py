@@ -5,8 +5,8 @@ Routes (described with their request and reply models at ``/docs`` and ``/openap
 * ``GET /``                 the search page (``static/``: plain HTML, CSS and JavaScript);
 * ``GET /healthz``          the indexes, their models and the limits;
 * ``POST /search``          JSON ``{"text", "image" (base64), "like" (an id), "embedding",
-  "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality", "aesthetic_score",
-  "aesthetic_weight"}``, or multipart/form-data with the image as
+  "text_weight", "k", "min_score", "deduplicate", "hide_duplicate_urls", "safe", "index", "modality",
+  "aesthetic_score", "aesthetic_weight", "multilingual"}``, or multipart/form-data with the image as
   the file field ``image`` and the other keys as fields. One of ``image``/``like``/
   ``embedding`` and/or a ``text``; given both, the query is their weighted sum
   (:func:`unicom.search.queries.combine`). Answers ``{"results": [{"rank", "id", "score",
@@ -77,8 +77,8 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
-FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "safe", "index", "modality",
-               "aesthetic_score", "aesthetic_weight", "multilingual")  # /search as multipart/form-data
+FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "hide_duplicate_urls", "safe",
+               "index", "modality", "aesthetic_score", "aesthetic_weight", "multilingual")  # /search as multipart/form-data
 
 
 def _inline_scripts_allowed(page: Path) -> str:
@@ -255,12 +255,21 @@ class Served:
     multilingual: Any = None  # a multilingual text model into the collection's space, or None
     stored: dict[str, queries.StoredVectors] = field(init=False)
     model_input: ModelInput | None = field(init=False, default=None)
+    _urls: bool | None = field(init=False, default=None)
 
     def __post_init__(self):
         # the vectors of each searched modality, read back for "more like this" and deduplication
         self.stored = {modality: queries.StoredVectors(self.index, modality) for modality in self.index.modalities}
         if self.encoder is not None:
             self.model_input = ModelInput(self.encoder.image_transform)
+
+    @property
+    def urls(self) -> bool:
+        """Whether the metadata has a url column (``/search``'s ``hide_duplicate_urls``): read
+        when first asked, so that starting the server reads no metadata."""
+        if self._urls is None:
+            self._urls = queries.has_column(self.index, queries.URL_COLUMN)
+        return self._urls
 
     @property
     def text_reason(self) -> str | None:
@@ -553,7 +562,7 @@ def create_app(
             {"name": s.name, "count": len(s.index), "dims": s.index.dims, "type": s.index.type,
              "model": None if s.encoder is None else s.encoder.name, "image_search": s.encoder is not None,
              "text_search": s.text_reason is None, "text_search_reason": s.text_reason,
-             "modalities": list(s.index.modalities), "multilingual": s.multilingual is not None}
+             "modalities": list(s.index.modalities), "multilingual": s.multilingual is not None, "urls": s.urls}
             for s in served.values()
         ]
         return {
@@ -693,6 +702,7 @@ def create_app(
                           modality=form.get("modality") or None,
                           multilingual=_parse_bool(form.get("multilingual"), "multilingual"))
             safe = _parse_bool(form.get("safe"), "safe")
+            distinct_urls = _parse_bool(form.get("hide_duplicate_urls"), "hide_duplicate_urls")
             rating = (form.get("aesthetic_score"), form.get("aesthetic_weight"))
         elif content_type == "application/json":
             payload = await _read_json(request, *base64_body_limit,
@@ -715,6 +725,7 @@ def create_app(
                           min_score=_parse_min_score(request_model.min_score), deduplicate=request_model.deduplicate,
                           modality=request_model.modality, multilingual=request_model.multilingual)
             safe = request_model.safe
+            distinct_urls = request_model.hide_duplicate_urls
             rating = (request_model.aesthetic_score, request_model.aesthetic_weight)
         else:
             raise _error(
@@ -725,6 +736,9 @@ def create_app(
         if safe and violence_prompts is None and safety_column is None:
             raise _error(400, "safe: this server has no safety filter to apply (start it with --safety-column for the "
                               "metadata's safety column, or --violence-prompts); leave safe out")
+        if distinct_urls and not target.urls:
+            raise _error(400, f"hide_duplicate_urls: the metadata of {target.name} has no {queries.URL_COLUMN} column to "
+                              "compare (/healthz's urls); leave it out")
         aesthetic = None
         if rating[0] not in (None, ""):  # refused, not ignored, where the server cannot honour it
             if aesthetic_embeddings is None:
@@ -737,8 +751,10 @@ def create_app(
         item = await build_search(target, image_data=image_data, image_name=image_name, **values)
         if aesthetic is not None:
             item.aesthetic, item.aesthetic_weight = aesthetic
-        if safe:
-            item.remove = queries.result_filter(target.index, violence_prompts, safety_column, unsafe_values)
+        if safe or distinct_urls:
+            item.remove = queries.result_filter(target.index, violence_prompts if safe else None,
+                                                safety_column if safe else None, unsafe_values,
+                                                queries.URL_COLUMN if distinct_urls else None)
         scores, ids = await batcher.submit(item)
         answer = await asyncio.to_thread(search_answer, scores, ids, target, request.scope.get("root_path", "").rstrip("/"))
         return JSONResponse({**answer, "k": item.k, "index": target.name,

@@ -17,6 +17,8 @@ const sourceBox = $("source");
 const sourceText = $("source-text");
 const kInput = $("k");
 const dedupInput = $("dedup");
+const urlsRow = $("urls-row");
+const distinctUrlsInput = $("distinct-urls");
 const minScoreInput = $("min-score");
 const safeRow = $("safe-row");
 const safeInput = $("safe");
@@ -92,6 +94,7 @@ function applyIndex() {
   modalitySelect.value = chosen;
   modalityRow.hidden = modalities.length < 2;
   multilingualRow.hidden = !entry.multilingual; // where the index has a multilingual text model
+  urlsRow.hidden = !entry.urls; // where its metadata has URLs: on by default, as in clip-retrieval's front end
   textInput.disabled = !entry.text_search;
   textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;
   textInput.title = entry.text_search ? "" : entry.text_search_reason;
@@ -227,6 +230,7 @@ async function search() {
   if (health !== null && health.safe_search && safeInput.checked) common.safe = true;
   if (!modalityRow.hidden) common.modality = modalitySelect.value;
   if (!multilingualRow.hidden && multilingualInput.checked && text) common.multilingual = true;
+  if (!urlsRow.hidden && distinctUrlsInput.checked) common.hide_duplicate_urls = true;
   if (health !== null && health.aesthetic && aestheticSelect.value !== "") {
     common.aesthetic_score = Number(aestheticSelect.value);
     if (aestheticWeightInput.value.trim() !== "") common.aesthetic_weight = Number(aestheticWeightInput.value);
@@ -311,6 +315,7 @@ $("clear").addEventListener("click", () => {
 fileInput.addEventListener("change", () => chooseFile(fileInput.files[0]));
 kInput.addEventListener("change", search);
 dedupInput.addEventListener("change", search);
+distinctUrlsInput.addEventListener("change", search);
 minScoreInput.addEventListener("change", search);
 downloadButton.addEventListener("click", () => {
   if (shown === null) return;

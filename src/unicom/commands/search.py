@@ -117,25 +117,29 @@ def add_multilingual_argument(parser: argparse.ArgumentParser, use: str) -> None
                              "records it)")
 
 
-def load_multilingual_models(args: argparse.Namespace, indexes: dict) -> dict:
-    """Index name -> its multilingual text model, or None: ``--multilingual-model``'s for every
-    index, checked against each; without the option each index's recorded one
+def load_multilingual_models(args: argparse.Namespace, indexes: dict, given: dict | None = None) -> dict:
+    """Index name -> its multilingual text model, or None: ``given``'s spec for the indexes it
+    names (``unicom serve --indices-paths``' ``enable_mclip_option``), else ``--multilingual-model``'s,
+    checked against each (each spec loaded once); without either each index's recorded one
     (:func:`unicom.search.queries.recorded_text_model`; each loaded once, its weights checked);
-    ``none``: no model."""
+    ``none``: no model but ``given``'s."""
     from unicom.errors import InputError
     from unicom.models.multilingual import load_multilingual
     from unicom.search import queries
 
-    spec = args.multilingual_model
-    if spec == NO_TEXT_MODEL:
-        return dict.fromkeys(indexes)
-    if spec is not None:
-        model = load_multilingual(spec, _device(args))
-        for index in indexes.values():
-            queries.check_text_model(index, model)
-        return dict.fromkeys(indexes, model)
+    given = {name: spec for name, spec in (given or {}).items() if spec is not None}
     models, loaded = {}, {}
     for name, index in indexes.items():
+        spec = given.get(name, args.multilingual_model)
+        if spec == NO_TEXT_MODEL:
+            models[name] = None
+            continue
+        if spec is not None:
+            if spec not in loaded:
+                loaded[spec] = load_multilingual(spec, _device(args))
+            queries.check_text_model(index, loaded[spec])
+            models[name] = loaded[spec]
+            continue
         recorded = queries.recorded_text_model(index)
         if recorded is not None and recorded not in loaded:
             try:
@@ -205,12 +209,13 @@ def model_spec(args: argparse.Namespace, index) -> tuple[str, str | None]:
     return recorded["spec"], args.pretrained or recorded.get("pretrained")
 
 
-def load_checked_encoder(args: argparse.Namespace, index):
-    """The model of ``--model``/``--pretrained`` (or the index's record), checked against the index."""
+def load_checked_encoder(args: argparse.Namespace, index, spec: tuple[str, str | None] | None = None):
+    """The model ``spec`` (spec, pretrained), else of ``--model``/``--pretrained`` (or the
+    index's record), checked against the index."""
     from unicom.models.encoders import load_encoder
     from unicom.search.queries import check_model
 
-    spec, pretrained = model_spec(args, index)
+    spec, pretrained = spec or model_spec(args, index)
     encoder = load_encoder(spec, pretrained, _device(args))
     check_model(index, encoder)
     return encoder

@@ -7,6 +7,7 @@ Examples::
     unicom serve --index INDEX/ --host 0.0.0.0 --port 8080 --image-root /data/images
     unicom serve --index INDEX/ --cors-origin '*'      # clip-retrieval's front end from elsewhere
     unicom serve --index INDEX/ --root-path /unicom    # behind a proxy at https://host/unicom/
+    unicom serve --indices-paths indices_paths.json --port 1234   # clip-retrieval back's configuration
 
 Then open http://127.0.0.1:8000/ (API at /docs), or::
 
@@ -29,9 +30,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, action="append", metavar="[NAME=]DIR",
+    parser.add_argument("--index", action="append", default=[], metavar="[NAME=]DIR",
                         help="index folder written by `unicom index`, optionally named (default name: the folder's); "
                         "repeat to serve several")
+    parser.add_argument("--indices-paths", default=None, metavar="FILE",
+                        help="clip-retrieval's indices_paths.json (clip-retrieval back --indices-paths): the indexes "
+                             "by name, each a folder or an object of clip back's options (indice_folder, clip_model, "
+                             "enable_mclip_option, columns_to_return, ...); with or without --index")
     parser.add_argument("--model", default=None,
                         help="the model that embedded the collections (default: the one recorded in each index; "
                         "without either, only embedding and item queries are served)")
@@ -112,6 +117,7 @@ def root_path_of(value: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from unicom.errors import InputError
     from unicom.search.index import Index
+    from unicom.search.indices_paths import SERVER_OPTIONS, read_indices_paths
 
     try:
         import uvicorn
@@ -126,22 +132,39 @@ def run(args: argparse.Namespace) -> int:
     root_path = root_path_of(args.root_path)
     # LAION's files for /knn-service's options, read first: a wrong one is named before the model loads
     aesthetic, violence, unsafe_values = laion_files(args)
-    indexes = {name: Index.load(folder) for name, folder in parse_indexes(args.index).items()}
-    multilingual = load_multilingual_models(args, indexes)
+    entries = read_indices_paths(args.indices_paths) if args.indices_paths is not None else {}
+    named = parse_indexes(args.index)
+    if not entries and not named:
+        raise InputError("no index to serve: give --index DIR (or --indices-paths, clip-retrieval's indices_paths.json)")
+    taken = sorted(set(entries) & set(named))
+    if taken:
+        raise InputError(f"--index {', '.join(taken)}: the name is taken by --indices-paths {args.indices_paths}; name "
+                         "it otherwise (--index NAME=DIR)")
+    indexes = {name: Index.load(folder) for name, folder in
+               [*((name, entry.folder) for name, entry in entries.items()), *named.items()]}
+    for name, entry in entries.items():
+        for option in entry.server_options:  # what the server's own options give, where they are not given
+            given = {"provide_safety_model": args.safety_column, "provide_violence_detector": args.violence_prompts,
+                     "provide_aesthetic_embeddings": args.aesthetic_embeddings}[option]
+            if given is None:
+                print(f"{name}: {option} is given by {SERVER_OPTIONS[option]}, which the server was not started with: "
+                      "the option is named unsupported in answers", file=sys.stderr)
+    multilingual = load_multilingual_models(args, indexes, {name: entry.multilingual for name, entry in entries.items()})
     for name, index in indexes.items():
         if args.multilingual_model is None and multilingual[name] is not None:
             print(f"{index.location}: multilingual text queries embedded by {multilingual[name].name}, the text model of "
                   "its captions", file=sys.stderr)
     encoders, loaded = {}, {}
     for name, index in indexes.items():
-        if not (args.model or (index.config.get("model") or {}).get("spec")):
+        given = entries[name].model if name in entries else None  # clip_model
+        if not (given or args.model or (index.config.get("model") or {}).get("spec")):
             served = "embedding, item and multilingual text queries" if multilingual[name] else "embedding and item queries"
             print(f"{index.location}: no model recorded and no --model given: serving {served} only", file=sys.stderr)
             encoders[name] = None
             continue
-        spec = model_spec(args, index)
+        spec = given or model_spec(args, index)
         if spec not in loaded:
-            loaded[spec] = load_checked_encoder(args, index)
+            loaded[spec] = load_checked_encoder(args, index, spec)
         else:
             from unicom.search.queries import check_model
 
@@ -168,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         safety_column=args.safety_column,
         unsafe_values=unsafe_values,
         multilingual=multilingual,
+        columns={name: entry.columns for name, entry in entries.items() if entry.columns is not None},
     )
     if args.host not in LOOPBACK:
         print(f"listening on {args.host}: anyone who can reach this machine can query the index", file=sys.stderr)

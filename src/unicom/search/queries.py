@@ -320,6 +320,16 @@ def repeated(values: Sequence) -> np.ndarray:
     return out
 
 
+def check_columns(name: str, index, columns: Sequence[str]) -> None:
+    """Refuse ``columns`` (clip-retrieval's ``columns_to_return``) that the metadata of
+    ``index`` (by ``name``) lacks, naming them and the columns it has."""
+    have = [key for key in (index.metadata(0) if len(index) else {}) if key != "id"]
+    missing = [column for column in columns if column not in have]
+    if len(index) and missing:
+        raise InputError(f"{name}: columns_to_return names {', '.join(map(repr, missing))}, which its metadata lacks (its "
+                         f"columns: {', '.join(have)})")
+
+
 def has_column(index, column: str) -> bool:
     """Whether the metadata of ``index`` has ``column`` (read from its first row)."""
     return bool(len(index)) and column in (index.metadata(0) or {})

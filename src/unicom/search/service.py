@@ -77,6 +77,7 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and small fields arou
 MAX_METADATA_IDS = 1000
 REPLY_CHUNK = 64 * 1024  # a reply made while it is sent goes out in pieces of about this many bytes
 UNSUPPORTED_HEADER = "X-Unsupported-Options"
+HIT_KEYS = ("rank", "score", "id", "thumbnail", "link")  # what a /search hit has besides the item's metadata
 FORM_FIELDS = ("image", "text", "like", "text_weight", "k", "min_score", "deduplicate", "hide_duplicate_urls", "safe",
                "index", "modality", "aesthetic_score", "aesthetic_weight", "multilingual")  # /search as multipart/form-data
 
@@ -256,6 +257,7 @@ class Served:
     stored: dict[str, queries.StoredVectors] = field(init=False)
     model_input: ModelInput | None = field(init=False, default=None)
     _urls: bool | None = field(init=False, default=None)
+    columns: tuple[str, ...] | None = None  # the metadata columns its results carry (None: all)
 
     def __post_init__(self):
         # the vectors of each searched modality, read back for "more like this" and deduplication
@@ -414,6 +416,7 @@ def create_app(
     safety_column: str | None = None,
     unsafe_values: Sequence[str] = queries.UNSAFE_VALUES,
     multilingual=None,
+    columns: Mapping[str, Sequence[str]] | None = None,
 ) -> FastAPI:
     """The FastAPI app of ``unicom serve`` (see the module docstring).
 
@@ -443,6 +446,8 @@ def create_app(
     (:func:`unicom.models.multilingual.load_multilingual`; or names -> models), which embeds
     the texts of ``/knn-service``'s ``use_mclip`` and ``/search``'s ``multilingual`` (and
     every text of an index whose own model embeds none).
+    columns: names -> the metadata columns that index's results carry (clip-retrieval's
+    ``columns_to_return``; every column of the others), each checked against its metadata.
     """
     indexes = dict(index) if isinstance(index, Mapping) else {storage.name(index.location) or "index": index}
     if not indexes:
@@ -459,6 +464,9 @@ def create_app(
         if multilinguals.get(name) is not None:
             queries.check_text_model(item, multilinguals[name])
         served[name] = Served(name, item, model, multilinguals.get(name))
+        if (columns or {}).get(name) is not None:
+            served[name].columns = tuple(columns[name])
+            queries.check_columns(name, item, served[name].columns)
     queries.check_filters({name: item.index for name, item in served.items()}, aesthetic_embeddings, violence_prompts,
                           safety_column)
     default = next(iter(served))
@@ -590,6 +598,8 @@ def create_app(
             url = hit.get("url")
             hit["link"] = item_url("image", target, hit["id"], root_path) if local else (
                 url if isinstance(url, str) and url.startswith(("http://", "https://")) else None)
+        if target.columns is not None:  # columns_to_return: the others left out, once the links are made
+            hits = [{key: value for key, value in hit.items() if key in HIT_KEYS or key in target.columns} for hit in hits]
         return {"results": hits, "score_digits": queries.score_digits(scores)}
 
     def _parse_id(value: Any, target: Served) -> int:
@@ -787,9 +797,11 @@ def create_app(
 
     # ------------------------------------------------------------------ clip-retrieval's back-end API
 
-    def knn_metadata(row: dict) -> dict:
-        """clip-retrieval's metadata of one item: its columns (:func:`pictured_reply` adds its image)."""
-        return {key: queries.json_value(value) for key, value in row.items() if key != "id"}
+    def knn_metadata(row: dict, target: Served) -> dict:
+        """clip-retrieval's metadata of one item: its columns, or those of ``columns_to_return``
+        (:func:`pictured_reply` adds its image)."""
+        return {key: queries.json_value(value) for key, value in row.items()
+                if key != "id" and (target.columns is None or key in target.columns)}
 
     def pictured_reply(items: list[dict], metas: list[dict], rows: list[dict], ids: list[int], target: Served,
                        headers: dict | None = None) -> StreamingResponse:
@@ -828,7 +840,7 @@ def create_app(
         rows = target.index.metadata(ids[:num_images]) if num_images > 0 else []
         results = []
         for position, (score, item_id) in enumerate(zip(scores.tolist(), ids.tolist())):
-            result = knn_metadata(rows[position]) if position < len(rows) else {}
+            result = knn_metadata(rows[position], target) if position < len(rows) else {}
             result.update(id=item_id, similarity=score)
             results.append(result)
         return results, rows
@@ -939,7 +951,7 @@ def create_app(
 
         def read() -> tuple[list[dict], list[dict]]:
             rows = target.index.metadata(np.asarray(wanted.ids, dtype=np.int64)) if wanted.ids else []
-            return [{"id": item_id, "metadata": knn_metadata(row)} for item_id, row in zip(wanted.ids, rows)], rows
+            return [{"id": item_id, "metadata": knn_metadata(row, target)} for item_id, row in zip(wanted.ids, rows)], rows
 
         items, rows = await asyncio.to_thread(read)
         return pictured_reply(items, [item["metadata"] for item in items], rows, wanted.ids, target)

@@ -410,6 +410,44 @@ def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
     return model, tokenizer
 
 
+def _clip_byte_characters() -> list[str]:
+    """The 256 characters CLIP's byte-level BPE writes bytes as (printable ones as themselves)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [byte for byte in range(256) if byte not in kept]
+    return [chr(byte) for byte in kept] + [chr(256 + n) for n in range(len(shifted))]
+
+
+def tiny_hf_clip(folder: Path, dims: int = 16, seed: int = 0, positions: int = 16):
+    """A small CLIP model as transformers saves one (config.json, model.safetensors, the
+    tokenizer's files, preprocessor_config.json), with random weights: a byte-level BPE
+    vocabulary of CLIP's kind with a few merges, towers of 2 layers of 32, 32-pixel images
+    (the short side resized to 40, then cropped), ``dims``-dimensional embeddings. Returns
+    (model, tokenizer, image processor), transformers' own objects: the reference."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    characters = _clip_byte_characters()
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("r", "e"), ("d", "o"), ("do", "g</w>"), ("o", "n</w>")]
+    vocabulary = characters + [c + "</w>" for c in characters] + [a + b for a, b in merges]
+    vocabulary += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}, merges=merges,
+                              model_max_length=positions)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocabulary), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=positions, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=dims)
+    model = CLIPModel(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, tokenizer, processor
+
+
 def tiny_sentence_transformer(folder: Path, dims: int = 16, bias: bool = False, tanh: bool = False, seed: int = 0,
                               max_seq_length: int = 20):
     """A small multilingual CLIP text model as sentence-transformers saves one (modules.json: a

@@ -59,6 +59,7 @@ def test_clip_models_are_named_as_open_clip_names_them():
     assert clip_model_spec("open_clip:ViT-B-16") == ("ViT-B-16", dict(open_clip.list_pretrained())["ViT-B-16"])
     assert clip_model_spec("open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == (
         "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None)
+    assert clip_model_spec("hf_clip:patrickjohncyh/fashion-clip") == ("hf-hub:patrickjohncyh/fashion-clip", None)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -71,7 +72,8 @@ def test_clip_models_are_named_as_open_clip_names_them():
     ({"a": {"indice_folder": "x", "colums_to_return": ["url"]}}, "unknown option 'colums_to_return'"),
     ({"a": {"indice_folder": "x", "use_arrow": "yes"}}, "use_arrow is true or false"),
     ({"a": {"indice_folder": "x", "columns_to_return": "url"}}, "columns_to_return is a list of metadata column names"),
-    ({"a": {"indice_folder": "x", "clip_model": "hf_clip:patrickjohncyh/fashion-clip"}}, "is not one this server loads"),
+    ({"a": {"indice_folder": "x", "clip_model": "nm:mgoin/CLIP-ViT-B-32-laion2b_s34b_b79k-ds"}},
+     "is not one this server loads"),
     ({"a": {"indice_folder": "x", "clip_model": "open_clip:no-such-net"}}, "open_clip has no weights for 'no-such-net'"),
     ({"a": {"indice_folder": "x", "clip_model": "RN50", "enable_mclip_option": True}}, "M-CLIP has a model for"),
 ])

@@ -10,6 +10,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
   ``hf-hub:org/repo`` when that Hub repository holds a model folder;
 * ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
   ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
+* a folder of a transformers CLIP model (``config.json`` of model type clip), or an
+  ``hf-hub:org/repo`` holding one without open_clip's configuration (:mod:`unicom.models.hf_clip`);
 * an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an
   open_clip ``hf-hub:``/``local-dir:`` reference.
 """
@@ -116,7 +118,7 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
                  device: str | torch.device = "cpu") -> Encoder:
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
     from unicom.engine.device import resolve_device
-    from unicom.models import factory, foundation, hub
+    from unicom.models import factory, foundation, hf_clip, hub
 
     device = resolve_device(str(device), "device")  # "auto", a name or a torch.device, checked
     spec = os.fspath(spec)
@@ -127,15 +129,20 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
     if pretrained is None and hub.is_hf_spec(spec):
         try:
             folder = hub.hf_model_folder(spec)
-        except hub.NotAModelFolder:
-            pass  # a repository without unicom_model.json: open_clip's hf-hub: below
-        except hub.NotInCache as missing:  # offline: open_clip's files may be in the cache
+        except hub.NotAModelFolder:  # a repository without unicom_model.json: transformers' CLIP, or open_clip's below
+            if hf_clip.is_clip_repository(spec):
+                return hf_clip.load_hf_clip(spec, device)
+        except hub.NotInCache as missing:  # offline: transformers' or open_clip's files may be in the cache
+            if hf_clip.is_clip_repository(spec):
+                return hf_clip.load_hf_clip(spec, device)
             try:
                 return foundation.open_clip_encoder(spec, None, device).eval()
             except Exception:
                 raise missing from None
         else:
             return ModelEncoder(*factory.load_described(str(folder), device=device, label=spec)).eval()
+    if pretrained is None and os.path.isdir(spec) and hf_clip.is_clip_folder(spec):
+        return hf_clip.load_hf_clip(spec, device)
     for accepts, build in ((foundation.accepts_timm, foundation.timm_encoder),
                            (foundation.accepts_open_clip, foundation.open_clip_encoder)):
         if accepts(spec, pretrained):

@@ -26,7 +26,6 @@ by the CLIP model whose space they share. Needs ``transformers`` (``pip install 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +35,7 @@ from torch import nn
 
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
+from unicom.models.hf_folders import WEIGHT_FILES, load_checked, read_json, require_transformers, weights_file
 
 # the published models, by the CLIP model (open_clip's names, OpenAI's weights) whose text embeddings they learnt
 MULTILINGUAL_MODELS = {
@@ -45,9 +45,6 @@ MULTILINGUAL_MODELS = {
 }
 MCLIP_TYPE = "M-CLIP"
 MODULES_FILE = "modules.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
-                   "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
 SENTENCE_CONFIG = "sentence_bert_config.json"
 PROJECTION = "LinearTransformation"  # M-CLIP's names in its one weights file
 TRANSFORMER = "transformer."
@@ -127,41 +124,13 @@ class WithTextModel(Encoder):
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as error:
-        raise InputError(f"multilingual text models (M-CLIP, sentence-transformers) need the transformers package "
-                         f"({error}); pip install 'unicom[multilingual]'") from error
-    return transformers
+    return require_transformers("multilingual text models (M-CLIP, sentence-transformers)", "multilingual")
 
 
-def _read_json(path: Path, spec: str, what: str) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{spec}: no {path.name} ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable JSON file ({error})") from error
-    if not isinstance(value, (dict, list)):
-        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+def _tokenizer(folder: Path, spec: str):
+    from unicom.models.hf_folders import tokenizer
 
-
-def _weights_file(folder: Path, spec: str) -> Path:
-    found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-    if found is None:
-        raise InputError(f"{spec}: no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
-    return found
-
-
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path, what: str) -> None:
-    """Load ``state`` (the module's tensors under ``prefix``, as the file names them) into
-    ``module``, every name and shape checked first (:func:`unicom.models.weights.check_state_dict`)."""
-    from unicom.models.weights import check_state_dict
-
-    expected = {prefix + key: value for key, value in module.state_dict().items()}
-    check_state_dict(expected, state, f"{path} ({what})")
-    module.load_state_dict({key[len(prefix):]: value for key, value in state.items()})
+    return tokenizer(folder, spec, _transformers())
 
 
 def _transformer(base_config, state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:
@@ -174,7 +143,7 @@ def _transformer(base_config, state: dict[str, torch.Tensor], path: Path, what: 
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
     if prefix == "." or not state or not all(key.startswith(prefix) for key in state):
         prefix = ""
-    _load_checked(model, state, prefix, path, what)
+    load_checked(model, state, prefix, path, what)
     return model
 
 
@@ -186,29 +155,13 @@ def _max_tokens(base_config, tokenizer, limit: int | None = None) -> int:
     return int(min(candidates))
 
 
-def _tokenizer(folder: Path, spec: str):
-    # the tokenizer's threads, once started here, do not survive the fork into data loading workers (each would
-    # say so): it tokenizes a batch of captions on one thread, unless the user says otherwise
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    transformers = _transformers()
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # it reads config.json, whose model type it may not know, and says so
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"{spec}: its tokenizer could not be read from {folder} ({error}); the folder holds the "
-                         f"tokenizer's files ({', '.join(TOKENIZER_FILES[:3])}, ...)") from error
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-
-
 def _mclip(folder: Path, spec: str) -> MultilingualText:
     from unicom.models import hub
     from unicom.models.weights import read_state_dict
 
     transformers = _transformers()
     path = folder / "config.json"
-    config = _read_json(path, spec, "an M-CLIP model folder holds config.json, the weights and the tokenizer's files; "
+    config = read_json(path, spec, "an M-CLIP model folder holds config.json, the weights and the tokenizer's files; "
                                     "a sentence-transformers one modules.json")
     if config.get("model_type") != MCLIP_TYPE:
         raise InputError(f"{path}: model_type {config.get('model_type')!r}, not {MCLIP_TYPE!r}, and no {MODULES_FILE}: "
@@ -230,12 +183,12 @@ def _mclip(folder: Path, spec: str) -> MultilingualText:
     if getattr(base_config, "hidden_size", None) != width:
         raise InputError(f"{path}: transformerDimensions {width}, but {base} has "
                          f"{getattr(base_config, 'hidden_size', None)}-wide states")
-    weights = _weights_file(folder, spec)
+    weights = weights_file(folder, spec)
     state = read_state_dict(weights)
     what = f"M-CLIP with base {base}"
     projection = {key: value for key, value in state.items() if key.startswith(PROJECTION + ".")}
     linear = nn.Linear(width, dims)
-    _load_checked(linear, projection, PROJECTION + ".", weights, what)
+    load_checked(linear, projection, PROJECTION + ".", weights, what)
     # the transformer's tensors, by their names in it (a tensor outside transformer. is named unexpected there)
     rest = {key.removeprefix(TRANSFORMER): value for key, value in state.items() if key not in projection}
     transformer = _transformer(base_config, rest, weights, what)
@@ -262,7 +215,7 @@ def _dense(folder: Path, entry: dict, spec: str, width: int) -> tuple[nn.Module,
 
     module = folder / entry.get("path", "")
     path = module / "config.json"
-    config = _read_json(path, spec, "a Dense module's configuration")
+    config = read_json(path, spec, "a Dense module's configuration")
     activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
     if activation not in ACTIVATIONS:
         raise InputError(f"{path}: activation_function {activation!r}; read are {', '.join(ACTIVATIONS)}")
@@ -272,8 +225,8 @@ def _dense(folder: Path, entry: dict, spec: str, width: int) -> tuple[nn.Module,
         raise InputError(f"{path}: in_features {config.get('in_features')!r} and out_features "
                          f"{config.get('out_features')!r}; the module before gives {width} numbers")
     linear = nn.Linear(width, config["out_features"], bias=bool(config.get("bias", True)))
-    weights = _weights_file(module, spec)
-    _load_checked(linear, read_state_dict(weights), "linear.", weights, "a Dense module of these sizes")
+    weights = weights_file(module, spec)
+    load_checked(linear, read_state_dict(weights), "linear.", weights, "a Dense module of these sizes")
     return nn.Sequential(linear, ACTIVATIONS[activation]()), linear.out_features
 
 
@@ -282,7 +235,7 @@ def _sentence_transformer(folder: Path, spec: str) -> MultilingualText:
 
     transformers = _transformers()
     path = folder / MODULES_FILE
-    modules = _read_json(path, spec, "the modules of a sentence-transformers model")
+    modules = read_json(path, spec, "the modules of a sentence-transformers model")
     if not isinstance(modules, list) or not all(isinstance(entry, dict) for entry in modules):
         raise InputError(f"{path}: expected a list of modules ({{\"path\", \"type\"}} each)")
     kinds = [_module_kind(entry) for entry in modules]
@@ -293,15 +246,15 @@ def _sentence_transformer(folder: Path, spec: str) -> MultilingualText:
     transformer_folder = folder / modules[0].get("path", "")
     settings = {}
     if (transformer_folder / SENTENCE_CONFIG).is_file():
-        settings = _read_json(transformer_folder / SENTENCE_CONFIG, spec, "the transformer's settings")
+        settings = read_json(transformer_folder / SENTENCE_CONFIG, spec, "the transformer's settings")
     try:
         base_config = transformers.AutoConfig.from_pretrained(str(transformer_folder))
     except (OSError, ValueError) as error:
         raise InputError(f"{transformer_folder / 'config.json'}: the transformer's configuration could not be read "
                          f"({error})") from error
-    weights = _weights_file(transformer_folder, spec)
+    weights = weights_file(transformer_folder, spec)
     transformer = _transformer(base_config, read_state_dict(weights), weights, f"its {base_config.model_type} transformer")
-    _pooling_mode(_read_json(folder / modules[1].get("path", "") / "config.json", spec, "the Pooling module's "
+    _pooling_mode(read_json(folder / modules[1].get("path", "") / "config.json", spec, "the Pooling module's "
                              "configuration"), folder / modules[1].get("path", "") / "config.json")
     width = base_config.hidden_size
     projection, dims = (_dense(folder, modules[2], spec, width) if kinds[2:3] == ["Dense"] else (nn.Identity(), width))
@@ -315,6 +268,7 @@ def model_folder(spec: str) -> Path:
     """The local folder of a multilingual text model: ``spec`` itself, or the Hub snapshot of
     ``hf-hub:org/repo`` (its configuration, weights and tokenizer files, of one commit)."""
     from unicom.models import hub
+    from unicom.models.hf_folders import TOKENIZER_FILES, hub_file
 
     if not hub.is_hf_spec(spec):
         folder = Path(spec).expanduser()
@@ -325,19 +279,15 @@ def model_folder(spec: str) -> Path:
     config = hub.hf_file(spec, "config.json")
     commit = config.parent.name  # snapshots/<commit>/config.json: the other files from the same commit
 
-    def fetch(name: str) -> bool:
-        try:
-            hub.hf_file(spec, name, revision=commit)
-        except (hub.NotAModelFolder, hub.NotInCache):  # not in the repository (offline: not in the cache)
-            return False
-        return True
+    def fetch(name: str) -> bool:  # False: not in the repository (offline: not in the cache)
+        return hub_file(spec, name, commit)
 
     def within(folder: str, name: str) -> str:
         return f"{folder}/{name}" if folder else name
 
     weighted = [""]  # the folders that hold weights: the root, or a sentence-transformers model's transformer and Dense
     if fetch(MODULES_FILE):
-        modules = _read_json(config.parent / MODULES_FILE, spec, "the modules of a sentence-transformers model")
+        modules = read_json(config.parent / MODULES_FILE, spec, "the modules of a sentence-transformers model")
         paths = [entry.get("path", "") for entry in modules if isinstance(entry, dict)] if isinstance(modules, list) else []
         for path in paths:
             if path:

@@ -11,7 +11,8 @@ What each option becomes here (:func:`read_indices_paths`):
 
 * ``indice_folder``: the index folder (clip-retrieval's own, autofaiss', or ``unicom index``'s);
 * ``clip_model``: the model that embedded it (:func:`clip_model_spec`: OpenAI's names as
-  ``clip.load`` takes them, ``open_clip:ARCH[/TAG]``), in place of the one the index records;
+  ``clip.load`` takes them, ``open_clip:ARCH[/TAG]``, ``hf_clip:org/repo``), in place of the
+  one the index records;
 * ``enable_mclip_option``: ``true`` gives the index M-CLIP's multilingual text model for its
   ``clip_model`` (:func:`mclip_spec`), as ``clip back`` loads it for ``use_mclip``;
 * ``columns_to_return``: the metadata columns ``/knn-service``, ``/metadata`` and ``/search``
@@ -121,11 +122,14 @@ def clip_model_spec(clip_model: str, where: str = "clip_model") -> tuple[str, st
     is ``ARCH`` with ``TAG``, and ``open_clip:ARCH`` without a tag takes the tag clip-retrieval
     takes, the one ``dict(open_clip.list_pretrained())`` gives (the last listed for ARCH);
     ``open_clip:hf-hub:org/repo`` and ``open_clip:local-dir:FOLDER`` are open_clip's references
-    to a model with its weights, taken whole."""
+    to a model with its weights, taken whole; ``hf_clip:org/repo`` is transformers' CLIP model
+    of that Hub repository (:mod:`unicom.models.hf_clip`)."""
     if clip_model in OPENAI_MODELS:
         return OPENAI_MODELS[clip_model], "openai"
     if clip_model.startswith(("open_clip:hf-hub:", "open_clip:local-dir:")):  # open_clip's references, whole
         return clip_model[len("open_clip:"):], None
+    if clip_model.startswith("hf_clip:"):  # transformers' CLIP model of a Hub repository (unicom.models.hf_clip)
+        return "hf-hub:" + clip_model[len("hf_clip:"):], None
     if clip_model.startswith("open_clip:"):
         architecture, _, tag = clip_model[len("open_clip:"):].partition("/")
         if tag:
@@ -140,7 +144,8 @@ def clip_model_spec(clip_model: str, where: str = "clip_model") -> tuple[str, st
                              f"(open_clip:{architecture}/TAG)")
         return architecture, tags[architecture]
     raise InputError(f"{where}: clip_model {clip_model!r} is not one this server loads (OpenAI's names: "
-                     f"{', '.join(OPENAI_MODELS)}; open_clip:ARCH/TAG); leave it out and give the model with --model")
+                     f"{', '.join(OPENAI_MODELS)}; open_clip:ARCH/TAG; hf_clip:org/repo); leave it out and give the "
+                     "model with --model")
 
 
 def mclip_spec(clip_model: str | None, where: str = "enable_mclip_option") -> str:

@@ -1,0 +1,170 @@
+"""CLIP models saved by Hugging Face transformers (``CLIPModel`` folders) as an :class:`~unicom.models.encoders.Encoder`.
+
+OpenAI's CLIP models on the Hub (``openai/clip-vit-base-patch32``, ``openai/clip-vit-large-patch14``)
+and the fine-tunes published the same way (``patrickjohncyh/fashion-clip``, clip-retrieval's
+``hf_clip:`` models) are folders of transformers' layout: ``config.json`` (``"model_type": "clip"``),
+the weights, the tokenizer's files and ``preprocessor_config.json``. They load from a local
+folder or ``hf-hub:org/repo[@revision]`` (a repository that also holds open_clip's
+``open_clip_config.json`` is loaded by open_clip, as before).
+
+The network is transformers' ``CLIPModel`` built from the configuration, its weights checked
+tensor by tensor (:mod:`unicom.models.hf_folders`); an image's embedding is the vision
+tower's pooled state through the visual projection, a text's the text tower's through the
+text projection (what ``get_image_features`` / ``get_text_features`` give), not normalised.
+Images are prepared as ``preprocessor_config.json`` says (the short side resized to
+``size.shortest_edge`` with its ``resample`` filter, the centre ``crop_size`` cut out, values
+/ 255, then ``image_mean`` and ``image_std``), with the same transform as the project's other
+CLIP models (:func:`unicom.models.export.build_transform`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from unicom.errors import InputError
+from unicom.models.encoders import Encoder
+from unicom.models.hf_folders import (
+    hub_file,
+    hub_folder,
+    load_checked,
+    read_json,
+    require_transformers,
+    tokenizer,
+    weights_file,
+)
+
+CLIP_TYPE = "clip"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
+# transformers' CLIPImageProcessor defaults (OpenAI's preprocessing) for a folder without preprocessor_config.json
+DEFAULT_PREPROCESSOR = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
+                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+class HFClip(Encoder):
+    """A transformers ``CLIPModel`` with its tokenizer and its image transform.
+
+    ``tokenize`` gives int64 (B, 2, L), each text's token ids and attention mask, cut to
+    the text tower's positions (77 for OpenAI's models); ``encode_text`` (B, projection_dim).
+    """
+
+    has_text = True
+
+    def __init__(self, model, image_transform, text_tokenizer, max_tokens: int, name: str):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.tokenizer = text_tokenizer
+        self.max_tokens = max_tokens
+        self.embedding_dim = int(model.config.projection_dim)
+        self.name = name
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.vision_model(pixel_values=images).pooler_output
+        return self.model.visual_projection(pooled)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1).long()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.text_model(input_ids=tokens[:, 0], attention_mask=tokens[:, 1]).pooler_output
+        return self.model.text_projection(pooled)
+
+
+def _transformers():
+    return require_transformers("transformers' CLIP models", "transformers")
+
+
+def is_clip_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a local folder of a transformers CLIP model (``config.json`` of model type clip)."""
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return read_json(path, str(folder), "the model's configuration").get("model_type") == CLIP_TYPE
+    except (InputError, AttributeError):
+        return False
+
+
+def is_clip_repository(spec: str) -> bool:
+    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP model and not
+    open_clip's configuration (its ``config.json`` fetched into the cache to tell)."""
+    from unicom.models import hub
+
+    try:
+        config = hub.hf_file(spec, "config.json")
+    except (hub.NotAModelFolder, hub.NotInCache):  # none (offline: none cached): not one
+        return False
+    return not hub_file(spec, OPEN_CLIP_FILE, config.parent.name) and is_clip_folder(config.parent)
+
+
+def image_transform(config: dict, path: Path):
+    """The image transform ``preprocessor_config.json`` (``config``, read from ``path``) describes."""
+    from unicom.models.export import build_transform
+
+    def pixels(value, *keys):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        found = [value.get(key) for key in keys] if isinstance(value, dict) else []
+        if found and all(isinstance(number, int) and number > 0 for number in found) and len(set(found)) == 1:
+            return found[0]
+        raise InputError(f"{path}: {value!r}: read are a square crop and a short side of whole pixels "
+                         "({\"shortest_edge\": 224}, {\"height\": 224, \"width\": 224})")
+
+    for flag in ("do_resize", "do_center_crop", "do_normalize", "do_rescale"):
+        if config.get(flag) is False:
+            raise InputError(f"{path}: {flag} false: only CLIP's preprocessing (resize, centre crop, rescale, "
+                             "normalise) is read")
+    if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
+    resample = config.get("resample", 3)
+    if resample not in RESAMPLE:
+        raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
+    size = pixels(config.get("crop_size", 224), "height", "width")
+    short_side = pixels(config.get("size", 224), "shortest_edge")
+    if short_side < size:
+        raise InputError(f"{path}: a short side of {short_side} pixels cannot be cropped to {size}")
+    return build_transform({"size": size, "resize_size": short_side, "resize_mode": "shortest",
+                            "interpolation": RESAMPLE[resample], "mean": list(config.get("image_mean", [])),
+                            "std": list(config.get("image_std", []))})
+
+
+def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> HFClip:
+    """The transformers CLIP model of a folder or ``hf-hub:`` repository (module docstring), in eval mode."""
+    from unicom.engine.device import resolve_device
+    from unicom.models import hub
+    from unicom.models.weights import read_state_dict
+
+    transformers = _transformers()
+    spec = os.fspath(spec)
+    device = resolve_device(str(device), "device")
+    folder = hub_folder(spec, (PREPROCESSOR_FILE,)) if hub.is_hf_spec(spec) else Path(spec).expanduser()
+    path = folder / "config.json"
+    config = read_json(path, spec, "a transformers CLIP model folder holds config.json, the weights, the tokenizer's "
+                                   f"files and {PREPROCESSOR_FILE}")
+    if config.get("model_type") != CLIP_TYPE:
+        raise InputError(f"{path}: model_type {config.get('model_type')!r}, not {CLIP_TYPE!r}")
+    try:
+        clip_config = transformers.CLIPConfig.from_dict(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise InputError(f"{path}: not a CLIP configuration transformers reads ({error})") from error
+    model = transformers.CLIPModel(clip_config)
+    weights = weights_file(folder, spec)
+    # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
+    state = {key: value for key, value in read_state_dict(weights).items() if not key.endswith("embeddings.position_ids")}
+    load_checked(model, state, "", weights, f"transformers' CLIPModel of {path.name}")
+    preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
+                  if (folder / PREPROCESSOR_FILE).is_file() else DEFAULT_PREPROCESSOR)
+    transform = image_transform(preprocess, folder / PREPROCESSOR_FILE)
+    text_tokenizer = tokenizer(folder, spec, transformers)
+    positions = int(clip_config.text_config.max_position_embeddings)
+    max_tokens = min(positions, text_tokenizer.model_max_length or positions)
+    encoder = HFClip(model, transform, text_tokenizer, max_tokens, f"transformers CLIP {spec}")
+    return encoder.to(device).eval()

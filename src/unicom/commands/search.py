@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "own text tower")
     parser.add_argument("--multilingual", action="store_true",
                         help="embed the --text queries with the multilingual text model that embedded the index's "
-                             "captions (`unicom embed --text-model`), or --multilingual-model's; without either, "
+                             "captions (embed's --text-model), or --multilingual-model's; without either, "
                              "that model embeds them only where the collection's model has no text tower")
     parser.add_argument("-k", type=int, default=None,
                         help=f"results per query (default: {DEFAULT_K}; with --min-score, every result above it)")
@@ -113,8 +113,8 @@ def add_multilingual_argument(parser: argparse.ArgumentParser, use: str) -> None
                         help="a multilingual text model into the collection's space (M-CLIP or sentence-transformers: "
                              "a folder, or hf-hub:M-CLIP/XLM-Roberta-Large-Vit-L-14 for ViT-L/14, ...-Vit-B-32 for "
                              "ViT-B/32; needs unicom[multilingual]) that " + use + "; none: no multilingual model, "
-                             "not even the one that embedded the index's captions (`unicom embed --text-model` "
-                             "records it)")
+                             "not even the one that embedded the index's captions (which embed's --text-model "
+                             "records)")
 
 
 def load_multilingual_models(args: argparse.Namespace, indexes: dict, given: dict | None = None) -> dict:

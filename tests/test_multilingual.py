@@ -501,6 +501,9 @@ def test_the_index_records_the_captions_text_model_and_search_uses_it_when_asked
     folder = captioned["mclip"]["folder"]
     config = json.loads((recorded["index"] / "index.json").read_text())
     assert config["text_model"] == {"spec": str(folder), "weights_sha256": load_multilingual(folder).weights_sha256()}
+    assert main(["index", "--emb", str(recorded["root"] / "EMB"), "--out", str(recorded["root"] / "again"),
+                 "--type", "flat"]) == 0  # the command says so
+    assert f"captions embedded by the text model {folder} (its multilingual queries' model)" in capsys.readouterr().out
     multilingual = reference_embeddings(captioned["mclip"], QUERIES[:1])[0]
     own = own_text_tower(captioned, QUERIES[:1])[0]
     assert ranked(recorded["texts"], multilingual, 5) != ranked(recorded["texts"], own, 5)  # the two models tell apart
@@ -528,7 +531,9 @@ def test_serve_loads_the_recorded_text_model_unless_told_none(captioned, recorde
     for options, multilingual in (((), True), (("--multilingual-model", "none"), False)):
         process, url = started_serve("--index", str(recorded["index"]), *options)
         try:
-            assert httpx.get(url + "/healthz").json()["multilingual"] is multilingual
+            health = httpx.get(url + "/healthz").json()
+            assert health["multilingual"] is multilingual
+            assert health["multilingual_model"] == (f"M-CLIP {captioned['mclip']['folder']}" if multilingual else None)
             answer = httpx.post(url + "/knn-service", content=json.dumps(body))
             assert answer.status_code == 200, answer.text
             expected = query if multilingual else own_text_tower(captioned, QUERIES[1:2])[0]

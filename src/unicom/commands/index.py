@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
             f"{len(index)} vectors, {described['dims']} dimensions, {format_size(described.get('bytes', config['bytes']))}; recall@{selection['k']} "
             f"{selection['recall']:.4f} on {measured} ({goal})"
         )
+    text_model = (config.get("text_model") or {}).get("spec")
+    if text_model:  # unicom serve loads it for the index's multilingual text queries
+        print(f"{out}: captions embedded by the text model {text_model} (its multilingual queries' model)")
     return 0
 
 

@@ -140,6 +140,8 @@ class IndexHealth(BaseModel):
     modalities: list[str] = Field(description="the embeddings /search's modality can search: image, and text where "
                                               "the index holds caption embeddings")
     multilingual: bool = Field(description="whether /search takes multilingual: the index has a multilingual text model")
+    multilingual_model: str | None = Field(None, description="that model, by name (the one --multilingual-model gave, "
+                                                             "or the one that embedded the index's captions)")
     urls: bool = Field(description="whether /search takes hide_duplicate_urls: the metadata has a url column")
 
 

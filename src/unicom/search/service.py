@@ -570,7 +570,8 @@ def create_app(
             {"name": s.name, "count": len(s.index), "dims": s.index.dims, "type": s.index.type,
              "model": None if s.encoder is None else s.encoder.name, "image_search": s.encoder is not None,
              "text_search": s.text_reason is None, "text_search_reason": s.text_reason,
-             "modalities": list(s.index.modalities), "multilingual": s.multilingual is not None, "urls": s.urls}
+             "modalities": list(s.index.modalities), "multilingual": s.multilingual is not None,
+             "multilingual_model": None if s.multilingual is None else s.multilingual.name, "urls": s.urls}
             for s in served.values()
         ]
         return {

@@ -551,6 +551,7 @@ def test_our_page_embeds_the_text_with_the_multilingual_model_where_the_index_ha
     with LiveServer(create_app({"photos": live["index"]}, load_encoder(live["spec"]), multilingual=multilingual["model"])) as url:
         _open_page(page, url)
         assert page.is_visible("#multilingual") and not page.is_checked("#multilingual")
+        assert multilingual["model"].name in page.get_attribute("#multilingual-row", "title")  # which model, said
         _search_text(page, multilingual["text"], 5)
         _wait_for_ids(page, multilingual["own"])
         page.check("#multilingual")  # a change searches again, the text embedded by the multilingual model

@@ -94,6 +94,7 @@ function applyIndex() {
   modalitySelect.value = chosen;
   modalityRow.hidden = modalities.length < 2;
   multilingualRow.hidden = !entry.multilingual; // where the index has a multilingual text model
+  if (entry.multilingual_model) multilingualRow.title = `Embed the text with ${entry.multilingual_model}: a text in any of the languages it learnt`;
   urlsRow.hidden = !entry.urls; // where its metadata has URLs: on by default, as in clip-retrieval's front end
   textInput.disabled = !entry.text_search;
   textInput.placeholder = entry.text_search ? "Describe what you are looking for" : "Text search is off: " + entry.text_search_reason;

@@ -114,3 +114,18 @@ def test_the_command_leaves_them_out_of_its_results_and_of_a_subset(collection, 
     assert table.column("id").to_pylist() == sorted(expected(collection, query, None, min_score=threshold))
     assert main(["search", "--index", str(collection["root"] / "plain"), "--like", "9", "--hide-duplicate-urls"]) == 2
     assert "--hide-duplicate-urls: the metadata of" in capsys.readouterr().err
+
+
+def test_health_answers_when_the_metadata_cannot_be_read(tmp_path, caplog):
+    """Whether an index has urls is read from its metadata when first asked: metadata gone
+    since the server started leaves /healthz answering (urls false, the reason logged)."""
+    import shutil
+
+    vectors = np.eye(4, DIMS, dtype=np.float32)
+    write_part(tmp_path / "emb", 0, image=vectors, metadata=pa.table({"url": ["a", "b", "a", "c"]}))
+    index = Index.build(tmp_path / "emb", tmp_path / "index", index_type="flat")
+    client = TestClient(create_app(index))
+    shutil.rmtree(tmp_path / "index" / "metadata")
+    answer = client.get("/healthz")
+    assert answer.status_code == 200 and answer.json()["urls"] is False
+    assert "its metadata could not be read to see whether it has urls" in caplog.text

@@ -270,7 +270,11 @@ class Served:
         """Whether the metadata has a url column (``/search``'s ``hide_duplicate_urls``): read
         when first asked, so that starting the server reads no metadata."""
         if self._urls is None:
-            self._urls = queries.has_column(self.index, queries.URL_COLUMN)
+            try:
+                self._urls = queries.has_column(self.index, queries.URL_COLUMN)
+            except (InputError, OSError) as error:  # unreadable metadata: said by the requests that need it, not here
+                logger.warning("%s: its metadata could not be read to see whether it has urls (%s)", self.name, error)
+                return False
         return self._urls
 
     @property

@@ -209,6 +209,11 @@ def model_spec(args: argparse.Namespace, index) -> tuple[str, str | None]:
     return recorded["spec"], args.pretrained or recorded.get("pretrained")
 
 
+def model_known(args: argparse.Namespace, index) -> bool:
+    """Whether ``--model`` or the index's record names the model of the collection."""
+    return bool(args.model or (index.config.get("model") or {}).get("spec"))
+
+
 def load_checked_encoder(args: argparse.Namespace, index, spec: tuple[str, str | None] | None = None):
     """The model ``spec`` (spec, pretrained), else of ``--model``/``--pretrained`` (or the
     index's record), checked against the index."""
@@ -328,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
                              "embedded with `unicom embed --text-model`); give one with --multilingual-model")
     # the collection's own model, for the images, and for the texts unless it has no text tower (or is not recorded)
     spare = queries.recorded_text_model(index) is not None and args.multilingual_model != NO_TEXT_MODEL
-    if images or (texts and text_model is None and (args.model or (index.config.get("model") or {}).get("spec") or not spare)):
+    if images or (texts and text_model is None and (model_known(args, index) or not spare)):
         encoder = load_checked_encoder(args, index)
     if texts and text_model is None:
         if spare and (encoder is None or not encoder.has_text):  # the text model of the captions then

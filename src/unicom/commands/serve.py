@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise InputError(f"`unicom serve` needs FastAPI and uvicorn ({error}); pip install 'unicom[serve]'") from error
     from unicom.commands import configure_logging
-    from unicom.commands.search import laion_files, load_checked_encoder, load_multilingual_models, model_spec
+    from unicom.commands.search import laion_files, load_checked_encoder, load_multilingual_models, model_known, model_spec
 
     configure_logging()
     root_path = root_path_of(args.root_path)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     encoders, loaded = {}, {}
     for name, index in indexes.items():
         given = entries[name].model if name in entries else None  # clip_model
-        if not (given or args.model or (index.config.get("model") or {}).get("spec")):
+        if not (given or model_known(args, index)):
             served = "embedding, item and multilingual text queries" if multilingual[name] else "embedding and item queries"
             print(f"{index.location}: no model recorded and no --model given: serving {served} only", file=sys.stderr)
             encoders[name] = None

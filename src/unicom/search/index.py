@@ -673,6 +673,7 @@ class Index:
             built[modality] = _choose(rows, modality_dims, heldout_ids, **choice)
         first, selection = built[modalities[0]]
         recorded = _embedding_config(emb)
+        text_model = _text_model(recorded)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -686,7 +687,7 @@ class Index:
             "has_metadata": collection.has_metadata,
             "model": _embedding_model(recorded),
             # the multilingual model that embedded the captions (`unicom embed --text-model`): `unicom serve` loads it
-            **({"text_model": _text_model(recorded)} if _text_model(recorded) else {}),
+            **({"text_model": text_model} if text_model else {}),
             # the columns of the parquet shards the items were read from: where `unicom serve --shards` finds their images
             **({SHARD_COLUMNS: recorded[SHARD_COLUMNS]} if recorded.get(SHARD_COLUMNS) else {}),
             "selection": selection,

@@ -55,7 +55,6 @@ class IndexEntry:
 
     folder: str
     model: tuple[str, str | None] | None = None  # (spec, pretrained) of clip_model, for load_encoder
-    clip_model: str | None = None  # as the file names it
     multilingual: str | None = None  # a multilingual text model's spec (enable_mclip_option)
     columns: tuple[str, ...] | None = None  # columns_to_return
     server_options: tuple[str, ...] = ()  # the provide_* options set to true
@@ -101,7 +100,7 @@ def read_indices_paths(path) -> dict[str, IndexEntry]:
         if clip_model is not None:
             if not isinstance(clip_model, str) or not clip_model:
                 raise InputError(f"{at}: clip_model names a model (ViT-B/32, open_clip:ViT-B-32/laion2b_s34b_b79k)")
-            entry.clip_model, entry.model = clip_model, clip_model_spec(clip_model, at)
+            entry.model = clip_model_spec(clip_model, at)
         if options.get("enable_mclip_option"):
             entry.multilingual = mclip_spec(clip_model, at)
         columns = options.get("columns_to_return")

@@ -323,16 +323,21 @@ def repeated(values: Sequence) -> np.ndarray:
 def check_columns(name: str, index, columns: Sequence[str]) -> None:
     """Refuse ``columns`` (clip-retrieval's ``columns_to_return``) that the metadata of
     ``index`` (by ``name``) lacks, naming them and the columns it has."""
-    have = [key for key in (index.metadata(0) if len(index) else {}) if key != "id"]
+    have = metadata_columns(index)
     missing = [column for column in columns if column not in have]
     if len(index) and missing:
         raise InputError(f"{name}: columns_to_return names {', '.join(map(repr, missing))}, which its metadata lacks (its "
                          f"columns: {', '.join(have)})")
 
 
+def metadata_columns(index) -> list[str]:
+    """The metadata columns of ``index`` but ``id``, read from its first row (none for an empty index)."""
+    return [key for key in (index.metadata(0) if len(index) else {}) if key != "id"]
+
+
 def has_column(index, column: str) -> bool:
-    """Whether the metadata of ``index`` has ``column`` (read from its first row)."""
-    return bool(len(index)) and column in (index.metadata(0) or {})
+    """Whether the metadata of ``index`` has ``column``."""
+    return column in metadata_columns(index)
 
 
 def check_filters(indexes: Mapping[str, Any], aesthetic_embeddings: np.ndarray | None,
@@ -347,7 +352,7 @@ def check_filters(indexes: Mapping[str, Any], aesthetic_embeddings: np.ndarray |
                              "give the files made for the model of the collection")
     if safety_column is not None:
         for name, index in indexes.items():
-            columns = [key for key in (index.metadata(0) if len(index) else {}) if key != "id"]
+            columns = metadata_columns(index)
             if len(index) and safety_column not in columns:
                 raise InputError(f"--safety-column {safety_column}: the metadata of {name} has no such column (its columns: "
                                  f"{', '.join(columns)}); embed the shards with --metadata-fields {safety_column} to keep it")

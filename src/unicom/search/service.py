@@ -254,10 +254,10 @@ class Served:
     index: Index
     encoder: Any = None
     multilingual: Any = None  # a multilingual text model into the collection's space, or None
+    columns: tuple[str, ...] | None = None  # the metadata columns its results carry (None: all)
     stored: dict[str, queries.StoredVectors] = field(init=False)
     model_input: ModelInput | None = field(init=False, default=None)
     _urls: bool | None = field(init=False, default=None)
-    columns: tuple[str, ...] | None = None  # the metadata columns its results carry (None: all)
 
     def __post_init__(self):
         # the vectors of each searched modality, read back for "more like this" and deduplication
@@ -467,10 +467,10 @@ def create_app(
             queries.check_model(item, model)
         if multilinguals.get(name) is not None:
             queries.check_text_model(item, multilinguals[name])
-        served[name] = Served(name, item, model, multilinguals.get(name))
-        if (columns or {}).get(name) is not None:
-            served[name].columns = tuple(columns[name])
-            queries.check_columns(name, item, served[name].columns)
+        returned = (columns or {}).get(name)
+        if returned is not None:
+            queries.check_columns(name, item, returned)
+        served[name] = Served(name, item, model, multilinguals.get(name), None if returned is None else tuple(returned))
     queries.check_filters({name: item.index for name, item in served.items()}, aesthetic_embeddings, violence_prompts,
                           safety_column)
     default = next(iter(served))

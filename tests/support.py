@@ -448,6 +448,45 @@ def tiny_hf_clip(folder: Path, dims: int = 16, seed: int = 0, positions: int = 1
     return model, tokenizer, processor
 
 
+def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int = 16):
+    """A small SigLIP model as transformers saves one (config.json, model.safetensors, the
+    sentencepiece tokenizer's files, preprocessor_config.json), with random weights: a unigram
+    vocabulary of 40 pieces trained here by sentencepiece on captions of a few words, towers of 2
+    layers of ``dims`` (SigLIP's embedding is the towers' width), 32-pixel images (resized to 32
+    on both sides), ``positions`` text positions. Returns (model, tokenizer, image processor),
+    transformers' own objects: the reference."""
+    import io
+    import random
+
+    import sentencepiece
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "a photo of the cat dog on mat red blue at night and with its tail in grass house car".split()
+    rng = random.Random(seed)
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
+    model_file = io.BytesIO()
+    # SigLIP's layout: the end of text is also the padding (open_clip pads with it), no start token
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model_file, vocab_size=40, model_type="unigram", pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+    (folder / "spiece.model").write_bytes(model_file.getvalue())
+    tokenizer = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=positions)
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=dims, intermediate_size=2 * dims, num_hidden_layers=2, num_attention_heads=4)
+    config = SiglipConfig(text_config=dict(vocab_size=40, max_position_embeddings=positions, pad_token_id=1,
+                                           bos_token_id=None, eos_token_id=1, **tower),
+                          vision_config=dict(image_size=32, patch_size=8, **tower))
+    model = SiglipModel(config).eval()
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, tokenizer, processor
+
+
 def tiny_sentence_transformer(folder: Path, dims: int = 16, bias: bool = False, tanh: bool = False, seed: int = 0,
                               max_seq_length: int = 20):
     """A small multilingual CLIP text model as sentence-transformers saves one (modules.json: a

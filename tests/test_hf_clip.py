@@ -6,9 +6,6 @@ and through ``unicom embed``, ``index`` and ``search``."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -45,21 +42,26 @@ def reference_texts(clip, texts: list[str]) -> np.ndarray:
         return features(clip["model"].get_text_features(**batch)).numpy()
 
 
-def reference_images(clip, images: list[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
-    pixels = clip["processor"](images=images, return_tensors="pt")["pixel_values"]
+def reference_images(entry, images: list[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
+    """transformers' image embeddings of ``images`` and its processor's pixels."""
+    pixels = entry["processor"](images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        return features(clip["model"].get_image_features(pixel_values=pixels)).numpy(), pixels
+        return features(entry["model"].get_image_features(pixel_values=pixels)).numpy(), pixels
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
+def loads_with_its_sizes(entry, kind: type, embedding_dim: int, max_tokens: int) -> None:
+    encoder = entry["encoder"]
+    assert isinstance(encoder, kind) and encoder.has_text
+    assert encoder.embedding_dim == embedding_dim and encoder.max_tokens == max_tokens
+    assert encoder.weights_sha256() == load_encoder(str(entry["folder"])).weights_sha256()  # the same at every load
+
+
 def test_a_folder_loads_as_transformers_clip_with_its_sizes(clip):
-    encoder = clip["encoder"]
-    assert isinstance(encoder, HFClip) and encoder.has_text
-    assert encoder.embedding_dim == 16 and encoder.max_tokens == 16
-    assert encoder.weights_sha256() == load_encoder(str(clip["folder"])).weights_sha256()  # the same at every load
+    loads_with_its_sizes(clip, HFClip, 16, 16)
 
 
 def test_texts_embed_as_transformers_embeds_them(clip):
@@ -67,22 +69,32 @@ def test_texts_embed_as_transformers_embeds_them(clip):
     np.testing.assert_allclose(embed_texts(clip["encoder"], TEXTS), unit(reference_texts(clip, TEXTS)), atol=2e-6)
 
 
-def test_images_embed_as_transformers_embeds_them(clip, tmp_path):
+def images_embed_as_transformers_embeds_them(entry, tmp_path, mean: float, most: float) -> torch.Tensor:
+    """The network given the processor's pixels gives transformers' embeddings; our transform
+    gives pixels within ``mean`` (on average) and ``most`` (at most) of the processor's, and
+    ``embed_images`` embeddings of cosine 0.9999 at least with transformers'. Returns the
+    processor's pixels."""
     images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48), (2, 90))]
     images.append(Image.fromarray(np.tile(np.linspace(0, 255, 120, dtype=np.uint8)[None, :, None], (50, 1, 3))))
-    expected, pixels = reference_images(clip, images)
+    expected, pixels = reference_images(entry, images)
     with torch.no_grad():  # the network: the processor's pixels give transformers' embeddings
-        np.testing.assert_allclose(clip["encoder"].encode_image(pixels).numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(entry["encoder"].encode_image(pixels).numpy(), expected, atol=1e-5)
     # the preprocessing: PIL's bicubic resize here, torchvision's on tensors in transformers 5's processor
-    ours = torch.stack([clip["encoder"].image_transform(image) for image in images])
-    difference = (ours - pixels).abs()  # in units of the normalised pixels: a grey level is about 0.015
-    assert ours.shape == pixels.shape and float(difference.mean()) < 1e-3 and float(difference.max()) < 0.05
+    ours = torch.stack([entry["encoder"].image_transform(image) for image in images])
+    difference = (ours - pixels).abs()  # in units of the normalised pixels
+    assert ours.shape == pixels.shape and float(difference.mean()) < mean and float(difference.max()) < most
     paths = []
     for number, image in enumerate(images):
         paths.append(tmp_path / f"{number}.png")
         image.save(paths[-1])
-    embedded = embed_images(clip["encoder"], [str(path) for path in paths], batch_size=2, num_workers=0)
+    embedded = embed_images(entry["encoder"], [str(path) for path in paths], batch_size=2, num_workers=0)
     assert (np.sum(embedded * unit(expected), axis=1) >= 0.9999).all()
+    return pixels
+
+
+def test_images_embed_as_transformers_embeds_them(clip, tmp_path):
+    # CLIP's std of about 0.27: a grey level is about 0.015 of a normalised pixel
+    images_embed_as_transformers_embeds_them(clip, tmp_path, mean=1e-3, most=0.05)
 
 
 def test_the_older_layout_loads_the_same_model(clip, tmp_path):
@@ -136,41 +148,36 @@ import numpy as np
 from unicom.embed import embed_texts
 from unicom.models.encoders import load_encoder
 
-encoder = load_encoder("hf-hub:openai-like/clip-tiny")
+encoder = load_encoder(sys.argv[-2])
 print(type(encoder).__name__, encoder.image_transform.transforms[0].size)
 np.save(sys.argv[-1], embed_texts(encoder, ["a cat", "a red dog"]))
 """
 
 
+def from_the_hub_and_then_offline(entry, repo: str, reference_texts, tmp_path) -> tuple:
+    """The model folder of ``entry`` published as ``repo`` on a Hub served here, loaded by
+    ``hf-hub:REPO`` in a child process and then again offline: the same text embeddings as
+    transformers' both times. Returns the Hub (its requests) and what the first run printed
+    (the encoder's class and its first resize)."""
+    from test_hf_hub import online_then_offline
+
+    files = {path.name: path.read_bytes() for path in entry["folder"].iterdir() if path.is_file()}
+    hub, ((online, said), (offline, _)) = online_then_offline({repo: files}, HUB_LOAD, [f"hf-hub:{repo}"], tmp_path)
+    np.testing.assert_allclose(online, unit(reference_texts(entry, ["a cat", "a red dog"])), atol=2e-6)
+    np.testing.assert_array_equal(offline, online)  # the second run, the Hub gone
+    return hub, said
+
+
 def test_a_repository_on_the_hub_loads_and_then_loads_offline(clip, tmp_path):
-    from test_hf_hub import Hub
-
-    files = {path.name: path.read_bytes() for path in clip["folder"].iterdir() if path.is_file()}
-    hub = Hub({"openai-like/clip-tiny": files})
-    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    for name in ("UNICOM_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
-
-    def run(name: str, env: dict) -> tuple[np.ndarray, str]:
-        result = subprocess.run([sys.executable, "-c", HUB_LOAD, str(tmp_path / name)], env=env, capture_output=True,
-                                text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return np.load(tmp_path / name), result.stdout
-
-    try:
-        online, said = run("online.npy", env)
-    finally:
-        hub.close()
+    _, said = from_the_hub_and_then_offline(clip, "openai-like/clip-tiny", reference_texts, tmp_path)
     assert said.startswith("HFClip 40")  # its preprocessor_config.json came with it
-    offline, _ = run("offline.npy", {**env, "UNICOM_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # the Hub is gone
-    np.testing.assert_allclose(online, unit(reference_texts(clip, ["a cat", "a red dog"])), atol=2e-6)
-    np.testing.assert_array_equal(offline, online)
 
 
-def test_embed_index_and_search_with_a_transformers_clip_folder(clip, tmp_path, capsys):
+def embed_index_and_search(entry, reference_texts, tmp_path, capsys) -> None:
+    """``unicom embed`` of a class folder with the model folder, ``index`` and ``search --text``:
+    the hits are the brute-force ranking of the stored embeddings by transformers' text embedding."""
     write_class_folder(tmp_path / "images", [0, 1, 2], 4)
-    assert main(["embed", "--input", str(tmp_path / "images"), "--model", str(clip["folder"]), "--out",
+    assert main(["embed", "--input", str(tmp_path / "images"), "--model", str(entry["folder"]), "--out",
                  str(tmp_path / "emb"), "--dtype", "float32", "--workers", "0"]) == 0
     assert main(["index", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--type", "flat"]) == 0
     capsys.readouterr()
@@ -178,5 +185,9 @@ def test_embed_index_and_search_with_a_transformers_clip_folder(clip, tmp_path, 
     # the model recorded by embed is loaded again by search, its weights checked
     assert main(["search", "--index", str(tmp_path / "index"), "--text", "a red dog", "-k", "4", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)[0]["results"]
-    query = unit(reference_texts(clip, ["a red dog"]))[0]
+    query = unit(reference_texts(entry, ["a red dog"]))[0]
     assert [hit["id"] for hit in hits] == np.argsort(-(unit(stored) @ query), kind="stable")[:4].tolist()
+
+
+def test_embed_index_and_search_with_a_transformers_clip_folder(clip, tmp_path, capsys):
+    embed_index_and_search(clip, reference_texts, tmp_path, capsys)

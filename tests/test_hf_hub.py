@@ -120,6 +120,39 @@ class Hub:
         return Handler
 
 
+def hub_environment(hub: Hub, home: Path) -> dict[str, str]:
+    """The environment of a child process that loads from ``hub`` into a Hugging Face cache
+    under ``home``, with no proxy and downloads on."""
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    for name in ("UNICOM_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env.pop(name, None)
+    return env
+
+
+def online_then_offline(repos: dict[str, dict[str, bytes]], script: str, args: list[str], folder: Path):
+    """Run ``script`` with ``args`` and then the path of the ``.npy`` file it writes, in a child
+    process, against a Hub of ``repos`` served here; then again with the Hub gone and downloads
+    off (the cache of the first run). Returns the Hub (its requests) and each run's (array, what
+    it printed)."""
+    import numpy as np
+
+    hub = Hub(repos)
+    env = hub_environment(hub, folder / "hf")
+
+    def run(name: str, env: dict) -> tuple:
+        result = subprocess.run([sys.executable, "-c", script, *args, str(folder / name)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return np.load(folder / name), result.stdout
+
+    try:
+        online = run("online.npy", env)
+    finally:
+        hub.close()
+    return hub, [online, run("offline.npy", {**env, "UNICOM_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})]
+
+
 def _folder_files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
@@ -179,10 +212,7 @@ def hub_runs(tmp_path_factory):
     })
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.save(x, root / "images.pt")
-    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(root / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    for name in ("UNICOM_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
+    env = hub_environment(hub, root / "hf")
     try:
         online = _run("online", env, root)
     finally:

@@ -349,10 +349,7 @@ np.save(sys.argv[-1], np.stack([embed_texts(load_multilingual(spec), texts) for 
 
 
 def test_models_on_the_hub_load_and_then_load_offline(mclip, sentence_model, tmp_path):
-    import os
-    import subprocess
-
-    from test_hf_hub import COMMIT, Hub
+    from test_hf_hub import COMMIT, online_then_offline
 
     files = {path.name: path.read_bytes() for path in mclip["folder"].iterdir() if path.is_file()}
     config = json.loads(files["config.json"])
@@ -361,29 +358,14 @@ def test_models_on_the_hub_load_and_then_load_offline(mclip, sentence_model, tmp
     # a sentence-transformers model's files, its modules' in folders
     nested = {path.relative_to(sentence_model["folder"]).as_posix(): path.read_bytes()
               for path in sentence_model["folder"].rglob("*") if path.is_file()}
-    hub = Hub({"org/mclip": files, "org/xlm-roberta-small": base, "org/st": nested})
-    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    for name in ("UNICOM_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
-
-    def run(name: str, env: dict) -> np.ndarray:
-        result = subprocess.run([sys.executable, "-c", HUB_LOAD, json.dumps(QUERIES), str(tmp_path / name)], env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return np.load(tmp_path / name)
-
-    try:
-        online = run("online.npy", env)
-    finally:
-        hub.close()
+    repos = {"org/mclip": files, "org/xlm-roberta-small": base, "org/st": nested}
+    hub, ((online, _), (offline, _)) = online_then_offline(repos, HUB_LOAD, [json.dumps(QUERIES)], tmp_path)
     assert {path for _, path in hub.requests if "/resolve/" in path} >= {
         "/org/mclip/resolve/main/config.json", "/org/xlm-roberta-small/resolve/main/config.json",
         f"/org/st/resolve/{COMMIT}/2_Dense/model.safetensors"}
-    offline = run("offline.npy", {**env, "UNICOM_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # the Hub is gone
     np.testing.assert_allclose(online[0], reference_embeddings(mclip, QUERIES), atol=2e-6)
     np.testing.assert_allclose(online[1], sentence_reference(sentence_model["reference"], QUERIES), atol=2e-6)
-    np.testing.assert_array_equal(offline, online)
+    np.testing.assert_array_equal(offline, online)  # the second run, the Hub gone
 
 
 # ---------------------------------------------------------------------- unicom embed --text-model

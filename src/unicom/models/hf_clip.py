@@ -1,4 +1,5 @@
-"""CLIP models saved by Hugging Face transformers (``CLIPModel`` folders) as an :class:`~unicom.models.encoders.Encoder`.
+"""CLIP and SigLIP models saved by Hugging Face transformers (``CLIPModel`` and ``SiglipModel``
+folders) as an :class:`~unicom.models.encoders.Encoder`.
 
 OpenAI's CLIP models on the Hub (``openai/clip-vit-base-patch32``, ``openai/clip-vit-large-patch14``)
 and the fine-tunes published the same way (``patrickjohncyh/fashion-clip``, clip-retrieval's
@@ -15,6 +16,16 @@ Images are prepared as ``preprocessor_config.json`` says (the short side resized
 ``size.shortest_edge`` with its ``resample`` filter, the centre ``crop_size`` cut out, values
 / 255, then ``image_mean`` and ``image_std``), with the same transform as the project's other
 CLIP models (:func:`unicom.models.export.build_transform`).
+
+SigLIP's folders (``"model_type": "siglip"``: Google's ``google/siglip-*`` models and the
+fixed-resolution ``google/siglip2-*`` ones) load the same way into transformers'
+``SiglipModel``: an image's embedding is the vision tower's attention-pooled state, a text's
+the text tower's last position through its head. Texts are padded to the tower's positions
+(64) and run without an attention mask, as SigLIP was trained and as open_clip runs it (the
+pad token is the end-of-text token, so the last position is an end of text); the tokenizer
+is the folder's own (SigLIP's lower-cases and strips punctuation; ``pip install
+'unicom[transformers]'`` brings sentencepiece, which it needs). Images are resized to
+``size`` on both sides (no crop), as SigLIP's image processor does.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import torch
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
 from unicom.models.hf_folders import (
+    errors_only,
     hub_file,
     hub_folder,
     load_checked,
@@ -38,6 +50,8 @@ from unicom.models.hf_folders import (
 )
 
 CLIP_TYPE = "clip"
+SIGLIP_TYPE = "siglip"
+MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -45,6 +59,9 @@ RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, 
 DEFAULT_PREPROCESSOR = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
                         "image_mean": [0.48145466, 0.4578275, 0.40821073],
                         "image_std": [0.26862954, 0.26130258, 0.27577711]}
+# transformers' SiglipImageProcessor defaults, likewise
+SIGLIP_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 3,
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
 class HFClip(Encoder):
@@ -56,13 +73,13 @@ class HFClip(Encoder):
 
     has_text = True
 
-    def __init__(self, model, image_transform, text_tokenizer, max_tokens: int, name: str):
+    def __init__(self, model, image_transform, text_tokenizer, max_tokens: int, embedding_dim: int, name: str):
         super().__init__()
         self.model = model
         self.image_transform = image_transform
         self.tokenizer = text_tokenizer
         self.max_tokens = max_tokens
-        self.embedding_dim = int(model.config.projection_dim)
+        self.embedding_dim = embedding_dim
         self.name = name
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,23 +95,40 @@ class HFClip(Encoder):
         return self.model.text_projection(pooled)
 
 
+class HFSiglip(HFClip):
+    """A transformers ``SiglipModel``: ``tokenize`` gives int64 (B, L) token ids padded to the
+    text tower's positions; the embeddings are the towers' pooled outputs (module docstring)."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=images).pooler_output
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens,
+                               return_tensors="pt")
+        return batch["input_ids"].long()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.text_model(input_ids=tokens).pooler_output
+
+
 def _transformers():
-    return require_transformers("transformers' CLIP models", "transformers")
+    return require_transformers("transformers' CLIP and SigLIP models", "transformers")
 
 
 def is_clip_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a local folder of a transformers CLIP model (``config.json`` of model type clip)."""
+    """Whether ``folder`` is a local folder of a transformers CLIP or SigLIP model (``config.json``
+    of model type clip or siglip)."""
     path = Path(folder).expanduser() / "config.json"
     if not path.is_file():
         return False
     try:
-        return read_json(path, str(folder), "the model's configuration").get("model_type") == CLIP_TYPE
+        return read_json(path, str(folder), "the model's configuration").get("model_type") in MODEL_TYPES
     except (InputError, AttributeError):
         return False
 
 
 def is_clip_repository(spec: str) -> bool:
-    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP model and not
+    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP or SigLIP model and not
     open_clip's configuration (its ``config.json`` fetched into the cache to tell)."""
     from unicom.models import hub
 
@@ -105,8 +139,9 @@ def is_clip_repository(spec: str) -> bool:
     return not hub_file(spec, OPEN_CLIP_FILE, config.parent.name) and is_clip_folder(config.parent)
 
 
-def image_transform(config: dict, path: Path):
-    """The image transform ``preprocessor_config.json`` (``config``, read from ``path``) describes."""
+def image_transform(config: dict, path: Path, squash: bool = False):
+    """The image transform ``preprocessor_config.json`` (``config``, read from ``path``) describes:
+    CLIP's (short side, centre crop), or with ``squash`` SigLIP's (both sides to ``size``)."""
     from unicom.models.export import build_transform
 
     def pixels(value, *keys):
@@ -118,15 +153,23 @@ def image_transform(config: dict, path: Path):
         raise InputError(f"{path}: {value!r}: read are a square crop and a short side of whole pixels "
                          "({\"shortest_edge\": 224}, {\"height\": 224, \"width\": 224})")
 
-    for flag in ("do_resize", "do_center_crop", "do_normalize", "do_rescale"):
+    flags = ("do_resize", "do_normalize", "do_rescale") if squash else ("do_resize", "do_center_crop", "do_normalize",
+                                                                         "do_rescale")
+    for flag in flags:
         if config.get(flag) is False:
-            raise InputError(f"{path}: {flag} false: only CLIP's preprocessing (resize, centre crop, rescale, "
-                             "normalise) is read")
+            raise InputError(f"{path}: {flag} false: only {'SigLIP' if squash else 'CLIP'}'s preprocessing (resize, "
+                             f"{'' if squash else 'centre crop, '}rescale, normalise) is read")
+    if squash and config.get("do_center_crop") is True:
+        raise InputError(f"{path}: do_center_crop true: SigLIP's preprocessing resizes both sides and crops nothing")
     if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
     resample = config.get("resample", 3)
     if resample not in RESAMPLE:
         raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
+    if squash:
+        return build_transform({"size": pixels(config.get("size", 224), "height", "width"), "resize_mode": "squash",
+                                "interpolation": RESAMPLE[resample], "mean": list(config.get("image_mean", [])),
+                                "std": list(config.get("image_std", []))})
     size = pixels(config.get("crop_size", 224), "height", "width")
     short_side = pixels(config.get("size", 224), "shortest_edge")
     if short_side < size:
@@ -137,7 +180,8 @@ def image_transform(config: dict, path: Path):
 
 
 def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> HFClip:
-    """The transformers CLIP model of a folder or ``hf-hub:`` repository (module docstring), in eval mode."""
+    """The transformers CLIP or SigLIP model of a folder or ``hf-hub:`` repository (module
+    docstring), in eval mode."""
     from unicom.engine.device import resolve_device
     from unicom.models import hub
     from unicom.models.weights import read_state_dict
@@ -147,24 +191,36 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     device = resolve_device(str(device), "device")
     folder = hub_folder(spec, (PREPROCESSOR_FILE,)) if hub.is_hf_spec(spec) else Path(spec).expanduser()
     path = folder / "config.json"
-    config = read_json(path, spec, "a transformers CLIP model folder holds config.json, the weights, the tokenizer's "
-                                   f"files and {PREPROCESSOR_FILE}")
-    if config.get("model_type") != CLIP_TYPE:
-        raise InputError(f"{path}: model_type {config.get('model_type')!r}, not {CLIP_TYPE!r}")
+    config = read_json(path, spec, "a transformers CLIP or SigLIP model folder holds config.json, the weights, the "
+                                   f"tokenizer's files and {PREPROCESSOR_FILE}")
+    kind = config.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise InputError(f"{path}: model_type {kind!r}, not one of {', '.join(map(repr, MODEL_TYPES))}")
+    config_class, model_class = (getattr(transformers, name) for name in MODEL_TYPES[kind])
     try:
-        clip_config = transformers.CLIPConfig.from_dict(config)
+        with errors_only(transformers):  # SigLIP's builds default tower configurations first, and warns about them
+            model_config = config_class.from_dict(config)
     except (TypeError, ValueError, KeyError) as error:
-        raise InputError(f"{path}: not a CLIP configuration transformers reads ({error})") from error
-    model = transformers.CLIPModel(clip_config)
+        raise InputError(f"{path}: not a {model_class.__name__} configuration transformers reads ({error})") from error
+    siglip = kind == SIGLIP_TYPE
+    if siglip and model_config.text_config.projection_size != model_config.vision_config.hidden_size:
+        raise InputError(f"{path}: the text tower's projection_size ({model_config.text_config.projection_size}) is not "
+                         f"the vision tower's hidden_size ({model_config.vision_config.hidden_size}): the two "
+                         "embeddings would not share a space")
+    model = model_class(model_config)
     weights = weights_file(folder, spec)
     # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
     state = {key: value for key, value in read_state_dict(weights).items() if not key.endswith("embeddings.position_ids")}
-    load_checked(model, state, "", weights, f"transformers' CLIPModel of {path.name}")
+    load_checked(model, state, "", weights, f"transformers' {model_class.__name__} of {path.name}")
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
-                  if (folder / PREPROCESSOR_FILE).is_file() else DEFAULT_PREPROCESSOR)
-    transform = image_transform(preprocess, folder / PREPROCESSOR_FILE)
+                  if (folder / PREPROCESSOR_FILE).is_file() else SIGLIP_PREPROCESSOR if siglip else DEFAULT_PREPROCESSOR)
+    transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=siglip)
     text_tokenizer = tokenizer(folder, spec, transformers)
-    positions = int(clip_config.text_config.max_position_embeddings)
+    positions = int(model_config.text_config.max_position_embeddings)
+    if siglip:  # padded to all positions: the last one is read
+        return HFSiglip(model, transform, text_tokenizer, positions, int(model_config.vision_config.hidden_size),
+                        f"transformers SigLIP {spec}").to(device).eval()
     max_tokens = min(positions, text_tokenizer.model_max_length or positions)
-    encoder = HFClip(model, transform, text_tokenizer, max_tokens, f"transformers CLIP {spec}")
+    encoder = HFClip(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
+                     f"transformers CLIP {spec}")
     return encoder.to(device).eval()

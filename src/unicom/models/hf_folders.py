@@ -5,11 +5,12 @@ read with ``torch.load(weights_only=True)``; every tensor's name and shape check
 network built from the configuration, never the file's own code) and the tokenizer's files.
 :func:`hub_folder` brings one commit's files of an ``hf-hub:org/repo`` repository into the
 Hugging Face cache. Used by :mod:`unicom.models.multilingual` (M-CLIP, sentence-transformers)
-and :mod:`unicom.models.hf_clip` (transformers' CLIP models).
+and :mod:`unicom.models.hf_clip` (transformers' CLIP and SigLIP models).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from unicom.errors import InputError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
-                   "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+                   "spiece.model", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def require_transformers(what: str, extra: str):
@@ -65,20 +66,28 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
     module.load_state_dict({key[len(prefix):]: value for key, value in state.items()})
 
 
+@contextlib.contextmanager
+def errors_only(transformers):
+    """transformers' warnings silenced inside (its errors still said)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def tokenizer(folder: Path, spec: str, transformers):
     """The tokenizer saved in ``folder`` (``transformers.AutoTokenizer``)."""
     # the tokenizer's threads, once started here, do not survive the fork into data loading workers (each would
     # say so): it tokenizes a batch of captions on one thread, unless the user says otherwise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # it reads config.json, whose model type it may not know, and says so
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
+        with errors_only(transformers):  # it reads config.json, whose model type it may not know, and says so
+            return transformers.AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as error:
         raise InputError(f"{spec}: its tokenizer could not be read from {folder} ({error}); the folder holds the "
                          f"tokenizer's files ({', '.join(TOKENIZER_FILES[:3])}, ...)") from error
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def hub_file(spec: str, name: str, revision: str) -> bool:

@@ -448,36 +448,61 @@ def tiny_hf_clip(folder: Path, dims: int = 16, seed: int = 0, positions: int = 1
     return model, tokenizer, processor
 
 
-def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int = 16):
-    """A small SigLIP model as transformers saves one (config.json, model.safetensors, the
-    sentencepiece tokenizer's files, preprocessor_config.json), with random weights: a unigram
-    vocabulary of 40 pieces trained here by sentencepiece on captions of a few words, towers of 2
-    layers of ``dims`` (SigLIP's embedding is the towers' width), 32-pixel images (resized to 32
-    on both sides), ``positions`` text positions. Returns (model, tokenizer, image processor),
-    transformers' own objects: the reference."""
+def _siglip_sentencepiece(folder: Path, seed: int, positions: int):
+    """SigLIP's tokenizer (transformers' ``SiglipTokenizer``) over a unigram vocabulary of 40
+    pieces trained here by sentencepiece on captions of a few words; the end of text is also the
+    padding, as in SigLIP's vocabulary."""
     import io
     import random
 
     import sentencepiece
-    import torch
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
+    from transformers import SiglipTokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     words = "a photo of the cat dog on mat red blue at night and with its tail in grass house car".split()
     rng = random.Random(seed)
     captions = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
     model_file = io.BytesIO()
-    # SigLIP's layout: the end of text is also the padding (open_clip pads with it), no start token
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(captions), model_writer=model_file, vocab_size=40, model_type="unigram", pad_id=0,
         eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
     (folder / "spiece.model").write_bytes(model_file.getvalue())
-    tokenizer = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=positions)
+    return SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=positions)
+
+
+def _siglip2_gemma(positions: int):
+    """SigLIP 2's kind of tokenizer (transformers' ``GemmaTokenizer``, byte-pair merges over
+    "▁"-prefixed words, case-sensitive, punctuation kept) over a few hundred pieces."""
+    import string
+
+    from transformers import GemmaTokenizer
+
+    characters = list(string.ascii_letters + string.digits + string.punctuation) + ["▁"]
+    merges = [("▁", "a"), ("a", "t"), ("▁", "c"), ("▁c", "at"), ("▁", "d"), ("o", "g"), ("▁d", "og"), ("▁", "r"),
+              ("e", "d"), ("▁r", "ed"), ("▁", "m"), ("▁m", "at"), ("▁", "o"), ("▁o", "n"), ("▁", "D"), ("▁D", "og")]
+    vocabulary = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *characters]
+    vocabulary += [a + b for a, b in merges if a + b not in vocabulary]
+    return GemmaTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}, merges=merges,
+                          model_max_length=positions, padding_side="right")
+
+
+def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int = 16, gemma: bool = False):
+    """A small SigLIP model as transformers saves one (config.json, model.safetensors, the
+    tokenizer's files, preprocessor_config.json), with random weights: SigLIP's sentencepiece
+    tokenizer, or with ``gemma`` SigLIP 2's kind; towers of 2 layers of ``dims`` (SigLIP's
+    embedding is the towers' width), 32-pixel images (resized to 32 on both sides), ``positions``
+    text positions. Returns (model, tokenizer, image processor), transformers' own objects: the
+    reference."""
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _siglip2_gemma(positions) if gemma else _siglip_sentencepiece(folder, seed, positions)
     torch.manual_seed(seed)
     tower = dict(hidden_size=dims, intermediate_size=2 * dims, num_hidden_layers=2, num_attention_heads=4)
-    config = SiglipConfig(text_config=dict(vocab_size=40, max_position_embeddings=positions, pad_token_id=1,
-                                           bos_token_id=None, eos_token_id=1, **tower),
+    config = SiglipConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=positions,
+                                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                                           eos_token_id=tokenizer.eos_token_id, **tower),
                           vision_config=dict(image_size=32, patch_size=8, **tower))
     model = SiglipModel(config).eval()
     processor = SiglipImageProcessor(size={"height": 32, "width": 32})

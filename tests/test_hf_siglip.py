@@ -1,7 +1,8 @@
 """SigLIP models saved by Hugging Face transformers (``SiglipModel`` folders: Google's
-``google/siglip-*`` models on the Hub), against transformers' own model, sentencepiece
-tokenizer and image processor on a small model built in the test: from a folder, from a Hub
-on 127.0.0.1 and then offline, and through ``unicom embed``, ``index`` and ``search``."""
+``google/siglip-*`` and ``google/siglip2-*`` models on the Hub), against transformers' own
+model, tokenizers (SigLIP's sentencepiece one, SigLIP 2's Gemma one) and image processor and
+open_clip's text clean-up on small models built in the test: from a folder, from a Hub on
+127.0.0.1 and then offline, and through ``unicom embed``, ``index`` and ``search``."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from test_hf_clip import (
     unit,
 )
 
-TEXTS = ["a cat", "A Red DOG, on a mat!", "Ünïcode text ✓ 猫",
+TEXTS = ["a cat", "A Red DOG, on a mat!", "Ünïcode text ✓ 猫", "a hot_dog",
          "a photo of the cat on a mat at night and a dog with its tail in the grass near a blue house"]
 
 
@@ -39,11 +40,23 @@ def siglip(tmp_path_factory):
             "encoder": load_encoder(str(folder))}
 
 
+@pytest.fixture(scope="module")
+def siglip2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf-siglip2") / "model"
+    model, tokenizer, processor = tiny_hf_siglip(folder, gemma=True)
+    return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
+            "encoder": load_encoder(str(folder))}
+
+
 def reference_texts(siglip, texts: list[str], mask: bool = False) -> np.ndarray:
-    """transformers' text embeddings of texts padded to the positions, as its documentation
-    says SigLIP was trained; the token ids alone (big_vision's and open_clip's way), or with
-    the attention mask transformers 5's tokenizer also gives."""
-    batch = siglip["tokenizer"](texts, padding="max_length", truncation=True, return_tensors="pt")
+    """transformers' text embeddings of texts made canonical by open_clip (as it does for its
+    SigLIP models) and padded to the positions, as transformers' documentation says SigLIP
+    was trained; the token ids alone (big_vision's and open_clip's way), or with the attention
+    mask transformers 5's tokenizer also gives."""
+    from open_clip.tokenizer import canonicalize_text
+
+    batch = siglip["tokenizer"]([canonicalize_text(text) for text in texts], padding="max_length", truncation=True,
+                                return_tensors="pt")
     inputs = dict(batch) if mask else {"input_ids": batch["input_ids"]}
     with torch.no_grad():
         return features(siglip["model"].get_text_features(**inputs)).numpy()
@@ -55,15 +68,31 @@ def test_a_folder_loads_as_transformers_siglip_with_its_sizes(siglip):
 
 def test_texts_embed_as_siglip_was_trained(siglip):
     tokens = siglip["encoder"].tokenize(TEXTS)
-    assert tokens.shape == (4, 16) and (tokens[:, -1] == siglip["tokenizer"].eos_token_id).all()  # padded with it
-    assert len(siglip["tokenizer"](TEXTS[3])["input_ids"]) > 16  # the last one is cut to the positions
+    assert tokens.shape == (5, 16) and (tokens[:, -1] == siglip["tokenizer"].eos_token_id).all()  # padded with it
+    assert len(siglip["tokenizer"](TEXTS[4])["input_ids"]) > 16  # the last one is cut to the positions
     embedded = embed_texts(siglip["encoder"], TEXTS)
     np.testing.assert_allclose(embedded, unit(reference_texts(siglip, TEXTS)), atol=2e-6)
-    # SigLIP's tokenizer lower-cases and strips punctuation: the same text
+    # lower case, no punctuation: the same text
     np.testing.assert_allclose(embed_texts(siglip["encoder"], ["a red dog on a mat"])[0], embedded[1], atol=1e-7)
+    # an underscore is a space, as open_clip has it (transformers' SigLIP tokenizer alone drops it)
+    np.testing.assert_allclose(embed_texts(siglip["encoder"], ["a hot dog"])[0], embedded[3], atol=1e-7)
+    assert siglip["tokenizer"]("a hot_dog")["input_ids"] != siglip["tokenizer"]("a hot dog")["input_ids"]
     # the attention mask that transformers 5's tokenizer gives changes the embeddings: none is applied
     masked = unit(reference_texts(siglip, TEXTS, mask=True))
     assert np.abs(masked - embedded).max() > 1e-2
+
+
+def test_siglip2_texts_are_made_canonical_before_gemmas_tokenizer(siglip2):
+    """SigLIP 2's Gemma tokenizer keeps case and punctuation; its captions were canonical in
+    training, as open_clip makes them."""
+    assert isinstance(siglip2["encoder"], HFSiglip) and type(siglip2["tokenizer"]).__name__ == "GemmaTokenizer"
+    tokenizer = siglip2["tokenizer"]
+    assert tokenizer(TEXTS[1])["input_ids"] != tokenizer("a red dog on a mat")["input_ids"]  # the tokenizer alone
+    embedded = embed_texts(siglip2["encoder"], TEXTS)
+    np.testing.assert_allclose(embedded, unit(reference_texts(siglip2, TEXTS)), atol=2e-6)
+    np.testing.assert_allclose(embed_texts(siglip2["encoder"], ["a red dog on a mat"])[0], embedded[1], atol=1e-7)
+    tokens = siglip2["encoder"].tokenize(["a cat"])[0].tolist()
+    assert tokens == tokenizer("a cat")["input_ids"] + [tokenizer.pad_token_id] * (16 - len(tokenizer("a cat")["input_ids"]))
 
 
 def test_images_embed_as_transformers_embeds_them(siglip, tmp_path):

@@ -22,15 +22,19 @@ fixed-resolution ``google/siglip2-*`` ones) load the same way into transformers'
 ``SiglipModel``: an image's embedding is the vision tower's attention-pooled state, a text's
 the text tower's last position through its head. Texts are padded to the tower's positions
 (64) and run without an attention mask, as SigLIP was trained and as open_clip runs it (the
-pad token is the end-of-text token, so the last position is an end of text); the tokenizer
-is the folder's own (SigLIP's lower-cases and strips punctuation; ``pip install
-'unicom[transformers]'`` brings sentencepiece, which it needs). Images are resized to
-``size`` on both sides (no crop), as SigLIP's image processor does.
+pad token is the end-of-text token, so the last position is an end of text). Each text is
+first made canonical as SigLIP's training made its captions and open_clip makes them
+(:func:`canonical_text`: lower case, no punctuation), then tokenized by the folder's own
+tokenizer: SigLIP's sentencepiece one (``pip install 'unicom[transformers]'`` brings
+sentencepiece) or SigLIP 2's Gemma tokenizer, which left to itself keeps case and
+punctuation. Images are resized to ``size`` on both sides (no crop), as SigLIP's image
+processor does.
 """
 
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 from typing import Sequence
 
@@ -95,16 +99,27 @@ class HFClip(Encoder):
         return self.model.text_projection(pooled)
 
 
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonical_text(text: str) -> str:
+    """``text`` as SigLIP's captions were written in training (big_vision's rule, which open_clip
+    applies to SigLIP's texts): underscores as spaces, ASCII punctuation dropped, lower case,
+    one space between words."""
+    return " ".join(text.replace("_", " ").translate(_PUNCTUATION).lower().split())
+
+
 class HFSiglip(HFClip):
-    """A transformers ``SiglipModel``: ``tokenize`` gives int64 (B, L) token ids padded to the
-    text tower's positions; the embeddings are the towers' pooled outputs (module docstring)."""
+    """A transformers ``SiglipModel``: ``tokenize`` gives int64 (B, L) token ids of the canonical
+    texts padded to the text tower's positions; the embeddings are the towers' pooled outputs
+    (module docstring)."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(pixel_values=images).pooler_output
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt")
+        batch = self.tokenizer([canonical_text(text) for text in texts], padding="max_length", truncation=True,
+                               max_length=self.max_tokens, return_tensors="pt")
         return batch["input_ids"].long()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Shared test options.
 
-``--run-slow`` enables tests marked ``slow`` (minutes; CI runs them). ``--run-heavy``
+``--run-slow`` enables tests marked ``slow`` (the long ones: runs killed and resumed, load
+tests, the demo; together many minutes; CI runs them). ``--run-heavy``
 enables tests marked ``heavy``: full-size models with random weights, several minutes and
 gigabytes of disk each, for a machine with room to spare (``make test-all``).
 """

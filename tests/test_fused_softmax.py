@@ -110,6 +110,7 @@ def fused_against_torch(device):
     return compared
 
 
+@pytest.mark.slow
 def test_the_fused_margin_softmax_is_its_pytorch_twin_under_tritons_interpreter():
     from support import under_triton_interpreter
 

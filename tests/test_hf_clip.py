@@ -6,6 +6,7 @@ and through ``unicom embed``, ``index`` and ``search``."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,74 @@ def test_the_older_layout_loads_the_same_model(clip, tmp_path):
     np.testing.assert_array_equal(embed_texts(encoder, TEXTS), embed_texts(clip["encoder"], TEXTS))
     (older / "preprocessor_config.json").unlink()
     assert load_encoder(str(older)).image_transform(class_image(0, 0, 300)).shape == (3, 224, 224)
+
+
+def test_a_model_saved_in_shards_loads_the_same(clip, tmp_path):
+    """transformers' shards (its index, model.safetensors.index.json, as save_pretrained writes
+    a model over max_shard_size), from a folder and from the Hub; the older .bin shards too."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from test_hf_hub import COMMIT
+
+    sharded = tmp_path / "sharded"
+    clip["model"].save_pretrained(sharded, max_shard_size="40KB")
+    shards = sorted(path.name for path in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (sharded / "model.safetensors").exists()
+    for path in clip["folder"].iterdir():
+        if not (sharded / path.name).exists() and path.name != "model.safetensors":
+            shutil.copy(path, sharded / path.name)
+    entry = {**clip, "folder": sharded}
+    encoder = load_encoder(str(sharded))
+    assert encoder.weights_sha256() == clip["encoder"].weights_sha256()
+    np.testing.assert_array_equal(embed_texts(encoder, TEXTS), embed_texts(clip["encoder"], TEXTS))
+    hub, _ = from_the_hub_and_then_offline(entry, "openai-like/clip-sharded", reference_texts, tmp_path / "hub")
+    assert {path for _, path in hub.requests} >= {  # every shard asked for, of the index's commit
+        f"/openai-like/clip-sharded/resolve/{COMMIT}/{name}" for name in ("model.safetensors.index.json", *shards)}
+    # the older layout: pytorch_model-*.bin shards and their index
+    older = tmp_path / "older"
+    shutil.copytree(sharded, older)
+    index = json.loads((older / "model.safetensors.index.json").read_text())
+    for shard in shards:
+        torch.save(load_file(older / shard), older / shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin"))
+        (older / shard).unlink()
+    index["weight_map"] = {key: value.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+                           for key, value in index["weight_map"].items()}
+    (older / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (older / "model.safetensors.index.json").unlink()
+    assert load_encoder(str(older)).weights_sha256() == clip["encoder"].weights_sha256()
+
+
+def test_shards_that_do_not_match_their_index_are_named(clip, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    clip["model"].save_pretrained(bad, max_shard_size="40KB")
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "preprocessor_config.json"):
+        if (clip["folder"] / name).exists():
+            shutil.copy(clip["folder"] / name, bad / name)
+    index_path = bad / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(bad / first)
+    dropped = sorted(tensors)[0]
+    save_file({key: value for key, value in tensors.items() if key != dropped}, bad / first)
+    with pytest.raises(InputError, match=rf"{first}: no tensor {re.escape(dropped)}, which model.safetensors.index.json"):
+        load_encoder(str(bad))
+    save_file(tensors, bad / first)
+    (bad / first).rename(bad / "elsewhere.safetensors")
+    with pytest.raises(InputError, match=rf"its shard {first} is not in"):
+        load_encoder(str(bad))
+    (bad / "elsewhere.safetensors").rename(bad / first)
+    index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], dropped: "../" + first}}))
+    with pytest.raises(InputError, match=r"is not a file name beside the index"):
+        load_encoder(str(bad))
+    index_path.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(InputError, match=r"no weight_map"):
+        load_encoder(str(bad))
 
 
 def test_a_folder_that_cannot_be_read_is_named(clip, tmp_path):

@@ -123,6 +123,7 @@ def test_two_runs_with_other_settings_into_one_s3_folder_are_refused(data, s3, c
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_mid_upload_a_rerun_leaves_the_same_folder_and_nothing_half_written(data, s3, tmp_path):
     """kill -9 as the upload of a part's temporary object is answered, then run again."""
     s3.bucket("embed-d")

@@ -179,6 +179,7 @@ STORMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
 @pytest.mark.parametrize("kind", STORMS)
 def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server, kind):
@@ -250,6 +251,7 @@ def test_an_upload_storm_of_large_images_leaves_memory_near_its_baseline(server,
 
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
 def test_clients_that_do_not_read_replies_full_of_pictures_leave_memory_near_its_baseline(tmp_path):
     """40 clients ask a real `unicom serve` for 400 results with their thumbnails (a reply of

@@ -297,6 +297,7 @@ def test_a_resume_on_fewer_ranks_leaves_out_what_the_missing_ranks_listed_of_the
     assert (mine.read_text(), gone.read_text()) == ("", "")
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "checkpoint:15")
@@ -325,6 +326,7 @@ def test_the_host_reads_step_results_at_log_lines_only_and_the_weights_are_uncha
     assert_identical(final_state(tmp_path / "deferred"), final_state(tmp_path / "each"))
 
 
+@pytest.mark.slow
 def test_decoding_on_the_device_a_batch_ahead_resumes_to_the_same_weights(images, tmp_path):
     """data.decode=gpu (here torchvision's decoder on the CPU): the next batch is decoded while
     a step runs, so a killed run has read a batch it never used; the checkpoint's reading
@@ -361,6 +363,7 @@ def test_a_run_the_disk_refuses_from_the_start_says_so_without_a_traceback(image
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_checkpoint_the_disk_refuses_stops_the_run_keeping_no_part_of_it(images, tmp_path):
     out = tmp_path / "run"
     assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
@@ -376,6 +379,7 @@ def test_a_checkpoint_the_disk_refuses_stops_the_run_keeping_no_part_of_it(image
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
 
 
+@pytest.mark.slow
 def test_a_model_the_disk_refuses_is_exported_by_the_next_run(images, tmp_path):
     out = tmp_path / "run"
     assert run_command(overrides(images, out, "train.steps=2", "checkpoint.every=2")).returncode == 0

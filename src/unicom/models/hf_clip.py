@@ -48,9 +48,9 @@ from unicom.models.hf_folders import (
     hub_folder,
     load_checked,
     read_json,
+    read_weights,
     require_transformers,
     tokenizer,
-    weights_file,
 )
 
 CLIP_TYPE = "clip"
@@ -199,8 +199,6 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     docstring), in eval mode."""
     from unicom.engine.device import resolve_device
     from unicom.models import hub
-    from unicom.models.weights import read_state_dict
-
     transformers = _transformers()
     spec = os.fspath(spec)
     device = resolve_device(str(device), "device")
@@ -223,9 +221,9 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
                          f"the vision tower's hidden_size ({model_config.vision_config.hidden_size}): the two "
                          "embeddings would not share a space")
     model = model_class(model_config)
-    weights = weights_file(folder, spec)
+    state, weights = read_weights(folder, spec)
     # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
-    state = {key: value for key, value in read_state_dict(weights).items() if not key.endswith("embeddings.position_ids")}
+    state = {key: value for key, value in state.items() if not key.endswith("embeddings.position_ids")}
     load_checked(model, state, "", weights, f"transformers' {model_class.__name__} of {path.name}")
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
                   if (folder / PREPROCESSOR_FILE).is_file() else SIGLIP_PREPROCESSOR if siglip else DEFAULT_PREPROCESSOR)

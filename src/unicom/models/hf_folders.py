@@ -1,8 +1,10 @@
 """Model folders in Hugging Face transformers' layouts: what their loaders share.
 
 A folder holds a ``config.json``, its weights (``model.safetensors``, or ``pytorch_model.bin``
-read with ``torch.load(weights_only=True)``; every tensor's name and shape checked against the
-network built from the configuration, never the file's own code) and the tokenizer's files.
+read with ``torch.load(weights_only=True)``; either in shards with transformers' index,
+``model.safetensors.index.json``, as it saves a model over its ``max_shard_size``; every
+tensor's name and shape checked against the network built from the configuration, never the
+file's own code) and the tokenizer's files.
 :func:`hub_folder` brings one commit's files of an ``hf-hub:org/repo`` repository into the
 Hugging Face cache. Used by :mod:`unicom.models.multilingual` (M-CLIP, sentence-transformers)
 and :mod:`unicom.models.hf_clip` (transformers' CLIP and SigLIP models).
@@ -21,7 +23,9 @@ from torch import nn
 
 from unicom.errors import InputError
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+INDEX_SUFFIX = ".index.json"  # transformers' index of a model saved in shards: {"weight_map": {tensor: shard file}}
+WEIGHTS_SAID = "model.safetensors or pytorch_model.bin, whole or in shards with their .index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
                    "spiece.model", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
 
@@ -49,11 +53,49 @@ def read_json(path: Path, spec: str, what: str) -> dict:
 
 
 def weights_file(folder: Path, spec: str) -> Path:
-    """The weights file of ``folder`` (:data:`WEIGHT_FILES`, safetensors first)."""
+    """The weights file of ``folder`` (:data:`WEIGHT_FILES`, safetensors first): one file, or
+    the index of its shards."""
     found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if found is None:
-        raise InputError(f"{spec}: no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
+        raise InputError(f"{spec}: no weights ({WEIGHTS_SAID}) in {folder}")
     return found
+
+
+def shard_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of transformers' index of shards (tensor name -> shard file beside it), checked."""
+    weight_map = read_json(index, str(index), "the index of the weights' shards").get("weight_map") \
+        if index.is_file() else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items()):
+        raise InputError(f"{index}: no weight_map ({{tensor name: shard file}}) in this index of shards")
+    outside = sorted({name for name in weight_map.values() if Path(name).name != name or name in ("", ".", "..")})
+    if outside:
+        raise InputError(f"{index}: shard {outside[0]!r} is not a file name beside the index; read are shards in "
+                         "the index's own folder")
+    return weight_map
+
+
+def read_weights(folder: Path, spec: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of ``folder``'s weights (:func:`weights_file`) and the file they came from;
+    shards are read one by one, each holding the tensors the index gives it."""
+    from unicom.models.weights import read_state_dict
+
+    path = weights_file(folder, spec)
+    if not path.name.endswith(INDEX_SUFFIX):
+        return read_state_dict(path), path
+    weight_map = shard_map(path)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise InputError(f"{path}: its shard {shard} is not in {folder}; copy or download the model's every file")
+        tensors = read_state_dict(folder / shard)
+        listed = sorted(key for key, value in weight_map.items() if value == shard)
+        missing = [key for key in listed if key not in tensors]
+        if missing:
+            raise InputError(f"{folder / shard}: no tensor {missing[0]}, which {path.name} places there "
+                             f"({len(missing)} missing); the shard is not the one the index was written with")
+        state.update((key, tensors[key]) for key in listed)
+    return state, path
 
 
 def load_checked(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path, what: str) -> None:
@@ -102,16 +144,32 @@ def hub_file(spec: str, name: str, revision: str) -> bool:
     return True
 
 
+def hub_weights(spec: str, snapshot: Path, folder: str, commit: str) -> bool:
+    """Bring the weights of ``folder`` (a path in the repository, "" its root) of one commit of
+    the ``hf-hub:`` repository ``spec`` into the cache (``snapshot``): the first of
+    :data:`WEIGHT_FILES` it has and, for an index, every shard it names. False where it has none."""
+    within = f"{folder}/" if folder else ""
+    for name in WEIGHT_FILES:
+        if hub_file(spec, within + name, commit):
+            if name.endswith(INDEX_SUFFIX):
+                for shard in sorted(set(shard_map(snapshot / (within + name)).values())):
+                    if not hub_file(spec, within + shard, commit):
+                        raise InputError(f"{spec}: {within + name} names the shard {shard}, which the repository "
+                                         "does not hold (offline: the cache does not)")
+            return True
+    return False
+
+
 def hub_folder(spec: str, names: Iterable[str] = ()) -> Path:
     """The snapshot folder of the ``hf-hub:`` repository ``spec`` with its ``config.json``,
-    weights, tokenizer files and ``names`` (each if the repository has it), all of the commit
-    that ``config.json`` came from."""
+    weights (every shard), tokenizer files and ``names`` (each if the repository has it), all of
+    the commit that ``config.json`` came from."""
     from unicom.models import hub
 
     config = hub.hf_file(spec, "config.json")
     commit = config.parent.name  # snapshots/<commit>/config.json: the other files from the same commit
-    if not any(hub_file(spec, name, commit) for name in WEIGHT_FILES):
-        raise InputError(f"{spec}: the repository has no weights ({' or '.join(WEIGHT_FILES)})")
+    if not hub_weights(spec, config.parent, "", commit):
+        raise InputError(f"{spec}: the repository has no weights ({WEIGHTS_SAID})")
     for name in (*TOKENIZER_FILES, *names):
         hub_file(spec, name, commit)
     return config.parent

@@ -35,7 +35,7 @@ from torch import nn
 
 from unicom.errors import InputError
 from unicom.models.encoders import Encoder
-from unicom.models.hf_folders import WEIGHT_FILES, load_checked, read_json, require_transformers, weights_file
+from unicom.models.hf_folders import WEIGHTS_SAID, load_checked, read_json, read_weights, require_transformers
 
 # the published models, by the CLIP model (open_clip's names, OpenAI's weights) whose text embeddings they learnt
 MULTILINGUAL_MODELS = {
@@ -157,8 +157,6 @@ def _max_tokens(base_config, tokenizer, limit: int | None = None) -> int:
 
 def _mclip(folder: Path, spec: str) -> MultilingualText:
     from unicom.models import hub
-    from unicom.models.weights import read_state_dict
-
     transformers = _transformers()
     path = folder / "config.json"
     config = read_json(path, spec, "an M-CLIP model folder holds config.json, the weights and the tokenizer's files; "
@@ -183,8 +181,7 @@ def _mclip(folder: Path, spec: str) -> MultilingualText:
     if getattr(base_config, "hidden_size", None) != width:
         raise InputError(f"{path}: transformerDimensions {width}, but {base} has "
                          f"{getattr(base_config, 'hidden_size', None)}-wide states")
-    weights = weights_file(folder, spec)
-    state = read_state_dict(weights)
+    state, weights = read_weights(folder, spec)
     what = f"M-CLIP with base {base}"
     projection = {key: value for key, value in state.items() if key.startswith(PROJECTION + ".")}
     linear = nn.Linear(width, dims)
@@ -211,8 +208,6 @@ def _pooling_mode(config: dict, path: Path) -> None:
 
 
 def _dense(folder: Path, entry: dict, spec: str, width: int) -> tuple[nn.Module, int]:
-    from unicom.models.weights import read_state_dict
-
     module = folder / entry.get("path", "")
     path = module / "config.json"
     config = read_json(path, spec, "a Dense module's configuration")
@@ -225,14 +220,12 @@ def _dense(folder: Path, entry: dict, spec: str, width: int) -> tuple[nn.Module,
         raise InputError(f"{path}: in_features {config.get('in_features')!r} and out_features "
                          f"{config.get('out_features')!r}; the module before gives {width} numbers")
     linear = nn.Linear(width, config["out_features"], bias=bool(config.get("bias", True)))
-    weights = weights_file(module, spec)
-    load_checked(linear, read_state_dict(weights), "linear.", weights, "a Dense module of these sizes")
+    state, weights = read_weights(module, spec)
+    load_checked(linear, state, "linear.", weights, "a Dense module of these sizes")
     return nn.Sequential(linear, ACTIVATIONS[activation]()), linear.out_features
 
 
 def _sentence_transformer(folder: Path, spec: str) -> MultilingualText:
-    from unicom.models.weights import read_state_dict
-
     transformers = _transformers()
     path = folder / MODULES_FILE
     modules = read_json(path, spec, "the modules of a sentence-transformers model")
@@ -252,8 +245,8 @@ def _sentence_transformer(folder: Path, spec: str) -> MultilingualText:
     except (OSError, ValueError) as error:
         raise InputError(f"{transformer_folder / 'config.json'}: the transformer's configuration could not be read "
                          f"({error})") from error
-    weights = weights_file(transformer_folder, spec)
-    transformer = _transformer(base_config, read_state_dict(weights), weights, f"its {base_config.model_type} transformer")
+    state, weights = read_weights(transformer_folder, spec)
+    transformer = _transformer(base_config, state, weights, f"its {base_config.model_type} transformer")
     _pooling_mode(read_json(folder / modules[1].get("path", "") / "config.json", spec, "the Pooling module's "
                              "configuration"), folder / modules[1].get("path", "") / "config.json")
     width = base_config.hidden_size
@@ -268,7 +261,7 @@ def model_folder(spec: str) -> Path:
     """The local folder of a multilingual text model: ``spec`` itself, or the Hub snapshot of
     ``hf-hub:org/repo`` (its configuration, weights and tokenizer files, of one commit)."""
     from unicom.models import hub
-    from unicom.models.hf_folders import TOKENIZER_FILES, hub_file
+    from unicom.models.hf_folders import TOKENIZER_FILES, hub_file, hub_weights
 
     if not hub.is_hf_spec(spec):
         folder = Path(spec).expanduser()
@@ -295,8 +288,8 @@ def model_folder(spec: str) -> Path:
         weighted = paths[:1] + [path for path, entry in zip(paths[1:], modules[1:]) if _module_kind(entry) == "Dense"]
         fetch(within(weighted[0] if weighted else "", SENTENCE_CONFIG))
     for folder in weighted:
-        if not any(fetch(within(folder, name)) for name in WEIGHT_FILES):
-            raise InputError(f"{spec}: the repository has no weights ({' or '.join(WEIGHT_FILES)}) in "
+        if not hub_weights(spec, config.parent, folder, commit):
+            raise InputError(f"{spec}: the repository has no weights ({WEIGHTS_SAID}) in "
                              f"{folder or 'its root'}")
     for name in TOKENIZER_FILES:
         fetch(within(weighted[0] if weighted else "", name))

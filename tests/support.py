@@ -512,6 +512,32 @@ def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int =
     return model, tokenizer, processor
 
 
+def tiny_hf_dinov2(folder: Path, width: int = 32, seed: int = 0, registers: int = 0):
+    """A small DINOv2 as transformers saves one (config.json, model.safetensors,
+    preprocessor_config.json), with random weights: 2 layers of ``width``, 8-pixel patches of
+    32-pixel images (the short side resized to 40, then cropped, ImageNet's mean and std as
+    DINOv2's processor has them), ``registers`` register tokens (``Dinov2WithRegistersModel``
+    where there are some). Returns (model, image processor), transformers' own: the reference."""
+    import torch
+    from transformers import BitImageProcessor
+
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32, patch_size=8)
+    if registers:
+        from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **sizes)).eval()
+    else:
+        from transformers import Dinov2Config, Dinov2Model
+
+        model = Dinov2Model(Dinov2Config(**sizes)).eval()
+    processor = BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, resample=3,
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
 def tiny_sentence_transformer(folder: Path, dims: int = 16, bias: bool = False, tanh: bool = False, seed: int = 0,
                               max_seq_length: int = 20):
     """A small multilingual CLIP text model as sentence-transformers saves one (modules.json: a

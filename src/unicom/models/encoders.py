@@ -10,8 +10,9 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
   ``hf-hub:org/repo`` when that Hub repository holds a model folder;
 * ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
   ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
-* a folder of a transformers CLIP or SigLIP model (``config.json`` of model type clip or siglip),
-  or an ``hf-hub:org/repo`` holding one without open_clip's configuration (:mod:`unicom.models.hf_clip`);
+* a folder of a transformers CLIP, SigLIP or DINOv2 model (``config.json`` of model type clip,
+  siglip, dinov2 or dinov2_with_registers), or an ``hf-hub:org/repo`` holding one without
+  open_clip's configuration (:mod:`unicom.models.hf_clip`);
 * an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an
   open_clip ``hf-hub:``/``local-dir:`` reference.
 """
@@ -129,7 +130,7 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
     if pretrained is None and hub.is_hf_spec(spec):
         try:
             folder = hub.hf_model_folder(spec)
-        except hub.NotAModelFolder:  # a repository without unicom_model.json: transformers' CLIP/SigLIP, or open_clip's
+        except hub.NotAModelFolder:  # no unicom_model.json: transformers' CLIP/SigLIP/DINOv2, or open_clip's
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
         except hub.NotInCache as missing:  # offline: transformers' or open_clip's files may be in the cache

@@ -1,5 +1,5 @@
-"""CLIP and SigLIP models saved by Hugging Face transformers (``CLIPModel`` and ``SiglipModel``
-folders) as an :class:`~unicom.models.encoders.Encoder`.
+"""CLIP, SigLIP and DINOv2 models saved by Hugging Face transformers (``CLIPModel``,
+``SiglipModel`` and ``Dinov2Model`` folders) as an :class:`~unicom.models.encoders.Encoder`.
 
 OpenAI's CLIP models on the Hub (``openai/clip-vit-base-patch32``, ``openai/clip-vit-large-patch14``)
 and the fine-tunes published the same way (``patrickjohncyh/fashion-clip``, clip-retrieval's
@@ -8,8 +8,9 @@ the weights, the tokenizer's files and ``preprocessor_config.json``. They load f
 folder or ``hf-hub:org/repo[@revision]`` (a repository that also holds open_clip's
 ``open_clip_config.json`` is loaded by open_clip, as before).
 
-The network is transformers' ``CLIPModel`` built from the configuration, its weights checked
-tensor by tensor (:mod:`unicom.models.hf_folders`); an image's embedding is the vision
+The network is transformers' ``CLIPModel`` built from the configuration, its weights read by
+transformers' ``from_pretrained`` and checked tensor by tensor
+(:func:`unicom.models.hf_folders.load_pretrained`); an image's embedding is the vision
 tower's pooled state through the visual projection, a text's the text tower's through the
 text projection (what ``get_image_features`` / ``get_text_features`` give), not normalised.
 Images are prepared as ``preprocessor_config.json`` says (the short side resized to
@@ -29,6 +30,13 @@ tokenizer: SigLIP's sentencepiece one (``pip install 'unicom[transformers]'`` br
 sentencepiece) or SigLIP 2's Gemma tokenizer, which left to itself keeps case and
 punctuation. Images are resized to ``size`` on both sides (no crop), as SigLIP's image
 processor does.
+
+DINOv2's folders (``"model_type": "dinov2"`` or ``"dinov2_with_registers"``: Meta's
+``facebook/dinov2-*`` models and their fine-tunes) load into transformers' ``Dinov2Model``
+(``Dinov2WithRegistersModel``) as image encoders, with no text tower: an image's embedding is
+the model's pooled output, the class token after the last layer norm (what timm's DINOv2
+models give for ``num_classes=0``). Images are prepared as for CLIP (DINOv2's processor: the
+short side to 256, the centre 224, ImageNet's mean and std).
 """
 
 from __future__ import annotations
@@ -46,16 +54,18 @@ from unicom.models.hf_folders import (
     errors_only,
     hub_file,
     hub_folder,
-    load_checked,
+    load_pretrained,
     read_json,
-    read_weights,
     require_transformers,
     tokenizer,
 )
 
 CLIP_TYPE = "clip"
 SIGLIP_TYPE = "siglip"
-MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel")}
+DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
+MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
+               "dinov2": ("Dinov2Config", "Dinov2Model"),
+               "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -66,9 +76,28 @@ DEFAULT_PREPROCESSOR = {"size": {"shortest_edge": 224}, "crop_size": {"height": 
 # transformers' SiglipImageProcessor defaults, likewise
 SIGLIP_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 3,
                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+# DINOv2's published preprocessing (its repositories' preprocessor_config.json), likewise
+DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
+                       "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
-class HFClip(Encoder):
+class HFImageModel(Encoder):
+    """A transformers model with its image transform; alone, an image model without a text tower
+    (DINOv2), whose pooled output is the embedding."""
+
+    def __init__(self, model, image_transform, embedding_dim: int, name: str, no_text_reason: str = ""):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.embedding_dim = embedding_dim
+        self.name = name
+        self.no_text_reason = no_text_reason or self.no_text_reason
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).pooler_output
+
+
+class HFClip(HFImageModel):
     """A transformers ``CLIPModel`` with its tokenizer and its image transform.
 
     ``tokenize`` gives int64 (B, 2, L), each text's token ids and attention mask, cut to
@@ -78,13 +107,9 @@ class HFClip(Encoder):
     has_text = True
 
     def __init__(self, model, image_transform, text_tokenizer, max_tokens: int, embedding_dim: int, name: str):
-        super().__init__()
-        self.model = model
-        self.image_transform = image_transform
+        super().__init__(model, image_transform, embedding_dim, name)
         self.tokenizer = text_tokenizer
         self.max_tokens = max_tokens
-        self.embedding_dim = embedding_dim
-        self.name = name
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.model.vision_model(pixel_values=images).pooler_output
@@ -127,12 +152,12 @@ class HFSiglip(HFClip):
 
 
 def _transformers():
-    return require_transformers("transformers' CLIP and SigLIP models", "transformers")
+    return require_transformers("transformers' CLIP, SigLIP and DINOv2 models", "transformers")
 
 
 def is_clip_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a local folder of a transformers CLIP or SigLIP model (``config.json``
-    of model type clip or siglip)."""
+    """Whether ``folder`` is a local folder of a transformers CLIP, SigLIP or DINOv2 model
+    (``config.json`` of one of :data:`MODEL_TYPES`)."""
     path = Path(folder).expanduser() / "config.json"
     if not path.is_file():
         return False
@@ -143,7 +168,7 @@ def is_clip_folder(folder: str | os.PathLike) -> bool:
 
 
 def is_clip_repository(spec: str) -> bool:
-    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP or SigLIP model and not
+    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP, SigLIP or DINOv2 model and not
     open_clip's configuration (its ``config.json`` fetched into the cache to tell)."""
     from unicom.models import hub
 
@@ -194,18 +219,19 @@ def image_transform(config: dict, path: Path, squash: bool = False):
                             "std": list(config.get("image_std", []))})
 
 
-def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> HFClip:
-    """The transformers CLIP or SigLIP model of a folder or ``hf-hub:`` repository (module
-    docstring), in eval mode."""
+def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
+    """The transformers CLIP, SigLIP or DINOv2 model of a folder or ``hf-hub:`` repository
+    (module docstring), in eval mode."""
     from unicom.engine.device import resolve_device
     from unicom.models import hub
+
     transformers = _transformers()
     spec = os.fspath(spec)
     device = resolve_device(str(device), "device")
     folder = hub_folder(spec, (PREPROCESSOR_FILE,)) if hub.is_hf_spec(spec) else Path(spec).expanduser()
     path = folder / "config.json"
-    config = read_json(path, spec, "a transformers CLIP or SigLIP model folder holds config.json, the weights, the "
-                                   f"tokenizer's files and {PREPROCESSOR_FILE}")
+    config = read_json(path, spec, "a transformers CLIP, SigLIP or DINOv2 model folder holds config.json, the weights, "
+                                   f"the tokenizer's files (CLIP, SigLIP) and {PREPROCESSOR_FILE}")
     kind = config.get("model_type")
     if kind not in MODEL_TYPES:
         raise InputError(f"{path}: model_type {kind!r}, not one of {', '.join(map(repr, MODEL_TYPES))}")
@@ -220,14 +246,14 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise InputError(f"{path}: the text tower's projection_size ({model_config.text_config.projection_size}) is not "
                          f"the vision tower's hidden_size ({model_config.vision_config.hidden_size}): the two "
                          "embeddings would not share a space")
-    model = model_class(model_config)
-    state, weights = read_weights(folder, spec)
-    # positions' ids were saved by older transformers versions: a buffer computed at build, not a weight
-    state = {key: value for key, value in state.items() if not key.endswith("embeddings.position_ids")}
-    load_checked(model, state, "", weights, f"transformers' {model_class.__name__} of {path.name}")
+    model = load_pretrained(model_class, model_config, folder, spec, transformers)
+    defaults = SIGLIP_PREPROCESSOR if siglip else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
-                  if (folder / PREPROCESSOR_FILE).is_file() else SIGLIP_PREPROCESSOR if siglip else DEFAULT_PREPROCESSOR)
+                  if (folder / PREPROCESSOR_FILE).is_file() else defaults)
     transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=siglip)
+    if kind in DINOV2_TYPES:
+        return HFImageModel(model, transform, int(model_config.hidden_size), f"transformers DINOv2 {spec}",
+                            "DINOv2 embeds images only").to(device).eval()
     text_tokenizer = tokenizer(folder, spec, transformers)
     positions = int(model_config.text_config.max_position_embeddings)
     if siglip:  # padded to all positions: the last one is read

@@ -75,6 +75,16 @@ def shard_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def shards_present(index: Path) -> dict[str, str]:
+    """:func:`shard_map` of ``index``, each shard checked to be beside it."""
+    weight_map = shard_map(index)
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise InputError(f"{index}: its shard {shard} is not in {index.parent}; copy or download the model's "
+                             "every file")
+    return weight_map
+
+
 def read_weights(folder: Path, spec: str) -> tuple[dict[str, torch.Tensor], Path]:
     """The tensors of ``folder``'s weights (:func:`weights_file`) and the file they came from;
     shards are read one by one, each holding the tensors the index gives it."""
@@ -83,11 +93,9 @@ def read_weights(folder: Path, spec: str) -> tuple[dict[str, torch.Tensor], Path
     path = weights_file(folder, spec)
     if not path.name.endswith(INDEX_SUFFIX):
         return read_state_dict(path), path
-    weight_map = shard_map(path)
+    weight_map = shards_present(path)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        if not (folder / shard).is_file():
-            raise InputError(f"{path}: its shard {shard} is not in {folder}; copy or download the model's every file")
         tensors = read_state_dict(folder / shard)
         listed = sorted(key for key, value in weight_map.items() if value == shard)
         missing = [key for key in listed if key not in tensors]
@@ -117,6 +125,43 @@ def errors_only(transformers):
         yield
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def load_pretrained(model_class, config, folder: Path, spec: str, transformers) -> nn.Module:
+    """``model_class`` (a transformers model class) built from ``config`` with the weights of
+    ``folder``, read by transformers itself (``from_pretrained``: safetensors, or ``.bin`` with
+    ``torch.load(weights_only=True)``, whole or in shards, under the names its version gives
+    the checkpoints it reads), in float32; a tensor missing, left over or of another shape is
+    refused, named, where transformers would only warn."""
+    weights = weights_file(folder, spec)
+    if weights.name.endswith(INDEX_SUFFIX):
+        shards_present(weights)  # named here, before transformers reads them
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with errors_only(transformers):
+            model, info = model_class.from_pretrained(
+                str(folder), config=config, output_loading_info=True, dtype=torch.float32, local_files_only=True,
+                ignore_mismatched_sizes=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise InputError(f"{weights}: transformers' {model_class.__name__} could not read these weights "
+                         f"({error})") from error
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    problems = []
+    for key, said in (("missing_keys", "missing"), ("unexpected_keys", "unexpected")):
+        if info.get(key):
+            names = sorted(info[key])
+            problems.append(f"{said} keys: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}")
+    if info.get("mismatched_keys"):
+        shapes = [f"{name} ({tuple(given)} in the file, {tuple(expected)} in the model)"
+                  for name, given, expected in sorted(info["mismatched_keys"], key=lambda entry: entry[0])]
+        problems.append(f"wrong shapes: {', '.join(shapes[:10])}")
+    if problems:
+        raise InputError(f"{weights} ({model_class.__name__} of {folder / 'config.json'}): the weights do not match "
+                         "the architecture; " + "; ".join(problems))
+    return model
 
 
 def tokenizer(folder: Path, spec: str, transformers):

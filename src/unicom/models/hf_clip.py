@@ -235,6 +235,10 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     kind = config.get("model_type")
     if kind not in MODEL_TYPES:
         raise InputError(f"{path}: model_type {kind!r}, not one of {', '.join(map(repr, MODEL_TYPES))}")
+    missing = [name for name in MODEL_TYPES[kind] if not hasattr(transformers, name)]
+    if missing:
+        raise InputError(f"{path}: model_type {kind!r} needs transformers' {missing[-1]}, which transformers "
+                         f"{transformers.__version__} does not have; pip install -U transformers")
     config_class, model_class = (getattr(transformers, name) for name in MODEL_TYPES[kind])
     try:
         with errors_only(transformers):  # SigLIP's builds default tower configurations first, and warns about them
@@ -242,8 +246,11 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     except (TypeError, ValueError, KeyError) as error:
         raise InputError(f"{path}: not a {model_class.__name__} configuration transformers reads ({error})") from error
     siglip = kind == SIGLIP_TYPE
-    if siglip and model_config.text_config.projection_size != model_config.vision_config.hidden_size:
-        raise InputError(f"{path}: the text tower's projection_size ({model_config.text_config.projection_size}) is not "
+    # SigLIP's text head's width: projection_size (transformers 4.47 on), the tower's own width before
+    text_width = siglip and (getattr(model_config.text_config, "projection_size", None)
+                             or model_config.text_config.hidden_size)
+    if siglip and text_width != model_config.vision_config.hidden_size:
+        raise InputError(f"{path}: the text tower's projection_size ({text_width}) is not "
                          f"the vision tower's hidden_size ({model_config.vision_config.hidden_size}): the two "
                          "embeddings would not share a space")
     model = load_pretrained(model_class, model_config, folder, spec, transformers)

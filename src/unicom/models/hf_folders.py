@@ -127,6 +127,14 @@ def errors_only(transformers):
         transformers.logging.set_verbosity(verbosity)
 
 
+def _dtype_option(transformers) -> str:
+    """The name ``from_pretrained`` takes the weights' dtype by: ``dtype`` from transformers 4.56,
+    ``torch_dtype`` before."""
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def load_pretrained(model_class, config, folder: Path, spec: str, transformers) -> nn.Module:
     """``model_class`` (a transformers model class) built from ``config`` with the weights of
     ``folder``, read by transformers itself (``from_pretrained``: safetensors, or ``.bin`` with
@@ -141,11 +149,11 @@ def load_pretrained(model_class, config, folder: Path, spec: str, transformers) 
     try:
         with errors_only(transformers):
             model, info = model_class.from_pretrained(
-                str(folder), config=config, output_loading_info=True, dtype=torch.float32, local_files_only=True,
-                ignore_mismatched_sizes=True, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+                str(folder), config=config, output_loading_info=True, local_files_only=True,
+                ignore_mismatched_sizes=True, trust_remote_code=False, **{_dtype_option(transformers): torch.float32})
+    except (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as error:
         raise InputError(f"{weights}: transformers' {model_class.__name__} could not read these weights "
-                         f"({error})") from error
+                         f"({type(error).__name__}: {error})") from error
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

@@ -123,6 +123,33 @@ def test_the_older_layout_loads_the_same_model(clip, tmp_path):
     assert load_encoder(str(older)).image_transform(class_image(0, 0, 300)).shape == (3, 224, 224)
 
 
+@pytest.mark.parametrize("projected", [True, False], ids=["with-projection", "without"])
+def test_a_vision_tower_saved_alone_loads_as_an_image_encoder(clip, tmp_path, projected):
+    """CLIPVisionModelWithProjection (CLIP's image embeddings) and CLIPVisionModel (the
+    tower's pooled state) folders, as transformers saves a CLIP's vision tower alone."""
+    import shutil
+
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+    from unicom.models.hf_clip import HFImageModel
+
+    tower_class = CLIPVisionModelWithProjection if projected else CLIPVisionModel
+    # the CLIP's own vision weights (its vision configuration does not carry the projection's size)
+    tower = tower_class.from_pretrained(str(clip["folder"]), **({"projection_dim": 16} if projected else {})).eval()
+    tower.save_pretrained(tmp_path / "tower")
+    shutil.copy(clip["folder"] / "preprocessor_config.json", tmp_path / "tower")
+    encoder = load_encoder(str(tmp_path / "tower"))
+    assert isinstance(encoder, HFImageModel) and not encoder.has_text and encoder.embedding_dim == (16 if projected else 32)
+    images = [class_image(label, label, 64) for label in range(3)]
+    pixels = clip["processor"](images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        output = tower(pixel_values=pixels)
+        expected = output.image_embeds if projected else output.pooler_output
+        np.testing.assert_allclose(encoder.encode_image(pixels).numpy(), expected.numpy(), atol=1e-6)
+    if projected:  # in the CLIP's space: its image embeddings
+        np.testing.assert_allclose(expected.numpy(), reference_images(clip, images)[0], atol=1e-5)
+
+
 def test_a_model_saved_in_shards_loads_the_same(clip, tmp_path):
     """transformers' shards (its index, model.safetensors.index.json, as save_pretrained writes
     a model over max_shard_size), from a folder and from the Hub; the older .bin shards too."""

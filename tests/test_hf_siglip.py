@@ -101,6 +101,25 @@ def test_images_embed_as_transformers_embeds_them(siglip, tmp_path):
     assert pixels.shape == (4, 3, 32, 32)  # both sides resized, nothing cropped
 
 
+def test_a_vision_tower_saved_alone_gives_siglips_image_embeddings(siglip, tmp_path):
+    """A SiglipVisionModel folder (SigLIP's vision tower alone, as image encoders of other
+    models publish it) embeds images as the whole SigLIP does."""
+    from transformers import SiglipVisionModel
+
+    from unicom.models.hf_clip import HFImageModel
+    from test_hf_clip import reference_images
+
+    SiglipVisionModel.from_pretrained(str(siglip["folder"])).save_pretrained(tmp_path / "tower")
+    shutil.copy(siglip["folder"] / "preprocessor_config.json", tmp_path / "tower")
+    encoder = load_encoder(str(tmp_path / "tower"))
+    assert isinstance(encoder, HFImageModel) and not encoder.has_text and encoder.embedding_dim == 32
+    images = [class_image(label, label, 64) for label in range(3)]
+    expected, pixels = reference_images(siglip, images)
+    assert encoder.image_transform(images[0]).shape == (3, 32, 32)  # SigLIP's resize of both sides
+    with torch.no_grad():
+        np.testing.assert_allclose(encoder.encode_image(pixels).numpy(), expected, atol=1e-5)
+
+
 def test_a_folder_without_its_preprocessing_takes_siglips_defaults(siglip, tmp_path):
     older = tmp_path / "older"
     shutil.copytree(siglip["folder"], older)

@@ -37,6 +37,11 @@ DINOv2's folders (``"model_type": "dinov2"`` or ``"dinov2_with_registers"``: Met
 the model's pooled output, the class token after the last layer norm (what timm's DINOv2
 models give for ``num_classes=0``). Images are prepared as for CLIP (DINOv2's processor: the
 short side to 256, the centre 224, ImageNet's mean and std).
+
+A CLIP's or SigLIP's vision tower saved alone (``clip_vision_model``: transformers'
+``CLIPVisionModelWithProjection``, whose ``image_embeds`` are the CLIP's image embeddings, or
+``CLIPVisionModel``, its pooled state; ``siglip_vision_model``: ``SiglipVisionModel``, SigLIP's
+image embeddings) is an image encoder likewise.
 """
 
 from __future__ import annotations
@@ -63,9 +68,13 @@ from unicom.models.hf_folders import (
 CLIP_TYPE = "clip"
 SIGLIP_TYPE = "siglip"
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
+CLIP_VISION_TYPE = "clip_vision_model"  # a CLIP's vision tower saved alone (CLIPVisionModel[WithProjection])
+SIGLIP_VISION_TYPE = "siglip_vision_model"  # a SigLIP's vision tower saved alone (SiglipVisionModel)
 MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
                "dinov2": ("Dinov2Config", "Dinov2Model"),
-               "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel")}
+               "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel"),
+               CLIP_VISION_TYPE: ("CLIPVisionConfig", "CLIPVisionModelWithProjection"),
+               SIGLIP_VISION_TYPE: ("SiglipVisionConfig", "SiglipVisionModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -83,18 +92,21 @@ DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 2
 
 class HFImageModel(Encoder):
     """A transformers model with its image transform; alone, an image model without a text tower
-    (DINOv2), whose pooled output is the embedding."""
+    (DINOv2, a vision tower saved alone), whose ``output`` (its pooled output, or a CLIP vision
+    tower's projected ``image_embeds``) is the embedding."""
 
-    def __init__(self, model, image_transform, embedding_dim: int, name: str, no_text_reason: str = ""):
+    def __init__(self, model, image_transform, embedding_dim: int, name: str, no_text_reason: str = "",
+                 output: str = "pooler_output"):
         super().__init__()
         self.model = model
         self.image_transform = image_transform
         self.embedding_dim = embedding_dim
         self.name = name
         self.no_text_reason = no_text_reason or self.no_text_reason
+        self.output = output
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=images).pooler_output
+        return getattr(self.model(pixel_values=images), self.output)
 
 
 class HFClip(HFImageModel):
@@ -235,11 +247,16 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     kind = config.get("model_type")
     if kind not in MODEL_TYPES:
         raise InputError(f"{path}: model_type {kind!r}, not one of {', '.join(map(repr, MODEL_TYPES))}")
-    missing = [name for name in MODEL_TYPES[kind] if not hasattr(transformers, name)]
+    names = MODEL_TYPES[kind]
+    # a CLIP vision tower is saved with its projection into CLIP's space (CLIPVisionModelWithProjection) or without
+    projected = kind != CLIP_VISION_TYPE or names[1] in (config.get("architectures") or [])
+    if not projected:
+        names = (names[0], "CLIPVisionModel")
+    missing = [name for name in names if not hasattr(transformers, name)]
     if missing:
         raise InputError(f"{path}: model_type {kind!r} needs transformers' {missing[-1]}, which transformers "
                          f"{transformers.__version__} does not have; pip install -U transformers")
-    config_class, model_class = (getattr(transformers, name) for name in MODEL_TYPES[kind])
+    config_class, model_class = (getattr(transformers, name) for name in names)
     try:
         with errors_only(transformers):  # SigLIP's builds default tower configurations first, and warns about them
             model_config = config_class.from_dict(config)
@@ -254,13 +271,22 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
                          f"the vision tower's hidden_size ({model_config.vision_config.hidden_size}): the two "
                          "embeddings would not share a space")
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
-    defaults = SIGLIP_PREPROCESSOR if siglip else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR
+    squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
+    defaults = SIGLIP_PREPROCESSOR if squash else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
                   if (folder / PREPROCESSOR_FILE).is_file() else defaults)
-    transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=siglip)
+    transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=squash)
     if kind in DINOV2_TYPES:
         return HFImageModel(model, transform, int(model_config.hidden_size), f"transformers DINOv2 {spec}",
                             "DINOv2 embeds images only").to(device).eval()
+    if kind in (CLIP_VISION_TYPE, SIGLIP_VISION_TYPE):
+        family = "CLIP" if kind == CLIP_VISION_TYPE else "SigLIP"
+        clip_projected = projected and kind == CLIP_VISION_TYPE  # CLIP's space: the projected image_embeds
+        dims = int(model_config.projection_dim if clip_projected else model_config.hidden_size)
+        encoder = HFImageModel(model, transform, dims, f"transformers {model_class.__name__} {spec}",
+                               f"a {family} vision tower saved alone has no text tower",
+                               "image_embeds" if clip_projected else "pooler_output")
+        return encoder.to(device).eval()
     text_tokenizer = tokenizer(folder, spec, transformers)
     positions = int(model_config.text_config.max_position_embeddings)
     if siglip:  # padded to all positions: the last one is read

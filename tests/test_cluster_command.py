@@ -104,6 +104,7 @@ def torchrun_cluster(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_under_torchrun_each_process_takes_its_rank_as_its_part(collection, tmp_path):
     root, truth = collection
     out = str(tmp_path / "out")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import timm
 import torch
 from support import class_image, encode_image, free_port, run_workers, write_tar_shard
@@ -18,6 +19,7 @@ from unicom.cli import main
 SHARDS = {3: 5, 4: 4, 7: 6, 11: 3, 12: 2}  # shard number -> samples
 
 
+@pytest.mark.slow
 def test_two_ranks_write_every_part_once_and_as_one_process_would(tmp_path, capsys):
     for number, count in SHARDS.items():
         write_tar_shard(tmp_path / "shards" / f"{number:05d}.tar", [
@@ -50,6 +52,7 @@ def test_two_ranks_write_every_part_once_and_as_one_process_would(tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "two" / "img_emb").iterdir()) == sorted(f"img_emb_{n}.npy" for n in SHARDS)
 
 
+@pytest.mark.slow
 def test_two_ranks_split_a_benchmarks_gallery_and_query_crops_as_one_process_would(tmp_path):
     from test_evaluate_cli import tiny_model_file
     from test_revisited import folder_contents, revisited_dataset
@@ -77,6 +80,7 @@ def _embed_on_rank(rank, world_size, shards, weights, out):
     return summary.samples, summary.written
 
 
+@pytest.mark.slow
 def test_a_rank_without_parts_waits_for_the_others_longer_than_the_collective_timeout(tmp_path):
     # one shard for two ranks: rank 1 has nothing to do and waits while rank 0 reads a shard that
     # takes 3 s to arrive (a slow download), longer than the process group's timeout of 1 s

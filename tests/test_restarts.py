@@ -108,6 +108,7 @@ def test_search_works_from_another_folder_when_the_model_was_given_relative(tmp_
     assert results[0]["results"][0]["key"] == "2.png"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
 def test_a_two_rank_embed_frees_its_process_group_before_the_interpreter_exits(tmp_path):
     """The gloo group's threads are gone when the command returns: a group still alive then

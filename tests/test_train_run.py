@@ -236,6 +236,7 @@ def uninterrupted(images, tmp_path_factory) -> dict:
     return final_state(out)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(images, tmp_path, uninterrupted):
     args = overrides(images, tmp_path / "run", "data.workers=2", "checkpoint.every=5")
     run_until_paused_then_kill(args, "step:8")  # checkpoint 5 is written, steps 6-8 are lost
@@ -256,6 +257,7 @@ def _tensorboard_steps(out: Path) -> list[int]:
     return [event.step for event in events.Scalars("train/loss")]
 
 
+@pytest.mark.slow
 def test_the_log_of_a_resumed_run_holds_every_step_once(images, tmp_path):
     """Steps 6-8 are logged, lost with the kill and taken again: log.jsonl and TensorBoard
     keep the second take only."""
@@ -268,6 +270,7 @@ def test_the_log_of_a_resumed_run_holds_every_step_once(images, tmp_path):
     assert _tensorboard_steps(tmp_path / "run") == list(range(1, 11))
 
 
+@pytest.mark.slow
 def test_a_start_killed_before_its_first_checkpoint_leaves_nothing_in_the_log_of_the_next(images, tmp_path):
     args = overrides(images, tmp_path / "run", "train.steps=6", "checkpoint.every=5", "log.tensorboard=true")
     run_until_paused_then_kill(args, "step:3")

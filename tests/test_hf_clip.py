@@ -268,6 +268,7 @@ def from_the_hub_and_then_offline(entry, repo: str, reference_texts, tmp_path) -
     return hub, said
 
 
+@pytest.mark.slow
 def test_a_repository_on_the_hub_loads_and_then_loads_offline(clip, tmp_path):
     _, said = from_the_hub_and_then_offline(clip, "openai-like/clip-tiny", reference_texts, tmp_path)
     assert said.startswith("HFClip 40")  # its preprocessor_config.json came with it

@@ -162,6 +162,7 @@ def test_a_folder_that_cannot_be_read_is_named(siglip, tmp_path):
         load_encoder(str(bad))
 
 
+@pytest.mark.slow
 def test_a_repository_on_the_hub_loads_and_then_loads_offline(siglip, tmp_path):
     from test_hf_hub import COMMIT
 

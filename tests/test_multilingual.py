@@ -348,6 +348,7 @@ np.save(sys.argv[-1], np.stack([embed_texts(load_multilingual(spec), texts) for 
 """
 
 
+@pytest.mark.slow
 def test_models_on_the_hub_load_and_then_load_offline(mclip, sentence_model, tmp_path):
     from test_hf_hub import COMMIT, online_then_offline
 
@@ -504,6 +505,7 @@ def test_search_without_a_recorded_text_model_names_what_to_give(mclip, collecti
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serve_loads_the_recorded_text_model_unless_told_none(captioned, recorded):
     import httpx
     from test_serve_live import started_serve

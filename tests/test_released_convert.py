@@ -224,6 +224,7 @@ def test_a_convert_killed_mid_write_leaves_nothing_behind_once_rerun(released_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FP16-ViT-tiny.pt", "back.pt", "model"]
 
 
+@pytest.mark.slow
 def test_a_convert_the_disk_refuses_says_what_to_do_in_both_directions(released_file, tmp_path):
     """A full disk (here a file-size limit of 4 KB): safetensors' and torch's writers report
     it in their own words (SafetensorError, 'unexpected pos'); an error naming the output and

@@ -7,6 +7,7 @@ their use by ``unicom search --multilingual-model``, ``/search``'s ``multilingua
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -85,6 +86,33 @@ def test_safetensors_weights_and_older_checkpoints_load_the_same_model(mclip, tm
     older = copy_model(mclip, tmp_path / "older")
     torch.save({**state, "transformer.embeddings.position_ids": torch.arange(34)[None]}, older / "pytorch_model.bin")
     np.testing.assert_array_equal(embed_texts(load_multilingual(older), QUERIES), expected)
+
+
+def test_weights_in_shards_load_the_same_model_and_shards_unlike_their_index_are_named(mclip, tmp_path):
+    """M-CLIP's weights (a layout transformers does not read) split into shards with transformers'
+    index, as save_pretrained writes them: read shard by shard, each checked against the index."""
+    from safetensors.torch import save_file
+
+    expected = embed_texts(mclip["model"], QUERIES)
+    state = torch.load(mclip["folder"] / "pytorch_model.bin", weights_only=True)
+    sharded = copy_model(mclip, tmp_path / "sharded")
+    (sharded / "pytorch_model.bin").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({key: state[key].contiguous() for key in keys}, sharded / shard)
+    index = {"metadata": {}, "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    np.testing.assert_array_equal(embed_texts(load_multilingual(sharded), QUERIES), expected)
+    first = shards["model-00001-of-00002.safetensors"]
+    save_file({key: state[key].contiguous() for key in first[1:]}, sharded / "model-00001-of-00002.safetensors")
+    with pytest.raises(InputError, match=rf"model-00001-of-00002.safetensors: no tensor {re.escape(first[0])}, which "
+                                         r"model.safetensors.index.json places there"):
+        load_multilingual(sharded)
+    (sharded / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(InputError, match=r"its shard model-00001-of-00002.safetensors is not in"):
+        load_multilingual(sharded)
 
 
 def test_a_folder_that_is_not_an_m_clip_model_is_named_with_what_it_lacks(mclip, tmp_path):

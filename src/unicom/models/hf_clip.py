@@ -249,8 +249,8 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise InputError(f"{path}: model_type {kind!r}, not one of {', '.join(map(repr, MODEL_TYPES))}")
     names = MODEL_TYPES[kind]
     # a CLIP vision tower is saved with its projection into CLIP's space (CLIPVisionModelWithProjection) or without
-    projected = kind != CLIP_VISION_TYPE or names[1] in (config.get("architectures") or [])
-    if not projected:
+    clip_projected = kind == CLIP_VISION_TYPE and names[1] in (config.get("architectures") or [])
+    if kind == CLIP_VISION_TYPE and not clip_projected:
         names = (names[0], "CLIPVisionModel")
     missing = [name for name in names if not hasattr(transformers, name)]
     if missing:
@@ -263,13 +263,12 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     except (TypeError, ValueError, KeyError) as error:
         raise InputError(f"{path}: not a {model_class.__name__} configuration transformers reads ({error})") from error
     siglip = kind == SIGLIP_TYPE
-    # SigLIP's text head's width: projection_size (transformers 4.47 on), the tower's own width before
-    text_width = siglip and (getattr(model_config.text_config, "projection_size", None)
-                             or model_config.text_config.hidden_size)
-    if siglip and text_width != model_config.vision_config.hidden_size:
-        raise InputError(f"{path}: the text tower's projection_size ({text_width}) is not "
-                         f"the vision tower's hidden_size ({model_config.vision_config.hidden_size}): the two "
-                         "embeddings would not share a space")
+    if siglip:  # the text head's width: projection_size (transformers 4.47 on), the tower's own width before
+        text_width = getattr(model_config.text_config, "projection_size", None) or model_config.text_config.hidden_size
+        if text_width != model_config.vision_config.hidden_size:
+            raise InputError(f"{path}: the text tower's projection_size ({text_width}) is not the vision tower's "
+                             f"hidden_size ({model_config.vision_config.hidden_size}): the two embeddings would not "
+                             "share a space")
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
     defaults = SIGLIP_PREPROCESSOR if squash else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR
@@ -281,7 +280,6 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
                             "DINOv2 embeds images only").to(device).eval()
     if kind in (CLIP_VISION_TYPE, SIGLIP_VISION_TYPE):
         family = "CLIP" if kind == CLIP_VISION_TYPE else "SigLIP"
-        clip_projected = projected and kind == CLIP_VISION_TYPE  # CLIP's space: the projected image_embeds
         dims = int(model_config.projection_dim if clip_projected else model_config.hidden_size)
         encoder = HFImageModel(model, transform, dims, f"transformers {model_class.__name__} {spec}",
                                f"a {family} vision tower saved alone has no text tower",

@@ -1,13 +1,16 @@
 """Model folders in Hugging Face transformers' layouts: what their loaders share.
 
 A folder holds a ``config.json``, its weights (``model.safetensors``, or ``pytorch_model.bin``
-read with ``torch.load(weights_only=True)``; either in shards with transformers' index,
-``model.safetensors.index.json``, as it saves a model over its ``max_shard_size``; every
-tensor's name and shape checked against the network built from the configuration, never the
-file's own code) and the tokenizer's files.
-:func:`hub_folder` brings one commit's files of an ``hf-hub:org/repo`` repository into the
-Hugging Face cache. Used by :mod:`unicom.models.multilingual` (M-CLIP, sentence-transformers)
-and :mod:`unicom.models.hf_clip` (transformers' CLIP and SigLIP models).
+read with ``torch.load(weights_only=True)``; either whole or in shards with transformers'
+index, ``model.safetensors.index.json``, as it saves a model over its ``max_shard_size``) and
+the tokenizer's files. Every tensor's name and shape is checked against the network built from
+the configuration, never the file's own code: by :func:`load_checked` after
+:func:`read_weights` (layouts transformers does not read, M-CLIP's), or by
+:func:`load_pretrained`, where transformers reads the files itself (under the names its version
+gives older checkpoints). :func:`hub_folder` brings one commit's files of an
+``hf-hub:org/repo`` repository into the Hugging Face cache. Used by
+:mod:`unicom.models.multilingual` (M-CLIP, sentence-transformers) and
+:mod:`unicom.models.hf_clip` (transformers' CLIP, SigLIP and DINOv2 models).
 """
 
 from __future__ import annotations

@@ -485,27 +485,35 @@ def _siglip2_gemma(positions: int):
                           model_max_length=positions, padding_side="right")
 
 
-def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int = 16, gemma: bool = False):
+def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int = 16, gemma: bool = False,
+                   naflex_patches: int = 0):
     """A small SigLIP model as transformers saves one (config.json, model.safetensors, the
     tokenizer's files, preprocessor_config.json), with random weights: SigLIP's sentencepiece
     tokenizer, or with ``gemma`` SigLIP 2's kind; towers of 2 layers of ``dims`` (SigLIP's
-    embedding is the towers' width), 32-pixel images (resized to 32 on both sides), ``positions``
-    text positions. Returns (model, tokenizer, image processor), transformers' own objects: the
-    reference."""
+    embedding is the towers' width), 8-pixel patches of 32-pixel images (resized to 32 on both
+    sides), ``positions`` text positions. With ``naflex_patches``, SigLIP 2's NaFlex kind
+    (``Siglip2Model``, the Gemma tokenizer): position embeddings for a 4 x 4 grid (resized to each
+    image's grid), images resized to at most that many patches at their own aspect ratio.
+    Returns (model, tokenizer, image processor), transformers' own objects: the reference."""
     import torch
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+    import transformers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    gemma = gemma or bool(naflex_patches)
     tokenizer = _siglip2_gemma(positions) if gemma else _siglip_sentencepiece(folder, seed, positions)
     torch.manual_seed(seed)
     tower = dict(hidden_size=dims, intermediate_size=2 * dims, num_hidden_layers=2, num_attention_heads=4)
-    config = SiglipConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=positions,
-                                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                                           eos_token_id=tokenizer.eos_token_id, **tower),
-                          vision_config=dict(image_size=32, patch_size=8, **tower))
-    model = SiglipModel(config).eval()
-    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    text = dict(vocab_size=len(tokenizer), max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **tower)
+    if naflex_patches:
+        config = transformers.Siglip2Config(text_config=text, vision_config=dict(num_patches=16, patch_size=8, **tower))
+        model = transformers.Siglip2Model(config).eval()
+        processor = transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=naflex_patches)
+    else:
+        config = transformers.SiglipConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **tower))
+        model = transformers.SiglipModel(config).eval()
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     processor.save_pretrained(folder)

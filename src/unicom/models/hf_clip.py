@@ -42,6 +42,13 @@ A CLIP's or SigLIP's vision tower saved alone (``clip_vision_model``: transforme
 ``CLIPVisionModelWithProjection``, whose ``image_embeds`` are the CLIP's image embeddings, or
 ``CLIPVisionModel``, its pooled state; ``siglip_vision_model``: ``SiglipVisionModel``, SigLIP's
 image embeddings) is an image encoder likewise.
+
+SigLIP 2's NaFlex folders (``"model_type": "siglip2"``: ``google/siglip2-*-naflex``; its vision
+tower alone, ``siglip2_vision_model``) load into transformers' ``Siglip2Model``
+(``Siglip2VisionModel``), their texts as SigLIP's. Each image keeps its aspect ratio: it is
+resized to at most ``max_num_patches`` patches of ``patch_size`` pixels (its
+``preprocessor_config.json``; 256 of 16 by default), with the folder's filter (bilinear), and
+goes in as a sequence of patches (:mod:`unicom.models.naflex`).
 """
 
 from __future__ import annotations
@@ -64,17 +71,23 @@ from unicom.models.hf_folders import (
     require_transformers,
     tokenizer,
 )
+from unicom.models.naflex import NaFlexTransform, unpack
 
 CLIP_TYPE = "clip"
 SIGLIP_TYPE = "siglip"
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 CLIP_VISION_TYPE = "clip_vision_model"  # a CLIP's vision tower saved alone (CLIPVisionModel[WithProjection])
 SIGLIP_VISION_TYPE = "siglip_vision_model"  # a SigLIP's vision tower saved alone (SiglipVisionModel)
+SIGLIP2_TYPE = "siglip2"  # SigLIP 2's NaFlex models: images at their own aspect ratio, as patch sequences
+SIGLIP2_VISION_TYPE = "siglip2_vision_model"
+NAFLEX_TYPES = (SIGLIP2_TYPE, SIGLIP2_VISION_TYPE)
 MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
                "dinov2": ("Dinov2Config", "Dinov2Model"),
                "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel"),
                CLIP_VISION_TYPE: ("CLIPVisionConfig", "CLIPVisionModelWithProjection"),
-               SIGLIP_VISION_TYPE: ("SiglipVisionConfig", "SiglipVisionModel")}
+               SIGLIP_VISION_TYPE: ("SiglipVisionConfig", "SiglipVisionModel"),
+               SIGLIP2_TYPE: ("Siglip2Config", "Siglip2Model"),
+               SIGLIP2_VISION_TYPE: ("Siglip2VisionConfig", "Siglip2VisionModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -84,6 +97,9 @@ DEFAULT_PREPROCESSOR = {"size": {"shortest_edge": 224}, "crop_size": {"height": 
                         "image_std": [0.26862954, 0.26130258, 0.27577711]}
 # transformers' SiglipImageProcessor defaults, likewise
 SIGLIP_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 3,
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+# transformers' Siglip2ImageProcessor defaults (SigLIP 2's NaFlex preprocessing), likewise
+NAFLEX_PREPROCESSOR = {"patch_size": 16, "max_num_patches": 256, "resample": 2,
                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 # DINOv2's published preprocessing (its repositories' preprocessor_config.json), likewise
 DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
@@ -105,8 +121,15 @@ class HFImageModel(Encoder):
         self.no_text_reason = no_text_reason or self.no_text_reason
         self.output = output
 
+    def vision_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vision tower's inputs from a batch of ``image_transform``'s tensors: the pixels, or
+        for a NaFlex model its patch sequences, mask and grid shapes."""
+        if isinstance(self.image_transform, NaFlexTransform):
+            return unpack(images)
+        return {"pixel_values": images}
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model(pixel_values=images), self.output)
+        return getattr(self.model(**self.vision_inputs(images)), self.output)
 
 
 class HFClip(HFImageModel):
@@ -152,7 +175,7 @@ class HFSiglip(HFClip):
     (module docstring)."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_model(pixel_values=images).pooler_output
+        return self.model.vision_model(**self.vision_inputs(images)).pooler_output
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         batch = self.tokenizer([canonical_text(text) for text in texts], padding="max_length", truncation=True,
@@ -231,6 +254,34 @@ def image_transform(config: dict, path: Path, squash: bool = False):
                             "std": list(config.get("image_std", []))})
 
 
+def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
+    """SigLIP 2's NaFlex preprocessing as ``preprocessor_config.json`` (``config``, read from
+    ``path``) describes it, for a vision tower of ``patch``-pixel patches."""
+    for flag in ("do_resize", "do_normalize", "do_rescale"):
+        if config.get(flag) is False:
+            raise InputError(f"{path}: {flag} false: only SigLIP 2's NaFlex preprocessing (resize to at most "
+                             "max_num_patches patches, rescale, normalise) is read")
+    if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
+    resample = config.get("resample", NAFLEX_PREPROCESSOR["resample"])
+    if resample not in RESAMPLE:
+        raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
+    sizes = {key: config.get(key, NAFLEX_PREPROCESSOR[key]) for key in ("patch_size", "max_num_patches")}
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{path}: {key} {value!r}; expected a positive whole number")
+    if sizes["patch_size"] != patch:
+        raise InputError(f"{path}: patch_size {sizes['patch_size']}, but the vision tower's patches are {patch} pixels "
+                         "(config.json); the two files are of different models")
+    means = [config.get(key, NAFLEX_PREPROCESSOR[key]) for key in ("image_mean", "image_std")]
+    for key, value in zip(("image_mean", "image_std"), means):
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise InputError(f"{path}: {key} {value!r}; expected 3 numbers")
+    if not all(v > 0 for v in means[1]):
+        raise InputError(f"{path}: image_std {means[1]!r}; expected 3 positive numbers")
+    return NaFlexTransform(patch, sizes["max_num_patches"], RESAMPLE[resample], *means)
+
+
 def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
     """The transformers CLIP, SigLIP or DINOv2 model of a folder or ``hf-hub:`` repository
     (module docstring), in eval mode."""
@@ -262,7 +313,7 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
             model_config = config_class.from_dict(config)
     except (TypeError, ValueError, KeyError) as error:
         raise InputError(f"{path}: not a {model_class.__name__} configuration transformers reads ({error})") from error
-    siglip = kind == SIGLIP_TYPE
+    siglip = kind in (SIGLIP_TYPE, SIGLIP2_TYPE)
     if siglip:  # the text head's width: projection_size (transformers 4.47 on), the tower's own width before
         text_width = getattr(model_config.text_config, "projection_size", None) or model_config.text_config.hidden_size
         if text_width != model_config.vision_config.hidden_size:
@@ -271,15 +322,20 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
                              "share a space")
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
-    defaults = SIGLIP_PREPROCESSOR if squash else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR
+    defaults = (SIGLIP_PREPROCESSOR if squash else NAFLEX_PREPROCESSOR if kind in NAFLEX_TYPES
+                else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR)
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
                   if (folder / PREPROCESSOR_FILE).is_file() else defaults)
-    transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=squash)
+    if kind in NAFLEX_TYPES:
+        vision = model_config.vision_config if kind == SIGLIP2_TYPE else model_config
+        transform = naflex_transform(preprocess, folder / PREPROCESSOR_FILE, int(vision.patch_size))
+    else:
+        transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=squash)
     if kind in DINOV2_TYPES:
         return HFImageModel(model, transform, int(model_config.hidden_size), f"transformers DINOv2 {spec}",
                             "DINOv2 embeds images only").to(device).eval()
-    if kind in (CLIP_VISION_TYPE, SIGLIP_VISION_TYPE):
-        family = "CLIP" if kind == CLIP_VISION_TYPE else "SigLIP"
+    if kind in (CLIP_VISION_TYPE, SIGLIP_VISION_TYPE, SIGLIP2_VISION_TYPE):
+        family = {CLIP_VISION_TYPE: "CLIP", SIGLIP_VISION_TYPE: "SigLIP"}.get(kind, "SigLIP 2")
         dims = int(model_config.projection_dim if clip_projected else model_config.hidden_size)
         encoder = HFImageModel(model, transform, dims, f"transformers {model_class.__name__} {spec}",
                                f"a {family} vision tower saved alone has no text tower",
@@ -288,8 +344,9 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     text_tokenizer = tokenizer(folder, spec, transformers)
     positions = int(model_config.text_config.max_position_embeddings)
     if siglip:  # padded to all positions: the last one is read
+        family = "SigLIP 2 NaFlex" if kind == SIGLIP2_TYPE else "SigLIP"
         return HFSiglip(model, transform, text_tokenizer, positions, int(model_config.vision_config.hidden_size),
-                        f"transformers SigLIP {spec}").to(device).eval()
+                        f"transformers {family} {spec}").to(device).eval()
     max_tokens = min(positions, text_tokenizer.model_max_length or positions)
     encoder = HFClip(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
                      f"transformers CLIP {spec}")

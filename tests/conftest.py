@@ -73,6 +73,32 @@ def gcs_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azure_server():
+    """Azurite's blob service on 127.0.0.1 for the whole session (see ``storage_servers.Azure``);
+    the tests that use it are skipped, saying why, where Azurite cannot be installed."""
+    from storage_servers import Azure, azurite_blob
+
+    command = azurite_blob()
+    if command is None:
+        pytest.skip("Azurite is not installed and scripts/install-azurite.sh could not install it (it needs npm: "
+                    "Debian's apt-get install nodejs npm)")
+    server = Azure(command)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def azure(azure_server, monkeypatch):
+    """The Azure server, with adlfs in this process (and its children) pointed at it and short
+    retry delays."""
+    for name, value in azure_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("UNICOM_IO_RETRY_DELAY", "0.01")
+    monkeypatch.delenv("UNICOM_STORAGE_OPTIONS", raising=False)
+    return azure_server
+
+
 @pytest.fixture
 def gcs(gcs_server, monkeypatch):
     """The GCS server, with gcsfs in this process (and its children) pointed at it and

@@ -6,6 +6,9 @@ that can stop a client mid-request.
   (``AWS_ENDPOINT_URL`` …) point every client, ours and the processes we start, at it.
 * :class:`GCS` starts ``gcp-storage-emulator`` (the GCS JSON API, in memory) in this
   process; ``STORAGE_EMULATOR_HOST`` points gcsfs and Google's client at it.
+* :class:`Azure` starts Azurite's blob service (Microsoft's Azure Storage emulator, installed
+  from npm by ``scripts/install-azurite.sh``) as a process, its telemetry off;
+  ``AZURE_STORAGE_CONNECTION_STRING`` points adlfs and Azure's client at it.
 * :class:`FileServer` serves a folder with ``Range`` support and injected faults per file:
   ``404`` for the first N requests, a connection cut after N bytes, a latency per request
   and a bandwidth cap.
@@ -35,12 +38,33 @@ from typing import Callable
 from support import free_port
 
 
+def _wait_until_listening(port: int, process, name: str, seconds: float = 60) -> None:
+    """Return once a server ``process`` accepts connections on 127.0.0.1:``port``; stop it and
+    raise when it exits or ``seconds`` pass first."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                process.terminate()
+                process.wait()
+                raise RuntimeError(f"{name} did not start on 127.0.0.1:{port}")
+            time.sleep(0.2)
+
+
 class _ObjectStore:
-    """What the tests do with a bucket of either store: ``put`` an object, and this."""
+    """What the tests do with a bucket of any store: ``put`` an object, and this."""
 
     scheme: str
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def as_storage_options(self, monkeypatch) -> dict:
+        """Point this process's settings elsewhere (``monkeypatch``) and return the storage
+        options (``--storage-options``) that reach this server instead."""
         raise NotImplementedError
 
     def upload_folder(self, folder: Path, bucket: str, prefix: str) -> str:
@@ -65,15 +89,7 @@ class S3(_ObjectStore):
 
             self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.time() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.2)
+            _wait_until_listening(self.port, self.server, "moto's S3 server")
         else:
             from moto.server import ThreadedMotoServer
 
@@ -150,6 +166,10 @@ class GCS(_ObjectStore):
                                           client_options={"api_endpoint": self.endpoint})
         return self._client
 
+    def as_storage_options(self, monkeypatch) -> dict:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        return {"gs": {"endpoint_url": self.endpoint, "token": "anon"}}
+
     def bucket(self, name: str) -> str:
         """Create bucket ``name``; returns ``gs://name``."""
         self.client().create_bucket(name)
@@ -166,6 +186,83 @@ class GCS(_ObjectStore):
 
     def stop(self) -> None:
         self.server.stop()
+
+
+AZURITE_VERSION = "3.35.0"
+# Azurite's well-known development account (its documentation publishes the name and key)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_blob() -> Path | None:
+    """Azurite's blob service command, installed by ``scripts/install-azurite.sh`` (run here
+    when it is absent), or None when it could not be installed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    command = root / ".cache" / "azurite" / AZURITE_VERSION / "node_modules" / ".bin" / "azurite-blob"
+    if not command.exists():
+        subprocess.run(["bash", str(root / "scripts" / "install-azurite.sh")], env={**os.environ,
+                       "AZURITE_VERSION": AZURITE_VERSION}, stdout=subprocess.DEVNULL, check=False, timeout=600)
+    return command if command.exists() else None
+
+
+class Azure(_ObjectStore):
+    """Azurite's blob service on 127.0.0.1, its own process, its blobs in memory. ``env`` points
+    adlfs (and the processes we start) at it with the emulator's connection string; the helpers
+    below use Azure's own client (azure-storage-blob), not adlfs, so that what a test reads back
+    is independent of what wrote it."""
+
+    scheme = "az"
+
+    def __init__(self, command: Path):
+        import subprocess
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.server = subprocess.Popen(
+            [str(command), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--inMemoryPersistence",
+             "--disableTelemetry", "--silent", "--skipApiVersionCheck"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until_listening(self.port, self.server, "Azurite")
+        self.connection_string = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+                                  f"AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};")
+        self.env = {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string}
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            from azure.storage.blob import BlobServiceClient
+
+            self._client = BlobServiceClient.from_connection_string(self.connection_string)
+        return self._client
+
+    def as_storage_options(self, monkeypatch) -> dict:
+        monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+        return {"az": {"connection_string": self.connection_string}}
+
+    def bucket(self, name: str) -> str:
+        """Create container ``name``; returns ``az://name``."""
+        self.client().create_container(name)
+        return f"az://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return sorted(blob.name for blob in self.client().get_container_client(bucket).list_blobs(
+            name_starts_with=prefix or None))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client().get_blob_client(bucket, key).download_blob().readall()
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().get_blob_client(bucket, key).upload_blob(data, overwrite=True)
+
+    def stop(self) -> None:
+        self.server.terminate()
+        try:
+            self.server.wait(timeout=30)
+        except Exception:
+            self.server.kill()
+            self.server.wait()
 
 
 def _quiet_when_clients_hang_up(server) -> None:

@@ -585,14 +585,17 @@ def test_storage_options_reach_the_filesystem(s3, monkeypatch):
         storage.configure("{endpoint")
 
 
-def test_a_missing_backend_names_the_extra_to_install(tmp_path):
-    script = ("import sys; sys.modules['s3fs'] = None; sys.modules['gcsfs'] = None\n"
+@pytest.mark.parametrize("scheme, package, extra", [("s3", "s3fs", "s3"), ("gs", "gcsfs", "gcs"),
+                                                     ("az", "adlfs", "azure"), ("abfs", "adlfs", "azure")])
+def test_a_missing_backend_names_the_extra_to_install(tmp_path, scheme, package, extra):
+    script = ("import sys; sys.modules['s3fs'] = None; sys.modules['gcsfs'] = None; sys.modules['adlfs'] = None\n"
               "from unicom.cli import main\n"
-              "sys.exit(main(['cluster', '--embeddings', 's3://bucket/emb', '--k', '2', '--out', str(sys.argv[1])]))")
+              f"sys.exit(main(['cluster', '--embeddings', '{scheme}://bucket/emb', '--k', '2', '--out', str(sys.argv[1])]))")
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
                             env=dict(os.environ), timeout=120)
     assert result.returncode == 2
-    assert "s3://bucket/emb: s3:// URLs need the s3fs package: pip install 'unicom[s3]'" in result.stderr
+    assert (f"{scheme}://bucket/emb: {scheme}:// URLs need the {package} package: pip install 'unicom[{extra}]'"
+            in result.stderr)
 
 
 def test_http_urls_are_read_only(tmp_path):

@@ -1,11 +1,11 @@
 """Where data lives: local paths and fsspec URLs behind one set of calls.
 
 Every stage reads and writes its files through this module, so a local path and a URL are
-used alike: ``s3://bucket/shards/{00000..00099}.tar``, ``gs://…``, ``hf://datasets/…``,
+used alike: ``s3://bucket/shards/{00000..00099}.tar``, ``gs://…``, ``az://…``, ``hf://datasets/…``,
 ``http(s)://…`` (read only) and webdataset's ``pipe:COMMAND`` (a command whose standard
 output is the file, read only). Local paths take the plain ``os``/``pathlib`` calls,
 exactly as before; URLs go through `fsspec <https://filesystem-spec.readthedocs.io>`_
-(``s3fs`` and ``gcsfs`` are the extras ``unicom[s3]`` and ``unicom[gcs]``).
+(``s3fs``, ``gcsfs`` and ``adlfs`` are the extras ``unicom[s3]``, ``unicom[gcs]`` and ``unicom[azure]``).
 
 * :func:`path` turns a location into a ``pathlib.Path`` (local) or a
   ``upath.UPath`` (a URL), both with ``/``, ``.name``, ``.parent``, ``.is_file()``…
@@ -52,7 +52,8 @@ DELAY_ENV = "UNICOM_IO_RETRY_DELAY"
 READ_TIMEOUT_ENV = "UNICOM_HTTP_READ_TIMEOUT"
 READ_TIMEOUT = 60.0
 # protocol -> (package, extra) for the backends that are not installed with fsspec
-BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+            "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}
 READ_ONLY = ("http", "https")
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
 CHUNK = 1 << 20  # bytes per read of a stream
@@ -171,7 +172,7 @@ def _parsed_options(raw: str, where: str) -> dict:
 
 
 # filesystems that would otherwise keep listings: other processes write the same folders
-_FRESH_LISTINGS = ("s3", "s3a", "gs", "gcs", "http", "https")
+_FRESH_LISTINGS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https")
 
 
 def options_for(scheme: str) -> dict:
@@ -373,7 +374,7 @@ def retries() -> Retries:
 # packages whose errors are network failures though not OSErrors; huggingface_hub (hf://) does its HTTP
 # through httpx (httpx2 in its recent versions)
 _NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "httpx", "httpx2", "google", "http",
-                    "ssl", "fsspec")
+                    "ssl", "fsspec", "azure")
 
 
 # answers that will not change when asked again: unauthorised, forbidden (an expired signed URL), proxy
@@ -574,6 +575,10 @@ def _refusal_advice(location, question: str) -> str:
         return ("S3 refused the request: check the credentials (AWS_* variables, --storage-options) and the bucket "
                 "policy, and that the key exists (S3 answers 403 for a missing key to credentials that may not list "
                 "the bucket)")
+    if scheme in ("az", "abfs", "abfss"):
+        return ("Azure refused the request: check the credentials (AZURE_STORAGE_CONNECTION_STRING, or "
+                "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or "
+                "--storage-options) and that the SAS token or role allows this container")
     if scheme == "hf":
         return ("the Hub answers so for a repository that does not exist, or one that is private or gated: check the "
                 "repository's name, and log in (`hf auth login`, or HF_TOKEN) with access to it")
@@ -663,6 +668,8 @@ def read_range(location, start: int, stop: int, *, exact: bool = True, missing_i
         with open(_local(location), "rb") as f:
             f.seek(start)
             data = f.read(stop - start)
+    elif stop <= start:  # no request: some stores refuse an empty range (Azure)
+        data = b""
     elif protocol(location) in READ_ONLY:
         fs, inner = filesystem(location)
         data, whole = retrying(location, lambda: _http_range(fs, inner, start, stop), missing_is_final=missing_is_final)
@@ -718,7 +725,8 @@ def _http_range(fs, inner: str, start: int, stop: int | None) -> tuple[bytes, bo
 
 def read_tail(location, count: int) -> bytes:
     """The last ``count`` bytes of a file (the whole file when it is shorter): one suffix
-    request for a URL (``Range: bytes=-count``), no request for its size."""
+    request for a URL (``Range: bytes=-count``), no request for its size; on Azure, whose
+    API has no suffix ranges, its size and then a range."""
     if not is_url(location):
         with open(_local(location), "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - count))
@@ -729,7 +737,13 @@ def read_tail(location, count: int) -> bytes:
         if whole:
             _warn_whole_files(location)
         return data
+    if protocol(location) in _NO_SUFFIX_RANGES:  # the size first, then a range
+        size = retrying(location, lambda: fs.size(inner))
+        return read_range(location, max(0, size - count), size)
     return retrying(location, lambda: fs.cat_file(inner, start=-count))
+
+
+_NO_SUFFIX_RANGES = ("az", "abfs", "abfss")  # stores whose API cannot ask for a file's last bytes alone
 
 
 _WHOLE_FILE_HOSTS: set[str] = set()

@@ -1,20 +1,21 @@
-"""``gs://`` URLs read and written through gcsfs, against gcp-storage-emulator's GCS server on
-127.0.0.1 (:class:`storage_servers.GCS`): ``embed``, ``cluster`` and ``index`` into a bucket
-write the files of the same commands on local folders, byte for byte."""
+"""``gs://`` and ``az://`` URLs read and written through gcsfs and adlfs, against
+gcp-storage-emulator's GCS server and Azurite's blob service on 127.0.0.1
+(:class:`storage_servers.GCS`, :class:`storage_servers.Azure`): ``embed`` (and its
+resumption), ``cluster`` and ``index`` into a bucket or container write the files of the same
+commands on local folders, byte for byte, and leave no temporaries (S3's: ``test_remote_embed.py``
+and ``test_remote_stages.py``)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import timm
 import torch
-from support import class_image, encode_image, free_port, without_build_id, write_tar_shard
+from support import class_image, encode_image, without_build_id, write_separated_embeddings, write_tar_shard
 
 from unicom.cli import main
-from unicom.formats.embeddings import write_part
 
 SHARDS = {0: 5, 1: 4}  # shard number -> samples
 PARTS = {0: 30, 2: 25}  # embedding part number -> rows
@@ -26,30 +27,28 @@ def _local_files(folder, leave_out=()) -> dict:
             if path.is_file() and path.name not in leave_out}
 
 
-def _bucket_files(gcs, bucket: str, prefix: str, leave_out=()) -> dict:
-    return {key[len(prefix) + 1:]: gcs.get(bucket, key) for key in gcs.keys(bucket, prefix + "/")
+def _bucket_files(store, bucket: str, prefix: str, leave_out=()) -> dict:
+    return {key[len(prefix) + 1:]: store.get(bucket, key) for key in store.keys(bucket, prefix + "/")
             if key.rsplit("/", 1)[-1] not in leave_out}
 
 
-def _no_temporaries(gcs, bucket: str) -> bool:
-    return not any(key.rsplit("/", 1)[-1].startswith(".") for key in gcs.keys(bucket))
+def _no_temporaries(store, bucket: str) -> bool:
+    return not any(key.rsplit("/", 1)[-1].startswith(".") for key in store.keys(bucket))
+
+
+@pytest.fixture(params=["gcs", "azure"])
+def store(request):
+    """Each object store served here but S3: its server, this process pointed at it."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
 def embedding_folder(tmp_path_factory):
     """An embedding folder (image, text, metadata with keys and labels) of 4 separated classes."""
-    root = tmp_path_factory.mktemp("gcs_emb") / "emb"
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((4, 16))
-    for number, rows in PARTS.items():
-        labels = rng.integers(0, 4, rows)
-        image, text = (centres[labels] + 0.3 * rng.standard_normal((rows, 16)) for _ in range(2))
-        write_part(root, number, image=image.astype(np.float16), text=text.astype(np.float16),
-                   metadata=pa.table({"key": [f"{number}-{i}" for i in range(rows)], "label": labels.astype(np.int64)}))
-    return root
+    return write_separated_embeddings(tmp_path_factory.mktemp("store_emb") / "emb", PARTS)
 
 
-def test_embed_from_gcs_shards_into_gcs_writes_the_files_of_a_local_run(gcs, tmp_path, capsys):
+def test_embed_from_shards_in_a_bucket_into_it_writes_the_files_of_a_local_run(store, tmp_path, capsys):
     for number, count in SHARDS.items():
         write_tar_shard(tmp_path / "shards" / f"{number:05d}.tar", [
             {"key": f"{number}-{i}", "jpg": encode_image(class_image(i, number * 10 + i, 40)), "txt": f"caption {i}"}
@@ -58,33 +57,36 @@ def test_embed_from_gcs_shards_into_gcs_writes_the_files_of_a_local_run(gcs, tmp
     torch.manual_seed(0)
     torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "w.pth")
     common = ["--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"), "--batch-size", "2", "--workers", "0"]
-    bucket = gcs.bucket("embed")
-    gcs.upload_folder(tmp_path / "shards", "embed", "shards")
+    bucket = store.bucket("embed")
+    store.upload_folder(tmp_path / "shards", "embed", "shards")
     assert main(["embed", "--input", str(tmp_path / "shards" / "{00000..00001}.tar"), "--out", str(tmp_path / "local"),
                  *common]) == 0
     assert main(["embed", "--input", f"{bucket}/shards/{{00000..00001}}.tar", "--out", f"{bucket}/emb", *common]) == 0, \
         capsys.readouterr().err
 
-    written = _bucket_files(gcs, "embed", "emb")
+    written = _bucket_files(store, "embed", "emb")
     local = _local_files(tmp_path / "local")
     assert {"embed_config.json", "img_emb/img_emb_1.npy", "metadata/metadata_1.parquet"} <= set(local)
     assert written == local
-    assert _no_temporaries(gcs, "embed")
+    assert _no_temporaries(store, "embed")
     assert f"embedded 9 samples into 2 parts of {bucket}/emb" in capsys.readouterr().out
+    # run again: every part is found finished in the bucket, nothing is written twice
+    assert main(["embed", "--input", f"{bucket}/shards/{{00000..00001}}.tar", "--out", f"{bucket}/emb", *common]) == 0
+    assert "(2 of 2 parts were already finished)" in capsys.readouterr().out
+    assert _bucket_files(store, "embed", "emb") == local
 
 
-def test_cluster_from_gcs_into_gcs_equals_the_local_run(gcs, embedding_folder, tmp_path, monkeypatch):
-    """The endpoint given as a storage option, not by STORAGE_EMULATOR_HOST."""
-    bucket = gcs.bucket("cluster")
-    emb = gcs.upload_folder(embedding_folder, "cluster", "emb")
+def test_cluster_from_a_bucket_into_it_equals_the_local_run(store, embedding_folder, tmp_path, monkeypatch):
+    """The endpoint or credentials given as storage options, not by the environment."""
+    bucket = store.bucket("cluster")
+    emb = store.upload_folder(embedding_folder, "cluster", "emb")
     options = ["--k", "4", "--fusion", "image+text", "--points-per-centroid", "10"]
     assert main(["cluster", "--embeddings", str(embedding_folder), "--out", str(tmp_path / "local"), *options]) == 0
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    endpoint = json.dumps({"gs": {"endpoint_url": gcs.endpoint, "token": "anon"}})
+    given = store.as_storage_options(monkeypatch)
     assert main(["cluster", "--embeddings", emb, "--out", f"{bucket}/clusters", *options,
-                 "--storage-options", endpoint]) == 0
+                 "--storage-options", json.dumps(given)]) == 0
 
-    written = _bucket_files(gcs, "cluster", "clusters")
+    written = _bucket_files(store, "cluster", "clusters")
     local = _local_files(tmp_path / "local")
     assert {"centroids.npy", "cluster_sizes.npy", "labels/labels_0.parquet", "labels/labels_2.parquet"} <= set(local)
     for name in ("centroids.json", "clusters.json"):  # the records, but for how long each step took
@@ -92,25 +94,25 @@ def test_cluster_from_gcs_into_gcs_equals_the_local_run(gcs, embedding_folder, t
         del remote_record["seconds"], local_record["seconds"]
         assert remote_record == local_record
     assert written == local
-    assert _no_temporaries(gcs, "cluster")
+    assert _no_temporaries(store, "cluster")
 
 
-def test_unicom_index_into_gcs_searches_like_a_local_build(gcs, embedding_folder, tmp_path, monkeypatch):
+def test_unicom_index_into_a_bucket_searches_like_a_local_build(store, embedding_folder, tmp_path, monkeypatch):
     from unicom.search.index import Index
 
     monkeypatch.setenv("UNICOM_CACHE", str(tmp_path / "cache"))
-    bucket = gcs.bucket("index")
-    emb = gcs.upload_folder(embedding_folder, "index", "emb")
+    bucket = store.bucket("index")
+    emb = store.upload_folder(embedding_folder, "index", "emb")
     options = ["--type", "hnsw", "--heldout", "10"]
     assert main(["index", "--emb", str(embedding_folder), "--out", str(tmp_path / "local"), *options]) == 0
     assert main(["index", "--emb", emb, "--out", f"{bucket}/index", *options]) == 0
 
     leave_out = ("index.json",)  # it records its source
-    config = json.loads(gcs.get("index", "index/index.json"))
-    assert (without_build_id(_bucket_files(gcs, "index", "index", leave_out), config["build"])
+    config = json.loads(store.get("index", "index/index.json"))
+    assert (without_build_id(_bucket_files(store, "index", "index", leave_out), config["build"])
             == without_build_id(_local_files(tmp_path / "local", leave_out), json.loads((tmp_path / "local" / "index.json").read_text())["build"]))
     assert config["source"] == emb and config["count"] == sum(PARTS.values())
-    assert _no_temporaries(gcs, "index")
+    assert _no_temporaries(store, "index")
 
     queries = np.random.default_rng(2).standard_normal((6, 16)).astype(np.float32)
     remote, local = Index.load(f"{bucket}/index"), Index.load(tmp_path / "local")

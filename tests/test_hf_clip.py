@@ -292,3 +292,85 @@ def embed_index_and_search(entry, reference_texts, tmp_path, capsys) -> None:
 
 def test_embed_index_and_search_with_a_transformers_clip_folder(clip, tmp_path, capsys):
     embed_index_and_search(clip, reference_texts, tmp_path, capsys)
+
+
+SUBFOLDER_LOAD = """
+import sys
+import numpy as np
+import torch
+from PIL import Image
+from unicom.errors import InputError
+from unicom.models.encoders import load_encoder
+
+spec = sys.argv[-2]
+encoder = load_encoder(spec)
+images = [Image.new("RGB", (50 + 10 * i, 40), (40 * i, 200 - 30 * i, 90)) for i in range(3)]
+for wrong in (spec.rsplit("/", 1)[0] + "/text_encoder", spec.split("/models/")[0]):
+    try:
+        load_encoder(wrong)
+    except InputError as error:
+        print(str(error).splitlines()[0])
+print(load_encoder(spec.split("/models/")[0] + "/search/unicom").weights_sha256())
+print(type(encoder).__name__, encoder.embedding_dim)
+with torch.no_grad():
+    np.save(sys.argv[-1], encoder.encode_image(torch.stack([encoder.image_transform(image) for image in images])).numpy())
+"""
+
+
+@pytest.mark.slow
+def test_a_model_in_a_folder_of_a_hub_repository_loads_and_then_loads_offline(clip, tmp_path):
+    """``hf-hub:org/repo/models/image_encoder``: a CLIP vision tower kept in a folder of a larger
+    repository (as image-generation pipelines keep their image encoders), its files of one commit,
+    online and then offline, and a unicom model folder in another folder of it; a folder without a
+    model, and the repository's root, are named."""
+    import shutil
+
+    from transformers import CLIPVisionModelWithProjection
+
+    from test_hf_hub import online_then_offline
+    from unicom.models import export
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    CLIPVisionModelWithProjection.from_pretrained(str(clip["folder"]), projection_dim=16).save_pretrained(tmp_path / "tower")
+    shutil.copy(clip["folder"] / "preprocessor_config.json", tmp_path / "tower")
+    files = {f"models/image_encoder/{path.name}": path.read_bytes() for path in (tmp_path / "tower").iterdir()}
+    files.update({"README.md": b"a pipeline", "models/text_encoder/notes.txt": b"no model here"})
+    # and a unicom model folder under search/unicom/
+    torch.manual_seed(0)
+    settings = ClipViTSettings(image_size=32, patch_size=8, width=64, depth=2, heads=2, embedding_dim=24)
+    export.save_model(tmp_path / "unicom", ClipViT(settings).eval(), "clip_vit", settings, clip_preprocess(32))
+    files.update({f"search/unicom/{path.name}": path.read_bytes() for path in (tmp_path / "unicom").iterdir()})
+    hub, ((online, said), (offline, said_offline)) = online_then_offline(
+        {"org/pipeline": files}, SUBFOLDER_LOAD, ["hf-hub:org/pipeline/models/image_encoder"], tmp_path)
+    local = load_encoder(str(tmp_path / "tower"))
+    images = [Image.new("RGB", (50 + 10 * i, 40), (40 * i, 200 - 30 * i, 90)) for i in range(3)]
+    with torch.no_grad():
+        expected = local.encode_image(torch.stack([local.image_transform(image) for image in images])).numpy()
+    np.testing.assert_allclose(online, expected, atol=1e-6)
+    np.testing.assert_array_equal(offline, online)
+    assert said.splitlines()[-1] == "HFImageModel 16"
+    assert said.splitlines()[-2] == load_encoder(str(tmp_path / "unicom")).weights_sha256()
+    assert said.splitlines()[1] == ("hf-hub:org/pipeline: the repository holds no unicom model folder "
+                                    "(unicom_model.json), no transformers model read here (config.json) and no "
+                                    "open_clip model (open_clip_config.json); a model in a folder of it is "
+                                    "hf-hub:org/pipeline/<folder>")
+    assert said.splitlines()[0] == ("hf-hub:org/pipeline/models/text_encoder: the folder models/text_encoder of "
+                                    "org/pipeline holds neither a unicom model folder (unicom_model.json) nor a "
+                                    "transformers model read here (config.json of model type clip, siglip, dinov2, "
+                                    "dinov2_with_registers, clip_vision_model, siglip_vision_model, siglip2, "
+                                    "siglip2_vision_model)")
+    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path in hub.requests}
+    assert "models/image_encoder/model.safetensors" in fetched and "model.safetensors" not in fetched
+    assert said_offline.splitlines()[-1] == "HFImageModel 16"
+
+
+def test_a_hub_spec_names_a_repository_and_a_folder_in_it():
+    from unicom.models.hub import split_hf_spec
+
+    assert split_hf_spec("hf-hub:org/repo") == ("org/repo", "", None)
+    assert split_hf_spec("hf-hub:org/repo/models/image_encoder@v1") == ("org/repo", "models/image_encoder", "v1")
+    assert split_hf_spec("hf-hub:org/repo@refs/pr/3") == ("org/repo", "", "refs/pr/3")
+    for wrong in ("hf-hub:org", "hf-hub:org//x", "hf-hub:org/repo/../other", "hf-hub:org/repo/"):
+        with pytest.raises(InputError, match=r"expected hf-hub:<owner>/<repository>\[/<folder>\]\[@<revision>\]"):
+            split_hf_spec(wrong)

@@ -7,7 +7,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
 * without ``pretrained``, this project's models (:func:`unicom.models.factory.load`): a
   registered name with released weights (``ViT-B/32``, ``ViT-L/14@336px``), a model
   folder (``unicom_model.json``), a released-format checkpoint file, or
-  ``hf-hub:org/repo`` when that Hub repository holds a model folder;
+  ``hf-hub:org/repo`` when that Hub repository holds a model folder (``hf-hub:org/repo/folder``
+  when a folder in it does);
 * ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
   ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
 * a folder of a transformers CLIP, SigLIP (2, NaFlex too) or DINOv2 model (``config.json`` of model
@@ -112,6 +113,20 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
+def _has_hub_file(spec: str, name: str) -> bool:
+    """Whether the ``hf-hub:`` repository ``spec`` has the file ``name`` (fetched into the cache
+    to tell); True where that cannot be told (offline, the Hub unreachable)."""
+    from unicom.models import hub
+
+    try:
+        hub.hf_file(spec, name)
+    except hub.NotAModelFolder:
+        return False
+    except hub.NotInCache:
+        return True
+    return True
+
+
 RANDOM_WEIGHTS_SEED = 0  # torch's CPU generator's seed while a timm or open_clip model is built
 
 
@@ -133,15 +148,27 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         except hub.NotAModelFolder:  # no unicom_model.json: transformers' CLIP/SigLIP/DINOv2, or open_clip's
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
+            if not hub.split_hf_spec(spec)[1] and not _has_hub_file(spec, hf_clip.OPEN_CLIP_FILE):
+                raise InputError(f"{spec}: the repository holds no unicom model folder (unicom_model.json), no "
+                                 "transformers model read here (config.json) and no open_clip model "
+                                 f"({hf_clip.OPEN_CLIP_FILE}); a model in a folder of it is "
+                                 f"hf-hub:{hub.split_hf_spec(spec)[0]}/<folder>") from None
         except hub.NotInCache as missing:  # offline: transformers' or open_clip's files may be in the cache
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
+            if hub.split_hf_spec(spec)[1]:
+                raise
             try:
                 return foundation.open_clip_encoder(spec, None, device).eval()
             except Exception:
                 raise missing from None
         else:
             return ModelEncoder(*factory.load_described(str(folder), device=device, label=spec)).eval()
+        repo, inside, _ = hub.split_hf_spec(spec)
+        if inside:  # open_clip reads a repository's root only
+            raise InputError(f"{spec}: the folder {inside} of {repo} holds neither a unicom model folder "
+                             f"(unicom_model.json) nor a transformers model read here (config.json of model type "
+                             f"{', '.join(hf_clip.MODEL_TYPES)})")
     if pretrained is None and os.path.isdir(spec) and hf_clip.is_clip_folder(spec):
         return hf_clip.load_hf_clip(spec, device)
     for accepts, build in ((foundation.accepts_timm, foundation.timm_encoder),

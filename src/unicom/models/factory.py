@@ -9,7 +9,7 @@ preprocessing. ``spec`` is one of:
   (:mod:`unicom.models.hub`), the architecture, settings and preprocessing come from the
   registry (:mod:`unicom.models.registry`);
 * a model folder (``unicom_model.json`` + ``model.safetensors``, :mod:`unicom.models.export`);
-* ``hf-hub:org/repo`` or ``hf-hub:org/repo@revision``: a model folder on the Hugging Face Hub;
+* ``hf-hub:org/repo`` or ``hf-hub:org/repo@revision``: a model folder on the Hugging Face Hub (``hf-hub:org/repo/folder`` in a folder of the repository);
 * a released-format checkpoint file (named as in :data:`CHECKPOINT_SUFFIXES`: ``.pt``,
   ``.pth.tar``, ``.ckpt``, ``.safetensors`` ..., with the keys of
   :class:`~unicom.models.unicom_vit.UnicomViT`), its sizes given as ``arch`` or read off

@@ -211,7 +211,7 @@ def is_clip_repository(spec: str) -> bool:
         config = hub.hf_file(spec, "config.json")
     except (hub.NotAModelFolder, hub.NotInCache):  # none (offline: none cached): not one
         return False
-    return not hub_file(spec, OPEN_CLIP_FILE, config.parent.name) and is_clip_folder(config.parent)
+    return not hub_file(spec, OPEN_CLIP_FILE, hub.hf_commit(config, spec)) and is_clip_folder(config.parent)
 
 
 def image_transform(config: dict, path: Path, squash: bool = False):

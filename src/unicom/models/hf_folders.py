@@ -223,7 +223,7 @@ def hub_folder(spec: str, names: Iterable[str] = ()) -> Path:
     from unicom.models import hub
 
     config = hub.hf_file(spec, "config.json")
-    commit = config.parent.name  # snapshots/<commit>/config.json: the other files from the same commit
+    commit = hub.hf_commit(config, spec)  # the other files from the same commit
     if not hub_weights(spec, config.parent, "", commit):
         raise InputError(f"{spec}: the repository has no weights ({WEIGHTS_SAID})")
     for name in (*TOKENIZER_FILES, *names):

@@ -134,16 +134,34 @@ def is_hf_spec(spec: object) -> bool:
     return isinstance(spec, str) and spec.startswith(HF_PREFIX)
 
 
+def split_hf_spec(spec: str) -> tuple[str, str, str | None]:
+    """``"hf-hub:org/repo/sub/folder@revision"`` -> ``("org/repo", "sub/folder", "revision")``: the
+    repository, the folder in it that holds the model ("" for its root, as in ``hf-hub:org/repo``)
+    and the revision (None when absent; a revision may hold ``/``: ``@refs/pr/1``)."""
+    path, _, revision = spec[len(HF_PREFIX):].partition("@")
+    parts = path.split("/")
+    if len(parts) < 2 or not all(parts) or any(part in (".", "..") for part in parts):
+        raise InputError(f"{spec}: expected hf-hub:<owner>/<repository>[/<folder>][@<revision>]")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision or None
+
+
 def parse_hf_spec(spec: str) -> tuple[str, str | None]:
-    """``"hf-hub:org/repo@revision"`` -> ``("org/repo", "revision")`` (revision None when absent)."""
-    repo, _, revision = spec[len(HF_PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise InputError(f"{spec}: expected hf-hub:<owner>/<repository>[@<revision>]")
-    return repo, revision or None
+    """``"hf-hub:org/repo@revision"`` -> ``("org/repo", "revision")`` (revision None when absent);
+    a folder in the repository is left out (:func:`split_hf_spec`)."""
+    repo, _, revision = split_hf_spec(spec)
+    return repo, revision
+
+
+def hf_commit(path: Path, spec: str) -> str:
+    """The commit of a file that :func:`hf_file` gave for ``spec``, from its place in the cache
+    (``snapshots/<commit>/[<folder>/]<file>``): the repository's other files are fetched at it."""
+    folder = split_hf_spec(spec)[1]
+    return path.parents[len(folder.split("/")) if folder else 0].name
 
 
 def hf_file(spec: str, filename: str, revision: str | None = None) -> Path:
-    """One file of the Hub repository ``spec`` names, from the Hugging Face cache or downloaded into it.
+    """One file of the Hub repository ``spec`` names (in the folder it names, if any), from the
+    Hugging Face cache or downloaded into it.
 
     Raises :class:`NotAModelFolder` when the repository has no such file,
     :class:`NotInCache` when it is not cached and cannot be downloaded (offline, or the
@@ -161,11 +179,12 @@ def hf_file(spec: str, filename: str, revision: str | None = None) -> Path:
     except ImportError as error:
         raise InputError(f"{spec}: models on the Hugging Face Hub need huggingface_hub ({error}); pip install 'huggingface_hub>=0.23'") from error
 
-    repo, spec_revision = parse_hf_spec(spec)
+    repo, folder, spec_revision = split_hf_spec(spec)
     revision = revision or spec_revision
     endpoint = constants.ENDPOINT
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=offline()))
+        return Path(hf_hub_download(repo, filename, subfolder=folder or None, revision=revision,
+                                    local_files_only=offline()))
     except LocalEntryNotFoundError as error:  # before EntryNotFoundError: it is one
         if offline() or constants.HF_HUB_OFFLINE:
             why = "downloads are off (UNICOM_OFFLINE or HF_HUB_OFFLINE)"
@@ -176,7 +195,8 @@ def hf_file(spec: str, filename: str, revision: str | None = None) -> Path:
             "Run once with network access, or copy the cache from a machine that has it"
         ) from error
     except EntryNotFoundError as error:
-        raise NotAModelFolder(f"{spec}: the repository has no {filename}") from error
+        where = f"the folder {folder} of {repo}" if folder else "the repository"
+        raise NotAModelFolder(f"{spec}: {where} has no {filename}") from error
     except RevisionNotFoundError as error:
         raise InputError(f"{spec}: revision {revision!r} does not exist in {repo} on {endpoint}") from error
     except RepositoryNotFoundError as error:
@@ -194,9 +214,10 @@ def hf_model_folder(spec: str) -> Path:
     from unicom.models.export import CONFIG_NAME, WEIGHTS_NAME
 
     config = hf_file(spec, CONFIG_NAME)
-    commit = config.parent.name  # snapshots/<commit>/unicom_model.json: both files from one commit
+    commit = hf_commit(config, spec)  # both files from one commit
     try:
         hf_file(spec, WEIGHTS_NAME, revision=commit)
     except NotAModelFolder as error:
-        raise InputError(f"{spec}: the repository has {CONFIG_NAME} but no {WEIGHTS_NAME}; upload the whole model folder") from error
+        where = "the repository" if not split_hf_spec(spec)[1] else f"the folder {split_hf_spec(spec)[1]}"
+        raise InputError(f"{spec}: {where} has {CONFIG_NAME} but no {WEIGHTS_NAME}; upload the whole model folder") from error
     return config.parent

@@ -270,7 +270,7 @@ def model_folder(spec: str) -> Path:
                              f"(e.g. {EXAMPLE})")
         return folder
     config = hub.hf_file(spec, "config.json")
-    commit = config.parent.name  # snapshots/<commit>/config.json: the other files from the same commit
+    commit = hub.hf_commit(config, spec)  # the other files from the same commit
 
     def fetch(name: str) -> bool:  # False: not in the repository (offline: not in the cache)
         return hub_file(spec, name, commit)

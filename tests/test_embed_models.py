@@ -118,6 +118,52 @@ def test_a_timm_or_open_clip_folder_given_as_a_model_folder_is_named(tmp_path, t
         load_encoder(f"timm/local-dir:{tmp_path / 'gone'}")
 
 
+def _as_timm_loads_it(name: str, path) -> dict:
+    """The weights timm's own loader gives ``name`` for the file ``path``: the reference."""
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0)
+    return model.state_dict()
+
+
+def _assert_same_weights(encoder, reference: dict) -> None:
+    loaded = encoder.model.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, tensor in reference.items():
+        torch.testing.assert_close(loaded[key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_a_checkpoint_of_another_layout_and_size_is_converted_as_timm_converts_it(tmp_path):
+    """A ViT checkpoint as Meta's DINOv2 code saves one (its ``mask_token`` beside timm's names),
+    trained at 224 pixels for a model of 160: timm's conversion drops the token and resamples
+    the position embeddings to the model's grid, as timm's own loader does."""
+    torch.manual_seed(3)
+    state = timm.create_model("test_vit", img_size=224, num_classes=0).state_dict()
+    state["mask_token"] = torch.randn(1, state["cls_token"].shape[-1])
+    torch.save(state, tmp_path / "dinov2_layout.pth")
+    encoder = load_encoder("timm/test_vit", tmp_path / "dinov2_layout.pth")
+    reference = _as_timm_loads_it("test_vit", tmp_path / "dinov2_layout.pth")
+    assert reference["pos_embed"].shape == (1, 101, 64) and state["pos_embed"].shape == (1, 197, 64)
+    _assert_same_weights(encoder, reference)
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert encoder.encode_image(x).shape == (2, 64)
+
+
+def test_dinov2_with_registers_in_metas_layout_loads_as_timm_loads_it(tmp_path):
+    """Meta's DINOv2-with-registers checkpoints (``register_tokens``, a class token whose position
+    embedding is part of ``pos_embed``) into timm's ``vit_small_patch14_reg4_dinov2``."""
+    torch.manual_seed(4)
+    timm_state = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0).state_dict()
+    meta = {key: value for key, value in timm_state.items() if key not in ("reg_token", "cls_token", "pos_embed")}
+    first = torch.randn(1, 1, timm_state["pos_embed"].shape[-1])  # the class token's position embedding
+    meta.update({"register_tokens": timm_state["reg_token"], "cls_token": timm_state["cls_token"] - first,
+                 "pos_embed": torch.cat([first, timm_state["pos_embed"]], dim=1), "mask_token": torch.zeros(1, 384)})
+    torch.save(meta, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    encoder = load_encoder("timm/vit_small_patch14_reg4_dinov2", tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    reference = _as_timm_loads_it("vit_small_patch14_reg4_dinov2", tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    _assert_same_weights(encoder, reference)
+    torch.testing.assert_close(encoder.model.state_dict()["cls_token"], timm_state["cls_token"])
+
+
 def test_timm_file_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)

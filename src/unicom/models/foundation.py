@@ -263,9 +263,22 @@ def accepts_timm(spec: str, pretrained: str | None = None) -> bool:
     return spec.startswith(_TIMM_PREFIXES)
 
 
+def timm_conversion(model: torch.nn.Module):
+    """The function with which timm converts a checkpoint for ``model``'s architecture when it
+    loads one (``checkpoint_filter_fn(state_dict, model)`` of the model's module: other projects'
+    layouts of the same network, position embeddings resampled to the model's grid), or None
+    where its module has none."""
+    import sys
+
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
 def _load_timm_file(model: torch.nn.Module, path: str) -> None:
     """Load a timm checkpoint file into ``model`` (built with ``num_classes=0``), strictly.
 
+    The file is first converted as timm converts the checkpoints of the model's architecture
+    (:func:`timm_conversion`: another project's layout of the same network, such as Meta's
+    DINOv2 or an open_clip tower, and position embeddings of another image size, resampled).
     The classifier weights of the file are dropped; every other tensor must match.
     """
     from timm.models import load_state_dict
@@ -282,6 +295,13 @@ def _load_timm_file(model: torch.nn.Module, path: str) -> None:
 
             raise unpickling_refused(path, refused) from error
         raise InputError(f"{path}: not a readable checkpoint file ({error})") from error
+    convert = timm_conversion(model)
+    if convert is not None:
+        try:
+            state_dict = convert(state_dict, model)
+        except Exception as error:  # a file of another network: the strict load below would refuse it too
+            raise InputError(f"{path}: does not fit {model.pretrained_cfg.get('architecture')} (timm's conversion "
+                             f"of its checkpoints failed: {type(error).__name__}: {error})") from error
     classifiers = model.pretrained_cfg.get("classifier") or ()
     if isinstance(classifiers, str):
         classifiers = (classifiers,)

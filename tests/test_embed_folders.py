@@ -197,10 +197,9 @@ def test_a_list_column_named_on_the_command_line_must_be_there(tmp_path, weights
 
 @pytest.mark.parametrize("option, value, message", [
     ("--rows-per-part", "10", "rows per part (--rows-per-part 10) cut image folders and lists; every shard is one part"),
-    ("--caption-column", "text", "00000.tar: a tar shard, whose samples' files are found by their extensions (.jpg, "
-                                 ".txt, ...); the columns named (caption 'text') are columns of parquet shards: leave "
-                                 "them out"),
-    ("--image-column", "img", "the columns named (image 'img') are columns of parquet shards"),
+    ("--key-column", "id", "00000.tar: a tar shard, whose samples' keys are its members' names (000123 of "
+                           "000123.jpg); the key column named ('id') is a column of parquet shards: leave it out"),
+    ("--image-column", "img/png", "--image-column 'img/png': for tar shards, the extension of the samples' members"),
     ("--path-column", "file", "--path-column name columns of a CSV/parquet list, and "),
 ])
 def test_options_of_folders_and_lists_are_refused_with_shards_not_ignored(tmp_path, weights, capsys, option, value,

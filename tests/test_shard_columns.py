@@ -7,6 +7,7 @@ shards (``unicom cluster show``, ``unicom index`` and ``unicom serve --shards``)
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -108,16 +109,19 @@ def test_captions_in_lists_are_refused_when_named_and_left_unread_otherwise(tmp_
     assert [s.caption() for s in read_shard_samples(tmp_path / "00000.parquet")] == [None, None]
 
 
-def test_columns_named_for_tars_or_an_image_folder_or_a_csv_list_are_refused_not_ignored(tmp_path):
+def test_a_key_column_for_tars_and_columns_for_an_image_folder_or_a_csv_list_are_refused_not_ignored(tmp_path):
     samples = captioned_samples(0, 2)
     write_same_tar(tmp_path / "tars" / "00000.tar", samples)
     with pytest.raises(InputError) as error:
-        open_parts(str(tmp_path / "tars"), shard_columns=ShardColumns(caption="prompt"))
-    assert str(error.value) == (f"{tmp_path / 'tars' / '00000.tar'}: a tar shard, whose samples' files are found by "
-                                "their extensions (.jpg, .txt, ...); the columns named (caption 'prompt') are columns "
-                                "of parquet shards: leave them out")
-    with pytest.raises(InputError, match="a tar shard, whose samples' files are found by their extensions"):
+        open_parts(str(tmp_path / "tars"), shard_columns=ShardColumns(key="id"))
+    assert str(error.value) == (f"{tmp_path / 'tars' / '00000.tar'}: a tar shard, whose samples' keys are its members' "
+                                "names (000123 of 000123.jpg); the key column named ('id') is a column of parquet "
+                                "shards: leave it out")
+    with pytest.raises(InputError, match="a tar shard, whose samples' keys are its members' names"):
         list(read_shard_samples(tmp_path / "tars" / "00000.tar", columns=ShardColumns(key="id")))
+    for wrong in ("a/b", ".", "..txt"):  # no member's extension can be that
+        with pytest.raises(InputError, match=f"--caption-column '{re.escape(wrong)}': for tar shards, the extension"):
+            open_parts(str(tmp_path / "tars"), shard_columns=ShardColumns(caption=wrong))
     (tmp_path / "photos").mkdir()
     class_image(0, 0, 16).save(tmp_path / "photos" / "a.png")
     with pytest.raises(InputError, match=r"photos: an image folder, whose keys are its files' paths; the columns named "
@@ -225,7 +229,7 @@ def test_the_training_source_reads_parquet_shards_by_their_named_columns(tmp_pat
 def test_a_recipe_naming_an_image_column_without_shards_is_refused():
     from unicom.train.config import load_config
 
-    with pytest.raises(InputError, match="data.image_column names the column of encoded images of parquet data.shards"):
+    with pytest.raises(InputError, match="data.image_column names the column of encoded images of data.shards"):
         load_config(None, ["out=/tmp/unused", "data.table=list.csv", "data.image_column=photo", "model.name=ViT-B-32"])
 
 

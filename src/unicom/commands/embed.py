@@ -62,12 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows per output part for folders and lists (default: 100000); shards are one part each")
     parser.add_argument("--path-column", default="path", help="list column with image paths (default: path)")
     parser.add_argument("--caption-column", help="list or parquet shards' column with captions (default: caption, if the "
-                        "list has it; for shards the first of txt, caption, text, TEXT)")
+                        "list has it; for shards the first of txt, caption, text, TEXT); for tar shards the extension of "
+                        "the caption members (caption.txt; default: txt)")
     parser.add_argument("--label-column", help="list column with labels (default: label, if the list has it)")
     parser.add_argument("--key-column", help="list or parquet shards' column with keys (default: key, if there is one, "
                         "else a list's paths or a shard's row numbers)")
     parser.add_argument("--image-column", help="parquet shards' column of encoded images: bytes, or Hugging Face's "
-                        "{bytes, path} structs (default: the first of jpg, jpeg, png, webp, image)")
+                        "{bytes, path} structs (default: the first of jpg, jpeg, png, webp, image); for tar shards the "
+                        "extension of the image members (webp; default: the first of jpg, jpeg, png, webp)")
     parser.add_argument("--metadata-fields", metavar="NAMES", help="fields of the samples kept as metadata columns, "
                         "comma-separated (a tar's json's, a parquet shard's columns, the json file's beside a folder's "
                         "image, a list's other columns; LAION's NSFW, similarity, ...), or 'all', as clip-retrieval's "

@@ -211,7 +211,9 @@ class BatchStream(IterableDataset):
             if self.image_transform is not None:
                 source = record.columns.get("image_path") or _path_or(record.image, part.name)
                 if record.image is None:
-                    batch.failures.append(_failure(record, source, "no image in the sample"))
+                    named = getattr(getattr(part, "shard_columns", None), "image", None)
+                    why = "no image in the sample" + (f" (no {named!r}, the image column named)" if named else "")
+                    batch.failures.append(_failure(record, source, why))
                     continue
                 try:
                     data = encoded_bytes(record.image) if self.tensor_transform is not None else None

@@ -197,12 +197,18 @@ class TarSample:
     """The members of one sample: ``files`` maps extension (lower case) -> bytes, or to a
     :class:`unicom.data.transforms.DecodeError` for a member longer than
     :data:`unicom.data.transforms.MAX_IMAGE_BYTES`, which is not read (its image fails with
-    that reason; its caption or JSON counts as absent)."""
+    that reason; its caption or JSON counts as absent). ``image_ext``: the extension of the
+    image member (``--image-column``; None: the first of :data:`IMAGE_EXTENSIONS` there is);
+    ``caption_ext``: that of the caption (``--caption-column``; ``txt``)."""
 
     key: str
     files: dict[str, bytes | DecodeError] = field(default_factory=dict)
+    image_ext: str | None = None
+    caption_ext: str = "txt"
 
     def image_bytes(self) -> bytes | DecodeError | None:
+        if self.image_ext is not None:
+            return self.files.get(self.image_ext)
         for ext in IMAGE_EXTENSIONS:
             if ext in self.files:
                 return self.files[ext]
@@ -213,7 +219,7 @@ class TarSample:
         return data if isinstance(data, bytes) else None
 
     def caption(self) -> str | None:
-        data = self._text("txt")
+        data = self._text(self.caption_ext)
         return None if data is None else data.decode("utf-8", errors="replace").strip()
 
     def json(self) -> dict:
@@ -226,6 +232,18 @@ class TarSample:
         except ValueError:
             return {}
         return value if isinstance(value, dict) else {}
+
+
+def member_extension(name: str, option: str) -> str:
+    """A tar member's extension as ``--image-column`` / ``--caption-column`` name it for tar
+    shards (``webp``, ``.caption.txt``): without a leading dot, in lower case (as
+    :func:`split_member_name` gives them); an :class:`InputError` naming ``option`` for one
+    that no member name can end in."""
+    ext = name[1:] if name.startswith(".") else name
+    if not ext or "/" in ext or ext.startswith("."):
+        raise InputError(f"{option} {name!r}: for tar shards, the extension of the samples' members that hold it "
+                         "(webp, caption.txt: 000123.webp, 000123.caption.txt)")
+    return ext.lower()
 
 
 class ShardReadError(Exception):
@@ -347,25 +365,29 @@ def read_shard_samples(path, keys=None, columns=None) -> Iterator[TarSample]:
     images (:func:`unicom.data.parquet_shards.read_parquet_samples`), with the same ``keys``
     and the same :class:`ShardReadError` after the samples read before damage. ``columns``
     (:class:`unicom.data.parquet_shards.ShardColumns`, None for the usual names): the
-    columns of a parquet shard; a tar with columns named is an :class:`InputError`
-    (:func:`check_shard_columns`)."""
+    columns of a parquet shard, or the extensions of a tar's image and caption members; a
+    tar with a key column named is an :class:`InputError` (:func:`check_shard_columns`)."""
     if is_parquet(path):
         from unicom.data.parquet_shards import read_parquet_samples
 
         return read_parquet_samples(path, keys, columns or DEFAULT_COLUMNS)
     check_shard_columns([path], columns)
-    return read_tar_samples(path, keys)
+    return read_tar_samples(path, keys, columns)
 
 
 def check_shard_columns(paths: Sequence[Any], columns) -> None:
-    """Refuse ``columns`` named (a :class:`unicom.data.parquet_shards.ShardColumns`) for
-    shards of which one is a tar: a tar's samples are its files, found by their extensions."""
-    named = {} if columns is None else columns.named()
+    """Refuse a key column named in ``columns`` (a :class:`unicom.data.parquet_shards.ShardColumns`)
+    for shards of which one is a tar, whose samples' keys are its members' names; the image and
+    caption columns of a tar are its members' extensions (:func:`member_extension`), checked."""
     tar = next((path for path in paths if not is_parquet(path)), None)
-    if named and tar is not None:
-        shown = ", ".join(f"{role} {name!r}" for role, name in named.items())
-        raise InputError(f"{storage.text(tar)}: a tar shard, whose samples' files are found by their extensions "
-                         f"(.jpg, .txt, ...); the columns named ({shown}) are columns of parquet shards: leave them out")
+    if tar is None or columns is None:
+        return
+    if columns.key is not None:
+        raise InputError(f"{storage.text(tar)}: a tar shard, whose samples' keys are its members' names (000123 of "
+                         f"000123.jpg); the key column named ({columns.key!r}) is a column of parquet shards: leave it out")
+    for option, name in (("--image-column", columns.image), ("--caption-column", columns.caption)):
+        if name is not None:
+            member_extension(name, option)
 
 
 def prefetch_shard(path, columns=None) -> None:
@@ -398,17 +420,22 @@ def not_a_shard(path) -> str | None:
     return not_a_tar(path)
 
 
-def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
+def read_tar_samples(path, keys=None, columns=None) -> Iterator[TarSample]:
     """Samples of a webdataset shard, in tar order (streamed, compressed tars included);
     ``path`` is a local path, a URL or ``pipe:COMMAND`` (read while it downloads).
 
     Members without an extension, and directories, are skipped; a member whose key and
     extension the sample already has begins a new sample with that key. ``keys``: read only the
     samples with these keys (the data of other members is skipped, not kept) and stop
-    once all of them are read. A damaged tar, or one whose download failed for good,
-    yields the samples before the damage, then raises :class:`ShardReadError`.
+    once all of them are read. ``columns`` (:class:`unicom.data.parquet_shards.ShardColumns`):
+    its image and caption name the extensions of the members that hold them (:class:`TarSample`).
+    A damaged tar, or one whose download failed for good, yields the samples before the
+    damage, then raises :class:`ShardReadError`.
     """
     path = path if storage.is_url(path) else Path(path)
+    image_ext = None if columns is None or columns.image is None else member_extension(columns.image, "--image-column")
+    caption_ext = "txt" if columns is None or columns.caption is None else member_extension(columns.caption,
+                                                                                            "--caption-column")
     remaining = None if keys is None else set(keys)
     current: TarSample | None = None
     count, kept = 0, None
@@ -433,7 +460,7 @@ def read_tar_samples(path, keys=None) -> Iterator[TarSample]:
                 if current is None and remaining is not None and key not in remaining:
                     continue  # tarfile skips the member's data
                 if current is None:
-                    current = TarSample(key)
+                    current = TarSample(key, image_ext=image_ext, caption_ext=caption_ext)
                     if remaining is not None:
                         remaining.discard(key)
                 if member.size > MAX_IMAGE_BYTES:  # not read: tarfile skips its data

@@ -135,15 +135,17 @@ class ShardImages:
         that several samples carry (see :func:`unicom.data.shards.read_tar_samples`) maps to
         the list of theirs in tar order, its ``occurrence``-th sample's at that index. In a
         parquet shard the offset is the sample's row."""
-        from unicom.data.shards import IMAGE_EXTENSIONS, is_parquet, read_shard_samples, split_member_name
+        from unicom.data.shards import IMAGE_EXTENSIONS, is_parquet, member_extension, read_shard_samples, split_member_name
 
         members: dict = {}
         key, extensions, images = None, set(), {}
+        named = None if self.columns is None or self.columns.image is None else self.columns.image
+        image_extensions = IMAGE_EXTENSIONS if named is None else (member_extension(named, "--image-column"),)
 
-        def close() -> None:
+        def close() -> None:  # the sample of ``key``: its image member (``images``: extension -> offset, size)
             if key is None:
                 return
-            image = next((images[ext] for ext in IMAGE_EXTENSIONS if ext in images), None)
+            image = next((images[ext] for ext in image_extensions if ext in images), None)
             if key not in members:
                 members[key] = image
             elif isinstance(members[key], list):
@@ -153,8 +155,8 @@ class ShardImages:
 
         if is_parquet(location):  # read once, whole (as a remote tar is), its rows' image lengths kept
             for sample in read_shard_samples(location, columns=self.columns):
-                key = sample.key
-                images = {"jpg": (sample.row, len(sample.image))} if isinstance(sample.image, bytes) else {}
+                key = sample.key  # its image: the row's, under the extension close() looks for first
+                images = {image_extensions[0]: (sample.row, len(sample.image))} if isinstance(sample.image, bytes) else {}
                 close()
             return members
 
@@ -167,7 +169,7 @@ class ShardImages:
                     close()
                     key, extensions, images = split[0], set(), {}
                 extensions.add(split[1])
-                if split[1] in IMAGE_EXTENSIONS:
+                if split[1] in image_extensions:
                     images[split[1]] = (member.offset_data, member.size)
             close()
         return members

@@ -54,3 +54,4 @@ def test_the_last_bytes_of_a_blob_are_read_by_its_size_and_a_range(azure):
     assert storage.read_tail("az://ranges/x.bin", 10_000) == data  # shorter than asked: the whole file
     assert storage.read_range("az://ranges/x.bin", 3, 900) == data[3:900]
     assert storage.read_range("az://ranges/x.bin", 7, 7) == b""
+    assert storage.read_bytes("abfs://ranges/x.bin") == data  # Data Lake Gen2's scheme, the same store

@@ -237,6 +237,11 @@ class Azure(_ObjectStore):
             self._client = BlobServiceClient.from_connection_string(self.connection_string)
         return self._client
 
+    def connection_to(self, endpoint: str) -> dict:
+        """The environment that sends adlfs to ``endpoint`` (a :class:`Relay` in front of this server)."""
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string.replace(
+            f"BlobEndpoint={self.endpoint};", f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};")}
+
     def as_storage_options(self, monkeypatch) -> dict:
         monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
         return {"az": {"connection_string": self.connection_string}}
@@ -569,6 +574,13 @@ def environment(**extra: str) -> dict:
 def kill_at_s3_response(s3: "S3", command: list[str], env: dict, pattern: bytes, timeout: float = 300) -> None:
     """Run ``command`` against ``s3`` through a :class:`Relay` and ``kill -9`` it when S3
     answers the first request whose line matches ``pattern``; checks that it died so."""
+    kill_at_response(s3.port, lambda endpoint: {"AWS_ENDPOINT_URL": endpoint}, command, env, pattern, timeout)
+
+
+def kill_at_response(port: int, pointed_at, command: list[str], env: dict, pattern: bytes, timeout: float = 300) -> None:
+    """Run ``command`` against the store on ``port`` through a :class:`Relay` (``pointed_at(its
+    endpoint)``: the environment variables that send the command there) and ``kill -9`` it when
+    the store answers the first request whose line matches ``pattern``; checks that it died so."""
     import signal
     import subprocess
 
@@ -578,9 +590,9 @@ def kill_at_s3_response(s3: "S3", command: list[str], env: dict, pattern: bytes,
         process.send_signal(signal.SIGKILL)
         process.wait()
 
-    relay = Relay(s3.port, pattern, kill)
+    relay = Relay(port, pattern, kill)
     try:
-        process = subprocess.Popen(command, env=dict(env, AWS_ENDPOINT_URL=relay.endpoint),
+        process = subprocess.Popen(command, env=dict(env, **pointed_at(relay.endpoint)),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         process.wait(timeout=timeout)
         stderr = process.stderr.read().decode(errors="replace")[-3000:]

@@ -1,8 +1,8 @@
 """What is Azure's own in ``az://`` URLs (Azure Blob Storage through adlfs), against Azurite's
 blob service on 127.0.0.1 (:class:`storage_servers.Azure`): a missing container and refused
-credentials are named, and a file's last bytes are read without the suffix ranges Azure's API
-lacks. ``embed``, ``cluster`` and ``index`` into a container are in
-``test_remote_object_stores.py``."""
+credentials are named, a file's last bytes are read without the suffix ranges Azure's API
+lacks, and ``embed`` killed mid-upload is completed by a rerun with nothing half-written.
+``embed``, ``cluster`` and ``index`` into a container are in ``test_remote_object_stores.py``."""
 
 from __future__ import annotations
 
@@ -55,3 +55,39 @@ def test_the_last_bytes_of_a_blob_are_read_by_its_size_and_a_range(azure):
     assert storage.read_range("az://ranges/x.bin", 3, 900) == data[3:900]
     assert storage.read_range("az://ranges/x.bin", 7, 7) == b""
     assert storage.read_bytes("abfs://ranges/x.bin") == data  # Data Lake Gen2's scheme, the same store
+
+
+@pytest.mark.slow
+def test_killed_mid_upload_a_rerun_leaves_the_same_folder_and_nothing_half_written(azure, tmp_path):
+    """kill -9 as Azurite answers the upload of a part's temporary blob, then run again: the
+    rerun sweeps what the kill left and writes the files of a local run."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+    import torch
+    from storage_servers import kill_at_response
+    from support import captioned_samples, write_tar_shard
+
+    for number in range(3):
+        write_tar_shard(tmp_path / "shards" / f"{number:05d}.tar", captioned_samples(number, 3))
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "w.pth")
+    common = ["--model", "timm/test_vit", "--pretrained", str(tmp_path / "w.pth"), "--batch-size", "2", "--workers", "0"]
+    assert main(["embed", "--input", str(tmp_path / "shards"), "--out", str(tmp_path / "local"), *common]) == 0
+    azure.bucket("killed")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", UNICOM_PROGRESS="0")
+    command = [sys.executable, "-m", "unicom.cli", "embed", "--input", str(tmp_path / "shards"), "--out",
+               "az://killed/emb", *common]
+    kill_at_response(azure.port, azure.connection_to, command, env,
+                     rb"PUT /devstoreaccount1/killed/emb/img_emb/\.img_emb_1\.npy\.[a-z0-9_]{8}\.tmp")
+    keys = azure.keys("killed")
+    assert "emb/img_emb/img_emb_1.npy" not in keys
+    assert [key for key in keys if key.rsplit("/", 1)[-1].startswith(".")] != []  # what the kill left
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for path in sorted((tmp_path / "local").rglob("*.npy")) + sorted((tmp_path / "local").rglob("*.parquet")):
+        relative = path.relative_to(tmp_path / "local").as_posix()
+        assert azure.get("killed", f"emb/{relative}") == path.read_bytes(), relative
+    assert not [key for key in azure.keys("killed") if key.rsplit("/", 1)[-1].startswith(".")]

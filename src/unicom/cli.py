@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("unicom.commands.index", "build or extend a faiss index from embedding folders"),
     "search": ("unicom.commands.search", "query an index with images, texts or indexed items"),
     "serve": ("unicom.commands.serve", "web page and HTTP API over an index"),
-    "convert": ("unicom.commands.convert", "convert released Unicom checkpoints to and from this project's format"),
+    "convert": ("unicom.commands.convert", "convert released Unicom checkpoints to and from this project's format, or a model to ONNX"),
 }
 
 # the commands that share their work over the processes of a torchrun launch; the others

@@ -1,9 +1,11 @@
-"""``unicom convert``: released Unicom checkpoints to and from this project's model format.
+"""``unicom convert``: released Unicom checkpoints to and from this project's model format,
+and a model's image encoder to ONNX.
 
     unicom convert released-to-unicom ViT-B/32 models/vit-b32
     unicom convert released-to-unicom FP16-ViT-B-32.pt models/vit-b32
     unicom convert released-to-unicom my-vit.pt models/my-vit --arch '{"heads": 8}'
     unicom convert unicom-to-released models/vit-b32-sop FP16-ViT-B-32-sop.pt --dtype float16
+    unicom convert unicom-to-onnx models/vit-b32-sop vit-b32-sop.onnx
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     to_released.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
+    to_onnx = sub.add_parser(
+        "unicom-to-onnx",
+        help="a model's image encoder -> one ONNX file: pixels (batch, 3, S, S) -> L2-normalised embeddings (batch, D)",
+    )
+    to_onnx.add_argument("model", help="a model folder, a released name or file, or hf-hub:org/repo (what unicom.load takes)")
+    to_onnx.add_argument("output", help="the .onnx file to write (a path or a URL)")
+    to_onnx.add_argument("--opset", type=int, help="ONNX operator set version (default: the exporter's)")
+    to_onnx.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
 
 def _refuse_other_files(output: Path, source: str, download_root: Path | None) -> None:
     """Refuse a folder holding files but no model (another run's folder): the model would be
@@ -86,9 +97,29 @@ def _refuse_other_files(output: Path, source: str, download_root: Path | None) -
 NOTHING_KEPT = "no part of the model is kept"
 
 
+def _to_onnx(args: argparse.Namespace) -> int:
+    from unicom import storage
+    from unicom.models.onnx_export import export_onnx
+
+    if not str(args.output).endswith(".onnx"):
+        raise InputError(f"{args.output}: name the ONNX file to write with its suffix, .onnx")
+    if storage.exists(args.output) and not args.overwrite:
+        raise InputError(f"{args.output} exists; pass --overwrite to replace it")
+    done = export_onnx(args.model, args.output, opset=args.opset)
+    checked = (f"checked with onnxruntime: the largest difference from the network {done['max_difference']:.1e}"
+               if done["max_difference"] is not None else "not checked: onnxruntime is not installed")
+    print(f"wrote {done['output']} ({done['bytes'] / 2**20:.1f} MiB, opset {done['opset']}): {done['model']}, pixels "
+          f"(batch, 3, {done['input_size']}, {done['input_size']}) -> L2-normalised {done['embedding_dim']}-d embeddings; "
+          f"{checked}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from unicom.files import refused_write
     from unicom.models import convert, export
+
+    if args.direction == "unicom-to-onnx":
+        return _to_onnx(args)
 
     to_folder = args.direction == "released-to-unicom"
     output = export.local_output(args.output, "a model folder" if to_folder else "a released-format file")

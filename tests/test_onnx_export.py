@@ -1,0 +1,121 @@
+"""``unicom convert unicom-to-onnx``: a model's image encoder as one ONNX file, run by
+onnxruntime (an independent runtime) on images prepared by the model's transform, against
+``unicom.embed_images`` of the same images: CLIP-shaped ViTs, the released network and a
+UniFEx model (a frozen timm backbone and its neck); any batch size; written to object storage;
+refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from support import class_image
+
+from unicom.cli import main
+from unicom.embed import embed_images
+from unicom.models import export
+from unicom.models.registry import clip_preprocess
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+SIZES = dict(image_size=32, patch_size=8, width=64, depth=2, heads=2, embedding_dim=24)
+
+
+def clip_vit_folder(folder):
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    torch.manual_seed(0)
+    settings = ClipViTSettings(**SIZES)
+    return export.save_model(folder, ClipViT(settings).eval(), "clip_vit", settings, clip_preprocess(32))
+
+
+def released_folder(folder):
+    from unicom.models.unicom_vit import build_unicom_vit
+
+    torch.manual_seed(1)
+    return export.save_model(folder, build_unicom_vit(SIZES).eval(), "unicom_vit", SIZES, clip_preprocess(32))
+
+
+def unifex_folder(folder):
+    """A UniFEx model: timm's test ViT (random weights, seeded) frozen, a linear neck to 8 dimensions."""
+    from unicom.models.encoders import load_encoder
+    from unicom.unifex.model import LinearNeck, describe_transform, unifex_settings
+
+    backbone = load_encoder("timm/test_vit")
+    settings = unifex_settings("timm/test_vit", None, backbone.embedding_dim,
+                               {"kind": "linear", "embedding_dim": 8, "batchnorm": False})
+    torch.manual_seed(2)
+    neck = LinearNeck(backbone.embedding_dim, 8, batchnorm=False)
+    return export.save_model(folder, {f"neck.{k}": v for k, v in neck.state_dict().items()}, "unifex", settings,
+                             describe_transform(backbone.image_transform), embedding_dim=8)
+
+
+def onnx_embeddings(path, transform, images) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = torch.stack([transform(image) for image in images]).numpy()
+    return session.run(["embeddings"], {"pixels": pixels})[0]
+
+
+@pytest.mark.filterwarnings("ignore:timm/test_vit. no --pretrained given")  # the UniFEx backbone's random weights
+@pytest.mark.parametrize("make", [clip_vit_folder, released_folder, unifex_folder], ids=["clip_vit", "released", "unifex"])
+def test_the_onnx_graph_gives_the_embeddings_of_unicom_embed(tmp_path, capsys, make):
+    import onnx
+
+    import unicom
+
+    folder = make(tmp_path / "model")
+    assert main(["convert", "unicom-to-onnx", str(folder), str(tmp_path / "model.onnx")]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {tmp_path / 'model.onnx'} (") and "checked with onnxruntime" in said
+    images = [class_image(label, label, size) for label, size in ((0, 40), (1, 64), (2, 90))]
+    paths = []
+    for number, image in enumerate(images):
+        paths.append(tmp_path / f"{number}.png")
+        image.save(paths[-1])
+    expected = embed_images(str(folder), [str(path) for path in paths], num_workers=0)
+    _, transform = unicom.load(str(folder))
+    for batch in (images[:1], images):  # the batch size is free
+        np.testing.assert_allclose(onnx_embeddings(tmp_path / "model.onnx", transform, batch), expected[:len(batch)],
+                                   atol=2e-5)
+    properties = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert properties["embedding_dim"] == str(expected.shape[1]) and "Normalize" in properties["transform"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_onnx_file_is_written_to_object_storage_whole(s3, tmp_path, capsys):
+    folder = clip_vit_folder(tmp_path / "model")
+    s3.bucket("models")
+    assert main(["convert", "unicom-to-onnx", str(folder), "s3://models/vit/model.onnx"]) == 0
+    assert s3.keys("models") == ["vit/model.onnx"]
+    (tmp_path / "fetched.onnx").write_bytes(s3.get("models", "vit/model.onnx"))
+    import unicom
+
+    _, transform = unicom.load(str(folder))
+    image = class_image(3, 3, 50)
+    image.save(tmp_path / "a.png")
+    np.testing.assert_allclose(onnx_embeddings(tmp_path / "fetched.onnx", transform, [image]),
+                               embed_images(str(folder), [str(tmp_path / "a.png")], num_workers=0), atol=2e-5)
+
+
+def test_what_cannot_be_exported_is_refused_before_writing(tmp_path, capsys):
+    folder = clip_vit_folder(tmp_path / "model")
+    assert main(["convert", "unicom-to-onnx", str(folder), str(tmp_path / "model.bin")]) == 2
+    assert "model.bin: name the ONNX file to write with its suffix, .onnx" in capsys.readouterr().err
+    (tmp_path / "there.onnx").write_bytes(b"an older file")
+    assert main(["convert", "unicom-to-onnx", str(folder), str(tmp_path / "there.onnx")]) == 2
+    assert "there.onnx exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (tmp_path / "there.onnx").read_bytes() == b"an older file"
+    assert main(["convert", "unicom-to-onnx", str(folder), str(tmp_path / "there.onnx"), "--overwrite"]) == 0
+    assert main(["convert", "unicom-to-onnx", str(tmp_path / "missing"), str(tmp_path / "m.onnx")]) == 2
+    assert not (tmp_path / "m.onnx").exists()
+    script = ("import sys; sys.modules['onnxscript'] = None\n"
+              "from unicom.cli import main\n"
+              "sys.exit(main(['convert', 'unicom-to-onnx', sys.argv[1], sys.argv[2]]))")
+    result = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "n.onnx")], capture_output=True,
+                            text=True, env=dict(os.environ), timeout=120)
+    assert result.returncode == 2 and "pip install 'unicom[onnx]'" in result.stderr

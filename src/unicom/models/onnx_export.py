@@ -54,9 +54,12 @@ def export_onnx(spec: str | os.PathLike, output: str | os.PathLike, *, opset: in
     ``check_images``: how many random images the graph is checked on with onnxruntime.
     Returns what was written: ``output``, ``model``, ``embedding_dim``, ``input_size``,
     ``bytes``, ``opset`` and ``max_difference`` (None without onnxruntime)."""
+    import importlib
+
     try:
         import onnx
-        import onnxscript  # noqa: F401 - torch's exporter needs it
+
+        importlib.import_module("onnxscript")  # torch's exporter needs it
     except ImportError as error:
         raise InputError(f"exporting to ONNX needs onnx and onnxscript ({error}); {PACKAGES}") from error
     from unicom.files import atomic_path

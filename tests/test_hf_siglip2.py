@@ -173,6 +173,19 @@ def test_embed_index_and_search_with_a_siglip2_naflex_folder(naflex, tmp_path, c
     assert main(["search", "--index", str(tmp_path / "index"), str(query), "-k", "1", "--json"]) == 0
     hit = json.loads(capsys.readouterr().out)[0]["results"][0]
     assert hit["score"] == pytest.approx(1.0, abs=1e-5)
+    # unicom serve: an uploaded image (decoded as uploads are, then patched) and a text
+    from fastapi.testclient import TestClient
+
+    from unicom.search.index import Index
+    from unicom.search.service import create_app
+
+    with TestClient(create_app(Index.load(tmp_path / "index"), naflex["encoder"])) as client:
+        answer = client.post("/search", files={"image": (query.name, query.read_bytes(), "image/png")},
+                             data={"k": "1"}).json()
+        assert answer["results"][0]["id"] == hit["id"] and answer["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        texts = client.post("/search", json={"text": "a red dog", "k": 4}).json()["results"]
+    assert main(["search", "--index", str(tmp_path / "index"), "--text", "a red dog", "-k", "4", "--json"]) == 0
+    assert [r["id"] for r in texts] == [r["id"] for r in json.loads(capsys.readouterr().out)[0]["results"]]
 
 
 def test_a_naflex_model_is_refused_as_a_frozen_backbone_by_name(naflex):

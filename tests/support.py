@@ -520,6 +520,40 @@ def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int =
     return model, tokenizer, processor
 
 
+CHINESE_TEXTS_VOCABULARY = "猫狗红蓝色的一只在上草地房子照片和小大白黑"
+
+
+def tiny_hf_chinese_clip(folder: Path, width: int = 32, seed: int = 0, positions: int = 24):
+    """A small Chinese-CLIP as transformers saves one (``ChineseCLIPModel``: config.json,
+    model.safetensors, a BERT tokenizer over a vocabulary written here, preprocessor_config.json
+    resizing both sides to 32 pixels as OFA-Sys' folders do), with random weights: towers of 2
+    layers of ``width``, 16-d embeddings, ``positions`` text positions. Returns (model, tokenizer,
+    image processor), transformers' own: the reference."""
+    import torch
+    from transformers import BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["a", "cat", "dog", "red", "blue", "on", "the", "grass", "photo", "of", "##s", ",", "!", "."]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words,
+                                                 *CHINESE_TEXTS_VOCABULARY]) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), model_max_length=positions)
+    torch.manual_seed(seed)
+    config = ChineseCLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * width, max_position_embeddings=positions),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=16),
+        projection_dim=16)
+    model = ChineseCLIPModel(config).eval()
+    processor = ChineseCLIPImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                          do_center_crop=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, tokenizer, processor
+
+
 def tiny_hf_dinov2(folder: Path, width: int = 32, seed: int = 0, registers: int = 0):
     """A small DINOv2 as transformers saves one (config.json, model.safetensors,
     preprocessor_config.json), with random weights: 2 layers of ``width``, 8-pixel patches of

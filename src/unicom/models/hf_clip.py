@@ -1,4 +1,4 @@
-"""CLIP, SigLIP and DINOv2 models saved by Hugging Face transformers (``CLIPModel``,
+"""CLIP, SigLIP, Chinese-CLIP and DINOv2 models saved by Hugging Face transformers (``CLIPModel``,
 ``SiglipModel`` and ``Dinov2Model`` folders) as an :class:`~unicom.models.encoders.Encoder`.
 
 OpenAI's CLIP models on the Hub (``openai/clip-vit-base-patch32``, ``openai/clip-vit-large-patch14``)
@@ -49,6 +49,13 @@ tower alone, ``siglip2_vision_model``) load into transformers' ``Siglip2Model``
 resized to at most ``max_num_patches`` patches of ``patch_size`` pixels (its
 ``preprocessor_config.json``; 256 of 16 by default), with the folder's filter (bilinear), and
 goes in as a sequence of patches (:mod:`unicom.models.naflex`).
+
+Chinese-CLIP's folders (``"model_type": "chinese_clip"``: ``OFA-Sys/chinese-clip-vit-*``) load into
+transformers' ``ChineseCLIPModel``: an image's embedding and a text's are what
+``get_image_features`` and ``get_text_features`` give (the text tower's first token through its
+projection), texts tokenized by the folder's BERT tokenizer with their attention mask and token
+types. Images are resized as the folder's ``preprocessor_config.json`` says: both sides to
+``size`` (Chinese-CLIP's published folders) or CLIP's short side and centre crop.
 """
 
 from __future__ import annotations
@@ -81,13 +88,15 @@ SIGLIP_VISION_TYPE = "siglip_vision_model"  # a SigLIP's vision tower saved alon
 SIGLIP2_TYPE = "siglip2"  # SigLIP 2's NaFlex models: images at their own aspect ratio, as patch sequences
 SIGLIP2_VISION_TYPE = "siglip2_vision_model"
 NAFLEX_TYPES = (SIGLIP2_TYPE, SIGLIP2_VISION_TYPE)
+CHINESE_CLIP_TYPE = "chinese_clip"  # OFA-Sys' Chinese-CLIP: a BERT text tower
 MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
                "dinov2": ("Dinov2Config", "Dinov2Model"),
                "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel"),
                CLIP_VISION_TYPE: ("CLIPVisionConfig", "CLIPVisionModelWithProjection"),
                SIGLIP_VISION_TYPE: ("SiglipVisionConfig", "SiglipVisionModel"),
                SIGLIP2_TYPE: ("Siglip2Config", "Siglip2Model"),
-               SIGLIP2_VISION_TYPE: ("Siglip2VisionConfig", "Siglip2VisionModel")}
+               SIGLIP2_VISION_TYPE: ("Siglip2VisionConfig", "Siglip2VisionModel"),
+               CHINESE_CLIP_TYPE: ("ChineseCLIPConfig", "ChineseCLIPModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -101,6 +110,9 @@ SIGLIP_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 3,
 # transformers' Siglip2ImageProcessor defaults (SigLIP 2's NaFlex preprocessing), likewise
 NAFLEX_PREPROCESSOR = {"patch_size": 16, "max_num_patches": 256, "resample": 2,
                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+# Chinese-CLIP's published preprocessing (OFA-Sys' folders): both sides to 224, CLIP's mean and std
+CHINESE_CLIP_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "do_center_crop": False, "resample": 3,
+                             "image_mean": DEFAULT_PREPROCESSOR["image_mean"], "image_std": DEFAULT_PREPROCESSOR["image_std"]}
 # DINOv2's published preprocessing (its repositories' preprocessor_config.json), likewise
 DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
                        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -160,6 +172,30 @@ class HFClip(HFImageModel):
 
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _pooled(output) -> torch.Tensor:
+    """``get_*_features``' embeddings: a tensor (transformers 4), or its output's ``pooler_output`` (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class HFFeatures(HFClip):
+    """A transformers dual encoder whose ``get_image_features`` and ``get_text_features`` give its
+    embeddings (Chinese-CLIP): ``tokenize`` gives int64 (B, 3, L), each text's token ids, attention
+    mask and token types."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(**self.vision_inputs(images)))
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        types = batch.get("token_type_ids")
+        types = torch.zeros_like(batch["input_ids"]) if types is None else types
+        return torch.stack([batch["input_ids"], batch["attention_mask"], types], dim=1).long()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(input_ids=tokens[:, 0], attention_mask=tokens[:, 1],
+                                                    token_type_ids=tokens[:, 2]))
 
 
 def canonical_text(text: str) -> str:
@@ -254,6 +290,19 @@ def image_transform(config: dict, path: Path, squash: bool = False):
                             "std": list(config.get("image_std", []))})
 
 
+def _both_sides_or_crop(config: dict) -> tuple[dict, bool]:
+    """Chinese-CLIP's preprocessing: (``config``, whether both sides are resized to ``size``).
+    Its published folders resize both sides to ``{"height": S, "width": S}`` (a centre crop of
+    that same size, if asked for, takes the whole image); with ``{"shortest_edge": S}`` it is
+    CLIP's short side and centre crop."""
+    size = config.get("size")
+    if isinstance(size, dict) and "shortest_edge" in size:
+        return config, False
+    if config.get("do_center_crop") is True and config.get("crop_size") not in (None, size):
+        return config, False  # a crop of another size: as CLIP's (which names what it cannot read)
+    return {**config, "do_center_crop": False}, True
+
+
 def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
     """SigLIP 2's NaFlex preprocessing as ``preprocessor_config.json`` (``config``, read from
     ``path``) describes it, for a vision tower of ``patch``-pixel patches."""
@@ -323,9 +372,12 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
     defaults = (SIGLIP_PREPROCESSOR if squash else NAFLEX_PREPROCESSOR if kind in NAFLEX_TYPES
-                else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else DEFAULT_PREPROCESSOR)
+                else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES
+                else CHINESE_CLIP_PREPROCESSOR if kind == CHINESE_CLIP_TYPE else DEFAULT_PREPROCESSOR)
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
                   if (folder / PREPROCESSOR_FILE).is_file() else defaults)
+    if kind == CHINESE_CLIP_TYPE:
+        preprocess, squash = _both_sides_or_crop(preprocess)
     if kind in NAFLEX_TYPES:
         vision = model_config.vision_config if kind == SIGLIP2_TYPE else model_config
         transform = naflex_transform(preprocess, folder / PREPROCESSOR_FILE, int(vision.patch_size))
@@ -343,6 +395,10 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         return encoder.to(device).eval()
     text_tokenizer = tokenizer(folder, spec, transformers)
     positions = int(model_config.text_config.max_position_embeddings)
+    if kind == CHINESE_CLIP_TYPE:
+        max_tokens = min(positions, text_tokenizer.model_max_length or positions)
+        return HFFeatures(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
+                          f"transformers Chinese-CLIP {spec}").to(device).eval()
     if siglip:  # padded to all positions: the last one is read
         family = "SigLIP 2 NaFlex" if kind == SIGLIP2_TYPE else "SigLIP"
         return HFSiglip(model, transform, text_tokenizer, positions, int(model_config.vision_config.hidden_size),

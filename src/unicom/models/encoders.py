@@ -151,8 +151,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
                 return hf_clip.load_hf_clip(spec, device)
             if not hub.split_hf_spec(spec)[1] and not _has_hub_file(spec, hf_clip.OPEN_CLIP_FILE):
                 raise InputError(f"{spec}: the repository holds no unicom model folder (unicom_model.json), no "
-                                 "transformers model read here (config.json) and no open_clip model "
-                                 f"({hf_clip.OPEN_CLIP_FILE}); a model in a folder of it is "
+                                 "transformers model read here (config.json of model type "
+                                 f"{', '.join(hf_clip.MODEL_TYPES)}) and no open_clip model ({hf_clip.OPEN_CLIP_FILE}); "
+                                 f"a timm repository is timm/{spec}, a model in a folder of it "
                                  f"hf-hub:{hub.split_hf_spec(spec)[0]}/<folder>") from None
         except hub.NotInCache as missing:  # offline: transformers' or open_clip's files may be in the cache
             if hf_clip.is_clip_repository(spec):

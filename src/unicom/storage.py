@@ -56,6 +56,7 @@ BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"),
             "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}
 READ_ONLY = ("http", "https")
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
+_NO_SUFFIX_RANGES = ("az", "abfs", "abfss")  # stores whose API cannot ask for a file's last bytes alone
 CHUNK = 1 << 20  # bytes per read of a stream
 READ_AHEAD = 32 << 20  # bytes a stream downloads ahead of its reader
 # the name of a temporary file beside its destination: tempfile.mkstemp's, and ours remotely
@@ -741,9 +742,6 @@ def read_tail(location, count: int) -> bytes:
         size = retrying(location, lambda: fs.size(inner))
         return read_range(location, max(0, size - count), size)
     return retrying(location, lambda: fs.cat_file(inner, start=-count))
-
-
-_NO_SUFFIX_RANGES = ("az", "abfs", "abfss")  # stores whose API cannot ask for a file's last bytes alone
 
 
 _WHOLE_FILE_HOSTS: set[str] = set()

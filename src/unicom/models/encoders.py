@@ -114,20 +114,6 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
-def _has_hub_file(spec: str, name: str) -> bool:
-    """Whether the ``hf-hub:`` repository ``spec`` has the file ``name`` (fetched into the cache
-    to tell); True where that cannot be told (offline, the Hub unreachable)."""
-    from unicom.models import hub
-
-    try:
-        hub.hf_file(spec, name)
-    except hub.NotAModelFolder:
-        return False
-    except hub.NotInCache:
-        return True
-    return True
-
-
 RANDOM_WEIGHTS_SEED = 0  # torch's CPU generator's seed while a timm or open_clip model is built
 
 
@@ -136,6 +122,7 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
     """Build the :class:`Encoder` named by ``spec`` (see the module docstring), in eval mode."""
     from unicom.engine.device import resolve_device
     from unicom.models import factory, foundation, hf_clip, hub
+    from unicom.models.hf_folders import hub_file
 
     device = resolve_device(str(device), "device")  # "auto", a name or a torch.device, checked
     spec = os.fspath(spec)
@@ -149,7 +136,7 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         except hub.NotAModelFolder:  # no unicom_model.json: transformers' CLIP/SigLIP/DINOv2, or open_clip's
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
-            if not hub.split_hf_spec(spec)[1] and not _has_hub_file(spec, hf_clip.OPEN_CLIP_FILE):
+            if not hub.split_hf_spec(spec)[1] and not hub_file(spec, hf_clip.OPEN_CLIP_FILE, None):
                 raise InputError(f"{spec}: the repository holds no unicom model folder (unicom_model.json), no "
                                  "transformers model read here (config.json of model type "
                                  f"{', '.join(hf_clip.MODEL_TYPES)}) and no open_clip model ({hf_clip.OPEN_CLIP_FILE}); "

@@ -250,6 +250,18 @@ def is_clip_repository(spec: str) -> bool:
     return not hub_file(spec, OPEN_CLIP_FILE, hub.hf_commit(config, spec)) and is_clip_folder(config.parent)
 
 
+def _rescaled_and_resampled(config: dict, path: Path, default: int) -> int:
+    """The resize filter ``preprocessor_config.json`` (``config``, read from ``path``) names (PIL's
+    number, ``default`` when it names none), once its values are checked to be rescaled by 1/255
+    and the filter to be one of :data:`RESAMPLE`."""
+    if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
+    resample = config.get("resample", default)
+    if resample not in RESAMPLE:
+        raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
+    return resample
+
+
 def image_transform(config: dict, path: Path, squash: bool = False):
     """The image transform ``preprocessor_config.json`` (``config``, read from ``path``) describes:
     CLIP's (short side, centre crop), or with ``squash`` SigLIP's (both sides to ``size``)."""
@@ -272,11 +284,7 @@ def image_transform(config: dict, path: Path, squash: bool = False):
                              f"{'' if squash else 'centre crop, '}rescale, normalise) is read")
     if squash and config.get("do_center_crop") is True:
         raise InputError(f"{path}: do_center_crop true: SigLIP's preprocessing resizes both sides and crops nothing")
-    if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
-    resample = config.get("resample", 3)
-    if resample not in RESAMPLE:
-        raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
+    resample = _rescaled_and_resampled(config, path, 3)
     if squash:
         return build_transform({"size": pixels(config.get("size", 224), "height", "width"), "resize_mode": "squash",
                                 "interpolation": RESAMPLE[resample], "mean": list(config.get("image_mean", [])),
@@ -310,11 +318,7 @@ def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
         if config.get(flag) is False:
             raise InputError(f"{path}: {flag} false: only SigLIP 2's NaFlex preprocessing (resize to at most "
                              "max_num_patches patches, rescale, normalise) is read")
-    if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
-    resample = config.get("resample", NAFLEX_PREPROCESSOR["resample"])
-    if resample not in RESAMPLE:
-        raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
+    resample = _rescaled_and_resampled(config, path, NAFLEX_PREPROCESSOR["resample"])
     sizes = {key: config.get(key, NAFLEX_PREPROCESSOR[key]) for key in ("patch_size", "max_num_patches")}
     for key, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -188,9 +188,10 @@ def tokenizer(folder: Path, spec: str, transformers):
                          f"tokenizer's files ({', '.join(TOKENIZER_FILES[:3])}, ...)") from error
 
 
-def hub_file(spec: str, name: str, revision: str) -> bool:
-    """Bring ``name`` of one ``revision`` of the ``hf-hub:`` repository ``spec`` into the cache:
-    False where the repository has no such file (offline: where the cache has none)."""
+def hub_file(spec: str, name: str, revision: str | None) -> bool:
+    """Bring ``name`` of one ``revision`` (None: the one ``spec`` names) of the ``hf-hub:``
+    repository ``spec`` into the cache: False where the repository has no such file (offline:
+    where the cache has none)."""
     from unicom.models import hub
 
     try:

@@ -365,25 +365,34 @@ MULTILINGUAL_CAPTIONS = [
 ]
 
 
+def xlm_roberta_tokenizer(corpus: list[str], vocabulary: int, max_length: int | None = None):
+    """A tokenizer of XLM-RoBERTa's kind (sentencepiece's unigram pieces, ``<s>`` 0, ``<pad>`` 1,
+    ``</s>`` 2) of ``vocabulary`` pieces, trained here on ``corpus``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.Unigram())
+    words.normalizer = normalizers.NFKC()
+    words.pre_tokenizer = pre_tokenizers.Metaspace()
+    words.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=vocabulary, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    words.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # XLM-RoBERTa's ids of them
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", cls_token="<s>", sep_token="</s>",
+                                   **({"model_max_length": max_length} if max_length else {}))
+
+
 def tiny_xlm_roberta(folder: Path, seed: int = 0, max_positions: int = 34, width: int = 32, layers: int = 2,
                      vocabulary: int = 160, corpus: list[str] | None = None):
     """A small XLM-RoBERTa (``layers`` layers of ``width``, a head per 64 of it, at least 2) with
     random weights and a tokenizer trained on ``corpus`` (default :data:`MULTILINGUAL_CAPTIONS`),
     saved in ``folder`` (a Hugging Face model folder). Returns the tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+    from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    words = Tokenizer(models.Unigram())
-    words.normalizer = normalizers.NFKC()
-    words.pre_tokenizer = pre_tokenizers.Metaspace()
-    words.train_from_iterator(corpus or MULTILINGUAL_CAPTIONS, trainers.UnigramTrainer(
-        vocab_size=vocabulary, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    words.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # XLM-RoBERTa's ids of them
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+    tokenizer = xlm_roberta_tokenizer(corpus or MULTILINGUAL_CAPTIONS, vocabulary)
     torch.manual_seed(seed)
-    config = XLMRobertaConfig(vocab_size=words.get_vocab_size(), hidden_size=width, num_hidden_layers=layers,
+    config = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers,
                               num_attention_heads=max(2, width // 64), intermediate_size=2 * width,
                               max_position_embeddings=max_positions, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     XLMRobertaModel(config).save_pretrained(folder)
@@ -408,6 +417,14 @@ def tiny_mclip(folder: Path, dims: int = 16, seed: int = 0):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def saved(folder: Path, *parts):
+    """``parts`` (a model, its tokenizer, its image processor: transformers' objects) saved in
+    ``folder`` as transformers saves them; returns them."""
+    for part in parts:
+        part.save_pretrained(folder)
+    return parts
 
 
 def _clip_byte_characters() -> list[str]:
@@ -442,10 +459,7 @@ def tiny_hf_clip(folder: Path, dims: int = 16, seed: int = 0, positions: int = 1
         projection_dim=dims)
     model = CLIPModel(config).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, tokenizer, processor
+    return saved(folder, model, tokenizer, processor)
 
 
 def _siglip_sentencepiece(folder: Path, seed: int, positions: int):
@@ -514,10 +528,19 @@ def tiny_hf_siglip(folder: Path, dims: int = 32, seed: int = 0, positions: int =
         config = transformers.SiglipConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **tower))
         model = transformers.SiglipModel(config).eval()
         processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, tokenizer, processor
+    return saved(folder, model, tokenizer, processor)
+
+
+def bert_tokenizer(folder: Path, positions: int, characters: str = ""):
+    """A BERT tokenizer (transformers' ``BertTokenizer``) of a few English words and ``characters``,
+    its vocab.txt written in ``folder``, texts of at most ``positions`` tokens."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["a", "cat", "dog", "red", "blue", "on", "the", "grass", "photo", "of", "##s", ",", "!", "."]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *characters])
+                                      + "\n", encoding="utf-8")
+    return BertTokenizer(str(folder / "vocab.txt"), model_max_length=positions)
 
 
 CHINESE_TEXTS_VOCABULARY = "猫狗红蓝色的一只在上草地房子照片和小大白黑"
@@ -530,14 +553,10 @@ def tiny_hf_chinese_clip(folder: Path, width: int = 32, seed: int = 0, positions
     layers of ``width``, 16-d embeddings, ``positions`` text positions. Returns (model, tokenizer,
     image processor), transformers' own: the reference."""
     import torch
-    from transformers import BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel
+    from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    words = ["a", "cat", "dog", "red", "blue", "on", "the", "grass", "photo", "of", "##s", ",", "!", "."]
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words,
-                                                 *CHINESE_TEXTS_VOCABULARY]) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"), model_max_length=positions)
+    tokenizer = bert_tokenizer(folder, positions, CHINESE_TEXTS_VOCABULARY)
     torch.manual_seed(seed)
     config = ChineseCLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
@@ -548,10 +567,65 @@ def tiny_hf_chinese_clip(folder: Path, width: int = 32, seed: int = 0, positions
     model = ChineseCLIPModel(config).eval()
     processor = ChineseCLIPImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
                                           do_center_crop=False)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, tokenizer, processor
+    return saved(folder, model, tokenizer, processor)
+
+
+def tiny_hf_altclip(folder: Path, width: int = 32, seed: int = 0, positions: int = 18):
+    """A small AltCLIP as transformers saves one (``AltCLIPModel``: config.json, model.safetensors,
+    an XLM-RoBERTa tokenizer trained here on :data:`MULTILINGUAL_CAPTIONS`, CLIP's
+    preprocessor_config.json for 32-pixel images), with random weights: towers of 2 layers of
+    ``width``, 16-d embeddings, ``positions`` text positions (RoBERTa's: two fewer for a text).
+    Returns (model, tokenizer, image processor), transformers' own: the reference."""
+    import torch
+    from transformers import AltCLIPConfig, AltCLIPModel, CLIPImageProcessor
+
+    folder = Path(folder)
+    tokenizer = xlm_roberta_tokenizer(MULTILINGUAL_CAPTIONS, 160)  # no model_max_length: the tower's positions bound
+    torch.manual_seed(seed)
+    config = AltCLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * width, max_position_embeddings=positions, project_dim=width,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=2),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    model = AltCLIPModel(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return saved(folder, model, tokenizer, processor)
+
+
+def tiny_hf_align(folder: Path, width: int = 32, seed: int = 0, positions: int = 24):
+    """A small ALIGN as transformers saves one (``AlignModel``: config.json, model.safetensors, a
+    BERT tokenizer over the vocabulary of :func:`tiny_hf_chinese_clip`, preprocessor_config.json as
+    ALIGN's published one, scaled down: both sides to 40 pixels, the centre 32, values / 127.5 - 1),
+    with random weights: a text tower of 2 layers of ``width``, a two-block EfficientNet whose last
+    block has 16 channels, 16-d embeddings. Returns (model, tokenizer, image processor),
+    transformers' own: the reference."""
+    import torch
+    from transformers import AlignConfig, AlignModel, EfficientNetImageProcessor
+
+    folder = Path(folder)
+    tokenizer = bert_tokenizer(folder, positions)
+    torch.manual_seed(seed)
+    config = AlignConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * width, max_position_embeddings=positions),
+        vision_config=dict(image_size=32, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=16,
+                           kernel_sizes=[3, 3], in_channels=[32, 8], out_channels=[8, 16], strides=[1, 2],
+                           num_block_repeats=[1, 1], expand_ratios=[1, 2], depthwise_padding=[]),
+        projection_dim=16)
+    model = AlignModel(config).eval()
+    with torch.no_grad():  # convolutions that keep the images apart (transformers' initialisation all but
+        for module in model.vision_model.modules():  # erases them), batch norms of other statistics than 0 and 1
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    processor = EfficientNetImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32},
+                                           do_center_crop=True, rescale_factor=1 / 127.5, rescale_offset=True,
+                                           do_normalize=False, include_top=False, resample=2)
+    return saved(folder, model, tokenizer, processor)
 
 
 def tiny_hf_dinov2(folder: Path, width: int = 32, seed: int = 0, registers: int = 0):

@@ -163,6 +163,15 @@ def test_squash_preprocessing_resizes_both_sides():
     np.testing.assert_allclose(out.numpy(), expected.transpose(2, 0, 1), rtol=0, atol=1e-6)
 
 
+def test_squash_preprocessing_with_a_resize_size_resizes_both_sides_then_crops_the_centre():
+    """ALIGN's preprocessing: both sides to 9 (its 346), then the centre 4 (its 289)."""
+    pixels = np.random.default_rng(3).integers(0, 256, (7, 12, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    out = export.build_transform({**SQUASH, "resize_size": 9})(image)
+    resized = np.asarray(image.resize((9, 9), Image.BILINEAR), dtype=np.float32)[2:6, 2:6]  # torchvision's centre
+    np.testing.assert_allclose(out.numpy(), ((resized / 255 - 0.5) / 0.5).transpose(2, 0, 1), rtol=0, atol=1e-6)
+
+
 def test_exported_folder_loads_through_unicom_load(tmp_path):
     import unicom
 

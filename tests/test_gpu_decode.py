@@ -112,8 +112,17 @@ def test_torchvisions_cpu_decoder_gives_pillows_pixels():
         assert torch.equal(decoded, as_uint8_tensor(decode_image(data)[0]))
 
 
-def test_resize_and_crop_on_tensors_match_pillow_within_the_stated_tolerance():
-    transform = clip_transform()
+def squash_and_crop_transform():
+    """Both sides resized, then the centre cropped (ALIGN's preprocessing, bilinear)."""
+    from unicom.models.export import build_transform
+
+    return build_transform({"size": 224, "resize_size": 268, "resize_mode": "squash", "interpolation": "bilinear",
+                            "mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+@pytest.mark.parametrize("make", [clip_transform, squash_and_crop_transform])
+def test_resize_and_crop_on_tensors_match_pillow_within_the_stated_tolerance(make):
+    transform = make()
     split, tensor = SplitTransform(transform), TensorTransform(transform)
     images = [photo(i, w, h) for i, (w, h) in enumerate(sizes(16))]
     expected = torch.stack([split.on_worker(image) for image in images]).float()

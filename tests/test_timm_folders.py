@@ -67,6 +67,8 @@ def test_the_folder_holds_the_weights_once_in_timms_keys(tmp_path):
     clip_preprocess(32),
     {**clip_preprocess(32), "resize_size": 37, "interpolation": "bilinear"},
     {"size": 32, "resize_mode": "squash", "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]},
+    {"size": 32, "resize_mode": "squash", "resize_size": 39, "interpolation": "bilinear", "mean": [0.5] * 3,
+     "std": [0.5] * 3},
 ])
 def test_timm_preprocesses_like_the_folder(tmp_path, preprocess):
     export.save_model(tmp_path / "m", clip_vit(), "clip_vit", SMALL, preprocess)

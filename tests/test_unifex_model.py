@@ -147,6 +147,16 @@ def test_open_clip_transforms_are_described_exactly(resize_mode):
     assert _same_pixels(transform, image)["resize_mode"] == resize_mode
 
 
+def test_a_squash_and_centre_crop_is_described_exactly():
+    """timm's crop_mode="squash" below a crop_pct of 1 (both sides resized, then the centre cropped)."""
+    import timm.data
+
+    transform = timm.data.create_transform(input_size=(3, 48, 48), crop_pct=0.8, crop_mode="squash",
+                                           interpolation="bilinear", mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1))
+    described = _same_pixels(transform, class_image(5, 2, size=90).crop((0, 0, 90, 70)))
+    assert (described["resize_mode"], described["size"], described["resize_size"]) == ("squash", 48, 60)
+
+
 def test_an_undescribable_transform_is_refused_before_training():
     from torchvision import transforms as T
 

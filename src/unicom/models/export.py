@@ -67,7 +67,8 @@ def build_transform(preprocess: Mapping[str, Any]):
 
     ``resize_mode`` ``"shortest"``: resize the short side to ``resize_size`` (optional,
     default ``size``; the long side to ``int(resize_size * long / short)``), then centre
-    crop ``size``; ``"squash"``: resize both sides to ``size``. Then RGB, values / 255,
+    crop ``size``; ``"squash"``: resize both sides to ``resize_size`` (the same default),
+    then centre crop ``size`` (nothing to crop at the default). Then RGB, values / 255,
     ``(x - mean) / std`` per channel.
     """
     from torchvision import transforms
@@ -95,7 +96,8 @@ def build_transform(preprocess: Mapping[str, Any]):
     if mode == "shortest":
         resize = [transforms.Resize(resize_size, interpolation=interpolation), transforms.CenterCrop(size)]
     else:
-        resize = [transforms.Resize((size, size), interpolation=interpolation)]
+        resize = [transforms.Resize((resize_size, resize_size), interpolation=interpolation)]
+        resize += [transforms.CenterCrop(size)] if resize_size != size else []
     # Resize before the RGB conversion, as the released models' own preprocessing does.
     return transforms.Compose([*resize, _convert_to_rgb, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
@@ -104,18 +106,16 @@ def timm_data_config(preprocess: Mapping[str, Any]) -> dict[str, Any]:
     """``preprocess`` in the terms of timm's ``pretrained_cfg`` (the same transform).
 
     timm resizes to ``floor(size / crop_pct)``; ``crop_pct`` is chosen so that this is
-    exactly ``resize_size``. ``squash`` is timm's ``crop_mode="squash"`` at ``crop_pct`` 1.
+    exactly ``resize_size``. ``squash`` is timm's ``crop_mode="squash"`` (both sides resized,
+    then the centre crop).
     """
     size = int(preprocess["size"])
-    if preprocess["resize_mode"] == "squash":
-        crop_pct, crop_mode = 1.0, "squash"
-    else:
-        resize = int(preprocess.get("resize_size", size))
-        crop_pct, crop_mode = size / resize, "center"
-        while math.floor(size / crop_pct) > resize:  # floating-point rounding in the quotient
-            crop_pct = math.nextafter(crop_pct, 1.0)
-        while math.floor(size / crop_pct) < resize:
-            crop_pct = math.nextafter(crop_pct, 0.0)
+    resize = int(preprocess.get("resize_size", size))
+    crop_pct, crop_mode = size / resize, "squash" if preprocess["resize_mode"] == "squash" else "center"
+    while math.floor(size / crop_pct) > resize:  # floating-point rounding in the quotient
+        crop_pct = math.nextafter(crop_pct, 1.0)
+    while math.floor(size / crop_pct) < resize:
+        crop_pct = math.nextafter(crop_pct, 0.0)
     return {
         "input_size": [3, size, size],
         "interpolation": preprocess["interpolation"],

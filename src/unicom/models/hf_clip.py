@@ -56,6 +56,17 @@ transformers' ``ChineseCLIPModel``: an image's embedding and a text's are what
 projection), texts tokenized by the folder's BERT tokenizer with their attention mask and token
 types. Images are resized as the folder's ``preprocessor_config.json`` says: both sides to
 ``size`` (Chinese-CLIP's published folders) or CLIP's short side and centre crop.
+
+AltCLIP's folders (``"model_type": "altclip"``: BAAI's ``BAAI/AltCLIP`` and ``AltCLIP-m9``, CLIP's
+image tower beside an XLM-RoBERTa text tower) load into ``AltCLIPModel`` and ALIGN's (``"model_type":
+"align"``: ``kakaobrain/align-base``, an EfficientNet image tower beside a BERT one) into
+``AlignModel``, their embeddings likewise ``get_image_features`` / ``get_text_features``, texts
+tokenized by the folder's tokenizer with their mask (AltCLIP's RoBERTa positions begin after the pad
+token's id: a text has two positions fewer than the tower). AltCLIP's images are prepared as
+CLIP's; ALIGN's as transformers' ``EfficientNetImageProcessor`` prepares them
+(:func:`efficientnet_transform`: both sides to ``size``, the centre ``crop_size``, the values
+rescaled, offset and normalised as the folder says; its published folder: 346, then 289 pixels,
+values / 127.5 - 1).
 """
 
 from __future__ import annotations
@@ -89,6 +100,9 @@ SIGLIP2_TYPE = "siglip2"  # SigLIP 2's NaFlex models: images at their own aspect
 SIGLIP2_VISION_TYPE = "siglip2_vision_model"
 NAFLEX_TYPES = (SIGLIP2_TYPE, SIGLIP2_VISION_TYPE)
 CHINESE_CLIP_TYPE = "chinese_clip"  # OFA-Sys' Chinese-CLIP: a BERT text tower
+ALTCLIP_TYPE = "altclip"  # BAAI's AltCLIP: CLIP's image tower, an XLM-RoBERTa text tower
+ALIGN_TYPE = "align"  # Kakao Brain's ALIGN: an EfficientNet image tower, a BERT text tower
+FEATURES_TYPES = (CHINESE_CLIP_TYPE, ALTCLIP_TYPE, ALIGN_TYPE)  # embedded by get_image_features / get_text_features
 MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
                "dinov2": ("Dinov2Config", "Dinov2Model"),
                "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel"),
@@ -96,7 +110,8 @@ MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConf
                SIGLIP_VISION_TYPE: ("SiglipVisionConfig", "SiglipVisionModel"),
                SIGLIP2_TYPE: ("Siglip2Config", "Siglip2Model"),
                SIGLIP2_VISION_TYPE: ("Siglip2VisionConfig", "Siglip2VisionModel"),
-               CHINESE_CLIP_TYPE: ("ChineseCLIPConfig", "ChineseCLIPModel")}
+               CHINESE_CLIP_TYPE: ("ChineseCLIPConfig", "ChineseCLIPModel"),
+               ALTCLIP_TYPE: ("AltCLIPConfig", "AltCLIPModel"), ALIGN_TYPE: ("AlignConfig", "AlignModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -113,6 +128,14 @@ NAFLEX_PREPROCESSOR = {"patch_size": 16, "max_num_patches": 256, "resample": 2,
 # Chinese-CLIP's published preprocessing (OFA-Sys' folders): both sides to 224, CLIP's mean and std
 CHINESE_CLIP_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "do_center_crop": False, "resample": 3,
                              "image_mean": DEFAULT_PREPROCESSOR["image_mean"], "image_std": DEFAULT_PREPROCESSOR["image_std"]}
+# transformers' EfficientNetImageProcessor defaults, for the keys ALIGN's preprocessor_config.json leaves out
+EFFICIENTNET_PREPROCESSOR = {"do_resize": True, "size": {"height": 346, "width": 346}, "resample": 3,
+                             "do_center_crop": False, "crop_size": {"height": 289, "width": 289}, "do_rescale": True,
+                             "rescale_factor": 1 / 255, "rescale_offset": False, "do_normalize": True,
+                             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "include_top": True}
+# ALIGN's published preprocessing (the processor its weights were converted with), for a folder without the file
+ALIGN_PREPROCESSOR = {**EFFICIENTNET_PREPROCESSOR, "resample": 2, "do_center_crop": True, "rescale_factor": 1 / 127.5,
+                      "rescale_offset": True, "do_normalize": False, "include_top": False}
 # DINOv2's published preprocessing (its repositories' preprocessor_config.json), likewise
 DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
                        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -181,7 +204,7 @@ def _pooled(output) -> torch.Tensor:
 
 class HFFeatures(HFClip):
     """A transformers dual encoder whose ``get_image_features`` and ``get_text_features`` give its
-    embeddings (Chinese-CLIP): ``tokenize`` gives int64 (B, 3, L), each text's token ids, attention
+    embeddings (Chinese-CLIP, AltCLIP, ALIGN): ``tokenize`` gives int64 (B, 3, L), each text's token ids, attention
     mask and token types."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -223,7 +246,7 @@ class HFSiglip(HFClip):
 
 
 def _transformers():
-    return require_transformers("transformers' CLIP, SigLIP and DINOv2 models", "transformers")
+    return require_transformers("transformers' CLIP-like and DINOv2 models", "transformers")
 
 
 def is_clip_folder(folder: str | os.PathLike) -> bool:
@@ -256,10 +279,34 @@ def _rescaled_and_resampled(config: dict, path: Path, default: int) -> int:
     and the filter to be one of :data:`RESAMPLE`."""
     if abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise InputError(f"{path}: rescale_factor {config['rescale_factor']}; only 1/255 is read")
+    return _resample(config, path, default)
+
+
+def _resample(config: dict, path: Path, default: int) -> int:
+    """The resize filter ``config`` names (PIL's number, ``default`` when it names none), one of :data:`RESAMPLE`."""
     resample = config.get("resample", default)
     if resample not in RESAMPLE:
         raise InputError(f"{path}: resample {resample!r}; read are {', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())}")
     return resample
+
+
+def _pixels(path: Path, value, *keys) -> int:
+    """The side in pixels that a ``size`` or ``crop_size`` of ``preprocessor_config.json`` (read
+    from ``path``) gives: a whole number, or a dict whose ``keys`` name one same number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    found = [value.get(key) for key in keys] if isinstance(value, dict) else []
+    if found and all(isinstance(number, int) and number > 0 for number in found) and len(set(found)) == 1:
+        return found[0]
+    raise InputError(f"{path}: {value!r}: read are a square crop and a short side of whole pixels "
+                     "({\"shortest_edge\": 224}, {\"height\": 224, \"width\": 224})")
+
+
+def _three_numbers(path: Path, key: str, value, positive: bool = False) -> list[float]:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)) \
+            or (positive and not all(v > 0 for v in value)):
+        raise InputError(f"{path}: {key} {value!r}; expected 3 {'positive ' if positive else ''}numbers")
+    return [float(v) for v in value]
 
 
 def image_transform(config: dict, path: Path, squash: bool = False):
@@ -268,13 +315,7 @@ def image_transform(config: dict, path: Path, squash: bool = False):
     from unicom.models.export import build_transform
 
     def pixels(value, *keys):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        found = [value.get(key) for key in keys] if isinstance(value, dict) else []
-        if found and all(isinstance(number, int) and number > 0 for number in found) and len(set(found)) == 1:
-            return found[0]
-        raise InputError(f"{path}: {value!r}: read are a square crop and a short side of whole pixels "
-                         "({\"shortest_edge\": 224}, {\"height\": 224, \"width\": 224})")
+        return _pixels(path, value, *keys)
 
     flags = ("do_resize", "do_normalize", "do_rescale") if squash else ("do_resize", "do_center_crop", "do_normalize",
                                                                          "do_rescale")
@@ -311,6 +352,42 @@ def _both_sides_or_crop(config: dict) -> tuple[dict, bool]:
     return {**config, "do_center_crop": False}, True
 
 
+def efficientnet_transform(config: dict, path: Path):
+    """The image transform of ``preprocessor_config.json`` (``config``, read from ``path``) of an
+    ALIGN folder, as transformers' ``EfficientNetImageProcessor`` reads it (its defaults,
+    :data:`EFFICIENTNET_PREPROCESSOR`, for the keys left out): both sides resized to ``size``, the
+    centre ``crop_size`` cut out (``do_center_crop``), the values x rescaled to
+    ``x * rescale_factor`` (less 1 with ``rescale_offset``), normalised by ``image_mean`` and
+    ``image_std`` (``do_normalize``) and divided by ``image_std`` once more (``include_top``).
+    Each of these is linear in x / 255: they are one mean and std per channel."""
+    from unicom.models.export import build_transform
+
+    config = {**EFFICIENTNET_PREPROCESSOR, **config}
+    for flag in ("do_resize", "do_rescale"):
+        if config[flag] is not True:
+            raise InputError(f"{path}: {flag} {config[flag]!r}: only images resized and rescaled (EfficientNet's "
+                             "preprocessing) are read")
+    resample = _resample(config, path, EFFICIENTNET_PREPROCESSOR["resample"])
+    side = _pixels(path, config["size"], "height", "width")
+    crop = _pixels(path, config["crop_size"], "height", "width") if config["do_center_crop"] else side
+    if crop > side:
+        raise InputError(f"{path}: a crop of {crop} pixels cannot be cut from images resized to {side}")
+    scale = config["rescale_factor"]
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise InputError(f"{path}: rescale_factor {scale!r}; expected a positive number")
+    scale, offset = 255 * float(scale), 1.0 if config["rescale_offset"] else 0.0
+    mean, std = [0.0] * 3, [1.0] * 3
+    if config["do_normalize"]:
+        mean = _three_numbers(path, "image_mean", config["image_mean"])
+        std = _three_numbers(path, "image_std", config["image_std"], positive=True)
+    # include_top divides by image_std again (whether or not the values were normalised)
+    top = _three_numbers(path, "image_std", config["image_std"], positive=True) if config["include_top"] else [1.0] * 3
+    # (scale * v - offset - m) / (s * t) = (v - (offset + m) / scale) / (s * t / scale), v = x / 255
+    return build_transform({"size": crop, "resize_size": side, "resize_mode": "squash",
+                            "interpolation": RESAMPLE[resample], "mean": [(offset + m) / scale for m in mean],
+                            "std": [s * t / scale for s, t in zip(std, top)]})
+
+
 def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
     """SigLIP 2's NaFlex preprocessing as ``preprocessor_config.json`` (``config``, read from
     ``path``) describes it, for a vision tower of ``patch``-pixel patches."""
@@ -326,13 +403,20 @@ def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
     if sizes["patch_size"] != patch:
         raise InputError(f"{path}: patch_size {sizes['patch_size']}, but the vision tower's patches are {patch} pixels "
                          "(config.json); the two files are of different models")
-    means = [config.get(key, NAFLEX_PREPROCESSOR[key]) for key in ("image_mean", "image_std")]
-    for key, value in zip(("image_mean", "image_std"), means):
-        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
-            raise InputError(f"{path}: {key} {value!r}; expected 3 numbers")
-    if not all(v > 0 for v in means[1]):
-        raise InputError(f"{path}: image_std {means[1]!r}; expected 3 positive numbers")
-    return NaFlexTransform(patch, sizes["max_num_patches"], RESAMPLE[resample], *means)
+    mean = _three_numbers(path, "image_mean", config.get("image_mean", NAFLEX_PREPROCESSOR["image_mean"]))
+    std = _three_numbers(path, "image_std", config.get("image_std", NAFLEX_PREPROCESSOR["image_std"]), positive=True)
+    return NaFlexTransform(patch, sizes["max_num_patches"], RESAMPLE[resample], mean, std)
+
+
+def _check_align_widths(model, config, path: Path) -> None:
+    """Refuse an ALIGN whose image embeddings (the last block's channels) are not as wide as its
+    text embeddings (``projection_dim``): the two would not share a space."""
+    from transformers.models.align import modeling_align
+
+    width = modeling_align.round_filters(config.vision_config, config.vision_config.out_channels[-1])
+    if width != config.projection_dim:
+        raise InputError(f"{path}: the image tower's last block has {width} channels, but the text tower's "
+                         f"projection_dim is {config.projection_dim}: the two embeddings would not share a space")
 
 
 def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
@@ -346,8 +430,8 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     device = resolve_device(str(device), "device")
     folder = hub_folder(spec, (PREPROCESSOR_FILE,)) if hub.is_hf_spec(spec) else Path(spec).expanduser()
     path = folder / "config.json"
-    config = read_json(path, spec, "a transformers CLIP, SigLIP or DINOv2 model folder holds config.json, the weights, "
-                                   f"the tokenizer's files (CLIP, SigLIP) and {PREPROCESSOR_FILE}")
+    config = read_json(path, spec, "a transformers CLIP-like or DINOv2 model folder holds config.json, the weights, "
+                                   f"the tokenizer's files (a model with a text tower) and {PREPROCESSOR_FILE}")
     kind = config.get("model_type")
     if kind not in MODEL_TYPES:
         raise InputError(f"{path}: model_type {kind!r}, not one of {', '.join(map(repr, MODEL_TYPES))}")
@@ -376,7 +460,7 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
     defaults = (SIGLIP_PREPROCESSOR if squash else NAFLEX_PREPROCESSOR if kind in NAFLEX_TYPES
-                else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES
+                else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else ALIGN_PREPROCESSOR if kind == ALIGN_TYPE
                 else CHINESE_CLIP_PREPROCESSOR if kind == CHINESE_CLIP_TYPE else DEFAULT_PREPROCESSOR)
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
                   if (folder / PREPROCESSOR_FILE).is_file() else defaults)
@@ -385,6 +469,8 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     if kind in NAFLEX_TYPES:
         vision = model_config.vision_config if kind == SIGLIP2_TYPE else model_config
         transform = naflex_transform(preprocess, folder / PREPROCESSOR_FILE, int(vision.patch_size))
+    elif kind == ALIGN_TYPE:
+        transform = efficientnet_transform(preprocess, folder / PREPROCESSOR_FILE)
     else:
         transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=squash)
     if kind in DINOV2_TYPES:
@@ -399,10 +485,15 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         return encoder.to(device).eval()
     text_tokenizer = tokenizer(folder, spec, transformers)
     positions = int(model_config.text_config.max_position_embeddings)
-    if kind == CHINESE_CLIP_TYPE:
+    if kind in FEATURES_TYPES:
+        if kind == ALTCLIP_TYPE:  # RoBERTa's positions are numbered from the pad token's id + 1
+            positions -= int(model_config.text_config.pad_token_id) + 1
+        if kind == ALIGN_TYPE:
+            _check_align_widths(model, model_config, path)
         max_tokens = min(positions, text_tokenizer.model_max_length or positions)
+        family = {CHINESE_CLIP_TYPE: "Chinese-CLIP", ALTCLIP_TYPE: "AltCLIP", ALIGN_TYPE: "ALIGN"}[kind]
         return HFFeatures(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
-                          f"transformers Chinese-CLIP {spec}").to(device).eval()
+                          f"transformers {family} {spec}").to(device).eval()
     if siglip:  # padded to all positions: the last one is read
         family = "SigLIP 2 NaFlex" if kind == SIGLIP2_TYPE else "SigLIP"
         return HFSiglip(model, transform, text_tokenizer, positions, int(model_config.vision_config.hidden_size),

@@ -10,7 +10,7 @@ the configuration, never the file's own code: by :func:`load_checked` after
 gives older checkpoints). :func:`hub_folder` brings one commit's files of an
 ``hf-hub:org/repo`` repository into the Hugging Face cache. Used by
 :mod:`unicom.models.multilingual` (M-CLIP, sentence-transformers) and
-:mod:`unicom.models.hf_clip` (transformers' CLIP, SigLIP and DINOv2 models).
+:mod:`unicom.models.hf_clip` (transformers' CLIP-like and DINOv2 models).
 """
 
 from __future__ import annotations

@@ -276,9 +276,13 @@ def describe_transform(transform: Callable, name: str = "backbone") -> dict[str,
         if short != crop_size[0]:
             described["resize_size"] = int(short)
     else:
-        if size[0] != size[1] or (crop_size is not None and crop_size != size):
-            raise InputError(f"{name}: its transform resizes to {size}; only square outputs can be described")
-        described.update(size=int(size[0]), resize_mode="squash")
+        crop = size if crop_size is None else crop_size
+        if size[0] != size[1] or crop[0] != crop[1] or crop[0] > size[0]:
+            raise InputError(f"{name}: its transform resizes to {size} and crops {crop}; only square outputs, "
+                             "cropped square, can be described")
+        described.update(size=int(crop[0]), resize_mode="squash")
+        if crop[0] != size[0]:
+            described["resize_size"] = int(size[0])
     described["interpolation"] = interpolation
     return described
 

@@ -434,6 +434,19 @@ def _clip_byte_characters() -> list[str]:
     return [chr(byte) for byte in kept] + [chr(256 + n) for n in range(len(shifted))]
 
 
+def clip_tokenizer(positions: int):
+    """A tokenizer of CLIP's kind (transformers' ``CLIPTokenizer``): a byte-level BPE vocabulary
+    with a few merges, texts of at most ``positions`` tokens."""
+    from transformers import CLIPTokenizer
+
+    characters = _clip_byte_characters()
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("r", "e"), ("d", "o"), ("do", "g</w>"), ("o", "n</w>")]
+    vocabulary = characters + [c + "</w>" for c in characters] + [a + b for a, b in merges]
+    vocabulary += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}, merges=merges,
+                         model_max_length=positions)
+
+
 def tiny_hf_clip(folder: Path, dims: int = 16, seed: int = 0, positions: int = 16):
     """A small CLIP model as transformers saves one (config.json, model.safetensors, the
     tokenizer's files, preprocessor_config.json), with random weights: a byte-level BPE
@@ -441,17 +454,12 @@ def tiny_hf_clip(folder: Path, dims: int = 16, seed: int = 0, positions: int = 1
     (the short side resized to 40, then cropped), ``dims``-dimensional embeddings. Returns
     (model, tokenizer, image processor), transformers' own objects: the reference."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    characters = _clip_byte_characters()
-    merges = [("a", "t</w>"), ("c", "at</w>"), ("r", "e"), ("d", "o"), ("do", "g</w>"), ("o", "n</w>")]
-    vocabulary = characters + [c + "</w>" for c in characters] + [a + b for a, b in merges]
-    vocabulary += ["<|startoftext|>", "<|endoftext|>"]
-    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}, merges=merges,
-                              model_max_length=positions)
+    tokenizer = clip_tokenizer(positions)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocabulary), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=positions, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -570,6 +578,17 @@ def tiny_hf_chinese_clip(folder: Path, width: int = 32, seed: int = 0, positions
     return saved(folder, model, tokenizer, processor)
 
 
+XLM_ROBERTA_IDS = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}  # of xlm_roberta_tokenizer's tokens
+
+
+def _clip_shaped_towers(tokenizer, width: int, positions: int, **text) -> dict:
+    """The configurations of a text tower and a vision tower (32-pixel images, 8-pixel patches) of 2
+    layers of ``width`` each, 16-d embeddings; ``text``: the text tower's own settings."""
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4)
+    return dict(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=positions, **tower, **text),
+                vision_config=dict(**tower, image_size=32, patch_size=8), projection_dim=16)
+
+
 def tiny_hf_altclip(folder: Path, width: int = 32, seed: int = 0, positions: int = 18):
     """A small AltCLIP as transformers saves one (``AltCLIPModel``: config.json, model.safetensors,
     an XLM-RoBERTa tokenizer trained here on :data:`MULTILINGUAL_CAPTIONS`, CLIP's
@@ -582,13 +601,7 @@ def tiny_hf_altclip(folder: Path, width: int = 32, seed: int = 0, positions: int
     folder = Path(folder)
     tokenizer = xlm_roberta_tokenizer(MULTILINGUAL_CAPTIONS, 160)  # no model_max_length: the tower's positions bound
     torch.manual_seed(seed)
-    config = AltCLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=2 * width, max_position_embeddings=positions, project_dim=width,
-                         pad_token_id=1, bos_token_id=0, eos_token_id=2),
-        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+    config = AltCLIPConfig(**_clip_shaped_towers(tokenizer, width, positions, project_dim=width, **XLM_ROBERTA_IDS))
     model = AltCLIPModel(config).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return saved(folder, model, tokenizer, processor)
@@ -625,6 +638,54 @@ def tiny_hf_align(folder: Path, width: int = 32, seed: int = 0, positions: int =
     processor = EfficientNetImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32},
                                            do_center_crop=True, rescale_factor=1 / 127.5, rescale_offset=True,
                                            do_normalize=False, include_top=False, resample=2)
+    return saved(folder, model, tokenizer, processor)
+
+
+def tiny_hf_metaclip2(folder: Path, width: int = 32, seed: int = 0, positions: int = 16):
+    """A small MetaCLIP 2 as transformers saves one (``MetaClip2Model``: CLIP's towers of 2 layers
+    of ``width``, an XLM-V-like tokenizer trained here on :data:`MULTILINGUAL_CAPTIONS`, CLIP's
+    preprocessor_config.json for 32-pixel images), with random weights. Returns (model,
+    tokenizer, image processor), transformers' own: the reference."""
+    import torch
+    from transformers import CLIPImageProcessor, MetaClip2Config, MetaClip2Model
+
+    tokenizer = xlm_roberta_tokenizer(MULTILINGUAL_CAPTIONS, 160, max_length=positions)
+    torch.manual_seed(seed)
+    config = MetaClip2Config(**_clip_shaped_towers(tokenizer, width, positions, **XLM_ROBERTA_IDS))
+    model = MetaClip2Model(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    return saved(folder, model, tokenizer, processor)
+
+
+def tiny_hf_dual_encoder(folder: Path, vision: str, text: str, width: int = 32, seed: int = 0, positions: int = 20):
+    """A small ``VisionTextDualEncoderModel`` as transformers' training example saves one: a
+    ``vision`` tower (``"clip"``: CLIP's with CLIP's image processor, short side 40 and the centre
+    32; ``"vit"``: ViT's with ViT's processor, both sides to 32) beside a ``text`` tower
+    (``"bert"``: :func:`bert_tokenizer`'s; ``"roberta"``: XLM-RoBERTa's of :func:`xlm_roberta_tokenizer`),
+    2 layers of ``width`` each, 16-d projections, random weights. Returns (model, tokenizer, image
+    processor), transformers' own: the reference."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    if text == "bert":
+        tokenizer = bert_tokenizer(folder, positions, CHINESE_TEXTS_VOCABULARY)
+        text_config = transformers.BertConfig
+    else:
+        tokenizer = xlm_roberta_tokenizer(MULTILINGUAL_CAPTIONS, 160)
+        text_config = transformers.XLMRobertaConfig
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4)
+    if vision == "clip":
+        vision_config = transformers.CLIPVisionConfig(**tower, image_size=32, patch_size=8)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    else:
+        vision_config = transformers.ViTConfig(**tower, image_size=32, patch_size=8)
+        processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    torch.manual_seed(seed)
+    config = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision_config, text_config(vocab_size=len(tokenizer), max_position_embeddings=positions, **tower,
+                                   pad_token_id=tokenizer.pad_token_id), projection_dim=16)
+    model = transformers.VisionTextDualEncoderModel(config).eval()
     return saved(folder, model, tokenizer, processor)
 
 

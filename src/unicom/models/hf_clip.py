@@ -67,6 +67,15 @@ CLIP's; ALIGN's as transformers' ``EfficientNetImageProcessor`` prepares them
 (:func:`efficientnet_transform`: both sides to ``size``, the centre ``crop_size``, the values
 rescaled, offset and normalised as the folder says; its published folder: 346, then 289 pixels,
 values / 127.5 - 1).
+
+MetaCLIP 2's folders (``"model_type": "metaclip_2"``: ``facebook/metaclip-2-worldwide-*``, CLIP's
+towers with a multilingual XLM-V tokenizer) and the dual encoders people train with transformers'
+``VisionTextDualEncoderModel`` (``"model_type": "vision-text-dual-encoder"``: any vision tower
+beside any text tower, each with a projection) load likewise, embedded by ``get_image_features``
+and ``get_text_features``. A dual encoder's images are prepared as its
+``preprocessor_config.json``'s ``image_processor_type`` says (CLIP's, ViT's, SigLIP's or
+EfficientNet's processor: :func:`processor_transform`), and a RoBERTa text tower's texts have two
+positions fewer, as AltCLIP's.
 """
 
 from __future__ import annotations
@@ -102,7 +111,12 @@ NAFLEX_TYPES = (SIGLIP2_TYPE, SIGLIP2_VISION_TYPE)
 CHINESE_CLIP_TYPE = "chinese_clip"  # OFA-Sys' Chinese-CLIP: a BERT text tower
 ALTCLIP_TYPE = "altclip"  # BAAI's AltCLIP: CLIP's image tower, an XLM-RoBERTa text tower
 ALIGN_TYPE = "align"  # Kakao Brain's ALIGN: an EfficientNet image tower, a BERT text tower
-FEATURES_TYPES = (CHINESE_CLIP_TYPE, ALTCLIP_TYPE, ALIGN_TYPE)  # embedded by get_image_features / get_text_features
+METACLIP2_TYPE = "metaclip_2"  # Meta's MetaCLIP 2: CLIP's towers, a multilingual tokenizer
+DUAL_ENCODER_TYPE = "vision-text-dual-encoder"  # transformers' VisionTextDualEncoderModel: any two towers
+# embedded by get_image_features / get_text_features
+FEATURES_TYPES = (CHINESE_CLIP_TYPE, ALTCLIP_TYPE, ALIGN_TYPE, METACLIP2_TYPE, DUAL_ENCODER_TYPE)
+# text towers whose positions are RoBERTa's: numbered from the pad token's id + 1
+ROBERTA_TEXT_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "altclip_text_model")
 MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
                "dinov2": ("Dinov2Config", "Dinov2Model"),
                "dinov2_with_registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel"),
@@ -111,7 +125,9 @@ MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConf
                SIGLIP2_TYPE: ("Siglip2Config", "Siglip2Model"),
                SIGLIP2_VISION_TYPE: ("Siglip2VisionConfig", "Siglip2VisionModel"),
                CHINESE_CLIP_TYPE: ("ChineseCLIPConfig", "ChineseCLIPModel"),
-               ALTCLIP_TYPE: ("AltCLIPConfig", "AltCLIPModel"), ALIGN_TYPE: ("AlignConfig", "AlignModel")}
+               ALTCLIP_TYPE: ("AltCLIPConfig", "AltCLIPModel"), ALIGN_TYPE: ("AlignConfig", "AlignModel"),
+               METACLIP2_TYPE: ("MetaClip2Config", "MetaClip2Model"),
+               DUAL_ENCODER_TYPE: ("VisionTextDualEncoderConfig", "VisionTextDualEncoderModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -136,6 +152,9 @@ EFFICIENTNET_PREPROCESSOR = {"do_resize": True, "size": {"height": 346, "width":
 # ALIGN's published preprocessing (the processor its weights were converted with), for a folder without the file
 ALIGN_PREPROCESSOR = {**EFFICIENTNET_PREPROCESSOR, "resample": 2, "do_center_crop": True, "rescale_factor": 1 / 127.5,
                       "rescale_offset": True, "do_normalize": False, "include_top": False}
+# transformers' ViTImageProcessor defaults, likewise (both sides to 224, bilinear)
+VIT_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 2,
+                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 # DINOv2's published preprocessing (its repositories' preprocessor_config.json), likewise
 DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
                        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -204,8 +223,15 @@ def _pooled(output) -> torch.Tensor:
 
 class HFFeatures(HFClip):
     """A transformers dual encoder whose ``get_image_features`` and ``get_text_features`` give its
-    embeddings (Chinese-CLIP, AltCLIP, ALIGN): ``tokenize`` gives int64 (B, 3, L), each text's token ids, attention
-    mask and token types."""
+    embeddings (Chinese-CLIP, AltCLIP, ALIGN, MetaCLIP 2, ``VisionTextDualEncoderModel``):
+    ``tokenize`` gives int64 (B, 3, L), each text's token ids, attention mask and token types (given
+    to a model whose ``get_text_features`` takes them)."""
+
+    def __init__(self, *args, **kwargs):
+        import inspect
+
+        super().__init__(*args, **kwargs)
+        self.token_types = "token_type_ids" in inspect.signature(self.model.get_text_features).parameters
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return _pooled(self.model.get_image_features(**self.vision_inputs(images)))
@@ -217,8 +243,8 @@ class HFFeatures(HFClip):
         return torch.stack([batch["input_ids"], batch["attention_mask"], types], dim=1).long()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_text_features(input_ids=tokens[:, 0], attention_mask=tokens[:, 1],
-                                                    token_type_ids=tokens[:, 2]))
+        types = {"token_type_ids": tokens[:, 2]} if self.token_types else {}
+        return _pooled(self.model.get_text_features(input_ids=tokens[:, 0], attention_mask=tokens[:, 1], **types))
 
 
 def canonical_text(text: str) -> str:
@@ -388,6 +414,23 @@ def efficientnet_transform(config: dict, path: Path):
                             "std": [s * t / scale for s, t in zip(std, top)]})
 
 
+def processor_transform(config: dict, path: Path):
+    """The image transform of ``preprocessor_config.json`` (``config``, read from ``path``) as the
+    transformers image processor it names (``image_processor_type``) reads it, the processor's
+    defaults for the keys left out: CLIP's (short side, centre crop), ViT's and SigLIP's (both
+    sides to ``size``) or EfficientNet's (:func:`efficientnet_transform`)."""
+    kind = str(config.get("image_processor_type", "")).removesuffix("Fast")
+    if kind == "CLIPImageProcessor":
+        return image_transform({**DEFAULT_PREPROCESSOR, **config}, path)
+    if kind in ("ViTImageProcessor", "SiglipImageProcessor"):
+        defaults = VIT_PREPROCESSOR if kind == "ViTImageProcessor" else SIGLIP_PREPROCESSOR
+        return image_transform({**defaults, **config}, path, squash=True)
+    if kind == "EfficientNetImageProcessor":
+        return efficientnet_transform(config, path)
+    raise InputError(f"{path}: image_processor_type {config.get('image_processor_type')!r}; read are "
+                     "CLIPImageProcessor, ViTImageProcessor, SiglipImageProcessor and EfficientNetImageProcessor")
+
+
 def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
     """SigLIP 2's NaFlex preprocessing as ``preprocessor_config.json`` (``config``, read from
     ``path``) describes it, for a vision tower of ``patch``-pixel patches."""
@@ -471,6 +514,11 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         transform = naflex_transform(preprocess, folder / PREPROCESSOR_FILE, int(vision.patch_size))
     elif kind == ALIGN_TYPE:
         transform = efficientnet_transform(preprocess, folder / PREPROCESSOR_FILE)
+    elif kind == DUAL_ENCODER_TYPE:
+        if preprocess is defaults:
+            raise InputError(f"{folder}: a vision-text dual encoder's folder holds {PREPROCESSOR_FILE}, which says "
+                             "how its vision tower's images are prepared (save the model's processor with it)")
+        transform = processor_transform(preprocess, folder / PREPROCESSOR_FILE)
     else:
         transform = image_transform(preprocess, folder / PREPROCESSOR_FILE, squash=squash)
     if kind in DINOV2_TYPES:
@@ -486,12 +534,13 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     text_tokenizer = tokenizer(folder, spec, transformers)
     positions = int(model_config.text_config.max_position_embeddings)
     if kind in FEATURES_TYPES:
-        if kind == ALTCLIP_TYPE:  # RoBERTa's positions are numbered from the pad token's id + 1
+        if model_config.text_config.model_type in ROBERTA_TEXT_TYPES:  # positions from the pad token's id + 1
             positions -= int(model_config.text_config.pad_token_id) + 1
         if kind == ALIGN_TYPE:
             _check_align_widths(model, model_config, path)
         max_tokens = min(positions, text_tokenizer.model_max_length or positions)
-        family = {CHINESE_CLIP_TYPE: "Chinese-CLIP", ALTCLIP_TYPE: "AltCLIP", ALIGN_TYPE: "ALIGN"}[kind]
+        family = {CHINESE_CLIP_TYPE: "Chinese-CLIP", ALTCLIP_TYPE: "AltCLIP", ALIGN_TYPE: "ALIGN",
+                  METACLIP2_TYPE: "MetaCLIP 2", DUAL_ENCODER_TYPE: "VisionTextDualEncoder"}[kind]
         return HFFeatures(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
                           f"transformers {family} {spec}").to(device).eval()
     if siglip:  # padded to all positions: the last one is read

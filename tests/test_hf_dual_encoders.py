@@ -1,10 +1,13 @@
-"""AltCLIP and ALIGN saved by Hugging Face transformers (``AltCLIPModel``: BAAI's ``AltCLIP``;
-``AlignModel``: ``kakaobrain/align-base``), against transformers' own models, tokenizers and image
-processors, on small models built in the test: multilingual texts through AltCLIP's XLM-RoBERTa
-positions, ALIGN's EfficientNet preprocessing, and ``unicom embed``, ``index`` and ``search --text``."""
+"""Dual encoders saved by Hugging Face transformers and embedded by ``get_image_features`` /
+``get_text_features``: AltCLIP (``AltCLIPModel``: BAAI's ``AltCLIP``), ALIGN (``AlignModel``:
+``kakaobrain/align-base``), MetaCLIP 2 (``MetaClip2Model``) and ``VisionTextDualEncoderModel`` (a CLIP or ViT vision tower beside a BERT or
+XLM-RoBERTa text tower), against transformers' own models, tokenizers and image processors on
+small models built in the test: multilingual texts, RoBERTa's positions, ALIGN's EfficientNet
+preprocessing, and ``unicom embed``, ``index`` and ``search --text``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -18,29 +21,56 @@ from unicom.errors import InputError
 from unicom.models.encoders import load_encoder
 from unicom.models.hf_clip import ALIGN_PREPROCESSOR, HFFeatures, efficientnet_transform
 
-from support import MULTILINGUAL_CAPTIONS, class_image, tiny_hf_align, tiny_hf_altclip
+from support import (
+    MULTILINGUAL_CAPTIONS,
+    class_image,
+    tiny_hf_align,
+    tiny_hf_altclip,
+    tiny_hf_dual_encoder,
+    tiny_hf_metaclip2,
+)
 from test_hf_clip import embed_index_and_search, features, images_embed_as_transformers_embeds_them, unit
 
 TEXTS = ["a photo of a cat", "ein rotes Auto bei Nacht", "一只猫的照片", "a red dog, on the grass!"]
 # longer than AltCLIP's 16 positions of text: cut there
-LONG = " ".join(MULTILINGUAL_CAPTIONS[:4])
+LONG = " ".join(MULTILINGUAL_CAPTIONS)
 
 
-def built(tmp_path_factory, name, build):
-    folder = tmp_path_factory.mktemp(name) / "model"
-    model, tokenizer, processor = build(folder)
-    return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
-            "encoder": load_encoder(str(folder))}
+# each kind: (its builder, the texts' positions, the encoder's name)
+KINDS = {
+    "altclip": (tiny_hf_altclip, 16, "AltCLIP"),  # 18 positions, RoBERTa's: two fewer for a text
+    "align": (tiny_hf_align, 24, "ALIGN"),
+    "metaclip_2": (tiny_hf_metaclip2, 16, "MetaCLIP 2"),
+    "dual-clip-roberta": (functools.partial(tiny_hf_dual_encoder, vision="clip", text="roberta"), 18,
+                          "VisionTextDualEncoder"),
+    "dual-vit-bert": (functools.partial(tiny_hf_dual_encoder, vision="vit", text="bert"), 20, "VisionTextDualEncoder"),
+}
 
 
 @pytest.fixture(scope="module")
-def altclip(tmp_path_factory):
-    return built(tmp_path_factory, "hf-altclip", tiny_hf_altclip)
+def built(tmp_path_factory):
+    """The model of a kind of :data:`KINDS`, built once for the module."""
+    entries = {}
+
+    def build(name):
+        if name not in entries:
+            folder = tmp_path_factory.mktemp(f"hf-{name}") / "model"
+            model, tokenizer, processor = KINDS[name][0](folder)
+            entries[name] = {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
+                             "encoder": load_encoder(str(folder))}
+        return entries[name]
+
+    return build
 
 
 @pytest.fixture(scope="module")
-def align(tmp_path_factory):
-    return built(tmp_path_factory, "hf-align", tiny_hf_align)
+def altclip(built):
+    return built("altclip")
+
+
+@pytest.fixture(scope="module")
+def align(built):
+    return built("align")
 
 
 def reference_texts(entry, texts: list[str]) -> np.ndarray:
@@ -51,36 +81,37 @@ def reference_texts(entry, texts: list[str]) -> np.ndarray:
         return features(entry["model"].get_text_features(**batch)).numpy()
 
 
-def test_altclip_loads_with_two_positions_fewer_for_a_text_than_its_tower(altclip):
-    encoder = altclip["encoder"]
+@pytest.mark.parametrize("name", KINDS)
+def test_a_folder_loads_with_its_sizes(name, built):
+    entry = built(name)
+    encoder = entry["encoder"]
     assert isinstance(encoder, HFFeatures) and encoder.has_text and encoder.embedding_dim == 16
-    assert encoder.max_tokens == 16  # 18 positions, numbered from the pad token's id (1) + 1
-    assert encoder.weights_sha256() == load_encoder(str(altclip["folder"])).weights_sha256()
+    assert encoder.max_tokens == KINDS[name][1] and encoder.name.startswith(f"transformers {KINDS[name][2]} ")
+    assert encoder.weights_sha256() == load_encoder(str(entry["folder"])).weights_sha256()
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_texts_embed_as_transformers_embeds_them(name, built):
+    entry = built(name)
+    texts = [*TEXTS, LONG]
+    assert len(entry["tokenizer"](LONG)["input_ids"]) > entry["encoder"].max_tokens  # cut to the positions
+    np.testing.assert_allclose(embed_texts(entry["encoder"], texts), unit(reference_texts(entry, texts)), atol=2e-6)
+    alone = np.concatenate([embed_texts(entry["encoder"], [text]) for text in texts])
+    np.testing.assert_allclose(alone, embed_texts(entry["encoder"], texts), atol=2e-6)  # padding changes nothing
+
+
+@pytest.mark.parametrize("name", [name for name in KINDS if name != "align"])
+def test_images_embed_as_transformers_embeds_them(name, built, tmp_path):
+    # CLIP's std of about 0.27 (a grey level: 0.015 of a normalised pixel), ViT's 0.5
+    images_embed_as_transformers_embeds_them(built(name), tmp_path, mean=1e-3, most=0.05)
+
+
+def test_altclips_texts_have_two_positions_fewer_than_its_tower(altclip):
     # the tower's own limit: a text of 17 tokens would ask for position 18, which it does not have
     ids = altclip["tokenizer"]([LONG], truncation=True, max_length=17, return_tensors="pt")["input_ids"]
     assert ids.shape[1] == 17
     with pytest.raises((IndexError, RuntimeError), match="out of (range|bounds)"):
         altclip["model"].get_text_features(input_ids=ids)
-
-
-def test_altclip_texts_in_several_languages_embed_as_transformers_embeds_them(altclip):
-    texts = [*TEXTS, LONG]
-    assert len(altclip["tokenizer"](LONG)["input_ids"]) > 16
-    np.testing.assert_allclose(embed_texts(altclip["encoder"], texts), unit(reference_texts(altclip, texts)), atol=2e-6)
-    alone = np.concatenate([embed_texts(altclip["encoder"], [text]) for text in texts])
-    np.testing.assert_allclose(alone, embed_texts(altclip["encoder"], texts), atol=2e-6)  # padding changes nothing
-
-
-def test_altclip_images_embed_as_transformers_embeds_them(altclip, tmp_path):
-    pixels = images_embed_as_transformers_embeds_them(altclip, tmp_path, mean=1e-3, most=0.05)
-    assert pixels.shape[-2:] == (32, 32)
-
-
-def test_align_loads_and_its_texts_embed_as_transformers_embeds_them(align):
-    encoder = align["encoder"]
-    assert isinstance(encoder, HFFeatures) and (encoder.embedding_dim, encoder.max_tokens) == (16, 24)
-    texts = ["a photo of a cat", "a red dog, on the grass!", "blue"]
-    np.testing.assert_allclose(embed_texts(encoder, texts), unit(reference_texts(align, texts)), atol=2e-6)
 
 
 def test_align_images_embed_as_transformers_embeds_them(align, tmp_path):
@@ -155,6 +186,19 @@ def test_an_align_whose_image_and_text_embeddings_differ_in_width_is_refused(tmp
         load_encoder(str(tmp_path / "model"))
 
 
-@pytest.mark.parametrize("name", ["altclip", "align"])
-def test_embed_index_and_search_with_altclip_and_align_folders(name, request, tmp_path, capsys):
-    embed_index_and_search(request.getfixturevalue(name), reference_texts, tmp_path, capsys)
+def test_a_dual_encoder_names_the_preprocessing_it_needs_and_the_processors_it_reads(built, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(built("dual-vit-bert")["folder"], folder)
+    path = folder / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "image_processor_type": "DeiTImageProcessor"}))
+    with pytest.raises(InputError, match="DeiTImageProcessor'; read are CLIPImageProcessor, ViTImageProcessor"):
+        load_encoder(str(folder))
+    path.unlink()
+    with pytest.raises(InputError, match="holds preprocessor_config.json"):
+        load_encoder(str(folder))
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_embed_index_and_search_with_a_folder(name, built, tmp_path, capsys):
+    embed_index_and_search(built(name), reference_texts, tmp_path, capsys)

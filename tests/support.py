@@ -689,6 +689,31 @@ def tiny_hf_dual_encoder(folder: Path, vision: str, text: str, width: int = 32, 
     return saved(folder, model, tokenizer, processor)
 
 
+def tiny_hf_blip(folder: Path, width: int = 32, seed: int = 0, positions: int = 24):
+    """A small BLIP retrieval model as transformers saves one (``BlipForImageTextRetrieval``: a
+    vision tower of 8-pixel patches of 32-pixel images and a text encoder, 2 layers of ``width``
+    each, 16-d embeddings; :func:`bert_tokenizer`'s BERT tokenizer; ``BlipImageProcessor``
+    resizing both sides to 32), with random weights. Returns (model, tokenizer, image processor),
+    transformers' own: the reference."""
+    import torch
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
+
+    folder = Path(folder)
+    tokenizer = bert_tokenizer(folder, positions)
+    torch.manual_seed(seed)
+    towers = _clip_shaped_towers(tokenizer, width, positions, pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+    config = BlipConfig(text_config=towers["text_config"], vision_config=towers["vision_config"],
+                        image_text_hidden_size=16)
+    model = BlipForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # weights of unit gain (transformers' initialisation of 0.02 makes every embedding alike)
+        for name, weight in model.named_parameters():
+            if weight.dim() >= 2:
+                torch.nn.init.normal_(weight, std=weight[0].numel() ** -0.5)
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    return saved(folder, model, tokenizer, processor)
+
+
 def tiny_hf_dinov2(folder: Path, width: int = 32, seed: int = 0, registers: int = 0):
     """A small DINOv2 as transformers saves one (config.json, model.safetensors,
     preprocessor_config.json), with random weights: 2 layers of ``width``, 8-pixel patches of

@@ -19,13 +19,14 @@ from PIL import Image
 from unicom.embed import embed_texts
 from unicom.errors import InputError
 from unicom.models.encoders import load_encoder
-from unicom.models.hf_clip import ALIGN_PREPROCESSOR, HFFeatures, efficientnet_transform
+from unicom.models.hf_clip import ALIGN_PREPROCESSOR, HFBlip, HFFeatures, efficientnet_transform
 
 from support import (
     MULTILINGUAL_CAPTIONS,
     class_image,
     tiny_hf_align,
     tiny_hf_altclip,
+    tiny_hf_blip,
     tiny_hf_dual_encoder,
     tiny_hf_metaclip2,
 )
@@ -49,13 +50,13 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """The model of a kind of :data:`KINDS`, built once for the module."""
+    """The model of a kind of :data:`KINDS` (or BLIP's), built once for the module."""
     entries = {}
 
     def build(name):
         if name not in entries:
             folder = tmp_path_factory.mktemp(f"hf-{name}") / "model"
-            model, tokenizer, processor = KINDS[name][0](folder)
+            model, tokenizer, processor = (tiny_hf_blip if name == "blip" else KINDS[name][0])(folder)
             entries[name] = {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
                              "encoder": load_encoder(str(folder))}
         return entries[name]
@@ -202,3 +203,52 @@ def test_a_dual_encoder_names_the_preprocessing_it_needs_and_the_processors_it_r
 @pytest.mark.parametrize("name", KINDS)
 def test_embed_index_and_search_with_a_folder(name, built, tmp_path, capsys):
     embed_index_and_search(built(name), reference_texts, tmp_path, capsys)
+
+
+@pytest.fixture(scope="module")
+def blip(built):
+    return built("blip")
+
+
+def test_blip_embeddings_give_its_image_text_contrastive_scores(blip, tmp_path):
+    """transformers' BlipForImageTextRetrieval with use_itm_head=False scores each image against
+    each text by the cosine of its two projections: the cosines of our embeddings."""
+    from unicom.embed import embed_images
+
+    encoder = blip["encoder"]
+    assert isinstance(encoder, HFBlip) and (encoder.embedding_dim, encoder.max_tokens) == (16, 24)
+    images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48), (2, 90))]
+    images.append(Image.fromarray(np.tile(np.linspace(0, 255, 120, dtype=np.uint8)[None, :, None], (50, 1, 3))))
+    pixels = blip["processor"](images=images, return_tensors="pt")["pixel_values"]
+    texts = [*TEXTS, LONG]
+    batch = blip["tokenizer"](texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        scores = blip["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=pixels, use_itm_head=False).itm_score
+        ours = unit(encoder.encode_image(pixels).numpy()) @ embed_texts(encoder, texts).T
+    assert scores.shape == (4, 5) and float(scores.std()) > 0.05  # scores that tell the pairs apart
+    np.testing.assert_allclose(ours, scores.numpy(), atol=2e-6)
+    # the images as its processor prepares them: both sides to 32, CLIP's mean and std
+    prepared = torch.stack([encoder.image_transform(image) for image in images])
+    difference = (prepared - pixels).abs()
+    assert prepared.shape == pixels.shape and float(difference.mean()) < 1e-3 and float(difference.max()) < 0.05
+    for number, image in enumerate(images):
+        image.save(tmp_path / f"{number}.png")
+    embedded = embed_images(encoder, [str(tmp_path / f"{n}.png") for n in range(4)], batch_size=2, num_workers=0)
+    assert (np.sum(embedded * unit(encoder.encode_image(pixels).detach().numpy()), axis=1) >= 0.9999).all()
+
+
+def test_blips_captioning_models_are_refused_named(blip, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(blip["folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BlipForConditionalGeneration"]}))
+    with pytest.raises(InputError, match="BlipForConditionalGeneration .* has no image-text embeddings"):
+        load_encoder(str(folder))
+
+
+def test_embed_index_and_search_with_a_blip_folder(blip, tmp_path, capsys):
+    def blip_texts(entry, texts):  # its text embeddings: checked against its own scores above
+        return embed_texts(entry["encoder"], texts)
+
+    embed_index_and_search(blip, blip_texts, tmp_path, capsys)

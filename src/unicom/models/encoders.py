@@ -12,9 +12,9 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
 * ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
   ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
 * a folder of a transformers CLIP, SigLIP (2, NaFlex too), Chinese-CLIP, AltCLIP, ALIGN, MetaCLIP 2,
-  vision-text dual encoder or DINOv2 model (``config.json`` of model type clip, siglip, siglip2,
-  chinese_clip, altclip, align, metaclip_2, vision-text-dual-encoder, dinov2, dinov2_with_registers,
-  or a vision tower's), or an
+  BLIP retrieval, vision-text dual encoder or DINOv2 model (``config.json`` of model type clip,
+  siglip, siglip2, chinese_clip, altclip, align, metaclip_2, blip, vision-text-dual-encoder,
+  dinov2, dinov2_with_registers, or a vision tower's), or an
   ``hf-hub:org/repo`` holding one without
   open_clip's configuration (:mod:`unicom.models.hf_clip`);
 * an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an

@@ -76,6 +76,14 @@ and ``get_text_features``. A dual encoder's images are prepared as its
 ``preprocessor_config.json``'s ``image_processor_type`` says (CLIP's, ViT's, SigLIP's or
 EfficientNet's processor: :func:`processor_transform`), and a RoBERTa text tower's texts have two
 positions fewer, as AltCLIP's.
+
+BLIP's retrieval models (``"model_type": "blip"`` with ``BlipForImageTextRetrieval``:
+``Salesforce/blip-itm-base-coco``, ``-large-flickr``, ...) load into that class and embed as its
+image-text contrastive scores are computed (``use_itm_head=False``): an image's embedding is the
+vision tower's first token through ``vision_proj``, a text's the text encoder's first token (run
+without the image) through ``text_proj``; images resized on both sides to ``size`` (384) with
+CLIP's mean and std, as ``BlipImageProcessor`` does. BLIP's captioning and question-answering
+models have no such embeddings and are refused, named.
 """
 
 from __future__ import annotations
@@ -112,6 +120,8 @@ CHINESE_CLIP_TYPE = "chinese_clip"  # OFA-Sys' Chinese-CLIP: a BERT text tower
 ALTCLIP_TYPE = "altclip"  # BAAI's AltCLIP: CLIP's image tower, an XLM-RoBERTa text tower
 ALIGN_TYPE = "align"  # Kakao Brain's ALIGN: an EfficientNet image tower, a BERT text tower
 METACLIP2_TYPE = "metaclip_2"  # Meta's MetaCLIP 2: CLIP's towers, a multilingual tokenizer
+BLIP_TYPE = "blip"  # Salesforce's BLIP: its retrieval models (BlipForImageTextRetrieval) only
+BLIP_RETRIEVAL = "BlipForImageTextRetrieval"
 DUAL_ENCODER_TYPE = "vision-text-dual-encoder"  # transformers' VisionTextDualEncoderModel: any two towers
 # embedded by get_image_features / get_text_features
 FEATURES_TYPES = (CHINESE_CLIP_TYPE, ALTCLIP_TYPE, ALIGN_TYPE, METACLIP2_TYPE, DUAL_ENCODER_TYPE)
@@ -126,7 +136,7 @@ MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConf
                SIGLIP2_VISION_TYPE: ("Siglip2VisionConfig", "Siglip2VisionModel"),
                CHINESE_CLIP_TYPE: ("ChineseCLIPConfig", "ChineseCLIPModel"),
                ALTCLIP_TYPE: ("AltCLIPConfig", "AltCLIPModel"), ALIGN_TYPE: ("AlignConfig", "AlignModel"),
-               METACLIP2_TYPE: ("MetaClip2Config", "MetaClip2Model"),
+               METACLIP2_TYPE: ("MetaClip2Config", "MetaClip2Model"), BLIP_TYPE: ("BlipConfig", BLIP_RETRIEVAL),
                DUAL_ENCODER_TYPE: ("VisionTextDualEncoderConfig", "VisionTextDualEncoderModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
@@ -155,6 +165,9 @@ ALIGN_PREPROCESSOR = {**EFFICIENTNET_PREPROCESSOR, "resample": 2, "do_center_cro
 # transformers' ViTImageProcessor defaults, likewise (both sides to 224, bilinear)
 VIT_PREPROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 2,
                     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+# transformers' BlipImageProcessor defaults, likewise (both sides to 384, CLIP's mean and std)
+BLIP_PREPROCESSOR = {**SIGLIP_PREPROCESSOR, "size": {"height": 384, "width": 384},
+                     "image_mean": DEFAULT_PREPROCESSOR["image_mean"], "image_std": DEFAULT_PREPROCESSOR["image_std"]}
 # DINOv2's published preprocessing (its repositories' preprocessor_config.json), likewise
 DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
                        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -245,6 +258,18 @@ class HFFeatures(HFClip):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         types = {"token_type_ids": tokens[:, 2]} if self.token_types else {}
         return _pooled(self.model.get_text_features(input_ids=tokens[:, 0], attention_mask=tokens[:, 1], **types))
+
+
+class HFBlip(HFClip):
+    """BLIP's retrieval model (``BlipForImageTextRetrieval``): the embeddings its image-text
+    contrastive scores are computed from (module docstring); ``tokenize`` as :class:`HFClip`'s."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_proj(self.model.vision_model(pixel_values=images).last_hidden_state[:, 0, :])
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        states = self.model.text_encoder(input_ids=tokens[:, 0], attention_mask=tokens[:, 1]).last_hidden_state
+        return self.model.text_proj(states[:, 0, :])
 
 
 def canonical_text(text: str) -> str:
@@ -422,13 +447,15 @@ def processor_transform(config: dict, path: Path):
     kind = str(config.get("image_processor_type", "")).removesuffix("Fast")
     if kind == "CLIPImageProcessor":
         return image_transform({**DEFAULT_PREPROCESSOR, **config}, path)
-    if kind in ("ViTImageProcessor", "SiglipImageProcessor"):
-        defaults = VIT_PREPROCESSOR if kind == "ViTImageProcessor" else SIGLIP_PREPROCESSOR
-        return image_transform({**defaults, **config}, path, squash=True)
+    squashed = {"ViTImageProcessor": VIT_PREPROCESSOR, "SiglipImageProcessor": SIGLIP_PREPROCESSOR,
+                "BlipImageProcessor": BLIP_PREPROCESSOR}
+    if kind in squashed:
+        return image_transform({**squashed[kind], **config}, path, squash=True)
     if kind == "EfficientNetImageProcessor":
         return efficientnet_transform(config, path)
     raise InputError(f"{path}: image_processor_type {config.get('image_processor_type')!r}; read are "
-                     "CLIPImageProcessor, ViTImageProcessor, SiglipImageProcessor and EfficientNetImageProcessor")
+                     "CLIPImageProcessor, ViTImageProcessor, SiglipImageProcessor, BlipImageProcessor and "
+                     "EfficientNetImageProcessor")
 
 
 def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
@@ -483,6 +510,10 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     clip_projected = kind == CLIP_VISION_TYPE and names[1] in (config.get("architectures") or [])
     if kind == CLIP_VISION_TYPE and not clip_projected:
         names = (names[0], "CLIPVisionModel")
+    if kind == BLIP_TYPE and config.get("architectures") and BLIP_RETRIEVAL not in config["architectures"]:
+        raise InputError(f"{path}: a BLIP {', '.join(config['architectures'])} (captioning or question answering) "
+                         f"has no image-text embeddings; BLIP's retrieval models ({BLIP_RETRIEVAL}: "
+                         "Salesforce/blip-itm-base-coco, ...) have them")
     missing = [name for name in names if not hasattr(transformers, name)]
     if missing:
         raise InputError(f"{path}: model_type {kind!r} needs transformers' {missing[-1]}, which transformers "
@@ -504,6 +535,7 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
     defaults = (SIGLIP_PREPROCESSOR if squash else NAFLEX_PREPROCESSOR if kind in NAFLEX_TYPES
                 else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else ALIGN_PREPROCESSOR if kind == ALIGN_TYPE
+                else BLIP_PREPROCESSOR if kind == BLIP_TYPE
                 else CHINESE_CLIP_PREPROCESSOR if kind == CHINESE_CLIP_TYPE else DEFAULT_PREPROCESSOR)
     preprocess = (read_json(folder / PREPROCESSOR_FILE, spec, "the image preprocessing")
                   if (folder / PREPROCESSOR_FILE).is_file() else defaults)
@@ -514,6 +546,8 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         transform = naflex_transform(preprocess, folder / PREPROCESSOR_FILE, int(vision.patch_size))
     elif kind == ALIGN_TYPE:
         transform = efficientnet_transform(preprocess, folder / PREPROCESSOR_FILE)
+    elif kind == BLIP_TYPE:
+        transform = image_transform({**BLIP_PREPROCESSOR, **preprocess}, folder / PREPROCESSOR_FILE, squash=True)
     elif kind == DUAL_ENCODER_TYPE:
         if preprocess is defaults:
             raise InputError(f"{folder}: a vision-text dual encoder's folder holds {PREPROCESSOR_FILE}, which says "
@@ -543,6 +577,10 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
                   METACLIP2_TYPE: "MetaCLIP 2", DUAL_ENCODER_TYPE: "VisionTextDualEncoder"}[kind]
         return HFFeatures(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
                           f"transformers {family} {spec}").to(device).eval()
+    if kind == BLIP_TYPE:
+        max_tokens = min(positions, text_tokenizer.model_max_length or positions)
+        return HFBlip(model, transform, text_tokenizer, max_tokens, int(model_config.image_text_hidden_size),
+                      f"transformers BLIP {spec}").to(device).eval()
     if siglip:  # padded to all positions: the last one is read
         family = "SigLIP 2 NaFlex" if kind == SIGLIP2_TYPE else "SigLIP"
         return HFSiglip(model, transform, text_tokenizer, positions, int(model_config.vision_config.hidden_size),

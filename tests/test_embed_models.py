@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 
 import numpy as np
 import pytest
@@ -114,6 +116,18 @@ def test_a_timm_or_open_clip_folder_given_as_a_model_folder_is_named(tmp_path, t
     tiny_open_clip(tmp_path / "clip", weights=False)
     with pytest.raises(InputError, match=r"it is an open_clip model folder: give local-dir:.*clip"):
         load_encoder(str(tmp_path / "clip"))
+
+
+@pytest.mark.parametrize("config, said", [
+    ({"model_type": "jina_clip", "auto_map": {"AutoModel": "modeling_clip.JinaCLIPModel"}},
+     "it holds a transformers model of type 'jina_clip', whose code is in its repository (auto_map; transformers' "
+     "trust_remote_code, which unicom does not run); the types read are clip, siglip, "),
+    ({"model_type": "owlvit"}, "it holds a transformers model of type 'owlvit'; the types read are clip, siglip, "),
+])
+def test_a_transformers_folder_of_a_type_not_read_is_named(tmp_path, config, said):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=re.escape(said)):
+        load_encoder(str(tmp_path))
     with pytest.raises(InputError, match=r"timm/local-dir:.*gone: timm cannot load it as a model folder"):
         load_encoder(f"timm/local-dir:{tmp_path / 'gone'}")
 

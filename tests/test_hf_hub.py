@@ -189,6 +189,10 @@ LOAD = """
             unicom.load(spec)
         except InputError as error:
             out[spec] = str(error)
+    try:
+        load_encoder("hf-hub:org/remote-code")
+    except InputError as error:
+        out["hf-hub:org/remote-code"] = str(error)
     print(json.dumps(out))
 """ % COMMIT
 
@@ -208,6 +212,8 @@ def hub_runs(tmp_path_factory):
         "org/open-clip": {"open_clip_config.json": json.dumps({"model_cfg": OPEN_CLIP_CFG}).encode(),
                           "open_clip_model.safetensors": _safetensors(open_clip_model.state_dict())},
         "org/no-model": {"open_clip_config.json": b"{}"},
+        "org/remote-code": {"config.json": json.dumps({"model_type": "jina_clip", "architectures": ["JinaCLIPModel"],
+                                                       "auto_map": {"AutoModel": "modeling_clip.JinaCLIPModel"}}).encode()},
         "org/weightless": {"unicom_model.json": files["unicom_model.json"]},
     })
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -280,6 +286,13 @@ def test_a_missing_repository_is_named_with_what_to_do(hub_runs):
 def test_a_repository_without_a_model_folder_says_so(hub_runs):
     assert hub_runs["online"]["hf-hub:org/no-model"] == "hf-hub:org/no-model: the repository has no unicom_model.json"
     assert "has unicom_model.json but no model.safetensors" in hub_runs["online"]["hf-hub:org/weightless"]
+
+
+def test_a_repository_of_a_model_whose_code_is_its_own_is_named(hub_runs):
+    message = hub_runs["online"]["hf-hub:org/remote-code"]
+    assert message.startswith("hf-hub:org/remote-code: the repository holds a transformers model of type 'jina_clip', "
+                              "whose code is in its repository (auto_map; transformers' trust_remote_code, which "
+                              "unicom does not run); the types read are clip, siglip, ")
 
 
 def test_an_unknown_revision_is_named(hub_runs):

@@ -139,6 +139,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
             if not hub.split_hf_spec(spec)[1] and not hub_file(spec, hf_clip.OPEN_CLIP_FILE, None):
+                unread = hf_clip.unread_repository_model(spec)
+                if unread:
+                    raise InputError(f"{spec}: the repository holds {unread}") from None
                 raise InputError(f"{spec}: the repository holds no unicom model folder (unicom_model.json), no "
                                  "transformers model read here (config.json of model type "
                                  f"{', '.join(hf_clip.MODEL_TYPES)}) and no open_clip model ({hf_clip.OPEN_CLIP_FILE}); "

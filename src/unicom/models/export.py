@@ -238,7 +238,11 @@ def not_a_model_folder(folder: str | os.PathLike) -> InputError:
     if (folder / "open_clip_config.json").is_file():
         hint = f"; it is an open_clip model folder: give local-dir:{folder}"
     elif (folder / TIMM_CONFIG_NAME).is_file():
-        hint = f"; it is a timm model folder: give timm/local-dir:{folder} (its pooled features)"
+        from unicom.models.hf_clip import unread_model
+
+        transformers = unread_model(folder / TIMM_CONFIG_NAME)  # transformers' config.json has a model_type
+        hint = (f"; it holds {transformers}" if transformers
+                else f"; it is a timm model folder: give timm/local-dir:{folder} (its pooled features)")
     elif (folder / MANIFEST).is_file():
         hint = f"; it is a training checkpoint: {export}"
     elif (folder / CHECKPOINTS).is_dir():

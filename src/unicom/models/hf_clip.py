@@ -312,6 +312,33 @@ def is_clip_folder(folder: str | os.PathLike) -> bool:
         return False
 
 
+def unread_model(path: Path) -> str | None:
+    """What the transformers ``config.json`` at ``path`` holds when its model type is not one of
+    :data:`MODEL_TYPES` (its code in its repository, for ``auto_map``), else None (none, or one read here)."""
+    import json
+
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(kind, str) or kind in MODEL_TYPES:
+        return None
+    code = (", whose code is in its repository (auto_map; transformers' trust_remote_code, which unicom does not "
+            "run)") if config.get("auto_map") else ""
+    return f"a transformers model of type {kind!r}{code}; the types read are {', '.join(MODEL_TYPES)}"
+
+
+def unread_repository_model(spec: str) -> str | None:
+    """:func:`unread_model` of the ``config.json`` of the ``hf-hub:`` repository ``spec`` (None without one)."""
+    from unicom.models import hub
+
+    try:
+        return unread_model(hub.hf_file(spec, "config.json"))
+    except (hub.NotAModelFolder, hub.NotInCache):
+        return None
+
+
 def is_clip_repository(spec: str) -> bool:
     """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP, SigLIP or DINOv2 model and not
     open_clip's configuration (its ``config.json`` fetched into the cache to tell)."""

@@ -77,18 +77,23 @@ def test_unicom_embed_stores_transformers_embeddings(dinov2, tmp_path):
 
 
 def test_a_unifex_model_on_a_dinov2_folder_exports_and_loads_again(dinov2, tmp_path):
-    """The frozen backbone of a UniFEx model named by the folder: the exported model folder
-    rebuilds it and gives the neck's embedding of its features."""
+    unifex_model_exports_and_loads_again(dinov2, 32, tmp_path)
+
+
+def unifex_model_exports_and_loads_again(entry, width: int, tmp_path):
+    """The frozen backbone of a UniFEx model named by the folder (``entry``'s, whose features are
+    ``width`` wide): the exported model folder rebuilds it, its transform described, and gives the
+    neck's embedding of its features."""
     import torch
 
     from unicom.models.export import save_model
     from unicom.unifex.model import LinearNeck, backbone_features, describe_transform, unifex_settings
 
-    backbone = dinov2["encoder"]
-    settings = unifex_settings(str(dinov2["folder"]), None, 32, {"kind": "linear", "embedding_dim": 8,
-                                                                 "batchnorm": False})
+    backbone = entry["encoder"]
+    settings = unifex_settings(str(entry["folder"]), None, width, {"kind": "linear", "embedding_dim": 8,
+                                                                   "batchnorm": False})
     torch.manual_seed(1)
-    neck = LinearNeck(32, 8, batchnorm=False)
+    neck = LinearNeck(width, 8, batchnorm=False)
     folder = save_model(tmp_path / "model", {f"neck.{k}": v for k, v in neck.state_dict().items()}, "unifex",
                         settings, describe_transform(backbone.image_transform), embedding_dim=8)
     encoder = load_encoder(str(folder))

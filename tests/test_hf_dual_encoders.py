@@ -31,6 +31,7 @@ from support import (
     tiny_hf_metaclip2,
 )
 from test_hf_clip import embed_index_and_search, features, images_embed_as_transformers_embeds_them, unit
+from test_hf_dinov2 import unifex_model_exports_and_loads_again
 
 TEXTS = ["a photo of a cat", "ein rotes Auto bei Nacht", "一只猫的照片", "a red dog, on the grass!"]
 # longer than AltCLIP's 16 positions of text: cut there
@@ -124,6 +125,14 @@ def test_align_images_embed_as_transformers_embeds_them(align, tmp_path):
     assert float((embedded @ embedded.T - 2 * torch.eye(len(pixels))).max()) < 0.995
     steps = [type(step).__name__ for step in align["encoder"].image_transform.transforms]
     assert steps[:2] == ["Resize", "CenterCrop"]  # both sides to 40, then the centre 32
+
+
+def test_a_unifex_model_on_an_align_folder_exports_and_loads_again(align, tmp_path):
+    """ALIGN's squash and centre crop described in the model folder and built again."""
+    unifex_model_exports_and_loads_again(align, 16, tmp_path)
+    image = class_image(0, 0, 90).crop((0, 0, 90, 60))
+    loaded = load_encoder(str(tmp_path / "model")).image_transform(image)
+    assert loaded.shape == (3, 32, 32) and torch.equal(loaded, align["encoder"].image_transform(image))
 
 
 @pytest.mark.parametrize("settings", [

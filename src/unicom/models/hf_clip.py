@@ -1,5 +1,6 @@
-"""CLIP, SigLIP, Chinese-CLIP and DINOv2 models saved by Hugging Face transformers (``CLIPModel``,
-``SiglipModel`` and ``Dinov2Model`` folders) as an :class:`~unicom.models.encoders.Encoder`.
+"""CLIP, SigLIP, Chinese-CLIP, AltCLIP, ALIGN, MetaCLIP 2, BLIP (retrieval), vision-text dual
+encoders and DINOv2 saved by Hugging Face transformers (``CLIPModel``, ``SiglipModel``,
+``Dinov2Model``, ... folders: :data:`MODEL_TYPES`) as an :class:`~unicom.models.encoders.Encoder`.
 
 OpenAI's CLIP models on the Hub (``openai/clip-vit-base-patch32``, ``openai/clip-vit-large-patch14``)
 and the fine-tunes published the same way (``patrickjohncyh/fashion-clip``, clip-retrieval's
@@ -301,7 +302,7 @@ def _transformers():
 
 
 def is_clip_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a local folder of a transformers CLIP, SigLIP or DINOv2 model
+    """Whether ``folder`` is a local folder of a transformers model read here
     (``config.json`` of one of :data:`MODEL_TYPES`)."""
     path = Path(folder).expanduser() / "config.json"
     if not path.is_file():
@@ -340,8 +341,8 @@ def unread_repository_model(spec: str) -> str | None:
 
 
 def is_clip_repository(spec: str) -> bool:
-    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers CLIP, SigLIP or DINOv2 model and not
-    open_clip's configuration (its ``config.json`` fetched into the cache to tell)."""
+    """Whether the ``hf-hub:`` repository ``spec`` holds a transformers model of one of :data:`MODEL_TYPES`
+    and not open_clip's configuration (its ``config.json`` fetched into the cache to tell)."""
     from unicom.models import hub
 
     try:
@@ -505,7 +506,7 @@ def naflex_transform(config: dict, path: Path, patch: int) -> NaFlexTransform:
     return NaFlexTransform(patch, sizes["max_num_patches"], RESAMPLE[resample], mean, std)
 
 
-def _check_align_widths(model, config, path: Path) -> None:
+def _check_align_widths(config, path: Path) -> None:
     """Refuse an ALIGN whose image embeddings (the last block's channels) are not as wide as its
     text embeddings (``projection_dim``): the two would not share a space."""
     from transformers.models.align import modeling_align
@@ -517,7 +518,7 @@ def _check_align_widths(model, config, path: Path) -> None:
 
 
 def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
-    """The transformers CLIP, SigLIP or DINOv2 model of a folder or ``hf-hub:`` repository
+    """The transformers model (one of :data:`MODEL_TYPES`) of a folder or ``hf-hub:`` repository
     (module docstring), in eval mode."""
     from unicom.engine.device import resolve_device
     from unicom.models import hub
@@ -558,6 +559,8 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
             raise InputError(f"{path}: the text tower's projection_size ({text_width}) is not the vision tower's "
                              f"hidden_size ({model_config.vision_config.hidden_size}): the two embeddings would not "
                              "share a space")
+    if kind == ALIGN_TYPE:
+        _check_align_widths(model_config, path)
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
     defaults = (SIGLIP_PREPROCESSOR if squash else NAFLEX_PREPROCESSOR if kind in NAFLEX_TYPES
@@ -597,8 +600,6 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     if kind in FEATURES_TYPES:
         if model_config.text_config.model_type in ROBERTA_TEXT_TYPES:  # positions from the pad token's id + 1
             positions -= int(model_config.text_config.pad_token_id) + 1
-        if kind == ALIGN_TYPE:
-            _check_align_widths(model, model_config, path)
         max_tokens = min(positions, text_tokenizer.model_max_length or positions)
         family = {CHINESE_CLIP_TYPE: "Chinese-CLIP", ALTCLIP_TYPE: "AltCLIP", ALIGN_TYPE: "ALIGN",
                   METACLIP2_TYPE: "MetaCLIP 2", DUAL_ENCODER_TYPE: "VisionTextDualEncoder"}[kind]

@@ -376,3 +376,75 @@ def test_a_hub_spec_names_a_repository_and_a_folder_in_it():
     for wrong in ("hf-hub:org", "hf-hub:org//x", "hf-hub:org/repo/../other", "hf-hub:org/repo/"):
         with pytest.raises(InputError, match=r"expected hf-hub:<owner>/<repository>\[/<folder>\]\[@<revision>\]"):
             split_hf_spec(wrong)
+
+
+def sentence_transformers_clip(clip, folder, *more: dict):
+    """``clip``'s folder as sentence-transformers lays out its CLIP models in ``folder``:
+    ``0_CLIPModel/`` and ``modules.json`` naming it, then the modules ``more``."""
+    import shutil
+
+    shutil.copytree(clip["folder"], folder / "0_CLIPModel")
+    modules = [{"idx": 0, "name": "0", "path": "0_CLIPModel", "type": "sentence_transformers.models.CLIPModel"}]
+    modules += [{"idx": i + 1, "name": str(i + 1), **module} for i, module in enumerate(more)]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
+
+
+@pytest.mark.parametrize("more", [[], [{"path": "1_Normalize", "type": "sentence_transformers.models.Normalize"}]])
+def test_a_sentence_transformers_clip_embeds_as_sentence_transformers_embeds(clip, tmp_path, more):
+    from sentence_transformers import SentenceTransformer
+
+    folder = sentence_transformers_clip(clip, tmp_path / "st", *more)
+    encoder = load_encoder(str(folder))
+    assert encoder.weights_sha256() == clip["encoder"].weights_sha256()
+    reference = SentenceTransformer(str(folder), device="cpu")
+    texts = TEXTS[:3]
+    np.testing.assert_allclose(embed_texts(encoder, texts), reference.encode(texts, normalize_embeddings=True),
+                               atol=2e-6)
+    images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48), (2, 90))]
+    for number, image in enumerate(images):
+        image.save(tmp_path / f"{number}.png")
+    embedded = embed_images(encoder, [str(tmp_path / f"{n}.png") for n in range(3)], batch_size=2, num_workers=0)
+    expected = reference.encode(images, normalize_embeddings=True)
+    assert (np.sum(embedded * expected, axis=1) >= 0.9999).all()
+
+
+def test_a_sentence_transformers_model_of_other_modules_is_not_taken_for_its_clip(clip, tmp_path):
+    folder = sentence_transformers_clip(clip, tmp_path / "st", {"path": "1_Pooling",
+                                                                 "type": "sentence_transformers.models.Pooling"})
+    with pytest.raises(InputError, match="not a unicom model folder"):
+        load_encoder(str(folder))
+
+
+SENTENCE_HUB_LOAD = """
+import sys
+import numpy as np
+import torch
+from PIL import Image
+from unicom.models.encoders import load_encoder
+
+encoder = load_encoder(sys.argv[-2])
+print(encoder.name)
+images = [Image.new("RGB", (50 + 10 * i, 40), (40 * i, 200 - 30 * i, 90)) for i in range(3)]
+with torch.no_grad():
+    np.save(sys.argv[-1], encoder.encode_image(torch.stack([encoder.image_transform(image) for image in images])).numpy())
+"""
+
+
+@pytest.mark.slow
+def test_a_sentence_transformers_clip_repository_loads_online_and_offline(clip, tmp_path):
+    """``hf-hub:sentence-transformers/clip-ViT-B-32``'s layout: its CLIPModel folder is loaded."""
+    from test_hf_hub import online_then_offline
+
+    folder = sentence_transformers_clip(clip, tmp_path / "st")
+    files = {"modules.json": (folder / "modules.json").read_bytes(), "README.md": b"a sentence-transformers model"}
+    files.update({f"0_CLIPModel/{path.name}": path.read_bytes() for path in (folder / "0_CLIPModel").iterdir()})
+    _, ((online, said), (offline, said_offline)) = online_then_offline(
+        {"org/st-clip": files}, SENTENCE_HUB_LOAD, ["hf-hub:org/st-clip"], tmp_path)
+    images = [Image.new("RGB", (50 + 10 * i, 40), (40 * i, 200 - 30 * i, 90)) for i in range(3)]
+    encoder = clip["encoder"]
+    with torch.no_grad():
+        expected = encoder.encode_image(torch.stack([encoder.image_transform(image) for image in images])).numpy()
+    np.testing.assert_allclose(online, expected, atol=1e-6)
+    np.testing.assert_array_equal(offline, online)
+    assert said.strip() == said_offline.strip() == "transformers CLIP hf-hub:org/st-clip/0_CLIPModel"

@@ -16,7 +16,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
   siglip, siglip2, chinese_clip, altclip, align, metaclip_2, blip, vision-text-dual-encoder,
   dinov2, dinov2_with_registers, or a vision tower's), or an
   ``hf-hub:org/repo`` holding one without
-  open_clip's configuration (:mod:`unicom.models.hf_clip`);
+  open_clip's configuration, or a sentence-transformers CLIP (``modules.json`` naming a CLIP folder)
+  (:mod:`unicom.models.hf_clip`);
 * an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag or a local file, or an
   open_clip ``hf-hub:``/``local-dir:`` reference.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -138,6 +140,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         except hub.NotAModelFolder:  # no unicom_model.json: transformers' CLIP/SigLIP/DINOv2, or open_clip's
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
+            inner = hf_clip.sentence_transformers_repository(spec)
+            if inner is not None:
+                return hf_clip.load_hf_clip(inner, device)
             if not hub.split_hf_spec(spec)[1] and not hub_file(spec, hf_clip.OPEN_CLIP_FILE, None):
                 unread = hf_clip.unread_repository_model(spec)
                 if unread:
@@ -150,6 +155,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         except hub.NotInCache as missing:  # offline: transformers' or open_clip's files may be in the cache
             if hf_clip.is_clip_repository(spec):
                 return hf_clip.load_hf_clip(spec, device)
+            inner = hf_clip.sentence_transformers_repository(spec)
+            if inner is not None:
+                return hf_clip.load_hf_clip(inner, device)
             if hub.split_hf_spec(spec)[1]:
                 raise
             try:
@@ -165,6 +173,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
                              f"{', '.join(hf_clip.MODEL_TYPES)})")
     if pretrained is None and os.path.isdir(spec) and hf_clip.is_clip_folder(spec):
         return hf_clip.load_hf_clip(spec, device)
+    inner = hf_clip.sentence_transformers_clip(Path(spec) / hf_clip.SENTENCE_MODULES) if pretrained is None else None
+    if inner is not None and hf_clip.is_clip_folder(Path(spec) / inner):
+        return hf_clip.load_hf_clip(Path(spec) / inner, device)
     for accepts, build in ((foundation.accepts_timm, foundation.timm_encoder),
                            (foundation.accepts_open_clip, foundation.open_clip_encoder)):
         if accepts(spec, pretrained):

@@ -85,6 +85,12 @@ vision tower's first token through ``vision_proj``, a text's the text encoder's 
 without the image) through ``text_proj``; images resized on both sides to ``size`` (384) with
 CLIP's mean and std, as ``BlipImageProcessor`` does. BLIP's captioning and question-answering
 models have no such embeddings and are refused, named.
+
+sentence-transformers' CLIP models (``sentence-transformers/clip-ViT-B-32``, ``clip-ViT-L-14``: a
+``modules.json`` whose one module, ``CLIPModel``, is a transformers CLIP folder such as
+``0_CLIPModel/``, perhaps followed by ``Normalize``) load as that folder
+(:func:`sentence_transformers_clip`): sentence-transformers embeds with the same
+``get_image_features`` and ``get_text_features``.
 """
 
 from __future__ import annotations
@@ -311,6 +317,44 @@ def is_clip_folder(folder: str | os.PathLike) -> bool:
         return read_json(path, str(folder), "the model's configuration").get("model_type") in MODEL_TYPES
     except (InputError, AttributeError):
         return False
+
+
+SENTENCE_MODULES = "modules.json"
+
+
+def sentence_transformers_clip(path: Path) -> str | None:
+    """The folder (relative to the model's) of the transformers CLIP that the sentence-transformers
+    ``modules.json`` at ``path`` names as its one module (``CLIPModel``, perhaps followed by
+    ``Normalize``, which changes no direction), or None when it is not such a model."""
+    import json
+
+    try:
+        modules = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(modules, list) and modules and all(isinstance(module, dict) for module in modules)):
+        return None
+    kinds = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
+    inside = modules[0].get("path")
+    if kinds[0] != "CLIPModel" or any(kind != "Normalize" for kind in kinds[1:]) or not isinstance(inside, str) \
+            or not inside or ".." in inside.split("/") or inside.startswith("/"):
+        return None
+    return inside
+
+
+def sentence_transformers_repository(spec: str) -> str | None:
+    """The ``hf-hub:`` spec of the CLIP folder of the sentence-transformers repository ``spec``
+    (:func:`sentence_transformers_clip`), or None."""
+    from unicom.models import hub
+
+    repo, inside, revision = hub.split_hf_spec(spec)
+    if inside:
+        return None
+    try:
+        inner = sentence_transformers_clip(hub.hf_file(spec, SENTENCE_MODULES))
+    except (hub.NotAModelFolder, hub.NotInCache):
+        return None
+    return None if inner is None else f"hf-hub:{repo}/{inner}" + (f"@{revision}" if revision else "")
 
 
 def unread_model(path: Path) -> str | None:

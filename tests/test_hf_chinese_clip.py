@@ -19,17 +19,20 @@ from unicom.models.encoders import load_encoder
 from unicom.models.hf_clip import HFFeatures
 
 from support import class_image, tiny_hf_chinese_clip
-from test_hf_clip import embed_index_and_search, features, images_embed_as_transformers_embeds_them, unit
+from test_hf_clip import (
+    built_model,
+    embed_index_and_search,
+    features,
+    images_embed_as_transformers_embeds_them,
+    unit,
+)
 
 TEXTS = ["一只猫", "红色的狗在草地上", "a photo of a cat", "a red dog, on the grass!", "蓝色的房子和一只白色的小猫在草地上的照片"]
 
 
 @pytest.fixture(scope="module")
 def chinese(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf-chinese-clip") / "model"
-    model, tokenizer, processor = tiny_hf_chinese_clip(folder)
-    return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
-            "encoder": load_encoder(str(folder))}
+    return built_model(tmp_path_factory, "hf-chinese-clip", tiny_hf_chinese_clip)
 
 
 def reference_texts(entry, texts: list[str]) -> np.ndarray:

@@ -24,12 +24,18 @@ from support import class_image, tiny_hf_clip, write_class_folder
 TEXTS = ["a cat", "a red dog on a mat", "Ünïcode text ✓ 猫", "a photo of a cat on a mat at night, and a dog"]
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf-clip") / "model"
-    model, tokenizer, processor = tiny_hf_clip(folder)
+def built_model(tmp_path_factory, name: str, build) -> dict:
+    """A small transformers model made by ``build(folder)`` (it returns the model, its tokenizer
+    and its image processor: the reference) in a fresh folder, and the encoder loaded from it."""
+    folder = tmp_path_factory.mktemp(name) / "model"
+    model, tokenizer, processor = build(folder)
     return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
             "encoder": load_encoder(str(folder))}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return built_model(tmp_path_factory, "hf-clip", tiny_hf_clip)
 
 
 def features(output) -> torch.Tensor:

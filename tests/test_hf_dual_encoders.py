@@ -30,7 +30,13 @@ from support import (
     tiny_hf_dual_encoder,
     tiny_hf_metaclip2,
 )
-from test_hf_clip import embed_index_and_search, features, images_embed_as_transformers_embeds_them, unit
+from test_hf_clip import (
+    built_model,
+    embed_index_and_search,
+    features,
+    images_embed_as_transformers_embeds_them,
+    unit,
+)
 from test_hf_dinov2 import unifex_model_exports_and_loads_again
 
 TEXTS = ["a photo of a cat", "ein rotes Auto bei Nacht", "一只猫的照片", "a red dog, on the grass!"]
@@ -56,10 +62,8 @@ def built(tmp_path_factory):
 
     def build(name):
         if name not in entries:
-            folder = tmp_path_factory.mktemp(f"hf-{name}") / "model"
-            model, tokenizer, processor = (tiny_hf_blip if name == "blip" else KINDS[name][0])(folder)
-            entries[name] = {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
-                             "encoder": load_encoder(str(folder))}
+            entries[name] = built_model(tmp_path_factory, f"hf-{name}",
+                                        tiny_hf_blip if name == "blip" else KINDS[name][0])
         return entries[name]
 
     return build

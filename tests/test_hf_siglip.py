@@ -6,6 +6,7 @@ open_clip's text clean-up on small models built in the test: from a folder, from
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -20,6 +21,7 @@ from unicom.models.hf_clip import HFSiglip
 
 from support import class_image, tiny_hf_siglip
 from test_hf_clip import (
+    built_model,
     embed_index_and_search,
     features,
     from_the_hub_and_then_offline,
@@ -34,18 +36,12 @@ TEXTS = ["a cat", "A Red DOG, on a mat!", "Ünïcode text ✓ 猫", "a hot_dog",
 
 @pytest.fixture(scope="module")
 def siglip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf-siglip") / "model"
-    model, tokenizer, processor = tiny_hf_siglip(folder)
-    return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
-            "encoder": load_encoder(str(folder))}
+    return built_model(tmp_path_factory, "hf-siglip", tiny_hf_siglip)
 
 
 @pytest.fixture(scope="module")
 def siglip2(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf-siglip2") / "model"
-    model, tokenizer, processor = tiny_hf_siglip(folder, gemma=True)
-    return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
-            "encoder": load_encoder(str(folder))}
+    return built_model(tmp_path_factory, "hf-siglip2", functools.partial(tiny_hf_siglip, gemma=True))
 
 
 def reference_texts(siglip, texts: list[str], mask: bool = False) -> np.ndarray:

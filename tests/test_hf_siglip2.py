@@ -6,6 +6,7 @@ ratio as patch sequences, texts as SigLIP's, the vision tower saved alone, refus
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -22,7 +23,7 @@ from unicom.models.hf_clip import HFImageModel, HFSiglip
 from unicom.models.naflex import NaFlexTransform, patch_grid, unpack
 
 from support import class_image, tiny_hf_siglip
-from test_hf_clip import embed_index_and_search, features, loads_with_its_sizes, unit
+from test_hf_clip import built_model, embed_index_and_search, features, loads_with_its_sizes, unit
 from test_hf_siglip import TEXTS, reference_texts
 
 # wide, tall, square, tiny and thin images: each its own grid of patches
@@ -31,10 +32,7 @@ SIZES = ((64, 64), (90, 30), (30, 90), (7, 5), (400, 9), (48, 33))
 
 @pytest.fixture(scope="module")
 def naflex(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf-siglip2") / "model"
-    model, tokenizer, processor = tiny_hf_siglip(folder, naflex_patches=24)
-    return {"folder": folder, "model": model, "tokenizer": tokenizer, "processor": processor,
-            "encoder": load_encoder(str(folder))}
+    return built_model(tmp_path_factory, "hf-siglip2", functools.partial(tiny_hf_siglip, naflex_patches=24))
 
 
 def images() -> list[Image.Image]:

@@ -138,11 +138,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
         try:
             folder = hub.hf_model_folder(spec)
         except hub.NotAModelFolder:  # no unicom_model.json: transformers' CLIP/SigLIP/DINOv2, or open_clip's
-            if hf_clip.is_clip_repository(spec):
-                return hf_clip.load_hf_clip(spec, device)
-            inner = hf_clip.sentence_transformers_repository(spec)
-            if inner is not None:
-                return hf_clip.load_hf_clip(inner, device)
+            transformers_spec = hf_clip.transformers_repository(spec)
+            if transformers_spec is not None:
+                return hf_clip.load_hf_clip(transformers_spec, device)
             if not hub.split_hf_spec(spec)[1] and not hub_file(spec, hf_clip.OPEN_CLIP_FILE, None):
                 unread = hf_clip.unread_repository_model(spec)
                 if unread:
@@ -153,11 +151,9 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
                                  f"a timm repository is timm/{spec}, a model in a folder of it "
                                  f"hf-hub:{hub.split_hf_spec(spec)[0]}/<folder>") from None
         except hub.NotInCache as missing:  # offline: transformers' or open_clip's files may be in the cache
-            if hf_clip.is_clip_repository(spec):
-                return hf_clip.load_hf_clip(spec, device)
-            inner = hf_clip.sentence_transformers_repository(spec)
-            if inner is not None:
-                return hf_clip.load_hf_clip(inner, device)
+            transformers_spec = hf_clip.transformers_repository(spec)
+            if transformers_spec is not None:
+                return hf_clip.load_hf_clip(transformers_spec, device)
             if hub.split_hf_spec(spec)[1]:
                 raise
             try:
@@ -171,11 +167,12 @@ def load_encoder(spec: str | os.PathLike, pretrained: str | os.PathLike | None =
             raise InputError(f"{spec}: the folder {inside} of {repo} holds neither a unicom model folder "
                              f"(unicom_model.json) nor a transformers model read here (config.json of model type "
                              f"{', '.join(hf_clip.MODEL_TYPES)})")
-    if pretrained is None and os.path.isdir(spec) and hf_clip.is_clip_folder(spec):
-        return hf_clip.load_hf_clip(spec, device)
-    inner = hf_clip.sentence_transformers_clip(Path(spec) / hf_clip.SENTENCE_MODULES) if pretrained is None else None
-    if inner is not None and hf_clip.is_clip_folder(Path(spec) / inner):
-        return hf_clip.load_hf_clip(Path(spec) / inner, device)
+    if pretrained is None and os.path.isdir(spec):
+        if hf_clip.is_clip_folder(spec):
+            return hf_clip.load_hf_clip(spec, device)
+        inner = hf_clip.sentence_transformers_clip(Path(spec) / hf_clip.SENTENCE_MODULES)
+        if inner is not None and hf_clip.is_clip_folder(Path(spec) / inner):
+            return hf_clip.load_hf_clip(Path(spec) / inner, device)
     for accepts, build in ((foundation.accepts_timm, foundation.timm_encoder),
                            (foundation.accepts_open_clip, foundation.open_clip_encoder)):
         if accepts(spec, pretrained):

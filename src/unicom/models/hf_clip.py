@@ -342,11 +342,14 @@ def sentence_transformers_clip(path: Path) -> str | None:
     return inside
 
 
-def sentence_transformers_repository(spec: str) -> str | None:
-    """The ``hf-hub:`` spec of the CLIP folder of the sentence-transformers repository ``spec``
-    (:func:`sentence_transformers_clip`), or None."""
+def transformers_repository(spec: str) -> str | None:
+    """What :func:`load_hf_clip` reads for the ``hf-hub:`` repository ``spec``: ``spec`` itself when
+    it holds a transformers model of :data:`MODEL_TYPES` (:func:`is_clip_repository`), the spec of
+    its CLIP folder when it is a sentence-transformers CLIP (:func:`sentence_transformers_clip`), else None."""
     from unicom.models import hub
 
+    if is_clip_repository(spec):
+        return spec
     repo, inside, revision = hub.split_hf_spec(spec)
     if inside:
         return None

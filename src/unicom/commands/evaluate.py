@@ -112,6 +112,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     folders.add_argument("--train-embeddings", help="train split: PCA baseline, or probe/kNN training; a path or URL")
     folders.add_argument("--task", choices=("retrieval", "classification"), default="retrieval")
 
+    parser.add_argument("--distractors", metavar="FOLDER",
+                        help="an embedding folder (or URL) of images of no query, added to the gallery of roxford5k, "
+                             "rparis6k or gldv2 (+1M: revisitop1m's embeddings, by the benchmark's model)")
+    rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba)")
+    rerank.add_argument("--qe", type=_at_least(0), default=0, metavar="K",
+                        help="α-query expansion: each query plus its K nearest gallery items, searched again "
+                             "(needs a gallery apart from the queries; default 0: none)")
+    rerank.add_argument("--dba", type=_at_least(0), default=0, metavar="K",
+                        help="database-side augmentation: each gallery item plus its K nearest others (default 0: none)")
+    rerank.add_argument("--qe-alpha", type=float, metavar="A",
+                        help="neighbours of --qe weighed by similarity^A (default 3; 0: all as the query itself)")
+    rerank.add_argument("--dba-alpha", type=float, metavar="A",
+                        help="neighbours of --dba weighed by similarity^A (default 3)")
+
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     classification.add_argument("--no-knn", action="store_true", help="skip kNN classification")
@@ -155,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.zero_shot and (args.dataset is None or args.model is None):
         raise InputError("--zero-shot classifies the images of a classification dataset by the classes' prompts, "
                          "embedded with --model's text tower: give --model and --dataset (cifar10, imagenet, ...)")
+    expansion = _expansion(args)
     dims = (32, 64, 128, 256) if args.dims is None else args.dims
     pca_samples = 50_000 if args.pca_samples is None else args.pca_samples
     if args.pretrained is not None and args.model is None:
@@ -194,14 +209,18 @@ def run(args: argparse.Namespace) -> int:
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
-            download=args.download, **classify, **subset, **zero_shot,
+            download=args.download, expansion=expansion, distractors=args.distractors, **classify, **subset,
+            **zero_shot,
         )
+    elif args.distractors is not None:
+        raise InputError("--distractors join the gallery of a benchmark whose relevant images are listed per query: "
+                         "give --dataset roxford5k, rparis6k or gldv2 with --root")
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
-            pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size, **classify,
-            **subset,
+            pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
+            expansion=expansion, **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
@@ -219,3 +238,18 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.out / PLOT_NAME)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _expansion(args: argparse.Namespace):
+    """The :class:`~unicom.evaluate.expansion.Expansion` of --qe, --dba and their alphas."""
+    from unicom.evaluate.expansion import DEFAULT_ALPHA, Expansion
+
+    for option, k, alpha in (("--qe", args.qe, args.qe_alpha), ("--dba", args.dba, args.dba_alpha)):
+        if alpha is not None and not k:
+            raise InputError(f"{option}-alpha weighs the neighbours of {option}; give {option} K (K neighbours) too")
+        if alpha is not None and not (alpha >= 0 and alpha != float("inf")):
+            raise InputError(f"{option}-alpha {alpha:g}: the power of the similarities that weigh the neighbours is a "
+                             "finite number >= 0")
+    return Expansion(qe=args.qe, dba=args.dba,
+                     qe_alpha=DEFAULT_ALPHA if args.qe_alpha is None else args.qe_alpha,
+                     dba_alpha=DEFAULT_ALPHA if args.dba_alpha is None else args.dba_alpha)

@@ -6,6 +6,8 @@
   Revisited Oxford/Paris easy, medium and hard setups.
 * :func:`dimension_curve` (``dims``): metrics of the first d dimensions and of a PCA-to-d
   baseline.
+* :class:`Expansion`, :func:`expand` (``expansion``): re-ranking by α-query expansion and
+  database-side augmentation.
 * :func:`linear_probe`, :func:`knn_classify` (``probe``): frozen-feature classification.
 * :func:`evaluate_retrieval`, :func:`evaluate_classification` (``report``): a whole
   benchmark run, with ``metrics.json``, a markdown table and the Recall@1-vs-dimension PNG.
@@ -27,6 +29,8 @@ _LAZY = {
     "dimension_curve": "unicom.evaluate.dims",
     "first_dimensions": "unicom.evaluate.dims",
     "PCA": "unicom.evaluate.dims",
+    "Expansion": "unicom.evaluate.expansion",
+    "expand": "unicom.evaluate.expansion",
     "linear_probe": "unicom.evaluate.probe",
     "knn_classify": "unicom.evaluate.probe",
     "evaluate_retrieval": "unicom.evaluate.report",

@@ -36,6 +36,9 @@ from unicom.progress import progress
 
 PART_ROWS = 10_000
 CACHE_CONFIG = "evaluate_embeddings.json"
+# the benchmarks whose relevant images are listed per query, so that images of none (distractors) can join the
+# gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m) and GLDv2
+DISTRACTED = ("roxford5k", "rparis6k", "gldv2")
 PCA_SEED = 0
 
 
@@ -263,6 +266,8 @@ def evaluate_benchmark(
     zero_shot: bool = False,
     templates: str = "openai",
     class_names: str | os.PathLike | None = None,
+    expansion=None,
+    distractors: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
@@ -271,7 +276,11 @@ def evaluate_benchmark(
     ``zero_shot`` the model's zero-shot accuracy (:mod:`unicom.evaluate.zero_shot`: the
     ``templates`` set or file, the ``class_names`` file or the dataset's names).
     ``classes``/``exclude_classes``: score a subset of a retrieval benchmark's classes
-    (by label or class name; :func:`unicom.evaluate.report.select_classes`).
+    (by label or class name; :func:`unicom.evaluate.report.select_classes`). ``expansion``:
+    an :class:`~unicom.evaluate.expansion.Expansion` re-ranking a retrieval benchmark's
+    searches (database-side augmentation, α-query expansion). ``distractors``: an embedding
+    folder whose rows join the gallery of a benchmark whose relevance is listed per query
+    (Revisited Oxford/Paris + 1M, GLDv2), made by the same model.
     """
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
@@ -280,6 +289,12 @@ def evaluate_benchmark(
         raise InputError("give either a model or an embeddings folder")
     name = canonical_name(dataset)
     classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
+    if expansion and name not in RETRIEVAL_BENCHMARKS:
+        raise InputError(f"query expansion and database-side augmentation re-rank an image retrieval benchmark's "
+                         f"searches ({', '.join(RETRIEVAL_BENCHMARKS)}); {dataset} is not one: leave --qe and --dba out")
+    if distractors is not None and name not in RETRIEVAL_BENCHMARKS:
+        raise InputError(f"--distractors join the gallery of an image retrieval benchmark ({', '.join(DISTRACTED)}); "
+                         f"{dataset} is not one: leave --distractors out")
     if name in CAPTION_BENCHMARKS:  # images and captions: no classes, no compact dimensions, no probe
         from unicom.evaluate.image_text import evaluate_image_text
 
@@ -297,7 +312,8 @@ def evaluate_benchmark(
                          f"({', '.join(CLASSIFICATION_BENCHMARKS)}); {dataset} is not one")
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
-                                    batch_size, num_workers, device, chunk_size, classes, exclude_classes)
+                                    batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
+                                    distractors)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
@@ -350,12 +366,21 @@ def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_n
 
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
-                         num_workers, device, chunk_size, classes=None, exclude_classes=None) -> dict:
+                         num_workers, device, chunk_size, classes=None, exclude_classes=None, expansion=None,
+                         distractors=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
     # precomputed embeddings are matched by key: the lists are needed, not the images
     protocol = load_retrieval_benchmark(name, root, check_images=model is not None)
+    if expansion and expansion.qe and protocol.gallery is None:  # before anything is embedded
+        raise InputError(f"--qe: {name} searches its images leave-one-out, with no gallery apart from the queries, and "
+                         "an expanded query would no longer be left out of its own search; leave --qe out (--dba "
+                         "augments the searched set itself)")
+    if distractors is not None and name not in DISTRACTED:  # before anything is embedded
+        raise InputError(f"--distractors: {name} finds a query's relevant images by class label, and images of no "
+                         f"class have none; distractors join the gallery of {', '.join(DISTRACTED)}, whose relevant "
+                         "images are listed per query: leave --distractors out")
     class_labelled(protocol.query.labels, classes, exclude_classes,  # before anything is embedded
                    protocol.relevant if protocol.setups is None else protocol.setups)
     out = Path(out)
@@ -441,6 +466,12 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
+    if distractors is not None:
+        digest = config[WEIGHTS_CHECKSUM] if model is not None else _recorded_digest(folders["gallery"])
+        added = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], digest,
+                                    embeddings if model is None else None)
+        vectors["gallery"] = np.concatenate([np.asarray(vectors["gallery"], dtype=np.float32), added])
+        info["distractors"] = {"embeddings": storage.absolute(distractors), "count": len(added)}
     gallery = protocol.gallery
     return evaluate_retrieval(
         vectors["query"],
@@ -460,7 +491,58 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         classes=classes,
         exclude_classes=exclude_classes,
         class_names=protocol.query.class_names,
+        expansion=expansion,
     )
+
+
+def _recorded_digest(folder) -> str | None:
+    """The digest of the weights that made ``folder``'s embeddings, as ``unicom embed``
+    (``embed_config.json``) or ``evaluate --model`` (its cache record) recorded it; None
+    when neither did."""
+    for record in (read_config(folder), read_record(storage.join(folder, CACHE_CONFIG), f"remove {folder} and embed "
+                                                    "it again")):
+        if record and record.get(WEIGHTS_CHECKSUM):
+            return record[WEIGHTS_CHECKSUM]
+    return None
+
+
+def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, benchmark_folder) -> np.ndarray:
+    """The rows of the embedding folder ``folder`` given with ``--distractors``, float32,
+    checked against the benchmark's ``gallery`` (an ImageList) and its embeddings: the same
+    dimension and weights (when both are recorded), none of the gallery's images, every row
+    with a direction."""
+    if benchmark_folder is not None and storage.absolute(folder) == storage.absolute(benchmark_folder):
+        raise InputError(f"{storage.text(folder)} (--distractors) is the folder of the benchmark's own embeddings "
+                         "(--embeddings): its images would be their own distractors; give the folder of the "
+                         "distractor images (revisitop1m's, embedded with unicom embed)")
+    x, metadata = read_embedding_folder(folder)
+    if x.shape[1] != dimension:
+        raise InputError(f"{storage.text(folder)} (--distractors) holds {x.shape[1]}-dimensional embeddings, the "
+                         f"benchmark's are {dimension}-dimensional: they were made by different models; embed the "
+                         "distractors with the benchmark's model")
+    recorded = _recorded_digest(folder)
+    if digest is not None and recorded is not None and recorded != digest:
+        raise InputError(f"{storage.text(folder)} (--distractors) was embedded by other weights than the benchmark "
+                         f"({WEIGHTS_CHECKSUM} {recorded[:12]}… against {digest[:12]}…): the distractors and the "
+                         "benchmark must be embedded by the same model")
+    keys = _key_column(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
+    shared = sorted(set(keys) & set(gallery.keys))
+    if metadata is not None and not shared:  # the same files under other keys (a folder embedded with --input)
+        paths = {os.path.realpath(p) for p in gallery.paths if p}
+        names = {os.path.basename(p) for p in paths}  # a million paths are not resolved, only those of these names
+        for column in ("path", "image_path"):
+            if column in metadata.column_names:
+                shared = [keys[i] for i, p in enumerate(metadata.column(column).to_pylist())
+                          if p and os.path.basename(p) in names and os.path.realpath(p) in paths]
+                if shared:
+                    break
+    if shared:
+        images = f"{len(shared)} image{'s' if len(shared) > 1 else ''}"
+        raise InputError(f"{storage.text(folder)} (--distractors) holds {images} of the benchmark's gallery (e.g. "
+                         f"{', '.join(map(str, shared[:3]))}): a positive among the distractors would count against "
+                         "itself; give a folder of other images")
+    _require_usable_rows(x, keys, folder)
+    return x
 
 
 def _split_folders(embeddings) -> dict:
@@ -645,6 +727,7 @@ def evaluate_embedding_folders(
     temperature: float = 0.07,
     classes: Sequence[str] | None = None,
     exclude_classes: Sequence[str] | None = None,
+    expansion=None,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
@@ -652,9 +735,18 @@ def evaluate_embedding_folders(
     ``gallery_embeddings``; ``train_embeddings`` fit the PCA baseline. Classification:
     ``train_embeddings`` train the linear probe and kNN, ``embeddings`` are the test set.
     ``classes``/``exclude_classes`` (retrieval): score only the queries and gallery items
-    of these classes (labels as text), or of all but these.
+    of these classes (labels as text), or of all but these. ``expansion`` (retrieval): an
+    :class:`~unicom.evaluate.expansion.Expansion` re-ranking the searches.
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
+
+    if expansion and task == "classification":
+        raise InputError("query expansion and database-side augmentation re-rank a retrieval search; --task "
+                         "classification searches nothing: leave --qe and --dba out")
+    if expansion and expansion.qe and gallery_embeddings is None:  # before anything is read
+        raise InputError("--qe: without --gallery-embeddings the queries are searched leave-one-out, and an expanded "
+                         "query would no longer be left out of its own search; give --gallery-embeddings, or leave "
+                         "--qe out (--dba augments the searched set itself)")
 
     x, metadata = read_embedding_folder(embeddings)
     lookup = None if labels is None else read_labels(labels)
@@ -709,7 +801,7 @@ def evaluate_embedding_folders(
         _add_note(info, "no train embeddings: the PCA baseline is left out")
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
-                              exclude_classes=exclude_classes)
+                              exclude_classes=exclude_classes, expansion=expansion)
 
 
 def _require_dimension(vectors, folder, option: str, queries, queries_folder) -> None:

@@ -110,9 +110,16 @@ def score(
     ks: Sequence[int] = (1,),
     chunk_size: int | None = None,
     per_query: bool = False,
+    expansion=None,
 ) -> dict:
     """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
-    :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are."""
+    :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are; with an
+    ``expansion`` (:class:`~unicom.evaluate.expansion.Expansion`), of the query and gallery
+    it re-ranks (database-side augmentation, query expansion)."""
+    if expansion:
+        from unicom.evaluate.expansion import expand
+
+        query, gallery = expand(query, gallery, expansion, chunk_size=chunk_size)
     if setups is not None:
         return revisited_metrics(query, gallery, setups, ks, chunk_size)
     if relevant is not None:
@@ -132,8 +139,10 @@ def dimension_curve(
     setups=None,
     ks: Sequence[int] = (1,),
     chunk_size: int | None = None,
+    expansion=None,
 ) -> list[dict]:
-    """Metrics of the first d dimensions and of PCA-to-d, for each d in ``dims`` and full D.
+    """Metrics of the first d dimensions and of PCA-to-d, for each d in ``dims`` and full D
+    (with an ``expansion``, re-ranked in the d dimensions: :func:`score`).
 
     Returns rows ``{"dimension": d, "method": "first" | "pca", **metrics}``, ``first``
     rows first, each by increasing d. The ``pca`` rows need ``train`` (embeddings of the
@@ -171,7 +180,7 @@ def dimension_curve(
                 rows.append({"dimension": d, "method": method, "skipped": why})
                 continue
             metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, expansion=expansion)
             rows.append({"dimension": d, "method": method, **metrics})
     return rows
 

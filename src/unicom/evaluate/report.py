@@ -110,6 +110,7 @@ def evaluate_retrieval(
     classes: Sequence[str] | None = None,
     exclude_classes: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
+    expansion=None,
 ) -> dict:
     """Score a retrieval protocol on embeddings; optionally write the report under ``out``.
 
@@ -127,6 +128,9 @@ def evaluate_retrieval(
         classes, exclude_classes: score only the queries and gallery items of these
             classes, or of all but these (:func:`select_classes`; ``class_names`` lets
             them be named); the report's ``class_subset`` says which.
+        expansion: an :class:`~unicom.evaluate.expansion.Expansion` re-ranking every search
+            (database-side augmentation, query expansion); the report's ``metrics`` are
+            then those of the re-ranked search, ``without_expansion`` those of the plain one.
 
     Returns the report: ``{**info, "protocol": {...}, "metrics": {...}, "subsets":
     {name: metrics}, "dimensions": [rows of dimension_curve], "class_subset": {...}}``.
@@ -140,7 +144,7 @@ def evaluate_retrieval(
         if gallery is not None:
             gallery, gallery_labels = np.asarray(gallery)[gallery_rows], np.asarray(gallery_labels)[gallery_rows]
     full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                 chunk_size=chunk_size, per_query=bool(subsets))
+                 chunk_size=chunk_size, per_query=bool(subsets), expansion=expansion)
     per_query = full.pop("per_query", None)
     if metric not in full:
         raise ValueError(f"metric {metric!r} is not computed; choose one of {sorted(full)}")
@@ -155,15 +159,21 @@ def evaluate_retrieval(
     }
     if setups:
         report["protocol"]["setups"] = list(setups)
+    if expansion:
+        report["protocol"]["expansion"] = expansion.describe()
     if subset is not None:
         report["class_subset"] = subset
     report["metrics"] = full
     if subsets:
         report["subsets"] = {name: summarize(per_query, ks, rows) for name, rows in subsets.items()}
+    if expansion:  # the plain search beside it, at the full dimension
+        plain = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
+                      chunk_size=chunk_size)
+        report["without_expansion"] = plain
     if dims:
         report["dimensions"] = dimension_curve(
             query, query_labels, gallery, gallery_labels, dims=dims, train=train, relevant=relevant, setups=setups,
-            ks=ks, chunk_size=chunk_size,
+            ks=ks, chunk_size=chunk_size, expansion=expansion,
         )
     if out is not None:
         write_retrieval_report(report, out)
@@ -217,12 +227,18 @@ def retrieval_markdown(report: dict) -> str:
     """The report as markdown tables: metrics (in %), subsets, and the dimension curve."""
     protocol = report["protocol"]
     heading = " · ".join(str(report[k]) for k in ("dataset", "model", "embeddings") if report.get(k)) or "retrieval"
-    search = "leave-one-out" if protocol["leave_one_out"] else f"against a gallery of {protocol['gallery']}"
+    search = "leave-one-out" if protocol["leave_one_out"] else f"against a gallery of {protocol['gallery']:,}"
+    if report.get("distractors"):
+        search += f" ({report['distractors']['count']:,} of them distractors, {report['distractors']['embeddings']})"
     metrics = report["metrics"]
     if protocol.get("setups"):
         lines = [f"# {heading}", "", f"{protocol['queries']} queries, cropped to their boxes, {search}, dimension "
                  f"{protocol['embedding_dim']}; each setup's ignored images are removed from the ranking.", ""]
         lines += _setup_table(metrics, protocol["setups"], protocol["ks"])
+        if protocol.get("expansion"):
+            lines[4:4] = [_expansion_line(protocol["expansion"]), ""]
+            lines += ["", "Without re-ranking:", ""] + _setup_table(report["without_expansion"], protocol["setups"],
+                                                                   protocol["ks"])
     else:
         lines = [
             f"# {heading}",
@@ -233,8 +249,12 @@ def retrieval_markdown(report: dict) -> str:
         ]
         if report.get("class_subset"):
             lines[-1:-1] = ["", _class_subset_line(report["class_subset"])]
+        if protocol.get("expansion"):
+            lines[-1:-1] = ["", _expansion_line(protocol["expansion"], protocol["leave_one_out"])]
         columns = [f"recall@{k}" for k in protocol["ks"]] + list(METRIC_KEYS)
         rows = [("all", metrics)] + list(report.get("subsets", {}).items())
+        if protocol.get("expansion"):
+            rows.append(("all, without re-ranking", report["without_expansion"]))
         lines += ["| queries | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for name, values in rows:
             lines.append(f"| {name} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
@@ -252,6 +272,15 @@ def retrieval_markdown(report: dict) -> str:
         skipped = [row["skipped"] for row in report["dimensions"] if "skipped" in row]
         lines += [""] + [f"- {why}" for why in skipped] if skipped else []
     return "\n".join(lines) + "\n"
+
+
+def _expansion_line(expansion: dict, leave_one_out: bool = False) -> str:
+    """The sentence saying how the searches were re-ranked (the report's ``protocol.expansion``)."""
+    searched = "item" if leave_one_out else "gallery item"
+    parts = {"dba": f"each {searched} augmented with its {{k}} nearest others (DBA, α = {{alpha:g}})",
+             "qe": "each query expanded with its {k} nearest gallery items (αQE, α = {alpha:g}) and searched again"}
+    said = [parts[name].format(**expansion[name]) for name in ("dba", "qe") if name in expansion]
+    return "Re-ranked: " + "; then ".join(said) + "."
 
 
 def _setup_table(metrics: dict, setups, ks) -> list[str]:

@@ -115,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distractors", metavar="FOLDER",
                         help="an embedding folder (or URL) of images of no query, added to the gallery of roxford5k, "
                              "rparis6k or gldv2 (+1M: revisitop1m's embeddings, by the benchmark's model)")
+    parser.add_argument("--whiten", metavar="FOLDER",
+                        help="an embedding folder (or URL) of the same model on which a PCA whitening is learned and "
+                             "applied to every embedding searched (images apart from the benchmark's)")
     rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba)")
     rerank.add_argument("--qe", type=_at_least(0), default=0, metavar="K",
                         help="α-query expansion: each query plus its K nearest gallery items, searched again "
@@ -209,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
-            download=args.download, expansion=expansion, distractors=args.distractors, **classify, **subset,
+            download=args.download, expansion=expansion, distractors=args.distractors, whiten=args.whiten,
+            **classify, **subset,
             **zero_shot,
         )
     elif args.distractors is not None:
@@ -220,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
-            expansion=expansion, **classify, **subset,
+            expansion=expansion, whiten=args.whiten, **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")

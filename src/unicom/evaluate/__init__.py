@@ -5,7 +5,7 @@
   chunked k-NN search (:func:`knn_search`); :func:`revisited_metrics`: mAP and mP@k of the
   Revisited Oxford/Paris easy, medium and hard setups.
 * :func:`dimension_curve` (``dims``): metrics of the first d dimensions and of a PCA-to-d
-  baseline.
+  baseline; :class:`PCA` also whitens (``PCA.fit(x).whiten(y)``).
 * :class:`Expansion`, :func:`expand` (``expansion``): re-ranking by α-query expansion and
   database-side augmentation.
 * :func:`linear_probe`, :func:`knn_classify` (``probe``): frozen-feature classification.

@@ -268,6 +268,7 @@ def evaluate_benchmark(
     class_names: str | os.PathLike | None = None,
     expansion=None,
     distractors: str | os.PathLike | None = None,
+    whiten: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
@@ -280,7 +281,9 @@ def evaluate_benchmark(
     an :class:`~unicom.evaluate.expansion.Expansion` re-ranking a retrieval benchmark's
     searches (database-side augmentation, α-query expansion). ``distractors``: an embedding
     folder whose rows join the gallery of a benchmark whose relevance is listed per query
-    (Revisited Oxford/Paris + 1M, GLDv2), made by the same model.
+    (Revisited Oxford/Paris + 1M, GLDv2), made by the same model. ``whiten``: an embedding
+    folder, made by the same model, on which a PCA whitening of every retrieval embedding is
+    learned (:func:`learned_whitening`).
     """
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
@@ -292,6 +295,9 @@ def evaluate_benchmark(
     if expansion and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"query expansion and database-side augmentation re-rank an image retrieval benchmark's "
                          f"searches ({', '.join(RETRIEVAL_BENCHMARKS)}); {dataset} is not one: leave --qe and --dba out")
+    if whiten is not None and name not in RETRIEVAL_BENCHMARKS:
+        raise InputError(f"--whiten whitens the embeddings of an image retrieval benchmark's searches; {dataset} is "
+                         "not one: leave --whiten out")
     if distractors is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--distractors join the gallery of an image retrieval benchmark ({', '.join(DISTRACTED)}); "
                          f"{dataset} is not one: leave --distractors out")
@@ -313,7 +319,7 @@ def evaluate_benchmark(
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
-                                    distractors)
+                                    distractors, whiten)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
@@ -367,7 +373,7 @@ def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_n
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None, expansion=None,
-                         distractors=None) -> dict:
+                         distractors=None, whiten=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
@@ -466,12 +472,15 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
-    if distractors is not None:
+    digest = None  # of the weights that made the benchmark's embeddings, which the folders added must share
+    if distractors is not None or whiten is not None:
         digest = config[WEIGHTS_CHECKSUM] if model is not None else _recorded_digest(folders["gallery"])
+    if distractors is not None:
         added = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], digest,
                                     embeddings if model is None else None)
         vectors["gallery"] = np.concatenate([np.asarray(vectors["gallery"], dtype=np.float32), added])
         info["distractors"] = {"embeddings": storage.absolute(distractors), "count": len(added)}
+    vectors = _whitened(vectors, whiten, digest, info)
     gallery = protocol.gallery
     return evaluate_retrieval(
         vectors["query"],
@@ -506,6 +515,50 @@ def _recorded_digest(folder) -> str | None:
     return None
 
 
+def _require_same_model(folder, option: str, found: int, dimension: int, digest: str | None) -> None:
+    """An :class:`InputError` when ``folder`` (given with ``option``) holds embeddings of
+    ``found`` dimensions, not the benchmark's ``dimension``, or records other weights than
+    ``digest`` (when both are recorded): they were made by another model."""
+    if found != dimension:
+        raise InputError(f"{storage.text(folder)} ({option}) holds {found}-dimensional embeddings, the benchmark's "
+                         f"are {dimension}-dimensional: they were made by different models; embed {option}'s images "
+                         "with the benchmark's model")
+    recorded = _recorded_digest(folder)
+    if digest is not None and recorded is not None and recorded != digest:
+        raise InputError(f"{storage.text(folder)} ({option}) was embedded by other weights than the benchmark "
+                         f"({WEIGHTS_CHECKSUM} {recorded[:12]}… against {digest[:12]}…): {option}'s images and the "
+                         "benchmark must be embedded by the same model")
+
+
+def learned_whitening(folder, dimension: int, digest: str | None = None):
+    """The PCA whitening (:meth:`unicom.evaluate.dims.PCA.whiten`) learned on every row of the
+    embedding folder ``folder`` (``--whiten``), checked to be of the benchmark's model:
+    (the fitted :class:`~unicom.evaluate.dims.PCA`, its row count)."""
+    from unicom.evaluate.dims import PCA
+
+    x, metadata = read_embedding_folder(folder)
+    _require_same_model(folder, "--whiten", x.shape[1], dimension, digest)
+    keys = _key_column(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
+    _require_usable_rows(x, keys, folder)
+    pca = PCA.fit(x)
+    if pca.rank < dimension:
+        raise InputError(f"{storage.text(folder)} (--whiten): its {len(x)} embeddings vary along {pca.rank} of the "
+                         f"{dimension} axes, and whitening divides by the variance along each; learn it on more "
+                         f"images (at least {dimension + 1}, many more is better)")
+    return pca, len(x)
+
+
+def _whitened(vectors: dict, whiten, digest: str | None, info: dict) -> dict:
+    """``vectors`` (split -> (N, D) or None) whitened by :func:`learned_whitening` of the
+    folder ``whiten``, which ``info`` records; unchanged without ``whiten``."""
+    if whiten is None:
+        return vectors
+    dimension = next(v.shape[1] for v in vectors.values() if v is not None)
+    pca, rows = learned_whitening(whiten, dimension, digest)
+    info["whitening"] = {"embeddings": storage.absolute(whiten), "rows": rows}
+    return {split: None if v is None else pca.whiten(v) for split, v in vectors.items()}
+
+
 def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, benchmark_folder) -> np.ndarray:
     """The rows of the embedding folder ``folder`` given with ``--distractors``, float32,
     checked against the benchmark's ``gallery`` (an ImageList) and its embeddings: the same
@@ -516,15 +569,7 @@ def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, ben
                          "(--embeddings): its images would be their own distractors; give the folder of the "
                          "distractor images (revisitop1m's, embedded with unicom embed)")
     x, metadata = read_embedding_folder(folder)
-    if x.shape[1] != dimension:
-        raise InputError(f"{storage.text(folder)} (--distractors) holds {x.shape[1]}-dimensional embeddings, the "
-                         f"benchmark's are {dimension}-dimensional: they were made by different models; embed the "
-                         "distractors with the benchmark's model")
-    recorded = _recorded_digest(folder)
-    if digest is not None and recorded is not None and recorded != digest:
-        raise InputError(f"{storage.text(folder)} (--distractors) was embedded by other weights than the benchmark "
-                         f"({WEIGHTS_CHECKSUM} {recorded[:12]}… against {digest[:12]}…): the distractors and the "
-                         "benchmark must be embedded by the same model")
+    _require_same_model(folder, "--distractors", x.shape[1], dimension, digest)
     keys = _key_column(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
     shared = sorted(set(keys) & set(gallery.keys))
     if metadata is not None and not shared:  # the same files under other keys (a folder embedded with --input)
@@ -728,6 +773,7 @@ def evaluate_embedding_folders(
     classes: Sequence[str] | None = None,
     exclude_classes: Sequence[str] | None = None,
     expansion=None,
+    whiten: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
@@ -736,10 +782,14 @@ def evaluate_embedding_folders(
     ``train_embeddings`` train the linear probe and kNN, ``embeddings`` are the test set.
     ``classes``/``exclude_classes`` (retrieval): score only the queries and gallery items
     of these classes (labels as text), or of all but these. ``expansion`` (retrieval): an
-    :class:`~unicom.evaluate.expansion.Expansion` re-ranking the searches.
+    :class:`~unicom.evaluate.expansion.Expansion` re-ranking the searches; ``whiten``
+    (retrieval): the folder a PCA whitening of every embedding is learned on.
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
+    if whiten is not None and task == "classification":
+        raise InputError("--whiten whitens the embeddings of a retrieval search; --task classification searches "
+                         "nothing: leave --whiten out")
     if expansion and task == "classification":
         raise InputError("query expansion and database-side augmentation re-rank a retrieval search; --task "
                          "classification searches nothing: leave --qe and --dba out")
@@ -799,6 +849,9 @@ def evaluate_embedding_folders(
     _note_unlabelled_rows(info, lookup, labels, labelled)
     if pca and dims and train is None:  # --no-pca asked for none
         _add_note(info, "no train embeddings: the PCA baseline is left out")
+    if whiten is not None:
+        whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, _recorded_digest(embeddings), info)
+        x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
                               exclude_classes=exclude_classes, expansion=expansion)

@@ -99,6 +99,18 @@ class PCA:
         return out
 
 
+    def whiten(self, x, block_rows: int = 65_536) -> np.ndarray:
+        """(N, D) embeddings -> (N, D) float32 coordinates on every principal axis, centred and
+        divided by the axis' standard deviation (PCA whitening, Jégou and Chum 2012): the
+        directions the fitted embeddings share stop dominating the cosine. Every axis must
+        carry variance (:attr:`rank` = D)."""
+        if self.rank < len(self.components):
+            raise InputError(f"whitening divides by the variance along each of the {len(self.components)} axes, but "
+                             f"the embeddings it is learned on vary along {self.rank} only: learn it on more "
+                             f"embeddings (at least {len(self.components) + 1}, many more is better)")
+        return self.transform(x, len(self.components), block_rows) / np.sqrt(self.explained_variance).astype(np.float32)
+
+
 def score(
     query,
     query_labels=None,

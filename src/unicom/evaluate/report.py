@@ -235,8 +235,11 @@ def retrieval_markdown(report: dict) -> str:
         lines = [f"# {heading}", "", f"{protocol['queries']} queries, cropped to their boxes, {search}, dimension "
                  f"{protocol['embedding_dim']}; each setup's ignored images are removed from the ranking.", ""]
         lines += _setup_table(metrics, protocol["setups"], protocol["ks"])
+        if report.get("whitening"):
+            lines[4:4] = [_whitening_line(report["whitening"]), ""]
         if protocol.get("expansion"):
-            lines[4:4] = [_expansion_line(protocol["expansion"]), ""]
+            at = 6 if report.get("whitening") else 4
+            lines[at:at] = [_expansion_line(protocol["expansion"]), ""]
             lines += ["", "Without re-ranking:", ""] + _setup_table(report["without_expansion"], protocol["setups"],
                                                                    protocol["ks"])
     else:
@@ -249,6 +252,8 @@ def retrieval_markdown(report: dict) -> str:
         ]
         if report.get("class_subset"):
             lines[-1:-1] = ["", _class_subset_line(report["class_subset"])]
+        if report.get("whitening"):
+            lines[-1:-1] = ["", _whitening_line(report["whitening"])]
         if protocol.get("expansion"):
             lines[-1:-1] = ["", _expansion_line(protocol["expansion"], protocol["leave_one_out"])]
         columns = [f"recall@{k}" for k in protocol["ks"]] + list(METRIC_KEYS)
@@ -272,6 +277,12 @@ def retrieval_markdown(report: dict) -> str:
         skipped = [row["skipped"] for row in report["dimensions"] if "skipped" in row]
         lines += [""] + [f"- {why}" for why in skipped] if skipped else []
     return "\n".join(lines) + "\n"
+
+
+def _whitening_line(whitening: dict) -> str:
+    """The sentence saying what the embeddings were whitened with (the report's ``whitening``)."""
+    return (f"Whitened: every embedding centred and scaled along the principal axes of {whitening['rows']:,} "
+            f"embeddings of {whitening['embeddings']} (PCA whitening).")
 
 
 def _expansion_line(expansion: dict, leave_one_out: bool = False) -> str:

@@ -235,3 +235,12 @@ def test_the_re_ranking_benchmark_reads_the_demo_folders_and_tables_each_setting
            f"{100 * plain['map@r']:.2f} |" in section
     assert f"| DBA k=2 α=3, αQE k=2 α=3 | {100 * expanded['recall@1']:.2f} | {100 * expanded['recall@4']:.2f} | " \
            f"{100 * expanded['map@r']:.2f} |" in section
+
+
+def test_the_neighbour_searches_show_their_progress(capsys, monkeypatch):
+    monkeypatch.setenv("UNICOM_PROGRESS", "1")
+    x = np.random.default_rng(3).standard_normal((300, 8))
+    expand(x[:20], x[20:], Expansion(qe=2, dba=3), chunk_size=16)
+    err = capsys.readouterr().err
+    assert re.search(r"DBA: 3 neighbours of each item.*280/280 ", err)
+    assert re.search(r"αQE: 2 neighbours of each query.*20/20 ", err)

@@ -92,7 +92,7 @@ def database_side_augmentation(gallery, k: int, alpha: float = DEFAULT_ALPHA, *,
     re-normalised (DBA): float32 (N, D)."""
     g = as_embeddings(gallery, "gallery")
     _require_neighbours(k, len(g) - 1, "dba", "other gallery items")
-    similarities, indices = knn_search(g, None, k, chunk_size=chunk_size)
+    similarities, indices = knn_search(g, None, k, chunk_size=chunk_size, desc=f"DBA: {k} neighbours of each item")
     return _weighted_sums(g, g, similarities, indices, alpha)
 
 
@@ -104,7 +104,7 @@ def query_expansion(query, gallery, k: int, alpha: float = DEFAULT_ALPHA, *, chu
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query rows have {q.shape[1]} dimensions but gallery rows {g.shape[1]}")
     _require_neighbours(k, len(g), "qe", "gallery items")
-    similarities, indices = knn_search(q, g, k, chunk_size=chunk_size)
+    similarities, indices = knn_search(q, g, k, chunk_size=chunk_size, desc=f"αQE: {k} neighbours of each query")
     return _weighted_sums(q, g, similarities, indices, alpha)
 
 

@@ -38,6 +38,7 @@ import torch
 
 from unicom.engine.device import exact_float32
 from unicom.errors import InputError
+from unicom.progress import progress
 
 # Bytes of float32 similarities computed at once when ``chunk_size`` is not given.
 SCORE_BLOCK_BYTES = 256 * 2**20
@@ -154,13 +155,15 @@ def _blocks(
         yield block_rows, scores
 
 
-def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = None,
+               desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours of every query row in ``gallery``.
 
     query: (Nq, D), gallery: (Ng, D) (any float dtype; L2-normalised here); with
     ``gallery=None`` the query set is searched without each query's own row. Returns
     (similarities float32 (Nq, k), gallery indices int64 (Nq, k)), best first, equal
-    similarities by lower gallery index.
+    similarities by lower gallery index. ``desc``: a progress bar (rate, ETA) of that name
+    over the query rows.
     """
     exclude_self = gallery is None
     q = as_embeddings(query, "query")
@@ -174,9 +177,16 @@ def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = Non
     values = torch.empty((q.shape[0], k), dtype=torch.float32)
     indices = torch.empty((q.shape[0], k), dtype=torch.int64)
     rows = torch.arange(q.shape[0], device=q.device)
-    for block_rows, scores in _blocks(q, g, rows, chunk_size, exclude_self):
-        v, i = ranked_top_k(scores, k)
-        values[block_rows.cpu()], indices[block_rows.cpu()] = v.cpu(), i.cpu()
+    bar = None if desc is None else progress(total=q.shape[0], desc=desc, unit="row")
+    try:
+        for block_rows, scores in _blocks(q, g, rows, chunk_size, exclude_self):
+            v, i = ranked_top_k(scores, k)
+            values[block_rows.cpu()], indices[block_rows.cpu()] = v.cpu(), i.cpu()
+            if bar is not None:
+                bar.update(len(block_rows))
+    finally:
+        if bar is not None:
+            bar.close()
     return values.numpy(), indices.numpy()
 
 

@@ -37,8 +37,8 @@ from unicom.progress import progress
 PART_ROWS = 10_000
 CACHE_CONFIG = "evaluate_embeddings.json"
 # the benchmarks whose relevant images are listed per query, so that images of none (distractors) can join the
-# gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m) and GLDv2
-DISTRACTED = ("roxford5k", "rparis6k", "gldv2")
+# gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m), GLDv2 and Holidays (+Flickr1M)
+DISTRACTED = ("roxford5k", "rparis6k", "gldv2", "holidays")
 PCA_SEED = 0
 
 

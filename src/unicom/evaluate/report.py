@@ -232,8 +232,10 @@ def retrieval_markdown(report: dict) -> str:
         search += f" ({report['distractors']['count']:,} of them distractors, {report['distractors']['embeddings']})"
     metrics = report["metrics"]
     if protocol.get("setups"):
-        lines = [f"# {heading}", "", f"{protocol['queries']} queries, cropped to their boxes, {search}, dimension "
-                 f"{protocol['embedding_dim']}; each setup's ignored images are removed from the ranking.", ""]
+        queries = {"roxford5k": "cropped to their boxes", "rparis6k": "cropped to their boxes",
+                   "holidays": "each removed from its own ranking"}.get(report.get("dataset"), "")
+        lines = [f"# {heading}", "", f"{protocol['queries']} queries{', ' + queries if queries else ''}, {search}, "
+                 f"dimension {protocol['embedding_dim']}; each setup's ignored images are removed from the ranking.", ""]
         lines += _setup_table(metrics, protocol["setups"], protocol["ks"])
         if report.get("whitening"):
             lines[4:4] = [_whitening_line(report["whitening"]), ""]

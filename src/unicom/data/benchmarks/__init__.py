@@ -66,6 +66,9 @@ RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
     "rparis6k": RetrievalBenchmark(
         "unicom.data.benchmarks.revisited:read_revisited", (1, 5, 10), "map_medium",
         "Revisited Paris6k, 70 cropped queries vs 6,322 images, easy/medium/hard", {"name": "rparis6k"}),
+    "holidays": RetrievalBenchmark(
+        _R + "read_holidays", (1, 5, 10), "map_all",
+        "INRIA Holidays, 500 queries vs 1,491 images (each query's own left out), mAP"),
     "folder": RetrievalBenchmark(
         _R + "read_folder", (1, 2, 4, 8), "recall@1", "a folder with one sub-folder per class, leave-one-out"),
     "csv": RetrievalBenchmark(
@@ -85,7 +88,7 @@ URL_ROOTS = ("folder",)  # the benchmarks whose root may be a URL (s3://…)
 ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "inshop", "inat": "inaturalist",
            "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2",
            "roxford": "roxford5k", "rparis": "rparis6k", "coco": "coco-captions", "mscoco": "coco-captions",
-           "mscoco_captions": "coco-captions", "flickr": "flickr30k"}
+           "mscoco_captions": "coco-captions", "flickr": "flickr30k", "inria-holidays": "holidays"}
 
 
 @dataclass

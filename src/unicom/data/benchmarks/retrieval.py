@@ -528,6 +528,54 @@ def read_gldv2(root: str | os.PathLike, check_images: bool = True) -> Splits:
     return Splits(query=query, gallery=gallery, train=_gld_train(root), relevant=relevant, subsets=subsets)
 
 
+# --------------------------------------------------------------------------- INRIA Holidays
+
+HOLIDAYS_LAYOUT = """  holidays/jpg/<6 digits>.jpg: the 1,491 images of jpg1.tar.gz and jpg2.tar.gz (100000.jpg, 100001.jpg, ...)
+  an image's first 4 digits name its scene; the scene's image ending in 00 is its query
+  (--root: the folder holding jpg/, or its parent holding holidays/)"""
+HOLIDAYS_NAME = re.compile(r"(\d{4})(\d{2})\.jpg", re.IGNORECASE)
+
+
+def read_holidays(root: str | os.PathLike, check_images: bool = True) -> Splits:
+    """INRIA Holidays (Jégou, Douze and Schmid, ECCV 2008), as its archives unpack.
+
+    The database is every image of ``jpg/`` (keys ``jpg/<name>``, by name); images of one
+    scene share their first 4 digits, and the scene's image whose last two are ``00`` is its
+    query. A query's positives are the other images of its scene, and its own image is
+    removed from its ranking (setup ``all``, scored as Jégou's evaluation does: the AP of
+    :func:`unicom.evaluate.revisited_metrics`). A name of another form, or a scene without
+    its ``00`` image or without a second image, is an error: nothing is guessed.
+    """
+    folder = _dataset_folder(Path(root), ["jpg"], ["holidays", "Holidays"], HOLIDAYS_LAYOUT)
+    images = folder / "jpg"
+    names = sorted(entry.name for entry in os.scandir(images) if not entry.name.startswith("."))
+    others = [name for name in names if not HOLIDAYS_NAME.fullmatch(name)]
+    if others:
+        raise InputError(f"{images}: {len(others)} files are not named as Holidays' images (6 digits, .jpg), e.g. "
+                         f"{', '.join(others[:3])}; move them out of the folder. Expected layout:\n{HOLIDAYS_LAYOUT}")
+    scenes: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        scenes.setdefault(HOLIDAYS_NAME.fullmatch(name).group(1), []).append(row)
+    if not scenes:
+        raise InputError(f"{images}: no images; expected layout:\n{HOLIDAYS_LAYOUT}")
+    queries, positives, ignored = [], [], []
+    for scene, rows in scenes.items():
+        query = [row for row in rows if HOLIDAYS_NAME.fullmatch(names[row]).group(2) == "00"]
+        if not query or len(rows) < 2:
+            what = f"no query image ({scene}00.jpg)" if not query else "no image but its query"
+            raise InputError(f"{images}: scene {scene} has {what}: a Holidays scene is its query {scene}00.jpg and at "
+                             f"least one other image of the same first 4 digits; restore the archive's images")
+        queries.append(query[0])
+        positives.append(np.asarray([row for row in rows if row != query[0]], dtype=np.int64))
+        ignored.append(np.asarray(query, dtype=np.int64))
+    keys = [f"jpg/{name}" for name in names]
+    gallery = ImageList([str(folder / k) for k in keys], keys)
+    query = ImageList([gallery.paths[row] for row in queries], [keys[row] for row in queries])
+    if check_images:
+        _check_images(gallery.paths, HOLIDAYS_LAYOUT, images)
+    return Splits(query=query, gallery=gallery, setups={"all": (positives, ignored)})
+
+
 # --------------------------------------------------------------------------- generic
 
 

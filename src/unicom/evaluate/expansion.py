@@ -1,8 +1,9 @@
 """Query expansion and database-side augmentation: re-ranking by a second search.
 
-Both replace a vector by a weighted sum of itself and its nearest neighbours, re-normalised
-(Radenović et al., TPAMI 2019, whose αQE and DBA the landmark-retrieval literature reports
-beside the plain search):
+Both replace a vector by a weighted sum of itself and its nearest neighbours, re-normalised,
+as the landmark-retrieval literature reports them beside the plain search (α-query expansion
+of Radenović et al., TPAMI 2019; database-side augmentation of Arandjelović and Zisserman,
+CVPR 2012, with the same α-weights):
 
 * **database-side augmentation** (DBA, ``dba`` = k): each gallery vector x becomes
   x + Σ_j w_j x_j over its k nearest *other* gallery items x_j;

@@ -126,6 +126,7 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_ctrl_c_during_a_command_ends_it_without_a_traceback_nor_temporaries(tmp_path):
     """Ctrl-C while `unicom embed` waits for an image (a named pipe nobody writes, so the
     command is surely still running): exit status 130, one line saying so, no traceback, and

@@ -180,6 +180,7 @@ def test_missing_shard_is_an_error_before_anything_is_written(setup, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_weights_file_moved_elsewhere_resumes_by_its_digest_and_other_weights_are_refused(setup, first_run, tmp_path, capsys):
     import json
     import shutil

@@ -117,6 +117,7 @@ def _embed_with_a_slow_record(rank, world_size, root):
                                                             *(root / "EMB" / "metadata").iterdir()]}
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_no_rank_writes_a_part_before_the_settings_of_the_run_are_recorded(tmp_path):
     """A run killed after a rank wrote a part, but before rank 0 recorded the run's settings, would
     leave parts whose settings the record lacks (and a resumed run would not read them)."""

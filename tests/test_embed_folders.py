@@ -211,6 +211,7 @@ def test_options_of_folders_and_lists_are_refused_with_shards_not_ignored(tmp_pa
     assert not (tmp_path / "EMB").exists()
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_an_output_folder_on_a_full_disk_says_what_to_do_and_a_rerun_completes_it(tmp_path, weights):
     """A disk that refuses even the first small file (here a file-size limit of 100 bytes, as a
     full disk would): the error names the folder and the file, no traceback, no temporary

@@ -156,6 +156,7 @@ def test_a_vision_tower_saved_alone_loads_as_an_image_encoder(clip, tmp_path, pr
         np.testing.assert_allclose(expected.numpy(), reference_images(clip, images)[0], atol=1e-5)
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_model_saved_in_shards_loads_the_same(clip, tmp_path):
     """transformers' shards (its index, model.safetensors.index.json, as save_pretrained writes
     a model over max_shard_size), from a folder and from the Hub; the older .bin shards too."""

@@ -395,6 +395,7 @@ def test_clustering_an_embedding_folder_of_a_hub_dataset_equals_the_local_run(lo
     assert arrays and all(asked.startswith("bytes=") for asked in arrays)
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_shard_that_cannot_be_fetched_is_reported_naming_its_url(local, hub, tmp_path):
     hub.gone.add("shards/00001.tar")  # listed by the tree, removed from the repository since
     result = _unicom(hub, tmp_path, "embed", "--input", f"{ROOT}/shards/{{00000..00001}}.tar", "--out",

@@ -243,16 +243,19 @@ def _safetensors(state_dict) -> bytes:
     return save({k: v.contiguous() for k, v in state_dict.items()})
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_model_folder_on_the_hub_loads_with_the_same_embeddings(hub_runs):
     for name in ("online_unicom.pt", "online_encoder.pt"):
         torch.testing.assert_close(torch.load(hub_runs["root"] / name), hub_runs["expected"], rtol=0, atol=1e-6)
     assert hub_runs["online"]["encoder"].endswith(f"(hf-hub:org/clip-vit@{COMMIT})")
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_timm_loads_the_same_hub_repository(hub_runs):
     torch.testing.assert_close(torch.load(hub_runs["root"] / "online_timm.pt"), hub_runs["expected"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_the_weights_come_from_the_cdn_once_and_then_from_the_cache(hub_runs):
     hub = hub_runs["hub"]
     weights = hashlib.sha256((hub_runs["root"] / "clip-vit" / "model.safetensors").read_bytes()).hexdigest()
@@ -262,6 +265,7 @@ def test_the_weights_come_from_the_cdn_once_and_then_from_the_cache(hub_runs):
     assert not any(path.endswith("model.safetensors") for path in gets)
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_offline_the_cache_serves_the_same_model(hub_runs):
     # the second process ran with the Hub shut down: every file came from HF_HOME
     for name in ("offline_unicom.pt", "offline_encoder.pt"):

@@ -97,6 +97,7 @@ def two(tmp_path_factory):
     return {"root": root, "clip": clip, "vectors": vectors}
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_server_started_from_the_file_serves_each_index_with_its_model_and_columns(two, tmp_path):
     clip = two["clip"]
     path = write(tmp_path, {

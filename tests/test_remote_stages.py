@@ -168,6 +168,7 @@ def test_new_parts_are_added_to_an_index_in_s3_and_the_old_generation_removed(s3
                                   Index.load(tmp_path / "local").search(queries, 5)[1])
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_killed_while_adding_parts_to_an_index_in_s3_the_previous_one_stays_whole(s3, local_folder, remote_folder,
                                                                                    tmp_path, monkeypatch):
     """kill -9 as S3 answers the upload of the new index.json's temporary object (the commit

@@ -272,6 +272,7 @@ def test_a_copy_has_a_plain_files_mode_and_a_failed_one_leaves_nothing(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["copy.jpg", "plain"]
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_copy_killed_midway_is_finished_by_a_rerun_with_identical_files_and_no_temporaries(tmp_path):
     import signal
     import time

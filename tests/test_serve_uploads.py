@@ -92,6 +92,7 @@ def can_reset_high_water_mark() -> bool:
 
 
 @pytest.mark.skipif(not can_reset_high_water_mark(), reason="needs Linux's /proc/self/clear_refs (the peak resident memory)")
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_what_decoding_holds_is_within_what_the_server_counts(tmp_path):
     """Noise images of each kind decoded in a fresh process, for a model (short side to 224)
     and as an item's thumbnail: the most resident memory the process held over each

@@ -684,6 +684,7 @@ def test_fine_tuning_from_a_released_name_offline_says_where_to_put_the_file(tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_any_checkpoint_exports_as_a_model_folder(images, tmp_path):
     from unicom.cli import main
     from unicom.models.export import read_config, read_weights

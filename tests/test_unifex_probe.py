@@ -219,6 +219,7 @@ def test_the_cache_is_built_once_and_refuses_other_weights(collection, tmp_path)
         probe(recipe(collection, tmp_path / "fourth", f"backbone.pretrained={other}"))
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_cache_that_cannot_be_written_says_what_to_do_and_a_rerun_completes_it(collection, tmp_path):
     """A disk that refuses the writes (here a file-size limit, as a full disk would): an
     error naming the part and what to do, no traceback, no temporary left; a rerun with
@@ -251,6 +252,7 @@ def test_a_cache_that_cannot_be_written_says_what_to_do_and_a_rerun_completes_it
     np.testing.assert_array_equal(rebuilt[0], reference[0])
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_checkpoint_the_disk_refuses_says_what_to_do_and_a_rerun_finishes_the_run(collection, tmp_path):
     """A disk that fills up during training (here a file-size limit of 4 KB: the run's small
     files fit, its checkpoint does not): torch's writer reports it as 'unexpected pos'; the

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--distractors", metavar="FOLDER",
                         help="an embedding folder (or URL) of images of no query, added to the gallery of roxford5k, "
-                             "rparis6k, gldv2 or holidays (+1M: revisitop1m's embeddings, by the benchmark's model)")
+                             "rparis6k, gldv2, holidays or ukbench (+1M: revisitop1m's embeddings, by the benchmark's model)")
     parser.add_argument("--whiten", metavar="FOLDER",
                         help="an embedding folder (or URL) of the same model on which a PCA whitening is learned and "
                              "applied to every embedding searched (images apart from the benchmark's)")
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.distractors is not None:
         raise InputError("--distractors join the gallery of a benchmark whose relevant images are listed per query: "
-                         "give --dataset roxford5k, rparis6k, gldv2 or holidays with --root")
+                         "give --dataset roxford5k, rparis6k, gldv2, holidays or ukbench with --root")
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,

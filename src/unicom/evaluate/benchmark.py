@@ -37,8 +37,8 @@ from unicom.progress import progress
 PART_ROWS = 10_000
 CACHE_CONFIG = "evaluate_embeddings.json"
 # the benchmarks whose relevant images are listed per query, so that images of none (distractors) can join the
-# gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m), GLDv2 and Holidays (+Flickr1M)
-DISTRACTED = ("roxford5k", "rparis6k", "gldv2", "holidays")
+# gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m), GLDv2, Holidays (+Flickr1M) and UKBench
+DISTRACTED = ("roxford5k", "rparis6k", "gldv2", "holidays", "ukbench")
 PCA_SEED = 0
 
 
@@ -404,6 +404,9 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         for split, images in splits.items():
             if images is None:
                 vectors[split] = None
+                continue
+            if split == "gallery" and images is protocol.query and protocol.query_boxes is None:
+                vectors[split] = vectors["query"]  # the queries are the database (UKBench): embedded once
                 continue
             inputs, identity = images.paths, dict(config, split=split)
             if split == "query" and protocol.query_boxes is not None:  # the query is the box, not the whole image

@@ -265,6 +265,8 @@ def retrieval_markdown(report: dict) -> str:
         lines += ["| queries | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for name, values in rows:
             lines.append(f"| {name} | " + " | ".join(_percent(values[c]) for c in columns) + " |")
+        if report.get("dataset") == "ukbench":
+            lines += ["", _ns_line(rows)]
     if report.get("dimensions"):
         metric = protocol["metric"]
         by = {(row["method"], row["dimension"]): row for row in report["dimensions"]}
@@ -279,6 +281,13 @@ def retrieval_markdown(report: dict) -> str:
         skipped = [row["skipped"] for row in report["dimensions"] if "skipped" in row]
         lines += [""] + [f"- {why}" for why in skipped] if skipped else []
     return "\n".join(lines) + "\n"
+
+
+def _ns_line(rows) -> str:
+    """UKBench's N-S score: the mean number of a query's 4 relevant images (its own included)
+    among its first 4 results, which is 4 x the R-precision when every R is 4."""
+    scores = ", ".join(f"{4 * values['r_precision']:.3f} ({name})" for name, values in rows)
+    return f"N-S score (of its object's 4 images, a query's own included, how many are among its first 4): {scores}."
 
 
 def _whitening_line(whitening: dict) -> str:

@@ -69,6 +69,9 @@ RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
     "holidays": RetrievalBenchmark(
         _R + "read_holidays", (1, 5, 10), "map_all",
         "INRIA Holidays, 500 queries vs 1,491 images (each query's own left out), mAP"),
+    "ukbench": RetrievalBenchmark(
+        _R + "read_ukbench", (1, 4), "r_precision",
+        "UKBench, each of 10,200 images vs all, its object's 4 images relevant; N-S score = 4 x R-precision"),
     "folder": RetrievalBenchmark(
         _R + "read_folder", (1, 2, 4, 8), "recall@1", "a folder with one sub-folder per class, leave-one-out"),
     "csv": RetrievalBenchmark(
@@ -88,7 +91,8 @@ URL_ROOTS = ("folder",)  # the benchmarks whose root may be a URL (s3://…)
 ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "inshop", "inat": "inaturalist",
            "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2",
            "roxford": "roxford5k", "rparis": "rparis6k", "coco": "coco-captions", "mscoco": "coco-captions",
-           "mscoco_captions": "coco-captions", "flickr": "flickr30k", "inria-holidays": "holidays"}
+           "mscoco_captions": "coco-captions", "flickr": "flickr30k", "inria-holidays": "holidays",
+           "ukb": "ukbench"}
 
 
 @dataclass

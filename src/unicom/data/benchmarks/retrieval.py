@@ -576,6 +576,58 @@ def read_holidays(root: str | os.PathLike, check_images: bool = True) -> Splits:
     return Splits(query=query, gallery=gallery, setups={"all": (positives, ignored)})
 
 
+# --------------------------------------------------------------------------- UKBench
+
+UKBENCH_LAYOUT = """  full/ukbench<5 digits>.jpg: the 10,200 images of ukbench.zip (ukbench00000.jpg ... ukbench10199.jpg)
+  images 4n to 4n+3 show object n; every image is a query
+  (--root: the folder holding full/, or its parent holding ukbench/)"""
+UKBENCH_NAME = re.compile(r"ukbench(\d{5})\.jpg", re.IGNORECASE)
+UKBENCH_GROUP = 4
+
+
+def read_ukbench(root: str | os.PathLike, check_images: bool = True) -> Splits:
+    """UKBench (Nistér and Stewénius, CVPR 2006), as ``ukbench.zip`` unpacks.
+
+    The images of ``full/`` (keys ``full/<name>``, by number) are the database and, each in
+    turn, the queries; images ``4n`` to ``4n + 3`` show the same object and are a query's
+    relevant images, its own included, as in the N-S score: the number of them among the
+    first 4 results (4 x the R-precision here, every R being 4). A name of another form, or an
+    object of other than 4 images, is an error: nothing is guessed.
+    """
+    folder = _dataset_folder(Path(root), ["full"], ["ukbench", "UKBench"], UKBENCH_LAYOUT)
+    images = folder / "full"
+    names = [entry.name for entry in os.scandir(images) if not entry.name.startswith(".")]
+    others = sorted(name for name in names if not UKBENCH_NAME.fullmatch(name))
+    if others:
+        raise InputError(f"{images}: {len(others)} files are not named as UKBench's images (ukbench<5 digits>.jpg), "
+                         f"e.g. {', '.join(others[:3])}; move them out of the folder. Expected layout:\n{UKBENCH_LAYOUT}")
+    if not names:
+        raise InputError(f"{images}: no images; expected layout:\n{UKBENCH_LAYOUT}")
+    numbers = sorted(int(UKBENCH_NAME.fullmatch(name).group(1)) for name in names)
+    if len(set(numbers)) != len(numbers):
+        repeated = sorted(n for n, count in Counter(numbers).items() if count > 1)
+        raise InputError(f"{images}: image number {repeated[0]:05d} appears under {Counter(numbers)[repeated[0]]} "
+                         "names (ukbench<number>.jpg in another case): keep one file per number")
+    by_name = {int(UKBENCH_NAME.fullmatch(name).group(1)): name for name in names}
+    groups: dict[int, list[int]] = {}
+    for row, number in enumerate(numbers):
+        groups.setdefault(number // UKBENCH_GROUP, []).append(row)
+    for group, rows in groups.items():
+        if len(rows) != UKBENCH_GROUP:
+            first = group * UKBENCH_GROUP
+            missing = [f"ukbench{n:05d}.jpg" for n in range(first, first + UKBENCH_GROUP) if n not in by_name]
+            raise InputError(f"{images}: object {group} has {len(rows)} of its {UKBENCH_GROUP} images (missing "
+                             f"{', '.join(missing)}): every query's score counts its object's 4 images; restore them "
+                             "from the archive")
+    keys = [f"full/{by_name[number]}" for number in numbers]
+    database = ImageList([str(folder / k) for k in keys], keys)
+    if check_images:
+        _check_images(database.paths, UKBENCH_LAYOUT, images)
+    relevant = [np.asarray(groups[number // UKBENCH_GROUP], dtype=np.int64) for number in numbers]
+    # one list for both sides: the query set is the database, each image ranked among all, its own included
+    return Splits(query=database, gallery=database, relevant=relevant)
+
+
 # --------------------------------------------------------------------------- generic
 
 

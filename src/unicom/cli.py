@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("unicom.commands.train", "cluster-discrimination pre-training or retrieval fine-tuning"),
     "probe": ("unicom.commands.probe", "train a projection head on a frozen foundation model (UniFEx)"),
     "evaluate": ("unicom.commands.evaluate", "retrieval benchmarks, compact dimensions, linear probe, kNN, zero-shot, image-text"),
+    "dedup": ("unicom.commands.dedup", "near duplicates within an embedding folder, or of another folder's images"),
     "index": ("unicom.commands.index", "build or extend a faiss index from embedding folders"),
     "search": ("unicom.commands.search", "query an index with images, texts or indexed items"),
     "serve": ("unicom.commands.serve", "web page and HTTP API over an index"),

@@ -24,7 +24,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from unicom import storage
 from unicom.errors import InputError
@@ -319,6 +319,30 @@ def numbered_files(folder, prefix: str, suffix: str) -> list[tuple[int, Path]]:
             )
         parts[number] = entry
     return sorted(parts.items())
+
+
+def publish_together(out: Path, files: dict[str, Callable[[Path], None]], names: Sequence[str]) -> None:
+    """Publish files under the local folder ``out`` as one set: ``files`` maps each file name
+    to a function that writes its content to the path it is given; ``names`` are every name
+    such a set may hold, its first the one that says a set is whole (written last).
+
+    Every file is written under a temporary name first; then the earlier set's files are
+    removed, ``names[0]`` first, and the new ones renamed into place, ``names[0]`` last. A run
+    killed at any point leaves the earlier set whole, or files of this run alone (without
+    ``names[0]`` until it is complete), never one run's file beside another's; the
+    temporaries a killed run left are removed by the next.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out, names)  # what a killed run left
+    with contextlib.ExitStack() as staged:
+        # entered names[0] first, so that the stack, unwinding in reverse, renames it last;
+        # a failed write or rename removes this run's temporaries as the stack unwinds
+        order = sorted(files, key=lambda name: name != names[0])
+        paths = {name: staged.enter_context(atomic_path(out / name)) for name in order}
+        for name, path in paths.items():
+            files[name](path)
+        for name in names:  # the earlier set, names[0] first: it says a set is whole
+            (out / name).unlink(missing_ok=True)
 
 
 def sweep_temporaries(folder, names=None) -> list[str]:

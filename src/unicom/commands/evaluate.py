@@ -213,8 +213,7 @@ def run(args: argparse.Namespace) -> int:
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, expansion=expansion, distractors=args.distractors, whiten=args.whiten,
-            **classify, **subset,
-            **zero_shot,
+            **classify, **subset, **zero_shot,
         )
     elif args.distractors is not None:
         raise InputError("--distractors join the gallery of a benchmark whose relevant images are listed per query: "

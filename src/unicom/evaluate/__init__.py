@@ -25,6 +25,7 @@ _LAZY = {
     "retrieval_metrics": "unicom.evaluate.metrics",
     "retrieval_metrics_from_relevance": "unicom.evaluate.metrics",
     "knn_search": "unicom.evaluate.metrics",
+    "pairs_above": "unicom.evaluate.metrics",
     "revisited_metrics": "unicom.evaluate.metrics",
     "dimension_curve": "unicom.evaluate.dims",
     "first_dimensions": "unicom.evaluate.dims",

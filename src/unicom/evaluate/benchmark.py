@@ -24,11 +24,12 @@ from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
     WEIGHTS_CHECKSUM,
     EmbeddingFolders,
-    key_column,
     part_complete,
     read_config,
     read_embedding_folder,
     read_record,
+    require_usable_rows,
+    row_keys,
     sweep_writer_temporaries,
     write_part,
 )
@@ -43,13 +44,6 @@ PCA_SEED = 0
 
 
 # --------------------------------------------------------------------------- embedding folders
-
-
-def _key_column(metadata, root) -> list[str]:
-    if metadata is None:
-        raise InputError(f"{root}: no metadata/ folder, so rows have no keys to match images or labels with")
-    column = key_column(metadata.column_names, storage.join(root, "metadata"))
-    return [str(v) for v in metadata.column(column).to_pylist()]
 
 
 def read_labels(labels_file: str | os.PathLike, label_column: str = "label") -> dict:
@@ -75,7 +69,7 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
               lookup: dict | None = None) -> np.ndarray:
     """Labels of an embedding folder's rows: from ``labels_file`` (key,label; ``lookup``: the
     file as :func:`read_labels` read it) or its metadata."""
-    keys = _key_column(metadata, root)
+    keys = row_keys(metadata, root)
     if labels_file is not None:
         lookup = read_labels(labels_file, label_column) if lookup is None else lookup
         missing = [k for k in keys if k not in lookup]
@@ -91,25 +85,6 @@ def labels_of(metadata, root, labels_file: str | os.PathLike | None = None, labe
     return np.asarray(values)
 
 
-def _require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Sequence[int] | None = None,
-                        scored: np.ndarray | None = None, block_rows: int = 65_536) -> None:
-    """An :class:`InputError` naming the folder, key and row of the rows of ``x`` (N, D) that
-    hold NaN or infinite values or are all zeros: they have no direction to rank by. Named
-    here, by key and by ``rows`` (x's rows in the folder; default 0..N-1), rather than by
-    their position among the rows scored. ``scored``: the rows of ``x`` used (default all;
-    a class subset's), the others are not looked at."""
-    scored = np.arange(len(x)) if scored is None else np.asarray(scored, dtype=np.int64)
-    bad = []
-    for start in range(0, len(scored), block_rows):
-        chosen = scored[start:start + block_rows]
-        block = np.asarray(x[chosen], dtype=np.float32)
-        bad.extend(chosen[~np.isfinite(block).all(1) | ~block.any(1)].tolist())
-    if bad:
-        shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
-        raise InputError(f"{folder}: {len(bad)} of the rows used hold NaN or infinite values or are all zeros, "
-                         f"e.g. {shown}; embed those images again or leave them out")
-
-
 class _RowIndex:
     """key -> row and absolute path -> row of an embedding folder."""
 
@@ -117,7 +92,7 @@ class _RowIndex:
         from unicom.data.benchmarks.revisited import CROP_SUFFIX
 
         self.root = root
-        keys = _key_column(metadata, root)
+        keys = row_keys(metadata, root)
         self.by_key = {k: i for i, k in enumerate(keys)}
         self.by_path = {}
         for column in ("path", "image_path"):
@@ -457,7 +432,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             else:
                 rows = index.rows(images.keys, images.paths, split)
             vectors[split] = x[rows]
-            _require_usable_rows(vectors[split], images.keys, embeddings, rows=rows, scored=scored[split])
+            require_usable_rows(vectors[split], images.keys, embeddings, rows=rows, scored=scored[split])
         if train is not None and folders.get("train") is not None:
             embeddings, x, index = folder_of("train")
             drawn = _recorded_sample(embeddings)
@@ -470,7 +445,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             _warn_fewer_train(embeddings, len(rows), min(pca_samples, len(train)), pca_samples, drawn)
             vectors["train"] = x[rows] if len(rows) >= 2 else None
             if vectors["train"] is not None:
-                _require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
+                require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
         embeddings = folders["root"]
     info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
@@ -541,8 +516,8 @@ def learned_whitening(folder, dimension: int, digest: str | None = None):
 
     x, metadata = read_embedding_folder(folder)
     _require_same_model(folder, "--whiten", x.shape[1], dimension, digest)
-    keys = _key_column(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
-    _require_usable_rows(x, keys, folder)
+    keys = row_keys(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
+    require_usable_rows(x, keys, folder)
     pca = PCA.fit(x)
     if pca.rank < dimension:
         raise InputError(f"{storage.text(folder)} (--whiten): its {len(x)} embeddings vary along {pca.rank} of the "
@@ -573,7 +548,7 @@ def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, ben
                          "distractor images (revisitop1m's, embedded with unicom embed)")
     x, metadata = read_embedding_folder(folder)
     _require_same_model(folder, "--distractors", x.shape[1], dimension, digest)
-    keys = _key_column(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
+    keys = row_keys(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
     shared = sorted(set(keys) & set(gallery.keys))
     if metadata is not None and not shared:  # the same files under other keys (a folder embedded with --input)
         paths = {os.path.realpath(p) for p in gallery.paths if p}
@@ -589,7 +564,7 @@ def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, ben
         raise InputError(f"{storage.text(folder)} (--distractors) holds {images} of the benchmark's gallery (e.g. "
                          f"{', '.join(map(str, shared[:3]))}): a positive among the distractors would count against "
                          "itself; give a folder of other images")
-    _require_usable_rows(x, keys, folder)
+    require_usable_rows(x, keys, folder)
     return x
 
 
@@ -829,9 +804,9 @@ def evaluate_embedding_folders(
         gallery_y = labels_of(gallery_metadata, gallery_embeddings, labels, lookup=lookup)
         labelled.append((gallery_embeddings, gallery_metadata))
     scored, gallery_scored = _scored_rows(y, gallery_y, classes, exclude_classes)  # a class left out may hold a bad row
-    _require_usable_rows(x, _key_column(metadata, embeddings), embeddings, scored=scored)
+    require_usable_rows(x, row_keys(metadata, embeddings), embeddings, scored=scored)
     if gallery is not None:
-        _require_usable_rows(gallery, _key_column(gallery_metadata, gallery_embeddings), gallery_embeddings,
+        require_usable_rows(gallery, row_keys(gallery_metadata, gallery_embeddings), gallery_embeddings,
                              scored=gallery_scored)
     train = None
     if train_embeddings is not None and ((pca and dims) or lookup is not None):
@@ -845,9 +820,9 @@ def evaluate_embedding_folders(
             drawn = _recorded_sample(train_embeddings)
             if drawn is not None and len(sample) >= drawn:  # the whole draw of an evaluate --model cache
                 _warn_fewer_train(train_embeddings, len(sample), pca_samples, pca_samples, drawn)
-            keys = (_key_column(train_metadata, train_embeddings) if train_metadata is not None  # a folder of
+            keys = (row_keys(train_metadata, train_embeddings) if train_metadata is not None  # a folder of
                     else None)  # vectors for the PCA alone may have no keys
-            _require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,
+            require_usable_rows(train, [f"#{row}" if keys is None else keys[row] for row in sample], train_embeddings,
                                  rows=sample)
     _note_unlabelled_rows(info, lookup, labels, labelled)
     if pca and dims and train is None:  # --no-pca asked for none
@@ -915,7 +890,7 @@ def _note_unlabelled_rows(info: dict, lookup: dict | None, labels_file, folders)
     embedded = set()
     for root, metadata in folders:
         if metadata is not None:  # a train folder for the PCA alone may have no keys
-            embedded.update(_key_column(metadata, root))
+            embedded.update(row_keys(metadata, root))
     absent = [key for key in lookup if key not in embedded]
     if absent:
         _add_note(info, f"{len(absent)} of the {len(lookup)} keys of {labels_file} have no embedding in "

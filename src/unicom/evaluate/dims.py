@@ -98,7 +98,6 @@ class PCA:
             out[start:start + len(block)] = (block - self.mean) @ axes
         return out
 
-
     def whiten(self, x, block_rows: int = 65_536) -> np.ndarray:
         """(N, D) embeddings -> (N, D) float32 coordinates on every principal axis, centred and
         divided by the axis' standard deviation (PCA whitening, Jégou and Chum 2012): the

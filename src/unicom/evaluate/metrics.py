@@ -190,6 +190,49 @@ def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = Non
     return values.numpy(), indices.numpy()
 
 
+def pairs_above(query, gallery=None, threshold: float = 0.95, *, chunk_size: int | None = None,
+                max_pairs: int | None = None, desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of rows whose cosine similarity is at least ``threshold``, found exactly.
+
+    query: (Nq, D), gallery: (Ng, D) (any float dtype; L2-normalised here); with
+    ``gallery=None`` the pairs within ``query``, each once (query row < gallery row), never
+    a row with itself. Returns (query rows int64 (P,), gallery rows int64 (P,), similarities
+    float32 (P,)), by query row, then gallery row. ``max_pairs``: an :class:`InputError` as
+    soon as more are found, before they fill the memory (12 bytes each are kept here).
+    ``desc``: a progress bar (rate, ETA) of that name over the query rows.
+    """
+    within = gallery is None
+    q = as_embeddings(query, "query")
+    g = q if within else as_embeddings(gallery, "gallery", q.device)
+    if q.shape[1] != g.shape[1]:
+        raise InputError(f"query rows have {q.shape[1]} dimensions but gallery rows {g.shape[1]}")
+    columns = torch.arange(g.shape[0], device=q.device)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    total = 0
+    bar = None if desc is None else progress(total=q.shape[0], desc=desc, unit="row")
+    try:
+        for block_rows, scores in _blocks(q, g, torch.arange(q.shape[0], device=q.device),
+                                          chunk_size or default_chunk_size(g.shape[0]), False):
+            if within:  # each pair once, from its lower row
+                scores.masked_fill_(columns[None, :] <= block_rows[:, None], float("-inf"))
+            at, column = torch.nonzero(scores >= threshold, as_tuple=True)
+            total += len(at)
+            if max_pairs is not None and total > max_pairs:
+                raise InputError(f"more than {max_pairs:,} pairs have a cosine similarity of {threshold:g} or more "
+                                 f"(after {int(block_rows[-1]) + 1:,} of {q.shape[0]:,} rows): raise the threshold, "
+                                 "or the most pairs allowed if the memory holds them")
+            found.append((block_rows[at].cpu().numpy(), column.cpu().numpy(),
+                          scores[at, column].cpu().numpy().astype(np.float32)))
+            if bar is not None:
+                bar.update(len(block_rows))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate([part[i] for part in found]) for i in range(3))
+
+
 # --------------------------------------------------------------------------- relevance
 
 

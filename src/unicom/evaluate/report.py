@@ -8,7 +8,6 @@ killed run leaves no partial report, and never one run's file beside another's.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,7 +17,7 @@ import numpy as np
 from unicom.evaluate.dims import dimension_curve, score
 from unicom.errors import InputError
 from unicom.evaluate.metrics import METRIC_KEYS, summarize
-from unicom.files import atomic_path, json_text, sweep_temporaries, write_bytes_synced
+from unicom.files import json_text, publish_together, write_bytes_synced
 
 JSON_NAME = "metrics.json"
 MARKDOWN_NAME = "metrics.md"
@@ -183,28 +182,12 @@ def evaluate_retrieval(
 def publish_report(out: str | os.PathLike, files: dict[str, Callable[[Path], None]]) -> None:
     """Publish a report under the local folder ``out`` as one: ``files`` maps each of its
     file names (of :data:`REPORT_NAMES`) to a function that writes that file's content to
-    the path it is given.
-
-    Every file is written under a temporary name first; then the earlier report's files
-    are removed, ``metrics.json`` first, and the new ones renamed into place,
-    ``metrics.json`` last. A run killed at any point leaves the earlier report whole, or
-    files of this run alone (without ``metrics.json`` until it is complete), never one
-    run's file beside another's; the temporaries a killed run left are removed by the next.
-    """
+    the path it is given; ``metrics.json`` says a report is whole
+    (:func:`unicom.files.publish_together`)."""
     from unicom.models.export import local_output
 
     out = local_output(out, "the evaluation report")  # a URL would become a local folder 's3:'
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(out, REPORT_NAMES)  # what a killed run left
-    with contextlib.ExitStack() as staged:
-        # entered metrics.json first, so that the stack, unwinding in reverse, renames it last;
-        # a failed write or rename removes this run's temporaries as the stack unwinds
-        order = sorted(files, key=lambda name: name != JSON_NAME)
-        paths = {name: staged.enter_context(atomic_path(out / name)) for name in order}
-        for name, path in paths.items():
-            files[name](path)
-        for name in REPORT_NAMES:  # the earlier report, metrics.json first: it says a report is whole
-            (out / name).unlink(missing_ok=True)
+    publish_together(out, files, REPORT_NAMES)
 
 
 def write_retrieval_report(report: dict, out: str | os.PathLike) -> None:

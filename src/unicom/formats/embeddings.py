@@ -229,6 +229,34 @@ def key_column(names: Sequence[str], where: str | os.PathLike, wanted: str | Non
     return wanted
 
 
+def row_keys(metadata, root) -> list[str]:
+    """The key of each row of an embedding folder's ``metadata`` (its first key column,
+    :data:`KEY_COLUMNS`), as text; an error naming ``root`` without metadata."""
+    if metadata is None:
+        raise InputError(f"{root}: no metadata/ folder, so rows have no keys to match images or labels with")
+    column = key_column(metadata.column_names, storage.join(root, "metadata"))
+    return [str(v) for v in metadata.column(column).to_pylist()]
+
+
+def require_usable_rows(x: np.ndarray, keys: Sequence[str], folder, rows: Sequence[int] | None = None,
+                        scored: np.ndarray | None = None, block_rows: int = 65_536) -> None:
+    """An :class:`InputError` naming the folder, key and row of the rows of ``x`` (N, D) that
+    hold NaN or infinite values or are all zeros: they have no direction to rank by. Named
+    here, by key and by ``rows`` (x's rows in the folder; default 0..N-1), rather than by
+    their position among the rows scored. ``scored``: the rows of ``x`` used (default all;
+    a class subset's), the others are not looked at."""
+    scored = np.arange(len(x)) if scored is None else np.asarray(scored, dtype=np.int64)
+    bad = []
+    for start in range(0, len(scored), block_rows):
+        chosen = scored[start:start + block_rows]
+        block = np.asarray(x[chosen], dtype=np.float32)
+        bad.extend(chosen[~np.isfinite(block).all(1) | ~block.any(1)].tolist())
+    if bad:
+        shown = ", ".join(f"{keys[i]!r} (row {i if rows is None else int(rows[i])})" for i in bad[:3])
+        raise InputError(f"{folder}: {len(bad)} of the rows used hold NaN or infinite values or are all zeros, "
+                         f"e.g. {shown}; embed those images again or leave them out")
+
+
 def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     """A part's embeddings: memory-mapped (a URL: a :class:`~unicom.storage.RemoteArray`) or read."""
     try:
@@ -591,6 +619,8 @@ __all__ = [
     "sweep_writer_temporaries",
     "read_config",
     "read_embedding_folder",
+    "require_usable_rows",
+    "row_keys",
     "write_config",
     "write_part",
 ]

@@ -1,0 +1,49 @@
+"""``unicom dedup``: the near duplicates within an embedding folder, or of another folder's images.
+
+Examples::
+
+    unicom dedup --emb EMB/ --out DEDUP/                          # groups of near copies: keep one of each
+    unicom dedup --emb EMB/ --threshold 0.9 --out DEDUP/
+    unicom dedup --emb TRAIN_EMB/ --against TEST_EMB/ --out DECONTAMINATED/   # training images a test image copies
+
+DEDUP/duplicates.parquet lists the rows to leave out (key, row, the row kept, the most similar
+match); pairs.parquet every pair found; summary.md how many a stricter threshold would leave.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.add_argument("--emb", required=True, help="embedding folder (img_emb/, metadata/) written by `unicom embed`; "
+                                                      "a path or URL")
+    parser.add_argument("--against", metavar="FOLDER", default=None,
+                        help="another embedding folder of the same model (a test set): list the rows of --emb with a "
+                             "near duplicate there, instead of those within --emb")
+    parser.add_argument("--threshold", type=float, default=0.95,
+                        help="the cosine similarity from which two images are near duplicates (default: 0.95)")
+    parser.add_argument("--out", required=True, help="output folder: pairs.parquet, duplicates.parquet, summary.md, "
+                                                     "summary.json")
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="stop with an error past this many pairs, before they fill the memory (12 bytes each; "
+                             "default: 50000000)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="rows searched at once (default: about 256 MiB of similarities)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from unicom.dedup import DEFAULT_MAX_PAIRS, MARKDOWN_NAME, duplicates_markdown, find_duplicates
+    from unicom.errors import InputError
+
+    for option, value in (("--max-pairs", args.max_pairs), ("--chunk-size", args.chunk_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} {value}: give a positive number")
+    summary = find_duplicates(args.emb, args.out, against=args.against, threshold=args.threshold,
+                              max_pairs=DEFAULT_MAX_PAIRS if args.max_pairs is None else args.max_pairs,
+                              chunk_size=args.chunk_size)
+    print(duplicates_markdown(summary), end="")
+    print(f"\nwritten to {args.out} ({MARKDOWN_NAME}, duplicates.parquet, pairs.parquet, summary.json)")
+    return 0

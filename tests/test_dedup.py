@@ -1,0 +1,201 @@
+"""unicom dedup: near-duplicate pairs found exactly, groups kept once, overlap with a test set."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_evaluate_cli import embedding_folder
+
+from unicom.cli import main
+from unicom.dedup import OUTPUT_NAMES
+from unicom.evaluate.metrics import pairs_above
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def reference_pairs(x, y=None, threshold=0.95) -> set[tuple[int, int]]:
+    """Every (i, j) with cosine >= threshold, by a plain double loop (i < j within ``x``)."""
+    x = unit(x)
+    other = x if y is None else unit(y)
+    return {(i, j) for i in range(len(x)) for j in range(len(other))
+            if (y is not None or i < j) and float(x[i] @ other[j]) >= threshold}
+
+
+def reference_groups(n: int, pairs) -> list[int]:
+    """The lowest row reachable from each row through the pairs (a plain flood fill)."""
+    neighbours = {i: set() for i in range(n)}
+    for i, j in pairs:
+        neighbours[i].add(j)
+        neighbours[j].add(i)
+    first = list(range(n))
+    for start in range(n):
+        seen, todo = {start}, [start]
+        while todo:
+            for other in neighbours[todo.pop()] - seen:
+                seen.add(other)
+                todo.append(other)
+        first[start] = min(seen)
+    return first
+
+
+def collection(seed: int = 0, n: int = 60, d: int = 12) -> np.ndarray:
+    """Random rows, with copies planted: a chain 5 ~ 17 ~ 33 (17 near both, 5 and 33 farther
+    apart), an exact copy 40 = 8, and 50 near 2."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    x[17] = x[5] + 0.25 * rng.standard_normal(d)
+    x[33] = x[17] + 0.25 * rng.standard_normal(d)
+    x[40] = x[8]
+    x[50] = x[2] + 0.1 * rng.standard_normal(d)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.97])
+def test_pairs_above_equals_a_double_loop(threshold, chunk_size):
+    x = collection()
+    rows, matches, similarities = pairs_above(x, threshold=threshold, chunk_size=chunk_size)
+    assert set(zip(rows.tolist(), matches.tolist())) == reference_pairs(x, threshold=threshold)
+    assert list(zip(rows, matches)) == sorted(zip(rows, matches))  # by row, then match
+    np.testing.assert_allclose(similarities, [unit(x)[i] @ unit(x)[j] for i, j in zip(rows, matches)], atol=1e-6)
+    y = collection(seed=1)[:25]
+    rows, matches, _ = pairs_above(x, y, threshold=threshold / 2, chunk_size=chunk_size)
+    assert set(zip(rows.tolist(), matches.tolist())) == reference_pairs(x, y, threshold / 2)
+
+
+def test_pairs_above_stops_at_the_most_pairs_allowed():
+    x = np.ones((30, 4), np.float32)  # 435 pairs of identical rows
+    with pytest.raises(Exception, match=r"more than 100 pairs have a cosine similarity of 0\.9 or more"):
+        pairs_above(x, threshold=0.9, max_pairs=100, chunk_size=4)
+    assert len(pairs_above(x, threshold=0.9, max_pairs=435)[0]) == 435
+
+
+def test_a_hand_computed_collection(tmp_path, capsys):
+    """Rows a and c at cosine 0.965, c and d at 0.985 (a and d at 0.905), b alone: one group
+    {a, c, d} keeps a and lists c (nearest d, 0.985) and d (nearest c); from 0.97 only d goes,
+    from 0.99 none (the folder holds float16: 1e-3 of rounding)."""
+    angles = np.cumsum([0.0, np.arccos(0.965), np.arccos(0.985)])
+    x = np.stack([np.cos(angles), np.sin(angles)], 1)
+    x = np.insert(x, 1, [0.0, -1.0], axis=0).astype(np.float32)  # b
+    embedding_folder(tmp_path / "emb", x, ["a", "b", "c", "d"], parts=2)
+    assert main(["dedup", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "out"), "--threshold", "0.95"]) == 0
+    duplicates = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pydict()
+    assert duplicates["key"] == ["c", "d"] and duplicates["row"] == [2, 3]
+    assert duplicates["kept_key"] == ["a", "a"] and duplicates["kept_row"] == [0, 0]
+    assert duplicates["match_key"] == ["d", "c"]
+    np.testing.assert_allclose(duplicates["similarity"], [0.985, 0.985], atol=1e-3)
+    pairs = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pydict()
+    assert list(zip(pairs["key"], pairs["match_key"])) == [("a", "c"), ("c", "d")]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["rows"], summary["pairs"], summary["groups"], summary["left_out"], summary["kept"]) == (4, 2, 1, 2, 2)
+    by = {row["threshold"]: (row["pairs"], row["left_out"]) for row in summary["by_threshold"]}
+    assert by[0.95] == by[0.96] == (2, 2) and by[0.97] == by[0.98] == (1, 1) and by[0.99] == by[1.0] == (0, 0)
+    out = capsys.readouterr().out
+    assert "2 pairs join 1 groups of near duplicates" in out and "| 0.97 | 1 | 1 |" in out
+    assert (tmp_path / "out" / "summary.md").read_text() in out
+
+
+def test_groups_and_nearest_matches_equal_a_plain_walk(tmp_path):
+    x = collection()
+    keys = [f"img{i:03d}" for i in range(len(x))]
+    embedding_folder(tmp_path / "emb", x, keys, parts=3)
+    assert main(["dedup", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "out"), "--threshold", "0.9",
+                 "--chunk-size", "8"]) == 0
+    x16 = unit(x.astype(np.float16))  # as the folder holds them
+    pairs = reference_pairs(x16, threshold=0.9)
+    assert {(5, 17), (17, 33), (8, 40), (2, 50)} <= pairs
+    first = reference_groups(len(x), pairs)
+    duplicates = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pydict()
+    assert duplicates["row"] == [i for i in range(len(x)) if first[i] != i]
+    assert duplicates["kept_row"] == [first[i] for i in duplicates["row"]]
+    assert duplicates["key"] == [keys[i] for i in duplicates["row"]]
+    similarity = x16 @ x16.T
+    for row, match, value in zip(duplicates["row"], duplicates["match_row"], duplicates["similarity"]):
+        others = [j for j in range(len(x)) if j != row and ((row, j) in pairs or (j, row) in pairs)]
+        assert match == max(others, key=lambda j: (similarity[row, j], -j))
+        assert value == pytest.approx(similarity[row, match], abs=1e-6)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for step in summary["by_threshold"]:
+        stricter = reference_pairs(x16, threshold=step["threshold"])
+        groups = reference_groups(len(x), stricter)
+        assert step["pairs"] == len(stricter)
+        assert step["left_out"] == sum(groups[i] != i for i in range(len(x)))
+
+
+def test_rows_that_copy_a_test_set(tmp_path):
+    train, rng = collection(), np.random.default_rng(4)
+    test = np.concatenate([train[[5, 40]] + 0.05 * rng.standard_normal((2, 12)), rng.standard_normal((6, 12))])
+    embedding_folder(tmp_path / "train", train, [f"t{i}" for i in range(len(train))], parts=2)
+    embedding_folder(tmp_path / "test", test.astype(np.float32), [f"q{i}" for i in range(len(test))], parts=1)
+    assert main(["dedup", "--emb", str(tmp_path / "train"), "--against", str(tmp_path / "test"),
+                 "--out", str(tmp_path / "out"), "--threshold", "0.9"]) == 0
+    a, b = unit(train.astype(np.float16)), unit(test.astype(np.float32).astype(np.float16))
+    pairs = reference_pairs(a, b, 0.9)
+    listed = sorted({i for i, _ in pairs})
+    assert {5, 8, 40} <= set(listed)  # 8 is 40's exact copy
+    duplicates = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pydict()
+    assert duplicates["row"] == listed and "kept_row" not in duplicates
+    assert duplicates["match_key"] == [f"q{max((j for i, j in pairs if i == row), key=lambda j: (a[row] @ b[j], -j))}"
+                                       for row in listed]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["against_rows"] == 8 and summary["left_out"] == len(listed) and summary["groups"] is None
+
+
+def test_a_rerun_replaces_the_set_and_leaves_no_temporary(tmp_path):
+    embedding_folder(tmp_path / "emb", collection(), [f"k{i}" for i in range(60)], parts=1)
+    out = tmp_path / "out"
+    assert main(["dedup", "--emb", str(tmp_path / "emb"), "--out", str(out), "--threshold", "0.5"]) == 0
+    (out / ".pairs.parquet.abcdefgh.tmp").write_bytes(b"what a killed run left")
+    assert main(["dedup", "--emb", str(tmp_path / "emb"), "--out", str(out), "--threshold", "0.99"]) == 0
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_NAMES)
+    assert json.loads((out / "summary.json").read_text())["threshold"] == 0.99
+    assert pq.read_table(out / "pairs.parquet").num_rows == len(reference_pairs(
+        unit(collection().astype(np.float16)), threshold=0.99))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("threshold", r"threshold 1\.5: a cosine similarity, between -1 and 1"),
+    ("itself", r"is --emb itself: leave --against out"),
+    ("dimension", r"holds 6-dimensional embeddings and .* 12-dimensional ones"),
+    ("weights", r"was embedded by other weights than .* \(weights_sha256 bbbbbbbbbbbb… against aaaaaaaaaaaa…\)"),
+    ("zero row", r"1 of the rows used hold NaN or infinite values or are all zeros, e\.g\. 'k3' \(row 3\)"),
+    ("max pairs", r"more than 10 pairs have a cosine similarity of 0\.95 or more"),
+    ("no metadata", r"no metadata/ folder"),
+])
+def test_refusals_name_what_to_do(case, message, tmp_path, capsys):
+    from unicom.formats.embeddings import write_config
+
+    x = collection()
+    emb, other = tmp_path / "emb", tmp_path / "other"
+    embedding_folder(emb, x, [f"k{i}" for i in range(60)], parts=1)
+    embedding_folder(other, x[:, :6] if case == "dimension" else x, [f"o{i}" for i in range(60)], parts=1)
+    argv = ["dedup", "--emb", str(emb), "--out", str(tmp_path / "out")]
+    if case == "threshold":
+        argv += ["--threshold", "1.5"]
+    elif case == "itself":
+        argv += ["--against", str(emb)]
+    elif case in ("dimension", "weights"):
+        argv += ["--against", str(other)]
+        write_config(emb, {"weights_sha256": "a" * 64})
+        write_config(other, {"weights_sha256": "b" * 64})
+    elif case == "zero row":
+        embedding_folder(emb, np.where(np.arange(60)[:, None] == 3, 0, x).astype(np.float32),
+                         [f"k{i}" for i in range(60)], parts=1)
+    elif case == "max pairs":
+        embedding_folder(emb, np.ones((20, 4), np.float32), [f"k{i}" for i in range(20)], parts=1)
+        argv += ["--max-pairs", "10"]
+    elif case == "no metadata":
+        for file in (emb / "metadata").iterdir():
+            file.unlink()
+        (emb / "metadata").rmdir()
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -6,6 +6,7 @@ chunk, so the resident memory of a pass is one chunk, whatever the number of sam
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -87,13 +88,15 @@ class ClusterInputs:
     sound (:meth:`~unicom.formats.embeddings.EmbeddingFolders.contents`: files, row counts,
     float embeddings of one dimension), image and text of one dimension for
     ``image+text``, the key column in every metadata file. Rows themselves are checked by
-    :func:`scan`.
+    :func:`scan`. ``exclude``: keys whose samples are left out of the k-means sample and of
+    the labels (``unicom dedup``'s near duplicates), every sample of such a key.
     """
 
     folders: EmbeddingFolders
     fusion: str = "image+text"
     key_column: str | None = None
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    exclude: frozenset[str] | None = None
     shards: list[Shard] = field(init=False)
     dimension: int = field(init=False)
     dtypes: dict[str, str] = field(init=False)
@@ -161,13 +164,33 @@ class ClusterInputs:
 
     def fingerprint(self) -> dict:
         """What identifies these inputs in an output folder's records (paths excluded, so
-        that nodes mounting the data elsewhere agree)."""
-        return {
+        that nodes mounting the data elsewhere agree); the keys left out, by count and digest."""
+        fingerprint = {
             "fusion": self.fusion,
             "key_column": self.key_column,
             "dimension": self.dimension,
             "shards": {str(shard.number): shard.rows for shard in self.shards},
         }
+        if self.exclude:
+            digest = hashlib.sha256("\n".join(sorted(self.exclude)).encode()).hexdigest()[:16]
+            fingerprint["excluded_keys"] = {"count": len(self.exclude), "sha256": digest}
+        return fingerprint
+
+    def excluded_rows(self, shard: Shard, keys=None) -> np.ndarray:
+        """The sorted rows of ``shard`` whose key (as text) is in ``exclude``; ``keys``: its key
+        column, when read already (:meth:`keys`)."""
+        if not self.exclude:
+            return np.empty(0, dtype=np.int64)
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keys = self.keys(shard) if keys is None else keys
+        if not pa.types.is_string(keys.type):
+            keys = pc.cast(keys, pa.string())  # whole-number keys, as the label files give them to training
+        if getattr(self, "_excluded", None) is None:
+            self._excluded = pa.array(sorted(self.exclude), pa.string())
+        hit = pc.is_in(keys, value_set=self._excluded).fill_null(False)
+        return np.flatnonzero(hit.to_numpy(zero_copy_only=False)).astype(np.int64)
 
     def _rows(self, kind: str, number: int, start: int, stop: int) -> np.ndarray:
         # A fresh mapping per chunk (fusion copies the rows out of it): once the chunk is
@@ -247,12 +270,14 @@ class ScanResult:
 
     ``invalid`` maps a shard number to its sorted invalid rows (NaN/Inf, zero length, or a
     null key); ``sample`` is the (n, d) float32 training sample of valid unit rows, or None.
-    ``planned`` is the sample size drawn before invalid rows were left out.
+    ``planned`` is the sample size drawn before invalid rows were left out; ``excluded`` the
+    rows whose key :attr:`ClusterInputs.exclude` lists (none of them is in ``invalid``).
     """
 
     invalid: dict[int, np.ndarray]
     sample: np.ndarray | None = None
     planned: int = 0
+    excluded: int = 0
 
     @property
     def num_invalid(self) -> int:
@@ -278,13 +303,17 @@ def scan(
     plan = plan_sample([s.rows for s in shards], sample_size, seed) if sample_size > 0 else None
     planned = sum(len(p) for p in plan) if plan is not None else 0
     sample = np.empty((planned, inputs.dimension), dtype=np.float32) if plan is not None else None
-    filled = 0
+    filled = excluded = 0
     invalid: dict[int, np.ndarray] = {}
     bar = progress(total=sum(s.rows for s in shards), desc=desc, unit="sample")
     try:
         for position, shard in enumerate(shards):
-            key_valid = ~np.asarray(inputs.keys(shard).is_null(), dtype=bool)
+            keys = inputs.keys(shard)
+            key_valid = ~np.asarray(keys.is_null(), dtype=bool)
             null_keys = np.flatnonzero(~key_valid)
+            left_out = inputs.excluded_rows(shard, keys)  # neither sampled nor checked: they are not used
+            key_valid[left_out] = False
+            excluded += len(left_out)
             if len(null_keys) and not skip_invalid:
                 raise InputError(inputs.explain_invalid(shard, np.empty(0, np.int64), null_keys) + _INVALID_HINT)
             wanted = plan[position] if plan is not None else None
@@ -300,14 +329,14 @@ def scan(
                     sample[filled:filled + len(picked)] = rows[picked]
                     filled += len(picked)
                 bar.update(len(rows))
-            bad_rows = np.unique(np.concatenate(bad)).astype(np.int64)
+            bad_rows = np.setdiff1d(np.concatenate(bad), left_out).astype(np.int64)
             if len(bad_rows) and not skip_invalid:
                 raise InputError(inputs.explain_invalid(shard, bad_rows, null_keys) + _INVALID_HINT)
             if len(bad_rows):
                 invalid[shard.number] = bad_rows
     finally:
         bar.close()
-    return ScanResult(invalid, None if sample is None else sample[:filled], planned)
+    return ScanResult(invalid, None if sample is None else sample[:filled], planned, excluded)
 
 
 _INVALID_HINT = "; fix or remove these rows, or pass --skip-invalid to leave them out (they are counted and reported)"

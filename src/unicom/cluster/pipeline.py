@@ -125,14 +125,14 @@ def _train_on(
     started = time.perf_counter()
     result = training_sample(inputs, settings, shards, part=part, skip_invalid=skip_invalid)
     read_seconds = time.perf_counter() - started
-    valid = rows - result.num_invalid
+    valid = rows - result.num_invalid - result.excluded
     if settings.k > valid:
         raise InputError(f"k = {settings.k} is larger than the {valid} valid samples{where}; lower --k")
     if settings.k > len(result.sample):  # invalid rows drawn into a sample of barely k rows
         raise InputError(
             f"the training sample{where} of {result.planned} rows (k x --points-per-centroid) keeps {len(result.sample)} "
             f"valid rows, fewer than k = {settings.k}: {result.planned - len(result.sample)} of the rows drawn are "
-            "invalid; raise --points-per-centroid"
+            f"invalid{' or excluded' if inputs.exclude else ''}; raise --points-per-centroid"
         )
     trained = train_kmeans(
         result.sample, settings.k, iterations=settings.iterations, seed=kmeans_seed(settings, part),
@@ -148,6 +148,7 @@ def _train_on(
         "spherical": settings.spherical,
         "samples": rows,
         "valid_samples": valid,
+        **({"excluded_rows": result.excluded} if inputs.exclude else {}),
         **_training_record(trained, result, settings, backend, read_seconds),
     }
     return trained, result, fields
@@ -241,6 +242,13 @@ def assign_labels(
             "assign with embeddings of the model the centroids were trained on"
         )
     expected = {"inputs": inputs.fingerprint()}
+    trained_without = (record.get("inputs") or {}).get("excluded_keys")
+    if trained_without != expected["inputs"].get("excluded_keys"):  # labels for what the centroids never saw, or none
+        raise InputError(
+            f"{folder.centroids_record}: the centroids were trained with {_exclusion(trained_without)}, and this "
+            f"assignment is given {_exclusion(expected['inputs'].get('excluded_keys'))}: give `assign` the same "
+            "--exclude tables as the training"
+        )
     assignment = check_record(folder.assignment_record, expected)
     trained = folder.check_assigned_with(assignment, centroids)
     selected = _select(inputs, shards)
@@ -273,6 +281,13 @@ def assign_labels(
     return report
 
 
+def _exclusion(excluded: dict | None) -> str:
+    """The ``--exclude`` tables an inputs fingerprint records, in words."""
+    if not excluded:
+        return "no --exclude"
+    return f"--exclude tables of {excluded['count']:,} keys (digest {excluded['sha256']})"
+
+
 def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, search: CentroidSearch, invalid, bar) -> None:
     import pyarrow as pa
 
@@ -280,6 +295,8 @@ def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, se
     if invalid is not None:
         keep[invalid] = False
     keys, occurrences = inputs.keys(shard), inputs.occurrences(shard)
+    valid_rows = int(keep.sum())
+    keep[inputs.excluded_rows(shard, keys)] = False
     labels = np.empty(shard.rows, dtype=np.int64)
     similarity = np.empty(shard.rows, dtype=np.float32)
     for start, rows, valid in inputs.chunks(shard):
@@ -291,7 +308,9 @@ def _assign_shard(inputs: ClusterInputs, folder: ClusterFolder, shard: Shard, se
             )
         labels[start:stop], similarity[start:stop] = search.search(rows)
         bar.update(len(rows))
-    facts = {"rows": shard.rows, "invalid": int(shard.rows - keep.sum()), "key_column": inputs.key_column}
+    facts = {"rows": shard.rows, "invalid": shard.rows - valid_rows, "key_column": inputs.key_column}
+    if inputs.exclude:
+        facts["excluded"] = valid_rows - int(keep.sum())
     mask = pa.array(keep)
     folder.write_labels(shard.number, keys.filter(mask), labels[keep], similarity[keep], facts,
                         None if occurrences is None else occurrences.filter(mask))
@@ -370,6 +389,8 @@ def summarize(
         "samples": int(sum(f["rows"] for f in facts.values())),
         "invalid_rows": int(sum(f["invalid"] for f in facts.values())),
         "labelled": int(sizes.sum()),
+        **({"excluded_rows": int(sum(f.get("excluded", 0) for f in facts.values()))}
+           if any("excluded" in f for f in facts.values()) else {}),
         "min_cluster_size": threshold,
         "dropped_clusters": int((small & (sizes > 0)).sum()),
         "dropped_samples": int(sizes[small].sum()),

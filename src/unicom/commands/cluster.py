@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metadata column that names each sample in the labels (default: the first of key, image_path, url)")
     inputs.add_argument("--skip-invalid", action="store_true",
                         help="leave out rows with NaN/Inf values, zero length or no key (counted and reported) instead of stopping")
+    inputs.add_argument("--exclude", nargs="+", metavar="TABLE",
+                        help="parquet or CSV tables whose key column lists samples to leave out of the k-means sample "
+                             "and the labels (unicom dedup's duplicates.parquet); unicom train skips samples without a "
+                             "label. run, part and assign (the assignment with the same tables)")
     kmeans = parser.add_argument_group("k-means")
     kmeans.add_argument("--k", type=int, help="number of clusters (pseudo-classes); for `part`, each part's number")
     kmeans.add_argument("--points-per-centroid", type=int, metavar="N", default=256,
@@ -141,7 +145,20 @@ def _inputs(args, fusion: str):
         folders = EmbeddingFolders(**{kind: path for kind, path in explicit.items() if path})
     else:
         raise InputError("no inputs: give --embeddings ROOT, or --image-emb/--text-emb with --metadata")
-    return ClusterInputs(folders, fusion=fusion, key_column=args.key_column, chunk_rows=args.chunk_rows)
+    return ClusterInputs(folders, fusion=fusion, key_column=args.key_column, chunk_rows=args.chunk_rows,
+                         exclude=_excluded_keys(args.exclude))
+
+
+def _excluded_keys(tables: list[str] | None) -> frozenset[str] | None:
+    """The keys of the ``--exclude`` tables (their ``key`` column, as written)."""
+    from unicom.data.lists import read_table
+
+    if not tables:
+        return None
+    keys: set[str] = set()
+    for table in tables:
+        keys.update(read_table(table, path_column="key", label_column=None, caption_column=None, key_column=None).keys)
+    return frozenset(keys)
 
 
 def _settings(args):
@@ -174,7 +191,9 @@ def _print_summary(summary: dict, out: str) -> None:
     sizes = summary["cluster_sizes"]
     print(
         f"labelled {summary['labelled']:,} of {summary['samples']:,} samples in {summary['parts']} parts "
-        f"({summary['invalid_rows']:,} invalid rows skipped); mean cosine to the centroid {summary['mean_similarity']:.4f}"
+        f"({summary['invalid_rows']:,} invalid rows skipped"
+        + (f", {summary['excluded_rows']:,} excluded" if "excluded_rows" in summary else "")
+        + f"); mean cosine to the centroid {summary['mean_similarity']:.4f}"
     )
     print(
         f"cluster sizes: min {sizes['min']:,}, median {sizes['percentiles']['50']:,.0f}, max {sizes['max']:,}; "
@@ -196,6 +215,9 @@ def run(args) -> int:
     from unicom.formats.clusters import ClusterFolder
 
     part = _part(args.part, args.stage)
+    if args.exclude and args.stage not in ("run", "part", "assign"):
+        raise InputError(f"--exclude leaves samples out of the k-means sample and the labels: give it to `unicom cluster` "
+                         f"(run), `part` and `assign`, not `{args.stage}`")
     if part is not None and args.stage not in ("part", "assign"):
         raise InputError(f"--part applies to `part` and `assign`, not `{args.stage}`")
     if args.min_cluster_size and (args.stage in ("part", "merge", "show") or part is not None):

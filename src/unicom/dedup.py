@@ -15,8 +15,8 @@ finds every pair of rows whose cosine similarity reaches a threshold by an exact
 * ``summary.md`` and ``summary.json`` (written last: a set is whole when it is there): the
   counts, and how many rows would be left out at each threshold from the one given to 1.
 
-The rows searched are held in memory as float32 (N x D x 4 bytes); the search takes one block
-of similarities at a time (:func:`~unicom.evaluate.metrics.default_chunk_size`).
+The rows searched are held in memory as float32, as read and normalised (2 x N x D x 4
+bytes); the search takes one block of similarities at a time (:func:`~unicom.evaluate.metrics.default_chunk_size`).
 """
 
 from __future__ import annotations

@@ -206,25 +206,29 @@ def pairs_above(query, gallery=None, threshold: float = 0.95, *, chunk_size: int
     g = q if within else as_embeddings(gallery, "gallery", q.device)
     if q.shape[1] != g.shape[1]:
         raise InputError(f"query rows have {q.shape[1]} dimensions but gallery rows {g.shape[1]}")
-    columns = torch.arange(g.shape[0], device=q.device)
+    chunk_size = chunk_size or default_chunk_size(g.shape[0])
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     total = 0
     bar = None if desc is None else progress(total=q.shape[0], desc=desc, unit="row")
     try:
-        for block_rows, scores in _blocks(q, g, torch.arange(q.shape[0], device=q.device),
-                                          chunk_size or default_chunk_size(g.shape[0]), False):
-            if within:  # each pair once, from its lower row
-                scores.masked_fill_(columns[None, :] <= block_rows[:, None], float("-inf"))
-            at, column = torch.nonzero(scores >= threshold, as_tuple=True)
-            total += len(at)
-            if max_pairs is not None and total > max_pairs:
-                raise InputError(f"more than {max_pairs:,} pairs have a cosine similarity of {threshold:g} or more "
-                                 f"(after {int(block_rows[-1]) + 1:,} of {q.shape[0]:,} rows): raise the threshold, "
-                                 "or the most pairs allowed if the memory holds them")
-            found.append((block_rows[at].cpu().numpy(), column.cpu().numpy(),
-                          scores[at, column].cpu().numpy().astype(np.float32)))
+        for start in range(0, q.shape[0], chunk_size):
+            rows = torch.arange(start, min(start + chunk_size, q.shape[0]), device=q.device)
+            # within one set, a block of rows is compared with the rows from its first on: half the products
+            first = start if within else 0
+            for block_rows, scores in _blocks(q, g[first:], rows, chunk_size, False):
+                if within:  # each pair once, from its lower row: the block's own square, from its diagonal down
+                    square = torch.ones(len(block_rows), len(block_rows), dtype=torch.bool, device=q.device).tril()
+                    scores[:, :len(block_rows)].masked_fill_(square, float("-inf"))
+                at, column = torch.nonzero(scores >= threshold, as_tuple=True)
+                total += len(at)
+                if max_pairs is not None and total > max_pairs:
+                    raise InputError(f"more than {max_pairs:,} pairs have a cosine similarity of {threshold:g} or more "
+                                     f"(after {int(block_rows[-1]) + 1:,} of {q.shape[0]:,} rows): raise the threshold, "
+                                     "or the most pairs allowed if the memory holds them")
+                found.append((block_rows[at].cpu().numpy(), (column + first).cpu().numpy(),
+                              scores[at, column].cpu().numpy().astype(np.float32)))
             if bar is not None:
-                bar.update(len(block_rows))
+                bar.update(len(rows))
     finally:
         if bar is not None:
             bar.close()

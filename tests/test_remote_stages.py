@@ -358,3 +358,22 @@ def test_a_class_folder_in_s3_reads_as_the_same_folder_on_disk(s3, tmp_path):
         assert remote.keys == local.keys and remote.class_names == local.class_names
         assert remote.labels.tolist() == local.labels.tolist()
         assert remote.paths == [f"{bucket}/pets/{key}" for key in local.keys]
+
+
+def test_dedup_of_an_s3_folder_equals_the_local_run_and_its_table_excludes_from_s3(s3, local_folder, remote_folder,
+                                                                                   tmp_path, capsys):
+    emb, bucket = remote_folder
+    for root, out in ((str(local_folder / "emb"), tmp_path / "local"), (emb, tmp_path / "remote")):
+        assert main(["dedup", "--emb", root, "--threshold", "0.9", "--out", str(out)]) == 0
+    for name in ("pairs.parquet", "duplicates.parquet"):
+        assert pq.read_table(tmp_path / "remote" / name).equals(pq.read_table(tmp_path / "local" / name)), name
+    listed = pq.read_table(tmp_path / "local" / "duplicates.parquet").column("key").to_pylist()
+    assert listed  # the classes are tight: there are near copies to leave out
+    s3.put(bucket, "dedup/duplicates.parquet", (tmp_path / "local" / "duplicates.parquet").read_bytes())
+    assert main(["cluster", "--embeddings", emb, "--k", "4", "--points-per-centroid", "20",
+                 "--exclude", f"s3://{bucket}/dedup/duplicates.parquet", "--out", str(tmp_path / "clusters")]) == 0
+    from unicom.cluster import load_labels
+
+    assert not set(load_labels(tmp_path / "clusters").column("key").to_pylist()) & set(listed)
+    assert main(["dedup", "--emb", emb, "--out", f"s3://{bucket}/dedup-out"]) == 2
+    assert "the list of near duplicates is written to a local path, not to a URL" in capsys.readouterr().err

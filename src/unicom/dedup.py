@@ -95,7 +95,7 @@ def find_duplicates(emb, out, *, against=None, threshold: float = 0.95, max_pair
 
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"threshold {threshold!r}: a cosine similarity, between -1 and 1 (near duplicates: 0.9 to 0.99)")
-    out = local_output(out, "the duplicates")
+    out = local_output(out, "the list of near duplicates")
     x, keys, digest = _folder(emb)
     within = against is None
     y, other_keys = x, keys

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "near duplicate there, instead of those within --emb")
     parser.add_argument("--threshold", type=float, default=0.95,
                         help="the cosine similarity from which two images are near duplicates (default: 0.95)")
-    parser.add_argument("--out", required=True, help="output folder: pairs.parquet, duplicates.parquet, summary.md, "
+    parser.add_argument("--out", required=True, help="local output folder: pairs.parquet, duplicates.parquet, summary.md, "
                                                      "summary.json")
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="stop with an error past this many pairs, before they fill the memory (12 bytes each; "

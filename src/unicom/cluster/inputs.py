@@ -148,6 +148,10 @@ class ClusterInputs:
         self.dtypes = contents.dtypes
         if self.num_rows == 0:
             raise InputError(f"{self.folders.folder(self.kinds[0])}: the shards hold no samples")
+        if self.exclude:
+            import pyarrow as pa
+
+            self._excluded = pa.array(sorted(self.exclude), pa.string())  # the value set each shard's keys meet
 
     @property
     def num_rows(self) -> int:
@@ -187,8 +191,6 @@ class ClusterInputs:
         keys = self.keys(shard) if keys is None else keys
         if not pa.types.is_string(keys.type):
             keys = pc.cast(keys, pa.string())  # whole-number keys, as the label files give them to training
-        if getattr(self, "_excluded", None) is None:
-            self._excluded = pa.array(sorted(self.exclude), pa.string())
         hit = pc.is_in(keys, value_set=self._excluded).fill_null(False)
         return np.flatnonzero(hit.to_numpy(zero_copy_only=False)).astype(np.int64)
 

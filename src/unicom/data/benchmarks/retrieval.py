@@ -603,12 +603,14 @@ def read_ukbench(root: str | os.PathLike, check_images: bool = True) -> Splits:
                          f"e.g. {', '.join(others[:3])}; move them out of the folder. Expected layout:\n{UKBENCH_LAYOUT}")
     if not names:
         raise InputError(f"{images}: no images; expected layout:\n{UKBENCH_LAYOUT}")
-    numbers = sorted(int(UKBENCH_NAME.fullmatch(name).group(1)) for name in names)
-    if len(set(numbers)) != len(numbers):
-        repeated = sorted(n for n, count in Counter(numbers).items() if count > 1)
-        raise InputError(f"{images}: image number {repeated[0]:05d} appears under {Counter(numbers)[repeated[0]]} "
-                         "names (ukbench<number>.jpg in another case): keep one file per number")
-    by_name = {int(UKBENCH_NAME.fullmatch(name).group(1)): name for name in names}
+    by_name: dict[int, str] = {}
+    for name in sorted(names):
+        number = int(UKBENCH_NAME.fullmatch(name).group(1))
+        if number in by_name:
+            raise InputError(f"{images}: image number {number:05d} appears under 2 names ({by_name[number]}, {name}: "
+                             "ukbench<number>.jpg in another case): keep one file per number")
+        by_name[number] = name
+    numbers = sorted(by_name)
     groups: dict[int, list[int]] = {}
     for row, number in enumerate(numbers):
         groups.setdefault(number // UKBENCH_GROUP, []).append(row)

@@ -7,7 +7,12 @@ others), side by side in one run:
 * faiss: ``IndexFlatIP.range_search(x, 0.95)`` over the same float32 rows (the pairs i < j
   kept), the reference the pairs must equal;
 * the whole command, ``unicom dedup --emb FOLDER`` on the rows written as a float16
-  embedding folder: reading, the search, the groups, the four files.
+  embedding folder: reading, the search, the groups, the four files;
+* the command through an index of the folder (``unicom index --emb FOLDER --type TYPE``, its
+  build timed apart; then ``unicom dedup --emb FOLDER --index INDEX``): the folder read a block
+  at a time and each block range-searched in the index, for a flat index (exact) and an IVF
+  one (8-bit codes, the ``nprobe`` its build tuned), with the share of the exact pairs each
+  finds. Each command runs in a process of its own, whose peak resident memory is given.
 
 Run ``python benchmarks/dedup_pairs.py [--rows N]``; it writes ``benchmarks/results/dedup_pairs.txt``.
 """
@@ -15,10 +20,11 @@ Run ``python benchmarks/dedup_pairs.py [--rows N]``; it writes ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +56,21 @@ def faiss_pairs(x: np.ndarray, threshold: float) -> set[tuple[int, int]]:
     return set(zip(rows[keep].tolist(), ids[keep].tolist()))
 
 
+def run_command(argv: list[str]) -> tuple[float, float]:
+    """(seconds, peak resident MiB) of ``unicom ARGV`` in a process of its own (its output discarded)."""
+    # the high-water mark of the process' own memory (VmHWM; getrusage's would count this process' from before exec)
+    code = ("import re, sys, time\n"
+            "from unicom.cli import main\n"
+            "started = time.perf_counter()\n"
+            "assert main(sys.argv[1:]) == 0\n"
+            "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+            "print(time.perf_counter() - started, int(peak) / 1024)\n")
+    done = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True,
+                          env={**os.environ, "UNICOM_PROGRESS": "0"})
+    seconds, mib = done.stdout.split()[-2:]
+    return float(seconds), float(mib)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=50_000)
@@ -58,9 +79,9 @@ def main() -> None:
 
     import faiss
     import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
 
-    from unicom.cli import main as unicom
     from unicom.evaluate.metrics import pairs_above
     from unicom.formats.embeddings import write_part
 
@@ -77,25 +98,41 @@ def main() -> None:
         for number, part in enumerate(np.array_split(np.arange(args.rows), 5)):
             write_part(folder, number, image=x[part].astype(np.float16),
                        metadata=pa.table({"key": [f"{i:09d}" for i in part]}))
-        started = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # its summary.md, read below
-            assert unicom(["dedup", "--emb", str(folder), "--out", str(Path(scratch) / "out"), "--threshold",
-                           str(THRESHOLD)]) == 0
-        command = time.perf_counter() - started
-        summary = (Path(scratch) / "out" / "summary.json").read_text()
+        out = Path(scratch) / "out"
+        command, command_mib = run_command(["dedup", "--emb", str(folder), "--out", str(out), "--threshold", str(THRESHOLD)])
+        summary = json.loads((out / "summary.json").read_text())
+        exact_pairs = pq.read_table(out / "pairs.parquet", columns=["row", "match_row"]).to_pydict()
+        exact_pairs = set(zip(exact_pairs["row"], exact_pairs["match_row"]))
+        indexed = []
+        for index_type in ("flat", "ivfsq"):
+            index = Path(scratch) / f"index_{index_type}"
+            build, _ = run_command(["index", "--emb", str(folder), "--out", str(index), "--type", index_type])
+            out = Path(scratch) / f"out_{index_type}"
+            seconds, mib = run_command(["dedup", "--emb", str(folder), "--index", str(index), "--out", str(out),
+                                        "--threshold", str(THRESHOLD)])
+            search = json.loads((out / "summary.json").read_text())["search"]
+            pairs = pq.read_table(out / "pairs.parquet", columns=["row", "match_row"]).to_pydict()
+            pairs = set(zip(pairs["row"], pairs["match_row"]))
+            indexed.append((search, build, seconds, mib, len(pairs), len(pairs & exact_pairs) / max(len(exact_pairs), 1),
+                            len(pairs - exact_pairs)))
 
-    summary = json.loads(summary)
     lines = [
         f"# unicom dedup: {args.rows:,} x {args.dims}-d rows, cosine >= {THRESHOLD}, all pairs (N^2/2)",
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)",
         "",
-        "| search | seconds | rows/s | pairs |",
-        "|---|---|---|---|",
-        f"| pairs_above (unicom dedup's search) | {ours:.2f} | {args.rows / ours:,.0f} | {len(found):,} |",
-        f"| faiss IndexFlatIP.range_search (i < j kept) | {theirs:.2f} | {args.rows / theirs:,.0f} | {len(reference):,} |",
+        "| search | seconds | rows/s | pairs | peak memory |",
+        "|---|---|---|---|---|",
+        f"| pairs_above (unicom dedup's search) | {ours:.2f} | {args.rows / ours:,.0f} | {len(found):,} | |",
+        f"| faiss IndexFlatIP.range_search (i < j kept) | {theirs:.2f} | {args.rows / theirs:,.0f} | {len(reference):,} | |",
         f"| unicom dedup, the whole command (float16 folder in 5 parts) | {command:.2f} | {args.rows / command:,.0f} | "
-        f"{summary['pairs']:,} |",
+        f"{summary['pairs']:,} | {command_mib:,.0f} MiB |",
+    ]
+    for search, build, seconds, mib, count, recall, extra in indexed:
+        parameter = f", nprobe {search['nprobe']}" if search.get("nprobe") else ""
+        lines.append(f"| unicom dedup --index ({search['type']}{parameter}; its build {build:.1f} s apart) | {seconds:.2f} | "
+                     f"{args.rows / seconds:,.0f} | {count:,} | {mib:,.0f} MiB |")
+    lines += [
         "",
         f"pairs_above / faiss time: {ours / theirs:.2f}",
         f"pairs found by one search only: {len(found ^ reference)} (of {len(found | reference):,}; similarities within "
@@ -103,6 +140,9 @@ def main() -> None:
         f"the command (float16 rows): {summary['groups']:,} groups, {summary['left_out']:,} rows left out, "
         f"{summary['kept']:,} kept",
     ]
+    for search, build, seconds, mib, count, recall, extra in indexed:
+        lines.append(f"through the {search['type']} index: {recall:.1%} of the command's exact pairs found and {extra} "
+                     f"pairs more, in {seconds / command:.2f}x the exact command's time")
     text = "\n".join(lines) + "\n"
     RESULT.write_text(text)
     print(text, end="")

@@ -7,6 +7,7 @@ import os
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_evaluate_cli import embedding_folder
@@ -199,3 +200,135 @@ def test_refusals_name_what_to_do(case, message, tmp_path, capsys):
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- through an index, a block at a time
+
+
+def build_index(emb, out, *options) -> None:
+    assert main(["index", "--emb", str(emb), "--out", str(out), "--heldout", "10", *options]) == 0
+
+
+def dedup_files(out) -> tuple[dict, dict, dict]:
+    return (pq.read_table(out / "pairs.parquet").to_pydict(), pq.read_table(out / "duplicates.parquet").to_pydict(),
+            json.loads((out / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize("index_type, layout", [("flat", "unicom"), ("hnsw", "unicom"), ("flat", "clip-retrieval")])
+def test_through_an_index_the_pairs_of_the_exact_search(index_type, layout, tmp_path, monkeypatch):
+    """A flat index is searched exactly, and an HNSW graph of 60 rows holds every link: the
+    same pairs, groups and files as the exact search, with the folder read 7 rows at a time,
+    in either layout of the index."""
+    import unicom.dedup
+
+    x = collection()
+    keys = [f"img{i:03d}" for i in range(len(x))]
+    embedding_folder(tmp_path / "emb", x, keys, parts=3)
+    build_index(tmp_path / "emb", tmp_path / "index", "--type", index_type, "--layout", layout)
+    assert main(["dedup", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "exact"), "--threshold", "0.9"]) == 0
+    monkeypatch.setattr(unicom.dedup, "BLOCK_ROWS", 7)
+    assert main(["dedup", "--emb", str(tmp_path / "emb"), "--index", str(tmp_path / "index"),
+                 "--out", str(tmp_path / "indexed"), "--threshold", "0.9"]) == 0
+    exact, indexed = dedup_files(tmp_path / "exact"), dedup_files(tmp_path / "indexed")
+    x16 = unit(x.astype(np.float16))
+    assert set(zip(indexed[0]["row"], indexed[0]["match_row"])) == reference_pairs(x16, threshold=0.9)
+    for table_exact, table_indexed in zip(exact[:2], indexed[:2]):
+        assert {k: v for k, v in table_exact.items() if k != "similarity"} == \
+               {k: v for k, v in table_indexed.items() if k != "similarity"}
+        np.testing.assert_allclose(table_indexed["similarity"], table_exact["similarity"], atol=1e-5)
+    # the exact copy 8 = 40 scores 1 within float32 rounding either way: the step at 1 may count it or not
+    assert exact[2]["by_threshold"][:-1] == indexed[2]["by_threshold"][:-1]
+    assert exact[2]["search"] == {"method": "exact"}
+    search = indexed[2]["search"]
+    assert (search["method"], search["type"], search["dims"]) == ("index", index_type, 12)
+    assert search["index"] == str((tmp_path / "index").resolve())
+
+
+def test_through_a_compressed_index_the_pairs_it_scores_above_the_threshold(tmp_path):
+    """An IVF index of 8-bit codes searching all its lists: every pair clearly above the
+    threshold found, none clearly below, its scores within the codes' rounding of the exact
+    ones; one list searched of 8 finds a subset of those pairs."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1200, 16)).astype(np.float32)
+    copies = rng.choice(1200, 60, replace=False)
+    x[copies] = x[rng.integers(0, 1200, 60)] + rng.uniform(0.02, 0.6, (60, 1)) * rng.standard_normal((60, 16))
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(1200)], parts=2)
+    build_index(tmp_path / "emb", tmp_path / "index", "--type", "ivfsq", "--nlist", "8")
+    found = {}
+    for nprobe in (8, 1):
+        out = tmp_path / f"nprobe{nprobe}"
+        assert main(["dedup", "--emb", str(tmp_path / "emb"), "--index", str(tmp_path / "index"), "--nprobe",
+                     str(nprobe), "--out", str(out), "--threshold", "0.9"]) == 0
+        pairs, _, summary = dedup_files(out)
+        assert summary["search"]["nprobe"] == nprobe and summary["search"]["type"] == "ivfsq"
+        found[nprobe] = {(i, j): s for i, j, s in zip(pairs["row"], pairs["match_row"], pairs["similarity"])}
+    x16 = unit(x.astype(np.float16))
+    exact = x16 @ x16.T
+    clear = {pair for pair in reference_pairs(x16, threshold=0.93)}
+    assert len(clear) >= 40 and clear <= set(found[8])
+    for (i, j), score in found[8].items():
+        assert i < j and exact[i, j] >= 0.87 and abs(score - exact[i, j]) < 0.03
+    assert set(found[1]) <= set(found[8]) and len(found[1]) < len(found[8])
+
+
+def test_refusals_of_an_index_that_is_not_the_folders(tmp_path, capsys):
+    from unicom.formats.embeddings import write_config, write_part
+
+    x = collection()
+    emb, other = tmp_path / "emb", tmp_path / "other"
+    embedding_folder(emb, x, [f"k{i}" for i in range(60)], parts=2)
+    embedding_folder(other, x[:50], [f"o{i}" for i in range(50)], parts=2)
+    build_index(emb, tmp_path / "index", "--type", "flat")
+    build_index(other, tmp_path / "other_index", "--type", "flat")
+    argv = ["dedup", "--emb", str(emb), "--out", str(tmp_path / "out")]
+    cases = [
+        (["--index", str(tmp_path / "other_index")], r"--index .*other_index was not built from --emb .*emb as it is now: "
+                                                     r"its parts \(number, rows\) \[\(0, 25\), \(1, 25\)\] are not those"),
+        (["--index", str(tmp_path / "index"), "--against", str(other)], r"--index searches within --emb; with --against"),
+        (["--nprobe", "4"], r"--nprobe and --ef-search set the search of an index: give --index INDEX"),
+        (["--index", str(tmp_path / "index"), "--nprobe", "0"], r"--nprobe 0: give a positive number"),
+    ]
+    for options, message in cases:
+        assert main(argv + options) == 2
+        assert re.search(message, capsys.readouterr().err), options
+    write_part(emb, 2, image=x[:5].astype(np.float16), metadata=pa.table({"key": [f"n{i}" for i in range(5)]}))
+    assert main(argv + ["--index", str(tmp_path / "index")]) == 2
+    assert re.search(r"it lacks parts 2 of --emb; build it with `unicom index --emb", capsys.readouterr().err)
+    build_index(emb, tmp_path / "index")  # adds part 2
+    write_config(emb, {"weights_sha256": "a" * 64})
+    config = json.loads((tmp_path / "index" / "index.json").read_text())
+    config["model"] = {"spec": "ViT-B/32", "weights_sha256": "b" * 64}
+    (tmp_path / "index" / "index.json").write_text(json.dumps(config))
+    assert main(argv + ["--index", str(tmp_path / "index")]) == 2
+    assert re.search(r"holds embeddings of other weights than --emb .* \(weights_sha256 bbbbbbbbbbbb… against aaaaaaaaaaaa…\)",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_through_an_index_the_most_pairs_allowed(tmp_path, capsys):
+    embedding_folder(tmp_path / "emb", np.ones((20, 4), np.float32), [f"k{i}" for i in range(20)], parts=1)
+    build_index(tmp_path / "emb", tmp_path / "index", "--type", "flat")
+    argv = ["dedup", "--emb", str(tmp_path / "emb"), "--index", str(tmp_path / "index"), "--out", str(tmp_path / "out")]
+    assert main(argv + ["--max-pairs", "100"]) == 2  # 190 pairs
+    assert "more than 100 pairs have a cosine similarity of 0.95 or more" in capsys.readouterr().err
+    assert main(argv + ["--max-pairs", "190"]) == 0
+    _, duplicates, summary = dedup_files(tmp_path / "out")
+    assert summary["pairs"] == 190 and duplicates["kept_row"] == [0] * 19
+
+
+def test_rows_that_copy_a_test_set_read_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    import unicom.dedup
+
+    train, rng = collection(), np.random.default_rng(5)
+    test = np.concatenate([train[[2, 17, 40]] + 0.05 * rng.standard_normal((3, 12)), rng.standard_normal((5, 12))])
+    embedding_folder(tmp_path / "train", train, [f"t{i}" for i in range(len(train))], parts=3)
+    embedding_folder(tmp_path / "test", test.astype(np.float32), [f"q{i}" for i in range(len(test))], parts=2)
+    monkeypatch.setattr(unicom.dedup, "BLOCK_ROWS", 6)
+    assert main(["dedup", "--emb", str(tmp_path / "train"), "--against", str(tmp_path / "test"),
+                 "--out", str(tmp_path / "out"), "--threshold", "0.8", "--chunk-size", "4"]) == 0
+    a, b = unit(train.astype(np.float16)), unit(test.astype(np.float32).astype(np.float16))
+    pairs = reference_pairs(a, b, 0.8)
+    found, duplicates, _ = dedup_files(tmp_path / "out")
+    assert set(zip(found["row"], found["match_row"])) == pairs
+    assert found["key"] == [f"t{i}" for i in found["row"]] and found["match_key"] == [f"q{j}" for j in found["match_row"]]
+    assert duplicates["row"] == sorted({i for i, _ in pairs}) and {2, 17, 40} <= set(duplicates["row"])

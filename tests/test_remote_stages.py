@@ -369,6 +369,13 @@ def test_dedup_of_an_s3_folder_equals_the_local_run_and_its_table_excludes_from_
         assert pq.read_table(tmp_path / "remote" / name).equals(pq.read_table(tmp_path / "local" / name)), name
     listed = pq.read_table(tmp_path / "local" / "duplicates.parquet").column("key").to_pylist()
     assert listed  # the classes are tight: there are near copies to leave out
+    # through a flat index in S3 of the folder in S3, read a block at a time: the same pairs
+    assert main(["index", "--emb", emb, "--out", f"s3://{bucket}/dedup-index", "--type", "flat", "--heldout", "5"]) == 0
+    assert main(["dedup", "--emb", emb, "--index", f"s3://{bucket}/dedup-index", "--threshold", "0.9",
+                 "--out", str(tmp_path / "indexed")]) == 0
+    for name in ("pairs.parquet", "duplicates.parquet"):
+        indexed, local = (pq.read_table(tmp_path / run / name).drop_columns(["similarity"]) for run in ("indexed", "local"))
+        assert indexed.equals(local), name
     s3.put(bucket, "dedup/duplicates.parquet", (tmp_path / "local" / "duplicates.parquet").read_bytes())
     assert main(["cluster", "--embeddings", emb, "--k", "4", "--points-per-centroid", "20",
                  "--exclude", f"s3://{bucket}/dedup/duplicates.parquet", "--out", str(tmp_path / "clusters")]) == 0

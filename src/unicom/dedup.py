@@ -1,8 +1,21 @@
 """Near duplicates of an embedding folder: within it, or of another folder's images.
 
-:func:`find_duplicates` (``unicom dedup``) reads the folders that ``unicom embed`` writes,
-finds every pair of rows whose cosine similarity reaches a threshold by an exact search
-(:func:`unicom.evaluate.metrics.pairs_above`), and writes, as one set under ``out``:
+:func:`find_duplicates` (``unicom dedup``) reads the folders that ``unicom embed`` writes and
+finds every pair of rows whose cosine similarity reaches a threshold, in one of three ways:
+
+* within a folder, exactly (:func:`unicom.evaluate.metrics.pairs_above`): every row against
+  every other, the rows held in memory as float32, as read and normalised (2 x N x D x 4
+  bytes), one block of similarities at a time;
+* within a folder, through an index of it (``index``: ``unicom index --emb`` the same folder):
+  the folder is read a block of rows at a time and each block searched in the index for
+  everything above the threshold (:meth:`unicom.search.index.Index.search_range`), so the
+  memory holds the index, one block and the pairs. Exact for a flat index; an IVF or HNSW
+  index misses the pairs its search misses, and a compressed one scores approximately. A pair
+  is kept when either of its rows finds the other, with the higher of the two scores;
+* against another folder (a test set, held in memory), exactly, the folder read a block of
+  rows at a time.
+
+It writes, as one set under ``out``:
 
 * ``pairs.parquet``: ``key``, ``row``, ``match_key``, ``match_row``, ``similarity``, every
   pair found (within a folder each pair once, from its lower row);
@@ -13,17 +26,18 @@ finds every pair of rows whose cosine similarity reaches a threshold by an exact
   another folder (test-set decontamination), every row with a match there is listed, with its
   most similar match;
 * ``summary.md`` and ``summary.json`` (written last: a set is whole when it is there): the
-  counts, and how many rows would be left out at each threshold from the one given to 1.
+  counts, how the pairs were searched, and how many rows would be left out at each threshold
+  from the one given to 1.
 
-The rows searched are held in memory as float32, as read and normalised (2 x N x D x 4
-bytes); the search takes one block of similarities at a time (:func:`~unicom.evaluate.metrics.default_chunk_size`).
+Only the rows in pairs are looked at after the search (their keys read from the metadata a
+part at a time), so a web collection costs the index and its pairs, not its rows.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,56 +51,221 @@ MARKDOWN_NAME = "summary.md"
 OUTPUT_NAMES = (SUMMARY_NAME, PAIRS_NAME, DUPLICATES_NAME, MARKDOWN_NAME)  # the first says a set is whole
 THRESHOLD_STEPS = (0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0)  # the summary's table, from the threshold
 DEFAULT_MAX_PAIRS = 50_000_000  # 600 MB of pairs
+BLOCK_ROWS = 65_536  # rows read (and searched in an index) at once
 
 
-def _folder(folder) -> tuple[np.ndarray, list[str], str | None]:
-    """(embeddings float32 (N, D), the key of each row, the recorded weights digest) of an
-    embedding folder, its rows checked to have a direction."""
-    from unicom.formats.embeddings import WEIGHTS_CHECKSUM, read_config, read_embedding_folder, require_usable_rows, row_keys
+class _Folder:
+    """An embedding folder's complete parts (an unfinished one refused), read a part at a time:
+    its image rows in blocks, checked to have a direction, and the keys of given rows."""
 
-    x, metadata = read_embedding_folder(folder)
-    keys = row_keys(metadata, folder)
-    require_usable_rows(x, keys, storage.text(folder))
-    return x, keys, (read_config(folder) or {}).get(WEIGHTS_CHECKSUM)
+    def __init__(self, root):
+        from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, read_config
+
+        self.root = root
+        self.where = storage.text(root)
+        self.contents = EmbeddingFolders.from_root(root).contents(("image",))
+        if not self.contents.parts:
+            raise InputError(f"{self.where}: no complete part to read")
+        if "metadata" not in self.contents.kinds:
+            raise InputError(f"{self.where}: no metadata/ folder, so rows have no keys to match images or labels with")
+        self.dims = int(self.contents.dimensions["image"])
+        self.num_rows = self.contents.num_rows
+        self.starts = np.cumsum([0] + [part.rows for part in self.contents.parts])[:-1].astype(np.int64)
+        self.digest = (read_config(root) or {}).get(WEIGHTS_CHECKSUM)
+
+    def _part_keys(self, index: int, local: np.ndarray | None = None) -> list[str]:
+        """The keys (as text) of part ``index``'s rows ``local`` (default all)."""
+        from unicom.formats.embeddings import key_column
+
+        number = self.contents.parts[index].number
+        column = key_column(self.contents.metadata_columns(number), self.contents.path("metadata", number))
+        values = self.contents.load("metadata", number, columns=[column]).column(0)
+        if local is not None:
+            values = values.take(local)
+        return [str(value) for value in values.to_pylist()]
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 (B, D) rows as read) for consecutive blocks of :data:`BLOCK_ROWS`
+        rows of every part; a row of NaN, infinite values or zeros is refused, naming its key and row."""
+        from unicom.formats.embeddings import require_usable_rows
+
+        block_rows = BLOCK_ROWS
+        for index, (part, start) in enumerate(zip(self.contents.parts, self.starts)):
+            array = self.contents.load("image", part.number)
+            for first in range(0, part.rows, block_rows):
+                block = np.asarray(array[first:first + block_rows], dtype=np.float32)
+                if not (np.isfinite(block).all() and block.any(1).all()):
+                    keys = self._part_keys(index)[first:first + len(block)]
+                    require_usable_rows(block, keys, self.where, rows=np.arange(len(block)) + start + first)
+                yield int(start + first), block
+
+    def rows(self) -> np.ndarray:
+        """Every row, float32 (N, D), checked as :meth:`blocks` checks them."""
+        out = np.empty((self.num_rows, self.dims), dtype=np.float32)
+        for first, block in self.blocks():
+            out[first:first + len(block)] = block
+        return out
+
+    def keys(self, rows: np.ndarray):
+        """The keys of ``rows`` (int64, any order and repeats) as a ``pyarrow`` string array, in
+        that order; only the parts holding them are read, their key column alone."""
+        import pyarrow as pa
+
+        wanted, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        which = np.searchsorted(self.starts, wanted, side="right") - 1
+        keys: list[str] = []
+        for index in np.unique(which):
+            keys += self._part_keys(int(index), wanted[which == index] - self.starts[index])
+        return pa.array(keys, pa.string()).take(pa.array(inverse.reshape(-1)))
 
 
-def _groups(n: int, rows: np.ndarray, matches: np.ndarray) -> np.ndarray:
-    """The group of each of ``n`` rows joined by the pairs (``rows``, ``matches``): the first
-    (lowest) row of its connected component."""
+def _components(rows: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows in any of the pairs (``rows``, ``matches``), sorted; the first (lowest) row of
+    each one's group: the rows joined to it by pairs, directly or through others)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, matches)), shape=(n, n))
+    members, inverse = np.unique(np.r_[rows, matches], return_inverse=True)
+    m = len(members)
+    if m == 0:
+        return members, members
+    inverse = inverse.reshape(-1)
+    graph = coo_matrix((np.ones(len(rows), np.int8), (inverse[:len(rows)], inverse[len(rows):])), shape=(m, m))
     _, component = connected_components(graph, directed=False)
-    first = np.full(component.max() + 1 if n else 0, n, dtype=np.int64)
-    np.minimum.at(first, component, np.arange(n))
-    return first[component]
+    first = np.full(component.max() + 1, m, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(m))
+    return members, members[first[component]]
 
 
-def _best_match(n: int, rows: np.ndarray, matches: np.ndarray, similarities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each of ``n`` rows, its most similar match among the pairs (equal similarities:
-    the lower match row), and that similarity; -1 and NaN for a row in no pair."""
+def _best_match(rows: np.ndarray, matches: np.ndarray, similarities: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(each row of the pairs, sorted; its most similar match (equal similarities: the lower
+    match row); that similarity)."""
     order = np.lexsort((matches, -similarities.astype(np.float64), rows))  # by row, best first
-    best, similarity = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
     first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if len(order) else order
-    best[rows[first]], similarity[rows[first]] = matches[first], similarities[first]
-    return best, similarity
+    return rows[first], matches[first], similarities[first]
 
 
-def _left_out(n: int, rows: np.ndarray, matches: np.ndarray, similarities: np.ndarray, within: bool,
-              threshold: float) -> int:
+def _left_out(rows: np.ndarray, matches: np.ndarray, similarities: np.ndarray, within: bool, threshold: float) -> int:
     """How many rows the pairs of similarity ``threshold`` or more leave out."""
     kept = similarities >= threshold
     if not within:
         return int(len(np.unique(rows[kept])))
-    return int((_groups(n, rows[kept], matches[kept]) != np.arange(n)).sum())
+    members, first = _components(rows[kept], matches[kept])
+    return int((first != members).sum())
 
 
-def find_duplicates(emb, out, *, against=None, threshold: float = 0.95, max_pairs: int | None = DEFAULT_MAX_PAIRS,
-                    chunk_size: int | None = None) -> dict[str, Any]:
-    """Near duplicates within the embedding folder ``emb`` or, with ``against``, of its rows
-    in that folder; written under the local folder ``out`` (the module's docstring). Returns
-    the summary (``summary.json``)."""
+def _too_many(max_pairs: int, threshold: float, done: int, total: int) -> InputError:
+    return InputError(f"more than {max_pairs:,} pairs have a cosine similarity of {threshold:g} or more "
+                      f"(after {done:,} of {total:,} rows): raise the threshold, or the most pairs allowed if the "
+                      "memory holds them")
+
+
+def _against(folder: _Folder, y: np.ndarray, threshold: float, chunk_size: int | None,
+             max_pairs: int | None) -> tuple[np.ndarray, ...]:
+    """The pairs of ``folder``'s rows, read a block at a time, with the rows ``y``: exact."""
+    from unicom.evaluate.metrics import pairs_above
+    from unicom.progress import progress
+
+    found, total = [], 0
+    with progress(total=folder.num_rows, desc="near duplicates", unit="row") as bar:
+        for first, block in folder.blocks():
+            rows, matches, similarities = pairs_above(block, y, threshold, chunk_size=chunk_size)
+            total += len(rows)
+            if max_pairs is not None and total > max_pairs:
+                raise _too_many(max_pairs, threshold, first + len(block), folder.num_rows)
+            found.append((rows + first, matches, similarities))
+            bar.update(len(block))
+    return _joined(found)
+
+
+def _joined(found: list) -> tuple[np.ndarray, ...]:
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate([part[i] for part in found]) for i in range(3))
+
+
+def _through_index(folder: _Folder, index, threshold: float, max_pairs: int | None, nprobe: int | None,
+                   ef_search: int | None) -> tuple[np.ndarray, ...]:
+    """The pairs within ``folder`` that searching each of its rows in ``index`` (of that
+    folder) finds: each once, from its lower row, with the higher of its two scores."""
+    from unicom.progress import progress
+
+    found, entries = [], 0
+    with progress(total=folder.num_rows, desc="near duplicates (index)", unit="row") as bar:
+        for first, block in folder.blocks():
+            results = index.search_range(block, threshold, nprobe=nprobe, ef_search=ef_search)
+            counts = np.array([len(ids) for _, ids in results], dtype=np.int64)
+            rows = np.repeat(np.arange(first, first + len(block), dtype=np.int64), counts)
+            matches = np.concatenate([ids for _, ids in results]) if len(rows) else np.zeros(0, np.int64)
+            scores = np.concatenate([scores for scores, _ in results]) if len(rows) else np.zeros(0, np.float32)
+            other = rows != matches
+            rows, matches, scores = rows[other], matches[other], scores[other]
+            entries += len(rows)
+            # a pair is found from each of its rows at most: past twice the pairs allowed, there are too many
+            if max_pairs is not None and entries > 2 * max_pairs:
+                raise _too_many(max_pairs, threshold, first + len(block), folder.num_rows)
+            found.append((np.minimum(rows, matches), np.maximum(rows, matches), scores))
+            bar.update(len(block))
+    low, high, scores = _joined(found)
+    order = np.lexsort((-scores.astype(np.float64), high, low))  # each pair's higher score first
+    low, high, scores = low[order], high[order], scores[order]
+    first = np.r_[True, (low[1:] != low[:-1]) | (high[1:] != high[:-1])] if len(low) else np.zeros(0, bool)
+    if max_pairs is not None and int(first.sum()) > max_pairs:
+        raise _too_many(max_pairs, threshold, folder.num_rows, folder.num_rows)
+    return low[first], high[first], scores[first].astype(np.float32, copy=False)
+
+
+def _open_index(index_location, folder: _Folder):
+    """The index at ``index_location``, checked to hold ``folder``'s rows: the same parts, in
+    the same order, embedded by the same weights."""
+    from unicom.formats.embeddings import WEIGHTS_CHECKSUM
+    from unicom.search.index import Index
+
+    index = Index.load(index_location)
+    where = storage.text(index_location)
+    if "image" not in index.modalities:
+        raise InputError(f"{where}: holds no index of image embeddings (only {', '.join(index.modalities)})")
+    ours = [(part.number, part.rows) for part in folder.contents.parts]
+    theirs = [(part.number, part.rows) for part in index.parts]
+    if ours != theirs or [part.first_id for part in index.parts] != folder.starts.tolist():
+        missing = [number for number, _ in ours if number not in {n for n, _ in theirs}]
+        said = (f"it lacks parts {', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''} of --emb"
+                if missing and set(theirs) <= set(ours) else
+                f"its parts (number, rows) {theirs[:3]}{' ...' if len(theirs) > 3 else ''} are not those of --emb "
+                f"{ours[:3]}{' ...' if len(ours) > 3 else ''}")
+        raise InputError(f"--index {where} was not built from --emb {folder.where} as it is now: {said}; "
+                         f"build it with `unicom index --emb {folder.where} --out {where}` (which adds new parts to "
+                         "an index, or --rebuild)")
+    recorded = (index.config.get("model") or {}).get(WEIGHTS_CHECKSUM)
+    if recorded is not None and folder.digest is not None and recorded != folder.digest:
+        raise InputError(f"--index {where} holds embeddings of other weights than --emb {folder.where} "
+                         f"(weights_sha256 {recorded[:12]}… against {folder.digest[:12]}…); build it from --emb")
+    return index
+
+
+def _search_record(index, index_location, nprobe: int | None, ef_search: int | None) -> dict:
+    """How the pairs were searched, for the summary: ``{"method": "exact"}`` or the index's
+    location, type, dimensions and search parameter."""
+    if index is None:
+        return {"method": "exact"}
+    kind = index.modality_type("image")
+    record = {"method": "index", "index": storage.absolute(index_location), "type": kind,
+              "dims": int(index.modality_dims("image"))}
+    stored = index.modality_search("image")
+    if kind == "hnsw":
+        record["efSearch"] = ef_search if ef_search is not None else stored.get("efSearch")
+    elif "nprobe" in stored or nprobe is not None:
+        record["nprobe"] = nprobe if nprobe is not None else stored["nprobe"]
+    return record
+
+
+def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.95,
+                    max_pairs: int | None = DEFAULT_MAX_PAIRS, chunk_size: int | None = None,
+                    nprobe: int | None = None, ef_search: int | None = None) -> dict[str, Any]:
+    """Near duplicates within the embedding folder ``emb`` (exactly, or through ``index``, an
+    index of it) or, with ``against``, of its rows in that folder; written under the local
+    folder ``out`` (the module's docstring). ``nprobe`` / ``ef_search`` override the index's
+    search parameter. Returns the summary (``summary.json``)."""
     import pyarrow as pa
 
     from unicom.evaluate.metrics import pairs_above
@@ -95,56 +274,64 @@ def find_duplicates(emb, out, *, against=None, threshold: float = 0.95, max_pair
 
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"threshold {threshold!r}: a cosine similarity, between -1 and 1 (near duplicates: 0.9 to 0.99)")
+    if index is not None and against is not None:
+        raise InputError("--index searches within --emb; with --against the search is exact, --emb read a block of "
+                         "rows at a time and --against held in memory: leave --index out")
+    if index is None and (nprobe is not None or ef_search is not None):
+        raise InputError("--nprobe and --ef-search set the search of an index: give --index INDEX, or leave them out")
     out = local_output(out, "the list of near duplicates")
-    x, keys, digest = _folder(emb)
+    folder = _Folder(emb)
     within = against is None
-    y, other_keys = x, keys
-    if not within:
+    other = folder
+    opened = None
+    if within and index is None:
+        rows, matches, similarities = pairs_above(folder.rows(), None, threshold, chunk_size=chunk_size,
+                                                  max_pairs=max_pairs, desc="near duplicates")
+    elif within:
+        opened = _open_index(index, folder)
+        rows, matches, similarities = _through_index(folder, opened, threshold, max_pairs, nprobe, ef_search)
+    else:
         if os.path.realpath(storage.text(against)) == os.path.realpath(storage.text(emb)):
             raise InputError(f"--against {storage.text(against)} is --emb itself: leave --against out to find the "
                              "near duplicates within a folder")
-        y, other_keys, other_digest = _folder(against)
-        if y.shape[1] != x.shape[1]:
-            raise InputError(f"{storage.text(against)} (--against) holds {y.shape[1]}-dimensional embeddings and "
-                             f"{storage.text(emb)} {x.shape[1]}-dimensional ones: they were made by different models; "
+        other = _Folder(against)
+        if other.dims != folder.dims:
+            raise InputError(f"{other.where} (--against) holds {other.dims}-dimensional embeddings and "
+                             f"{folder.where} {folder.dims}-dimensional ones: they were made by different models; "
                              "embed both with the same model")
-        if digest is not None and other_digest is not None and digest != other_digest:
-            raise InputError(f"{storage.text(against)} (--against) was embedded by other weights than "
-                             f"{storage.text(emb)} (weights_sha256 {other_digest[:12]}… against {digest[:12]}…): "
+        if folder.digest is not None and other.digest is not None and folder.digest != other.digest:
+            raise InputError(f"{other.where} (--against) was embedded by other weights than "
+                             f"{folder.where} (weights_sha256 {other.digest[:12]}… against {folder.digest[:12]}…): "
                              "similarities between them mean nothing; embed both with the same model")
-    rows, matches, similarities = pairs_above(x, None if within else y, threshold, chunk_size=chunk_size,
-                                              max_pairs=max_pairs, desc="near duplicates")
-    n = len(x)
+        rows, matches, similarities = _against(folder, other.rows(), threshold, chunk_size, max_pairs)
     if within:  # a pair joins both of its rows
-        best, best_similarity = _best_match(n, np.r_[rows, matches], np.r_[matches, rows], np.r_[similarities, similarities])
-        group = _groups(n, rows, matches)
-        listed = np.flatnonzero(group != np.arange(n))
+        members, first = _components(rows, matches)
+        _, best, best_similarity = _best_match(np.r_[rows, matches], np.r_[matches, rows], np.r_[similarities, similarities])
+        grouped = first != members
+        listed, kept, best, best_similarity = members[grouped], first[grouped], best[grouped], best_similarity[grouped]
     else:
-        best, best_similarity = _best_match(n, rows, matches, similarities)
-        listed = np.flatnonzero(best >= 0)
-    pairs = pa.table({"key": pa.array([keys[i] for i in rows], pa.string()), "row": rows,
-                      "match_key": pa.array([other_keys[i] for i in matches], pa.string()), "match_row": matches,
+        listed, best, best_similarity = _best_match(rows, matches, similarities)
+    pairs = pa.table({"key": folder.keys(rows), "row": rows, "match_key": other.keys(matches), "match_row": matches,
                       "similarity": similarities})
-    columns = {"key": pa.array([keys[i] for i in listed], pa.string()), "row": listed}
+    columns = {"key": folder.keys(listed), "row": listed}
     if within:
-        columns |= {"kept_key": pa.array([keys[i] for i in group[listed]], pa.string()), "kept_row": group[listed]}
-    columns |= {"match_key": pa.array([other_keys[i] for i in best[listed]], pa.string()), "match_row": best[listed],
-                "similarity": best_similarity[listed]}
-    in_pairs = np.zeros(n, dtype=bool)
-    in_pairs[rows] = True
+        columns |= {"kept_key": folder.keys(kept), "kept_row": kept}
+    columns |= {"match_key": other.keys(best), "match_row": best, "similarity": best_similarity}
+    n = folder.num_rows
     steps = sorted({float(threshold), *(t for t in THRESHOLD_STEPS if t > threshold)})
     summary = {
         "embeddings": storage.absolute(emb),
         "against": None if within else storage.absolute(against),
+        "search": _search_record(opened, index, nprobe, ef_search),
         "threshold": float(threshold),
         "rows": n,
-        "against_rows": None if within else len(y),
+        "against_rows": None if within else other.num_rows,
         "pairs": int(len(rows)),
         "left_out": int(len(listed)),
         "kept": int(n - len(listed)),
-        "groups": int(len(np.unique(group[in_pairs]))) if within else None,
+        "groups": int(len(np.unique(first))) if within else None,
         "by_threshold": [{"threshold": t, "pairs": int((similarities >= t).sum()),
-                          "left_out": _left_out(n, rows, matches, similarities, within, t)} for t in steps],
+                          "left_out": _left_out(rows, matches, similarities, within, t)} for t in steps],
     }
     publish_together(out, {
         PAIRS_NAME: lambda path: _write_parquet(path, pairs),
@@ -165,8 +352,18 @@ def _write_parquet(path: Path, table) -> None:
         os.fsync(f.fileno())
 
 
+def _searched(search: dict) -> str:
+    """How the pairs were searched, in words."""
+    if search.get("method", "exact") == "exact":
+        return "Searched exactly."
+    parameter = next((f", {name} {search[name]}" for name in ("nprobe", "efSearch") if search.get(name) is not None), "")
+    caveat = ("exact" if search["type"] == "flat" else
+              "a pair is found when the index's search finds it, with the index's score")
+    return f"Searched through the {search['type']} index {search['index']} ({search['dims']} dimensions{parameter}): {caveat}."
+
+
 def duplicates_markdown(summary: dict) -> str:
-    """The summary as markdown: what was searched, what is left out, and at which threshold."""
+    """The summary as markdown: what was searched, and how, what is left out, and at which threshold."""
     if summary["against"] is None:
         searched = f"{summary['rows']:,} embeddings of {summary['embeddings']}, each pair once"
         found = (f"{summary['pairs']:,} pairs join {summary['groups']:,} groups of near duplicates; the first row of "
@@ -177,7 +374,8 @@ def duplicates_markdown(summary: dict) -> str:
                     f"of {summary['against']}")
         found = (f"{summary['pairs']:,} pairs; {summary['left_out']:,} rows have a near duplicate there and are listed "
                  f"in {DUPLICATES_NAME} ({summary['kept']:,} rows kept).")
-    lines = ["# Near duplicates", "", f"Cosine similarity {summary['threshold']:g} or more, {searched}.", "", found, "",
+    lines = ["# Near duplicates", "", f"Cosine similarity {summary['threshold']:g} or more, {searched}. "
+             f"{_searched(summary.get('search', {}))}", "", found, "",
              "| threshold | pairs | rows left out |", "|---|---|---|"]
     lines += [f"| {row['threshold']:g} | {row['pairs']:,} | {row['left_out']:,} |" for row in summary["by_threshold"]]
     return "\n".join(lines) + "\n"

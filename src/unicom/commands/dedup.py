@@ -4,6 +4,7 @@ Examples::
 
     unicom dedup --emb EMB/ --out DEDUP/                          # groups of near copies: keep one of each
     unicom dedup --emb EMB/ --threshold 0.9 --out DEDUP/
+    unicom dedup --emb EMB/ --index INDEX/ --out DEDUP/           # a web collection: through an index of EMB
     unicom dedup --emb TRAIN_EMB/ --against TEST_EMB/ --out DECONTAMINATED/   # training images a test image copies
 
 DEDUP/duplicates.parquet lists the rows to leave out (key, row, the row kept, the most similar
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", metavar="FOLDER", default=None,
                         help="another embedding folder of the same model (a test set): list the rows of --emb with a "
                              "near duplicate there, instead of those within --emb")
+    parser.add_argument("--index", metavar="INDEX", default=None,
+                        help="an index of --emb (the index command's --out for this --emb): read --emb a block of "
+                             "rows at a time and search each in it, so the memory holds the index and the pairs, not "
+                             "the rows; exact for a flat index, approximate for the others")
+    parser.add_argument("--nprobe", type=int, default=None, help="with --index: inverted lists searched (default: the index's)")
+    parser.add_argument("--ef-search", type=int, default=None, help="with --index: HNSW candidates kept (default: the index's)")
     parser.add_argument("--threshold", type=float, default=0.95,
                         help="the cosine similarity from which two images are near duplicates (default: 0.95)")
     parser.add_argument("--out", required=True, help="local output folder: pairs.parquet, duplicates.parquet, summary.md, "
@@ -38,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from unicom.dedup import DEFAULT_MAX_PAIRS, MARKDOWN_NAME, duplicates_markdown, find_duplicates
     from unicom.errors import InputError
 
-    for option, value in (("--max-pairs", args.max_pairs), ("--chunk-size", args.chunk_size)):
+    for option, value in (("--max-pairs", args.max_pairs), ("--chunk-size", args.chunk_size), ("--nprobe", args.nprobe),
+                          ("--ef-search", args.ef_search)):
         if value is not None and value < 1:
             raise InputError(f"{option} {value}: give a positive number")
-    summary = find_duplicates(args.emb, args.out, against=args.against, threshold=args.threshold,
+    summary = find_duplicates(args.emb, args.out, against=args.against, index=args.index, threshold=args.threshold,
                               max_pairs=DEFAULT_MAX_PAIRS if args.max_pairs is None else args.max_pairs,
-                              chunk_size=args.chunk_size)
+                              chunk_size=args.chunk_size, nprobe=args.nprobe, ef_search=args.ef_search)
     print(duplicates_markdown(summary), end="")
     print(f"\nwritten to {args.out} ({MARKDOWN_NAME}, duplicates.parquet, pairs.parquet, summary.json)")
     return 0

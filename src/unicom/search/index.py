@@ -395,6 +395,11 @@ class Index:
         """The index type (``flat``, ``hnsw``, ``ivfpq``, ...) of the ``modality`` index (default: the first's)."""
         return str(self._modality(modality)[1]["type"])
 
+    def modality_search(self, modality: str | None = None) -> dict:
+        """The search parameter the ``modality`` index searches with unless told otherwise
+        (``{"nprobe": n}``, ``{"efSearch": n}``, or ``{}`` for a flat index)."""
+        return dict(self._modality(modality)[1].get("search") or {})
+
     def _prepared(self, embeddings, modality: str | None, nprobe: int | None, ef_search: int | None):
         """(modality, its record, unit query rows (Q, dims), search parameters) for ``embeddings``."""
         modality, recorded = self._modality(modality)

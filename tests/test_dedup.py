@@ -332,3 +332,87 @@ def test_rows_that_copy_a_test_set_read_a_few_rows_at_a_time(tmp_path, monkeypat
     assert set(zip(found["row"], found["match_row"])) == pairs
     assert found["key"] == [f"t{i}" for i in found["row"]] and found["match_key"] == [f"q{j}" for j in found["match_row"]]
     assert duplicates["row"] == sorted({i for i, _ in pairs}) and {2, 17, 40} <= set(duplicates["row"])
+
+
+# --------------------------------------------------------------------------- which row a group keeps
+
+
+def folder_with_columns(root, x: np.ndarray, columns: dict, parts: int = 2):
+    """``x`` as an embedding folder of ``parts`` parts whose metadata holds ``columns`` (one value per row)."""
+    from unicom.formats.embeddings import write_part
+
+    for number, rows in enumerate(np.array_split(np.arange(len(x)), parts)):
+        write_part(root, number, image=x[rows].astype(np.float16),
+                   metadata=pa.table({name: [values[i] for i in rows] for name, values in columns.items()}))
+    return root
+
+
+def test_a_group_keeps_its_widest_or_its_narrowest_row(tmp_path, capsys):
+    """The hand-computed collection (one group {a, c, d}, b alone): widths 10, 99, 30, 20 keep
+    c with --keep-largest (a and d listed, nearest c and c), a with --keep-smallest; equal
+    widths keep the first."""
+    angles = np.cumsum([0.0, np.arccos(0.965), np.arccos(0.985)])
+    x = np.insert(np.stack([np.cos(angles), np.sin(angles)], 1), 1, [0.0, -1.0], axis=0).astype(np.float32)
+    for widths, option, kept, listed, nearest in [([10, 99, 30, 20], "--keep-largest", "c", ["a", "d"], ["c", "c"]),
+                                                  ([10, 99, 30, 20], "--keep-smallest", "a", ["c", "d"], ["d", "c"]),
+                                                  ([30, 1, 30, 20], "--keep-largest", "a", ["c", "d"], ["d", "c"]),
+                                                  ([30.5, 1.0, 12.0, 30.5], "--keep-largest", "a", ["c", "d"],
+                                                   ["d", "c"])]:
+        emb = folder_with_columns(tmp_path / f"emb{len(list(tmp_path.iterdir()))}", x,
+                                  {"key": ["a", "b", "c", "d"], "width": widths})
+        assert main(["dedup", "--emb", str(emb), "--out", str(tmp_path / "out"), option, "width"]) == 0
+        duplicates = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pydict()
+        assert duplicates["key"] == listed and duplicates["kept_key"] == [kept, kept], (widths, option)
+        assert duplicates["match_key"] == nearest  # each listed row's most similar other member
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["keep"] == {"by": "width", "largest": option == "--keep-largest"}
+        assert (summary["left_out"], summary["kept"], summary["groups"]) == (2, 2, 1)
+    out = capsys.readouterr().out
+    assert "the row of each group with the smallest width is kept (equal values: the first)" in out
+
+
+def test_the_row_kept_equals_a_plain_walk_of_the_groups(tmp_path):
+    x = collection(n=90)
+    rng = np.random.default_rng(7)
+    x[60:90] = x[rng.integers(0, 60, 30)] + 0.2 * rng.standard_normal((30, 12)).astype(np.float32)  # more groups
+    scores = rng.integers(0, 3, len(x)).astype(np.int64)  # many equal scores
+    emb = folder_with_columns(tmp_path / "emb", x, {"key": [f"k{i}" for i in range(len(x))], "score": scores}, parts=3)
+    assert main(["dedup", "--emb", str(emb), "--out", str(tmp_path / "out"), "--threshold", "0.9",
+                 "--keep-largest", "score"]) == 0
+    first = reference_groups(len(x), reference_pairs(unit(x.astype(np.float16)), threshold=0.9))
+    groups = {}
+    for row, head in enumerate(first):
+        groups.setdefault(head, []).append(row)
+    kept = {head: max(members, key=lambda row: (scores[row], -row)) for head, members in groups.items()}
+    assert sum(kept[head] != head for head in groups if len(groups[head]) > 1) >= 3  # not merely the first rows
+    duplicates = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pydict()
+    expected = [row for row in range(len(x)) if kept[first[row]] != row]
+    assert duplicates["row"] == expected
+    assert duplicates["kept_row"] == [kept[first[row]] for row in expected]
+    assert duplicates["kept_key"] == [f"k{kept[first[row]]}" for row in expected]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("against", r"--keep-largest width picks the row a group of near duplicates keeps; with --against"),
+    ("no column", r"metadata_0\.parquet: no column 'height' for --keep-largest height \(columns: key, width, name\)"),
+    ("text column", r"metadata_0\.parquet: column 'name' holds string, not numbers; --keep-largest name compares"),
+    ("missing value", r"column 'width' \(--keep-largest width\) has no value for 1 of the rows compared, e\.g\. 'k40' "
+                      r"\(row 40\); fill it in"),
+    ("both", r"argument --keep-smallest: not allowed with argument --keep-largest"),
+])
+def test_refusals_of_the_row_kept(case, message, tmp_path, capsys):
+    x = collection()
+    widths = [None if case == "missing value" and i == 40 else float(i) for i in range(60)]
+    emb = folder_with_columns(tmp_path / "emb", x, {"key": [f"k{i}" for i in range(60)], "width": widths,
+                                                    "name": [f"n{i}" for i in range(60)]})
+    column = {"no column": "height", "text column": "name"}.get(case, "width")
+    argv = ["dedup", "--emb", str(emb), "--out", str(tmp_path / "out"), "--threshold", "0.9", "--keep-largest", column]
+    if case == "against":
+        argv += ["--against", str(folder_with_columns(tmp_path / "test", x[:5], {"key": list("abcde")}, parts=1))]
+    if case == "both":
+        with pytest.raises(SystemExit, match="2"):  # refused by the parser
+            main(argv + ["--keep-smallest", "width"])
+    else:
+        assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "summary.json").exists()

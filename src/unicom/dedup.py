@@ -20,8 +20,9 @@ It writes, as one set under ``out``:
 * ``pairs.parquet``: ``key``, ``row``, ``match_key``, ``match_row``, ``similarity``, every
   pair found (within a folder each pair once, from its lower row);
 * ``duplicates.parquet``: the rows to leave out, one each. Within a folder, rows joined by
-  pairs (directly or through others) form a group, whose first row is kept and the others
-  listed: ``key``, ``row``, ``kept_key``, ``kept_row`` (the group's first),
+  pairs (directly or through others) form a group, whose first row (or the one of the
+  largest or smallest value of a metadata column, ``keep_by``) is kept and the others
+  listed: ``key``, ``row``, ``kept_key``, ``kept_row`` (the row kept),
   ``match_key``, ``match_row``, ``similarity`` (the row's most similar other member). Against
   another folder (test-set decontamination), every row with a match there is listed, with its
   most similar match;
@@ -73,16 +74,55 @@ class _Folder:
         self.starts = np.cumsum([0] + [part.rows for part in self.contents.parts])[:-1].astype(np.int64)
         self.digest = (read_config(root) or {}).get(WEIGHTS_CHECKSUM)
 
-    def _part_keys(self, index: int, local: np.ndarray | None = None) -> list[str]:
-        """The keys (as text) of part ``index``'s rows ``local`` (default all)."""
+    def _part_values(self, index: int, local: np.ndarray | None = None, column: str | None = None, option: str = ""):
+        """Part ``index``'s values of ``column`` (default: its keys, as text) at rows ``local``
+        (default all): a ``pyarrow`` array, float64 for a column of numbers (``option`` names it)."""
+        import pyarrow as pa
+
         from unicom.formats.embeddings import key_column
 
         number = self.contents.parts[index].number
-        column = key_column(self.contents.metadata_columns(number), self.contents.path("metadata", number))
-        values = self.contents.load("metadata", number, columns=[column]).column(0)
+        path = self.contents.path("metadata", number)
+        names = self.contents.metadata_columns(number)
+        if column is not None and column not in names:
+            raise InputError(f"{path}: no column {column!r} for {option} (columns: {', '.join(names)}); choose one of these")
+        values = self.contents.load("metadata", number, columns=[column or key_column(names, path)]).column(0)
         if local is not None:
             values = values.take(local)
-        return [str(value) for value in values.to_pylist()]
+        if column is None:
+            return pa.array([str(value) for value in values.to_pylist()], pa.string())
+        if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            raise InputError(f"{path}: column {column!r} holds {values.type}, not numbers; {option} compares numbers "
+                             "(a size, a score): choose such a column")
+        return values.cast(pa.float64()).combine_chunks()
+
+    def _taken(self, rows: np.ndarray, column: str | None = None, option: str = ""):
+        """The values of ``column`` (default: the keys, as text) at ``rows`` (int64, any order and
+        repeats), in that order: only the parts holding them are read, that column alone."""
+        import pyarrow as pa
+
+        wanted, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        which = np.searchsorted(self.starts, wanted, side="right") - 1
+        chunks = [self._part_values(int(index), wanted[which == index] - self.starts[index], column, option)
+                  for index in np.unique(which)]
+        values = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string() if column is None else pa.float64())
+        return values.take(pa.array(inverse.reshape(-1)))
+
+    def keys(self, rows: np.ndarray):
+        """The keys of ``rows`` (int64, any order and repeats) as a ``pyarrow`` string array, in that order."""
+        return self._taken(rows)
+
+    def numbers(self, rows: np.ndarray, column: str, option: str) -> np.ndarray:
+        """The values of the metadata ``column`` at ``rows``, float64; a row without one (null,
+        NaN) is refused, naming its key, row and ``option``."""
+        values = self._taken(rows, column, option).to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = np.flatnonzero(np.isnan(values))
+        if len(missing):
+            row = int(np.asarray(rows)[missing[0]])
+            raise InputError(f"{self.where}: column {column!r} ({option}) has no value for {len(missing)} of the rows "
+                             f"compared, e.g. {self.keys(np.array([row]))[0].as_py()!r} (row {row}); fill it in, or "
+                             "choose another column")
+        return values
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 (B, D) rows as read) for consecutive blocks of :data:`BLOCK_ROWS`
@@ -95,7 +135,7 @@ class _Folder:
             for first in range(0, part.rows, block_rows):
                 block = np.asarray(array[first:first + block_rows], dtype=np.float32)
                 if not (np.isfinite(block).all() and block.any(1).all()):
-                    keys = self._part_keys(index)[first:first + len(block)]
+                    keys = self._part_values(index, np.arange(first, first + len(block))).to_pylist()
                     require_usable_rows(block, keys, self.where, rows=np.arange(len(block)) + start + first)
                 yield int(start + first), block
 
@@ -105,18 +145,6 @@ class _Folder:
         for first, block in self.blocks():
             out[first:first + len(block)] = block
         return out
-
-    def keys(self, rows: np.ndarray):
-        """The keys of ``rows`` (int64, any order and repeats) as a ``pyarrow`` string array, in
-        that order; only the parts holding them are read, their key column alone."""
-        import pyarrow as pa
-
-        wanted, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        which = np.searchsorted(self.starts, wanted, side="right") - 1
-        keys: list[str] = []
-        for index in np.unique(which):
-            keys += self._part_keys(int(index), wanted[which == index] - self.starts[index])
-        return pa.array(keys, pa.string()).take(pa.array(inverse.reshape(-1)))
 
 
 def _components(rows: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +163,15 @@ def _components(rows: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.n
     first = np.full(component.max() + 1, m, dtype=np.int64)
     np.minimum.at(first, component, np.arange(m))
     return members, members[first[component]]
+
+
+def _kept(members: np.ndarray, first: np.ndarray, values: np.ndarray, largest: bool) -> np.ndarray:
+    """The row each member's group keeps: the one of the largest (or smallest) value among
+    ``values`` (one per member), equal values the lowest row; ``first`` names each group."""
+    order = np.lexsort((members, -values if largest else values, first))  # by group, the one kept first
+    heads = order[np.r_[True, first[order][1:] != first[order][:-1]]]
+    _, inverse = np.unique(first, return_inverse=True)  # the heads come by group, in this order
+    return members[heads][inverse.reshape(-1)]
 
 
 def _best_match(rows: np.ndarray, matches: np.ndarray, similarities: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -261,11 +298,14 @@ def _search_record(index, index_location, nprobe: int | None, ef_search: int | N
 
 def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.95,
                     max_pairs: int | None = DEFAULT_MAX_PAIRS, chunk_size: int | None = None,
-                    nprobe: int | None = None, ef_search: int | None = None) -> dict[str, Any]:
+                    nprobe: int | None = None, ef_search: int | None = None, keep_by: str | None = None,
+                    keep_largest: bool = True) -> dict[str, Any]:
     """Near duplicates within the embedding folder ``emb`` (exactly, or through ``index``, an
     index of it) or, with ``against``, of its rows in that folder; written under the local
     folder ``out`` (the module's docstring). ``nprobe`` / ``ef_search`` override the index's
-    search parameter. Returns the summary (``summary.json``)."""
+    search parameter. ``keep_by``: a metadata column of numbers (a size, a score) whose
+    largest value (smallest without ``keep_largest``) picks the row each group keeps, equal
+    values the first; default the group's first row. Returns the summary (``summary.json``)."""
     import pyarrow as pa
 
     from unicom.evaluate.metrics import pairs_above
@@ -277,6 +317,10 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     if index is not None and against is not None:
         raise InputError("--index searches within --emb; with --against the search is exact, --emb read a block of "
                          "rows at a time and --against held in memory: leave --index out")
+    option = f"--keep-{'largest' if keep_largest else 'smallest'} {keep_by}"
+    if keep_by is not None and against is not None:
+        raise InputError(f"{option} picks the row a group of near duplicates keeps; with --against every row with a "
+                         "match is listed: leave it out")
     if index is None and (nprobe is not None or ef_search is not None):
         raise InputError("--nprobe and --ef-search set the search of an index: give --index INDEX, or leave them out")
     out = local_output(out, "the list of near duplicates")
@@ -307,8 +351,13 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     if within:  # a pair joins both of its rows
         members, first = _components(rows, matches)
         _, best, best_similarity = _best_match(np.r_[rows, matches], np.r_[matches, rows], np.r_[similarities, similarities])
-        grouped = first != members
-        listed, kept, best, best_similarity = members[grouped], first[grouped], best[grouped], best_similarity[grouped]
+        if keep_by is not None:
+            kept = _kept(members, first, folder.numbers(members, keep_by, option), keep_largest)
+        else:
+            kept = first
+        listed_mask = kept != members
+        listed, kept, best, best_similarity = members[listed_mask], kept[listed_mask], best[listed_mask], \
+            best_similarity[listed_mask]
     else:
         listed, best, best_similarity = _best_match(rows, matches, similarities)
     pairs = pa.table({"key": folder.keys(rows), "row": rows, "match_key": other.keys(matches), "match_row": matches,
@@ -324,6 +373,8 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
         "against": None if within else storage.absolute(against),
         "search": _search_record(opened, index, nprobe, ef_search),
         "threshold": float(threshold),
+        "keep": None if not within else (
+            {"by": "first row"} if keep_by is None else {"by": keep_by, "largest": bool(keep_largest)}),
         "rows": n,
         "against_rows": None if within else other.num_rows,
         "pairs": int(len(rows)),
@@ -366,9 +417,12 @@ def duplicates_markdown(summary: dict) -> str:
     """The summary as markdown: what was searched, and how, what is left out, and at which threshold."""
     if summary["against"] is None:
         searched = f"{summary['rows']:,} embeddings of {summary['embeddings']}, each pair once"
-        found = (f"{summary['pairs']:,} pairs join {summary['groups']:,} groups of near duplicates; the first row of "
-                 f"each group is kept and the other {summary['left_out']:,} are listed in {DUPLICATES_NAME} "
-                 f"({summary['kept']:,} rows kept).")
+        keep = summary.get("keep") or {"by": "first row"}
+        kept = ("the first row of each group is kept" if keep["by"] == "first row" else
+                f"the row of each group with the {'largest' if keep['largest'] else 'smallest'} {keep['by']} is kept "
+                "(equal values: the first)")
+        found = (f"{summary['pairs']:,} pairs join {summary['groups']:,} groups of near duplicates; {kept} and the other "
+                 f"{summary['left_out']:,} are listed in {DUPLICATES_NAME} ({summary['kept']:,} rows kept).")
     else:
         searched = (f"{summary['rows']:,} embeddings of {summary['embeddings']} against the {summary['against_rows']:,} "
                     f"of {summary['against']}")

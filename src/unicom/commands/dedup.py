@@ -5,6 +5,7 @@ Examples::
     unicom dedup --emb EMB/ --out DEDUP/                          # groups of near copies: keep one of each
     unicom dedup --emb EMB/ --threshold 0.9 --out DEDUP/
     unicom dedup --emb EMB/ --index INDEX/ --out DEDUP/           # a web collection: through an index of EMB
+    unicom dedup --emb EMB/ --keep-largest width --out DEDUP/     # keep the widest image of each group
     unicom dedup --emb TRAIN_EMB/ --against TEST_EMB/ --out DECONTAMINATED/   # training images a test image copies
 
 DEDUP/duplicates.parquet lists the rows to leave out (key, row, the row kept, the most similar
@@ -30,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the rows; exact for a flat index, approximate for the others")
     parser.add_argument("--nprobe", type=int, default=None, help="with --index: inverted lists searched (default: the index's)")
     parser.add_argument("--ef-search", type=int, default=None, help="with --index: HNSW candidates kept (default: the index's)")
+    keep = parser.add_mutually_exclusive_group()
+    keep.add_argument("--keep-largest", metavar="COLUMN", default=None,
+                      help="keep, of each group, the row with the largest value of this metadata column of numbers "
+                           "(width, aesthetic score; equal values: the first) instead of its first row")
+    keep.add_argument("--keep-smallest", metavar="COLUMN", default=None,
+                      help="keep, of each group, the row with the smallest value of this metadata column")
     parser.add_argument("--threshold", type=float, default=0.95,
                         help="the cosine similarity from which two images are near duplicates (default: 0.95)")
     parser.add_argument("--out", required=True, help="local output folder: pairs.parquet, duplicates.parquet, summary.md, "
@@ -51,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{option} {value}: give a positive number")
     summary = find_duplicates(args.emb, args.out, against=args.against, index=args.index, threshold=args.threshold,
                               max_pairs=DEFAULT_MAX_PAIRS if args.max_pairs is None else args.max_pairs,
-                              chunk_size=args.chunk_size, nprobe=args.nprobe, ef_search=args.ef_search)
+                              chunk_size=args.chunk_size, nprobe=args.nprobe, ef_search=args.ef_search,
+                              keep_by=args.keep_largest or args.keep_smallest, keep_largest=args.keep_smallest is None)
     print(duplicates_markdown(summary), end="")
     print(f"\nwritten to {args.out} ({MARKDOWN_NAME}, duplicates.parquet, pairs.parquet, summary.json)")
     return 0

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="local folder for metrics.json, metrics.md, the PNG and embeddings (not a URL)")
     parser.add_argument("--ks", type=_int_list,
-                        help="K of Recall@K (of mP@k for roxford5k, rparis6k), e.g. 1,2,4,8 (default: the benchmark's)")
+                        help="K of Recall@K (of mP@k for roxford5k, rparis6k, holidays, copydays), e.g. 1,2,4,8 (default: the "
+                             "benchmark's)")
     parser.add_argument("--dims", type=_dims_list,
                         help="dimensions of the compact-dimension curve (default 32,64,128,256; 'none' to skip)")
     parser.add_argument("--no-pca", action="store_true", help="skip the PCA baseline (and embedding train images for it)")
@@ -114,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--distractors", metavar="FOLDER",
                         help="an embedding folder (or URL) of images of no query, added to the gallery of roxford5k, "
-                             "rparis6k, gldv2, holidays or ukbench (+1M: revisitop1m's embeddings, by the benchmark's model)")
+                             "rparis6k, gldv2, holidays, ukbench or copydays (+1M: revisitop1m's embeddings, by the "
+                             "benchmark's model; +10k for copydays: 10,000 other photos)")
     parser.add_argument("--whiten", metavar="FOLDER",
                         help="an embedding folder (or URL) of the same model on which a PCA whitening is learned and "
                              "applied to every embedding searched (images apart from the benchmark's)")
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.distractors is not None:
         raise InputError("--distractors join the gallery of a benchmark whose relevant images are listed per query: "
-                         "give --dataset roxford5k, rparis6k, gldv2, holidays or ukbench with --root")
+                         "give --dataset roxford5k, rparis6k, gldv2, holidays, ukbench or copydays with --root")
     elif args.embeddings is not None:
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,

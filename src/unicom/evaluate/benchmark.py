@@ -39,7 +39,7 @@ PART_ROWS = 10_000
 CACHE_CONFIG = "evaluate_embeddings.json"
 # the benchmarks whose relevant images are listed per query, so that images of none (distractors) can join the
 # gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m), GLDv2, Holidays (+Flickr1M) and UKBench
-DISTRACTED = ("roxford5k", "rparis6k", "gldv2", "holidays", "ukbench")
+DISTRACTED = ("roxford5k", "rparis6k", "gldv2", "holidays", "ukbench", "copydays")
 PCA_SEED = 0
 
 

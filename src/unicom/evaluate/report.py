@@ -216,7 +216,8 @@ def retrieval_markdown(report: dict) -> str:
     metrics = report["metrics"]
     if protocol.get("setups"):
         queries = {"roxford5k": "cropped to their boxes", "rparis6k": "cropped to their boxes",
-                   "holidays": "each removed from its own ranking"}.get(report.get("dataset"), "")
+                   "holidays": "each removed from its own ranking",
+                   "copydays": "attacked copies, each against the originals"}.get(report.get("dataset"), "")
         lines = [f"# {heading}", "", f"{protocol['queries']} queries{', ' + queries if queries else ''}, {search}, "
                  f"dimension {protocol['embedding_dim']}; each setup's ignored images are removed from the ranking.", ""]
         lines += _setup_table(metrics, protocol["setups"], protocol["ks"])

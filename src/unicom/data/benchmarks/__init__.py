@@ -72,6 +72,9 @@ RETRIEVAL_BENCHMARKS: dict[str, RetrievalBenchmark] = {
     "ukbench": RetrievalBenchmark(
         _R + "read_ukbench", (1, 4), "r_precision",
         "UKBench, each of 10,200 images vs all, its object's 4 images relevant; N-S score = 4 x R-precision"),
+    "copydays": RetrievalBenchmark(
+        _R + "read_copydays", (1, 5, 10), "map_strong",
+        "INRIA Copydays copy detection, 229 strong (and JPEG, crop) copies vs 157 originals, mAP per attack"),
     "folder": RetrievalBenchmark(
         _R + "read_folder", (1, 2, 4, 8), "recall@1", "a folder with one sub-folder per class, leave-one-out"),
     "csv": RetrievalBenchmark(
@@ -92,7 +95,7 @@ ALIASES = {"cars": "cars196", "stanford_online_products": "sop", "in-shop": "ins
            "inat2018": "inaturalist", "vehicleid": "vehicleid-small", "gld": "gldv2", "gldv2-retrieval": "gldv2",
            "roxford": "roxford5k", "rparis": "rparis6k", "coco": "coco-captions", "mscoco": "coco-captions",
            "mscoco_captions": "coco-captions", "flickr": "flickr30k", "inria-holidays": "holidays",
-           "ukb": "ukbench"}
+           "ukb": "ukbench", "inria-copydays": "copydays"}
 
 
 @dataclass

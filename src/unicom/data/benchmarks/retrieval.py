@@ -630,6 +630,92 @@ def read_ukbench(root: str | os.PathLike, check_images: bool = True) -> Splits:
     return Splits(query=database, gallery=database, relevant=relevant)
 
 
+# --------------------------------------------------------------------------- INRIA Copydays
+
+COPYDAYS_LAYOUT = """  original/<6 digits>.jpg: the 157 originals (200000.jpg, 200100.jpg, ...)
+  strong/<6 digits>.jpg: the 229 strongly attacked copies (print-and-scan, paint, blur, ...)
+  jpegqual/<quality>/<6 digits>.jpg, crops/<percent>/<6 digits>.jpg: the JPEG and crop attacks (optional)
+  an image's first 4 digits name the original it copies
+  (--root: the folder holding original/ and strong/, or its parent holding copydays/)"""
+COPYDAYS_ATTACKS = ("strong", "jpegqual", "crops")  # strong is the benchmark's headline, the others optional
+
+
+def _copydays_images(folder: Path, relative: str) -> list[str]:
+    """The image names of ``folder`` (``relative`` to the dataset, for the keys), in order;
+    a name of another form than Holidays' 6 digits is an error."""
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith("."))
+    others = [name for name in names if not HOLIDAYS_NAME.fullmatch(name)]
+    if others:
+        raise InputError(f"{folder}: {len(others)} files are not named as Copydays' images (6 digits, .jpg), e.g. "
+                         f"{', '.join(others[:3])}; move them out of {relative}/. Expected layout:\n{COPYDAYS_LAYOUT}")
+    if not names:
+        raise InputError(f"{folder}: no images; expected layout:\n{COPYDAYS_LAYOUT}")
+    return names
+
+
+def read_copydays(root: str | os.PathLike, check_images: bool = True) -> Splits:
+    """INRIA Copydays (Douze et al., CIVR 2009), as its archives unpack, for copy detection.
+
+    The gallery is the originals (``original/``, keys ``original/<name>``); the queries are
+    the attacked copies: ``strong/`` and, when present, every quality of ``jpegqual/`` and
+    every percentage of ``crops/`` (keys ``strong/<name>``, ``jpegqual/<q>/<name>``, ...).
+    A copy's one positive is the original of its first 4 digits. Each attack folder is a setup
+    scored alone (``strong``, ``jpegqual/3``, ..., ``crops/80``), beside ``jpegqual`` and
+    ``crops`` (all their folders) and ``all`` (every copy), with the AP of Jégou's evaluation
+    (:func:`unicom.evaluate.revisited_metrics`), as DINO's copy-detection evaluation scores
+    it. A name of another form, two originals of one number, or a copy of no original is an
+    error: nothing is guessed.
+    """
+    folder = _dataset_folder(Path(root), ["original"], ["copydays", "Copydays"], COPYDAYS_LAYOUT)
+    _require(folder / "strong", COPYDAYS_LAYOUT)
+    originals = _copydays_images(folder / "original", "original")
+    by_number: dict[str, int] = {}
+    for row, name in enumerate(originals):
+        number = HOLIDAYS_NAME.fullmatch(name).group(1)
+        if number in by_number:
+            raise InputError(f"{folder / 'original'}: {originals[by_number[number]]} and {name} are both originals "
+                             f"{number}xx: a Copydays original is the one image of its first 4 digits; keep one")
+        by_number[number] = row
+    blocks = ["strong"]
+    for attack in COPYDAYS_ATTACKS[1:]:
+        if (folder / attack).is_dir():
+            levels = sorted((entry.name for entry in os.scandir(folder / attack) if entry.is_dir()), key=_natural)
+            if not levels:
+                raise InputError(f"{folder / attack}: no sub-folders; expected layout:\n{COPYDAYS_LAYOUT}")
+            blocks += [f"{attack}/{level}" for level in levels]
+    keys, positives, block_rows = [], [], {}
+    for block in blocks:
+        names = _copydays_images(folder / block, block)
+        block_rows[block] = np.arange(len(keys), len(keys) + len(names))
+        for name in names:
+            number = HOLIDAYS_NAME.fullmatch(name).group(1)
+            if number not in by_number:
+                raise InputError(f"{folder / block / name}: copies no original ({folder / 'original'} has no "
+                                 f"{number}xx image); restore the originals from the archive")
+            keys.append(f"{block}/{name}")
+            positives.append(np.asarray([by_number[number]], dtype=np.int64))
+    gallery = ImageList([str(folder / "original" / name) for name in originals], [f"original/{n}" for n in originals])
+    query = ImageList([str(folder / key) for key in keys], keys)
+    if check_images:
+        _check_images(gallery.paths + query.paths, COPYDAYS_LAYOUT, folder)
+    nothing = np.zeros(0, dtype=np.int64)
+    setups = {"strong": block_rows["strong"]}
+    for attack in COPYDAYS_ATTACKS[1:]:
+        levels = [block for block in blocks if block.startswith(attack + "/")]
+        if levels:
+            setups |= {block: block_rows[block] for block in levels}
+            setups[attack] = np.concatenate([block_rows[block] for block in levels])
+    setups["all"] = np.arange(len(keys))
+
+    def scored(rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The positives of the queries ``rows``, none for the others (left out of the setup)."""
+        chosen = np.zeros(len(keys), dtype=bool)
+        chosen[rows] = True
+        return [positives[q] if chosen[q] else nothing for q in range(len(keys))], [nothing] * len(keys)
+
+    return Splits(query=query, gallery=gallery, setups={name: scored(rows) for name, rows in setups.items()})
+
+
 # --------------------------------------------------------------------------- generic
 
 

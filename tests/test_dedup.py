@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_evaluate_cli import embedding_folder
 
 from unicom.cli import main
@@ -238,7 +239,7 @@ def test_through_an_index_the_pairs_of_the_exact_search(index_type, layout, tmp_
         np.testing.assert_allclose(table_indexed["similarity"], table_exact["similarity"], atol=1e-5)
     # the exact copy 8 = 40 scores 1 within float32 rounding either way: the step at 1 may count it or not
     assert exact[2]["by_threshold"][:-1] == indexed[2]["by_threshold"][:-1]
-    assert exact[2]["search"] == {"method": "exact"}
+    assert exact[2]["search"] == {"method": "exact", "device": "cpu"}
     search = indexed[2]["search"]
     assert (search["method"], search["type"], search["dims"]) == ("index", index_type, 12)
     assert search["index"] == str((tmp_path / "index").resolve())
@@ -416,3 +417,37 @@ def test_refusals_of_the_row_kept(case, message, tmp_path, capsys):
         assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU runs the search there")
+def test_a_gpu_asked_for_without_one_and_a_device_with_an_index_are_refused(tmp_path, capsys):
+    embedding_folder(tmp_path / "emb", collection(), [f"k{i}" for i in range(60)], parts=1)
+    argv = ["dedup", "--emb", str(tmp_path / "emb"), "--out", str(tmp_path / "out")]
+    assert main(argv + ["--device", "cuda"]) == 2
+    assert "--device='cuda' but CUDA is not available; use --device=cpu" in capsys.readouterr().err
+    assert main(argv + ["--device", "cpu", "--index", str(tmp_path / "index")]) == 2
+    assert "an index (--index) is searched by faiss on the CPU: leave --device out" in capsys.readouterr().err
+    assert main(argv) == 0  # the default: the CPU here
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["search"] == {"method": "exact", "device": "cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_exact_search_on_cuda_finds_the_pairs_of_the_cpu(tmp_path):
+    x = collection(n=3000, d=64)
+    train = collection(seed=2, n=500, d=64)
+    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(len(x))], parts=3)
+    embedding_folder(tmp_path / "test", train, [f"t{i}" for i in range(len(train))], parts=1)
+    for against in (None, tmp_path / "test"):
+        runs = {}
+        for device in ("cpu", "cuda"):
+            out = tmp_path / f"{device}_{against is None}"
+            argv = ["dedup", "--emb", str(tmp_path / "emb"), "--out", str(out), "--threshold", "0.5", "--device", device]
+            assert main(argv + ([] if against is None else ["--against", str(against)])) == 0
+            runs[device] = dedup_files(out)
+        assert runs["cuda"][2]["search"]["device"].startswith("cuda")
+        for cpu, cuda in zip(runs["cpu"][:2], runs["cuda"][:2]):
+            assert {k: v for k, v in cpu.items() if k != "similarity"} == {k: v for k, v in cuda.items() if k != "similarity"}
+            np.testing.assert_allclose(cuda["similarity"], cpu["similarity"], atol=1e-5)

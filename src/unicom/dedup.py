@@ -197,16 +197,30 @@ def _too_many(max_pairs: int, threshold: float, done: int, total: int) -> InputE
                       "memory holds them")
 
 
-def _against(folder: _Folder, y: np.ndarray, threshold: float, chunk_size: int | None,
+def _on(device, rows: np.ndarray, what: str):
+    """``rows`` as a float32 tensor on ``device``; one that does not fit there is an error
+    saying so and what to do."""
+    import torch
+
+    try:
+        return torch.from_numpy(rows).to(device)
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(f"{what} ({rows.nbytes / 2**30:.1f} GiB as float32) do not fit in the memory of {device}: "
+                         "give --device cpu, or search through an index of them (--index)") from None
+
+
+def _against(folder: _Folder, y, threshold: float, chunk_size: int | None,
              max_pairs: int | None) -> tuple[np.ndarray, ...]:
-    """The pairs of ``folder``'s rows, read a block at a time, with the rows ``y``: exact."""
+    """The pairs of ``folder``'s rows, read a block at a time, with the rows ``y`` (a tensor,
+    on the device searched): exact."""
     from unicom.evaluate.metrics import pairs_above
     from unicom.progress import progress
 
     found, total = [], 0
     with progress(total=folder.num_rows, desc="near duplicates", unit="row") as bar:
         for first, block in folder.blocks():
-            rows, matches, similarities = pairs_above(block, y, threshold, chunk_size=chunk_size)
+            rows, matches, similarities = pairs_above(_on(y.device, block, "a block of rows"), y, threshold,
+                                                      chunk_size=chunk_size)
             total += len(rows)
             if max_pairs is not None and total > max_pairs:
                 raise _too_many(max_pairs, threshold, first + len(block), folder.num_rows)
@@ -280,11 +294,11 @@ def _open_index(index_location, folder: _Folder):
     return index
 
 
-def _search_record(index, index_location, nprobe: int | None, ef_search: int | None) -> dict:
-    """How the pairs were searched, for the summary: ``{"method": "exact"}`` or the index's
-    location, type, dimensions and search parameter."""
+def _search_record(index, index_location, nprobe: int | None, ef_search: int | None, device=None) -> dict:
+    """How the pairs were searched, for the summary: ``{"method": "exact", "device"}`` or the
+    index's location, type, dimensions and search parameter."""
     if index is None:
-        return {"method": "exact"}
+        return {"method": "exact", "device": str(device)}
     kind = index.modality_type("image")
     record = {"method": "index", "index": storage.absolute(index_location), "type": kind,
               "dims": int(index.modality_dims("image"))}
@@ -299,13 +313,15 @@ def _search_record(index, index_location, nprobe: int | None, ef_search: int | N
 def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.95,
                     max_pairs: int | None = DEFAULT_MAX_PAIRS, chunk_size: int | None = None,
                     nprobe: int | None = None, ef_search: int | None = None, keep_by: str | None = None,
-                    keep_largest: bool = True) -> dict[str, Any]:
+                    keep_largest: bool = True, device: str | None = None) -> dict[str, Any]:
     """Near duplicates within the embedding folder ``emb`` (exactly, or through ``index``, an
     index of it) or, with ``against``, of its rows in that folder; written under the local
     folder ``out`` (the module's docstring). ``nprobe`` / ``ef_search`` override the index's
     search parameter. ``keep_by``: a metadata column of numbers (a size, a score) whose
     largest value (smallest without ``keep_largest``) picks the row each group keeps, equal
-    values the first; default the group's first row. Returns the summary (``summary.json``)."""
+    values the first; default the group's first row. ``device``: where the exact search runs
+    (``cuda``, ``cpu``; default this rank's GPU, else the CPU), in exact float32; an index is
+    searched by faiss on the CPU. Returns the summary (``summary.json``)."""
     import pyarrow as pa
 
     from unicom.evaluate.metrics import pairs_above
@@ -321,16 +337,23 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     if keep_by is not None and against is not None:
         raise InputError(f"{option} picks the row a group of near duplicates keeps; with --against every row with a "
                          "match is listed: leave it out")
+    if index is not None and device is not None:
+        raise InputError("--device places the exact search; an index (--index) is searched by faiss on the CPU: leave "
+                         "--device out")
     if index is None and (nprobe is not None or ef_search is not None):
         raise InputError("--nprobe and --ef-search set the search of an index: give --index INDEX, or leave them out")
     out = local_output(out, "the list of near duplicates")
+    from unicom.engine.device import resolve_device
+
+    searched_on = None if index is not None else resolve_device(device or "auto", key="--device")
     folder = _Folder(emb)
     within = against is None
     other = folder
     opened = None
     if within and index is None:
-        rows, matches, similarities = pairs_above(folder.rows(), None, threshold, chunk_size=chunk_size,
-                                                  max_pairs=max_pairs, desc="near duplicates")
+        rows, matches, similarities = pairs_above(_on(searched_on, folder.rows(), f"the {folder.num_rows:,} rows"),
+                                                  None, threshold, chunk_size=chunk_size, max_pairs=max_pairs,
+                                                  desc="near duplicates")
     elif within:
         opened = _open_index(index, folder)
         rows, matches, similarities = _through_index(folder, opened, threshold, max_pairs, nprobe, ef_search)
@@ -347,7 +370,8 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
             raise InputError(f"{other.where} (--against) was embedded by other weights than "
                              f"{folder.where} (weights_sha256 {other.digest[:12]}… against {folder.digest[:12]}…): "
                              "similarities between them mean nothing; embed both with the same model")
-        rows, matches, similarities = _against(folder, other.rows(), threshold, chunk_size, max_pairs)
+        rows, matches, similarities = _against(folder, _on(searched_on, other.rows(), f"the {other.num_rows:,} rows "
+                                                           "of --against"), threshold, chunk_size, max_pairs)
     if within:  # a pair joins both of its rows
         members, first = _components(rows, matches)
         _, best, best_similarity = _best_match(np.r_[rows, matches], np.r_[matches, rows], np.r_[similarities, similarities])
@@ -371,7 +395,7 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     summary = {
         "embeddings": storage.absolute(emb),
         "against": None if within else storage.absolute(against),
-        "search": _search_record(opened, index, nprobe, ef_search),
+        "search": _search_record(opened, index, nprobe, ef_search, searched_on),
         "threshold": float(threshold),
         "keep": None if not within else (
             {"by": "first row"} if keep_by is None else {"by": keep_by, "largest": bool(keep_largest)}),
@@ -406,7 +430,7 @@ def _write_parquet(path: Path, table) -> None:
 def _searched(search: dict) -> str:
     """How the pairs were searched, in words."""
     if search.get("method", "exact") == "exact":
-        return "Searched exactly."
+        return f"Searched exactly{' on ' + search['device'] if search.get('device') else ''}."
     parameter = next((f", {name} {search[name]}" for name in ("nprobe", "efSearch") if search.get(name) is not None), "")
     caveat = ("exact" if search["type"] == "flat" else
               "a pair is found when the index's search finds it, with the index's score")

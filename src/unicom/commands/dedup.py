@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="stop with an error past this many pairs, before they fill the memory (12 bytes each; "
                              "default: 50000000)")
+    parser.add_argument("--device", default=None,
+                        help="where the exact search runs: cuda, cuda:1 or cpu (default: this rank's GPU, else the CPU); "
+                             "the rows must fit in its memory")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="rows searched at once (default: about 256 MiB of similarities)")
 
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     summary = find_duplicates(args.emb, args.out, against=args.against, index=args.index, threshold=args.threshold,
                               max_pairs=DEFAULT_MAX_PAIRS if args.max_pairs is None else args.max_pairs,
                               chunk_size=args.chunk_size, nprobe=args.nprobe, ef_search=args.ef_search,
-                              keep_by=args.keep_largest or args.keep_smallest, keep_largest=args.keep_smallest is None)
+                              keep_by=args.keep_largest or args.keep_smallest, keep_largest=args.keep_smallest is None,
+                              device=args.device)
     print(duplicates_markdown(summary), end="")
     print(f"\nwritten to {args.out} ({MARKDOWN_NAME}, duplicates.parquet, pairs.parquet, summary.json)")
     return 0

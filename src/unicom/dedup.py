@@ -108,9 +108,13 @@ class _Folder:
         values = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string() if column is None else pa.float64())
         return values.take(pa.array(inverse.reshape(-1)))
 
-    def keys(self, rows: np.ndarray):
-        """The keys of ``rows`` (int64, any order and repeats) as a ``pyarrow`` string array, in that order."""
-        return self._taken(rows)
+    def keys(self, *rows: np.ndarray) -> list:
+        """The keys of each of the arrays ``rows`` (int64, any order and repeats), as ``pyarrow``
+        string arrays in their order; each part's key column is read once for all of them."""
+        lengths = [len(r) for r in rows]
+        keys = self._taken(np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]))
+        starts = np.cumsum([0] + lengths)
+        return [keys.slice(int(start), length) for start, length in zip(starts, lengths)]
 
     def numbers(self, rows: np.ndarray, column: str, option: str) -> np.ndarray:
         """The values of the metadata ``column`` at ``rows``, float64; a row without one (null,
@@ -120,7 +124,7 @@ class _Folder:
         if len(missing):
             row = int(np.asarray(rows)[missing[0]])
             raise InputError(f"{self.where}: column {column!r} ({option}) has no value for {len(missing)} of the rows "
-                             f"compared, e.g. {self.keys(np.array([row]))[0].as_py()!r} (row {row}); fill it in, or "
+                             f"compared, e.g. {self.keys(np.array([row]))[0][0].as_py()!r} (row {row}); fill it in, or "
                              "choose another column")
         return values
 
@@ -384,12 +388,17 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
             best_similarity[listed_mask]
     else:
         listed, best, best_similarity = _best_match(rows, matches, similarities)
-    pairs = pa.table({"key": folder.keys(rows), "row": rows, "match_key": other.keys(matches), "match_row": matches,
+    if within:  # every row named is one of --emb's: their keys read in one pass
+        row_keys, match_keys, listed_keys, kept_keys, best_keys = folder.keys(rows, matches, listed, kept, best)
+    else:
+        row_keys, listed_keys = folder.keys(rows, listed)
+        match_keys, best_keys = other.keys(matches, best)
+    pairs = pa.table({"key": row_keys, "row": rows, "match_key": match_keys, "match_row": matches,
                       "similarity": similarities})
-    columns = {"key": folder.keys(listed), "row": listed}
+    columns = {"key": listed_keys, "row": listed}
     if within:
-        columns |= {"kept_key": folder.keys(kept), "kept_row": kept}
-    columns |= {"match_key": other.keys(best), "match_row": best, "similarity": best_similarity}
+        columns |= {"kept_key": kept_keys, "kept_row": kept}
+    columns |= {"match_key": best_keys, "match_row": best, "similarity": best_similarity}
     n = folder.num_rows
     steps = sorted({float(threshold), *(t for t in THRESHOLD_STEPS if t > threshold)})
     summary = {

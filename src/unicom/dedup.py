@@ -5,7 +5,7 @@ finds every pair of rows whose cosine similarity reaches a threshold, in one of 
 
 * within a folder, exactly (:func:`unicom.evaluate.metrics.pairs_above`): every row against
   every other, the rows held in memory as float32, as read and normalised (2 x N x D x 4
-  bytes), one block of similarities at a time;
+  bytes), one block of similarities at a time, on this rank's GPU when there is one;
 * within a folder, through an index of it (``index``: ``unicom index --emb`` the same folder):
   the folder is read a block of rows at a time and each block searched in the index for
   everything above the threshold (:meth:`unicom.search.index.Index.search_range`), so the

@@ -239,7 +239,7 @@ def test_through_an_index_the_pairs_of_the_exact_search(index_type, layout, tmp_
         np.testing.assert_allclose(table_indexed["similarity"], table_exact["similarity"], atol=1e-5)
     # the exact copy 8 = 40 scores 1 within float32 rounding either way: the step at 1 may count it or not
     assert exact[2]["by_threshold"][:-1] == indexed[2]["by_threshold"][:-1]
-    assert exact[2]["search"] == {"method": "exact", "device": "cpu"}
+    assert exact[2]["search"]["method"] == "exact"  # on this machine's GPU, or its CPU
     search = indexed[2]["search"]
     assert (search["method"], search["type"], search["dims"]) == ("index", index_type, 12)
     assert search["index"] == str((tmp_path / "index").resolve())

@@ -115,7 +115,7 @@ fi
 # -- 2. the CUDA tests (on the CPU: every test of these files, the CUDA ones skipped) ---------
 TESTS=(tests/test_sync_free_step.py tests/test_captured_step.py tests/test_gpu_decode.py tests/test_host_copies.py tests/test_kmeans_backends.py tests/test_sparse_adamw.py
        tests/test_partial_fc.py tests/test_fused_softmax.py tests/test_metrics.py tests/test_attention_backend.py
-       tests/test_dedup.py)
+       tests/test_dedup.py tests/test_evaluate_report.py)
 if [ "$SMOKE" = 1 ]; then SELECT=(-k "recorder or cuda"); else SELECT=(-k "cuda or on_the_gpu"); fi
 if selected tests; then  # the output file only when the stage runs: --only without tests keeps the last one
   stage tests 110 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" "${SELECT[@]}" \

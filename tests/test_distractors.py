@@ -145,7 +145,7 @@ def test_benchmarks_that_relate_images_by_class_refuse_distractors_before_embedd
     assert "--distractors: sop finds a query's relevant images by class label" in capsys.readouterr().err
     assert main(["evaluate", "--embeddings", str(tmp_path), "--distractors", str(tmp_path),
                  "--out", str(tmp_path / "report")]) == 2
-    assert "give --dataset roxford5k, rparis6k, gldv2, holidays or ukbench with --root" in capsys.readouterr().err
+    assert "give --dataset roxford5k, rparis6k, gldv2, holidays, ukbench or copydays with --root" in capsys.readouterr().err
     assert main(["evaluate", "--embeddings", str(tmp_path), "--dataset", "cifar10", "--root", str(tmp_path),
                  "--distractors", str(tmp_path), "--out", str(tmp_path / "report")]) == 2
     assert "--distractors join the gallery of an image retrieval benchmark" in capsys.readouterr().err

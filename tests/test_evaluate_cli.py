@@ -814,3 +814,15 @@ def test_an_image_of_the_dataset_that_cannot_be_decoded_is_named_with_what_to_do
     error = capsys.readouterr().err
     assert f"{paths[1]}: image 1 cannot be used: " in error
     assert "download the image again (it may be damaged, cut short or missing), or remove it from the images" in error
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine with a GPU scores there")
+def test_the_searches_run_on_the_device_asked_for_and_a_missing_gpu_is_named(tmp_path, capsys):
+    x, labels = clustered(40, 8, 4, 0.9, seed=2)
+    embedding_folder(tmp_path / "emb", x, [f"img{i}" for i in range(40)], labels.tolist())
+    argv = ["evaluate", "--embeddings", str(tmp_path / "emb"), "--dims", "none", "--out", str(tmp_path / "report")]
+    assert main(argv + ["--device", "cuda"]) == 2
+    assert "--device='cuda' but CUDA is not available; use --device=cpu" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+    assert main(argv) == 0  # by default this rank's GPU, else the CPU
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["protocol"]["device"] == "cpu"

@@ -113,3 +113,59 @@ def test_the_dimension_curve_legend_hides_no_point(corner):
     for text in axes.get_legend().get_texts():  # and the legend is drawn within the picture
         box = text.get_window_extent()
         assert 0 <= box.x0 and box.x1 <= figure.bbox.width and 0 <= box.y0 and box.y1 <= figure.bbox.height
+
+
+def _protocols(rng):
+    """Embeddings scored four ways: labels leave-one-out, a gallery with relevance lists and
+    subsets, Revisited-style setups, and a gallery with DBA + αQE and a dimension curve."""
+    from unicom.evaluate.expansion import Expansion
+
+    query, gallery, train = (rng.standard_normal((n, 32)).astype(np.float32) for n in (300, 900, 400))
+    labels, gallery_labels = rng.integers(0, 20, 300), rng.integers(0, 20, 900)
+    relevant = [np.flatnonzero(gallery_labels == label) for label in labels]
+    setups = {"easy": (relevant, [np.arange(i % 5) for i in range(300)]), "hard": (relevant[::-1], [np.arange(0)] * 300)}
+    return [
+        dict(query=query, query_labels=labels, ks=(1, 4), dims=(8, 16), train=train),
+        dict(query=query, gallery=gallery, relevant=relevant, subsets={"a": np.arange(100), "b": np.arange(100, 300)},
+             ks=(1, 10), metric="map@100"),
+        dict(query=query, gallery=gallery, setups=setups, ks=(1, 5), metric="map_easy"),
+        dict(query=query, query_labels=labels, gallery=gallery, gallery_labels=gallery_labels, ks=(1, 5), dims=(8,),
+             train=train, expansion=Expansion(qe=2, dba=3)),
+    ]
+
+
+def _assert_close(a, b, where: str = "") -> None:
+    """``a`` equals ``b``, numbers to 1e-6, through nested dicts and lists."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and set(a) == set(b), where
+        for key in b:
+            _assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_scores_on_cuda_equal_those_on_the_cpu():
+    for protocol in _protocols(np.random.default_rng(0)):
+        on_cpu = evaluate_retrieval(**protocol, device="cpu")
+        on_gpu = evaluate_retrieval(**protocol, device="cuda")
+        assert on_gpu["protocol"]["device"] == "cuda" and on_cpu["protocol"]["device"] == "cpu"
+        for part in ("metrics", "subsets", "without_expansion", "dimensions"):
+            _assert_close(on_gpu.get(part), on_cpu.get(part), part)
+
+
+def test_the_device_of_the_searches_changes_no_score():
+    """Scored with the embeddings handed over as tensors on the CPU device (the path a GPU
+    takes), every metric equals the arrays' own."""
+    for protocol in _protocols(np.random.default_rng(1)):
+        plain = evaluate_retrieval(**protocol)
+        placed = evaluate_retrieval(**protocol, device="cpu")
+        assert plain["protocol"]["device"] == placed["protocol"]["device"] == "cpu"
+        for part in ("metrics", "subsets", "without_expansion", "dimensions"):
+            assert placed.get(part) == plain.get(part), part

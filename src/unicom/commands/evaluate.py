@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedding.add_argument("--batch-size", type=_at_least(1), default=64)
     embedding.add_argument("--workers", "--num-workers", dest="num_workers", type=int,
                            help="image decoding processes, as unicom embed's --workers (default: by device)")
-    embedding.add_argument("--device", help="cuda, cuda:1 or cpu (default: this rank's GPU, else CPU)")
+    embedding.add_argument("--device", help="cuda, cuda:1 or cpu: where the model runs and the retrieval searches are "
+                                            "scored, in full float32 (default: this rank's GPU, else CPU)")
     embedding.add_argument("--download", action="store_true", help="let torchvision download a classification dataset")
 
     folders = parser.add_argument_group("precomputed embeddings without --dataset")
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
-            expansion=expansion, whiten=args.whiten, **classify, **subset,
+            expansion=expansion, whiten=args.whiten, device=args.device, **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")

@@ -479,7 +479,16 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         exclude_classes=exclude_classes,
         class_names=protocol.query.class_names,
         expansion=expansion,
+        device=_scoring_device(device),
     )
+
+
+def _scoring_device(device: str | None):
+    """Where the searches of the scores run: ``device`` (``--device``), by default this rank's
+    GPU, else the CPU; checked."""
+    from unicom.engine.device import resolve_device
+
+    return resolve_device(device or "auto", key="--device")
 
 
 def _recorded_digest(folder) -> str | None:
@@ -752,6 +761,7 @@ def evaluate_embedding_folders(
     exclude_classes: Sequence[str] | None = None,
     expansion=None,
     whiten: str | os.PathLike | None = None,
+    device: str | None = None,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
@@ -761,7 +771,8 @@ def evaluate_embedding_folders(
     ``classes``/``exclude_classes`` (retrieval): score only the queries and gallery items
     of these classes (labels as text), or of all but these. ``expansion`` (retrieval): an
     :class:`~unicom.evaluate.expansion.Expansion` re-ranking the searches; ``whiten``
-    (retrieval): the folder a PCA whitening of every embedding is learned on.
+    (retrieval): the folder a PCA whitening of every embedding is learned on. ``device``
+    (retrieval): where the searches run (default this rank's GPU, else the CPU).
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
@@ -832,7 +843,7 @@ def evaluate_embedding_folders(
         x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
-                              exclude_classes=exclude_classes, expansion=expansion)
+                              exclude_classes=exclude_classes, expansion=expansion, device=_scoring_device(device))
 
 
 def _require_dimension(vectors, folder, option: str, queries, queries_folder) -> None:

@@ -122,20 +122,35 @@ def score(
     chunk_size: int | None = None,
     per_query: bool = False,
     expansion=None,
+    device=None,
 ) -> dict:
     """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
     :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are; with an
     ``expansion`` (:class:`~unicom.evaluate.expansion.Expansion`), of the query and gallery
-    it re-ranks (database-side augmentation, query expansion)."""
+    it re-ranks (database-side augmentation, query expansion). ``device``: where the searches
+    run (a torch device; default where the embeddings are: the CPU for arrays), in full float32."""
+    query, gallery = _on(query, device), _on(gallery, device)
     if expansion:
         from unicom.evaluate.expansion import expand
 
         query, gallery = expand(query, gallery, expansion, chunk_size=chunk_size)
+        query, gallery = _on(query, device), _on(gallery, device)
     if setups is not None:
         return revisited_metrics(query, gallery, setups, ks, chunk_size)
     if relevant is not None:
         return retrieval_metrics_from_relevance(query, gallery, relevant, ks, chunk_size, per_query=per_query)
     return retrieval_metrics(query, query_labels, gallery, gallery_labels, ks, chunk_size, per_query=per_query)
+
+
+def _on(x, device):
+    """Embeddings ``x`` (an array or tensor; None stays None) as a float32 tensor on ``device``;
+    unchanged without one."""
+    if x is None or device is None:
+        return x
+    import torch
+
+    tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return tensor.to(device=device, dtype=torch.float32)
 
 
 def dimension_curve(
@@ -151,9 +166,11 @@ def dimension_curve(
     ks: Sequence[int] = (1,),
     chunk_size: int | None = None,
     expansion=None,
+    device=None,
 ) -> list[dict]:
     """Metrics of the first d dimensions and of PCA-to-d, for each d in ``dims`` and full D
-    (with an ``expansion``, re-ranked in the d dimensions: :func:`score`).
+    (with an ``expansion``, re-ranked in the d dimensions: :func:`score`; ``device``: where
+    the searches run, as there).
 
     Returns rows ``{"dimension": d, "method": "first" | "pca", **metrics}``, ``first``
     rows first, each by increasing d. The ``pca`` rows need ``train`` (embeddings of the
@@ -191,7 +208,7 @@ def dimension_curve(
                 rows.append({"dimension": d, "method": method, "skipped": why})
                 continue
             metrics = score(q, query_labels, g, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                            chunk_size=chunk_size, expansion=expansion)
+                            chunk_size=chunk_size, expansion=expansion, device=device)
             rows.append({"dimension": d, "method": method, **metrics})
     return rows
 

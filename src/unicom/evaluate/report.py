@@ -110,6 +110,7 @@ def evaluate_retrieval(
     exclude_classes: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
     expansion=None,
+    device=None,
 ) -> dict:
     """Score a retrieval protocol on embeddings; optionally write the report under ``out``.
 
@@ -130,6 +131,8 @@ def evaluate_retrieval(
         expansion: an :class:`~unicom.evaluate.expansion.Expansion` re-ranking every search
             (database-side augmentation, query expansion); the report's ``metrics`` are
             then those of the re-ranked search, ``without_expansion`` those of the plain one.
+        device: where the searches run (a torch device, e.g. ``cuda``), in full float32;
+            default the CPU. The report records it (``protocol.device``).
 
     Returns the report: ``{**info, "protocol": {...}, "metrics": {...}, "subsets":
     {name: metrics}, "dimensions": [rows of dimension_curve], "class_subset": {...}}``.
@@ -143,7 +146,7 @@ def evaluate_retrieval(
         if gallery is not None:
             gallery, gallery_labels = np.asarray(gallery)[gallery_rows], np.asarray(gallery_labels)[gallery_rows]
     full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                 chunk_size=chunk_size, per_query=bool(subsets), expansion=expansion)
+                 chunk_size=chunk_size, per_query=bool(subsets), expansion=expansion, device=device)
     per_query = full.pop("per_query", None)
     if metric not in full:
         raise ValueError(f"metric {metric!r} is not computed; choose one of {sorted(full)}")
@@ -155,6 +158,7 @@ def evaluate_retrieval(
         "embedding_dim": int(np.asarray(query).shape[1]),
         "ks": [int(k) for k in ks],
         "metric": metric,
+        "device": str(device) if device is not None else "cpu",
     }
     if setups:
         report["protocol"]["setups"] = list(setups)
@@ -167,12 +171,12 @@ def evaluate_retrieval(
         report["subsets"] = {name: summarize(per_query, ks, rows) for name, rows in subsets.items()}
     if expansion:  # the plain search beside it, at the full dimension
         plain = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, device=device)
         report["without_expansion"] = plain
     if dims:
         report["dimensions"] = dimension_curve(
             query, query_labels, gallery, gallery_labels, dims=dims, train=train, relevant=relevant, setups=setups,
-            ks=ks, chunk_size=chunk_size, expansion=expansion,
+            ks=ks, chunk_size=chunk_size, expansion=expansion, device=device,
         )
     if out is not None:
         write_retrieval_report(report, out)

@@ -451,3 +451,35 @@ def test_the_exact_search_on_cuda_finds_the_pairs_of_the_cpu(tmp_path):
         for cpu, cuda in zip(runs["cpu"][:2], runs["cuda"][:2]):
             assert {k: v for k, v in cpu.items() if k != "similarity"} == {k: v for k, v in cuda.items() if k != "similarity"}
             np.testing.assert_allclose(cuda["similarity"], cpu["similarity"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the captions' embeddings
+
+
+def test_the_captions_near_duplicates_exactly_and_through_their_index(tmp_path, capsys):
+    """--modality text compares the text_emb/ rows: the pairs of a plain double loop on them
+    (not on the images'), exactly and through the text.index of a clip-retrieval layout."""
+    from unicom.formats.embeddings import write_part
+
+    images, texts = collection(seed=3), collection(seed=4)[::-1].copy()  # other rows, other planted pairs
+    for number, rows in enumerate(np.array_split(np.arange(60), 2)):
+        write_part(tmp_path / "emb", number, image=images[rows].astype(np.float16), text=texts[rows].astype(np.float16),
+                   metadata=pa.table({"key": [f"k{i}" for i in rows]}))
+    expected = reference_pairs(unit(texts.astype(np.float16)), threshold=0.9)
+    assert expected != reference_pairs(unit(images.astype(np.float16)), threshold=0.9)
+    build_index(tmp_path / "emb", tmp_path / "index", "--type", "flat", "--layout", "clip-retrieval")
+    for out, options in (("exact", []), ("indexed", ["--index", str(tmp_path / "index")])):
+        assert main(["dedup", "--emb", str(tmp_path / "emb"), "--modality", "text", "--threshold", "0.9",
+                     "--out", str(tmp_path / out), *options]) == 0
+        pairs, _, summary = dedup_files(tmp_path / out)
+        assert set(zip(pairs["row"], pairs["match_row"])) == expected, out
+        assert summary["modality"] == "text"
+    assert "60 caption embeddings of" in capsys.readouterr().out
+    embedding_folder(tmp_path / "images_only", images, [f"k{i}" for i in range(60)], parts=2)
+    build_index(tmp_path / "images_only", tmp_path / "image_index", "--type", "flat")
+    argv = ["dedup", "--modality", "text", "--out", str(tmp_path / "out")]
+    assert main(argv + ["--emb", str(tmp_path / "images_only")]) == 2
+    assert "images_only: holds no text embeddings (it has image, metadata)" in capsys.readouterr().err
+    assert main(argv + ["--emb", str(tmp_path / "emb"), "--index", str(tmp_path / "image_index")]) == 2
+    assert re.search(r"--index .*image_index: holds no index of text embeddings \(only of image\)",
+                     capsys.readouterr().err)

@@ -57,22 +57,31 @@ BLOCK_ROWS = 65_536  # rows read (and searched in an index) at once
 
 class _Folder:
     """An embedding folder's complete parts (an unfinished one refused), read a part at a time:
-    its image rows in blocks, checked to have a direction, and the keys of given rows."""
+    its rows of ``modality`` (``image`` or ``text``) in blocks, checked to have a direction,
+    and the keys of given rows. ``digest``: the recorded digest of the weights that made those
+    rows (the multilingual text model's for captions embedded with one), or None."""
 
-    def __init__(self, root):
+    def __init__(self, root, modality: str = "image"):
         from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, read_config
 
         self.root = root
+        self.modality = modality
         self.where = storage.text(root)
-        self.contents = EmbeddingFolders.from_root(root).contents(("image",))
+        folders = EmbeddingFolders.from_root(root)
+        if modality not in folders.present():
+            raise InputError(f"{self.where}: holds no {modality} embeddings (it has {', '.join(folders.present())}); "
+                             f"embed them (`unicom embed --modalities image,text`) or choose another --modality")
+        self.contents = folders.contents((modality,))
         if not self.contents.parts:
             raise InputError(f"{self.where}: no complete part to read")
         if "metadata" not in self.contents.kinds:
             raise InputError(f"{self.where}: no metadata/ folder, so rows have no keys to match images or labels with")
-        self.dims = int(self.contents.dimensions["image"])
+        self.dims = int(self.contents.dimensions[modality])
         self.num_rows = self.contents.num_rows
         self.starts = np.cumsum([0] + [part.rows for part in self.contents.parts])[:-1].astype(np.int64)
-        self.digest = (read_config(root) or {}).get(WEIGHTS_CHECKSUM)
+        config = read_config(root) or {}
+        self.digest = config.get("text_model_sha256") if modality == "text" and config.get("text_model") else \
+            config.get(WEIGHTS_CHECKSUM)
 
     def _part_values(self, index: int, local: np.ndarray | None = None, column: str | None = None, option: str = ""):
         """Part ``index``'s values of ``column`` (default: its keys, as text) at rows ``local``
@@ -135,7 +144,7 @@ class _Folder:
 
         block_rows = BLOCK_ROWS
         for index, (part, start) in enumerate(zip(self.contents.parts, self.starts)):
-            array = self.contents.load("image", part.number)
+            array = self.contents.load(self.modality, part.number)
             for first in range(0, part.rows, block_rows):
                 block = np.asarray(array[first:first + block_rows], dtype=np.float32)
                 if not (np.isfinite(block).all() and block.any(1).all()):
@@ -248,7 +257,7 @@ def _through_index(folder: _Folder, index, threshold: float, max_pairs: int | No
     found, entries = [], 0
     with progress(total=folder.num_rows, desc="near duplicates (index)", unit="row") as bar:
         for first, block in folder.blocks():
-            results = index.search_range(block, threshold, nprobe=nprobe, ef_search=ef_search)
+            results = index.search_range(block, threshold, modality=folder.modality, nprobe=nprobe, ef_search=ef_search)
             counts = np.array([len(ids) for _, ids in results], dtype=np.int64)
             rows = np.repeat(np.arange(first, first + len(block), dtype=np.int64), counts)
             matches = np.concatenate([ids for _, ids in results]) if len(rows) else np.zeros(0, np.int64)
@@ -272,14 +281,16 @@ def _through_index(folder: _Folder, index, threshold: float, max_pairs: int | No
 
 def _open_index(index_location, folder: _Folder):
     """The index at ``index_location``, checked to hold ``folder``'s rows: the same parts, in
-    the same order, embedded by the same weights."""
+    the same order, embedded by the same weights, with an index of its modality."""
     from unicom.formats.embeddings import WEIGHTS_CHECKSUM
     from unicom.search.index import Index
 
     index = Index.load(index_location)
     where = storage.text(index_location)
-    if "image" not in index.modalities:
-        raise InputError(f"{where}: holds no index of image embeddings (only {', '.join(index.modalities)})")
+    if folder.modality not in index.modalities:
+        raise InputError(f"--index {where}: holds no index of {folder.modality} embeddings (only of "
+                         f"{', '.join(index.modalities)}); build one (`unicom index --layout clip-retrieval` indexes the "
+                         "captions' embeddings too)")
     ours = [(part.number, part.rows) for part in folder.contents.parts]
     theirs = [(part.number, part.rows) for part in index.parts]
     if ours != theirs or [part.first_id for part in index.parts] != folder.starts.tolist():
@@ -291,22 +302,25 @@ def _open_index(index_location, folder: _Folder):
         raise InputError(f"--index {where} was not built from --emb {folder.where} as it is now: {said}; "
                          f"build it with `unicom index --emb {folder.where} --out {where}` (which adds new parts to "
                          "an index, or --rebuild)")
-    recorded = (index.config.get("model") or {}).get(WEIGHTS_CHECKSUM)
+    model = index.config.get("text_model") if folder.modality == "text" and index.config.get("text_model") else \
+        index.config.get("model")
+    recorded = (model or {}).get(WEIGHTS_CHECKSUM)
     if recorded is not None and folder.digest is not None and recorded != folder.digest:
         raise InputError(f"--index {where} holds embeddings of other weights than --emb {folder.where} "
                          f"(weights_sha256 {recorded[:12]}… against {folder.digest[:12]}…); build it from --emb")
     return index
 
 
-def _search_record(index, index_location, nprobe: int | None, ef_search: int | None, device=None) -> dict:
+def _search_record(index, index_location, nprobe: int | None, ef_search: int | None, device=None,
+                   modality: str = "image") -> dict:
     """How the pairs were searched, for the summary: ``{"method": "exact", "device"}`` or the
     index's location, type, dimensions and search parameter."""
     if index is None:
         return {"method": "exact", "device": str(device)}
-    kind = index.modality_type("image")
+    kind = index.modality_type(modality)
     record = {"method": "index", "index": storage.absolute(index_location), "type": kind,
-              "dims": int(index.modality_dims("image"))}
-    stored = index.modality_search("image")
+              "dims": int(index.modality_dims(modality))}
+    stored = index.modality_search(modality)
     if kind == "hnsw":
         record["efSearch"] = ef_search if ef_search is not None else stored.get("efSearch")
     elif "nprobe" in stored or nprobe is not None:
@@ -317,7 +331,7 @@ def _search_record(index, index_location, nprobe: int | None, ef_search: int | N
 def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.95,
                     max_pairs: int | None = DEFAULT_MAX_PAIRS, chunk_size: int | None = None,
                     nprobe: int | None = None, ef_search: int | None = None, keep_by: str | None = None,
-                    keep_largest: bool = True, device: str | None = None) -> dict[str, Any]:
+                    keep_largest: bool = True, device: str | None = None, modality: str = "image") -> dict[str, Any]:
     """Near duplicates within the embedding folder ``emb`` (exactly, or through ``index``, an
     index of it) or, with ``against``, of its rows in that folder; written under the local
     folder ``out`` (the module's docstring). ``nprobe`` / ``ef_search`` override the index's
@@ -325,7 +339,8 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     largest value (smallest without ``keep_largest``) picks the row each group keeps, equal
     values the first; default the group's first row. ``device``: where the exact search runs
     (``cuda``, ``cpu``; default this rank's GPU, else the CPU), in exact float32; an index is
-    searched by faiss on the CPU. Returns the summary (``summary.json``)."""
+    searched by faiss on the CPU. ``modality``: the embeddings compared, ``image`` or ``text``
+    (the captions'). Returns the summary (``summary.json``)."""
     import pyarrow as pa
 
     from unicom.evaluate.metrics import pairs_above
@@ -350,7 +365,9 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     from unicom.engine.device import resolve_device
 
     searched_on = None if index is not None else resolve_device(device or "auto", key="--device")
-    folder = _Folder(emb)
+    if modality not in ("image", "text"):
+        raise InputError(f"--modality {modality!r}: image or text (the captions' embeddings)")
+    folder = _Folder(emb, modality)
     within = against is None
     other = folder
     opened = None
@@ -365,7 +382,7 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
         if os.path.realpath(storage.text(against)) == os.path.realpath(storage.text(emb)):
             raise InputError(f"--against {storage.text(against)} is --emb itself: leave --against out to find the "
                              "near duplicates within a folder")
-        other = _Folder(against)
+        other = _Folder(against, modality)
         if other.dims != folder.dims:
             raise InputError(f"{other.where} (--against) holds {other.dims}-dimensional embeddings and "
                              f"{folder.where} {folder.dims}-dimensional ones: they were made by different models; "
@@ -404,7 +421,8 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     summary = {
         "embeddings": storage.absolute(emb),
         "against": None if within else storage.absolute(against),
-        "search": _search_record(opened, index, nprobe, ef_search, searched_on),
+        "modality": modality,
+        "search": _search_record(opened, index, nprobe, ef_search, searched_on, modality),
         "threshold": float(threshold),
         "keep": None if not within else (
             {"by": "first row"} if keep_by is None else {"by": keep_by, "largest": bool(keep_largest)}),
@@ -448,8 +466,9 @@ def _searched(search: dict) -> str:
 
 def duplicates_markdown(summary: dict) -> str:
     """The summary as markdown: what was searched, and how, what is left out, and at which threshold."""
+    what = {"image": "image", "text": "caption"}[summary.get("modality", "image")]
     if summary["against"] is None:
-        searched = f"{summary['rows']:,} embeddings of {summary['embeddings']}, each pair once"
+        searched = f"{summary['rows']:,} {what} embeddings of {summary['embeddings']}, each pair once"
         keep = summary.get("keep") or {"by": "first row"}
         kept = ("the first row of each group is kept" if keep["by"] == "first row" else
                 f"the row of each group with the {'largest' if keep['largest'] else 'smallest'} {keep['by']} is kept "
@@ -457,8 +476,8 @@ def duplicates_markdown(summary: dict) -> str:
         found = (f"{summary['pairs']:,} pairs join {summary['groups']:,} groups of near duplicates; {kept} and the other "
                  f"{summary['left_out']:,} are listed in {DUPLICATES_NAME} ({summary['kept']:,} rows kept).")
     else:
-        searched = (f"{summary['rows']:,} embeddings of {summary['embeddings']} against the {summary['against_rows']:,} "
-                    f"of {summary['against']}")
+        searched = (f"{summary['rows']:,} {what} embeddings of {summary['embeddings']} against the "
+                    f"{summary['against_rows']:,} of {summary['against']}")
         found = (f"{summary['pairs']:,} pairs; {summary['left_out']:,} rows have a near duplicate there and are listed "
                  f"in {DUPLICATES_NAME} ({summary['kept']:,} rows kept).")
     lines = ["# Near duplicates", "", f"Cosine similarity {summary['threshold']:g} or more, {searched}. "

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(width, aesthetic score; equal values: the first) instead of its first row")
     keep.add_argument("--keep-smallest", metavar="COLUMN", default=None,
                       help="keep, of each group, the row with the smallest value of this metadata column")
+    parser.add_argument("--modality", choices=("image", "text"), default="image",
+                        help="the embeddings compared: the images' (default) or the captions' (text_emb/, embedded "
+                             "with --modalities image,text)")
     parser.add_argument("--threshold", type=float, default=0.95,
                         help="the cosine similarity from which two images are near duplicates (default: 0.95)")
     parser.add_argument("--out", required=True, help="local output folder: pairs.parquet, duplicates.parquet, summary.md, "
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                               max_pairs=DEFAULT_MAX_PAIRS if args.max_pairs is None else args.max_pairs,
                               chunk_size=args.chunk_size, nprobe=args.nprobe, ef_search=args.ef_search,
                               keep_by=args.keep_largest or args.keep_smallest, keep_largest=args.keep_smallest is None,
-                              device=args.device)
+                              device=args.device, modality=args.modality)
     print(duplicates_markdown(summary), end="")
     print(f"\nwritten to {args.out} ({MARKDOWN_NAME}, duplicates.parquet, pairs.parquet, summary.json)")
     return 0

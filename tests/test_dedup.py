@@ -245,15 +245,22 @@ def test_through_an_index_the_pairs_of_the_exact_search(index_type, layout, tmp_
     assert search["index"] == str((tmp_path / "index").resolve())
 
 
-def test_through_a_compressed_index_the_pairs_it_scores_above_the_threshold(tmp_path):
-    """An IVF index of 8-bit codes searching all its lists: every pair clearly above the
-    threshold found, none clearly below, its scores within the codes' rounding of the exact
-    ones; one list searched of 8 finds a subset of those pairs."""
+def planted_copies(folder) -> np.ndarray:
+    """1,200 random 16-d rows, 60 of them copies of others at varied distances, written to
+    ``folder`` in 2 parts; returned."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1200, 16)).astype(np.float32)
     copies = rng.choice(1200, 60, replace=False)
     x[copies] = x[rng.integers(0, 1200, 60)] + rng.uniform(0.02, 0.6, (60, 1)) * rng.standard_normal((60, 16))
-    embedding_folder(tmp_path / "emb", x, [f"k{i}" for i in range(1200)], parts=2)
+    embedding_folder(folder, x, [f"k{i}" for i in range(1200)], parts=2)
+    return x
+
+
+def test_through_a_compressed_index_the_pairs_it_scores_above_the_threshold(tmp_path):
+    """An IVF index of 8-bit codes searching all its lists: every pair clearly above the
+    threshold found, none clearly below, its scores within the codes' rounding of the exact
+    ones; one list searched of 8 finds a subset of those pairs."""
+    x = planted_copies(tmp_path / "emb")
     build_index(tmp_path / "emb", tmp_path / "index", "--type", "ivfsq", "--nlist", "8")
     found = {}
     for nprobe in (8, 1):
@@ -483,3 +490,29 @@ def test_the_captions_near_duplicates_exactly_and_through_their_index(tmp_path, 
     assert main(argv + ["--emb", str(tmp_path / "emb"), "--index", str(tmp_path / "image_index")]) == 2
     assert re.search(r"--index .*image_index: holds no index of text embeddings \(only of image\)",
                      capsys.readouterr().err)
+
+
+def test_a_sample_checked_exactly_measures_the_pairs_an_index_finds(tmp_path, capsys):
+    """Every row sampled: the exact pairs are the double loop's, and the index's share of them
+    (one list of 8 scanned: some missed) and its pairs beyond them are counted as by hand; a
+    flat index finds every pair of a partial sample and none more."""
+    x = planted_copies(tmp_path / "emb")
+    build_index(tmp_path / "emb", tmp_path / "ivf", "--type", "ivfsq", "--nlist", "8")
+    build_index(tmp_path / "emb", tmp_path / "flat", "--type", "flat")
+    argv = ["dedup", "--emb", str(tmp_path / "emb"), "--threshold", "0.9"]
+    assert main(argv + ["--index", str(tmp_path / "ivf"), "--nprobe", "1", "--check-sample", "5000",
+                        "--out", str(tmp_path / "ivf_out")]) == 0
+    pairs, _, summary = dedup_files(tmp_path / "ivf_out")
+    found = set(zip(pairs["row"], pairs["match_row"]))
+    exact = reference_pairs(unit(x.astype(np.float16)), threshold=0.9)
+    check = summary["sample_check"]
+    assert (check["rows"], check["exact_pairs"]) == (1200, len(exact))
+    assert check["found"] == len(found & exact) < len(exact) and check["extra"] == len(found - exact)
+    assert check["recall"] == pytest.approx(len(found & exact) / len(exact))
+    assert f"Checked exactly on 1,200 sampled rows: the index found {check['found']:,} of their {len(exact):,} pairs (" \
+           in capsys.readouterr().out
+    assert main(argv + ["--index", str(tmp_path / "flat"), "--check-sample", "300", "--out", str(tmp_path / "flat_out")]) == 0
+    check = dedup_files(tmp_path / "flat_out")[2]["sample_check"]
+    assert check["rows"] == 300 and check["exact_pairs"] > 0 and check["recall"] == 1.0 and check["extra"] == 0
+    assert main(argv + ["--check-sample", "10", "--out", str(tmp_path / "out")]) == 2
+    assert "--check-sample measures how many pairs an index finds" in capsys.readouterr().err

@@ -152,6 +152,21 @@ class _Folder:
                     require_usable_rows(block, keys, self.where, rows=np.arange(len(block)) + start + first)
                 yield int(start + first), block
 
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (sorted int64), float32 (len(rows), D), checked as :meth:`blocks`
+        checks them; only the parts holding them are opened."""
+        from unicom.formats.embeddings import require_usable_rows
+
+        out = np.empty((len(rows), self.dims), dtype=np.float32)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for index in np.unique(which):
+            at = np.flatnonzero(which == index)
+            local = rows[at] - self.starts[index]
+            out[at] = self.contents.load(self.modality, self.contents.parts[int(index)].number)[local]
+            if not (np.isfinite(out[at]).all() and out[at].any(1).all()):
+                require_usable_rows(out[at], self._part_values(int(index), local).to_pylist(), self.where, rows=rows[at])
+        return out
+
     def rows(self) -> np.ndarray:
         """Every row, float32 (N, D), checked as :meth:`blocks` checks them."""
         out = np.empty((self.num_rows, self.dims), dtype=np.float32)
@@ -279,6 +294,36 @@ def _through_index(folder: _Folder, index, threshold: float, max_pairs: int | No
     return low[first], high[first], scores[first].astype(np.float32, copy=False)
 
 
+def _sampled_check(folder: _Folder, dims: int, low: np.ndarray, high: np.ndarray, threshold: float, sample: int,
+                   chunk_size: int | None, seed: int = 0) -> dict:
+    """How many of the pairs of ``sample`` rows of ``folder`` (a seeded draw) that an exact
+    search finds, in the first ``dims`` dimensions as an index searches them, are among the
+    pairs (``low``, ``high``) found through it; and how many of those pairs of the sampled rows
+    the exact search does not find (the index's scores put them above the threshold)."""
+    from unicom.evaluate.metrics import pairs_above
+    from unicom.progress import progress
+    from unicom.search.collection import first_dims
+
+    n = folder.num_rows
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)).astype(np.int64)
+    x = first_dims(folder.gather(chosen), dims, folder.where, chosen)
+    exact = []
+    with progress(total=n, desc="exact check of a sample", unit="row") as bar:
+        for first, block in folder.blocks():
+            at, column, _ = pairs_above(x, first_dims(block, dims, folder.where, first), threshold, chunk_size=chunk_size)
+            mine, theirs = chosen[at], column + first
+            other = mine != theirs
+            exact.append(np.minimum(mine, theirs)[other] * n + np.maximum(mine, theirs)[other])
+            bar.update(len(block))
+    exact_keys = np.unique(np.concatenate(exact)) if exact else np.zeros(0, np.int64)
+    touching = np.isin(low, chosen) | np.isin(high, chosen)
+    found_keys = np.unique(low[touching] * n + high[touching])
+    found = int(np.isin(exact_keys, found_keys).sum())
+    return {"rows": int(len(chosen)), "seed": seed, "exact_pairs": int(len(exact_keys)), "found": found,
+            "recall": found / len(exact_keys) if len(exact_keys) else None,
+            "extra": int(len(found_keys) - found)}
+
+
 def _open_index(index_location, folder: _Folder):
     """The index at ``index_location``, checked to hold ``folder``'s rows: the same parts, in
     the same order, embedded by the same weights, with an index of its modality."""
@@ -331,7 +376,8 @@ def _search_record(index, index_location, nprobe: int | None, ef_search: int | N
 def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.95,
                     max_pairs: int | None = DEFAULT_MAX_PAIRS, chunk_size: int | None = None,
                     nprobe: int | None = None, ef_search: int | None = None, keep_by: str | None = None,
-                    keep_largest: bool = True, device: str | None = None, modality: str = "image") -> dict[str, Any]:
+                    keep_largest: bool = True, device: str | None = None, modality: str = "image",
+                    check_sample: int = 0) -> dict[str, Any]:
     """Near duplicates within the embedding folder ``emb`` (exactly, or through ``index``, an
     index of it) or, with ``against``, of its rows in that folder; written under the local
     folder ``out`` (the module's docstring). ``nprobe`` / ``ef_search`` override the index's
@@ -340,7 +386,9 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     values the first; default the group's first row. ``device``: where the exact search runs
     (``cuda``, ``cpu``; default this rank's GPU, else the CPU), in exact float32; an index is
     searched by faiss on the CPU. ``modality``: the embeddings compared, ``image`` or ``text``
-    (the captions'). Returns the summary (``summary.json``)."""
+    (the captions'). ``check_sample``: with ``index``, so many rows (a seeded draw) searched
+    exactly as well, to measure the share of their pairs the index found (``sample_check``).
+    Returns the summary (``summary.json``)."""
     import pyarrow as pa
 
     from unicom.evaluate.metrics import pairs_above
@@ -359,6 +407,11 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     if index is not None and device is not None:
         raise InputError("--device places the exact search; an index (--index) is searched by faiss on the CPU: leave "
                          "--device out")
+    if check_sample and index is None:
+        raise InputError("--check-sample measures how many pairs an index finds; the exact search (without --index) "
+                         "finds them all: leave it out, or give --index")
+    if check_sample < 0:
+        raise InputError(f"--check-sample {check_sample}: a number of rows, 0 (no check) or more")
     if index is None and (nprobe is not None or ef_search is not None):
         raise InputError("--nprobe and --ef-search set the search of an index: give --index INDEX, or leave them out")
     out = local_output(out, "the list of near duplicates")
@@ -378,6 +431,9 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
     elif within:
         opened = _open_index(index, folder)
         rows, matches, similarities = _through_index(folder, opened, threshold, max_pairs, nprobe, ef_search)
+        if check_sample:
+            checked = _sampled_check(folder, opened.modality_dims(modality), rows, matches, threshold, check_sample,
+                                     chunk_size)
     else:
         if os.path.realpath(storage.text(against)) == os.path.realpath(storage.text(emb)):
             raise InputError(f"--against {storage.text(against)} is --emb itself: leave --against out to find the "
@@ -423,6 +479,7 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
         "against": None if within else storage.absolute(against),
         "modality": modality,
         "search": _search_record(opened, index, nprobe, ef_search, searched_on, modality),
+        "sample_check": checked if check_sample else None,
         "threshold": float(threshold),
         "keep": None if not within else (
             {"by": "first row"} if keep_by is None else {"by": keep_by, "largest": bool(keep_largest)}),
@@ -480,8 +537,13 @@ def duplicates_markdown(summary: dict) -> str:
                     f"{summary['against_rows']:,} of {summary['against']}")
         found = (f"{summary['pairs']:,} pairs; {summary['left_out']:,} rows have a near duplicate there and are listed "
                  f"in {DUPLICATES_NAME} ({summary['kept']:,} rows kept).")
+    check = summary.get("sample_check")
+    checked = "" if not check else (
+        f" Checked exactly on {check['rows']:,} sampled rows: the index found {check['found']:,} of their "
+        f"{check['exact_pairs']:,} pairs" + (f" ({check['recall']:.1%})" if check["recall"] is not None else "")
+        + f", and {check['extra']:,} more.")
     lines = ["# Near duplicates", "", f"Cosine similarity {summary['threshold']:g} or more, {searched}. "
-             f"{_searched(summary.get('search', {}))}", "", found, "",
+             f"{_searched(summary.get('search', {}))}{checked}", "", found, "",
              "| threshold | pairs | rows left out |", "|---|---|---|"]
     lines += [f"| {row['threshold']:g} | {row['pairs']:,} | {row['left_out']:,} |" for row in summary["by_threshold"]]
     return "\n".join(lines) + "\n"

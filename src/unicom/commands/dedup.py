@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an index of --emb (the index command's --out for this --emb): read --emb a block of "
                              "rows at a time and search each in it, so the memory holds the index and the pairs, not "
                              "the rows; exact for a flat index, approximate for the others")
+    parser.add_argument("--check-sample", type=int, default=0, metavar="N",
+                        help="with --index: also search N rows (a seeded draw) exactly and say how many of their pairs "
+                             "the index found (default 0: no check; N rows cost N x rows x dimension multiply-adds)")
     parser.add_argument("--nprobe", type=int, default=None, help="with --index: inverted lists searched (default: the index's)")
     parser.add_argument("--ef-search", type=int, default=None, help="with --index: HNSW candidates kept (default: the index's)")
     keep = parser.add_mutually_exclusive_group()
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                               max_pairs=DEFAULT_MAX_PAIRS if args.max_pairs is None else args.max_pairs,
                               chunk_size=args.chunk_size, nprobe=args.nprobe, ef_search=args.ef_search,
                               keep_by=args.keep_largest or args.keep_smallest, keep_largest=args.keep_smallest is None,
-                              device=args.device, modality=args.modality)
+                              device=args.device, modality=args.modality, check_sample=args.check_sample)
     print(duplicates_markdown(summary), end="")
     print(f"\nwritten to {args.out} ({MARKDOWN_NAME}, duplicates.parquet, pairs.parquet, summary.json)")
     return 0

@@ -516,3 +516,25 @@ def test_a_sample_checked_exactly_measures_the_pairs_an_index_finds(tmp_path, ca
     assert check["rows"] == 300 and check["exact_pairs"] > 0 and check["recall"] == 1.0 and check["extra"] == 0
     assert main(argv + ["--check-sample", "10", "--out", str(tmp_path / "out")]) == 2
     assert "--check-sample measures how many pairs an index finds" in capsys.readouterr().err
+
+
+def test_captions_against_another_folder_need_the_same_text_model(tmp_path, capsys):
+    from unicom.formats.embeddings import write_config, write_part
+
+    texts, other = collection(seed=4), collection(seed=4)[:20] + 0.01
+    for root, rows, prefix in ((tmp_path / "train", texts, "t"), (tmp_path / "test", other, "q")):
+        write_part(root, 0, image=rows.astype(np.float16), text=rows.astype(np.float16),
+                   metadata=pa.table({"key": [f"{prefix}{i}" for i in range(len(rows))]}))
+    argv = ["dedup", "--emb", str(tmp_path / "train"), "--against", str(tmp_path / "test"), "--modality", "text",
+            "--threshold", "0.99", "--out", str(tmp_path / "out")]
+    write_config(tmp_path / "train", {"weights_sha256": "a" * 64, "text_model": "m-clip", "text_model_sha256": "c" * 64})
+    write_config(tmp_path / "test", {"weights_sha256": "a" * 64, "text_model": "m-clip", "text_model_sha256": "d" * 64})
+    assert main(argv) == 2  # the same CLIP, but the captions of another text model
+    assert "(weights_sha256 dddddddddddd… against cccccccccccc…)" in capsys.readouterr().err
+    write_config(tmp_path / "test", {"weights_sha256": "b" * 64, "text_model": "m-clip", "text_model_sha256": "c" * 64})
+    assert main(argv) == 0  # another image model does not matter to the captions
+    pairs, duplicates, summary = dedup_files(tmp_path / "out")
+    expected = reference_pairs(unit(texts.astype(np.float16)), unit(other.astype(np.float16)), 0.99)
+    assert set(zip(pairs["row"], pairs["match_row"])) == expected
+    assert duplicates["row"] == sorted({i for i, _ in expected}) and set(range(20)) <= set(duplicates["row"])
+    assert summary["modality"] == "text"

@@ -12,7 +12,9 @@ others), side by side in one run:
   build timed apart; then ``unicom dedup --emb FOLDER --index INDEX``): the folder read a block
   at a time and each block range-searched in the index, for a flat index (exact) and an IVF
   one (8-bit codes, the ``nprobe`` its build tuned), with the share of the exact pairs each
-  finds. Each command runs in a process of its own, whose peak resident memory is given.
+  finds; and through the IVF index with ``--check-sample 1000`` (1,000 rows also searched
+  exactly), what the check costs and the share it measures. Each command runs in a process of
+  its own, whose peak resident memory is given.
 
 Run ``python benchmarks/dedup_pairs.py [--rows N]``; it writes ``benchmarks/results/dedup_pairs.txt``.
 """
@@ -115,6 +117,11 @@ def main() -> None:
             pairs = set(zip(pairs["row"], pairs["match_row"]))
             indexed.append((search, build, seconds, mib, len(pairs), len(pairs & exact_pairs) / max(len(exact_pairs), 1),
                             len(pairs - exact_pairs)))
+        # the same through the ivfsq index, with 1,000 rows checked exactly: what the check costs and says
+        checked_out = Path(scratch) / "out_checked"
+        checked_seconds, _ = run_command(["dedup", "--emb", str(folder), "--index", str(index), "--out",
+                                          str(checked_out), "--threshold", str(THRESHOLD), "--check-sample", "1000"])
+        check = json.loads((checked_out / "summary.json").read_text())["sample_check"]
 
     lines = [
         f"# unicom dedup: {args.rows:,} x {args.dims}-d rows, cosine >= {THRESHOLD}, all pairs (N^2/2)",
@@ -143,6 +150,10 @@ def main() -> None:
     for search, build, seconds, mib, count, recall, extra in indexed:
         lines.append(f"through the {search['type']} index: {recall:.1%} of the command's exact pairs found and {extra} "
                      f"pairs more, in {seconds / command:.2f}x the exact command's time")
+    measured = "no pair to measure" if check["recall"] is None else f"{check['recall']:.1%}"
+    lines.append(f"through the ivfsq index with --check-sample 1000: {checked_seconds:.2f} s ({checked_seconds - indexed[-1][2]:.2f} s "
+                 f"more); the sample's {check['exact_pairs']} exact pairs, {check['found']} found ({measured}), "
+                 f"{check['extra']} more")
     text = "\n".join(lines) + "\n"
     RESULT.write_text(text)
     print(text, end="")

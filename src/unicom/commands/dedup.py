@@ -5,6 +5,8 @@ Examples::
     unicom dedup --emb EMB/ --out DEDUP/                          # groups of near copies: keep one of each
     unicom dedup --emb EMB/ --threshold 0.9 --out DEDUP/
     unicom dedup --emb EMB/ --index INDEX/ --out DEDUP/           # a web collection: through an index of EMB
+    unicom dedup --emb EMB/ --index INDEX/ --check-sample 1000 --out DEDUP/   # and how many pairs it found
+    unicom dedup --emb EMB/ --modality text --out CAPTIONS/       # the captions' near duplicates
     unicom dedup --emb EMB/ --keep-largest width --out DEDUP/     # keep the widest image of each group
     unicom dedup --emb TRAIN_EMB/ --against TEST_EMB/ --out DECONTAMINATED/   # training images a test image copies
 

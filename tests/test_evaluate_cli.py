@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from unicom.cli import main
@@ -816,7 +817,7 @@ def test_an_image_of_the_dataset_that_cannot_be_decoded_is_named_with_what_to_do
     assert "download the image again (it may be damaged, cut short or missing), or remove it from the images" in error
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine with a GPU scores there")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU scores there")
 def test_the_searches_run_on_the_device_asked_for_and_a_missing_gpu_is_named(tmp_path, capsys):
     x, labels = clustered(40, 8, 4, 0.9, seed=2)
     embedding_folder(tmp_path / "emb", x, [f"img{i}" for i in range(40)], labels.tolist())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, evaluate_retrieval
 
@@ -150,7 +151,7 @@ def _assert_close(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_scores_on_cuda_equal_those_on_the_cpu():
     for protocol in _protocols(np.random.default_rng(0)):
         on_cpu = evaluate_retrieval(**protocol, device="cpu")

@@ -137,34 +137,36 @@ class _Folder:
                              "choose another column")
         return values
 
+    def _usable(self, vectors: np.ndarray, index: int, local: np.ndarray) -> np.ndarray:
+        """``vectors`` (part ``index``'s rows ``local``, float32), or an error naming the key and
+        row of one of NaN, infinite values or zeros (the keys read only then)."""
+        from unicom.formats.embeddings import require_usable_rows
+
+        if not (np.isfinite(vectors).all() and vectors.any(1).all()):
+            require_usable_rows(vectors, self._part_values(index, local).to_pylist(), self.where,
+                                rows=local + self.starts[index])
+        return vectors
+
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 (B, D) rows as read) for consecutive blocks of :data:`BLOCK_ROWS`
-        rows of every part; a row of NaN, infinite values or zeros is refused, naming its key and row."""
-        from unicom.formats.embeddings import require_usable_rows
-
-        block_rows = BLOCK_ROWS
+        rows of every part, checked by :meth:`_usable`."""
         for index, (part, start) in enumerate(zip(self.contents.parts, self.starts)):
             array = self.contents.load(self.modality, part.number)
-            for first in range(0, part.rows, block_rows):
-                block = np.asarray(array[first:first + block_rows], dtype=np.float32)
-                if not (np.isfinite(block).all() and block.any(1).all()):
-                    keys = self._part_values(index, np.arange(first, first + len(block))).to_pylist()
-                    require_usable_rows(block, keys, self.where, rows=np.arange(len(block)) + start + first)
-                yield int(start + first), block
+            for first in range(0, part.rows, BLOCK_ROWS):
+                local = np.arange(first, min(first + BLOCK_ROWS, part.rows))
+                yield int(start + first), self._usable(np.asarray(array[first:first + BLOCK_ROWS], dtype=np.float32),
+                                                       index, local)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """The rows ``rows`` (sorted int64), float32 (len(rows), D), checked as :meth:`blocks`
-        checks them; only the parts holding them are opened."""
-        from unicom.formats.embeddings import require_usable_rows
-
+        """The rows ``rows`` (sorted int64), float32 (len(rows), D), checked by :meth:`_usable`;
+        only the parts holding them are opened."""
         out = np.empty((len(rows), self.dims), dtype=np.float32)
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for index in np.unique(which):
             at = np.flatnonzero(which == index)
             local = rows[at] - self.starts[index]
-            out[at] = self.contents.load(self.modality, self.contents.parts[int(index)].number)[local]
-            if not (np.isfinite(out[at]).all() and out[at].any(1).all()):
-                require_usable_rows(out[at], self._part_values(int(index), local).to_pylist(), self.where, rows=rows[at])
+            array = self.contents.load(self.modality, self.contents.parts[int(index)].number)
+            out[at] = self._usable(np.asarray(array[local], dtype=np.float32), int(index), local)
         return out
 
     def rows(self) -> np.ndarray:

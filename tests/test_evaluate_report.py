@@ -117,9 +117,11 @@ def test_the_dimension_curve_legend_hides_no_point(corner):
 
 
 def _protocols(rng):
-    """Embeddings scored four ways: labels leave-one-out, a gallery with relevance lists and
-    subsets, Revisited-style setups, and a gallery with DBA + αQE and a dimension curve."""
+    """Embeddings scored six ways: labels leave-one-out, a gallery with relevance lists and
+    subsets, Revisited-style setups, a gallery with DBA + αQE and a dimension curve, and
+    k-reciprocal re-ranking leave-one-out and of the setups."""
     from unicom.evaluate.expansion import Expansion
+    from unicom.evaluate.kreciprocal import KReciprocal
 
     query, gallery, train = (rng.standard_normal((n, 32)).astype(np.float32) for n in (300, 900, 400))
     labels, gallery_labels = rng.integers(0, 20, 300), rng.integers(0, 20, 900)
@@ -132,6 +134,9 @@ def _protocols(rng):
         dict(query=query, gallery=gallery, setups=setups, ks=(1, 5), metric="map_easy"),
         dict(query=query, query_labels=labels, gallery=gallery, gallery_labels=gallery_labels, ks=(1, 5), dims=(8,),
              train=train, expansion=Expansion(qe=2, dba=3)),
+        dict(query=query, query_labels=labels, ks=(1, 4), expansion=Expansion(k_reciprocal=KReciprocal(10))),
+        dict(query=query, gallery=gallery, setups=setups, ks=(1, 5), metric="map_easy",
+             expansion=Expansion(k_reciprocal=KReciprocal(8, 3, 0.2))),
     ]
 
 

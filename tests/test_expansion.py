@@ -120,17 +120,23 @@ def test_more_neighbours_than_the_gallery_has_are_refused():
 # --------------------------------------------------------------------------- unicom evaluate
 
 
-def test_revisited_benchmark_is_scored_re_ranked_and_plain(tmp_path, capsys):
+def re_ranked_revisited(tmp_path, *options: str) -> tuple[np.ndarray, dict]:
+    """`unicom evaluate` on a small Revisited Oxford of random embeddings, with ``options``
+    (the report under ``tmp_path/report``): the embeddings as scored (float16 in the folder)
+    and ``metrics.json``."""
     root = revisited_dataset(tmp_path / "data", "roxford5k")
     protocol = load_retrieval_benchmark("roxford5k", root)
     x = np.random.default_rng(5).standard_normal((2 + len(protocol.gallery), 8)).astype(np.float32)
     embedding_folder(tmp_path / "emb", x, protocol.query.keys + protocol.gallery.keys, parts=1)
-    out = tmp_path / "report"
     assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "roxford5k", "--root", str(root),
-                 "--qe", "2", "--dba", "3", "--dba-alpha", "1", "--dims", "4", "--no-pca", "--out", str(out)]) == 0
+                 *options, "--out", str(tmp_path / "report")]) == 0
+    return x.astype(np.float16).astype(np.float64), json.loads((tmp_path / "report" / "metrics.json").read_text())
+
+
+def test_revisited_benchmark_is_scored_re_ranked_and_plain(tmp_path, capsys):
+    x, report = re_ranked_revisited(tmp_path, "--qe", "2", "--dba", "3", "--dba-alpha", "1", "--dims", "4", "--no-pca")
+    out = tmp_path / "report"
     printed = capsys.readouterr().out
-    x = x.astype(np.float16).astype(np.float64)
-    report = json.loads((out / "metrics.json").read_text())
     assert report["protocol"]["expansion"] == {"dba": {"k": 3, "alpha": 1.0}, "qe": {"k": 2, "alpha": 3.0}}
     query, gallery = reference_expand(x[:2], x[2:], 2, 3, 3.0, 1.0)
     assert report["metrics"] == pytest.approx(straightforward_metrics(query, gallery))
@@ -146,11 +152,16 @@ def test_revisited_benchmark_is_scored_re_ranked_and_plain(tmp_path, capsys):
     assert "Without re-ranking:" in markdown and markdown in printed
 
 
+def query_and_gallery_folders(root, query, labels, gallery, gallery_labels) -> None:
+    """``root/q`` and ``root/g``: labelled embedding folders of keys q0, q1, ... and g0, g1, ..."""
+    embedding_folder(root / "q", query, [f"q{i}" for i in range(len(query))], labels.tolist())
+    embedding_folder(root / "g", gallery, [f"g{i}" for i in range(len(gallery))], gallery_labels.tolist())
+
+
 def test_embedding_folders_with_a_gallery_are_re_ranked(tmp_path):
     x, labels = clustered(60, 16, 6, 1.2, seed=2)
     gallery, gallery_labels = clustered(120, 16, 6, 1.2, seed=2)
-    embedding_folder(tmp_path / "q", x, [f"q{i}" for i in range(60)], labels.tolist())
-    embedding_folder(tmp_path / "g", gallery, [f"g{i}" for i in range(120)], gallery_labels.tolist())
+    query_and_gallery_folders(tmp_path, x, labels, gallery, gallery_labels)
     out = tmp_path / "report"
     assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
                  "--qe", "3", "--dims", "none", "--ks", "1,4", "--out", str(out)]) == 0
@@ -181,6 +192,13 @@ def test_leave_one_out_folders_take_dba_and_refuse_qe(tmp_path, capsys):
     (["--dba", "2", "--dba-alpha", "-1"], "--dba-alpha -1: the power of the similarities"),
     (["--qe", "1", "--task", "classification", "--train-embeddings", "TRAIN"], "--task classification searches nothing"),
     (["--dba", "500"], r"\(dba=500\), but there are 49 other gallery items"),
+    (["--k-reciprocal-k2", "3"], "--k-reciprocal-k2 sets the k-reciprocal re-ranking; give --k-reciprocal K1"),
+    (["--k-reciprocal-lambda", "0.5"], "--k-reciprocal-lambda sets the k-reciprocal re-ranking"),
+    (["--k-reciprocal", "4", "--k-reciprocal-lambda", "2"], "lambda is the share of the original distance"),
+    (["--k-reciprocal", "4", "--k-reciprocal-k2", "9"], r"give k2 of at most 5"),
+    (["--k-reciprocal", "50"], r"k1 = 50 neighbours, but there are 50 items"),
+    (["--k-reciprocal", "3", "--task", "classification", "--train-embeddings", "TRAIN"],
+     "--task classification searches nothing: leave --qe, --dba and --k-reciprocal out"),
 ])
 def test_re_ranking_options_out_of_place_are_refused(arguments, message, tmp_path, capsys):
     x, labels = clustered(50, 12, 5, 1.0, seed=4)
@@ -235,6 +253,13 @@ def test_the_re_ranking_benchmark_reads_the_demo_folders_and_tables_each_setting
            f"{100 * plain['map@r']:.2f} |" in section
     assert f"| DBA k=2 α=3, αQE k=2 α=3 | {100 * expanded['recall@1']:.2f} | {100 * expanded['recall@4']:.2f} | " \
            f"{100 * expanded['map@r']:.2f} |" in section
+    from unicom.evaluate import KReciprocal  # its scores are checked against the authors' code in test_kreciprocal
+    from unicom.evaluate.dims import score
+
+    re_ranked = score(query, labels, gallery, gallery_labels, ks=(1, 4),
+                      expansion=Expansion(k_reciprocal=KReciprocal(20, 6, 0.3)))
+    assert f"| k-reciprocal k1=20 k2=6 λ=0.3 | {100 * re_ranked['recall@1']:.2f} | " \
+           f"{100 * re_ranked['recall@4']:.2f} | {100 * re_ranked['map@r']:.2f} |" in section
 
 
 def test_the_neighbour_searches_show_their_progress(capsys, monkeypatch):

@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten", metavar="FOLDER",
                         help="an embedding folder (or URL) of the same model on which a PCA whitening is learned and "
                              "applied to every embedding searched (images apart from the benchmark's)")
-    rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba)")
+    rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba and "
+                                      "#k-reciprocal-re-ranking)")
     rerank.add_argument("--qe", type=_at_least(0), default=0, metavar="K",
                         help="α-query expansion: each query plus its K nearest gallery items, searched again "
                              "(needs a gallery apart from the queries; default 0: none)")
@@ -131,6 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="neighbours of --qe weighed by similarity^A (default 3; 0: all as the query itself)")
     rerank.add_argument("--dba-alpha", type=float, metavar="A",
                         help="neighbours of --dba weighed by similarity^A (default 3)")
+    rerank.add_argument("--k-reciprocal", type=_at_least(1), metavar="K1",
+                        help="k-reciprocal re-ranking (Zhong et al. 2017): each query's distance to a gallery item "
+                             "blended with the Jaccard distance of their K1-reciprocal neighbourhoods (20 in the "
+                             "paper; after --dba and --qe; default: none)")
+    rerank.add_argument("--k-reciprocal-k2", type=_at_least(1), metavar="K2",
+                        help="k-reciprocal encodings averaged over each item's K2 - 1 nearest neighbours (default 6, "
+                             "or K1 + 1 when smaller; 1: none)")
+    rerank.add_argument("--k-reciprocal-lambda", type=float, metavar="L",
+                        help="the share of the original distance in the blend, from 0 to 1 (default 0.3)")
 
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
@@ -247,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _expansion(args: argparse.Namespace):
-    """The :class:`~unicom.evaluate.expansion.Expansion` of --qe, --dba and their alphas."""
+    """The :class:`~unicom.evaluate.expansion.Expansion` of --qe, --dba, their alphas and
+    --k-reciprocal with its k2 and lambda."""
     from unicom.evaluate.expansion import DEFAULT_ALPHA, Expansion
+    from unicom.evaluate.kreciprocal import DEFAULT_LAMBDA, KReciprocal
 
     for option, k, alpha in (("--qe", args.qe, args.qe_alpha), ("--dba", args.dba, args.dba_alpha)):
         if alpha is not None and not k:
@@ -256,6 +268,15 @@ def _expansion(args: argparse.Namespace):
         if alpha is not None and not (alpha >= 0 and alpha != float("inf")):
             raise InputError(f"{option}-alpha {alpha:g}: the power of the similarities that weigh the neighbours is a "
                              "finite number >= 0")
+    for option in ("--k-reciprocal-k2", "--k-reciprocal-lambda"):
+        if getattr(args, option[2:].replace("-", "_")) is not None and args.k_reciprocal is None:
+            raise InputError(f"{option} sets the k-reciprocal re-ranking; give --k-reciprocal K1 (K1 neighbours) too")
+    k_reciprocal = None
+    if args.k_reciprocal is not None:
+        k_reciprocal = KReciprocal(
+            args.k_reciprocal, args.k_reciprocal_k2,
+            DEFAULT_LAMBDA if args.k_reciprocal_lambda is None else args.k_reciprocal_lambda)
     return Expansion(qe=args.qe, dba=args.dba,
                      qe_alpha=DEFAULT_ALPHA if args.qe_alpha is None else args.qe_alpha,
-                     dba_alpha=DEFAULT_ALPHA if args.dba_alpha is None else args.dba_alpha)
+                     dba_alpha=DEFAULT_ALPHA if args.dba_alpha is None else args.dba_alpha,
+                     k_reciprocal=k_reciprocal)

@@ -18,6 +18,7 @@ import numpy as np
 from unicom.errors import InputError
 from unicom.evaluate.metrics import (
     as_embeddings,
+    default_chunk_size,
     retrieval_metrics,
     retrieval_metrics_from_relevance,
     revisited_metrics,
@@ -127,19 +128,29 @@ def score(
     """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
     :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are; with an
     ``expansion`` (:class:`~unicom.evaluate.expansion.Expansion`), of the query and gallery
-    it re-ranks (database-side augmentation, query expansion). ``device``: where the searches
-    run (a torch device; default where the embeddings are: the CPU for arrays), in full float32."""
+    it re-ranks (database-side augmentation, query expansion, then k-reciprocal re-ranking of
+    the scores). ``device``: where the searches run (a torch device; default where the
+    embeddings are: the CPU for arrays), in full float32."""
     query, gallery = _on(query, device), _on(gallery, device)
+    rescore = None
     if expansion:
         from unicom.evaluate.expansion import expand
 
         query, gallery = expand(query, gallery, expansion, chunk_size=chunk_size)
         query, gallery = _on(query, device), _on(gallery, device)
+        if expansion.k_reciprocal is not None:
+            from unicom.evaluate.kreciprocal import KReciprocalScores
+
+            rescore = KReciprocalScores(query, gallery, expansion.k_reciprocal, chunk_size=chunk_size)
+            if chunk_size is None:  # a block's re-scoring holds a few float64 copies of its scores
+                chunk_size = max(1, default_chunk_size(len(query if gallery is None else gallery)) // 8)
     if setups is not None:
-        return revisited_metrics(query, gallery, setups, ks, chunk_size)
+        return revisited_metrics(query, gallery, setups, ks, chunk_size, rescore=rescore)
     if relevant is not None:
-        return retrieval_metrics_from_relevance(query, gallery, relevant, ks, chunk_size, per_query=per_query)
-    return retrieval_metrics(query, query_labels, gallery, gallery_labels, ks, chunk_size, per_query=per_query)
+        return retrieval_metrics_from_relevance(query, gallery, relevant, ks, chunk_size, per_query=per_query,
+                                                rescore=rescore)
+    return retrieval_metrics(query, query_labels, gallery, gallery_labels, ks, chunk_size, per_query=per_query,
+                             rescore=rescore)
 
 
 def _on(x, device):

@@ -19,6 +19,10 @@ the result does not depend on a chunk size; CUDA tensors are searched and summed
 The results are float32 numpy arrays. A leave-one-out protocol (no gallery apart from
 the queries) takes DBA, over the query set, but not αQE: an expanded query would have to be
 searched without its own row, which it no longer is.
+
+An :class:`Expansion` may also hold a :class:`~unicom.evaluate.kreciprocal.KReciprocal`
+re-ranking, which does not change the vectors but the scores their search ranks by
+(:mod:`unicom.evaluate.kreciprocal`); it follows DBA and αQE, on the vectors they give.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from unicom.errors import InputError
+from unicom.evaluate.kreciprocal import KReciprocal
 from unicom.evaluate.metrics import as_embeddings, knn_search
 
 DEFAULT_ALPHA = 3.0  # the α of Radenović et al.'s αQE and DBA
@@ -37,12 +42,14 @@ BLOCK_ROWS = 16_384  # rows whose neighbours are gathered at once: k x D floats 
 
 @dataclass(frozen=True)
 class Expansion:
-    """What re-ranks a search: ``qe`` and ``dba`` neighbours (0: none) and their α."""
+    """What re-ranks a search: ``qe`` and ``dba`` neighbours (0: none) and their α, and a
+    ``k_reciprocal`` re-ranking of the scores (None: none)."""
 
     qe: int = 0
     dba: int = 0
     qe_alpha: float = DEFAULT_ALPHA
     dba_alpha: float = DEFAULT_ALPHA
+    k_reciprocal: KReciprocal | None = None
 
     def __post_init__(self):
         for name in ("qe", "dba"):
@@ -55,19 +62,30 @@ class Expansion:
                 raise InputError(f"{name}_alpha is the power of the similarities that weigh the neighbours, a finite "
                                  f"number >= 0 (0 weighs them all as the vector itself; default {DEFAULT_ALPHA:g}); "
                                  f"got {alpha!r}")
+        if self.k_reciprocal is not None and not isinstance(self.k_reciprocal, KReciprocal):
+            raise InputError(f"k_reciprocal is a KReciprocal (k1, k2, lambda_value) or None; got {self.k_reciprocal!r}")
 
     def __bool__(self) -> bool:
-        return bool(self.qe or self.dba)
+        return bool(self.qe or self.dba or self.k_reciprocal)
 
     def describe(self) -> dict:
-        """The settings a report records: ``{"qe": {"k", "alpha"}, "dba": {...}}``, those in use."""
-        return {name: {"k": int(getattr(self, name)), "alpha": float(getattr(self, f"{name}_alpha"))}
-                for name in ("dba", "qe") if getattr(self, name)}
+        """The settings a report records: ``{"qe": {"k", "alpha"}, "dba": {...}, "k_reciprocal":
+        {"k1", "k2", "lambda"}}``, those in use."""
+        described: dict = {name: {"k": int(getattr(self, name)), "alpha": float(getattr(self, f"{name}_alpha"))}
+                           for name in ("dba", "qe") if getattr(self, name)}
+        if self.k_reciprocal is not None:
+            kr = self.k_reciprocal
+            described["k_reciprocal"] = {"k1": int(kr.k1), "k2": int(kr.k2), "lambda": float(kr.lambda_value)}
+        return described
 
     def text(self) -> str:
-        """``"DBA k=10 α=3, αQE k=2 α=3"``: the settings in a table's caption."""
-        return ", ".join(f"{_SHORT[name]} k={setting['k']} α={setting['alpha']:g}"
-                         for name, setting in self.describe().items())
+        """``"DBA k=10 α=3, αQE k=2 α=3, k-reciprocal k1=20 k2=6 λ=0.3"``: the settings in a table's caption."""
+        said = [f"{_SHORT[name]} k={setting['k']} α={setting['alpha']:g}"
+                for name, setting in self.describe().items() if name in _SHORT]
+        if self.k_reciprocal is not None:
+            kr = self.k_reciprocal
+            said.append(f"k-reciprocal k1={kr.k1} k2={kr.k2} λ={kr.lambda_value:g}")
+        return ", ".join(said)
 
 
 _TITLES = {"qe": "query expansion", "dba": "database-side augmentation"}
@@ -119,8 +137,9 @@ def expand(query, gallery, expansion: Expansion, *, chunk_size: int | None = Non
     """(query, gallery) re-ranked by ``expansion``: DBA on the gallery first, then αQE of
     the queries against the augmented gallery. ``gallery=None`` (leave-one-out over the
     queries): DBA over the query set, which stays the gallery (returned as None); αQE is
-    refused there. Unchanged inputs when ``expansion`` asks for nothing."""
-    if not expansion:
+    refused there. Unchanged inputs when ``expansion`` asks for neither (its k-reciprocal
+    re-ranking changes the scores, not the vectors)."""
+    if not (expansion.qe or expansion.dba):
         return query, gallery
     if gallery is None:
         if expansion.qe:

@@ -31,7 +31,7 @@ each averaged over the queries with R_q > 0; the others are counted in ``n_exclu
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -136,11 +136,14 @@ def _blocks(
     rows: torch.Tensor,
     chunk_size: int,
     exclude_self: bool,
+    rescore: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(query row ids (C,), similarities (C, N_gallery)) for consecutive blocks of ``rows``.
 
     The similarity block is a view of one reused buffer: consume it before the next step.
-    With ``exclude_self`` query row r's own gallery column r is set to -inf.
+    ``rescore(rows, block)``, when given, replaces the cosine similarities in place by the
+    scores a re-ranking ranks by (higher first; :class:`~unicom.evaluate.kreciprocal.KReciprocalScores`).
+    With ``exclude_self`` query row r's own gallery column r is then set to -inf.
     """
     rows_at_once = min(chunk_size, max(1, len(rows)))
     buffer = torch.empty((rows_at_once, gallery.shape[0]), dtype=torch.float32, device=gallery.device)
@@ -150,20 +153,23 @@ def _blocks(
         scores = buffer[: len(block_rows)]
         with exact_float32():  # not TF32, whatever a training run in this process allowed
             torch.mm(query[block_rows], gallery_t, out=scores)
+        if rescore is not None:
+            rescore(block_rows, scores)
         if exclude_self:
             scores[torch.arange(len(block_rows), device=scores.device), block_rows] = float("-inf")
         yield block_rows, scores
 
 
 def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = None,
-               desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+               desc: str | None = None, lowest: bool = False) -> tuple[np.ndarray, ...]:
     """Exact cosine k-nearest neighbours of every query row in ``gallery``.
 
     query: (Nq, D), gallery: (Ng, D) (any float dtype; L2-normalised here); with
     ``gallery=None`` the query set is searched without each query's own row. Returns
     (similarities float32 (Nq, k), gallery indices int64 (Nq, k)), best first, equal
     similarities by lower gallery index. ``desc``: a progress bar (rate, ETA) of that name
-    over the query rows.
+    over the query rows. ``lowest``: also return each query's lowest similarity to the gallery
+    (float32 (Nq,); its own row left out as from the neighbours), from the same search.
     """
     exclude_self = gallery is None
     q = as_embeddings(query, "query")
@@ -176,17 +182,24 @@ def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = Non
     chunk_size = chunk_size or default_chunk_size(g.shape[0])
     values = torch.empty((q.shape[0], k), dtype=torch.float32)
     indices = torch.empty((q.shape[0], k), dtype=torch.int64)
+    least = torch.empty(q.shape[0], dtype=torch.float32)
     rows = torch.arange(q.shape[0], device=q.device)
     bar = None if desc is None else progress(total=q.shape[0], desc=desc, unit="row")
     try:
         for block_rows, scores in _blocks(q, g, rows, chunk_size, exclude_self):
             v, i = ranked_top_k(scores, k)
             values[block_rows.cpu()], indices[block_rows.cpu()] = v.cpu(), i.cpu()
+            if lowest:
+                if exclude_self:  # its -inf is no similarity
+                    scores[torch.arange(len(block_rows), device=scores.device), block_rows] = float("inf")
+                least[block_rows.cpu()] = scores.amin(1).cpu()
             if bar is not None:
                 bar.update(len(block_rows))
     finally:
         if bar is not None:
             bar.close()
+    if lowest:
+        return values.numpy(), indices.numpy(), least.numpy()
     return values.numpy(), indices.numpy()
 
 
@@ -341,6 +354,7 @@ def _evaluate(
     exclude_self: bool,
     chunk_size: int | None,
     per_query: bool,
+    rescore=None,
 ) -> dict:
     counts = relevance.counts
     num_queries = q.shape[0]
@@ -390,7 +404,7 @@ def _evaluate(
 
     # queries sorted by R so that each block needs about the same search depth
     rows = included[torch.argsort(counts[included], stable=True)]
-    for block_rows, scores in _blocks(q, g, rows, chunk_size, exclude_self):
+    for block_rows, scores in _blocks(q, g, rows, chunk_size, exclude_self, rescore):
         depth = min(available, max(DEEPEST_FIXED_RANK, int(counts[block_rows].max())))
         _, indices = ranked_top_k(scores, depth)
         deeper = record(block_rows, indices)
@@ -439,6 +453,7 @@ def retrieval_metrics(
     chunk_size: int | None = None,
     *,
     per_query: bool = False,
+    rescore=None,
 ) -> dict:
     """Recall@K, MAP@R, R-Precision, mAP@100 and mMP@5 of a labelled retrieval protocol.
 
@@ -454,6 +469,8 @@ def retrieval_metrics(
         per_query: also return ``"per_query"``: numpy arrays ``relevant`` (R_q),
             ``first_relevant_rank`` (0 for excluded queries) and each metric (NaN when
             excluded), in query order.
+        rescore: a re-ranking of the search (``rescore(query rows, similarities)``, as
+            :class:`~unicom.evaluate.kreciprocal.KReciprocalScores`), whose scores rank instead.
 
     Returns:
         ``{"recall@K": float, ..., "map@r", "r_precision", "map@100", "mmp@5",
@@ -472,7 +489,7 @@ def retrieval_metrics(
     ql = torch.as_tensor(labels[0], device=q.device)
     gl = ql if exclude_self else torch.as_tensor(labels[1], device=q.device)
     relevance = _LabelRelevance(ql, gl, exclude_self)
-    return _evaluate(q, g, relevance, ks, exclude_self, chunk_size, per_query)
+    return _evaluate(q, g, relevance, ks, exclude_self, chunk_size, per_query, rescore)
 
 
 def retrieval_metrics_from_relevance(
@@ -483,12 +500,13 @@ def retrieval_metrics_from_relevance(
     chunk_size: int | None = None,
     *,
     per_query: bool = False,
+    rescore=None,
 ) -> dict:
     """The metrics of :func:`retrieval_metrics` with explicit relevance lists.
 
     ``relevant[q]`` lists the gallery row indices relevant to query q (GLDv2's solution
     file, duplicate-aware benchmarks); R_q is its number of distinct entries. Queries with
-    an empty list are excluded and counted in ``n_excluded``.
+    an empty list are excluded and counted in ``n_excluded``; ``rescore`` as there.
     """
     ks = _check_ks(ks)
     q = as_embeddings(query, "query")
@@ -500,7 +518,7 @@ def retrieval_metrics_from_relevance(
             f"relevant has {len(relevant)} lists but there are {q.shape[0]} queries; give one list per query"
         )
     relevance = _ListRelevance(relevant, g.shape[0], q.device)
-    return _evaluate(q, g, relevance, ks, False, chunk_size, per_query)
+    return _evaluate(q, g, relevance, ks, False, chunk_size, per_query, rescore)
 
 
 # --------------------------------------------------------------------------- Revisited Oxford/Paris
@@ -530,6 +548,7 @@ def revisited_metrics(
     setups: dict[str, tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]]],
     kappas: Sequence[int] = (1, 5, 10),
     chunk_size: int | None = None,
+    rescore=None,
 ) -> dict:
     """mAP and mP@k of the Revisited Oxford/Paris protocol (Radenović et al. 2018), per setup.
 
@@ -540,6 +559,7 @@ def revisited_metrics(
             and the rows removed from its ranking before it is scored (a row in both counts
             as positive).
         kappas: the k of mP@k.
+        rescore: a re-ranking of the search, as in :func:`retrieval_metrics`.
 
     Per query, with the ignored rows removed from the ranking and r_1 < r_2 < ... the
     0-based ranks of its P positives: AP = (1/P) sum_j ((j-1)/r_j + j/(r_j + 1)) / 2 (the
@@ -567,7 +587,7 @@ def revisited_metrics(
     # a block holds the similarities, the ranking and its inverse: 4 + 8 + 8 bytes per item
     chunk_size = chunk_size or max(1, default_chunk_size(g.shape[0]) // 5)
     rows = torch.arange(q.shape[0], device=q.device)
-    for block_rows, scores in _blocks(q, g, rows, chunk_size, False):
+    for block_rows, scores in _blocks(q, g, rows, chunk_size, False, rescore):
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         position = torch.empty_like(order)
         position.scatter_(1, order, torch.arange(g.shape[0], device=order.device).expand_as(order))

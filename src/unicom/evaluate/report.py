@@ -290,6 +290,10 @@ def _expansion_line(expansion: dict, leave_one_out: bool = False) -> str:
     parts = {"dba": f"each {searched} augmented with its {{k}} nearest others (DBA, α = {{alpha:g}})",
              "qe": "each query expanded with its {k} nearest gallery items (αQE, α = {alpha:g}) and searched again"}
     said = [parts[name].format(**expansion[name]) for name in ("dba", "qe") if name in expansion]
+    if "k_reciprocal" in expansion:
+        kr = expansion["k_reciprocal"]
+        said.append(f"each {searched} ranked by λ = {kr['lambda']:g} of its distance to the query and 1 - λ of the "
+                    f"Jaccard distance of their k-reciprocal neighbourhoods (k1 = {kr['k1']}, k2 = {kr['k2']})")
     return "Re-ranked: " + "; then ".join(said) + "."
 
 

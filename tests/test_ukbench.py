@@ -49,6 +49,7 @@ def ns_reference(x: np.ndarray, gallery: np.ndarray | None = None, numbers=NUMBE
 
 def assert_scores(metrics: dict, reference: dict) -> None:
     assert 4 * metrics["r_precision"] == pytest.approx(reference["ns"], abs=1e-9)
+    assert metrics["ns_score"] == pytest.approx(reference["ns"], abs=1e-9)
     assert metrics["recall@1"] == pytest.approx(reference["recall@1"])
     assert metrics["recall@4"] == pytest.approx(reference["recall@4"])
     assert metrics["n_queries"] == len(NUMBERS) and metrics["n_excluded"] == 0
@@ -83,7 +84,7 @@ def test_a_hand_computed_score(tmp_path, capsys):
     assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "ukbench", "--root", str(root),
                  "--dims", "none", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    assert 4 * report["metrics"]["r_precision"] == pytest.approx(45 / 12)
+    assert 4 * report["metrics"]["r_precision"] == report["metrics"]["ns_score"] == pytest.approx(45 / 12)
     assert report["metrics"]["recall@1"] == 1.0
     assert "N-S score (of its object's 4 images, a query's own included, how many are among its first 4): " \
            "3.750 (all)." in capsys.readouterr().out
@@ -133,9 +134,11 @@ def test_precomputed_embeddings_with_distractors_and_re_ranking(tmp_path):
     embedding_folder(tmp_path / "flickr", d.astype(np.float32), [f"flickr/{i}" for i in range(9)], parts=1)
     out = tmp_path / "report"
     assert main(["evaluate", "--embeddings", str(tmp_path / "emb"), "--dataset", "ukbench", "--root", str(root),
-                 "--distractors", str(tmp_path / "flickr"), "--qe", "2", "--dba", "1", "--dims", "none",
+                 "--distractors", str(tmp_path / "flickr"), "--qe", "2", "--dba", "1", "--dims", "3", "--no-pca",
                  "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
+    for row in report["dimensions"]:  # the first 3 dimensions, and all 6
+        assert row["ns_score"] == 4 * row["r_precision"]
     x, d = (a.astype(np.float32).astype(np.float16).astype(np.float64) for a in (x, d))
     x, d = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (x, d))
     gallery = np.concatenate([x, d])

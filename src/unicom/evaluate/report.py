@@ -178,9 +178,21 @@ def evaluate_retrieval(
             query, query_labels, gallery, gallery_labels, dims=dims, train=train, relevant=relevant, setups=setups,
             ks=ks, chunk_size=chunk_size, expansion=expansion, device=device,
         )
+    if report.get("dataset") == "ukbench":
+        _add_ns_score(report)
     if out is not None:
         write_retrieval_report(report, out)
     return report
+
+
+def _add_ns_score(report: dict) -> None:
+    """UKBench's N-S score beside each set of metrics of ``report`` (``ns_score``): the mean
+    number of a query's 4 relevant images (its own included) among its first 4 results, which
+    is 4 x the R-precision, every R being 4."""
+    for values in (report["metrics"], report.get("without_expansion"), *report.get("subsets", {}).values(),
+                   *report.get("dimensions", [])):
+        if values and "r_precision" in values:
+            values["ns_score"] = 4 * values["r_precision"]
 
 
 def publish_report(out: str | os.PathLike, files: dict[str, Callable[[Path], None]]) -> None:
@@ -272,9 +284,8 @@ def retrieval_markdown(report: dict) -> str:
 
 
 def _ns_line(rows) -> str:
-    """UKBench's N-S score: the mean number of a query's 4 relevant images (its own included)
-    among its first 4 results, which is 4 x the R-precision when every R is 4."""
-    scores = ", ".join(f"{4 * values['r_precision']:.3f} ({name})" for name, values in rows)
+    """The sentence of UKBench's N-S scores (:func:`_add_ns_score`) of each row of the table."""
+    scores = ", ".join(f"{values['ns_score']:.3f} ({name})" for name, values in rows)
     return f"N-S score (of its object's 4 images, a query's own included, how many are among its first 4): {scores}."
 
 

@@ -117,9 +117,10 @@ def test_the_dimension_curve_legend_hides_no_point(corner):
 
 
 def _protocols(rng):
-    """Embeddings scored six ways: labels leave-one-out, a gallery with relevance lists and
-    subsets, Revisited-style setups, a gallery with DBA + αQE and a dimension curve, and
-    k-reciprocal re-ranking leave-one-out and of the setups."""
+    """Embeddings scored seven ways: labels leave-one-out, a gallery with relevance lists and
+    subsets, Revisited-style setups, a gallery with DBA + αQE and a dimension curve,
+    k-reciprocal re-ranking leave-one-out and of the setups, and diffusion of the setups."""
+    from unicom.evaluate.diffusion import Diffusion
     from unicom.evaluate.expansion import Expansion
     from unicom.evaluate.kreciprocal import KReciprocal
 
@@ -137,6 +138,8 @@ def _protocols(rng):
         dict(query=query, query_labels=labels, ks=(1, 4), expansion=Expansion(k_reciprocal=KReciprocal(10))),
         dict(query=query, gallery=gallery, setups=setups, ks=(1, 5), metric="map_easy",
              expansion=Expansion(k_reciprocal=KReciprocal(8, 3, 0.2))),
+        dict(query=query, gallery=gallery, setups=setups, ks=(1, 5), metric="map_easy",
+             expansion=Expansion(diffusion=Diffusion(10))),
     ]
 
 

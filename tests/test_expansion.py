@@ -158,6 +158,21 @@ def query_and_gallery_folders(root, query, labels, gallery, gallery_labels) -> N
     embedding_folder(root / "g", gallery, [f"g{i}" for i in range(len(gallery))], gallery_labels.tolist())
 
 
+def re_ranked_folders(tmp_path, queries: int, *options: str) -> tuple:
+    """`unicom evaluate` of ``queries`` clustered 12-d queries against 70 gallery rows (5
+    classes) with ``options`` (the report under ``tmp_path/report``): ``metrics.json``, then the
+    query rows, their labels, the gallery rows and theirs, the rows as scored (float16 in the
+    folders)."""
+    query, query_labels = clustered(queries, 12, 5, 1.2, seed=13)
+    gallery, gallery_labels = clustered(70, 12, 5, 1.2, seed=14)
+    query_and_gallery_folders(tmp_path, query, query_labels, gallery, gallery_labels)
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 *options, "--dims", "none", "--ks", "1,4", "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    query, gallery = (a.astype(np.float16).astype(np.float32) for a in (query, gallery))
+    return report, query, query_labels, gallery, gallery_labels
+
+
 def test_embedding_folders_with_a_gallery_are_re_ranked(tmp_path):
     x, labels = clustered(60, 16, 6, 1.2, seed=2)
     gallery, gallery_labels = clustered(120, 16, 6, 1.2, seed=2)
@@ -197,8 +212,14 @@ def test_leave_one_out_folders_take_dba_and_refuse_qe(tmp_path, capsys):
     (["--k-reciprocal", "4", "--k-reciprocal-lambda", "2"], "lambda is the share of the original distance"),
     (["--k-reciprocal", "4", "--k-reciprocal-k2", "9"], r"give k2 of at most 5"),
     (["--k-reciprocal", "50"], r"k1 = 50 neighbours, but there are 50 items"),
+    (["--diffusion-alpha", "0.5"], "--diffusion-alpha sets the diffusion; give --diffusion K"),
+    (["--diffusion-gamma", "2"], "--diffusion-gamma sets the diffusion"),
+    (["--diffusion", "5", "--diffusion-alpha", "1"], "alpha is how far a query spreads, from 0 up to but not 1"),
+    (["--diffusion", "5", "--diffusion-gamma", "0"], "gamma is the power of the similarities"),
+    (["--diffusion", "5", "--k-reciprocal", "5"], "--k-reciprocal and --diffusion each replace the scores"),
+    (["--diffusion", "50"], r"k = 50 neighbours, but the gallery has 50 items"),
     (["--k-reciprocal", "3", "--task", "classification", "--train-embeddings", "TRAIN"],
-     "--task classification searches nothing: leave --qe, --dba and --k-reciprocal out"),
+     "--task classification searches nothing: leave --qe, --dba, --k-reciprocal and --diffusion out"),
 ])
 def test_re_ranking_options_out_of_place_are_refused(arguments, message, tmp_path, capsys):
     x, labels = clustered(50, 12, 5, 1.0, seed=4)
@@ -236,9 +257,9 @@ def test_the_re_ranking_benchmark_reads_the_demo_folders_and_tables_each_setting
             root = (demo / "held_out_pixels" / protocol if network == "clustering_features"
                     else demo / "evaluate" / protocol / network / "embeddings")
             query, labels = clustered(40, 8, 5, 1.0, seed=len(network))
-            gallery, gallery_labels = clustered(50, 8, 5, 1.0, seed=len(network))
+            gallery, gallery_labels = clustered(60, 8, 5, 1.0, seed=len(network))  # over diffusion's k = 50
             embedding_folder(root / "query", query, [f"q{i}" for i in range(40)], labels.tolist())
-            embedding_folder(root / "gallery", gallery, [f"g{i}" for i in range(50)], gallery_labels.tolist())
+            embedding_folder(root / "gallery", gallery, [f"g{i}" for i in range(60)], gallery_labels.tolist())
     script = Path(__file__).parents[1] / "benchmarks" / "re_ranking.py"
     done = subprocess.run([sys.executable, str(script), "--demo", str(demo), "--out", str(tmp_path / "out.txt")],
                           capture_output=True, text=True, timeout=300)

@@ -4,7 +4,6 @@ through every metric protocol, and through `unicom evaluate`."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 
@@ -12,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 from test_evaluate_cli import clustered
-from test_expansion import query_and_gallery_folders, re_ranked_revisited, reference_expand
+from test_expansion import re_ranked_folders, re_ranked_revisited, reference_expand
 from test_revisited import straightforward_metrics
 
-from unicom.cli import main
 from unicom.errors import InputError
 from unicom.evaluate import KReciprocal, knn_search, retrieval_metrics, retrieval_metrics_from_relevance
 from unicom.evaluate.dims import score
@@ -183,16 +181,10 @@ def test_more_neighbours_than_there_are_items_are_refused():
 # --------------------------------------------------------------------------- unicom evaluate
 
 def test_embedding_folders_are_re_ranked_and_reported(tmp_path, capsys):
-    query, query_labels = clustered(30, 12, 5, 1.2, seed=13)
-    gallery, gallery_labels = clustered(70, 12, 5, 1.2, seed=14)
-    query_and_gallery_folders(tmp_path, query, query_labels, gallery, gallery_labels)
+    report, query, query_labels, gallery, gallery_labels = re_ranked_folders(
+        tmp_path, 30, "--k-reciprocal", "10", "--k-reciprocal-k2", "3")
     out = tmp_path / "report"
-    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
-                 "--k-reciprocal", "10", "--k-reciprocal-k2", "3", "--dims", "none", "--ks", "1,4",
-                 "--out", str(out)]) == 0
-    report = json.loads((out / "metrics.json").read_text())
     assert report["protocol"]["expansion"] == {"k_reciprocal": {"k1": 10, "k2": 3, "lambda": 0.3}}
-    query, gallery = (a.astype(np.float16).astype(np.float32) for a in (query, gallery))
     expected = walk_metrics(reference_distances(query, gallery, 10, 3, 0.3), query_labels, gallery_labels, (1, 4))
     assert {key: report["metrics"][key] for key in expected} == pytest.approx(expected)
     assert report["without_expansion"] == pytest.approx(
@@ -219,15 +211,18 @@ def test_k2_defaults_to_the_papers_6_or_all_the_neighbours_searched():
     assert KReciprocal(20).lambda_value == 0.3
 
 
-def test_the_cost_benchmark_runs_and_agrees_with_the_reference(tmp_path):
+def test_the_cost_benchmark_runs_and_agrees_with_the_references(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).parents[1] / "benchmarks" / "k_reciprocal.py"
+    script = Path(__file__).parents[1] / "benchmarks" / "re_ranking_cost.py"
     done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path / "out.txt")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|") for line in done.stdout.splitlines() if re.match(r"\| [0-9,]+ \| [0-9,l]", line)]
+    k_reciprocal, diffusion = done.stdout.split("## ")[1:]
+    rows = [line.split("|") for line in k_reciprocal.splitlines() if re.match(r"\| [0-9,]+ \| [0-9,l]", line)]
     assert len(rows) == 2 and rows[1][2].strip() == "leave-one-out"
     assert float(rows[0][8]) <= 1e-6  # the largest difference from the authors' distances
+    rows = [line.split("|") for line in diffusion.splitlines() if re.match(r"\| [0-9,]+ \| [0-9,]", line)]
+    assert len(rows) == 1 and float(rows[0][8]) <= 1e-5  # from the dense solve's scores
     assert not (tmp_path / "out.txt").exists()  # a smoke run writes no result

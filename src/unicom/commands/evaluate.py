@@ -121,8 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten", metavar="FOLDER",
                         help="an embedding folder (or URL) of the same model on which a PCA whitening is learned and "
                              "applied to every embedding searched (images apart from the benchmark's)")
-    rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba and "
-                                      "#k-reciprocal-re-ranking)")
+    rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba, "
+                                      "#k-reciprocal-re-ranking and #diffusion)")
     rerank.add_argument("--qe", type=_at_least(0), default=0, metavar="K",
                         help="α-query expansion: each query plus its K nearest gallery items, searched again "
                              "(needs a gallery apart from the queries; default 0: none)")
@@ -141,6 +141,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or K1 + 1 when smaller; 1: none)")
     rerank.add_argument("--k-reciprocal-lambda", type=float, metavar="L",
                         help="the share of the original distance in the blend, from 0 to 1 (default 0.3)")
+    rerank.add_argument("--diffusion", type=_at_least(1), metavar="K",
+                        help="diffusion (Iscen et al. 2017): each query's similarity spread over a graph of the "
+                             "gallery's reciprocal K nearest neighbours (50 in the paper; after --dba and --qe; "
+                             "for tens of queries, not thousands; default: none)")
+    rerank.add_argument("--diffusion-alpha", type=float, metavar="A",
+                        help="how far a query spreads, from 0 up to but not 1 (default 0.99)")
+    rerank.add_argument("--diffusion-gamma", type=float, metavar="G",
+                        help="the graph's and the query's similarities raised to G (default 3)")
 
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
@@ -257,8 +265,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _expansion(args: argparse.Namespace):
-    """The :class:`~unicom.evaluate.expansion.Expansion` of --qe, --dba, their alphas and
-    --k-reciprocal with its k2 and lambda."""
+    """The :class:`~unicom.evaluate.expansion.Expansion` of --qe, --dba, their alphas,
+    --k-reciprocal with its k2 and lambda, and --diffusion with its alpha and gamma."""
+    from unicom.evaluate import diffusion
     from unicom.evaluate.expansion import DEFAULT_ALPHA, Expansion
     from unicom.evaluate.kreciprocal import DEFAULT_LAMBDA, KReciprocal
 
@@ -268,15 +277,30 @@ def _expansion(args: argparse.Namespace):
         if alpha is not None and not (alpha >= 0 and alpha != float("inf")):
             raise InputError(f"{option}-alpha {alpha:g}: the power of the similarities that weigh the neighbours is a "
                              "finite number >= 0")
-    for option in ("--k-reciprocal-k2", "--k-reciprocal-lambda"):
-        if getattr(args, option[2:].replace("-", "_")) is not None and args.k_reciprocal is None:
-            raise InputError(f"{option} sets the k-reciprocal re-ranking; give --k-reciprocal K1 (K1 neighbours) too")
+    for given, option, needed, what in (
+            (args.k_reciprocal_k2, "--k-reciprocal-k2", args.k_reciprocal, "the k-reciprocal re-ranking; give "
+                                                                           "--k-reciprocal K1 (K1 neighbours)"),
+            (args.k_reciprocal_lambda, "--k-reciprocal-lambda", args.k_reciprocal, "the k-reciprocal re-ranking; give "
+                                                                                   "--k-reciprocal K1 (K1 neighbours)"),
+            (args.diffusion_alpha, "--diffusion-alpha", args.diffusion, "the diffusion; give --diffusion K (K "
+                                                                        "neighbours)"),
+            (args.diffusion_gamma, "--diffusion-gamma", args.diffusion, "the diffusion; give --diffusion K (K "
+                                                                        "neighbours)")):
+        if given is not None and needed is None:
+            raise InputError(f"{option} sets {what} too")
+    if args.k_reciprocal is not None and args.diffusion is not None:
+        raise InputError("--k-reciprocal and --diffusion each replace the scores a search ranks by; choose one of them")
     k_reciprocal = None
     if args.k_reciprocal is not None:
         k_reciprocal = KReciprocal(
             args.k_reciprocal, args.k_reciprocal_k2,
             DEFAULT_LAMBDA if args.k_reciprocal_lambda is None else args.k_reciprocal_lambda)
+    spread = None
+    if args.diffusion is not None:
+        spread = diffusion.Diffusion(
+            args.diffusion, diffusion.DEFAULT_GAMMA if args.diffusion_gamma is None else args.diffusion_gamma,
+            diffusion.DEFAULT_ALPHA if args.diffusion_alpha is None else args.diffusion_alpha)
     return Expansion(qe=args.qe, dba=args.dba,
                      qe_alpha=DEFAULT_ALPHA if args.qe_alpha is None else args.qe_alpha,
                      dba_alpha=DEFAULT_ALPHA if args.dba_alpha is None else args.dba_alpha,
-                     k_reciprocal=k_reciprocal)
+                     k_reciprocal=k_reciprocal, diffusion=spread)

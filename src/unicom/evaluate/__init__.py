@@ -7,7 +7,8 @@
 * :func:`dimension_curve` (``dims``): metrics of the first d dimensions and of a PCA-to-d
   baseline; :class:`PCA` also whitens (``PCA.fit(x).whiten(y)``).
 * :class:`Expansion`, :func:`expand` (``expansion``): re-ranking by α-query expansion and
-  database-side augmentation; :class:`KReciprocal` (``kreciprocal``): k-reciprocal re-ranking.
+  database-side augmentation; :class:`KReciprocal` (``kreciprocal``): k-reciprocal re-ranking;
+  :class:`Diffusion` (``diffusion``): diffusion over the gallery's neighbour graph.
 * :func:`linear_probe`, :func:`knn_classify` (``probe``): frozen-feature classification.
 * :func:`evaluate_retrieval`, :func:`evaluate_classification` (``report``): a whole
   benchmark run, with ``metrics.json``, a markdown table and the Recall@1-vs-dimension PNG.
@@ -33,6 +34,7 @@ _LAZY = {
     "Expansion": "unicom.evaluate.expansion",
     "expand": "unicom.evaluate.expansion",
     "KReciprocal": "unicom.evaluate.kreciprocal",
+    "Diffusion": "unicom.evaluate.diffusion",
     "linear_probe": "unicom.evaluate.probe",
     "knn_classify": "unicom.evaluate.probe",
     "evaluate_retrieval": "unicom.evaluate.report",

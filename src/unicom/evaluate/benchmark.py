@@ -268,9 +268,9 @@ def evaluate_benchmark(
     name = canonical_name(dataset)
     classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
     if expansion and name not in RETRIEVAL_BENCHMARKS:
-        raise InputError(f"query expansion, database-side augmentation and k-reciprocal re-ranking re-rank an image "
-                         f"retrieval benchmark's searches ({', '.join(RETRIEVAL_BENCHMARKS)}); {dataset} is not one: "
-                         "leave --qe, --dba and --k-reciprocal out")
+        raise InputError(f"query expansion, database-side augmentation, k-reciprocal re-ranking and diffusion re-rank "
+                         f"an image retrieval benchmark's searches ({', '.join(RETRIEVAL_BENCHMARKS)}); {dataset} is "
+                         "not one: leave --qe, --dba, --k-reciprocal and --diffusion out")
     if whiten is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--whiten whitens the embeddings of an image retrieval benchmark's searches; {dataset} is "
                          "not one: leave --whiten out")
@@ -781,8 +781,9 @@ def evaluate_embedding_folders(
         raise InputError("--whiten whitens the embeddings of a retrieval search; --task classification searches "
                          "nothing: leave --whiten out")
     if expansion and task == "classification":
-        raise InputError("query expansion, database-side augmentation and k-reciprocal re-ranking re-rank a retrieval "
-                         "search; --task classification searches nothing: leave --qe, --dba and --k-reciprocal out")
+        raise InputError("query expansion, database-side augmentation, k-reciprocal re-ranking and diffusion re-rank a "
+                         "retrieval search; --task classification searches nothing: leave --qe, --dba, --k-reciprocal "
+                         "and --diffusion out")
     if expansion and expansion.qe and gallery_embeddings is None:  # before anything is read
         raise InputError("--qe: without --gallery-embeddings the queries are searched leave-one-out, and an expanded "
                          "query would no longer be left out of its own search; give --gallery-embeddings, or leave "

@@ -128,8 +128,8 @@ def score(
     """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
     :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are; with an
     ``expansion`` (:class:`~unicom.evaluate.expansion.Expansion`), of the query and gallery
-    it re-ranks (database-side augmentation, query expansion, then k-reciprocal re-ranking of
-    the scores). ``device``: where the searches run (a torch device; default where the
+    it re-ranks (database-side augmentation, query expansion, then k-reciprocal or diffusion
+    re-ranking of the scores). ``device``: where the searches run (a torch device; default where the
     embeddings are: the CPU for arrays), in full float32."""
     query, gallery = _on(query, device), _on(gallery, device)
     rescore = None
@@ -142,8 +142,12 @@ def score(
             from unicom.evaluate.kreciprocal import KReciprocalScores
 
             rescore = KReciprocalScores(query, gallery, expansion.k_reciprocal, chunk_size=chunk_size)
-            if chunk_size is None:  # a block's re-scoring holds a few float64 copies of its scores
-                chunk_size = max(1, default_chunk_size(len(query if gallery is None else gallery)) // 8)
+        elif expansion.diffusion is not None:
+            from unicom.evaluate.diffusion import DiffusionScores
+
+            rescore = DiffusionScores(query, gallery, expansion.diffusion, chunk_size=chunk_size)
+        if rescore is not None and chunk_size is None:  # a block's re-scoring holds float64 copies of its scores
+            chunk_size = max(1, default_chunk_size(len(query if gallery is None else gallery)) // 8)
     if setups is not None:
         return revisited_metrics(query, gallery, setups, ks, chunk_size, rescore=rescore)
     if relevant is not None:

@@ -20,9 +20,10 @@ The results are float32 numpy arrays. A leave-one-out protocol (no gallery apart
 the queries) takes DBA, over the query set, but not αQE: an expanded query would have to be
 searched without its own row, which it no longer is.
 
-An :class:`Expansion` may also hold a :class:`~unicom.evaluate.kreciprocal.KReciprocal`
-re-ranking, which does not change the vectors but the scores their search ranks by
-(:mod:`unicom.evaluate.kreciprocal`); it follows DBA and αQE, on the vectors they give.
+An :class:`Expansion` may also hold a :class:`~unicom.evaluate.kreciprocal.KReciprocal` or
+a :class:`~unicom.evaluate.diffusion.Diffusion` re-ranking (one of them), which do not change
+the vectors but the scores their search ranks by (:mod:`unicom.evaluate.kreciprocal`,
+:mod:`unicom.evaluate.diffusion`); they follow DBA and αQE, on the vectors they give.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from unicom.errors import InputError
+from unicom.evaluate.diffusion import Diffusion
 from unicom.evaluate.kreciprocal import KReciprocal
 from unicom.evaluate.metrics import as_embeddings, knn_search
 
@@ -43,13 +45,14 @@ BLOCK_ROWS = 16_384  # rows whose neighbours are gathered at once: k x D floats 
 @dataclass(frozen=True)
 class Expansion:
     """What re-ranks a search: ``qe`` and ``dba`` neighbours (0: none) and their α, and a
-    ``k_reciprocal`` re-ranking of the scores (None: none)."""
+    ``k_reciprocal`` or ``diffusion`` re-ranking of the scores (None: none)."""
 
     qe: int = 0
     dba: int = 0
     qe_alpha: float = DEFAULT_ALPHA
     dba_alpha: float = DEFAULT_ALPHA
     k_reciprocal: KReciprocal | None = None
+    diffusion: Diffusion | None = None
 
     def __post_init__(self):
         for name in ("qe", "dba"):
@@ -64,27 +67,39 @@ class Expansion:
                                  f"got {alpha!r}")
         if self.k_reciprocal is not None and not isinstance(self.k_reciprocal, KReciprocal):
             raise InputError(f"k_reciprocal is a KReciprocal (k1, k2, lambda_value) or None; got {self.k_reciprocal!r}")
+        if self.diffusion is not None and not isinstance(self.diffusion, Diffusion):
+            raise InputError(f"diffusion is a Diffusion (k, gamma, alpha) or None; got {self.diffusion!r}")
+        if self.k_reciprocal is not None and self.diffusion is not None:
+            raise InputError("k-reciprocal re-ranking and diffusion each replace the scores a search ranks by; "
+                             "choose one of them")
 
     def __bool__(self) -> bool:
-        return bool(self.qe or self.dba or self.k_reciprocal)
+        return bool(self.qe or self.dba or self.k_reciprocal or self.diffusion)
 
     def describe(self) -> dict:
         """The settings a report records: ``{"qe": {"k", "alpha"}, "dba": {...}, "k_reciprocal":
-        {"k1", "k2", "lambda"}}``, those in use."""
+        {"k1", "k2", "lambda"}, "diffusion": {"k", "gamma", "alpha"}}``, those in use."""
         described: dict = {name: {"k": int(getattr(self, name)), "alpha": float(getattr(self, f"{name}_alpha"))}
                            for name in ("dba", "qe") if getattr(self, name)}
         if self.k_reciprocal is not None:
             kr = self.k_reciprocal
             described["k_reciprocal"] = {"k1": int(kr.k1), "k2": int(kr.k2), "lambda": float(kr.lambda_value)}
+        if self.diffusion is not None:
+            d = self.diffusion
+            described["diffusion"] = {"k": int(d.k), "gamma": float(d.gamma), "alpha": float(d.alpha)}
         return described
 
     def text(self) -> str:
-        """``"DBA k=10 α=3, αQE k=2 α=3, k-reciprocal k1=20 k2=6 λ=0.3"``: the settings in a table's caption."""
+        """``"DBA k=10 α=3, αQE k=2 α=3, k-reciprocal k1=20 k2=6 λ=0.3"`` (or ``"diffusion k=50
+        γ=3 α=0.99"``): the settings in a table's caption."""
         said = [f"{_SHORT[name]} k={setting['k']} α={setting['alpha']:g}"
                 for name, setting in self.describe().items() if name in _SHORT]
         if self.k_reciprocal is not None:
             kr = self.k_reciprocal
             said.append(f"k-reciprocal k1={kr.k1} k2={kr.k2} λ={kr.lambda_value:g}")
+        if self.diffusion is not None:
+            d = self.diffusion
+            said.append(f"diffusion k={d.k} γ={d.gamma:g} α={d.alpha:g}")
         return ", ".join(said)
 
 
@@ -138,7 +153,7 @@ def expand(query, gallery, expansion: Expansion, *, chunk_size: int | None = Non
     the queries against the augmented gallery. ``gallery=None`` (leave-one-out over the
     queries): DBA over the query set, which stays the gallery (returned as None); αQE is
     refused there. Unchanged inputs when ``expansion`` asks for neither (its k-reciprocal
-    re-ranking changes the scores, not the vectors)."""
+    or diffusion re-ranking changes the scores, not the vectors)."""
     if not (expansion.qe or expansion.dba):
         return query, gallery
     if gallery is None:

@@ -305,6 +305,10 @@ def _expansion_line(expansion: dict, leave_one_out: bool = False) -> str:
         kr = expansion["k_reciprocal"]
         said.append(f"each {searched} ranked by λ = {kr['lambda']:g} of its distance to the query and 1 - λ of the "
                     f"Jaccard distance of their k-reciprocal neighbourhoods (k1 = {kr['k1']}, k2 = {kr['k2']})")
+    if "diffusion" in expansion:
+        d = expansion["diffusion"]
+        said.append(f"each query's similarities spread over the graph of the {searched}s' reciprocal {d['k']} nearest "
+                    f"neighbours (diffusion, γ = {d['gamma']:g}, α = {d['alpha']:g}) and the {searched}s ranked by it")
     return "Re-ranked: " + "; then ".join(said) + "."
 
 

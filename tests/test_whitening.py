@@ -1,4 +1,6 @@
-"""Learned PCA whitening (`unicom evaluate --whiten FOLDER`), against scikit-learn's PCA(whiten=True)."""
+"""Learned whitening (`unicom evaluate --whiten FOLDER`): PCA whitening against scikit-learn's
+PCA(whiten=True); the discriminative one against the matching pairs listed plainly and
+scikit-learn's linear discriminant analysis."""
 
 from __future__ import annotations
 
@@ -115,3 +117,108 @@ def test_a_whitening_that_cannot_be_learned_or_applied_is_refused(case, message,
                  "--dims", "none", "--out", str(tmp_path / "report")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "report").exists()
+
+
+# --------------------------------------------------------------------------- discriminative whitening
+
+def matching_pair_covariance(x: np.ndarray, labels) -> np.ndarray:
+    """C_S listed the plain way: the mean of (x_i - x_j)(x_i - x_j)^T over every ordered pair
+    of distinct rows of one label, rows L2-normalised."""
+    x = normalised(x)
+    differences = [x[i] - x[j] for i in range(len(x)) for j in range(len(x)) if i != j and labels[i] == labels[j]]
+    return np.mean([np.outer(d, d) for d in differences], axis=0)
+
+
+def classes_of(sizes, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of classes of the given sizes: class centres plus anisotropic noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    x = rng.standard_normal((len(sizes), dim))[labels] + 0.7 * rng.standard_normal((len(labels), dim)) * \
+        np.geomspace(3, 0.5, dim)
+    return x, labels
+
+
+def test_discriminative_similarities_are_those_of_the_inverse_matching_pair_covariance():
+    from unicom.evaluate.whitening import DiscriminativeWhitening
+
+    x, labels = classes_of([3, 9, 5, 7, 4], 6, seed=0)  # classes of several sizes
+    whitening = DiscriminativeWhitening.fit(x, labels, block_rows=7)
+    assert (whitening.classes, whitening.pairs) == (5, 3 + 36 + 10 + 21 + 6)
+    inverse = np.linalg.inv(matching_pair_covariance(x, labels))
+    np.testing.assert_allclose(whitening.projection.T @ whitening.projection, inverse, rtol=1e-6, atol=1e-6)
+    y = whitening.whiten(x).astype(np.float64)
+    pairs = [y[i] - y[j] for i in range(len(y)) for j in range(len(y)) if i != j and labels[i] == labels[j]]
+    np.testing.assert_allclose(np.mean([np.outer(d, d) for d in pairs], axis=0), np.eye(6), atol=1e-5)  # white
+    centred = normalised(x) - normalised(x).mean(0)
+    expected = centred @ inverse @ centred.T  # (x - m)^T C_S^-1 (y - m)
+    np.testing.assert_allclose(y @ y.T, expected, rtol=1e-5, atol=1e-5)
+    spread = np.cov(y.T, bias=True)  # the axes are the whitened embeddings' principal axes, by decreasing variance
+    np.testing.assert_allclose(spread - np.diag(np.diag(spread)), 0, atol=1e-6)
+    assert (np.diff(np.diag(spread)) <= 1e-9).all()
+
+
+def test_with_classes_of_one_size_the_leading_axes_are_linear_discriminant_analysis():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from unicom.evaluate.whitening import DiscriminativeWhitening
+
+    x, labels = classes_of([8] * 5, 6, seed=1)
+    whitening = DiscriminativeWhitening.fit(x, labels)
+    axes = LinearDiscriminantAnalysis(solver="eigen").fit(normalised(x), labels).scalings_.T
+    for ours, theirs in zip(whitening.projection[:4], axes[:4]):  # 5 classes: 4 discriminant directions
+        ours, theirs = ours / np.linalg.norm(ours), theirs / np.linalg.norm(theirs)
+        assert min(np.abs(ours - theirs).max(), np.abs(ours + theirs).max()) < 1e-6
+
+
+def test_too_few_matching_pairs_are_refused():
+    from unicom.evaluate.whitening import DiscriminativeWhitening
+
+    x, labels = classes_of([2, 2, 3, 1], 6, seed=2)  # 8 rows in 4 classes: 4 independent differences
+    with pytest.raises(InputError, match=r"8 embeddings in 4 classes give 4 independent ones \(N - classes\); learn it "
+                                         r"on more embeddings of each class \(at least 2 more\)"):
+        DiscriminativeWhitening.fit(x, labels, name="learn")
+
+
+def test_embedding_folders_are_whitened_by_their_classes(tmp_path, capsys):
+    x, labels = clustered(40, 8, 5, 1.2, seed=3)
+    gallery, gallery_labels = clustered(80, 8, 5, 1.2, seed=4)
+    learn, learn_labels = classes_of([12] * 10, 8, seed=5)
+    embedding_folder(tmp_path / "q", x, [f"q{i}" for i in range(40)], labels.tolist())
+    embedding_folder(tmp_path / "g", gallery, [f"g{i}" for i in range(80)], gallery_labels.tolist())
+    embedding_folder(tmp_path / "learn", learn.astype(np.float32), [f"w{i}" for i in range(120)])
+    (tmp_path / "learn.csv").write_text("key,label\n" + "".join(f"w{i},c{label}\n" for i, label in
+                                                               enumerate(learn_labels)))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), "--gallery-embeddings", str(tmp_path / "g"),
+                 "--whiten", str(tmp_path / "learn"), "--whiten-method", "discriminative", "--whiten-labels",
+                 str(tmp_path / "learn.csv"), "--dims", "3", "--no-pca", "--ks", "1,4", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["whitening"] == {"embeddings": str(tmp_path / "learn"), "rows": 120, "method": "discriminative",
+                                   "classes": 10, "pairs": 10 * 66}
+    x, gallery, learn = (a.astype(np.float16).astype(np.float64) for a in (x, gallery, learn))
+    inverse = np.linalg.inv(matching_pair_covariance(learn, learn_labels))
+    mean = normalised(learn).mean(0)
+    root = np.linalg.cholesky(inverse)  # any P with P^T P = C_S^-1 gives the same similarities
+    query, whitened_gallery = ((normalised(a) - mean) @ root for a in (x, gallery))
+    expected = retrieval_metrics(query, labels, whitened_gallery, gallery_labels, ks=(1, 4))
+    assert report["metrics"] == pytest.approx(expected)
+    markdown = (out / "metrics.md").read_text()
+    assert (f"Whitened: every embedding centred and projected so that the differences of the 660 matching pairs of "
+            f"120 embeddings of {tmp_path / 'learn'} (10 classes) are white") in markdown
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--whiten-method", "discriminative"], "--whiten-method sets the whitening of --whiten FOLDER; give --whiten"),
+    (["--whiten", "LEARN", "--whiten-labels", "x.csv"], "--whiten-labels names the classes a discriminative"),
+    (["--whiten", "LEARN", "--whiten-method", "discriminative"],
+     r"learn \(--whiten\): a discriminative whitening learns from classes, and its metadata has no 'label' column; "
+     "give --whiten-labels FILE"),
+])
+def test_a_discriminative_whitening_without_classes_is_refused(arguments, message, tmp_path, capsys):
+    x, labels = clustered(30, 8, 3, 1.0, seed=0)
+    embedding_folder(tmp_path / "q", x, [f"q{i}" for i in range(30)], labels.tolist())
+    embedding_folder(tmp_path / "learn", x, [f"w{i}" for i in range(30)])
+    arguments = [str(tmp_path / "learn") if a == "LEARN" else a for a in arguments]
+    assert main(["evaluate", "--embeddings", str(tmp_path / "q"), *arguments, "--dims", "none",
+                 "--out", str(tmp_path / "report")]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -121,6 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten", metavar="FOLDER",
                         help="an embedding folder (or URL) of the same model on which a PCA whitening is learned and "
                              "applied to every embedding searched (images apart from the benchmark's)")
+    parser.add_argument("--whiten-method", choices=("pca", "discriminative"),
+                        help="pca (the default), or discriminative: learned from the classes of --whiten's images, "
+                             "their matching pairs' differences whitened (Radenović et al.'s learned whitening)")
+    parser.add_argument("--whiten-labels", metavar="FILE",
+                        help="the classes of --whiten's images for --whiten-method discriminative: a CSV/parquet of "
+                             "key,label (default: its metadata's label column); a path or URL")
     rerank = parser.add_argument_group("re-ranking a retrieval search (docs/evaluation.md#query-expansion-and-dba, "
                                       "#k-reciprocal-re-ranking and #diffusion)")
     rerank.add_argument("--qe", type=_at_least(0), default=0, metavar="K",
@@ -194,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--zero-shot classifies the images of a classification dataset by the classes' prompts, "
                          "embedded with --model's text tower: give --model and --dataset (cifar10, imagenet, ...)")
     expansion = _expansion(args)
+    whiten = _whitening(args)
     dims = (32, 64, 128, 256) if args.dims is None else args.dims
     pca_samples = 50_000 if args.pca_samples is None else args.pca_samples
     if args.pretrained is not None and args.model is None:
@@ -233,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
-            download=args.download, expansion=expansion, distractors=args.distractors, whiten=args.whiten,
+            download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten,
             **classify, **subset, **zero_shot,
         )
     elif args.distractors is not None:
@@ -244,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
-            expansion=expansion, whiten=args.whiten, device=args.device, **classify, **subset,
+            expansion=expansion, whiten=whiten, device=args.device, **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
@@ -262,6 +269,22 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.out / PLOT_NAME)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _whitening(args: argparse.Namespace):
+    """The :class:`~unicom.evaluate.benchmark.Whitening` of --whiten, --whiten-method and
+    --whiten-labels (None without --whiten)."""
+    from unicom.evaluate.benchmark import Whitening
+
+    if args.whiten is None:
+        for option in ("--whiten-method", "--whiten-labels"):
+            if getattr(args, option[2:].replace("-", "_")) is not None:
+                raise InputError(f"{option} sets the whitening of --whiten FOLDER; give --whiten too")
+        return None
+    if args.whiten_labels is not None and args.whiten_method != "discriminative":
+        raise InputError("--whiten-labels names the classes a discriminative whitening learns from; give "
+                         "--whiten-method discriminative too")
+    return Whitening(args.whiten, args.whiten_method or "pca", args.whiten_labels)
 
 
 def _expansion(args: argparse.Namespace):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +41,27 @@ CACHE_CONFIG = "evaluate_embeddings.json"
 # the benchmarks whose relevant images are listed per query, so that images of none (distractors) can join the
 # gallery: Revisited Oxford/Paris (+1M, Radenović et al.'s revisitop1m), GLDv2, Holidays (+Flickr1M) and UKBench
 DISTRACTED = ("roxford5k", "rparis6k", "gldv2", "holidays", "ukbench", "copydays")
+WHITENING_METHODS = ("pca", "discriminative")
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """What ``whiten`` learns on the embedding folder ``folder`` (a path or URL): a PCA
+    whitening (``method="pca"``, :meth:`unicom.evaluate.dims.PCA.whiten`) or a discriminative
+    one from its classes (``"discriminative"``,
+    :class:`~unicom.evaluate.whitening.DiscriminativeWhitening`), the classes its metadata's
+    ``label`` column, or ``labels``, a key,label file. A bare folder means PCA."""
+
+    folder: str | os.PathLike
+    method: str = "pca"
+    labels: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        if self.method not in WHITENING_METHODS:
+            raise InputError(f"a whitening is one of {', '.join(WHITENING_METHODS)}; got {self.method!r}")
+        if self.labels is not None and self.method != "discriminative":
+            raise InputError("labels name the classes a discriminative whitening learns from; a PCA whitening takes "
+                             "none: leave the labels out, or ask for the discriminative whitening")
 PCA_SEED = 0
 
 
@@ -258,7 +280,7 @@ def evaluate_benchmark(
     folder whose rows join the gallery of a benchmark whose relevance is listed per query
     (Revisited Oxford/Paris + 1M, GLDv2), made by the same model. ``whiten``: an embedding
     folder, made by the same model, on which a PCA whitening of every retrieval embedding is
-    learned (:func:`learned_whitening`).
+    learned (:func:`learned_whitening`), or a :class:`Whitening` (a discriminative one).
     """
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
@@ -518,16 +540,27 @@ def _require_same_model(folder, option: str, found: int, dimension: int, digest:
                          "benchmark must be embedded by the same model")
 
 
-def learned_whitening(folder, dimension: int, digest: str | None = None):
-    """The PCA whitening (:meth:`unicom.evaluate.dims.PCA.whiten`) learned on every row of the
-    embedding folder ``folder`` (``--whiten``), checked to be of the benchmark's model:
-    (the fitted :class:`~unicom.evaluate.dims.PCA`, its row count)."""
+def learned_whitening(whiten, dimension: int, digest: str | None = None):
+    """The whitening ``whiten`` asks for (a :class:`Whitening`, or a folder: PCA) learned on
+    every row of its embedding folder (``--whiten``), checked to be of the benchmark's model:
+    (the fitted :class:`~unicom.evaluate.dims.PCA` or
+    :class:`~unicom.evaluate.whitening.DiscriminativeWhitening`, its row count)."""
     from unicom.evaluate.dims import PCA
 
+    spec = whiten if isinstance(whiten, Whitening) else Whitening(whiten)
+    folder = spec.folder
     x, metadata = read_embedding_folder(folder)
     _require_same_model(folder, "--whiten", x.shape[1], dimension, digest)
     keys = row_keys(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
     require_usable_rows(x, keys, folder)
+    if spec.method == "discriminative":
+        from unicom.evaluate.whitening import DiscriminativeWhitening
+
+        if spec.labels is None and (metadata is None or "label" not in metadata.column_names):
+            raise InputError(f"{storage.text(folder)} (--whiten): a discriminative whitening learns from classes, and "
+                             "its metadata has no 'label' column; give --whiten-labels FILE (key,label columns)")
+        labels = labels_of(metadata, folder, spec.labels)
+        return DiscriminativeWhitening.fit(x, labels, name=f"{storage.text(folder)} (--whiten)"), len(x)
     pca = PCA.fit(x)
     if pca.rank < dimension:
         raise InputError(f"{storage.text(folder)} (--whiten): its {len(x)} embeddings vary along {pca.rank} of the "
@@ -537,14 +570,18 @@ def learned_whitening(folder, dimension: int, digest: str | None = None):
 
 
 def _whitened(vectors: dict, whiten, digest: str | None, info: dict) -> dict:
-    """``vectors`` (split -> (N, D) or None) whitened by :func:`learned_whitening` of the
-    folder ``whiten``, which ``info`` records; unchanged without ``whiten``."""
+    """``vectors`` (split -> (N, D) or None) whitened by :func:`learned_whitening` of
+    ``whiten`` (a :class:`Whitening` or a folder), which ``info`` records; unchanged without
+    ``whiten``."""
     if whiten is None:
         return vectors
+    spec = whiten if isinstance(whiten, Whitening) else Whitening(whiten)
     dimension = next(v.shape[1] for v in vectors.values() if v is not None)
-    pca, rows = learned_whitening(whiten, dimension, digest)
-    info["whitening"] = {"embeddings": storage.absolute(whiten), "rows": rows}
-    return {split: None if v is None else pca.whiten(v) for split, v in vectors.items()}
+    whitening, rows = learned_whitening(spec, dimension, digest)
+    info["whitening"] = {"embeddings": storage.absolute(spec.folder), "rows": rows}
+    if spec.method == "discriminative":
+        info["whitening"].update(method="discriminative", classes=whitening.classes, pairs=whitening.pairs)
+    return {split: None if v is None else whitening.whiten(v) for split, v in vectors.items()}
 
 
 def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, benchmark_folder) -> np.ndarray:
@@ -772,7 +809,8 @@ def evaluate_embedding_folders(
     ``classes``/``exclude_classes`` (retrieval): score only the queries and gallery items
     of these classes (labels as text), or of all but these. ``expansion`` (retrieval): an
     :class:`~unicom.evaluate.expansion.Expansion` re-ranking the searches; ``whiten``
-    (retrieval): the folder a PCA whitening of every embedding is learned on. ``device``
+    (retrieval): the folder a PCA whitening of every embedding is learned on, or a
+    :class:`Whitening`. ``device``
     (retrieval): where the searches run (default this rank's GPU, else the CPU).
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval

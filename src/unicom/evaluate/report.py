@@ -291,6 +291,11 @@ def _ns_line(rows) -> str:
 
 def _whitening_line(whitening: dict) -> str:
     """The sentence saying what the embeddings were whitened with (the report's ``whitening``)."""
+    if whitening.get("method") == "discriminative":
+        return (f"Whitened: every embedding centred and projected so that the differences of the "
+                f"{whitening['pairs']:,} matching pairs of {whitening['rows']:,} embeddings of "
+                f"{whitening['embeddings']} ({whitening['classes']:,} classes) are white, along the axes that separate "
+                "them most (discriminative whitening).")
     return (f"Whitened: every embedding centred and scaled along the principal axes of {whitening['rows']:,} "
             f"embeddings of {whitening['embeddings']} (PCA whitening).")
 

@@ -226,3 +226,14 @@ def test_the_cost_benchmark_runs_and_agrees_with_the_references(tmp_path):
     rows = [line.split("|") for line in diffusion.splitlines() if re.match(r"\| [0-9,]+ \| [0-9,]", line)]
     assert len(rows) == 1 and float(rows[0][8]) <= 1e-5  # from the dense solve's scores
     assert not (tmp_path / "out.txt").exists()  # a smoke run writes no result
+
+
+def test_the_re_ranked_search_shows_its_progress(capsys, monkeypatch):
+    monkeypatch.setenv("UNICOM_PROGRESS", "1")
+    query, query_labels = clustered(20, 8, 4, 1.1, seed=6)
+    gallery, gallery_labels = clustered(50, 8, 4, 1.1, seed=7)
+    retrieval_metrics(query, query_labels, gallery, gallery_labels, ks=(1,), chunk_size=6,
+                      rescore=KReciprocalScores(query, gallery, KReciprocal(5)))
+    err = capsys.readouterr().err
+    assert re.search(r"k-reciprocal: 5 neighbours of each item.*70/70 ", err)
+    assert re.search(r"k-reciprocal: re-ranked search.*20/20 ", err)

@@ -72,6 +72,8 @@ class DiffusionScores:
     to the gallery into the scores the diffusion ranks by, in place.
     """
 
+    desc = "diffusion: spread of each query"  # the progress bar of the search it re-scores
+
     def __init__(self, query, gallery, settings: Diffusion, *, chunk_size: int | None = None):
         q = as_embeddings(query, "query")
         g = q if gallery is None else as_embeddings(gallery, "gallery", q.device)

@@ -79,6 +79,8 @@ class KReciprocalScores:
     block of query rows' cosine similarities to the gallery into -d*, in place.
     """
 
+    desc = "k-reciprocal: re-ranked search"  # the progress bar of the search it re-scores
+
     def __init__(self, query, gallery, settings: KReciprocal, *, chunk_size: int | None = None):
         q = as_embeddings(query, "query")
         items = q if gallery is None else torch.cat([q, as_embeddings(gallery, "gallery", q.device)])

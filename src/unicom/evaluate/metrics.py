@@ -142,22 +142,30 @@ def _blocks(
 
     The similarity block is a view of one reused buffer: consume it before the next step.
     ``rescore(rows, block)``, when given, replaces the cosine similarities in place by the
-    scores a re-ranking ranks by (higher first; :class:`~unicom.evaluate.kreciprocal.KReciprocalScores`).
-    With ``exclude_self`` query row r's own gallery column r is then set to -inf.
+    scores a re-ranking ranks by (higher first; :class:`~unicom.evaluate.kreciprocal.KReciprocalScores`),
+    with a progress bar (rate, ETA) over the queries named by its ``desc``. With
+    ``exclude_self`` query row r's own gallery column r is then set to -inf.
     """
     rows_at_once = min(chunk_size, max(1, len(rows)))
     buffer = torch.empty((rows_at_once, gallery.shape[0]), dtype=torch.float32, device=gallery.device)
     gallery_t = gallery.T
-    for start in range(0, len(rows), chunk_size):
-        block_rows = rows[start:start + chunk_size]
-        scores = buffer[: len(block_rows)]
-        with exact_float32():  # not TF32, whatever a training run in this process allowed
-            torch.mm(query[block_rows], gallery_t, out=scores)
-        if rescore is not None:
-            rescore(block_rows, scores)
-        if exclude_self:
-            scores[torch.arange(len(block_rows), device=scores.device), block_rows] = float("-inf")
-        yield block_rows, scores
+    bar = None if rescore is None else progress(total=len(rows), desc=getattr(rescore, "desc", "re-ranked search"),
+                                                unit="query")
+    try:
+        for start in range(0, len(rows), chunk_size):
+            block_rows = rows[start:start + chunk_size]
+            scores = buffer[: len(block_rows)]
+            with exact_float32():  # not TF32, whatever a training run in this process allowed
+                torch.mm(query[block_rows], gallery_t, out=scores)
+            if rescore is not None:
+                rescore(block_rows, scores)
+                bar.update(len(block_rows))
+            if exclude_self:
+                scores[torch.arange(len(block_rows), device=scores.device), block_rows] = float("-inf")
+            yield block_rows, scores
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def knn_search(query, gallery=None, k: int = 10, *, chunk_size: int | None = None,

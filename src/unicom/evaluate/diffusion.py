@@ -127,8 +127,9 @@ class DiffusionScores:
         replaced in place by f where the diffusion reaches and similarity - 2 (below any f)
         elsewhere; returns ``scores``."""
         k, gamma = self.settings.k, float(self.settings.gamma)
-        searched = scores.clone()
+        searched = scores
         if self.leave_one_out:  # a query starts from its k nearest others
+            searched = scores.clone()
             searched[torch.arange(len(query_rows), device=scores.device), query_rows] = float("-inf")
         values, items = ranked_top_k(searched, k)  # ties by lower index, as every search here
         start = np.zeros((scores.shape[1], len(query_rows)), dtype=np.float64)

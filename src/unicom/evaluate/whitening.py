@@ -24,11 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from unicom.errors import InputError
+from unicom.evaluate.dims import RANK_TOLERANCE  # an eigenvalue of C_S below this fraction of its largest is none
 from unicom.evaluate.metrics import as_embeddings
-
-RANK_TOLERANCE = 1e-10  # an eigenvalue of C_S below this fraction of its largest is none
 
 
 @dataclass
@@ -62,7 +62,9 @@ class DiscriminativeWhitening:
         for start in range(0, n, block_rows):
             block = as_embeddings(np.asarray(x[start:start + block_rows]), name).double().numpy()
             rows = of_row[start:start + len(block)]
-            np.add.at(class_sums, rows, block)
+            members = sparse.csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))),
+                                        shape=(len(class_sums), len(rows)))  # one-hot: class x row
+            class_sums += members @ block
             total += block.sum(0)
             outer += block.T @ block
             weighted_outer += (block * sizes[rows, None]).T @ block

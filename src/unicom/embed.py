@@ -51,6 +51,7 @@ from unicom.errors import InputError
 from unicom.files import part_number, refused_write, write_parquet_atomic
 from unicom.formats.embeddings import (
     CONFIG_FILE,
+    FLIP,
     METADATA_FIELDS,
     PART_SETTINGS,
     SHARD_COLUMNS,
@@ -65,7 +66,7 @@ from unicom.formats.embeddings import (
     write_config,
     write_part,
 )
-from unicom.models.encoders import Encoder, load_encoder
+from unicom.models.encoders import Encoder, load_encoder, with_flip
 from unicom.models.foundation import local_folder, recorded_spec
 from unicom.progress import progress
 
@@ -249,9 +250,11 @@ def embed_images(
     normalize: bool = True,
     decode: str = "auto",
     decode_workers_share: float = 0.0,
+    flip: bool = False,
 ) -> np.ndarray:
     """Embed images (PIL images, file paths or URLs, encoded bytes): float32 (N, D), rows
-    L2-normalised (unless ``normalize=False``), in order.
+    L2-normalised (unless ``normalize=False``), in order. ``flip``: each the mean of the
+    image's features and its mirror image's (:class:`unicom.models.encoders.FlipAveraged`).
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
@@ -271,7 +274,7 @@ def embed_images(
                 "encoded bytes; model input that is already a tensor goes to the encoder itself (encoder.encode_image)"
             )
     _check_batching(batch_size, num_workers)
-    encoder = _as_encoder(model, pretrained, device)
+    encoder = with_flip(_as_encoder(model, pretrained, device), flip)
     device = encoder.device
     if not items:
         return np.zeros((0, encoder.embedding_dim), dtype=np.float32)
@@ -518,8 +521,9 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
         return False
     # a benchmark's folder is not continued from other inputs (which lack these keys)
     # nor a folder of shards read by other columns
-    # nor one whose captions another model embedded
-    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS, "text_model") if key in previous},
+    # nor one whose captions another model embedded, nor one of images averaged with their mirrors
+    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS, "text_model", FLIP)
+                 if key in previous},
               **config}
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
         previous[key] = recorded_spec(previous.get(key))
@@ -877,8 +881,13 @@ def embed_to_folder(
     dataset: str | None = None,
     decode_workers_share: float = 0.0,
     text_model: str | os.PathLike | Encoder | None = None,
+    flip: bool = False,
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
+
+    ``flip``: each image embedding the mean of the image's features and its mirror image's
+    (:class:`unicom.models.encoders.FlipAveraged`); the folder records ``flip`` (a rerun
+    without it is refused, and ``unicom index`` passes it on to the queries' model).
 
     ``text_model``: a multilingual text model into the model's space
     (:mod:`unicom.models.multilingual`; a folder or ``hf-hub:`` spec) that embeds the captions
@@ -905,6 +914,9 @@ def embed_to_folder(
     modalities = _checked_modalities(modalities)
     if text_model is not None and "text" not in modalities:
         raise InputError("--text-model embeds the captions: give --modalities image,text (or text), or leave it out")
+    if flip and "image" not in modalities:
+        raise InputError("--flip averages each image's embedding with its mirror image's; --modalities text embeds no "
+                         "image: leave --flip out")
     check_workers_share(decode_workers_share, "--decode-workers-share")
     _check_batching(batch_size, num_workers)
     model, pretrained = _as_specs(model, pretrained)
@@ -941,6 +953,8 @@ def embed_to_folder(
         config[METADATA_FIELDS] = list(parts[0].metadata_fields)
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
         config["draft"] = bool(draft)
+        if flip:  # recorded only when set: folders made before it existed match a run without it
+            config[FLIP] = True
     config.update(identity)  # a benchmark's crops of other boxes would be other queries
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if not storage.is_url(out):  # object storage is one store for every node; a local path may not be
@@ -965,6 +979,7 @@ def embed_to_folder(
             encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
         else:
             encoder = _as_encoder(model, None, device)
+        encoder = with_flip(encoder, flip)
         if texts is not None:
             encoder = WithTextModel(encoder, texts.to(encoder.device))
             config["text_model_sha256"] = texts.weights_sha256()

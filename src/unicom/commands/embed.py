@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode large JPEGs at 1/2, 1/4 or 1/8 scale inside the decoder (never below the model's input "
                              "size): several times faster on big photos, embeddings differ slightly from the model's reference "
                              "preprocessing (default: full decoding)")
+    parser.add_argument("--flip", action="store_true",
+                        help="test-time augmentation: each image embedding the mean of the image's features and its "
+                             "mirror image's (two forward passes; recorded in the folder, and the index's image queries "
+                             "are embedded so too; default: the image alone)")
     parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where JPEGs are decoded and resized: gpu (nvJPEG on the model's GPU, the workers only read "
                              "bytes; other formats and JPEGs it refuses take the CPU path per sample), cpu (Pillow in the "
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             decode_workers_share=args.decode_workers_share,
             text_model=args.text_model,
+            flip=args.flip,
         )
     if rank != 0:
         return 0

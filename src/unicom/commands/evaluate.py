@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedding.add_argument("--device", help="cuda, cuda:1 or cpu: where the model runs and the retrieval searches are "
                                             "scored, in full float32 (default: this rank's GPU, else CPU)")
     embedding.add_argument("--download", action="store_true", help="let torchvision download a classification dataset")
+    embedding.add_argument("--flip", action="store_true",
+                           help="test-time augmentation: each image embedding the mean of the image's features and its "
+                                "mirror image's (two forward passes; recorded as flip in metrics.json)")
 
     folders = parser.add_argument_group("precomputed embeddings without --dataset")
     folders.add_argument("--labels", help="CSV/parquet with key,label (default: metadata's label column); a path or URL")
@@ -240,13 +243,16 @@ def run(args: argparse.Namespace) -> int:
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
-            download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten,
+            download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten, flip=args.flip,
             **classify, **subset, **zero_shot,
         )
     elif args.distractors is not None:
         raise InputError("--distractors join the gallery of a benchmark whose relevant images are listed per query: "
                          "give --dataset roxford5k, rparis6k, gldv2, holidays, ukbench or copydays with --root")
     elif args.embeddings is not None:
+        if args.flip:
+            raise InputError("--flip averages each image's embedding with its mirror image's as --model embeds them; "
+                             "embeddings already made are read as they are: embed them with unicom embed --flip")
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,

@@ -216,7 +216,8 @@ def model_known(args: argparse.Namespace, index) -> bool:
 
 def load_checked_encoder(args: argparse.Namespace, index, spec: tuple[str, str | None] | None = None):
     """The model ``spec`` (spec, pretrained), else of ``--model``/``--pretrained`` (or the
-    index's record), checked against the index."""
+    index's record), checked against the index (its queries' encoder:
+    :func:`unicom.search.queries.query_encoder`)."""
     from unicom.models.encoders import load_encoder
     from unicom.search.queries import check_model
 
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     # the collection's own model, for the images, and for the texts unless it has no text tower (or is not recorded)
     spare = queries.recorded_text_model(index) is not None and args.multilingual_model != NO_TEXT_MODEL
     if images or (texts and text_model is None and (model_known(args, index) or not spare)):
-        encoder = load_checked_encoder(args, index)
+        encoder = queries.query_encoder(index, load_checked_encoder(args, index))
     if texts and text_model is None:
         if spare and (encoder is None or not encoder.has_text):  # the text model of the captions then
             text_model = load_multilingual_models(args, {args.index: index})[args.index]

@@ -169,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
             from unicom.search.queries import check_model
 
             check_model(index, loaded[spec])
-        encoders[name] = loaded[spec]
+        from unicom.search.queries import query_encoder
+
+        encoders[name] = query_encoder(index, loaded[spec])  # its mirror averaged in where the index's embeddings were
     app = create_app(
         indexes,
         encoders,

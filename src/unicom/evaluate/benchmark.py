@@ -23,12 +23,14 @@ from unicom import storage
 from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
+    FLIP,
     WEIGHTS_CHECKSUM,
     EmbeddingFolders,
     part_complete,
     read_config,
     read_embedding_folder,
     read_record,
+    recorded_flip,
     require_usable_rows,
     row_keys,
     sweep_writer_temporaries,
@@ -266,6 +268,7 @@ def evaluate_benchmark(
     expansion=None,
     distractors: str | os.PathLike | None = None,
     whiten: str | os.PathLike | None = None,
+    flip: bool = False,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
@@ -281,12 +284,18 @@ def evaluate_benchmark(
     (Revisited Oxford/Paris + 1M, GLDv2), made by the same model. ``whiten``: an embedding
     folder, made by the same model, on which a PCA whitening of every retrieval embedding is
     learned (:func:`learned_whitening`), or a :class:`Whitening` (a discriminative one).
+    ``flip``: with ``model``, each image embedding the mean of the image's features and its
+    mirror image's (:class:`unicom.models.encoders.FlipAveraged`; ``flip`` in the report).
     """
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
 
     if (model is None) == (embeddings is None):
         raise InputError("give either a model or an embeddings folder")
+    if flip and model is None:
+        raise InputError("--flip averages each image's embedding with its mirror image's as --model embeds them; "
+                         "embeddings already made are read as they are: embed them with unicom embed --flip, or give "
+                         "--model")
     name = canonical_name(dataset)
     classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
     if expansion and name not in RETRIEVAL_BENCHMARKS:
@@ -310,45 +319,52 @@ def evaluate_benchmark(
             raise InputError(f"--classes and --exclude-classes score a subset of a retrieval protocol's classes; "
                              f"--dataset {name} has images and captions, not classes")
         return evaluate_image_text(name, root, out=out, model=model, pretrained=pretrained, ks=ks,
-                                   batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size)
+                                   batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size,
+                                   flip=flip)
     if zero_shot and classification not in CLASSIFICATION_BENCHMARKS:
         raise InputError(f"zero-shot classification names the classes of a classification dataset "
                          f"({', '.join(CLASSIFICATION_BENCHMARKS)}); {dataset} is not one")
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
-                                    distractors, whiten)
+                                    distractors, whiten, flip)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
                                          num_workers, device, download, probe, knn, knn_k, temperature,
-                                         zero_shot, templates, class_names)
+                                         zero_shot, templates, class_names, flip)
     raise InputError(
         f"unknown dataset {dataset!r}; retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
         f"image-text: {', '.join(CAPTION_BENCHMARKS)}; classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
     )
 
 
-def _encoder(model, pretrained, device):
+def _encoder(model, pretrained, device, flip: bool = False):
     from unicom import distributed
-    from unicom.models.encoders import load_encoder
+    from unicom.models.encoders import load_encoder, with_flip
 
-    return load_encoder(model, pretrained, device or distributed.local_device())
-
-
-def _embedding_identity(encoder, model, pretrained, dataset: str) -> dict:
-    """What cached embeddings were made with: the model and weights as given, and the digest
-    of the loaded weights (as ``unicom embed`` records it), so that a model trained again in
-    place is not read back from an earlier run's embeddings."""
-    return {"model": model, "pretrained": pretrained, "dataset": dataset, WEIGHTS_CHECKSUM: encoder.weights_sha256()}
+    return with_flip(load_encoder(model, pretrained, device or distributed.local_device()), flip)
 
 
-def _model_info(model, pretrained, embeddings) -> dict:
+def _embedding_identity(encoder, model, pretrained, dataset: str, flip: bool = False) -> dict:
+    """What cached embeddings were made with: the model and weights as given, the digest of
+    the loaded weights (as ``unicom embed`` records it), so that a model trained again in
+    place is not read back from an earlier run's embeddings, and ``flip`` when set."""
+    identity = {"model": model, "pretrained": pretrained, "dataset": dataset, WEIGHTS_CHECKSUM: encoder.weights_sha256()}
+    return {**identity, FLIP: True} if flip else identity
+
+
+def _model_info(model, pretrained, embeddings, flip: bool = False) -> dict:
+    """The report's fields of what was evaluated: the model (``flip`` when its mirror images
+    were averaged in), or the embeddings folder (``flip`` when it records so)."""
     if model is not None:
         from unicom.models.foundation import recorded_spec
 
-        return {"model": recorded_spec(model), "pretrained": storage.recorded(pretrained)}
-    return {"embeddings": storage.absolute(embeddings)}
+        info = {"model": recorded_spec(model), "pretrained": storage.recorded(pretrained)}
+    else:
+        info = {"embeddings": storage.absolute(embeddings)}
+        flip = bool(MadeBy.of(_split_folders(embeddings)["gallery"] or embeddings).flip)
+    return {**info, FLIP: True} if flip else info
 
 
 def _retrieval_only(classes, exclude_classes) -> None:
@@ -371,7 +387,7 @@ def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_n
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None, expansion=None,
-                         distractors=None, whiten=None) -> dict:
+                         distractors=None, whiten=None, flip=False) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
@@ -397,8 +413,8 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         if len(train_rows) < 2:
             train = train_rows = None
     if model is not None:
-        encoder = _encoder(model, pretrained, device)
-        config = _embedding_identity(encoder, model, pretrained, name)
+        encoder = _encoder(model, pretrained, device, flip)
+        config = _embedding_identity(encoder, model, pretrained, name, flip)
         for split, images in splits.items():
             if images is None:
                 vectors[split] = None
@@ -470,18 +486,18 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if vectors["train"] is not None:
                 require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
         embeddings = folders["root"]
-    info = {"dataset": name, **_model_info(model, pretrained, embeddings)}
+    info = {"dataset": name, **_model_info(model, pretrained, embeddings, flip)}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
-    digest = None  # of the weights that made the benchmark's embeddings, which the folders added must share
+    made_by = None  # how the benchmark's embeddings were made, which the folders added must share
     if distractors is not None or whiten is not None:
-        digest = config[WEIGHTS_CHECKSUM] if model is not None else _recorded_digest(folders["gallery"])
+        made_by = MadeBy(config[WEIGHTS_CHECKSUM], flip) if model is not None else MadeBy.of(folders["gallery"])
     if distractors is not None:
-        added = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], digest,
+        added = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], made_by,
                                     embeddings if model is None else None)
         vectors["gallery"] = np.concatenate([np.asarray(vectors["gallery"], dtype=np.float32), added])
         info["distractors"] = {"embeddings": storage.absolute(distractors), "count": len(added)}
-    vectors = _whitened(vectors, whiten, digest, info)
+    vectors = _whitened(vectors, whiten, made_by, info)
     gallery = protocol.gallery
     return evaluate_retrieval(
         vectors["query"],
@@ -514,35 +530,50 @@ def _scoring_device(device: str | None):
     return resolve_device(device or "auto", key="--device")
 
 
-def _recorded_digest(folder) -> str | None:
-    """The digest of the weights that made ``folder``'s embeddings, as ``unicom embed``
-    (``embed_config.json``) or ``evaluate --model`` (its cache record) recorded it; None
-    when neither did."""
-    for record in (read_config(folder), read_record(storage.join(folder, CACHE_CONFIG), f"remove {folder} and embed "
-                                                    "it again")):
-        if record and record.get(WEIGHTS_CHECKSUM):
-            return record[WEIGHTS_CHECKSUM]
-    return None
+@dataclass(frozen=True)
+class MadeBy:
+    """How a folder's embeddings were made, as far as recorded: the digest of the model's
+    weights, and whether each image's mirror was averaged in (``flip``); None: not recorded."""
+
+    digest: str | None = None
+    flip: bool | None = None
+
+    @classmethod
+    def of(cls, folder) -> "MadeBy":
+        """As ``unicom embed`` (``embed_config.json``) or ``evaluate --model`` (its cache
+        record) recorded it for ``folder``; nothing when neither did."""
+        for record in (read_config(folder), read_record(storage.join(folder, CACHE_CONFIG), f"remove {folder} and "
+                                                        "embed it again")):
+            if record and record.get(WEIGHTS_CHECKSUM):
+                return cls(record[WEIGHTS_CHECKSUM], recorded_flip(record))
+        return cls()
 
 
-def _require_same_model(folder, option: str, found: int, dimension: int, digest: str | None) -> None:
+def _require_same_model(folder, option: str, found: int, dimension: int, made_by: MadeBy | None) -> None:
     """An :class:`InputError` when ``folder`` (given with ``option``) holds embeddings of
-    ``found`` dimensions, not the benchmark's ``dimension``, or records other weights than
-    ``digest`` (when both are recorded): they were made by another model."""
+    ``found`` dimensions, not the benchmark's ``dimension``, or records other weights or
+    another way of embedding (``--flip``) than ``made_by`` (when both are recorded): they
+    were made by another model, or otherwise."""
     if found != dimension:
         raise InputError(f"{storage.text(folder)} ({option}) holds {found}-dimensional embeddings, the benchmark's "
                          f"are {dimension}-dimensional: they were made by different models; embed {option}'s images "
                          "with the benchmark's model")
-    recorded = _recorded_digest(folder)
-    if digest is not None and recorded is not None and recorded != digest:
+    made_by = made_by or MadeBy()
+    recorded = MadeBy.of(folder)
+    if made_by.digest is not None and recorded.digest is not None and recorded.digest != made_by.digest:
         raise InputError(f"{storage.text(folder)} ({option}) was embedded by other weights than the benchmark "
-                         f"({WEIGHTS_CHECKSUM} {recorded[:12]}… against {digest[:12]}…): {option}'s images and the "
-                         "benchmark must be embedded by the same model")
+                         f"({WEIGHTS_CHECKSUM} {recorded.digest[:12]}… against {made_by.digest[:12]}…): {option}'s "
+                         "images and the benchmark must be embedded by the same model")
+    if made_by.flip is not None and recorded.flip is not None and recorded.flip != made_by.flip:
+        ways = {True: "each image averaged with its mirror image (--flip)", False: "the images alone (no --flip)"}
+        raise InputError(f"{storage.text(folder)} ({option}) was embedded with {ways[recorded.flip]}, the benchmark "
+                         f"with {ways[made_by.flip]}: embed {option}'s images the way the benchmark's were")
 
 
-def learned_whitening(whiten, dimension: int, digest: str | None = None):
+def learned_whitening(whiten, dimension: int, made_by: MadeBy | None = None):
     """The whitening ``whiten`` asks for (a :class:`Whitening`, or a folder: PCA) learned on
-    every row of its embedding folder (``--whiten``), checked to be of the benchmark's model:
+    every row of its embedding folder (``--whiten``), checked to be made as the benchmark's
+    embeddings were (``made_by``):
     (the fitted :class:`~unicom.evaluate.dims.PCA` or
     :class:`~unicom.evaluate.whitening.DiscriminativeWhitening`, its row count)."""
     from unicom.evaluate.dims import PCA
@@ -550,7 +581,7 @@ def learned_whitening(whiten, dimension: int, digest: str | None = None):
     spec = whiten if isinstance(whiten, Whitening) else Whitening(whiten)
     folder = spec.folder
     x, metadata = read_embedding_folder(folder)
-    _require_same_model(folder, "--whiten", x.shape[1], dimension, digest)
+    _require_same_model(folder, "--whiten", x.shape[1], dimension, made_by)
     keys = row_keys(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
     require_usable_rows(x, keys, folder)
     if spec.method == "discriminative":
@@ -569,7 +600,7 @@ def learned_whitening(whiten, dimension: int, digest: str | None = None):
     return pca, len(x)
 
 
-def _whitened(vectors: dict, whiten, digest: str | None, info: dict) -> dict:
+def _whitened(vectors: dict, whiten, made_by: MadeBy | None, info: dict) -> dict:
     """``vectors`` (split -> (N, D) or None) whitened by :func:`learned_whitening` of
     ``whiten`` (a :class:`Whitening` or a folder), which ``info`` records; unchanged without
     ``whiten``."""
@@ -577,24 +608,24 @@ def _whitened(vectors: dict, whiten, digest: str | None, info: dict) -> dict:
         return vectors
     spec = whiten if isinstance(whiten, Whitening) else Whitening(whiten)
     dimension = next(v.shape[1] for v in vectors.values() if v is not None)
-    whitening, rows = learned_whitening(spec, dimension, digest)
+    whitening, rows = learned_whitening(spec, dimension, made_by)
     info["whitening"] = {"embeddings": storage.absolute(spec.folder), "rows": rows}
     if spec.method == "discriminative":
         info["whitening"].update(method="discriminative", classes=whitening.classes, pairs=whitening.pairs)
     return {split: None if v is None else whitening.whiten(v) for split, v in vectors.items()}
 
 
-def _distractor_vectors(folder, gallery, dimension: int, digest: str | None, benchmark_folder) -> np.ndarray:
+def _distractor_vectors(folder, gallery, dimension: int, made_by: MadeBy | None, benchmark_folder) -> np.ndarray:
     """The rows of the embedding folder ``folder`` given with ``--distractors``, float32,
     checked against the benchmark's ``gallery`` (an ImageList) and its embeddings: the same
-    dimension and weights (when both are recorded), none of the gallery's images, every row
+    dimension, weights and way of embedding (when both are recorded), none of the gallery's images, every row
     with a direction."""
     if benchmark_folder is not None and storage.absolute(folder) == storage.absolute(benchmark_folder):
         raise InputError(f"{storage.text(folder)} (--distractors) is the folder of the benchmark's own embeddings "
                          "(--embeddings): its images would be their own distractors; give the folder of the "
                          "distractor images (revisitop1m's, embedded with unicom embed)")
     x, metadata = read_embedding_folder(folder)
-    _require_same_model(folder, "--distractors", x.shape[1], dimension, digest)
+    _require_same_model(folder, "--distractors", x.shape[1], dimension, made_by)
     keys = row_keys(metadata, folder) if metadata is not None else [f"#{row}" for row in range(len(x))]
     shared = sorted(set(keys) & set(gallery.keys))
     if metadata is not None and not shared:  # the same files under other keys (a folder embedded with --input)
@@ -708,7 +739,7 @@ def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:
 
 def _classification_benchmark(name, root, out, model, pretrained, embeddings, batch_size, num_workers, device,
                               download, probe, knn, knn_k, temperature, zero_shot=False, templates="openai",
-                              class_names=None) -> dict:
+                              class_names=None, flip=False) -> dict:
     from unicom.data.benchmarks import load_classification_benchmark
     from unicom.evaluate.report import evaluate_classification
 
@@ -730,7 +761,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     vectors = {}
     scores = None
     if model is not None:
-        encoder = _encoder(model, pretrained, device)
+        encoder = _encoder(model, pretrained, device, flip)
         if zero_shot:
             from unicom.evaluate.zero_shot import class_names as prompt_names, class_prototypes
 
@@ -738,7 +769,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
                 raise InputError(f"zero-shot classification needs a text tower: {encoder.name} has none "
                                  f"({encoder.no_text_reason}); give a CLIP (an open_clip name with --pretrained)")
             names = prompt_names(name, test.class_names, _class_count(train, test), class_names)
-        config = _embedding_identity(encoder, model, pretrained, name)
+        config = _embedding_identity(encoder, model, pretrained, name, flip)
         for split, part in parts.items():
             vectors[split] = embed_cached(encoder, part.images, keys[split], out / "embeddings" / split,
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,
@@ -758,7 +789,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     return evaluate_classification(
         vectors.get("train"), train.labels, vectors["test"], test.labels, metric=metric, probe=probe, knn=knn,
         knn_k=knn_k, temperature=temperature, out=out, zero_shot=scores,
-        info={"dataset": name, **_model_info(model, pretrained, embeddings)},
+        info={"dataset": name, **_model_info(model, pretrained, embeddings, flip)},
     )
 
 
@@ -830,7 +861,7 @@ def evaluate_embedding_folders(
     x, metadata = read_embedding_folder(embeddings)
     lookup = None if labels is None else read_labels(labels)
     y = labels_of(metadata, embeddings, labels, lookup=lookup)
-    info = {"embeddings": storage.absolute(embeddings)}
+    info = _model_info(None, None, embeddings)
     labelled = [(embeddings, metadata)]  # the folders whose keys the labels file labels
     if task == "classification":
         _retrieval_only(classes, exclude_classes)
@@ -879,7 +910,7 @@ def evaluate_embedding_folders(
     if pca and dims and train is None:  # --no-pca asked for none
         _add_note(info, "no train embeddings: the PCA baseline is left out")
     if whiten is not None:
-        whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, _recorded_digest(embeddings), info)
+        whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, MadeBy.of(embeddings), info)
         x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
                               chunk_size=chunk_size, out=out, info=info, classes=classes,

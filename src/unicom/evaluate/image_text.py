@@ -39,10 +39,12 @@ def evaluate_image_text(
     num_workers: int | None = None,
     device: str | None = None,
     chunk_size: int | None = None,
+    flip: bool = False,
 ) -> dict:
     """Score ``model`` on image-text benchmark ``name`` (a key of
     :data:`unicom.data.benchmarks.CAPTION_BENCHMARKS`) read from ``root``; writes
-    ``metrics.json`` and ``metrics.md`` under ``out`` and returns the report."""
+    ``metrics.json`` and ``metrics.md`` under ``out`` and returns the report. ``flip``: each
+    image embedding averaged with its mirror image's (the captions as they are)."""
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, canonical_name, load_caption_benchmark
     from unicom.evaluate.benchmark import _embedding_identity, _encoder, _model_info, embed_cached
     from unicom.evaluate.metrics import retrieval_metrics
@@ -51,14 +53,14 @@ def evaluate_image_text(
 
     name = canonical_name(name)
     split = load_caption_benchmark(name, root)  # missing files are named before a model is loaded
-    encoder = _encoder(model, pretrained, device)
+    encoder = _encoder(model, pretrained, device, flip)
     if not encoder.has_text:
         raise InputError(
             f"--dataset {name} scores retrieval between images and captions: {encoder.name} has no text tower "
             f"({encoder.no_text_reason}); evaluate a model that embeds texts into its image space (an open_clip CLIP: "
             "--model ViT-B-32 --pretrained laion400m_e32), or its images alone on a retrieval benchmark")
     out = Path(out)
-    identity = _embedding_identity(encoder, model, pretrained, name)
+    identity = _embedding_identity(encoder, model, pretrained, name, flip)
     images = embed_cached(encoder, split.images.paths, split.images.keys, out / "embeddings" / "images",
                           dict(identity, split="images"), batch_size=batch_size, num_workers=num_workers,
                           desc=f"embed {name} images")
@@ -70,7 +72,7 @@ def evaluate_image_text(
     image_ids = np.arange(len(split.images))
     report = {
         "dataset": name,
-        **_model_info(model, pretrained, None),
+        **_model_info(model, pretrained, None, flip),
         "protocol": {"images": len(split.images), "captions": len(split.captions), "ks": list(ks),
                      "annotations": split.source, "embedding_dim": int(images.shape[1])},
         "text_to_image": retrieval_metrics(texts, split.caption_image, images, image_ids, ks, chunk_size),
@@ -87,7 +89,9 @@ def evaluate_image_text(
 def image_text_markdown(report: dict) -> str:
     """The report as a markdown table: Recall@K (%) of both directions and their mean."""
     protocol = report["protocol"]
-    heading = " · ".join(str(report[k]) for k in ("dataset", "model") if report.get(k))
+    from unicom.evaluate.report import report_heading
+
+    heading = report_heading(report, ("dataset", "model"), "image-text retrieval")
     ks = protocol["ks"]
     lines = [f"# {heading}", "",
              f"{protocol['images']} images and {protocol['captions']} captions ({protocol['annotations']}), dimension "

@@ -222,10 +222,17 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}"
 
 
+def report_heading(report: dict, keys: Sequence[str], fallback: str) -> str:
+    """A report's title: its fields ``keys`` that are given, joined, and "each image averaged
+    with its mirror" where the report says ``flip``; ``fallback`` when none is given."""
+    heading = " · ".join(str(report[k]) for k in keys if report.get(k)) or fallback
+    return heading + (" · each image averaged with its mirror" if report.get("flip") else "")
+
+
 def retrieval_markdown(report: dict) -> str:
     """The report as markdown tables: metrics (in %), subsets, and the dimension curve."""
     protocol = report["protocol"]
-    heading = " · ".join(str(report[k]) for k in ("dataset", "model", "embeddings") if report.get(k)) or "retrieval"
+    heading = report_heading(report, ("dataset", "model", "embeddings"), "retrieval")
     search = "leave-one-out" if protocol["leave_one_out"] else f"against a gallery of {protocol['gallery']:,}"
     if report.get("distractors"):
         search += f" ({report['distractors']['count']:,} of them distractors, {report['distractors']['embeddings']})"
@@ -388,7 +395,7 @@ def evaluate_classification(
 
 def classification_markdown(report: dict) -> str:
     protocol = report["protocol"]
-    heading = " · ".join(str(report[k]) for k in ("dataset", "model", "embeddings") if report.get(k)) or "classification"
+    heading = report_heading(report, ("dataset", "model", "embeddings"), "classification")
     lines = [
         f"# {heading}",
         "",

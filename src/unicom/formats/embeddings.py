@@ -90,6 +90,13 @@ SHOWN = 10  # part numbers listed in a message
 SHARD_COLUMNS = "shard_columns"
 METADATA_FIELDS = "metadata_fields"  # embed_config.json: the fields of shards' samples kept as metadata columns
 PART_SETTINGS = "part_settings"  # embed_config.json: the settings of every run that wrote parts (a list)
+FLIP = "flip"  # embed_config.json (and an evaluation's cache record): true when each image embedding averages its mirror's
+
+
+def recorded_flip(config: dict | None) -> bool | None:
+    """Whether a folder's record (``embed_config.json``, an evaluation's cache record) says its
+    image embeddings average each image's mirror (:data:`FLIP`); None without a record."""
+    return None if config is None else bool(config.get(FLIP, False))
 SETTINGS_KEY = b"unicom.embed_settings"  # a part's metadata file: how its embeddings were computed (JSON)
 
 

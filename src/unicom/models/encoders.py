@@ -118,6 +118,48 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
+class FlipAveraged(Encoder):
+    """Test-time augmentation by mirroring: an encoder whose image embedding is the mean of
+    its features for the model input and for the same input mirrored left to right (after
+    the model's transform: its resize and crop as for the image itself), before any L2
+    normalisation, as re-identification and face-recognition evaluations average them.
+
+    Texts, the transform and the weights are the encoder's own (:meth:`weights_sha256` is
+    its digest: the same weights, another way of embedding; records that keep both say
+    ``flip`` beside it). Two forward passes per batch, each of the batch's size.
+    """
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        if isinstance(encoder, FlipAveraged):
+            encoder = encoder.encoder  # mirrored once: the mean of an image and its mirror is its own mirror's
+        self.encoder = encoder
+        self.image_transform = encoder.image_transform
+        self.embedding_dim = encoder.embedding_dim
+        self.name = encoder.name
+        self.has_text = encoder.has_text
+        self.no_text_reason = encoder.no_text_reason
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.encoder.encode_image(images)
+        mirrored = self.encoder.encode_image(images.flip(-1))
+        return (features.float() + mirrored.float()).mul_(0.5).to(features.dtype)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encoder.tokenize(texts)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_text(tokens)
+
+    def weights_sha256(self) -> str:
+        return self.encoder.weights_sha256()
+
+
+def with_flip(encoder: Encoder, flip: bool) -> Encoder:
+    """``encoder`` averaged with its mirror images (:class:`FlipAveraged`) when ``flip``, else as it is."""
+    return FlipAveraged(encoder) if flip else encoder
+
+
 RANDOM_WEIGHTS_SEED = 0  # torch's CPU generator's seed while a timm or open_clip model is built
 
 

@@ -47,6 +47,7 @@ from unicom.errors import InputError
 from unicom.files import atomic_path, process_alive, save_npy_atomic, sweep_temporaries, write_json_atomic, write_parquet_atomic
 from unicom.formats.embeddings import CONFIG_FILE as EMBEDDINGS_CONFIG
 from unicom.formats.embeddings import (
+    FLIP,
     KINDS,
     SHARD_COLUMNS,
     WEIGHTS_CHECKSUM,
@@ -499,11 +500,13 @@ class Index:
 
     def search_images(self, encoder, images: Sequence[Any], k: int = 10, *, batch_size: int = 32):
         """Embed ``images`` (PIL images or paths) with ``encoder`` and search: (scores, ids) as :meth:`search`.
-        The encoder must be the collection's model (:meth:`check_encoder`)."""
+        The encoder must be the collection's model (:meth:`check_encoder`); each image is averaged
+        with its mirror where the collection's were (:func:`unicom.search.queries.query_encoder`)."""
         from unicom.embed import embed_images
+        from unicom.search.queries import query_encoder
 
         self.check_encoder(encoder)
-        return self.search(embed_images(encoder, images, batch_size=batch_size), k, modality="image")
+        return self.search(embed_images(query_encoder(self, encoder), images, batch_size=batch_size), k, modality="image")
 
     def check_encoder(self, encoder) -> None:
         """Raise :class:`InputError` unless ``encoder`` can be the model that embedded the collection:
@@ -1022,7 +1025,10 @@ def _embedding_model(config: dict) -> dict | None:
     """The model that embedded the collection, from ``unicom embed``'s configuration, if any."""
     if not isinstance(config.get("model"), str):
         return None
-    return {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
+    model = {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
+    if config.get(FLIP):  # `unicom embed --flip`: image queries are embedded so too
+        model[FLIP] = True
+    return model
 
 
 def _text_model(config: dict) -> dict | None:

@@ -81,6 +81,16 @@ def check_model(index, encoder) -> None:
     )
 
 
+def query_encoder(index, encoder):
+    """``encoder`` as ``index``'s image queries are embedded: averaged with each image's mirror
+    (:class:`unicom.models.encoders.FlipAveraged`) where the collection's embeddings were
+    (``unicom embed --flip``, recorded in the index's ``model``), else as it is."""
+    from unicom.formats.embeddings import FLIP
+    from unicom.models.encoders import with_flip
+
+    return with_flip(encoder, bool((index.config.get("model") or {}).get(FLIP)))
+
+
 def source_dims(index) -> int:
     """The dimensions of the embeddings the index was built from (an index may keep their first ones only)."""
     return index.config.get("source_dims", index.dims)

@@ -28,8 +28,9 @@ meeting through their files:
    the compact epoch.
 
 Writes ``OUT/report.md``, ``OUT/metrics.json`` and plots (``queries.png``, ``loss.png``,
-``recall_vs_dimension.png``, the clustering's ``cluster_sizes.png``, and the contact sheet
-``clusters.png`` with its captioned ``clusters.html``).
+``recall_vs_dimension.png``, the clustering's ``cluster_sizes.png``, the contact sheet
+``clusters.png`` with its captioned ``clusters.html``, and the trained network's mistakes,
+``evaluate/<protocol>/trained_network/examples.png`` and ``examples.html``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ COMPACT_FRACTION = 8  # the compact epoch runs an eighth of the main run's steps
 DIMENSIONS = (8, 16, 32, 64)
 PROTOCOLS = ("clean", "varied")
 SHOWN_CLUSTERS = 6  # pseudo-classes drawn on the contact sheet
+SHOWN_MISTAKES = 8  # the trained network's failed queries drawn with their first results (examples.png)
 
 
 @dataclass(frozen=True)
@@ -463,9 +465,11 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
         sources.update({name: ["--model", str(model), "--dataset", "csv", "--root", str(table)] for name, model in models.items()})
         for name, source in sources.items():
             folder = out / "evaluate" / protocol / name
+            # the trained network's mistakes, drawn: queries whose first result is another character
+            shown = ["--examples", str(SHOWN_MISTAKES), "--examples-failures"] if name == "trained_network" else []
             with contextlib.redirect_stdout(io.StringIO()):
                 code = unicom(["evaluate", *source, "--ks", "1,2,4,8", "--dims", dims, "--no-pca", "--num-workers", "0",
-                               "--out", str(folder)])
+                               *shown, "--out", str(folder)])
             if code != 0:
                 raise SystemExit(f"unicom evaluate failed for the {EVALUATED[name]} ({protocol} queries)")
             reports[protocol][name] = json.loads((folder / "metrics.json").read_text())
@@ -573,7 +577,8 @@ def report_markdown(metrics: dict) -> str:
         "",
         "Plots: queries.png, loss.png, recall_vs_dimension.png, cluster_sizes.png; clusters.png (and clusters.html, "
         f"captioned) shows {SHOWN_CLUSTERS} random pseudo-classes, each beside its nearest clusters by centroid "
-        "similarity. Timings (s): "
+        f"similarity; evaluate/clean/trained_network/examples.png (and .html, and the same under varied/) shows "
+        f"{SHOWN_MISTAKES} queries whose first result is another character, beside their first results. Timings (s): "
         + ", ".join(f"{k} {v}" for k, v in metrics["seconds"].items()) + ".",
         "",
     ]

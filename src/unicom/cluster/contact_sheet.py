@@ -33,7 +33,6 @@ BLOCK_GAP). Thumbnails are centred in their T x T cell.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import os
@@ -47,6 +46,7 @@ from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_bytes_atomic, write_text_atomic
 from unicom.formats.clusters import ClusterFolder
 from unicom.formats.embeddings import OCCURRENCE, EmbeddingFolders
+from unicom.data.transforms import jpeg_data_uri, thumbnail_of
 from unicom.progress import progress
 
 LABEL_WIDTH = 160
@@ -207,15 +207,6 @@ def draw_samples(folder: ClusterFolder, clusters: Sequence[int], count: int, see
 # --------------------------------------------------------------------------- where they came from
 
 
-def _thumbnail(source, side: int):
-    """A thumbnail of at most side x side of ``source`` (bytes or a path), decoded reduced."""
-    from unicom.data.transforms import decode_image
-
-    image, _ = decode_image(source, draft=(side, side))
-    image.thumbnail((side, side), reducing_gap=2.0)
-    return image
-
-
 def _describe(samples: list[Sample], folders: EmbeddingFolders, number: int, key_column: str,
               exact: bool = False) -> None:
     """Fill key-matched caption and source of ``samples`` (all of part ``number``) from its
@@ -321,7 +312,7 @@ def _decode_into(sample: Sample, source, side: int) -> None:
         sample.problem = "no image in the sample"
         return
     try:
-        sample.thumbnail = _thumbnail(source, side)
+        sample.thumbnail = thumbnail_of(source, side)
     except DecodeError as error:
         sample.problem = str(error)
 
@@ -481,12 +472,6 @@ def render_png(sheet: ContactSheet) -> bytes:
     return buffer.getvalue()
 
 
-def _data_uri(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def render_html(sheet: ContactSheet) -> str:
     """The sheet as one self-contained HTML page (thumbnails inline), each sample captioned
     with its key, its caption and where it was read from."""
@@ -511,7 +496,7 @@ def render_html(sheet: ContactSheet) -> str:
             parts.append(f'<div class="row {role}" data-cluster="{row.cluster}"{similarity}>'
                          f'<div class="label">{label}</div>')
             for sample in row.samples[: sheet.samples_per_row]:
-                image = (f'<img src="{_data_uri(sample.thumbnail)}" alt="{e(str(sample.key))}">'
+                image = (f'<img src="{jpeg_data_uri(sample.thumbnail)}" alt="{e(str(sample.key))}">'
                          if sample.thumbnail is not None else f'<div class="problem">{e(sample.problem or "")}</div>')
                 caption = f"<br>{e(sample.caption)}" if sample.caption else ""
                 parts.append(f'<figure data-key="{e(str(sample.key))}" data-part="{sample.part}">{image}'

@@ -159,6 +159,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--diffusion-gamma", type=float, metavar="G",
                         help="the graph's and the query's similarities raised to G (default 3)")
 
+    shown = parser.add_argument_group("retrieval examples (docs/evaluation.md#retrieval-examples)")
+    shown.add_argument("--examples", type=_at_least(1), metavar="N",
+                       help="draw N queries beside their first results, marked relevant or not, as examples.html and "
+                            "examples.png in --out (default: none)")
+    shown.add_argument("--examples-k", type=_at_least(1), metavar="K", help="results shown per query (default: 8)")
+    shown.add_argument("--examples-failures", action="store_true",
+                       help="draw the queries among those whose first result is not relevant")
+    shown.add_argument("--examples-seed", type=int, metavar="S", help="the seed of the draw (default: 0)")
+
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     classification.add_argument("--no-knn", action="store_true", help="skip kNN classification")
@@ -180,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
     from unicom.evaluate.image_text import image_text_markdown
-    from unicom.evaluate.report import JSON_NAME, MARKDOWN_NAME, PLOT_NAME, classification_markdown, retrieval_markdown
+    from unicom.evaluate.report import (EXAMPLES_HTML, EXAMPLES_PNG, JSON_NAME, MARKDOWN_NAME, PLOT_NAME,
+                                        classification_markdown, retrieval_markdown)
     from unicom.models.export import local_output
 
     args.out = local_output(args.out, "the evaluation report")  # a URL would become a local folder 's3:'
@@ -204,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
                          "embedded with --model's text tower: give --model and --dataset (cifar10, imagenet, ...)")
     expansion = _expansion(args)
     whiten = _whitening(args)
+    examples = _examples(args)
     dims = (32, 64, 128, 256) if args.dims is None else args.dims
     pca_samples = 50_000 if args.pca_samples is None else args.pca_samples
     if args.pretrained is not None and args.model is None:
@@ -244,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten, flip=args.flip,
+            examples=examples,
             **classify, **subset, **zero_shot,
         )
     elif args.distractors is not None:
@@ -257,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
-            expansion=expansion, whiten=whiten, device=args.device, **classify, **subset,
+            expansion=expansion, whiten=whiten, device=args.device, examples=examples, **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
@@ -273,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
     written = [args.out / JSON_NAME, args.out / MARKDOWN_NAME]
     if report.get("dimensions"):
         written.append(args.out / PLOT_NAME)
+    if report.get("examples"):
+        written += [args.out / EXAMPLES_HTML, args.out / EXAMPLES_PNG]
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -291,6 +305,20 @@ def _whitening(args: argparse.Namespace):
         raise InputError("--whiten-labels names the classes a discriminative whitening learns from; give "
                          "--whiten-method discriminative too")
     return Whitening(args.whiten, args.whiten_method or "pca", args.whiten_labels)
+
+
+def _examples(args: argparse.Namespace):
+    """The :class:`~unicom.evaluate.examples.Examples` of --examples and its options, or None."""
+    from unicom.evaluate.examples import DEFAULT_K, Examples
+
+    given = [option for option, value in (("--examples-k", args.examples_k), ("--examples-seed", args.examples_seed),
+                                          ("--examples-failures", args.examples_failures or None)) if value is not None]
+    if args.examples is None:
+        if given:
+            raise InputError(f"{', '.join(given)} choose the examples that --examples N draws; give --examples too")
+        return None
+    return Examples(args.examples, DEFAULT_K if args.examples_k is None else args.examples_k, args.examples_failures,
+                    0 if args.examples_seed is None else args.examples_seed)
 
 
 def _expansion(args: argparse.Namespace):

@@ -296,6 +296,23 @@ class SplitTransform:
         return normalize_pixels(images, self.mean, self.std)
 
 
+def thumbnail_of(source, side: int) -> Image.Image:
+    """A thumbnail of at most side x side of ``source`` (anything :func:`decode_image` takes),
+    decoded reduced (JPEG draft) where it can be; raises :class:`DecodeError`."""
+    image, _ = decode_image(source, draft=(side, side))
+    image.thumbnail((side, side), reducing_gap=2.0)
+    return image
+
+
+def jpeg_data_uri(image: Image.Image) -> str:
+    """A PIL image as a ``data:`` URL of a JPEG (quality 85), for a self-contained HTML page."""
+    import base64
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def _as_sequence(value):
     return value.tolist() if hasattr(value, "tolist") else list(value)
 

@@ -269,6 +269,7 @@ def evaluate_benchmark(
     distractors: str | os.PathLike | None = None,
     whiten: str | os.PathLike | None = None,
     flip: bool = False,
+    examples=None,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
@@ -286,6 +287,9 @@ def evaluate_benchmark(
     learned (:func:`learned_whitening`), or a :class:`Whitening` (a discriminative one).
     ``flip``: with ``model``, each image embedding the mean of the image's features and its
     mirror image's (:class:`unicom.models.encoders.FlipAveraged`; ``flip`` in the report).
+    ``examples``: an :class:`~unicom.evaluate.examples.Examples` of a retrieval benchmark:
+    queries beside their first results, drawn from the benchmark's images where they are on
+    this machine (:func:`unicom.evaluate.report.evaluate_retrieval`).
     """
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
@@ -305,6 +309,9 @@ def evaluate_benchmark(
     if whiten is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--whiten whitens the embeddings of an image retrieval benchmark's searches; {dataset} is "
                          "not one: leave --whiten out")
+    if examples is not None and name not in RETRIEVAL_BENCHMARKS:
+        raise InputError(f"--examples draws queries beside their first results in an image retrieval benchmark's "
+                         f"search; {dataset} is not one: leave --examples out")
     if distractors is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--distractors join the gallery of an image retrieval benchmark ({', '.join(DISTRACTED)}); "
                          f"{dataset} is not one: leave --distractors out")
@@ -327,7 +334,7 @@ def evaluate_benchmark(
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
-                                    distractors, whiten, flip)
+                                    distractors, whiten, flip, examples)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
@@ -387,7 +394,7 @@ def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_n
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None, expansion=None,
-                         distractors=None, whiten=None, flip=False) -> dict:
+                         distractors=None, whiten=None, flip=False, examples=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
@@ -492,10 +499,13 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     made_by = None  # how the benchmark's embeddings were made, which the folders added must share
     if distractors is not None or whiten is not None:
         made_by = MadeBy(config[WEIGHTS_CHECKSUM], flip) if model is not None else MadeBy.of(folders["gallery"])
+    items = _benchmark_items(protocol) if examples is not None else None
     if distractors is not None:
-        added = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], made_by,
-                                    embeddings if model is None else None)
+        added, added_items = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], made_by,
+                                                 embeddings if model is None else None)
         vectors["gallery"] = np.concatenate([np.asarray(vectors["gallery"], dtype=np.float32), added])
+        if items is not None:
+            items = (items[0], items[1] + added_items)
         info["distractors"] = {"embeddings": storage.absolute(distractors), "count": len(added)}
     vectors = _whitened(vectors, whiten, made_by, info)
     gallery = protocol.gallery
@@ -519,7 +529,40 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         class_names=protocol.query.class_names,
         expansion=expansion,
         device=_scoring_device(device),
+        examples=examples,
+        items=items,
     )
+
+
+def _benchmark_items(protocol):
+    """(query items, gallery items or None) of a benchmark's rows for the examples: each
+    image's key and path (a Revisited query its crop)."""
+    from unicom.data.sources import QueryCrop
+    from unicom.evaluate.examples import Item
+
+    query = protocol.query
+    if protocol.query_boxes is not None:
+        queries = [Item(key, QueryCrop(path, tuple(float(v) for v in box)))
+                   for key, path, box in zip(query.keys, query.paths, protocol.query_boxes)]
+    else:
+        queries = [Item(key, path or None) for key, path in zip(query.keys, query.paths)]
+    if protocol.gallery is None:
+        return queries, None
+    return queries, [Item(key, path or None) for key, path in zip(protocol.gallery.keys, protocol.gallery.paths)]
+
+
+def _folder_items(metadata, folder, rows: int) -> list:
+    """The examples' :class:`~unicom.evaluate.examples.Item` of each of the ``rows`` rows of an
+    embedding folder: its key (``#<row>`` without metadata), and its image where the metadata
+    names one (``image_path``, ``path``)."""
+    from unicom.evaluate.examples import Item
+
+    if metadata is None:
+        return [Item(f"#{row}") for row in range(rows)]
+    keys = row_keys(metadata, folder)
+    column = next((c for c in ("image_path", "path") if c in metadata.column_names), None)
+    paths = metadata.column(column).to_pylist() if column else [None] * rows
+    return [Item(str(key), path or None) for key, path in zip(keys, paths)]
 
 
 def _scoring_device(device: str | None):
@@ -615,8 +658,9 @@ def _whitened(vectors: dict, whiten, made_by: MadeBy | None, info: dict) -> dict
     return {split: None if v is None else whitening.whiten(v) for split, v in vectors.items()}
 
 
-def _distractor_vectors(folder, gallery, dimension: int, made_by: MadeBy | None, benchmark_folder) -> np.ndarray:
-    """The rows of the embedding folder ``folder`` given with ``--distractors``, float32,
+def _distractor_vectors(folder, gallery, dimension: int, made_by: MadeBy | None, benchmark_folder) -> tuple:
+    """The rows of the embedding folder ``folder`` given with ``--distractors``, float32, and
+    their examples' items (:func:`_folder_items`),
     checked against the benchmark's ``gallery`` (an ImageList) and its embeddings: the same
     dimension, weights and way of embedding (when both are recorded), none of the gallery's images, every row
     with a direction."""
@@ -643,7 +687,7 @@ def _distractor_vectors(folder, gallery, dimension: int, made_by: MadeBy | None,
                          f"{', '.join(map(str, shared[:3]))}): a positive among the distractors would count against "
                          "itself; give a folder of other images")
     require_usable_rows(x, keys, folder)
-    return x
+    return x, _folder_items(metadata, folder, len(x))
 
 
 def _split_folders(embeddings) -> dict:
@@ -831,6 +875,7 @@ def evaluate_embedding_folders(
     expansion=None,
     whiten: str | os.PathLike | None = None,
     device: str | None = None,
+    examples=None,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
@@ -842,10 +887,15 @@ def evaluate_embedding_folders(
     :class:`~unicom.evaluate.expansion.Expansion` re-ranking the searches; ``whiten``
     (retrieval): the folder a PCA whitening of every embedding is learned on, or a
     :class:`Whitening`. ``device``
-    (retrieval): where the searches run (default this rank's GPU, else the CPU).
+    (retrieval): where the searches run (default this rank's GPU, else the CPU). ``examples``
+    (retrieval): an :class:`~unicom.evaluate.examples.Examples`, drawn from the images the
+    folders' metadata names (``image_path``, ``path``).
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
+    if examples is not None and task == "classification":
+        raise InputError("--examples draws queries beside their first results in a retrieval search; --task "
+                         "classification searches nothing: leave --examples out")
     if whiten is not None and task == "classification":
         raise InputError("--whiten whitens the embeddings of a retrieval search; --task classification searches "
                          "nothing: leave --whiten out")
@@ -912,7 +962,12 @@ def evaluate_embedding_folders(
     if whiten is not None:
         whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, MadeBy.of(embeddings), info)
         x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
-    return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims),
+    items = None
+    if examples is not None:
+        items = (_folder_items(metadata, embeddings, len(x)),
+                 None if gallery is None else _folder_items(gallery_metadata, gallery_embeddings, len(gallery)))
+    return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims), examples=examples,
+                              items=items,
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
                               exclude_classes=exclude_classes, expansion=expansion, device=_scoring_device(device))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -111,26 +111,21 @@ class PCA:
         return self.transform(x, len(self.components), block_rows) / np.sqrt(self.explained_variance).astype(np.float32)
 
 
-def score(
-    query,
-    query_labels=None,
-    gallery=None,
-    gallery_labels=None,
-    *,
-    relevant=None,
-    setups=None,
-    ks: Sequence[int] = (1,),
-    chunk_size: int | None = None,
-    per_query: bool = False,
-    expansion=None,
-    device=None,
-) -> dict:
-    """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
-    :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are; with an
-    ``expansion`` (:class:`~unicom.evaluate.expansion.Expansion`), of the query and gallery
-    it re-ranks (database-side augmentation, query expansion, then k-reciprocal or diffusion
-    re-ranking of the scores). ``device``: where the searches run (a torch device; default where the
-    embeddings are: the CPU for arrays), in full float32."""
+@dataclass
+class PreparedSearch:
+    """A search as the metrics run it: the query and gallery (expanded, on the device), the
+    re-scoring of a re-ranking (or None) and the query rows searched at once (None: the default)."""
+
+    query: Any
+    gallery: Any
+    rescore: Any = None
+    chunk_size: int | None = None
+
+
+def prepare_search(query, gallery=None, *, expansion=None, chunk_size: int | None = None, device=None) -> PreparedSearch:
+    """The search of :func:`score`: ``query`` and ``gallery`` on ``device``, expanded by
+    ``expansion`` (database-side augmentation, query expansion) and with its k-reciprocal or
+    diffusion re-scoring built (the costly part of those: made once here)."""
     query, gallery = _on(query, device), _on(gallery, device)
     rescore = None
     if expansion:
@@ -148,6 +143,33 @@ def score(
             rescore = DiffusionScores(query, gallery, expansion.diffusion, chunk_size=chunk_size)
         if rescore is not None and chunk_size is None:  # a block's re-scoring holds float64 copies of its scores
             chunk_size = max(1, default_chunk_size(len(query if gallery is None else gallery)) // 8)
+    return PreparedSearch(query, gallery, rescore, chunk_size)
+
+
+def score(
+    query,
+    query_labels=None,
+    gallery=None,
+    gallery_labels=None,
+    *,
+    relevant=None,
+    setups=None,
+    ks: Sequence[int] = (1,),
+    chunk_size: int | None = None,
+    per_query: bool = False,
+    expansion=None,
+    device=None,
+    prepared: "PreparedSearch | None" = None,
+) -> dict:
+    """:func:`retrieval_metrics`, or its relevance-list variant when ``relevant`` is given, or
+    :func:`revisited_metrics` (``ks`` the k of mP@k) when ``setups`` are; with an
+    ``expansion`` (:class:`~unicom.evaluate.expansion.Expansion`), of the query and gallery
+    it re-ranks (database-side augmentation, query expansion, then k-reciprocal or diffusion
+    re-ranking of the scores). ``device``: where the searches run (a torch device; default where the
+    embeddings are: the CPU for arrays), in full float32. ``prepared``: the search as
+    :func:`prepare_search` made it of these arguments, made once for several uses."""
+    search = prepared or prepare_search(query, gallery, expansion=expansion, chunk_size=chunk_size, device=device)
+    query, gallery, rescore, chunk_size = search.query, search.gallery, search.rescore, search.chunk_size
     if setups is not None:
         return revisited_metrics(query, gallery, setups, ks, chunk_size, rescore=rescore)
     if relevant is not None:

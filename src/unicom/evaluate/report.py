@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from unicom.evaluate.dims import dimension_curve, score
+from unicom.evaluate.dims import dimension_curve, prepare_search, score
 from unicom.errors import InputError
 from unicom.evaluate.metrics import METRIC_KEYS, summarize
 from unicom.files import json_text, publish_together, write_bytes_synced
@@ -22,7 +22,8 @@ from unicom.files import json_text, publish_together, write_bytes_synced
 JSON_NAME = "metrics.json"
 MARKDOWN_NAME = "metrics.md"
 PLOT_NAME = "recall_vs_dimension.png"
-REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME)  # every file a report may have, metrics.json first
+EXAMPLES_PNG, EXAMPLES_HTML = "examples.png", "examples.html"
+REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML)  # every file a report may have, metrics.json first
 SHOWN_CLASSES = 10  # class names listed in a message
 
 
@@ -111,6 +112,8 @@ def evaluate_retrieval(
     class_names: Sequence[str] | None = None,
     expansion=None,
     device=None,
+    examples=None,
+    items=None,
 ) -> dict:
     """Score a retrieval protocol on embeddings; optionally write the report under ``out``.
 
@@ -133,11 +136,19 @@ def evaluate_retrieval(
             then those of the re-ranked search, ``without_expansion`` those of the plain one.
         device: where the searches run (a torch device, e.g. ``cuda``), in full float32;
             default the CPU. The report records it (``protocol.device``).
+        examples: an :class:`~unicom.evaluate.examples.Examples`: queries beside their
+            first results of the evaluated search, marked relevant or not, drawn as
+            ``examples.png`` and ``examples.html`` under ``out`` and listed in the report's
+            ``examples``; ``items``: (query items, gallery items), the
+            :class:`~unicom.evaluate.examples.Item` of each row (gallery None for
+            leave-one-out), whose images are drawn.
 
     Returns the report: ``{**info, "protocol": {...}, "metrics": {...}, "subsets":
     {name: metrics}, "dimensions": [rows of dimension_curve], "class_subset": {...}}``.
     """
     subset = None
+    if examples is not None and items is None:
+        raise ValueError("examples draw the images of the rows: give items (query items, gallery items)")
     if classes is not None or exclude_classes is not None:
         class_labelled(query_labels, classes, exclude_classes, relevant if setups is None else setups)
         query_rows, gallery_rows, subset = select_classes(
@@ -145,8 +156,12 @@ def evaluate_retrieval(
         query, query_labels = np.asarray(query)[query_rows], np.asarray(query_labels)[query_rows]
         if gallery is not None:
             gallery, gallery_labels = np.asarray(gallery)[gallery_rows], np.asarray(gallery_labels)[gallery_rows]
+        if items is not None:
+            items = ([items[0][i] for i in query_rows],
+                     None if items[1] is None else [items[1][i] for i in gallery_rows])
+    prepared = prepare_search(query, gallery, expansion=expansion, chunk_size=chunk_size, device=device)
     full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                 chunk_size=chunk_size, per_query=bool(subsets), expansion=expansion, device=device)
+                 chunk_size=chunk_size, per_query=bool(subsets), expansion=expansion, device=device, prepared=prepared)
     per_query = full.pop("per_query", None)
     if metric not in full:
         raise ValueError(f"metric {metric!r} is not computed; choose one of {sorted(full)}")
@@ -180,9 +195,35 @@ def evaluate_retrieval(
         )
     if report.get("dataset") == "ukbench":
         _add_ns_score(report)
+    drawn = None
+    if examples is not None:
+        drawn = _draw_examples(prepared, examples, items, query_labels, gallery_labels, relevant, setups, metric, report)
     if out is not None:
-        write_retrieval_report(report, out)
+        write_retrieval_report(report, out, drawn)
     return report
+
+
+def _draw_examples(prepared, choice, items, query_labels, gallery_labels, relevant, setups, metric: str,
+                   report: dict):
+    """Rank and read the examples ``choice`` asks for (:mod:`unicom.evaluate.examples`) on the
+    search ``prepared``, recorded in ``report["examples"]``; returns the rows to draw."""
+    from unicom.evaluate.examples import Marks, examples_record, rank_examples, read_example_thumbnails, setup_shown
+
+    setup = None
+    if setups:
+        setup = setup_shown(setups, metric)
+        marks = Marks(setup=setups[setup])
+    elif relevant is not None:
+        marks = Marks(relevant=relevant)
+    else:
+        marks = Marks(query_labels, gallery_labels if prepared.gallery is not None else None)
+    query_items, gallery_items = items
+    gallery_items = query_items if gallery_items is None else gallery_items
+    rows = rank_examples(prepared.query, prepared.gallery, marks, choice, query_items, gallery_items,
+                         rescore=prepared.rescore, chunk_size=prepared.chunk_size)
+    read_example_thumbnails(rows, query_items, gallery_items, choice.thumbnail)
+    report["examples"] = examples_record(rows, choice, setup)
+    return rows
 
 
 def _add_ns_score(report: dict) -> None:
@@ -206,11 +247,33 @@ def publish_report(out: str | os.PathLike, files: dict[str, Callable[[Path], Non
     publish_together(out, files, REPORT_NAMES)
 
 
-def write_retrieval_report(report: dict, out: str | os.PathLike) -> None:
+def _examples_note(report: dict) -> str:
+    """What the examples of ``report`` show, in a sentence: which queries, which search."""
+    shown = report["examples"]
+    drawn = len(shown["queries"])
+    which = (f"{drawn} queries drawn at random (seed {shown['seed']}) among those whose first result is not relevant"
+             if shown["failures"] else f"{drawn} queries drawn at random (seed {shown['seed']})")
+    search = "the re-ranked search" if report["protocol"].get("expansion") else "the search"
+    setup = f"; marks of the {shown['setup']} setup" if shown.get("setup") else ""
+    return f"{which}, each with its first {shown['k']} results of {search}{setup}."
+
+
+def write_retrieval_report(report: dict, out: str | os.PathLike, examples=None) -> None:
+    """Write ``report`` under ``out`` as one set (:func:`publish_report`): metrics.json,
+    metrics.md, the dimension curve's plot, and ``examples`` (rows of
+    :func:`unicom.evaluate.examples.rank_examples`) as examples.png and examples.html."""
     from unicom.evaluate.plots import plot_dimension_curve
 
     files = {JSON_NAME: lambda path: write_bytes_synced(path, json_text(report).encode()),
              MARKDOWN_NAME: lambda path: write_bytes_synced(path, retrieval_markdown(report).encode())}
+    if examples is not None:
+        from unicom.evaluate.examples import render_html, render_png
+
+        side = report["examples"].get("thumbnail", 96)
+        title = report_heading(report, ("dataset", "model", "embeddings"), "retrieval") + ": examples"
+        note = _examples_note(report)
+        files[EXAMPLES_PNG] = lambda path: write_bytes_synced(path, render_png(examples, side))
+        files[EXAMPLES_HTML] = lambda path: write_bytes_synced(path, render_html(examples, side, title, note).encode())
     if report.get("dimensions"):  # without a curve, an earlier run's is removed with the rest of its report
         title = " / ".join(str(report[k]) for k in ("dataset", "model") if report.get(k))
         files[PLOT_NAME] = lambda path: plot_dimension_curve(report["dimensions"], path, metric=report["protocol"]["metric"],
@@ -287,6 +350,8 @@ def retrieval_markdown(report: dict) -> str:
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         skipped = [row["skipped"] for row in report["dimensions"] if "skipped" in row]
         lines += [""] + [f"- {why}" for why in skipped] if skipped else []
+    if report.get("examples"):
+        lines += ["", f"Examples ({EXAMPLES_HTML}, {EXAMPLES_PNG}): {_examples_note(report)}"]
     return "\n".join(lines) + "\n"
 
 

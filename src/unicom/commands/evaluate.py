@@ -159,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--diffusion-gamma", type=float, metavar="G",
                         help="the graph's and the query's similarities raised to G (default 3)")
 
-    shown = parser.add_argument_group("retrieval examples (docs/evaluation.md#retrieval-examples)")
+    shown = parser.add_argument_group("retrieval examples and per-query metrics "
+                                      "(docs/evaluation.md#retrieval-examples)")
     shown.add_argument("--examples", type=_at_least(1), metavar="N",
                        help="draw N queries beside their first results, marked relevant or not, as examples.html and "
                             "examples.png in --out (default: none)")
@@ -167,6 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shown.add_argument("--examples-failures", action="store_true",
                        help="draw the queries among those whose first result is not relevant")
     shown.add_argument("--examples-seed", type=int, metavar="S", help="the seed of the draw (default: 0)")
+    shown.add_argument("--per-query", action="store_true",
+                       help="also write each query's metrics of the search, a row per query, as per_query.parquet in "
+                            "--out")
 
     classification = parser.add_argument_group("classification (linear probe and kNN)")
     classification.add_argument("--no-probe", action="store_true", help="skip the linear probe")
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
     from unicom.evaluate.image_text import image_text_markdown
-    from unicom.evaluate.report import (EXAMPLES_HTML, EXAMPLES_PNG, JSON_NAME, MARKDOWN_NAME, PLOT_NAME,
+    from unicom.evaluate.report import (EXAMPLES_HTML, EXAMPLES_PNG, JSON_NAME, MARKDOWN_NAME, PER_QUERY_NAME, PLOT_NAME,
                                         classification_markdown, retrieval_markdown)
     from unicom.models.export import local_output
 
@@ -255,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten, flip=args.flip,
-            examples=examples,
+            examples=examples, per_query=args.per_query,
             **classify, **subset, **zero_shot,
         )
     elif args.distractors is not None:
@@ -269,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
-            expansion=expansion, whiten=whiten, device=args.device, examples=examples, **classify, **subset,
+            expansion=expansion, whiten=whiten, device=args.device, examples=examples, per_query=args.per_query,
+            **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
@@ -287,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.out / PLOT_NAME)
     if report.get("examples"):
         written += [args.out / EXAMPLES_HTML, args.out / EXAMPLES_PNG]
+    if report.get("per_query"):
+        written.append(args.out / PER_QUERY_NAME)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 

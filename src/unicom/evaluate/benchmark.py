@@ -270,6 +270,7 @@ def evaluate_benchmark(
     whiten: str | os.PathLike | None = None,
     flip: bool = False,
     examples=None,
+    per_query: bool = False,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
@@ -289,7 +290,8 @@ def evaluate_benchmark(
     mirror image's (:class:`unicom.models.encoders.FlipAveraged`; ``flip`` in the report).
     ``examples``: an :class:`~unicom.evaluate.examples.Examples` of a retrieval benchmark:
     queries beside their first results, drawn from the benchmark's images where they are on
-    this machine (:func:`unicom.evaluate.report.evaluate_retrieval`).
+    this machine (:func:`unicom.evaluate.report.evaluate_retrieval`). ``per_query``: a retrieval
+    benchmark's metrics of each query, as ``per_query.parquet`` under ``out``.
     """
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
@@ -312,6 +314,9 @@ def evaluate_benchmark(
     if examples is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--examples draws queries beside their first results in an image retrieval benchmark's "
                          f"search; {dataset} is not one: leave --examples out")
+    if per_query and name not in RETRIEVAL_BENCHMARKS:
+        raise InputError(f"--per-query writes the metrics of each query of an image retrieval benchmark; {dataset} is "
+                         "not one: leave --per-query out")
     if distractors is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--distractors join the gallery of an image retrieval benchmark ({', '.join(DISTRACTED)}); "
                          f"{dataset} is not one: leave --distractors out")
@@ -334,7 +339,7 @@ def evaluate_benchmark(
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
-                                    distractors, whiten, flip, examples)
+                                    distractors, whiten, flip, examples, per_query)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
@@ -394,7 +399,7 @@ def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_n
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None, expansion=None,
-                         distractors=None, whiten=None, flip=False, examples=None) -> dict:
+                         distractors=None, whiten=None, flip=False, examples=None, per_query=False) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
@@ -499,7 +504,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
     made_by = None  # how the benchmark's embeddings were made, which the folders added must share
     if distractors is not None or whiten is not None:
         made_by = MadeBy(config[WEIGHTS_CHECKSUM], flip) if model is not None else MadeBy.of(folders["gallery"])
-    items = _benchmark_items(protocol) if examples is not None else None
+    items = _benchmark_items(protocol) if examples is not None or per_query else None
     if distractors is not None:
         added, added_items = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], made_by,
                                                  embeddings if model is None else None)
@@ -531,6 +536,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         device=_scoring_device(device),
         examples=examples,
         items=items,
+        per_query=per_query,
     )
 
 
@@ -876,6 +882,7 @@ def evaluate_embedding_folders(
     whiten: str | os.PathLike | None = None,
     device: str | None = None,
     examples=None,
+    per_query: bool = False,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
@@ -889,13 +896,16 @@ def evaluate_embedding_folders(
     :class:`Whitening`. ``device``
     (retrieval): where the searches run (default this rank's GPU, else the CPU). ``examples``
     (retrieval): an :class:`~unicom.evaluate.examples.Examples`, drawn from the images the
-    folders' metadata names (``image_path``, ``path``).
+    folders' metadata names (``image_path``, ``path``). ``per_query`` (retrieval): each query's
+    metrics as ``per_query.parquet`` under ``out``.
     """
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
-    if examples is not None and task == "classification":
-        raise InputError("--examples draws queries beside their first results in a retrieval search; --task "
-                         "classification searches nothing: leave --examples out")
+    for given, option, does in ((examples is not None, "--examples", "draws queries beside their first results in"),
+                                (per_query, "--per-query", "writes the metrics of each query of")):
+        if given and task == "classification":
+            raise InputError(f"{option} {does} a retrieval search; --task classification searches nothing: leave "
+                             f"{option} out")
     if whiten is not None and task == "classification":
         raise InputError("--whiten whitens the embeddings of a retrieval search; --task classification searches "
                          "nothing: leave --whiten out")
@@ -963,11 +973,11 @@ def evaluate_embedding_folders(
         whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, MadeBy.of(embeddings), info)
         x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
     items = None
-    if examples is not None:
+    if examples is not None or per_query:
         items = (_folder_items(metadata, embeddings, len(x)),
                  None if gallery is None else _folder_items(gallery_metadata, gallery_embeddings, len(gallery)))
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims), examples=examples,
-                              items=items,
+                              items=items, per_query=per_query,
                               chunk_size=chunk_size, out=out, info=info, classes=classes,
                               exclude_classes=exclude_classes, expansion=expansion, device=_scoring_device(device))
 

@@ -171,7 +171,7 @@ def score(
     search = prepared or prepare_search(query, gallery, expansion=expansion, chunk_size=chunk_size, device=device)
     query, gallery, rescore, chunk_size = search.query, search.gallery, search.rescore, search.chunk_size
     if setups is not None:
-        return revisited_metrics(query, gallery, setups, ks, chunk_size, rescore=rescore)
+        return revisited_metrics(query, gallery, setups, ks, chunk_size, rescore=rescore, per_query=per_query)
     if relevant is not None:
         return retrieval_metrics_from_relevance(query, gallery, relevant, ks, chunk_size, per_query=per_query,
                                                 rescore=rescore)

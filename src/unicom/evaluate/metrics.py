@@ -557,6 +557,7 @@ def revisited_metrics(
     kappas: Sequence[int] = (1, 5, 10),
     chunk_size: int | None = None,
     rescore=None,
+    per_query: bool = False,
 ) -> dict:
     """mAP and mP@k of the Revisited Oxford/Paris protocol (Radenović et al. 2018), per setup.
 
@@ -575,7 +576,9 @@ def revisited_metrics(
     A query without positives in a setup is left out of that setup's means.
 
     Returns ``{"map_<setup>": float, "mp@<k>_<setup>": float, "n_queries_<setup>": int (queries
-    scored), "n_excluded_<setup>": int}`` for each setup.
+    scored), "n_excluded_<setup>": int}`` for each setup; with ``per_query``, also
+    ``"per_query"``: float64 arrays (Nq,) ``ap_<setup>`` and ``p@<k>_<setup>``, NaN for a query
+    without positives in the setup.
     """
     kappas = _check_ks(kappas)
     q = as_embeddings(query, "query")
@@ -619,4 +622,9 @@ def revisited_metrics(
             result[f"mp@{k}_{name}"] = float(precision[name][scored, column].mean())
         result[f"n_queries_{name}"] = int(scored.sum())
         result[f"n_excluded_{name}"] = int((~scored).sum())
+    if per_query:
+        result["per_query"] = {}
+        for name in setups:
+            result["per_query"][f"ap_{name}"] = ap[name]
+            result["per_query"].update({f"p@{k}_{name}": precision[name][:, column] for column, k in enumerate(kappas)})
     return result

@@ -23,7 +23,9 @@ JSON_NAME = "metrics.json"
 MARKDOWN_NAME = "metrics.md"
 PLOT_NAME = "recall_vs_dimension.png"
 EXAMPLES_PNG, EXAMPLES_HTML = "examples.png", "examples.html"
-REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML)  # every file a report may have, metrics.json first
+PER_QUERY_NAME = "per_query.parquet"
+# every file a report may have, metrics.json first
+REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML, PER_QUERY_NAME)
 SHOWN_CLASSES = 10  # class names listed in a message
 
 
@@ -114,6 +116,7 @@ def evaluate_retrieval(
     device=None,
     examples=None,
     items=None,
+    per_query: bool = False,
 ) -> dict:
     """Score a retrieval protocol on embeddings; optionally write the report under ``out``.
 
@@ -142,6 +145,9 @@ def evaluate_retrieval(
             ``examples``; ``items``: (query items, gallery items), the
             :class:`~unicom.evaluate.examples.Item` of each row (gallery None for
             leave-one-out), whose images are drawn.
+        per_query: also write each query's metrics of the evaluated search as
+            ``per_query.parquet`` under ``out`` (:func:`per_query_table`; the queries named
+            by ``items``' keys, else by their row).
 
     Returns the report: ``{**info, "protocol": {...}, "metrics": {...}, "subsets":
     {name: metrics}, "dimensions": [rows of dimension_curve], "class_subset": {...}}``.
@@ -149,6 +155,7 @@ def evaluate_retrieval(
     subset = None
     if examples is not None and items is None:
         raise ValueError("examples draw the images of the rows: give items (query items, gallery items)")
+    keep_per_query = per_query
     if classes is not None or exclude_classes is not None:
         class_labelled(query_labels, classes, exclude_classes, relevant if setups is None else setups)
         query_rows, gallery_rows, subset = select_classes(
@@ -161,7 +168,8 @@ def evaluate_retrieval(
                      None if items[1] is None else [items[1][i] for i in gallery_rows])
     prepared = prepare_search(query, gallery, expansion=expansion, chunk_size=chunk_size, device=device)
     full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                 chunk_size=chunk_size, per_query=bool(subsets), expansion=expansion, device=device, prepared=prepared)
+                 chunk_size=chunk_size, per_query=bool(subsets) or keep_per_query, expansion=expansion, device=device,
+                 prepared=prepared)
     per_query = full.pop("per_query", None)
     if metric not in full:
         raise ValueError(f"metric {metric!r} is not computed; choose one of {sorted(full)}")
@@ -198,9 +206,37 @@ def evaluate_retrieval(
     drawn = None
     if examples is not None:
         drawn = _draw_examples(prepared, examples, items, query_labels, gallery_labels, relevant, setups, metric, report)
+    table = None
+    if keep_per_query:
+        keys = [item.key for item in items[0]] if items is not None else [f"#{row}" for row in range(len(query))]
+        table = per_query_table(per_query, keys, query_labels if relevant is None and not setups else None, subsets)
+        report["per_query"] = {"file": PER_QUERY_NAME, "columns": table.column_names}
     if out is not None:
-        write_retrieval_report(report, out, drawn)
+        write_retrieval_report(report, out, drawn, table)
     return report
+
+
+def per_query_table(per_query: dict, keys: Sequence[str], labels=None, subsets: dict | None = None):
+    """Each query's metrics as a table (a row per query, in their order): ``query`` (its
+    key), ``label`` (with labels), then the per-query arrays of the metrics
+    (:func:`~unicom.evaluate.metrics.retrieval_metrics`' ``relevant``, ``first_relevant_rank``
+    (0: none relevant), ``map@r``, ``r_precision``, ``map@100``, ``mmp@5``; or the Revisited
+    setups' ``ap_<setup>`` and ``p@<k>_<setup>``), NaN where a query is not scored, and a
+    boolean ``subset_<name>`` column per subset (GLDv2's ``public``, ``private``)."""
+    import pyarrow as pa
+
+    columns: dict = {"query": pa.array([str(key) for key in keys], pa.string())}
+    if labels is not None:
+        labels = np.asarray(labels)
+        columns["label"] = pa.array(labels.tolist())
+    for name, values in per_query.items():
+        values = np.asarray(values)
+        columns[name] = pa.array(values, pa.int64() if values.dtype.kind in "iu" else pa.float64())
+    for name, rows in (subsets or {}).items():
+        member = np.zeros(len(keys), dtype=bool)
+        member[np.asarray(rows, dtype=np.int64)] = True
+        columns[f"subset_{name}"] = pa.array(member)
+    return pa.table(columns)
 
 
 def _draw_examples(prepared, choice, items, query_labels, gallery_labels, relevant, setups, metric: str,
@@ -258,14 +294,26 @@ def _examples_note(report: dict) -> str:
     return f"{which}, each with its first {shown['k']} results of {search}{setup}."
 
 
-def write_retrieval_report(report: dict, out: str | os.PathLike, examples=None) -> None:
+def write_retrieval_report(report: dict, out: str | os.PathLike, examples=None, per_query=None) -> None:
     """Write ``report`` under ``out`` as one set (:func:`publish_report`): metrics.json,
-    metrics.md, the dimension curve's plot, and ``examples`` (rows of
-    :func:`unicom.evaluate.examples.rank_examples`) as examples.png and examples.html."""
+    metrics.md, the dimension curve's plot, ``examples`` (rows of
+    :func:`unicom.evaluate.examples.rank_examples`) as examples.png and examples.html, and
+    the ``per_query`` table (:func:`per_query_table`) as per_query.parquet."""
     from unicom.evaluate.plots import plot_dimension_curve
 
     files = {JSON_NAME: lambda path: write_bytes_synced(path, json_text(report).encode()),
              MARKDOWN_NAME: lambda path: write_bytes_synced(path, retrieval_markdown(report).encode())}
+    if per_query is not None:
+        import pyarrow.parquet as pq
+
+        def write_table(path: Path) -> None:
+            import pyarrow as pa
+
+            sink = pa.BufferOutputStream()
+            pq.write_table(per_query, sink)
+            write_bytes_synced(path, sink.getvalue().to_pybytes())
+
+        files[PER_QUERY_NAME] = write_table
     if examples is not None:
         from unicom.evaluate.examples import render_html, render_png
 
@@ -352,6 +400,9 @@ def retrieval_markdown(report: dict) -> str:
         lines += [""] + [f"- {why}" for why in skipped] if skipped else []
     if report.get("examples"):
         lines += ["", f"Examples ({EXAMPLES_HTML}, {EXAMPLES_PNG}): {_examples_note(report)}"]
+    if report.get("per_query"):
+        lines += ["", f"Per query ({PER_QUERY_NAME}): each query's metrics of the search above, a row per query "
+                      f"({', '.join(report['per_query']['columns'])})."]
     return "\n".join(lines) + "\n"
 
 

@@ -159,22 +159,34 @@ def _assert_close(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+def _drawn(protocol: dict, failures: bool) -> dict:
+    """``protocol`` with examples (5 queries, 4 results each) of rows named q<i> and g<i>."""
+    from unicom.evaluate.examples import Examples, Item
+
+    queries = [Item(f"q{i}") for i in range(len(protocol["query"]))]
+    gallery = None if protocol.get("gallery") is None else [Item(f"g{i}") for i in range(len(protocol["gallery"]))]
+    return dict(protocol, examples=Examples(5, k=4, failures=failures), items=(queries, gallery))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_scores_on_cuda_equal_those_on_the_cpu():
-    for protocol in _protocols(np.random.default_rng(0)):
+    for n, protocol in enumerate(_protocols(np.random.default_rng(0))):
+        protocol = _drawn(protocol, failures=n % 2 == 1)
         on_cpu = evaluate_retrieval(**protocol, device="cpu")
         on_gpu = evaluate_retrieval(**protocol, device="cuda")
         assert on_gpu["protocol"]["device"] == "cuda" and on_cpu["protocol"]["device"] == "cpu"
-        for part in ("metrics", "subsets", "without_expansion", "dimensions"):
+        for part in ("metrics", "subsets", "without_expansion", "dimensions", "examples"):
             _assert_close(on_gpu.get(part), on_cpu.get(part), part)
 
 
 def test_the_device_of_the_searches_changes_no_score():
     """Scored with the embeddings handed over as tensors on the CPU device (the path a GPU
-    takes), every metric equals the arrays' own."""
-    for protocol in _protocols(np.random.default_rng(1)):
+    takes), every metric, and every example drawn, equals the arrays' own."""
+    for n, protocol in enumerate(_protocols(np.random.default_rng(1))):
+        protocol = _drawn(protocol, failures=n % 2 == 0)
         plain = evaluate_retrieval(**protocol)
         placed = evaluate_retrieval(**protocol, device="cpu")
         assert plain["protocol"]["device"] == placed["protocol"]["device"] == "cpu"
-        for part in ("metrics", "subsets", "without_expansion", "dimensions"):
+        for part in ("metrics", "subsets", "without_expansion", "dimensions", "examples"):
             assert placed.get(part) == plain.get(part), part
+        assert len(plain["examples"]["queries"]) > 0

@@ -150,14 +150,39 @@ TABLES = {  # method: (title, sizes, class sizes, the reference's name)
 SMOKE_SIZES = {"k-reciprocal": [(100, 400), (300, 0)], "diffusion": [(10, 400)]}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULT)
+def parsed_arguments(description: str, result: Path) -> argparse.Namespace:
+    """``--out`` (default ``result``) and ``--smoke`` of a benchmark of re-rankings."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=result)
     parser.add_argument("--smoke", action="store_true", help="small sizes only (a check that the script runs)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def machine() -> str:
+    """The opening of a result file's line about where it ran and on what data."""
+    return f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores; {DIM}-d unit rows"
+
+
+def change(plain: dict, re_ranked: dict) -> str:
+    """The table cells ``Recall@1 plain → re-ranked | MAP@R plain → re-ranked |`` in %."""
+    return (f"{100 * plain['recall@1']:.2f} → {100 * re_ranked['recall@1']:.2f} | "
+            f"{100 * plain['map@r']:.2f} → {100 * re_ranked['map@r']:.2f} |")
+
+
+def published(lines: list[str], args: argparse.Namespace) -> int:
+    """Print the result file's ``lines`` and write them to ``--out`` (not with ``--smoke``)."""
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    print(text)
+    if not args.smoke:
+        args.out.write_text(text)
+    return 0
+
+
+def main() -> int:
+    args = parsed_arguments(__doc__.split("\n\n")[0], RESULT)
     lines = ["# The cost of re-scoring a search: unicom against the reference computations", "",
-             f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores; {DIM}-d unit rows "
-             "(class centres plus noise); seconds and peak resident MiB of a process each (the libraries included);",
+             f"{machine()} (class centres plus noise); seconds and peak resident MiB of a process each (the libraries "
+             "included);",
              "the references run where their gallery x gallery arrays fit; difference: the largest |ours - its| "
              "re-ranked score over the first 200 queries.", ""]
     with tempfile.TemporaryDirectory() as scratch:
@@ -184,15 +209,10 @@ def main() -> int:
                     f"{ours['plain_seconds']:.2f} | {ours['seconds']:.2f} | {ours['peak_mib']:,.0f} | "
                     + (f"{reference['seconds']:.2f} | {reference['peak_mib']:,.0f} | {ours['difference']:.1e} | "
                        if reference else "not run | | | ")
-                    + f"{100 * plain['recall@1']:.2f} → {100 * re_ranked['recall@1']:.2f} | "
-                    f"{100 * plain['map@r']:.2f} → {100 * re_ranked['map@r']:.2f} |")
+                    + change(plain, re_ranked))
                 print(lines[-1], file=sys.stderr, flush=True)  # progress; the tables go to stdout
             lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if not args.smoke:
-        args.out.write_text(text)
-    return 0
+    return published(lines, args)
 
 
 if __name__ == "__main__":

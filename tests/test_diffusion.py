@@ -38,6 +38,18 @@ def dense_graph(gallery: np.ndarray, k: int, gamma: float) -> np.ndarray:
     return scale[:, None] * a * scale[None, :]
 
 
+def start_of(g: np.ndarray, x: np.ndarray, k: int, gamma: float, left_out: int | None = None) -> tuple:
+    """A query's similarities to the unit rows ``g`` (its own row ``left_out`` at -inf) and its
+    start y: max(s, 0)^γ over its k nearest rows, 0 elsewhere."""
+    s = g @ x
+    if left_out is not None:
+        s[left_out] = -np.inf
+    start = np.zeros(len(g))
+    nearest = np.argsort(-s, kind="stable")[:k]
+    start[nearest] = np.maximum(s[nearest], 0.0) ** gamma
+    return s, start
+
+
 def reference_scores(query, gallery, k, gamma, alpha, leave_one_out=False) -> np.ndarray:
     """f = (I - α S)^-1 y by a dense solve, each query's y its k nearest gallery items'
     max(s, 0)^γ; unreached items at similarity - 2 (with ``leave_one_out`` the queries are the
@@ -47,12 +59,7 @@ def reference_scores(query, gallery, k, gamma, alpha, leave_one_out=False) -> np
     system = np.eye(len(g)) - alpha * dense_graph(gallery, k, gamma)
     out = np.empty((len(q), len(g)))
     for row, x in enumerate(q):
-        s = g @ x
-        if leave_one_out:
-            s[row] = -np.inf
-        start = np.zeros(len(g))
-        top = np.argsort(-s, kind="stable")[:k]
-        start[top] = np.maximum(s[top], 0.0) ** gamma
+        s, start = start_of(g, x, k, gamma, row if leave_one_out else None)
         f = np.linalg.solve(system, start)
         out[row] = np.where(f > 0, f, s - 2)
         if leave_one_out:
@@ -156,6 +163,17 @@ def test_embedding_folders_are_re_ranked_and_reported(tmp_path):
         (out / "metrics.md").read_text()
 
 
+def test_the_spectral_form_is_reported_with_its_rank(tmp_path):
+    report, query, query_labels, gallery, gallery_labels = re_ranked_folders(
+        tmp_path, 16, "--diffusion", "10", "--diffusion-rank", "12")
+    assert report["protocol"]["expansion"] == {"diffusion": {"k": 10, "gamma": 3.0, "alpha": 0.99, "rank": 12}}
+    assert "(diffusion, γ = 3, α = 0.99, on the graph's 12 leading eigenvectors)" in \
+        (tmp_path / "report" / "metrics.md").read_text()
+    direct = score(query, query_labels, gallery, gallery_labels, ks=(1, 4),
+                   expansion=Expansion(diffusion=Diffusion(10, rank=12)))
+    assert {key: report["metrics"][key] for key in direct} == pytest.approx(direct)
+
+
 def test_a_revisited_benchmark_is_re_ranked(tmp_path):
     x, report = re_ranked_revisited(tmp_path, "--diffusion", "3", "--diffusion-gamma", "1", "--dims", "none")
     assert report["protocol"]["expansion"] == {"diffusion": {"k": 3, "gamma": 1.0, "alpha": 0.99}}
@@ -163,3 +181,71 @@ def test_a_revisited_benchmark_is_re_ranked(tmp_path):
     # ranking by the scores: the rows of the scores against the identity
     assert report["metrics"] == pytest.approx(straightforward_metrics(expected, np.eye(expected.shape[1])))
     assert report["without_expansion"] == pytest.approx(straightforward_metrics(x[:2], x[2:]))
+
+
+# --------------------------------------------------------------------------- the spectral form
+
+def spectral_reference(query, gallery, k, gamma, alpha, rank, leave_one_out=False) -> np.ndarray:
+    """f = U diag(1 / (1 - α λ)) Uᵀ y on the largest eigenpairs of the dense S (numpy's eigh):
+    every eigenvalue 1 (one per connected part with an edge) and ``rank`` more, where the exact
+    solve reaches (f > 0 there); elsewhere similarity - 2, as :func:`reference_scores` (NaN on
+    a left-out query's own row)."""
+    exact = reference_scores(query, gallery, k, gamma, alpha, leave_one_out)
+    values, vectors = np.linalg.eigh(dense_graph(gallery, k, gamma))
+    top = np.argsort(-values, kind="stable")[:rank + int(np.sum(values > 1 - 1e-9))]
+    u, lam = vectors[:, top], values[top]
+    q = query.astype(np.float64) / np.linalg.norm(query, axis=1, keepdims=True)
+    g = gallery.astype(np.float64) / np.linalg.norm(gallery, axis=1, keepdims=True)
+    out = exact.copy()
+    for row, x in enumerate(q):
+        _, start = start_of(g, x, k, gamma, row if leave_one_out else None)
+        f = u @ ((u.T @ start) / (1 - alpha * lam))
+        reached = exact[row] > 0
+        out[row, reached] = f[reached]
+    return out
+
+
+def cut_between_eigenvalues(gallery, k, gamma, near: int) -> int:
+    """A rank near ``near`` that does not split a repeated eigenvalue of the graph below 1 (the
+    eigenvalues 1 come first, whatever the rank)."""
+    values = np.sort(np.linalg.eigvalsh(dense_graph(gallery, k, gamma)))[::-1]
+    ones = int(np.sum(values > 1 - 1e-9))
+    assert ones >= 1
+    return next(r for r in range(near, len(values) - 2 - ones) if values[ones + r - 1] - values[ones + r] > 1e-6)
+
+
+@pytest.mark.parametrize("k, gamma, alpha, near", [(10, 3.0, 0.99, 20), (5, 1.0, 0.9, 8), (8, 3.0, 0.99, 40)])
+def test_spectral_scores_equal_the_dense_expansion_on_the_leading_eigenvectors(k, gamma, alpha, near):
+    query, _ = clustered(8, 8, 4, 0.8, seed=1)
+    gallery, _ = clustered(60, 8, 4, 0.8, seed=2)
+    rank = cut_between_eigenvalues(gallery, k, gamma, near)
+    expected = spectral_reference(query, gallery, k, gamma, alpha, rank)
+    np.testing.assert_allclose(re_scored(query, gallery, Diffusion(k, gamma, alpha, rank)), expected, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_spectral_leave_one_out_and_its_approach_to_the_exact_solve():
+    x, labels = clustered(50, 8, 5, 0.9, seed=3)
+    rank = cut_between_eigenvalues(x, 6, 3.0, 15)
+    expected = spectral_reference(x, x, 6, 3.0, 0.95, rank, leave_one_out=True)
+    got = re_scored(x, None, Diffusion(6, 3.0, 0.95, rank))
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+    np.testing.assert_allclose(got[off_diagonal], expected[off_diagonal], rtol=1e-5, atol=1e-5)
+    # more eigenvectors, nearer the exact solve
+    exact = re_scored(x, None, Diffusion(6, 3.0, 0.95))[off_diagonal]
+    errors = [np.linalg.norm(re_scored(x, None, Diffusion(6, 3.0, 0.95, r))[off_diagonal] - exact)
+              for r in (cut_between_eigenvalues(x, 6, 3.0, 5), rank, 40)]
+    assert errors[0] > errors[1] > errors[2]
+    metrics = score(x, labels, ks=(1,), expansion=Expansion(diffusion=Diffusion(6, 3.0, 0.95, rank)))
+    walked = walk_metrics(-expected, labels, labels, (1,))
+    assert {key: metrics[key] for key in walked} == pytest.approx(walked)
+
+
+def test_a_rank_the_iteration_cannot_reach_is_refused():
+    x, _ = clustered(12, 4, 2, 1.0, seed=1)
+    with pytest.raises(InputError, match="finds at most 10; give a rank of at most 10"):
+        DiffusionScores(x, None, Diffusion(3, rank=11))
+    with pytest.raises(InputError, match="rank is a number of eigenvectors"):
+        Diffusion(3, rank=0)
+    assert Expansion(diffusion=Diffusion(3, rank=7)).describe()["diffusion"] == {"k": 3, "gamma": 3.0, "alpha": 0.99,
+                                                                                 "rank": 7}

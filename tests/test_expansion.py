@@ -218,6 +218,8 @@ def test_leave_one_out_folders_take_dba_and_refuse_qe(tmp_path, capsys):
     (["--diffusion", "5", "--diffusion-gamma", "0"], "gamma is the power of the similarities"),
     (["--diffusion", "5", "--k-reciprocal", "5"], "--k-reciprocal and --diffusion each replace the scores"),
     (["--diffusion", "50"], r"k = 50 neighbours, but the gallery has 50 items"),
+    (["--diffusion-rank", "10"], "--diffusion-rank sets the diffusion; give --diffusion K"),
+    (["--diffusion", "5", "--diffusion-rank", "49"], "finds at most 48; give a rank of at most 48"),
     (["--k-reciprocal", "3", "--task", "classification", "--train-embeddings", "TRAIN"],
      "--task classification searches nothing: leave --qe, --dba, --k-reciprocal and --diffusion out"),
 ])

@@ -158,6 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how far a query spreads, from 0 up to but not 1 (default 0.99)")
     rerank.add_argument("--diffusion-gamma", type=float, metavar="G",
                         help="the graph's and the query's similarities raised to G (default 3)")
+    rerank.add_argument("--diffusion-rank", type=_at_least(1), metavar="R",
+                        help="the spectral form: the spread on the graph's R leading eigenvectors, computed once, for "
+                             "thousands of queries (a benchmark searched leave-one-out; 1000 is a start; default: "
+                             "the exact solve of each query)")
 
     shown = parser.add_argument_group("retrieval examples and per-query metrics "
                                       "(docs/evaluation.md#retrieval-examples)")
@@ -349,7 +353,9 @@ def _expansion(args: argparse.Namespace):
             (args.diffusion_alpha, "--diffusion-alpha", args.diffusion, "the diffusion; give --diffusion K (K "
                                                                         "neighbours)"),
             (args.diffusion_gamma, "--diffusion-gamma", args.diffusion, "the diffusion; give --diffusion K (K "
-                                                                        "neighbours)")):
+                                                                        "neighbours)"),
+            (args.diffusion_rank, "--diffusion-rank", args.diffusion, "the diffusion; give --diffusion K (K "
+                                                                      "neighbours)")):
         if given is not None and needed is None:
             raise InputError(f"{option} sets {what} too")
     if args.k_reciprocal is not None and args.diffusion is not None:
@@ -363,7 +369,7 @@ def _expansion(args: argparse.Namespace):
     if args.diffusion is not None:
         spread = diffusion.Diffusion(
             args.diffusion, diffusion.DEFAULT_GAMMA if args.diffusion_gamma is None else args.diffusion_gamma,
-            diffusion.DEFAULT_ALPHA if args.diffusion_alpha is None else args.diffusion_alpha)
+            diffusion.DEFAULT_ALPHA if args.diffusion_alpha is None else args.diffusion_alpha, args.diffusion_rank)
     return Expansion(qe=args.qe, dba=args.dba,
                      qe_alpha=DEFAULT_ALPHA if args.qe_alpha is None else args.qe_alpha,
                      dba_alpha=DEFAULT_ALPHA if args.dba_alpha is None else args.dba_alpha,

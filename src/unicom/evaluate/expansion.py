@@ -87,6 +87,8 @@ class Expansion:
         if self.diffusion is not None:
             d = self.diffusion
             described["diffusion"] = {"k": int(d.k), "gamma": float(d.gamma), "alpha": float(d.alpha)}
+            if d.rank is not None:
+                described["diffusion"]["rank"] = int(d.rank)
         return described
 
     def text(self) -> str:
@@ -99,7 +101,7 @@ class Expansion:
             said.append(f"k-reciprocal k1={kr.k1} k2={kr.k2} λ={kr.lambda_value:g}")
         if self.diffusion is not None:
             d = self.diffusion
-            said.append(f"diffusion k={d.k} γ={d.gamma:g} α={d.alpha:g}")
+            said.append(f"diffusion k={d.k} γ={d.gamma:g} α={d.alpha:g}" + (f" rank={d.rank}" if d.rank else ""))
         return ", ".join(said)
 
 

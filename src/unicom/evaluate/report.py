@@ -435,8 +435,10 @@ def _expansion_line(expansion: dict, leave_one_out: bool = False) -> str:
                     f"Jaccard distance of their k-reciprocal neighbourhoods (k1 = {kr['k1']}, k2 = {kr['k2']})")
     if "diffusion" in expansion:
         d = expansion["diffusion"]
+        spectral = f", on the graph's {d['rank']} leading eigenvectors" if d.get("rank") else ""
         said.append(f"each query's similarities spread over the graph of the {searched}s' reciprocal {d['k']} nearest "
-                    f"neighbours (diffusion, γ = {d['gamma']:g}, α = {d['alpha']:g}) and the {searched}s ranked by it")
+                    f"neighbours (diffusion, γ = {d['gamma']:g}, α = {d['alpha']:g}{spectral}) and the {searched}s "
+                    "ranked by it")
     return "Re-ranked: " + "; then ".join(said) + "."
 
 

@@ -168,6 +168,8 @@ def test_a_rerun_replaces_the_set_and_leaves_no_temporary(tmp_path):
     ("itself", r"is --emb itself: leave --against out"),
     ("dimension", r"holds 6-dimensional embeddings and .* 12-dimensional ones"),
     ("weights", r"was embedded by other weights than .* \(weights_sha256 bbbbbbbbbbbb… against aaaaaaaaaaaa…\)"),
+    ("flip", r"other was embedded with each image averaged with its mirror \(--flip\) and .*emb without: a copy in "
+             "both would not score as one"),
     ("zero row", r"1 of the rows used hold NaN or infinite values or are all zeros, e\.g\. 'k3' \(row 3\)"),
     ("max pairs", r"more than 10 pairs have a cosine similarity of 0\.95 or more"),
     ("no metadata", r"no metadata/ folder"),
@@ -188,6 +190,10 @@ def test_refusals_name_what_to_do(case, message, tmp_path, capsys):
         argv += ["--against", str(other)]
         write_config(emb, {"weights_sha256": "a" * 64})
         write_config(other, {"weights_sha256": "b" * 64})
+    elif case == "flip":  # the same weights, embedded another way
+        argv += ["--against", str(other)]
+        write_config(emb, {"weights_sha256": "a" * 64})
+        write_config(other, {"weights_sha256": "a" * 64, "flip": True})
     elif case == "zero row":
         embedding_folder(emb, np.where(np.arange(60)[:, None] == 3, 0, x).astype(np.float32),
                          [f"k{i}" for i in range(60)], parts=1)

@@ -59,10 +59,11 @@ class _Folder:
     """An embedding folder's complete parts (an unfinished one refused), read a part at a time:
     its rows of ``modality`` (``image`` or ``text``) in blocks, checked to have a direction,
     and the keys of given rows. ``digest``: the recorded digest of the weights that made those
-    rows (the multilingual text model's for captions embedded with one), or None."""
+    rows (the multilingual text model's for captions embedded with one), or None; ``flip``:
+    whether each image row averages its image's mirror (``unicom embed --flip``)."""
 
     def __init__(self, root, modality: str = "image"):
-        from unicom.formats.embeddings import WEIGHTS_CHECKSUM, EmbeddingFolders, read_config
+        from unicom.formats.embeddings import FLIP, WEIGHTS_CHECKSUM, EmbeddingFolders, read_config
 
         self.root = root
         self.modality = modality
@@ -82,6 +83,7 @@ class _Folder:
         config = read_config(root) or {}
         self.digest = config.get("text_model_sha256") if modality == "text" and config.get("text_model") else \
             config.get(WEIGHTS_CHECKSUM)
+        self.flip = modality == "image" and bool(config.get(FLIP))
 
     def _part_values(self, index: int, local: np.ndarray | None = None, column: str | None = None, option: str = ""):
         """Part ``index``'s values of ``column`` (default: its keys, as text) at rows ``local``
@@ -449,6 +451,10 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
             raise InputError(f"{other.where} (--against) was embedded by other weights than "
                              f"{folder.where} (weights_sha256 {other.digest[:12]}… against {folder.digest[:12]}…): "
                              "similarities between them mean nothing; embed both with the same model")
+        if folder.flip != other.flip:
+            flipped, plain = (folder, other) if folder.flip else (other, folder)
+            raise InputError(f"{flipped.where} was embedded with each image averaged with its mirror (--flip) and "
+                             f"{plain.where} without: a copy in both would not score as one; embed both the same way")
         rows, matches, similarities = _against(folder, _on(searched_on, other.rows(), f"the {other.num_rows:,} rows "
                                                            "of --against"), threshold, chunk_size, max_pairs)
     if within:  # a pair joins both of its rows

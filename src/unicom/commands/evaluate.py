@@ -153,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--diffusion", type=_at_least(1), metavar="K",
                         help="diffusion (Iscen et al. 2017): each query's similarity spread over a graph of the "
                              "gallery's reciprocal K nearest neighbours (50 in the paper; after --dba and --qe; "
-                             "for tens of queries, not thousands; default: none)")
+                             "for tens of queries: --diffusion-rank for thousands; default: none)")
     rerank.add_argument("--diffusion-alpha", type=float, metavar="A",
                         help="how far a query spreads, from 0 up to but not 1 (default 0.99)")
     rerank.add_argument("--diffusion-gamma", type=float, metavar="G",

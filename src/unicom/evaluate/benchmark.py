@@ -367,15 +367,14 @@ def _embedding_identity(encoder, model, pretrained, dataset: str, flip: bool = F
 
 
 def _model_info(model, pretrained, embeddings, flip: bool = False) -> dict:
-    """The report's fields of what was evaluated: the model (``flip`` when its mirror images
-    were averaged in), or the embeddings folder (``flip`` when it records so)."""
+    """The report's fields of what was evaluated: the model, or the embeddings folder, and
+    ``flip`` when each image was averaged with its mirror (``--flip``, or the folder's record)."""
     if model is not None:
         from unicom.models.foundation import recorded_spec
 
         info = {"model": recorded_spec(model), "pretrained": storage.recorded(pretrained)}
     else:
         info = {"embeddings": storage.absolute(embeddings)}
-        flip = bool(MadeBy.of(_split_folders(embeddings)["gallery"] or embeddings).flip)
     return {**info, FLIP: True} if flip else info
 
 
@@ -498,12 +497,11 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             if vectors["train"] is not None:
                 require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
         embeddings = folders["root"]
-    info = {"dataset": name, **_model_info(model, pretrained, embeddings, flip)}
+    # how the benchmark's embeddings were made, which the folders added must share
+    made_by = MadeBy(config[WEIGHTS_CHECKSUM], flip) if model is not None else MadeBy.of(folders["gallery"])
+    info = {"dataset": name, **_model_info(model, pretrained, embeddings, bool(made_by.flip))}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
-    made_by = None  # how the benchmark's embeddings were made, which the folders added must share
-    if distractors is not None or whiten is not None:
-        made_by = MadeBy(config[WEIGHTS_CHECKSUM], flip) if model is not None else MadeBy.of(folders["gallery"])
     items = _benchmark_items(protocol) if examples is not None or per_query else None
     if distractors is not None:
         added, added_items = _distractor_vectors(distractors, protocol.gallery, vectors["gallery"].shape[1], made_by,
@@ -839,7 +837,8 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     return evaluate_classification(
         vectors.get("train"), train.labels, vectors["test"], test.labels, metric=metric, probe=probe, knn=knn,
         knn_k=knn_k, temperature=temperature, out=out, zero_shot=scores,
-        info={"dataset": name, **_model_info(model, pretrained, embeddings, flip)},
+        info={"dataset": name, **_model_info(model, pretrained, embeddings,
+                                             flip if model is not None else bool(MadeBy.of(embeddings).flip))},
     )
 
 
@@ -921,7 +920,8 @@ def evaluate_embedding_folders(
     x, metadata = read_embedding_folder(embeddings)
     lookup = None if labels is None else read_labels(labels)
     y = labels_of(metadata, embeddings, labels, lookup=lookup)
-    info = _model_info(None, None, embeddings)
+    made_by = MadeBy.of(embeddings)
+    info = _model_info(None, None, embeddings, bool(made_by.flip))
     labelled = [(embeddings, metadata)]  # the folders whose keys the labels file labels
     if task == "classification":
         _retrieval_only(classes, exclude_classes)
@@ -970,7 +970,7 @@ def evaluate_embedding_folders(
     if pca and dims and train is None:  # --no-pca asked for none
         _add_note(info, "no train embeddings: the PCA baseline is left out")
     if whiten is not None:
-        whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, MadeBy.of(embeddings), info)
+        whitened = _whitened({"query": x, "gallery": gallery, "train": train}, whiten, made_by, info)
         x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
     items = None
     if examples is not None or per_query:

@@ -27,7 +27,8 @@ comes once per connected part of the graph with an edge (the part's D^1/2 1, nor
 a repeated eigenvalue a Lanczos iteration may return too few copies of: those vectors are
 used exactly, as sums over each part (sparse, whatever their number), and the r largest
 eigenpairs of S - 3 P (P the projection onto those vectors, moved below S's spectrum,
-which lies in [-1, 1]; by ARPACK's implicitly restarted Lanczos iteration, once) join them. Memory adds U (gallery x r float64: 60,000 x 1,000 takes 480 MB).
+which lies in [-1, 1]; by ARPACK's implicitly restarted Lanczos iteration, once) join them.
+Memory adds U (gallery x r float64: 60,000 x 1,000 takes 480 MB).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ class DiffusionScores:
         alpha = float(self.settings.alpha)
         if self.eigenvectors is not None:
             u = self.eigenvectors
-            return self.parts_projection(start) / (1.0 - alpha) + u @ ((u.T @ start) / (1.0 - alpha * self.eigenvalues)[:, None])
+            leading = u @ ((u.T @ start) / (1.0 - alpha * self.eigenvalues)[:, None])
+            return self.parts_projection(start) / (1.0 - alpha) + leading
         f = np.zeros_like(start)
         residual = start.copy()
         direction = residual.copy()

@@ -31,8 +31,6 @@ import torch
 from unicom.errors import InputError
 from unicom.evaluate.metrics import _blocks, as_embeddings, default_chunk_size, ranked_top_k
 
-PNG_NAME = "examples.png"
-HTML_NAME = "examples.html"
 DEFAULT_K = 8
 LABEL_WIDTH = 180
 GAP = 6

@@ -155,7 +155,6 @@ def evaluate_retrieval(
     subset = None
     if examples is not None and items is None:
         raise ValueError("examples draw the images of the rows: give items (query items, gallery items)")
-    keep_per_query = per_query
     if classes is not None or exclude_classes is not None:
         class_labelled(query_labels, classes, exclude_classes, relevant if setups is None else setups)
         query_rows, gallery_rows, subset = select_classes(
@@ -168,9 +167,9 @@ def evaluate_retrieval(
                      None if items[1] is None else [items[1][i] for i in gallery_rows])
     prepared = prepare_search(query, gallery, expansion=expansion, chunk_size=chunk_size, device=device)
     full = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
-                 chunk_size=chunk_size, per_query=bool(subsets) or keep_per_query, expansion=expansion, device=device,
+                 chunk_size=chunk_size, per_query=bool(subsets) or per_query, expansion=expansion, device=device,
                  prepared=prepared)
-    per_query = full.pop("per_query", None)
+    per_query_arrays = full.pop("per_query", None)
     if metric not in full:
         raise ValueError(f"metric {metric!r} is not computed; choose one of {sorted(full)}")
     report: dict[str, Any] = dict(info or {})
@@ -191,7 +190,7 @@ def evaluate_retrieval(
         report["class_subset"] = subset
     report["metrics"] = full
     if subsets:
-        report["subsets"] = {name: summarize(per_query, ks, rows) for name, rows in subsets.items()}
+        report["subsets"] = {name: summarize(per_query_arrays, ks, rows) for name, rows in subsets.items()}
     if expansion:  # the plain search beside it, at the full dimension
         plain = score(query, query_labels, gallery, gallery_labels, relevant=relevant, setups=setups, ks=ks,
                       chunk_size=chunk_size, device=device)
@@ -207,9 +206,9 @@ def evaluate_retrieval(
     if examples is not None:
         drawn = _draw_examples(prepared, examples, items, query_labels, gallery_labels, relevant, setups, metric, report)
     table = None
-    if keep_per_query:
+    if per_query:
         keys = [item.key for item in items[0]] if items is not None else [f"#{row}" for row in range(len(query))]
-        table = per_query_table(per_query, keys, query_labels if relevant is None and not setups else None, subsets)
+        table = per_query_table(per_query_arrays, keys, query_labels if relevant is None and not setups else None, subsets)
         report["per_query"] = {"file": PER_QUERY_NAME, "columns": table.column_names}
     if out is not None:
         write_retrieval_report(report, out, drawn, table)
@@ -317,7 +316,7 @@ def write_retrieval_report(report: dict, out: str | os.PathLike, examples=None, 
     if examples is not None:
         from unicom.evaluate.examples import render_html, render_png
 
-        side = report["examples"].get("thumbnail", 96)
+        side = report["examples"]["thumbnail"]
         title = report_heading(report, ("dataset", "model", "embeddings"), "retrieval") + ": examples"
         note = _examples_note(report)
         files[EXAMPLES_PNG] = lambda path: write_bytes_synced(path, render_png(examples, side))

@@ -248,3 +248,71 @@ def test_distractors_in_the_examples_are_named_by_their_folders_keys(tmp_path):
     page = Page()
     page.feed((out / "examples.html").read_text())
     assert len(page.images) == 2 * 17  # the distractors' images drawn from the paths their metadata records
+
+
+def labelled_shards(root, classes: int = 3, per_class: int = 4) -> dict:
+    """Two webdataset tars of ``classes`` x ``per_class`` class images, each sample's json
+    holding its ``label``; returns key -> the image's bytes as written."""
+    from support import class_image, encode_image, write_tar_shard
+
+    images, samples = {}, [[], []]
+    for label in range(classes):
+        for i in range(per_class):
+            key = f"{label:02d}{i:02d}"
+            images[key] = encode_image(class_image(label, i, 48))
+            samples[(label * per_class + i) % 2].append({"key": key, "jpg": images[key], "json": {"label": f"c{label}"}})
+    for number, part in enumerate(samples):
+        write_tar_shard(root / f"{number:05d}.tar", part)
+    return images
+
+
+def test_examples_of_a_folder_embedded_from_shards_show_the_shards_images(tmp_path, s3):
+    from unicom.data.transforms import jpeg_data_uri, thumbnail_of
+
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    images = labelled_shards(tmp_path / "shards")
+    emb = tmp_path / "emb"
+    assert main(["embed", "--input", str(tmp_path / "shards"), "--out", str(emb), "--model", str(checkpoint),
+                 "--workers", "0", "--metadata-fields", "label"]) == 0
+    _, metadata = read_embedding_folder(emb)
+    assert "shard" in metadata.column_names and "image_path" not in metadata.column_names
+    s3.bucket("web")
+    for shard in sorted((tmp_path / "shards").iterdir()):
+        s3.put("web", f"shards/{shard.name}", shard.read_bytes())
+    for shards, out in ((str(tmp_path / "shards"), tmp_path / "local"), ("s3://web/shards", tmp_path / "remote")):
+        assert main(["evaluate", "--embeddings", str(emb), "--out", str(out), "--dims", "none", "--examples", "3",
+                     "--examples-k", "4", "--shards", shards]) == 0
+        page = Page()
+        page.feed((out / "examples.html").read_text())
+        assert 'class="problem"' not in (out / "examples.html").read_text()
+        keys = [figure["data-key"] for row in page.rows for figure in row["figures"]]
+        assert len(keys) == len(page.images) == 3 * 5
+        # each thumbnail is that of the image the sample of its key holds, as written into the tar
+        assert page.images == [jpeg_data_uri(thumbnail_of(images[key], 96)) for key in keys]
+    # a shard gone from the folder is named in place of each of its images; the others are drawn
+    (tmp_path / "shards" / "00001.tar").unlink()
+    out = tmp_path / "gone"
+    assert main(["evaluate", "--embeddings", str(emb), "--out", str(out), "--dims", "none", "--examples", "3",
+                 "--examples-k", "4", "--shards", str(tmp_path / "shards")]) == 0
+    text = (out / "examples.html").read_text()
+    missing = sum(1 for key in re.findall(r'data-key="([^"]+)"', text) if int(key) % 2 == 1)
+    assert missing > 0 and text.count('class="problem"') == missing
+    assert f"shard not found: {tmp_path / 'shards' / '00001.tar'}" in text
+
+
+def test_shards_are_refused_where_the_examples_would_not_read_them(tmp_path, capsys):
+    checkpoint = tiny_model_file(tmp_path / "model.pt")
+    write_class_folder(tmp_path / "images", [0, 1], 4)
+    emb = tmp_path / "emb"
+    assert main(["embed", "--input", str(tmp_path / "images"), "--out", str(emb), "--model", str(checkpoint),
+                 "--workers", "0"]) == 0
+    out = str(tmp_path / "o")
+    assert main(["evaluate", "--embeddings", str(emb), "--out", out, "--dims", "none", "--shards", str(tmp_path)]) == 2
+    assert "give --examples too, or leave --shards out" in capsys.readouterr().err
+    assert main(["evaluate", "--embeddings", str(emb), "--out", out, "--dims", "none", "--examples", "2", "--shards",
+                 str(tmp_path)]) == 2
+    assert f"{emb} was not embedded from shards" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(checkpoint), "--dataset", "folder", "--root", str(tmp_path / "images"),
+                 "--out", out, "--examples", "2", "--shards", str(tmp_path)]) == 2
+    assert "--shards is for --embeddings folders embedded from shards" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -172,6 +172,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shown.add_argument("--examples-failures", action="store_true",
                        help="draw the queries among those whose first result is not relevant")
     shown.add_argument("--examples-seed", type=int, metavar="S", help="the seed of the draw (default: 0)")
+    shown.add_argument("--shards", metavar="DIR",
+                       help="with --examples and --embeddings folders embedded from webdataset shards: the folder "
+                            "(a path or URL) of those shards, from which the examples' images are read (default: "
+                            "the files the metadata names)")
     shown.add_argument("--per-query", action="store_true",
                        help="also write each query's metrics of the search, a row per query, as per_query.parquet in "
                             "--out")
@@ -258,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
                 "of all its images, found by key (as unicom embed --dataset writes it)")
         if args.root is None:
             raise InputError(f"--dataset {args.dataset} needs --root, the dataset's folder")
+        if args.shards is not None:
+            raise InputError(f"--shards: the examples of --dataset {args.dataset} show its images in --root; --shards "
+                             "is for --embeddings folders embedded from shards, without --dataset: leave it out")
         report = evaluate_benchmark(
             args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
@@ -278,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
             expansion=expansion, whiten=whiten, device=args.device, examples=examples, per_query=args.per_query,
-            **classify, **subset,
+            shards=args.shards, **classify, **subset,
         )
     else:
         raise InputError("--model needs --dataset and --root (what to embed and how to score it)")

@@ -23,7 +23,10 @@ from unicom import storage
 from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
+    CONFIG_FILE,
     FLIP,
+    OCCURRENCE,
+    SHARD_COLUMNS,
     WEIGHTS_CHECKSUM,
     EmbeddingFolders,
     part_complete,
@@ -555,18 +558,37 @@ def _benchmark_items(protocol):
     return queries, [Item(key, path or None) for key, path in zip(protocol.gallery.keys, protocol.gallery.paths)]
 
 
-def _folder_items(metadata, folder, rows: int) -> list:
+def _folder_items(metadata, folder, rows: int, shards=None) -> list:
     """The examples' :class:`~unicom.evaluate.examples.Item` of each of the ``rows`` rows of an
     embedding folder: its key (``#<row>`` without metadata), and its image where the metadata
-    names one (``image_path``, ``path``)."""
-    from unicom.evaluate.examples import Item
+    names one (``image_path``, ``path``), else, with ``shards`` (the folder of the shards it
+    was embedded from), its sample in the shard its ``shard`` column names."""
+    from unicom.evaluate.examples import Item, ShardSample
 
     if metadata is None:
         return [Item(f"#{row}") for row in range(rows)]
     keys = row_keys(metadata, folder)
     column = next((c for c in ("image_path", "path") if c in metadata.column_names), None)
     paths = metadata.column(column).to_pylist() if column else [None] * rows
+    if column is None and shards is not None and {"shard", "key"} <= set(metadata.column_names):
+        images = _shard_images(shards, folder)
+        occurrences = (metadata.column(OCCURRENCE).to_pylist() if OCCURRENCE in metadata.column_names
+                       else [None] * rows)
+        return [Item(str(key), ShardSample(images, shard, str(key), occurrence) if shard else None)
+                for key, shard, occurrence in zip(keys, metadata.column("shard").to_pylist(), occurrences)]
     return [Item(str(key), path or None) for key, path in zip(keys, paths)]
+
+
+def _shard_images(shards, folder):
+    """The :class:`~unicom.search.item_images.ShardImages` of the shards folder ``shards`` (a
+    path or URL), read by the parquet columns that ``folder``'s ``embed_config.json`` records
+    (the usual names when it records none)."""
+    from unicom.data.parquet_shards import ShardColumns
+    from unicom.search.item_images import ShardImages
+
+    columns = ShardColumns.from_named((read_config(folder) or {}).get(SHARD_COLUMNS) or {},
+                                      f"{storage.text(folder)}'s {CONFIG_FILE} (its {SHARD_COLUMNS})")
+    return ShardImages(shards, columns=columns)
 
 
 def _scoring_device(device: str | None):
@@ -882,6 +904,7 @@ def evaluate_embedding_folders(
     device: str | None = None,
     examples=None,
     per_query: bool = False,
+    shards: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate precomputed embedding folders whose rows carry labels (metadata or ``labels``).
 
@@ -895,9 +918,11 @@ def evaluate_embedding_folders(
     :class:`Whitening`. ``device``
     (retrieval): where the searches run (default this rank's GPU, else the CPU). ``examples``
     (retrieval): an :class:`~unicom.evaluate.examples.Examples`, drawn from the images the
-    folders' metadata names (``image_path``, ``path``). ``per_query`` (retrieval): each query's
+    folders' metadata names (``image_path``, ``path``), or for folders embedded from shards,
+    read from the shards in ``shards`` (a folder or URL). ``per_query`` (retrieval): each query's
     metrics as ``per_query.parquet`` under ``out``.
     """
+    from unicom.evaluate.examples import ShardSample
     from unicom.evaluate.report import evaluate_classification, evaluate_retrieval
 
     for given, option, does in ((examples is not None, "--examples", "draws queries beside their first results in"),
@@ -905,6 +930,9 @@ def evaluate_embedding_folders(
         if given and task == "classification":
             raise InputError(f"{option} {does} a retrieval search; --task classification searches nothing: leave "
                              f"{option} out")
+    if shards is not None and examples is None:
+        raise InputError("--shards is where the images of --examples are read from; give --examples too, or leave "
+                         "--shards out")
     if whiten is not None and task == "classification":
         raise InputError("--whiten whitens the embeddings of a retrieval search; --task classification searches "
                          "nothing: leave --whiten out")
@@ -974,8 +1002,15 @@ def evaluate_embedding_folders(
         x, gallery, train = whitened["query"], whitened["gallery"], whitened["train"]
     items = None
     if examples is not None or per_query:
-        items = (_folder_items(metadata, embeddings, len(x)),
-                 None if gallery is None else _folder_items(gallery_metadata, gallery_embeddings, len(gallery)))
+        items = (_folder_items(metadata, embeddings, len(x), shards),
+                 None if gallery is None else _folder_items(gallery_metadata, gallery_embeddings, len(gallery), shards))
+        if shards is not None and not any(isinstance(item.source, ShardSample) for part in items if part
+                                          for item in part):
+            folders = [storage.text(f) for f in (embeddings, gallery_embeddings) if f is not None]
+            raise InputError(f"--shards {storage.text(shards)}: {' and '.join(folders)} "
+                             f"{'was' if len(folders) == 1 else 'were'} not embedded from shards (no shard and key "
+                             "columns in the metadata, or a file named for each image, which the examples show): "
+                             "leave --shards out")
     return evaluate_retrieval(x, y, gallery, gallery_y, train=train, ks=ks, dims=_parse_dims(dims), examples=examples,
                               items=items, per_query=per_query,
                               chunk_size=chunk_size, out=out, info=info, classes=classes,

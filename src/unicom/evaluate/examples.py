@@ -77,6 +77,33 @@ class Item:
     source: Any = None
 
 
+@dataclass(frozen=True)
+class ShardSample:
+    """An image inside a webdataset shard (a tar, or a parquet file holding the images): the
+    ``occurrence``-th sample with ``key`` (None: the key's first with an image) in the shard
+    file ``shard`` of ``images``, a :class:`unicom.search.item_images.ShardImages` over the
+    folder of the shards (local or a URL), as an embedding folder made from shards names it
+    (its metadata's ``shard``, ``key`` and ``occurrence``)."""
+
+    images: Any
+    shard: str
+    key: str
+    occurrence: int | None = None
+
+    def read(self) -> bytes:
+        """The image's bytes; FileNotFoundError naming the shard when it or the sample is not there."""
+        from unicom import storage
+
+        where = storage.text(self.images.location(self.shard)) if self.shard else storage.text(self.images.root)
+        try:
+            data = self.images.read(self.shard, self.key, occurrence=self.occurrence)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard not found: {where}") from None
+        if data is None:
+            raise FileNotFoundError(f"no image of the sample {self.key} in {where}")
+        return data
+
+
 @dataclass
 class Shown:
     """One drawn image: its key, rank (0 for the query), score, mark and thumbnail (None
@@ -200,7 +227,8 @@ def read_example_thumbnails(examples: list[ExampleRow], query_items: Sequence[It
                     shown.problem = "no image known for this row"
                 else:
                     try:
-                        shown.thumbnail = thumbnail_of(item.source, side)
+                        source = item.source.read() if isinstance(item.source, ShardSample) else item.source
+                        shown.thumbnail = thumbnail_of(source, side)
                     except (DecodeError, OSError) as error:
                         shown.problem = str(error)
                 bar.update(1)

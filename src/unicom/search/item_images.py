@@ -111,7 +111,8 @@ class ShardImages:
         self._listing: dict[str, threading.Lock] = {}  # shard -> held while it is being listed
         self._lock = threading.Lock()
 
-    def _location(self, shard: str):
+    def location(self, shard: str):
+        """Where the shard file ``shard`` is: a path, or a URL inside the root's."""
         from unicom import storage
 
         return storage.join(self.root, shard) if isinstance(self.root, str) else self.root / shard
@@ -187,7 +188,7 @@ class ShardImages:
                 members = self._members.get(shard)
             if members is None:
                 try:
-                    members = self._list(self._location(shard))
+                    members = self._list(self.location(shard))
                 finally:
                     with self._lock:
                         self._listing.pop(shard, None)
@@ -207,7 +208,7 @@ class ShardImages:
             if rows is not None:
                 self._parquet.move_to_end(shard)
         if rows is None:
-            rows = ShardRows(self._location(shard), self.columns or DEFAULT_COLUMNS)
+            rows = ShardRows(self.location(shard), self.columns or DEFAULT_COLUMNS)
             with self._lock:
                 self._parquet[shard] = rows
                 if len(self._parquet) > self.cache:
@@ -236,7 +237,7 @@ class ShardImages:
 
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
             raise FileNotFoundError(f"{shard}: not a file name inside the shards folder")
-        return read_shard_samples(self._location(shard), columns=self.columns)
+        return read_shard_samples(self.location(shard), columns=self.columns)
 
     def size(self, shard: str, key: str, occurrence: int | None = None) -> int | None:
         """The length of the image of the ``occurrence``-th sample with ``key`` in ``shard``
@@ -255,7 +256,7 @@ class ShardImages:
 
         if not shard or Path(shard).name != shard:  # a file name inside root, nothing else
             return None
-        location = self._location(shard)
+        location = self.location(shard)
         found = self._member(shard, key, occurrence)
         if found is None:
             return None

@@ -657,6 +657,38 @@ def tiny_hf_metaclip2(folder: Path, width: int = 32, seed: int = 0, positions: i
     return saved(folder, model, tokenizer, processor)
 
 
+def tiny_hf_aimv2(folder: Path, width: int = 32, seed: int = 0, positions: int = 16):
+    """A small AIMv2 LiT model as transformers saves one (``Aimv2Model``: CLIP's tokenizer of
+    :func:`clip_tokenizer`, towers of 2 layers of ``width`` with RMSNorm and SwiGLU, the vision
+    tower's attention-pooling head, CLIP's preprocessor_config.json for 32-pixel images), with
+    random weights. Returns (model, tokenizer, image processor), transformers' own: the reference."""
+    import torch
+    from transformers import Aimv2Config, Aimv2Model, CLIPImageProcessor
+
+    tokenizer = clip_tokenizer(positions)
+    torch.manual_seed(seed)
+    config = Aimv2Config(**_clip_shaped_towers(tokenizer, width, positions, eos_token_id=tokenizer.eos_token_id))
+    model = Aimv2Model(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    return saved(folder, model, tokenizer, processor)
+
+
+def tiny_hf_aimv2_vision(folder: Path, width: int = 32, seed: int = 0, head: bool = False):
+    """A small AIMv2 image encoder as transformers saves one (``Aimv2VisionModel``, model type
+    ``aimv2_vision_model``: 2 layers of ``width``, 32-pixel images of 8-pixel patches, with the
+    attention-pooling head when ``head``, else without, as Apple's pre-trained encoders), random
+    weights, CLIP's preprocessor_config.json. Returns (model, image processor)."""
+    import torch
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = Aimv2VisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=32, patch_size=8, use_head=head)
+    model = Aimv2VisionModel(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    return saved(folder, model, processor)
+
+
 def tiny_hf_dual_encoder(folder: Path, vision: str, text: str, width: int = 32, seed: int = 0, positions: int = 20):
     """A small ``VisionTextDualEncoderModel`` as transformers' training example saves one: a
     ``vision`` tower (``"clip"``: CLIP's with CLIP's image processor, short side 40 and the centre

@@ -1,6 +1,7 @@
 """Dual encoders saved by Hugging Face transformers and embedded by ``get_image_features`` /
 ``get_text_features``: AltCLIP (``AltCLIPModel``: BAAI's ``AltCLIP``), ALIGN (``AlignModel``:
-``kakaobrain/align-base``), MetaCLIP 2 (``MetaClip2Model``) and ``VisionTextDualEncoderModel`` (a CLIP or ViT vision tower beside a BERT or
+``kakaobrain/align-base``), MetaCLIP 2 (``MetaClip2Model``), AIMv2's LiT models (``Aimv2Model``;
+its image encoders, ``Aimv2VisionModel``, too) and ``VisionTextDualEncoderModel`` (a CLIP or ViT vision tower beside a BERT or
 XLM-RoBERTa text tower), against transformers' own models, tokenizers and image processors on
 small models built in the test: multilingual texts, RoBERTa's positions, ALIGN's EfficientNet
 preprocessing, and ``unicom embed``, ``index`` and ``search --text``."""
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unicom.embed import embed_texts
+from unicom.embed import embed_images, embed_texts
 from unicom.errors import InputError
 from unicom.models.encoders import load_encoder
 from unicom.models.hf_clip import ALIGN_PREPROCESSOR, HFBlip, HFFeatures, efficientnet_transform
@@ -24,6 +25,8 @@ from unicom.models.hf_clip import ALIGN_PREPROCESSOR, HFBlip, HFFeatures, effici
 from support import (
     MULTILINGUAL_CAPTIONS,
     class_image,
+    tiny_hf_aimv2,
+    tiny_hf_aimv2_vision,
     tiny_hf_align,
     tiny_hf_altclip,
     tiny_hf_blip,
@@ -49,6 +52,7 @@ KINDS = {
     "altclip": (tiny_hf_altclip, 16, "AltCLIP"),  # 18 positions, RoBERTa's: two fewer for a text
     "align": (tiny_hf_align, 24, "ALIGN"),
     "metaclip_2": (tiny_hf_metaclip2, 16, "MetaCLIP 2"),
+    "aimv2": (tiny_hf_aimv2, 16, "AIMv2"),  # its text tower pools at the end-of-text token, masked causally
     "dual-clip-roberta": (functools.partial(tiny_hf_dual_encoder, vision="clip", text="roberta"), 18,
                           "VisionTextDualEncoder"),
     "dual-vit-bert": (functools.partial(tiny_hf_dual_encoder, vision="vit", text="bert"), 20, "VisionTextDualEncoder"),
@@ -265,3 +269,58 @@ def test_embed_index_and_search_with_a_blip_folder(blip, tmp_path, capsys):
         return embed_texts(entry["encoder"], texts)
 
     embed_index_and_search(blip, blip_texts, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_aimv2_image_encoders_embed_by_their_head_or_the_mean_of_their_tokens(head, tmp_path):
+    from unicom.models.hf_clip import HFImageModel
+
+    model, processor = tiny_hf_aimv2_vision(tmp_path / "model", head=head)
+    encoder = load_encoder(str(tmp_path / "model"))
+    assert isinstance(encoder, HFImageModel) and not encoder.has_text and encoder.embedding_dim == 32
+    assert "AIMv2" in encoder.name and "no text tower" in encoder.no_text_reason
+    images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48), (2, 90))]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        output = model(pixel_values=pixels)
+        # the head's pooled output, else the tokens' mean, as timm's global_pool="avg" pools AIMv2
+        expected = output.pooler_output if head else output.last_hidden_state.mean(dim=1)
+        assert (output.pooler_output is None) != head
+        np.testing.assert_allclose(encoder.encode_image(pixels).numpy(), expected.numpy(), atol=1e-5)
+    paths = []
+    for number, image in enumerate(images):
+        paths.append(tmp_path / f"{number}.png")
+        image.save(paths[-1])
+    embedded = embed_images(encoder, [str(path) for path in paths], batch_size=2, num_workers=0)
+    assert (np.sum(embedded * unit(expected.numpy()), axis=1) >= 0.9999).all()
+
+
+def test_apples_own_layout_of_an_aimv2_image_encoder_is_refused_naming_timms_reading(tmp_path):
+    folder = tmp_path / "aimv2-large-patch14-224"
+    folder.mkdir()
+    # the config.json of Apple's repositories (their code beside it), which transformers does not build
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["AIMv2Model"], "auto_map": {"AutoConfig": "configuration_aimv2.AIMv2Config",
+                                                      "AutoModel": "modeling_aimv2.AIMv2Model"},
+        "hidden_size": 1024, "image_size": 224, "intermediate_size": 2816, "model_type": "aimv2",
+        "num_attention_heads": 8, "num_channels": 3, "num_hidden_layers": 24, "patch_size": 14,
+        "projection_dropout": 0.0, "qkv_bias": False, "rms_norm_eps": 1e-05, "use_bias": False}))
+    with pytest.raises(InputError, match="Apple's own layout.*timm/aimv2_large_patch14_224.apple_pt"):
+        load_encoder(str(folder))
+
+
+def test_an_aimv2_texts_embedding_is_causal_whatever_else_its_batch_holds(built):
+    """transformers' eager attention masks AIMv2's text tower causally; its SDPA path, given a batch
+    that needs no padding, would let each token see the later ones: the encoder's texts embed as
+    the eager model embeds them, alone or beside longer texts."""
+    from transformers import Aimv2Model
+
+    entry = built("aimv2")
+    eager = Aimv2Model.from_pretrained(str(entry["folder"]), attn_implementation="eager").eval()
+    texts = ["a photo of a cat", "a red dog, on the grass!"]
+    for batch in ([texts[0]], texts):
+        tokens = entry["tokenizer"](batch, padding=True, truncation=True, max_length=entry["encoder"].max_tokens,
+                                    return_tensors="pt")
+        with torch.no_grad():
+            expected = features(eager.get_text_features(**tokens)).numpy()
+        np.testing.assert_allclose(embed_texts(entry["encoder"], batch), unit(expected), atol=2e-6)

@@ -12,8 +12,8 @@ Stages (``embed``, ``evaluate``, ``index``/``search``, the UniFEx cache) only ev
 * ``timm/<name>`` or ``timm:<name>`` for timm image models, ``timm/local-dir:FOLDER`` or
   ``timm/hf-hub:org/repo`` for timm model folders (:mod:`unicom.models.foundation`);
 * a folder of a transformers CLIP, SigLIP (2, NaFlex too), Chinese-CLIP, AltCLIP, ALIGN, MetaCLIP 2,
-  BLIP retrieval, vision-text dual encoder or DINOv2 model (``config.json`` of model type clip,
-  siglip, siglip2, chinese_clip, altclip, align, metaclip_2, blip, vision-text-dual-encoder,
+  BLIP retrieval, vision-text dual encoder, AIMv2 or DINOv2 model (``config.json`` of model type clip,
+  siglip, siglip2, chinese_clip, altclip, align, metaclip_2, blip, vision-text-dual-encoder, aimv2,
   dinov2, dinov2_with_registers, or a vision tower's), or an
   ``hf-hub:org/repo`` holding one without
   open_clip's configuration, or a sentence-transformers CLIP (``modules.json`` naming a CLIP folder)

@@ -78,6 +78,15 @@ and ``get_text_features``. A dual encoder's images are prepared as its
 EfficientNet's processor: :func:`processor_transform`), and a RoBERTa text tower's texts have two
 positions fewer, as AltCLIP's.
 
+Apple's AIMv2 LiT models (``"model_type": "aimv2"`` with ``text_config`` and ``vision_config``:
+``apple/aimv2-large-patch14-224-lit``) load into ``Aimv2Model`` and embed likewise; AIMv2's image
+encoders as transformers converted them (``"model_type": "aimv2_vision_model"``) into
+``Aimv2VisionModel``, the embedding its attention-pooling head's output where it has one, else
+the mean of its last hidden state's tokens (after the final RMSNorm), as timm pools Apple's
+weights (``global_pool="avg"``). Apple's own layout of the image encoders (``"model_type":
+"aimv2"`` without the two configurations, its code in the repository) is refused, named, with
+timm's way to read it (``timm/aimv2_large_patch14_224.apple_pt``). Images as CLIP's by default.
+
 BLIP's retrieval models (``"model_type": "blip"`` with ``BlipForImageTextRetrieval``:
 ``Salesforce/blip-itm-base-coco``, ``-large-flickr``, ...) load into that class and embed as its
 image-text contrastive scores are computed (``use_itm_head=False``): an image's embedding is the
@@ -130,8 +139,11 @@ METACLIP2_TYPE = "metaclip_2"  # Meta's MetaCLIP 2: CLIP's towers, a multilingua
 BLIP_TYPE = "blip"  # Salesforce's BLIP: its retrieval models (BlipForImageTextRetrieval) only
 BLIP_RETRIEVAL = "BlipForImageTextRetrieval"
 DUAL_ENCODER_TYPE = "vision-text-dual-encoder"  # transformers' VisionTextDualEncoderModel: any two towers
+AIMV2_TYPE = "aimv2"  # Apple's AIMv2 LiT models (Aimv2Model): an image tower and a text tower
+AIMV2_VISION_TYPE = "aimv2_vision_model"  # AIMv2's image encoders (Aimv2VisionModel)
 # embedded by get_image_features / get_text_features
-FEATURES_TYPES = (CHINESE_CLIP_TYPE, ALTCLIP_TYPE, ALIGN_TYPE, METACLIP2_TYPE, DUAL_ENCODER_TYPE)
+FEATURES_TYPES = (CHINESE_CLIP_TYPE, ALTCLIP_TYPE, ALIGN_TYPE, METACLIP2_TYPE, DUAL_ENCODER_TYPE, AIMV2_TYPE)
+MEAN_OF_TOKENS = "mean of tokens"  # an HFImageModel's output: the mean of the last hidden state's tokens
 # text towers whose positions are RoBERTa's: numbered from the pad token's id + 1
 ROBERTA_TEXT_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "altclip_text_model")
 MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConfig", "SiglipModel"),
@@ -144,7 +156,8 @@ MODEL_TYPES = {CLIP_TYPE: ("CLIPConfig", "CLIPModel"), SIGLIP_TYPE: ("SiglipConf
                CHINESE_CLIP_TYPE: ("ChineseCLIPConfig", "ChineseCLIPModel"),
                ALTCLIP_TYPE: ("AltCLIPConfig", "AltCLIPModel"), ALIGN_TYPE: ("AlignConfig", "AlignModel"),
                METACLIP2_TYPE: ("MetaClip2Config", "MetaClip2Model"), BLIP_TYPE: ("BlipConfig", BLIP_RETRIEVAL),
-               DUAL_ENCODER_TYPE: ("VisionTextDualEncoderConfig", "VisionTextDualEncoderModel")}
+               DUAL_ENCODER_TYPE: ("VisionTextDualEncoderConfig", "VisionTextDualEncoderModel"),
+               AIMV2_TYPE: ("Aimv2Config", "Aimv2Model"), AIMV2_VISION_TYPE: ("Aimv2VisionConfig", "Aimv2VisionModel")}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 OPEN_CLIP_FILE = "open_clip_config.json"  # a repository open_clip loads (it may hold transformers' files too)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as the processor names them
@@ -182,8 +195,9 @@ DINOV2_PREPROCESSOR = {"size": {"shortest_edge": 256}, "crop_size": {"height": 2
 
 class HFImageModel(Encoder):
     """A transformers model with its image transform; alone, an image model without a text tower
-    (DINOv2, a vision tower saved alone), whose ``output`` (its pooled output, or a CLIP vision
-    tower's projected ``image_embeds``) is the embedding."""
+    (DINOv2, a vision tower saved alone), whose ``output`` (its pooled output, a CLIP vision
+    tower's projected ``image_embeds``, or :data:`MEAN_OF_TOKENS`: the mean of its last hidden
+    state's tokens) is the embedding."""
 
     def __init__(self, model, image_transform, embedding_dim: int, name: str, no_text_reason: str = "",
                  output: str = "pooler_output"):
@@ -203,7 +217,8 @@ class HFImageModel(Encoder):
         return {"pixel_values": images}
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model(**self.vision_inputs(images)), self.output)
+        output = self.model(**self.vision_inputs(images))
+        return output.last_hidden_state.mean(dim=1) if self.output == MEAN_OF_TOKENS else getattr(output, self.output)
 
 
 class HFClip(HFImageModel):
@@ -589,6 +604,12 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise InputError(f"{path}: a BLIP {', '.join(config['architectures'])} (captioning or question answering) "
                          f"has no image-text embeddings; BLIP's retrieval models ({BLIP_RETRIEVAL}: "
                          "Salesforce/blip-itm-base-coco, ...) have them")
+    if kind == AIMV2_TYPE and not {"text_config", "vision_config"} <= set(config):
+        raise InputError(f"{path}: an AIMv2 image encoder in Apple's own layout (model_type 'aimv2' without "
+                         "text_config and vision_config; its code in the repository, auto_map "
+                         f"{config.get('auto_map')!r}), which transformers does not build: load its weights with "
+                         "timm (timm/aimv2_large_patch14_224.apple_pt, the size and resolution of the repository's "
+                         f"name), or give the folder transformers' conversion wrote (model_type {AIMV2_VISION_TYPE!r})")
     missing = [name for name in names if not hasattr(transformers, name)]
     if missing:
         raise InputError(f"{path}: model_type {kind!r} needs transformers' {missing[-1]}, which transformers "
@@ -609,6 +630,13 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     if kind == ALIGN_TYPE:
         _check_align_widths(model_config, path)
     model = load_pretrained(model_class, model_config, folder, spec, transformers)
+    if kind == AIMV2_TYPE:
+        # AIMv2's text tower attends causally (its mask is causal and padded), but transformers' attention
+        # modules say they do not, so a batch without padding (no mask) would attend both ways under SDPA:
+        # a text's embedding would depend on the other texts of its batch
+        for module in model.text_model.modules():
+            if hasattr(module, "is_causal"):
+                module.is_causal = True
     squash = kind in (SIGLIP_TYPE, SIGLIP_VISION_TYPE)
     defaults = (SIGLIP_PREPROCESSOR if squash else NAFLEX_PREPROCESSOR if kind in NAFLEX_TYPES
                 else DINOV2_PREPROCESSOR if kind in DINOV2_TYPES else ALIGN_PREPROCESSOR if kind == ALIGN_TYPE
@@ -635,6 +663,11 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
     if kind in DINOV2_TYPES:
         return HFImageModel(model, transform, int(model_config.hidden_size), f"transformers DINOv2 {spec}",
                             "DINOv2 embeds images only").to(device).eval()
+    if kind == AIMV2_VISION_TYPE:  # with its attention-pooling head its output, else the tokens averaged (as timm's)
+        pooled = "pooler_output" if model_config.use_head else MEAN_OF_TOKENS
+        return HFImageModel(model, transform, int(model_config.hidden_size), f"transformers AIMv2 {spec}",
+                            "an AIMv2 image encoder has no text tower (its LiT models, model_type 'aimv2', have one)",
+                            pooled).to(device).eval()
     if kind in (CLIP_VISION_TYPE, SIGLIP_VISION_TYPE, SIGLIP2_VISION_TYPE):
         family = {CLIP_VISION_TYPE: "CLIP", SIGLIP_VISION_TYPE: "SigLIP"}.get(kind, "SigLIP 2")
         dims = int(model_config.projection_dim if clip_projected else model_config.hidden_size)
@@ -649,7 +682,7 @@ def load_hf_clip(spec: str | os.PathLike, device: str | torch.device = "cpu") ->
             positions -= int(model_config.text_config.pad_token_id) + 1
         max_tokens = min(positions, text_tokenizer.model_max_length or positions)
         family = {CHINESE_CLIP_TYPE: "Chinese-CLIP", ALTCLIP_TYPE: "AltCLIP", ALIGN_TYPE: "ALIGN",
-                  METACLIP2_TYPE: "MetaCLIP 2", DUAL_ENCODER_TYPE: "VisionTextDualEncoder"}[kind]
+                  METACLIP2_TYPE: "MetaCLIP 2", DUAL_ENCODER_TYPE: "VisionTextDualEncoder", AIMV2_TYPE: "AIMv2"}[kind]
         return HFFeatures(model, transform, text_tokenizer, max_tokens, int(model_config.projection_dim),
                           f"transformers {family} {spec}").to(device).eval()
     if kind == BLIP_TYPE:

@@ -151,14 +151,9 @@ def _inputs(args, fusion: str):
 
 def _excluded_keys(tables: list[str] | None) -> frozenset[str] | None:
     """The keys of the ``--exclude`` tables (their ``key`` column, as written)."""
-    from unicom.data.lists import read_table
+    from unicom.data.lists import read_keys
 
-    if not tables:
-        return None
-    keys: set[str] = set()
-    for table in tables:
-        keys.update(read_table(table, path_column="key", label_column=None, caption_column=None, key_column=None).keys)
-    return frozenset(keys)
+    return read_keys(tables) if tables else None
 
 
 def _settings(args):

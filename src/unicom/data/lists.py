@@ -448,3 +448,13 @@ def read_table(
     kept = [name for name in table.column_names if name not in used] if every_other_column else list(extra_columns)
     extra = {name: table.column(name).to_pylist() for name in kept} if kept else None
     return ImageList(paths, keys, labels, captions, class_names, extra=extra)
+
+
+def read_keys(tables: Sequence[str | os.PathLike]) -> frozenset[str]:
+    """The keys listed in the ``key`` column of each table (parquet or CSV, a path or URL), as
+    written: the samples that ``unicom cluster --exclude`` and ``unicom train``'s ``data.exclude``
+    leave out, such as those of ``unicom dedup``'s ``duplicates.parquet``."""
+    keys: set[str] = set()
+    for table in tables:
+        keys.update(read_table(table, path_column="key", label_column=None, caption_column=None, key_column=None).keys)
+    return frozenset(keys)

@@ -61,6 +61,7 @@ class DataConfig:
     path_column: str = "path"
     label_column: str = "label"
     key_column: str | None = None  # table or parquet shards' column of keys (default: a table's paths as written; a shard's key column, else its row numbers)
+    exclude: list[str] | None = None  # tables (parquet/CSV, a key column: unicom dedup's duplicates.parquet) of images left out of a folder, table or benchmark
     image_column: str | None = None  # parquet shards' column of encoded images (default: jpg, jpeg, png, webp or image); tars': the image members' extension
     batch_size: int = 128  # images per rank and micro-step
     workers: int | None = None  # decoding processes per rank (default: 8 on GPU, 0-2 on CPU)
@@ -143,6 +144,9 @@ class TrainConfig(Recipe):
         check(not data.image_column or bool(data.shards), problems,
               "data.image_column names the column of encoded images of data.shards (of tar shards, the extension of "
               "their image members); a data.table names its image files in data.path_column")
+        check(not (data.shards and data.exclude), problems,
+              "data.exclude leaves images of a folder, table or benchmark out; the samples of data.shards are left out "
+              "where they are labelled: unicom cluster --exclude TABLE (a sample without a label is not trained on)")
         check(not data.benchmark or bool(data.root), problems, "data.benchmark needs data.root (the benchmark's folder)")
         check(not (data.benchmark and data.labels), problems, "data.labels does not apply to data.benchmark (its labels are its own)")
         check(self.model.name is not None or self.model.init is not None, problems,

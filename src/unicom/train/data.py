@@ -245,6 +245,7 @@ class ListSource:
         self.num_classes = int(num_classes)
         self.origin = origin
         self.unlabelled = 0  # rows of the list without a pseudo-label (counted when joining)
+        self.excluded = 0  # rows of the list whose key a data.exclude table lists, left out
         # the label as given (id or name) of each prototype row; None: pseudo-labels, the rows themselves
         self.class_labels = None if class_labels is None else [str(c) for c in class_labels]
 
@@ -267,7 +268,8 @@ class ListSource:
 
     def describe(self) -> str:
         skipped = f", {self.unlabelled:,} without a label skipped" if self.unlabelled else ""
-        return f"{self.origin}: {len(self.images):,} images, {self.num_classes:,} classes{skipped}"
+        excluded = f", {self.excluded:,} left out by data.exclude" if self.excluded else ""
+        return f"{self.origin}: {len(self.images):,} images, {self.num_classes:,} classes{skipped}{excluded}"
 
     def class_counts(self) -> np.ndarray:
         """(num_classes,) int64 images per class."""
@@ -634,6 +636,26 @@ def _prototype_rows(labels: np.ndarray, names: Sequence[str] | None, num_classes
     return rows, [str(names[i]) for i in np.unique(labels)]
 
 
+def _kept_rows(keys: Sequence[str], tables: Sequence[str] | None, origin: str) -> np.ndarray | None:
+    """The rows of ``keys`` that no ``data.exclude`` table lists (None without tables). Tables
+    that list keys, none of them one of ``keys``, are an error: they name another collection's
+    images, or name these otherwise (a key column read as written against paths)."""
+    from unicom.data.lists import read_keys
+
+    if not tables:
+        return None
+    listed = read_keys(tables)
+    keep = np.fromiter((key not in listed for key in keys), dtype=bool, count=len(keys))
+    if listed and keep.all():
+        raise InputError(
+            f"{origin}: none of the {len(listed):,} keys that data.exclude lists ({', '.join(map(str, tables))}; e.g. "
+            f"{min(listed)!r}) is the key of one of its {len(keys):,} images (keys like {keys[0]!r}); the tables "
+            "list other images, or these under other keys: exclude the keys of an embedding folder made from this "
+            "folder, table or benchmark (unicom embed --input, or --dataset, then unicom dedup --against)"
+        )
+    return np.flatnonzero(keep)
+
+
 def _list_source(data, num_classes: int | None) -> ListSource:
     from unicom.data.lists import read_table
 
@@ -662,15 +684,23 @@ def _list_source(data, num_classes: int | None) -> ListSource:
         images = read_table(data.table, path_column=data.path_column, label_column=data.label_column,
                             key_column=data.key_column or "key")
         origin = str(data.table)
+    kept = _kept_rows(images.keys, data.exclude, origin)
+    excluded = 0 if kept is None else len(images) - len(kept)
+    if kept is not None:
+        images = images.subset(kept)
     if data.labels:
-        return _join_pseudo_labels(images, data, num_classes, origin)
+        source = _join_pseudo_labels(images, data, num_classes, origin)
+        source.excluded = excluded
+        return source
     if images.labels is None:
         raise InputError(
             f"{origin}: the images have no labels (a flat folder, or no {data.label_column!r} column); "
             "use class sub-folders, a label column, or data.labels from `unicom cluster`"
         )
     labels, given = _prototype_rows(images.labels, images.class_names, num_classes, origin)
-    return ListSource(images.paths, labels, images.keys, num_classes or len(given), origin, given)
+    source = ListSource(images.paths, labels, images.keys, num_classes or len(given), origin, given)
+    source.excluded = excluded
+    return source
 
 
 def _benchmark_source(data, num_classes: int | None) -> ListSource:
@@ -698,8 +728,14 @@ def _benchmark_source(data, num_classes: int | None) -> ListSource:
             f"nor a classification dataset ({', '.join(CLASSIFICATION_BENCHMARKS)})"
         )
     origin = f"{data.benchmark} ({data.root}) train split"
-    labels, given = _prototype_rows(np.asarray(raw), names, num_classes, origin)
-    return ListSource(images, labels, keys, num_classes or len(given), origin, given)
+    kept = _kept_rows(keys, data.exclude, origin)
+    raw, excluded = np.asarray(raw), 0 if kept is None else len(keys) - len(kept)
+    if kept is not None:
+        images, keys, raw = [images[i] for i in kept], [keys[i] for i in kept], raw[kept]
+    labels, given = _prototype_rows(raw, names, num_classes, origin)
+    source = ListSource(images, labels, keys, num_classes or len(given), origin, given)
+    source.excluded = excluded
+    return source
 
 
 def build_source(config):

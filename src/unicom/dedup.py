@@ -60,10 +60,11 @@ class _Folder:
     its rows of ``modality`` (``image`` or ``text``) in blocks, checked to have a direction,
     and the keys of given rows. ``digest``: the recorded digest of the weights that made those
     rows (the multilingual text model's for captions embedded with one), or None; ``flip``:
-    whether each image row averages its image's mirror (``unicom embed --flip``)."""
+    whether each image row averages its image's mirror (``unicom embed --flip``); ``scales``:
+    the scales it averages (``unicom embed --scales``; ``(1.0,)``: the model input alone)."""
 
     def __init__(self, root, modality: str = "image"):
-        from unicom.formats.embeddings import FLIP, WEIGHTS_CHECKSUM, EmbeddingFolders, read_config
+        from unicom.formats.embeddings import FLIP, WEIGHTS_CHECKSUM, EmbeddingFolders, read_config, recorded_scales
 
         self.root = root
         self.modality = modality
@@ -84,6 +85,7 @@ class _Folder:
         self.digest = config.get("text_model_sha256") if modality == "text" and config.get("text_model") else \
             config.get(WEIGHTS_CHECKSUM)
         self.flip = modality == "image" and bool(config.get(FLIP))
+        self.scales = recorded_scales(config) if modality == "image" else (1.0,)
 
     def _part_values(self, index: int, local: np.ndarray | None = None, column: str | None = None, option: str = ""):
         """Part ``index``'s values of ``column`` (default: its keys, as text) at rows ``local``
@@ -455,6 +457,12 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
             flipped, plain = (folder, other) if folder.flip else (other, folder)
             raise InputError(f"{flipped.where} was embedded with each image averaged with its mirror (--flip) and "
                              f"{plain.where} without: a copy in both would not score as one; embed both the same way")
+        if folder.scales != other.scales:
+            from unicom.formats.embeddings import describe_views
+
+            raise InputError(f"{folder.where} was embedded with {describe_views(False, folder.scales)} and "
+                             f"{other.where} (--against) with {describe_views(False, other.scales)}: a copy in both "
+                             "would not score as one; embed both the same way")
         rows, matches, similarities = _against(folder, _on(searched_on, other.rows(), f"the {other.num_rows:,} rows "
                                                            "of --against"), threshold, chunk_size, max_pairs)
     if within:  # a pair joins both of its rows

@@ -54,6 +54,7 @@ from unicom.formats.embeddings import (
     FLIP,
     METADATA_FIELDS,
     PART_SETTINGS,
+    SCALES,
     SHARD_COLUMNS,
     WEIGHTS_CHECKSUM,
     complete_parts,
@@ -63,10 +64,11 @@ from unicom.formats.embeddings import (
     part_settings,
     read_config,
     sweep_writer_temporaries,
+    views_record,
     write_config,
     write_part,
 )
-from unicom.models.encoders import Encoder, load_encoder, with_flip
+from unicom.models.encoders import Encoder, check_scales, load_encoder, with_views
 from unicom.models.foundation import local_folder, recorded_spec
 from unicom.progress import progress
 
@@ -251,10 +253,13 @@ def embed_images(
     decode: str = "auto",
     decode_workers_share: float = 0.0,
     flip: bool = False,
+    scales=None,
 ) -> np.ndarray:
     """Embed images (PIL images, file paths or URLs, encoded bytes): float32 (N, D), rows
     L2-normalised (unless ``normalize=False``), in order. ``flip``: each the mean of the
-    image's features and its mirror image's (:class:`unicom.models.encoders.FlipAveraged`).
+    image's features and its mirror image's (:class:`unicom.models.encoders.FlipAveraged`);
+    ``scales``: the mean of its normalised embeddings at each scale of the model input
+    (:class:`unicom.models.encoders.MultiScale`, such as ``(1, 0.7071, 0.5)``).
 
     ``model`` is an :class:`Encoder` or a spec for :func:`unicom.models.encoders.load_encoder`
     (with ``pretrained``). Images are decoded and transformed by ``num_workers`` processes
@@ -274,7 +279,7 @@ def embed_images(
                 "encoded bytes; model input that is already a tensor goes to the encoder itself (encoder.encode_image)"
             )
     _check_batching(batch_size, num_workers)
-    encoder = with_flip(_as_encoder(model, pretrained, device), flip)
+    encoder = with_views(_as_encoder(model, pretrained, device), flip, scales)
     device = encoder.device
     if not items:
         return np.zeros((0, encoder.embedding_dim), dtype=np.float32)
@@ -521,8 +526,8 @@ def _check_config(out, config: dict, advice: str = SAME_OPTIONS) -> bool | None:
         return False
     # a benchmark's folder is not continued from other inputs (which lack these keys)
     # nor a folder of shards read by other columns
-    # nor one whose captions another model embedded, nor one of images averaged with their mirrors
-    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS, "text_model", FLIP)
+    # nor one whose captions another model embedded, nor one of images averaged with their mirrors or scales
+    config = {**{key: None for key in (*BENCHMARK_KEYS, SHARD_COLUMNS, METADATA_FIELDS, "text_model", FLIP, SCALES)
                  if key in previous},
               **config}
     for key in ("model", "pretrained"):  # folders recorded relative to where an older run started
@@ -882,12 +887,15 @@ def embed_to_folder(
     decode_workers_share: float = 0.0,
     text_model: str | os.PathLike | Encoder | None = None,
     flip: bool = False,
+    scales=None,
 ) -> EmbedSummary:
     """``unicom embed``: read ``inputs``, load the model, write the layout under ``out``.
 
     ``flip``: each image embedding the mean of the image's features and its mirror image's
-    (:class:`unicom.models.encoders.FlipAveraged`); the folder records ``flip`` (a rerun
-    without it is refused, and ``unicom index`` passes it on to the queries' model).
+    (:class:`unicom.models.encoders.FlipAveraged`); ``scales``: the mean of the normalised
+    embeddings of the model input resized by each (:class:`unicom.models.encoders.MultiScale`).
+    The folder records them (``flip``, ``scales``: a rerun without them is refused, and
+    ``unicom index`` passes them on to the queries' model).
 
     ``text_model``: a multilingual text model into the model's space
     (:mod:`unicom.models.multilingual`; a folder or ``hf-hub:`` spec) that embeds the captions
@@ -917,6 +925,10 @@ def embed_to_folder(
     if flip and "image" not in modalities:
         raise InputError("--flip averages each image's embedding with its mirror image's; --modalities text embeds no "
                          "image: leave --flip out")
+    scales = check_scales(scales)
+    if scales is not None and "image" not in modalities:
+        raise InputError("--scales averages each image's embeddings at several sizes; --modalities text embeds no "
+                         "image: leave --scales out")
     check_workers_share(decode_workers_share, "--decode-workers-share")
     _check_batching(batch_size, num_workers)
     model, pretrained = _as_specs(model, pretrained)
@@ -953,8 +965,8 @@ def embed_to_folder(
         config[METADATA_FIELDS] = list(parts[0].metadata_fields)
     if "image" in modalities:  # draft decoding changes image embeddings (cosine ~0.99): not mixed with full decoding
         config["draft"] = bool(draft)
-        if flip:  # recorded only when set: folders made before it existed match a run without it
-            config[FLIP] = True
+        # recorded only when set: folders made before they existed match a run without them
+        config.update(views_record(flip, scales))
     config.update(identity)  # a benchmark's crops of other boxes would be other queries
     check = dict(config, modalities=list(modalities), dtype=dtype)
     if not storage.is_url(out):  # object storage is one store for every node; a local path may not be
@@ -979,7 +991,7 @@ def embed_to_folder(
             encoder = load_encoder(model, pretrained, device if device is not None else distributed.local_device())
         else:
             encoder = _as_encoder(model, None, device)
-        encoder = with_flip(encoder, flip)
+        encoder = with_views(encoder, flip, scales)
         if texts is not None:
             encoder = WithTextModel(encoder, texts.to(encoder.device))
             config["text_model_sha256"] = texts.weights_sha256()

@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: each image embedding the mean of the image's features and its "
                              "mirror image's (two forward passes; recorded in the folder, and the index's image queries "
                              "are embedded so too; default: the image alone)")
+    parser.add_argument("--scales", metavar="S,S,...",
+                        help="multi-scale descriptors: each image embedding the mean of the normalised embeddings of "
+                             "the model input resized by each scale, as landmark retrieval computes them (1,0.7071,0.5; "
+                             "for networks that take other input sizes: convolutional networks, DINOv2; recorded in "
+                             "the folder, and the index's image queries are embedded so too; default: 1)")
     parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where JPEGs are decoded and resized: gpu (nvJPEG on the model's GPU, the workers only read "
                              "bytes; other formats and JPEGs it refuses take the CPU path per sample), cpu (Pillow in the "
@@ -140,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             decode_workers_share=args.decode_workers_share,
             text_model=args.text_model,
             flip=args.flip,
+            scales=args.scales,
         )
     if rank != 0:
         return 0

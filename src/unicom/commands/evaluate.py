@@ -110,6 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedding.add_argument("--flip", action="store_true",
                            help="test-time augmentation: each image embedding the mean of the image's features and its "
                                 "mirror image's (two forward passes; recorded as flip in metrics.json)")
+    embedding.add_argument("--scales", metavar="S,S,...",
+                           help="multi-scale descriptors: each image embedding the mean of the normalised embeddings of "
+                                "the model input resized by each scale (1,0.7071,0.5 as in landmark retrieval; for "
+                                "networks that take other input sizes: convolutional networks, DINOv2; recorded as "
+                                "scales in metrics.json; default: 1)")
 
     folders = parser.add_argument_group("precomputed embeddings without --dataset")
     folders.add_argument("--labels", help="CSV/parquet with key,label (default: metadata's label column); a path or URL")
@@ -270,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten, flip=args.flip,
-            examples=examples, per_query=args.per_query,
+            examples=examples, per_query=args.per_query, scales=args.scales,
             **classify, **subset, **zero_shot,
         )
     elif args.distractors is not None:
@@ -280,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
         if args.flip:
             raise InputError("--flip averages each image's embedding with its mirror image's as --model embeds them; "
                              "embeddings already made are read as they are: embed them with unicom embed --flip")
+        if args.scales is not None:
+            raise InputError("--scales embeds each image at several sizes as --model embeds them; embeddings already "
+                             "made are read as they are: embed them with unicom embed --scales")
         report = evaluate_embedding_folders(
             args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,

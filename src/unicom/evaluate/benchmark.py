@@ -24,19 +24,21 @@ from unicom.errors import InputError
 from unicom.files import sweep_temporaries, write_json_atomic
 from unicom.formats.embeddings import (
     CONFIG_FILE,
-    FLIP,
     OCCURRENCE,
     SHARD_COLUMNS,
     WEIGHTS_CHECKSUM,
     EmbeddingFolders,
+    describe_views,
     part_complete,
     read_config,
     read_embedding_folder,
     read_record,
     recorded_flip,
+    recorded_scales,
     require_usable_rows,
     row_keys,
     sweep_writer_temporaries,
+    views_record,
     write_part,
 )
 from unicom.progress import progress
@@ -274,6 +276,7 @@ def evaluate_benchmark(
     flip: bool = False,
     examples=None,
     per_query: bool = False,
+    scales=None,
 ) -> dict:
     """Evaluate ``model`` (or the ``embeddings`` folder) on benchmark ``dataset`` read from ``root``.
 
@@ -290,7 +293,9 @@ def evaluate_benchmark(
     folder, made by the same model, on which a PCA whitening of every retrieval embedding is
     learned (:func:`learned_whitening`), or a :class:`Whitening` (a discriminative one).
     ``flip``: with ``model``, each image embedding the mean of the image's features and its
-    mirror image's (:class:`unicom.models.encoders.FlipAveraged`; ``flip`` in the report).
+    mirror image's (:class:`unicom.models.encoders.FlipAveraged`; ``flip`` in the report);
+    ``scales``: with ``model``, each image embedding the mean of its normalised embeddings at
+    these scales of the model input (:class:`unicom.models.encoders.MultiScale`; ``scales``).
     ``examples``: an :class:`~unicom.evaluate.examples.Examples` of a retrieval benchmark:
     queries beside their first results, drawn from the benchmark's images where they are on
     this machine (:func:`unicom.evaluate.report.evaluate_retrieval`). ``per_query``: a retrieval
@@ -305,6 +310,12 @@ def evaluate_benchmark(
         raise InputError("--flip averages each image's embedding with its mirror image's as --model embeds them; "
                          "embeddings already made are read as they are: embed them with unicom embed --flip, or give "
                          "--model")
+    from unicom.models.encoders import check_scales
+
+    scales = check_scales(scales)
+    if scales is not None and model is None:
+        raise InputError("--scales embeds each image at several sizes as --model embeds them; embeddings already made "
+                         "are read as they are: embed them with unicom embed --scales, or give --model")
     name = canonical_name(dataset)
     classification = CLASSIFICATION_ALIASES.get(dataset.lower(), dataset.lower())
     if expansion and name not in RETRIEVAL_BENCHMARKS:
@@ -335,50 +346,51 @@ def evaluate_benchmark(
                              f"--dataset {name} has images and captions, not classes")
         return evaluate_image_text(name, root, out=out, model=model, pretrained=pretrained, ks=ks,
                                    batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size,
-                                   flip=flip)
+                                   flip=flip, scales=scales)
     if zero_shot and classification not in CLASSIFICATION_BENCHMARKS:
         raise InputError(f"zero-shot classification names the classes of a classification dataset "
                          f"({', '.join(CLASSIFICATION_BENCHMARKS)}); {dataset} is not one")
     if name in RETRIEVAL_BENCHMARKS:
         return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
                                     batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
-                                    distractors, whiten, flip, examples, per_query)
+                                    distractors, whiten, flip, examples, per_query, scales)
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
         return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
                                          num_workers, device, download, probe, knn, knn_k, temperature,
-                                         zero_shot, templates, class_names, flip)
+                                         zero_shot, templates, class_names, flip, scales)
     raise InputError(
         f"unknown dataset {dataset!r}; retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
         f"image-text: {', '.join(CAPTION_BENCHMARKS)}; classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
     )
 
 
-def _encoder(model, pretrained, device, flip: bool = False):
+def _encoder(model, pretrained, device, flip: bool = False, scales=None):
     from unicom import distributed
-    from unicom.models.encoders import load_encoder, with_flip
+    from unicom.models.encoders import load_encoder, with_views
 
-    return with_flip(load_encoder(model, pretrained, device or distributed.local_device()), flip)
+    return with_views(load_encoder(model, pretrained, device or distributed.local_device()), flip, scales)
 
 
-def _embedding_identity(encoder, model, pretrained, dataset: str, flip: bool = False) -> dict:
+def _embedding_identity(encoder, model, pretrained, dataset: str, flip: bool = False, scales=None) -> dict:
     """What cached embeddings were made with: the model and weights as given, the digest of
     the loaded weights (as ``unicom embed`` records it), so that a model trained again in
-    place is not read back from an earlier run's embeddings, and ``flip`` when set."""
+    place is not read back from an earlier run's embeddings, and ``flip`` and ``scales`` when set."""
     identity = {"model": model, "pretrained": pretrained, "dataset": dataset, WEIGHTS_CHECKSUM: encoder.weights_sha256()}
-    return {**identity, FLIP: True} if flip else identity
+    return {**identity, **views_record(flip, scales)}
 
 
-def _model_info(model, pretrained, embeddings, flip: bool = False) -> dict:
+def _model_info(model, pretrained, embeddings, flip: bool = False, scales=None) -> dict:
     """The report's fields of what was evaluated: the model, or the embeddings folder, and
-    ``flip`` when each image was averaged with its mirror (``--flip``, or the folder's record)."""
+    ``flip`` when each image was averaged with its mirror (``--flip``, or the folder's record),
+    ``scales`` when at several scales (``--scales``, or the folder's record)."""
     if model is not None:
         from unicom.models.foundation import recorded_spec
 
         info = {"model": recorded_spec(model), "pretrained": storage.recorded(pretrained)}
     else:
         info = {"embeddings": storage.absolute(embeddings)}
-    return {**info, FLIP: True} if flip else info
+    return {**info, **views_record(flip, scales)}
 
 
 def _retrieval_only(classes, exclude_classes) -> None:
@@ -401,7 +413,8 @@ def _scored_rows(query_labels, gallery_labels, classes, exclude_classes, class_n
 
 def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples, batch_size,
                          num_workers, device, chunk_size, classes=None, exclude_classes=None, expansion=None,
-                         distractors=None, whiten=None, flip=False, examples=None, per_query=False) -> dict:
+                         distractors=None, whiten=None, flip=False, examples=None, per_query=False,
+                         scales=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
     from unicom.evaluate.report import class_labelled, evaluate_retrieval
 
@@ -427,8 +440,8 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
         if len(train_rows) < 2:
             train = train_rows = None
     if model is not None:
-        encoder = _encoder(model, pretrained, device, flip)
-        config = _embedding_identity(encoder, model, pretrained, name, flip)
+        encoder = _encoder(model, pretrained, device, flip, scales)
+        config = _embedding_identity(encoder, model, pretrained, name, flip, scales)
         for split, images in splits.items():
             if images is None:
                 vectors[split] = None
@@ -501,8 +514,9 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                 require_usable_rows(vectors["train"], keys, embeddings, rows=rows)
         embeddings = folders["root"]
     # how the benchmark's embeddings were made, which the folders added must share
-    made_by = MadeBy(config[WEIGHTS_CHECKSUM], flip) if model is not None else MadeBy.of(folders["gallery"])
-    info = {"dataset": name, **_model_info(model, pretrained, embeddings, bool(made_by.flip))}
+    made_by = (MadeBy(config[WEIGHTS_CHECKSUM], flip, scales or (1.0,)) if model is not None
+               else MadeBy.of(folders["gallery"]))
+    info = {"dataset": name, **_model_info(model, pretrained, embeddings, bool(made_by.flip), made_by.scales)}
     if pca and dims and vectors.get("train") is None:  # --no-pca asked for none
         info["note"] = "no train-split embeddings: the PCA baseline is left out"
     items = _benchmark_items(protocol) if examples is not None or per_query else None
@@ -602,10 +616,12 @@ def _scoring_device(device: str | None):
 @dataclass(frozen=True)
 class MadeBy:
     """How a folder's embeddings were made, as far as recorded: the digest of the model's
-    weights, and whether each image's mirror was averaged in (``flip``); None: not recorded."""
+    weights, whether each image's mirror was averaged in (``flip``) and the scales averaged
+    (``scales``, ``(1.0,)`` for the model input alone); None: not recorded."""
 
     digest: str | None = None
     flip: bool | None = None
+    scales: tuple[float, ...] | None = None
 
     @classmethod
     def of(cls, folder) -> "MadeBy":
@@ -614,14 +630,14 @@ class MadeBy:
         for record in (read_config(folder), read_record(storage.join(folder, CACHE_CONFIG), f"remove {folder} and "
                                                         "embed it again")):
             if record and record.get(WEIGHTS_CHECKSUM):
-                return cls(record[WEIGHTS_CHECKSUM], recorded_flip(record))
+                return cls(record[WEIGHTS_CHECKSUM], recorded_flip(record), recorded_scales(record))
         return cls()
 
 
 def _require_same_model(folder, option: str, found: int, dimension: int, made_by: MadeBy | None) -> None:
     """An :class:`InputError` when ``folder`` (given with ``option``) holds embeddings of
     ``found`` dimensions, not the benchmark's ``dimension``, or records other weights or
-    another way of embedding (``--flip``) than ``made_by`` (when both are recorded): they
+    another way of embedding (``--flip``, ``--scales``) than ``made_by`` (when both are recorded): they
     were made by another model, or otherwise."""
     if found != dimension:
         raise InputError(f"{storage.text(folder)} ({option}) holds {found}-dimensional embeddings, the benchmark's "
@@ -637,6 +653,10 @@ def _require_same_model(folder, option: str, found: int, dimension: int, made_by
         ways = {True: "each image averaged with its mirror image (--flip)", False: "the images alone (no --flip)"}
         raise InputError(f"{storage.text(folder)} ({option}) was embedded with {ways[recorded.flip]}, the benchmark "
                          f"with {ways[made_by.flip]}: embed {option}'s images the way the benchmark's were")
+    if made_by.scales is not None and recorded.scales is not None and recorded.scales != made_by.scales:
+        raise InputError(f"{storage.text(folder)} ({option}) was embedded with {describe_views(False, recorded.scales)}, "
+                         f"the benchmark with {describe_views(False, made_by.scales)}: embed {option}'s images the way "
+                         "the benchmark's were")
 
 
 def learned_whitening(whiten, dimension: int, made_by: MadeBy | None = None):
@@ -809,7 +829,7 @@ def _present_train_rows(train, rows: np.ndarray) -> np.ndarray:
 
 def _classification_benchmark(name, root, out, model, pretrained, embeddings, batch_size, num_workers, device,
                               download, probe, knn, knn_k, temperature, zero_shot=False, templates="openai",
-                              class_names=None, flip=False) -> dict:
+                              class_names=None, flip=False, scales=None) -> dict:
     from unicom.data.benchmarks import load_classification_benchmark
     from unicom.evaluate.report import evaluate_classification
 
@@ -831,7 +851,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
     vectors = {}
     scores = None
     if model is not None:
-        encoder = _encoder(model, pretrained, device, flip)
+        encoder = _encoder(model, pretrained, device, flip, scales)
         if zero_shot:
             from unicom.evaluate.zero_shot import class_names as prompt_names, class_prototypes
 
@@ -839,7 +859,7 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
                 raise InputError(f"zero-shot classification needs a text tower: {encoder.name} has none "
                                  f"({encoder.no_text_reason}); give a CLIP (an open_clip name with --pretrained)")
             names = prompt_names(name, test.class_names, _class_count(train, test), class_names)
-        config = _embedding_identity(encoder, model, pretrained, name, flip)
+        config = _embedding_identity(encoder, model, pretrained, name, flip, scales)
         for split, part in parts.items():
             vectors[split] = embed_cached(encoder, part.images, keys[split], out / "embeddings" / split,
                                           dict(config, split=split), labels=part.labels, batch_size=batch_size,
@@ -856,11 +876,12 @@ def _classification_benchmark(name, root, out, model, pretrained, embeddings, ba
         for split, part in parts.items():
             paths = [image if isinstance(image, str) else "" for image in part.images]
             vectors[split] = x[index.rows(keys[split], paths, split)]
+    made = MadeBy.of(embeddings) if model is None else None
     return evaluate_classification(
         vectors.get("train"), train.labels, vectors["test"], test.labels, metric=metric, probe=probe, knn=knn,
         knn_k=knn_k, temperature=temperature, out=out, zero_shot=scores,
-        info={"dataset": name, **_model_info(model, pretrained, embeddings,
-                                             flip if model is not None else bool(MadeBy.of(embeddings).flip))},
+        info={"dataset": name, **(_model_info(model, pretrained, None, flip, scales) if model is not None else
+                                  _model_info(None, None, embeddings, bool(made.flip), made.scales))},
     )
 
 
@@ -949,7 +970,7 @@ def evaluate_embedding_folders(
     lookup = None if labels is None else read_labels(labels)
     y = labels_of(metadata, embeddings, labels, lookup=lookup)
     made_by = MadeBy.of(embeddings)
-    info = _model_info(None, None, embeddings, bool(made_by.flip))
+    info = _model_info(None, None, embeddings, bool(made_by.flip), made_by.scales)
     labelled = [(embeddings, metadata)]  # the folders whose keys the labels file labels
     if task == "classification":
         _retrieval_only(classes, exclude_classes)

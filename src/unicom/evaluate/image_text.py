@@ -40,11 +40,13 @@ def evaluate_image_text(
     device: str | None = None,
     chunk_size: int | None = None,
     flip: bool = False,
+    scales=None,
 ) -> dict:
     """Score ``model`` on image-text benchmark ``name`` (a key of
     :data:`unicom.data.benchmarks.CAPTION_BENCHMARKS`) read from ``root``; writes
     ``metrics.json`` and ``metrics.md`` under ``out`` and returns the report. ``flip``: each
-    image embedding averaged with its mirror image's (the captions as they are)."""
+    image embedding averaged with its mirror image's, ``scales``: at these scales of the model
+    input (the captions as they are)."""
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, canonical_name, load_caption_benchmark
     from unicom.evaluate.benchmark import _embedding_identity, _encoder, _model_info, embed_cached
     from unicom.evaluate.metrics import retrieval_metrics
@@ -53,14 +55,14 @@ def evaluate_image_text(
 
     name = canonical_name(name)
     split = load_caption_benchmark(name, root)  # missing files are named before a model is loaded
-    encoder = _encoder(model, pretrained, device, flip)
+    encoder = _encoder(model, pretrained, device, flip, scales)
     if not encoder.has_text:
         raise InputError(
             f"--dataset {name} scores retrieval between images and captions: {encoder.name} has no text tower "
             f"({encoder.no_text_reason}); evaluate a model that embeds texts into its image space (an open_clip CLIP: "
             "--model ViT-B-32 --pretrained laion400m_e32), or its images alone on a retrieval benchmark")
     out = Path(out)
-    identity = _embedding_identity(encoder, model, pretrained, name, flip)
+    identity = _embedding_identity(encoder, model, pretrained, name, flip, scales)
     images = embed_cached(encoder, split.images.paths, split.images.keys, out / "embeddings" / "images",
                           dict(identity, split="images"), batch_size=batch_size, num_workers=num_workers,
                           desc=f"embed {name} images")
@@ -72,7 +74,7 @@ def evaluate_image_text(
     image_ids = np.arange(len(split.images))
     report = {
         "dataset": name,
-        **_model_info(model, pretrained, None, flip),
+        **_model_info(model, pretrained, None, flip, scales),
         "protocol": {"images": len(split.images), "captions": len(split.captions), "ks": list(ks),
                      "annotations": split.source, "embedding_dim": int(images.shape[1])},
         "text_to_image": retrieval_metrics(texts, split.caption_image, images, image_ids, ks, chunk_size),

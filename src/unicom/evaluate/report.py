@@ -333,10 +333,14 @@ def _percent(value: float) -> str:
 
 
 def report_heading(report: dict, keys: Sequence[str], fallback: str) -> str:
-    """A report's title: its fields ``keys`` that are given, joined, and "each image averaged
-    with its mirror" where the report says ``flip``; ``fallback`` when none is given."""
+    """A report's title: its fields ``keys`` that are given, joined, "each image averaged
+    with its mirror" where the report says ``flip`` and "at scales …" where it gives ``scales``;
+    ``fallback`` when none is given."""
     heading = " · ".join(str(report[k]) for k in keys if report.get(k)) or fallback
-    return heading + (" · each image averaged with its mirror" if report.get("flip") else "")
+    heading += " · each image averaged with its mirror" if report.get("flip") else ""
+    if report.get("scales"):
+        heading += f" · at scales {', '.join(f'{scale:g}' for scale in report['scales'])}"
+    return heading
 
 
 def retrieval_markdown(report: dict) -> str:

@@ -93,10 +93,41 @@ PART_SETTINGS = "part_settings"  # embed_config.json: the settings of every run 
 FLIP = "flip"  # embed_config.json (and an evaluation's cache record): true when each image embedding averages its mirror's
 
 
+SCALES = "scales"  # embed_config.json (and an evaluation's cache record): the scales of multi-scale image embeddings
+
+
 def recorded_flip(config: dict | None) -> bool | None:
     """Whether a folder's record (``embed_config.json``, an evaluation's cache record) says its
     image embeddings average each image's mirror (:data:`FLIP`); None without a record."""
     return None if config is None else bool(config.get(FLIP, False))
+
+
+def recorded_scales(config: dict | None) -> tuple[float, ...] | None:
+    """The scales a folder's record says its image embeddings average (:data:`SCALES`), ``(1.0,)``
+    for a record without them (the model input alone); None without a record."""
+    if config is None:
+        return None
+    scales = config.get(SCALES)
+    return (1.0,) if not scales else tuple(float(scale) for scale in scales)
+
+
+def views_record(flip: bool = False, scales=None) -> dict:
+    """The keys a record keeps for test-time views, only those set (records made before they
+    existed match embeddings made without them): ``flip`` true, ``scales`` (decreasing)."""
+    record = {FLIP: True} if flip else {}
+    if scales is not None and tuple(scales) != (1.0,):
+        record[SCALES] = [float(scale) for scale in scales]
+    return record
+
+
+def describe_views(flip: bool | None, scales) -> str:
+    """How images were embedded, in words: mirrored (``--flip``), multi-scale (``--scales``), or alone."""
+    ways = []
+    if flip:
+        ways.append("each image averaged with its mirror image (--flip)")
+    if scales is not None and tuple(scales) != (1.0,):
+        ways.append(f"each image at scales {', '.join(f'{scale:g}' for scale in scales)} (--scales)")
+    return " and ".join(ways) or "the images alone (no --flip, no --scales)"
 SETTINGS_KEY = b"unicom.embed_settings"  # a part's metadata file: how its embeddings were computed (JSON)
 
 

@@ -118,32 +118,19 @@ class ModelEncoder(Encoder):
         return self.model.encode_text(tokens)
 
 
-class FlipAveraged(Encoder):
-    """Test-time augmentation by mirroring: an encoder whose image embedding is the mean of
-    its features for the model input and for the same input mirrored left to right (after
-    the model's transform: its resize and crop as for the image itself), before any L2
-    normalisation, as re-identification and face-recognition evaluations average them.
-
-    Texts, the transform and the weights are the encoder's own (:meth:`weights_sha256` is
-    its digest: the same weights, another way of embedding; records that keep both say
-    ``flip`` beside it). Two forward passes per batch, each of the batch's size.
-    """
+class ImageViews(Encoder):
+    """An encoder that embeds images otherwise than ``encoder`` from the same weights (test-time
+    views: :class:`FlipAveraged`, :class:`MultiScale`): its texts, transform, sizes and weights
+    digest are ``encoder``'s own."""
 
     def __init__(self, encoder: Encoder):
         super().__init__()
-        if isinstance(encoder, FlipAveraged):
-            encoder = encoder.encoder  # mirrored once: the mean of an image and its mirror is its own mirror's
         self.encoder = encoder
         self.image_transform = encoder.image_transform
         self.embedding_dim = encoder.embedding_dim
         self.name = encoder.name
         self.has_text = encoder.has_text
         self.no_text_reason = encoder.no_text_reason
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.encoder.encode_image(images)
-        mirrored = self.encoder.encode_image(images.flip(-1))
-        return (features.float() + mirrored.float()).mul_(0.5).to(features.dtype)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder.tokenize(texts)
@@ -155,9 +142,139 @@ class FlipAveraged(Encoder):
         return self.encoder.weights_sha256()
 
 
+class FlipAveraged(ImageViews):
+    """Test-time augmentation by mirroring: an encoder whose image embedding is the mean of
+    its features for the model input and for the same input mirrored left to right (after
+    the model's transform: its resize and crop as for the image itself), before any L2
+    normalisation, as re-identification and face-recognition evaluations average them.
+
+    Texts, the transform and the weights are the encoder's own (:meth:`weights_sha256` is
+    its digest: the same weights, another way of embedding; records that keep both say
+    ``flip`` beside it). Two forward passes per batch, each of the batch's size.
+    """
+
+    def __init__(self, encoder: Encoder):
+        if isinstance(encoder, FlipAveraged):
+            encoder = encoder.encoder  # mirrored once: the mean of an image and its mirror is its own mirror's
+        super().__init__(encoder)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.encoder.encode_image(images)
+        mirrored = self.encoder.encode_image(images.flip(-1))
+        return (features.float() + mirrored.float()).mul_(0.5).to(features.dtype)
+
+
 def with_flip(encoder: Encoder, flip: bool) -> Encoder:
     """``encoder`` averaged with its mirror images (:class:`FlipAveraged`) when ``flip``, else as it is."""
     return FlipAveraged(encoder) if flip else encoder
+
+
+MAX_SCALE = 4.0  # the largest resize of the model input --scales takes
+
+
+def check_scales(scales) -> tuple[float, ...] | None:
+    """``scales`` (numbers, or text such as ``"1,0.7071,0.5"``) as a tuple in decreasing
+    order, or None for the model input alone (none given, or ``1`` alone); an
+    :class:`InputError` for a scale that is not a finite number in (0, :data:`MAX_SCALE`] or
+    one given twice."""
+    import math
+
+    if scales is None:
+        return None
+    if isinstance(scales, str):
+        parts = [part.strip() for part in scales.split(",")]
+        try:
+            scales = [float(part) for part in parts]
+        except ValueError:
+            raise InputError(f"--scales {scales!r}: comma-separated numbers, such as 1,0.7071,0.5") from None
+    values = []
+    for value in scales:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 < value <= MAX_SCALE:
+            raise InputError(f"scales: {value!r} is not a scale; each is a number above 0 and at most {MAX_SCALE:g} "
+                             "(1 is the model input, 0.5 half its side)")
+        values.append(float(value))
+    if not values:
+        raise InputError("scales: give at least one (1 is the model input)")
+    if len(set(values)) != len(values):
+        raise InputError(f"scales {values}: a scale given twice")
+    values.sort(reverse=True)
+    return None if values == [1.0] else tuple(values)
+
+
+class MultiScale(ImageViews):
+    """Multi-scale descriptors, as landmark retrieval computes them (Radenović et al., cirtorch's
+    ``--multiscale``): an encoder whose image embedding is the mean of the L2-normalised
+    embeddings of the model input (after the model's transform) resized by each of ``scales``
+    (bilinear, ``align_corners=False``, no antialiasing: cirtorch's ``interpolate`` with
+    ``scale_factor``; the output side is the floor of side x scale); the caller normalises the
+    mean. For networks that take inputs of other sizes (convolutional networks, DINOv2, whose
+    position embeddings are interpolated): each scale is tried on one blank input when the
+    encoder is made, and a network that refuses one is an :class:`InputError` naming it.
+
+    Texts, the transform and the weights are the encoder's own (:meth:`weights_sha256` is its
+    digest; records that keep both say ``scales`` beside it). One forward pass per scale.
+    """
+
+    def __init__(self, encoder: Encoder, scales):
+        from unicom.models.naflex import NaFlexTransform
+
+        scales = check_scales(scales)
+        if scales is None:
+            raise InputError("MultiScale: give scales other than 1 alone (the model input as it is)")
+        if isinstance(encoder.image_transform, NaFlexTransform):
+            raise InputError(f"{encoder.name}: a NaFlex model takes each image at its own size as patches; --scales "
+                             "resizes a model input of one size: leave --scales out")
+        super().__init__(encoder)
+        self.scales = scales
+        self._try_every_scale()
+
+    def _resized(self, images: torch.Tensor, scale: float) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if scale == 1.0:
+            return images
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def _try_every_scale(self) -> None:
+        from PIL import Image
+
+        blank = self.image_transform(Image.new("RGB", (256, 256), (128, 128, 128)))
+        if not isinstance(blank, torch.Tensor) or blank.dim() != 3:
+            raise InputError(f"{self.name}: its transform does not make one image tensor (3, H, W); --scales resizes "
+                             "that: leave --scales out")
+        batch = blank.unsqueeze(0).to(self.encoder.device)
+        for scale in self.scales:
+            resized = self._resized(batch, scale)
+            if min(resized.shape[-2:]) < 1:
+                raise InputError(f"scale {scale:g} makes the {tuple(batch.shape[-2:])} model input of {self.name} "
+                                 "smaller than a pixel: give larger scales")
+            try:
+                self.encoder.encode_image(resized)
+            except Exception as error:  # noqa: BLE001 - whatever the network raises, it takes no such input
+                size = " x ".join(str(side) for side in resized.shape[-2:])
+                raise InputError(
+                    f"{self.name} cannot embed its input resized by {scale:g} ({size} pixels: {error}); --scales "
+                    "needs a network that takes inputs of other sizes (a convolutional network, DINOv2): leave "
+                    "--scales out for this one") from None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        total = None
+        for scale in self.scales:
+            features = F.normalize(self.encoder.encode_image(self._resized(images, scale)).float(), dim=-1)
+            total = features if total is None else total + features
+        return total.div_(len(self.scales))
+
+
+def with_views(encoder: Encoder, flip: bool = False, scales=None) -> Encoder:
+    """``encoder`` as test-time views make it: averaged with each image's mirror (``flip``,
+    :class:`FlipAveraged`), then at each of ``scales`` (:class:`MultiScale`), or as it is."""
+    encoder = with_flip(encoder, flip)
+    scales = check_scales(scales)
+    return MultiScale(encoder, scales) if scales is not None else encoder
 
 
 RANDOM_WEIGHTS_SEED = 0  # torch's CPU generator's seed while a timm or open_clip model is built

@@ -55,6 +55,8 @@ from unicom.formats.embeddings import (
     part_name,
     part_path,
     read_config,
+    recorded_scales,
+    views_record,
 )
 from unicom.search import clip_layout
 from unicom.search.collection import QUERY_FIX, Collection, Part, exact_neighbours, first_dims
@@ -1026,8 +1028,8 @@ def _embedding_model(config: dict) -> dict | None:
     if not isinstance(config.get("model"), str):
         return None
     model = {"spec": config["model"], "pretrained": config.get("pretrained"), WEIGHTS_CHECKSUM: config.get(WEIGHTS_CHECKSUM)}
-    if config.get(FLIP):  # `unicom embed --flip`: image queries are embedded so too
-        model[FLIP] = True
+    # `unicom embed --flip`, `--scales`: image queries are embedded so too
+    model.update(views_record(bool(config.get(FLIP)), recorded_scales(config)))
     return model
 
 

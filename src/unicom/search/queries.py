@@ -83,12 +83,14 @@ def check_model(index, encoder) -> None:
 
 def query_encoder(index, encoder):
     """``encoder`` as ``index``'s image queries are embedded: averaged with each image's mirror
-    (:class:`unicom.models.encoders.FlipAveraged`) where the collection's embeddings were
-    (``unicom embed --flip``, recorded in the index's ``model``), else as it is."""
-    from unicom.formats.embeddings import FLIP
-    from unicom.models.encoders import with_flip
+    (:class:`unicom.models.encoders.FlipAveraged`) and at several scales
+    (:class:`unicom.models.encoders.MultiScale`) where the collection's embeddings were
+    (``unicom embed --flip``, ``--scales``, recorded in the index's ``model``), else as it is."""
+    from unicom.formats.embeddings import FLIP, SCALES
+    from unicom.models.encoders import with_views
 
-    return with_flip(encoder, bool((index.config.get("model") or {}).get(FLIP)))
+    model = index.config.get("model") or {}
+    return with_views(encoder, bool(model.get(FLIP)), model.get(SCALES))
 
 
 def source_dims(index) -> int:

@@ -119,3 +119,82 @@ def test_what_cannot_be_exported_is_refused_before_writing(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "n.onnx")], capture_output=True,
                             text=True, env=dict(os.environ), timeout=120)
     assert result.returncode == 2 and "pip install 'unicom[onnx]'" in result.stderr
+
+
+def image_files(tmp_path, count: int = 3) -> tuple[list, list[str]]:
+    images = [class_image(label, label, size) for label, size in ((0, 40), (1, 64), (2, 90), (3, 50))[:count]]
+    paths = []
+    for number, image in enumerate(images):
+        paths.append(str(tmp_path / f"{number}.png"))
+        image.save(paths[-1])
+    return images, paths
+
+
+def test_a_timm_network_exports_with_its_weights_mirror_and_scales(tmp_path, capsys):
+    import json
+
+    import onnx
+    import timm
+
+    from unicom.models.encoders import load_encoder
+
+    torch.manual_seed(4)
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), tmp_path / "resnet.pth")
+    assert main(["convert", "unicom-to-onnx", "timm/test_resnet", str(tmp_path / "r.onnx"), "--pretrained",
+                 str(tmp_path / "resnet.pth"), "--flip", "--scales", "1,0.7071"]) == 0
+    assert "checked with onnxruntime" in capsys.readouterr().out
+    encoder = load_encoder("timm/test_resnet", str(tmp_path / "resnet.pth"))
+    images, paths = image_files(tmp_path)
+    expected = embed_images(encoder, paths, num_workers=0, flip=True, scales=(1, 0.7071))
+    np.testing.assert_allclose(onnx_embeddings(tmp_path / "r.onnx", encoder.image_transform, images), expected,
+                               atol=2e-5)
+    plain = embed_images(encoder, paths, num_workers=0)
+    assert (np.linalg.norm(plain - expected, axis=1) > 1e-3).all()  # the views are in the graph
+    properties = {p.key: p.value for p in onnx.load(str(tmp_path / "r.onnx")).metadata_props}
+    assert json.loads(properties["flip"]) is True and json.loads(properties["scales"]) == [1.0, 0.7071]
+
+
+def test_an_open_clip_and_a_transformers_clip_export_their_image_towers(tmp_path, capsys):
+    from support import tiny_hf_clip, tiny_open_clip
+
+    from unicom.models.encoders import load_encoder
+
+    images, paths = image_files(tmp_path)
+    spec = tiny_open_clip(tmp_path / "open_clip")
+    tiny_hf_clip(tmp_path / "hf_clip")
+    for model, name in ((spec, "oc.onnx"), (str(tmp_path / "hf_clip"), "hf.onnx")):
+        assert main(["convert", "unicom-to-onnx", model, str(tmp_path / name)]) == 0
+        encoder = load_encoder(model)
+        np.testing.assert_allclose(onnx_embeddings(tmp_path / name, encoder.image_transform, images),
+                                   embed_images(encoder, paths, num_workers=0), atol=2e-5)
+    capsys.readouterr()
+    # the image tower alone: the tiny CLIP's text tower holds 12.6 MB of token embeddings, not in the file
+    assert (tmp_path / "oc.onnx").stat().st_size < 2 * 2**20
+
+
+def test_weights_beyond_one_file_are_kept_beside_the_graph(s3, tmp_path, capsys):
+    from unicom.models.encoders import load_encoder
+    from unicom.models.onnx_export import export_onnx
+
+    folder = clip_vit_folder(tmp_path / "model")
+    encoder = load_encoder(str(folder))
+    images, paths = image_files(tmp_path, 2)
+    expected = embed_images(encoder, paths, num_workers=0)
+    # past the limit of one file (lowered here from 2 GiB), the weights go to OUTPUT.data
+    done = export_onnx(str(folder), tmp_path / "big.onnx", external_above=10_000)
+    assert done["data"] == f"{tmp_path / 'big.onnx'}.data" and done["bytes"] > 10_000
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 0.99 * done["bytes"]  # all but a few tensors of 256 bytes
+    np.testing.assert_allclose(onnx_embeddings(tmp_path / "big.onnx", encoder.image_transform, images), expected,
+                               atol=2e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("big")) == ["big.onnx", "big.onnx.data"]
+    # asked for, and written to object storage: both files
+    s3.bucket("split")
+    assert main(["convert", "unicom-to-onnx", str(folder), "s3://split/v/m.onnx", "--external-data"]) == 0
+    assert "the weights in s3://split/v/m.onnx.data" in capsys.readouterr().out
+    assert s3.keys("split") == ["v/m.onnx", "v/m.onnx.data"]
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    for name in ("m.onnx", "m.onnx.data"):
+        (fetched / name).write_bytes(s3.get("split", f"v/{name}"))
+    np.testing.assert_allclose(onnx_embeddings(fetched / "m.onnx", encoder.image_transform, images), expected,
+                               atol=2e-5)

@@ -6,6 +6,7 @@ and a model's image encoder to ONNX.
     unicom convert released-to-unicom my-vit.pt models/my-vit --arch '{"heads": 8}'
     unicom convert unicom-to-released models/vit-b32-sop FP16-ViT-B-32-sop.pt --dtype float16
     unicom convert unicom-to-onnx models/vit-b32-sop vit-b32-sop.onnx
+    unicom convert unicom-to-onnx ViT-B-32 clip-b32.onnx --pretrained laion2b_s34b_b79k
 """
 
 from __future__ import annotations
@@ -65,8 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unicom-to-onnx",
         help="a model's image encoder -> one ONNX file: pixels (batch, 3, S, S) -> L2-normalised embeddings (batch, D)",
     )
-    to_onnx.add_argument("model", help="a model folder, a released name or file, or hf-hub:org/repo (what unicom.load takes)")
+    to_onnx.add_argument("model", help="a model folder, a released name or file, hf-hub:org/repo, timm/<name>, an "
+                                        "open_clip name (with --pretrained), a transformers CLIP-like or DINOv2 folder "
+                                        "(what unicom embed's --model takes)")
     to_onnx.add_argument("output", help="the .onnx file to write (a path or a URL)")
+    to_onnx.add_argument("--pretrained", help="the weights of an open_clip or timm model: a tag or a local file")
+    to_onnx.add_argument("--flip", action="store_true",
+                         help="the graph averages each image's features with its mirror image's (as unicom embed --flip)")
+    to_onnx.add_argument("--scales", metavar="S,S,...",
+                         help="the graph embeds each image at these scales of its input (as unicom embed --scales)")
+    to_onnx.add_argument("--external-data", action="store_true",
+                         help="keep the weights in OUTPUT.data beside the graph (default: only when they pass the 2 GiB "
+                              "one ONNX file holds)")
     to_onnx.add_argument("--opset", type=int, help="ONNX operator set version (default: the exporter's)")
     to_onnx.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
@@ -105,12 +116,14 @@ def _to_onnx(args: argparse.Namespace) -> int:
         raise InputError(f"{args.output}: name the ONNX file to write with its suffix, .onnx")
     if storage.exists(args.output) and not args.overwrite:
         raise InputError(f"{args.output} exists; pass --overwrite to replace it")
-    done = export_onnx(args.model, args.output, opset=args.opset)
+    done = export_onnx(args.model, args.output, opset=args.opset, pretrained=args.pretrained, flip=args.flip,
+                       scales=args.scales, external_data=args.external_data)
     checked = (f"checked with onnxruntime: the largest difference from the network {done['max_difference']:.1e}"
                if done["max_difference"] is not None else "not checked: onnxruntime is not installed")
-    print(f"wrote {done['output']} ({done['bytes'] / 2**20:.1f} MiB, opset {done['opset']}): {done['model']}, pixels "
-          f"(batch, 3, {done['input_size']}, {done['input_size']}) -> L2-normalised {done['embedding_dim']}-d embeddings; "
-          f"{checked}")
+    beside = f", the weights in {done['data']}" if done["data"] else ""
+    print(f"wrote {done['output']} ({done['bytes'] / 2**20:.1f} MiB of weights{beside}, opset {done['opset']}): "
+          f"{done['model']}, pixels (batch, 3, {done['input_size']}, {done['input_size']}) -> L2-normalised "
+          f"{done['embedding_dim']}-d embeddings; {checked}")
     return 0
 
 

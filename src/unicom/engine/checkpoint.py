@@ -376,9 +376,10 @@ def read_model_checkpoint(path: str | os.PathLike) -> tuple[str, dict, dict[str,
 def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Export the backbone of a checkpoint (or of a run's newest intact one) as a model folder."""
     from unicom.models.export import save_model
-    from unicom.models.registry import clip_preprocess
+    from unicom.models.registry import get_architecture
 
     architecture, settings, state_dict, source = read_model_checkpoint(path)
     manifest = read_manifest(source)
     provenance = {"trained_by": "unicom train", "checkpoint": str(Path(source).resolve()), "step": manifest["step"]}
-    return save_model(folder, state_dict, architecture, settings, clip_preprocess(int(settings["image_size"])), provenance=provenance)
+    return save_model(folder, state_dict, architecture, settings,
+                      get_architecture(architecture).evaluation_preprocess(settings), provenance=provenance)

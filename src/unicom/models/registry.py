@@ -76,12 +76,16 @@ class Architecture:
             Empty for architectures that ``unicom train`` does not train.
         timm: a :class:`TimmForm` (or ``"module:attribute"``) when timm can build the
             network; its model folders then also carry timm's ``config.json``.
+        preprocess: ``preprocess(settings) -> dict`` (or ``"module:function"``), the
+            evaluation transform of a trained model of these settings; None: CLIP's at
+            ``settings["image_size"]``.
     """
 
     name: str
     builder: str | Callable[..., Any]
     embedding_head: tuple[str, ...] = ()
     timm: str | TimmForm | None = None
+    preprocess: str | Callable[..., Any] | None = None
 
     @property
     def module(self) -> str:
@@ -98,6 +102,12 @@ class Architecture:
 
     def timm_form(self) -> TimmForm | None:
         return None if self.timm is None else _resolve(self.timm)
+
+    def evaluation_preprocess(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The evaluation transform, as data, of a trained model of ``settings``."""
+        if self.preprocess is None:
+            return clip_preprocess(int(settings["image_size"]))
+        return dict(_resolve(self.preprocess)(settings))
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "clip_vit", "unicom.models.vit:build_clip_vit", embedding_head=("projection.",), timm="unicom.models.vit:TIMM_FORM"
     ),
     "unicom_vit": Architecture("unicom_vit", "unicom.models.unicom_vit:build_unicom_vit", embedding_head=("feature.2.", "feature.3.")),
+    # any timm image model with a projection (model.name=timm/<name>)
+    "timm": Architecture("timm", "unicom.models.timm_backbone:build_timm_backbone", embedding_head=("projection.",),
+                         preprocess="unicom.models.timm_backbone:timm_preprocess"),
 }
 
 

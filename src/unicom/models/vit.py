@@ -372,11 +372,15 @@ def model_names() -> list[str]:
 
 
 def named_settings(name: str) -> tuple[str, dict[str, Any]]:
-    """``(architecture, settings)`` of a model name (see :func:`model_names`)."""
+    """``(architecture, settings)`` of a model name (see :func:`model_names`), or of
+    ``timm/<name>``, any timm image model (:mod:`unicom.models.timm_backbone`)."""
     from unicom.models.registry import MODELS
+    from unicom.models.timm_backbone import ARCHITECTURE as TIMM, is_timm_name, timm_settings
 
+    if is_timm_name(name):
+        return TIMM, timm_settings(name)
     if name not in model_names():
-        raise InputError(f"unknown model {name!r}; known: {model_names()}")
+        raise InputError(f"unknown model {name!r}; known: {model_names()}, or timm/<name> for a timm image model")
     return MODELS[name].architecture, dict(MODELS[name].settings)
 
 
@@ -404,12 +408,13 @@ class CreatedModel:
 
     def preprocess(self) -> dict[str, Any]:
         """The evaluation transform as data: the registry entry's for a registered name at
-        its own image size, else CLIP's (bicubic shortest side, centre crop, CLIP mean/std)."""
-        from unicom.models.registry import clip_preprocess
+        its own image size, else the architecture's (CLIP's: bicubic shortest side, centre
+        crop, CLIP mean/std; a timm model's: timm's at ``image_size``)."""
+        from unicom.models.registry import get_architecture
 
         if self.registered_preprocess is not None and self.registered_preprocess["size"] == self.image_size:
             return dict(self.registered_preprocess)
-        return clip_preprocess(self.image_size)
+        return get_architecture(self.architecture).evaluation_preprocess(self.settings)
 
 
 def _build(architecture: str, settings: dict[str, Any], drop_path_rate: float) -> nn.Module:
@@ -509,6 +514,14 @@ def create_model(
                             registered_preprocess=_registered_preprocess(name))
 
     init = os.fspath(init)
+    from unicom.models.timm_backbone import INIT_PRETRAINED, is_timm_name, load_timm_weights
+
+    if is_timm_name(name) and (init == INIT_PRETRAINED or os.path.isfile(init)):
+        # timm's pretrained weights, or a file of the timm model's state dict, read by timm's loader
+        architecture, base = named_settings(name)
+        settings = _merge(architecture, base, overrides, f"model {name}")
+        module = _build(architecture, settings, drop_path_rate)
+        return CreatedModel(module, architecture, settings, init, "timm", load_timm_weights(module, init))
     kind, path = _init_source(init)
     prototypes_from = None
     if kind == "released":

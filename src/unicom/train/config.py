@@ -24,8 +24,8 @@ from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, Sched
 class ModelConfig:
     """The network: a name of :func:`unicom.models.vit.model_names` and optional starting weights."""
 
-    name: str | None = "ViT-B-32"  # ViT-B-32/ViT-B-16/ViT-L-14/ViT-L-14-336, or a released name (ViT-B/32 ...)
-    init: str | None = None  # released name, released .pt, exported folder, open_clip file, or a run/checkpoint
+    name: str | None = "ViT-B-32"  # ViT-B-32/ViT-B-16/ViT-L-14/ViT-L-14-336, a released name (ViT-B/32 ...), or timm/<name>
+    init: str | None = None  # released name, released .pt, exported folder, open_clip file, a run/checkpoint; timm/<name>: timm or its state-dict file
     embedding_dim: int | None = None  # D; default: the named model's (512 for B/32, 768 otherwise)
     image_size: int | None = None
     patch_size: int | None = None

@@ -541,7 +541,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
               architecture=run.created.architecture, settings=run.created.settings, num_classes=run.partial_fc.num_classes,
               data=run.source.describe(), classes_per_step=round(selection.used, 1))
 
-    transform = config.augment.transform(run.created.image_size)
+    evaluated = run.created.preprocess()  # trained with the normalisation the model is evaluated with
+    transform = config.augment.transform(run.created.image_size, mean=evaluated["mean"], std=evaluated["std"])
     stream = TrainStream(run.source, transform, batch, config.seed, rank, world, run.roles, positions, next_role,
                          device_decode=resolve_decode(config.data.decode, run.device, transform))
     # train.steps=0 reads no data: no decoding workers to start. A batch decoded on the device is

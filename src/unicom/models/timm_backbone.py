@@ -1,0 +1,147 @@
+"""Any timm image model as a trainable network of ``unicom train``: the ``timm`` architecture.
+
+:class:`TimmBackbone` is a timm model built without its classifier (``num_classes=0``: its
+pooled features, ``num_features`` wide) followed by a linear projection without bias to the
+embedding (``(B, 3, S, S) -> (B, D)``, D = ``embedding_dim``), as :class:`unicom.models.vit.ClipViT`
+projects CLIP's tower. A recipe names it ``model.name=timm/<name>`` (``timm/resnet50``,
+``timm/convnext_tiny``); its settings are the timm name (a pretrained tag written into it,
+``resnet50.a1_in1k``, is kept: it chooses the preprocessing and the weights ``model.init=timm``
+downloads), the training and evaluation ``image_size`` (default: the tag's input size),
+``embedding_dim`` (default: the features' width) and ``in_chans``. Its preprocessing is timm's
+evaluation transform for the model at ``image_size`` (its interpolation, ``crop_pct``, mean and
+std), recorded in the model folder like any other (:func:`timm_preprocess`).
+
+Starting weights (``model.init``): ``timm`` (timm's pretrained weights of the tag, from the
+Hugging Face Hub or timm's cache), a file of the timm model's own state dict (``.pth``, ``.bin``,
+``.safetensors``: read by timm's loader, which drops the classifier), or, as for every
+architecture, a model folder or a training checkpoint of one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from unicom.errors import InputError
+
+ARCHITECTURE = "timm"
+PREFIX = "timm/"
+INIT_PRETRAINED = "timm"  # model.init: timm's pretrained weights of the tag in the name
+
+
+def is_timm_name(name: str | None) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX) and len(name) > len(PREFIX)
+
+
+def _create(settings: Mapping[str, Any], **options: Any) -> nn.Module:
+    """The timm model of ``settings`` without its classifier (an :class:`InputError` naming it
+    when timm has no such model or refuses the options)."""
+    import timm
+
+    name = str(settings["timm_model"])
+    if not timm.is_model(name.split(".", 1)[0]):
+        raise InputError(f"model.name=timm/{name}: timm {timm.__version__} has no model "
+                         f"{name.split('.', 1)[0]!r} (timm.list_models() lists them)")
+    sized = {"img_size": int(settings["image_size"])} if settings.get("fixed_input_size") else {}
+    try:
+        return timm.create_model(name, num_classes=0, in_chans=int(settings.get("in_chans", 3)), **sized, **options)
+    except TypeError as error:  # an option this kind of network does not take
+        raise InputError(f"model.name=timm/{name}: timm cannot build it so ({error})") from None
+
+
+class TimmBackbone(nn.Module):
+    """A timm model's pooled features through a projection without bias (module docstring)."""
+
+    def __init__(self, settings: Mapping[str, Any], drop_path_rate: float = 0.0):
+        super().__init__()
+        self.settings = dict(settings)
+        self.trunk = _create(settings, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+        self.embedding_dim = int(settings["embedding_dim"])
+        self.projection = nn.Linear(int(self.trunk.num_features), self.embedding_dim, bias=False)
+        if not self.projection.weight.is_meta:
+            nn.init.normal_(self.projection.weight, std=int(self.trunk.num_features) ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the trunk's stages in the backward pass (where timm's model supports it)."""
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.trunk(images))
+
+
+def build_timm_backbone(settings: Mapping[str, Any], drop_path_rate: float = 0.0) -> TimmBackbone:
+    """Builder of the ``timm`` architecture (:mod:`unicom.models.registry`)."""
+    return TimmBackbone(settings, drop_path_rate=drop_path_rate)
+
+
+def _pretrained_cfg(name: str) -> dict[str, Any]:
+    """timm's pretrained configuration of ``name`` (its tag's, else the model's default tag)."""
+    import timm
+
+    try:
+        return dict(timm.models.get_pretrained_cfg(name.split(".", 1)[0] if "." not in name else name).to_dict())
+    except Exception:  # noqa: BLE001 - a name timm does not know: said by _create with its reason
+        return {}
+
+
+def timm_settings(name: str) -> dict[str, Any]:
+    """The settings of ``model.name=timm/<name>`` before a recipe's overrides: the model, its
+    tag's input size, the features' width as the embedding size, 3 input channels, and
+    whether the network takes one input size only (a ViT's positions)."""
+    import timm
+
+    model_name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if not timm.is_model(model_name.split(".", 1)[0]):
+        raise InputError(f"model.name={name}: timm {timm.__version__} has no model {model_name.split('.', 1)[0]!r} "
+                         "(timm.list_models() lists them)")
+    cfg = _pretrained_cfg(model_name)
+    with torch.device("meta"):  # its sizes only: no memory for the weights
+        probe = _create({"timm_model": model_name, "in_chans": 3})
+    size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+    return {"timm_model": model_name, "image_size": size, "embedding_dim": int(probe.num_features), "in_chans": 3,
+            "fixed_input_size": bool(cfg.get("fixed_input_size", False))}
+
+
+def timm_preprocess(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's evaluation transform for the model at ``image_size`` (interpolation, crop_pct,
+    mean, std of its tag), as a model folder's ``preprocess``."""
+    from timm.data import create_transform, resolve_data_config
+
+    from unicom.unifex.model import describe_transform
+
+    name = str(settings["timm_model"])
+    size = int(settings["image_size"])
+    config = resolve_data_config(pretrained_cfg=_pretrained_cfg(name))
+    config["input_size"] = (int(settings.get("in_chans", 3)), size, size)
+    return describe_transform(create_transform(**config, is_training=False), f"timm/{name}")
+
+
+def load_timm_weights(module: TimmBackbone, init: str | os.PathLike) -> list[str]:
+    """Load ``init`` (``timm``: the tag's pretrained weights; else a file of the timm model's
+    state dict) into ``module``'s trunk by timm's own loader; returns the tensors left as they
+    were (the projection)."""
+    import timm
+
+    name = module.settings["timm_model"]
+    options: dict[str, Any] = {}
+    if os.fspath(init) != INIT_PRETRAINED:
+        path = os.fspath(init)
+        if not os.path.isfile(path):
+            raise InputError(f"model.init={path}: file not found (the state dict of timm's {name}, or 'timm' for "
+                             "its pretrained weights)")
+        options["pretrained_cfg_overlay"] = {"file": path}
+    sized = {"img_size": int(module.settings["image_size"])} if module.settings.get("fixed_input_size") else {}
+    try:
+        loaded = timm.create_model(name, pretrained=True, num_classes=0, in_chans=int(module.settings.get("in_chans", 3)),
+                                   **sized, **options)
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise InputError(f"model.init={init}: not weights of timm's {name} ({str(error).splitlines()[0]})") from None
+    module.trunk.load_state_dict(loaded.state_dict())
+    return sorted(f"projection.{key}" for key in module.projection.state_dict())
+
+
+__all__ = ["ARCHITECTURE", "TimmBackbone", "build_timm_backbone", "timm_settings", "timm_preprocess",
+           "load_timm_weights", "is_timm_name"]

@@ -33,7 +33,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -100,6 +100,55 @@ def build_transform(preprocess: Mapping[str, Any]):
         resize += [transforms.CenterCrop(size)] if resize_size != size else []
     # Resize before the RGB conversion, as the released models' own preprocessing does.
     return transforms.Compose([*resize, _convert_to_rgb, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+_PASS_THROUGH = {"ToTensor", "MaybeToTensor", "MaybeConvertMode", "_convert_to_rgb", "ConvertImageDtype"}
+
+
+def describe_transform(transform: Callable, name: str = "backbone") -> dict[str, Any]:
+    """A model's evaluation transform as a model folder's ``preprocess`` (see
+    :func:`unicom.models.export.build_transform`), or :class:`InputError` when it is not one
+    of the forms that description covers (resize, centre crop, to tensor, normalise)."""
+    import numpy as np
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", [transform]))
+    described: dict[str, Any] = {}
+    resize = crop = None
+    for step in steps:
+        kind = getattr(step, "__name__", type(step).__name__)
+        if isinstance(step, T.Resize) and resize is None and step.max_size is None:
+            resize = step
+        elif isinstance(step, T.CenterCrop) and crop is None:
+            crop = step
+        elif isinstance(step, T.Normalize):
+            described["mean"] = [float(v) for v in np.asarray(step.mean, dtype=np.float64).reshape(-1)]
+            described["std"] = [float(v) for v in np.asarray(step.std, dtype=np.float64).reshape(-1)]
+        elif kind not in _PASS_THROUGH:
+            raise InputError(f"{name}: its image transform has a step the model folder cannot describe ({step!r}); "
+                             "use a backbone whose evaluation transform is resize, centre crop and normalise")
+    if resize is None or "mean" not in described:
+        raise InputError(f"{name}: its image transform ({transform!r}) has no resize or no normalisation to describe")
+    size = resize.size if isinstance(resize.size, int) else list(resize.size)
+    crop_size = None if crop is None else list(crop.size)
+    interpolation = resize.interpolation.value
+    if isinstance(size, int) or len(size) == 1:
+        short = size if isinstance(size, int) else size[0]
+        if crop_size is None or crop_size[0] != crop_size[1] or crop_size[0] > short:
+            raise InputError(f"{name}: resizing the short side to {short} needs a square centre crop no larger than it")
+        described.update(size=int(crop_size[0]), resize_mode="shortest")
+        if short != crop_size[0]:
+            described["resize_size"] = int(short)
+    else:
+        crop = size if crop_size is None else crop_size
+        if size[0] != size[1] or crop[0] != crop[1] or crop[0] > size[0]:
+            raise InputError(f"{name}: its transform resizes to {size} and crops {crop}; only square outputs, "
+                             "cropped square, can be described")
+        described.update(size=int(crop[0]), resize_mode="squash")
+        if crop[0] != size[0]:
+            described["resize_size"] = int(size[0])
+    described["interpolation"] = interpolation
+    return described
 
 
 def timm_data_config(preprocess: Mapping[str, Any]) -> dict[str, Any]:

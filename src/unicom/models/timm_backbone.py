@@ -110,7 +110,7 @@ def timm_preprocess(settings: Mapping[str, Any]) -> dict[str, Any]:
     mean, std of its tag), as a model folder's ``preprocess``."""
     from timm.data import create_transform, resolve_data_config
 
-    from unicom.unifex.model import describe_transform
+    from unicom.models.export import describe_transform
 
     name = str(settings["timm_model"])
     size = int(settings["image_size"])

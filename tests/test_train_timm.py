@@ -80,17 +80,19 @@ def test_a_trained_timm_model_exports_a_folder_that_embeds_as_timm_computes_it(t
                  f"out={tmp_path / 'run'}"]) == 0
     assert "weights: timm" in capsys.readouterr().out
     folder = tmp_path / "run" / "model"
-    weights = load_file(str(folder / "model.safetensors"))
-    trained = timm_reference("test_resnet", 0)
-    trained.load_state_dict({k[len("trunk."):]: v for k, v in weights.items() if k.startswith("trunk.")})
-    assert not torch.equal(trained.conv1[0].weight, network.conv1[0].weight)  # two steps moved the trunk
-    paths = sorted(str(p) for p in (tmp_path / "images").rglob("*.jpg"))[:5]
+    import timm
     from PIL import Image
 
+    # timm reads the folder as its own model, the projection its classifier (in timm's layout, its keys)
+    trained = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    weights = load_file(str(folder / "model.safetensors"))
+    assert not torch.equal(weights["conv1.0.weight"], network.conv1[0].weight)  # two steps moved the trunk
+    assert not weights["fc.bias"].count_nonzero() and weights["fc.weight"].shape == (32, network.num_features)
+    paths = sorted(str(p) for p in (tmp_path / "images").rglob("*.jpg"))[:5]
     transform = timm_transform("test_resnet", 64)
     with torch.no_grad():
         pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
-        expected = torch.nn.functional.normalize(trained(pixels) @ weights["projection.weight"].T, dim=-1).numpy()
+        expected = torch.nn.functional.normalize(trained(pixels), dim=-1).numpy()
     np.testing.assert_allclose(embed_images(str(folder), paths, num_workers=0), expected, atol=1e-5)
     model, _ = unicom.load(str(folder))
     assert type(model).__name__ == "TimmBackbone"
@@ -99,3 +101,26 @@ def test_a_trained_timm_model_exports_a_folder_that_embeds_as_timm_computes_it(t
     assert main(["train", *common[1:], "model.name=timm/test_efficientnet", f"model.init={tmp_path / 'run'}",
                  "train.steps=1", f"out={tmp_path / 'other'}"]) == 2
     assert "does not describe the weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit"])
+def test_the_folder_of_a_timm_model_is_one_timm_loads_with_the_same_embeddings_and_pixels(name, tmp_path):
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    import unicom
+    from unicom.models.export import save_model
+
+    torch.manual_seed(7)
+    created = create_model(f"timm/{name}", overrides={"embedding_dim": 24})
+    folder = save_model(tmp_path / name, created.module.eval(), "timm", created.settings, created.preprocess())
+    model, transform = unicom.load(str(folder))
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # its classifier is the projection
+    size = created.settings["image_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(pixels).numpy(), model(pixels).numpy(), atol=1e-6)
+        np.testing.assert_allclose(model(pixels).numpy(), created.module(pixels).numpy(), atol=1e-6)
+    timm_pixels = create_transform(**resolve_model_data_config(theirs), is_training=False)
+    for image in (class_image(0, 0, 200), class_image(1, 1, 90)):
+        np.testing.assert_allclose(transform(image).numpy(), timm_pixels(image).numpy(), atol=1e-6)

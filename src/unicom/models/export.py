@@ -218,7 +218,7 @@ def save_model(
     if not isinstance(embedding_dim, int) or embedding_dim <= 0:
         raise InputError(f"{arch}: pass embedding_dim= (the module has no integer embedding_dim attribute)")
     build_transform(preprocess)  # validates the description
-    timm_form = architecture.timm_form()
+    timm_form = architecture.timm_form(settings)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if timm_form else 1,  # version 1 readers can read the rest
@@ -241,7 +241,7 @@ def save_model(
 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     if timm_form:
-        tensors = timm_form.to_timm(tensors)
+        tensors = timm_form.to_timm(tensors, settings)
         timm_config = timm_form.config(settings, embedding_dim, timm_data_config(preprocess))
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / WEIGHTS_NAME).exists() or (folder / CONFIG_NAME).exists():
@@ -339,10 +339,10 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors = read_safetensors(path)
     if config.get("weights_layout") is None:
         return tensors
-    timm_form = _architecture(config).timm_form()
+    timm_form = _architecture(config).timm_form(config["settings"])
     if timm_form is None:
         raise InputError(f"{path}: stored in timm's layout, but architecture {config['architecture']!r} has no timm form")
-    return timm_form.from_timm(tensors, str(path))
+    return timm_form.from_timm(tensors, str(path), config["settings"])
 
 
 def _architecture(config: Mapping[str, Any]):

@@ -52,15 +52,18 @@ def _resolve(target: str | Callable) -> Any:
 class TimmForm:
     """How a model folder of an architecture is written so that timm can build and load it.
 
-    ``config(settings, preprocess, embedding_dim)`` gives timm's ``config.json``;
-    ``to_timm(state_dict)`` renames the module's tensors to the timm model's keys and
-    ``from_timm(state_dict, source)`` renames them back (an :class:`InputError` naming
-    ``source`` when a tensor has no counterpart).
+    ``config(settings, embedding_dim, data_config)`` gives timm's ``config.json``;
+    ``to_timm(state_dict, settings)`` renames the module's tensors to the timm model's keys and
+    ``from_timm(state_dict, source, settings)`` renames them back (an :class:`InputError` naming
+    ``source`` when a tensor has no counterpart); ``applies(settings)``, when given, says whether
+    the network of these settings has that form (a folder of one that has not is written in
+    the module's own keys, without timm's ``config.json``).
     """
 
-    config: Callable[[Mapping[str, Any], Mapping[str, Any], int], dict[str, Any]]
-    to_timm: Callable[[Mapping[str, Any]], dict[str, Any]]
-    from_timm: Callable[[Mapping[str, Any], str], dict[str, Any]]
+    config: Callable[[Mapping[str, Any], int, Mapping[str, Any]], dict[str, Any]]
+    to_timm: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
+    from_timm: Callable[[Mapping[str, Any], str, Mapping[str, Any]], dict[str, Any]]
+    applies: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,13 @@ class Architecture:
         """``builder(settings, **options)``, importing the builder on first use."""
         return _resolve(self.builder)(settings, **options)
 
-    def timm_form(self) -> TimmForm | None:
-        return None if self.timm is None else _resolve(self.timm)
+    def timm_form(self, settings: Mapping[str, Any] | None = None) -> TimmForm | None:
+        """The :class:`TimmForm`, or None: the architecture has none, or (given ``settings``) not
+        for a network of these settings."""
+        form = None if self.timm is None else _resolve(self.timm)
+        if form is not None and settings is not None and form.applies is not None and not form.applies(settings):
+            return None
+        return form
 
     def evaluation_preprocess(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The evaluation transform, as data, of a trained model of ``settings``."""
@@ -149,6 +157,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "unicom_vit": Architecture("unicom_vit", "unicom.models.unicom_vit:build_unicom_vit", embedding_head=("feature.2.", "feature.3.")),
     # any timm image model with a projection (model.name=timm/<name>)
     "timm": Architecture("timm", "unicom.models.timm_backbone:build_timm_backbone", embedding_head=("projection.",),
+                         timm="unicom.models.timm_backbone:TIMM_FORM",
                          preprocess="unicom.models.timm_backbone:timm_preprocess"),
 }
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from unicom.errors import InputError
+from unicom.models.registry import TimmForm
 
 ARCHITECTURE = "timm"
 PREFIX = "timm/"
@@ -36,9 +37,9 @@ def is_timm_name(name: str | None) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX) and len(name) > len(PREFIX)
 
 
-def _create(settings: Mapping[str, Any], **options: Any) -> nn.Module:
-    """The timm model of ``settings`` without its classifier (an :class:`InputError` naming it
-    when timm has no such model or refuses the options)."""
+def _create(settings: Mapping[str, Any], num_classes: int = 0, **options: Any) -> nn.Module:
+    """The timm model of ``settings``, without its classifier (or with ``num_classes``); an
+    :class:`InputError` naming it when timm has no such model or refuses the options."""
     import timm
 
     name = str(settings["timm_model"])
@@ -47,7 +48,8 @@ def _create(settings: Mapping[str, Any], **options: Any) -> nn.Module:
                          f"{name.split('.', 1)[0]!r} (timm.list_models() lists them)")
     sized = {"img_size": int(settings["image_size"])} if settings.get("fixed_input_size") else {}
     try:
-        return timm.create_model(name, num_classes=0, in_chans=int(settings.get("in_chans", 3)), **sized, **options)
+        return timm.create_model(name, num_classes=num_classes, in_chans=int(settings.get("in_chans", 3)), **sized,
+                                 **options)
     except TypeError as error:  # an option this kind of network does not take
         raise InputError(f"model.name=timm/{name}: timm cannot build it so ({error})") from None
 
@@ -119,6 +121,74 @@ def timm_preprocess(settings: Mapping[str, Any]) -> dict[str, Any]:
     return describe_transform(create_transform(**config, is_training=False), f"timm/{name}")
 
 
+# ------------------------------------------------------------------ the folder timm loads
+
+def _classifier(settings: Mapping[str, Any]) -> tuple[str | None, int]:
+    """(the name of the timm model's classifier, where it takes a single linear layer over its
+    pooled features, else None; the features' width)."""
+    embedding_dim = int(settings["embedding_dim"])
+    with torch.device("meta"):
+        model = _create(settings, num_classes=embedding_dim)
+    name = model.pretrained_cfg.get("classifier")
+    if not isinstance(name, str):
+        return None, int(model.num_features)
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return None, int(model.num_features)
+    linear = isinstance(layer, nn.Linear) and layer.in_features == model.num_features and layer.out_features == embedding_dim
+    return (name if linear else None), int(model.num_features)
+
+
+def timm_form_applies(settings: Mapping[str, Any]) -> bool:
+    """Whether timm builds this network with ``num_classes=embedding_dim`` as the trunk and the
+    projection: its classifier one linear layer over the pooled features."""
+    return _classifier(settings)[0] is not None
+
+
+def timm_config(settings: Mapping[str, Any], embedding_dim: int, data_config: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's ``config.json``: the model with ``num_classes=embedding_dim``, whose classifier is
+    the projection (its bias zero), and the folder's preprocessing."""
+    classifier, width = _classifier(settings)
+    name = str(settings["timm_model"])
+    size, channels = int(settings["image_size"]), int(settings.get("in_chans", 3))
+    return {
+        "architecture": name.split(".", 1)[0],
+        "num_classes": embedding_dim,
+        "num_features": width,
+        "model_args": {"in_chans": channels, **({"img_size": size} if settings.get("fixed_input_size") else {})},
+        "pretrained_cfg": {**data_config, "input_size": [channels, size, size], "num_classes": embedding_dim,
+                           "classifier": classifier, "fixed_input_size": bool(settings.get("fixed_input_size"))},
+    }
+
+
+def to_timm(state_dict: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """:class:`TimmBackbone` keys -> the timm model's: ``trunk.`` dropped, the projection as the
+    classifier's weight with a zero bias."""
+    classifier, _ = _classifier(settings)
+    out = {key[len("trunk."):]: value for key, value in state_dict.items() if key.startswith("trunk.")}
+    projection = state_dict["projection.weight"]
+    out[f"{classifier}.weight"] = projection
+    out[f"{classifier}.bias"] = torch.zeros(projection.shape[0], dtype=projection.dtype)
+    return out
+
+
+def from_timm(state_dict: Mapping[str, torch.Tensor], source: str, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The timm model's keys -> :class:`TimmBackbone`'s (the inverse of :func:`to_timm`)."""
+    classifier, _ = _classifier(settings)
+    bias = state_dict.get(f"{classifier}.bias")
+    if bias is not None and bool(bias.count_nonzero()):
+        raise InputError(f"{source}: {classifier}.bias is not zero, but the projection has no bias; these are not the "
+                         "weights this folder's unicom_model.json describes")
+    out = {}
+    for key, value in state_dict.items():
+        if key == f"{classifier}.weight":
+            out["projection.weight"] = value
+        elif key != f"{classifier}.bias":
+            out[f"trunk.{key}"] = value
+    return out
+
+
 def load_timm_weights(module: TimmBackbone, init: str | os.PathLike) -> list[str]:
     """Load ``init`` (``timm``: the tag's pretrained weights; else a file of the timm model's
     state dict) into ``module``'s trunk by timm's own loader; returns the tensors left as they
@@ -143,5 +213,7 @@ def load_timm_weights(module: TimmBackbone, init: str | os.PathLike) -> list[str
     return sorted(f"projection.{key}" for key in module.projection.state_dict())
 
 
-__all__ = ["ARCHITECTURE", "TimmBackbone", "build_timm_backbone", "timm_settings", "timm_preprocess",
+TIMM_FORM = TimmForm(timm_config, to_timm, from_timm, applies=timm_form_applies)
+
+__all__ = ["ARCHITECTURE", "TIMM_FORM", "TimmBackbone", "build_timm_backbone", "timm_settings", "timm_preprocess",
            "load_timm_weights", "is_timm_name"]

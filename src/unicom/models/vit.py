@@ -222,7 +222,7 @@ def timm_config(settings: Mapping[str, Any], embedding_dim: int, data_config: Ma
     }
 
 
-def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_timm(state_dict: Mapping[str, torch.Tensor], settings: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """:class:`ClipViT` keys -> timm ``VisionTransformer`` keys: ``trunk.`` dropped, the
     projection as ``head.weight`` with a zero ``head.bias``."""
     out = {key[len("trunk."):]: value for key, value in state_dict.items() if key.startswith("trunk.")}
@@ -232,7 +232,8 @@ def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_timm(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+def from_timm(state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+              settings: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """timm ``VisionTransformer`` keys -> :class:`ClipViT` keys (the inverse of :func:`to_timm`)."""
     bias = state_dict.get("head.bias")
     if bias is not None and bool(bias.count_nonzero()):

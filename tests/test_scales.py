@@ -89,6 +89,12 @@ def test_a_cnns_multi_scale_embeddings_are_cirtorchs(cnn):
     wrapped = with_views(encoder, scales="1,0.5")
     assert isinstance(wrapped, MultiScale) and wrapped.scales == (1.0, 0.5)
     assert wrapped.weights_sha256() == encoder.weights_sha256() and with_views(encoder, scales="1") is encoder
+    # views asked for of an encoder that has some replace them (an index's queries: its own views, once)
+    again = with_views(wrapped, scales="1,0.5")
+    assert isinstance(again, MultiScale) and again.encoder is encoder
+    np.testing.assert_allclose(embed_images(again, images, num_workers=0),
+                               embed_images(encoder, images, num_workers=0, scales=(1, 0.5)), atol=1e-6)
+    assert with_views(wrapped) is wrapped  # none asked for: the encoder as given
 
 
 def test_dinov2_embeds_each_scale_with_its_position_embeddings_interpolated(tmp_path):

@@ -271,9 +271,15 @@ class MultiScale(ImageViews):
 
 def with_views(encoder: Encoder, flip: bool = False, scales=None) -> Encoder:
     """``encoder`` as test-time views make it: averaged with each image's mirror (``flip``,
-    :class:`FlipAveraged`), then at each of ``scales`` (:class:`MultiScale`), or as it is."""
-    encoder = with_flip(encoder, flip)
+    :class:`FlipAveraged`), then at each of ``scales`` (:class:`MultiScale`), or as it is when
+    neither is asked for. Views asked for replace those ``encoder`` already has (they are
+    applied to the network it wraps), so that an index's recorded views are its queries' own."""
     scales = check_scales(scales)
+    if not flip and scales is None:
+        return encoder
+    while isinstance(encoder, ImageViews):
+        encoder = encoder.encoder
+    encoder = with_flip(encoder, flip)
     return MultiScale(encoder, scales) if scales is not None else encoder
 
 

@@ -67,6 +67,7 @@ def test_scales_are_parsed_sorted_and_checked():
     assert check_scales("1,0.7071,0.5") == (1.0, 0.7071, 0.5) == check_scales([0.5, 1, 0.7071])
     assert check_scales("1") is None and check_scales(None) is None and check_scales([1.0]) is None
     assert check_scales("1.4142, 1") == (1.4142, 1.0)
+    assert check_scales(np.array([1, 0.5])) == (1.0, 0.5) and check_scales([np.int64(2), 1]) == (2.0, 1.0)
     for bad, message in (("0", "above 0"), ("1,-0.5", "above 0"), ("5", "at most 4"), ("1,x", "comma-separated"),
                          ("1,1", "twice"), ([True], "not a scale"), ([float("nan")], "not a scale")):
         with pytest.raises(InputError, match=message):

@@ -178,6 +178,7 @@ def check_scales(scales) -> tuple[float, ...] | None:
     :class:`InputError` for a scale that is not a finite number in (0, :data:`MAX_SCALE`] or
     one given twice."""
     import math
+    import numbers
 
     if scales is None:
         return None
@@ -189,7 +190,7 @@ def check_scales(scales) -> tuple[float, ...] | None:
             raise InputError(f"--scales {scales!r}: comma-separated numbers, such as 1,0.7071,0.5") from None
     values = []
     for value in scales:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
                 or not 0 < value <= MAX_SCALE:
             raise InputError(f"scales: {value!r} is not a scale; each is a number above 0 and at most {MAX_SCALE:g} "
                              "(1 is the model input, 0.5 half its side)")

@@ -121,7 +121,7 @@ def _to_onnx(args: argparse.Namespace) -> int:
     checked = (f"checked with onnxruntime: the largest difference from the network {done['max_difference']:.1e}"
                if done["max_difference"] is not None else "not checked: onnxruntime is not installed")
     beside = f", the weights in {done['data']}" if done["data"] else ""
-    print(f"wrote {done['output']} ({done['bytes'] / 2**20:.1f} MiB of weights{beside}, opset {done['opset']}): "
+    print(f"wrote {done['output']} ({done['bytes'] / 2**20:.1f} MiB{beside}, opset {done['opset']}): "
           f"{done['model']}, pixels (batch, 3, {done['input_size']}, {done['input_size']}) -> L2-normalised "
           f"{done['embedding_dim']}-d embeddings; {checked}")
     return 0

@@ -65,8 +65,9 @@ def export_onnx(spec: str | os.PathLike, output: str | os.PathLike, *, opset: in
     on with onnxruntime. ``external_data``: the weights in ``OUTPUT.data`` beside the graph, as
     they are anyway when they pass ``external_above`` bytes (the 2 GiB one file holds). Returns
     what was written: ``output``, ``data`` (the weights' file, or None),
-    ``model``, ``embedding_dim``, ``input_size``, ``bytes`` (of the weights), ``opset`` and
-    ``max_difference`` (None without onnxruntime)."""
+    ``model``, ``embedding_dim``, ``input_size``, ``bytes`` (written, both files),
+    ``weights_bytes`` (the graph's weights), ``opset`` and ``max_difference`` (None without
+    onnxruntime)."""
     import importlib
     import tempfile
     from pathlib import Path
@@ -120,9 +121,10 @@ def export_onnx(spec: str | os.PathLike, output: str | os.PathLike, *, opset: in
         with atomic_path(output) as temporary:
             shutil.copyfile(local, temporary)
         opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        written = os.path.getsize(local) + (os.path.getsize(f"{local}.data") if split else 0)
     return {"output": os.fspath(output), "data": data_output, "model": encoder.name,
-            "embedding_dim": encoder.embedding_dim, "input_size": size, "bytes": weights, "opset": opset_found,
-            "max_difference": difference}
+            "embedding_dim": encoder.embedding_dim, "input_size": size, "bytes": written, "weights_bytes": weights,
+            "opset": opset_found, "max_difference": difference}
 
 
 def _check(data: str, encoder: torch.nn.Module, size: int, count: int, spec) -> float | None:

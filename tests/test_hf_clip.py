@@ -368,7 +368,7 @@ def test_a_model_in_a_folder_of_a_hub_repository_loads_and_then_loads_offline(cl
                                     "transformers model read here (config.json of model type clip, siglip, dinov2, "
                                     "dinov2_with_registers, clip_vision_model, siglip_vision_model, siglip2, "
                                     "siglip2_vision_model, chinese_clip, altclip, align, metaclip_2, blip, "
-                                    "vision-text-dual-encoder)")
+                                    "vision-text-dual-encoder, aimv2, aimv2_vision_model)")
     fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path in hub.requests}
     assert "models/image_encoder/model.safetensors" in fetched and "model.safetensors" not in fetched
     assert said_offline.splitlines()[-1] == "HFImageModel 16"

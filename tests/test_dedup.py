@@ -168,8 +168,8 @@ def test_a_rerun_replaces_the_set_and_leaves_no_temporary(tmp_path):
     ("itself", r"is --emb itself: leave --against out"),
     ("dimension", r"holds 6-dimensional embeddings and .* 12-dimensional ones"),
     ("weights", r"was embedded by other weights than .* \(weights_sha256 bbbbbbbbbbbb… against aaaaaaaaaaaa…\)"),
-    ("flip", r"other was embedded with each image averaged with its mirror \(--flip\) and .*emb without: a copy in "
-             "both would not score as one"),
+    ("flip", r"emb was embedded with the images alone \(no --flip, no --scales\) and .*other \(--against\) with "
+             r"each image averaged with its mirror image \(--flip\): a copy in both would not score as one"),
     ("zero row", r"1 of the rows used hold NaN or infinite values or are all zeros, e\.g\. 'k3' \(row 3\)"),
     ("max pairs", r"more than 10 pairs have a cosine similarity of 0\.95 or more"),
     ("no metadata", r"no metadata/ folder"),

@@ -453,16 +453,12 @@ def find_duplicates(emb, out, *, against=None, index=None, threshold: float = 0.
             raise InputError(f"{other.where} (--against) was embedded by other weights than "
                              f"{folder.where} (weights_sha256 {other.digest[:12]}… against {folder.digest[:12]}…): "
                              "similarities between them mean nothing; embed both with the same model")
-        if folder.flip != other.flip:
-            flipped, plain = (folder, other) if folder.flip else (other, folder)
-            raise InputError(f"{flipped.where} was embedded with each image averaged with its mirror (--flip) and "
-                             f"{plain.where} without: a copy in both would not score as one; embed both the same way")
-        if folder.scales != other.scales:
+        if (folder.flip, folder.scales) != (other.flip, other.scales):
             from unicom.formats.embeddings import describe_views
 
-            raise InputError(f"{folder.where} was embedded with {describe_views(False, folder.scales)} and "
-                             f"{other.where} (--against) with {describe_views(False, other.scales)}: a copy in both "
-                             "would not score as one; embed both the same way")
+            raise InputError(f"{folder.where} was embedded with {describe_views(folder.flip, folder.scales)} and "
+                             f"{other.where} (--against) with {describe_views(other.flip, other.scales)}: a copy in "
+                             "both would not score as one; embed both the same way")
         rows, matches, similarities = _against(folder, _on(searched_on, other.rows(), f"the {other.num_rows:,} rows "
                                                            "of --against"), threshold, chunk_size, max_pairs)
     if within:  # a pair joins both of its rows

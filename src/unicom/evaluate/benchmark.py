@@ -649,14 +649,13 @@ def _require_same_model(folder, option: str, found: int, dimension: int, made_by
         raise InputError(f"{storage.text(folder)} ({option}) was embedded by other weights than the benchmark "
                          f"({WEIGHTS_CHECKSUM} {recorded.digest[:12]}… against {made_by.digest[:12]}…): {option}'s "
                          "images and the benchmark must be embedded by the same model")
-    if made_by.flip is not None and recorded.flip is not None and recorded.flip != made_by.flip:
-        ways = {True: "each image averaged with its mirror image (--flip)", False: "the images alone (no --flip)"}
-        raise InputError(f"{storage.text(folder)} ({option}) was embedded with {ways[recorded.flip]}, the benchmark "
-                         f"with {ways[made_by.flip]}: embed {option}'s images the way the benchmark's were")
-    if made_by.scales is not None and recorded.scales is not None and recorded.scales != made_by.scales:
-        raise InputError(f"{storage.text(folder)} ({option}) was embedded with {describe_views(False, recorded.scales)}, "
-                         f"the benchmark with {describe_views(False, made_by.scales)}: embed {option}'s images the way "
-                         "the benchmark's were")
+    flip_differs = made_by.flip is not None and recorded.flip is not None and recorded.flip != made_by.flip
+    scales_differ = made_by.scales is not None and recorded.scales is not None and recorded.scales != made_by.scales
+    if flip_differs or scales_differ:
+        raise InputError(f"{storage.text(folder)} ({option}) was embedded with "
+                         f"{describe_views(recorded.flip, recorded.scales)}, the benchmark with "
+                         f"{describe_views(made_by.flip, made_by.scales)}: embed {option}'s images the way the "
+                         "benchmark's were")
 
 
 def learned_whitening(whiten, dimension: int, made_by: MadeBy | None = None):

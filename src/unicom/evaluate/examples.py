@@ -218,20 +218,23 @@ def read_example_thumbnails(examples: list[ExampleRow], query_items: Sequence[It
     from unicom.data.transforms import DecodeError, thumbnail_of
     from unicom.progress import progress
 
-    bar = progress(total=sum(1 + len(e.results) for e in examples), desc="example thumbnails", unit="img")
+    pairs = [(shown, item) for example in examples
+             for shown, item in zip([example.query, *example.results],
+                                    [query_items[example.row], *(gallery_items[i] for i in example.ids)])]
+    # images in shards are read a shard at a time (a shard is listed once, a remote tar by streaming it)
+    pairs.sort(key=lambda pair: (pair[1].source.shard,) if isinstance(pair[1].source, ShardSample) else ("",))
+    bar = progress(total=len(pairs), desc="example thumbnails", unit="img")
     try:
-        for example in examples:
-            for shown, item in zip([example.query, *example.results],
-                                   [query_items[example.row], *(gallery_items[i] for i in example.ids)]):
-                if item.source is None:
-                    shown.problem = "no image known for this row"
-                else:
-                    try:
-                        source = item.source.read() if isinstance(item.source, ShardSample) else item.source
-                        shown.thumbnail = thumbnail_of(source, side)
-                    except (DecodeError, OSError) as error:
-                        shown.problem = str(error)
-                bar.update(1)
+        for shown, item in pairs:
+            if item.source is None:
+                shown.problem = "no image known for this row"
+            else:
+                try:
+                    source = item.source.read() if isinstance(item.source, ShardSample) else item.source
+                    shown.thumbnail = thumbnail_of(source, side)
+                except (DecodeError, OSError) as error:
+                    shown.problem = str(error)
+            bar.update(1)
     finally:
         bar.close()
 

@@ -19,6 +19,8 @@ architecture, a model folder or a training checkpoint of one.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Any, Mapping
 
@@ -84,7 +86,7 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     import timm
 
     try:
-        return dict(timm.models.get_pretrained_cfg(name.split(".", 1)[0] if "." not in name else name).to_dict())
+        return dict(timm.models.get_pretrained_cfg(name).to_dict())
     except Exception:  # noqa: BLE001 - a name timm does not know: said by _create with its reason
         return {}
 
@@ -93,15 +95,10 @@ def timm_settings(name: str) -> dict[str, Any]:
     """The settings of ``model.name=timm/<name>`` before a recipe's overrides: the model, its
     tag's input size, the features' width as the embedding size, 3 input channels, and
     whether the network takes one input size only (a ViT's positions)."""
-    import timm
-
     model_name = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    if not timm.is_model(model_name.split(".", 1)[0]):
-        raise InputError(f"model.name={name}: timm {timm.__version__} has no model {model_name.split('.', 1)[0]!r} "
-                         "(timm.list_models() lists them)")
-    cfg = _pretrained_cfg(model_name)
-    with torch.device("meta"):  # its sizes only: no memory for the weights
+    with torch.device("meta"):  # its sizes only: no memory for the weights (an unknown name is refused here)
         probe = _create({"timm_model": model_name, "in_chans": 3})
+    cfg = _pretrained_cfg(model_name)
     size = int((cfg.get("input_size") or (3, 224, 224))[-1])
     return {"timm_model": model_name, "image_size": size, "embedding_dim": int(probe.num_features), "in_chans": 3,
             "fixed_input_size": bool(cfg.get("fixed_input_size", False))}
@@ -125,7 +122,14 @@ def timm_preprocess(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def _classifier(settings: Mapping[str, Any]) -> tuple[str | None, int]:
     """(the name of the timm model's classifier, where it takes a single linear layer over its
-    pooled features, else None; the features' width)."""
+    pooled features, else None; the features' width). Found once per settings: writing and
+    reading a folder ask for it several times."""
+    return _classifier_of(json.dumps(dict(settings), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _classifier_of(settings_json: str) -> tuple[str | None, int]:
+    settings = json.loads(settings_json)
     embedding_dim = int(settings["embedding_dim"])
     with torch.device("meta"):
         model = _create(settings, num_classes=embedding_dim)

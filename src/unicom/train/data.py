@@ -651,7 +651,7 @@ def _kept_rows(keys: Sequence[str], tables: Sequence[str] | None, origin: str) -
             f"{origin}: none of the {len(listed):,} keys that data.exclude lists ({', '.join(map(str, tables))}; e.g. "
             f"{min(listed)!r}) is the key of one of its {len(keys):,} images (keys like {keys[0]!r}); the tables "
             "list other images, or these under other keys: exclude the keys of an embedding folder made from this "
-            "folder, table or benchmark (unicom embed --input, or --dataset, then unicom dedup --against)"
+            "folder or table (for a benchmark, its dataset folder) with unicom embed --input, then unicom dedup --against"
         )
     return np.flatnonzero(keep)
 

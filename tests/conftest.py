@@ -38,6 +38,17 @@ def _quiet_progress(monkeypatch):
     monkeypatch.setenv("UNICOM_PROGRESS", "0")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and in-process runs then match subprocesses'."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 for the whole session (see ``storage_servers.S3``)."""

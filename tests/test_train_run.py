@@ -27,13 +27,7 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "UNICOM_PROGRESS": "0"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and in-process runs then match the subprocesses'."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs then match the subprocesses'
 
 
 @pytest.fixture(scope="module")

@@ -28,19 +28,101 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token"))
 
 
-def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas, eps: float, device: torch.device):
-    """AdamW with two groups: decayed weights and the :func:`no_decay` parameters.
+def layer_ids(module: nn.Module) -> dict[str, int]:
+    """The layer of each parameter of ``module``, 0 at the input, as timm groups them for
+    layer-wise learning-rate decay (``group_matcher(coarse=False)``, BEiT's scheme): the stem
+    (patch and position embeddings), then one layer per block (the final norm with the last),
+    then everything the matcher does not name (the head) in a layer of its own.
+
+    ``module`` declares its grouping with a timm-style ``group_matcher``, or holds a timm
+    network as ``trunk`` whose parameters it groups, every other parameter (the projection)
+    then being the head. Other modules are refused (:class:`unicom.errors.InputError`).
+    """
+    from timm.models._manipulate import group_with_matcher
+
+    from unicom.errors import InputError
+
+    trunk = getattr(module, "trunk", None)
+    owner, prefix = ((module, "") if hasattr(module, "group_matcher") else
+                     (trunk, "trunk.") if hasattr(trunk, "group_matcher") else (None, ""))
+    if owner is None:
+        raise InputError(f"optim.layer_decay: {type(module).__name__} does not say how its parameters form layers "
+                         "(a timm-style group_matcher, or a timm network as its trunk); leave optim.layer_decay unset")
+    # names outside the trunk start with a character no matcher's pattern takes: the head
+    named = [(name[len(prefix):] if name.startswith(prefix) else "\0" + name, name)
+             for name, _ in module.named_parameters()]
+    layers = group_with_matcher(named, owner.group_matcher(coarse=False), return_values=True)
+    return {name: int(layer) for layer, names in layers.items() for name in names}
+
+
+def layer_scales(module: nn.Module, decay: float) -> dict[str, float]:
+    """The learning-rate factor of each parameter with layer-wise decay ``decay``:
+    ``decay ** (last - layer)`` over :func:`layer_ids` (1 for the head)."""
+    from unicom.errors import InputError
+
+    ids = layer_ids(module)
+    last = max(ids.values())
+    if last == 0:
+        raise InputError(f"optim.layer_decay: every parameter of {type(module).__name__} is in one layer; "
+                         "leave optim.layer_decay unset")
+    return {name: float(decay) ** (last - layer) for name, layer in ids.items()}
+
+
+def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas, eps: float, device: torch.device,
+                       layer_decay: float | None = None):
+    """AdamW over the trainable parameters of ``module``: decayed weights and the
+    :func:`no_decay` parameters in groups of their own, per layer with ``layer_decay``
+    (:func:`layer_scales`). Every group carries ``lr_scale`` (its factor of the learning
+    rate, :meth:`TrainStep.set_learning_rates`) and ``param_names``, by which
+    :func:`load_optimizer_state` finds each parameter's moments whatever the grouping.
 
     The fused implementation where torch has one for ``device`` (CUDA and the CPU among
     them): one kernel per group instead of a dozen passes, and it takes the step's
     ``grad_scale`` and ``found_inf`` on the device (see :class:`TrainStep`).
     """
-    decay, plain = [], []
+    scales = {} if layer_decay is None else layer_scales(module, layer_decay)
+    groups: dict[tuple[float, bool], dict] = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            (plain if no_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=_has_fused_adamw(device))
+            plain, scale = no_decay(name, param), scales.get(name, 1.0)
+            group = groups.setdefault((-scale, plain), {"params": [], "param_names": [], "lr_scale": scale,
+                                                        "weight_decay": 0.0 if plain else weight_decay})
+            group["params"].append(param)
+            group["param_names"].append(name)
+    ordered = [groups[key] for key in sorted(groups)]  # the head first, weights before the plain parameters
+    return torch.optim.AdamW(ordered, lr=lr, betas=tuple(betas), eps=eps, fused=_has_fused_adamw(device))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, module: nn.Module) -> None:
+    """Load ``saved``, a :func:`backbone_optimizer`'s ``state_dict()``, into ``optimizer``,
+    one of ``module``: each parameter takes the moments saved under its name, whatever the
+    grouping then and now (layer-wise decay on, off or other), and the groups keep
+    ``optimizer``'s hyperparameters (weight decay, betas, eps, learning-rate factors): those of
+    the recipe now. States saved before groups carried names (two groups: weights, then the
+    :func:`no_decay` parameters) are named by that grouping of ``module``."""
+    from unicom.errors import InputError
+
+    saved_groups = saved["param_groups"]
+    if all("param_names" in group for group in saved_groups):
+        names = [name for group in saved_groups for name in group["param_names"]]
+    else:
+        trainable = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+        weights = [name for name, param in trainable if not no_decay(name, param)]
+        plain = [name for name, param in trainable if no_decay(name, param)]
+        if [len(group["params"]) for group in saved_groups] != [len(weights), len(plain)]:
+            raise InputError(f"the saved optimiser state has groups of {[len(g['params']) for g in saved_groups]} "
+                             f"parameters where this model has {[len(weights), len(plain)]}: it belongs to another model")
+        names = weights + plain
+    indices = [index for group in saved_groups for index in group["params"]]
+    current = optimizer.state_dict()
+    position = {name: index for group in current["param_groups"]
+                for index, name in zip(group["params"], group["param_names"])}
+    unknown = sorted(set(names) - set(position))
+    if unknown:
+        raise InputError(f"the saved optimiser state holds parameters this model does not train: "
+                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    state = {position[name]: saved["state"][index] for name, index in zip(names, indices) if index in saved["state"]}
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def _has_fused_adamw(device: torch.device) -> bool:
@@ -234,7 +316,7 @@ class TrainStep:
 
     def set_learning_rates(self, backbone_lr: float, prototype_lr: float) -> None:
         for group in self.backbone_optimizer.param_groups:
-            group["lr"] = backbone_lr
+            group["lr"] = backbone_lr * group.get("lr_scale", 1.0)
         for group in self.prototype_optimizer.param_groups:
             group["lr"] = prototype_lr
 
@@ -321,7 +403,8 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
                                             betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
                                             fused=_has_fused_adamw(device))
     else:
-        module_optimizer = backbone_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps, device)
+        module_optimizer = backbone_optimizer(module, optim.lr, optim.weight_decay, optim.betas, optim.eps, device,
+                                              getattr(optim, "layer_decay", None))
     prototype_decay = optim.weight_decay if optim.prototype_weight_decay is None else optim.prototype_weight_decay
     prototype_optimizer = SparseAdamW(partial_fc.parameters(), lr=optim.lr * optim.prototype_lr_scale,
                                       betas=tuple(optim.betas), eps=optim.eps, weight_decay=prototype_decay,
@@ -331,4 +414,4 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
 
 
 __all__ = ["TrainStep", "StepResult", "LossScaler", "TrainingStopped", "backbone_optimizer", "no_decay",
-           "build_train_step"]
+           "build_train_step", "layer_ids", "layer_scales", "load_optimizer_state"]

@@ -190,6 +190,13 @@ class UnicomViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Its layers as timm's ViTs name theirs (layer-wise learning-rate decay,
+        :func:`unicom.engine.step.layer_ids`): the patch and position embeddings, one layer
+        per block with the final norm in the last (99999: timm's "the previous group"), and
+        the feature head, which no pattern names, last."""
+        return {"stem": r"^pos_embed|patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable

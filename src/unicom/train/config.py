@@ -84,6 +84,20 @@ class TrainLossConfig(LossConfig):
 
 
 @dataclass
+class TrainOptimConfig(OptimConfig):
+    """The shared ``optim`` section with layer-wise learning-rate decay for the network."""
+
+    layer_decay: float | None = None  # the rate of layer l of L is lr * layer_decay^(L - l): timm's layers (BEiT's scheme)
+
+    def check(self, problems: list[str], name: str = "optim") -> None:
+        super().check(problems, name)
+        check(self.layer_decay is None or 0 < self.layer_decay <= 1, problems,
+              f"{name}.layer_decay must be in (0, 1], got {self.layer_decay}")
+        check(self.layer_decay is None or self.optimizer == "adamw", problems,
+              f"{name}.layer_decay applies to {name}.optimizer=adamw")
+
+
+@dataclass
 class TrainSection:
     """Length, precision and numerics."""
 
@@ -125,7 +139,7 @@ class TrainConfig(Recipe):
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: TrainLossConfig = field(default_factory=TrainLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -186,7 +200,7 @@ to_yaml = recipe.to_yaml
 
 
 __all__ = [
-    "TrainConfig", "ModelConfig", "DataConfig", "AugmentConfig", "TrainLossConfig", "OptimConfig", "ScheduleConfig",
+    "TrainConfig", "ModelConfig", "DataConfig", "AugmentConfig", "TrainLossConfig", "OptimConfig", "TrainOptimConfig", "ScheduleConfig",
     "TrainSection", "CheckpointConfig", "LogConfig", "load_config", "from_dict", "default_values", "apply_overrides",
     "to_yaml",
 ]

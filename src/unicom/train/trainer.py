@@ -33,7 +33,8 @@ from unicom.engine.device import check_attention_backend, made_ahead, resolve_de
 from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
-from unicom.engine.step import UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step
+from unicom.engine.step import (UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step,
+                                load_optimizer_state)
 from unicom.errors import InputError
 from unicom.losses.partial_fc import ClassesPerStep, classes_per_step
 from unicom.progress import INPUT_BOUND_SHARE
@@ -369,7 +370,7 @@ def _restore(run: Run, say) -> tuple[RunState, dict | None, dict | None]:
     run.backbone.load_state_dict(ckpt.load_model_state(path))
     optimizer_state = ckpt.load_optimizer_state(path)
     if optimizer_state is not None:
-        run.step_fn.backbone_optimizer.load_state_dict(optimizer_state)
+        load_optimizer_state(run.step_fn.backbone_optimizer, optimizer_state, run.backbone)
     pfc = run.partial_fc
     block = ckpt.load_prototypes(path, pfc.class_start, pfc.num_local, pfc.centers, pfc.embedding_size)
     with torch.no_grad():

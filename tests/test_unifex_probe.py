@@ -588,3 +588,16 @@ def test_an_output_url_is_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"out must be a local folder, got the URL 's3://bucket/run'"):
         load_probe_config(CONFIGS / "unifex_tiny.yaml", ["out=s3://bucket/run", "data.train=[a.csv]"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_images_data_exclude_lists_are_not_trained_on(collection, tmp_path, capsys):
+    table = tmp_path / "overlap.csv"
+    table.write_text("key\nimages/hue_00/0.jpg\nimages/hue_13/5.jpg\n")  # the paths as the list writes them
+    probe(recipe(collection, tmp_path / "run", "eval.every=0", "train.epochs=1", f"data.exclude=[{table}]"))
+    assert "data.exclude: 2 of the 144 images of data.train left out" in capsys.readouterr().out
+    from unicom.unifex.trainer import read_probe_data
+
+    trained = json.loads(torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["train_rows"])
+    whole = read_probe_data(recipe(collection, tmp_path / "other", "eval.every=0")).train.images.keys
+    listed = [key for key in whole if key in ("a/images/hue_00/0.jpg", "b/images/hue_13/5.jpg")]  # unless held out
+    assert listed and trained["images"] == len(whole) - len(listed)

@@ -450,6 +450,25 @@ def read_table(
     return ImageList(paths, keys, labels, captions, class_names, extra=extra)
 
 
+def unlisted_rows(keys: Sequence[str], tables: Sequence[str | os.PathLike] | None, origin: str,
+                  advice: str) -> np.ndarray | None:
+    """The rows of ``keys`` that no table of ``tables`` lists (:func:`read_keys`; None without
+    tables). Tables that list keys, none of them one of ``keys``, are an :class:`InputError`
+    naming ``origin``, an example of each and ``advice`` (how to make keys of these images):
+    they name another collection's images, or these under other keys."""
+    if not tables:
+        return None
+    listed = read_keys(tables)
+    keep = np.fromiter((key not in listed for key in keys), dtype=bool, count=len(keys))
+    if listed and keep.all():
+        raise InputError(
+            f"{origin}: none of the {len(listed):,} keys that data.exclude lists ({', '.join(map(str, tables))}; e.g. "
+            f"{min(listed)!r}) is the key of one of its {len(keys):,} images (keys like {keys[0]!r}); the tables "
+            f"list other images, or these under other keys: {advice}"
+        )
+    return np.flatnonzero(keep)
+
+
 def read_keys(tables: Sequence[str | os.PathLike]) -> frozenset[str]:
     """The keys listed in the ``key`` column of each table (parquet or CSV, a path or URL), as
     written: the samples that ``unicom cluster --exclude`` and ``unicom train``'s ``data.exclude``

@@ -89,7 +89,9 @@ def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas,
                                                         "weight_decay": 0.0 if plain else weight_decay})
             group["params"].append(param)
             group["param_names"].append(name)
-    ordered = [groups[key] for key in sorted(groups)]  # the head first, weights before the plain parameters
+    # the head first, weights before the plain parameters; a module with nothing to train (a
+    # pooling neck) has one empty group
+    ordered = [groups[key] for key in sorted(groups)] or [{"params": [], "param_names": [], "lr_scale": 1.0}]
     return torch.optim.AdamW(ordered, lr=lr, betas=tuple(betas), eps=eps, fused=_has_fused_adamw(device))
 
 

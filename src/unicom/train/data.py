@@ -637,23 +637,12 @@ def _prototype_rows(labels: np.ndarray, names: Sequence[str] | None, num_classes
 
 
 def _kept_rows(keys: Sequence[str], tables: Sequence[str] | None, origin: str) -> np.ndarray | None:
-    """The rows of ``keys`` that no ``data.exclude`` table lists (None without tables). Tables
-    that list keys, none of them one of ``keys``, are an error: they name another collection's
-    images, or name these otherwise (a key column read as written against paths)."""
-    from unicom.data.lists import read_keys
+    """The rows of ``keys`` that no ``data.exclude`` table lists (None without tables)."""
+    from unicom.data.lists import unlisted_rows
 
-    if not tables:
-        return None
-    listed = read_keys(tables)
-    keep = np.fromiter((key not in listed for key in keys), dtype=bool, count=len(keys))
-    if listed and keep.all():
-        raise InputError(
-            f"{origin}: none of the {len(listed):,} keys that data.exclude lists ({', '.join(map(str, tables))}; e.g. "
-            f"{min(listed)!r}) is the key of one of its {len(keys):,} images (keys like {keys[0]!r}); the tables "
-            "list other images, or these under other keys: exclude the keys of an embedding folder made from this "
-            "folder or table (for a benchmark, its dataset folder) with unicom embed --input, then unicom dedup --against"
-        )
-    return np.flatnonzero(keep)
+    return unlisted_rows(keys, tables, origin, "exclude the keys of an embedding folder made from this folder or table "
+                                                "(for a benchmark, its dataset folder) with unicom embed --input, then "
+                                                "unicom dedup --against")
 
 
 def _list_source(data, num_classes: int | None) -> ListSource:

@@ -48,6 +48,7 @@ class DataConfig:
     path_column: str | None = None  # default: path, or img_path (the UniFEx lists)
     class_column: str | None = None  # default: class, or label (the UniFEx lists)
     datasets: list[str] | None = None  # train on these datasets only
+    exclude: list[str] | None = None  # tables (parquet/CSV, a key column: unicom dedup's duplicates.parquet) of paths, as the lists write them, left out
     min_images_per_class: int | list[int] = 1  # leave out smaller classes: one value, or one per list of data.train
     max_images_per_class: int | list[int | None] | None = None  # keep a random subset (seeded) of larger classes; or one per list
     sampling: Literal["instance", "class_balanced"] = "instance"

@@ -40,6 +40,7 @@ class DomainImages:
         class_dataset: int64 (K,) the dataset (index into ``datasets``) of each class.
         class_values: (K,) the class of each global id as written in its list.
         source: int64 (N,) the list each row came from (index into the lists read).
+        written: (N,) each row's path as written in its list (None: not kept).
     """
 
     images: ImageList
@@ -47,6 +48,7 @@ class DomainImages:
     class_dataset: np.ndarray
     class_values: list[str]
     source: np.ndarray
+    written: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,8 +70,9 @@ class DomainImages:
         0..K'-1 in their previous order (unused datasets are dropped too)."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
         images = self.images.subset(rows)
+        written = None if self.written is None else [self.written[i] for i in rows]
         if not relabel:
-            return DomainImages(images, self.datasets, self.class_dataset, self.class_values, self.source[rows])
+            return DomainImages(images, self.datasets, self.class_dataset, self.class_values, self.source[rows], written)
         kept = np.unique(images.labels)
         new_id = np.full(self.num_classes, -1, dtype=np.int64)
         new_id[kept] = np.arange(len(kept))
@@ -84,6 +87,7 @@ class DomainImages:
             new_dataset[self.class_dataset[kept]],
             [self.class_values[k] for k in kept],
             self.source[rows],
+            written,
         )
 
     def summary(self) -> list[dict]:
@@ -244,8 +248,39 @@ def read_domain_lists(
     )
     return DomainImages(
         images, datasets, np.asarray(class_dataset, dtype=np.int64), class_values,
-        np.asarray([r[4] for r in rows], dtype=np.int64),
+        np.asarray([r[4] for r in rows], dtype=np.int64), [r[1] for r in rows],
     )
+
+
+def exclude_listed(data: DomainImages, tables: Sequence[str | os.PathLike] | None) -> tuple[DomainImages, int]:
+    """``data`` without the rows whose path, as written in its list, a table of ``tables``
+    lists in its ``key`` column (``data.exclude``: ``unicom dedup``'s ``duplicates.parquet``;
+    the key ``unicom embed --input LIST`` gives a row, or ``--input ROOT/`` to paths relative
+    to ``ROOT``), relabelled, and how many rows were left out. Tables none of whose keys is a
+    row's path, and a listed path that names different images in different lists (it would
+    leave out both), are an :class:`InputError`."""
+    from unicom.data.lists import unlisted_rows
+
+    if not tables:
+        return data, 0
+    if data.written is None:
+        raise ValueError("exclude_listed needs the paths as written (read_domain_lists keeps them)")
+    kept = unlisted_rows(data.written, tables, "data.train", "exclude the keys of an embedding folder made from the "
+                         "list (unicom embed --input LIST, or --input ROOT/ for paths relative to ROOT), then unicom "
+                         "dedup --against")
+    if not len(kept):
+        raise InputError(f"data.exclude ({', '.join(map(str, tables))}) lists every image of data.train; nothing is "
+                         "left to train on")
+    dropped = np.setdiff1d(np.arange(len(data)), kept)
+    files: dict[str, set[str]] = {}
+    for row in dropped:
+        files.setdefault(data.written[row], set()).add(storage.same_file(data.images.paths[row]))
+    shared = next(((written, sorted(found)) for written, found in files.items() if len(found) > 1), None)
+    if shared is not None:
+        raise InputError(f"data.exclude lists {shared[0]!r}, the path of {len(shared[1])} different images of "
+                         f"data.train ({', '.join(shared[1][:2])}): a key names one image; write the lists' paths so "
+                         "that they tell the images apart (relative to one data.root), or leave these rows out of the lists")
+    return (data.subset(kept) if len(dropped) else data), len(dropped)
 
 
 def _per_list(value, lists: int, key: str) -> list:
@@ -257,16 +292,19 @@ def _per_list(value, lists: int, key: str) -> list:
 
 def select_training(data: DomainImages, datasets: Sequence[str] | None = None,
                     min_images_per_class: int | Sequence[int] = 1,
-                    max_images_per_class: int | Sequence[int | None] | None = None, seed: int = 0) -> DomainImages:
+                    max_images_per_class: int | Sequence[int | None] | None = None, seed: int = 0,
+                    lists: int | None = None) -> DomainImages:
     """Rows of the named ``datasets`` (all when None), with each list's own class filters.
 
     ``min_images_per_class`` and ``max_images_per_class`` are one value for every list, or
     one per list read (``data.source``), as the UniFEx code filters each dataset (e.g.
     Storefronts146 drops classes under 3 images, GLDv2 keeps at most 100 per class).
     Classes are counted within their list; a class above its maximum keeps a random subset
-    of its rows (seeded by ``seed``), in list order.
+    of its rows (seeded by ``seed``), in list order. ``lists``: how many lists were read
+    (default: up to the last that ``data`` holds rows of).
     """
-    lists = int(data.source.max()) + 1 if len(data) else 0
+    if lists is None:
+        lists = int(data.source.max()) + 1 if len(data) else 0
     minimum = _per_list(min_images_per_class, lists, "min_images_per_class")
     maximum = _per_list(max_images_per_class, lists, "max_images_per_class")
     keep = np.ones(len(data), dtype=bool)

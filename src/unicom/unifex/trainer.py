@@ -386,14 +386,18 @@ class ProbeData:
 
 def read_probe_data(config: ProbeConfig) -> ProbeData:
     """Read ``data.train`` (and the evaluation lists), select and split them."""
-    from unicom.unifex.data import holdout_split, read_domain_lists, select_training
+    from unicom.unifex.data import exclude_listed, holdout_split, read_domain_lists, select_training
 
     data, ev = config.data, config.eval
     columns = dict(root=data.root, dataset_column=data.dataset_column, path_column=data.path_column,
                    class_column=data.class_column)
     all_train = read_domain_lists(data.train, **columns)
-    train = select_training(all_train, data.datasets, data.min_images_per_class, data.max_images_per_class, config.seed)
+    kept, excluded = exclude_listed(all_train, data.exclude)
+    train = select_training(kept, data.datasets, data.min_images_per_class, data.max_images_per_class, config.seed,
+                            lists=len(data.train))
     result = ProbeData(all_train, train)
+    if data.exclude:
+        result.notes.append(f"data.exclude: {excluded:,} of the {len(all_train):,} images of data.train left out")
     if ev.holdout_classes > 0:
         result.train, result.query, result.index = holdout_split(train, ev.holdout_classes, ev.queries_per_class, config.seed)
     elif ev.query:
@@ -671,6 +675,8 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             f"{config.neck.embedding_dim}; {config.loss.head} head, {config.loss.centers} center(s) per class; "
             f"{config.train.mode} mode on {backbone.device}")
         say(format_summary(summary))
+        for note in data.notes:
+            say(note)
         if config.train.mode == "cache":
             cache = build_cache(config, data, backbone, out, log)
             if cache_only:

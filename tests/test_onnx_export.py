@@ -2,10 +2,11 @@
 onnxruntime (an independent runtime) on images prepared by the model's transform, against
 ``unicom.embed_images`` of the same images: CLIP-shaped ViTs, the released network and a
 UniFEx model (a frozen timm backbone and its neck); any batch size; written to object storage;
-refusals."""
+refusals. Text towers against open_clip's and transformers' own text embeddings of the same tokens."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -199,3 +200,68 @@ def test_weights_beyond_one_file_are_kept_beside_the_graph(s3, tmp_path, capsys)
         (fetched / name).write_bytes(s3.get("split", f"v/{name}"))
     np.testing.assert_allclose(onnx_embeddings(fetched / "m.onnx", encoder.image_transform, images), expected,
                                atol=2e-5)
+
+
+def text_session_embeddings(path, tokens: dict) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["embeddings"], {name: value.numpy() for name, value in tokens.items()})[0]
+
+
+def normalised(features: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(features.detach().float(), dim=-1).numpy()
+
+
+TEXTS = ["a photo of a cat", "a red car beside a tall house", "dogs"]
+
+
+def test_text_towers_export_with_their_tokens_as_inputs(tmp_path, capsys):
+    """onnxruntime against the models' own libraries: open_clip's tokenizer and encode_text, transformers'
+    tokenizer and get_text_features (SigLIP: its canonical texts padded to the context)."""
+    import onnx
+    import open_clip
+    from support import tiny_hf_chinese_clip, tiny_hf_clip, tiny_hf_siglip
+    from open_clip.tokenizer import canonicalize_text
+    from support import tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "open_clip")
+    assert main(["convert", "unicom-to-onnx", spec, str(tmp_path / "oc.onnx"), "--tower", "text"]) == 0
+    assert "input_ids (batch, 77) int64 of the open_clip.get_tokenizer(" in capsys.readouterr().out
+    model = open_clip.create_model(spec).eval()
+    ids = open_clip.get_tokenizer(spec)(TEXTS)
+    with torch.no_grad():
+        expected = normalised(model.encode_text(ids))
+    np.testing.assert_allclose(text_session_embeddings(tmp_path / "oc.onnx", {"input_ids": ids}), expected, atol=2e-6)
+
+    references = {"hf": tiny_hf_clip(tmp_path / "hf"), "siglip": tiny_hf_siglip(tmp_path / "siglip"),
+                  "chinese": tiny_hf_chinese_clip(tmp_path / "chinese")}
+    texts = {"hf": TEXTS, "siglip": [canonicalize_text(t) for t in TEXTS], "chinese": ["一只猫的照片", "红色的房子", "狗"]}
+    inputs = {"hf": ["input_ids", "attention_mask"], "siglip": ["input_ids"],
+              "chinese": ["input_ids", "attention_mask", "token_type_ids"]}
+    for name, (model, tokenizer, _) in references.items():
+        assert main(["convert", "unicom-to-onnx", str(tmp_path / name), str(tmp_path / f"{name}.onnx"), "--tower",
+                     "text"]) == 0
+        assert "-> L2-normalised" in capsys.readouterr().out
+        padding = {"padding": "max_length", "max_length": 16} if name == "siglip" else {"padding": True}
+        batch = tokenizer(texts[name], return_tensors="pt", truncation=True, **padding)
+        given = {key: batch[key] for key in inputs[name]}  # SigLIP: the ids alone, as it was trained
+        with torch.no_grad():
+            output = model.get_text_features(**given)
+        expected = normalised(output if isinstance(output, torch.Tensor) else output.pooler_output)
+        np.testing.assert_allclose(text_session_embeddings(tmp_path / f"{name}.onnx", given), expected, atol=2e-6)
+        for one in range(len(texts[name])):  # a text alone: its own length (padded to the longest, or the context)
+            alone = tokenizer(texts[name][one:one + 1], return_tensors="pt", truncation=True, **padding)
+            got = text_session_embeddings(tmp_path / f"{name}.onnx", {key: alone[key] for key in inputs[name]})
+            np.testing.assert_allclose(got[0], expected[one], atol=2e-6)
+        properties = {p.key: p.value for p in onnx.load(str(tmp_path / f"{name}.onnx")).metadata_props}
+        assert properties["tower"] == "text" and json.loads(properties["inputs"]) == inputs[name]
+        assert properties["length"] == ("16" if name == "siglip" else "free")
+        assert properties["tokenizer"].startswith(f"transformers {type(tokenizer).__name__} of ")
+
+
+def test_a_text_tower_that_is_not_there_or_with_image_views_is_refused(tmp_path, capsys):
+    assert main(["convert", "unicom-to-onnx", "timm/test_vit", str(tmp_path / "t.onnx"), "--tower", "text"]) == 2
+    assert "has no text tower to export" in capsys.readouterr().err
+    assert main(["convert", "unicom-to-onnx", "timm/test_vit", str(tmp_path / "t.onnx"), "--tower", "text",
+                 "--flip"]) == 2
+    assert "--flip and --scales are views of images; a text tower has none" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

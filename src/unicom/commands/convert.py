@@ -1,5 +1,5 @@
 """``unicom convert``: released Unicom checkpoints to and from this project's model format,
-and a model's image encoder to ONNX.
+and a model's image or text encoder to ONNX.
 
     unicom convert released-to-unicom ViT-B/32 models/vit-b32
     unicom convert released-to-unicom FP16-ViT-B-32.pt models/vit-b32
@@ -7,6 +7,7 @@ and a model's image encoder to ONNX.
     unicom convert unicom-to-released models/vit-b32-sop FP16-ViT-B-32-sop.pt --dtype float16
     unicom convert unicom-to-onnx models/vit-b32-sop vit-b32-sop.onnx
     unicom convert unicom-to-onnx ViT-B-32 clip-b32.onnx --pretrained laion2b_s34b_b79k
+    unicom convert unicom-to-onnx ViT-B-32 clip-b32-text.onnx --pretrained laion2b_s34b_b79k --tower text
 """
 
 from __future__ import annotations
@@ -64,13 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     to_onnx = sub.add_parser(
         "unicom-to-onnx",
-        help="a model's image encoder -> one ONNX file: pixels (batch, 3, S, S) -> L2-normalised embeddings (batch, D)",
+        help="a model's image encoder -> one ONNX file: pixels (batch, 3, S, S) -> L2-normalised embeddings (batch, D); "
+             "with --tower text its text encoder: token ids (batch, L) -> L2-normalised embeddings",
     )
     to_onnx.add_argument("model", help="a model folder, a released name or file, hf-hub:org/repo, timm/<name>, an "
                                         "open_clip name (with --pretrained), a transformers CLIP-like or DINOv2 folder "
                                         "(what unicom embed's --model takes)")
     to_onnx.add_argument("output", help="the .onnx file to write (a path or a URL)")
     to_onnx.add_argument("--pretrained", help="the weights of an open_clip or timm model: a tag or a local file")
+    to_onnx.add_argument("--tower", choices=("image", "text"), default="image",
+                         help="the encoder in the graph: image (default), or text for a model that embeds texts "
+                              "(tokenized outside the graph, by the tokenizer its metadata names)")
     to_onnx.add_argument("--flip", action="store_true",
                          help="the graph averages each image's features with its mirror image's (as unicom embed --flip)")
     to_onnx.add_argument("--scales", metavar="S,S,...",
@@ -116,14 +121,18 @@ def _to_onnx(args: argparse.Namespace) -> int:
         raise InputError(f"{args.output}: name the ONNX file to write with its suffix, .onnx")
     if storage.exists(args.output) and not args.overwrite:
         raise InputError(f"{args.output} exists; pass --overwrite to replace it")
-    done = export_onnx(args.model, args.output, opset=args.opset, pretrained=args.pretrained, flip=args.flip,
-                       scales=args.scales, external_data=args.external_data)
+    done = export_onnx(args.model, args.output, tower=args.tower, opset=args.opset, pretrained=args.pretrained,
+                       flip=args.flip, scales=args.scales, external_data=args.external_data)
     checked = (f"checked with onnxruntime: the largest difference from the network {done['max_difference']:.1e}"
                if done["max_difference"] is not None else "not checked: onnxruntime is not installed")
     beside = f", the weights in {done['data']}" if done["data"] else ""
+    if done["tower"] == "image":
+        inputs = f"pixels (batch, 3, {done['input_size']}, {done['input_size']})"
+    else:
+        length = "L" if done["length"] == "free" else done["length"]
+        inputs = f"{', '.join(done['inputs'])} (batch, {length}) int64 of the {done['tokenizer']}"
     print(f"wrote {done['output']} ({done['bytes'] / 2**20:.1f} MiB{beside}, opset {done['opset']}): "
-          f"{done['model']}, pixels (batch, 3, {done['input_size']}, {done['input_size']}) -> L2-normalised "
-          f"{done['embedding_dim']}-d embeddings; {checked}")
+          f"{done['model']}, {inputs} -> L2-normalised {done['embedding_dim']}-d embeddings; {checked}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Multi-scale descriptors (``--scales``): each image embedding the mean of the L2-normalised
 embeddings of the model input resized by each scale (cirtorch's ``--multiscale``), checked
-against the networks themselves (a timm CNN, transformers' DINOv2) on inputs resized by
+against the networks themselves (a timm CNN, transformers' DINOv2, CLIP, SigLIP, Chinese-CLIP
+and BLIP ViTs) on inputs resized by
 ``torch.nn.functional.interpolate`` as cirtorch resizes them; through `unicom embed`, `index`,
 `search`, `evaluate` and `dedup`, and refused for networks of one input size."""
 
@@ -198,3 +199,31 @@ def test_a_network_of_one_input_size_is_refused_before_anything_is_written(tmp_p
     (tmp_path / "vit").mkdir()
     found = embedded_image_collection(tmp_path / "vit")
     assert isinstance(with_views(load_encoder("timm/test_vit", str(found["checkpoint"])), scales="1,0.5"), MultiScale)
+
+
+def features(output) -> torch.Tensor:
+    """``get_image_features``' embeddings: a tensor (transformers 4), or its output's pooler_output (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip", "blip"])
+def test_transformers_vits_embed_each_scale_with_their_positions_interpolated(kind, tmp_path):
+    """CLIP-like ViTs of transformers take other sizes with interpolate_pos_encoding (their
+    position embeddings resized to the grid, as transformers does it): against the models
+    themselves, called so, on inputs resized by cirtorch's formula."""
+    import support
+
+    model = getattr(support, f"tiny_hf_{kind}")(tmp_path / kind)[0]
+    encoder = load_encoder(str(tmp_path / kind))
+    if kind == "blip":
+        network = lambda x: model.vision_proj(  # noqa: E731
+            model.vision_model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0])
+    else:
+        network = lambda x: features(model.get_image_features(pixel_values=x, interpolate_pos_encoding=True))  # noqa: E731
+    images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48))]
+    reference = cirtorch_reference(network, encoder.image_transform, images, scales=(1.0, 0.75))
+    np.testing.assert_allclose(embed_images(encoder, images, num_workers=0, scales=(1.0, 0.75)), reference, atol=1e-5)
+    plain = embed_images(encoder, images, num_workers=0)  # at its own size, as it was
+    np.testing.assert_allclose(plain, cirtorch_reference(network, encoder.image_transform, images, scales=(1.0,)),
+                               atol=1e-5)
+    assert (np.linalg.norm(plain - reference, axis=1) > 1e-3).all()

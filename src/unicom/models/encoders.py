@@ -209,8 +209,8 @@ class MultiScale(ImageViews):
     embeddings of the model input (after the model's transform) resized by each of ``scales``
     (bilinear, ``align_corners=False``, no antialiasing: cirtorch's ``interpolate`` with
     ``scale_factor``; the output side is the floor of side x scale); the caller normalises the
-    mean. For networks that take inputs of other sizes (convolutional networks, DINOv2, whose
-    position embeddings are interpolated): each scale is tried on one blank input when the
+    mean. For networks that take inputs of other sizes (convolutional networks, DINOv2 and the
+    CLIP-like ViTs of transformers, whose position embeddings are interpolated): each scale is tried on one blank input when the
     encoder is made, and a network that refuses one is an :class:`InputError` naming it.
 
     Texts, the transform and the weights are the encoder's own (:meth:`weights_sha256` is its
@@ -257,7 +257,8 @@ class MultiScale(ImageViews):
                 size = " x ".join(str(side) for side in resized.shape[-2:])
                 raise InputError(
                     f"{self.name} cannot embed its input resized by {scale:g} ({size} pixels: {error}); --scales "
-                    "needs a network that takes inputs of other sizes (a convolutional network, DINOv2): leave "
+                    "needs a network that takes inputs of other sizes (a convolutional network, DINOv2, a "
+                    "transformers CLIP or SigLIP ViT): leave "
                     "--scales out for this one") from None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -199,6 +199,8 @@ class HFImageModel(Encoder):
     tower's projected ``image_embeds``, or :data:`MEAN_OF_TOKENS`: the mean of its last hidden
     state's tokens) is the embedding."""
 
+    vision_entry: str | None = None  # what encode_image gives vision_inputs to: the model, or this method of it
+
     def __init__(self, model, image_transform, embedding_dim: int, name: str, no_text_reason: str = "",
                  output: str = "pooler_output"):
         super().__init__()
@@ -208,17 +210,43 @@ class HFImageModel(Encoder):
         self.name = name
         self.no_text_reason = no_text_reason or self.no_text_reason
         self.output = output
+        self._native_side = _native_side(model) if _takes_interpolation(
+            model if self.vision_entry is None else getattr(model, self.vision_entry)) else None
 
     def vision_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The vision tower's inputs from a batch of ``image_transform``'s tensors: the pixels, or
-        for a NaFlex model its patch sequences, mask and grid shapes."""
+        for a NaFlex model its patch sequences, mask and grid shapes. Pixels of another size than
+        the tower's (``--scales``) come with ``interpolate_pos_encoding``, for towers that take it
+        (CLIP, SigLIP, BLIP ...): their position embeddings resized to the grid, bicubic, as
+        transformers does it."""
         if isinstance(self.image_transform, NaFlexTransform):
             return unpack(images)
+        if self._native_side is not None and tuple(images.shape[-2:]) != (self._native_side,) * 2:
+            return {"pixel_values": images, "interpolate_pos_encoding": True}
         return {"pixel_values": images}
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         output = self.model(**self.vision_inputs(images))
         return output.last_hidden_state.mean(dim=1) if self.output == MEAN_OF_TOKENS else getattr(output, self.output)
+
+
+def _takes_interpolation(forward) -> bool:
+    """Whether ``forward`` (a vision tower, or a model's ``get_image_features``) takes
+    ``interpolate_pos_encoding``."""
+    import inspect
+
+    forward = forward.forward if isinstance(forward, torch.nn.Module) else forward
+    try:
+        return "interpolate_pos_encoding" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _native_side(model) -> int | None:
+    """The side of the images ``model``'s vision tower was made for (its configuration's ``image_size``)."""
+    config = getattr(model, "config", None)
+    size = getattr(getattr(config, "vision_config", None) or config, "image_size", None)
+    return int(size) if isinstance(size, int) else None
 
 
 class HFClip(HFImageModel):
@@ -229,6 +257,7 @@ class HFClip(HFImageModel):
     """
 
     has_text = True
+    vision_entry = "vision_model"
 
     def __init__(self, model, image_transform, text_tokenizer, max_tokens: int, embedding_dim: int, name: str):
         super().__init__(model, image_transform, embedding_dim, name)
@@ -236,7 +265,7 @@ class HFClip(HFImageModel):
         self.max_tokens = max_tokens
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.model.vision_model(pixel_values=images).pooler_output
+        pooled = self.model.vision_model(**self.vision_inputs(images)).pooler_output
         return self.model.visual_projection(pooled)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -261,6 +290,8 @@ class HFFeatures(HFClip):
     embeddings (Chinese-CLIP, AltCLIP, ALIGN, MetaCLIP 2, ``VisionTextDualEncoderModel``):
     ``tokenize`` gives int64 (B, 3, L), each text's token ids, attention mask and token types (given
     to a model whose ``get_text_features`` takes them)."""
+
+    vision_entry = "get_image_features"
 
     def __init__(self, *args, **kwargs):
         import inspect
@@ -287,7 +318,7 @@ class HFBlip(HFClip):
     contrastive scores are computed from (module docstring); ``tokenize`` as :class:`HFClip`'s."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_proj(self.model.vision_model(pixel_values=images).last_hidden_state[:, 0, :])
+        return self.model.vision_proj(self.model.vision_model(**self.vision_inputs(images)).last_hidden_state[:, 0, :])
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         states = self.model.text_encoder(input_ids=tokens[:, 0], attention_mask=tokens[:, 1]).last_hidden_state

@@ -55,8 +55,10 @@ def timm_groups(trunk: torch.nn.Module, embedding_dim: int, decay: float) -> dic
             if id(p) in names}
 
 
-@pytest.mark.parametrize("name", ["timm/test_resnet", "timm/test_convnext", "timm/test_vit", "clip_vit"])
-def test_the_layers_of_timm_networks_are_timms_own(name):
+@pytest.mark.parametrize("name", ["timm/test_resnet", "timm/test_convnext", "timm/test_vit", "clip_vit",
+                                  "timm/swin_tiny_patch4_window7_224"])
+def test_the_layers_and_weight_decay_of_timm_networks_are_timms_own(name):
+    """Swin: its relative position tables (2-D) are spared weight decay, as its no_weight_decay() says."""
     module = tiny_clip_vit() if name == "clip_vit" else create_model(name, overrides={"embedding_dim": 24}).module
     optimizer = backbone_optimizer(module, 1e-3, 0.05, (0.9, 0.999), 1e-8, CPU, layer_decay=0.7)
     ours = {param_name: (group["lr_scale"], group["weight_decay"])

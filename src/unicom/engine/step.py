@@ -28,6 +28,17 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token"))
 
 
+def spared_from_decay(module: nn.Module) -> frozenset[str]:
+    """The parameters (names, or fnmatch patterns of names, of ``module``'s) that ``module``, or
+    the timm network it holds as ``trunk``, says weight decay must spare: timm's
+    ``no_weight_decay()`` (a Swin's relative position tables, a DeiT's distillation token),
+    which timm's own optimisers honour."""
+    trunk = getattr(module, "trunk", None)
+    owner, prefix = ((module, "") if callable(getattr(module, "no_weight_decay", None)) else
+                     (trunk, "trunk.") if callable(getattr(trunk, "no_weight_decay", None)) else (None, ""))
+    return frozenset() if owner is None else frozenset(prefix + name for name in owner.no_weight_decay())
+
+
 def layer_ids(module: nn.Module) -> dict[str, int]:
     """The layer of each parameter of ``module``, 0 at the input, as timm groups them for
     layer-wise learning-rate decay (``group_matcher(coarse=False)``, BEiT's scheme): the stem
@@ -71,7 +82,7 @@ def layer_scales(module: nn.Module, decay: float) -> dict[str, float]:
 def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas, eps: float, device: torch.device,
                        layer_decay: float | None = None):
     """AdamW over the trainable parameters of ``module``: decayed weights and the
-    :func:`no_decay` parameters in groups of their own, per layer with ``layer_decay``
+    :func:`no_decay` and :func:`spared_from_decay` parameters in groups of their own, per layer with ``layer_decay``
     (:func:`layer_scales`). Every group carries ``lr_scale`` (its factor of the learning
     rate, :meth:`TrainStep.set_learning_rates`) and ``param_names``, by which
     :func:`load_optimizer_state` finds each parameter's moments whatever the grouping.
@@ -80,11 +91,15 @@ def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas,
     them): one kernel per group instead of a dozen passes, and it takes the step's
     ``grad_scale`` and ``found_inf`` on the device (see :class:`TrainStep`).
     """
+    import fnmatch
+
     scales = {} if layer_decay is None else layer_scales(module, layer_decay)
+    spared = spared_from_decay(module)
     groups: dict[tuple[float, bool], dict] = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            plain, scale = no_decay(name, param), scales.get(name, 1.0)
+            plain = no_decay(name, param) or any(fnmatch.fnmatchcase(name, pattern) for pattern in spared)
+            scale = scales.get(name, 1.0)
             group = groups.setdefault((-scale, plain), {"params": [], "param_names": [], "lr_scale": scale,
                                                         "weight_decay": 0.0 if plain else weight_decay})
             group["params"].append(param)
@@ -416,4 +431,4 @@ def build_train_step(module: nn.Module, partial_fc: nn.Module, optim, device: to
 
 
 __all__ = ["TrainStep", "StepResult", "LossScaler", "TrainingStopped", "backbone_optimizer", "no_decay",
-           "build_train_step", "layer_ids", "layer_scales", "load_optimizer_state"]
+           "build_train_step", "layer_ids", "layer_scales", "load_optimizer_state", "spared_from_decay"]

@@ -5,6 +5,8 @@
     OUT/checkpoints/step_00001000/
       model.safetensors                         the backbone's state dict (rank 0)
       optimizer.pt                              the backbone's AdamW state (rank 0)
+      model_ema.safetensors                     with ``train.ema``: the moving average of the
+                                                backbone's state (rank 0), its decay in the metadata
       prototypes_{start}_{stop}.safetensors     classes start..stop-1: ``weight`` (classes ·
                                                 centers, d), SparseAdamW's ``exp_avg``,
                                                 ``exp_avg_sq`` and per-row ``step`` (one file
@@ -50,6 +52,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+EMA_FILE = "model_ema.safetensors"
 _PREFIX = "step_"
 
 # Fault injection for tests of interrupted runs: "checkpoint:N" pauses rank 0 inside the
@@ -111,10 +114,12 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     manifest: dict[str, Any],
     keep: int,
+    ema: tuple[dict[str, torch.Tensor], float] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` collectively (every rank calls this) and return its folder.
 
-    ``model_state`` and ``optimizer_state`` are read on rank 0 only. ``prototypes``:
+    ``model_state``, ``optimizer_state`` and ``ema`` (the moving average's state and decay,
+    :class:`unicom.engine.ema.WeightsEMA`) are read on rank 0 only. ``prototypes``:
     ``class_start``, ``classes``, ``centers``, ``weight`` and, once the optimiser has
     state, ``exp_avg``, ``exp_avg_sq``, ``step`` (rows) and ``common_step``. ``manifest``:
     JSON values stored in ``checkpoint.json`` beside the file records. The new checkpoint
@@ -131,14 +136,15 @@ def save_checkpoint(
         tmp.mkdir()
     distributed.barrier()
     try:
-        return _write_checkpoint(tmp, final, step, model_state, optimizer_state, prototypes, rank_state, manifest, keep)
+        return _write_checkpoint(tmp, final, step, model_state, optimizer_state, prototypes, rank_state, manifest, keep,
+                                 ema)
     except (OSError, KeyboardInterrupt):  # a write the disk refused (full, read-only), or Ctrl-C: keep no part of it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _write_checkpoint(tmp: Path, final: Path, step: int, model_state, optimizer_state, prototypes: dict[str, Any],
-                      rank_state: dict[str, Any], manifest: dict[str, Any], keep: int) -> Path:
+                      rank_state: dict[str, Any], manifest: dict[str, Any], keep: int, ema=None) -> Path:
     """The files of :func:`save_checkpoint` into ``tmp``, renamed to ``final`` once complete."""
     rank, root = distributed.get_rank(), final.parent
     written: dict[str, dict] = {}
@@ -150,6 +156,11 @@ def _write_checkpoint(tmp: Path, final: Path, step: int, model_state, optimizer_
             path = tmp / OPTIMIZER_FILE
             save_torch(optimizer_state, path)
             written[OPTIMIZER_FILE] = _record(path)
+        if ema is not None:
+            path = tmp / EMA_FILE
+            save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in ema[0].items()}, path,
+                             {"format": "pt", "decay": json.dumps(ema[1])})
+            written[EMA_FILE] = _record(path)
     name = prototype_file_name(prototypes["class_start"], prototypes["classes"])
     tensors = {key: prototypes[key].detach().to("cpu").contiguous() for key in ("weight", "exp_avg", "exp_avg_sq", "step") if prototypes.get(key) is not None}
     metadata = {key: json.dumps(prototypes.get(key)) for key in ("class_start", "classes", "centers", "common_step")}
@@ -294,6 +305,19 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / MODEL_FILE))
 
 
+def load_ema_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float] | None:
+    """The moving average of the backbone's state a checkpoint holds, and its decay (None: none)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) / EMA_FILE
+    if not file.is_file():
+        return None
+    with safe_open(str(file), "pt") as handle:
+        decay = json.loads(handle.metadata()["decay"])
+    return load_file(str(file)), float(decay)
+
+
 def load_optimizer_state(path: str | os.PathLike) -> dict | None:
     file = Path(path) / OPTIMIZER_FILE
     if not file.is_file():
@@ -374,12 +398,16 @@ def read_model_checkpoint(path: str | os.PathLike) -> tuple[str, dict, dict[str,
 
 
 def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Export the backbone of a checkpoint (or of a run's newest intact one) as a model folder."""
+    """Export the backbone of a checkpoint (or of a run's newest intact one) as a model folder:
+    the moving average of its weights where the run kept one (``train.ema``), as the run exports."""
     from unicom.models.export import save_model
     from unicom.models.registry import get_architecture
 
     architecture, settings, state_dict, source = read_model_checkpoint(path)
     manifest = read_manifest(source)
     provenance = {"trained_by": "unicom train", "checkpoint": str(Path(source).resolve()), "step": manifest["step"]}
+    averaged = load_ema_state(source)
+    if averaged is not None:  # the run exports its moving average (train.ema): so does this
+        state_dict, provenance["ema_decay"] = averaged
     return save_model(folder, state_dict, architecture, settings,
                       get_architecture(architecture).evaluation_preprocess(settings), provenance=provenance)

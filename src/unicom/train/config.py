@@ -108,6 +108,7 @@ class TrainSection:
     max_nonfinite_steps: int = 20  # stop after this many consecutive skipped steps
     device: str = "auto"  # auto: this rank's GPU, else the CPU
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    ema: float | None = None  # keep a moving average of the weights at this decay per step (e.g. 0.9998); exported as the model
 
 
 @dataclass
@@ -173,6 +174,7 @@ class TrainConfig(Recipe):
         check(train.steps is None or train.steps >= 0, problems, f"train.steps must be 0 or more, got {train.steps}")
         check(train.accumulation >= 1, problems, f"train.accumulation must be at least 1, got {train.accumulation}")
         check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
+        check(train.ema is None or 0 < train.ema < 1, problems, f"train.ema must be in (0, 1), got {train.ema}")
         check(0 <= self.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
         check(self.checkpoint.every >= 1, problems, f"checkpoint.every must be at least 1, got {self.checkpoint.every}")
         check(self.checkpoint.keep >= 1, problems, f"checkpoint.keep must be at least 1, got {self.checkpoint.keep}")

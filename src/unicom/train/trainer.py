@@ -30,6 +30,7 @@ from unicom import distributed, storage
 from unicom.data.transforms import resolve_decode
 from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
+from unicom.engine.ema import WeightsEMA
 from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
 from unicom.engine.runlog import RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -86,6 +87,7 @@ class Run:
     total_steps: int
     resume_from: Path | None
     epoch_origin: tuple[int, float] = (0, 0.0)  # (step, epoch) the epochs count on from: the resumed checkpoint's
+    ema: WeightsEMA | None = None  # train.ema's moving average of the backbone's weights (rank 0)
 
     @property
     def global_batch(self) -> int:
@@ -456,11 +458,13 @@ def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) 
         model_state=run.backbone.state_dict() if main else None,
         optimizer_state=run.step_fn.backbone_optimizer.state_dict() if main else None,
         prototypes=prototypes, rank_state=rank_state, manifest=manifest, keep=run.config.checkpoint.keep,
+        ema=(run.ema.state, run.ema.decay) if main and run.ema is not None else None,
     )
 
 
 def export_model(run: Run, folder: Path, step: int) -> Path:
-    """Write the backbone as an exported model folder (rank 0)."""
+    """Write the backbone as an exported model folder (rank 0): with ``train.ema``, the moving
+    average of its weights."""
     from unicom.losses.heads import head_settings
     from unicom.models.export import save_model
 
@@ -475,8 +479,11 @@ def export_model(run: Run, folder: Path, step: int) -> Path:
         "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
                  "centers": pfc.centers, "margin_gradient": pfc.margin_gradient, "num_classes": pfc.num_classes},
     }
-    return save_model(folder, run.backbone.state_dict(), run.created.architecture, run.created.settings,
-                      run.created.preprocess(), provenance=provenance)
+    weights = run.backbone.state_dict()
+    if run.ema is not None:  # train.ema: the moving average is the model
+        weights, provenance["ema_decay"] = run.ema.state, run.ema.decay
+    return save_model(folder, weights, run.created.architecture, run.created.settings, run.created.preprocess(),
+                      provenance=provenance)
 
 
 def _all_reduce_counts(values: list[int], device: torch.device) -> list[int]:
@@ -519,6 +526,13 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     if run.resume_from is not None:
         state, rank_state, manifest = _restore(run, say)
         log.event("resume", checkpoint=str(run.resume_from), step=state.step)
+    if config.train.ema is not None and rank == 0:
+        run.ema = WeightsEMA(run.backbone, config.train.ema)
+        saved = ckpt.load_ema_state(run.resume_from) if run.resume_from is not None else None
+        if saved is not None:
+            run.ema.load(saved[0])
+        elif run.resume_from is not None:
+            say(f"note: train.ema averages the weights from step {state.step} on (the checkpoint kept no average)")
     positions, next_role = _data_positions(run, rank_state, manifest, say)
     batch, accumulation, global_batch = config.data.batch_size, config.train.accumulation, run.global_batch
     say(f"unicom train: {run.created.architecture} {run.created.settings} (weights: {run.created.init_kind}"
@@ -578,6 +592,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
                 run.partial_fc.check_inputs = True  # labels, shapes and agreement across ranks, once
             result = run.step_fn(micro)
             run.partial_fc.check_inputs = False
+            if run.ema is not None:
+                run.ema.update(run.backbone)
             state.step += 1
             state.images += global_batch
             interval["steps"] += 1

@@ -1,0 +1,109 @@
+"""``train.ema``: a moving average of the weights, against timm's ModelEmaV3; the run exports
+it, keeps it in its checkpoints and resumes it exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import write_class_folder
+
+from unicom.cli import main
+from unicom.engine.ema import WeightsEMA
+from unicom.models.vit import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_average_is_timms_model_ema_over_steps_with_batchnorm():
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    network = create_model("timm/test_resnet", overrides={"embedding_dim": 8}).module.train()
+    ours, theirs = WeightsEMA(network, 0.9), ModelEmaV3(copy.deepcopy(network), decay=0.9)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):  # the weights and BatchNorm's running statistics move
+        optimizer.zero_grad()
+        network(torch.randn(4, 3, 32, 32, generator=generator)).square().mean().backward()
+        optimizer.step()
+        ours.update(network)
+        theirs.update(network)
+    reference = theirs.module.state_dict()
+    assert ours.state.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(ours.state[key], value, atol=1e-7, rtol=1e-6, msg=key)
+    moved = [key for key, value in network.state_dict().items() if value.is_floating_point()
+             and not torch.allclose(value, ours.state[key])]
+    assert "projection.weight" in moved and any(key.endswith("running_mean") for key in moved)
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        WeightsEMA(network, 1.0)
+
+
+TINY = ["model.image_size=16", "model.patch_size=8", "model.width=48", "model.depth=2", "model.heads=2",
+        "model.embedding_dim=16", "data.batch_size=16", "data.workers=0", "loss.scale=16", "loss.sample_rate=0.5",
+        "optim.lr=0.003", "schedule.kind=constant", "log.tensorboard=false", "train.device=cpu"]
+
+
+def checkpoint_weights(out, step: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step_{step:08d}" / name))
+
+
+def model_weights(folder) -> dict[str, torch.Tensor]:
+    """An exported model's weights as the network names them (the checkpoints' keys)."""
+    import unicom
+
+    return {key: value.detach() for key, value in unicom.load(str(folder))[0].state_dict().items()}
+
+
+def test_a_run_exports_the_average_of_its_weights_and_resumes_it_exactly(tmp_path, capsys):
+    write_class_folder(tmp_path / "images", list(range(4)), 8, size=16)
+    common = [f"data.folder={tmp_path / 'images'}", *TINY]
+    # the weights after each step, without an average: the reference folds them by hand
+    assert main(["train", *common, "train.steps=0", f"out={tmp_path / 'initial'}"]) == 0
+    assert main(["train", *common, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=10",
+                 f"out={tmp_path / 'plain'}"]) == 0
+    expected = model_weights(tmp_path / "initial" / "model")
+    for step in range(1, 5):
+        weights = checkpoint_weights(tmp_path / "plain", step)
+        expected = {key: torch.lerp(value, weights[key], 1 - 0.75) for key, value in expected.items()}
+    assert main(["train", *common, "train.ema=0.75", "train.steps=4", "checkpoint.every=2",
+                 f"out={tmp_path / 'averaged'}"]) == 0
+    exported = model_weights(tmp_path / "averaged" / "model")
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    # the average changes nothing of the training: the checkpoint's own weights are the plain run's
+    raw, plain = checkpoint_weights(tmp_path / "averaged", 4), checkpoint_weights(tmp_path / "plain", 4)
+    assert all(torch.equal(raw[key], plain[key]) for key in raw)
+    assert all(torch.equal(exported[key], value) for key, value in
+               checkpoint_weights(tmp_path / "averaged", 4, "model_ema.safetensors").items())
+    # stopped after 2 steps and resumed: the same average, bit for bit
+    assert main(["train", *common, "train.ema=0.75", "train.steps=2", "checkpoint.every=2",
+                 f"out={tmp_path / 'halves'}"]) == 0
+    assert main(["train", *common, "train.ema=0.75", "train.steps=4", "checkpoint.every=2",
+                 f"out={tmp_path / 'halves'}"]) == 0
+    halves = model_weights(tmp_path / "halves" / "model")
+    assert all(torch.equal(halves[key], exported[key]) for key in exported)
+    # unicom train --export-from exports the average too
+    capsys.readouterr()
+    assert main(["train", "--export-from", str(tmp_path / "averaged"), "--model-out", str(tmp_path / "again")]) == 0
+    again = model_weights(tmp_path / "again")
+    assert all(torch.equal(again[key], exported[key]) for key in exported)
+
+
+def test_an_average_taken_up_on_resume_starts_there_and_a_decay_out_of_range_is_refused(tmp_path, capsys):
+    write_class_folder(tmp_path / "images", list(range(4)), 8, size=16)
+    common = [f"data.folder={tmp_path / 'images'}", *TINY]
+    assert main(["train", *common, "train.steps=2", "checkpoint.every=2", f"out={tmp_path / 'run'}"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "train.ema=0.5", "train.steps=3", "checkpoint.every=2", f"out={tmp_path / 'run'}"]) == 0
+    assert "note: train.ema averages the weights from step 2 on (the checkpoint kept no average)" in capsys.readouterr().out
+    start, end = checkpoint_weights(tmp_path / "run", 2), checkpoint_weights(tmp_path / "run", 3)
+    exported = model_weights(tmp_path / "run" / "model")
+    for key, value in exported.items():
+        torch.testing.assert_close(value, torch.lerp(start[key], end[key], 0.5), atol=1e-6, rtol=1e-5, msg=key)
+    assert main(["train", *common, "train.ema=1", "train.steps=1", f"out={tmp_path / 'bad'}"]) == 2
+    assert "train.ema must be in (0, 1), got 1" in capsys.readouterr().err

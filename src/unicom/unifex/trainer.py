@@ -359,7 +359,12 @@ def save_checkpoint(path: Path, head: Head, epoch: int, history: list, baseline:
 def restore(head: Head, state: dict, device: torch.device) -> None:
     head.neck.load_state_dict(state["neck"])
     head.partial_fc.load_state_dict(state["partial_fc"])
-    head.neck_optimizer.load_state_dict(state["neck_optimizer"])
+    if all("param_names" in group for group in head.neck_optimizer.param_groups):  # AdamW: the moments by name
+        from unicom.engine.step import load_optimizer_state
+
+        load_optimizer_state(head.neck_optimizer, state["neck_optimizer"], head.neck)
+    else:
+        head.neck_optimizer.load_state_dict(state["neck_optimizer"])
     head.prototype_optimizer.load_state_dict(state["prototype_optimizer"])
     if "rng" in state:
         set_rng_state(state["rng"], device)

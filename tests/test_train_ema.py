@@ -17,20 +17,22 @@ from unicom.models.vit import create_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_average_is_timms_model_ema_over_steps_with_batchnorm():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_average_is_timms_model_ema_over_steps_with_batchnorm(warmup):
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(0)
     network = create_model("timm/test_resnet", overrides={"embedding_dim": 8}).module.train()
-    ours, theirs = WeightsEMA(network, 0.9), ModelEmaV3(copy.deepcopy(network), decay=0.9)
+    ours = WeightsEMA(network, 0.9, warmup=warmup)
+    theirs = ModelEmaV3(copy.deepcopy(network), decay=0.9, use_warmup=warmup)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(5):  # the weights and BatchNorm's running statistics move
+    for step in range(1, 6):  # the weights and BatchNorm's running statistics move
         optimizer.zero_grad()
         network(torch.randn(4, 3, 32, 32, generator=generator)).square().mean().backward()
         optimizer.step()
-        ours.update(network)
-        theirs.update(network)
+        ours.update(network, step)
+        theirs.update(network, step if warmup else None)  # timm's warm-up counts the steps given
     reference = theirs.module.state_dict()
     assert ours.state.keys() == reference.keys()
     for key, value in reference.items():
@@ -87,6 +89,16 @@ def test_a_run_exports_the_average_of_its_weights_and_resumes_it_exactly(tmp_pat
                  f"out={tmp_path / 'halves'}"]) == 0
     halves = model_weights(tmp_path / "halves" / "model")
     assert all(torch.equal(halves[key], exported[key]) for key in exported)
+    # with the warm-up: the decay of step t is min(0.75, 1 - t^(-2/3)), 0 at the first
+    assert main(["train", *common, "train.ema=0.75", "train.ema_warmup=true", "train.steps=4", "checkpoint.every=4",
+                 f"out={tmp_path / 'warm'}"]) == 0
+    warm = checkpoint_weights(tmp_path / "plain", 1)
+    for step in range(2, 5):
+        decay = min(0.75, 1 - (1 + (step - 1)) ** (-2 / 3))
+        weights = checkpoint_weights(tmp_path / "plain", step)
+        warm = {key: decay * value + (1 - decay) * weights[key] for key, value in warm.items()}
+    for key, value in model_weights(tmp_path / "warm" / "model").items():
+        torch.testing.assert_close(value, warm[key], atol=1e-6, rtol=1e-5, msg=key)
     # unicom train --export-from exports the average too
     capsys.readouterr()
     assert main(["train", "--export-from", str(tmp_path / "averaged"), "--model-out", str(tmp_path / "again")]) == 0
@@ -107,3 +119,5 @@ def test_an_average_taken_up_on_resume_starts_there_and_a_decay_out_of_range_is_
         torch.testing.assert_close(value, torch.lerp(start[key], end[key], 0.5), atol=1e-6, rtol=1e-5, msg=key)
     assert main(["train", *common, "train.ema=1", "train.steps=1", f"out={tmp_path / 'bad'}"]) == 2
     assert "train.ema must be in (0, 1), got 1" in capsys.readouterr().err
+    assert main(["train", *common, "train.ema_warmup=true", "train.steps=1", f"out={tmp_path / 'bad'}"]) == 2
+    assert "train.ema_warmup warms up train.ema: set it too" in capsys.readouterr().err

@@ -4,8 +4,13 @@ After every optimiser step, each floating-point tensor of the network's state (p
 and buffers, such as BatchNorm's running statistics) moves towards the network's own:
 ``ema <- decay * ema + (1 - decay) * weights`` (one ``torch._foreach_lerp_`` over all of
 them); integer buffers are copied. It starts from the network's weights when made. This is
-timm's ``ModelEmaV3`` without warm-up, whose averaged network is the one fine-tuning recipes
-(DeiT, ConvNeXt, EVA) evaluate and publish; ``unicom train`` exports it as the model.
+timm's ``ModelEmaV3``, whose averaged network is the one fine-tuning recipes (DeiT, ConvNeXt,
+EVA) evaluate and publish; ``unicom train`` exports it as the model.
+
+With ``warmup`` the decay of the update after step t (1, 2, ...) is timm's warm-up,
+``min(decay, 1 - t ** (-2/3))`` (0 at the first: the average starts as the network after it),
+so that a short run is not an average dominated by its starting weights (at a constant 0.9998,
+the weights a run starts with still weigh 0.9998^1000 = 82% after 1,000 steps).
 """
 
 from __future__ import annotations
@@ -21,15 +26,24 @@ class WeightsEMA:
     :meth:`update` never makes the host wait for the device.
     """
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"the decay of a moving average must be in (0, 1), got {decay}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.state = {key: value.detach().clone() for key, value in module.state_dict().items()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimiser step ``step`` (1, 2, ...; module docstring)."""
+        if not self.warmup:
+            return self.decay
+        updates = step - 1
+        return 0.0 if updates <= 0 else min(self.decay, 1.0 - (1.0 + updates) ** (-2.0 / 3.0))
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """Move the average towards ``module``'s state (after an optimiser step)."""
+    def update(self, module: nn.Module, step: int) -> None:
+        """Move the average towards ``module``'s state after optimiser step ``step`` (1, 2, ...)."""
+        decay = self.decay_at(step)
         averaged, current = [], []
         for key, value in module.state_dict().items():
             mine = self.state[key]
@@ -39,7 +53,7 @@ class WeightsEMA:
             else:
                 mine.copy_(value)
         if averaged:
-            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Take ``state`` (a checkpoint's average) in place of the current one: same keys and shapes."""

@@ -109,6 +109,7 @@ class TrainSection:
     device: str = "auto"  # auto: this rank's GPU, else the CPU
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     ema: float | None = None  # keep a moving average of the weights at this decay per step (e.g. 0.9998); exported as the model
+    ema_warmup: bool = False  # timm's warm-up of the decay (1 - t^(-2/3) at step t, up to train.ema): for short runs
 
 
 @dataclass
@@ -175,6 +176,7 @@ class TrainConfig(Recipe):
         check(train.accumulation >= 1, problems, f"train.accumulation must be at least 1, got {train.accumulation}")
         check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
         check(train.ema is None or 0 < train.ema < 1, problems, f"train.ema must be in (0, 1), got {train.ema}")
+        check(train.ema is not None or not train.ema_warmup, problems, "train.ema_warmup warms up train.ema: set it too")
         check(0 <= self.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
         check(self.checkpoint.every >= 1, problems, f"checkpoint.every must be at least 1, got {self.checkpoint.every}")
         check(self.checkpoint.keep >= 1, problems, f"checkpoint.keep must be at least 1, got {self.checkpoint.keep}")

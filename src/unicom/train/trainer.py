@@ -527,7 +527,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         state, rank_state, manifest = _restore(run, say)
         log.event("resume", checkpoint=str(run.resume_from), step=state.step)
     if config.train.ema is not None and rank == 0:
-        run.ema = WeightsEMA(run.backbone, config.train.ema)
+        run.ema = WeightsEMA(run.backbone, config.train.ema, warmup=config.train.ema_warmup)
         saved = ckpt.load_ema_state(run.resume_from) if run.resume_from is not None else None
         if saved is not None:
             run.ema.load(saved[0])
@@ -593,7 +593,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             result = run.step_fn(micro)
             run.partial_fc.check_inputs = False
             if run.ema is not None:
-                run.ema.update(run.backbone)
+                run.ema.update(run.backbone, state.step + 1)  # the step just taken
             state.step += 1
             state.images += global_batch
             interval["steps"] += 1

@@ -155,6 +155,35 @@ def test_a_timm_network_exports_with_its_weights_mirror_and_scales(tmp_path, cap
     assert json.loads(properties["flip"]) is True and json.loads(properties["scales"]) == [1.0, 0.7071]
 
 
+@pytest.mark.parametrize("family", ["open_clip", "unicom train"])
+def test_vits_export_their_multi_scale_embeddings(family, tmp_path, capsys):
+    """An open_clip ViT and a ViT of ``unicom train`` at scales whose sides are no multiple of
+    the patch (22 px of 32, 8-px patches): the graph's position embeddings resampled per scale,
+    onnxruntime's embeddings ``unicom embed --scales``' own."""
+    from support import tiny_open_clip
+
+    from unicom.models.encoders import load_encoder
+
+    if family == "open_clip":
+        spec = tiny_open_clip(tmp_path / "clip")
+    else:
+        from unicom.models.export import save_model
+        from unicom.models.registry import clip_preprocess
+        from unicom.models.vit import ClipViT, ClipViTSettings
+
+        settings = ClipViTSettings(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=8)
+        torch.manual_seed(6)
+        spec = str(save_model(tmp_path / "model", ClipViT(settings), "clip_vit", settings, clip_preprocess(32)))
+    assert main(["convert", "unicom-to-onnx", spec, str(tmp_path / "v.onnx"), "--scales", "1,0.7071,0.5"]) == 0
+    assert "checked with onnxruntime" in capsys.readouterr().out
+    encoder = load_encoder(spec)
+    images, paths = image_files(tmp_path)
+    expected = embed_images(encoder, paths, num_workers=0, scales=(1, 0.7071, 0.5))
+    np.testing.assert_allclose(onnx_embeddings(tmp_path / "v.onnx", encoder.image_transform, images), expected,
+                               atol=2e-5)
+    assert (np.linalg.norm(embed_images(encoder, paths, num_workers=0) - expected, axis=1) > 2e-4).all()  # the views
+
+
 def test_an_open_clip_and_a_transformers_clip_export_their_image_towers(tmp_path, capsys):
     from support import tiny_hf_clip, tiny_open_clip
 

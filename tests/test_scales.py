@@ -1,7 +1,7 @@
 """Multi-scale descriptors (``--scales``): each image embedding the mean of the L2-normalised
 embeddings of the model input resized by each scale (cirtorch's ``--multiscale``), checked
 against the networks themselves (a timm CNN, transformers' DINOv2, CLIP, SigLIP, Chinese-CLIP
-and BLIP ViTs) on inputs resized by
+and BLIP ViTs; open_clip's ViT made at each size, timm's ViTs resized by timm) on inputs resized by
 ``torch.nn.functional.interpolate`` as cirtorch resizes them; through `unicom embed`, `index`,
 `search`, `evaluate` and `dedup`, and refused for networks of one input size."""
 
@@ -227,3 +227,89 @@ def test_transformers_vits_embed_each_scale_with_their_positions_interpolated(ki
     np.testing.assert_allclose(plain, cirtorch_reference(network, encoder.image_transform, images, scales=(1.0,)),
                                atol=1e-5)
     assert (np.linalg.norm(plain - reference, axis=1) > 1e-3).all()
+
+
+def test_open_clip_vits_embed_each_scale_as_open_clip_made_at_that_size(tmp_path):
+    """An open_clip ViT takes other sizes with its position embeddings resampled to the grid:
+    against open_clip's own model made with ``force_image_size`` at each resized side (its
+    loader resamples the checkpoint's embeddings), pixels past the last whole patch unseen (22 px
+    with 8-px patches); at its own size it is open_clip's model as it was."""
+    import warnings
+
+    import open_clip
+    from support import tiny_open_clip
+
+    spec = tiny_open_clip(tmp_path / "clip")  # 32 px, 8-px patches
+    encoder = load_encoder(spec)
+    made = {}
+
+    def open_clip_at(x):
+        side = x.shape[-1]
+        if side not in made:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                made[side] = open_clip.create_model(spec, force_image_size=side).eval()
+        return made[side].encode_image(x)
+
+    images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48))]
+    scales = (1.0, 0.75, 0.7071, 0.5)
+    reference = cirtorch_reference(open_clip_at, encoder.image_transform, images, scales=scales)
+    assert sorted(made) == [16, 22, 24, 32]
+    np.testing.assert_allclose(embed_images(encoder, images, num_workers=0, scales=scales), reference, atol=1e-6)
+    plain = embed_images(encoder, images, num_workers=0)  # the tower is left as it was at its own size
+    np.testing.assert_allclose(plain, cirtorch_reference(open_clip_at, encoder.image_transform, images, scales=(1.0,)),
+                               atol=1e-6)
+    assert (np.linalg.norm(plain - reference, axis=1) > 1e-3).all()
+    assert "positional_embedding" not in vars(encoder.model.visual)  # resampled for a view of it only
+
+
+def test_the_vits_unicom_train_makes_embed_each_scale_as_timm_resizes_them(tmp_path):
+    """A ViT of ``unicom train`` (a timm VisionTransformer of one input size) takes other sizes
+    as timm's ``dynamic_img_size`` and ``dynamic_img_pad`` make it: against timm's
+    ``set_input_size`` (the position embeddings resampled at that size) on inputs whose sides are
+    multiples of the patch, and on an input padded with zeros to the next multiple by hand."""
+    import copy
+
+    from unicom.models.export import save_model
+    from unicom.models.registry import clip_preprocess
+    from unicom.models.vit import ClipViT, ClipViTSettings
+
+    settings = ClipViTSettings(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=8)
+    torch.manual_seed(5)
+    model = ClipViT(settings).eval()
+    save_model(tmp_path / "model", model, "clip_vit", settings, clip_preprocess(32))
+    encoder = load_encoder(str(tmp_path / "model"))
+    made = {}
+
+    def timm_at(x):
+        side = x.shape[-1]
+        padded = -(-side // 8) * 8
+        if padded not in made:
+            made[padded] = copy.deepcopy(model)
+            made[padded].trunk.set_input_size(img_size=(padded, padded))
+        return made[padded](F.pad(x, (0, padded - side, 0, padded - side)))
+
+    images = [class_image(label, label, size) for label, size in ((0, 64), (1, 48))]
+    scales = (1.0, 0.75, 0.7071, 0.5)
+    reference = cirtorch_reference(timm_at, encoder.image_transform, images, scales=scales)
+    assert sorted(made) == [16, 24, 32]  # 22 px padded to 24
+    np.testing.assert_allclose(embed_images(encoder, images, num_workers=0, scales=scales), reference, atol=1e-6)
+    plain = embed_images(encoder, images, num_workers=0)
+    np.testing.assert_allclose(plain, cirtorch_reference(model, encoder.image_transform, images, scales=(1.0,)),
+                               atol=1e-6)
+    assert (np.linalg.norm(plain - reference, axis=1) > 1e-3).all()
+
+
+def test_a_timm_vit_with_dynamic_sizes_is_padded_as_timm_pads_it(tmp_path):
+    """timm's test_vit (made with ``dynamic_img_size``) at a side that is no multiple of its
+    patch: as timm's model made with ``dynamic_img_pad`` too embeds it."""
+    import timm
+
+    found = embedded_image_collection(tmp_path)
+    encoder = load_encoder("timm/test_vit", str(found["checkpoint"]))
+    padding = timm.create_model("test_vit", num_classes=0, dynamic_img_pad=True).eval()
+    padding.load_state_dict(torch.load(found["checkpoint"], weights_only=True))
+    images = [Image.open(path) for path in found["images"][:3]]
+    scales = (1.0, 0.7071)  # 160 px (16-px patches): 113 px padded to 128
+    reference = cirtorch_reference(padding, encoder.image_transform, images, scales=scales)
+    np.testing.assert_allclose(embed_images(encoder, images, num_workers=0, scales=scales), reference, atol=1e-6)

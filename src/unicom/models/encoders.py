@@ -209,9 +209,11 @@ class MultiScale(ImageViews):
     embeddings of the model input (after the model's transform) resized by each of ``scales``
     (bilinear, ``align_corners=False``, no antialiasing: cirtorch's ``interpolate`` with
     ``scale_factor``; the output side is the floor of side x scale); the caller normalises the
-    mean. For networks that take inputs of other sizes (convolutional networks, DINOv2 and the
-    CLIP-like ViTs of transformers, whose position embeddings are interpolated): each scale is tried on one blank input when the
-    encoder is made, and a network that refuses one is an :class:`InputError` naming it.
+    mean. For networks that take inputs of other sizes: convolutional networks, DINOv2 and the
+    CLIP-like ViTs of transformers (their position embeddings interpolated), timm's and
+    open_clip's ViTs (made to take them by :func:`unicom.models.resizable.take_other_sizes`,
+    in place). Each scale is tried on one blank input when the encoder is made, and a network
+    that refuses one is an :class:`InputError` naming it.
 
     Texts, the transform and the weights are the encoder's own (:meth:`weights_sha256` is its
     digest; records that keep both say ``scales`` beside it). One forward pass per scale.
@@ -226,8 +228,11 @@ class MultiScale(ImageViews):
         if isinstance(encoder.image_transform, NaFlexTransform):
             raise InputError(f"{encoder.name}: a NaFlex model takes each image at its own size as patches; --scales "
                              "resizes a model input of one size: leave --scales out")
+        from unicom.models.resizable import take_other_sizes
+
         super().__init__(encoder)
         self.scales = scales
+        take_other_sizes(encoder)
         self._try_every_scale()
 
     def _resized(self, images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -258,7 +263,7 @@ class MultiScale(ImageViews):
                 raise InputError(
                     f"{self.name} cannot embed its input resized by {scale:g} ({size} pixels: {error}); --scales "
                     "needs a network that takes inputs of other sizes (a convolutional network, DINOv2, a "
-                    "transformers CLIP or SigLIP ViT): leave "
+                    "timm, open_clip or transformers ViT): leave "
                     "--scales out for this one") from None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

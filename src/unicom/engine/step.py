@@ -39,6 +39,15 @@ def spared_from_decay(module: nn.Module) -> frozenset[str]:
     return frozenset() if owner is None else frozenset(prefix + name for name in owner.no_weight_decay())
 
 
+def matcher_owner(module: nn.Module) -> tuple[nn.Module | None, str]:
+    """What groups ``module``'s layers, and the prefix of its parameters' names in ``module``:
+    ``module`` itself when it declares a timm-style ``group_matcher`` (``""``), else the timm
+    network it holds as ``trunk`` (``"trunk."``), else ``(None, "")``."""
+    trunk = getattr(module, "trunk", None)
+    return ((module, "") if hasattr(module, "group_matcher") else
+            (trunk, "trunk.") if hasattr(trunk, "group_matcher") else (None, ""))
+
+
 def layer_ids(module: nn.Module) -> dict[str, int]:
     """The layer of each parameter of ``module``, 0 at the input, as timm groups them for
     layer-wise learning-rate decay (``group_matcher(coarse=False)``, BEiT's scheme): the stem
@@ -53,9 +62,7 @@ def layer_ids(module: nn.Module) -> dict[str, int]:
 
     from unicom.errors import InputError
 
-    trunk = getattr(module, "trunk", None)
-    owner, prefix = ((module, "") if hasattr(module, "group_matcher") else
-                     (trunk, "trunk.") if hasattr(trunk, "group_matcher") else (None, ""))
+    owner, prefix = matcher_owner(module)
     if owner is None:
         raise InputError(f"optim.layer_decay: {type(module).__name__} does not say how its parameters form layers "
                          "(a timm-style group_matcher, or a timm network as its trunk); leave optim.layer_decay unset")
@@ -113,7 +120,8 @@ def backbone_optimizer(module: nn.Module, lr: float, weight_decay: float, betas,
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, module: nn.Module) -> None:
     """Load ``saved``, a :func:`backbone_optimizer`'s ``state_dict()``, into ``optimizer``,
     one of ``module``: each parameter takes the moments saved under its name, whatever the
-    grouping then and now (layer-wise decay on, off or other), and the groups keep
+    grouping then and now (layer-wise decay on, off or other; parameters locked since drop
+    theirs, those unlocked since start without), and the groups keep
     ``optimizer``'s hyperparameters (weight decay, betas, eps, learning-rate factors): those of
     the recipe now. States saved before groups carried names (two groups: weights, then the
     :func:`no_decay` parameters) are named by that grouping of ``module``."""
@@ -134,11 +142,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, module: 
     current = optimizer.state_dict()
     position = {name: index for group in current["param_groups"]
                 for index, name in zip(group["params"], group["param_names"])}
-    unknown = sorted(set(names) - set(position))
+    locked = {name for name, param in module.named_parameters() if not param.requires_grad}
+    unknown = sorted(set(names) - set(position) - locked)  # a parameter locked since (model.lock) drops its moments
     if unknown:
         raise InputError(f"the saved optimiser state holds parameters this model does not train: "
                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-    state = {position[name]: saved["state"][index] for name, index in zip(names, indices) if index in saved["state"]}
+    state = {position[name]: saved["state"][index] for name, index in zip(names, indices)
+             if index in saved["state"] and name in position}
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 

@@ -40,6 +40,11 @@ class ModelConfig:
     # the backend of the attention (F.scaled_dot_product_attention) in the training step; auto: PyTorch's choice
     attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     sync_batchnorm: bool = True  # BatchNorm statistics over all GPUs (the released architecture's head)
+    # open_clip's --lock-image: the network's layer groups (timm's) are not trained but the last
+    # model.unlocked_groups (0: the whole trunk; the projection after it is trained)
+    lock: bool = False
+    unlocked_groups: int = 0
+    lock_bn_stats: bool = False  # the locked groups' BatchNorm layers keep their statistics (open_clip's --lock-image-freeze-bn-stats)
 
     def overrides(self) -> dict[str, Any]:
         names = ("embedding_dim", "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "act")
@@ -178,6 +183,9 @@ class TrainConfig(Recipe):
         check(train.ema is None or 0 < train.ema < 1, problems, f"train.ema must be in (0, 1), got {train.ema}")
         check(train.ema is not None or not train.ema_warmup, problems, "train.ema_warmup warms up train.ema: set it too")
         check(0 <= self.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
+        check(self.model.unlocked_groups >= 0, problems, f"model.unlocked_groups must be 0 or more, got {self.model.unlocked_groups}")
+        check(self.model.lock or not (self.model.unlocked_groups or self.model.lock_bn_stats), problems,
+              "model.unlocked_groups and model.lock_bn_stats apply to a locked network: set model.lock=true too")
         check(self.checkpoint.every >= 1, problems, f"checkpoint.every must be at least 1, got {self.checkpoint.every}")
         check(self.checkpoint.keep >= 1, problems, f"checkpoint.keep must be at least 1, got {self.checkpoint.keep}")
         check(self.log.every >= 1, problems, f"log.every must be at least 1, got {self.log.every}")

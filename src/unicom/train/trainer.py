@@ -88,6 +88,7 @@ class Run:
     resume_from: Path | None
     epoch_origin: tuple[int, float] = (0, 0.0)  # (step, epoch) the epochs count on from: the resumed checkpoint's
     ema: WeightsEMA | None = None  # train.ema's moving average of the backbone's weights (rank 0)
+    locked: Any = None  # model.lock's unicom.engine.lock.Locked
 
     @property
     def global_batch(self) -> int:
@@ -248,6 +249,11 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         _warm_start_prototypes(partial_fc, created.prototypes_from, source.labels_centroids, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
+    locked = None
+    if config.model.lock:  # after the SyncBatchNorm conversion, which makes new BatchNorm layers
+        from unicom.engine.lock import lock_layers
+
+        locked = lock_layers(backbone, config.model.unlocked_groups, config.model.lock_bn_stats)
     if config.model.attention != "auto":  # refused here, with the backends that run, rather than in the first step
         size, channels = int(created.settings["image_size"]), int(created.settings.get("in_chans", 3))
         check_attention_backend(config.model.attention, backbone, torch.zeros(1, channels, size, size, device=device),
@@ -260,7 +266,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device),
                                attention=config.model.attention)
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
-               workers, roles, per_epoch, total, resume_from, origin)
+               workers, roles, per_epoch, total, resume_from, origin, locked=locked)
 
 
 def _resume_batch(config: TrainConfig, manifest: dict, world: int, say) -> TrainConfig:
@@ -541,6 +547,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         + (f", margin_gradient {config.loss.margin_gradient}" if config.loss.margin_gradient != "exact" else ""))
     if run.created.reinitialised:
         say(f"  initialised afresh: {', '.join(run.created.reinitialised)}")
+    if run.locked is not None:
+        say(f"  {run.locked.describe()}")
     say(f"  data: {run.source.describe()}; {world} rank(s) x {batch} images x {accumulation} micro-step(s) = "
         f"{global_batch} per step, {run.steps_per_epoch} steps per epoch, {run.total_steps} steps, "
         f"{run.workers} decoding worker(s) per rank; {run.precision} on {run.device}")

@@ -90,13 +90,17 @@ class RunLog:
         self._jsonl.write(json.dumps(record, default=_jsonable) + "\n")
         self._jsonl.flush()
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, Any], section: str = "train") -> None:
+        """TensorBoard's ``section/name`` scalars at ``step``: of a training step, those of
+        :data:`TENSORBOARD_SCALARS`; of another section, every finite number of ``values``, those
+        of a nested dict as ``section/outer/inner``."""
         if self._writer is None:
             return
-        for name in TENSORBOARD_SCALARS:
-            value = values.get(name)
-            if value is not None and math.isfinite(value):
-                self._writer.add_scalar(f"train/{name}", value, step)
+        if section == "train":
+            values = {name: values.get(name) for name in TENSORBOARD_SCALARS}
+        for name, value in _numbers(values):
+            if math.isfinite(value):
+                self._writer.add_scalar(f"{section}/{name}", value, step)
         self._writer.flush()
 
     def failures(self, records: list[dict], step: int) -> None:
@@ -114,6 +118,15 @@ class RunLog:
                 handle.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _numbers(values: dict[str, Any], prefix: str = ""):
+    """(name, float) of every number in ``values`` (not booleans), nested dicts' as ``outer/inner``."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{name}", float(value)
 
 
 def _failures_file(rank: int | str) -> str:

@@ -118,6 +118,25 @@ class TrainSection:
 
 
 @dataclass
+class TrainEvalConfig:
+    """Retrieval on a benchmark while training: every ``every`` steps and at the end, the model
+    as it would be exported (the moving average with train.ema) embeds the benchmark and is scored."""
+
+    benchmark: str | None = None  # a retrieval benchmark of unicom evaluate (sop, cub, cars196, inshop, ..., folder)
+    root: str | None = None  # its folder
+    every: int = 0  # optimiser steps between evaluations (0: at the end only)
+    batch_size: int = 64  # images per rank and batch
+    workers: int | None = None  # decoding processes per rank (default: as unicom embed)
+
+    def check(self, problems: list[str], name: str = "eval") -> None:
+        check(bool(self.benchmark) == bool(self.root), problems,
+              f"give {name}.benchmark and {name}.root (the benchmark's folder) together")
+        check(self.every >= 0, problems, f"{name}.every must be 0 or more, got {self.every}")
+        check(self.batch_size >= 1, problems, f"{name}.batch_size must be at least 1, got {self.batch_size}")
+        check(self.workers is None or self.workers >= 0, problems, f"{name}.workers must be 0 or more, got {self.workers}")
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # checkpoints kept (the newest)
@@ -149,6 +168,7 @@ class TrainConfig(Recipe):
     optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

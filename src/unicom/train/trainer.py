@@ -89,6 +89,7 @@ class Run:
     epoch_origin: tuple[int, float] = (0, 0.0)  # (step, epoch) the epochs count on from: the resumed checkpoint's
     ema: WeightsEMA | None = None  # train.ema's moving average of the backbone's weights (rank 0)
     locked: Any = None  # model.lock's unicom.engine.lock.Locked
+    evaluation: Any = None  # the eval section's unicom.train.evaluation.RunEvaluation
 
     @property
     def global_batch(self) -> int:
@@ -249,6 +250,11 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
         _warm_start_prototypes(partial_fc, created.prototypes_from, source.labels_centroids, say)
     if config.model.sync_batchnorm and world > 1 and device.type == "cuda":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)  # no-op without BatchNorm
+    evaluation = None
+    if config.eval.benchmark:  # read (its images checked) before anything trains
+        from unicom.train.evaluation import RunEvaluation
+
+        evaluation = RunEvaluation(config.eval, created, device)
     locked = None
     if config.model.lock:  # after the SyncBatchNorm conversion, which makes new BatchNorm layers
         from unicom.engine.lock import lock_layers
@@ -266,7 +272,7 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     step_fn = build_train_step(backbone, partial_fc, config.optim, device, precision, wrapped=wrap_backbone(backbone, device),
                                attention=config.model.attention)
     return Run(config, Path(config.out), device, precision, source, created, backbone, partial_fc, step_fn,
-               workers, roles, per_epoch, total, resume_from, origin, locked=locked)
+               workers, roles, per_epoch, total, resume_from, origin, locked=locked, evaluation=evaluation)
 
 
 def _resume_batch(config: TrainConfig, manifest: dict, world: int, say) -> TrainConfig:
@@ -549,6 +555,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         say(f"  initialised afresh: {', '.join(run.created.reinitialised)}")
     if run.locked is not None:
         say(f"  {run.locked.describe()}")
+    if run.evaluation is not None:
+        say(f"  {run.evaluation.describe()}")
     say(f"  data: {run.source.describe()}; {world} rank(s) x {batch} images x {accumulation} micro-step(s) = "
         f"{global_batch} per step, {run.steps_per_epoch} steps per epoch, {run.total_steps} steps, "
         f"{run.workers} decoding worker(s) per rank; {run.precision} on {run.device}")
@@ -578,6 +586,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     result = None
     unread: list[tuple[int, StepResult]] = []  # steps whose results the host has not read yet
     last_saved = state.step if run.resume_from is not None else -1
+    scores = None  # the last evaluation's metrics (rank 0)
     try:
         while state.step < run.total_steps:
             factor = config.schedule.factor(state.step, run.total_steps, run.steps_per_epoch)
@@ -617,6 +626,13 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             if log_now:
                 _log_interval(run, log, state, interval, result, global_batch, factor, startup=state.step == first_step)
             ckpt.pause_if_requested("step", state.step)
+            if run.evaluation is not None and (state.step == run.total_steps or
+                                               (config.eval.every and state.step % config.eval.every == 0)):
+                # before the checkpoint: a run stopped while it scores takes the steps and the score again
+                began = time.perf_counter()
+                scored = _evaluate(run, log, state.step)
+                scores = scored if scored is not None else scores
+                interval["start"] += time.perf_counter() - began  # images/s without the evaluation
             if checkpoint_now:
                 began = time.perf_counter()
                 saved = _save(run, state, positions, next_role)
@@ -641,6 +657,8 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             "model": str(model_folder),
             "checkpoint": None if untrained else str(ckpt.checkpoint_root(out) / ckpt.step_name(state.step)),
         }
+        if scores is not None:
+            summary["eval"] = scores
         if rank == 0:
             write_json_atomic(out / "summary.json", summary)
         log.event("end", **summary)
@@ -653,6 +671,24 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         log.close()
         batches.close()  # the reader ahead stops
         del batches
+
+
+def _evaluate(run: Run, log: RunLog, step: int) -> dict[str, Any] | None:
+    """Score the model as it would be exported after ``step`` (every rank embeds its share);
+    rank 0 logs the metrics (an ``eval`` event, TensorBoard's ``eval/`` scalars, a line) and
+    returns them, the other ranks None."""
+    from unicom.train.evaluation import headline
+
+    evaluation = run.evaluation
+    metrics = evaluation(run.backbone, run.ema.state if run.ema is not None else None)
+    if metrics is None:
+        return None
+    weights = "moving average" if run.config.train.ema is not None else "network"
+    log.event("eval", step=step, benchmark=evaluation.protocol.name, weights=weights, **metrics)
+    log.scalars(step, metrics, section="eval")
+    log.print(f"eval step {step}: {evaluation.protocol.name} {headline(metrics, evaluation.protocol.metric)} "
+              f"({weights}, {metrics['seconds']:.1f}s)")
+    return metrics
 
 
 def _account(step: int, result: StepResult, state: RunState, interval: dict, run: Run, log: RunLog, config: TrainConfig,

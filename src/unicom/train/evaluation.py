@@ -1,0 +1,139 @@
+"""Retrieval scored while ``unicom train`` runs (the recipe's ``eval`` section).
+
+Every ``eval.every`` optimiser steps and at the end, the network as ``out/model`` would hold
+it (the moving average of its weights with ``train.ema``) embeds the benchmark's images with
+the model's evaluation transform, in evaluation mode, each rank a contiguous share of them;
+rank 0 scores them as ``unicom evaluate --model out/model`` would (the benchmark's metrics,
+:func:`unicom.evaluate.report.evaluate_retrieval`). Training is left exactly as it was: the
+random generators (``torch.random.fork_rng``), every layer's training mode (BatchNorm held by
+``model.lock_bn_stats`` included) and the weights (the moving average is put in their place
+for the evaluation and the network's own put back) are restored after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unicom import distributed
+
+__all__ = ["RunEvaluation", "headline"]
+
+
+class RunEvaluation:
+    """The benchmark of a recipe's ``eval`` section, read (and its images checked) when made."""
+
+    def __init__(self, eval_config, created, device: torch.device):
+        from unicom.data.benchmarks import load_retrieval_benchmark
+        from unicom.models.export import build_transform
+
+        self.config = eval_config
+        self.protocol = load_retrieval_benchmark(eval_config.benchmark, eval_config.root)
+        self.transform = build_transform(created.preprocess())
+        self.embedding_dim = int(created.embedding_dim)
+        self.device = device
+        self.inputs: dict[str, list | None] = {"query": list(self.protocol.query.paths), "gallery": None}
+        if self.protocol.query_boxes is not None:  # a Revisited query is its box, not the whole image
+            from unicom.data.benchmarks.revisited import cropped_queries
+
+            self.inputs["query"] = cropped_queries(self.protocol.query, self.protocol.query_boxes)
+        gallery = self.protocol.gallery
+        if gallery is not None and not (gallery is self.protocol.query and self.protocol.query_boxes is None):
+            self.inputs["gallery"] = list(gallery.paths)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{len(items):,} {split}" for split, items in self.inputs.items() if items is not None)
+        every = f"every {self.config.every} steps and at the end" if self.config.every else "at the end"
+        return f"eval: {self.protocol.name} ({sizes} images), {every}"
+
+    def __call__(self, backbone: nn.Module, average: dict[str, torch.Tensor] | None = None) -> dict[str, Any] | None:
+        """Score ``backbone`` (the moving average ``average`` in its place: rank 0's, given on
+        rank 0 with ``train.ema``); on rank 0 the report's metrics and ``seconds``, None elsewhere."""
+        began = time.perf_counter()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _weights(backbone, average), _evaluation_mode(backbone):
+            vectors = {split: self._embed(backbone, items) for split, items in self.inputs.items()}
+        if distributed.get_rank() != 0:
+            return None
+        if self.inputs["gallery"] is None and self.protocol.gallery is not None:
+            vectors["gallery"] = vectors["query"]  # the queries are the database (UKBench)
+        report = _score(self.protocol, vectors)
+        return {**report["metrics"], "seconds": round(time.perf_counter() - began, 3)}
+
+    def _embed(self, backbone: nn.Module, items: list | None) -> np.ndarray | None:
+        """Each rank embeds its contiguous share of ``items``; rank 0 gets them all, in order."""
+        from unicom.embed import embed_images
+        from unicom.models.encoders import ModelEncoder
+
+        if items is None:
+            return None
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        share = items[rank * len(items) // world:(rank + 1) * len(items) // world]
+        encoder = ModelEncoder(backbone, self.transform, self.embedding_dim, "the network in training")
+        mine = (embed_images(encoder, share, self.config.batch_size, num_workers=self.config.workers) if share
+                else np.zeros((0, self.embedding_dim), dtype=np.float32))
+        parts = distributed.all_gather_object(mine)
+        return np.concatenate(parts) if rank == 0 else None
+
+
+def _score(protocol, vectors: dict) -> dict:
+    from unicom.evaluate.report import evaluate_retrieval
+
+    gallery = protocol.gallery
+    return evaluate_retrieval(
+        vectors["query"], protocol.query.labels, vectors["gallery"], None if gallery is None else gallery.labels,
+        relevant=protocol.relevant, subsets=protocol.subsets or None, setups=protocol.setups, ks=protocol.ks,
+        metric=protocol.metric, class_names=protocol.query.class_names)
+
+
+def headline(metrics: dict[str, Any], metric: str) -> str:
+    """``recall@1 58.33, map@r 25.00``: the benchmark's headline metric and MAP@R (or, for a
+    benchmark scored per setup, each setup's numbers), in percent."""
+    shown = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            shown += [f"{name} {key} {100 * v:.2f}" for key, v in value.items() if isinstance(v, float)][:2]
+        elif name in (metric, "map@r") and isinstance(value, float):
+            shown.append(f"{name} {100 * value:.2f}")
+    return ", ".join(shown)
+
+
+@contextlib.contextmanager
+def _evaluation_mode(module: nn.Module):
+    """``module`` in evaluation mode, then every layer back in the mode it was in."""
+    modes = [(layer, layer.training) for layer in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for layer, training in modes:
+            layer.training = training
+
+
+@contextlib.contextmanager
+def _weights(module: nn.Module, average: dict[str, torch.Tensor] | None):
+    """``module`` holding rank 0's moving average ``average`` (sent to every rank), then its own
+    state again, bit for bit; as it is when no rank keeps an average."""
+    keeps = distributed.broadcast_object(average is not None)
+    if not keeps:
+        yield
+        return
+    own = {key: value.detach().clone() for key, value in module.state_dict().items()}
+    state = module.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if distributed.get_rank() == 0:
+                value.copy_(average[key])
+            if distributed.get_world_size() > 1:
+                torch.distributed.broadcast(value, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, value in state.items():
+                value.copy_(own[key])

@@ -1,0 +1,144 @@
+"""Retrieval scored while ``unicom train`` runs (``eval.benchmark``, ``eval.root``,
+``eval.every``): the scores are those ``unicom evaluate --model`` gives the model exported at
+that step (the moving average with ``train.ema``), on one process and on two gloo ranks;
+training is left bit for bit as it was; the log, TensorBoard and the summary carry them; a
+benchmark that cannot be read stops the run before it trains."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from PIL import Image
+from support import class_image, write_class_folder
+from test_layer_decay import TINY
+from test_train_run import events, free_port, run_command
+
+from unicom.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCORED = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "map@100", "n_queries")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    write_class_folder(root / "train", list(range(6)), 8, size=16)
+    # 72 images of 24 classes never trained on, each blended with another class's: a task with mistakes
+    for label in range(24):
+        (root / "val" / f"class_{label:02d}").mkdir(parents=True)
+        for index in range(3):
+            blended = Image.blend(class_image(label + 6, index, 16), class_image((label * 7 + index) % 24 + 6, 9, 16), 0.45)
+            blended.save(root / "val" / f"class_{label:02d}" / f"{index}.png")
+    return {"train": root / "train", "val": root / "val"}
+
+
+# timm's test_resnet takes TINY's settings but a ViT's sizes
+RESNET = ["model.name=timm/test_resnet", *(setting for setting in TINY
+                                          if not setting.startswith(("model.patch_size", "model.width", "model.depth",
+                                                                     "model.heads")))]
+
+
+def recipe(folders, out: Path, *extra: str, network=TINY) -> list[str]:
+    return [f"data.folder={folders['train']}", *network, "eval.benchmark=folder", f"eval.root={folders['val']}",
+            "eval.workers=0", f"out={out}", *extra]
+
+
+def evaluated(model: Path, folders, out: Path) -> dict:
+    """``unicom evaluate --model`` of the exported model on the same benchmark: the reference."""
+    assert main(["evaluate", "--model", str(model), "--dataset", "folder", "--root", str(folders["val"]),
+                 "--out", str(out), "--workers", "0"]) == 0
+    return json.loads((out / "metrics.json").read_text())["metrics"]
+
+
+def assert_scores(scores: dict, reference: dict) -> None:
+    for name in SCORED:
+        assert scores[name] == pytest.approx(reference[name], abs=1e-9), name
+
+
+def test_each_evaluation_scores_the_model_as_exported_at_that_step(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *recipe(folders, out, "train.steps=4", "eval.every=2")]) == 0
+    printed = capsys.readouterr().out
+    assert "eval: folder (72 query images), every 2 steps and at the end" in printed
+    assert "eval step 2: folder recall@1 " in printed and "eval step 4: folder recall@1 " in printed
+    scored = events(out, "eval")
+    assert [record["step"] for record in scored] == [2, 4] and {r["weights"] for r in scored} == {"network"}
+    final = evaluated(out / "model", folders, tmp_path / "final")
+    assert_scores(scored[-1], final)
+    assert 0 < final["recall@1"] < 1 and 0 < final["map@r"] < 1  # a score that can tell models apart
+    summary = json.loads((out / "summary.json").read_text())
+    assert_scores(summary["eval"], final)
+    # the score at step 2 is that of step 2's checkpoint, exported
+    assert main(["train", "--export-from", str(out / "checkpoints" / "step_00000002"), "--model-out",
+                 str(tmp_path / "at2")]) == 0
+    at2 = evaluated(tmp_path / "at2", folders, tmp_path / "eval2")
+    assert_scores(scored[0], at2)
+    assert at2["map@r"] != final["map@r"]
+
+
+def test_a_moving_average_is_what_is_scored_and_training_is_left_as_it_was(folders, tmp_path):
+    averaged = tmp_path / "averaged"
+    # stochastic depth draws from torch's generator, which the evaluations leave as they found it
+    assert main(["train", *recipe(folders, averaged, "train.steps=3", "eval.every=1", "train.ema=0.5",
+                                  "model.drop_path_rate=0.2")]) == 0
+    scored = events(averaged, "eval")
+    assert [record["step"] for record in scored] == [1, 2, 3] and {r["weights"] for r in scored} == {"moving average"}
+    assert_scores(scored[-1], evaluated(averaged / "model", folders, tmp_path / "ema"))
+    # the same recipe without evaluations trains to the same weights, bit for bit, and averages them alike
+    plain = tmp_path / "plain"
+    assert main(["train", f"data.folder={folders['train']}", *TINY, "train.steps=3", "train.ema=0.5",
+                 "model.drop_path_rate=0.2", f"out={plain}"]) == 0
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        with_eval = load_file(str(averaged / "checkpoints" / "step_00000003" / name))
+        without = load_file(str(plain / "checkpoints" / "step_00000003" / name))
+        assert with_eval.keys() == without.keys() and all(torch.equal(with_eval[k], without[k]) for k in without), name
+
+
+def test_locked_batchnorm_stays_held_across_evaluations(folders, tmp_path):
+    """timm's test_resnet with its first groups locked and their BatchNorm held: an evaluation
+    (the whole network in evaluation mode) gives the held layers back held, the others training."""
+    out = tmp_path / "resnet"
+    assert main(["train", *recipe(folders, out, "train.steps=3", "eval.every=1", "model.lock=true",
+                                  "model.unlocked_groups=1", "model.lock_bn_stats=true", network=RESNET)]) == 0
+    start = tmp_path / "start"
+    assert main(["train", f"data.folder={folders['train']}", *RESNET, "train.steps=0", f"out={start}"]) == 0
+    before, after = (load_file(str(folder / "model" / "model.safetensors")) for folder in (start, out))
+    statistics = [name for name in before if name.endswith("running_mean")]
+    kept = {name for name in statistics if torch.equal(before[name], after[name])}
+    assert kept and kept != set(statistics)  # the held layers kept theirs through three evaluations, the rest moved
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.root=", "give eval.benchmark and eval.root (the benchmark's folder) together"),
+    ("eval.every=-1", "eval.every must be 0 or more, got -1"),
+])
+def test_eval_settings_out_of_range_are_refused(folders, tmp_path, capsys, override, message):
+    assert main(["train", *recipe(folders, tmp_path / "run", override)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_benchmark_that_cannot_be_read_stops_the_run_before_it_trains(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [f"data.folder={folders['train']}", *TINY, "eval.benchmark=sop", f"eval.root={tmp_path / 'nowhere'}",
+            f"out={out}", "train.steps=2"]
+    assert main(["train", *args]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_score_as_one_process_does(folders, tmp_path):
+    out = tmp_path / "two"
+    done = run_command(recipe(folders, out, "train.steps=2", "data.batch_size=8"), prefix=[
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "unicom.train"])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (scored,) = events(out, "eval")
+    assert_scores(scored, evaluated(out / "model", folders, tmp_path / "reference"))

@@ -155,6 +155,7 @@ def test_a_timm_network_exports_with_its_weights_mirror_and_scales(tmp_path, cap
     assert json.loads(properties["flip"]) is True and json.loads(properties["scales"]) == [1.0, 0.7071]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["open_clip", "unicom train"])
 def test_vits_export_their_multi_scale_embeddings(family, tmp_path, capsys):
     """An open_clip ViT and a ViT of ``unicom train`` at scales whose sides are no multiple of

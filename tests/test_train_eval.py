@@ -19,6 +19,7 @@ from test_layer_decay import TINY
 from test_train_run import events, free_port, run_command
 
 from unicom.cli import main
+from unicom.engine.checkpoint import read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,3 +143,26 @@ def test_two_gloo_ranks_score_as_one_process_does(folders, tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     (scored,) = events(out, "eval")
     assert_scores(scored, evaluated(out / "model", folders, tmp_path / "reference"))
+
+
+def test_the_best_evaluation_is_exported_and_remembered_across_a_resume(folders, tmp_path, capsys):
+    """``eval.keep_best``: OUT/model_best is the model of the step with the highest headline
+    metric (the first of equals), its score in the provenance; a resumed run compares with the
+    best before the checkpoint, which the checkpoints keep."""
+    out = tmp_path / "run"
+    keep = ["eval.every=1", "eval.keep_best=true", "checkpoint.every=1", "checkpoint.keep=10", "optim.lr=0.01"]
+    assert main(["train", *recipe(folders, out, "train.steps=3", *keep)]) == 0
+    assert main(["train", *recipe(folders, out, "train.steps=6", *keep)]) == 0
+    scored = events(out, "eval")
+    assert [record["step"] for record in scored] == [1, 2, 3, 4, 5, 6]
+    values = [record["recall@1"] for record in scored]
+    best = max(range(6), key=lambda i: (values[i], -i))
+    flags = [record["best"] for record in scored]
+    assert flags == [values[i] > max(values[:i], default=-1) for i in range(6)] and not all(flags)
+    provenance = json.loads((out / "model_best" / "unicom_model.json").read_text())["provenance"]
+    assert provenance["step"] == best + 1
+    assert provenance["eval"] == {"benchmark": "folder", "metric": "recall@1", "value": values[best]}
+    assert_scores(scored[best], evaluated(out / "model_best", folders, tmp_path / "best"))
+    manifest = read_manifest(out / "checkpoints" / "step_00000006")
+    assert (manifest["state"]["best_score"], manifest["state"]["best_step"]) == (values[best], best + 1)
+    assert "the best so far: exported to" in capsys.readouterr().out

@@ -127,6 +127,7 @@ class TrainEvalConfig:
     every: int = 0  # optimiser steps between evaluations (0: at the end only)
     batch_size: int = 64  # images per rank and batch
     workers: int | None = None  # decoding processes per rank (default: as unicom embed)
+    keep_best: bool = False  # export OUT/model_best whenever the benchmark's headline metric beats every earlier evaluation
 
     def check(self, problems: list[str], name: str = "eval") -> None:
         check(bool(self.benchmark) == bool(self.root), problems,
@@ -134,6 +135,8 @@ class TrainEvalConfig:
         check(self.every >= 0, problems, f"{name}.every must be 0 or more, got {self.every}")
         check(self.batch_size >= 1, problems, f"{name}.batch_size must be at least 1, got {self.batch_size}")
         check(self.workers is None or self.workers >= 0, problems, f"{name}.workers must be 0 or more, got {self.workers}")
+        check(self.benchmark or not self.keep_best, problems, f"{name}.keep_best keeps the best of the evaluations: "
+              f"give {name}.benchmark and {name}.root")
 
 
 @dataclass

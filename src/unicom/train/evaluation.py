@@ -92,15 +92,9 @@ def _score(protocol, vectors: dict) -> dict:
 
 
 def headline(metrics: dict[str, Any], metric: str) -> str:
-    """``recall@1 58.33, map@r 25.00``: the benchmark's headline metric and MAP@R (or, for a
-    benchmark scored per setup, each setup's numbers), in percent."""
-    shown = []
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            shown += [f"{name} {key} {100 * v:.2f}" for key, v in value.items() if isinstance(v, float)][:2]
-        elif name in (metric, "map@r") and isinstance(value, float):
-            shown.append(f"{name} {100 * value:.2f}")
-    return ", ".join(shown)
+    """``recall@1 58.33, map@r 25.00``: the benchmark's headline metric ``metric`` and MAP@R
+    where the benchmark has it, in percent."""
+    return ", ".join(f"{name} {100 * metrics[name]:.2f}" for name in dict.fromkeys((metric, "map@r")) if name in metrics)
 
 
 @contextlib.contextmanager

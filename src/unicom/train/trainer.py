@@ -57,6 +57,8 @@ class RunState:
     failed: int = 0
     seconds: float = 0.0
     loss_scale: dict = field(default_factory=dict)
+    best_score: float | None = None  # eval.keep_best: the best headline metric so far, and its step
+    best_step: int | None = None
 
 
 # Keys a resumed run may change without a word: where the run writes and how often, the
@@ -474,9 +476,12 @@ def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) 
     )
 
 
-def export_model(run: Run, folder: Path, step: int) -> Path:
+BEST_MODEL = "model_best"  # eval.keep_best's folder in OUT
+
+
+def export_model(run: Run, folder: Path, step: int, evaluation: dict | None = None) -> Path:
     """Write the backbone as an exported model folder (rank 0): with ``train.ema``, the moving
-    average of its weights."""
+    average of its weights; ``evaluation``, its score (``provenance.eval``)."""
     from unicom.losses.heads import head_settings
     from unicom.models.export import save_model
 
@@ -491,6 +496,8 @@ def export_model(run: Run, folder: Path, step: int) -> Path:
         "loss": {**head_settings(pfc.margin), "sample_rate": pfc.sample_rate, "feature_rate": pfc.feature_rate,
                  "centers": pfc.centers, "margin_gradient": pfc.margin_gradient, "num_classes": pfc.num_classes},
     }
+    if evaluation is not None:
+        provenance["eval"] = evaluation
     weights = run.backbone.state_dict()
     if run.ema is not None:  # train.ema: the moving average is the model
         weights, provenance["ema_decay"] = run.ema.state, run.ema.decay
@@ -630,7 +637,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
                                                (config.eval.every and state.step % config.eval.every == 0)):
                 # before the checkpoint: a run stopped while it scores takes the steps and the score again
                 began = time.perf_counter()
-                scored = _evaluate(run, log, state.step)
+                scored = _evaluate(run, log, state)
                 scores = scored if scored is not None else scores
                 interval["start"] += time.perf_counter() - began  # images/s without the evaluation
             if checkpoint_now:
@@ -673,21 +680,34 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         del batches
 
 
-def _evaluate(run: Run, log: RunLog, step: int) -> dict[str, Any] | None:
-    """Score the model as it would be exported after ``step`` (every rank embeds its share);
-    rank 0 logs the metrics (an ``eval`` event, TensorBoard's ``eval/`` scalars, a line) and
-    returns them, the other ranks None."""
+def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
+    """Score the model as it would be exported after step ``state.step`` (every rank embeds its
+    share); rank 0 logs the metrics (an ``eval`` event, TensorBoard's ``eval/`` scalars, a line)
+    and returns them, the other ranks None. With ``eval.keep_best``, a headline metric above
+    every earlier one (``state.best_score``, kept in the checkpoints) exports ``OUT/model_best``."""
     from unicom.train.evaluation import headline
 
-    evaluation = run.evaluation
+    evaluation, step = run.evaluation, state.step
+    metric = evaluation.protocol.metric
     metrics = evaluation(run.backbone, run.ema.state if run.ema is not None else None)
-    if metrics is None:
-        return None
-    weights = "moving average" if run.config.train.ema is not None else "network"
-    log.event("eval", step=step, benchmark=evaluation.protocol.name, weights=weights, **metrics)
-    log.scalars(step, metrics, section="eval")
-    log.print(f"eval step {step}: {evaluation.protocol.name} {headline(metrics, evaluation.protocol.metric)} "
-              f"({weights}, {metrics['seconds']:.1f}s)")
+    best = None
+    if metrics is not None:
+        weights = "moving average" if run.config.train.ema is not None else "network"
+        best = run.config.eval.keep_best and (state.best_score is None or metrics[metric] > state.best_score)
+        log.event("eval", step=step, benchmark=evaluation.protocol.name, weights=weights, best=bool(best), **metrics)
+        log.scalars(step, metrics, section="eval")
+        log.print(f"eval step {step}: {evaluation.protocol.name} {headline(metrics, metric)} ({weights}, "
+                  f"{metrics['seconds']:.1f}s)" + (f"; the best so far: exported to {run.out / BEST_MODEL}" if best else ""))
+    if distributed.broadcast_object(best):  # the ranks keep the same counters
+        state.best_score, state.best_step = distributed.broadcast_object(
+            (float(metrics[metric]), step) if metrics is not None else None)
+        if metrics is not None:
+            from unicom.files import refused_write
+
+            with refused_write(run.out, f"the best model ({BEST_MODEL}/)", "the run resumes from its last checkpoint "
+                               "and scores it again"):
+                export_model(run, run.out / BEST_MODEL, step, evaluation={
+                    "benchmark": evaluation.protocol.name, "metric": metric, "value": state.best_score})
     return metrics
 
 

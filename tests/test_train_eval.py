@@ -166,3 +166,23 @@ def test_the_best_evaluation_is_exported_and_remembered_across_a_resume(folders,
     manifest = read_manifest(out / "checkpoints" / "step_00000006")
     assert (manifest["state"]["best_score"], manifest["state"]["best_step"]) == (values[best], best + 1)
     assert "the best so far: exported to" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_it_scores_takes_the_steps_and_the_scores_again(folders, tmp_path):
+    from test_train_run import run_until_paused_then_kill
+
+    args = recipe(folders, tmp_path / "run", "train.steps=10", "eval.every=2", "checkpoint.every=5",
+                  "log.tensorboard=true")
+    whole = recipe(folders, tmp_path / "whole", "train.steps=10", "eval.every=2", "checkpoint.every=5")
+    assert run_command(whole).returncode == 0
+    run_until_paused_then_kill(args, "eval:8")  # checkpoint 5 is written; steps 6-8 and the score of 6 are lost
+    assert [record["step"] for record in events(tmp_path / "run", "eval")] == [2, 4, 6]
+    resumed = run_command(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again, once = events(tmp_path / "run", "eval"), events(tmp_path / "whole", "eval")
+    assert [record["step"] for record in again] == [2, 4, 6, 8, 10]
+    for mine, theirs in zip(again, once):
+        assert_scores(mine, theirs)
+    trained, reference = (load_file(str(out / "model" / "model.safetensors")) for out in (tmp_path / "run", tmp_path / "whole"))
+    assert all(torch.equal(trained[key], reference[key]) for key in reference)

@@ -57,7 +57,7 @@ _PREFIX = "step_"
 
 # Fault injection for tests of interrupted runs: "checkpoint:N" pauses rank 0 inside the
 # write of checkpoint N (files written, manifest not yet); "step:N" pauses after optimiser
-# step N. The pause lasts UNICOM_FAULT_PAUSE_SECONDS (default 3600) so that a test can
+# step N; "eval:N" as the evaluation after step N starts (eval.benchmark). The pause lasts UNICOM_FAULT_PAUSE_SECONDS (default 3600) so that a test can
 # kill the process at that exact point.
 FAULT_VARIABLE = "UNICOM_FAULT_PAUSE"
 

@@ -689,6 +689,7 @@ def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
 
     evaluation, step = run.evaluation, state.step
     metric = evaluation.protocol.metric
+    ckpt.pause_if_requested("eval", step)
     metrics = evaluation(run.backbone, run.ema.state if run.ema is not None else None)
     best = None
     if metrics is not None:

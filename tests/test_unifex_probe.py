@@ -601,3 +601,32 @@ def test_the_images_data_exclude_lists_are_not_trained_on(collection, tmp_path, 
     whole = read_probe_data(recipe(collection, tmp_path / "other", "eval.every=0")).train.images.keys
     listed = [key for key in whole if key in ("a/images/hue_00/0.jpg", "b/images/hue_13/5.jpg")]  # unless held out
     assert listed and trained["images"] == len(whole) - len(listed)
+
+
+def test_the_best_scored_epoch_is_exported_beside_the_last_across_a_resume(collection, tmp_path, capsys):
+    """``eval.keep_best``: out/model_best holds the neck of the epoch with the highest mMP@5
+    (the first of equals), its score in the provenance; a resumed run compares with the epochs
+    before its checkpoint (the history)."""
+    from safetensors.torch import load_file
+
+    overrides = ("train.epochs=5", "eval.every=1", "eval.keep_best=true", "optim.lr=0.05")
+    stopped = probe(recipe(collection, tmp_path / "run", *overrides), until_epoch=2)
+    assert stopped["stopped_after_epoch"] == 2
+    report = probe(recipe(collection, tmp_path / "run", *overrides))
+    scores = [record["metrics"]["mmp@5"] for record in report["history"]]
+    best = max(range(5), key=lambda i: (scores[i], -i))
+    flags = [record["best"] for record in report["history"]]
+    assert flags == [scores[i] > max(scores[:i], default=-1) for i in range(5)] and not all(flags)
+    provenance = json.loads((tmp_path / "run" / "model_best" / "unicom_model.json").read_text())["provenance"]
+    assert provenance["epochs"] == best + 1 and provenance["eval"] == {"metric": "mmp@5", "value": scores[best]}
+    # its neck is that epoch's: a run of the same recipe stopped there checkpoints the same weights
+    probe(recipe(collection, tmp_path / "until", *overrides), until_epoch=best + 1)
+    kept, expected = load_file(str(tmp_path / "run" / "model_best" / "model.safetensors")), head_weights(tmp_path / "until")
+    for name, value in kept.items():
+        assert torch.equal(value, expected[name]), name
+    assert "the best so far: exported to" in capsys.readouterr().out
+
+
+def test_keep_best_without_evaluations_to_compare_is_refused(collection, tmp_path):
+    with pytest.raises(InputError, match="set eval.every to 1 or more"):
+        recipe(collection, tmp_path / "run", "eval.keep_best=true", "eval.every=0")

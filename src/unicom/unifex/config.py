@@ -90,6 +90,7 @@ class EvalConfig:
     queries_per_class: int = 1  # holdout: queries taken from each held-out class, the rest is the index
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     every: int = 1  # epochs between evaluations (0: only at the end)
+    keep_best: bool = False  # export out/model_best at each evaluation whose mMP@5 beats every earlier one's
 
 
 @dataclass
@@ -142,6 +143,10 @@ class ProbeConfig(Recipe):
         check(ev.queries_per_class >= 1, problems, "eval.queries_per_class must be at least 1")
         check(bool(ev.ks) and all(k >= 1 for k in ev.ks), problems, f"eval.ks must be positive integers, got {ev.ks}")
         check(ev.every >= 0, problems, "eval.every must be 0 or more")
+        check(not ev.keep_best or bool(ev.query or ev.holdout_classes), problems,
+              "eval.keep_best keeps the best-scored epoch: give eval.query and eval.index, or eval.holdout_classes")
+        check(not ev.keep_best or ev.every >= 1, problems,
+              "eval.keep_best compares the evaluations made every eval.every epochs: set eval.every to 1 or more")
 
 
 def load_probe_config(path, overrides: Sequence[str] = (), validate: bool = True) -> ProbeConfig:

@@ -45,6 +45,7 @@ from unicom.unifex.data import DomainImages, epoch_batches, epoch_order
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FOLDER = "model"
+BEST_MODEL = "model_best"  # eval.keep_best's folder in out
 METRICS = "metrics.json"
 RESUMES = "with the same out= it resumes after the last epoch checkpointed"  # what a rerun after a refused write does
 EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a dataset column
@@ -623,8 +624,10 @@ def training_transform(encoder: Encoder, preprocess: dict, resize: str):
     return build_transform({**described, "resize_mode": resize})
 
 
-def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, counts: np.ndarray, epochs: int) -> Path:
-    """The head and the backbone reference as a model folder (``out/model``)."""
+def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, counts: np.ndarray, epochs: int,
+           folder: str = MODEL_FOLDER, evaluation: dict | None = None) -> Path:
+    """The head and the backbone reference as a model folder (``out/model``, or ``out/folder``);
+    ``evaluation``: its score (``provenance.eval``)."""
     from unicom.losses.heads import head_settings
     from unicom.models.export import save_model
     from unicom.unifex.model import ARCHITECTURE, unifex_settings
@@ -632,15 +635,15 @@ def export(config: ProbeConfig, head: Head, backbone: Backbone, out: Path, count
     settings = unifex_settings(config.backbone.model, config.backbone.pretrained, backbone.input_dim, _neck_settings(config),
                                backbone.encoder.weights_sha256())
     head.neck.eval()
-    return save_model(
-        out / MODEL_FOLDER, {f"neck.{k}": v for k, v in head.neck.state_dict().items()}, ARCHITECTURE, settings,
-        backbone.preprocess, embedding_dim=config.neck.embedding_dim,
-        provenance={"trained_by": "unicom probe", "train_lists": [storage.absolute(p) for p in config.data.train],
-                    "classes": int(len(counts)), "images": int(counts.sum()), "epochs": epochs,
-                    "loss": {**head_settings(head.partial_fc.margin), "centers": config.loss.centers,
-                             "sample_rate": config.loss.sample_rate, "feature_rate": config.loss.feature_rate,
-                             "margin_gradient": config.loss.margin_gradient}},
-    )
+    provenance = {"trained_by": "unicom probe", "train_lists": [storage.absolute(p) for p in config.data.train],
+                  "classes": int(len(counts)), "images": int(counts.sum()), "epochs": epochs,
+                  "loss": {**head_settings(head.partial_fc.margin), "centers": config.loss.centers,
+                           "sample_rate": config.loss.sample_rate, "feature_rate": config.loss.feature_rate,
+                           "margin_gradient": config.loss.margin_gradient}}
+    if evaluation is not None:
+        provenance["eval"] = evaluation
+    return save_model(out / folder, {f"neck.{k}": v for k, v in head.neck.state_dict().items()}, ARCHITECTURE, settings,
+                      backbone.preprocess, embedding_dim=config.neck.embedding_dim, provenance=provenance)
 
 
 def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, cache_only: bool = False) -> dict:
@@ -713,6 +716,9 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             baseline = {"backbone": retrieval_scores(None, split, ks), "untrained": retrieval_scores(head.neck, split, ks)}
         log.event("start", epochs=epochs, steps_per_epoch=steps_per_epoch, classes=int(len(feed.class_counts)),
                   images=int(feed.class_counts.sum()), mode=config.train.mode, device=str(backbone.device))
+        if config.eval.keep_best and split is None:
+            raise InputError("eval.keep_best keeps the best-scored epoch, and this run has no evaluation split (its "
+                             "backbone trains on plain images in direct mode): leave eval.keep_best out")
         if split is not None:
             say(f"evaluation: {split.description}")
             _print_scores(say, [(name, baseline[name]) for name in ("backbone", "untrained")], ks)
@@ -727,6 +733,14 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             if split is not None and config.eval.every and (epoch + 1) % config.eval.every == 0:
                 record["metrics"] = scores = retrieval_scores(head.neck, split, ks)
                 line += f", mMP@5 {100 * scores['mmp@5']:.2f}%, Recall@{ks[0]} {100 * scores[f'recall@{ks[0]}']:.2f}%"
+                if config.eval.keep_best:  # the earlier epochs' scores are in the history, the checkpoint's too
+                    earlier = [r["metrics"]["mmp@5"] for r in history if "metrics" in r]
+                    record["best"] = not earlier or scores["mmp@5"] > max(earlier)
+                    if record["best"]:  # before the checkpoint: a run stopped here trains the epoch and exports again
+                        with refused_write(out, f"the best model ({BEST_MODEL}/)", RESUMES):
+                            best = export(config, head, backbone, out, feed.class_counts, epoch + 1, BEST_MODEL,
+                                          {"metric": "mmp@5", "value": scores["mmp@5"]})
+                        line += f"; the best so far: exported to {best}"
             history.append(record)
             log.event("epoch", **record)
             say(line)

@@ -416,7 +416,7 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
                          distractors=None, whiten=None, flip=False, examples=None, per_query=False,
                          scales=None) -> dict:
     from unicom.data.benchmarks import load_retrieval_benchmark
-    from unicom.evaluate.report import class_labelled, evaluate_retrieval
+    from unicom.evaluate.report import class_labelled
 
     # precomputed embeddings are matched by key: the lists are needed, not the images
     protocol = load_retrieval_benchmark(name, root, check_images=model is not None)
@@ -528,31 +528,38 @@ def _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dim
             items = (items[0], items[1] + added_items)
         info["distractors"] = {"embeddings": storage.absolute(distractors), "count": len(added)}
     vectors = _whitened(vectors, whiten, made_by, info)
-    gallery = protocol.gallery
-    return evaluate_retrieval(
-        vectors["query"],
-        protocol.query.labels,
-        vectors["gallery"],
-        None if gallery is None else gallery.labels,
-        relevant=protocol.relevant,
-        subsets=protocol.subsets or None,
-        setups=protocol.setups,
-        train=vectors.get("train"),
+    return score_protocol(
+        protocol,
+        vectors,
         ks=tuple(ks) if ks else protocol.ks,
-        metric=protocol.metric,
         dims=_parse_dims(dims),
         chunk_size=chunk_size,
         out=out,
         info=info,
         classes=classes,
         exclude_classes=exclude_classes,
-        class_names=protocol.query.class_names,
         expansion=expansion,
         device=_scoring_device(device),
         examples=examples,
         items=items,
         per_query=per_query,
     )
+
+
+def score_protocol(protocol, vectors: dict, **options) -> dict:
+    """:func:`unicom.evaluate.report.evaluate_retrieval` of a benchmark's ``protocol`` (a
+    :class:`unicom.data.benchmarks.RetrievalProtocol`: its labels, relevant lists, subsets,
+    setups, ks and headline metric) on ``vectors`` (``"query"``, ``"gallery"`` (None when
+    leave-one-out), optionally ``"train"``); ``options`` go to it as they are (``ks`` replaces
+    the protocol's)."""
+    from unicom.evaluate.report import evaluate_retrieval
+
+    gallery = protocol.gallery
+    options.setdefault("ks", protocol.ks)
+    return evaluate_retrieval(
+        vectors["query"], protocol.query.labels, vectors["gallery"], None if gallery is None else gallery.labels,
+        relevant=protocol.relevant, subsets=protocol.subsets or None, setups=protocol.setups,
+        train=vectors.get("train"), metric=protocol.metric, class_names=protocol.query.class_names, **options)
 
 
 def _benchmark_items(protocol):

@@ -62,7 +62,9 @@ class RunEvaluation:
             return None
         if self.inputs["gallery"] is None and self.protocol.gallery is not None:
             vectors["gallery"] = vectors["query"]  # the queries are the database (UKBench)
-        report = _score(self.protocol, vectors)
+        from unicom.evaluate.benchmark import score_protocol
+
+        report = score_protocol(self.protocol, vectors)
         return {**report["metrics"], "seconds": round(time.perf_counter() - began, 3)}
 
     def _embed(self, backbone: nn.Module, items: list | None) -> np.ndarray | None:
@@ -79,16 +81,6 @@ class RunEvaluation:
                 else np.zeros((0, self.embedding_dim), dtype=np.float32))
         parts = distributed.all_gather_object(mine)
         return np.concatenate(parts) if rank == 0 else None
-
-
-def _score(protocol, vectors: dict) -> dict:
-    from unicom.evaluate.report import evaluate_retrieval
-
-    gallery = protocol.gallery
-    return evaluate_retrieval(
-        vectors["query"], protocol.query.labels, vectors["gallery"], None if gallery is None else gallery.labels,
-        relevant=protocol.relevant, subsets=protocol.subsets or None, setups=protocol.setups, ks=protocol.ks,
-        metric=protocol.metric, class_names=protocol.query.class_names)
 
 
 def headline(metrics: dict[str, Any], metric: str) -> str:

@@ -186,3 +186,28 @@ def test_a_run_killed_while_it_scores_takes_the_steps_and_the_scores_again(folde
         assert_scores(mine, theirs)
     trained, reference = (load_file(str(out / "model" / "model.safetensors")) for out in (tmp_path / "run", tmp_path / "whole"))
     assert all(torch.equal(trained[key], reference[key]) for key in reference)
+
+
+def test_the_run_draws_its_loss_and_its_scores_against_the_step(folders, tmp_path):
+    """OUT/curves.png: the curves of log.jsonl's step and eval records, each step once after a
+    resume."""
+    from PIL import Image as PILImage
+
+    from unicom.evaluate.plots import training_curves
+
+    out = tmp_path / "run"
+    assert main(["train", *recipe(folders, out, "train.steps=2", "eval.every=1", "log.every=1")]) == 0
+    assert main(["train", *recipe(folders, out, "train.steps=4", "eval.every=1", "log.every=1")]) == 0
+    curves = training_curves(out / "log.jsonl")
+    assert curves["loss"] == [(r["step"], r["loss"]) for r in events(out, "step")] and len(curves["loss"]) == 4
+    scored = events(out, "eval")
+    assert curves["eval"]["metric"] == "recall@1" and curves["eval"]["benchmark"] == "folder"
+    assert curves["eval"]["recall@1"] == [(r["step"], r["recall@1"]) for r in scored]
+    assert curves["eval"]["map@r"] == [(r["step"], r["map@r"]) for r in scored] and len(scored) == 4
+    with PILImage.open(out / "curves.png") as drawn:
+        assert drawn.format == "PNG" and drawn.size == (672, 720)  # two panels: the loss, the scores
+    plain = tmp_path / "plain"
+    assert main(["train", f"data.folder={folders['train']}", *TINY, "train.steps=1", f"out={plain}"]) == 0
+    assert "eval" not in training_curves(plain / "log.jsonl")
+    with PILImage.open(plain / "curves.png") as drawn:
+        assert drawn.size == (672, 408)  # the loss alone

@@ -325,25 +325,6 @@ def query_sheet(held_out: Path, out: Path, columns: int = 16) -> None:
     sheet.resize((2 * sheet.width, 2 * sheet.height), Image.NEAREST).save(out)
 
 
-def plot_loss(log_file: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
-    steps = [r for r in records if r["event"] == "step"]
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    axis.plot([r["step"] for r in steps], [r["loss"] for r in steps])
-    axis.set_xlabel("step")
-    axis.set_ylabel("PartialFC loss (ArcFace)")
-    axis.set_title("unicom train on pseudo-labels")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-
-
 def plot_dimensions(curves: dict[str, dict[str, dict[str, float]]], out: Path) -> None:
     """``curves[protocol][features][dimension]`` = Recall@1: one panel per protocol."""
     import matplotlib
@@ -475,7 +456,9 @@ def run(out: Path, steps: int | None = None, threads: int | None = None) -> dict
             reports[protocol][name] = json.loads((folder / "metrics.json").read_text())
     stage("evaluate", began)
 
-    plot_loss(out / "train" / "log.jsonl", out / "loss.png")
+    from unicom.evaluate.plots import plot_training_curves
+
+    plot_training_curves(out / "train" / "log.jsonl", out / "loss.png", title="unicom train on pseudo-labels")
     by_dimension = {
         protocol: {name: {str(r["dimension"]): r["recall@1"] for r in report["dimensions"]
                              if r["method"] == "first" and "recall@1" in r}  # a skipped d has no score

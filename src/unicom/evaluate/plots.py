@@ -64,3 +64,65 @@ def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str 
     else:
         figure.savefig(path, format="png")
     return path
+
+
+def training_curves(log_file: str | os.PathLike) -> dict:
+    """The curves of a training run's ``log.jsonl``: ``{"loss": [(step, loss), ...]}`` from its
+    ``step`` records, and with evaluations (``eval`` records) ``"eval"``: ``{"benchmark",
+    "metric", "weights", metric: [(step, value), ...], "map@r": [...]}`` (MAP@R where the
+    benchmark has it). A line cut short by a kill is skipped."""
+    import json
+
+    loss, evaluations = [], []
+    for line in Path(log_file).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "step" and record.get("loss") is not None:
+            loss.append((record["step"], record["loss"]))
+        elif record.get("event") == "eval":
+            evaluations.append(record)
+    curves: dict = {"loss": loss}
+    if evaluations:
+        last = evaluations[-1]
+        metric = last.get("metric", "recall@1")
+        curves["eval"] = {"benchmark": last.get("benchmark"), "metric": metric, "weights": last.get("weights")}
+        for name in dict.fromkeys((metric, "map@r")):
+            points = [(record["step"], record[name]) for record in evaluations if name in record]
+            if points:
+                curves["eval"][name] = points
+    return curves
+
+
+def plot_training_curves(log_file: str | os.PathLike, path: str | os.PathLike, title: str = "") -> Path:
+    """Write a training run's curves (:func:`training_curves`) as a PNG, atomically: the loss
+    against the step, and below it, with evaluations, their metrics (in %); returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = training_curves(log_file)
+    evaluated = curves.get("eval")
+    figure = Figure(figsize=(5.6, 6.0 if evaluated else 3.4), dpi=120)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(2 if evaluated else 1, 1, sharex=True, squeeze=False)[:, 0]
+    if curves["loss"]:
+        panels[0].plot(*zip(*curves["loss"]), color="#1f77b4")
+    panels[0].set_ylabel("loss")
+    if title:
+        panels[0].set_title(title)
+    if evaluated:
+        for name, style in zip(dict.fromkeys((evaluated["metric"], "map@r")), ({"marker": "o"}, {"marker": "s", "linestyle": "--"})):
+            if name in evaluated:
+                steps, values = zip(*evaluated[name])
+                panels[1].plot(steps, [100 * value for value in values], label=name, **style)
+        panels[1].set_ylabel(f"{evaluated['benchmark']} (%)")
+        panels[1].legend(frameon=False, fontsize="small")
+    panels[-1].set_xlabel("step")
+    for axes in panels:
+        axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path

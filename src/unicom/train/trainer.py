@@ -32,7 +32,7 @@ from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
 from unicom.engine.ema import WeightsEMA
 from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
-from unicom.engine.runlog import RunLog, format_duration
+from unicom.engine.runlog import LOG_FILE, RunLog, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import (UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step,
                                 load_optimizer_state)
@@ -477,6 +477,7 @@ def _write_run_checkpoint(run: Run, state: RunState, positions, next_role: int) 
 
 
 BEST_MODEL = "model_best"  # eval.keep_best's folder in OUT
+CURVES = "curves.png"  # the loss (and the evaluations) against the step, drawn at the end
 
 
 def export_model(run: Run, folder: Path, step: int, evaluation: dict | None = None) -> Path:
@@ -652,6 +653,11 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         if rank == 0:
             with refused_write(out, "the model (model/)", "the run resumes from its last checkpoint and exports the model"):
                 export_model(run, model_folder, state.step)
+        if rank == 0 and state.step > 0:
+            from unicom.evaluate.plots import plot_training_curves
+
+            with refused_write(out, f"the curves ({CURVES})", "the run resumes from its last checkpoint and draws them"):
+                plot_training_curves(out / LOG_FILE, out / CURVES, title=f"unicom train: {run.created.architecture}")
         distributed.barrier()
         untrained = state.step == 0
         summary = {
@@ -695,7 +701,8 @@ def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
     if metrics is not None:
         weights = "moving average" if run.config.train.ema is not None else "network"
         best = run.config.eval.keep_best and (state.best_score is None or metrics[metric] > state.best_score)
-        log.event("eval", step=step, benchmark=evaluation.protocol.name, weights=weights, best=bool(best), **metrics)
+        log.event("eval", step=step, benchmark=evaluation.protocol.name, metric=metric, weights=weights, best=bool(best),
+                  **metrics)
         log.scalars(step, metrics, section="eval")
         log.print(f"eval step {step}: {evaluation.protocol.name} {headline(metrics, metric)} ({weights}, "
                   f"{metrics['seconds']:.1f}s)" + (f"; the best so far: exported to {run.out / BEST_MODEL}" if best else ""))

@@ -62,10 +62,8 @@ def lock_layers(module: nn.Module, unlocked_groups: int = 0, bn_stats: bool = Fa
     if last_locked < 0:
         raise InputError(f"model.unlocked_groups={unlocked_groups} unlocks every one of the {total} layer groups of "
                          f"{type(owner).__name__}: nothing is locked; give fewer, or leave model.lock unset")
-    if unlocked_groups == 0:  # the whole trunk, what its matcher does not name included
-        locked = {name for name, _ in owner.named_parameters()}
-    else:
-        locked = {name for layer, names in groups.items() if layer <= last_locked for name in names}
+    # every parameter is in a group (what the matcher does not name in the last): 0 unlocked is the whole trunk
+    locked = {name for layer, names in groups.items() if layer <= last_locked for name in names}
     trained = [name for name, param in module.named_parameters()
                if param.requires_grad and not (name.startswith(prefix) and name[len(prefix):] in locked)]
     if not trained:
@@ -78,7 +76,7 @@ def lock_layers(module: nn.Module, unlocked_groups: int = 0, bn_stats: bool = Fa
             count += param.numel()
     held = []
     if bn_stats:
-        if unlocked_groups == 0:
+        if unlocked_groups == 0:  # BatchNorm without weights too, which no group names (as open_clip holds them)
             names = {name for name, _ in owner.named_modules()}
         else:
             names = {name for name, layer in group_modules(owner, matcher, reverse=True).items() if layer <= last_locked}
@@ -86,5 +84,5 @@ def lock_layers(module: nn.Module, unlocked_groups: int = 0, bn_stats: bool = Fa
             if name in names and isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 layer.eval()
                 held.append(prefix + name)
-    return Locked(groups=total if unlocked_groups == 0 else last_locked + 1, total=total, parameters=count,
+    return Locked(groups=last_locked + 1, total=total, parameters=count,
                   of=sum(param.numel() for param in module.parameters()), batchnorms=tuple(held))

@@ -706,7 +706,7 @@ def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
         log.scalars(step, metrics, section="eval")
         log.print(f"eval step {step}: {evaluation.protocol.name} {headline(metrics, metric)} ({weights}, "
                   f"{metrics['seconds']:.1f}s)" + (f"; the best so far: exported to {run.out / BEST_MODEL}" if best else ""))
-    if distributed.broadcast_object(best):  # the ranks keep the same counters
+    if run.config.eval.keep_best and distributed.broadcast_object(best):  # the ranks keep the same counters
         state.best_score, state.best_step = distributed.broadcast_object(
             (float(metrics[metric]), step) if metrics is not None else None)
         if metrics is not None:

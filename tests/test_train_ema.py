@@ -44,6 +44,40 @@ def test_the_average_is_timms_model_ema_over_steps_with_batchnorm(warmup):
         WeightsEMA(network, 1.0)
 
 
+@pytest.mark.parametrize("warmup, after, settings", [
+    (True, 3, {"min_decay": 0.3, "warmup_gamma": 2.0, "warmup_power": 0.75}),
+    (True, 0, {"min_decay": 0.5}),
+    (False, 2, {}),
+])
+def test_a_delayed_and_shaped_average_is_timms_model_ema_given_the_step(warmup, after, settings):
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+    ours = WeightsEMA(network, 0.9, warmup=warmup, update_after=after, **settings)
+    # timm's average copies the network through its update_after_step + 1 (the warm-up's first
+    # step, or with a constant decay the first step it is given): ours through update_after
+    theirs = ModelEmaV3(copy.deepcopy(network), decay=0.9, use_warmup=warmup,
+                        update_after_step=after if warmup else after - 1, **settings)
+    generator = torch.Generator().manual_seed(1)
+    decays = []
+    for step in range(1, 9):
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+        network(torch.randn(5, 3, generator=generator))  # BatchNorm's running statistics move
+        decays.append(ours.decay_at(step))
+        assert decays[-1] == pytest.approx(theirs.get_decay(step), abs=1e-12), step
+        ours.update(network, step)
+        theirs.update(network, step)
+        for key, value in theirs.module.state_dict().items():
+            torch.testing.assert_close(ours.state[key], value, atol=1e-7, rtol=1e-6, msg=f"{key} at step {step}")
+    copied = after + 1 if warmup else after
+    assert decays[:copied] == [0.0] * copied and all(0 < decay <= 0.9 for decay in decays[copied:])
+    if "min_decay" in settings:
+        assert min(decays[copied:]) == settings["min_decay"]
+
+
 TINY = ["model.image_size=16", "model.patch_size=8", "model.width=48", "model.depth=2", "model.heads=2",
         "model.embedding_dim=16", "data.batch_size=16", "data.workers=0", "loss.scale=16", "loss.sample_rate=0.5",
         "optim.lr=0.003", "schedule.kind=constant", "log.tensorboard=false", "train.device=cpu"]
@@ -99,6 +133,15 @@ def test_a_run_exports_the_average_of_its_weights_and_resumes_it_exactly(tmp_pat
         warm = {key: decay * value + (1 - decay) * weights[key] for key, value in warm.items()}
     for key, value in model_weights(tmp_path / "warm" / "model").items():
         torch.testing.assert_close(value, warm[key], atol=1e-6, rtol=1e-5, msg=key)
+    # an average that starts after step 2 (a copy of the network through it), with the warm-up
+    assert main(["train", *common, "train.ema=0.75", "train.ema_warmup=true", "train.ema_update_after=2",
+                 "train.ema_min_decay=0.5", "train.steps=4", "checkpoint.every=4", f"out={tmp_path / 'late'}"]) == 0
+    late = checkpoint_weights(tmp_path / "plain", 3)  # the warm-up's first step copies too
+    decay = max(0.5, min(0.75, 1 - 2 ** (-2 / 3)))
+    weights = checkpoint_weights(tmp_path / "plain", 4)
+    late = {key: decay * value + (1 - decay) * weights[key] for key, value in late.items()}
+    for key, value in model_weights(tmp_path / "late" / "model").items():
+        torch.testing.assert_close(value, late[key], atol=1e-6, rtol=1e-5, msg=key)
     # unicom train --export-from exports the average too
     capsys.readouterr()
     assert main(["train", "--export-from", str(tmp_path / "averaged"), "--model-out", str(tmp_path / "again")]) == 0
@@ -121,3 +164,12 @@ def test_an_average_taken_up_on_resume_starts_there_and_a_decay_out_of_range_is_
     assert "train.ema must be in (0, 1), got 1" in capsys.readouterr().err
     assert main(["train", *common, "train.ema_warmup=true", "train.steps=1", f"out={tmp_path / 'bad'}"]) == 2
     assert "train.ema_warmup warms up train.ema: set it too" in capsys.readouterr().err
+    assert main(["train", *common, "train.ema=0.9", "train.ema_min_decay=0.5", "train.ema_warmup_power=0.5",
+                 "train.steps=1", f"out={tmp_path / 'bad'}"]) == 2
+    assert ("train.ema_min_decay, train.ema_warmup_power shape the warm-up of train.ema: set train.ema_warmup=true too"
+            in capsys.readouterr().err)
+    assert main(["train", *common, "train.ema=0.9", "train.ema_warmup=true", "train.ema_min_decay=0.95",
+                 "train.ema_update_after=-1", "train.steps=1", f"out={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.ema_min_decay must be in [0, train.ema], got 0.95" in err
+    assert "train.ema_update_after must be 0 or more, got -1" in err

@@ -115,6 +115,10 @@ class TrainSection:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     ema: float | None = None  # keep a moving average of the weights at this decay per step (e.g. 0.9998); exported as the model
     ema_warmup: bool = False  # timm's warm-up of the decay (1 - t^(-2/3) at step t, up to train.ema): for short runs
+    ema_update_after: int = 0  # the average is a copy of the network through this step, averaging after it (timm's update_after_step)
+    ema_min_decay: float = 0.0  # the warm-up's least decay (timm's min_decay)
+    ema_warmup_gamma: float = 1.0  # the warm-up's decay at step t: 1 - (1 + t/gamma)^(-power) (timm's warmup_gamma)
+    ema_warmup_power: float = 2.0 / 3.0  # (timm's warmup_power)
 
 
 @dataclass
@@ -205,6 +209,19 @@ class TrainConfig(Recipe):
         check(train.max_nonfinite_steps >= 1, problems, "train.max_nonfinite_steps must be at least 1")
         check(train.ema is None or 0 < train.ema < 1, problems, f"train.ema must be in (0, 1), got {train.ema}")
         check(train.ema is not None or not train.ema_warmup, problems, "train.ema_warmup warms up train.ema: set it too")
+        check(train.ema is not None or not train.ema_update_after, problems,
+              "train.ema_update_after delays train.ema: set it too")
+        check(train.ema_update_after >= 0, problems, f"train.ema_update_after must be 0 or more, got {train.ema_update_after}")
+        warmup_options = {"ema_min_decay": 0.0, "ema_warmup_gamma": 1.0, "ema_warmup_power": 2.0 / 3.0}
+        changed = [key for key, default in warmup_options.items() if getattr(train, key) != default]
+        check(train.ema_warmup or not changed, problems,
+              f"{', '.join('train.' + key for key in changed)} shape{'s' if len(changed) == 1 else ''} the warm-up of "
+              "train.ema: set train.ema_warmup=true too")
+        check(train.ema is None or 0 <= train.ema_min_decay <= train.ema, problems,
+              f"train.ema_min_decay must be in [0, train.ema], got {train.ema_min_decay}")
+        check(train.ema_warmup_gamma > 0 and train.ema_warmup_power > 0, problems,
+              f"train.ema_warmup_gamma and train.ema_warmup_power must be above 0, got {train.ema_warmup_gamma} "
+              f"and {train.ema_warmup_power}")
         check(0 <= self.model.drop_path_rate < 1, problems, "model.drop_path_rate must be in [0, 1)")
         check(self.model.unlocked_groups >= 0, problems, f"model.unlocked_groups must be 0 or more, got {self.model.unlocked_groups}")
         check(self.model.lock or not (self.model.unlocked_groups or self.model.lock_bn_stats), problems,

@@ -547,7 +547,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         state, rank_state, manifest = _restore(run, say)
         log.event("resume", checkpoint=str(run.resume_from), step=state.step)
     if config.train.ema is not None and rank == 0:
-        run.ema = WeightsEMA(run.backbone, config.train.ema, warmup=config.train.ema_warmup)
+        train = config.train
+        run.ema = WeightsEMA(run.backbone, train.ema, warmup=train.ema_warmup, update_after=train.ema_update_after,
+                             min_decay=train.ema_min_decay, warmup_gamma=train.ema_warmup_gamma,
+                             warmup_power=train.ema_warmup_power)
         saved = ckpt.load_ema_state(run.resume_from) if run.resume_from is not None else None
         if saved is not None:
             run.ema.load(saved[0])

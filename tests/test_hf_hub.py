@@ -275,6 +275,7 @@ def test_offline_the_cache_serves_the_same_model(hub_runs):
     assert "downloads are off (UNICOM_OFFLINE" in hub_runs["offline"]["hf-hub:org/missing"]
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_repository_of_open_clip_still_goes_to_open_clip_online_and_offline(hub_runs):
     assert hub_runs["online"]["open_clip"] == hub_runs["offline"]["open_clip"] == "OpenClipEncoder"
     for mode in ("online", "offline"):
@@ -282,16 +283,19 @@ def test_a_repository_of_open_clip_still_goes_to_open_clip_online_and_offline(hu
         torch.testing.assert_close(got, hub_runs["expected_open_clip"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_missing_repository_is_named_with_what_to_do(hub_runs):
     message = hub_runs["online"]["hf-hub:org/missing"]
     assert "no repository org/missing on http://127.0.0.1:" in message and "HF_TOKEN" in message
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_repository_without_a_model_folder_says_so(hub_runs):
     assert hub_runs["online"]["hf-hub:org/no-model"] == "hf-hub:org/no-model: the repository has no unicom_model.json"
     assert "has unicom_model.json but no model.safetensors" in hub_runs["online"]["hf-hub:org/weightless"]
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_repository_of_a_model_whose_code_is_its_own_is_named(hub_runs):
     message = hub_runs["online"]["hf-hub:org/remote-code"]
     assert message.startswith("hf-hub:org/remote-code: the repository holds a transformers model of type 'jina_clip', "
@@ -299,5 +303,6 @@ def test_a_repository_of_a_model_whose_code_is_its_own_is_named(hub_runs):
                               "unicom does not run); the types read are clip, siglip, ")
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_an_unknown_revision_is_named(hub_runs):
     assert "revision 'v9' does not exist in org/clip-vit" in hub_runs["online"]["hf-hub:org/clip-vit@v9"]

@@ -211,6 +211,7 @@ def test_k2_defaults_to_the_papers_6_or_all_the_neighbours_searched():
     assert KReciprocal(20).lambda_value == 0.3
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_the_cost_benchmark_runs_and_agrees_with_the_references(tmp_path):
     import subprocess
     import sys

@@ -131,6 +131,7 @@ def image_files(tmp_path, count: int = 3) -> tuple[list, list[str]]:
     return images, paths
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_timm_network_exports_with_its_weights_mirror_and_scales(tmp_path, capsys):
     import json
 
@@ -185,6 +186,7 @@ def test_vits_export_their_multi_scale_embeddings(family, tmp_path, capsys):
     assert (np.linalg.norm(embed_images(encoder, paths, num_workers=0) - expected, axis=1) > 2e-4).all()  # the views
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_an_open_clip_and_a_transformers_clip_export_their_image_towers(tmp_path, capsys):
     from support import tiny_hf_clip, tiny_open_clip
 
@@ -203,6 +205,7 @@ def test_an_open_clip_and_a_transformers_clip_export_their_image_towers(tmp_path
     assert (tmp_path / "oc.onnx").stat().st_size < 2 * 2**20
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_weights_beyond_one_file_are_kept_beside_the_graph(s3, tmp_path, capsys):
     from unicom.models.encoders import load_encoder
     from unicom.models.onnx_export import export_onnx
@@ -244,6 +247,7 @@ def normalised(features: torch.Tensor) -> np.ndarray:
 TEXTS = ["a photo of a cat", "a red car beside a tall house", "dogs"]
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_text_towers_export_with_their_tokens_as_inputs(tmp_path, capsys):
     """onnxruntime against the models' own libraries: open_clip's tokenizer and encode_text, transformers'
     tokenizer and get_text_features (SigLIP: its canonical texts padded to the context)."""

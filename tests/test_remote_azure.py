@@ -20,6 +20,7 @@ def embedding_folder(tmp_path_factory):
     return write_separated_embeddings(tmp_path_factory.mktemp("azure_emb") / "emb", {0: 30})
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_a_missing_container_and_refused_credentials_are_named(azure, embedding_folder, tmp_path, capsys):
     assert main(["cluster", "--embeddings", "az://no-such-container/emb", "--k", "4", "--out",
                  str(tmp_path / "out")]) != 0
@@ -42,6 +43,7 @@ def test_a_missing_container_and_refused_credentials_are_named(azure, embedding_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_the_last_bytes_of_a_blob_are_read_by_its_size_and_a_range(azure):
     """Azure's API has no suffix ranges (``bytes=-N``) and refuses an empty range: a file's
     footer is read as its size and then a range, and an empty range asks nothing."""

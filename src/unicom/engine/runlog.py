@@ -1,4 +1,5 @@
-"""What a training run reports: a console line, ``log.jsonl`` and TensorBoard scalars (rank 0).
+"""What a training run reports: a console line, ``log.jsonl``, TensorBoard scalars and, when
+asked, Weights & Biases (rank 0).
 
 ``OUT/log.jsonl`` holds one JSON object per line, ``{"event": name, "time": ..., ...}``.
 ``unicom train`` writes a ``step`` line every ``log.every`` steps (loss, learning rates,
@@ -8,6 +9,12 @@ decode, loss scale) and one line for each other event (``start``, ``resume``,
 epoch.
 ``OUT/failures_rank{r}.jsonl`` lists the images each rank could not use (key, source,
 reason).
+
+A W&B run (:class:`WandbRun`) gets the TensorBoard scalars under the same names, at the same
+steps, and the recipe as its config; ``OUT/wandb_run.json`` keeps its id, so that a run resumed
+from a checkpoint goes on logging to the same W&B run (W&B keeps the first values of the steps
+after the checkpoint that the resumed run takes again, which are the same); a run started
+afresh is a new W&B run. wandb writes its files under ``OUT/wandb``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,6 +32,7 @@ from unicom import distributed
 LOG_FILE = "log.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
 _FAILURES_PREFIX = "failures_rank"
+WANDB_RUN_FILE = "wandb_run.json"
 TENSORBOARD_SCALARS = ("loss", "lr", "prototype_lr", "grad_norm", "images_per_second", "loss_scale")
 
 
@@ -41,8 +50,21 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+@dataclass
+class WandbRun:
+    """The W&B run a training run logs to: its ``project`` (None: ``WANDB_PROJECT``, else
+    ``unicom``), its ``name`` (None: the output folder's), the ``config`` it records. Where it
+    goes (W&B's server, or ``WANDB_MODE=offline`` for files to ``wandb sync`` later) and the
+    entity are wandb's own settings (``wandb login``, ``WANDB_ENTITY``...)."""
+
+    project: str | None = None
+    name: str | None = None
+    config: dict = field(default_factory=dict)
+
+
 class RunLog:
-    """Rank 0 writes the console line, the JSONL and TensorBoard; other ranks only their failures.
+    """Rank 0 writes the console line, the JSONL, TensorBoard and W&B (``wandb``, a
+    :class:`WandbRun`); other ranks only their failures.
 
     ``continues_from``: the step a training run starts from (0: afresh, N: resumed from
     checkpoint N). What ``out`` holds of later steps (of a start killed before its first
@@ -55,7 +77,8 @@ class RunLog:
     """
 
     def __init__(self, out: Path, tensorboard: bool = True, console: TextIO | None = None,
-                 continues_from: int | None = None, counted_in: str = "step", keep_others: bool = False):
+                 continues_from: int | None = None, counted_in: str = "step", keep_others: bool = False,
+                 wandb: WandbRun | None = None):
         self.out = Path(out)
         self.rank = distributed.get_rank()
         self.main = self.rank == 0
@@ -78,6 +101,7 @@ class RunLog:
             else:
                 purge = None if continues_from is None else continues_from + 1  # steps are logged from 1
                 self._writer = SummaryWriter(str(self.out / TENSORBOARD_FOLDER), purge_step=purge)
+        self._wandb = _start_wandb(self.out, wandb, resumed=bool(continues_from)) if self.main and wandb else None
 
     def print(self, text: str) -> None:
         if self.main:
@@ -91,17 +115,20 @@ class RunLog:
         self._jsonl.flush()
 
     def scalars(self, step: int, values: dict[str, Any], section: str = "train") -> None:
-        """TensorBoard's ``section/name`` scalars at ``step``: of a training step, those of
-        :data:`TENSORBOARD_SCALARS`; of another section, every finite number of ``values``, those
-        of a nested dict as ``section/outer/inner``."""
-        if self._writer is None:
+        """TensorBoard's (and W&B's) ``section/name`` scalars at ``step``: of a training step,
+        those of :data:`TENSORBOARD_SCALARS`; of another section, every finite number of
+        ``values``, those of a nested dict as ``section/outer/inner``."""
+        if self._writer is None and self._wandb is None:
             return
         if section == "train":
             values = {name: values.get(name) for name in TENSORBOARD_SCALARS}
-        for name, value in _numbers(values):
-            if math.isfinite(value):
-                self._writer.add_scalar(f"{section}/{name}", value, step)
-        self._writer.flush()
+        scalars = {f"{section}/{name}": value for name, value in _numbers(values) if math.isfinite(value)}
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def failures(self, records: list[dict], step: int) -> None:
         if not records:
@@ -112,12 +139,58 @@ class RunLog:
             self._failures.write(json.dumps({"step": step, **record}) + "\n")
         self._failures.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the files; the W&B run ends as failed (exit code 1) with ``failed``."""
         for handle in (self._jsonl, self._failures):
             if handle is not None:
                 handle.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=1 if failed else 0)
+            self._wandb = None
+
+
+def check_wandb() -> None:
+    """Raise :class:`InputError` when the wandb package is missing (before a run starts)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from unicom.errors import InputError
+
+        raise InputError("log.wandb=true needs the wandb package: pip install 'unicom[wandb]' "
+                         "(or leave log.wandb out)") from None
+
+
+def _start_wandb(out: Path, settings: WandbRun, resumed: bool):
+    """The W&B run of ``out`` (module docstring): resumed under the id ``out`` keeps when the
+    run is, a new one (its id written down) otherwise."""
+    import os
+    import secrets
+    import string
+
+    check_wandb()
+    import wandb
+
+    from unicom.errors import InputError
+    from unicom.files import write_json_atomic
+
+    record = out / WANDB_RUN_FILE
+    run_id = None
+    if resumed and record.is_file():
+        run_id = json.loads(record.read_text(encoding="utf-8")).get("id")
+    alphabet = string.ascii_lowercase + string.digits  # W&B's run ids: 8 of these
+    run_id = run_id or "".join(secrets.choice(alphabet) for _ in range(8))
+    project = settings.project or os.environ.get("WANDB_PROJECT") or "unicom"
+    try:
+        run = wandb.init(project=project, name=settings.name or out.resolve().name, id=run_id, resume="allow",
+                         dir=str(out), config=settings.config)
+    except Exception as error:  # noqa: BLE001 - wandb's own errors (no login, no server) name the cause
+        raise InputError(f"log.wandb: W&B did not start the run ({type(error).__name__}: {error}); log in "
+                         "(wandb login), or set WANDB_MODE=offline to write it under "
+                         f"{out / 'wandb'} for wandb sync, or leave log.wandb out") from None
+    write_json_atomic(record, {"id": run_id, "project": project})
+    return run
 
 
 def _numbers(values: dict[str, Any], prefix: str = ""):

@@ -157,6 +157,16 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 50  # steps between log lines
     tensorboard: bool = True  # write out/tensorboard (when the tensorboard package is installed)
+    wandb: bool = False  # log the same scalars and the recipe to Weights & Biases (pip install 'unicom[wandb]')
+    wandb_project: str | None = None  # the W&B project (default: WANDB_PROJECT, else unicom)
+    wandb_name: str | None = None  # the W&B run's name (default: the out folder's)
+
+    def check(self, problems: list[str], name: str = "log") -> None:
+        check(self.every >= 1, problems, f"{name}.every must be at least 1, got {self.every}")
+        for option in ("wandb_project", "wandb_name"):
+            what = "names the W&B project" if option == "wandb_project" else "names the W&B run"
+            check(self.wandb or getattr(self, option) is None, problems,
+                  f"{name}.{option} {what} of {name}.wandb: set {name}.wandb=true too")
 
 
 @dataclass
@@ -228,7 +238,6 @@ class TrainConfig(Recipe):
               "model.unlocked_groups and model.lock_bn_stats apply to a locked network: set model.lock=true too")
         check(self.checkpoint.every >= 1, problems, f"checkpoint.every must be at least 1, got {self.checkpoint.every}")
         check(self.checkpoint.keep >= 1, problems, f"checkpoint.keep must be at least 1, got {self.checkpoint.keep}")
-        check(self.log.every >= 1, problems, f"log.every must be at least 1, got {self.log.every}")
         check(bool(self.out), problems, "out is required: the folder for checkpoints, logs and the exported model (out=DIR or --out DIR)")
 
 

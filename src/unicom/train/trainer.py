@@ -32,7 +32,7 @@ from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
 from unicom.engine.ema import WeightsEMA
 from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
-from unicom.engine.runlog import LOG_FILE, RunLog, format_duration
+from unicom.engine.runlog import LOG_FILE, RunLog, WandbRun, check_wandb, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import (UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step,
                                 load_optimizer_state)
@@ -197,6 +197,8 @@ def prepare(config: TrainConfig, log: RunLog | None = None) -> Run:
     from unicom.train.data import build_source, steps_per_epoch
 
     config.validate()
+    if config.log.wandb and distributed.get_rank() == 0:
+        check_wandb()
     distributed.require_shared_folder(config.out, "out", "every rank writes its share of each checkpoint there and "
                                       "reads it back when the run resumes")
     say = log.print if log is not None else (lambda text: print(text) if distributed.get_rank() == 0 else None)
@@ -539,7 +541,9 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     distributed.barrier()
     continues_from = int(ckpt.read_manifest(run.resume_from)["step"]) if run.resume_from is not None else 0
     with refused_write(out, "the log (log.jsonl)", starts):
-        log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from)
+        log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from,
+                     wandb=WandbRun(config.log.wandb_project, config.log.wandb_name, config.to_dict())
+                     if config.log.wandb else None)
     say = log.print
 
     state, rank_state, manifest = (RunState(), None, None)
@@ -598,6 +602,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     unread: list[tuple[int, StepResult]] = []  # steps whose results the host has not read yet
     last_saved = state.step if run.resume_from is not None else -1
     scores = None  # the last evaluation's metrics (rank 0)
+    failed = True  # until the run returns: W&B is told how it ended
     try:
         while state.step < run.total_steps:
             factor = config.schedule.factor(state.step, run.total_steps, run.steps_per_epoch)
@@ -682,9 +687,10 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
             say(f"train.steps=0: the initial network (seed {config.seed}) exported to {model_folder}, untrained")
         else:
             say(f"done: {state.step} steps, {state.skipped_steps} skipped; model exported to {model_folder}")
+        failed = False
         return summary
     finally:
-        log.close()
+        log.close(failed=failed)
         batches.close()  # the reader ahead stops
         del batches
 

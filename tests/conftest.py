@@ -122,3 +122,12 @@ def gcs(gcs_server, monkeypatch):
     assert gcsfs.GCSFileSystem is gcsfs.core.GCSFileSystem, \
         "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set"
     return gcs_server
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    """wandb writes its runs to files (``OUT/wandb``: :func:`support.wandb_runs` reads them), quietly."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)

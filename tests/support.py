@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import struct
 import tarfile
 from pathlib import Path
 
@@ -1002,3 +1003,58 @@ def without_build_id(files: dict, build: str) -> dict:
             data = (table.to_pydict(), metadata)
         compared[name] = data
     return compared
+
+
+# ------------------------------------------------------------ W&B's offline run files
+
+BLOCK = 32 * 1024  # wandb's run files are LevelDB logs: 32 KiB blocks of records with a 7-byte header
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def wandb_records(path) -> list:
+    """The records of a ``.wandb`` run file, decoded with wandb's protobuf schema."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is no wandb run file"
+    records, pieces, position = [], b"", 7  # the file's own header: ":W&B", magic, version
+    while position + 7 <= len(data):
+        left = BLOCK - position % BLOCK
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:  # zeros to the block's end
+            position += left
+            continue
+        pieces += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def wandb_runs(out) -> list[dict]:
+    """Each offline W&B run under ``out/wandb`` (one per start of the run), in their order:
+    its id, project, name, config and history rows ``{step: {key: value}}``."""
+    runs = []
+    for folder in sorted((out / "wandb").glob("offline-run-*")):
+        (path,) = folder.glob("run-*.wandb")
+        found = {"history": {}, "config": {}}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                found.update(id=record.run.run_id, project=record.run.project, name=record.run.display_name)
+                found["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+            elif kind == "config":
+                found["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+            elif kind == "exit":
+                found["exit_code"] = record.exit.exit_code
+            elif kind == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                found["history"].setdefault(int(record.history.step.num), {}).update(row)
+        runs.append(found)
+    return runs

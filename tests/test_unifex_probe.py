@@ -627,6 +627,28 @@ def test_the_best_scored_epoch_is_exported_beside_the_last_across_a_resume(colle
     assert "the best so far: exported to" in capsys.readouterr().out
 
 
+def test_the_epochs_and_their_scores_go_to_wandb_and_a_resumed_run_continues_its_wandb_run(
+        collection, tmp_path, wandb_offline):
+    pytest.importorskip("wandb")
+    from support import wandb_runs
+
+    overrides = ("train.epochs=3", "eval.every=1", "log.wandb=true", "log.wandb_name=probe")
+    assert probe(recipe(collection, tmp_path / "run", *overrides), until_epoch=2)["stopped_after_epoch"] == 2
+    report = probe(recipe(collection, tmp_path / "run", *overrides))
+    runs = wandb_runs(tmp_path / "run")
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]
+    assert [(run["project"], run["name"], run["exit_code"]) for run in runs] == [("unicom", "probe", 0)] * 2
+    assert runs[0]["config"]["loss"] == json.loads(json.dumps(recipe(collection, tmp_path, *overrides).loss.__dict__))
+    history = {**runs[0]["history"], **runs[1]["history"]}
+    assert sorted(history) == [1, 2, 3]
+    for record in report["history"]:
+        row = history[record["epoch"]]
+        assert row["train/loss"] == pytest.approx(record["loss"], rel=1e-12)
+        assert row["train/images_per_second"] == pytest.approx(record["images"] / record["seconds"], rel=1e-9)
+        for name in ("mmp@5", "recall@1", "map@r"):
+            assert row[f"eval/{name}"] == pytest.approx(record["metrics"][name], rel=1e-12), name
+
+
 def test_keep_best_without_evaluations_to_compare_is_refused(collection, tmp_path):
     with pytest.raises(InputError, match="set eval.every to 1 or more"):
         recipe(collection, tmp_path / "run", "eval.keep_best=true", "eval.every=0")

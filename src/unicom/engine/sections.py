@@ -1,5 +1,5 @@
 """The recipe sections that ``unicom train`` and ``unicom probe`` share: ``augment``, ``loss``,
-``optim`` and ``schedule``.
+``optim``, ``schedule`` and the Weights & Biases keys of ``log``.
 
 Each is defined and checked once here (``check`` appends what is wrong to a list of
 problems, see :mod:`unicom.engine.recipe`), so a key means the same thing, with the same
@@ -220,4 +220,24 @@ class ScheduleConfig:
                          self.onecycle_final_div, self.warmup_mode)
 
 
-__all__ = ["AugmentConfig", "LossConfig", "OptimConfig", "ScheduleConfig"]
+@dataclass
+class WandbLogConfig:
+    """A run logged to Weights & Biases (:class:`unicom.engine.runlog.WandbRun`)."""
+
+    wandb: bool = False  # log the run's scalars and its recipe to Weights & Biases (pip install 'unicom[wandb]')
+    wandb_project: str | None = None  # the W&B project (default: WANDB_PROJECT, else unicom)
+    wandb_name: str | None = None  # the W&B run's name (default: the out folder's)
+
+    def check(self, problems: list[str], name: str = "log") -> None:
+        for option, what in (("wandb_project", "the W&B project"), ("wandb_name", "the W&B run")):
+            check(self.wandb or getattr(self, option) is None, problems,
+                  f"{name}.{option} names {what} of {name}.wandb: set {name}.wandb=true too")
+
+    def wandb_run(self, recipe):
+        """The :class:`~unicom.engine.runlog.WandbRun` of ``recipe`` (its config), None without ``wandb``."""
+        from unicom.engine.runlog import WandbRun
+
+        return WandbRun(self.wandb_project, self.wandb_name, recipe.to_dict()) if self.wandb else None
+
+
+__all__ = ["AugmentConfig", "LossConfig", "OptimConfig", "ScheduleConfig", "WandbLogConfig"]

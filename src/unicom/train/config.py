@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from unicom.engine import recipe
 from unicom.engine.device import PRECISIONS
 from unicom.engine.recipe import Recipe, check, check_local_out
-from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, ScheduleConfig
+from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, ScheduleConfig, WandbLogConfig
 
 
 @dataclass
@@ -154,19 +154,13 @@ class CheckpointConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(WandbLogConfig):
     every: int = 50  # steps between log lines
     tensorboard: bool = True  # write out/tensorboard (when the tensorboard package is installed)
-    wandb: bool = False  # log the same scalars and the recipe to Weights & Biases (pip install 'unicom[wandb]')
-    wandb_project: str | None = None  # the W&B project (default: WANDB_PROJECT, else unicom)
-    wandb_name: str | None = None  # the W&B run's name (default: the out folder's)
 
     def check(self, problems: list[str], name: str = "log") -> None:
+        super().check(problems, name)
         check(self.every >= 1, problems, f"{name}.every must be at least 1, got {self.every}")
-        for option in ("wandb_project", "wandb_name"):
-            what = "names the W&B project" if option == "wandb_project" else "names the W&B run"
-            check(self.wandb or getattr(self, option) is None, problems,
-                  f"{name}.{option} {what} of {name}.wandb: set {name}.wandb=true too")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from unicom.engine import checkpoint as ckpt
 from unicom.engine.device import check_attention_backend, made_ahead, resolve_device, resolve_precision
 from unicom.engine.ema import WeightsEMA
 from unicom.engine.recipe import changed_keys, to_yaml, yaml_value
-from unicom.engine.runlog import LOG_FILE, RunLog, WandbRun, check_wandb, format_duration
+from unicom.engine.runlog import LOG_FILE, RunLog, check_wandb, format_duration
 from unicom.engine.seeding import rng_state, seed_everything, set_rng_state
 from unicom.engine.step import (UNREAD_STEPS, StepResult, TrainingStopped, TrainStep, build_train_step,
                                 load_optimizer_state)
@@ -542,8 +542,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     continues_from = int(ckpt.read_manifest(run.resume_from)["step"]) if run.resume_from is not None else 0
     with refused_write(out, "the log (log.jsonl)", starts):
         log = RunLog(out, tensorboard=config.log.tensorboard, console=console, continues_from=continues_from,
-                     wandb=WandbRun(config.log.wandb_project, config.log.wandb_name, config.to_dict())
-                     if config.log.wandb else None)
+                     wandb=config.log.wandb_run(config))
     say = log.print
 
     state, rank_state, manifest = (RunState(), None, None)

@@ -52,7 +52,7 @@ EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a d
 # keys that may change between a run and its resumption: they do not change what is trained
 # (eval.holdout_classes does: the held-out classes are left out of training)
 RESUMABLE_CHANGES = ("out", "eval.query", "eval.index", "eval.queries_per_class", "eval.ks", "eval.every",
-                     "data.workers", "cache.batch_size", "cache.folder", "train.device")
+                     "data.workers", "cache.batch_size", "cache.folder", "train.device", "log.")
 
 
 # ------------------------------------------------------------------------ batches
@@ -654,7 +654,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     ``cache_only``, the cache's description).
     """
     from unicom.engine.recipe import to_yaml
-    from unicom.engine.runlog import RunLog
+    from unicom.engine.runlog import RunLog, check_wandb
     from unicom.files import refused_write, write_json_atomic, write_text_atomic
     from unicom.unifex.data import format_summary
     from unicom.unifex.model import has_weights
@@ -662,6 +662,8 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
     out = Path(config.out)
     if cache_only and config.train.mode != "cache":
         raise InputError("building the cache alone is for train.mode=cache; this recipe trains in direct mode")
+    if config.log.wandb:
+        check_wandb()
     data = read_probe_data(config)
     backbone = load_backbone(config)
     checkpoint = read_checkpoint(out / CHECKPOINT, config, data.train)
@@ -676,8 +678,9 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
                          "give out= a folder that can be") from error
     # the epochs after the checkpoint are trained again: logged once (the cache's build record stays)
     log = RunLog(out, tensorboard=False, console=console, continues_from=int(checkpoint["epoch"]) if checkpoint else 0,
-                 counted_in="epoch", keep_others=True)
+                 counted_in="epoch", keep_others=True, wandb=None if cache_only else config.log.wandb_run(config))
     say = log.print
+    failed = True  # until the run returns: W&B is told how it ended
     try:
         say(f"unicom probe: {backbone.encoder.name}, {backbone.input_dim} features -> {config.neck.kind} neck -> "
             f"{config.neck.embedding_dim}; {config.loss.head} head, {config.loss.centers} center(s) per class; "
@@ -743,6 +746,9 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
                         line += f"; the best so far: exported to {best}"
             history.append(record)
             log.event("epoch", **record)
+            log.scalars(epoch + 1, {"loss": record["loss"], "images_per_second": record["images"] / max(record["seconds"], 1e-9)})
+            if "metrics" in record:
+                log.scalars(epoch + 1, record["metrics"], section="eval")
             say(line)
             with refused_write(out, CHECKPOINT, RESUMES):
                 save_checkpoint(out / CHECKPOINT, head, epoch + 1, history, baseline, config, data.train)
@@ -750,6 +756,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             say(f"note: {len(feed.batches.failures)} image reads failed and were left out, e.g. {feed.batches.failures[0]}")
         if last < epochs:
             say(f"stopped after epoch {last}; run again to continue")
+            failed = False
             return {"stopped_after_epoch": last, "history": history}
 
         with refused_write(out, f"the model ({MODEL_FOLDER}/)", RESUMES):
@@ -767,9 +774,10 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
             write_json_atomic(out / METRICS, report)
         log.event("end", model=str(folder))
         say(f"model exported to {folder} (unicom embed/evaluate/index --model {folder})")
+        failed = False
         return report
     finally:
-        log.close()
+        log.close(failed=failed)
 
 
 __all__ = ["probe", "FeatureBatches", "ImageBatches", "build_head", "train_epoch", "retrieval_scores", "EvalSplit",

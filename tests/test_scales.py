@@ -206,14 +206,17 @@ def features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip", "blip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip", "blip", "dual_encoder-clip", "dual_encoder-vit"])
 def test_transformers_vits_embed_each_scale_with_their_positions_interpolated(kind, tmp_path):
-    """CLIP-like ViTs of transformers take other sizes with interpolate_pos_encoding (their
-    position embeddings resized to the grid, as transformers does it): against the models
-    themselves, called so, on inputs resized by cirtorch's formula."""
+    """CLIP-like ViTs of transformers (and the CLIP or ViT tower of a VisionTextDualEncoder) take
+    other sizes with interpolate_pos_encoding (their position embeddings resized to the grid, as
+    transformers does it): against the models themselves, called so, on inputs resized by
+    cirtorch's formula."""
     import support
 
-    model = getattr(support, f"tiny_hf_{kind}")(tmp_path / kind)[0]
+    builder, _, vision = kind.partition("-")
+    options = {"vision": vision, "text": "bert"} if vision else {}
+    model = getattr(support, f"tiny_hf_{builder}")(tmp_path / kind, **options)[0]
     encoder = load_encoder(str(tmp_path / kind))
     if kind == "blip":
         network = lambda x: model.vision_proj(  # noqa: E731

@@ -210,8 +210,11 @@ class HFImageModel(Encoder):
         self.name = name
         self.no_text_reason = no_text_reason or self.no_text_reason
         self.output = output
+        entry = model if self.vision_entry is None else getattr(model, self.vision_entry)
+        tower = getattr(model, "vision_model", None)  # where the positions are: a VisionTextDualEncoder's
+        # get_image_features hands its keywords on to it, AIMv2's takes the keyword and ignores it
         self._native_side = _native_side(model) if _takes_interpolation(
-            model if self.vision_entry is None else getattr(model, self.vision_entry)) else None
+            tower if isinstance(tower, torch.nn.Module) else entry) else None
 
     def vision_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The vision tower's inputs from a batch of ``image_transform``'s tensors: the pixels, or

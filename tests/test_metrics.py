@@ -277,3 +277,20 @@ def test_cuda_tensors_are_searched_on_their_device_with_the_same_results():
                                chunk_size=100, per_query=True)
     for key in ("recall@1", "recall@10", "recall@500", "map@r", "r_precision", "map@100", "mmp@5"):
         assert on_gpu[key] == pytest.approx(on_cpu[key], abs=2e-3), key
+
+
+def test_metric_names_are_the_scores_each_metric_function_reports():
+    from unicom.evaluate.metrics import metric_names, revisited_metrics
+
+    def scores(result: dict) -> list[str]:
+        return [name for name in result if not name.startswith("n_") and name != "per_query"]
+
+    vectors = at_angles(ANGLES)
+    assert scores(retrieval_metrics(vectors, LABELS, ks=(4, 1, 2))) == metric_names((1, 2, 4))
+    relevant = [[1], [0, 2], [3], [0]]
+    assert (scores(retrieval_metrics_from_relevance(vectors[:4], vectors, relevant, ks=(1, 3)))
+            == metric_names((1, 3)) == ["recall@1", "recall@3", "map@r", "r_precision", "map@100", "mmp@5"])
+    setups = {"easy": ([[1], [2], [3]], [[], [], [4]]), "hard": ([[2], [1], [0]], [[5], [], []])}
+    assert (scores(revisited_metrics(vectors[:3], vectors, setups, kappas=(1, 5)))
+            == metric_names((5, 1), ["easy", "hard"])
+            == ["map_easy", "mp@1_easy", "mp@5_easy", "map_hard", "mp@1_hard", "mp@5_hard"])

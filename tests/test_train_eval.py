@@ -168,6 +168,38 @@ def test_the_best_evaluation_is_exported_and_remembered_across_a_resume(folders,
     assert "the best so far: exported to" in capsys.readouterr().out
 
 
+def test_the_best_of_another_metric_is_kept_and_a_resume_scoring_another_starts_its_best_anew(folders, tmp_path,
+                                                                                              capsys):
+    """``eval.metric``: the best of MAP@R kept; a run that kept the best recall@1 resumed with
+    it drops that best (a note says so) and its next evaluation is the best so far."""
+    out = tmp_path / "run"
+    keep = ["eval.every=1", "eval.keep_best=true", "checkpoint.every=1", "checkpoint.keep=10", "optim.lr=0.01"]
+    assert main(["train", *recipe(folders, out, "train.steps=2", *keep)]) == 0
+    capsys.readouterr()
+    assert main(["train", *recipe(folders, out, "train.steps=6", "eval.metric=map@r", *keep)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the checkpoint's best score (folder recall@1 " in printed
+    assert "is not of folder map@r: the next evaluation is the best so far" in printed
+    scored = events(out, "eval")[2:]
+    assert [record["step"] for record in scored] == [3, 4, 5, 6] and {r["metric"] for r in scored} == {"map@r"}
+    values = [record["map@r"] for record in scored]
+    flags = [record["best"] for record in scored]
+    assert flags == [values[i] > max(values[:i], default=-1) for i in range(4)]
+    best = max(range(4), key=lambda i: (values[i], -i))
+    provenance = json.loads((out / "model_best" / "unicom_model.json").read_text())["provenance"]
+    assert provenance["step"] == best + 3
+    assert provenance["eval"] == {"benchmark": "folder", "metric": "map@r", "value": values[best]}
+    state = read_manifest(out / "checkpoints" / "step_00000006")["state"]
+    assert (state["best_score"], state["best_step"], state["best_of"]) == (values[best], best + 3, "folder map@r")
+    # a metric the benchmark does not report is refused before anything trains
+    assert main(["train", *recipe(folders, tmp_path / "other", "train.steps=1", "eval.metric=recall@3")]) == 2
+    assert ("eval.metric=recall@3: folder reports recall@1, recall@2, recall@4, recall@8, map@r, r_precision, "
+            "map@100, mmp@5; give one of them (or leave eval.metric out for recall@1)") in capsys.readouterr().err
+    assert not (tmp_path / "other" / "checkpoints").exists()
+    assert main(["train", f"data.folder={folders['train']}", *TINY, "eval.metric=map@r", f"out={tmp_path / 'x'}"]) == 2
+    assert "eval.metric is a metric of eval.benchmark: give eval.benchmark and eval.root" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_run_killed_while_it_scores_takes_the_steps_and_the_scores_again(folders, tmp_path):
     from test_train_run import run_until_paused_then_kill

@@ -354,6 +354,17 @@ def _first_relevant_rank(scores: torch.Tensor, members: torch.Tensor) -> torch.T
 METRIC_KEYS = ("map@r", "r_precision", "map@100", "mmp@5")
 
 
+def metric_names(ks: Sequence[int], setups: Sequence[str] | None = None) -> list[str]:
+    """The scores (each higher for a better search) that :func:`retrieval_metrics` and
+    :func:`retrieval_metrics_from_relevance` report with ``ks``, or, with the names of its
+    ``setups``, :func:`revisited_metrics` with ``ks`` as its kappas; counts (``n_queries``...)
+    left out."""
+    ks = _check_ks(ks)
+    if setups:
+        return [name for setup in setups for name in (f"map_{setup}", *(f"mp@{k}_{setup}" for k in ks))]
+    return [*(f"recall@{k}" for k in ks), *METRIC_KEYS]
+
+
 def _evaluate(
     q: torch.Tensor,
     g: torch.Tensor,

@@ -132,6 +132,7 @@ class TrainEvalConfig:
     batch_size: int = 64  # images per rank and batch
     workers: int | None = None  # decoding processes per rank (default: as unicom embed)
     keep_best: bool = False  # export OUT/model_best whenever the benchmark's headline metric beats every earlier evaluation
+    metric: str | None = None  # keep_best's and the console line's metric (default: the headline, recall@1, map_medium...)
 
     def check(self, problems: list[str], name: str = "eval") -> None:
         check(bool(self.benchmark) == bool(self.root), problems,
@@ -140,6 +141,8 @@ class TrainEvalConfig:
         check(self.batch_size >= 1, problems, f"{name}.batch_size must be at least 1, got {self.batch_size}")
         check(self.workers is None or self.workers >= 0, problems, f"{name}.workers must be 0 or more, got {self.workers}")
         check(self.benchmark or not self.keep_best, problems, f"{name}.keep_best keeps the best of the evaluations: "
+              f"give {name}.benchmark and {name}.root")
+        check(self.benchmark or self.metric is None, problems, f"{name}.metric is a metric of {name}.benchmark: "
               f"give {name}.benchmark and {name}.root")
 
 

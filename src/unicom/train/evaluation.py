@@ -34,6 +34,7 @@ class RunEvaluation:
 
         self.config = eval_config
         self.protocol = load_retrieval_benchmark(eval_config.benchmark, eval_config.root)
+        self.metric = self._metric(eval_config.metric)
         self.transform = build_transform(created.preprocess())
         self.embedding_dim = int(created.embedding_dim)
         self.device = device
@@ -46,10 +47,29 @@ class RunEvaluation:
         if gallery is not None and not (gallery is self.protocol.query and self.protocol.query_boxes is None):
             self.inputs["gallery"] = list(gallery.paths)
 
+    def _metric(self, asked: str | None) -> str:
+        """``eval.metric``, one the benchmark reports, or its headline metric."""
+        from unicom.errors import InputError
+        from unicom.evaluate.metrics import metric_names
+
+        if asked is None:
+            return self.protocol.metric
+        names = metric_names(self.protocol.ks, list(self.protocol.setups or ()))
+        if asked not in names:
+            raise InputError(f"eval.metric={asked}: {self.protocol.name} reports {', '.join(names)}; give one of them "
+                             f"(or leave eval.metric out for {self.protocol.metric})")
+        return asked
+
+    @property
+    def scored_as(self) -> str:
+        """What the best score is of: ``cub recall@1``."""
+        return f"{self.protocol.name} {self.metric}"
+
     def describe(self) -> str:
         sizes = ", ".join(f"{len(items):,} {split}" for split, items in self.inputs.items() if items is not None)
         every = f"every {self.config.every} steps and at the end" if self.config.every else "at the end"
-        return f"eval: {self.protocol.name} ({sizes} images), {every}"
+        best = f"; the best {self.metric} kept" if self.config.keep_best else ""
+        return f"eval: {self.protocol.name} ({sizes} images), {every}{best}"
 
     def __call__(self, backbone: nn.Module, average: dict[str, torch.Tensor] | None = None) -> dict[str, Any] | None:
         """Score ``backbone`` (the moving average ``average`` in its place: rank 0's, given on

@@ -57,8 +57,9 @@ class RunState:
     failed: int = 0
     seconds: float = 0.0
     loss_scale: dict = field(default_factory=dict)
-    best_score: float | None = None  # eval.keep_best: the best headline metric so far, and its step
+    best_score: float | None = None  # eval.keep_best: the best score so far, and its step
     best_step: int | None = None
+    best_of: str | None = None  # what best_score is of: "cub recall@1" (None: a checkpoint before it was kept)
 
 
 # Keys a resumed run may change without a word: where the run writes and how often, the
@@ -549,6 +550,7 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
     if run.resume_from is not None:
         state, rank_state, manifest = _restore(run, say)
         log.event("resume", checkpoint=str(run.resume_from), step=state.step)
+        _compare_best(run, state, say)
     if config.train.ema is not None and rank == 0:
         train = config.train
         run.ema = WeightsEMA(run.backbone, train.ema, warmup=train.ema_warmup, update_after=train.ema_update_after,
@@ -694,6 +696,19 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
         del batches
 
 
+def _compare_best(run: Run, state: RunState, say) -> None:
+    """A resumed run's best score kept only when it is of what this run scores (benchmark and
+    metric, ``eval.metric``); of something else it is dropped, with a note, and the next
+    evaluation is the best so far."""
+    if state.best_score is None or run.evaluation is None:
+        return
+    kept = state.best_of or f"{run.evaluation.protocol.name} {run.evaluation.protocol.metric}"  # before best_of
+    if kept != run.evaluation.scored_as:
+        say(f"note: the checkpoint's best score ({kept} {state.best_score:.4f} at step {state.best_step}) is not "
+            f"of {run.evaluation.scored_as}: the next evaluation is the best so far")
+        state.best_score = state.best_step = state.best_of = None
+
+
 def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
     """Score the model as it would be exported after step ``state.step`` (every rank embeds its
     share); rank 0 logs the metrics (an ``eval`` event, TensorBoard's ``eval/`` scalars, a line)
@@ -702,7 +717,7 @@ def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
     from unicom.train.evaluation import headline
 
     evaluation, step = run.evaluation, state.step
-    metric = evaluation.protocol.metric
+    metric = evaluation.metric
     ckpt.pause_if_requested("eval", step)
     metrics = evaluation(run.backbone, run.ema.state if run.ema is not None else None)
     best = None
@@ -717,6 +732,7 @@ def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
     if run.config.eval.keep_best and distributed.broadcast_object(best):  # the ranks keep the same counters
         state.best_score, state.best_step = distributed.broadcast_object(
             (float(metrics[metric]), step) if metrics is not None else None)
+        state.best_of = evaluation.scored_as
         if metrics is not None:
             from unicom.files import refused_write
 

@@ -649,6 +649,24 @@ def test_the_epochs_and_their_scores_go_to_wandb_and_a_resumed_run_continues_its
             assert row[f"eval/{name}"] == pytest.approx(record["metrics"][name], rel=1e-12), name
 
 
+def test_the_best_epoch_of_another_metric_is_exported_and_a_metric_not_reported_is_refused(collection, tmp_path):
+    overrides = ("train.epochs=4", "eval.every=1", "eval.keep_best=true", "eval.metric=map@r", "optim.lr=0.05")
+    report = probe(recipe(collection, tmp_path / "run", *overrides))
+    scores = [record["metrics"]["map@r"] for record in report["history"]]
+    assert [record["best"] for record in report["history"]] == [scores[i] > max(scores[:i], default=-1) for i in range(4)]
+    best = max(range(4), key=lambda i: (scores[i], -i))
+    provenance = json.loads((tmp_path / "run" / "model_best" / "unicom_model.json").read_text())["provenance"]
+    assert provenance["epochs"] == best + 1 and provenance["eval"] == {"metric": "map@r", "value": scores[best]}
+    with pytest.raises(InputError, match=re.escape("eval.metric=recall@2: the evaluation reports recall@1, recall@5, "
+                                                   "map@r, r_precision, map@100, mmp@5 (recall@K for each K of "
+                                                   "eval.ks); give one of them")):
+        recipe(collection, tmp_path / "other", "eval.metric=recall@2")
+    # a run resumed to keep the best of another metric is refused (its best model is of the first)
+    with pytest.raises(InputError, match=re.escape("eval.metric: 'map@r' -> 'mmp@5'")):
+        probe(recipe(collection, tmp_path / "run", *overrides[:-2], "optim.lr=0.05", "eval.metric=mmp@5",
+                     "train.epochs=4"))
+
+
 def test_keep_best_without_evaluations_to_compare_is_refused(collection, tmp_path):
     with pytest.raises(InputError, match="set eval.every to 1 or more"):
         recipe(collection, tmp_path / "run", "eval.keep_best=true", "eval.every=0")

@@ -90,7 +90,8 @@ class EvalConfig:
     queries_per_class: int = 1  # holdout: queries taken from each held-out class, the rest is the index
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     every: int = 1  # epochs between evaluations (0: only at the end)
-    keep_best: bool = False  # export out/model_best at each evaluation whose mMP@5 beats every earlier one's
+    keep_best: bool = False  # export out/model_best at each evaluation whose eval.metric beats every earlier one's
+    metric: str = "mmp@5"  # keep_best's: mmp@5 (GUIEC's), recall@K of eval.ks, map@r, r_precision or map@100
 
 
 @dataclass
@@ -148,6 +149,12 @@ class ProbeConfig(Recipe):
               "eval.keep_best keeps the best-scored epoch: give eval.query and eval.index, or eval.holdout_classes")
         check(not ev.keep_best or ev.every >= 1, problems,
               "eval.keep_best compares the evaluations made every eval.every epochs: set eval.every to 1 or more")
+        if ev.ks and all(k >= 1 for k in ev.ks):
+            from unicom.evaluate.metrics import metric_names
+
+            names = metric_names(ev.ks)
+            check(ev.metric in names, problems, f"eval.metric={ev.metric}: the evaluation reports {', '.join(names)} "
+                  "(recall@K for each K of eval.ks); give one of them")
 
 
 def load_probe_config(path, overrides: Sequence[str] = (), validate: bool = True) -> ProbeConfig:

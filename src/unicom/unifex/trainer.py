@@ -737,12 +737,13 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
                 record["metrics"] = scores = retrieval_scores(head.neck, split, ks)
                 line += f", mMP@5 {100 * scores['mmp@5']:.2f}%, Recall@{ks[0]} {100 * scores[f'recall@{ks[0]}']:.2f}%"
                 if config.eval.keep_best:  # the earlier epochs' scores are in the history, the checkpoint's too
-                    earlier = [r["metrics"]["mmp@5"] for r in history if "metrics" in r]
-                    record["best"] = not earlier or scores["mmp@5"] > max(earlier)
+                    metric = config.eval.metric
+                    earlier = [r["metrics"][metric] for r in history if "metrics" in r]
+                    record["best"] = not earlier or scores[metric] > max(earlier)
                     if record["best"]:  # before the checkpoint: a run stopped here trains the epoch and exports again
                         with refused_write(out, f"the best model ({BEST_MODEL}/)", RESUMES):
                             best = export(config, head, backbone, out, feed.class_counts, epoch + 1, BEST_MODEL,
-                                          {"metric": "mmp@5", "value": scores["mmp@5"]})
+                                          {"metric": metric, "value": scores[metric]})
                         line += f"; the best so far: exported to {best}"
             history.append(record)
             log.event("epoch", **record)

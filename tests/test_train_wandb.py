@@ -27,7 +27,8 @@ def logged_steps(out) -> dict[int, dict]:
     return {record["step"]: record for record in map(json.loads, lines) if record["event"] == "step"}
 
 
-def test_a_run_logs_its_scalars_and_recipe_and_a_resumed_run_continues_its_wandb_run(tmp_path, wandb_offline):
+def test_a_run_logs_its_scalars_and_recipe_and_a_resumed_run_continues_its_wandb_run(tmp_path, wandb_offline,
+                                                                                     monkeypatch):
     write_class_folder(tmp_path / "images", list(range(4)), 8, size=16)
     out = tmp_path / "run"
     common = [f"data.folder={tmp_path / 'images'}", *TINY, "log.wandb=true", "log.wandb_project=retrieval",
@@ -58,6 +59,11 @@ def test_a_run_logs_its_scalars_and_recipe_and_a_resumed_run_continues_its_wandb
     runs = wandb_runs(out)
     assert len(runs) == 3 and runs[2]["id"] != first["id"] and runs[2]["name"] == "again"
     assert json.loads((out / "wandb_run.json").read_text())["id"] == runs[2]["id"]
+    # an id given in WANDB_RUN_ID (as a sweep's agent gives it) is the run's
+    monkeypatch.setenv("WANDB_RUN_ID", "sweep123")
+    assert main(["train", *common, "train.steps=1", f"out={tmp_path / 'swept'}"]) == 0
+    assert wandb_runs(tmp_path / "swept")[0]["id"] == "sweep123"
+    monkeypatch.delenv("WANDB_RUN_ID")
     # a run that fails (its checkpoint cannot be written) ends its W&B run as failed
     failing = tmp_path / "failing"
     failing.mkdir()

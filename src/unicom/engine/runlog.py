@@ -163,8 +163,8 @@ def check_wandb() -> None:
 
 
 def _start_wandb(out: Path, settings: WandbRun, resumed: bool):
-    """The W&B run of ``out`` (module docstring): resumed under the id ``out`` keeps when the
-    run is, a new one (its id written down) otherwise."""
+    """The W&B run of ``out`` (module docstring): the one ``WANDB_RUN_ID`` names, else resumed
+    under the id ``out`` keeps when the run is, else a new one; its id written down."""
     import os
     import secrets
     import string
@@ -176,8 +176,8 @@ def _start_wandb(out: Path, settings: WandbRun, resumed: bool):
     from unicom.files import write_json_atomic
 
     record = out / WANDB_RUN_FILE
-    run_id = None
-    if resumed and record.is_file():
+    run_id = os.environ.get("WANDB_RUN_ID")  # given (a sweep's agent gives its run's)
+    if not run_id and resumed and record.is_file():
         run_id = json.loads(record.read_text(encoding="utf-8")).get("id")
     alphabet = string.ascii_lowercase + string.digits  # W&B's run ids: 8 of these
     run_id = run_id or "".join(secrets.choice(alphabet) for _ in range(8))

@@ -1038,16 +1038,18 @@ def wandb_records(path) -> list:
 
 
 def wandb_runs(out) -> list[dict]:
-    """Each offline W&B run under ``out/wandb`` (one per start of the run), in their order:
-    its id, project, name, config and history rows ``{step: {key: value}}``."""
+    """Each offline W&B run under ``out/wandb`` (one per start of the run), in the order they
+    started (the folders' names hold the second only): its id, project, name, config, history
+    rows ``{step: {key: value}}`` and exit code."""
     runs = []
-    for folder in sorted((out / "wandb").glob("offline-run-*")):
+    for folder in (out / "wandb").glob("offline-run-*"):
         (path,) = folder.glob("run-*.wandb")
         found = {"history": {}, "config": {}}
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                found.update(id=record.run.run_id, project=record.run.project, name=record.run.display_name)
+                found.update(id=record.run.run_id, project=record.run.project, name=record.run.display_name,
+                             started=(record.run.start_time.seconds, record.run.start_time.nanos))
                 found["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
             elif kind == "config":
                 found["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
@@ -1057,4 +1059,4 @@ def wandb_runs(out) -> list[dict]:
                 row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
                 found["history"].setdefault(int(record.history.step.num), {}).update(row)
         runs.append(found)
-    return runs
+    return sorted(runs, key=lambda run: run["started"])

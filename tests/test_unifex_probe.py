@@ -627,10 +627,11 @@ def test_the_best_scored_epoch_is_exported_beside_the_last_across_a_resume(colle
     assert "the best so far: exported to" in capsys.readouterr().out
 
 
-def test_the_epochs_and_their_scores_go_to_wandb_and_a_resumed_run_continues_its_wandb_run(
+def test_the_epochs_and_their_scores_go_to_tensorboard_and_wandb_and_a_resumed_run_continues_them(
         collection, tmp_path, wandb_offline):
     pytest.importorskip("wandb")
     from support import wandb_runs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     overrides = ("train.epochs=3", "eval.every=1", "log.wandb=true", "log.wandb_name=probe")
     assert probe(recipe(collection, tmp_path / "run", *overrides), until_epoch=2)["stopped_after_epoch"] == 2
@@ -647,6 +648,13 @@ def test_the_epochs_and_their_scores_go_to_wandb_and_a_resumed_run_continues_its
         assert row["train/images_per_second"] == pytest.approx(record["images"] / record["seconds"], rel=1e-9)
         for name in ("mmp@5", "recall@1", "map@r"):
             assert row[f"eval/{name}"] == pytest.approx(record["metrics"][name], rel=1e-12), name
+    # TensorBoard holds the same, each epoch once (float32)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    for tag, values in (("train/loss", [r["loss"] for r in report["history"]]),
+                        ("eval/mmp@5", [r["metrics"]["mmp@5"] for r in report["history"]])):
+        assert [event.step for event in events.Scalars(tag)] == [1, 2, 3]
+        assert [event.value for event in events.Scalars(tag)] == pytest.approx(values, rel=1e-6)
 
 
 def test_the_best_epoch_of_another_metric_is_exported_and_a_metric_not_reported_is_refused(collection, tmp_path):

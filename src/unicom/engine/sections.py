@@ -1,5 +1,5 @@
 """The recipe sections that ``unicom train`` and ``unicom probe`` share: ``augment``, ``loss``,
-``optim``, ``schedule`` and the Weights & Biases keys of ``log``.
+``optim``, ``schedule`` and ``log`` (TensorBoard and Weights & Biases).
 
 Each is defined and checked once here (``check`` appends what is wrong to a list of
 problems, see :mod:`unicom.engine.recipe`), so a key means the same thing, with the same
@@ -221,9 +221,11 @@ class ScheduleConfig:
 
 
 @dataclass
-class WandbLogConfig:
-    """A run logged to Weights & Biases (:class:`unicom.engine.runlog.WandbRun`)."""
+class LogConfig:
+    """Where a run's scalars go besides ``log.jsonl``: TensorBoard, Weights & Biases
+    (:class:`unicom.engine.runlog.RunLog`)."""
 
+    tensorboard: bool = True  # write out/tensorboard (when the tensorboard package is installed)
     wandb: bool = False  # log the run's scalars and its recipe to Weights & Biases (pip install 'unicom[wandb]')
     wandb_project: str | None = None  # the W&B project (default: WANDB_PROJECT, else unicom)
     wandb_name: str | None = None  # the W&B run's name (default: the out folder's)
@@ -240,4 +242,4 @@ class WandbLogConfig:
         return WandbRun(self.wandb_project, self.wandb_name, recipe.to_dict()) if self.wandb else None
 
 
-__all__ = ["AugmentConfig", "LossConfig", "OptimConfig", "ScheduleConfig", "WandbLogConfig"]
+__all__ = ["AugmentConfig", "LossConfig", "OptimConfig", "ScheduleConfig", "LogConfig"]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from unicom.engine import recipe
 from unicom.engine.device import PRECISIONS
 from unicom.engine.recipe import Recipe, check, check_local_out
-from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, ScheduleConfig, WandbLogConfig
+from unicom.engine.sections import AugmentConfig, LogConfig, LossConfig, OptimConfig, ScheduleConfig
 
 
 @dataclass
@@ -157,9 +157,8 @@ class CheckpointConfig:
 
 
 @dataclass
-class LogConfig(WandbLogConfig):
+class TrainLogConfig(LogConfig):
     every: int = 50  # steps between log lines
-    tensorboard: bool = True  # write out/tensorboard (when the tensorboard package is installed)
 
     def check(self, problems: list[str], name: str = "log") -> None:
         super().check(problems, name)
@@ -184,7 +183,7 @@ class TrainConfig(Recipe):
     train: TrainSection = field(default_factory=TrainSection)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    log: TrainLogConfig = field(default_factory=TrainLogConfig)
 
     def check(self, problems: list[str]) -> None:
         """The keys and combinations that the shared sections do not check."""
@@ -259,6 +258,6 @@ to_yaml = recipe.to_yaml
 
 __all__ = [
     "TrainConfig", "ModelConfig", "DataConfig", "AugmentConfig", "TrainLossConfig", "OptimConfig", "TrainOptimConfig", "ScheduleConfig",
-    "TrainSection", "CheckpointConfig", "LogConfig", "load_config", "from_dict", "default_values", "apply_overrides",
+    "TrainSection", "CheckpointConfig", "TrainLogConfig", "load_config", "from_dict", "default_values", "apply_overrides",
     "to_yaml",
 ]

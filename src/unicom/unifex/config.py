@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from unicom.engine import recipe
 from unicom.engine.device import PRECISIONS
 from unicom.engine.recipe import Recipe, check, check_local_out
-from unicom.engine.sections import AugmentConfig, LossConfig, OptimConfig, ScheduleConfig, WandbLogConfig
+from unicom.engine.sections import AugmentConfig, LogConfig, LossConfig, OptimConfig, ScheduleConfig
 
 
 @dataclass
@@ -113,7 +113,7 @@ class ProbeConfig(Recipe):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    log: WandbLogConfig = field(default_factory=WandbLogConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def check(self, problems: list[str]) -> None:
         """The keys and combinations that the shared sections do not check."""

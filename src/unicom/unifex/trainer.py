@@ -677,7 +677,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
         raise InputError(f"{out}: the output folder cannot be written ({storage.describe(error)}); "
                          "give out= a folder that can be") from error
     # the epochs after the checkpoint are trained again: logged once (the cache's build record stays)
-    log = RunLog(out, tensorboard=False, console=console, continues_from=int(checkpoint["epoch"]) if checkpoint else 0,
+    log = RunLog(out, tensorboard=config.log.tensorboard and not cache_only, console=console, continues_from=int(checkpoint["epoch"]) if checkpoint else 0,
                  counted_in="epoch", keep_others=True, wandb=None if cache_only else config.log.wandb_run(config))
     say = log.print
     failed = True  # until the run returns: W&B is told how it ended

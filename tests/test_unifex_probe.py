@@ -648,6 +648,18 @@ def test_the_epochs_and_their_scores_go_to_tensorboard_and_wandb_and_a_resumed_r
         assert row["train/images_per_second"] == pytest.approx(record["images"] / record["seconds"], rel=1e-9)
         for name in ("mmp@5", "recall@1", "map@r"):
             assert row[f"eval/{name}"] == pytest.approx(record["metrics"][name], rel=1e-12), name
+    # OUT/curves.png draws log.jsonl's epochs: the loss, and the evaluations' mMP@5 and MAP@R
+    from PIL import Image as PILImage
+
+    from unicom.evaluate.plots import training_curves
+
+    curves = training_curves(tmp_path / "run" / "log.jsonl")
+    assert curves["x"] == "epoch" and curves["loss"] == [(r["epoch"], r["loss"]) for r in report["history"]]
+    assert curves["eval"]["metric"] == "mmp@5"
+    for name in ("mmp@5", "map@r"):
+        assert curves["eval"][name] == [(r["epoch"], r["metrics"][name]) for r in report["history"]]
+    with PILImage.open(tmp_path / "run" / "curves.png") as drawn:
+        assert drawn.format == "PNG" and drawn.size == (672, 720)  # two panels: the loss, the scores
     # TensorBoard holds the same, each epoch once (float32)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), purge_orphaned_data=True)
     events.Reload()

@@ -67,13 +67,15 @@ def plot_dimension_curve(rows: list[dict], path: str | os.PathLike, metric: str 
 
 
 def training_curves(log_file: str | os.PathLike) -> dict:
-    """The curves of a training run's ``log.jsonl``: ``{"loss": [(step, loss), ...]}`` from its
-    ``step`` records, and with evaluations (``eval`` records) ``"eval"``: ``{"benchmark",
+    """The curves of a training run's ``log.jsonl``: ``{"x": "step", "loss": [(step, loss), ...]}``
+    from its ``step`` records, and with evaluations (``eval`` records) ``"eval"``: ``{"benchmark",
     "metric", "weights", metric: [(step, value), ...], "map@r": [...]}`` (MAP@R where the
-    benchmark has it). A line cut short by a kill is skipped."""
+    benchmark has it); of ``unicom probe``'s log, whose ``epoch`` records hold the loss and the
+    evaluation's ``metrics``, the same against the epoch (``"x": "epoch"``). A line cut short by
+    a kill is skipped."""
     import json
 
-    loss, evaluations = [], []
+    loss, evaluations, x = [], [], "step"
     for line in Path(log_file).read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
@@ -83,10 +85,16 @@ def training_curves(log_file: str | os.PathLike) -> dict:
             loss.append((record["step"], record["loss"]))
         elif record.get("event") == "eval":
             evaluations.append(record)
-    curves: dict = {"loss": loss}
+        elif record.get("event") == "epoch" and record.get("loss") is not None:
+            x = "epoch"
+            loss.append((record["epoch"], record["loss"]))
+            if "metrics" in record:
+                evaluations.append({"step": record["epoch"], "benchmark": "evaluation", "metric": record.get("metric"),
+                                    **record["metrics"]})
+    curves: dict = {"x": x, "loss": loss}
     if evaluations:
         last = evaluations[-1]
-        metric = last.get("metric", "recall@1")
+        metric = last.get("metric") or ("mmp@5" if x == "epoch" else "recall@1")
         curves["eval"] = {"benchmark": last.get("benchmark"), "metric": metric, "weights": last.get("weights")}
         for name in dict.fromkeys((metric, "map@r")):
             points = [(record["step"], record[name]) for record in evaluations if name in record]
@@ -97,9 +105,11 @@ def training_curves(log_file: str | os.PathLike) -> dict:
 
 def plot_training_curves(log_file: str | os.PathLike, path: str | os.PathLike, title: str = "") -> Path:
     """Write a training run's curves (:func:`training_curves`) as a PNG, atomically: the loss
-    against the step, and below it, with evaluations, their metrics (in %); returns the path."""
+    against the step (or epoch), and below it, with evaluations, their metrics (in %); returns
+    the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     curves = training_curves(log_file)
     evaluated = curves.get("eval")
@@ -118,7 +128,8 @@ def plot_training_curves(log_file: str | os.PathLike, path: str | os.PathLike, t
                 panels[1].plot(steps, [100 * value for value in values], label=name, **style)
         panels[1].set_ylabel(f"{evaluated['benchmark']} (%)")
         panels[1].legend(frameon=False, fontsize="small")
-    panels[-1].set_xlabel("step")
+    panels[-1].set_xlabel(curves["x"])
+    panels[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole
     for axes in panels:
         axes.grid(True, alpha=0.3)
     figure.tight_layout()

@@ -48,6 +48,7 @@ MODEL_FOLDER = "model"
 BEST_MODEL = "model_best"  # eval.keep_best's folder in out
 METRICS = "metrics.json"
 RESUMES = "with the same out= it resumes after the last epoch checkpointed"  # what a rerun after a refused write does
+CURVES = "curves.png"  # the loss (and the evaluations) against the epoch, drawn at the end
 EVAL_DATASET = "eval"  # the dataset of the rows of evaluation lists without a dataset column
 # keys that may change between a run and its resumption: they do not change what is trained
 # (eval.holdout_classes does: the held-out classes are left out of training)
@@ -735,6 +736,7 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
                     f"{record['images'] / max(record['seconds'], 1e-9):,.0f} images/s, {record['seconds']:.2f} s")
             if split is not None and config.eval.every and (epoch + 1) % config.eval.every == 0:
                 record["metrics"] = scores = retrieval_scores(head.neck, split, ks)
+                record["metric"] = config.eval.metric  # the one eval.keep_best compares, and curves.png draws
                 line += f", mMP@5 {100 * scores['mmp@5']:.2f}%, Recall@{ks[0]} {100 * scores[f'recall@{ks[0]}']:.2f}%"
                 if config.eval.keep_best:  # the earlier epochs' scores are in the history, the checkpoint's too
                     metric = config.eval.metric
@@ -773,6 +775,12 @@ def probe(config: ProbeConfig, console=None, *, until_epoch: int | None = None, 
                                 ("trained", final)], ks)
         with refused_write(out, METRICS, RESUMES):
             write_json_atomic(out / METRICS, report)
+        if history:
+            from unicom.engine.runlog import LOG_FILE
+            from unicom.evaluate.plots import plot_training_curves
+
+            with refused_write(out, CURVES, RESUMES):
+                plot_training_curves(out / LOG_FILE, out / CURVES, title=f"unicom probe: {config.neck.kind} neck, {config.loss.head} head")
         log.event("end", model=str(folder))
         say(f"model exported to {folder} (unicom embed/evaluate/index --model {folder})")
         failed = False

@@ -218,8 +218,9 @@ class TrainConfig(Recipe):
         check(train.ema is not None or not train.ema_update_after, problems,
               "train.ema_update_after delays train.ema: set it too")
         check(train.ema_update_after >= 0, problems, f"train.ema_update_after must be 0 or more, got {train.ema_update_after}")
-        warmup_options = {"ema_min_decay": 0.0, "ema_warmup_gamma": 1.0, "ema_warmup_power": 2.0 / 3.0}
-        changed = [key for key, default in warmup_options.items() if getattr(train, key) != default]
+        defaults = TrainSection()
+        changed = [key for key in ("ema_min_decay", "ema_warmup_gamma", "ema_warmup_power")
+                   if getattr(train, key) != getattr(defaults, key)]
         check(train.ema_warmup or not changed, problems,
               f"{', '.join('train.' + key for key in changed)} shape{'s' if len(changed) == 1 else ''} the warm-up of "
               "train.ema: set train.ema_warmup=true too")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from unicom.engine.recipe import changed_keys
+import pytest
+
+from unicom.engine.recipe import apply_overrides, changed_keys
+from unicom.errors import InputError
+from unicom.train.config import TrainConfig
 from unicom.unifex.config import load_probe_config
 
 PROBE = ["out=/tmp/unused-run", "data.train=[lists/train.csv]"]
@@ -43,3 +47,17 @@ def test_a_recipe_in_object_storage_is_read_where_it_is(s3, tmp_path, capsys):
     missing = url.replace("sop.yaml", "missing.yaml")
     assert main(["train", "--config", missing, "--print-config"]) == 2
     assert capsys.readouterr().err.strip() == f"unicom train: error: {missing}: recipe file not found"
+
+
+def test_a_key_of_one_string_or_a_list_keeps_a_string_as_written():
+    """``eval.benchmark`` / ``eval.root`` take one string or a list: a value that is not a
+    ``[list]`` stays the string written (``yes`` is not YAML's true), a list is a list (its
+    items read as YAML reads them), and null is none."""
+    config = apply_overrides(TrainConfig(), ["eval.benchmark=yes", "eval.root=1e3"])
+    assert (config.eval.benchmark, config.eval.root) == ("yes", "1e3")
+    config = apply_overrides(TrainConfig(), ["eval.benchmark=[cub, cars196]", "eval.root=[data/cub,2024]"])
+    assert (config.eval.benchmark, config.eval.root) == (["cub", "cars196"], ["data/cub", "2024"])
+    assert config.eval.benchmarks() == [("cub", "data/cub"), ("cars196", "2024")]
+    assert apply_overrides(TrainConfig(), ["eval.benchmark=null"]).eval.benchmark is None
+    with pytest.raises(InputError, match=r"eval.benchmark must be a string or a list of strings or null, got \[\{"):
+        apply_overrides(TrainConfig(), ["eval.benchmark=[{cub: 1}]"])

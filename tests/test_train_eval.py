@@ -243,3 +243,78 @@ def test_the_run_draws_its_loss_and_its_scores_against_the_step(folders, tmp_pat
     assert "eval" not in training_curves(plain / "log.jsonl")
     with PILImage.open(plain / "curves.png") as drawn:
         assert drawn.size == (672, 408)  # the loss alone
+
+
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
+def test_several_benchmarks_are_each_scored_and_the_best_of_their_mean_is_kept(folders, tmp_path, capsys):
+    """``eval.benchmark=[folder,cub]``: each benchmark's scores are those ``unicom evaluate``
+    gives the exported model; OUT/model_best is the step with the best mean of their headline
+    metrics; TensorBoard, the summary and the curves carry each one; a run resumed to score one
+    of them drops the best of the mean."""
+    from benchmark_layouts import cub
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unicom.evaluate.plots import training_curves
+
+    birds = cub(tmp_path / "cub", "flat")
+    out = tmp_path / "run"
+    keep = ["eval.every=1", "eval.keep_best=true", "checkpoint.every=1", "checkpoint.keep=10", "optim.lr=0.01",
+            "log.tensorboard=true"]
+    several = recipe(folders, out, "train.steps=3", *keep, "eval.benchmark=[folder,cub]",
+                     f"eval.root=[{folders['val']},{birds}]")
+    assert main(["train", *several]) == 0
+    printed = capsys.readouterr().out
+    assert ("eval: folder (72 query images), cub (4 query images), every 1 steps and at the end; the best mean of "
+            "folder recall@1, cub recall@1 kept") in printed
+    assert "eval step 3: mean of folder recall@1, cub recall@1 " in printed
+    scored = events(out, "eval")
+    assert [(r["step"], r["benchmark"]) for r in scored] == [(s, b) for s in (1, 2, 3) for b in ("folder", "cub")]
+    by_step = {step: {r["benchmark"]: r for r in scored if r["step"] == step} for step in (1, 2, 3)}
+    final = {"folder": evaluated(out / "model", folders, tmp_path / "final")}
+    assert main(["evaluate", "--model", str(out / "model"), "--dataset", "cub", "--root", str(birds),
+                 "--out", str(tmp_path / "final_cub"), "--workers", "0"]) == 0
+    final["cub"] = json.loads((tmp_path / "final_cub" / "metrics.json").read_text())["metrics"]
+    for name in ("folder", "cub"):
+        assert_scores(by_step[3][name], final[name])
+    means = [(by_step[s]["folder"]["recall@1"] + by_step[s]["cub"]["recall@1"]) / 2 for s in (1, 2, 3)]
+    flags = [by_step[s]["folder"]["best"] for s in (1, 2, 3)]
+    assert flags == [by_step[s]["cub"]["best"] for s in (1, 2, 3)]
+    assert flags == [means[i] > max(means[:i], default=-1) for i in range(3)]
+    best = max(range(3), key=lambda i: (means[i], -i))
+    provenance = json.loads((out / "model_best" / "unicom_model.json").read_text())["provenance"]
+    assert provenance["step"] == best + 1
+    assert provenance["eval"]["benchmark"] == ["folder", "cub"] and provenance["eval"]["metric"] == ["recall@1"] * 2
+    assert provenance["eval"]["value"] == pytest.approx(means[best], abs=1e-12)
+    assert provenance["eval"]["values"] == [by_step[best + 1][name]["recall@1"] for name in ("folder", "cub")]
+    summary = json.loads((out / "summary.json").read_text())["eval"]
+    assert_scores(summary["folder"], final["folder"]) and summary["mean"] == pytest.approx(means[2], abs=1e-12)
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    for tag, values in (("eval/folder/recall@1", [by_step[s]["folder"]["recall@1"] for s in (1, 2, 3)]),
+                        ("eval/cub/map@r", [by_step[s]["cub"]["map@r"] for s in (1, 2, 3)]), ("eval/mean", means)):
+        assert [(e.step, e.value) for e in board.Scalars(tag)] == [(s, pytest.approx(v, abs=1e-6))
+                                                                   for s, v in zip((1, 2, 3), values)], tag
+    curves = training_curves(out / "log.jsonl")["eval"]
+    assert curves["benchmark"] == "folder, cub"
+    assert curves["cub recall@1"] == [(s, by_step[s]["cub"]["recall@1"]) for s in (1, 2, 3)]
+    assert curves["folder recall@1"] == [(s, by_step[s]["folder"]["recall@1"]) for s in (1, 2, 3)]
+    # resumed to score the folder alone: the best mean is not of it
+    assert main(["train", *recipe(folders, out, "train.steps=4", *keep)]) == 0
+    assert ("is not of folder recall@1: the next evaluation is the best so far" in capsys.readouterr().out)
+    (last,) = events(out, "eval")[6:]
+    assert last["benchmark"] == "folder" and last["best"]
+    assert training_curves(out / "log.jsonl")["eval"]["recall@1"] == [
+        (s, by_step[s]["folder"]["recall@1"]) for s in (1, 2, 3)] + [(4, last["recall@1"])]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.root=[a,b]", "eval.benchmark names 1 benchmark(s) and eval.root 2 folder(s): give one folder per benchmark"),
+    ("eval.benchmark=[folder,folder]", "eval.benchmark names folder more than once"),
+])
+def test_several_benchmarks_need_a_folder_each_and_each_once(folders, tmp_path, capsys, override, message):
+    args = recipe(folders, tmp_path / "run", override)
+    if override.startswith("eval.benchmark"):
+        args.append(f"eval.root=[{folders['val']},{folders['val']}]")
+    assert main(["train", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -91,7 +91,8 @@ def _type_name(annotation) -> str:
         return f"{inner} or null" if len(args) < len(typing.get_args(annotation)) else inner
     if origin is list:
         (item,) = typing.get_args(annotation)
-        return f"a list of {_type_name(item)}"
+        plural = {int: "integers", float: "numbers", bool: "true or false values", str: "strings"}
+        return f"a list of {plural.get(item, _type_name(item))}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
 
 
@@ -246,8 +247,10 @@ def apply_overrides(config, overrides: Sequence[str]):
         key, value = text.split("=", 1)
         key = key.strip()
         annotation = _annotation(key, type(config))
-        # Strings stay as written (a brace pattern is not a YAML mapping); other types parse as YAML.
-        if annotation is not None and _is_plain_string(annotation):
+        # Strings stay as written (a brace pattern is not a YAML mapping; a string-or-list key's
+        # value unless it is a [list]); other types parse as YAML.
+        if annotation is not None and (_is_plain_string(annotation) or
+                                       (_is_string_or_list(annotation) and not value.strip().startswith("["))):
             parsed: Any = None if value.strip().lower() in ("null", "none", "~") and _optional(annotation) else value
         else:
             try:
@@ -279,6 +282,12 @@ def _is_plain_string(annotation) -> bool:
         return True
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return typing.get_origin(annotation) in (typing.Union, types.UnionType) and args == [str]
+
+
+def _is_string_or_list(annotation) -> bool:
+    """``str | list[str]`` (optional or not): one string or a list of them."""
+    args = {a for a in typing.get_args(annotation) if a is not type(None)}
+    return str in args and all(a is str or typing.get_origin(a) is list for a in args)
 
 
 def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), validate: bool = True):

@@ -70,9 +70,11 @@ def training_curves(log_file: str | os.PathLike) -> dict:
     """The curves of a training run's ``log.jsonl``: ``{"x": "step", "loss": [(step, loss), ...]}``
     from its ``step`` records, and with evaluations (``eval`` records) ``"eval"``: ``{"benchmark",
     "metric", "weights", metric: [(step, value), ...], "map@r": [...]}`` (MAP@R where the
-    benchmark has it); of ``unicom probe``'s log, whose ``epoch`` records hold the loss and the
-    evaluation's ``metrics``, the same against the epoch (``"x": "epoch"``). A line cut short by
-    a kill is skipped."""
+    benchmark has it) of the benchmark of the last evaluation; where it scored several
+    benchmarks, each one's metric as ``"<benchmark> <metric>"`` (``benchmark`` names them all).
+    Of ``unicom probe``'s log, whose ``epoch`` records hold the loss and the evaluation's
+    ``metrics``, the same against the epoch (``"x": "epoch"``). A line cut short by a kill is
+    skipped."""
     import json
 
     loss, evaluations, x = [], [], "step"
@@ -94,12 +96,20 @@ def training_curves(log_file: str | os.PathLike) -> dict:
     curves: dict = {"x": x, "loss": loss}
     if evaluations:
         last = evaluations[-1]
+        # the benchmarks of the last evaluation (a run resumed to score others draws those)
+        scored = {record["benchmark"]: record for record in evaluations if record["step"] == last["step"]}
         metric = last.get("metric") or ("mmp@5" if x == "epoch" else "recall@1")
-        curves["eval"] = {"benchmark": last.get("benchmark"), "metric": metric, "weights": last.get("weights")}
-        for name in dict.fromkeys((metric, "map@r")):
-            points = [(record["step"], record[name]) for record in evaluations if name in record]
+        curves["eval"] = {"benchmark": ", ".join(scored), "metric": metric, "weights": last.get("weights")}
+        if len(scored) == 1:
+            lines = [(name, last["benchmark"], name) for name in dict.fromkeys((metric, "map@r"))]
+        else:
+            lines = [(f"{benchmark} {record['metric']}", benchmark, record["metric"])
+                     for benchmark, record in scored.items()]
+        for label, benchmark, name in lines:
+            points = [(record["step"], record[name]) for record in evaluations
+                      if record["benchmark"] == benchmark and name in record]
             if points:
-                curves["eval"][name] = points
+                curves["eval"][label] = points
     return curves
 
 
@@ -107,6 +117,8 @@ def plot_training_curves(log_file: str | os.PathLike, path: str | os.PathLike, t
     """Write a training run's curves (:func:`training_curves`) as a PNG, atomically: the loss
     against the step (or epoch), and below it, with evaluations, their metrics (in %); returns
     the path."""
+    import itertools
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -122,11 +134,13 @@ def plot_training_curves(log_file: str | os.PathLike, path: str | os.PathLike, t
     if title:
         panels[0].set_title(title)
     if evaluated:
-        for name, style in zip(dict.fromkeys((evaluated["metric"], "map@r")), ({"marker": "o"}, {"marker": "s", "linestyle": "--"})):
-            if name in evaluated:
-                steps, values = zip(*evaluated[name])
-                panels[1].plot(steps, [100 * value for value in values], label=name, **style)
-        panels[1].set_ylabel(f"{evaluated['benchmark']} (%)")
+        lines = [name for name, points in evaluated.items() if isinstance(points, list)]
+        styles = itertools.cycle([{"marker": marker, "linestyle": linestyle}
+                                  for marker, linestyle in zip("os^vDP<>", ["-", "--", ":", "-."] * 2)])
+        for name, style in zip(lines, styles):
+            steps, values = zip(*evaluated[name])
+            panels[1].plot(steps, [100 * value for value in values], label=name, **style)
+        panels[1].set_ylabel(f"{evaluated['benchmark']} (%)" if len(lines) <= 2 else "%")
         panels[1].legend(frameon=False, fontsize="small")
     panels[-1].set_xlabel(curves["x"])
     panels[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole

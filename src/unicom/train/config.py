@@ -126,17 +126,35 @@ class TrainEvalConfig:
     """Retrieval on a benchmark while training: every ``every`` steps and at the end, the model
     as it would be exported (the moving average with train.ema) embeds the benchmark and is scored."""
 
-    benchmark: str | None = None  # a retrieval benchmark of unicom evaluate (sop, cub, cars196, inshop, ..., folder)
-    root: str | None = None  # its folder
+    benchmark: str | list[str] | None = None  # a retrieval benchmark of unicom evaluate (sop, cub, cars196, inshop, ..., folder), or a list of them ([cub, cars196])
+    root: str | list[str] | None = None  # its folder (a list: one per benchmark, in their order)
     every: int = 0  # optimiser steps between evaluations (0: at the end only)
     batch_size: int = 64  # images per rank and batch
     workers: int | None = None  # decoding processes per rank (default: as unicom embed)
-    keep_best: bool = False  # export OUT/model_best whenever the benchmark's headline metric beats every earlier evaluation
-    metric: str | None = None  # keep_best's and the console line's metric (default: the headline, recall@1, map_medium...)
+    keep_best: bool = False  # export OUT/model_best whenever the benchmark's headline metric (several: their mean) beats every earlier evaluation
+    metric: str | None = None  # keep_best's and the console line's metric, of every benchmark (default: each one's headline, recall@1, map_medium...)
+
+    def benchmarks(self) -> list[tuple[str, str]]:
+        """The benchmarks to score, in order, each with its folder: ``[("cub", "data/cub"), ...]``."""
+        return list(zip(*self._lists()))
+
+    def _lists(self) -> tuple[list[str], list[str]]:
+        names, roots = (value if isinstance(value, list) else [value] if value else []
+                        for value in (self.benchmark, self.root))
+        return names, roots
 
     def check(self, problems: list[str], name: str = "eval") -> None:
         check(bool(self.benchmark) == bool(self.root), problems,
               f"give {name}.benchmark and {name}.root (the benchmark's folder) together")
+        names, roots = self._lists()
+        if names and roots:
+            check(len(names) == len(roots), problems,
+                  f"{name}.benchmark names {len(names)} benchmark(s) and {name}.root {len(roots)} folder(s): give "
+                  f"one folder per benchmark, in the same order ({name}.benchmark=[cub,cars196] "
+                  f"{name}.root=[data/cub,data/cars196])")
+            repeated = sorted({bench for bench in names if names.count(bench) > 1})
+            check(not repeated, problems, f"{name}.benchmark names {', '.join(repeated)} more than once: its scores "
+                  "are logged under its name; give each benchmark once")
         check(self.every >= 0, problems, f"{name}.every must be 0 or more, got {self.every}")
         check(self.batch_size >= 1, problems, f"{name}.batch_size must be at least 1, got {self.batch_size}")
         check(self.workers is None or self.workers >= 0, problems, f"{name}.workers must be 0 or more, got {self.workers}")

@@ -1,7 +1,7 @@
 """Retrieval scored while ``unicom train`` runs (the recipe's ``eval`` section).
 
 Every ``eval.every`` optimiser steps and at the end, the network as ``out/model`` would hold
-it (the moving average of its weights with ``train.ema``) embeds the benchmark's images with
+it (the moving average of its weights with ``train.ema``) embeds each benchmark's images with
 the model's evaluation transform, in evaluation mode, each rank a contiguous share of them;
 rank 0 scores them as ``unicom evaluate --model out/model`` would (the benchmark's metrics,
 :func:`unicom.evaluate.report.evaluate_retrieval`). Training is left exactly as it was: the
@@ -22,18 +22,71 @@ from torch import nn
 
 from unicom import distributed
 
-__all__ = ["RunEvaluation", "headline"]
+__all__ = ["BenchmarkEvaluation", "RunEvaluation", "headline"]
 
 
 class RunEvaluation:
-    """The benchmark of a recipe's ``eval`` section, read (and its images checked) when made."""
+    """The benchmarks of a recipe's ``eval`` section, each read (its images checked) when made;
+    scored in turn. With several, the score kept by ``eval.keep_best`` is the mean of their
+    metrics (:meth:`value`)."""
 
     def __init__(self, eval_config, created, device: torch.device):
+        self.config = eval_config
+        self.benchmarks = [BenchmarkEvaluation(eval_config, name, root, created, device)
+                           for name, root in eval_config.benchmarks()]
+        names = [benchmark.name for benchmark in self.benchmarks]
+        if len(set(names)) < len(names):
+            from unicom.errors import InputError
+
+            raise InputError(f"eval.benchmark={eval_config.benchmark} names {', '.join(names)}: a benchmark more than "
+                             "once (its scores are logged under its name); give each benchmark once")
+
+    @property
+    def several(self) -> bool:
+        return len(self.benchmarks) > 1
+
+    @property
+    def scored_as(self) -> str:
+        """What the best score is of: ``cub recall@1``, or ``mean of cub recall@1, cars196 recall@1``."""
+        each = ", ".join(benchmark.scored_as for benchmark in self.benchmarks)
+        return f"mean of {each}" if self.several else each
+
+    @property
+    def headline_scored_as(self) -> str:
+        """What a checkpoint written before ``best_of`` was kept holds the best of: the
+        benchmark's headline metric."""
+        first = self.benchmarks[0].protocol
+        return f"{first.name} {first.metric}"
+
+    def value(self, scores: dict[str, dict[str, Any]]) -> float:
+        """The score ``eval.keep_best`` compares: the metric of the benchmark, or the mean of the
+        benchmarks' ``scores`` (as :meth:`__call__` returns them)."""
+        return float(np.mean([scores[benchmark.name][benchmark.metric] for benchmark in self.benchmarks]))
+
+    def describe(self) -> str:
+        every = f"every {self.config.every} steps and at the end" if self.config.every else "at the end"
+        kept = self.scored_as if self.several else self.benchmarks[0].metric
+        best = f"; the best {kept} kept" if self.config.keep_best else ""
+        return f"eval: {', '.join(benchmark.describe() for benchmark in self.benchmarks)}, {every}{best}"
+
+    def __call__(self, backbone: nn.Module, average: dict[str, torch.Tensor] | None = None) -> dict[str, dict] | None:
+        """Score ``backbone`` on every benchmark (:meth:`BenchmarkEvaluation.__call__`); on rank 0
+        each one's metrics and ``seconds`` by its name, None elsewhere."""
+        scores = {benchmark.name: benchmark(backbone, average) for benchmark in self.benchmarks}
+        return scores if distributed.get_rank() == 0 else None
+
+
+class BenchmarkEvaluation:
+    """One benchmark of the ``eval`` section, ``name`` in its folder ``root``, read (its images
+    checked) when made."""
+
+    def __init__(self, eval_config, name: str, root: str, created, device: torch.device):
         from unicom.data.benchmarks import load_retrieval_benchmark
         from unicom.models.export import build_transform
 
         self.config = eval_config
-        self.protocol = load_retrieval_benchmark(eval_config.benchmark, eval_config.root)
+        self.protocol = load_retrieval_benchmark(name, root)
+        self.name = self.protocol.name  # the benchmark's own name, whatever alias named it
         self.metric = self._metric(eval_config.metric)
         self.transform = build_transform(created.preprocess())
         self.embedding_dim = int(created.embedding_dim)
@@ -67,13 +120,12 @@ class RunEvaluation:
 
     def describe(self) -> str:
         sizes = ", ".join(f"{len(items):,} {split}" for split, items in self.inputs.items() if items is not None)
-        every = f"every {self.config.every} steps and at the end" if self.config.every else "at the end"
-        best = f"; the best {self.metric} kept" if self.config.keep_best else ""
-        return f"eval: {self.protocol.name} ({sizes} images), {every}{best}"
+        return f"{self.protocol.name} ({sizes} images)"
 
     def __call__(self, backbone: nn.Module, average: dict[str, torch.Tensor] | None = None) -> dict[str, Any] | None:
-        """Score ``backbone`` (the moving average ``average`` in its place: rank 0's, given on
-        rank 0 with ``train.ema``); on rank 0 the report's metrics and ``seconds``, None elsewhere."""
+        """Score ``backbone`` on this benchmark (the moving average ``average`` in its place: rank
+        0's, given on rank 0 with ``train.ema``); on rank 0 the report's metrics and ``seconds``,
+        None elsewhere."""
         began = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), _weights(backbone, average), _evaluation_mode(backbone):

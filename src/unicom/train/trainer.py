@@ -697,12 +697,12 @@ def train(config: TrainConfig, console=None) -> dict[str, Any]:
 
 
 def _compare_best(run: Run, state: RunState, say) -> None:
-    """A resumed run's best score kept only when it is of what this run scores (benchmark and
+    """A resumed run's best score kept only when it is of what this run scores (benchmarks and
     metric, ``eval.metric``); of something else it is dropped, with a note, and the next
     evaluation is the best so far."""
     if state.best_score is None or run.evaluation is None:
         return
-    kept = state.best_of or f"{run.evaluation.protocol.name} {run.evaluation.protocol.metric}"  # before best_of
+    kept = state.best_of or run.evaluation.headline_scored_as  # a checkpoint written before best_of
     if kept != run.evaluation.scored_as:
         say(f"note: the checkpoint's best score ({kept} {state.best_score:.4f} at step {state.best_step}) is not "
             f"of {run.evaluation.scored_as}: the next evaluation is the best so far")
@@ -710,37 +710,50 @@ def _compare_best(run: Run, state: RunState, say) -> None:
 
 
 def _evaluate(run: Run, log: RunLog, state: RunState) -> dict[str, Any] | None:
-    """Score the model as it would be exported after step ``state.step`` (every rank embeds its
-    share); rank 0 logs the metrics (an ``eval`` event, TensorBoard's ``eval/`` scalars, a line)
-    and returns them, the other ranks None. With ``eval.keep_best``, a headline metric above
-    every earlier one (``state.best_score``, kept in the checkpoints) exports ``OUT/model_best``."""
+    """Score the model as it would be exported after step ``state.step`` on each benchmark (every
+    rank embeds its share); rank 0 logs the metrics (an ``eval`` event per benchmark, TensorBoard's
+    ``eval/`` scalars, a line each) and returns them (of several benchmarks: by name, with their
+    ``mean``), the other ranks None. With ``eval.keep_best``, a score above every earlier one
+    (``state.best_score``, kept in the checkpoints) exports ``OUT/model_best``: the benchmark's
+    metric, or the mean of the benchmarks'."""
     from unicom.train.evaluation import headline
 
     evaluation, step = run.evaluation, state.step
-    metric = evaluation.metric
     ckpt.pause_if_requested("eval", step)
-    metrics = evaluation(run.backbone, run.ema.state if run.ema is not None else None)
-    best = None
-    if metrics is not None:
+    scores = evaluation(run.backbone, run.ema.state if run.ema is not None else None)
+    best = value = None
+    if scores is not None:
         weights = "moving average" if run.config.train.ema is not None else "network"
-        best = run.config.eval.keep_best and (state.best_score is None or metrics[metric] > state.best_score)
-        log.event("eval", step=step, benchmark=evaluation.protocol.name, metric=metric, weights=weights, best=bool(best),
-                  **metrics)
-        log.scalars(step, metrics, section="eval")
-        log.print(f"eval step {step}: {evaluation.protocol.name} {headline(metrics, metric)} ({weights}, "
-                  f"{metrics['seconds']:.1f}s)" + (f"; the best so far: exported to {run.out / BEST_MODEL}" if best else ""))
+        value = evaluation.value(scores)
+        best = run.config.eval.keep_best and (state.best_score is None or value > state.best_score)
+        kept = f"; the best so far: exported to {run.out / BEST_MODEL}" if best else ""
+        for benchmark in evaluation.benchmarks:
+            metrics = scores[benchmark.name]
+            log.event("eval", step=step, benchmark=benchmark.name, metric=benchmark.metric, weights=weights,
+                      best=bool(best), **metrics)
+            log.print(f"eval step {step}: {benchmark.name} {headline(metrics, benchmark.metric)} ({weights}, "
+                      f"{metrics['seconds']:.1f}s)" + ("" if evaluation.several else kept))
+        if evaluation.several:
+            scores = {**scores, "mean": value}
+            log.print(f"eval step {step}: {evaluation.scored_as} {100 * value:.2f}{kept}")
+        log.scalars(step, scores if evaluation.several else scores[evaluation.benchmarks[0].name], section="eval")
     if run.config.eval.keep_best and distributed.broadcast_object(best):  # the ranks keep the same counters
-        state.best_score, state.best_step = distributed.broadcast_object(
-            (float(metrics[metric]), step) if metrics is not None else None)
+        state.best_score, state.best_step = distributed.broadcast_object((value, step) if scores is not None else None)
         state.best_of = evaluation.scored_as
-        if metrics is not None:
+        if scores is not None:
             from unicom.files import refused_write
 
+            names = [benchmark.name for benchmark in evaluation.benchmarks]
+            of = [benchmark.metric for benchmark in evaluation.benchmarks]
+            scored = ({"benchmark": names[0], "metric": of[0], "value": value} if not evaluation.several else
+                      {"benchmark": names, "metric": of, "value": value,
+                       "values": [scores[name][metric] for name, metric in zip(names, of)]})
             with refused_write(run.out, f"the best model ({BEST_MODEL}/)", "the run resumes from its last checkpoint "
                                "and scores it again"):
-                export_model(run, run.out / BEST_MODEL, step, evaluation={
-                    "benchmark": evaluation.protocol.name, "metric": metric, "value": state.best_score})
-    return metrics
+                export_model(run, run.out / BEST_MODEL, step, evaluation=scored)
+    if scores is None or evaluation.several:
+        return scores
+    return scores[evaluation.benchmarks[0].name]
 
 
 def _account(step: int, result: StepResult, state: RunState, interval: dict, run: Run, log: RunLog, config: TrainConfig,

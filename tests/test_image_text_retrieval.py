@@ -325,3 +325,24 @@ def test_a_caption_table_keeps_its_captions_as_written_and_needs_the_column(tmp_
     (tmp_path / "u.csv").write_text("path,text\na.jpg,one\n")
     with pytest.raises(InputError, match=r"u.csv: no 'caption' column; columns are \['path', 'text'\]"):
         load_caption_benchmark("captions", tmp_path / "u.csv", check_images=False)
+
+
+def test_several_caption_benchmarks_at_once_are_summarised_by_the_recall_at_1_of_each_direction(dataset, tmp_path,
+                                                                                                capsys):
+    out = tmp_path / "both"
+    assert main(["evaluate", "--model", dataset["spec"], "--dataset", "flickr30k,coco-captions", "--root",
+                 f"{dataset['flickr']},{dataset['coco']}", "--out", str(out), "--workers", "0", "--batch-size", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    roots = {"flickr30k": dataset["flickr"], "coco-captions": dataset["coco"]}
+    for row, name in zip(summary["benchmarks"], roots):
+        alone = _evaluate(dataset, name, roots[name], tmp_path / name)
+        assert json.loads((out / name / "metrics.json").read_text())["text_to_image"] == alone["text_to_image"]
+        assert row == {"dataset": name, "task": "image-text", "report": f"{name}/metrics.md", "scores": {
+            "text → image recall@1": alone["text_to_image"]["recall@1"],
+            "image → text recall@1": alone["image_to_text"]["recall@1"]}}
+    assert "| flickr30k | image-text | text → image recall@1 " in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", dataset["spec"], "--dataset", "flickr30k,coco-captions", "--root",
+                 f"{dataset['flickr']},{dataset['coco']}", "--out", str(tmp_path / "x"), "--dims", "none"]) == 2
+    assert ("--dims: for retrieval and classification benchmarks; --dataset flickr30k,coco-captions has none"
+            in capsys.readouterr().err)

@@ -209,6 +209,10 @@ def test_evaluate_with_a_model_embeds_the_query_crops_and_reports_each_setup(tmp
     assert (f"| hard | {100 * expected['map_hard']:.2f} | {100 * expected['mp@1_hard']:.2f} | "
             f"{100 * expected['mp@5_hard']:.2f} | {100 * expected['mp@10_hard']:.2f} | 1 |") in markdown
     assert (out / "recall_vs_dimension.png").is_file()
+    from unicom.evaluate.report import headline_scores
+
+    # a summary of several benchmarks quotes it by its medium and hard mAP
+    assert headline_scores(report) == pytest.approx({"map_medium": expected["map_medium"], "map_hard": expected["map_hard"]})
 
     # other boxes are other queries: the cached crops are not scored for them
     gnd = root / "roxford5k" / "gnd_roxford5k.pkl"

@@ -9,12 +9,14 @@ Examples::
     unicom evaluate --model ViT-B-32 --pretrained laion400m_e32 --dataset coco-captions --root data/coco --out runs/eval/coco
 
 Writes ``OUT/metrics.json``, ``OUT/metrics.md`` and, for retrieval with ``--dims``,
-``OUT/recall_vs_dimension.png``.
+``OUT/recall_vs_dimension.png``; of several datasets (``--dataset cub,cars196 --root
+data/cub,data/cars196``), each one's report in ``OUT/<dataset>/`` and ``OUT/summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 from unicom.errors import InputError
 
@@ -78,9 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"image-text (a model with a text tower): {', '.join(CAPTION_BENCHMARKS)}; "
-                                          f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}")
+                                          f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}; several "
+                                          "separated by commas (cub,cars196,sop: each one's report in OUT/<dataset>, "
+                                          "their scores in OUT/summary.md)")
     parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv and captions; a URL too for "
-                                       "--dataset folder)")
+                                       "--dataset folder); of several datasets, their folders separated by commas, in "
+                                       "the same order")
     parser.add_argument("--out", required=True,
                         help="local folder for metrics.json, metrics.md, the PNG and embeddings (not a URL)")
     parser.add_argument("--ks", type=_int_list,
@@ -203,14 +208,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
-    from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
-    from unicom.evaluate.image_text import image_text_markdown
-    from unicom.evaluate.report import (EXAMPLES_HTML, EXAMPLES_PNG, JSON_NAME, MARKDOWN_NAME, PER_QUERY_NAME, PLOT_NAME,
-                                        classification_markdown, retrieval_markdown)
     from unicom.models.export import local_output
 
     args.out = local_output(args.out, "the evaluation report")  # a URL would become a local folder 's3:'
+    several = _several(args)
+    if several is not None:
+        return _run_several(args, several)
+    report = _prepare(args)()
+    _print_report(report, args.out)
+    return 0
+
+
+def _prepare(args: argparse.Namespace):
+    """Check the options of one evaluation (one --dataset, or --embeddings folders) and return
+    the call that runs it (and writes its report under ``args.out``)."""
+    from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
+    from unicom.evaluate.benchmark import evaluate_benchmark, evaluate_embedding_folders
+
     subset = {"classes": class_list(args.classes, "--classes"),
               "exclude_classes": class_list(args.exclude_classes, "--exclude-classes")}
 
@@ -270,8 +284,8 @@ def run(args: argparse.Namespace) -> int:
         if args.shards is not None:
             raise InputError(f"--shards: the examples of --dataset {args.dataset} show its images in --root; --shards "
                              "is for --embeddings folders embedded from shards, without --dataset: leave it out")
-        report = evaluate_benchmark(
-            args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
+        return functools.partial(
+            evaluate_benchmark, args.dataset, args.root, out=args.out, model=args.model, pretrained=args.pretrained,
             embeddings=args.embeddings, ks=args.ks, dims=dims, pca=not args.no_pca, pca_samples=pca_samples,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, chunk_size=args.chunk_size,
             download=args.download, expansion=expansion, distractors=args.distractors, whiten=whiten, flip=args.flip,
@@ -288,33 +302,133 @@ def run(args: argparse.Namespace) -> int:
         if args.scales is not None:
             raise InputError("--scales embeds each image at several sizes as --model embeds them; embeddings already "
                              "made are read as they are: embed them with unicom embed --scales")
-        report = evaluate_embedding_folders(
-            args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
+        return functools.partial(
+            evaluate_embedding_folders, args.embeddings, labels=args.labels, gallery_embeddings=args.gallery_embeddings,
             train_embeddings=args.train_embeddings, task=args.task, ks=args.ks or (1, 2, 4, 8), dims=dims,
             pca=not args.no_pca, pca_samples=pca_samples, out=args.out, chunk_size=args.chunk_size,
             expansion=expansion, whiten=whiten, device=args.device, examples=examples, per_query=args.per_query,
             shards=args.shards, **classify, **subset,
         )
-    else:
-        raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
-    if "text_to_image" in report:
-        table = image_text_markdown(report)
-    elif "linear_probe" in report or "knn" in report or "zero_shot" in report:
-        table = classification_markdown(report)
-    else:
-        table = retrieval_markdown(report)
+    raise InputError("--model needs --dataset and --root (what to embed and how to score it)")
+
+
+def _several(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """``--dataset A,B,... --root RA,RB,...``: each benchmark with its folder, in order; None
+    for one benchmark (its --root as written, commas and all)."""
+    from unicom.data.benchmarks import canonical_name
+    from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
+
+    if args.dataset is None or "," not in args.dataset:
+        return None
+    names = [name.strip() for name in args.dataset.split(",")]
+    if not all(names):
+        raise InputError(f"--dataset {args.dataset}: an empty name; give benchmarks separated by commas (cub,cars196)")
+    canonical = [CLASSIFICATION_ALIASES.get(canonical_name(name), canonical_name(name)) for name in names]
+    repeated = sorted({name for name in canonical if canonical.count(name) > 1})
+    if repeated:
+        raise InputError(f"--dataset {args.dataset} names {', '.join(repeated)} more than once: each benchmark's "
+                         "report is written to OUT/<benchmark>; give each once")
+    roots = args.root.split(",") if args.root is not None else []
+    if len(roots) != len(names):
+        raise InputError(f"--dataset {args.dataset} names {len(names)} benchmarks and --root {len(roots)} folder(s): "
+                         f"give their folders separated by commas, in the same order (--dataset cub,cars196 --root "
+                         "data/cub,data/cars196)")
+    given = [option for option, value in (
+        ("--embeddings", args.embeddings), ("--distractors", args.distractors), ("--classes", args.classes),
+        ("--exclude-classes", args.exclude_classes), ("--class-names", args.class_names)) if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)}: of one benchmark; with several (--dataset {args.dataset}) evaluate "
+                         "that one alone")
+    return list(zip(canonical, roots))
+
+
+# the options of one task (argparse's dest names), and the tasks that take them: with several
+# datasets, each is evaluated with the options of its task
+TASK_OPTIONS = {
+    ("classification",): ("no_probe", "no_knn", "knn_k", "temperature", "zero_shot", "templates", "download"),
+    ("retrieval",): ("qe", "dba", "qe_alpha", "dba_alpha", "k_reciprocal", "k_reciprocal_k2", "k_reciprocal_lambda",
+                     "diffusion", "diffusion_alpha", "diffusion_gamma", "diffusion_rank", "whiten", "whiten_method",
+                     "whiten_labels", "examples", "examples_k", "examples_failures", "examples_seed", "per_query"),
+    ("retrieval", "classification"): ("dims", "no_pca", "pca_samples"),
+}
+
+
+def _task_arguments(args: argparse.Namespace, benchmarks: list[tuple[str, str]]) -> list[argparse.Namespace]:
+    """Each benchmark's arguments, as ``--dataset NAME --root ROOT --out OUT/NAME`` alone with
+    the options of its task (those of other tasks at their defaults); an option that no
+    benchmark of the list takes is refused."""
+    from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    each = []
+    for name, root in benchmarks:
+        task = ("retrieval" if name in RETRIEVAL_BENCHMARKS else "image-text" if name in CAPTION_BENCHMARKS
+                else "classification")
+        values = {**vars(args), "dataset": name, "root": root, "out": args.out / name}
+        for tasks, options in TASK_OPTIONS.items():
+            if task not in tasks:
+                values.update({option: parser.get_default(option) for option in options})
+        each.append(argparse.Namespace(**values))
+    for tasks, options in TASK_OPTIONS.items():
+        for option in options:
+            default = parser.get_default(option)
+            if getattr(args, option) != default and all(getattr(sub, option) == default for sub in each):
+                raise InputError(f"--{option.replace('_', '-')}: for {' and '.join(tasks)} benchmarks; --dataset "
+                                 f"{args.dataset} has none")
+    return each
+
+
+def _run_several(args: argparse.Namespace, benchmarks: list[tuple[str, str]]) -> int:
+    """Each benchmark evaluated as alone (:func:`_task_arguments`), the model loaded once; every
+    one's options checked and every retrieval benchmark's folder read before the first is
+    embedded; then ``OUT/summary.json`` and ``OUT/summary.md``: each one's headline scores."""
+    from unicom.data.benchmarks import RETRIEVAL_BENCHMARKS, load_retrieval_benchmark
+    from unicom.evaluate.benchmark import check_benchmark, one_load_per_model
+    from unicom.evaluate.report import SUMMARY_JSON, SUMMARY_MARKDOWN, publish_summary
+
+    each = _task_arguments(args, benchmarks)
+    calls = []
+    for (name, _), sub in zip(benchmarks, each):
+        try:
+            calls.append(_prepare(sub))
+            check_benchmark(calls[-1].args[0], **calls[-1].keywords)
+            if name in RETRIEVAL_BENCHMARKS:  # its folder read (images checked) before anything is embedded
+                load_retrieval_benchmark(name, sub.root)
+        except InputError as error:
+            raise InputError(f"--dataset {name}: {error}") from None
+    reports = {}
+    with one_load_per_model():
+        for (name, _), sub, call in zip(benchmarks, each, calls):
+            print(f"== {name} ({len(reports) + 1} of {len(benchmarks)})")
+            reports[name] = call()
+            _print_report(reports[name], sub.out)
+            print()
+    summary = publish_summary(args.out, reports)
+    print(summary["markdown"], end="")
+    print(f"\nwrote {args.out / SUMMARY_JSON}, {args.out / SUMMARY_MARKDOWN}")
+    return 0
+
+
+def _print_report(report: dict, out) -> None:
+    """Print ``report``'s tables and the files written under ``out``."""
+    from unicom.evaluate.image_text import image_text_markdown
+    from unicom.evaluate.report import (EXAMPLES_HTML, EXAMPLES_PNG, JSON_NAME, MARKDOWN_NAME, PER_QUERY_NAME, PLOT_NAME,
+                                        classification_markdown, report_task, retrieval_markdown)
+
+    table = {"image-text": image_text_markdown, "classification": classification_markdown,
+             "retrieval": retrieval_markdown}[report_task(report)](report)
     print(table, end="")
     if report.get("note"):
         print(f"\nnote: {report['note']}")
-    written = [args.out / JSON_NAME, args.out / MARKDOWN_NAME]
+    written = [out / JSON_NAME, out / MARKDOWN_NAME]
     if report.get("dimensions"):
-        written.append(args.out / PLOT_NAME)
+        written.append(out / PLOT_NAME)
     if report.get("examples"):
-        written += [args.out / EXAMPLES_HTML, args.out / EXAMPLES_PNG]
+        written += [out / EXAMPLES_HTML, out / EXAMPLES_PNG]
     if report.get("per_query"):
-        written.append(args.out / PER_QUERY_NAME)
+        written.append(out / PER_QUERY_NAME)
     print("\nwrote " + ", ".join(str(p) for p in written))
-    return 0
 
 
 def _whitening(args: argparse.Namespace):

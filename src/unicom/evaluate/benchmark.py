@@ -11,6 +11,7 @@ by an absolute ``path``/``image_path`` column.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -301,6 +302,34 @@ def evaluate_benchmark(
     this machine (:func:`unicom.evaluate.report.evaluate_retrieval`). ``per_query``: a retrieval
     benchmark's metrics of each query, as ``per_query.parquet`` under ``out``.
     """
+    from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS
+
+    name, classification, scales = check_benchmark(
+        dataset, model=model, embeddings=embeddings, flip=flip, scales=scales, expansion=expansion, whiten=whiten,
+        examples=examples, per_query=per_query, distractors=distractors, classes=classes,
+        exclude_classes=exclude_classes, zero_shot=zero_shot)
+    if name in CAPTION_BENCHMARKS:  # images and captions: no classes, no compact dimensions, no probe
+        from unicom.evaluate.image_text import evaluate_image_text
+
+        return evaluate_image_text(name, root, out=out, model=model, pretrained=pretrained, ks=ks,
+                                   batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size,
+                                   flip=flip, scales=scales)
+    if name in RETRIEVAL_BENCHMARKS:
+        return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
+                                    batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
+                                    distractors, whiten, flip, examples, per_query, scales)
+    return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
+                                     num_workers, device, download, probe, knn, knn_k, temperature,
+                                     zero_shot, templates, class_names, flip, scales)
+
+
+def check_benchmark(dataset: str, *, model=None, embeddings=None, flip: bool = False, scales=None, expansion=None,
+                    whiten=None, examples=None, per_query: bool = False, distractors=None, classes=None,
+                    exclude_classes=None, zero_shot: bool = False, **_others) -> tuple[str, str, tuple | None]:
+    """The options of :func:`evaluate_benchmark` (any of its keywords; the others are not
+    checked here) that ``dataset`` cannot take refused, before anything is read or embedded;
+    returns its canonical name, its name among the classification datasets and the checked
+    scales."""
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, CLASSIFICATION_BENCHMARKS, RETRIEVAL_BENCHMARKS, canonical_name
     from unicom.data.benchmarks.classification import CLASSIFICATION_ALIASES
 
@@ -334,9 +363,7 @@ def evaluate_benchmark(
     if distractors is not None and name not in RETRIEVAL_BENCHMARKS:
         raise InputError(f"--distractors join the gallery of an image retrieval benchmark ({', '.join(DISTRACTED)}); "
                          f"{dataset} is not one: leave --distractors out")
-    if name in CAPTION_BENCHMARKS:  # images and captions: no classes, no compact dimensions, no probe
-        from unicom.evaluate.image_text import evaluate_image_text
-
+    if name in CAPTION_BENCHMARKS:
         if model is None:
             raise InputError(
                 f"--dataset {name} embeds its images and captions with --model (both cached under OUT/embeddings, "
@@ -344,32 +371,48 @@ def evaluate_benchmark(
         if classes is not None or exclude_classes is not None:
             raise InputError(f"--classes and --exclude-classes score a subset of a retrieval protocol's classes; "
                              f"--dataset {name} has images and captions, not classes")
-        return evaluate_image_text(name, root, out=out, model=model, pretrained=pretrained, ks=ks,
-                                   batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size,
-                                   flip=flip, scales=scales)
+        return name, classification, scales
     if zero_shot and classification not in CLASSIFICATION_BENCHMARKS:
         raise InputError(f"zero-shot classification names the classes of a classification dataset "
                          f"({', '.join(CLASSIFICATION_BENCHMARKS)}); {dataset} is not one")
     if name in RETRIEVAL_BENCHMARKS:
-        return _retrieval_benchmark(name, root, out, model, pretrained, embeddings, ks, dims, pca, pca_samples,
-                                    batch_size, num_workers, device, chunk_size, classes, exclude_classes, expansion,
-                                    distractors, whiten, flip, examples, per_query, scales)
+        return name, classification, scales
     if classification in CLASSIFICATION_BENCHMARKS:
         _retrieval_only(classes, exclude_classes)
-        return _classification_benchmark(classification, root, out, model, pretrained, embeddings, batch_size,
-                                         num_workers, device, download, probe, knn, knn_k, temperature,
-                                         zero_shot, templates, class_names, flip, scales)
+        return name, classification, scales
     raise InputError(
         f"unknown dataset {dataset!r}; retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
         f"image-text: {', '.join(CAPTION_BENCHMARKS)}; classification: {', '.join(CLASSIFICATION_BENCHMARKS)}"
     )
 
 
+_LOADED: dict | None = None  # within one_load_per_model: the encoders loaded, by (model, weights, device)
+
+
+@contextlib.contextmanager
+def one_load_per_model():
+    """Within it, the benchmarks that embed with the same model (and weights, on the same
+    device) load it once: ``unicom evaluate --dataset A,B,...``."""
+    global _LOADED
+    _LOADED = {}
+    try:
+        yield
+    finally:
+        _LOADED = None
+
+
 def _encoder(model, pretrained, device, flip: bool = False, scales=None):
     from unicom import distributed
     from unicom.models.encoders import load_encoder, with_views
 
-    return with_views(load_encoder(model, pretrained, device or distributed.local_device()), flip, scales)
+    device = device or distributed.local_device()
+    key = (os.fspath(model), None if pretrained is None else os.fspath(pretrained), str(device))
+    if _LOADED is not None and key in _LOADED:
+        return with_views(_LOADED[key], flip, scales)
+    encoder = load_encoder(model, pretrained, device)
+    if _LOADED is not None:
+        _LOADED[key] = encoder
+    return with_views(encoder, flip, scales)
 
 
 def _embedding_identity(encoder, model, pretrained, dataset: str, flip: bool = False, scales=None) -> dict:

@@ -24,8 +24,13 @@ MARKDOWN_NAME = "metrics.md"
 PLOT_NAME = "recall_vs_dimension.png"
 EXAMPLES_PNG, EXAMPLES_HTML = "examples.png", "examples.html"
 PER_QUERY_NAME = "per_query.parquet"
-# every file a report may have, metrics.json first
-REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML, PER_QUERY_NAME)
+# the summary of several benchmarks evaluated at once, each one's report in OUT/<benchmark>/
+SUMMARY_JSON, SUMMARY_MARKDOWN = "summary.json", "summary.md"
+# every file a report may have, metrics.json first; an earlier run's summary, which a report replaces
+REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML, PER_QUERY_NAME, SUMMARY_JSON,
+                SUMMARY_MARKDOWN)
+# the files of a summary, summary.json first; an earlier run's report, which a summary replaces
+SUMMARY_NAMES = (SUMMARY_JSON, SUMMARY_MARKDOWN, *REPORT_NAMES[:-2])
 SHOWN_CLASSES = 10  # class names listed in a message
 
 
@@ -280,6 +285,61 @@ def publish_report(out: str | os.PathLike, files: dict[str, Callable[[Path], Non
 
     out = local_output(out, "the evaluation report")  # a URL would become a local folder 's3:'
     publish_together(out, files, REPORT_NAMES)
+
+
+def report_task(report: dict) -> str:
+    """What a report scores: ``retrieval``, ``classification`` or ``image-text``."""
+    if "text_to_image" in report:
+        return "image-text"
+    return "classification" if any(method in report for method in ("linear_probe", "knn", "zero_shot")) else "retrieval"
+
+
+def headline_scores(report: dict) -> dict[str, Any]:
+    """The scores a benchmark is quoted by, from its report: a retrieval benchmark's headline
+    metric with MAP@R (Revisited Oxford/Paris: the medium and hard mAP); a classification
+    dataset's metric of the linear probe, kNN and zero-shot; image-text retrieval's Recall@1
+    of both directions. Named as in the reports (``recall@1``, ``linear probe accuracy``,
+    ``text → image recall@1``)."""
+    from unicom.evaluate.image_text import DIRECTION_NAMES, DIRECTIONS
+
+    task = report_task(report)
+    if task == "image-text":
+        return {f"{DIRECTION_NAMES[direction]} recall@1": report[direction]["recall@1"] for direction in DIRECTIONS}
+    protocol = report["protocol"]
+    methods = {"linear_probe": "linear probe", "knn": "kNN", "zero_shot": "zero-shot"}
+    if task == "classification":
+        return {f"{said} {protocol['metric']}": report[method][protocol["metric"]]
+                for method, said in methods.items() if method in report}
+    names = dict.fromkeys((protocol["metric"], "map_hard" if protocol.get("setups") else "map@r"))
+    return {name: report["metrics"][name] for name in names if name in report["metrics"]}
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary of several benchmarks (:func:`publish_summary`) as a markdown table, in %."""
+    lines = [f"# {summary['evaluated']} on {len(summary['benchmarks'])} benchmarks", "",
+             "| benchmark | task | scores (%) | report |", "|---|---|---|---|"]
+    for row in summary["benchmarks"]:
+        scores = ", ".join(f"{name} {_percent(value)}" for name, value in row["scores"].items())
+        lines.append(f"| {row['dataset']} | {row['task']} | {scores} | [{row['report']}]({row['report']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_summary(out: str | os.PathLike, reports: dict[str, dict]) -> dict:
+    """Publish the summary of the ``reports`` of several benchmarks, by name (each one's report
+    in ``out/<name>/``), as ``summary.json`` and ``summary.md`` under ``out``, as one set that
+    replaces an earlier run's report or summary there (:func:`unicom.files.publish_together`);
+    returns the summary, its ``markdown`` added."""
+    from unicom.models.export import local_output
+
+    first = next(iter(reports.values()))
+    summary = {"evaluated": report_heading(first, ("model", "pretrained", "embeddings"), "evaluation"), "benchmarks": [
+        {"dataset": name, "task": report_task(report), "scores": headline_scores(report),
+         "report": f"{name}/{MARKDOWN_NAME}"} for name, report in reports.items()]}
+    markdown = summary_markdown(summary)
+    out = local_output(out, "the evaluation report")
+    publish_together(out, {SUMMARY_JSON: lambda path: write_bytes_synced(path, json_text(summary).encode()),
+                           SUMMARY_MARKDOWN: lambda path: write_bytes_synced(path, markdown.encode())}, SUMMARY_NAMES)
+    return {**summary, "markdown": markdown}
 
 
 def _examples_note(report: dict) -> str:

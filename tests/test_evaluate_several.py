@@ -54,7 +54,8 @@ def test_each_benchmark_is_scored_as_alone_and_the_summary_quotes_each(data, tmp
     assert "== cub (2 of 3)" in printed and f"wrote {out / 'summary.json'}, {out / 'summary.md'}" in printed
     alone = {}
     for name in ("folder", "cub", "eurosat"):
-        assert evaluate(data, tmp_path / name, [name], *(["--knn-k", "5"] if name == "eurosat" else ["--dba", "1"])) == 0
+        options = ["--knn-k", "5"] if name == "eurosat" else ["--dba", "1"]
+        assert evaluate(data, tmp_path / name, [name], *options) == 0
         alone[name] = report(tmp_path / name)
         mine = report(out / name)
         assert mine["protocol"] == alone[name]["protocol"]
@@ -101,3 +102,49 @@ def test_each_benchmark_is_checked_before_any_is_embedded(data, tmp_path, capsys
                  "--device", "cpu", "--workers", "0", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (out / "cub").exists()  # the first benchmark was not embedded
+
+
+def test_runs_are_compared_score_by_score_as_their_reports_give_them(data, tmp_path, capsys):
+    import csv
+
+    several, alone = tmp_path / "several", tmp_path / "alone"
+    assert evaluate(data, several, ["folder", "cub"]) == 0
+    other = tiny_model_file(tmp_path / "FP16-ViT-other.pt", seed=1)
+    assert main(["evaluate", "--model", str(other), "--dataset", "folder", "--root", str(data["folder"]),
+                 "--out", str(alone), "--device", "cpu", "--workers", "0", "--dims", "none"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "compared"
+    assert main(["evaluate", "--compare", str(several), str(alone), "--out", str(out)]) == 0
+    mine = {name: report(several / name)["metrics"] for name in ("folder", "cub")}
+    theirs = report(alone)["metrics"]
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["runs"] == [{"folder": str(several), "evaluated": str(data["model"])},
+                                  {"folder": str(alone), "evaluated": str(other)}]
+    assert comparison["rows"] == [
+        {"dataset": "folder", "score": "recall@1", "values": [mine["folder"]["recall@1"], theirs["recall@1"]]},
+        {"dataset": "folder", "score": "map@r", "values": [mine["folder"]["map@r"], theirs["map@r"]]},
+        {"dataset": "cub", "score": "recall@1", "values": [mine["cub"]["recall@1"], None]},
+        {"dataset": "cub", "score": "map@r", "values": [mine["cub"]["map@r"], None]}]
+    assert mine["folder"]["map@r"] != theirs["map@r"]  # two models that score apart
+    table = (out / "comparison.md").read_text()
+    assert table in capsys.readouterr().out
+    low, high = sorted((mine["folder"]["map@r"], theirs["map@r"]))
+    cells = [f"**{100 * high:.2f}**" if value == high else f"{100 * low:.2f}" for value in (mine["folder"]["map@r"],
+                                                                                          theirs["map@r"])]
+    assert f"| folder | map@r | {cells[0]} | {cells[1]} |" in table
+    assert f"| cub | map@r | {100 * mine['cub']['map@r']:.2f} |  |" in table
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {(r["run"], r["dataset"], r["score"]): float(r["value"]) for r in rows}[
+        ("2", "folder", "map@r")] == theirs["map@r"]
+    # what --compare refuses
+    for args, message in (
+            ([str(tmp_path / "nothing")], "holds neither summary.json (unicom evaluate --dataset A,B,...) nor "
+                                          "metrics.json (one benchmark)"),
+            ([str(several), "--out", str(several)], "is one of the --compare folders"),
+            ([str(several), "--dataset", "cub"], "--dataset: --compare reads the scores earlier runs wrote")):
+        (tmp_path / "nothing").mkdir(exist_ok=True)
+        extra = [] if "--out" in args else ["--out", str(tmp_path / "refused")]
+        assert main(["evaluate", "--compare", *args, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists() and (several / "summary.json").exists()

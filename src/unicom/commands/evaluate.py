@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "timm/<name>, open_clip name")
     source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL; with "
                                              "--dataset also the OUT/embeddings folder of an evaluate --model run")
+    source.add_argument("--compare", nargs="+", metavar="FOLDER",
+                        help="the --out folders of earlier evaluations, their scores side by side in "
+                             "OUT/comparison.md (the best of each row in bold), comparison.csv and comparison.json")
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"image-text (a model with a text tower): {', '.join(CAPTION_BENCHMARKS)}; "
@@ -211,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     from unicom.models.export import local_output
 
     args.out = local_output(args.out, "the evaluation report")  # a URL would become a local folder 's3:'
+    if args.compare is not None:
+        return _compare(args)
     several = _several(args)
     if several is not None:
         return _run_several(args, several)
@@ -407,6 +412,27 @@ def _run_several(args: argparse.Namespace, benchmarks: list[tuple[str, str]]) ->
     summary = publish_summary(args.out, reports)
     print(summary["markdown"], end="")
     print(f"\nwrote {args.out / SUMMARY_JSON}, {args.out / SUMMARY_MARKDOWN}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``--compare FOLDER ...``: the runs' scores side by side (:func:`unicom.evaluate.report.compare_runs`)."""
+    from pathlib import Path
+
+    from unicom.evaluate.report import COMPARISON_CSV, COMPARISON_JSON, COMPARISON_MARKDOWN, compare_runs, publish_comparison
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+             if name not in ("compare", "out", "func", "command") and value != parser.get_default(name)]
+    if given:
+        raise InputError(f"{', '.join(given)}: --compare reads the scores earlier runs wrote, and evaluates nothing; "
+                         "leave them out")
+    if any(Path(folder).resolve() == args.out.resolve() for folder in args.compare):
+        raise InputError(f"--out {args.out} is one of the --compare folders: the comparison would replace that run's "
+                         "report; give another folder")
+    print(publish_comparison(args.out, compare_runs(args.compare)), end="")
+    print(f"\nwrote {args.out / COMPARISON_MARKDOWN}, {args.out / COMPARISON_CSV}, {args.out / COMPARISON_JSON}")
     return 0
 
 

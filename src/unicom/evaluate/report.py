@@ -26,11 +26,16 @@ EXAMPLES_PNG, EXAMPLES_HTML = "examples.png", "examples.html"
 PER_QUERY_NAME = "per_query.parquet"
 # the summary of several benchmarks evaluated at once, each one's report in OUT/<benchmark>/
 SUMMARY_JSON, SUMMARY_MARKDOWN = "summary.json", "summary.md"
-# every file a report may have, metrics.json first; an earlier run's summary, which a report replaces
-REPORT_NAMES = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML, PER_QUERY_NAME, SUMMARY_JSON,
-                SUMMARY_MARKDOWN)
-# the files of a summary, summary.json first; an earlier run's report, which a summary replaces
-SUMMARY_NAMES = (SUMMARY_JSON, SUMMARY_MARKDOWN, *REPORT_NAMES[:-2])
+# the comparison of earlier runs' reports and summaries (unicom evaluate --compare)
+COMPARISON_JSON, COMPARISON_MARKDOWN, COMPARISON_CSV = "comparison.json", "comparison.md", "comparison.csv"
+_REPORT = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML, PER_QUERY_NAME)
+_SUMMARY = (SUMMARY_JSON, SUMMARY_MARKDOWN)
+_COMPARISON = (COMPARISON_JSON, COMPARISON_MARKDOWN, COMPARISON_CSV)
+# the files each kind of run may write to OUT, the one that says they are whole first, then those of
+# the other kinds, which it replaces: OUT holds the files of one run
+REPORT_NAMES = (*_REPORT, *_SUMMARY, *_COMPARISON)
+SUMMARY_NAMES = (*_SUMMARY, *_REPORT, *_COMPARISON)
+COMPARISON_NAMES = (*_COMPARISON, *_REPORT, *_SUMMARY)
 SHOWN_CLASSES = 10  # class names listed in a message
 
 
@@ -340,6 +345,85 @@ def publish_summary(out: str | os.PathLike, reports: dict[str, dict]) -> dict:
     publish_together(out, {SUMMARY_JSON: lambda path: write_bytes_synced(path, json_text(summary).encode()),
                            SUMMARY_MARKDOWN: lambda path: write_bytes_synced(path, markdown.encode())}, SUMMARY_NAMES)
     return {**summary, "markdown": markdown}
+
+
+def compare_runs(folders: Sequence[str | os.PathLike]) -> dict:
+    """The scores of earlier ``unicom evaluate`` runs, side by side: each folder's
+    ``summary.json`` (several benchmarks) or ``metrics.json`` (one), read as the summary quotes
+    them (:func:`headline_scores`). Returns ``{"runs": [{"folder", "evaluated"}], "rows":
+    [{"dataset", "score", "values": [one per run, None where it has no such score]}]}``, the
+    rows in the order the runs first give them."""
+    import json
+
+    runs, values_of = [], {}
+    for index, folder in enumerate(folders):
+        folder = Path(folder)
+        if (folder / SUMMARY_JSON).is_file():
+            path = folder / SUMMARY_JSON
+        elif (folder / JSON_NAME).is_file():
+            path = folder / JSON_NAME
+        else:
+            raise InputError(f"{folder}: holds neither {SUMMARY_JSON} (unicom evaluate --dataset A,B,...) nor "
+                             f"{JSON_NAME} (one benchmark); give the --out folders of unicom evaluate runs")
+        try:
+            written = json.loads(path.read_text(encoding="utf-8"))
+            if path.name == SUMMARY_JSON:
+                evaluated, benchmarks = written["evaluated"], [(row["dataset"], row["scores"]) for row in written["benchmarks"]]
+            else:
+                evaluated = report_heading(written, ("model", "pretrained", "embeddings"), "evaluation")
+                benchmarks = [(written.get("dataset") or "embeddings", headline_scores(written))]
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{path}: not a report unicom evaluate writes ({type(error).__name__}: {error}); run "
+                             "that evaluation again") from None
+        runs.append({"folder": str(folder), "evaluated": evaluated})
+        for dataset, quoted in benchmarks:
+            for name, value in quoted.items():
+                values_of.setdefault((dataset, name), [None] * len(folders))[index] = value
+    rows = [{"dataset": dataset, "score": name, "values": values} for (dataset, name), values in values_of.items()]
+    return {"runs": runs, "rows": rows}
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """:func:`compare_runs` as a markdown table: a row per benchmark and score, a column per
+    run (in %, the best of each row in bold), the runs listed below it."""
+    runs = comparison["runs"]
+    lines = [f"# {len(runs)} evaluations compared", "",
+             "| benchmark | score | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |",
+             "|---" * (len(runs) + 2) + "|"]
+    for row in comparison["rows"]:
+        given = [value for value in row["values"] if value is not None]
+        best = max(given) if len(given) > 1 else None
+        cells = ["" if value is None else f"**{_percent(value)}**" if value == best else _percent(value)
+                 for value in row["values"]]
+        lines.append(f"| {row['dataset']} | {row['score']} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- run {i + 1}: {run['evaluated']} ({run['folder']})" for i, run in enumerate(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def publish_comparison(out: str | os.PathLike, comparison: dict) -> str:
+    """Publish :func:`compare_runs`'s ``comparison`` under ``out`` as ``comparison.json``,
+    ``comparison.md`` and ``comparison.csv`` (a row per run, benchmark and score: ``run``,
+    ``folder``, ``evaluated``, ``dataset``, ``score``, ``value``), as one set that replaces an
+    earlier run's files there; returns the markdown."""
+    import csv
+    import io
+
+    from unicom.models.export import local_output
+
+    markdown = comparison_markdown(comparison)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["run", "folder", "evaluated", "dataset", "score", "value"])
+    for row in comparison["rows"]:
+        for index, (run, value) in enumerate(zip(comparison["runs"], row["values"])):
+            if value is not None:
+                writer.writerow([index + 1, run["folder"], run["evaluated"], row["dataset"], row["score"], repr(float(value))])
+    out = local_output(out, "the comparison")
+    publish_together(out, {COMPARISON_JSON: lambda path: write_bytes_synced(path, json_text(comparison).encode()),
+                           COMPARISON_MARKDOWN: lambda path: write_bytes_synced(path, markdown.encode()),
+                           COMPARISON_CSV: lambda path: write_bytes_synced(path, table.getvalue().encode())},
+                     COMPARISON_NAMES)
+    return markdown
 
 
 def _examples_note(report: dict) -> str:

@@ -424,7 +424,7 @@ def _compare(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-             if name not in ("compare", "out", "func", "command") and value != parser.get_default(name)]
+             if name not in ("compare", "out") and value != parser.get_default(name)]
     if given:
         raise InputError(f"{', '.join(given)}: --compare reads the scores earlier runs wrote, and evaluates nothing; "
                          "leave them out")

@@ -1,6 +1,6 @@
 """``unicom evaluate --dataset A,B,... --root RA,RB,...``: each benchmark's report in
 OUT/<dataset>/ is the report of that benchmark evaluated alone, the model is loaded once,
-OUT/summary.json and summary.md carry each one's headline scores, and every option and
+OUT/benchmarks.json and benchmarks.md carry each one's headline scores, and every option and
 folder is checked before anything is embedded."""
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ def test_each_benchmark_is_scored_as_alone_and_the_summary_quotes_each(data, tmp
     load = encoders.load_encoder
     monkeypatch.setattr(encoders, "load_encoder", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
     out = tmp_path / "all"
+    out.mkdir()
+    (out / "summary.json").write_text('{"steps": 4}')  # a training run's, in the folder evaluated into: left as it is
     # the classification options are eurosat's, the re-ranking the retrieval benchmarks'
     assert evaluate(data, out, ["folder", "cub", "eurosat"], "--knn-k", "5", "--dba", "1") == 0
     assert len(loads) == 1  # one model, loaded once for the three
     printed = capsys.readouterr().out
-    assert "== cub (2 of 3)" in printed and f"wrote {out / 'summary.json'}, {out / 'summary.md'}" in printed
+    assert "== cub (2 of 3)" in printed and f"wrote {out / 'benchmarks.json'}, {out / 'benchmarks.md'}" in printed
     alone = {}
     for name in ("folder", "cub", "eurosat"):
         options = ["--knn-k", "5"] if name == "eurosat" else ["--dba", "1"]
@@ -61,7 +63,7 @@ def test_each_benchmark_is_scored_as_alone_and_the_summary_quotes_each(data, tmp
         assert mine["protocol"] == alone[name]["protocol"]
         for key in ("metrics", "linear_probe", "knn"):
             assert mine.get(key) == alone[name].get(key), (name, key)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "benchmarks.json").read_text())
     assert summary["evaluated"] == str(data["model"])
     rows = {row["dataset"]: row for row in summary["benchmarks"]}
     assert list(rows) == ["folder", "cub", "eurosat"]
@@ -70,16 +72,19 @@ def test_each_benchmark_is_scored_as_alone_and_the_summary_quotes_each(data, tmp
     assert rows["eurosat"]["task"] == "classification" and rows["eurosat"]["scores"] == {
         "linear probe accuracy": alone["eurosat"]["linear_probe"]["accuracy"],
         "kNN accuracy": alone["eurosat"]["knn"]["accuracy"]}
-    table = (out / "summary.md").read_text()
+    table = (out / "benchmarks.md").read_text()
     recall = 100 * alone["cub"]["metrics"]["recall@1"]
     assert f"| cub | retrieval | recall@1 {recall:.2f}, map@r " in table and "[cub/metrics.md](cub/metrics.md)" in table
     assert (out / "cub" / "metrics.md").read_text() == (tmp_path / "cub" / "metrics.md").read_text().replace(
         str(tmp_path / "cub"), str(out / "cub"))
     # one benchmark into the same folder replaces the summary; several replace a report there
     assert evaluate(data, out, ["cub"]) == 0
-    assert (out / "metrics.json").exists() and not (out / "summary.json").exists() and not (out / "summary.md").exists()
+    assert (out / "metrics.json").exists() and not any((out / name).exists() for name in ("benchmarks.json",
+                                                                                         "benchmarks.md"))
     assert evaluate(data, out, ["cub", "folder"]) == 0
-    assert (out / "summary.json").exists() and not (out / "metrics.json").exists() and not (out / "metrics.md").exists()
+    assert (out / "benchmarks.json").exists() and not any((out / name).exists() for name in ("metrics.json",
+                                                                                             "metrics.md"))
+    assert (out / "summary.json").read_text() == '{"steps": 4}'
 
 
 @pytest.mark.parametrize("datasets, roots, extra, message", [
@@ -139,7 +144,7 @@ def test_runs_are_compared_score_by_score_as_their_reports_give_them(data, tmp_p
         ("2", "folder", "map@r")] == theirs["map@r"]
     # what --compare refuses
     for args, message in (
-            ([str(tmp_path / "nothing")], "holds neither summary.json (unicom evaluate --dataset A,B,...) nor "
+            ([str(tmp_path / "nothing")], "holds neither benchmarks.json (unicom evaluate --dataset A,B,...) nor "
                                           "metrics.json (one benchmark)"),
             ([str(several), "--out", str(several)], "is one of the --compare folders"),
             ([str(several), "--dataset", "cub"], "--dataset: --compare reads the scores earlier runs wrote")):
@@ -147,4 +152,4 @@ def test_runs_are_compared_score_by_score_as_their_reports_give_them(data, tmp_p
         extra = [] if "--out" in args else ["--out", str(tmp_path / "refused")]
         assert main(["evaluate", "--compare", *args, *extra]) == 2
         assert message in capsys.readouterr().err
-    assert not (tmp_path / "refused").exists() and (several / "summary.json").exists()
+    assert not (tmp_path / "refused").exists() and (several / "benchmarks.json").exists()

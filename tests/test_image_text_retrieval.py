@@ -332,7 +332,7 @@ def test_several_caption_benchmarks_at_once_are_summarised_by_the_recall_at_1_of
     out = tmp_path / "both"
     assert main(["evaluate", "--model", dataset["spec"], "--dataset", "flickr30k,coco-captions", "--root",
                  f"{dataset['flickr']},{dataset['coco']}", "--out", str(out), "--workers", "0", "--batch-size", "8"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "benchmarks.json").read_text())
     roots = {"flickr30k": dataset["flickr"], "coco-captions": dataset["coco"]}
     for row, name in zip(summary["benchmarks"], roots):
         alone = _evaluate(dataset, name, roots[name], tmp_path / name)
@@ -340,7 +340,7 @@ def test_several_caption_benchmarks_at_once_are_summarised_by_the_recall_at_1_of
         assert row == {"dataset": name, "task": "image-text", "report": f"{name}/metrics.md", "scores": {
             "text → image recall@1": alone["text_to_image"]["recall@1"],
             "image → text recall@1": alone["image_to_text"]["recall@1"]}}
-    assert "| flickr30k | image-text | text → image recall@1 " in (out / "summary.md").read_text()
+    assert "| flickr30k | image-text | text → image recall@1 " in (out / "benchmarks.md").read_text()
     capsys.readouterr()
     assert main(["evaluate", "--model", dataset["spec"], "--dataset", "flickr30k,coco-captions", "--root",
                  f"{dataset['flickr']},{dataset['coco']}", "--out", str(tmp_path / "x"), "--dims", "none"]) == 2

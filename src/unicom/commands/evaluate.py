@@ -10,7 +10,7 @@ Examples::
 
 Writes ``OUT/metrics.json``, ``OUT/metrics.md`` and, for retrieval with ``--dims``,
 ``OUT/recall_vs_dimension.png``; of several datasets (``--dataset cub,cars196 --root
-data/cub,data/cars196``), each one's report in ``OUT/<dataset>/`` and ``OUT/summary.md``.
+data/cub,data/cars196``), each one's report in ``OUT/<dataset>/`` and ``OUT/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           f"image-text (a model with a text tower): {', '.join(CAPTION_BENCHMARKS)}; "
                                           f"classification: {', '.join(CLASSIFICATION_BENCHMARKS)}; several "
                                           "separated by commas (cub,cars196,sop: each one's report in OUT/<dataset>, "
-                                          "their scores in OUT/summary.md)")
+                                          "their scores in OUT/benchmarks.md)")
     parser.add_argument("--root", help="the dataset's local folder (or the CSV for --dataset csv and captions; a URL too for "
                                        "--dataset folder); of several datasets, their folders separated by commas, in "
                                        "the same order")
@@ -387,7 +387,7 @@ def _task_arguments(args: argparse.Namespace, benchmarks: list[tuple[str, str]])
 def _run_several(args: argparse.Namespace, benchmarks: list[tuple[str, str]]) -> int:
     """Each benchmark evaluated as alone (:func:`_task_arguments`), the model loaded once; every
     one's options checked and every retrieval benchmark's folder read before the first is
-    embedded; then ``OUT/summary.json`` and ``OUT/summary.md``: each one's headline scores."""
+    embedded; then ``OUT/benchmarks.json`` and ``OUT/benchmarks.md``: each one's headline scores."""
     from unicom.data.benchmarks import RETRIEVAL_BENCHMARKS, load_retrieval_benchmark
     from unicom.evaluate.benchmark import check_benchmark, one_load_per_model
     from unicom.evaluate.report import SUMMARY_JSON, SUMMARY_MARKDOWN, publish_summary

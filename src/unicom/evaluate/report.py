@@ -25,7 +25,7 @@ PLOT_NAME = "recall_vs_dimension.png"
 EXAMPLES_PNG, EXAMPLES_HTML = "examples.png", "examples.html"
 PER_QUERY_NAME = "per_query.parquet"
 # the summary of several benchmarks evaluated at once, each one's report in OUT/<benchmark>/
-SUMMARY_JSON, SUMMARY_MARKDOWN = "summary.json", "summary.md"
+SUMMARY_JSON, SUMMARY_MARKDOWN = "benchmarks.json", "benchmarks.md"
 # the comparison of earlier runs' reports and summaries (unicom evaluate --compare)
 COMPARISON_JSON, COMPARISON_MARKDOWN, COMPARISON_CSV = "comparison.json", "comparison.md", "comparison.csv"
 _REPORT = (JSON_NAME, MARKDOWN_NAME, PLOT_NAME, EXAMPLES_PNG, EXAMPLES_HTML, PER_QUERY_NAME)
@@ -331,7 +331,7 @@ def summary_markdown(summary: dict) -> str:
 
 def publish_summary(out: str | os.PathLike, reports: dict[str, dict]) -> dict:
     """Publish the summary of the ``reports`` of several benchmarks, by name (each one's report
-    in ``out/<name>/``), as ``summary.json`` and ``summary.md`` under ``out``, as one set that
+    in ``out/<name>/``), as ``benchmarks.json`` and ``benchmarks.md`` under ``out``, as one set that
     replaces an earlier run's report or summary there (:func:`unicom.files.publish_together`);
     returns the summary, its ``markdown`` added."""
     from unicom.models.export import local_output
@@ -349,7 +349,7 @@ def publish_summary(out: str | os.PathLike, reports: dict[str, dict]) -> dict:
 
 def compare_runs(folders: Sequence[str | os.PathLike]) -> dict:
     """The scores of earlier ``unicom evaluate`` runs, side by side: each folder's
-    ``summary.json`` (several benchmarks) or ``metrics.json`` (one), read as the summary quotes
+    ``benchmarks.json`` (several benchmarks) or ``metrics.json`` (one), read as the summary quotes
     them (:func:`headline_scores`). Returns ``{"runs": [{"folder", "evaluated"}], "rows":
     [{"dataset", "score", "values": [one per run, None where it has no such score]}]}``, the
     rows in the order the runs first give them."""

@@ -145,10 +145,13 @@ def test_runs_are_compared_score_by_score_as_their_reports_give_them(data, tmp_p
     # what --compare refuses
     for args, message in (
             ([str(tmp_path / "nothing")], "holds neither benchmarks.json (unicom evaluate --dataset A,B,...) nor "
-                                          "metrics.json (one benchmark)"),
+                                          "metrics.json (one benchmark) nor log.jsonl (a unicom train run)"),
             ([str(several), "--out", str(several)], "is one of the --compare folders"),
+            ([str(tmp_path / "trained")], "a training run that scored no benchmark while it trained (eval.benchmark)"),
             ([str(several), "--dataset", "cub"], "--dataset: --compare reads the scores earlier runs wrote")):
         (tmp_path / "nothing").mkdir(exist_ok=True)
+        (tmp_path / "trained").mkdir(exist_ok=True)
+        (tmp_path / "trained" / "log.jsonl").write_text('{"event": "step", "step": 1, "loss": 2.5}\n')
         extra = [] if "--out" in args else ["--out", str(tmp_path / "refused")]
         assert main(["evaluate", "--compare", *args, *extra]) == 2
         assert message in capsys.readouterr().err

@@ -305,6 +305,15 @@ def test_several_benchmarks_are_each_scored_and_the_best_of_their_mean_is_kept(f
     assert last["benchmark"] == "folder" and last["best"]
     assert training_curves(out / "log.jsonl")["eval"]["recall@1"] == [
         (s, by_step[s]["folder"]["recall@1"]) for s in (1, 2, 3)] + [(4, last["recall@1"])]
+    # the run's last scores beside unicom evaluate's of its step-3 model
+    assert main(["evaluate", "--compare", str(out), str(tmp_path / "final_cub"), "--out", str(tmp_path / "vs")]) == 0
+    comparison = json.loads((tmp_path / "vs" / "comparison.json").read_text())
+    assert comparison["runs"][0]["evaluated"] == "unicom train, step 4"
+    assert comparison["rows"] == [
+        {"dataset": "folder", "score": "recall@1", "values": [last["recall@1"], None]},
+        {"dataset": "folder", "score": "map@r", "values": [last["map@r"], None]},
+        {"dataset": "cub", "score": "recall@1", "values": [None, final["cub"]["recall@1"]]},
+        {"dataset": "cub", "score": "map@r", "values": [None, final["cub"]["map@r"]]}]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--embeddings", help="an embedding folder (img_emb/ + metadata/ with keys), or its URL; with "
                                              "--dataset also the OUT/embeddings folder of an evaluate --model run")
     source.add_argument("--compare", nargs="+", metavar="FOLDER",
-                        help="the --out folders of earlier evaluations, their scores side by side in "
-                             "OUT/comparison.md (the best of each row in bold), comparison.csv and comparison.json")
+                        help="the --out folders of earlier evaluations (or of training runs, their last "
+                             "eval.benchmark scores), side by side in OUT/comparison.md (the best of each row in "
+                             "bold), comparison.csv and comparison.json")
     parser.add_argument("--pretrained", help="weights for --model (open_clip tag or local file; timm tag or file)")
     parser.add_argument("--dataset", help=f"retrieval: {', '.join(RETRIEVAL_BENCHMARKS)}; "
                                           f"image-text (a model with a text tower): {', '.join(CAPTION_BENCHMARKS)}; "

@@ -36,6 +36,17 @@ WANDB_RUN_FILE = "wandb_run.json"
 TENSORBOARD_SCALARS = ("loss", "lr", "prototype_lr", "grad_norm", "images_per_second", "loss_scale")
 
 
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a run's ``log.jsonl``, in order; a line cut short by a kill is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def format_duration(seconds: float) -> str:
     """``3h07m``, ``12m05s`` or ``42s``."""
     if not math.isfinite(seconds) or seconds < 0:

@@ -75,14 +75,10 @@ def training_curves(log_file: str | os.PathLike) -> dict:
     Of ``unicom probe``'s log, whose ``epoch`` records hold the loss and the evaluation's
     ``metrics``, the same against the epoch (``"x": "epoch"``). A line cut short by a kill is
     skipped."""
-    import json
+    from unicom.engine.runlog import read_log
 
     loss, evaluations, x = [], [], "step"
-    for line in Path(log_file).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in read_log(log_file):
         if record.get("event") == "step" and record.get("loss") is not None:
             loss.append((record["step"], record["loss"]))
         elif record.get("event") == "eval":

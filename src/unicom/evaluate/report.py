@@ -315,8 +315,14 @@ def headline_scores(report: dict) -> dict[str, Any]:
     if task == "classification":
         return {f"{said} {protocol['metric']}": report[method][protocol["metric"]]
                 for method, said in methods.items() if method in report}
-    names = dict.fromkeys((protocol["metric"], "map_hard" if protocol.get("setups") else "map@r"))
-    return {name: report["metrics"][name] for name in names if name in report["metrics"]}
+    return _quoted(report["metrics"], protocol["metric"])
+
+
+def _quoted(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    """A retrieval benchmark's headline ``metric`` of its ``metrics`` with MAP@R, or the hard
+    mAP of Revisited Oxford/Paris (whose headline is the medium one)."""
+    names = dict.fromkeys((metric, "map_hard" if "map_hard" in metrics else "map@r"))
+    return {name: metrics[name] for name in names if name in metrics}
 
 
 def summary_markdown(summary: dict) -> str:
@@ -348,39 +354,57 @@ def publish_summary(out: str | os.PathLike, reports: dict[str, dict]) -> dict:
 
 
 def compare_runs(folders: Sequence[str | os.PathLike]) -> dict:
-    """The scores of earlier ``unicom evaluate`` runs, side by side: each folder's
-    ``benchmarks.json`` (several benchmarks) or ``metrics.json`` (one), read as the summary quotes
-    them (:func:`headline_scores`). Returns ``{"runs": [{"folder", "evaluated"}], "rows":
-    [{"dataset", "score", "values": [one per run, None where it has no such score]}]}``, the
-    rows in the order the runs first give them."""
-    import json
-
+    """The scores of earlier runs, side by side: each folder's as :func:`run_scores` reads them.
+    Returns ``{"runs": [{"folder", "evaluated"}], "rows": [{"dataset", "score", "values": [one
+    per run, None where it has no such score]}]}``, the rows in the order the runs first give
+    them."""
     runs, values_of = [], {}
     for index, folder in enumerate(folders):
-        folder = Path(folder)
-        if (folder / SUMMARY_JSON).is_file():
-            path = folder / SUMMARY_JSON
-        elif (folder / JSON_NAME).is_file():
-            path = folder / JSON_NAME
-        else:
-            raise InputError(f"{folder}: holds neither {SUMMARY_JSON} (unicom evaluate --dataset A,B,...) nor "
-                             f"{JSON_NAME} (one benchmark); give the --out folders of unicom evaluate runs")
-        try:
-            written = json.loads(path.read_text(encoding="utf-8"))
-            if path.name == SUMMARY_JSON:
-                evaluated, benchmarks = written["evaluated"], [(row["dataset"], row["scores"]) for row in written["benchmarks"]]
-            else:
-                evaluated = report_heading(written, ("model", "pretrained", "embeddings"), "evaluation")
-                benchmarks = [(written.get("dataset") or "embeddings", headline_scores(written))]
-        except (ValueError, KeyError, TypeError) as error:
-            raise InputError(f"{path}: not a report unicom evaluate writes ({type(error).__name__}: {error}); run "
-                             "that evaluation again") from None
+        evaluated, benchmarks = run_scores(folder)
         runs.append({"folder": str(folder), "evaluated": evaluated})
         for dataset, quoted in benchmarks:
             for name, value in quoted.items():
                 values_of.setdefault((dataset, name), [None] * len(folders))[index] = value
     rows = [{"dataset": dataset, "score": name, "values": values} for (dataset, name), values in values_of.items()]
     return {"runs": runs, "rows": rows}
+
+
+def run_scores(folder: str | os.PathLike) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """What a run's folder says was evaluated, and each benchmark's scores as a summary quotes
+    them (:func:`headline_scores`): a ``unicom evaluate`` run's ``benchmarks.json`` (several
+    benchmarks) or ``metrics.json`` (one), or a ``unicom train`` run's last evaluation while it
+    trained (the ``eval`` records of ``log.jsonl``'s last step scored, ``eval.benchmark``)."""
+    import json
+
+    from unicom.engine.runlog import LOG_FILE, read_log
+
+    folder = Path(folder)
+    if (folder / SUMMARY_JSON).is_file():
+        path = folder / SUMMARY_JSON
+    elif (folder / JSON_NAME).is_file():
+        path = folder / JSON_NAME
+    elif (folder / LOG_FILE).is_file():
+        scored = [record for record in read_log(folder / LOG_FILE) if record.get("event") == "eval"]
+        if not scored:
+            raise InputError(f"{folder}: a training run that scored no benchmark while it trained (eval.benchmark); "
+                             f"evaluate its model (unicom evaluate --model {folder / 'model'} --dataset ...) and "
+                             "compare that evaluation's folder")
+        step = scored[-1]["step"]
+        return (f"unicom train, step {step}",
+                [(record["benchmark"], _quoted(record, record["metric"])) for record in scored if record["step"] == step])
+    else:
+        raise InputError(f"{folder}: holds neither {SUMMARY_JSON} (unicom evaluate --dataset A,B,...) nor "
+                         f"{JSON_NAME} (one benchmark) nor {LOG_FILE} (a unicom train run); give the --out folders of "
+                         "unicom evaluate or unicom train runs")
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+        if path.name == SUMMARY_JSON:
+            return written["evaluated"], [(row["dataset"], row["scores"]) for row in written["benchmarks"]]
+        evaluated = report_heading(written, ("model", "pretrained", "embeddings"), "evaluation")
+        return evaluated, [(written.get("dataset") or "embeddings", headline_scores(written))]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: not a report unicom evaluate writes ({type(error).__name__}: {error}); run that "
+                         "evaluation again") from None
 
 
 def comparison_markdown(comparison: dict) -> str:

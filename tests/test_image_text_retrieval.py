@@ -327,6 +327,7 @@ def test_a_caption_table_keeps_its_captions_as_written_and_needs_the_column(tmp_
         load_caption_benchmark("captions", tmp_path / "u.csv", check_images=False)
 
 
+@pytest.mark.slow  # long: the default run stays within its 10 minutes; CI runs it
 def test_several_caption_benchmarks_at_once_are_summarised_by_the_recall_at_1_of_each_direction(dataset, tmp_path,
                                                                                                 capsys):
     out = tmp_path / "both"

@@ -319,6 +319,7 @@ def test_several_benchmarks_are_each_scored_and_the_best_of_their_mean_is_kept(f
 @pytest.mark.parametrize("override, message", [
     ("eval.root=[a,b]", "eval.benchmark names 1 benchmark(s) and eval.root 2 folder(s): give one folder per benchmark"),
     ("eval.benchmark=[folder,folder]", "eval.benchmark names folder more than once"),
+    ("eval.benchmark=[cars,cars196]", "eval.benchmark names cars196 more than once"),
 ])
 def test_several_benchmarks_need_a_folder_each_and_each_once(folders, tmp_path, capsys, override, message):
     args = recipe(folders, tmp_path / "run", override)

@@ -365,8 +365,7 @@ def _task_arguments(args: argparse.Namespace, benchmarks: list[tuple[str, str]])
     benchmark of the list takes is refused."""
     from unicom.data.benchmarks import CAPTION_BENCHMARKS, RETRIEVAL_BENCHMARKS
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    default = _defaults()
     each = []
     for name, root in benchmarks:
         task = ("retrieval" if name in RETRIEVAL_BENCHMARKS else "image-text" if name in CAPTION_BENCHMARKS
@@ -374,15 +373,22 @@ def _task_arguments(args: argparse.Namespace, benchmarks: list[tuple[str, str]])
         values = {**vars(args), "dataset": name, "root": root, "out": args.out / name}
         for tasks, options in TASK_OPTIONS.items():
             if task not in tasks:
-                values.update({option: parser.get_default(option) for option in options})
+                values.update({option: default(option) for option in options})
         each.append(argparse.Namespace(**values))
     for tasks, options in TASK_OPTIONS.items():
         for option in options:
-            default = parser.get_default(option)
-            if getattr(args, option) != default and all(getattr(sub, option) == default for sub in each):
+            unused = all(getattr(sub, option) == default(option) for sub in each)
+            if getattr(args, option) != default(option) and unused:
                 raise InputError(f"--{option.replace('_', '-')}: for {' and '.join(tasks)} benchmarks; --dataset "
                                  f"{args.dataset} has none")
     return each
+
+
+def _defaults():
+    """The default of an option, by argparse's name for it (``knn_k``)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.get_default
 
 
 def _run_several(args: argparse.Namespace, benchmarks: list[tuple[str, str]]) -> int:
@@ -422,10 +428,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     from unicom.evaluate.report import COMPARISON_CSV, COMPARISON_JSON, COMPARISON_MARKDOWN, compare_runs, publish_comparison
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    default = _defaults()
     given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-             if name not in ("compare", "out") and value != parser.get_default(name)]
+             if name not in ("compare", "out") and value != default(name)]
     if given:
         raise InputError(f"{', '.join(given)}: --compare reads the scores earlier runs wrote, and evaluates nothing; "
                          "leave them out")

@@ -152,7 +152,10 @@ class TrainEvalConfig:
                   f"{name}.benchmark names {len(names)} benchmark(s) and {name}.root {len(roots)} folder(s): give "
                   f"one folder per benchmark, in the same order ({name}.benchmark=[cub,cars196] "
                   f"{name}.root=[data/cub,data/cars196])")
-            repeated = sorted({bench for bench in names if names.count(bench) > 1})
+            from unicom.data.benchmarks import canonical_name
+
+            canonical = [canonical_name(bench) for bench in names]  # cars and cars196 are one benchmark
+            repeated = sorted({bench for bench in canonical if canonical.count(bench) > 1})
             check(not repeated, problems, f"{name}.benchmark names {', '.join(repeated)} more than once: its scores "
                   "are logged under its name; give each benchmark once")
         check(self.every >= 0, problems, f"{name}.every must be 0 or more, got {self.every}")

@@ -34,12 +34,6 @@ class RunEvaluation:
         self.config = eval_config
         self.benchmarks = [BenchmarkEvaluation(eval_config, name, root, created, device)
                            for name, root in eval_config.benchmarks()]
-        names = [benchmark.name for benchmark in self.benchmarks]
-        if len(set(names)) < len(names):
-            from unicom.errors import InputError
-
-            raise InputError(f"eval.benchmark={eval_config.benchmark} names {', '.join(names)}: a benchmark more than "
-                             "once (its scores are logged under its name); give each benchmark once")
 
     @property
     def several(self) -> bool:

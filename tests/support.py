@@ -1040,7 +1040,14 @@ def wandb_records(path) -> list:
 def wandb_runs(out) -> list[dict]:
     """Each offline W&B run under ``out/wandb`` (one per start of the run), in the order they
     started (the folders' names hold the second only): its id, project, name, config, history
-    rows ``{step: {key: value}}`` and exit code."""
+    rows ``{step: {key: value}}`` and exit code.
+
+    wandb's service writes a run file in blocks and closes it after ``finish`` returns, on its
+    own time; ``wandb.teardown`` waits for that, as the end of a ``unicom train`` process does
+    (its exit hook), so that a run started in this process is read whole."""
+    import wandb
+
+    wandb.teardown()
     runs = []
     for folder in (out / "wandb").glob("offline-run-*"):
         (path,) = folder.glob("run-*.wandb")
